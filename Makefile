@@ -1,0 +1,39 @@
+# Portrait task runner. Everything builds in the release profile, so the
+# bundled RocksDB is compiled once for binaries, tests, lints and benches.
+CARGO ?= cargo
+PROFILE := --release
+
+.PHONY: help setup build run test lint verify bench cluster fmt clean-data
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: ## install system packages the build needs (libclang-dev)
+	@./deploy/scripts/setup.sh
+
+build: setup ## build portraitd and the portrait CLI
+	$(CARGO) build $(PROFILE) --workspace --bins
+
+run: build ## start a single node on ./data, 127.0.0.1:7700, default schema
+	./target/release/portraitd $(ARGS)
+
+test: setup ## run every test (unit, integration, cluster)
+	$(CARGO) test $(PROFILE) --workspace
+
+lint: setup ## rustfmt check and clippy -D warnings
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy $(PROFILE) --workspace --all-targets -- -D warnings
+
+verify: lint test ## what CI runs
+
+bench: setup ## ingest and read benchmarks; prints a table
+	$(CARGO) run $(PROFILE) -p portrait-server --example bench -- $(ARGS)
+
+cluster: build ## start 3 local nodes (deploy/scripts/local-cluster.sh)
+	./deploy/scripts/local-cluster.sh
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+clean-data: ## remove ./data (the local node's state)
+	rm -rf ./data

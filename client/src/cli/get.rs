@@ -1,0 +1,159 @@
+//! `portrait get USER`: one profile, as text or JSON.
+
+use std::fmt::Write;
+
+use portrait_client::json::profile_to_json;
+use portrait_client::portrait_proto::v1::{FamilyData, GetProfileResponse, HistoryEvent, ReadInfo};
+use portrait_client::{Consistency, PortraitClient, Profile, Value};
+use serde_json::json;
+
+use super::format;
+
+pub async fn run(
+    client: &PortraitClient,
+    user: &str,
+    families: &[String],
+    linearizable: bool,
+    as_json: bool,
+) -> anyhow::Result<String> {
+    let consistency = if linearizable { Consistency::Linearizable } else { Consistency::Local };
+    let response = client.get_profile(user, families, consistency).await?;
+    Ok(if as_json { to_json(&response) } else { to_text(user, &response) })
+}
+
+/// The profile as JSON (see `json::profile_to_json`) plus `read_info`.
+fn to_json(response: &GetProfileResponse) -> String {
+    let mut value = response.profile.as_ref().map_or_else(|| json!({}), profile_to_json);
+    let info = response.read_info.unwrap_or_default();
+    value["read_info"] = json!({
+        "node_id": info.node_id,
+        "applied_index": info.applied_index,
+        "as_of_ms": info.as_of_ms,
+        "lag_entries": info.lag_entries,
+    });
+    format!("{value:#}\n")
+}
+
+fn to_text(user: &str, response: &GetProfileResponse) -> String {
+    let served = served_by(&response.read_info.unwrap_or_default());
+    let profile = response.profile.clone().unwrap_or_default();
+    if !profile.found {
+        return format!("user {user}: no data ({served})\n");
+    }
+    let mut out = format!("user {} ({served})\n", profile.user_id);
+    for (name, family) in sorted_families(&profile) {
+        out.push_str(&family_text(name, family));
+    }
+    out
+}
+
+fn served_by(info: &ReadInfo) -> String {
+    format!("node {}, applied index {}, lag {}", info.node_id, info.applied_index, info.lag_entries)
+}
+
+fn sorted_families(profile: &Profile) -> Vec<(&String, &FamilyData)> {
+    let mut families: Vec<_> = profile.families.iter().collect();
+    families.sort_by_key(|(name, _)| *name);
+    families
+}
+
+fn family_text(name: &str, family: &FamilyData) -> String {
+    let mut out = format!("\n[{name}]\n");
+    let mut attrs: Vec<_> = family.attrs.iter().collect();
+    attrs.sort_by_key(|(name, _)| *name);
+    let width = attrs.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    for (attr, v) in attrs {
+        let value = v.value.as_ref().map_or_else(|| "null".to_string(), format::value);
+        let (at, expires) = (format::timestamp(v.event_time_ms), format::expiry(v.expires_at_ms));
+        let _ = writeln!(out, "  {attr:<width$}  {value}  (at {at}, expires {expires})");
+    }
+    if !family.history.is_empty() {
+        out.push_str("  history, newest first:\n");
+        for event in &family.history {
+            out.push_str(&history_line(event));
+        }
+    }
+    out
+}
+
+fn history_line(event: &HistoryEvent) -> String {
+    let id = if event.event_id.is_empty() { "-" } else { &event.event_id };
+    format!(
+        "    {}  {}  id={id}  {}  (expires {})\n",
+        format::timestamp(event.event_time_ms),
+        event.r#type,
+        attrs_inline(&event.attrs),
+        format::expiry(event.expires_at_ms)
+    )
+}
+
+fn attrs_inline(attrs: &std::collections::HashMap<String, Value>) -> String {
+    let mut pairs: Vec<_> = attrs.iter().map(|(k, v)| format!("{k}={}", format::value(v))).collect();
+    pairs.sort();
+    format!("{{{}}}", pairs.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use portrait_client::portrait_proto::v1::AttributeValue;
+
+    use super::*;
+
+    fn response() -> GetProfileResponse {
+        let attrs = HashMap::from([
+            (
+                "price".into(),
+                AttributeValue { value: Some(Value::double(399.0)), event_time_ms: 0, expires_at_ms: 0 },
+            ),
+            (
+                "category".into(),
+                AttributeValue { value: Some(Value::string("phone")), event_time_ms: 0, expires_at_ms: 1000 },
+            ),
+        ]);
+        let history = vec![HistoryEvent {
+            r#type: "view".into(),
+            event_time_ms: 0,
+            event_id: "e1".into(),
+            attrs: HashMap::from([
+                ("qty".into(), Value::int(2)),
+                ("category".into(), Value::string("phone")),
+            ]),
+            expires_at_ms: 0,
+        }];
+        let family = FamilyData { attrs, history };
+        let profile = Profile {
+            user_id: "u1".into(),
+            found: true,
+            families: HashMap::from([("browse".into(), family)]),
+        };
+        let read_info = ReadInfo { node_id: 2, applied_index: 42, as_of_ms: 5, lag_entries: 0 };
+        GetProfileResponse { profile: Some(profile), read_info: Some(read_info) }
+    }
+
+    #[test]
+    fn text_lists_families_attrs_and_history() {
+        let expected = "user u1 (node 2, applied index 42, lag 0)\n\
+            \n[browse]\n\
+            \x20 category  \"phone\"  (at 1970-01-01T00:00:00.000Z, expires 1970-01-01T00:00:01.000Z)\n\
+            \x20 price     399.0  (at 1970-01-01T00:00:00.000Z, expires never)\n\
+            \x20 history, newest first:\n\
+            \x20   1970-01-01T00:00:00.000Z  view  id=e1  {category=\"phone\", qty=2}  (expires never)\n";
+        assert_eq!(to_text("u1", &response()), expected);
+    }
+
+    #[test]
+    fn text_for_missing_user() {
+        let mut r = response();
+        r.profile = Some(Profile { user_id: "u9".into(), found: false, families: HashMap::new() });
+        assert_eq!(to_text("u9", &r), "user u9: no data (node 2, applied index 42, lag 0)\n");
+    }
+
+    #[test]
+    fn json_has_profile_and_read_info() {
+        let value: serde_json::Value = serde_json::from_str(&to_json(&response())).unwrap();
+        assert_eq!(value["families"]["browse"]["attrs"]["price"]["value"], json!(399.0));
+        assert_eq!(value["read_info"]["applied_index"], json!(42));
+    }
+}

@@ -1,0 +1,128 @@
+//! Splits JSON lines into batches of events. Blank lines are skipped; the
+//! first bad line ends the iteration with an error naming it, and the batch
+//! it would have joined is dropped, so nothing of that batch is sent.
+
+use std::io::BufRead;
+
+use portrait_client::{json, ClientError, Event};
+
+/// Events to send in one write, and the input bytes they came from.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub events: Vec<Event>,
+    pub bytes: u64,
+}
+
+pub struct Batches<R> {
+    reader: R,
+    size: usize,
+    line: usize,
+    done: bool,
+}
+
+impl<R: BufRead> Batches<R> {
+    pub fn new(reader: R, size: usize) -> Self {
+        Self { reader, size: size.max(1), line: 0, done: false }
+    }
+
+    fn fill(&mut self) -> Result<Batch, ClientError> {
+        let mut batch = Batch::default();
+        let mut buf = Vec::new();
+        while batch.events.len() < self.size {
+            buf.clear();
+            let read = self.reader.read_until(b'\n', &mut buf)?;
+            if read == 0 {
+                self.done = true;
+                break;
+            }
+            self.line += 1;
+            batch.bytes += read as u64;
+            let parsed = parse_line(&buf).map_err(|reason| ClientError::Json { line: self.line, reason })?;
+            batch.events.extend(parsed);
+        }
+        Ok(batch)
+    }
+}
+
+impl<R: BufRead> Iterator for Batches<R> {
+    type Item = Result<Batch, ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.fill() {
+            Ok(batch) if batch.events.is_empty() => None,
+            Ok(batch) => Some(Ok(batch)),
+            Err(err) => {
+                self.done = true;
+                Some(Err(err))
+            }
+        }
+    }
+}
+
+/// One line: `None` when blank, else its event.
+fn parse_line(bytes: &[u8]) -> Result<Option<Event>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not valid UTF-8".to_string())?.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| json_error(&e))?;
+    json::event_from_json(&value).map(Some)
+}
+
+/// serde_json's message without its "at line 1 column N" suffix, which would
+/// be confused with the file's line number.
+fn json_error(err: &serde_json::Error) -> String {
+    let message = err.to_string();
+    let suffix = format!(" at line {} column {}", err.line(), err.column());
+    let message = message.strip_suffix(&suffix).unwrap_or(&message);
+    format!("invalid JSON at column {}: {message}", err.column())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EVENT: &str = r#"{"user_id":"u1","family":"browse","type":"view","event_time_ms":1}"#;
+
+    fn sizes(input: &str, size: usize) -> Vec<Result<usize, String>> {
+        Batches::new(input.as_bytes(), size)
+            .map(|b| b.map(|b| b.events.len()).map_err(|e| e.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn splits_into_batches_and_skips_blank_lines() {
+        let input = format!("{EVENT}\n\n{EVENT}\r\n  \n{EVENT}\n{EVENT}");
+        assert_eq!(sizes(&input, 3), [Ok(3), Ok(1)]);
+        assert_eq!(sizes(&input, 1), [Ok(1), Ok(1), Ok(1), Ok(1)]);
+        assert_eq!(sizes("", 3), []);
+        assert_eq!(sizes("\n\n", 3), []);
+    }
+
+    #[test]
+    fn counts_bytes() {
+        let input = format!("{EVENT}\n\n{EVENT}\n");
+        let total: u64 = Batches::new(input.as_bytes(), 1).map(|b| b.unwrap().bytes).sum();
+        assert_eq!(total, input.len() as u64);
+    }
+
+    #[test]
+    fn bad_line_stops_with_its_number_and_drops_its_batch() {
+        let input = format!("{EVENT}\n{EVENT}\n\n{EVENT}\n{{\"user_id\":\"u\"}}\n{EVENT}\n");
+        assert_eq!(sizes(&input, 2), [Ok(2), Err("line 5: missing field `family`".to_string())]);
+    }
+
+    #[test]
+    fn invalid_json_and_utf8_are_named() {
+        assert_eq!(
+            sizes("{\"user_id\": }\n", 5),
+            [Err("line 1: invalid JSON at column 13: expected value".into())]
+        );
+        let bytes: &[u8] = b"\xff\n";
+        let err = Batches::new(bytes, 5).next().unwrap().unwrap_err();
+        assert_eq!(err.to_string(), "line 1: not valid UTF-8");
+    }
+}

@@ -1,0 +1,148 @@
+//! The `portrait` commands. Each module turns parsed arguments into client
+//! calls and returns the text to print; formatting helpers are pure so they
+//! can be tested without a server.
+
+mod format;
+mod get;
+mod load;
+mod put;
+mod schema;
+mod status;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use portrait_client::PortraitClient;
+
+/// Command-line client for Portrait, the distributed user feature store.
+#[derive(Debug, Parser)]
+#[command(name = "portrait", version)]
+pub struct Cli {
+    /// Node to talk to (`http://host:port` or `host:port`); followers
+    /// redirect writes to the leader.
+    #[arg(long, global = true, env = "PORTRAIT_ENDPOINT", default_value = "http://127.0.0.1:7700")]
+    endpoint: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write one event or a JSON array of events as one atomic batch.
+    Put {
+        /// e.g. '{"user_id":"u1","family":"browse","type":"view","attrs":{"category":"phone"}}'
+        #[arg(long)]
+        json: String,
+    },
+    /// Show a user's profile.
+    Get {
+        user: String,
+        /// Only this family (repeatable); default all.
+        #[arg(long = "family", value_name = "FAMILY")]
+        families: Vec<String>,
+        /// Confirm with the leader before reading (raft read index).
+        #[arg(long)]
+        linearizable: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bulk-load JSON-lines events (one event per line; `-` reads stdin).
+    Load {
+        file: PathBuf,
+        /// Events per write.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        batch: u32,
+        /// Writes in flight at once.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+        concurrency: u32,
+    },
+    /// Show or change the attribute-family schema.
+    #[command(subcommand)]
+    Schema(SchemaCommand),
+    /// Show the answering node's raft and membership state.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum SchemaCommand {
+    /// Print the current schema (TOML) and its version.
+    Show,
+    /// Validate and replicate a TOML schema (`-` reads stdin).
+    Apply {
+        file: PathBuf,
+        /// Only validate; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Runs one command; returns what to print on stdout. Commands check their
+/// input before connecting, so a typo is reported as such even with no server.
+pub async fn run(cli: Cli) -> anyhow::Result<String> {
+    let endpoint = cli.endpoint.as_str();
+    match cli.command {
+        Command::Put { json } => put::run(endpoint, &json).await,
+        Command::Get { user, families, linearizable, json } => {
+            get::run(&connect(endpoint).await?, &user, &families, linearizable, json).await
+        }
+        Command::Load { file, batch, concurrency } => {
+            load::run(endpoint, &file, batch as usize, concurrency as usize).await
+        }
+        Command::Schema(SchemaCommand::Show) => schema::show(&connect(endpoint).await?).await,
+        Command::Schema(SchemaCommand::Apply { file, dry_run }) => {
+            schema::apply(endpoint, &file, dry_run).await
+        }
+        Command::Status => status::run(&connect(endpoint).await?).await,
+    }
+}
+
+async fn connect(endpoint: &str) -> anyhow::Result<PortraitClient> {
+    Ok(PortraitClient::connect(endpoint).await?)
+}
+
+/// Reads a whole file, or stdin for `-`.
+fn read_input(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    if path.as_os_str() == "-" {
+        return std::io::read_to_string(std::io::stdin()).context("cannot read stdin");
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn endpoint_is_global_and_defaults() {
+        let cli = Cli::try_parse_from(["portrait", "status"]).unwrap();
+        assert!(!cli.endpoint.is_empty());
+        let cli = Cli::try_parse_from([
+            "portrait",
+            "get",
+            "u1",
+            "--endpoint",
+            "n2:7700",
+            "--family",
+            "a",
+            "--family",
+            "b",
+        ])
+        .unwrap();
+        assert_eq!(cli.endpoint, "n2:7700");
+        assert!(matches!(cli.command, Command::Get { families, .. } if families == ["a", "b"]));
+    }
+
+    #[test]
+    fn load_rejects_zero_batch() {
+        assert!(Cli::try_parse_from(["portrait", "load", "x.jsonl", "--batch", "0"]).is_err());
+    }
+}

@@ -1,0 +1,79 @@
+//! `portrait status`: the answering node's raft and membership state.
+
+use std::fmt::Write;
+
+use portrait_client::portrait_proto::v1::ClusterStatusResponse;
+use portrait_client::PortraitClient;
+
+pub async fn run(client: &PortraitClient) -> anyhow::Result<String> {
+    Ok(render(&client.cluster_status().await?))
+}
+
+fn render(s: &ClusterStatusResponse) -> String {
+    let leader = match s.leader_id {
+        0 => "unknown".to_string(),
+        id if s.leader_addr.is_empty() => id.to_string(),
+        id => format!("{id} at {}", s.leader_addr),
+    };
+    let mut out = format!("node            {} ({})\n", s.node_id, s.role);
+    let _ = writeln!(out, "leader          {leader}");
+    let _ = writeln!(out, "term            {}", s.term);
+    let _ = writeln!(
+        out,
+        "log index       last={} applied={} snapshot={} purged={}",
+        s.last_log_index, s.applied_index, s.snapshot_index, s.purged_index
+    );
+    let _ = writeln!(out, "schema version  {}", s.schema_version);
+    if !s.version.is_empty() {
+        let _ = writeln!(out, "server version  {}", s.version);
+    }
+    let _ = writeln!(out, "members         {}", s.members.len());
+    let width = s.members.iter().map(|m| m.addr.len()).max().unwrap_or(0);
+    for m in &s.members {
+        let kind = if m.voter { "voter" } else { "learner" };
+        let _ =
+            writeln!(out, "  {:>3}  {:<width$}  {kind:<7}  matched={}", m.node_id, m.addr, m.matched_index);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use portrait_client::portrait_proto::v1::Member;
+
+    use super::*;
+
+    #[test]
+    fn renders_every_field() {
+        let member = |node_id, voter| Member {
+            node_id,
+            addr: format!("http://127.0.0.1:770{node_id}"),
+            voter,
+            matched_index: 9,
+        };
+        let status = ClusterStatusResponse {
+            node_id: 1,
+            role: "Leader".into(),
+            leader_id: 1,
+            leader_addr: "http://127.0.0.1:7701".into(),
+            term: 3,
+            last_log_index: 9,
+            applied_index: 9,
+            snapshot_index: 5,
+            purged_index: 4,
+            members: vec![member(1, true), member(4, false)],
+            schema_version: 7,
+            version: "0.1.0".into(),
+        };
+        let expected = "node            1 (Leader)\n\
+            leader          1 at http://127.0.0.1:7701\n\
+            term            3\n\
+            log index       last=9 applied=9 snapshot=5 purged=4\n\
+            schema version  7\n\
+            server version  0.1.0\n\
+            members         2\n\
+            \x20   1  http://127.0.0.1:7701  voter    matched=9\n\
+            \x20   4  http://127.0.0.1:7704  learner  matched=9\n";
+        assert_eq!(render(&status), expected);
+    }
+}

@@ -1,0 +1,146 @@
+//! [`PortraitClient`]: one handle for the Ingest, Profiles and Admin services.
+
+use futures::Stream;
+use portrait_proto::v1::{
+    admin_client::AdminClient, ingest_client::IngestClient, profiles_client::ProfilesClient,
+    ApplySchemaRequest, ApplySchemaResponse, BatchGetProfilesRequest, BatchGetProfilesResponse,
+    ClusterStatusRequest, ClusterStatusResponse, Consistency, Event, GetProfileRequest, GetProfileResponse,
+    GetSchemaRequest, GetSchemaResponse, WriteRequest, WriteResponse,
+};
+use tonic::transport::Channel;
+
+use crate::conn::Router;
+use crate::retry::{note_leader, unary};
+use crate::ClientError;
+
+/// Largest message sent or accepted (64 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// An async Portrait client. Cheap to clone; clones share the connection and
+/// the leader they have learnt. Unary calls follow leader redirects and retry
+/// `UNAVAILABLE` (see [`crate::retry`]); [`PortraitClient::write_stream`] does not.
+#[derive(Clone)]
+pub struct PortraitClient {
+    router: Router,
+}
+
+impl PortraitClient {
+    /// Connects to `http://host:port` or `host:port`.
+    pub async fn connect(endpoint: &str) -> Result<Self, ClientError> {
+        Ok(Self { router: Router::connect(endpoint).await? })
+    }
+
+    /// The endpoint calls currently go to (the leader, once one was named).
+    pub fn endpoint(&self) -> String {
+        self.router.current().endpoint
+    }
+
+    /// Writes one batch, applied atomically.
+    pub async fn write(&self, events: Vec<Event>) -> Result<WriteResponse, ClientError> {
+        let request = WriteRequest { events };
+        unary(&self.router, |ch| {
+            let request = request.clone();
+            async move { ingest(ch).write(request).await }
+        })
+        .await
+    }
+
+    /// Streams batches, each applied atomically; the response sums them.
+    ///
+    /// Not retried: the stream cannot be replayed. If the node names a leader,
+    /// the client still moves there, so retrying the call reaches the leader.
+    pub async fn write_stream<S>(&self, batches: S) -> Result<WriteResponse, ClientError>
+    where
+        S: Stream<Item = WriteRequest> + Send + 'static,
+    {
+        let conn = self.router.current();
+        match ingest(conn.channel).write_stream(batches).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => {
+                note_leader(&self.router, &conn.endpoint, &status);
+                Err(status.into())
+            }
+        }
+    }
+
+    /// Reads one profile; empty `families` means all of them.
+    pub async fn get_profile(
+        &self,
+        user_id: &str,
+        families: &[String],
+        consistency: Consistency,
+    ) -> Result<GetProfileResponse, ClientError> {
+        let request = GetProfileRequest {
+            user_id: user_id.to_string(),
+            families: families.to_vec(),
+            consistency: consistency.into(),
+        };
+        unary(&self.router, |ch| {
+            let request = request.clone();
+            async move { profiles(ch).get_profile(request).await }
+        })
+        .await
+    }
+
+    /// Reads many profiles, answered in request order.
+    pub async fn batch_get_profiles(
+        &self,
+        user_ids: &[String],
+        families: &[String],
+        consistency: Consistency,
+    ) -> Result<BatchGetProfilesResponse, ClientError> {
+        let request = BatchGetProfilesRequest {
+            user_ids: user_ids.to_vec(),
+            families: families.to_vec(),
+            consistency: consistency.into(),
+        };
+        unary(&self.router, |ch| {
+            let request = request.clone();
+            async move { profiles(ch).batch_get_profiles(request).await }
+        })
+        .await
+    }
+
+    /// The current schema, as TOML and parsed.
+    pub async fn get_schema(&self) -> Result<GetSchemaResponse, ClientError> {
+        unary(&self.router, |ch| async move { admin(ch).get_schema(GetSchemaRequest {}).await }).await
+    }
+
+    /// Validates a TOML schema and, unless `dry_run`, replicates it.
+    pub async fn apply_schema(
+        &self,
+        toml: String,
+        dry_run: bool,
+    ) -> Result<ApplySchemaResponse, ClientError> {
+        let request = ApplySchemaRequest { toml, dry_run };
+        unary(&self.router, |ch| {
+            let request = request.clone();
+            async move { admin(ch).apply_schema(request).await }
+        })
+        .await
+    }
+
+    /// Raft and membership state of the node that answers (no redirect is
+    /// needed: every node answers, only `UNAVAILABLE` is retried).
+    pub async fn cluster_status(&self) -> Result<ClusterStatusResponse, ClientError> {
+        unary(&self.router, |ch| async move { admin(ch).cluster_status(ClusterStatusRequest {}).await }).await
+    }
+}
+
+fn ingest(channel: Channel) -> IngestClient<Channel> {
+    IngestClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+fn profiles(channel: Channel) -> ProfilesClient<Channel> {
+    ProfilesClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+fn admin(channel: Channel) -> AdminClient<Channel> {
+    AdminClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}

@@ -1,0 +1,151 @@
+//! Which node the client talks to: the seed endpoint it was created with and,
+//! once a follower has named one, the leader.
+//!
+//! The state is shared by every clone of a client, so one redirect serves all
+//! later calls. Moves are conditional on the endpoint a call actually used, so
+//! concurrent calls that fail together move the client once, not once each.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::ClientError;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One endpoint and its channel (cheap to clone).
+#[derive(Clone)]
+pub(crate) struct Conn {
+    pub endpoint: String,
+    pub channel: Channel,
+}
+
+struct Targets {
+    seed: Conn,
+    leader: Option<Conn>,
+    on_leader: bool,
+}
+
+impl Targets {
+    fn current(&self) -> &Conn {
+        match (&self.leader, self.on_leader) {
+            (Some(leader), true) => leader,
+            _ => &self.seed,
+        }
+    }
+}
+
+/// The shared, switchable connection of a client.
+#[derive(Clone)]
+pub(crate) struct Router {
+    targets: Arc<Mutex<Targets>>,
+}
+
+impl Router {
+    /// Connects eagerly to `endpoint`, so a wrong address fails here.
+    pub async fn connect(endpoint: &str) -> Result<Self, ClientError> {
+        let endpoint = normalize_endpoint(endpoint);
+        let channel = configure(&endpoint)?
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect { endpoint: endpoint.clone(), source })?;
+        let seed = Conn { endpoint, channel };
+        Ok(Self { targets: Arc::new(Mutex::new(Targets { seed, leader: None, on_leader: false })) })
+    }
+
+    /// The connection new calls should use.
+    pub fn current(&self) -> Conn {
+        self.lock().current().clone()
+    }
+
+    /// Switches to the leader a follower named (connecting lazily). Returns
+    /// false when the hint is the endpoint that just failed, i.e. no move.
+    pub fn follow(&self, hint: &str, failed: &str) -> Result<bool, ClientError> {
+        let hint = normalize_endpoint(hint);
+        if hint == failed {
+            return Ok(false);
+        }
+        let mut targets = self.lock();
+        if hint == targets.seed.endpoint {
+            targets.on_leader = false;
+        } else {
+            if targets.leader.as_ref().is_none_or(|l| l.endpoint != hint) {
+                let channel = configure(&hint)?.connect_lazy();
+                targets.leader = Some(Conn { endpoint: hint, channel });
+            }
+            targets.on_leader = true;
+        }
+        Ok(true)
+    }
+
+    /// After `failed` was unreachable or had no leader to name: alternate
+    /// between the seed and the last known leader, if there is one.
+    pub fn avoid(&self, failed: &str) {
+        let mut targets = self.lock();
+        if targets.leader.is_some() && targets.current().endpoint == failed {
+            targets.on_leader = !targets.on_leader;
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Targets> {
+        // The state is always consistent, so a panic elsewhere cannot poison it.
+        self.targets.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// `host:port` → `http://host:port`; URLs with a scheme are kept as given
+/// (without a trailing slash).
+pub fn normalize_endpoint(endpoint: &str) -> String {
+    let endpoint = endpoint.trim().trim_end_matches('/');
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+fn configure(endpoint: &str) -> Result<Endpoint, ClientError> {
+    let connect_error = |source| ClientError::Connect { endpoint: endpoint.to_string(), source };
+    Ok(Endpoint::from_shared(endpoint.to_string()).map_err(connect_error)?.connect_timeout(CONNECT_TIMEOUT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_get_a_scheme() {
+        assert_eq!(normalize_endpoint("127.0.0.1:7700"), "http://127.0.0.1:7700");
+        assert_eq!(normalize_endpoint("http://127.0.0.1:7700/"), "http://127.0.0.1:7700");
+        assert_eq!(normalize_endpoint(" node-1:7700 "), "http://node-1:7700");
+        assert_eq!(normalize_endpoint("https://portrait.example:443"), "https://portrait.example:443");
+    }
+
+    #[tokio::test]
+    async fn follow_and_avoid_switch_between_seed_and_leader() {
+        let seed = configure("http://127.0.0.1:1").unwrap().connect_lazy();
+        let targets = Targets {
+            seed: Conn { endpoint: "http://127.0.0.1:1".into(), channel: seed },
+            leader: None,
+            on_leader: false,
+        };
+        let router = Router { targets: Arc::new(Mutex::new(targets)) };
+        let seed = "http://127.0.0.1:1";
+        let leader = "http://127.0.0.1:2";
+
+        router.avoid(seed); // no leader known: stays on the seed
+        assert_eq!(router.current().endpoint, seed);
+        assert!(router.follow("127.0.0.1:2", seed).unwrap());
+        assert_eq!(router.current().endpoint, leader);
+        assert!(!router.follow(leader, leader).unwrap());
+        router.avoid(seed); // a stale failure does not move the client
+        assert_eq!(router.current().endpoint, leader);
+        router.avoid(leader);
+        assert_eq!(router.current().endpoint, seed);
+        router.avoid(seed);
+        assert_eq!(router.current().endpoint, leader);
+        assert!(router.follow(seed, leader).unwrap());
+        assert_eq!(router.current().endpoint, seed);
+    }
+}

@@ -1,0 +1,37 @@
+//! Portrait client: an async library over the `portrait.v1` gRPC services,
+//! used by the `portrait` CLI (`src/main.rs`) and by the cluster tests.
+//!
+//! Layering: this crate depends only on `portrait-proto`, never on the server.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), portrait_client::ClientError> {
+//! use portrait_client::{json, Consistency, PortraitClient};
+//!
+//! let client = PortraitClient::connect("127.0.0.1:7700").await?;
+//! let event = json::event_from_json(&serde_json::json!({
+//!     "user_id": "u1", "family": "browse", "type": "view", "attrs": {"category": "phone"}
+//! }))
+//! .expect("valid event");
+//! client.write(vec![event]).await?;
+//! let profile = client.get_profile("u1", &[], Consistency::Linearizable).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Key code locations:
+//! - `client.rs`: [`PortraitClient`], one method per RPC.
+//! - `retry.rs`: leader redirect (`x-portrait-leader`) and `UNAVAILABLE` retry.
+//! - `conn.rs`: the seed and leader connections shared by clones.
+//! - `json.rs`: JSON events in, JSON profiles out.
+//! - `error.rs`: [`ClientError`].
+
+mod client;
+mod conn;
+mod error;
+pub mod json;
+pub mod retry;
+
+pub use client::{PortraitClient, MAX_MESSAGE_BYTES};
+pub use conn::normalize_endpoint;
+pub use error::{code_name, ClientError};
+pub use portrait_proto;
+pub use portrait_proto::v1::{Consistency, Event, Profile, Value, WriteRequest, WriteResponse};

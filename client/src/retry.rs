@@ -1,0 +1,96 @@
+//! Leader redirect and retry of unary calls.
+//!
+//! A follower answers a call it cannot serve with `UNAVAILABLE` and the
+//! leader's endpoint in the `x-portrait-leader` metadata key. A unary call then
+//! moves to that endpoint and is sent again (at most [`MAX_REDIRECTS`] times);
+//! an `UNAVAILABLE` without a hint (node down, election in progress) is retried
+//! with exponential backoff for up to [`RETRY_BUDGET`]. Every other status is
+//! returned at once. Retrying is safe because a write is applied whole or not
+//! at all and events carry an idempotency key.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::{Code, Response, Status};
+
+use crate::conn::Router;
+use crate::ClientError;
+
+/// Metadata key naming the leader's endpoint on an `UNAVAILABLE` status.
+pub const LEADER_HEADER: &str = "x-portrait-leader";
+/// Leader redirects followed by one call.
+pub const MAX_REDIRECTS: u32 = 3;
+/// How long one call keeps retrying `UNAVAILABLE` without a leader hint.
+pub const RETRY_BUDGET: Duration = Duration::from_secs(3);
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// The leader endpoint carried by `status`, if any.
+pub fn leader_hint(status: &Status) -> Option<&str> {
+    let value = status.metadata().get(LEADER_HEADER)?.to_str().ok()?;
+    Some(value.trim()).filter(|v| !v.is_empty())
+}
+
+/// Runs `call` on the router's current channel, redirecting and retrying as
+/// described in the module docs. `call` is invoked once per attempt.
+pub(crate) async fn unary<T, F, Fut>(router: &Router, mut call: F) -> Result<T, ClientError>
+where
+    F: FnMut(Channel) -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
+    let started = Instant::now();
+    let mut redirects = 0;
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let conn = router.current();
+        let status = match call(conn.channel).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if status.code() == Code::Unavailable => status,
+            Err(status) => return Err(status.into()),
+        };
+        if let Some(hint) = leader_hint(&status) {
+            if redirects >= MAX_REDIRECTS {
+                return Err(status.into());
+            }
+            if router.follow(hint, &conn.endpoint)? {
+                redirects += 1;
+                continue;
+            }
+        }
+        if started.elapsed() + backoff > RETRY_BUDGET {
+            return Err(status.into());
+        }
+        router.avoid(&conn.endpoint);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// After a call that is not retried fails: still move to a named leader so
+/// the caller's next attempt goes there.
+pub(crate) fn note_leader(router: &Router, used_endpoint: &str, status: &Status) {
+    if status.code() == Code::Unavailable {
+        if let Some(hint) = leader_hint(status) {
+            // A malformed hint is ignored; the status is returned either way.
+            let _ = router.follow(hint, used_endpoint);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_leader_hint() {
+        let mut status = Status::unavailable("not the leader");
+        assert_eq!(leader_hint(&status), None);
+        status.metadata_mut().insert(LEADER_HEADER, "http://127.0.0.1:7701".parse().unwrap());
+        assert_eq!(leader_hint(&status), Some("http://127.0.0.1:7701"));
+        status.metadata_mut().insert(LEADER_HEADER, "".parse().unwrap());
+        assert_eq!(leader_hint(&status), None);
+    }
+}

@@ -1,0 +1,131 @@
+//! Leader redirect and retry against in-process fake nodes.
+
+mod fake;
+
+use std::time::{Duration, Instant};
+
+use fake::{event, Fake, Node};
+use portrait_client::{ClientError, Consistency, PortraitClient, WriteRequest};
+use tonic::Code;
+
+fn follower(id: u64, leader: &str) -> Fake {
+    let fake = Fake { id, ..Default::default() };
+    fake.set_hint(Some(leader));
+    fake
+}
+
+#[tokio::test]
+async fn write_follows_the_leader_hint_and_remembers_it() {
+    let leader = Node::start(Fake { id: 2, ..Default::default() }).await;
+    // The hint may omit the scheme.
+    let follower = Node::start(follower(1, &leader.addr)).await;
+    let client = PortraitClient::connect(&follower.addr).await.unwrap();
+
+    let response = client.write(vec![event("u1"), event("u2")]).await.unwrap();
+    assert_eq!((response.applied, response.log_index), (2, 2));
+    assert_eq!(client.endpoint(), leader.url());
+
+    // Later calls, from clones too, go straight to the leader.
+    client.clone().write(vec![event("u3")]).await.unwrap();
+    assert_eq!(follower.fake.calls(), 1);
+    assert_eq!(leader.fake.calls(), 2);
+}
+
+#[tokio::test]
+async fn bare_unavailable_is_retried_with_backoff() {
+    let node = Node::start(Fake { id: 1, unavailable: 2.into(), ..Default::default() }).await;
+    let client = PortraitClient::connect(&node.url()).await.unwrap();
+    let status = client.cluster_status().await.unwrap();
+    assert_eq!(status.node_id, 1);
+    assert_eq!(node.fake.calls(), 3);
+}
+
+#[tokio::test]
+async fn unavailable_gives_up_after_the_retry_budget() {
+    let node = Node::start(Fake { id: 1, unavailable: u32::MAX.into(), ..Default::default() }).await;
+    let client = PortraitClient::connect(&node.addr).await.unwrap();
+    let started = Instant::now();
+    let err = client.write(vec![event("u1")]).await.unwrap_err();
+    let elapsed = started.elapsed();
+    assert_eq!(err.code(), Some(Code::Unavailable));
+    assert_eq!(err.to_string(), "UNAVAILABLE: no leader");
+    assert!(elapsed >= Duration::from_secs(2) && elapsed <= Duration::from_secs(4), "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn redirects_stop_after_three() {
+    let a = Node::start(Fake { id: 1, ..Default::default() }).await;
+    let b = Node::start(follower(2, &a.url())).await;
+    a.fake.set_hint(Some(&b.url()));
+    let client = PortraitClient::connect(&a.url()).await.unwrap();
+    let err = client.write(vec![event("u1")]).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable));
+    assert_eq!(a.fake.calls() + b.fake.calls(), 4, "one call and three redirects");
+}
+
+#[tokio::test]
+async fn other_errors_are_returned_at_once() {
+    let node = Node::start(Fake { id: 1, ..Default::default() }).await;
+    let client = PortraitClient::connect(&node.url()).await.unwrap();
+    let err = client.write(vec![event("u1"), event("")]).await.unwrap_err();
+    assert_eq!(err.to_string(), "INVALID_ARGUMENT: events[1].user_id: must not be empty");
+    assert_eq!(node.fake.calls(), 1);
+}
+
+#[tokio::test]
+async fn dead_leader_falls_back_to_the_seed() {
+    let old_leader = Node::start(Fake { id: 2, ..Default::default() }).await;
+    let new_leader = Node::start(Fake { id: 3, ..Default::default() }).await;
+    let seed = Node::start(follower(1, &old_leader.url())).await;
+    let client = PortraitClient::connect(&seed.url()).await.unwrap();
+    client.write(vec![event("u1")]).await.unwrap();
+    assert_eq!(client.endpoint(), old_leader.url());
+
+    old_leader.stop().await;
+    seed.fake.set_hint(Some(&new_leader.url()));
+    let response = client.write(vec![event("u2")]).await.unwrap();
+    assert_eq!(response.log_index, 3);
+    assert_eq!(client.endpoint(), new_leader.url());
+}
+
+#[tokio::test]
+async fn write_stream_is_not_retried_but_learns_the_leader() {
+    let leader = Node::start(Fake { id: 2, ..Default::default() }).await;
+    let follower = Node::start(follower(1, &leader.url())).await;
+    let client = PortraitClient::connect(&follower.url()).await.unwrap();
+    let batches =
+        || futures::stream::iter((0..3).map(|i| WriteRequest { events: vec![event(&format!("u{i}"))] }));
+
+    let err = client.write_stream(batches()).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable));
+    assert_eq!(client.endpoint(), leader.url());
+
+    let response = client.write_stream(batches()).await.unwrap();
+    assert_eq!((response.applied, response.batches, response.log_index), (3, 3, 2));
+}
+
+#[tokio::test]
+async fn connect_fails_with_the_endpoint_named() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let endpoint = closed.to_string();
+    match PortraitClient::connect(&endpoint).await {
+        Err(err @ ClientError::Connect { .. }) => {
+            assert_eq!(err.to_string(), format!("cannot connect to http://{endpoint}"));
+        }
+        Err(other) => panic!("expected a connect error, got {other}"),
+        Ok(_) => panic!("connected to a closed port"),
+    }
+}
+
+#[tokio::test]
+async fn reads_follow_redirects_too() {
+    let leader = Node::start(Fake { id: 2, ..Default::default() }).await;
+    let follower = Node::start(follower(1, &leader.url())).await;
+    let client = PortraitClient::connect(&follower.url()).await.unwrap();
+    let ids = ["u1".to_string(), "u2".to_string()];
+    let response = client.batch_get_profiles(&ids, &[], Consistency::Linearizable).await.unwrap();
+    let found: Vec<bool> = response.profiles.iter().map(|p| p.found).collect();
+    assert_eq!(found, [true, false]);
+    let response = client.get_profile("u1", &["browse".into()], Consistency::Local).await.unwrap();
+    assert_eq!(response.read_info.unwrap().node_id, 2);
+}

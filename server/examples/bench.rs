@@ -1,0 +1,190 @@
+//! Single-node benchmark: ingest (batches of 100 events, 1 and 32 concurrent
+//! clients) and GetProfile (1 and 32 concurrent clients) against a real node
+//! (RocksDB on a temp dir, raft, gRPC over loopback). Prints a table.
+//!
+//! Run: `make bench` (or `cargo run --release -p portrait-server --example bench -- --help`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use portrait_proto::v1::ingest_client::IngestClient;
+use portrait_proto::v1::profiles_client::ProfilesClient;
+use portrait_proto::v1::{Event, GetProfileRequest, Value, WriteRequest};
+use portrait_server::node::{Node, NodeOptions};
+use portrait_server::raft::RaftTuning;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+struct Args {
+    /// Events ingested per ingest scenario.
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Events per Write call.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Distinct users the events spread over.
+    #[arg(long, default_value_t = 20_000)]
+    users: usize,
+    /// GetProfile calls per read scenario.
+    #[arg(long, default_value_t = 50_000)]
+    reads: usize,
+}
+
+struct Row {
+    scenario: String,
+    clients: usize,
+    ops: usize,
+    events: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Row {
+    fn print(&mut self) {
+        self.latencies.sort();
+        let pct = |p: f64| {
+            self.latencies[((self.latencies.len() as f64 * p) as usize).min(self.latencies.len() - 1)]
+        };
+        let secs = self.elapsed.as_secs_f64();
+        println!(
+            "| {:<28} | {:>7} | {:>10.0} | {:>12.0} | {:>9.3} | {:>9.3} |",
+            self.scenario,
+            self.clients,
+            self.ops as f64 / secs,
+            self.events as f64 / secs,
+            pct(0.50).as_secs_f64() * 1e3,
+            pct(0.99).as_secs_f64() * 1e3,
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let node = Node::start(NodeOptions {
+        node_id: 1,
+        data_dir: dir.path().to_path_buf(),
+        advertise: format!("http://{addr}"),
+        bootstrap: true,
+        tuning: RaftTuning::default(),
+    })
+    .await?;
+    anyhow::ensure!(node.wait_for_leader(Duration::from_secs(10)).await, "no leader");
+    tokio::spawn(portrait_server::service::serve(node.clone(), listener, std::future::pending()));
+    let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+
+    println!(
+        "Portrait single-node benchmark: {} events/scenario, batch {}, {} users, data on {}",
+        args.events,
+        args.batch,
+        args.users,
+        dir.path().display()
+    );
+    println!(
+        "| {:<28} | {:>7} | {:>10} | {:>12} | {:>9} | {:>9} |",
+        "scenario", "clients", "ops/s", "events/s", "p50 ms", "p99 ms"
+    );
+    println!("|{:-<30}|{:-<9}|{:-<12}|{:-<14}|{:-<11}|{:-<11}|", "", "", "", "", "", "");
+    let args = Arc::new(args);
+    for (i, clients) in [1usize, 32].into_iter().enumerate() {
+        ingest(&channel, &args, clients, i).await?.print();
+    }
+    for clients in [1usize, 32] {
+        reads(&channel, &args, clients).await?.print();
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+fn synthetic_event(seq: usize, run: usize, users: usize, now: i64) -> Event {
+    let categories = ["phone", "laptop", "tv", "shoes", "books", "toys", "food", "beauty"];
+    let family = if seq.is_multiple_of(10) { "trade" } else { "browse" };
+    let mut attrs = std::collections::HashMap::new();
+    attrs.insert("category".to_string(), Value::string(categories[seq % categories.len()]));
+    attrs.insert("price".to_string(), Value::double((seq % 5000) as f64 / 10.0));
+    attrs.insert("page".to_string(), Value::int((seq % 37) as i64));
+    Event {
+        user_id: format!("user-{}", (seq * 7919) % users),
+        family: family.into(),
+        r#type: if family == "trade" { "order".into() } else { "view".into() },
+        event_time_ms: now - (seq % 86_400) as i64 * 1000,
+        event_id: format!("r{run}-e{seq}"),
+        attrs,
+    }
+}
+
+async fn ingest(channel: &Channel, args: &Arc<Args>, clients: usize, run: usize) -> anyhow::Result<Row> {
+    let batches = args.events / args.batch;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (mut client, args, next) = (IngestClient::new(channel.clone()), args.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let now = portrait_server::wall_clock_ms();
+            loop {
+                let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if b >= batches {
+                    return Ok::<_, tonic::Status>(lat);
+                }
+                let events = (0..args.batch)
+                    .map(|i| synthetic_event(b * args.batch + i, run, args.users, now))
+                    .collect();
+                let t = Instant::now();
+                client.write(WriteRequest { events }).await?;
+                lat.push(t.elapsed());
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    Ok(Row {
+        scenario: format!("Write (batch {})", args.batch),
+        clients,
+        ops: batches,
+        events: batches * args.batch,
+        elapsed: start.elapsed(),
+        latencies,
+    })
+}
+
+async fn reads(channel: &Channel, args: &Arc<Args>, clients: usize) -> anyhow::Result<Row> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (mut client, args, next) = (ProfilesClient::new(channel.clone()), args.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= args.reads {
+                    return Ok::<_, tonic::Status>(lat);
+                }
+                let user_id = format!("user-{}", (i * 7919) % args.users);
+                let t = Instant::now();
+                client.get_profile(GetProfileRequest { user_id, ..Default::default() }).await?;
+                lat.push(t.elapsed());
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    Ok(Row {
+        scenario: "GetProfile".into(),
+        clients,
+        ops: args.reads,
+        events: 0,
+        elapsed: start.elapsed(),
+        latencies,
+    })
+}

@@ -1,0 +1,144 @@
+//! `portraitd` configuration: flags override environment variables
+//! (`PORTRAIT_*`), which override the TOML config file, which overrides the
+//! defaults. With nothing given, a single node starts on `./data` listening
+//! on `127.0.0.1:7700` with the embedded default schema.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::node::NodeOptions;
+use crate::raft::RaftTuning;
+
+#[derive(Debug, Parser)]
+#[command(name = "portraitd", version, about = "Portrait node: user profiles, features and tags over gRPC")]
+pub struct Cli {
+    /// TOML config file (keys: node_id, data_dir, listen, advertise, bootstrap, log, [raft]).
+    #[arg(long, env = "PORTRAIT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's raft id (stable across restarts).
+    #[arg(long, env = "PORTRAIT_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Where RocksDB data lives.
+    #[arg(long, env = "PORTRAIT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "PORTRAIT_LISTEN")]
+    pub listen: Option<String>,
+    /// Address other nodes and clients use to reach this node (default: http://<listen>).
+    #[arg(long, env = "PORTRAIT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Do not form a single-node cluster on first start (the node waits to be added to one).
+    #[arg(long, env = "PORTRAIT_NO_BOOTSTRAP")]
+    pub no_bootstrap: bool,
+    /// Log filter, e.g. `info` or `portrait_server=debug,openraft=warn`.
+    #[arg(long, env = "PORTRAIT_LOG")]
+    pub log: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<u64>,
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    advertise: Option<String>,
+    bootstrap: Option<bool>,
+    log: Option<String>,
+    #[serde(default)]
+    raft: FileRaft,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRaft {
+    heartbeat_ms: Option<u64>,
+    election_timeout_min_ms: Option<u64>,
+    election_timeout_max_ms: Option<u64>,
+    snapshot_every_entries: Option<u64>,
+    keep_logs_after_snapshot: Option<u64>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub log: String,
+    pub node: NodeOptions,
+}
+
+impl Config {
+    pub fn resolve(cli: Cli) -> anyhow::Result<Config> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let listen = cli.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:7700".into());
+        let advertise = cli.advertise.or(file.advertise).unwrap_or_else(|| format!("http://{listen}"));
+        let d = RaftTuning::default();
+        let tuning = RaftTuning {
+            heartbeat_ms: file.raft.heartbeat_ms.unwrap_or(d.heartbeat_ms),
+            election_timeout_min_ms: file.raft.election_timeout_min_ms.unwrap_or(d.election_timeout_min_ms),
+            election_timeout_max_ms: file.raft.election_timeout_max_ms.unwrap_or(d.election_timeout_max_ms),
+            snapshot_every_entries: file.raft.snapshot_every_entries.unwrap_or(d.snapshot_every_entries),
+            keep_logs_after_snapshot: file
+                .raft
+                .keep_logs_after_snapshot
+                .unwrap_or(d.keep_logs_after_snapshot),
+        };
+        let node = NodeOptions {
+            node_id: cli.node_id.or(file.node_id).unwrap_or(1),
+            data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("data")),
+            advertise,
+            bootstrap: !cli.no_bootstrap && file.bootstrap.unwrap_or(true),
+            tuning,
+        };
+        let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
+        Ok(Config { listen, log, node })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_start_a_local_single_node() {
+        let c = Config::resolve(Cli::parse_from(["portraitd"])).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7700");
+        assert_eq!(c.node.advertise, "http://127.0.0.1:7700");
+        assert_eq!(c.node.data_dir, PathBuf::from("data"));
+        assert_eq!(c.node.node_id, 1);
+        assert!(c.node.bootstrap);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "node_id = 3\nlisten = \"127.0.0.1:9000\"\n[raft]\nheartbeat_ms = 50\n")
+            .unwrap();
+        let cli =
+            Cli::parse_from(["portraitd", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:9100"]);
+        let c = Config::resolve(cli).unwrap();
+        assert_eq!(c.node.node_id, 3);
+        assert_eq!(c.listen, "127.0.0.1:9100");
+        assert_eq!(c.node.tuning.heartbeat_ms, 50);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "nodeid = 3\n").unwrap();
+        let err =
+            Config::resolve(Cli::parse_from(["portraitd", "--config", path.to_str().unwrap()])).unwrap_err();
+        assert!(err.to_string().contains("unknown field `nodeid`"), "{err}");
+    }
+}

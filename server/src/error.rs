@@ -1,0 +1,59 @@
+//! The node's error type. Services map it to `tonic::Status` in one place
+//! (`service::status`), with a stable machine-readable code in the
+//! `x-portrait-error` metadata key.
+
+/// An error a Portrait call can end with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input; `field` is a path such as `events[3].attrs.price`.
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is well-formed but cannot be applied in the current state
+    /// (e.g. the schema changed under it).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// This node is not the leader; retry on `leader_addr` when known.
+    #[error("not the leader{}", leader_addr.as_deref().map(|a| format!("; leader is {a}")).unwrap_or_else(|| "; no leader is known yet".into()))]
+    NotLeader { leader_id: Option<u64>, leader_addr: Option<String> },
+    /// Temporarily unable to serve (shutting down, election in progress).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
+        Error::InvalidArgument { field: field.into(), reason: reason.into() }
+    }
+
+    pub fn internal(e: impl std::fmt::Display) -> Error {
+        Error::Internal(e.to_string())
+    }
+
+    /// Prefixes the field path, e.g. `user_id` → `events[3].user_id`.
+    pub fn within(self, prefix: &str) -> Error {
+        match self {
+            Error::InvalidArgument { field, reason } => {
+                Error::InvalidArgument { field: format!("{prefix}.{field}"), reason }
+            }
+            other => other,
+        }
+    }
+
+    /// Stable code for clients to branch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            Error::NotFound(_) => "NOT_FOUND",
+            Error::FailedPrecondition(_) => "FAILED_PRECONDITION",
+            Error::NotLeader { .. } => "NOT_LEADER",
+            Error::Unavailable(_) => "UNAVAILABLE",
+            Error::Internal(_) => "INTERNAL",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,30 @@
+//! The Portrait node: storage, raft, the ingest apply path, gRPC services.
+//!
+//! Layers, bottom-up (each only uses the ones before it):
+//! - [`model`], [`schema`], [`limits`], [`validate`]: domain types and rules, no I/O;
+//! - [`store`]: RocksDB log store and state machine (no tonic);
+//! - [`raft`]: openraft wiring, the write batcher and the raft network;
+//! - [`service`]: gRPC adapters (validate, call one domain method, map the error);
+//! - `portraitd` (`main.rs`) and [`config`]: wiring only.
+
+pub mod config;
+pub mod duration;
+pub mod error;
+pub mod limits;
+pub mod model;
+pub mod node;
+pub mod raft;
+pub mod schema;
+pub mod service;
+pub mod store;
+pub mod types;
+pub mod validate;
+
+/// Wall-clock milliseconds since the Unix epoch. Never used inside the state
+/// machine: apply takes its time from the log entry.
+pub fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

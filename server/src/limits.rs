@@ -1,0 +1,34 @@
+//! Explicit limits on input. Every limit here is documented in `docs/api.md`;
+//! input past a limit is rejected with INVALID_ARGUMENT (or RESOURCE_EXHAUSTED
+//! for message size) naming the field and the limit.
+
+/// Largest gRPC message accepted or sent.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Events in one `WriteRequest`.
+pub const MAX_EVENTS_PER_REQUEST: usize = 10_000;
+/// Bytes in a `user_id`.
+pub const MAX_USER_ID_BYTES: usize = 256;
+/// Bytes in an `event_id`.
+pub const MAX_EVENT_ID_BYTES: usize = 128;
+/// Bytes in an event `type`.
+pub const MAX_EVENT_TYPE_BYTES: usize = 64;
+/// Attributes on one event.
+pub const MAX_ATTRS_PER_EVENT: usize = 64;
+/// Bytes in an attribute name.
+pub const MAX_ATTR_NAME_BYTES: usize = 64;
+/// Bytes in a string attribute value.
+pub const MAX_STRING_VALUE_BYTES: usize = 4 * 1024;
+/// How far an event time may be ahead of the receiving node's clock.
+pub const MAX_FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
+/// Earliest accepted event time: 2000-01-01T00:00:00Z.
+pub const MIN_EVENT_TIME_MS: i64 = 946_684_800_000;
+/// User ids in one `BatchGetProfiles`.
+pub const MAX_BATCH_GET_USERS: usize = 1_000;
+/// Families in a schema.
+pub const MAX_FAMILIES: usize = 64;
+/// Last-N history length of a family.
+pub const MAX_HISTORY_LEN: u32 = 1_000;
+/// Bytes of schema TOML.
+pub const MAX_SCHEMA_BYTES: usize = 1024 * 1024;
+/// Events the batcher packs into one raft entry.
+pub const MAX_EVENTS_PER_ENTRY: usize = 20_000;

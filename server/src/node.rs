@@ -1,0 +1,234 @@
+//! A running Portrait node: raft, storage and the write batcher, with the
+//! domain operations the gRPC services call (one method per call).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::{BasicNode, ServerState};
+
+use crate::error::{Error, Result};
+use crate::model::{Event, WriteCounts};
+use crate::raft::batcher::WriteBatcher;
+use crate::raft::network::Network;
+use crate::raft::{client_write_error, not_leader, RaftTuning};
+use crate::schema::{Schema, VersionedSchema};
+use crate::store::read::{read_profile, ProfileView};
+use crate::store::{LogStore, SmStore, StateMachine};
+use crate::types::{Command, CommandResult, NodeId, Raft};
+use crate::validate::{validate_request, validate_user_id};
+
+/// How to start a node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub node_id: NodeId,
+    pub data_dir: PathBuf,
+    /// The address peers and clients reach this node's gRPC server at.
+    pub advertise: String,
+    /// Form a one-node cluster if this node has never been initialized.
+    pub bootstrap: bool,
+    pub tuning: RaftTuning,
+}
+
+/// Read freshness, as asked by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    Local,
+    Linearizable,
+}
+
+/// Where a read was served and how fresh it was.
+#[derive(Debug, Clone)]
+pub struct ReadInfo {
+    pub node_id: NodeId,
+    pub applied_index: u64,
+    pub as_of_ms: i64,
+    pub lag_entries: u64,
+}
+
+/// A member of the cluster as seen by this node.
+#[derive(Debug, Clone)]
+pub struct MemberStatus {
+    pub node_id: NodeId,
+    pub addr: String,
+    pub voter: bool,
+    pub matched_index: Option<u64>,
+}
+
+/// What `ClusterStatus` reports.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    pub node_id: NodeId,
+    pub role: String,
+    pub leader_id: Option<NodeId>,
+    pub leader_addr: Option<String>,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub purged_index: u64,
+    pub members: Vec<MemberStatus>,
+    pub schema_version: u64,
+}
+
+pub struct Node {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub sm: Arc<SmStore>,
+    batcher: WriteBatcher,
+}
+
+impl Node {
+    /// Opens the stores, starts raft and, for a new single node, bootstraps.
+    pub async fn start(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
+        std::fs::create_dir_all(&opts.data_dir)?;
+        let sm = SmStore::open(&opts.data_dir)?;
+        let log = LogStore::open(&opts.data_dir, Some(sm.clone()))?;
+        let state_machine = StateMachine::new(sm.clone(), &opts.data_dir)?;
+        let config = Arc::new(opts.tuning.openraft_config()?);
+        let raft = Raft::new(opts.node_id, config, Network, log, state_machine).await?;
+        if opts.bootstrap && !raft.is_initialized().await? {
+            tracing::info!(node_id = opts.node_id, "bootstrapping a new single-node cluster");
+            let members = BTreeMap::from([(opts.node_id, BasicNode::new(&opts.advertise))]);
+            raft.initialize(members).await?;
+        }
+        let batcher = WriteBatcher::start(raft.clone());
+        Ok(Arc::new(Node { id: opts.node_id, raft, sm, batcher }))
+    }
+
+    /// Waits until some leader is known (or `timeout` passes).
+    pub async fn wait_for_leader(&self, timeout: Duration) -> bool {
+        let wait = self.raft.wait(Some(timeout));
+        wait.metrics(|m| m.current_leader.is_some(), "a leader is known").await.is_ok()
+    }
+
+    /// Validates and commits one write request.
+    pub async fn write(&self, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
+        let schema = self.sm.schema();
+        validate_request(&events, &schema.schema, Some(crate::wall_clock_ms()))?;
+        self.batcher.write(events).await
+    }
+
+    /// Reads profiles as of now; linearizable reads first confirm leadership.
+    pub async fn read_profiles(
+        &self,
+        user_ids: &[String],
+        families: &[String],
+        consistency: Consistency,
+    ) -> Result<(Vec<ProfileView>, ReadInfo)> {
+        let schema = self.sm.schema();
+        for (i, f) in families.iter().enumerate() {
+            if schema.schema.family(f).is_none() {
+                let reason = format!("unknown family {f:?} (schema has: {})", schema.schema.family_list());
+                return Err(Error::invalid(format!("families[{i}]"), reason));
+            }
+        }
+        for (i, u) in user_ids.iter().enumerate() {
+            validate_user_id(u).map_err(|e| {
+                if user_ids.len() == 1 {
+                    e
+                } else {
+                    e.within(&format!("user_ids[{i}]"))
+                }
+            })?;
+        }
+        if consistency == Consistency::Linearizable {
+            self.raft.ensure_linearizable().await.map_err(check_leader_error)?;
+        }
+        let now = crate::wall_clock_ms();
+        let db = self.sm.db();
+        let mut views = Vec::with_capacity(user_ids.len());
+        for user in user_ids {
+            views.push(read_profile(&db, &schema.schema, user, families, now).map_err(Error::internal)?);
+        }
+        Ok((views, self.read_info(now)))
+    }
+
+    fn read_info(&self, as_of_ms: i64) -> ReadInfo {
+        let applied_index = self.sm.applied().last_applied.map(|l| l.index).unwrap_or(0);
+        let last_log = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+        ReadInfo {
+            node_id: self.id,
+            applied_index,
+            as_of_ms,
+            lag_entries: last_log.saturating_sub(applied_index),
+        }
+    }
+
+    pub fn schema(&self) -> Arc<VersionedSchema> {
+        self.sm.schema()
+    }
+
+    /// Validates a schema and, unless `dry_run`, replicates it.
+    pub async fn apply_schema(&self, toml: String, dry_run: bool) -> Result<VersionedSchema> {
+        let schema = Schema::parse(&toml).map_err(|e| Error::invalid("toml", e.to_string()))?;
+        if dry_run {
+            return Ok(VersionedSchema { version: self.sm.schema().version, schema });
+        }
+        let command = Command::ApplySchema { stamp_ms: crate::wall_clock_ms(), toml };
+        let resp = self.raft.client_write(command).await.map_err(client_write_error)?;
+        match resp.data {
+            CommandResult::SchemaApplied { version } => Ok(VersionedSchema { version, schema }),
+            CommandResult::Rejected { reason } => Err(Error::FailedPrecondition(reason)),
+            other => Err(Error::Internal(format!("unexpected apply result {other:?}"))),
+        }
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<_> = membership.voter_ids().collect();
+        let matched =
+            |id: &NodeId| m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index);
+        let members = membership
+            .nodes()
+            .map(|(id, node)| MemberStatus {
+                node_id: *id,
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+                matched_index: matched(id),
+            })
+            .collect();
+        let leader_addr = m.current_leader.and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
+        NodeStatus {
+            node_id: self.id,
+            role: role_name(m.state).into(),
+            leader_id: m.current_leader,
+            leader_addr,
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+            members,
+            schema_version: self.sm.schema().version,
+        }
+    }
+
+    /// Stops raft (the stores close when the last handle drops).
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+fn role_name(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "Leader",
+        ServerState::Follower => "Follower",
+        ServerState::Candidate => "Candidate",
+        ServerState::Learner => "Learner",
+        ServerState::Shutdown => "Shutdown",
+    }
+}
+
+fn check_leader_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> Error {
+    match e {
+        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => not_leader(f),
+        RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => Error::Unavailable(q.to_string()),
+        RaftError::Fatal(f) => Error::Unavailable(format!("raft is not running: {f}")),
+    }
+}

@@ -1,0 +1,114 @@
+//! Group commit: concurrent write requests are packed into one raft entry
+//! (up to `MAX_EVENTS_PER_ENTRY` events), with a bounded number of entries
+//! in flight, so one log append and one fsync carry many client requests.
+//! Each request keeps its own all-or-nothing outcome.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::client_write_error;
+use crate::error::{Error, Result};
+use crate::limits::MAX_EVENTS_PER_ENTRY;
+use crate::model::{Event, WriteCounts};
+use crate::types::{Command, CommandResult, Raft, WriteOutcome};
+
+/// Entries proposed and not yet applied, at most.
+const MAX_IN_FLIGHT: usize = 8;
+
+type Reply = oneshot::Sender<Result<(WriteCounts, u64)>>;
+
+struct Pending {
+    events: Vec<Event>,
+    reply: Reply,
+}
+
+/// Handle to the batching task.
+#[derive(Clone)]
+pub struct WriteBatcher {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl WriteBatcher {
+    pub fn start(raft: Raft) -> WriteBatcher {
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(run(raft, rx));
+        WriteBatcher { tx }
+    }
+
+    /// Proposes one validated request; returns its counts and log index.
+    pub async fn write(&self, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Pending { events, reply }).await.map_err(|_| shutting_down())?;
+        rx.await.map_err(|_| shutting_down())?
+    }
+}
+
+fn shutting_down() -> Error {
+    Error::Unavailable("node is shutting down".into())
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Some(first) = rx.recv().await else { return };
+        let mut size = first.events.len();
+        let mut batch = vec![first];
+        while size < MAX_EVENTS_PER_ENTRY {
+            match rx.try_recv() {
+                Ok(p) => {
+                    size += p.events.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            propose(&raft, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn propose(raft: &Raft, batch: Vec<Pending>) {
+    let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.events, p.reply)).unzip();
+    let command = Command::Write { stamp_ms: crate::wall_clock_ms(), requests };
+    match raft.client_write(command).await {
+        Ok(resp) => {
+            let index = resp.log_id.index;
+            let outcomes = match resp.data {
+                CommandResult::Write(outcomes) if outcomes.len() == replies.len() => outcomes,
+                other => {
+                    let e = format!("unexpected apply result {other:?}");
+                    return replies.into_iter().for_each(|r| drop(r.send(Err(Error::Internal(e.clone())))));
+                }
+            };
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let result = match outcome {
+                    WriteOutcome::Applied(counts) => Ok((counts, index)),
+                    WriteOutcome::Rejected { reason } => Err(Error::FailedPrecondition(reason)),
+                };
+                let _ = reply.send(result);
+            }
+        }
+        Err(e) => {
+            let e = client_write_error(e);
+            for reply in replies {
+                let _ = reply.send(Err(clone_error(&e)));
+            }
+        }
+    }
+}
+
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::NotLeader { leader_id, leader_addr } => {
+            Error::NotLeader { leader_id: *leader_id, leader_addr: leader_addr.clone() }
+        }
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
+        other => Error::Internal(other.to_string()),
+    }
+}

@@ -1,0 +1,71 @@
+//! openraft wiring: the raft configuration, the gRPC peer network and the
+//! write batcher that groups concurrent client writes into one log entry.
+//!
+//! Layering: uses `store` and `types`; services call it through [`crate::node`].
+
+pub mod batcher;
+pub mod network;
+
+use crate::error::Error;
+use crate::types::NodeId;
+use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
+use openraft::BasicNode;
+
+/// Tunables of the raft group (node-local; not replicated).
+#[derive(Debug, Clone)]
+pub struct RaftTuning {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and allow purging the log) after this many entries.
+    pub snapshot_every_entries: u64,
+    /// Entries kept in the log behind the latest snapshot, for slow followers.
+    pub keep_logs_after_snapshot: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_ms: 250,
+            election_timeout_min_ms: 1_000,
+            election_timeout_max_ms: 2_000,
+            snapshot_every_entries: 20_000,
+            keep_logs_after_snapshot: 2_000,
+        }
+    }
+}
+
+impl RaftTuning {
+    pub fn openraft_config(&self) -> anyhow::Result<openraft::Config> {
+        let config = openraft::Config {
+            cluster_name: "portrait".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            // Large snapshots stream in chunks; give each chunk time.
+            install_snapshot_timeout: 60_000,
+            snapshot_max_chunk_size: 4 * 1024 * 1024,
+            max_payload_entries: 256,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: self.keep_logs_after_snapshot,
+            ..Default::default()
+        };
+        Ok(config.validate()?)
+    }
+}
+
+/// Maps a forward-to-leader answer to [`Error::NotLeader`].
+pub fn not_leader(f: ForwardToLeader<NodeId, BasicNode>) -> Error {
+    Error::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.addr) }
+}
+
+/// Maps a failed `client_write`.
+pub fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Error {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => not_leader(f),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            Error::FailedPrecondition(e.to_string())
+        }
+        RaftError::Fatal(f) => Error::Unavailable(format!("raft is not running: {f}")),
+    }
+}

@@ -1,0 +1,166 @@
+//! TOML → [`Schema`] with validation. Errors name the field and the reason.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::{FamilySpec, Schema};
+use crate::duration::{parse_duration_ms, YEAR_MS};
+use crate::limits::{MAX_FAMILIES, MAX_HISTORY_LEN, MAX_SCHEMA_BYTES};
+
+/// Why a schema was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaError {
+    #[error("schema is not valid TOML: {0}")]
+    Toml(String),
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SchemaError {
+    SchemaError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchema {
+    #[serde(default)]
+    ingest: RawIngest,
+    #[serde(default)]
+    families: BTreeMap<String, RawFamily>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    dedupe_window: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFamily {
+    ttl: String,
+    #[serde(default)]
+    history: u32,
+}
+
+const DEFAULT_DEDUPE_WINDOW_MS: i64 = 7 * 24 * 3600 * 1000;
+const MAX_TTL_MS: i64 = 100 * YEAR_MS;
+
+pub(super) fn parse(text: &str) -> Result<Schema, SchemaError> {
+    if text.len() > MAX_SCHEMA_BYTES {
+        return Err(invalid(
+            "schema",
+            format!("{} bytes is over the limit of {MAX_SCHEMA_BYTES}", text.len()),
+        ));
+    }
+    let raw: RawSchema =
+        toml::from_str(text).map_err(|e| SchemaError::Toml(e.to_string().trim().to_string()))?;
+    if raw.families.is_empty() {
+        return Err(invalid("families", "at least one family is required"));
+    }
+    if raw.families.len() > MAX_FAMILIES {
+        return Err(invalid(
+            "families",
+            format!("{} families is over the limit of {MAX_FAMILIES}", raw.families.len()),
+        ));
+    }
+    let mut families = BTreeMap::new();
+    for (name, fam) in raw.families {
+        families.insert(name.clone(), family_spec(&name, fam)?);
+    }
+    let dedupe_window_ms = match raw.ingest.dedupe_window {
+        None => DEFAULT_DEDUPE_WINDOW_MS,
+        Some(text) => {
+            let ms = parse_duration_ms(&text).map_err(|e| invalid("ingest.dedupe_window", e))?;
+            if !(1..=MAX_TTL_MS).contains(&ms) {
+                return Err(invalid("ingest.dedupe_window", "must be between 1ms and 100y"));
+            }
+            ms
+        }
+    };
+    Ok(Schema { families, dedupe_window_ms, toml: text.to_string() })
+}
+
+fn family_spec(name: &str, raw: RawFamily) -> Result<FamilySpec, SchemaError> {
+    let field = format!("families.{name}");
+    if !valid_name(name) {
+        return Err(invalid(&field, "name must match [a-z][a-z0-9_]{0,31}"));
+    }
+    let ttl_ms = match raw.ttl.as_str() {
+        "none" => None,
+        text => {
+            let ms = parse_duration_ms(text).map_err(|e| invalid(format!("{field}.ttl"), e))?;
+            if !(1..=MAX_TTL_MS).contains(&ms) {
+                return Err(invalid(format!("{field}.ttl"), "must be between 1ms and 100y, or \"none\""));
+            }
+            Some(ms)
+        }
+    };
+    if raw.history > MAX_HISTORY_LEN {
+        return Err(invalid(
+            format!("{field}.history"),
+            format!("{} is over the limit of {MAX_HISTORY_LEN}", raw.history),
+        ));
+    }
+    Ok(FamilySpec { ttl_ms, history_len: raw.history })
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && name.len() <= 32
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::duration::DAY_MS;
+    use crate::schema::DEFAULT_SCHEMA_TOML;
+
+    #[test]
+    fn default_schema_has_the_documented_families() {
+        let s = parse(DEFAULT_SCHEMA_TOML).unwrap();
+        let ttl = |f: &str| s.families[f].ttl_ms;
+        assert_eq!(ttl("registration"), None);
+        assert_eq!(ttl("browse"), Some(90 * DAY_MS));
+        assert_eq!(ttl("trade"), Some(730 * DAY_MS));
+        assert_eq!(ttl("social"), Some(180 * DAY_MS));
+        assert_eq!(ttl("third_party"), Some(365 * DAY_MS));
+        assert_eq!(ttl("contact"), Some(30 * DAY_MS));
+        assert_eq!(s.dedupe_window_ms, 7 * DAY_MS);
+    }
+
+    #[test]
+    fn custom_family_accepted() {
+        let s = parse("[families.app_usage]\nttl = \"14d\"\nhistory = 3\n").unwrap();
+        assert_eq!(s.families["app_usage"], FamilySpec { ttl_ms: Some(14 * DAY_MS), history_len: 3 });
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn malformed_toml_reports_position() {
+        let e = err("[families.browse\nttl = 1");
+        assert!(e.starts_with("schema is not valid TOML"), "{e}");
+        assert!(e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn invalid_fields_are_named() {
+        assert_eq!(
+            err("[families.Browse]\nttl = \"1d\""),
+            "families.Browse: name must match [a-z][a-z0-9_]{0,31}"
+        );
+        assert!(err("[families.browse]\nttl = \"9x\"").starts_with("families.browse.ttl: invalid duration"));
+        assert!(err("[families.browse]\nttl = \"0d\"").starts_with("families.browse.ttl: must be between"));
+        assert!(err("[families.browse]\nttl = \"1d\"\nhistory = 5000")
+            .starts_with("families.browse.history: 5000"));
+        assert!(err("[ingest]\ndedupe_window = \"7d\"").starts_with("families: at least one"));
+        assert!(err("[families.browse]\nttl = \"1d\"\ncolour = 1").contains("unknown field"));
+        assert!(err("[families.browse]\nhistory = 1").contains("missing field `ttl`"));
+    }
+}

@@ -1,0 +1,78 @@
+//! `portrait.v1.Admin`.
+
+use std::sync::Arc;
+
+use portrait_proto::v1::admin_server::Admin;
+use portrait_proto::v1::{
+    ApplySchemaRequest, ApplySchemaResponse, ClusterStatusRequest, ClusterStatusResponse, GetSchemaRequest,
+    GetSchemaResponse, Member,
+};
+use tonic::{Request, Response, Status};
+
+use super::convert::families_to_pb;
+use crate::node::Node;
+
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<Node>) -> Self {
+        AdminService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn get_schema(&self, _: Request<GetSchemaRequest>) -> Result<Response<GetSchemaResponse>, Status> {
+        let s = self.node.schema();
+        Ok(Response::new(GetSchemaResponse {
+            version: s.version,
+            toml: s.schema.toml.clone(),
+            families: families_to_pb(s.schema.families.iter()),
+        }))
+    }
+
+    async fn apply_schema(
+        &self,
+        request: Request<ApplySchemaRequest>,
+    ) -> Result<Response<ApplySchemaResponse>, Status> {
+        let req = request.into_inner();
+        let applied = self.node.apply_schema(req.toml, req.dry_run).await?;
+        Ok(Response::new(ApplySchemaResponse {
+            version: applied.version,
+            families: families_to_pb(applied.schema.families.iter()),
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let s = self.node.status();
+        let members = s
+            .members
+            .into_iter()
+            .map(|m| Member {
+                node_id: m.node_id,
+                addr: m.addr,
+                voter: m.voter,
+                matched_index: m.matched_index.unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(ClusterStatusResponse {
+            node_id: s.node_id,
+            role: s.role,
+            leader_id: s.leader_id.unwrap_or(0),
+            leader_addr: s.leader_addr.unwrap_or_default(),
+            term: s.term,
+            last_log_index: s.last_log_index,
+            applied_index: s.applied_index,
+            snapshot_index: s.snapshot_index,
+            purged_index: s.purged_index,
+            members,
+            schema_version: s.schema_version,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+}

@@ -1,0 +1,128 @@
+//! Conversions between wire (`portrait.v1`) and domain types.
+
+use portrait_proto::v1 as pb;
+use portrait_proto::ValueKind;
+
+use crate::error::{Error, Result};
+use crate::model::{Event, Value};
+use crate::node::{Consistency, ReadInfo};
+use crate::schema::FamilySpec;
+use crate::store::read::ProfileView;
+use crate::store::record::FamilyRecord;
+
+/// Expiry on the wire: 0 = never.
+fn wire_expiry(expires_at: i64) -> i64 {
+    if expires_at == crate::model::NEVER {
+        0
+    } else {
+        expires_at
+    }
+}
+
+pub fn value_from_pb(v: pb::Value) -> Result<Value, String> {
+    match v.kind {
+        Some(ValueKind::StringValue(s)) => Ok(Value::Str(s)),
+        Some(ValueKind::IntValue(i)) => Ok(Value::Int(i)),
+        Some(ValueKind::DoubleValue(d)) => Ok(Value::Float(d)),
+        Some(ValueKind::BoolValue(b)) => Ok(Value::Bool(b)),
+        None => Err("value has no kind set (string, int, double or bool)".into()),
+    }
+}
+
+pub fn value_to_pb(v: &Value) -> pb::Value {
+    match v {
+        Value::Str(s) => pb::Value::string(s.clone()),
+        Value::Int(i) => pb::Value::int(*i),
+        Value::Float(f) => pb::Value::double(*f),
+        Value::Bool(b) => pb::Value::bool(*b),
+    }
+}
+
+/// Converts a request's events; errors name `events[i].attrs.NAME`.
+pub fn events_from_pb(events: Vec<pb::Event>) -> Result<Vec<Event>> {
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| event_from_pb(e).map_err(|e| e.within(&format!("events[{i}]"))))
+        .collect()
+}
+
+fn event_from_pb(e: pb::Event) -> Result<Event> {
+    let mut attrs = crate::model::Attrs::new();
+    for (name, value) in e.attrs {
+        let value = value_from_pb(value).map_err(|reason| Error::invalid(format!("attrs.{name}"), reason))?;
+        attrs.insert(name, value);
+    }
+    Ok(Event {
+        user_id: e.user_id,
+        family: e.family,
+        event_type: e.r#type,
+        time_ms: e.event_time_ms,
+        event_id: e.event_id,
+        attrs,
+    })
+}
+
+pub fn consistency_from_pb(c: i32) -> Result<Consistency> {
+    match pb::Consistency::try_from(c) {
+        Ok(pb::Consistency::Unspecified | pb::Consistency::Local) => Ok(Consistency::Local),
+        Ok(pb::Consistency::Linearizable) => Ok(Consistency::Linearizable),
+        Err(_) => Err(Error::invalid("consistency", format!("unknown value {c}"))),
+    }
+}
+
+pub fn profile_to_pb(user_id: String, view: ProfileView) -> pb::Profile {
+    pb::Profile {
+        user_id,
+        found: view.found,
+        families: view.families.into_iter().map(|(name, rec)| (name, family_to_pb(rec))).collect(),
+    }
+}
+
+fn family_to_pb(rec: FamilyRecord) -> pb::FamilyData {
+    let attrs = rec
+        .attrs
+        .into_iter()
+        .map(|(name, cell)| {
+            let value = pb::AttributeValue {
+                value: Some(value_to_pb(&cell.value)),
+                event_time_ms: cell.time_ms,
+                expires_at_ms: wire_expiry(cell.expires_at),
+            };
+            (name, value)
+        })
+        .collect();
+    let history = rec
+        .history
+        .into_iter()
+        .map(|h| pb::HistoryEvent {
+            r#type: h.event_type,
+            event_time_ms: h.time_ms,
+            event_id: h.event_id,
+            attrs: h.attrs.iter().map(|(k, v)| (k.clone(), value_to_pb(v))).collect(),
+            expires_at_ms: wire_expiry(h.expires_at),
+        })
+        .collect();
+    pb::FamilyData { attrs, history }
+}
+
+pub fn read_info_to_pb(info: ReadInfo) -> pb::ReadInfo {
+    pb::ReadInfo {
+        node_id: info.node_id,
+        applied_index: info.applied_index,
+        as_of_ms: info.as_of_ms,
+        lag_entries: info.lag_entries,
+    }
+}
+
+pub fn families_to_pb<'a>(
+    families: impl Iterator<Item = (&'a String, &'a FamilySpec)>,
+) -> Vec<pb::FamilySpec> {
+    families
+        .map(|(name, spec)| pb::FamilySpec {
+            name: name.clone(),
+            ttl_ms: spec.ttl_ms.unwrap_or(0) as u64,
+            history_len: spec.history_len,
+        })
+        .collect()
+}

@@ -1,0 +1,61 @@
+//! `portrait.v1.Ingest`.
+
+use std::sync::Arc;
+
+use portrait_proto::v1::ingest_server::Ingest;
+use portrait_proto::v1::{WriteRequest, WriteResponse};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::events_from_pb;
+use crate::node::Node;
+
+pub struct IngestService {
+    node: Arc<Node>,
+}
+
+impl IngestService {
+    pub fn new(node: Arc<Node>) -> Self {
+        IngestService { node }
+    }
+
+    async fn write_one(&self, req: WriteRequest) -> Result<WriteResponse, crate::error::Error> {
+        let events = events_from_pb(req.events)?;
+        let (counts, log_index) = self.node.write(events).await?;
+        Ok(WriteResponse {
+            applied: counts.applied,
+            duplicates: counts.duplicates,
+            expired: counts.expired,
+            log_index,
+            batches: 1,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        Ok(Response::new(self.write_one(request.into_inner()).await?))
+    }
+
+    async fn write_stream(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut total = WriteResponse::default();
+        while let Some(batch) = stream.message().await? {
+            let resp = self.write_one(batch).await.map_err(|e| {
+                let status = Status::from(e);
+                let message =
+                    format!("batch {} (earlier batches were applied): {}", total.batches, status.message());
+                Status::with_metadata(status.code(), message, status.metadata().clone())
+            })?;
+            total.applied += resp.applied;
+            total.duplicates += resp.duplicates;
+            total.expired += resp.expired;
+            total.log_index = resp.log_index;
+            total.batches += 1;
+        }
+        Ok(Response::new(total))
+    }
+}

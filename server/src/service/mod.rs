@@ -1,0 +1,59 @@
+//! gRPC services. Each handler is an adapter: take the request, convert and
+//! validate, call one [`Node`] method, map the error (in [`status`]).
+
+pub mod admin;
+pub mod convert;
+pub mod ingest;
+pub mod profiles;
+pub mod raft;
+pub mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use portrait_proto::v1::admin_server::AdminServer;
+use portrait_proto::v1::ingest_server::IngestServer;
+use portrait_proto::v1::profiles_server::ProfilesServer;
+use portrait_proto::v1::raft_server::RaftServer;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::limits::MAX_MESSAGE_BYTES;
+use crate::node::Node;
+
+/// Serves every Portrait service, health and reflection on `listener` until
+/// `shutdown` completes.
+pub async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<IngestServer<ingest::IngestService>>().await;
+    health.set_serving::<ProfilesServer<profiles::ProfilesService>>().await;
+    health.set_serving::<AdminServer<admin::AdminService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(portrait_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let ingest = IngestServer::new(ingest::IngestService::new(node.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let profiles = ProfilesServer::new(profiles::ProfilesService::new(node.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = AdminServer::new(admin::AdminService::new(node.clone()));
+    let raft = RaftServer::new(raft::RaftService::new(node.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES * 4)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES * 4);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ingest)
+        .add_service(profiles)
+        .add_service(admin)
+        .add_service(raft)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,46 @@
+//! `portrait.v1.Raft`: the internal transport, decoding openraft messages
+//! and answering with the encoded `Result` of the local raft call.
+
+use std::sync::Arc;
+
+use portrait_proto::v1::raft_server::Raft;
+use portrait_proto::v1::RaftPayload;
+use serde::de::DeserializeOwned;
+use tonic::{Request, Response, Status};
+
+use crate::node::Node;
+use crate::store::codec::{decode, encode};
+
+pub struct RaftService {
+    node: Arc<Node>,
+}
+
+impl RaftService {
+    pub fn new(node: Arc<Node>) -> Self {
+        RaftService { node }
+    }
+}
+
+fn decode_req<T: DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
+    decode(&req.into_inner().data)
+        .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
+}
+
+fn reply<T: serde::Serialize>(result: T) -> Result<Response<RaftPayload>, Status> {
+    Ok(Response::new(RaftPayload { data: encode(&result) }))
+}
+
+#[tonic::async_trait]
+impl Raft for RaftService {
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        reply(self.node.raft.append_entries(decode_req(req)?).await)
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        reply(self.node.raft.vote(decode_req(req)?).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        reply(self.node.raft.install_snapshot(decode_req(req)?).await)
+    }
+}

@@ -1,0 +1,28 @@
+//! RocksDB storage: the raft log store and the state machine.
+//!
+//! Two RocksDB instances per node, so a snapshot can replace the state
+//! machine without touching the log:
+//! - `<data>/raft`: column families `logs` (index → entry) and `raft_meta`
+//!   (vote, last purged log id). Appends are acknowledged to openraft only
+//!   after a synced WAL flush, batched across appends ([`log_store`]).
+//! - `<data>/sm/<db-N>`: column families `profiles` (user ⟂ family →
+//!   family record), `dedupe` (user ⟂ event id → expiry) and `meta` (last
+//!   applied, membership, schema, clock), written with one `WriteBatch` per
+//!   applied entry ([`state_machine`]). Expired values are filtered on read
+//!   and reclaimed by a compaction filter ([`sm_db`]).
+//!
+//! Layering: uses `model`, `schema`, `types`; never tonic.
+
+pub mod apply;
+pub mod codec;
+pub mod keys;
+pub mod log_store;
+pub mod read;
+pub mod record;
+pub mod sm_db;
+pub mod snapshot;
+pub mod state_machine;
+
+pub use log_store::LogStore;
+pub use sm_db::SmStore;
+pub use state_machine::StateMachine;

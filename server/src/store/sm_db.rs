@@ -1,0 +1,211 @@
+//! The state-machine RocksDB instance, shared by the raft state machine
+//! (writes) and the read path, and replaceable as a whole when a snapshot
+//! is installed.
+//!
+//! `<data>/sm/CURRENT` names the live database directory (`db-N`); it is
+//! replaced atomically (write temp, fsync, rename) when a snapshot installs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Options, DB};
+
+use super::codec;
+use super::keys::*;
+use super::record::stored_expiry;
+use crate::schema::VersionedSchema;
+use crate::types::{LogId, StoredMembership};
+
+/// Values are reclaimed by compaction this long after they expire, so
+/// replicas whose clocks differ slightly never disagree about a record that
+/// apply could still read.
+pub const COMPACTION_GRACE_MS: i64 = 3_600_000;
+
+/// What the state machine has applied, cached in memory.
+#[derive(Debug, Clone, Default)]
+pub struct AppliedState {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    /// Logical clock: the largest entry stamp applied so far.
+    pub clock_ms: i64,
+}
+
+/// The shared handle to the live state-machine database.
+pub struct SmStore {
+    dir: PathBuf,
+    db: RwLock<Arc<DB>>,
+    schema: RwLock<Arc<VersionedSchema>>,
+    applied: Mutex<AppliedState>,
+}
+
+impl SmStore {
+    /// Opens (or creates) the state machine under `<data>/sm`.
+    pub fn open(data_dir: &Path) -> anyhow::Result<Arc<SmStore>> {
+        let dir = data_dir.join("sm");
+        std::fs::create_dir_all(&dir)?;
+        let current = read_current(&dir)?;
+        remove_stale_dirs(&dir, &current)?;
+        let db = open_db(&dir.join(&current))?;
+        let store = SmStore {
+            dir,
+            db: RwLock::new(Arc::new(db)),
+            schema: RwLock::new(Arc::default()),
+            applied: Mutex::new(AppliedState::default()),
+        };
+        store.reload_caches()?;
+        Ok(Arc::new(store))
+    }
+
+    pub fn db(&self) -> Arc<DB> {
+        self.db.read().expect("db lock").clone()
+    }
+
+    pub fn schema(&self) -> Arc<VersionedSchema> {
+        self.schema.read().expect("schema lock").clone()
+    }
+
+    pub(crate) fn set_schema(&self, schema: VersionedSchema) {
+        *self.schema.write().expect("schema lock") = Arc::new(schema);
+    }
+
+    pub fn applied(&self) -> AppliedState {
+        self.applied.lock().expect("applied lock").clone()
+    }
+
+    pub(crate) fn set_applied(&self, state: AppliedState) {
+        *self.applied.lock().expect("applied lock") = state;
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes every applied write durable (called before raft purges logs).
+    pub fn sync_wal(&self) -> Result<(), rocksdb::Error> {
+        self.db().flush_wal(true)
+    }
+
+    /// Replaces the live database with the one in `new_dir` (a directory
+    /// name under `<data>/sm`), which must be complete and synced.
+    pub fn swap_in(&self, new_dir: &str) -> anyhow::Result<()> {
+        let db = open_db(&self.dir.join(new_dir))?;
+        write_current(&self.dir, new_dir)?;
+        let old = std::mem::replace(&mut *self.db.write().expect("db lock"), Arc::new(db));
+        self.reload_caches()?;
+        retire(old);
+        Ok(())
+    }
+
+    /// A fresh directory name for the next database.
+    pub fn next_dir_name(&self) -> anyhow::Result<String> {
+        let current = read_current(&self.dir)?;
+        let n: u64 = current.trim_start_matches("db-").parse().unwrap_or(0);
+        Ok(format!("db-{}", n + 1))
+    }
+
+    fn reload_caches(&self) -> anyhow::Result<()> {
+        let db = self.db();
+        let meta = cf(&db, CF_META);
+        let get = |k: &[u8]| db.get_cf(meta, k);
+        let schema = match get(META_SCHEMA)? {
+            Some(b) => codec::decode(&b)?,
+            None => VersionedSchema::default(),
+        };
+        let applied = AppliedState {
+            last_applied: get(META_APPLIED)?.map(|b| codec::decode(&b)).transpose()?,
+            membership: get(META_MEMBERSHIP)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or_default(),
+            clock_ms: get(META_CLOCK)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or(0),
+        };
+        self.set_schema(schema);
+        self.set_applied(applied);
+        Ok(())
+    }
+}
+
+/// A column family handle; the families are created at open, so a missing
+/// one is a programming error.
+pub fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name).unwrap_or_else(|| panic!("column family {name} is created at open"))
+}
+
+/// Opens a state-machine database with its column families and filters.
+pub fn open_db(path: &Path) -> Result<DB, rocksdb::Error> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    let cfs = vec![
+        ColumnFamilyDescriptor::new(CF_PROFILES, expiring_cf_options("portrait-profile-ttl")),
+        ColumnFamilyDescriptor::new(CF_DEDUPE, expiring_cf_options("portrait-dedupe-ttl")),
+        ColumnFamilyDescriptor::new(CF_META, Options::default()),
+    ];
+    DB::open_cf_descriptors(&opts, path, cfs)
+}
+
+/// Options for a column family whose values start with an 8-byte expiry:
+/// bloom filters for point lookups and a compaction filter that drops
+/// values expired for longer than [`COMPACTION_GRACE_MS`].
+fn expiring_cf_options(filter_name: &'static str) -> Options {
+    let mut opts = Options::default();
+    let mut block = BlockBasedOptions::default();
+    block.set_bloom_filter(10.0, false);
+    opts.set_block_based_table_factory(&block);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts.set_compaction_filter(filter_name, |_level: u32, _key: &[u8], value: &[u8]| {
+        match stored_expiry(value) {
+            Some(exp) if exp.saturating_add(COMPACTION_GRACE_MS) < crate::wall_clock_ms() => {
+                rocksdb::compaction_filter::Decision::Remove
+            }
+            _ => rocksdb::compaction_filter::Decision::Keep,
+        }
+    });
+    opts
+}
+
+fn read_current(dir: &Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(dir.join("CURRENT")) {
+        Ok(s) => Ok(s.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            write_current(dir, "db-0")?;
+            Ok("db-0".into())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn write_current(dir: &Path, name: &str) -> std::io::Result<()> {
+    let tmp = dir.join("CURRENT.tmp");
+    std::fs::write(&tmp, name)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join("CURRENT"))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Removes databases left over from an interrupted or finished swap.
+fn remove_stale_dirs(dir: &Path, current: &str) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with("db-") && name != current && entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Closes and deletes a replaced database once no reader holds it.
+fn retire(old: Arc<DB>) {
+    std::thread::spawn(move || {
+        let path = old.path().to_path_buf();
+        for _ in 0..600 {
+            if Arc::strong_count(&old) == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        drop(old);
+        if let Err(e) = std::fs::remove_dir_all(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove replaced state machine");
+        }
+    });
+}

@@ -1,0 +1,280 @@
+//! The raft state machine: applies committed entries to the state-machine
+//! database (one `WriteBatch` per entry, `last_applied` inside it), builds
+//! snapshots from RocksDB checkpoints and installs received ones.
+
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
+use rocksdb::checkpoint::Checkpoint;
+use rocksdb::{WriteBatch, DB};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
+
+use super::apply::apply_write;
+use super::codec::{decode, encode, read_err, write_err};
+use super::keys::*;
+use super::sm_db::{cf, AppliedState, SmStore};
+use super::snapshot::{pack, unpack, SnapshotDir};
+use crate::schema::{Schema, VersionedSchema};
+use crate::types::{
+    Command, CommandResult, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+
+/// openraft's handle to the state machine.
+pub struct StateMachine {
+    store: Arc<SmStore>,
+    snapshots: SnapshotBuilder,
+}
+
+/// Builds snapshots; shares the snapshot directory lock with the state
+/// machine so a build never races an install.
+#[derive(Clone)]
+pub struct SnapshotBuilder {
+    store: Arc<SmStore>,
+    dir: SnapshotDir,
+    lock: Arc<Mutex<()>>,
+}
+
+impl StateMachine {
+    pub fn new(store: Arc<SmStore>, data_dir: &std::path::Path) -> std::io::Result<StateMachine> {
+        let dir = SnapshotDir::new(data_dir)?;
+        let snapshots = SnapshotBuilder { store: store.clone(), dir, lock: Arc::new(Mutex::new(())) };
+        Ok(StateMachine { store, snapshots })
+    }
+
+    fn apply_entry(
+        &self,
+        db: &DB,
+        state: &mut AppliedState,
+        entry: Entry,
+    ) -> Result<CommandResult, StorageError> {
+        let mut batch = WriteBatch::default();
+        let meta = cf(db, CF_META);
+        let log_id = entry.log_id;
+        let result = match entry.payload {
+            EntryPayload::Blank => CommandResult::None,
+            EntryPayload::Membership(m) => {
+                state.membership = StoredMembership::new(Some(log_id), m);
+                batch.put_cf(meta, META_MEMBERSHIP, encode(&state.membership));
+                CommandResult::None
+            }
+            EntryPayload::Normal(Command::Write { stamp_ms, requests }) => {
+                state.clock_ms = state.clock_ms.max(stamp_ms);
+                let schema = self.store.schema();
+                let outcomes = apply_write(db, &schema.schema, state.clock_ms, &requests, &mut batch)
+                    .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
+                CommandResult::Write(outcomes)
+            }
+            EntryPayload::Normal(Command::ApplySchema { stamp_ms, toml }) => {
+                state.clock_ms = state.clock_ms.max(stamp_ms);
+                match Schema::parse(&toml) {
+                    Ok(schema) => {
+                        let versioned = VersionedSchema { version: log_id.index, schema };
+                        batch.put_cf(meta, META_SCHEMA, encode(&versioned));
+                        self.finish(db, batch, state, log_id)?;
+                        self.store.set_schema(versioned);
+                        return Ok(CommandResult::SchemaApplied { version: log_id.index });
+                    }
+                    Err(e) => CommandResult::Rejected { reason: e.to_string() },
+                }
+            }
+        };
+        self.finish(db, batch, state, log_id)?;
+        Ok(result)
+    }
+
+    /// Records `last_applied` and the clock in the entry's batch and writes it.
+    fn finish(
+        &self,
+        db: &DB,
+        mut batch: WriteBatch,
+        state: &mut AppliedState,
+        log_id: LogId,
+    ) -> Result<(), StorageError> {
+        state.last_applied = Some(log_id);
+        let meta = cf(db, CF_META);
+        batch.put_cf(meta, META_APPLIED, encode(&log_id));
+        batch.put_cf(meta, META_CLOCK, encode(&state.clock_ms));
+        db.write(batch).map_err(write_err)?;
+        self.store.set_applied(state.clone());
+        Ok(())
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let state = self.store.applied();
+        Ok((state.last_applied, state.membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let db = self.store.db();
+        let mut state = self.store.applied();
+        let mut results = Vec::new();
+        for entry in entries {
+            results.push(self.apply_entry(&db, &mut state, entry)?);
+        }
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshots.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let path = self.snapshots.dir.incoming();
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(write_err)?;
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        mut snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        snapshot.flush().await.map_err(write_err)?;
+        snapshot.sync_all().await.map_err(write_err)?;
+        let file = snapshot.into_std().await;
+        let _guard = self.snapshots.lock.lock().await;
+        let (store, dir, meta) = (self.store.clone(), self.snapshots.dir.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || install_blocking(&store, &dir, file, &meta))
+            .await
+            .map_err(write_err)?
+            .map_err(|e| {
+                StorageError::from(StorageIOError::write_snapshot(None, AnyError::error(format!("{e:#}"))))
+            })
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let _guard = self.snapshots.lock.lock().await;
+        self.snapshots.open_current().await
+    }
+}
+
+impl SnapshotBuilder {
+    async fn open_current(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let meta_bytes = match tokio::fs::read(self.dir.meta()).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(read_err(e)),
+        };
+        let meta: SnapshotMeta = decode(&meta_bytes).map_err(read_err)?;
+        let file = tokio::fs::File::open(self.dir.archive()).await.map_err(read_err)?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let _guard = self.lock.lock().await;
+        let (store, dir) = (self.store.clone(), self.dir.clone());
+        tokio::task::spawn_blocking(move || build_blocking(&store, &dir)).await.map_err(write_err)?.map_err(
+            |e| StorageError::from(StorageIOError::write_snapshot(None, AnyError::error(format!("{e:#}")))),
+        )?;
+        Ok(self.open_current().await?.expect("snapshot was just written"))
+    }
+}
+
+/// Checkpoint → archive → `current.snap` + `current.meta`.
+fn build_blocking(store: &SmStore, dir: &SnapshotDir) -> anyhow::Result<()> {
+    let checkpoint = dir.scratch("checkpoint");
+    if checkpoint.exists() {
+        std::fs::remove_dir_all(&checkpoint)?;
+    }
+    Checkpoint::new(&store.db())?.create_checkpoint(&checkpoint)?;
+    let (last_applied, membership) = read_checkpoint_meta(&checkpoint)?;
+    let building = dir.scratch("building.snap");
+    pack(&checkpoint, &building)?;
+    std::fs::remove_dir_all(&checkpoint)?;
+    let index = last_applied.map(|l| l.index).unwrap_or(0);
+    let meta = SnapshotMeta {
+        last_log_id: last_applied,
+        last_membership: membership,
+        snapshot_id: format!("{index}-{}", crate::wall_clock_ms()),
+    };
+    publish(dir, &building, &meta)
+}
+
+/// The applied log id and membership recorded inside a checkpoint.
+fn read_checkpoint_meta(path: &std::path::Path) -> anyhow::Result<(Option<LogId>, StoredMembership)> {
+    let db = DB::open_cf_for_read_only(
+        &rocksdb::Options::default(),
+        path,
+        [CF_PROFILES, CF_DEDUPE, CF_META],
+        false,
+    )?;
+    let meta = cf(&db, CF_META);
+    let applied = db.get_cf(meta, META_APPLIED)?.map(|b| decode(&b)).transpose()?;
+    let membership = db.get_cf(meta, META_MEMBERSHIP)?.map(|b| decode(&b)).transpose()?.unwrap_or_default();
+    Ok((applied, membership))
+}
+
+/// Makes `archive` the current snapshot with `meta`.
+fn publish(dir: &SnapshotDir, archive: &std::path::Path, meta: &SnapshotMeta) -> anyhow::Result<()> {
+    let meta_tmp = dir.scratch("meta.tmp");
+    std::fs::write(&meta_tmp, encode(meta))?;
+    std::fs::File::open(&meta_tmp)?.sync_all()?;
+    std::fs::rename(archive, dir.archive())?;
+    std::fs::rename(&meta_tmp, dir.meta())?;
+    std::fs::File::open(&dir.root)?.sync_all()?;
+    Ok(())
+}
+
+/// Unpacks the received archive into a new database and swaps it in.
+fn install_blocking(
+    store: &SmStore,
+    dir: &SnapshotDir,
+    file: std::fs::File,
+    meta: &SnapshotMeta,
+) -> anyhow::Result<()> {
+    let archive = received_archive(dir, file)?;
+    let name = store.next_dir_name()?;
+    let staging = store.dir().join(format!("{name}.tmp"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    unpack(&archive, &staging)?;
+    std::fs::rename(&staging, store.dir().join(&name))?;
+    store.swap_in(&name)?;
+    let applied = store.applied().last_applied;
+    anyhow::ensure!(
+        applied == meta.last_log_id,
+        "installed snapshot applied {applied:?}, meta says {:?}",
+        meta.last_log_id
+    );
+    publish(dir, &archive, meta)
+}
+
+/// The path of the received archive: `incoming.part` when openraft wrote
+/// the chunks into the file we handed out, else a streamed copy of `file`.
+fn received_archive(dir: &SnapshotDir, mut file: std::fs::File) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let incoming = dir.incoming();
+    let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+    if let Ok(meta) = std::fs::metadata(&incoming) {
+        if same(&meta, &file.metadata()?) {
+            return Ok(incoming);
+        }
+    }
+    use std::io::Seek;
+    file.seek(std::io::SeekFrom::Start(0))?;
+    let copy = dir.scratch("received.snap");
+    let mut out = std::fs::File::create(&copy)?;
+    std::io::copy(&mut file, &mut out)?;
+    out.sync_all()?;
+    Ok(copy)
+}

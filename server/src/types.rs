@@ -1,0 +1,62 @@
+//! The raft type configuration and the replicated commands.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Event, WriteCounts};
+
+openraft::declare_raft_types!(
+    /// Portrait's openraft type configuration.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = tokio::fs::File,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
+pub type StorageError = openraft::StorageError<NodeId>;
+
+/// A state-machine command. Every field the apply needs is in the entry:
+/// `stamp_ms` is the leader's clock when it proposed the entry, the only time
+/// apply ever uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Client write requests batched into one entry; each inner vector is one
+    /// request, applied whole or not at all.
+    Write { stamp_ms: i64, requests: Vec<Vec<Event>> },
+    /// Replace the schema with this TOML (validated before proposing and
+    /// again at apply).
+    ApplySchema { stamp_ms: i64, toml: String },
+}
+
+/// Result of applying one entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CommandResult {
+    /// Blank and membership entries.
+    None,
+    /// One outcome per request, in order.
+    Write(Vec<WriteOutcome>),
+    /// The schema now has this version (the entry's log index).
+    SchemaApplied { version: u64 },
+    /// Rejected at apply; nothing of the command was applied.
+    Rejected { reason: String },
+}
+
+/// Outcome of one write request inside a `Command::Write`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WriteOutcome {
+    Applied(WriteCounts),
+    /// Rejected at apply (e.g. its family was removed by a schema change in
+    /// between); nothing of the request was applied.
+    Rejected {
+        reason: String,
+    },
+}

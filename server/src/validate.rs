@@ -1,0 +1,152 @@
+//! Validation of incoming events against the limits and the schema. Runs on
+//! the node that receives the request (with its clock, for the future-skew
+//! check) and again at apply against the schema in force (without clock
+//! checks, so apply stays deterministic).
+
+use crate::error::{Error, Result};
+use crate::limits::*;
+use crate::model::{Event, Value};
+use crate::schema::Schema;
+
+/// Checks a whole request; the first error names `events[i].field`.
+pub fn validate_request(events: &[Event], schema: &Schema, now_ms: Option<i64>) -> Result<()> {
+    if events.is_empty() {
+        return Err(Error::invalid("events", "must not be empty"));
+    }
+    if events.len() > MAX_EVENTS_PER_REQUEST {
+        return Err(Error::invalid(
+            "events",
+            format!("{} events is over the limit of {MAX_EVENTS_PER_REQUEST} per request", events.len()),
+        ));
+    }
+    for (i, event) in events.iter().enumerate() {
+        validate_event(event, schema, now_ms).map_err(|e| e.within(&format!("events[{i}]")))?;
+    }
+    Ok(())
+}
+
+/// Checks one event. `now_ms` enables the clock checks (ingress only).
+pub fn validate_event(event: &Event, schema: &Schema, now_ms: Option<i64>) -> Result<()> {
+    validate_user_id(&event.user_id)?;
+    if schema.family(&event.family).is_none() {
+        let reason = format!("unknown family {:?} (schema has: {})", event.family, schema.family_list());
+        return Err(Error::invalid("family", reason));
+    }
+    check_len("type", &event.event_type, MAX_EVENT_TYPE_BYTES)?;
+    check_len("event_id", &event.event_id, MAX_EVENT_ID_BYTES)?;
+    if event.time_ms <= 0 {
+        return Err(Error::invalid("event_time_ms", "required: milliseconds since the Unix epoch"));
+    }
+    if event.time_ms < MIN_EVENT_TIME_MS {
+        return Err(Error::invalid("event_time_ms", format!("{} is before 2000-01-01", event.time_ms)));
+    }
+    if let Some(now) = now_ms {
+        if event.time_ms > now.saturating_add(MAX_FUTURE_SKEW_MS) {
+            let ahead = event.time_ms - now;
+            let reason =
+                format!("{ahead} ms in the future; at most {MAX_FUTURE_SKEW_MS} ms ahead is accepted");
+            return Err(Error::invalid("event_time_ms", reason));
+        }
+    }
+    validate_attrs(event)
+}
+
+/// A user id: 1..=256 bytes, no control characters.
+pub fn validate_user_id(user_id: &str) -> Result<()> {
+    if user_id.is_empty() {
+        return Err(Error::invalid("user_id", "must not be empty"));
+    }
+    check_len("user_id", user_id, MAX_USER_ID_BYTES)?;
+    if user_id.chars().any(char::is_control) {
+        return Err(Error::invalid("user_id", "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn validate_attrs(event: &Event) -> Result<()> {
+    if event.attrs.len() > MAX_ATTRS_PER_EVENT {
+        let reason = format!("{} attributes is over the limit of {MAX_ATTRS_PER_EVENT}", event.attrs.len());
+        return Err(Error::invalid("attrs", reason));
+    }
+    for (name, value) in &event.attrs {
+        if name.is_empty() {
+            return Err(Error::invalid("attrs", "attribute names must not be empty"));
+        }
+        check_len(&format!("attrs.{name}"), name, MAX_ATTR_NAME_BYTES)?;
+        match value {
+            Value::Str(s) => check_len(&format!("attrs.{name}"), s, MAX_STRING_VALUE_BYTES)?,
+            Value::Float(f) if !f.is_finite() => {
+                return Err(Error::invalid(format!("attrs.{name}"), "must be a finite number"))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_len(field: &str, text: &str, max: usize) -> Result<()> {
+    if text.len() > max {
+        return Err(Error::invalid(field, format!("{} bytes is over the limit of {max}", text.len())));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Attrs;
+
+    const NOW: i64 = 1_750_000_000_000;
+
+    fn event() -> Event {
+        Event {
+            user_id: "u1".into(),
+            family: "browse".into(),
+            event_type: "view".into(),
+            time_ms: NOW - 1000,
+            event_id: "e1".into(),
+            attrs: Attrs::from([("category".into(), Value::Str("phone".into()))]),
+        }
+    }
+
+    fn err(e: Event) -> String {
+        validate_request(&[event(), e], &Schema::default_schema(), Some(NOW)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn accepts_a_good_event() {
+        validate_request(&[event()], &Schema::default_schema(), Some(NOW)).unwrap();
+    }
+
+    #[test]
+    fn names_field_and_limit() {
+        assert_eq!(err(Event { user_id: "".into(), ..event() }), "events[1].user_id: must not be empty");
+        assert!(err(Event { user_id: "x".repeat(300), ..event() }).contains("over the limit of 256"));
+        assert!(err(Event { family: "nope".into(), ..event() })
+            .starts_with("events[1].family: unknown family \"nope\""));
+        assert!(err(Event { time_ms: 0, ..event() }).starts_with("events[1].event_time_ms: required"));
+        assert!(err(Event { time_ms: NOW + 3_600_000, ..event() }).contains("in the future"));
+        assert!(err(Event { time_ms: 5, ..event() }).contains("before 2000"));
+        let many: Attrs = (0..65).map(|i| (format!("a{i}"), Value::Int(i))).collect();
+        assert!(err(Event { attrs: many, ..event() }).starts_with("events[1].attrs: 65 attributes"));
+        let nan = Attrs::from([("p".into(), Value::Float(f64::NAN))]);
+        assert_eq!(err(Event { attrs: nan, ..event() }), "events[1].attrs.p: must be a finite number");
+    }
+
+    #[test]
+    fn empty_and_oversized_requests() {
+        let schema = Schema::default_schema();
+        assert_eq!(
+            validate_request(&[], &schema, None).unwrap_err().to_string(),
+            "events: must not be empty"
+        );
+        let many = vec![event(); MAX_EVENTS_PER_REQUEST + 1];
+        assert!(validate_request(&many, &schema, None).unwrap_err().to_string().contains("over the limit"));
+    }
+
+    #[test]
+    fn apply_time_validation_skips_clock_checks() {
+        let future = Event { time_ms: NOW + 3_600_000, ..event() };
+        validate_request(&[future], &Schema::default_schema(), None).unwrap();
+    }
+}

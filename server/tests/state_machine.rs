@@ -1,0 +1,222 @@
+//! The state machine on real RocksDB: apply semantics (dedupe, expiry,
+//! atomic requests, late events), determinism across replicas, restart, and
+//! snapshot build → install into another node.
+
+use std::collections::BTreeMap;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
+use portrait_server::duration::DAY_MS;
+use portrait_server::model::{Attrs, Event, Value, WriteCounts};
+use portrait_server::schema::Schema;
+use portrait_server::store::read::{read_profile, ProfileView};
+use portrait_server::store::{SmStore, StateMachine};
+use portrait_server::types::{Command, CommandResult, Entry, LogId, WriteOutcome};
+use tempfile::TempDir;
+
+const T0: i64 = 1_760_000_000_000;
+
+struct Replica {
+    dir: TempDir,
+    store: std::sync::Arc<SmStore>,
+    sm: StateMachine,
+}
+
+fn open(dir: TempDir) -> Replica {
+    let store = SmStore::open(dir.path()).unwrap();
+    let sm = StateMachine::new(store.clone(), dir.path()).unwrap();
+    Replica { dir, store, sm }
+}
+
+fn replica() -> Replica {
+    open(tempfile::tempdir().unwrap())
+}
+
+fn event(user: &str, family: &str, time_ms: i64, id: &str, attrs: &[(&str, Value)]) -> Event {
+    Event {
+        user_id: user.into(),
+        family: family.into(),
+        event_type: "view".into(),
+        time_ms,
+        event_id: id.into(),
+        attrs: attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<Attrs>(),
+    }
+}
+
+fn entry(index: u64, command: Command) -> Entry {
+    Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(command) }
+}
+
+fn write(index: u64, stamp_ms: i64, requests: Vec<Vec<Event>>) -> Entry {
+    entry(index, Command::Write { stamp_ms, requests })
+}
+
+async fn apply(r: &mut Replica, entries: Vec<Entry>) -> Vec<CommandResult> {
+    r.sm.apply(entries).await.unwrap()
+}
+
+fn counts(result: &CommandResult) -> Vec<Result<WriteCounts, String>> {
+    match result {
+        CommandResult::Write(outcomes) => outcomes
+            .iter()
+            .map(|o| match o {
+                WriteOutcome::Applied(c) => Ok(c.clone()),
+                WriteOutcome::Rejected { reason } => Err(reason.clone()),
+            })
+            .collect(),
+        other => panic!("not a write result: {other:?}"),
+    }
+}
+
+fn read(r: &Replica, user: &str, now: i64) -> ProfileView {
+    read_profile(&r.store.db(), &r.store.schema().schema, user, &[], now).unwrap()
+}
+
+fn applied(a: u32, d: u32, e: u32) -> Result<WriteCounts, String> {
+    Ok(WriteCounts { applied: a, duplicates: d, expired: e })
+}
+
+#[tokio::test]
+async fn duplicates_within_and_across_entries_apply_once() {
+    let mut r = replica();
+    let e1 = event("u1", "browse", T0, "e1", &[("category", Value::Str("phone".into()))]);
+    let res = apply(&mut r, vec![write(1, T0, vec![vec![e1.clone(), e1.clone()]])]).await;
+    assert_eq!(counts(&res[0]), vec![applied(1, 1, 0)]);
+    let res = apply(&mut r, vec![write(2, T0 + 1000, vec![vec![e1.clone()], vec![e1]])]).await;
+    assert_eq!(counts(&res[0]), vec![applied(0, 1, 0), applied(0, 1, 0)]);
+    assert_eq!(read(&r, "u1", T0 + 2000).families["browse"].history.len(), 1);
+}
+
+#[tokio::test]
+async fn dedupe_window_ends() {
+    let mut r = replica();
+    let e1 = event("u1", "trade", T0, "order-1", &[]);
+    apply(&mut r, vec![write(1, T0, vec![vec![e1.clone()]])]).await;
+    // The default window is 7 days: after it, the same id is new again.
+    let res = apply(&mut r, vec![write(2, T0 + 8 * DAY_MS, vec![vec![e1]])]).await;
+    assert_eq!(counts(&res[0]), vec![applied(1, 0, 0)]);
+}
+
+#[tokio::test]
+async fn expired_on_arrival_is_counted_not_stored() {
+    let mut r = replica();
+    let old = event("u1", "browse", T0 - 91 * DAY_MS, "old", &[("category", Value::Str("tv".into()))]);
+    let fresh = event("u1", "browse", T0 - DAY_MS, "fresh", &[("category", Value::Str("phone".into()))]);
+    let res = apply(&mut r, vec![write(1, T0, vec![vec![old, fresh]])]).await;
+    assert_eq!(counts(&res[0]), vec![applied(1, 0, 1)]);
+    let view = read(&r, "u1", T0);
+    assert_eq!(view.families["browse"].attrs["category"].value, Value::Str("phone".into()));
+    assert_eq!(view.families["browse"].history.len(), 1);
+}
+
+#[tokio::test]
+async fn ttl_hides_values_at_read_time() {
+    let mut r = replica();
+    let a = event("u1", "browse", T0, "a", &[("category", Value::Str("phone".into()))]);
+    let b = event("u1", "registration", T0, "b", &[("city", Value::Str("Beijing".into()))]);
+    apply(&mut r, vec![write(1, T0, vec![vec![a, b]])]).await;
+    assert!(read(&r, "u1", T0 + 89 * DAY_MS).families.contains_key("browse"));
+    let later = read(&r, "u1", T0 + 90 * DAY_MS);
+    assert!(!later.families.contains_key("browse"), "browse expired after 90d");
+    assert!(later.families.contains_key("registration"), "registration never expires");
+    assert!(later.found);
+}
+
+#[tokio::test]
+async fn a_rejected_request_leaves_nothing_and_others_apply() {
+    let mut r = replica();
+    let good = event("u1", "browse", T0, "g", &[]);
+    let bad = vec![event("u2", "browse", T0, "x", &[]), event("u2", "no_such_family", T0, "y", &[])];
+    let res = apply(&mut r, vec![write(1, T0, vec![bad, vec![good]])]).await;
+    let c = counts(&res[0]);
+    assert!(c[0].as_ref().unwrap_err().contains("events[1].family: unknown family"), "{c:?}");
+    assert_eq!(c[1], applied(1, 0, 0));
+    assert!(!read(&r, "u2", T0).found, "nothing of the rejected request is stored");
+}
+
+#[tokio::test]
+async fn same_log_gives_same_state_on_every_replica() {
+    let mut entries = Vec::new();
+    for i in 0..50u64 {
+        let t = T0 + (i as i64 % 7) * 60_000 - 40 * DAY_MS * (i as i64 % 3);
+        let evs = (0..20)
+            .map(|j| {
+                event(
+                    &format!("u{}", j % 9),
+                    ["browse", "trade", "social"][j % 3],
+                    t + j as i64,
+                    &format!("{i}-{}", j % 15),
+                    &[("n", Value::Int(j as i64))],
+                )
+            })
+            .collect();
+        entries.push(write(i + 1, T0 + i as i64 * 1000, vec![evs]));
+    }
+    let (mut a, mut b) = (replica(), replica());
+    let ra = apply(&mut a, entries.clone()).await;
+    // The second replica applies the same log in smaller pieces.
+    let mut rb = Vec::new();
+    for chunk in entries.chunks(7) {
+        rb.extend(apply(&mut b, chunk.to_vec()).await);
+    }
+    assert_eq!(ra, rb);
+    for u in 0..9 {
+        let user = format!("u{u}");
+        assert_eq!(read(&a, &user, T0 + DAY_MS), read(&b, &user, T0 + DAY_MS), "{user}");
+    }
+}
+
+#[tokio::test]
+async fn state_and_schema_survive_restart() {
+    let mut r = replica();
+    let toml = "[families.browse]\nttl = \"30d\"\nhistory = 3\n[families.app]\nttl = \"none\"\n";
+    let res = apply(&mut r, vec![entry(1, Command::ApplySchema { stamp_ms: T0, toml: toml.into() })]).await;
+    assert_eq!(res[0], CommandResult::SchemaApplied { version: 1 });
+    apply(&mut r, vec![write(2, T0, vec![vec![event("u1", "app", T0, "e", &[("v", Value::Bool(true))])]])])
+        .await;
+    let before = read(&r, "u1", T0);
+    let Replica { dir, sm, store } = r;
+    drop((sm, store));
+    let mut r = open(dir);
+    assert_eq!(r.store.schema().version, 1);
+    assert_eq!(r.store.schema().schema, Schema::parse(toml).unwrap());
+    assert_eq!(read(&r, "u1", T0), before);
+    let (last, _) = r.sm.applied_state().await.unwrap();
+    assert_eq!(last.unwrap().index, 2);
+}
+
+#[tokio::test]
+async fn snapshot_installs_on_another_replica() {
+    let mut leader = replica();
+    let mut users = BTreeMap::new();
+    for i in 0..200u64 {
+        let e = event(
+            &format!("user-{}", i % 40),
+            "trade",
+            T0 - i as i64,
+            &format!("o{i}"),
+            &[("amount", Value::Float(i as f64))],
+        );
+        users.insert(e.user_id.clone(), ());
+        apply(&mut leader, vec![write(i + 1, T0, vec![vec![e]])]).await;
+    }
+    let mut builder = leader.sm.get_snapshot_builder().await;
+    let snap = builder.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id.unwrap().index, 200);
+
+    let mut follower = replica();
+    let mut incoming = follower.sm.begin_receiving_snapshot().await.unwrap();
+    let mut source = snap.snapshot;
+    tokio::io::copy(&mut *source, &mut *incoming).await.unwrap();
+    follower.sm.install_snapshot(&snap.meta, incoming).await.unwrap();
+    for user in users.keys() {
+        assert_eq!(read(&follower, user, T0), read(&leader, user, T0), "{user}");
+    }
+    let (last, _) = follower.sm.applied_state().await.unwrap();
+    assert_eq!(last.unwrap().index, 200);
+    // The follower keeps applying after the install.
+    let res =
+        apply(&mut follower, vec![write(201, T0, vec![vec![event("user-1", "trade", T0, "o1", &[])]])]).await;
+    assert_eq!(counts(&res[0]), vec![applied(0, 1, 0)], "dedupe markers travel in the snapshot");
+    let _keep = (&leader.dir, &follower.dir);
+}

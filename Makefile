@@ -3,7 +3,7 @@
 CARGO ?= cargo
 PROFILE := --release
 
-.PHONY: help setup build run test lint verify bench cluster fmt clean-data
+.PHONY: help setup build run test lint verify bench fmt clean-data
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -28,9 +28,6 @@ verify: lint test ## what CI runs
 
 bench: setup ## ingest and read benchmarks; prints a table
 	$(CARGO) run $(PROFILE) -p portrait-server --example bench -- $(ARGS)
-
-cluster: build ## start 3 local nodes (deploy/scripts/local-cluster.sh)
-	./deploy/scripts/local-cluster.sh
 
 fmt: ## format the code
 	$(CARGO) fmt --all

@@ -5,7 +5,7 @@
 //! `{"user_id":"u1","family":"browse","type":"view","event_time_ms":1700000000000,
 //!   "event_id":"e1","attrs":{"category":"phone","price":399.0,"qty":2,"vip":true}}`.
 //! `user_id`, `family` and `type` are required; `event_time_ms` defaults to
-//! now, `event_id` to `""` (the server decides), `attrs` to none. Unknown keys
+//! now, `event_id` to `""` (never deduplicated), `attrs` to none. Unknown keys
 //! are rejected so that typos do not silently drop data. Attribute values map
 //! JSON string → string, integer → int, other number → double, bool → bool.
 

@@ -5,8 +5,10 @@
 //! moves to that endpoint and is sent again (at most [`MAX_REDIRECTS`] times);
 //! an `UNAVAILABLE` without a hint (node down, election in progress) is retried
 //! with exponential backoff for up to [`RETRY_BUDGET`]. Every other status is
-//! returned at once. Retrying is safe because a write is applied whole or not
-//! at all and events carry an idempotency key.
+//! returned at once. Retrying a write is safe when its events carry an
+//! `event_id`: a request is applied whole or not at all, and a retried event
+//! whose first attempt did commit is counted as a duplicate. Events without an
+//! `event_id` are never deduplicated, so a retry can apply them twice.
 
 use std::future::Future;
 use std::time::Duration;

@@ -12,7 +12,11 @@ use crate::node::NodeOptions;
 use crate::raft::RaftTuning;
 
 #[derive(Debug, Parser)]
-#[command(name = "portraitd", version, about = "Portrait node: user profiles, features and tags over gRPC")]
+#[command(
+    name = "portraitd",
+    version,
+    about = "Portrait node: replicated user profiles with per-family TTL, over gRPC"
+)]
 pub struct Cli {
     /// TOML config file (keys: node_id, data_dir, listen, advertise, bootstrap, log, [raft]).
     #[arg(long, env = "PORTRAIT_CONFIG")]
@@ -29,7 +33,7 @@ pub struct Cli {
     /// Address other nodes and clients use to reach this node (default: http://<listen>).
     #[arg(long, env = "PORTRAIT_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Do not form a single-node cluster on first start (the node waits to be added to one).
+    /// Do not form a single-node cluster on first start (for nodes that will join a multi-node cluster).
     #[arg(long, env = "PORTRAIT_NO_BOOTSTRAP")]
     pub no_bootstrap: bool,
     /// Log filter, e.g. `info` or `portrait_server=debug,openraft=warn`.
@@ -80,7 +84,13 @@ impl Config {
             None => FileConfig::default(),
         };
         let listen = cli.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:7700".into());
-        let advertise = cli.advertise.or(file.advertise).unwrap_or_else(|| format!("http://{listen}"));
+        let advertise = match cli.advertise.or(file.advertise) {
+            Some(a) => a,
+            None if listen.starts_with("0.0.0.0:") || listen.starts_with("[::]:") => anyhow::bail!(
+                "--listen {listen} is not an address peers and clients can reach; set --advertise (e.g. http://my-host:7700)"
+            ),
+            None => format!("http://{listen}"),
+        };
         let d = RaftTuning::default();
         let tuning = RaftTuning {
             heartbeat_ms: file.raft.heartbeat_ms.unwrap_or(d.heartbeat_ms),
@@ -130,6 +140,14 @@ mod tests {
         assert_eq!(c.node.node_id, 3);
         assert_eq!(c.listen, "127.0.0.1:9100");
         assert_eq!(c.node.tuning.heartbeat_ms, 50);
+    }
+
+    #[test]
+    fn wildcard_listen_needs_an_advertise_address() {
+        let err = Config::resolve(Cli::parse_from(["portraitd", "--listen", "0.0.0.0:7700"])).unwrap_err();
+        assert!(err.to_string().contains("set --advertise"), "{err}");
+        let cli = Cli::parse_from(["portraitd", "--listen", "0.0.0.0:7700", "--advertise", "http://n1:7700"]);
+        assert_eq!(Config::resolve(cli).unwrap().node.advertise, "http://n1:7700");
     }
 
     #[test]

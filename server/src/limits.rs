@@ -1,6 +1,7 @@
 //! Explicit limits on input. Every limit here is documented in `docs/api.md`;
-//! input past a limit is rejected with INVALID_ARGUMENT (or RESOURCE_EXHAUSTED
-//! for message size) naming the field and the limit.
+//! input past a limit is rejected with INVALID_ARGUMENT naming the field and
+//! the limit; a gRPC message over `MAX_MESSAGE_BYTES` fails with OUT_OF_RANGE
+//! (tonic's own status).
 
 /// Largest gRPC message accepted or sent.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

@@ -126,12 +126,9 @@ impl Node {
             }
         }
         for (i, u) in user_ids.iter().enumerate() {
-            validate_user_id(u).map_err(|e| {
-                if user_ids.len() == 1 {
-                    e
-                } else {
-                    e.within(&format!("user_ids[{i}]"))
-                }
+            validate_user_id(u).map_err(|e| match e {
+                Error::InvalidArgument { reason, .. } => Error::invalid(format!("user_ids[{i}]"), reason),
+                other => other,
             })?;
         }
         if consistency == Consistency::Linearizable {

@@ -15,7 +15,7 @@ use portrait_proto::v1::admin_server::AdminServer;
 use portrait_proto::v1::ingest_server::IngestServer;
 use portrait_proto::v1::profiles_server::ProfilesServer;
 use portrait_proto::v1::raft_server::RaftServer;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::limits::MAX_MESSAGE_BYTES;
 use crate::node::Node;
@@ -41,19 +41,23 @@ pub async fn serve(
     let profiles = ProfilesServer::new(profiles::ProfilesService::new(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let admin = AdminServer::new(admin::AdminService::new(node.clone()));
+    let admin = AdminServer::new(admin::AdminService::new(node.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let raft = RaftServer::new(raft::RaftService::new(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES * 4)
         .max_encoding_message_size(MAX_MESSAGE_BYTES * 4);
+    // With our own listener, nodelay must be set on the incoming stream
+    // (the builder's setting only applies to listeners it binds itself).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ingest)
         .add_service(profiles)
         .add_service(admin)
         .add_service(raft)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

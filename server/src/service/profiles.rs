@@ -12,6 +12,7 @@ use super::convert::{consistency_from_pb, profile_to_pb, read_info_to_pb};
 use crate::error::Error;
 use crate::limits::MAX_BATCH_GET_USERS;
 use crate::node::Node;
+use crate::validate::validate_user_id;
 
 pub struct ProfilesService {
     node: Arc<Node>,
@@ -31,6 +32,7 @@ impl Profiles for ProfilesService {
     ) -> Result<Response<GetProfileResponse>, Status> {
         let req = request.into_inner();
         let consistency = consistency_from_pb(req.consistency)?;
+        validate_user_id(&req.user_id)?;
         let users = [req.user_id];
         let (mut views, info) = self.node.read_profiles(&users, &req.families, consistency).await?;
         let [user_id] = users;

@@ -14,7 +14,7 @@ use crate::schema::Schema;
 /// A user's live data, per family.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProfileView {
-    /// Whether any record exists for the user (live or not yet reclaimed).
+    /// Whether the user has any live data.
     pub found: bool,
     pub families: BTreeMap<String, FamilyRecord>,
 }
@@ -30,7 +30,6 @@ pub fn read_profile(
 ) -> Result<ProfileView, ApplyError> {
     let mut view = ProfileView::default();
     let add = |family: &str, bytes: &[u8], view: &mut ProfileView| -> Result<(), ApplyError> {
-        view.found = true;
         if let Some(spec) = schema.family(family) {
             let live = FamilyRecord::decode(bytes)?.live_view(now_ms, spec.ttl_ms);
             if !live.is_empty() {
@@ -55,5 +54,6 @@ pub fn read_profile(
             }
         }
     }
+    view.found = !view.families.is_empty();
     Ok(view)
 }

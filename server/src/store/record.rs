@@ -73,17 +73,23 @@ impl FamilyRecord {
 
     /// The part of the record served at `now_ms` under the family's current
     /// TTL (which may be shorter than the one the values were written with).
+    /// Reported expiries are the effective ones.
     pub fn live_view(&self, now_ms: i64, ttl_ms: Option<i64>) -> FamilyRecord {
-        let live = |time_ms: i64, stored: i64| is_live(stored.min(expiry(time_ms, ttl_ms)), now_ms);
-        FamilyRecord {
-            attrs: self
-                .attrs
-                .iter()
-                .filter(|(_, c)| live(c.time_ms, c.expires_at))
-                .map(|(k, c)| (k.clone(), c.clone()))
-                .collect(),
-            history: self.history.iter().filter(|h| live(h.time_ms, h.expires_at)).cloned().collect(),
-        }
+        let effective = |time_ms: i64, stored: i64| stored.min(expiry(time_ms, ttl_ms));
+        let attrs = self
+            .attrs
+            .iter()
+            .map(|(k, c)| (k, Cell { expires_at: effective(c.time_ms, c.expires_at), ..c.clone() }))
+            .filter(|(_, c)| is_live(c.expires_at, now_ms))
+            .map(|(k, c)| (k.clone(), c))
+            .collect();
+        let history = self
+            .history
+            .iter()
+            .map(|h| HistoryEntry { expires_at: effective(h.time_ms, h.expires_at), ..h.clone() })
+            .filter(|h| is_live(h.expires_at, now_ms))
+            .collect();
+        FamilyRecord { attrs, history }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -160,8 +166,10 @@ mod tests {
         let view = r.live_view(200, Some(100));
         assert!(!view.attrs.contains_key("x"), "expires exactly at 200");
         assert!(view.attrs.contains_key("y"));
-        // A shorter current TTL hides values sooner than their stored expiry.
+        // A shorter current TTL hides values sooner than their stored expiry,
+        // and the reported expiry is the effective one.
         assert!(r.live_view(170, Some(10)).is_empty());
+        assert_eq!(r.live_view(155, Some(10)).attrs["y"].expires_at, 160);
         r.prune(250);
         assert!(r.is_empty());
     }

@@ -6,6 +6,7 @@
 //! replaced atomically (write temp, fsync, rename) when a snapshot installs.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Options, DB};
@@ -15,11 +16,6 @@ use super::keys::*;
 use super::record::stored_expiry;
 use crate::schema::VersionedSchema;
 use crate::types::{LogId, StoredMembership};
-
-/// Values are reclaimed by compaction this long after they expire, so
-/// replicas whose clocks differ slightly never disagree about a record that
-/// apply could still read.
-pub const COMPACTION_GRACE_MS: i64 = 3_600_000;
 
 /// What the state machine has applied, cached in memory.
 #[derive(Debug, Clone, Default)]
@@ -36,6 +32,8 @@ pub struct SmStore {
     db: RwLock<Arc<DB>>,
     schema: RwLock<Arc<VersionedSchema>>,
     applied: Mutex<AppliedState>,
+    /// The applied logical clock, read by the compaction filter.
+    clock: Arc<AtomicI64>,
 }
 
 impl SmStore {
@@ -45,12 +43,14 @@ impl SmStore {
         std::fs::create_dir_all(&dir)?;
         let current = read_current(&dir)?;
         remove_stale_dirs(&dir, &current)?;
-        let db = open_db(&dir.join(&current))?;
+        let clock = Arc::new(AtomicI64::new(i64::MIN));
+        let db = open_db(&dir.join(&current), clock.clone())?;
         let store = SmStore {
             dir,
             db: RwLock::new(Arc::new(db)),
             schema: RwLock::new(Arc::default()),
             applied: Mutex::new(AppliedState::default()),
+            clock,
         };
         store.reload_caches()?;
         Ok(Arc::new(store))
@@ -73,6 +73,7 @@ impl SmStore {
     }
 
     pub(crate) fn set_applied(&self, state: AppliedState) {
+        self.clock.store(state.clock_ms, Ordering::Release);
         *self.applied.lock().expect("applied lock") = state;
     }
 
@@ -88,7 +89,7 @@ impl SmStore {
     /// Replaces the live database with the one in `new_dir` (a directory
     /// name under `<data>/sm`), which must be complete and synced.
     pub fn swap_in(&self, new_dir: &str) -> anyhow::Result<()> {
-        let db = open_db(&self.dir.join(new_dir))?;
+        let db = open_db(&self.dir.join(new_dir), self.clock.clone())?;
         write_current(&self.dir, new_dir)?;
         let old = std::mem::replace(&mut *self.db.write().expect("db lock"), Arc::new(db));
         self.reload_caches()?;
@@ -129,36 +130,40 @@ pub fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
 }
 
 /// Opens a state-machine database with its column families and filters.
-pub fn open_db(path: &Path) -> Result<DB, rocksdb::Error> {
+/// `clock` is the applied logical clock the compaction filter compares
+/// expiries with.
+pub fn open_db(path: &Path, clock: Arc<AtomicI64>) -> Result<DB, rocksdb::Error> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     let cfs = vec![
-        ColumnFamilyDescriptor::new(CF_PROFILES, expiring_cf_options("portrait-profile-ttl")),
-        ColumnFamilyDescriptor::new(CF_DEDUPE, expiring_cf_options("portrait-dedupe-ttl")),
+        ColumnFamilyDescriptor::new(CF_PROFILES, expiring_cf_options("portrait-profile-ttl", clock.clone())),
+        ColumnFamilyDescriptor::new(CF_DEDUPE, expiring_cf_options("portrait-dedupe-ttl", clock)),
         ColumnFamilyDescriptor::new(CF_META, Options::default()),
     ];
     DB::open_cf_descriptors(&opts, path, cfs)
 }
 
 /// Options for a column family whose values start with an 8-byte expiry:
-/// bloom filters for point lookups and a compaction filter that drops
-/// values expired for longer than [`COMPACTION_GRACE_MS`].
-fn expiring_cf_options(filter_name: &'static str) -> Options {
+/// bloom filters for point lookups and a compaction filter that drops values
+/// expired by the applied logical clock. Using the logical clock (not the
+/// wall clock) keeps replicas identical: every later entry has a stamp at or
+/// past that clock, so apply would treat the dropped value as expired anyway,
+/// on every replica, however far behind it applies.
+fn expiring_cf_options(filter_name: &'static str, clock: Arc<AtomicI64>) -> Options {
     let mut opts = Options::default();
     let mut block = BlockBasedOptions::default();
     block.set_bloom_filter(10.0, false);
     opts.set_block_based_table_factory(&block);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-    opts.set_compaction_filter(filter_name, |_level: u32, _key: &[u8], value: &[u8]| {
-        match stored_expiry(value) {
-            Some(exp) if exp.saturating_add(COMPACTION_GRACE_MS) < crate::wall_clock_ms() => {
-                rocksdb::compaction_filter::Decision::Remove
-            }
+    opts.set_compaction_filter(
+        filter_name,
+        move |_level: u32, _key: &[u8], value: &[u8]| match stored_expiry(value) {
+            Some(exp) if exp <= clock.load(Ordering::Acquire) => rocksdb::compaction_filter::Decision::Remove,
             _ => rocksdb::compaction_filter::Decision::Keep,
-        }
-    });
+        },
+    );
     opts
 }
 

@@ -100,9 +100,20 @@ impl SnapshotDir {
         std::fs::create_dir_all(&root)?;
         Ok(SnapshotDir { root })
     }
-    /// The archive of the current snapshot.
-    pub fn archive(&self) -> PathBuf {
-        self.root.join("current.snap")
+    /// The archive of snapshot `id` (`current.meta` names the current one).
+    pub fn archive(&self, id: &str) -> PathBuf {
+        self.root.join(format!("snap-{id}.snap"))
+    }
+    /// Removes archives other than `keep`'s.
+    pub fn remove_other_archives(&self, keep: &str) -> io::Result<()> {
+        let keep = format!("snap-{keep}.snap");
+        for entry in std::fs::read_dir(&self.root)? {
+            let name = entry?.file_name().to_string_lossy().to_string();
+            if name.starts_with("snap-") && name != keep {
+                std::fs::remove_file(self.root.join(name))?;
+            }
+        }
+        Ok(())
     }
     /// The bincode `SnapshotMeta` of the current snapshot.
     pub fn meta(&self) -> PathBuf {

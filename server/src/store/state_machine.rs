@@ -173,7 +173,7 @@ impl SnapshotBuilder {
             Err(e) => return Err(read_err(e)),
         };
         let meta: SnapshotMeta = decode(&meta_bytes).map_err(read_err)?;
-        let file = tokio::fs::File::open(self.dir.archive()).await.map_err(read_err)?;
+        let file = tokio::fs::File::open(self.dir.archive(&meta.snapshot_id)).await.map_err(read_err)?;
         Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
     }
 }
@@ -223,14 +223,17 @@ fn read_checkpoint_meta(path: &std::path::Path) -> anyhow::Result<(Option<LogId>
     Ok((applied, membership))
 }
 
-/// Makes `archive` the current snapshot with `meta`.
+/// Makes `archive` the current snapshot with `meta`. Crash-safe: the
+/// archive is moved to its id's name first; replacing `current.meta` is the
+/// one atomic switch; older archives are removed after.
 fn publish(dir: &SnapshotDir, archive: &std::path::Path, meta: &SnapshotMeta) -> anyhow::Result<()> {
+    std::fs::rename(archive, dir.archive(&meta.snapshot_id))?;
     let meta_tmp = dir.scratch("meta.tmp");
     std::fs::write(&meta_tmp, encode(meta))?;
     std::fs::File::open(&meta_tmp)?.sync_all()?;
-    std::fs::rename(archive, dir.archive())?;
     std::fs::rename(&meta_tmp, dir.meta())?;
     std::fs::File::open(&dir.root)?.sync_all()?;
+    dir.remove_other_archives(&meta.snapshot_id)?;
     Ok(())
 }
 

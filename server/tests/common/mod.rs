@@ -1,0 +1,163 @@
+//! `TestNode`: one real `portraitd` process on a temp dir and a free
+//! loopback port, for integration tests that go through the network.
+//!
+//! The node bootstraps a single-node cluster; [`TestNode::start`] returns once
+//! it answers `ClusterStatus` with a leader. `stop` sends SIGTERM (graceful),
+//! `kill` sends SIGKILL, `restart` starts the binary again on the same data
+//! dir and port. The node's stdout and stderr go to `portraitd.log` in the
+//! temp dir; when a test panics, dropping the node prints that log.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use portrait_client::PortraitClient;
+use tempfile::TempDir;
+use tokio::time::{sleep, timeout, Instant};
+
+/// How long a start (or restart) may take until a leader is known.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one readiness probe may hang (the port is bound before serving).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a node may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct TestNode {
+    dir: TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl TestNode {
+    /// Starts a fresh node and waits until it leads its one-node cluster.
+    pub async fn start() -> TestNode {
+        let dir = tempfile::tempdir().expect("create temp dir");
+        let mut node = TestNode { dir, port: free_port(), child: None };
+        node.launch().await;
+        node
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Everything the node has logged so far, across restarts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    /// A new client connected to this node.
+    pub async fn client(&self) -> PortraitClient {
+        match PortraitClient::connect(&self.endpoint()).await {
+            Ok(client) => client,
+            Err(e) => panic!("connect to {}: {e}\n{}", self.endpoint(), self.log()),
+        }
+    }
+
+    /// Graceful shutdown: SIGTERM, then wait for a clean exit.
+    pub async fn stop(&mut self) {
+        let mut child = self.child.take().expect("the node is running");
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for portraitd") {
+                assert!(status.success(), "portraitd exited with {status} after SIGTERM\n{}", self.log());
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("portraitd did not exit within {STOP_TIMEOUT:?} of SIGTERM\n{}", self.log());
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Crash: SIGKILL, no chance to flush or shut down.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("the node is running");
+        child.kill().expect("SIGKILL portraitd");
+        child.wait().expect("reap portraitd");
+    }
+
+    /// Starts the binary again on the same data dir and port.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the node before restarting it");
+        self.launch().await;
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("portraitd.log")
+    }
+
+    async fn launch(&mut self) {
+        let log = File::options().create(true).append(true).open(self.log_path()).expect("open log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_portraitd"));
+        command
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--node-id", "1", "--log", "info,openraft=warn"])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log);
+        // The environment must not reconfigure the node behind the flags' back.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PORTRAIT_") {
+                command.env_remove(key);
+            }
+        }
+        self.child = Some(command.spawn().expect("spawn portraitd"));
+        self.wait_for_leader().await;
+    }
+
+    async fn wait_for_leader(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let child = self.child.as_mut().expect("the node is running");
+            if let Some(status) = child.try_wait().expect("poll portraitd") {
+                self.child = None;
+                panic!("portraitd exited with {status} while starting\n{}", self.log());
+            }
+            if timeout(PROBE_TIMEOUT, self.has_leader()).await == Ok(true) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("portraitd had no leader after {READY_TIMEOUT:?}\n{}", self.log());
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn has_leader(&self) -> bool {
+        let Ok(client) = PortraitClient::connect(&self.endpoint()).await else { return false };
+        client.cluster_status().await.is_ok_and(|s| s.leader_id != 0)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- portraitd log ({}) ----\n{}", self.log_path().display(), self.log());
+        }
+    }
+}
+
+/// A loopback port nothing listens on right now.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}

@@ -29,6 +29,12 @@ struct Args {
     /// GetProfile calls per read scenario.
     #[arg(long, default_value_t = 50_000)]
     reads: usize,
+    /// Client counts for the ingest scenarios, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32])]
+    ingest_clients: Vec<usize>,
+    /// Client counts for the read scenarios, comma-separated (empty: skip).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32])]
+    read_clients: Vec<usize>,
 }
 
 struct Row {
@@ -90,10 +96,10 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("|{:-<30}|{:-<9}|{:-<12}|{:-<14}|{:-<11}|{:-<11}|", "", "", "", "", "", "");
     let args = Arc::new(args);
-    for (i, clients) in [1usize, 32].into_iter().enumerate() {
+    for (i, &clients) in args.ingest_clients.iter().enumerate() {
         ingest(&channel, &args, clients, i).await?.print();
     }
-    for clients in [1usize, 32] {
+    for &clients in &args.read_clients {
         reads(&channel, &args, clients).await?.print();
     }
     node.shutdown().await;

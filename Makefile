@@ -27,6 +27,7 @@ lint: setup ## rustfmt check and clippy -D warnings
 verify: lint test ## what CI runs
 
 bench: setup ## ingest and read benchmarks; prints a table
+	$(CARGO) run $(PROFILE) -p portrait-server --example apply_cost
 	$(CARGO) run $(PROFILE) -p portrait-server --example bench -- $(ARGS)
 
 fmt: ## format the code

@@ -63,7 +63,8 @@ impl PortraitClient {
         }
     }
 
-    /// Reads one profile; empty `families` means all of them.
+    /// Reads one profile; empty `families` means everything (all families,
+    /// features and tags); otherwise only those families.
     pub async fn get_profile(
         &self,
         user_id: &str,
@@ -74,7 +75,17 @@ impl PortraitClient {
             user_id: user_id.to_string(),
             families: families.to_vec(),
             consistency: consistency.into(),
+            ..Default::default()
         };
+        self.get_profile_request(request).await
+    }
+
+    /// Reads one profile with a full request (families, features and tags
+    /// selection).
+    pub async fn get_profile_request(
+        &self,
+        request: GetProfileRequest,
+    ) -> Result<GetProfileResponse, ClientError> {
         unary(&self.router, |ch| {
             let request = request.clone();
             async move { profiles(ch).get_profile(request).await }
@@ -93,6 +104,7 @@ impl PortraitClient {
             user_ids: user_ids.to_vec(),
             families: families.to_vec(),
             consistency: consistency.into(),
+            ..Default::default()
         };
         unary(&self.router, |ch| {
             let request = request.clone();

@@ -11,7 +11,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use portrait_proto::v1::{AttributeValue, Event, FamilyData, HistoryEvent, Profile, Value};
+use portrait_proto::v1::rule_value::Kind as RuleKind;
+use portrait_proto::v1::{AttributeValue, Event, FamilyData, HistoryEvent, Profile, RuleValue, Value};
 use portrait_proto::ValueKind;
 use serde_json::{json, Map, Value as Json};
 
@@ -92,7 +93,34 @@ pub fn value_to_json(value: &Value) -> Json {
 pub fn profile_to_json(profile: &Profile) -> Json {
     let families: Map<String, Json> =
         profile.families.iter().map(|(name, data)| (name.clone(), family_to_json(data))).collect();
-    json!({ "user_id": profile.user_id, "found": profile.found, "families": families })
+    let features: Map<String, Json> =
+        profile.features.iter().map(|(name, v)| (name.clone(), rule_value_to_json(v))).collect();
+    let tags: Map<String, Json> = profile
+        .tags
+        .iter()
+        .map(|(name, t)| {
+            let value = t.value.as_ref().map_or(Json::Null, rule_value_to_json);
+            (name.clone(), json!({ "value": value, "changed_at_ms": t.changed_at_ms }))
+        })
+        .collect();
+    json!({ "user_id": profile.user_id, "found": profile.found, "families": families, "features": features, "tags": tags })
+}
+
+/// A feature or tag value as JSON: null, number, string, bool, array (set)
+/// or object (counts per value).
+pub fn rule_value_to_json(v: &RuleValue) -> Json {
+    match &v.kind {
+        None => Json::Null,
+        Some(RuleKind::StringValue(s)) => json!(s),
+        Some(RuleKind::NumberValue(n)) => serde_json::Number::from_f64(*n).map_or(Json::Null, Json::Number),
+        Some(RuleKind::BoolValue(b)) => json!(b),
+        Some(RuleKind::SetValue(s)) => json!(s.values),
+        Some(RuleKind::MapValue(m)) => {
+            let mut entries: Vec<_> = m.counts.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            Json::Object(entries.into_iter().map(|(k, n)| (k.clone(), json!(n))).collect())
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.

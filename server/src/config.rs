@@ -62,6 +62,7 @@ struct FileRaft {
     election_timeout_max_ms: Option<u64>,
     snapshot_every_entries: Option<u64>,
     keep_logs_after_snapshot: Option<u64>,
+    tick_interval_ms: Option<u64>,
 }
 
 /// The resolved configuration.
@@ -101,6 +102,7 @@ impl Config {
                 .raft
                 .keep_logs_after_snapshot
                 .unwrap_or(d.keep_logs_after_snapshot),
+            tick_interval_ms: file.raft.tick_interval_ms.unwrap_or(d.tick_interval_ms).max(10),
         };
         let node = NodeOptions {
             node_id: cli.node_id.or(file.node_id).unwrap_or(1),

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod duration;
+pub mod engine;
 pub mod error;
 pub mod limits;
 pub mod model;

@@ -33,3 +33,12 @@ pub const MAX_HISTORY_LEN: u32 = 1_000;
 pub const MAX_SCHEMA_BYTES: usize = 1024 * 1024;
 /// Events the batcher packs into one raft entry.
 pub const MAX_EVENTS_PER_ENTRY: usize = 20_000;
+/// Features in a schema.
+pub const MAX_FEATURES: usize = 256;
+/// Tags in a schema.
+pub const MAX_TAGS: usize = 256;
+/// Users a tick re-evaluates at most (the rest wait for the next tick).
+pub const MAX_USERS_PER_TICK: usize = 2_000;
+/// Distinct values a `distinct_count` or `top_k` bucket tracks; past it,
+/// new values are not counted (the result saturates).
+pub const MAX_DISTINCT_PER_BUCKET: usize = 1_000;

@@ -9,13 +9,14 @@ use std::time::Duration;
 use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::{BasicNode, ServerState};
 
+use crate::engine::check_schema;
 use crate::error::{Error, Result};
 use crate::model::{Event, WriteCounts};
 use crate::raft::batcher::WriteBatcher;
 use crate::raft::network::Network;
 use crate::raft::{client_write_error, not_leader, RaftTuning};
-use crate::schema::{Schema, VersionedSchema};
-use crate::store::read::{read_profile, ProfileView};
+use crate::schema::VersionedSchema;
+use crate::store::read::{read_profile, ProfileView, Selection};
 use crate::store::{LogStore, SmStore, StateMachine};
 use crate::types::{Command, CommandResult, NodeId, Raft};
 use crate::validate::{validate_request, validate_user_id};
@@ -95,6 +96,11 @@ impl Node {
             raft.initialize(members).await?;
         }
         let batcher = WriteBatcher::start(raft.clone());
+        crate::raft::ticker::start(
+            raft.clone(),
+            sm.clone(),
+            Duration::from_millis(opts.tuning.tick_interval_ms),
+        );
         Ok(Arc::new(Node { id: opts.node_id, raft, sm, batcher }))
     }
 
@@ -115,16 +121,24 @@ impl Node {
     pub async fn read_profiles(
         &self,
         user_ids: &[String],
-        families: &[String],
+        selection: &Selection,
         consistency: Consistency,
     ) -> Result<(Vec<ProfileView>, ReadInfo)> {
-        let schema = self.sm.schema();
-        for (i, f) in families.iter().enumerate() {
-            if schema.schema.family(f).is_none() {
-                let reason = format!("unknown family {f:?} (schema has: {})", schema.schema.family_list());
-                return Err(Error::invalid(format!("families[{i}]"), reason));
-            }
-        }
+        let (schema, engine) = (self.sm.schema(), self.sm.engine());
+        let s = &schema.schema;
+        check_names(
+            ("families", "family"),
+            &selection.families,
+            |n| s.families.contains_key(n),
+            s.families.keys(),
+        )?;
+        check_names(
+            ("features", "feature"),
+            &selection.features,
+            |n| s.features.contains_key(n),
+            s.features.keys(),
+        )?;
+        check_names(("tags", "tag"), &selection.tags, |n| s.tags.contains_key(n), s.tags.keys())?;
         for (i, u) in user_ids.iter().enumerate() {
             validate_user_id(u).map_err(|e| match e {
                 Error::InvalidArgument { reason, .. } => Error::invalid(format!("user_ids[{i}]"), reason),
@@ -138,7 +152,9 @@ impl Node {
         let db = self.sm.db();
         let mut views = Vec::with_capacity(user_ids.len());
         for user in user_ids {
-            views.push(read_profile(&db, &schema.schema, user, families, now).map_err(Error::internal)?);
+            views.push(
+                read_profile(&db, &schema.schema, &engine, user, selection, now).map_err(Error::internal)?,
+            );
         }
         Ok((views, self.read_info(now)))
     }
@@ -160,7 +176,7 @@ impl Node {
 
     /// Validates a schema and, unless `dry_run`, replicates it.
     pub async fn apply_schema(&self, toml: String, dry_run: bool) -> Result<VersionedSchema> {
-        let schema = Schema::parse(&toml).map_err(|e| Error::invalid("toml", e.to_string()))?;
+        let (schema, _) = check_schema(&toml).map_err(|e| Error::invalid("toml", e.to_string()))?;
         if dry_run {
             return Ok(VersionedSchema { version: self.sm.schema().version, schema });
         }
@@ -210,6 +226,24 @@ impl Node {
             tracing::warn!(error = %e, "raft shutdown");
         }
     }
+}
+
+/// Rejects names that are not in the schema: `families[1]: unknown family "x" (schema has: ...)`.
+fn check_names<'a>(
+    (kind, singular): (&str, &str),
+    names: &Option<Vec<String>>,
+    known: impl Fn(&str) -> bool,
+    all: impl Iterator<Item = &'a String>,
+) -> Result<()> {
+    let Some(names) = names else { return Ok(()) };
+    if let Some((i, name)) = names.iter().enumerate().find(|(_, n)| !known(n)) {
+        let list = all.cloned().collect::<Vec<_>>().join(", ");
+        return Err(Error::invalid(
+            format!("{kind}[{i}]"),
+            format!("unknown {singular} {name:?} (schema has: {list})"),
+        ));
+    }
+    Ok(())
 }
 
 fn role_name(state: ServerState) -> &'static str {

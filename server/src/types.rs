@@ -35,6 +35,9 @@ pub enum Command {
     /// Replace the schema with this TOML (validated before proposing and
     /// again at apply).
     ApplySchema { stamp_ms: i64, toml: String },
+    /// Re-evaluate the users whose tags may have changed by `stamp_ms`
+    /// with time alone (proposed by the leader when a timer is due).
+    Tick { stamp_ms: i64 },
 }
 
 /// Result of applying one entry.
@@ -48,6 +51,8 @@ pub enum CommandResult {
     SchemaApplied { version: u64 },
     /// Rejected at apply; nothing of the command was applied.
     Rejected { reason: String },
+    /// A tick re-evaluated this many users.
+    Ticked { users: u32 },
 }
 
 /// Outcome of one write request inside a `Command::Write`.

@@ -9,7 +9,7 @@ use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
 use portrait_server::duration::DAY_MS;
 use portrait_server::model::{Attrs, Event, Value, WriteCounts};
 use portrait_server::schema::Schema;
-use portrait_server::store::read::{read_profile, ProfileView};
+use portrait_server::store::read::{read_profile, ProfileView, Selection};
 use portrait_server::store::{SmStore, StateMachine};
 use portrait_server::types::{Command, CommandResult, Entry, LogId, WriteOutcome};
 use tempfile::TempDir;
@@ -69,7 +69,8 @@ fn counts(result: &CommandResult) -> Vec<Result<WriteCounts, String>> {
 }
 
 fn read(r: &Replica, user: &str, now: i64) -> ProfileView {
-    read_profile(&r.store.db(), &r.store.schema().schema, user, &[], now).unwrap()
+    read_profile(&r.store.db(), &r.store.schema().schema, &r.store.engine(), user, &Selection::all(), now)
+        .unwrap()
 }
 
 fn applied(a: u32, d: u32, e: u32) -> Result<WriteCounts, String> {

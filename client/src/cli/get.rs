@@ -3,21 +3,38 @@
 use std::fmt::Write;
 
 use portrait_client::json::profile_to_json;
-use portrait_client::portrait_proto::v1::{FamilyData, GetProfileResponse, HistoryEvent, ReadInfo};
+use portrait_client::json::rule_value_to_json;
+use portrait_client::portrait_proto::v1::{
+    FamilyData, GetProfileRequest, GetProfileResponse, HistoryEvent, ReadInfo,
+};
 use portrait_client::{Consistency, PortraitClient, Profile, Value};
 use serde_json::json;
 
 use super::format;
 
+/// What to read; all empty = everything.
+pub struct Selection {
+    pub families: Vec<String>,
+    pub features: Vec<String>,
+    pub tags: Vec<String>,
+}
+
 pub async fn run(
     client: &PortraitClient,
     user: &str,
-    families: &[String],
+    selection: Selection,
     linearizable: bool,
     as_json: bool,
 ) -> anyhow::Result<String> {
     let consistency = if linearizable { Consistency::Linearizable } else { Consistency::Local };
-    let response = client.get_profile(user, families, consistency).await?;
+    let request = GetProfileRequest {
+        user_id: user.to_string(),
+        families: selection.families,
+        features: selection.features,
+        tags: selection.tags,
+        consistency: consistency.into(),
+    };
+    let response = client.get_profile_request(request).await?;
     Ok(if as_json { to_json(&response) } else { to_text(user, &response) })
 }
 
@@ -43,6 +60,37 @@ fn to_text(user: &str, response: &GetProfileResponse) -> String {
     let mut out = format!("user {} ({served})\n", profile.user_id);
     for (name, family) in sorted_families(&profile) {
         out.push_str(&family_text(name, family));
+    }
+    out.push_str(&features_text(&profile));
+    out.push_str(&tags_text(&profile));
+    out
+}
+
+fn features_text(profile: &Profile) -> String {
+    if profile.features.is_empty() {
+        return String::new();
+    }
+    let mut names: Vec<_> = profile.features.iter().collect();
+    names.sort_by_key(|(n, _)| *n);
+    let width = names.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    let mut out = "\n[features]\n".to_string();
+    for (name, v) in names {
+        let _ = writeln!(out, "  {name:<width$}  {}", rule_value_to_json(v));
+    }
+    out
+}
+
+fn tags_text(profile: &Profile) -> String {
+    if profile.tags.is_empty() {
+        return String::new();
+    }
+    let mut names: Vec<_> = profile.tags.iter().collect();
+    names.sort_by_key(|(n, _)| *n);
+    let width = names.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    let mut out = "\n[tags]\n".to_string();
+    for (name, t) in names {
+        let value = t.value.as_ref().map_or(serde_json::Value::Null, rule_value_to_json);
+        let _ = writeln!(out, "  {name:<width$}  {value}  (since {})", format::timestamp(t.changed_at_ms));
     }
     out
 }
@@ -97,7 +145,8 @@ fn attrs_inline(attrs: &std::collections::HashMap<String, Value>) -> String {
 mod tests {
     use std::collections::HashMap;
 
-    use portrait_client::portrait_proto::v1::AttributeValue;
+    use portrait_client::portrait_proto::v1::rule_value::Kind as RuleKind;
+    use portrait_client::portrait_proto::v1::{AttributeValue, RuleValue, TagValue};
 
     use super::*;
 
@@ -127,6 +176,17 @@ mod tests {
             user_id: "u1".into(),
             found: true,
             families: HashMap::from([("browse".into(), family)]),
+            features: HashMap::from([(
+                "views_7d".into(),
+                RuleValue { kind: Some(RuleKind::NumberValue(3.0)) },
+            )]),
+            tags: HashMap::from([(
+                "lifecycle".into(),
+                TagValue {
+                    value: Some(RuleValue { kind: Some(RuleKind::StringValue("new".into())) }),
+                    changed_at_ms: 0,
+                },
+            )]),
         };
         let read_info = ReadInfo { node_id: 2, applied_index: 42, as_of_ms: 5, lag_entries: 0 };
         GetProfileResponse { profile: Some(profile), read_info: Some(read_info) }
@@ -139,14 +199,18 @@ mod tests {
             \x20 category  \"phone\"  (at 1970-01-01T00:00:00.000Z, expires 1970-01-01T00:00:01.000Z)\n\
             \x20 price     399.0  (at 1970-01-01T00:00:00.000Z, expires never)\n\
             \x20 history, newest first:\n\
-            \x20   1970-01-01T00:00:00.000Z  view  id=e1  {category=\"phone\", qty=2}  (expires never)\n";
+            \x20   1970-01-01T00:00:00.000Z  view  id=e1  {category=\"phone\", qty=2}  (expires never)\n\
+            \n[features]\n\
+            \x20 views_7d  3.0\n\
+            \n[tags]\n\
+            \x20 lifecycle  \"new\"  (since 1970-01-01T00:00:00.000Z)\n";
         assert_eq!(to_text("u1", &response()), expected);
     }
 
     #[test]
     fn text_for_missing_user() {
         let mut r = response();
-        r.profile = Some(Profile { user_id: "u9".into(), found: false, families: HashMap::new() });
+        r.profile = Some(Profile { user_id: "u9".into(), found: false, ..Default::default() });
         assert_eq!(to_text("u9", &r), "user u9: no data (node 2, applied index 42, lag 0)\n");
     }
 

@@ -37,9 +37,15 @@ enum Command {
     /// Show a user's profile.
     Get {
         user: String,
-        /// Only this family (repeatable); default all.
+        /// Only this family (repeatable). With no --family/--feature/--tag, everything.
         #[arg(long = "family", value_name = "FAMILY")]
         families: Vec<String>,
+        /// Only this feature (repeatable).
+        #[arg(long = "feature", value_name = "FEATURE")]
+        features: Vec<String>,
+        /// Only this tag (repeatable).
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
         /// Confirm with the leader before reading (raft read index).
         #[arg(long)]
         linearizable: bool,
@@ -83,8 +89,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
     let endpoint = cli.endpoint.as_str();
     match cli.command {
         Command::Put { json } => put::run(endpoint, &json).await,
-        Command::Get { user, families, linearizable, json } => {
-            get::run(&connect(endpoint).await?, &user, &families, linearizable, json).await
+        Command::Get { user, families, features, tags, linearizable, json } => {
+            let selection = get::Selection { families, features, tags };
+            get::run(&connect(endpoint).await?, &user, selection, linearizable, json).await
         }
         Command::Load { file, batch, concurrency } => {
             load::run(endpoint, &file, batch as usize, concurrency as usize).await

@@ -1,6 +1,9 @@
 use std::collections::HashMap;
 
-use portrait_proto::v1::{AttributeValue, Event, FamilyData, HistoryEvent, Profile, Value};
+use portrait_proto::v1::rule_value::Kind as RuleKind;
+use portrait_proto::v1::{
+    AttributeValue, CountMap, Event, FamilyData, HistoryEvent, Profile, RuleValue, TagValue, Value,
+};
 use serde_json::json;
 
 use super::*;
@@ -149,21 +152,38 @@ fn profile_to_json_shape() {
         expires_at_ms: 99,
     };
     let family = FamilyData { attrs: HashMap::from([("category".into(), attr)]), history: vec![history] };
-    let profile =
-        Profile { user_id: "u1".into(), found: true, families: HashMap::from([("browse".into(), family)]) };
+    let churn =
+        TagValue { value: Some(RuleValue { kind: Some(RuleKind::BoolValue(true)) }), changed_at_ms: 7 };
+    let cats = CountMap { counts: HashMap::from([("tv".into(), 2.0), ("phone".into(), 3.0)]) };
+    let profile = Profile {
+        user_id: "u1".into(),
+        found: true,
+        families: HashMap::from([("browse".into(), family)]),
+        features: HashMap::from([
+            ("views".into(), RuleValue { kind: Some(RuleKind::NumberValue(4.0)) }),
+            ("cats".into(), RuleValue { kind: Some(RuleKind::MapValue(cats)) }),
+            ("avg".into(), RuleValue { kind: None }),
+        ]),
+        tags: HashMap::from([("churn_risk".into(), churn)]),
+    };
     let expected = json!({
         "user_id": "u1", "found": true,
         "families": {"browse": {
             "attrs": {"category": {"value": "phone", "event_time_ms": 10, "expires_at_ms": 0}},
             "history": [{"type": "view", "event_time_ms": 10, "event_id": "e1",
                          "attrs": {"category": "phone"}, "expires_at_ms": 99}]
-        }}
+        }},
+        "features": {"views": 4.0, "cats": {"phone": 3.0, "tv": 2.0}, "avg": null},
+        "tags": {"churn_risk": {"value": true, "changed_at_ms": 7}}
     });
     assert_eq!(profile_to_json(&profile), expected);
 }
 
 #[test]
 fn missing_profile_is_empty() {
-    let json = profile_to_json(&Profile { user_id: "nobody".into(), found: false, families: HashMap::new() });
-    assert_eq!(json, json!({"user_id": "nobody", "found": false, "families": {}}));
+    let json = profile_to_json(&Profile { user_id: "nobody".into(), found: false, ..Default::default() });
+    assert_eq!(
+        json,
+        json!({"user_id": "nobody", "found": false, "families": {}, "features": {}, "tags": {}})
+    );
 }

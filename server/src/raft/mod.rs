@@ -5,6 +5,7 @@
 
 pub mod batcher;
 pub mod network;
+pub mod ticker;
 
 use crate::error::Error;
 use crate::types::NodeId;
@@ -21,6 +22,8 @@ pub struct RaftTuning {
     pub snapshot_every_entries: u64,
     /// Entries kept in the log behind the latest snapshot, for slow followers.
     pub keep_logs_after_snapshot: u64,
+    /// How often the leader checks for due timers (time-driven tags).
+    pub tick_interval_ms: u64,
 }
 
 impl Default for RaftTuning {
@@ -31,6 +34,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 2_000,
             snapshot_every_entries: 20_000,
             keep_logs_after_snapshot: 2_000,
+            tick_interval_ms: 1_000,
         }
     }
 }

@@ -20,12 +20,64 @@ pub struct FamilySpec {
     pub ttl_ms: Option<i64>,
     /// Events kept in the profile's last-N history.
     pub history_len: u32,
+    /// Attributes tag rules may read as `family.attr`, with their types.
+    pub attrs: BTreeMap<String, ValueType>,
+}
+
+/// The type of an attribute or feature value in rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ValueType {
+    Str,
+    Num,
+    Bool,
+}
+
+/// How a feature aggregates the events it sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Aggregation {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Avg,
+    DistinctCount,
+    FirstTime,
+    LastTime,
+    LastValue,
+    /// Counts per attribute value (a map); rules use `top`, `get`, `keys`.
+    TopK,
+}
+
+/// A feature: an aggregation over one family's events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureSpec {
+    pub family: String,
+    pub agg: Aggregation,
+    /// The attribute aggregated (all aggregations but count/first_time/last_time).
+    pub attr: Option<String>,
+    /// Sliding window length; `None` = lifetime.
+    pub window_ms: Option<i64>,
+    /// Event filter, e.g. `type == "order" and amount >= 400`.
+    pub filter: Option<String>,
+    /// Value type of `last_value` (default `str`).
+    pub value_type: ValueType,
+    /// `count` only: the window starts at the first matching event and never
+    /// slides (e.g. orders within 90 days of the first order).
+    pub anchor_first: bool,
+}
+
+/// A tag: a rule over features, attributes, other tags and `now`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagSpec {
+    pub rule: String,
 }
 
 /// A validated schema.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Schema {
     pub families: BTreeMap<String, FamilySpec>,
+    pub features: BTreeMap<String, FeatureSpec>,
+    pub tags: BTreeMap<String, TagSpec>,
     pub dedupe_window_ms: i64,
     /// The TOML text it was parsed from.
     pub toml: String,

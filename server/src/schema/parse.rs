@@ -4,9 +4,11 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{FamilySpec, Schema};
-use crate::duration::{parse_duration_ms, YEAR_MS};
-use crate::limits::{MAX_FAMILIES, MAX_HISTORY_LEN, MAX_SCHEMA_BYTES};
+use super::{Aggregation, FamilySpec, FeatureSpec, Schema, TagSpec, ValueType};
+use crate::duration::{parse_duration_ms, MINUTE_MS, YEAR_MS};
+use crate::limits::{
+    MAX_ATTRS_PER_EVENT, MAX_FAMILIES, MAX_FEATURES, MAX_HISTORY_LEN, MAX_SCHEMA_BYTES, MAX_TAGS,
+};
 
 /// Why a schema was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,6 +30,30 @@ struct RawSchema {
     ingest: RawIngest,
     #[serde(default)]
     families: BTreeMap<String, RawFamily>,
+    #[serde(default)]
+    features: BTreeMap<String, RawFeature>,
+    #[serde(default)]
+    tags: BTreeMap<String, RawTag>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFeature {
+    family: String,
+    agg: String,
+    attr: Option<String>,
+    window: Option<String>,
+    #[serde(rename = "where")]
+    filter: Option<String>,
+    #[serde(rename = "type")]
+    value_type: Option<String>,
+    anchor: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTag {
+    rule: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -42,6 +68,8 @@ struct RawFamily {
     ttl: String,
     #[serde(default)]
     history: u32,
+    #[serde(default)]
+    attrs: BTreeMap<String, String>,
 }
 
 const DEFAULT_DEDUPE_WINDOW_MS: i64 = 7 * 24 * 3600 * 1000;
@@ -69,6 +97,30 @@ pub(super) fn parse(text: &str) -> Result<Schema, SchemaError> {
     for (name, fam) in raw.families {
         families.insert(name.clone(), family_spec(&name, fam)?);
     }
+    if raw.features.len() > MAX_FEATURES {
+        return Err(invalid(
+            "features",
+            format!("{} features is over the limit of {MAX_FEATURES}", raw.features.len()),
+        ));
+    }
+    if raw.tags.len() > MAX_TAGS {
+        return Err(invalid("tags", format!("{} tags is over the limit of {MAX_TAGS}", raw.tags.len())));
+    }
+    let mut features = BTreeMap::new();
+    for (name, f) in raw.features {
+        features.insert(name.clone(), feature_spec(&name, f, &families)?);
+    }
+    let mut tags = BTreeMap::new();
+    for (name, t) in raw.tags {
+        let field = format!("tags.{name}");
+        if !valid_name(&name) {
+            return Err(invalid(&field, "name must match [a-z][a-z0-9_]{0,31}"));
+        }
+        if features.contains_key(&name) {
+            return Err(invalid(&field, format!("a feature is also named {name:?}")));
+        }
+        tags.insert(name, TagSpec { rule: t.rule });
+    }
     let dedupe_window_ms = match raw.ingest.dedupe_window {
         None => DEFAULT_DEDUPE_WINDOW_MS,
         Some(text) => {
@@ -79,7 +131,103 @@ pub(super) fn parse(text: &str) -> Result<Schema, SchemaError> {
             ms
         }
     };
-    Ok(Schema { families, dedupe_window_ms, toml: text.to_string() })
+    Ok(Schema { families, features, tags, dedupe_window_ms, toml: text.to_string() })
+}
+
+const MAX_WINDOW_MS: i64 = 10 * YEAR_MS;
+
+fn feature_spec(
+    name: &str,
+    raw: RawFeature,
+    families: &BTreeMap<String, FamilySpec>,
+) -> Result<FeatureSpec, SchemaError> {
+    let field = format!("features.{name}");
+    if !valid_name(name) {
+        return Err(invalid(&field, "name must match [a-z][a-z0-9_]{0,31}"));
+    }
+    if !families.contains_key(&raw.family) {
+        return Err(invalid(format!("{field}.family"), format!("unknown family {:?}", raw.family)));
+    }
+    let agg = match raw.agg.as_str() {
+        "count" => Aggregation::Count,
+        "sum" => Aggregation::Sum,
+        "min" => Aggregation::Min,
+        "max" => Aggregation::Max,
+        "avg" => Aggregation::Avg,
+        "distinct_count" => Aggregation::DistinctCount,
+        "first_time" => Aggregation::FirstTime,
+        "last_time" => Aggregation::LastTime,
+        "last_value" => Aggregation::LastValue,
+        "top_k" => Aggregation::TopK,
+        other => {
+            let known = "count, sum, min, max, avg, distinct_count, first_time, last_time, last_value, top_k";
+            return Err(invalid(
+                format!("{field}.agg"),
+                format!("unknown aggregation {other:?} (use one of: {known})"),
+            ));
+        }
+    };
+    let needs_attr = !matches!(agg, Aggregation::Count | Aggregation::FirstTime | Aggregation::LastTime);
+    match (&raw.attr, needs_attr) {
+        (None, true) => {
+            return Err(invalid(format!("{field}.attr"), format!("required for agg = {:?}", raw.agg)))
+        }
+        (Some(_), false) => {
+            return Err(invalid(format!("{field}.attr"), format!("not used by agg = {:?}", raw.agg)))
+        }
+        _ => {}
+    }
+    let window_ms = match raw.window.as_deref() {
+        None | Some("lifetime") => None,
+        Some(text) => {
+            let ms = parse_duration_ms(text).map_err(|e| invalid(format!("{field}.window"), e))?;
+            if !(MINUTE_MS..=MAX_WINDOW_MS).contains(&ms) {
+                return Err(invalid(
+                    format!("{field}.window"),
+                    "must be between 1m and 10y, or \"lifetime\"",
+                ));
+            }
+            Some(ms)
+        }
+    };
+    let value_type = match raw.value_type.as_deref() {
+        None => ValueType::Str,
+        Some(t) if agg == Aggregation::LastValue => {
+            value_type(t).map_err(|e| invalid(format!("{field}.type"), e))?
+        }
+        Some(_) => return Err(invalid(format!("{field}.type"), "only used by agg = \"last_value\"")),
+    };
+    let anchor_first = match raw.anchor.as_deref() {
+        None | Some("now") => false,
+        Some("first") if agg == Aggregation::Count && window_ms.is_some() => true,
+        Some("first") => {
+            return Err(invalid(format!("{field}.anchor"), "\"first\" needs agg = \"count\" and a window"))
+        }
+        Some(other) => {
+            return Err(invalid(
+                format!("{field}.anchor"),
+                format!("unknown anchor {other:?} (use \"now\" or \"first\")"),
+            ))
+        }
+    };
+    Ok(FeatureSpec {
+        family: raw.family,
+        agg,
+        attr: raw.attr,
+        window_ms,
+        filter: raw.filter,
+        value_type,
+        anchor_first,
+    })
+}
+
+fn value_type(text: &str) -> Result<ValueType, String> {
+    match text {
+        "str" => Ok(ValueType::Str),
+        "num" => Ok(ValueType::Num),
+        "bool" => Ok(ValueType::Bool),
+        other => Err(format!("unknown type {other:?} (use str, num or bool)")),
+    }
 }
 
 fn family_spec(name: &str, raw: RawFamily) -> Result<FamilySpec, SchemaError> {
@@ -103,7 +251,15 @@ fn family_spec(name: &str, raw: RawFamily) -> Result<FamilySpec, SchemaError> {
             format!("{} is over the limit of {MAX_HISTORY_LEN}", raw.history),
         ));
     }
-    Ok(FamilySpec { ttl_ms, history_len: raw.history })
+    if raw.attrs.len() > MAX_ATTRS_PER_EVENT {
+        return Err(invalid(format!("{field}.attrs"), format!("over the limit of {MAX_ATTRS_PER_EVENT}")));
+    }
+    let mut attrs = BTreeMap::new();
+    for (attr, ty) in raw.attrs {
+        let ty = value_type(&ty).map_err(|e| invalid(format!("{field}.attrs.{attr}"), e))?;
+        attrs.insert(attr, ty);
+    }
+    Ok(FamilySpec { ttl_ms, history_len: raw.history, attrs })
 }
 
 fn valid_name(name: &str) -> bool {
@@ -135,7 +291,8 @@ mod tests {
     #[test]
     fn custom_family_accepted() {
         let s = parse("[families.app_usage]\nttl = \"14d\"\nhistory = 3\n").unwrap();
-        assert_eq!(s.families["app_usage"], FamilySpec { ttl_ms: Some(14 * DAY_MS), history_len: 3 });
+        let expected = FamilySpec { ttl_ms: Some(14 * DAY_MS), history_len: 3, attrs: BTreeMap::new() };
+        assert_eq!(s.families["app_usage"], expected);
     }
 
     fn err(text: &str) -> String {

@@ -3,6 +3,7 @@
 use portrait_proto::v1 as pb;
 use portrait_proto::ValueKind;
 
+use crate::engine::expr::Val;
 use crate::error::{Error, Result};
 use crate::model::{Event, Value};
 use crate::node::{Consistency, ReadInfo};
@@ -76,7 +77,28 @@ pub fn profile_to_pb(user_id: String, view: ProfileView) -> pb::Profile {
         user_id,
         found: view.found,
         families: view.families.into_iter().map(|(name, rec)| (name, family_to_pb(rec))).collect(),
+        features: view.features.into_iter().map(|(name, v)| (name, rule_value_to_pb(v))).collect(),
+        tags: view
+            .tags
+            .into_iter()
+            .map(|(name, t)| {
+                (name, pb::TagValue { value: Some(rule_value_to_pb(t.value)), changed_at_ms: t.changed_at })
+            })
+            .collect(),
     }
+}
+
+pub fn rule_value_to_pb(v: Val) -> pb::RuleValue {
+    use pb::rule_value::Kind;
+    let kind = match v {
+        Val::Null => None,
+        Val::Bool(b) => Some(Kind::BoolValue(b)),
+        Val::Num(n) => Some(Kind::NumberValue(n)),
+        Val::Str(s) => Some(Kind::StringValue(s)),
+        Val::Set(s) => Some(Kind::SetValue(pb::StringSet { values: s.into_iter().collect() })),
+        Val::Map(m) => Some(Kind::MapValue(pb::CountMap { counts: m.into_iter().collect() })),
+    };
+    pb::RuleValue { kind }
 }
 
 fn family_to_pb(rec: FamilyRecord) -> pb::FamilyData {

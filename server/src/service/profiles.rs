@@ -12,6 +12,7 @@ use super::convert::{consistency_from_pb, profile_to_pb, read_info_to_pb};
 use crate::error::Error;
 use crate::limits::MAX_BATCH_GET_USERS;
 use crate::node::Node;
+use crate::store::read::Selection;
 use crate::validate::validate_user_id;
 
 pub struct ProfilesService {
@@ -34,7 +35,14 @@ impl Profiles for ProfilesService {
         let consistency = consistency_from_pb(req.consistency)?;
         validate_user_id(&req.user_id)?;
         let users = [req.user_id];
-        let (mut views, info) = self.node.read_profiles(&users, &req.families, consistency).await?;
+        let (mut views, info) = self
+            .node
+            .read_profiles(
+                &users,
+                &Selection::from_lists(&req.families, &req.features, &req.tags),
+                consistency,
+            )
+            .await?;
         let [user_id] = users;
         let view = views.pop().expect("one view per user");
         if !view.found {
@@ -56,7 +64,14 @@ impl Profiles for ProfilesService {
             return Err(Error::invalid("user_ids", reason).into());
         }
         let consistency = consistency_from_pb(req.consistency)?;
-        let (views, info) = self.node.read_profiles(&req.user_ids, &req.families, consistency).await?;
+        let (views, info) = self
+            .node
+            .read_profiles(
+                &req.user_ids,
+                &Selection::from_lists(&req.families, &req.features, &req.tags),
+                consistency,
+            )
+            .await?;
         let profiles = req.user_ids.into_iter().zip(views).map(|(u, v)| profile_to_pb(u, v)).collect();
         Ok(Response::new(BatchGetProfilesResponse { profiles, read_info: Some(read_info_to_pb(info)) }))
     }

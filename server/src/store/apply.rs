@@ -1,16 +1,23 @@
-//! Applying a `Command::Write`: dedupe, expiry check, fold events into family
-//! records. Pure over (database as of the previous entry, entry contents):
-//! everything it writes goes into the entry's `WriteBatch`, and the only time
-//! it uses is the entry's logical clock.
+//! Applying commands: dedupe, expiry check, fold events into family records,
+//! update features and tags, keep the timer index. Pure over (database as of
+//! the previous entry, entry contents): everything it writes goes into the
+//! entry's `WriteBatch`, and the only time it uses is the entry's logical
+//! clock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::HashMap;
+use std::collections::HashSet;
 
-use rocksdb::{WriteBatch, DB};
+use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 
-use super::keys::{self, CF_DEDUPE, CF_PROFILES};
-use super::record::FamilyRecord;
+use super::codec;
+use super::keys::{self, CF_DEDUPE, CF_PROFILES, CF_STATE, CF_TIMERS};
+use super::record::{stored_expiry, FamilyRecord};
 use super::sm_db::cf;
-use crate::model::{expiry, is_live, Event, WriteCounts};
+use crate::engine::state::{Dirty, UserState};
+use crate::engine::Engine;
+use crate::limits::MAX_USERS_PER_TICK;
+use crate::model::{expiry, is_live, Event, WriteCounts, NEVER};
 use crate::schema::Schema;
 use crate::types::WriteOutcome;
 use crate::validate::validate_request;
@@ -24,23 +31,34 @@ pub enum ApplyError {
     Decode(#[from] bincode::Error),
 }
 
-/// Records and dedupe markers touched by one entry, written at the end.
+/// A user's engine state while an entry is applied.
+struct Touched {
+    state: UserState,
+    dirty: Dirty,
+    /// The wake time stored before this entry (its timer key to replace).
+    stored_wake: Option<i64>,
+}
+
+/// Records, user states and dedupe markers touched by one entry.
 struct EntryState<'a> {
     db: &'a DB,
+    engine: &'a Engine,
     now_ms: i64,
     records: HashMap<Vec<u8>, FamilyRecord>,
+    users: HashMap<String, Touched>,
     new_ids: HashSet<Vec<u8>>,
 }
 
-/// Applies the requests of one entry at logical time `now_ms`.
+/// Applies the write requests of one entry at logical time `now_ms`.
 pub fn apply_write(
     db: &DB,
     schema: &Schema,
+    engine: &Engine,
     now_ms: i64,
     requests: &[Vec<Event>],
     batch: &mut WriteBatch,
 ) -> Result<Vec<WriteOutcome>, ApplyError> {
-    let mut st = EntryState { db, now_ms, records: HashMap::new(), new_ids: HashSet::new() };
+    let mut st = EntryState::new(db, engine, now_ms);
     let mut outcomes = Vec::with_capacity(requests.len());
     for request in requests {
         // Validation happens before any change, so a rejected request leaves
@@ -55,18 +73,59 @@ pub fn apply_write(
         }
         outcomes.push(WriteOutcome::Applied(counts));
     }
-    let profiles = cf(db, CF_PROFILES);
-    for (key, record) in st.records {
-        if record.is_empty() {
-            batch.delete_cf(profiles, key);
-        } else {
-            batch.put_cf(profiles, key, record.encode());
-        }
-    }
+    st.finish(batch)?;
     Ok(outcomes)
 }
 
-impl EntryState<'_> {
+/// Re-evaluates the users whose timers are due at `now_ms` (at most
+/// [`MAX_USERS_PER_TICK`]; the rest stay due for the next tick). Returns how
+/// many users were re-evaluated.
+pub fn apply_tick(db: &DB, engine: &Engine, now_ms: i64, batch: &mut WriteBatch) -> Result<u32, ApplyError> {
+    let mut st = EntryState::new(db, engine, now_ms);
+    let mut due = Vec::new();
+    for item in db.iterator_cf(cf(db, CF_TIMERS), IteratorMode::Start) {
+        let (key, _) = item?;
+        match keys::parse_timer(&key) {
+            Some((t, user)) if t <= now_ms && due.len() < MAX_USERS_PER_TICK => due.push(user.to_string()),
+            _ => break,
+        }
+    }
+    for user in &due {
+        st.user(user)?;
+    }
+    let n = due.len() as u32;
+    st.finish(batch)?;
+    Ok(n)
+}
+
+/// The first timer's time, if any (the leader proposes a tick when it is due).
+pub fn first_timer(db: &DB) -> Result<Option<i64>, ApplyError> {
+    match db.iterator_cf(cf(db, CF_TIMERS), IteratorMode::Start).next() {
+        Some(item) => Ok(keys::parse_timer(&item?.0).map(|(t, _)| t)),
+        None => Ok(None),
+    }
+}
+
+/// A user's stored engine state.
+pub fn load_user_state(db: &DB, user_id: &str) -> Result<Option<UserState>, ApplyError> {
+    match db.get_pinned_cf(cf(db, CF_STATE), user_id.as_bytes())? {
+        Some(bytes) => Ok(Some(codec::decode(bytes.get(8..).unwrap_or_default())?)),
+        None => Ok(None),
+    }
+}
+
+impl<'a> EntryState<'a> {
+    fn new(db: &'a DB, engine: &'a Engine, now_ms: i64) -> Self {
+        EntryState {
+            db,
+            engine,
+            now_ms,
+            records: HashMap::new(),
+            users: HashMap::new(),
+            new_ids: HashSet::new(),
+        }
+    }
+
     fn apply_event(
         &mut self,
         schema: &Schema,
@@ -75,11 +134,6 @@ impl EntryState<'_> {
         batch: &mut WriteBatch,
     ) -> Result<(), ApplyError> {
         let spec = schema.family(&event.family).expect("validated against this schema");
-        let expires_at = expiry(event.time_ms, spec.ttl_ms);
-        if !is_live(expires_at, self.now_ms) {
-            counts.expired += 1;
-            return Ok(());
-        }
         if !event.event_id.is_empty() {
             let key = keys::dedupe(&event.user_id, &event.event_id);
             if self.new_ids.contains(&key) || self.seen_before(&key)? {
@@ -90,6 +144,19 @@ impl EntryState<'_> {
             batch.put_cf(cf(self.db, CF_DEDUPE), &key, until.to_be_bytes());
             self.new_ids.insert(key);
         }
+        // Features see every new event, even one whose raw data has already
+        // expired (a lifetime "first order" outlives the trade TTL); windows
+        // ignore what is outside them.
+        if !self.engine.is_empty() {
+            let (engine, now) = (self.engine, self.now_ms);
+            let touched = self.user(&event.user_id)?;
+            engine.observe(&mut touched.state, event, now, &mut touched.dirty);
+        }
+        let expires_at = expiry(event.time_ms, spec.ttl_ms);
+        if !is_live(expires_at, self.now_ms) {
+            counts.expired += 1;
+            return Ok(());
+        }
         let record = self.record(keys::profile(&event.user_id, &event.family))?;
         record.apply_event(event, expires_at, spec.history_len);
         counts.applied += 1;
@@ -99,17 +166,16 @@ impl EntryState<'_> {
     /// Whether a live dedupe marker exists from an earlier entry.
     fn seen_before(&self, key: &[u8]) -> Result<bool, ApplyError> {
         let stored = self.db.get_pinned_cf(cf(self.db, CF_DEDUPE), key)?;
-        let until = stored.as_deref().and_then(super::record::stored_expiry);
+        let until = stored.as_deref().and_then(stored_expiry);
         Ok(until.is_some_and(|until| is_live(until, self.now_ms)))
     }
 
     /// The record under `key`, loaded once per entry and pruned of what has
     /// expired by the entry's time.
     fn record(&mut self, key: Vec<u8>) -> Result<&mut FamilyRecord, ApplyError> {
-        use std::collections::hash_map::Entry;
         match self.records.entry(key) {
-            Entry::Occupied(o) => Ok(o.into_mut()),
-            Entry::Vacant(v) => {
+            MapEntry::Occupied(o) => Ok(o.into_mut()),
+            MapEntry::Vacant(v) => {
                 let mut record = match self.db.get_pinned_cf(cf(self.db, CF_PROFILES), v.key())? {
                     Some(bytes) => FamilyRecord::decode(&bytes)?,
                     None => FamilyRecord::default(),
@@ -119,4 +185,53 @@ impl EntryState<'_> {
             }
         }
     }
+
+    /// The user's engine state, loaded once per entry.
+    fn user(&mut self, user_id: &str) -> Result<&mut Touched, ApplyError> {
+        match self.users.entry(user_id.to_string()) {
+            MapEntry::Occupied(o) => Ok(o.into_mut()),
+            MapEntry::Vacant(v) => {
+                let state = load_user_state(self.db, user_id)?.unwrap_or_default();
+                let stored_wake = state.wake_at;
+                Ok(v.insert(Touched { state, dirty: Dirty::new(), stored_wake }))
+            }
+        }
+    }
+
+    /// Settles every touched user's tags and writes records, states and
+    /// timers into the batch.
+    fn finish(self, batch: &mut WriteBatch) -> Result<(), ApplyError> {
+        let profiles = cf(self.db, CF_PROFILES);
+        for (key, record) in self.records {
+            if record.is_empty() {
+                batch.delete_cf(profiles, key);
+            } else {
+                batch.put_cf(profiles, key, record.encode());
+            }
+        }
+        let (state_cf, timers) = (cf(self.db, CF_STATE), cf(self.db, CF_TIMERS));
+        for (user, mut t) in self.users {
+            self.engine.settle(&mut t.state, &t.dirty, self.now_ms);
+            let mut value = NEVER.to_be_bytes().to_vec();
+            value.extend(codec::encode(&t.state));
+            batch.put_cf(state_cf, user.as_bytes(), value);
+            if t.stored_wake != t.state.wake_at {
+                if let Some(old) = t.stored_wake {
+                    batch.delete_cf(timers, keys::timer(old, &user));
+                }
+                if let Some(new) = t.state.wake_at {
+                    batch.put_cf(timers, keys::timer(new, &user), []);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Iterates from a key (used by reads of timers in tests).
+pub fn timers_from(db: &DB, from: &[u8]) -> Vec<(i64, String)> {
+    db.iterator_cf(cf(db, CF_TIMERS), IteratorMode::From(from, Direction::Forward))
+        .filter_map(|item| item.ok())
+        .filter_map(|(k, _)| keys::parse_timer(&k).map(|(t, u)| (t, u.to_string())))
+        .collect()
 }

@@ -8,6 +8,8 @@ pub const SEP: u8 = 0;
 pub const CF_PROFILES: &str = "profiles";
 pub const CF_DEDUPE: &str = "dedupe";
 pub const CF_META: &str = "meta";
+pub const CF_STATE: &str = "state";
+pub const CF_TIMERS: &str = "timers";
 
 // Keys in `meta`.
 pub const META_APPLIED: &[u8] = b"applied";
@@ -48,6 +50,21 @@ pub fn family_of<'a>(key: &'a [u8], prefix: &[u8]) -> Option<&'a str> {
     key.strip_prefix(prefix).and_then(|f| std::str::from_utf8(f).ok())
 }
 
+/// `wake_at ⟂ user` — a timer: the user's tags may change at `wake_at`.
+/// Times are shifted to unsigned so keys sort in time order.
+pub fn timer(wake_at: i64, user_id: &str) -> Vec<u8> {
+    let mut k = ((wake_at as u64) ^ (1 << 63)).to_be_bytes().to_vec();
+    k.extend_from_slice(user_id.as_bytes());
+    k
+}
+
+/// The (time, user) of a timer key.
+pub fn parse_timer(key: &[u8]) -> Option<(i64, &str)> {
+    let (time, user) = key.split_at_checked(8)?;
+    let t = (u64::from_be_bytes(time.try_into().ok()?) ^ (1 << 63)) as i64;
+    Some((t, std::str::from_utf8(user).ok()?))
+}
+
 /// Log index as a big-endian key, so RocksDB order is index order.
 pub fn log_index(index: u64) -> [u8; 8] {
     index.to_be_bytes()
@@ -68,6 +85,14 @@ mod tests {
         // "u10" must not fall under "u1"'s prefix.
         assert!(!profile("u10", "browse").starts_with(&prefix));
         assert_eq!(family_of(&profile("u1", "trade"), &prefix), Some("trade"));
+    }
+
+    #[test]
+    fn timer_keys_sort_by_time_then_user() {
+        assert!(timer(5, "zz") < timer(6, "aa"));
+        assert!(timer(-1, "a") < timer(0, "a"));
+        assert_eq!(parse_timer(&timer(1_760_000_000_000, "u1")), Some((1_760_000_000_000, "u1")));
+        assert_eq!(parse_timer(b"short"), None);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Options, DB};
 use super::codec;
 use super::keys::*;
 use super::record::stored_expiry;
+use crate::engine::Engine;
 use crate::schema::VersionedSchema;
 use crate::types::{LogId, StoredMembership};
 
@@ -31,6 +32,8 @@ pub struct SmStore {
     dir: PathBuf,
     db: RwLock<Arc<DB>>,
     schema: RwLock<Arc<VersionedSchema>>,
+    /// The compiled features and tags of `schema`.
+    engine: RwLock<Arc<Engine>>,
     applied: Mutex<AppliedState>,
     /// The applied logical clock, read by the compaction filter.
     clock: Arc<AtomicI64>,
@@ -49,6 +52,7 @@ impl SmStore {
             dir,
             db: RwLock::new(Arc::new(db)),
             schema: RwLock::new(Arc::default()),
+            engine: RwLock::new(Arc::new(Engine::empty())),
             applied: Mutex::new(AppliedState::default()),
             clock,
         };
@@ -64,7 +68,19 @@ impl SmStore {
         self.schema.read().expect("schema lock").clone()
     }
 
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.read().expect("engine lock").clone()
+    }
+
+    /// Installs a schema and its compiled engine. Stored schemas were
+    /// validated before they were applied, so building cannot fail unless
+    /// the binary's rule language changed incompatibly.
     pub(crate) fn set_schema(&self, schema: VersionedSchema) {
+        let engine = Engine::build(&schema.schema).unwrap_or_else(|e| {
+            tracing::error!(version = schema.version, error = %e, "stored schema does not compile; tags disabled");
+            Engine::empty()
+        });
+        *self.engine.write().expect("engine lock") = Arc::new(engine);
         *self.schema.write().expect("schema lock") = Arc::new(schema);
     }
 
@@ -141,6 +157,8 @@ pub fn open_db(path: &Path, clock: Arc<AtomicI64>) -> Result<DB, rocksdb::Error>
         ColumnFamilyDescriptor::new(CF_PROFILES, expiring_cf_options("portrait-profile-ttl", clock.clone())),
         ColumnFamilyDescriptor::new(CF_DEDUPE, expiring_cf_options("portrait-dedupe-ttl", clock)),
         ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ColumnFamilyDescriptor::new(CF_STATE, Options::default()),
+        ColumnFamilyDescriptor::new(CF_TIMERS, Options::default()),
     ];
     DB::open_cf_descriptors(&opts, path, cfs)
 }
@@ -156,6 +174,10 @@ fn expiring_cf_options(filter_name: &'static str, clock: Arc<AtomicI64>) -> Opti
     let mut block = BlockBasedOptions::default();
     block.set_bloom_filter(10.0, false);
     opts.set_block_based_table_factory(&block);
+    // Most dedupe lookups miss: a memtable bloom filter answers them without
+    // walking the skiplist.
+    opts.set_memtable_whole_key_filtering(true);
+    opts.set_memtable_prefix_bloom_ratio(0.1);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.set_compaction_filter(
         filter_name,

@@ -11,12 +11,13 @@ use rocksdb::{WriteBatch, DB};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use super::apply::apply_write;
+use super::apply::{apply_tick, apply_write};
 use super::codec::{decode, encode, read_err, write_err};
 use super::keys::*;
 use super::sm_db::{cf, AppliedState, SmStore};
 use super::snapshot::{pack, unpack, SnapshotDir};
-use crate::schema::{Schema, VersionedSchema};
+use crate::engine::check_schema;
+use crate::schema::VersionedSchema;
 use crate::types::{
     Command, CommandResult, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
@@ -61,15 +62,22 @@ impl StateMachine {
             }
             EntryPayload::Normal(Command::Write { stamp_ms, requests }) => {
                 state.clock_ms = state.clock_ms.max(stamp_ms);
-                let schema = self.store.schema();
-                let outcomes = apply_write(db, &schema.schema, state.clock_ms, &requests, &mut batch)
-                    .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
+                let (schema, engine) = (self.store.schema(), self.store.engine());
+                let outcomes =
+                    apply_write(db, &schema.schema, &engine, state.clock_ms, &requests, &mut batch)
+                        .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
                 CommandResult::Write(outcomes)
+            }
+            EntryPayload::Normal(Command::Tick { stamp_ms }) => {
+                state.clock_ms = state.clock_ms.max(stamp_ms);
+                let users = apply_tick(db, &self.store.engine(), state.clock_ms, &mut batch)
+                    .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
+                CommandResult::Ticked { users }
             }
             EntryPayload::Normal(Command::ApplySchema { stamp_ms, toml }) => {
                 state.clock_ms = state.clock_ms.max(stamp_ms);
-                match Schema::parse(&toml) {
-                    Ok(schema) => {
+                match check_schema(&toml) {
+                    Ok((schema, _)) => {
                         let versioned = VersionedSchema { version: log_id.index, schema };
                         batch.put_cf(meta, META_SCHEMA, encode(&versioned));
                         self.finish(db, batch, state, log_id)?;
@@ -214,7 +222,7 @@ fn read_checkpoint_meta(path: &std::path::Path) -> anyhow::Result<(Option<LogId>
     let db = DB::open_cf_for_read_only(
         &rocksdb::Options::default(),
         path,
-        [CF_PROFILES, CF_DEDUPE, CF_META],
+        [CF_PROFILES, CF_DEDUPE, CF_META, CF_STATE, CF_TIMERS],
         false,
     )?;
     let meta = cf(&db, CF_META);

@@ -1,0 +1,123 @@
+//! Apply-path cost per event, in-process (no gRPC, no raft): the state
+//! machine applying entries of 100 events on real RocksDB, with a
+//! families-only schema (baseline) and with the demo schema (features and
+//! tags on), and the engine's share split into features (`observe`) and
+//! tags (`settle`). Part of `make bench`.
+
+use std::time::Instant;
+
+use clap::Parser;
+use openraft::storage::RaftStateMachine;
+use openraft::{CommittedLeaderId, EntryPayload};
+use portrait_server::engine::check_schema;
+use portrait_server::engine::state::{Dirty, UserState};
+use portrait_server::model::{Attrs, Event, Value};
+use portrait_server::schema::DEFAULT_SCHEMA_TOML;
+use portrait_server::store::{SmStore, StateMachine};
+use portrait_server::types::{Command, Entry, LogId};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    #[arg(long, default_value_t = 20_000)]
+    users: usize,
+}
+
+const FAMILIES_ONLY: &str = "[families.registration]\nttl = \"none\"\nhistory = 5\n[families.browse]\nttl = \"90d\"\nhistory = 50\n[families.trade]\nttl = \"730d\"\nhistory = 100\n[families.contact]\nttl = \"30d\"\nhistory = 50\n";
+
+fn events(n: usize, users: usize, now: i64) -> Vec<Event> {
+    let cats = ["phone", "laptop", "tv", "shoes", "books", "toys", "food", "beauty"];
+    (0..n)
+        .map(|i| {
+            let family = match i % 20 {
+                0 | 1 => "trade",
+                2 => "contact",
+                _ => "browse",
+            };
+            let mut attrs = Attrs::new();
+            attrs.insert("category".into(), Value::Str(cats[i % cats.len()].into()));
+            attrs.insert("amount".into(), Value::Float((i % 5000) as f64 / 10.0));
+            attrs.insert("page".into(), Value::Int((i % 37) as i64));
+            Event {
+                user_id: format!("user-{}", (i * 7919) % users),
+                family: family.into(),
+                event_type: if family == "trade" { "order".into() } else { "view".into() },
+                time_ms: now - (i % 86_400) as i64 * 1000,
+                event_id: format!("e{i}"),
+                attrs,
+            }
+        })
+        .collect()
+}
+
+async fn state_machine_ns_per_event(schema: &str, evs: &[Event], now: i64) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SmStore::open(dir.path()).unwrap();
+    let mut sm = StateMachine::new(store, dir.path()).unwrap();
+    let log = |i: u64| LogId::new(CommittedLeaderId::new(1, 1), i);
+    let schema_entry = Entry {
+        log_id: log(1),
+        payload: EntryPayload::Normal(Command::ApplySchema { stamp_ms: now, toml: schema.into() }),
+    };
+    sm.apply(vec![schema_entry]).await.unwrap();
+    let entries: Vec<Entry> = evs
+        .chunks(100)
+        .enumerate()
+        .map(|(i, c)| Entry {
+            log_id: log(i as u64 + 2),
+            payload: EntryPayload::Normal(Command::Write {
+                stamp_ms: now + i as i64,
+                requests: vec![c.to_vec()],
+            }),
+        })
+        .collect();
+    let start = Instant::now();
+    for e in entries {
+        sm.apply(vec![e]).await.unwrap();
+    }
+    start.elapsed().as_nanos() as f64 / evs.len() as f64
+}
+
+fn engine_ns_per_event(evs: &[Event], now: i64) -> (f64, f64) {
+    let (_, engine) = check_schema(DEFAULT_SCHEMA_TOML).unwrap();
+    let mut states: std::collections::HashMap<&str, UserState> = Default::default();
+    let (mut observe, mut settle) = (0u128, 0u128);
+    for (i, chunk) in evs.chunks(100).enumerate() {
+        let clock = now + i as i64;
+        let mut dirty: std::collections::HashMap<&str, Dirty> = Default::default();
+        let t = Instant::now();
+        for e in chunk {
+            let state = states.entry(&e.user_id).or_default();
+            engine.observe(state, e, clock, dirty.entry(&e.user_id).or_default());
+        }
+        observe += t.elapsed().as_nanos();
+        let t = Instant::now();
+        for (user, d) in dirty {
+            engine.settle(states.get_mut(user).unwrap(), &d, clock);
+        }
+        settle += t.elapsed().as_nanos();
+    }
+    (observe as f64 / evs.len() as f64, settle as f64 / evs.len() as f64)
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let now = portrait_server::wall_clock_ms();
+    let evs = events(args.events, args.users, now);
+    let base = state_machine_ns_per_event(FAMILIES_ONLY, &evs, now).await;
+    let demo = state_machine_ns_per_event(DEFAULT_SCHEMA_TOML, &evs, now).await;
+    let (observe, settle) = engine_ns_per_event(&evs, now);
+    println!(
+        "Apply cost per event: {} events over {} users, entries of 100 events, RocksDB on a temp dir",
+        args.events, args.users
+    );
+    println!("| {:<52} | {:>10} |", "measure", "ns/event");
+    println!("|{:-<54}|{:-<12}|", "", "");
+    println!("| {:<52} | {:>10.0} |", "state machine apply, families only (baseline)", base);
+    println!("| {:<52} | {:>10.0} |", "state machine apply, demo schema (16 features, 11 tags)", demo);
+    println!("| {:<52} | {:>10.0} |", "  engine: features (observe), in memory", observe);
+    println!("| {:<52} | {:>10.0} |", "  engine: tags (settle), in memory", settle);
+    println!("tag computation share of demo apply: {:.1} %", 100.0 * settle / demo);
+}

@@ -1,0 +1,142 @@
+//! Building an [`Engine`] from a schema: features with windows and filters,
+//! tag rules compiled against a slot catalog, and the dependency graph
+//! (computed once per schema version).
+//!
+//! Slots: `[features | tags | attributes]`. Tags are compiled in dependency
+//! order, so a rule may use another tag's value; a cycle is rejected.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use super::expr::{compile, Limits, Type};
+use super::feature::CompiledFeature;
+use super::filter::Filter;
+use super::window::Window;
+use super::{AttrSlot, CompiledTag, Engine};
+use crate::schema::{Aggregation, FeatureSpec, Schema, SchemaError, ValueType};
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SchemaError {
+    SchemaError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+/// FNV-1a of the spec's debug form: stable across processes and releases
+/// (unlike `DefaultHasher`), so every replica agrees.
+fn fingerprint(spec: &FeatureSpec) -> u64 {
+    format!("{spec:?}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+fn feature_type(spec: &FeatureSpec) -> Type {
+    match spec.agg {
+        Aggregation::TopK => Type::Map,
+        Aggregation::LastValue => value_type(spec.value_type),
+        _ => Type::Num,
+    }
+}
+
+fn value_type(t: ValueType) -> Type {
+    match t {
+        ValueType::Str => Type::Str,
+        ValueType::Num => Type::Num,
+        ValueType::Bool => Type::Bool,
+    }
+}
+
+impl Engine {
+    /// Compiles a schema's features and tags; errors name the feature or
+    /// tag and, for rules, the line and column.
+    pub fn build(schema: &Schema) -> Result<Engine, SchemaError> {
+        let features = build_features(schema)?;
+        let attrs: Vec<AttrSlot> = schema
+            .families
+            .iter()
+            .flat_map(|(f, spec)| spec.attrs.iter().map(move |(a, t)| (f.clone(), a.clone(), *t)))
+            .map(|(family, attr, ty)| AttrSlot { family, attr, ty })
+            .collect();
+        let tag_names: Vec<&String> = schema.tags.keys().collect();
+        let (n_features, n_tags) = (features.len(), tag_names.len());
+        let mut types: BTreeMap<String, (usize, Type)> = BTreeMap::new();
+        for (i, f) in features.iter().enumerate() {
+            types.insert(f.name.clone(), (i, feature_type(&f.spec)));
+        }
+        for (i, a) in attrs.iter().enumerate() {
+            types.insert(format!("{}.{}", a.family, a.attr), (n_features + n_tags + i, value_type(a.ty)));
+        }
+        let tag_slot = |name: &str| tag_names.iter().position(|t| *t == name).map(|i| n_features + i);
+        let mut pending: Vec<&String> = tag_names.clone();
+        let mut order: Vec<CompiledTag> = Vec::new();
+        let limits = Limits::default();
+        while !pending.is_empty() {
+            let mut progressed = false;
+            let mut still = Vec::new();
+            for name in pending {
+                let waiting_on = RefCell::new(None);
+                let resolve = |id: &str| {
+                    if let Some(found) = types.get(id) {
+                        return Some(*found);
+                    }
+                    if tag_slot(id).is_some() {
+                        *waiting_on.borrow_mut() = Some(id.to_string());
+                    }
+                    None
+                };
+                match compile(&schema.tags[name].rule, &resolve, &limits) {
+                    Ok(rule) => {
+                        let slot = tag_slot(name).expect("a tag name");
+                        types.insert(name.clone(), (slot, rule.ty()));
+                        order.push(CompiledTag { name: name.clone(), slot, rule, time_dependent: false });
+                        progressed = true;
+                    }
+                    Err(_) if waiting_on.borrow().is_some() => still.push(name),
+                    Err(e) => return Err(invalid(format!("tags.{name}.rule"), e.to_string())),
+                }
+            }
+            if !progressed {
+                let names: Vec<_> = still.iter().map(|s| s.as_str()).collect();
+                return Err(invalid(
+                    format!("tags.{}", names[0]),
+                    format!("cycle between tags: {}", names.join(", ")),
+                ));
+            }
+            pending = still;
+        }
+        let mut engine = Engine { features, tags: order, attrs, n_tags };
+        engine.mark_time_dependent();
+        Ok(engine)
+    }
+
+    /// A tag is time-dependent if it uses `now`, a windowed feature, or a
+    /// time-dependent tag (tags are in dependency order).
+    fn mark_time_dependent(&mut self) {
+        let n_features = self.features.len();
+        let mut slot_dep = vec![false; n_features + self.n_tags + self.attrs.len()];
+        for (i, f) in self.features.iter().enumerate() {
+            slot_dep[i] = f.window.is_some();
+        }
+        for tag in &mut self.tags {
+            tag.time_dependent = tag.rule.uses_now() || tag.rule.slots().iter().any(|s| slot_dep[*s]);
+            slot_dep[tag.slot] = tag.time_dependent;
+        }
+    }
+}
+
+fn build_features(schema: &Schema) -> Result<Vec<CompiledFeature>, SchemaError> {
+    let mut out = Vec::new();
+    for (name, spec) in &schema.features {
+        let filter = match &spec.filter {
+            Some(text) => {
+                Some(Filter::parse(text).map_err(|e| invalid(format!("features.{name}.where"), e))?)
+            }
+            None => None,
+        };
+        out.push(CompiledFeature {
+            name: name.clone(),
+            spec: spec.clone(),
+            window: spec.window_ms.filter(|_| !spec.anchor_first).map(Window::new),
+            filter,
+            fingerprint: fingerprint(spec),
+        });
+    }
+    Ok(out)
+}

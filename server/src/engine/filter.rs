@@ -1,0 +1,278 @@
+//! Feature filters: a conjunction of comparisons on the event type and its
+//! attributes, e.g. `type == "order" and amount >= 400 and category in
+//! ("phone", "tv")`. A condition on a missing attribute, or one of another
+//! type, is false.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Event, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    In,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Condition {
+    name: String,
+    op: Op,
+    values: Vec<Value>,
+}
+
+/// A parsed filter.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Filter {
+    conditions: Vec<Condition>,
+}
+
+impl Filter {
+    /// Parses `cond and cond ...`; errors give the column (1-based).
+    pub fn parse(text: &str) -> Result<Filter, String> {
+        let mut p = Parser { text, pos: 0 };
+        let mut conditions = vec![p.condition()?];
+        loop {
+            p.skip_ws();
+            if p.pos == text.len() {
+                return Ok(Filter { conditions });
+            }
+            p.keyword("and")?;
+            conditions.push(p.condition()?);
+        }
+    }
+
+    pub fn matches(&self, event: &Event) -> bool {
+        self.conditions.iter().all(|c| c.matches(event))
+    }
+}
+
+impl Condition {
+    fn matches(&self, event: &Event) -> bool {
+        let owned;
+        let value = if self.name == "type" {
+            owned = Value::Str(event.event_type.clone());
+            &owned
+        } else {
+            match event.attrs.get(&self.name) {
+                Some(v) => v,
+                None => return false,
+            }
+        };
+        match self.op {
+            Op::In => self.values.iter().any(|v| compare(value, v) == Some(std::cmp::Ordering::Equal)),
+            op => match compare(value, &self.values[0]) {
+                None => op == Op::Ne && same_kind(value, &self.values[0]),
+                Some(ord) => match op {
+                    Op::Eq => ord.is_eq(),
+                    Op::Ne => ord.is_ne(),
+                    Op::Lt => ord.is_lt(),
+                    Op::Le => ord.is_le(),
+                    Op::Gt => ord.is_gt(),
+                    Op::Ge => ord.is_ge(),
+                    Op::In => unreachable!("handled above"),
+                },
+            },
+        }
+    }
+}
+
+fn same_kind(a: &Value, b: &Value) -> bool {
+    std::mem::discriminant(a) == std::mem::discriminant(b)
+}
+
+/// Numbers compare across int/float; strings and bools with their own kind.
+fn compare(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
+    let num = |v: &Value| match v {
+        Value::Int(i) => Some(*i as f64),
+        Value::Float(f) => Some(*f),
+        _ => None,
+    };
+    match (a, b) {
+        (Value::Str(x), Value::Str(y)) => Some(x.cmp(y)),
+        (Value::Bool(x), Value::Bool(y)) => Some(x.cmp(y)),
+        _ => num(a)?.partial_cmp(&num(b)?),
+    }
+}
+
+struct Parser<'a> {
+    text: &'a str,
+    pos: usize,
+}
+
+impl Parser<'_> {
+    fn err<T>(&self, msg: &str) -> Result<T, String> {
+        Err(format!("column {}: {msg}", self.pos + 1))
+    }
+
+    fn rest(&self) -> &str {
+        &self.text[self.pos..]
+    }
+
+    fn skip_ws(&mut self) {
+        let trimmed = self.rest().trim_start();
+        self.pos = self.text.len() - trimmed.len();
+    }
+
+    fn keyword(&mut self, word: &str) -> Result<(), String> {
+        self.skip_ws();
+        let after = self.rest().strip_prefix(word);
+        match after {
+            Some(a) if a.is_empty() || a.starts_with(|c: char| c.is_whitespace() || c == '(') => {
+                self.pos += word.len();
+                Ok(())
+            }
+            _ => self.err(&format!("expected `{word}`")),
+        }
+    }
+
+    fn ident(&mut self) -> Result<String, String> {
+        self.skip_ws();
+        let len =
+            self.rest().find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(self.rest().len());
+        if len == 0 || self.rest().starts_with(|c: char| c.is_ascii_digit()) {
+            return self.err("expected an attribute name or `type`");
+        }
+        let name = self.rest()[..len].to_string();
+        self.pos += len;
+        Ok(name)
+    }
+
+    fn op(&mut self) -> Result<Op, String> {
+        self.skip_ws();
+        for (text, op) in
+            [("==", Op::Eq), ("!=", Op::Ne), ("<=", Op::Le), (">=", Op::Ge), ("<", Op::Lt), (">", Op::Gt)]
+        {
+            if self.rest().starts_with(text) {
+                self.pos += text.len();
+                return Ok(op);
+            }
+        }
+        if self.keyword("in").is_ok() {
+            return Ok(Op::In);
+        }
+        self.err("expected a comparison (==, !=, <, <=, >, >=, in)")
+    }
+
+    fn literal(&mut self) -> Result<Value, String> {
+        self.skip_ws();
+        if let Some(body) = self.rest().strip_prefix('"') {
+            let Some(end) = body.find('"') else { return self.err("unterminated string") };
+            let value = Value::Str(body[..end].to_string());
+            self.pos += end + 2;
+            return Ok(value);
+        }
+        for (word, v) in [("true", true), ("false", false)] {
+            if self.keyword(word).is_ok() {
+                return Ok(Value::Bool(v));
+            }
+        }
+        let rest = self.rest();
+        let len = rest
+            .find(|c: char| !(c.is_ascii_digit() || matches!(c, '-' | '+' | '.' | 'e' | 'E')))
+            .unwrap_or(rest.len());
+        let token = &rest[..len];
+        let value = if let Ok(i) = token.parse::<i64>() {
+            Value::Int(i)
+        } else if let Ok(f) =
+            token.parse::<f64>().map_err(|_| ()).and_then(|f| if f.is_finite() { Ok(f) } else { Err(()) })
+        {
+            Value::Float(f)
+        } else {
+            return self.err("expected a string, number, true or false");
+        };
+        self.pos += len;
+        Ok(value)
+    }
+
+    fn condition(&mut self) -> Result<Condition, String> {
+        let name = self.ident()?;
+        let op = self.op()?;
+        let values = if op == Op::In {
+            self.skip_ws();
+            if !self.rest().starts_with('(') {
+                return self.err("expected `(` after `in`");
+            }
+            self.pos += 1;
+            let mut values = vec![self.literal()?];
+            loop {
+                self.skip_ws();
+                match self.rest().chars().next() {
+                    Some(',') => self.pos += 1,
+                    Some(')') => {
+                        self.pos += 1;
+                        break;
+                    }
+                    _ => return self.err("expected `,` or `)`"),
+                }
+                values.push(self.literal()?);
+            }
+            values
+        } else {
+            vec![self.literal()?]
+        };
+        Ok(Condition { name, op, values })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(event_type: &str, attrs: &[(&str, Value)]) -> Event {
+        Event {
+            user_id: "u".into(),
+            family: "trade".into(),
+            event_type: event_type.into(),
+            time_ms: 1,
+            event_id: String::new(),
+            attrs: attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        }
+    }
+
+    #[test]
+    fn conjunctions_of_comparisons() {
+        let f =
+            Filter::parse(r#"type == "order" and amount >= 400 and category in ("phone", "tv")"#).unwrap();
+        let phone = Value::Str("phone".into());
+        assert!(f.matches(&ev("order", &[("amount", Value::Int(400)), ("category", phone.clone())])));
+        assert!(f.matches(&ev(
+            "order",
+            &[("amount", Value::Float(999.5)), ("category", Value::Str("tv".into()))]
+        )));
+        assert!(!f.matches(&ev("order", &[("amount", Value::Float(399.9)), ("category", phone.clone())])));
+        assert!(!f.matches(&ev("refund", &[("amount", Value::Int(500)), ("category", phone.clone())])));
+        assert!(!f.matches(&ev("order", &[("category", phone)])), "missing attribute is false");
+    }
+
+    #[test]
+    fn type_mismatch_is_false_and_ne_needs_same_kind() {
+        let f = Filter::parse("amount > 10").unwrap();
+        assert!(!f.matches(&ev("x", &[("amount", Value::Str("99".into()))])));
+        let f = Filter::parse(r#"channel != "app""#).unwrap();
+        assert!(f.matches(&ev("x", &[("channel", Value::Str("web".into()))])));
+        assert!(!f.matches(&ev("x", &[("channel", Value::Int(3))])));
+        let f = Filter::parse("vip == true").unwrap();
+        assert!(f.matches(&ev("x", &[("vip", Value::Bool(true))])));
+    }
+
+    #[test]
+    fn parse_errors_have_columns() {
+        assert_eq!(
+            Filter::parse("amount >> 3").unwrap_err(),
+            "column 9: expected a string, number, true or false"
+        );
+        assert_eq!(
+            Filter::parse("amount").unwrap_err(),
+            "column 7: expected a comparison (==, !=, <, <=, >, >=, in)"
+        );
+        assert_eq!(Filter::parse("a == 1 or b == 2").unwrap_err(), "column 8: expected `and`");
+        assert_eq!(Filter::parse(r#"c == "x"#).unwrap_err(), "column 6: unterminated string");
+        assert_eq!(Filter::parse("c in (1, 2").unwrap_err(), "column 11: expected `,` or `)`");
+        assert!(Filter::parse("").is_err());
+    }
+}

@@ -31,6 +31,37 @@ pub enum ApplyError {
     Decode(#[from] bincode::Error),
 }
 
+/// Decoded family records and user states of recently applied users. It is
+/// write-through — after an entry's batch is written it equals what the
+/// database holds — so apply can skip the read and decode of hot users.
+/// Bounded: emptied when it grows past its capacity; cleared when a snapshot
+/// replaces the database.
+pub struct ApplyCache {
+    records: HashMap<Vec<u8>, FamilyRecord>,
+    users: HashMap<String, UserState>,
+    capacity: usize,
+}
+
+impl ApplyCache {
+    pub fn new(capacity: usize) -> ApplyCache {
+        ApplyCache { records: HashMap::new(), users: HashMap::new(), capacity }
+    }
+
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.users.clear();
+    }
+
+    fn trim(&mut self) {
+        if self.records.len() > self.capacity {
+            self.records.clear();
+        }
+        if self.users.len() > self.capacity {
+            self.users.clear();
+        }
+    }
+}
+
 /// A user's engine state while an entry is applied.
 struct Touched {
     state: UserState,
@@ -42,6 +73,7 @@ struct Touched {
 /// Records, user states and dedupe markers touched by one entry.
 struct EntryState<'a> {
     db: &'a DB,
+    cache: &'a mut ApplyCache,
     engine: &'a Engine,
     now_ms: i64,
     records: HashMap<Vec<u8>, FamilyRecord>,
@@ -52,13 +84,14 @@ struct EntryState<'a> {
 /// Applies the write requests of one entry at logical time `now_ms`.
 pub fn apply_write(
     db: &DB,
+    cache: &mut ApplyCache,
     schema: &Schema,
     engine: &Engine,
     now_ms: i64,
     requests: &[Vec<Event>],
     batch: &mut WriteBatch,
 ) -> Result<Vec<WriteOutcome>, ApplyError> {
-    let mut st = EntryState::new(db, engine, now_ms);
+    let mut st = EntryState::new(db, cache, engine, now_ms);
     let mut outcomes = Vec::with_capacity(requests.len());
     for request in requests {
         // Validation happens before any change, so a rejected request leaves
@@ -80,8 +113,14 @@ pub fn apply_write(
 /// Re-evaluates the users whose timers are due at `now_ms` (at most
 /// [`MAX_USERS_PER_TICK`]; the rest stay due for the next tick). Returns how
 /// many users were re-evaluated.
-pub fn apply_tick(db: &DB, engine: &Engine, now_ms: i64, batch: &mut WriteBatch) -> Result<u32, ApplyError> {
-    let mut st = EntryState::new(db, engine, now_ms);
+pub fn apply_tick(
+    db: &DB,
+    cache: &mut ApplyCache,
+    engine: &Engine,
+    now_ms: i64,
+    batch: &mut WriteBatch,
+) -> Result<u32, ApplyError> {
+    let mut st = EntryState::new(db, cache, engine, now_ms);
     let mut due = Vec::new();
     for item in db.iterator_cf(cf(db, CF_TIMERS), IteratorMode::Start) {
         let (key, _) = item?;
@@ -115,9 +154,10 @@ pub fn load_user_state(db: &DB, user_id: &str) -> Result<Option<UserState>, Appl
 }
 
 impl<'a> EntryState<'a> {
-    fn new(db: &'a DB, engine: &'a Engine, now_ms: i64) -> Self {
+    fn new(db: &'a DB, cache: &'a mut ApplyCache, engine: &'a Engine, now_ms: i64) -> Self {
         EntryState {
             db,
+            cache,
             engine,
             now_ms,
             records: HashMap::new(),
@@ -176,9 +216,13 @@ impl<'a> EntryState<'a> {
         match self.records.entry(key) {
             MapEntry::Occupied(o) => Ok(o.into_mut()),
             MapEntry::Vacant(v) => {
-                let mut record = match self.db.get_pinned_cf(cf(self.db, CF_PROFILES), v.key())? {
-                    Some(bytes) => FamilyRecord::decode(&bytes)?,
-                    None => FamilyRecord::default(),
+                let cached = self.cache.records.remove(v.key());
+                let mut record = match cached {
+                    Some(record) => record,
+                    None => match self.db.get_pinned_cf(cf(self.db, CF_PROFILES), v.key())? {
+                        Some(bytes) => FamilyRecord::decode(&bytes)?,
+                        None => FamilyRecord::default(),
+                    },
                 };
                 record.prune(self.now_ms);
                 Ok(v.insert(record))
@@ -191,7 +235,10 @@ impl<'a> EntryState<'a> {
         match self.users.entry(user_id.to_string()) {
             MapEntry::Occupied(o) => Ok(o.into_mut()),
             MapEntry::Vacant(v) => {
-                let state = load_user_state(self.db, user_id)?.unwrap_or_default();
+                let state = match self.cache.users.remove(user_id) {
+                    Some(state) => state,
+                    None => load_user_state(self.db, user_id)?.unwrap_or_default(),
+                };
                 let stored_wake = state.wake_at;
                 Ok(v.insert(Touched { state, dirty: Dirty::new(), stored_wake }))
             }
@@ -204,10 +251,11 @@ impl<'a> EntryState<'a> {
         let profiles = cf(self.db, CF_PROFILES);
         for (key, record) in self.records {
             if record.is_empty() {
-                batch.delete_cf(profiles, key);
+                batch.delete_cf(profiles, &key);
             } else {
-                batch.put_cf(profiles, key, record.encode());
+                batch.put_cf(profiles, &key, record.encode());
             }
+            self.cache.records.insert(key, record);
         }
         let (state_cf, timers) = (cf(self.db, CF_STATE), cf(self.db, CF_TIMERS));
         for (user, mut t) in self.users {
@@ -223,7 +271,9 @@ impl<'a> EntryState<'a> {
                     batch.put_cf(timers, keys::timer(new, &user), []);
                 }
             }
+            self.cache.users.insert(user, t.state);
         }
+        self.cache.trim();
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use rocksdb::{WriteBatch, DB};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use super::apply::{apply_tick, apply_write};
+use super::apply::{apply_tick, apply_write, ApplyCache};
 use super::codec::{decode, encode, read_err, write_err};
 use super::keys::*;
 use super::sm_db::{cf, AppliedState, SmStore};
@@ -26,7 +26,11 @@ use crate::types::{
 pub struct StateMachine {
     store: Arc<SmStore>,
     snapshots: SnapshotBuilder,
+    cache: ApplyCache,
 }
+
+/// Users (and family records) whose decoded state apply keeps in memory.
+const APPLY_CACHE_ENTRIES: usize = 100_000;
 
 /// Builds snapshots; shares the snapshot directory lock with the state
 /// machine so a build never races an install.
@@ -41,11 +45,11 @@ impl StateMachine {
     pub fn new(store: Arc<SmStore>, data_dir: &std::path::Path) -> std::io::Result<StateMachine> {
         let dir = SnapshotDir::new(data_dir)?;
         let snapshots = SnapshotBuilder { store: store.clone(), dir, lock: Arc::new(Mutex::new(())) };
-        Ok(StateMachine { store, snapshots })
+        Ok(StateMachine { store, snapshots, cache: ApplyCache::new(APPLY_CACHE_ENTRIES) })
     }
 
     fn apply_entry(
-        &self,
+        &mut self,
         db: &DB,
         state: &mut AppliedState,
         entry: Entry,
@@ -63,14 +67,21 @@ impl StateMachine {
             EntryPayload::Normal(Command::Write { stamp_ms, requests }) => {
                 state.clock_ms = state.clock_ms.max(stamp_ms);
                 let (schema, engine) = (self.store.schema(), self.store.engine());
-                let outcomes =
-                    apply_write(db, &schema.schema, &engine, state.clock_ms, &requests, &mut batch)
-                        .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
+                let outcomes = apply_write(
+                    db,
+                    &mut self.cache,
+                    &schema.schema,
+                    &engine,
+                    state.clock_ms,
+                    &requests,
+                    &mut batch,
+                )
+                .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
                 CommandResult::Write(outcomes)
             }
             EntryPayload::Normal(Command::Tick { stamp_ms }) => {
                 state.clock_ms = state.clock_ms.max(stamp_ms);
-                let users = apply_tick(db, &self.store.engine(), state.clock_ms, &mut batch)
+                let users = apply_tick(db, &mut self.cache, &self.store.engine(), state.clock_ms, &mut batch)
                     .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
                 CommandResult::Ticked { users }
             }
@@ -158,6 +169,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot.sync_all().await.map_err(write_err)?;
         let file = snapshot.into_std().await;
         let _guard = self.snapshots.lock.lock().await;
+        self.cache.clear();
         let (store, dir, meta) = (self.store.clone(), self.snapshots.dir.clone(), meta.clone());
         tokio::task::spawn_blocking(move || install_blocking(&store, &dir, file, &meta))
             .await

@@ -2,11 +2,11 @@
 //!
 //! Pure: no I/O, no clocks, no randomness, no `HashMap` iteration; depends
 //! only on [`crate::duration`]. The stages, each in its own file:
-//! [`lexer`] (text → tokens) → [`parser`] (tokens → [`ast`]) → [`check`]
-//! (names resolved to slots through the caller's catalog, types checked,
-//! limits enforced) → [`eval`] (slot values and `now` → a [`Val`], plus the
-//! next moment at which passing time could change it; see [`next_change`]).
-//! Built-in functions live in [`functions`]. The language is described for
+//! `lexer` (text → tokens) → `parser` (tokens → `ast`) → `check` (names
+//! resolved to slots through the caller's catalog, types checked, limits
+//! enforced) → `eval` (slot values and `now` → a [`Val`], plus the next
+//! moment at which passing time could change it; see `next_change`).
+//! Built-in functions live in `functions`. The language is described for
 //! users in `docs/tag-language.md`.
 //!
 //! Evaluation never panics: wrong-typed or non-finite slot values count as

@@ -150,7 +150,8 @@ const CMP: &[&str] = &["==", "!=", "<", "<=", ">", ">="];
 /// Boolean conditions over `num`.
 fn condition(num: BoxedStrategy<String>) -> impl Strategy<Value = String> {
     prop_oneof![
-        4 => (num.clone(), prop::sample::select(CMP), num.clone()).prop_map(|(a, op, b)| format!("({a} {op} {b})")),
+        4 => (num.clone(), prop::sample::select(CMP), num.clone())
+            .prop_map(|(a, op, b)| format!("({a} {op} {b})")),
         1 => num.prop_map(|a| format!("({a} in (0, 1d, -5))")),
         1 => Just("vip".to_owned()),
     ]

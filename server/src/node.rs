@@ -72,6 +72,8 @@ pub struct NodeStatus {
     pub purged_index: u64,
     pub members: Vec<MemberStatus>,
     pub schema_version: u64,
+    /// Background re-evaluation after a schema change: (running, users done).
+    pub reevaluation: (bool, u64),
 }
 
 pub struct Node {
@@ -217,6 +219,10 @@ impl Node {
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             members,
             schema_version: self.sm.schema().version,
+            reevaluation: match self.sm.reeval_progress() {
+                Ok(Some(p)) => (true, p.users_done),
+                _ => (false, 0),
+            },
         }
     }
 

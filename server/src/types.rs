@@ -38,6 +38,20 @@ pub enum Command {
     /// Re-evaluate the users whose tags may have changed by `stamp_ms`
     /// with time alone (proposed by the leader when a timer is due).
     Tick { stamp_ms: i64 },
+    /// Background re-evaluation after a schema change: the next `limit`
+    /// users after `after` (in key order), for schema `version`. Ignored if
+    /// the schema has changed since.
+    Reevaluate { stamp_ms: i64, version: u64, after: Option<String>, limit: u32 },
+}
+
+/// Progress of the background re-evaluation after a schema change
+/// (stored in the state machine's meta; absent when none is running).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReevalProgress {
+    pub version: u64,
+    /// The last user re-evaluated; `None` = not started.
+    pub cursor: Option<String>,
+    pub users_done: u64,
 }
 
 /// Result of applying one entry.
@@ -53,6 +67,8 @@ pub enum CommandResult {
     Rejected { reason: String },
     /// A tick re-evaluated this many users.
     Ticked { users: u32 },
+    /// A re-evaluation batch covered this many users.
+    Reevaluated { users: u32 },
 }
 
 /// Outcome of one write request inside a `Command::Write`.

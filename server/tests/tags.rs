@@ -178,3 +178,40 @@ rule = 'not is_null(last_view) and now - last_view > 3s'
     assert_eq!(p.tags["idle"].changed_at_ms, t + 3_001, "changed at the scheduled moment");
     let _ = RuleValue::default();
 }
+
+#[tokio::test]
+async fn a_changed_rule_is_applied_to_existing_users_in_the_background() {
+    let node = TestNode::start().await;
+    let client = node.client().await;
+    let schema = |threshold: u32| {
+        format!(
+            "[families.trade]\nttl = \"730d\"\n[features.spend]\nfamily = \"trade\"\nagg = \"sum\"\nattr = \"amount\"\n\
+             [tags.big]\nrule = 'spend > {threshold}'\n"
+        )
+    };
+    client.apply_schema(schema(100), false).await.unwrap();
+    let t = now_ms();
+    let events: Vec<Event> = (0..1200)
+        .map(|i| event(&format!("u{i}"), "trade", "order", t, "o", &[("amount", Value::int(i))]))
+        .collect();
+    client.write(events).await.unwrap();
+    let big = |p: &Profile| tag(p, "big");
+    assert_eq!(big(&select(&client, "u500", &[], &["big"]).await), Some(Kind::BoolValue(true)));
+
+    client.apply_schema(schema(1000), false).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = client.cluster_status().await.unwrap();
+        if !status.reevaluating {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "re-evaluation did not finish: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (user, expected) in
+        [("u500", false), ("u999", false), ("u1000", false), ("u1001", true), ("u1199", true)]
+    {
+        let p = select(&client, user, &[], &["big"]).await;
+        assert_eq!(big(&p), Some(Kind::BoolValue(expected)), "{user}");
+    }
+}

@@ -24,6 +24,10 @@ fn render(s: &ClusterStatusResponse) -> String {
         s.last_log_index, s.applied_index, s.snapshot_index, s.purged_index
     );
     let _ = writeln!(out, "schema version  {}", s.schema_version);
+    if s.reevaluating {
+        let _ =
+            writeln!(out, "re-evaluating   existing users for the new schema: {} done", s.reevaluated_users);
+    }
     if !s.version.is_empty() {
         let _ = writeln!(out, "server version  {}", s.version);
     }
@@ -64,12 +68,15 @@ mod tests {
             members: vec![member(1, true), member(4, false)],
             schema_version: 7,
             version: "0.1.0".into(),
+            reevaluating: true,
+            reevaluated_users: 1500,
         };
         let expected = "node            1 (Leader)\n\
             leader          1 at http://127.0.0.1:7701\n\
             term            3\n\
             log index       last=9 applied=9 snapshot=5 purged=4\n\
             schema version  7\n\
+            re-evaluating   existing users for the new schema: 1500 done\n\
             server version  0.1.0\n\
             members         2\n\
             \x20   1  http://127.0.0.1:7701  voter    matched=9\n\

@@ -65,6 +65,12 @@ impl Engine {
         self.features.is_empty() && self.tags.is_empty() && self.attrs.is_empty()
     }
 
+    /// Every input slot (features and attributes): settling with these
+    /// re-evaluates every tag.
+    pub fn all_inputs(&self) -> state::Dirty {
+        (0..self.features.len()).chain(self.attr_slot(0)..self.n_slots()).collect()
+    }
+
     fn n_slots(&self) -> usize {
         self.features.len() + self.n_tags + self.attrs.len()
     }

@@ -23,6 +23,7 @@ pub fn start(raft: Raft, sm: Arc<SmStore>, interval: Duration) {
                 ServerState::Leader => {}
                 _ => continue,
             }
+            reevaluate(&raft, &sm).await;
             // Drain: a tick handles a bounded number of users.
             loop {
                 let now = crate::wall_clock_ms();
@@ -45,4 +46,29 @@ pub fn start(raft: Raft, sm: Arc<SmStore>, interval: Duration) {
             }
         }
     });
+}
+
+/// Users per `Reevaluate` entry.
+const REEVAL_BATCH: u32 = 500;
+/// `Reevaluate` entries per ticker round, so ingest keeps its share.
+const REEVAL_ROUNDS: usize = 20;
+
+/// Drives the background re-evaluation after a schema change.
+async fn reevaluate(raft: &Raft, sm: &SmStore) {
+    for _ in 0..REEVAL_ROUNDS {
+        let progress = match sm.reeval_progress() {
+            Ok(Some(p)) => p,
+            Ok(None) => return,
+            Err(e) => return tracing::warn!(error = %e, "reading re-evaluation progress"),
+        };
+        let command = Command::Reevaluate {
+            stamp_ms: crate::wall_clock_ms(),
+            version: progress.version,
+            after: progress.cursor,
+            limit: REEVAL_BATCH,
+        };
+        if let Err(e) = raft.client_write(command).await {
+            return tracing::debug!(error = %e, "re-evaluation batch not committed");
+        }
+    }
 }

@@ -72,6 +72,8 @@ impl Admin for AdminService {
             purged_index: s.purged_index,
             members,
             schema_version: s.schema_version,
+            reevaluating: s.reevaluation.0,
+            reevaluated_users: s.reevaluation.1,
             version: env!("CARGO_PKG_VERSION").into(),
         }))
     }

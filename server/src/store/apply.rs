@@ -137,6 +137,40 @@ pub fn apply_tick(
     Ok(n)
 }
 
+/// Re-evaluates every tag of up to `limit` users after `after` (key order)
+/// in the `state` column family. Returns the last user covered (`None` when
+/// none were left) and how many were covered.
+pub fn apply_reevaluate(
+    db: &DB,
+    cache: &mut ApplyCache,
+    engine: &Engine,
+    now_ms: i64,
+    after: Option<&str>,
+    limit: u32,
+    batch: &mut WriteBatch,
+) -> Result<(Option<String>, u32), ApplyError> {
+    let mut st = EntryState::new(db, cache, engine, now_ms);
+    let start = after.map(|a| a.as_bytes().to_vec()).unwrap_or_default();
+    let mut users = Vec::new();
+    for item in db.iterator_cf(cf(db, CF_STATE), IteratorMode::From(&start, Direction::Forward)) {
+        let (key, _) = item?;
+        if after.is_some_and(|a| a.as_bytes() == &key[..]) {
+            continue;
+        }
+        if users.len() >= limit as usize {
+            break;
+        }
+        users.push(String::from_utf8_lossy(&key).to_string());
+    }
+    let all = engine.all_inputs();
+    for user in &users {
+        st.user(user)?.dirty.clone_from(&all);
+    }
+    let n = users.len() as u32;
+    st.finish(batch)?;
+    Ok((users.pop(), n))
+}
+
 /// The first timer's time, if any (the leader proposes a tick when it is due).
 pub fn first_timer(db: &DB) -> Result<Option<i64>, ApplyError> {
     match db.iterator_cf(cf(db, CF_TIMERS), IteratorMode::Start).next() {

@@ -16,6 +16,7 @@ pub const META_APPLIED: &[u8] = b"applied";
 pub const META_MEMBERSHIP: &[u8] = b"membership";
 pub const META_SCHEMA: &[u8] = b"schema";
 pub const META_CLOCK: &[u8] = b"clock";
+pub const META_REEVAL: &[u8] = b"reeval";
 
 // Log-store column families and keys.
 pub const CF_LOGS: &str = "logs";

@@ -97,6 +97,13 @@ impl SmStore {
         &self.dir
     }
 
+    /// The running background re-evaluation, if any.
+    pub fn reeval_progress(&self) -> Result<Option<crate::types::ReevalProgress>, super::apply::ApplyError> {
+        let db = self.db();
+        let raw = db.get_cf(cf(&db, CF_META), META_REEVAL)?;
+        Ok(raw.map(|b| codec::decode(&b)).transpose()?)
+    }
+
     /// Makes every applied write durable (called before raft purges logs).
     pub fn sync_wal(&self) -> Result<(), rocksdb::Error> {
         self.db().flush_wal(true)
@@ -153,6 +160,10 @@ pub fn open_db(path: &Path, clock: Arc<AtomicI64>) -> Result<DB, rocksdb::Error>
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // One writer (the apply loop): the single-writer memtable insert path
+    // with splice hints is much cheaper than the concurrent one.
+    opts.set_allow_concurrent_memtable_write(false);
+    opts.set_enable_write_thread_adaptive_yield(false);
     let cfs = vec![
         ColumnFamilyDescriptor::new(CF_PROFILES, expiring_cf_options("portrait-profile-ttl", clock.clone())),
         ColumnFamilyDescriptor::new(CF_DEDUPE, expiring_cf_options("portrait-dedupe-ttl", clock)),
@@ -178,6 +189,7 @@ fn expiring_cf_options(filter_name: &'static str, clock: Arc<AtomicI64>) -> Opti
     // walking the skiplist.
     opts.set_memtable_whole_key_filtering(true);
     opts.set_memtable_prefix_bloom_ratio(0.1);
+
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.set_compaction_filter(
         filter_name,

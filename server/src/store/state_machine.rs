@@ -11,7 +11,7 @@ use rocksdb::{WriteBatch, DB};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use super::apply::{apply_tick, apply_write, ApplyCache};
+use super::apply::{apply_reevaluate, apply_tick, apply_write, ApplyCache};
 use super::codec::{decode, encode, read_err, write_err};
 use super::keys::*;
 use super::sm_db::{cf, AppliedState, SmStore};
@@ -19,7 +19,8 @@ use super::snapshot::{pack, unpack, SnapshotDir};
 use crate::engine::check_schema;
 use crate::schema::VersionedSchema;
 use crate::types::{
-    Command, CommandResult, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    Command, CommandResult, Entry, LogId, ReevalProgress, SnapshotMeta, StorageError, StoredMembership,
+    TypeConfig,
 };
 
 /// openraft's handle to the state machine.
@@ -85,12 +86,44 @@ impl StateMachine {
                     .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
                 CommandResult::Ticked { users }
             }
+            EntryPayload::Normal(Command::Reevaluate { stamp_ms, version, after, limit }) => {
+                state.clock_ms = state.clock_ms.max(stamp_ms);
+                let progress = self.store.reeval_progress().map_err(read_err)?;
+                match progress {
+                    Some(p) if p.version == version && p.cursor == after => {
+                        let engine = self.store.engine();
+                        let (last, n) = apply_reevaluate(
+                            db,
+                            &mut self.cache,
+                            &engine,
+                            state.clock_ms,
+                            after.as_deref(),
+                            limit,
+                            &mut batch,
+                        )
+                        .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
+                        if n < limit {
+                            batch.delete_cf(meta, META_REEVAL);
+                        } else {
+                            let next =
+                                ReevalProgress { version, cursor: last, users_done: p.users_done + n as u64 };
+                            batch.put_cf(meta, META_REEVAL, encode(&next));
+                        }
+                        CommandResult::Reevaluated { users: n }
+                    }
+                    // A stale proposal (the schema or the cursor moved on).
+                    _ => CommandResult::Reevaluated { users: 0 },
+                }
+            }
             EntryPayload::Normal(Command::ApplySchema { stamp_ms, toml }) => {
                 state.clock_ms = state.clock_ms.max(stamp_ms);
                 match check_schema(&toml) {
                     Ok((schema, _)) => {
                         let versioned = VersionedSchema { version: log_id.index, schema };
                         batch.put_cf(meta, META_SCHEMA, encode(&versioned));
+                        // Existing users get the new rules in the background.
+                        let progress = ReevalProgress { version: log_id.index, cursor: None, users_done: 0 };
+                        batch.put_cf(meta, META_REEVAL, encode(&progress));
                         self.finish(db, batch, state, log_id)?;
                         self.store.set_schema(versioned);
                         return Ok(CommandResult::SchemaApplied { version: log_id.index });

@@ -2,10 +2,10 @@
 
 use futures::Stream;
 use portrait_proto::v1::{
-    admin_client::AdminClient, ingest_client::IngestClient, profiles_client::ProfilesClient,
+    admin_client::AdminClient, ingest_client::IngestClient, profiles_client::ProfilesClient, AddNodeRequest,
     ApplySchemaRequest, ApplySchemaResponse, BatchGetProfilesRequest, BatchGetProfilesResponse,
     ClusterStatusRequest, ClusterStatusResponse, Consistency, Event, GetProfileRequest, GetProfileResponse,
-    GetSchemaRequest, GetSchemaResponse, WriteRequest, WriteResponse,
+    GetSchemaRequest, GetSchemaResponse, MembershipResponse, RemoveNodeRequest, WriteRequest, WriteResponse,
 };
 use tonic::transport::Channel;
 
@@ -136,6 +136,27 @@ impl PortraitClient {
     /// needed: every node answers, only `UNAVAILABLE` is retried).
     pub async fn cluster_status(&self) -> Result<ClusterStatusResponse, ClientError> {
         unary(&self.router, |ch| async move { admin(ch).cluster_status(ClusterStatusRequest {}).await }).await
+    }
+
+    /// Adds a node (as a learner, then a voter unless `learner`); goes to the leader.
+    pub async fn add_node(
+        &self,
+        node_id: u64,
+        addr: &str,
+        learner: bool,
+    ) -> Result<MembershipResponse, ClientError> {
+        let request = AddNodeRequest { node_id, addr: addr.to_string(), learner };
+        unary(&self.router, |ch| {
+            let request = request.clone();
+            async move { admin(ch).add_node(request).await }
+        })
+        .await
+    }
+
+    /// Removes a node from the cluster; goes to the leader.
+    pub async fn remove_node(&self, node_id: u64) -> Result<MembershipResponse, ClientError> {
+        unary(&self.router, |ch| async move { admin(ch).remove_node(RemoveNodeRequest { node_id }).await })
+            .await
     }
 }
 

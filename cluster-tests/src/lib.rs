@@ -1,1 +1,187 @@
+//! Real multi-process Portrait clusters on loopback, for tests.
+//!
+//! [`Cluster::start`] runs N `portraitd` processes (the release binary of this
+//! workspace, or `$PORTRAITD`) on free 127.0.0.1 ports with their own temp
+//! data dirs; node 1 bootstraps, the others join through `AddNode`. Nodes can
+//! be killed with SIGKILL and restarted on the same dir and port.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use portrait_client::PortraitClient;
+use tempfile::TempDir;
+
+/// The `portraitd` binary under test.
+pub fn portraitd() -> PathBuf {
+    if let Ok(p) = std::env::var("PORTRAITD") {
+        return p.into();
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("release/portraitd");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --release --bins` (make test does)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One `portraitd` process.
+pub struct NodeProc {
+    pub id: u64,
+    pub port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self, bootstrap: bool) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("node.log"))
+            .unwrap();
+        let mut cmd = Command::new(portraitd());
+        cmd.args(["--node-id", &self.id.to_string(), "--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .env_remove("PORTRAIT_CONFIG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if !bootstrap {
+            cmd.arg("--no-bootstrap");
+        }
+        self.child = Some(cmd.spawn().expect("start portraitd"));
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- node {} log ----\n{}", self.id, self.log());
+        }
+        self.kill();
+    }
+}
+
+/// A running cluster.
+pub struct Cluster {
+    pub nodes: Vec<NodeProc>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes and forms one cluster with all of them as voters.
+    pub async fn start(n: u64) -> Cluster {
+        let mut nodes: Vec<NodeProc> = (1..=n)
+            .map(|id| NodeProc { id, port: free_port(), dir: tempfile::tempdir().unwrap(), child: None })
+            .collect();
+        for node in &mut nodes {
+            node.spawn(node.id == 1);
+        }
+        let cluster = Cluster { nodes };
+        for node in &cluster.nodes {
+            cluster.wait_answering(node.id).await;
+        }
+        cluster.wait_leader(&[1]).await;
+        let seed = cluster.client(1).await;
+        for node in &cluster.nodes[1..] {
+            seed.add_node(node.id, &node.endpoint(), false).await.expect("add node");
+        }
+        cluster
+    }
+
+    pub fn node(&self, id: u64) -> &NodeProc {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    pub async fn client(&self, id: u64) -> PortraitClient {
+        PortraitClient::connect(&self.node(id).endpoint()).await.expect("connect")
+    }
+
+    /// SIGKILL node `id`.
+    pub fn kill(&mut self, id: u64) {
+        self.nodes[(id - 1) as usize].kill();
+    }
+
+    /// Restarts node `id` on its data dir and port.
+    pub async fn restart(&mut self, id: u64) {
+        self.nodes[(id - 1) as usize].spawn(false);
+        self.wait_answering(id).await;
+    }
+
+    async fn wait_answering(&self, id: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(c) = PortraitClient::connect(&self.node(id).endpoint()).await {
+                if c.cluster_status().await.is_ok() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "node {id} did not start:\n{}", self.node(id).log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until one of `candidates` reports itself leader; returns its id.
+    pub async fn wait_leader(&self, candidates: &[u64]) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for &id in candidates {
+                if !self.node(id).is_running() {
+                    continue;
+                }
+                if let Ok(c) = PortraitClient::connect(&self.node(id).endpoint()).await {
+                    if let Ok(s) = c.cluster_status().await {
+                        if s.role == "Leader" {
+                            return id;
+                        }
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader among {candidates:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until node `id` has applied at least `index`.
+    pub async fn wait_applied(&self, id: u64, index: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = self.client(id).await;
+        loop {
+            if client.cluster_status().await.is_ok_and(|s| s.applied_index >= index) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node {id} did not apply index {index}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

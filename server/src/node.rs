@@ -269,3 +269,43 @@ fn check_leader_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>
         RaftError::Fatal(f) => Error::Unavailable(format!("raft is not running: {f}")),
     }
 }
+
+/// Membership changes (leader only).
+impl Node {
+    /// Adds `id` as a learner, waits until it has caught up, then (unless
+    /// `learner_only`) promotes it to voter. Returns the last log index.
+    pub async fn add_node(&self, id: NodeId, addr: String, learner_only: bool) -> Result<u64> {
+        if addr.is_empty() {
+            return Err(Error::invalid("addr", "must not be empty"));
+        }
+        if let Err(e) = tonic::transport::Endpoint::from_shared(addr.clone()) {
+            return Err(Error::invalid("addr", format!("not a valid URL ({e}); e.g. http://10.0.0.2:7700")));
+        }
+        let resp =
+            self.raft.add_learner(id, BasicNode::new(&addr), true).await.map_err(client_write_error)?;
+        if learner_only {
+            return Ok(resp.log_id.index);
+        }
+        let voters = openraft::ChangeMembers::AddVoterIds(std::collections::BTreeSet::from([id]));
+        let resp = self.raft.change_membership(voters, false).await.map_err(client_write_error)?;
+        Ok(resp.log_id.index)
+    }
+
+    /// Removes a voter or a learner.
+    pub async fn remove_node(&self, id: NodeId) -> Result<u64> {
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let is_voter = membership.voter_ids().any(|v| v == id);
+        let is_member = membership.nodes().any(|(n, _)| *n == id);
+        if !is_member {
+            return Err(Error::NotFound(format!("node {id} is not a member of the cluster")));
+        }
+        let set = std::collections::BTreeSet::from([id]);
+        let change = if is_voter {
+            openraft::ChangeMembers::RemoveVoters(set)
+        } else {
+            openraft::ChangeMembers::RemoveNodes(set)
+        };
+        let resp = self.raft.change_membership(change, false).await.map_err(client_write_error)?;
+        Ok(resp.log_id.index)
+    }
+}

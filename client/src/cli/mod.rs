@@ -68,6 +68,26 @@ enum Command {
     Schema(SchemaCommand),
     /// Show the answering node's raft and membership state.
     Status,
+    /// Cluster membership: add-node, remove-node, status.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Add a node: as a learner until it has caught up, then as a voter.
+    AddNode {
+        id: u64,
+        /// e.g. http://127.0.0.1:7701
+        addr: String,
+        /// Keep it a learner (it replicates but does not vote).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a node (voter or learner) from the cluster.
+    RemoveNode { id: u64 },
+    /// Same as `portrait status`.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,7 +120,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Schema(SchemaCommand::Apply { file, dry_run }) => {
             schema::apply(endpoint, &file, dry_run).await
         }
-        Command::Status => status::run(&connect(endpoint).await?).await,
+        Command::Status | Command::Cluster(ClusterCommand::Status) => {
+            status::run(&connect(endpoint).await?).await
+        }
+        Command::Cluster(ClusterCommand::AddNode { id, addr, learner }) => {
+            let r = connect(endpoint).await?.add_node(id, &addr, learner).await?;
+            Ok(status::members_text(r.log_index, &r.members))
+        }
+        Command::Cluster(ClusterCommand::RemoveNode { id }) => {
+            let r = connect(endpoint).await?.remove_node(id).await?;
+            Ok(status::members_text(r.log_index, &r.members))
+        }
     }
 }
 

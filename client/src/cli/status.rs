@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use portrait_client::portrait_proto::v1::ClusterStatusResponse;
+use portrait_client::portrait_proto::v1::{ClusterStatusResponse, Member};
 use portrait_client::PortraitClient;
 
 pub async fn run(client: &PortraitClient) -> anyhow::Result<String> {
@@ -32,8 +32,14 @@ fn render(s: &ClusterStatusResponse) -> String {
         let _ = writeln!(out, "server version  {}", s.version);
     }
     let _ = writeln!(out, "members         {}", s.members.len());
-    let width = s.members.iter().map(|m| m.addr.len()).max().unwrap_or(0);
-    for m in &s.members {
+    out.push_str(&member_lines(&s.members));
+    out
+}
+
+fn member_lines(members: &[Member]) -> String {
+    let mut out = String::new();
+    let width = members.iter().map(|m| m.addr.len()).max().unwrap_or(0);
+    for m in members {
         let kind = if m.voter { "voter" } else { "learner" };
         let _ =
             writeln!(out, "  {:>3}  {:<width$}  {kind:<7}  matched={}", m.node_id, m.addr, m.matched_index);
@@ -41,10 +47,17 @@ fn render(s: &ClusterStatusResponse) -> String {
     out
 }
 
+/// The answer of `cluster add-node` / `remove-node`.
+pub fn members_text(log_index: u64, members: &[Member]) -> String {
+    format!(
+        "membership changed at log index {log_index}; members {}\n{}",
+        members.len(),
+        member_lines(members)
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use portrait_client::portrait_proto::v1::Member;
-
     use super::*;
 
     #[test]

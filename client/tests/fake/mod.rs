@@ -100,6 +100,20 @@ impl Admin for Fake {
         Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
     }
 
+    async fn add_node(
+        &self,
+        _: Request<portrait_client::portrait_proto::v1::AddNodeRequest>,
+    ) -> Result<Response<portrait_client::portrait_proto::v1::MembershipResponse>, Status> {
+        Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
+    }
+
+    async fn remove_node(
+        &self,
+        _: Request<portrait_client::portrait_proto::v1::RemoveNodeRequest>,
+    ) -> Result<Response<portrait_client::portrait_proto::v1::MembershipResponse>, Status> {
+        Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
+    }
+
     async fn cluster_status(
         &self,
         _: Request<ClusterStatusRequest>,

@@ -1,4 +1,5 @@
-//! A user's feature and tag state (stored under `user ⟂ #state`) and the
+//! A user's feature and tag state (stored in the `state` column family under
+//! the user id) and the
 //! incremental update: [`Engine::observe`] per event, [`Engine::settle`]
 //! once per touched user per entry, [`Engine::read`] for serving.
 
@@ -134,7 +135,11 @@ impl Engine {
                 (f.name.clone(), value)
             })
             .collect();
-        let tags = if state.wake_at.is_some_and(|w| w <= now) {
+        // Past the wake time, or the schema's tag set changed and the
+        // background re-evaluation has not reached this user yet.
+        let schema_changed = state.tags.len() != self.tags.len()
+            || self.tags.iter().any(|t| !state.tags.contains_key(&t.name));
+        let tags = if schema_changed || state.wake_at.is_some_and(|w| w <= now) {
             let mut fresh = state.clone();
             self.settle(&mut fresh, &Dirty::new(), now);
             fresh.tags

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use portrait_proto::v1::admin_server::Admin;
 use portrait_proto::v1::{
-    ApplySchemaRequest, ApplySchemaResponse, ClusterStatusRequest, ClusterStatusResponse, GetSchemaRequest,
-    GetSchemaResponse, Member,
+    AddNodeRequest, ApplySchemaRequest, ApplySchemaResponse, ClusterStatusRequest, ClusterStatusResponse,
+    GetSchemaRequest, GetSchemaResponse, Member, MembershipResponse, RemoveNodeRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -20,6 +20,14 @@ impl AdminService {
     pub fn new(node: Arc<Node>) -> Self {
         AdminService { node }
     }
+
+    fn members(&self) -> Vec<Member> {
+        self.node.status().members.into_iter().map(member_to_pb).collect()
+    }
+}
+
+fn member_to_pb(m: crate::node::MemberStatus) -> Member {
+    Member { node_id: m.node_id, addr: m.addr, voter: m.voter, matched_index: m.matched_index.unwrap_or(0) }
 }
 
 #[tonic::async_trait]
@@ -43,6 +51,23 @@ impl Admin for AdminService {
             version: applied.version,
             families: families_to_pb(applied.schema.families.iter()),
         }))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<AddNodeRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let req = request.into_inner();
+        let log_index = self.node.add_node(req.node_id, req.addr, req.learner).await?;
+        Ok(Response::new(MembershipResponse { log_index, members: self.members() }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let log_index = self.node.remove_node(request.into_inner().node_id).await?;
+        Ok(Response::new(MembershipResponse { log_index, members: self.members() }))
     }
 
     async fn cluster_status(

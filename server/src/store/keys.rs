@@ -51,8 +51,8 @@ pub fn family_of<'a>(key: &'a [u8], prefix: &[u8]) -> Option<&'a str> {
     key.strip_prefix(prefix).and_then(|f| std::str::from_utf8(f).ok())
 }
 
-/// `wake_at ⟂ user` — a timer: the user's tags may change at `wake_at`.
-/// Times are shifted to unsigned so keys sort in time order.
+/// `wake_at (8 bytes) + user` — a timer: the user's tags may change at
+/// `wake_at`. Times are shifted to unsigned so keys sort in time order.
 pub fn timer(wake_at: i64, user_id: &str) -> Vec<u8> {
     let mut k = ((wake_at as u64) ^ (1 << 63)).to_be_bytes().to_vec();
     k.extend_from_slice(user_id.as_bytes());

@@ -39,6 +39,8 @@ pub struct NodeProc {
     pub port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// portraitd config file contents (`--config`), if any.
+    config: Option<String>,
 }
 
 impl NodeProc {
@@ -63,6 +65,11 @@ impl NodeProc {
             .stderr(log);
         if !bootstrap {
             cmd.arg("--no-bootstrap");
+        }
+        if let Some(config) = &self.config {
+            let path = self.dir.path().join("portraitd.toml");
+            std::fs::write(&path, config).unwrap();
+            cmd.arg("--config").arg(path);
         }
         self.child = Some(cmd.spawn().expect("start portraitd"));
     }
@@ -101,8 +108,19 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` nodes and forms one cluster with all of them as voters.
     pub async fn start(n: u64) -> Cluster {
+        Cluster::start_with_config(n, None).await
+    }
+
+    /// Like [`Cluster::start`], each node with this `portraitd` config file.
+    pub async fn start_with_config(n: u64, config: Option<&str>) -> Cluster {
         let mut nodes: Vec<NodeProc> = (1..=n)
-            .map(|id| NodeProc { id, port: free_port(), dir: tempfile::tempdir().unwrap(), child: None })
+            .map(|id| NodeProc {
+                id,
+                port: free_port(),
+                dir: tempfile::tempdir().unwrap(),
+                child: None,
+                config: config.map(str::to_string),
+            })
             .collect();
         for node in &mut nodes {
             node.spawn(node.id == 1);

@@ -3,7 +3,7 @@
 CARGO ?= cargo
 PROFILE := --release
 
-.PHONY: help setup build run test lint verify bench fmt clean-data
+.PHONY: help setup build run test lint verify bench cluster fmt clean-data
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ verify: lint test ## what CI runs
 bench: setup ## ingest and read benchmarks; prints a table
 	$(CARGO) run $(PROFILE) -p portrait-server --example apply_cost
 	$(CARGO) run $(PROFILE) -p portrait-server --example bench -- $(ARGS)
+
+cluster: build ## start 3 local nodes on 127.0.0.1:7701-7703 (deploy/scripts/local-cluster.sh)
+	./deploy/scripts/local-cluster.sh
 
 fmt: ## format the code
 	$(CARGO) fmt --all

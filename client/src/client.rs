@@ -5,7 +5,8 @@ use portrait_proto::v1::{
     admin_client::AdminClient, ingest_client::IngestClient, profiles_client::ProfilesClient, AddNodeRequest,
     ApplySchemaRequest, ApplySchemaResponse, BatchGetProfilesRequest, BatchGetProfilesResponse,
     ClusterStatusRequest, ClusterStatusResponse, Consistency, Event, GetProfileRequest, GetProfileResponse,
-    GetSchemaRequest, GetSchemaResponse, MembershipResponse, RemoveNodeRequest, WriteRequest, WriteResponse,
+    GetSchemaRequest, GetSchemaResponse, MembershipResponse, RemoveNodeRequest, SetPartitionRequest,
+    TransferLeaderRequest, TransferLeaderResponse, WriteRequest, WriteResponse,
 };
 use tonic::transport::Channel;
 
@@ -151,6 +152,27 @@ impl PortraitClient {
             async move { admin(ch).add_node(request).await }
         })
         .await
+    }
+
+    /// Makes `node_id` the leader (any node forwards to the target).
+    pub async fn transfer_leader(&self, node_id: u64) -> Result<TransferLeaderResponse, ClientError> {
+        unary(
+            &self.router,
+            |ch| async move { admin(ch).transfer_leader(TransferLeaderRequest { node_id }).await },
+        )
+        .await
+    }
+
+    /// Test-only fault injection on the connected node: drop raft messages to
+    /// `blocked_peers` (empty heals).
+    pub async fn set_partition(&self, blocked_peers: Vec<u64>) -> Result<(), ClientError> {
+        let request = SetPartitionRequest { blocked_peers };
+        unary(&self.router, |ch| {
+            let request = request.clone();
+            async move { admin(ch).set_partition(request).await }
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Removes a node from the cluster; goes to the leader.

@@ -58,6 +58,7 @@ impl NodeProc {
         cmd.args(["--node-id", &self.id.to_string(), "--listen", &format!("127.0.0.1:{}", self.port)])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
+            .arg("--fault-injection")
             .env_remove("PORTRAIT_CONFIG")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -148,6 +149,27 @@ impl Cluster {
     /// SIGKILL node `id`.
     pub fn kill(&mut self, id: u64) {
         self.nodes[(id - 1) as usize].kill();
+    }
+
+    /// Cuts raft traffic between the nodes of `a` and those of `b` (both
+    /// directions), through each node's fault-injection filter.
+    pub async fn partition(&self, a: &[u64], b: &[u64]) {
+        for (side, other) in [(a, b), (b, a)] {
+            for &id in side {
+                if self.node(id).is_running() {
+                    self.client(id).await.set_partition(other.to_vec()).await.expect("set partition");
+                }
+            }
+        }
+    }
+
+    /// Removes every partition.
+    pub async fn heal(&self) {
+        for node in &self.nodes {
+            if node.is_running() {
+                self.client(node.id).await.set_partition(Vec::new()).await.expect("heal");
+            }
+        }
     }
 
     /// Restarts node `id` on its data dir and port.

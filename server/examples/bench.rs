@@ -77,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
         advertise: format!("http://{addr}"),
         bootstrap: true,
         tuning: RaftTuning::default(),
+        fault_injection: false,
     })
     .await?;
     anyhow::ensure!(node.wait_for_leader(Duration::from_secs(10)).await, "no leader");

@@ -36,6 +36,9 @@ pub struct Cli {
     /// Do not form a single-node cluster on first start (for nodes that will join a multi-node cluster).
     #[arg(long, env = "PORTRAIT_NO_BOOTSTRAP")]
     pub no_bootstrap: bool,
+    /// Allow Admin.SetPartition to drop raft messages to chosen peers (for tests only).
+    #[arg(long, env = "PORTRAIT_FAULT_INJECTION", hide = true)]
+    pub fault_injection: bool,
     /// Log filter, e.g. `info` or `portrait_server=debug,openraft=warn`.
     #[arg(long, env = "PORTRAIT_LOG")]
     pub log: Option<String>,
@@ -110,6 +113,7 @@ impl Config {
             advertise,
             bootstrap: !cli.no_bootstrap && file.bootstrap.unwrap_or(true),
             tuning,
+            fault_injection: cli.fault_injection,
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
         Ok(Config { listen, log, node })

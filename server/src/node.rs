@@ -31,6 +31,8 @@ pub struct NodeOptions {
     /// Form a one-node cluster if this node has never been initialized.
     pub bootstrap: bool,
     pub tuning: RaftTuning,
+    /// Allow `Admin.SetPartition` (tests only).
+    pub fault_injection: bool,
 }
 
 /// Read freshness, as asked by the caller.
@@ -81,6 +83,8 @@ pub struct Node {
     pub raft: Raft,
     pub sm: Arc<SmStore>,
     batcher: WriteBatcher,
+    /// Fault injection (tests): peers raft messages are not sent to.
+    blocked: Option<crate::raft::network::Blocked>,
 }
 
 impl Node {
@@ -91,7 +95,9 @@ impl Node {
         let log = LogStore::open(&opts.data_dir, Some(sm.clone()))?;
         let state_machine = StateMachine::new(sm.clone(), &opts.data_dir)?;
         let config = Arc::new(opts.tuning.openraft_config()?);
-        let raft = Raft::new(opts.node_id, config, Network, log, state_machine).await?;
+        let network = Network::default();
+        let blocked = opts.fault_injection.then(|| network.blocked.clone());
+        let raft = Raft::new(opts.node_id, config, network, log, state_machine).await?;
         if opts.bootstrap && !raft.is_initialized().await? {
             tracing::info!(node_id = opts.node_id, "bootstrapping a new single-node cluster");
             let members = BTreeMap::from([(opts.node_id, BasicNode::new(&opts.advertise))]);
@@ -103,7 +109,7 @@ impl Node {
             sm.clone(),
             Duration::from_millis(opts.tuning.tick_interval_ms),
         );
-        Ok(Arc::new(Node { id: opts.node_id, raft, sm, batcher }))
+        Ok(Arc::new(Node { id: opts.node_id, raft, sm, batcher, blocked }))
     }
 
     /// Waits until some leader is known (or `timeout` passes).
@@ -307,5 +313,42 @@ impl Node {
         };
         let resp = self.raft.change_membership(change, false).await.map_err(client_write_error)?;
         Ok(resp.log_id.index)
+    }
+}
+
+/// Leadership transfer and fault injection.
+impl Node {
+    /// Makes this node campaign for leadership now (it wins if its log is up
+    /// to date) and waits until some leader is known again.
+    pub async fn campaign(&self) -> Result<NodeId> {
+        self.raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| Error::Unavailable(format!("raft is not running: {e}")))?;
+        let wait = self.raft.wait(Some(Duration::from_secs(10)));
+        let id = self.id;
+        let metrics = wait
+            .metrics(|m| m.current_leader == Some(id) && m.state == ServerState::Leader, "this node leads")
+            .await
+            .map_err(|e| Error::Unavailable(format!("did not become leader: {e}")))?;
+        Ok(metrics.current_leader.unwrap_or(id))
+    }
+
+    /// The address of member `id`, if it is one.
+    pub fn member_addr(&self, id: NodeId) -> Option<String> {
+        let m = self.raft.metrics().borrow().membership_config.membership().clone();
+        m.get_node(&id).map(|n| n.addr.clone())
+    }
+
+    /// Drops raft messages to `peers` from now on (replacing the previous set).
+    pub fn set_partition(&self, peers: Vec<NodeId>) -> Result<()> {
+        let Some(blocked) = &self.blocked else {
+            return Err(Error::FailedPrecondition(
+                "fault injection is off (start portraitd with --fault-injection)".into(),
+            ));
+        };
+        *blocked.write().map_err(|_| Error::Internal("fault set lock".into()))? = peers.into_iter().collect();
+        Ok(())
     }
 }

@@ -124,17 +124,7 @@ impl Engine {
     /// Stored tags are current until the wake time; past it they are
     /// re-evaluated here (the tick that persists them may not have run yet).
     pub fn read(&self, state: &UserState, now: i64) -> (BTreeMap<String, Val>, BTreeMap<String, TagState>) {
-        let features = self
-            .features
-            .iter()
-            .map(|f| {
-                let value = match state.features.get(&f.name) {
-                    Some((fp, st)) if *fp == f.fingerprint => f.value(st, now),
-                    _ => f.value(&FeatureState::default(), now),
-                };
-                (f.name.clone(), value)
-            })
-            .collect();
+        let features = self.features.iter().map(|f| (f.name.clone(), feature_value(f, state, now))).collect();
         // Past the wake time, or the schema's tag set changed and the
         // background re-evaluation has not reached this user yet.
         let schema_changed = state.tags.len() != self.tags.len()
@@ -147,6 +137,15 @@ impl Engine {
             state.tags.clone()
         };
         (features, tags)
+    }
+}
+
+/// A feature's value at `now` from the user's state (empty when the stored
+/// state belongs to an older definition of the feature).
+fn feature_value(f: &super::feature::CompiledFeature, state: &UserState, now: i64) -> Val {
+    match state.features.get(&f.name) {
+        Some((fp, st)) if *fp == f.fingerprint => f.value(st, now),
+        _ => f.value(&FeatureState::default(), now),
     }
 }
 
@@ -177,11 +176,7 @@ impl Slots {
                 continue;
             }
             if s < n_features {
-                let f = &engine.features[s];
-                let value = match state.features.get(&f.name) {
-                    Some((fp, st)) if *fp == f.fingerprint => f.value(st, self.now),
-                    _ => f.value(&FeatureState::default(), self.now),
-                };
+                let value = feature_value(&engine.features[s], state, self.now);
                 self.set(s, value);
             } else if s >= attrs_from {
                 let a = &engine.attrs[s - attrs_from];

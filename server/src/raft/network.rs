@@ -8,6 +8,9 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+
 use openraft::BasicNode;
 use portrait_proto::v1::raft_client::RaftClient;
 use portrait_proto::v1::RaftPayload;
@@ -18,15 +21,21 @@ use crate::limits::MAX_MESSAGE_BYTES;
 use crate::store::codec::{decode, encode};
 use crate::types::{NodeId, TypeConfig};
 
+/// Peers this node must not send raft messages to: fault injection for
+/// partition tests (only settable when `portraitd --fault-injection`).
+pub type Blocked = Arc<RwLock<BTreeSet<NodeId>>>;
+
 /// Creates a [`Peer`] per target node.
 #[derive(Clone, Default)]
-pub struct Network;
+pub struct Network {
+    pub blocked: Blocked,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
-        Peer { target, addr: node.addr.clone(), client: None }
+        Peer { target, addr: node.addr.clone(), client: None, blocked: self.blocked.clone() }
     }
 }
 
@@ -35,6 +44,7 @@ pub struct Peer {
     target: NodeId,
     addr: String,
     client: Option<RaftClient<Channel>>,
+    blocked: Blocked,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -69,6 +79,13 @@ impl Peer {
         F: FnOnce(RaftClient<Channel>, tonic::Request<RaftPayload>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
     {
+        if self.blocked.read().map(|b| b.contains(&self.target)).unwrap_or(false) {
+            let e = std::io::Error::other(format!(
+                "fault injection: messages to node {} are dropped",
+                self.target
+            ));
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        }
         let client = self.client()?;
         let mut request = tonic::Request::new(RaftPayload { data: encode(req) });
         request.set_timeout(option.hard_ttl());

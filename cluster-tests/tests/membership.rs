@@ -1,0 +1,100 @@
+//! Leadership transfer, node removal, and a minority partition, on real
+//! `portraitd` processes (partitions through the raft transport's fault
+//! injection filter; no root needed).
+
+use std::time::Duration;
+
+use portrait_client::{ClientError, Consistency, Event, PortraitClient, Value};
+use portrait_cluster_tests::Cluster;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+fn view(user: &str, id: &str) -> Event {
+    Event {
+        user_id: user.into(),
+        family: "browse".into(),
+        r#type: "view".into(),
+        event_time_ms: now_ms(),
+        event_id: id.into(),
+        attrs: [("category".to_string(), Value::string("phone"))].into(),
+    }
+}
+
+async fn history_ids(client: &PortraitClient, user: &str) -> Vec<String> {
+    let Ok(r) = client.get_profile(user, &["browse".into()], Consistency::Local).await else {
+        return Vec::new();
+    };
+    let p = r.profile.unwrap_or_default();
+    let mut ids: Vec<String> = p
+        .families
+        .get("browse")
+        .map(|f| f.history.iter().map(|h| h.event_id.clone()).collect())
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn leadership_moves_on_request_and_writes_continue() {
+    let cluster = Cluster::start(3).await;
+    let leader = cluster.wait_leader(&[1, 2, 3]).await;
+    let target = if leader == 3 { 2 } else { 3 };
+    // Ask a node that is neither: it forwards to the target.
+    let other = (1..=3).find(|&id| id != leader && id != target).unwrap();
+    let r = cluster.client(other).await.transfer_leader(target).await.unwrap();
+    assert_eq!(r.leader_id, target);
+    assert_eq!(cluster.wait_leader(&[1, 2, 3]).await, target);
+    let w = cluster.client(leader).await.write(vec![view("u1", "after-transfer")]).await.unwrap();
+    assert_eq!(w.applied, 1);
+    cluster.wait_applied(leader, w.log_index).await;
+    assert_eq!(history_ids(&cluster.client(leader).await, "u1").await, ["after-transfer"]);
+}
+
+#[tokio::test]
+async fn a_removed_node_leaves_the_membership() {
+    let cluster = Cluster::start(3).await;
+    let client = cluster.client(1).await;
+    let r = client.remove_node(3).await.unwrap();
+    assert_eq!(r.members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [1, 2]);
+    let w = client.write(vec![view("u1", "two-voters")]).await.unwrap();
+    assert_eq!(w.applied, 1, "a 2-voter cluster still commits");
+    match client.remove_node(7).await {
+        Err(e @ ClientError::Rpc(_)) => {
+            assert_eq!(e.code().map(portrait_client::code_name), Some("NOT_FOUND"))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_isolated_minority_cannot_acknowledge_and_converges_after_heal() {
+    let cluster = Cluster::start(3).await;
+    let leader = cluster.wait_leader(&[1, 2, 3]).await;
+    let majority: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    // Isolate the current leader: it is the minority.
+    cluster.partition(&[leader], &majority).await;
+    let new_leader = cluster.wait_leader(&majority).await;
+
+    // The isolated node cannot commit: its write fails (or times out), never acks.
+    let isolated = cluster.client(leader).await;
+    let attempt =
+        tokio::time::timeout(Duration::from_secs(4), isolated.write(vec![view("u9", "minority")])).await;
+    assert!(!matches!(attempt, Ok(Ok(_))), "a minority acknowledged a write: {attempt:?}");
+
+    // The majority keeps serving writes.
+    let w = cluster.client(new_leader).await.write(vec![view("u9", "majority")]).await.unwrap();
+    assert_eq!(w.applied, 1);
+
+    cluster.heal().await;
+    cluster.wait_applied(leader, w.log_index).await;
+    for id in 1..=3 {
+        let ids = history_ids(&cluster.client(id).await, "u9").await;
+        assert!(ids.contains(&"majority".to_string()), "node {id}: {ids:?}");
+        // If the minority's write was ever committed later it would be on every
+        // node; it must be all or none, never split.
+        let everywhere = history_ids(&cluster.client(new_leader).await, "u9").await;
+        assert_eq!(ids, everywhere, "node {id} differs from the leader");
+    }
+}

@@ -5,6 +5,8 @@
 //! data dirs; node 1 bootstraps, the others join through `AddNode`. Nodes can
 //! be killed with SIGKILL and restarted on the same dir and port.
 
+pub mod linearizability;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -149,6 +151,19 @@ impl Cluster {
     /// SIGKILL node `id`.
     pub fn kill(&mut self, id: u64) {
         self.nodes[(id - 1) as usize].kill();
+    }
+
+    /// Starts one more process (not yet a member; add it with `AddNode`).
+    /// Returns its id.
+    pub async fn spawn_node(&mut self) -> u64 {
+        let id = self.nodes.len() as u64 + 1;
+        let config = self.nodes[0].config.clone();
+        let mut node =
+            NodeProc { id, port: free_port(), dir: tempfile::tempdir().unwrap(), child: None, config };
+        node.spawn(false);
+        self.nodes.push(node);
+        self.wait_answering(id).await;
+        id
     }
 
     /// Cuts raft traffic between the nodes of `a` and those of `b` (both

@@ -29,6 +29,8 @@ verify: lint test ## what CI runs
 bench: setup ## ingest and read benchmarks; prints a table
 	$(CARGO) run $(PROFILE) -p portrait-server --example apply_cost
 	$(CARGO) run $(PROFILE) -p portrait-server --example bench -- $(ARGS)
+	$(CARGO) build $(PROFILE) --workspace --bins
+	$(CARGO) run $(PROFILE) -p portrait-cluster-tests --example cluster_bench
 
 cluster: build ## start 3 local nodes on 127.0.0.1:7701-7703 (deploy/scripts/local-cluster.sh)
 	./deploy/scripts/local-cluster.sh

@@ -6,7 +6,7 @@ use portrait_proto::v1::{
     ApplySchemaRequest, ApplySchemaResponse, BatchGetProfilesRequest, BatchGetProfilesResponse,
     ClusterStatusRequest, ClusterStatusResponse, Consistency, Event, GetProfileRequest, GetProfileResponse,
     GetSchemaRequest, GetSchemaResponse, MembershipResponse, RemoveNodeRequest, SetPartitionRequest,
-    TransferLeaderRequest, TransferLeaderResponse, WriteRequest, WriteResponse,
+    WriteRequest, WriteResponse,
 };
 use tonic::transport::Channel;
 
@@ -151,15 +151,6 @@ impl PortraitClient {
             let request = request.clone();
             async move { admin(ch).add_node(request).await }
         })
-        .await
-    }
-
-    /// Makes `node_id` the leader (any node forwards to the target).
-    pub async fn transfer_leader(&self, node_id: u64) -> Result<TransferLeaderResponse, ClientError> {
-        unary(
-            &self.router,
-            |ch| async move { admin(ch).transfer_leader(TransferLeaderRequest { node_id }).await },
-        )
         .await
     }
 

@@ -112,11 +112,17 @@ async fn main() {
     let follower_id = (1..=3).find(|&id| id != leader_id).unwrap();
     let leader = cluster.node(leader_id).endpoint();
     println!("3-node cluster on loopback (one 2-core machine), demo schema, {EVENTS} events per scenario, batch {BATCH}");
-    println!("| {:<34} | {:>7} | {:>10} | {:>9} | {:>9} |", "scenario", "clients", "events/s", "p50 ms", "p99 ms");
+    println!(
+        "| {:<34} | {:>7} | {:>10} | {:>9} | {:>9} |",
+        "scenario", "clients", "events/s", "p50 ms", "p99 ms"
+    );
     println!("|{:-<36}|{:-<9}|{:-<12}|{:-<11}|{:-<11}|", "", "", "", "", "");
     for (run, clients) in [1usize, 32].into_iter().enumerate() {
         let (eps, p50, p99) = ingest(&leader, clients, run).await;
-        println!("| {:<34} | {:>7} | {:>10.0} | {:>9.3} | {:>9.3} |", "Write via leader (batch 100)", clients, eps, p50, p99);
+        println!(
+            "| {:<34} | {:>7} | {:>10.0} | {:>9.3} | {:>9.3} |",
+            "Write via leader (batch 100)", clients, eps, p50, p99
+        );
     }
     let (l, f) = (cluster.client(leader_id).await, cluster.client(follower_id).await);
     let mut lat = Vec::new();
@@ -124,5 +130,8 @@ async fn main() {
         lat.push(tag_visible(&l, &f, i).await);
     }
     let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
-    println!("| {:<34} | {:>7} | {:>10} | {:>9.3} | {:>9.3} |", "event -> tag visible on a follower", 1, "-", p50, p99);
+    println!(
+        "| {:<34} | {:>7} | {:>10} | {:>9.3} | {:>9.3} |",
+        "event -> tag visible on a follower", 1, "-", p50, p99
+    );
 }

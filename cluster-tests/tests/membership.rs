@@ -1,4 +1,4 @@
-//! Leadership transfer, node removal, and a minority partition, on real
+//! Node removal and a minority partition, on real
 //! `portraitd` processes (partitions through the raft transport's fault
 //! injection filter; no root needed).
 
@@ -37,22 +37,6 @@ async fn history_ids(client: &PortraitClient, user: &str) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn leadership_moves_on_request_and_writes_continue() {
-    let cluster = Cluster::start(3).await;
-    let leader = cluster.wait_leader(&[1, 2, 3]).await;
-    let target = if leader == 3 { 2 } else { 3 };
-    // Ask a node that is neither: it forwards to the target.
-    let other = (1..=3).find(|&id| id != leader && id != target).unwrap();
-    let r = cluster.client(other).await.transfer_leader(target).await.unwrap();
-    assert_eq!(r.leader_id, target);
-    assert_eq!(cluster.wait_leader(&[1, 2, 3]).await, target);
-    let w = cluster.client(leader).await.write(vec![view("u1", "after-transfer")]).await.unwrap();
-    assert_eq!(w.applied, 1);
-    cluster.wait_applied(leader, w.log_index).await;
-    assert_eq!(history_ids(&cluster.client(leader).await, "u1").await, ["after-transfer"]);
-}
-
-#[tokio::test]
 async fn a_removed_node_leaves_the_membership() {
     let cluster = Cluster::start(3).await;
     let client = cluster.client(1).await;
@@ -77,11 +61,15 @@ async fn an_isolated_minority_cannot_acknowledge_and_converges_after_heal() {
     cluster.partition(&[leader], &majority).await;
     let new_leader = cluster.wait_leader(&majority).await;
 
-    // The isolated node cannot commit: its write fails (or times out), never acks.
+    // The isolated node cannot commit: its write fails with a retryable
+    // UNAVAILABLE (after the 5 s write timeout), never acks, never hangs.
     let isolated = cluster.client(leader).await;
     let attempt =
-        tokio::time::timeout(Duration::from_secs(4), isolated.write(vec![view("u9", "minority")])).await;
-    assert!(!matches!(attempt, Ok(Ok(_))), "a minority acknowledged a write: {attempt:?}");
+        tokio::time::timeout(Duration::from_secs(15), isolated.write(vec![view("u9", "minority")])).await;
+    match attempt {
+        Ok(Err(e)) => assert_eq!(e.code().map(portrait_client::code_name), Some("UNAVAILABLE"), "{e}"),
+        other => panic!("a minority write must fail with UNAVAILABLE, got {other:?}"),
+    }
 
     // The majority keeps serving writes.
     let w = cluster.client(new_leader).await.write(vec![view("u9", "majority")]).await.unwrap();

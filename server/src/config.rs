@@ -66,6 +66,7 @@ struct FileRaft {
     snapshot_every_entries: Option<u64>,
     keep_logs_after_snapshot: Option<u64>,
     tick_interval_ms: Option<u64>,
+    write_timeout_ms: Option<u64>,
 }
 
 /// The resolved configuration.
@@ -106,6 +107,7 @@ impl Config {
                 .keep_logs_after_snapshot
                 .unwrap_or(d.keep_logs_after_snapshot),
             tick_interval_ms: file.raft.tick_interval_ms.unwrap_or(d.tick_interval_ms).max(10),
+            write_timeout_ms: file.raft.write_timeout_ms.unwrap_or(d.write_timeout_ms).max(100),
         };
         let node = NodeOptions {
             node_id: cli.node_id.or(file.node_id).unwrap_or(1),

@@ -85,6 +85,7 @@ pub struct Node {
     batcher: WriteBatcher,
     /// Fault injection (tests): peers raft messages are not sent to.
     blocked: Option<crate::raft::network::Blocked>,
+    write_timeout: Duration,
 }
 
 impl Node {
@@ -109,7 +110,8 @@ impl Node {
             sm.clone(),
             Duration::from_millis(opts.tuning.tick_interval_ms),
         );
-        Ok(Arc::new(Node { id: opts.node_id, raft, sm, batcher, blocked }))
+        let write_timeout = Duration::from_millis(opts.tuning.write_timeout_ms);
+        Ok(Arc::new(Node { id: opts.node_id, raft, sm, batcher, blocked, write_timeout }))
     }
 
     /// Waits until some leader is known (or `timeout` passes).
@@ -122,7 +124,15 @@ impl Node {
     pub async fn write(&self, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
         let schema = self.sm.schema();
         validate_request(&events, &schema.schema, Some(crate::wall_clock_ms()))?;
-        self.batcher.write(events).await
+        // Never hang: a leader cut off from its quorum cannot commit.
+        match tokio::time::timeout(self.write_timeout, self.batcher.write(events)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Unavailable(format!(
+                "not committed within {} ms (no quorum reachable?); the outcome is unknown: retry with the \
+                 same event_ids, duplicates are skipped",
+                self.write_timeout.as_millis()
+            ))),
+        }
     }
 
     /// Reads profiles as of now; linearizable reads first confirm leadership.
@@ -316,31 +326,8 @@ impl Node {
     }
 }
 
-/// Leadership transfer and fault injection.
+/// Fault injection (tests).
 impl Node {
-    /// Makes this node campaign for leadership now (it wins if its log is up
-    /// to date) and waits until some leader is known again.
-    pub async fn campaign(&self) -> Result<NodeId> {
-        self.raft
-            .trigger()
-            .elect()
-            .await
-            .map_err(|e| Error::Unavailable(format!("raft is not running: {e}")))?;
-        let wait = self.raft.wait(Some(Duration::from_secs(10)));
-        let id = self.id;
-        let metrics = wait
-            .metrics(|m| m.current_leader == Some(id) && m.state == ServerState::Leader, "this node leads")
-            .await
-            .map_err(|e| Error::Unavailable(format!("did not become leader: {e}")))?;
-        Ok(metrics.current_leader.unwrap_or(id))
-    }
-
-    /// The address of member `id`, if it is one.
-    pub fn member_addr(&self, id: NodeId) -> Option<String> {
-        let m = self.raft.metrics().borrow().membership_config.membership().clone();
-        m.get_node(&id).map(|n| n.addr.clone())
-    }
-
     /// Drops raft messages to `peers` from now on (replacing the previous set).
     pub fn set_partition(&self, peers: Vec<NodeId>) -> Result<()> {
         let Some(blocked) = &self.blocked else {

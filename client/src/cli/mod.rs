@@ -86,8 +86,6 @@ enum ClusterCommand {
     },
     /// Remove a node (voter or learner) from the cluster.
     RemoveNode { id: u64 },
-    /// Make node ID the leader.
-    TransferLeader { id: u64 },
     /// Same as `portrait status`.
     Status,
 }
@@ -128,10 +126,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Cluster(ClusterCommand::AddNode { id, addr, learner }) => {
             let r = connect(endpoint).await?.add_node(id, &addr, learner).await?;
             Ok(status::members_text(r.log_index, &r.members))
-        }
-        Command::Cluster(ClusterCommand::TransferLeader { id }) => {
-            let r = connect(endpoint).await?.transfer_leader(id).await?;
-            Ok(format!("leader is now node {}\n", r.leader_id))
         }
         Command::Cluster(ClusterCommand::RemoveNode { id }) => {
             let r = connect(endpoint).await?.remove_node(id).await?;

@@ -24,6 +24,8 @@ pub struct RaftTuning {
     pub keep_logs_after_snapshot: u64,
     /// How often the leader checks for due timers (time-driven tags).
     pub tick_interval_ms: u64,
+    /// A write not committed within this time fails with UNAVAILABLE.
+    pub write_timeout_ms: u64,
 }
 
 impl Default for RaftTuning {
@@ -35,6 +37,7 @@ impl Default for RaftTuning {
             snapshot_every_entries: 20_000,
             keep_logs_after_snapshot: 2_000,
             tick_interval_ms: 1_000,
+            write_timeout_ms: 5_000,
         }
     }
 }

@@ -6,7 +6,7 @@ use portrait_proto::v1::admin_server::Admin;
 use portrait_proto::v1::{
     AddNodeRequest, ApplySchemaRequest, ApplySchemaResponse, ClusterStatusRequest, ClusterStatusResponse,
     GetSchemaRequest, GetSchemaResponse, Member, MembershipResponse, RemoveNodeRequest, SetPartitionRequest,
-    SetPartitionResponse, TransferLeaderRequest, TransferLeaderResponse,
+    SetPartitionResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -69,27 +69,6 @@ impl Admin for AdminService {
     ) -> Result<Response<MembershipResponse>, Status> {
         let log_index = self.node.remove_node(request.into_inner().node_id).await?;
         Ok(Response::new(MembershipResponse { log_index, members: self.members() }))
-    }
-
-    async fn transfer_leader(
-        &self,
-        request: Request<TransferLeaderRequest>,
-    ) -> Result<Response<TransferLeaderResponse>, Status> {
-        let target = request.into_inner().node_id;
-        if target == self.node.id {
-            let leader_id = self.node.campaign().await?;
-            return Ok(Response::new(TransferLeaderResponse { leader_id }));
-        }
-        let Some(addr) = self.node.member_addr(target) else {
-            return Err(crate::error::Error::NotFound(format!(
-                "node {target} is not a member of the cluster"
-            ))
-            .into());
-        };
-        let mut client = portrait_proto::v1::admin_client::AdminClient::connect(addr.clone())
-            .await
-            .map_err(|e| Status::unavailable(format!("cannot reach node {target} at {addr}: {e}")))?;
-        client.transfer_leader(TransferLeaderRequest { node_id: target }).await
     }
 
     async fn set_partition(

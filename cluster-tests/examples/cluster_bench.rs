@@ -22,7 +22,7 @@ fn now_ms() -> i64 {
 
 fn event(seq: usize, run: usize) -> Event {
     let cats = ["phone", "laptop", "tv", "shoes", "books", "toys", "food", "beauty"];
-    let family = if seq % 10 == 0 { "trade" } else { "browse" };
+    let family = if seq.is_multiple_of(10) { "trade" } else { "browse" };
     Event {
         user_id: format!("user-{}", (seq * 7919) % USERS),
         family: family.into(),

@@ -120,3 +120,38 @@ async fn all_nodes_killed_and_restarted_keep_every_acknowledged_write_and_tag() 
         assert_eq!(served(&cluster.client(id).await).await, acked, "node {id}");
     }
 }
+
+#[tokio::test]
+async fn no_acknowledged_write_is_lost_when_the_leader_is_killed_under_load() {
+    let mut cluster = Cluster::start(3).await;
+    let leader = cluster.wait_leader(&[1, 2, 3]).await;
+    let survivors: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let stop = Arc::new(Mutex::new(false));
+    let endpoints = survivors.iter().map(|&id| cluster.node(id).endpoint()).collect();
+    let load = tokio::spawn(workload(endpoints, acked.clone(), stop.clone()));
+
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let before_kill = acked.lock().unwrap().len();
+    cluster.kill(leader);
+    let new_leader = cluster.wait_leader(&survivors).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    *stop.lock().unwrap() = true;
+    let last = load.await.unwrap();
+
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        before_kill > 0 && acked.len() > before_kill,
+        "writes before ({before_kill}) and after ({}) the kill",
+        acked.len()
+    );
+    for &id in &survivors {
+        cluster.wait_applied(id, last).await;
+        let served = served(&cluster.client(id).await).await;
+        let missing: Vec<_> = acked.difference(&served).collect();
+        assert!(
+            missing.is_empty(),
+            "node {id} (leader now: {new_leader}) lost acknowledged writes: {missing:?}"
+        );
+    }
+}

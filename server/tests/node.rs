@@ -566,7 +566,16 @@ async fn a_custom_family_can_be_applied_and_written() {
 #[tokio::test]
 async fn cluster_status_shows_one_voting_leader() {
     let node = TestNode::start().await;
-    let status = node.client().await.cluster_status().await.unwrap();
+    let client = node.client().await;
+    // A new leader applies its first entries just after it is elected.
+    let mut status = client.cluster_status().await.unwrap();
+    for _ in 0..50 {
+        if status.applied_index >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = client.cluster_status().await.unwrap();
+    }
     assert_eq!(status.node_id, 1);
     assert_eq!(status.role, "Leader");
     assert_eq!(status.leader_id, 1);

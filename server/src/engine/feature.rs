@@ -148,13 +148,83 @@ impl CompiledFeature {
             };
         }
         let first_live = self.first_live(now);
-        let mut live = state.buckets.iter().filter(|(b, _)| *b >= first_live).map(|(_, acc)| acc);
-        let Some(first) = live.next() else { return self.empty() };
-        let mut total = first.clone();
-        for acc in live {
-            merge(&mut total, acc.clone());
+        let live: Vec<&Acc> =
+            state.buckets.iter().filter(|(b, _)| *b >= first_live).map(|(_, acc)| acc).collect();
+        if live.is_empty() {
+            return self.empty();
         }
-        self.finish(total)
+        self.fold(&live)
+    }
+
+    /// Combines live buckets by reference (reads clone only the result).
+    fn fold(&self, live: &[&Acc]) -> Val {
+        let nums = |f: fn(&Acc) -> Option<f64>| live.iter().filter_map(move |a| f(a));
+        match live[0] {
+            Acc::Count(_) => {
+                Val::Num(nums(|a| if let Acc::Count(n) = a { Some(*n as f64) } else { None }).sum())
+            }
+            Acc::Sum { .. } => {
+                let (mut sum, mut count) = (0.0, 0u64);
+                for a in live {
+                    if let Acc::Sum { sum: s, count: c } = a {
+                        sum += s;
+                        count += c;
+                    }
+                }
+                finite(if self.spec.agg == Aggregation::Avg { sum / count as f64 } else { sum })
+            }
+            Acc::Min(_) => finite(
+                nums(|a| if let Acc::Min(x) = a { Some(*x) } else { None }).fold(f64::INFINITY, f64::min),
+            ),
+            Acc::Max(_) => finite(
+                nums(|a| if let Acc::Max(x) = a { Some(*x) } else { None }).fold(f64::NEG_INFINITY, f64::max),
+            ),
+            Acc::First(_) => Val::Num(
+                nums(|a| if let Acc::First(t) = a { Some(*t as f64) } else { None })
+                    .fold(f64::INFINITY, f64::min),
+            ),
+            Acc::Last(_) => Val::Num(
+                nums(|a| if let Acc::Last(t) = a { Some(*t as f64) } else { None })
+                    .fold(f64::NEG_INFINITY, f64::max),
+            ),
+            Acc::Distinct(_) => {
+                let mut set: BTreeSet<&str> = BTreeSet::new();
+                for v in live
+                    .iter()
+                    .filter_map(|a| if let Acc::Distinct(s) = a { Some(s) } else { None })
+                    .flatten()
+                {
+                    if set.len() < MAX_DISTINCT_PER_BUCKET || set.contains(v.as_str()) {
+                        set.insert(v);
+                    }
+                }
+                Val::Num(set.len() as f64)
+            }
+            Acc::Counts(_) => {
+                let mut map: BTreeMap<&str, u64> = BTreeMap::new();
+                for (k, n) in
+                    live.iter().filter_map(|a| if let Acc::Counts(m) = a { Some(m) } else { None }).flatten()
+                {
+                    if map.len() < MAX_DISTINCT_PER_BUCKET || map.contains_key(k.as_str()) {
+                        *map.entry(k).or_insert(0) += n;
+                    }
+                }
+                Val::Map(map.into_iter().map(|(k, n)| (k.to_string(), n as f64)).collect())
+            }
+            Acc::LastValue { .. } => {
+                // Later event time wins; on a tie, the later bucket.
+                let mut best: Option<(i64, &Value)> = None;
+                for a in live {
+                    if let Acc::LastValue { time, value } = a {
+                        if best.is_none_or(|(t, _)| *time >= t) {
+                            best = Some((*time, value));
+                        }
+                    }
+                }
+                best.map_or(Val::Null, |(_, v)| typed(v, self.spec.value_type))
+            }
+            Acc::Times(t) => Val::Num(t.len() as f64),
+        }
     }
 
     /// When the value can next change without a new event: the moment the
@@ -173,20 +243,6 @@ impl CompiledFeature {
             Aggregation::Count | Aggregation::Sum | Aggregation::DistinctCount => Val::Num(0.0),
             Aggregation::TopK => Val::Map(BTreeMap::new()),
             _ => Val::Null,
-        }
-    }
-
-    fn finish(&self, acc: Acc) -> Val {
-        match (self.spec.agg, acc) {
-            (_, Acc::Count(n)) => Val::Num(n as f64),
-            (Aggregation::Avg, Acc::Sum { sum, count }) => finite(sum / count as f64),
-            (_, Acc::Sum { sum, .. }) => finite(sum),
-            (_, Acc::Min(x) | Acc::Max(x)) => finite(x),
-            (_, Acc::Distinct(set)) => Val::Num(set.len() as f64),
-            (_, Acc::First(t) | Acc::Last(t)) => Val::Num(t as f64),
-            (_, Acc::LastValue { value, .. }) => typed(&value, self.spec.value_type),
-            (_, Acc::Counts(map)) => Val::Map(map.into_iter().map(|(k, n)| (k, n as f64)).collect()),
-            (_, Acc::Times(t)) => Val::Num(t.len() as f64),
         }
     }
 }

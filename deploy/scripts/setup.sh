@@ -4,7 +4,11 @@
 set -euo pipefail
 
 need=()
-if ! compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null && ! compgen -G "/usr/lib/*/libclang*.so*" >/dev/null; then
+# bindgen needs libclang itself and clang's headers (libclang-dev brings both);
+# the base image's libclang-cpp is not enough.
+if command -v dpkg >/dev/null; then
+  dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
+elif ! compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null; then
   need+=(libclang-dev)
 fi
 command -v c++ >/dev/null || need+=(g++)

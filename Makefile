@@ -1,5 +1,6 @@
 # Portrait task runner. Everything builds in the release profile, so the
 # bundled RocksDB is compiled once for binaries, tests, lints and benches.
+SHELL := /bin/bash
 CARGO ?= cargo
 PROFILE := --release
 
@@ -17,8 +18,13 @@ build: setup ## build portraitd and the portrait CLI
 run: build ## start a single node on ./data, 127.0.0.1:7700, default schema
 	./target/release/portraitd $(ARGS)
 
+# Ends with one line "N passed, N failed" summed over every test binary
+# (cargo's own last line is often a doc-test binary with 0 tests).
 test: setup ## run every test (unit, integration, cluster)
-	$(CARGO) test $(PROFILE) --workspace
+	@log=$$(mktemp); set -o pipefail; \
+	$(CARGO) test $(PROFILE) --workspace 2>&1 | tee "$$log"; status=$$?; \
+	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' "$$log"; \
+	rm -f "$$log"; exit $$status
 
 lint: setup ## rustfmt check and clippy -D warnings
 	$(CARGO) fmt --all --check

@@ -3,7 +3,7 @@
 //! `x-portrait-error` metadata key.
 
 /// An error a Portrait call can end with.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// Bad input; `field` is a path such as `events[3].attrs.price`.
     #[error("{field}: {reason}")]

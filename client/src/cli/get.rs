@@ -67,30 +67,30 @@ fn to_text(user: &str, response: &GetProfileResponse) -> String {
 }
 
 fn features_text(profile: &Profile) -> String {
-    if profile.features.is_empty() {
-        return String::new();
-    }
-    let mut names: Vec<_> = profile.features.iter().collect();
-    names.sort_by_key(|(n, _)| *n);
-    let width = names.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
-    let mut out = "\n[features]\n".to_string();
-    for (name, v) in names {
-        let _ = writeln!(out, "  {name:<width$}  {}", rule_value_to_json(v));
-    }
-    out
+    let lines = profile.features.iter().map(|(name, v)| (name, rule_value_to_json(v).to_string()));
+    section("features", lines)
 }
 
 fn tags_text(profile: &Profile) -> String {
-    if profile.tags.is_empty() {
+    let lines = profile.tags.iter().map(|(name, t)| {
+        let value = t.value.as_ref().map_or(serde_json::Value::Null, rule_value_to_json);
+        (name, format!("{value}  (since {})", format::timestamp(t.changed_at_ms)))
+    });
+    section("tags", lines)
+}
+
+/// `[title]` and one aligned `name  text` line per entry, sorted by name;
+/// nothing when there are no entries.
+fn section<'a>(title: &str, lines: impl Iterator<Item = (&'a String, String)>) -> String {
+    let mut lines: Vec<_> = lines.collect();
+    if lines.is_empty() {
         return String::new();
     }
-    let mut names: Vec<_> = profile.tags.iter().collect();
-    names.sort_by_key(|(n, _)| *n);
-    let width = names.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
-    let mut out = "\n[tags]\n".to_string();
-    for (name, t) in names {
-        let value = t.value.as_ref().map_or(serde_json::Value::Null, rule_value_to_json);
-        let _ = writeln!(out, "  {name:<width$}  {value}  (since {})", format::timestamp(t.changed_at_ms));
+    lines.sort();
+    let width = lines.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    let mut out = format!("\n[{title}]\n");
+    for (name, text) in lines {
+        let _ = writeln!(out, "  {name:<width$}  {text}");
     }
     out
 }

@@ -52,7 +52,7 @@ impl Engine {
             .families
             .iter()
             .flat_map(|(f, spec)| spec.attrs.iter().map(move |(a, t)| (f.clone(), a.clone(), *t)))
-            .map(|(family, attr, ty)| AttrSlot { family, attr, ty })
+            .map(|(family, attr, ty)| AttrSlot { key: format!("{family}.{attr}"), family, attr, ty })
             .collect();
         let tag_names: Vec<&String> = schema.tags.keys().collect();
         let (n_features, n_tags) = (features.len(), tag_names.len());
@@ -61,7 +61,7 @@ impl Engine {
             types.insert(f.name.clone(), (i, feature_type(&f.spec)));
         }
         for (i, a) in attrs.iter().enumerate() {
-            types.insert(format!("{}.{}", a.family, a.attr), (n_features + n_tags + i, value_type(a.ty)));
+            types.insert(a.key.clone(), (n_features + n_tags + i, value_type(a.ty)));
         }
         let tag_slot = |name: &str| tag_names.iter().position(|t| *t == name).map(|i| n_features + i);
         let mut pending: Vec<&String> = tag_names.clone();
@@ -101,7 +101,9 @@ impl Engine {
             }
             pending = still;
         }
-        let mut engine = Engine { features, tags: order, attrs, n_tags };
+        let names =
+            features.iter().map(|f| f.name.clone()).chain(order.iter().map(|t| t.name.clone())).collect();
+        let mut engine = Engine { features, tags: order, attrs, n_tags, names };
         engine.mark_time_dependent();
         Ok(engine)
     }

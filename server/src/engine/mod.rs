@@ -25,6 +25,8 @@ pub struct AttrSlot {
     pub family: String,
     pub attr: String,
     pub ty: ValueType,
+    /// `family.attr`, the name rules use and the key in `UserState::attrs`.
+    pub key: String,
 }
 
 /// A compiled tag rule.
@@ -45,6 +47,8 @@ pub struct Engine {
     pub tags: Vec<CompiledTag>,
     pub attrs: Vec<AttrSlot>,
     n_tags: usize,
+    /// Every feature and tag name, for cheap membership checks on apply.
+    names: std::collections::HashSet<String>,
 }
 
 /// Parses schema TOML and compiles its features and tags: a schema that
@@ -58,7 +62,13 @@ pub fn check_schema(toml: &str) -> Result<(crate::schema::Schema, Engine), crate
 impl Engine {
     /// An engine with no features or tags.
     pub fn empty() -> Engine {
-        Engine { features: Vec::new(), tags: Vec::new(), attrs: Vec::new(), n_tags: 0 }
+        Engine {
+            features: Vec::new(),
+            tags: Vec::new(),
+            attrs: Vec::new(),
+            n_tags: 0,
+            names: Default::default(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {

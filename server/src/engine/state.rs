@@ -58,10 +58,9 @@ impl Engine {
             let Some(value) = (a.family == event.family).then(|| event.attrs.get(&a.attr)).flatten() else {
                 continue;
             };
-            let key = format!("{}.{}", a.family, a.attr);
-            let newer = state.attrs.get(&key).is_none_or(|(t, _)| *t <= event.time_ms);
+            let newer = state.attrs.get(&a.key).is_none_or(|(t, _)| *t <= event.time_ms);
             if newer {
-                state.attrs.insert(key, (event.time_ms, value.clone()));
+                state.attrs.insert(a.key.clone(), (event.time_ms, value.clone()));
                 dirty.insert(self.attr_slot(i));
             }
         }
@@ -72,8 +71,9 @@ impl Engine {
     /// recomputes the wake time. Returns the names of tags whose value changed.
     pub fn settle(&self, state: &mut UserState, dirty: &Dirty, now: i64) -> Vec<String> {
         let due_at = state.wake_at.filter(|w| *w <= now);
-        state.features.retain(|name, _| self.features.iter().any(|f| &f.name == name));
-        state.tags.retain(|name, _| self.tags.iter().any(|t| &t.name == name));
+        // Drop what a schema change removed (feature and tag names are distinct).
+        state.features.retain(|name, _| self.names.contains(name));
+        state.tags.retain(|name, _| self.names.contains(name));
         let mut slots = Slots::new(self, now);
         let mut changed_slots = dirty.clone();
         let mut changed = Vec::new();
@@ -180,8 +180,7 @@ impl Slots {
                 self.set(s, value);
             } else if s >= attrs_from {
                 let a = &engine.attrs[s - attrs_from];
-                let key = format!("{}.{}", a.family, a.attr);
-                let value = state.attrs.get(&key).map_or(Val::Null, |(_, v)| typed(v, a.ty));
+                let value = state.attrs.get(&a.key).map_or(Val::Null, |(_, v)| typed(v, a.ty));
                 self.set(s, value);
             }
             // Tag slots are set as tags are evaluated, in dependency order.

@@ -96,19 +96,8 @@ async fn propose(raft: &Raft, batch: Vec<Pending>) {
         Err(e) => {
             let e = client_write_error(e);
             for reply in replies {
-                let _ = reply.send(Err(clone_error(&e)));
+                let _ = reply.send(Err(e.clone()));
             }
         }
-    }
-}
-
-fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::NotLeader { leader_id, leader_addr } => {
-            Error::NotLeader { leader_id: *leader_id, leader_addr: leader_addr.clone() }
-        }
-        Error::Unavailable(m) => Error::Unavailable(m.clone()),
-        Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
-        other => Error::Internal(other.to_string()),
     }
 }

@@ -311,11 +311,3 @@ impl<'a> EntryState<'a> {
         Ok(())
     }
 }
-
-/// Iterates from a key (used by reads of timers in tests).
-pub fn timers_from(db: &DB, from: &[u8]) -> Vec<(i64, String)> {
-    db.iterator_cf(cf(db, CF_TIMERS), IteratorMode::From(from, Direction::Forward))
-        .filter_map(|item| item.ok())
-        .filter_map(|(k, _)| keys::parse_timer(&k).map(|(t, u)| (t, u.to_string())))
-        .collect()
-}

@@ -42,19 +42,6 @@ impl Selection {
     }
 }
 
-impl Val {
-    /// Null, zero, or an empty set or map.
-    pub fn is_empty_value(&self) -> bool {
-        match self {
-            Val::Null => true,
-            Val::Num(n) => *n == 0.0,
-            Val::Set(s) => s.is_empty(),
-            Val::Map(m) => m.is_empty(),
-            Val::Bool(_) | Val::Str(_) => false,
-        }
-    }
-}
-
 /// A user's live data.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProfileView {

@@ -79,6 +79,17 @@ impl Val {
     pub fn is_null(&self) -> bool {
         matches!(self, Val::Null)
     }
+
+    /// Null, zero, or an empty set or map (a feature that has seen nothing).
+    pub fn is_empty_value(&self) -> bool {
+        match self {
+            Val::Null => true,
+            Val::Num(n) => *n == 0.0,
+            Val::Set(s) => s.is_empty(),
+            Val::Map(m) => m.is_empty(),
+            Val::Bool(_) | Val::Str(_) => false,
+        }
+    }
 }
 
 /// A 1-based line and column (in characters) of a token in the source.

@@ -175,3 +175,23 @@ fn only_evaluated_branches_schedule() {
     assert_eq!(run_at("coalesce(x, now - t) > 1d", &values, NOW).1, Some(NOW + DAY_MS + 1));
     assert_eq!(run_at("if(vip, now - t > 1d, false)", &values, NOW).1, Some(NOW + DAY_MS + 1));
 }
+
+/// Found by the property test in CI: the slope of `hours(now) + now` against
+/// `1h + now` is `1 - (1 + 1/3600000)`, which loses ten digits to
+/// cancellation, so the linear model placed the crossing about five seconds
+/// after the real one (at year 2380). The reported moment must still be the
+/// first millisecond the evaluated result differs.
+#[test]
+fn a_crossing_misplaced_by_cancellation_is_found_by_the_real_condition() {
+    let src = "not (case when (x > 1) then (1h + now) else x end < (hours(now) + now))";
+    let values = [("x", num(2.0))];
+    let seen = walk(src, &values, 0, 4);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let (at, value) = &seen[1];
+    assert_eq!(value, &Val::Bool(false));
+    // The first differing millisecond lies within seconds of the exact crossing at 3600000 h.
+    assert!((at - 3_600_000 * HOUR_MS).abs() < 10_000, "{at}");
+    // Far from the crossing, in both directions, the same holds.
+    walk(src, &values, 3_600_000 * HOUR_MS - 40 * DAY_MS, 4);
+    walk(src, &[("x", num(0.5))], 0, 4);
+}

@@ -221,3 +221,50 @@ async fn snapshot_installs_on_another_replica() {
     assert_eq!(counts(&res[0]), vec![applied(0, 1, 0)], "dedupe markers travel in the snapshot");
     let _keep = (&leader.dir, &follower.dir);
 }
+
+/// History events live under their own keys (one slot per kept event): the
+/// newest N survive shuffled arrival across many entries, a restart (cache
+/// gone, read from disk), expiry, and a schema change that shortens N.
+#[tokio::test]
+async fn history_keeps_the_newest_events_across_entries_restart_and_a_shorter_history() {
+    let mut r = replica();
+    let toml = |n: u32| format!("[families.browse]\nttl = \"30d\"\nhistory = {n}\n");
+    apply(&mut r, vec![entry(1, Command::ApplySchema { stamp_ms: T0, toml: toml(5) })]).await;
+    // Times 0..40 minutes in a shuffled order, 3 events per entry.
+    let mut times: Vec<i64> = (0..40).map(|i| (i * 17) % 40).collect();
+    times.rotate_left(7);
+    let mut index = 2;
+    for chunk in times.chunks(3) {
+        let events = chunk
+            .iter()
+            .map(|&m| event("u1", "browse", T0 + m * 60_000, &format!("e{m}"), &[("m", Value::Int(m))]))
+            .collect();
+        apply(&mut r, vec![write(index, T0 + 40 * 60_000, vec![events])]).await;
+        index += 1;
+    }
+    let ids = |v: &ProfileView| -> Vec<String> {
+        v.families.get("browse").map_or(vec![], |f| f.history.iter().map(|h| h.event_id.clone()).collect())
+    };
+    let now = T0 + 41 * 60_000;
+    assert_eq!(ids(&read(&r, "u1", now)), ["e39", "e38", "e37", "e36", "e35"]);
+    assert_eq!(read(&r, "u1", now).families["browse"].attrs["m"].value, Value::Int(39));
+
+    let Replica { dir, sm, store } = r;
+    drop((sm, store));
+    let mut r = open(dir);
+    assert_eq!(ids(&read(&r, "u1", now)), ["e39", "e38", "e37", "e36", "e35"]);
+    // A late event newer than the oldest kept one displaces it, after restart.
+    let late = event("u1", "browse", T0 + 35 * 60_000 + 1, "late", &[]);
+    apply(&mut r, vec![write(index, now, vec![vec![late]])]).await;
+    assert_eq!(ids(&read(&r, "u1", now)), ["e39", "e38", "e37", "e36", "late"]);
+
+    // Shorter history: served at once, stored slots trimmed by the next event.
+    apply(&mut r, vec![entry(index + 1, Command::ApplySchema { stamp_ms: now, toml: toml(2) })]).await;
+    assert_eq!(ids(&read(&r, "u1", now)), ["e39", "e38"]);
+    apply(&mut r, vec![write(index + 2, now, vec![vec![event("u1", "browse", now, "e41", &[])]])]).await;
+    assert_eq!(ids(&read(&r, "u1", now)), ["e41", "e39"]);
+
+    // Everything expires after 30 days; nothing is served.
+    let later = T0 + 40 * 60_000 + 31 * DAY_MS;
+    assert!(read(&r, "u1", later).families.is_empty());
+}

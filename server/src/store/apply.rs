@@ -8,11 +8,11 @@ use std::collections::hash_map::Entry as MapEntry;
 use std::collections::HashMap;
 use std::collections::HashSet;
 
-use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
+use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch, DB};
 
 use super::codec;
-use super::keys::{self, CF_DEDUPE, CF_PROFILES, CF_STATE, CF_TIMERS};
-use super::record::{stored_expiry, FamilyRecord};
+use super::keys::{self, CF_DEDUPE, CF_HISTORY, CF_PROFILES, CF_STATE, CF_TIMERS};
+use super::record::{encode_history_event, stored_expiry, FamilyHead};
 use super::sm_db::cf;
 use crate::engine::state::{Dirty, UserState};
 use crate::engine::Engine;
@@ -31,13 +31,13 @@ pub enum ApplyError {
     Decode(#[from] bincode::Error),
 }
 
-/// Decoded family records and user states of recently applied users. It is
+/// Decoded family heads and user states of recently applied users. It is
 /// write-through — after an entry's batch is written it equals what the
 /// database holds — so apply can skip the read and decode of hot users.
 /// Bounded: emptied when it grows past its capacity; cleared when a snapshot
 /// replaces the database.
 pub struct ApplyCache {
-    records: HashMap<Vec<u8>, FamilyRecord>,
+    records: HashMap<Vec<u8>, FamilyHead>,
     users: HashMap<String, UserState>,
     capacity: usize,
 }
@@ -70,13 +70,13 @@ struct Touched {
     stored_wake: Option<i64>,
 }
 
-/// Records, user states and dedupe markers touched by one entry.
+/// Family heads, user states and dedupe markers touched by one entry.
 struct EntryState<'a> {
     db: &'a DB,
     cache: &'a mut ApplyCache,
     engine: &'a Engine,
     now_ms: i64,
-    records: HashMap<Vec<u8>, FamilyRecord>,
+    records: HashMap<Vec<u8>, FamilyHead>,
     users: HashMap<String, Touched>,
     new_ids: HashSet<Vec<u8>>,
 }
@@ -152,7 +152,10 @@ pub fn apply_reevaluate(
     let mut st = EntryState::new(db, cache, engine, now_ms);
     let start = after.map(|a| a.as_bytes().to_vec()).unwrap_or_default();
     let mut users = Vec::new();
-    for item in db.iterator_cf(cf(db, CF_STATE), IteratorMode::From(&start, Direction::Forward)) {
+    // Across users: the `state` memtable is bucketed by user (see sm_db).
+    let mut opts = ReadOptions::default();
+    opts.set_total_order_seek(true);
+    for item in db.iterator_cf_opt(cf(db, CF_STATE), opts, IteratorMode::From(&start, Direction::Forward)) {
         let (key, _) = item?;
         if after.is_some_and(|a| a.as_bytes() == &key[..]) {
             continue;
@@ -182,9 +185,14 @@ pub fn first_timer(db: &DB) -> Result<Option<i64>, ApplyError> {
 /// A user's stored engine state.
 pub fn load_user_state(db: &DB, user_id: &str) -> Result<Option<UserState>, ApplyError> {
     match db.get_pinned_cf(cf(db, CF_STATE), user_id.as_bytes())? {
-        Some(bytes) => Ok(Some(codec::decode(bytes.get(8..).unwrap_or_default())?)),
+        Some(bytes) => Ok(Some(decode_user_state(&bytes)?)),
         None => Ok(None),
     }
+}
+
+/// A stored user state (an 8-byte header, then bincode).
+pub fn decode_user_state(bytes: &[u8]) -> Result<UserState, bincode::Error> {
+    codec::decode(bytes.get(8..).unwrap_or_default())
 }
 
 impl<'a> EntryState<'a> {
@@ -231,8 +239,17 @@ impl<'a> EntryState<'a> {
             counts.expired += 1;
             return Ok(());
         }
-        let record = self.record(keys::profile(&event.user_id, &event.family))?;
-        record.apply_event(event, expires_at, spec.history_len);
+        let db = self.db;
+        let head = self.record(keys::profile(&event.user_id, &event.family))?;
+        let write = head.apply_event(event, expires_at, spec.history_len);
+        let history = cf(db, CF_HISTORY);
+        for slot in write.freed {
+            batch.delete_cf(history, keys::history(&event.user_id, &event.family, slot));
+        }
+        if let Some(slot) = write.put {
+            let key = keys::history(&event.user_id, &event.family, slot);
+            batch.put_cf(history, key, encode_history_event(event, expires_at));
+        }
         counts.applied += 1;
         Ok(())
     }
@@ -244,9 +261,9 @@ impl<'a> EntryState<'a> {
         Ok(until.is_some_and(|until| is_live(until, self.now_ms)))
     }
 
-    /// The record under `key`, loaded once per entry and pruned of what has
-    /// expired by the entry's time.
-    fn record(&mut self, key: Vec<u8>) -> Result<&mut FamilyRecord, ApplyError> {
+    /// The family head under `key`, loaded once per entry and pruned of what
+    /// has expired by the entry's time.
+    fn record(&mut self, key: Vec<u8>) -> Result<&mut FamilyHead, ApplyError> {
         match self.records.entry(key) {
             MapEntry::Occupied(o) => Ok(o.into_mut()),
             MapEntry::Vacant(v) => {
@@ -254,8 +271,8 @@ impl<'a> EntryState<'a> {
                 let mut record = match cached {
                     Some(record) => record,
                     None => match self.db.get_pinned_cf(cf(self.db, CF_PROFILES), v.key())? {
-                        Some(bytes) => FamilyRecord::decode(&bytes)?,
-                        None => FamilyRecord::default(),
+                        Some(bytes) => FamilyHead::decode(&bytes)?,
+                        None => FamilyHead::default(),
                     },
                 };
                 record.prune(self.now_ms);
@@ -279,8 +296,8 @@ impl<'a> EntryState<'a> {
         }
     }
 
-    /// Settles every touched user's tags and writes records, states and
-    /// timers into the batch.
+    /// Settles every touched user's tags and writes heads, states and
+    /// timers into the batch (history events went in as they were applied).
     fn finish(self, batch: &mut WriteBatch) -> Result<(), ApplyError> {
         let profiles = cf(self.db, CF_PROFILES);
         for (key, record) in self.records {

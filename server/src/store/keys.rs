@@ -6,6 +6,7 @@ pub const SEP: u8 = 0;
 
 // State-machine column families.
 pub const CF_PROFILES: &str = "profiles";
+pub const CF_HISTORY: &str = "history";
 pub const CF_DEDUPE: &str = "dedupe";
 pub const CF_META: &str = "meta";
 pub const CF_STATE: &str = "state";
@@ -36,6 +37,17 @@ pub fn user_prefix(user_id: &str) -> Vec<u8> {
 pub fn profile(user_id: &str, family: &str) -> Vec<u8> {
     let mut k = user_prefix(user_id);
     k.extend_from_slice(family.as_bytes());
+    k
+}
+
+/// `user ⟂ family ⟂ slot` — one history event of a family (`history`).
+pub fn history(user_id: &str, family: &str, slot: u16) -> Vec<u8> {
+    let mut k = Vec::with_capacity(user_id.len() + family.len() + 4);
+    k.extend_from_slice(user_id.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(family.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(&slot.to_be_bytes());
     k
 }
 
@@ -86,6 +98,9 @@ mod tests {
         // "u10" must not fall under "u1"'s prefix.
         assert!(!profile("u10", "browse").starts_with(&prefix));
         assert_eq!(family_of(&profile("u1", "trade"), &prefix), Some("trade"));
+        assert!(history("u1", "trade", 3).starts_with(&prefix));
+        assert!(!history("u10", "trade", 3).starts_with(&prefix));
+        assert!(history("u1", "trade", 2) < history("u1", "trade", 256));
     }
 
     #[test]

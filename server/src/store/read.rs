@@ -1,14 +1,16 @@
 //! The read path: a user's family records filtered by expiry as of a
 //! wall-clock `now` under the current schema's TTLs, plus features (windows
-//! evaluated at `now`) and tags.
+//! evaluated at `now`) and tags. One read sees one RocksDB snapshot, so a
+//! family head and the history events it points at come from the same
+//! applied entry.
 
 use std::collections::BTreeMap;
 
-use rocksdb::{Direction, IteratorMode, DB};
+use rocksdb::{Direction, IteratorMode, ReadOptions, SnapshotWithThreadMode, DB};
 
-use super::apply::{load_user_state, ApplyError};
-use super::keys::{self, CF_PROFILES};
-use super::record::FamilyRecord;
+use super::apply::{decode_user_state, ApplyError};
+use super::keys::{self, CF_HISTORY, CF_PROFILES, CF_STATE};
+use super::record::{decode_history_event, FamilyHead, FamilyRecord};
 use super::sm_db::cf;
 use crate::engine::expr::Val;
 use crate::engine::state::TagState;
@@ -61,14 +63,16 @@ pub fn read_profile(
     selection: &Selection,
     now_ms: i64,
 ) -> Result<ProfileView, ApplyError> {
+    let snap = db.snapshot();
     let mut view = ProfileView {
-        families: read_families(db, schema, user_id, &selection.families, now_ms)?,
+        families: read_families(db, &snap, schema, user_id, &selection.families, now_ms)?,
         ..Default::default()
     };
     let mut found = !view.families.is_empty();
     let wants = |list: &Option<Vec<String>>| list.as_ref().is_none_or(|l| !l.is_empty());
     if wants(&selection.features) || wants(&selection.tags) || !found {
-        if let Some(state) = load_user_state(db, user_id)? {
+        let stored = snap.get_pinned_cf(cf(db, CF_STATE), user_id.as_bytes())?;
+        if let Some(state) = stored.map(|bytes| decode_user_state(&bytes)).transpose()? {
             let (features, tags) = engine.read(&state, now_ms);
             // Tags always have a value; a user is known by data or features.
             found |= features.values().any(|v| !v.is_empty_value());
@@ -84,38 +88,55 @@ pub fn read_profile(
 
 fn read_families(
     db: &DB,
+    snap: &SnapshotWithThreadMode<'_, DB>,
     schema: &Schema,
     user_id: &str,
     families: &Option<Vec<String>>,
     now_ms: i64,
 ) -> Result<BTreeMap<String, FamilyRecord>, ApplyError> {
-    let mut out = BTreeMap::new();
-    let mut add = |family: &str, bytes: &[u8]| -> Result<(), ApplyError> {
-        if let Some(spec) = schema.family(family) {
-            let live = FamilyRecord::decode(bytes)?.live_view(now_ms, spec.ttl_ms);
-            if !live.is_empty() {
-                out.insert(family.to_string(), live);
-            }
-        }
-        Ok(())
-    };
     let profiles = cf(db, CF_PROFILES);
+    let mut heads = Vec::new();
     match families {
         None => {
             let prefix = keys::user_prefix(user_id);
-            for item in db.iterator_cf(profiles, IteratorMode::From(&prefix, Direction::Forward)) {
+            // Keys are bucketed by user: the scan must stay within this one.
+            let mut opts = ReadOptions::default();
+            opts.set_prefix_same_as_start(true);
+            for item in snap.iterator_cf_opt(profiles, opts, IteratorMode::From(&prefix, Direction::Forward))
+            {
                 let (key, value) = item?;
                 let Some(family) = keys::family_of(&key, &prefix) else { break };
-                add(family, &value)?;
+                heads.push((family.to_string(), FamilyHead::decode(&value)?));
             }
         }
         Some(families) => {
-            let keys: Vec<_> = families.iter().map(|f| (profiles, keys::profile(user_id, f))).collect();
-            for (family, value) in families.iter().zip(db.multi_get_cf(keys)) {
+            let keys = families.iter().map(|f| (profiles, keys::profile(user_id, f)));
+            for (family, value) in families.iter().zip(snap.multi_get_cf(keys)) {
                 if let Some(bytes) = value? {
-                    add(family, &bytes)?;
+                    heads.push((family.clone(), FamilyHead::decode(&bytes)?));
                 }
             }
+        }
+    }
+    let mut out = BTreeMap::new();
+    let history = cf(db, CF_HISTORY);
+    for (family, mut head) in heads {
+        // Families no longer in the schema are not served.
+        let Some(spec) = schema.family(&family) else { continue };
+        // Fetch only history events live at `now` (`live_view` applies the
+        // current TTL after).
+        head.prune(now_ms);
+        // A schema change may have shortened the history since it was written.
+        head.history.truncate(spec.history_len as usize);
+        let keys = head.history.iter().map(|r| (history, keys::history(user_id, &family, r.slot)));
+        let events = snap
+            .multi_get_cf(keys)
+            .into_iter()
+            .map(|v| Ok(v?.map(|bytes| decode_history_event(&bytes)).transpose()?))
+            .collect::<Result<Vec<_>, ApplyError>>()?;
+        let live = head.assemble(events).live_view(now_ms, spec.ttl_ms);
+        if !live.is_empty() {
+            out.insert(family, live);
         }
     }
     Ok(out)

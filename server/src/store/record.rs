@@ -1,8 +1,16 @@
-//! A family record: one user's latest attributes and last-N history in one
-//! family, stored under `user ⟂ family`.
+//! Family data: one user's latest attributes and last-N history in one
+//! family.
 //!
-//! Stored value: 8 bytes big-endian `max_expires_at` (read by the compaction
-//! filter without decoding the rest), then the bincode record.
+//! Stored as a small [`FamilyHead`] under `user ⟂ family` in `profiles`
+//! (latest attributes plus the index of the history) and one value per
+//! history event under `user ⟂ family ⟂ slot` in `history`. An event costs
+//! one small history put and a head rewrite, whatever the history length; a
+//! full history evicts its oldest event by reusing that event's slot.
+//! [`FamilyRecord`] is the assembled form the read path serves.
+//!
+//! Stored values (heads and history events): 8 bytes big-endian
+//! `max_expires_at` (read by the compaction filter without decoding the
+//! rest), then bincode.
 
 use std::collections::BTreeMap;
 
@@ -29,17 +37,68 @@ pub struct HistoryEntry {
     pub expires_at: i64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct FamilyRecord {
-    pub attrs: BTreeMap<String, Cell>,
-    /// Newest event time first; among equal times, the later applied first.
-    pub history: Vec<HistoryEntry>,
+/// [`HistoryEntry`] borrowed from an event, to encode without copying
+/// (bincode writes the same bytes for both).
+#[derive(Serialize)]
+struct HistoryEntryRef<'a> {
+    event_type: &'a str,
+    time_ms: i64,
+    event_id: &'a str,
+    attrs: &'a Attrs,
+    expires_at: i64,
 }
 
-impl FamilyRecord {
+/// The stored value of a history event.
+pub fn encode_history_event(event: &Event, expires_at: i64) -> Vec<u8> {
+    let entry = HistoryEntryRef {
+        event_type: &event.event_type,
+        time_ms: event.time_ms,
+        event_id: &event.event_id,
+        attrs: &event.attrs,
+        expires_at,
+    };
+    let mut out = expires_at.to_be_bytes().to_vec();
+    out.extend(codec::encode(&entry));
+    out
+}
+
+pub fn decode_history_event(bytes: &[u8]) -> Result<HistoryEntry, bincode::Error> {
+    codec::decode(bytes.get(8..).unwrap_or_default())
+}
+
+/// A history event's place in the head's index.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SlotRef {
+    pub time_ms: i64,
+    pub expires_at: i64,
+    /// Where the event is stored (`user ⟂ family ⟂ slot` in `history`).
+    pub slot: u16,
+}
+
+/// What `profiles` holds under `user ⟂ family`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FamilyHead {
+    pub attrs: BTreeMap<String, Cell>,
+    /// The history, newest event time first; among equal times, the later
+    /// applied first.
+    pub history: Vec<SlotRef>,
+}
+
+/// The history writes an event needs.
+#[derive(Debug, Default, PartialEq)]
+pub struct HistoryWrite {
+    /// Slots no longer referenced (the history got shorter): delete them.
+    pub freed: Vec<u16>,
+    /// The slot to store the event in, if it made it into the history.
+    pub put: Option<u16>,
+}
+
+impl FamilyHead {
     /// Folds an event in. An attribute takes the value of the event with the
     /// latest event time (a late event does not overwrite a newer value).
-    pub fn apply_event(&mut self, event: &Event, expires_at: i64, history_len: u32) {
+    /// The event enters the history unless `history_len` newer events are
+    /// kept already; it then takes the evicted oldest event's slot.
+    pub fn apply_event(&mut self, event: &Event, expires_at: i64, history_len: u32) -> HistoryWrite {
         for (name, value) in &event.attrs {
             let newer = self.attrs.get(name).is_none_or(|c| c.time_ms <= event.time_ms);
             if newer {
@@ -47,30 +106,93 @@ impl FamilyRecord {
                 self.attrs.insert(name.clone(), cell);
             }
         }
-        if history_len == 0 {
-            return;
+        let len = history_len as usize;
+        let mut write = HistoryWrite::default();
+        // A schema change may have shortened the history.
+        while self.history.len() > len {
+            write.freed.extend(self.history.pop().map(|s| s.slot));
         }
         let pos = self.history.partition_point(|h| h.time_ms > event.time_ms);
-        if pos >= history_len as usize {
-            return;
+        if pos >= len {
+            return write;
         }
-        let entry = HistoryEntry {
-            event_type: event.event_type.clone(),
-            time_ms: event.time_ms,
-            event_id: event.event_id.clone(),
-            attrs: event.attrs.clone(),
-            expires_at,
+        let slot = match self.history.len() == len {
+            true => self.history.pop().map_or(0, |evicted| evicted.slot),
+            false => self.free_slot(),
         };
-        self.history.insert(pos, entry);
-        self.history.truncate(history_len as usize);
+        self.history.insert(pos, SlotRef { time_ms: event.time_ms, expires_at, slot });
+        write.put = Some(slot);
+        write
     }
 
-    /// Drops everything that is no longer live at `now_ms`.
+    /// The smallest slot number not in use (history is at most
+    /// `MAX_HISTORY_LEN` long, so one always fits a `u16`).
+    fn free_slot(&self) -> u16 {
+        let mut used: Vec<u16> = self.history.iter().map(|s| s.slot).collect();
+        used.sort_unstable();
+        let mut slot = 0;
+        for u in used {
+            if u != slot {
+                break;
+            }
+            slot += 1;
+        }
+        slot
+    }
+
+    /// Drops everything that is no longer live at `now_ms`. The stored
+    /// events of dropped slots are expired too: compaction reclaims them,
+    /// and a slot reused before that is simply overwritten.
     pub fn prune(&mut self, now_ms: i64) {
         self.attrs.retain(|_, c| is_live(c.expires_at, now_ms));
         self.history.retain(|h| is_live(h.expires_at, now_ms));
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.attrs.is_empty() && self.history.is_empty()
+    }
+
+    /// The latest expiry of anything in the head.
+    pub fn max_expiry(&self) -> i64 {
+        let a = self.attrs.values().map(|c| c.expires_at);
+        let h = self.history.iter().map(|h| h.expires_at);
+        a.chain(h).max().unwrap_or(i64::MIN)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.max_expiry().to_be_bytes().to_vec();
+        out.extend(codec::encode(self));
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<FamilyHead, bincode::Error> {
+        codec::decode(bytes.get(8..).unwrap_or_default())
+    }
+
+    /// The record with the history events `events` (the stored values of
+    /// `self.history`'s slots, in the same order). An event whose stored
+    /// time or expiry does not match its slot reference, or that is gone
+    /// (compacted away after expiring), is left out.
+    pub fn assemble(&self, events: Vec<Option<HistoryEntry>>) -> FamilyRecord {
+        let history = self
+            .history
+            .iter()
+            .zip(events)
+            .filter_map(|(r, e)| e.filter(|e| e.time_ms == r.time_ms && e.expires_at == r.expires_at))
+            .collect();
+        FamilyRecord { attrs: self.attrs.clone(), history }
+    }
+}
+
+/// A family's data as served: latest attributes and history events.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FamilyRecord {
+    pub attrs: BTreeMap<String, Cell>,
+    /// Newest event time first; among equal times, the later applied first.
+    pub history: Vec<HistoryEntry>,
+}
+
+impl FamilyRecord {
     /// The part of the record served at `now_ms` under the family's current
     /// TTL (which may be shorter than the one the values were written with).
     /// Reported expiries are the effective ones.
@@ -95,23 +217,6 @@ impl FamilyRecord {
     pub fn is_empty(&self) -> bool {
         self.attrs.is_empty() && self.history.is_empty()
     }
-
-    /// The latest expiry of anything in the record.
-    pub fn max_expiry(&self) -> i64 {
-        let a = self.attrs.values().map(|c| c.expires_at);
-        let h = self.history.iter().map(|h| h.expires_at);
-        a.chain(h).max().unwrap_or(i64::MIN)
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = self.max_expiry().to_be_bytes().to_vec();
-        out.extend(codec::encode(self));
-        out
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<FamilyRecord, bincode::Error> {
-        codec::decode(bytes.get(8..).unwrap_or_default())
-    }
 }
 
 /// The `max_expires_at` header of a stored value, if it has one.
@@ -121,6 +226,8 @@ pub fn stored_expiry(value: &[u8]) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn ev(time_ms: i64, id: &str, attrs: &[(&str, i64)]) -> Event {
@@ -134,53 +241,162 @@ mod tests {
         }
     }
 
+    /// A head with its history slots, as the `profiles` and `history`
+    /// column families hold them.
+    #[derive(Default)]
+    struct Stored {
+        head: FamilyHead,
+        slots: HashMap<u16, Vec<u8>>,
+    }
+
+    impl Stored {
+        fn apply(&mut self, event: &Event, expires_at: i64, history_len: u32) -> HistoryWrite {
+            let write = self.head.apply_event(event, expires_at, history_len);
+            for s in &write.freed {
+                self.slots.remove(s);
+            }
+            if let Some(s) = write.put {
+                self.slots.insert(s, encode_history_event(event, expires_at));
+            }
+            write
+        }
+
+        fn record(&self) -> FamilyRecord {
+            let events = self
+                .head
+                .history
+                .iter()
+                .map(|r| self.slots.get(&r.slot).map(|b| decode_history_event(b).expect("decodes")));
+            self.head.assemble(events.collect())
+        }
+    }
+
     #[test]
     fn latest_event_time_wins_and_late_events_do_not_overwrite() {
-        let mut r = FamilyRecord::default();
-        r.apply_event(&ev(200, "b", &[("x", 2)]), 1_000, 10);
-        r.apply_event(&ev(100, "a", &[("x", 1), ("y", 1)]), 900, 10);
+        let mut s = Stored::default();
+        s.apply(&ev(200, "b", &[("x", 2)]), 1_000, 10);
+        s.apply(&ev(100, "a", &[("x", 1), ("y", 1)]), 900, 10);
+        let r = s.record();
         assert_eq!(r.attrs["x"].value, Value::Int(2));
         assert_eq!(r.attrs["y"].value, Value::Int(1));
         let ids: Vec<_> = r.history.iter().map(|h| h.event_id.as_str()).collect();
         assert_eq!(ids, ["b", "a"]);
+        assert_eq!(r.history[1].attrs["y"], Value::Int(1));
+        assert_eq!(r.history[1].expires_at, 900);
     }
 
     #[test]
-    fn history_is_bounded_and_keeps_the_newest() {
-        let mut r = FamilyRecord::default();
-        for t in [5, 1, 9, 3, 7] {
-            r.apply_event(&ev(t, &t.to_string(), &[]), i64::MAX, 3);
+    fn history_is_bounded_keeps_the_newest_and_reuses_the_evicted_slot() {
+        let mut s = Stored::default();
+        for t in [5, 1, 9] {
+            s.apply(&ev(t, &t.to_string(), &[]), i64::MAX, 3);
         }
-        let times: Vec<_> = r.history.iter().map(|h| h.time_ms).collect();
+        assert_eq!(s.slots.len(), 3);
+        let slot_of_1 = s.head.history.iter().find(|r| r.time_ms == 1).unwrap().slot;
+        // 7 evicts 1 (the oldest) and takes its slot.
+        assert_eq!(
+            s.apply(&ev(7, "7", &[]), i64::MAX, 3),
+            HistoryWrite { freed: vec![], put: Some(slot_of_1) }
+        );
+        let times: Vec<_> = s.record().history.iter().map(|h| h.time_ms).collect();
         assert_eq!(times, [9, 7, 5]);
-        r.apply_event(&ev(2, "old", &[]), i64::MAX, 3);
-        assert_eq!(r.history.len(), 3);
-        assert!(r.history.iter().all(|h| h.event_id != "old"));
+        // Older than everything kept: not stored at all.
+        assert_eq!(s.apply(&ev(2, "old", &[]), i64::MAX, 3), HistoryWrite::default());
+        assert!(s.record().history.iter().all(|h| h.event_id != "old"));
+        assert_eq!(s.slots.len(), 3);
+    }
+
+    #[test]
+    fn equal_times_put_the_later_applied_first() {
+        let mut s = Stored::default();
+        s.apply(&ev(5, "first", &[]), i64::MAX, 3);
+        s.apply(&ev(5, "second", &[]), i64::MAX, 3);
+        let ids: Vec<_> = s.record().history.iter().map(|h| h.event_id.clone()).collect();
+        assert_eq!(ids, ["second", "first"]);
+    }
+
+    #[test]
+    fn a_shorter_history_frees_the_oldest_slots() {
+        let mut s = Stored::default();
+        for t in 1..=5 {
+            s.apply(&ev(t, &t.to_string(), &[]), i64::MAX, 5);
+        }
+        let slot_of_4 = s.head.history.iter().find(|r| r.time_ms == 4).unwrap().slot;
+        // Down to 2 (5 and 4 stay), then 10 evicts 4 and takes its slot.
+        let write = s.apply(&ev(10, "10", &[]), i64::MAX, 2);
+        assert_eq!((write.freed.len(), write.put), (3, Some(slot_of_4)), "{write:?}");
+        assert_eq!(s.slots.len(), 2);
+        let times: Vec<_> = s.record().history.iter().map(|h| h.time_ms).collect();
+        assert_eq!(times, [10, 5]);
+        // No history at all.
+        let write = s.apply(&ev(11, "11", &[("x", 1)]), i64::MAX, 0);
+        assert_eq!((write.freed.len(), write.put), (2, None));
+        assert!(s.slots.is_empty() && s.head.history.is_empty());
+        assert_eq!(s.record().attrs["x"].value, Value::Int(1));
+    }
+
+    #[test]
+    fn pruned_slots_are_reused_first() {
+        let mut s = Stored::default();
+        s.apply(&ev(100, "a", &[]), 150, 10);
+        s.apply(&ev(110, "b", &[]), 1_000, 10);
+        s.head.prune(150);
+        assert_eq!(s.head.history.len(), 1);
+        // "a"'s slot (0) is free again; its stale value is overwritten.
+        assert_eq!(s.apply(&ev(120, "c", &[]), 1_000, 10).put, Some(0));
+        let ids: Vec<_> = s.record().history.iter().map(|h| h.event_id.clone()).collect();
+        assert_eq!(ids, ["c", "b"]);
+    }
+
+    #[test]
+    fn assemble_leaves_out_missing_and_mismatched_events() {
+        let mut s = Stored::default();
+        s.apply(&ev(100, "a", &[]), 500, 10);
+        s.apply(&ev(200, "b", &[]), 600, 10);
+        let slot_a = s.head.history[1].slot;
+        s.slots.remove(&slot_a);
+        assert_eq!(s.record().history.len(), 1);
+        s.slots.insert(slot_a, encode_history_event(&ev(999, "other", &[]), 500));
+        assert_eq!(s.record().history.len(), 1);
     }
 
     #[test]
     fn prune_and_live_view_hide_expired_values() {
-        let mut r = FamilyRecord::default();
-        r.apply_event(&ev(100, "a", &[("x", 1)]), 200, 10);
-        r.apply_event(&ev(150, "b", &[("y", 1)]), 250, 10);
+        let mut s = Stored::default();
+        s.apply(&ev(100, "a", &[("x", 1)]), 200, 10);
+        s.apply(&ev(150, "b", &[("y", 1)]), 250, 10);
+        let r = s.record();
         let view = r.live_view(200, Some(100));
         assert!(!view.attrs.contains_key("x"), "expires exactly at 200");
         assert!(view.attrs.contains_key("y"));
+        assert_eq!(view.history.len(), 1);
         // A shorter current TTL hides values sooner than their stored expiry,
         // and the reported expiry is the effective one.
         assert!(r.live_view(170, Some(10)).is_empty());
         assert_eq!(r.live_view(155, Some(10)).attrs["y"].expires_at, 160);
-        r.prune(250);
-        assert!(r.is_empty());
+        s.head.prune(250);
+        assert!(s.head.is_empty());
     }
 
     #[test]
-    fn encoding_round_trips_with_expiry_header() {
-        let mut r = FamilyRecord::default();
-        r.apply_event(&ev(100, "a", &[("x", 1)]), 500, 10);
-        r.apply_event(&ev(120, "b", &[("y", 1)]), 700, 10);
-        let bytes = r.encode();
+    fn encodings_round_trip_with_expiry_header() {
+        let mut s = Stored::default();
+        s.apply(&ev(100, "a", &[("x", 1)]), 500, 10);
+        s.apply(&ev(120, "b", &[("y", 1)]), 700, 10);
+        let bytes = s.head.encode();
         assert_eq!(stored_expiry(&bytes), Some(700));
-        assert_eq!(FamilyRecord::decode(&bytes).unwrap(), r);
+        assert_eq!(FamilyHead::decode(&bytes).unwrap(), s.head);
+        let event = ev(120, "b", &[("y", 1)]);
+        let stored = encode_history_event(&event, 700);
+        assert_eq!(stored_expiry(&stored), Some(700));
+        let entry = HistoryEntry {
+            event_type: "view".into(),
+            time_ms: 120,
+            event_id: "b".into(),
+            attrs: event.attrs.clone(),
+            expires_at: 700,
+        };
+        assert_eq!(decode_history_event(&stored).unwrap(), entry);
+        assert_eq!(&stored[8..], codec::encode(&entry), "borrowed and owned encodings are the same bytes");
     }
 }

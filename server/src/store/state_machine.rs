@@ -27,6 +27,15 @@ use crate::types::{
 pub struct StateMachine {
     store: Arc<SmStore>,
     snapshots: SnapshotBuilder,
+    applier: Arc<std::sync::Mutex<Applier>>,
+}
+
+/// Applies entries. Runs on tokio's blocking pool, not on a runtime worker:
+/// an entry's apply is milliseconds of synchronous CPU and RocksDB work, and
+/// a worker stuck in it would stall the gRPC, raft and batching tasks queued
+/// behind it on that worker (with two cores, half of the runtime).
+struct Applier {
+    store: Arc<SmStore>,
     cache: ApplyCache,
 }
 
@@ -46,9 +55,26 @@ impl StateMachine {
     pub fn new(store: Arc<SmStore>, data_dir: &std::path::Path) -> std::io::Result<StateMachine> {
         let dir = SnapshotDir::new(data_dir)?;
         let snapshots = SnapshotBuilder { store: store.clone(), dir, lock: Arc::new(Mutex::new(())) };
-        Ok(StateMachine { store, snapshots, cache: ApplyCache::new(APPLY_CACHE_ENTRIES) })
+        let applier = Applier { store: store.clone(), cache: ApplyCache::new(APPLY_CACHE_ENTRIES) };
+        Ok(StateMachine { store, snapshots, applier: Arc::new(std::sync::Mutex::new(applier)) })
     }
 
+    fn applier(&self) -> std::sync::MutexGuard<'_, Applier> {
+        lock_applier(&self.applier)
+    }
+}
+
+/// A panic while applying is fatal to raft anyway; the cache it may have
+/// left half-updated is cleared so nothing stale is reused.
+fn lock_applier(applier: &std::sync::Mutex<Applier>) -> std::sync::MutexGuard<'_, Applier> {
+    applier.lock().unwrap_or_else(|poisoned| {
+        let mut guard = poisoned.into_inner();
+        guard.cache.clear();
+        guard
+    })
+}
+
+impl Applier {
     fn apply_entry(
         &mut self,
         db: &DB,
@@ -136,6 +162,16 @@ impl StateMachine {
         Ok(result)
     }
 
+    fn apply_all(&mut self, entries: Vec<Entry>) -> Result<Vec<CommandResult>, StorageError> {
+        let db = self.store.db();
+        let mut state = self.store.applied();
+        let mut results = Vec::with_capacity(entries.len());
+        for entry in entries {
+            results.push(self.apply_entry(&db, &mut state, entry)?);
+        }
+        Ok(results)
+    }
+
     /// Records `last_applied` and the clock in the entry's batch and writes it.
     fn finish(
         &self,
@@ -167,13 +203,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,
     {
-        let db = self.store.db();
-        let mut state = self.store.applied();
-        let mut results = Vec::new();
-        for entry in entries {
-            results.push(self.apply_entry(&db, &mut state, entry)?);
-        }
-        Ok(results)
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let applier = self.applier.clone();
+        let run = move || lock_applier(&applier).apply_all(entries);
+        tokio::task::spawn_blocking(run).await.map_err(write_err)?
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -202,7 +235,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot.sync_all().await.map_err(write_err)?;
         let file = snapshot.into_std().await;
         let _guard = self.snapshots.lock.lock().await;
-        self.cache.clear();
+        self.applier().cache.clear();
         let (store, dir, meta) = (self.store.clone(), self.snapshots.dir.clone(), meta.clone());
         tokio::task::spawn_blocking(move || install_blocking(&store, &dir, file, &meta))
             .await
@@ -267,7 +300,7 @@ fn read_checkpoint_meta(path: &std::path::Path) -> anyhow::Result<(Option<LogId>
     let db = DB::open_cf_for_read_only(
         &rocksdb::Options::default(),
         path,
-        [CF_PROFILES, CF_DEDUPE, CF_META, CF_STATE, CF_TIMERS],
+        [CF_PROFILES, CF_HISTORY, CF_DEDUPE, CF_META, CF_STATE, CF_TIMERS],
         false,
     )?;
     let meta = cf(&db, CF_META);

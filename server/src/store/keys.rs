@@ -11,6 +11,8 @@ pub const CF_DEDUPE: &str = "dedupe";
 pub const CF_META: &str = "meta";
 pub const CF_STATE: &str = "state";
 pub const CF_TIMERS: &str = "timers";
+/// Every state-machine column family.
+pub const ALL_CFS: [&str; 6] = [CF_PROFILES, CF_HISTORY, CF_DEDUPE, CF_META, CF_STATE, CF_TIMERS];
 
 // Keys in `meta`.
 pub const META_APPLIED: &[u8] = b"applied";

@@ -3,9 +3,9 @@
 //! Durability: entries are written without a sync, then the openraft flush
 //! callback is handed to a flusher thread that syncs the WAL once for every
 //! callback queued meanwhile (group commit) before reporting them flushed.
-//! Votes are written with a synced write. Before logs are purged, the state
-//! machine's WAL is synced too, so applied state never depends on a purged
-//! entry.
+//! Votes are written with a synced write. The state machine applies without
+//! a WAL (this log is its write-ahead log): before logs are purged, its
+//! memtables are flushed, so applied state never depends on a purged entry.
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
@@ -33,8 +33,8 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    /// Opens the log under `<data>/raft`. `sm`, when given, is synced before
-    /// logs are purged.
+    /// Opens the log under `<data>/raft`. `sm`, when given, is persisted
+    /// before logs are purged.
     pub fn open(data_dir: &Path, sm: Option<Arc<SmStore>>) -> Result<LogStore, rocksdb::Error> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -165,7 +165,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         if let Some(sm) = &self.sm {
-            sm.sync_wal().map_err(write_err)?;
+            sm.persist().map_err(write_err)?;
         }
         let mut batch = WriteBatch::default();
         batch.put_cf(cf(&self.db, CF_RAFT_META), RAFT_LAST_PURGED, encode(&log_id));

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, MemtableFactory, Options, SliceTransform, DB};
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, FlushOptions, MemtableFactory, Options, SliceTransform,
+    WriteOptions, DB,
+};
 
 use super::codec;
 use super::keys::*;
@@ -104,9 +107,16 @@ impl SmStore {
         Ok(raw.map(|b| codec::decode(&b)).transpose()?)
     }
 
-    /// Makes every applied write durable (called before raft purges logs).
-    pub fn sync_wal(&self) -> Result<(), rocksdb::Error> {
-        self.db().flush_wal(true)
+    /// Makes every applied write durable (called before raft purges logs):
+    /// applies are written without the RocksDB WAL (the raft log is the
+    /// write-ahead log of the state machine), so this flushes the memtables
+    /// of every column family, atomically.
+    pub fn persist(&self) -> Result<(), rocksdb::Error> {
+        let db = self.db();
+        let cfs: Vec<_> = ALL_CFS.iter().map(|name| cf(&db, name)).collect();
+        let mut opts = FlushOptions::default();
+        opts.set_wait(true);
+        db.flush_cfs_opt(&cfs, &opts)
     }
 
     /// Replaces the live database with the one in `new_dir` (a directory
@@ -164,6 +174,10 @@ pub fn open_db(path: &Path, clock: Arc<AtomicI64>) -> Result<DB, rocksdb::Error>
     // with splice hints is much cheaper than the concurrent one.
     opts.set_allow_concurrent_memtable_write(false);
     opts.set_enable_write_thread_adaptive_yield(false);
+    // Applies skip the WAL (see `apply_write_options`): column families must
+    // then flush together, or a crash could leave one column family ahead
+    // of `last_applied` in `meta`.
+    opts.set_atomic_flush(true);
     let cfs = vec![
         ColumnFamilyDescriptor::new(CF_PROFILES, expiring_cf_options("portrait-profile-ttl", clock.clone())),
         ColumnFamilyDescriptor::new(CF_HISTORY, expiring_cf_options("portrait-history-ttl", clock.clone())),
@@ -173,6 +187,19 @@ pub fn open_db(path: &Path, clock: Arc<AtomicI64>) -> Result<DB, rocksdb::Error>
         ColumnFamilyDescriptor::new(CF_TIMERS, Options::default()),
     ];
     DB::open_cf_descriptors(&opts, path, cfs)
+}
+
+/// How applied entries are written: no RocksDB WAL. The raft log already
+/// holds every entry durably, and `last_applied` is written in the same batch
+/// as the state it covers; after a crash the memtables are lost together
+/// (atomic flush), `last_applied` rolls back with them, and raft re-applies
+/// the missing entries from its log, which is never purged past what
+/// [`SmStore::persist`] flushed. Saves encoding, checksumming and writing
+/// every applied byte twice.
+pub fn apply_write_options() -> WriteOptions {
+    let mut opts = WriteOptions::default();
+    opts.disable_wal(true);
+    opts
 }
 
 /// Options for a column family whose values start with an 8-byte expiry:

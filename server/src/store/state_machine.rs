@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 use super::apply::{apply_reevaluate, apply_tick, apply_write, ApplyCache};
 use super::codec::{decode, encode, read_err, write_err};
 use super::keys::*;
-use super::sm_db::{cf, AppliedState, SmStore};
+use super::sm_db::{apply_write_options, cf, AppliedState, SmStore};
 use super::snapshot::{pack, unpack, SnapshotDir};
 use crate::engine::check_schema;
 use crate::schema::VersionedSchema;
@@ -184,7 +184,7 @@ impl Applier {
         let meta = cf(db, CF_META);
         batch.put_cf(meta, META_APPLIED, encode(&log_id));
         batch.put_cf(meta, META_CLOCK, encode(&state.clock_ms));
-        db.write(batch).map_err(write_err)?;
+        db.write_opt(batch, &apply_write_options()).map_err(write_err)?;
         self.store.set_applied(state.clone());
         Ok(())
     }
@@ -297,12 +297,7 @@ fn build_blocking(store: &SmStore, dir: &SnapshotDir) -> anyhow::Result<()> {
 
 /// The applied log id and membership recorded inside a checkpoint.
 fn read_checkpoint_meta(path: &std::path::Path) -> anyhow::Result<(Option<LogId>, StoredMembership)> {
-    let db = DB::open_cf_for_read_only(
-        &rocksdb::Options::default(),
-        path,
-        [CF_PROFILES, CF_HISTORY, CF_DEDUPE, CF_META, CF_STATE, CF_TIMERS],
-        false,
-    )?;
+    let db = DB::open_cf_for_read_only(&rocksdb::Options::default(), path, ALL_CFS, false)?;
     let meta = cf(&db, CF_META);
     let applied = db.get_cf(meta, META_APPLIED)?.map(|b| decode(&b)).transpose()?;
     let membership = db.get_cf(meta, META_MEMBERSHIP)?.map(|b| decode(&b)).transpose()?.unwrap_or_default();

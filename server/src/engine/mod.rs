@@ -48,7 +48,7 @@ pub struct Engine {
     pub attrs: Vec<AttrSlot>,
     n_tags: usize,
     /// Every feature and tag name, for cheap membership checks on apply.
-    names: std::collections::HashSet<String>,
+    names: std::collections::HashSet<String, foldhash::fast::RandomState>,
 }
 
 /// Parses schema TOML and compiles its features and tags: a schema that

@@ -45,8 +45,11 @@ impl Engine {
             if !f.wants(event) {
                 continue;
             }
-            let entry =
-                state.features.entry(f.name.clone()).or_insert((f.fingerprint, FeatureState::default()));
+            // Look up by reference: `entry()` would allocate the name per event.
+            if !state.features.contains_key(&f.name) {
+                state.features.insert(f.name.clone(), (f.fingerprint, FeatureState::default()));
+            }
+            let entry = state.features.get_mut(&f.name).expect("inserted above");
             if entry.0 != f.fingerprint {
                 *entry = (f.fingerprint, FeatureState::default());
             }

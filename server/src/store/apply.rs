@@ -5,8 +5,11 @@
 //! clock.
 
 use std::collections::hash_map::Entry as MapEntry;
-use std::collections::HashMap;
-use std::collections::HashSet;
+
+/// Maps keyed by user ids and row keys: foldhash (seeded per process) is
+/// several times cheaper than SipHash on these short keys.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch, DB};
 
@@ -40,11 +43,27 @@ pub struct ApplyCache {
     records: HashMap<Vec<u8>, FamilyHead>,
     users: HashMap<String, UserState>,
     capacity: usize,
+    /// The per-entry maps of the last entry, emptied, kept for their
+    /// capacity: an entry of thousands of users would otherwise allocate
+    /// (and the allocator zero fresh pages for) large tables every time.
+    scratch: Scratch,
+}
+
+#[derive(Default)]
+struct Scratch {
+    records: HashMap<Vec<u8>, FamilyHead>,
+    users: HashMap<String, Touched>,
+    new_ids: HashSet<Vec<u8>>,
 }
 
 impl ApplyCache {
     pub fn new(capacity: usize) -> ApplyCache {
-        ApplyCache { records: HashMap::new(), users: HashMap::new(), capacity }
+        ApplyCache {
+            records: HashMap::default(),
+            users: HashMap::default(),
+            capacity,
+            scratch: Scratch::default(),
+        }
     }
 
     pub fn clear(&mut self) {
@@ -197,15 +216,8 @@ pub fn decode_user_state(bytes: &[u8]) -> Result<UserState, bincode::Error> {
 
 impl<'a> EntryState<'a> {
     fn new(db: &'a DB, cache: &'a mut ApplyCache, engine: &'a Engine, now_ms: i64) -> Self {
-        EntryState {
-            db,
-            cache,
-            engine,
-            now_ms,
-            records: HashMap::new(),
-            users: HashMap::new(),
-            new_ids: HashSet::new(),
-        }
+        let Scratch { records, users, new_ids } = std::mem::take(&mut cache.scratch);
+        EntryState { db, cache, engine, now_ms, records, users, new_ids }
     }
 
     fn apply_event(
@@ -300,7 +312,8 @@ impl<'a> EntryState<'a> {
     /// timers into the batch (history events went in as they were applied).
     fn finish(self, batch: &mut WriteBatch) -> Result<(), ApplyError> {
         let profiles = cf(self.db, CF_PROFILES);
-        for (key, record) in self.records {
+        let (mut records, mut users, mut new_ids) = (self.records, self.users, self.new_ids);
+        for (key, record) in records.drain() {
             if record.is_empty() {
                 batch.delete_cf(profiles, &key);
             } else {
@@ -309,7 +322,7 @@ impl<'a> EntryState<'a> {
             self.cache.records.insert(key, record);
         }
         let (state_cf, timers) = (cf(self.db, CF_STATE), cf(self.db, CF_TIMERS));
-        for (user, mut t) in self.users {
+        for (user, mut t) in users.drain() {
             self.engine.settle(&mut t.state, &t.dirty, self.now_ms);
             let mut value = NEVER.to_be_bytes().to_vec();
             value.extend(codec::encode(&t.state));
@@ -325,6 +338,8 @@ impl<'a> EntryState<'a> {
             self.cache.users.insert(user, t.state);
         }
         self.cache.trim();
+        new_ids.clear();
+        self.cache.scratch = Scratch { records, users, new_ids };
         Ok(())
     }
 }

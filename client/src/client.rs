@@ -6,7 +6,7 @@ use portrait_proto::v1::{
     ApplySchemaRequest, ApplySchemaResponse, BatchGetProfilesRequest, BatchGetProfilesResponse,
     ClusterStatusRequest, ClusterStatusResponse, Consistency, Event, GetProfileRequest, GetProfileResponse,
     GetSchemaRequest, GetSchemaResponse, MembershipResponse, RemoveNodeRequest, SetPartitionRequest,
-    WriteRequest, WriteResponse,
+    TransferLeaderRequest, TransferLeaderResponse, WriteRequest, WriteResponse,
 };
 use tonic::transport::Channel;
 
@@ -151,6 +151,17 @@ impl PortraitClient {
             let request = request.clone();
             async move { admin(ch).add_node(request).await }
         })
+        .await
+    }
+
+    /// Makes voter `node_id` the leader; goes to the leader, and returns
+    /// once `node_id` leads (a few seconds: writes pause for about one
+    /// leader lease meanwhile). A no-op if it already leads.
+    pub async fn transfer_leader(&self, node_id: u64) -> Result<TransferLeaderResponse, ClientError> {
+        unary(
+            &self.router,
+            |ch| async move { admin(ch).transfer_leader(TransferLeaderRequest { node_id }).await },
+        )
         .await
     }
 

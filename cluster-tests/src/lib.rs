@@ -6,6 +6,7 @@
 //! be killed with SIGKILL and restarted on the same dir and port.
 
 pub mod linearizability;
+pub mod workload;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -224,6 +225,23 @@ impl Cluster {
             }
             assert!(Instant::now() < deadline, "no leader among {candidates:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every node in `ids` reports `leader` as the leader (and
+    /// `leader` itself reports the `Leader` role).
+    pub async fn wait_agreed_leader(&self, ids: &[u64], leader: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        'poll: loop {
+            assert!(Instant::now() < deadline, "nodes {ids:?} did not all name node {leader} as leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            for &id in ids {
+                let Ok(s) = self.client(id).await.cluster_status().await else { continue 'poll };
+                if s.leader_id != leader || (id == leader && s.role != "Leader") {
+                    continue 'poll;
+                }
+            }
+            return;
         }
     }
 

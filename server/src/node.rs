@@ -13,7 +13,9 @@ use crate::engine::check_schema;
 use crate::error::{Error, Result};
 use crate::model::{Event, WriteCounts};
 use crate::raft::batcher::WriteBatcher;
-use crate::raft::network::Network;
+use crate::raft::gate::ProposalGate;
+use crate::raft::network::{Blocked, Network};
+use crate::raft::transfer::LeaderTransfer;
 use crate::raft::{client_write_error, not_leader, RaftTuning};
 use crate::schema::VersionedSchema;
 use crate::store::read::{read_profile, ProfileView, Selection};
@@ -83,8 +85,12 @@ pub struct Node {
     pub raft: Raft,
     pub sm: Arc<SmStore>,
     batcher: WriteBatcher,
+    /// Every proposal passes it; a leadership transfer closes it.
+    gate: ProposalGate,
+    transfer: LeaderTransfer,
     /// Fault injection (tests): peers raft messages are not sent to.
-    blocked: Option<crate::raft::network::Blocked>,
+    blocked: Blocked,
+    fault_injection: bool,
     write_timeout: Duration,
 }
 
@@ -97,7 +103,7 @@ impl Node {
         let state_machine = StateMachine::new(sm.clone(), &opts.data_dir)?;
         let config = Arc::new(opts.tuning.openraft_config()?);
         let network = Network::default();
-        let blocked = opts.fault_injection.then(|| network.blocked.clone());
+        let blocked = network.blocked.clone();
         let raft = Raft::new(opts.node_id, config, network, log, state_machine).await?;
         if opts.bootstrap && !raft.is_initialized().await? {
             tracing::info!(node_id = opts.node_id, "bootstrapping a new single-node cluster");
@@ -105,13 +111,31 @@ impl Node {
             raft.initialize(members).await?;
         }
         let batcher = WriteBatcher::start(raft.clone());
+        let gate = ProposalGate::default();
         crate::raft::ticker::start(
             raft.clone(),
             sm.clone(),
+            gate.clone(),
             Duration::from_millis(opts.tuning.tick_interval_ms),
         );
-        let write_timeout = Duration::from_millis(opts.tuning.write_timeout_ms);
-        Ok(Arc::new(Node { id: opts.node_id, raft, sm, batcher, blocked, write_timeout }))
+        let transfer = LeaderTransfer::new(
+            opts.node_id,
+            raft.clone(),
+            gate.clone(),
+            blocked.clone(),
+            opts.tuning.clone(),
+        );
+        Ok(Arc::new(Node {
+            id: opts.node_id,
+            raft,
+            sm,
+            batcher,
+            gate,
+            transfer,
+            blocked,
+            fault_injection: opts.fault_injection,
+            write_timeout: Duration::from_millis(opts.tuning.write_timeout_ms),
+        }))
     }
 
     /// Waits until some leader is known (or `timeout` passes).
@@ -121,9 +145,14 @@ impl Node {
     }
 
     /// Validates and commits one write request.
+    ///
+    /// During a leadership transfer the write waits at the gate (at most
+    /// the write timeout, then UNAVAILABLE: nothing was proposed), then goes
+    /// on; on the old leader that is a redirect to the new one.
     pub async fn write(&self, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
         let schema = self.sm.schema();
         validate_request(&events, &schema.schema, Some(crate::wall_clock_ms()))?;
+        let _pass = self.gate.pass(self.write_timeout).await?;
         // Never hang: a leader cut off from its quorum cannot commit.
         match tokio::time::timeout(self.write_timeout, self.batcher.write(events)).await {
             Ok(result) => result,
@@ -164,6 +193,8 @@ impl Node {
             })?;
         }
         if consistency == Consistency::Linearizable {
+            // The leadership check sends AppendEntries, which a transfer must not.
+            let _pass = self.gate.pass(self.write_timeout).await?;
             self.raft.ensure_linearizable().await.map_err(check_leader_error)?;
         }
         let now = crate::wall_clock_ms();
@@ -198,6 +229,7 @@ impl Node {
         if dry_run {
             return Ok(VersionedSchema { version: self.sm.schema().version, schema });
         }
+        let _pass = self.gate.pass(self.write_timeout).await?;
         let command = Command::ApplySchema { stamp_ms: crate::wall_clock_ms(), toml };
         let resp = self.raft.client_write(command).await.map_err(client_write_error)?;
         match resp.data {
@@ -297,6 +329,7 @@ impl Node {
         if let Err(e) = tonic::transport::Endpoint::from_shared(addr.clone()) {
             return Err(Error::invalid("addr", format!("not a valid URL ({e}); e.g. http://10.0.0.2:7700")));
         }
+        let _pass = self.gate.pass(self.write_timeout).await?;
         let resp =
             self.raft.add_learner(id, BasicNode::new(&addr), true).await.map_err(client_write_error)?;
         if learner_only {
@@ -315,6 +348,7 @@ impl Node {
         if !is_member {
             return Err(Error::NotFound(format!("node {id} is not a member of the cluster")));
         }
+        let _pass = self.gate.pass(self.write_timeout).await?;
         let set = std::collections::BTreeSet::from([id]);
         let change = if is_voter {
             openraft::ChangeMembers::RemoveVoters(set)
@@ -326,16 +360,75 @@ impl Node {
     }
 }
 
+/// Leadership transfer (see [`crate::raft::transfer`]).
+impl Node {
+    /// On the leader: makes voter `target` the leader and returns it with
+    /// its address. Elsewhere: `NotLeader` with the leader's address.
+    pub async fn transfer_leader(&self, target: NodeId) -> Result<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let addr_of = |id: NodeId| membership.get_node(&id).map(|n| n.addr.clone());
+        if m.state != ServerState::Leader || m.current_leader != Some(self.id) {
+            let leader_addr = m.current_leader.and_then(addr_of);
+            return Err(Error::NotLeader { leader_id: m.current_leader, leader_addr });
+        }
+        if target == self.id {
+            return Ok((target, addr_of(target).unwrap_or_default()));
+        }
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let Some(addr) = addr_of(target) else {
+            let list = voters.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
+            let reason = format!("node {target} is not a member of the cluster (voters: {list})");
+            return Err(Error::invalid("node_id", reason));
+        };
+        if !voters.contains(&target) {
+            return Err(Error::FailedPrecondition(format!(
+                "node_id: node {target} is a learner; only a voter can lead (promote it with \
+                 `portrait cluster add-node {target} {addr}`)"
+            )));
+        }
+        self.transfer.run(target, &addr).await?;
+        Ok((target, addr))
+    }
+
+    /// On the transfer's target: campaigns now if this node is a voter in
+    /// `term` whose log reaches `last_log_index` (only checks, if `dry_run`).
+    pub async fn start_election(&self, term: u64, last_log_index: u64, dry_run: bool) -> Result<()> {
+        let m = self.raft.metrics().borrow().clone();
+        if !m.membership_config.membership().voter_ids().any(|v| v == self.id) {
+            return Err(Error::FailedPrecondition(format!("node {} is not a voter", self.id)));
+        }
+        if m.current_term != term {
+            return Err(Error::FailedPrecondition(format!(
+                "asked to campaign in term {term}, but this node is in term {}",
+                m.current_term
+            )));
+        }
+        let last = m.last_log_index.unwrap_or(0);
+        if dry_run || m.state == ServerState::Leader {
+            return Ok(());
+        }
+        if last < last_log_index {
+            return Err(Error::FailedPrecondition(format!(
+                "its log ends at {last}, before the leader's {last_log_index}"
+            )));
+        }
+        tracing::info!(term, last_log_index, "leadership transfer: campaigning");
+        self.raft.trigger().elect().await.map_err(|e| Error::Unavailable(format!("raft is not running: {e}")))
+    }
+}
+
 /// Fault injection (tests).
 impl Node {
     /// Drops raft messages to `peers` from now on (replacing the previous set).
     pub fn set_partition(&self, peers: Vec<NodeId>) -> Result<()> {
-        let Some(blocked) = &self.blocked else {
+        if !self.fault_injection {
             return Err(Error::FailedPrecondition(
                 "fault injection is off (start portraitd with --fault-injection)".into(),
             ));
-        };
-        *blocked.write().map_err(|_| Error::Internal("fault set lock".into()))? = peers.into_iter().collect();
+        }
+        let mut blocked = self.blocked.write().map_err(|_| Error::Internal("fault set lock".into()))?;
+        *blocked = peers.into_iter().collect();
         Ok(())
     }
 }

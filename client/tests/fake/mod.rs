@@ -107,6 +107,13 @@ impl Admin for Fake {
         Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
     }
 
+    async fn transfer_leader(
+        &self,
+        _: Request<portrait_client::portrait_proto::v1::TransferLeaderRequest>,
+    ) -> Result<Response<portrait_client::portrait_proto::v1::TransferLeaderResponse>, Status> {
+        Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
+    }
+
     async fn set_partition(
         &self,
         _: Request<portrait_client::portrait_proto::v1::SetPartitionRequest>,

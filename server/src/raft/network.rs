@@ -13,10 +13,11 @@ use std::sync::{Arc, RwLock};
 
 use openraft::BasicNode;
 use portrait_proto::v1::raft_client::RaftClient;
-use portrait_proto::v1::RaftPayload;
+use portrait_proto::v1::{RaftPayload, StartElectionRequest};
 use serde::de::DeserializeOwned;
 use tonic::transport::Channel;
 
+use crate::error::Error;
 use crate::limits::MAX_MESSAGE_BYTES;
 use crate::store::codec::{decode, encode};
 use crate::types::{NodeId, TypeConfig};
@@ -127,5 +128,48 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr> {
         self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await }).await
+    }
+}
+
+/// The target of a leadership transfer, reached over the internal `Raft`
+/// service; see [`super::transfer`]. Fault injection drops these calls like
+/// any other raft message to a blocked peer.
+pub struct ElectionPeer {
+    target: NodeId,
+    addr: String,
+    client: RaftClient<Channel>,
+    blocked: Blocked,
+}
+
+impl ElectionPeer {
+    /// Connects now, so that the call made at the right moment is quick.
+    pub async fn connect(target: NodeId, addr: &str, blocked: Blocked) -> Result<ElectionPeer, Error> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Error::Unavailable(format!("cannot reach node {target} at {addr}: {e}"))
+        };
+        let endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())
+            .map_err(|e| unreachable(&e))?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .timeout(std::time::Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let client = RaftClient::new(endpoint.connect().await.map_err(|e| unreachable(&e))?);
+        Ok(ElectionPeer { target, addr: addr.to_string(), client, blocked })
+    }
+
+    /// Sends `StartElection`; the target's refusal is `FAILED_PRECONDITION`.
+    pub async fn start_election(&mut self, request: StartElectionRequest) -> Result<(), Error> {
+        let target = self.target;
+        if self.blocked.read().map(|b| b.contains(&target)).unwrap_or(false) {
+            return Err(Error::Unavailable(format!(
+                "cannot reach node {target}: fault injection drops messages to it"
+            )));
+        }
+        match self.client.start_election(request).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                Err(Error::FailedPrecondition(format!("node {target} will not campaign: {}", s.message())))
+            }
+            Err(s) => Err(Error::Unavailable(format!("cannot reach node {target} at {}: {s}", self.addr))),
+        }
     }
 }

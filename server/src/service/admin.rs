@@ -6,7 +6,7 @@ use portrait_proto::v1::admin_server::Admin;
 use portrait_proto::v1::{
     AddNodeRequest, ApplySchemaRequest, ApplySchemaResponse, ClusterStatusRequest, ClusterStatusResponse,
     GetSchemaRequest, GetSchemaResponse, Member, MembershipResponse, RemoveNodeRequest, SetPartitionRequest,
-    SetPartitionResponse,
+    SetPartitionResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -69,6 +69,14 @@ impl Admin for AdminService {
     ) -> Result<Response<MembershipResponse>, Status> {
         let log_index = self.node.remove_node(request.into_inner().node_id).await?;
         Ok(Response::new(MembershipResponse { log_index, members: self.members() }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let (leader_id, leader_addr) = self.node.transfer_leader(request.into_inner().node_id).await?;
+        Ok(Response::new(TransferLeaderResponse { leader_id, leader_addr }))
     }
 
     async fn set_partition(

@@ -166,9 +166,21 @@ impl PortraitClient {
     }
 
     /// Test-only fault injection on the connected node: drop raft messages to
-    /// `blocked_peers` (empty heals).
+    /// `blocked_peers` (empty heals). Clears `drop_entries_from`.
     pub async fn set_partition(&self, blocked_peers: Vec<u64>) -> Result<(), ClientError> {
-        let request = SetPartitionRequest { blocked_peers };
+        self.set_faults(blocked_peers, Vec::new()).await
+    }
+
+    /// Test-only fault injection on the connected node: drop raft messages to
+    /// `blocked_peers`, and log entries and snapshots arriving from
+    /// `drop_entries_from` (a follower that lags while it still hears the
+    /// leader). Both empty heal.
+    pub async fn set_faults(
+        &self,
+        blocked_peers: Vec<u64>,
+        drop_entries_from: Vec<u64>,
+    ) -> Result<(), ClientError> {
+        let request = SetPartitionRequest { blocked_peers, drop_entries_from };
         unary(&self.router, |ch| {
             let request = request.clone();
             async move { admin(ch).set_partition(request).await }

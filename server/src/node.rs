@@ -6,13 +6,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::error::{CheckIsLeaderError, InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+};
 use openraft::{BasicNode, ServerState};
 
 use crate::engine::check_schema;
 use crate::error::{Error, Result};
 use crate::model::{Event, WriteCounts};
 use crate::raft::batcher::WriteBatcher;
+use crate::raft::contact::{freshness, Freshness, LeaderContact, PeerAcks};
 use crate::raft::gate::ProposalGate;
 use crate::raft::network::{Blocked, Network};
 use crate::raft::transfer::LeaderTransfer;
@@ -20,7 +24,7 @@ use crate::raft::{client_write_error, not_leader, RaftTuning};
 use crate::schema::VersionedSchema;
 use crate::store::read::{read_profile, ProfileView, Selection};
 use crate::store::{LogStore, SmStore, StateMachine};
-use crate::types::{Command, CommandResult, NodeId, Raft};
+use crate::types::{Command, CommandResult, NodeId, Raft, TypeConfig};
 use crate::validate::{validate_request, validate_user_id};
 
 /// How to start a node.
@@ -50,7 +54,7 @@ pub struct ReadInfo {
     pub node_id: NodeId,
     pub applied_index: u64,
     pub as_of_ms: i64,
-    pub lag_entries: u64,
+    pub freshness: Freshness,
 }
 
 /// A member of the cluster as seen by this node.
@@ -60,6 +64,8 @@ pub struct MemberStatus {
     pub addr: String,
     pub voter: bool,
     pub matched_index: Option<u64>,
+    /// Entries behind the leader's last log index (reported by the leader only).
+    pub lag_entries: Option<u64>,
 }
 
 /// What `ClusterStatus` reports.
@@ -78,6 +84,8 @@ pub struct NodeStatus {
     pub schema_version: u64,
     /// Background re-evaluation after a schema change: (running, users done).
     pub reevaluation: (bool, u64),
+    /// This node's own lag behind the leader, as reads report it.
+    pub freshness: Freshness,
 }
 
 pub struct Node {
@@ -88,8 +96,14 @@ pub struct Node {
     /// Every proposal passes it; a leadership transfer closes it.
     gate: ProposalGate,
     transfer: LeaderTransfer,
-    /// Fault injection (tests): peers raft messages are not sent to.
+    /// What this node last heard from its leader, and (leading) when each
+    /// peer last answered: see [`crate::raft::contact`].
+    contact: LeaderContact,
+    acks: Arc<PeerAcks>,
+    /// Fault injection (tests): peers raft messages are not sent to, and
+    /// peers whose log entries are dropped on arrival.
     blocked: Blocked,
+    dropping: Blocked,
     fault_injection: bool,
     write_timeout: Duration,
 }
@@ -103,7 +117,7 @@ impl Node {
         let state_machine = StateMachine::new(sm.clone(), &opts.data_dir)?;
         let config = Arc::new(opts.tuning.openraft_config()?);
         let network = Network::default();
-        let blocked = network.blocked.clone();
+        let (blocked, acks) = (network.blocked.clone(), network.acks.clone());
         let raft = Raft::new(opts.node_id, config, network, log, state_machine).await?;
         if opts.bootstrap && !raft.is_initialized().await? {
             tracing::info!(node_id = opts.node_id, "bootstrapping a new single-node cluster");
@@ -132,7 +146,10 @@ impl Node {
             batcher,
             gate,
             transfer,
+            contact: LeaderContact::default(),
+            acks,
             blocked,
+            dropping: Blocked::default(),
             fault_injection: opts.fault_injection,
             write_timeout: Duration::from_millis(opts.tuning.write_timeout_ms),
         }))
@@ -210,13 +227,8 @@ impl Node {
 
     fn read_info(&self, as_of_ms: i64) -> ReadInfo {
         let applied_index = self.sm.applied().last_applied.map(|l| l.index).unwrap_or(0);
-        let last_log = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
-        ReadInfo {
-            node_id: self.id,
-            applied_index,
-            as_of_ms,
-            lag_entries: last_log.saturating_sub(applied_index),
-        }
+        let freshness = freshness(&self.raft.metrics().borrow(), applied_index, &self.contact, &self.acks);
+        ReadInfo { node_id: self.id, applied_index, as_of_ms, freshness }
     }
 
     pub fn schema(&self) -> Arc<VersionedSchema> {
@@ -243,17 +255,21 @@ impl Node {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: std::collections::BTreeSet<_> = membership.voter_ids().collect();
+        let last_log_index = m.last_log_index.unwrap_or(0);
+        // Only the leader has replication metrics; there every member has a row.
         let matched =
-            |id: &NodeId| m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index);
+            |id: &NodeId| m.replication.as_ref().map(|r| r.get(id).cloned().flatten().map(|l| l.index));
         let members = membership
             .nodes()
             .map(|(id, node)| MemberStatus {
                 node_id: *id,
                 addr: node.addr.clone(),
                 voter: voters.contains(id),
-                matched_index: matched(id),
+                matched_index: matched(id).flatten(),
+                lag_entries: matched(id).map(|i| last_log_index.saturating_sub(i.unwrap_or(0))),
             })
             .collect();
+        let applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
         let leader_addr = m.current_leader.and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
         NodeStatus {
             node_id: self.id,
@@ -261,8 +277,8 @@ impl Node {
             leader_id: m.current_leader,
             leader_addr,
             term: m.current_term,
-            last_log_index: m.last_log_index.unwrap_or(0),
-            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index,
+            applied_index,
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             members,
@@ -271,6 +287,7 @@ impl Node {
                 Ok(Some(p)) => (true, p.users_done),
                 _ => (false, 0),
             },
+            freshness: freshness(&m, applied_index, &self.contact, &self.acks),
         }
     }
 
@@ -418,17 +435,77 @@ impl Node {
     }
 }
 
+/// Incoming raft messages (the internal `Raft` service), noting what the
+/// leader says about its commit index ([`crate::raft::contact`]).
+impl Node {
+    /// `Err`: dropped by fault injection (the sender sees the node unreachable).
+    pub async fn append_entries(
+        &self,
+        req: AppendEntriesRequest<TypeConfig>,
+    ) -> Result<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+        let commit = req.leader_commit.map(|l| l.index);
+        if !req.entries.is_empty() {
+            if let Some(from) = self.dropped_sender(&req.vote) {
+                if req.vote >= self.raft.metrics().borrow().vote {
+                    self.contact.heard(commit);
+                }
+                return Err(dropped(from));
+            }
+        }
+        let result = self.raft.append_entries(req).await;
+        if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.contact.heard(commit);
+        }
+        Ok(result)
+    }
+
+    /// `Err`: dropped by fault injection.
+    pub async fn install_snapshot(
+        &self,
+        req: InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
+        if let Some(from) = self.dropped_sender(&req.vote) {
+            return Err(dropped(from));
+        }
+        let result = self.raft.install_snapshot(req).await;
+        if result.is_ok() {
+            self.contact.heard(None);
+        }
+        Ok(result)
+    }
+
+    /// The sender of a message carrying `vote`, if its log entries are dropped.
+    fn dropped_sender(&self, vote: &openraft::Vote<NodeId>) -> Option<NodeId> {
+        let from = vote.leader_id().voted_for()?;
+        self.dropping.read().ok()?.contains(&from).then_some(from)
+    }
+}
+
+fn fault_lock() -> Error {
+    Error::Internal("fault set lock".into())
+}
+
+fn dropped(from: NodeId) -> Error {
+    Error::Unavailable(format!("fault injection: log entries from node {from} are dropped"))
+}
+
 /// Fault injection (tests).
 impl Node {
-    /// Drops raft messages to `peers` from now on (replacing the previous set).
-    pub fn set_partition(&self, peers: Vec<NodeId>) -> Result<()> {
+    /// From now on (replacing the previous sets): drops raft messages to
+    /// `blocked`, and log entries and snapshots arriving from
+    /// `drop_entries_from` (their heartbeats and commit index still arrive).
+    /// While the latter is not empty this node does not campaign, so a
+    /// lagging follower stays a follower.
+    pub fn set_partition(&self, blocked: Vec<NodeId>, drop_entries_from: Vec<NodeId>) -> Result<()> {
         if !self.fault_injection {
             return Err(Error::FailedPrecondition(
                 "fault injection is off (start portraitd with --fault-injection)".into(),
             ));
         }
-        let mut blocked = self.blocked.write().map_err(|_| Error::Internal("fault set lock".into()))?;
-        *blocked = peers.into_iter().collect();
+        let elect = drop_entries_from.is_empty();
+        *self.blocked.write().map_err(|_| fault_lock())? = blocked.into_iter().collect();
+        *self.dropping.write().map_err(|_| fault_lock())? = drop_entries_from.into_iter().collect();
+        self.raft.runtime_config().elect(elect);
         Ok(())
     }
 }

@@ -149,7 +149,7 @@ impl Profiles for Fake {
             return Err(status);
         }
         let request = request.into_inner();
-        let read_info = ReadInfo { node_id: self.id, applied_index: 9, as_of_ms: 0, lag_entries: 0 };
+        let read_info = ReadInfo { node_id: self.id, applied_index: 9, ..Default::default() };
         Ok(Response::new(GetProfileResponse {
             profile: Some(profile(&request.user_id)),
             read_info: Some(read_info),

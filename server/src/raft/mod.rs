@@ -6,6 +6,7 @@
 //! Layering: uses `store` and `types`; services call it through [`crate::node`].
 
 pub mod batcher;
+pub mod contact;
 pub mod gate;
 pub mod network;
 pub mod ticker;

@@ -17,6 +17,7 @@ use portrait_proto::v1::{RaftPayload, StartElectionRequest};
 use serde::de::DeserializeOwned;
 use tonic::transport::Channel;
 
+use super::contact::PeerAcks;
 use crate::error::Error;
 use crate::limits::MAX_MESSAGE_BYTES;
 use crate::store::codec::{decode, encode};
@@ -30,13 +31,21 @@ pub type Blocked = Arc<RwLock<BTreeSet<NodeId>>>;
 #[derive(Clone, Default)]
 pub struct Network {
     pub blocked: Blocked,
+    /// When each peer last acknowledged an AppendEntries.
+    pub acks: Arc<PeerAcks>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
-        Peer { target, addr: node.addr.clone(), client: None, blocked: self.blocked.clone() }
+        Peer {
+            target,
+            addr: node.addr.clone(),
+            client: None,
+            blocked: self.blocked.clone(),
+            acks: self.acks.clone(),
+        }
     }
 }
 
@@ -46,6 +55,7 @@ pub struct Peer {
     addr: String,
     client: Option<RaftClient<Channel>>,
     blocked: Blocked,
+    acks: Arc<PeerAcks>,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -111,7 +121,12 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
+        let result = self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await;
+        // Any answer but a higher vote means the peer still takes this node as leader.
+        if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.acks.acked(self.target);
+        }
+        result
     }
 
     async fn install_snapshot(

@@ -28,7 +28,13 @@ impl AdminService {
 }
 
 fn member_to_pb(m: crate::node::MemberStatus) -> Member {
-    Member { node_id: m.node_id, addr: m.addr, voter: m.voter, matched_index: m.matched_index.unwrap_or(0) }
+    Member {
+        node_id: m.node_id,
+        addr: m.addr,
+        voter: m.voter,
+        matched_index: m.matched_index.unwrap_or(0),
+        lag_entries: m.lag_entries,
+    }
 }
 
 #[tonic::async_trait]
@@ -83,7 +89,8 @@ impl Admin for AdminService {
         &self,
         request: Request<SetPartitionRequest>,
     ) -> Result<Response<SetPartitionResponse>, Status> {
-        self.node.set_partition(request.into_inner().blocked_peers)?;
+        let req = request.into_inner();
+        self.node.set_partition(req.blocked_peers, req.drop_entries_from)?;
         Ok(Response::new(SetPartitionResponse {}))
     }
 
@@ -92,16 +99,7 @@ impl Admin for AdminService {
         _: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         let s = self.node.status();
-        let members = s
-            .members
-            .into_iter()
-            .map(|m| Member {
-                node_id: m.node_id,
-                addr: m.addr,
-                voter: m.voter,
-                matched_index: m.matched_index.unwrap_or(0),
-            })
-            .collect();
+        let members = s.members.into_iter().map(member_to_pb).collect();
         Ok(Response::new(ClusterStatusResponse {
             node_id: s.node_id,
             role: s.role,
@@ -117,6 +115,8 @@ impl Admin for AdminService {
             reevaluating: s.reevaluation.0,
             reevaluated_users: s.reevaluation.1,
             version: env!("CARGO_PKG_VERSION").into(),
+            lag_entries: s.freshness.lag_entries,
+            leader_contact_age_ms: s.freshness.leader_contact_age.map(|d| d.as_millis() as u64),
         }))
     }
 }

@@ -34,7 +34,7 @@ fn reply<T: serde::Serialize>(result: T) -> Result<Response<RaftPayload>, Status
 #[tonic::async_trait]
 impl Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        reply(self.node.raft.append_entries(decode_req(req)?).await)
+        reply(self.node.append_entries(decode_req(req)?).await?)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
@@ -42,7 +42,7 @@ impl Raft for RaftService {
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        reply(self.node.raft.install_snapshot(decode_req(req)?).await)
+        reply(self.node.install_snapshot(decode_req(req)?).await?)
     }
 
     async fn start_election(

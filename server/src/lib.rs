@@ -5,12 +5,14 @@
 //! - [`store`]: RocksDB log store and state machine (no tonic);
 //! - [`raft`]: openraft wiring, the write batcher and the raft network;
 //! - [`service`]: gRPC adapters (validate, call one domain method, map the error);
-//! - `portraitd` (`main.rs`) and [`config`]: wiring only.
+//! - `portraitd` (`main.rs`), [`config`] and [`join`]: wiring, and joining
+//!   a cluster on first start.
 
 pub mod config;
 pub mod duration;
 pub mod engine;
 pub mod error;
+pub mod join;
 pub mod limits;
 pub mod model;
 pub mod node;

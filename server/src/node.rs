@@ -90,6 +90,8 @@ pub struct NodeStatus {
 
 pub struct Node {
     pub id: NodeId,
+    /// The address recorded for this node in the membership when it joins.
+    pub advertise: String,
     pub raft: Raft,
     pub sm: Arc<SmStore>,
     batcher: WriteBatcher,
@@ -141,6 +143,7 @@ impl Node {
         );
         Ok(Arc::new(Node {
             id: opts.node_id,
+            advertise: opts.advertise.clone(),
             raft,
             sm,
             batcher,

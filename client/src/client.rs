@@ -6,7 +6,7 @@ use portrait_proto::v1::{
     ApplySchemaRequest, ApplySchemaResponse, BatchGetProfilesRequest, BatchGetProfilesResponse,
     ClusterStatusRequest, ClusterStatusResponse, Consistency, Event, GetProfileRequest, GetProfileResponse,
     GetSchemaRequest, GetSchemaResponse, MembershipResponse, RemoveNodeRequest, SetPartitionRequest,
-    WriteRequest, WriteResponse,
+    TransferLeaderRequest, TransferLeaderResponse, WriteRequest, WriteResponse,
 };
 use tonic::transport::Channel;
 
@@ -154,10 +154,33 @@ impl PortraitClient {
         .await
     }
 
+    /// Makes voter `node_id` the leader; goes to the leader, and returns
+    /// once `node_id` leads (a few seconds: writes pause for about one
+    /// leader lease meanwhile). A no-op if it already leads.
+    pub async fn transfer_leader(&self, node_id: u64) -> Result<TransferLeaderResponse, ClientError> {
+        unary(
+            &self.router,
+            |ch| async move { admin(ch).transfer_leader(TransferLeaderRequest { node_id }).await },
+        )
+        .await
+    }
+
     /// Test-only fault injection on the connected node: drop raft messages to
-    /// `blocked_peers` (empty heals).
+    /// `blocked_peers` (empty heals). Clears `drop_entries_from`.
     pub async fn set_partition(&self, blocked_peers: Vec<u64>) -> Result<(), ClientError> {
-        let request = SetPartitionRequest { blocked_peers };
+        self.set_faults(blocked_peers, Vec::new()).await
+    }
+
+    /// Test-only fault injection on the connected node: drop raft messages to
+    /// `blocked_peers`, and log entries and snapshots arriving from
+    /// `drop_entries_from` (a follower that lags while it still hears the
+    /// leader). Both empty heal.
+    pub async fn set_faults(
+        &self,
+        blocked_peers: Vec<u64>,
+        drop_entries_from: Vec<u64>,
+    ) -> Result<(), ClientError> {
+        let request = SetPartitionRequest { blocked_peers, drop_entries_from };
         unary(&self.router, |ch| {
             let request = request.clone();
             async move { admin(ch).set_partition(request).await }

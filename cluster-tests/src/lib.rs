@@ -3,9 +3,11 @@
 //! [`Cluster::start`] runs N `portraitd` processes (the release binary of this
 //! workspace, or `$PORTRAITD`) on free 127.0.0.1 ports with their own temp
 //! data dirs; node 1 bootstraps, the others join through `AddNode`. Nodes can
-//! be killed with SIGKILL and restarted on the same dir and port.
+//! be killed with SIGKILL and restarted on the same dir, port and flags.
+//! [`Cluster::spawn_joining`] starts a node that joins by itself (`--join`).
 
 pub mod linearizability;
+pub mod workload;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -43,6 +45,8 @@ pub struct NodeProc {
     child: Option<Child>,
     /// portraitd config file contents (`--config`), if any.
     config: Option<String>,
+    /// More flags, given on every start.
+    args: Vec<String>,
 }
 
 impl NodeProc {
@@ -69,6 +73,7 @@ impl NodeProc {
         if !bootstrap {
             cmd.arg("--no-bootstrap");
         }
+        cmd.args(&self.args);
         if let Some(config) = &self.config {
             let path = self.dir.path().join("portraitd.toml");
             std::fs::write(&path, config).unwrap();
@@ -123,6 +128,7 @@ impl Cluster {
                 dir: tempfile::tempdir().unwrap(),
                 child: None,
                 config: config.map(str::to_string),
+                args: Vec::new(),
             })
             .collect();
         for node in &mut nodes {
@@ -156,10 +162,21 @@ impl Cluster {
     /// Starts one more process (not yet a member; add it with `AddNode`).
     /// Returns its id.
     pub async fn spawn_node(&mut self) -> u64 {
+        self.spawn_with_args(Vec::new()).await
+    }
+
+    /// Starts one more process with `--join` through the nodes `seeds`: it
+    /// adds itself to the cluster. Returns its id.
+    pub async fn spawn_joining(&mut self, seeds: &[u64]) -> u64 {
+        let seeds: Vec<String> = seeds.iter().map(|&s| self.node(s).endpoint()).collect();
+        self.spawn_with_args(vec!["--join".into(), seeds.join(",")]).await
+    }
+
+    async fn spawn_with_args(&mut self, args: Vec<String>) -> u64 {
         let id = self.nodes.len() as u64 + 1;
         let config = self.nodes[0].config.clone();
-        let mut node =
-            NodeProc { id, port: free_port(), dir: tempfile::tempdir().unwrap(), child: None, config };
+        let dir = tempfile::tempdir().unwrap();
+        let mut node = NodeProc { id, port: free_port(), dir, child: None, config, args };
         node.spawn(false);
         self.nodes.push(node);
         self.wait_answering(id).await;
@@ -224,6 +241,23 @@ impl Cluster {
             }
             assert!(Instant::now() < deadline, "no leader among {candidates:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every node in `ids` reports `leader` as the leader (and
+    /// `leader` itself reports the `Leader` role).
+    pub async fn wait_agreed_leader(&self, ids: &[u64], leader: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        'poll: loop {
+            assert!(Instant::now() < deadline, "nodes {ids:?} did not all name node {leader} as leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            for &id in ids {
+                let Ok(s) = self.client(id).await.cluster_status().await else { continue 'poll };
+                if s.leader_id != leader || (id == leader && s.role != "Leader") {
+                    continue 'poll;
+                }
+            }
+            return;
         }
     }
 

@@ -3,70 +3,15 @@
 //! full-set comparison afterwards (not a count).
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
 
-use portrait_client::{Consistency, Event, PortraitClient, Value};
+use portrait_client::Consistency;
+use portrait_cluster_tests::workload::{order, served, Workload};
 use portrait_cluster_tests::Cluster;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
-
-/// Enough users that no history (100 trade events) overflows in a test run.
-const USERS: u64 = 64;
-
-fn order(i: u64) -> Event {
-    Event {
-        user_id: format!("u{}", i % USERS),
-        family: "trade".into(),
-        r#type: "order".into(),
-        event_time_ms: now_ms(),
-        event_id: format!("w{i}"),
-        attrs: [("amount".to_string(), Value::int(i as i64))].into(),
-    }
-}
-
-/// Every event id a node serves in the users' trade history.
-async fn served(client: &PortraitClient) -> BTreeSet<String> {
-    let users: Vec<String> = (0..USERS).map(|u| format!("u{u}")).collect();
-    let r = client.batch_get_profiles(&users, &["trade".into()], Consistency::Local).await.unwrap();
-    r.profiles
-        .iter()
-        .filter_map(|p| p.families.get("trade"))
-        .flat_map(|f| f.history.iter().map(|h| h.event_id.clone()))
-        .collect()
-}
-
-/// Writes one event at a time through `endpoints` (round robin), recording
-/// the acknowledged ones, until `stop` is set. Returns the highest log index.
-async fn workload(
-    endpoints: Vec<String>,
-    acked: Arc<Mutex<BTreeSet<String>>>,
-    stop: Arc<Mutex<bool>>,
-) -> u64 {
-    let mut clients = Vec::new();
-    for e in &endpoints {
-        clients.push(PortraitClient::connect(e).await.unwrap());
-    }
-    let (mut i, mut last) = (0u64, 0u64);
-    while !*stop.lock().unwrap() {
-        let client = &clients[(i as usize) % clients.len()];
-        if let Ok(r) = client.write(vec![order(i)]).await {
-            acked.lock().unwrap().insert(format!("w{i}"));
-            last = last.max(r.log_index);
-        }
-        i += 1;
-    }
-    last
-}
 
 #[tokio::test]
 async fn no_acknowledged_write_is_lost_when_a_node_joins_and_another_leaves_under_load() {
     let mut cluster = Cluster::start(3).await;
-    let acked = Arc::new(Mutex::new(BTreeSet::new()));
-    let stop = Arc::new(Mutex::new(false));
-    let endpoints = vec![cluster.node(2).endpoint(), cluster.node(3).endpoint()];
-    let load = tokio::spawn(workload(endpoints, acked.clone(), stop.clone()));
+    let load = Workload::start(vec![cluster.node(2).endpoint(), cluster.node(3).endpoint()]);
 
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let four = cluster.spawn_node().await;
@@ -78,14 +23,13 @@ async fn no_acknowledged_write_is_lost_when_a_node_joins_and_another_leaves_unde
     assert_eq!(r.members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [2, 3, 4]);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
 
-    *stop.lock().unwrap() = true;
-    let last = load.await.unwrap();
-    let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 20, "the workload made progress: {}", acked.len());
+    let outcome = load.stop().await;
+    assert!(outcome.acked.len() > 20, "the workload made progress: {}", outcome.acked.len());
+    assert_eq!(outcome.hung, 0, "writes hung");
     for id in [2, 3, 4] {
-        cluster.wait_applied(id, last).await;
+        cluster.wait_applied(id, outcome.last_index).await;
         let served = served(&cluster.client(id).await).await;
-        let missing: Vec<_> = acked.difference(&served).collect();
+        let missing: Vec<_> = outcome.acked.difference(&served).collect();
         assert!(missing.is_empty(), "node {id} lost acknowledged writes: {missing:?}");
     }
 }
@@ -126,27 +70,23 @@ async fn no_acknowledged_write_is_lost_when_the_leader_is_killed_under_load() {
     let mut cluster = Cluster::start(3).await;
     let leader = cluster.wait_leader(&[1, 2, 3]).await;
     let survivors: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
-    let acked = Arc::new(Mutex::new(BTreeSet::new()));
-    let stop = Arc::new(Mutex::new(false));
-    let endpoints = survivors.iter().map(|&id| cluster.node(id).endpoint()).collect();
-    let load = tokio::spawn(workload(endpoints, acked.clone(), stop.clone()));
+    let load = Workload::start(survivors.iter().map(|&id| cluster.node(id).endpoint()).collect());
 
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let before_kill = acked.lock().unwrap().len();
+    let before_kill = load.acked();
     cluster.kill(leader);
     let new_leader = cluster.wait_leader(&survivors).await;
     tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-    *stop.lock().unwrap() = true;
-    let last = load.await.unwrap();
+    let outcome = load.stop().await;
 
-    let acked = acked.lock().unwrap().clone();
+    let acked = outcome.acked;
     assert!(
         before_kill > 0 && acked.len() > before_kill,
         "writes before ({before_kill}) and after ({}) the kill",
         acked.len()
     );
     for &id in &survivors {
-        cluster.wait_applied(id, last).await;
+        cluster.wait_applied(id, outcome.last_index).await;
         let served = served(&cluster.client(id).await).await;
         let missing: Vec<_> = acked.difference(&served).collect();
         assert!(

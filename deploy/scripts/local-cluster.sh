@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Starts a 3-node Portrait cluster on loopback (ports 7701-7703, data in
-# ./data/cluster/nodeN), forms it with `portrait cluster add-node`, and waits.
-# Ctrl-C stops all three nodes. Run `make build` first (make cluster does).
+# ./data/cluster/nodeN) and waits. Node 1 bootstraps the cluster; nodes 2 and
+# 3 join it by themselves (`portraitd --join`). A rerun restarts all three
+# from disk (no bootstrap, no join). Ctrl-C stops them. Run `make build`
+# first (make cluster does).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=./target/release
@@ -13,18 +15,17 @@ trap cleanup EXIT INT TERM
 
 for id in 1 2 3; do
   args=(--node-id "$id" --data-dir "$BASE/node$id" --listen "127.0.0.1:770$id")
-  # Node 1 forms the cluster; the others join it (a restart skips bootstrap anyway).
-  [ "$id" = 1 ] || args+=(--no-bootstrap)
+  # Node 1 forms the cluster; the others join it (a restart does neither).
+  [ "$id" = 1 ] || args+=(--join http://127.0.0.1:7701)
   "$BIN/portraitd" "${args[@]}" >"$BASE/node$id.log" 2>&1 &
   pids+=($!)
 done
 
 P="$BIN/portrait --endpoint http://127.0.0.1:7701"
-for _ in $(seq 50); do $P status >/dev/null 2>&1 && break; sleep 0.2; done
-for id in 2 3; do
-  if ! $P status | grep -q "http://127.0.0.1:770$id"; then
-    $P cluster add-node "$id" "http://127.0.0.1:770$id" >/dev/null
-  fi
+# Wait (at most 20 s) until the three nodes are voters.
+for _ in $(seq 100); do
+  [ "$($P status 2>/dev/null | grep -c ' voter')" = 3 ] && break
+  sleep 0.2
 done
 $P cluster status
 cat <<MSG

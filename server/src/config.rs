@@ -18,7 +18,7 @@ use crate::raft::RaftTuning;
     about = "Portrait node: replicated user profiles with per-family TTL, over gRPC"
 )]
 pub struct Cli {
-    /// TOML config file (keys: node_id, data_dir, listen, advertise, bootstrap, log, [raft]).
+    /// TOML config file (keys: node_id, data_dir, listen, advertise, bootstrap, join, log, [raft]).
     #[arg(long, env = "PORTRAIT_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's raft id (stable across restarts).
@@ -36,6 +36,9 @@ pub struct Cli {
     /// Do not form a single-node cluster on first start (for nodes that will join a multi-node cluster).
     #[arg(long, env = "PORTRAIT_NO_BOOTSTRAP")]
     pub no_bootstrap: bool,
+    /// Join the cluster of this node (comma-separated list tried in turn) on first start; implies --no-bootstrap.
+    #[arg(long, env = "PORTRAIT_JOIN", value_delimiter = ',', value_name = "ADDR")]
+    pub join: Vec<String>,
     /// Allow Admin.SetPartition to drop raft messages to chosen peers (for tests only).
     #[arg(long, env = "PORTRAIT_FAULT_INJECTION", hide = true)]
     pub fault_injection: bool,
@@ -52,6 +55,7 @@ struct FileConfig {
     listen: Option<String>,
     advertise: Option<String>,
     bootstrap: Option<bool>,
+    join: Option<Vec<String>>,
     log: Option<String>,
     #[serde(default)]
     raft: FileRaft,
@@ -75,6 +79,8 @@ pub struct Config {
     pub listen: String,
     pub log: String,
     pub node: NodeOptions,
+    /// Seeds to join through on first start (`--join`); empty: none.
+    pub join: Vec<String>,
 }
 
 impl Config {
@@ -96,6 +102,12 @@ impl Config {
             ),
             None => format!("http://{listen}"),
         };
+        let join = if cli.join.is_empty() { file.join.unwrap_or_default() } else { cli.join };
+        let join = join
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| seed_url(s))
+            .collect::<Result<Vec<_>, _>>()?;
         let d = RaftTuning::default();
         let tuning = RaftTuning {
             heartbeat_ms: file.raft.heartbeat_ms.unwrap_or(d.heartbeat_ms),
@@ -113,12 +125,22 @@ impl Config {
             node_id: cli.node_id.or(file.node_id).unwrap_or(1),
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("data")),
             advertise,
-            bootstrap: !cli.no_bootstrap && file.bootstrap.unwrap_or(true),
+            bootstrap: !cli.no_bootstrap && join.is_empty() && file.bootstrap.unwrap_or(true),
             tuning,
             fault_injection: cli.fault_injection,
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
-        Ok(Config { listen, log, node })
+        Ok(Config { listen, log, node, join })
+    }
+}
+
+/// `host:port` → `http://host:port`; rejects what is not a URL.
+fn seed_url(seed: &str) -> anyhow::Result<String> {
+    let seed = seed.trim().trim_end_matches('/');
+    let url = if seed.contains("://") { seed.to_string() } else { format!("http://{seed}") };
+    match url.parse::<tonic::transport::Uri>() {
+        Ok(uri) if uri.host().is_some() => Ok(url),
+        _ => anyhow::bail!("--join {seed}: not an address (e.g. http://portrait-0.portrait-headless:7700)"),
     }
 }
 
@@ -156,6 +178,17 @@ mod tests {
         assert!(err.to_string().contains("set --advertise"), "{err}");
         let cli = Cli::parse_from(["portraitd", "--listen", "0.0.0.0:7700", "--advertise", "http://n1:7700"]);
         assert_eq!(Config::resolve(cli).unwrap().node.advertise, "http://n1:7700");
+    }
+
+    #[test]
+    fn join_turns_bootstrap_off_and_takes_a_list() {
+        let cli = Cli::parse_from(["portraitd", "--join", "n1:7700, http://n2:7700/"]);
+        let c = Config::resolve(cli).unwrap();
+        assert_eq!(c.join, ["http://n1:7700", "http://n2:7700"]);
+        assert!(!c.node.bootstrap);
+        let err = Config::resolve(Cli::parse_from(["portraitd", "--join", "not a host"])).unwrap_err();
+        assert!(err.to_string().contains("--join not a host: not an address"), "{err}");
+        assert!(Config::resolve(Cli::parse_from(["portraitd"])).unwrap().join.is_empty());
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub enum Error {
     /// Temporarily unable to serve (shutting down, election in progress).
     #[error("{0}")]
     Unavailable(String),
+    /// A bounded wait ran out before the operation could finish (e.g. a
+    /// leadership transfer whose target did not catch up or win in time).
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -51,6 +55,7 @@ impl Error {
             Error::FailedPrecondition(_) => "FAILED_PRECONDITION",
             Error::NotLeader { .. } => "NOT_LEADER",
             Error::Unavailable(_) => "UNAVAILABLE",
+            Error::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
             Error::Internal(_) => "INTERNAL",
         }
     }

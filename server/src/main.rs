@@ -36,6 +36,9 @@ async fn run() -> anyhow::Result<()> {
         data_dir = %config.node.data_dir.display(),
         "portraitd serving"
     );
+    if !config.join.is_empty() {
+        portrait_server::join::start(node.clone(), config.join.clone()).await;
+    }
     portrait_server::service::serve(node.clone(), listener, shutdown_signal()).await?;
     tracing::info!("shutting down");
     node.shutdown().await;

@@ -1,5 +1,9 @@
 //! A running Portrait node: raft, storage and the write batcher, with the
-//! domain operations the gRPC services call (one method per call).
+//! domain operations the gRPC services call (one method per call). The
+//! cluster operations (membership, leadership transfer, incoming raft
+//! messages, fault injection) are in `node/cluster.rs`.
+
+mod cluster;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,7 +17,10 @@ use crate::engine::check_schema;
 use crate::error::{Error, Result};
 use crate::model::{Event, WriteCounts};
 use crate::raft::batcher::WriteBatcher;
-use crate::raft::network::Network;
+use crate::raft::contact::{freshness, Freshness, LeaderContact, PeerAcks};
+use crate::raft::gate::ProposalGate;
+use crate::raft::network::{Blocked, Network};
+use crate::raft::transfer::LeaderTransfer;
 use crate::raft::{client_write_error, not_leader, RaftTuning};
 use crate::schema::VersionedSchema;
 use crate::store::read::{read_profile, ProfileView, Selection};
@@ -48,7 +55,7 @@ pub struct ReadInfo {
     pub node_id: NodeId,
     pub applied_index: u64,
     pub as_of_ms: i64,
-    pub lag_entries: u64,
+    pub freshness: Freshness,
 }
 
 /// A member of the cluster as seen by this node.
@@ -58,6 +65,8 @@ pub struct MemberStatus {
     pub addr: String,
     pub voter: bool,
     pub matched_index: Option<u64>,
+    /// Entries behind the leader's last log index (reported by the leader only).
+    pub lag_entries: Option<u64>,
 }
 
 /// What `ClusterStatus` reports.
@@ -76,15 +85,29 @@ pub struct NodeStatus {
     pub schema_version: u64,
     /// Background re-evaluation after a schema change: (running, users done).
     pub reevaluation: (bool, u64),
+    /// This node's own lag behind the leader, as reads report it.
+    pub freshness: Freshness,
 }
 
 pub struct Node {
     pub id: NodeId,
+    /// The address recorded for this node in the membership when it joins.
+    pub advertise: String,
     pub raft: Raft,
     pub sm: Arc<SmStore>,
     batcher: WriteBatcher,
-    /// Fault injection (tests): peers raft messages are not sent to.
-    blocked: Option<crate::raft::network::Blocked>,
+    /// Every proposal passes it; a leadership transfer closes it.
+    gate: ProposalGate,
+    transfer: LeaderTransfer,
+    /// What this node last heard from its leader, and (leading) when each
+    /// peer last answered: see [`crate::raft::contact`].
+    contact: LeaderContact,
+    acks: Arc<PeerAcks>,
+    /// Fault injection (tests): peers raft messages are not sent to, and
+    /// peers whose log entries are dropped on arrival.
+    blocked: Blocked,
+    dropping: Blocked,
+    fault_injection: bool,
     write_timeout: Duration,
 }
 
@@ -97,7 +120,7 @@ impl Node {
         let state_machine = StateMachine::new(sm.clone(), &opts.data_dir)?;
         let config = Arc::new(opts.tuning.openraft_config()?);
         let network = Network::default();
-        let blocked = opts.fault_injection.then(|| network.blocked.clone());
+        let (blocked, acks) = (network.blocked.clone(), network.acks.clone());
         let raft = Raft::new(opts.node_id, config, network, log, state_machine).await?;
         if opts.bootstrap && !raft.is_initialized().await? {
             tracing::info!(node_id = opts.node_id, "bootstrapping a new single-node cluster");
@@ -105,13 +128,35 @@ impl Node {
             raft.initialize(members).await?;
         }
         let batcher = WriteBatcher::start(raft.clone());
+        let gate = ProposalGate::default();
         crate::raft::ticker::start(
             raft.clone(),
             sm.clone(),
+            gate.clone(),
             Duration::from_millis(opts.tuning.tick_interval_ms),
         );
-        let write_timeout = Duration::from_millis(opts.tuning.write_timeout_ms);
-        Ok(Arc::new(Node { id: opts.node_id, raft, sm, batcher, blocked, write_timeout }))
+        let transfer = LeaderTransfer::new(
+            opts.node_id,
+            raft.clone(),
+            gate.clone(),
+            blocked.clone(),
+            opts.tuning.clone(),
+        );
+        Ok(Arc::new(Node {
+            id: opts.node_id,
+            advertise: opts.advertise.clone(),
+            raft,
+            sm,
+            batcher,
+            gate,
+            transfer,
+            contact: LeaderContact::default(),
+            acks,
+            blocked,
+            dropping: Blocked::default(),
+            fault_injection: opts.fault_injection,
+            write_timeout: Duration::from_millis(opts.tuning.write_timeout_ms),
+        }))
     }
 
     /// Waits until some leader is known (or `timeout` passes).
@@ -121,9 +166,14 @@ impl Node {
     }
 
     /// Validates and commits one write request.
+    ///
+    /// During a leadership transfer the write waits at the gate (at most
+    /// the write timeout, then UNAVAILABLE: nothing was proposed), then goes
+    /// on; on the old leader that is a redirect to the new one.
     pub async fn write(&self, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
         let schema = self.sm.schema();
         validate_request(&events, &schema.schema, Some(crate::wall_clock_ms()))?;
+        let _pass = self.gate.pass(self.write_timeout).await?;
         // Never hang: a leader cut off from its quorum cannot commit.
         match tokio::time::timeout(self.write_timeout, self.batcher.write(events)).await {
             Ok(result) => result,
@@ -164,6 +214,8 @@ impl Node {
             })?;
         }
         if consistency == Consistency::Linearizable {
+            // The leadership check sends AppendEntries, which a transfer must not.
+            let _pass = self.gate.pass(self.write_timeout).await?;
             self.raft.ensure_linearizable().await.map_err(check_leader_error)?;
         }
         let now = crate::wall_clock_ms();
@@ -179,13 +231,8 @@ impl Node {
 
     fn read_info(&self, as_of_ms: i64) -> ReadInfo {
         let applied_index = self.sm.applied().last_applied.map(|l| l.index).unwrap_or(0);
-        let last_log = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
-        ReadInfo {
-            node_id: self.id,
-            applied_index,
-            as_of_ms,
-            lag_entries: last_log.saturating_sub(applied_index),
-        }
+        let freshness = freshness(&self.raft.metrics().borrow(), applied_index, &self.contact, &self.acks);
+        ReadInfo { node_id: self.id, applied_index, as_of_ms, freshness }
     }
 
     pub fn schema(&self) -> Arc<VersionedSchema> {
@@ -198,6 +245,7 @@ impl Node {
         if dry_run {
             return Ok(VersionedSchema { version: self.sm.schema().version, schema });
         }
+        let _pass = self.gate.pass(self.write_timeout).await?;
         let command = Command::ApplySchema { stamp_ms: crate::wall_clock_ms(), toml };
         let resp = self.raft.client_write(command).await.map_err(client_write_error)?;
         match resp.data {
@@ -211,17 +259,21 @@ impl Node {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: std::collections::BTreeSet<_> = membership.voter_ids().collect();
+        let last_log_index = m.last_log_index.unwrap_or(0);
+        // Only the leader has replication metrics; there every member has a row.
         let matched =
-            |id: &NodeId| m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index);
+            |id: &NodeId| m.replication.as_ref().map(|r| r.get(id).cloned().flatten().map(|l| l.index));
         let members = membership
             .nodes()
             .map(|(id, node)| MemberStatus {
                 node_id: *id,
                 addr: node.addr.clone(),
                 voter: voters.contains(id),
-                matched_index: matched(id),
+                matched_index: matched(id).flatten(),
+                lag_entries: matched(id).map(|i| last_log_index.saturating_sub(i.unwrap_or(0))),
             })
             .collect();
+        let applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
         let leader_addr = m.current_leader.and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
         NodeStatus {
             node_id: self.id,
@@ -229,8 +281,8 @@ impl Node {
             leader_id: m.current_leader,
             leader_addr,
             term: m.current_term,
-            last_log_index: m.last_log_index.unwrap_or(0),
-            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index,
+            applied_index,
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             members,
@@ -239,6 +291,7 @@ impl Node {
                 Ok(Some(p)) => (true, p.users_done),
                 _ => (false, 0),
             },
+            freshness: freshness(&m, applied_index, &self.contact, &self.acks),
         }
     }
 
@@ -283,59 +336,5 @@ fn check_leader_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>
         RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => not_leader(f),
         RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => Error::Unavailable(q.to_string()),
         RaftError::Fatal(f) => Error::Unavailable(format!("raft is not running: {f}")),
-    }
-}
-
-/// Membership changes (leader only).
-impl Node {
-    /// Adds `id` as a learner, waits until it has caught up, then (unless
-    /// `learner_only`) promotes it to voter. Returns the last log index.
-    pub async fn add_node(&self, id: NodeId, addr: String, learner_only: bool) -> Result<u64> {
-        if addr.is_empty() {
-            return Err(Error::invalid("addr", "must not be empty"));
-        }
-        if let Err(e) = tonic::transport::Endpoint::from_shared(addr.clone()) {
-            return Err(Error::invalid("addr", format!("not a valid URL ({e}); e.g. http://10.0.0.2:7700")));
-        }
-        let resp =
-            self.raft.add_learner(id, BasicNode::new(&addr), true).await.map_err(client_write_error)?;
-        if learner_only {
-            return Ok(resp.log_id.index);
-        }
-        let voters = openraft::ChangeMembers::AddVoterIds(std::collections::BTreeSet::from([id]));
-        let resp = self.raft.change_membership(voters, false).await.map_err(client_write_error)?;
-        Ok(resp.log_id.index)
-    }
-
-    /// Removes a voter or a learner.
-    pub async fn remove_node(&self, id: NodeId) -> Result<u64> {
-        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
-        let is_voter = membership.voter_ids().any(|v| v == id);
-        let is_member = membership.nodes().any(|(n, _)| *n == id);
-        if !is_member {
-            return Err(Error::NotFound(format!("node {id} is not a member of the cluster")));
-        }
-        let set = std::collections::BTreeSet::from([id]);
-        let change = if is_voter {
-            openraft::ChangeMembers::RemoveVoters(set)
-        } else {
-            openraft::ChangeMembers::RemoveNodes(set)
-        };
-        let resp = self.raft.change_membership(change, false).await.map_err(client_write_error)?;
-        Ok(resp.log_id.index)
-    }
-}
-
-/// Fault injection (tests).
-impl Node {
-    /// Drops raft messages to `peers` from now on (replacing the previous set).
-    pub fn set_partition(&self, peers: Vec<NodeId>) -> Result<()> {
-        let Some(blocked) = &self.blocked else {
-            return Err(Error::FailedPrecondition(
-                "fault injection is off (start portraitd with --fault-injection)".into(),
-            ));
-        };
-        *blocked.write().map_err(|_| Error::Internal("fault set lock".into()))? = peers.into_iter().collect();
-        Ok(())
     }
 }

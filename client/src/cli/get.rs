@@ -47,6 +47,7 @@ fn to_json(response: &GetProfileResponse) -> String {
         "applied_index": info.applied_index,
         "as_of_ms": info.as_of_ms,
         "lag_entries": info.lag_entries,
+        "leader_contact_age_ms": info.leader_contact_age_ms,
     });
     format!("{value:#}\n")
 }
@@ -95,8 +96,13 @@ fn section<'a>(title: &str, lines: impl Iterator<Item = (&'a String, String)>) -
     out
 }
 
+/// Where the read was served and how far behind the leader that node was.
 fn served_by(info: &ReadInfo) -> String {
-    format!("node {}, applied index {}, lag {}", info.node_id, info.applied_index, info.lag_entries)
+    let contact = match info.leader_contact_age_ms {
+        Some(ms) => format!(", leader contact {ms} ms ago"),
+        None => String::new(),
+    };
+    format!("node {}, applied index {}, lag {}{contact}", info.node_id, info.applied_index, info.lag_entries)
 }
 
 fn sorted_families(profile: &Profile) -> Vec<(&String, &FamilyData)> {
@@ -188,13 +194,19 @@ mod tests {
                 },
             )]),
         };
-        let read_info = ReadInfo { node_id: 2, applied_index: 42, as_of_ms: 5, lag_entries: 0 };
+        let read_info = ReadInfo {
+            node_id: 2,
+            applied_index: 42,
+            as_of_ms: 5,
+            lag_entries: 0,
+            leader_contact_age_ms: Some(12),
+        };
         GetProfileResponse { profile: Some(profile), read_info: Some(read_info) }
     }
 
     #[test]
     fn text_lists_families_attrs_and_history() {
-        let expected = "user u1 (node 2, applied index 42, lag 0)\n\
+        let expected = "user u1 (node 2, applied index 42, lag 0, leader contact 12 ms ago)\n\
             \n[browse]\n\
             \x20 category  \"phone\"  (at 1970-01-01T00:00:00.000Z, expires 1970-01-01T00:00:01.000Z)\n\
             \x20 price     399.0  (at 1970-01-01T00:00:00.000Z, expires never)\n\
@@ -211,6 +223,11 @@ mod tests {
     fn text_for_missing_user() {
         let mut r = response();
         r.profile = Some(Profile { user_id: "u9".into(), found: false, ..Default::default() });
+        assert_eq!(
+            to_text("u9", &r),
+            "user u9: no data (node 2, applied index 42, lag 0, leader contact 12 ms ago)\n"
+        );
+        r.read_info.as_mut().unwrap().leader_contact_age_ms = None;
         assert_eq!(to_text("u9", &r), "user u9: no data (node 2, applied index 42, lag 0)\n");
     }
 
@@ -219,5 +236,6 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(&to_json(&response())).unwrap();
         assert_eq!(value["families"]["browse"]["attrs"]["price"]["value"], json!(399.0));
         assert_eq!(value["read_info"]["applied_index"], json!(42));
+        assert_eq!(value["read_info"]["leader_contact_age_ms"], json!(12));
     }
 }

@@ -68,7 +68,7 @@ enum Command {
     Schema(SchemaCommand),
     /// Show the answering node's raft and membership state.
     Status,
-    /// Cluster membership: add-node, remove-node, status.
+    /// Cluster membership and leadership: add-node, remove-node, transfer-leader, status.
     #[command(subcommand)]
     Cluster(ClusterCommand),
 }
@@ -86,6 +86,8 @@ enum ClusterCommand {
     },
     /// Remove a node (voter or learner) from the cluster.
     RemoveNode { id: u64 },
+    /// Make voter ID the leader (writes pause for about one leader lease).
+    TransferLeader { id: u64 },
     /// Same as `portrait status`.
     Status,
 }
@@ -126,6 +128,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Cluster(ClusterCommand::AddNode { id, addr, learner }) => {
             let r = connect(endpoint).await?.add_node(id, &addr, learner).await?;
             Ok(status::members_text(r.log_index, &r.members))
+        }
+        Command::Cluster(ClusterCommand::TransferLeader { id }) => {
+            let r = connect(endpoint).await?.transfer_leader(id).await?;
+            Ok(format!("leader is node {} at {}\n", r.leader_id, r.leader_addr))
         }
         Command::Cluster(ClusterCommand::RemoveNode { id }) => {
             let r = connect(endpoint).await?.remove_node(id).await?;
@@ -176,6 +182,13 @@ mod tests {
         .unwrap();
         assert_eq!(cli.endpoint, "n2:7700");
         assert!(matches!(cli.command, Command::Get { families, .. } if families == ["a", "b"]));
+    }
+
+    #[test]
+    fn cluster_transfer_leader_takes_a_node_id() {
+        let cli = Cli::try_parse_from(["portrait", "cluster", "transfer-leader", "3"]).unwrap();
+        assert!(matches!(cli.command, Command::Cluster(ClusterCommand::TransferLeader { id: 3 })));
+        assert!(Cli::try_parse_from(["portrait", "cluster", "transfer-leader", "x"]).is_err());
     }
 
     #[test]

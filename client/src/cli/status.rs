@@ -23,6 +23,11 @@ fn render(s: &ClusterStatusResponse) -> String {
         "log index       last={} applied={} snapshot={} purged={}",
         s.last_log_index, s.applied_index, s.snapshot_index, s.purged_index
     );
+    let contact = match s.leader_contact_age_ms {
+        Some(ms) => format!("leader contact {ms} ms ago"),
+        None => "no leader contact since start".into(),
+    };
+    let _ = writeln!(out, "lag             {} entries, {contact}", s.lag_entries);
     let _ = writeln!(out, "schema version  {}", s.schema_version);
     if s.reevaluating {
         let _ =
@@ -36,13 +41,17 @@ fn render(s: &ClusterStatusResponse) -> String {
     out
 }
 
+/// One line per member; replication progress only in the leader's answer.
 fn member_lines(members: &[Member]) -> String {
     let mut out = String::new();
     let width = members.iter().map(|m| m.addr.len()).max().unwrap_or(0);
     for m in members {
         let kind = if m.voter { "voter" } else { "learner" };
-        let _ =
-            writeln!(out, "  {:>3}  {:<width$}  {kind:<7}  matched={}", m.node_id, m.addr, m.matched_index);
+        let line = format!("  {:>3}  {:<width$}  {kind:<7}", m.node_id, m.addr);
+        let _ = match m.lag_entries {
+            Some(lag) => writeln!(out, "{line}  matched={}  lag={lag}", m.matched_index),
+            None => writeln!(out, "{}", line.trim_end()),
+        };
     }
     out
 }
@@ -67,6 +76,7 @@ mod tests {
             addr: format!("http://127.0.0.1:770{node_id}"),
             voter,
             matched_index: 9,
+            lag_entries: Some(0),
         };
         let status = ClusterStatusResponse {
             node_id: 1,
@@ -83,17 +93,26 @@ mod tests {
             version: "0.1.0".into(),
             reevaluating: true,
             reevaluated_users: 1500,
+            lag_entries: 0,
+            leader_contact_age_ms: Some(3),
         };
         let expected = "node            1 (Leader)\n\
             leader          1 at http://127.0.0.1:7701\n\
             term            3\n\
             log index       last=9 applied=9 snapshot=5 purged=4\n\
+            lag             0 entries, leader contact 3 ms ago\n\
             schema version  7\n\
             re-evaluating   existing users for the new schema: 1500 done\n\
             server version  0.1.0\n\
             members         2\n\
-            \x20   1  http://127.0.0.1:7701  voter    matched=9\n\
-            \x20   4  http://127.0.0.1:7704  learner  matched=9\n";
+            \x20   1  http://127.0.0.1:7701  voter    matched=9  lag=0\n\
+            \x20   4  http://127.0.0.1:7704  learner  matched=9  lag=0\n";
         assert_eq!(render(&status), expected);
+    }
+
+    #[test]
+    fn a_follower_has_no_replication_progress() {
+        let m = Member { node_id: 2, addr: "http://n2:7700".into(), voter: true, ..Default::default() };
+        assert_eq!(member_lines(&[m]), "    2  http://n2:7700  voter\n");
     }
 }

@@ -107,6 +107,13 @@ impl Admin for Fake {
         Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
     }
 
+    async fn transfer_leader(
+        &self,
+        _: Request<portrait_client::portrait_proto::v1::TransferLeaderRequest>,
+    ) -> Result<Response<portrait_client::portrait_proto::v1::TransferLeaderResponse>, Status> {
+        Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
+    }
+
     async fn set_partition(
         &self,
         _: Request<portrait_client::portrait_proto::v1::SetPartitionRequest>,
@@ -142,7 +149,7 @@ impl Profiles for Fake {
             return Err(status);
         }
         let request = request.into_inner();
-        let read_info = ReadInfo { node_id: self.id, applied_index: 9, as_of_ms: 0, lag_entries: 0 };
+        let read_info = ReadInfo { node_id: self.id, applied_index: 9, ..Default::default() };
         Ok(Response::new(GetProfileResponse {
             profile: Some(profile(&request.user_id)),
             read_info: Some(read_info),

@@ -1,11 +1,16 @@
-//! openraft wiring: the raft configuration, the gRPC peer network and the
-//! write batcher that groups concurrent client writes into one log entry.
+//! openraft wiring: the raft configuration, the gRPC peer network, the
+//! write batcher that groups concurrent client writes into one log entry,
+//! the ticker, and leadership transfer (with the gate that pauses proposals
+//! for it).
 //!
 //! Layering: uses `store` and `types`; services call it through [`crate::node`].
 
 pub mod batcher;
+pub mod contact;
+pub mod gate;
 pub mod network;
 pub mod ticker;
+pub mod transfer;
 
 use crate::error::Error;
 use crate::types::NodeId;

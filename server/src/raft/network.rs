@@ -13,10 +13,12 @@ use std::sync::{Arc, RwLock};
 
 use openraft::BasicNode;
 use portrait_proto::v1::raft_client::RaftClient;
-use portrait_proto::v1::RaftPayload;
+use portrait_proto::v1::{RaftPayload, StartElectionRequest};
 use serde::de::DeserializeOwned;
 use tonic::transport::Channel;
 
+use super::contact::PeerAcks;
+use crate::error::Error;
 use crate::limits::MAX_MESSAGE_BYTES;
 use crate::store::codec::{decode, encode};
 use crate::types::{NodeId, TypeConfig};
@@ -29,13 +31,21 @@ pub type Blocked = Arc<RwLock<BTreeSet<NodeId>>>;
 #[derive(Clone, Default)]
 pub struct Network {
     pub blocked: Blocked,
+    /// When each peer last acknowledged an AppendEntries.
+    pub acks: Arc<PeerAcks>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
-        Peer { target, addr: node.addr.clone(), client: None, blocked: self.blocked.clone() }
+        Peer {
+            target,
+            addr: node.addr.clone(),
+            client: None,
+            blocked: self.blocked.clone(),
+            acks: self.acks.clone(),
+        }
     }
 }
 
@@ -45,6 +55,7 @@ pub struct Peer {
     addr: String,
     client: Option<RaftClient<Channel>>,
     blocked: Blocked,
+    acks: Arc<PeerAcks>,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -110,7 +121,12 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
+        let result = self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await;
+        // Any answer but a higher vote means the peer still takes this node as leader.
+        if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.acks.acked(self.target);
+        }
+        result
     }
 
     async fn install_snapshot(
@@ -127,5 +143,48 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr> {
         self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await }).await
+    }
+}
+
+/// The target of a leadership transfer, reached over the internal `Raft`
+/// service; see [`super::transfer`]. Fault injection drops these calls like
+/// any other raft message to a blocked peer.
+pub struct ElectionPeer {
+    target: NodeId,
+    addr: String,
+    client: RaftClient<Channel>,
+    blocked: Blocked,
+}
+
+impl ElectionPeer {
+    /// Connects now, so that the call made at the right moment is quick.
+    pub async fn connect(target: NodeId, addr: &str, blocked: Blocked) -> Result<ElectionPeer, Error> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Error::Unavailable(format!("cannot reach node {target} at {addr}: {e}"))
+        };
+        let endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())
+            .map_err(|e| unreachable(&e))?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .timeout(std::time::Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let client = RaftClient::new(endpoint.connect().await.map_err(|e| unreachable(&e))?);
+        Ok(ElectionPeer { target, addr: addr.to_string(), client, blocked })
+    }
+
+    /// Sends `StartElection`; the target's refusal is `FAILED_PRECONDITION`.
+    pub async fn start_election(&mut self, request: StartElectionRequest) -> Result<(), Error> {
+        let target = self.target;
+        if self.blocked.read().map(|b| b.contains(&target)).unwrap_or(false) {
+            return Err(Error::Unavailable(format!(
+                "cannot reach node {target}: fault injection drops messages to it"
+            )));
+        }
+        match self.client.start_election(request).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                Err(Error::FailedPrecondition(format!("node {target} will not campaign: {}", s.message())))
+            }
+            Err(s) => Err(Error::Unavailable(format!("cannot reach node {target} at {}: {s}", self.addr))),
+        }
     }
 }

@@ -2,17 +2,21 @@
 //! tick interval and, when a user's wake time has come, proposes a
 //! `Command::Tick` stamped with its clock. Every replica then re-evaluates
 //! exactly the due users when it applies the tick.
+//!
+//! Each proposal takes a pass from the [`ProposalGate`] first; while a
+//! leadership transfer holds proposals off, the round is skipped.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::ServerState;
 
+use super::gate::ProposalGate;
 use crate::store::apply::first_timer;
 use crate::store::SmStore;
 use crate::types::{Command, CommandResult, Raft};
 
-pub fn start(raft: Raft, sm: Arc<SmStore>, interval: Duration) {
+pub fn start(raft: Raft, sm: Arc<SmStore>, gate: ProposalGate, interval: Duration) {
     tokio::spawn(async move {
         let mut metrics = raft.metrics();
         loop {
@@ -23,7 +27,7 @@ pub fn start(raft: Raft, sm: Arc<SmStore>, interval: Duration) {
                 ServerState::Leader => {}
                 _ => continue,
             }
-            reevaluate(&raft, &sm).await;
+            reevaluate(&raft, &sm, &gate).await;
             // Drain: a tick handles a bounded number of users.
             loop {
                 let now = crate::wall_clock_ms();
@@ -35,6 +39,7 @@ pub fn start(raft: Raft, sm: Arc<SmStore>, interval: Duration) {
                         break;
                     }
                 }
+                let Some(_pass) = gate.try_pass() else { break };
                 match raft.client_write(Command::Tick { stamp_ms: now }).await {
                     Ok(resp) if matches!(resp.data, CommandResult::Ticked { users: 0 }) => break,
                     Ok(_) => {}
@@ -54,8 +59,9 @@ const REEVAL_BATCH: u32 = 500;
 const REEVAL_ROUNDS: usize = 20;
 
 /// Drives the background re-evaluation after a schema change.
-async fn reevaluate(raft: &Raft, sm: &SmStore) {
+async fn reevaluate(raft: &Raft, sm: &SmStore, gate: &ProposalGate) {
     for _ in 0..REEVAL_ROUNDS {
+        let Some(_pass) = gate.try_pass() else { return };
         let progress = match sm.reeval_progress() {
             Ok(Some(p)) => p,
             Ok(None) => return,

@@ -6,7 +6,7 @@ use portrait_proto::v1::admin_server::Admin;
 use portrait_proto::v1::{
     AddNodeRequest, ApplySchemaRequest, ApplySchemaResponse, ClusterStatusRequest, ClusterStatusResponse,
     GetSchemaRequest, GetSchemaResponse, Member, MembershipResponse, RemoveNodeRequest, SetPartitionRequest,
-    SetPartitionResponse,
+    SetPartitionResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -28,7 +28,13 @@ impl AdminService {
 }
 
 fn member_to_pb(m: crate::node::MemberStatus) -> Member {
-    Member { node_id: m.node_id, addr: m.addr, voter: m.voter, matched_index: m.matched_index.unwrap_or(0) }
+    Member {
+        node_id: m.node_id,
+        addr: m.addr,
+        voter: m.voter,
+        matched_index: m.matched_index.unwrap_or(0),
+        lag_entries: m.lag_entries,
+    }
 }
 
 #[tonic::async_trait]
@@ -71,11 +77,20 @@ impl Admin for AdminService {
         Ok(Response::new(MembershipResponse { log_index, members: self.members() }))
     }
 
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let (leader_id, leader_addr) = self.node.transfer_leader(request.into_inner().node_id).await?;
+        Ok(Response::new(TransferLeaderResponse { leader_id, leader_addr }))
+    }
+
     async fn set_partition(
         &self,
         request: Request<SetPartitionRequest>,
     ) -> Result<Response<SetPartitionResponse>, Status> {
-        self.node.set_partition(request.into_inner().blocked_peers)?;
+        let req = request.into_inner();
+        self.node.set_partition(req.blocked_peers, req.drop_entries_from)?;
         Ok(Response::new(SetPartitionResponse {}))
     }
 
@@ -84,16 +99,7 @@ impl Admin for AdminService {
         _: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         let s = self.node.status();
-        let members = s
-            .members
-            .into_iter()
-            .map(|m| Member {
-                node_id: m.node_id,
-                addr: m.addr,
-                voter: m.voter,
-                matched_index: m.matched_index.unwrap_or(0),
-            })
-            .collect();
+        let members = s.members.into_iter().map(member_to_pb).collect();
         Ok(Response::new(ClusterStatusResponse {
             node_id: s.node_id,
             role: s.role,
@@ -109,6 +115,8 @@ impl Admin for AdminService {
             reevaluating: s.reevaluation.0,
             reevaluated_users: s.reevaluation.1,
             version: env!("CARGO_PKG_VERSION").into(),
+            lag_entries: s.freshness.lag_entries,
+            leader_contact_age_ms: s.freshness.leader_contact_age.map(|d| d.as_millis() as u64),
         }))
     }
 }

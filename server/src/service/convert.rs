@@ -133,7 +133,8 @@ pub fn read_info_to_pb(info: ReadInfo) -> pb::ReadInfo {
         node_id: info.node_id,
         applied_index: info.applied_index,
         as_of_ms: info.as_of_ms,
-        lag_entries: info.lag_entries,
+        lag_entries: info.freshness.lag_entries,
+        leader_contact_age_ms: info.freshness.leader_contact_age.map(|d| d.as_millis() as u64),
     }
 }
 

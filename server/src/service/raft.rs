@@ -1,10 +1,11 @@
 //! `portrait.v1.Raft`: the internal transport, decoding openraft messages
-//! and answering with the encoded `Result` of the local raft call.
+//! and answering with the encoded `Result` of the local raft call; plus
+//! `StartElection`, the last step of a leadership transfer.
 
 use std::sync::Arc;
 
 use portrait_proto::v1::raft_server::Raft;
-use portrait_proto::v1::RaftPayload;
+use portrait_proto::v1::{RaftPayload, StartElectionRequest, StartElectionResponse};
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
@@ -33,7 +34,7 @@ fn reply<T: serde::Serialize>(result: T) -> Result<Response<RaftPayload>, Status
 #[tonic::async_trait]
 impl Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        reply(self.node.raft.append_entries(decode_req(req)?).await)
+        reply(self.node.append_entries(decode_req(req)?).await?)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
@@ -41,6 +42,16 @@ impl Raft for RaftService {
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        reply(self.node.raft.install_snapshot(decode_req(req)?).await)
+        reply(self.node.install_snapshot(decode_req(req)?).await?)
+    }
+
+    async fn start_election(
+        &self,
+        req: Request<StartElectionRequest>,
+    ) -> Result<Response<StartElectionResponse>, Status> {
+        let req = req.into_inner();
+        tracing::debug!(leader = req.leader_id, term = req.term, dry_run = req.dry_run, "StartElection");
+        self.node.start_election(req.term, req.last_log_index, req.dry_run).await?;
+        Ok(Response::new(StartElectionResponse {}))
     }
 }

@@ -1,0 +1,120 @@
+//! A continuous write workload that records every acknowledged write, and
+//! the full-set check that each one is served afterwards (not a count).
+//!
+//! Each write is one `trade` order with a unique `event_id` (`w<i>`), for
+//! one of [`USERS`] users, so no user's history (100 trade events) can
+//! overflow in a test run and drop an acknowledged event.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use portrait_client::{Consistency, Event, PortraitClient, Value};
+use tokio::task::JoinHandle;
+
+/// Users written round robin (also the most `BatchGetProfiles` reads at once).
+pub const USERS: u64 = 1000;
+
+/// A write that takes longer than this counts as hung (writes must fail
+/// with UNAVAILABLE after the server's write timeout instead).
+const HANG: Duration = Duration::from_secs(30);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// Write number `i`: an order of user `u<i % USERS>` with event id `w<i>`.
+pub fn order(i: u64) -> Event {
+    Event {
+        user_id: format!("u{}", i % USERS),
+        family: "trade".into(),
+        r#type: "order".into(),
+        event_time_ms: now_ms(),
+        event_id: format!("w{i}"),
+        attrs: [("amount".to_string(), Value::int(i as i64))].into(),
+    }
+}
+
+/// Every event id a node serves in the users' trade history (local read).
+pub async fn served(client: &PortraitClient) -> BTreeSet<String> {
+    let users: Vec<String> = (0..USERS).map(|u| format!("u{u}")).collect();
+    let r = client.batch_get_profiles(&users, &["trade".into()], Consistency::Local).await.unwrap();
+    r.profiles
+        .iter()
+        .filter_map(|p| p.families.get("trade"))
+        .flat_map(|f| f.history.iter().map(|h| h.event_id.clone()))
+        .collect()
+}
+
+/// What a stopped workload did.
+pub struct Outcome {
+    /// Event ids of the acknowledged writes.
+    pub acked: BTreeSet<String>,
+    /// The highest log index an acknowledgement named.
+    pub last_index: u64,
+    /// Writes that did not answer within 30 s.
+    pub hung: u64,
+}
+
+/// One writer sending one event at a time through its endpoints (round robin).
+pub struct Workload {
+    acked: Arc<Mutex<BTreeSet<String>>>,
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<(u64, u64)>,
+}
+
+impl Workload {
+    pub fn start(endpoints: Vec<String>) -> Workload {
+        let acked = Arc::new(Mutex::new(BTreeSet::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run(endpoints, acked.clone(), stop.clone()));
+        Workload { acked, stop, task }
+    }
+
+    /// Writes acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits (at most 20 s) until more than `n` writes are acknowledged.
+    pub async fn wait_acked_over(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while self.acked() <= n {
+            assert!(tokio::time::Instant::now() < deadline, "writes did not resume: still {n} acknowledged");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(self) -> Outcome {
+        self.stop.store(true, Ordering::SeqCst);
+        let (last_index, hung) = self.task.await.unwrap();
+        let acked = self.acked.lock().unwrap().clone();
+        Outcome { acked, last_index, hung }
+    }
+}
+
+async fn run(
+    endpoints: Vec<String>,
+    acked: Arc<Mutex<BTreeSet<String>>>,
+    stop: Arc<AtomicBool>,
+) -> (u64, u64) {
+    let mut clients = Vec::new();
+    for e in &endpoints {
+        clients.push(PortraitClient::connect(e).await.unwrap());
+    }
+    let (mut i, mut last, mut hung) = (0u64, 0u64, 0u64);
+    while !stop.load(Ordering::SeqCst) {
+        let client = &clients[(i as usize) % clients.len()];
+        match tokio::time::timeout(HANG, client.write(vec![order(i)])).await {
+            Ok(Ok(r)) => {
+                acked.lock().unwrap().insert(format!("w{i}"));
+                last = last.max(r.log_index);
+            }
+            Ok(Err(_)) => {}
+            Err(_) => hung += 1,
+        }
+        i += 1;
+    }
+    (last, hung)
+}

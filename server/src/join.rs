@@ -1,0 +1,133 @@
+//! `portraitd --join SEED`: a new node adds itself to an existing cluster.
+//!
+//! On start, a node given seeds that is not yet a voter asks them, in turn,
+//! to add it (`Admin.AddNode` with its own id and advertised address, as a
+//! voter), following the `x-portrait-leader` redirect to the leader, and
+//! retries with backoff (0.5 s doubling to 10 s) until one call succeeds.
+//! `AddNode` is idempotent, so a retry after an answer that was lost is
+//! harmless.
+//!
+//! Restarts: a node that is already a voter in the membership it stored
+//! does nothing, so a member restarting with data on disk never re-joins.
+//! A node stored as a learner finishes an interrupted join (it was added
+//! but not promoted); a node that holds data but is not in its own stored
+//! membership was removed, and is not added back (wipe its data dir to join
+//! as a new node).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use portrait_proto::v1::admin_client::AdminClient;
+use portrait_proto::v1::AddNodeRequest;
+use tonic::transport::Endpoint;
+
+use crate::node::Node;
+use crate::service::status::LEADER_KEY;
+
+/// Leader redirects followed within one attempt.
+const MAX_REDIRECTS: usize = 3;
+/// One `AddNode` may wait for the new node to catch up (a snapshot).
+const ADD_TIMEOUT: Duration = Duration::from_secs(300);
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// What a node started with seeds should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Never initialized, or a learner: ask the seeds to add it as a voter.
+    Join,
+    /// Already a voter: nothing to do.
+    Member,
+    /// Holds data but is not in its stored membership: it was removed.
+    Removed,
+}
+
+/// Decides from the node's stored state (before it has heard from anyone).
+pub async fn plan(node: &Node) -> Plan {
+    if !node.raft.is_initialized().await.unwrap_or(false) {
+        return Plan::Join;
+    }
+    let m = node.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    if membership.voter_ids().any(|v| v == node.id) {
+        Plan::Member
+    } else if membership.get_node(&node.id).is_some() {
+        Plan::Join
+    } else {
+        Plan::Removed
+    }
+}
+
+/// Starts joining in the background when `plan` says so.
+pub async fn start(node: Arc<Node>, seeds: Vec<String>) {
+    match plan(&node).await {
+        Plan::Member => tracing::info!("already a voter of the cluster; not joining"),
+        Plan::Removed => tracing::warn!(
+            "this node holds data but is not in the cluster's membership (removed?); not joining again. \
+             To join as a new node, start it on an empty data dir"
+        ),
+        Plan::Join => {
+            tokio::spawn(join(node, seeds));
+        }
+    }
+}
+
+/// Asks the seeds until one adds this node, or it is found to be a voter.
+async fn join(node: Arc<Node>, seeds: Vec<String>) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        for seed in &seeds {
+            if is_voter(&node) {
+                return tracing::info!("joined the cluster as a voter");
+            }
+            match add_self(&node, seed).await {
+                Ok(()) => return tracing::info!(seed = %seed, "joined the cluster as a voter"),
+                Err(e) => tracing::warn!(seed = %seed, error = %e, "cannot join the cluster yet; will retry"),
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+fn is_voter(node: &Node) -> bool {
+    node.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == node.id)
+}
+
+/// One attempt through `seed`, following leader redirects.
+async fn add_self(node: &Node, seed: &str) -> Result<(), String> {
+    let mut target = seed.to_string();
+    for _ in 0..=MAX_REDIRECTS {
+        let endpoint = Endpoint::from_shared(target.clone())
+            .map_err(|e| format!("{target}: {e}"))?
+            .connect_timeout(Duration::from_secs(3));
+        let channel =
+            endpoint.connect().await.map_err(|e| format!("cannot reach {target}: {}", causes(&e)))?;
+        let mut request = tonic::Request::new(AddNodeRequest {
+            node_id: node.id,
+            addr: node.advertise.clone(),
+            learner: false,
+        });
+        request.set_timeout(ADD_TIMEOUT);
+        let status = match AdminClient::new(channel).add_node(request).await {
+            Ok(_) => return Ok(()),
+            Err(status) => status,
+        };
+        match status.metadata().get(LEADER_KEY).and_then(|v| v.to_str().ok()) {
+            Some(leader) if leader != target => target = leader.to_string(),
+            _ => return Err(format!("{target}: {}", status.message())),
+        }
+    }
+    Err(format!("more than {MAX_REDIRECTS} leader redirects from {seed}"))
+}
+
+/// An error and its sources, e.g. `transport error: dns error: ...`.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}

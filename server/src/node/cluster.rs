@@ -1,0 +1,189 @@
+//! The cluster side of a [`Node`]: membership changes, leadership transfer,
+//! incoming raft messages (noting the leader's commit index for
+//! [`crate::raft::contact`]) and fault injection for tests.
+
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+};
+use openraft::{BasicNode, ServerState};
+
+use super::Node;
+use crate::error::{Error, Result};
+use crate::raft::client_write_error;
+use crate::types::{NodeId, TypeConfig};
+
+/// Membership changes (leader only).
+impl Node {
+    /// Adds `id` as a learner, waits until it has caught up, then (unless
+    /// `learner_only`) promotes it to voter. Returns the last log index.
+    pub async fn add_node(&self, id: NodeId, addr: String, learner_only: bool) -> Result<u64> {
+        if addr.is_empty() {
+            return Err(Error::invalid("addr", "must not be empty"));
+        }
+        if let Err(e) = tonic::transport::Endpoint::from_shared(addr.clone()) {
+            return Err(Error::invalid("addr", format!("not a valid URL ({e}); e.g. http://10.0.0.2:7700")));
+        }
+        let _pass = self.gate.pass(self.write_timeout).await?;
+        let resp =
+            self.raft.add_learner(id, BasicNode::new(&addr), true).await.map_err(client_write_error)?;
+        if learner_only {
+            return Ok(resp.log_id.index);
+        }
+        let voters = openraft::ChangeMembers::AddVoterIds(std::collections::BTreeSet::from([id]));
+        let resp = self.raft.change_membership(voters, false).await.map_err(client_write_error)?;
+        Ok(resp.log_id.index)
+    }
+
+    /// Removes a voter or a learner.
+    pub async fn remove_node(&self, id: NodeId) -> Result<u64> {
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let is_voter = membership.voter_ids().any(|v| v == id);
+        let is_member = membership.nodes().any(|(n, _)| *n == id);
+        if !is_member {
+            return Err(Error::NotFound(format!("node {id} is not a member of the cluster")));
+        }
+        let _pass = self.gate.pass(self.write_timeout).await?;
+        let set = std::collections::BTreeSet::from([id]);
+        let change = if is_voter {
+            openraft::ChangeMembers::RemoveVoters(set)
+        } else {
+            openraft::ChangeMembers::RemoveNodes(set)
+        };
+        let resp = self.raft.change_membership(change, false).await.map_err(client_write_error)?;
+        Ok(resp.log_id.index)
+    }
+}
+
+/// Leadership transfer (see [`crate::raft::transfer`]).
+impl Node {
+    /// On the leader: makes voter `target` the leader and returns it with
+    /// its address. Elsewhere: `NotLeader` with the leader's address.
+    pub async fn transfer_leader(&self, target: NodeId) -> Result<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let addr_of = |id: NodeId| membership.get_node(&id).map(|n| n.addr.clone());
+        if m.state != ServerState::Leader || m.current_leader != Some(self.id) {
+            let leader_addr = m.current_leader.and_then(addr_of);
+            return Err(Error::NotLeader { leader_id: m.current_leader, leader_addr });
+        }
+        if target == self.id {
+            return Ok((target, addr_of(target).unwrap_or_default()));
+        }
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let Some(addr) = addr_of(target) else {
+            let list = voters.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
+            let reason = format!("node {target} is not a member of the cluster (voters: {list})");
+            return Err(Error::invalid("node_id", reason));
+        };
+        if !voters.contains(&target) {
+            return Err(Error::FailedPrecondition(format!(
+                "node_id: node {target} is a learner; only a voter can lead (promote it with \
+                 `portrait cluster add-node {target} {addr}`)"
+            )));
+        }
+        self.transfer.run(target, &addr).await?;
+        Ok((target, addr))
+    }
+
+    /// On the transfer's target: campaigns now if this node is a voter in
+    /// `term` whose log reaches `last_log_index` (only checks, if `dry_run`).
+    pub async fn start_election(&self, term: u64, last_log_index: u64, dry_run: bool) -> Result<()> {
+        let m = self.raft.metrics().borrow().clone();
+        if !m.membership_config.membership().voter_ids().any(|v| v == self.id) {
+            return Err(Error::FailedPrecondition(format!("node {} is not a voter", self.id)));
+        }
+        if m.current_term != term {
+            return Err(Error::FailedPrecondition(format!(
+                "asked to campaign in term {term}, but this node is in term {}",
+                m.current_term
+            )));
+        }
+        let last = m.last_log_index.unwrap_or(0);
+        if dry_run || m.state == ServerState::Leader {
+            return Ok(());
+        }
+        if last < last_log_index {
+            return Err(Error::FailedPrecondition(format!(
+                "its log ends at {last}, before the leader's {last_log_index}"
+            )));
+        }
+        tracing::info!(term, last_log_index, "leadership transfer: campaigning");
+        self.raft.trigger().elect().await.map_err(|e| Error::Unavailable(format!("raft is not running: {e}")))
+    }
+}
+
+/// Incoming raft messages (the internal `Raft` service), noting what the
+/// leader says about its commit index ([`crate::raft::contact`]).
+impl Node {
+    /// `Err`: dropped by fault injection (the sender sees the node unreachable).
+    pub async fn append_entries(
+        &self,
+        req: AppendEntriesRequest<TypeConfig>,
+    ) -> Result<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+        let commit = req.leader_commit.map(|l| l.index);
+        if !req.entries.is_empty() {
+            if let Some(from) = self.dropped_sender(&req.vote) {
+                if req.vote >= self.raft.metrics().borrow().vote {
+                    self.contact.heard(commit);
+                }
+                return Err(dropped(from));
+            }
+        }
+        let result = self.raft.append_entries(req).await;
+        if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.contact.heard(commit);
+        }
+        Ok(result)
+    }
+
+    /// `Err`: dropped by fault injection.
+    pub async fn install_snapshot(
+        &self,
+        req: InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
+        if let Some(from) = self.dropped_sender(&req.vote) {
+            return Err(dropped(from));
+        }
+        let result = self.raft.install_snapshot(req).await;
+        if result.is_ok() {
+            self.contact.heard(None);
+        }
+        Ok(result)
+    }
+
+    /// The sender of a message carrying `vote`, if its log entries are dropped.
+    fn dropped_sender(&self, vote: &openraft::Vote<NodeId>) -> Option<NodeId> {
+        let from = vote.leader_id().voted_for()?;
+        self.dropping.read().ok()?.contains(&from).then_some(from)
+    }
+}
+
+fn fault_lock() -> Error {
+    Error::Internal("fault set lock".into())
+}
+
+fn dropped(from: NodeId) -> Error {
+    Error::Unavailable(format!("fault injection: log entries from node {from} are dropped"))
+}
+
+/// Fault injection (tests).
+impl Node {
+    /// From now on (replacing the previous sets): drops raft messages to
+    /// `blocked`, and log entries and snapshots arriving from
+    /// `drop_entries_from` (their heartbeats and commit index still arrive).
+    /// While the latter is not empty this node does not campaign, so a
+    /// lagging follower stays a follower.
+    pub fn set_partition(&self, blocked: Vec<NodeId>, drop_entries_from: Vec<NodeId>) -> Result<()> {
+        if !self.fault_injection {
+            return Err(Error::FailedPrecondition(
+                "fault injection is off (start portraitd with --fault-injection)".into(),
+            ));
+        }
+        let elect = drop_entries_from.is_empty();
+        *self.blocked.write().map_err(|_| fault_lock())? = blocked.into_iter().collect();
+        *self.dropping.write().map_err(|_| fault_lock())? = drop_entries_from.into_iter().collect();
+        self.raft.runtime_config().elect(elect);
+        Ok(())
+    }
+}

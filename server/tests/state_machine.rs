@@ -319,3 +319,69 @@ async fn a_crash_rolls_back_to_the_last_flush_and_the_log_replays_the_rest() {
         assert_eq!(read(&crashed, user, now), read(&live, user, now), "{user}");
     }
 }
+
+/// Entries of 200+ events apply their user shards on parallel threads:
+/// the state and the per-request counts equal those of the same events
+/// applied in small (sequential) entries.
+#[tokio::test]
+async fn large_entries_applied_in_parallel_match_small_entries() {
+    let mk = |r: u64, j: u64| {
+        // Some events are duplicates (the last 900 repeat earlier ids of the
+        // same users), some expired on arrival (browse keeps 90 days).
+        let n = (r * 100 + j) % 1500;
+        let user = format!("user-{}", (n * 7) % 53);
+        let family = ["browse", "trade", "social"][(j % 3) as usize];
+        let id = format!("e{n}");
+        let t = T0 - ((j % 11) as i64) * 20 * DAY_MS;
+        event(&user, family, t, &id, &[("category", Value::Str(format!("c{}", j % 4)))])
+    };
+    let requests: Vec<Vec<Event>> = (0..24u64).map(|r| (0..100).map(|j| mk(r, j)).collect()).collect();
+    let mut bad = requests[5].clone();
+    bad[7].family = "no_such_family".into();
+
+    let mut big = replica();
+    let mut big_counts = Vec::new();
+    for (i, chunk) in requests.chunks(6).enumerate() {
+        let mut reqs = chunk.to_vec();
+        if i == 1 {
+            reqs.push(bad.clone());
+        }
+        let res = apply(&mut big, vec![write(i as u64 + 1, T0, reqs)]).await;
+        big_counts.extend(counts(&res[0]));
+    }
+    let mut small = replica();
+    let mut small_counts = Vec::new();
+    let mut index = 1;
+    for (r, request) in requests.iter().enumerate() {
+        let mut request_total = WriteCounts::default();
+        for part in request.chunks(10) {
+            let res = apply(&mut small, vec![write(index, T0, vec![part.to_vec()])]).await;
+            index += 1;
+            let c = counts(&res[0]).remove(0).unwrap();
+            request_total.applied += c.applied;
+            request_total.duplicates += c.duplicates;
+            request_total.expired += c.expired;
+        }
+        small_counts.push(Ok(request_total));
+        if r == 11 {
+            small_counts.push(Err(String::new()));
+        }
+    }
+    assert_eq!(big_counts.len(), small_counts.len());
+    for (b, s) in big_counts.iter().zip(&small_counts) {
+        match (b, s) {
+            (Err(reason), Err(_)) => assert!(reason.contains("no_such_family"), "{reason}"),
+            _ => assert_eq!(b, s),
+        }
+    }
+    let totals: u32 = big_counts.iter().flatten().map(|c| c.applied + c.duplicates + c.expired).sum();
+    assert_eq!(totals, 2400);
+    assert!(big_counts.iter().flatten().any(|c| c.duplicates > 0));
+    assert!(big_counts.iter().flatten().any(|c| c.expired > 0));
+    for u in 0..53 {
+        let user = format!("user-{u}");
+        let a = read(&big, &user, T0 + 1000);
+        assert!(a.found, "{user}");
+        assert_eq!(a, read(&small, &user, T0 + 1000), "{user}");
+    }
+}

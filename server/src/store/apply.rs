@@ -39,7 +39,15 @@ pub enum ApplyError {
 /// database holds — so apply can skip the read and decode of hot users.
 /// Bounded: emptied when it grows past its capacity; cleared when a snapshot
 /// replaces the database.
+///
+/// Split in [`SHARDS`] by user: an entry's users are applied in parallel,
+/// one shard per thread (users never share rows, so the outcome does not
+/// depend on which runs first).
 pub struct ApplyCache {
+    shards: Vec<CacheShard>,
+}
+
+struct CacheShard {
     records: HashMap<Vec<u8>, FamilyHead>,
     users: HashMap<String, UserState>,
     capacity: usize,
@@ -56,21 +64,37 @@ struct Scratch {
     new_ids: HashSet<Vec<u8>>,
 }
 
+/// Parallel apply: user shards, and the smallest entry worth a second thread.
+pub const SHARDS: usize = 2;
+const PARALLEL_MIN_EVENTS: usize = 200;
+
+/// The shard of a user (FNV-1a of the id).
+fn shard_of(user_id: &str) -> usize {
+    let hash =
+        user_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    (hash % SHARDS as u64) as usize
+}
+
 impl ApplyCache {
     pub fn new(capacity: usize) -> ApplyCache {
-        ApplyCache {
+        let shard = || CacheShard {
             records: HashMap::default(),
             users: HashMap::default(),
-            capacity,
+            capacity: capacity.div_ceil(SHARDS),
             scratch: Scratch::default(),
-        }
+        };
+        ApplyCache { shards: (0..SHARDS).map(|_| shard()).collect() }
     }
 
     pub fn clear(&mut self) {
-        self.records.clear();
-        self.users.clear();
+        for shard in &mut self.shards {
+            shard.records.clear();
+            shard.users.clear();
+        }
     }
+}
 
+impl CacheShard {
     fn trim(&mut self) {
         if self.records.len() > self.capacity {
             self.records.clear();
@@ -92,7 +116,7 @@ struct Touched {
 /// Family heads, user states and dedupe markers touched by one entry.
 struct EntryState<'a> {
     db: &'a DB,
-    cache: &'a mut ApplyCache,
+    cache: &'a mut CacheShard,
     engine: &'a Engine,
     now_ms: i64,
     records: HashMap<Vec<u8>, FamilyHead>,
@@ -101,6 +125,8 @@ struct EntryState<'a> {
 }
 
 /// Applies the write requests of one entry at logical time `now_ms`.
+/// Entries of [`PARALLEL_MIN_EVENTS`] or more apply their user shards on
+/// parallel threads; each shard fills its own batch, appended in shard order.
 pub fn apply_write(
     db: &DB,
     cache: &mut ApplyCache,
@@ -110,23 +136,81 @@ pub fn apply_write(
     requests: &[Vec<Event>],
     batch: &mut WriteBatch,
 ) -> Result<Vec<WriteOutcome>, ApplyError> {
-    let mut st = EntryState::new(db, cache, engine, now_ms);
     let mut outcomes = Vec::with_capacity(requests.len());
-    for request in requests {
+    let mut parts: Vec<Vec<(usize, &Event)>> = vec![Vec::new(); SHARDS];
+    for (i, request) in requests.iter().enumerate() {
         // Validation happens before any change, so a rejected request leaves
         // nothing behind.
         if let Err(e) = validate_request(request, schema, None) {
             outcomes.push(WriteOutcome::Rejected { reason: e.to_string() });
             continue;
         }
-        let mut counts = WriteCounts::default();
+        outcomes.push(WriteOutcome::Applied(WriteCounts::default()));
         for event in request {
-            st.apply_event(schema, event, &mut counts, batch)?;
+            parts[shard_of(&event.user_id)].push((i, event));
         }
-        outcomes.push(WriteOutcome::Applied(counts));
     }
-    st.finish(batch)?;
+    let run = |shard: &mut CacheShard, part: &[(usize, &Event)]| -> Result<_, ApplyError> {
+        let mut st = EntryState::new(db, shard, engine, now_ms);
+        let mut counts = vec![WriteCounts::default(); requests.len()];
+        let mut shard_batch = WriteBatch::default();
+        for &(i, event) in part {
+            st.apply_event(schema, event, &mut counts[i], &mut shard_batch)?;
+        }
+        st.finish(&mut shard_batch)?;
+        Ok((counts, shard_batch))
+    };
+    let total: usize = parts.iter().map(Vec::len).sum();
+    let results: Vec<_> = if total >= PARALLEL_MIN_EVENTS {
+        std::thread::scope(|scope| {
+            let (first, rest) = cache.shards.split_first_mut().expect("at least one shard");
+            let others: Vec<_> = rest
+                .iter_mut()
+                .zip(&parts[1..])
+                .map(|(shard, part)| scope.spawn(|| run(shard, part)))
+                .collect();
+            let mut results = vec![run(first, &parts[0])];
+            for handle in others {
+                results.push(handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+            }
+            results
+        })
+    } else {
+        cache.shards.iter_mut().zip(&parts).map(|(shard, part)| run(shard, part)).collect()
+    };
+    for result in results {
+        let (counts, shard_batch) = result?;
+        for (outcome, c) in outcomes.iter_mut().zip(counts) {
+            if let WriteOutcome::Applied(total) = outcome {
+                total.applied += c.applied;
+                total.duplicates += c.duplicates;
+                total.expired += c.expired;
+            }
+        }
+        append_batch(batch, &shard_batch);
+    }
     Ok(outcomes)
+}
+
+/// Appends `src`'s operations to `dst`. RocksDB's batch format: a 12-byte
+/// header (8-byte sequence number, 4-byte little-endian count), then the
+/// records, so appending is concatenating records and adding counts (what
+/// RocksDB's own `WriteBatchInternal::Append` does).
+fn append_batch(dst: &mut WriteBatch, src: &WriteBatch) {
+    const HEADER: usize = 12;
+    if src.is_empty() {
+        return;
+    }
+    if dst.is_empty() {
+        *dst = WriteBatch::from_data(src.data());
+        return;
+    }
+    let mut data = Vec::with_capacity(dst.data().len() + src.data().len() - HEADER);
+    data.extend_from_slice(dst.data());
+    data.extend_from_slice(&src.data()[HEADER..]);
+    let count = (dst.len() + src.len()) as u32;
+    data[8..HEADER].copy_from_slice(&count.to_le_bytes());
+    *dst = WriteBatch::from_data(&data);
 }
 
 /// Re-evaluates the users whose timers are due at `now_ms` (at most
@@ -139,7 +223,6 @@ pub fn apply_tick(
     now_ms: i64,
     batch: &mut WriteBatch,
 ) -> Result<u32, ApplyError> {
-    let mut st = EntryState::new(db, cache, engine, now_ms);
     let mut due = Vec::new();
     for item in db.iterator_cf(cf(db, CF_TIMERS), IteratorMode::Start) {
         let (key, _) = item?;
@@ -148,12 +231,14 @@ pub fn apply_tick(
             _ => break,
         }
     }
-    for user in &due {
-        st.user(user)?;
+    for (s, shard) in cache.shards.iter_mut().enumerate() {
+        let mut st = EntryState::new(db, shard, engine, now_ms);
+        for user in due.iter().filter(|u| shard_of(u) == s) {
+            st.user(user)?;
+        }
+        st.finish(batch)?;
     }
-    let n = due.len() as u32;
-    st.finish(batch)?;
-    Ok(n)
+    Ok(due.len() as u32)
 }
 
 /// Re-evaluates every tag of up to `limit` users after `after` (key order)
@@ -168,7 +253,6 @@ pub fn apply_reevaluate(
     limit: u32,
     batch: &mut WriteBatch,
 ) -> Result<(Option<String>, u32), ApplyError> {
-    let mut st = EntryState::new(db, cache, engine, now_ms);
     let start = after.map(|a| a.as_bytes().to_vec()).unwrap_or_default();
     let mut users = Vec::new();
     // Across users: the `state` memtable is bucketed by user (see sm_db).
@@ -185,11 +269,14 @@ pub fn apply_reevaluate(
         users.push(String::from_utf8_lossy(&key).to_string());
     }
     let all = engine.all_inputs();
-    for user in &users {
-        st.user(user)?.dirty.clone_from(&all);
+    for (s, shard) in cache.shards.iter_mut().enumerate() {
+        let mut st = EntryState::new(db, shard, engine, now_ms);
+        for user in users.iter().filter(|u| shard_of(u) == s) {
+            st.user(user)?.dirty.clone_from(&all);
+        }
+        st.finish(batch)?;
     }
     let n = users.len() as u32;
-    st.finish(batch)?;
     Ok((users.pop(), n))
 }
 
@@ -215,7 +302,7 @@ pub fn decode_user_state(bytes: &[u8]) -> Result<UserState, bincode::Error> {
 }
 
 impl<'a> EntryState<'a> {
-    fn new(db: &'a DB, cache: &'a mut ApplyCache, engine: &'a Engine, now_ms: i64) -> Self {
+    fn new(db: &'a DB, cache: &'a mut CacheShard, engine: &'a Engine, now_ms: i64) -> Self {
         let Scratch { records, users, new_ids } = std::mem::take(&mut cache.scratch);
         EntryState { db, cache, engine, now_ms, records, users, new_ids }
     }
@@ -341,5 +428,45 @@ impl<'a> EntryState<'a> {
         new_ids.clear();
         self.cache.scratch = Scratch { records, users, new_ids };
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appended_batches_apply_every_operation_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = DB::open_default(dir.path()).unwrap();
+        db.put(b"gone", b"x").unwrap();
+        let mut dst = WriteBatch::default();
+        append_batch(&mut dst, &WriteBatch::default());
+        assert!(dst.is_empty());
+        let mut a = WriteBatch::default();
+        a.put(b"a", b"1");
+        a.put(b"k", b"first");
+        append_batch(&mut dst, &a);
+        let mut b = WriteBatch::default();
+        b.put(b"b", b"2");
+        b.delete(b"gone");
+        b.put(b"k", b"second");
+        append_batch(&mut dst, &b);
+        append_batch(&mut dst, &WriteBatch::default());
+        assert_eq!(dst.len(), 5);
+        db.write(dst).unwrap();
+        assert_eq!(db.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(db.get(b"b").unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(db.get(b"gone").unwrap(), None);
+        assert_eq!(db.get(b"k").unwrap().as_deref(), Some(&b"second"[..]), "later operations win");
+    }
+
+    #[test]
+    fn users_spread_over_the_shards() {
+        let mut per_shard = [0usize; SHARDS];
+        for u in 0..1000 {
+            per_shard[shard_of(&format!("user-{u}"))] += 1;
+        }
+        assert!(per_shard.iter().all(|&n| n > 400), "{per_shard:?}");
     }
 }

@@ -320,7 +320,7 @@ async fn a_crash_rolls_back_to_the_last_flush_and_the_log_replays_the_rest() {
     }
 }
 
-/// Entries of 200+ events apply their user shards on parallel threads:
+/// Entries of 64+ events apply their user shards on parallel threads:
 /// the state and the per-request counts equal those of the same events
 /// applied in small (sequential) entries.
 #[tokio::test]

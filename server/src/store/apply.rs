@@ -66,7 +66,7 @@ struct Scratch {
 
 /// Parallel apply: user shards, and the smallest entry worth a second thread.
 pub const SHARDS: usize = 2;
-const PARALLEL_MIN_EVENTS: usize = 200;
+const PARALLEL_MIN_EVENTS: usize = 64;
 
 /// The shard of a user (FNV-1a of the id).
 fn shard_of(user_id: &str) -> usize {

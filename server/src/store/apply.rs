@@ -68,6 +68,19 @@ struct Scratch {
 pub const SHARDS: usize = 2;
 const PARALLEL_MIN_EVENTS: usize = 64;
 
+/// Long-lived threads for the shards (threads started per entry cost more
+/// than they saved: start-up, and the allocator's per-thread heaps).
+fn apply_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(SHARDS)
+            .thread_name(|i| format!("apply-{i}"))
+            .build()
+            .expect("start the apply threads")
+    })
+}
+
 /// The shard of a user (FNV-1a of the id).
 fn shard_of(user_id: &str) -> usize {
     let hash =
@@ -126,7 +139,8 @@ struct EntryState<'a> {
 
 /// Applies the write requests of one entry at logical time `now_ms`.
 /// Entries of [`PARALLEL_MIN_EVENTS`] or more apply their user shards on
-/// parallel threads; each shard fills its own batch, appended in shard order.
+/// the apply threads in parallel; each shard fills its own batch, appended in
+/// shard order.
 pub fn apply_write(
     db: &DB,
     cache: &mut ApplyCache,
@@ -162,19 +176,14 @@ pub fn apply_write(
     };
     let total: usize = parts.iter().map(Vec::len).sum();
     let results: Vec<_> = if total >= PARALLEL_MIN_EVENTS {
-        std::thread::scope(|scope| {
-            let (first, rest) = cache.shards.split_first_mut().expect("at least one shard");
-            let others: Vec<_> = rest
-                .iter_mut()
-                .zip(&parts[1..])
-                .map(|(shard, part)| scope.spawn(|| run(shard, part)))
-                .collect();
-            let mut results = vec![run(first, &parts[0])];
-            for handle in others {
-                results.push(handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+        let mut results: Vec<_> = (0..SHARDS).map(|_| None).collect();
+        apply_pool().scope(|scope| {
+            for ((shard, part), slot) in cache.shards.iter_mut().zip(&parts).zip(results.iter_mut()) {
+                let run = &run;
+                scope.spawn(move |_| *slot = Some(run(shard, part)));
             }
-            results
-        })
+        });
+        results.into_iter().map(|r| r.expect("every shard ran")).collect()
     } else {
         cache.shards.iter_mut().zip(&parts).map(|(shard, part)| run(shard, part)).collect()
     };

@@ -13,8 +13,13 @@ use crate::limits::MAX_EVENTS_PER_ENTRY;
 use crate::model::{Event, WriteCounts};
 use crate::types::{Command, CommandResult, Raft, WriteOutcome};
 
-/// Entries proposed and not yet applied, at most.
-const MAX_IN_FLIGHT: usize = 8;
+/// Entries proposed and not yet applied, at most. Two keep the pipeline
+/// full (one entry applying while the next is appended and committed) and
+/// let requests that arrive meanwhile gather into large entries, which the
+/// parallel apply splits across its threads. Measured on 2 cores, 32
+/// clients, alternating runs: 2 in flight 39.5k–47.1k events/s, 3 in flight
+/// 35.1k–42.1k, 8 in flight 38.7k–42.5k; 3 nodes: 16.8k vs 15.4k (2 vs 8).
+const MAX_IN_FLIGHT: usize = 2;
 
 type Reply = oneshot::Sender<Result<(WriteCounts, u64)>>;
 

@@ -47,6 +47,27 @@ pub async fn served(client: &PortraitClient) -> BTreeSet<String> {
         .collect()
 }
 
+/// The sorted event ids of `user`'s `family` history as `client`'s node
+/// serves them (empty when the read fails, e.g. the node is down).
+pub async fn history_ids(
+    client: &PortraitClient,
+    user: &str,
+    family: &str,
+    consistency: Consistency,
+) -> Vec<String> {
+    let Ok(r) = client.get_profile(user, &[family.to_string()], consistency).await else {
+        return Vec::new();
+    };
+    let profile = r.profile.unwrap_or_default();
+    let mut ids: Vec<String> = profile
+        .families
+        .get(family)
+        .map(|f| f.history.iter().map(|h| h.event_id.clone()).collect())
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
 /// What a stopped workload did.
 pub struct Outcome {
     /// Event ids of the acknowledged writes.
@@ -62,6 +83,19 @@ pub struct Workload {
     acked: Arc<Mutex<BTreeSet<String>>>,
     stop: Arc<AtomicBool>,
     task: JoinHandle<(u64, u64)>,
+}
+
+impl Outcome {
+    /// Waits until each of `nodes` has applied every acknowledged write,
+    /// then asserts it serves all of them (the full set, not a count).
+    pub async fn assert_served_by(&self, cluster: &crate::Cluster, nodes: &[u64], context: &str) {
+        for &id in nodes {
+            cluster.wait_applied(id, self.last_index).await;
+            let served = served(&cluster.client(id).await).await;
+            let missing: Vec<_> = self.acked.difference(&served).collect();
+            assert!(missing.is_empty(), "node {id}{context} lost acknowledged writes: {missing:?}");
+        }
+    }
 }
 
 impl Workload {

@@ -26,12 +26,7 @@ async fn no_acknowledged_write_is_lost_when_a_node_joins_and_another_leaves_unde
     let outcome = load.stop().await;
     assert!(outcome.acked.len() > 20, "the workload made progress: {}", outcome.acked.len());
     assert_eq!(outcome.hung, 0, "writes hung");
-    for id in [2, 3, 4] {
-        cluster.wait_applied(id, outcome.last_index).await;
-        let served = served(&cluster.client(id).await).await;
-        let missing: Vec<_> = outcome.acked.difference(&served).collect();
-        assert!(missing.is_empty(), "node {id} lost acknowledged writes: {missing:?}");
-    }
+    outcome.assert_served_by(&cluster, &[2, 3, 4], "").await;
 }
 
 #[tokio::test]
@@ -79,19 +74,10 @@ async fn no_acknowledged_write_is_lost_when_the_leader_is_killed_under_load() {
     tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     let outcome = load.stop().await;
 
-    let acked = outcome.acked;
     assert!(
-        before_kill > 0 && acked.len() > before_kill,
+        before_kill > 0 && outcome.acked.len() > before_kill,
         "writes before ({before_kill}) and after ({}) the kill",
-        acked.len()
+        outcome.acked.len()
     );
-    for &id in &survivors {
-        cluster.wait_applied(id, outcome.last_index).await;
-        let served = served(&cluster.client(id).await).await;
-        let missing: Vec<_> = acked.difference(&served).collect();
-        assert!(
-            missing.is_empty(),
-            "node {id} (leader now: {new_leader}) lost acknowledged writes: {missing:?}"
-        );
-    }
+    outcome.assert_served_by(&cluster, &survivors, &format!(" (leader now: {new_leader})")).await;
 }

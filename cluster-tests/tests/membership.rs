@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use portrait_client::{ClientError, Consistency, Event, PortraitClient, Value};
+use portrait_client::{ClientError, Consistency, Event, Value};
+use portrait_cluster_tests::workload::history_ids;
 use portrait_cluster_tests::Cluster;
 
 fn now_ms() -> i64 {
@@ -20,20 +21,6 @@ fn view(user: &str, id: &str) -> Event {
         event_id: id.into(),
         attrs: [("category".to_string(), Value::string("phone"))].into(),
     }
-}
-
-async fn history_ids(client: &PortraitClient, user: &str) -> Vec<String> {
-    let Ok(r) = client.get_profile(user, &["browse".into()], Consistency::Local).await else {
-        return Vec::new();
-    };
-    let p = r.profile.unwrap_or_default();
-    let mut ids: Vec<String> = p
-        .families
-        .get("browse")
-        .map(|f| f.history.iter().map(|h| h.event_id.clone()).collect())
-        .unwrap_or_default();
-    ids.sort();
-    ids
 }
 
 #[tokio::test]
@@ -78,11 +65,12 @@ async fn an_isolated_minority_cannot_acknowledge_and_converges_after_heal() {
     cluster.heal().await;
     cluster.wait_applied(leader, w.log_index).await;
     for id in 1..=3 {
-        let ids = history_ids(&cluster.client(id).await, "u9").await;
+        let ids = history_ids(&cluster.client(id).await, "u9", "browse", Consistency::Local).await;
         assert!(ids.contains(&"majority".to_string()), "node {id}: {ids:?}");
         // If the minority's write was ever committed later it would be on every
         // node; it must be all or none, never split.
-        let everywhere = history_ids(&cluster.client(new_leader).await, "u9").await;
+        let everywhere =
+            history_ids(&cluster.client(new_leader).await, "u9", "browse", Consistency::Local).await;
         assert_eq!(ids, everywhere, "node {id} differs from the leader");
     }
 }

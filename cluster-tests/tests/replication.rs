@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use portrait_client::{Consistency, Event, PortraitClient, Value};
+use portrait_cluster_tests::workload::history_ids;
 use portrait_cluster_tests::Cluster;
 
 fn now_ms() -> i64 {
@@ -20,19 +21,6 @@ fn order(user: &str, id: &str, amount: i64) -> Event {
     }
 }
 
-/// The `amount` of every trade history event of `user`, as served locally.
-async fn amounts(client: &PortraitClient, user: &str, consistency: Consistency) -> Vec<String> {
-    let Ok(r) = client.get_profile(user, &["trade".into()], consistency).await else { return Vec::new() };
-    let profile = r.profile.unwrap_or_default();
-    let mut ids: Vec<String> = profile
-        .families
-        .get("trade")
-        .map(|f| f.history.iter().map(|h| h.event_id.clone()).collect())
-        .unwrap_or_default();
-    ids.sort();
-    ids
-}
-
 #[tokio::test]
 async fn writes_on_any_node_are_replicated_to_every_node() {
     let cluster = Cluster::start(3).await;
@@ -45,12 +33,12 @@ async fn writes_on_any_node_are_replicated_to_every_node() {
     assert_eq!(r.applied, 1);
     // Linearizable read on the leader sees it at once.
     let leader = cluster.client(1).await;
-    assert_eq!(amounts(&leader, "u1", Consistency::Linearizable).await, ["o1"]);
+    assert_eq!(history_ids(&leader, "u1", "trade", Consistency::Linearizable).await, ["o1"]);
     // Every node serves it locally once applied.
     for id in 1..=3 {
         cluster.wait_applied(id, r.log_index).await;
         let local = PortraitClient::connect(&cluster.node(id).endpoint()).await.unwrap();
-        assert_eq!(amounts(&local, "u1", Consistency::Local).await, ["o1"], "node {id}");
+        assert_eq!(history_ids(&local, "u1", "trade", Consistency::Local).await, ["o1"], "node {id}");
     }
 }
 
@@ -87,7 +75,11 @@ async fn acknowledged_writes_survive_a_leader_kill() {
         for (user, ids) in &acked {
             let mut expected = ids.clone();
             expected.sort();
-            assert_eq!(amounts(&local, user, Consistency::Local).await, expected, "node {id}, {user}");
+            assert_eq!(
+                history_ids(&local, user, "trade", Consistency::Local).await,
+                expected,
+                "node {id}, {user}"
+            );
         }
     }
 
@@ -99,7 +91,7 @@ async fn acknowledged_writes_survive_a_leader_kill() {
         let mut expected = ids.clone();
         expected.sort();
         assert_eq!(
-            amounts(&local, user, Consistency::Local).await,
+            history_ids(&local, user, "trade", Consistency::Local).await,
             expected,
             "restarted node {old_leader}, {user}"
         );

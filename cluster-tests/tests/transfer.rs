@@ -3,7 +3,7 @@
 //! with no acknowledged write lost and none hanging; and its errors.
 
 use portrait_client::code_name;
-use portrait_cluster_tests::workload::{served, Workload};
+use portrait_cluster_tests::workload::Workload;
 use portrait_cluster_tests::Cluster;
 
 const ALL: [u64; 3] = [1, 2, 3];
@@ -32,12 +32,7 @@ async fn leadership_moves_to_a_chosen_follower_and_back_under_load_losing_no_wri
 
     let outcome = load.stop().await;
     assert_eq!(outcome.hung, 0, "writes hung during the transfers");
-    for id in ALL {
-        cluster.wait_applied(id, outcome.last_index).await;
-        let served = served(&cluster.client(id).await).await;
-        let missing: Vec<_> = outcome.acked.difference(&served).collect();
-        assert!(missing.is_empty(), "node {id} lost acknowledged writes: {missing:?}");
-    }
+    outcome.assert_served_by(&cluster, &ALL, "").await;
 }
 
 #[tokio::test]

@@ -19,12 +19,21 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SchemaError {
     SchemaError::Invalid { field: field.into(), reason: reason.into() }
 }
 
-/// FNV-1a of the spec's debug form: stable across processes and releases
-/// (unlike `DefaultHasher`), so every replica agrees.
+/// FNV-1a: stable across processes and releases (unlike `DefaultHasher`),
+/// so every replica agrees.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// A feature's identity in stored state: the hash of its definition (a
+/// changed definition starts over; a renamed one keeps its state).
 fn fingerprint(spec: &FeatureSpec) -> u64 {
-    format!("{spec:?}")
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    fnv1a(format!("{spec:?}").as_bytes())
+}
+
+/// A tag's or attribute's identity in stored state: the hash of its name.
+pub fn name_id(name: &str) -> u64 {
+    fnv1a(name.as_bytes())
 }
 
 fn feature_type(spec: &FeatureSpec) -> Type {
@@ -52,7 +61,10 @@ impl Engine {
             .families
             .iter()
             .flat_map(|(f, spec)| spec.attrs.iter().map(move |(a, t)| (f.clone(), a.clone(), *t)))
-            .map(|(family, attr, ty)| AttrSlot { key: format!("{family}.{attr}"), family, attr, ty })
+            .map(|(family, attr, ty)| {
+                let key = format!("{family}.{attr}");
+                AttrSlot { id: name_id(&key), key, family, attr, ty }
+            })
             .collect();
         let tag_names: Vec<&String> = schema.tags.keys().collect();
         let (n_features, n_tags) = (features.len(), tag_names.len());
@@ -85,7 +97,8 @@ impl Engine {
                     Ok(rule) => {
                         let slot = tag_slot(name).expect("a tag name");
                         types.insert(name.clone(), (slot, rule.ty()));
-                        order.push(CompiledTag { name: name.clone(), slot, rule, time_dependent: false });
+                        let id = name_id(name);
+                        order.push(CompiledTag { name: name.clone(), id, slot, rule, time_dependent: false });
                         progressed = true;
                     }
                     Err(_) if waiting_on.borrow().is_some() => still.push(name),
@@ -101,9 +114,7 @@ impl Engine {
             }
             pending = still;
         }
-        let names =
-            features.iter().map(|f| f.name.clone()).chain(order.iter().map(|t| t.name.clone())).collect();
-        let mut engine = Engine { features, tags: order, attrs, n_tags, names };
+        let mut engine = Engine { features, tags: order, attrs, n_tags };
         engine.mark_time_dependent();
         Ok(engine)
     }

@@ -25,14 +25,18 @@ pub struct AttrSlot {
     pub family: String,
     pub attr: String,
     pub ty: ValueType,
-    /// `family.attr`, the name rules use and the key in `UserState::attrs`.
+    /// `family.attr`, the name rules use.
     pub key: String,
+    /// [`build::name_id`] of `key`: the attribute's identity in stored state.
+    pub id: u64,
 }
 
 /// A compiled tag rule.
 #[derive(Debug)]
 pub struct CompiledTag {
     pub name: String,
+    /// [`build::name_id`] of the name: the tag's identity in stored state.
+    pub id: u64,
     pub slot: usize,
     pub rule: expr::Compiled,
     /// Can change with time alone (uses `now` or a windowed feature).
@@ -47,8 +51,6 @@ pub struct Engine {
     pub tags: Vec<CompiledTag>,
     pub attrs: Vec<AttrSlot>,
     n_tags: usize,
-    /// Every feature and tag name, for cheap membership checks on apply.
-    names: std::collections::HashSet<String, foldhash::fast::RandomState>,
 }
 
 /// Parses schema TOML and compiles its features and tags: a schema that
@@ -62,13 +64,7 @@ pub fn check_schema(toml: &str) -> Result<(crate::schema::Schema, Engine), crate
 impl Engine {
     /// An engine with no features or tags.
     pub fn empty() -> Engine {
-        Engine {
-            features: Vec::new(),
-            tags: Vec::new(),
-            attrs: Vec::new(),
-            n_tags: 0,
-            names: Default::default(),
-        }
+        Engine { features: Vec::new(), tags: Vec::new(), attrs: Vec::new(), n_tags: 0 }
     }
 
     pub fn is_empty(&self) -> bool {

@@ -22,14 +22,21 @@ pub struct TagState {
     pub next_change: Option<i64>,
 }
 
-/// Everything the engine keeps for one user.
+/// Everything the engine keeps for one user, laid out in the engine's
+/// order: `features[i]` belongs to `engine.features[i]`, `tags[i]` to
+/// `engine.tags[i]`, `attrs[i]` to `engine.attrs[i]`. Each entry carries the
+/// identity it was computed for (a feature's spec fingerprint, a hash of the
+/// tag name or attribute key), so state written under an older schema is
+/// re-laid out by identity ([`Engine::align`]) and never misread. Apply, the
+/// hot path, then works by index: no name lookups, no names stored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UserState {
-    /// Feature name → (spec fingerprint, buckets).
-    pub features: BTreeMap<String, (u64, FeatureState)>,
-    /// `family.attr` → (event time, latest value), for declared attributes.
-    pub attrs: BTreeMap<String, (i64, Value)>,
-    pub tags: BTreeMap<String, TagState>,
+    /// Per feature: (spec fingerprint, buckets).
+    pub features: Vec<(u64, FeatureState)>,
+    /// Per declared attribute: (key id, (event time, latest value)).
+    pub attrs: Vec<(u64, Option<(i64, Value)>)>,
+    /// Per tag: (name id, state; `None` until first evaluated).
+    pub tags: Vec<(u64, Option<TagState>)>,
     /// When a tag could next change with time alone; the timer index holds
     /// the same moment.
     pub wake_at: Option<i64>,
@@ -39,21 +46,57 @@ pub struct UserState {
 pub type Dirty = BTreeSet<usize>;
 
 impl Engine {
+    /// Whether `state` is laid out for this engine.
+    fn aligned(&self, state: &UserState) -> bool {
+        state.features.len() == self.features.len()
+            && state.tags.len() == self.tags.len()
+            && state.attrs.len() == self.attrs.len()
+            && state.features.iter().zip(&self.features).all(|((fp, _), f)| *fp == f.fingerprint)
+            && state.tags.iter().zip(&self.tags).all(|((id, _), t)| *id == t.id)
+            && state.attrs.iter().zip(&self.attrs).all(|((id, _), a)| *id == a.id)
+    }
+
+    /// Lays `state` out for this engine: entries are matched by identity;
+    /// what the schema no longer has is dropped, what is new starts empty,
+    /// and a feature whose definition changed starts over.
+    pub fn align(&self, state: &mut UserState) {
+        if self.aligned(state) {
+            return;
+        }
+        let old = std::mem::take(state);
+        state.wake_at = old.wake_at;
+        state.features = self
+            .features
+            .iter()
+            .map(|f| {
+                let kept = old.features.iter().find(|(fp, _)| *fp == f.fingerprint);
+                (f.fingerprint, kept.map(|(_, st)| st.clone()).unwrap_or_default())
+            })
+            .collect();
+        state.tags = self
+            .tags
+            .iter()
+            .map(|t| (t.id, old.tags.iter().find(|(id, _)| *id == t.id).and_then(|(_, ts)| ts.clone())))
+            .collect();
+        state.attrs = self
+            .attrs
+            .iter()
+            .map(|a| (a.id, old.attrs.iter().find(|(id, _)| *id == a.id).and_then(|(_, v)| v.clone())))
+            .collect();
+    }
+
+    /// A tag's stored state by name (`None`: unknown tag or not evaluated).
+    pub fn tag_state<'a>(&self, state: &'a UserState, name: &str) -> Option<&'a TagState> {
+        let i = self.tags.iter().position(|t| t.name == name)?;
+        let (id, ts) = state.tags.get(i)?;
+        (*id == self.tags[i].id).then_some(ts.as_ref()).flatten()
+    }
+
     /// Folds one event into the user's features and declared attributes.
     pub fn observe(&self, state: &mut UserState, event: &Event, now: i64, dirty: &mut Dirty) {
+        self.align(state);
         for (i, f) in self.features.iter().enumerate() {
-            if !f.wants(event) {
-                continue;
-            }
-            // Look up by reference: `entry()` would allocate the name per event.
-            if !state.features.contains_key(&f.name) {
-                state.features.insert(f.name.clone(), (f.fingerprint, FeatureState::default()));
-            }
-            let entry = state.features.get_mut(&f.name).expect("inserted above");
-            if entry.0 != f.fingerprint {
-                *entry = (f.fingerprint, FeatureState::default());
-            }
-            if f.add(&mut entry.1, event, now) {
+            if f.wants(event) && f.add(&mut state.features[i].1, event, now) {
                 dirty.insert(i);
             }
         }
@@ -61,9 +104,9 @@ impl Engine {
             let Some(value) = (a.family == event.family).then(|| event.attrs.get(&a.attr)).flatten() else {
                 continue;
             };
-            let newer = state.attrs.get(&a.key).is_none_or(|(t, _)| *t <= event.time_ms);
-            if newer {
-                state.attrs.insert(a.key.clone(), (event.time_ms, value.clone()));
+            let latest = &mut state.attrs[i].1;
+            if latest.as_ref().is_none_or(|(t, _)| *t <= event.time_ms) {
+                *latest = Some((event.time_ms, value.clone()));
                 dirty.insert(self.attr_slot(i));
             }
         }
@@ -73,19 +116,17 @@ impl Engine {
     /// time has come, every time-dependent tag) at logical time `now`, then
     /// recomputes the wake time. Returns the names of tags whose value changed.
     pub fn settle(&self, state: &mut UserState, dirty: &Dirty, now: i64) -> Vec<String> {
+        self.align(state);
         let due_at = state.wake_at.filter(|w| *w <= now);
-        // Drop what a schema change removed (feature and tag names are distinct).
-        state.features.retain(|name, _| self.names.contains(name));
-        state.tags.retain(|name, _| self.names.contains(name));
         let mut slots = Slots::new(self, now);
         let mut changed_slots = dirty.clone();
         let mut changed = Vec::new();
-        for tag in &self.tags {
-            let fresh = !state.tags.contains_key(&tag.name);
+        for (i, tag) in self.tags.iter().enumerate() {
+            let fresh = state.tags[i].1.is_none();
             let by_input = tag.rule.slots().iter().any(|s| changed_slots.contains(s));
             let by_time = due_at.is_some() && tag.time_dependent;
             if !(fresh || by_input || by_time) {
-                if let Some(ts) = state.tags.get(&tag.name) {
+                if let Some(ts) = &state.tags[i].1 {
                     slots.set(tag.slot, ts.value.clone());
                 }
                 continue;
@@ -94,15 +135,13 @@ impl Engine {
             let mut next = None;
             let value = tag.rule.eval(&slots.values, now, &mut next);
             slots.set(tag.slot, value.clone());
-            match state.tags.get_mut(&tag.name) {
+            match &mut state.tags[i].1 {
                 Some(ts) if ts.value == value => ts.next_change = next,
-                _ => {
+                stored => {
                     // A change found only because time passed happened at the
                     // scheduled moment, not at this (later) tick.
                     let at = if by_input || fresh { now } else { due_at.unwrap_or(now) };
-                    state
-                        .tags
-                        .insert(tag.name.clone(), TagState { value, changed_at: at, next_change: next });
+                    *stored = Some(TagState { value, changed_at: at, next_change: next });
                     changed_slots.insert(tag.slot);
                     changed.push(tag.name.clone());
                 }
@@ -114,11 +153,11 @@ impl Engine {
 
     /// The earliest moment after `now` a tag could change without an event.
     fn wake_at(&self, state: &UserState, now: i64) -> Option<i64> {
-        let from_rules = state.tags.values().filter_map(|t| t.next_change);
+        let from_rules = state.tags.iter().filter_map(|(_, t)| t.as_ref()?.next_change);
         let windowed = self.tags.iter().filter(|t| t.time_dependent).flat_map(|t| t.rule.slots().iter());
         let from_windows = windowed.filter_map(|&s| {
             let f = self.features.get(s)?;
-            f.next_change(&state.features.get(&f.name)?.1, now)
+            f.next_change(&state.features[s].1, now)
         });
         from_rules.chain(from_windows).filter(|t| *t > now).min()
     }
@@ -127,28 +166,33 @@ impl Engine {
     /// Stored tags are current until the wake time; past it they are
     /// re-evaluated here (the tick that persists them may not have run yet).
     pub fn read(&self, state: &UserState, now: i64) -> (BTreeMap<String, Val>, BTreeMap<String, TagState>) {
-        let features = self.features.iter().map(|f| (f.name.clone(), feature_value(f, state, now))).collect();
-        // Past the wake time, or the schema's tag set changed and the
-        // background re-evaluation has not reached this user yet.
-        let schema_changed = state.tags.len() != self.tags.len()
-            || self.tags.iter().any(|t| !state.tags.contains_key(&t.name));
-        let tags = if schema_changed || state.wake_at.is_some_and(|w| w <= now) {
-            let mut fresh = state.clone();
-            self.settle(&mut fresh, &Dirty::new(), now);
-            fresh.tags
+        // Past the wake time, or the schema changed and the background
+        // re-evaluation has not reached this user yet.
+        let stale = !self.aligned(state)
+            || state.tags.iter().any(|(_, t)| t.is_none())
+            || state.wake_at.is_some_and(|w| w <= now);
+        let fresh;
+        let state = if stale {
+            let mut copy = state.clone();
+            self.settle(&mut copy, &Dirty::new(), now);
+            fresh = copy;
+            &fresh
         } else {
-            state.tags.clone()
+            state
         };
+        let features = self
+            .features
+            .iter()
+            .zip(&state.features)
+            .map(|(f, (_, st))| (f.name.clone(), f.value(st, now)))
+            .collect();
+        let tags = self
+            .tags
+            .iter()
+            .zip(&state.tags)
+            .filter_map(|(t, (_, ts))| Some((t.name.clone(), ts.clone()?)))
+            .collect();
         (features, tags)
-    }
-}
-
-/// A feature's value at `now` from the user's state (empty when the stored
-/// state belongs to an older definition of the feature).
-fn feature_value(f: &super::feature::CompiledFeature, state: &UserState, now: i64) -> Val {
-    match state.features.get(&f.name) {
-        Some((fp, st)) if *fp == f.fingerprint => f.value(st, now),
-        _ => f.value(&FeatureState::default(), now),
     }
 }
 
@@ -179,14 +223,134 @@ impl Slots {
                 continue;
             }
             if s < n_features {
-                let value = feature_value(&engine.features[s], state, self.now);
+                let value = engine.features[s].value(&state.features[s].1, self.now);
                 self.set(s, value);
             } else if s >= attrs_from {
-                let a = &engine.attrs[s - attrs_from];
-                let value = state.attrs.get(&a.key).map_or(Val::Null, |(_, v)| typed(v, a.ty));
+                let i = s - attrs_from;
+                let value =
+                    state.attrs[i].1.as_ref().map_or(Val::Null, |(_, v)| typed(v, engine.attrs[i].ty));
                 self.set(s, value);
             }
             // Tag slots are set as tags are evaluated, in dependency order.
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::check_schema;
+
+    const DAY: i64 = 86_400_000;
+    const NOW: i64 = 1_000 * DAY;
+
+    fn engine(toml: &str) -> Engine {
+        check_schema(toml).unwrap().1
+    }
+
+    fn order(id: &str, time_ms: i64, amount: i64) -> Event {
+        Event {
+            user_id: "u".into(),
+            family: "trade".into(),
+            event_type: "order".into(),
+            time_ms,
+            event_id: id.into(),
+            attrs: [("amount".to_string(), Value::Int(amount))].into(),
+        }
+    }
+
+    fn apply(engine: &Engine, state: &mut UserState, events: &[Event], now: i64) {
+        let mut dirty = Dirty::new();
+        for e in events {
+            engine.observe(state, e, now, &mut dirty);
+        }
+        engine.settle(state, &dirty, now);
+    }
+
+    const BEFORE: &str = r#"
+[families.trade]
+ttl = "none"
+attrs = { amount = "num" }
+[features.orders]
+family = "trade"
+agg = "count"
+[features.spend_30d]
+family = "trade"
+agg = "sum"
+attr = "amount"
+window = "30d"
+[tags.buyer]
+rule = 'orders > 0'
+[tags.big]
+rule = 'spend_30d >= 100'
+"#;
+
+    // `orders` renamed (same definition), `spend_30d` redefined (7d),
+    // `last_amount` and `repeat` new, `big` removed.
+    const AFTER: &str = r#"
+[families.trade]
+ttl = "none"
+attrs = { amount = "num" }
+[features.aaa_orders]
+family = "trade"
+agg = "count"
+[features.spend_30d]
+family = "trade"
+agg = "sum"
+attr = "amount"
+window = "7d"
+[tags.buyer]
+rule = 'aaa_orders > 0'
+[tags.repeat]
+rule = 'aaa_orders >= 2 and trade.amount > 10'
+"#;
+
+    #[test]
+    fn state_is_laid_out_in_engine_order_without_names() {
+        let e = engine(BEFORE);
+        let mut state = UserState::default();
+        apply(&e, &mut state, &[order("1", NOW - DAY, 120)], NOW);
+        assert_eq!(state.features.len(), 2);
+        assert_eq!(state.tags.len(), 2);
+        assert_eq!(state.attrs.len(), 1);
+        assert_eq!(e.tag_state(&state, "buyer").unwrap().value, Val::Bool(true));
+        assert_eq!(e.tag_state(&state, "big").unwrap().value, Val::Bool(true));
+        assert_eq!(e.tag_state(&state, "nope"), None);
+        let encoded = crate::store::codec::encode_compact(&state);
+        assert!(!encoded.windows(3).any(|w| w == b"big"), "names are not stored");
+        let decoded: UserState = crate::store::codec::decode_compact(&encoded).unwrap();
+        assert_eq!(decoded, state);
+    }
+
+    #[test]
+    fn a_schema_change_keeps_state_by_identity() {
+        let (before, after) = (engine(BEFORE), engine(AFTER));
+        let mut state = UserState::default();
+        apply(&before, &mut state, &[order("1", NOW - 2 * DAY, 120)], NOW);
+        let buyer_since = before.tag_state(&state, "buyer").unwrap().changed_at;
+
+        // Read under the new schema before anything re-lays the state out.
+        let (features, tags) = after.read(&state, NOW + 1);
+        assert_eq!(features["aaa_orders"], Val::Num(1.0), "renamed feature keeps its buckets");
+        assert_eq!(features["spend_30d"], Val::Num(0.0), "redefined feature starts over");
+        assert_eq!(tags["buyer"].changed_at, buyer_since, "unchanged tag keeps its change time");
+        assert_eq!(tags["repeat"].value, Val::Bool(false));
+        assert!(!tags.contains_key("big"));
+
+        apply(&after, &mut state, &[order("2", NOW, 50)], NOW + 10);
+        assert_eq!(state.features.len(), 2);
+        assert_eq!(state.tags.len(), 2);
+        assert_eq!(after.tag_state(&state, "buyer").unwrap().changed_at, buyer_since);
+        assert_eq!(after.tag_state(&state, "repeat").unwrap().value, Val::Bool(true));
+        assert_eq!(after.tag_state(&state, "big"), None);
+        let (features, _) = after.read(&state, NOW + 10);
+        assert_eq!(features["aaa_orders"], Val::Num(2.0));
+        assert_eq!(features["spend_30d"], Val::Num(50.0));
+
+        // And back: what the newer schema dropped comes back empty, not stale.
+        before.align(&mut state);
+        assert_eq!(before.tag_state(&state, "big"), None);
+        assert_eq!(before.features[1].value(&state.features[1].1, NOW + 10), Val::Num(0.0));
+        assert!(before.aligned(&state));
     }
 }

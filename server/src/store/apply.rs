@@ -305,9 +305,16 @@ pub fn load_user_state(db: &DB, user_id: &str) -> Result<Option<UserState>, Appl
     }
 }
 
-/// A stored user state (an 8-byte header, then bincode).
+/// A stored user state (an 8-byte header, then compact bincode).
 pub fn decode_user_state(bytes: &[u8]) -> Result<UserState, bincode::Error> {
-    codec::decode(bytes.get(8..).unwrap_or_default())
+    codec::decode_compact(bytes.get(8..).unwrap_or_default())
+}
+
+/// The stored form of a user state.
+fn encode_user_state(state: &UserState) -> Vec<u8> {
+    let mut value = NEVER.to_be_bytes().to_vec();
+    value.extend(codec::encode_compact(state));
+    value
 }
 
 impl<'a> EntryState<'a> {
@@ -420,9 +427,7 @@ impl<'a> EntryState<'a> {
         let (state_cf, timers) = (cf(self.db, CF_STATE), cf(self.db, CF_TIMERS));
         for (user, mut t) in users.drain() {
             self.engine.settle(&mut t.state, &t.dirty, self.now_ms);
-            let mut value = NEVER.to_be_bytes().to_vec();
-            value.extend(codec::encode(&t.state));
-            batch.put_cf(state_cf, user.as_bytes(), value);
+            batch.put_cf(state_cf, user.as_bytes(), encode_user_state(&t.state));
             if t.stored_wake != t.state.wake_at {
                 if let Some(old) = t.stored_wake {
                     batch.delete_cf(timers, keys::timer(old, &user));

@@ -10,7 +10,7 @@
 //!
 //! Stored values (heads and history events): 8 bytes big-endian
 //! `max_expires_at` (read by the compaction filter without decoding the
-//! rest), then bincode.
+//! rest), then bincode with variable-length integers.
 
 use std::collections::BTreeMap;
 
@@ -58,12 +58,12 @@ pub fn encode_history_event(event: &Event, expires_at: i64) -> Vec<u8> {
         expires_at,
     };
     let mut out = expires_at.to_be_bytes().to_vec();
-    out.extend(codec::encode(&entry));
+    out.extend(codec::encode_compact(&entry));
     out
 }
 
 pub fn decode_history_event(bytes: &[u8]) -> Result<HistoryEntry, bincode::Error> {
-    codec::decode(bytes.get(8..).unwrap_or_default())
+    codec::decode_compact(bytes.get(8..).unwrap_or_default())
 }
 
 /// A history event's place in the head's index.
@@ -161,12 +161,12 @@ impl FamilyHead {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = self.max_expiry().to_be_bytes().to_vec();
-        out.extend(codec::encode(self));
+        out.extend(codec::encode_compact(self));
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<FamilyHead, bincode::Error> {
-        codec::decode(bytes.get(8..).unwrap_or_default())
+        codec::decode_compact(bytes.get(8..).unwrap_or_default())
     }
 
     /// The record with the history events `events` (the stored values of
@@ -397,6 +397,10 @@ mod tests {
             expires_at: 700,
         };
         assert_eq!(decode_history_event(&stored).unwrap(), entry);
-        assert_eq!(&stored[8..], codec::encode(&entry), "borrowed and owned encodings are the same bytes");
+        assert_eq!(
+            &stored[8..],
+            codec::encode_compact(&entry),
+            "borrowed and owned encodings are the same bytes"
+        );
     }
 }

@@ -29,12 +29,21 @@ struct Args {
     /// GetProfile calls per read scenario.
     #[arg(long, default_value_t = 50_000)]
     reads: usize,
-    /// Client counts for the ingest scenarios, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32])]
-    ingest_clients: Vec<usize>,
+    /// Client counts for the ingest scenarios, comma-separated (empty: skip).
+    #[arg(long, default_value = "1,32", value_parser = counts)]
+    ingest_clients: Counts,
     /// Client counts for the read scenarios, comma-separated (empty: skip).
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 32])]
-    read_clients: Vec<usize>,
+    #[arg(long, default_value = "1,32", value_parser = counts)]
+    read_clients: Counts,
+}
+
+/// A comma-separated list of client counts; empty is an empty list.
+#[derive(Clone)]
+struct Counts(Vec<usize>);
+
+fn counts(text: &str) -> Result<Counts, String> {
+    let parse = |n: &str| n.trim().parse().map_err(|e| format!("{n:?}: {e}"));
+    text.split(',').filter(|n| !n.trim().is_empty()).map(parse).collect::<Result<_, _>>().map(Counts)
 }
 
 struct Row {
@@ -97,10 +106,10 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("|{:-<30}|{:-<9}|{:-<12}|{:-<14}|{:-<11}|{:-<11}|", "", "", "", "", "", "");
     let args = Arc::new(args);
-    for (i, &clients) in args.ingest_clients.iter().enumerate() {
+    for (i, &clients) in args.ingest_clients.0.iter().enumerate() {
         ingest(&channel, &args, clients, i).await?.print();
     }
-    for &clients in &args.read_clients {
+    for &clients in &args.read_clients.0 {
         reads(&channel, &args, clients).await?.print();
     }
     node.shutdown().await;

@@ -127,7 +127,7 @@ impl Node {
             let members = BTreeMap::from([(opts.node_id, BasicNode::new(&opts.advertise))]);
             raft.initialize(members).await?;
         }
-        let batcher = WriteBatcher::start(raft.clone());
+        let batcher = WriteBatcher::start(raft.clone(), sm.clone());
         let gate = ProposalGate::default();
         crate::raft::ticker::start(
             raft.clone(),
@@ -216,7 +216,11 @@ impl Node {
         if consistency == Consistency::Linearizable {
             // The leadership check sends AppendEntries, which a transfer must not.
             let _pass = self.gate.pass(self.write_timeout).await?;
-            self.raft.ensure_linearizable().await.map_err(check_leader_error)?;
+            let read_log_id = self.raft.ensure_linearizable().await.map_err(check_leader_error)?;
+            // Applied is not yet readable until its batch is written.
+            if let Some(id) = read_log_id {
+                self.sm.wait_written(id.index).await.map_err(Error::Internal)?;
+            }
         }
         let now = crate::wall_clock_ms();
         let db = self.sm.db();
@@ -273,7 +277,9 @@ impl Node {
                 lag_entries: matched(id).map(|i| last_log_index.saturating_sub(i.unwrap_or(0))),
             })
             .collect();
-        let applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
+        // What reads see (raft's own applied index may be one entry ahead
+        // while that entry's batch is written).
+        let applied_index = self.sm.applied().last_applied.map(|l| l.index).unwrap_or(0);
         let leader_addr = m.current_leader.and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
         NodeStatus {
             node_id: self.id,

@@ -11,6 +11,7 @@ use super::client_write_error;
 use crate::error::{Error, Result};
 use crate::limits::MAX_EVENTS_PER_ENTRY;
 use crate::model::{Event, WriteCounts};
+use crate::store::SmStore;
 use crate::types::{Command, CommandResult, Raft, WriteOutcome};
 
 /// Entries proposed and not yet applied, at most. Two keep the pipeline
@@ -35,9 +36,9 @@ pub struct WriteBatcher {
 }
 
 impl WriteBatcher {
-    pub fn start(raft: Raft) -> WriteBatcher {
+    pub fn start(raft: Raft, sm: Arc<SmStore>) -> WriteBatcher {
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(run(raft, rx));
+        tokio::spawn(run(raft, sm, rx));
         WriteBatcher { tx }
     }
 
@@ -53,7 +54,7 @@ fn shutting_down() -> Error {
     Error::Unavailable("node is shutting down".into())
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
+async fn run(raft: Raft, sm: Arc<SmStore>, mut rx: mpsc::Receiver<Pending>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
@@ -69,20 +70,25 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
+        let (raft, sm) = (raft.clone(), sm.clone());
         tokio::spawn(async move {
-            propose(&raft, batch).await;
+            propose(&raft, &sm, batch).await;
             drop(permit);
         });
     }
 }
 
-async fn propose(raft: &Raft, batch: Vec<Pending>) {
+async fn propose(raft: &Raft, sm: &SmStore, batch: Vec<Pending>) {
     let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.events, p.reply)).unzip();
     let command = Command::Write { stamp_ms: crate::wall_clock_ms(), requests };
     match raft.client_write(command).await {
         Ok(resp) => {
             let index = resp.log_id.index;
+            // Acknowledge what a read will see: the entry's batch may still
+            // be on its way into the database (see the state machine).
+            if let Err(e) = sm.wait_written(index).await {
+                return replies.into_iter().for_each(|r| drop(r.send(Err(Error::Internal(e.clone())))));
+            }
             let outcomes = match resp.data {
                 CommandResult::Write(outcomes) if outcomes.len() == replies.len() => outcomes,
                 other => {

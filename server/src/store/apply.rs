@@ -9,7 +9,6 @@ use std::collections::hash_map::Entry as MapEntry;
 /// Maps keyed by user ids and row keys: foldhash (seeded per process) is
 /// several times cheaper than SipHash on these short keys.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch, DB};
 
@@ -50,6 +49,10 @@ pub struct ApplyCache {
 struct CacheShard {
     records: HashMap<Vec<u8>, FamilyHead>,
     users: HashMap<String, UserState>,
+    /// The dedupe keys the previous entry wrote, with their ends: its batch
+    /// may still be in flight (see the state machine's writer), so they are
+    /// checked here before the database.
+    recent_ids: HashMap<Vec<u8>, i64>,
     capacity: usize,
     /// The per-entry maps of the last entry, emptied, kept for their
     /// capacity: an entry of thousands of users would otherwise allocate
@@ -61,7 +64,7 @@ struct CacheShard {
 struct Scratch {
     records: HashMap<Vec<u8>, FamilyHead>,
     users: HashMap<String, Touched>,
-    new_ids: HashSet<Vec<u8>>,
+    new_ids: HashMap<Vec<u8>, i64>,
 }
 
 /// Parallel apply: user shards, and the smallest entry worth a second thread.
@@ -93,6 +96,7 @@ impl ApplyCache {
         let shard = || CacheShard {
             records: HashMap::default(),
             users: HashMap::default(),
+            recent_ids: HashMap::default(),
             capacity: capacity.div_ceil(SHARDS),
             scratch: Scratch::default(),
         };
@@ -103,6 +107,7 @@ impl ApplyCache {
         for shard in &mut self.shards {
             shard.records.clear();
             shard.users.clear();
+            shard.recent_ids.clear();
         }
     }
 }
@@ -134,7 +139,8 @@ struct EntryState<'a> {
     now_ms: i64,
     records: HashMap<Vec<u8>, FamilyHead>,
     users: HashMap<String, Touched>,
-    new_ids: HashSet<Vec<u8>>,
+    /// Dedupe keys written by this entry, with the end of their window.
+    new_ids: HashMap<Vec<u8>, i64>,
 }
 
 /// Applies the write requests of one entry at logical time `now_ms`.
@@ -333,13 +339,18 @@ impl<'a> EntryState<'a> {
         let spec = schema.family(&event.family).expect("validated against this schema");
         if !event.event_id.is_empty() {
             let key = keys::dedupe(&event.user_id, &event.event_id);
-            if self.new_ids.contains(&key) || self.seen_before(&key)? {
+            let recent = self.new_ids.get(&key).or_else(|| self.cache.recent_ids.get(&key));
+            let seen = match recent {
+                Some(until) => is_live(*until, self.now_ms),
+                None => self.seen_before(&key)?,
+            };
+            if seen {
                 counts.duplicates += 1;
                 return Ok(());
             }
             let until = self.now_ms.saturating_add(schema.dedupe_window_ms);
             batch.put_cf(cf(self.db, CF_DEDUPE), &key, until.to_be_bytes());
-            self.new_ids.insert(key);
+            self.new_ids.insert(key, until);
         }
         // Features see every new event, even one whose raw data has already
         // expired (a lifetime "first order" outlives the trade TTL); windows
@@ -413,9 +424,14 @@ impl<'a> EntryState<'a> {
 
     /// Settles every touched user's tags and writes heads, states and
     /// timers into the batch (history events went in as they were applied).
+    ///
+    /// The cache is trimmed before this entry's heads and states go in: the
+    /// next entry may be computed while this one's batch is still being
+    /// written, and must find them here.
     fn finish(self, batch: &mut WriteBatch) -> Result<(), ApplyError> {
         let profiles = cf(self.db, CF_PROFILES);
-        let (mut records, mut users, mut new_ids) = (self.records, self.users, self.new_ids);
+        let (mut records, mut users, new_ids) = (self.records, self.users, self.new_ids);
+        self.cache.trim();
         for (key, record) in records.drain() {
             if record.is_empty() {
                 batch.delete_cf(profiles, &key);
@@ -438,9 +454,9 @@ impl<'a> EntryState<'a> {
             }
             self.cache.users.insert(user, t.state);
         }
-        self.cache.trim();
-        new_ids.clear();
-        self.cache.scratch = Scratch { records, users, new_ids };
+        let mut spare_ids = std::mem::replace(&mut self.cache.recent_ids, new_ids);
+        spare_ids.clear();
+        self.cache.scratch = Scratch { records, users, new_ids: spare_ids };
         Ok(())
     }
 }

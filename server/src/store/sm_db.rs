@@ -40,6 +40,19 @@ pub struct SmStore {
     applied: Mutex<AppliedState>,
     /// The applied logical clock, read by the compaction filter.
     clock: Arc<AtomicI64>,
+    /// The log index whose batch is in the database (what reads see), or
+    /// why the state machine stopped writing. Apply hands an entry's batch
+    /// to a writer thread and goes on with the next entry, so openraft may
+    /// count an entry applied a moment before this index reaches it; replies
+    /// and linearizable reads wait for it ([`SmStore::wait_written`]).
+    written: tokio::sync::watch::Sender<Written>,
+}
+
+/// See [`SmStore::wait_written`].
+#[derive(Debug, Clone, Default)]
+struct Written {
+    index: u64,
+    failure: Option<Arc<str>>,
 }
 
 impl SmStore {
@@ -58,6 +71,7 @@ impl SmStore {
             engine: RwLock::new(Arc::new(Engine::empty())),
             applied: Mutex::new(AppliedState::default()),
             clock,
+            written: tokio::sync::watch::Sender::new(Written::default()),
         };
         store.reload_caches()?;
         Ok(Arc::new(store))
@@ -91,9 +105,30 @@ impl SmStore {
         self.applied.lock().expect("applied lock").clone()
     }
 
+    /// Records what the database now holds (called once its batch is
+    /// written): reads report it, and waiters for its index are released.
     pub(crate) fn set_applied(&self, state: AppliedState) {
         self.clock.store(state.clock_ms, Ordering::Release);
+        let index = state.last_applied.map_or(0, |l| l.index);
         *self.applied.lock().expect("applied lock") = state;
+        self.written.send_modify(|w| w.index = index);
+    }
+
+    /// The state machine can no longer write: every waiter gets `reason`.
+    pub(crate) fn set_write_failure(&self, reason: String) {
+        self.written.send_modify(|w| w.failure = Some(reason.into()));
+    }
+
+    /// Waits until the entry at `index` (and everything before it) is in the
+    /// database, so what a reply acknowledges or a linearizable read
+    /// promises is what a read then sees.
+    pub async fn wait_written(&self, index: u64) -> Result<(), String> {
+        let mut rx = self.written.subscribe();
+        let w = rx.wait_for(|w| w.index >= index || w.failure.is_some()).await.map_err(|e| e.to_string())?;
+        match &w.failure {
+            Some(reason) if w.index < index => Err(format!("state machine stopped writing: {reason}")),
+            _ => Ok(()),
+        }
     }
 
     pub fn dir(&self) -> &Path {

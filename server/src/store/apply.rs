@@ -339,11 +339,13 @@ impl<'a> EntryState<'a> {
         let spec = schema.family(&event.family).expect("validated against this schema");
         if !event.event_id.is_empty() {
             let key = keys::dedupe(&event.user_id, &event.event_id);
-            let recent = self.new_ids.get(&key).or_else(|| self.cache.recent_ids.get(&key));
-            let seen = match recent {
-                Some(until) => is_live(*until, self.now_ms),
-                None => self.seen_before(&key)?,
-            };
+            // This entry's ids, then the previous entry's (its batch may be
+            // in flight), then the database.
+            let seen = self.new_ids.contains_key(&key)
+                || match self.cache.recent_ids.get(&key) {
+                    Some(until) => is_live(*until, self.now_ms),
+                    None => self.seen_before(&key)?,
+                };
             if seen {
                 counts.duplicates += 1;
                 return Ok(());

@@ -286,7 +286,7 @@ rule = 'spend_30d >= 100'
 "#;
 
     // `orders` renamed (same definition), `spend_30d` redefined (7d),
-    // `last_amount` and `repeat` new, `big` removed.
+    // `repeat` new (reads the `trade.amount` attribute), `big` removed.
     const AFTER: &str = r#"
 [families.trade]
 ttl = "none"

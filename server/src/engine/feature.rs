@@ -126,7 +126,8 @@ impl CompiledFeature {
             return self.add_anchored(state, event.time_ms);
         }
         let first_live = self.first_live(now);
-        state.buckets.retain(|(b, _)| *b >= first_live);
+        let expired = state.buckets.partition_point(|(b, _)| *b < first_live);
+        state.buckets.drain(..expired);
         let b = self.bucket_of(event.time_ms);
         if b < first_live {
             return false;
@@ -147,25 +148,26 @@ impl CompiledFeature {
                 _ => Val::Num(0.0),
             };
         }
+        // Buckets are ascending: the live ones are a suffix.
         let first_live = self.first_live(now);
-        let live: Vec<&Acc> =
-            state.buckets.iter().filter(|(b, _)| *b >= first_live).map(|(_, acc)| acc).collect();
-        if live.is_empty() {
-            return self.empty();
+        let live = &state.buckets[state.buckets.partition_point(|(b, _)| *b < first_live)..];
+        match live.first() {
+            None => self.empty(),
+            Some((_, first)) => self.fold(first, live.iter().map(|(_, acc)| acc)),
         }
-        self.fold(&live)
     }
 
     /// Combines live buckets by reference (reads clone only the result).
-    fn fold(&self, live: &[&Acc]) -> Val {
-        let nums = |f: fn(&Acc) -> Option<f64>| live.iter().filter_map(move |a| f(a));
-        match live[0] {
+    /// `first` is the first of `live`, and tells the aggregation.
+    fn fold<'a>(&self, first: &Acc, live: impl Iterator<Item = &'a Acc> + Clone) -> Val {
+        let nums = |f: fn(&Acc) -> Option<f64>| live.clone().filter_map(f);
+        match first {
             Acc::Count(_) => {
                 Val::Num(nums(|a| if let Acc::Count(n) = a { Some(*n as f64) } else { None }).sum())
             }
             Acc::Sum { .. } => {
                 let (mut sum, mut count) = (0.0, 0u64);
-                for a in live {
+                for a in live.clone() {
                     if let Acc::Sum { sum: s, count: c } = a {
                         sum += s;
                         count += c;
@@ -190,7 +192,7 @@ impl CompiledFeature {
             Acc::Distinct(_) => {
                 let mut set: BTreeSet<&str> = BTreeSet::new();
                 for v in live
-                    .iter()
+                    .clone()
                     .filter_map(|a| if let Acc::Distinct(s) = a { Some(s) } else { None })
                     .flatten()
                 {
@@ -203,7 +205,7 @@ impl CompiledFeature {
             Acc::Counts(_) => {
                 let mut map: BTreeMap<&str, u64> = BTreeMap::new();
                 for (k, n) in
-                    live.iter().filter_map(|a| if let Acc::Counts(m) = a { Some(m) } else { None }).flatten()
+                    live.clone().filter_map(|a| if let Acc::Counts(m) = a { Some(m) } else { None }).flatten()
                 {
                     if map.len() < MAX_DISTINCT_PER_BUCKET || map.contains_key(k.as_str()) {
                         *map.entry(k).or_insert(0) += n;
@@ -214,7 +216,7 @@ impl CompiledFeature {
             Acc::LastValue { .. } => {
                 // Later event time wins; on a tie, the later bucket.
                 let mut best: Option<(i64, &Value)> = None;
-                for a in live {
+                for a in live.clone() {
                     if let Acc::LastValue { time, value } = a {
                         if best.is_none_or(|(t, _)| *time >= t) {
                             best = Some((*time, value));

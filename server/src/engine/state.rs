@@ -3,7 +3,7 @@
 //! incremental update: [`Engine::observe`] per event, [`Engine::settle`]
 //! once per touched user per entry, [`Engine::read`] for serving.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -42,8 +42,55 @@ pub struct UserState {
     pub wake_at: Option<i64>,
 }
 
-/// Slots changed by the events of one entry, per user.
-pub type Dirty = BTreeSet<usize>;
+/// Slots changed by the events of one entry, per user: a bit set (apply
+/// fills and tests one per touched user per entry).
+#[derive(Debug, Clone, Default)]
+pub struct Dirty {
+    words: Vec<u64>,
+}
+
+impl Dirty {
+    pub fn new() -> Dirty {
+        Dirty::default()
+    }
+
+    /// Adds `slot`; returns whether it was absent.
+    pub fn insert(&mut self, slot: usize) -> bool {
+        let (w, bit) = (slot / 64, 1u64 << (slot % 64));
+        if w >= self.words.len() {
+            self.words.resize(w + 1, 0);
+        }
+        let absent = self.words[w] & bit == 0;
+        self.words[w] |= bit;
+        absent
+    }
+
+    pub fn contains(&self, slot: usize) -> bool {
+        self.words.get(slot / 64).is_some_and(|w| w & (1u64 << (slot % 64)) != 0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|w| *w == 0)
+    }
+
+    /// The slots, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| (0..64).filter(move |b| w & (1u64 << b) != 0).map(move |b| i * 64 + b))
+    }
+}
+
+impl FromIterator<usize> for Dirty {
+    fn from_iter<I: IntoIterator<Item = usize>>(slots: I) -> Dirty {
+        let mut set = Dirty::new();
+        for s in slots {
+            set.insert(s);
+        }
+        set
+    }
+}
 
 impl Engine {
     /// Whether `state` is laid out for this engine.
@@ -123,7 +170,7 @@ impl Engine {
         let mut changed = Vec::new();
         for (i, tag) in self.tags.iter().enumerate() {
             let fresh = state.tags[i].1.is_none();
-            let by_input = tag.rule.slots().iter().any(|s| changed_slots.contains(s));
+            let by_input = tag.rule.slots().iter().any(|s| changed_slots.contains(*s));
             let by_time = due_at.is_some() && tag.time_dependent;
             if !(fresh || by_input || by_time) {
                 if let Some(ts) = &state.tags[i].1 {
@@ -243,6 +290,20 @@ mod tests {
 
     const DAY: i64 = 86_400_000;
     const NOW: i64 = 1_000 * DAY;
+
+    #[test]
+    fn dirty_is_a_set_of_slots() {
+        let mut d = Dirty::new();
+        assert!(d.is_empty() && !d.contains(0) && !d.contains(500));
+        assert!(d.insert(3));
+        assert!(!d.insert(3), "second insert reports present");
+        assert!(d.insert(64) && d.insert(300) && d.insert(0));
+        assert!(d.contains(3) && d.contains(64) && d.contains(300) && d.contains(0));
+        assert!(!d.contains(2) && !d.contains(63) && !d.contains(65) && !d.contains(10_000));
+        assert_eq!(d.iter().collect::<Vec<_>>(), vec![0, 3, 64, 300]);
+        assert!([300, 0, 64, 3].into_iter().collect::<Dirty>().iter().eq(d.iter()));
+        assert!(!d.is_empty());
+    }
 
     fn engine(toml: &str) -> Engine {
         check_schema(toml).unwrap().1

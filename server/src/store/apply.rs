@@ -14,7 +14,7 @@ use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch, DB};
 
 use super::codec;
 use super::keys::{self, CF_DEDUPE, CF_HISTORY, CF_PROFILES, CF_STATE, CF_TIMERS};
-use super::record::{encode_history_event, stored_expiry, FamilyHead};
+use super::record::{encode_history_event_into, stored_expiry, FamilyHead};
 use super::sm_db::cf;
 use crate::engine::state::{Dirty, UserState};
 use crate::engine::Engine;
@@ -65,6 +65,7 @@ struct Scratch {
     records: HashMap<Vec<u8>, FamilyHead>,
     users: HashMap<String, Touched>,
     new_ids: HashMap<Vec<u8>, i64>,
+    buf: Vec<u8>,
 }
 
 /// Parallel apply: user shards, and the smallest entry worth a second thread.
@@ -123,6 +124,9 @@ impl CacheShard {
     }
 }
 
+/// An event's dedupe key, and whether an earlier entry left a live marker.
+type DedupeKey = (Vec<u8>, bool);
+
 /// A user's engine state while an entry is applied.
 struct Touched {
     state: UserState,
@@ -141,6 +145,8 @@ struct EntryState<'a> {
     users: HashMap<String, Touched>,
     /// Dedupe keys written by this entry, with the end of their window.
     new_ids: HashMap<Vec<u8>, i64>,
+    /// Where each row's value is encoded before the batch copies it.
+    buf: Vec<u8>,
 }
 
 /// Applies the write requests of one entry at logical time `now_ms`.
@@ -174,8 +180,9 @@ pub fn apply_write(
         let mut st = EntryState::new(db, shard, engine, now_ms);
         let mut counts = vec![WriteCounts::default(); requests.len()];
         let mut shard_batch = WriteBatch::default();
-        for &(i, event) in part {
-            st.apply_event(schema, event, &mut counts[i], &mut shard_batch)?;
+        let dedupe = st.dedupe_lookups(part)?;
+        for (&(i, event), dedupe) in part.iter().zip(dedupe) {
+            st.apply_event(schema, event, dedupe, &mut counts[i], &mut shard_batch)?;
         }
         st.finish(&mut shard_batch)?;
         Ok((counts, shard_batch))
@@ -316,36 +323,77 @@ pub fn decode_user_state(bytes: &[u8]) -> Result<UserState, bincode::Error> {
     codec::decode_compact(bytes.get(8..).unwrap_or_default())
 }
 
-/// The stored form of a user state.
-fn encode_user_state(state: &UserState) -> Vec<u8> {
-    let mut value = NEVER.to_be_bytes().to_vec();
-    value.extend(codec::encode_compact(state));
-    value
+/// The stored form of a user state, into `out` (cleared first).
+fn encode_user_state_into(out: &mut Vec<u8>, state: &UserState) {
+    out.clear();
+    out.extend_from_slice(&NEVER.to_be_bytes());
+    codec::encode_compact_into(out, state);
 }
 
 impl<'a> EntryState<'a> {
     fn new(db: &'a DB, cache: &'a mut CacheShard, engine: &'a Engine, now_ms: i64) -> Self {
-        let Scratch { records, users, new_ids } = std::mem::take(&mut cache.scratch);
-        EntryState { db, cache, engine, now_ms, records, users, new_ids }
+        let Scratch { records, users, new_ids, buf } = std::mem::take(&mut cache.scratch);
+        EntryState { db, cache, engine, now_ms, records, users, new_ids, buf }
     }
 
+    /// For each event with an id: its dedupe key, and whether an earlier
+    /// entry left a live marker for it. The previous entry's ids are checked
+    /// first (its batch may be in flight); the rest are looked up in the
+    /// database in one batched read (cheaper than a point lookup each).
+    fn dedupe_lookups(&self, events: &[(usize, &Event)]) -> Result<Vec<Option<DedupeKey>>, ApplyError> {
+        let mut found: Vec<Option<DedupeKey>> = Vec::with_capacity(events.len());
+        let mut lookups: Vec<usize> = Vec::new();
+        for (_, event) in events {
+            if event.event_id.is_empty() {
+                found.push(None);
+                continue;
+            }
+            let key = keys::dedupe(&event.user_id, &event.event_id);
+            let seen = match self.cache.recent_ids.get(&key) {
+                Some(until) => is_live(*until, self.now_ms),
+                None => {
+                    lookups.push(found.len());
+                    false
+                }
+            };
+            found.push(Some((key, seen)));
+        }
+        if lookups.is_empty() {
+            return Ok(found);
+        }
+        let key_of =
+            |i: usize| found[i].as_ref().map(|(k, _)| k.as_slice()).expect("looked-up events have ids");
+        lookups.sort_unstable_by(|a, b| key_of(*a).cmp(key_of(*b)));
+        let results =
+            self.db.batched_multi_get_cf(cf(self.db, CF_DEDUPE), lookups.iter().map(|&i| key_of(i)), true);
+        let mut live = Vec::with_capacity(lookups.len());
+        for result in results {
+            let until = result?.as_deref().and_then(stored_expiry);
+            live.push(until.is_some_and(|until| is_live(until, self.now_ms)));
+        }
+        for (i, live) in lookups.into_iter().zip(live) {
+            if let Some((_, seen)) = &mut found[i] {
+                *seen = live;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Applies one event. `dedupe`: its key and whether an earlier entry
+    /// saw it ([`EntryState::dedupe_lookups`]); `None` for an event without
+    /// an id.
     fn apply_event(
         &mut self,
         schema: &Schema,
         event: &Event,
+        dedupe: Option<DedupeKey>,
         counts: &mut WriteCounts,
         batch: &mut WriteBatch,
     ) -> Result<(), ApplyError> {
         let spec = schema.family(&event.family).expect("validated against this schema");
-        if !event.event_id.is_empty() {
-            let key = keys::dedupe(&event.user_id, &event.event_id);
-            // This entry's ids, then the previous entry's (its batch may be
-            // in flight), then the database.
-            let seen = self.new_ids.contains_key(&key)
-                || match self.cache.recent_ids.get(&key) {
-                    Some(until) => is_live(*until, self.now_ms),
-                    None => self.seen_before(&key)?,
-                };
+        if let Some((key, seen_before)) = dedupe {
+            // An id repeated within this entry is a duplicate too.
+            let seen = seen_before || self.new_ids.contains_key(&key);
             if seen {
                 counts.duplicates += 1;
                 return Ok(());
@@ -376,17 +424,11 @@ impl<'a> EntryState<'a> {
         }
         if let Some(slot) = write.put {
             let key = keys::history(&event.user_id, &event.family, slot);
-            batch.put_cf(history, key, encode_history_event(event, expires_at));
+            encode_history_event_into(&mut self.buf, event, expires_at);
+            batch.put_cf(history, key, &self.buf);
         }
         counts.applied += 1;
         Ok(())
-    }
-
-    /// Whether a live dedupe marker exists from an earlier entry.
-    fn seen_before(&self, key: &[u8]) -> Result<bool, ApplyError> {
-        let stored = self.db.get_pinned_cf(cf(self.db, CF_DEDUPE), key)?;
-        let until = stored.as_deref().and_then(stored_expiry);
-        Ok(until.is_some_and(|until| is_live(until, self.now_ms)))
     }
 
     /// The family head under `key`, loaded once per entry and pruned of what
@@ -432,20 +474,22 @@ impl<'a> EntryState<'a> {
     /// written, and must find them here.
     fn finish(self, batch: &mut WriteBatch) -> Result<(), ApplyError> {
         let profiles = cf(self.db, CF_PROFILES);
-        let (mut records, mut users, new_ids) = (self.records, self.users, self.new_ids);
+        let (mut records, mut users, new_ids, mut buf) = (self.records, self.users, self.new_ids, self.buf);
         self.cache.trim();
         for (key, record) in records.drain() {
             if record.is_empty() {
                 batch.delete_cf(profiles, &key);
             } else {
-                batch.put_cf(profiles, &key, record.encode());
+                record.encode_into(&mut buf);
+                batch.put_cf(profiles, &key, &buf);
             }
             self.cache.records.insert(key, record);
         }
         let (state_cf, timers) = (cf(self.db, CF_STATE), cf(self.db, CF_TIMERS));
         for (user, mut t) in users.drain() {
             self.engine.settle(&mut t.state, &t.dirty, self.now_ms);
-            batch.put_cf(state_cf, user.as_bytes(), encode_user_state(&t.state));
+            encode_user_state_into(&mut buf, &t.state);
+            batch.put_cf(state_cf, user.as_bytes(), &buf);
             if t.stored_wake != t.state.wake_at {
                 if let Some(old) = t.stored_wake {
                     batch.delete_cf(timers, keys::timer(old, &user));
@@ -458,7 +502,7 @@ impl<'a> EntryState<'a> {
         }
         let mut spare_ids = std::mem::replace(&mut self.cache.recent_ids, new_ids);
         spare_ids.clear();
-        self.cache.scratch = Scratch { records, users, new_ids: spare_ids };
+        self.cache.scratch = Scratch { records, users, new_ids: spare_ids, buf };
         Ok(())
     }
 }

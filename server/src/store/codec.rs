@@ -5,8 +5,13 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::types::StorageError;
 
+/// Fixed-width bincode. Written straight into a growing buffer: bincode's
+/// own `serialize` walks the value twice (once to size the buffer), which
+/// costs more than the few reallocations of a large log entry.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    bincode::serialize(value).expect("bincode serialization of plain data cannot fail")
+    let mut out = Vec::with_capacity(256);
+    bincode::serialize_into(&mut out, value).expect("bincode serialization of plain data cannot fail");
+    out
 }
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::Error> {
@@ -22,8 +27,16 @@ fn compact() -> impl bincode::Options {
 }
 
 pub fn encode_compact<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_compact_into(&mut out, value);
+    out
+}
+
+/// Appends the compact encoding of `value` to `out` (apply reuses one
+/// buffer for every row it writes, and skips bincode's sizing pass).
+pub fn encode_compact_into<T: Serialize>(out: &mut Vec<u8>, value: &T) {
     use bincode::Options;
-    compact().serialize(value).expect("bincode serialization of plain data cannot fail")
+    compact().serialize_into(out, value).expect("bincode serialization of plain data cannot fail")
 }
 
 pub fn decode_compact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::Error> {

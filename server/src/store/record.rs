@@ -50,6 +50,13 @@ struct HistoryEntryRef<'a> {
 
 /// The stored value of a history event.
 pub fn encode_history_event(event: &Event, expires_at: i64) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_history_event_into(&mut out, event, expires_at);
+    out
+}
+
+/// [`encode_history_event`] into `out` (cleared first).
+pub fn encode_history_event_into(out: &mut Vec<u8>, event: &Event, expires_at: i64) {
     let entry = HistoryEntryRef {
         event_type: &event.event_type,
         time_ms: event.time_ms,
@@ -57,9 +64,9 @@ pub fn encode_history_event(event: &Event, expires_at: i64) -> Vec<u8> {
         attrs: &event.attrs,
         expires_at,
     };
-    let mut out = expires_at.to_be_bytes().to_vec();
-    out.extend(codec::encode_compact(&entry));
-    out
+    out.clear();
+    out.extend_from_slice(&expires_at.to_be_bytes());
+    codec::encode_compact_into(out, &entry);
 }
 
 pub fn decode_history_event(bytes: &[u8]) -> Result<HistoryEntry, bincode::Error> {
@@ -160,9 +167,16 @@ impl FamilyHead {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = self.max_expiry().to_be_bytes().to_vec();
-        out.extend(codec::encode_compact(self));
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
         out
+    }
+
+    /// [`FamilyHead::encode`] into `out` (cleared first).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&self.max_expiry().to_be_bytes());
+        codec::encode_compact_into(out, self);
     }
 
     pub fn decode(bytes: &[u8]) -> Result<FamilyHead, bincode::Error> {

@@ -98,7 +98,14 @@ impl Engine {
                         let slot = tag_slot(name).expect("a tag name");
                         types.insert(name.clone(), (slot, rule.ty()));
                         let id = name_id(name);
-                        order.push(CompiledTag { name: name.clone(), id, slot, rule, time_dependent: false });
+                        order.push(CompiledTag {
+                            name: name.clone(),
+                            id,
+                            slot,
+                            rule,
+                            time_dependent: false,
+                            read_by_tags: false,
+                        });
                         progressed = true;
                     }
                     Err(_) if waiting_on.borrow().is_some() => still.push(name),
@@ -120,16 +127,24 @@ impl Engine {
     }
 
     /// A tag is time-dependent if it uses `now`, a windowed feature, or a
-    /// time-dependent tag (tags are in dependency order).
+    /// time-dependent tag (tags are in dependency order). Also marks the
+    /// tags other rules read.
     fn mark_time_dependent(&mut self) {
         let n_features = self.features.len();
         let mut slot_dep = vec![false; n_features + self.n_tags + self.attrs.len()];
         for (i, f) in self.features.iter().enumerate() {
             slot_dep[i] = f.window.is_some();
         }
+        let mut read = vec![false; slot_dep.len()];
         for tag in &mut self.tags {
             tag.time_dependent = tag.rule.uses_now() || tag.rule.slots().iter().any(|s| slot_dep[*s]);
             slot_dep[tag.slot] = tag.time_dependent;
+            for s in tag.rule.slots() {
+                read[*s] = true;
+            }
+        }
+        for tag in &mut self.tags {
+            tag.read_by_tags = read[tag.slot];
         }
     }
 }

@@ -41,6 +41,8 @@ pub struct CompiledTag {
     pub rule: expr::Compiled,
     /// Can change with time alone (uses `now` or a windowed feature).
     pub time_dependent: bool,
+    /// Another tag's rule reads this tag's value.
+    pub read_by_tags: bool,
 }
 
 /// The compiled features and tags of one schema version.

@@ -142,6 +142,14 @@ impl Engine {
     /// Folds one event into the user's features and declared attributes.
     pub fn observe(&self, state: &mut UserState, event: &Event, now: i64, dirty: &mut Dirty) {
         self.align(state);
+        self.observe_aligned(state, event, now, dirty);
+    }
+
+    /// [`Engine::observe`] for a state already laid out for this engine
+    /// ([`Engine::align`]): apply aligns each user once per entry, not per
+    /// event.
+    pub fn observe_aligned(&self, state: &mut UserState, event: &Event, now: i64, dirty: &mut Dirty) {
+        debug_assert!(self.aligned(state));
         for (i, f) in self.features.iter().enumerate() {
             if f.wants(event) && f.add(&mut state.features[i].1, event, now) {
                 dirty.insert(i);
@@ -164,8 +172,18 @@ impl Engine {
     /// recomputes the wake time. Returns the names of tags whose value changed.
     pub fn settle(&self, state: &mut UserState, dirty: &Dirty, now: i64) -> Vec<String> {
         self.align(state);
+        self.settle_aligned(state, dirty, now)
+    }
+
+    /// [`Engine::settle`] for a state already laid out for this engine.
+    pub fn settle_aligned(&self, state: &mut UserState, dirty: &Dirty, now: i64) -> Vec<String> {
+        debug_assert!(self.aligned(state));
+        SLOTS.with_borrow_mut(|slots| self.settle_with(state, dirty, now, slots))
+    }
+
+    fn settle_with(&self, state: &mut UserState, dirty: &Dirty, now: i64, slots: &mut Slots) -> Vec<String> {
         let due_at = state.wake_at.filter(|w| *w <= now);
-        let mut slots = Slots::new(self, now);
+        slots.reset(self, now);
         let mut changed_slots = dirty.clone();
         let mut changed = Vec::new();
         for (i, tag) in self.tags.iter().enumerate() {
@@ -173,7 +191,8 @@ impl Engine {
             let by_input = tag.rule.slots().iter().any(|s| changed_slots.contains(*s));
             let by_time = due_at.is_some() && tag.time_dependent;
             if !(fresh || by_input || by_time) {
-                if let Some(ts) = &state.tags[i].1 {
+                // Only a later rule reads a tag's slot.
+                if let (true, Some(ts)) = (tag.read_by_tags, &state.tags[i].1) {
                     slots.set(tag.slot, ts.value.clone());
                 }
                 continue;
@@ -245,16 +264,27 @@ impl Engine {
 
 /// Slot values, filled lazily (feature values are merged from buckets only
 /// when a rule needs them).
+#[derive(Default)]
 struct Slots {
     values: Vec<Val>,
     filled: Vec<bool>,
     now: i64,
 }
 
+thread_local! {
+    /// Each thread's slots, reused by every settle (two vectors per touched
+    /// user per entry otherwise).
+    static SLOTS: std::cell::RefCell<Slots> = std::cell::RefCell::new(Slots::default());
+}
+
 impl Slots {
-    fn new(engine: &Engine, now: i64) -> Slots {
+    fn reset(&mut self, engine: &Engine, now: i64) {
         let n = engine.n_slots();
-        Slots { values: vec![Val::Null; n], filled: vec![false; n], now }
+        self.values.clear();
+        self.values.resize(n, Val::Null);
+        self.filled.clear();
+        self.filled.resize(n, false);
+        self.now = now;
     }
 
     fn set(&mut self, slot: usize, value: Val) {

@@ -54,6 +54,9 @@ struct CacheShard {
     /// checked here before the database.
     recent_ids: HashMap<Vec<u8>, i64>,
     capacity: usize,
+    /// Bytes of this shard's batch for the last entry: the next batch
+    /// reserves about as much (growing a large batch copies it each time).
+    batch_bytes: usize,
     /// The per-entry maps of the last entry, emptied, kept for their
     /// capacity: an entry of thousands of users would otherwise allocate
     /// (and the allocator zero fresh pages for) large tables every time.
@@ -99,6 +102,7 @@ impl ApplyCache {
             users: HashMap::default(),
             recent_ids: HashMap::default(),
             capacity: capacity.div_ceil(SHARDS),
+            batch_bytes: 0,
             scratch: Scratch::default(),
         };
         ApplyCache { shards: (0..SHARDS).map(|_| shard()).collect() }
@@ -179,7 +183,8 @@ pub fn apply_write(
     let run = |shard: &mut CacheShard, part: &[(usize, &Event)]| -> Result<_, ApplyError> {
         let mut st = EntryState::new(db, shard, engine, now_ms);
         let mut counts = vec![WriteCounts::default(); requests.len()];
-        let mut shard_batch = WriteBatch::default();
+        let reserve = st.cache.batch_bytes + st.cache.batch_bytes / 4;
+        let mut shard_batch = WriteBatch::with_capacity_bytes(reserve.max(1024));
         let dedupe = st.dedupe_lookups(part)?;
         for (&(i, event), dedupe) in part.iter().zip(dedupe) {
             st.apply_event(schema, event, dedupe, &mut counts[i], &mut shard_batch)?;
@@ -200,7 +205,8 @@ pub fn apply_write(
     } else {
         cache.shards.iter_mut().zip(&parts).map(|(shard, part)| run(shard, part)).collect()
     };
-    for result in results {
+    let mut shard_batches = Vec::with_capacity(SHARDS);
+    for (result, shard) in results.into_iter().zip(&mut cache.shards) {
         let (counts, shard_batch) = result?;
         for (outcome, c) in outcomes.iter_mut().zip(counts) {
             if let WriteOutcome::Applied(total) = outcome {
@@ -209,29 +215,41 @@ pub fn apply_write(
                 total.expired += c.expired;
             }
         }
-        append_batch(batch, &shard_batch);
+        shard.batch_bytes = shard_batch.size_in_bytes();
+        shard_batches.push(shard_batch);
     }
+    append_batches(batch, shard_batches);
     Ok(outcomes)
 }
 
-/// Appends `src`'s operations to `dst`. RocksDB's batch format: a 12-byte
-/// header (8-byte sequence number, 4-byte little-endian count), then the
-/// records, so appending is concatenating records and adding counts (what
-/// RocksDB's own `WriteBatchInternal::Append` does).
-fn append_batch(dst: &mut WriteBatch, src: &WriteBatch) {
+/// Appends the operations of `srcs`, in order, to `dst`. RocksDB's batch
+/// format: a 12-byte header (8-byte sequence number, 4-byte little-endian
+/// count), then the records, so appending is concatenating records and
+/// adding counts (what RocksDB's own `WriteBatchInternal::Append` does).
+/// A lone non-empty batch appended to an empty one is moved, not copied.
+fn append_batches(dst: &mut WriteBatch, srcs: Vec<WriteBatch>) {
     const HEADER: usize = 12;
-    if src.is_empty() {
+    let mut parts: Vec<WriteBatch> = srcs.into_iter().filter(|b| !b.is_empty()).collect();
+    if parts.is_empty() {
         return;
     }
+    if dst.is_empty() && parts.len() == 1 {
+        *dst = parts.pop().expect("one part");
+        return;
+    }
+    let bytes = dst.data().len() + parts.iter().map(|b| b.data().len() - HEADER).sum::<usize>();
+    let mut data = Vec::with_capacity(bytes.max(HEADER));
     if dst.is_empty() {
-        *dst = WriteBatch::from_data(src.data());
-        return;
+        data.resize(HEADER, 0);
+    } else {
+        data.extend_from_slice(dst.data());
     }
-    let mut data = Vec::with_capacity(dst.data().len() + src.data().len() - HEADER);
-    data.extend_from_slice(dst.data());
-    data.extend_from_slice(&src.data()[HEADER..]);
-    let count = (dst.len() + src.len()) as u32;
-    data[8..HEADER].copy_from_slice(&count.to_le_bytes());
+    let mut count = dst.len();
+    for part in &parts {
+        data.extend_from_slice(&part.data()[HEADER..]);
+        count += part.len();
+    }
+    data[8..HEADER].copy_from_slice(&(count as u32).to_le_bytes());
     *dst = WriteBatch::from_data(&data);
 }
 
@@ -408,7 +426,7 @@ impl<'a> EntryState<'a> {
         if !self.engine.is_empty() {
             let (engine, now) = (self.engine, self.now_ms);
             let touched = self.user(&event.user_id)?;
-            engine.observe(&mut touched.state, event, now, &mut touched.dirty);
+            engine.observe_aligned(&mut touched.state, event, now, &mut touched.dirty);
         }
         let expires_at = expiry(event.time_ms, spec.ttl_ms);
         if !is_live(expires_at, self.now_ms) {
@@ -456,11 +474,13 @@ impl<'a> EntryState<'a> {
         match self.users.entry(user_id.to_string()) {
             MapEntry::Occupied(o) => Ok(o.into_mut()),
             MapEntry::Vacant(v) => {
-                let state = match self.cache.users.remove(user_id) {
+                let mut state = match self.cache.users.remove(user_id) {
                     Some(state) => state,
                     None => load_user_state(self.db, user_id)?.unwrap_or_default(),
                 };
                 let stored_wake = state.wake_at;
+                // Once per user per entry; observe and settle rely on it.
+                self.engine.align(&mut state);
                 Ok(v.insert(Touched { state, dirty: Dirty::new(), stored_wake }))
             }
         }
@@ -487,7 +507,7 @@ impl<'a> EntryState<'a> {
         }
         let (state_cf, timers) = (cf(self.db, CF_STATE), cf(self.db, CF_TIMERS));
         for (user, mut t) in users.drain() {
-            self.engine.settle(&mut t.state, &t.dirty, self.now_ms);
+            self.engine.settle_aligned(&mut t.state, &t.dirty, self.now_ms);
             encode_user_state_into(&mut buf, &t.state);
             batch.put_cf(state_cf, user.as_bytes(), &buf);
             if t.stored_wake != t.state.wake_at {
@@ -517,24 +537,38 @@ mod tests {
         let db = DB::open_default(dir.path()).unwrap();
         db.put(b"gone", b"x").unwrap();
         let mut dst = WriteBatch::default();
-        append_batch(&mut dst, &WriteBatch::default());
+        append_batches(&mut dst, vec![WriteBatch::default()]);
         assert!(dst.is_empty());
         let mut a = WriteBatch::default();
         a.put(b"a", b"1");
         a.put(b"k", b"first");
-        append_batch(&mut dst, &a);
+        append_batches(&mut dst, vec![a]);
+        assert_eq!(dst.len(), 2, "a lone batch is taken as it is");
         let mut b = WriteBatch::default();
         b.put(b"b", b"2");
         b.delete(b"gone");
-        b.put(b"k", b"second");
-        append_batch(&mut dst, &b);
-        append_batch(&mut dst, &WriteBatch::default());
-        assert_eq!(dst.len(), 5);
+        let mut c = WriteBatch::default();
+        c.put(b"k", b"second");
+        c.put(b"c", b"3");
+        append_batches(&mut dst, vec![b, WriteBatch::default(), c]);
+        assert_eq!(dst.len(), 6);
         db.write(dst).unwrap();
         assert_eq!(db.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
         assert_eq!(db.get(b"b").unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(db.get(b"c").unwrap().as_deref(), Some(&b"3"[..]));
         assert_eq!(db.get(b"gone").unwrap(), None);
         assert_eq!(db.get(b"k").unwrap().as_deref(), Some(&b"second"[..]), "later operations win");
+
+        // Several parts into an empty batch.
+        let (mut x, mut y, mut fresh) = (WriteBatch::default(), WriteBatch::default(), WriteBatch::default());
+        x.put(b"x", b"1");
+        y.delete(b"x");
+        y.put(b"y", b"2");
+        append_batches(&mut fresh, vec![x, y]);
+        assert_eq!(fresh.len(), 3);
+        db.write(fresh).unwrap();
+        assert_eq!(db.get(b"x").unwrap(), None);
+        assert_eq!(db.get(b"y").unwrap().as_deref(), Some(&b"2"[..]));
     }
 
     #[test]

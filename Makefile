@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROFILE := --release
 
-.PHONY: help setup build run test lint verify bench cluster fmt clean-data
+.PHONY: help setup build run test lint verify bench fuzz cluster fmt clean-data
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,15 @@ bench: setup ## ingest and read benchmarks; prints a table
 	$(CARGO) run $(PROFILE) -p portrait-server --example bench -- $(ARGS)
 	$(CARGO) build $(PROFILE) --workspace --bins
 	$(CARGO) run $(PROFILE) -p portrait-cluster-tests --example cluster_bench
+
+# Coverage-guided fuzzing of the tag-rule language (server/fuzz). cargo-fuzz
+# passes -Z flags, which a stable toolchain takes with RUSTC_BOOTSTRAP=1.
+FUZZ_SECS ?= 300
+fuzz: ## fuzz the tag-rule parser and evaluator for FUZZ_SECS seconds (default 300)
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	mkdir -p server/fuzz/corpus/expr
+	cd server/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run expr corpus/expr seeds/expr -- \
+		-dict=expr.dict -max_len=512 -max_total_time=$(FUZZ_SECS)
 
 cluster: build ## start 3 local nodes on 127.0.0.1:7701-7703 (deploy/scripts/local-cluster.sh)
 	./deploy/scripts/local-cluster.sh

@@ -217,11 +217,21 @@ pub fn open_db(path: &Path, clock: Arc<AtomicI64>) -> Result<DB, rocksdb::Error>
         ColumnFamilyDescriptor::new(CF_PROFILES, expiring_cf_options("portrait-profile-ttl", clock.clone())),
         ColumnFamilyDescriptor::new(CF_HISTORY, expiring_cf_options("portrait-history-ttl", clock.clone())),
         ColumnFamilyDescriptor::new(CF_DEDUPE, expiring_cf_options("portrait-dedupe-ttl", clock)),
-        ColumnFamilyDescriptor::new(CF_META, Options::default()),
-        ColumnFamilyDescriptor::new(CF_STATE, user_keyed(Options::default())),
-        ColumnFamilyDescriptor::new(CF_TIMERS, Options::default()),
+        ColumnFamilyDescriptor::new(CF_META, cf_options()),
+        ColumnFamilyDescriptor::new(CF_STATE, user_keyed(cf_options())),
+        ColumnFamilyDescriptor::new(CF_TIMERS, cf_options()),
     ];
     DB::open_cf_descriptors(&opts, path, cfs)
+}
+
+/// What every state-machine column family starts from: up to three full
+/// memtables may wait for their flush before apply stalls. With RocksDB's
+/// default of two, a flush slower than apply stopped every write until it
+/// finished.
+fn cf_options() -> Options {
+    let mut opts = Options::default();
+    opts.set_max_write_buffer_number(4);
+    opts
 }
 
 /// How applied entries are written: no RocksDB WAL. The raft log already
@@ -244,7 +254,7 @@ pub fn apply_write_options() -> WriteOptions {
 /// past that clock, so apply would treat the dropped value as expired anyway,
 /// on every replica, however far behind it applies.
 fn expiring_cf_options(filter_name: &'static str, clock: Arc<AtomicI64>) -> Options {
-    let mut opts = user_keyed(Options::default());
+    let mut opts = user_keyed(cf_options());
     let mut block = BlockBasedOptions::default();
     block.set_bloom_filter(10.0, false);
     opts.set_block_based_table_factory(&block);

@@ -68,7 +68,7 @@ async fn state_machine_ns_per_event(schema: &str, evs: &[Event], now: i64) -> f6
             log_id: log(i as u64 + 2),
             payload: EntryPayload::Normal(Command::Write {
                 stamp_ms: now + i as i64,
-                requests: vec![c.to_vec()],
+                requests: vec![c.to_vec()].into(),
             }),
         })
         .collect();

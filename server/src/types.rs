@@ -1,8 +1,27 @@
 //! The raft type configuration and the replicated commands.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Event, WriteCounts};
+
+/// Serde for an `Arc<T>` as a plain `T` (the encoding of the value alone).
+mod shared {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(value: &Arc<T>, serializer: S) -> Result<S::Ok, S::Error> {
+        T::serialize(value, serializer)
+    }
+
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Arc<T>, D::Error> {
+        T::deserialize(deserializer).map(Arc::new)
+    }
+}
 
 openraft::declare_raft_types!(
     /// Portrait's openraft type configuration.
@@ -30,8 +49,14 @@ pub type StorageError = openraft::StorageError<NodeId>;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Client write requests batched into one entry; each inner vector is one
-    /// request, applied whole or not at all.
-    Write { stamp_ms: i64, requests: Vec<Vec<Event>> },
+    /// request, applied whole or not at all. Shared, not copied, between the
+    /// log store's cache of recent entries and the state machine; encoded as
+    /// the plain vector.
+    Write {
+        stamp_ms: i64,
+        #[serde(with = "shared")]
+        requests: Arc<Vec<Vec<Event>>>,
+    },
     /// Replace the schema with this TOML (validated before proposing and
     /// again at apply).
     ApplySchema { stamp_ms: i64, toml: String },

@@ -48,7 +48,7 @@ fn entry(index: u64, command: Command) -> Entry {
 }
 
 fn write(index: u64, stamp_ms: i64, requests: Vec<Vec<Event>>) -> Entry {
-    entry(index, Command::Write { stamp_ms, requests })
+    entry(index, Command::Write { stamp_ms, requests: requests.into() })
 }
 
 async fn apply(r: &mut Replica, entries: Vec<Entry>) -> Vec<CommandResult> {

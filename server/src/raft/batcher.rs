@@ -80,7 +80,7 @@ async fn run(raft: Raft, sm: Arc<SmStore>, mut rx: mpsc::Receiver<Pending>) {
 
 async fn propose(raft: &Raft, sm: &SmStore, batch: Vec<Pending>) {
     let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.events, p.reply)).unzip();
-    let command = Command::Write { stamp_ms: crate::wall_clock_ms(), requests };
+    let command = Command::Write { stamp_ms: crate::wall_clock_ms(), requests: requests.into() };
     match raft.client_write(command).await {
         Ok(resp) => {
             let index = resp.log_id.index;

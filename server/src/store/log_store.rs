@@ -7,11 +7,12 @@
 //! a WAL (this log is its write-ahead log): before logs are purged, its
 //! memtables are flushed, so applied state never depends on a purged entry.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
-use std::ops::RangeBounds;
+use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, Vote};
@@ -20,7 +21,7 @@ use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBat
 use super::codec::{decode, encode, read_err, write_err};
 use super::keys::*;
 use super::sm_db::{cf, SmStore};
-use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
+use crate::types::{Command, Entry, LogId, NodeId, StorageError, TypeConfig};
 
 type Flushed = LogFlushed<TypeConfig>;
 
@@ -30,6 +31,88 @@ pub struct LogStore {
     db: Arc<DB>,
     flusher: mpsc::Sender<Flushed>,
     sm: Option<Arc<SmStore>>,
+    recent: Arc<Mutex<RecentEntries>>,
+}
+
+/// The newest entries, as appended: the state machine reads each entry
+/// right after its append, and would otherwise decode it back from RocksDB.
+/// Always a contiguous suffix of the log (possibly empty): appends extend
+/// it, truncation cuts it, purging and the size bound drop its oldest
+/// entries. Entries share their payload (`Command::Write` holds an `Arc`),
+/// so keeping them costs no copy.
+#[derive(Default)]
+struct RecentEntries {
+    entries: VecDeque<Entry>,
+    /// Events in `entries` (the bound that matters for memory).
+    events: usize,
+}
+
+/// At most this many entries, and this many events, are kept.
+const RECENT_MAX_ENTRIES: usize = 256;
+const RECENT_MAX_EVENTS: usize = 200_000;
+
+fn events_in(entry: &Entry) -> usize {
+    match &entry.payload {
+        openraft::EntryPayload::Normal(Command::Write { requests, .. }) => {
+            requests.iter().map(Vec::len).sum()
+        }
+        _ => 0,
+    }
+}
+
+impl RecentEntries {
+    fn push(&mut self, entry: Entry) {
+        let follows = self.entries.back().is_none_or(|last| last.log_id.index + 1 == entry.log_id.index);
+        if !follows {
+            // Not the next index (the log was truncated or purged under us):
+            // start again from this entry, which is the log's newest.
+            self.entries.clear();
+            self.events = 0;
+        }
+        self.events += events_in(&entry);
+        self.entries.push_back(entry);
+        while self.entries.len() > RECENT_MAX_ENTRIES
+            || (self.events > RECENT_MAX_EVENTS && self.entries.len() > 1)
+        {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(e) = self.entries.pop_front() {
+            self.events -= events_in(&e);
+        }
+    }
+
+    /// Drops entries from `index` on.
+    fn truncate(&mut self, index: u64) {
+        while self.entries.back().is_some_and(|e| e.log_id.index >= index) {
+            let e = self.entries.pop_back().expect("checked");
+            self.events -= events_in(&e);
+        }
+    }
+
+    /// Drops entries up to and including `index`.
+    fn purge(&mut self, index: u64) {
+        while self.entries.front().is_some_and(|e| e.log_id.index <= index) {
+            self.pop_front();
+        }
+    }
+
+    /// The entries of `[start, end)` if every one of them is here. An
+    /// open end, or one past the newest entry here, is left to RocksDB (an
+    /// append may have written newer entries that are not here yet).
+    fn get(&self, start: u64, end: Option<u64>) -> Option<Vec<Entry>> {
+        let (first, last) = (self.entries.front()?.log_id.index, self.entries.back()?.log_id.index);
+        let end = end?;
+        if start < first || end > last + 1 {
+            return None;
+        }
+        if start >= end {
+            return Some(Vec::new());
+        }
+        Some(self.entries.range((start - first) as usize..(end - first) as usize).cloned().collect())
+    }
 }
 
 impl LogStore {
@@ -50,7 +133,7 @@ impl LogStore {
             .name("raft-log-fsync".into())
             .spawn(move || flush_loop(&flush_db, rx))
             .expect("spawn log flusher");
-        Ok(LogStore { db, flusher: tx, sm })
+        Ok(LogStore { db, flusher: tx, sm, recent: Arc::default() })
     }
 
     fn logs(&self) -> &rocksdb::ColumnFamily {
@@ -92,12 +175,19 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        use std::ops::Bound;
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => i + 1,
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Some(i.saturating_add(1)),
+            Bound::Excluded(i) => Some(*i),
+            Bound::Unbounded => None,
+        };
+        if let Some(entries) = self.recent.lock().expect("recent entries lock").get(start, end) {
+            return Ok(entries);
+        }
         let mut entries = Vec::new();
         let mode = IteratorMode::From(&log_index(start), Direction::Forward);
         for item in self.db.iterator_cf(self.logs(), mode) {
@@ -143,10 +233,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::default();
-        for entry in entries {
-            batch.put_cf(self.logs(), log_index(entry.log_id.index), encode(&entry));
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        for entry in &entries {
+            batch.put_cf(self.logs(), log_index(entry.log_id.index), encode(entry));
         }
         self.db.write(batch).map_err(write_err)?;
+        let mut recent = self.recent.lock().expect("recent entries lock");
+        for entry in entries {
+            recent.push(entry);
+        }
+        drop(recent);
         if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
             // The flusher only stops with the process; sync inline then.
             let outcome = self.db.flush_wal(true).map_err(|e| std::io::Error::other(e.to_string()));
@@ -156,6 +252,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Before the log: a reader never finds a removed entry here.
+        self.recent.lock().expect("recent entries lock").truncate(log_id.index);
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         let mut batch = WriteBatch::default();
@@ -167,9 +265,94 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Some(sm) = &self.sm {
             sm.persist().map_err(write_err)?;
         }
+        self.recent.lock().expect("recent entries lock").purge(log_id.index);
         let mut batch = WriteBatch::default();
         batch.put_cf(cf(&self.db, CF_RAFT_META), RAFT_LAST_PURGED, encode(&log_id));
         batch.delete_range_cf(self.logs(), log_index(0), log_index(log_id.index + 1));
         self.db.write(batch).map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+    use crate::model::Event;
+
+    fn entry(index: u64, events: usize) -> Entry {
+        let event = Event {
+            user_id: "u".into(),
+            family: "browse".into(),
+            event_type: "view".into(),
+            time_ms: 0,
+            event_id: String::new(),
+            attrs: Default::default(),
+        };
+        let requests = Arc::new(vec![vec![event; events]]);
+        let payload = EntryPayload::Normal(Command::Write { stamp_ms: 0, requests });
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload }
+    }
+
+    fn indexes(entries: Option<Vec<Entry>>) -> Option<Vec<u64>> {
+        entries.map(|es| es.iter().map(|e| e.log_id.index).collect())
+    }
+
+    #[test]
+    fn recent_entries_serve_only_ranges_they_hold_whole() {
+        let mut r = RecentEntries::default();
+        assert_eq!(indexes(r.get(1, Some(2))), None, "empty");
+        for i in 5..=9 {
+            r.push(entry(i, 1));
+        }
+        assert_eq!(indexes(r.get(5, Some(10))), Some(vec![5, 6, 7, 8, 9]));
+        assert_eq!(indexes(r.get(7, Some(9))), Some(vec![7, 8]));
+        assert_eq!(indexes(r.get(8, Some(8))), Some(vec![]));
+        assert_eq!(indexes(r.get(4, Some(6))), None, "starts before the oldest");
+        assert_eq!(indexes(r.get(8, Some(11))), None, "ends past the newest");
+        assert_eq!(indexes(r.get(8, None)), None, "open end");
+    }
+
+    #[test]
+    fn recent_entries_stay_a_suffix_of_the_log() {
+        let mut r = RecentEntries::default();
+        for i in 1..=6 {
+            r.push(entry(i, 2));
+        }
+        r.truncate(5);
+        assert_eq!(indexes(r.get(1, Some(5))), Some(vec![1, 2, 3, 4]));
+        assert_eq!(indexes(r.get(1, Some(6))), None, "5 was truncated");
+        r.push(entry(5, 2));
+        assert_eq!(indexes(r.get(4, Some(6))), Some(vec![4, 5]));
+        r.purge(2);
+        assert_eq!(indexes(r.get(2, Some(4))), None, "2 was purged");
+        assert_eq!(indexes(r.get(3, Some(6))), Some(vec![3, 4, 5]));
+        assert_eq!(r.events, 6);
+        // An append that does not follow (the log changed under us) restarts.
+        r.push(entry(9, 1));
+        assert_eq!(indexes(r.get(3, Some(6))), None);
+        assert_eq!(indexes(r.get(9, Some(10))), Some(vec![9]));
+        assert_eq!(r.events, 1);
+    }
+
+    #[test]
+    fn recent_entries_are_bounded_by_count_and_events() {
+        let mut r = RecentEntries::default();
+        for i in 1..=(RECENT_MAX_ENTRIES as u64 + 10) {
+            r.push(entry(i, 1));
+        }
+        assert_eq!(r.entries.len(), RECENT_MAX_ENTRIES);
+        assert_eq!(r.entries.front().unwrap().log_id.index, 11);
+        let mut r = RecentEntries::default();
+        r.push(entry(1, RECENT_MAX_EVENTS / 2));
+        r.push(entry(2, RECENT_MAX_EVENTS / 2));
+        r.push(entry(3, 10));
+        assert_eq!(indexes(r.get(2, Some(4))), Some(vec![2, 3]), "the oldest went over the event bound");
+        assert_eq!(r.events, RECENT_MAX_EVENTS / 2 + 10);
+        // A single entry over the bound is still kept (it is the newest).
+        r.push(entry(4, RECENT_MAX_EVENTS + 1));
+        assert_eq!(indexes(r.get(4, Some(5))), Some(vec![4]));
     }
 }

@@ -203,15 +203,18 @@ impl CompiledFeature {
                 Val::Num(set.len() as f64)
             }
             Acc::Counts(_) => {
-                let mut map: BTreeMap<&str, u64> = BTreeMap::new();
+                // Built once, with owned keys: a key is cloned only when new.
+                let mut map: BTreeMap<String, f64> = BTreeMap::new();
                 for (k, n) in
                     live.clone().filter_map(|a| if let Acc::Counts(m) = a { Some(m) } else { None }).flatten()
                 {
-                    if map.len() < MAX_DISTINCT_PER_BUCKET || map.contains_key(k.as_str()) {
-                        *map.entry(k).or_insert(0) += n;
+                    if let Some(total) = map.get_mut(k.as_str()) {
+                        *total += *n as f64;
+                    } else if map.len() < MAX_DISTINCT_PER_BUCKET {
+                        map.insert(k.clone(), *n as f64);
                     }
                 }
-                Val::Map(map.into_iter().map(|(k, n)| (k.to_string(), n as f64)).collect())
+                Val::Map(map)
             }
             Acc::LastValue { .. } => {
                 // Later event time wins; on a tie, the later bucket.

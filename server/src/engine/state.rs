@@ -73,6 +73,12 @@ impl Dirty {
         self.words.iter().all(|w| *w == 0)
     }
 
+    /// Becomes a copy of `other`, keeping this set's allocation.
+    pub fn copy_from(&mut self, other: &Dirty) {
+        self.words.clear();
+        self.words.extend_from_slice(&other.words);
+    }
+
     /// The slots, ascending.
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         self.words
@@ -172,23 +178,32 @@ impl Engine {
     /// recomputes the wake time. Returns the names of tags whose value changed.
     pub fn settle(&self, state: &mut UserState, dirty: &Dirty, now: i64) -> Vec<String> {
         self.align(state);
-        self.settle_aligned(state, dirty, now)
+        let mut changed = Vec::new();
+        SLOTS.with_borrow_mut(|slots| self.settle_with(state, dirty, now, slots, Some(&mut changed)));
+        changed
     }
 
-    /// [`Engine::settle`] for a state already laid out for this engine.
-    pub fn settle_aligned(&self, state: &mut UserState, dirty: &Dirty, now: i64) -> Vec<String> {
+    /// [`Engine::settle`] for a state already laid out for this engine,
+    /// without collecting the names of the tags that changed (apply's path).
+    pub fn settle_aligned(&self, state: &mut UserState, dirty: &Dirty, now: i64) {
         debug_assert!(self.aligned(state));
-        SLOTS.with_borrow_mut(|slots| self.settle_with(state, dirty, now, slots))
+        SLOTS.with_borrow_mut(|slots| self.settle_with(state, dirty, now, slots, None));
     }
 
-    fn settle_with(&self, state: &mut UserState, dirty: &Dirty, now: i64, slots: &mut Slots) -> Vec<String> {
+    fn settle_with(
+        &self,
+        state: &mut UserState,
+        dirty: &Dirty,
+        now: i64,
+        slots: &mut Slots,
+        mut changed: Option<&mut Vec<String>>,
+    ) {
         let due_at = state.wake_at.filter(|w| *w <= now);
         slots.reset(self, now);
-        let mut changed_slots = dirty.clone();
-        let mut changed = Vec::new();
+        slots.changed.copy_from(dirty);
         for (i, tag) in self.tags.iter().enumerate() {
             let fresh = state.tags[i].1.is_none();
-            let by_input = tag.rule.slots().iter().any(|s| changed_slots.contains(*s));
+            let by_input = tag.rule.slots().iter().any(|s| slots.changed.contains(*s));
             let by_time = due_at.is_some() && tag.time_dependent;
             if !(fresh || by_input || by_time) {
                 // Only a later rule reads a tag's slot.
@@ -200,7 +215,9 @@ impl Engine {
             slots.fill(self, state, tag.rule.slots());
             let mut next = None;
             let value = tag.rule.eval(&slots.values, now, &mut next);
-            slots.set(tag.slot, value.clone());
+            if tag.read_by_tags {
+                slots.set(tag.slot, value.clone());
+            }
             match &mut state.tags[i].1 {
                 Some(ts) if ts.value == value => ts.next_change = next,
                 stored => {
@@ -208,13 +225,14 @@ impl Engine {
                     // scheduled moment, not at this (later) tick.
                     let at = if by_input || fresh { now } else { due_at.unwrap_or(now) };
                     *stored = Some(TagState { value, changed_at: at, next_change: next });
-                    changed_slots.insert(tag.slot);
-                    changed.push(tag.name.clone());
+                    slots.changed.insert(tag.slot);
+                    if let Some(names) = changed.as_deref_mut() {
+                        names.push(tag.name.clone());
+                    }
                 }
             }
         }
         state.wake_at = self.wake_at(state, now);
-        changed
     }
 
     /// The earliest moment after `now` a tag could change without an event.
@@ -268,6 +286,8 @@ impl Engine {
 struct Slots {
     values: Vec<Val>,
     filled: Vec<bool>,
+    /// The input slots that changed and the tags whose value changed.
+    changed: Dirty,
     now: i64,
 }
 

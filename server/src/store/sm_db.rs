@@ -213,6 +213,10 @@ pub fn open_db(path: &Path, clock: Arc<AtomicI64>) -> Result<DB, rocksdb::Error>
     // then flush together, or a crash could leave one column family ahead
     // of `last_applied` in `meta`.
     opts.set_atomic_flush(true);
+    // Memtables of all column families together: past this, the fullest
+    // flushes (with atomic flush, all of them). Bounds what `cf_options`'
+    // four memtables per column family could otherwise reach.
+    opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
     let cfs = vec![
         ColumnFamilyDescriptor::new(CF_PROFILES, expiring_cf_options("portrait-profile-ttl", clock.clone())),
         ColumnFamilyDescriptor::new(CF_HISTORY, expiring_cf_options("portrait-history-ttl", clock.clone())),
@@ -223,6 +227,9 @@ pub fn open_db(path: &Path, clock: Arc<AtomicI64>) -> Result<DB, rocksdb::Error>
     ];
     DB::open_cf_descriptors(&opts, path, cfs)
 }
+
+/// Memory for the state machine's memtables, all column families together.
+pub const MEMTABLE_BUDGET_BYTES: usize = 512 << 20;
 
 /// What every state-machine column family starts from: up to three full
 /// memtables may wait for their flush before apply stalls. With RocksDB's

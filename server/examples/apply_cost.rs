@@ -35,9 +35,14 @@ fn median(values: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// The smallest and largest of a measure's rounds.
+fn range(values: &[f64]) -> (f64, f64) {
+    values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)))
+}
+
 /// `median (min – max)` of a measure's rounds.
 fn spread(values: &[f64]) -> String {
-    let (lo, hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
+    let (lo, hi) = range(values);
     if values.len() == 1 {
         return format!("{:.0}", values[0]);
     }
@@ -155,6 +160,6 @@ async fn main() {
     println!("| {:<56} | {:>24} |", "state machine apply, demo schema (16 features, 11 tags)", spread(&demo));
     println!("| {:<56} | {:>24} |", "  engine: features (observe), in memory", spread(&observe));
     println!("| {:<56} | {:>24} |", "  engine: tags (settle), in memory", spread(&settle));
-    let (lo, hi) = share.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
+    let (lo, hi) = range(&share);
     println!("tag computation share of demo apply: {:.1} % (rounds: {lo:.1} – {hi:.1} %)", median(&share));
 }

@@ -10,7 +10,8 @@
 
 /// mimalloc for every binary that links the node: apply allocates and frees
 /// per event (decoded records and feature states), and glibc malloc was
-/// ~15 % of apply's CPU in profiles.
+/// ~15 % of apply's CPU in profiles. Built without transparent huge pages
+/// (see the workspace Cargo.toml).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -3,6 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 PROFILE := --release
+BIN := $(or $(CARGO_TARGET_DIR),target)/release
 
 .PHONY: help setup build run test lint verify bench fuzz cluster fmt clean-data
 
@@ -16,7 +17,7 @@ build: setup ## build portraitd and the portrait CLI
 	$(CARGO) build $(PROFILE) --workspace --bins
 
 run: build ## start a single node on ./data, 127.0.0.1:7700, default schema
-	./target/release/portraitd $(ARGS)
+	$(BIN)/portraitd $(ARGS)
 
 # Ends with one line "N passed, N failed" summed over every test binary
 # (cargo's own last line is often a doc-test binary with 0 tests).
@@ -32,11 +33,13 @@ lint: setup ## rustfmt check and clippy -D warnings
 
 verify: lint test ## what CI runs
 
+# One build for all three (per-package `cargo run`s unify features
+# differently and rebuild tokio, hyper and tonic in between).
 bench: setup ## ingest and read benchmarks; prints a table
-	$(CARGO) run $(PROFILE) -p portrait-server --example apply_cost
-	$(CARGO) run $(PROFILE) -p portrait-server --example bench -- $(ARGS)
-	$(CARGO) build $(PROFILE) --workspace --bins
-	$(CARGO) run $(PROFILE) -p portrait-cluster-tests --example cluster_bench
+	$(CARGO) build $(PROFILE) --workspace --bins --examples
+	$(BIN)/examples/apply_cost
+	$(BIN)/examples/bench $(ARGS)
+	$(BIN)/examples/cluster_bench
 
 # Coverage-guided fuzzing of the tag-rule language (server/fuzz). cargo-fuzz
 # passes -Z flags, which a stable toolchain takes with RUSTC_BOOTSTRAP=1.

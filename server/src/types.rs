@@ -6,23 +6,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Event, WriteCounts};
 
-/// Serde for an `Arc<T>` as a plain `T` (the encoding of the value alone).
-mod shared {
-    use std::sync::Arc;
-
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<T: Serialize, S: Serializer>(value: &Arc<T>, serializer: S) -> Result<S::Ok, S::Error> {
-        T::serialize(value, serializer)
-    }
-
-    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Arc<T>, D::Error> {
-        T::deserialize(deserializer).map(Arc::new)
-    }
-}
-
 openraft::declare_raft_types!(
     /// Portrait's openraft type configuration.
     pub TypeConfig:
@@ -51,12 +34,8 @@ pub enum Command {
     /// Client write requests batched into one entry; each inner vector is one
     /// request, applied whole or not at all. Shared, not copied, between the
     /// log store's cache of recent entries and the state machine; encoded as
-    /// the plain vector.
-    Write {
-        stamp_ms: i64,
-        #[serde(with = "shared")]
-        requests: Arc<Vec<Vec<Event>>>,
-    },
+    /// the plain vector (serde's `rc` feature).
+    Write { stamp_ms: i64, requests: Arc<Vec<Vec<Event>>> },
     /// Replace the schema with this TOML (validated before proposing and
     /// again at apply).
     ApplySchema { stamp_ms: i64, toml: String },
@@ -105,4 +84,33 @@ pub enum WriteOutcome {
     Rejected {
         reason: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The command as it was before its requests were shared.
+    #[derive(Serialize)]
+    enum PlainCommand {
+        Write { stamp_ms: i64, requests: Vec<Vec<Event>> },
+    }
+
+    #[test]
+    fn shared_requests_keep_the_raft_log_format() {
+        let event = Event {
+            user_id: "u1".into(),
+            family: "browse".into(),
+            event_type: "view".into(),
+            time_ms: 1_760_000_000_000,
+            event_id: "e1".into(),
+            attrs: [("category".to_string(), crate::model::Value::Str("phone".into()))].into(),
+        };
+        let requests = vec![vec![event.clone(), event], vec![]];
+        let shared = Command::Write { stamp_ms: 7, requests: Arc::new(requests.clone()) };
+        let plain = PlainCommand::Write { stamp_ms: 7, requests };
+        let bytes = crate::store::codec::encode(&shared);
+        assert_eq!(bytes, crate::store::codec::encode(&plain));
+        assert_eq!(crate::store::codec::decode::<Command>(&bytes).unwrap(), shared);
+    }
 }

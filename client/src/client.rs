@@ -4,9 +4,10 @@ use futures::Stream;
 use portrait_proto::v1::{
     admin_client::AdminClient, ingest_client::IngestClient, profiles_client::ProfilesClient, AddNodeRequest,
     ApplySchemaRequest, ApplySchemaResponse, BatchGetProfilesRequest, BatchGetProfilesResponse,
-    ClusterStatusRequest, ClusterStatusResponse, Consistency, Event, GetProfileRequest, GetProfileResponse,
-    GetSchemaRequest, GetSchemaResponse, MembershipResponse, RemoveNodeRequest, SetPartitionRequest,
-    TransferLeaderRequest, TransferLeaderResponse, WriteRequest, WriteResponse,
+    ClusterStatusRequest, ClusterStatusResponse, ConfirmClockRequest, ConfirmClockResponse, Consistency,
+    Event, GetProfileRequest, GetProfileResponse, GetSchemaRequest, GetSchemaResponse, MembershipResponse,
+    RemoveNodeRequest, SetClockOffsetRequest, SetPartitionRequest, TransferLeaderRequest,
+    TransferLeaderResponse, WriteRequest, WriteResponse,
 };
 use tonic::transport::Channel;
 
@@ -184,6 +185,22 @@ impl PortraitClient {
         unary(&self.router, |ch| {
             let request = request.clone();
             async move { admin(ch).set_partition(request).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Accepts the connected node's clock as it is now, after its clock
+    /// guard refused a jump (see docs/operations.md, "Clocks").
+    pub async fn confirm_clock(&self) -> Result<ConfirmClockResponse, ClientError> {
+        unary(&self.router, |ch| async move { admin(ch).confirm_clock(ConfirmClockRequest {}).await }).await
+    }
+
+    /// Test-only fault injection on the connected node: shifts its wall
+    /// clock by `offset_ms` (0 = the real clock).
+    pub async fn set_clock_offset(&self, offset_ms: i64) -> Result<(), ClientError> {
+        unary(&self.router, |ch| async move {
+            admin(ch).set_clock_offset(SetClockOffsetRequest { offset_ms }).await
         })
         .await
         .map(|_| ())

@@ -204,6 +204,17 @@ impl Cluster {
         }
     }
 
+    /// Restarts node `id` on its data dir and port with `extra` flags (this
+    /// start only; the flags it was created with are kept).
+    pub async fn restart_with(&mut self, id: u64, extra: &[&str]) {
+        let node = &mut self.nodes[(id - 1) as usize];
+        let kept = node.args.clone();
+        node.args.extend(extra.iter().map(|a| a.to_string()));
+        node.spawn(false);
+        node.args = kept;
+        self.wait_answering(id).await;
+    }
+
     /// Restarts node `id` on its data dir and port.
     pub async fn restart(&mut self, id: u64) {
         self.nodes[(id - 1) as usize].spawn(false);

@@ -90,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
         bootstrap: true,
         tuning: RaftTuning::default(),
         fault_injection: false,
+        clock: Default::default(),
     })
     .await?;
     anyhow::ensure!(node.wait_for_leader(Duration::from_secs(10)).await, "no leader");

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::clock::ClockOptions;
+use crate::duration::parse_duration_ms;
 use crate::node::NodeOptions;
 use crate::raft::RaftTuning;
 
@@ -18,7 +20,7 @@ use crate::raft::RaftTuning;
     about = "Portrait node: replicated user profiles with per-family TTL, over gRPC"
 )]
 pub struct Cli {
-    /// TOML config file (keys: node_id, data_dir, listen, advertise, bootstrap, join, log, [raft]).
+    /// TOML config file (keys: node_id, data_dir, listen, advertise, bootstrap, join, log, [raft], [clock]).
     #[arg(long, env = "PORTRAIT_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's raft id (stable across restarts).
@@ -45,6 +47,15 @@ pub struct Cli {
     /// Log filter, e.g. `info` or `portrait_server=debug,openraft=warn`.
     #[arg(long, env = "PORTRAIT_LOG")]
     pub log: Option<String>,
+    /// A node whose clock is further than this from a quorum of its peers does not lead (default 500ms).
+    #[arg(long, env = "PORTRAIT_MAX_CLOCK_OFFSET", value_name = "DURATION")]
+    pub max_clock_offset: Option<String>,
+    /// A clock that jumps further than this ahead needs a quorum's or an operator's confirmation (default 24h).
+    #[arg(long, env = "PORTRAIT_MAX_CLOCK_JUMP", value_name = "DURATION")]
+    pub max_clock_jump: Option<String>,
+    /// Test only (needs --fault-injection): milliseconds added to this node's wall clock.
+    #[arg(long, hide = true, allow_hyphen_values = true)]
+    pub test_clock_offset_ms: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -59,6 +70,15 @@ struct FileConfig {
     log: Option<String>,
     #[serde(default)]
     raft: FileRaft,
+    #[serde(default)]
+    clock: FileClock,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileClock {
+    max_offset: Option<String>,
+    max_jump: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,6 +114,7 @@ impl Config {
             }
             None => FileConfig::default(),
         };
+        let clock = clock_options(&cli, &file.clock)?;
         let listen = cli.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:7700".into());
         let advertise = match cli.advertise.or(file.advertise) {
             Some(a) => a,
@@ -128,10 +149,43 @@ impl Config {
             bootstrap: !cli.no_bootstrap && join.is_empty() && file.bootstrap.unwrap_or(true),
             tuning,
             fault_injection: cli.fault_injection,
+            clock,
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
         Ok(Config { listen, log, node, join })
     }
+}
+
+/// The clock guard's bounds (flag > env > file > default).
+fn clock_options(cli: &Cli, file: &FileClock) -> anyhow::Result<ClockOptions> {
+    let d = ClockOptions::default();
+    let duration = |name: &str, text: Option<&String>, default: i64| -> anyhow::Result<i64> {
+        match text {
+            None => Ok(default),
+            Some(t) => match parse_duration_ms(t) {
+                Ok(ms) if ms > 0 => Ok(ms),
+                Ok(_) => anyhow::bail!("{name} {t}: must be more than 0"),
+                Err(e) => anyhow::bail!("{name}: {e}"),
+            },
+        }
+    };
+    let test_offset_ms = cli.test_clock_offset_ms.unwrap_or(0);
+    if test_offset_ms != 0 && !cli.fault_injection {
+        anyhow::bail!("--test-clock-offset-ms needs --fault-injection (it is for tests only)");
+    }
+    Ok(ClockOptions {
+        max_offset_ms: duration(
+            "max_clock_offset",
+            cli.max_clock_offset.as_ref().or(file.max_offset.as_ref()),
+            d.max_offset_ms,
+        )?,
+        max_jump_ms: duration(
+            "max_clock_jump",
+            cli.max_clock_jump.as_ref().or(file.max_jump.as_ref()),
+            d.max_jump_ms,
+        )?,
+        test_offset_ms,
+    })
 }
 
 /// `host:port` → `http://host:port`; rejects what is not a URL.
@@ -189,6 +243,24 @@ mod tests {
         let err = Config::resolve(Cli::parse_from(["portraitd", "--join", "not a host"])).unwrap_err();
         assert!(err.to_string().contains("--join not a host: not an address"), "{err}");
         assert!(Config::resolve(Cli::parse_from(["portraitd"])).unwrap().join.is_empty());
+    }
+
+    #[test]
+    fn clock_bounds_come_from_flags_or_the_file() {
+        let c = Config::resolve(Cli::parse_from(["portraitd"])).unwrap();
+        assert_eq!((c.node.clock.max_offset_ms, c.node.clock.max_jump_ms), (500, 86_400_000));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "[clock]\nmax_offset = \"250ms\"\nmax_jump = \"2h\"\n").unwrap();
+        let cli =
+            Cli::parse_from(["portraitd", "--config", path.to_str().unwrap(), "--max-clock-jump", "3h"]);
+        let c = Config::resolve(cli).unwrap();
+        assert_eq!((c.node.clock.max_offset_ms, c.node.clock.max_jump_ms), (250, 3 * 3_600_000));
+        let err = Config::resolve(Cli::parse_from(["portraitd", "--max-clock-offset", "soon"])).unwrap_err();
+        assert!(err.to_string().contains("max_clock_offset: invalid duration"), "{err}");
+        let err =
+            Config::resolve(Cli::parse_from(["portraitd", "--test-clock-offset-ms", "-5"])).unwrap_err();
+        assert!(err.to_string().contains("needs --fault-injection"), "{err}");
     }
 
     #[test]

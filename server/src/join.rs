@@ -44,11 +44,10 @@ pub enum Plan {
 
 /// Decides from the node's stored state (before it has heard from anyone).
 pub async fn plan(node: &Node) -> Plan {
-    if !node.raft.is_initialized().await.unwrap_or(false) {
+    if !node.is_initialized().await {
         return Plan::Join;
     }
-    let m = node.raft.metrics().borrow().clone();
-    let membership = m.membership_config.membership();
+    let membership = node.membership();
     if membership.voter_ids().any(|v| v == node.id) {
         Plan::Member
     } else if membership.get_node(&node.id).is_some() {
@@ -67,7 +66,13 @@ pub async fn start(node: Arc<Node>, seeds: Vec<String>) {
              To join as a new node, start it on an empty data dir"
         ),
         Plan::Join => {
-            tokio::spawn(join(node, seeds));
+            let joining = node.clone();
+            node.spawn_task("join", |mut stop| async move {
+                tokio::select! {
+                    _ = join(joining, seeds) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            });
         }
     }
 }
@@ -91,7 +96,7 @@ async fn join(node: Arc<Node>, seeds: Vec<String>) {
 }
 
 fn is_voter(node: &Node) -> bool {
-    node.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == node.id)
+    node.membership().voter_ids().any(|v| v == node.id)
 }
 
 /// One attempt through `seed`, following leader redirects.

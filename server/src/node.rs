@@ -4,6 +4,12 @@
 //! messages, fault injection) are in `node/cluster.rs`.
 
 mod cluster;
+mod tasks;
+
+pub use tasks::Tasks;
+
+/// How often the node measures its peers' clocks.
+const CLOCK_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,13 +19,17 @@ use std::time::Duration;
 use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::{BasicNode, ServerState};
 
+use crate::clock::{ClockOptions, ClockStatus, NodeClock};
 use crate::engine::check_schema;
 use crate::error::{Error, Result};
 use crate::model::{Event, WriteCounts};
 use crate::raft::batcher::WriteBatcher;
+use crate::raft::clock_probe::ClockProbe;
 use crate::raft::contact::{freshness, Freshness, LeaderContact, PeerAcks};
+use crate::raft::elect::ElectSwitch;
 use crate::raft::gate::ProposalGate;
 use crate::raft::network::{Blocked, Network};
+use crate::raft::stamp::Stamper;
 use crate::raft::transfer::LeaderTransfer;
 use crate::raft::{client_write_error, not_leader, RaftTuning};
 use crate::schema::VersionedSchema;
@@ -40,6 +50,7 @@ pub struct NodeOptions {
     pub tuning: RaftTuning,
     /// Allow `Admin.SetPartition` (tests only).
     pub fault_injection: bool,
+    pub clock: ClockOptions,
 }
 
 /// Read freshness, as asked by the caller.
@@ -87,18 +98,27 @@ pub struct NodeStatus {
     pub reevaluation: (bool, u64),
     /// This node's own lag behind the leader, as reads report it.
     pub freshness: Freshness,
+    /// The replicated logical clock (the largest stamp applied).
+    pub logical_clock_ms: i64,
+    pub clock: ClockStatus,
 }
 
 pub struct Node {
     pub id: NodeId,
     /// The address recorded for this node in the membership when it joins.
     pub advertise: String,
-    pub raft: Raft,
-    pub sm: Arc<SmStore>,
+    raft: Raft,
+    sm: Arc<SmStore>,
     batcher: WriteBatcher,
     /// Every proposal passes it; a leadership transfer closes it.
     gate: ProposalGate,
-    transfer: LeaderTransfer,
+    transfer: Arc<LeaderTransfer>,
+    /// This node's clock and its guard; every stamp comes from `stamper`.
+    clock: Arc<NodeClock>,
+    stamper: Stamper,
+    elect: ElectSwitch,
+    /// Background tasks the node owns: stopped and joined by `shutdown`.
+    tasks: Tasks,
     /// What this node last heard from its leader, and (leading) when each
     /// peer last answered: see [`crate::raft::contact`].
     contact: LeaderContact,
@@ -127,21 +147,41 @@ impl Node {
             let members = BTreeMap::from([(opts.node_id, BasicNode::new(&opts.advertise))]);
             raft.initialize(members).await?;
         }
-        let batcher = WriteBatcher::start(raft.clone(), sm.clone());
+        let clock = Arc::new(NodeClock::open(&opts.data_dir, opts.clock.clone())?);
+        let stamper = Stamper::new(opts.node_id, raft.clone(), sm.clone(), clock.clone());
+        let elect = ElectSwitch::new(raft.clone());
+        let batcher = WriteBatcher::start(raft.clone(), sm.clone(), stamper.clone());
         let gate = ProposalGate::default();
-        crate::raft::ticker::start(
-            raft.clone(),
-            sm.clone(),
-            gate.clone(),
-            Duration::from_millis(opts.tuning.tick_interval_ms),
-        );
-        let transfer = LeaderTransfer::new(
+        let tasks = Tasks::default();
+        let tick_interval = Duration::from_millis(opts.tuning.tick_interval_ms);
+        tasks.spawn("ticker", |stop| {
+            crate::raft::ticker::run(
+                raft.clone(),
+                sm.clone(),
+                gate.clone(),
+                stamper.clone(),
+                tick_interval,
+                stop,
+            )
+        });
+        let transfer = Arc::new(LeaderTransfer::new(
             opts.node_id,
             raft.clone(),
             gate.clone(),
             blocked.clone(),
             opts.tuning.clone(),
-        );
+        ));
+        let probe = ClockProbe {
+            me: opts.node_id,
+            raft: raft.clone(),
+            sm: sm.clone(),
+            clock: clock.clone(),
+            elect: elect.clone(),
+            transfer: transfer.clone(),
+            blocked: blocked.clone(),
+            interval: CLOCK_PROBE_INTERVAL,
+        };
+        tasks.spawn("clock probe", |stop| probe.run(stop));
         Ok(Arc::new(Node {
             id: opts.node_id,
             advertise: opts.advertise.clone(),
@@ -150,6 +190,10 @@ impl Node {
             batcher,
             gate,
             transfer,
+            clock,
+            stamper,
+            elect,
+            tasks,
             contact: LeaderContact::default(),
             acks,
             blocked,
@@ -157,6 +201,26 @@ impl Node {
             fault_injection: opts.fault_injection,
             write_timeout: Duration::from_millis(opts.tuning.write_timeout_ms),
         }))
+    }
+
+    /// Whether this node's raft state was ever initialized (bootstrapped or
+    /// joined).
+    pub async fn is_initialized(&self) -> bool {
+        self.raft.is_initialized().await.unwrap_or(false)
+    }
+
+    /// The membership this node knows.
+    pub fn membership(&self) -> openraft::Membership<NodeId, BasicNode> {
+        self.raft.metrics().borrow().membership_config.membership().clone()
+    }
+
+    /// Runs `task` in the background until the node shuts down (see [`Tasks`]).
+    pub fn spawn_task<F, Fut>(&self, name: &'static str, task: F)
+    where
+        F: FnOnce(tokio::sync::watch::Receiver<bool>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(name, task)
     }
 
     /// Waits until some leader is known (or `timeout` passes).
@@ -172,7 +236,7 @@ impl Node {
     /// on; on the old leader that is a redirect to the new one.
     pub async fn write(&self, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
         let schema = self.sm.schema();
-        validate_request(&events, &schema.schema, Some(crate::wall_clock_ms()))?;
+        validate_request(&events, &schema.schema, Some(self.clock.now_ms()))?;
         let _pass = self.gate.pass(self.write_timeout).await?;
         // Never hang: a leader cut off from its quorum cannot commit.
         match tokio::time::timeout(self.write_timeout, self.batcher.write(events)).await {
@@ -222,7 +286,7 @@ impl Node {
                 self.sm.wait_written(id.index).await.map_err(Error::Internal)?;
             }
         }
-        let now = crate::wall_clock_ms();
+        let now = self.clock.now_ms();
         let db = self.sm.db();
         let mut views = Vec::with_capacity(user_ids.len());
         for user in user_ids {
@@ -250,7 +314,7 @@ impl Node {
             return Ok(VersionedSchema { version: self.sm.schema().version, schema });
         }
         let _pass = self.gate.pass(self.write_timeout).await?;
-        let command = Command::ApplySchema { stamp_ms: crate::wall_clock_ms(), toml };
+        let command = Command::ApplySchema { stamp_ms: self.stamper.stamp()?, toml };
         let resp = self.raft.client_write(command).await.map_err(client_write_error)?;
         match resp.data {
             CommandResult::SchemaApplied { version } => Ok(VersionedSchema { version, schema }),
@@ -298,13 +362,36 @@ impl Node {
                 _ => (false, 0),
             },
             freshness: freshness(&m, applied_index, &self.contact, &self.acks),
+            logical_clock_ms: self.sm.clock_ms(),
+            clock: self.clock.status(
+                self.id,
+                &voters.iter().copied().collect::<Vec<_>>(),
+                self.sm.clock_ms(),
+            ),
         }
     }
 
-    /// Stops raft (the stores close when the last handle drops).
+    /// An operator accepts this node's clock as it is now (after the guard
+    /// refused a jump); returns (now, the reference it replaces).
+    pub fn confirm_clock(&self) -> Result<(i64, Option<i64>)> {
+        self.clock
+            .confirm(self.sm.clock_ms())
+            .map_err(|e| Error::Internal(format!("writing the clock mark: {e}")))
+    }
+
+    /// Stops the node's background tasks, then raft, then flushes the state
+    /// machine so the next start replays no log (the stores close when the
+    /// last handle drops).
     pub async fn shutdown(&self) {
+        self.tasks.stop().await;
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
+        }
+        let sm = self.sm.clone();
+        match tokio::task::spawn_blocking(move || sm.persist()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "flushing the state machine at shutdown"),
+            Err(e) => tracing::warn!(error = %e, "flushing the state machine at shutdown"),
         }
     }
 }

@@ -323,6 +323,45 @@ async fn a_crash_rolls_back_to_the_last_flush_and_the_log_replays_the_rest() {
     }
 }
 
+/// The compaction filter drops expired values by the **durable** logical
+/// clock, the one in the flushed state, not by the applied one that runs
+/// ahead of it. Here a dedupe marker (window 7 days) is flushed at day 0;
+/// entries at day 6 (its duplicate) and day 8 stay in the memtables; a
+/// compaction runs; the node crashes. Replaying day 6 from the log must
+/// still find the marker: had the filter used the applied clock (day 8),
+/// the marker would be gone and the duplicate applied a second time.
+#[tokio::test]
+async fn compaction_never_drops_what_a_replay_after_a_crash_still_reads() {
+    let first = event("u1", "browse", T0, "e1", &[]);
+    let entries = [
+        write(1, T0, vec![vec![first.clone()]]),
+        write(2, T0 + 6 * DAY_MS, vec![vec![first.clone()]]),
+        write(3, T0 + 8 * DAY_MS, vec![vec![event("u2", "browse", T0 + 8 * DAY_MS, "e2", &[])]]),
+    ];
+    let mut live = replica();
+    apply(&mut live, entries[..1].to_vec()).await;
+    live.store.persist().unwrap();
+    let results = apply(&mut live, entries[1..].to_vec()).await;
+    assert_eq!(counts(&results[0]), [applied(0, 1, 0)], "day 6: still a duplicate");
+    // Let the filter see the marker, with the clock at day 8 in memory.
+    let db = live.store.db();
+    let dedupe = db.cf_handle(portrait_server::store::keys::CF_DEDUPE).unwrap();
+    // Only u1's range: RocksDB flushes a memtable that overlaps the range
+    // first, and the memtable holds u2's marker only.
+    db.compact_range_cf(dedupe, Some(&b"u1"[..]), Some(&b"u1\x01"[..]));
+    drop(db);
+
+    let crashed_dir = tempfile::tempdir().unwrap();
+    copy_tree(live.dir.path(), crashed_dir.path());
+    let mut crashed = open(crashed_dir);
+    let (last, _) = crashed.sm.applied_state().await.unwrap();
+    assert_eq!(last.map(|l| l.index), Some(1));
+    let replayed = apply(&mut crashed, entries[1..].to_vec()).await;
+    assert_eq!(counts(&replayed[0]), [applied(0, 1, 0)], "the replayed duplicate is still one");
+    let now = T0 + 8 * DAY_MS;
+    assert_eq!(read(&crashed, "u1", now), read(&live, "u1", now));
+}
+
 /// Entries of 64+ events apply their user shards on parallel threads:
 /// the state and the per-request counts equal those of the same events
 /// applied in small (sequential) entries.

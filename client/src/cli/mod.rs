@@ -88,6 +88,8 @@ enum ClusterCommand {
     RemoveNode { id: u64 },
     /// Make voter ID the leader (writes pause for about one leader lease).
     TransferLeader { id: u64 },
+    /// Accept the connected node's clock as it is now, after its clock guard refused a jump.
+    ConfirmClock,
     /// Same as `portrait status`.
     Status,
 }
@@ -132,6 +134,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Cluster(ClusterCommand::TransferLeader { id }) => {
             let r = connect(endpoint).await?.transfer_leader(id).await?;
             Ok(format!("leader is node {} at {}\n", r.leader_id, r.leader_addr))
+        }
+        Command::Cluster(ClusterCommand::ConfirmClock) => {
+            let r = connect(endpoint).await?.confirm_clock().await?;
+            Ok(status::confirmed_text(&r))
         }
         Command::Cluster(ClusterCommand::RemoveNode { id }) => {
             let r = connect(endpoint).await?.remove_node(id).await?;

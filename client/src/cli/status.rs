@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use portrait_client::portrait_proto::v1::{ClusterStatusResponse, Member};
+use portrait_client::portrait_proto::v1::{ClockStatus, ClusterStatusResponse, ConfirmClockResponse, Member};
 use portrait_client::PortraitClient;
 
 pub async fn run(client: &PortraitClient) -> anyhow::Result<String> {
@@ -33,12 +33,39 @@ fn render(s: &ClusterStatusResponse) -> String {
         let _ =
             writeln!(out, "re-evaluating   existing users for the new schema: {} done", s.reevaluated_users);
     }
+    if let Some(clock) = &s.clock {
+        let _ = writeln!(out, "clock           {}", clock_text(clock));
+    }
     if !s.version.is_empty() {
         let _ = writeln!(out, "server version  {}", s.version);
     }
     let _ = writeln!(out, "members         {}", s.members.len());
     out.push_str(&member_lines(&s.members));
     out
+}
+
+/// `ok (peers: 2 +1 ms, 3 -2 ms)`, or the problem the node reports.
+fn clock_text(c: &ClockStatus) -> String {
+    if !c.problem.is_empty() {
+        return format!("PROBLEM: {}", c.problem);
+    }
+    let peers: Vec<String> = c.peers.iter().map(|p| format!("{} {:+} ms", p.node_id, p.offset_ms)).collect();
+    match peers.is_empty() {
+        true => "ok".into(),
+        false => format!("ok (peers: {})", peers.join(", ")),
+    }
+}
+
+/// The answer of `cluster confirm-clock`.
+pub fn confirmed_text(r: &ConfirmClockResponse) -> String {
+    match r.reference_ms {
+        0 => format!("clock confirmed at {} (unix ms); there was no reference\n", r.now_ms),
+        reference => format!(
+            "clock confirmed at {} (unix ms), {} ms ahead of the reference it replaces\n",
+            r.now_ms,
+            r.now_ms - reference
+        ),
+    }
 }
 
 /// One line per member; replication progress only in the leader's answer.
@@ -68,6 +95,7 @@ pub fn members_text(log_index: u64, members: &[Member]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use portrait_client::portrait_proto::v1::PeerClock;
 
     #[test]
     fn renders_every_field() {
@@ -95,6 +123,15 @@ mod tests {
             reevaluated_users: 1500,
             lag_entries: 0,
             leader_contact_age_ms: Some(3),
+            logical_clock_ms: 1_800_000_000_000,
+            clock: Some(ClockStatus {
+                now_ms: 1_800_000_000_100,
+                peers: vec![
+                    PeerClock { node_id: 2, offset_ms: 3, uncertainty_ms: 1, age_ms: 400 },
+                    PeerClock { node_id: 3, offset_ms: -12, uncertainty_ms: 1, age_ms: 400 },
+                ],
+                ..ClockStatus::default()
+            }),
         };
         let expected = "node            1 (Leader)\n\
             leader          1 at http://127.0.0.1:7701\n\
@@ -103,11 +140,15 @@ mod tests {
             lag             0 entries, leader contact 3 ms ago\n\
             schema version  7\n\
             re-evaluating   existing users for the new schema: 1500 done\n\
+            clock           ok (peers: 2 +3 ms, 3 -12 ms)\n\
             server version  0.1.0\n\
             members         2\n\
             \x20   1  http://127.0.0.1:7701  voter    matched=9  lag=0\n\
             \x20   4  http://127.0.0.1:7704  learner  matched=9  lag=0\n";
         assert_eq!(render(&status), expected);
+        let skewed =
+            ClockStatus { problem: "this node's clock is 3000 ms off".into(), ..ClockStatus::default() };
+        assert_eq!(clock_text(&skewed), "PROBLEM: this node's clock is 3000 ms off");
     }
 
     #[test]

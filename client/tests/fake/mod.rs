@@ -121,6 +121,20 @@ impl Admin for Fake {
         Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
     }
 
+    async fn confirm_clock(
+        &self,
+        _: Request<portrait_client::portrait_proto::v1::ConfirmClockRequest>,
+    ) -> Result<Response<portrait_client::portrait_proto::v1::ConfirmClockResponse>, Status> {
+        Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
+    }
+
+    async fn set_clock_offset(
+        &self,
+        _: Request<portrait_client::portrait_proto::v1::SetClockOffsetRequest>,
+    ) -> Result<Response<portrait_client::portrait_proto::v1::SetClockOffsetResponse>, Status> {
+        Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
+    }
+
     async fn remove_node(
         &self,
         _: Request<portrait_client::portrait_proto::v1::RemoveNodeRequest>,

@@ -90,8 +90,15 @@ impl Node {
     /// `term` whose log reaches `last_log_index` (only checks, if `dry_run`).
     pub async fn start_election(&self, term: u64, last_log_index: u64, dry_run: bool) -> Result<()> {
         let m = self.raft.metrics().borrow().clone();
-        if !m.membership_config.membership().voter_ids().any(|v| v == self.id) {
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        if !voters.contains(&self.id) {
             return Err(Error::FailedPrecondition(format!("node {} is not a voter", self.id)));
+        }
+        if self.clock.verdict(self.id, &voters).skewed {
+            return Err(Error::FailedPrecondition(format!(
+                "node {}'s clock is off a quorum of its peers; it does not lead",
+                self.id
+            )));
         }
         if m.current_term != term {
             return Err(Error::FailedPrecondition(format!(
@@ -135,6 +142,14 @@ impl Node {
             self.contact.heard(commit);
         }
         Ok(result)
+    }
+
+    /// A vote request from a candidate.
+    pub async fn vote(
+        &self,
+        req: openraft::raft::VoteRequest<NodeId>,
+    ) -> std::result::Result<openraft::raft::VoteResponse<NodeId>, RaftError<NodeId>> {
+        self.raft.vote(req).await
     }
 
     /// `Err`: dropped by fault injection.
@@ -183,7 +198,24 @@ impl Node {
         let elect = drop_entries_from.is_empty();
         *self.blocked.write().map_err(|_| fault_lock())? = blocked.into_iter().collect();
         *self.dropping.write().map_err(|_| fault_lock())? = drop_entries_from.into_iter().collect();
-        self.raft.runtime_config().elect(elect);
+        self.elect.set_faults_ok(elect);
         Ok(())
+    }
+
+    /// Test-only: shifts this node's wall clock by `offset_ms` from now on.
+    pub fn set_clock_offset(&self, offset_ms: i64) -> Result<()> {
+        if !self.fault_injection {
+            return Err(Error::FailedPrecondition(
+                "fault injection is off (start portraitd with --fault-injection)".into(),
+            ));
+        }
+        tracing::warn!(offset_ms, "fault injection: clock offset");
+        self.clock.set_test_offset(offset_ms);
+        Ok(())
+    }
+
+    /// This node's wall clock (answers peers' clock probes).
+    pub fn clock_now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::client_write_error;
+use super::stamp::Stamper;
 use crate::error::{Error, Result};
 use crate::limits::MAX_EVENTS_PER_ENTRY;
 use crate::model::{Event, WriteCounts};
@@ -36,9 +37,9 @@ pub struct WriteBatcher {
 }
 
 impl WriteBatcher {
-    pub fn start(raft: Raft, sm: Arc<SmStore>) -> WriteBatcher {
+    pub fn start(raft: Raft, sm: Arc<SmStore>, stamper: Stamper) -> WriteBatcher {
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(run(raft, sm, rx));
+        tokio::spawn(run(raft, sm, stamper, rx));
         WriteBatcher { tx }
     }
 
@@ -54,7 +55,7 @@ fn shutting_down() -> Error {
     Error::Unavailable("node is shutting down".into())
 }
 
-async fn run(raft: Raft, sm: Arc<SmStore>, mut rx: mpsc::Receiver<Pending>) {
+async fn run(raft: Raft, sm: Arc<SmStore>, stamper: Stamper, mut rx: mpsc::Receiver<Pending>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
@@ -70,17 +71,21 @@ async fn run(raft: Raft, sm: Arc<SmStore>, mut rx: mpsc::Receiver<Pending>) {
                 Err(_) => break,
             }
         }
-        let (raft, sm) = (raft.clone(), sm.clone());
+        let (raft, sm, stamper) = (raft.clone(), sm.clone(), stamper.clone());
         tokio::spawn(async move {
-            propose(&raft, &sm, batch).await;
+            propose(&raft, &sm, &stamper, batch).await;
             drop(permit);
         });
     }
 }
 
-async fn propose(raft: &Raft, sm: &SmStore, batch: Vec<Pending>) {
+async fn propose(raft: &Raft, sm: &SmStore, stamper: &Stamper, batch: Vec<Pending>) {
     let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.events, p.reply)).unzip();
-    let command = Command::Write { stamp_ms: crate::wall_clock_ms(), requests: requests.into() };
+    let stamp_ms = match stamper.stamp() {
+        Ok(stamp) => stamp,
+        Err(e) => return replies.into_iter().for_each(|r| drop(r.send(Err(e.clone())))),
+    };
+    let command = Command::Write { stamp_ms, requests: requests.into() };
     match raft.client_write(command).await {
         Ok(resp) => {
             let index = resp.log_id.index;

@@ -6,9 +6,12 @@
 //! Layering: uses `store` and `types`; services call it through [`crate::node`].
 
 pub mod batcher;
+pub mod clock_probe;
 pub mod contact;
+pub mod elect;
 pub mod gate;
 pub mod network;
+pub mod stamp;
 pub mod ticker;
 pub mod transfer;
 

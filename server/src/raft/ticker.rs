@@ -10,47 +10,64 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::ServerState;
+use tokio::sync::watch;
 
 use super::gate::ProposalGate;
+use super::stamp::Stamper;
 use crate::store::apply::first_timer;
 use crate::store::SmStore;
 use crate::types::{Command, CommandResult, Raft};
 
-pub fn start(raft: Raft, sm: Arc<SmStore>, gate: ProposalGate, interval: Duration) {
-    tokio::spawn(async move {
-        let mut metrics = raft.metrics();
-        loop {
-            tokio::time::sleep(interval).await;
-            let state = metrics.borrow_and_update().state;
-            match state {
-                ServerState::Shutdown => return,
-                ServerState::Leader => {}
-                _ => continue,
-            }
-            reevaluate(&raft, &sm, &gate).await;
-            // Drain: a tick handles a bounded number of users.
-            loop {
-                let now = crate::wall_clock_ms();
-                match first_timer(&sm.db()) {
-                    Ok(Some(t)) if t <= now => {}
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading the timer index");
-                        break;
-                    }
-                }
-                let Some(_pass) = gate.try_pass() else { break };
-                match raft.client_write(Command::Tick { stamp_ms: now }).await {
-                    Ok(resp) if matches!(resp.data, CommandResult::Ticked { users: 0 }) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::debug!(error = %e, "tick not committed");
-                        break;
-                    }
-                }
-            }
+/// Runs the ticker until `stop` turns true.
+pub async fn run(
+    raft: Raft,
+    sm: Arc<SmStore>,
+    gate: ProposalGate,
+    stamper: Stamper,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut metrics = raft.metrics();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
         }
-    });
+        let state = metrics.borrow_and_update().state;
+        match state {
+            ServerState::Shutdown => return,
+            ServerState::Leader => {}
+            _ => continue,
+        }
+        // A round may wait on raft (no quorum): the stop signal cuts it short.
+        tokio::select! {
+            _ = round(&raft, &sm, &gate, &stamper) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// One leader round: re-evaluation batches, then ticks while timers are due.
+async fn round(raft: &Raft, sm: &SmStore, gate: &ProposalGate, stamper: &Stamper) {
+    reevaluate(raft, sm, gate, stamper).await;
+    // Drain: a tick handles a bounded number of users.
+    loop {
+        let now = match stamper.stamp() {
+            Ok(stamp) => stamp,
+            Err(e) => return tracing::debug!(error = %e, "no tick: the clock is refused"),
+        };
+        match first_timer(&sm.db()) {
+            Ok(Some(t)) if t <= now => {}
+            Ok(_) => return,
+            Err(e) => return tracing::warn!(error = %e, "reading the timer index"),
+        }
+        let Some(_pass) = gate.try_pass() else { return };
+        match raft.client_write(Command::Tick { stamp_ms: now }).await {
+            Ok(resp) if matches!(resp.data, CommandResult::Ticked { users: 0 }) => return,
+            Ok(_) => {}
+            Err(e) => return tracing::debug!(error = %e, "tick not committed"),
+        }
+    }
 }
 
 /// Users per `Reevaluate` entry.
@@ -59,7 +76,7 @@ const REEVAL_BATCH: u32 = 500;
 const REEVAL_ROUNDS: usize = 20;
 
 /// Drives the background re-evaluation after a schema change.
-async fn reevaluate(raft: &Raft, sm: &SmStore, gate: &ProposalGate) {
+async fn reevaluate(raft: &Raft, sm: &SmStore, gate: &ProposalGate, stamper: &Stamper) {
     for _ in 0..REEVAL_ROUNDS {
         let Some(_pass) = gate.try_pass() else { return };
         let progress = match sm.reeval_progress() {
@@ -67,8 +84,12 @@ async fn reevaluate(raft: &Raft, sm: &SmStore, gate: &ProposalGate) {
             Ok(None) => return,
             Err(e) => return tracing::warn!(error = %e, "reading re-evaluation progress"),
         };
+        let stamp_ms = match stamper.stamp() {
+            Ok(stamp) => stamp,
+            Err(e) => return tracing::debug!(error = %e, "no re-evaluation: the clock is refused"),
+        };
         let command = Command::Reevaluate {
-            stamp_ms: crate::wall_clock_ms(),
+            stamp_ms,
             version: progress.version,
             after: progress.cursor,
             limit: REEVAL_BATCH,

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use portrait_proto::v1::admin_server::Admin;
 use portrait_proto::v1::{
-    AddNodeRequest, ApplySchemaRequest, ApplySchemaResponse, ClusterStatusRequest, ClusterStatusResponse,
-    GetSchemaRequest, GetSchemaResponse, Member, MembershipResponse, RemoveNodeRequest, SetPartitionRequest,
-    SetPartitionResponse, TransferLeaderRequest, TransferLeaderResponse,
+    AddNodeRequest, ApplySchemaRequest, ApplySchemaResponse, ClockStatus, ClusterStatusRequest,
+    ClusterStatusResponse, ConfirmClockRequest, ConfirmClockResponse, GetSchemaRequest, GetSchemaResponse,
+    Member, MembershipResponse, PeerClock, RemoveNodeRequest, SetClockOffsetRequest, SetClockOffsetResponse,
+    SetPartitionRequest, SetPartitionResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -24,6 +25,27 @@ impl AdminService {
 
     fn members(&self) -> Vec<Member> {
         self.node.status().members.into_iter().map(member_to_pb).collect()
+    }
+}
+
+fn clock_to_pb(c: crate::clock::ClockStatus) -> ClockStatus {
+    let peers = c
+        .peers
+        .into_iter()
+        .map(|p| PeerClock {
+            node_id: p.node_id,
+            offset_ms: p.offset_ms,
+            uncertainty_ms: p.uncertainty_ms,
+            age_ms: p.age.as_millis() as u64,
+        })
+        .collect();
+    ClockStatus {
+        now_ms: c.now_ms,
+        problem: c.problem.unwrap_or_default(),
+        max_offset_ms: c.max_offset_ms,
+        max_jump_ms: c.max_jump_ms,
+        reference_ms: c.reference_ms.unwrap_or(0),
+        peers,
     }
 }
 
@@ -94,6 +116,22 @@ impl Admin for AdminService {
         Ok(Response::new(SetPartitionResponse {}))
     }
 
+    async fn confirm_clock(
+        &self,
+        _: Request<ConfirmClockRequest>,
+    ) -> Result<Response<ConfirmClockResponse>, Status> {
+        let (now_ms, reference) = self.node.confirm_clock()?;
+        Ok(Response::new(ConfirmClockResponse { now_ms, reference_ms: reference.unwrap_or(0) }))
+    }
+
+    async fn set_clock_offset(
+        &self,
+        request: Request<SetClockOffsetRequest>,
+    ) -> Result<Response<SetClockOffsetResponse>, Status> {
+        self.node.set_clock_offset(request.into_inner().offset_ms)?;
+        Ok(Response::new(SetClockOffsetResponse {}))
+    }
+
     async fn cluster_status(
         &self,
         _: Request<ClusterStatusRequest>,
@@ -117,6 +155,8 @@ impl Admin for AdminService {
             version: env!("CARGO_PKG_VERSION").into(),
             lag_entries: s.freshness.lag_entries,
             leader_contact_age_ms: s.freshness.leader_contact_age.map(|d| d.as_millis() as u64),
+            logical_clock_ms: s.logical_clock_ms,
+            clock: Some(clock_to_pb(s.clock)),
         }))
     }
 }

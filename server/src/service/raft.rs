@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use portrait_proto::v1::raft_server::Raft;
-use portrait_proto::v1::{RaftPayload, StartElectionRequest, StartElectionResponse};
+use portrait_proto::v1::{
+    ClockRequest, ClockResponse, RaftPayload, StartElectionRequest, StartElectionResponse,
+};
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
@@ -38,7 +40,7 @@ impl Raft for RaftService {
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        reply(self.node.raft.vote(decode_req(req)?).await)
+        reply(self.node.vote(decode_req(req)?).await)
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
@@ -53,5 +55,9 @@ impl Raft for RaftService {
         tracing::debug!(leader = req.leader_id, term = req.term, dry_run = req.dry_run, "StartElection");
         self.node.start_election(req.term, req.last_log_index, req.dry_run).await?;
         Ok(Response::new(StartElectionResponse {}))
+    }
+
+    async fn clock(&self, _: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {
+        Ok(Response::new(ClockResponse { wall_ms: self.node.clock_now_ms() }))
     }
 }

@@ -4,8 +4,9 @@
 //! callback is handed to a flusher thread that syncs the WAL once for every
 //! callback queued meanwhile (group commit) before reporting them flushed.
 //! Votes are written with a synced write. The state machine applies without
-//! a WAL (this log is its write-ahead log): before logs are purged, its
-//! memtables are flushed, so applied state never depends on a purged entry.
+//! a WAL (this log is its write-ahead log): logs are purged only up to what
+//! its flushed state covers (a purge past it waits on a background thread
+//! for a flush), so applied state never depends on a purged entry.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -30,6 +31,8 @@ type Flushed = LogFlushed<TypeConfig>;
 pub struct LogStore {
     db: Arc<DB>,
     flusher: mpsc::Sender<Flushed>,
+    /// Purges that wait for a state-machine flush (see `purge`).
+    purger: mpsc::Sender<LogId>,
     sm: Option<Arc<SmStore>>,
     recent: Arc<Mutex<RecentEntries>>,
 }
@@ -133,7 +136,13 @@ impl LogStore {
             .name("raft-log-fsync".into())
             .spawn(move || flush_loop(&flush_db, rx))
             .expect("spawn log flusher");
-        Ok(LogStore { db, flusher: tx, sm, recent: Arc::default() })
+        let (purger, purge_rx) = mpsc::channel();
+        let (purge_db, purge_sm) = (db.clone(), sm.clone());
+        std::thread::Builder::new()
+            .name("raft-log-purge".into())
+            .spawn(move || purge_loop(&purge_db, purge_sm, purge_rx))
+            .expect("spawn log purger");
+        Ok(LogStore { db, flusher: tx, purger, sm, recent: Arc::default() })
     }
 
     fn logs(&self) -> &rocksdb::ColumnFamily {
@@ -153,6 +162,31 @@ impl LogStore {
                 let entry: Entry = decode(&value).map_err(read_err)?;
                 Ok(Some(entry.log_id))
             }
+        }
+    }
+}
+
+/// Removes the entries up to `log_id` and records it as the last purged.
+fn purge_now(db: &DB, log_id: LogId) -> Result<(), StorageError> {
+    let mut batch = WriteBatch::default();
+    batch.put_cf(cf(db, CF_RAFT_META), RAFT_LAST_PURGED, encode(&log_id));
+    batch.delete_range_cf(cf(db, CF_LOGS), log_index(0), log_index(log_id.index + 1));
+    db.write(batch).map_err(write_err)
+}
+
+/// Deferred purges, in order: flush the state machine, then purge.
+fn purge_loop(db: &DB, sm: Option<Arc<SmStore>>, rx: mpsc::Receiver<LogId>) {
+    while let Ok(first) = rx.recv() {
+        // Purges queued meanwhile: the newest covers the others.
+        let log_id = rx.try_iter().fold(first, |a, b| if b.index > a.index { b } else { a });
+        if let Some(sm) = &sm {
+            if let Err(e) = sm.persist() {
+                tracing::error!(error = %e, %log_id, "flushing the state machine before a log purge; not purged");
+                continue;
+            }
+        }
+        if let Err(e) = purge_now(db, log_id) {
+            tracing::error!(error = %e, %log_id, "purging the raft log");
         }
     }
 }
@@ -261,15 +295,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.db.write_opt(batch, &opts).map_err(write_err)
     }
 
+    /// Purges now if the state machine's flushed state covers `log_id`
+    /// (the usual case: a snapshot, which flushes, comes before a purge);
+    /// otherwise hands the purge to the purger thread, which flushes the
+    /// state machine first. The flush is never run here: openraft calls
+    /// this from its core loop, and a flush of hundreds of MB would stop
+    /// heartbeats. Until the deferred purge runs, the entries stay on disk
+    /// and `last_purged` keeps its old value, so a crash in between leaves
+    /// a log that still covers everything the flushed state lacks.
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        if let Some(sm) = &self.sm {
-            sm.persist().map_err(write_err)?;
-        }
         self.recent.lock().expect("recent entries lock").purge(log_id.index);
-        let mut batch = WriteBatch::default();
-        batch.put_cf(cf(&self.db, CF_RAFT_META), RAFT_LAST_PURGED, encode(&log_id));
-        batch.delete_range_cf(self.logs(), log_index(0), log_index(log_id.index + 1));
-        self.db.write(batch).map_err(write_err)
+        let durable = match &self.sm {
+            Some(sm) => sm.durable_applied().map_err(read_err)?.0 >= log_id.index,
+            None => true,
+        };
+        if durable {
+            return purge_now(&self.db, log_id);
+        }
+        if let Err(mpsc::SendError(log_id)) = self.purger.send(log_id) {
+            return Err(write_err(std::io::Error::other(format!(
+                "the log purger stopped; {log_id} not purged"
+            ))));
+        }
+        Ok(())
     }
 }
 

@@ -30,6 +30,10 @@ pub struct AppliedState {
     pub clock_ms: i64,
 }
 
+/// How often apply reads the durable clock back (one point read that
+/// skips the memtables).
+const DURABLE_CLOCK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The shared handle to the live state-machine database.
 pub struct SmStore {
     dir: PathBuf,
@@ -38,8 +42,19 @@ pub struct SmStore {
     /// The compiled features and tags of `schema`.
     engine: RwLock<Arc<Engine>>,
     applied: Mutex<AppliedState>,
-    /// The applied logical clock, read by the compaction filter.
-    clock: Arc<AtomicI64>,
+    /// The applied logical clock (what apply has reached; stamps are never
+    /// below it).
+    clock: AtomicI64,
+    /// The logical clock that is **durable**: the one in the flushed
+    /// column families (applies skip the WAL, so memtables are lost in a
+    /// crash). The compaction filter compares expiries with this one, never
+    /// with `clock`: after a crash, replay starts from the flushed state and
+    /// may still read a value that expires between the two (a dedupe
+    /// marker, say); deleting it by the newer clock would let the replay
+    /// apply that event again, and replicas would differ.
+    durable_clock: Arc<AtomicI64>,
+    /// When the durable clock was last read back.
+    durable_read_at: Mutex<Option<std::time::Instant>>,
     /// The log index whose batch is in the database (what reads see), or
     /// why the state machine stopped writing. Apply hands an entry's batch
     /// to a writer thread and goes on with the next entry, so openraft may
@@ -62,15 +77,17 @@ impl SmStore {
         std::fs::create_dir_all(&dir)?;
         let current = read_current(&dir)?;
         remove_stale_dirs(&dir, &current)?;
-        let clock = Arc::new(AtomicI64::new(i64::MIN));
-        let db = open_db(&dir.join(&current), clock.clone())?;
+        let durable_clock = Arc::new(AtomicI64::new(i64::MIN));
+        let db = open_db(&dir.join(&current), durable_clock.clone())?;
         let store = SmStore {
             dir,
             db: RwLock::new(Arc::new(db)),
             schema: RwLock::new(Arc::default()),
             engine: RwLock::new(Arc::new(Engine::empty())),
             applied: Mutex::new(AppliedState::default()),
-            clock,
+            clock: AtomicI64::new(0),
+            durable_clock,
+            durable_read_at: Mutex::new(None),
             written: tokio::sync::watch::Sender::new(Written::default()),
         };
         store.reload_caches()?;
@@ -101,6 +118,50 @@ impl SmStore {
         *self.schema.write().expect("schema lock") = Arc::new(schema);
     }
 
+    /// The applied logical clock: the largest entry stamp applied.
+    pub fn clock_ms(&self) -> i64 {
+        self.clock.load(Ordering::Acquire)
+    }
+
+    /// The logical clock the compaction filter uses (see `durable_clock`).
+    pub fn durable_clock_ms(&self) -> i64 {
+        self.durable_clock.load(Ordering::Acquire)
+    }
+
+    /// What the flushed column families hold: `(last_applied index, clock)`.
+    /// A read that skips the memtables (RocksDB's persisted tier; applies
+    /// write no WAL, so only flushed data survives a crash).
+    pub fn durable_applied(&self) -> Result<(u64, i64), rocksdb::Error> {
+        let db = self.db();
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_read_tier(rocksdb::ReadTier::Persisted);
+        let meta = cf(&db, CF_META);
+        let applied: Option<LogId> =
+            db.get_cf_opt(meta, META_APPLIED, &opts)?.and_then(|b| codec::decode(&b).ok());
+        let clock: Option<i64> = db.get_cf_opt(meta, META_CLOCK, &opts)?.and_then(|b| codec::decode(&b).ok());
+        Ok((applied.map_or(0, |l| l.index), clock.unwrap_or(i64::MIN)))
+    }
+
+    /// Reads the durable clock back for the compaction filter (after a
+    /// flush, or at most every `every` while applying: RocksDB flushes on
+    /// its own when memtables fill, and a lagging value only makes the
+    /// filter keep more).
+    pub fn refresh_durable_clock(&self, every: Option<std::time::Duration>) {
+        {
+            let mut at = self.durable_read_at.lock().expect("durable clock lock");
+            if let (Some(every), Some(last)) = (every, *at) {
+                if last.elapsed() < every {
+                    return;
+                }
+            }
+            *at = Some(std::time::Instant::now());
+        }
+        match self.durable_applied() {
+            Ok((_, clock)) => self.durable_clock.store(clock, Ordering::Release),
+            Err(e) => tracing::warn!(error = %e, "reading the durable clock"),
+        }
+    }
+
     pub fn applied(&self) -> AppliedState {
         self.applied.lock().expect("applied lock").clone()
     }
@@ -112,6 +173,7 @@ impl SmStore {
         let index = state.last_applied.map_or(0, |l| l.index);
         *self.applied.lock().expect("applied lock") = state;
         self.written.send_modify(|w| w.index = index);
+        self.refresh_durable_clock(Some(DURABLE_CLOCK_EVERY));
     }
 
     /// The state machine can no longer write: every waiter gets `reason`.
@@ -151,13 +213,15 @@ impl SmStore {
         let cfs: Vec<_> = ALL_CFS.iter().map(|name| cf(&db, name)).collect();
         let mut opts = FlushOptions::default();
         opts.set_wait(true);
-        db.flush_cfs_opt(&cfs, &opts)
+        db.flush_cfs_opt(&cfs, &opts)?;
+        self.refresh_durable_clock(None);
+        Ok(())
     }
 
     /// Replaces the live database with the one in `new_dir` (a directory
     /// name under `<data>/sm`), which must be complete and synced.
     pub fn swap_in(&self, new_dir: &str) -> anyhow::Result<()> {
-        let db = open_db(&self.dir.join(new_dir), self.clock.clone())?;
+        let db = open_db(&self.dir.join(new_dir), self.durable_clock.clone())?;
         write_current(&self.dir, new_dir)?;
         let old = std::mem::replace(&mut *self.db.write().expect("db lock"), Arc::new(db));
         self.reload_caches()?;
@@ -187,6 +251,8 @@ impl SmStore {
         };
         self.set_schema(schema);
         self.set_applied(applied);
+        // Just opened: nothing is in a memtable, everything read is durable.
+        self.refresh_durable_clock(None);
         Ok(())
     }
 }
@@ -198,8 +264,8 @@ pub fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
 }
 
 /// Opens a state-machine database with its column families and filters.
-/// `clock` is the applied logical clock the compaction filter compares
-/// expiries with.
+/// `clock` is the durable logical clock the compaction filter compares
+/// expiries with (see [`SmStore`]'s `durable_clock`).
 pub fn open_db(path: &Path, clock: Arc<AtomicI64>) -> Result<DB, rocksdb::Error> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
@@ -256,10 +322,12 @@ pub fn apply_write_options() -> WriteOptions {
 
 /// Options for a column family whose values start with an 8-byte expiry:
 /// bloom filters for point lookups and a compaction filter that drops values
-/// expired by the applied logical clock. Using the logical clock (not the
+/// expired by the durable logical clock. Using the logical clock (not the
 /// wall clock) keeps replicas identical: every later entry has a stamp at or
 /// past that clock, so apply would treat the dropped value as expired anyway,
-/// on every replica, however far behind it applies.
+/// on every replica, however far behind it applies; and the durable one
+/// (not the applied one, which runs ahead of the last flush) keeps that true
+/// for the entries replayed after a crash.
 fn expiring_cf_options(filter_name: &'static str, clock: Arc<AtomicI64>) -> Options {
     let mut opts = user_keyed(cf_options());
     let mut block = BlockBasedOptions::default();

@@ -1,0 +1,130 @@
+//! Measures the peers' clocks about once a second (`Raft.Clock`) and acts
+//! on the verdict ([`crate::clock`]): a node whose clock is off a quorum of
+//! voters stops campaigning and, if it leads, hands leadership to a peer;
+//! it campaigns again once its clock agrees. Also lets the clock rewrite
+//! its durable mark.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use portrait_proto::v1::raft_client::RaftClient;
+use portrait_proto::v1::ClockRequest;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use super::elect::ElectSwitch;
+use super::network::Blocked;
+use super::transfer::LeaderTransfer;
+use crate::clock::NodeClock;
+use crate::store::SmStore;
+use crate::types::{NodeId, Raft};
+
+/// How long one clock probe may take; a slower answer is no sample.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub struct ClockProbe {
+    pub me: NodeId,
+    pub raft: Raft,
+    pub sm: Arc<SmStore>,
+    pub clock: Arc<NodeClock>,
+    pub elect: ElectSwitch,
+    pub transfer: Arc<LeaderTransfer>,
+    pub blocked: Blocked,
+    pub interval: Duration,
+}
+
+impl ClockProbe {
+    /// Runs until `stop` turns true (or its sender is dropped).
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut clients: BTreeMap<NodeId, (String, RaftClient<Channel>)> = BTreeMap::new();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.interval) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let (members, voters, state) = {
+                let m = self.raft.metrics().borrow().clone();
+                let membership = m.membership_config.membership();
+                let members: Vec<(NodeId, String)> = membership
+                    .nodes()
+                    .filter(|(id, _)| **id != self.me)
+                    .map(|(id, n)| (*id, n.addr.clone()))
+                    .collect();
+                (members, membership.voter_ids().collect::<Vec<_>>(), m.state)
+            };
+            if state == ServerState::Shutdown {
+                return;
+            }
+            clients.retain(|id, _| members.iter().any(|(m, _)| m == id));
+            self.clock.peers().retain(|id| members.iter().any(|(m, _)| *m == id));
+            self.probe_all(&members, &mut clients).await;
+            let verdict = self.clock.tick(self.me, &voters, self.sm.clock_ms());
+            if self.elect.set_clock_ok(!verdict.skewed) {
+                match verdict.skewed {
+                    true => tracing::error!(
+                        offset_ms = -verdict.worst_offset_ms,
+                        max_offset_ms = self.clock.options().max_offset_ms,
+                        "this node's clock is off a quorum of its peers: it stops campaigning and leading"
+                    ),
+                    false => tracing::info!("this node's clock agrees with its peers again: it may campaign"),
+                }
+            }
+            if verdict.skewed && state == ServerState::Leader {
+                // Inline: probing pauses meanwhile, and a transfer is bounded
+                // in time (see `LeaderTransfer`).
+                tokio::select! {
+                    _ = self.hand_over(&members, &voters) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    }
+
+    /// Asks every peer for its clock, concurrently.
+    async fn probe_all(
+        &self,
+        members: &[(NodeId, String)],
+        clients: &mut BTreeMap<NodeId, (String, RaftClient<Channel>)>,
+    ) {
+        let blocked = self.blocked.read().map(|b| b.clone()).unwrap_or_default();
+        let mut probes = Vec::new();
+        for (id, addr) in members.iter().filter(|(id, _)| !blocked.contains(id)) {
+            if clients.get(id).is_none_or(|(a, _)| a != addr) {
+                let Ok(endpoint) = tonic::transport::Endpoint::from_shared(addr.clone()) else { continue };
+                let endpoint =
+                    endpoint.connect_timeout(PROBE_TIMEOUT).timeout(PROBE_TIMEOUT).tcp_nodelay(true);
+                clients.insert(*id, (addr.clone(), RaftClient::new(endpoint.connect_lazy())));
+            }
+            let mut client = clients[id].1.clone();
+            let (me, peer) = (self.me, *id);
+            probes.push(async move {
+                let sent = Instant::now();
+                let answer = client.clock(ClockRequest { from: me }).await;
+                (peer, answer.map(|r| r.into_inner().wall_ms), sent, Instant::now())
+            });
+        }
+        for (peer, answer, sent, received) in futures::future::join_all(probes).await {
+            match answer {
+                Ok(wall_ms) => self.clock.peers().record(peer, wall_ms, sent, received),
+                Err(status) => tracing::debug!(peer, %status, "clock probe failed"),
+            }
+        }
+    }
+
+    /// Transfers leadership to a voter whose clock was measured recently.
+    async fn hand_over(&self, members: &[(NodeId, String)], voters: &[NodeId]) {
+        let now = self.clock.now_ms();
+        let mut offsets = self.clock.peers().offsets(now, Instant::now());
+        offsets.retain(|o| voters.contains(&o.node_id) && o.age <= crate::clock::peers::FRESH);
+        offsets.sort_by_key(|o| o.age);
+        let target = offsets.first().and_then(|o| members.iter().find(|(id, _)| *id == o.node_id));
+        if let Some((id, addr)) = target {
+            tracing::warn!(target = id, "clock off its peers: handing leadership over");
+            if let Err(e) = self.transfer.run(*id, addr).await {
+                tracing::warn!(target = id, error = %e, "handing leadership over failed; will retry");
+            }
+        }
+    }
+}

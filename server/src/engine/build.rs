@@ -11,24 +11,13 @@ use std::collections::BTreeMap;
 use super::expr::{compile, Limits, Type};
 use super::feature::CompiledFeature;
 use super::filter::Filter;
+use super::identity::{feature_id, fnv1a};
 use super::window::Window;
 use super::{AttrSlot, CompiledTag, Engine};
 use crate::schema::{Aggregation, FeatureSpec, Schema, SchemaError, ValueType};
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SchemaError {
     SchemaError::Invalid { field: field.into(), reason: reason.into() }
-}
-
-/// FNV-1a: stable across processes and releases (unlike `DefaultHasher`),
-/// so every replica agrees.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
-}
-
-/// A feature's identity in stored state: the hash of its definition (a
-/// changed definition starts over; a renamed one keeps its state).
-fn fingerprint(spec: &FeatureSpec) -> u64 {
-    fnv1a(format!("{spec:?}").as_bytes())
 }
 
 /// A tag's or attribute's identity in stored state: the hash of its name.
@@ -163,7 +152,8 @@ fn build_features(schema: &Schema) -> Result<Vec<CompiledFeature>, SchemaError> 
             spec: spec.clone(),
             window: spec.window_ms.filter(|_| !spec.anchor_first).map(Window::new),
             filter,
-            fingerprint: fingerprint(spec),
+            // A changed definition starts over; a renamed one keeps its state.
+            fingerprint: feature_id(spec),
         });
     }
     Ok(out)

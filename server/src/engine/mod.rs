@@ -6,12 +6,14 @@
 //!
 //! - [`window`]: bucketed sliding windows; [`feature`]: accumulators;
 //! - [`filter`]: feature event filters; [`expr`]: the tag rule language;
-//! - [`build`]: schema → engine (slots, dependency order, cycle check).
+//! - [`build`]: schema → engine (slots, dependency order, cycle check);
+//! - [`identity`]: stable identities of definitions in stored state.
 
 pub mod build;
 pub mod expr;
 pub mod feature;
 pub mod filter;
+pub mod identity;
 pub mod state;
 pub mod window;
 

@@ -336,16 +336,15 @@ pub fn load_user_state(db: &DB, user_id: &str) -> Result<Option<UserState>, Appl
     }
 }
 
-/// A stored user state (an 8-byte header, then compact bincode).
+/// A stored user state (an 8-byte header, a version byte, then compact
+/// bincode: [`codec::encode_row_into`]).
 pub fn decode_user_state(bytes: &[u8]) -> Result<UserState, bincode::Error> {
-    codec::decode_compact(bytes.get(8..).unwrap_or_default())
+    codec::decode_row(bytes, "user state")
 }
 
 /// The stored form of a user state, into `out` (cleared first).
 fn encode_user_state_into(out: &mut Vec<u8>, state: &UserState) {
-    out.clear();
-    out.extend_from_slice(&NEVER.to_be_bytes());
-    codec::encode_compact_into(out, state);
+    codec::encode_row_into(out, NEVER, state);
 }
 
 impl<'a> EntryState<'a> {

@@ -20,12 +20,16 @@ pub const META_MEMBERSHIP: &[u8] = b"membership";
 pub const META_SCHEMA: &[u8] = b"schema";
 pub const META_CLOCK: &[u8] = b"clock";
 pub const META_REEVAL: &[u8] = b"reeval";
+/// The storage format the database was written in (see `store::format`).
+pub const META_FORMAT: &[u8] = b"format_version";
 
 // Log-store column families and keys.
 pub const CF_LOGS: &str = "logs";
 pub const CF_RAFT_META: &str = "raft_meta";
 pub const RAFT_VOTE: &[u8] = b"vote";
 pub const RAFT_LAST_PURGED: &[u8] = b"last_purged";
+/// The storage format the log was written in (see `store::format`).
+pub const RAFT_FORMAT: &[u8] = b"format_version";
 
 /// `user ⟂` — the prefix of all of a user's rows.
 pub fn user_prefix(user_id: &str) -> Vec<u8> {

@@ -121,7 +121,7 @@ impl RecentEntries {
 impl LogStore {
     /// Opens the log under `<data>/raft`. `sm`, when given, is persisted
     /// before logs are purged.
-    pub fn open(data_dir: &Path, sm: Option<Arc<SmStore>>) -> Result<LogStore, rocksdb::Error> {
+    pub fn open(data_dir: &Path, sm: Option<Arc<SmStore>>) -> anyhow::Result<LogStore> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -130,6 +130,7 @@ impl LogStore {
             ColumnFamilyDescriptor::new(CF_RAFT_META, Options::default()),
         ];
         let db = Arc::new(DB::open_cf_descriptors(&opts, data_dir.join("raft"), cfs)?);
+        check_format(&db, &data_dir.join("raft"))?;
         let (tx, rx) = mpsc::channel();
         let flush_db = db.clone();
         std::thread::Builder::new()
@@ -189,6 +190,12 @@ fn purge_loop(db: &DB, sm: Option<Arc<SmStore>>, rx: mpsc::Receiver<LogId>) {
             tracing::error!(error = %e, %log_id, "purging the raft log");
         }
     }
+}
+
+/// Refuses a log written in another storage format before any entry is
+/// read; records the format in a new one.
+fn check_format(db: &DB, path: &Path) -> anyhow::Result<()> {
+    super::format::check_or_init(db, path, CF_RAFT_META, RAFT_FORMAT, &[CF_LOGS, CF_RAFT_META])
 }
 
 /// Syncs the WAL once per group of queued callbacks.

@@ -11,10 +11,15 @@
 //!   applied entry ([`state_machine`]). Expired values are filtered on read
 //!   and reclaimed by a compaction filter ([`sm_db`]).
 //!
+//! Both databases and every snapshot archive record the storage format
+//! they were written in; another format is refused at open ([`format`]).
+//!
 //! Layering: uses `model`, `schema`, `types`; never tonic.
 
 pub mod apply;
+pub mod checksum;
 pub mod codec;
+pub mod format;
 pub mod keys;
 pub mod log_store;
 pub mod read;

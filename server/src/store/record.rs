@@ -10,7 +10,8 @@
 //!
 //! Stored values (heads and history events): 8 bytes big-endian
 //! `max_expires_at` (read by the compaction filter without decoding the
-//! rest), then bincode with variable-length integers.
+//! rest), a version byte, then bincode with variable-length integers
+//! ([`codec::encode_row_into`]).
 
 use std::collections::BTreeMap;
 
@@ -64,13 +65,11 @@ pub fn encode_history_event_into(out: &mut Vec<u8>, event: &Event, expires_at: i
         attrs: &event.attrs,
         expires_at,
     };
-    out.clear();
-    out.extend_from_slice(&expires_at.to_be_bytes());
-    codec::encode_compact_into(out, &entry);
+    codec::encode_row_into(out, expires_at, &entry);
 }
 
 pub fn decode_history_event(bytes: &[u8]) -> Result<HistoryEntry, bincode::Error> {
-    codec::decode_compact(bytes.get(8..).unwrap_or_default())
+    codec::decode_row(bytes, "history event")
 }
 
 /// A history event's place in the head's index.
@@ -174,13 +173,11 @@ impl FamilyHead {
 
     /// [`FamilyHead::encode`] into `out` (cleared first).
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        out.clear();
-        out.extend_from_slice(&self.max_expiry().to_be_bytes());
-        codec::encode_compact_into(out, self);
+        codec::encode_row_into(out, self.max_expiry(), self);
     }
 
     pub fn decode(bytes: &[u8]) -> Result<FamilyHead, bincode::Error> {
-        codec::decode_compact(bytes.get(8..).unwrap_or_default())
+        codec::decode_row(bytes, "family head")
     }
 
     /// The record with the history events `events` (the stored values of
@@ -411,10 +408,27 @@ mod tests {
             expires_at: 700,
         };
         assert_eq!(decode_history_event(&stored).unwrap(), entry);
+        assert_eq!(stored[8], codec::ROW_V1);
         assert_eq!(
-            &stored[8..],
+            &stored[9..],
             codec::encode_compact(&entry),
             "borrowed and owned encodings are the same bytes"
         );
+    }
+
+    #[test]
+    fn rows_of_an_unknown_encoding_are_refused_not_misread() {
+        let mut s = Stored::default();
+        s.apply(&ev(100, "a", &[("x", 1)]), 500, 10);
+        let mut head = s.head.encode();
+        let mut event = encode_history_event(&ev(100, "a", &[("x", 1)]), 500);
+        // As a later binary might write them: version 2, the expiry header kept.
+        head[8] = 2;
+        event[8] = 2;
+        assert_eq!(stored_expiry(&head), Some(500));
+        let e = FamilyHead::decode(&head).unwrap_err().to_string();
+        assert!(e.contains("family head row in encoding version 2"), "{e}");
+        let e = decode_history_event(&event).unwrap_err().to_string();
+        assert!(e.contains("history event row in encoding version 2"), "{e}");
     }
 }

@@ -79,6 +79,7 @@ impl SmStore {
         remove_stale_dirs(&dir, &current)?;
         let durable_clock = Arc::new(AtomicI64::new(i64::MIN));
         let db = open_db(&dir.join(&current), durable_clock.clone())?;
+        check_format(&db, &dir.join(&current))?;
         let store = SmStore {
             dir,
             db: RwLock::new(Arc::new(db)),
@@ -255,6 +256,12 @@ impl SmStore {
         self.refresh_durable_clock(None);
         Ok(())
     }
+}
+
+/// Refuses a database written in another storage format before anything
+/// is read from it; records the format in a new one.
+fn check_format(db: &DB, path: &Path) -> anyhow::Result<()> {
+    super::format::check_or_init(db, path, CF_META, META_FORMAT, &[CF_META])
 }
 
 /// A column family handle; the families are created at open, so a missing

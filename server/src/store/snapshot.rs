@@ -2,20 +2,30 @@
 //! archive file, so openraft can stream it in chunks (it reads and writes
 //! the file; nothing is loaded into memory whole).
 //!
-//! Archive: `PRTSNAP1`, then per file `[u32 LE name length][name][u64 LE
-//! size][bytes]`, then `[u32 0]`.
+//! Archive: the magic `PRTSNAPV`, `[u32 LE storage format]`, then per file
+//! `[u32 LE name length][name][u64 LE size][bytes]`, then `[u32 0]`, then
+//! `[u64 LE checksum]` of every byte before it. Unpacking refuses another
+//! storage format (format-1 archives began `PRTSNAP1` and had no version
+//! or checksum) and a checksum mismatch: a received archive that was
+//! damaged in transit or on disk is never installed.
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"PRTSNAP1";
+use super::checksum::Hashing;
+use super::format::{self, STORAGE_FORMAT, UNVERSIONED_FORMAT};
+
+const MAGIC: &[u8; 8] = b"PRTSNAPV";
+/// How archives of format 1 began.
+const MAGIC_UNVERSIONED: &[u8; 8] = b"PRTSNAP1";
 const MAX_NAME: u32 = 4096;
 
 /// Packs every regular file of `dir` (not recursive) into `archive`, synced.
 pub fn pack(dir: &Path, archive: &Path) -> io::Result<()> {
-    let mut out = BufWriter::new(File::create(archive)?);
+    let mut out = Hashing::new(BufWriter::new(File::create(archive)?));
     out.write_all(MAGIC)?;
+    out.write_all(&STORAGE_FORMAT.to_le_bytes())?;
     let mut names: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())
         .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
@@ -34,18 +44,18 @@ pub fn pack(dir: &Path, archive: &Path) -> io::Result<()> {
         }
     }
     out.write_all(&0u32.to_le_bytes())?;
+    let checksum = out.sum.finish();
+    let mut out = out.inner;
+    out.write_all(&checksum.to_le_bytes())?;
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()
 }
 
-/// Unpacks `archive` into the new directory `dir`, syncing every file.
+/// Unpacks `archive` into the new directory `dir`, syncing every file. On
+/// an error `dir` may hold part of the archive: the caller removes it.
 pub fn unpack(archive: &Path, dir: &Path) -> io::Result<()> {
-    let mut input = BufReader::new(File::open(archive)?);
-    let mut magic = [0u8; 8];
-    input.read_exact(&mut magic)?;
-    if &magic != MAGIC {
-        return Err(bad("not a Portrait snapshot archive"));
-    }
+    let mut input = Hashing::new(BufReader::new(File::open(archive)?));
+    read_header(&mut input, archive)?;
     std::fs::create_dir_all(dir)?;
     loop {
         let name_len = read_u32(&mut input)?;
@@ -69,7 +79,29 @@ pub fn unpack(archive: &Path, dir: &Path) -> io::Result<()> {
         }
         out.sync_all()?;
     }
+    let computed = input.sum.finish();
+    let mut rest = input.inner;
+    let stored = read_u64(&mut rest).map_err(|_| bad("archive truncated before its checksum"))?;
+    if stored != computed {
+        return Err(bad("archive checksum mismatch (damaged in transit or on disk)"));
+    }
+    if rest.read(&mut [0u8; 1])? != 0 {
+        return Err(bad("bytes after the archive's checksum"));
+    }
     File::open(dir)?.sync_all()
+}
+
+/// Checks the magic and the storage format before anything is unpacked.
+fn read_header(input: &mut impl Read, archive: &Path) -> io::Result<()> {
+    let mut magic = [0u8; 8];
+    input.read_exact(&mut magic).map_err(|_| bad("not a Portrait snapshot archive"))?;
+    let version = match &magic {
+        m if m == MAGIC => read_u32(input)?,
+        m if m == MAGIC_UNVERSIONED => UNVERSIONED_FORMAT,
+        _ => return Err(bad("not a Portrait snapshot archive")),
+    };
+    let what = format!("snapshot archive {}", archive.display());
+    format::check(what, version).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 fn read_u32(r: &mut impl Read) -> io::Result<u32> {
@@ -162,5 +194,55 @@ mod tests {
         let bytes = std::fs::read(&archive).unwrap();
         std::fs::write(&archive, &bytes[..bytes.len() - 100]).unwrap();
         assert!(unpack(&archive, &tmp.path().join("d2")).is_err());
+    }
+
+    fn packed(tmp: &Path) -> (PathBuf, Vec<u8>) {
+        let src = tmp.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("a.sst"), (0..5_000u32).flat_map(|i| i.to_le_bytes()).collect::<Vec<_>>())
+            .unwrap();
+        std::fs::write(src.join("CURRENT"), b"MANIFEST-1\n").unwrap();
+        let archive = tmp.join("x.snap");
+        pack(&src, &archive).unwrap();
+        let bytes = std::fs::read(&archive).unwrap();
+        (archive, bytes)
+    }
+
+    #[test]
+    fn a_flipped_bit_anywhere_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (archive, bytes) = packed(tmp.path());
+        assert_eq!(&bytes[..12], b"PRTSNAPV\x02\0\0\0");
+        // In a file's bytes (no structural check would see it), in a name,
+        // and in the checksum itself.
+        for at in [bytes.len() / 2, 20, bytes.len() - 3] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x10;
+            std::fs::write(&archive, &damaged).unwrap();
+            let dst = tmp.path().join(format!("d{at}"));
+            assert!(unpack(&archive, &dst).is_err(), "flip at {at} of {}", bytes.len());
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        std::fs::write(&archive, &longer).unwrap();
+        assert!(unpack(&archive, &tmp.path().join("long")).is_err());
+    }
+
+    #[test]
+    fn another_storage_format_is_refused_before_unpacking() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (archive, mut bytes) = packed(tmp.path());
+        bytes[8..12].copy_from_slice(&(STORAGE_FORMAT + 1).to_le_bytes());
+        std::fs::write(&archive, &bytes).unwrap();
+        let dst = tmp.path().join("d");
+        let e = unpack(&archive, &dst).unwrap_err().to_string();
+        assert!(e.contains(&format!("was written by storage format {}", STORAGE_FORMAT + 1)), "{e}");
+        assert!(!dst.exists(), "nothing unpacked");
+        // An archive from before formats were recorded.
+        let mut old = b"PRTSNAP1".to_vec();
+        old.extend_from_slice(&0u32.to_le_bytes());
+        std::fs::write(&archive, &old).unwrap();
+        let e = unpack(&archive, &dst).unwrap_err().to_string();
+        assert!(e.contains("was written by storage format 1;"), "{e}");
     }
 }

@@ -13,6 +13,7 @@ use tokio::sync::Mutex;
 
 use super::apply::{apply_reevaluate, apply_tick, apply_write, ApplyCache};
 use super::codec::{decode, encode, read_err, write_err};
+use super::format::check_recorded;
 use super::keys::*;
 use super::sm_db::{apply_write_options, cf, AppliedState, SmStore};
 use super::snapshot::{pack, unpack, SnapshotDir};
@@ -412,9 +413,11 @@ fn build_blocking(store: &SmStore, dir: &SnapshotDir) -> anyhow::Result<()> {
     publish(dir, &building, &meta)
 }
 
-/// The applied log id and membership recorded inside a checkpoint.
+/// The applied log id and membership recorded inside a checkpoint, which
+/// must be in this binary's storage format.
 fn read_checkpoint_meta(path: &std::path::Path) -> anyhow::Result<(Option<LogId>, StoredMembership)> {
     let db = DB::open_cf_for_read_only(&rocksdb::Options::default(), path, ALL_CFS, false)?;
+    check_recorded(&db, path, CF_META, META_FORMAT)?;
     let meta = cf(&db, CF_META);
     let applied = db.get_cf(meta, META_APPLIED)?.map(|b| decode(&b)).transpose()?;
     let membership = db.get_cf(meta, META_MEMBERSHIP)?.map(|b| decode(&b)).transpose()?.unwrap_or_default();
@@ -435,7 +438,9 @@ fn publish(dir: &SnapshotDir, archive: &std::path::Path, meta: &SnapshotMeta) ->
     Ok(())
 }
 
-/// Unpacks the received archive into a new database and swaps it in.
+/// Unpacks the received archive into a new database, validates it against
+/// `meta`, and only then swaps it in: a damaged, foreign-format or
+/// mismatched snapshot leaves the live database as it was.
 fn install_blocking(
     store: &SmStore,
     dir: &SnapshotDir,
@@ -448,16 +453,32 @@ fn install_blocking(
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
-    unpack(&archive, &staging)?;
+    let unpacked = unpack(&archive, &staging).map_err(anyhow::Error::from);
+    if let Err(e) = unpacked.and_then(|()| validate_checkpoint(&staging, meta)) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e.context("snapshot refused, the live state machine is unchanged"));
+    }
     std::fs::rename(&staging, store.dir().join(&name))?;
     store.swap_in(&name)?;
-    let applied = store.applied().last_applied;
+    publish(dir, &archive, meta)
+}
+
+/// The unpacked checkpoint at `path` holds the state `meta` describes: its
+/// storage format is this binary's, its applied log id and membership are
+/// the meta's.
+fn validate_checkpoint(path: &std::path::Path, meta: &SnapshotMeta) -> anyhow::Result<()> {
+    let (applied, membership) = read_checkpoint_meta(path)?;
     anyhow::ensure!(
         applied == meta.last_log_id,
-        "installed snapshot applied {applied:?}, meta says {:?}",
+        "the snapshot's database applied {applied:?}, its meta says {:?}",
         meta.last_log_id
     );
-    publish(dir, &archive, meta)
+    anyhow::ensure!(
+        membership == meta.last_membership,
+        "the snapshot's database has membership {membership:?}, its meta says {:?}",
+        meta.last_membership
+    );
+    Ok(())
 }
 
 /// The path of the received archive: `incoming.part` when openraft wrote

@@ -105,6 +105,7 @@ pub struct Node {
     acks: Arc<PeerAcks>,
     /// Fault injection (tests): peers raft messages are not sent to, and
     /// peers whose log entries are dropped on arrival.
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     blocked: Blocked,
     dropping: Blocked,
     fault_injection: bool,

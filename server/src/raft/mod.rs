@@ -7,6 +7,7 @@
 
 pub mod batcher;
 pub mod contact;
+pub mod fault;
 pub mod gate;
 pub mod network;
 pub mod ticker;

@@ -19,27 +19,37 @@ build: setup ## build portraitd and the portrait CLI
 run: build ## start a single node on ./data, 127.0.0.1:7700, default schema
 	$(BIN)/portraitd $(ARGS)
 
-# Ends with one line "N passed, N failed" summed over every test binary
-# (cargo's own last line is often a doc-test binary with 0 tests).
+# Two cargo runs: the cluster tests build `portraitd-faults` (portraitd with
+# the `fault-injection` feature) in a run of their own, so the feature never
+# reaches this run's target/release/portraitd (see docs/development.md).
+# Both always run; ends with one line "N passed, N failed" summed over every
+# test binary (cargo's own last line is often a doc-test binary with 0 tests).
 test: setup ## run every test (unit, integration, cluster)
 	@log=$$(mktemp); set -o pipefail; \
-	$(CARGO) test $(PROFILE) --workspace 2>&1 | tee "$$log"; status=$$?; \
+	( $(CARGO) test $(PROFILE) --workspace --exclude portrait-cluster-tests; a=$$?; \
+	  $(CARGO) test $(PROFILE) -p portrait-cluster-tests; b=$$?; exit $$((a | b)) ) 2>&1 | tee "$$log"; \
+	status=$$?; \
 	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' "$$log"; \
 	rm -f "$$log"; exit $$status
 
+# Clippy in the same two runs as `test`: the server without fault injection
+# (what ships), then the cluster tests with it.
 lint: setup ## rustfmt check and clippy -D warnings
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy $(PROFILE) --workspace --all-targets -- -D warnings
+	$(CARGO) clippy $(PROFILE) --workspace --exclude portrait-cluster-tests --all-targets -- -D warnings
+	$(CARGO) clippy $(PROFILE) -p portrait-cluster-tests --all-targets -- -D warnings
 
 verify: lint test ## what CI runs
 
-# One build for all three (per-package `cargo run`s unify features
-# differently and rebuild tokio, hyper and tonic in between).
+# Builds first, then runs (per-package `cargo run`s unify features
+# differently and rebuild tokio, hyper and tonic in between). The cluster
+# benchmark runs the release `portraitd`, not the tests' `portraitd-faults`.
 bench: setup ## ingest and read benchmarks; prints a table
-	$(CARGO) build $(PROFILE) --workspace --bins --examples
+	$(CARGO) build $(PROFILE) --workspace --exclude portrait-cluster-tests --bins --examples
+	$(CARGO) build $(PROFILE) -p portrait-cluster-tests --example cluster_bench
 	$(BIN)/examples/apply_cost
 	$(BIN)/examples/bench $(ARGS)
-	$(BIN)/examples/cluster_bench
+	PORTRAITD=$(BIN)/portraitd $(BIN)/examples/cluster_bench
 
 # Coverage-guided fuzzing of the tag-rule language (server/fuzz). cargo-fuzz
 # passes -Z flags, which a stable toolchain takes with RUSTC_BOOTSTRAP=1.

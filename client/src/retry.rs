@@ -63,6 +63,10 @@ where
             }
         }
         if started.elapsed() + backoff > RETRY_BUDGET {
+            // The next call starts elsewhere: a leader cut off from its
+            // quorum answers UNAVAILABLE only after its write timeout (past
+            // the budget at the first attempt), and names no other leader.
+            router.avoid(&conn.endpoint);
             return Err(status.into());
         }
         router.avoid(&conn.endpoint);

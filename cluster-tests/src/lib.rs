@@ -1,22 +1,30 @@
 //! Real multi-process Portrait clusters on loopback, for tests.
 //!
-//! [`Cluster::start`] runs N `portraitd` processes (the release binary of this
-//! workspace, or `$PORTRAITD`) on free 127.0.0.1 ports with their own temp
-//! data dirs; node 1 bootstraps, the others join through `AddNode`. Nodes can
-//! be killed with SIGKILL and restarted on the same dir, port and flags.
-//! [`Cluster::spawn_joining`] starts a node that joins by itself (`--join`).
+//! [`Cluster::start`] runs N `portraitd-faults` processes (this workspace's
+//! `portraitd` with fault injection compiled in, or `$PORTRAITD`) on free
+//! 127.0.0.1 ports with their own temp data dirs; node 1 bootstraps, the
+//! others join through `AddNode`. Nodes can be killed with SIGKILL and
+//! restarted on the same dir, port and flags. [`Cluster::spawn_joining`]
+//! starts a node that joins by itself (`--join`). [`Cluster::start_proxied`]
+//! puts a TCP fault proxy ([`proxy`]) in front of every node: peers reach
+//! each other only through them, and links can drop, delay or reset.
 
 pub mod linearizability;
+pub mod owner;
+pub mod proxy;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use owner::Owners;
 use portrait_client::PortraitClient;
+use proxy::{Mode, Proxy};
 use tempfile::TempDir;
 
-/// The `portraitd` binary under test.
+/// The `portraitd` binary under test: `$PORTRAITD`, or the
+/// `portraitd-faults` example of this package (see docs/development.md).
 pub fn portraitd() -> PathBuf {
     if let Ok(p) = std::env::var("PORTRAITD") {
         return p.into();
@@ -24,13 +32,29 @@ pub fn portraitd() -> PathBuf {
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("release/portraitd");
+    let path = target.join("release/examples/portraitd-faults");
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build --release --bins` (make test does)",
+        "{} is missing: run `cargo build --release -p portrait-cluster-tests --examples` \
+         (`make test` and `cargo test --release -p portrait-cluster-tests` do)",
         path.display()
     );
     path
+}
+
+/// Whether the binary has fault injection compiled in (its `--version` says
+/// so): only then is it given `--fault-injection` (the release `portraitd`
+/// refuses the flag; `make bench` runs the cluster benchmark on it).
+fn has_fault_injection(binary: &Path) -> bool {
+    static CACHE: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap();
+    if let Some((_, has)) = cache.iter().find(|(p, _)| p == binary) {
+        return *has;
+    }
+    let out = Command::new(binary).arg("--version").output().expect("run portraitd --version");
+    let has = String::from_utf8_lossy(&out.stdout).contains("fault injection");
+    cache.push((binary.to_path_buf(), has));
+    has
 }
 
 fn free_port() -> u16 {
@@ -47,11 +71,26 @@ pub struct NodeProc {
     config: Option<String>,
     /// More flags, given on every start.
     args: Vec<String>,
+    /// The fault proxy peers reach this node through, if any.
+    pub proxy: Option<Proxy>,
+    /// Node processes by pid (shared by the cluster's proxies).
+    owners: Owners,
 }
 
 impl NodeProc {
+    fn new(id: u64, config: Option<String>, args: Vec<String>, owners: Owners) -> NodeProc {
+        let dir = tempfile::tempdir().unwrap();
+        NodeProc { id, port: free_port(), dir, child: None, config, args, proxy: None, owners }
+    }
+
+    /// The node's own port (clients of tests use it).
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The address in the membership: the proxy's, if the node has one.
+    pub fn advertised(&self) -> String {
+        self.proxy.as_ref().map_or_else(|| self.endpoint(), Proxy::endpoint)
     }
 
     fn spawn(&mut self, bootstrap: bool) {
@@ -60,16 +99,20 @@ impl NodeProc {
             .append(true)
             .open(self.dir.path().join("node.log"))
             .unwrap();
-        let mut cmd = Command::new(portraitd());
+        let binary = portraitd();
+        let mut cmd = Command::new(&binary);
         cmd.args(["--node-id", &self.id.to_string(), "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--advertise", &self.advertised()])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
-            .arg("--fault-injection")
             .env_remove("PORTRAIT_CONFIG")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        if has_fault_injection(&binary) {
+            cmd.arg("--fault-injection");
+        }
         if !bootstrap {
             cmd.arg("--no-bootstrap");
         }
@@ -79,7 +122,9 @@ impl NodeProc {
             std::fs::write(&path, config).unwrap();
             cmd.arg("--config").arg(path);
         }
-        self.child = Some(cmd.spawn().expect("start portraitd"));
+        let child = cmd.spawn().expect("start portraitd");
+        self.owners.write().unwrap().insert(child.id(), self.id);
+        self.child = Some(child);
     }
 
     /// SIGKILL.
@@ -87,6 +132,7 @@ impl NodeProc {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            self.owners.write().unwrap().remove(&c.id());
         }
     }
 
@@ -121,16 +167,27 @@ impl Cluster {
 
     /// Like [`Cluster::start`], each node with this `portraitd` config file.
     pub async fn start_with_config(n: u64, config: Option<&str>) -> Cluster {
+        Cluster::launch(n, config, false).await
+    }
+
+    /// Like [`Cluster::start`], with a fault proxy in front of every node:
+    /// the membership records the proxies' addresses, so every raft message
+    /// (and every leader redirect) goes through them. See [`Cluster::link`].
+    pub async fn start_proxied(n: u64) -> Cluster {
+        Cluster::launch(n, None, true).await
+    }
+
+    async fn launch(n: u64, config: Option<&str>, proxied: bool) -> Cluster {
+        let owners = Owners::default();
         let mut nodes: Vec<NodeProc> = (1..=n)
-            .map(|id| NodeProc {
-                id,
-                port: free_port(),
-                dir: tempfile::tempdir().unwrap(),
-                child: None,
-                config: config.map(str::to_string),
-                args: Vec::new(),
-            })
+            .map(|id| NodeProc::new(id, config.map(str::to_string), Vec::new(), owners.clone()))
             .collect();
+        for node in &mut nodes {
+            if proxied {
+                let target = format!("127.0.0.1:{}", node.port).parse().unwrap();
+                node.proxy = Some(Proxy::start(target, owners.clone()));
+            }
+        }
         for node in &mut nodes {
             node.spawn(node.id == 1);
         }
@@ -141,7 +198,7 @@ impl Cluster {
         cluster.wait_leader(&[1]).await;
         let seed = cluster.client(1).await;
         for node in &cluster.nodes[1..] {
-            seed.add_node(node.id, &node.endpoint(), false).await.expect("add node");
+            seed.add_node(node.id, &node.advertised(), false).await.expect("add node");
         }
         cluster
     }
@@ -175,8 +232,7 @@ impl Cluster {
     async fn spawn_with_args(&mut self, args: Vec<String>) -> u64 {
         let id = self.nodes.len() as u64 + 1;
         let config = self.nodes[0].config.clone();
-        let dir = tempfile::tempdir().unwrap();
-        let mut node = NodeProc { id, port: free_port(), dir, child: None, config, args };
+        let mut node = NodeProc::new(id, config, args, self.nodes[0].owners.clone());
         node.spawn(false);
         self.nodes.push(node);
         self.wait_answering(id).await;
@@ -213,6 +269,26 @@ impl Cluster {
         node.spawn(false);
         node.args = kept;
         self.wait_answering(id).await;
+    }
+
+    /// Sets what the proxy of node `to` does with connections from node
+    /// `from` (needs [`Cluster::start_proxied`]).
+    pub fn link(&self, from: u64, to: u64, mode: Mode) {
+        self.node(to).proxy.as_ref().expect("a proxied cluster").set(Some(from), mode);
+    }
+
+    /// Cuts the links between the nodes of `a` and those of `b`, both ways,
+    /// in the proxies (real TCP blackholes, not the nodes' filters).
+    pub fn cut(&self, a: &[u64], b: &[u64]) {
+        for (&x, &y) in a.iter().flat_map(|x| b.iter().map(move |y| (x, y))) {
+            self.link(x, y, Mode::Drop);
+            self.link(y, x, Mode::Drop);
+        }
+    }
+
+    /// Every proxy link back to `Pass`.
+    pub fn heal_links(&self) {
+        self.nodes.iter().filter_map(|n| n.proxy.as_ref()).for_each(Proxy::heal);
     }
 
     /// Restarts node `id` on its data dir and port.

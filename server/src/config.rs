@@ -13,10 +13,16 @@ use crate::duration::parse_duration_ms;
 use crate::node::NodeOptions;
 use crate::raft::RaftTuning;
 
+/// `portraitd --version`; a build with fault injection says so.
+#[cfg(not(feature = "fault-injection"))]
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+#[cfg(feature = "fault-injection")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (with fault injection: for tests only)");
+
 #[derive(Debug, Parser)]
 #[command(
     name = "portraitd",
-    version,
+    version = VERSION,
     about = "Portrait node: replicated user profiles with per-family TTL, over gRPC"
 )]
 pub struct Cli {
@@ -41,7 +47,8 @@ pub struct Cli {
     /// Join the cluster of this node (comma-separated list tried in turn) on first start; implies --no-bootstrap.
     #[arg(long, env = "PORTRAIT_JOIN", value_delimiter = ',', value_name = "ADDR")]
     pub join: Vec<String>,
-    /// Allow Admin.SetPartition to drop raft messages to chosen peers (for tests only).
+    /// Allow Admin.SetPartition to drop raft messages to chosen peers (tests only; refused by a
+    /// build without the cargo feature `fault-injection`).
     #[arg(long, env = "PORTRAIT_FAULT_INJECTION", hide = true)]
     pub fault_injection: bool,
     /// Log filter, e.g. `info` or `portrait_server=debug,openraft=warn`.
@@ -123,6 +130,10 @@ impl Config {
             ),
             None => format!("http://{listen}"),
         };
+        #[cfg(not(feature = "fault-injection"))]
+        if cli.fault_injection {
+            anyhow::bail!("--fault-injection: {}", crate::raft::fault::NO_FAULT_INJECTION);
+        }
         let join = if cli.join.is_empty() { file.join.unwrap_or_default() } else { cli.join };
         let join = join
             .iter()
@@ -261,6 +272,15 @@ mod tests {
         let err =
             Config::resolve(Cli::parse_from(["portraitd", "--test-clock-offset-ms", "-5"])).unwrap_err();
         assert!(err.to_string().contains("needs --fault-injection"), "{err}");
+    }
+
+    #[test]
+    fn fault_injection_needs_a_build_with_the_feature() {
+        let c = Config::resolve(Cli::parse_from(["portraitd", "--fault-injection"]));
+        #[cfg(not(feature = "fault-injection"))]
+        assert!(c.unwrap_err().to_string().contains("this build has no fault injection"));
+        #[cfg(feature = "fault-injection")]
+        assert!(c.unwrap().node.fault_injection);
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! - [`store`]: RocksDB log store and state machine (no tonic);
 //! - [`raft`]: openraft wiring, the write batcher and the raft network;
 //! - [`service`]: gRPC adapters (validate, call one domain method, map the error);
-//! - `portraitd` (`main.rs`), [`config`] and [`join`]: wiring, and joining
-//!   a cluster on first start.
+//! - `portraitd` ([`daemon`], called by `main.rs`), [`config`] and [`join`]:
+//!   wiring, and joining a cluster on first start.
 
 /// mimalloc for every binary that links the node: apply allocates and frees
 /// per event (decoded records and feature states), and glibc malloc was
@@ -17,6 +17,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod duration;
 pub mod engine;
 pub mod error;

@@ -116,6 +116,7 @@ pub struct Node {
     /// This node's clock and its guard; every stamp comes from `stamper`.
     clock: Arc<NodeClock>,
     stamper: Stamper,
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     elect: ElectSwitch,
     /// Background tasks the node owns: stopped and joined by `shutdown`.
     tasks: Tasks,
@@ -125,6 +126,7 @@ pub struct Node {
     acks: Arc<PeerAcks>,
     /// Fault injection (tests): peers raft messages are not sent to, and
     /// peers whose log entries are dropped on arrival.
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     blocked: Blocked,
     dropping: Blocked,
     fault_injection: bool,

@@ -167,51 +167,64 @@ impl Node {
         Ok(result)
     }
 
-    /// The sender of a message carrying `vote`, if its log entries are dropped.
+    /// The sender of a message carrying `vote`, if its log entries are
+    /// dropped (never without the `fault-injection` feature).
     fn dropped_sender(&self, vote: &openraft::Vote<NodeId>) -> Option<NodeId> {
         let from = vote.leader_id().voted_for()?;
-        self.dropping.read().ok()?.contains(&from).then_some(from)
+        self.dropping.contains(from).then_some(from)
     }
-}
-
-fn fault_lock() -> Error {
-    Error::Internal("fault set lock".into())
 }
 
 fn dropped(from: NodeId) -> Error {
     Error::Unavailable(format!("fault injection: log entries from node {from} are dropped"))
 }
 
-/// Fault injection (tests).
+/// Fault injection (tests; see [`crate::raft::fault`]).
 impl Node {
     /// From now on (replacing the previous sets): drops raft messages to
     /// `blocked`, and log entries and snapshots arriving from
     /// `drop_entries_from` (their heartbeats and commit index still arrive).
     /// While the latter is not empty this node does not campaign, so a
     /// lagging follower stays a follower.
+    #[cfg(feature = "fault-injection")]
     pub fn set_partition(&self, blocked: Vec<NodeId>, drop_entries_from: Vec<NodeId>) -> Result<()> {
         if !self.fault_injection {
             return Err(Error::FailedPrecondition(
-                "fault injection is off (start portraitd with --fault-injection)".into(),
+                "fault injection is off (start portraitd-faults with --fault-injection)".into(),
             ));
         }
         let elect = drop_entries_from.is_empty();
-        *self.blocked.write().map_err(|_| fault_lock())? = blocked.into_iter().collect();
-        *self.dropping.write().map_err(|_| fault_lock())? = drop_entries_from.into_iter().collect();
+        self.blocked.set(blocked);
+        self.dropping.set(drop_entries_from);
         self.elect.set_faults_ok(elect);
         Ok(())
     }
 
+    /// Refused: this build has no fault injection (the release `portraitd`).
+    #[cfg(not(feature = "fault-injection"))]
+    pub fn set_partition(&self, _blocked: Vec<NodeId>, _drop_entries_from: Vec<NodeId>) -> Result<()> {
+        // Only set by code that builds `NodeOptions` itself: `--fault-injection` is refused at start.
+        let ignored = if self.fault_injection { " (NodeOptions.fault_injection is ignored)" } else { "" };
+        Err(Error::FailedPrecondition(format!("{}{ignored}", crate::raft::fault::NO_FAULT_INJECTION)))
+    }
+
     /// Test-only: shifts this node's wall clock by `offset_ms` from now on.
+    #[cfg(feature = "fault-injection")]
     pub fn set_clock_offset(&self, offset_ms: i64) -> Result<()> {
         if !self.fault_injection {
             return Err(Error::FailedPrecondition(
-                "fault injection is off (start portraitd with --fault-injection)".into(),
+                "fault injection is off (start portraitd-faults with --fault-injection)".into(),
             ));
         }
         tracing::warn!(offset_ms, "fault injection: clock offset");
         self.clock.set_test_offset(offset_ms);
         Ok(())
+    }
+
+    /// Refused: this build has no fault injection (the release `portraitd`).
+    #[cfg(not(feature = "fault-injection"))]
+    pub fn set_clock_offset(&self, _offset_ms: i64) -> Result<()> {
+        Err(Error::FailedPrecondition(crate::raft::fault::NO_FAULT_INJECTION.into()))
     }
 
     /// This node's wall clock (answers peers' clock probes).

@@ -88,9 +88,8 @@ impl ClockProbe {
         members: &[(NodeId, String)],
         clients: &mut BTreeMap<NodeId, (String, RaftClient<Channel>)>,
     ) {
-        let blocked = self.blocked.read().map(|b| b.clone()).unwrap_or_default();
         let mut probes = Vec::new();
-        for (id, addr) in members.iter().filter(|(id, _)| !blocked.contains(id)) {
+        for (id, addr) in members.iter().filter(|(id, _)| !self.blocked.contains(*id)) {
             if clients.get(id).is_none_or(|(a, _)| a != addr) {
                 let Ok(endpoint) = tonic::transport::Endpoint::from_shared(addr.clone()) else { continue };
                 let endpoint =

@@ -9,6 +9,7 @@ pub mod batcher;
 pub mod clock_probe;
 pub mod contact;
 pub mod elect;
+pub mod fault;
 pub mod gate;
 pub mod network;
 pub mod stamp;

@@ -8,8 +8,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use std::collections::BTreeSet;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use openraft::BasicNode;
 use portrait_proto::v1::raft_client::RaftClient;
@@ -23,9 +22,9 @@ use crate::limits::MAX_MESSAGE_BYTES;
 use crate::store::codec::{decode, encode};
 use crate::types::{NodeId, TypeConfig};
 
-/// Peers this node must not send raft messages to: fault injection for
-/// partition tests (only settable when `portraitd --fault-injection`).
-pub type Blocked = Arc<RwLock<BTreeSet<NodeId>>>;
+/// Peers this node must not send raft messages to (fault injection; empty
+/// unless built with the cargo feature `fault-injection`).
+pub use super::fault::Blocked;
 
 /// Creates a [`Peer`] per target node.
 #[derive(Clone, Default)]
@@ -90,7 +89,7 @@ impl Peer {
         F: FnOnce(RaftClient<Channel>, tonic::Request<RaftPayload>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
     {
-        if self.blocked.read().map(|b| b.contains(&self.target)).unwrap_or(false) {
+        if self.blocked.contains(self.target) {
             let e = std::io::Error::other(format!(
                 "fault injection: messages to node {} are dropped",
                 self.target
@@ -174,7 +173,7 @@ impl ElectionPeer {
     /// Sends `StartElection`; the target's refusal is `FAILED_PRECONDITION`.
     pub async fn start_election(&mut self, request: StartElectionRequest) -> Result<(), Error> {
         let target = self.target;
-        if self.blocked.read().map(|b| b.contains(&target)).unwrap_or(false) {
+        if self.blocked.contains(target) {
             return Err(Error::Unavailable(format!(
                 "cannot reach node {target}: fault injection drops messages to it"
             )));

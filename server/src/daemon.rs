@@ -1,0 +1,62 @@
+//! The `portraitd` process: parse the configuration, start the node, serve
+//! until SIGTERM or Ctrl-C, shut down. Wiring only. A library function so
+//! that the cluster tests' `portraitd-faults` (the same daemon built with
+//! the cargo feature `fault-injection`) runs exactly this code.
+
+use std::time::Duration;
+
+use crate::config::{Cli, Config};
+use crate::node::Node;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// Runs `portraitd` with the process's arguments; exits 1 on a start error.
+#[tokio::main]
+pub async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("portraitd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let config = Config::resolve(Cli::parse())?;
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&config.log)?)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    #[cfg(feature = "fault-injection")]
+    tracing::warn!("built with fault injection (Admin.SetPartition): for tests only, never ship this binary");
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let node = Node::start(config.node.clone()).await?;
+    if config.node.bootstrap && !node.wait_for_leader(Duration::from_secs(10)).await {
+        tracing::warn!("no leader elected yet; serving anyway");
+    }
+    tracing::info!(
+        node_id = node.id,
+        listen = %config.listen,
+        data_dir = %config.node.data_dir.display(),
+        "portraitd serving"
+    );
+    if !config.join.is_empty() {
+        crate::join::start(node.clone(), config.join.clone()).await;
+    }
+    crate::service::serve(node.clone(), listener, shutdown_signal()).await?;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}

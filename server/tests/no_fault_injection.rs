@@ -1,0 +1,32 @@
+//! The `portraitd` this package builds has no fault injection: the flag is
+//! refused at start and `Admin.SetPartition` is refused with a reason. (A
+//! build that unifies the `fault-injection` feature in, such as a bare
+//! `cargo test --workspace`, leaves these tests out; `make test` does not.)
+#![cfg(not(feature = "fault-injection"))]
+
+#[allow(dead_code)]
+mod common;
+
+use common::TestNode;
+use portrait_client::ClientError;
+use tonic::Code;
+
+#[tokio::test]
+async fn set_partition_is_refused_with_the_reason() {
+    let node = TestNode::start().await;
+    let err = node.client().await.set_partition(vec![2]).await.unwrap_err();
+    let ClientError::Rpc(status) = err else { panic!("{err}") };
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("this build has no fault injection"), "{status:?}");
+}
+
+#[test]
+fn the_flag_is_refused_and_the_version_says_nothing_of_faults() {
+    let bin = env!("CARGO_BIN_EXE_portraitd");
+    let out = std::process::Command::new(bin).arg("--fault-injection").output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--fault-injection: this build has no fault injection"), "{stderr}");
+    let version = std::process::Command::new(bin).arg("--version").output().unwrap();
+    assert!(!String::from_utf8_lossy(&version.stdout).contains("fault"));
+}

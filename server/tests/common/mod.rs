@@ -7,6 +7,9 @@
 //! dir and port. The node's stdout and stderr go to `portraitd.log` in the
 //! temp dir; when a test panics, dropping the node prints that log.
 
+// Each test binary uses a different part of this module.
+#![allow(dead_code)]
+
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -41,6 +44,11 @@ impl TestNode {
     /// `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The running `portraitd`'s process id (to read its `/proc` entries).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the node is running").id()
     }
 
     /// Everything the node has logged so far, across restarts.

@@ -4,6 +4,7 @@
 //! selections, repeated user ids, undeclared attribute names without end
 //! and long `distinct_count` / `top_k` values.
 
+#[allow(dead_code)]
 mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

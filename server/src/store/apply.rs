@@ -477,7 +477,7 @@ impl<'a> EntryState<'a> {
             let mine = adds.get(&key);
             let head = self.record(key)?;
             let mut new = Vec::new();
-            for name in event.attrs.keys().map(String::as_str).filter(|n| !declared(*n)) {
+            for name in event.attrs.keys().map(String::as_str).filter(|n| !declared(n)) {
                 let kept = head.attrs.contains_key(name)
                     || earlier.is_some_and(|e| e.contains(name))
                     || mine.is_some_and(|m| m.contains(name));

@@ -7,9 +7,6 @@
 //! dir and port. The node's stdout and stderr go to `portraitd.log` in the
 //! temp dir; when a test panics, dropping the node prints that log.
 
-// Each test binary uses a different part of this module.
-#![allow(dead_code)]
-
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -47,6 +44,7 @@ impl TestNode {
     }
 
     /// The running `portraitd`'s process id (to read its `/proc` entries).
+    #[allow(dead_code)] // not every test binary reads it
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("the node is running").id()
     }

@@ -42,3 +42,44 @@ pub const MAX_USERS_PER_TICK: usize = 2_000;
 /// Distinct values a `distinct_count` or `top_k` bucket tracks; past it,
 /// new values are not counted (the result saturates).
 pub const MAX_DISTINCT_PER_BUCKET: usize = 1_000;
+
+// Request and state memory bounds
+
+/// Largest request the `Profiles` service decodes: a `BatchGetProfiles` of
+/// `MAX_BATCH_GET_USERS` ids of `MAX_USER_ID_BYTES` plus full selections is
+/// about 300 KB. A larger message fails with OUT_OF_RANGE before it is decoded
+/// (a 5 MB request of 1,000,000 names cost 570 MB of peak RSS when decoded).
+pub const MAX_PROFILES_REQUEST_BYTES: usize = 1024 * 1024;
+/// Largest request the `Admin` service decodes: a schema of
+/// `MAX_SCHEMA_BYTES` plus 64 KiB for the rest of the message.
+pub const MAX_ADMIN_REQUEST_BYTES: usize = MAX_SCHEMA_BYTES + 64 * 1024;
+/// Largest response the `Profiles` and `Admin` services send (a
+/// `BatchGetProfiles` of 1,000 large profiles).
+pub const MAX_RESPONSE_BYTES: usize = MAX_MESSAGE_BYTES;
+/// Reads (GetProfile / BatchGetProfiles calls) that run their RocksDB work
+/// at once, each on a blocking thread; more wait for a turn. Keeps a read
+/// storm off the async workers that carry raft heartbeats and bounds the
+/// blocking pool and the memory of reads in progress.
+pub const MAX_CONCURRENT_READS: usize = 8;
+/// Distinct attribute names not declared in the schema that one user's
+/// family keeps as latest values. A write that would add more is rejected
+/// whole (FAILED_PRECONDITION naming the attribute and this limit): every
+/// replica rewrites the family row on each event, so it must stay small
+/// (256 names × (64-byte name + 4 KiB value) ≤ 1.1 MB, typically a few KB).
+pub const MAX_UNDECLARED_ATTRS_PER_FAMILY: usize = 256;
+/// Bytes of a value as `distinct_count` and `top_k` keep it. A longer value
+/// is kept as its first bytes, `~` and a 16-hex-digit hash of the whole
+/// value (deterministic: FNV-1a 64), exactly this long at most.
+pub const MAX_DISTINCT_VALUE_BYTES: usize = 64;
+/// Values one `distinct_count` or `top_k` feature keeps over all its time
+/// buckets; past it, new values are not counted (the result saturates).
+/// With `MAX_DISTINCT_VALUE_BYTES`, a feature's state holds at most 64 KiB
+/// of values.
+pub const MAX_DISTINCT_PER_FEATURE: usize = 1_024;
+/// Bytes one user's feature and tag state (`UserState`, rewritten on each
+/// of the user's events) may take at most. Enforced on the schema: one whose
+/// worst case (every bound above reached by every feature, declared
+/// attribute and tag) is larger is rejected (INVALID_ARGUMENT naming the
+/// worst case and this limit). The demo schema's worst case is about 1 MB; a
+/// typical user's state is a few KB.
+pub const MAX_USER_STATE_BYTES: usize = 8 * 1024 * 1024;

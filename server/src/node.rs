@@ -22,6 +22,7 @@ use openraft::{BasicNode, ServerState};
 use crate::clock::{ClockOptions, ClockStatus, NodeClock};
 use crate::engine::check_schema;
 use crate::error::{Error, Result};
+use crate::limits::{MAX_CONCURRENT_READS, MAX_FAMILIES, MAX_FEATURES, MAX_TAGS};
 use crate::model::{Event, WriteCounts};
 use crate::raft::batcher::WriteBatcher;
 use crate::raft::clock_probe::ClockProbe;
@@ -33,7 +34,7 @@ use crate::raft::stamp::Stamper;
 use crate::raft::transfer::LeaderTransfer;
 use crate::raft::{client_write_error, not_leader, RaftTuning};
 use crate::schema::VersionedSchema;
-use crate::store::read::{read_profile, ProfileView, Selection};
+use crate::store::read::{distinct_ids, read_profile, ProfileView, Selection};
 use crate::store::{LogStore, SmStore, StateMachine};
 use crate::types::{Command, CommandResult, NodeId, Raft};
 use crate::validate::{validate_request, validate_user_id};
@@ -252,27 +253,37 @@ impl Node {
     }
 
     /// Reads profiles as of now; linearizable reads first confirm leadership.
+    ///
+    /// The selection is bounded and checked before any per-name work, then
+    /// deduplicated; a user id asked for more than once is read once and
+    /// its view returned at each of its positions. The RocksDB reads and
+    /// feature evaluation run on a blocking thread, at most
+    /// [`MAX_CONCURRENT_READS`] at once, so a read storm cannot starve the
+    /// async workers that carry raft heartbeats.
     pub async fn read_profiles(
         &self,
         user_ids: &[String],
-        selection: &Selection,
+        selection: Selection,
         consistency: Consistency,
     ) -> Result<(Vec<ProfileView>, ReadInfo)> {
+        static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_READS);
         let (schema, engine) = (self.sm.schema(), self.sm.engine());
         let s = &schema.schema;
+        let sel = &selection;
         check_names(
-            ("families", "family"),
-            &selection.families,
+            ("families", "family", MAX_FAMILIES),
+            &sel.families,
             |n| s.families.contains_key(n),
             s.families.keys(),
         )?;
         check_names(
-            ("features", "feature"),
-            &selection.features,
+            ("features", "feature", MAX_FEATURES),
+            &sel.features,
             |n| s.features.contains_key(n),
             s.features.keys(),
         )?;
-        check_names(("tags", "tag"), &selection.tags, |n| s.tags.contains_key(n), s.tags.keys())?;
+        check_names(("tags", "tag", MAX_TAGS), &sel.tags, |n| s.tags.contains_key(n), s.tags.keys())?;
+        let selection = selection.deduped();
         for (i, u) in user_ids.iter().enumerate() {
             validate_user_id(u).map_err(|e| match e {
                 Error::InvalidArgument { reason, .. } => Error::invalid(format!("user_ids[{i}]"), reason),
@@ -288,14 +299,26 @@ impl Node {
                 self.sm.wait_written(id.index).await.map_err(Error::Internal)?;
             }
         }
+        let (unique, positions) = distinct_ids(user_ids);
+        // Moved into the blocking task: a cancelled call still holds its turn
+        // until its reads are done.
+        let permit = READS.acquire().await.map_err(Error::internal)?;
         let now = self.clock.now_ms();
         let db = self.sm.db();
-        let mut views = Vec::with_capacity(user_ids.len());
-        for user in user_ids {
-            views.push(
-                read_profile(&db, &schema.schema, &engine, user, selection, now).map_err(Error::internal)?,
-            );
-        }
+        let read = move || {
+            let _permit = permit;
+            unique
+                .iter()
+                .map(|user| read_profile(&db, &schema.schema, &engine, user, &selection, now))
+                .collect::<std::result::Result<Vec<_>, _>>()
+        };
+        let views =
+            tokio::task::spawn_blocking(read).await.map_err(Error::internal)?.map_err(Error::internal)?;
+        // Without repeats, positions are 0..n: the views are in order already.
+        let views = match views.len() == positions.len() {
+            true => views,
+            false => positions.into_iter().map(|i| views[i].clone()).collect(),
+        };
         Ok((views, self.read_info(now)))
     }
 
@@ -398,14 +421,19 @@ impl Node {
     }
 }
 
-/// Rejects names that are not in the schema: `families[1]: unknown family "x" (schema has: ...)`.
+/// Rejects a list of more than `max` names (checked first: a request of
+/// 1,000,000 names costs one comparison), then names that are not in the
+/// schema: `families[1]: unknown family "x" (schema has: ...)`.
 fn check_names<'a>(
-    (kind, singular): (&str, &str),
+    (kind, singular, max): (&str, &str, usize),
     names: &Option<Vec<String>>,
     known: impl Fn(&str) -> bool,
     all: impl Iterator<Item = &'a String>,
 ) -> Result<()> {
     let Some(names) = names else { return Ok(()) };
+    if names.len() > max {
+        return Err(Error::invalid(kind, format!("{} names is over the limit of {max}", names.len())));
+    }
     if let Some((i, name)) = names.iter().enumerate().find(|(_, n)| !known(n)) {
         let list = all.cloned().collect::<Vec<_>>().join(", ");
         return Err(Error::invalid(

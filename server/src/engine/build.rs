@@ -14,6 +14,7 @@ use super::filter::Filter;
 use super::identity::{feature_id, fnv1a};
 use super::window::Window;
 use super::{AttrSlot, CompiledTag, Engine};
+use crate::limits::MAX_USER_STATE_BYTES;
 use crate::schema::{Aggregation, FeatureSpec, Schema, SchemaError, ValueType};
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SchemaError {
@@ -112,6 +113,14 @@ impl Engine {
         }
         let mut engine = Engine { features, tags: order, attrs, n_tags };
         engine.mark_time_dependent();
+        let worst = engine.max_state_bytes();
+        if worst > MAX_USER_STATE_BYTES {
+            let reason = format!(
+                "a user's feature and tag state could reach {worst} bytes, over the limit of \
+                 {MAX_USER_STATE_BYTES} (fewer distinct_count, top_k or last_value features or tags)"
+            );
+            return Err(invalid("features", reason));
+        }
         Ok(engine)
     }
 

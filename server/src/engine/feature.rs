@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::expr::Val;
 use super::filter::Filter;
 use super::window::Window;
-use crate::limits::MAX_DISTINCT_PER_BUCKET;
+use crate::limits::{MAX_DISTINCT_PER_BUCKET, MAX_DISTINCT_PER_FEATURE, MAX_DISTINCT_VALUE_BYTES};
 use crate::model::{Event, Value};
 use crate::schema::{Aggregation, FeatureSpec, ValueType};
 
@@ -61,13 +61,53 @@ fn number(v: &Value) -> Option<f64> {
     }
 }
 
-/// The text a value is counted under by `distinct_count` and `top_k`.
+/// The text a value is counted under by `distinct_count` and `top_k`: at
+/// most [`MAX_DISTINCT_VALUE_BYTES`]. A longer value is cut at a character
+/// boundary and ends with `~` and the FNV-1a 64 hash of the whole value in
+/// 16 hex digits, so long values that share a prefix still count apart
+/// (the same key on every replica).
 pub fn value_key(v: &Value) -> String {
-    match v {
-        Value::Str(s) => s.clone(),
+    let key = match v {
+        Value::Str(s) if s.len() > MAX_DISTINCT_VALUE_BYTES => return hashed_key(s),
+        Value::Str(s) => return s.clone(),
         Value::Int(i) => i.to_string(),
+        // `1e300` prints 301 digits.
         Value::Float(f) => f.to_string(),
         Value::Bool(b) => b.to_string(),
+    };
+    if key.len() > MAX_DISTINCT_VALUE_BYTES {
+        return hashed_key(&key);
+    }
+    key
+}
+
+fn hashed_key(s: &str) -> String {
+    const SUFFIX: usize = 17; // `~` and 16 hex digits
+    let hash = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let mut cut = MAX_DISTINCT_VALUE_BYTES - SUFFIX;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{hash:016x}", &s[..cut])
+}
+
+/// Keys held by a `distinct_count` or `top_k` state, over all its buckets.
+fn keys_held(state: &FeatureState) -> usize {
+    let len = |acc: &Acc| match acc {
+        Acc::Distinct(s) => s.len(),
+        Acc::Counts(m) => m.len(),
+        _ => 0,
+    };
+    state.buckets.iter().map(|(_, acc)| len(acc)).sum()
+}
+
+/// Whether merging `seed` (one new key) into `bucket` adds a key.
+fn adds_key(bucket: Option<&Acc>, seed: &Acc) -> bool {
+    match (bucket, seed) {
+        (Some(Acc::Distinct(s)), Acc::Distinct(new)) => new.iter().any(|k| !s.contains(k)),
+        (Some(Acc::Counts(m)), Acc::Counts(new)) => new.keys().any(|k| !m.contains_key(k)),
+        (_, Acc::Distinct(_) | Acc::Counts(_)) => true,
+        _ => false,
     }
 }
 
@@ -133,7 +173,14 @@ impl CompiledFeature {
             return false;
         }
         let Some(seed) = self.seed(event) else { return false };
-        match state.buckets.binary_search_by_key(&b, |(i, _)| *i) {
+        let at = state.buckets.binary_search_by_key(&b, |(i, _)| *i);
+        // A feature keeps at most MAX_DISTINCT_PER_FEATURE keys (with
+        // MAX_DISTINCT_VALUE_BYTES, 64 KiB); past it, new values are not counted.
+        let bucket = at.ok().map(|pos| &state.buckets[pos].1);
+        if adds_key(bucket, &seed) && keys_held(state) >= MAX_DISTINCT_PER_FEATURE {
+            return false;
+        }
+        match at {
             Ok(pos) => merge(&mut state.buckets[pos].1, seed),
             Err(pos) => state.buckets.insert(pos, (b, seed)),
         }
@@ -302,5 +349,142 @@ fn merge(acc: &mut Acc, other: Acc) {
             }
         }
         _ => {} // different aggregations never meet: a state is reset when its spec changes
+    }
+}
+
+/// Worst-case encoded sizes (compact bincode: varint integers, 1-byte length
+/// prefixes up to 250) behind [`CompiledFeature::max_state_bytes`].
+mod worst {
+    use crate::limits::{MAX_DISTINCT_VALUE_BYTES, MAX_STRING_VALUE_BYTES};
+
+    /// A bucket's index and accumulator tag and lengths.
+    pub const BUCKET: usize = 16;
+    /// A number or a time.
+    pub const NUM: usize = 9;
+    /// A `distinct_count` / `top_k` key and its count.
+    pub const KEY: usize = MAX_DISTINCT_VALUE_BYTES + 1 + NUM;
+    /// An attribute value.
+    pub const VALUE: usize = MAX_STRING_VALUE_BYTES + 4;
+}
+
+impl CompiledFeature {
+    /// The most bytes this feature's stored state can take for one user
+    /// (what [`crate::limits::MAX_USER_STATE_BYTES`] is checked against).
+    pub fn max_state_bytes(&self) -> usize {
+        // Live buckets, the one being entered, and the future ones events
+        // up to the accepted clock skew ahead can open.
+        let buckets = self
+            .window
+            .map_or(1, |w| (w.buckets + 2 + crate::limits::MAX_FUTURE_SKEW_MS / w.width_ms.max(1)) as usize);
+        let per_bucket = |acc: usize| buckets * (worst::BUCKET + acc);
+        if self.spec.anchor_first {
+            return worst::BUCKET + MAX_DISTINCT_PER_BUCKET * worst::NUM;
+        }
+        match self.spec.agg {
+            Aggregation::DistinctCount | Aggregation::TopK => {
+                per_bucket(0) + MAX_DISTINCT_PER_FEATURE * worst::KEY
+            }
+            Aggregation::LastValue => per_bucket(worst::NUM + worst::VALUE),
+            _ => per_bucket(2 * worst::NUM),
+        }
+    }
+}
+
+impl super::Engine {
+    /// The most bytes one user's stored state can take under this engine:
+    /// every feature, declared attribute and tag at its worst.
+    pub fn max_state_bytes(&self) -> usize {
+        use super::expr::Type;
+        let identity = worst::NUM + 1;
+        let features: usize = self.features.iter().map(|f| identity + f.max_state_bytes()).sum();
+        let attrs = self.attrs.len() * (identity + worst::NUM + worst::VALUE);
+        let tag_value = |ty: Type| match ty {
+            Type::Bool | Type::Num => worst::NUM,
+            // A literal of a rule (at most 4 KiB) or an attribute value.
+            Type::Str => worst::VALUE,
+            Type::Set | Type::Map => MAX_DISTINCT_PER_BUCKET * worst::KEY,
+        };
+        let tags: usize = self.tags.iter().map(|t| identity + 3 * worst::NUM + tag_value(t.rule.ty())).sum();
+        features + attrs + tags + worst::NUM
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::check_schema;
+
+    const DAY: i64 = 86_400_000;
+    const NOW: i64 = 1_750_000_000_000;
+
+    fn schema(features: &str) -> String {
+        format!("[families.browse]\nttl = \"90d\"\nhistory = 5\n\n{features}")
+    }
+
+    fn feature(agg: &str) -> CompiledFeature {
+        let f = format!(
+            "[features.f]\nfamily = \"browse\"\nagg = \"{agg}\"\nattr = \"category\"\nwindow = \"30d\"\n"
+        );
+        let (_, engine) = check_schema(&schema(&f)).expect("a valid schema");
+        engine.features[0].clone()
+    }
+
+    fn event(time_ms: i64, category: Value) -> Event {
+        Event {
+            user_id: "u".into(),
+            family: "browse".into(),
+            event_type: "view".into(),
+            time_ms,
+            event_id: String::new(),
+            attrs: [("category".to_string(), category)].into(),
+        }
+    }
+
+    #[test]
+    fn long_values_are_cut_and_hashed_deterministically() {
+        let long = |tail: &str| Value::Str(format!("{}{tail}", "é".repeat(2_000)));
+        let (a, b) = (value_key(&long("a")), value_key(&long("b")));
+        assert!(a.len() <= MAX_DISTINCT_VALUE_BYTES && b.len() <= MAX_DISTINCT_VALUE_BYTES, "{a}");
+        assert_ne!(a, b, "values sharing a prefix count apart");
+        assert_eq!(a, value_key(&long("a")), "the same key every time");
+        assert!(a.starts_with("éé") && a.contains('~'), "{a}");
+        assert_eq!(value_key(&Value::Str("short".into())), "short");
+        assert!(value_key(&Value::Float(1e300)).len() <= MAX_DISTINCT_VALUE_BYTES);
+    }
+
+    #[test]
+    fn a_feature_keeps_at_most_max_distinct_per_feature_values() {
+        for agg in ["distinct_count", "top_k"] {
+            let f = feature(agg);
+            let mut state = FeatureState::default();
+            // Two days, two buckets, 600 new values each.
+            for (day, offset) in [(2, 0), (1, 600)] {
+                for i in 0..600 {
+                    f.add(&mut state, &event(NOW - day * DAY, Value::Int(offset + i)), NOW);
+                }
+            }
+            assert_eq!(keys_held(&state), MAX_DISTINCT_PER_FEATURE, "{agg}");
+            assert!(
+                !f.add(&mut state, &event(NOW, Value::Int(5_000)), NOW),
+                "{agg}: a new value is not kept"
+            );
+            // Values already kept still count.
+            assert!(f.add(&mut state, &event(NOW - DAY, Value::Int(600)), NOW), "{agg}");
+        }
+    }
+
+    #[test]
+    fn schemas_whose_user_state_could_pass_the_budget_are_rejected() {
+        let (_, engine) = check_schema(crate::schema::DEFAULT_SCHEMA_TOML).expect("the demo schema");
+        assert!(engine.max_state_bytes() < 2 * 1024 * 1024, "{}", engine.max_state_bytes());
+        let many: String = (0..120)
+            .map(|i| {
+                format!(
+                    "[features.f{i}]\nfamily = \"browse\"\nagg = \"top_k\"\nattr = \"c\"\nwindow = \"7d\"\n"
+                )
+            })
+            .collect();
+        let err = check_schema(&schema(&many)).unwrap_err().to_string();
+        assert!(err.contains(&format!("over the limit of {}", crate::limits::MAX_USER_STATE_BYTES)), "{err}");
     }
 }

@@ -17,7 +17,9 @@ use portrait_proto::v1::profiles_server::ProfilesServer;
 use portrait_proto::v1::raft_server::RaftServer;
 use tonic::transport::server::TcpIncoming;
 
-use crate::limits::MAX_MESSAGE_BYTES;
+use crate::limits::{
+    MAX_ADMIN_REQUEST_BYTES, MAX_MESSAGE_BYTES, MAX_PROFILES_REQUEST_BYTES, MAX_RESPONSE_BYTES,
+};
 use crate::node::Node;
 
 /// Serves every Portrait service, health and reflection on `listener` until
@@ -38,12 +40,14 @@ pub async fn serve(
     let ingest = IngestServer::new(ingest::IngestService::new(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Each service decodes at most what its largest valid request needs: an
+    // oversized request fails with OUT_OF_RANGE before it is decoded.
     let profiles = ProfilesServer::new(profiles::ProfilesService::new(node.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_PROFILES_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
     let admin = AdminServer::new(admin::AdminService::new(node.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_ADMIN_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
     let raft = RaftServer::new(raft::RaftService::new(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES * 4)
         .max_encoding_message_size(MAX_MESSAGE_BYTES * 4);

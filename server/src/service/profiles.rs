@@ -37,11 +37,7 @@ impl Profiles for ProfilesService {
         let users = [req.user_id];
         let (mut views, info) = self
             .node
-            .read_profiles(
-                &users,
-                &Selection::from_lists(&req.families, &req.features, &req.tags),
-                consistency,
-            )
+            .read_profiles(&users, Selection::from_lists(req.families, req.features, req.tags), consistency)
             .await?;
         let [user_id] = users;
         let view = views.pop().expect("one view per user");
@@ -64,14 +60,8 @@ impl Profiles for ProfilesService {
             return Err(Error::invalid("user_ids", reason).into());
         }
         let consistency = consistency_from_pb(req.consistency)?;
-        let (views, info) = self
-            .node
-            .read_profiles(
-                &req.user_ids,
-                &Selection::from_lists(&req.families, &req.features, &req.tags),
-                consistency,
-            )
-            .await?;
+        let selection = Selection::from_lists(req.families, req.features, req.tags);
+        let (views, info) = self.node.read_profiles(&req.user_ids, selection, consistency).await?;
         let profiles = req.user_ids.into_iter().zip(views).map(|(u, v)| profile_to_pb(u, v)).collect();
         Ok(Response::new(BatchGetProfilesResponse { profiles, read_info: Some(read_info_to_pb(info)) }))
     }

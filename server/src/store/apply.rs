@@ -5,6 +5,7 @@
 //! clock.
 
 use std::collections::hash_map::Entry as MapEntry;
+use std::collections::BTreeSet;
 
 /// Maps keyed by user ids and row keys: foldhash (seeded per process) is
 /// several times cheaper than SipHash on these short keys.
@@ -18,7 +19,7 @@ use super::record::{encode_history_event_into, stored_expiry, FamilyHead};
 use super::sm_db::cf;
 use crate::engine::state::{Dirty, UserState};
 use crate::engine::Engine;
-use crate::limits::MAX_USERS_PER_TICK;
+use crate::limits::{MAX_UNDECLARED_ATTRS_PER_FAMILY, MAX_USERS_PER_TICK};
 use crate::model::{expiry, is_live, Event, WriteCounts, NEVER};
 use crate::schema::Schema;
 use crate::types::WriteOutcome;
@@ -180,31 +181,43 @@ pub fn apply_write(
             parts[shard_of(&event.user_id)].push((i, event));
         }
     }
-    let run = |shard: &mut CacheShard, part: &[(usize, &Event)]| -> Result<_, ApplyError> {
-        let mut st = EntryState::new(db, shard, engine, now_ms);
-        let mut counts = vec![WriteCounts::default(); requests.len()];
-        let reserve = st.cache.batch_bytes + st.cache.batch_bytes / 4;
-        let mut shard_batch = WriteBatch::with_capacity_bytes(reserve.max(1024));
-        let dedupe = st.dedupe_lookups(part)?;
-        for (&(i, event), dedupe) in part.iter().zip(dedupe) {
-            st.apply_event(schema, event, dedupe, &mut counts[i], &mut shard_batch)?;
-        }
-        st.finish(&mut shard_batch)?;
-        Ok((counts, shard_batch))
-    };
     let total: usize = parts.iter().map(Vec::len).sum();
-    let results: Vec<_> = if total >= PARALLEL_MIN_EVENTS {
-        let mut results: Vec<_> = (0..SHARDS).map(|_| None).collect();
-        apply_pool().scope(|scope| {
-            for ((shard, part), slot) in cache.shards.iter_mut().zip(&parts).zip(results.iter_mut()) {
-                let run = &run;
-                scope.spawn(move |_| *slot = Some(run(shard, part)));
+    let parallel = total >= PARALLEL_MIN_EVENTS;
+    let mut states: Vec<_> =
+        cache.shards.iter_mut().map(|shard| EntryState::new(db, shard, engine, now_ms)).collect();
+    // Undeclared attribute names are bounded per user and family: a request
+    // that would pass the bound is rejected whole, before any of it applies.
+    let checks: Vec<_> = states.iter_mut().zip(&parts).collect();
+    let mut refused = false;
+    for overflows in on_shards(parallel, checks, |(st, part)| st.attr_overflows(schema, part)) {
+        for (i, reason) in overflows? {
+            if matches!(outcomes[i], WriteOutcome::Applied(_)) {
+                outcomes[i] = WriteOutcome::Rejected { reason };
+                refused = true;
             }
-        });
-        results.into_iter().map(|r| r.expect("every shard ran")).collect()
-    } else {
-        cache.shards.iter_mut().zip(&parts).map(|(shard, part)| run(shard, part)).collect()
-    };
+        }
+    }
+    let outcomes_now = &outcomes;
+    let results = on_shards(
+        parallel,
+        states.into_iter().zip(&parts).collect(),
+        |(mut st, part)| -> Result<_, ApplyError> {
+            let mut counts = vec![WriteCounts::default(); requests.len()];
+            let reserve = st.cache.batch_bytes + st.cache.batch_bytes / 4;
+            let mut shard_batch = WriteBatch::with_capacity_bytes(reserve.max(1024));
+            let applied = |(i, _): &&(usize, &Event)| matches!(outcomes_now[*i], WriteOutcome::Applied(_));
+            let part: std::borrow::Cow<'_, [(usize, &Event)]> = match refused {
+                true => part.iter().filter(applied).copied().collect::<Vec<_>>().into(),
+                false => part.as_slice().into(),
+            };
+            let dedupe = st.dedupe_lookups(&part)?;
+            for (&(i, event), dedupe) in part.iter().zip(dedupe) {
+                st.apply_event(schema, event, dedupe, &mut counts[i], &mut shard_batch)?;
+            }
+            st.finish(&mut shard_batch)?;
+            Ok((counts, shard_batch))
+        },
+    );
     let mut shard_batches = Vec::with_capacity(SHARDS);
     for (result, shard) in results.into_iter().zip(&mut cache.shards) {
         let (counts, shard_batch) = result?;
@@ -220,6 +233,21 @@ pub fn apply_write(
     }
     append_batches(batch, shard_batches);
     Ok(outcomes)
+}
+
+/// `f` on each shard's item, on the apply threads in parallel or here in turn.
+fn on_shards<I: Send, T: Send>(parallel: bool, items: Vec<I>, f: impl Fn(I) -> T + Sync) -> Vec<T> {
+    if !parallel {
+        return items.into_iter().map(f).collect();
+    }
+    let mut results: Vec<Option<T>> = items.iter().map(|_| None).collect();
+    apply_pool().scope(|scope| {
+        for (item, slot) in items.into_iter().zip(results.iter_mut()) {
+            let f = &f;
+            scope.spawn(move |_| *slot = Some(f(item)));
+        }
+    });
+    results.into_iter().map(|r| r.expect("every shard ran")).collect()
 }
 
 /// Appends the operations of `srcs`, in order, to `dst`. RocksDB's batch
@@ -394,6 +422,86 @@ impl<'a> EntryState<'a> {
             }
         }
         Ok(found)
+    }
+
+    /// The requests of `part` (this shard's events, in request order) that
+    /// would leave a family head with more than
+    /// [`MAX_UNDECLARED_ATTRS_PER_FAMILY`] undeclared attribute names, with
+    /// the reason. Names an earlier request of the entry adds count for the
+    /// later ones (also when another shard refuses that earlier request:
+    /// conservative, and the same on every replica). Heads are loaded into
+    /// this entry's state, where apply then finds them.
+    fn attr_overflows(
+        &mut self,
+        schema: &Schema,
+        part: &[(usize, &Event)],
+    ) -> Result<Vec<(usize, String)>, ApplyError> {
+        let mut refused = Vec::new();
+        // Undeclared names added by this entry's earlier requests, per head.
+        let mut added: HashMap<Vec<u8>, BTreeSet<&str>> = HashMap::default();
+        let mut adds = HashMap::default();
+        for request in part.chunk_by(|a, b| a.0 == b.0) {
+            match self.request_overflow(schema, request, &added, &mut adds)? {
+                Some(reason) => refused.push((request[0].0, reason)),
+                None => {
+                    for (key, names) in adds.drain() {
+                        added.entry(key).or_default().extend(names);
+                    }
+                }
+            }
+            adds.clear();
+        }
+        Ok(refused)
+    }
+
+    /// [`EntryState::attr_overflows`] for one request: collects the names it
+    /// adds in `adds`, or returns why it cannot.
+    fn request_overflow<'e>(
+        &mut self,
+        schema: &Schema,
+        request: &[(usize, &'e Event)],
+        added: &HashMap<Vec<u8>, BTreeSet<&'e str>>,
+        adds: &mut HashMap<Vec<u8>, BTreeSet<&'e str>>,
+    ) -> Result<Option<String>, ApplyError> {
+        for &(_, event) in request {
+            let spec = schema.family(&event.family).expect("validated against this schema");
+            let declared = |name: &str| spec.attrs.contains_key(name);
+            // Expired events do not reach the head.
+            let live = is_live(expiry(event.time_ms, spec.ttl_ms), self.now_ms);
+            if !live || event.attrs.keys().all(|n| declared(n.as_str())) {
+                continue;
+            }
+            let key = keys::profile(&event.user_id, &event.family);
+            let earlier = added.get(&key);
+            let mine = adds.get(&key);
+            let head = self.record(key)?;
+            let mut new = Vec::new();
+            for name in event.attrs.keys().map(String::as_str).filter(|n| !declared(n)) {
+                let kept = head.attrs.contains_key(name)
+                    || earlier.is_some_and(|e| e.contains(name))
+                    || mine.is_some_and(|m| m.contains(name));
+                if kept {
+                    continue;
+                }
+                let count = head.attrs.keys().filter(|n| !declared(n.as_str())).count()
+                    + earlier.map_or(0, BTreeSet::len)
+                    + mine.map_or(0, BTreeSet::len)
+                    + new.len();
+                if count >= MAX_UNDECLARED_ATTRS_PER_FAMILY {
+                    return Ok(Some(format!(
+                        "user {:?}, family {:?}: attribute {name:?} is over the limit of \
+                         {MAX_UNDECLARED_ATTRS_PER_FAMILY} attribute names not declared in the schema \
+                         kept per user and family (declare it in the family's attrs, or reuse names)",
+                        event.user_id, event.family
+                    )));
+                }
+                new.push(name);
+            }
+            if !new.is_empty() {
+                adds.entry(keys::profile(&event.user_id, &event.family)).or_default().extend(new);
+            }
+        }
+        Ok(None)
     }
 
     /// Applies one event. `dedupe`: its key and whether an earlier entry

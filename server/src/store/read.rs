@@ -17,7 +17,9 @@ use crate::engine::state::TagState;
 use crate::engine::Engine;
 use crate::schema::Schema;
 
-/// What to read; `None` = all of that kind.
+/// What to read; `None` = all of that kind. As requested (in request order,
+/// repeats kept) until [`Selection::deduped`]; the read path expects a
+/// deduplicated selection (sorted, so membership is a binary search).
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
     pub families: Option<Vec<String>>,
@@ -31,17 +33,40 @@ impl Selection {
         Selection::default()
     }
 
-    /// From request lists: all empty = everything; otherwise only what is listed.
-    pub fn from_lists(families: &[String], features: &[String], tags: &[String]) -> Selection {
+    /// From request lists (moved, not copied): all empty = everything;
+    /// otherwise only what is listed.
+    pub fn from_lists(families: Vec<String>, features: Vec<String>, tags: Vec<String>) -> Selection {
         if families.is_empty() && features.is_empty() && tags.is_empty() {
             return Selection::all();
         }
-        Selection {
-            families: Some(families.to_vec()),
-            features: Some(features.to_vec()),
-            tags: Some(tags.to_vec()),
-        }
+        Selection { families: Some(families), features: Some(features), tags: Some(tags) }
     }
+
+    /// Each list sorted, each name once.
+    pub fn deduped(mut self) -> Selection {
+        for list in [&mut self.families, &mut self.features, &mut self.tags].into_iter().flatten() {
+            list.sort_unstable();
+            list.dedup();
+        }
+        self
+    }
+}
+
+/// Each distinct id of `user_ids` once, in order of first appearance, and
+/// for each position of `user_ids` the index of its id in that list.
+pub fn distinct_ids(user_ids: &[String]) -> (Vec<String>, Vec<usize>) {
+    let mut first_at = std::collections::HashMap::with_capacity(user_ids.len());
+    let mut unique = Vec::with_capacity(user_ids.len());
+    let positions = user_ids
+        .iter()
+        .map(|u| {
+            *first_at.entry(u.as_str()).or_insert_with(|| {
+                unique.push(u.clone());
+                unique.len() - 1
+            })
+        })
+        .collect();
+    (unique, positions)
 }
 
 /// A user's live data.
@@ -55,6 +80,7 @@ pub struct ProfileView {
 }
 
 /// Reads a user's profile. Families no longer in the schema are not served.
+/// `selection` must be [`Selection::deduped`].
 pub fn read_profile(
     db: &DB,
     schema: &Schema,
@@ -76,8 +102,9 @@ pub fn read_profile(
             let (features, tags) = engine.read(&state, now_ms);
             // Tags always have a value; a user is known by data or features.
             found |= features.values().any(|v| !v.is_empty_value());
-            let keep =
-                |list: &Option<Vec<String>>, name: &String| list.as_ref().is_none_or(|l| l.contains(name));
+            let keep = |list: &Option<Vec<String>>, name: &String| {
+                list.as_ref().is_none_or(|l| l.binary_search(name).is_ok())
+            };
             view.features = features.into_iter().filter(|(n, _)| keep(&selection.features, n)).collect();
             view.tags = tags.into_iter().filter(|(n, _)| keep(&selection.tags, n)).collect();
         }
@@ -140,4 +167,30 @@ fn read_families(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn repeated_ids_are_read_once_and_answered_at_each_position() {
+        let (unique, positions) = distinct_ids(&strings(&["b", "a", "b", "c", "a"]));
+        assert_eq!(unique, ["b", "a", "c"]);
+        assert_eq!(positions, [0, 1, 0, 2, 1]);
+    }
+
+    #[test]
+    fn a_selection_is_deduplicated_and_sorted() {
+        let s = Selection::from_lists(strings(&["trade", "browse", "trade"]), vec![], strings(&["x", "x"]));
+        let s = s.deduped();
+        assert_eq!(s.families.unwrap(), ["browse", "trade"]);
+        assert_eq!(s.features.unwrap(), Vec::<String>::new());
+        assert_eq!(s.tags.unwrap(), ["x"]);
+        assert!(Selection::from_lists(vec![], vec![], vec![]).deduped().families.is_none());
+    }
 }

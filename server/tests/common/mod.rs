@@ -43,6 +43,12 @@ impl TestNode {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The running `portraitd`'s process id (to read its `/proc` entries).
+    #[allow(dead_code)] // not every test binary reads it
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the node is running").id()
+    }
+
     /// Everything the node has logged so far, across restarts.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_else(|e| format!("(no log: {e})"))

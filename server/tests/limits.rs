@@ -1,0 +1,186 @@
+//! Requests that would cost memory in proportion to their size are refused
+//! fast, and the server's peak RSS (`VmHWM` of the real `portraitd`) grows by
+//! less than [`MAX_RSS_GROWTH`] for each: oversized messages, huge read
+//! selections, repeated user ids, undeclared attribute names without end
+//! and long `distinct_count` / `top_k` values.
+
+#[allow(dead_code)]
+mod common;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::TestNode;
+use portrait_client::portrait_proto::v1::{BatchGetProfilesRequest, GetProfileRequest};
+use portrait_client::{ClientError, Consistency, Event, Value};
+use portrait_server::limits::{MAX_DISTINCT_VALUE_BYTES, MAX_FAMILIES, MAX_UNDECLARED_ATTRS_PER_FAMILY};
+use tonic::Code;
+
+/// What one rejected request may add to the server's peak RSS (the issue's
+/// reproduction added 571 MB).
+const MAX_RSS_GROWTH: u64 = 64 * 1024 * 1024;
+/// How long a rejected request may take (the reproduction took 5 s).
+const FAST: Duration = Duration::from_secs(1);
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
+}
+
+/// A `status` field of `/proc/PID/status`, in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field}"));
+    let kb: u64 = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("a number of kB");
+    kb * 1024
+}
+
+/// Runs `call`, checks it fails with `code` within [`FAST`] and that the
+/// node's peak RSS grew by less than [`MAX_RSS_GROWTH`]; returns the message.
+async fn refused<T: std::fmt::Debug>(
+    node: &TestNode,
+    code: Code,
+    call: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> String {
+    let peak_before = proc_status_bytes(node.pid(), "VmHWM:");
+    let start = Instant::now();
+    let result = call.await;
+    let took = start.elapsed();
+    let growth = proc_status_bytes(node.pid(), "VmHWM:").saturating_sub(peak_before);
+    let status = match result {
+        Err(ClientError::Rpc(status)) => status,
+        other => panic!("expected {code:?}, got {other:?}"),
+    };
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(took < FAST, "refused after {took:?}");
+    assert!(growth < MAX_RSS_GROWTH, "peak RSS grew by {} MB", growth >> 20);
+    status.message().to_string()
+}
+
+fn event(user: &str, id: &str, attrs: Vec<(String, Value)>) -> Event {
+    Event {
+        user_id: user.into(),
+        family: "browse".into(),
+        r#type: "view".into(),
+        event_time_ms: now_ms() - 1_000,
+        event_id: id.into(),
+        attrs: attrs.into_iter().collect(),
+    }
+}
+
+fn names(name: &str, n: usize) -> Vec<String> {
+    vec![name.to_string(); n]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_unbounded_reads_are_refused_cheaply() {
+    let node = TestNode::start().await;
+    let client = node.client().await;
+    client.write(vec![event("u1", "e1", vec![])]).await.expect("write");
+
+    // The reproduction: 1,000,000 names, about 9 MB, over the
+    // Profiles service's 1 MiB decode limit.
+    let huge = GetProfileRequest {
+        user_id: "u1".into(),
+        families: names("browse", 1_000_000),
+        ..Default::default()
+    };
+    let message = refused(&node, Code::OutOfRange, client.get_profile_request(huge)).await;
+    assert!(message.contains("message length too large"), "{message}");
+
+    // Under the decode limit but over the selection bound.
+    let many =
+        GetProfileRequest { user_id: "u1".into(), families: names("browse", 100_000), ..Default::default() };
+    let message = refused(&node, Code::InvalidArgument, client.get_profile_request(many)).await;
+    assert_eq!(message, format!("families: 100000 names is over the limit of {MAX_FAMILIES}"));
+
+    // Unknown names are named, first one first.
+    let unknown = GetProfileRequest {
+        user_id: "u1".into(),
+        features: vec!["browse_7d".into(), "nope".into(), "nada".into()],
+        ..Default::default()
+    };
+    let message = refused(&node, Code::InvalidArgument, client.get_profile_request(unknown)).await;
+    assert!(message.starts_with("features[1]: unknown feature \"nope\""), "{message}");
+
+    // Repeats are fine: read once, served once.
+    let repeated =
+        GetProfileRequest { user_id: "u1".into(), families: names("browse", 50), ..Default::default() };
+    let profile = client.get_profile_request(repeated).await.expect("read").profile.expect("profile");
+    assert_eq!(profile.families.keys().collect::<Vec<_>>(), ["browse"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_get_answers_every_position_of_a_repeated_user() {
+    let node = TestNode::start().await;
+    let client = node.client().await;
+    let attrs = |c: &str| vec![("category".to_string(), Value::string(c))];
+    client.write(vec![event("a", "e1", attrs("phone")), event("b", "e2", attrs("tv"))]).await.expect("write");
+    let ids: Vec<String> = ["a", "b", "a", "nobody", "a"].iter().map(|s| s.to_string()).collect();
+    let response = client.batch_get_profiles(&ids, &[], Consistency::Linearizable).await.expect("read");
+    let got: Vec<_> = response.profiles.iter().map(|p| (p.user_id.as_str(), p.found)).collect();
+    assert_eq!(got, [("a", true), ("b", true), ("a", true), ("nobody", false), ("a", true)]);
+    assert_eq!(response.profiles[0], response.profiles[2]);
+    assert_eq!(response.profiles[0], response.profiles[4]);
+
+    // 1,000 ids, all the same: one read.
+    let same = BatchGetProfilesRequest { user_ids: names("a", 1_000), ..Default::default() };
+    let start = Instant::now();
+    let mut raw =
+        portrait_client::portrait_proto::v1::profiles_client::ProfilesClient::connect(node.endpoint())
+            .await
+            .expect("connect");
+    let response = raw.batch_get_profiles(same).await.expect("read").into_inner();
+    assert_eq!(response.profiles.len(), 1_000);
+    assert!(response.profiles.iter().all(|p| *p == response.profiles[0]));
+    assert!(start.elapsed() < FAST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undeclared_attribute_names_are_bounded_per_user_and_family() {
+    let node = TestNode::start().await;
+    let client = node.client().await;
+    let attrs =
+        |from: usize, to: usize| (from..to).map(|i| (format!("a{i}"), Value::int(i as i64))).collect();
+    // 256 names in 4 events of 64.
+    let fill: Vec<Event> =
+        (0..4).map(|e| event("poison", &format!("f{e}"), attrs(e * 64, e * 64 + 64))).collect();
+    client.write(fill).await.expect("up to the limit");
+    assert_eq!(MAX_UNDECLARED_ATTRS_PER_FAMILY, 256);
+    // Known names still update; a 257th name is refused with the whole request.
+    let request = vec![event("poison", "ok", attrs(0, 10)), event("poison", "new", attrs(255, 257))];
+    let message = refused(&node, Code::FailedPrecondition, client.write(request)).await;
+    assert!(message.contains("attribute \"a256\" is over the limit of 256 attribute names"), "{message}");
+    let profile = client.get_profile("poison", &[], Consistency::Linearizable).await.expect("read");
+    let browse = &profile.profile.expect("profile").families["browse"];
+    assert_eq!(browse.attrs.len(), 256);
+    assert!(browse.history.iter().all(|h| h.event_id != "ok" && h.event_id != "new"), "nothing applied");
+    // Other users and known names are unaffected.
+    client.write(vec![event("poison", "again", attrs(100, 164))]).await.expect("known names");
+    client.write(vec![event("other", "o", attrs(300, 364))]).await.expect("another user");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_distinct_values_are_kept_short_and_still_count_apart() {
+    let node = TestNode::start().await;
+    let client = node.client().await;
+    let long = |i: usize| format!("{}{i}", "x".repeat(4_000));
+    let events = (0..3)
+        .map(|i| event("u", &format!("e{i}"), vec![("category".to_string(), Value::string(long(i)))]))
+        .collect();
+    client.write(events).await.expect("write");
+    let profile = client.get_profile("u", &[], Consistency::Linearizable).await.expect("read");
+    let features = profile.profile.expect("profile").features;
+    let number = |name: &str| match &features[name].kind {
+        Some(portrait_client::portrait_proto::v1::rule_value::Kind::NumberValue(n)) => *n,
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(number("categories_30d"), 3.0);
+    let Some(portrait_client::portrait_proto::v1::rule_value::Kind::MapValue(top)) =
+        &features["browse_cat_7d"].kind
+    else {
+        panic!("browse_cat_7d is a map")
+    };
+    assert_eq!(top.counts.len(), 3);
+    for key in top.counts.keys() {
+        assert!(key.len() <= MAX_DISTINCT_VALUE_BYTES && key.starts_with("xxx"), "{key:?}");
+    }
+}

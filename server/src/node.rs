@@ -117,6 +117,7 @@ impl Node {
         std::fs::create_dir_all(&opts.data_dir)?;
         let sm = SmStore::open(&opts.data_dir)?;
         let log = LogStore::open(&opts.data_dir, Some(sm.clone()))?;
+        let log_bytes = log.log_bytes();
         let state_machine = StateMachine::new(sm.clone(), &opts.data_dir)?;
         let config = Arc::new(opts.tuning.openraft_config()?);
         let network = Network::default();
@@ -127,6 +128,8 @@ impl Node {
             let members = BTreeMap::from([(opts.node_id, BasicNode::new(&opts.advertise))]);
             raft.initialize(members).await?;
         }
+        // Snapshots and log retention by bytes; ends when raft shuts down.
+        crate::raft::log_policy::start(raft.clone(), log_bytes, (&opts.tuning).into());
         let batcher = WriteBatcher::start(raft.clone(), sm.clone());
         let gate = ProposalGate::default();
         crate::raft::ticker::start(

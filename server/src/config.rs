@@ -96,6 +96,8 @@ struct FileRaft {
     election_timeout_max_ms: Option<u64>,
     snapshot_every_entries: Option<u64>,
     keep_logs_after_snapshot: Option<u64>,
+    snapshot_every_bytes: Option<u64>,
+    keep_log_bytes_after_snapshot: Option<u64>,
     tick_interval_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
 }
@@ -150,6 +152,11 @@ impl Config {
                 .raft
                 .keep_logs_after_snapshot
                 .unwrap_or(d.keep_logs_after_snapshot),
+            snapshot_every_bytes: file.raft.snapshot_every_bytes.unwrap_or(d.snapshot_every_bytes).max(1),
+            keep_log_bytes_after_snapshot: file
+                .raft
+                .keep_log_bytes_after_snapshot
+                .unwrap_or(d.keep_log_bytes_after_snapshot),
             tick_interval_ms: file.raft.tick_interval_ms.unwrap_or(d.tick_interval_ms).max(10),
             write_timeout_ms: file.raft.write_timeout_ms.unwrap_or(d.write_timeout_ms).max(100),
         };

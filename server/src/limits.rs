@@ -83,3 +83,34 @@ pub const MAX_DISTINCT_PER_FEATURE: usize = 1_024;
 /// worst case and this limit). The demo schema's worst case is about 1 MB; a
 /// typical user's state is a few KB.
 pub const MAX_USER_STATE_BYTES: usize = 8 * 1024 * 1024;
+// ---------------------------------------------------------------------------
+// Raft entries and messages, bounded by encoded bytes (issue 10, section 1).
+// Sizes are of the bincode (fixed-int) encoding the raft log and the peer
+// transport use, which can be larger than the protobuf a client sent: each
+// string carries an 8-byte length, each attribute a 4-byte value tag.
+
+/// Encoded bytes the batcher packs into one raft entry: it stops adding
+/// requests before the entry would pass this. A single request larger than
+/// this becomes an entry of its own; a request is never split (a `Write` is
+/// applied whole or not at all). 4 MiB keeps an entry's append, replication
+/// and apply short while still grouping hundreds of typical requests.
+pub const MAX_ENTRY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Encoded bytes of log entries in one AppendEntries RPC: the log reader
+/// hands replication at most this much (at least one entry), and the network
+/// refuses a larger request with openraft's `PayloadTooLarge` (so openraft
+/// resends fewer entries). An entry larger than this alone is still sent.
+pub const MAX_APPEND_ENTRIES_BYTES: usize = 8 * 1024 * 1024;
+
+/// Largest gRPC message of the internal `Raft` service, on both the server
+/// and the client side. It must hold the largest single entry: one `Write`
+/// request of at most `MAX_MESSAGE_BYTES` protobuf, whose bincode can grow by
+/// at most `MAX_EVENTS_PER_REQUEST` x (48 bytes of lengths per event + 64
+/// attributes x 12 bytes of length and tag) = 7.8 MiB, so about 24 MiB, plus
+/// the request's envelope. Snapshot chunks are 4 MiB.
+pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Encoded bytes of the newest log entries the log store keeps decoded in
+/// memory (besides at most 256 entries and 200,000 events); the newest entry
+/// is always kept.
+pub const MAX_RECENT_ENTRY_BYTES: usize = 64 * 1024 * 1024;

@@ -140,6 +140,7 @@ impl Node {
         std::fs::create_dir_all(&opts.data_dir)?;
         let sm = SmStore::open(&opts.data_dir)?;
         let log = LogStore::open(&opts.data_dir, Some(sm.clone()))?;
+        let log_bytes = log.log_bytes();
         let state_machine = StateMachine::new(sm.clone(), &opts.data_dir)?;
         let config = Arc::new(opts.tuning.openraft_config()?);
         let network = Network::default();
@@ -150,12 +151,17 @@ impl Node {
             let members = BTreeMap::from([(opts.node_id, BasicNode::new(&opts.advertise))]);
             raft.initialize(members).await?;
         }
+        let tasks = Tasks::default();
         let clock = Arc::new(NodeClock::open(&opts.data_dir, opts.clock.clone())?);
         let stamper = Stamper::new(opts.node_id, raft.clone(), sm.clone(), clock.clone());
         let elect = ElectSwitch::new(raft.clone());
+        // Snapshots and log retention by bytes.
+        let policy = (&opts.tuning).into();
+        tasks.spawn("log policy", |stop| {
+            crate::raft::log_policy::run_until(raft.clone(), log_bytes, policy, stop)
+        });
         let batcher = WriteBatcher::start(raft.clone(), sm.clone(), stamper.clone());
         let gate = ProposalGate::default();
-        let tasks = Tasks::default();
         let tick_interval = Duration::from_millis(opts.tuning.tick_interval_ms);
         tasks.spawn("ticker", |stop| {
             crate::raft::ticker::run(

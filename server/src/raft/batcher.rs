@@ -1,7 +1,9 @@
 //! Group commit: concurrent write requests are packed into one raft entry
-//! (up to `MAX_EVENTS_PER_ENTRY` events), with a bounded number of entries
-//! in flight, so one log append and one fsync carry many client requests.
-//! Each request keeps its own all-or-nothing outcome.
+//! (up to `MAX_ENTRY_BYTES` of encoded requests and `MAX_EVENTS_PER_ENTRY`
+//! events), with a bounded number of entries in flight, so one log append
+//! and one fsync carry many client requests. Each request keeps its own
+//! all-or-nothing outcome: a request is never split, and one larger than
+//! the byte cap is an entry of its own.
 
 use std::sync::Arc;
 
@@ -10,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::client_write_error;
 use super::stamp::Stamper;
 use crate::error::{Error, Result};
-use crate::limits::MAX_EVENTS_PER_ENTRY;
+use crate::limits::{MAX_ENTRY_BYTES, MAX_EVENTS_PER_ENTRY};
 use crate::model::{Event, WriteCounts};
 use crate::store::SmStore;
 use crate::types::{Command, CommandResult, Raft, WriteOutcome};
@@ -27,7 +29,28 @@ type Reply = oneshot::Sender<Result<(WriteCounts, u64)>>;
 
 struct Pending {
     events: Vec<Event>,
+    /// The request's encoded size in the entry (see [`encoded_len`]).
+    bytes: usize,
     reply: Reply,
+}
+
+/// The request's bincode size inside a `Command::Write`. Exact, and cheap:
+/// bincode's size pass walks the events without allocating. Measured
+/// (release, this machine): 3.7 µs for 100 events with two attributes
+/// (encoding them: 15.6 µs), 3.3 ms for 9,000 events with a 1.75 KB string
+/// (encoding: 51 ms); at 80k events/s that is 0.3 % of one core. It runs
+/// on the caller's task, not on the batching loop.
+fn encoded_len(events: &[Event]) -> usize {
+    bincode::serialized_size(events).map_or(usize::MAX, |n| n as usize)
+}
+
+/// Whether `p` fits a batch that holds `events` events and `bytes` bytes
+/// (anything fits an empty batch).
+fn fits(batch: (usize, usize), p: &Pending) -> bool {
+    let (events, bytes) = batch;
+    events == 0
+        || (events + p.events.len() <= MAX_EVENTS_PER_ENTRY
+            && bytes.saturating_add(p.bytes) <= MAX_ENTRY_BYTES)
 }
 
 /// Handle to the batching task.
@@ -46,7 +69,8 @@ impl WriteBatcher {
     /// Proposes one validated request; returns its counts and log index.
     pub async fn write(&self, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Pending { events, reply }).await.map_err(|_| shutting_down())?;
+        let bytes = encoded_len(&events);
+        self.tx.send(Pending { events, bytes, reply }).await.map_err(|_| shutting_down())?;
         rx.await.map_err(|_| shutting_down())?
     }
 }
@@ -57,26 +81,42 @@ fn shutting_down() -> Error {
 
 async fn run(raft: Raft, sm: Arc<SmStore>, stamper: Stamper, mut rx: mpsc::Receiver<Pending>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    // A request that did not fit the last batch opens the next one.
+    let mut carried: Option<Pending> = None;
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let Some(first) = rx.recv().await else { return };
-        let mut size = first.events.len();
-        let mut batch = vec![first];
-        while size < MAX_EVENTS_PER_ENTRY {
-            match rx.try_recv() {
-                Ok(p) => {
-                    size += p.events.len();
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let batch = gather(first, &mut rx, &mut carried);
         let (raft, sm, stamper) = (raft.clone(), sm.clone(), stamper.clone());
         tokio::spawn(async move {
             propose(&raft, &sm, &stamper, batch).await;
             drop(permit);
         });
     }
+}
+
+/// Adds the requests already waiting to `first` while they fit; the first
+/// one that does not is left in `carried`.
+fn gather(first: Pending, rx: &mut mpsc::Receiver<Pending>, carried: &mut Option<Pending>) -> Vec<Pending> {
+    let mut size = (0, 0);
+    let mut batch = Vec::new();
+    let mut next = Some(first);
+    while let Some(p) = next.take() {
+        if !fits(size, &p) {
+            *carried = Some(p);
+            break;
+        }
+        size = (size.0 + p.events.len(), size.1.saturating_add(p.bytes));
+        batch.push(p);
+        next = rx.try_recv().ok();
+    }
+    batch
 }
 
 async fn propose(raft: &Raft, sm: &SmStore, stamper: &Stamper, batch: Vec<Pending>) {
@@ -115,5 +155,59 @@ async fn propose(raft: &Raft, sm: &SmStore, stamper: &Stamper, batch: Vec<Pendin
                 let _ = reply.send(Err(e.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(events: usize, bytes: usize) -> Pending {
+        let event = Event {
+            user_id: "u".into(),
+            family: "browse".into(),
+            event_type: "view".into(),
+            time_ms: 0,
+            event_id: String::new(),
+            attrs: Default::default(),
+        };
+        Pending { events: vec![event; events], bytes, reply: oneshot::channel().0 }
+    }
+
+    /// Batches as (events, bytes) of each request, gathered from `queue`.
+    fn batches(queue: Vec<Pending>) -> Vec<Vec<(usize, usize)>> {
+        let (tx, mut rx) = mpsc::channel(queue.len().max(1));
+        queue.into_iter().for_each(|p| assert!(tx.try_send(p).is_ok(), "room"));
+        let (mut out, mut carried) = (Vec::new(), None);
+        while let Some(first) = carried.take().or_else(|| rx.try_recv().ok()) {
+            let batch = gather(first, &mut rx, &mut carried);
+            out.push(batch.iter().map(|p| (p.events.len(), p.bytes)).collect());
+        }
+        out
+    }
+
+    #[test]
+    fn entries_are_capped_by_bytes_and_requests_are_never_split() {
+        const MB: usize = 1024 * 1024;
+        let queue = vec![request(10, MB), request(10, 2 * MB), request(10, 2 * MB), request(10, 16 * MB)];
+        let got = batches(queue);
+        // 1 + 2 MiB fit; the next 2 MiB would pass 4 MiB; 16 MiB goes alone.
+        assert_eq!(got, [vec![(10, MB), (10, 2 * MB)], vec![(10, 2 * MB)], vec![(10, 16 * MB)]]);
+    }
+
+    #[test]
+    fn entries_are_still_capped_by_events() {
+        let half = MAX_EVENTS_PER_ENTRY / 2;
+        let got = batches(vec![request(half, 100), request(half, 100), request(1, 100)]);
+        assert_eq!(got, [vec![(half, 100), (half, 100)], vec![(1, 100)]]);
+    }
+
+    #[test]
+    fn encoded_len_is_the_size_inside_the_entry() {
+        let events = request(3, 0).events;
+        let one = Command::Write { stamp_ms: 1, requests: Arc::new(vec![events.clone()]) };
+        let two = Command::Write { stamp_ms: 1, requests: Arc::new(vec![events.clone(), events.clone()]) };
+        let grow = crate::store::codec::encode(&two).len() - crate::store::codec::encode(&one).len();
+        assert_eq!(encoded_len(&events), grow);
     }
 }

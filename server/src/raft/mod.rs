@@ -11,6 +11,7 @@ pub mod contact;
 pub mod elect;
 pub mod fault;
 pub mod gate;
+pub mod log_policy;
 pub mod network;
 pub mod stamp;
 pub mod ticker;
@@ -31,6 +32,13 @@ pub struct RaftTuning {
     pub snapshot_every_entries: u64,
     /// Entries kept in the log behind the latest snapshot, for slow followers.
     pub keep_logs_after_snapshot: u64,
+    /// Also build a snapshot once the log entries after the last one hold
+    /// this many encoded bytes (see [`log_policy`]).
+    pub snapshot_every_bytes: u64,
+    /// Also purge the log behind the latest snapshot down to this many
+    /// encoded bytes (whichever of this and `keep_logs_after_snapshot`
+    /// keeps less).
+    pub keep_log_bytes_after_snapshot: u64,
     /// How often the leader checks for due timers (time-driven tags).
     pub tick_interval_ms: u64,
     /// A write not committed within this time fails with UNAVAILABLE.
@@ -45,6 +53,12 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 2_000,
             snapshot_every_entries: 20_000,
             keep_logs_after_snapshot: 2_000,
+            // With 4 MiB entries the entry counts alone would allow 80 GB
+            // of log between snapshots and 8 GB behind one. 256 MiB between
+            // snapshots keeps a snapshot's cost (a RocksDB checkpoint: hard
+            // links, seconds at most) small against the ingest it covers.
+            snapshot_every_bytes: 256 * 1024 * 1024,
+            keep_log_bytes_after_snapshot: 128 * 1024 * 1024,
             tick_interval_ms: 1_000,
             write_timeout_ms: 5_000,
         }
@@ -61,6 +75,9 @@ impl RaftTuning {
             // Large snapshots stream in chunks; give each chunk time.
             install_snapshot_timeout: 60_000,
             snapshot_max_chunk_size: 4 * 1024 * 1024,
+            // Entries per AppendEntries; the log reader also stops at
+            // `MAX_APPEND_ENTRIES_BYTES` (8 MiB), which binds first for any
+            // entry over 32 KiB (a batch of ~100 typical events).
             max_payload_entries: 256,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
             max_in_snapshot_log_to_keep: self.keep_logs_after_snapshot,

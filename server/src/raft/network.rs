@@ -1,8 +1,19 @@
 //! The raft network: openraft RPCs to peers over the internal `Raft` gRPC
 //! service, payloads encoded with bincode. Connections are made lazily and
 //! re-made after a failure.
+//!
+//! Size: replication reads at most `MAX_APPEND_ENTRIES_BYTES` of entries per
+//! AppendEntries (see the log store); as a second line, a request above that
+//! with more than one entry is refused here with openraft's
+//! `PayloadTooLarge` and a hint of how many entries fit, so openraft resends
+//! fewer at once. A transport error that means "message too large" is never
+//! reported as `Unreachable` (which backs off and resends the same payload
+//! forever): for AppendEntries it is `PayloadTooLarge` (half the entries),
+//! otherwise a network error with a log line.
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -18,7 +29,7 @@ use tonic::transport::Channel;
 
 use super::contact::PeerAcks;
 use crate::error::Error;
-use crate::limits::MAX_MESSAGE_BYTES;
+use crate::limits::{MAX_APPEND_ENTRIES_BYTES, MAX_RAFT_MESSAGE_BYTES};
 use crate::store::codec::{decode, encode};
 use crate::types::{NodeId, TypeConfig};
 
@@ -69,21 +80,22 @@ impl Peer {
             .connect_timeout(std::time::Duration::from_secs(2))
             .tcp_nodelay(true);
         let client = RaftClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES * 4)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES * 4);
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
         self.client = Some(client.clone());
         Ok(client)
     }
 
-    /// Sends one call and decodes the peer's `Result<Resp, RaftError<E>>`.
-    async fn call<Req, Resp, E, F, Fut>(
+    /// Sends one encoded call and decodes the peer's `Result<Resp, RaftError<E>>`.
+    /// A "message too large" failure is mapped by `too_large`.
+    async fn call<Resp, E, F, Fut>(
         &mut self,
-        req: &Req,
+        data: Vec<u8>,
         option: &RPCOption,
+        too_large: impl FnOnce(&tonic::Status) -> RpcErr<E>,
         f: F,
     ) -> Result<Resp, RpcErr<E>>
     where
-        Req: serde::Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
         F: FnOnce(RaftClient<Channel>, tonic::Request<RaftPayload>) -> Fut,
@@ -97,10 +109,14 @@ impl Peer {
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         }
         let client = self.client()?;
-        let mut request = tonic::Request::new(RaftPayload { data: encode(req) });
+        let mut request = tonic::Request::new(RaftPayload { data });
         request.set_timeout(option.hard_ttl());
         let response = match f(client, request).await {
             Ok(r) => r.into_inner(),
+            Err(status) if is_too_large(&status) => {
+                tracing::error!(peer = self.target, error = %status, "raft message too large for the transport");
+                return Err(too_large(&status));
+            }
             Err(status) => {
                 self.client = None;
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
@@ -120,7 +136,23 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        let result = self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await;
+        let data = encode(&rpc);
+        if data.len() > MAX_APPEND_ENTRIES_BYTES + ENVELOPE_BYTES && rpc.entries.len() > 1 {
+            // Fewer than now, so openraft's retry always makes progress.
+            let fit =
+                entries_within(&rpc.entries, MAX_APPEND_ENTRIES_BYTES).min(rpc.entries.len() as u64 - 1);
+            tracing::debug!(peer = self.target, bytes = data.len(), fit, "AppendEntries split");
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+        }
+        let n = rpc.entries.len() as u64;
+        let too_large = |status: &tonic::Status| match n {
+            0 | 1 => RPCError::Network(NetworkError::new(status)),
+            n => {
+                RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(n / 2).with_source_error(status))
+            }
+        };
+        let result =
+            self.call(data, &option, too_large, |mut c, r| async move { c.append_entries(r).await }).await;
         // Any answer but a higher vote means the peer still takes this node as leader.
         if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
             self.acks.acked(self.target);
@@ -133,7 +165,8 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.install_snapshot(r).await }).await
+        self.call(encode(&rpc), &option, network_error, |mut c, r| async move { c.install_snapshot(r).await })
+            .await
     }
 
     async fn vote(
@@ -141,8 +174,45 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr> {
-        self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await }).await
+        self.call(encode(&rpc), &option, network_error, |mut c, r| async move { c.vote(r).await }).await
     }
+}
+
+/// Room for an AppendEntries request's own fields (vote, previous log id,
+/// commit index: under 100 bytes) beside its entries.
+const ENVELOPE_BYTES: usize = 4096;
+
+/// Whether a failed call means the message was over a size limit: tonic's
+/// own limits answer OUT_OF_RANGE (the sender's encoding or the receiver's
+/// decoding limit) or RESOURCE_EXHAUSTED; an HTTP/2 frame or stream error
+/// about size surfaces as INTERNAL or UNKNOWN with h2's message.
+fn is_too_large(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => true,
+        tonic::Code::Internal | tonic::Code::Unknown => {
+            let m = status.message().to_ascii_lowercase();
+            m.contains("too large") || m.contains("frame_size") || m.contains("frame size")
+        }
+        _ => false,
+    }
+}
+
+fn network_error<E: std::error::Error>(status: &tonic::Status) -> RpcErr<E> {
+    RPCError::Network(NetworkError::new(status))
+}
+
+/// How many of `entries`, from the first, fit in `budget` encoded bytes
+/// (at least one: a single entry is always sent).
+fn entries_within(entries: &[crate::types::Entry], budget: usize) -> u64 {
+    let mut total = 0u64;
+    let fit = entries
+        .iter()
+        .take_while(|e| {
+            total = total.saturating_add(bincode::serialized_size(e).unwrap_or(u64::MAX));
+            total <= budget as u64
+        })
+        .count();
+    fit.max(1) as u64
 }
 
 /// The target of a leadership transfer, reached over the internal `Raft`
@@ -185,5 +255,82 @@ impl ElectionPeer {
             }
             Err(s) => Err(Error::Unavailable(format!("cannot reach node {target} at {}: {s}", self.addr))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use openraft::{CommittedLeaderId, EntryPayload, LogId, Vote};
+
+    use super::*;
+    use crate::model::Event;
+    use crate::types::{Command, Entry};
+
+    fn entry(index: u64, events: usize) -> Entry {
+        let event = Event {
+            user_id: "u".into(),
+            family: "browse".into(),
+            event_type: "view".into(),
+            time_ms: 0,
+            event_id: String::new(),
+            attrs: Default::default(),
+        };
+        let payload = EntryPayload::Normal(Command::Write {
+            stamp_ms: 0,
+            requests: Arc::new(vec![vec![event; events]]),
+        });
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload }
+    }
+
+    fn peer() -> Peer {
+        // Nothing listens there: a request that is sent fails as unreachable.
+        let node = BasicNode::new("http://127.0.0.1:1");
+        let mut network = Network::default();
+        futures::executor::block_on(network.new_client(2, &node))
+    }
+
+    async fn send(peer: &mut Peer, entries: Vec<Entry>) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        let rpc =
+            AppendEntriesRequest { vote: Vote::new(1, 1), prev_log_id: None, leader_commit: None, entries };
+        peer.append_entries(rpc, RPCOption::new(std::time::Duration::from_millis(200))).await
+    }
+
+    #[tokio::test]
+    async fn an_append_over_the_byte_bound_asks_for_fewer_entries() {
+        let mut peer = peer();
+        let size = encode(&entry(1, 40_000)).len(); // about 2.4 MB
+        let fit = MAX_APPEND_ENTRIES_BYTES / size;
+        let entries: Vec<Entry> = (1..=fit as u64 + 2).map(|i| entry(i, 40_000)).collect();
+        match send(&mut peer, entries).await {
+            Err(RPCError::PayloadTooLarge(p)) => assert_eq!(p.entries_hint(), fit as u64),
+            other => panic!("expected PayloadTooLarge, got {other:?}"),
+        }
+        // Just over the bound in total, each entry alone fits: one fewer.
+        let entries: Vec<Entry> =
+            (1..=2).map(|i| entry(i, MAX_APPEND_ENTRIES_BYTES / 2 / 59 + 100)).collect();
+        match send(&mut peer, entries).await {
+            Err(RPCError::PayloadTooLarge(p)) => assert_eq!(p.entries_hint(), 1),
+            other => panic!("expected PayloadTooLarge, got {other:?}"),
+        }
+        // One entry over the bound is sent all the same (and fails here as
+        // unreachable: nothing listens).
+        let one = vec![entry(1, MAX_APPEND_ENTRIES_BYTES / 59 + 100)];
+        assert!(matches!(send(&mut peer, one).await, Err(RPCError::Unreachable(_))));
+    }
+
+    #[test]
+    fn message_too_large_is_told_apart_from_unreachable() {
+        use tonic::{Code, Status};
+        let too_large = [
+            Status::out_of_range("Error, encoded message length too large: found 70000000 bytes"),
+            Status::resource_exhausted("message too big"),
+            Status::internal("h2 protocol error: frame size too big"),
+        ];
+        assert!(too_large.iter().all(is_too_large));
+        let other =
+            [Status::unavailable("connection refused"), Status::new(Code::Unknown, "transport error")];
+        assert!(!other.iter().any(is_too_large));
     }
 }

@@ -18,7 +18,8 @@ use portrait_proto::v1::raft_server::RaftServer;
 use tonic::transport::server::TcpIncoming;
 
 use crate::limits::{
-    MAX_ADMIN_REQUEST_BYTES, MAX_MESSAGE_BYTES, MAX_PROFILES_REQUEST_BYTES, MAX_RESPONSE_BYTES,
+    MAX_ADMIN_REQUEST_BYTES, MAX_MESSAGE_BYTES, MAX_PROFILES_REQUEST_BYTES, MAX_RAFT_MESSAGE_BYTES,
+    MAX_RESPONSE_BYTES,
 };
 use crate::node::Node;
 
@@ -49,8 +50,8 @@ pub async fn serve(
         .max_decoding_message_size(MAX_ADMIN_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
     let raft = RaftServer::new(raft::RaftService::new(node.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES * 4)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES * 4);
+        .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
     // With our own listener, nodelay must be set on the incoming stream
     // (the builder's setting only applies to listeners it binds itself).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

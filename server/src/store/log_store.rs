@@ -21,7 +21,10 @@ use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBat
 
 use super::codec::{decode, encode, read_err, write_err};
 use super::keys::*;
+use super::log_bytes::LogBytes;
 use super::sm_db::{cf, SmStore};
+use super::sync_audit as audit;
+use crate::limits::{MAX_APPEND_ENTRIES_BYTES, MAX_RECENT_ENTRY_BYTES};
 use crate::types::{Command, Entry, LogId, NodeId, StorageError, TypeConfig};
 
 type Flushed = LogFlushed<TypeConfig>;
@@ -30,29 +33,39 @@ type Flushed = LogFlushed<TypeConfig>;
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    flusher: mpsc::Sender<Flushed>,
+    flusher: mpsc::Sender<Queued>,
     /// Purges that wait for a state-machine flush (see `purge`).
     purger: mpsc::Sender<LogId>,
     sm: Option<Arc<SmStore>>,
     recent: Arc<Mutex<RecentEntries>>,
+    bytes: Arc<LogBytes>,
+    audit: audit::Audit,
 }
 
 /// The newest entries, as appended: the state machine reads each entry
 /// right after its append, and would otherwise decode it back from RocksDB.
 /// Always a contiguous suffix of the log (possibly empty): appends extend
-/// it, truncation cuts it, purging and the size bound drop its oldest
+/// it, truncation cuts it, purging and the size bounds drop its oldest
 /// entries. Entries share their payload (`Command::Write` holds an `Arc`),
 /// so keeping them costs no copy.
 #[derive(Default)]
 struct RecentEntries {
     entries: VecDeque<Entry>,
-    /// Events in `entries` (the bound that matters for memory).
+    /// The encoded size of each entry in `entries`.
+    sizes: VecDeque<usize>,
+    /// Events in `entries`.
     events: usize,
+    /// Encoded bytes of `entries`: the bound that matters for memory (an
+    /// entry decoded takes about as much as encoded, give or take the
+    /// allocator), since one entry may hold 9,000 events or 16 MB.
+    bytes: usize,
 }
 
-/// At most this many entries, and this many events, are kept.
+/// At most this many entries, events and encoded bytes are kept (the
+/// newest entry always is).
 const RECENT_MAX_ENTRIES: usize = 256;
 const RECENT_MAX_EVENTS: usize = 200_000;
+const RECENT_MAX_BYTES: usize = MAX_RECENT_ENTRY_BYTES;
 
 fn events_in(entry: &Entry) -> usize {
     match &entry.payload {
@@ -64,26 +77,31 @@ fn events_in(entry: &Entry) -> usize {
 }
 
 impl RecentEntries {
-    fn push(&mut self, entry: Entry) {
+    /// Adds the newest entry, `bytes` long encoded.
+    fn push(&mut self, entry: Entry, bytes: usize) {
         let follows = self.entries.back().is_none_or(|last| last.log_id.index + 1 == entry.log_id.index);
         if !follows {
             // Not the next index (the log was truncated or purged under us):
             // start again from this entry, which is the log's newest.
-            self.entries.clear();
-            self.events = 0;
+            *self = RecentEntries::default();
         }
         self.events += events_in(&entry);
+        self.bytes += bytes;
         self.entries.push_back(entry);
-        while self.entries.len() > RECENT_MAX_ENTRIES
-            || (self.events > RECENT_MAX_EVENTS && self.entries.len() > 1)
+        self.sizes.push_back(bytes);
+        while self.entries.len() > 1
+            && (self.entries.len() > RECENT_MAX_ENTRIES
+                || self.events > RECENT_MAX_EVENTS
+                || self.bytes > RECENT_MAX_BYTES)
         {
             self.pop_front();
         }
     }
 
     fn pop_front(&mut self) {
-        if let Some(e) = self.entries.pop_front() {
+        if let (Some(e), Some(bytes)) = (self.entries.pop_front(), self.sizes.pop_front()) {
             self.events -= events_in(&e);
+            self.bytes -= bytes;
         }
     }
 
@@ -92,6 +110,7 @@ impl RecentEntries {
         while self.entries.back().is_some_and(|e| e.log_id.index >= index) {
             let e = self.entries.pop_back().expect("checked");
             self.events -= events_in(&e);
+            self.bytes -= self.sizes.pop_back().expect("one size per entry");
         }
     }
 
@@ -102,10 +121,11 @@ impl RecentEntries {
         }
     }
 
-    /// The entries of `[start, end)` if every one of them is here. An
-    /// open end, or one past the newest entry here, is left to RocksDB (an
+    /// The entries of `[start, end)` if every one of them is here, cut
+    /// after the first entry that reaches `budget` encoded bytes. An open
+    /// end, or one past the newest entry here, is left to RocksDB (an
     /// append may have written newer entries that are not here yet).
-    fn get(&self, start: u64, end: Option<u64>) -> Option<Vec<Entry>> {
+    fn get(&self, start: u64, end: Option<u64>, budget: usize) -> Option<Vec<Entry>> {
         let (first, last) = (self.entries.front()?.log_id.index, self.entries.back()?.log_id.index);
         let end = end?;
         if start < first || end > last + 1 {
@@ -114,7 +134,37 @@ impl RecentEntries {
         if start >= end {
             return Some(Vec::new());
         }
-        Some(self.entries.range((start - first) as usize..(end - first) as usize).cloned().collect())
+        let range = (start - first) as usize..(end - first) as usize;
+        let mut budget = Budget::new(budget);
+        let sizes = self.sizes.range(range.clone());
+        Some(
+            self.entries
+                .range(range)
+                .zip(sizes)
+                .take_while(|(_, n)| budget.take(**n))
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
+}
+
+/// A byte budget for a run of entries: the first entry always fits, the
+/// rest while the total stays within the budget.
+struct Budget {
+    left: usize,
+    first: bool,
+}
+
+impl Budget {
+    fn new(bytes: usize) -> Budget {
+        Budget { left: bytes, first: true }
+    }
+
+    /// Whether an entry of `bytes` fits (and takes it from the budget).
+    fn take(&mut self, bytes: usize) -> bool {
+        let fits = std::mem::take(&mut self.first) || bytes <= self.left;
+        self.left = self.left.saturating_sub(bytes);
+        fits
     }
 }
 
@@ -125,6 +175,7 @@ impl LogStore {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
+        let audit = audit::Audit::new(&mut opts);
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_LOGS, Options::default()),
             ColumnFamilyDescriptor::new(CF_RAFT_META, Options::default()),
@@ -132,10 +183,10 @@ impl LogStore {
         let db = Arc::new(DB::open_cf_descriptors(&opts, data_dir.join("raft"), cfs)?);
         check_format(&db, &data_dir.join("raft"))?;
         let (tx, rx) = mpsc::channel();
-        let flush_db = db.clone();
+        let (flush_db, flush_audit) = (db.clone(), audit.clone());
         std::thread::Builder::new()
             .name("raft-log-fsync".into())
-            .spawn(move || flush_loop(&flush_db, rx))
+            .spawn(move || flush_loop(&flush_db, &flush_audit, rx))
             .expect("spawn log flusher");
         let (purger, purge_rx) = mpsc::channel();
         let (purge_db, purge_sm) = (db.clone(), sm.clone());
@@ -143,7 +194,12 @@ impl LogStore {
             .name("raft-log-purge".into())
             .spawn(move || purge_loop(&purge_db, purge_sm, purge_rx))
             .expect("spawn log purger");
-        Ok(LogStore { db, flusher: tx, purger, sm, recent: Arc::default() })
+        Ok(LogStore { db, flusher: tx, purger, sm, recent: Arc::default(), bytes: Arc::default(), audit })
+    }
+
+    /// The log's byte ledger, for the snapshot and retention policy.
+    pub fn log_bytes(&self) -> Arc<LogBytes> {
+        self.bytes.clone()
     }
 
     fn logs(&self) -> &rocksdb::ColumnFamily {
@@ -198,23 +254,39 @@ fn check_format(db: &DB, path: &Path) -> anyhow::Result<()> {
     super::format::check_or_init(db, path, CF_RAFT_META, RAFT_FORMAT, &[CF_LOGS, CF_RAFT_META])
 }
 
+/// An append waiting for its sync.
+struct Queued {
+    callback: Flushed,
+    /// Where the sync audit stood when the append was written (tests).
+    written: audit::Mark,
+}
+
 /// Syncs the WAL once per group of queued callbacks.
-fn flush_loop(db: &DB, rx: mpsc::Receiver<Flushed>) {
+fn flush_loop(db: &DB, audit: &audit::Audit, rx: mpsc::Receiver<Queued>) {
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         group.extend(rx.try_iter());
-        let result = db.flush_wal(true);
-        for callback in group {
-            let outcome = result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
-            callback.log_io_completed(outcome);
-        }
+        flush_group(db, audit, group);
     }
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
-        &mut self,
+/// Syncs the WAL, then reports every append of `group` durable.
+fn flush_group(db: &DB, audit: &audit::Audit, group: Vec<Queued>) {
+    let result = db.flush_wal(true);
+    for Queued { callback, written } in group {
+        audit.acknowledged(written, "append");
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(outcome);
+    }
+}
+
+impl LogStore {
+    /// The entries of `range`, cut after the first entry that reaches
+    /// `budget` encoded bytes (the stored value is the encoding).
+    fn read_entries<RB: RangeBounds<u64>>(
+        &self,
         range: RB,
+        budget: usize,
     ) -> Result<Vec<Entry>, StorageError> {
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
@@ -226,20 +298,37 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => Some(*i),
             Bound::Unbounded => None,
         };
-        if let Some(entries) = self.recent.lock().expect("recent entries lock").get(start, end) {
+        if let Some(entries) = self.recent.lock().expect("recent entries lock").get(start, end, budget) {
             return Ok(entries);
         }
         let mut entries = Vec::new();
+        let mut budget = Budget::new(budget);
         let mode = IteratorMode::From(&log_index(start), Direction::Forward);
         for item in self.db.iterator_cf(self.logs(), mode) {
             let (key, value) = item.map_err(read_err)?;
             let index = parse_log_index(&key).unwrap_or(u64::MAX);
-            if !range.contains(&index) {
+            if !range.contains(&index) || !budget.take(value.len()) {
                 break;
             }
             entries.push(decode(&value).map_err(read_err)?);
         }
         Ok(entries)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.read_entries(range, usize::MAX)
+    }
+
+    /// Replication reads through here: at most `MAX_APPEND_ENTRIES_BYTES`
+    /// of entries per AppendEntries (at least one entry), so a run of large
+    /// entries never makes one RPC over the raft message limit.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        self.read_entries(start..end, MAX_APPEND_ENTRIES_BYTES)
     }
 }
 
@@ -261,7 +350,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         opts.set_sync(true);
         let mut batch = WriteBatch::default();
         batch.put_cf(cf(&self.db, CF_RAFT_META), RAFT_VOTE, encode(vote));
-        self.db.write_opt(batch, &opts).map_err(write_err)
+        let before = self.audit.mark();
+        self.db.write_opt(batch, &opts).map_err(write_err)?;
+        self.audit.acknowledged(before, "vote");
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
@@ -275,19 +367,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = WriteBatch::default();
         let entries: Vec<Entry> = entries.into_iter().collect();
+        let mut sizes = Vec::with_capacity(entries.len());
         for entry in &entries {
-            batch.put_cf(self.logs(), log_index(entry.log_id.index), encode(entry));
+            let value = encode(entry);
+            sizes.push(value.len());
+            batch.put_cf(self.logs(), log_index(entry.log_id.index), value);
         }
         self.db.write(batch).map_err(write_err)?;
+        let written = self.audit.mark();
         let mut recent = self.recent.lock().expect("recent entries lock");
-        for entry in entries {
-            recent.push(entry);
+        for (entry, bytes) in entries.into_iter().zip(sizes) {
+            self.bytes.appended(entry.log_id.index, bytes);
+            recent.push(entry, bytes);
         }
         drop(recent);
-        if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
+        if let Err(mpsc::SendError(queued)) = self.flusher.send(Queued { callback, written }) {
             // The flusher only stops with the process; sync inline then.
-            let outcome = self.db.flush_wal(true).map_err(|e| std::io::Error::other(e.to_string()));
-            callback.log_io_completed(outcome);
+            flush_group(&self.db, &self.audit, vec![queued]);
         }
         Ok(())
     }
@@ -295,6 +391,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Before the log: a reader never finds a removed entry here.
         self.recent.lock().expect("recent entries lock").truncate(log_id.index);
+        self.bytes.truncated(log_id.index);
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         let mut batch = WriteBatch::default();
@@ -312,6 +409,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// a log that still covers everything the flushed state lacks.
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.recent.lock().expect("recent entries lock").purge(log_id.index);
+        self.bytes.purged(log_id.index);
         let durable = match &self.sm {
             Some(sm) => sm.durable_applied().map_err(read_err)?.0 >= log_id.index,
             None => true,
@@ -351,6 +449,12 @@ mod tests {
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload }
     }
 
+    /// Pushes `e` with its real encoded size.
+    fn push(r: &mut RecentEntries, e: Entry) {
+        let bytes = encode(&e).len();
+        r.push(e, bytes);
+    }
+
     fn indexes(entries: Option<Vec<Entry>>) -> Option<Vec<u64>> {
         entries.map(|es| es.iter().map(|e| e.log_id.index).collect())
     }
@@ -358,37 +462,37 @@ mod tests {
     #[test]
     fn recent_entries_serve_only_ranges_they_hold_whole() {
         let mut r = RecentEntries::default();
-        assert_eq!(indexes(r.get(1, Some(2))), None, "empty");
+        assert_eq!(indexes(r.get(1, Some(2), usize::MAX)), None, "empty");
         for i in 5..=9 {
-            r.push(entry(i, 1));
+            push(&mut r, entry(i, 1));
         }
-        assert_eq!(indexes(r.get(5, Some(10))), Some(vec![5, 6, 7, 8, 9]));
-        assert_eq!(indexes(r.get(7, Some(9))), Some(vec![7, 8]));
-        assert_eq!(indexes(r.get(8, Some(8))), Some(vec![]));
-        assert_eq!(indexes(r.get(4, Some(6))), None, "starts before the oldest");
-        assert_eq!(indexes(r.get(8, Some(11))), None, "ends past the newest");
-        assert_eq!(indexes(r.get(8, None)), None, "open end");
+        assert_eq!(indexes(r.get(5, Some(10), usize::MAX)), Some(vec![5, 6, 7, 8, 9]));
+        assert_eq!(indexes(r.get(7, Some(9), usize::MAX)), Some(vec![7, 8]));
+        assert_eq!(indexes(r.get(8, Some(8), usize::MAX)), Some(vec![]));
+        assert_eq!(indexes(r.get(4, Some(6), usize::MAX)), None, "starts before the oldest");
+        assert_eq!(indexes(r.get(8, Some(11), usize::MAX)), None, "ends past the newest");
+        assert_eq!(indexes(r.get(8, None, usize::MAX)), None, "open end");
     }
 
     #[test]
     fn recent_entries_stay_a_suffix_of_the_log() {
         let mut r = RecentEntries::default();
         for i in 1..=6 {
-            r.push(entry(i, 2));
+            push(&mut r, entry(i, 2));
         }
         r.truncate(5);
-        assert_eq!(indexes(r.get(1, Some(5))), Some(vec![1, 2, 3, 4]));
-        assert_eq!(indexes(r.get(1, Some(6))), None, "5 was truncated");
-        r.push(entry(5, 2));
-        assert_eq!(indexes(r.get(4, Some(6))), Some(vec![4, 5]));
+        assert_eq!(indexes(r.get(1, Some(5), usize::MAX)), Some(vec![1, 2, 3, 4]));
+        assert_eq!(indexes(r.get(1, Some(6), usize::MAX)), None, "5 was truncated");
+        push(&mut r, entry(5, 2));
+        assert_eq!(indexes(r.get(4, Some(6), usize::MAX)), Some(vec![4, 5]));
         r.purge(2);
-        assert_eq!(indexes(r.get(2, Some(4))), None, "2 was purged");
-        assert_eq!(indexes(r.get(3, Some(6))), Some(vec![3, 4, 5]));
+        assert_eq!(indexes(r.get(2, Some(4), usize::MAX)), None, "2 was purged");
+        assert_eq!(indexes(r.get(3, Some(6), usize::MAX)), Some(vec![3, 4, 5]));
         assert_eq!(r.events, 6);
         // An append that does not follow (the log changed under us) restarts.
-        r.push(entry(9, 1));
-        assert_eq!(indexes(r.get(3, Some(6))), None);
-        assert_eq!(indexes(r.get(9, Some(10))), Some(vec![9]));
+        push(&mut r, entry(9, 1));
+        assert_eq!(indexes(r.get(3, Some(6), usize::MAX)), None);
+        assert_eq!(indexes(r.get(9, Some(10), usize::MAX)), Some(vec![9]));
         assert_eq!(r.events, 1);
     }
 
@@ -396,18 +500,114 @@ mod tests {
     fn recent_entries_are_bounded_by_count_and_events() {
         let mut r = RecentEntries::default();
         for i in 1..=(RECENT_MAX_ENTRIES as u64 + 10) {
-            r.push(entry(i, 1));
+            push(&mut r, entry(i, 1));
         }
         assert_eq!(r.entries.len(), RECENT_MAX_ENTRIES);
         assert_eq!(r.entries.front().unwrap().log_id.index, 11);
         let mut r = RecentEntries::default();
-        r.push(entry(1, RECENT_MAX_EVENTS / 2));
-        r.push(entry(2, RECENT_MAX_EVENTS / 2));
-        r.push(entry(3, 10));
-        assert_eq!(indexes(r.get(2, Some(4))), Some(vec![2, 3]), "the oldest went over the event bound");
+        push(&mut r, entry(1, RECENT_MAX_EVENTS / 2));
+        push(&mut r, entry(2, RECENT_MAX_EVENTS / 2));
+        push(&mut r, entry(3, 10));
+        assert_eq!(
+            indexes(r.get(2, Some(4), usize::MAX)),
+            Some(vec![2, 3]),
+            "the oldest went over the event bound"
+        );
         assert_eq!(r.events, RECENT_MAX_EVENTS / 2 + 10);
         // A single entry over the bound is still kept (it is the newest).
-        r.push(entry(4, RECENT_MAX_EVENTS + 1));
-        assert_eq!(indexes(r.get(4, Some(5))), Some(vec![4]));
+        push(&mut r, entry(4, RECENT_MAX_EVENTS + 1));
+        assert_eq!(indexes(r.get(4, Some(5), usize::MAX)), Some(vec![4]));
+    }
+
+    #[test]
+    fn recent_entries_are_bounded_by_bytes() {
+        let mut r = RecentEntries::default();
+        let third = RECENT_MAX_BYTES / 3;
+        for i in 1..=3 {
+            r.push(entry(i, 1), third);
+        }
+        assert_eq!(indexes(r.get(1, Some(4), usize::MAX)), Some(vec![1, 2, 3]));
+        r.push(entry(4, 1), third);
+        assert_eq!(indexes(r.get(2, Some(5), usize::MAX)), Some(vec![2, 3, 4]), "1 went over the byte bound");
+        assert_eq!(r.bytes, 3 * third);
+        r.truncate(4);
+        assert_eq!(r.bytes, 2 * third);
+        // A single entry over the bound is still kept (it is the newest).
+        r.push(entry(4, 1), RECENT_MAX_BYTES + 1);
+        assert_eq!(indexes(r.get(4, Some(5), usize::MAX)), Some(vec![4]));
+        assert_eq!(r.bytes, RECENT_MAX_BYTES + 1);
+    }
+
+    #[test]
+    fn recent_entries_cut_a_range_at_the_byte_budget() {
+        let mut r = RecentEntries::default();
+        for i in 1..=4 {
+            r.push(entry(i, 1), 100);
+        }
+        assert_eq!(indexes(r.get(1, Some(5), 250)), Some(vec![1, 2]));
+        assert_eq!(indexes(r.get(1, Some(5), 300)), Some(vec![1, 2, 3]));
+        assert_eq!(indexes(r.get(2, Some(5), 10)), Some(vec![2]), "the first entry always goes");
+    }
+
+    fn open_log() -> (tempfile::TempDir, LogStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(dir.path(), None).unwrap();
+        (dir, log)
+    }
+
+    #[test]
+    fn replication_reads_at_most_the_byte_budget() {
+        let (_dir, mut log) = open_log();
+        let big = |i| entry(i, 40_000); // about 2.4 MB encoded each
+        let size = encode(&big(1)).len();
+        let fit = MAX_APPEND_ENTRIES_BYTES / size;
+        assert!(fit >= 2, "{size}");
+        let entries: Vec<Entry> = (1..=fit as u64 + 3).map(big).collect();
+        let batch = entries.iter().fold(WriteBatch::default(), |mut b, e| {
+            b.put_cf(log.logs(), log_index(e.log_id.index), encode(e));
+            b
+        });
+        log.db.write(batch).unwrap();
+        let end = fit as u64 + 4;
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        // From RocksDB (nothing in the recent cache).
+        let got = rt.block_on(log.limited_get_log_entries(1, end)).unwrap();
+        assert_eq!(got.len(), fit);
+        assert_eq!(rt.block_on(log.try_get_log_entries(1..end)).unwrap().len(), fit + 3);
+        // From the recent cache.
+        for e in entries {
+            let bytes = encode(&e).len();
+            log.recent.lock().unwrap().push(e, bytes);
+        }
+        assert_eq!(rt.block_on(log.limited_get_log_entries(1, end)).unwrap().len(), fit);
+        assert_eq!(rt.block_on(log.limited_get_log_entries(end - 1, end)).unwrap().len(), 1);
+    }
+
+    struct Builder;
+
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, crate::store::StateMachine, tempfile::TempDir>
+        for Builder
+    {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore, crate::store::StateMachine), StorageError> {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let sm = SmStore::open(dir.path()).expect("open state machine");
+            let log = LogStore::open(dir.path(), Some(sm.clone())).expect("open log store");
+            let state_machine = crate::store::StateMachine::new(sm, dir.path()).expect("snapshot dir");
+            Ok((dir, log, state_machine))
+        }
+    }
+
+    /// openraft's storage suite drives appends (with its real flush
+    /// callbacks) and votes; the audit checks every one of them was synced.
+    #[test]
+    fn every_acknowledged_append_and_vote_follows_a_wal_sync() {
+        use std::sync::atomic::Ordering;
+        openraft::testing::Suite::test_all(Builder).expect("storage suite");
+        let checked = audit::CHECKED.load(Ordering::SeqCst);
+        assert!(checked >= 20, "the suite reported only {checked} appends and votes durable");
+        let violations = audit::VIOLATIONS.lock().unwrap().clone();
+        assert!(violations.is_empty(), "{} of {checked}: {violations:?}", violations.len());
     }
 }

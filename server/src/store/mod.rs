@@ -21,12 +21,14 @@ pub mod checksum;
 pub mod codec;
 pub mod format;
 pub mod keys;
+pub mod log_bytes;
 pub mod log_store;
 pub mod read;
 pub mod record;
 pub mod sm_db;
 pub mod snapshot;
 pub mod state_machine;
+mod sync_audit;
 
 pub use log_store::LogStore;
 pub use sm_db::SmStore;

@@ -38,6 +38,10 @@ pub struct LogStore {
     purger: mpsc::Sender<LogId>,
     sm: Option<Arc<SmStore>>,
     recent: Arc<Mutex<RecentEntries>>,
+    /// A purge handed to the purger thread and not yet on disk: openraft
+    /// counts it purged at once, so the log answers as if it were (after
+    /// a crash it is simply forgotten, and the log covers more: safe).
+    pending_purge: Arc<Mutex<Option<LogId>>>,
     bytes: Arc<LogBytes>,
     audit: audit::Audit,
 }
@@ -194,7 +198,16 @@ impl LogStore {
             .name("raft-log-purge".into())
             .spawn(move || purge_loop(&purge_db, purge_sm, purge_rx))
             .expect("spawn log purger");
-        Ok(LogStore { db, flusher: tx, purger, sm, recent: Arc::default(), bytes: Arc::default(), audit })
+        Ok(LogStore {
+            db,
+            flusher: tx,
+            purger,
+            sm,
+            recent: Arc::default(),
+            pending_purge: Arc::default(),
+            bytes: Arc::default(),
+            audit,
+        })
     }
 
     /// The log's byte ledger, for the snapshot and retention policy.
@@ -283,6 +296,10 @@ fn flush_group(db: &DB, audit: &audit::Audit, group: Vec<Queued>) {
 impl LogStore {
     /// The entries of `range`, cut after the first entry that reaches
     /// `budget` encoded bytes (the stored value is the encoding).
+    fn pending_purged(&self) -> Option<LogId> {
+        *self.pending_purge.lock().expect("pending purge lock")
+    }
+
     fn read_entries<RB: RangeBounds<u64>>(
         &self,
         range: RB,
@@ -303,7 +320,9 @@ impl LogStore {
         }
         let mut entries = Vec::new();
         let mut budget = Budget::new(budget);
-        let mode = IteratorMode::From(&log_index(start), Direction::Forward);
+        // Entries a deferred purge removes are gone for openraft already.
+        let first_kept = self.pending_purged().map_or(0, |l| l.index + 1);
+        let mode = IteratorMode::From(&log_index(start.max(first_kept)), Direction::Forward);
         for item in self.db.iterator_cf(self.logs(), mode) {
             let (key, value) = item.map_err(read_err)?;
             let index = parse_log_index(&key).unwrap_or(u64::MAX);
@@ -336,8 +355,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged_log_id: Option<LogId> = self.meta_get(RAFT_LAST_PURGED)?;
-        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        let on_disk: Option<LogId> = self.meta_get(RAFT_LAST_PURGED)?;
+        let last_purged_log_id = on_disk.max(self.pending_purged());
+        let last_log_id = self.last_entry_id()?.max(last_purged_log_id);
         Ok(LogState { last_purged_log_id, last_log_id })
     }
 
@@ -417,6 +437,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if durable {
             return purge_now(&self.db, log_id);
         }
+        *self.pending_purge.lock().expect("pending purge lock") = Some(log_id);
         if let Err(mpsc::SendError(log_id)) = self.purger.send(log_id) {
             return Err(write_err(std::io::Error::other(format!(
                 "the log purger stopped; {log_id} not purged"

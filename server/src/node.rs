@@ -160,7 +160,11 @@ impl Node {
         tasks.spawn("log policy", |stop| {
             crate::raft::log_policy::run_until(raft.clone(), log_bytes, policy, stop)
         });
-        let batcher = WriteBatcher::start(raft.clone(), sm.clone(), stamper.clone());
+        let (batcher, requests) = WriteBatcher::channel();
+        let (b_raft, b_sm, b_stamper) = (raft.clone(), sm.clone(), stamper.clone());
+        tasks.spawn("write batcher", |stop| {
+            crate::raft::batcher::run(b_raft, b_sm, b_stamper, requests, stop)
+        });
         let gate = ProposalGate::default();
         let tick_interval = Duration::from_millis(opts.tuning.tick_interval_ms);
         tasks.spawn("ticker", |stop| {

@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinSet;
 
 use super::client_write_error;
 use super::stamp::Stamper;
@@ -27,7 +28,7 @@ const MAX_IN_FLIGHT: usize = 2;
 
 type Reply = oneshot::Sender<Result<(WriteCounts, u64)>>;
 
-struct Pending {
+pub struct Pending {
     events: Vec<Event>,
     /// The request's encoded size in the entry (see [`encoded_len`]).
     bytes: usize,
@@ -60,10 +61,11 @@ pub struct WriteBatcher {
 }
 
 impl WriteBatcher {
-    pub fn start(raft: Raft, sm: Arc<SmStore>, stamper: Stamper) -> WriteBatcher {
+    /// The handle, and the receiving end for [`run`] (which the node runs
+    /// as one of its owned tasks).
+    pub fn channel() -> (WriteBatcher, mpsc::Receiver<Pending>) {
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(run(raft, sm, stamper, rx));
-        WriteBatcher { tx }
+        (WriteBatcher { tx }, rx)
     }
 
     /// Proposes one validated request; returns its counts and log index.
@@ -79,26 +81,47 @@ fn shutting_down() -> Error {
     Error::Unavailable("node is shutting down".into())
 }
 
-async fn run(raft: Raft, sm: Arc<SmStore>, stamper: Stamper, mut rx: mpsc::Receiver<Pending>) {
+/// Batches and proposes until `stop` turns true (or every handle is gone);
+/// then waits for the entries in flight, so no proposal outlives the node's
+/// shutdown. Requests still queued are answered "shutting down".
+pub async fn run(
+    raft: Raft,
+    sm: Arc<SmStore>,
+    stamper: Stamper,
+    mut rx: mpsc::Receiver<Pending>,
+    mut stop: watch::Receiver<bool>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut in_flight = JoinSet::new();
     // A request that did not fit the last batch opens the next one.
     let mut carried: Option<Pending> = None;
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let first = match carried.take() {
-            Some(p) => p,
-            None => match rx.recv().await {
+        let next = async {
+            let permit = slots.clone().acquire_owned().await.ok()?;
+            let first = match carried.take() {
                 Some(p) => p,
-                None => return,
+                None => rx.recv().await?,
+            };
+            Some((permit, first))
+        };
+        let (permit, first) = tokio::select! {
+            next = next => match next {
+                Some(next) => next,
+                None => break,
             },
+            _ = stop.wait_for(|s| *s) => break,
         };
         let batch = gather(first, &mut rx, &mut carried);
         let (raft, sm, stamper) = (raft.clone(), sm.clone(), stamper.clone());
-        tokio::spawn(async move {
+        in_flight.spawn(async move {
             propose(&raft, &sm, &stamper, batch).await;
             drop(permit);
         });
+        // Reap finished proposals so the set stays small.
+        while in_flight.try_join_next().is_some() {}
     }
+    drop(rx);
+    while in_flight.join_next().await.is_some() {}
 }
 
 /// Adds the requests already waiting to `first` while they fit; the first

@@ -24,6 +24,7 @@ use super::keys::*;
 use super::log_bytes::LogBytes;
 use super::sm_db::{cf, SmStore};
 use super::sync_audit as audit;
+use super::threads::Joined;
 use crate::limits::{MAX_APPEND_ENTRIES_BYTES, MAX_RECENT_ENTRY_BYTES};
 use crate::types::{Command, Entry, LogId, NodeId, StorageError, TypeConfig};
 
@@ -44,6 +45,10 @@ pub struct LogStore {
     pending_purge: Arc<Mutex<Option<LogId>>>,
     bytes: Arc<LogBytes>,
     audit: audit::Audit,
+    /// The fsync and purge threads. Last: the senders above drop first, so
+    /// when the last handle drops the threads see their channels close and
+    /// end, and are joined here.
+    _threads: Arc<Joined>,
 }
 
 /// The newest entries, as appended: the state machine reads each entry
@@ -187,17 +192,12 @@ impl LogStore {
         let db = Arc::new(DB::open_cf_descriptors(&opts, data_dir.join("raft"), cfs)?);
         check_format(&db, &data_dir.join("raft"))?;
         let (tx, rx) = mpsc::channel();
+        let threads = Arc::new(Joined::default());
         let (flush_db, flush_audit) = (db.clone(), audit.clone());
-        std::thread::Builder::new()
-            .name("raft-log-fsync".into())
-            .spawn(move || flush_loop(&flush_db, &flush_audit, rx))
-            .expect("spawn log flusher");
+        threads.spawn("raft-log-fsync", move || flush_loop(&flush_db, &flush_audit, rx));
         let (purger, purge_rx) = mpsc::channel();
         let (purge_db, purge_sm) = (db.clone(), sm.clone());
-        std::thread::Builder::new()
-            .name("raft-log-purge".into())
-            .spawn(move || purge_loop(&purge_db, purge_sm, purge_rx))
-            .expect("spawn log purger");
+        threads.spawn("raft-log-purge", move || purge_loop(&purge_db, purge_sm, purge_rx));
         Ok(LogStore {
             db,
             flusher: tx,
@@ -207,6 +207,7 @@ impl LogStore {
             pending_purge: Arc::default(),
             bytes: Arc::default(),
             audit,
+            _threads: threads,
         })
     }
 

@@ -29,6 +29,7 @@ pub mod sm_db;
 pub mod snapshot;
 pub mod state_machine;
 mod sync_audit;
+pub mod threads;
 
 pub use log_store::LogStore;
 pub use sm_db::SmStore;

@@ -17,6 +17,7 @@ use rocksdb::{
 use super::codec;
 use super::keys::*;
 use super::record::stored_expiry;
+use super::threads::Joined;
 use crate::engine::Engine;
 use crate::schema::VersionedSchema;
 use crate::types::{LogId, StoredMembership};
@@ -55,6 +56,8 @@ pub struct SmStore {
     durable_clock: Arc<AtomicI64>,
     /// When the durable clock was last read back.
     durable_read_at: Mutex<Option<std::time::Instant>>,
+    /// Threads closing and deleting replaced databases (joined on drop).
+    retiring: Joined,
     /// The log index whose batch is in the database (what reads see), or
     /// why the state machine stopped writing. Apply hands an entry's batch
     /// to a writer thread and goes on with the next entry, so openraft may
@@ -89,6 +92,7 @@ impl SmStore {
             clock: AtomicI64::new(0),
             durable_clock,
             durable_read_at: Mutex::new(None),
+            retiring: Joined::default(),
             written: tokio::sync::watch::Sender::new(Written::default()),
         };
         store.reload_caches()?;
@@ -226,7 +230,7 @@ impl SmStore {
         write_current(&self.dir, new_dir)?;
         let old = std::mem::replace(&mut *self.db.write().expect("db lock"), Arc::new(db));
         self.reload_caches()?;
-        retire(old);
+        retire(&self.retiring, old);
         Ok(())
     }
 
@@ -412,8 +416,8 @@ fn remove_stale_dirs(dir: &Path, current: &str) -> std::io::Result<()> {
 }
 
 /// Closes and deletes a replaced database once no reader holds it.
-fn retire(old: Arc<DB>) {
-    std::thread::spawn(move || {
+fn retire(threads: &Joined, old: Arc<DB>) {
+    threads.spawn("sm-retire", move || {
         let path = old.path().to_path_buf();
         for _ in 0..600 {
             if Arc::strong_count(&old) == 1 {

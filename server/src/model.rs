@@ -30,6 +30,22 @@ pub struct Event {
     pub attrs: Attrs,
 }
 
+#[cfg(test)]
+impl Event {
+    /// A `browse` `view` of user `u` at time 0, with no id and no attributes
+    /// (a fixture for the raft and log tests, which only count and size).
+    pub fn bare() -> Event {
+        Event {
+            user_id: "u".into(),
+            family: "browse".into(),
+            event_type: "view".into(),
+            time_ms: 0,
+            event_id: String::new(),
+            attrs: Default::default(),
+        }
+    }
+}
+
 /// Expiry of something that never expires.
 pub const NEVER: i64 = i64::MAX;
 

@@ -186,14 +186,7 @@ mod tests {
     use super::*;
 
     fn request(events: usize, bytes: usize) -> Pending {
-        let event = Event {
-            user_id: "u".into(),
-            family: "browse".into(),
-            event_type: "view".into(),
-            time_ms: 0,
-            event_id: String::new(),
-            attrs: Default::default(),
-        };
+        let event = Event::bare();
         Pending { events: vec![event; events], bytes, reply: oneshot::channel().0 }
     }
 

@@ -458,14 +458,7 @@ mod tests {
     use crate::model::Event;
 
     fn entry(index: u64, events: usize) -> Entry {
-        let event = Event {
-            user_id: "u".into(),
-            family: "browse".into(),
-            event_type: "view".into(),
-            time_ms: 0,
-            event_id: String::new(),
-            attrs: Default::default(),
-        };
+        let event = Event::bare();
         let requests = Arc::new(vec![vec![event; events]]);
         let payload = EntryPayload::Normal(Command::Write { stamp_ms: 0, requests });
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload }

@@ -20,9 +20,13 @@ use portrait_cluster_tests::Cluster;
 const WRITERS: u64 = 8;
 /// Events per request, each for another user.
 const PER_REQUEST: u64 = 4;
-/// Users written (at ~600 requests/s for ~6 s, each user's trade history
-/// of 100 events holds all of them).
+/// Users written. Each writer's requests cycle through them, so a user gets
+/// at most `WRITERS * MAX_REQUESTS * PER_REQUEST / USERS` = 80 events: its
+/// trade history of 100 events holds them all, however fast the machine.
 const USERS: u64 = 400;
+/// Requests per writer, at most (about 450 are sent in the ~6 s the test
+/// runs on 2 cores).
+const MAX_REQUESTS: u64 = 1_000;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
@@ -73,7 +77,7 @@ async fn writer(id: u64, endpoints: Vec<String>, ledger: Arc<Mutex<Ledger>>, sto
         clients.push(PortraitClient::connect(e).await.unwrap());
     }
     let mut node = id as usize;
-    for seq in 0.. {
+    for seq in 0..MAX_REQUESTS {
         let events = request(id, seq);
         let mut attempt = 0;
         while !stop.load(Ordering::SeqCst) {

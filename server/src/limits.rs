@@ -114,3 +114,11 @@ pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// memory (besides at most 256 entries and 200,000 events); the newest entry
 /// is always kept.
 pub const MAX_RECENT_ENTRY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Encoded bytes of write requests a node holds between their validation
+/// and their answer: queued for the batcher, in an entry being proposed, or
+/// waiting for its apply. A request that would pass it is refused at once
+/// with UNAVAILABLE ("write queue full", retryable) instead of waiting in
+/// memory: a few hundred 16 MB writes to a slow leader would otherwise stay
+/// resident until their timeout. 256 MiB is 64 entries of the largest size.
+pub const MAX_QUEUED_WRITE_BYTES: usize = 256 * 1024 * 1024;

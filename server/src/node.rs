@@ -22,7 +22,7 @@ use openraft::{BasicNode, ServerState};
 use crate::clock::{ClockOptions, ClockStatus, NodeClock};
 use crate::engine::check_schema;
 use crate::error::{Error, Result};
-use crate::limits::{MAX_CONCURRENT_READS, MAX_FAMILIES, MAX_FEATURES, MAX_TAGS};
+use crate::limits::{MAX_CONCURRENT_READS, MAX_FAMILIES, MAX_FEATURES, MAX_RESPONSE_BYTES, MAX_TAGS};
 use crate::model::{Event, WriteCounts};
 use crate::raft::batcher::WriteBatcher;
 use crate::raft::clock_probe::ClockProbe;
@@ -34,7 +34,7 @@ use crate::raft::stamp::Stamper;
 use crate::raft::transfer::LeaderTransfer;
 use crate::raft::{client_write_error, not_leader, RaftTuning};
 use crate::schema::VersionedSchema;
-use crate::store::read::{distinct_ids, read_profile, ProfileView, Selection};
+use crate::store::read::{distinct_ids, read_profile, repeat_counts, ProfileView, Selection};
 use crate::store::{LogStore, SmStore, StateMachine};
 use crate::types::{Command, CommandResult, NodeId, Raft};
 use crate::validate::{validate_request, validate_user_id};
@@ -315,15 +315,35 @@ impl Node {
         let permit = READS.acquire().await.map_err(Error::internal)?;
         let now = self.clock.now_ms();
         let db = self.sm.db();
+        let repeats = repeat_counts(&positions, unique.len());
         let read = move || {
             let _permit = permit;
-            unique
-                .iter()
-                .map(|user| read_profile(&db, &schema.schema, &engine, user, &selection, now))
-                .collect::<std::result::Result<Vec<_>, _>>()
+            // The response's bytes, counted as the views are read, so a
+            // call that would pass the response limit stops early (memory:
+            // the limit plus one user's profile).
+            let mut bytes = 0usize;
+            let mut views = Vec::with_capacity(unique.len());
+            for (i, user) in unique.iter().enumerate() {
+                let view = read_profile(&db, &schema.schema, &engine, user, &selection, now)
+                    .map_err(Error::internal)?;
+                bytes = bytes.saturating_add(view.approx_bytes().saturating_mul(repeats[i]));
+                if bytes > MAX_RESPONSE_BYTES {
+                    return Err(Error::invalid(
+                        "user_ids",
+                        format!(
+                            "the response would pass {} MiB (at user {} of {}); ask for fewer users or \
+                             select fewer families, features or tags",
+                            MAX_RESPONSE_BYTES >> 20,
+                            i + 1,
+                            unique.len()
+                        ),
+                    ));
+                }
+                views.push(view);
+            }
+            Ok(views)
         };
-        let views =
-            tokio::task::spawn_blocking(read).await.map_err(Error::internal)?.map_err(Error::internal)?;
+        let views = tokio::task::spawn_blocking(read).await.map_err(Error::internal)??;
         // Without repeats, positions are 0..n: the views are in order already.
         let views = match views.len() == positions.len() {
             true => views,

@@ -134,6 +134,32 @@ async fn batch_get_answers_every_position_of_a_repeated_user() {
     assert!(start.elapsed() < FAST);
 }
 
+/// A `BatchGetProfiles` whose answer would pass the response limit is
+/// refused while it is read, not built whole and then dropped by tonic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_read_past_the_response_limit_is_refused_while_reading() {
+    let node = TestNode::start().await;
+    let client = node.client().await;
+    // 50 history events (the browse family's length) × 16 attributes ×
+    // 4 KiB: a 3.2 MiB profile.
+    let attrs = || (0..16).map(|a| (format!("note{a}"), Value::string("x".repeat(4096)))).collect();
+    for part in 0..2 {
+        let events = (0..25).map(|i| event("big", &format!("e{part}-{i}"), attrs())).collect();
+        client.write(events).await.expect("write a large profile");
+    }
+    let one = client.batch_get_profiles(&names("big", 1), &[], Consistency::Local).await.expect("read");
+    assert_eq!(one.profiles[0].families["browse"].history.len(), 50);
+
+    // Six times the same 3.2 MiB profile is over 16 MiB: refused, naming the field.
+    let message = refused(
+        &node,
+        Code::InvalidArgument,
+        client.batch_get_profiles(&names("big", 6), &[], Consistency::Local),
+    )
+    .await;
+    assert!(message.starts_with("user_ids: the response would pass 16 MiB (at user 1 of 1)"), "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undeclared_attribute_names_are_bounded_per_user_and_family() {
     let node = TestNode::start().await;

@@ -119,7 +119,7 @@ impl NodeClock {
 
     /// Milliseconds since the Unix epoch by this node's clock.
     pub fn now_ms(&self) -> i64 {
-        crate::wall_clock_ms() + self.test_offset_ms.load(Ordering::Relaxed)
+        crate::wall_clock_ms().saturating_add(self.test_offset_ms.load(Ordering::Relaxed))
     }
 
     pub fn options(&self) -> &ClockOptions {

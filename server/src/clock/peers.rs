@@ -73,8 +73,13 @@ impl PeerClocks {
             .iter()
             .map(|(&node_id, s)| {
                 let age = mono.saturating_duration_since(s.at);
-                let peer_now = s.peer_wall_ms + age.as_millis() as i64;
-                PeerOffset { node_id, offset_ms: peer_now - now_ms, uncertainty_ms: s.uncertainty_ms, age }
+                let peer_now = s.peer_wall_ms.saturating_add(age.as_millis().min(i64::MAX as u128) as i64);
+                PeerOffset {
+                    node_id,
+                    offset_ms: peer_now.saturating_sub(now_ms),
+                    uncertainty_ms: s.uncertainty_ms,
+                    age,
+                }
             })
             .collect()
     }
@@ -95,12 +100,12 @@ impl PeerClocks {
         let (mut agree_peers, mut agree_voters, mut disagree_voters, mut worst) = (0, 0, 0, 0i64);
         for o in fresh {
             let voter = voters.contains(&o.node_id);
-            if o.offset_ms.abs() <= max_offset_ms + o.uncertainty_ms {
+            if o.offset_ms.saturating_abs() <= max_offset_ms.saturating_add(o.uncertainty_ms) {
                 agree_peers += 1;
                 agree_voters += usize::from(voter);
             } else if voter {
                 disagree_voters += 1;
-                if o.offset_ms.abs() > worst.abs() {
+                if o.offset_ms.saturating_abs() > worst.saturating_abs() {
                     worst = o.offset_ms;
                 }
             }
@@ -127,6 +132,17 @@ mod tests {
             c.record(id, wall, at, at);
         }
         c
+    }
+
+    #[test]
+    fn absurd_peer_clocks_are_skewed_not_a_panic() {
+        // A peer's answer is untrusted input: the extremes must not overflow.
+        let at = Instant::now();
+        let c = clocks(&[(2, i64::MAX), (3, i64::MIN)], at);
+        let v = c.verdict(1, &[1, 2, 3], T, at, 500);
+        assert!(v.skewed && !v.confirmed, "{v:?}");
+        let v = c.verdict(1, &[1, 2, 3], i64::MIN, at + Duration::from_secs(1), i64::MAX);
+        assert!(v.confirmed && !v.skewed, "{v:?}");
     }
 
     #[test]

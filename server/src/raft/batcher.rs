@@ -7,13 +7,13 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::client_write_error;
 use super::stamp::Stamper;
 use crate::error::{Error, Result};
-use crate::limits::{MAX_ENTRY_BYTES, MAX_EVENTS_PER_ENTRY};
+use crate::limits::{MAX_ENTRY_BYTES, MAX_EVENTS_PER_ENTRY, MAX_QUEUED_WRITE_BYTES};
 use crate::model::{Event, WriteCounts};
 use crate::store::SmStore;
 use crate::types::{Command, CommandResult, Raft, WriteOutcome};
@@ -33,6 +33,9 @@ pub struct Pending {
     /// The request's encoded size in the entry (see [`encoded_len`]).
     bytes: usize,
     reply: Reply,
+    /// Its share of [`MAX_QUEUED_WRITE_BYTES`], released when the request
+    /// is answered (the reply is sent and the pending request dropped).
+    queued: OwnedSemaphorePermit,
 }
 
 /// The request's bincode size inside a `Command::Write`. Exact, and cheap:
@@ -58,23 +61,53 @@ fn fits(batch: (usize, usize), p: &Pending) -> bool {
 #[derive(Clone)]
 pub struct WriteBatcher {
     tx: mpsc::Sender<Pending>,
+    /// [`MAX_QUEUED_WRITE_BYTES`] in KiB permits.
+    queued: Arc<Semaphore>,
+    /// All the permits there are.
+    budget_units: u32,
 }
+
+/// Permits of the queued-bytes budget are KiB (a semaphore takes at most
+/// `u32` permits at once).
+const QUEUE_UNIT: usize = 1024;
 
 impl WriteBatcher {
     /// The handle, and the receiving end for [`run`] (which the node runs
     /// as one of its owned tasks).
     pub fn channel() -> (WriteBatcher, mpsc::Receiver<Pending>) {
+        Self::with_budget(MAX_QUEUED_WRITE_BYTES)
+    }
+
+    fn with_budget(bytes: usize) -> (WriteBatcher, mpsc::Receiver<Pending>) {
         let (tx, rx) = mpsc::channel(4096);
-        (WriteBatcher { tx }, rx)
+        let budget_units = (bytes / QUEUE_UNIT).clamp(1, u32::MAX as usize) as u32;
+        let queued = Arc::new(Semaphore::new(budget_units as usize));
+        (WriteBatcher { tx, queued, budget_units }, rx)
     }
 
     /// Proposes one validated request; returns its counts and log index.
     pub async fn write(&self, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
         let (reply, rx) = oneshot::channel();
         let bytes = encoded_len(&events);
-        self.tx.send(Pending { events, bytes, reply }).await.map_err(|_| shutting_down())?;
+        let queued =
+            self.queued.clone().try_acquire_many_owned(queue_units(bytes, self.budget_units)).map_err(
+                |e| match e {
+                    tokio::sync::TryAcquireError::Closed => shutting_down(),
+                    tokio::sync::TryAcquireError::NoPermits => Error::Unavailable(format!(
+                "write queue full: this node holds {} MiB of write requests waiting for raft; retry later",
+                MAX_QUEUED_WRITE_BYTES >> 20
+            )),
+                },
+            )?;
+        self.tx.send(Pending { events, bytes, reply, queued }).await.map_err(|_| shutting_down())?;
         rx.await.map_err(|_| shutting_down())?
     }
+}
+
+/// The permits a request of `bytes` encoded bytes takes (at least one; a
+/// request larger than the whole budget takes all of it).
+fn queue_units(bytes: usize, budget_units: u32) -> u32 {
+    bytes.div_ceil(QUEUE_UNIT).clamp(1, budget_units as usize) as u32
 }
 
 fn shutting_down() -> Error {
@@ -143,7 +176,15 @@ fn gather(first: Pending, rx: &mut mpsc::Receiver<Pending>, carried: &mut Option
 }
 
 async fn propose(raft: &Raft, sm: &SmStore, stamper: &Stamper, batch: Vec<Pending>) {
-    let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.events, p.reply)).unzip();
+    // The requests' queue permits are held until their replies are sent.
+    let mut _queued = Vec::with_capacity(batch.len());
+    let (requests, replies): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|p| {
+            _queued.push(p.queued);
+            (p.events, p.reply)
+        })
+        .unzip();
     let stamp_ms = match stamper.stamp() {
         Ok(stamp) => stamp,
         Err(e) => return replies.into_iter().for_each(|r| drop(r.send(Err(e.clone())))),
@@ -187,7 +228,37 @@ mod tests {
 
     fn request(events: usize, bytes: usize) -> Pending {
         let event = Event::bare();
-        Pending { events: vec![event; events], bytes, reply: oneshot::channel().0 }
+        let queued = Arc::new(Semaphore::new(0)).try_acquire_many_owned(0).expect("no permits needed");
+        Pending { events: vec![event; events], bytes, reply: oneshot::channel().0, queued }
+    }
+
+    #[tokio::test]
+    async fn a_full_write_queue_refuses_at_once_and_frees_as_requests_are_answered() {
+        let events = || vec![Event::bare(); 40];
+        let size = encoded_len(&events());
+        // Room for one such request, not two.
+        let (batcher, mut rx) = WriteBatcher::with_budget(size + size / 2 + QUEUE_UNIT);
+        let first = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.write(events()).await }
+        });
+        let queued = rx.recv().await.expect("the first request is queued");
+        let e = batcher.write(events()).await.expect_err("no room for a second");
+        assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
+        // Answered (here: dropped unanswered), the first frees its share.
+        drop(queued);
+        assert!(matches!(first.await.unwrap(), Err(Error::Unavailable(_))));
+        let second = tokio::spawn(async move { batcher.write(events()).await });
+        assert_eq!(rx.recv().await.expect("queued now").events.len(), 40);
+        drop(second);
+    }
+
+    #[test]
+    fn a_request_takes_its_kib_and_at_most_the_whole_budget() {
+        assert_eq!(queue_units(0, 100), 1);
+        assert_eq!(queue_units(1, 100), 1);
+        assert_eq!(queue_units(QUEUE_UNIT + 1, 100), 2);
+        assert_eq!(queue_units(usize::MAX, 100), 100);
     }
 
     /// Batches as (events, bytes) of each request, gathered from `queue`.

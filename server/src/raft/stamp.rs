@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::clock::NodeClock;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::SmStore;
 use crate::types::{NodeId, Raft};
 
@@ -23,23 +23,29 @@ impl Stamper {
         Stamper { me, raft, sm, clock }
     }
 
-    /// The stamp for an entry proposed now, or why the clock is refused.
-    /// Only the leader's stamps reach the log: elsewhere the proposal is
-    /// redirected anyway, so the clock is not judged there (a follower
-    /// with a wrong clock redirects writes like any follower).
+    /// The stamp for an entry proposed now, or why it cannot be made.
+    /// Fails closed: metrics trail the raft core, so a node that has just
+    /// won an election may still read "not leader" here; its proposal
+    /// would then be accepted with an unjudged stamp. So a node that does
+    /// not see itself leading redirects to the leader it knows, without
+    /// proposing, and one that knows no leader judges its clock as a
+    /// leader would (a follower with a wrong clock still redirects writes
+    /// like any follower).
     pub fn stamp(&self) -> Result<i64> {
-        let (leading, voters) = {
+        let (leader, voters, leader_addr) = {
             let m = self.raft.metrics();
             let m = m.borrow();
-            (
-                m.current_leader == Some(self.me),
-                m.membership_config.membership().voter_ids().collect::<Vec<_>>(),
-            )
+            let addr = m
+                .current_leader
+                .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+            (m.current_leader, m.membership_config.membership().voter_ids().collect::<Vec<_>>(), addr)
         };
-        let replicated = self.sm.clock_ms();
-        if !leading {
-            return Ok(self.clock.now_ms().max(replicated));
+        match leader {
+            Some(l) if l != self.me => Err(Error::NotLeader { leader_id: Some(l), leader_addr }),
+            _ => {
+                let replicated = self.sm.clock_ms();
+                self.clock.stamp(self.me, &voters, replicated).map_err(|p| self.clock.error(p))
+            }
         }
-        self.clock.stamp(self.me, &voters, replicated).map_err(|p| self.clock.error(p))
     }
 }

@@ -69,6 +69,13 @@ pub fn distinct_ids(user_ids: &[String]) -> (Vec<String>, Vec<usize>) {
     (unique, positions)
 }
 
+/// How many times each distinct id of [`distinct_ids`] is asked for.
+pub fn repeat_counts(positions: &[usize], distinct: usize) -> Vec<usize> {
+    let mut counts = vec![0; distinct];
+    positions.iter().for_each(|&i| counts[i] += 1);
+    counts
+}
+
 /// A user's live data.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProfileView {
@@ -77,6 +84,19 @@ pub struct ProfileView {
     pub families: BTreeMap<String, FamilyRecord>,
     pub features: BTreeMap<String, Val>,
     pub tags: BTreeMap<String, TagState>,
+}
+
+impl ProfileView {
+    /// About the bytes this view takes in a response: its bincode size,
+    /// which is at least its protobuf size (fixed-width integers and
+    /// lengths). Walks the view without allocating.
+    pub fn approx_bytes(&self) -> usize {
+        fn size<T: serde::Serialize>(v: &T) -> usize {
+            bincode::serialized_size(v).map_or(usize::MAX, |n| n as usize)
+        }
+        let families = self.families.iter().map(|(name, f)| name.len() + size(&f.attrs) + size(&f.history));
+        families.fold(size(&self.features).saturating_add(size(&self.tags)), usize::saturating_add)
+    }
 }
 
 /// Reads a user's profile. Families no longer in the schema are not served.
@@ -182,6 +202,7 @@ mod tests {
         let (unique, positions) = distinct_ids(&strings(&["b", "a", "b", "c", "a"]));
         assert_eq!(unique, ["b", "a", "c"]);
         assert_eq!(positions, [0, 1, 0, 2, 1]);
+        assert_eq!(repeat_counts(&positions, unique.len()), [2, 2, 1]);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use portrait_client::json::now_ms;
 use portrait_client::portrait_proto::v1::rule_value::Kind;
 use portrait_client::portrait_proto::v1::GetProfileRequest;
 use portrait_client::{Consistency, Event, PortraitClient, Value};
@@ -15,10 +16,6 @@ const EVENTS: usize = 100_000;
 const BATCH: usize = 100;
 const USERS: usize = 20_000;
 const TAG_SAMPLES: usize = 100;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 fn event(seq: usize, run: usize) -> Event {
     let cats = ["phone", "laptop", "tv", "shoes", "books", "toys", "food", "beauty"];

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use portrait_client::json::now_ms;
 use portrait_client::{Consistency, Event, PortraitClient, Value};
 use tokio::task::JoinHandle;
 
@@ -19,10 +20,6 @@ pub const USERS: u64 = 1000;
 /// A write that takes longer than this counts as hung (writes must fail
 /// with UNAVAILABLE after the server's write timeout instead).
 const HANG: Duration = Duration::from_secs(30);
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 /// Write number `i`: an order of user `u<i % USERS>` with event id `w<i>`.
 pub fn order(i: u64) -> Event {

@@ -5,14 +5,11 @@
 
 use std::time::{Duration, Instant};
 
+use portrait_client::json::now_ms;
 use portrait_client::{code_name, ClientError, Consistency, Event, PortraitClient, Value};
 use portrait_cluster_tests::Cluster;
 
 const YEAR_MS: i64 = 365 * 86_400_000;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 fn browse(user: &str, id: &str) -> Event {
     Event {

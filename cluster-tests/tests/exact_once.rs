@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use portrait_client::json::now_ms;
 use portrait_client::portrait_proto::v1::rule_value::Kind;
 use portrait_client::{Consistency, Event, PortraitClient, Value};
 use portrait_cluster_tests::Cluster;
@@ -27,10 +28,6 @@ const USERS: u64 = 400;
 /// Requests per writer, at most (about 450 are sent in the ~6 s the test
 /// runs on 2 cores).
 const MAX_REQUESTS: u64 = 1_000;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 fn user(writer: u64, seq: u64, j: u64) -> String {
     format!("x{}", (writer * 131 + seq * PER_REQUEST + j) % USERS)

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use portrait_client::json::now_ms;
 use portrait_client::portrait_proto::v1::rule_value::Kind;
 use portrait_client::portrait_proto::v1::GetProfileRequest;
 use portrait_client::{Event, PortraitClient, Value};
@@ -31,10 +32,6 @@ const NOTE_BYTES: usize = 1_750;
 /// docs/operations.md on large requests.
 const CONFIG: &str = "[raft]\nwrite_timeout_ms = 60000\nheartbeat_ms = 1000\n\
                       election_timeout_min_ms = 3000\nelection_timeout_max_ms = 6000\n";
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 fn request(r: usize) -> Vec<Event> {
     let note = "x".repeat(NOTE_BYTES);

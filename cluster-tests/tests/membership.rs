@@ -4,13 +4,10 @@
 
 use std::time::Duration;
 
+use portrait_client::json::now_ms;
 use portrait_client::{ClientError, Consistency, Event, Value};
 use portrait_cluster_tests::workload::history_ids;
 use portrait_cluster_tests::Cluster;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 fn view(user: &str, id: &str) -> Event {
     Event {

@@ -2,13 +2,10 @@
 
 use std::collections::BTreeMap;
 
+use portrait_client::json::now_ms;
 use portrait_client::{Consistency, Event, PortraitClient, Value};
 use portrait_cluster_tests::workload::history_ids;
 use portrait_cluster_tests::Cluster;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 fn order(user: &str, id: &str, amount: i64) -> Event {
     Event {

@@ -1,12 +1,9 @@
 //! A node that was down while the log was compacted catches up by snapshot
 //! install and converges to the same profiles, features and tags.
 
+use portrait_client::json::now_ms;
 use portrait_client::{Consistency, Event, PortraitClient, Value};
 use portrait_cluster_tests::Cluster;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 /// Snapshots every 40 entries, keeping 5 entries behind: a node that misses
 /// a few hundred entries can only catch up by snapshot.

@@ -7,9 +7,10 @@
 #[allow(dead_code)]
 mod common;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::TestNode;
+use portrait_client::json::now_ms;
 use portrait_client::portrait_proto::v1::{BatchGetProfilesRequest, GetProfileRequest};
 use portrait_client::{ClientError, Consistency, Event, Value};
 use portrait_server::limits::{MAX_DISTINCT_VALUE_BYTES, MAX_FAMILIES, MAX_UNDECLARED_ATTRS_PER_FAMILY};
@@ -20,10 +21,6 @@ use tonic::Code;
 const MAX_RSS_GROWTH: u64 = 64 * 1024 * 1024;
 /// How long a rejected request may take (the reproduction took 5 s).
 const FAST: Duration = Duration::from_secs(1);
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
-}
 
 /// A `status` field of `/proc/PID/status`, in bytes.
 fn proc_status_bytes(pid: u32, field: &str) -> u64 {

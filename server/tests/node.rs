@@ -4,9 +4,10 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::TestNode;
+use portrait_client::json::now_ms;
 use portrait_client::portrait_proto::v1::{FamilyData, FamilySpec, Profile};
 use portrait_client::{ClientError, Consistency, Event, PortraitClient, Value, WriteRequest, WriteResponse};
 use portrait_server::duration::{DAY_MS, MINUTE_MS};
@@ -18,10 +19,6 @@ use tonic::Code;
 
 const LINEARIZABLE: Consistency = Consistency::Linearizable;
 const DEFAULT_FAMILIES: &str = "browse, contact, registration, social, third_party, trade";
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
-}
 
 /// An event that happened `age_ms` ago (negative: in the future).
 fn event(user: &str, family: &str, age_ms: i64, id: &str, attrs: &[(&str, Value)]) -> Event {

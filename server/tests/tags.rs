@@ -8,14 +8,11 @@ mod common;
 use std::time::Duration;
 
 use common::TestNode;
+use portrait_client::json::now_ms;
 use portrait_client::portrait_proto::v1::rule_value::Kind;
 use portrait_client::portrait_proto::v1::{GetProfileRequest, Profile, RuleValue};
 use portrait_client::{ClientError, Consistency, Event, PortraitClient, Value};
 use tonic::Code;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 fn event(user: &str, family: &str, kind: &str, time_ms: i64, id: &str, attrs: &[(&str, Value)]) -> Event {
     Event {

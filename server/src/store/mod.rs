@@ -22,8 +22,10 @@ pub mod codec;
 pub mod format;
 pub mod keys;
 pub mod log_bytes;
+pub mod log_engine;
 pub mod log_store;
 pub mod read;
+pub mod recent;
 pub mod record;
 pub mod sm_db;
 pub mod snapshot;
@@ -31,6 +33,7 @@ pub mod state_machine;
 mod sync_audit;
 pub mod threads;
 
+pub use log_engine::{LogEngine, PurgeGuard};
 pub use log_store::LogStore;
 pub use sm_db::SmStore;
 pub use state_machine::StateMachine;

@@ -221,7 +221,9 @@ struct PurgeJob {
 }
 
 /// Deferred purges, in order: flush the group's state, then purge. Purges
-/// queued meanwhile are coalesced per group (the newest covers the others).
+/// queued meanwhile are coalesced per group (the newest covers the others),
+/// and a guard shared by several groups is flushed once per round (every
+/// purge of the round was asked for before that flush).
 fn purge_loop(db: &DB, open: &Mutex<HashMap<GroupId, Weak<Group>>>, rx: mpsc::Receiver<PurgeJob>) {
     while let Ok(first) = rx.recv() {
         let mut jobs: BTreeMap<GroupId, PurgeJob> = BTreeMap::new();
@@ -231,10 +233,14 @@ fn purge_loop(db: &DB, open: &Mutex<HashMap<GroupId, Weak<Group>>>, rx: mpsc::Re
                 _ => drop(jobs.insert(job.gid, job)),
             }
         }
+        let mut persisted: Vec<Arc<dyn PurgeGuard>> = Vec::new();
         for PurgeJob { gid, log_id, guard, group } in jobs.into_values() {
-            if let Err(e) = guard.persist() {
-                tracing::error!(error = %e, %gid, %log_id, "flushing the state before a log purge; not purged");
-                continue;
+            if !persisted.iter().any(|p| Arc::ptr_eq(p, &guard)) {
+                if let Err(e) = guard.persist() {
+                    tracing::error!(error = %e, %gid, %log_id, "flushing the state before a log purge; not purged");
+                    continue;
+                }
+                persisted.push(guard);
             }
             let _open = open.lock().expect("open groups lock");
             if group.upgrade().is_none() {

@@ -110,9 +110,10 @@ pub const MAX_APPEND_ENTRIES_BYTES: usize = 8 * 1024 * 1024;
 /// the request's envelope. Snapshot chunks are 4 MiB.
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// Encoded bytes of the newest log entries the log store keeps decoded in
-/// memory (besides at most 256 entries and 200,000 events); the newest entry
-/// is always kept.
+/// Encoded bytes of the newest log entries the log engine keeps decoded in
+/// memory, all raft groups of the node together (besides at most 256
+/// entries and 200,000 events per group); each group's newest entry is
+/// always kept.
 pub const MAX_RECENT_ENTRY_BYTES: usize = 64 * 1024 * 1024;
 
 /// Encoded bytes of write requests a node holds between their validation

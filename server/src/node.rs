@@ -35,8 +35,8 @@ use crate::raft::transfer::LeaderTransfer;
 use crate::raft::{client_write_error, not_leader, RaftTuning};
 use crate::schema::VersionedSchema;
 use crate::store::read::{distinct_ids, read_profile, repeat_counts, ProfileView, Selection};
-use crate::store::{LogStore, SmStore, StateMachine};
-use crate::types::{Command, CommandResult, NodeId, Raft};
+use crate::store::{LogEngine, PurgeGuard, SmStore, StateMachine};
+use crate::types::{Command, CommandResult, GroupId, NodeId, Raft};
 use crate::validate::{validate_request, validate_user_id};
 
 /// How to start a node.
@@ -110,6 +110,8 @@ pub struct Node {
     pub advertise: String,
     raft: Raft,
     sm: Arc<SmStore>,
+    /// The node's raft log engine (its one group's store holds it too).
+    _log_engine: LogEngine,
     batcher: WriteBatcher,
     /// Every proposal passes it; a leadership transfer closes it.
     gate: ProposalGate,
@@ -139,7 +141,10 @@ impl Node {
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
         std::fs::create_dir_all(&opts.data_dir)?;
         let sm = SmStore::open(&opts.data_dir)?;
-        let log = LogStore::open(&opts.data_dir, Some(sm.clone()))?;
+        // One log engine per node; this node runs one group, shard 0.
+        let log_engine = LogEngine::open(&opts.data_dir)?;
+        let guard: Arc<dyn PurgeGuard> = sm.clone();
+        let log = log_engine.group(GroupId(0), Some(guard))?;
         let log_bytes = log.log_bytes();
         let state_machine = StateMachine::new(sm.clone(), &opts.data_dir)?;
         let config = Arc::new(opts.tuning.openraft_config()?);
@@ -200,6 +205,7 @@ impl Node {
             advertise: opts.advertise.clone(),
             raft,
             sm,
+            _log_engine: log_engine,
             batcher,
             gate,
             transfer,

@@ -26,6 +26,28 @@ pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNo
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
 pub type StorageError = openraft::StorageError<NodeId>;
 
+/// A raft group of this cluster. Shard `k` (users with
+/// `xxh3(user_id) mod S == k`) is `GroupId(k)`; the meta group, which holds
+/// nodes, placement and the schema, is [`GroupId::META`]. Every group is its
+/// own openraft instance; a node's groups share one log engine, whose keys
+/// start with the group id (u32 big-endian, so a group is one key range).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct GroupId(pub u32);
+
+impl GroupId {
+    /// The meta group: the largest id, so it never collides with a shard.
+    pub const META: GroupId = GroupId(u32::MAX);
+}
+
+impl std::fmt::Display for GroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            GroupId::META => f.write_str("meta"),
+            GroupId(k) => write!(f, "shard {k}"),
+        }
+    }
+}
+
 /// A state-machine command. Every field the apply needs is in the entry:
 /// `stamp_ms` is the leader's clock when it proposed the entry, the only time
 /// apply ever uses.

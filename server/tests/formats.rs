@@ -11,10 +11,8 @@ use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder, StoredMembership};
 use portrait_server::model::{Event, Value};
 use portrait_server::store::format::{encode_version, STORAGE_FORMAT};
-use portrait_server::store::keys::{
-    CF_LOGS, CF_META, CF_RAFT_META, CF_STATE, META_FORMAT, RAFT_FORMAT, RAFT_VOTE,
-};
-use portrait_server::store::{apply::decode_user_state, sm_db, LogStore, SmStore, StateMachine};
+use portrait_server::store::keys::{CF_LOGS, CF_META, CF_RAFT_META, CF_STATE, META_FORMAT, RAFT_FORMAT};
+use portrait_server::store::{apply::decode_user_state, sm_db, LogEngine, SmStore, StateMachine};
 use portrait_server::types::{Command, Entry, LogId, SnapshotMeta};
 use tempfile::TempDir;
 
@@ -97,29 +95,40 @@ async fn a_data_dir_of_another_format_is_refused_with_one_line() {
 #[test]
 fn a_raft_log_of_another_format_is_refused_and_a_new_one_records_its_format() {
     let dir = tempfile::tempdir().unwrap();
-    let log = LogStore::open(dir.path(), None).unwrap();
+    let engine = LogEngine::open(dir.path()).unwrap();
     let cfs = [CF_LOGS, CF_RAFT_META];
     let path = dir.path().join("raft");
     let ro = rocksdb::DB::open_cf_for_read_only(&rocksdb::Options::default(), &path, cfs, false).unwrap();
     let recorded = ro.get_cf(ro.cf_handle(CF_RAFT_META).unwrap(), RAFT_FORMAT).unwrap();
     assert_eq!(recorded.as_deref(), Some(&encode_version(STORAGE_FORMAT)[..]));
-    drop((ro, log));
+    drop((ro, engine));
 
-    // A log from before formats were recorded: a vote, no version.
-    let old = tempfile::tempdir().unwrap();
+    let refusal = |dir: &std::path::Path, found: u32| {
+        let e = format!("{:#}", LogEngine::open(dir).err().expect("refused"));
+        let expected = format!(
+            "{} was written by storage format {found}; this binary reads format {STORAGE_FORMAT} \
+             (see docs/operations.md#upgrades)",
+            dir.join("raft").display()
+        );
+        assert_eq!(e, expected);
+    };
     let mut opts = rocksdb::Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
+    // A log from before formats were recorded: a vote, no version.
+    let old = tempfile::tempdir().unwrap();
     let db = rocksdb::DB::open_cf(&opts, old.path().join("raft"), cfs).unwrap();
-    db.put_cf(db.cf_handle(CF_RAFT_META).unwrap(), RAFT_VOTE, b"x").unwrap();
+    db.put_cf(db.cf_handle(CF_RAFT_META).unwrap(), b"vote", b"x").unwrap();
     drop(db);
-    let e = format!("{:#}", LogStore::open(old.path(), None).err().expect("refused"));
-    let expected = format!(
-        "{} was written by storage format 1; this binary reads format {STORAGE_FORMAT} \
-         (see docs/operations.md#upgrades)",
-        old.path().join("raft").display()
-    );
-    assert_eq!(e, expected);
+    refusal(old.path(), 1);
+    // A format 2 log (one group, keyed by index alone) is not read as
+    // groups: refused before any key is looked at.
+    let two = tempfile::tempdir().unwrap();
+    let db = rocksdb::DB::open_cf(&opts, two.path().join("raft"), cfs).unwrap();
+    db.put_cf(db.cf_handle(CF_RAFT_META).unwrap(), RAFT_FORMAT, encode_version(2)).unwrap();
+    db.put_cf(db.cf_handle(CF_LOGS).unwrap(), 1u64.to_be_bytes(), b"entry").unwrap();
+    drop(db);
+    refusal(two.path(), 2);
 }
 
 #[tokio::test]

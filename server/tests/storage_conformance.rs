@@ -1,9 +1,13 @@
-//! openraft's storage conformance suite against the RocksDB log store and
-//! state machine, each built on a fresh temp dir (real RocksDB on disk).
+//! openraft's storage conformance suite against the RocksDB stores: one
+//! group's log on the node's log engine and the state machine, each built
+//! on a fresh temp dir (real RocksDB on disk). The unit tests of
+//! `store::log_store` also run it next to neighbour groups.
+
+use std::sync::Arc;
 
 use openraft::testing::{StoreBuilder, Suite};
-use portrait_server::store::{LogStore, SmStore, StateMachine};
-use portrait_server::types::{StorageError, TypeConfig};
+use portrait_server::store::{LogEngine, LogStore, PurgeGuard, SmStore, StateMachine};
+use portrait_server::types::{GroupId, StorageError, TypeConfig};
 use tempfile::TempDir;
 
 struct RocksBuilder;
@@ -12,7 +16,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RocksBuilder 
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
         let sm = SmStore::open(dir.path()).expect("open state machine");
-        let log = LogStore::open(dir.path(), Some(sm.clone())).expect("open log store");
+        let engine = LogEngine::open(dir.path()).expect("open log engine");
+        let guard: Arc<dyn PurgeGuard> = sm.clone();
+        let log = engine.group(GroupId(3), Some(guard)).expect("open group");
         let state_machine = StateMachine::new(sm, dir.path()).expect("snapshot dir");
         Ok((dir, log, state_machine))
     }

@@ -15,7 +15,9 @@
 //! data dirs are then refused until migrated (docs/operations.md#upgrades).
 //! History: 1 = unversioned (features identified by a hash of their
 //! `Debug` text, unversioned rows); 2 = canonical feature identities,
-//! version byte on every row, versioned archives with a checksum.
+//! version byte on every row, versioned archives with a checksum; 3 = raft
+//! log keyed by group (the sharded layout: one log engine for all of a
+//! node's raft groups, keys prefixed with the group id).
 
 use std::path::Path;
 
@@ -24,7 +26,7 @@ use rocksdb::{IteratorMode, WriteOptions, DB};
 use super::sm_db::cf;
 
 /// The format this binary writes, and the only one it reads.
-pub const STORAGE_FORMAT: u32 = 2;
+pub const STORAGE_FORMAT: u32 = 3;
 
 /// What a database or archive without a recorded version was written by.
 pub const UNVERSIONED_FORMAT: u32 = 1;

@@ -2,6 +2,8 @@
 //! characters), so `user ⟂ suffix` keys sort each user's rows together and a
 //! `user ⟂` prefix scan finds exactly one user's rows.
 
+use crate::types::GroupId;
+
 pub const SEP: u8 = 0;
 
 // State-machine column families.
@@ -23,12 +25,15 @@ pub const META_REEVAL: &[u8] = b"reeval";
 /// The storage format the database was written in (see `store::format`).
 pub const META_FORMAT: &[u8] = b"format_version";
 
-// Log-store column families and keys.
+// Log-engine column families and keys. Every raft group's keys start with
+// its id (u32 BE), so a group's log and its meta are each one key range.
 pub const CF_LOGS: &str = "logs";
 pub const CF_RAFT_META: &str = "raft_meta";
-pub const RAFT_VOTE: &[u8] = b"vote";
-pub const RAFT_LAST_PURGED: &[u8] = b"last_purged";
-/// The storage format the log was written in (see `store::format`).
+/// Kinds of a group's `raft_meta` key (`gid ++ kind`, see [`raft_meta`]).
+pub const RAFT_VOTE: u8 = 1;
+pub const RAFT_LAST_PURGED: u8 = 2;
+/// The storage format the log engine was written in (see `store::format`);
+/// node-level, 14 bytes, so never taken for a 5-byte group key.
 pub const RAFT_FORMAT: &[u8] = b"format_version";
 
 /// `user ⟂` — the prefix of all of a user's rows.
@@ -84,13 +89,50 @@ pub fn parse_timer(key: &[u8]) -> Option<(i64, &str)> {
     Some((t, std::str::from_utf8(user).ok()?))
 }
 
-/// Log index as a big-endian key, so RocksDB order is index order.
-pub fn log_index(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
+/// `gid (u32 BE) ++ index (u64 BE)` — a raft log entry (`logs`): RocksDB
+/// order is group order, then index order.
+pub fn log_key(gid: GroupId, index: u64) -> [u8; 12] {
+    let mut k = [0; 12];
+    k[..4].copy_from_slice(&gid.0.to_be_bytes());
+    k[4..].copy_from_slice(&index.to_be_bytes());
+    k
 }
 
-pub fn parse_log_index(key: &[u8]) -> Option<u64> {
-    key.try_into().ok().map(u64::from_be_bytes)
+/// The group and index of a `logs` key.
+pub fn parse_log_key(key: &[u8]) -> Option<(GroupId, u64)> {
+    let (gid, index) = key.split_first_chunk::<4>()?;
+    let index: [u8; 8] = index.try_into().ok()?;
+    Some((GroupId(u32::from_be_bytes(*gid)), u64::from_be_bytes(index)))
+}
+
+/// An exclusive upper bound of every `logs` key of `gid`: its last possible
+/// key and one more byte. Below the next group's first key, and defined for
+/// [`GroupId::META`] too (whose id has no successor).
+pub fn log_group_end(gid: GroupId) -> [u8; 13] {
+    let mut k = [0; 13];
+    k[..12].copy_from_slice(&log_key(gid, u64::MAX));
+    k
+}
+
+/// The exclusive end of `gid`'s entries up to and including `index`.
+pub fn log_key_after(gid: GroupId, index: u64) -> Vec<u8> {
+    match index.checked_add(1) {
+        Some(next) => log_key(gid, next).to_vec(),
+        None => log_group_end(gid).to_vec(),
+    }
+}
+
+/// `gid (u32 BE) ++ kind` — one of a group's `raft_meta` values.
+pub fn raft_meta(gid: GroupId, kind: u8) -> [u8; 5] {
+    let mut k = [kind; 5];
+    k[..4].copy_from_slice(&gid.0.to_be_bytes());
+    k
+}
+
+/// The group of a `raft_meta` key (`None` for node-level keys).
+pub fn parse_raft_meta(key: &[u8]) -> Option<GroupId> {
+    let k: [u8; 5] = key.try_into().ok()?;
+    Some(GroupId(u32::from_be_bytes([k[0], k[1], k[2], k[3]])))
 }
 
 #[cfg(test)]
@@ -118,10 +160,27 @@ mod tests {
     }
 
     #[test]
-    fn log_keys_sort_numerically() {
-        assert!(log_index(9) < log_index(10));
-        assert!(log_index(255) < log_index(256));
-        assert_eq!(parse_log_index(&log_index(42)), Some(42));
-        assert_eq!(parse_log_index(b"bad"), None);
+    fn log_keys_sort_by_group_then_index() {
+        let g = GroupId(7);
+        assert!(log_key(g, 9) < log_key(g, 10));
+        assert!(log_key(g, 255) < log_key(g, 256));
+        assert!(log_key(GroupId(6), u64::MAX) < log_key(g, 0));
+        assert!(log_key(g, u64::MAX)[..] < log_group_end(g)[..]);
+        assert!(log_group_end(g)[..] < log_key(GroupId(8), 0)[..]);
+        assert!(log_key(GroupId::META, u64::MAX)[..] < log_group_end(GroupId::META)[..]);
+        assert_eq!(log_key_after(g, 4), log_key(g, 5));
+        assert_eq!(log_key_after(g, u64::MAX), log_group_end(g));
+        assert_eq!(parse_log_key(&log_key(g, 42)), Some((g, 42)));
+        assert_eq!(parse_log_key(&log_key(GroupId::META, 1)), Some((GroupId::META, 1)));
+        assert_eq!(parse_log_key(b"bad"), None);
+    }
+
+    #[test]
+    fn raft_meta_keys_name_their_group_and_never_the_format_key() {
+        let vote = raft_meta(GroupId(3), RAFT_VOTE);
+        assert_eq!(parse_raft_meta(&vote), Some(GroupId(3)));
+        assert_ne!(vote, raft_meta(GroupId(3), RAFT_LAST_PURGED));
+        assert_eq!(parse_raft_meta(&raft_meta(GroupId::META, RAFT_VOTE)), Some(GroupId::META));
+        assert_eq!(parse_raft_meta(RAFT_FORMAT), None);
     }
 }

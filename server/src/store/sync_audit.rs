@@ -3,7 +3,8 @@
 //! vote is written to the raft log and again when it is reported durable
 //! (an append's `log_io_completed`, `save_vote` returning); a report with no
 //! sync in between is recorded as a violation, which the log store's audit
-//! test asserts never happens. Removing the `flush_wal(true)` or the vote's
+//! test asserts never happens. One audit per log engine: a sync of its
+//! WAL covers the writes of every raft group in it. Removing the `flush_wal(true)` or the vote's
 //! `set_sync(true)` fails it (rust-rocksdb has no fault-injecting file
 //! system to test durability directly).
 

@@ -1,0 +1,300 @@
+//! The node's raft log engine: one RocksDB (`<data>/raft`) for the logs of
+//! every raft group on the node (shards and the meta group), with ONE fsync
+//! thread and ONE purge thread for all of them, and one byte budget for the
+//! recent entries all groups keep in memory. [`LogEngine::group`] hands out
+//! a group's [`LogStore`], openraft's log storage for exactly that group.
+//!
+//! Durability: an append of any group is written without a sync and its
+//! openraft callback queued to the fsync thread, which syncs the WAL once
+//! for every callback queued meanwhile, whatever their groups, before
+//! reporting them flushed: one fsync serves many shards' appends. Votes
+//! and truncations are synced writes.
+//!
+//! Keys start with the group id (`keys::log_key`, `keys::raft_meta`), so a
+//! group's log is one key range: every read and delete of a group is bounded
+//! to that range, and [`LogEngine::drop_group`] removes a group whole.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Weak};
+
+use anyhow::Context;
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
+
+use super::codec::{encode, write_err};
+use super::keys::*;
+use super::log_store::{Group, LogStore};
+use super::recent::RecentBudget;
+use super::sm_db::{cf, SmStore};
+use super::sync_audit as audit;
+use super::threads::Joined;
+use crate::limits::MAX_RECENT_ENTRY_BYTES;
+use crate::types::{GroupId, LogId, StorageError, TypeConfig};
+
+/// What must be durable before a group's log is purged: the state machine
+/// the log is the write-ahead log of (it applies without a WAL).
+pub trait PurgeGuard: Send + Sync {
+    /// The newest log index the state's flushed (on-disk) part covers.
+    fn durable_index(&self) -> anyhow::Result<u64>;
+    /// Flushes the state, so it covers everything applied.
+    fn persist(&self) -> anyhow::Result<()>;
+}
+
+impl PurgeGuard for SmStore {
+    fn durable_index(&self) -> anyhow::Result<u64> {
+        Ok(self.durable_applied()?.0)
+    }
+
+    fn persist(&self) -> anyhow::Result<()> {
+        Ok(SmStore::persist(self)?)
+    }
+}
+
+/// The node's log engine. Cheap to clone; the database and the threads
+/// live until the engine and every group's store are dropped.
+#[derive(Clone)]
+pub struct LogEngine {
+    shared: Arc<Shared>,
+}
+
+/// What the engine and every group's store share.
+pub(super) struct Shared {
+    pub(super) db: Arc<DB>,
+    pub(super) syncer: Arc<Syncer>,
+    flusher: mpsc::Sender<Queued>,
+    purger: mpsc::Sender<PurgeJob>,
+    pub(super) recent: Arc<RecentBudget>,
+    /// The open groups. Its lock also orders deferred purges with
+    /// `drop_group`, so a purge never writes into a dropped group.
+    open: Arc<Mutex<HashMap<GroupId, Weak<Group>>>>,
+    /// The fsync and purge threads. Last: the senders above drop first, so
+    /// the threads see their channels close, end, and are joined here.
+    _threads: Joined,
+}
+
+impl LogEngine {
+    /// Opens (or creates) the engine under `<data>/raft`.
+    pub fn open(data_dir: &Path) -> anyhow::Result<LogEngine> {
+        LogEngine::open_with(data_dir, RecentBudget::new(MAX_RECENT_ENTRY_BYTES))
+    }
+
+    fn open_with(data_dir: &Path, recent: Arc<RecentBudget>) -> anyhow::Result<LogEngine> {
+        let path = data_dir.join("raft");
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let audit = audit::Audit::new(&mut opts);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_LOGS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_RAFT_META, Options::default()),
+        ];
+        let db = Arc::new(DB::open_cf_descriptors(&opts, &path, cfs)?);
+        super::format::check_or_init(&db, &path, CF_RAFT_META, RAFT_FORMAT, &[CF_LOGS, CF_RAFT_META])?;
+        let syncer =
+            Arc::new(Syncer { db: db.clone(), audit, syncs: AtomicU64::default(), hold: Mutex::default() });
+        let open = Arc::new(Mutex::new(HashMap::new()));
+        let threads = Joined::default();
+        let (flusher, flush_rx) = mpsc::channel();
+        let flush_syncer = syncer.clone();
+        threads.spawn("raft-log-fsync", move || flush_loop(&flush_syncer, flush_rx));
+        let (purger, purge_rx) = mpsc::channel();
+        let (purge_db, purge_open) = (db.clone(), open.clone());
+        threads.spawn("raft-log-purge", move || purge_loop(&purge_db, &purge_open, purge_rx));
+        let shared = Shared { db, syncer, flusher, purger, recent, open, _threads: threads };
+        Ok(LogEngine { shared: Arc::new(shared) })
+    }
+
+    /// The log of group `gid`, as openraft's log storage. `guard`, when
+    /// given, is persisted before the group's log is purged past what it
+    /// covers. One store per group at a time (clones are its readers): a
+    /// group already open is refused.
+    pub fn group(&self, gid: GroupId, guard: Option<Arc<dyn PurgeGuard>>) -> anyhow::Result<LogStore> {
+        let mut open = self.shared.open.lock().expect("open groups lock");
+        if open.get(&gid).is_some_and(|g| g.strong_count() > 0) {
+            anyhow::bail!("the raft log of {gid} is already open");
+        }
+        open.retain(|_, g| g.strong_count() > 0);
+        let group = Arc::new(Group::new(gid, guard, &self.shared.recent));
+        open.insert(gid, Arc::downgrade(&group));
+        Ok(LogStore::new(self.shared.clone(), group))
+    }
+
+    /// Deletes everything of group `gid` (its entries, vote and last purged
+    /// id), with a synced write: a replica removed from this node. The
+    /// group must not be open (its raft shut down, its stores dropped).
+    pub fn drop_group(&self, gid: GroupId) -> anyhow::Result<()> {
+        let open = self.shared.open.lock().expect("open groups lock");
+        if open.get(&gid).is_some_and(|g| g.strong_count() > 0) {
+            anyhow::bail!("the raft log of {gid} is open; shut its raft down before dropping it");
+        }
+        let db = &self.shared.db;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf(db, CF_LOGS), &log_key(gid, 0)[..], &log_group_end(gid)[..]);
+        // Key by key, not a range: a range of 5-byte keys could hold the
+        // node-level format key for some group id.
+        for kind in [RAFT_VOTE, RAFT_LAST_PURGED] {
+            batch.delete_cf(cf(db, CF_RAFT_META), raft_meta(gid, kind));
+        }
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        db.write_opt(batch, &sync).with_context(|| format!("dropping the raft log of {gid}"))
+    }
+
+    /// The groups with anything in the engine (a vote, a purge mark or
+    /// entries), in order: the replicas this node held when it stopped.
+    pub fn groups(&self) -> anyhow::Result<Vec<GroupId>> {
+        let db = &self.shared.db;
+        let mut groups = BTreeSet::new();
+        for item in db.iterator_cf(cf(db, CF_RAFT_META), IteratorMode::Start) {
+            groups.extend(parse_raft_meta(&item?.0));
+        }
+        // One seek per group with entries: the first key at or after `next`.
+        let mut next = Some(GroupId(0));
+        while let Some(from) = next {
+            let mut opts = ReadOptions::default();
+            opts.set_iterate_lower_bound(log_key(from, 0));
+            let Some(item) = db.iterator_cf_opt(cf(db, CF_LOGS), opts, IteratorMode::Start).next() else {
+                break;
+            };
+            let Some((gid, _)) = parse_log_key(&item?.0) else { break };
+            groups.insert(gid);
+            next = gid.0.checked_add(1).map(GroupId);
+        }
+        Ok(groups.into_iter().collect())
+    }
+
+    /// WAL syncs of the fsync thread since the engine opened (each one
+    /// acknowledges every append queued before it, of any group).
+    pub fn fsyncs(&self) -> u64 {
+        self.shared.syncer.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Encoded bytes of recent entries kept in memory by all groups.
+    pub fn recent_bytes(&self) -> usize {
+        self.shared.recent.used()
+    }
+}
+
+impl Shared {
+    /// Hands an append's callback to the fsync thread.
+    pub(super) fn queue_sync(&self, callback: Flushed, written: audit::Mark) {
+        if let Err(mpsc::SendError(queued)) = self.flusher.send(Queued { callback, written }) {
+            // The flusher only stops with the engine; sync inline then.
+            self.syncer.sync_and_ack(vec![queued]);
+        }
+    }
+
+    /// Hands a purge that waits for `guard` to the purge thread.
+    pub(super) fn defer_purge(
+        &self,
+        group: &Arc<Group>,
+        guard: Arc<dyn PurgeGuard>,
+        log_id: LogId,
+    ) -> Result<(), StorageError> {
+        let job = PurgeJob { gid: group.gid, log_id, guard, group: Arc::downgrade(group) };
+        self.purger.send(job).map_err(|e| {
+            write_err(std::io::Error::other(format!(
+                "the log purger stopped; {} of {} not purged",
+                e.0.log_id, e.0.gid
+            )))
+        })
+    }
+}
+
+/// Removes `gid`'s entries up to `log_id` and records it as the last purged.
+pub(super) fn purge_now(db: &DB, gid: GroupId, log_id: LogId) -> Result<(), StorageError> {
+    let mut batch = WriteBatch::default();
+    batch.put_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_LAST_PURGED), encode(&log_id));
+    batch.delete_range_cf(cf(db, CF_LOGS), &log_key(gid, 0)[..], &log_key_after(gid, log_id.index)[..]);
+    db.write(batch).map_err(super::codec::write_err)
+}
+
+/// A purge waiting for its group's state to be flushed.
+struct PurgeJob {
+    gid: GroupId,
+    log_id: LogId,
+    guard: Arc<dyn PurgeGuard>,
+    /// Gone once the group is closed: the purge is then forgotten, as after
+    /// a crash (the log just covers more), and never races `drop_group`.
+    group: Weak<Group>,
+}
+
+/// Deferred purges, in order: flush the group's state, then purge. Purges
+/// queued meanwhile are coalesced per group (the newest covers the others),
+/// and a guard shared by several groups is flushed once per round (every
+/// purge of the round was asked for before that flush).
+fn purge_loop(db: &DB, open: &Mutex<HashMap<GroupId, Weak<Group>>>, rx: mpsc::Receiver<PurgeJob>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs: BTreeMap<GroupId, PurgeJob> = BTreeMap::new();
+        for job in std::iter::once(first).chain(rx.try_iter()) {
+            match jobs.get(&job.gid) {
+                Some(queued) if queued.log_id.index >= job.log_id.index => {}
+                _ => drop(jobs.insert(job.gid, job)),
+            }
+        }
+        let mut persisted: Vec<Arc<dyn PurgeGuard>> = Vec::new();
+        for PurgeJob { gid, log_id, guard, group } in jobs.into_values() {
+            if !persisted.iter().any(|p| Arc::ptr_eq(p, &guard)) {
+                if let Err(e) = guard.persist() {
+                    tracing::error!(error = %e, %gid, %log_id, "flushing the state before a log purge; not purged");
+                    continue;
+                }
+                persisted.push(guard);
+            }
+            let _open = open.lock().expect("open groups lock");
+            if group.upgrade().is_none() {
+                continue;
+            }
+            if let Err(e) = purge_now(db, gid, log_id) {
+                tracing::error!(error = %e, %gid, %log_id, "purging the raft log");
+            }
+        }
+    }
+}
+
+type Flushed = openraft::storage::LogFlushed<TypeConfig>;
+
+/// An append waiting for its sync.
+pub(super) struct Queued {
+    callback: Flushed,
+    /// Where the sync audit stood when the append was written (tests).
+    written: audit::Mark,
+}
+
+/// Syncs the WAL for queued appends and acknowledges them.
+pub(super) struct Syncer {
+    db: Arc<DB>,
+    pub(super) audit: audit::Audit,
+    /// `flush_wal` calls made, for the batching figures (and metrics).
+    syncs: AtomicU64,
+    /// Taken (uncontended) before each sync; a test holds it to keep
+    /// appends queued and see one sync serve them all.
+    hold: Mutex<()>,
+}
+
+impl Syncer {
+    /// Syncs the WAL, then reports every append of `queued` durable.
+    fn sync_and_ack(&self, queued: Vec<Queued>) {
+        let result = self.db.flush_wal(true);
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        for Queued { callback, written } in queued {
+            self.audit.acknowledged(written, "append");
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
+            callback.log_io_completed(outcome);
+        }
+    }
+}
+
+/// Syncs the WAL once per run of queued callbacks, whatever their groups.
+fn flush_loop(syncer: &Syncer, rx: mpsc::Receiver<Queued>) {
+    while let Ok(first) = rx.recv() {
+        drop(syncer.hold.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut queued = vec![first];
+        queued.extend(rx.try_iter());
+        syncer.sync_and_ack(queued);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,194 @@
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, Instant};
+
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+use openraft::{CommittedLeaderId, RaftLogReader, Vote};
+
+use super::*;
+use crate::store::log_store::tests::{contents, entry};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn log_id(index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(1, 1), index)
+}
+
+/// 16 groups append 4 entries each, all issued while the fsync thread is
+/// held: none is acknowledged before a sync, and one sync (two at most, if
+/// the thread took the first append before the hold) acknowledges all 64.
+/// After a reopen every entry is there and the engine lists the 16 groups.
+#[test]
+fn one_fsync_acknowledges_appends_of_many_groups() {
+    const GROUPS: u32 = 16;
+    const APPENDS: u64 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = LogEngine::open(dir.path()).unwrap();
+    let logs: Vec<LogStore> = (0..GROUPS).map(|g| engine.group(GroupId(g * 3), None).unwrap()).collect();
+    let acked = Arc::new(AtomicUsize::new(0));
+    let before = engine.fsyncs();
+    let hold = engine.shared.syncer.hold.lock().unwrap();
+    let appending = {
+        let (logs, acked) = (logs.clone(), acked.clone());
+        std::thread::spawn(move || {
+            // join_all polls every append once before any completes.
+            let appends = (1..=APPENDS).flat_map(|i| logs.iter().map(move |log| (i, log.clone())));
+            let appends = appends.map(|(i, mut log)| {
+                let acked = acked.clone();
+                async move {
+                    log.blocking_append([entry(i, 1)]).await.unwrap();
+                    acked.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            runtime().block_on(futures::future::join_all(appends));
+        })
+    };
+    let written = |log: &LogStore| contents(log).0.len() as u64 == APPENDS;
+    let start = Instant::now();
+    while !logs.iter().all(written) {
+        assert!(start.elapsed() < Duration::from_secs(30), "appends not written");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(acked.load(Ordering::SeqCst), 0, "acknowledged with the fsync thread held");
+    assert_eq!(engine.fsyncs(), before, "no sync while held");
+    drop(hold);
+    appending.join().unwrap();
+    let appends = GROUPS as u64 * APPENDS;
+    let fsyncs = engine.fsyncs() - before;
+    eprintln!("{appends} appends of {GROUPS} groups acknowledged by {fsyncs} fsync(s)");
+    assert_eq!(acked.load(Ordering::SeqCst) as u64, appends);
+    assert!((1..=2).contains(&fsyncs), "{fsyncs} fsyncs for {appends} appends");
+
+    drop((logs, engine));
+    let engine = LogEngine::open(dir.path()).unwrap();
+    assert_eq!(engine.groups().unwrap(), (0..GROUPS).map(|g| GroupId(g * 3)).collect::<Vec<_>>());
+    for g in 0..GROUPS {
+        let log = engine.group(GroupId(g * 3), None).unwrap();
+        assert_eq!(contents(&log), ((1..=APPENDS).collect(), None, None), "group {g}");
+    }
+}
+
+/// A store of `gid` holding entries 1..=10 and a vote.
+fn filled(rt: &tokio::runtime::Runtime, engine: &LogEngine, gid: GroupId) -> LogStore {
+    let mut log = engine.group(gid, None).unwrap();
+    rt.block_on(log.blocking_append((1..=10).map(|i| entry(i, 1)))).unwrap();
+    rt.block_on(log.save_vote(&Vote::new(u64::from(gid.0 % 100) + 1, 1))).unwrap();
+    log
+}
+
+fn untouched(log: &LogStore) {
+    let vote = Vote::new(u64::from(log.group_id().0 % 100) + 1, 1);
+    assert_eq!(contents(log), ((1..=10).collect(), Some(vote), None), "{}", log.group_id());
+}
+
+/// Truncating, purging and dropping a group leaves every other group's
+/// entries and meta as they were, at the ends of the id space too (group
+/// 0 and the meta group, whose id has no successor).
+#[test]
+fn truncate_purge_and_drop_touch_only_their_group() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = LogEngine::open(dir.path()).unwrap();
+    let ids = [GroupId(0), GroupId(1), GroupId(7), GroupId(8), GroupId(u32::MAX - 1), GroupId::META];
+    let mut logs: Vec<LogStore> = ids.iter().map(|&g| filled(&rt, &engine, g)).collect();
+    assert!(engine.group(GroupId(7), None).is_err(), "an open group is not opened twice");
+
+    // Group 0: truncate, then purge.
+    rt.block_on(logs[0].truncate(log_id(6))).unwrap();
+    rt.block_on(logs[0].purge(log_id(2))).unwrap();
+    assert_eq!(contents(&logs[0]).0, vec![3, 4, 5]);
+    assert_eq!(contents(&logs[0]).2, Some(log_id(2)));
+    // The meta group: purge, then truncate (to the end of the id space).
+    rt.block_on(logs[5].purge(log_id(4))).unwrap();
+    rt.block_on(logs[5].truncate(log_id(8))).unwrap();
+    assert_eq!(contents(&logs[5]).0, vec![5, 6, 7]);
+    let state = rt.block_on(logs[5].get_log_state()).unwrap();
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(log_id(4)), Some(log_id(7))));
+    // Group 7: refused while open, dropped once closed.
+    assert!(engine.drop_group(GroupId(7)).is_err(), "an open group is not dropped");
+    drop(logs.remove(2));
+    engine.drop_group(GroupId(7)).unwrap();
+    let dropped = engine.group(GroupId(7), None).unwrap();
+    assert_eq!(contents(&dropped), (vec![], None, None));
+    drop(dropped);
+    for log in [&logs[1], &logs[2], &logs[3]] {
+        untouched(log);
+    }
+    let left: Vec<GroupId> = ids.into_iter().filter(|&g| g != GroupId(7)).collect();
+    assert_eq!(engine.groups().unwrap(), left);
+    // Every meta group entry is dropped too; the others stay.
+    drop(logs.remove(4));
+    engine.drop_group(GroupId::META).unwrap();
+    assert_eq!(engine.groups().unwrap(), left[..4]);
+    untouched(&logs[3]);
+}
+
+/// A guard whose flushed state covers nothing until it is persisted.
+#[derive(Default)]
+struct Guard {
+    persisted: AtomicU64,
+}
+
+impl PurgeGuard for Guard {
+    fn durable_index(&self) -> anyhow::Result<u64> {
+        Ok(0)
+    }
+
+    fn persist(&self) -> anyhow::Result<()> {
+        self.persisted.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A purge past the guard's flushed state waits for the purge thread,
+/// which persists that group's guard first and purges only that group;
+/// openraft sees it purged at once.
+#[test]
+fn a_deferred_purge_persists_its_group_first_and_purges_only_it() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = LogEngine::open(dir.path()).unwrap();
+    let guard = Arc::new(Guard::default());
+    let mut log = engine.group(GroupId(5), Some(guard.clone())).unwrap();
+    rt.block_on(log.blocking_append((1..=10).map(|i| entry(i, 1)))).unwrap();
+    let neighbours = [filled(&rt, &engine, GroupId(4)), filled(&rt, &engine, GroupId(6))];
+    rt.block_on(log.purge(log_id(6))).unwrap();
+    let state = rt.block_on(log.get_log_state()).unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(6)), "purged for openraft at once");
+    assert_eq!(rt.block_on(log.try_get_log_entries(1..11)).unwrap().len(), 4);
+    let start = Instant::now();
+    while contents(&log).2 != Some(log_id(6)) {
+        assert!(start.elapsed() < Duration::from_secs(30), "deferred purge never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(guard.persisted.load(Ordering::SeqCst) >= 1, "persisted before purging");
+    assert_eq!(contents(&log).0, vec![7, 8, 9, 10]);
+    neighbours.iter().for_each(untouched);
+}
+
+/// 32 groups append in turn, each about 1/40 of the node budget per entry
+/// and 20 entries each (16 budgets in all): the recent entries of all
+/// groups stay within the one budget, and closing the groups frees them.
+#[test]
+fn recent_entries_of_many_groups_stay_within_the_node_budget() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let size = crate::store::codec::encode(&entry(1, 100)).len();
+    let max = 40 * size;
+    let engine = LogEngine::open_with(dir.path(), RecentBudget::new(max)).unwrap();
+    let mut logs: Vec<LogStore> = (0..32).map(|g| engine.group(GroupId(g), None).unwrap()).collect();
+    for i in 1..=20 {
+        for log in &mut logs {
+            rt.block_on(log.blocking_append([entry(i, 100)])).unwrap();
+            assert!(engine.recent_bytes() <= max, "{} over {max}", engine.recent_bytes());
+        }
+    }
+    assert!(engine.recent_bytes() >= 32 * size, "every group keeps its newest entry");
+    for log in &mut logs {
+        assert_eq!(rt.block_on(log.try_get_log_entries(1..21)).unwrap().len(), 20, "the rest from disk");
+    }
+    drop(logs);
+    assert_eq!(engine.recent_bytes(), 0, "closed groups give their bytes back");
+}

@@ -22,7 +22,7 @@ use std::sync::{mpsc, Arc, Mutex, Weak};
 use anyhow::Context;
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
 
-use super::codec::{encode, write_err};
+use super::codec::{decode, encode, read_err, write_err};
 use super::keys::*;
 use super::log_store::{Group, LogStore};
 use super::recent::RecentBudget;
@@ -203,7 +203,19 @@ impl Shared {
 }
 
 /// Removes `gid`'s entries up to `log_id` and records it as the last purged.
+/// Never moves the last purged id back: a purge runs either at once (in
+/// openraft's core loop) or later on the purger thread, and a deferred
+/// purge that finishes after a newer immediate one must not record the
+/// older id over it (the log would then claim entries it deleted).
 pub(super) fn purge_now(db: &DB, gid: GroupId, log_id: LogId) -> Result<(), StorageError> {
+    /// Orders the read-compare-write below between the two callers.
+    static PURGING: Mutex<()> = Mutex::new(());
+    let _purging = PURGING.lock().expect("purge lock");
+    let recorded = db.get_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_LAST_PURGED)).map_err(read_err)?;
+    let recorded: Option<LogId> = recorded.map(|b| decode(&b)).transpose().map_err(read_err)?;
+    if recorded.is_some_and(|r| r.index >= log_id.index) {
+        return Ok(());
+    }
     let mut batch = WriteBatch::default();
     batch.put_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_LAST_PURGED), encode(&log_id));
     batch.delete_range_cf(cf(db, CF_LOGS), &log_key(gid, 0)[..], &log_key_after(gid, log_id.index)[..]);

@@ -152,6 +152,15 @@ impl LogStore {
             if !range.contains(&index) || !budget.take(value.len()) {
                 break;
             }
+            // Entries are contiguous: a hole is corruption, never skipped
+            // (a follower sent entries after it would apply a gap).
+            let expected = entries.last().map_or(index, |e: &Entry| e.log_id.index + 1);
+            if index != expected {
+                return Err(read_err(std::io::Error::other(format!(
+                    "{}: log entry {expected} is missing (the next stored entry is {index})",
+                    self.group.gid
+                ))));
+            }
             entries.push(decode(&value).map_err(read_err)?);
         }
         Ok(entries)

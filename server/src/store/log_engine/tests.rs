@@ -125,6 +125,26 @@ fn truncate_purge_and_drop_touch_only_their_group() {
     untouched(&logs[3]);
 }
 
+/// A deferred purge that lands after a newer immediate one (the review's
+/// race: the purger thread flushed for 4 while the core loop purged 8 at
+/// once) keeps the newer mark: the log never claims entries it deleted.
+#[test]
+fn the_last_purged_id_never_moves_back() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = LogEngine::open(dir.path()).unwrap();
+    let mut log = filled(&rt, &engine, GroupId(3));
+    super::purge_now(&engine.shared.db, GroupId(3), log_id(8)).unwrap();
+    super::purge_now(&engine.shared.db, GroupId(3), log_id(4)).unwrap();
+    let (indexes, _, purged) = contents(&log);
+    assert_eq!((indexes, purged), (vec![9, 10], Some(log_id(8))));
+    let state = rt.block_on(log.get_log_state()).unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(8)));
+    // Reading across the purged range starts after it, never at a hole.
+    let entries = rt.block_on(log.try_get_log_entries(9..11)).unwrap();
+    assert_eq!(entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), [9, 10]);
+}
+
 /// A guard whose flushed state covers nothing until it is persisted.
 #[derive(Default)]
 struct Guard {

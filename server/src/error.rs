@@ -61,4 +61,12 @@ impl Error {
     }
 }
 
+/// Invalid input found by the core (`validate`): INVALID_ARGUMENT with the
+/// same field and reason.
+impl From<portrait_core::Invalid> for Error {
+    fn from(e: portrait_core::Invalid) -> Error {
+        Error::InvalidArgument { field: e.field, reason: e.reason }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -70,3 +70,15 @@ impl From<portrait_core::Invalid> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_invalid_input_keeps_field_reason_and_code() {
+        let e = Error::from(portrait_core::Invalid::new("user_id", "must not be empty").within("events[3]"));
+        assert_eq!(e.code(), "INVALID_ARGUMENT");
+        assert_eq!(e.to_string(), "events[3].user_id: must not be empty");
+    }
+}

@@ -61,4 +61,24 @@ impl Error {
     }
 }
 
+/// Invalid input found by the core (`validate`): INVALID_ARGUMENT with the
+/// same field and reason.
+impl From<portrait_core::Invalid> for Error {
+    fn from(e: portrait_core::Invalid) -> Error {
+        Error::InvalidArgument { field: e.field, reason: e.reason }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_invalid_input_keeps_field_reason_and_code() {
+        let e = Error::from(portrait_core::Invalid::new("user_id", "must not be empty").within("events[3]"));
+        assert_eq!(e.code(), "INVALID_ARGUMENT");
+        assert_eq!(e.to_string(), "events[3].user_id: must not be empty");
+    }
+}

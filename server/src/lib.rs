@@ -1,7 +1,10 @@
 //! The Portrait node: storage, raft, the ingest apply path, gRPC services.
 //!
 //! Layers, bottom-up (each only uses the ones before it):
-//! - [`model`], [`schema`], [`limits`], [`validate`]: domain types and rules, no I/O;
+//! - the `portrait-core` crate, re-exported under its module names
+//!   ([`model`], [`schema`], [`engine`], [`validate`], [`duration`]): domain
+//!   types and rules, the feature and tag engine; pure, no I/O. [`limits`]
+//!   adds the transport's limits to the core's;
 //! - [`store`]: RocksDB log store and state machine (no tonic);
 //! - [`raft`]: openraft wiring, the write batcher and the raft network;
 //! - [`service`]: gRPC adapters (validate, call one domain method, map the error);
@@ -15,22 +18,20 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+// The core's modules under the paths they had when they lived here.
+pub use portrait_core::{duration, engine, model, schema, validate};
+
 pub mod clock;
 pub mod config;
 pub mod daemon;
-pub mod duration;
-pub mod engine;
 pub mod error;
 pub mod join;
 pub mod limits;
-pub mod model;
 pub mod node;
 pub mod raft;
-pub mod schema;
 pub mod service;
 pub mod store;
 pub mod types;
-pub mod validate;
 
 /// Wall-clock milliseconds since the Unix epoch. Never used inside the state
 /// machine: apply takes its time from the log entry.

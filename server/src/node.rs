@@ -301,10 +301,7 @@ impl Node {
         check_names(("tags", "tag", MAX_TAGS), &sel.tags, |n| s.tags.contains_key(n), s.tags.keys())?;
         let selection = selection.deduped();
         for (i, u) in user_ids.iter().enumerate() {
-            validate_user_id(u).map_err(|e| match e {
-                Error::InvalidArgument { reason, .. } => Error::invalid(format!("user_ids[{i}]"), reason),
-                other => other,
-            })?;
+            validate_user_id(u).map_err(|e| Error::invalid(format!("user_ids[{i}]"), e.reason))?;
         }
         if consistency == Consistency::Linearizable {
             // The leadership check sends AppendEntries, which a transfer must not.

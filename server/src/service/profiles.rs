@@ -33,7 +33,7 @@ impl Profiles for ProfilesService {
     ) -> Result<Response<GetProfileResponse>, Status> {
         let req = request.into_inner();
         let consistency = consistency_from_pb(req.consistency)?;
-        validate_user_id(&req.user_id)?;
+        validate_user_id(&req.user_id).map_err(Error::from)?;
         let users = [req.user_id];
         let (mut views, info) = self
             .node

@@ -30,10 +30,11 @@ pub struct Event {
     pub attrs: Attrs,
 }
 
-#[cfg(test)]
 impl Event {
-    /// A `browse` `view` of user `u` at time 0, with no id and no attributes
-    /// (a fixture for the raft and log tests, which only count and size).
+    /// A `browse` `view` of user `u` at time 0, with no id and no attributes:
+    /// a fixture for the server's raft and log tests, which only count and
+    /// size. Not `cfg(test)`: those tests are in another crate.
+    #[doc(hidden)]
     pub fn bare() -> Event {
         Event {
             user_id: "u".into(),

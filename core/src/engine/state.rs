@@ -427,9 +427,12 @@ rule = 'aaa_orders >= 2 and trade.amount > 10'
         assert_eq!(e.tag_state(&state, "buyer").unwrap().value, Val::Bool(true));
         assert_eq!(e.tag_state(&state, "big").unwrap().value, Val::Bool(true));
         assert_eq!(e.tag_state(&state, "nope"), None);
-        let encoded = crate::store::codec::encode_compact(&state);
+        // Compact bincode (varint integers), as the server's store writes it.
+        use bincode::Options;
+        let compact = || bincode::DefaultOptions::new().with_varint_encoding();
+        let encoded = compact().serialize(&state).unwrap();
         assert!(!encoded.windows(3).any(|w| w == b"big"), "names are not stored");
-        let decoded: UserState = crate::store::codec::decode_compact(&encoded).unwrap();
+        let decoded: UserState = compact().deserialize(&encoded).unwrap();
         assert_eq!(decoded, state);
     }
 

@@ -3,18 +3,20 @@
 //! check) and again at apply against the schema in force (without clock
 //! checks, so apply stays deterministic).
 
-use crate::error::{Error, Result};
+use crate::error::Invalid;
 use crate::limits::*;
 use crate::model::{Event, Value};
 use crate::schema::Schema;
 
+type Result<T, E = Invalid> = std::result::Result<T, E>;
+
 /// Checks a whole request; the first error names `events[i].field`.
 pub fn validate_request(events: &[Event], schema: &Schema, now_ms: Option<i64>) -> Result<()> {
     if events.is_empty() {
-        return Err(Error::invalid("events", "must not be empty"));
+        return Err(Invalid::new("events", "must not be empty"));
     }
     if events.len() > MAX_EVENTS_PER_REQUEST {
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             "events",
             format!("{} events is over the limit of {MAX_EVENTS_PER_REQUEST} per request", events.len()),
         ));
@@ -30,22 +32,22 @@ pub fn validate_event(event: &Event, schema: &Schema, now_ms: Option<i64>) -> Re
     validate_user_id(&event.user_id)?;
     if schema.family(&event.family).is_none() {
         let reason = format!("unknown family {:?} (schema has: {})", event.family, schema.family_list());
-        return Err(Error::invalid("family", reason));
+        return Err(Invalid::new("family", reason));
     }
     check_len(|| "type", &event.event_type, MAX_EVENT_TYPE_BYTES)?;
     check_len(|| "event_id", &event.event_id, MAX_EVENT_ID_BYTES)?;
     if event.time_ms <= 0 {
-        return Err(Error::invalid("event_time_ms", "required: milliseconds since the Unix epoch"));
+        return Err(Invalid::new("event_time_ms", "required: milliseconds since the Unix epoch"));
     }
     if event.time_ms < MIN_EVENT_TIME_MS {
-        return Err(Error::invalid("event_time_ms", format!("{} is before 2000-01-01", event.time_ms)));
+        return Err(Invalid::new("event_time_ms", format!("{} is before 2000-01-01", event.time_ms)));
     }
     if let Some(now) = now_ms {
         if event.time_ms > now.saturating_add(MAX_FUTURE_SKEW_MS) {
             let ahead = event.time_ms - now;
             let reason =
                 format!("{ahead} ms in the future; at most {MAX_FUTURE_SKEW_MS} ms ahead is accepted");
-            return Err(Error::invalid("event_time_ms", reason));
+            return Err(Invalid::new("event_time_ms", reason));
         }
     }
     validate_attrs(event)
@@ -54,11 +56,11 @@ pub fn validate_event(event: &Event, schema: &Schema, now_ms: Option<i64>) -> Re
 /// A user id: 1..=256 bytes, no control characters.
 pub fn validate_user_id(user_id: &str) -> Result<()> {
     if user_id.is_empty() {
-        return Err(Error::invalid("user_id", "must not be empty"));
+        return Err(Invalid::new("user_id", "must not be empty"));
     }
     check_len(|| "user_id", user_id, MAX_USER_ID_BYTES)?;
     if user_id.chars().any(char::is_control) {
-        return Err(Error::invalid("user_id", "must not contain control characters"));
+        return Err(Invalid::new("user_id", "must not contain control characters"));
     }
     Ok(())
 }
@@ -66,11 +68,11 @@ pub fn validate_user_id(user_id: &str) -> Result<()> {
 fn validate_attrs(event: &Event) -> Result<()> {
     if event.attrs.len() > MAX_ATTRS_PER_EVENT {
         let reason = format!("{} attributes is over the limit of {MAX_ATTRS_PER_EVENT}", event.attrs.len());
-        return Err(Error::invalid("attrs", reason));
+        return Err(Invalid::new("attrs", reason));
     }
     for (name, value) in &event.attrs {
         if name.is_empty() {
-            return Err(Error::invalid("attrs", "attribute names must not be empty"));
+            return Err(Invalid::new("attrs", "attribute names must not be empty"));
         }
         // The field path is built only for an error: this runs for every
         // attribute of every event, twice (at the API and at apply).
@@ -79,7 +81,7 @@ fn validate_attrs(event: &Event) -> Result<()> {
         match value {
             Value::Str(s) => check_len(field, s, MAX_STRING_VALUE_BYTES)?,
             Value::Float(f) if !f.is_finite() => {
-                return Err(Error::invalid(field(), "must be a finite number"))
+                return Err(Invalid::new(field(), "must be a finite number"))
             }
             _ => {}
         }
@@ -89,7 +91,7 @@ fn validate_attrs(event: &Event) -> Result<()> {
 
 fn check_len<F: Into<String>>(field: impl FnOnce() -> F, text: &str, max: usize) -> Result<()> {
     if text.len() > max {
-        return Err(Error::invalid(field(), format!("{} bytes is over the limit of {max}", text.len())));
+        return Err(Invalid::new(field(), format!("{} bytes is over the limit of {max}", text.len())));
     }
     Ok(())
 }

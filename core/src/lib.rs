@@ -1,0 +1,20 @@
+//! Portrait's core: the domain model, the schema, the feature and tag engine
+//! with its rule language, and the validation of input against the limits.
+//!
+//! Pure: no I/O, no clocks (callers pass the time), no RocksDB, no tonic, no
+//! async runtime, and nothing else of Portrait's. The server (store, raft,
+//! services) builds on it; the fuzz target (`server/fuzz`) uses it directly.
+//!
+//! Modules, bottom-up: [`duration`], [`limits`], [`model`], [`error`],
+//! [`schema`], [`validate`], [`engine`] (with [`engine::expr`], the rule
+//! language).
+
+pub mod duration;
+pub mod engine;
+pub mod error;
+pub mod limits;
+pub mod model;
+pub mod schema;
+pub mod validate;
+
+pub use error::Invalid;

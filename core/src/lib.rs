@@ -7,7 +7,7 @@
 //!
 //! Modules, bottom-up: [`duration`], [`limits`], [`model`], [`error`],
 //! [`schema`], [`validate`], [`engine`] (with [`engine::expr`], the rule
-//! language).
+//! language), [`shard`] (the shard of a user, the shard map, placement).
 
 pub mod duration;
 pub mod engine;
@@ -15,6 +15,7 @@ pub mod error;
 pub mod limits;
 pub mod model;
 pub mod schema;
+pub mod shard;
 pub mod validate;
 
 pub use error::Invalid;

@@ -1,0 +1,310 @@
+//! Shards: which shard a user belongs to, the cluster's shard map (nodes,
+//! and the replicas each shard should have) and placement (where new
+//! replicas go). See docs/shards.md.
+//!
+//! Pure and deterministic: the shard map is the state of the meta raft
+//! group, so every function here gives the same answer on every replica
+//! (ordered maps, ties broken by node id, no hashing of our own but the
+//! shard hash).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// A node's id (the raft node id).
+pub type NodeId = u64;
+
+/// Shards a cluster may have at most: the shard map and per-shard tables
+/// (clocks, leaders) are sized by it, and a shard id must fit a `u16` in
+/// client caches.
+pub const MAX_SHARDS: u32 = 4_096;
+/// Shards of a new cluster unless `--shards` says otherwise (docs/shards.md
+/// explains the choice).
+pub const DEFAULT_SHARDS: u32 = 64;
+/// Replicas per shard a new cluster aims for (fewer while it has fewer
+/// nodes).
+pub const DEFAULT_REPLICATION: u32 = 3;
+/// Replication factor at most: a shard's raft group stays small.
+pub const MAX_REPLICATION: u32 = 7;
+
+/// The shard of `user_id` among `shards`: `xxh3_64(utf8(user_id), seed 0)
+/// mod shards`. Stable across versions and languages (docs/shards.md); it
+/// is not the FNV-1a hash apply uses to spread a shard's users over its
+/// threads, so one shard's users still spread over all of them.
+pub fn shard_of(user_id: &str, shards: u32) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(user_id.as_bytes()) % u64::from(shards.max(1))) as u32
+}
+
+/// Checks a shard count and replication factor for a new cluster.
+pub fn check_layout(shards: u32, replication: u32) -> Result<(), String> {
+    if !(1..=MAX_SHARDS).contains(&shards) {
+        return Err(format!("shards: {shards} is outside 1..={MAX_SHARDS}"));
+    }
+    if !(1..=MAX_REPLICATION).contains(&replication) {
+        return Err(format!("replication: {replication} is outside 1..={MAX_REPLICATION}"));
+    }
+    Ok(())
+}
+
+/// A node as the shard map knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    /// Where peers and clients reach it (`http://host:port`).
+    pub addr: String,
+}
+
+/// The cluster's layout: its nodes and the replicas each shard should
+/// have. The meta group replicates it; `epoch` grows with every change, so
+/// a client or node holding an older map can tell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardMap {
+    pub epoch: u64,
+    /// `S`, fixed at creation.
+    pub shards: u32,
+    /// The replication factor aimed for (`RF`); a shard has
+    /// min(RF, nodes) replicas.
+    pub replication: u32,
+    pub nodes: BTreeMap<NodeId, NodeEntry>,
+    /// Per shard, its replicas' nodes (distinct), in the order they were
+    /// added.
+    pub replicas: Vec<Vec<NodeId>>,
+}
+
+/// A change of the shard map (a meta group command's effect).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MapChange {
+    /// A node joins (or changes its address).
+    AddNode { node: NodeId, addr: String },
+    /// `node` should host a replica of `shard`.
+    AddReplica { shard: u32, node: NodeId },
+}
+
+impl ShardMap {
+    /// A new cluster's map: one node hosting every shard.
+    pub fn create(shards: u32, replication: u32, node: NodeId, addr: &str) -> Result<ShardMap, String> {
+        check_layout(shards, replication)?;
+        Ok(ShardMap {
+            epoch: 1,
+            shards,
+            replication,
+            nodes: BTreeMap::from([(node, NodeEntry { addr: addr.to_string() })]),
+            replicas: vec![vec![node]; shards as usize],
+        })
+    }
+
+    /// The shard `user_id` belongs to.
+    pub fn shard_of(&self, user_id: &str) -> u32 {
+        shard_of(user_id, self.shards)
+    }
+
+    /// Replicas a shard should have now: min(RF, nodes).
+    pub fn target_replicas(&self) -> usize {
+        (self.replication as usize).min(self.nodes.len())
+    }
+
+    /// Shards with a replica on `node`, in shard order.
+    pub fn hosted_by(&self, node: NodeId) -> Vec<u32> {
+        (0..self.shards).filter(|&s| self.replicas[s as usize].contains(&node)).collect()
+    }
+
+    /// Replicas per node (every node of the map, also those with none).
+    pub fn load(&self) -> BTreeMap<NodeId, usize> {
+        let mut load: BTreeMap<NodeId, usize> = self.nodes.keys().map(|&n| (n, 0)).collect();
+        for node in self.replicas.iter().flatten() {
+            *load.entry(*node).or_default() += 1;
+        }
+        load
+    }
+
+    /// Applies `change`; an invalid one is refused and changes nothing.
+    /// Every applied change moves the epoch on.
+    pub fn apply(&mut self, change: &MapChange) -> Result<(), String> {
+        match change {
+            MapChange::AddNode { node, addr } => {
+                if addr.is_empty() {
+                    return Err(format!("node {node}: an address is required"));
+                }
+                self.nodes.insert(*node, NodeEntry { addr: addr.clone() });
+            }
+            MapChange::AddReplica { shard, node } => {
+                let replicas = self.replicas.get_mut(*shard as usize).ok_or_else(|| {
+                    format!("shard {shard} does not exist (the cluster has {})", self.shards)
+                })?;
+                if !self.nodes.contains_key(node) {
+                    return Err(format!("node {node} is not in the cluster"));
+                }
+                if replicas.contains(node) {
+                    return Err(format!("shard {shard} already has a replica on node {node}"));
+                }
+                replicas.push(*node);
+            }
+        }
+        self.epoch += 1;
+        Ok(())
+    }
+
+    /// The next replicas to add so that every shard reaches
+    /// [`ShardMap::target_replicas`] on distinct nodes, at most `limit` of
+    /// them (placement moves a few replicas at a time). Each goes to the
+    /// node with the fewest replicas (counting the ones planned before it)
+    /// that does not host the shard yet, the lowest node id among equals;
+    /// shards are served in order of how far they are from the target,
+    /// then by shard id.
+    pub fn plan_additions(&self, limit: usize) -> Vec<MapChange> {
+        let target = self.target_replicas();
+        let mut load = self.load();
+        let mut short: Vec<(usize, u32)> = (0..self.shards)
+            .filter_map(|s| {
+                let have = self.replicas[s as usize].len();
+                (have < target).then_some((have, s))
+            })
+            .collect();
+        short.sort();
+        let mut planned = Vec::new();
+        let mut placed: BTreeMap<u32, BTreeSet<NodeId>> = BTreeMap::new();
+        // Round-robin over the short shards, one replica each per round, so
+        // a limited plan raises the worst shards first.
+        while planned.len() < limit {
+            let mut progressed = false;
+            for &(have, shard) in &short {
+                if planned.len() == limit {
+                    break;
+                }
+                let extra = placed.get(&shard).map_or(0, BTreeSet::len);
+                if have + extra >= target {
+                    continue;
+                }
+                let hosts = &self.replicas[shard as usize];
+                let taken = placed.entry(shard).or_default();
+                let candidate = load
+                    .iter()
+                    .filter(|(n, _)| !hosts.contains(n) && !taken.contains(n))
+                    .min_by_key(|(n, l)| (**l, **n))
+                    .map(|(n, _)| *n);
+                if let Some(node) = candidate {
+                    taken.insert(node);
+                    *load.get_mut(&node).expect("a node of the map") += 1;
+                    planned.push(MapChange::AddReplica { shard, node });
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        planned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shard_hash_is_xxh3_and_stable() {
+        // Reference values of XXH3-64 (seed 0): any client must agree.
+        assert_eq!(xxhash_rust::xxh3::xxh3_64(b""), 0x2d06_8005_38d3_94c2);
+        assert_eq!(shard_of("", 64), (0x2d06_8005_38d3_94c2u64 % 64) as u32);
+        assert_eq!(shard_of("u1", 1), 0);
+        for s in [1, 2, 16, 64, MAX_SHARDS] {
+            assert!(shard_of("user-42", s) < s);
+        }
+    }
+
+    #[test]
+    fn users_spread_evenly_and_independently_of_the_apply_split() {
+        // 64,000 users over 64 shards: every shard within 15 % of 1,000.
+        let mut per_shard = vec![0u32; 64];
+        // ... and inside one shard, FNV-1a mod 2 (the apply threads) still
+        // splits its users about in half.
+        let mut threads = [0u32; 2];
+        for u in 0..64_000 {
+            let user = format!("user-{u}");
+            let s = shard_of(&user, 64);
+            per_shard[s as usize] += 1;
+            if s == 7 {
+                let fnv = user
+                    .bytes()
+                    .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+                threads[(fnv % 2) as usize] += 1;
+            }
+        }
+        assert!(per_shard.iter().all(|&n| (850..=1150).contains(&n)), "{per_shard:?}");
+        let shard7 = threads[0] + threads[1];
+        assert!(threads.iter().all(|&t| t * 10 >= shard7 * 4), "{threads:?}");
+    }
+
+    #[test]
+    fn layouts_outside_the_limits_are_refused() {
+        assert!(check_layout(64, 3).is_ok());
+        assert_eq!(check_layout(0, 3).unwrap_err(), "shards: 0 is outside 1..=4096");
+        assert!(check_layout(MAX_SHARDS + 1, 3).is_err());
+        assert_eq!(check_layout(16, 0).unwrap_err(), "replication: 0 is outside 1..=7");
+        assert!(ShardMap::create(0, 3, 1, "http://a").is_err());
+    }
+
+    fn join(map: &mut ShardMap, node: NodeId) {
+        map.apply(&MapChange::AddNode { node, addr: format!("http://n{node}") }).unwrap();
+    }
+
+    fn place_all(map: &mut ShardMap) {
+        loop {
+            let plan = map.plan_additions(5);
+            if plan.is_empty() {
+                return;
+            }
+            plan.iter().for_each(|c| map.apply(c).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_single_node_cluster_reaches_rf_3_as_two_nodes_join() {
+        let mut map = ShardMap::create(16, 3, 1, "http://n1").unwrap();
+        assert_eq!(map.target_replicas(), 1);
+        assert!(map.plan_additions(100).is_empty(), "one node: nothing to add");
+        join(&mut map, 2);
+        assert_eq!(map.plan_additions(100).len(), 16);
+        join(&mut map, 3);
+        place_all(&mut map);
+        assert!(map.replicas.iter().all(|r| r.len() == 3 && r.iter().collect::<BTreeSet<_>>().len() == 3));
+        assert_eq!(map.load().values().collect::<Vec<_>>(), [&16, &16, &16]);
+        // A fourth node: RF is met, nothing moves (balancing is elastic scaling's).
+        join(&mut map, 4);
+        assert!(map.plan_additions(100).is_empty());
+    }
+
+    #[test]
+    fn new_replicas_go_to_the_least_loaded_nodes_a_few_at_a_time() {
+        let mut map = ShardMap::create(64, 3, 1, "http://n1").unwrap();
+        for n in 2..=5 {
+            join(&mut map, n);
+        }
+        let epoch = map.epoch;
+        let first = map.plan_additions(4);
+        assert_eq!(first.len(), 4);
+        // Planning is a pure function of the map: the same plan every time.
+        assert_eq!(first, map.plan_additions(4));
+        assert_eq!(map.epoch, epoch, "planning changes nothing");
+        place_all(&mut map);
+        let load = map.load();
+        // 192 replicas over 5 nodes; node 1 has all 64, the rest share 128.
+        assert_eq!(load[&1], 64);
+        assert!(load.values().skip(1).all(|&l| l == 32), "{load:?}");
+    }
+
+    #[test]
+    fn invalid_changes_are_refused_and_change_nothing() {
+        let mut map = ShardMap::create(4, 3, 1, "http://n1").unwrap();
+        let before = map.clone();
+        let e = map.apply(&MapChange::AddReplica { shard: 9, node: 1 }).unwrap_err();
+        assert_eq!(e, "shard 9 does not exist (the cluster has 4)");
+        let e = map.apply(&MapChange::AddReplica { shard: 0, node: 2 }).unwrap_err();
+        assert_eq!(e, "node 2 is not in the cluster");
+        let e = map.apply(&MapChange::AddReplica { shard: 0, node: 1 }).unwrap_err();
+        assert_eq!(e, "shard 0 already has a replica on node 1");
+        assert!(map.apply(&MapChange::AddNode { node: 2, addr: String::new() }).is_err());
+        assert_eq!(map, before);
+        assert_eq!(map.hosted_by(1), [0, 1, 2, 3]);
+        assert_eq!(map.shard_of("u1"), shard_of("u1", 4));
+    }
+}

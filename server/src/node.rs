@@ -29,7 +29,7 @@ use crate::raft::clock_probe::ClockProbe;
 use crate::raft::contact::{freshness, Freshness, LeaderContact, PeerAcks};
 use crate::raft::elect::ElectSwitch;
 use crate::raft::gate::ProposalGate;
-use crate::raft::network::{Blocked, Network};
+use crate::raft::network::{Blocked, Channels, Network};
 use crate::raft::stamp::Stamper;
 use crate::raft::transfer::LeaderTransfer;
 use crate::raft::{client_write_error, not_leader, RaftTuning};
@@ -106,6 +106,8 @@ pub struct NodeStatus {
 
 pub struct Node {
     pub id: NodeId,
+    /// The raft group this node runs (one, until the group registry).
+    group: GroupId,
     /// The address recorded for this node in the membership when it joins.
     pub advertise: String,
     raft: Raft,
@@ -148,7 +150,7 @@ impl Node {
         let log_bytes = log.log_bytes();
         let state_machine = StateMachine::new(sm.clone(), &opts.data_dir)?;
         let config = Arc::new(opts.tuning.openraft_config()?);
-        let network = Network::default();
+        let network = Network::new(GroupId(0), Channels::default(), Blocked::default());
         let (blocked, acks) = (network.blocked.clone(), network.acks.clone());
         let raft = Raft::new(opts.node_id, config, network, log, state_machine).await?;
         if opts.bootstrap && !raft.is_initialized().await? {
@@ -184,6 +186,7 @@ impl Node {
         });
         let transfer = Arc::new(LeaderTransfer::new(
             opts.node_id,
+            GroupId(0),
             raft.clone(),
             gate.clone(),
             blocked.clone(),
@@ -202,6 +205,7 @@ impl Node {
         tasks.spawn("clock probe", |stop| probe.run(stop));
         Ok(Arc::new(Node {
             id: opts.node_id,
+            group: GroupId(0),
             advertise: opts.advertise.clone(),
             raft,
             sm,

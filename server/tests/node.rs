@@ -715,3 +715,23 @@ async fn reads_validate_user_ids() {
     assert_eq!(at_limit.profiles.len(), MAX_BATCH_GET_USERS);
     assert!(at_limit.profiles.iter().all(|p| !p.found));
 }
+
+/// A raft message for a group the node hosts no replica of is refused with
+/// NOT_FOUND naming the node and the group (the sender takes the replica as
+/// unreachable); an undecodable one with INVALID_ARGUMENT naming `data`.
+#[tokio::test]
+async fn raft_messages_for_a_group_this_node_does_not_host_are_refused() {
+    use portrait_client::portrait_proto::v1::raft_client::RaftClient;
+    use portrait_client::portrait_proto::v1::RaftPayload;
+    let node = TestNode::start().await;
+    let mut raft = RaftClient::connect(node.endpoint()).await.expect("connect");
+    let vote = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(1, 9), None);
+    let data = bincode::serialize(&vote).unwrap();
+    let status = raft.vote(RaftPayload { data: data.clone(), group: 5 }).await.expect_err("not hosted");
+    assert_eq!((status.code(), status.message()), (Code::NotFound, "node 1 hosts no replica of shard 5"));
+    let status = raft.vote(RaftPayload { data, group: u32::MAX }).await.expect_err("not hosted");
+    assert_eq!(status.message(), "node 1 hosts no replica of meta");
+    let status = raft.vote(RaftPayload { data: vec![1, 2], group: 0 }).await.expect_err("garbage");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("data: undecodable raft message"), "{}", status.message());
+}

@@ -11,7 +11,7 @@ use openraft::{BasicNode, ServerState};
 use super::Node;
 use crate::error::{Error, Result};
 use crate::raft::client_write_error;
-use crate::types::{NodeId, TypeConfig};
+use crate::types::{GroupId, NodeId, TypeConfig};
 
 /// Membership changes (leader only).
 impl Node {
@@ -88,7 +88,14 @@ impl Node {
 
     /// On the transfer's target: campaigns now if this node is a voter in
     /// `term` whose log reaches `last_log_index` (only checks, if `dry_run`).
-    pub async fn start_election(&self, term: u64, last_log_index: u64, dry_run: bool) -> Result<()> {
+    pub async fn start_election(
+        &self,
+        group: GroupId,
+        term: u64,
+        last_log_index: u64,
+        dry_run: bool,
+    ) -> Result<()> {
+        self.hosted(group)?;
         let m = self.raft.metrics().borrow().clone();
         let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
         if !voters.contains(&self.id) {
@@ -126,8 +133,10 @@ impl Node {
     /// `Err`: dropped by fault injection (the sender sees the node unreachable).
     pub async fn append_entries(
         &self,
+        group: GroupId,
         req: AppendEntriesRequest<TypeConfig>,
     ) -> Result<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+        self.hosted(group)?;
         let commit = req.leader_commit.map(|l| l.index);
         if !req.entries.is_empty() {
             if let Some(from) = self.dropped_sender(&req.vote) {
@@ -147,16 +156,20 @@ impl Node {
     /// A vote request from a candidate.
     pub async fn vote(
         &self,
+        group: GroupId,
         req: openraft::raft::VoteRequest<NodeId>,
-    ) -> std::result::Result<openraft::raft::VoteResponse<NodeId>, RaftError<NodeId>> {
-        self.raft.vote(req).await
+    ) -> Result<std::result::Result<openraft::raft::VoteResponse<NodeId>, RaftError<NodeId>>> {
+        self.hosted(group)?;
+        Ok(self.raft.vote(req).await)
     }
 
     /// `Err`: dropped by fault injection.
     pub async fn install_snapshot(
         &self,
+        group: GroupId,
         req: InstallSnapshotRequest<TypeConfig>,
     ) -> Result<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
+        self.hosted(group)?;
         if let Some(from) = self.dropped_sender(&req.vote) {
             return Err(dropped(from));
         }
@@ -165,6 +178,15 @@ impl Node {
             self.contact.heard(None);
         }
         Ok(result)
+    }
+
+    /// Refuses a message for a raft group this node hosts no replica of
+    /// (NOT_FOUND, which the sender takes as that replica unreachable).
+    fn hosted(&self, group: GroupId) -> Result<()> {
+        match group == self.group {
+            true => Ok(()),
+            false => Err(Error::NotFound(format!("node {} hosts no replica of {group}", self.id))),
+        }
     }
 
     /// The sender of a message carrying `vote`, if its log entries are

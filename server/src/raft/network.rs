@@ -1,5 +1,7 @@
 //! The raft network: openraft RPCs to peers over the internal `Raft` gRPC
-//! service, payloads encoded with bincode. Connections are made lazily and
+//! service, payloads encoded with bincode and tagged with their raft group.
+//! All groups of a node share one connection per peer node ([`Channels`]:
+//! one HTTP/2 connection carries every shard's messages), made lazily and
 //! re-made after a failure.
 //!
 //! Size: replication reads at most `MAX_APPEND_ENTRIES_BYTES` of entries per
@@ -19,6 +21,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use openraft::BasicNode;
@@ -31,18 +34,55 @@ use super::contact::PeerAcks;
 use crate::error::Error;
 use crate::limits::{MAX_APPEND_ENTRIES_BYTES, MAX_RAFT_MESSAGE_BYTES};
 use crate::store::codec::{decode, encode};
-use crate::types::{NodeId, TypeConfig};
+use crate::types::{GroupId, NodeId, TypeConfig};
 
 /// Peers this node must not send raft messages to (fault injection; empty
 /// unless built with the cargo feature `fault-injection`).
 pub use super::fault::Blocked;
 
-/// Creates a [`Peer`] per target node.
+/// The node's connections to its peers, by address, shared by all of its
+/// raft groups.
 #[derive(Clone, Default)]
+pub struct Channels(Arc<std::sync::Mutex<HashMap<String, RaftClient<Channel>>>>);
+
+impl Channels {
+    /// The client for `addr`, connecting lazily on first use.
+    fn get(&self, addr: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+        let mut map = self.0.lock().expect("channels lock");
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let client = RaftClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+        map.insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Drops the connection to `addr` after a transport failure: the next
+    /// call of any group connects anew.
+    fn reset(&self, addr: &str) {
+        self.0.lock().expect("channels lock").remove(addr);
+    }
+}
+
+/// Creates a [`Peer`] per target node for one raft group.
+#[derive(Clone)]
 pub struct Network {
+    pub group: GroupId,
+    pub channels: Channels,
     pub blocked: Blocked,
     /// When each peer last acknowledged an AppendEntries.
     pub acks: Arc<PeerAcks>,
+}
+
+impl Network {
+    pub fn new(group: GroupId, channels: Channels, blocked: Blocked) -> Network {
+        Network { group, channels, blocked, acks: Arc::default() }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -51,19 +91,21 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
         Peer {
             target,
+            group: self.group,
             addr: node.addr.clone(),
-            client: None,
+            channels: self.channels.clone(),
             blocked: self.blocked.clone(),
             acks: self.acks.clone(),
         }
     }
 }
 
-/// The connection to one peer.
+/// One group's messages to one peer.
 pub struct Peer {
     target: NodeId,
+    group: GroupId,
     addr: String,
-    client: Option<RaftClient<Channel>>,
+    channels: Channels,
     blocked: Blocked,
     acks: Arc<PeerAcks>,
 }
@@ -72,18 +114,7 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftE
 
 impl Peer {
     fn client<E: std::error::Error>(&mut self) -> Result<RaftClient<Channel>, RpcErr<E>> {
-        if let Some(c) = &self.client {
-            return Ok(c.clone());
-        }
-        let endpoint = tonic::transport::Endpoint::from_shared(self.addr.clone())
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .tcp_nodelay(true);
-        let client = RaftClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
-        self.client = Some(client.clone());
-        Ok(client)
+        self.channels.get(&self.addr).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 
     /// Sends one encoded call and decodes the peer's `Result<Resp, RaftError<E>>`.
@@ -109,7 +140,7 @@ impl Peer {
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         }
         let client = self.client()?;
-        let mut request = tonic::Request::new(RaftPayload { data });
+        let mut request = tonic::Request::new(RaftPayload { data, group: self.group.0 });
         request.set_timeout(option.hard_ttl());
         let response = match f(client, request).await {
             Ok(r) => r.into_inner(),
@@ -117,8 +148,13 @@ impl Peer {
                 tracing::error!(peer = self.target, error = %status, "raft message too large for the transport");
                 return Err(too_large(&status));
             }
+            // The peer does not host this group (yet, or any more): the
+            // node is up, the group's replica is not.
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
+            }
             Err(status) => {
-                self.client = None;
+                self.channels.reset(&self.addr);
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
             }
         };
@@ -280,7 +316,7 @@ mod tests {
     fn peer() -> Peer {
         // Nothing listens there: a request that is sent fails as unreachable.
         let node = BasicNode::new("http://127.0.0.1:1");
-        let mut network = Network::default();
+        let mut network = Network::new(GroupId(0), Channels::default(), Blocked::default());
         futures::executor::block_on(network.new_client(2, &node))
     }
 

@@ -45,7 +45,7 @@ use super::gate::ProposalGate;
 use super::network::{Blocked, ElectionPeer};
 use super::RaftTuning;
 use crate::error::{Error, Result};
-use crate::types::{NodeId, Raft};
+use crate::types::{GroupId, NodeId, Raft};
 
 type Metrics = RaftMetrics<NodeId, BasicNode>;
 
@@ -58,6 +58,7 @@ const SETTLE: Duration = Duration::from_secs(5);
 /// Runs transfers on the leader (one at a time).
 pub struct LeaderTransfer {
     me: NodeId,
+    group: GroupId,
     raft: Raft,
     gate: ProposalGate,
     blocked: Blocked,
@@ -66,8 +67,15 @@ pub struct LeaderTransfer {
 }
 
 impl LeaderTransfer {
-    pub fn new(me: NodeId, raft: Raft, gate: ProposalGate, blocked: Blocked, tuning: RaftTuning) -> Self {
-        LeaderTransfer { me, raft, gate, blocked, tuning, running: tokio::sync::Mutex::new(()) }
+    pub fn new(
+        me: NodeId,
+        group: GroupId,
+        raft: Raft,
+        gate: ProposalGate,
+        blocked: Blocked,
+        tuning: RaftTuning,
+    ) -> Self {
+        LeaderTransfer { me, group, raft, gate, blocked, tuning, running: tokio::sync::Mutex::new(()) }
     }
 
     /// Moves leadership from this node (the leader) to voter `target` at
@@ -84,6 +92,7 @@ impl LeaderTransfer {
             term,
             last_log_index,
             dry_run,
+            group: self.group.0,
         };
         // 1. The target is reachable and a voter in this term.
         let mut peer = ElectionPeer::connect(target, addr, self.blocked.clone()).await?;

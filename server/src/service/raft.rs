@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::node::Node;
 use crate::store::codec::{decode, encode};
+use crate::types::GroupId;
 
 pub struct RaftService {
     node: Arc<Node>,
@@ -24,27 +25,33 @@ impl RaftService {
     }
 }
 
-fn decode_req<T: DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
-    decode(&req.into_inner().data)
-        .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
+/// The message's raft group and its decoded openraft request.
+fn decode_req<T: DeserializeOwned>(req: Request<RaftPayload>) -> Result<(GroupId, T), Status> {
+    let payload = req.into_inner();
+    let message = decode(&payload.data)
+        .map_err(|e| Status::invalid_argument(format!("data: undecodable raft message: {e}")))?;
+    Ok((GroupId(payload.group), message))
 }
 
 fn reply<T: serde::Serialize>(result: T) -> Result<Response<RaftPayload>, Status> {
-    Ok(Response::new(RaftPayload { data: encode(&result) }))
+    Ok(Response::new(RaftPayload { data: encode(&result), group: 0 }))
 }
 
 #[tonic::async_trait]
 impl Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        reply(self.node.append_entries(decode_req(req)?).await?)
+        let (group, req) = decode_req(req)?;
+        reply(self.node.append_entries(group, req).await?)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        reply(self.node.vote(decode_req(req)?).await)
+        let (group, req) = decode_req(req)?;
+        reply(self.node.vote(group, req).await?)
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        reply(self.node.install_snapshot(decode_req(req)?).await?)
+        let (group, req) = decode_req(req)?;
+        reply(self.node.install_snapshot(group, req).await?)
     }
 
     async fn start_election(
@@ -53,7 +60,7 @@ impl Raft for RaftService {
     ) -> Result<Response<StartElectionResponse>, Status> {
         let req = req.into_inner();
         tracing::debug!(leader = req.leader_id, term = req.term, dry_run = req.dry_run, "StartElection");
-        self.node.start_election(req.term, req.last_log_index, req.dry_run).await?;
+        self.node.start_election(GroupId(req.group), req.term, req.last_log_index, req.dry_run).await?;
         Ok(Response::new(StartElectionResponse {}))
     }
 

@@ -35,8 +35,8 @@ use crate::raft::transfer::LeaderTransfer;
 use crate::raft::{client_write_error, not_leader, RaftTuning};
 use crate::schema::VersionedSchema;
 use crate::store::read::{distinct_ids, read_profile, ProfileView, Selection};
-use crate::store::{LogStore, SmStore, StateMachine};
-use crate::types::{Command, CommandResult, NodeId, Raft};
+use crate::store::{GroupState, LogStore, StateDb, StateMachine};
+use crate::types::{Command, CommandResult, GroupId, NodeId, Raft};
 use crate::validate::{validate_request, validate_user_id};
 
 /// How to start a node.
@@ -109,7 +109,8 @@ pub struct Node {
     /// The address recorded for this node in the membership when it joins.
     pub advertise: String,
     raft: Raft,
-    sm: Arc<SmStore>,
+    /// Group 0's state: the node runs one raft group (shards come next).
+    sm: Arc<GroupState>,
     batcher: WriteBatcher,
     /// Every proposal passes it; a leadership transfer closes it.
     gate: ProposalGate,
@@ -138,7 +139,7 @@ impl Node {
     /// Opens the stores, starts raft and, for a new single node, bootstraps.
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
         std::fs::create_dir_all(&opts.data_dir)?;
-        let sm = SmStore::open(&opts.data_dir)?;
+        let sm = StateDb::open(&opts.data_dir)?.open_group(GroupId(0))?;
         let log = LogStore::open(&opts.data_dir, Some(sm.clone()))?;
         let log_bytes = log.log_bytes();
         let state_machine = StateMachine::new(sm.clone(), &opts.data_dir)?;
@@ -314,12 +315,12 @@ impl Node {
         // until its reads are done.
         let permit = READS.acquire().await.map_err(Error::internal)?;
         let now = self.clock.now_ms();
-        let db = self.sm.db();
+        let (db, gid) = (self.sm.db(), self.sm.gid());
         let read = move || {
             let _permit = permit;
             unique
                 .iter()
-                .map(|user| read_profile(&db, &schema.schema, &engine, user, &selection, now))
+                .map(|user| read_profile(&db, gid, &schema.schema, &engine, user, &selection, now))
                 .collect::<std::result::Result<Vec<_>, _>>()
         };
         let views =

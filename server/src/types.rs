@@ -26,6 +26,21 @@ pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNo
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
 pub type StorageError = openraft::StorageError<NodeId>;
 
+/// A raft group on this node: a shard (`0..S`) or the meta group.
+#[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct GroupId(pub u32);
+
+impl GroupId {
+    /// The meta group (nodes, shard map, schema).
+    pub const META: GroupId = GroupId(u32::MAX);
+}
+
+impl std::fmt::Display for GroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// A state-machine command. Every field the apply needs is in the entry:
 /// `stamp_ms` is the leader's clock when it proposed the entry, the only time
 /// apply ever uses.

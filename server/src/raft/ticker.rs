@@ -56,7 +56,7 @@ async fn round(raft: &Raft, sm: &SmStore, gate: &ProposalGate, stamper: &Stamper
             Ok(stamp) => stamp,
             Err(e) => return tracing::debug!(error = %e, "no tick: the clock is refused"),
         };
-        match first_timer(&sm.db()) {
+        match first_timer(&sm.db(), sm.gid()) {
             Ok(Some(t)) if t <= now => {}
             Ok(_) => return,
             Err(e) => return tracing::warn!(error = %e, "reading the timer index"),

@@ -13,7 +13,7 @@ use portrait_server::store::format::{encode_version, STORAGE_FORMAT};
 use portrait_server::store::keys::{
     self, CF_LOGS, CF_META, CF_RAFT_META, CF_STATE, META_FORMAT, RAFT_FORMAT, RAFT_VOTE,
 };
-use portrait_server::store::{apply::decode_user_state, sm_db, LogStore, SmStore, StateMachine};
+use portrait_server::store::{apply::decode_user_state, sm_db, GroupState, LogStore, StateMachine};
 use portrait_server::types::{Command, Entry, GroupId, LogId, SnapshotMeta};
 use tempfile::TempDir;
 
@@ -21,13 +21,13 @@ const T0: i64 = 1_760_000_000_000;
 
 struct Replica {
     dir: TempDir,
-    store: Arc<SmStore>,
+    store: Arc<GroupState>,
     sm: StateMachine,
 }
 
 fn replica() -> Replica {
     let dir = tempfile::tempdir().unwrap();
-    let store = SmStore::open(dir.path()).unwrap();
+    let store = GroupState::open(dir.path()).unwrap();
     let sm = StateMachine::new(store.clone(), dir.path()).unwrap();
     Replica { dir, store, sm }
 }
@@ -68,7 +68,7 @@ fn set_sm_format(dir: &std::path::Path, version: Option<u32>) {
 }
 
 fn open_error(dir: &std::path::Path) -> String {
-    format!("{:#}", SmStore::open(dir).err().expect("refused"))
+    format!("{:#}", GroupState::open(dir).err().expect("refused"))
 }
 
 #[tokio::test]
@@ -90,7 +90,7 @@ async fn a_data_dir_of_another_format_is_refused_with_one_line() {
     set_sm_format(dir.path(), Some(STORAGE_FORMAT + 1));
     assert!(open_error(dir.path()).contains(&format!("storage format {}; ", STORAGE_FORMAT + 1)));
     set_sm_format(dir.path(), Some(STORAGE_FORMAT));
-    let store = SmStore::open(dir.path()).unwrap();
+    let store = GroupState::open(dir.path()).unwrap();
     assert_eq!(store.applied().last_applied.map(|l| l.index), Some(3), "its own format opens");
 }
 

@@ -11,7 +11,7 @@ use portrait_server::model::{Attrs, Event, Value, WriteCounts};
 use portrait_server::schema::Schema;
 use portrait_server::store::keys;
 use portrait_server::store::read::{read_profile, ProfileView, Selection};
-use portrait_server::store::{SmStore, StateMachine};
+use portrait_server::store::{GroupState, StateMachine};
 use portrait_server::types::{Command, CommandResult, Entry, LogId, WriteOutcome};
 use tempfile::TempDir;
 
@@ -19,12 +19,12 @@ const T0: i64 = 1_760_000_000_000;
 
 struct Replica {
     dir: TempDir,
-    store: std::sync::Arc<SmStore>,
+    store: std::sync::Arc<GroupState>,
     sm: StateMachine,
 }
 
 fn open(dir: TempDir) -> Replica {
-    let store = SmStore::open(dir.path()).unwrap();
+    let store = GroupState::open(dir.path()).unwrap();
     let sm = StateMachine::new(store.clone(), dir.path()).unwrap();
     Replica { dir, store, sm }
 }
@@ -459,7 +459,7 @@ async fn pipelined_entries_match_entries_written_one_by_one() {
         out
     };
     let pipelined_dir = tempfile::tempdir().unwrap();
-    let store = SmStore::open(pipelined_dir.path()).unwrap();
+    let store = GroupState::open(pipelined_dir.path()).unwrap();
     let mut sm = StateMachine::with_cache_entries(store.clone(), pipelined_dir.path(), 8).unwrap();
     let mut results = Vec::new();
     let all = entries();

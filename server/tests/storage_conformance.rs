@@ -2,7 +2,7 @@
 //! state machine, each built on a fresh temp dir (real RocksDB on disk).
 
 use openraft::testing::{StoreBuilder, Suite};
-use portrait_server::store::{LogStore, SmStore, StateMachine};
+use portrait_server::store::{GroupState, LogStore, StateMachine};
 use portrait_server::types::{StorageError, TypeConfig};
 use tempfile::TempDir;
 
@@ -11,7 +11,7 @@ struct RocksBuilder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RocksBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let sm = SmStore::open(dir.path()).expect("open state machine");
+        let sm = GroupState::open(dir.path()).expect("open state machine");
         let log = LogStore::open(dir.path(), Some(sm.clone())).expect("open log store");
         let state_machine = StateMachine::new(sm, dir.path()).expect("snapshot dir");
         Ok((dir, log, state_machine))

@@ -30,8 +30,9 @@ use crate::types::{GroupId, LogId};
 
 pub use super::group::{AppliedState, GroupState};
 
-/// The single-group name of a group's handle (the log store and older
-/// callers open group 0 with [`GroupState::open`]).
+/// The single-group name of a group's handle, kept for `log_store.rs`
+/// (being rewritten into the multi-group log engine): it persists through
+/// it and its suite builder opens group 0 with `SmStore::open`.
 pub type SmStore = GroupState;
 
 /// Users (and family records) whose decoded state apply keeps in memory,

@@ -13,7 +13,7 @@ use portrait_server::engine::check_schema;
 use portrait_server::engine::state::{Dirty, UserState};
 use portrait_server::model::{Attrs, Event, Value};
 use portrait_server::schema::DEFAULT_SCHEMA_TOML;
-use portrait_server::store::{SmStore, StateMachine};
+use portrait_server::store::{GroupState, StateMachine};
 use portrait_server::types::{Command, Entry, LogId};
 
 #[derive(Parser)]
@@ -78,7 +78,7 @@ fn events(n: usize, users: usize, now: i64) -> Vec<Event> {
 
 async fn state_machine_ns_per_event(schema: &str, evs: &[Event], now: i64) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let store = SmStore::open(dir.path()).unwrap();
+    let store = GroupState::open(dir.path()).unwrap();
     let mut sm = StateMachine::new(store, dir.path()).unwrap();
     let log = |i: u64| LogId::new(CommittedLeaderId::new(1, 1), i);
     let schema_entry = Entry {

@@ -35,7 +35,7 @@ use crate::raft::transfer::LeaderTransfer;
 use crate::raft::{client_write_error, not_leader, RaftTuning};
 use crate::schema::VersionedSchema;
 use crate::store::read::{distinct_ids, read_profile, repeat_counts, ProfileView, Selection};
-use crate::store::{LogEngine, PurgeGuard, SmStore, StateMachine};
+use crate::store::{GroupState, LogEngine, PurgeGuard, StateDb, StateMachine};
 use crate::types::{Command, CommandResult, GroupId, NodeId, Raft};
 use crate::validate::{validate_request, validate_user_id};
 
@@ -111,7 +111,8 @@ pub struct Node {
     /// The address recorded for this node in the membership when it joins.
     pub advertise: String,
     raft: Raft,
-    sm: Arc<SmStore>,
+    /// Group 0's state: the node runs one raft group (shards come next).
+    sm: Arc<GroupState>,
     /// The node's raft log engine (its one group's store holds it too).
     _log_engine: LogEngine,
     batcher: WriteBatcher,
@@ -142,7 +143,7 @@ impl Node {
     /// Opens the stores, starts raft and, for a new single node, bootstraps.
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
         std::fs::create_dir_all(&opts.data_dir)?;
-        let sm = SmStore::open(&opts.data_dir)?;
+        let sm = StateDb::open(&opts.data_dir)?.open_group(GroupId(0))?;
         // One log engine per node; this node runs one group, shard 0.
         let log_engine = LogEngine::open(&opts.data_dir)?;
         let guard: Arc<dyn PurgeGuard> = sm.clone();
@@ -321,7 +322,7 @@ impl Node {
         // until its reads are done.
         let permit = READS.acquire().await.map_err(Error::internal)?;
         let now = self.clock.now_ms();
-        let db = self.sm.db();
+        let (db, gid) = (self.sm.db(), self.sm.gid());
         let repeats = repeat_counts(&positions, unique.len());
         let read = move || {
             let _permit = permit;
@@ -331,7 +332,7 @@ impl Node {
             let mut bytes = 0usize;
             let mut views = Vec::with_capacity(unique.len());
             for (i, user) in unique.iter().enumerate() {
-                let view = read_profile(&db, &schema.schema, &engine, user, &selection, now)
+                let view = read_profile(&db, gid, &schema.schema, &engine, user, &selection, now)
                     .map_err(Error::internal)?;
                 bytes = bytes.saturating_add(view.approx_bytes().saturating_mul(repeats[i]));
                 if bytes > MAX_RESPONSE_BYTES {

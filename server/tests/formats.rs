@@ -4,29 +4,30 @@
 //! validated (archive integrity, format, applied log id, membership) before
 //! it replaces the live database, and a bad one leaves it untouched.
 
-use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder, StoredMembership};
 use portrait_server::model::{Event, Value};
 use portrait_server::store::format::{encode_version, STORAGE_FORMAT};
-use portrait_server::store::keys::{CF_LOGS, CF_META, CF_RAFT_META, CF_STATE, META_FORMAT, RAFT_FORMAT};
-use portrait_server::store::{apply::decode_user_state, sm_db, LogEngine, SmStore, StateMachine};
-use portrait_server::types::{Command, Entry, LogId, SnapshotMeta};
+use portrait_server::store::keys::{
+    self, CF_LOGS, CF_META, CF_RAFT_META, CF_STATE, META_FORMAT, RAFT_FORMAT,
+};
+use portrait_server::store::{apply::decode_user_state, sm_db, GroupState, LogEngine, StateMachine};
+use portrait_server::types::{Command, Entry, GroupId, LogId, SnapshotMeta};
 use tempfile::TempDir;
 
 const T0: i64 = 1_760_000_000_000;
 
 struct Replica {
     dir: TempDir,
-    store: Arc<SmStore>,
+    store: Arc<GroupState>,
     sm: StateMachine,
 }
 
 fn replica() -> Replica {
     let dir = tempfile::tempdir().unwrap();
-    let store = SmStore::open(dir.path()).unwrap();
+    let store = GroupState::open(dir.path()).unwrap();
     let sm = StateMachine::new(store.clone(), dir.path()).unwrap();
     Replica { dir, store, sm }
 }
@@ -57,16 +58,17 @@ async fn write_orders(r: &mut Replica, first_index: u64, user: &str, n: u64) {
 /// Rewrites the state machine's recorded format (`None`: removes it, as
 /// in a data dir from before formats were recorded).
 fn set_sm_format(dir: &std::path::Path, version: Option<u32>) {
-    let db = sm_db::open_db(&dir.join("sm/db-0"), Arc::new(AtomicI64::new(0))).unwrap();
+    let db = sm_db::open_db(&dir.join("state"), Arc::default()).unwrap();
     let meta = sm_db::cf(&db, CF_META);
+    let key = keys::node_meta(META_FORMAT);
     match version {
-        Some(v) => db.put_cf(meta, META_FORMAT, encode_version(v)).unwrap(),
-        None => db.delete_cf(meta, META_FORMAT).unwrap(),
+        Some(v) => db.put_cf(meta, key, encode_version(v)).unwrap(),
+        None => db.delete_cf(meta, key).unwrap(),
     }
 }
 
 fn open_error(dir: &std::path::Path) -> String {
-    format!("{:#}", SmStore::open(dir).err().expect("refused"))
+    format!("{:#}", GroupState::open(dir).err().expect("refused"))
 }
 
 #[tokio::test]
@@ -82,13 +84,13 @@ async fn a_data_dir_of_another_format_is_refused_with_one_line() {
     let expected = format!(
         "{} was written by storage format 1; this binary reads format {STORAGE_FORMAT} \
          (see docs/operations.md#upgrades)",
-        dir.path().join("sm/db-0").display()
+        dir.path().join("state").display()
     );
     assert_eq!(e, expected);
     set_sm_format(dir.path(), Some(STORAGE_FORMAT + 1));
     assert!(open_error(dir.path()).contains(&format!("storage format {}; ", STORAGE_FORMAT + 1)));
     set_sm_format(dir.path(), Some(STORAGE_FORMAT));
-    let store = SmStore::open(dir.path()).unwrap();
+    let store = GroupState::open(dir.path()).unwrap();
     assert_eq!(store.applied().last_applied.map(|l| l.index), Some(3), "its own format opens");
 }
 
@@ -136,11 +138,16 @@ async fn a_row_of_an_unknown_encoding_is_an_error_not_a_misread() {
     let mut r = replica();
     write_orders(&mut r, 1, "u1", 2).await;
     let db = r.store.db();
-    let mut row = db.get_cf(sm_db::cf(&db, CF_STATE), b"u1").unwrap().expect("a user state");
+    let key = keys::state(GroupId(0), "u1");
+    let mut row = db.get_cf(sm_db::cf(&db, CF_STATE), key).unwrap().expect("a user state");
     assert!(decode_user_state(&row).is_ok());
     row[8] = 9;
     let e = decode_user_state(&row).unwrap_err().to_string();
     assert!(e.contains("user state row in encoding version 9; this binary reads version 1"), "{e}");
+}
+
+fn state(user: &str) -> Vec<u8> {
+    keys::state(GroupId(0), user)
 }
 
 /// Hands `archive` (the bytes of a snapshot) to the follower as if
@@ -157,14 +164,14 @@ async fn a_bad_snapshot_leaves_the_live_database_untouched() {
     write_orders(&mut leader, 1, "leader-user", 20).await;
     let snap = leader.sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
     let archive =
-        std::fs::read(leader.dir.path().join(format!("snapshots/snap-{}.snap", snap.meta.snapshot_id)))
+        std::fs::read(leader.dir.path().join(format!("snapshots/0/snap-{}.snap", snap.meta.snapshot_id)))
             .unwrap();
     let mut follower = replica();
     write_orders(&mut follower, 1, "follower-user", 5).await;
     let before = follower.sm.applied_state().await.unwrap();
 
-    // A flipped bit in the last file (RocksDB's OPTIONS text, which no
-    // RocksDB checksum covers), just before the archive's 12-byte trailer.
+    // A flipped bit in the last file (an SST's footer), just before the
+    // archive's 12-byte trailer.
     let mut damaged = archive.clone();
     let at = damaged.len() - 20;
     damaged[at] ^= 0x01;
@@ -190,13 +197,14 @@ async fn a_bad_snapshot_leaves_the_live_database_untouched() {
         assert!(e.contains(why) && e.contains("the live state machine is unchanged"), "{why}: {e}");
         assert_eq!(follower.sm.applied_state().await.unwrap(), before, "{why}");
         let db = follower.store.db();
-        assert!(db.get_cf(sm_db::cf(&db, CF_STATE), b"follower-user").unwrap().is_some(), "{why}");
-        assert!(db.get_cf(sm_db::cf(&db, CF_STATE), b"leader-user").unwrap().is_none(), "{why}");
+        assert!(db.get_cf(sm_db::cf(&db, CF_STATE), state("follower-user")).unwrap().is_some(), "{why}");
+        assert!(db.get_cf(sm_db::cf(&db, CF_STATE), state("leader-user")).unwrap().is_none(), "{why}");
     }
     // The follower still applies, and the good snapshot installs.
     write_orders(&mut follower, 6, "follower-user", 1).await;
     install(&mut follower, &archive, &snap.meta).await.unwrap();
     assert_eq!(follower.sm.applied_state().await.unwrap().0, snap.meta.last_log_id);
     let db = follower.store.db();
-    assert!(db.get_cf(sm_db::cf(&db, CF_STATE), b"leader-user").unwrap().is_some());
+    assert!(db.get_cf(sm_db::cf(&db, CF_STATE), state("leader-user")).unwrap().is_some());
+    assert!(db.get_cf(sm_db::cf(&db, CF_STATE), state("follower-user")).unwrap().is_none(), "replaced");
 }

@@ -9,8 +9,9 @@ use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
 use portrait_server::duration::DAY_MS;
 use portrait_server::model::{Attrs, Event, Value, WriteCounts};
 use portrait_server::schema::Schema;
+use portrait_server::store::keys;
 use portrait_server::store::read::{read_profile, ProfileView, Selection};
-use portrait_server::store::{SmStore, StateMachine};
+use portrait_server::store::{GroupState, StateMachine};
 use portrait_server::types::{Command, CommandResult, Entry, LogId, WriteOutcome};
 use tempfile::TempDir;
 
@@ -18,12 +19,12 @@ const T0: i64 = 1_760_000_000_000;
 
 struct Replica {
     dir: TempDir,
-    store: std::sync::Arc<SmStore>,
+    store: std::sync::Arc<GroupState>,
     sm: StateMachine,
 }
 
 fn open(dir: TempDir) -> Replica {
-    let store = SmStore::open(dir.path()).unwrap();
+    let store = GroupState::open(dir.path()).unwrap();
     let sm = StateMachine::new(store.clone(), dir.path()).unwrap();
     Replica { dir, store, sm }
 }
@@ -72,8 +73,8 @@ fn counts(result: &CommandResult) -> Vec<Result<WriteCounts, String>> {
 }
 
 fn read(r: &Replica, user: &str, now: i64) -> ProfileView {
-    read_profile(&r.store.db(), &r.store.schema().schema, &r.store.engine(), user, &Selection::all(), now)
-        .unwrap()
+    let s = &r.store;
+    read_profile(&s.db(), s.gid(), &s.schema().schema, &s.engine(), user, &Selection::all(), now).unwrap()
 }
 
 fn applied(a: u32, d: u32, e: u32) -> Result<WriteCounts, String> {
@@ -345,10 +346,13 @@ async fn compaction_never_drops_what_a_replay_after_a_crash_still_reads() {
     assert_eq!(counts(&results[0]), [applied(0, 1, 0)], "day 6: still a duplicate");
     // Let the filter see the marker, with the clock at day 8 in memory.
     let db = live.store.db();
-    let dedupe = db.cf_handle(portrait_server::store::keys::CF_DEDUPE).unwrap();
+    let dedupe = db.cf_handle(keys::CF_DEDUPE).unwrap();
     // Only u1's range: RocksDB flushes a memtable that overlaps the range
     // first, and the memtable holds u2's marker only.
-    db.compact_range_cf(dedupe, Some(&b"u1"[..]), Some(&b"u1\x01"[..]));
+    let gid = live.store.gid();
+    let (from, mut to) = (keys::state(gid, "u1"), keys::state(gid, "u1"));
+    to.push(1);
+    db.compact_range_cf(dedupe, Some(&from), Some(&to));
     drop(db);
 
     let crashed_dir = tempfile::tempdir().unwrap();
@@ -455,7 +459,7 @@ async fn pipelined_entries_match_entries_written_one_by_one() {
         out
     };
     let pipelined_dir = tempfile::tempdir().unwrap();
-    let store = SmStore::open(pipelined_dir.path()).unwrap();
+    let store = GroupState::open(pipelined_dir.path()).unwrap();
     let mut sm = StateMachine::with_cache_entries(store.clone(), pipelined_dir.path(), 8).unwrap();
     let mut results = Vec::new();
     let all = entries();

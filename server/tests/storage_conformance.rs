@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use openraft::testing::{StoreBuilder, Suite};
-use portrait_server::store::{LogEngine, LogStore, PurgeGuard, SmStore, StateMachine};
+use portrait_server::store::{LogEngine, LogStore, PurgeGuard, StateDb, StateMachine};
 use portrait_server::types::{GroupId, StorageError, TypeConfig};
 use tempfile::TempDir;
 
@@ -15,7 +15,8 @@ struct RocksBuilder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RocksBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let sm = SmStore::open(dir.path()).expect("open state machine");
+        let state = StateDb::open(dir.path()).expect("open the state database");
+        let sm = state.open_group(GroupId(3)).expect("open the group's state");
         let engine = LogEngine::open(dir.path()).expect("open log engine");
         let guard: Arc<dyn PurgeGuard> = sm.clone();
         let log = engine.group(GroupId(3), Some(guard)).expect("open group");

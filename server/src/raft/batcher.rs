@@ -15,7 +15,7 @@ use super::stamp::Stamper;
 use crate::error::{Error, Result};
 use crate::limits::{MAX_ENTRY_BYTES, MAX_EVENTS_PER_ENTRY, MAX_QUEUED_WRITE_BYTES};
 use crate::model::{Event, WriteCounts};
-use crate::store::SmStore;
+use crate::store::GroupState;
 use crate::types::{Command, CommandResult, Raft, WriteOutcome};
 
 /// Entries proposed and not yet applied, at most. Two keep the pipeline
@@ -119,7 +119,7 @@ fn shutting_down() -> Error {
 /// shutdown. Requests still queued are answered "shutting down".
 pub async fn run(
     raft: Raft,
-    sm: Arc<SmStore>,
+    sm: Arc<GroupState>,
     stamper: Stamper,
     mut rx: mpsc::Receiver<Pending>,
     mut stop: watch::Receiver<bool>,
@@ -175,7 +175,7 @@ fn gather(first: Pending, rx: &mut mpsc::Receiver<Pending>, carried: &mut Option
     batch
 }
 
-async fn propose(raft: &Raft, sm: &SmStore, stamper: &Stamper, batch: Vec<Pending>) {
+async fn propose(raft: &Raft, sm: &GroupState, stamper: &Stamper, batch: Vec<Pending>) {
     // The requests' queue permits are held until their replies are sent.
     let mut _queued = Vec::with_capacity(batch.len());
     let (requests, replies): (Vec<_>, Vec<_>) = batch

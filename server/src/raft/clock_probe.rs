@@ -18,7 +18,7 @@ use super::elect::ElectSwitch;
 use super::network::Blocked;
 use super::transfer::LeaderTransfer;
 use crate::clock::NodeClock;
-use crate::store::SmStore;
+use crate::store::GroupState;
 use crate::types::{NodeId, Raft};
 
 /// How long one clock probe may take; a slower answer is no sample.
@@ -27,7 +27,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct ClockProbe {
     pub me: NodeId,
     pub raft: Raft,
-    pub sm: Arc<SmStore>,
+    pub sm: Arc<GroupState>,
     pub clock: Arc<NodeClock>,
     pub elect: ElectSwitch,
     pub transfer: Arc<LeaderTransfer>,

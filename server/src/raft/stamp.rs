@@ -7,19 +7,19 @@ use std::sync::Arc;
 
 use crate::clock::NodeClock;
 use crate::error::{Error, Result};
-use crate::store::SmStore;
+use crate::store::GroupState;
 use crate::types::{NodeId, Raft};
 
 #[derive(Clone)]
 pub struct Stamper {
     me: NodeId,
     raft: Raft,
-    sm: Arc<SmStore>,
+    sm: Arc<GroupState>,
     clock: Arc<NodeClock>,
 }
 
 impl Stamper {
-    pub fn new(me: NodeId, raft: Raft, sm: Arc<SmStore>, clock: Arc<NodeClock>) -> Stamper {
+    pub fn new(me: NodeId, raft: Raft, sm: Arc<GroupState>, clock: Arc<NodeClock>) -> Stamper {
         Stamper { me, raft, sm, clock }
     }
 

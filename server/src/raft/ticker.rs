@@ -15,13 +15,13 @@ use tokio::sync::watch;
 use super::gate::ProposalGate;
 use super::stamp::Stamper;
 use crate::store::apply::first_timer;
-use crate::store::SmStore;
+use crate::store::GroupState;
 use crate::types::{Command, CommandResult, Raft};
 
 /// Runs the ticker until `stop` turns true.
 pub async fn run(
     raft: Raft,
-    sm: Arc<SmStore>,
+    sm: Arc<GroupState>,
     gate: ProposalGate,
     stamper: Stamper,
     interval: Duration,
@@ -48,7 +48,7 @@ pub async fn run(
 }
 
 /// One leader round: re-evaluation batches, then ticks while timers are due.
-async fn round(raft: &Raft, sm: &SmStore, gate: &ProposalGate, stamper: &Stamper) {
+async fn round(raft: &Raft, sm: &GroupState, gate: &ProposalGate, stamper: &Stamper) {
     reevaluate(raft, sm, gate, stamper).await;
     // Drain: a tick handles a bounded number of users.
     loop {
@@ -56,7 +56,7 @@ async fn round(raft: &Raft, sm: &SmStore, gate: &ProposalGate, stamper: &Stamper
             Ok(stamp) => stamp,
             Err(e) => return tracing::debug!(error = %e, "no tick: the clock is refused"),
         };
-        match first_timer(&sm.db()) {
+        match first_timer(&sm.db(), sm.gid()) {
             Ok(Some(t)) if t <= now => {}
             Ok(_) => return,
             Err(e) => return tracing::warn!(error = %e, "reading the timer index"),
@@ -76,7 +76,7 @@ const REEVAL_BATCH: u32 = 500;
 const REEVAL_ROUNDS: usize = 20;
 
 /// Drives the background re-evaluation after a schema change.
-async fn reevaluate(raft: &Raft, sm: &SmStore, gate: &ProposalGate, stamper: &Stamper) {
+async fn reevaluate(raft: &Raft, sm: &GroupState, gate: &ProposalGate, stamper: &Stamper) {
     for _ in 0..REEVAL_ROUNDS {
         let Some(_pass) = gate.try_pass() else { return };
         let progress = match sm.reeval_progress() {

@@ -13,6 +13,7 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch, DB};
 
+use super::apply_writer::CacheBudget;
 use super::codec;
 use super::keys::{self, CF_DEDUPE, CF_HISTORY, CF_PROFILES, CF_STATE, CF_TIMERS};
 use super::record::{encode_history_event_into, stored_expiry, FamilyHead};
@@ -22,7 +23,7 @@ use crate::engine::Engine;
 use crate::limits::{MAX_UNDECLARED_ATTRS_PER_FAMILY, MAX_USERS_PER_TICK};
 use crate::model::{expiry, is_live, Event, WriteCounts, NEVER};
 use crate::schema::Schema;
-use crate::types::WriteOutcome;
+use crate::types::{GroupId, WriteOutcome};
 use crate::validate::validate_request;
 
 /// Failure to read the current state (fatal for the node).
@@ -37,14 +38,16 @@ pub enum ApplyError {
 /// Decoded family heads and user states of recently applied users. It is
 /// write-through — after an entry's batch is written it equals what the
 /// database holds — so apply can skip the read and decode of hot users.
-/// Bounded: emptied when it grows past its capacity; cleared when a snapshot
-/// replaces the database.
+/// Bounded: emptied when it grows past its share of the node's
+/// [`CacheBudget`]; cleared when a snapshot replaces the group's data.
+/// One per group (its keys are that group's).
 ///
 /// Split in [`SHARDS`] by user: an entry's users are applied in parallel,
 /// one shard per thread (users never share rows, so the outcome does not
 /// depend on which runs first).
 pub struct ApplyCache {
     shards: Vec<CacheShard>,
+    budget: std::sync::Arc<CacheBudget>,
 }
 
 struct CacheShard {
@@ -97,16 +100,28 @@ fn shard_of(user_id: &str) -> usize {
 }
 
 impl ApplyCache {
-    pub fn new(capacity: usize) -> ApplyCache {
+    /// A group's cache, holding a share of `budget`.
+    pub fn new(budget: std::sync::Arc<CacheBudget>) -> ApplyCache {
+        budget.join();
         let shard = || CacheShard {
             records: HashMap::default(),
             users: HashMap::default(),
             recent_ids: HashMap::default(),
-            capacity: capacity.div_ceil(SHARDS),
+            capacity: 0,
             batch_bytes: 0,
             scratch: Scratch::default(),
         };
-        ApplyCache { shards: (0..SHARDS).map(|_| shard()).collect() }
+        ApplyCache { shards: (0..SHARDS).map(|_| shard()).collect(), budget }
+    }
+
+    /// The shards, each bounded by its part of this cache's current share
+    /// of the budget (groups open and close).
+    fn sized(&mut self) -> &mut [CacheShard] {
+        let capacity = self.budget.share().div_ceil(SHARDS);
+        for shard in &mut self.shards {
+            shard.capacity = capacity;
+        }
+        &mut self.shards
     }
 
     pub fn clear(&mut self) {
@@ -115,6 +130,12 @@ impl ApplyCache {
             shard.users.clear();
             shard.recent_ids.clear();
         }
+    }
+}
+
+impl Drop for ApplyCache {
+    fn drop(&mut self) {
+        self.budget.leave();
     }
 }
 
@@ -143,6 +164,7 @@ struct Touched {
 /// Family heads, user states and dedupe markers touched by one entry.
 struct EntryState<'a> {
     db: &'a DB,
+    gid: GroupId,
     cache: &'a mut CacheShard,
     engine: &'a Engine,
     now_ms: i64,
@@ -158,8 +180,10 @@ struct EntryState<'a> {
 /// Entries of [`PARALLEL_MIN_EVENTS`] or more apply their user shards on
 /// the apply threads in parallel; each shard fills its own batch, appended in
 /// shard order.
+#[allow(clippy::too_many_arguments)]
 pub fn apply_write(
     db: &DB,
+    gid: GroupId,
     cache: &mut ApplyCache,
     schema: &Schema,
     engine: &Engine,
@@ -184,7 +208,7 @@ pub fn apply_write(
     let total: usize = parts.iter().map(Vec::len).sum();
     let parallel = total >= PARALLEL_MIN_EVENTS;
     let mut states: Vec<_> =
-        cache.shards.iter_mut().map(|shard| EntryState::new(db, shard, engine, now_ms)).collect();
+        cache.sized().iter_mut().map(|shard| EntryState::new(db, gid, shard, engine, now_ms)).collect();
     // Undeclared attribute names are bounded per user and family: a request
     // that would pass the bound is rejected whole, before any of it applies.
     let checks: Vec<_> = states.iter_mut().zip(&parts).collect();
@@ -286,21 +310,22 @@ fn append_batches(dst: &mut WriteBatch, srcs: Vec<WriteBatch>) {
 /// many users were re-evaluated.
 pub fn apply_tick(
     db: &DB,
+    gid: GroupId,
     cache: &mut ApplyCache,
     engine: &Engine,
     now_ms: i64,
     batch: &mut WriteBatch,
 ) -> Result<u32, ApplyError> {
     let mut due = Vec::new();
-    for item in db.iterator_cf(cf(db, CF_TIMERS), IteratorMode::Start) {
+    for item in group_iter(db, gid, CF_TIMERS, None) {
         let (key, _) = item?;
-        match keys::parse_timer(&key) {
+        match keys::parse_timer(gid, &key) {
             Some((t, user)) if t <= now_ms && due.len() < MAX_USERS_PER_TICK => due.push(user.to_string()),
             _ => break,
         }
     }
-    for (s, shard) in cache.shards.iter_mut().enumerate() {
-        let mut st = EntryState::new(db, shard, engine, now_ms);
+    for (s, shard) in cache.sized().iter_mut().enumerate() {
+        let mut st = EntryState::new(db, gid, shard, engine, now_ms);
         for user in due.iter().filter(|u| shard_of(u) == s) {
             st.user(user)?;
         }
@@ -312,8 +337,10 @@ pub fn apply_tick(
 /// Re-evaluates every tag of up to `limit` users after `after` (key order)
 /// in the `state` column family. Returns the last user covered (`None` when
 /// none were left) and how many were covered.
+#[allow(clippy::too_many_arguments)]
 pub fn apply_reevaluate(
     db: &DB,
+    gid: GroupId,
     cache: &mut ApplyCache,
     engine: &Engine,
     now_ms: i64,
@@ -321,24 +348,22 @@ pub fn apply_reevaluate(
     limit: u32,
     batch: &mut WriteBatch,
 ) -> Result<(Option<String>, u32), ApplyError> {
-    let start = after.map(|a| a.as_bytes().to_vec()).unwrap_or_default();
+    let start = keys::state(gid, after.unwrap_or_default());
     let mut users = Vec::new();
-    // Across users: the `state` memtable is bucketed by user (see sm_db).
-    let mut opts = ReadOptions::default();
-    opts.set_total_order_seek(true);
-    for item in db.iterator_cf_opt(cf(db, CF_STATE), opts, IteratorMode::From(&start, Direction::Forward)) {
+    for item in group_iter(db, gid, CF_STATE, Some(&start)) {
         let (key, _) = item?;
-        if after.is_some_and(|a| a.as_bytes() == &key[..]) {
+        let user = keys::user_of_state(&key).unwrap_or_default();
+        if after == Some(user) {
             continue;
         }
         if users.len() >= limit as usize {
             break;
         }
-        users.push(String::from_utf8_lossy(&key).to_string());
+        users.push(user.to_string());
     }
     let all = engine.all_inputs();
-    for (s, shard) in cache.shards.iter_mut().enumerate() {
-        let mut st = EntryState::new(db, shard, engine, now_ms);
+    for (s, shard) in cache.sized().iter_mut().enumerate() {
+        let mut st = EntryState::new(db, gid, shard, engine, now_ms);
         for user in users.iter().filter(|u| shard_of(u) == s) {
             st.user(user)?.dirty.clone_from(&all);
         }
@@ -348,17 +373,35 @@ pub fn apply_reevaluate(
     Ok((users.pop(), n))
 }
 
-/// The first timer's time, if any (the leader proposes a tick when it is due).
-pub fn first_timer(db: &DB) -> Result<Option<i64>, ApplyError> {
-    match db.iterator_cf(cf(db, CF_TIMERS), IteratorMode::Start).next() {
-        Some(item) => Ok(keys::parse_timer(&item?.0).map(|(t, _)| t)),
+/// Group `gid`'s rows of column family `name` in key order, from `from`
+/// (else the group's first key), never past the group's range. Total order:
+/// user-keyed memtables are bucketed by user (see sm_db).
+fn group_iter<'a>(
+    db: &'a DB,
+    gid: GroupId,
+    name: &str,
+    from: Option<&[u8]>,
+) -> rocksdb::DBIteratorWithThreadMode<'a, DB> {
+    let (start, end) = keys::group_range(gid);
+    let mut opts = ReadOptions::default();
+    opts.set_total_order_seek(true);
+    opts.set_iterate_upper_bound(end);
+    let from = from.unwrap_or(&start);
+    db.iterator_cf_opt(cf(db, name), opts, IteratorMode::From(from, Direction::Forward))
+}
+
+/// The first timer's time of group `gid`, if any (the leader proposes a
+/// tick when it is due).
+pub fn first_timer(db: &DB, gid: GroupId) -> Result<Option<i64>, ApplyError> {
+    match group_iter(db, gid, CF_TIMERS, None).next() {
+        Some(item) => Ok(keys::parse_timer(gid, &item?.0).map(|(t, _)| t)),
         None => Ok(None),
     }
 }
 
-/// A user's stored engine state.
-pub fn load_user_state(db: &DB, user_id: &str) -> Result<Option<UserState>, ApplyError> {
-    match db.get_pinned_cf(cf(db, CF_STATE), user_id.as_bytes())? {
+/// A user's stored engine state in group `gid`.
+pub fn load_user_state(db: &DB, gid: GroupId, user_id: &str) -> Result<Option<UserState>, ApplyError> {
+    match db.get_pinned_cf(cf(db, CF_STATE), keys::state(gid, user_id))? {
         Some(bytes) => Ok(Some(decode_user_state(&bytes)?)),
         None => Ok(None),
     }
@@ -376,9 +419,9 @@ fn encode_user_state_into(out: &mut Vec<u8>, state: &UserState) {
 }
 
 impl<'a> EntryState<'a> {
-    fn new(db: &'a DB, cache: &'a mut CacheShard, engine: &'a Engine, now_ms: i64) -> Self {
+    fn new(db: &'a DB, gid: GroupId, cache: &'a mut CacheShard, engine: &'a Engine, now_ms: i64) -> Self {
         let Scratch { records, users, new_ids, buf } = std::mem::take(&mut cache.scratch);
-        EntryState { db, cache, engine, now_ms, records, users, new_ids, buf }
+        EntryState { db, gid, cache, engine, now_ms, records, users, new_ids, buf }
     }
 
     /// For each event with an id: its dedupe key, and whether an earlier
@@ -393,7 +436,7 @@ impl<'a> EntryState<'a> {
                 found.push(None);
                 continue;
             }
-            let key = keys::dedupe(&event.user_id, &event.event_id);
+            let key = keys::dedupe(self.gid, &event.user_id, &event.event_id);
             let seen = match self.cache.recent_ids.get(&key) {
                 Some(until) => is_live(*until, self.now_ms),
                 None => {
@@ -471,7 +514,7 @@ impl<'a> EntryState<'a> {
             if !live || event.attrs.keys().all(|n| declared(n.as_str())) {
                 continue;
             }
-            let key = keys::profile(&event.user_id, &event.family);
+            let key = keys::profile(self.gid, &event.user_id, &event.family);
             let earlier = added.get(&key);
             let mine = adds.get(&key);
             let head = self.record(key)?;
@@ -498,7 +541,7 @@ impl<'a> EntryState<'a> {
                 new.push(name);
             }
             if !new.is_empty() {
-                adds.entry(keys::profile(&event.user_id, &event.family)).or_default().extend(new);
+                adds.entry(keys::profile(self.gid, &event.user_id, &event.family)).or_default().extend(new);
             }
         }
         Ok(None)
@@ -541,14 +584,14 @@ impl<'a> EntryState<'a> {
             return Ok(());
         }
         let db = self.db;
-        let head = self.record(keys::profile(&event.user_id, &event.family))?;
+        let head = self.record(keys::profile(self.gid, &event.user_id, &event.family))?;
         let write = head.apply_event(event, expires_at, spec.history_len);
         let history = cf(db, CF_HISTORY);
         for slot in write.freed {
-            batch.delete_cf(history, keys::history(&event.user_id, &event.family, slot));
+            batch.delete_cf(history, keys::history(self.gid, &event.user_id, &event.family, slot));
         }
         if let Some(slot) = write.put {
-            let key = keys::history(&event.user_id, &event.family, slot);
+            let key = keys::history(self.gid, &event.user_id, &event.family, slot);
             encode_history_event_into(&mut self.buf, event, expires_at);
             batch.put_cf(history, key, &self.buf);
         }
@@ -583,7 +626,7 @@ impl<'a> EntryState<'a> {
             MapEntry::Vacant(v) => {
                 let mut state = match self.cache.users.remove(user_id) {
                     Some(state) => state,
-                    None => load_user_state(self.db, user_id)?.unwrap_or_default(),
+                    None => load_user_state(self.db, self.gid, user_id)?.unwrap_or_default(),
                 };
                 let stored_wake = state.wake_at;
                 // Once per user per entry; observe and settle rely on it.
@@ -616,13 +659,13 @@ impl<'a> EntryState<'a> {
         for (user, mut t) in users.drain() {
             self.engine.settle_aligned(&mut t.state, &t.dirty, self.now_ms);
             encode_user_state_into(&mut buf, &t.state);
-            batch.put_cf(state_cf, user.as_bytes(), &buf);
+            batch.put_cf(state_cf, keys::state(self.gid, &user), &buf);
             if t.stored_wake != t.state.wake_at {
                 if let Some(old) = t.stored_wake {
-                    batch.delete_cf(timers, keys::timer(old, &user));
+                    batch.delete_cf(timers, keys::timer(self.gid, old, &user));
                 }
                 if let Some(new) = t.state.wake_at {
-                    batch.put_cf(timers, keys::timer(new, &user), []);
+                    batch.put_cf(timers, keys::timer(self.gid, new, &user), []);
                 }
             }
             self.cache.users.insert(user, t.state);

@@ -15,9 +15,9 @@
 //! data dirs are then refused until migrated (docs/operations.md#upgrades).
 //! History: 1 = unversioned (features identified by a hash of their
 //! `Debug` text, unversioned rows); 2 = canonical feature identities,
-//! version byte on every row, versioned archives with a checksum; 3 = raft
-//! log keyed by group (the sharded layout: one log engine for all of a
-//! node's raft groups, keys prefixed with the group id).
+//! version byte on every row, versioned archives with a checksum;
+//! 3 = sharded layout (raft log and state keyed by group, one state
+//! database per node, per-group SST snapshot archives).
 
 use std::path::Path;
 
@@ -26,6 +26,7 @@ use rocksdb::{IteratorMode, WriteOptions, DB};
 use super::sm_db::cf;
 
 /// The format this binary writes, and the only one it reads.
+/// 3: sharded layout (raft log and state keyed by group)
 pub const STORAGE_FORMAT: u32 = 3;
 
 /// What a database or archive without a recorded version was written by.
@@ -86,24 +87,17 @@ pub fn check_or_init(
     Ok(())
 }
 
-/// Checks the version of a database that must have one (a received
-/// snapshot's checkpoint: it was written by a node, never created here).
-pub fn check_recorded(db: &DB, path: &Path, meta_cf: &str, key: &[u8]) -> anyhow::Result<()> {
-    let found = db.get_cf(cf(db, meta_cf), key)?.map_or(UNVERSIONED_FORMAT, |v| decode_version(&v));
-    Ok(check(path.display(), found)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn refusal_is_one_line_naming_both_versions() {
-        let e = check("data dir /x/sm/db-0", 1).unwrap_err().to_string();
+        let e = check("data dir /x/state", 1).unwrap_err().to_string();
         assert_eq!(
             e,
             format!(
-                "data dir /x/sm/db-0 was written by storage format 1; this binary reads format \
+                "data dir /x/state was written by storage format 1; this binary reads format \
                  {STORAGE_FORMAT} (see docs/operations.md#upgrades)"
             )
         );

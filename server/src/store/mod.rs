@@ -1,7 +1,7 @@
-//! RocksDB storage: the raft log store and the state machine.
+//! RocksDB storage: the raft log store and the state machines of the
+//! node's raft groups.
 //!
-//! Two RocksDB instances per node, so a snapshot can replace the state
-//! machine without touching the log:
+//! Two RocksDB instances per node:
 //! - `<data>/raft`: the node's one log engine for all its raft groups
 //!   ([`log_engine`]): column families `logs` (group ⟂ index → entry) and
 //!   `raft_meta` (group ⟂ vote, group ⟂ last purged log id, and the
@@ -9,11 +9,22 @@
 //!   after a synced WAL flush, one flush serving the appends of every group
 //!   queued meanwhile; each group gets its own openraft log storage
 //!   ([`log_store`]) bounded to its key range.
-//! - `<data>/sm/<db-N>`: column families `profiles` (user ⟂ family →
-//!   family record), `dedupe` (user ⟂ event id → expiry) and `meta` (last
-//!   applied, membership, schema, clock), written with one `WriteBatch` per
-//!   applied entry ([`state_machine`]). Expired values are filtered on read
-//!   and reclaimed by a compaction filter ([`sm_db`]).
+//! - `<data>/state`: the state machines of every group on the node, in one
+//!   database ([`sm_db::StateDb`]), every key prefixed by its group id
+//!   ([`keys`]): column families `profiles` (gid user ⟂ family → family
+//!   record), `history`, `dedupe` (gid user ⟂ event id → expiry), `state`,
+//!   `timers` and `meta` (per group: last applied, membership, schema,
+//!   clock; per node: format, install markers). Each group's state machine
+//!   ([`state_machine`], over its [`group::GroupState`]) writes one
+//!   `WriteBatch` per applied entry. Expired values are filtered on read and
+//!   reclaimed by a compaction filter that uses each key's group's durable
+//!   clock. A group's snapshot is its key range as SST files
+//!   ([`group_snapshot`]) in a checksummed archive ([`snapshot`]).
+//!
+//! Node-wide, shared by the groups: both databases (one block cache, one
+//! memtable budget each), the log's fsync and purge threads, the recent
+//! entries' byte budget, the apply writer thread and the apply cache budget
+//! ([`apply_writer`]).
 //!
 //! Both databases and every snapshot archive record the storage format
 //! they were written in; another format is refused at open ([`format`]).
@@ -21,9 +32,12 @@
 //! Layering: uses `model`, `schema`, `types`; never tonic.
 
 pub mod apply;
+pub mod apply_writer;
 pub mod checksum;
 pub mod codec;
 pub mod format;
+pub mod group;
+pub mod group_snapshot;
 pub mod keys;
 pub mod log_bytes;
 pub mod log_engine;
@@ -37,7 +51,8 @@ pub mod state_machine;
 mod sync_audit;
 pub mod threads;
 
+pub use group::GroupState;
 pub use log_engine::{LogEngine, PurgeGuard};
 pub use log_store::LogStore;
-pub use sm_db::SmStore;
+pub use sm_db::{SmStore, StateDb};
 pub use state_machine::StateMachine;

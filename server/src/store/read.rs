@@ -16,6 +16,7 @@ use crate::engine::expr::Val;
 use crate::engine::state::TagState;
 use crate::engine::Engine;
 use crate::schema::Schema;
+use crate::types::GroupId;
 
 /// What to read; `None` = all of that kind. As requested (in request order,
 /// repeats kept) until [`Selection::deduped`]; the read path expects a
@@ -99,10 +100,11 @@ impl ProfileView {
     }
 }
 
-/// Reads a user's profile. Families no longer in the schema are not served.
-/// `selection` must be [`Selection::deduped`].
+/// Reads a user's profile in group `gid`. Families no longer in the schema
+/// are not served. `selection` must be [`Selection::deduped`].
 pub fn read_profile(
     db: &DB,
+    gid: GroupId,
     schema: &Schema,
     engine: &Engine,
     user_id: &str,
@@ -111,13 +113,13 @@ pub fn read_profile(
 ) -> Result<ProfileView, ApplyError> {
     let snap = db.snapshot();
     let mut view = ProfileView {
-        families: read_families(db, &snap, schema, user_id, &selection.families, now_ms)?,
+        families: read_families(db, &snap, gid, schema, user_id, &selection.families, now_ms)?,
         ..Default::default()
     };
     let mut found = !view.families.is_empty();
     let wants = |list: &Option<Vec<String>>| list.as_ref().is_none_or(|l| !l.is_empty());
     if wants(&selection.features) || wants(&selection.tags) || !found {
-        let stored = snap.get_pinned_cf(cf(db, CF_STATE), user_id.as_bytes())?;
+        let stored = snap.get_pinned_cf(cf(db, CF_STATE), keys::state(gid, user_id))?;
         if let Some(state) = stored.map(|bytes| decode_user_state(&bytes)).transpose()? {
             let (features, tags) = engine.read(&state, now_ms);
             // Tags always have a value; a user is known by data or features.
@@ -136,6 +138,7 @@ pub fn read_profile(
 fn read_families(
     db: &DB,
     snap: &SnapshotWithThreadMode<'_, DB>,
+    gid: GroupId,
     schema: &Schema,
     user_id: &str,
     families: &Option<Vec<String>>,
@@ -145,7 +148,7 @@ fn read_families(
     let mut heads = Vec::new();
     match families {
         None => {
-            let prefix = keys::user_prefix(user_id);
+            let prefix = keys::user_prefix(gid, user_id);
             // Keys are bucketed by user: the scan must stay within this one.
             let mut opts = ReadOptions::default();
             opts.set_prefix_same_as_start(true);
@@ -157,7 +160,7 @@ fn read_families(
             }
         }
         Some(families) => {
-            let keys = families.iter().map(|f| (profiles, keys::profile(user_id, f)));
+            let keys = families.iter().map(|f| (profiles, keys::profile(gid, user_id, f)));
             for (family, value) in families.iter().zip(snap.multi_get_cf(keys)) {
                 if let Some(bytes) = value? {
                     heads.push((family.clone(), FamilyHead::decode(&bytes)?));
@@ -175,7 +178,7 @@ fn read_families(
         head.prune(now_ms);
         // A schema change may have shortened the history since it was written.
         head.history.truncate(spec.history_len as usize);
-        let keys = head.history.iter().map(|r| (history, keys::history(user_id, &family, r.slot)));
+        let keys = head.history.iter().map(|r| (history, keys::history(gid, user_id, &family, r.slot)));
         let events = snap
             .multi_get_cf(keys)
             .into_iter()

@@ -1,271 +1,281 @@
-//! The state-machine RocksDB instance, shared by the raft state machine
-//! (writes) and the read path, and replaceable as a whole when a snapshot
-//! is installed.
+//! The node's state database: ONE RocksDB at `<data>/state` holding the
+//! state machines of every raft group on the node, each in its own key range
+//! (every key starts with the group id: see [`super::keys`]). One block
+//! cache, one memtable budget, one apply writer thread and one apply cache
+//! budget serve every group; none of them grows with the number of groups.
 //!
-//! `<data>/sm/CURRENT` names the live database directory (`db-N`); it is
-//! replaced atomically (write temp, fsync, rename) when a snapshot installs.
+//! - Compaction filters decide per key with **that key's group's** durable
+//!   clock ([`DurableClocks`]).
+//! - A group's snapshot install writes a durable marker first
+//!   (`NODE_PREFIX installing gid` in `meta`), then deletes the group's range
+//!   and ingests the snapshot's SST files; a group found with the marker at
+//!   open is wiped and starts empty (raft then sends a snapshot again).
+//! - Data dirs of the single-group layout (`<data>/sm`) are refused.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, Weak};
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, FlushOptions, MemtableFactory, Options, SliceTransform,
-    WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, FlushOptions, IteratorMode, MemtableFactory,
+    Options, SliceTransform, WriteBatch, WriteOptions, DB,
 };
 
+use super::apply_writer::{ApplyWriter, CacheBudget};
 use super::codec;
 use super::keys::*;
 use super::record::stored_expiry;
-use super::threads::Joined;
-use crate::engine::Engine;
-use crate::schema::VersionedSchema;
-use crate::types::{LogId, StoredMembership};
+use crate::types::{GroupId, LogId};
 
-/// What the state machine has applied, cached in memory.
-#[derive(Debug, Clone, Default)]
-pub struct AppliedState {
-    pub last_applied: Option<LogId>,
-    pub membership: StoredMembership,
-    /// Logical clock: the largest entry stamp applied so far.
-    pub clock_ms: i64,
+pub use super::group::{AppliedState, GroupState};
+
+/// The single-group name of a group's handle, kept for `log_store.rs`
+/// (being rewritten into the multi-group log engine): it persists through
+/// it and its suite builder opens group 0 with `SmStore::open`.
+pub type SmStore = GroupState;
+
+/// Users (and family records) whose decoded state apply keeps in memory,
+/// all groups together.
+pub const APPLY_CACHE_ENTRIES: usize = 100_000;
+
+/// The block cache of every column family, all groups together (what six
+/// RocksDB default caches of 32 MiB, one per column family, came to).
+pub const BLOCK_CACHE_BYTES: usize = 192 << 20;
+
+/// The durable logical clock of each group (see [`GroupState`]): what the
+/// compaction filters compare a key's expiry with. One slot per shard below
+/// [`MAX_SHARDS`] and one for [`GroupId::META`]; a group without a known
+/// clock (not opened since the node started, dropped, or another id) reads
+/// `i64::MIN`, so the filter keeps all of its keys.
+pub struct DurableClocks {
+    shards: Box<[AtomicI64]>,
+    meta: AtomicI64,
 }
 
-/// How often apply reads the durable clock back (one point read that
-/// skips the memtables).
-const DURABLE_CLOCK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+impl Default for DurableClocks {
+    fn default() -> Self {
+        DurableClocks {
+            shards: (0..MAX_SHARDS).map(|_| AtomicI64::new(i64::MIN)).collect(),
+            meta: AtomicI64::new(i64::MIN),
+        }
+    }
+}
 
-/// The shared handle to the live state-machine database.
-pub struct SmStore {
+impl DurableClocks {
+    fn slot(&self, gid: GroupId) -> Option<&AtomicI64> {
+        match gid {
+            GroupId::META => Some(&self.meta),
+            GroupId(n) => self.shards.get(n as usize),
+        }
+    }
+
+    pub fn get(&self, gid: GroupId) -> i64 {
+        self.slot(gid).map_or(i64::MIN, |c| c.load(Ordering::Acquire))
+    }
+
+    pub fn set(&self, gid: GroupId, clock: i64) {
+        if let Some(slot) = self.slot(gid) {
+            slot.store(clock, Ordering::Release);
+        }
+    }
+
+    /// The durable clock of the group `key` belongs to.
+    fn of_key(&self, key: &[u8]) -> i64 {
+        group_of(key).map_or(i64::MIN, |gid| self.get(gid))
+    }
+}
+
+/// The node's state database (see the module docs).
+pub struct StateDb {
+    /// First: dropping it joins the writer thread before the database closes.
+    writer: ApplyWriter,
     dir: PathBuf,
-    db: RwLock<Arc<DB>>,
-    schema: RwLock<Arc<VersionedSchema>>,
-    /// The compiled features and tags of `schema`.
-    engine: RwLock<Arc<Engine>>,
-    applied: Mutex<AppliedState>,
-    /// The applied logical clock (what apply has reached; stamps are never
-    /// below it).
-    clock: AtomicI64,
-    /// The logical clock that is **durable**: the one in the flushed
-    /// column families (applies skip the WAL, so memtables are lost in a
-    /// crash). The compaction filter compares expiries with this one, never
-    /// with `clock`: after a crash, replay starts from the flushed state and
-    /// may still read a value that expires between the two (a dedupe
-    /// marker, say); deleting it by the newer clock would let the replay
-    /// apply that event again, and replicas would differ.
-    durable_clock: Arc<AtomicI64>,
-    /// When the durable clock was last read back.
-    durable_read_at: Mutex<Option<std::time::Instant>>,
-    /// Threads closing and deleting replaced databases (joined on drop).
-    retiring: Joined,
-    /// The log index whose batch is in the database (what reads see), or
-    /// why the state machine stopped writing. Apply hands an entry's batch
-    /// to a writer thread and goes on with the next entry, so openraft may
-    /// count an entry applied a moment before this index reaches it; replies
-    /// and linearizable reads wait for it ([`SmStore::wait_written`]).
-    written: tokio::sync::watch::Sender<Written>,
+    db: Arc<DB>,
+    clocks: Arc<DurableClocks>,
+    /// Groups with a live handle ([`StateDb::open_group`] returns it again).
+    groups: Mutex<BTreeMap<GroupId, Weak<GroupState>>>,
+    cache_budget: Arc<CacheBudget>,
+    /// Applies running at once, all groups together (each runs on tokio's
+    /// blocking pool): at most one per core.
+    apply_slots: Arc<tokio::sync::Semaphore>,
 }
 
-/// See [`SmStore::wait_written`].
-#[derive(Debug, Clone, Default)]
-struct Written {
-    index: u64,
-    failure: Option<Arc<str>>,
-}
-
-impl SmStore {
-    /// Opens (or creates) the state machine under `<data>/sm`.
-    pub fn open(data_dir: &Path) -> anyhow::Result<Arc<SmStore>> {
-        let dir = data_dir.join("sm");
-        std::fs::create_dir_all(&dir)?;
-        let current = read_current(&dir)?;
-        remove_stale_dirs(&dir, &current)?;
-        let durable_clock = Arc::new(AtomicI64::new(i64::MIN));
-        let db = open_db(&dir.join(&current), durable_clock.clone())?;
-        check_format(&db, &dir.join(&current))?;
-        let store = SmStore {
+impl StateDb {
+    /// Opens (or creates) the node's state database under `<data>/state`.
+    pub fn open(data_dir: &Path) -> anyhow::Result<Arc<StateDb>> {
+        let old = data_dir.join("sm");
+        anyhow::ensure!(
+            !old.exists(),
+            "{} holds a single-group state machine (storage format 2 or older); the single-group format \
+             is not supported by this binary, which reads the sharded layout under {} (format {})",
+            old.display(),
+            data_dir.join("state").display(),
+            super::format::STORAGE_FORMAT
+        );
+        let dir = data_dir.join("state");
+        let clocks = Arc::new(DurableClocks::default());
+        let db = Arc::new(open_db(&dir, clocks.clone())?);
+        super::format::check_or_init(&db, &dir, CF_META, &node_meta(META_FORMAT), &[CF_META])?;
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let state = StateDb {
+            writer: ApplyWriter::start(db.clone()),
             dir,
-            db: RwLock::new(Arc::new(db)),
-            schema: RwLock::new(Arc::default()),
-            engine: RwLock::new(Arc::new(Engine::empty())),
-            applied: Mutex::new(AppliedState::default()),
-            clock: AtomicI64::new(0),
-            durable_clock,
-            durable_read_at: Mutex::new(None),
-            retiring: Joined::default(),
-            written: tokio::sync::watch::Sender::new(Written::default()),
+            db,
+            clocks,
+            groups: Mutex::default(),
+            cache_budget: Arc::new(CacheBudget::new(APPLY_CACHE_ENTRIES)),
+            apply_slots: Arc::new(tokio::sync::Semaphore::new(parallel)),
         };
-        store.reload_caches()?;
-        Ok(Arc::new(store))
+        state.wipe_interrupted_installs()?;
+        Ok(Arc::new(state))
+    }
+
+    /// The handle of group `gid` (the one already open, if any).
+    pub fn open_group(self: &Arc<Self>, gid: GroupId) -> anyhow::Result<Arc<GroupState>> {
+        anyhow::ensure!(valid_group(gid), "group {gid} is not a shard below {MAX_SHARDS} nor the meta group");
+        let mut groups = self.groups.lock().expect("groups lock");
+        if let Some(open) = groups.get(&gid).and_then(Weak::upgrade) {
+            return Ok(open);
+        }
+        let group = Arc::new(GroupState::new(self.clone(), gid));
+        group.reload_caches()?;
+        groups.insert(gid, Arc::downgrade(&group));
+        Ok(group)
+    }
+
+    /// Groups with a live handle.
+    pub fn open_groups(&self) -> Vec<Arc<GroupState>> {
+        let groups = self.groups.lock().expect("groups lock");
+        groups.values().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Removes a replica: deletes the group's range in every column family
+    /// (durably) and empties the in-memory state of its handle, if one is
+    /// open (writes through it fail from now on).
+    pub fn drop_group(&self, gid: GroupId) -> anyhow::Result<()> {
+        anyhow::ensure!(valid_group(gid), "group {gid} is not a shard below {MAX_SHARDS} nor the meta group");
+        let open = self.groups.lock().expect("groups lock").remove(&gid).and_then(|g| g.upgrade());
+        self.delete_range(gid, None)?;
+        self.clocks.set(gid, i64::MIN);
+        if let Some(group) = open {
+            group.forget("the group was dropped from this node");
+        }
+        Ok(())
     }
 
     pub fn db(&self) -> Arc<DB> {
-        self.db.read().expect("db lock").clone()
-    }
-
-    pub fn schema(&self) -> Arc<VersionedSchema> {
-        self.schema.read().expect("schema lock").clone()
-    }
-
-    pub fn engine(&self) -> Arc<Engine> {
-        self.engine.read().expect("engine lock").clone()
-    }
-
-    /// Installs a schema and its compiled engine. Stored schemas were
-    /// validated before they were applied, so building cannot fail unless
-    /// the binary's rule language changed incompatibly.
-    pub(crate) fn set_schema(&self, schema: VersionedSchema) {
-        let engine = Engine::build(&schema.schema).unwrap_or_else(|e| {
-            tracing::error!(version = schema.version, error = %e, "stored schema does not compile; tags disabled");
-            Engine::empty()
-        });
-        *self.engine.write().expect("engine lock") = Arc::new(engine);
-        *self.schema.write().expect("schema lock") = Arc::new(schema);
-    }
-
-    /// The applied logical clock: the largest entry stamp applied.
-    pub fn clock_ms(&self) -> i64 {
-        self.clock.load(Ordering::Acquire)
-    }
-
-    /// The logical clock the compaction filter uses (see `durable_clock`).
-    pub fn durable_clock_ms(&self) -> i64 {
-        self.durable_clock.load(Ordering::Acquire)
-    }
-
-    /// What the flushed column families hold: `(last_applied index, clock)`.
-    /// A read that skips the memtables (RocksDB's persisted tier; applies
-    /// write no WAL, so only flushed data survives a crash).
-    pub fn durable_applied(&self) -> Result<(u64, i64), rocksdb::Error> {
-        let db = self.db();
-        let mut opts = rocksdb::ReadOptions::default();
-        opts.set_read_tier(rocksdb::ReadTier::Persisted);
-        let meta = cf(&db, CF_META);
-        let applied: Option<LogId> =
-            db.get_cf_opt(meta, META_APPLIED, &opts)?.and_then(|b| codec::decode(&b).ok());
-        let clock: Option<i64> = db.get_cf_opt(meta, META_CLOCK, &opts)?.and_then(|b| codec::decode(&b).ok());
-        Ok((applied.map_or(0, |l| l.index), clock.unwrap_or(i64::MIN)))
-    }
-
-    /// Reads the durable clock back for the compaction filter (after a
-    /// flush, or at most every `every` while applying: RocksDB flushes on
-    /// its own when memtables fill, and a lagging value only makes the
-    /// filter keep more).
-    pub fn refresh_durable_clock(&self, every: Option<std::time::Duration>) {
-        {
-            let mut at = self.durable_read_at.lock().expect("durable clock lock");
-            if let (Some(every), Some(last)) = (every, *at) {
-                if last.elapsed() < every {
-                    return;
-                }
-            }
-            *at = Some(std::time::Instant::now());
-        }
-        match self.durable_applied() {
-            Ok((_, clock)) => self.durable_clock.store(clock, Ordering::Release),
-            Err(e) => tracing::warn!(error = %e, "reading the durable clock"),
-        }
-    }
-
-    pub fn applied(&self) -> AppliedState {
-        self.applied.lock().expect("applied lock").clone()
-    }
-
-    /// Records what the database now holds (called once its batch is
-    /// written): reads report it, and waiters for its index are released.
-    pub(crate) fn set_applied(&self, state: AppliedState) {
-        self.clock.store(state.clock_ms, Ordering::Release);
-        let index = state.last_applied.map_or(0, |l| l.index);
-        *self.applied.lock().expect("applied lock") = state;
-        self.written.send_modify(|w| w.index = index);
-        self.refresh_durable_clock(Some(DURABLE_CLOCK_EVERY));
-    }
-
-    /// The state machine can no longer write: every waiter gets `reason`.
-    pub(crate) fn set_write_failure(&self, reason: String) {
-        self.written.send_modify(|w| w.failure = Some(reason.into()));
-    }
-
-    /// Waits until the entry at `index` (and everything before it) is in the
-    /// database, so what a reply acknowledges or a linearizable read
-    /// promises is what a read then sees.
-    pub async fn wait_written(&self, index: u64) -> Result<(), String> {
-        let mut rx = self.written.subscribe();
-        let w = rx.wait_for(|w| w.index >= index || w.failure.is_some()).await.map_err(|e| e.to_string())?;
-        match &w.failure {
-            Some(reason) if w.index < index => Err(format!("state machine stopped writing: {reason}")),
-            _ => Ok(()),
-        }
+        self.db.clone()
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// The running background re-evaluation, if any.
-    pub fn reeval_progress(&self) -> Result<Option<crate::types::ReevalProgress>, super::apply::ApplyError> {
-        let db = self.db();
-        let raw = db.get_cf(cf(&db, CF_META), META_REEVAL)?;
-        Ok(raw.map(|b| codec::decode(&b)).transpose()?)
+    pub fn clocks(&self) -> &DurableClocks {
+        &self.clocks
     }
 
-    /// Makes every applied write durable (called before raft purges logs):
-    /// applies are written without the RocksDB WAL (the raft log is the
-    /// write-ahead log of the state machine), so this flushes the memtables
-    /// of every column family, atomically.
+    pub(crate) fn writer(&self) -> &ApplyWriter {
+        &self.writer
+    }
+
+    pub(crate) fn cache_budget(&self) -> Arc<CacheBudget> {
+        self.cache_budget.clone()
+    }
+
+    /// The options snapshot SST files of column family `name` are written with.
+    pub fn sst_options(&self, name: &str) -> Options {
+        cf_options_for(name, &self.clocks, None)
+    }
+
+    pub(crate) fn apply_slots(&self) -> Arc<tokio::sync::Semaphore> {
+        self.apply_slots.clone()
+    }
+
+    /// What the flushed column families hold for group `gid`:
+    /// `(last_applied index, clock)`. A read that skips the memtables
+    /// (RocksDB's persisted tier; applies write no WAL, so only flushed data
+    /// survives a crash).
+    pub fn durable_applied(&self, gid: GroupId) -> Result<(u64, i64), rocksdb::Error> {
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_read_tier(rocksdb::ReadTier::Persisted);
+        let meta_cf = cf(&self.db, CF_META);
+        let get = |name| self.db.get_cf_opt(meta_cf, meta(gid, name), &opts);
+        let applied: Option<LogId> = get(META_APPLIED)?.and_then(|b| codec::decode(&b).ok());
+        let clock: Option<i64> = get(META_CLOCK)?.and_then(|b| codec::decode(&b).ok());
+        Ok((applied.map_or(0, |l| l.index), clock.unwrap_or(i64::MIN)))
+    }
+
+    /// Reads group `gid`'s durable clock back for the compaction filter.
+    pub fn refresh_durable_clock(&self, gid: GroupId) {
+        match self.durable_applied(gid) {
+            Ok((_, clock)) => self.clocks.set(gid, clock),
+            Err(e) => tracing::warn!(group = %gid, error = %e, "reading the durable clock"),
+        }
+    }
+
+    /// Makes every applied write of every group durable (called before raft
+    /// purges logs): applies are written without the RocksDB WAL (the raft
+    /// log is the write-ahead log of the state machine), so this flushes the
+    /// memtables of every column family, atomically.
     pub fn persist(&self) -> Result<(), rocksdb::Error> {
-        let db = self.db();
-        let cfs: Vec<_> = ALL_CFS.iter().map(|name| cf(&db, name)).collect();
+        let cfs: Vec<_> = ALL_CFS.iter().map(|name| cf(&self.db, name)).collect();
         let mut opts = FlushOptions::default();
         opts.set_wait(true);
-        db.flush_cfs_opt(&cfs, &opts)?;
-        self.refresh_durable_clock(None);
+        self.db.flush_cfs_opt(&cfs, &opts)?;
+        for group in self.open_groups() {
+            group.refresh_durable_clock(None);
+        }
         Ok(())
     }
 
-    /// Replaces the live database with the one in `new_dir` (a directory
-    /// name under `<data>/sm`), which must be complete and synced.
-    pub fn swap_in(&self, new_dir: &str) -> anyhow::Result<()> {
-        let db = open_db(&self.dir.join(new_dir), self.durable_clock.clone())?;
-        write_current(&self.dir, new_dir)?;
-        let old = std::mem::replace(&mut *self.db.write().expect("db lock"), Arc::new(db));
-        self.reload_caches()?;
-        retire(&self.retiring, old);
-        Ok(())
+    /// Deletes group `gid`'s range in every column family, and, with
+    /// `marker`, puts (`true`) or deletes (`false`) its install marker in the
+    /// same synced write.
+    pub(crate) fn delete_range(&self, gid: GroupId, marker: Option<bool>) -> Result<(), rocksdb::Error> {
+        let (start, end) = group_range(gid);
+        let mut batch = WriteBatch::default();
+        for name in ALL_CFS {
+            batch.delete_range_cf(cf(&self.db, name), &start, &end);
+        }
+        match marker {
+            Some(true) => batch.put_cf(cf(&self.db, CF_META), installing(gid), []),
+            Some(false) => batch.delete_cf(cf(&self.db, CF_META), installing(gid)),
+            None => {}
+        }
+        self.db.write_opt(batch, &synced())
     }
 
-    /// A fresh directory name for the next database.
-    pub fn next_dir_name(&self) -> anyhow::Result<String> {
-        let current = read_current(&self.dir)?;
-        let n: u64 = current.trim_start_matches("db-").parse().unwrap_or(0);
-        Ok(format!("db-{}", n + 1))
+    /// Clears group `gid`'s install marker (synced).
+    pub(crate) fn clear_install_marker(&self, gid: GroupId) -> Result<(), rocksdb::Error> {
+        self.db.delete_cf_opt(cf(&self.db, CF_META), installing(gid), &synced())
     }
 
-    fn reload_caches(&self) -> anyhow::Result<()> {
-        let db = self.db();
-        let meta = cf(&db, CF_META);
-        let get = |k: &[u8]| db.get_cf(meta, k);
-        let schema = match get(META_SCHEMA)? {
-            Some(b) => codec::decode(&b)?,
-            None => VersionedSchema::default(),
-        };
-        let applied = AppliedState {
-            last_applied: get(META_APPLIED)?.map(|b| codec::decode(&b)).transpose()?,
-            membership: get(META_MEMBERSHIP)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or_default(),
-            clock_ms: get(META_CLOCK)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or(0),
-        };
-        self.set_schema(schema);
-        self.set_applied(applied);
-        // Just opened: nothing is in a memtable, everything read is durable.
-        self.refresh_durable_clock(None);
+    /// Groups whose snapshot install was interrupted: wiped, marker cleared.
+    fn wipe_interrupted_installs(&self) -> anyhow::Result<()> {
+        let prefix = node_meta(META_INSTALLING);
+        let meta = cf(&self.db, CF_META);
+        let mut interrupted = Vec::new();
+        for item in self.db.iterator_cf(meta, IteratorMode::From(&prefix, Direction::Forward)) {
+            let (key, _) = item?;
+            match parse_installing(&key) {
+                Some(gid) => interrupted.push(gid),
+                None => break,
+            }
+        }
+        for gid in interrupted {
+            tracing::warn!(group = %gid, "a snapshot install was interrupted: the group starts empty");
+            self.delete_range(gid, Some(false))?;
+        }
         Ok(())
     }
 }
 
-/// Refuses a database written in another storage format before anything
-/// is read from it; records the format in a new one.
-fn check_format(db: &DB, path: &Path) -> anyhow::Result<()> {
-    super::format::check_or_init(db, path, CF_META, META_FORMAT, &[CF_META])
+fn synced() -> WriteOptions {
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    opts
 }
 
 /// A column family handle; the families are created at open, so a missing
@@ -274,35 +284,57 @@ pub fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     db.cf_handle(name).unwrap_or_else(|| panic!("column family {name} is created at open"))
 }
 
-/// Opens a state-machine database with its column families and filters.
-/// `clock` is the durable logical clock the compaction filter compares
-/// expiries with (see [`SmStore`]'s `durable_clock`).
-pub fn open_db(path: &Path, clock: Arc<AtomicI64>) -> Result<DB, rocksdb::Error> {
+/// Opens the state database with its column families and filters.
+/// `clocks` are the durable logical clocks the compaction filters compare
+/// expiries with (see [`DurableClocks`]).
+pub fn open_db(path: &Path, clocks: Arc<DurableClocks>) -> Result<DB, rocksdb::Error> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-    // One writer (the apply loop): the single-writer memtable insert path
-    // with splice hints is much cheaper than the concurrent one.
+    // One writer (the apply writer thread): the single-writer memtable
+    // insert path with splice hints is much cheaper than the concurrent one.
     opts.set_allow_concurrent_memtable_write(false);
     opts.set_enable_write_thread_adaptive_yield(false);
     // Applies skip the WAL (see `apply_write_options`): column families must
     // then flush together, or a crash could leave one column family ahead
     // of `last_applied` in `meta`.
     opts.set_atomic_flush(true);
-    // Memtables of all column families together: past this, the fullest
-    // flushes (with atomic flush, all of them). Bounds what `cf_options`'
-    // four memtables per column family could otherwise reach.
+    // Memtables of all column families (and so of all groups) together:
+    // past this, the fullest flushes (with atomic flush, all of them).
     opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
-    let cfs = vec![
-        ColumnFamilyDescriptor::new(CF_PROFILES, expiring_cf_options("portrait-profile-ttl", clock.clone())),
-        ColumnFamilyDescriptor::new(CF_HISTORY, expiring_cf_options("portrait-history-ttl", clock.clone())),
-        ColumnFamilyDescriptor::new(CF_DEDUPE, expiring_cf_options("portrait-dedupe-ttl", clock)),
-        ColumnFamilyDescriptor::new(CF_META, cf_options()),
-        ColumnFamilyDescriptor::new(CF_STATE, user_keyed(cf_options())),
-        ColumnFamilyDescriptor::new(CF_TIMERS, cf_options()),
-    ];
+    let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+    let cfs: Vec<_> = ALL_CFS
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, cf_options_for(name, &clocks, Some(&cache))))
+        .collect();
     DB::open_cf_descriptors(&opts, path, cfs)
+}
+
+/// The options of column family `name` (also what snapshot SST files are
+/// written with, without `cache`).
+pub fn cf_options_for(name: &str, clocks: &Arc<DurableClocks>, cache: Option<&Cache>) -> Options {
+    let filter = match name {
+        CF_PROFILES => Some("portrait-profile-ttl"),
+        CF_HISTORY => Some("portrait-history-ttl"),
+        CF_DEDUPE => Some("portrait-dedupe-ttl"),
+        _ => None,
+    };
+    let mut block = BlockBasedOptions::default();
+    if let Some(cache) = cache {
+        block.set_block_cache(cache);
+    }
+    match filter {
+        Some(filter) => expiring_cf_options(filter, clocks.clone(), block),
+        None => {
+            let mut opts = cf_options();
+            opts.set_block_based_table_factory(&block);
+            match name {
+                CF_STATE => user_keyed(opts),
+                _ => opts,
+            }
+        }
+    }
 }
 
 /// Memory for the state machine's memtables, all column families together.
@@ -323,7 +355,7 @@ fn cf_options() -> Options {
 /// as the state it covers; after a crash the memtables are lost together
 /// (atomic flush), `last_applied` rolls back with them, and raft re-applies
 /// the missing entries from its log, which is never purged past what
-/// [`SmStore::persist`] flushed. Saves encoding, checksumming and writing
+/// [`StateDb::persist`] flushed. Saves encoding, checksumming and writing
 /// every applied byte twice.
 pub fn apply_write_options() -> WriteOptions {
     let mut opts = WriteOptions::default();
@@ -339,9 +371,16 @@ pub fn apply_write_options() -> WriteOptions {
 /// on every replica, however far behind it applies; and the durable one
 /// (not the applied one, which runs ahead of the last flush) keeps that true
 /// for the entries replayed after a crash.
-fn expiring_cf_options(filter_name: &'static str, clock: Arc<AtomicI64>) -> Options {
+///
+/// Each key is judged by its own group's durable clock: groups apply at
+/// their own pace, and another group's clock says nothing about what a
+/// replay of this group may still read.
+fn expiring_cf_options(
+    filter_name: &'static str,
+    clocks: Arc<DurableClocks>,
+    mut block: BlockBasedOptions,
+) -> Options {
     let mut opts = user_keyed(cf_options());
-    let mut block = BlockBasedOptions::default();
     block.set_bloom_filter(10.0, false);
     opts.set_block_based_table_factory(&block);
     // Most dedupe lookups miss: a memtable bloom filter answers them without
@@ -352,16 +391,16 @@ fn expiring_cf_options(filter_name: &'static str, clock: Arc<AtomicI64>) -> Opti
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.set_compaction_filter(
         filter_name,
-        move |_level: u32, _key: &[u8], value: &[u8]| match stored_expiry(value) {
-            Some(exp) if exp <= clock.load(Ordering::Acquire) => rocksdb::compaction_filter::Decision::Remove,
+        move |_level: u32, key: &[u8], value: &[u8]| match stored_expiry(value) {
+            Some(exp) if exp <= clocks.of_key(key) => rocksdb::compaction_filter::Decision::Remove,
             _ => rocksdb::compaction_filter::Decision::Keep,
         },
     );
     opts
 }
 
-/// Options for a column family keyed by `user` or `user ⟂ ...`: the user
-/// id is the key prefix, and the memtable is a hash table of per-user
+/// Options for a column family keyed by `gid user` or `gid user ⟂ ...`: the
+/// group and user id are the key prefix, and the memtable is a hash table of per-user
 /// skiplists. Apply writes rows of ~100 random users per entry; in one big
 /// skiplist every insert walks ~20 levels of cache-missing nodes (a third
 /// of apply's CPU in profiles), in a user's bucket only a few.
@@ -379,55 +418,38 @@ fn user_keyed(mut opts: Options) -> Options {
     opts
 }
 
-/// The user part of a key: everything before the first separator.
+/// The group and user part of a key: the 4-byte group prefix and everything
+/// after it up to the first separator (group ids may contain the separator
+/// byte, so the search starts after them).
 fn user_of_key(key: &[u8]) -> &[u8] {
-    key.iter().position(|&b| b == SEP).map_or(key, |i| &key[..i])
+    let Some(rest) = key.get(GROUP_PREFIX_LEN..) else { return key };
+    rest.iter().position(|&b| b == SEP).map_or(key, |i| &key[..GROUP_PREFIX_LEN + i])
 }
 
-fn read_current(dir: &Path) -> std::io::Result<String> {
-    match std::fs::read_to_string(dir.join("CURRENT")) {
-        Ok(s) => Ok(s.trim().to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            write_current(dir, "db-0")?;
-            Ok("db-0".into())
-        }
-        Err(e) => Err(e),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefix_of_a_key_is_its_group_and_user() {
+        let gid = GroupId(0);
+        assert_eq!(user_of_key(&profile(gid, "u1", "browse")), &state(gid, "u1")[..]);
+        assert_eq!(user_of_key(&history(gid, "u1", "browse", 0)), &state(gid, "u1")[..]);
+        assert_eq!(user_of_key(&state(gid, "u1")), &state(gid, "u1")[..]);
+        assert_eq!(user_of_key(&state(GroupId(256), "u1")), &state(GroupId(256), "u1")[..]);
+        assert_eq!(user_of_key(b"ab"), b"ab");
     }
-}
 
-fn write_current(dir: &Path, name: &str) -> std::io::Result<()> {
-    let tmp = dir.join("CURRENT.tmp");
-    std::fs::write(&tmp, name)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join("CURRENT"))?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Removes databases left over from an interrupted or finished swap.
-fn remove_stale_dirs(dir: &Path, current: &str) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        if name.starts_with("db-") && name != current && entry.file_type()?.is_dir() {
-            std::fs::remove_dir_all(entry.path())?;
-        }
+    #[test]
+    fn unknown_groups_have_no_durable_clock() {
+        let clocks = DurableClocks::default();
+        clocks.set(GroupId(3), 7);
+        clocks.set(GroupId::META, 9);
+        clocks.set(GroupId(MAX_SHARDS), 11);
+        assert_eq!(clocks.of_key(&state(GroupId(3), "u")), 7);
+        assert_eq!(clocks.of_key(&state(GroupId::META, "u")), 9);
+        assert_eq!(clocks.of_key(&state(GroupId(4), "u")), i64::MIN);
+        assert_eq!(clocks.of_key(&state(GroupId(MAX_SHARDS), "u")), i64::MIN);
+        assert_eq!(clocks.of_key(b"x"), i64::MIN);
     }
-    Ok(())
-}
-
-/// Closes and deletes a replaced database once no reader holds it.
-fn retire(threads: &Joined, old: Arc<DB>) {
-    threads.spawn("sm-retire", move || {
-        let path = old.path().to_path_buf();
-        for _ in 0..600 {
-            if Arc::strong_count(&old) == 1 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        drop(old);
-        if let Err(e) = std::fs::remove_dir_all(&path) {
-            tracing::warn!(path = %path.display(), error = %e, "could not remove replaced state machine");
-        }
-    });
 }

@@ -1,6 +1,6 @@
-//! Snapshot files: a RocksDB checkpoint of the state machine packed into one
-//! archive file, so openraft can stream it in chunks (it reads and writes
-//! the file; nothing is loaded into memory whole).
+//! Snapshot files: a group's SST files (see [`super::group_snapshot`])
+//! packed into one archive file, so openraft can stream it in chunks (it
+//! reads and writes the file; nothing is loaded into memory whole).
 //!
 //! Archive: the magic `PRTSNAPV`, `[u32 LE storage format]`, then per file
 //! `[u32 LE name length][name][u64 LE size][bytes]`, then `[u32 0]`, then
@@ -120,15 +120,15 @@ fn bad(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
-/// Paths in `<data>/snapshots`.
+/// Paths in `<data>/snapshots/<group>`: each group's snapshots apart.
 #[derive(Debug, Clone)]
 pub struct SnapshotDir {
     pub root: PathBuf,
 }
 
 impl SnapshotDir {
-    pub fn new(data_dir: &Path) -> io::Result<SnapshotDir> {
-        let root = data_dir.join("snapshots");
+    pub fn new(data_dir: &Path, gid: crate::types::GroupId) -> io::Result<SnapshotDir> {
+        let root = data_dir.join("snapshots").join(gid.to_string());
         std::fs::create_dir_all(&root)?;
         Ok(SnapshotDir { root })
     }

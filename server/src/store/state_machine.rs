@@ -1,21 +1,26 @@
-//! The raft state machine: applies committed entries to the state-machine
-//! database (one `WriteBatch` per entry, `last_applied` inside it), builds
-//! snapshots from RocksDB checkpoints and installs received ones.
+//! The raft state machine of one group: applies committed entries to the
+//! group's key range of the node's state database (one `WriteBatch` per
+//! entry, the group's `last_applied` and clock inside it), builds the
+//! group's snapshots as SST files and installs received ones
+//! ([`super::group_snapshot`]). Apply runs on tokio's blocking pool, at
+//! most one apply per core across the node's groups; batches are written by
+//! the node's one writer thread ([`super::apply_writer`]).
 
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
-use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{WriteBatch, DB};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
 use super::apply::{apply_reevaluate, apply_tick, apply_write, ApplyCache};
+use super::apply_writer::{CacheBudget, WriteJob};
 use super::codec::{decode, encode, read_err, write_err};
-use super::format::check_recorded;
+use super::group::{AppliedState, GroupState};
+use super::group_snapshot;
 use super::keys::*;
-use super::sm_db::{apply_write_options, cf, AppliedState, SmStore};
+use super::sm_db::{apply_write_options, cf};
 use super::snapshot::{pack, unpack, SnapshotDir};
 use crate::engine::check_schema;
 use crate::schema::VersionedSchema;
@@ -24,9 +29,9 @@ use crate::types::{
     TypeConfig,
 };
 
-/// openraft's handle to the state machine.
+/// openraft's handle to one group's state machine.
 pub struct StateMachine {
-    store: Arc<SmStore>,
+    store: Arc<GroupState>,
     snapshots: SnapshotBuilder,
     applier: Arc<std::sync::Mutex<Applier>>,
 }
@@ -37,92 +42,93 @@ pub struct StateMachine {
 /// behind it on that worker (with two cores, half of the runtime).
 ///
 /// Write entries are pipelined: an entry's `WriteBatch` is handed to the
-/// writer thread and apply goes on computing the next entry while it is
-/// written (the memtable inserts are a quarter of apply's time and run on
-/// one thread). At most one batch is in flight, and the next entry sees its
-/// effects through the write-through cache (users and family heads) and the
-/// shard's recent dedupe ids. Every other entry, a snapshot install and
-/// `applied_state` first wait for the batch in flight.
+/// node's writer thread and apply goes on computing the next entry while it
+/// is written (the memtable inserts are a quarter of apply's time and run on
+/// one thread). At most one batch of the group is in flight, and the next
+/// entry sees its effects through the write-through cache (users and family
+/// heads) and the shard's recent dedupe ids. Every other entry, a snapshot
+/// install and `applied_state` first wait for the batch in flight.
 struct Applier {
-    store: Arc<SmStore>,
+    store: Arc<GroupState>,
+    keys: MetaKeys,
     cache: ApplyCache,
-    writer: Writer,
+    /// Outcomes of this group's batches from the writer thread.
+    done_tx: std::sync::mpsc::Sender<Result<(), String>>,
+    done: std::sync::mpsc::Receiver<Result<(), String>>,
     /// The state after the batch in flight, if one is.
     in_flight: Option<AppliedState>,
 }
 
-type WriteJob = (Arc<DB>, WriteBatch, AppliedState);
-
-/// The thread that writes applied batches, in order. Dropping it waits for
-/// the thread, so the database is closed when the state machine is.
-struct Writer {
-    jobs: Option<std::sync::mpsc::Sender<WriteJob>>,
-    done: std::sync::mpsc::Receiver<Result<(), String>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+/// The group's keys in `meta`.
+struct MetaKeys {
+    applied: Vec<u8>,
+    clock: Vec<u8>,
+    membership: Vec<u8>,
+    schema: Vec<u8>,
+    reeval: Vec<u8>,
 }
 
-impl Drop for Writer {
-    fn drop(&mut self) {
-        drop(self.jobs.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+impl MetaKeys {
+    fn new(gid: crate::types::GroupId) -> MetaKeys {
+        MetaKeys {
+            applied: meta(gid, META_APPLIED),
+            clock: meta(gid, META_CLOCK),
+            membership: meta(gid, META_MEMBERSHIP),
+            schema: meta(gid, META_SCHEMA),
+            reeval: meta(gid, META_REEVAL),
         }
     }
 }
 
-impl Writer {
-    fn start(store: Arc<SmStore>) -> Writer {
-        let (jobs, job_rx) = std::sync::mpsc::channel::<WriteJob>();
-        let (done_tx, done) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("apply-write".into())
-            .spawn(move || {
-                for (db, batch, state) in job_rx {
-                    let result = db.write_opt(batch, &apply_write_options()).map_err(|e| e.to_string());
-                    match &result {
-                        Ok(()) => store.set_applied(state),
-                        Err(e) => store.set_write_failure(e.clone()),
-                    }
-                    if done_tx.send(result).is_err() {
-                        return;
-                    }
-                }
-            })
-            .expect("start the apply writer thread");
-        Writer { jobs: Some(jobs), done, thread: Some(thread) }
+impl Drop for Applier {
+    fn drop(&mut self) {
+        // The batch in flight holds a handle of the group: let it land.
+        let _ = self.wait_in_flight();
     }
 }
-
-/// Users (and family records) whose decoded state apply keeps in memory.
-const APPLY_CACHE_ENTRIES: usize = 100_000;
 
 /// Builds snapshots; shares the snapshot directory lock with the state
 /// machine so a build never races an install.
 #[derive(Clone)]
 pub struct SnapshotBuilder {
-    store: Arc<SmStore>,
+    store: Arc<GroupState>,
     dir: SnapshotDir,
     lock: Arc<Mutex<()>>,
 }
 
 impl StateMachine {
-    pub fn new(store: Arc<SmStore>, data_dir: &std::path::Path) -> std::io::Result<StateMachine> {
-        StateMachine::with_cache_entries(store, data_dir, APPLY_CACHE_ENTRIES)
+    /// The state machine of `store`'s group; its snapshots live in
+    /// `<data>/snapshots/<group>`. Its apply cache holds a share of the
+    /// node's budget.
+    pub fn new(store: Arc<GroupState>, data_dir: &std::path::Path) -> std::io::Result<StateMachine> {
+        let budget = store.state_db().cache_budget();
+        StateMachine::with_cache_budget(store, data_dir, budget)
     }
 
-    /// [`StateMachine::new`] with another apply cache size (tests use a
-    /// tiny one to exercise its trimming).
+    /// [`StateMachine::new`] with an apply cache of its own of
+    /// `cache_entries` (tests use a tiny one to exercise its trimming).
     pub fn with_cache_entries(
-        store: Arc<SmStore>,
+        store: Arc<GroupState>,
         data_dir: &std::path::Path,
         cache_entries: usize,
     ) -> std::io::Result<StateMachine> {
-        let dir = SnapshotDir::new(data_dir)?;
+        StateMachine::with_cache_budget(store, data_dir, Arc::new(CacheBudget::new(cache_entries)))
+    }
+
+    fn with_cache_budget(
+        store: Arc<GroupState>,
+        data_dir: &std::path::Path,
+        budget: Arc<CacheBudget>,
+    ) -> std::io::Result<StateMachine> {
+        let dir = SnapshotDir::new(data_dir, store.gid())?;
         let snapshots = SnapshotBuilder { store: store.clone(), dir, lock: Arc::new(Mutex::new(())) };
+        let (done_tx, done) = std::sync::mpsc::channel();
         let applier = Applier {
             store: store.clone(),
-            cache: ApplyCache::new(cache_entries),
-            writer: Writer::start(store.clone()),
+            keys: MetaKeys::new(store.gid()),
+            cache: ApplyCache::new(budget),
+            done_tx,
+            done,
             in_flight: None,
         };
         Ok(StateMachine { store, snapshots, applier: Arc::new(std::sync::Mutex::new(applier)) })
@@ -152,6 +158,7 @@ impl Applier {
     ) -> Result<CommandResult, StorageError> {
         let mut batch = WriteBatch::default();
         let meta = cf(db, CF_META);
+        let gid = self.store.gid();
         let log_id = entry.log_id;
         if !matches!(entry.payload, EntryPayload::Normal(Command::Write { .. })) {
             self.wait_in_flight()?;
@@ -160,7 +167,7 @@ impl Applier {
             EntryPayload::Blank => CommandResult::None,
             EntryPayload::Membership(m) => {
                 state.membership = StoredMembership::new(Some(log_id), m);
-                batch.put_cf(meta, META_MEMBERSHIP, encode(&state.membership));
+                batch.put_cf(meta, &self.keys.membership, encode(&state.membership));
                 CommandResult::None
             }
             EntryPayload::Normal(Command::Write { stamp_ms, requests }) => {
@@ -168,6 +175,7 @@ impl Applier {
                 let (schema, engine) = (self.store.schema(), self.store.engine());
                 let outcomes = apply_write(
                     db,
+                    gid,
                     &mut self.cache,
                     &schema.schema,
                     &engine,
@@ -181,8 +189,9 @@ impl Applier {
             }
             EntryPayload::Normal(Command::Tick { stamp_ms }) => {
                 state.clock_ms = state.clock_ms.max(stamp_ms);
-                let users = apply_tick(db, &mut self.cache, &self.store.engine(), state.clock_ms, &mut batch)
-                    .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
+                let users =
+                    apply_tick(db, gid, &mut self.cache, &self.store.engine(), state.clock_ms, &mut batch)
+                        .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
                 CommandResult::Ticked { users }
             }
             EntryPayload::Normal(Command::Reevaluate { stamp_ms, version, after, limit }) => {
@@ -193,6 +202,7 @@ impl Applier {
                         let engine = self.store.engine();
                         let (last, n) = apply_reevaluate(
                             db,
+                            gid,
                             &mut self.cache,
                             &engine,
                             state.clock_ms,
@@ -202,11 +212,11 @@ impl Applier {
                         )
                         .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
                         if n < limit {
-                            batch.delete_cf(meta, META_REEVAL);
+                            batch.delete_cf(meta, &self.keys.reeval);
                         } else {
                             let next =
                                 ReevalProgress { version, cursor: last, users_done: p.users_done + n as u64 };
-                            batch.put_cf(meta, META_REEVAL, encode(&next));
+                            batch.put_cf(meta, &self.keys.reeval, encode(&next));
                         }
                         CommandResult::Reevaluated { users: n }
                     }
@@ -219,10 +229,10 @@ impl Applier {
                 match check_schema(&toml) {
                     Ok((schema, _)) => {
                         let versioned = VersionedSchema { version: log_id.index, schema };
-                        batch.put_cf(meta, META_SCHEMA, encode(&versioned));
+                        batch.put_cf(meta, &self.keys.schema, encode(&versioned));
                         // Existing users get the new rules in the background.
                         let progress = ReevalProgress { version: log_id.index, cursor: None, users_done: 0 };
-                        batch.put_cf(meta, META_REEVAL, encode(&progress));
+                        batch.put_cf(meta, &self.keys.reeval, encode(&progress));
                         self.finish(db, batch, state, log_id)?;
                         self.store.set_schema(versioned);
                         return Ok(CommandResult::SchemaApplied { version: log_id.index });
@@ -247,11 +257,11 @@ impl Applier {
     }
 
     /// Records `last_applied` and the clock in the entry's batch.
-    fn seal(db: &DB, batch: &mut WriteBatch, state: &mut AppliedState, log_id: LogId) {
+    fn seal(&self, db: &DB, batch: &mut WriteBatch, state: &mut AppliedState, log_id: LogId) {
         state.last_applied = Some(log_id);
         let meta = cf(db, CF_META);
-        batch.put_cf(meta, META_APPLIED, encode(&log_id));
-        batch.put_cf(meta, META_CLOCK, encode(&state.clock_ms));
+        batch.put_cf(meta, &self.keys.applied, encode(&log_id));
+        batch.put_cf(meta, &self.keys.clock, encode(&state.clock_ms));
     }
 
     /// Seals the entry's batch and writes it here (entries other than writes).
@@ -262,7 +272,7 @@ impl Applier {
         state: &mut AppliedState,
         log_id: LogId,
     ) -> Result<(), StorageError> {
-        Self::seal(db, &mut batch, state, log_id);
+        self.seal(db, &mut batch, state, log_id);
         db.write_opt(batch, &apply_write_options()).map_err(write_err)?;
         self.store.set_applied(state.clone());
         Ok(())
@@ -277,12 +287,11 @@ impl Applier {
         state: &mut AppliedState,
         log_id: LogId,
     ) -> Result<(), StorageError> {
-        Self::seal(db, &mut batch, state, log_id);
+        self.seal(db, &mut batch, state, log_id);
         self.wait_in_flight()?;
-        let jobs = self.writer.jobs.as_ref().expect("open until dropped");
-        if jobs.send((db.clone(), batch, state.clone())).is_err() {
-            return Err(write_err(std::io::Error::other("the apply writer thread stopped")));
-        }
+        let job =
+            WriteJob { batch, group: self.store.clone(), state: state.clone(), done: self.done_tx.clone() };
+        self.store.state_db().writer().submit(job).map_err(|e| write_err(std::io::Error::other(e)))?;
         self.in_flight = Some(state.clone());
         Ok(())
     }
@@ -292,7 +301,7 @@ impl Applier {
         if self.in_flight.take().is_none() {
             return Ok(());
         }
-        match self.writer.done.recv() {
+        match self.done.recv() {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(write_err(std::io::Error::other(e))),
             Err(_) => Err(write_err(std::io::Error::other("the apply writer thread stopped"))),
@@ -319,7 +328,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let applier = self.applier.clone();
-        let run = move || lock_applier(&applier).apply_all(entries);
+        let slot = self.store.state_db().apply_slots().acquire_owned().await.map_err(write_err)?;
+        let run = move || {
+            let _slot = slot;
+            lock_applier(&applier).apply_all(entries)
+        };
         tokio::task::spawn_blocking(run).await.map_err(write_err)?
     }
 
@@ -393,35 +406,20 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-/// Checkpoint → archive → `current.snap` + `current.meta`.
-fn build_blocking(store: &SmStore, dir: &SnapshotDir) -> anyhow::Result<()> {
-    let checkpoint = dir.scratch("checkpoint");
-    if checkpoint.exists() {
-        std::fs::remove_dir_all(&checkpoint)?;
-    }
-    Checkpoint::new(&store.db())?.create_checkpoint(&checkpoint)?;
-    let (last_applied, membership) = read_checkpoint_meta(&checkpoint)?;
+/// The group's SST files → archive → `snap-<id>.snap` + `current.meta`.
+fn build_blocking(store: &GroupState, dir: &SnapshotDir) -> anyhow::Result<()> {
+    let export = dir.scratch("export");
+    let archive_meta = group_snapshot::export(store.state_db(), store.gid(), &export)?;
     let building = dir.scratch("building.snap");
-    pack(&checkpoint, &building)?;
-    std::fs::remove_dir_all(&checkpoint)?;
-    let index = last_applied.map(|l| l.index).unwrap_or(0);
+    pack(&export, &building)?;
+    std::fs::remove_dir_all(&export)?;
+    let index = archive_meta.last_applied.map(|l| l.index).unwrap_or(0);
     let meta = SnapshotMeta {
-        last_log_id: last_applied,
-        last_membership: membership,
+        last_log_id: archive_meta.last_applied,
+        last_membership: archive_meta.membership,
         snapshot_id: format!("{index}-{}", crate::wall_clock_ms()),
     };
     publish(dir, &building, &meta)
-}
-
-/// The applied log id and membership recorded inside a checkpoint, which
-/// must be in this binary's storage format.
-fn read_checkpoint_meta(path: &std::path::Path) -> anyhow::Result<(Option<LogId>, StoredMembership)> {
-    let db = DB::open_cf_for_read_only(&rocksdb::Options::default(), path, ALL_CFS, false)?;
-    check_recorded(&db, path, CF_META, META_FORMAT)?;
-    let meta = cf(&db, CF_META);
-    let applied = db.get_cf(meta, META_APPLIED)?.map(|b| decode(&b)).transpose()?;
-    let membership = db.get_cf(meta, META_MEMBERSHIP)?.map(|b| decode(&b)).transpose()?.unwrap_or_default();
-    Ok((applied, membership))
 }
 
 /// Makes `archive` the current snapshot with `meta`. Crash-safe: the
@@ -438,47 +436,34 @@ fn publish(dir: &SnapshotDir, archive: &std::path::Path, meta: &SnapshotMeta) ->
     Ok(())
 }
 
-/// Unpacks the received archive into a new database, validates it against
-/// `meta`, and only then swaps it in: a damaged, foreign-format or
-/// mismatched snapshot leaves the live database as it was.
+/// Unpacks the received archive and validates it against the group and
+/// `meta`; only then replaces the group's rows with it: a damaged,
+/// foreign-format, other group's or mismatched snapshot leaves the live
+/// state as it was.
 fn install_blocking(
-    store: &SmStore,
+    store: &GroupState,
     dir: &SnapshotDir,
     file: std::fs::File,
     meta: &SnapshotMeta,
 ) -> anyhow::Result<()> {
     let archive = received_archive(dir, file)?;
-    let name = store.next_dir_name()?;
-    let staging = store.dir().join(format!("{name}.tmp"));
+    let staging = dir.scratch("ingest");
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
     let unpacked = unpack(&archive, &staging).map_err(anyhow::Error::from);
-    if let Err(e) = unpacked.and_then(|()| validate_checkpoint(&staging, meta)) {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(e.context("snapshot refused, the live state machine is unchanged"));
-    }
-    std::fs::rename(&staging, store.dir().join(&name))?;
-    store.swap_in(&name)?;
+    let files = match unpacked.and_then(|()| group_snapshot::validate(&staging, store.gid(), meta)) {
+        Ok(files) => files,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e.context("snapshot refused, the live state machine is unchanged"));
+        }
+    };
+    group_snapshot::ingest(store.state_db(), store.gid(), files)?;
+    store.reload_caches()?;
+    store.state_db().clear_install_marker(store.gid())?;
+    std::fs::remove_dir_all(&staging)?;
     publish(dir, &archive, meta)
-}
-
-/// The unpacked checkpoint at `path` holds the state `meta` describes: its
-/// storage format is this binary's, its applied log id and membership are
-/// the meta's.
-fn validate_checkpoint(path: &std::path::Path, meta: &SnapshotMeta) -> anyhow::Result<()> {
-    let (applied, membership) = read_checkpoint_meta(path)?;
-    anyhow::ensure!(
-        applied == meta.last_log_id,
-        "the snapshot's database applied {applied:?}, its meta says {:?}",
-        meta.last_log_id
-    );
-    anyhow::ensure!(
-        membership == meta.last_membership,
-        "the snapshot's database has membership {membership:?}, its meta says {:?}",
-        meta.last_membership
-    );
-    Ok(())
 }
 
 /// The path of the received archive: `incoming.part` when openraft wrote

@@ -1,0 +1,118 @@
+//! What every group's apply shares on a node: the thread that writes
+//! applied batches ([`ApplyWriter`]) and the apply cache budget
+//! ([`CacheBudget`]). Neither grows with the number of groups.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use rocksdb::{WriteBatch, DB};
+
+use super::group::{AppliedState, GroupState};
+use super::sm_db::apply_write_options;
+
+/// A sealed batch of one group's entry, to write in order.
+pub(crate) struct WriteJob {
+    pub batch: WriteBatch,
+    pub group: Arc<GroupState>,
+    /// The group's applied state once the batch is written.
+    pub state: AppliedState,
+    /// Where the outcome goes (the group's applier waits on it).
+    pub done: mpsc::Sender<Result<(), String>>,
+}
+
+/// The node's apply writer thread: writes the batches of every group in
+/// the order they were submitted. A group's applier has at most one batch
+/// in flight (it computes its next entry meanwhile), so batches of one
+/// group are written in log order. Dropping it waits for the thread.
+pub struct ApplyWriter {
+    jobs: Option<mpsc::Sender<WriteJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ApplyWriter {
+    pub(crate) fn start(db: Arc<DB>) -> ApplyWriter {
+        let (jobs, job_rx) = mpsc::channel::<WriteJob>();
+        let thread = std::thread::Builder::new()
+            .name("apply-write".into())
+            .spawn(move || {
+                for WriteJob { batch, group, state, done } in job_rx {
+                    let result = db.write_opt(batch, &apply_write_options()).map_err(|e| e.to_string());
+                    match &result {
+                        Ok(()) => group.set_applied(state),
+                        Err(e) => group.set_write_failure(e.clone()),
+                    }
+                    // Before the reply: the applier may drop the last other
+                    // handle once it has it, and the state database must not
+                    // be dropped on this thread.
+                    drop(group);
+                    let _ = done.send(result);
+                }
+            })
+            .expect("start the apply writer thread");
+        ApplyWriter { jobs: Some(jobs), thread: Some(thread) }
+    }
+
+    /// Queues a batch; `Err` if the thread has stopped.
+    pub(crate) fn submit(&self, job: WriteJob) -> Result<(), String> {
+        let jobs = self.jobs.as_ref().expect("open until dropped");
+        jobs.send(job).map_err(|_| "the apply writer thread stopped".to_string())
+    }
+}
+
+impl Drop for ApplyWriter {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            // Never join itself (the last handle dropped on the writer).
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// The apply cache budget of the node, in users and family records: each
+/// group's cache keeps at most an equal share of it, so 64 groups keep
+/// what one did.
+#[derive(Debug)]
+pub struct CacheBudget {
+    entries: usize,
+    caches: AtomicUsize,
+}
+
+impl CacheBudget {
+    pub fn new(entries: usize) -> CacheBudget {
+        CacheBudget { entries, caches: AtomicUsize::new(0) }
+    }
+
+    /// The share of one cache (of the caches that exist now).
+    pub fn share(&self) -> usize {
+        self.entries / self.caches.load(Ordering::Acquire).max(1)
+    }
+
+    pub(crate) fn join(&self) {
+        self.caches.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn leave(&self) {
+        self.caches.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_shared_not_multiplied() {
+        let budget = CacheBudget::new(100_000);
+        assert_eq!(budget.share(), 100_000);
+        for _ in 0..64 {
+            budget.join();
+        }
+        assert_eq!(budget.share() * 64, 100_000 - 100_000 % 64);
+        budget.leave();
+        assert_eq!(budget.share(), 100_000 / 63);
+    }
+}

@@ -1,0 +1,232 @@
+//! A group's handle on the node's state database: the group's schema and
+//! compiled engine, what it has applied, its logical clocks, and the watch
+//! replies and linearizable reads wait on. One per raft group on the node
+//! (the role the single state machine's store had before shards).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rocksdb::DB;
+
+use super::codec;
+use super::keys::*;
+use super::sm_db::{cf, StateDb};
+use crate::engine::Engine;
+use crate::schema::VersionedSchema;
+use crate::types::{GroupId, LogId, StoredMembership};
+
+/// What a group's state machine has applied, cached in memory.
+#[derive(Debug, Clone, Default)]
+pub struct AppliedState {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    /// Logical clock: the largest entry stamp applied so far.
+    pub clock_ms: i64,
+}
+
+/// How often apply reads the durable clock back (one point read that
+/// skips the memtables).
+const DURABLE_CLOCK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One group's state (see the module docs).
+pub struct GroupState {
+    gid: GroupId,
+    state_db: Arc<StateDb>,
+    schema: RwLock<Arc<VersionedSchema>>,
+    /// The compiled features and tags of `schema`.
+    engine: RwLock<Arc<Engine>>,
+    applied: Mutex<AppliedState>,
+    /// The applied logical clock (what apply has reached; stamps are never
+    /// below it).
+    clock: AtomicI64,
+    /// When the durable clock was last read back. The durable clock itself
+    /// (the one in the flushed column families: applies skip the WAL, so
+    /// memtables are lost in a crash) is the group's slot in the node's
+    /// [`super::sm_db::DurableClocks`]; the compaction filters compare
+    /// expiries with it, never with `clock`: after a crash, replay starts
+    /// from the flushed state and may still read a value that expires
+    /// between the two (a dedupe marker, say); deleting it by the newer
+    /// clock would let the replay apply that event again, and replicas
+    /// would differ.
+    durable_read_at: Mutex<Option<std::time::Instant>>,
+    /// The log index whose batch is in the database (what reads see), or
+    /// why the state machine stopped writing. Apply hands an entry's batch
+    /// to the writer thread and goes on with the next entry, so openraft may
+    /// count an entry applied a moment before this index reaches it; replies
+    /// and linearizable reads wait for it ([`GroupState::wait_written`]).
+    written: tokio::sync::watch::Sender<Written>,
+}
+
+/// See [`GroupState::wait_written`].
+#[derive(Debug, Clone, Default)]
+struct Written {
+    index: u64,
+    failure: Option<Arc<str>>,
+}
+
+impl GroupState {
+    /// Opens the state database under `data_dir` and its group 0: the
+    /// single-group node (tests, examples and the log store's suite builder).
+    pub fn open(data_dir: &Path) -> anyhow::Result<Arc<GroupState>> {
+        StateDb::open(data_dir)?.open_group(GroupId(0))
+    }
+
+    /// An empty handle; [`StateDb::open_group`] loads it.
+    pub(crate) fn new(state_db: Arc<StateDb>, gid: GroupId) -> GroupState {
+        GroupState {
+            gid,
+            state_db,
+            schema: RwLock::new(Arc::default()),
+            engine: RwLock::new(Arc::new(Engine::empty())),
+            applied: Mutex::new(AppliedState::default()),
+            clock: AtomicI64::new(0),
+            durable_read_at: Mutex::new(None),
+            written: tokio::sync::watch::Sender::new(Written::default()),
+        }
+    }
+
+    pub fn gid(&self) -> GroupId {
+        self.gid
+    }
+
+    pub fn state_db(&self) -> &Arc<StateDb> {
+        &self.state_db
+    }
+
+    /// The node's database (every key of this group starts with its prefix).
+    pub fn db(&self) -> Arc<DB> {
+        self.state_db.db()
+    }
+
+    pub fn schema(&self) -> Arc<VersionedSchema> {
+        self.schema.read().expect("schema lock").clone()
+    }
+
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.read().expect("engine lock").clone()
+    }
+
+    /// Installs a schema and its compiled engine. Stored schemas were
+    /// validated before they were applied, so building cannot fail unless
+    /// the binary's rule language changed incompatibly.
+    pub(crate) fn set_schema(&self, schema: VersionedSchema) {
+        let engine = Engine::build(&schema.schema).unwrap_or_else(|e| {
+            tracing::error!(group = %self.gid, version = schema.version, error = %e, "stored schema does not compile; tags disabled");
+            Engine::empty()
+        });
+        *self.engine.write().expect("engine lock") = Arc::new(engine);
+        *self.schema.write().expect("schema lock") = Arc::new(schema);
+    }
+
+    /// The applied logical clock: the largest entry stamp applied.
+    pub fn clock_ms(&self) -> i64 {
+        self.clock.load(Ordering::Acquire)
+    }
+
+    /// The logical clock the compaction filters use for this group.
+    pub fn durable_clock_ms(&self) -> i64 {
+        self.state_db.clocks().get(self.gid)
+    }
+
+    /// What the flushed column families hold for this group:
+    /// `(last_applied index, clock)` (see [`StateDb::durable_applied`]).
+    pub fn durable_applied(&self) -> Result<(u64, i64), rocksdb::Error> {
+        self.state_db.durable_applied(self.gid)
+    }
+
+    /// Reads the durable clock back for the compaction filter (after a
+    /// flush, or at most every `every` while applying: RocksDB flushes on
+    /// its own when memtables fill, and a lagging value only makes the
+    /// filter keep more).
+    pub fn refresh_durable_clock(&self, every: Option<std::time::Duration>) {
+        {
+            let mut at = self.durable_read_at.lock().expect("durable clock lock");
+            if let (Some(every), Some(last)) = (every, *at) {
+                if last.elapsed() < every {
+                    return;
+                }
+            }
+            *at = Some(std::time::Instant::now());
+        }
+        self.state_db.refresh_durable_clock(self.gid);
+    }
+
+    pub fn applied(&self) -> AppliedState {
+        self.applied.lock().expect("applied lock").clone()
+    }
+
+    /// Records what the database now holds (called once its batch is
+    /// written): reads report it, and waiters for its index are released.
+    pub(crate) fn set_applied(&self, state: AppliedState) {
+        self.clock.store(state.clock_ms, Ordering::Release);
+        let index = state.last_applied.map_or(0, |l| l.index);
+        *self.applied.lock().expect("applied lock") = state;
+        self.written.send_modify(|w| w.index = index);
+        self.refresh_durable_clock(Some(DURABLE_CLOCK_EVERY));
+    }
+
+    /// The state machine can no longer write: every waiter gets `reason`.
+    pub(crate) fn set_write_failure(&self, reason: String) {
+        self.written.send_modify(|w| w.failure = Some(reason.into()));
+    }
+
+    /// The group was dropped: its in-memory state is emptied and waiters
+    /// get `reason`.
+    pub(crate) fn forget(&self, reason: &str) {
+        self.set_schema(VersionedSchema::default());
+        *self.applied.lock().expect("applied lock") = AppliedState::default();
+        self.clock.store(0, Ordering::Release);
+        let reason: Arc<str> = reason.into();
+        self.written.send_modify(|w| {
+            w.index = 0;
+            w.failure = Some(reason);
+        });
+    }
+
+    /// Waits until the entry at `index` (and everything before it) is in the
+    /// database, so what a reply acknowledges or a linearizable read
+    /// promises is what a read then sees.
+    pub async fn wait_written(&self, index: u64) -> Result<(), String> {
+        let mut rx = self.written.subscribe();
+        let w = rx.wait_for(|w| w.index >= index || w.failure.is_some()).await.map_err(|e| e.to_string())?;
+        match &w.failure {
+            Some(reason) if w.index < index => Err(format!("state machine stopped writing: {reason}")),
+            _ => Ok(()),
+        }
+    }
+
+    /// The running background re-evaluation, if any.
+    pub fn reeval_progress(&self) -> Result<Option<crate::types::ReevalProgress>, super::apply::ApplyError> {
+        let db = self.db();
+        let raw = db.get_cf(cf(&db, CF_META), meta(self.gid, META_REEVAL))?;
+        Ok(raw.map(|b| codec::decode(&b)).transpose()?)
+    }
+
+    /// Makes every applied write durable ([`StateDb::persist`]: one flush
+    /// covers every group of the node).
+    pub fn persist(&self) -> Result<(), rocksdb::Error> {
+        self.state_db.persist()
+    }
+
+    /// Loads schema, applied state and clocks from the database (at open
+    /// and after a snapshot install).
+    pub(crate) fn reload_caches(&self) -> anyhow::Result<()> {
+        let db = self.db();
+        let meta_cf = cf(&db, CF_META);
+        let get = |name: &[u8]| db.get_cf(meta_cf, meta(self.gid, name));
+        let schema = match get(META_SCHEMA)? {
+            Some(b) => codec::decode(&b)?,
+            None => VersionedSchema::default(),
+        };
+        let applied = AppliedState {
+            last_applied: get(META_APPLIED)?.map(|b| codec::decode(&b)).transpose()?,
+            membership: get(META_MEMBERSHIP)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or_default(),
+            clock_ms: get(META_CLOCK)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or(0),
+        };
+        self.set_schema(schema);
+        self.set_applied(applied);
+        self.refresh_durable_clock(None);
+        Ok(())
+    }
+}

@@ -1,0 +1,129 @@
+//! A group's snapshot as SST files. Build: one RocksDB snapshot (a
+//! consistent view of every column family), the group's key range of each
+//! column family written with `SstFileWriter` (one `<cf>.sst` per non-empty
+//! column family), plus `group.meta` (the group, its applied log id and
+//! membership as of that view). Packed into one archive by
+//! [`super::snapshot::pack`].
+//!
+//! Install: [`validate`] the unpacked files against the group and
+//! openraft's meta before anything live changes; then [`ingest`]: a synced
+//! write of the group's install marker with a range delete of the group in
+//! every column family, then one ingest per SST. The caller reloads the
+//! group's caches and clears the marker; a crash in between leaves the
+//! marker, and the group is wiped at the next open.
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{Direction, IngestExternalFileOptions, IteratorMode, ReadOptions, SstFileWriter};
+use serde::{Deserialize, Serialize};
+
+use super::codec::{decode, encode};
+use super::keys::*;
+use super::sm_db::{cf, StateDb};
+use crate::types::{GroupId, LogId, SnapshotMeta, StoredMembership};
+
+/// The file of an archive describing its group's state.
+pub const META_FILE: &str = "group.meta";
+
+/// What `group.meta` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArchiveMeta {
+    pub group: GroupId,
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+}
+
+/// Writes group `gid`'s rows, as of one RocksDB snapshot, into the new
+/// directory `dir` (replaced if it exists).
+pub fn export(state_db: &StateDb, gid: GroupId, dir: &Path) -> anyhow::Result<ArchiveMeta> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    let db = state_db.db();
+    let snap = db.snapshot();
+    let (start, end) = group_range(gid);
+    for name in ALL_CFS {
+        let mut opts = ReadOptions::default();
+        opts.set_total_order_seek(true);
+        opts.fill_cache(false);
+        opts.set_iterate_upper_bound(end.clone());
+        let options = state_db.sst_options(name);
+        let mut writer: Option<SstFileWriter> = None;
+        for item in snap.iterator_cf_opt(cf(&db, name), opts, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (key, value) = item?;
+            if writer.is_none() {
+                let w = SstFileWriter::create(&options);
+                w.open(dir.join(format!("{name}.sst")))?;
+                writer = Some(w);
+            }
+            writer.as_mut().expect("just created").put(&key, &value)?;
+        }
+        if let Some(mut w) = writer {
+            w.finish()?;
+        }
+    }
+    let meta_cf = cf(&db, CF_META);
+    let last_applied = snap.get_cf(meta_cf, meta(gid, META_APPLIED))?.map(|b| decode(&b)).transpose()?;
+    let membership = snap
+        .get_cf(meta_cf, meta(gid, META_MEMBERSHIP))?
+        .map(|b| decode(&b))
+        .transpose()?
+        .unwrap_or_default();
+    let archive_meta = ArchiveMeta { group: gid, last_applied, membership };
+    std::fs::write(dir.join(META_FILE), encode(&archive_meta))?;
+    Ok(archive_meta)
+}
+
+/// The SST files of the unpacked snapshot in `dir`, with their column
+/// families, once the snapshot is known to be group `gid`'s state as
+/// `meta` describes it (its applied log id and membership).
+pub fn validate(
+    dir: &Path,
+    gid: GroupId,
+    meta: &SnapshotMeta,
+) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
+    let found: ArchiveMeta = decode(&std::fs::read(dir.join(META_FILE))?)?;
+    anyhow::ensure!(found.group == gid, "the snapshot is of group {}, not of group {gid}", found.group);
+    anyhow::ensure!(
+        found.last_applied == meta.last_log_id,
+        "the snapshot's database applied {:?}, its meta says {:?}",
+        found.last_applied,
+        meta.last_log_id
+    );
+    anyhow::ensure!(
+        found.membership == meta.last_membership,
+        "the snapshot's database has membership {:?}, its meta says {:?}",
+        found.membership,
+        meta.last_membership
+    );
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().to_string();
+        if name == META_FILE {
+            continue;
+        }
+        let cf_name = ALL_CFS.iter().find(|cf| name.strip_suffix(".sst") == Some(**cf));
+        let Some(cf_name) = cf_name else { anyhow::bail!("unexpected file {name:?} in the snapshot") };
+        files.push((*cf_name, dir.join(name)));
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Replaces group `gid`'s rows with the SST `files` (from [`validate`]),
+/// leaving its install marker set (see the module docs).
+pub fn ingest(state_db: &StateDb, gid: GroupId, files: Vec<(&'static str, PathBuf)>) -> anyhow::Result<()> {
+    state_db.delete_range(gid, Some(true))?;
+    let db = state_db.db();
+    // An ingest overlapping the memtables (the range delete is there)
+    // flushes first; with `atomic_flush` RocksDB flushes every column
+    // family together, so other groups' unlogged applies stay consistent.
+    let mut opts = IngestExternalFileOptions::default();
+    opts.set_move_files(true);
+    for (name, path) in files {
+        db.ingest_external_file_cf_opts(cf(&db, name), &opts, vec![path])?;
+    }
+    Ok(())
+}

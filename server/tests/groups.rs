@@ -1,0 +1,323 @@
+//! Several raft groups on one node's state database: each group's data,
+//! applied state, clocks, snapshots and removal stay within its own key
+//! range, and the compaction filter judges each key by its own group's
+//! durable clock.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{CommittedLeaderId, EntryPayload, Membership, RaftSnapshotBuilder};
+use portrait_server::duration::DAY_MS;
+use portrait_server::model::{Event, Value};
+use portrait_server::store::keys::{self, CF_DEDUPE, CF_META};
+use portrait_server::store::read::{read_profile, ProfileView, Selection};
+use portrait_server::store::sm_db::cf;
+use portrait_server::store::{GroupState, StateDb, StateMachine};
+use portrait_server::types::{Command, Entry, GroupId, LogId, SnapshotMeta};
+use tempfile::TempDir;
+
+const T0: i64 = 1_760_000_000_000;
+const A: GroupId = GroupId(0);
+const B: GroupId = GroupId(1);
+const C: GroupId = GroupId(300);
+
+struct Group {
+    store: Arc<GroupState>,
+    sm: StateMachine,
+}
+
+fn group(db: &Arc<StateDb>, dir: &Path, gid: GroupId) -> Group {
+    let store = db.open_group(gid).unwrap();
+    let sm = StateMachine::new(store.clone(), dir).unwrap();
+    Group { store, sm }
+}
+
+fn log_id(index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(1, 1), index)
+}
+
+fn event(user: &str, time_ms: i64, id: &str) -> Event {
+    Event {
+        user_id: user.into(),
+        family: "trade".into(),
+        event_type: "order".into(),
+        time_ms,
+        event_id: id.into(),
+        attrs: [("amount".to_string(), Value::Float(12.5))].into_iter().collect(),
+    }
+}
+
+fn write(index: u64, stamp_ms: i64, events: Vec<Event>) -> Entry {
+    let requests = vec![events].into();
+    Entry { log_id: log_id(index), payload: EntryPayload::Normal(Command::Write { stamp_ms, requests }) }
+}
+
+fn membership(index: u64, voters: &[u64]) -> Entry {
+    let m = Membership::new(vec![voters.iter().copied().collect::<BTreeSet<_>>()], None);
+    Entry { log_id: log_id(index), payload: EntryPayload::Membership(m) }
+}
+
+async fn apply(g: &mut Group, entries: Vec<Entry>) {
+    g.sm.apply(entries).await.unwrap();
+    g.sm.applied_state().await.unwrap();
+}
+
+/// `n` orders of each of `users` in entries `first..`, stamped `stamp`.
+async fn orders(g: &mut Group, first: u64, users: &[&str], n: u64, stamp: i64) -> u64 {
+    let mut index = first;
+    for i in 0..n {
+        let events = users.iter().map(|u| event(u, stamp - i as i64, &format!("{u}-{i}"))).collect();
+        apply(g, vec![write(index, stamp, events)]).await;
+        index += 1;
+    }
+    index
+}
+
+fn read(g: &Group, user: &str) -> ProfileView {
+    let s = &g.store;
+    read_profile(&s.db(), s.gid(), &s.schema().schema, &s.engine(), user, &Selection::all(), T0).unwrap()
+}
+
+/// Every key of every column family in `gid`'s range, with its value.
+fn rows(db: &StateDb, gid: GroupId) -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+    let db = db.db();
+    let (start, end) = keys::group_range(gid);
+    let mut out = Vec::new();
+    for name in keys::ALL_CFS {
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_total_order_seek(true);
+        opts.set_iterate_upper_bound(end.clone());
+        let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+        for item in db.iterator_cf_opt(cf(&db, name), opts, mode) {
+            let (k, v) = item.unwrap();
+            out.push((name, k.to_vec(), v.to_vec()));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn groups_keep_their_data_applied_state_clock_and_membership_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = StateDb::open(dir.path()).unwrap();
+    let mut a = group(&db, dir.path(), A);
+    let mut b = group(&db, dir.path(), B);
+    let mut c = group(&db, dir.path(), C);
+    // The same user id in two groups: distinct users.
+    orders(&mut a, 1, &["u1", "only-a"], 3, T0).await;
+    orders(&mut b, 1, &["u1"], 5, T0 + 1000).await;
+    apply(&mut b, vec![membership(6, &[1, 2])]).await;
+    apply(&mut c, vec![membership(1, &[3])]).await;
+    assert!(read(&a, "only-a").found);
+    assert!(!read(&b, "only-a").found, "a write to A never appears in B");
+    assert!(!read(&c, "u1").found);
+    assert_ne!(read(&a, "u1"), read(&b, "u1"));
+    let before = [read(&a, "u1"), read(&b, "u1")];
+    let a_rows = rows(&db, A).len();
+    assert!(a_rows > 0 && !rows(&db, B).is_empty());
+    db.persist().unwrap();
+    drop((a, b, c, db));
+
+    let db = StateDb::open(dir.path()).unwrap();
+    let (a, b, c) = (group(&db, dir.path(), A), group(&db, dir.path(), B), group(&db, dir.path(), C));
+    assert_eq!([read(&a, "u1"), read(&b, "u1")], before);
+    let (sa, sb, sc) = (a.store.applied(), b.store.applied(), c.store.applied());
+    assert_eq!(sa.last_applied.map(|l| l.index), Some(3));
+    assert_eq!(sb.last_applied.map(|l| l.index), Some(6));
+    assert_eq!(sc.last_applied.map(|l| l.index), Some(1));
+    assert_eq!((sa.clock_ms, sb.clock_ms, sc.clock_ms), (T0, T0 + 1000, 0));
+    let voters = |g: &Group| g.store.applied().membership.membership().voter_ids().collect::<Vec<_>>();
+    assert_eq!((voters(&a), voters(&b), voters(&c)), (vec![], vec![1, 2], vec![3]));
+    assert_eq!(rows(&db, A).len(), a_rows);
+}
+
+async fn build(g: &mut Group) -> (Vec<u8>, SnapshotMeta) {
+    let snap = g.sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let mut bytes = Vec::new();
+    let mut file = snap.snapshot;
+    tokio::io::AsyncReadExt::read_to_end(&mut *file, &mut bytes).await.unwrap();
+    (bytes, snap.meta)
+}
+
+async fn install(g: &mut Group, archive: &[u8], meta: &SnapshotMeta) -> Result<(), String> {
+    let mut incoming = g.sm.begin_receiving_snapshot().await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut *incoming, archive).await.unwrap();
+    g.sm.install_snapshot(meta, incoming).await.map_err(|e| format!("{e}"))
+}
+
+#[tokio::test]
+async fn a_groups_snapshot_replaces_exactly_that_group() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader = StateDb::open(leader_dir.path()).unwrap();
+    let mut la = group(&leader, leader_dir.path(), A);
+    let mut lb = group(&leader, leader_dir.path(), B);
+    orders(&mut la, 1, &["u1", "u2"], 4, T0).await;
+    orders(&mut lb, 1, &["u1", "leader-b"], 2, T0).await;
+    let (archive, meta) = build(&mut la).await;
+    assert_eq!(meta.last_log_id.map(|l| l.index), Some(4));
+    let leader_a = rows(&leader, A);
+
+    // Into a fresh database's A.
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let fresh = StateDb::open(fresh_dir.path()).unwrap();
+    let mut fa = group(&fresh, fresh_dir.path(), A);
+    install(&mut fa, &archive, &meta).await.unwrap();
+    assert_eq!(rows(&fresh, A), leader_a);
+    assert_eq!(read(&fa, "u1"), read(&la, "u1"));
+    assert!(rows(&fresh, B).is_empty(), "the snapshot holds nothing of B");
+
+    // Into a database where A held other data, next to B's.
+    let dir = tempfile::tempdir().unwrap();
+    let db = StateDb::open(dir.path()).unwrap();
+    let mut a = group(&db, dir.path(), A);
+    let mut b = group(&db, dir.path(), B);
+    orders(&mut a, 1, &["u1", "stale-a"], 9, T0 + 5).await;
+    orders(&mut b, 1, &["u1", "mine-b"], 3, T0 + 7).await;
+    let b_before = rows(&db, B);
+    install(&mut a, &archive, &meta).await.unwrap();
+    assert_eq!(rows(&db, A), leader_a, "exactly A's data");
+    assert!(!read(&a, "stale-a").found, "what A held before is gone");
+    assert_eq!(read(&a, "u2"), read(&la, "u2"));
+    assert_eq!(a.sm.applied_state().await.unwrap().0, meta.last_log_id);
+    assert_eq!(a.store.clock_ms(), T0);
+    assert_eq!(rows(&db, B), b_before, "B untouched");
+    assert!(read(&b, "mine-b").found);
+    // A keeps applying after the install, and so does B.
+    orders(&mut a, 5, &["u3"], 1, T0 + 10).await;
+    orders(&mut b, 4, &["u4"], 1, T0 + 10).await;
+    assert!(read(&a, "u3").found && read(&b, "u4").found);
+    // And the installed state survives a restart (ingested files and
+    // the cleared install marker are durable).
+    drop((a, b, db));
+    let db = StateDb::open(dir.path()).unwrap();
+    let a = group(&db, dir.path(), A);
+    assert_eq!(a.store.applied().last_applied.map(|l| l.index), Some(5));
+    assert_eq!(read(&a, "u2"), read(&la, "u2"));
+    let _keep = (&leader_dir, &fresh_dir);
+}
+
+#[tokio::test]
+async fn a_snapshot_of_another_group_is_refused_before_anything_changes() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader = StateDb::open(leader_dir.path()).unwrap();
+    let mut la = group(&leader, leader_dir.path(), A);
+    orders(&mut la, 1, &["leader-a"], 3, T0).await;
+    let (archive, meta) = build(&mut la).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = StateDb::open(dir.path()).unwrap();
+    let mut b = group(&db, dir.path(), B);
+    orders(&mut b, 1, &["mine-b"], 2, T0).await;
+    let (b_rows, a_rows) = (rows(&db, B), rows(&db, A));
+    let applied = b.sm.applied_state().await.unwrap();
+    let e = install(&mut b, &archive, &meta).await.expect_err("another group's snapshot");
+    assert!(e.contains("the snapshot is of group 0, not of group 1"), "{e}");
+    assert!(e.contains("the live state machine is unchanged"), "{e}");
+    assert_eq!(rows(&db, B), b_rows);
+    assert_eq!(rows(&db, A), a_rows);
+    assert!(a_rows.is_empty());
+    assert_eq!(b.sm.applied_state().await.unwrap(), applied);
+    // B still applies.
+    orders(&mut b, 3, &["mine-b"], 1, T0 + 1).await;
+}
+
+#[tokio::test]
+async fn dropping_a_group_leaves_the_others_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = StateDb::open(dir.path()).unwrap();
+    let mut a = group(&db, dir.path(), A);
+    let mut b = group(&db, dir.path(), B);
+    orders(&mut a, 1, &["u1"], 3, T0).await;
+    orders(&mut b, 1, &["u1"], 3, T0).await;
+    let b_rows = rows(&db, B);
+    db.drop_group(A).unwrap();
+    assert!(rows(&db, A).is_empty());
+    assert_eq!(a.store.applied().last_applied, None, "its in-memory state is gone");
+    assert!(a.store.wait_written(1).await.is_err(), "nothing waits on a dropped group");
+    assert_eq!(rows(&db, B), b_rows);
+    assert!(read(&b, "u1").found);
+    drop((a, b, db));
+    // Durable: after a restart too.
+    let db = StateDb::open(dir.path()).unwrap();
+    let a = group(&db, dir.path(), A);
+    assert_eq!(a.store.applied().last_applied, None);
+    assert!(rows(&db, A).is_empty());
+    assert_eq!(rows(&db, B), b_rows);
+}
+
+#[tokio::test]
+async fn a_group_whose_install_was_interrupted_starts_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = StateDb::open(dir.path()).unwrap();
+    let mut a = group(&db, dir.path(), A);
+    let mut b = group(&db, dir.path(), B);
+    orders(&mut a, 1, &["u1"], 3, T0).await;
+    orders(&mut b, 1, &["u1"], 3, T0).await;
+    db.persist().unwrap();
+    let b_rows = rows(&db, B);
+    // A crash between the install's first step (marker and range delete,
+    // here the marker alone: the worst case leaves the old rows) and its
+    // last (clearing the marker).
+    let raw = db.db();
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    raw.put_cf_opt(cf(&raw, CF_META), keys::installing(A), [], &sync).unwrap();
+    drop((raw, a, b, db));
+
+    let db = StateDb::open(dir.path()).unwrap();
+    let a = group(&db, dir.path(), A);
+    assert!(rows(&db, A).is_empty(), "wiped");
+    assert_eq!(a.store.applied().last_applied, None, "raft will send a snapshot again");
+    assert_eq!(rows(&db, B), b_rows);
+    let raw = db.db();
+    assert_eq!(raw.get_cf(cf(&raw, CF_META), keys::installing(A)).unwrap(), None, "marker cleared");
+}
+
+/// Two groups, one dedupe marker each (window 7 days), both flushed at
+/// day 0; A's durable clock then moves to day 8, B's stays at day 0. A
+/// compaction of the whole column family drops A's expired marker only:
+/// B's replay after a crash may still read its marker.
+#[tokio::test]
+async fn compaction_drops_only_what_its_own_groups_durable_clock_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = StateDb::open(dir.path()).unwrap();
+    let mut a = group(&db, dir.path(), A);
+    let mut b = group(&db, dir.path(), B);
+    apply(&mut a, vec![write(1, T0, vec![event("u1", T0, "e1")])]).await;
+    apply(&mut b, vec![write(1, T0, vec![event("u1", T0, "e1")])]).await;
+    db.persist().unwrap();
+    apply(&mut a, vec![write(2, T0 + 8 * DAY_MS, vec![event("u2", T0 + 8 * DAY_MS, "e2")])]).await;
+    db.persist().unwrap();
+    assert_eq!(a.store.durable_clock_ms(), T0 + 8 * DAY_MS);
+    assert_eq!(b.store.durable_clock_ms(), T0);
+    let raw = db.db();
+    let dedupe = cf(&raw, CF_DEDUPE);
+    raw.compact_range_cf(dedupe, None::<&[u8]>, None::<&[u8]>);
+    let marker = |gid| raw.get_cf(dedupe, keys::dedupe(gid, "u1", "e1")).unwrap();
+    assert_eq!(marker(A), None, "A's marker expired by A's durable clock");
+    assert!(marker(B).is_some(), "B's clock has not reached it");
+    assert!(raw.get_cf(dedupe, keys::dedupe(A, "u2", "e2")).unwrap().is_some());
+}
+
+#[test]
+fn a_data_dir_of_the_single_group_layout_is_refused() {
+    let dir: TempDir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("sm/db-0")).unwrap();
+    let e = format!("{:#}", StateDb::open(dir.path()).err().expect("refused"));
+    assert!(!e.contains('\n'), "{e}");
+    assert!(e.contains(&dir.path().join("sm").display().to_string()), "{e}");
+    assert!(e.contains("the single-group format is not supported"), "{e}");
+    assert!(!dir.path().join("state").exists(), "nothing created");
+}
+
+#[test]
+fn group_ids_beyond_the_shard_limit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = StateDb::open(dir.path()).unwrap();
+    assert!(db.open_group(GroupId(keys::MAX_SHARDS)).is_err());
+    assert!(db.open_group(GroupId::META).is_ok());
+    let a1 = db.open_group(A).unwrap();
+    assert!(Arc::ptr_eq(&a1, &db.open_group(A).unwrap()), "one handle per group");
+}

@@ -37,6 +37,15 @@ pub struct GroupId(pub u32);
 impl GroupId {
     /// The meta group: the largest id, so it never collides with a shard.
     pub const META: GroupId = GroupId(u32::MAX);
+
+    /// The group's directory name under a data dir's `snapshots/`: the
+    /// shard number, or `meta`.
+    pub fn dir_name(self) -> String {
+        match self {
+            GroupId::META => "meta".into(),
+            GroupId(k) => k.to_string(),
+        }
+    }
 }
 
 impl std::fmt::Display for GroupId {

@@ -213,7 +213,7 @@ async fn a_snapshot_of_another_group_is_refused_before_anything_changes() {
     let (b_rows, a_rows) = (rows(&db, B), rows(&db, A));
     let applied = b.sm.applied_state().await.unwrap();
     let e = install(&mut b, &archive, &meta).await.expect_err("another group's snapshot");
-    assert!(e.contains("the snapshot is of group 0, not of group 1"), "{e}");
+    assert!(e.contains("the snapshot is of shard 0, not of shard 1"), "{e}");
     assert!(e.contains("the live state machine is unchanged"), "{e}");
     assert_eq!(rows(&db, B), b_rows);
     assert_eq!(rows(&db, A), a_rows);

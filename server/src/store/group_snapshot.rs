@@ -85,7 +85,7 @@ pub fn validate(
     meta: &SnapshotMeta,
 ) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
     let found: ArchiveMeta = decode(&std::fs::read(dir.join(META_FILE))?)?;
-    anyhow::ensure!(found.group == gid, "the snapshot is of group {}, not of group {gid}", found.group);
+    anyhow::ensure!(found.group == gid, "the snapshot is of {}, not of {gid}", found.group);
     anyhow::ensure!(
         found.last_applied == meta.last_log_id,
         "the snapshot's database applied {:?}, its meta says {:?}",

@@ -133,7 +133,7 @@ impl StateDb {
 
     /// The handle of group `gid` (the one already open, if any).
     pub fn open_group(self: &Arc<Self>, gid: GroupId) -> anyhow::Result<Arc<GroupState>> {
-        anyhow::ensure!(valid_group(gid), "group {gid} is not a shard below {MAX_SHARDS} nor the meta group");
+        anyhow::ensure!(valid_group(gid), "{gid} is not a shard below {MAX_SHARDS} nor the meta group");
         let mut groups = self.groups.lock().expect("groups lock");
         if let Some(open) = groups.get(&gid).and_then(Weak::upgrade) {
             return Ok(open);
@@ -154,7 +154,7 @@ impl StateDb {
     /// (durably) and empties the in-memory state of its handle, if one is
     /// open (writes through it fail from now on).
     pub fn drop_group(&self, gid: GroupId) -> anyhow::Result<()> {
-        anyhow::ensure!(valid_group(gid), "group {gid} is not a shard below {MAX_SHARDS} nor the meta group");
+        anyhow::ensure!(valid_group(gid), "{gid} is not a shard below {MAX_SHARDS} nor the meta group");
         let open = self.groups.lock().expect("groups lock").remove(&gid).and_then(|g| g.upgrade());
         self.delete_range(gid, None)?;
         self.clocks.set(gid, i64::MIN);

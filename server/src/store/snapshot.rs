@@ -128,7 +128,7 @@ pub struct SnapshotDir {
 
 impl SnapshotDir {
     pub fn new(data_dir: &Path, gid: crate::types::GroupId) -> io::Result<SnapshotDir> {
-        let root = data_dir.join("snapshots").join(gid.to_string());
+        let root = data_dir.join("snapshots").join(gid.dir_name());
         std::fs::create_dir_all(&root)?;
         Ok(SnapshotDir { root })
     }

@@ -16,8 +16,8 @@ setup: ## install system packages the build needs (libclang-dev)
 build: setup ## build portraitd and the portrait CLI
 	$(CARGO) build $(PROFILE) --workspace --bins
 
-run: build ## start a single node on ./data, 127.0.0.1:7700, default schema
-	$(BIN)/portraitd $(ARGS)
+run: build ## start a single node on ./data, 127.0.0.1:7700, default schema, 4 shards
+	$(BIN)/portraitd --shards 4 $(ARGS)
 
 # Two cargo runs: the cluster tests build `portraitd-faults` (portraitd with
 # the `fault-injection` feature) in a run of their own, so the feature never

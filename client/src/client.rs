@@ -159,10 +159,19 @@ impl PortraitClient {
     /// once `node_id` leads (a few seconds: writes pause for about one
     /// leader lease meanwhile). A no-op if it already leads.
     pub async fn transfer_leader(&self, node_id: u64) -> Result<TransferLeaderResponse, ClientError> {
-        unary(
-            &self.router,
-            |ch| async move { admin(ch).transfer_leader(TransferLeaderRequest { node_id }).await },
-        )
+        self.transfer_leader_of(node_id, None).await
+    }
+
+    /// Makes voter `node_id` the leader of `shard` (`None`: of every shard
+    /// the called node leads, as [`PortraitClient::transfer_leader`]).
+    pub async fn transfer_leader_of(
+        &self,
+        node_id: u64,
+        shard: Option<u32>,
+    ) -> Result<TransferLeaderResponse, ClientError> {
+        unary(&self.router, |ch| async move {
+            admin(ch).transfer_leader(TransferLeaderRequest { node_id, shard }).await
+        })
         .await
     }
 

@@ -57,6 +57,12 @@ fn has_fault_injection(binary: &Path) -> bool {
     has
 }
 
+/// Shards of a cluster from [`Cluster::start_sharded`]: more than one, so
+/// that writes and reads cross shards, and few, so that starts stay quick
+/// on a small machine. The other constructors make clusters of one shard:
+/// their tests compare log indexes of one raft log.
+pub const TEST_SHARDS: u32 = 4;
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -78,8 +84,9 @@ pub struct NodeProc {
 }
 
 impl NodeProc {
-    fn new(id: u64, config: Option<String>, args: Vec<String>, owners: Owners) -> NodeProc {
+    fn new(id: u64, config: Option<String>, mut args: Vec<String>, owners: Owners, shards: u32) -> NodeProc {
         let dir = tempfile::tempdir().unwrap();
+        args.extend(["--shards".to_string(), shards.to_string()]);
         NodeProc { id, port: free_port(), dir, child: None, config, args, proxy: None, owners }
     }
 
@@ -157,6 +164,8 @@ impl Drop for NodeProc {
 /// A running cluster.
 pub struct Cluster {
     pub nodes: Vec<NodeProc>,
+    /// The number of shards every node is started with.
+    shards: u32,
 }
 
 impl Cluster {
@@ -167,20 +176,26 @@ impl Cluster {
 
     /// Like [`Cluster::start`], each node with this `portraitd` config file.
     pub async fn start_with_config(n: u64, config: Option<&str>) -> Cluster {
-        Cluster::launch(n, config, false).await
+        Cluster::launch(n, config, false, 1).await
+    }
+
+    /// Like [`Cluster::start`], with `shards` shards, each replicated on
+    /// every node.
+    pub async fn start_sharded(n: u64, shards: u32) -> Cluster {
+        Cluster::launch(n, None, false, shards).await
     }
 
     /// Like [`Cluster::start`], with a fault proxy in front of every node:
     /// the membership records the proxies' addresses, so every raft message
     /// (and every leader redirect) goes through them. See [`Cluster::link`].
     pub async fn start_proxied(n: u64) -> Cluster {
-        Cluster::launch(n, None, true).await
+        Cluster::launch(n, None, true, 1).await
     }
 
-    async fn launch(n: u64, config: Option<&str>, proxied: bool) -> Cluster {
+    async fn launch(n: u64, config: Option<&str>, proxied: bool, shards: u32) -> Cluster {
         let owners = Owners::default();
         let mut nodes: Vec<NodeProc> = (1..=n)
-            .map(|id| NodeProc::new(id, config.map(str::to_string), Vec::new(), owners.clone()))
+            .map(|id| NodeProc::new(id, config.map(str::to_string), Vec::new(), owners.clone(), shards))
             .collect();
         for node in &mut nodes {
             if proxied {
@@ -191,7 +206,7 @@ impl Cluster {
         for node in &mut nodes {
             node.spawn(node.id == 1);
         }
-        let cluster = Cluster { nodes };
+        let cluster = Cluster { nodes, shards };
         for node in &cluster.nodes {
             cluster.wait_answering(node.id).await;
         }
@@ -232,7 +247,7 @@ impl Cluster {
     async fn spawn_with_args(&mut self, args: Vec<String>) -> u64 {
         let id = self.nodes.len() as u64 + 1;
         let config = self.nodes[0].config.clone();
-        let mut node = NodeProc::new(id, config, args, self.nodes[0].owners.clone());
+        let mut node = NodeProc::new(id, config, args, self.nodes[0].owners.clone(), self.shards);
         node.spawn(false);
         self.nodes.push(node);
         self.wait_answering(id).await;

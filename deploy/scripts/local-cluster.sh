@@ -15,8 +15,9 @@ trap cleanup EXIT INT TERM
 
 for id in 1 2 3; do
   args=(--node-id "$id" --data-dir "$BASE/node$id" --listen "127.0.0.1:770$id")
-  # Node 1 forms the cluster; the others join it (a restart does neither).
-  [ "$id" = 1 ] || args+=(--join http://127.0.0.1:7701)
+  # Node 1 forms the cluster, of ${SHARDS:-4} shards; the others join it and
+  # learn the number of shards from it (a restart does neither).
+  if [ "$id" = 1 ]; then args+=(--shards "${SHARDS:-4}"); else args+=(--join http://127.0.0.1:7701); fi
   "$BIN/portraitd" "${args[@]}" >"$BASE/node$id.log" 2>&1 &
   pids+=($!)
 done

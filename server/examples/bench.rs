@@ -91,6 +91,9 @@ async fn main() -> anyhow::Result<()> {
         tuning: RaftTuning::default(),
         fault_injection: false,
         clock: Default::default(),
+        // One shard, as the figures in docs/benchmarks.md were measured.
+        shards: Some(1),
+        seeds: Vec::new(),
     })
     .await?;
     anyhow::ensure!(node.wait_for_leader(Duration::from_secs(10)).await, "no leader");

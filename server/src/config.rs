@@ -26,7 +26,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (with fault injection
     about = "Portrait node: replicated user profiles with per-family TTL, over gRPC"
 )]
 pub struct Cli {
-    /// TOML config file (keys: node_id, data_dir, listen, advertise, bootstrap, join, log, [raft], [clock]).
+    /// TOML config file (keys: node_id, data_dir, listen, advertise, bootstrap, join, log, shards, [raft], [clock]).
     #[arg(long, env = "PORTRAIT_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's raft id (stable across restarts).
@@ -60,6 +60,10 @@ pub struct Cli {
     /// A clock that jumps further than this ahead needs a quorum's or an operator's confirmation (default 24h).
     #[arg(long, env = "PORTRAIT_MAX_CLOCK_JUMP", value_name = "DURATION")]
     pub max_clock_jump: Option<String>,
+    /// Shards of a new cluster (fixed at creation; 1 to 4096, default 64). A node with data, or one
+    /// joining through --join, takes its cluster's; a different value is refused.
+    #[arg(long, env = "PORTRAIT_SHARDS", value_name = "N")]
+    pub shards: Option<u32>,
     /// Test only (needs --fault-injection): milliseconds added to this node's wall clock.
     #[arg(long, hide = true, allow_hyphen_values = true)]
     pub test_clock_offset_ms: Option<i64>,
@@ -75,6 +79,7 @@ struct FileConfig {
     bootstrap: Option<bool>,
     join: Option<Vec<String>>,
     log: Option<String>,
+    shards: Option<u32>,
     #[serde(default)]
     raft: FileRaft,
     #[serde(default)]
@@ -168,6 +173,8 @@ impl Config {
             tuning,
             fault_injection: cli.fault_injection,
             clock,
+            shards: cli.shards.or(file.shards),
+            seeds: join.clone(),
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
         Ok(Config { listen, log, node, join })
@@ -288,6 +295,18 @@ mod tests {
         assert!(c.unwrap_err().to_string().contains("this build has no fault injection"));
         #[cfg(feature = "fault-injection")]
         assert!(c.unwrap().node.fault_injection);
+    }
+
+    #[test]
+    fn shards_come_from_the_flag_or_the_file() {
+        assert_eq!(Config::resolve(Cli::parse_from(["portraitd"])).unwrap().node.shards, None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "shards = 16\n").unwrap();
+        let file = Cli::parse_from(["portraitd", "--config", path.to_str().unwrap()]);
+        assert_eq!(Config::resolve(file).unwrap().node.shards, Some(16));
+        let flag = Cli::parse_from(["portraitd", "--config", path.to_str().unwrap(), "--shards", "4"]);
+        assert_eq!(Config::resolve(flag).unwrap().node.shards, Some(4));
     }
 
     #[test]

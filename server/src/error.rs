@@ -47,6 +47,20 @@ impl Error {
         }
     }
 
+    /// Names the shard an error came from: `shard 3: ...`. A field path
+    /// already points into the request, and a redirect to the shard's
+    /// leader is kept as it is (its metadata is what a client follows).
+    pub fn in_shard(self, group: crate::types::GroupId) -> Error {
+        match self {
+            Error::NotFound(m) => Error::NotFound(format!("{group}: {m}")),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(format!("{group}: {m}")),
+            Error::Unavailable(m) => Error::Unavailable(format!("{group}: {m}")),
+            Error::DeadlineExceeded(m) => Error::DeadlineExceeded(format!("{group}: {m}")),
+            Error::Internal(m) => Error::Internal(format!("{group}: {m}")),
+            other => other,
+        }
+    }
+
     /// Stable code for clients to branch on.
     pub fn code(&self) -> &'static str {
         match self {

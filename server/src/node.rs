@@ -1,10 +1,17 @@
-//! A running Portrait node: raft, storage and the write batcher, with the
-//! domain operations the gRPC services call (one method per call). The
-//! cluster operations (membership, leadership transfer, incoming raft
-//! messages, fault injection) are in `node/cluster.rs`.
+//! A running Portrait node: its S shard replicas (one raft group each,
+//! found through the [`Registry`]) and what it has once whatever their
+//! number (log engine, state database, clock, peer connections, the write
+//! batcher, ticker, clock probe and log policy tasks), with the domain
+//! operations the gRPC services call (one method per call). Writes are in
+//! `node/write.rs`, reads in `node/read.rs`, the number of shards in
+//! `node/shards.rs`; the cluster operations (membership, leadership
+//! transfer, incoming raft messages, fault injection) in `node/cluster.rs`.
 
 mod cluster;
+mod read;
+mod shards;
 mod tasks;
+mod write;
 
 pub use tasks::Tasks;
 
@@ -16,28 +23,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::{BasicNode, ServerState};
 
 use crate::clock::{ClockOptions, ClockStatus, NodeClock};
 use crate::engine::check_schema;
 use crate::error::{Error, Result};
-use crate::limits::{MAX_CONCURRENT_READS, MAX_FAMILIES, MAX_FEATURES, MAX_RESPONSE_BYTES, MAX_TAGS};
-use crate::model::{Event, WriteCounts};
 use crate::raft::batcher::WriteBatcher;
 use crate::raft::clock_probe::ClockProbe;
-use crate::raft::contact::{freshness, Freshness, LeaderContact, PeerAcks};
-use crate::raft::elect::ElectSwitch;
-use crate::raft::gate::ProposalGate;
-use crate::raft::network::{Blocked, Channels, Network};
-use crate::raft::stamp::Stamper;
-use crate::raft::transfer::LeaderTransfer;
-use crate::raft::{client_write_error, not_leader, RaftTuning};
+use crate::raft::contact::{freshness, Freshness};
+use crate::raft::network::{Blocked, Channels};
+use crate::raft::replica::{Registry, Replica, Shared};
+use crate::raft::{client_write_error, RaftTuning};
 use crate::schema::VersionedSchema;
-use crate::store::read::{distinct_ids, read_profile, repeat_counts, ProfileView, Selection};
-use crate::store::{GroupState, LogEngine, PurgeGuard, StateDb, StateMachine};
-use crate::types::{Command, CommandResult, GroupId, NodeId, Raft};
-use crate::validate::{validate_request, validate_user_id};
+use crate::store::{LogEngine, StateDb};
+use crate::types::{Command, CommandResult, GroupId, NodeId};
+
+pub use write::{ShardWrite, WriteResult};
 
 /// How to start a node.
 #[derive(Debug, Clone)]
@@ -52,6 +53,12 @@ pub struct NodeOptions {
     /// Allow `Admin.SetPartition` (tests only).
     pub fault_injection: bool,
     pub clock: ClockOptions,
+    /// The number of shards of a new cluster (`--shards`; `None`: the
+    /// default, or what the data dir or the cluster joined says). Checked
+    /// against the data dir's: see `node/shards.rs`.
+    pub shards: Option<u32>,
+    /// Seeds of `--join`: a new node asks them for the number of shards.
+    pub seeds: Vec<String>,
 }
 
 /// Read freshness, as asked by the caller.
@@ -65,6 +72,8 @@ pub enum Consistency {
 #[derive(Debug, Clone)]
 pub struct ReadInfo {
     pub node_id: NodeId,
+    /// The shard whose replica served the read.
+    pub shard: u32,
     pub applied_index: u64,
     pub as_of_ms: i64,
     pub freshness: Freshness,
@@ -102,34 +111,45 @@ pub struct NodeStatus {
     /// The replicated logical clock (the largest stamp applied).
     pub logical_clock_ms: i64,
     pub clock: ClockStatus,
+    /// The cluster's number of shards.
+    pub shards: u32,
+    /// Every shard's group (the fields above are shard 0's).
+    pub shard_status: Vec<ShardStatus>,
+}
+
+/// One shard's raft group as this node sees it.
+#[derive(Debug, Clone)]
+pub struct ShardStatus {
+    pub shard: u32,
+    pub role: String,
+    pub leader_id: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    pub schema_version: u64,
 }
 
 pub struct Node {
     pub id: NodeId,
-    /// The raft group this node runs (one, until the group registry).
-    group: GroupId,
     /// The address recorded for this node in the membership when it joins.
     pub advertise: String,
-    raft: Raft,
-    /// Group 0's state: the node runs one raft group (shards come next).
-    sm: Arc<GroupState>,
-    /// The node's raft log engine (its one group's store holds it too).
+    /// The cluster's number of shards (S): shard k is `GroupId(k)`.
+    shards: u32,
+    /// The replicas this node hosts (today: every shard).
+    registry: Arc<Registry>,
+    /// The node's raft log engine and state database (each replica holds
+    /// them too).
     _log_engine: LogEngine,
+    _state_db: Arc<StateDb>,
+    /// One connection per peer node, shared by every group (and forwarded
+    /// writes).
+    channels: Channels,
     batcher: WriteBatcher,
-    /// Every proposal passes it; a leadership transfer closes it.
-    gate: ProposalGate,
-    transfer: Arc<LeaderTransfer>,
-    /// This node's clock and its guard; every stamp comes from `stamper`.
+    /// This node's clock and its guard; every stamp comes from a replica's
+    /// stamper, which asks it.
     clock: Arc<NodeClock>,
-    stamper: Stamper,
-    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
-    elect: ElectSwitch,
     /// Background tasks the node owns: stopped and joined by `shutdown`.
     tasks: Tasks,
-    /// What this node last heard from its leader, and (leading) when each
-    /// peer last answered: see [`crate::raft::contact`].
-    contact: LeaderContact,
-    acks: Arc<PeerAcks>,
     /// Fault injection (tests): peers raft messages are not sent to, and
     /// peers whose log entries are dropped on arrival.
     #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
@@ -140,86 +160,63 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens the stores, starts raft and, for a new single node, bootstraps.
+    /// Opens the stores, starts a raft instance per shard and, for a new
+    /// single node, bootstraps every shard.
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
         std::fs::create_dir_all(&opts.data_dir)?;
-        let sm = StateDb::open(&opts.data_dir)?.open_group(GroupId(0))?;
-        // One log engine per node; this node runs one group, shard 0.
+        let state_db = StateDb::open(&opts.data_dir)?;
         let log_engine = LogEngine::open(&opts.data_dir)?;
-        let guard: Arc<dyn PurgeGuard> = sm.clone();
-        let log = log_engine.group(GroupId(0), Some(guard))?;
-        let log_bytes = log.log_bytes();
-        let state_machine = StateMachine::new(sm.clone(), &opts.data_dir)?;
-        let config = Arc::new(opts.tuning.openraft_config()?);
-        let network = Network::new(GroupId(0), Channels::default(), Blocked::default());
-        let (blocked, acks) = (network.blocked.clone(), network.acks.clone());
-        let raft = Raft::new(opts.node_id, config, network, log, state_machine).await?;
-        if opts.bootstrap && !raft.is_initialized().await? {
-            tracing::info!(node_id = opts.node_id, "bootstrapping a new single-node cluster");
-            let members = BTreeMap::from([(opts.node_id, BasicNode::new(&opts.advertise))]);
-            raft.initialize(members).await?;
+        let shards = shards::resolve(&state_db, &log_engine, &opts).await?;
+        let clock = Arc::new(NodeClock::open(&opts.data_dir, opts.clock.clone())?);
+        let (channels, blocked) = (Channels::default(), Blocked::default());
+        let shared = Shared {
+            me: opts.node_id,
+            data_dir: &opts.data_dir,
+            log_engine: &log_engine,
+            state_db: &state_db,
+            config: Arc::new(opts.tuning.openraft_config()?),
+            channels: channels.clone(),
+            blocked: blocked.clone(),
+            clock: clock.clone(),
+            tuning: &opts.tuning,
+        };
+        let registry = Arc::new(Registry::default());
+        for k in 0..shards {
+            registry.insert(Arc::new(Replica::open(GroupId(k), &shared).await?));
+        }
+        if opts.bootstrap {
+            bootstrap(&registry, opts.node_id, &opts.advertise).await?;
         }
         let tasks = Tasks::default();
-        let clock = Arc::new(NodeClock::open(&opts.data_dir, opts.clock.clone())?);
-        let stamper = Stamper::new(opts.node_id, raft.clone(), sm.clone(), clock.clone());
-        let elect = ElectSwitch::new(raft.clone());
-        // Snapshots and log retention by bytes.
+        // Snapshots and log retention by bytes, of every group.
         let policy = (&opts.tuning).into();
-        tasks.spawn("log policy", |stop| {
-            crate::raft::log_policy::run_until(raft.clone(), log_bytes, policy, stop)
-        });
+        let r = registry.clone();
+        tasks.spawn("log policy", |stop| crate::raft::log_policy::run_until(r, policy, stop));
         let (batcher, requests) = WriteBatcher::channel();
-        let (b_raft, b_sm, b_stamper) = (raft.clone(), sm.clone(), stamper.clone());
-        tasks.spawn("write batcher", |stop| {
-            crate::raft::batcher::run(b_raft, b_sm, b_stamper, requests, stop)
-        });
-        let gate = ProposalGate::default();
+        let r = registry.clone();
+        tasks.spawn("write batcher", |stop| crate::raft::batcher::run(r, requests, stop));
         let tick_interval = Duration::from_millis(opts.tuning.tick_interval_ms);
-        tasks.spawn("ticker", |stop| {
-            crate::raft::ticker::run(
-                raft.clone(),
-                sm.clone(),
-                gate.clone(),
-                stamper.clone(),
-                tick_interval,
-                stop,
-            )
-        });
-        let transfer = Arc::new(LeaderTransfer::new(
-            opts.node_id,
-            GroupId(0),
-            raft.clone(),
-            gate.clone(),
-            blocked.clone(),
-            opts.tuning.clone(),
-        ));
+        let r = registry.clone();
+        tasks.spawn("ticker", |stop| crate::raft::ticker::run(r, tick_interval, stop));
         let probe = ClockProbe {
             me: opts.node_id,
-            raft: raft.clone(),
-            sm: sm.clone(),
+            registry: registry.clone(),
             clock: clock.clone(),
-            elect: elect.clone(),
-            transfer: transfer.clone(),
             blocked: blocked.clone(),
             interval: CLOCK_PROBE_INTERVAL,
         };
         tasks.spawn("clock probe", |stop| probe.run(stop));
         Ok(Arc::new(Node {
             id: opts.node_id,
-            group: GroupId(0),
             advertise: opts.advertise.clone(),
-            raft,
-            sm,
+            shards,
+            registry,
             _log_engine: log_engine,
+            _state_db: state_db,
+            channels,
             batcher,
-            gate,
-            transfer,
             clock,
-            stamper,
-            elect,
             tasks,
-            contact: LeaderContact::default(),
-            acks,
             blocked,
             dropping: Blocked::default(),
             fault_injection: opts.fault_injection,
@@ -227,15 +224,34 @@ impl Node {
         }))
     }
 
+    /// The cluster's number of shards.
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    /// The replica of `group`; NOT_FOUND if this node hosts none.
+    fn replica(&self, group: GroupId) -> Result<Arc<Replica>> {
+        self.registry
+            .get(group)
+            .ok_or_else(|| Error::NotFound(format!("node {} hosts no replica of {group}", self.id)))
+    }
+
+    /// Shard 0's replica: what the single-group fields of status, schema
+    /// and membership report (every node hosts every shard for now).
+    fn first(&self) -> Arc<Replica> {
+        self.registry.get(GroupId(0)).expect("every node hosts shard 0")
+    }
+
     /// Whether this node's raft state was ever initialized (bootstrapped or
     /// joined).
     pub async fn is_initialized(&self) -> bool {
-        self.raft.is_initialized().await.unwrap_or(false)
+        self.first().raft.is_initialized().await.unwrap_or(false)
     }
 
-    /// The membership this node knows.
+    /// The membership this node knows (shard 0's; membership changes apply
+    /// to every shard, shard 0 last).
     pub fn membership(&self) -> openraft::Membership<NodeId, BasicNode> {
-        self.raft.metrics().borrow().membership_config.membership().clone()
+        self.first().raft.metrics().borrow().membership_config.membership().clone()
     }
 
     /// Runs `task` in the background until the node shuts down (see [`Tasks`]).
@@ -247,147 +263,60 @@ impl Node {
         self.tasks.spawn(name, task)
     }
 
-    /// Waits until some leader is known (or `timeout` passes).
+    /// Waits until every shard knows a leader (or `timeout` passes).
     pub async fn wait_for_leader(&self, timeout: Duration) -> bool {
-        let wait = self.raft.wait(Some(timeout));
-        wait.metrics(|m| m.current_leader.is_some(), "a leader is known").await.is_ok()
-    }
-
-    /// Validates and commits one write request.
-    ///
-    /// During a leadership transfer the write waits at the gate (at most
-    /// the write timeout, then UNAVAILABLE: nothing was proposed), then goes
-    /// on; on the old leader that is a redirect to the new one.
-    pub async fn write(&self, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
-        let schema = self.sm.schema();
-        validate_request(&events, &schema.schema, Some(self.clock.now_ms()))?;
-        let _pass = self.gate.pass(self.write_timeout).await?;
-        // Never hang: a leader cut off from its quorum cannot commit.
-        match tokio::time::timeout(self.write_timeout, self.batcher.write(events)).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::Unavailable(format!(
-                "not committed within {} ms (no quorum reachable?); the outcome is unknown: retry with the \
-                 same event_ids, duplicates are skipped",
-                self.write_timeout.as_millis()
-            ))),
-        }
-    }
-
-    /// Reads profiles as of now; linearizable reads first confirm leadership.
-    ///
-    /// The selection is bounded and checked before any per-name work, then
-    /// deduplicated; a user id asked for more than once is read once and
-    /// its view returned at each of its positions. The RocksDB reads and
-    /// feature evaluation run on a blocking thread, at most
-    /// [`MAX_CONCURRENT_READS`] at once, so a read storm cannot starve the
-    /// async workers that carry raft heartbeats.
-    pub async fn read_profiles(
-        &self,
-        user_ids: &[String],
-        selection: Selection,
-        consistency: Consistency,
-    ) -> Result<(Vec<ProfileView>, ReadInfo)> {
-        static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_READS);
-        let (schema, engine) = (self.sm.schema(), self.sm.engine());
-        let s = &schema.schema;
-        let sel = &selection;
-        check_names(
-            ("families", "family", MAX_FAMILIES),
-            &sel.families,
-            |n| s.families.contains_key(n),
-            s.families.keys(),
-        )?;
-        check_names(
-            ("features", "feature", MAX_FEATURES),
-            &sel.features,
-            |n| s.features.contains_key(n),
-            s.features.keys(),
-        )?;
-        check_names(("tags", "tag", MAX_TAGS), &sel.tags, |n| s.tags.contains_key(n), s.tags.keys())?;
-        let selection = selection.deduped();
-        for (i, u) in user_ids.iter().enumerate() {
-            validate_user_id(u).map_err(|e| Error::invalid(format!("user_ids[{i}]"), e.reason))?;
-        }
-        if consistency == Consistency::Linearizable {
-            // The leadership check sends AppendEntries, which a transfer must not.
-            let _pass = self.gate.pass(self.write_timeout).await?;
-            let read_log_id = self.raft.ensure_linearizable().await.map_err(check_leader_error)?;
-            // Applied is not yet readable until its batch is written.
-            if let Some(id) = read_log_id {
-                self.sm.wait_written(id.index).await.map_err(Error::Internal)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        for replica in self.registry.all() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let wait = replica.raft.wait(Some(left));
+            if wait.metrics(|m| m.current_leader.is_some(), "a leader is known").await.is_err() {
+                return false;
             }
         }
-        let (unique, positions) = distinct_ids(user_ids);
-        // Moved into the blocking task: a cancelled call still holds its turn
-        // until its reads are done.
-        let permit = READS.acquire().await.map_err(Error::internal)?;
-        let now = self.clock.now_ms();
-        let (db, gid) = (self.sm.db(), self.sm.gid());
-        let repeats = repeat_counts(&positions, unique.len());
-        let read = move || {
-            let _permit = permit;
-            // The response's bytes, counted as the views are read, so a
-            // call that would pass the response limit stops early (memory:
-            // the limit plus one user's profile).
-            let mut bytes = 0usize;
-            let mut views = Vec::with_capacity(unique.len());
-            for (i, user) in unique.iter().enumerate() {
-                let view = read_profile(&db, gid, &schema.schema, &engine, user, &selection, now)
-                    .map_err(Error::internal)?;
-                bytes = bytes.saturating_add(view.approx_bytes().saturating_mul(repeats[i]));
-                if bytes > MAX_RESPONSE_BYTES {
-                    return Err(Error::invalid(
-                        "user_ids",
-                        format!(
-                            "the response would pass {} MiB (at user {} of {}); ask for fewer users or \
-                             select fewer families, features or tags",
-                            MAX_RESPONSE_BYTES >> 20,
-                            i + 1,
-                            unique.len()
-                        ),
-                    ));
-                }
-                views.push(view);
-            }
-            Ok(views)
-        };
-        let views = tokio::task::spawn_blocking(read).await.map_err(Error::internal)??;
-        // Without repeats, positions are 0..n: the views are in order already.
-        let views = match views.len() == positions.len() {
-            true => views,
-            false => positions.into_iter().map(|i| views[i].clone()).collect(),
-        };
-        Ok((views, self.read_info(now)))
+        true
     }
 
-    fn read_info(&self, as_of_ms: i64) -> ReadInfo {
-        let applied_index = self.sm.applied().last_applied.map(|l| l.index).unwrap_or(0);
-        let freshness = freshness(&self.raft.metrics().borrow(), applied_index, &self.contact, &self.acks);
-        ReadInfo { node_id: self.id, applied_index, as_of_ms, freshness }
-    }
-
+    /// The schema in force (shard 0's; every shard applies each schema in
+    /// its own log, and its version is that shard's log index).
     pub fn schema(&self) -> Arc<VersionedSchema> {
-        self.sm.schema()
+        self.first().sm.schema()
     }
 
-    /// Validates a schema and, unless `dry_run`, replicates it.
+    /// Validates a schema and, unless `dry_run`, replicates it through
+    /// every shard's log (each shard applies it at its own index; shard 0
+    /// last, whose index is the version reported). Needs this node to lead
+    /// every shard; a shard led elsewhere is NOT_LEADER with its leader
+    /// (shards that applied it meanwhile keep it: applying again is
+    /// harmless). Without a meta group yet, this node proposes to each.
     pub async fn apply_schema(&self, toml: String, dry_run: bool) -> Result<VersionedSchema> {
         let (schema, _) = check_schema(&toml).map_err(|e| Error::invalid("toml", e.to_string()))?;
         if dry_run {
-            return Ok(VersionedSchema { version: self.sm.schema().version, schema });
+            return Ok(VersionedSchema { version: self.schema().version, schema });
         }
-        let _pass = self.gate.pass(self.write_timeout).await?;
-        let command = Command::ApplySchema { stamp_ms: self.stamper.stamp()?, toml };
-        let resp = self.raft.client_write(command).await.map_err(client_write_error)?;
+        let mut replicas = self.registry.all();
+        replicas.rotate_left(1);
+        let mut version = 0;
+        for replica in replicas {
+            version =
+                self.apply_schema_to(&replica, toml.clone()).await.map_err(|e| e.in_shard(replica.gid))?;
+        }
+        Ok(VersionedSchema { version, schema })
+    }
+
+    async fn apply_schema_to(&self, replica: &Replica, toml: String) -> Result<u64> {
+        let _pass = replica.gate.pass(self.write_timeout).await?;
+        let command = Command::ApplySchema { stamp_ms: replica.stamper.stamp()?, toml };
+        let resp = replica.raft.client_write(command).await.map_err(client_write_error)?;
         match resp.data {
-            CommandResult::SchemaApplied { version } => Ok(VersionedSchema { version, schema }),
+            CommandResult::SchemaApplied { version } => Ok(version),
             CommandResult::Rejected { reason } => Err(Error::FailedPrecondition(reason)),
             other => Err(Error::Internal(format!("unexpected apply result {other:?}"))),
         }
     }
 
     pub fn status(&self) -> NodeStatus {
-        let m = self.raft.metrics().borrow().clone();
+        let first = self.first();
+        let m = first.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: std::collections::BTreeSet<_> = membership.voter_ids().collect();
         let last_log_index = m.last_log_index.unwrap_or(0);
@@ -406,8 +335,9 @@ impl Node {
             .collect();
         // What reads see (raft's own applied index may be one entry ahead
         // while that entry's batch is written).
-        let applied_index = self.sm.applied().last_applied.map(|l| l.index).unwrap_or(0);
+        let applied_index = written_index(&first);
         let leader_addr = m.current_leader.and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
+        let sm = &first.sm;
         NodeStatus {
             node_id: self.id,
             role: role_name(m.state).into(),
@@ -419,27 +349,24 @@ impl Node {
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             members,
-            schema_version: self.sm.schema().version,
-            reevaluation: match self.sm.reeval_progress() {
+            schema_version: sm.schema().version,
+            reevaluation: match sm.reeval_progress() {
                 Ok(Some(p)) => (true, p.users_done),
                 _ => (false, 0),
             },
-            freshness: freshness(&m, applied_index, &self.contact, &self.acks),
-            logical_clock_ms: self.sm.clock_ms(),
-            clock: self.clock.status(
-                self.id,
-                &voters.iter().copied().collect::<Vec<_>>(),
-                self.sm.clock_ms(),
-            ),
+            freshness: freshness(&m, applied_index, &first.contact, &first.acks),
+            logical_clock_ms: sm.clock_ms(),
+            clock: self.clock.status(self.id, &voters.iter().copied().collect::<Vec<_>>(), sm.clock_ms()),
+            shards: self.shards,
+            shard_status: self.registry.all().iter().map(|r| shard_status(r)).collect(),
         }
     }
 
     /// An operator accepts this node's clock as it is now (after the guard
     /// refused a jump); returns (now, the reference it replaces).
     pub fn confirm_clock(&self) -> Result<(i64, Option<i64>)> {
-        self.clock
-            .confirm(self.sm.clock_ms())
-            .map_err(|e| Error::Internal(format!("writing the clock mark: {e}")))
+        let replicated = self.registry.all().iter().map(|r| r.sm.clock_ms()).max().unwrap_or(i64::MIN);
+        self.clock.confirm(replicated).map_err(|e| Error::Internal(format!("writing the clock mark: {e}")))
     }
 
     /// Stops the node's background tasks, then raft, then flushes the state
@@ -447,10 +374,15 @@ impl Node {
     /// last handle drops).
     pub async fn shutdown(&self) {
         self.tasks.stop().await;
-        if let Err(e) = self.raft.shutdown().await {
-            tracing::warn!(error = %e, "raft shutdown");
+        let replicas = self.registry.all();
+        let stopped = futures::future::join_all(replicas.iter().map(|r| r.raft.shutdown())).await;
+        for (replica, result) in replicas.iter().zip(stopped) {
+            if let Err(e) = result {
+                tracing::warn!(group = %replica.gid, error = %e, "raft shutdown");
+            }
         }
-        let sm = self.sm.clone();
+        // One flush covers every group.
+        let sm = self.first().sm.clone();
         match tokio::task::spawn_blocking(move || sm.persist()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "flushing the state machine at shutdown"),
@@ -459,27 +391,39 @@ impl Node {
     }
 }
 
-/// Rejects a list of more than `max` names (checked first: a request of
-/// 1,000,000 names costs one comparison), then names that are not in the
-/// schema: `families[1]: unknown family "x" (schema has: ...)`.
-fn check_names<'a>(
-    (kind, singular, max): (&str, &str, usize),
-    names: &Option<Vec<String>>,
-    known: impl Fn(&str) -> bool,
-    all: impl Iterator<Item = &'a String>,
-) -> Result<()> {
-    let Some(names) = names else { return Ok(()) };
-    if names.len() > max {
-        return Err(Error::invalid(kind, format!("{} names is over the limit of {max}", names.len())));
+/// Initializes every shard's group that never was, with this node as its
+/// one voter.
+async fn bootstrap(registry: &Registry, me: NodeId, advertise: &str) -> anyhow::Result<()> {
+    let mut created = 0;
+    for replica in registry.all() {
+        if !replica.raft.is_initialized().await? {
+            let members = BTreeMap::from([(me, BasicNode::new(advertise))]);
+            replica.raft.initialize(members).await?;
+            created += 1;
+        }
     }
-    if let Some((i, name)) = names.iter().enumerate().find(|(_, n)| !known(n)) {
-        let list = all.cloned().collect::<Vec<_>>().join(", ");
-        return Err(Error::invalid(
-            format!("{kind}[{i}]"),
-            format!("unknown {singular} {name:?} (schema has: {list})"),
-        ));
+    if created > 0 {
+        tracing::info!(node_id = me, shards = created, "bootstrapped a new single-node cluster");
     }
     Ok(())
+}
+
+/// The index whose batch is in the database: what reads of the group see.
+fn written_index(replica: &Replica) -> u64 {
+    replica.sm.applied().last_applied.map(|l| l.index).unwrap_or(0)
+}
+
+fn shard_status(replica: &Replica) -> ShardStatus {
+    let m = replica.raft.metrics().borrow().clone();
+    ShardStatus {
+        shard: replica.gid.0,
+        role: role_name(m.state).into(),
+        leader_id: m.current_leader,
+        term: m.current_term,
+        last_log_index: m.last_log_index.unwrap_or(0),
+        applied_index: written_index(replica),
+        schema_version: replica.sm.schema().version,
+    }
 }
 
 fn role_name(state: ServerState) -> &'static str {
@@ -489,13 +433,5 @@ fn role_name(state: ServerState) -> &'static str {
         ServerState::Candidate => "Candidate",
         ServerState::Learner => "Learner",
         ServerState::Shutdown => "Shutdown",
-    }
-}
-
-fn check_leader_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> Error {
-    match e {
-        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => not_leader(f),
-        RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => Error::Unavailable(q.to_string()),
-        RaftError::Fatal(f) => Error::Unavailable(format!("raft is not running: {f}")),
     }
 }

@@ -200,6 +200,7 @@ mod tests {
             as_of_ms: 5,
             lag_entries: 0,
             leader_contact_age_ms: Some(12),
+            shard: 0,
         };
         GetProfileResponse { profile: Some(profile), read_info: Some(read_info) }
     }

@@ -155,8 +155,28 @@ mod tests {
     #[test]
     fn totals_sum_responses() {
         let mut totals = Totals::default();
-        totals.add(3, &WriteResponse { applied: 2, duplicates: 1, expired: 0, log_index: 5, batches: 1 });
-        totals.add(2, &WriteResponse { applied: 1, duplicates: 0, expired: 1, log_index: 6, batches: 1 });
+        totals.add(
+            3,
+            &WriteResponse {
+                applied: 2,
+                duplicates: 1,
+                expired: 0,
+                log_index: 5,
+                batches: 1,
+                shards: vec![],
+            },
+        );
+        totals.add(
+            2,
+            &WriteResponse {
+                applied: 1,
+                duplicates: 0,
+                expired: 1,
+                log_index: 6,
+                batches: 1,
+                shards: vec![],
+            },
+        );
         assert_eq!(totals, Totals { events: 5, applied: 3, duplicates: 1, expired: 1 });
         let line = summary(&totals, Duration::from_millis(500));
         assert_eq!(line, "events=5 applied=3 duplicates=1 expired=1 elapsed=0.50s rate=10 events/s\n");

@@ -49,7 +49,14 @@ mod tests {
 
     #[test]
     fn summary_line() {
-        let r = WriteResponse { applied: 2, duplicates: 1, expired: 0, log_index: 42, batches: 1 };
+        let r = WriteResponse {
+            applied: 2,
+            duplicates: 1,
+            expired: 0,
+            log_index: 42,
+            batches: 1,
+            shards: vec![],
+        };
         assert_eq!(summary(&r), "applied=2 duplicates=1 expired=0 log_index=42\n");
     }
 }

@@ -132,6 +132,8 @@ mod tests {
                 ],
                 ..ClockStatus::default()
             }),
+            shards: 4,
+            shard_status: vec![],
         };
         let expected = "node            1 (Leader)\n\
             leader          1 at http://127.0.0.1:7701\n\

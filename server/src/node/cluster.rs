@@ -1,6 +1,13 @@
 //! The cluster side of a [`Node`]: membership changes, leadership transfer,
-//! incoming raft messages (noting the leader's commit index for
-//! [`crate::raft::contact`]) and fault injection for tests.
+//! incoming raft messages (dispatched to the group's replica, noting the
+//! leader's commit index for [`crate::raft::contact`]) and fault injection
+//! for tests.
+//!
+//! Every shard is replicated on every member for now, so a membership
+//! change is made in every shard's group, one after the other, shard 0
+//! last (its membership is the one `ClusterStatus` and `join` read). This is
+//! the one place that loops over groups for membership: per-shard placement
+//! (replicas on some nodes only) replaces the loop's list of groups.
 
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
@@ -8,15 +15,22 @@ use openraft::raft::{
 };
 use openraft::{BasicNode, ServerState};
 
+use std::sync::Arc;
+
 use super::Node;
 use crate::error::{Error, Result};
 use crate::raft::client_write_error;
+use crate::raft::replica::Replica;
 use crate::types::{GroupId, NodeId, TypeConfig};
 
 /// Membership changes (leader only).
 impl Node {
-    /// Adds `id` as a learner, waits until it has caught up, then (unless
-    /// `learner_only`) promotes it to voter. Returns the last log index.
+    /// In every shard: adds `id` as a learner, waits until it has caught
+    /// up, then (unless `learner_only`) promotes it to voter. Returns shard
+    /// 0's last log index. A node that reports another number of shards is
+    /// refused before anything changes. AddNode is idempotent, so a call
+    /// that failed part way (e.g. a shard led by another node: NOT_LEADER
+    /// with that leader) is finished by calling again.
     pub async fn add_node(&self, id: NodeId, addr: String, learner_only: bool) -> Result<u64> {
         if addr.is_empty() {
             return Err(Error::invalid("addr", "must not be empty"));
@@ -24,43 +38,126 @@ impl Node {
         if let Err(e) = tonic::transport::Endpoint::from_shared(addr.clone()) {
             return Err(Error::invalid("addr", format!("not a valid URL ({e}); e.g. http://10.0.0.2:7700")));
         }
-        let _pass = self.gate.pass(self.write_timeout).await?;
-        let resp =
-            self.raft.add_learner(id, BasicNode::new(&addr), true).await.map_err(client_write_error)?;
-        if learner_only {
-            return Ok(resp.log_id.index);
+        if !self.membership().nodes().any(|(n, _)| *n == id) {
+            self.check_shards_of(id, &addr).await?;
         }
-        let voters = openraft::ChangeMembers::AddVoterIds(std::collections::BTreeSet::from([id]));
-        let resp = self.raft.change_membership(voters, false).await.map_err(client_write_error)?;
-        Ok(resp.log_id.index)
+        let mut index = 0;
+        for replica in self.membership_order() {
+            index = add_to_group(&replica, id, &addr, learner_only, self.write_timeout)
+                .await
+                .map_err(|e| e.in_shard(replica.gid))?;
+        }
+        Ok(index)
     }
 
-    /// Removes a voter or a learner.
+    /// Refuses to add a node that reports another number of shards (it
+    /// would host other groups). A node that does not answer is not
+    /// refused here: adding it waits for it like any learner.
+    async fn check_shards_of(&self, id: NodeId, addr: &str) -> Result<()> {
+        match super::shards::ask(addr).await {
+            Ok(n) if n != self.shards => Err(Error::FailedPrecondition(format!(
+                "node {id} at {addr} was started for a cluster of {n} shards, this one has {}; restart it on \
+                 an empty data dir with --shards {} (or --join)",
+                self.shards, self.shards
+            ))),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::debug!(node = id, error = %e, "could not ask the new node for its shards");
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes a voter or a learner from every shard.
     pub async fn remove_node(&self, id: NodeId) -> Result<u64> {
-        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
-        let is_voter = membership.voter_ids().any(|v| v == id);
-        let is_member = membership.nodes().any(|(n, _)| *n == id);
-        if !is_member {
+        if !self.membership().nodes().any(|(n, _)| *n == id) {
             return Err(Error::NotFound(format!("node {id} is not a member of the cluster")));
         }
-        let _pass = self.gate.pass(self.write_timeout).await?;
-        let set = std::collections::BTreeSet::from([id]);
-        let change = if is_voter {
-            openraft::ChangeMembers::RemoveVoters(set)
-        } else {
-            openraft::ChangeMembers::RemoveNodes(set)
-        };
-        let resp = self.raft.change_membership(change, false).await.map_err(client_write_error)?;
-        Ok(resp.log_id.index)
+        let mut index = 0;
+        for replica in self.membership_order() {
+            index = remove_from_group(&replica, id, self.write_timeout)
+                .await
+                .map_err(|e| e.in_shard(replica.gid))?;
+        }
+        Ok(index)
     }
+
+    /// The groups a membership change goes through: shard 0 last.
+    fn membership_order(&self) -> Vec<Arc<Replica>> {
+        let mut replicas = self.registry.all();
+        replicas.rotate_left(1);
+        replicas
+    }
+}
+
+/// Adds `id` to one group (a no-op where it is already what is asked);
+/// returns the group's last membership log index.
+async fn add_to_group(
+    replica: &Replica,
+    id: NodeId,
+    addr: &str,
+    learner_only: bool,
+    within: std::time::Duration,
+) -> Result<u64> {
+    let _pass = replica.gate.pass(within).await?;
+    let raft = &replica.raft;
+    let resp = raft.add_learner(id, BasicNode::new(addr), true).await.map_err(client_write_error)?;
+    if learner_only {
+        return Ok(resp.log_id.index);
+    }
+    let voters = openraft::ChangeMembers::AddVoterIds(std::collections::BTreeSet::from([id]));
+    let resp = raft.change_membership(voters, false).await.map_err(client_write_error)?;
+    Ok(resp.log_id.index)
+}
+
+/// Removes `id` from one group where it is a member.
+async fn remove_from_group(replica: &Replica, id: NodeId, within: std::time::Duration) -> Result<u64> {
+    let m = replica.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let is_voter = membership.voter_ids().any(|v| v == id);
+    if !membership.nodes().any(|(n, _)| *n == id) {
+        return Ok(m.membership_config.log_id().map_or(0, |l| l.index));
+    }
+    let _pass = replica.gate.pass(within).await?;
+    let set = std::collections::BTreeSet::from([id]);
+    let change = match is_voter {
+        true => openraft::ChangeMembers::RemoveVoters(set),
+        false => openraft::ChangeMembers::RemoveNodes(set),
+    };
+    let resp = replica.raft.change_membership(change, false).await.map_err(client_write_error)?;
+    Ok(resp.log_id.index)
 }
 
 /// Leadership transfer (see [`crate::raft::transfer`]).
 impl Node {
-    /// On the leader: makes voter `target` the leader and returns it with
-    /// its address. Elsewhere: `NotLeader` with the leader's address.
-    pub async fn transfer_leader(&self, target: NodeId) -> Result<(NodeId, String)> {
-        let m = self.raft.metrics().borrow().clone();
+    /// Makes voter `target` the leader of `shard`, or (`None`) of every
+    /// shard this node leads (concurrently), and returns it with its
+    /// address. This node must lead `shard` (or, for all, shard 0):
+    /// elsewhere `NotLeader` with the leader's address.
+    pub async fn transfer_leader(&self, target: NodeId, shard: Option<u32>) -> Result<(NodeId, String)> {
+        let Some(shard) = shard else {
+            let first = self.first();
+            if !first.is_leader() {
+                return self.transfer_group(&first, target).await;
+            }
+            let leading: Vec<_> =
+                self.registry.all().into_iter().filter(|r| r.gid == GroupId(0) || r.is_leader()).collect();
+            let moves = leading
+                .iter()
+                .map(|r| async move { self.transfer_group(r, target).await.map_err(|e| e.in_shard(r.gid)) });
+            let mut answers = futures::future::try_join_all(moves).await?;
+            return Ok(answers.swap_remove(0));
+        };
+        if shard >= self.shards {
+            let reason = format!("the cluster has shards 0 to {}", self.shards - 1);
+            return Err(Error::invalid("shard", reason));
+        }
+        let replica = self.replica(GroupId(shard))?;
+        self.transfer_group(&replica, target).await.map_err(|e| e.in_shard(replica.gid))
+    }
+
+    async fn transfer_group(&self, replica: &Replica, target: NodeId) -> Result<(NodeId, String)> {
+        let m = replica.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let addr_of = |id: NodeId| membership.get_node(&id).map(|n| n.addr.clone());
         if m.state != ServerState::Leader || m.current_leader != Some(self.id) {
@@ -82,7 +179,7 @@ impl Node {
                  `portrait cluster add-node {target} {addr}`)"
             )));
         }
-        self.transfer.run(target, &addr).await?;
+        replica.transfer.run(target, &addr).await?;
         Ok((target, addr))
     }
 
@@ -95,8 +192,8 @@ impl Node {
         last_log_index: u64,
         dry_run: bool,
     ) -> Result<()> {
-        self.hosted(group)?;
-        let m = self.raft.metrics().borrow().clone();
+        let replica = self.replica(group)?;
+        let m = replica.raft.metrics().borrow().clone();
         let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
         if !voters.contains(&self.id) {
             return Err(Error::FailedPrecondition(format!("node {} is not a voter", self.id)));
@@ -122,8 +219,13 @@ impl Node {
                 "its log ends at {last}, before the leader's {last_log_index}"
             )));
         }
-        tracing::info!(term, last_log_index, "leadership transfer: campaigning");
-        self.raft.trigger().elect().await.map_err(|e| Error::Unavailable(format!("raft is not running: {e}")))
+        tracing::info!(%group, term, last_log_index, "leadership transfer: campaigning");
+        replica
+            .raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| Error::Unavailable(format!("raft is not running: {e}")))
     }
 }
 
@@ -136,19 +238,19 @@ impl Node {
         group: GroupId,
         req: AppendEntriesRequest<TypeConfig>,
     ) -> Result<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
-        self.hosted(group)?;
+        let replica = self.replica(group)?;
         let commit = req.leader_commit.map(|l| l.index);
         if !req.entries.is_empty() {
             if let Some(from) = self.dropped_sender(&req.vote) {
-                if req.vote >= self.raft.metrics().borrow().vote {
-                    self.contact.heard(commit);
+                if req.vote >= replica.raft.metrics().borrow().vote {
+                    replica.contact.heard(commit);
                 }
                 return Err(dropped(from));
             }
         }
-        let result = self.raft.append_entries(req).await;
+        let result = replica.raft.append_entries(req).await;
         if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
-            self.contact.heard(commit);
+            replica.contact.heard(commit);
         }
         Ok(result)
     }
@@ -159,8 +261,7 @@ impl Node {
         group: GroupId,
         req: openraft::raft::VoteRequest<NodeId>,
     ) -> Result<std::result::Result<openraft::raft::VoteResponse<NodeId>, RaftError<NodeId>>> {
-        self.hosted(group)?;
-        Ok(self.raft.vote(req).await)
+        Ok(self.replica(group)?.raft.vote(req).await)
     }
 
     /// `Err`: dropped by fault injection.
@@ -169,24 +270,15 @@ impl Node {
         group: GroupId,
         req: InstallSnapshotRequest<TypeConfig>,
     ) -> Result<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
-        self.hosted(group)?;
+        let replica = self.replica(group)?;
         if let Some(from) = self.dropped_sender(&req.vote) {
             return Err(dropped(from));
         }
-        let result = self.raft.install_snapshot(req).await;
+        let result = replica.raft.install_snapshot(req).await;
         if result.is_ok() {
-            self.contact.heard(None);
+            replica.contact.heard(None);
         }
         Ok(result)
-    }
-
-    /// Refuses a message for a raft group this node hosts no replica of
-    /// (NOT_FOUND, which the sender takes as that replica unreachable).
-    fn hosted(&self, group: GroupId) -> Result<()> {
-        match group == self.group {
-            true => Ok(()),
-            false => Err(Error::NotFound(format!("node {} hosts no replica of {group}", self.id))),
-        }
     }
 
     /// The sender of a message carrying `vote`, if its log entries are
@@ -218,7 +310,7 @@ impl Node {
         let elect = drop_entries_from.is_empty();
         self.blocked.set(blocked);
         self.dropping.set(drop_entries_from);
-        self.elect.set_faults_ok(elect);
+        self.registry.all().iter().for_each(|r| r.elect.set_faults_ok(elect));
         Ok(())
     }
 

@@ -1,36 +1,32 @@
-//! Measures the peers' clocks about once a second (`Raft.Clock`) and acts
-//! on the verdict ([`crate::clock`]): a node whose clock is off a quorum of
-//! voters stops campaigning and, if it leads, hands leadership to a peer;
-//! it campaigns again once its clock agrees. Also lets the clock rewrite
-//! its durable mark.
+//! Measures the peers' clocks about once a second (`Raft.Clock`, one call
+//! per peer node whatever the number of groups) and acts on the verdict
+//! ([`crate::clock`]): a node whose clock is off a quorum of voters stops
+//! campaigning in every group and hands over each group it leads; it
+//! campaigns again once its clock agrees. Also lets the clock rewrite its
+//! durable mark. Peers and voters are those of all groups together (the
+//! same nodes while every shard is replicated on every node).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::ServerState;
 use portrait_proto::v1::raft_client::RaftClient;
 use portrait_proto::v1::ClockRequest;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use super::elect::ElectSwitch;
 use super::network::Blocked;
-use super::transfer::LeaderTransfer;
+use super::replica::{Registry, Replica};
 use crate::clock::NodeClock;
-use crate::store::GroupState;
-use crate::types::{NodeId, Raft};
+use crate::types::NodeId;
 
 /// How long one clock probe may take; a slower answer is no sample.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct ClockProbe {
     pub me: NodeId,
-    pub raft: Raft,
-    pub sm: Arc<GroupState>,
+    pub registry: Arc<Registry>,
     pub clock: Arc<NodeClock>,
-    pub elect: ElectSwitch,
-    pub transfer: Arc<LeaderTransfer>,
     pub blocked: Blocked,
     pub interval: Duration,
 }
@@ -44,24 +40,14 @@ impl ClockProbe {
                 _ = tokio::time::sleep(self.interval) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            let (members, voters, state) = {
-                let m = self.raft.metrics().borrow().clone();
-                let membership = m.membership_config.membership();
-                let members: Vec<(NodeId, String)> = membership
-                    .nodes()
-                    .filter(|(id, _)| **id != self.me)
-                    .map(|(id, n)| (*id, n.addr.clone()))
-                    .collect();
-                (members, membership.voter_ids().collect::<Vec<_>>(), m.state)
-            };
-            if state == ServerState::Shutdown {
-                return;
-            }
+            let replicas = self.registry.all();
+            let (members, voters, replicated) = self.members(&replicas);
             clients.retain(|id, _| members.iter().any(|(m, _)| m == id));
             self.clock.peers().retain(|id| members.iter().any(|(m, _)| *m == id));
             self.probe_all(&members, &mut clients).await;
-            let verdict = self.clock.tick(self.me, &voters, self.sm.clock_ms());
-            if self.elect.set_clock_ok(!verdict.skewed) {
+            let verdict = self.clock.tick(self.me, &voters, replicated);
+            let changed = replicas.iter().fold(false, |c, r| r.elect.set_clock_ok(!verdict.skewed) | c);
+            if changed {
                 match verdict.skewed {
                     true => tracing::error!(
                         offset_ms = -verdict.worst_offset_ms,
@@ -71,15 +57,35 @@ impl ClockProbe {
                     false => tracing::info!("this node's clock agrees with its peers again: it may campaign"),
                 }
             }
-            if verdict.skewed && state == ServerState::Leader {
+            let leading: Vec<_> = replicas.iter().filter(|r| r.is_leader()).collect();
+            if verdict.skewed && !leading.is_empty() {
                 // Inline: probing pauses meanwhile, and a transfer is bounded
-                // in time (see `LeaderTransfer`).
+                // in time (see `LeaderTransfer`); the groups hand over together.
+                let hand_overs = leading.iter().map(|r| self.hand_over(r, &members, &voters));
                 tokio::select! {
-                    _ = self.hand_over(&members, &voters) => {}
+                    _ = futures::future::join_all(hand_overs) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
             }
         }
+    }
+
+    /// The other members and the voters of all groups, and the largest
+    /// replicated clock among them (what the clock guard must not go below).
+    fn members(&self, replicas: &[Arc<Replica>]) -> (Vec<(NodeId, String)>, Vec<NodeId>, i64) {
+        let mut members = BTreeMap::new();
+        let mut voters = std::collections::BTreeSet::new();
+        let mut replicated = i64::MIN;
+        for r in replicas {
+            let m = r.raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            for (id, n) in membership.nodes().filter(|(id, _)| **id != self.me) {
+                members.entry(*id).or_insert_with(|| n.addr.clone());
+            }
+            voters.extend(membership.voter_ids());
+            replicated = replicated.max(r.sm.clock_ms());
+        }
+        (members.into_iter().collect(), voters.into_iter().collect(), replicated)
     }
 
     /// Asks every peer for its clock, concurrently.
@@ -112,17 +118,19 @@ impl ClockProbe {
         }
     }
 
-    /// Transfers leadership to a voter whose clock was measured recently.
-    async fn hand_over(&self, members: &[(NodeId, String)], voters: &[NodeId]) {
+    /// Transfers leadership of `replica`'s group to a voter whose clock was
+    /// measured recently.
+    async fn hand_over(&self, replica: &Replica, members: &[(NodeId, String)], voters: &[NodeId]) {
         let now = self.clock.now_ms();
         let mut offsets = self.clock.peers().offsets(now, Instant::now());
         offsets.retain(|o| voters.contains(&o.node_id) && o.age <= crate::clock::peers::FRESH);
         offsets.sort_by_key(|o| o.age);
         let target = offsets.first().and_then(|o| members.iter().find(|(id, _)| *id == o.node_id));
         if let Some((id, addr)) = target {
-            tracing::warn!(target = id, "clock off its peers: handing leadership over");
-            if let Err(e) = self.transfer.run(*id, addr).await {
-                tracing::warn!(target = id, error = %e, "handing leadership over failed; will retry");
+            let group = replica.gid;
+            tracing::warn!(target = id, %group, "clock off its peers: handing leadership over");
+            if let Err(e) = replica.transfer.run(*id, addr).await {
+                tracing::warn!(target = id, %group, error = %e, "handing leadership over failed; will retry");
             }
         }
     }

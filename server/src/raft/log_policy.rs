@@ -10,17 +10,24 @@
 //!   replication in flight needs, and purges no entry that is not in the
 //!   snapshot).
 //!
-//! Whichever bound, entries or bytes, comes first wins. The task ends when
-//! raft shuts down (its metrics channel closes) or a trigger fails with
-//! raft's fatal error; the node may also abort it through the handle.
+//! Whichever bound, entries or bytes, comes first wins. One task for the
+//! whole node looks at every group it hosts every [`POLL`]; it ends when
+//! the node stops it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::replica::Registry;
 use super::RaftTuning;
 use crate::store::log_bytes::LogBytes;
-use crate::types::Raft;
+use crate::types::GroupId;
+
+/// How often the groups' logs are looked at: appending 256 MiB takes
+/// seconds, so a snapshot asked for up to this late changes nothing.
+const POLL: Duration = Duration::from_millis(200);
 
 /// The byte bounds, from [`RaftTuning`].
 #[derive(Debug, Clone, Copy)]
@@ -74,34 +81,32 @@ impl Seen {
     }
 }
 
-/// Starts the task; see the module docs for when it ends.
-/// Runs until raft shuts down or `stop` turns true.
-pub async fn run_until(raft: Raft, log: Arc<LogBytes>, policy: BytePolicy, mut stop: watch::Receiver<bool>) {
-    tokio::select! {
-        _ = run(raft, log, policy) => {}
-        _ = stop.wait_for(|s| *s) => {}
-    }
-}
-
-async fn run(raft: Raft, log: Arc<LogBytes>, policy: BytePolicy) {
-    let mut metrics = raft.data_metrics();
-    let mut seen = Seen::default();
-    while metrics.changed().await.is_ok() {
-        let snapshot = metrics.borrow_and_update().snapshot.map(|l| l.index);
-        for action in seen.decide(policy, &log, snapshot) {
-            let result = match action {
-                Action::Snapshot => {
-                    tracing::info!(
-                        bytes = log.bytes_after(snapshot),
-                        "log bytes since the snapshot: building one"
-                    );
-                    raft.trigger().snapshot().await
+/// Runs until `stop` turns true; see the module docs.
+pub async fn run_until(registry: Arc<Registry>, policy: BytePolicy, mut stop: watch::Receiver<bool>) {
+    let mut seen: BTreeMap<GroupId, Seen> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        for replica in registry.all() {
+            let (raft, log) = (&replica.raft, &replica.log_bytes);
+            let snapshot = raft.data_metrics().borrow().snapshot.map(|l| l.index);
+            for action in seen.entry(replica.gid).or_default().decide(policy, log, snapshot) {
+                let result = match action {
+                    Action::Snapshot => {
+                        tracing::info!(
+                            group = %replica.gid,
+                            bytes = log.bytes_after(snapshot),
+                            "log bytes since the snapshot: building one"
+                        );
+                        raft.trigger().snapshot().await
+                    }
+                    Action::Purge(upto) => raft.trigger().purge_log(upto).await,
+                };
+                if let Err(e) = result {
+                    tracing::debug!(group = %replica.gid, error = %e, "raft stopped: no log byte policy");
                 }
-                Action::Purge(upto) => raft.trigger().purge_log(upto).await,
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "raft stopped: log byte policy ends");
-                return;
             }
         }
     }

@@ -13,6 +13,7 @@ pub mod fault;
 pub mod gate;
 pub mod log_policy;
 pub mod network;
+pub mod replica;
 pub mod stamp;
 pub mod ticker;
 pub mod transfer;

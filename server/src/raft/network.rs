@@ -47,7 +47,7 @@ pub struct Channels(Arc<std::sync::Mutex<HashMap<String, RaftClient<Channel>>>>)
 
 impl Channels {
     /// The client for `addr`, connecting lazily on first use.
-    fn get(&self, addr: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+    pub fn get(&self, addr: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
         let mut map = self.0.lock().expect("channels lock");
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
@@ -64,7 +64,7 @@ impl Channels {
 
     /// Drops the connection to `addr` after a transport failure: the next
     /// call of any group connects anew.
-    fn reset(&self, addr: &str) {
+    pub fn reset(&self, addr: &str) {
         self.0.lock().expect("channels lock").remove(addr);
     }
 }

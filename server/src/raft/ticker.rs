@@ -1,7 +1,9 @@
-//! Time-driven tags: while this node leads, it checks the timer index every
-//! tick interval and, when a user's wake time has come, proposes a
-//! `Command::Tick` stamped with its clock. Every replica then re-evaluates
-//! exactly the due users when it applies the tick.
+//! Time-driven tags: one task for the whole node. Every tick interval it
+//! looks at each shard this node leads (their rounds run concurrently) and,
+//! when a user's wake time has come in that shard's timer index, proposes a
+//! `Command::Tick` stamped with its clock in that shard's log. Every
+//! replica of the shard then re-evaluates exactly the due users when it
+//! applies the tick.
 //!
 //! Each proposal takes a pass from the [`ProposalGate`] first; while a
 //! leadership transfer holds proposals off, the round is skipped.
@@ -9,39 +11,30 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::ServerState;
 use tokio::sync::watch;
 
 use super::gate::ProposalGate;
+use super::replica::Registry;
 use super::stamp::Stamper;
 use crate::store::apply::first_timer;
 use crate::store::GroupState;
 use crate::types::{Command, CommandResult, Raft};
 
 /// Runs the ticker until `stop` turns true.
-pub async fn run(
-    raft: Raft,
-    sm: Arc<GroupState>,
-    gate: ProposalGate,
-    stamper: Stamper,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut metrics = raft.metrics();
+pub async fn run(registry: Arc<Registry>, interval: Duration, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let state = metrics.borrow_and_update().state;
-        match state {
-            ServerState::Shutdown => return,
-            ServerState::Leader => {}
-            _ => continue,
+        let leading: Vec<_> = registry.all().into_iter().filter(|r| r.is_leader()).collect();
+        if leading.is_empty() {
+            continue;
         }
+        let rounds = leading.iter().map(|r| round(&r.raft, &r.sm, &r.gate, &r.stamper));
         // A round may wait on raft (no quorum): the stop signal cuts it short.
         tokio::select! {
-            _ = round(&raft, &sm, &gate, &stamper) => {}
+            _ = futures::future::join_all(rounds) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
     }

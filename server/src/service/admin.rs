@@ -7,7 +7,7 @@ use portrait_proto::v1::{
     AddNodeRequest, ApplySchemaRequest, ApplySchemaResponse, ClockStatus, ClusterStatusRequest,
     ClusterStatusResponse, ConfirmClockRequest, ConfirmClockResponse, GetSchemaRequest, GetSchemaResponse,
     Member, MembershipResponse, PeerClock, RemoveNodeRequest, SetClockOffsetRequest, SetClockOffsetResponse,
-    SetPartitionRequest, SetPartitionResponse, TransferLeaderRequest, TransferLeaderResponse,
+    SetPartitionRequest, SetPartitionResponse, ShardStatus, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -46,6 +46,18 @@ fn clock_to_pb(c: crate::clock::ClockStatus) -> ClockStatus {
         max_jump_ms: c.max_jump_ms,
         reference_ms: c.reference_ms.unwrap_or(0),
         peers,
+    }
+}
+
+fn shard_status_to_pb(s: crate::node::ShardStatus) -> ShardStatus {
+    ShardStatus {
+        shard: s.shard,
+        role: s.role,
+        leader_id: s.leader_id.unwrap_or(0),
+        term: s.term,
+        last_log_index: s.last_log_index,
+        applied_index: s.applied_index,
+        schema_version: s.schema_version,
     }
 }
 
@@ -103,7 +115,8 @@ impl Admin for AdminService {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
-        let (leader_id, leader_addr) = self.node.transfer_leader(request.into_inner().node_id).await?;
+        let req = request.into_inner();
+        let (leader_id, leader_addr) = self.node.transfer_leader(req.node_id, req.shard).await?;
         Ok(Response::new(TransferLeaderResponse { leader_id, leader_addr }))
     }
 
@@ -157,6 +170,8 @@ impl Admin for AdminService {
             leader_contact_age_ms: s.freshness.leader_contact_age.map(|d| d.as_millis() as u64),
             logical_clock_ms: s.logical_clock_ms,
             clock: Some(clock_to_pb(s.clock)),
+            shards: s.shards,
+            shard_status: s.shard_status.into_iter().map(shard_status_to_pb).collect(),
         }))
     }
 }

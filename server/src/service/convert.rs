@@ -135,6 +135,7 @@ pub fn read_info_to_pb(info: ReadInfo) -> pb::ReadInfo {
         as_of_ms: info.as_of_ms,
         lag_entries: info.freshness.lag_entries,
         leader_contact_age_ms: info.freshness.leader_contact_age.map(|d| d.as_millis() as u64),
+        shard: info.shard,
     }
 }
 

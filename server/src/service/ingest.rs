@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use portrait_proto::v1::ingest_server::Ingest;
-use portrait_proto::v1::{WriteRequest, WriteResponse};
+use portrait_proto::v1::{ShardWrite, WriteRequest, WriteResponse};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::events_from_pb;
@@ -20,13 +20,25 @@ impl IngestService {
 
     async fn write_one(&self, req: WriteRequest) -> Result<WriteResponse, crate::error::Error> {
         let events = events_from_pb(req.events)?;
-        let (counts, log_index) = self.node.write(events).await?;
+        let written = self.node.write(events).await?;
+        let shards = written
+            .shards
+            .into_iter()
+            .map(|s| ShardWrite {
+                shard: s.shard,
+                log_index: s.log_index,
+                applied: s.counts.applied,
+                duplicates: s.counts.duplicates,
+                expired: s.counts.expired,
+            })
+            .collect();
         Ok(WriteResponse {
-            applied: counts.applied,
-            duplicates: counts.duplicates,
-            expired: counts.expired,
-            log_index,
+            applied: written.counts.applied,
+            duplicates: written.counts.duplicates,
+            expired: written.counts.expired,
+            log_index: written.log_index,
             batches: 1,
+            shards,
         })
     }
 }
@@ -54,6 +66,7 @@ impl Ingest for IngestService {
             total.duplicates += resp.duplicates;
             total.expired += resp.expired;
             total.log_index = resp.log_index;
+            total.shards = resp.shards;
             total.batches += 1;
         }
         Ok(Response::new(total))

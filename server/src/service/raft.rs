@@ -64,6 +64,11 @@ impl Raft for RaftService {
         Ok(Response::new(StartElectionResponse {}))
     }
 
+    async fn forward_write(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let (group, events): (GroupId, Vec<crate::model::Event>) = decode_req(req)?;
+        reply(self.node.forwarded_write(group, events).await?)
+    }
+
     async fn clock(&self, _: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {
         Ok(Response::new(ClockResponse { wall_ms: self.node.clock_now_ms() }))
     }

@@ -38,6 +38,31 @@ impl From<Error> for Status {
     }
 }
 
+/// The other way, for a call this node made to a peer on a client's
+/// behalf (a forwarded write part): the peer's answer as the error it was
+/// there, so the client sees the same code, message and redirect.
+pub fn error_from_status(status: &Status) -> Error {
+    let message = status.message().to_string();
+    let meta = status.metadata();
+    let code = meta.get(ERROR_CODE_KEY).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if code == "NOT_LEADER" {
+        let leader_addr = meta.get(LEADER_KEY).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let leader_id = meta.get(LEADER_ID_KEY).and_then(|v| v.to_str().ok()?.parse().ok());
+        return Error::NotLeader { leader_id, leader_addr };
+    }
+    match status.code() {
+        Code::InvalidArgument => match message.split_once(": ") {
+            Some((field, reason)) => Error::invalid(field, reason),
+            None => Error::invalid("events", message),
+        },
+        Code::NotFound => Error::NotFound(message),
+        Code::FailedPrecondition => Error::FailedPrecondition(message),
+        Code::DeadlineExceeded => Error::DeadlineExceeded(message),
+        Code::Internal => Error::Internal(message.trim_start_matches("internal error: ").to_string()),
+        _ => Error::Unavailable(message),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,6 +73,20 @@ mod tests {
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(s.message(), "events[2].family: unknown family \"x\"");
         assert_eq!(s.metadata().get(ERROR_CODE_KEY).unwrap(), "INVALID_ARGUMENT");
+    }
+
+    #[test]
+    fn a_forwarded_error_comes_back_as_it_was() {
+        let errors = [
+            Error::NotLeader { leader_id: Some(2), leader_addr: Some("http://127.0.0.1:7702".into()) },
+            Error::invalid("events", "bad"),
+            Error::FailedPrecondition("schema changed".into()),
+            Error::Unavailable("no quorum".into()),
+        ];
+        for e in errors {
+            let back = error_from_status(&Status::from(e.clone()));
+            assert_eq!((back.code(), back.to_string()), (e.code(), e.to_string()));
+        }
     }
 
     #[test]

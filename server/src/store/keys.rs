@@ -55,6 +55,9 @@ pub const META_FORMAT: &[u8] = b"format_version";
 /// `NODE_PREFIX installing gid`: a snapshot install of the group began and
 /// has not finished (the group is wiped at open).
 pub const META_INSTALLING: &[u8] = b"installing";
+/// `NODE_PREFIX shards`: the cluster's number of shards `S` (u32 LE),
+/// written once when the node first starts (bootstrap or join).
+pub const META_SHARDS: &[u8] = b"shards";
 
 // Log-engine column families and keys. Every raft group's keys start with
 // its id (u32 BE), so a group's log and its meta are each one key range.

@@ -207,6 +207,24 @@ impl StateDb {
         Ok((applied.map_or(0, |l| l.index), clock.unwrap_or(i64::MIN)))
     }
 
+    /// The cluster's number of shards as this node recorded it (`None`: a
+    /// node that never started before).
+    pub fn shards(&self) -> anyhow::Result<Option<u32>> {
+        let Some(bytes) = self.db.get_cf(cf(&self.db, CF_META), node_meta(META_SHARDS))? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 4] = bytes[..].try_into().map_err(|_| {
+            anyhow::anyhow!("{}: the stored number of shards is not 4 bytes", self.dir.display())
+        })?;
+        Ok(Some(u32::from_le_bytes(bytes)))
+    }
+
+    /// Records the cluster's number of shards (synced).
+    pub fn set_shards(&self, shards: u32) -> anyhow::Result<()> {
+        let key = node_meta(META_SHARDS);
+        Ok(self.db.put_cf_opt(cf(&self.db, CF_META), key, shards.to_le_bytes(), &synced())?)
+    }
+
     /// Reads group `gid`'s durable clock back for the compaction filter.
     pub fn refresh_durable_clock(&self, gid: GroupId) {
         match self.durable_applied(gid) {

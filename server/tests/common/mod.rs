@@ -16,6 +16,11 @@ use portrait_client::PortraitClient;
 use tempfile::TempDir;
 use tokio::time::{sleep, timeout, Instant};
 
+/// Shards of a node from [`TestNode::start_sharded`]: several, so that a
+/// request spans shards; fewer than the default 64 to start quickly.
+#[allow(dead_code)] // not every test binary starts one
+pub const SHARDS: u32 = 4;
+
 /// How long a start (or restart) may take until a leader is known.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one readiness probe may hang (the port is bound before serving).
@@ -27,13 +32,22 @@ pub struct TestNode {
     dir: TempDir,
     port: u16,
     child: Option<Child>,
+    /// `--shards` (the number of shards the node is created with).
+    shards: u32,
 }
 
 impl TestNode {
-    /// Starts a fresh node and waits until it leads its one-node cluster.
+    /// Starts a fresh node of one shard and waits until it leads its
+    /// one-node cluster. One shard: these tests compare log indexes of one
+    /// raft log (each shard has its own).
     pub async fn start() -> TestNode {
+        Self::start_sharded(1).await
+    }
+
+    /// Starts a fresh node of `shards` shards.
+    pub async fn start_sharded(shards: u32) -> TestNode {
         let dir = tempfile::tempdir().expect("create temp dir");
-        let mut node = TestNode { dir, port: free_port(), child: None };
+        let mut node = TestNode { dir, port: free_port(), child: None, shards };
         node.launch().await;
         node
     }
@@ -96,7 +110,8 @@ impl TestNode {
         self.launch().await;
     }
 
-    fn data_dir(&self) -> PathBuf {
+    #[allow(dead_code)] // not every test binary reads it
+    pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
@@ -112,6 +127,7 @@ impl TestNode {
             .arg(self.data_dir())
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--node-id", "1", "--log", "info,openraft=warn"])
+            .args(["--shards", &self.shards.to_string()])
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))

@@ -1,0 +1,103 @@
+//! Three nodes, four shards, every shard replicated on every node: a write
+//! through any node lands on every replica of each of its shards, also
+//! when the shards have different leaders (the receiving node forwards
+//! each part to its shard's leader).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use portrait_client::json::now_ms;
+use portrait_client::{Consistency, Event, PortraitClient, Value, WriteResponse};
+use portrait_cluster_tests::{Cluster, TEST_SHARDS};
+
+fn visit(user: &str, id: &str) -> Event {
+    Event {
+        user_id: user.into(),
+        family: "browse".into(),
+        r#type: "view".into(),
+        event_time_ms: now_ms() - 1_000,
+        event_id: id.into(),
+        attrs: [("page".to_string(), Value::string(id))].into(),
+    }
+}
+
+/// Waits until node `id` has applied every part of `written` in its shard.
+async fn wait_shards_applied(cluster: &Cluster, id: u64, written: &WriteResponse) {
+    let client = cluster.client(id).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = client.cluster_status().await.expect("status");
+        let behind: Vec<_> = written
+            .shards
+            .iter()
+            .filter(|part| status.shard_status[part.shard as usize].applied_index < part.log_index)
+            .collect();
+        if behind.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "node {id} did not apply {behind:?}: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The page each user last visited, read locally on node `id`.
+async fn check_local(cluster: &Cluster, id: u64, users: &[String], id_prefix: &str) {
+    let client = PortraitClient::connect(&cluster.node(id).endpoint()).await.unwrap();
+    let mut shards = BTreeSet::new();
+    for user in users {
+        let got = client.get_profile(user, &[], Consistency::Local).await.expect("read");
+        shards.insert(got.read_info.expect("read info").shard);
+        let browse = &got.profile.expect("profile").families["browse"];
+        let page = browse.attrs["page"].value.clone().expect("page");
+        assert_eq!(page, Value::string(format!("{id_prefix}-{user}")), "node {id}, {user}");
+    }
+    assert_eq!(shards.len(), TEST_SHARDS as usize, "the users cover every shard");
+}
+
+#[tokio::test]
+async fn writes_through_any_node_land_on_every_replica_of_their_shard() {
+    let cluster = Cluster::start_sharded(3, TEST_SHARDS).await;
+    for id in 1..=3 {
+        let status = cluster.client(id).await.cluster_status().await.unwrap();
+        assert_eq!((status.shards, status.shard_status.len()), (TEST_SHARDS, TEST_SHARDS as usize));
+        assert_eq!(status.members.iter().filter(|m| m.voter).count(), 3, "{status:?}");
+    }
+    let users: Vec<String> = (0..24).map(|i| format!("user-{i}")).collect();
+
+    // Through every node in turn (node 1 leads every shard).
+    for via in 1..=3 {
+        let prefix = format!("via{via}");
+        let events: Vec<Event> = users.iter().map(|u| visit(u, &format!("{prefix}-{u}"))).collect();
+        let written = cluster.client(via).await.write(events).await.expect("write");
+        assert_eq!(written.applied, users.len() as u32);
+        assert_eq!(written.shards.len(), TEST_SHARDS as usize, "{written:?}");
+        for id in 1..=3 {
+            wait_shards_applied(&cluster, id, &written).await;
+            check_local(&cluster, id, &users, &prefix).await;
+        }
+    }
+
+    // Shards with different leaders: shard 1 to node 2, shard 2 to node 3.
+    let leader = cluster.client(1).await;
+    leader.transfer_leader_of(2, Some(1)).await.expect("transfer shard 1");
+    leader.transfer_leader_of(3, Some(2)).await.expect("transfer shard 2");
+    let status = cluster.client(3).await.cluster_status().await.unwrap();
+    let leaders: Vec<u64> = status.shard_status.iter().map(|s| s.leader_id).collect();
+    assert_eq!(leaders[1..3], [2, 3], "{status:?}");
+
+    // One write through any node still lands everywhere: parts are forwarded.
+    for via in 1..=3 {
+        let prefix = format!("split{via}");
+        let events: Vec<Event> = users.iter().map(|u| visit(u, &format!("{prefix}-{u}"))).collect();
+        let written = cluster.client(via).await.write(events).await.expect("write across leaders");
+        assert_eq!(written.applied, users.len() as u32, "{written:?}");
+        for id in 1..=3 {
+            wait_shards_applied(&cluster, id, &written).await;
+            check_local(&cluster, id, &users, &prefix).await;
+        }
+        // Linearizable reads go to each shard's leader through the client's redirect.
+        let client = cluster.client(via).await;
+        let got = client.get_profile(&users[0], &[], Consistency::Linearizable).await;
+        assert!(got.is_ok(), "{got:?}");
+    }
+}

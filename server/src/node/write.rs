@@ -1,0 +1,177 @@
+//! Writes across shards: a request is validated whole, split by
+//! `shard_of(user_id, S)` (events keep their order within a shard), and
+//! each shard's part goes through that shard: proposed here when this node
+//! leads the shard (the node's write batcher merges it with other requests
+//! of the shard), forwarded in one hop to the shard's leader otherwise
+//! (`Raft.ForwardWrite`). Parts run concurrently; the call returns when
+//! every part is applied, or with the first failure in shard order, named
+//! after its shard. Atomic per shard, not across shards.
+
+use std::collections::BTreeMap;
+
+use portrait_core::shard::shard_of;
+use portrait_proto::v1::RaftPayload;
+
+use super::Node;
+use crate::error::{Error, Result};
+use crate::model::{Event, WriteCounts};
+use crate::raft::replica::Replica;
+use crate::store::codec::{decode, encode};
+use crate::types::{GroupId, NodeId};
+use crate::validate::validate_request;
+
+/// What one shard's part of a write became.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardWrite {
+    pub shard: u32,
+    pub log_index: u64,
+    pub counts: WriteCounts,
+}
+
+/// What a whole write became: totals, and per shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteResult {
+    pub counts: WriteCounts,
+    /// The largest log index of the parts (each shard has its own log).
+    pub log_index: u64,
+    /// In shard order.
+    pub shards: Vec<ShardWrite>,
+}
+
+/// Splits events by shard, keeping their order within each shard.
+pub fn split_by_shard(events: Vec<Event>, shards: u32) -> BTreeMap<u32, Vec<Event>> {
+    let mut parts: BTreeMap<u32, Vec<Event>> = BTreeMap::new();
+    for event in events {
+        parts.entry(shard_of(&event.user_id, shards)).or_default().push(event);
+    }
+    parts
+}
+
+impl Node {
+    /// Validates one write request whole, then commits each shard's part
+    /// (see the module docs).
+    pub async fn write(&self, events: Vec<Event>) -> Result<WriteResult> {
+        let schema = self.schema();
+        validate_request(&events, &schema.schema, Some(self.clock.now_ms()))?;
+        let parts = split_by_shard(events, self.shards);
+        let writes = parts.into_iter().map(|(shard, part)| async move {
+            let gid = GroupId(shard);
+            let result = self.write_shard(gid, part).await.map_err(|e| e.in_shard(gid));
+            (shard, result)
+        });
+        let mut total = WriteResult::default();
+        for (shard, result) in futures::future::join_all(writes).await {
+            let (counts, log_index) = result?;
+            total.counts.applied += counts.applied;
+            total.counts.duplicates += counts.duplicates;
+            total.counts.expired += counts.expired;
+            total.log_index = total.log_index.max(log_index);
+            total.shards.push(ShardWrite { shard, log_index, counts });
+        }
+        Ok(total)
+    }
+
+    /// One shard's part: proposed here if this node leads the shard (or
+    /// knows no leader: the proposal then says who leads), else forwarded.
+    async fn write_shard(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
+        let replica = self.replica(gid)?;
+        match leader_elsewhere(&replica, self.id) {
+            Some((leader, addr)) => self.forward(gid, leader, &addr, events).await,
+            None => self.propose_write(&replica, events).await,
+        }
+    }
+
+    /// Proposes a validated part through the write batcher.
+    ///
+    /// During a leadership transfer the write waits at the gate (at most
+    /// the write timeout, then UNAVAILABLE: nothing was proposed), then goes
+    /// on; on the old leader that is a redirect to the new one.
+    async fn propose_write(&self, replica: &Replica, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
+        let _pass = replica.gate.pass(self.write_timeout).await?;
+        // Never hang: a leader cut off from its quorum cannot commit.
+        match tokio::time::timeout(self.write_timeout, self.batcher.write(replica.gid, events)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Unavailable(format!(
+                "not committed within {} ms (no quorum reachable?); the outcome is unknown: retry with the \
+                 same event_ids, duplicates are skipped",
+                self.write_timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Sends a part to the shard's leader, which proposes it (one hop: it
+    /// never forwards again; if it no longer leads, its redirect comes back).
+    async fn forward(
+        &self,
+        gid: GroupId,
+        leader: NodeId,
+        addr: &str,
+        events: Vec<Event>,
+    ) -> Result<(WriteCounts, u64)> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Error::Unavailable(format!("forwarding to node {leader} at {addr}, the leader: {e}"))
+        };
+        let mut client = self.channels.get(addr).map_err(|e| unreachable(&e))?;
+        let mut request = tonic::Request::new(RaftPayload { data: encode(&events), group: gid.0 });
+        request.set_timeout(self.write_timeout + std::time::Duration::from_secs(1));
+        match client.forward_write(request).await {
+            Ok(reply) => decode(&reply.into_inner().data).map_err(Error::internal),
+            Err(status) if status.metadata().contains_key(crate::service::status::ERROR_CODE_KEY) => {
+                Err(crate::service::status::error_from_status(&status))
+            }
+            Err(status) => {
+                self.channels.reset(addr);
+                Err(unreachable(&status))
+            }
+        }
+    }
+
+    /// A part forwarded by another node: proposed if this node leads the
+    /// shard, else NOT_LEADER with the leader it knows (no second hop).
+    pub async fn forwarded_write(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
+        let replica = self.replica(gid)?;
+        if let Some((leader, addr)) = leader_elsewhere(&replica, self.id) {
+            return Err(Error::NotLeader { leader_id: Some(leader), leader_addr: Some(addr) });
+        }
+        if events.iter().any(|e| shard_of(&e.user_id, self.shards) != gid.0) {
+            return Err(Error::invalid(
+                "events",
+                format!("a forwarded part holds users of shards other than {gid}"),
+            ));
+        }
+        self.propose_write(&replica, events).await
+    }
+}
+
+/// The leader of `replica`'s group and its address, if it is another node
+/// whose address is known.
+fn leader_elsewhere(replica: &Replica, me: NodeId) -> Option<(NodeId, String)> {
+    let m = replica.raft.metrics();
+    let m = m.borrow();
+    let leader = m.current_leader.filter(|l| *l != me)?;
+    let addr = m.membership_config.membership().get_node(&leader)?.addr.clone();
+    Some((leader, addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_split_keeps_every_event_once_in_its_shard_and_in_order() {
+        let events: Vec<Event> = (0..200)
+            .map(|i| Event { user_id: format!("u{}", i % 37), event_id: format!("e{i}"), ..Event::bare() })
+            .collect();
+        let parts = split_by_shard(events.clone(), 4);
+        assert!(parts.len() > 1, "37 users spread over 4 shards");
+        let mut seen = 0;
+        for (shard, part) in &parts {
+            assert!(part.iter().all(|e| shard_of(&e.user_id, 4) == *shard));
+            let order: Vec<_> = events.iter().filter(|e| shard_of(&e.user_id, 4) == *shard).collect();
+            assert_eq!(part.iter().collect::<Vec<_>>(), order);
+            seen += part.len();
+        }
+        assert_eq!(seen, events.len());
+        assert_eq!(split_by_shard(events, 1).len(), 1);
+    }
+}

@@ -1,0 +1,116 @@
+//! A node's replica of one raft group, and the registry that finds the
+//! replicas a node hosts by group.
+//!
+//! Everything that exists once per group lives in [`Replica`]: its openraft
+//! instance, its state ([`GroupState`]), its proposal gate, leadership
+//! transfer, stamper, campaign switch, and what it heard from its leader.
+//! Everything a node has once, whatever its number of groups (the log
+//! engine, the state database, the clock, peer connections, the write
+//! batcher, the ticker, the clock probe, the log policy task), lives in the
+//! node and reaches the replicas through the [`Registry`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use super::contact::{LeaderContact, PeerAcks};
+use super::elect::ElectSwitch;
+use super::gate::ProposalGate;
+use super::network::{Blocked, Channels, Network};
+use super::stamp::Stamper;
+use super::transfer::LeaderTransfer;
+use super::RaftTuning;
+use crate::clock::NodeClock;
+use crate::store::log_bytes::LogBytes;
+use crate::store::{GroupState, LogEngine, PurgeGuard, StateDb, StateMachine};
+use crate::types::{GroupId, NodeId, Raft};
+
+/// One group's replica on this node.
+pub struct Replica {
+    pub gid: GroupId,
+    pub raft: Raft,
+    pub sm: Arc<GroupState>,
+    /// Every proposal of this group passes it; a transfer closes it.
+    pub gate: ProposalGate,
+    pub transfer: LeaderTransfer,
+    pub stamper: Stamper,
+    pub elect: ElectSwitch,
+    /// What this replica last heard from its leader, and (leading) when
+    /// each peer last answered: see [`super::contact`].
+    pub contact: LeaderContact,
+    pub acks: Arc<PeerAcks>,
+    /// The encoded bytes of this group's log (for [`super::log_policy`]).
+    pub log_bytes: Arc<LogBytes>,
+}
+
+/// What every replica of a node shares, to open one.
+pub struct Shared<'a> {
+    pub me: NodeId,
+    pub data_dir: &'a Path,
+    pub log_engine: &'a LogEngine,
+    pub state_db: &'a Arc<StateDb>,
+    pub config: Arc<openraft::Config>,
+    pub channels: Channels,
+    pub blocked: Blocked,
+    pub clock: Arc<NodeClock>,
+    pub tuning: &'a RaftTuning,
+}
+
+impl Replica {
+    /// Opens group `gid`'s state and log and starts its raft instance
+    /// (not initialized: the caller bootstraps or a leader adds it).
+    pub async fn open(gid: GroupId, s: &Shared<'_>) -> anyhow::Result<Replica> {
+        let sm = s.state_db.open_group(gid)?;
+        let guard: Arc<dyn PurgeGuard> = sm.clone();
+        let log = s.log_engine.group(gid, Some(guard))?;
+        let log_bytes = log.log_bytes();
+        let state_machine = StateMachine::new(sm.clone(), s.data_dir)?;
+        let network = Network::new(gid, s.channels.clone(), s.blocked.clone());
+        let acks = network.acks.clone();
+        let raft = Raft::new(s.me, s.config.clone(), network, log, state_machine).await?;
+        let gate = ProposalGate::default();
+        let transfer =
+            LeaderTransfer::new(s.me, gid, raft.clone(), gate.clone(), s.blocked.clone(), s.tuning.clone());
+        Ok(Replica {
+            gid,
+            stamper: Stamper::new(s.me, raft.clone(), sm.clone(), s.clock.clone()),
+            elect: ElectSwitch::new(raft.clone()),
+            raft,
+            sm,
+            gate,
+            transfer,
+            contact: LeaderContact::default(),
+            acks,
+            log_bytes,
+        })
+    }
+
+    /// Whether this replica leads its group now (by its metrics).
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == openraft::ServerState::Leader
+    }
+}
+
+/// The replicas a node hosts, by group. Read on every request; written
+/// when a replica is added (today only at start; placement adds and drops
+/// them later).
+#[derive(Default)]
+pub struct Registry {
+    replicas: RwLock<BTreeMap<GroupId, Arc<Replica>>>,
+}
+
+impl Registry {
+    pub fn insert(&self, replica: Arc<Replica>) {
+        self.replicas.write().expect("registry lock").insert(replica.gid, replica);
+    }
+
+    /// The replica of `gid`, if this node hosts one.
+    pub fn get(&self, gid: GroupId) -> Option<Arc<Replica>> {
+        self.replicas.read().expect("registry lock").get(&gid).cloned()
+    }
+
+    /// Every replica, in group order.
+    pub fn all(&self) -> Vec<Arc<Replica>> {
+        self.replicas.read().expect("registry lock").values().cloned().collect()
+    }
+}

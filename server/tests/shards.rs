@@ -1,0 +1,107 @@
+//! A single node with several shards: one write spans every shard and is
+//! read back from each user's shard; the number of shards is fixed in the
+//! data dir.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{TestNode, SHARDS};
+use portrait_client::json::now_ms;
+use portrait_client::{Consistency, Event, Value};
+use portrait_core::shard::shard_of;
+
+fn event(user: &str, id: &str) -> Event {
+    Event {
+        user_id: user.into(),
+        family: "browse".into(),
+        r#type: "view".into(),
+        event_time_ms: now_ms() - 1_000,
+        event_id: id.into(),
+        attrs: [("page".to_string(), Value::string(format!("p-{user}")))].into(),
+    }
+}
+
+/// Users enough to cover every shard, several in each.
+fn users() -> Vec<String> {
+    let users: Vec<String> = (0..40).map(|i| format!("user-{i}")).collect();
+    let shards: BTreeSet<u32> = users.iter().map(|u| shard_of(u, SHARDS)).collect();
+    assert_eq!(shards.len(), SHARDS as usize, "the test users cover every shard");
+    users
+}
+
+#[tokio::test]
+async fn one_write_spans_every_shard_and_each_user_is_read_from_its_shard() {
+    let node = TestNode::start_sharded(SHARDS).await;
+    let client = node.client().await;
+    let status = client.cluster_status().await.unwrap();
+    assert_eq!(status.shards, SHARDS);
+    assert_eq!(status.shard_status.len(), SHARDS as usize);
+    assert!(status.shard_status.iter().all(|s| s.leader_id == 1 && s.role == "Leader"), "{status:?}");
+
+    let users = users();
+    let events: Vec<Event> = users.iter().map(|u| event(u, &format!("e-{u}"))).collect();
+    let written = client.write(events.clone()).await.expect("write");
+    assert_eq!((written.applied, written.duplicates), (users.len() as u32, 0));
+    let shards: Vec<u32> = written.shards.iter().map(|s| s.shard).collect();
+    assert_eq!(shards, (0..SHARDS).collect::<Vec<_>>(), "one result per shard, in shard order");
+    for part in &written.shards {
+        let in_shard = users.iter().filter(|u| shard_of(u, SHARDS) == part.shard).count() as u32;
+        assert_eq!(part.applied, in_shard, "shard {}", part.shard);
+        assert!(part.log_index > 0);
+    }
+    assert_eq!(written.log_index, written.shards.iter().map(|s| s.log_index).max().unwrap());
+
+    // Each user from its own shard, at both consistencies.
+    for consistency in [Consistency::Local, Consistency::Linearizable] {
+        for user in &users {
+            let got = client.get_profile(user, &[], consistency).await.expect("get");
+            let info = got.read_info.expect("read info");
+            assert_eq!(info.shard, shard_of(user, SHARDS), "{user}");
+            let browse = &got.profile.expect("profile").families["browse"];
+            let page = browse.attrs["page"].value.clone().expect("page");
+            assert_eq!(page, Value::string(format!("p-{user}")));
+        }
+    }
+
+    // A batch across shards comes back in request order, repeats included.
+    let mut asked: Vec<String> = users.iter().rev().cloned().collect();
+    asked.push(users[0].clone());
+    asked.push("nobody".into());
+    let batch = client.batch_get_profiles(&asked, &[], Consistency::Linearizable).await.expect("batch");
+    let ids: Vec<&str> = batch.profiles.iter().map(|p| p.user_id.as_str()).collect();
+    assert_eq!(ids, asked.iter().map(String::as_str).collect::<Vec<_>>());
+    let found: Vec<bool> = batch.profiles.iter().map(|p| p.found).collect();
+    assert!(found[..asked.len() - 1].iter().all(|f| *f) && !found[asked.len() - 1]);
+
+    // Written again: every event is a duplicate, in every shard.
+    let again = client.write(events).await.expect("write again");
+    assert_eq!((again.applied, again.duplicates), (0, users.len() as u32));
+}
+
+#[tokio::test]
+async fn a_restart_with_another_number_of_shards_is_refused() {
+    let mut node = TestNode::start_sharded(SHARDS).await;
+    node.stop().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portraitd"))
+        .arg("--data-dir")
+        .arg(node.data_dir())
+        .args(["--listen", "127.0.0.1:0", "--shards", "8"])
+        .env_remove("PORTRAIT_CONFIG")
+        .output()
+        .expect("run portraitd");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!(
+        "--shards 8: the data dir {} belongs to a cluster of {SHARDS} shards",
+        node.data_dir().display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+    // The same number, or none, starts.
+    node.restart().await;
+    assert_eq!(node.client().await.cluster_status().await.unwrap().shards, SHARDS);
+    // What the other tests start: one shard.
+    let mut one = TestNode::start().await;
+    assert_eq!(one.client().await.cluster_status().await.unwrap().shards, 1);
+    one.kill();
+}

@@ -86,7 +86,10 @@ pub struct NodeProc {
 impl NodeProc {
     fn new(id: u64, config: Option<String>, mut args: Vec<String>, owners: Owners, shards: u32) -> NodeProc {
         let dir = tempfile::tempdir().unwrap();
-        args.extend(["--shards".to_string(), shards.to_string()]);
+        // A node given seeds learns the number of shards from them.
+        if !args.iter().any(|a| a == "--join") {
+            args.extend(["--shards".to_string(), shards.to_string()]);
+        }
         NodeProc { id, port: free_port(), dir, child: None, config, args, proxy: None, owners }
     }
 

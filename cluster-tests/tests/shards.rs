@@ -101,3 +101,29 @@ async fn writes_through_any_node_land_on_every_replica_of_their_shard() {
         assert!(got.is_ok(), "{got:?}");
     }
 }
+
+#[tokio::test]
+async fn a_node_joining_a_sharded_cluster_learns_the_number_of_shards() {
+    let mut cluster = Cluster::start_sharded(1, TEST_SHARDS).await;
+    // Started with --join and no --shards.
+    let id = cluster.spawn_joining(&[1]).await;
+    let client = cluster.client(id).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Shard 0's membership changes last: a voter there is one in every shard.
+        let status = client.cluster_status().await.expect("status");
+        assert_eq!(status.shards, TEST_SHARDS);
+        if status.members.iter().any(|m| m.node_id == id && m.voter) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node {id} did not become a voter: {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let users: Vec<String> = (0..24).map(|i| format!("user-{i}")).collect();
+    let events: Vec<Event> = users.iter().map(|u| visit(u, &format!("joined-{u}"))).collect();
+    let written = client.write(events).await.expect("write through the new node");
+    for node in [1, id] {
+        wait_shards_applied(&cluster, node, &written).await;
+        check_local(&cluster, node, &users, "joined").await;
+    }
+}

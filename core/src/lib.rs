@@ -7,12 +7,14 @@
 //!
 //! Modules, bottom-up: [`duration`], [`limits`], [`model`], [`error`],
 //! [`schema`], [`validate`], [`engine`] (with [`engine::expr`], the rule
-//! language), [`shard`] (the shard of a user, the shard map, placement).
+//! language), [`shard`] (the shard of a user, the shard map, placement),
+//! [`meta`] (the meta group's state and commands).
 
 pub mod duration;
 pub mod engine;
 pub mod error;
 pub mod limits;
+pub mod meta;
 pub mod model;
 pub mod schema;
 pub mod shard;

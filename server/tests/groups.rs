@@ -247,29 +247,69 @@ async fn dropping_a_group_leaves_the_others_intact() {
     assert_eq!(rows(&db, B), b_rows);
 }
 
+/// A crash inside a snapshot install, after its first step (the marker,
+/// naming the validated archive, and the range delete) and before its last
+/// (clearing the marker): the next open installs the same archive again, so
+/// the group holds the snapshot (it must not start empty: its log may be
+/// purged past what an empty group could replay). Without the archive, the
+/// group is wiped. Other groups are untouched either way.
 #[tokio::test]
-async fn a_group_whose_install_was_interrupted_starts_empty() {
+async fn an_install_a_crash_interrupted_is_finished_at_the_next_open() {
+    use portrait_server::store::codec::encode;
+    use portrait_server::store::group_snapshot::InstallRecord;
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader = StateDb::open(leader_dir.path()).unwrap();
+    let mut la = group(&leader, leader_dir.path(), A);
+    orders(&mut la, 1, &["u1", "u2"], 4, T0).await;
+    let (archive, meta) = build(&mut la).await;
+    let leader_a = rows(&leader, A);
+
     let dir = tempfile::tempdir().unwrap();
     let db = StateDb::open(dir.path()).unwrap();
     let mut a = group(&db, dir.path(), A);
     let mut b = group(&db, dir.path(), B);
-    orders(&mut a, 1, &["u1"], 3, T0).await;
+    orders(&mut a, 1, &["old"], 2, T0).await;
     orders(&mut b, 1, &["u1"], 3, T0).await;
     db.persist().unwrap();
     let b_rows = rows(&db, B);
-    // A crash between the install's first step (marker and range delete,
-    // here the marker alone: the worst case leaves the old rows) and its
-    // last (clearing the marker).
-    let raw = db.db();
-    let mut sync = rocksdb::WriteOptions::default();
-    sync.set_sync(true);
-    raw.put_cf_opt(cf(&raw, CF_META), keys::installing(A), [], &sync).unwrap();
-    drop((raw, a, b, db));
+    let crash_mid_install = |db: &StateDb, archive_path: std::path::PathBuf| {
+        let raw = db.db();
+        let record = InstallRecord { archive: archive_path, meta: meta.clone() };
+        let mut batch = rocksdb::WriteBatch::default();
+        let (start, end) = keys::group_range(A);
+        for name in keys::ALL_CFS {
+            batch.delete_range_cf(cf(&raw, name), &start, &end);
+        }
+        batch.put_cf(cf(&raw, CF_META), keys::installing(A), encode(&record));
+        let mut sync = rocksdb::WriteOptions::default();
+        sync.set_sync(true);
+        raw.write_opt(batch, &sync).unwrap();
+    };
+    // The received archive where the install left it.
+    let received = dir.path().join("snapshots/0/incoming.part");
+    std::fs::write(&received, &archive).unwrap();
+    crash_mid_install(&db, received.clone());
+    drop((a, b, db));
 
     let db = StateDb::open(dir.path()).unwrap();
     let a = group(&db, dir.path(), A);
+    assert_eq!(rows(&db, A), leader_a, "the snapshot is installed");
+    assert_eq!(a.store.applied().last_applied, meta.last_log_id);
+    assert!(read(&a, "u2").found && !read(&a, "old").found);
+    assert_eq!(rows(&db, B), b_rows);
+    let raw = db.db();
+    assert_eq!(raw.get_cf(cf(&raw, CF_META), keys::installing(A)).unwrap(), None, "marker cleared");
+    assert!(!received.exists(), "the archive became the group's current snapshot");
+    let current = std::fs::read(dir.path().join(format!("snapshots/0/snap-{}.snap", meta.snapshot_id)));
+    assert_eq!(current.unwrap(), archive);
+
+    // The archive is gone: the group starts empty (raft sends a snapshot again).
+    crash_mid_install(&db, dir.path().join("snapshots/0/missing.part"));
+    drop((raw, a, db));
+    let db = StateDb::open(dir.path()).unwrap();
+    let a = group(&db, dir.path(), A);
     assert!(rows(&db, A).is_empty(), "wiped");
-    assert_eq!(a.store.applied().last_applied, None, "raft will send a snapshot again");
+    assert_eq!(a.store.applied().last_applied, None);
     assert_eq!(rows(&db, B), b_rows);
     let raw = db.db();
     assert_eq!(raw.get_cf(cf(&raw, CF_META), keys::installing(A)).unwrap(), None, "marker cleared");

@@ -9,8 +9,11 @@
 //! openraft's meta before anything live changes; then [`ingest`]: a synced
 //! write of the group's install marker with a range delete of the group in
 //! every column family, then one ingest per SST. The caller reloads the
-//! group's caches and clears the marker; a crash in between leaves the
-//! marker, and the group is wiped at the next open.
+//! group's caches and clears the marker. The marker records the archive and
+//! its meta ([`InstallRecord`]): a crash in between leaves it, and the next
+//! open installs the same archive again ([`redo_install`]), so the group
+//! holds the snapshot openraft was installing (wiping the group instead
+//! would leave its state behind a log already purged past it).
 
 use std::path::{Path, PathBuf};
 
@@ -19,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{decode, encode};
 use super::keys::*;
-use super::sm_db::{cf, StateDb};
+use super::sm_db::{cf, Marker, StateDb};
+use super::snapshot::{unpack, SnapshotDir};
 use crate::types::{GroupId, LogId, SnapshotMeta, StoredMembership};
 
 /// The file of an archive describing its group's state.
@@ -112,10 +116,24 @@ pub fn validate(
     Ok(files)
 }
 
+/// What an install marker records: the validated archive being installed
+/// and openraft's meta for it, so that an install a crash interrupted can be
+/// finished at the next open ([`redo_install`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallRecord {
+    pub archive: PathBuf,
+    pub meta: SnapshotMeta,
+}
+
 /// Replaces group `gid`'s rows with the SST `files` (from [`validate`]),
-/// leaving its install marker set (see the module docs).
-pub fn ingest(state_db: &StateDb, gid: GroupId, files: Vec<(&'static str, PathBuf)>) -> anyhow::Result<()> {
-    state_db.delete_range(gid, Some(true))?;
+/// leaving its install marker set with `record` (see the module docs).
+pub fn ingest(
+    state_db: &StateDb,
+    gid: GroupId,
+    files: Vec<(&'static str, PathBuf)>,
+    record: &InstallRecord,
+) -> anyhow::Result<()> {
+    state_db.delete_range(gid, Marker::Set(encode(record)))?;
     let db = state_db.db();
     // An ingest overlapping the memtables (the range delete is there)
     // flushes first; with `atomic_flush` RocksDB flushes every column
@@ -126,4 +144,24 @@ pub fn ingest(state_db: &StateDb, gid: GroupId, files: Vec<(&'static str, PathBu
         db.ingest_external_file_cf_opts(cf(&db, name), &opts, vec![path])?;
     }
     Ok(())
+}
+
+/// Installs again the snapshot an interrupted install's marker `record`
+/// names (at open, before any group is in use): unpack, validate, ingest,
+/// publish it as the group's current snapshot, clear the marker. Returns the
+/// snapshot's last index.
+pub fn redo_install(state_db: &StateDb, data_dir: &Path, gid: GroupId, record: &[u8]) -> anyhow::Result<u64> {
+    let record: InstallRecord = decode(record)?;
+    let dir = SnapshotDir::new(data_dir, gid)?;
+    let staging = dir.scratch("ingest");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    unpack(&record.archive, &staging)?;
+    let files = validate(&staging, gid, &record.meta)?;
+    ingest(state_db, gid, files, &record)?;
+    state_db.clear_install_marker(gid)?;
+    std::fs::remove_dir_all(&staging)?;
+    dir.publish(&record.archive, &record.meta)?;
+    Ok(record.meta.last_log_id.map_or(0, |l| l.index))
 }

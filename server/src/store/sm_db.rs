@@ -9,7 +9,8 @@
 //! - A group's snapshot install writes a durable marker first
 //!   (`NODE_PREFIX installing gid` in `meta`), then deletes the group's range
 //!   and ingests the snapshot's SST files; a group found with the marker at
-//!   open is wiped and starts empty (raft then sends a snapshot again).
+//!   open has the install done again from the archive the marker names
+//!   (wiped only if that archive is gone or bad).
 //! - Data dirs of the single-group layout (`<data>/sm`) are refused.
 
 use std::collections::BTreeMap;
@@ -127,7 +128,7 @@ impl StateDb {
             cache_budget: Arc::new(CacheBudget::new(APPLY_CACHE_ENTRIES)),
             apply_slots: Arc::new(tokio::sync::Semaphore::new(parallel)),
         };
-        state.wipe_interrupted_installs()?;
+        state.finish_interrupted_installs(data_dir)?;
         Ok(Arc::new(state))
     }
 
@@ -156,7 +157,7 @@ impl StateDb {
     pub fn drop_group(&self, gid: GroupId) -> anyhow::Result<()> {
         anyhow::ensure!(valid_group(gid), "{gid} is not a shard below {MAX_SHARDS} nor the meta group");
         let open = self.groups.lock().expect("groups lock").remove(&gid).and_then(|g| g.upgrade());
-        self.delete_range(gid, None)?;
+        self.delete_range(gid, Marker::Keep)?;
         self.clocks.set(gid, i64::MIN);
         if let Some(group) = open {
             group.forget("the group was dropped from this node");
@@ -248,19 +249,18 @@ impl StateDb {
         Ok(())
     }
 
-    /// Deletes group `gid`'s range in every column family, and, with
-    /// `marker`, puts (`true`) or deletes (`false`) its install marker in the
-    /// same synced write.
-    pub(crate) fn delete_range(&self, gid: GroupId, marker: Option<bool>) -> Result<(), rocksdb::Error> {
+    /// Deletes group `gid`'s range in every column family, and sets or
+    /// clears its install marker in the same synced write.
+    pub(crate) fn delete_range(&self, gid: GroupId, marker: Marker) -> Result<(), rocksdb::Error> {
         let (start, end) = group_range(gid);
         let mut batch = WriteBatch::default();
         for name in ALL_CFS {
             batch.delete_range_cf(cf(&self.db, name), &start, &end);
         }
         match marker {
-            Some(true) => batch.put_cf(cf(&self.db, CF_META), installing(gid), []),
-            Some(false) => batch.delete_cf(cf(&self.db, CF_META), installing(gid)),
-            None => {}
+            Marker::Set(record) => batch.put_cf(cf(&self.db, CF_META), installing(gid), record),
+            Marker::Clear => batch.delete_cf(cf(&self.db, CF_META), installing(gid)),
+            Marker::Keep => {}
         }
         self.db.write_opt(batch, &synced())
     }
@@ -270,24 +270,47 @@ impl StateDb {
         self.db.delete_cf_opt(cf(&self.db, CF_META), installing(gid), &synced())
     }
 
-    /// Groups whose snapshot install was interrupted: wiped, marker cleared.
-    fn wipe_interrupted_installs(&self) -> anyhow::Result<()> {
+    /// Finishes the snapshot installs a crash interrupted: the marker
+    /// names the validated archive and its meta, so the install is done
+    /// again from it (the group then holds the snapshot, as openraft was
+    /// about to be told). Only when the archive is gone or unreadable is
+    /// the group wiped; raft must then send a snapshot again.
+    fn finish_interrupted_installs(&self, data_dir: &Path) -> anyhow::Result<()> {
         let prefix = node_meta(META_INSTALLING);
         let meta = cf(&self.db, CF_META);
         let mut interrupted = Vec::new();
         for item in self.db.iterator_cf(meta, IteratorMode::From(&prefix, Direction::Forward)) {
-            let (key, _) = item?;
+            let (key, record) = item?;
             match parse_installing(&key) {
-                Some(gid) => interrupted.push(gid),
+                Some(gid) => interrupted.push((gid, record)),
                 None => break,
             }
         }
-        for gid in interrupted {
-            tracing::warn!(group = %gid, "a snapshot install was interrupted: the group starts empty");
-            self.delete_range(gid, Some(false))?;
+        for (gid, record) in interrupted {
+            match super::group_snapshot::redo_install(self, data_dir, gid, &record) {
+                Ok(index) => {
+                    tracing::warn!(group = %gid, index, "finished a snapshot install a crash interrupted")
+                }
+                Err(e) => {
+                    tracing::error!(
+                        group = %gid,
+                        error = format!("{e:#}"),
+                        "a snapshot install was interrupted and cannot be finished: the group starts empty"
+                    );
+                    self.delete_range(gid, Marker::Clear)?;
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// What a range delete does to the group's install marker.
+pub(crate) enum Marker {
+    /// Sets it, with the install's record (see `group_snapshot`).
+    Set(Vec<u8>),
+    Clear,
+    Keep,
 }
 
 fn synced() -> WriteOptions {

@@ -158,6 +158,21 @@ impl SnapshotDir {
     pub fn scratch(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
+
+    /// Makes `archive` (installed or built) the current snapshot with
+    /// `meta`. Crash-safe: the archive is moved to its id's name first;
+    /// replacing `current.meta` is the one atomic switch; older archives
+    /// are removed after.
+    pub fn publish(&self, archive: &Path, meta: &crate::types::SnapshotMeta) -> anyhow::Result<()> {
+        std::fs::rename(archive, self.archive(&meta.snapshot_id))?;
+        let meta_tmp = self.scratch("meta.tmp");
+        std::fs::write(&meta_tmp, super::codec::encode(meta))?;
+        std::fs::File::open(&meta_tmp)?.sync_all()?;
+        std::fs::rename(&meta_tmp, self.meta())?;
+        std::fs::File::open(&self.root)?.sync_all()?;
+        self.remove_other_archives(&meta.snapshot_id)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -419,21 +419,7 @@ fn build_blocking(store: &GroupState, dir: &SnapshotDir) -> anyhow::Result<()> {
         last_membership: archive_meta.membership,
         snapshot_id: format!("{index}-{}", crate::wall_clock_ms()),
     };
-    publish(dir, &building, &meta)
-}
-
-/// Makes `archive` the current snapshot with `meta`. Crash-safe: the
-/// archive is moved to its id's name first; replacing `current.meta` is the
-/// one atomic switch; older archives are removed after.
-fn publish(dir: &SnapshotDir, archive: &std::path::Path, meta: &SnapshotMeta) -> anyhow::Result<()> {
-    std::fs::rename(archive, dir.archive(&meta.snapshot_id))?;
-    let meta_tmp = dir.scratch("meta.tmp");
-    std::fs::write(&meta_tmp, encode(meta))?;
-    std::fs::File::open(&meta_tmp)?.sync_all()?;
-    std::fs::rename(&meta_tmp, dir.meta())?;
-    std::fs::File::open(&dir.root)?.sync_all()?;
-    dir.remove_other_archives(&meta.snapshot_id)?;
-    Ok(())
+    dir.publish(&building, &meta)
 }
 
 /// Unpacks the received archive and validates it against the group and
@@ -459,11 +445,12 @@ fn install_blocking(
             return Err(e.context("snapshot refused, the live state machine is unchanged"));
         }
     };
-    group_snapshot::ingest(store.state_db(), store.gid(), files)?;
+    let record = group_snapshot::InstallRecord { archive: archive.clone(), meta: meta.clone() };
+    group_snapshot::ingest(store.state_db(), store.gid(), files, &record)?;
     store.reload_caches()?;
     store.state_db().clear_install_marker(store.gid())?;
     std::fs::remove_dir_all(&staging)?;
-    publish(dir, &archive, meta)
+    dir.publish(&archive, meta)
 }
 
 /// The path of the received archive: `incoming.part` when openraft wrote

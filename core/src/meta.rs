@@ -1,0 +1,170 @@
+//! The meta group's state and how its commands change it: the cluster's
+//! shard map (nodes, and the replicas each shard should have) and its
+//! schema versions. The server replicates these commands through the meta
+//! raft group and applies them with [`MetaState::apply`] on every member,
+//! so this is deterministic: no clock, no I/O, ordered maps only. A refused
+//! command changes nothing and says why, the same way on every replica.
+//!
+//! Shards learn a new schema from here: each shard leader proposes it in
+//! its own log, so every replica of a shard applies it at the same index
+//! (docs/shards.md).
+
+use serde::{Deserialize, Serialize};
+
+use crate::shard::{MapChange, NodeId, ShardMap};
+
+/// A schema the meta group committed, with its version (1, 2, …).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaVersion {
+    pub version: u64,
+    /// The TOML text as applied (validated when it was committed).
+    pub toml: String,
+}
+
+/// What the meta group holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    /// `None` until the cluster is created.
+    pub map: Option<ShardMap>,
+    /// The newest schema; `None`: the built-in default, version 0.
+    pub schema: Option<SchemaVersion>,
+}
+
+/// A command of the meta group's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// Creates the cluster: `shards` shards, aiming for `replication`
+    /// replicas each, all on the first node.
+    Create { shards: u32, replication: u32, node: NodeId, addr: String },
+    /// A change of the shard map.
+    Map(MapChange),
+    /// A new schema (its TOML text); its version is the next one.
+    SetSchema { toml: String },
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaOutcome {
+    /// Applied: the map's epoch and the schema version afterwards.
+    Applied { epoch: u64, schema_version: u64 },
+    /// Refused (nothing changed), with the reason for the caller.
+    Refused { reason: String },
+}
+
+impl MetaState {
+    /// The current schema version (0: the built-in default).
+    pub fn schema_version(&self) -> u64 {
+        self.schema.as_ref().map_or(0, |s| s.version)
+    }
+
+    /// Applies one command. Deterministic; a refused command changes
+    /// nothing.
+    pub fn apply(&mut self, command: &MetaCommand) -> MetaOutcome {
+        match self.try_apply(command) {
+            Ok(()) => MetaOutcome::Applied {
+                epoch: self.map.as_ref().map_or(0, |m| m.epoch),
+                schema_version: self.schema_version(),
+            },
+            Err(reason) => MetaOutcome::Refused { reason },
+        }
+    }
+
+    fn try_apply(&mut self, command: &MetaCommand) -> Result<(), String> {
+        match command {
+            MetaCommand::Create { shards, replication, node, addr } => {
+                if let Some(map) = &self.map {
+                    let nodes: Vec<_> = map.nodes.keys().collect();
+                    return Err(format!(
+                        "the cluster exists already: {} shards on nodes {nodes:?}",
+                        map.shards
+                    ));
+                }
+                self.map = Some(ShardMap::create(*shards, *replication, *node, addr)?);
+            }
+            MetaCommand::Map(change) => {
+                let map = self.map.as_mut().ok_or("the cluster has not been created")?;
+                // Applied to a copy: a refusal leaves the map as it was.
+                let mut next = map.clone();
+                next.apply(change)?;
+                *map = next;
+            }
+            MetaCommand::SetSchema { toml } => {
+                crate::engine::check_schema(toml).map_err(|e| format!("schema: {e}"))?;
+                let version = self.schema_version() + 1;
+                self.schema = Some(SchemaVersion { version, toml: toml.clone() });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::DEFAULT_SCHEMA_TOML;
+
+    fn create() -> MetaCommand {
+        MetaCommand::Create { shards: 8, replication: 3, node: 1, addr: "http://n1".into() }
+    }
+
+    #[test]
+    fn a_cluster_is_created_once_and_grows_by_map_changes() {
+        let mut meta = MetaState::default();
+        let add = MetaCommand::Map(MapChange::AddNode { node: 2, addr: "http://n2".into() });
+        assert_eq!(
+            meta.apply(&add),
+            MetaOutcome::Refused { reason: "the cluster has not been created".into() }
+        );
+        assert_eq!(meta.apply(&create()), MetaOutcome::Applied { epoch: 1, schema_version: 0 });
+        let again = meta.apply(&create());
+        assert_eq!(
+            again,
+            MetaOutcome::Refused { reason: "the cluster exists already: 8 shards on nodes [1]".into() }
+        );
+        assert_eq!(meta.apply(&add), MetaOutcome::Applied { epoch: 2, schema_version: 0 });
+        let map = meta.map.as_ref().unwrap();
+        assert_eq!((map.shards, map.nodes.len(), map.hosted_by(2).len()), (8, 2, 0));
+    }
+
+    #[test]
+    fn a_refused_change_leaves_the_state_as_it_was() {
+        let mut meta = MetaState::default();
+        meta.apply(&create());
+        let before = meta.clone();
+        let bad = MetaCommand::Map(MapChange::AddReplica { shard: 3, node: 9 });
+        assert_eq!(meta.apply(&bad), MetaOutcome::Refused { reason: "node 9 is not in the cluster".into() });
+        let bad_schema = MetaCommand::SetSchema { toml: "families = 3".into() };
+        match meta.apply(&bad_schema) {
+            MetaOutcome::Refused { reason } => assert!(reason.starts_with("schema: "), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(meta, before);
+    }
+
+    #[test]
+    fn schemas_are_validated_and_numbered_in_order() {
+        let mut meta = MetaState::default();
+        meta.apply(&create());
+        let set = MetaCommand::SetSchema { toml: DEFAULT_SCHEMA_TOML.to_string() };
+        assert_eq!(meta.apply(&set), MetaOutcome::Applied { epoch: 1, schema_version: 1 });
+        assert_eq!(meta.apply(&set), MetaOutcome::Applied { epoch: 1, schema_version: 2 });
+        assert_eq!(meta.schema.as_ref().map(|s| s.version), Some(2));
+    }
+
+    #[test]
+    fn replicas_apply_the_same_commands_to_the_same_state() {
+        // Two replicas applying one log end equal, refusals included.
+        let log = [
+            create(),
+            MetaCommand::Map(MapChange::AddNode { node: 2, addr: "http://n2".into() }),
+            MetaCommand::Map(MapChange::AddReplica { shard: 0, node: 2 }),
+            MetaCommand::Map(MapChange::AddReplica { shard: 0, node: 2 }),
+            MetaCommand::SetSchema { toml: DEFAULT_SCHEMA_TOML.to_string() },
+        ];
+        let (mut a, mut b) = (MetaState::default(), MetaState::default());
+        let outcomes_a: Vec<_> = log.iter().map(|c| a.apply(c)).collect();
+        let outcomes_b: Vec<_> = log.iter().map(|c| b.apply(c)).collect();
+        assert_eq!((a, outcomes_a.clone()), (b, outcomes_b));
+        assert!(matches!(outcomes_a[3], MetaOutcome::Refused { .. }));
+    }
+}

@@ -182,10 +182,18 @@ impl Cluster {
         Cluster::launch(n, config, false, 1).await
     }
 
-    /// Like [`Cluster::start`], with `shards` shards, each replicated on
-    /// every node.
+    /// Like [`Cluster::start`], with `shards` shards (each on min(3, n)
+    /// nodes: the default replication factor).
     pub async fn start_sharded(n: u64, shards: u32) -> Cluster {
         Cluster::launch(n, None, false, shards).await
+    }
+
+    /// Like [`Cluster::start_sharded`], with replication factor
+    /// `replication` (in every node's config file; the first node, which
+    /// creates the cluster, records it in the map).
+    pub async fn start_placed(n: u64, shards: u32, replication: u32) -> Cluster {
+        let config = format!("replication = {replication}\n");
+        Cluster::launch(n, Some(&config), false, shards).await
     }
 
     /// Like [`Cluster::start`], with a fault proxy in front of every node:

@@ -77,6 +77,10 @@ pub enum MapChange {
     AddNode { node: NodeId, addr: String },
     /// `node` should host a replica of `shard`.
     AddReplica { shard: u32, node: NodeId },
+    /// A node leaves: it hosts nothing any more, and placement re-creates
+    /// its replicas elsewhere. Refused while it holds a shard's only
+    /// replica (nothing could copy it).
+    RemoveNode { node: NodeId },
 }
 
 impl ShardMap {
@@ -137,6 +141,19 @@ impl ShardMap {
                     return Err(format!("shard {shard} already has a replica on node {node}"));
                 }
                 replicas.push(*node);
+            }
+            MapChange::RemoveNode { node } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(format!("node {node} is not in the cluster"));
+                }
+                if let Some(shard) = (0..self.shards).find(|&s| self.replicas[s as usize] == [*node]) {
+                    return Err(format!(
+                        "node {node} holds the only replica of shard {shard}; add a node and let it take a \
+                         replica first"
+                    ));
+                }
+                self.nodes.remove(node);
+                self.replicas.iter_mut().for_each(|r| r.retain(|n| n != node));
             }
         }
         self.epoch += 1;
@@ -306,5 +323,28 @@ mod tests {
         assert_eq!(map, before);
         assert_eq!(map.hosted_by(1), [0, 1, 2, 3]);
         assert_eq!(map.shard_of("u1"), shard_of("u1", 4));
+    }
+
+    #[test]
+    fn a_removed_node_hosts_nothing_and_its_replicas_are_placed_again() {
+        let mut map = ShardMap::create(8, 3, 1, "http://n1").unwrap();
+        let e = map.apply(&MapChange::RemoveNode { node: 1 }).unwrap_err();
+        assert!(e.starts_with("node 1 holds the only replica of shard 0"), "{e}");
+        for n in 2..=4 {
+            join(&mut map, n);
+        }
+        place_all(&mut map);
+        let before: usize = map.load().values().sum();
+        map.apply(&MapChange::RemoveNode { node: 2 }).unwrap();
+        assert!(!map.nodes.contains_key(&2) && map.hosted_by(2).is_empty());
+        let plan = map.plan_additions(100);
+        assert!(!plan.is_empty());
+        assert!(plan.iter().all(|c| !matches!(c, MapChange::AddReplica { node: 2, .. })));
+        place_all(&mut map);
+        assert_eq!(map.load().values().sum::<usize>(), before, "every shard is back at RF 3");
+        assert_eq!(
+            map.apply(&MapChange::RemoveNode { node: 2 }).unwrap_err(),
+            "node 2 is not in the cluster"
+        );
     }
 }

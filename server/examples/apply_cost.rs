@@ -83,7 +83,11 @@ async fn state_machine_ns_per_event(schema: &str, evs: &[Event], now: i64) -> f6
     let log = |i: u64| LogId::new(CommittedLeaderId::new(1, 1), i);
     let schema_entry = Entry {
         log_id: log(1),
-        payload: EntryPayload::Normal(Command::ApplySchema { stamp_ms: now, toml: schema.into() }),
+        payload: EntryPayload::Normal(Command::ApplySchema {
+            stamp_ms: now,
+            toml: schema.into(),
+            version: 1,
+        }),
     };
     sm.apply(vec![schema_entry]).await.unwrap();
     let entries: Vec<Entry> = evs

@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
         clock: Default::default(),
         // One shard, as the figures in docs/benchmarks.md were measured.
         shards: Some(1),
+        replication: None,
         seeds: Vec::new(),
     })
     .await?;

@@ -26,7 +26,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (with fault injection
     about = "Portrait node: replicated user profiles with per-family TTL, over gRPC"
 )]
 pub struct Cli {
-    /// TOML config file (keys: node_id, data_dir, listen, advertise, bootstrap, join, log, shards, [raft], [clock]).
+    /// TOML config file (keys: node_id, data_dir, listen, advertise, bootstrap, join, log, shards, replication, [raft], [clock]).
     #[arg(long, env = "PORTRAIT_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's raft id (stable across restarts).
@@ -64,6 +64,10 @@ pub struct Cli {
     /// joining through --join, takes its cluster's; a different value is refused.
     #[arg(long, env = "PORTRAIT_SHARDS", value_name = "N")]
     pub shards: Option<u32>,
+    /// Replicas each shard of a new cluster aims for (1 to 7, default 3; a shard has
+    /// min(this, nodes)). Fixed at creation; ignored by a node that joins.
+    #[arg(long, env = "PORTRAIT_REPLICATION", value_name = "RF")]
+    pub replication: Option<u32>,
     /// Test only (needs --fault-injection): milliseconds added to this node's wall clock.
     #[arg(long, hide = true, allow_hyphen_values = true)]
     pub test_clock_offset_ms: Option<i64>,
@@ -80,6 +84,7 @@ struct FileConfig {
     join: Option<Vec<String>>,
     log: Option<String>,
     shards: Option<u32>,
+    replication: Option<u32>,
     #[serde(default)]
     raft: FileRaft,
     #[serde(default)]
@@ -174,6 +179,7 @@ impl Config {
             fault_injection: cli.fault_injection,
             clock,
             shards: cli.shards.or(file.shards),
+            replication: cli.replication.or(file.replication),
             seeds: join.clone(),
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
@@ -307,6 +313,8 @@ mod tests {
         assert_eq!(Config::resolve(file).unwrap().node.shards, Some(16));
         let flag = Cli::parse_from(["portraitd", "--config", path.to_str().unwrap(), "--shards", "4"]);
         assert_eq!(Config::resolve(flag).unwrap().node.shards, Some(4));
+        let rf = Cli::parse_from(["portraitd", "--config", path.to_str().unwrap(), "--replication", "1"]);
+        assert_eq!(Config::resolve(rf).unwrap().node.replication, Some(1));
     }
 
     #[test]

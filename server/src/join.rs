@@ -1,18 +1,17 @@
 //! `portraitd --join SEED`: a new node adds itself to an existing cluster.
 //!
-//! On start, a node given seeds that is not yet a voter asks them, in turn,
-//! to add it (`Admin.AddNode` with its own id and advertised address, as a
-//! voter), following the `x-portrait-leader` redirect to the leader, and
+//! On start, a node given seeds that is not yet in the cluster's map asks
+//! them, in turn, to add it (`Admin.AddNode` with its own id and advertised
+//! address), following the `x-portrait-leader` redirect to the leader, and
 //! retries with backoff (0.5 s doubling to 10 s) until one call succeeds.
 //! `AddNode` is idempotent, so a retry after an answer that was lost is
 //! harmless.
 //!
-//! Restarts: a node that is already a voter in the membership it stored
-//! does nothing, so a member restarting with data on disk never re-joins.
-//! A node stored as a learner finishes an interrupted join (it was added
-//! but not promoted); a node that holds data but is not in its own stored
-//! membership was removed, and is not added back (wipe its data dir to join
-//! as a new node).
+//! Restarts: a node that the map it stored has does nothing, so a member
+//! restarting with data on disk never re-joins. A node that is in the meta
+//! group's membership but not yet in the map finishes an interrupted join;
+//! a node that holds data but is in neither was removed, and is not added
+//! back (wipe its data dir to join as a new node).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,7 +47,7 @@ pub async fn plan(node: &Node) -> Plan {
         return Plan::Join;
     }
     let membership = node.membership();
-    if membership.voter_ids().any(|v| v == node.id) {
+    if node.in_map() {
         Plan::Member
     } else if membership.get_node(&node.id).is_some() {
         Plan::Join
@@ -95,8 +94,9 @@ async fn join(node: Arc<Node>, seeds: Vec<String>) {
     }
 }
 
+/// Joined: the cluster's map has this node.
 fn is_voter(node: &Node) -> bool {
-    node.membership().voter_ids().any(|v| v == node.id)
+    node.in_map()
 }
 
 /// One attempt through `seed`, following leader redirects.

@@ -1,13 +1,18 @@
-//! A running Portrait node: its S shard replicas (one raft group each,
-//! found through the [`Registry`]) and what it has once whatever their
-//! number (log engine, state database, clock, peer connections, the write
-//! batcher, ticker, clock probe and log policy tasks), with the domain
+//! A running Portrait node: its replica of the meta group and of the
+//! shards the map places on it (one raft group each, found through the
+//! [`Registry`]) and what it has once whatever their number (log engine,
+//! state database, clock, peer connections, the write batcher, ticker,
+//! clock probe, log policy and placement tasks), with the domain
 //! operations the gRPC services call (one method per call). Writes are in
 //! `node/write.rs`, reads in `node/read.rs`, the number of shards in
-//! `node/shards.rs`; the cluster operations (membership, leadership
-//! transfer, incoming raft messages, fault injection) in `node/cluster.rs`.
+//! `node/shards.rs`, the meta group (map, membership, schema) in
+//! `node/meta.rs`, following the map in `node/placement.rs`; leadership
+//! transfer, incoming raft messages and fault injection in
+//! `node/cluster.rs`.
 
 mod cluster;
+mod meta;
+mod placement;
 mod read;
 mod shards;
 mod tasks;
@@ -20,23 +25,23 @@ const CLOCK_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::{BasicNode, ServerState};
+use portrait_core::shard::{check_layout, DEFAULT_REPLICATION};
 
 use crate::clock::{ClockOptions, ClockStatus, NodeClock};
-use crate::engine::check_schema;
 use crate::error::{Error, Result};
 use crate::raft::batcher::WriteBatcher;
 use crate::raft::clock_probe::ClockProbe;
 use crate::raft::contact::{freshness, Freshness};
 use crate::raft::network::{Blocked, Channels};
 use crate::raft::replica::{Registry, Replica, Shared};
-use crate::raft::{client_write_error, RaftTuning};
+use crate::raft::RaftTuning;
 use crate::schema::VersionedSchema;
 use crate::store::{LogEngine, StateDb};
-use crate::types::{Command, CommandResult, GroupId, NodeId};
+use crate::types::{GroupId, NodeId};
 
 pub use write::{ShardWrite, WriteResult};
 
@@ -57,6 +62,9 @@ pub struct NodeOptions {
     /// default, or what the data dir or the cluster joined says). Checked
     /// against the data dir's: see `node/shards.rs`.
     pub shards: Option<u32>,
+    /// Replicas per shard a new cluster aims for (`--replication`; `None`:
+    /// [`DEFAULT_REPLICATION`]). Recorded in the map at creation.
+    pub replication: Option<u32>,
     /// Seeds of `--join`: a new node asks them for the number of shards.
     pub seeds: Vec<String>,
 }
@@ -135,12 +143,27 @@ pub struct Node {
     pub advertise: String,
     /// The cluster's number of shards (S): shard k is `GroupId(k)`.
     shards: u32,
-    /// The replicas this node hosts (today: every shard).
+    /// The replicas this node hosts: the meta group's and those of the
+    /// shards the map places here.
     registry: Arc<Registry>,
+    /// This node's replica of the meta group (also in the registry).
+    meta: Arc<Replica>,
     /// The node's raft log engine and state database (each replica holds
-    /// them too).
-    _log_engine: LogEngine,
-    _state_db: Arc<StateDb>,
+    /// them too), and what opening a replica takes besides.
+    log_engine: LogEngine,
+    state_db: Arc<StateDb>,
+    data_dir: PathBuf,
+    raft_config: Arc<openraft::Config>,
+    tuning: RaftTuning,
+    /// The meta group's schema, compiled (see [`Node::schema`]).
+    schema_cache: Mutex<Arc<VersionedSchema>>,
+    /// Replicas the map no longer places here, since when (see
+    /// `node/placement.rs`).
+    unplaced: Mutex<BTreeMap<GroupId, tokio::time::Instant>>,
+    /// Held by the one placement running on the node (`Node::place`).
+    placing: tokio::sync::Mutex<()>,
+    /// Leaders of shards this node hosts no replica of, as last heard.
+    leaders: Mutex<BTreeMap<GroupId, NodeId>>,
     /// One connection per peer node, shared by every group (and forwarded
     /// writes).
     channels: Channels,
@@ -160,32 +183,36 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens the stores, starts a raft instance per shard and, for a new
-    /// single node, bootstraps every shard.
+    /// Opens the stores and starts a raft instance for the meta group and
+    /// each shard replica the node held; a new single node (`bootstrap`)
+    /// creates the cluster: the meta group, the map, and every shard with
+    /// itself as the one replica. The placement task then follows the map.
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
         std::fs::create_dir_all(&opts.data_dir)?;
         let state_db = StateDb::open(&opts.data_dir)?;
         let log_engine = LogEngine::open(&opts.data_dir)?;
         let shards = shards::resolve(&state_db, &log_engine, &opts).await?;
+        let replication = opts.replication.unwrap_or(DEFAULT_REPLICATION);
+        check_layout(shards, replication).map_err(|e| anyhow::anyhow!("--{e}"))?;
         let clock = Arc::new(NodeClock::open(&opts.data_dir, opts.clock.clone())?);
         let (channels, blocked) = (Channels::default(), Blocked::default());
+        let raft_config = Arc::new(opts.tuning.openraft_config()?);
         let shared = Shared {
             me: opts.node_id,
             data_dir: &opts.data_dir,
             log_engine: &log_engine,
             state_db: &state_db,
-            config: Arc::new(opts.tuning.openraft_config()?),
+            config: raft_config.clone(),
             channels: channels.clone(),
             blocked: blocked.clone(),
             clock: clock.clone(),
             tuning: &opts.tuning,
         };
         let registry = Arc::new(Registry::default());
-        for k in 0..shards {
-            registry.insert(Arc::new(Replica::open(GroupId(k), &shared).await?));
-        }
-        if opts.bootstrap {
-            bootstrap(&registry, opts.node_id, &opts.advertise).await?;
+        let meta = Arc::new(Replica::open(GroupId::META, &shared).await?);
+        registry.insert(meta.clone());
+        for gid in log_engine.groups()?.into_iter().filter(|g| *g != GroupId::META && g.0 < shards) {
+            registry.insert(Arc::new(Replica::open(gid, &shared).await?));
         }
         let tasks = Tasks::default();
         // Snapshots and log retention by bytes, of every group.
@@ -206,13 +233,21 @@ impl Node {
             interval: CLOCK_PROBE_INTERVAL,
         };
         tasks.spawn("clock probe", |stop| probe.run(stop));
-        Ok(Arc::new(Node {
+        let node = Arc::new(Node {
             id: opts.node_id,
             advertise: opts.advertise.clone(),
             shards,
             registry,
-            _log_engine: log_engine,
-            _state_db: state_db,
+            meta,
+            log_engine,
+            state_db,
+            data_dir: opts.data_dir.clone(),
+            raft_config,
+            tuning: opts.tuning.clone(),
+            schema_cache: Mutex::default(),
+            unplaced: Mutex::default(),
+            leaders: Mutex::default(),
+            placing: tokio::sync::Mutex::default(),
             channels,
             batcher,
             clock,
@@ -221,7 +256,64 @@ impl Node {
             dropping: Blocked::default(),
             fault_injection: opts.fault_injection,
             write_timeout: Duration::from_millis(opts.tuning.write_timeout_ms),
-        }))
+        });
+        if opts.bootstrap {
+            node.bootstrap(replication).await?;
+        }
+        let weak = Arc::downgrade(&node);
+        node.spawn_task("placement", |stop| placement::run(weak, stop));
+        Ok(node)
+    }
+
+    /// A new single node creates the cluster: the meta group with itself
+    /// as its voter, the map (every shard on this node), then the shards.
+    /// A start interrupted part way is finished by the next: the map is
+    /// created if missing, and the placement task creates shards placed
+    /// only here that were never initialized.
+    async fn bootstrap(&self, replication: u32) -> anyhow::Result<()> {
+        let me = BTreeMap::from([(self.id, BasicNode::new(&self.advertise))]);
+        if !self.meta.raft.is_initialized().await? {
+            self.meta.raft.initialize(me.clone()).await?;
+        } else if self.cluster().map.is_some() || self.membership().voter_ids().count() > 1 {
+            return Ok(());
+        }
+        self.create_cluster(self.shards, replication).await?;
+        for k in 0..self.shards {
+            let gid = GroupId(k);
+            let replica = match self.registry.get(gid) {
+                Some(r) => r,
+                None => {
+                    let r = Arc::new(Replica::open(gid, &self.shared()).await?);
+                    self.registry.insert(r.clone());
+                    r
+                }
+            };
+            if !replica.raft.is_initialized().await? {
+                replica.raft.initialize(me.clone()).await?;
+            }
+        }
+        tracing::info!(
+            node_id = self.id,
+            shards = self.shards,
+            replication,
+            "created a new cluster on this node"
+        );
+        Ok(())
+    }
+
+    /// What opening a replica on this node takes.
+    fn shared(&self) -> Shared<'_> {
+        Shared {
+            me: self.id,
+            data_dir: &self.data_dir,
+            log_engine: &self.log_engine,
+            state_db: &self.state_db,
+            config: self.raft_config.clone(),
+            channels: self.channels.clone(),
+            blocked: self.blocked.clone(),
+            clock: self.clock.clone(),
+            tuning: &self.tuning,
+        }
     }
 
     /// The cluster's number of shards.
@@ -229,29 +321,35 @@ impl Node {
         self.shards
     }
 
-    /// The replica of `group`; NOT_FOUND if this node hosts none.
+    /// The replica of `group` (a shard or the meta group); NOT_FOUND if
+    /// this node hosts none.
     fn replica(&self, group: GroupId) -> Result<Arc<Replica>> {
         self.registry
             .get(group)
             .ok_or_else(|| Error::NotFound(format!("node {} hosts no replica of {group}", self.id)))
     }
 
-    /// Shard 0's replica: what the single-group fields of status, schema
-    /// and membership report (every node hosts every shard for now).
+    /// Shard 0's replica if this node hosts one, else the meta group's:
+    /// what the single-group fields of `ClusterStatus` report.
     fn first(&self) -> Arc<Replica> {
-        self.registry.get(GroupId(0)).expect("every node hosts shard 0")
+        self.registry.get(GroupId(0)).unwrap_or_else(|| self.meta.clone())
     }
 
-    /// Whether this node's raft state was ever initialized (bootstrapped or
-    /// joined).
+    /// Whether this node ever joined a cluster (bootstrapped, or added to
+    /// the meta group).
     pub async fn is_initialized(&self) -> bool {
-        self.first().raft.is_initialized().await.unwrap_or(false)
+        self.meta.raft.is_initialized().await.unwrap_or(false)
     }
 
-    /// The membership this node knows (shard 0's; membership changes apply
-    /// to every shard, shard 0 last).
+    /// The meta group's membership: the cluster's nodes (voters on up to
+    /// five, learners on the rest).
     pub fn membership(&self) -> openraft::Membership<NodeId, BasicNode> {
-        self.first().raft.metrics().borrow().membership_config.membership().clone()
+        self.meta.raft.metrics().borrow().membership_config.membership().clone()
+    }
+
+    /// Whether the map has this node (it joined and was not removed).
+    pub fn in_map(&self) -> bool {
+        self.cluster().map.as_ref().is_some_and(|m| m.nodes.contains_key(&self.id))
     }
 
     /// Runs `task` in the background until the node shuts down (see [`Tasks`]).
@@ -276,61 +374,27 @@ impl Node {
         true
     }
 
-    /// The schema in force (shard 0's; every shard applies each schema in
-    /// its own log, and its version is that shard's log index).
-    pub fn schema(&self) -> Arc<VersionedSchema> {
-        self.first().sm.schema()
-    }
-
-    /// Validates a schema and, unless `dry_run`, replicates it through
-    /// every shard's log (each shard applies it at its own index; shard 0
-    /// last, whose index is the version reported). Needs this node to lead
-    /// every shard; a shard led elsewhere is NOT_LEADER with its leader
-    /// (shards that applied it meanwhile keep it: applying again is
-    /// harmless). Without a meta group yet, this node proposes to each.
-    pub async fn apply_schema(&self, toml: String, dry_run: bool) -> Result<VersionedSchema> {
-        let (schema, _) = check_schema(&toml).map_err(|e| Error::invalid("toml", e.to_string()))?;
-        if dry_run {
-            return Ok(VersionedSchema { version: self.schema().version, schema });
-        }
-        let mut replicas = self.registry.all();
-        replicas.rotate_left(1);
-        let mut version = 0;
-        for replica in replicas {
-            version =
-                self.apply_schema_to(&replica, toml.clone()).await.map_err(|e| e.in_shard(replica.gid))?;
-        }
-        Ok(VersionedSchema { version, schema })
-    }
-
-    async fn apply_schema_to(&self, replica: &Replica, toml: String) -> Result<u64> {
-        let _pass = replica.gate.pass(self.write_timeout).await?;
-        let command = Command::ApplySchema { stamp_ms: replica.stamper.stamp()?, toml };
-        let resp = replica.raft.client_write(command).await.map_err(client_write_error)?;
-        match resp.data {
-            CommandResult::SchemaApplied { version } => Ok(version),
-            CommandResult::Rejected { reason } => Err(Error::FailedPrecondition(reason)),
-            other => Err(Error::Internal(format!("unexpected apply result {other:?}"))),
-        }
-    }
-
     pub fn status(&self) -> NodeStatus {
         let first = self.first();
         let m = first.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
-        let voters: std::collections::BTreeSet<_> = membership.voter_ids().collect();
         let last_log_index = m.last_log_index.unwrap_or(0);
-        // Only the leader has replication metrics; there every member has a row.
+        // The cluster's nodes are the meta group's members; their match and
+        // lag are the meta leader's.
+        let mm = self.meta.raft.metrics().borrow().clone();
+        let cluster = mm.membership_config.membership();
+        let voters: std::collections::BTreeSet<_> = cluster.voter_ids().collect();
+        let meta_last = mm.last_log_index.unwrap_or(0);
         let matched =
-            |id: &NodeId| m.replication.as_ref().map(|r| r.get(id).cloned().flatten().map(|l| l.index));
-        let members = membership
+            |id: &NodeId| mm.replication.as_ref().map(|r| r.get(id).cloned().flatten().map(|l| l.index));
+        let members = cluster
             .nodes()
             .map(|(id, node)| MemberStatus {
                 node_id: *id,
                 addr: node.addr.clone(),
                 voter: voters.contains(id),
                 matched_index: matched(id).flatten(),
-                lag_entries: matched(id).map(|i| last_log_index.saturating_sub(i.unwrap_or(0))),
+                lag_entries: matched(id).map(|i| meta_last.saturating_sub(i.unwrap_or(0))),
             })
             .collect();
         // What reads see (raft's own applied index may be one entry ahead
@@ -349,7 +413,7 @@ impl Node {
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             members,
-            schema_version: sm.schema().version,
+            schema_version: self.schema().version,
             reevaluation: match sm.reeval_progress() {
                 Ok(Some(p)) => (true, p.users_done),
                 _ => (false, 0),
@@ -358,7 +422,13 @@ impl Node {
             logical_clock_ms: sm.clock_ms(),
             clock: self.clock.status(self.id, &voters.iter().copied().collect::<Vec<_>>(), sm.clock_ms()),
             shards: self.shards,
-            shard_status: self.registry.all().iter().map(|r| shard_status(r)).collect(),
+            shard_status: self
+                .registry
+                .all()
+                .iter()
+                .filter(|r| r.gid != GroupId::META)
+                .map(|r| shard_status(r))
+                .collect(),
         }
     }
 
@@ -389,23 +459,6 @@ impl Node {
             Err(e) => tracing::warn!(error = %e, "flushing the state machine at shutdown"),
         }
     }
-}
-
-/// Initializes every shard's group that never was, with this node as its
-/// one voter.
-async fn bootstrap(registry: &Registry, me: NodeId, advertise: &str) -> anyhow::Result<()> {
-    let mut created = 0;
-    for replica in registry.all() {
-        if !replica.raft.is_initialized().await? {
-            let members = BTreeMap::from([(me, BasicNode::new(advertise))]);
-            replica.raft.initialize(members).await?;
-            created += 1;
-        }
-    }
-    if created > 0 {
-        tracing::info!(node_id = me, shards = created, "bootstrapped a new single-node cluster");
-    }
-    Ok(())
 }
 
 /// The index whose batch is in the database: what reads of the group see.

@@ -68,8 +68,12 @@ pub enum Command {
     /// the plain vector (serde's `rc` feature).
     Write { stamp_ms: i64, requests: Arc<Vec<Vec<Event>>> },
     /// Replace the schema with this TOML (validated before proposing and
-    /// again at apply).
-    ApplySchema { stamp_ms: i64, toml: String },
+    /// again at apply): the meta group's schema `version`, which each shard
+    /// applies through its own log. A version not above the shard's is
+    /// skipped (a leader may propose it twice).
+    ApplySchema { stamp_ms: i64, toml: String, version: u64 },
+    /// A command of the meta group's log (only the meta group applies it).
+    Meta { stamp_ms: i64, command: portrait_core::meta::MetaCommand },
     /// Re-evaluate the users whose tags may have changed by `stamp_ms`
     /// with time alone (proposed by the leader when a timer is due).
     Tick { stamp_ms: i64 },
@@ -96,8 +100,10 @@ pub enum CommandResult {
     None,
     /// One outcome per request, in order.
     Write(Vec<WriteOutcome>),
-    /// The schema now has this version (the entry's log index).
+    /// The schema now has this version (the meta group's number).
     SchemaApplied { version: u64 },
+    /// What a meta command did.
+    Meta(portrait_core::meta::MetaOutcome),
     /// Rejected at apply; nothing of the command was applied.
     Rejected { reason: String },
     /// A tick re-evaluated this many users.

@@ -729,8 +729,8 @@ async fn raft_messages_for_a_group_this_node_does_not_host_are_refused() {
     let data = bincode::serialize(&vote).unwrap();
     let status = raft.vote(RaftPayload { data: data.clone(), group: 5 }).await.expect_err("not hosted");
     assert_eq!((status.code(), status.message()), (Code::NotFound, "node 1 hosts no replica of shard 5"));
-    let status = raft.vote(RaftPayload { data, group: u32::MAX }).await.expect_err("not hosted");
-    assert_eq!(status.message(), "node 1 hosts no replica of meta");
+    let status = raft.vote(RaftPayload { data, group: 4_000 }).await.expect_err("not a shard");
+    assert_eq!(status.message(), "node 1 hosts no replica of shard 4000");
     let status = raft.vote(RaftPayload { data: vec![1, 2], group: 0 }).await.expect_err("garbage");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("data: undecodable raft message"), "{}", status.message());

@@ -175,7 +175,9 @@ async fn same_log_gives_same_state_on_every_replica() {
 async fn state_and_schema_survive_restart() {
     let mut r = replica();
     let toml = "[families.browse]\nttl = \"30d\"\nhistory = 3\n[families.app]\nttl = \"none\"\n";
-    let res = apply(&mut r, vec![entry(1, Command::ApplySchema { stamp_ms: T0, toml: toml.into() })]).await;
+    let res =
+        apply(&mut r, vec![entry(1, Command::ApplySchema { stamp_ms: T0, toml: toml.into(), version: 1 })])
+            .await;
     assert_eq!(res[0], CommandResult::SchemaApplied { version: 1 });
     apply(&mut r, vec![write(2, T0, vec![vec![event("u1", "app", T0, "e", &[("v", Value::Bool(true))])]])])
         .await;
@@ -188,6 +190,51 @@ async fn state_and_schema_survive_restart() {
     assert_eq!(read(&r, "u1", T0), before);
     let (last, _) = r.sm.applied_state().await.unwrap();
     assert_eq!(last.unwrap().index, 2);
+}
+
+#[tokio::test]
+async fn a_schema_version_not_above_the_shards_is_skipped() {
+    let mut r = replica();
+    let v2 = "[families.browse]\nttl = \"30d\"\nhistory = 3\n";
+    let v1 = "[families.app]\nttl = \"none\"\n";
+    let res = apply(
+        &mut r,
+        vec![
+            entry(1, Command::ApplySchema { stamp_ms: T0, toml: v2.into(), version: 2 }),
+            // Proposed late by a previous leader: older than what the shard has.
+            entry(2, Command::ApplySchema { stamp_ms: T0, toml: v1.into(), version: 1 }),
+            entry(3, Command::ApplySchema { stamp_ms: T0, toml: v2.into(), version: 2 }),
+        ],
+    )
+    .await;
+    let applied = CommandResult::SchemaApplied { version: 2 };
+    assert_eq!(res, [applied.clone(), applied.clone(), applied]);
+    assert_eq!(r.store.schema().schema, Schema::parse(v2).unwrap());
+}
+
+#[tokio::test]
+async fn meta_commands_change_the_map_durably_and_refusals_change_nothing() {
+    use portrait_core::meta::{MetaCommand, MetaOutcome};
+    use portrait_core::shard::MapChange;
+    let mut r = replica();
+    let create = MetaCommand::Create { shards: 4, replication: 3, node: 1, addr: "http://n1".into() };
+    let join = MetaCommand::Map(MapChange::AddNode { node: 2, addr: "http://n2".into() });
+    let bad = MetaCommand::Map(MapChange::AddReplica { shard: 9, node: 2 });
+    let meta = |i, command| entry(i, Command::Meta { stamp_ms: T0, command });
+    let res =
+        apply(&mut r, vec![meta(1, create.clone()), meta(2, join), meta(3, bad), meta(4, create)]).await;
+    assert_eq!(res[0], CommandResult::Meta(MetaOutcome::Applied { epoch: 1, schema_version: 0 }));
+    assert_eq!(res[1], CommandResult::Meta(MetaOutcome::Applied { epoch: 2, schema_version: 0 }));
+    assert!(
+        matches!(&res[2], CommandResult::Meta(MetaOutcome::Refused { reason }) if reason.contains("shard 9"))
+    );
+    assert!(matches!(&res[3], CommandResult::Meta(MetaOutcome::Refused { .. })));
+    let before = r.store.cluster();
+    assert_eq!(before.map.as_ref().map(|m| (m.epoch, m.nodes.len())), Some((2, 2)));
+    let Replica { dir, sm, store } = r;
+    drop((sm, store));
+    let r = open(dir);
+    assert_eq!(r.store.cluster(), before, "the map is reloaded at open");
 }
 
 #[tokio::test]
@@ -233,7 +280,7 @@ async fn snapshot_installs_on_another_replica() {
 async fn history_keeps_the_newest_events_across_entries_restart_and_a_shorter_history() {
     let mut r = replica();
     let toml = |n: u32| format!("[families.browse]\nttl = \"30d\"\nhistory = {n}\n");
-    apply(&mut r, vec![entry(1, Command::ApplySchema { stamp_ms: T0, toml: toml(5) })]).await;
+    apply(&mut r, vec![entry(1, Command::ApplySchema { stamp_ms: T0, toml: toml(5), version: 1 })]).await;
     // Times 0..40 minutes in a shuffled order, 3 events per entry.
     let mut times: Vec<i64> = (0..40).map(|i| (i * 17) % 40).collect();
     times.rotate_left(7);
@@ -263,7 +310,8 @@ async fn history_keeps_the_newest_events_across_entries_restart_and_a_shorter_hi
     assert_eq!(ids(&read(&r, "u1", now)), ["e39", "e38", "e37", "e36", "late"]);
 
     // Shorter history: served at once, stored slots trimmed by the next event.
-    apply(&mut r, vec![entry(index + 1, Command::ApplySchema { stamp_ms: now, toml: toml(2) })]).await;
+    apply(&mut r, vec![entry(index + 1, Command::ApplySchema { stamp_ms: now, toml: toml(2), version: 2 })])
+        .await;
     assert_eq!(ids(&read(&r, "u1", now)), ["e39", "e38"]);
     apply(&mut r, vec![write(index + 2, now, vec![vec![event("u1", "browse", now, "e41", &[])]])]).await;
     assert_eq!(ids(&read(&r, "u1", now)), ["e41", "e39"]);

@@ -1,132 +1,19 @@
-//! The cluster side of a [`Node`]: membership changes, leadership transfer,
-//! incoming raft messages (dispatched to the group's replica, noting the
-//! leader's commit index for [`crate::raft::contact`]) and fault injection
-//! for tests.
-//!
-//! Every shard is replicated on every member for now, so a membership
-//! change is made in every shard's group, one after the other, shard 0
-//! last (its membership is the one `ClusterStatus` and `join` read). This is
-//! the one place that loops over groups for membership: per-shard placement
-//! (replicas on some nodes only) replaces the loop's list of groups.
+//! The cluster side of a [`Node`]: leadership transfer, incoming raft
+//! messages (dispatched to the group's replica, noting the leader's commit
+//! index for [`crate::raft::contact`]) and fault injection for tests.
+//! Membership is the meta group's (`node/meta.rs`); each shard's raft
+//! membership follows the map (`node/placement.rs`).
 
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
 };
-use openraft::{BasicNode, ServerState};
-
-use std::sync::Arc;
+use openraft::ServerState;
 
 use super::Node;
 use crate::error::{Error, Result};
-use crate::raft::client_write_error;
 use crate::raft::replica::Replica;
 use crate::types::{GroupId, NodeId, TypeConfig};
-
-/// Membership changes (leader only).
-impl Node {
-    /// In every shard: adds `id` as a learner, waits until it has caught
-    /// up, then (unless `learner_only`) promotes it to voter. Returns shard
-    /// 0's last log index. A node that reports another number of shards is
-    /// refused before anything changes. AddNode is idempotent, so a call
-    /// that failed part way (e.g. a shard led by another node: NOT_LEADER
-    /// with that leader) is finished by calling again.
-    pub async fn add_node(&self, id: NodeId, addr: String, learner_only: bool) -> Result<u64> {
-        if addr.is_empty() {
-            return Err(Error::invalid("addr", "must not be empty"));
-        }
-        if let Err(e) = tonic::transport::Endpoint::from_shared(addr.clone()) {
-            return Err(Error::invalid("addr", format!("not a valid URL ({e}); e.g. http://10.0.0.2:7700")));
-        }
-        if !self.membership().nodes().any(|(n, _)| *n == id) {
-            self.check_shards_of(id, &addr).await?;
-        }
-        let mut index = 0;
-        for replica in self.membership_order() {
-            index = add_to_group(&replica, id, &addr, learner_only, self.write_timeout)
-                .await
-                .map_err(|e| e.in_shard(replica.gid))?;
-        }
-        Ok(index)
-    }
-
-    /// Refuses to add a node that reports another number of shards (it
-    /// would host other groups). A node that does not answer is not
-    /// refused here: adding it waits for it like any learner.
-    async fn check_shards_of(&self, id: NodeId, addr: &str) -> Result<()> {
-        match super::shards::ask(addr).await {
-            Ok(n) if n != self.shards => Err(Error::FailedPrecondition(format!(
-                "node {id} at {addr} was started for a cluster of {n} shards, this one has {}; restart it on \
-                 an empty data dir with --shards {} (or --join)",
-                self.shards, self.shards
-            ))),
-            Ok(_) => Ok(()),
-            Err(e) => {
-                tracing::debug!(node = id, error = %e, "could not ask the new node for its shards");
-                Ok(())
-            }
-        }
-    }
-
-    /// Removes a voter or a learner from every shard.
-    pub async fn remove_node(&self, id: NodeId) -> Result<u64> {
-        if !self.membership().nodes().any(|(n, _)| *n == id) {
-            return Err(Error::NotFound(format!("node {id} is not a member of the cluster")));
-        }
-        let mut index = 0;
-        for replica in self.membership_order() {
-            index = remove_from_group(&replica, id, self.write_timeout)
-                .await
-                .map_err(|e| e.in_shard(replica.gid))?;
-        }
-        Ok(index)
-    }
-
-    /// The groups a membership change goes through: shard 0 last.
-    fn membership_order(&self) -> Vec<Arc<Replica>> {
-        let mut replicas = self.registry.all();
-        replicas.rotate_left(1);
-        replicas
-    }
-}
-
-/// Adds `id` to one group (a no-op where it is already what is asked);
-/// returns the group's last membership log index.
-async fn add_to_group(
-    replica: &Replica,
-    id: NodeId,
-    addr: &str,
-    learner_only: bool,
-    within: std::time::Duration,
-) -> Result<u64> {
-    let _pass = replica.gate.pass(within).await?;
-    let raft = &replica.raft;
-    let resp = raft.add_learner(id, BasicNode::new(addr), true).await.map_err(client_write_error)?;
-    if learner_only {
-        return Ok(resp.log_id.index);
-    }
-    let voters = openraft::ChangeMembers::AddVoterIds(std::collections::BTreeSet::from([id]));
-    let resp = raft.change_membership(voters, false).await.map_err(client_write_error)?;
-    Ok(resp.log_id.index)
-}
-
-/// Removes `id` from one group where it is a member.
-async fn remove_from_group(replica: &Replica, id: NodeId, within: std::time::Duration) -> Result<u64> {
-    let m = replica.raft.metrics().borrow().clone();
-    let membership = m.membership_config.membership();
-    let is_voter = membership.voter_ids().any(|v| v == id);
-    if !membership.nodes().any(|(n, _)| *n == id) {
-        return Ok(m.membership_config.log_id().map_or(0, |l| l.index));
-    }
-    let _pass = replica.gate.pass(within).await?;
-    let set = std::collections::BTreeSet::from([id]);
-    let change = match is_voter {
-        true => openraft::ChangeMembers::RemoveVoters(set),
-        false => openraft::ChangeMembers::RemoveNodes(set),
-    };
-    let resp = replica.raft.change_membership(change, false).await.map_err(client_write_error)?;
-    Ok(resp.log_id.index)
-}
 
 /// Leadership transfer (see [`crate::raft::transfer`]).
 impl Node {
@@ -156,7 +43,7 @@ impl Node {
         self.transfer_group(&replica, target).await.map_err(|e| e.in_shard(replica.gid))
     }
 
-    async fn transfer_group(&self, replica: &Replica, target: NodeId) -> Result<(NodeId, String)> {
+    pub(super) async fn transfer_group(&self, replica: &Replica, target: NodeId) -> Result<(NodeId, String)> {
         let m = replica.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let addr_of = |id: NodeId| membership.get_node(&id).map(|n| n.addr.clone());
@@ -169,6 +56,13 @@ impl Node {
         }
         let voters: Vec<NodeId> = membership.voter_ids().collect();
         let Some(addr) = addr_of(target) else {
+            if let Some(node) = self.membership().get_node(&target) {
+                return Err(Error::FailedPrecondition(format!(
+                    "node_id: node {target} is a learner of the cluster or hosts no replica of {}; only a \
+                     voter of the group can lead it (it is at {})",
+                    replica.gid, node.addr
+                )));
+            }
             let list = voters.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
             let reason = format!("node {target} is not a member of the cluster (voters: {list})");
             return Err(Error::invalid("node_id", reason));

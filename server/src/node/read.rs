@@ -1,7 +1,9 @@
 //! Reads across shards: each user is read from its shard's replica on this
-//! node (every node hosts every shard for now, so LOCAL reads stay local);
-//! LINEARIZABLE first confirms, per shard read, that shard's leadership
-//! through its read index. Results come back in request order.
+//! node; LINEARIZABLE first confirms, per shard read, that shard's
+//! leadership through its read index. Results come back in request order.
+//! A read of a shard this node hosts no replica of is redirected (the
+//! leader-redirect metadata names a node that hosts it; the Rust client
+//! sends each shard's part to such a node itself).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -49,7 +51,7 @@ impl Node {
         let read: BTreeSet<u32> =
             shard_of_user.iter().copied().chain(user_ids.is_empty().then_some(0)).collect();
         let replicas: BTreeMap<u32, Arc<Replica>> =
-            read.into_iter().map(|s| Ok((s, self.replica(GroupId(s))?))).collect::<Result<_>>()?;
+            read.into_iter().map(|s| Ok((s, self.hosted_or_redirect(GroupId(s))?))).collect::<Result<_>>()?;
         if consistency == Consistency::Linearizable {
             let checks = replicas
                 .values()
@@ -120,6 +122,18 @@ impl Node {
             replica.sm.wait_written(id.index).await.map_err(Error::Internal)?;
         }
         Ok(())
+    }
+
+    /// This node's replica of `gid`, else a redirect to a node that hosts
+    /// one (its leader if known).
+    fn hosted_or_redirect(&self, gid: GroupId) -> Result<Arc<Replica>> {
+        if let Some(replica) = self.registry.get(gid) {
+            return Ok(replica);
+        }
+        match self.route(gid).into_iter().next() {
+            Some((node, addr)) => Err(Error::NotLeader { leader_id: Some(node), leader_addr: Some(addr) }),
+            None => Err(Error::NotFound(format!("node {} hosts no replica of {gid}", self.id))),
+        }
     }
 
     fn read_info(&self, replica: &Replica, as_of_ms: i64) -> ReadInfo {

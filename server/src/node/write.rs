@@ -3,7 +3,9 @@
 //! each shard's part goes through that shard: proposed here when this node
 //! leads the shard (the node's write batcher merges it with other requests
 //! of the shard), forwarded in one hop to the shard's leader otherwise
-//! (`Raft.ForwardWrite`). Parts run concurrently; the call returns when
+//! (`Raft.ForwardWrite`). A shard without a replica here is forwarded to
+//! the leader last heard of, else to the replicas the map names, following
+//! their redirects. Parts run concurrently; the call returns when
 //! every part is applied, or with the first failure in shard order, named
 //! after its shard. Atomic per shard, not across shards.
 
@@ -74,11 +76,54 @@ impl Node {
     /// One shard's part: proposed here if this node leads the shard (or
     /// knows no leader: the proposal then says who leads), else forwarded.
     async fn write_shard(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
-        let replica = self.replica(gid)?;
+        let Some(replica) = self.registry.get(gid) else {
+            return self.forward_unhosted(gid, events).await;
+        };
         match leader_elsewhere(&replica, self.id) {
             Some((leader, addr)) => self.forward(gid, leader, &addr, events).await,
             None => self.propose_write(&replica, events).await,
         }
+    }
+
+    /// A part of a shard this node hosts no replica of: to the leader last
+    /// heard of, then the map's replicas of the shard, following a
+    /// redirect; each node is tried once.
+    async fn forward_unhosted(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
+        let mut candidates: std::collections::VecDeque<(NodeId, String)> = self.route(gid).into();
+        let mut tried = std::collections::BTreeSet::new();
+        let mut last = Error::Unavailable(format!("the map names no replica of {gid}"));
+        while let Some((node, addr)) = candidates.pop_front() {
+            if !tried.insert(node) {
+                continue;
+            }
+            match self.forward(gid, node, &addr, events.clone()).await {
+                Ok(done) => {
+                    self.leaders.lock().expect("leaders lock").insert(gid, node);
+                    return Ok(done);
+                }
+                Err(Error::NotLeader { leader_id: Some(l), leader_addr: Some(a) }) => {
+                    candidates.push_front((l, a.clone()));
+                    last = Error::NotLeader { leader_id: Some(l), leader_addr: Some(a) };
+                }
+                Err(e @ (Error::NotFound(_) | Error::Unavailable(_) | Error::NotLeader { .. })) => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// Where `gid`'s leader may be: the one last heard of, then the map's
+    /// replicas of the shard, with their addresses.
+    pub(super) fn route(&self, gid: GroupId) -> Vec<(NodeId, String)> {
+        let cluster = self.cluster();
+        let Some(map) = cluster.map.as_ref() else { return vec![] };
+        let known = self.leaders.lock().expect("leaders lock").get(&gid).copied();
+        let replicas = map.replicas.get(gid.0 as usize).cloned().unwrap_or_default();
+        known
+            .into_iter()
+            .chain(replicas)
+            .filter_map(|n| map.nodes.get(&n).map(|e| (n, e.addr.clone())))
+            .collect()
     }
 
     /// Proposes a validated part through the write batcher.

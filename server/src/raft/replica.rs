@@ -92,8 +92,7 @@ impl Replica {
 }
 
 /// The replicas a node hosts, by group. Read on every request; written
-/// when a replica is added (today only at start; placement adds and drops
-/// them later).
+/// when placement adds or drops one.
 #[derive(Default)]
 pub struct Registry {
     replicas: RwLock<BTreeMap<GroupId, Arc<Replica>>>,
@@ -102,6 +101,11 @@ pub struct Registry {
 impl Registry {
     pub fn insert(&self, replica: Arc<Replica>) {
         self.replicas.write().expect("registry lock").insert(replica.gid, replica);
+    }
+
+    /// Takes `gid`'s replica out (placement dropped it from this node).
+    pub fn remove(&self, gid: GroupId) -> Option<Arc<Replica>> {
+        self.replicas.write().expect("registry lock").remove(&gid)
     }
 
     /// The replica of `gid`, if this node hosts one.

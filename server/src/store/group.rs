@@ -15,6 +15,7 @@ use super::sm_db::{cf, StateDb};
 use crate::engine::Engine;
 use crate::schema::VersionedSchema;
 use crate::types::{GroupId, LogId, StoredMembership};
+use portrait_core::meta::MetaState;
 
 /// What a group's state machine has applied, cached in memory.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +35,9 @@ pub struct GroupState {
     gid: GroupId,
     state_db: Arc<StateDb>,
     schema: RwLock<Arc<VersionedSchema>>,
+    /// The meta group's state (empty in shard groups), watched by the
+    /// node's placement and schema tasks.
+    cluster: tokio::sync::watch::Sender<Arc<MetaState>>,
     /// The compiled features and tags of `schema`.
     engine: RwLock<Arc<Engine>>,
     applied: Mutex<AppliedState>,
@@ -78,6 +82,7 @@ impl GroupState {
             gid,
             state_db,
             schema: RwLock::new(Arc::default()),
+            cluster: tokio::sync::watch::Sender::new(Arc::default()),
             engine: RwLock::new(Arc::new(Engine::empty())),
             applied: Mutex::new(AppliedState::default()),
             clock: AtomicI64::new(0),
@@ -117,6 +122,20 @@ impl GroupState {
         });
         *self.engine.write().expect("engine lock") = Arc::new(engine);
         *self.schema.write().expect("schema lock") = Arc::new(schema);
+    }
+
+    /// The meta group's state as applied (empty in a shard group).
+    pub fn cluster(&self) -> Arc<MetaState> {
+        self.cluster.borrow().clone()
+    }
+
+    /// Changes of [`GroupState::cluster`].
+    pub fn watch_cluster(&self) -> tokio::sync::watch::Receiver<Arc<MetaState>> {
+        self.cluster.subscribe()
+    }
+
+    pub(crate) fn set_cluster(&self, cluster: MetaState) {
+        self.cluster.send_replace(Arc::new(cluster));
     }
 
     /// The applied logical clock: the largest entry stamp applied.
@@ -175,6 +194,7 @@ impl GroupState {
     /// get `reason`.
     pub(crate) fn forget(&self, reason: &str) {
         self.set_schema(VersionedSchema::default());
+        self.set_cluster(MetaState::default());
         *self.applied.lock().expect("applied lock") = AppliedState::default();
         self.clock.store(0, Ordering::Release);
         let reason: Arc<str> = reason.into();
@@ -224,7 +244,9 @@ impl GroupState {
             membership: get(META_MEMBERSHIP)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or_default(),
             clock_ms: get(META_CLOCK)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or(0),
         };
+        let cluster = get(META_CLUSTER)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or_default();
         self.set_schema(schema);
+        self.set_cluster(cluster);
         self.set_applied(applied);
         self.refresh_durable_clock(None);
         Ok(())

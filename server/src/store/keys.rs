@@ -12,7 +12,7 @@
 //! | dedupe | `gid user ⟂ event_id` |
 //! | state | `gid user` |
 //! | timers | `gid wake_at(u64 BE, sign-flipped) user` |
-//! | meta | `gid name` (applied, membership, schema, clock, reeval); `NODE_PREFIX name` (format, installing markers) |
+//! | meta | `gid name` (applied, membership, schema, clock, reeval; the meta group's `cluster`); `NODE_PREFIX name` (format, installing markers) |
 
 use crate::types::GroupId;
 
@@ -49,6 +49,8 @@ pub const META_MEMBERSHIP: &[u8] = b"membership";
 pub const META_SCHEMA: &[u8] = b"schema";
 pub const META_CLOCK: &[u8] = b"clock";
 pub const META_REEVAL: &[u8] = b"reeval";
+/// The meta group's state (`core::meta::MetaState`: shard map, schema).
+pub const META_CLUSTER: &[u8] = b"cluster";
 /// The storage format the database was written in (see `store::format`),
 /// under [`NODE_PREFIX`].
 pub const META_FORMAT: &[u8] = b"format_version";

@@ -28,6 +28,7 @@ use crate::types::{
     Command, CommandResult, Entry, LogId, ReevalProgress, SnapshotMeta, StorageError, StoredMembership,
     TypeConfig,
 };
+use portrait_core::meta::MetaOutcome;
 
 /// openraft's handle to one group's state machine.
 pub struct StateMachine {
@@ -66,6 +67,7 @@ struct MetaKeys {
     membership: Vec<u8>,
     schema: Vec<u8>,
     reeval: Vec<u8>,
+    cluster: Vec<u8>,
 }
 
 impl MetaKeys {
@@ -76,6 +78,7 @@ impl MetaKeys {
             membership: meta(gid, META_MEMBERSHIP),
             schema: meta(gid, META_SCHEMA),
             reeval: meta(gid, META_REEVAL),
+            cluster: meta(gid, META_CLUSTER),
         }
     }
 }
@@ -224,21 +227,36 @@ impl Applier {
                     _ => CommandResult::Reevaluated { users: 0 },
                 }
             }
-            EntryPayload::Normal(Command::ApplySchema { stamp_ms, toml }) => {
+            EntryPayload::Normal(Command::ApplySchema { stamp_ms, toml, version }) => {
                 state.clock_ms = state.clock_ms.max(stamp_ms);
+                let current = self.store.schema().version;
                 match check_schema(&toml) {
+                    // Proposed again (or overtaken by a newer one): applied already.
+                    Ok(_) if version <= current => CommandResult::SchemaApplied { version: current },
                     Ok((schema, _)) => {
-                        let versioned = VersionedSchema { version: log_id.index, schema };
+                        let versioned = VersionedSchema { version, schema };
                         batch.put_cf(meta, &self.keys.schema, encode(&versioned));
                         // Existing users get the new rules in the background.
-                        let progress = ReevalProgress { version: log_id.index, cursor: None, users_done: 0 };
+                        let progress = ReevalProgress { version, cursor: None, users_done: 0 };
                         batch.put_cf(meta, &self.keys.reeval, encode(&progress));
                         self.finish(db, batch, state, log_id)?;
                         self.store.set_schema(versioned);
-                        return Ok(CommandResult::SchemaApplied { version: log_id.index });
+                        return Ok(CommandResult::SchemaApplied { version });
                     }
                     Err(e) => CommandResult::Rejected { reason: e.to_string() },
                 }
+            }
+            EntryPayload::Normal(Command::Meta { stamp_ms, command }) => {
+                state.clock_ms = state.clock_ms.max(stamp_ms);
+                let mut cluster = (*self.store.cluster()).clone();
+                let outcome = cluster.apply(&command);
+                if matches!(outcome, MetaOutcome::Applied { .. }) {
+                    batch.put_cf(meta, &self.keys.cluster, encode(&cluster));
+                    self.finish(db, batch, state, log_id)?;
+                    self.store.set_cluster(cluster);
+                    return Ok(CommandResult::Meta(outcome));
+                }
+                CommandResult::Meta(outcome)
             }
         };
         self.finish(db, batch, state, log_id)?;

@@ -1,0 +1,142 @@
+//! Five nodes, eight shards, replication factor 3: the meta group's map
+//! places each shard on three distinct nodes (the shards' raft groups
+//! follow it), a write through a node that hosts no replica of a user's
+//! shard is forwarded to one, and removing a node re-creates its replicas
+//! on the nodes that had none, losing nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use portrait_client::json::now_ms;
+use portrait_client::portrait_proto::v1::ClusterStatusResponse;
+use portrait_client::{Consistency, Event, Value};
+use portrait_cluster_tests::Cluster;
+use portrait_core::shard::shard_of;
+
+const SHARDS: u32 = 8;
+const RF: usize = 3;
+
+fn visit(user: &str, page: &str) -> Event {
+    Event {
+        user_id: user.into(),
+        family: "browse".into(),
+        r#type: "view".into(),
+        event_time_ms: now_ms() - 1_000,
+        event_id: format!("{page}-{user}"),
+        attrs: [("page".to_string(), Value::string(page))].into(),
+    }
+}
+
+async fn statuses(cluster: &Cluster, nodes: &[u64]) -> BTreeMap<u64, ClusterStatusResponse> {
+    let mut all = BTreeMap::new();
+    for &id in nodes {
+        all.insert(id, cluster.client(id).await.cluster_status().await.expect("status"));
+    }
+    all
+}
+
+/// Per shard, the nodes (of `nodes`) holding a voting replica of it.
+fn voters(all: &BTreeMap<u64, ClusterStatusResponse>) -> BTreeMap<u32, BTreeSet<u64>> {
+    let mut by_shard: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
+    for (id, status) in all {
+        for s in status.shard_status.iter().filter(|s| s.role == "Leader" || s.role == "Follower") {
+            by_shard.entry(s.shard).or_default().insert(*id);
+        }
+    }
+    by_shard
+}
+
+/// Waits until every shard has exactly `RF` voting replicas among `nodes`.
+async fn wait_placed(cluster: &Cluster, nodes: &[u64]) -> BTreeMap<u32, BTreeSet<u64>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let placed = voters(&statuses(cluster, nodes).await);
+        if placed.len() == SHARDS as usize && placed.values().all(|n| n.len() == RF) {
+            return placed;
+        }
+        assert!(Instant::now() < deadline, "shards not on {RF} of nodes {nodes:?}: {placed:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every user's last page, read locally on every replica of its shard.
+async fn check_replicas(
+    cluster: &Cluster,
+    placed: &BTreeMap<u32, BTreeSet<u64>>,
+    users: &[String],
+    page: &str,
+) {
+    for user in users {
+        let shard = shard_of(user, SHARDS);
+        for &id in &placed[&shard] {
+            let client = cluster.client(id).await;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let got = client.get_profile(user, &[], Consistency::Local).await.expect("local read");
+                let info = got.read_info.expect("read info");
+                assert_eq!((info.node_id, info.shard), (id, shard), "served where it lives");
+                let seen = got
+                    .profile
+                    .and_then(|p| p.families.get("browse").and_then(|f| f.attrs.get("page").cloned()));
+                if seen.and_then(|a| a.value) == Some(Value::string(page)) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "node {id} never showed {page} for {user}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn shards_live_on_three_of_five_nodes_and_a_removed_node_is_replaced() {
+    let cluster = Cluster::start_placed(5, SHARDS, RF as u32).await;
+    let all = [1, 2, 3, 4, 5];
+    let placed = wait_placed(&cluster, &all).await;
+    let load: BTreeMap<u64, usize> =
+        all.iter().map(|id| (*id, placed.values().filter(|n| n.contains(id)).count())).collect();
+    // Nodes join one after the other: nodes 2 and 3 bring every shard to
+    // RF 3, nodes 4 and 5 get none (moving replicas to balance is the
+    // elastic scaling's job).
+    assert_eq!(load, BTreeMap::from([(1, 8), (2, 8), (3, 8), (4, 0), (5, 0)]), "{placed:?}");
+    let status = cluster.client(3).await.cluster_status().await.unwrap();
+    assert_eq!(status.members.len(), 5, "every node is in the meta group: {status:?}");
+
+    // Through a node that hosts no shard: every part is forwarded.
+    let users: Vec<String> = (0..40).map(|i| format!("user-{i}")).collect();
+    let via = 5;
+    let events: Vec<Event> = users.iter().map(|u| visit(u, "first")).collect();
+    let written = cluster.client(via).await.write(events).await.expect("write across shards");
+    assert_eq!(written.applied, users.len() as u32, "{written:?}");
+    assert_eq!(written.shards.len(), SHARDS as usize);
+    check_replicas(&cluster, &placed, &users, "first").await;
+
+    // Node 2 leaves: its replicas are re-created on the other nodes.
+    let r = cluster.client(3).await.remove_node(2).await.expect("remove node 2");
+    assert_eq!(r.members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [1, 3, 4, 5]);
+    let rest = [1, 3, 4, 5];
+    let placed = wait_placed(&cluster, &rest).await;
+    let load: Vec<usize> = rest.iter().map(|id| placed.values().filter(|n| n.contains(id)).count()).collect();
+    assert_eq!(load, [8, 8, 4, 4], "node 2's replicas went to nodes 4 and 5: {placed:?}");
+    let events: Vec<Event> = users.iter().map(|u| visit(u, "second")).collect();
+    let written = cluster.client(4).await.write(events).await.expect("write after the removal");
+    assert_eq!(written.applied, users.len() as u32);
+    check_replicas(&cluster, &placed, &users, "second").await;
+    // Exactly once: the first events are there once, not applied again.
+    let again: Vec<Event> = users.iter().map(|u| visit(u, "first")).collect();
+    let dup = cluster.client(5).await.write(again).await.expect("retry of the first write");
+    assert_eq!((dup.applied, dup.duplicates), (0, users.len() as u32), "{dup:?}");
+
+    // The removed node drops its replicas (their raft stops, their data is deleted).
+    let removed = cluster.client(2).await;
+    let started = Instant::now();
+    loop {
+        let status = removed.cluster_status().await.expect("status of the removed node");
+        if status.shard_status.is_empty() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "node 2 still has replicas: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("node 2 dropped its replicas {:?} after its removal", started.elapsed());
+}

@@ -1,0 +1,377 @@
+//! The meta group ([`GroupId::META`]) on a node: the cluster's shard map
+//! (nodes, and the replicas each shard should have) and its schema, as
+//! `portrait_core::meta` defines them. Every node hosts a replica of it:
+//! voters on up to [`MAX_META_VOTERS`] nodes, learners on the rest, so
+//! every node reads the map locally.
+//!
+//! The meta leader decides: AddNode, RemoveNode and ApplySchema go to it
+//! (elsewhere they are NOT_LEADER with its address), change the map or the
+//! schema through the meta log, and wait until the shards have followed
+//! (each shard's leader makes its membership match the map and applies the
+//! schema through its own log: see `node/placement.rs`).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use portrait_core::meta::{MetaCommand, MetaOutcome, MetaState};
+use portrait_core::shard::MapChange;
+use portrait_proto::v1::admin_client::AdminClient;
+use portrait_proto::v1::{ClusterStatusRequest, ClusterStatusResponse};
+
+use super::Node;
+use crate::engine::check_schema;
+use crate::error::{Error, Result};
+use crate::raft::client_write_error;
+use crate::raft::replica::Replica;
+use crate::schema::VersionedSchema;
+use crate::types::{Command, CommandResult, GroupId, NodeId};
+
+/// Voters of the meta group at most; further nodes are its learners.
+pub const MAX_META_VOTERS: usize = 5;
+/// How long AddNode and RemoveNode wait for the shards to follow the map
+/// (a new replica may need a snapshot), and ApplySchema for every shard
+/// to apply the schema. Past it the change stays made and goes on; the
+/// call says so (UNAVAILABLE) and may be repeated.
+const FOLLOW_TIMEOUT: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_millis(200);
+/// One status call to a peer may take this long.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Node {
+    /// The meta group's state as this node applied it.
+    pub fn cluster(&self) -> Arc<MetaState> {
+        self.meta.sm.cluster()
+    }
+
+    /// The schema in force: the meta group's newest (version 1, 2, …; 0 is
+    /// the built-in default). Requests are validated against it; each
+    /// shard applies it through its own log.
+    pub fn schema(&self) -> Arc<VersionedSchema> {
+        let cluster = self.cluster();
+        let Some(newest) = &cluster.schema else { return Arc::default() };
+        let mut cached = self.schema_cache.lock().expect("schema cache lock");
+        if cached.version != newest.version {
+            match check_schema(&newest.toml) {
+                Ok((schema, _)) => *cached = Arc::new(VersionedSchema { version: newest.version, schema }),
+                // Validated when it was committed: only a binary whose rule
+                // language changed could get here.
+                Err(e) => {
+                    tracing::error!(version = newest.version, error = %e, "the committed schema does not compile")
+                }
+            }
+        }
+        cached.clone()
+    }
+
+    /// NOT_LEADER with the meta leader's address unless this node leads
+    /// the meta group.
+    pub(super) fn lead_meta(&self) -> Result<()> {
+        let m = self.meta.raft.metrics().borrow().clone();
+        if m.state == openraft::ServerState::Leader {
+            return Ok(());
+        }
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+        Err(Error::NotLeader { leader_id: m.current_leader, leader_addr })
+    }
+
+    /// Commits a meta command (this node leads the meta group); returns
+    /// the map's epoch and the schema version after it. A refused command
+    /// is FAILED_PRECONDITION with its reason.
+    pub(super) async fn propose_meta(&self, command: MetaCommand) -> Result<(u64, u64)> {
+        let _pass = self.meta.gate.pass(self.write_timeout).await?;
+        let command = Command::Meta { stamp_ms: self.meta.stamper.stamp()?, command };
+        let resp = self.meta.raft.client_write(command).await.map_err(client_write_error)?;
+        match resp.data {
+            CommandResult::Meta(MetaOutcome::Applied { epoch, schema_version }) => {
+                Ok((epoch, schema_version))
+            }
+            CommandResult::Meta(MetaOutcome::Refused { reason }) => Err(Error::FailedPrecondition(reason)),
+            other => Err(Error::Internal(format!("unexpected meta result {other:?}"))),
+        }
+    }
+
+    /// Creates the cluster's map on a new single node (once: a created map
+    /// is kept).
+    pub(super) async fn create_cluster(&self, shards: u32, replication: u32) -> anyhow::Result<()> {
+        if self.cluster().map.is_some() {
+            return Ok(());
+        }
+        let wait = self.meta.raft.wait(Some(Duration::from_secs(10)));
+        wait.metrics(|m| m.state == openraft::ServerState::Leader, "the new node leads the meta group")
+            .await?;
+        let create = MetaCommand::Create { shards, replication, node: self.id, addr: self.advertise.clone() };
+        self.propose_meta(create).await?;
+        Ok(())
+    }
+
+    /// Commits the replicas placement adds to reach the replication factor
+    /// (`ShardMap::plan_additions`), one at a time, each planned on the map
+    /// the previous one left (one placement runs at a time on the node);
+    /// the shards' leaders then add them.
+    pub(super) async fn place(&self) -> Result<()> {
+        let _one = self.placing.lock().await;
+        loop {
+            let Some(map) = self.cluster().map.clone() else { return Ok(()) };
+            let Some(change) = map.plan_additions(1).pop() else { return Ok(()) };
+            self.propose_meta(MetaCommand::Map(change)).await?;
+        }
+    }
+
+    /// Adds node `id` at `addr` (meta leader only): to the meta group (a
+    /// learner that catches up, then a voter while it has fewer than
+    /// [`MAX_META_VOTERS`]), then to the map, where placement gives it
+    /// replicas; returns when it is a voter of every shard placed on it.
+    /// With `learner_only` it only follows the meta group (it hosts no
+    /// shard). Idempotent: a call that failed part way is finished by
+    /// calling again.
+    pub async fn add_node(&self, id: NodeId, addr: String, learner_only: bool) -> Result<u64> {
+        if addr.is_empty() {
+            return Err(Error::invalid("addr", "must not be empty"));
+        }
+        if let Err(e) = tonic::transport::Endpoint::from_shared(addr.clone()) {
+            return Err(Error::invalid("addr", format!("not a valid URL ({e}); e.g. http://10.0.0.2:7700")));
+        }
+        self.lead_meta()?;
+        let map = self.cluster().map.clone().ok_or_else(not_created)?;
+        if !map.nodes.contains_key(&id) {
+            self.check_shards_of(id, &addr).await?;
+        }
+        let voters = self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().count();
+        let is_voter =
+            self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
+        let meta_learner = learner_only || (!is_voter && voters >= MAX_META_VOTERS);
+        let index =
+            add_to_group(&self.meta, id, &addr, meta_learner, FOLLOW_TIMEOUT).await.map_err(in_meta)?;
+        if learner_only {
+            return Ok(index);
+        }
+        if map.nodes.get(&id).map(|n| n.addr.as_str()) != Some(addr.as_str()) {
+            self.propose_meta(MetaCommand::Map(MapChange::AddNode { node: id, addr })).await?;
+        }
+        self.place().await?;
+        self.wait_followed(&format!("placing replicas on node {id}")).await?;
+        Ok(index)
+    }
+
+    /// Removes node `id` (meta leader only): from the map (placement puts
+    /// its replicas on other nodes, whose shards' leaders add them before
+    /// removing its own) and from the meta group; returns when every shard
+    /// has its replicas as voters again. A node holding a shard's only
+    /// replica is refused (FAILED_PRECONDITION).
+    pub async fn remove_node(&self, id: NodeId) -> Result<u64> {
+        self.lead_meta()?;
+        let map = self.cluster().map.clone().ok_or_else(not_created)?;
+        let meta_member =
+            self.meta.raft.metrics().borrow().membership_config.membership().get_node(&id).is_some();
+        if !map.nodes.contains_key(&id) && !meta_member {
+            return Err(Error::NotFound(format!("node {id} is not a member of the cluster")));
+        }
+        if id == self.id {
+            // Hand the meta group over first; the caller's retry (it
+            // follows the redirect) removes this node from there.
+            let others = self
+                .meta
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .find(|v| *v != id);
+            let Some(target) = others else {
+                return Err(Error::FailedPrecondition(format!("node {id} is the cluster's last node")));
+            };
+            self.transfer_group(&self.meta, target).await.map_err(in_meta)?;
+            return Err(self
+                .lead_meta()
+                .err()
+                .unwrap_or(Error::Unavailable("handing the meta group over".into())));
+        }
+        if map.nodes.contains_key(&id) {
+            self.propose_meta(MetaCommand::Map(MapChange::RemoveNode { node: id })).await?;
+        }
+        self.place().await?;
+        let index = remove_from_group(&self.meta, id, self.write_timeout).await.map_err(in_meta)?;
+        self.wait_followed(&format!("moving node {id}'s replicas")).await?;
+        Ok(index)
+    }
+
+    /// Validates a schema and, unless `dry_run`, commits it in the meta
+    /// group (meta leader only) and waits until every shard has applied it
+    /// through its own log.
+    pub async fn apply_schema(&self, toml: String, dry_run: bool) -> Result<VersionedSchema> {
+        let (schema, _) = check_schema(&toml).map_err(|e| Error::invalid("toml", e.to_string()))?;
+        if dry_run {
+            return Ok(VersionedSchema { version: self.schema().version, schema });
+        }
+        self.lead_meta()?;
+        self.cluster().map.as_ref().ok_or_else(not_created)?;
+        let (_, version) = self.propose_meta(MetaCommand::SetSchema { toml }).await?;
+        let deadline = tokio::time::Instant::now() + FOLLOW_TIMEOUT;
+        loop {
+            self.sync_schemas().await;
+            let behind = self.shards_behind_schema(version).await;
+            if behind.is_empty() {
+                return Ok(VersionedSchema { version, schema });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "schema version {version} is committed; shards {behind:?} have not applied it yet (they \
+                     will: watch `portrait cluster status`)"
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Shards no replica of which reports schema `version` applied.
+    async fn shards_behind_schema(&self, version: u64) -> Vec<u32> {
+        let mut applied = vec![false; self.shards as usize];
+        for (_, status) in self.statuses().await {
+            for s in status.shard_status.iter().filter(|s| s.schema_version >= version) {
+                if let Some(a) = applied.get_mut(s.shard as usize) {
+                    *a = true;
+                }
+            }
+        }
+        (0..self.shards).filter(|&k| !applied[k as usize]).collect()
+    }
+
+    /// Waits until every node of the map reports a voter replica of each
+    /// shard the map places on it (UNAVAILABLE naming what is left after
+    /// [`FOLLOW_TIMEOUT`]).
+    async fn wait_followed(&self, what: &str) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + FOLLOW_TIMEOUT;
+        loop {
+            let left = self.unfollowed().await;
+            if left.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let left: Vec<String> = left.iter().map(|(n, s)| format!("node {n} shard {s}")).collect();
+                return Err(Error::Unavailable(format!(
+                    "{what}: the map is committed and still being followed ({} replicas left: {}); call again \
+                     or watch `portrait cluster status`",
+                    left.len(),
+                    left.join(", ")
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// (node, shard) pairs of the map that are not yet a voter replica.
+    async fn unfollowed(&self) -> Vec<(NodeId, u32)> {
+        let Some(map) = self.cluster().map.clone() else { return vec![] };
+        let statuses = self.statuses().await;
+        let mut left = Vec::new();
+        for &node in map.nodes.keys() {
+            let voting: BTreeSet<u32> = statuses
+                .iter()
+                .filter(|(n, _)| *n == node)
+                .flat_map(|(_, s)| s.shard_status.iter())
+                .filter(|s| matches!(s.role.as_str(), "Leader" | "Follower" | "Candidate"))
+                .map(|s| s.shard)
+                .collect();
+            left.extend(map.hosted_by(node).into_iter().filter(|s| !voting.contains(s)).map(|s| (node, s)));
+        }
+        left
+    }
+
+    /// `ClusterStatus` of every node of the map that answers.
+    async fn statuses(&self) -> Vec<(NodeId, ClusterStatusResponse)> {
+        let Some(map) = self.cluster().map.clone() else { return vec![] };
+        let asks = map.nodes.iter().map(|(&id, n)| async move { (id, peer_status(&n.addr).await) });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter_map(|(id, s)| match s {
+                Ok(s) => Some((id, s)),
+                Err(e) => {
+                    tracing::debug!(node = id, error = %e, "no status");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Refuses to add a node that reports another number of shards (it
+    /// would host other groups). A node that does not answer is not
+    /// refused here: adding it waits for it like any learner.
+    async fn check_shards_of(&self, id: NodeId, addr: &str) -> Result<()> {
+        match super::shards::ask(addr).await {
+            Ok(n) if n != self.shards => Err(Error::FailedPrecondition(format!(
+                "node {id} at {addr} was started for a cluster of {n} shards, this one has {}; restart it on \
+                 an empty data dir with --shards {} (or --join)",
+                self.shards, self.shards
+            ))),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::debug!(node = id, error = %e, "could not ask the new node for its shards");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn not_created() -> Error {
+    Error::Unavailable("the cluster's map is not created yet (is the first node bootstrapped?)".into())
+}
+
+fn in_meta(e: Error) -> Error {
+    e.in_shard(GroupId::META)
+}
+
+/// A node's `ClusterStatus`.
+async fn peer_status(addr: &str) -> std::result::Result<ClusterStatusResponse, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(STATUS_TIMEOUT)
+        .timeout(STATUS_TIMEOUT);
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let reply = AdminClient::new(channel).cluster_status(ClusterStatusRequest {}).await;
+    reply.map(|r| r.into_inner()).map_err(|s| s.message().to_string())
+}
+
+/// Adds `id` to one group (a no-op where it is already what is asked): a
+/// learner that catches up, then (unless `learner_only`) a voter. Returns
+/// the group's last membership log index.
+pub(super) async fn add_to_group(
+    replica: &Replica,
+    id: NodeId,
+    addr: &str,
+    learner_only: bool,
+    within: Duration,
+) -> Result<u64> {
+    let _pass = replica.gate.pass(within).await?;
+    let raft = &replica.raft;
+    let node = openraft::BasicNode::new(addr);
+    let resp = raft.add_learner(id, node, true).await.map_err(client_write_error)?;
+    if learner_only {
+        return Ok(resp.log_id.index);
+    }
+    let voters = openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+    let resp = raft.change_membership(voters, false).await.map_err(client_write_error)?;
+    Ok(resp.log_id.index)
+}
+
+/// Removes `id` from one group where it is a member.
+pub(super) async fn remove_from_group(replica: &Replica, id: NodeId, within: Duration) -> Result<u64> {
+    let m = replica.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let is_voter = membership.voter_ids().any(|v| v == id);
+    if !membership.nodes().any(|(n, _)| *n == id) {
+        return Ok(m.membership_config.log_id().map_or(0, |l| l.index));
+    }
+    let _pass = replica.gate.pass(within).await?;
+    let set = BTreeSet::from([id]);
+    let change = match is_voter {
+        true => openraft::ChangeMembers::RemoveVoters(set),
+        false => openraft::ChangeMembers::RemoveNodes(set),
+    };
+    let resp = replica.raft.change_membership(change, false).await.map_err(client_write_error)?;
+    Ok(resp.log_id.index)
+}

@@ -1,0 +1,298 @@
+//! Following the map: one task per node that makes what the node runs
+//! match the meta group's shard map, a step at a time, every
+//! [`EVERY`] and whenever the map changes.
+//!
+//! - **Hosting.** A shard the map places on this node gets a replica (an
+//!   empty one that its leader fills by snapshot and log). A shard whose
+//!   only replica the map puts here and that was never initialized is
+//!   created (a new cluster's shards).
+//! - **As a shard's leader**: its raft membership is brought to the map's
+//!   replicas: a missing node is added as a learner, promoted to voter
+//!   once it is within [`PROMOTE_LAG`] entries, and only when every replica
+//!   the map wants votes are the others removed (the group never drops
+//!   below the map's replicas; a leader that is to go hands its leadership
+//!   to one of them first). The shard's schema is brought to the meta
+//!   group's version through the shard's own log.
+//! - **As the meta group's leader**: placement (`ShardMap::plan_additions`)
+//!   fills shards that are short of the replication factor, and nodes of
+//!   the map that only learn the meta group are promoted to its voters
+//!   while it has fewer than five.
+//! - **Removed replicas**: a shard the map no longer places here is
+//!   dropped once its committed membership no longer has this node, or
+//!   [`DROP_AFTER`] after the map left it: its raft stops and its log and
+//!   state are deleted.
+//!
+//! Each change is one raft membership change, bounded by the write
+//! timeout; a failure is logged and retried on the next pass.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use openraft::{BasicNode, ChangeMembers};
+use portrait_core::meta::MetaState;
+use portrait_core::shard::ShardMap;
+use tokio::sync::watch;
+
+use super::meta::MAX_META_VOTERS;
+use super::Node;
+use crate::error::{Error, Result};
+use crate::raft::client_write_error;
+use crate::raft::replica::Replica;
+use crate::types::{Command, GroupId, NodeId};
+
+/// How often the node compares itself with the map when nothing changes.
+const EVERY: Duration = Duration::from_millis(250);
+/// A learner within this many entries of its leader's log is promoted.
+const PROMOTE_LAG: u64 = 1_000;
+/// A replica the map no longer places here is dropped once its committed
+/// membership says it was removed, or (a removed replica need not hear of
+/// its removal: its leader stops sending) this long after the map left it.
+const DROP_AFTER: Duration = Duration::from_secs(30);
+
+/// Runs until `stop` turns true (or the node is gone).
+pub(super) async fn run(node: Weak<Node>, mut stop: watch::Receiver<bool>) {
+    let Some(mut changes) = node.upgrade().map(|n| n.meta.sm.watch_cluster()) else { return };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = changes.changed() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let Some(node) = node.upgrade() else { return };
+        tokio::select! {
+            _ = node.follow_map() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+impl Node {
+    /// One pass (see the module docs).
+    async fn follow_map(&self) {
+        let cluster = self.cluster();
+        let Some(map) = cluster.map.as_ref() else { return };
+        if let Err(e) = self.host(map).await {
+            tracing::warn!(error = %e, "opening the replicas the map places here");
+        }
+        if self.meta.is_leader() {
+            if let Err(e) = self.place().await {
+                tracing::debug!(error = %e, "placement");
+            }
+            if let Err(e) = self.promote_meta_learners(map).await {
+                tracing::debug!(error = %e, "meta group voters");
+            }
+        }
+        let cluster = &cluster;
+        let shards: Vec<Arc<Replica>> =
+            self.registry.all().into_iter().filter(|r| r.gid != GroupId::META).collect();
+        let leading = shards.iter().filter(|r| r.is_leader()).map(|r| async move {
+            if let Some(wanted) = map.replicas.get(r.gid.0 as usize) {
+                if let Err(e) = self.follow_replicas(r, wanted, map).await {
+                    tracing::debug!(group = %r.gid, error = %e, "bringing the membership to the map");
+                }
+            }
+            self.sync_schema(r, cluster).await;
+        });
+        futures::future::join_all(leading).await;
+        let hosted: BTreeSet<u32> = map.hosted_by(self.id).into_iter().collect();
+        let now = tokio::time::Instant::now();
+        let mut unplaced = self.unplaced.lock().expect("unplaced lock").clone();
+        unplaced.retain(|gid, _| !hosted.contains(&gid.0));
+        let mut drop = Vec::new();
+        for replica in shards.into_iter().filter(|r| !hosted.contains(&r.gid.0)) {
+            let since = *unplaced.entry(replica.gid).or_insert(now);
+            if !replica.is_leader() && (removed(&replica, self.id) || now - since >= DROP_AFTER) {
+                drop.push(replica);
+            }
+        }
+        for replica in drop {
+            unplaced.remove(&replica.gid);
+            self.drop_replica(replica).await;
+        }
+        *self.unplaced.lock().expect("unplaced lock") = unplaced;
+    }
+
+    /// Opens a replica of every shard the map places here (creating a
+    /// shard whose only replica is here and that was never initialized).
+    async fn host(&self, map: &ShardMap) -> anyhow::Result<()> {
+        for shard in map.hosted_by(self.id) {
+            let gid = GroupId(shard);
+            let replica = match self.registry.get(gid) {
+                Some(r) => r,
+                None => {
+                    let r = Arc::new(Replica::open(gid, &self.shared()).await?);
+                    self.registry.insert(r.clone());
+                    tracing::info!(group = %gid, "hosting a replica placed on this node");
+                    r
+                }
+            };
+            if map.replicas[shard as usize] == [self.id] && !replica.raft.is_initialized().await? {
+                let members = BTreeMap::from([(self.id, BasicNode::new(&self.advertise))]);
+                replica.raft.initialize(members).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of bringing a shard's membership to the map's `wanted`
+    /// replicas (this node leads the shard).
+    async fn follow_replicas(&self, replica: &Replica, wanted: &[NodeId], map: &ShardMap) -> Result<()> {
+        let m = replica.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        if membership.get_joint_config().len() > 1 {
+            return Ok(()); // a change is under way
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members: BTreeSet<NodeId> = membership.nodes().map(|(n, _)| *n).collect();
+        let wanted: BTreeSet<NodeId> = wanted.iter().copied().collect();
+        let raft = &replica.raft;
+        if let Some(&new) = wanted.difference(&members).next() {
+            let Some(entry) = map.nodes.get(&new) else { return Ok(()) };
+            let _pass = replica.gate.pass(self.write_timeout).await?;
+            let add = raft.add_learner(new, BasicNode::new(&entry.addr), false);
+            self.bounded(add).await?.map_err(client_write_error)?;
+            tracing::info!(group = %replica.gid, node = new, "added a learner placed by the map");
+            return Ok(());
+        }
+        let last = m.last_log_index.unwrap_or(0);
+        let matched = |n: &NodeId| {
+            m.replication.as_ref().and_then(|r| r.get(n).cloned().flatten()).map_or(0, |l| l.index)
+        };
+        let ready: BTreeSet<NodeId> = wanted
+            .iter()
+            .filter(|n| !voters.contains(n) && matched(n) + PROMOTE_LAG >= last)
+            .copied()
+            .collect();
+        if !ready.is_empty() {
+            let _pass = replica.gate.pass(self.write_timeout).await?;
+            let change = raft.change_membership(ChangeMembers::AddVoterIds(ready.clone()), false);
+            self.bounded(change).await?.map_err(client_write_error)?;
+            tracing::info!(group = %replica.gid, nodes = ?ready, "promoted caught-up learners to voters");
+            return Ok(());
+        }
+        if !wanted.is_subset(&voters) {
+            return Ok(()); // learners still catching up
+        }
+        let extra: BTreeSet<NodeId> = members.difference(&wanted).copied().collect();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        if extra.contains(&self.id) {
+            // Leave through a successor: one of the wanted voters leads next.
+            let target = *wanted.iter().next().expect("wanted is not empty");
+            let addr = map.nodes.get(&target).map(|n| n.addr.clone()).unwrap_or_default();
+            return replica.transfer.run(target, &addr).await;
+        }
+        let (extra_voters, extra_learners): (BTreeSet<NodeId>, BTreeSet<NodeId>) =
+            extra.iter().partition(|n| voters.contains(n));
+        let change = match extra_voters.is_empty() {
+            false => ChangeMembers::RemoveVoters(extra_voters),
+            true => ChangeMembers::RemoveNodes(extra_learners),
+        };
+        let _pass = replica.gate.pass(self.write_timeout).await?;
+        self.bounded(raft.change_membership(change, false)).await?.map_err(client_write_error)?;
+        tracing::info!(group = %replica.gid, nodes = ?extra, "removed replicas the map no longer has");
+        Ok(())
+    }
+
+    /// Promotes nodes of the map that only learn the meta group, while it
+    /// has fewer than [`MAX_META_VOTERS`] voters (this node leads it).
+    async fn promote_meta_learners(&self, map: &ShardMap) -> Result<()> {
+        let m = self.meta.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        if membership.get_joint_config().len() > 1 {
+            return Ok(());
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let room = MAX_META_VOTERS.saturating_sub(voters.len());
+        let promote: BTreeSet<NodeId> =
+            membership.learner_ids().filter(|n| map.nodes.contains_key(n)).take(room).collect();
+        if promote.is_empty() {
+            return Ok(());
+        }
+        let _pass = self.meta.gate.pass(self.write_timeout).await?;
+        let change = self.meta.raft.change_membership(ChangeMembers::AddVoterIds(promote), false);
+        self.bounded(change).await?.map_err(client_write_error)?;
+        Ok(())
+    }
+
+    /// Proposes the meta group's schema in `replica`'s shard (this node
+    /// leads it) when the shard has an older one.
+    async fn sync_schema(&self, replica: &Replica, cluster: &MetaState) {
+        let Some(newest) = &cluster.schema else { return };
+        if replica.sm.schema().version >= newest.version {
+            return;
+        }
+        let propose = async {
+            let _pass = replica.gate.pass(self.write_timeout).await?;
+            let stamp_ms = replica.stamper.stamp()?;
+            let command =
+                Command::ApplySchema { stamp_ms, toml: newest.toml.clone(), version: newest.version };
+            self.bounded(replica.raft.client_write(command)).await?.map_err(client_write_error)?;
+            Ok::<_, Error>(())
+        };
+        if let Err(e) = propose.await {
+            tracing::debug!(group = %replica.gid, version = newest.version, error = %e, "applying the schema");
+        }
+    }
+
+    /// Brings every shard this node leads to the meta group's schema now.
+    pub(super) async fn sync_schemas(&self) {
+        let cluster = self.cluster();
+        let leading: Vec<_> =
+            self.registry.all().into_iter().filter(|r| r.gid != GroupId::META && r.is_leader()).collect();
+        futures::future::join_all(leading.iter().map(|r| self.sync_schema(r, &cluster))).await;
+    }
+
+    /// Stops a replica this node no longer hosts and deletes its log and
+    /// state.
+    async fn drop_replica(&self, replica: Arc<Replica>) {
+        let gid = replica.gid;
+        self.registry.remove(gid);
+        if let Err(e) = replica.raft.shutdown().await {
+            tracing::warn!(group = %gid, error = %e, "stopping a removed replica");
+        }
+        drop(replica);
+        // The log store closes as raft's tasks end.
+        let mut result = Ok(());
+        for _ in 0..50 {
+            result = self.log_engine.drop_group(gid);
+            if result.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let result = result.and_then(|()| self.state_db.drop_group(gid));
+        let _ = std::fs::remove_dir_all(self.data_dir.join("snapshots").join(gid.dir_name()));
+        match result {
+            Ok(()) => tracing::info!(group = %gid, "dropped a replica the map no longer places here"),
+            Err(e) => tracing::warn!(group = %gid, error = %e, "dropping a removed replica"),
+        }
+    }
+
+    /// `call`, bounded by the write timeout (UNAVAILABLE past it).
+    async fn bounded<T>(&self, call: impl std::future::Future<Output = T>) -> Result<T> {
+        tokio::time::timeout(self.write_timeout, call)
+            .await
+            .map_err(|_| Error::Unavailable(format!("not done within {} ms", self.write_timeout.as_millis())))
+    }
+}
+
+/// Whether `replica`'s committed membership leaves node `me` out: it is
+/// not a learner, and not a voter of the newest configuration (a removed
+/// voter often sees only the joint configuration that removes it: its
+/// leader stops sending once the next one is appended).
+fn removed(replica: &Replica, me: NodeId) -> bool {
+    let m = replica.raft.metrics().borrow().clone();
+    let config = &m.membership_config;
+    let committed = match (config.log_id(), m.last_applied) {
+        (Some(config), Some(applied)) => config.index <= applied.index,
+        _ => false,
+    };
+    let membership = config.membership();
+    let newest = membership.get_joint_config().last();
+    let voter = newest.is_some_and(|c| c.contains(&me));
+    let learner = membership.learner_ids().any(|n| n == me);
+    committed && !voter && !learner
+}

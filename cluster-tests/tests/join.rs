@@ -43,6 +43,13 @@ async fn nodes_started_with_join_become_voters_and_do_not_join_again_on_restart(
     wait_voters(&cluster, 1, &[1, two, three]).await;
     replicated(&cluster, 1, &[two, three]).await;
 
+    // Its AddNode returns once every shard placed on it has it as a voter.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.node(three).log().contains("joined the cluster as a voter") {
+        assert!(Instant::now() < deadline, "node {three} never finished joining");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // A restart with the same flags (--join included) finds a voter on disk.
     cluster.kill(three);
     cluster.restart(three).await;

@@ -7,9 +7,10 @@
 //! `AddNode` is idempotent, so a retry after an answer that was lost is
 //! harmless.
 //!
-//! Restarts: a node that the map it stored has does nothing, so a member
-//! restarting with data on disk never re-joins. A node that is in the meta
-//! group's membership but not yet in the map finishes an interrupted join;
+//! Restarts: a node that the map it stored has, or a voter of the meta
+//! group, does nothing, so a member restarting with data on disk never
+//! re-joins. A learner of the meta group asks again (AddNode is idempotent:
+//! it finishes an interrupted join);
 //! a node that holds data but is in neither was removed, and is not added
 //! back (wipe its data dir to join as a new node).
 
@@ -46,8 +47,11 @@ pub async fn plan(node: &Node) -> Plan {
     if !node.is_initialized().await {
         return Plan::Join;
     }
+    // The map may be behind after a crash (applies skip the WAL; raft
+    // replays them once it hears from its leader), the membership in the
+    // log is not.
     let membership = node.membership();
-    if node.in_map() {
+    if node.in_map() || membership.voter_ids().any(|v| v == node.id) {
         Plan::Member
     } else if membership.get_node(&node.id).is_some() {
         Plan::Join

@@ -8,6 +8,7 @@
 //! transfer, incoming raft messages, fault injection) in `node/cluster.rs`.
 
 mod cluster;
+pub mod map;
 mod read;
 mod shards;
 mod tasks;

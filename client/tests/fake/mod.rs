@@ -142,6 +142,14 @@ impl Admin for Fake {
         Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
     }
 
+    async fn shard_map(&self, _: Request<ShardMapRequest>) -> Result<Response<ShardMapResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn locate(&self, _: Request<LocateRequest>) -> Result<Response<LocateResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
     async fn cluster_status(
         &self,
         _: Request<ClusterStatusRequest>,

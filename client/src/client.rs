@@ -34,6 +34,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub struct PortraitClient {
     router: Router,
     routes: Arc<Routes>,
+    /// Route by shard (see [`PortraitClient::without_routing`]).
+    routing: bool,
 }
 
 impl PortraitClient {
@@ -41,7 +43,22 @@ impl PortraitClient {
     pub async fn connect(endpoint: &str) -> Result<Self, ClientError> {
         let router = Router::connect(endpoint).await?;
         let routes = Arc::new(Routes::new(router.seed()));
-        Ok(Self { router, routes })
+        Ok(Self { router, routes, routing: true })
+    }
+
+    /// This client, sending every call to the node it is connected to (or
+    /// the leader that node names), which forwards per shard: for nodes
+    /// clients cannot reach directly, and for tests of that forwarding.
+    pub fn without_routing(self) -> Self {
+        Self { routing: false, ..self }
+    }
+
+    /// The shard map to route by, if routing is on and a node gave one.
+    async fn map(&self) -> Option<Arc<crate::routing::RouteMap>> {
+        match self.routing {
+            true => self.routes.map(&self.router).await,
+            false => None,
+        }
     }
 
     /// The endpoint calls currently go to (the leader, once one was named).
@@ -55,7 +72,7 @@ impl PortraitClient {
     /// part's, in shard order; parts of other shards may have been applied
     /// (retrying with the same event ids applies each event once).
     pub async fn write(&self, events: Vec<Event>) -> Result<WriteResponse, ClientError> {
-        let Some(map) = self.routes.map(&self.router).await else {
+        let Some(map) = self.map().await else {
             return self.write_part(None, events).await;
         };
         let parts = events_by_shard(events, &map).parts.into_iter().map(|(shard, (positions, events))| {
@@ -157,7 +174,7 @@ impl PortraitClient {
         &self,
         request: GetProfileRequest,
     ) -> Result<GetProfileResponse, ClientError> {
-        let map = self.routes.map(&self.router).await;
+        let map = self.map().await;
         let leader = request.consistency == Consistency::Linearizable as i32;
         let target = map.as_ref().and_then(|m| m.target(m.shard_of(&request.user_id), leader));
         self.routed(target, |ch| {
@@ -182,7 +199,7 @@ impl PortraitClient {
             consistency: consistency.into(),
             ..Default::default()
         };
-        let map = self.routes.map(&self.router).await;
+        let map = self.map().await;
         let Some(map) = map.filter(|_| !user_ids.is_empty()) else {
             return self.batch_get_part(None, request(user_ids.to_vec())).await;
         };

@@ -27,7 +27,7 @@ pub async fn run(client: &PortraitClient, all_shards: bool) -> anyhow::Result<St
     let mut statuses: Statuses = futures::future::join_all(asks).await.into_iter().collect();
     let node = super::status::render(&status);
     statuses.insert(status.node_id, Ok(status));
-    Ok(format!("{node}{}", render(&map, &statuses, all_shards)))
+    Ok(format!("{node}\n{}", render(&map, &statuses, all_shards)))
 }
 
 async fn ask(addr: &str) -> Result<ClusterStatusResponse, String> {

@@ -19,7 +19,7 @@ use tonic::{Code, Response, Status};
 use crate::conn::Router;
 use crate::retry::{leader_hint, note_leader, unary};
 use crate::routing::Routes;
-use crate::split::{events_by_shard, gather_profiles, merge_writes, reindex, Parts};
+use crate::split::{events_by_shard, gather_profiles, in_shard, merge_writes, reindex, Parts};
 use crate::ClientError;
 
 /// Largest message sent or accepted (64 MiB).
@@ -72,12 +72,16 @@ impl PortraitClient {
     /// part's, in shard order; parts of other shards may have been applied
     /// (retrying with the same event ids applies each event once).
     pub async fn write(&self, events: Vec<Event>) -> Result<WriteResponse, ClientError> {
-        let Some(map) = self.map().await else {
+        // An empty request is the server's to refuse.
+        let Some(map) = self.map().await.filter(|_| !events.is_empty()) else {
             return self.write_part(None, events).await;
         };
         let parts = events_by_shard(events, &map).parts.into_iter().map(|(shard, (positions, events))| {
             let target = map.target(shard, true);
-            async move { self.write_part(target, events).await.map_err(|e| reindex(e, "events", &positions)) }
+            async move {
+                let answer = self.write_part(target, events).await;
+                answer.map_err(|e| in_shard(reindex(e, "events", &positions), shard))
+            }
         });
         let answers = futures::future::join_all(parts).await;
         Ok(merge_writes(answers.into_iter().collect::<Result<Vec<_>, _>>()?))

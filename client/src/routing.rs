@@ -112,9 +112,10 @@ impl Routes {
     /// router); a failed fetch is tried again only after [`MAP_TTL`].
     pub async fn map(&self, router: &Router) -> Option<Arc<RouteMap>> {
         let mut cached = self.cache.lock().await;
+        let stale = self.stale.swap(false, Ordering::Relaxed);
         let outdated = cached.map.as_ref().is_some_and(|m| m.epoch < router.seen_epoch());
         let expired = cached.fetched.is_none_or(|at| at.elapsed() > MAP_TTL);
-        if outdated || expired || self.stale.swap(false, Ordering::Relaxed) {
+        if stale || outdated || expired {
             // On failure the old map, if any, is kept: it still routes most calls right.
             if let Some(map) = fetch(router).await {
                 cached.map = Some(Arc::new(map));

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use portrait_proto::v1::{Event, Profile, ReadInfo, WriteResponse};
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::ClientError;
 
@@ -77,6 +77,18 @@ pub(crate) fn reindex(error: ClientError, list: &str, positions: &[usize]) -> Cl
     ClientError::Rpc(Status::with_metadata(status.code(), message, status.metadata().clone()))
 }
 
+/// Names the shard a part's error came from (`shard 3: ...`), unless the
+/// node did, or it is about the request's content (INVALID_ARGUMENT names
+/// the field).
+pub(crate) fn in_shard(error: ClientError, shard: u32) -> ClientError {
+    let ClientError::Rpc(status) = &error else { return error };
+    if status.code() == Code::InvalidArgument || status.message().starts_with("shard ") {
+        return error;
+    }
+    let message = format!("shard {shard}: {}", status.message());
+    ClientError::Rpc(Status::with_metadata(status.code(), message, status.metadata().clone()))
+}
+
 #[cfg(test)]
 mod tests {
     use portrait_proto::v1::ShardWrite;
@@ -126,5 +138,13 @@ mod tests {
             reindex(other, "events", &[3]).to_string(),
             "INVALID_ARGUMENT: families[0]: unknown family"
         );
+    }
+
+    #[test]
+    fn a_parts_error_names_its_shard_once() {
+        let named = |e: Status| in_shard(ClientError::from(e), 3).to_string();
+        assert_eq!(named(Status::unavailable("no leader")), "UNAVAILABLE: shard 3: no leader");
+        assert_eq!(named(Status::unavailable("shard 3: no quorum")), "UNAVAILABLE: shard 3: no quorum");
+        assert_eq!(named(Status::invalid_argument("events[0]: bad")), "INVALID_ARGUMENT: events[0]: bad");
     }
 }

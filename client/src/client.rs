@@ -1,35 +1,64 @@
 //! [`PortraitClient`]: one handle for the Ingest, Profiles and Admin services.
 
+use std::future::Future;
+use std::sync::Arc;
+
 use futures::Stream;
 use portrait_proto::v1::{
     admin_client::AdminClient, ingest_client::IngestClient, profiles_client::ProfilesClient, AddNodeRequest,
     ApplySchemaRequest, ApplySchemaResponse, BatchGetProfilesRequest, BatchGetProfilesResponse,
     ClusterStatusRequest, ClusterStatusResponse, ConfirmClockRequest, ConfirmClockResponse, Consistency,
-    Event, GetProfileRequest, GetProfileResponse, GetSchemaRequest, GetSchemaResponse, MembershipResponse,
-    RemoveNodeRequest, SetClockOffsetRequest, SetPartitionRequest, TransferLeaderRequest,
-    TransferLeaderResponse, WriteRequest, WriteResponse,
+    Event, GetProfileRequest, GetProfileResponse, GetSchemaRequest, GetSchemaResponse, LocateRequest,
+    LocateResponse, MembershipResponse, RemoveNodeRequest, SetClockOffsetRequest, SetPartitionRequest,
+    ShardMapRequest, ShardMapResponse, TransferLeaderRequest, TransferLeaderResponse, WriteRequest,
+    WriteResponse,
 };
 use tonic::transport::Channel;
+use tonic::{Code, Response, Status};
 
 use crate::conn::Router;
-use crate::retry::{note_leader, unary};
+use crate::retry::{leader_hint, note_leader, unary};
+use crate::routing::Routes;
+use crate::split::{busiest_shard, gather_profiles, reindex, Parts};
 use crate::ClientError;
 
 /// Largest message sent or accepted (64 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// An async Portrait client. Cheap to clone; clones share the connection and
-/// the leader they have learnt. Unary calls follow leader redirects and retry
-/// `UNAVAILABLE` (see [`crate::retry`]); [`PortraitClient::write_stream`] does not.
+/// An async Portrait client. Cheap to clone; clones share the connections,
+/// the leader they have learnt and the shard map. Writes and profile reads
+/// go straight to the nodes serving their shards (see [`crate::routing`]);
+/// unary calls follow leader redirects and retry `UNAVAILABLE` (see
+/// [`crate::retry`]); [`PortraitClient::write_stream`] does not.
 #[derive(Clone)]
 pub struct PortraitClient {
     router: Router,
+    routes: Arc<Routes>,
+    /// Route by shard (see [`PortraitClient::without_routing`]).
+    routing: bool,
 }
 
 impl PortraitClient {
     /// Connects to `http://host:port` or `host:port`.
     pub async fn connect(endpoint: &str) -> Result<Self, ClientError> {
-        Ok(Self { router: Router::connect(endpoint).await? })
+        let router = Router::connect(endpoint).await?;
+        let routes = Arc::new(Routes::new(router.seed()));
+        Ok(Self { router, routes, routing: true })
+    }
+
+    /// This client, sending every call to the node it is connected to (or
+    /// the leader that node names), which forwards per shard: for nodes
+    /// clients cannot reach directly, and for tests of that forwarding.
+    pub fn without_routing(self) -> Self {
+        Self { routing: false, ..self }
+    }
+
+    /// The shard map to route by, if routing is on and a node gave one.
+    async fn map(&self) -> Option<Arc<crate::routing::RouteMap>> {
+        match self.routing {
+            true => self.routes.map(&self.router).await,
+            false => None,
+        }
     }
 
     /// The endpoint calls currently go to (the leader, once one was named).
@@ -37,14 +66,66 @@ impl PortraitClient {
         self.router.current().endpoint
     }
 
-    /// Writes one batch, applied atomically.
+    /// Writes one batch: each shard's part is sent to its shard's leader
+    /// (all parts at once) and applied atomically; the answer sums the
+    /// parts, with one result per shard. A failure is the first failing
+    /// part's, in shard order; parts of other shards may have been applied
+    /// (retrying with the same event ids applies each event once).
     pub async fn write(&self, events: Vec<Event>) -> Result<WriteResponse, ClientError> {
+        // Whole, so the node validates it whole (nothing of an invalid
+        // request is written), to the leader of the shard most of its
+        // events go to: that part is proposed without a hop, the node
+        // forwards the others. An empty request is the server's to refuse.
+        let map = self.map().await.filter(|_| !events.is_empty());
+        let target = map.as_ref().and_then(|map| map.target(busiest_shard(&events, map), true));
+        self.write_part(target, events).await
+    }
+
+    async fn write_part(
+        &self,
+        target: Option<&str>,
+        events: Vec<Event>,
+    ) -> Result<WriteResponse, ClientError> {
         let request = WriteRequest { events };
-        unary(&self.router, |ch| {
+        self.routed(target, |ch| {
             let request = request.clone();
             async move { ingest(ch).write(request).await }
         })
         .await
+    }
+
+    /// Runs `call` once on `target` (a node the shard map names), then,
+    /// when there is none or it answers UNAVAILABLE (it may be down, or no
+    /// longer lead), through the router with its redirects and retries;
+    /// the map is fetched again before the next call.
+    async fn routed<T, F, Fut>(&self, target: Option<&str>, mut call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        if let Some(target) = target {
+            match call(self.routes.channel(target)?).await {
+                Ok(response) => {
+                    self.router.note_epoch(response.metadata());
+                    return Ok(response.into_inner());
+                }
+                Err(status) if status.code() == Code::Unavailable => {
+                    self.routes.mark_stale();
+                    match leader_hint(&status) {
+                        // A malformed hint is ignored: the router's own retries follow.
+                        Some(hint) => {
+                            let _ = self.router.follow(hint, target);
+                        }
+                        None => self.router.avoid(target),
+                    }
+                }
+                Err(status) => {
+                    self.router.note_epoch(status.metadata());
+                    return Err(status.into());
+                }
+            }
+        }
+        unary(&self.router, call).await
     }
 
     /// Streams batches, each applied atomically; the response sums them.
@@ -84,33 +165,79 @@ impl PortraitClient {
 
     /// Reads one profile with a full request (families, features and tags
     /// selection).
+    ///
+    /// A LOCAL read goes to a replica of the user's shard (the connected
+    /// node when it hosts one), a LINEARIZABLE read to the shard's leader.
     pub async fn get_profile_request(
         &self,
         request: GetProfileRequest,
     ) -> Result<GetProfileResponse, ClientError> {
-        unary(&self.router, |ch| {
+        let map = self.map().await;
+        let leader = request.consistency == Consistency::Linearizable as i32;
+        let target = map.as_ref().and_then(|m| m.target(m.shard_of(&request.user_id), leader));
+        self.routed(target, |ch| {
             let request = request.clone();
             async move { profiles(ch).get_profile(request).await }
         })
         .await
     }
 
-    /// Reads many profiles, answered in request order.
+    /// Reads many profiles, answered in request order: one call per node
+    /// serving their shards (as in [`PortraitClient::get_profile_request`]),
+    /// all at once; the read info is the stalest node's.
     pub async fn batch_get_profiles(
         &self,
         user_ids: &[String],
         families: &[String],
         consistency: Consistency,
     ) -> Result<BatchGetProfilesResponse, ClientError> {
-        let request = BatchGetProfilesRequest {
-            user_ids: user_ids.to_vec(),
+        let request = |user_ids: Vec<String>| BatchGetProfilesRequest {
+            user_ids,
             families: families.to_vec(),
             consistency: consistency.into(),
             ..Default::default()
         };
-        unary(&self.router, |ch| {
+        let map = self.map().await;
+        let Some(map) = map.filter(|_| !user_ids.is_empty()) else {
+            return self.batch_get_part(None, request(user_ids.to_vec())).await;
+        };
+        let leader = consistency == Consistency::Linearizable;
+        let by_node = Parts::new(user_ids.to_vec(), |u| map.target(map.shard_of(u), leader));
+        let parts = by_node.parts.into_iter().map(|(target, (positions, users))| {
+            let part = self.batch_get_part(target, request(users));
+            async move {
+                let answer = part.await.map_err(|e| reindex(e, "user_ids", &positions))?;
+                Ok::<_, ClientError>((positions, answer.profiles, answer.read_info))
+            }
+        });
+        let answers = futures::future::try_join_all(parts).await?;
+        let (profiles, read_info) = gather_profiles(user_ids.len(), answers);
+        Ok(BatchGetProfilesResponse { profiles, read_info })
+    }
+
+    async fn batch_get_part(
+        &self,
+        target: Option<&str>,
+        request: BatchGetProfilesRequest,
+    ) -> Result<BatchGetProfilesResponse, ClientError> {
+        self.routed(target, |ch| {
             let request = request.clone();
             async move { profiles(ch).batch_get_profiles(request).await }
+        })
+        .await
+    }
+
+    /// The cluster's shard map as the answering node knows it.
+    pub async fn shard_map(&self) -> Result<ShardMapResponse, ClientError> {
+        unary(&self.router, |ch| async move { admin(ch).shard_map(ShardMapRequest {}).await }).await
+    }
+
+    /// Where `user_id`'s data lives: its shard, replicas and leader.
+    pub async fn locate(&self, user_id: &str) -> Result<LocateResponse, ClientError> {
+        let request = LocateRequest { user_id: user_id.to_string() };
+        unary(&self.router, |ch| {
+            let request = request.clone();
+            async move { admin(ch).locate(request).await }
         })
         .await
     }
@@ -234,7 +361,7 @@ fn profiles(channel: Channel) -> ProfilesClient<Channel> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-fn admin(channel: Channel) -> AdminClient<Channel> {
+pub(crate) fn admin(channel: Channel) -> AdminClient<Channel> {
     AdminClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)

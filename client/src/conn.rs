@@ -4,12 +4,17 @@
 //! The state is shared by every clone of a client, so one redirect serves all
 //! later calls. Moves are conditional on the endpoint a call actually used, so
 //! concurrent calls that fail together move the client once, not once each.
+//! The router also keeps the newest map epoch answers have carried (see
+//! [`crate::routing`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::routing::MAP_EPOCH_HEADER;
 use crate::ClientError;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -40,6 +45,8 @@ impl Targets {
 #[derive(Clone)]
 pub(crate) struct Router {
     targets: Arc<Mutex<Targets>>,
+    /// The largest `x-portrait-map-epoch` seen in an answer.
+    seen_epoch: Arc<AtomicU64>,
 }
 
 impl Router {
@@ -51,7 +58,30 @@ impl Router {
             .await
             .map_err(|source| ClientError::Connect { endpoint: endpoint.clone(), source })?;
         let seed = Conn { endpoint, channel };
-        Ok(Self { targets: Arc::new(Mutex::new(Targets { seed, leader: None, on_leader: false })) })
+        Ok(Self::new(seed))
+    }
+
+    fn new(seed: Conn) -> Self {
+        let targets = Targets { seed, leader: None, on_leader: false };
+        Self { targets: Arc::new(Mutex::new(targets)), seen_epoch: Arc::default() }
+    }
+
+    /// The endpoint the client was created with.
+    pub fn seed(&self) -> Conn {
+        self.lock().seed.clone()
+    }
+
+    /// Notes the map epoch an answer (or error) carries.
+    pub fn note_epoch(&self, metadata: &MetadataMap) {
+        let epoch = metadata.get(MAP_EPOCH_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
+        if let Some(epoch) = epoch {
+            self.seen_epoch.fetch_max(epoch, Ordering::Relaxed);
+        }
+    }
+
+    /// The newest map epoch seen in an answer.
+    pub fn seen_epoch(&self) -> u64 {
+        self.seen_epoch.load(Ordering::Relaxed)
     }
 
     /// The connection new calls should use.
@@ -105,6 +135,11 @@ pub fn normalize_endpoint(endpoint: &str) -> String {
     }
 }
 
+/// A channel to `endpoint` that connects on first use.
+pub(crate) fn lazy_channel(endpoint: &str) -> Result<Channel, ClientError> {
+    Ok(configure(endpoint)?.connect_lazy())
+}
+
 fn configure(endpoint: &str) -> Result<Endpoint, ClientError> {
     let connect_error = |source| ClientError::Connect { endpoint: endpoint.to_string(), source };
     Ok(Endpoint::from_shared(endpoint.to_string()).map_err(connect_error)?.connect_timeout(CONNECT_TIMEOUT))
@@ -124,13 +159,8 @@ mod tests {
 
     #[tokio::test]
     async fn follow_and_avoid_switch_between_seed_and_leader() {
-        let seed = configure("http://127.0.0.1:1").unwrap().connect_lazy();
-        let targets = Targets {
-            seed: Conn { endpoint: "http://127.0.0.1:1".into(), channel: seed },
-            leader: None,
-            on_leader: false,
-        };
-        let router = Router { targets: Arc::new(Mutex::new(targets)) };
+        let seed = lazy_channel("http://127.0.0.1:1").unwrap();
+        let router = Router::new(Conn { endpoint: "http://127.0.0.1:1".into(), channel: seed });
         let seed = "http://127.0.0.1:1";
         let leader = "http://127.0.0.1:2";
 

@@ -21,6 +21,9 @@
 //! - `client.rs`: [`PortraitClient`], one method per RPC.
 //! - `retry.rs`: leader redirect (`x-portrait-leader`) and `UNAVAILABLE` retry.
 //! - `conn.rs`: the seed and leader connections shared by clones.
+//! - `routing.rs`: the cached shard map, and which node serves a shard.
+//! - `split.rs`: calls split per shard or node, answers merged back.
+//! - `shard.rs`: [`shard_of`], the shard of a user.
 //! - `json.rs`: JSON events in, JSON profiles out.
 //! - `error.rs`: [`ClientError`].
 
@@ -29,9 +32,13 @@ mod conn;
 mod error;
 pub mod json;
 pub mod retry;
+pub mod routing;
+mod shard;
+mod split;
 
 pub use client::{PortraitClient, MAX_MESSAGE_BYTES};
 pub use conn::normalize_endpoint;
 pub use error::{code_name, ClientError};
 pub use portrait_proto;
 pub use portrait_proto::v1::{Consistency, Event, Profile, Value, WriteRequest, WriteResponse};
+pub use shard::shard_of;

@@ -49,9 +49,15 @@ where
     loop {
         let conn = router.current();
         let status = match call(conn.channel).await {
-            Ok(response) => return Ok(response.into_inner()),
+            Ok(response) => {
+                router.note_epoch(response.metadata());
+                return Ok(response.into_inner());
+            }
             Err(status) if status.code() == Code::Unavailable => status,
-            Err(status) => return Err(status.into()),
+            Err(status) => {
+                router.note_epoch(status.metadata());
+                return Err(status.into());
+            }
         };
         if let Some(hint) = leader_hint(&status) {
             if redirects >= MAX_REDIRECTS {

@@ -11,6 +11,7 @@
 //! `node/cluster.rs`.
 
 mod cluster;
+pub mod map;
 mod meta;
 mod placement;
 mod read;

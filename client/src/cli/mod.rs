@@ -2,9 +2,11 @@
 //! calls and returns the text to print; formatting helpers are pure so they
 //! can be tested without a server.
 
+mod cluster;
 mod format;
 mod get;
 mod load;
+mod locate;
 mod put;
 mod schema;
 mod status;
@@ -68,6 +70,13 @@ enum Command {
     Schema(SchemaCommand),
     /// Show the answering node's raft and membership state.
     Status,
+    /// Show a user's shard, the shard's replicas and its leader.
+    Locate {
+        user: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cluster membership and leadership: add-node, remove-node, transfer-leader, status.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -86,12 +95,22 @@ enum ClusterCommand {
     },
     /// Remove a node (voter or learner) from the cluster.
     RemoveNode { id: u64 },
-    /// Make voter ID the leader (writes pause for about one leader lease).
-    TransferLeader { id: u64 },
+    /// Make voter ID the leader of a shard, or of every shard the answering node leads
+    /// (writes pause for about one leader lease).
+    TransferLeader {
+        id: u64,
+        /// Only this shard (`portrait locate USER` names a user's shard).
+        #[arg(long)]
+        shard: Option<u32>,
+    },
     /// Accept the connected node's clock as it is now, after its clock guard refused a jump.
     ConfirmClock,
-    /// Same as `portrait status`.
-    Status,
+    /// The answering node's state, then every node's shards and lag, and the shards' leaders.
+    Status {
+        /// Also print one row per shard: leader, replicas and their applied indexes.
+        #[arg(long)]
+        shards: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,16 +143,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Schema(SchemaCommand::Apply { file, dry_run }) => {
             schema::apply(endpoint, &file, dry_run).await
         }
-        Command::Status | Command::Cluster(ClusterCommand::Status) => {
-            status::run(&connect(endpoint).await?).await
+        Command::Status => status::run(&connect(endpoint).await?).await,
+        Command::Locate { user, json } => locate::run(&connect(endpoint).await?, &user, json).await,
+        Command::Cluster(ClusterCommand::Status { shards }) => {
+            cluster::run(&connect(endpoint).await?, shards).await
         }
         Command::Cluster(ClusterCommand::AddNode { id, addr, learner }) => {
             let r = connect(endpoint).await?.add_node(id, &addr, learner).await?;
             Ok(status::members_text(r.log_index, &r.members))
         }
-        Command::Cluster(ClusterCommand::TransferLeader { id }) => {
-            let r = connect(endpoint).await?.transfer_leader(id).await?;
-            Ok(format!("leader is node {} at {}\n", r.leader_id, r.leader_addr))
+        Command::Cluster(ClusterCommand::TransferLeader { id, shard }) => {
+            let r = connect(endpoint).await?.transfer_leader_of(id, shard).await?;
+            let of = shard.map_or(String::new(), |s| format!(" of shard {s}"));
+            Ok(format!("leader{of} is node {} at {}\n", r.leader_id, r.leader_addr))
         }
         Command::Cluster(ClusterCommand::ConfirmClock) => {
             let r = connect(endpoint).await?.confirm_clock().await?;
@@ -193,7 +215,16 @@ mod tests {
     #[test]
     fn cluster_transfer_leader_takes_a_node_id() {
         let cli = Cli::try_parse_from(["portrait", "cluster", "transfer-leader", "3"]).unwrap();
-        assert!(matches!(cli.command, Command::Cluster(ClusterCommand::TransferLeader { id: 3 })));
+        assert!(matches!(
+            cli.command,
+            Command::Cluster(ClusterCommand::TransferLeader { id: 3, shard: None })
+        ));
+        let cli =
+            Cli::try_parse_from(["portrait", "cluster", "transfer-leader", "3", "--shard", "5"]).unwrap();
+        let shard = Some(5);
+        assert!(
+            matches!(cli.command, Command::Cluster(ClusterCommand::TransferLeader { id: 3, shard: s }) if s == shard)
+        );
         assert!(Cli::try_parse_from(["portrait", "cluster", "transfer-leader", "x"]).is_err());
     }
 

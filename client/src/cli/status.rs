@@ -9,7 +9,8 @@ pub async fn run(client: &PortraitClient) -> anyhow::Result<String> {
     Ok(render(&client.cluster_status().await?))
 }
 
-fn render(s: &ClusterStatusResponse) -> String {
+/// The node's state, as `portrait status` prints it.
+pub fn render(s: &ClusterStatusResponse) -> String {
     let leader = match s.leader_id {
         0 => "unknown".to_string(),
         id if s.leader_addr.is_empty() => id.to_string(),

@@ -1,7 +1,9 @@
 //! An in-process fake Portrait node for client tests: it can name a leader
 //! (`UNAVAILABLE` + `x-portrait-leader`), fail a number of calls with a bare
-//! `UNAVAILABLE`, or answer like a leader. It counts the calls it receives.
-//! Reads know one user, `u1`, with one `browse` attribute.
+//! `UNAVAILABLE`, or answer like a leader. It counts the calls it receives
+//! and notes the users they name. Reads know one user, `u1`, with one
+//! `browse` attribute. Given a shard map, it serves it (else
+//! `Admin.ShardMap` is UNIMPLEMENTED) and its answers carry the map's epoch.
 
 // Each test crate uses part of this module.
 #![allow(dead_code)]
@@ -14,6 +16,8 @@ use portrait_client::portrait_proto::v1::ingest_server::{Ingest, IngestServer};
 use portrait_client::portrait_proto::v1::profiles_server::{Profiles, ProfilesServer};
 use portrait_client::portrait_proto::v1::*;
 use portrait_client::retry::LEADER_HEADER;
+use portrait_client::routing::MAP_EPOCH_HEADER;
+use portrait_client::shard_of;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -29,11 +33,46 @@ pub struct Fake {
     /// Calls still to refuse with a bare UNAVAILABLE.
     pub unavailable: AtomicU32,
     pub calls: AtomicU32,
+    /// The shard map it serves, if any.
+    pub map: Mutex<Option<ShardMapResponse>>,
+    /// `Admin.ShardMap` calls answered.
+    pub map_calls: AtomicU32,
+    /// The users of the events written and profiles read, in arrival order.
+    pub users: Mutex<Vec<String>>,
 }
 
 impl Fake {
     pub fn calls(&self) -> u32 {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn map_calls(&self) -> u32 {
+        self.map_calls.load(Ordering::SeqCst)
+    }
+
+    pub fn users(&self) -> Vec<String> {
+        self.users.lock().unwrap().clone()
+    }
+
+    pub fn set_map(&self, map: ShardMapResponse) {
+        *self.map.lock().unwrap() = Some(map);
+    }
+
+    fn shards(&self) -> Option<u32> {
+        self.map.lock().unwrap().as_ref().map(|m| m.shards)
+    }
+
+    /// `message` with the map's epoch in its headers (when it has a map).
+    fn answer<T>(&self, message: T) -> Response<T> {
+        let mut response = Response::new(message);
+        if let Some(map) = &*self.map.lock().unwrap() {
+            response.metadata_mut().insert(MAP_EPOCH_HEADER, map.epoch.into());
+        }
+        response
+    }
+
+    fn note_users<'a>(&self, users: impl IntoIterator<Item = &'a String>) {
+        self.users.lock().unwrap().extend(users.into_iter().cloned());
     }
 
     pub fn set_hint(&self, hint: Option<&str>) {
@@ -56,7 +95,19 @@ impl Fake {
         if let Some(i) = events.iter().position(|e| e.user_id.is_empty()) {
             return Err(Status::invalid_argument(format!("events[{i}].user_id: must not be empty")));
         }
-        Ok(WriteResponse { applied: events.len() as u32, log_index: self.id, batches, ..Default::default() })
+        self.note_users(events.iter().map(|e| &e.user_id));
+        let mut shards: Vec<ShardWrite> = Vec::new();
+        for shard in events.iter().filter_map(|e| Some(shard_of(&e.user_id, self.shards()?))) {
+            match shards.iter_mut().find(|s| s.shard == shard) {
+                Some(part) => part.applied += 1,
+                None => {
+                    shards.push(ShardWrite { shard, applied: 1, log_index: self.id, ..Default::default() })
+                }
+            }
+        }
+        shards.sort_by_key(|s| s.shard);
+        let applied = events.len() as u32;
+        Ok(WriteResponse { applied, log_index: self.id, batches, shards, ..Default::default() })
     }
 }
 
@@ -66,7 +117,7 @@ impl Ingest for Fake {
         if let Some(status) = self.refusal() {
             return Err(status);
         }
-        Ok(Response::new(self.apply(&request.into_inner().events, 1)?))
+        Ok(self.answer(self.apply(&request.into_inner().events, 1)?))
     }
 
     async fn write_stream(
@@ -142,6 +193,16 @@ impl Admin for Fake {
         Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
     }
 
+    async fn shard_map(&self, _: Request<ShardMapRequest>) -> Result<Response<ShardMapResponse>, Status> {
+        let map = self.map.lock().unwrap().clone().ok_or_else(|| Status::unimplemented("fake"))?;
+        self.map_calls.fetch_add(1, Ordering::SeqCst);
+        Ok(self.answer(ShardMapResponse { node_id: self.id, ..map }))
+    }
+
+    async fn locate(&self, _: Request<LocateRequest>) -> Result<Response<LocateResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
     async fn cluster_status(
         &self,
         _: Request<ClusterStatusRequest>,
@@ -163,8 +224,9 @@ impl Profiles for Fake {
             return Err(status);
         }
         let request = request.into_inner();
+        self.note_users([&request.user_id]);
         let read_info = ReadInfo { node_id: self.id, applied_index: 9, ..Default::default() };
-        Ok(Response::new(GetProfileResponse {
+        Ok(self.answer(GetProfileResponse {
             profile: Some(profile(&request.user_id)),
             read_info: Some(read_info),
         }))
@@ -177,8 +239,11 @@ impl Profiles for Fake {
         if let Some(status) = self.refusal() {
             return Err(status);
         }
-        let profiles = request.into_inner().user_ids.iter().map(|id| profile(id)).collect();
-        Ok(Response::new(BatchGetProfilesResponse { profiles, read_info: None }))
+        let user_ids = request.into_inner().user_ids;
+        self.note_users(&user_ids);
+        let profiles = user_ids.iter().map(|id| profile(id)).collect();
+        let read_info = ReadInfo { node_id: self.id, ..Default::default() };
+        Ok(self.answer(BatchGetProfilesResponse { profiles, read_info: Some(read_info) }))
     }
 }
 
@@ -232,6 +297,36 @@ impl Node {
         let _ = self.stop.send(());
         let _ = self.task.await;
     }
+}
+
+/// A map of `shards` shards, each replicated on every node of `nodes`
+/// (id, address) and led by `leaders[shard]`.
+pub fn shard_map(epoch: u64, nodes: &[(u64, &str)], leaders: &[u64]) -> ShardMapResponse {
+    let replicas: Vec<ShardReplica> = nodes
+        .iter()
+        .map(|(id, addr)| ShardReplica { node_id: *id, addr: addr.to_string(), voter: true })
+        .collect();
+    let shard_replicas = (0..leaders.len() as u32)
+        .map(|shard| ShardReplicas {
+            shard,
+            replicas: replicas.clone(),
+            leader_id: leaders[shard as usize],
+            applied_index: None,
+        })
+        .collect();
+    ShardMapResponse {
+        epoch,
+        shards: leaders.len() as u32,
+        replication: nodes.len() as u32,
+        nodes: nodes.iter().map(|(id, addr)| MapNode { node_id: *id, addr: addr.to_string() }).collect(),
+        shard_replicas,
+        node_id: 0,
+    }
+}
+
+/// The first user id `u0`, `u1`, ... of `shard` among `shards`, skipping `skip` of them.
+pub fn user_of_shard(shard: u32, shards: u32, skip: usize) -> String {
+    (0..).map(|i| format!("u{i}")).filter(|u| shard_of(u, shards) == shard).nth(skip).unwrap()
 }
 
 pub fn event(user_id: &str) -> Event {

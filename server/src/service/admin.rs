@@ -6,13 +6,18 @@ use portrait_proto::v1::admin_server::Admin;
 use portrait_proto::v1::{
     AddNodeRequest, ApplySchemaRequest, ApplySchemaResponse, ClockStatus, ClusterStatusRequest,
     ClusterStatusResponse, ConfirmClockRequest, ConfirmClockResponse, GetSchemaRequest, GetSchemaResponse,
-    Member, MembershipResponse, PeerClock, RemoveNodeRequest, SetClockOffsetRequest, SetClockOffsetResponse,
-    SetPartitionRequest, SetPartitionResponse, ShardStatus, TransferLeaderRequest, TransferLeaderResponse,
+    LocateRequest, LocateResponse, MapNode, Member, MembershipResponse, PeerClock, RemoveNodeRequest,
+    SetClockOffsetRequest, SetClockOffsetResponse, SetPartitionRequest, SetPartitionResponse,
+    ShardMapRequest, ShardMapResponse, ShardReplica, ShardReplicas, ShardStatus, TransferLeaderRequest,
+    TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
 use super::convert::families_to_pb;
+use crate::error::Error;
+use crate::node::map::{self, ShardMapView};
 use crate::node::Node;
+use crate::validate::validate_user_id;
 
 pub struct AdminService {
     node: Arc<Node>,
@@ -58,6 +63,32 @@ fn shard_status_to_pb(s: crate::node::ShardStatus) -> ShardStatus {
         last_log_index: s.last_log_index,
         applied_index: s.applied_index,
         schema_version: s.schema_version,
+    }
+}
+
+fn replicas_to_pb(map: &ShardMapView, replicas: &[map::ReplicaView]) -> Vec<ShardReplica> {
+    let replica = |r: &map::ReplicaView| ShardReplica {
+        node_id: r.node,
+        addr: map.addr(r.node).into(),
+        voter: r.voter,
+    };
+    replicas.iter().map(replica).collect()
+}
+
+fn shard_map_to_pb(map: &ShardMapView, node_id: u64) -> ShardMapResponse {
+    let shard = |s: &map::ShardReplicas| ShardReplicas {
+        shard: s.shard,
+        replicas: replicas_to_pb(map, &s.replicas),
+        leader_id: s.leader.unwrap_or(0),
+        applied_index: s.applied_index,
+    };
+    ShardMapResponse {
+        epoch: map.epoch,
+        shards: map.shards,
+        replication: map.replication,
+        nodes: map.nodes.iter().map(|(id, addr)| MapNode { node_id: *id, addr: addr.clone() }).collect(),
+        shard_replicas: map.shard_replicas.iter().map(shard).collect(),
+        node_id,
     }
 }
 
@@ -143,6 +174,24 @@ impl Admin for AdminService {
     ) -> Result<Response<SetClockOffsetResponse>, Status> {
         self.node.set_clock_offset(request.into_inner().offset_ms)?;
         Ok(Response::new(SetClockOffsetResponse {}))
+    }
+
+    async fn shard_map(&self, _: Request<ShardMapRequest>) -> Result<Response<ShardMapResponse>, Status> {
+        Ok(Response::new(shard_map_to_pb(&self.node.shard_map(), self.node.id)))
+    }
+
+    async fn locate(&self, request: Request<LocateRequest>) -> Result<Response<LocateResponse>, Status> {
+        let user_id = request.into_inner().user_id;
+        validate_user_id(&user_id).map_err(Error::from)?;
+        let map = self.node.shard_map();
+        let shard = map.locate(&user_id);
+        Ok(Response::new(LocateResponse {
+            shard: shard.shard,
+            epoch: map.epoch,
+            replicas: replicas_to_pb(&map, &shard.replicas),
+            leader_id: shard.leader.unwrap_or(0),
+            leader_addr: shard.leader.map(|l| map.addr(l).to_string()).unwrap_or_default(),
+        }))
     }
 
     async fn cluster_status(

@@ -1,8 +1,10 @@
 //! gRPC services. Each handler is an adapter: take the request, convert and
-//! validate, call one [`Node`] method, map the error (in [`status`]).
+//! validate, call one [`Node`] method, map the error (in [`status`]). Every
+//! client-facing answer carries the node's map epoch (in [`epoch`]).
 
 pub mod admin;
 pub mod convert;
+pub mod epoch;
 pub mod ingest;
 pub mod profiles;
 pub mod raft;
@@ -16,6 +18,8 @@ use portrait_proto::v1::ingest_server::IngestServer;
 use portrait_proto::v1::profiles_server::ProfilesServer;
 use portrait_proto::v1::raft_server::RaftServer;
 use tonic::transport::server::TcpIncoming;
+
+use epoch::WithMapEpoch;
 
 use crate::limits::{
     MAX_ADMIN_REQUEST_BYTES, MAX_MESSAGE_BYTES, MAX_PROFILES_REQUEST_BYTES, MAX_RAFT_MESSAGE_BYTES,
@@ -58,9 +62,9 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ingest)
-        .add_service(profiles)
-        .add_service(admin)
+        .add_service(WithMapEpoch::new(ingest, node.clone()))
+        .add_service(WithMapEpoch::new(profiles, node.clone()))
+        .add_service(WithMapEpoch::new(admin, node.clone()))
         .add_service(raft)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

@@ -1,0 +1,221 @@
+//! `portrait cluster status`: the answering node's state (as in `portrait
+//! status`), then the cluster by node (shards hosted and led, lag) and by
+//! shard (leader, replicas and their applied indexes), from the shard map
+//! and every node's `ClusterStatus`. The per-shard table is long with the
+//! default 64 shards: it is shown with `--shards`; otherwise one summary
+//! line names the shards without a leader and the largest lag.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::Duration;
+
+use portrait_client::portrait_proto::v1::{ClusterStatusResponse, ShardMapResponse, ShardReplicas};
+use portrait_client::PortraitClient;
+
+/// How long a node may take to report its status.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Shard ids listed at most in the summary line.
+const LISTED: usize = 8;
+
+/// Every node's status, or why it gave none.
+type Statuses = BTreeMap<u64, Result<ClusterStatusResponse, String>>;
+
+pub async fn run(client: &PortraitClient, all_shards: bool) -> anyhow::Result<String> {
+    let (status, map) = tokio::try_join!(client.cluster_status(), client.shard_map())?;
+    let others = map.nodes.iter().filter(|n| n.node_id != status.node_id);
+    let asks = others.map(|n| async move { (n.node_id, ask(&n.addr).await) });
+    let mut statuses: Statuses = futures::future::join_all(asks).await.into_iter().collect();
+    let node = super::status::render(&status);
+    statuses.insert(status.node_id, Ok(status));
+    Ok(format!("{node}\n{}", render(&map, &statuses, all_shards)))
+}
+
+async fn ask(addr: &str) -> Result<ClusterStatusResponse, String> {
+    let status = async { PortraitClient::connect(addr).await?.cluster_status().await };
+    match tokio::time::timeout(ASK_TIMEOUT, status).await {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", ASK_TIMEOUT.as_secs())),
+    }
+}
+
+/// The node's applied index in `shard`, if it reported one.
+fn applied(statuses: &Statuses, node: u64, shard: u32) -> Option<u64> {
+    let status = statuses.get(&node)?.as_ref().ok()?;
+    status.shard_status.iter().find(|s| s.shard == shard).map(|s| s.applied_index)
+}
+
+/// Entries `node` is behind the leader's last log index in `s`.
+fn lag(statuses: &Statuses, s: &ShardReplicas, node: u64) -> Option<u64> {
+    let leader = statuses.get(&s.leader_id)?.as_ref().ok()?;
+    let last = leader.shard_status.iter().find(|x| x.shard == s.shard)?.last_log_index;
+    Some(last.saturating_sub(applied(statuses, node, s.shard)?))
+}
+
+fn render(map: &ShardMapResponse, statuses: &Statuses, all_shards: bool) -> String {
+    let mut out = format!(
+        "cluster         {} nodes, {} shards (replication {}, map epoch {})\n",
+        map.nodes.len(),
+        map.shards,
+        map.replication,
+        map.epoch
+    );
+    out.push_str(&node_table(map, statuses));
+    out.push_str(&shard_summary(map, statuses));
+    if all_shards {
+        out.push_str(&shard_table(map, statuses));
+    } else {
+        out.push_str("                (per-shard table: --shards)\n");
+    }
+    out
+}
+
+/// Per node: shards hosted and led, and its largest lag with the shard.
+fn node_table(map: &ShardMapResponse, statuses: &Statuses) -> String {
+    let width = map.nodes.iter().map(|n| n.addr.len()).max().unwrap_or(0).max(4);
+    let mut out = format!("  {:>3}  {:<width$}  hosted  led  lag\n", "id", "addr");
+    for n in &map.nodes {
+        let hosted: Vec<&ShardReplicas> =
+            map.shard_replicas.iter().filter(|s| s.replicas.iter().any(|r| r.node_id == n.node_id)).collect();
+        let led = map.shard_replicas.iter().filter(|s| s.leader_id == n.node_id).count();
+        let lag = match statuses.get(&n.node_id) {
+            Some(Err(e)) => format!("unreachable: {e}"),
+            _ => hosted.iter().filter_map(|s| Some((lag(statuses, s, n.node_id)?, s.shard))).max().map_or(
+                "?".into(),
+                |(lag, shard)| match lag {
+                    0 => "0".into(),
+                    _ => format!("{lag} (shard {shard})"),
+                },
+            ),
+        };
+        let _ = writeln!(out, "  {:>3}  {:<width$}  {:>6}  {led:>3}  {lag}", n.node_id, n.addr, hosted.len());
+    }
+    out
+}
+
+/// Shards without a leader, and the largest lag of any replica.
+fn shard_summary(map: &ShardMapResponse, statuses: &Statuses) -> String {
+    let leaderless: Vec<String> =
+        map.shard_replicas.iter().filter(|s| s.leader_id == 0).map(|s| s.shard.to_string()).collect();
+    let worst = map
+        .shard_replicas
+        .iter()
+        .flat_map(|s| {
+            s.replicas.iter().filter_map(move |r| Some((lag(statuses, s, r.node_id)?, s.shard, r.node_id)))
+        })
+        .max();
+    let mut line = format!("shards          {} with a leader", map.shard_replicas.len() - leaderless.len());
+    if !leaderless.is_empty() {
+        let more = if leaderless.len() > LISTED { ", ..." } else { "" };
+        let listed = leaderless[..leaderless.len().min(LISTED)].join(", ");
+        let _ = write!(line, ", {} without: {listed}{more}", leaderless.len());
+    }
+    let _ = match worst {
+        Some((0, ..)) => write!(line, "; every replica up to date"),
+        Some((lag, shard, node)) => write!(line, "; max lag {lag} (shard {shard} on node {node})"),
+        None => write!(line, "; lag unknown"),
+    };
+    line + "\n"
+}
+
+/// One row per shard: its leader and each replica's applied index
+/// (`node:index`; a learner is marked `~`).
+fn shard_table(map: &ShardMapResponse, statuses: &Statuses) -> String {
+    let mut out = "  shard  leader  replicas (node:applied)\n".to_string();
+    for s in &map.shard_replicas {
+        let leader = match s.leader_id {
+            0 => "-".to_string(),
+            id => id.to_string(),
+        };
+        let replicas: Vec<String> = s
+            .replicas
+            .iter()
+            .map(|r| {
+                let learner = if r.voter { "" } else { "~" };
+                let index = applied(statuses, r.node_id, s.shard).map_or("?".into(), |i| i.to_string());
+                format!("{}{learner}:{index}", r.node_id)
+            })
+            .collect();
+        let _ = writeln!(out, "  {:>5}  {leader:>6}  {}", s.shard, replicas.join(" "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use portrait_client::portrait_proto::v1::{MapNode, ShardReplica, ShardStatus};
+
+    use super::*;
+
+    /// Three nodes, three shards on every node; shard 2 has no leader and
+    /// node 3 lags 4 entries in shard 1 and does not answer for shard 0.
+    fn cluster() -> (ShardMapResponse, Statuses) {
+        let replicas = |learner: u64| {
+            (1..=3).map(|n| ShardReplica { node_id: n, addr: String::new(), voter: n != learner }).collect()
+        };
+        let shard = |shard, leader_id, learner| ShardReplicas {
+            shard,
+            replicas: replicas(learner),
+            leader_id,
+            applied_index: None,
+        };
+        let map = ShardMapResponse {
+            epoch: 0,
+            shards: 3,
+            replication: 3,
+            nodes: (1..=3).map(|n| MapNode { node_id: n, addr: format!("http://n{n}:7700") }).collect(),
+            shard_replicas: vec![shard(0, 1, 0), shard(1, 2, 3), shard(2, 0, 0)],
+            node_id: 1,
+        };
+        let status = |indexes: &[(u32, u64)]| ClusterStatusResponse {
+            shard_status: indexes
+                .iter()
+                .map(|&(shard, i)| ShardStatus {
+                    shard,
+                    last_log_index: i,
+                    applied_index: i,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let statuses = Statuses::from([
+            (1, Ok(status(&[(0, 10), (1, 20), (2, 5)]))),
+            (2, Ok(status(&[(0, 10), (1, 20), (2, 5)]))),
+            (3, Ok(status(&[(1, 16), (2, 5)]))),
+        ]);
+        (map, statuses)
+    }
+
+    #[test]
+    fn nodes_show_shards_hosted_led_and_lag() {
+        let (map, statuses) = cluster();
+        let expected = "   id  addr            hosted  led  lag\n\
+            \x20   1  http://n1:7700       3    1  0\n\
+            \x20   2  http://n2:7700       3    1  0\n\
+            \x20   3  http://n3:7700       3    0  4 (shard 1)\n";
+        assert_eq!(node_table(&map, &statuses), expected);
+        let mut down = statuses.clone();
+        down.insert(3, Err("cannot connect".into()));
+        assert!(node_table(&map, &down).ends_with("    0  unreachable: cannot connect\n"));
+    }
+
+    #[test]
+    fn the_summary_names_leaderless_shards_and_the_largest_lag() {
+        let (map, statuses) = cluster();
+        assert_eq!(
+            shard_summary(&map, &statuses),
+            "shards          2 with a leader, 1 without: 2; max lag 4 (shard 1 on node 3)\n"
+        );
+    }
+
+    #[test]
+    fn the_shard_table_has_a_row_per_shard() {
+        let (map, statuses) = cluster();
+        let expected = "  shard  leader  replicas (node:applied)\n\
+            \x20     0       1  1:10 2:10 3:?\n\
+            \x20     1       2  1:20 2:20 3~:16\n\
+            \x20     2       -  1:5 2:5 3:5\n";
+        assert_eq!(shard_table(&map, &statuses), expected);
+        assert!(render(&map, &statuses, false).contains("(per-shard table: --shards)"));
+    }
+}

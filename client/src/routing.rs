@@ -1,0 +1,208 @@
+//! Routing by shard: the client caches the cluster's shard map
+//! (`Admin.ShardMap`) and sends each call, or each shard's part of a call,
+//! straight to a node that serves its shard: writes and LINEARIZABLE reads
+//! to the shard's leader, LOCAL reads to the node the client was created
+//! with when it hosts the shard (else the leader, else any replica).
+//!
+//! The map is fetched on first use and again when it is older than
+//! [`MAP_TTL`], when an answer carries a newer epoch in
+//! `x-portrait-map-epoch`, or after a node it named answered UNAVAILABLE
+//! (a redirect, no leader, unreachable). Routing only saves hops: any node
+//! serves any call, so without a map, or when the node a map names fails,
+//! a call goes through the [`Router`] as before (redirects and retries).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use portrait_proto::v1::{ShardMapRequest, ShardMapResponse};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::conn::{lazy_channel, normalize_endpoint, Conn, Router};
+use crate::shard::shard_of;
+use crate::ClientError;
+
+/// Response header carrying the answering node's map epoch.
+pub const MAP_EPOCH_HEADER: &str = "x-portrait-map-epoch";
+/// How long a fetched map is used before it is fetched again (leaders
+/// move without a new epoch).
+pub const MAP_TTL: Duration = Duration::from_secs(10);
+
+/// What routing needs of a shard map.
+#[derive(Debug)]
+pub(crate) struct RouteMap {
+    pub epoch: u64,
+    pub shards: u32,
+    /// The endpoint of each node.
+    endpoints: BTreeMap<u64, String>,
+    /// Per shard: its replicas' nodes and its leader, if known.
+    replicas: Vec<Vec<u64>>,
+    leaders: Vec<Option<u64>>,
+    /// The node the client was created with, if the map came from it.
+    home: Option<u64>,
+}
+
+impl RouteMap {
+    /// The map `answer` describes; `from` is the endpoint that answered,
+    /// and is `home` when it is the client's seed.
+    pub fn new(answer: ShardMapResponse, from: &str, home: bool) -> RouteMap {
+        let shards = answer.shards.max(1);
+        let mut endpoints: BTreeMap<u64, String> =
+            answer.nodes.into_iter().map(|n| (n.node_id, normalize_endpoint(&n.addr))).collect();
+        // The answering node is reached where it answered (its advertised
+        // address may be a name only its peers resolve).
+        endpoints.insert(answer.node_id, from.to_string());
+        let mut replicas = vec![Vec::new(); shards as usize];
+        let mut leaders = vec![None; shards as usize];
+        for s in answer.shard_replicas.into_iter().filter(|s| s.shard < shards) {
+            replicas[s.shard as usize] = s.replicas.iter().map(|r| r.node_id).collect();
+            leaders[s.shard as usize] = Some(s.leader_id).filter(|&l| l != 0);
+        }
+        let home = home.then_some(answer.node_id);
+        RouteMap { epoch: answer.epoch, shards, endpoints, replicas, leaders, home }
+    }
+
+    pub fn shard_of(&self, user_id: &str) -> u32 {
+        shard_of(user_id, self.shards)
+    }
+
+    /// Where a call of `shard` goes: its leader when `leader` is asked,
+    /// else the home node if it hosts the shard; failing that, the other,
+    /// then the first replica. `None`: the map knows no node of the shard
+    /// (the router decides).
+    pub fn target(&self, shard: u32, leader: bool) -> Option<&str> {
+        let replicas = self.replicas.get(shard as usize)?;
+        let known_leader = self.leaders[shard as usize];
+        let home = self.home.filter(|h| replicas.contains(h));
+        let (first, second) = if leader { (known_leader, home) } else { (home, known_leader) };
+        let node = first.or(second).or_else(|| replicas.first().copied())?;
+        self.endpoints.get(&node).map(String::as_str)
+    }
+}
+
+/// The cached map and connections to the nodes it names, shared by the
+/// clones of a client.
+pub(crate) struct Routes {
+    cache: tokio::sync::Mutex<Cached>,
+    /// Set when a node the map named failed: the next call fetches it again.
+    stale: AtomicBool,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+#[derive(Default)]
+struct Cached {
+    map: Option<Arc<RouteMap>>,
+    fetched: Option<Instant>,
+}
+
+impl Routes {
+    pub fn new(seed: Conn) -> Routes {
+        Routes {
+            cache: tokio::sync::Mutex::default(),
+            stale: AtomicBool::new(false),
+            channels: Mutex::new(HashMap::from([(seed.endpoint, seed.channel)])),
+        }
+    }
+
+    /// The map to route by, fetched when there is none yet, it is older
+    /// than [`MAP_TTL`] or than an epoch seen since, or a node it named
+    /// failed. `None` when no node gave one (the call goes through the
+    /// router); a failed fetch is tried again only after [`MAP_TTL`].
+    pub async fn map(&self, router: &Router) -> Option<Arc<RouteMap>> {
+        let mut cached = self.cache.lock().await;
+        let stale = self.stale.swap(false, Ordering::Relaxed);
+        let outdated = cached.map.as_ref().is_some_and(|m| m.epoch < router.seen_epoch());
+        let expired = cached.fetched.is_none_or(|at| at.elapsed() > MAP_TTL);
+        if stale || outdated || expired {
+            // On failure the old map, if any, is kept: it still routes most calls right.
+            if let Some(map) = fetch(router).await {
+                cached.map = Some(Arc::new(map));
+            }
+            cached.fetched = Some(Instant::now());
+        }
+        cached.map.clone()
+    }
+
+    /// The next call fetches the map again.
+    pub fn mark_stale(&self) {
+        self.stale.store(true, Ordering::Relaxed);
+    }
+
+    /// A channel to `endpoint`, shared by calls (connected on first use).
+    pub fn channel(&self, endpoint: &str) -> Result<Channel, ClientError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(channel) = channels.get(endpoint) {
+            return Ok(channel.clone());
+        }
+        let channel = lazy_channel(endpoint)?;
+        channels.insert(endpoint.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Asks the seed for the map, then (if the seed fails) the router's
+/// current node; one attempt each, so a fetch never holds a call up for
+/// long.
+async fn fetch(router: &Router) -> Option<RouteMap> {
+    let seed = router.seed();
+    let current = router.current();
+    let mut asked = vec![seed.clone()];
+    if current.endpoint != seed.endpoint {
+        asked.push(current);
+    }
+    for conn in asked {
+        match crate::client::admin(conn.channel).shard_map(ShardMapRequest {}).await {
+            Ok(answer) => {
+                router.note_epoch(answer.metadata());
+                let home = conn.endpoint == seed.endpoint;
+                return Some(RouteMap::new(answer.into_inner(), &conn.endpoint, home));
+            }
+            Err(status) => router.note_epoch(status.metadata()),
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use portrait_proto::v1::{MapNode, ShardReplica, ShardReplicas};
+
+    use super::*;
+
+    fn answer() -> ShardMapResponse {
+        let replica = |node_id| ShardReplica { node_id, voter: true, ..Default::default() };
+        let shard = |shard, nodes: &[u64], leader_id| ShardReplicas {
+            shard,
+            replicas: nodes.iter().map(|&n| replica(n)).collect(),
+            leader_id,
+            applied_index: None,
+        };
+        ShardMapResponse {
+            epoch: 3,
+            shards: 3,
+            replication: 2,
+            nodes: (1..=3).map(|n| MapNode { node_id: n, addr: format!("n{n}:7700") }).collect(),
+            shard_replicas: vec![shard(0, &[1, 2], 2), shard(1, &[2, 3], 0), shard(2, &[3, 1], 3)],
+            node_id: 1,
+        }
+    }
+
+    #[test]
+    fn targets_leaders_and_prefers_home_for_local_reads() {
+        let map = RouteMap::new(answer(), "http://127.0.0.1:7701", true);
+        assert_eq!(map.target(0, true), Some("http://n2:7700"));
+        assert_eq!(map.target(0, false), Some("http://127.0.0.1:7701"), "home hosts shard 0");
+        assert_eq!(map.target(1, true), Some("http://n2:7700"), "no known leader: a replica");
+        assert_eq!(map.target(1, false), Some("http://n2:7700"), "the first replica");
+        assert_eq!(map.target(2, false), Some("http://127.0.0.1:7701"));
+        assert_eq!(map.target(7, false), None, "no such shard");
+    }
+
+    #[test]
+    fn a_map_from_another_node_has_no_home() {
+        let map = RouteMap::new(answer(), "http://127.0.0.1:7701", false);
+        assert_eq!(map.target(2, false), Some("http://n3:7700"), "the leader");
+    }
+}

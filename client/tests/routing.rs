@@ -1,0 +1,103 @@
+//! Routing by shard against in-process fake nodes that serve a shard map:
+//! two nodes, two shards, each led by one of them.
+
+mod fake;
+
+use fake::{event, shard_map, user_of_shard, Fake, Node};
+use portrait_client::{Consistency, PortraitClient};
+
+/// Nodes 1 and 2, both serving a map (epoch 1) in which node 1 leads shard
+/// 0 and node 2 shard 1, and a client connected to node 1.
+async fn two_nodes() -> (Node, Node, PortraitClient) {
+    let a = Node::start(Fake { id: 1, ..Default::default() }).await;
+    let b = Node::start(Fake { id: 2, ..Default::default() }).await;
+    set_leaders(&[&a, &b], 1, &[1, 2]);
+    let client = PortraitClient::connect(&a.url()).await.unwrap();
+    (a, b, client)
+}
+
+fn set_leaders(nodes: &[&Node], epoch: u64, leaders: &[u64]) {
+    let addrs: Vec<(u64, String)> = nodes.iter().map(|n| (n.fake.id, n.url())).collect();
+    let addrs: Vec<(u64, &str)> = addrs.iter().map(|(id, a)| (*id, a.as_str())).collect();
+    for node in nodes {
+        node.fake.set_map(shard_map(epoch, &addrs, leaders));
+    }
+}
+
+/// The `skip`-th user of `shard` (of 2).
+fn user(shard: u32, skip: usize) -> String {
+    user_of_shard(shard, 2, skip)
+}
+
+#[tokio::test]
+async fn a_write_goes_whole_to_the_leader_of_its_busiest_shard() {
+    let (a, b, client) = two_nodes().await;
+    // Two events of shard 1 (led by node 2), one of shard 0: node 2 gets
+    // the whole request (it validates it whole and forwards shard 0's part).
+    let users = [user(1, 0), user(0, 0), user(1, 1)];
+    let response = client.write(users.iter().map(|u| event(u)).collect()).await.unwrap();
+    assert_eq!(b.fake.users(), users);
+    assert!(a.fake.users().is_empty(), "{:?}", a.fake.users());
+    assert_eq!(response.applied, 3);
+    assert_eq!(a.fake.map_calls(), 1, "the map is fetched once, from the connected node");
+}
+
+#[tokio::test]
+async fn local_reads_stay_on_the_connected_node_and_linearizable_ones_go_to_the_leader() {
+    let (a, b, client) = two_nodes().await;
+    let u = user(1, 0);
+    let local = client.get_profile(&u, &[], Consistency::Local).await.unwrap();
+    assert_eq!(local.read_info.unwrap().node_id, 1, "node 1 hosts shard 1 too");
+    let linearizable = client.get_profile(&u, &[], Consistency::Linearizable).await.unwrap();
+    assert_eq!(linearizable.read_info.unwrap().node_id, 2, "node 2 leads shard 1");
+
+    let ids = [user(1, 1), "u-x".to_string(), user(0, 0), user(1, 2)];
+    let response = client.batch_get_profiles(&ids, &[], Consistency::Linearizable).await.unwrap();
+    let order: Vec<_> = response.profiles.iter().map(|p| p.user_id.clone()).collect();
+    assert_eq!(order, ids, "request order");
+    let on_b: Vec<_> = ids.iter().filter(|u| portrait_client::shard_of(u, 2) == 1).cloned().collect();
+    assert_eq!(b.fake.users()[1..], on_b[..], "one call for node 2's users");
+    assert_eq!(a.fake.users().len(), 1 + ids.len() - on_b.len());
+}
+
+#[tokio::test]
+async fn a_newer_epoch_in_an_answer_refreshes_the_map() {
+    let (a, b, client) = two_nodes().await;
+    let u = user(1, 0);
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(b.fake.users(), vec![u.clone()]);
+
+    // Node 1 now leads both shards, in a map of epoch 2.
+    set_leaders(&[&a, &b], 2, &[1, 1]);
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(b.fake.users().len(), 2, "the cached map still names node 2");
+    assert_eq!(a.fake.map_calls(), 1);
+
+    // Node 2's answer carried epoch 2: the next call fetches the map first.
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(a.fake.map_calls(), 2);
+    assert_eq!(a.fake.users(), vec![u.clone()]);
+}
+
+#[tokio::test]
+async fn a_failing_node_is_bypassed_and_the_map_fetched_again() {
+    let (a, b, client) = two_nodes().await;
+    b.fake.unavailable.store(1, std::sync::atomic::Ordering::SeqCst);
+    let u = user(1, 0);
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!((b.fake.calls(), b.fake.users().len()), (1, 0), "node 2 refused");
+    assert_eq!(a.fake.users(), vec![u.clone()], "served through the connected node");
+
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(a.fake.map_calls(), 2);
+    assert_eq!(b.fake.users(), [u]);
+}
+
+#[tokio::test]
+async fn an_invalid_event_is_named_by_its_position_in_the_request() {
+    let (_a, _b, client) = two_nodes().await;
+    let empty_shard = portrait_client::shard_of("", 2);
+    let events = vec![event(&user(empty_shard, 0)), event(&user(1 - empty_shard, 0)), event("")];
+    let err = client.write(events).await.unwrap_err();
+    assert_eq!(err.to_string(), "INVALID_ARGUMENT: events[2].user_id: must not be empty");
+}

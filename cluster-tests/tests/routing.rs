@@ -1,0 +1,79 @@
+//! Routing from the Rust client on three nodes and four shards whose
+//! leaders are on different nodes: writes across shards go to each shard's
+//! leader and read back LINEARIZABLE from it, and `portrait locate` names
+//! the shard the server reads a user from.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+
+use portrait_client::json::now_ms;
+use portrait_client::{shard_of, Consistency, Event, Value};
+use portrait_cluster_tests::{Cluster, TEST_SHARDS};
+
+fn visit(user: &str, page: &str) -> Event {
+    Event {
+        user_id: user.into(),
+        family: "browse".into(),
+        r#type: "view".into(),
+        event_time_ms: now_ms() - 1_000,
+        event_id: format!("{page}-{user}"),
+        attrs: [("page".to_string(), Value::string(page))].into(),
+    }
+}
+
+/// The `portrait` CLI built next to the tests (`cargo build --release -p
+/// portrait-client`).
+fn portrait_cli() -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("release/portrait");
+    assert!(path.exists(), "{} is missing: run `cargo build --release -p portrait-client`", path.display());
+    path
+}
+
+/// The shard `portrait locate USER` prints (its `shard  K (...)` line).
+fn located_shard(endpoint: &str, user: &str) -> u32 {
+    let out = Command::new(portrait_cli()).args(["--endpoint", endpoint, "locate", user]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "portrait locate {user}: {}", String::from_utf8_lossy(&out.stderr));
+    let line = text.lines().find(|l| l.starts_with("shard ")).unwrap_or_else(|| panic!("no shard in {text}"));
+    line.split_whitespace().nth(1).and_then(|k| k.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+}
+
+#[tokio::test]
+async fn the_client_writes_to_each_shards_leader_and_reads_back_from_it() {
+    let cluster = Cluster::start_sharded(3, TEST_SHARDS).await;
+    // Leaders on three nodes: shard 1 to node 2, shard 2 to node 3.
+    let client = cluster.client(1).await;
+    client.transfer_leader_of(2, Some(1)).await.expect("transfer shard 1");
+    client.transfer_leader_of(3, Some(2)).await.expect("transfer shard 2");
+
+    let users: Vec<String> = (0..24).map(|i| format!("user-{i}")).collect();
+    let shards: BTreeSet<u32> = users.iter().map(|u| shard_of(u, TEST_SHARDS)).collect();
+    assert_eq!(shards.len(), TEST_SHARDS as usize, "the users cover every shard");
+    let written = client.write(users.iter().map(|u| visit(u, "routed")).collect()).await.expect("write");
+    assert_eq!(written.applied, users.len() as u32);
+    let parts: Vec<u32> = written.shards.iter().map(|s| s.shard).collect();
+    assert_eq!(parts, (0..TEST_SHARDS).collect::<Vec<_>>(), "one result per shard, in shard order");
+
+    let map = client.shard_map().await.expect("shard map");
+    for user in &users {
+        let got = client.get_profile(user, &[], Consistency::Linearizable).await.expect("read");
+        let info = got.read_info.expect("read info");
+        assert_eq!(info.shard, shard_of(user, TEST_SHARDS), "{user}");
+        assert_eq!(
+            info.node_id, map.shard_replicas[info.shard as usize].leader_id,
+            "{user}: read on the leader"
+        );
+        let page = got.profile.expect("profile").families["browse"].attrs["page"].value.clone();
+        assert_eq!(page, Some(Value::string("routed")), "{user}");
+        assert_eq!(located_shard(&cluster.node(1).endpoint(), user), info.shard, "{user}");
+    }
+
+    let batch = client.batch_get_profiles(&users, &[], Consistency::Linearizable).await.expect("batch read");
+    let order: Vec<&str> = batch.profiles.iter().map(|p| p.user_id.as_str()).collect();
+    assert_eq!(order, users.iter().map(String::as_str).collect::<Vec<_>>(), "request order");
+    assert!(batch.profiles.iter().all(|p| p.found));
+}

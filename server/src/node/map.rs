@@ -1,0 +1,107 @@
+//! The shard map as this node knows it, for clients and operators: the
+//! nodes, and per shard its replicas, its leader and this node's applied
+//! index. Plain data (no openraft): the meta group's map, with what this
+//! node's replicas add.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use portrait_core::shard::shard_of;
+
+use super::{written_index, Node};
+use crate::types::{GroupId, NodeId};
+
+/// The cluster's layout as this node knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardMapView {
+    /// The map's version, which grows with every change of nodes or
+    /// replicas.
+    pub epoch: u64,
+    /// The number of shards (S).
+    pub shards: u32,
+    /// Replicas each shard aims for.
+    pub replication: u32,
+    /// Every node of the cluster and its address.
+    pub nodes: BTreeMap<NodeId, String>,
+    /// One per shard, in shard order.
+    pub shard_replicas: Vec<ShardReplicas>,
+}
+
+/// One shard's replicas and leader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardReplicas {
+    pub shard: u32,
+    pub replicas: Vec<ReplicaView>,
+    /// `None` when no leader is known.
+    pub leader: Option<NodeId>,
+    /// This node's applied index in the shard's log, if it hosts a replica.
+    pub applied_index: Option<u64>,
+}
+
+/// A replica of a shard: the node it is on and whether it votes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaView {
+    pub node: NodeId,
+    pub voter: bool,
+}
+
+impl ShardMapView {
+    /// The shard `user_id` belongs to, with its replicas and leader.
+    pub fn locate(&self, user_id: &str) -> &ShardReplicas {
+        &self.shard_replicas[shard_of(user_id, self.shards) as usize]
+    }
+
+    /// The address of `node` ("" if the map does not know it).
+    pub fn addr(&self, node: NodeId) -> &str {
+        self.nodes.get(&node).map_or("", String::as_str)
+    }
+}
+
+impl Node {
+    /// The shard map as this node knows it: the meta group's map (nodes,
+    /// each shard's replicas, epoch), with what this node's own replicas
+    /// say (whether each replica votes yet, the leader, the applied index)
+    /// and, for shards it hosts no replica of, the leader it last heard of.
+    pub fn shard_map(&self) -> ShardMapView {
+        let cluster = self.cluster();
+        let Some(map) = cluster.map.as_ref() else {
+            return ShardMapView {
+                epoch: 0,
+                shards: self.shards,
+                replication: 0,
+                nodes: BTreeMap::new(),
+                shard_replicas: vec![],
+            };
+        };
+        let heard = self.leaders.lock().expect("leaders lock").clone();
+        let shard_replicas = (0..map.shards)
+            .map(|k| {
+                let placed = &map.replicas[k as usize];
+                let Some(replica) = self.registry.get(GroupId(k)) else {
+                    let replicas = placed.iter().map(|&node| ReplicaView { node, voter: true }).collect();
+                    let leader = heard.get(&GroupId(k)).copied();
+                    return ShardReplicas { shard: k, replicas, leader, applied_index: None };
+                };
+                let metrics = replica.raft.metrics();
+                let m = metrics.borrow();
+                let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+                let replicas =
+                    placed.iter().map(|&node| ReplicaView { node, voter: voters.contains(&node) }).collect();
+                let applied_index = Some(written_index(&replica));
+                ShardReplicas { shard: k, replicas, leader: m.current_leader, applied_index }
+            })
+            .collect();
+        ShardMapView {
+            epoch: map.epoch,
+            shards: map.shards,
+            replication: map.replication,
+            nodes: map.nodes.iter().map(|(id, n)| (*id, n.addr.clone())).collect(),
+            shard_replicas,
+        }
+    }
+
+    /// The epoch of the map this node knows (0 before the cluster is
+    /// created); every client response carries it (`x-portrait-map-epoch`).
+    pub fn map_epoch(&self) -> u64 {
+        self.cluster().map.as_ref().map_or(0, |m| m.epoch)
+    }
+}

@@ -1,7 +1,7 @@
 //! A running Portrait node: its S shard replicas (one raft group each,
 //! found through the [`Registry`]) and what it has once whatever their
 //! number (log engine, state database, clock, peer connections, the write
-//! batcher, ticker, clock probe and log policy tasks), with the domain
+//! batcher, ticker, clock probe, quiet and log policy tasks), with the domain
 //! operations the gRPC services call (one method per call). Writes are in
 //! `node/write.rs`, reads in `node/read.rs`, the number of shards in
 //! `node/shards.rs`; the cluster operations (membership, leadership
@@ -14,9 +14,6 @@ mod tasks;
 mod write;
 
 pub use tasks::Tasks;
-
-/// How often the node measures its peers' clocks.
-const CLOCK_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -31,7 +28,9 @@ use crate::error::{Error, Result};
 use crate::raft::batcher::WriteBatcher;
 use crate::raft::clock_probe::ClockProbe;
 use crate::raft::contact::{freshness, Freshness};
+use crate::raft::liveness::Liveness;
 use crate::raft::network::{Blocked, Channels};
+use crate::raft::quiet::QuietGroups;
 use crate::raft::replica::{Registry, Replica, Shared};
 use crate::raft::{client_write_error, RaftTuning};
 use crate::schema::VersionedSchema;
@@ -198,14 +197,25 @@ impl Node {
         let tick_interval = Duration::from_millis(opts.tuning.tick_interval_ms);
         let r = registry.clone();
         tasks.spawn("ticker", |stop| crate::raft::ticker::run(r, tick_interval, stop));
+        let liveness = Arc::new(Liveness::default());
         let probe = ClockProbe {
             me: opts.node_id,
             registry: registry.clone(),
             clock: clock.clone(),
             blocked: blocked.clone(),
-            interval: CLOCK_PROBE_INTERVAL,
+            liveness: liveness.clone(),
+            interval: opts.tuning.probe_interval(),
         };
         tasks.spawn("clock probe", |stop| probe.run(stop));
+        if opts.tuning.quiet_idle_groups {
+            let quiet = QuietGroups {
+                me: opts.node_id,
+                registry: registry.clone(),
+                liveness,
+                timing: (&opts.tuning).into(),
+            };
+            tasks.spawn("quiet groups", |stop| quiet.run(stop));
+        }
         Ok(Arc::new(Node {
             id: opts.node_id,
             advertise: opts.advertise.clone(),

@@ -1,5 +1,6 @@
-//! Measures the peers' clocks about once a second (`Raft.Clock`, one call
-//! per peer node whatever the number of groups) and acts on the verdict
+//! Measures the peers' clocks (`Raft.Clock`, one call per peer node every
+//! probe interval, whatever the number of groups), records who answered
+//! for quiet groups ([`super::liveness`]), and acts on the clock verdict
 //! ([`crate::clock`]): a node whose clock is off a quorum of voters stops
 //! campaigning in every group and hands over each group it leads; it
 //! campaigns again once its clock agrees. Also lets the clock rewrite its
@@ -15,6 +16,7 @@ use portrait_proto::v1::ClockRequest;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use super::liveness::Liveness;
 use super::network::Blocked;
 use super::replica::{Registry, Replica};
 use crate::clock::NodeClock;
@@ -28,6 +30,7 @@ pub struct ClockProbe {
     pub registry: Arc<Registry>,
     pub clock: Arc<NodeClock>,
     pub blocked: Blocked,
+    pub liveness: Arc<Liveness>,
     pub interval: Duration,
 }
 
@@ -107,12 +110,15 @@ impl ClockProbe {
             probes.push(async move {
                 let sent = Instant::now();
                 let answer = client.clock(ClockRequest { from: me }).await;
-                (peer, answer.map(|r| r.into_inner().wall_ms), sent, Instant::now())
+                (peer, answer.map(|r| r.into_inner()), sent, Instant::now())
             });
         }
         for (peer, answer, sent, received) in futures::future::join_all(probes).await {
             match answer {
-                Ok(wall_ms) => self.clock.peers().record(peer, wall_ms, sent, received),
+                Ok(r) => {
+                    self.liveness.answered(peer, r.boot_id, received);
+                    self.clock.peers().record(peer, r.wall_ms, sent, received);
+                }
                 Err(status) => tracing::debug!(peer, %status, "clock probe failed"),
             }
         }

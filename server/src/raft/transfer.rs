@@ -36,6 +36,7 @@
 //! ordinary raft election, which only a candidate holding every committed
 //! entry can win.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::{BasicNode, RaftMetrics, ServerState};
@@ -43,6 +44,7 @@ use portrait_proto::v1::StartElectionRequest;
 
 use super::gate::ProposalGate;
 use super::network::{Blocked, ElectionPeer};
+use super::quiet::HeartbeatSwitch;
 use super::RaftTuning;
 use crate::error::{Error, Result};
 use crate::types::{GroupId, NodeId, Raft};
@@ -61,6 +63,7 @@ pub struct LeaderTransfer {
     group: GroupId,
     raft: Raft,
     gate: ProposalGate,
+    heartbeats: Arc<HeartbeatSwitch>,
     blocked: Blocked,
     tuning: RaftTuning,
     running: tokio::sync::Mutex<()>,
@@ -72,10 +75,12 @@ impl LeaderTransfer {
         group: GroupId,
         raft: Raft,
         gate: ProposalGate,
+        heartbeats: Arc<HeartbeatSwitch>,
         blocked: Blocked,
         tuning: RaftTuning,
     ) -> Self {
-        LeaderTransfer { me, group, raft, gate, blocked, tuning, running: tokio::sync::Mutex::new(()) }
+        let running = tokio::sync::Mutex::new(());
+        LeaderTransfer { me, group, raft, gate, heartbeats, blocked, tuning, running }
     }
 
     /// Moves leadership from this node (the leader) to voter `target` at
@@ -126,7 +131,7 @@ impl LeaderTransfer {
         };
         let last = self.wait_log(term, target, SETTLE, settled, unsettled).await?.last_log_index.unwrap_or(0);
         // 5 and 6. Quiet for one lease; the guard turns heartbeats back on.
-        let _quiet = Heartbeats::off(&self.raft);
+        let _quiet = self.heartbeats.hold_off();
         tokio::time::sleep(quiet_time(&self.tuning)).await;
         self.check_still_quiet(term, target, last)?;
         // 7. The target campaigns.
@@ -244,22 +249,6 @@ async fn watch<T>(raft: &Raft, within: Duration, mut check: impl FnMut(&Metrics)
         if !matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(()))) {
             return None;
         }
-    }
-}
-
-/// Heartbeats off while this lives.
-struct Heartbeats<'a>(&'a Raft);
-
-impl<'a> Heartbeats<'a> {
-    fn off(raft: &'a Raft) -> Self {
-        raft.runtime_config().heartbeat(false);
-        Heartbeats(raft)
-    }
-}
-
-impl Drop for Heartbeats<'_> {
-    fn drop(&mut self) {
-        self.0.runtime_config().heartbeat(true);
     }
 }
 

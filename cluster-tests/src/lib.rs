@@ -146,6 +146,11 @@ impl NodeProc {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -186,6 +191,12 @@ impl Cluster {
     /// every node.
     pub async fn start_sharded(n: u64, shards: u32) -> Cluster {
         Cluster::launch(n, None, false, shards).await
+    }
+
+    /// Like [`Cluster::start_sharded`], each node with this `portraitd`
+    /// config file.
+    pub async fn start_sharded_with_config(n: u64, shards: u32, config: &str) -> Cluster {
+        Cluster::launch(n, Some(config), false, shards).await
     }
 
     /// Like [`Cluster::start`], with a fault proxy in front of every node:

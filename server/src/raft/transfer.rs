@@ -22,7 +22,9 @@
 //! 6. it sleeps one leader lease plus a margin: every follower's lease has
 //!    lapsed, but none has started an election of its own yet, since a
 //!    follower campaigns only `lease + election timeout` after it last heard
-//!    from the leader (`election_timeout_min` at the earliest);
+//!    from the leader (`election_timeout_min` at the earliest; with quiet
+//!    idle groups a follower campaigns only once the leader's node stops
+//!    answering the liveness probe, see [`super::quiet`]);
 //! 7. it asks the target to campaign (`Raft.StartElection`): the target's
 //!    log is as long as anyone's and no lease holds, so the voters grant it,
 //!    the old leader included, which steps down;

@@ -43,13 +43,14 @@ verify: lint test ## what CI runs
 
 # Builds first, then runs (per-package `cargo run`s unify features
 # differently and rebuild tokio, hyper and tonic in between). The cluster
-# benchmark runs the release `portraitd`, not the tests' `portraitd-faults`.
-bench: setup ## ingest and read benchmarks; prints a table
+# benchmarks run the release `portraitd`, not the tests' `portraitd-faults`.
+bench: setup ## ingest, read and idle-CPU benchmarks; prints tables
 	$(CARGO) build $(PROFILE) --workspace --exclude portrait-cluster-tests --bins --examples
-	$(CARGO) build $(PROFILE) -p portrait-cluster-tests --example cluster_bench
+	$(CARGO) build $(PROFILE) -p portrait-cluster-tests --example cluster_bench --example idle_cpu
 	$(BIN)/examples/apply_cost
 	$(BIN)/examples/bench $(ARGS)
 	PORTRAITD=$(BIN)/portraitd $(BIN)/examples/cluster_bench
+	PORTRAITD=$(BIN)/portraitd $(BIN)/examples/idle_cpu
 
 # Coverage-guided fuzzing of the tag-rule language (server/fuzz). cargo-fuzz
 # passes -Z flags, which a stable toolchain takes with RUSTC_BOOTSTRAP=1.

@@ -146,6 +146,11 @@ impl NodeProc {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -194,6 +199,12 @@ impl Cluster {
     pub async fn start_placed(n: u64, shards: u32, replication: u32) -> Cluster {
         let config = format!("replication = {replication}\n");
         Cluster::launch(n, Some(&config), false, shards).await
+    }
+
+    /// Like [`Cluster::start_sharded`], each node with this `portraitd`
+    /// config file.
+    pub async fn start_sharded_with_config(n: u64, shards: u32, config: &str) -> Cluster {
+        Cluster::launch(n, Some(config), false, shards).await
     }
 
     /// Like [`Cluster::start`], with a fault proxy in front of every node:

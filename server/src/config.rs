@@ -110,6 +110,7 @@ struct FileRaft {
     keep_log_bytes_after_snapshot: Option<u64>,
     tick_interval_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
+    quiet_idle_groups: Option<bool>,
 }
 
 /// The resolved configuration.
@@ -169,6 +170,7 @@ impl Config {
                 .unwrap_or(d.keep_log_bytes_after_snapshot),
             tick_interval_ms: file.raft.tick_interval_ms.unwrap_or(d.tick_interval_ms).max(10),
             write_timeout_ms: file.raft.write_timeout_ms.unwrap_or(d.write_timeout_ms).max(100),
+            quiet_idle_groups: file.raft.quiet_idle_groups.unwrap_or(d.quiet_idle_groups),
         };
         let node = NodeOptions {
             node_id: cli.node_id.or(file.node_id).unwrap_or(1),
@@ -247,14 +249,15 @@ mod tests {
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.toml");
-        std::fs::write(&path, "node_id = 3\nlisten = \"127.0.0.1:9000\"\n[raft]\nheartbeat_ms = 50\n")
-            .unwrap();
+        let toml = "node_id = 3\nlisten = \"127.0.0.1:9000\"\n[raft]\nheartbeat_ms = 50\nquiet_idle_groups = false\n";
+        std::fs::write(&path, toml).unwrap();
         let cli =
             Cli::parse_from(["portraitd", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:9100"]);
         let c = Config::resolve(cli).unwrap();
         assert_eq!(c.node.node_id, 3);
         assert_eq!(c.listen, "127.0.0.1:9100");
         assert_eq!(c.node.tuning.heartbeat_ms, 50);
+        assert!(!c.node.tuning.quiet_idle_groups);
     }
 
     #[test]

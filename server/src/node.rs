@@ -2,7 +2,7 @@
 //! shards the map places on it (one raft group each, found through the
 //! [`Registry`]) and what it has once whatever their number (log engine,
 //! state database, clock, peer connections, the write batcher, ticker,
-//! clock probe, log policy and placement tasks), with the domain
+//! clock probe, quiet, log policy and placement tasks), with the domain
 //! operations the gRPC services call (one method per call). Writes are in
 //! `node/write.rs`, reads in `node/read.rs`, the number of shards in
 //! `node/shards.rs`, the meta group (map, membership, schema) in
@@ -21,9 +21,6 @@ mod write;
 
 pub use tasks::Tasks;
 
-/// How often the node measures its peers' clocks.
-const CLOCK_PROBE_INTERVAL: Duration = Duration::from_secs(1);
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -37,7 +34,9 @@ use crate::error::{Error, Result};
 use crate::raft::batcher::WriteBatcher;
 use crate::raft::clock_probe::ClockProbe;
 use crate::raft::contact::{freshness, Freshness};
+use crate::raft::liveness::Liveness;
 use crate::raft::network::{Blocked, Channels};
+use crate::raft::quiet::QuietGroups;
 use crate::raft::replica::{Registry, Replica, Shared};
 use crate::raft::RaftTuning;
 use crate::schema::VersionedSchema;
@@ -226,14 +225,25 @@ impl Node {
         let tick_interval = Duration::from_millis(opts.tuning.tick_interval_ms);
         let r = registry.clone();
         tasks.spawn("ticker", |stop| crate::raft::ticker::run(r, tick_interval, stop));
+        let liveness = Arc::new(Liveness::default());
         let probe = ClockProbe {
             me: opts.node_id,
             registry: registry.clone(),
             clock: clock.clone(),
             blocked: blocked.clone(),
-            interval: CLOCK_PROBE_INTERVAL,
+            liveness: liveness.clone(),
+            interval: opts.tuning.probe_interval(),
         };
         tasks.spawn("clock probe", |stop| probe.run(stop));
+        if opts.tuning.quiet_idle_groups {
+            let quiet = QuietGroups {
+                me: opts.node_id,
+                registry: registry.clone(),
+                liveness,
+                timing: (&opts.tuning).into(),
+            };
+            tasks.spawn("quiet groups", |stop| quiet.run(stop));
+        }
         let node = Arc::new(Node {
             id: opts.node_id,
             advertise: opts.advertise.clone(),

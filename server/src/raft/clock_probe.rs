@@ -1,20 +1,23 @@
-//! Measures the peers' clocks about once a second (`Raft.Clock`, one call
-//! per peer node whatever the number of groups) and acts on the verdict
+//! Measures the peers' clocks (`Raft.Clock`, one call per peer node every
+//! probe interval, whatever the number of groups), records who answered
+//! for quiet groups ([`super::liveness`]), and acts on the clock verdict
 //! ([`crate::clock`]): a node whose clock is off a quorum of voters stops
 //! campaigning in every group and hands over each group it leads; it
 //! campaigns again once its clock agrees. Also lets the clock rewrite its
 //! durable mark. Peers and voters are those of all groups together (the
 //! same nodes while every shard is replicated on every node).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portrait_proto::v1::raft_client::RaftClient;
-use portrait_proto::v1::ClockRequest;
+use portrait_proto::v1::{ClockRequest, ClockResponse};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
+use super::liveness::Liveness;
 use super::network::Blocked;
 use super::replica::{Registry, Replica};
 use crate::clock::NodeClock;
@@ -23,11 +26,22 @@ use crate::types::NodeId;
 /// How long one clock probe may take; a slower answer is no sample.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// A peer's answer to one probe, with when it was sent and received.
+type Answer = (NodeId, Result<ClockResponse, tonic::Status>, Instant, Instant);
+
+/// Probes sent and not answered yet (aborted when the probe task ends).
+#[derive(Default)]
+struct InFlight {
+    probes: JoinSet<Answer>,
+    peers: BTreeSet<NodeId>,
+}
+
 pub struct ClockProbe {
     pub me: NodeId,
     pub registry: Arc<Registry>,
     pub clock: Arc<NodeClock>,
     pub blocked: Blocked,
+    pub liveness: Arc<Liveness>,
     pub interval: Duration,
 }
 
@@ -35,6 +49,7 @@ impl ClockProbe {
     /// Runs until `stop` turns true (or its sender is dropped).
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut clients: BTreeMap<NodeId, (String, RaftClient<Channel>)> = BTreeMap::new();
+        let mut in_flight = InFlight::default();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}
@@ -44,7 +59,7 @@ impl ClockProbe {
             let (members, voters, replicated) = self.members(&replicas);
             clients.retain(|id, _| members.iter().any(|(m, _)| m == id));
             self.clock.peers().retain(|id| members.iter().any(|(m, _)| *m == id));
-            self.probe_all(&members, &mut clients).await;
+            self.probe_all(&members, &mut clients, &mut in_flight);
             let verdict = self.clock.tick(self.me, &voters, replicated);
             let changed = replicas.iter().fold(false, |c, r| r.elect.set_clock_ok(!verdict.skewed) | c);
             if changed {
@@ -88,14 +103,31 @@ impl ClockProbe {
         (members.into_iter().collect(), voters.into_iter().collect(), replicated)
     }
 
-    /// Asks every peer for its clock, concurrently.
-    async fn probe_all(
+    /// Records the answers that came since the last round, and asks every
+    /// peer without a probe in flight for its clock. A peer that does not
+    /// answer holds up neither the others nor the next round: the liveness
+    /// of quiet groups needs each live peer heard every interval.
+    fn probe_all(
         &self,
         members: &[(NodeId, String)],
         clients: &mut BTreeMap<NodeId, (String, RaftClient<Channel>)>,
+        in_flight: &mut InFlight,
     ) {
-        let mut probes = Vec::new();
+        while let Some(done) = in_flight.probes.try_join_next() {
+            let Ok((peer, answer, sent, received)) = done else { continue };
+            in_flight.peers.remove(&peer);
+            match answer {
+                Ok(r) => {
+                    self.liveness.answered(peer, r.boot_id, received);
+                    self.clock.peers().record(peer, r.wall_ms, sent, received);
+                }
+                Err(status) => tracing::debug!(peer, %status, "clock probe failed"),
+            }
+        }
         for (id, addr) in members.iter().filter(|(id, _)| !self.blocked.contains(*id)) {
+            if in_flight.peers.contains(id) {
+                continue;
+            }
             if clients.get(id).is_none_or(|(a, _)| a != addr) {
                 let Ok(endpoint) = tonic::transport::Endpoint::from_shared(addr.clone()) else { continue };
                 let endpoint =
@@ -104,17 +136,12 @@ impl ClockProbe {
             }
             let mut client = clients[id].1.clone();
             let (me, peer) = (self.me, *id);
-            probes.push(async move {
+            in_flight.peers.insert(peer);
+            in_flight.probes.spawn(async move {
                 let sent = Instant::now();
                 let answer = client.clock(ClockRequest { from: me }).await;
-                (peer, answer.map(|r| r.into_inner().wall_ms), sent, Instant::now())
+                (peer, answer.map(|r| r.into_inner()), sent, Instant::now())
             });
-        }
-        for (peer, answer, sent, received) in futures::future::join_all(probes).await {
-            match answer {
-                Ok(wall_ms) => self.clock.peers().record(peer, wall_ms, sent, received),
-                Err(status) => tracing::debug!(peer, %status, "clock probe failed"),
-            }
         }
     }
 

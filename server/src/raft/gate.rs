@@ -16,12 +16,17 @@
 //! pause ends it goes on, usually to a node that is no longer the leader and
 //! answers with the usual redirect to the new one. Clients see a latency
 //! spike of about one leader lease, not an error.
+//!
+//! Being the one door to the log, the gate also wakes a group at rest
+//! ([`super::quiet`]): a pass turns the group's heartbeats back on before
+//! its holder proposes, and the group counts as busy while a pass is held.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
+use super::quiet::{HeartbeatSwitch, Proposing};
 use crate::error::{Error, Result};
 
 /// Shared by the node, the ticker and the transfer.
@@ -29,12 +34,15 @@ use crate::error::{Error, Result};
 pub struct ProposalGate {
     // tokio's RwLock is fair: once a pause waits, new passes queue behind it.
     lock: Arc<RwLock<()>>,
+    /// The group's heartbeats, woken by every pass (none in unit tests).
+    heartbeats: Option<Arc<HeartbeatSwitch>>,
 }
 
 /// Held by a proposal while it is in flight.
 #[must_use = "the pass only counts while it is held"]
 pub struct Pass {
     _guard: OwnedRwLockReadGuard<()>,
+    _proposing: Option<Proposing>,
 }
 
 /// Held by a leadership transfer; proposals resume when it drops.
@@ -44,11 +52,20 @@ pub struct Pause {
 }
 
 impl ProposalGate {
+    /// The gate of a group whose heartbeats are `heartbeats`.
+    pub fn new(heartbeats: Arc<HeartbeatSwitch>) -> ProposalGate {
+        ProposalGate { lock: Arc::default(), heartbeats: Some(heartbeats) }
+    }
+
+    fn pass_with(&self, guard: OwnedRwLockReadGuard<()>) -> Pass {
+        Pass { _guard: guard, _proposing: self.heartbeats.as_ref().map(|h| h.proposing()) }
+    }
+
     /// Waits (at most `within`) until no transfer holds proposals off.
     /// On timeout nothing was proposed, so the caller may retry safely.
     pub async fn pass(&self, within: Duration) -> Result<Pass> {
         match tokio::time::timeout(within, self.lock.clone().read_owned()).await {
-            Ok(guard) => Ok(Pass { _guard: guard }),
+            Ok(guard) => Ok(self.pass_with(guard)),
             Err(_) => Err(Error::Unavailable(format!(
                 "leadership transfer in progress: not proposed within {} ms; nothing was written, retry",
                 within.as_millis()
@@ -59,7 +76,7 @@ impl ProposalGate {
     /// A pass if no transfer is running or waiting; for background work
     /// (ticks) that can simply try again next round.
     pub fn try_pass(&self) -> Option<Pass> {
-        self.lock.clone().try_read_owned().ok().map(|guard| Pass { _guard: guard })
+        self.lock.clone().try_read_owned().ok().map(|guard| self.pass_with(guard))
     }
 
     /// Holds new proposals off and waits (at most `within`) until the ones

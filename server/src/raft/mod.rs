@@ -1,7 +1,7 @@
 //! openraft wiring: the raft configuration, the gRPC peer network, the
 //! write batcher that groups concurrent client writes into one log entry,
-//! the ticker, and leadership transfer (with the gate that pauses proposals
-//! for it).
+//! the ticker, leadership transfer (with the gate that pauses proposals
+//! for it), and quiet idle groups (with the node-wide liveness probe).
 //!
 //! Layering: uses `store` and `types`; services call it through [`crate::node`].
 
@@ -11,8 +11,10 @@ pub mod contact;
 pub mod elect;
 pub mod fault;
 pub mod gate;
+pub mod liveness;
 pub mod log_policy;
 pub mod network;
+pub mod quiet;
 pub mod replica;
 pub mod stamp;
 pub mod ticker;
@@ -44,6 +46,9 @@ pub struct RaftTuning {
     pub tick_interval_ms: u64,
     /// A write not committed within this time fails with UNAVAILABLE.
     pub write_timeout_ms: u64,
+    /// Idle groups turn their heartbeats off, and followers campaign on the
+    /// node-wide liveness probe instead of their own timers (see [`quiet`]).
+    pub quiet_idle_groups: bool,
 }
 
 impl Default for RaftTuning {
@@ -62,11 +67,22 @@ impl Default for RaftTuning {
             keep_log_bytes_after_snapshot: 128 * 1024 * 1024,
             tick_interval_ms: 1_000,
             write_timeout_ms: 5_000,
+            quiet_idle_groups: true,
         }
     }
 }
 
 impl RaftTuning {
+    /// How often the node probes each peer node (`Raft.Clock`): every
+    /// heartbeat interval when it is what tells quiet groups their leader
+    /// is alive, else once a second (for the clock guard alone).
+    pub fn probe_interval(&self) -> std::time::Duration {
+        match self.quiet_idle_groups {
+            true => std::time::Duration::from_millis(self.heartbeat_ms),
+            false => std::time::Duration::from_secs(1),
+        }
+    }
+
     pub fn openraft_config(&self) -> anyhow::Result<openraft::Config> {
         let config = openraft::Config {
             cluster_name: "portrait".into(),

@@ -3,11 +3,12 @@
 //!
 //! Everything that exists once per group lives in [`Replica`]: its openraft
 //! instance, its state ([`GroupState`]), its proposal gate, leadership
-//! transfer, stamper, campaign switch, and what it heard from its leader.
-//! Everything a node has once, whatever its number of groups (the log
-//! engine, the state database, the clock, peer connections, the write
-//! batcher, the ticker, the clock probe, the log policy task), lives in the
-//! node and reaches the replicas through the [`Registry`].
+//! transfer, stamper, campaign and heartbeat switches, and what it heard
+//! from its leader. Everything a node has once, whatever its number of
+//! groups (the log engine, the state database, the clock, peer connections,
+//! the write batcher, the ticker, the clock probe and liveness, the quiet
+//! task, the log policy task), lives in the node and reaches the replicas
+//! through the [`Registry`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,6 +18,7 @@ use super::contact::{LeaderContact, PeerAcks};
 use super::elect::ElectSwitch;
 use super::gate::ProposalGate;
 use super::network::{Blocked, Channels, Network};
+use super::quiet::HeartbeatSwitch;
 use super::stamp::Stamper;
 use super::transfer::LeaderTransfer;
 use super::RaftTuning;
@@ -32,6 +34,8 @@ pub struct Replica {
     pub sm: Arc<GroupState>,
     /// Every proposal of this group passes it; a transfer closes it.
     pub gate: ProposalGate,
+    /// On unless the group rests (see [`super::quiet`]) or a transfer runs.
+    pub heartbeats: Arc<HeartbeatSwitch>,
     pub transfer: LeaderTransfer,
     pub stamper: Stamper,
     pub elect: ElectSwitch,
@@ -68,16 +72,19 @@ impl Replica {
         let network = Network::new(gid, s.channels.clone(), s.blocked.clone());
         let acks = network.acks.clone();
         let raft = Raft::new(s.me, s.config.clone(), network, log, state_machine).await?;
-        let gate = ProposalGate::default();
+        let heartbeats = HeartbeatSwitch::new(raft.clone());
+        let gate = ProposalGate::new(heartbeats.clone());
+        let (blocked, tuning) = (s.blocked.clone(), s.tuning.clone());
         let transfer =
-            LeaderTransfer::new(s.me, gid, raft.clone(), gate.clone(), s.blocked.clone(), s.tuning.clone());
+            LeaderTransfer::new(s.me, gid, raft.clone(), gate.clone(), heartbeats.clone(), blocked, tuning);
         Ok(Replica {
             gid,
             stamper: Stamper::new(s.me, raft.clone(), sm.clone(), s.clock.clone()),
-            elect: ElectSwitch::new(raft.clone()),
+            elect: ElectSwitch::new(raft.clone(), !s.tuning.quiet_idle_groups),
             raft,
             sm,
             gate,
+            heartbeats,
             transfer,
             contact: LeaderContact::default(),
             acks,

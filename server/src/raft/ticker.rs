@@ -71,12 +71,13 @@ const REEVAL_ROUNDS: usize = 20;
 /// Drives the background re-evaluation after a schema change.
 async fn reevaluate(raft: &Raft, sm: &GroupState, gate: &ProposalGate, stamper: &Stamper) {
     for _ in 0..REEVAL_ROUNDS {
-        let Some(_pass) = gate.try_pass() else { return };
         let progress = match sm.reeval_progress() {
             Ok(Some(p)) => p,
             Ok(None) => return,
             Err(e) => return tracing::warn!(error = %e, "reading re-evaluation progress"),
         };
+        // Only now: a pass wakes a group at rest (see `super::quiet`).
+        let Some(_pass) = gate.try_pass() else { return };
         let stamp_ms = match stamper.stamp() {
             Ok(stamp) => stamp,
             Err(e) => return tracing::debug!(error = %e, "no re-evaluation: the clock is refused"),

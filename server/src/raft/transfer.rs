@@ -22,7 +22,9 @@
 //! 6. it sleeps one leader lease plus a margin: every follower's lease has
 //!    lapsed, but none has started an election of its own yet, since a
 //!    follower campaigns only `lease + election timeout` after it last heard
-//!    from the leader (`election_timeout_min` at the earliest);
+//!    from the leader (`election_timeout_min` at the earliest; with quiet
+//!    idle groups a follower campaigns only once the leader's node stops
+//!    answering the liveness probe, see [`super::quiet`]);
 //! 7. it asks the target to campaign (`Raft.StartElection`): the target's
 //!    log is as long as anyone's and no lease holds, so the voters grant it,
 //!    the old leader included, which steps down;
@@ -36,6 +38,7 @@
 //! ordinary raft election, which only a candidate holding every committed
 //! entry can win.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::{BasicNode, RaftMetrics, ServerState};
@@ -43,6 +46,7 @@ use portrait_proto::v1::StartElectionRequest;
 
 use super::gate::ProposalGate;
 use super::network::{Blocked, ElectionPeer};
+use super::quiet::HeartbeatSwitch;
 use super::RaftTuning;
 use crate::error::{Error, Result};
 use crate::types::{GroupId, NodeId, Raft};
@@ -61,6 +65,7 @@ pub struct LeaderTransfer {
     group: GroupId,
     raft: Raft,
     gate: ProposalGate,
+    heartbeats: Arc<HeartbeatSwitch>,
     blocked: Blocked,
     tuning: RaftTuning,
     running: tokio::sync::Mutex<()>,
@@ -72,10 +77,12 @@ impl LeaderTransfer {
         group: GroupId,
         raft: Raft,
         gate: ProposalGate,
+        heartbeats: Arc<HeartbeatSwitch>,
         blocked: Blocked,
         tuning: RaftTuning,
     ) -> Self {
-        LeaderTransfer { me, group, raft, gate, blocked, tuning, running: tokio::sync::Mutex::new(()) }
+        let running = tokio::sync::Mutex::new(());
+        LeaderTransfer { me, group, raft, gate, heartbeats, blocked, tuning, running }
     }
 
     /// Moves leadership from this node (the leader) to voter `target` at
@@ -126,7 +133,7 @@ impl LeaderTransfer {
         };
         let last = self.wait_log(term, target, SETTLE, settled, unsettled).await?.last_log_index.unwrap_or(0);
         // 5 and 6. Quiet for one lease; the guard turns heartbeats back on.
-        let _quiet = Heartbeats::off(&self.raft);
+        let _quiet = self.heartbeats.hold_off();
         tokio::time::sleep(quiet_time(&self.tuning)).await;
         self.check_still_quiet(term, target, last)?;
         // 7. The target campaigns.
@@ -244,22 +251,6 @@ async fn watch<T>(raft: &Raft, within: Duration, mut check: impl FnMut(&Metrics)
         if !matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(()))) {
             return None;
         }
-    }
-}
-
-/// Heartbeats off while this lives.
-struct Heartbeats<'a>(&'a Raft);
-
-impl<'a> Heartbeats<'a> {
-    fn off(raft: &'a Raft) -> Self {
-        raft.runtime_config().heartbeat(false);
-        Heartbeats(raft)
-    }
-}
-
-impl Drop for Heartbeats<'_> {
-    fn drop(&mut self) {
-        self.0.runtime_config().heartbeat(true);
     }
 }
 

@@ -70,6 +70,7 @@ impl Raft for RaftService {
     }
 
     async fn clock(&self, _: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {
-        Ok(Response::new(ClockResponse { wall_ms: self.node.clock_now_ms() }))
+        let boot_id = crate::raft::liveness::boot_id();
+        Ok(Response::new(ClockResponse { wall_ms: self.node.clock_now_ms(), boot_id }))
     }
 }

@@ -390,22 +390,28 @@ impl Node {
         let m = first.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let last_log_index = m.last_log_index.unwrap_or(0);
-        // The cluster's nodes are the meta group's members; their match and
-        // lag are the meta leader's.
+        // The cluster's nodes are the meta group's members. Their match and
+        // lag are those of the group the other fields report where it has
+        // them (its leader has a row per member), else the meta group's.
         let mm = self.meta.raft.metrics().borrow().clone();
         let cluster = mm.membership_config.membership();
         let voters: std::collections::BTreeSet<_> = cluster.voter_ids().collect();
-        let meta_last = mm.last_log_index.unwrap_or(0);
-        let matched =
-            |id: &NodeId| mm.replication.as_ref().map(|r| r.get(id).cloned().flatten().map(|l| l.index));
+        let progress = |id: &NodeId| {
+            let of = |m: &openraft::RaftMetrics<NodeId, BasicNode>| {
+                let row = m.replication.as_ref()?.get(id)?;
+                let matched = row.map(|l| l.index);
+                Some((matched, m.last_log_index.unwrap_or(0).saturating_sub(matched.unwrap_or(0))))
+            };
+            of(&m).or_else(|| of(&mm))
+        };
         let members = cluster
             .nodes()
             .map(|(id, node)| MemberStatus {
                 node_id: *id,
                 addr: node.addr.clone(),
                 voter: voters.contains(id),
-                matched_index: matched(id).flatten(),
-                lag_entries: matched(id).map(|i| meta_last.saturating_sub(i.unwrap_or(0))),
+                matched_index: progress(id).and_then(|(matched, _)| matched),
+                lag_entries: progress(id).map(|(_, lag)| lag),
             })
             .collect();
         // What reads see (raft's own applied index may be one entry ahead

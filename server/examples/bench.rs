@@ -1,6 +1,9 @@
 //! Single-node benchmark: ingest (batches of 100 events, 1 and 32 concurrent
 //! clients) and GetProfile (1 and 32 concurrent clients) against a real node
-//! (RocksDB on a temp dir, raft, gRPC over loopback). Prints a table.
+//! (RocksDB on a temp dir, raft, gRPC over loopback), once per shard count
+//! (`--shards`, default 1 and 16: the multi-raft overhead). Prints a table,
+//! with the log fsyncs per second, and each shard count's ingest rate as a
+//! ratio of the first's (same run).
 //! The clients run in this process: each scenario's requests are built
 //! before its clock starts, so what is timed is encoding, sending and the
 //! node's work.
@@ -38,6 +41,9 @@ struct Args {
     /// Client counts for the read scenarios, comma-separated (empty: skip).
     #[arg(long, default_value = "1,32", value_parser = counts)]
     read_clients: Counts,
+    /// Shard counts to run every scenario with, each on a new node.
+    #[arg(long, default_value = "1,16", value_parser = counts)]
+    shards: Counts,
 }
 
 /// A comma-separated list of client counts; empty is an empty list.
@@ -50,12 +56,15 @@ fn counts(text: &str) -> Result<Counts, String> {
 }
 
 struct Row {
+    shards: usize,
     scenario: String,
     clients: usize,
     ops: usize,
     events: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// Log fsyncs of the node during the scenario.
+    fsyncs: u64,
 }
 
 impl Row {
@@ -66,20 +75,60 @@ impl Row {
         };
         let secs = self.elapsed.as_secs_f64();
         println!(
-            "| {:<28} | {:>7} | {:>10.0} | {:>12.0} | {:>9.3} | {:>9.3} |",
+            "| {:>6} | {:<28} | {:>7} | {:>10.0} | {:>12.0} | {:>9.3} | {:>9.3} | {:>9.0} |",
+            self.shards,
             self.scenario,
             self.clients,
             self.ops as f64 / secs,
             self.events as f64 / secs,
             pct(0.50).as_secs_f64() * 1e3,
             pct(0.99).as_secs_f64() * 1e3,
+            self.fsyncs as f64 / secs,
         );
+    }
+
+    fn events_per_sec(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
     }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = Arc::new(Args::parse());
+    println!(
+        "Portrait single-node benchmark: {} events/scenario, batch {}, {} users",
+        args.events, args.batch, args.users
+    );
+    println!(
+        "| {:>6} | {:<28} | {:>7} | {:>10} | {:>12} | {:>9} | {:>9} | {:>9} |",
+        "shards", "scenario", "clients", "ops/s", "events/s", "p50 ms", "p99 ms", "fsyncs/s"
+    );
+    println!(
+        "|{:-<8}|{:-<30}|{:-<9}|{:-<12}|{:-<14}|{:-<11}|{:-<11}|{:-<11}|",
+        "", "", "", "", "", "", "", ""
+    );
+    let mut ingest_rates: Vec<(usize, Vec<f64>)> = Vec::new();
+    for &shards in &args.shards.0 {
+        ingest_rates.push((shards, run_node(&args, shards).await?));
+    }
+    // Same-run ratios: each shard count's ingest rate against the first's.
+    if let Some((base, base_rates)) = ingest_rates.first() {
+        for (shards, rates) in &ingest_rates[1..] {
+            let ratios: Vec<String> = rates
+                .iter()
+                .zip(base_rates)
+                .zip(&args.ingest_clients.0)
+                .map(|((r, b), clients)| format!("{clients} clients {:.2}", r / b))
+                .collect();
+            println!("ingest events/s, {shards} shards / {base}: {}", ratios.join(", "));
+        }
+    }
+    Ok(())
+}
+
+/// Starts a node of `shards` shards on a new temp dir, runs every
+/// scenario, prints the rows; returns the ingest scenarios' events/s.
+async fn run_node(args: &Arc<Args>, shards: usize) -> anyhow::Result<Vec<f64>> {
     let dir = tempfile::tempdir()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -91,8 +140,7 @@ async fn main() -> anyhow::Result<()> {
         tuning: RaftTuning::default(),
         fault_injection: false,
         clock: Default::default(),
-        // One shard, as the figures in docs/benchmarks.md were measured.
-        shards: Some(1),
+        shards: Some(shards as u32),
         replication: None,
         seeds: Vec::new(),
     })
@@ -100,28 +148,24 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(node.wait_for_leader(Duration::from_secs(10)).await, "no leader");
     tokio::spawn(portrait_server::service::serve(node.clone(), listener, std::future::pending()));
     let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await?;
-
-    println!(
-        "Portrait single-node benchmark: {} events/scenario, batch {}, {} users, data on {}",
-        args.events,
-        args.batch,
-        args.users,
-        dir.path().display()
-    );
-    println!(
-        "| {:<28} | {:>7} | {:>10} | {:>12} | {:>9} | {:>9} |",
-        "scenario", "clients", "ops/s", "events/s", "p50 ms", "p99 ms"
-    );
-    println!("|{:-<30}|{:-<9}|{:-<12}|{:-<14}|{:-<11}|{:-<11}|", "", "", "", "", "", "");
-    let args = Arc::new(args);
+    let mut rates = Vec::new();
     for (i, &clients) in args.ingest_clients.0.iter().enumerate() {
-        ingest(&channel, &args, clients, i).await?.print();
+        let fsyncs = node.log_fsyncs();
+        let mut row = ingest(&channel, args, clients, i).await?;
+        row.shards = shards;
+        row.fsyncs = node.log_fsyncs() - fsyncs;
+        row.print();
+        rates.push(row.events_per_sec());
     }
     for &clients in &args.read_clients.0 {
-        reads(&channel, &args, clients).await?.print();
+        let fsyncs = node.log_fsyncs();
+        let mut row = reads(&channel, args, clients).await?;
+        row.shards = shards;
+        row.fsyncs = node.log_fsyncs() - fsyncs;
+        row.print();
     }
     node.shutdown().await;
-    Ok(())
+    Ok(rates)
 }
 
 fn synthetic_event(seq: usize, run: usize, users: usize, now: i64) -> Event {
@@ -182,6 +226,8 @@ async fn ingest(channel: &Channel, args: &Arc<Args>, clients: usize, run: usize)
         events: batches * args.batch,
         elapsed: start.elapsed(),
         latencies,
+        shards: 0,
+        fsyncs: 0,
     })
 }
 
@@ -216,5 +262,7 @@ async fn reads(channel: &Channel, args: &Arc<Args>, clients: usize) -> anyhow::R
         events: 0,
         elapsed: start.elapsed(),
         latencies,
+        shards: 0,
+        fsyncs: 0,
     })
 }

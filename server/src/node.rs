@@ -332,6 +332,12 @@ impl Node {
         self.shards
     }
 
+    /// WAL fsyncs of the node's raft log since it started (one serves every
+    /// group that appended meanwhile).
+    pub fn log_fsyncs(&self) -> u64 {
+        self.log_engine.fsyncs()
+    }
+
     /// The replica of `group` (a shard or the meta group); NOT_FOUND if
     /// this node hosts none.
     fn replica(&self, group: GroupId) -> Result<Arc<Replica>> {

@@ -29,6 +29,8 @@ const PER_REQUEST: usize = 4;
 /// about 10 from the writers across shards): the trade history of 100
 /// events holds them all.
 const MAX_REQUESTS: usize = 1_000;
+/// Shards of test 1.
+const MANY_SHARDS: u32 = 16;
 /// Users of test 1.
 const USERS: usize = 1_600;
 
@@ -72,10 +74,13 @@ impl Ledger {
         self.acked.values().map(BTreeSet::len).sum()
     }
 
-    /// The longest time writer `w` went without an acknowledgement.
-    fn longest_gap(&self, w: usize) -> Duration {
-        let acks = &self.acks[&w];
-        acks.windows(2).map(|p| p[1] - p[0]).max().unwrap_or_default()
+    /// The longest time writer `w` went without an acknowledgement between
+    /// `from` and `to` (the writers' start and stop: a writer stuck to the
+    /// end has a gap up to `to`).
+    fn longest_gap(&self, w: usize, from: Instant, to: Instant) -> Duration {
+        let acks = self.acks.get(&w).map_or(&[][..], Vec::as_slice);
+        let times: Vec<Instant> = [from].into_iter().chain(acks.iter().copied()).chain([to]).collect();
+        times.windows(2).map(|p| p[1] - p[0]).max().unwrap_or_default()
     }
 }
 
@@ -172,15 +177,19 @@ async fn wait_placed(cluster: &Cluster, nodes: &[u64], shards: u32) -> BTreeMap<
     }
 }
 
-/// Waits until every replica of every shard has applied all its leader
-/// holds (nothing is written meanwhile).
-async fn wait_caught_up(cluster: &Cluster, nodes: &[u64]) {
+/// Waits until each of the `shards` shards has a leader and every replica
+/// has applied all the leader holds (nothing is written meanwhile).
+async fn wait_caught_up(cluster: &Cluster, nodes: &[u64], shards: u32) {
     let deadline = Instant::now() + Duration::from_secs(30);
     'poll: loop {
         assert!(Instant::now() < deadline, "replicas did not catch up: {:?}", statuses(cluster, nodes).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let all = statuses(cluster, nodes).await;
         let shard_status = || all.values().flat_map(|s| s.shard_status.iter());
+        let led: BTreeSet<u32> = shard_status().filter(|s| s.role == "Leader").map(|s| s.shard).collect();
+        if led.len() < shards as usize {
+            continue;
+        }
         for leader in shard_status().filter(|s| s.role == "Leader") {
             let replicas = shard_status().filter(|s| s.shard == leader.shard);
             if leader.applied_index < leader.last_log_index
@@ -234,24 +243,56 @@ fn check_exactly_once(node: u64, applied: &BTreeMap<String, (u64, Vec<String>)>,
     }
 }
 
-#[tokio::test]
-async fn killing_a_node_that_leads_several_shards_loses_no_event_and_applies_each_once() {
-    const SHARDS: u32 = 16;
-    const ALL: [u64; 5] = [1, 2, 3, 4, 5];
-    let mut cluster = Cluster::start_placed(5, SHARDS, 3).await;
-    let placed = wait_placed(&cluster, &ALL, SHARDS).await;
-    // Node 1 created every shard and leads it: hand six to nodes 2 and 3.
-    let seed = cluster.client(1).await;
-    let mut moves = tokio::task::JoinSet::new();
-    for shard in 0..6 {
-        let seed = seed.clone();
-        moves.spawn(async move { seed.transfer_leader_of(2 + u64::from(shard % 2), Some(shard)).await });
+/// Users of test 1: all of them, or those of one of its shards.
+fn users_in(shard: Option<u32>) -> Vec<String> {
+    let all = (0..USERS).map(|i| format!("x{i}"));
+    all.filter(|u| shard.is_none_or(|s| shard_of(u, MANY_SHARDS) == s)).collect()
+}
+
+/// Makes each `(shard, node)`'s node the leader of the shard, all at once,
+/// through node `leader`, which leads them.
+async fn move_leaderships(cluster: &Cluster, leader: u64, moves: &[(u32, u64)]) {
+    let client = cluster.client(leader).await;
+    let mut running = tokio::task::JoinSet::new();
+    for &(shard, node) in moves {
+        let client = client.clone();
+        running.spawn(async move { client.transfer_leader_of(node, Some(shard)).await });
     }
-    while let Some(moved) = moves.join_next().await {
+    while let Some(moved) = running.join_next().await {
         moved.unwrap().expect("transfer a shard's leadership");
     }
+}
+
+/// Starts writer `i` over the users of shard `shards[i]` (`None`: all
+/// users, across shards). Even writers send through nodes 4 and 5, which
+/// host no shard and forward every part; odd ones route by shard.
+async fn spawn_writers(
+    cluster: &Cluster,
+    shards: [Option<u32>; 8],
+    ledger: &Arc<Mutex<Ledger>>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for (id, shard) in shards.into_iter().enumerate() {
+        let clients = match id % 2 {
+            0 => clients(cluster, &[4, 5], true).await,
+            _ => clients(cluster, &[2, 3, 4, 5, 1], false).await,
+        };
+        let writer = Writer { id, users: users_in(shard), clients };
+        tasks.push(tokio::spawn(writer.run(ledger.clone(), stop.clone())));
+    }
+    tasks
+}
+
+#[tokio::test]
+async fn killing_a_node_that_leads_several_shards_loses_no_event_and_applies_each_once() {
+    const ALL: [u64; 5] = [1, 2, 3, 4, 5];
+    let mut cluster = Cluster::start_placed(5, MANY_SHARDS, 3).await;
+    let placed = wait_placed(&cluster, &ALL, MANY_SHARDS).await;
+    // Node 1 created every shard and leads it: hand six to nodes 2 and 3.
+    move_leaderships(&cluster, 1, &[(0, 2), (1, 3), (2, 2), (3, 3), (4, 2), (5, 3)]).await;
     let leaders: BTreeMap<u32, u64> =
-        wait_placed(&cluster, &ALL, SHARDS).await.into_iter().map(|(s, (_, l))| (s, l)).collect();
+        wait_placed(&cluster, &ALL, MANY_SHARDS).await.into_iter().map(|(s, (_, l))| (s, l)).collect();
     let victim = 1;
     let led: Vec<u32> = leaders.iter().filter(|(_, &l)| l == victim).map(|(&s, _)| s).collect();
     assert_eq!(led.len(), 10, "node {victim} leads several shards, not all: {leaders:?}");
@@ -259,25 +300,13 @@ async fn killing_a_node_that_leads_several_shards_loses_no_event_and_applies_eac
 
     // Writers 0-3 across shards; 4 and 5 each within a shard led elsewhere
     // (their acknowledgements must not pause), 6 and 7 within one of the
-    // victim's. Even writers go through nodes 4 and 5, which host nothing.
-    let spared: Vec<u32> = (0..SHARDS).filter(|s| !led.contains(s)).collect();
-    let all_users: Vec<String> = (0..USERS).map(|i| format!("x{i}")).collect();
+    // victim's.
+    let spared: Vec<u32> = (0..MANY_SHARDS).filter(|s| !led.contains(s)).collect();
     let shard_of_writer =
         [None, None, None, None, Some(spared[0]), Some(spared[1]), Some(led[0]), Some(led[1])];
     let (ledger, stop) = (Arc::new(Mutex::new(Ledger::default())), Arc::new(AtomicBool::new(false)));
-    let mut tasks = Vec::new();
-    for (id, shard) in shard_of_writer.into_iter().enumerate() {
-        let users = match shard {
-            Some(s) => all_users.iter().filter(|u| shard_of(u, SHARDS) == s).cloned().collect(),
-            None => all_users.clone(),
-        };
-        let clients = match id % 2 {
-            0 => clients(&cluster, &[4, 5], true).await,
-            _ => clients(&cluster, &[2, 3, 4, 5, 1], false).await,
-        };
-        let writer = Writer { id, users, clients };
-        tasks.push(tokio::spawn(writer.run(ledger.clone(), stop.clone())));
-    }
+    let started = Instant::now();
+    let tasks = spawn_writers(&cluster, shard_of_writer, &ledger, &stop).await;
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before_kill = ledger.lock().unwrap().acked_total();
@@ -286,13 +315,14 @@ async fn killing_a_node_that_leads_several_shards_loses_no_event_and_applies_eac
     cluster.restart(victim).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::SeqCst);
+    let stopped = Instant::now();
     for t in tasks {
         t.await.unwrap();
     }
 
     let ledger = Arc::try_unwrap(ledger).ok().unwrap().into_inner().unwrap();
     let total = ledger.acked_total();
-    let gaps: Vec<Duration> = (0..8).map(|w| ledger.longest_gap(w)).collect();
+    let gaps: Vec<Duration> = (0..8).map(|w| ledger.longest_gap(w, started, stopped)).collect();
     println!(
         "acked {total} events ({before_kill} before the kill), {} retried requests; longest gap between \
          acks per writer: {gaps:?} (4, 5: shards led elsewhere; 6, 7: the victim's)",
@@ -310,12 +340,15 @@ async fn killing_a_node_that_leads_several_shards_loses_no_event_and_applies_eac
             gaps[w]
         );
     }
+    // An election takes at least its timeout (1 s): the kill did hit these.
+    for w in [6, 7] {
+        assert!(gaps[w] > Duration::from_millis(500), "writer {w}, to a shard the victim led, never paused");
+    }
 
-    wait_caught_up(&cluster, &ALL).await;
+    wait_caught_up(&cluster, &ALL, MANY_SHARDS).await;
     let hosts = placement(&statuses(&cluster, &ALL).await);
     for (shard, (nodes, _)) in &hosts {
-        let users: Vec<String> =
-            all_users.iter().filter(|u| shard_of(u, SHARDS) == *shard).cloned().collect();
+        let users = users_in(Some(*shard));
         assert_eq!(nodes.len(), 3, "shard {shard} on {nodes:?}");
         for &id in nodes {
             check_exactly_once(id, &applied_on(&cluster, id, &users).await, &ledger);
@@ -374,7 +407,7 @@ async fn a_cross_shard_write_without_a_quorum_names_the_shard_and_a_retry_applie
     let again = client.write(events.clone()).await.expect("a duplicate re-send");
     assert_eq!((again.applied, again.duplicates), (0, events.len() as u32), "{again:?}");
 
-    wait_caught_up(&cluster, &ALL).await;
+    wait_caught_up(&cluster, &ALL, SHARDS).await;
     for id in ALL {
         for (user, (count, history)) in applied_on(&cluster, id, &users).await {
             assert_eq!((count, history), (1, vec![format!("e-{user}")]), "node {id}, {user}");

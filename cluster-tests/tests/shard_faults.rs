@@ -1,0 +1,452 @@
+//! Faults that hit some shards and spare others, on real `portraitd`
+//! processes with several raft groups per node.
+//!
+//! 1. A node leading several (not all) of 16 shards is killed with SIGKILL
+//!    under 8 writers that retry with the same event ids: every replica of
+//!    every shard ends with each event applied once, and writes to shards
+//!    led elsewhere keep being acknowledged through the failover.
+//! 2. One shard loses its quorum (its followers drop the leader's entries):
+//!    a write across it and a healthy shard fails UNAVAILABLE naming that
+//!    shard; once the quorum is back the same request applies each event once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use portrait_client::json::now_ms;
+use portrait_client::portrait_proto::v1::rule_value::Kind;
+use portrait_client::portrait_proto::v1::ClusterStatusResponse;
+use portrait_client::{Consistency, Event, PortraitClient, Profile, Value};
+use portrait_cluster_tests::Cluster;
+use portrait_core::shard::shard_of;
+
+/// Events per request.
+const PER_REQUEST: usize = 4;
+/// Requests per writer, at most. A writer bound to one shard cycles through
+/// that shard's ~`USERS / 16` users, so none gets more than
+/// `MAX_REQUESTS * PER_REQUEST * 16 / USERS` = 40 events from it (plus
+/// about 10 from the writers across shards): the trade history of 100
+/// events holds them all.
+const MAX_REQUESTS: usize = 1_000;
+/// Shards of test 1.
+const MANY_SHARDS: u32 = 16;
+/// Users of test 1.
+const USERS: usize = 1_600;
+
+/// An order of `user` with a unique `event_id`.
+fn order(user: &str, event_id: String) -> Event {
+    Event {
+        user_id: user.into(),
+        family: "trade".into(),
+        r#type: "order".into(),
+        event_time_ms: now_ms(),
+        event_id,
+        attrs: [("amount".to_string(), Value::int(1))].into(),
+    }
+}
+
+/// `count` user ids of `shard` (of `shards`), from `x<first>` on.
+fn users_of(shard: u32, shards: u32, count: usize) -> Vec<String> {
+    (0..).map(|i| format!("x{i}")).filter(|u| shard_of(u, shards) == shard).take(count).collect()
+}
+
+/// Event ids per user: sent at least once, and acknowledged.
+#[derive(Default)]
+struct Ledger {
+    sent: BTreeMap<String, BTreeSet<String>>,
+    acked: BTreeMap<String, BTreeSet<String>>,
+    /// Requests sent again after a failed attempt.
+    retries: u64,
+    /// When each writer's requests were acknowledged.
+    acks: BTreeMap<usize, Vec<Instant>>,
+}
+
+impl Ledger {
+    fn record(&mut self, events: &[Event], acked: bool) {
+        let book = if acked { &mut self.acked } else { &mut self.sent };
+        for e in events {
+            book.entry(e.user_id.clone()).or_default().insert(e.event_id.clone());
+        }
+    }
+
+    fn acked_total(&self) -> usize {
+        self.acked.values().map(BTreeSet::len).sum()
+    }
+
+    /// The longest time writer `w` went without an acknowledgement between
+    /// `from` and `to` (the writers' start and stop: a writer stuck to the
+    /// end has a gap up to `to`).
+    fn longest_gap(&self, w: usize, from: Instant, to: Instant) -> Duration {
+        let acks = self.acks.get(&w).map_or(&[][..], Vec::as_slice);
+        let times: Vec<Instant> = [from].into_iter().chain(acks.iter().copied()).chain([to]).collect();
+        times.windows(2).map(|p| p[1] - p[0]).max().unwrap_or_default()
+    }
+}
+
+/// One writer: request `seq` holds `PER_REQUEST` orders of the next users
+/// of `users` (ids `w<id>-<seq>-<j>`); each is retried with the same ids on
+/// the next client until acknowledged or the test stops.
+struct Writer {
+    id: usize,
+    users: Vec<String>,
+    clients: Vec<PortraitClient>,
+}
+
+impl Writer {
+    fn request(&self, seq: usize) -> Vec<Event> {
+        (0..PER_REQUEST)
+            .map(|j| {
+                let user = &self.users[(self.id * 131 + seq * PER_REQUEST + j) % self.users.len()];
+                order(user, format!("w{}-{seq}-{j}", self.id))
+            })
+            .collect()
+    }
+
+    async fn run(self, ledger: Arc<Mutex<Ledger>>, stop: Arc<AtomicBool>) {
+        let mut next = self.id;
+        for seq in 0..MAX_REQUESTS {
+            let events = self.request(seq);
+            let mut attempt = 0;
+            loop {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                ledger.lock().unwrap().record(&events, false);
+                let client = &self.clients[next % self.clients.len()];
+                let sent = tokio::time::timeout(Duration::from_secs(10), client.write(events.clone()));
+                if let Ok(Ok(_)) = sent.await {
+                    let mut l = ledger.lock().unwrap();
+                    l.record(&events, true);
+                    l.retries += (attempt > 0) as u64;
+                    l.acks.entry(self.id).or_default().push(Instant::now());
+                    break;
+                }
+                attempt += 1;
+                next += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Clients of `nodes`: routing by shard, or (`forwarded`) sending every
+/// write to the node itself, which forwards each part by the map.
+async fn clients(cluster: &Cluster, nodes: &[u64], forwarded: bool) -> Vec<PortraitClient> {
+    let mut all = Vec::new();
+    for &id in nodes {
+        let c = cluster.client(id).await;
+        all.push(if forwarded { c.without_routing() } else { c });
+    }
+    all
+}
+
+async fn statuses(cluster: &Cluster, nodes: &[u64]) -> BTreeMap<u64, ClusterStatusResponse> {
+    let mut all = BTreeMap::new();
+    for &id in nodes {
+        all.insert(id, cluster.client(id).await.cluster_status().await.expect("status"));
+    }
+    all
+}
+
+/// Per shard, the nodes holding a voting replica of it, and its leader.
+fn placement(all: &BTreeMap<u64, ClusterStatusResponse>) -> BTreeMap<u32, (BTreeSet<u64>, Option<u64>)> {
+    let mut by_shard: BTreeMap<u32, (BTreeSet<u64>, Option<u64>)> = BTreeMap::new();
+    for (id, status) in all {
+        for s in status.shard_status.iter().filter(|s| s.role == "Leader" || s.role == "Follower") {
+            let entry = by_shard.entry(s.shard).or_default();
+            entry.0.insert(*id);
+            if s.role == "Leader" {
+                entry.1 = Some(*id);
+            }
+        }
+    }
+    by_shard
+}
+
+/// Waits until each of the `shards` shards has 3 voters and a leader.
+async fn wait_placed(cluster: &Cluster, nodes: &[u64], shards: u32) -> BTreeMap<u32, (BTreeSet<u64>, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let placed = placement(&statuses(cluster, nodes).await);
+        if placed.len() == shards as usize && placed.values().all(|(n, l)| n.len() == 3 && l.is_some()) {
+            return placed.into_iter().map(|(s, (n, l))| (s, (n, l.unwrap()))).collect();
+        }
+        assert!(Instant::now() < deadline, "shards not placed on 3 of {nodes:?}: {placed:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until each of the `shards` shards has a leader and every replica
+/// has applied all the leader holds (nothing is written meanwhile).
+async fn wait_caught_up(cluster: &Cluster, nodes: &[u64], shards: u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'poll: loop {
+        assert!(Instant::now() < deadline, "replicas did not catch up: {:?}", statuses(cluster, nodes).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let all = statuses(cluster, nodes).await;
+        let shard_status = || all.values().flat_map(|s| s.shard_status.iter());
+        let led: BTreeSet<u32> = shard_status().filter(|s| s.role == "Leader").map(|s| s.shard).collect();
+        if led.len() < shards as usize {
+            continue;
+        }
+        for leader in shard_status().filter(|s| s.role == "Leader") {
+            let replicas = shard_status().filter(|s| s.shard == leader.shard);
+            if leader.applied_index < leader.last_log_index
+                || replicas.clone().count() < 3
+                || replicas.into_iter().any(|s| s.applied_index < leader.last_log_index)
+            {
+                continue 'poll;
+            }
+        }
+        return;
+    }
+}
+
+/// How long until each of `shards` has a leader among `nodes` (polled from
+/// now), or the shards still without one after `limit`.
+async fn time_to_new_leaders(
+    cluster: &Cluster,
+    nodes: &[u64],
+    shards: &[u32],
+    limit: Duration,
+) -> Result<Duration, Vec<u32>> {
+    let started = Instant::now();
+    loop {
+        let placed = placement(&statuses(cluster, nodes).await);
+        let leaderless: Vec<u32> =
+            shards.iter().copied().filter(|s| placed.get(s).is_none_or(|(_, l)| l.is_none())).collect();
+        if leaderless.is_empty() {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > limit {
+            return Err(leaderless);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `orders_lifetime` of a profile (0 without one).
+fn lifetime_orders(p: &Profile) -> u64 {
+    match p.features.get("orders_lifetime").and_then(|v| v.kind.clone()) {
+        Some(Kind::NumberValue(n)) => n as u64,
+        _ => 0,
+    }
+}
+
+/// Per user as node `id` serves it locally: (`orders_lifetime`, trade history ids).
+async fn applied_on(cluster: &Cluster, id: u64, users: &[String]) -> BTreeMap<String, (u64, Vec<String>)> {
+    let client = cluster.client(id).await.without_routing();
+    // No selection: every family, feature and tag.
+    let r = client.batch_get_profiles(users, &[], Consistency::Local).await.expect("local read");
+    assert_eq!(r.read_info.expect("read info").node_id, id, "read where the replica is");
+    let history =
+        |p: &Profile| p.families.get("trade").map(|f| f.history.iter().map(|h| h.event_id.clone()).collect());
+    r.profiles
+        .iter()
+        .map(|p| (p.user_id.clone(), (lifetime_orders(p), history(p).unwrap_or_default())))
+        .collect()
+}
+
+/// Each user's count equals its distinct applied events, which hold every
+/// acknowledged one and only sent ones, none twice.
+fn check_exactly_once(node: u64, applied: &BTreeMap<String, (u64, Vec<String>)>, ledger: &Ledger) {
+    let empty = BTreeSet::new();
+    for (user, (count, history)) in applied {
+        let sent = ledger.sent.get(user).unwrap_or(&empty);
+        let acked = ledger.acked.get(user).unwrap_or(&empty);
+        let distinct: BTreeSet<String> = history.iter().cloned().collect();
+        assert_eq!(distinct.len(), history.len(), "node {node}, {user}: an event applied twice: {history:?}");
+        assert!(history.len() < 100, "node {node}, {user}: history full; raise USERS");
+        assert_eq!(*count, distinct.len() as u64, "node {node}, {user}: count vs distinct events applied");
+        let missing: Vec<_> = acked.difference(&distinct).collect();
+        assert!(missing.is_empty(), "node {node}, {user}: acknowledged but not applied: {missing:?}");
+        let unsent: Vec<_> = distinct.difference(sent).collect();
+        assert!(unsent.is_empty(), "node {node}, {user}: applied but never sent: {unsent:?}");
+    }
+}
+
+/// Users of test 1: all of them, or those of one of its shards.
+fn users_in(shard: Option<u32>) -> Vec<String> {
+    let all = (0..USERS).map(|i| format!("x{i}"));
+    all.filter(|u| shard.is_none_or(|s| shard_of(u, MANY_SHARDS) == s)).collect()
+}
+
+/// Makes each `(shard, node)`'s node the leader of the shard, all at once,
+/// asking node `via` (it follows redirects to the shards' leaders).
+async fn move_leaderships(cluster: &Cluster, via: u64, moves: &[(u32, u64)]) {
+    let client = cluster.client(via).await;
+    let mut running = tokio::task::JoinSet::new();
+    for &(shard, node) in moves {
+        running.spawn(transfer(client.clone(), shard, node));
+    }
+    while let Some(moved) = running.join_next().await {
+        moved.unwrap();
+    }
+}
+
+/// Makes `node` the leader of `shard`, asking again while the shard is in
+/// an election (the transfer refuses a target whose term moved on).
+async fn transfer(client: PortraitClient, shard: u32, node: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = client.transfer_leader_of(node, Some(shard)).await {
+        assert!(Instant::now() < deadline, "shard {shard} to node {node}: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Starts writer `i` over the users of shard `shards[i]` (`None`: all
+/// users, across shards). Even writers send through nodes 4 and 5, which
+/// host no shard and forward every part; odd ones route by shard.
+async fn spawn_writers(
+    cluster: &Cluster,
+    shards: [Option<u32>; 8],
+    ledger: &Arc<Mutex<Ledger>>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for (id, shard) in shards.into_iter().enumerate() {
+        let clients = match id % 2 {
+            0 => clients(cluster, &[4, 5], true).await,
+            _ => clients(cluster, &[2, 3, 4, 5, 1], false).await,
+        };
+        let writer = Writer { id, users: users_in(shard), clients };
+        tasks.push(tokio::spawn(writer.run(ledger.clone(), stop.clone())));
+    }
+    tasks
+}
+
+#[tokio::test]
+async fn killing_a_node_that_leads_several_shards_loses_no_event_and_applies_each_once() {
+    const ALL: [u64; 5] = [1, 2, 3, 4, 5];
+    let mut cluster = Cluster::start_placed(5, MANY_SHARDS, 3).await;
+    let placed = wait_placed(&cluster, &ALL, MANY_SHARDS).await;
+    // Node 1 created every shard and leads it: hand six to nodes 2 and 3.
+    move_leaderships(&cluster, 1, &[(0, 2), (1, 3), (2, 2), (3, 3), (4, 2), (5, 3)]).await;
+    let leaders: BTreeMap<u32, u64> =
+        wait_placed(&cluster, &ALL, MANY_SHARDS).await.into_iter().map(|(s, (_, l))| (s, l)).collect();
+    let victim = 1;
+    let led: Vec<u32> = leaders.iter().filter(|(_, &l)| l == victim).map(|(&s, _)| s).collect();
+    // 10, unless an election under load moved one more.
+    assert!((2..=10).contains(&led.len()), "node {victim} leads several shards, not all: {leaders:?}");
+    assert!(placed.values().all(|(n, _)| n.contains(&victim)));
+
+    // Writers 0-3 across shards; 4 and 5 each within a shard led elsewhere
+    // (their acknowledgements must not pause), 6 and 7 within one of the
+    // victim's.
+    let spared: Vec<u32> = (0..MANY_SHARDS).filter(|s| !led.contains(s)).collect();
+    let shard_of_writer =
+        [None, None, None, None, Some(spared[0]), Some(spared[1]), Some(led[0]), Some(led[1])];
+    let (ledger, stop) = (Arc::new(Mutex::new(Ledger::default())), Arc::new(AtomicBool::new(false)));
+    let started = Instant::now();
+    let tasks = spawn_writers(&cluster, shard_of_writer, &ledger, &stop).await;
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before_kill = ledger.lock().unwrap().acked_total();
+    cluster.kill(victim);
+    let killed = Instant::now();
+    let (down_for, survivors) = (Duration::from_secs(4), [2, 3]);
+    let failover = time_to_new_leaders(&cluster, &survivors, &led, down_for).await;
+    println!("the victim's {} shards had new leaders after: {failover:?}", led.len());
+    tokio::time::sleep(down_for.saturating_sub(killed.elapsed())).await;
+    cluster.restart(victim).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    let stopped = Instant::now();
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    let ledger = Arc::try_unwrap(ledger).ok().unwrap().into_inner().unwrap();
+    let total = ledger.acked_total();
+    let gaps: Vec<Duration> = (0..8).map(|w| ledger.longest_gap(w, started, stopped)).collect();
+    println!(
+        "acked {total} events ({before_kill} before the kill), {} retried requests; longest gap between \
+         acks per writer: {gaps:?} (4, 5: shards led elsewhere; 6, 7: the victim's)",
+        ledger.retries
+    );
+    assert!(
+        before_kill > 0 && total > before_kill,
+        "writes before ({before_kill}) and after the kill ({total})"
+    );
+    assert!(ledger.retries > 0, "the kill made some writers retry");
+    for w in [4, 5] {
+        assert!(
+            gaps[w] < Duration::from_secs(5),
+            "writer {w}, to a shard led elsewhere, paused {:?}",
+            gaps[w]
+        );
+    }
+    // An election takes at least its timeout (1 s): the kill did hit these.
+    for w in [6, 7] {
+        assert!(gaps[w] > Duration::from_millis(500), "writer {w}, to a shard the victim led, never paused");
+    }
+
+    wait_caught_up(&cluster, &ALL, MANY_SHARDS).await;
+    let hosts = placement(&statuses(&cluster, &ALL).await);
+    for (shard, (nodes, _)) in &hosts {
+        let users = users_in(Some(*shard));
+        assert_eq!(nodes.len(), 3, "shard {shard} on {nodes:?}");
+        for &id in nodes {
+            check_exactly_once(id, &applied_on(&cluster, id, &users).await, &ledger);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cross_shard_write_without_a_quorum_names_the_shard_and_a_retry_applies_once() {
+    const SHARDS: u32 = 4;
+    const ALL: [u64; 3] = [1, 2, 3];
+    // A short write timeout: the write that cannot commit fails sooner.
+    let config = "replication = 3\n[raft]\nwrite_timeout_ms = 1500\n";
+    let cluster = Cluster::start_sharded_with_config(3, SHARDS, config).await;
+    wait_placed(&cluster, &ALL, SHARDS).await;
+    // Node 3 leads shard 1; another node the healthy shard.
+    let cut = 1;
+    transfer(cluster.client(1).await, cut, 3).await;
+    let placed = wait_placed(&cluster, &ALL, SHARDS).await;
+    assert_eq!(placed[&cut].1, 3, "{placed:?}");
+    let healthy = *placed.iter().find(|(_, (_, l))| *l != 3).expect("a shard led by node 1 or 2").0;
+
+    // Nodes 1 and 2 drop the log entries node 3 sends (they still hear it,
+    // and do not campaign): shard 1 cannot commit, the healthy shard can.
+    for id in [1, 2] {
+        cluster.client(id).await.set_faults(Vec::new(), vec![3]).await.expect("set faults");
+    }
+    let users: Vec<String> = [cut, healthy].iter().flat_map(|&s| users_of(s, SHARDS, 2)).collect();
+    let events: Vec<Event> = users.iter().map(|u| order(u, format!("e-{u}"))).collect();
+    let client = cluster.client(2).await;
+    let started = Instant::now();
+    let err = client.write(events.clone()).await.expect_err("shard 1 has no quorum");
+    println!("the write failed after {:?}: {err}", started.elapsed());
+    let message = err.to_string();
+    assert!(message.starts_with("UNAVAILABLE: "), "retryable: {message}");
+    assert!(message.contains(&format!("shard {cut}: ")), "names the shard: {message}");
+    assert!(!message.contains(&format!("shard {healthy}")), "names only the failing shard: {message}");
+
+    cluster.heal().await;
+    let started = Instant::now();
+    let retry = loop {
+        match client.write(events.clone()).await {
+            Ok(r) => break r,
+            Err(e) if started.elapsed() < Duration::from_secs(20) => println!("retry: {e}"),
+            Err(e) => panic!("the retry after the heal failed: {e}"),
+        }
+    };
+    println!("the retry succeeded after {:?}: {retry:?}", started.elapsed());
+    assert_eq!(retry.applied + retry.duplicates, events.len() as u32, "{retry:?}");
+    let part =
+        |shard: u32| retry.shards.iter().find(|s| s.shard == shard).cloned().expect("a part per shard");
+    // The healthy shard's part was applied by the failed call.
+    assert_eq!((part(healthy).applied, part(healthy).duplicates), (0, 2), "{retry:?}");
+    assert_eq!(part(cut).applied + part(cut).duplicates, 2, "{retry:?}");
+    let again = client.write(events.clone()).await.expect("a duplicate re-send");
+    assert_eq!((again.applied, again.duplicates), (0, events.len() as u32), "{again:?}");
+
+    wait_caught_up(&cluster, &ALL, SHARDS).await;
+    for id in ALL {
+        for (user, (count, history)) in applied_on(&cluster, id, &users).await {
+            assert_eq!((count, history), (1, vec![format!("e-{user}")]), "node {id}, {user}");
+        }
+    }
+}

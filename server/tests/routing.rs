@@ -44,7 +44,8 @@ async fn the_map_lists_every_shard_with_its_replicas_leader_and_applied_index() 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!((map.epoch, map.shards, map.replication, map.node_id), (0, SHARDS, 1, 1));
+    // A new cluster's map (epoch 1): every shard on its one node, aiming for RF 3.
+    assert_eq!((map.epoch, map.shards, map.replication, map.node_id), (1, SHARDS, 3, 1));
     assert_eq!(map.nodes.len(), 1);
     assert_eq!(map.nodes[0].node_id, 1);
     let status = client.cluster_status().await.expect("status");
@@ -91,7 +92,7 @@ async fn every_answer_carries_the_map_epoch() {
     let node = TestNode::start_sharded(SHARDS).await;
     let mut admin = AdminClient::connect(node.endpoint()).await.expect("connect");
     let answer = admin.shard_map(ShardMapRequest {}).await.expect("shard map");
-    assert_eq!(answer.metadata().get(MAP_EPOCH_HEADER).expect("header"), "0");
+    assert_eq!(answer.metadata().get(MAP_EPOCH_HEADER).expect("header"), "1");
     let refused = admin.locate(LocateRequest { user_id: String::new() }).await.unwrap_err();
-    assert_eq!(refused.metadata().get(MAP_EPOCH_HEADER).expect("header on errors too"), "0");
+    assert_eq!(refused.metadata().get(MAP_EPOCH_HEADER).expect("header on errors too"), "1");
 }

@@ -4,8 +4,11 @@
 //! Each reason has its own flag; the node campaigns only if none objects.
 //!
 //! With quiet idle groups ([`super::quiet`]) openraft's election timer is
-//! always off, since a leader at rest sends nothing to renew it; the quiet
-//! task campaigns instead, when [`ElectSwitch::may_campaign`] allows.
+//! off while the replica follows, since a leader at rest sends nothing to
+//! renew it; the quiet task campaigns instead, when
+//! [`ElectSwitch::may_campaign`] allows. A candidate (a campaign that has
+//! not won yet, e.g. a split vote) gets the timer back: openraft's
+//! randomized timeouts settle the election.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,8 +18,9 @@ use crate::types::Raft;
 #[derive(Clone)]
 pub struct ElectSwitch {
     raft: Raft,
-    /// Whether openraft's own election timer may run (off for quiet groups).
-    timer: bool,
+    /// Whether openraft's own election timer may run (off for quiet
+    /// groups but while campaigning).
+    timer: Arc<AtomicBool>,
     clock_ok: Arc<AtomicBool>,
     faults_ok: Arc<AtomicBool>,
 }
@@ -25,7 +29,7 @@ impl ElectSwitch {
     pub fn new(raft: Raft, timer: bool) -> ElectSwitch {
         let switch = ElectSwitch {
             raft,
-            timer,
+            timer: Arc::new(AtomicBool::new(timer)),
             clock_ok: Arc::new(AtomicBool::new(true)),
             faults_ok: Arc::new(AtomicBool::new(true)),
         };
@@ -46,12 +50,20 @@ impl ElectSwitch {
         self.apply();
     }
 
+    /// Lets openraft's election timer run or not (quiet groups: while a
+    /// candidate).
+    pub fn set_timer(&self, on: bool) {
+        if self.timer.swap(on, Ordering::AcqRel) != on {
+            self.apply();
+        }
+    }
+
     /// Whether no reason holds this node back from campaigning.
     pub fn may_campaign(&self) -> bool {
         self.clock_ok.load(Ordering::Acquire) && self.faults_ok.load(Ordering::Acquire)
     }
 
     fn apply(&self) {
-        self.raft.runtime_config().elect(self.timer && self.may_campaign());
+        self.raft.runtime_config().elect(self.timer.load(Ordering::Acquire) && self.may_campaign());
     }
 }

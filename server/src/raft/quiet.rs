@@ -277,6 +277,7 @@ impl QuietGroups {
     fn lead(&self, replica: &Replica, m: &Metrics, w: &mut Watch) {
         let now = Instant::now();
         (w.leaderless_since, w.leader_boot, w.campaign_at) = (None, None, None);
+        replica.elect.set_timer(false);
         let caught_up = leader_caught_up(m);
         let seen = (m.current_term, m.last_log_index);
         let steady_since = match w.steady {
@@ -318,6 +319,9 @@ impl QuietGroups {
             None => Some(*w.leaderless_since.get_or_insert(now)),
         };
         w.leaderless_since = leaderless_since;
+        // A campaign that did not win (a split vote) is retried by
+        // openraft's own randomized timer, not by rounds of this task.
+        replica.elect.set_timer(m.state == openraft::ServerState::Candidate);
         let voter = m.membership_config.membership().voter_ids().any(|v| v == self.me);
         let view = FollowerView {
             may_campaign: voter && replica.elect.may_campaign(),

@@ -298,11 +298,32 @@ impl Syncer {
     }
 }
 
-/// Syncs the WAL once per run of queued callbacks, whatever their groups.
+/// After an append arrives, the fsync thread waits for more while they
+/// keep coming at most this far apart (the shards' parts of one write are
+/// appended within microseconds of each other)...
+const GATHER_GAP: std::time::Duration = std::time::Duration::from_micros(200);
+/// ... and at most this long in all, before it syncs.
+const GATHER_MAX: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Syncs the WAL once per run of queued callbacks, whatever their groups:
+/// a run is what arrived until a gap of [`GATHER_GAP`] (at most
+/// [`GATHER_MAX`] after its first append).
 fn flush_loop(syncer: &Syncer, rx: mpsc::Receiver<Queued>) {
     while let Ok(first) = rx.recv() {
-        drop(syncer.hold.lock().unwrap_or_else(|e| e.into_inner()));
+        let started = std::time::Instant::now();
         let mut queued = vec![first];
+        loop {
+            queued.extend(rx.try_iter());
+            let left = GATHER_MAX.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(GATHER_GAP.min(left)) {
+                Ok(next) => queued.push(next),
+                Err(_) => break,
+            }
+        }
+        drop(syncer.hold.lock().unwrap_or_else(|e| e.into_inner()));
         queued.extend(rx.try_iter());
         syncer.sync_and_ack(queued);
     }

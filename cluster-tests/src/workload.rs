@@ -33,6 +33,19 @@ pub fn order(i: u64) -> Event {
     }
 }
 
+/// A page view of `user` a second ago, with id `event_id` and attribute
+/// `page`.
+pub fn visit(user: &str, event_id: &str, page: &str) -> Event {
+    Event {
+        user_id: user.into(),
+        family: "browse".into(),
+        r#type: "view".into(),
+        event_time_ms: now_ms() - 1_000,
+        event_id: event_id.into(),
+        attrs: [("page".to_string(), Value::string(page))].into(),
+    }
+}
+
 /// Every event id a node serves in the users' trade history (local read).
 pub async fn served(client: &PortraitClient) -> BTreeSet<String> {
     let users: Vec<String> = (0..USERS).map(|u| format!("u{u}")).collect();

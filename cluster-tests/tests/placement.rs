@@ -7,24 +7,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use portrait_client::json::now_ms;
 use portrait_client::portrait_proto::v1::ClusterStatusResponse;
 use portrait_client::{Consistency, Event, Value};
-use portrait_cluster_tests::Cluster;
+use portrait_cluster_tests::{workload, Cluster};
 use portrait_core::shard::shard_of;
 
 const SHARDS: u32 = 8;
 const RF: usize = 3;
 
 fn visit(user: &str, page: &str) -> Event {
-    Event {
-        user_id: user.into(),
-        family: "browse".into(),
-        r#type: "view".into(),
-        event_time_ms: now_ms() - 1_000,
-        event_id: format!("{page}-{user}"),
-        attrs: [("page".to_string(), Value::string(page))].into(),
-    }
+    workload::visit(user, &format!("{page}-{user}"), page)
 }
 
 async fn statuses(cluster: &Cluster, nodes: &[u64]) -> BTreeMap<u64, ClusterStatusResponse> {

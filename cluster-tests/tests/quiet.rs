@@ -8,10 +8,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use portrait_client::json::now_ms;
 use portrait_client::portrait_proto::v1::ClusterStatusResponse;
-use portrait_client::{Consistency, Event, PortraitClient, Value, WriteResponse};
-use portrait_cluster_tests::Cluster;
+use portrait_client::{Consistency, Event, PortraitClient, WriteResponse};
+use portrait_cluster_tests::{workload, Cluster};
 
 const SHARDS: u32 = 8;
 const ALL: [u64; 3] = [1, 2, 3];
@@ -19,14 +18,7 @@ const ALL: [u64; 3] = [1, 2, 3];
 const QUIET: Duration = Duration::from_secs(2);
 
 fn visit(user: &str, id: &str) -> Event {
-    Event {
-        user_id: user.into(),
-        family: "browse".into(),
-        r#type: "view".into(),
-        event_time_ms: now_ms() - 1_000,
-        event_id: id.into(),
-        attrs: [("page".to_string(), Value::string(id))].into(),
-    }
+    workload::visit(user, id, id)
 }
 
 /// Writes one event for each of `users` through node `via`; every shard

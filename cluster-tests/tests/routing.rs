@@ -7,19 +7,11 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 
-use portrait_client::json::now_ms;
 use portrait_client::{shard_of, Consistency, Event, Value};
-use portrait_cluster_tests::{Cluster, TEST_SHARDS};
+use portrait_cluster_tests::{workload, Cluster, TEST_SHARDS};
 
 fn visit(user: &str, page: &str) -> Event {
-    Event {
-        user_id: user.into(),
-        family: "browse".into(),
-        r#type: "view".into(),
-        event_time_ms: now_ms() - 1_000,
-        event_id: format!("{page}-{user}"),
-        attrs: [("page".to_string(), Value::string(page))].into(),
-    }
+    workload::visit(user, &format!("{page}-{user}"), page)
 }
 
 /// The `portrait` CLI built next to the tests (`cargo build --release -p

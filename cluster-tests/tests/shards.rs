@@ -6,19 +6,11 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use portrait_client::json::now_ms;
 use portrait_client::{Consistency, Event, PortraitClient, Value, WriteResponse};
-use portrait_cluster_tests::{Cluster, TEST_SHARDS};
+use portrait_cluster_tests::{workload, Cluster, TEST_SHARDS};
 
 fn visit(user: &str, id: &str) -> Event {
-    Event {
-        user_id: user.into(),
-        family: "browse".into(),
-        r#type: "view".into(),
-        event_time_ms: now_ms() - 1_000,
-        event_id: id.into(),
-        attrs: [("page".to_string(), Value::string(id))].into(),
-    }
+    workload::visit(user, id, id)
 }
 
 /// Waits until node `id` has applied every part of `written` in its shard.

@@ -277,10 +277,10 @@ impl Node {
     }
 
     /// A new single node creates the cluster: the meta group with itself
-    /// as its voter, the map (every shard on this node), then the shards.
-    /// A start interrupted part way is finished by the next: the map is
-    /// created if missing, and the placement task creates shards placed
-    /// only here that were never initialized.
+    /// as its voter, the map (every shard on this node), then the shards
+    /// (`host`, as the placement task does). A start interrupted part way
+    /// is finished by the next: the map is created if missing, and shards
+    /// placed only here that were never initialized are created.
     async fn bootstrap(&self, replication: u32) -> anyhow::Result<()> {
         let me = BTreeMap::from([(self.id, BasicNode::new(&self.advertise))]);
         if !self.meta.raft.is_initialized().await? {
@@ -289,19 +289,9 @@ impl Node {
             return Ok(());
         }
         self.create_cluster(self.shards, replication).await?;
-        for k in 0..self.shards {
-            let gid = GroupId(k);
-            let replica = match self.registry.get(gid) {
-                Some(r) => r,
-                None => {
-                    let r = Arc::new(Replica::open(gid, &self.shared()).await?);
-                    self.registry.insert(r.clone());
-                    r
-                }
-            };
-            if !replica.raft.is_initialized().await? {
-                replica.raft.initialize(me.clone()).await?;
-            }
+        // The new map places every shard here alone: opening them creates them.
+        if let Some(map) = self.cluster().map.as_ref() {
+            self.host(map).await?;
         }
         tracing::info!(
             node_id = self.id,

@@ -735,3 +735,21 @@ async fn raft_messages_for_a_group_this_node_does_not_host_are_refused() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("data: undecodable raft message"), "{}", status.message());
 }
+
+/// An address is checked before anything changes: empty, not a URL, or
+/// longer than the map keeps.
+#[tokio::test]
+async fn add_node_refuses_bad_addresses_naming_addr() {
+    let node = TestNode::start().await;
+    let client = PortraitClient::connect(&node.endpoint()).await.unwrap();
+    let long = format!("http://{}:7700", "a".repeat(300));
+    for (addr, reason) in
+        [("", "addr: must not be empty"), (long.as_str(), "addr: 312 bytes is over the limit of 256")]
+    {
+        let e = client.add_node(2, addr, false).await.expect_err("refused");
+        assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+        assert!(e.to_string().contains(reason), "{e}");
+    }
+    let members = client.cluster_status().await.unwrap().members;
+    assert_eq!(members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [1], "nothing changed");
+}

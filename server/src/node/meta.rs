@@ -29,6 +29,9 @@ use crate::types::{Command, CommandResult, GroupId, NodeId};
 
 /// Voters of the meta group at most; further nodes are its learners.
 pub const MAX_META_VOTERS: usize = 5;
+/// A node address longer than this is refused (it is kept in the map and
+/// every raft membership).
+pub const MAX_ADDR_BYTES: usize = 256;
 /// How long AddNode and RemoveNode wait for the shards to follow the map
 /// (a new replica may need a snapshot), and ApplySchema for every shard
 /// to apply the schema. Past it the change stays made and goes on; the
@@ -130,6 +133,12 @@ impl Node {
     pub async fn add_node(&self, id: NodeId, addr: String, learner_only: bool) -> Result<u64> {
         if addr.is_empty() {
             return Err(Error::invalid("addr", "must not be empty"));
+        }
+        if addr.len() > MAX_ADDR_BYTES {
+            return Err(Error::invalid(
+                "addr",
+                format!("{} bytes is over the limit of {MAX_ADDR_BYTES}", addr.len()),
+            ));
         }
         if let Err(e) = tonic::transport::Endpoint::from_shared(addr.clone()) {
             return Err(Error::invalid("addr", format!("not a valid URL ({e}); e.g. http://10.0.0.2:7700")));

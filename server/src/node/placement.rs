@@ -115,7 +115,7 @@ impl Node {
 
     /// Opens a replica of every shard the map places here (creating a
     /// shard whose only replica is here and that was never initialized).
-    async fn host(&self, map: &ShardMap) -> anyhow::Result<()> {
+    pub(super) async fn host(&self, map: &ShardMap) -> anyhow::Result<()> {
         for shard in map.hosted_by(self.id) {
             let gid = GroupId(shard);
             let replica = match self.registry.get(gid) {

@@ -1,7 +1,7 @@
 //! Five nodes, eight shards, replication factor 3: the meta group's map
 //! places each shard on three distinct nodes (the shards' raft groups
-//! follow it), a write through a node that hosts no replica of a user's
-//! shard is forwarded to one, and removing a node re-creates its replicas
+//! follow it), a write or a read through a node that hosts no replica of a
+//! user's shard is forwarded to one, and removing a node re-creates its replicas
 //! on the nodes that had none, losing nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -102,6 +102,33 @@ async fn shards_live_on_three_of_five_nodes_and_a_removed_node_is_replaced() {
     assert_eq!(written.applied, users.len() as u32, "{written:?}");
     assert_eq!(written.shards.len(), SHARDS as usize);
     check_replicas(&cluster, &placed, &users, "first").await;
+
+    // Reads through it without the client's routing: it forwards each
+    // shard's part to a node hosting the shard (the leader, for
+    // LINEARIZABLE) and gathers them in request order.
+    let direct = cluster.client(via).await.without_routing();
+    let mut asked: Vec<String> = users.iter().rev().cloned().collect();
+    asked.push(users[3].clone());
+    let got =
+        direct.batch_get_profiles(&asked, &[], Consistency::Linearizable).await.expect("forwarded read");
+    let pages: Vec<(String, Option<Value>)> = got
+        .profiles
+        .iter()
+        .map(|p| {
+            let page =
+                p.families.get("browse").and_then(|f| f.attrs.get("page")).and_then(|a| a.value.clone());
+            (p.user_id.clone(), page)
+        })
+        .collect();
+    let want: Vec<(String, Option<Value>)> =
+        asked.iter().map(|u| (u.clone(), Some(Value::string("first")))).collect();
+    assert_eq!(pages, want, "every user, in request order");
+    let info = got.read_info.expect("read info");
+    assert!(placed[&info.shard].contains(&info.node_id), "served by a replica of its shard: {info:?}");
+    let one = direct.get_profile(&users[1], &[], Consistency::Local).await.expect("forwarded local read");
+    let info = one.read_info.expect("read info");
+    assert_eq!(info.shard, shard_of(&users[1], SHARDS));
+    assert!(placed[&info.shard].contains(&info.node_id), "served by a replica: {info:?}");
 
     // Node 2 leaves: its replicas are re-created on the other nodes.
     let r = cluster.client(3).await.remove_node(2).await.expect("remove node 2");

@@ -11,6 +11,7 @@
 //! `node/cluster.rs`.
 
 mod cluster;
+mod forward;
 pub mod map;
 mod meta;
 mod placement;
@@ -43,6 +44,7 @@ use crate::schema::VersionedSchema;
 use crate::store::{LogEngine, StateDb};
 use crate::types::{GroupId, NodeId};
 
+pub use read::ForwardedRead;
 pub use write::{ShardWrite, WriteResult};
 
 /// How to start a node.
@@ -70,14 +72,14 @@ pub struct NodeOptions {
 }
 
 /// Read freshness, as asked by the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Consistency {
     Local,
     Linearizable,
 }
 
 /// Where a read was served and how fresh it was.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ReadInfo {
     pub node_id: NodeId,
     /// The shard whose replica served the read.

@@ -736,6 +736,40 @@ async fn raft_messages_for_a_group_this_node_does_not_host_are_refused() {
     assert!(status.message().starts_with("data: undecodable raft message"), "{}", status.message());
 }
 
+/// A forwarded read part is served only from a replica of its shard, and
+/// only for that shard's users; otherwise a clear refusal, never a hop on.
+#[tokio::test]
+async fn forwarded_reads_are_checked_against_their_shard() {
+    use portrait_client::portrait_proto::v1::raft_client::RaftClient;
+    use portrait_client::portrait_proto::v1::RaftPayload;
+    use portrait_core::shard::shard_of;
+    use portrait_server::node::{Consistency, ForwardedRead};
+    use portrait_server::store::read::Selection;
+    let node = TestNode::start_sharded(common::SHARDS).await;
+    let client = PortraitClient::connect(&node.endpoint()).await.unwrap();
+    client.write(vec![event("u1", "browse", 0, "e1", &[])]).await.unwrap();
+    let mut raft = RaftClient::connect(node.endpoint()).await.expect("connect");
+    let shard = shard_of("u1", common::SHARDS);
+    let part = |user: &str| ForwardedRead {
+        users: vec![user.to_string()],
+        selection: Selection::all(),
+        consistency: Consistency::Linearizable,
+    };
+    let read =
+        |group: u32, part: ForwardedRead| RaftPayload { data: bincode::serialize(&part).unwrap(), group };
+    let reply = raft.forward_read(read(shard, part("u1"))).await.expect("served").into_inner();
+    let (views, info): (Vec<portrait_server::store::read::ProfileView>, portrait_server::node::ReadInfo) =
+        bincode::deserialize(&reply.data).unwrap();
+    assert!(views.len() == 1 && views[0].found, "{views:?}");
+    assert_eq!((info.node_id, info.shard), (1, shard));
+    let other = (0..100).map(|i| format!("v{i}")).find(|u| shard_of(u, common::SHARDS) != shard).unwrap();
+    let status = raft.forward_read(read(shard, part(&other))).await.expect_err("wrong shard");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.message(), format!("users: {other:?} is not a user of shard {shard}"));
+    let status = raft.forward_read(read(4_000, part("u1"))).await.expect_err("not a shard");
+    assert_eq!((status.code(), status.message()), (Code::NotFound, "node 1 hosts no replica of shard 4000"));
+}
+
 /// An address is checked before anything changes: empty, not a URL, or
 /// longer than the map keeps.
 #[tokio::test]

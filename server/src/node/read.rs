@@ -1,28 +1,43 @@
-//! Reads across shards: each user is read from its shard's replica on this
-//! node; LINEARIZABLE first confirms, per shard read, that shard's
-//! leadership through its read index. Results come back in request order.
-//! A read of a shard this node hosts no replica of is redirected (the
-//! leader-redirect metadata names a node that hosts it; the Rust client
-//! sends each shard's part to such a node itself).
+//! Reads across shards: users are grouped by shard; each shard this node
+//! hosts a replica of is read here, each other shard's part is forwarded
+//! in one hop to a node hosting it (`Raft.ForwardRead`), all concurrently.
+//! LINEARIZABLE first confirms, per shard, that shard's leadership through
+//! its read index (a forwarded part goes to the leader). Results come back
+//! in request order. The Rust client sends each shard's part to a replica
+//! itself, so its reads take no extra hop.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::BasicNode;
 use portrait_core::shard::shard_of;
 
+use super::forward::Forward;
+use super::write::leader_elsewhere;
 use super::{written_index, Consistency, Node, ReadInfo};
-use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::limits::{MAX_CONCURRENT_READS, MAX_FAMILIES, MAX_FEATURES, MAX_RESPONSE_BYTES, MAX_TAGS};
 use crate::raft::contact::freshness;
 use crate::raft::not_leader;
 use crate::raft::replica::Replica;
 use crate::schema::VersionedSchema;
+use crate::store::codec::{decode, encode};
 use crate::store::read::{distinct_ids, read_profile, repeat_counts, ProfileView, Selection};
 use crate::types::{GroupId, NodeId};
 use crate::validate::validate_user_id;
+
+/// One shard's part of a read, forwarded to a node hosting the shard.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ForwardedRead {
+    pub users: Vec<String>,
+    pub selection: Selection,
+    pub consistency: Consistency,
+}
+
+/// A shard's users (each with how many times the request asks for it) and
+/// the replica that serves them.
+type HostedPart = (Arc<Replica>, Vec<(String, usize)>);
 
 impl Node {
     /// Reads profiles as of now; linearizable reads first confirm leadership
@@ -30,85 +45,190 @@ impl Node {
     ///
     /// The selection is bounded and checked before any per-name work, then
     /// deduplicated; a user id asked for more than once is read once and
-    /// its view returned at each of its positions. The RocksDB reads and
-    /// feature evaluation run on a blocking thread, at most
-    /// [`MAX_CONCURRENT_READS`] at once, so a read storm cannot starve the
-    /// async workers that carry raft heartbeats.
+    /// its view returned at each of its positions. The response is bounded
+    /// by [`MAX_RESPONSE_BYTES`] as a whole: each part stops early when it
+    /// alone passes it (memory: the limit per shard read, plus one user's
+    /// profile), and the gathered views are counted again.
     pub async fn read_profiles(
         &self,
         user_ids: &[String],
         selection: Selection,
         consistency: Consistency,
     ) -> Result<(Vec<ProfileView>, ReadInfo)> {
-        static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_READS);
         check_selection(&self.schema(), &selection)?;
         let selection = selection.deduped();
         for (i, u) in user_ids.iter().enumerate() {
             validate_user_id(u).map_err(|e| Error::invalid(format!("user_ids[{i}]"), e.reason))?;
         }
         let (unique, positions) = distinct_ids(user_ids);
-        let shard_of_user: Vec<u32> = unique.iter().map(|u| shard_of(u, self.shards)).collect();
-        let read: BTreeSet<u32> =
-            shard_of_user.iter().copied().chain(user_ids.is_empty().then_some(0)).collect();
-        let replicas: BTreeMap<u32, Arc<Replica>> =
-            read.into_iter().map(|s| Ok((s, self.hosted_or_redirect(GroupId(s))?))).collect::<Result<_>>()?;
-        if consistency == Consistency::Linearizable {
-            let checks = replicas
-                .values()
-                .map(|r| async move { self.ensure_linearizable(r).await.map_err(|e| e.in_shard(r.gid)) });
-            futures::future::try_join_all(checks).await?;
-        }
-        // Per shard, the schema and engine its users are read with.
-        let engines: BTreeMap<u32, (Arc<VersionedSchema>, Arc<Engine>)> =
-            replicas.iter().map(|(s, r)| (*s, (r.sm.schema(), r.sm.engine()))).collect();
-        // Moved into the blocking task: a cancelled call still holds its turn
-        // until its reads are done.
-        let permit = READS.acquire().await.map_err(Error::internal)?;
-        let now = self.clock.now_ms();
-        let db = self.first().sm.db();
         let repeats = repeat_counts(&positions, unique.len());
-        let read = move || {
-            let _permit = permit;
-            // The response's bytes, counted as the views are read, so a
-            // call that would pass the response limit stops early (memory:
-            // the limit plus one user's profile).
-            let mut bytes = 0usize;
-            let mut views = Vec::with_capacity(unique.len());
-            for (i, user) in unique.iter().enumerate() {
-                let shard = shard_of_user[i];
-                let (schema, engine) = &engines[&shard];
-                let view = read_profile(&db, GroupId(shard), &schema.schema, engine, user, &selection, now)
-                    .map_err(Error::internal)?;
-                bytes = bytes.saturating_add(view.approx_bytes().saturating_mul(repeats[i]));
-                if bytes > MAX_RESPONSE_BYTES {
-                    return Err(Error::invalid(
-                        "user_ids",
-                        format!(
-                            "the response would pass {} MiB (at user {} of {}); ask for fewer users or \
-                             select fewer families, features or tags",
-                            MAX_RESPONSE_BYTES >> 20,
-                            i + 1,
-                            unique.len()
-                        ),
-                    ));
-                }
-                views.push(view);
-            }
-            Ok(views)
+        // Indexes into `unique`, by shard; an empty request reads shard 0,
+        // whose replica's freshness the answer reports.
+        let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, user) in unique.iter().enumerate() {
+            by_shard.entry(shard_of(user, self.shards)).or_default().push(i);
+        }
+        if by_shard.is_empty() {
+            by_shard.insert(0, vec![]);
+        }
+        // LINEARIZABLE reads a shard here only where this node leads it (or
+        // knows no leader: the read index then says who leads).
+        let serves_here = |s: u32| match self.registry.get(GroupId(s)) {
+            None => false,
+            Some(r) => consistency == Consistency::Local || leader_elsewhere(&r, self.id).is_none(),
         };
-        let views = tokio::task::spawn_blocking(read).await.map_err(Error::internal)??;
+        let (hosted, remote): (Vec<_>, Vec<_>) = by_shard.into_iter().partition(|(s, _)| serves_here(*s));
+        let hosted_parts: Vec<HostedPart> = hosted
+            .iter()
+            .filter_map(|(s, idx)| {
+                let users = idx.iter().map(|&i| (unique[i].clone(), repeats[i])).collect();
+                self.registry.get(GroupId(*s)).map(|r| (r, users))
+            })
+            .collect();
+        let local = async {
+            match hosted_parts.is_empty() {
+                true => Ok(vec![]),
+                false => self.read_hosted(hosted_parts, &selection, consistency).await,
+            }
+        };
+        let forwarded = remote.iter().map(|(s, idx)| {
+            let part = ForwardedRead {
+                users: idx.iter().map(|&i| unique[i].clone()).collect(),
+                selection: selection.clone(),
+                consistency,
+            };
+            self.forward_read(GroupId(*s), part)
+        });
+        let (local, forwarded) = futures::future::join(local, futures::future::try_join_all(forwarded)).await;
+        let (local, forwarded) = (local?, forwarded?);
+        // Each part's views in its users' order, back into `unique`'s.
+        let mut views: Vec<Option<ProfileView>> = vec![None; unique.len()];
+        let mut infos = Vec::new();
+        let parts = hosted.iter().zip(local).chain(remote.iter().zip(forwarded));
+        for ((_, idx), (part_views, info)) in parts {
+            if part_views.len() != idx.len() {
+                return Err(Error::Internal(format!(
+                    "shard {}: {} views for {} users",
+                    info.shard,
+                    part_views.len(),
+                    idx.len()
+                )));
+            }
+            for (&i, view) in idx.iter().zip(part_views) {
+                views[i] = Some(view);
+            }
+            infos.push(info);
+        }
+        let views: Vec<ProfileView> =
+            views.into_iter().map(|v| v.expect("every user is in one part")).collect();
+        let bytes = views.iter().zip(&repeats).map(|(v, r)| v.approx_bytes().saturating_mul(*r));
+        if bytes.fold(0usize, usize::saturating_add) > MAX_RESPONSE_BYTES {
+            return Err(too_large(unique.len(), unique.len()));
+        }
         // Without repeats, positions are 0..n: the views are in order already.
         let views = match views.len() == positions.len() {
             true => views,
             false => positions.into_iter().map(|i| views[i].clone()).collect(),
         };
         // The stalest shard read speaks for the call.
-        let info = replicas
-            .values()
-            .map(|r| self.read_info(r, now))
-            .max_by_key(|i| i.freshness.lag_entries)
-            .expect("at least one shard");
+        let info = infos.into_iter().max_by_key(|i| i.freshness.lag_entries).expect("at least one shard");
         Ok((views, info))
+    }
+
+    /// Reads shards this node hosts, each part's views in its users'
+    /// order, with each part's read info.
+    ///
+    /// The RocksDB reads and feature evaluation run on a blocking thread,
+    /// at most [`MAX_CONCURRENT_READS`] at once, so a read storm cannot
+    /// starve the async workers that carry raft heartbeats.
+    async fn read_hosted(
+        &self,
+        parts: Vec<HostedPart>,
+        selection: &Selection,
+        consistency: Consistency,
+    ) -> Result<Vec<(Vec<ProfileView>, ReadInfo)>> {
+        static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_READS);
+        if consistency == Consistency::Linearizable {
+            let checks = parts.iter().map(|(r, _)| async move {
+                self.ensure_linearizable(r).await.map_err(|e| e.in_shard(r.gid))
+            });
+            futures::future::try_join_all(checks).await?;
+        }
+        // Moved into the blocking task: a cancelled call still holds its turn
+        // until its reads are done.
+        let permit = READS.acquire().await.map_err(Error::internal)?;
+        let now = self.clock.now_ms();
+        let db = self.first().sm.db();
+        let selection = selection.clone();
+        let total: usize = parts.iter().map(|(_, users)| users.len()).sum();
+        // Per part: the replica (for its read info afterwards), the schema
+        // and engine its users are read with, and the users.
+        let work: Vec<_> =
+            parts.into_iter().map(|(r, users)| (r.sm.schema(), r.sm.engine(), r, users)).collect();
+        let read = move || {
+            let _permit = permit;
+            // The response's bytes, counted as the views are read, so a
+            // call that would pass the response limit stops early (memory:
+            // the limit plus one user's profile).
+            let mut bytes = 0usize;
+            let mut done = 0usize;
+            let mut out = Vec::with_capacity(work.len());
+            for (schema, engine, replica, users) in work {
+                let mut views = Vec::with_capacity(users.len());
+                for (user, repeats) in &users {
+                    let view = read_profile(&db, replica.gid, &schema.schema, &engine, user, &selection, now)
+                        .map_err(Error::internal)?;
+                    done += 1;
+                    bytes = bytes.saturating_add(view.approx_bytes().saturating_mul(*repeats));
+                    if bytes > MAX_RESPONSE_BYTES {
+                        return Err(too_large(done, total));
+                    }
+                    views.push(view);
+                }
+                out.push((views, replica));
+            }
+            Ok(out)
+        };
+        let read = tokio::task::spawn_blocking(read).await.map_err(Error::internal)??;
+        Ok(read.into_iter().map(|(views, r)| (views, self.read_info(&r, now))).collect())
+    }
+
+    /// One shard's part, read by a node that hosts the shard (its leader
+    /// for LINEARIZABLE), tried as [`Node::to_replicas`] does.
+    async fn forward_read(&self, gid: GroupId, part: ForwardedRead) -> Result<(Vec<ProfileView>, ReadInfo)> {
+        let data = encode(&part);
+        let read = self
+            .to_replicas(gid, |node, addr| {
+                let data = data.clone();
+                async move {
+                    let reply = self.call_peer(Forward::Read, gid, node, &addr, data).await?;
+                    decode::<(Vec<ProfileView>, ReadInfo)>(&reply).map_err(Error::internal)
+                }
+            })
+            .await;
+        read.map_err(|e| e.in_shard(gid))
+    }
+
+    /// A part forwarded by another node: served from this node's replica
+    /// of `gid` (never forwarded again), else NOT_FOUND; LINEARIZABLE on a
+    /// replica that does not lead is a redirect to the leader.
+    pub async fn forwarded_read(
+        &self,
+        gid: GroupId,
+        part: ForwardedRead,
+    ) -> Result<(Vec<ProfileView>, ReadInfo)> {
+        let replica = self.replica(gid)?;
+        if let Some(u) = part.users.iter().find(|u| shard_of(u, self.shards) != gid.0) {
+            return Err(Error::invalid("users", format!("{u:?} is not a user of {gid}")));
+        }
+        check_selection(&self.schema(), &part.selection)?;
+        if part.users.len() > crate::limits::MAX_BATCH_GET_USERS {
+            return Err(Error::invalid("users", format!("{} users in one forwarded read", part.users.len())));
+        }
+        let selection = part.selection.deduped();
+        let users = part.users.into_iter().map(|u| (u, 1)).collect();
+        let mut read = self.read_hosted(vec![(replica, users)], &selection, part.consistency).await?;
+        Ok(read.pop().expect("one part"))
     }
 
     /// Confirms this node leads `replica`'s group through its read index
@@ -124,24 +244,25 @@ impl Node {
         Ok(())
     }
 
-    /// This node's replica of `gid`, else a redirect to a node that hosts
-    /// one (its leader if known).
-    fn hosted_or_redirect(&self, gid: GroupId) -> Result<Arc<Replica>> {
-        if let Some(replica) = self.registry.get(gid) {
-            return Ok(replica);
-        }
-        match self.route(gid).into_iter().next() {
-            Some((node, addr)) => Err(Error::NotLeader { leader_id: Some(node), leader_addr: Some(addr) }),
-            None => Err(Error::NotFound(format!("node {} hosts no replica of {gid}", self.id))),
-        }
-    }
-
     fn read_info(&self, replica: &Replica, as_of_ms: i64) -> ReadInfo {
         let applied_index = written_index(replica);
         let m = replica.raft.metrics().borrow().clone();
         let freshness = freshness(&m, applied_index, &replica.contact, &replica.acks);
         ReadInfo { node_id: self.id, shard: replica.gid.0, applied_index, as_of_ms, freshness }
     }
+}
+
+/// INVALID_ARGUMENT on `user_ids`: the response would pass
+/// [`MAX_RESPONSE_BYTES`] at the `at`-th of `of` users read.
+fn too_large(at: usize, of: usize) -> Error {
+    Error::invalid(
+        "user_ids",
+        format!(
+            "the response would pass {} MiB (at user {at} of {of}); ask for fewer users or select fewer \
+             families, features or tags",
+            MAX_RESPONSE_BYTES >> 20
+        ),
+    )
 }
 
 /// The selection's names exist in the schema (and are not too many).

@@ -5,15 +5,15 @@
 //! of the shard), forwarded in one hop to the shard's leader otherwise
 //! (`Raft.ForwardWrite`). A shard without a replica here is forwarded to
 //! the leader last heard of, else to the replicas the map names, following
-//! their redirects. Parts run concurrently; the call returns when
+//! their redirects (`forward.rs`). Parts run concurrently; the call returns when
 //! every part is applied, or with the first failure in shard order, named
 //! after its shard. Atomic per shard, not across shards.
 
 use std::collections::BTreeMap;
 
 use portrait_core::shard::shard_of;
-use portrait_proto::v1::RaftPayload;
 
+use super::forward::Forward;
 use super::Node;
 use crate::error::{Error, Result};
 use crate::model::{Event, WriteCounts};
@@ -80,7 +80,7 @@ impl Node {
             return self.forward_unhosted(gid, events).await;
         };
         match leader_elsewhere(&replica, self.id) {
-            Some((leader, addr)) => self.forward(gid, leader, &addr, events).await,
+            Some((leader, addr)) => self.forward(gid, leader, addr, events).await,
             None => self.propose_write(&replica, events).await,
         }
     }
@@ -89,41 +89,7 @@ impl Node {
     /// heard of, then the map's replicas of the shard, following a
     /// redirect; each node is tried once.
     async fn forward_unhosted(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
-        let mut candidates: std::collections::VecDeque<(NodeId, String)> = self.route(gid).into();
-        let mut tried = std::collections::BTreeSet::new();
-        let mut last = Error::Unavailable(format!("the map names no replica of {gid}"));
-        while let Some((node, addr)) = candidates.pop_front() {
-            if !tried.insert(node) {
-                continue;
-            }
-            match self.forward(gid, node, &addr, events.clone()).await {
-                Ok(done) => {
-                    self.leaders.lock().expect("leaders lock").insert(gid, node);
-                    return Ok(done);
-                }
-                Err(Error::NotLeader { leader_id: Some(l), leader_addr: Some(a) }) => {
-                    candidates.push_front((l, a.clone()));
-                    last = Error::NotLeader { leader_id: Some(l), leader_addr: Some(a) };
-                }
-                Err(e @ (Error::NotFound(_) | Error::Unavailable(_) | Error::NotLeader { .. })) => last = e,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last)
-    }
-
-    /// Where `gid`'s leader may be: the one last heard of, then the map's
-    /// replicas of the shard, with their addresses.
-    pub(super) fn route(&self, gid: GroupId) -> Vec<(NodeId, String)> {
-        let cluster = self.cluster();
-        let Some(map) = cluster.map.as_ref() else { return vec![] };
-        let known = self.leaders.lock().expect("leaders lock").get(&gid).copied();
-        let replicas = map.replicas.get(gid.0 as usize).cloned().unwrap_or_default();
-        known
-            .into_iter()
-            .chain(replicas)
-            .filter_map(|n| map.nodes.get(&n).map(|e| (n, e.addr.clone())))
-            .collect()
+        self.to_replicas(gid, |node, addr| self.forward(gid, node, addr, events.clone())).await
     }
 
     /// Proposes a validated part through the write batcher.
@@ -150,25 +116,11 @@ impl Node {
         &self,
         gid: GroupId,
         leader: NodeId,
-        addr: &str,
+        addr: String,
         events: Vec<Event>,
     ) -> Result<(WriteCounts, u64)> {
-        let unreachable = |e: &dyn std::fmt::Display| {
-            Error::Unavailable(format!("forwarding to node {leader} at {addr}, the leader: {e}"))
-        };
-        let mut client = self.channels.get(addr).map_err(|e| unreachable(&e))?;
-        let mut request = tonic::Request::new(RaftPayload { data: encode(&events), group: gid.0 });
-        request.set_timeout(self.write_timeout + std::time::Duration::from_secs(1));
-        match client.forward_write(request).await {
-            Ok(reply) => decode(&reply.into_inner().data).map_err(Error::internal),
-            Err(status) if status.metadata().contains_key(crate::service::status::ERROR_CODE_KEY) => {
-                Err(crate::service::status::error_from_status(&status))
-            }
-            Err(status) => {
-                self.channels.reset(addr);
-                Err(unreachable(&status))
-            }
-        }
+        let reply = self.call_peer(Forward::Write, gid, leader, &addr, encode(&events)).await?;
+        decode(&reply).map_err(Error::internal)
     }
 
     /// A part forwarded by another node: proposed if this node leads the
@@ -190,7 +142,7 @@ impl Node {
 
 /// The leader of `replica`'s group and its address, if it is another node
 /// whose address is known.
-fn leader_elsewhere(replica: &Replica, me: NodeId) -> Option<(NodeId, String)> {
+pub(super) fn leader_elsewhere(replica: &Replica, me: NodeId) -> Option<(NodeId, String)> {
     let m = replica.raft.metrics();
     let m = m.borrow();
     let leader = m.current_leader.filter(|l| *l != me)?;

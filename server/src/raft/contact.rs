@@ -101,7 +101,7 @@ impl PeerAcks {
 }
 
 /// How fresh this node's state is, as reads and `ClusterStatus` report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Freshness {
     /// The leader's commit index as last seen here (on the leader: its last
     /// log index) minus this node's applied index.

@@ -69,6 +69,11 @@ impl Raft for RaftService {
         reply(self.node.forwarded_write(group, events).await?)
     }
 
+    async fn forward_read(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let (group, part): (GroupId, crate::node::ForwardedRead) = decode_req(req)?;
+        reply(self.node.forwarded_read(group, part).await?)
+    }
+
     async fn clock(&self, _: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {
         let boot_id = crate::raft::liveness::boot_id();
         Ok(Response::new(ClockResponse { wall_ms: self.node.clock_now_ms(), boot_id }))

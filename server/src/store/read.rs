@@ -21,7 +21,7 @@ use crate::types::GroupId;
 /// What to read; `None` = all of that kind. As requested (in request order,
 /// repeats kept) until [`Selection::deduped`]; the read path expects a
 /// deduplicated selection (sorted, so membership is a binary search).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Selection {
     pub families: Option<Vec<String>>,
     pub features: Option<Vec<String>>,
@@ -78,7 +78,7 @@ pub fn repeat_counts(positions: &[usize], distinct: usize) -> Vec<usize> {
 }
 
 /// A user's live data.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ProfileView {
     /// Whether the user has any live data or computed state.
     pub found: bool,

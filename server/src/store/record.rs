@@ -196,7 +196,7 @@ impl FamilyHead {
 }
 
 /// A family's data as served: latest attributes and history events.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FamilyRecord {
     pub attrs: BTreeMap<String, Cell>,
     /// Newest event time first; among equal times, the later applied first.

@@ -1,0 +1,105 @@
+//! One-hop calls to other nodes for a shard's part of a client request:
+//! `Raft.ForwardWrite` to the shard's leader, `Raft.ForwardRead` to a node
+//! hosting a replica. The receiver serves the part itself or answers with
+//! a redirect; it never forwards again, so a part takes at most one hop per
+//! node tried and a stale view cannot make nodes bounce it between them.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::future::Future;
+
+use portrait_proto::v1::RaftPayload;
+
+use super::write::leader_elsewhere;
+use super::Node;
+use crate::error::{Error, Result};
+use crate::service::status::{error_from_status, ERROR_CODE_KEY};
+use crate::types::{GroupId, NodeId};
+
+/// Which internal call carries a forwarded part.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Forward {
+    Write,
+    Read,
+}
+
+impl Node {
+    /// Where `gid`'s leader may be: the one this node's replica follows, or
+    /// else the one last heard of, then the map's replicas of the shard,
+    /// with their addresses.
+    pub(super) fn route(&self, gid: GroupId) -> Vec<(NodeId, String)> {
+        let cluster = self.cluster();
+        let Some(map) = cluster.map.as_ref() else { return vec![] };
+        let followed = self.registry.get(gid).and_then(|r| leader_elsewhere(&r, self.id)).map(|(n, _)| n);
+        let known = followed.or_else(|| self.leaders.lock().expect("leaders lock").get(&gid).copied());
+        let replicas = map.replicas.get(gid.0 as usize).cloned().unwrap_or_default();
+        known
+            .into_iter()
+            .chain(replicas)
+            .filter_map(|n| map.nodes.get(&n).map(|e| (n, e.addr.clone())))
+            .collect()
+    }
+
+    /// Runs `call` against the nodes [`Node::route`] names for `gid`, each
+    /// at most once, a redirect's leader first, until one serves it. The
+    /// node that served becomes the shard's leader last heard of (a read
+    /// served by a follower makes it the first node tried next time, which
+    /// is still one of the shard's replicas).
+    pub(super) async fn to_replicas<T, F, Fut>(&self, gid: GroupId, call: F) -> Result<T>
+    where
+        F: Fn(NodeId, String) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut candidates: VecDeque<(NodeId, String)> = self.route(gid).into();
+        let mut tried = BTreeSet::new();
+        let mut last = Error::Unavailable(format!("the map names no replica of {gid}"));
+        while let Some((node, addr)) = candidates.pop_front() {
+            if !tried.insert(node) {
+                continue;
+            }
+            match call(node, addr).await {
+                Ok(done) => {
+                    self.leaders.lock().expect("leaders lock").insert(gid, node);
+                    return Ok(done);
+                }
+                Err(Error::NotLeader { leader_id: Some(l), leader_addr: Some(a) }) => {
+                    candidates.push_front((l, a.clone()));
+                    last = Error::NotLeader { leader_id: Some(l), leader_addr: Some(a) };
+                }
+                Err(e @ (Error::NotFound(_) | Error::Unavailable(_) | Error::NotLeader { .. })) => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// Sends one shard's encoded part to node `to` at `addr` and returns
+    /// its encoded reply. The receiver's own errors come back as they are
+    /// (a redirect stays a redirect); a transport failure is UNAVAILABLE
+    /// naming the node, and drops the cached channel.
+    pub(super) async fn call_peer(
+        &self,
+        kind: Forward,
+        gid: GroupId,
+        to: NodeId,
+        addr: &str,
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let unreachable =
+            |e: &dyn std::fmt::Display| Error::Unavailable(format!("forwarding to node {to} at {addr}: {e}"));
+        let mut client = self.channels.get(addr).map_err(|e| unreachable(&e))?;
+        let mut request = tonic::Request::new(RaftPayload { data, group: gid.0 });
+        request.set_timeout(self.write_timeout + std::time::Duration::from_secs(1));
+        let reply = match kind {
+            Forward::Write => client.forward_write(request).await,
+            Forward::Read => client.forward_read(request).await,
+        };
+        match reply {
+            Ok(reply) => Ok(reply.into_inner().data),
+            Err(status) if status.metadata().contains_key(ERROR_CODE_KEY) => Err(error_from_status(&status)),
+            Err(status) => {
+                self.channels.reset(addr);
+                Err(unreachable(&status))
+            }
+        }
+    }
+}

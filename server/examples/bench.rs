@@ -65,6 +65,45 @@ struct Row {
     latencies: Vec<Duration>,
     /// Log fsyncs of the node during the scenario.
     fsyncs: u64,
+    /// Raft log entries appended during the scenario, over every group.
+    entries: u64,
+    /// CPU time of this process (node and clients) during the scenario.
+    cpu: Duration,
+}
+
+/// What a scenario's row measures on the node besides time.
+struct Counters {
+    fsyncs: u64,
+    entries: u64,
+    cpu: Duration,
+}
+
+impl Counters {
+    fn now(node: &Node) -> Counters {
+        let status = node.status();
+        let entries = status.shard_status.iter().map(|s| s.last_log_index).sum();
+        Counters { fsyncs: node.log_fsyncs(), entries, cpu: process_cpu() }
+    }
+
+    /// Fills `row`'s counters with what happened since `self`.
+    fn since(self, node: &Node, row: &mut Row) {
+        let now = Counters::now(node);
+        row.fsyncs = now.fsyncs - self.fsyncs;
+        row.entries = now.entries - self.entries;
+        row.cpu = now.cpu.saturating_sub(self.cpu);
+    }
+}
+
+/// User plus system CPU time of this process so far (`/proc/self/stat`,
+/// in clock ticks of 10 ms).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces, in parentheses).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<u64> = rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after it.
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }
 
 impl Row {
@@ -75,7 +114,7 @@ impl Row {
         };
         let secs = self.elapsed.as_secs_f64();
         println!(
-            "| {:>6} | {:<28} | {:>7} | {:>10.0} | {:>12.0} | {:>9.3} | {:>9.3} | {:>9.0} |",
+            "| {:>6} | {:<28} | {:>7} | {:>10.0} | {:>12.0} | {:>9.3} | {:>9.3} | {:>9.0} | {:>9.1} | {:>9.1} |",
             self.shards,
             self.scenario,
             self.clients,
@@ -84,6 +123,8 @@ impl Row {
             pct(0.50).as_secs_f64() * 1e3,
             pct(0.99).as_secs_f64() * 1e3,
             self.fsyncs as f64 / secs,
+            self.events as f64 / self.entries.max(1) as f64,
+            self.cpu.as_secs_f64() * 1e6 / self.events as f64,
         );
     }
 
@@ -100,14 +141,14 @@ async fn main() -> anyhow::Result<()> {
         args.events, args.batch, args.users
     );
     println!(
-        "| {:>6} | {:<28} | {:>7} | {:>10} | {:>12} | {:>9} | {:>9} | {:>9} |",
-        "shards", "scenario", "clients", "ops/s", "events/s", "p50 ms", "p99 ms", "fsyncs/s"
+        "| {:>6} | {:<28} | {:>7} | {:>10} | {:>12} | {:>9} | {:>9} | {:>9} | {:>9} | {:>9} |",
+        "shards", "scenario", "clients", "ops/s", "events/s", "p50 ms", "p99 ms", "fsyncs/s", "ev/entry", "cpu µs/ev"
     );
     println!(
-        "|{:-<8}|{:-<30}|{:-<9}|{:-<12}|{:-<14}|{:-<11}|{:-<11}|{:-<11}|",
-        "", "", "", "", "", "", "", ""
+        "|{:-<8}|{:-<30}|{:-<9}|{:-<12}|{:-<14}|{:-<11}|{:-<11}|{:-<11}|{:-<11}|{:-<11}|",
+        "", "", "", "", "", "", "", "", "", ""
     );
-    let mut ingest_rates: Vec<(usize, Vec<f64>)> = Vec::new();
+    let mut ingest_rates: Vec<(usize, Vec<(f64, f64)>)> = Vec::new();
     for &shards in &args.shards.0 {
         ingest_rates.push((shards, run_node(&args, shards).await?));
     }
@@ -118,7 +159,9 @@ async fn main() -> anyhow::Result<()> {
                 .iter()
                 .zip(base_rates)
                 .zip(&args.ingest_clients.0)
-                .map(|((r, b), clients)| format!("{clients} clients {:.2}", r / b))
+                .map(|((r, b), clients)| {
+                    format!("{clients} clients {:.2} (CPU per event {:.2}x)", r.0 / b.0, r.1 / b.1)
+                })
                 .collect();
             println!("ingest events/s, {shards} shards / {base}: {}", ratios.join(", "));
         }
@@ -127,8 +170,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Starts a node of `shards` shards on a new temp dir, runs every
-/// scenario, prints the rows; returns the ingest scenarios' events/s.
-async fn run_node(args: &Arc<Args>, shards: usize) -> anyhow::Result<Vec<f64>> {
+/// scenario, prints the rows; returns the ingest scenarios' events/s and
+/// CPU seconds per event.
+async fn run_node(args: &Arc<Args>, shards: usize) -> anyhow::Result<Vec<(f64, f64)>> {
     let dir = tempfile::tempdir()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -150,18 +194,18 @@ async fn run_node(args: &Arc<Args>, shards: usize) -> anyhow::Result<Vec<f64>> {
     let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut rates = Vec::new();
     for (i, &clients) in args.ingest_clients.0.iter().enumerate() {
-        let fsyncs = node.log_fsyncs();
+        let before = Counters::now(&node);
         let mut row = ingest(&channel, args, clients, i).await?;
         row.shards = shards;
-        row.fsyncs = node.log_fsyncs() - fsyncs;
+        before.since(&node, &mut row);
         row.print();
-        rates.push(row.events_per_sec());
+        rates.push((row.events_per_sec(), row.cpu.as_secs_f64() / row.events as f64));
     }
     for &clients in &args.read_clients.0 {
-        let fsyncs = node.log_fsyncs();
+        let before = Counters::now(&node);
         let mut row = reads(&channel, args, clients).await?;
         row.shards = shards;
-        row.fsyncs = node.log_fsyncs() - fsyncs;
+        before.since(&node, &mut row);
         row.print();
     }
     node.shutdown().await;
@@ -228,6 +272,8 @@ async fn ingest(channel: &Channel, args: &Arc<Args>, clients: usize, run: usize)
         latencies,
         shards: 0,
         fsyncs: 0,
+        entries: 0,
+        cpu: Duration::ZERO,
     })
 }
 
@@ -264,5 +310,7 @@ async fn reads(channel: &Channel, args: &Arc<Args>, clients: usize) -> anyhow::R
         latencies,
         shards: 0,
         fsyncs: 0,
+        entries: 0,
+        cpu: Duration::ZERO,
     })
 }

@@ -4,9 +4,11 @@
 //! created every shard and leads them all), then S = 16 with the leaders
 //! spread over the three nodes. Per layout: write throughput and latency
 //! (batches of 100, 1 and 32 clients) and event → tag-visible latency on a
-//! follower; each node's raft-log fsyncs per second (`ClusterStatus`); and
-//! each S = 16 layout's figures as a ratio of S = 1's (same run: the
-//! machine is shared, only those compare). Part of `make bench`.
+//! follower; each node's raft-log fsyncs per second (`ClusterStatus`), the
+//! CPU time of the three nodes per event written (`/proc`: on a shared,
+//! busy machine it varies less than the wall time); and each S = 16
+//! layout's figures as a ratio of S = 1's (same run: the machine is
+//! shared, only those compare). Part of `make bench`.
 //!
 //! Writes go through the Rust client: a whole request to the leader of the
 //! shard most of its events belong to, which proposes that part and
@@ -20,6 +22,7 @@ use portrait_client::json::now_ms;
 use portrait_client::portrait_proto::v1::rule_value::Kind;
 use portrait_client::portrait_proto::v1::{ClusterStatusResponse, GetProfileRequest};
 use portrait_client::{Consistency, Event, PortraitClient, Value};
+use portrait_cluster_tests::cpu::cpu_time;
 use portrait_cluster_tests::Cluster;
 
 const NODES: u64 = 3;
@@ -61,8 +64,8 @@ struct Row {
     events: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
-    /// Each node's log fsyncs during the scenario.
-    fsyncs: Vec<u64>,
+    /// Each node's log fsyncs and CPU time during the scenario.
+    counted: Counters,
 }
 
 impl Row {
@@ -76,16 +79,22 @@ impl Row {
         self.events as f64 / self.elapsed.as_secs_f64()
     }
 
+    /// CPU time of the three nodes together per event, in µs.
+    fn cpu_us_per_event(&self) -> f64 {
+        self.counted.cpu.iter().sum::<Duration>().as_secs_f64() * 1e6 / self.events as f64
+    }
+
     fn print(&mut self, layout: Layout) {
         let secs = self.elapsed.as_secs_f64();
-        let fsyncs: Vec<String> = self.fsyncs.iter().map(|f| format!("{:.0}", *f as f64 / secs)).collect();
+        let fsyncs: Vec<String> =
+            self.counted.fsyncs.iter().map(|f| format!("{:.0}", *f as f64 / secs)).collect();
         let (p50, p99) = (self.pct(0.50), self.pct(0.99));
-        let rate = match self.events {
-            0 => "-".to_string(),
-            _ => format!("{:.0}", self.events_per_sec()),
+        let (rate, cpu) = match self.events {
+            0 => ("-".to_string(), "-".to_string()),
+            _ => (format!("{:.0}", self.events_per_sec()), format!("{:.0}", self.cpu_us_per_event())),
         };
         println!(
-            "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9.3} | {:>9.3} | {:>17} |",
+            "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9.3} | {:>9.3} | {:>17} | {:>12} |",
             layout.shards,
             layout.leaders(),
             self.scenario,
@@ -94,6 +103,7 @@ impl Row {
             p50,
             p99,
             fsyncs.join(" / "),
+            cpu,
         );
     }
 }
@@ -123,14 +133,27 @@ async fn statuses(cluster: &Cluster) -> Vec<ClusterStatusResponse> {
     all
 }
 
-/// Each node's raft-log fsyncs since it started.
-async fn fsyncs(cluster: &Cluster) -> Vec<u64> {
-    statuses(cluster).await.iter().map(|s| s.log_fsyncs).collect()
+/// Each node's raft-log fsyncs and CPU time, since it started.
+struct Counters {
+    fsyncs: Vec<u64>,
+    cpu: Vec<Duration>,
 }
 
-/// Each node's raft-log fsyncs since `before`.
-async fn since(cluster: &Cluster, before: &[u64]) -> Vec<u64> {
-    fsyncs(cluster).await.iter().zip(before).map(|(a, b)| a - b).collect()
+impl Counters {
+    async fn read(cluster: &Cluster) -> Counters {
+        let fsyncs = statuses(cluster).await.iter().map(|s| s.log_fsyncs).collect();
+        let cpu = cluster.nodes.iter().map(|n| cpu_time(n.pid().expect("running"))).collect();
+        Counters { fsyncs, cpu }
+    }
+
+    /// What each node counted since `before`.
+    async fn since(cluster: &Cluster, before: &Counters) -> Counters {
+        let now = Counters::read(cluster).await;
+        Counters {
+            fsyncs: now.fsyncs.iter().zip(&before.fsyncs).map(|(a, b)| a - b).collect(),
+            cpu: now.cpu.iter().zip(&before.cpu).map(|(a, b)| a.saturating_sub(*b)).collect(),
+        }
+    }
 }
 
 /// Each shard's leader (0: none) as every node sees it, if all nodes are
@@ -195,7 +218,7 @@ async fn ingest(cluster: &Cluster, clients: usize, run: usize) -> Row {
     for _ in 0..clients {
         connected.push(cluster.client(1).await);
     }
-    let before = fsyncs(cluster).await;
+    let before = Counters::read(cluster).await;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for client in connected {
@@ -215,9 +238,9 @@ async fn ingest(cluster: &Cluster, clients: usize, run: usize) -> Row {
         latencies.extend(t.await.unwrap());
     }
     let elapsed = start.elapsed();
-    let fsyncs = since(cluster, &before).await;
+    let counted = Counters::since(cluster, &before).await;
     let scenario = "Write via Rust client (batch 100)";
-    Row { scenario, clients, events: EVENTS / BATCH * BATCH, elapsed, latencies, fsyncs }
+    Row { scenario, clients, events: EVENTS / BATCH * BATCH, elapsed, latencies, counted }
 }
 
 /// Writes 3 views of a category for a fresh user (to its shard's leader)
@@ -263,37 +286,51 @@ async fn tag_probe(cluster: &Cluster) -> Row {
         // Reads stay on the node asked (no routing by shard).
         nodes.push(cluster.client(id).await.without_routing());
     }
-    let before = fsyncs(cluster).await;
+    let before = Counters::read(cluster).await;
     let start = Instant::now();
     let mut latencies = Vec::new();
     for i in 0..TAG_SAMPLES {
         latencies.push(tag_visible(&writer, &nodes, i).await);
     }
     let elapsed = start.elapsed();
-    let fsyncs = since(cluster, &before).await;
+    let counted = Counters::since(cluster, &before).await;
     let scenario = "event -> tag visible on a follower";
-    Row { scenario, clients: 1, events: 0, elapsed, latencies, fsyncs }
+    Row { scenario, clients: 1, events: 0, elapsed, latencies, counted }
 }
 
-/// Runs every scenario on a new cluster of `layout`; returns the write
-/// rates (per client count) and the tag-visibility p50.
-async fn run_layout(layout: Layout) -> (Vec<f64>, f64) {
+/// What a layout's ratios to S = 1 are made of.
+struct Outcome {
+    /// Per client count.
+    rates: Vec<f64>,
+    cpu_us_per_event: Vec<f64>,
+    tag_p50: f64,
+}
+
+/// Runs every scenario on a new cluster of `layout`, printing the rows.
+async fn run_layout(layout: Layout) -> Outcome {
     let cluster = Cluster::start_sharded(NODES, layout.shards).await;
     settle(&cluster, layout.shards, None).await;
     if layout.spread {
         let want = spread_leaders(&cluster, layout.shards).await;
         settle(&cluster, layout.shards, Some(&want)).await;
     }
-    let mut rates = Vec::new();
+    let (mut rates, mut cpu_us_per_event) = (Vec::new(), Vec::new());
     for (run, clients) in CLIENTS.into_iter().enumerate() {
         let mut row = ingest(&cluster, clients, run).await;
         row.print(layout);
         rates.push(row.events_per_sec());
+        cpu_us_per_event.push(row.cpu_us_per_event());
         settle(&cluster, layout.shards, None).await;
     }
     let mut row = tag_probe(&cluster).await;
     row.print(layout);
-    (rates, row.pct(0.5))
+    Outcome { rates, cpu_us_per_event, tag_p50: row.pct(0.5) }
+}
+
+/// `a / b` per client count.
+fn ratios(a: &[f64], b: &[f64]) -> String {
+    let each = CLIENTS.iter().zip(a.iter().zip(b)).map(|(c, (a, b))| format!("{c} clients {:.2}", a / b));
+    each.collect::<Vec<_>>().join(", ")
 }
 
 #[tokio::main]
@@ -302,35 +339,38 @@ async fn main() {
         "{NODES}-node cluster on loopback (one machine), RF {NODES}, demo schema, \
          {EVENTS} events per write scenario, batch {BATCH}, {USERS} users"
     );
+    println!("Writes: Rust client -> leader of the request's busiest shard, which forwards the other shards' parts");
+    println!("CPU: utime + stime of the 3 nodes together, per event written");
     println!(
-        "Writes: Rust client -> leader of the request's busiest shard, which forwards the other shards' parts"
+        "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9} | {:>9} | {:>17} | {:>12} |",
+        "shards",
+        "leaders",
+        "scenario",
+        "clients",
+        "events/s",
+        "p50 ms",
+        "p99 ms",
+        "fsyncs/s n1/n2/n3",
+        "CPU µs/event"
     );
     println!(
-        "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9} | {:>9} | {:>17} |",
-        "shards", "leaders", "scenario", "clients", "events/s", "p50 ms", "p99 ms", "fsyncs/s n1/n2/n3"
-    );
-    println!(
-        "|{:-<8}|{:-<12}|{:-<36}|{:-<9}|{:-<12}|{:-<11}|{:-<11}|{:-<19}|",
-        "", "", "", "", "", "", "", ""
+        "|{:-<8}|{:-<12}|{:-<36}|{:-<9}|{:-<12}|{:-<11}|{:-<11}|{:-<19}|{:-<14}|",
+        "", "", "", "", "", "", "", "", ""
     );
     let mut results = Vec::new();
     for layout in LAYOUTS {
         results.push((layout, run_layout(layout).await));
     }
     // Same-run ratios against the first layout (S = 1).
-    let (_, (base_rates, base_tag)) = &results[0];
-    for (layout, (rates, tag)) in &results[1..] {
-        let writes: Vec<String> = CLIENTS
-            .iter()
-            .zip(rates.iter().zip(base_rates))
-            .map(|(clients, (r, b))| format!("{clients} clients {:.2}", r / b))
-            .collect();
+    let (_, base) = &results[0];
+    for (layout, outcome) in &results[1..] {
         println!(
-            "S = {} (leaders {}) / S = 1: write events/s {}; tag-visible p50 {:.2}",
+            "S = {} (leaders {}) / S = 1: write events/s {}; CPU per event {}; tag-visible p50 {:.2}",
             layout.shards,
             layout.leaders(),
-            writes.join(", "),
-            tag / base_tag
+            ratios(&outcome.rates, &base.rates),
+            ratios(&outcome.cpu_us_per_event, &base.cpu_us_per_event),
+            outcome.tag_p50 / base.tag_p50
         );
     }
 }

@@ -1,30 +1,121 @@
-//! 3-node benchmark on real `portraitd` processes (loopback, one machine):
-//! Write throughput and latency through the leader (batches of 100), and
-//! event → tag-visible latency on a follower. Part of `make bench`.
+//! 3-node benchmark on real `portraitd` processes (loopback, one machine),
+//! once per cluster layout, each a new cluster: S = 1 (one raft group, as
+//! before shards), then S = 16 with RF 3 as the cluster makes it (node 1
+//! created every shard and leads them all), then S = 16 with the leaders
+//! spread over the three nodes. Per layout: write throughput and latency
+//! (batches of 100, 1 and 32 clients) and event → tag-visible latency on a
+//! follower; each node's raft-log fsyncs per second (`ClusterStatus`), the
+//! CPU time of the three nodes per event written (`/proc`: on a shared,
+//! busy machine it varies less than the wall time); and each S = 16
+//! layout's figures as a ratio of S = 1's (same run: the machine is
+//! shared, only those compare). Part of `make bench`.
+//!
+//! Writes go through the Rust client: a whole request to the leader of the
+//! shard most of its events belong to, which proposes that part and
+//! forwards each other shard's part to its leader. Each scenario's
+//! requests are built before its clock starts (as in `server/examples/bench.rs`).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use portrait_client::json::now_ms;
 use portrait_client::portrait_proto::v1::rule_value::Kind;
-use portrait_client::portrait_proto::v1::GetProfileRequest;
+use portrait_client::portrait_proto::v1::{ClusterStatusResponse, GetProfileRequest};
 use portrait_client::{Consistency, Event, PortraitClient, Value};
+use portrait_cluster_tests::cpu::cpu_time;
 use portrait_cluster_tests::Cluster;
 
-const EVENTS: usize = 100_000;
+const NODES: u64 = 3;
+const EVENTS: usize = 60_000;
 const BATCH: usize = 100;
 const USERS: usize = 20_000;
+const CLIENTS: [usize; 2] = [1, 32];
 const TAG_SAMPLES: usize = 100;
 
-fn event(seq: usize, run: usize) -> Event {
+/// A cluster to run every scenario on.
+#[derive(Clone, Copy)]
+struct Layout {
+    shards: u32,
+    /// Shard `s` led by node `s % 3 + 1` (else node 1 leads every shard).
+    spread: bool,
+}
+
+const LAYOUTS: [Layout; 3] = [
+    Layout { shards: 1, spread: false },
+    Layout { shards: 16, spread: false },
+    Layout { shards: 16, spread: true },
+];
+
+impl Layout {
+    fn leaders(&self) -> &'static str {
+        match (self.shards, self.spread) {
+            (1, _) => "node 1",
+            (_, false) => "all node 1",
+            (_, true) => "spread",
+        }
+    }
+}
+
+/// One scenario's measures.
+struct Row {
+    scenario: &'static str,
+    clients: usize,
+    /// 0 for the tag-visibility probe (no rate).
+    events: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    /// Each node's log fsyncs and CPU time during the scenario.
+    counted: Counters,
+}
+
+impl Row {
+    fn pct(&mut self, p: f64) -> f64 {
+        self.latencies.sort();
+        let i = ((self.latencies.len() as f64 * p) as usize).min(self.latencies.len() - 1);
+        self.latencies[i].as_secs_f64() * 1e3
+    }
+
+    fn events_per_sec(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// CPU time of the three nodes together per event, in µs.
+    fn cpu_us_per_event(&self) -> f64 {
+        self.counted.cpu.iter().sum::<Duration>().as_secs_f64() * 1e6 / self.events as f64
+    }
+
+    fn print(&mut self, layout: Layout) {
+        let secs = self.elapsed.as_secs_f64();
+        let fsyncs: Vec<String> =
+            self.counted.fsyncs.iter().map(|f| format!("{:.0}", *f as f64 / secs)).collect();
+        let (p50, p99) = (self.pct(0.50), self.pct(0.99));
+        let (rate, cpu) = match self.events {
+            0 => ("-".to_string(), "-".to_string()),
+            _ => (format!("{:.0}", self.events_per_sec()), format!("{:.0}", self.cpu_us_per_event())),
+        };
+        println!(
+            "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9.3} | {:>9.3} | {:>17} | {:>12} |",
+            layout.shards,
+            layout.leaders(),
+            self.scenario,
+            self.clients,
+            rate,
+            p50,
+            p99,
+            fsyncs.join(" / "),
+            cpu,
+        );
+    }
+}
+
+fn event(seq: usize, run: usize, now: i64) -> Event {
     let cats = ["phone", "laptop", "tv", "shoes", "books", "toys", "food", "beauty"];
     let family = if seq.is_multiple_of(10) { "trade" } else { "browse" };
     Event {
         user_id: format!("user-{}", (seq * 7919) % USERS),
         family: family.into(),
         r#type: if family == "trade" { "order".into() } else { "view".into() },
-        event_time_ms: now_ms() - (seq % 86_400) as i64 * 1000,
+        event_time_ms: now - (seq % 86_400) as i64 * 1000,
         event_id: format!("r{run}-e{seq}"),
         attrs: [
             ("category".to_string(), Value::string(cats[seq % cats.len()])),
@@ -34,45 +125,131 @@ fn event(seq: usize, run: usize) -> Event {
     }
 }
 
-fn pct(lat: &mut [Duration], p: f64) -> f64 {
-    lat.sort();
-    lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e3
+async fn statuses(cluster: &Cluster) -> Vec<ClusterStatusResponse> {
+    let mut all = Vec::new();
+    for id in 1..=NODES {
+        all.push(cluster.client(id).await.cluster_status().await.expect("status"));
+    }
+    all
 }
 
-async fn ingest(endpoint: &str, clients: usize, run: usize) -> (f64, f64, f64) {
-    let batches = EVENTS / BATCH;
-    let next = Arc::new(AtomicUsize::new(0));
+/// Each node's raft-log fsyncs and CPU time, since it started.
+struct Counters {
+    fsyncs: Vec<u64>,
+    cpu: Vec<Duration>,
+}
+
+impl Counters {
+    async fn read(cluster: &Cluster) -> Counters {
+        let fsyncs = statuses(cluster).await.iter().map(|s| s.log_fsyncs).collect();
+        let cpu = cluster.nodes.iter().map(|n| cpu_time(n.pid().expect("running"))).collect();
+        Counters { fsyncs, cpu }
+    }
+
+    /// What each node counted since `before`.
+    async fn since(cluster: &Cluster, before: &Counters) -> Counters {
+        let now = Counters::read(cluster).await;
+        Counters {
+            fsyncs: now.fsyncs.iter().zip(&before.fsyncs).map(|(a, b)| a - b).collect(),
+            cpu: now.cpu.iter().zip(&before.cpu).map(|(a, b)| a.saturating_sub(*b)).collect(),
+        }
+    }
+}
+
+/// Each shard's leader (0: none) as every node sees it, if all nodes are
+/// voters of every shard and agree; and whether every replica has applied
+/// all its shard's leader holds.
+fn placed(all: &[ClusterStatusResponse], shards: u32) -> Option<(Vec<u64>, bool)> {
+    let mut leaders = vec![0; shards as usize];
+    let mut caught_up = true;
+    for shard in 0..shards {
+        let of = |s: &ClusterStatusResponse| s.shard_status.iter().find(|g| g.shard == shard).cloned();
+        let groups: Vec<_> = all.iter().map(of).collect::<Option<_>>()?;
+        let leader = groups.iter().find(|g| g.role == "Leader")?;
+        if groups
+            .iter()
+            .any(|g| g.leader_id != leader.leader_id || !matches!(&*g.role, "Leader" | "Follower"))
+        {
+            return None;
+        }
+        leaders[shard as usize] = leader.leader_id;
+        caught_up &= groups.iter().all(|g| g.applied_index >= leader.last_log_index);
+    }
+    Some((leaders, caught_up))
+}
+
+/// Waits until every shard has 3 voters, one leader (the one `want` names,
+/// if any) and every replica has applied its whole log: between scenarios,
+/// so that a follower still applying the last one takes no CPU from the
+/// next.
+async fn settle(cluster: &Cluster, shards: u32, want: Option<&[u64]>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((leaders, true)) = placed(&statuses(cluster).await, shards) {
+            if want.is_none_or(|w| w == leaders) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "shards not placed or not caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Makes node `s % 3 + 1` the leader of shard `s`; returns the leaders.
+async fn spread_leaders(cluster: &Cluster, shards: u32) -> Vec<u64> {
+    let want: Vec<u64> = (0..shards).map(|s| s as u64 % NODES + 1).collect();
+    let client = cluster.client(1).await;
+    for (shard, &node) in want.iter().enumerate().filter(|(_, &n)| n != 1) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(e) = client.transfer_leader_of(node, Some(shard as u32)).await {
+            assert!(Instant::now() < deadline, "shard {shard} to node {node}: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    want
+}
+
+async fn ingest(cluster: &Cluster, clients: usize, run: usize) -> Row {
+    let now = now_ms();
+    let requests: Vec<Vec<Event>> =
+        (0..EVENTS / BATCH).map(|b| (0..BATCH).map(|i| event(b * BATCH + i, run, now)).collect()).collect();
+    let queue = Arc::new(Mutex::new(requests.into_iter()));
+    let mut connected = Vec::new();
+    for _ in 0..clients {
+        connected.push(cluster.client(1).await);
+    }
+    let before = Counters::read(cluster).await;
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let client = PortraitClient::connect(endpoint).await.unwrap();
-        let next = next.clone();
+    for client in connected {
+        let queue = queue.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
-                let b = next.fetch_add(1, Ordering::Relaxed);
-                if b >= batches {
-                    return lat;
-                }
-                let events = (0..BATCH).map(|i| event(b * BATCH + i, run)).collect();
+                let Some(events) = queue.lock().expect("request queue").next() else { return lat };
                 let t = Instant::now();
                 client.write(events).await.expect("write");
                 lat.push(t.elapsed());
             }
         }));
     }
-    let mut lat = Vec::new();
+    let mut latencies = Vec::new();
     for t in tasks {
-        lat.extend(t.await.unwrap());
+        latencies.extend(t.await.unwrap());
     }
-    let secs = start.elapsed().as_secs_f64();
-    ((batches * BATCH) as f64 / secs, pct(&mut lat, 0.5), pct(&mut lat, 0.99))
+    let elapsed = start.elapsed();
+    let counted = Counters::since(cluster, &before).await;
+    let scenario = "Write via Rust client (batch 100)";
+    Row { scenario, clients, events: EVENTS / BATCH * BATCH, elapsed, latencies, counted }
 }
 
-/// Writes 3 views of a category for a fresh user on the leader and polls a
-/// follower until its `coupon_target` tag reads true.
-async fn tag_visible(leader: &PortraitClient, follower: &PortraitClient, i: usize) -> Duration {
+/// Writes 3 views of a category for a fresh user (to its shard's leader)
+/// and polls a follower of its shard until its `coupon_target` tag reads
+/// true.
+async fn tag_visible(writer: &PortraitClient, nodes: &[PortraitClient], i: usize) -> Duration {
     let user = format!("tagprobe-{i}");
+    let leader = writer.locate(&user).await.expect("locate").leader_id;
+    let follower = &nodes[(leader % NODES) as usize]; // node leader % 3 + 1
     let views = (0..3)
         .map(|k| Event {
             user_id: user.clone(),
@@ -83,14 +260,14 @@ async fn tag_visible(leader: &PortraitClient, follower: &PortraitClient, i: usiz
             attrs: [("category".to_string(), Value::string("phone"))].into(),
         })
         .collect();
-    let t = Instant::now();
-    leader.write(views).await.unwrap();
     let request = GetProfileRequest {
         user_id: user,
         tags: vec!["coupon_target".into()],
         consistency: Consistency::Local.into(),
         ..Default::default()
     };
+    let t = Instant::now();
+    writer.write(views).await.expect("write");
     loop {
         if let Ok(r) = follower.get_profile_request(request.clone()).await {
             let tag = r.profile.and_then(|p| p.tags.get("coupon_target").and_then(|t| t.value.clone()));
@@ -102,33 +279,98 @@ async fn tag_visible(leader: &PortraitClient, follower: &PortraitClient, i: usiz
     }
 }
 
+async fn tag_probe(cluster: &Cluster) -> Row {
+    let writer = cluster.client(1).await;
+    let mut nodes = Vec::new();
+    for id in 1..=NODES {
+        // Reads stay on the node asked (no routing by shard).
+        nodes.push(cluster.client(id).await.without_routing());
+    }
+    let before = Counters::read(cluster).await;
+    let start = Instant::now();
+    let mut latencies = Vec::new();
+    for i in 0..TAG_SAMPLES {
+        latencies.push(tag_visible(&writer, &nodes, i).await);
+    }
+    let elapsed = start.elapsed();
+    let counted = Counters::since(cluster, &before).await;
+    let scenario = "event -> tag visible on a follower";
+    Row { scenario, clients: 1, events: 0, elapsed, latencies, counted }
+}
+
+/// What a layout's ratios to S = 1 are made of.
+struct Outcome {
+    /// Per client count.
+    rates: Vec<f64>,
+    cpu_us_per_event: Vec<f64>,
+    tag_p50: f64,
+}
+
+/// Runs every scenario on a new cluster of `layout`, printing the rows.
+async fn run_layout(layout: Layout) -> Outcome {
+    let cluster = Cluster::start_sharded(NODES, layout.shards).await;
+    settle(&cluster, layout.shards, None).await;
+    if layout.spread {
+        let want = spread_leaders(&cluster, layout.shards).await;
+        settle(&cluster, layout.shards, Some(&want)).await;
+    }
+    let (mut rates, mut cpu_us_per_event) = (Vec::new(), Vec::new());
+    for (run, clients) in CLIENTS.into_iter().enumerate() {
+        let mut row = ingest(&cluster, clients, run).await;
+        row.print(layout);
+        rates.push(row.events_per_sec());
+        cpu_us_per_event.push(row.cpu_us_per_event());
+        settle(&cluster, layout.shards, None).await;
+    }
+    let mut row = tag_probe(&cluster).await;
+    row.print(layout);
+    Outcome { rates, cpu_us_per_event, tag_p50: row.pct(0.5) }
+}
+
+/// `a / b` per client count.
+fn ratios(a: &[f64], b: &[f64]) -> String {
+    let each = CLIENTS.iter().zip(a.iter().zip(b)).map(|(c, (a, b))| format!("{c} clients {:.2}", a / b));
+    each.collect::<Vec<_>>().join(", ")
+}
+
 #[tokio::main]
 async fn main() {
-    let cluster = Cluster::start(3).await;
-    let leader_id = cluster.wait_leader(&[1, 2, 3]).await;
-    let follower_id = (1..=3).find(|&id| id != leader_id).unwrap();
-    let leader = cluster.node(leader_id).endpoint();
-    println!("3-node cluster on loopback (one 2-core machine), demo schema, {EVENTS} events per scenario, batch {BATCH}");
     println!(
-        "| {:<34} | {:>7} | {:>10} | {:>9} | {:>9} |",
-        "scenario", "clients", "events/s", "p50 ms", "p99 ms"
+        "{NODES}-node cluster on loopback (one machine), RF {NODES}, demo schema, \
+         {EVENTS} events per write scenario, batch {BATCH}, {USERS} users"
     );
-    println!("|{:-<36}|{:-<9}|{:-<12}|{:-<11}|{:-<11}|", "", "", "", "", "");
-    for (run, clients) in [1usize, 32].into_iter().enumerate() {
-        let (eps, p50, p99) = ingest(&leader, clients, run).await;
+    println!("Writes: Rust client -> leader of the request's busiest shard, which forwards the other shards' parts");
+    println!("CPU: utime + stime of the 3 nodes together, per event written");
+    println!(
+        "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9} | {:>9} | {:>17} | {:>12} |",
+        "shards",
+        "leaders",
+        "scenario",
+        "clients",
+        "events/s",
+        "p50 ms",
+        "p99 ms",
+        "fsyncs/s n1/n2/n3",
+        "CPU µs/event"
+    );
+    println!(
+        "|{:-<8}|{:-<12}|{:-<36}|{:-<9}|{:-<12}|{:-<11}|{:-<11}|{:-<19}|{:-<14}|",
+        "", "", "", "", "", "", "", "", ""
+    );
+    let mut results = Vec::new();
+    for layout in LAYOUTS {
+        results.push((layout, run_layout(layout).await));
+    }
+    // Same-run ratios against the first layout (S = 1).
+    let (_, base) = &results[0];
+    for (layout, outcome) in &results[1..] {
         println!(
-            "| {:<34} | {:>7} | {:>10.0} | {:>9.3} | {:>9.3} |",
-            "Write via leader (batch 100)", clients, eps, p50, p99
+            "S = {} (leaders {}) / S = 1: write events/s {}; CPU per event {}; tag-visible p50 {:.2}",
+            layout.shards,
+            layout.leaders(),
+            ratios(&outcome.rates, &base.rates),
+            ratios(&outcome.cpu_us_per_event, &base.cpu_us_per_event),
+            outcome.tag_p50 / base.tag_p50
         );
     }
-    let (l, f) = (cluster.client(leader_id).await, cluster.client(follower_id).await);
-    let mut lat = Vec::new();
-    for i in 0..TAG_SAMPLES {
-        lat.push(tag_visible(&l, &f, i).await);
-    }
-    let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
-    println!(
-        "| {:<34} | {:>7} | {:>10} | {:>9.3} | {:>9.3} |",
-        "event -> tag visible on a follower", 1, "-", p50, p99
-    );
 }

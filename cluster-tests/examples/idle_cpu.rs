@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use portrait_cluster_tests::cpu::{clock_ticks, cpu_ticks};
 use portrait_cluster_tests::Cluster;
 
 const NODES: u64 = 3;
@@ -13,20 +14,6 @@ const SHARDS: u32 = 64;
 /// membership entries commit and every leader comes to rest.
 const SETTLE: Duration = Duration::from_secs(10);
 const MEASURE: Duration = Duration::from_secs(20);
-
-/// Clock ticks per second of /proc's CPU times.
-fn clock_ticks() -> f64 {
-    let out = std::process::Command::new("getconf").arg("CLK_TCK").output().expect("getconf CLK_TCK");
-    String::from_utf8_lossy(&out.stdout).trim().parse().expect("CLK_TCK is a number")
-}
-
-/// utime + stime of process `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
-    // Fields after the command name (which may hold spaces) start at field 3.
-    let fields: Vec<&str> = stat.rsplit_once(')').expect("stat has a command").1.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
 
 /// Each node's CPU use while idle, in % of one core.
 async fn idle_cpu(quiet: bool) -> Vec<f64> {
@@ -38,7 +25,7 @@ async fn idle_cpu(quiet: bool) -> Vec<f64> {
     let started = Instant::now();
     tokio::time::sleep(MEASURE).await;
     let after: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect();
-    let secs = started.elapsed().as_secs_f64() * clock_ticks();
+    let secs = started.elapsed().as_secs_f64() * clock_ticks() as f64;
     before.iter().zip(&after).map(|(b, a)| 100.0 * (a - b) as f64 / secs).collect()
 }
 

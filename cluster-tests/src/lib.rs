@@ -9,6 +9,7 @@
 //! puts a TCP fault proxy ([`proxy`]) in front of every node: peers reach
 //! each other only through them, and links can drop, delay or reset.
 
+pub mod cpu;
 pub mod linearizability;
 pub mod owner;
 pub mod proxy;

@@ -125,6 +125,8 @@ pub struct NodeStatus {
     pub shards: u32,
     /// Every shard's group (the fields above are shard 0's).
     pub shard_status: Vec<ShardStatus>,
+    /// See [`Node::log_fsyncs`].
+    pub log_fsyncs: u64,
 }
 
 /// One shard's raft group as this node sees it.
@@ -444,6 +446,7 @@ impl Node {
                 .filter(|r| r.gid != GroupId::META)
                 .map(|r| shard_status(r))
                 .collect(),
+            log_fsyncs: self.log_fsyncs(),
         }
     }
 

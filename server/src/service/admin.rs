@@ -221,6 +221,7 @@ impl Admin for AdminService {
             clock: Some(clock_to_pb(s.clock)),
             shards: s.shards,
             shard_status: s.shard_status.into_iter().map(shard_status_to_pb).collect(),
+            log_fsyncs: s.log_fsyncs,
         }))
     }
 }

@@ -138,7 +138,11 @@ pub fn feature_count(p: &Profile, feature: &str) -> u64 {
 
 /// Per user as node `id` serves it locally: (`orders_lifetime`, trade
 /// history ids); users without a profile there are absent.
-pub async fn applied_on(cluster: &Cluster, id: u64, users: &[String]) -> BTreeMap<String, (u64, Vec<String>)> {
+pub async fn applied_on(
+    cluster: &Cluster,
+    id: u64,
+    users: &[String],
+) -> BTreeMap<String, (u64, Vec<String>)> {
     let client = cluster.client(id).await.without_routing();
     let mut all = BTreeMap::new();
     // No selection: every family, feature and tag.
@@ -149,7 +153,9 @@ pub async fn applied_on(cluster: &Cluster, id: u64, users: &[String]) -> BTreeMa
             p.families.get("trade").map(|f| f.history.iter().map(|h| h.event_id.clone()).collect())
         };
         all.extend(
-            r.profiles.iter().map(|p| (p.user_id.clone(), (lifetime_orders(p), history(p).unwrap_or_default()))),
+            r.profiles
+                .iter()
+                .map(|p| (p.user_id.clone(), (lifetime_orders(p), history(p).unwrap_or_default()))),
         );
     }
     all
@@ -157,7 +163,12 @@ pub async fn applied_on(cluster: &Cluster, id: u64, users: &[String]) -> BTreeMa
 
 /// Each user's count equals its distinct applied events, which hold every
 /// acknowledged one and only sent ones, none twice.
-pub fn check_exactly_once(node: u64, users: &[String], applied: &BTreeMap<String, (u64, Vec<String>)>, book: &Book) {
+pub fn check_exactly_once(
+    node: u64,
+    users: &[String],
+    applied: &BTreeMap<String, (u64, Vec<String>)>,
+    book: &Book,
+) {
     let (empty, none) = (BTreeSet::new(), (0, Vec::new()));
     for user in users {
         let (count, history) = applied.get(user).unwrap_or(&none);
@@ -184,7 +195,8 @@ pub async fn assert_every_replica_holds(cluster: &Cluster, nodes: &[u64], shards
     assert_eq!(placed.len(), shards as usize, "every shard has replicas: {placed:?}");
     let mut checked = 0;
     for (shard, (replicas, _)) in &placed {
-        let users: Vec<String> = book.sent.keys().filter(|u| shard_of(u, shards) == *shard).cloned().collect();
+        let users: Vec<String> =
+            book.sent.keys().filter(|u| shard_of(u, shards) == *shard).cloned().collect();
         for &id in replicas {
             check_exactly_once(id, &users, &applied_on(cluster, id, &users).await, book);
             checked += 1;

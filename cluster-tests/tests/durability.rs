@@ -38,7 +38,8 @@ const RESTART_USERS: usize = 40;
 /// Every user's tags (no selection: every feature and tag), read
 /// linearizably through the shards' leaders.
 async fn tags(client: &PortraitClient, users: &[String]) -> BTreeMap<String, BTreeMap<String, String>> {
-    let r = client.batch_get_profiles(users, &[], Consistency::Linearizable).await.expect("linearizable read");
+    let r =
+        client.batch_get_profiles(users, &[], Consistency::Linearizable).await.expect("linearizable read");
     let tags = |p: &Profile| p.tags.iter().map(|(n, t)| (n.clone(), format!("{:?}", t.value))).collect();
     r.profiles.iter().map(|p| (p.user_id.clone(), tags(p))).collect()
 }

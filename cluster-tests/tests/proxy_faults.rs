@@ -56,8 +56,9 @@ async fn a_node_cut_off_by_the_proxies_loses_its_shards_and_converges_after_heal
     let load = Workload::start(majority.iter().map(|&id| cluster.node(id).endpoint()).collect());
     load.wait_acked_over(20).await;
     cluster.cut(&[cut_off], &majority);
+    let cut_at = Instant::now();
     let leaders = wait_led_among(&cluster, &majority, TEST_SHARDS).await;
-    println!("leaders after the cut: {leaders:?}");
+    println!("leaders {:?} after the cut: {leaders:?}", cut_at.elapsed());
     // Writes to every shard are acknowledged through the majority.
     let at_failover = load.acked_ids();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -73,8 +74,12 @@ async fn a_node_cut_off_by_the_proxies_loses_its_shards_and_converges_after_heal
     // majority committed since, in any shard.
     let (theirs, ours) = (status(&cluster, cut_off).await, statuses(&cluster, &majority).await);
     for s in &theirs.shard_status {
-        let majority_applied =
-            ours.values().flat_map(|o| &o.shard_status).filter(|o| o.shard == s.shard).map(|o| o.applied_index).max();
+        let majority_applied = ours
+            .values()
+            .flat_map(|o| &o.shard_status)
+            .filter(|o| o.shard == s.shard)
+            .map(|o| o.applied_index)
+            .max();
         assert!(
             Some(s.applied_index) < majority_applied,
             "shard {}: node {cut_off} applied {} behind the proxies' blackhole, the majority {majority_applied:?}",
@@ -83,13 +88,19 @@ async fn a_node_cut_off_by_the_proxies_loses_its_shards_and_converges_after_heal
         );
     }
 
+    println!("every shard took writes {:?} after the cut", cut_at.elapsed());
     cluster.heal_links();
     let outcome = load.stop().await;
     assert_eq!(outcome.hung, 0, "writes hung");
     // Every replica, the healed node's too: each acknowledged write once.
     let replicas = assert_every_replica_holds(&cluster, &all, TEST_SHARDS, &outcome.book()).await;
     assert_eq!(replicas, 3 * TEST_SHARDS as usize);
-    println!("{} writes acknowledged of {}", outcome.acked.len(), outcome.sent.end);
+    println!(
+        "{} writes acknowledged of {}; converged {:?} after the cut",
+        outcome.acked.len(),
+        outcome.sent.end,
+        cut_at.elapsed()
+    );
 }
 
 /// How long after its acknowledgement a new event is served by node `id`.

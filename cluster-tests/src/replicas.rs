@@ -118,6 +118,15 @@ impl Book {
         }
     }
 
+    /// Adds `other`'s events.
+    pub fn merge(&mut self, other: Book) {
+        for (mine, theirs) in [(&mut self.sent, other.sent), (&mut self.acked, other.acked)] {
+            for (user, ids) in theirs {
+                mine.entry(user).or_default().extend(ids);
+            }
+        }
+    }
+
     pub fn acked_total(&self) -> usize {
         self.acked.values().map(BTreeSet::len).sum()
     }

@@ -65,7 +65,7 @@ async fn client_loop(c: u64, endpoint: String, start: Instant, histories: Histor
     for i in 0..OPS_PER_CLIENT {
         let r = (i / 2 + c as usize) % registers.len();
         let invoked = t();
-        let call = if (i as u64 + c) % 2 == 0 {
+        let call = if (i as u64 + c).is_multiple_of(2) {
             let v = (c * 1000 + i as u64) as i64;
             let ok =
                 tokio::time::timeout(Duration::from_secs(5), client.write(vec![write(&registers[r], v)]))

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use portrait_client::portrait_proto::v1::rule_value::Kind;
-use portrait_client::portrait_proto::v1::ClusterStatusResponse;
+use portrait_client::portrait_proto::v1::{ClusterStatusResponse, ShardStatus};
 use portrait_client::{shard_of, Consistency, Event, PortraitClient, Profile};
 
 use crate::Cluster;
@@ -62,29 +62,34 @@ pub async fn wait_placed(
     }
 }
 
-/// Waits until each of the `shards` shards has a leader and its 3 replicas
-/// have applied all the leader holds (nothing is written meanwhile).
-pub async fn wait_caught_up(cluster: &Cluster, nodes: &[u64], shards: u32) {
+/// Waits until each of the `shards` shards has a leader that its 3
+/// replicas follow (same term, no election under way) and all of them have
+/// applied all the leader holds (nothing is written meanwhile). Returns
+/// each shard's replicas then.
+pub async fn wait_caught_up(cluster: &Cluster, nodes: &[u64], shards: u32) -> BTreeMap<u32, BTreeSet<u64>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     'poll: loop {
         assert!(Instant::now() < deadline, "replicas did not catch up: {:?}", statuses(cluster, nodes).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let all = statuses(cluster, nodes).await;
-        let shard_status = || all.values().flat_map(|s| s.shard_status.iter());
-        let led: BTreeSet<u32> = shard_status().filter(|s| s.role == "Leader").map(|s| s.shard).collect();
-        if led.len() < shards as usize {
-            continue;
-        }
-        for leader in shard_status().filter(|s| s.role == "Leader") {
-            let replicas = shard_status().filter(|s| s.shard == leader.shard);
-            if leader.applied_index < leader.last_log_index
-                || replicas.clone().count() < 3
-                || replicas.into_iter().any(|s| s.applied_index < leader.last_log_index)
+        let shard_status = || all.iter().flat_map(|(id, s)| s.shard_status.iter().map(move |r| (*id, r)));
+        let mut caught_up = BTreeMap::new();
+        for (leader, l) in shard_status().filter(|(_, s)| s.role == "Leader") {
+            let replicas: Vec<_> = shard_status().filter(|(_, s)| s.shard == l.shard).collect();
+            let follows = |s: &ShardStatus| {
+                (s.role == "Leader" || s.role == "Follower") && s.leader_id == leader && s.term == l.term
+            };
+            if l.applied_index < l.last_log_index
+                || replicas.len() < 3
+                || replicas.iter().any(|(_, s)| !follows(s) || s.applied_index < l.last_log_index)
             {
                 continue 'poll;
             }
+            caught_up.insert(l.shard, replicas.iter().map(|(id, _)| *id).collect());
         }
-        return;
+        if caught_up.len() == shards as usize {
+            return caught_up;
+        }
     }
 }
 
@@ -199,11 +204,9 @@ pub fn check_exactly_once(
 /// shard holds each acknowledged event exactly once. Returns how many
 /// (node, shard) replicas were checked.
 pub async fn assert_every_replica_holds(cluster: &Cluster, nodes: &[u64], shards: u32, book: &Book) -> usize {
-    wait_caught_up(cluster, nodes, shards).await;
-    let placed = placement(&statuses(cluster, nodes).await);
-    assert_eq!(placed.len(), shards as usize, "every shard has replicas: {placed:?}");
+    let placed = wait_caught_up(cluster, nodes, shards).await;
     let mut checked = 0;
-    for (shard, (replicas, _)) in &placed {
+    for (shard, replicas) in &placed {
         let users: Vec<String> =
             book.sent.keys().filter(|u| shard_of(u, shards) == *shard).cloned().collect();
         for &id in replicas {

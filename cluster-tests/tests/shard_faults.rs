@@ -259,9 +259,8 @@ async fn killing_a_node_that_leads_several_shards_loses_no_event_and_applies_eac
         assert!(gaps[w] > Duration::from_millis(500), "writer {w}, to a shard the victim led, never paused");
     }
 
-    wait_caught_up(&cluster, &ALL, MANY_SHARDS).await;
-    let hosts = placement(&statuses(&cluster, &ALL).await);
-    for (shard, (nodes, _)) in &hosts {
+    let hosts = wait_caught_up(&cluster, &ALL, MANY_SHARDS).await;
+    for (shard, nodes) in &hosts {
         let users = users_in(Some(*shard));
         assert_eq!(nodes.len(), 3, "shard {shard} on {nodes:?}");
         for &id in nodes {

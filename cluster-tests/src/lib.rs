@@ -8,11 +8,14 @@
 //! starts a node that joins by itself (`--join`). [`Cluster::start_proxied`]
 //! puts a TCP fault proxy ([`proxy`]) in front of every node: peers reach
 //! each other only through them, and links can drop, delay or reset.
+//! [`replicas`] finds each shard's replicas and checks that every one holds
+//! each acknowledged event exactly once.
 
 pub mod cpu;
 pub mod linearizability;
 pub mod owner;
 pub mod proxy;
+pub mod replicas;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
@@ -215,6 +218,12 @@ impl Cluster {
         Cluster::launch(n, None, true, 1).await
     }
 
+    /// Like [`Cluster::start_proxied`], with `shards` shards (each on
+    /// min(3, n) nodes).
+    pub async fn start_proxied_sharded(n: u64, shards: u32) -> Cluster {
+        Cluster::launch(n, None, true, shards).await
+    }
+
     async fn launch(n: u64, config: Option<&str>, proxied: bool, shards: u32) -> Cluster {
         let owners = Owners::default();
         let mut nodes: Vec<NodeProc> = (1..=n)
@@ -239,6 +248,11 @@ impl Cluster {
             seed.add_node(node.id, &node.advertised(), false).await.expect("add node");
         }
         cluster
+    }
+
+    /// The number of shards the nodes were started with.
+    pub fn shards(&self) -> u32 {
+        self.shards
     }
 
     pub fn node(&self, id: u64) -> &NodeProc {

@@ -6,6 +6,7 @@
 //! overflow in a test run and drop an acknowledged event.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,6 +14,8 @@ use std::time::Duration;
 use portrait_client::json::now_ms;
 use portrait_client::{Consistency, Event, PortraitClient, Value};
 use tokio::task::JoinHandle;
+
+use crate::replicas::Book;
 
 /// Users written round robin (also the most `BatchGetProfiles` reads at once).
 pub const USERS: u64 = 1000;
@@ -30,6 +33,18 @@ pub fn order(i: u64) -> Event {
         event_time_ms: now_ms(),
         event_id: format!("w{i}"),
         attrs: [("amount".to_string(), Value::int(i as i64))].into(),
+    }
+}
+
+/// An order of `user` with id `event_id` (amount 1).
+pub fn order_of(user: &str, event_id: &str) -> Event {
+    Event {
+        user_id: user.into(),
+        family: "trade".into(),
+        r#type: "order".into(),
+        event_time_ms: now_ms(),
+        event_id: event_id.into(),
+        attrs: [("amount".to_string(), Value::int(1))].into(),
     }
 }
 
@@ -86,13 +101,16 @@ pub struct Outcome {
     pub last_index: u64,
     /// Writes that did not answer within 30 s.
     pub hung: u64,
+    /// The write numbers sent (each once; acknowledged or not).
+    pub sent: Range<u64>,
 }
 
 /// One writer sending one event at a time through its endpoints (round robin).
 pub struct Workload {
     acked: Arc<Mutex<BTreeSet<String>>>,
     stop: Arc<AtomicBool>,
-    task: JoinHandle<(u64, u64)>,
+    task: JoinHandle<(u64, u64, u64)>,
+    first: u64,
 }
 
 impl Outcome {
@@ -106,19 +124,40 @@ impl Outcome {
             assert!(missing.is_empty(), "node {id}{context} lost acknowledged writes: {missing:?}");
         }
     }
+
+    /// The writes per user, sent and acknowledged (for
+    /// [`crate::replicas::assert_every_replica_holds`]).
+    pub fn book(&self) -> Book {
+        let mut book = Book::default();
+        let sent: Vec<Event> = self.sent.clone().map(order).collect();
+        book.record(&sent, false);
+        book.record(&sent.into_iter().filter(|e| self.acked.contains(&e.event_id)).collect::<Vec<_>>(), true);
+        book
+    }
 }
 
 impl Workload {
     pub fn start(endpoints: Vec<String>) -> Workload {
+        Workload::start_at(endpoints, 0)
+    }
+
+    /// Like [`Workload::start`], numbering writes from `first` (so that
+    /// several workloads at once send distinct events).
+    pub fn start_at(endpoints: Vec<String>, first: u64) -> Workload {
         let acked = Arc::new(Mutex::new(BTreeSet::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(run(endpoints, acked.clone(), stop.clone()));
-        Workload { acked, stop, task }
+        let task = tokio::spawn(run(endpoints, first, acked.clone(), stop.clone()));
+        Workload { acked, stop, task, first }
     }
 
     /// Writes acknowledged so far.
     pub fn acked(&self) -> usize {
         self.acked.lock().unwrap().len()
+    }
+
+    /// Event ids of the writes acknowledged so far.
+    pub fn acked_ids(&self) -> BTreeSet<String> {
+        self.acked.lock().unwrap().clone()
     }
 
     /// Waits (at most 20 s) until more than `n` writes are acknowledged.
@@ -132,22 +171,25 @@ impl Workload {
 
     pub async fn stop(self) -> Outcome {
         self.stop.store(true, Ordering::SeqCst);
-        let (last_index, hung) = self.task.await.unwrap();
+        let (last_index, hung, end) = self.task.await.unwrap();
         let acked = self.acked.lock().unwrap().clone();
-        Outcome { acked, last_index, hung }
+        Outcome { acked, last_index, hung, sent: self.first..end }
     }
 }
 
+/// Returns the highest log index acknowledged, the hung writes and the
+/// next write number.
 async fn run(
     endpoints: Vec<String>,
+    first: u64,
     acked: Arc<Mutex<BTreeSet<String>>>,
     stop: Arc<AtomicBool>,
-) -> (u64, u64) {
+) -> (u64, u64, u64) {
     let mut clients = Vec::new();
     for e in &endpoints {
         clients.push(PortraitClient::connect(e).await.unwrap());
     }
-    let (mut i, mut last, mut hung) = (0u64, 0u64, 0u64);
+    let (mut i, mut last, mut hung) = (first, 0u64, 0u64);
     while !stop.load(Ordering::SeqCst) {
         let client = &clients[(i as usize) % clients.len()];
         match tokio::time::timeout(HANG, client.write(vec![order(i)])).await {
@@ -160,5 +202,5 @@ async fn run(
         }
         i += 1;
     }
-    (last, hung)
+    (last, hung, i)
 }

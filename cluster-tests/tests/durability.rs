@@ -1,12 +1,15 @@
 //! Acknowledged writes under membership changes and whole-cluster restarts,
 //! with a continuous workload that records every acknowledged write and a
-//! full-set comparison afterwards (not a count).
+//! full-set comparison afterwards (not a count). The restart runs at
+//! several shards and checks every replica of each shard: per user, the
+//! order count and the distinct events applied equal what was acknowledged.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use portrait_client::Consistency;
-use portrait_cluster_tests::workload::{order, served, Workload};
-use portrait_cluster_tests::Cluster;
+use portrait_client::{shard_of, Consistency, Event, PortraitClient, Profile};
+use portrait_cluster_tests::replicas::{assert_every_replica_holds, wait_placed, Book};
+use portrait_cluster_tests::workload::{order_of, Workload};
+use portrait_cluster_tests::{Cluster, TEST_SHARDS};
 
 #[tokio::test]
 async fn no_acknowledged_write_is_lost_when_a_node_joins_and_another_leaves_under_load() {
@@ -29,35 +32,47 @@ async fn no_acknowledged_write_is_lost_when_a_node_joins_and_another_leaves_unde
     outcome.assert_served_by(&cluster, &[2, 3, 4], "").await;
 }
 
+/// Users of the restart test: spread over the shards, 4 orders each.
+const RESTART_USERS: usize = 40;
+
+/// Every user's tags (no selection: every feature and tag), read
+/// linearizably through the shards' leaders.
+async fn tags(client: &PortraitClient, users: &[String]) -> BTreeMap<String, BTreeMap<String, String>> {
+    let r =
+        client.batch_get_profiles(users, &[], Consistency::Linearizable).await.expect("linearizable read");
+    let tags = |p: &Profile| p.tags.iter().map(|(n, t)| (n.clone(), format!("{:?}", t.value))).collect();
+    r.profiles.iter().map(|p| (p.user_id.clone(), tags(p))).collect()
+}
+
 #[tokio::test]
-async fn all_nodes_killed_and_restarted_keep_every_acknowledged_write_and_tag() {
-    let mut cluster = Cluster::start(3).await;
-    let client = cluster.client(1).await;
-    let mut acked = BTreeSet::new();
-    for i in 0..60 {
-        client.write(vec![order(i)]).await.unwrap();
-        acked.insert(format!("w{i}"));
+async fn all_nodes_killed_and_restarted_keep_every_acknowledged_write_and_tag_in_every_shard() {
+    let all = [1, 2, 3];
+    let mut cluster = Cluster::start_sharded(3, TEST_SHARDS).await;
+    wait_placed(&cluster, &all, TEST_SHARDS).await;
+    let users: Vec<String> = (0..RESTART_USERS).map(|u| format!("r{u}")).collect();
+    let shards: BTreeSet<u32> = users.iter().map(|u| shard_of(u, TEST_SHARDS)).collect();
+    assert_eq!(shards.len(), TEST_SHARDS as usize, "the users cover every shard");
+    let client = cluster.client(2).await;
+    let mut book = Book::default();
+    for r in 0..20 {
+        let events: Vec<Event> =
+            (0..8).map(|j| order_of(&users[(r * 8 + j) % RESTART_USERS], &format!("e{r}-{j}"))).collect();
+        book.record(&events, false);
+        client.write(events.clone()).await.expect("write");
+        book.record(&events, true);
     }
-    let before = client.get_profile("u1", &[], Consistency::Linearizable).await.unwrap().profile.unwrap();
-    for id in 1..=3 {
+    let before = tags(&client, &users).await;
+    for id in all {
         cluster.kill(id);
     }
-    for id in 1..=3 {
+    for id in all {
         cluster.restart(id).await;
     }
-    let leader = cluster.wait_leader(&[1, 2, 3]).await;
-    let client = cluster.client(leader).await;
-    // A linearizable read waits until the restarted leader has applied the log.
-    let after = client.get_profile("u1", &[], Consistency::Linearizable).await.unwrap().profile.unwrap();
-    assert_eq!(after.tags.len(), before.tags.len());
-    for (name, tag) in &before.tags {
-        assert_eq!(after.tags[name].value, tag.value, "tag {name}");
-    }
-    let last = client.cluster_status().await.unwrap().applied_index;
-    for id in 1..=3 {
-        cluster.wait_applied(id, last).await;
-        assert_eq!(served(&cluster.client(id).await).await, acked, "node {id}");
-    }
+    // Every replica of every shard: each user's 4 orders, counted once.
+    let replicas = assert_every_replica_holds(&cluster, &all, TEST_SHARDS, &book).await;
+    assert_eq!(replicas, 3 * TEST_SHARDS as usize, "every shard on every node");
+    assert!(book.acked.values().all(|ids| ids.len() == 4), "{book:?}");
+    assert_eq!(tags(&cluster.client(1).await, &users).await, before, "tags after the restart");
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
-//! Linearizability of a register across a leader failover, on real
+//! Linearizability of registers across a leader failover, on real
 //! processes: concurrent clients write and linearizably read one user's
-//! attribute while the leader is SIGKILLed; the recorded history is checked
-//! with the WGL checker in `portrait_cluster_tests::linearizability`.
+//! attribute in each shard while a node leading some of the shards is
+//! SIGKILLed; each register's recorded history is checked with the WGL
+//! checker in `portrait_cluster_tests::linearizability`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,17 +10,25 @@ use std::time::{Duration, Instant};
 use portrait_client::portrait_proto::ValueKind;
 use portrait_client::{Consistency, Event, PortraitClient, Value};
 use portrait_cluster_tests::linearizability::{is_linearizable, Call, Op};
-use portrait_cluster_tests::Cluster;
+use portrait_cluster_tests::replicas::{transfer, users_of, wait_placed};
+use portrait_cluster_tests::{Cluster, TEST_SHARDS};
 
 /// Every write has the same event time, so the latest *applied* write wins:
 /// the attribute behaves as a register in log order.
 const TIME: i64 = 1_790_000_000_000;
-const CLIENTS: i64 = 3;
-const OPS_PER_CLIENT: i64 = 24;
+const CLIENTS: u64 = 4;
+/// Each client's operations, spread over the registers: 32 per register
+/// (the checker takes at most 128).
+const OPS_PER_CLIENT: usize = 32;
 
-fn write(v: i64) -> Event {
+/// One register per shard: the first user id of each.
+fn registers() -> Vec<String> {
+    (0..TEST_SHARDS).map(|s| users_of(s, TEST_SHARDS, 1).remove(0)).collect()
+}
+
+fn write(user: &str, v: i64) -> Event {
     Event {
-        user_id: "reg".into(),
+        user_id: user.into(),
         family: "registration".into(),
         r#type: "set".into(),
         event_time_ms: TIME,
@@ -28,8 +37,8 @@ fn write(v: i64) -> Event {
     }
 }
 
-async fn read(client: &PortraitClient) -> Result<Option<i64>, ()> {
-    match client.get_profile("reg", &["registration".into()], Consistency::Linearizable).await {
+async fn read(client: &PortraitClient, user: &str) -> Result<Option<i64>, ()> {
+    match client.get_profile(user, &["registration".into()], Consistency::Linearizable).await {
         Ok(r) => {
             let p = r.profile.unwrap_or_default();
             let v =
@@ -44,51 +53,81 @@ async fn read(client: &PortraitClient) -> Result<Option<i64>, ()> {
     }
 }
 
-async fn client_loop(c: u64, endpoints: Vec<String>, start: Instant, history: Arc<Mutex<Vec<Call>>>) {
-    let client = PortraitClient::connect(&endpoints[(c as usize) % endpoints.len()]).await.unwrap();
+/// Per register, its history.
+type Histories = Arc<Mutex<Vec<Vec<Call>>>>;
+
+/// Client `c`: operations `i` go to register `(i / 2 + c) % S`, writes and
+/// reads alternating.
+async fn client_loop(c: u64, endpoint: String, start: Instant, histories: Histories) {
+    let client = PortraitClient::connect(&endpoint).await.unwrap();
+    let registers = registers();
     let t = || start.elapsed().as_micros() as u64;
     for i in 0..OPS_PER_CLIENT {
+        let r = (i / 2 + c as usize) % registers.len();
         let invoked = t();
-        let call = if (i + c as i64) % 2 == 0 {
-            let v = c as i64 * 1000 + i;
-            let ok = tokio::time::timeout(Duration::from_secs(5), client.write(vec![write(v)])).await;
+        let call = if (i as u64 + c).is_multiple_of(2) {
+            let v = (c * 1000 + i as u64) as i64;
+            let ok =
+                tokio::time::timeout(Duration::from_secs(5), client.write(vec![write(&registers[r], v)]))
+                    .await;
             let returned = matches!(ok, Ok(Ok(_))).then(t);
             Call { op: Op::Write(v), invoked, returned }
         } else {
-            match tokio::time::timeout(Duration::from_secs(5), read(&client)).await {
+            match tokio::time::timeout(Duration::from_secs(5), read(&client, &registers[r])).await {
                 Ok(Ok(v)) => Call { op: Op::Read(v), invoked, returned: Some(t()) },
                 _ => Call { op: Op::Read(None), invoked, returned: None },
             }
         };
-        history.lock().unwrap().push(call);
+        histories.lock().unwrap()[r].push(call);
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
 #[tokio::test]
-async fn a_register_stays_linearizable_across_a_leader_kill() {
-    let mut cluster = Cluster::start(3).await;
-    let leader = cluster.wait_leader(&[1, 2, 3]).await;
-    // Clients start on the followers (a client has one seed endpoint); their
-    // writes are redirected to the leader, which is then killed.
-    let endpoints: Vec<String> =
-        (1..=3).filter(|&id| id != leader).map(|id| cluster.node(id).endpoint()).collect();
-    let history = Arc::new(Mutex::new(Vec::new()));
+async fn registers_in_every_shard_stay_linearizable_across_a_kill_of_a_node_leading_some() {
+    // Four nodes, RF 3: nodes 1-3 hold every shard, node 4 none.
+    let all = [1, 2, 3, 4];
+    let mut cluster = Cluster::start_placed(4, TEST_SHARDS, 3).await;
+    wait_placed(&cluster, &all, TEST_SHARDS).await;
+    // Node 1 created every shard and leads it (and the meta group): node 2
+    // takes shards 0 and 1, and is killed.
+    let (victim, moved) = (2, [0, 1]);
+    for shard in moved {
+        transfer(cluster.client(1).await, shard, victim).await;
+    }
+    let leaders = wait_placed(&cluster, &all, TEST_SHARDS).await;
+    let led: Vec<u32> = leaders.iter().filter(|(_, (_, l))| *l == victim).map(|(&s, _)| s).collect();
+    assert_eq!(led, moved, "{leaders:?}");
+
+    // Clients start on the other nodes (one seed each; node 4 only knows
+    // the map): the victim's shards' operations go to it until it dies.
+    let seeds: Vec<String> = [1, 3, 4].iter().map(|&id| cluster.node(id).endpoint()).collect();
+    let histories: Histories = Arc::new(Mutex::new(vec![Vec::new(); TEST_SHARDS as usize]));
     let start = Instant::now();
-    let tasks: Vec<_> = (0..CLIENTS as u64)
-        .map(|c| tokio::spawn(client_loop(c, endpoints.clone(), start, history.clone())))
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            tokio::spawn(client_loop(c, seeds[c as usize % seeds.len()].clone(), start, histories.clone()))
+        })
         .collect();
 
     tokio::time::sleep(Duration::from_millis(200)).await;
-    cluster.kill(leader);
+    cluster.kill(victim);
     let killed_at = start.elapsed().as_micros() as u64;
     for t in tasks {
         t.await.unwrap();
     }
-    let history = history.lock().unwrap().clone();
-    let completed = history.iter().filter(|c| c.returned.is_some()).count();
-    assert!(completed >= history.len() / 2, "most operations completed: {completed}/{}", history.len());
-    let after_kill = history.iter().filter(|c| c.invoked > killed_at && c.returned.is_some()).count();
-    assert!(after_kill > 0, "some operations completed after the leader was killed");
-    assert!(is_linearizable(&history), "not linearizable: {history:#?}");
+    println!("the clients finished {:?} after the start", start.elapsed());
+    let histories = histories.lock().unwrap().clone();
+    for (r, history) in histories.iter().enumerate() {
+        let completed = history.iter().filter(|c| c.returned.is_some()).count();
+        let before_kill = history.iter().filter(|c| c.returned.is_some_and(|t| t < killed_at)).count();
+        let after_kill = history.iter().filter(|c| c.invoked > killed_at && c.returned.is_some()).count();
+        println!("shard {r}: {completed} of {} operations completed, {before_kill} before the kill, {after_kill} after", history.len());
+        assert!(completed >= history.len() / 2, "shard {r}: most operations completed: {history:#?}");
+        assert!(
+            before_kill > 0 && after_kill > 0,
+            "shard {r}: operations before and after the kill: {history:#?}"
+        );
+        assert!(is_linearizable(history), "shard {r}: not linearizable: {history:#?}");
+    }
 }

@@ -1,46 +1,106 @@
 //! Network faults in real TCP connections: every node is reached by its
 //! peers through a fault proxy ([`portrait_cluster_tests::proxy`]), and the
 //! tests cut, delay and reset those links while a workload writes. The
-//! nodes' own fault filters are not used here.
+//! nodes' own fault filters are not used here. The cut runs at several
+//! shards: the node cut off leads some of them.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use portrait_client::Consistency;
+use portrait_client::{shard_of, Consistency};
 use portrait_cluster_tests::proxy::Mode;
+use portrait_cluster_tests::replicas::{
+    assert_every_replica_holds, placement, statuses, transfer, wait_placed,
+};
 use portrait_cluster_tests::workload::{history_ids, order, Workload};
-use portrait_cluster_tests::Cluster;
+use portrait_cluster_tests::{Cluster, TEST_SHARDS};
 
 async fn status(cluster: &Cluster, id: u64) -> portrait_client::portrait_proto::v1::ClusterStatusResponse {
     cluster.client(id).await.cluster_status().await.expect("cluster status")
 }
 
+/// Waits until each of the `shards` shards has a leader among `nodes`
+/// (as those nodes report their own roles).
+async fn wait_led_among(cluster: &Cluster, nodes: &[u64], shards: u32) -> BTreeMap<u32, u64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let placed = placement(&statuses(cluster, nodes).await);
+        let leaders: BTreeMap<u32, u64> = placed.iter().filter_map(|(&s, (_, l))| Some((s, (*l)?))).collect();
+        if leaders.len() == shards as usize {
+            return leaders;
+        }
+        assert!(Instant::now() < deadline, "shards without a leader among {nodes:?}: {placed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The shards of the users of the workload's writes `ids` (`w<i>`).
+fn shards_written(ids: impl Iterator<Item = String>, shards: u32) -> BTreeSet<u32> {
+    ids.map(|id| order(id[1..].parse().unwrap()).user_id).map(|u| shard_of(&u, shards)).collect()
+}
+
 #[tokio::test]
-async fn a_leader_cut_off_by_the_proxies_is_replaced_and_catches_up_after_healing() {
-    let cluster = Cluster::start_proxied(3).await;
-    let old = cluster.wait_leader(&[1, 2, 3]).await;
-    let majority: Vec<u64> = (1..=3).filter(|&id| id != old).collect();
+async fn a_node_cut_off_by_the_proxies_loses_its_shards_and_converges_after_healing() {
+    let all = [1, 2, 3];
+    let cluster = Cluster::start_proxied_sharded(3, TEST_SHARDS).await;
+    wait_placed(&cluster, &all, TEST_SHARDS).await;
+    // Node 1 created every shard and leads it: it keeps shards 0 and 3.
+    let admin = cluster.client(1).await;
+    transfer(admin.clone(), 1, 2).await;
+    transfer(admin, 2, 3).await;
+    let (cut_off, majority) = (1, [2, 3]);
+    let leaders = wait_led_among(&cluster, &all, TEST_SHARDS).await;
+    let led: Vec<u32> = leaders.iter().filter(|(_, &l)| l == cut_off).map(|(&s, _)| s).collect();
+    assert_eq!(led, [0, 3], "{leaders:?}");
+
     let load = Workload::start(majority.iter().map(|&id| cluster.node(id).endpoint()).collect());
     load.wait_acked_over(20).await;
+    cluster.cut(&[cut_off], &majority);
+    let cut_at = Instant::now();
+    let leaders = wait_led_among(&cluster, &majority, TEST_SHARDS).await;
+    println!("leaders {:?} after the cut: {leaders:?}", cut_at.elapsed());
+    // Writes to every shard are acknowledged through the majority.
+    let at_failover = load.acked_ids();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let since = load.acked_ids().into_iter().filter(|id| !at_failover.contains(id));
+        if shards_written(since, TEST_SHARDS).len() == TEST_SHARDS as usize {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not every shard took writes after the cut");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The cut-off node heard none of it: it cannot have applied what the
+    // majority committed since, in any shard.
+    let (theirs, ours) = (status(&cluster, cut_off).await, statuses(&cluster, &majority).await);
+    for s in &theirs.shard_status {
+        let majority_applied = ours
+            .values()
+            .flat_map(|o| &o.shard_status)
+            .filter(|o| o.shard == s.shard)
+            .map(|o| o.applied_index)
+            .max();
+        assert!(
+            Some(s.applied_index) < majority_applied,
+            "shard {}: node {cut_off} applied {} behind the proxies' blackhole, the majority {majority_applied:?}",
+            s.shard,
+            s.applied_index
+        );
+    }
 
-    cluster.cut(&[old], &majority);
-    let new = cluster.wait_leader(&majority).await;
-    let at_election = load.acked();
-    load.wait_acked_over(at_election + 50).await;
-    // The old leader heard none of it: cut off, it cannot have applied
-    // what the majority committed since.
-    let (cut_off, majority_applied) =
-        (status(&cluster, old).await, status(&cluster, new).await.applied_index);
-    assert!(
-        cut_off.applied_index < majority_applied,
-        "node {old} applied {} behind the proxies' blackhole, the majority {majority_applied}",
-        cut_off.applied_index
-    );
-
+    println!("every shard took writes {:?} after the cut", cut_at.elapsed());
     cluster.heal_links();
-    cluster.wait_agreed_leader(&[1, 2, 3], new).await;
     let outcome = load.stop().await;
     assert_eq!(outcome.hung, 0, "writes hung");
-    outcome.assert_served_by(&cluster, &[1, 2, 3], " after the proxies healed").await;
+    // Every replica, the healed node's too: each acknowledged write once.
+    let replicas = assert_every_replica_holds(&cluster, &all, TEST_SHARDS, &outcome.book()).await;
+    assert_eq!(replicas, 3 * TEST_SHARDS as usize);
+    println!(
+        "{} writes acknowledged of {}; converged {:?} after the cut",
+        outcome.acked.len(),
+        outcome.sent.end,
+        cut_at.elapsed()
+    );
 }
 
 /// How long after its acknowledgement a new event is served by node `id`.

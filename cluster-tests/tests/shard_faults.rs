@@ -9,15 +9,17 @@
 //!    a write across it and a healthy shard fails UNAVAILABLE naming that
 //!    shard; once the quorum is back the same request applies each event once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use portrait_client::json::now_ms;
-use portrait_client::portrait_proto::v1::rule_value::Kind;
-use portrait_client::portrait_proto::v1::ClusterStatusResponse;
-use portrait_client::{Consistency, Event, PortraitClient, Profile, Value};
+use portrait_client::{Event, PortraitClient, Value};
+use portrait_cluster_tests::replicas::{
+    applied_on, check_exactly_once, placement, statuses, transfer, users_of, wait_caught_up, wait_placed,
+    Book,
+};
 use portrait_cluster_tests::Cluster;
 use portrait_core::shard::shard_of;
 
@@ -46,16 +48,10 @@ fn order(user: &str, event_id: String) -> Event {
     }
 }
 
-/// `count` user ids of `shard` (of `shards`), from `x<first>` on.
-fn users_of(shard: u32, shards: u32, count: usize) -> Vec<String> {
-    (0..).map(|i| format!("x{i}")).filter(|u| shard_of(u, shards) == shard).take(count).collect()
-}
-
 /// Event ids per user: sent at least once, and acknowledged.
 #[derive(Default)]
 struct Ledger {
-    sent: BTreeMap<String, BTreeSet<String>>,
-    acked: BTreeMap<String, BTreeSet<String>>,
+    book: Book,
     /// Requests sent again after a failed attempt.
     retries: u64,
     /// When each writer's requests were acknowledged.
@@ -63,15 +59,8 @@ struct Ledger {
 }
 
 impl Ledger {
-    fn record(&mut self, events: &[Event], acked: bool) {
-        let book = if acked { &mut self.acked } else { &mut self.sent };
-        for e in events {
-            book.entry(e.user_id.clone()).or_default().insert(e.event_id.clone());
-        }
-    }
-
     fn acked_total(&self) -> usize {
-        self.acked.values().map(BTreeSet::len).sum()
+        self.book.acked_total()
     }
 
     /// The longest time writer `w` went without an acknowledgement between
@@ -112,12 +101,12 @@ impl Writer {
                 if stop.load(Ordering::SeqCst) {
                     return;
                 }
-                ledger.lock().unwrap().record(&events, false);
+                ledger.lock().unwrap().book.record(&events, false);
                 let client = &self.clients[next % self.clients.len()];
                 let sent = tokio::time::timeout(Duration::from_secs(10), client.write(events.clone()));
                 if let Ok(Ok(_)) = sent.await {
                     let mut l = ledger.lock().unwrap();
-                    l.record(&events, true);
+                    l.book.record(&events, true);
                     l.retries += (attempt > 0) as u64;
                     l.acks.entry(self.id).or_default().push(Instant::now());
                     break;
@@ -139,68 +128,6 @@ async fn clients(cluster: &Cluster, nodes: &[u64], forwarded: bool) -> Vec<Portr
         all.push(if forwarded { c.without_routing() } else { c });
     }
     all
-}
-
-async fn statuses(cluster: &Cluster, nodes: &[u64]) -> BTreeMap<u64, ClusterStatusResponse> {
-    let mut all = BTreeMap::new();
-    for &id in nodes {
-        all.insert(id, cluster.client(id).await.cluster_status().await.expect("status"));
-    }
-    all
-}
-
-/// Per shard, the nodes holding a voting replica of it, and its leader.
-fn placement(all: &BTreeMap<u64, ClusterStatusResponse>) -> BTreeMap<u32, (BTreeSet<u64>, Option<u64>)> {
-    let mut by_shard: BTreeMap<u32, (BTreeSet<u64>, Option<u64>)> = BTreeMap::new();
-    for (id, status) in all {
-        for s in status.shard_status.iter().filter(|s| s.role == "Leader" || s.role == "Follower") {
-            let entry = by_shard.entry(s.shard).or_default();
-            entry.0.insert(*id);
-            if s.role == "Leader" {
-                entry.1 = Some(*id);
-            }
-        }
-    }
-    by_shard
-}
-
-/// Waits until each of the `shards` shards has 3 voters and a leader.
-async fn wait_placed(cluster: &Cluster, nodes: &[u64], shards: u32) -> BTreeMap<u32, (BTreeSet<u64>, u64)> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let placed = placement(&statuses(cluster, nodes).await);
-        if placed.len() == shards as usize && placed.values().all(|(n, l)| n.len() == 3 && l.is_some()) {
-            return placed.into_iter().map(|(s, (n, l))| (s, (n, l.unwrap()))).collect();
-        }
-        assert!(Instant::now() < deadline, "shards not placed on 3 of {nodes:?}: {placed:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Waits until each of the `shards` shards has a leader and every replica
-/// has applied all the leader holds (nothing is written meanwhile).
-async fn wait_caught_up(cluster: &Cluster, nodes: &[u64], shards: u32) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    'poll: loop {
-        assert!(Instant::now() < deadline, "replicas did not catch up: {:?}", statuses(cluster, nodes).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let all = statuses(cluster, nodes).await;
-        let shard_status = || all.values().flat_map(|s| s.shard_status.iter());
-        let led: BTreeSet<u32> = shard_status().filter(|s| s.role == "Leader").map(|s| s.shard).collect();
-        if led.len() < shards as usize {
-            continue;
-        }
-        for leader in shard_status().filter(|s| s.role == "Leader") {
-            let replicas = shard_status().filter(|s| s.shard == leader.shard);
-            if leader.applied_index < leader.last_log_index
-                || replicas.clone().count() < 3
-                || replicas.into_iter().any(|s| s.applied_index < leader.last_log_index)
-            {
-                continue 'poll;
-            }
-        }
-        return;
-    }
 }
 
 /// How long until each of `shards` has a leader among `nodes` (polled from
@@ -226,46 +153,6 @@ async fn time_to_new_leaders(
     }
 }
 
-/// `orders_lifetime` of a profile (0 without one).
-fn lifetime_orders(p: &Profile) -> u64 {
-    match p.features.get("orders_lifetime").and_then(|v| v.kind.clone()) {
-        Some(Kind::NumberValue(n)) => n as u64,
-        _ => 0,
-    }
-}
-
-/// Per user as node `id` serves it locally: (`orders_lifetime`, trade history ids).
-async fn applied_on(cluster: &Cluster, id: u64, users: &[String]) -> BTreeMap<String, (u64, Vec<String>)> {
-    let client = cluster.client(id).await.without_routing();
-    // No selection: every family, feature and tag.
-    let r = client.batch_get_profiles(users, &[], Consistency::Local).await.expect("local read");
-    assert_eq!(r.read_info.expect("read info").node_id, id, "read where the replica is");
-    let history =
-        |p: &Profile| p.families.get("trade").map(|f| f.history.iter().map(|h| h.event_id.clone()).collect());
-    r.profiles
-        .iter()
-        .map(|p| (p.user_id.clone(), (lifetime_orders(p), history(p).unwrap_or_default())))
-        .collect()
-}
-
-/// Each user's count equals its distinct applied events, which hold every
-/// acknowledged one and only sent ones, none twice.
-fn check_exactly_once(node: u64, applied: &BTreeMap<String, (u64, Vec<String>)>, ledger: &Ledger) {
-    let empty = BTreeSet::new();
-    for (user, (count, history)) in applied {
-        let sent = ledger.sent.get(user).unwrap_or(&empty);
-        let acked = ledger.acked.get(user).unwrap_or(&empty);
-        let distinct: BTreeSet<String> = history.iter().cloned().collect();
-        assert_eq!(distinct.len(), history.len(), "node {node}, {user}: an event applied twice: {history:?}");
-        assert!(history.len() < 100, "node {node}, {user}: history full; raise USERS");
-        assert_eq!(*count, distinct.len() as u64, "node {node}, {user}: count vs distinct events applied");
-        let missing: Vec<_> = acked.difference(&distinct).collect();
-        assert!(missing.is_empty(), "node {node}, {user}: acknowledged but not applied: {missing:?}");
-        let unsent: Vec<_> = distinct.difference(sent).collect();
-        assert!(unsent.is_empty(), "node {node}, {user}: applied but never sent: {unsent:?}");
-    }
-}
-
 /// Users of test 1: all of them, or those of one of its shards.
 fn users_in(shard: Option<u32>) -> Vec<String> {
     let all = (0..USERS).map(|i| format!("x{i}"));
@@ -282,16 +169,6 @@ async fn move_leaderships(cluster: &Cluster, via: u64, moves: &[(u32, u64)]) {
     }
     while let Some(moved) = running.join_next().await {
         moved.unwrap();
-    }
-}
-
-/// Makes `node` the leader of `shard`, asking again while the shard is in
-/// an election (the transfer refuses a target whose term moved on).
-async fn transfer(client: PortraitClient, shard: u32, node: u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while let Err(e) = client.transfer_leader_of(node, Some(shard)).await {
-        assert!(Instant::now() < deadline, "shard {shard} to node {node}: {e}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -382,13 +259,12 @@ async fn killing_a_node_that_leads_several_shards_loses_no_event_and_applies_eac
         assert!(gaps[w] > Duration::from_millis(500), "writer {w}, to a shard the victim led, never paused");
     }
 
-    wait_caught_up(&cluster, &ALL, MANY_SHARDS).await;
-    let hosts = placement(&statuses(&cluster, &ALL).await);
-    for (shard, (nodes, _)) in &hosts {
+    let hosts = wait_caught_up(&cluster, &ALL, MANY_SHARDS).await;
+    for (shard, nodes) in &hosts {
         let users = users_in(Some(*shard));
         assert_eq!(nodes.len(), 3, "shard {shard} on {nodes:?}");
         for &id in nodes {
-            check_exactly_once(id, &applied_on(&cluster, id, &users).await, &ledger);
+            check_exactly_once(id, &users, &applied_on(&cluster, id, &users).await, &ledger.book);
         }
     }
 }

@@ -1,16 +1,24 @@
-//! A node that was down while the log was compacted catches up by snapshot
-//! install and converges to the same profiles, features and tags.
+//! A node that was down while the shards' logs were compacted catches up
+//! by snapshot install and converges to the same profiles, features and
+//! tags as each shard's leader.
+
+use std::collections::BTreeSet;
 
 use portrait_client::json::now_ms;
-use portrait_client::{Consistency, Event, PortraitClient, Value};
-use portrait_cluster_tests::Cluster;
+use portrait_client::{shard_of, Consistency, Event, PortraitClient, Value};
+use portrait_cluster_tests::replicas::{wait_caught_up, wait_placed};
+use portrait_cluster_tests::{Cluster, TEST_SHARDS};
 
-/// Snapshots every 40 entries, keeping 5 entries behind: a node that misses
-/// a few hundred entries can only catch up by snapshot.
-const CONFIG: &str = "[raft]\nsnapshot_every_entries = 40\nkeep_logs_after_snapshot = 5\n";
+/// Four nodes, RF 3: nodes 1-3 hold every shard, node 4 none (it forwards
+/// the writes). Snapshots every 40 entries, keeping 5 entries behind: a
+/// replica that misses a hundred entries of a shard can only catch up by
+/// snapshot.
+const CONFIG: &str = "replication = 3\n[raft]\nsnapshot_every_entries = 40\nkeep_logs_after_snapshot = 5\n";
+const USERS: i64 = 25;
+const PER_REQUEST: i64 = 4;
 
 /// A comparable digest of one user's logical state: families, features and
-/// tags as canonical JSON (sorted keys).
+/// tags as canonical JSON (sorted keys), as `client`'s node serves it.
 async fn digest(client: &PortraitClient, user: &str) -> String {
     match client.get_profile(user, &[], Consistency::Local).await {
         Ok(r) => portrait_client::json::profile_to_json(&r.profile.unwrap_or_default()).to_string(),
@@ -18,40 +26,68 @@ async fn digest(client: &PortraitClient, user: &str) -> String {
     }
 }
 
+/// Request `r`: events `r * PER_REQUEST ..` (consecutive users, so most
+/// requests touch most shards).
+fn request(r: i64) -> Vec<Event> {
+    (r * PER_REQUEST..(r + 1) * PER_REQUEST).map(event).collect()
+}
+
 #[tokio::test]
-async fn a_lagging_node_catches_up_by_snapshot() {
-    let mut cluster = Cluster::start_with_config(3, Some(CONFIG)).await;
-    let client = cluster.client(1).await;
-    client.write(vec![event(0)]).await.unwrap();
+async fn a_lagging_replica_catches_up_by_snapshot_in_every_shard() {
+    let (hosts, all) = ([1, 2, 3], [1, 2, 3, 4]);
+    let mut cluster = Cluster::start_sharded_with_config(4, TEST_SHARDS, CONFIG).await;
+    wait_placed(&cluster, &all, TEST_SHARDS).await;
+    // Node 4 hosts no shard: every part is forwarded to its shard's leader.
+    let client = cluster.client(4).await.without_routing();
+    client.write(request(0)).await.unwrap();
     cluster.kill(3);
 
-    let mut last = 0;
-    for i in 1..300 {
-        last = client.write(vec![event(i)]).await.expect("write with one node down").log_index;
+    for r in 1..120 {
+        client.write(request(r)).await.expect("write with one replica down");
     }
-    let status = client.cluster_status().await.unwrap();
-    assert!(status.purged_index > 1, "the log was compacted past what node 3 has: {status:?}");
+    // Node 1 created every shard and leads it; its top-level status is shard 0's.
+    let status = cluster.client(1).await.cluster_status().await.unwrap();
+    assert!(status.purged_index > 5, "shard 0's log was compacted past what node 3 has: {status:?}");
 
     cluster.restart(3).await;
-    cluster.wait_applied(3, last).await;
-    let (a, c) = (cluster.client(1).await, cluster.client(3).await);
-    for u in 0..25 {
-        let user = format!("u{u}");
-        assert_eq!(digest(&c, &user).await, digest(&a, &user).await, "{user}");
-    }
-    let s3 = c.cluster_status().await.unwrap();
-    assert!(s3.snapshot_index > 1, "node 3 installed a snapshot: {s3:?}");
+    wait_caught_up(&cluster, &hosts, TEST_SHARDS).await;
+    let s3 = cluster.client(3).await.cluster_status().await.unwrap();
+    assert!(
+        s3.snapshot_index >= status.purged_index,
+        "node 3 installed a snapshot of shard 0 past the leader's purge ({}): {s3:?}",
+        status.purged_index
+    );
+    assert_converged(&cluster, 3).await;
     // And keeps applying new writes after the install.
-    let r = client.write(vec![event(1000)]).await.unwrap();
-    cluster.wait_applied(3, r.log_index).await;
-    assert_eq!(digest(&c, "u0").await, digest(&a, "u0").await);
+    client.write(request(1000)).await.unwrap();
+    wait_caught_up(&cluster, &hosts, TEST_SHARDS).await;
+    assert_converged(&cluster, 3).await;
+}
+
+/// Every user's state on node `id` equals its shard leader's (all applied).
+async fn assert_converged(cluster: &Cluster, id: u64) {
+    let placed = wait_placed(cluster, &[1, 2, 3, 4], TEST_SHARDS).await;
+    let replica = cluster.client(id).await.without_routing();
+    let mut compared = BTreeSet::new();
+    for u in 0..USERS {
+        let user = format!("u{u}");
+        let shard = shard_of(&user, TEST_SHARDS);
+        let (voters, leader) = &placed[&shard];
+        // The leader, unless node `id` leads: then another replica.
+        let other = *voters.iter().find(|&&n| n != id && (n == *leader || *leader == id)).unwrap();
+        let expected = digest(&cluster.client(other).await.without_routing(), &user).await;
+        assert!(expected.contains("orders_lifetime"), "{user} on node {other}: {expected}");
+        assert_eq!(digest(&replica, &user).await, expected, "{user} (shard {shard}) on node {id} vs {other}");
+        compared.insert(shard);
+    }
+    assert_eq!(compared.len(), TEST_SHARDS as usize, "the users cover every shard");
 }
 
 fn event(i: i64) -> Event {
     let kind = if i % 3 == 0 { "order" } else { "view" };
     let family = if kind == "order" { "trade" } else { "browse" };
     Event {
-        user_id: format!("u{}", i % 25),
+        user_id: format!("u{}", i % USERS),
         family: family.into(),
         r#type: kind.into(),
         event_time_ms: now_ms() - (i % 50) * 3_600_000,

@@ -142,7 +142,16 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "| {:>6} | {:<28} | {:>7} | {:>10} | {:>12} | {:>9} | {:>9} | {:>9} | {:>9} | {:>9} |",
-        "shards", "scenario", "clients", "ops/s", "events/s", "p50 ms", "p99 ms", "fsyncs/s", "ev/entry", "cpu µs/ev"
+        "shards",
+        "scenario",
+        "clients",
+        "ops/s",
+        "events/s",
+        "p50 ms",
+        "p99 ms",
+        "fsyncs/s",
+        "ev/entry",
+        "cpu µs/ev"
     );
     println!(
         "|{:-<8}|{:-<30}|{:-<9}|{:-<12}|{:-<14}|{:-<11}|{:-<11}|{:-<11}|{:-<11}|{:-<11}|",

@@ -482,6 +482,17 @@ async fn large_entries_applied_in_parallel_match_small_entries() {
 
 #[tokio::test]
 async fn pipelined_entries_match_entries_written_one_by_one() {
+    // A cache of 8 heads and states: trimmed by count on almost every entry.
+    pipelined_entries_match_one_by_one(8, usize::MAX).await;
+}
+
+#[tokio::test]
+async fn pipelined_entries_match_entries_written_one_by_one_with_a_cache_bounded_by_bytes() {
+    // A cache of 2 KiB: trimmed by its bytes every few entries.
+    pipelined_entries_match_one_by_one(100_000, 2048).await;
+}
+
+async fn pipelined_entries_match_one_by_one(cache_entries: usize, cache_bytes: usize) {
     // Consecutive write entries overlap (entry k+1 is computed while k's
     // batch is written). Entries here repeat ids of the entry just before
     // (whose batch may be in flight), run with a tiny apply cache (trimmed
@@ -508,7 +519,8 @@ async fn pipelined_entries_match_entries_written_one_by_one() {
     };
     let pipelined_dir = tempfile::tempdir().unwrap();
     let store = GroupState::open(pipelined_dir.path()).unwrap();
-    let mut sm = StateMachine::with_cache_entries(store.clone(), pipelined_dir.path(), 8).unwrap();
+    let mut sm =
+        StateMachine::with_cache(store.clone(), pipelined_dir.path(), cache_entries, cache_bytes).unwrap();
     let mut results = Vec::new();
     let all = entries();
     let mut rest = all.as_slice();

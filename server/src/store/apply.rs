@@ -51,8 +51,14 @@ pub struct ApplyCache {
 }
 
 struct CacheShard {
-    records: HashMap<Vec<u8>, FamilyHead>,
-    users: HashMap<String, UserState>,
+    /// Each head and state with its encoded size (what it last was in the
+    /// database), counted in `bytes`.
+    records: HashMap<Vec<u8>, (FamilyHead, usize)>,
+    users: HashMap<String, (UserState, usize)>,
+    /// Encoded bytes of the heads and states held: the memory bound (the
+    /// decoded forms are a small multiple of it), besides the counts.
+    bytes: usize,
+    byte_capacity: usize,
     /// The dedupe keys the previous entry wrote, with their ends: its batch
     /// may still be in flight (see the state machine's writer), so they are
     /// checked here before the database.
@@ -107,7 +113,9 @@ impl ApplyCache {
             records: HashMap::default(),
             users: HashMap::default(),
             recent_ids: HashMap::default(),
+            bytes: 0,
             capacity: 0,
+            byte_capacity: 0,
             batch_bytes: 0,
             scratch: Scratch::default(),
         };
@@ -118,8 +126,10 @@ impl ApplyCache {
     /// of the budget (groups open and close).
     fn sized(&mut self) -> &mut [CacheShard] {
         let capacity = self.budget.share().div_ceil(SHARDS);
+        let byte_capacity = self.budget.byte_share().div_ceil(SHARDS);
         for shard in &mut self.shards {
             shard.capacity = capacity;
+            shard.byte_capacity = byte_capacity;
         }
         &mut self.shards
     }
@@ -128,6 +138,7 @@ impl ApplyCache {
         for shard in &mut self.shards {
             shard.records.clear();
             shard.users.clear();
+            shard.bytes = 0;
             shard.recent_ids.clear();
         }
     }
@@ -140,12 +151,43 @@ impl Drop for ApplyCache {
 }
 
 impl CacheShard {
+    /// Empties what is over its bound: a map over its count, both over
+    /// their bytes (the next entries reload what they touch).
     fn trim(&mut self) {
-        if self.records.len() > self.capacity {
+        let over = self.bytes > self.byte_capacity;
+        if over || self.records.len() > self.capacity {
+            self.bytes -= self.records.values().map(|(_, n)| n).sum::<usize>();
             self.records.clear();
         }
-        if self.users.len() > self.capacity {
+        if over || self.users.len() > self.capacity {
+            self.bytes -= self.users.values().map(|(_, n)| n).sum::<usize>();
             self.users.clear();
+        }
+    }
+
+    fn take_record(&mut self, key: &[u8]) -> Option<FamilyHead> {
+        let (record, n) = self.records.remove(key)?;
+        self.bytes -= n;
+        Some(record)
+    }
+
+    fn take_user(&mut self, user_id: &str) -> Option<UserState> {
+        let (state, n) = self.users.remove(user_id)?;
+        self.bytes -= n;
+        Some(state)
+    }
+
+    fn keep_record(&mut self, key: Vec<u8>, record: FamilyHead, bytes: usize) {
+        self.bytes += bytes;
+        if let Some((_, old)) = self.records.insert(key, (record, bytes)) {
+            self.bytes -= old;
+        }
+    }
+
+    fn keep_user(&mut self, user_id: String, state: UserState, bytes: usize) {
+        self.bytes += bytes;
+        if let Some((_, old)) = self.users.insert(user_id, (state, bytes)) {
+            self.bytes -= old;
         }
     }
 }
@@ -605,7 +647,7 @@ impl<'a> EntryState<'a> {
         match self.records.entry(key) {
             MapEntry::Occupied(o) => Ok(o.into_mut()),
             MapEntry::Vacant(v) => {
-                let cached = self.cache.records.remove(v.key());
+                let cached = self.cache.take_record(v.key());
                 let mut record = match cached {
                     Some(record) => record,
                     None => match self.db.get_pinned_cf(cf(self.db, CF_PROFILES), v.key())? {
@@ -624,7 +666,7 @@ impl<'a> EntryState<'a> {
         match self.users.entry(user_id.to_string()) {
             MapEntry::Occupied(o) => Ok(o.into_mut()),
             MapEntry::Vacant(v) => {
-                let mut state = match self.cache.users.remove(user_id) {
+                let mut state = match self.cache.take_user(user_id) {
                     Some(state) => state,
                     None => load_user_state(self.db, self.gid, user_id)?.unwrap_or_default(),
                 };
@@ -647,13 +689,16 @@ impl<'a> EntryState<'a> {
         let (mut records, mut users, new_ids, mut buf) = (self.records, self.users, self.new_ids, self.buf);
         self.cache.trim();
         for (key, record) in records.drain() {
-            if record.is_empty() {
+            let bytes = if record.is_empty() {
                 batch.delete_cf(profiles, &key);
+                0
             } else {
                 record.encode_into(&mut buf);
                 batch.put_cf(profiles, &key, &buf);
-            }
-            self.cache.records.insert(key, record);
+                buf.len()
+            };
+            let bytes = key.len() + bytes;
+            self.cache.keep_record(key, record, bytes);
         }
         let (state_cf, timers) = (cf(self.db, CF_STATE), cf(self.db, CF_TIMERS));
         for (user, mut t) in users.drain() {
@@ -668,7 +713,8 @@ impl<'a> EntryState<'a> {
                     batch.put_cf(timers, keys::timer(self.gid, new, &user), []);
                 }
             }
-            self.cache.users.insert(user, t.state);
+            let bytes = user.len() + buf.len();
+            self.cache.keep_user(user, t.state, bytes);
         }
         let mut spare_ids = std::mem::replace(&mut self.cache.recent_ids, new_ids);
         spare_ids.clear();
@@ -680,6 +726,44 @@ impl<'a> EntryState<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cache_shard(capacity: usize, byte_capacity: usize) -> CacheShard {
+        CacheShard {
+            records: HashMap::default(),
+            users: HashMap::default(),
+            bytes: 0,
+            byte_capacity,
+            recent_ids: HashMap::default(),
+            capacity,
+            batch_bytes: 0,
+            scratch: Scratch::default(),
+        }
+    }
+
+    #[test]
+    fn the_cache_counts_the_bytes_it_holds_and_empties_past_its_byte_bound() {
+        let mut c = cache_shard(100, 1000);
+        c.keep_record(b"a".to_vec(), FamilyHead::default(), 300);
+        c.keep_user("u".into(), UserState::default(), 200);
+        assert_eq!(c.bytes, 500);
+        // Kept again with a new size: counted once, at the new size.
+        c.keep_record(b"a".to_vec(), FamilyHead::default(), 400);
+        assert_eq!(c.bytes, 600);
+        assert!(c.take_user("u").is_some());
+        assert_eq!(c.bytes, 400);
+        c.trim();
+        assert_eq!((c.records.len(), c.bytes), (1, 400), "within its bounds: kept");
+        c.keep_user("v".into(), UserState::default(), 700);
+        c.trim();
+        assert_eq!((c.records.len(), c.users.len(), c.bytes), (0, 0, 0), "over 1000 bytes: emptied");
+        // Over its count only: that map alone is emptied, its bytes given back.
+        let mut c = cache_shard(1, 1 << 20);
+        c.keep_record(b"a".to_vec(), FamilyHead::default(), 10);
+        c.keep_record(b"b".to_vec(), FamilyHead::default(), 20);
+        c.keep_user("u".into(), UserState::default(), 5);
+        c.trim();
+        assert_eq!((c.records.len(), c.users.len(), c.bytes), (0, 1, 5));
+    }
 
     #[test]
     fn appended_batches_apply_every_operation_in_order() {

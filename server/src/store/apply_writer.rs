@@ -72,23 +72,29 @@ impl Drop for ApplyWriter {
     }
 }
 
-/// The apply cache budget of the node, in users and family records: each
-/// group's cache keeps at most an equal share of it, so 64 groups keep
-/// what one did.
+/// The apply cache budget of the node, in users and family records and in
+/// their encoded bytes: each group's cache keeps at most an equal share of
+/// both, so 64 groups keep what one did.
 #[derive(Debug)]
 pub struct CacheBudget {
     entries: usize,
+    bytes: usize,
     caches: AtomicUsize,
 }
 
 impl CacheBudget {
-    pub fn new(entries: usize) -> CacheBudget {
-        CacheBudget { entries, caches: AtomicUsize::new(0) }
+    pub fn new(entries: usize, bytes: usize) -> CacheBudget {
+        CacheBudget { entries, bytes, caches: AtomicUsize::new(0) }
     }
 
-    /// The share of one cache (of the caches that exist now).
+    /// The share of one cache in entries (of the caches that exist now).
     pub fn share(&self) -> usize {
         self.entries / self.caches.load(Ordering::Acquire).max(1)
+    }
+
+    /// The share of one cache in encoded bytes.
+    pub fn byte_share(&self) -> usize {
+        self.bytes / self.caches.load(Ordering::Acquire).max(1)
     }
 
     pub(crate) fn join(&self) {
@@ -106,12 +112,13 @@ mod tests {
 
     #[test]
     fn the_budget_is_shared_not_multiplied() {
-        let budget = CacheBudget::new(100_000);
+        let budget = CacheBudget::new(100_000, 64 << 20);
         assert_eq!(budget.share(), 100_000);
         for _ in 0..64 {
             budget.join();
         }
         assert_eq!(budget.share() * 64, 100_000 - 100_000 % 64);
+        assert_eq!(budget.byte_share(), 1 << 20);
         budget.leave();
         assert_eq!(budget.share(), 100_000 / 63);
     }

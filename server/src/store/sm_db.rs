@@ -40,6 +40,11 @@ pub type SmStore = GroupState;
 /// all groups together.
 pub const APPLY_CACHE_ENTRIES: usize = 100_000;
 
+/// Encoded bytes of those heads and states, all groups together: the
+/// bound on the cache's memory whatever the size of profiles (decoded,
+/// they take a small multiple of it).
+pub const APPLY_CACHE_BYTES: usize = 128 << 20;
+
 /// The block cache of every column family, all groups together (what six
 /// RocksDB default caches of 32 MiB, one per column family, came to).
 pub const BLOCK_CACHE_BYTES: usize = 192 << 20;
@@ -125,7 +130,7 @@ impl StateDb {
             db,
             clocks,
             groups: Mutex::default(),
-            cache_budget: Arc::new(CacheBudget::new(APPLY_CACHE_ENTRIES)),
+            cache_budget: Arc::new(CacheBudget::new(APPLY_CACHE_ENTRIES, APPLY_CACHE_BYTES)),
             apply_slots: Arc::new(tokio::sync::Semaphore::new(parallel)),
         };
         state.finish_interrupted_installs(data_dir)?;

@@ -109,13 +109,15 @@ impl StateMachine {
     }
 
     /// [`StateMachine::new`] with an apply cache of its own of
-    /// `cache_entries` (tests use a tiny one to exercise its trimming).
-    pub fn with_cache_entries(
+    /// `entries` heads and states and `bytes` encoded bytes (tests use tiny
+    /// ones to exercise its trimming).
+    pub fn with_cache(
         store: Arc<GroupState>,
         data_dir: &std::path::Path,
-        cache_entries: usize,
+        entries: usize,
+        bytes: usize,
     ) -> std::io::Result<StateMachine> {
-        StateMachine::with_cache_budget(store, data_dir, Arc::new(CacheBudget::new(cache_entries)))
+        StateMachine::with_cache_budget(store, data_dir, Arc::new(CacheBudget::new(entries, bytes)))
     }
 
     fn with_cache_budget(

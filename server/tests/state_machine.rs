@@ -483,16 +483,33 @@ async fn large_entries_applied_in_parallel_match_small_entries() {
 #[tokio::test]
 async fn pipelined_entries_match_entries_written_one_by_one() {
     // A cache of 8 heads and states: trimmed by count on almost every entry.
-    pipelined_entries_match_one_by_one(8, usize::MAX).await;
+    pipelined_entries_match_one_by_one(8, usize::MAX, |_| 20, 39 * 6).await;
+}
+
+#[tokio::test]
+async fn pipelined_entries_match_entries_written_one_by_one_when_small_ones_apply_inline() {
+    // Every other entry has 10 events: small enough to apply on the raft
+    // task when the batch before it is written, else through the blocking
+    // pool. Duplicates: 4 per 10-event entry (ids of the 20 before it), 3
+    // per 20-event entry after the first (ids 1..9 of the 10 before it).
+    pipelined_entries_match_one_by_one(8, usize::MAX, |k| if k % 2 == 1 { 10 } else { 20 }, 20 * 4 + 19 * 3)
+        .await;
 }
 
 #[tokio::test]
 async fn pipelined_entries_match_entries_written_one_by_one_with_a_cache_bounded_by_bytes() {
     // A cache of 2 KiB: trimmed by its bytes every few entries.
-    pipelined_entries_match_one_by_one(100_000, 2048).await;
+    pipelined_entries_match_one_by_one(100_000, 2048, |_| 20, 39 * 6).await;
 }
 
-async fn pipelined_entries_match_one_by_one(cache_entries: usize, cache_bytes: usize) {
+/// Entry `k` has `size(k)` events; at least `min_dups` of all are
+/// duplicates of the entry just before.
+async fn pipelined_entries_match_one_by_one(
+    cache_entries: usize,
+    cache_bytes: usize,
+    size: fn(u64) -> u64,
+    min_dups: u32,
+) {
     // Consecutive write entries overlap (entry k+1 is computed while k's
     // batch is written). Entries here repeat ids of the entry just before
     // (whose batch may be in flight), run with a tiny apply cache (trimmed
@@ -510,7 +527,7 @@ async fn pipelined_entries_match_one_by_one(cache_entries: usize, cache_bytes: u
         for k in 0..40u64 {
             let index = out.len() as u64 + 1;
             let stamp = T0 + 1000 * k as i64;
-            out.push(write(index, stamp, vec![(0..20).map(|j| mk(k, j)).collect()]));
+            out.push(write(index, stamp, vec![(0..size(k)).map(|j| mk(k, j)).collect()]));
             if k % 9 == 4 {
                 out.push(entry(out.len() as u64 + 1, Command::Tick { stamp_ms: stamp + 1 }));
             }
@@ -546,7 +563,7 @@ async fn pipelined_entries_match_one_by_one(cache_entries: usize, cache_bytes: u
         .flat_map(counts)
         .map(|c| c.unwrap().duplicates)
         .sum();
-    assert!(dups >= 39 * 6, "ids of the previous entry count as duplicates: {dups}");
+    assert!(dups >= min_dups, "ids of the previous entry count as duplicates: {dups}");
     for u in 0..29 {
         let user = format!("user-{u}");
         let a = read(&pipelined, &user, T0 + 50_000);

@@ -2,9 +2,12 @@
 //!
 //! A follower answers a call it cannot serve with `UNAVAILABLE` and the
 //! leader's endpoint in the `x-portrait-leader` metadata key. A unary call then
-//! moves to that endpoint and is sent again (at most [`MAX_REDIRECTS`] times);
-//! an `UNAVAILABLE` without a hint (node down, election in progress) is retried
-//! with exponential backoff for up to [`RETRY_BUDGET`]. Every other status is
+//! moves to that endpoint and is sent again (at most [`MAX_REDIRECTS`] times in
+//! a row: a loop of redirects ends the call); an `UNAVAILABLE` without a hint
+//! (node down, election in progress) is retried with exponential backoff for
+//! up to [`RETRY_BUDGET`], each retry with a fresh count of redirects (a
+//! follower keeps naming a leader that is between terms; only the budget
+//! ends such a call). Every other status is
 //! returned at once. Retrying a write is safe when its events carry an
 //! `event_id`: a request is applied whole or not at all, and a retried event
 //! whose first attempt did commit is counted as a duplicate. Events without an
@@ -78,6 +81,7 @@ where
         router.avoid(&conn.endpoint);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+        redirects = 0;
     }
 }
 

@@ -53,6 +53,18 @@ async fn unavailable_gives_up_after_the_retry_budget() {
 }
 
 #[tokio::test]
+async fn a_leader_between_terms_is_waited_for_while_a_follower_keeps_naming_it() {
+    // The seed names node 1, which answers a bare UNAVAILABLE four times
+    // (an election): each backoff round is redirected again, and only the
+    // retry budget would end the call.
+    let a = Node::start(Fake { id: 1, unavailable: 4.into(), ..Default::default() }).await;
+    let b = Node::start(follower(2, &a.url())).await;
+    let client = PortraitClient::connect(&b.url()).await.unwrap();
+    client.write(vec![event("u1")]).await.expect("served once node 1 leads again");
+    assert_eq!(a.fake.calls(), 5, "four refusals, then the write");
+}
+
+#[tokio::test]
 async fn redirects_stop_after_three() {
     let a = Node::start(Fake { id: 1, ..Default::default() }).await;
     let b = Node::start(follower(2, &a.url())).await;

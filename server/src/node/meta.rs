@@ -68,16 +68,18 @@ impl Node {
     }
 
     /// NOT_LEADER with the meta leader's address unless this node leads
-    /// the meta group.
+    /// the meta group. Never names this node (between an election won and
+    /// its metrics saying Leader, it may be its own current leader): then
+    /// no leader is named, and the caller retries.
     pub(super) fn lead_meta(&self) -> Result<()> {
         let m = self.meta.raft.metrics().borrow().clone();
         if m.state == openraft::ServerState::Leader {
             return Ok(());
         }
-        let leader_addr = m
-            .current_leader
-            .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
-        Err(Error::NotLeader { leader_id: m.current_leader, leader_addr })
+        let leader = m.current_leader.filter(|l| *l != self.id);
+        let leader_addr =
+            leader.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+        Err(Error::NotLeader { leader_id: leader, leader_addr })
     }
 
     /// Commits a meta command (this node leads the meta group); returns

@@ -73,17 +73,20 @@ impl Node {
         }
         // LINEARIZABLE reads a shard here only where this node leads it (or
         // knows no leader: the read index then says who leads).
-        let serves_here = |s: u32| match self.registry.get(GroupId(s)) {
-            None => false,
-            Some(r) => consistency == Consistency::Local || leader_elsewhere(&r, self.id).is_none(),
-        };
-        let (hosted, remote): (Vec<_>, Vec<_>) = by_shard.into_iter().partition(|(s, _)| serves_here(*s));
+        // Each shard's replica is looked up once: the parts read here are
+        // exactly `hosted`, in its order.
+        let (mut hosted, mut remote) = (Vec::new(), Vec::new());
+        for (s, idx) in by_shard {
+            match self.registry.get(GroupId(s)) {
+                Some(r) if consistency == Consistency::Local || leader_elsewhere(&r, self.id).is_none() => {
+                    hosted.push((idx, r))
+                }
+                _ => remote.push((s, idx)),
+            }
+        }
         let hosted_parts: Vec<HostedPart> = hosted
             .iter()
-            .filter_map(|(s, idx)| {
-                let users = idx.iter().map(|&i| (unique[i].clone(), repeats[i])).collect();
-                self.registry.get(GroupId(*s)).map(|r| (r, users))
-            })
+            .map(|(idx, r)| (r.clone(), idx.iter().map(|&i| (unique[i].clone(), repeats[i])).collect()))
             .collect();
         let local = async {
             match hosted_parts.is_empty() {
@@ -104,8 +107,8 @@ impl Node {
         // Each part's views in its users' order, back into `unique`'s.
         let mut views: Vec<Option<ProfileView>> = vec![None; unique.len()];
         let mut infos = Vec::new();
-        let parts = hosted.iter().zip(local).chain(remote.iter().zip(forwarded));
-        for ((_, idx), (part_views, info)) in parts {
+        let indexes = hosted.iter().map(|(idx, _)| idx).chain(remote.iter().map(|(_, idx)| idx));
+        for (idx, (part_views, info)) in indexes.zip(local.into_iter().chain(forwarded)) {
             if part_views.len() != idx.len() {
                 return Err(Error::Internal(format!(
                     "shard {}: {} views for {} users",

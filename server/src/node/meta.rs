@@ -108,8 +108,14 @@ impl Node {
         wait.metrics(|m| m.state == openraft::ServerState::Leader, "the new node leads the meta group")
             .await?;
         let create = MetaCommand::Create { shards, replication, node: self.id, addr: self.advertise.clone() };
-        self.propose_meta(create).await?;
-        Ok(())
+        match self.propose_meta(create).await {
+            Ok(_) => Ok(()),
+            // Killed before its first Create was applied to the state, a
+            // node proposes it again at restart; the meta group keeps the
+            // first (re-applied from the log) and refuses this one.
+            Err(Error::FailedPrecondition(_)) if self.cluster().map.is_some() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Commits the replicas placement adds to reach the replication factor

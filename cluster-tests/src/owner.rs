@@ -28,12 +28,15 @@ fn proc_addr(addr: SocketAddr) -> Option<String> {
 }
 
 /// The inode of the socket whose own address is `peer`, connected to `local`.
+/// Entries without an inode (0: a closed connection in TIME_WAIT with the
+/// same ports) are skipped: they belong to no process.
 fn socket_inode(peer: SocketAddr, local: SocketAddr) -> Option<u64> {
     let (own, remote) = (proc_addr(peer)?, proc_addr(local)?);
     let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
     table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        (f.len() > 9 && f[1] == own && f[2] == remote).then(|| f[9].parse().ok()).flatten()
+        let inode: u64 = (f.len() > 9 && f[1] == own && f[2] == remote).then(|| f[9].parse().ok())??;
+        (inode != 0).then_some(inode)
     })
 }
 

@@ -130,11 +130,27 @@ async fn accept_loop(listener: std::net::TcpListener, target: SocketAddr, links:
         let links = links.clone();
         tokio::spawn(async move {
             let local = client.local_addr().ok();
-            let from = local.and_then(|l| crate::owner::node_of(&links.owners, peer, l));
+            let from = match local {
+                Some(l) => source(&links.owners, peer, l).await,
+                None => None,
+            };
             let mode = links.sender(from).subscribe();
             connection(client, target, mode, &links.resets).await;
         });
     }
+}
+
+/// The node that opened a connection. A lookup can miss while the kernel's
+/// tables catch up; a node's connection taken for the test's own would pass
+/// a cut link, so a miss is retried a few times first.
+async fn source(owners: &Owners, peer: SocketAddr, local: SocketAddr) -> Option<u64> {
+    for _ in 0..4 {
+        if let Some(node) = crate::owner::node_of(owners, peer, local) {
+            return Some(node);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
 }
 
 /// How a connection or one of its directions ended.

@@ -149,13 +149,20 @@ impl Node {
         Ok(result)
     }
 
-    /// A vote request from a candidate.
+    /// A vote request from a candidate; a refusal for the candidate's
+    /// shorter log is noted ([`crate::raft::contact`]).
     pub async fn vote(
         &self,
         group: GroupId,
         req: openraft::raft::VoteRequest<NodeId>,
     ) -> Result<std::result::Result<openraft::raft::VoteResponse<NodeId>, RaftError<NodeId>>> {
-        Ok(self.replica(group)?.raft.vote(req).await)
+        let replica = self.replica(group)?;
+        let candidate_log = req.last_log_id;
+        let result = replica.raft.vote(req).await;
+        if matches!(&result, Ok(r) if !r.vote_granted && r.last_log_id > candidate_log) {
+            replica.contact.refused_shorter_log();
+        }
+        Ok(result)
     }
 
     /// `Err`: dropped by fault injection.

@@ -7,6 +7,10 @@
 //!   highest one and when the leader was last heard. Committed entries are
 //!   never undone, so the highest commit index seen is a safe lower bound of
 //!   the leader's, even across a change of leader.
+//! - It also remembers when it last refused a candidate for a shorter log
+//!   ([`LeaderContact::refused_shorter_log`]): a quiet group's follower
+//!   that the leader no longer reaches, while a peer finds the leader gone,
+//!   campaigns itself (see [`super::quiet`]).
 //! - [`PeerAcks`] (leader side): when each peer last acknowledged an
 //!   AppendEntries. The age of the most recent time a quorum had answered
 //!   bounds how stale a leader that was cut off may be.
@@ -50,6 +54,7 @@ pub struct LeaderContact {
     clock: Clock,
     heard_at: AtomicU64,
     commit: AtomicU64,
+    refused_at: AtomicU64,
 }
 
 impl LeaderContact {
@@ -69,6 +74,18 @@ impl LeaderContact {
     /// Time since the leader was last heard; `None` if never since start.
     pub fn age(&self) -> Option<Duration> {
         self.clock.age(self.heard_at.load(Ordering::Relaxed))
+    }
+
+    /// This replica refused a candidate whose log is shorter than its own:
+    /// that candidate cannot win, and this replica (or one like it) must
+    /// campaign if the leader is gone.
+    pub fn refused_shorter_log(&self) {
+        self.refused_at.store(self.clock.stamp(), Ordering::Relaxed);
+    }
+
+    /// Time since a candidate was last refused for its shorter log.
+    pub fn refusal_age(&self) -> Option<Duration> {
+        self.clock.age(self.refused_at.load(Ordering::Relaxed))
     }
 }
 
@@ -138,7 +155,9 @@ mod tests {
     #[test]
     fn contact_keeps_the_highest_commit_and_the_last_time() {
         let c = LeaderContact::default();
-        assert_eq!((c.commit_seen(), c.age()), (0, None));
+        assert_eq!((c.commit_seen(), c.age(), c.refusal_age()), (0, None, None));
+        c.refused_shorter_log();
+        assert!(c.refusal_age().unwrap() < Duration::from_secs(5));
         c.heard(Some(9));
         c.heard(Some(7)); // a new leader that does not know the commit yet
         c.heard(None);

@@ -16,7 +16,12 @@
 //!   follower campaigns, after a random delay within the election timeout
 //!   range, when it has known no leader for an election timeout, when the
 //!   leader's node has not answered for an election timeout, or when that
-//!   node restarted and its leader has not been heard since.
+//!   node restarted and its leader has not been heard since. Also when it
+//!   refused a candidate for a shorter log and has not heard its leader
+//!   itself for an election timeout: a peer finds the leader gone, and
+//!   only a replica with the longer log can win. (The leader's node may
+//!   answer the probe while the group's own messages are lost: a one-way
+//!   or per-connection cut.)
 //! - A resting leader wakes when a follower's node comes up again (a new
 //!   boot id), so the restarted replica learns its leader without an
 //!   election.
@@ -207,6 +212,9 @@ pub struct FollowerView {
     pub leader_silent_for: Duration,
     /// The leader's node restarted and its leader was not heard since.
     pub leader_restarted: bool,
+    /// A candidate was refused here for its shorter log lately, and the
+    /// leader has not been heard in this group for an election timeout.
+    pub rival_refused: bool,
 }
 
 /// Why a follower campaigns.
@@ -215,6 +223,8 @@ pub enum Campaign {
     NoLeader,
     LeaderSilent,
     LeaderRestarted,
+    /// A peer campaigns and cannot win: this replica has the longer log.
+    RivalRefused,
 }
 
 /// Whether (and why) a follower should campaign now.
@@ -225,6 +235,7 @@ pub fn campaign(v: &FollowerView, t: &Timing) -> Option<Campaign> {
     match v.leader {
         None => (v.leaderless_for >= t.leaderless).then_some(Campaign::NoLeader),
         Some(_) if v.leader_restarted => Some(Campaign::LeaderRestarted),
+        Some(_) if v.rival_refused => Some(Campaign::RivalRefused),
         Some(_) => (v.leader_silent_for >= t.leader_silence).then_some(Campaign::LeaderSilent),
     }
 }
@@ -320,8 +331,15 @@ impl QuietGroups {
         };
         w.leaderless_since = leaderless_since;
         // A campaign that did not win (a split vote) is retried by
-        // openraft's own randomized timer, not by rounds of this task.
-        replica.elect.set_timer(m.state == openraft::ServerState::Candidate);
+        // openraft's own randomized timer, not by rounds of this task: that
+        // timer waits longer after a voter answered with a longer log, so
+        // that the replica holding it gets to campaign (and win) first.
+        let candidate = m.state == ServerState::Candidate;
+        replica.elect.set_timer(candidate);
+        if candidate {
+            w.campaign_at = None;
+            return;
+        }
         let voter = m.membership_config.membership().voter_ids().any(|v| v == self.me);
         let view = FollowerView {
             may_campaign: voter && replica.elect.may_campaign(),
@@ -330,6 +348,8 @@ impl QuietGroups {
             leader_silent_for: leader.map_or(Duration::ZERO, |l| self.liveness.silent_for(l, now)),
             leader_restarted: leader
                 .is_some_and(|l| self.leader_restarted(replica, l, m.current_term, w, now)),
+            rival_refused: replica.contact.refusal_age().is_some_and(|a| a < self.timing.leaderless)
+                && replica.contact.age().is_none_or(|a| a >= self.timing.leader_silence),
         };
         let Some(reason) = campaign(&view, &self.timing) else {
             w.campaign_at = None;
@@ -432,6 +452,7 @@ mod tests {
             leaderless_for: Duration::ZERO,
             leader_silent_for: 300 * MS,
             leader_restarted: false,
+            rival_refused: false,
         }
     }
 
@@ -447,6 +468,15 @@ mod tests {
         assert_eq!(campaign(&silent, &t), Some(Campaign::LeaderSilent));
         let restarted = FollowerView { leader_restarted: true, ..following(Some(2)) };
         assert_eq!(campaign(&restarted, &t), Some(Campaign::LeaderRestarted));
+    }
+
+    #[test]
+    fn a_follower_that_refused_a_shorter_log_campaigns_though_the_leaders_node_answers() {
+        let t = timing();
+        let view = FollowerView { rival_refused: true, ..following(Some(2)) };
+        assert_eq!(campaign(&view, &t), Some(Campaign::RivalRefused));
+        let held = FollowerView { may_campaign: false, ..view };
+        assert_eq!(campaign(&held, &t), None);
     }
 
     #[test]

@@ -199,7 +199,12 @@ async fn run_node(args: &Arc<Args>, shards: usize) -> anyhow::Result<Vec<(f64, f
     })
     .await?;
     anyhow::ensure!(node.wait_for_leader(Duration::from_secs(10)).await, "no leader");
-    tokio::spawn(portrait_server::service::serve(node.clone(), listener, std::future::pending()));
+    tokio::spawn(portrait_server::service::serve(
+        node.clone(),
+        listener,
+        portrait_server::service::auth::Gate::open(),
+        std::future::pending(),
+    ));
     let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut rates = Vec::new();
     for (i, &clients) in args.ingest_clients.0.iter().enumerate() {

@@ -26,7 +26,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (with fault injection
     about = "Portrait node: replicated user profiles with per-family TTL, over gRPC"
 )]
 pub struct Cli {
-    /// TOML config file (keys: node_id, data_dir, listen, advertise, bootstrap, join, log, shards, replication, [raft], [clock]).
+    /// TOML config file (keys: node_id, data_dir, listen, advertise, bootstrap, join, log, token_file, shards, replication, [raft], [clock]).
     #[arg(long, env = "PORTRAIT_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's raft id (stable across restarts).
@@ -54,6 +54,10 @@ pub struct Cli {
     /// Log filter, e.g. `info` or `portrait_server=debug,openraft=warn`.
     #[arg(long, env = "PORTRAIT_LOG")]
     pub log: Option<String>,
+    /// Bearer tokens and their roles (TOML; docs/security.md). Given: every client call needs a
+    /// token with the RPC's role; re-read on SIGHUP. Not given: no token checks.
+    #[arg(long, env = "PORTRAIT_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
     /// A node whose clock is further than this from a quorum of its peers does not lead (default 500ms).
     #[arg(long, env = "PORTRAIT_MAX_CLOCK_OFFSET", value_name = "DURATION")]
     pub max_clock_offset: Option<String>,
@@ -83,6 +87,7 @@ struct FileConfig {
     bootstrap: Option<bool>,
     join: Option<Vec<String>>,
     log: Option<String>,
+    token_file: Option<PathBuf>,
     shards: Option<u32>,
     replication: Option<u32>,
     #[serde(default)]
@@ -118,6 +123,8 @@ struct FileRaft {
 pub struct Config {
     pub listen: String,
     pub log: String,
+    /// Where the accepted tokens are (`None`: no token checks).
+    pub token_file: Option<PathBuf>,
     pub node: NodeOptions,
     /// Seeds to join through on first start (`--join`); empty: none.
     pub join: Vec<String>,
@@ -185,7 +192,8 @@ impl Config {
             seeds: join.clone(),
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
-        Ok(Config { listen, log, node, join })
+        let token_file = cli.token_file.or(file.token_file);
+        Ok(Config { listen, log, token_file, node, join })
     }
 }
 

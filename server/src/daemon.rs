@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::config::{Cli, Config};
 use crate::node::Node;
+use crate::service::auth::{reload_on_sighup, Gate};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -29,6 +30,19 @@ async fn run() -> anyhow::Result<()> {
         .init();
     #[cfg(feature = "fault-injection")]
     tracing::warn!("built with fault injection (Admin.SetPartition): for tests only, never ship this binary");
+    let gate = match &config.token_file {
+        Some(path) => {
+            let book = crate::auth::TokenBook::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::info!(file = %path.display(), tokens = book.len(), "token checks on");
+            let gate = Gate::new(book);
+            reload_on_sighup(gate.clone(), path.clone())?;
+            gate
+        }
+        None => {
+            tracing::warn!("no --token-file: every client call is allowed without a token");
+            Gate::open()
+        }
+    };
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -45,7 +59,7 @@ async fn run() -> anyhow::Result<()> {
     if !config.join.is_empty() {
         crate::join::start(node.clone(), config.join.clone()).await;
     }
-    crate::service::serve(node.clone(), listener, shutdown_signal()).await?;
+    crate::service::serve(node.clone(), listener, gate, shutdown_signal()).await?;
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())

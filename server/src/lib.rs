@@ -21,6 +21,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 // The core's modules under the paths they had when they lived here.
 pub use portrait_core::{duration, engine, model, schema, validate};
 
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod daemon;

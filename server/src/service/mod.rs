@@ -3,6 +3,7 @@
 //! client-facing answer carries the node's map epoch (in [`epoch`]).
 
 pub mod admin;
+pub mod auth;
 pub mod convert;
 pub mod epoch;
 pub mod ingest;
@@ -19,6 +20,7 @@ use portrait_proto::v1::profiles_server::ProfilesServer;
 use portrait_proto::v1::raft_server::RaftServer;
 use tonic::transport::server::TcpIncoming;
 
+use auth::{Gate, WithAuth};
 use epoch::WithMapEpoch;
 
 use crate::limits::{
@@ -28,10 +30,11 @@ use crate::limits::{
 use crate::node::Node;
 
 /// Serves every Portrait service, health and reflection on `listener` until
-/// `shutdown` completes.
+/// `shutdown` completes; client-facing calls pass `gate`'s token checks.
 pub async fn serve(
     node: Arc<Node>,
     listener: tokio::net::TcpListener,
+    gate: Gate,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -62,9 +65,9 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(WithMapEpoch::new(ingest, node.clone()))
-        .add_service(WithMapEpoch::new(profiles, node.clone()))
-        .add_service(WithMapEpoch::new(admin, node.clone()))
+        .add_service(WithMapEpoch::new(WithAuth::new(ingest, gate.clone()), node.clone()))
+        .add_service(WithMapEpoch::new(WithAuth::new(profiles, gate.clone()), node.clone()))
+        .add_service(WithMapEpoch::new(WithAuth::new(admin, gate), node.clone()))
         .add_service(raft)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

@@ -1,0 +1,127 @@
+//! Token checks on every client-facing call: each service is wrapped in
+//! [`WithAuth`], which looks the RPC up in [`crate::auth::RPCS`] and the
+//! caller's bearer token in the node's [`Gate`] before the service sees the
+//! request. A refusal is `UNAUTHENTICATED` (no token, or an unknown one) or
+//! `PERMISSION_DENIED` (a known token without the role); the service is
+//! never called. The token's name rides in the request's extensions
+//! ([`Caller`]) for whoever logs the call.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+
+use tonic::codegen::http::{Request, Response};
+use tonic::codegen::Service;
+use tonic::server::NamedService;
+
+use crate::auth::{Denied, TokenBook};
+
+/// The token that authorized a call (its name, never the secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller(pub String);
+
+/// The tokens the node accepts, or none: checks off (no `--token-file`).
+#[derive(Clone, Default)]
+pub struct Gate {
+    book: Option<Arc<RwLock<Arc<TokenBook>>>>,
+}
+
+impl Gate {
+    /// No checks: every call passes (a node started without a token file).
+    pub fn open() -> Gate {
+        Gate { book: None }
+    }
+
+    pub fn new(book: TokenBook) -> Gate {
+        Gate { book: Some(Arc::new(RwLock::new(Arc::new(book)))) }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.book.is_some()
+    }
+
+    /// Reads the token file again; on an error the tokens in use stay.
+    pub fn reload(&self, path: &Path) -> Result<usize, String> {
+        let Some(book) = &self.book else { return Err("token checks are off".into()) };
+        let new = TokenBook::load(path)?;
+        let n = new.len();
+        *book.write().expect("token book lock") = Arc::new(new);
+        Ok(n)
+    }
+
+    fn current(&self) -> Option<Arc<TokenBook>> {
+        self.book.as_ref().map(|b| b.read().expect("token book lock").clone())
+    }
+}
+
+/// Re-reads `path` on every SIGHUP until the process ends.
+pub fn reload_on_sighup(gate: Gate, path: PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match gate.reload(&path) {
+                Ok(n) => tracing::info!(file = %path.display(), tokens = n, "token file reloaded"),
+                Err(e) => tracing::error!(error = %e, "token file not reloaded; the tokens in use stay"),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// A service whose calls pass the node's token checks first.
+#[derive(Clone)]
+pub struct WithAuth<S> {
+    inner: S,
+    gate: Gate,
+}
+
+impl<S> WithAuth<S> {
+    pub fn new(inner: S, gate: Gate) -> Self {
+        WithAuth { inner, gate }
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for WithAuth<S>
+where
+    S: Service<Request<B>, Response = Response<RB>, Error = Infallible>,
+    S::Future: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Response<RB>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if let Some(book) = self.gate.current() {
+            let path = request.uri().path().to_string();
+            let header = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+            match book.check(&path, header) {
+                Ok(token) => {
+                    if let Some(t) = token {
+                        request.extensions_mut().insert(Caller(t.name.clone()));
+                    }
+                }
+                Err(denied) => {
+                    let status = match denied {
+                        Denied::Unauthenticated(m) => tonic::Status::unauthenticated(m),
+                        Denied::Permission(m) => tonic::Status::permission_denied(m),
+                    };
+                    tracing::debug!(rpc = %path, code = ?status.code(), reason = status.message(), "call refused");
+                    return Box::pin(std::future::ready(Ok(status.into_http())));
+                }
+            }
+        }
+        Box::pin(self.inner.call(request))
+    }
+}
+
+impl<S: NamedService> NamedService for WithAuth<S> {
+    const NAME: &'static str = S::NAME;
+}

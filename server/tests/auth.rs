@@ -8,8 +8,11 @@
 //! - SIGHUP re-reads the file; a malformed file then keeps the tokens in use.
 //! - A malformed token file stops the start with a one-line reason naming it.
 
+#[allow(dead_code)] // the token tests start their own nodes
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use portrait_server::auth::{access, hex, sha256, Access, Role, RPCS};
@@ -58,25 +61,13 @@ struct Node {
 
 impl Node {
     fn spawn(dir: &Path) -> Node {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let log = std::fs::File::create(dir.join("portraitd.log")).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_portraitd"));
-        command
-            .arg("--data-dir")
-            .arg(dir.join("data"))
+        let port = common::free_port();
+        let child = common::portraitd(dir, port, 2)
             .arg("--token-file")
             .arg(dir.join("tokens.toml"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--node-id", "1", "--shards", "2"])
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("PORTRAIT_") {
-                command.env_remove(key);
-            }
-        }
-        Node { child: command.spawn().expect("spawn portraitd"), port, dir: dir.to_path_buf() }
+            .spawn()
+            .expect("spawn portraitd");
+        Node { child, port, dir: dir.to_path_buf() }
     }
 
     fn log(&self) -> String {

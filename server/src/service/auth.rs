@@ -100,20 +100,19 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         if let Some(book) = self.gate.current() {
-            let path = request.uri().path().to_string();
             let header = request.headers().get("authorization").and_then(|v| v.to_str().ok());
-            match book.check(&path, header) {
-                Ok(token) => {
-                    if let Some(t) = token {
-                        request.extensions_mut().insert(Caller(t.name.clone()));
-                    }
+            match book.check(request.uri().path(), header).map(|t| t.map(|t| Caller(t.name.clone()))) {
+                Ok(Some(caller)) => {
+                    request.extensions_mut().insert(caller);
                 }
+                Ok(None) => {}
                 Err(denied) => {
                     let status = match denied {
                         Denied::Unauthenticated(m) => tonic::Status::unauthenticated(m),
                         Denied::Permission(m) => tonic::Status::permission_denied(m),
                     };
-                    tracing::debug!(rpc = %path, code = ?status.code(), reason = status.message(), "call refused");
+                    let rpc = request.uri().path();
+                    tracing::debug!(rpc, code = ?status.code(), reason = status.message(), "call refused");
                     return Box::pin(std::future::ready(Ok(status.into_http())));
                 }
             }

@@ -8,7 +8,7 @@
 //! temp dir; when a test panics, dropping the node prints that log.
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -120,24 +120,7 @@ impl TestNode {
     }
 
     async fn launch(&mut self) {
-        let log = File::options().create(true).append(true).open(self.log_path()).expect("open log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_portraitd"));
-        command
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--node-id", "1", "--log", "info,openraft=warn"])
-            .args(["--shards", &self.shards.to_string()])
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log);
-        // The environment must not reconfigure the node behind the flags' back.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("PORTRAIT_") {
-                command.env_remove(key);
-            }
-        }
+        let mut command = portraitd(self.dir.path(), self.port, self.shards);
         self.child = Some(command.spawn().expect("spawn portraitd"));
         self.wait_for_leader().await;
     }
@@ -178,8 +161,35 @@ impl Drop for TestNode {
     }
 }
 
+/// `portraitd` as node 1 of a new cluster of `shards` shards on `port`,
+/// with its data in `dir/data` and its output appended to
+/// `dir/portraitd.log`; no `PORTRAIT_*` variable of the test's environment
+/// reaches it. Add flags, then spawn.
+pub fn portraitd(dir: &Path, port: u16, shards: u32) -> Command {
+    let log =
+        File::options().create(true).append(true).open(dir.join("portraitd.log")).expect("open log file");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_portraitd"));
+    command
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--node-id", "1", "--log", "info,openraft=warn"])
+        .args(["--shards", &shards.to_string()])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log handle"))
+        .stderr(log);
+    // The environment must not reconfigure the node behind the flags' back.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PORTRAIT_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
 /// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local addr").port()
 }

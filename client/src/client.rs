@@ -13,10 +13,9 @@ use portrait_proto::v1::{
     ShardMapRequest, ShardMapResponse, TransferLeaderRequest, TransferLeaderResponse, WriteRequest,
     WriteResponse,
 };
-use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
-use crate::conn::Router;
+use crate::conn::{Chan, ConnectOptions, Router};
 use crate::retry::{leader_hint, note_leader, unary};
 use crate::routing::Routes;
 use crate::split::{busiest_shard, gather_profiles, reindex, Parts};
@@ -39,11 +38,22 @@ pub struct PortraitClient {
 }
 
 impl PortraitClient {
-    /// Connects to `http://host:port` or `host:port`.
+    /// Connects to `http://host:port` or `host:port`, without a token.
     pub async fn connect(endpoint: &str) -> Result<Self, ClientError> {
-        let router = Router::connect(endpoint).await?;
-        let routes = Arc::new(Routes::new(router.seed()));
+        Self::connect_with(endpoint, ConnectOptions::new()).await
+    }
+
+    /// Connects to `endpoint`; every call (to it and to the nodes it
+    /// routes to) carries `options`' token.
+    pub async fn connect_with(endpoint: &str, options: ConnectOptions) -> Result<Self, ClientError> {
+        let router = Router::connect(endpoint, options).await?;
+        let routes = Arc::new(Routes::new(router.seed(), router.options().clone()));
         Ok(Self { router, routes, routing: true })
+    }
+
+    /// Another client with this one's token and TLS settings, to `endpoint`.
+    pub async fn connect_like(&self, endpoint: &str) -> Result<Self, ClientError> {
+        Self::connect_with(endpoint, self.router.options().clone()).await
     }
 
     /// This client, sending every call to the node it is connected to (or
@@ -100,7 +110,7 @@ impl PortraitClient {
     /// the map is fetched again before the next call.
     async fn routed<T, F, Fut>(&self, target: Option<&str>, mut call: F) -> Result<T, ClientError>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(Chan) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         if let Some(target) = target {
@@ -349,19 +359,19 @@ impl PortraitClient {
     }
 }
 
-fn ingest(channel: Channel) -> IngestClient<Channel> {
+fn ingest(channel: Chan) -> IngestClient<Chan> {
     IngestClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-fn profiles(channel: Channel) -> ProfilesClient<Channel> {
+fn profiles(channel: Chan) -> ProfilesClient<Chan> {
     ProfilesClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-pub(crate) fn admin(channel: Channel) -> AdminClient<Channel> {
+pub(crate) fn admin(channel: Chan) -> AdminClient<Chan> {
     AdminClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)

@@ -11,19 +11,77 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
 
 use crate::routing::MAP_EPOCH_HEADER;
 use crate::ClientError;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Longest token accepted (the server refuses longer ones too).
+pub const MAX_TOKEN_BYTES: usize = 512;
+
+/// How a client presents itself to the nodes: its bearer token (see
+/// docs/security.md). The default sends no token, which a node without a
+/// token file accepts.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    /// `Bearer <token>`, checked once here.
+    authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl ConnectOptions {
+    /// No token.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sends `token` as `authorization: Bearer <token>` on every call.
+    /// Refused when empty, longer than [`MAX_TOKEN_BYTES`], or not visible
+    /// ASCII (surrounding whitespace, e.g. a file's newline, is dropped).
+    pub fn token(mut self, token: &str) -> Result<Self, ClientError> {
+        let token = token.trim();
+        let invalid = |reason: &str| ClientError::Config(format!("token: {reason}"));
+        if token.is_empty() {
+            return Err(invalid("must not be empty"));
+        }
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(invalid(&format!("longer than {MAX_TOKEN_BYTES} bytes")));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid("must be visible ASCII characters only"));
+        }
+        let value = format!("Bearer {token}").parse().map_err(|_| invalid("not a valid header value"))?;
+        self.authorization = Some(value);
+        Ok(self)
+    }
+}
+
+/// Adds the client's `authorization` header to every call.
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel that carries the client's token.
+pub(crate) type Chan = InterceptedService<Channel, Bearer>;
+
 /// One endpoint and its channel (cheap to clone).
 #[derive(Clone)]
 pub(crate) struct Conn {
     pub endpoint: String,
-    pub channel: Channel,
+    pub channel: Chan,
 }
 
 struct Targets {
@@ -47,23 +105,33 @@ pub(crate) struct Router {
     targets: Arc<Mutex<Targets>>,
     /// The largest `x-portrait-map-epoch` seen in an answer.
     seen_epoch: Arc<AtomicU64>,
+    options: Arc<ConnectOptions>,
 }
 
 impl Router {
     /// Connects eagerly to `endpoint`, so a wrong address fails here.
-    pub async fn connect(endpoint: &str) -> Result<Self, ClientError> {
+    pub async fn connect(endpoint: &str, options: ConnectOptions) -> Result<Self, ClientError> {
         let endpoint = normalize_endpoint(endpoint);
         let channel = configure(&endpoint)?
             .connect()
             .await
             .map_err(|source| ClientError::Connect { endpoint: endpoint.clone(), source })?;
-        let seed = Conn { endpoint, channel };
-        Ok(Self::new(seed))
+        let channel = InterceptedService::new(channel, Bearer(options.authorization.clone()));
+        Ok(Self::new(Conn { endpoint, channel }, options))
     }
 
-    fn new(seed: Conn) -> Self {
+    fn new(seed: Conn, options: ConnectOptions) -> Self {
         let targets = Targets { seed, leader: None, on_leader: false };
-        Self { targets: Arc::new(Mutex::new(targets)), seen_epoch: Arc::default() }
+        Self {
+            targets: Arc::new(Mutex::new(targets)),
+            seen_epoch: Arc::default(),
+            options: Arc::new(options),
+        }
+    }
+
+    /// How new connections are made.
+    pub fn options(&self) -> &ConnectOptions {
+        &self.options
     }
 
     /// The endpoint the client was created with.
@@ -101,7 +169,7 @@ impl Router {
             targets.on_leader = false;
         } else {
             if targets.leader.as_ref().is_none_or(|l| l.endpoint != hint) {
-                let channel = configure(&hint)?.connect_lazy();
+                let channel = lazy_channel(&hint, &self.options)?;
                 targets.leader = Some(Conn { endpoint: hint, channel });
             }
             targets.on_leader = true;
@@ -136,8 +204,9 @@ pub fn normalize_endpoint(endpoint: &str) -> String {
 }
 
 /// A channel to `endpoint` that connects on first use.
-pub(crate) fn lazy_channel(endpoint: &str) -> Result<Channel, ClientError> {
-    Ok(configure(endpoint)?.connect_lazy())
+pub(crate) fn lazy_channel(endpoint: &str, options: &ConnectOptions) -> Result<Chan, ClientError> {
+    let channel = configure(endpoint)?.connect_lazy();
+    Ok(InterceptedService::new(channel, Bearer(options.authorization.clone())))
 }
 
 fn configure(endpoint: &str) -> Result<Endpoint, ClientError> {
@@ -157,10 +226,23 @@ mod tests {
         assert_eq!(normalize_endpoint("https://portrait.example:443"), "https://portrait.example:443");
     }
 
+    #[test]
+    fn tokens_are_checked_once() {
+        let options = ConnectOptions::new().token(" s3cret\n").unwrap();
+        assert_eq!(options.authorization.unwrap().to_str().unwrap(), "Bearer s3cret");
+        let reason = |token: &str| ConnectOptions::new().token(token).unwrap_err().to_string();
+        assert_eq!(reason(""), "invalid client settings: token: must not be empty");
+        assert!(reason("a b").contains("visible ASCII"));
+        assert!(reason("é").contains("visible ASCII"));
+        assert!(reason(&"x".repeat(MAX_TOKEN_BYTES + 1)).contains("longer than 512 bytes"));
+        assert!(ConnectOptions::new().token(&"x".repeat(MAX_TOKEN_BYTES)).is_ok());
+    }
+
     #[tokio::test]
     async fn follow_and_avoid_switch_between_seed_and_leader() {
-        let seed = lazy_channel("http://127.0.0.1:1").unwrap();
-        let router = Router::new(Conn { endpoint: "http://127.0.0.1:1".into(), channel: seed });
+        let options = ConnectOptions::new();
+        let seed = lazy_channel("http://127.0.0.1:1", &options).unwrap();
+        let router = Router::new(Conn { endpoint: "http://127.0.0.1:1".into(), channel: seed }, options);
         let seed = "http://127.0.0.1:1";
         let leader = "http://127.0.0.1:2";
 

@@ -22,6 +22,9 @@ pub enum ClientError {
     /// A JSON event could not be converted; `line` is 1-based.
     #[error("line {line}: {reason}")]
     Json { line: usize, reason: String },
+    /// A client setting (token, certificate) is unusable.
+    #[error("invalid client settings: {0}")]
+    Config(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -17,10 +17,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
-use crate::conn::Router;
+use crate::conn::{Chan, Router};
 use crate::ClientError;
 
 /// Metadata key naming the leader's endpoint on an `UNAVAILABLE` status.
@@ -43,7 +42,7 @@ pub fn leader_hint(status: &Status) -> Option<&str> {
 /// described in the module docs. `call` is invoked once per attempt.
 pub(crate) async fn unary<T, F, Fut>(router: &Router, mut call: F) -> Result<T, ClientError>
 where
-    F: FnMut(Channel) -> Fut,
+    F: FnMut(Chan) -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
     let started = Instant::now();

@@ -18,9 +18,8 @@ use std::time::Duration;
 
 use portrait_proto::v1::{ShardMapRequest, ShardMapResponse};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
-use crate::conn::{lazy_channel, normalize_endpoint, Conn, Router};
+use crate::conn::{lazy_channel, normalize_endpoint, Chan, Conn, ConnectOptions, Router};
 use crate::shard::shard_of;
 use crate::ClientError;
 
@@ -88,7 +87,8 @@ pub(crate) struct Routes {
     cache: tokio::sync::Mutex<Cached>,
     /// Set when a node the map named failed: the next call fetches it again.
     stale: AtomicBool,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<String, Chan>>,
+    options: ConnectOptions,
 }
 
 #[derive(Default)]
@@ -98,11 +98,12 @@ struct Cached {
 }
 
 impl Routes {
-    pub fn new(seed: Conn) -> Routes {
+    pub fn new(seed: Conn, options: ConnectOptions) -> Routes {
         Routes {
             cache: tokio::sync::Mutex::default(),
             stale: AtomicBool::new(false),
             channels: Mutex::new(HashMap::from([(seed.endpoint, seed.channel)])),
+            options,
         }
     }
 
@@ -131,12 +132,12 @@ impl Routes {
     }
 
     /// A channel to `endpoint`, shared by calls (connected on first use).
-    pub fn channel(&self, endpoint: &str) -> Result<Channel, ClientError> {
+    pub fn channel(&self, endpoint: &str) -> Result<Chan, ClientError> {
         let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(channel) = channels.get(endpoint) {
             return Ok(channel.clone());
         }
-        let channel = lazy_channel(endpoint)?;
+        let channel = lazy_channel(endpoint, &self.options)?;
         channels.insert(endpoint.to_string(), channel.clone());
         Ok(channel)
     }

@@ -16,9 +16,16 @@ struct Run {
 }
 
 async fn portrait(endpoint: &str, args: &[&str], stdin: &str) -> Run {
+    portrait_with(&[], endpoint, args, stdin).await
+}
+
+/// `portrait` with these extra environment variables.
+async fn portrait_with(envs: &[(&str, &str)], endpoint: &str, args: &[&str], stdin: &str) -> Run {
     let mut child = Command::new(env!("CARGO_BIN_EXE_portrait"))
         .args(args)
         .env("PORTRAIT_ENDPOINT", endpoint)
+        .env_remove("PORTRAIT_TOKEN")
+        .envs(envs.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -124,4 +131,25 @@ async fn unreachable_endpoint_and_usage_errors() {
 
     let run = portrait(&closed, &["get"], "").await;
     assert_eq!(run.code, 2);
+}
+
+#[tokio::test]
+async fn the_token_from_the_flag_or_the_environment_reaches_the_leader_too() {
+    let leader = Node::start(Fake { id: 7, ..Default::default() }).await;
+    let follower = Node::start(Fake { id: 1, ..Default::default() }).await;
+    follower.fake.set_hint(Some(&leader.url()));
+    let event = r#"{"user_id":"u1","family":"browse","type":"view"}"#;
+    let run = portrait(&follower.addr, &["put", "--json", event, "--token", "from-flag"], "").await;
+    assert_eq!((run.code, run.stderr.as_str()), (0, ""));
+    let env = [("PORTRAIT_TOKEN", "from-env")];
+    let run = portrait_with(&env, &follower.addr, &["put", "--json", event], "").await;
+    assert_eq!((run.code, run.stderr.as_str()), (0, ""));
+    let (flag, env) = ("Bearer from-flag", "Bearer from-env");
+    // The follower is asked for the shard map, then redirects the write.
+    assert_eq!(follower.fake.authorizations(), [flag, flag, env, env], "the follower");
+    assert_eq!(leader.fake.authorizations(), [flag, env], "the leader, which applied");
+
+    let run = portrait(&follower.addr, &["status", "--token", "two words"], "").await;
+    assert_eq!(run.code, 1);
+    assert_eq!(run.stderr, "error: invalid client settings: token: must be visible ASCII characters only\n");
 }

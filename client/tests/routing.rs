@@ -101,3 +101,24 @@ async fn an_invalid_event_is_named_by_its_position_in_the_request() {
     let err = client.write(events).await.unwrap_err();
     assert_eq!(err.to_string(), "INVALID_ARGUMENT: events[2].user_id: must not be empty");
 }
+
+#[tokio::test]
+async fn the_token_goes_with_every_call_to_every_node() {
+    let a = Node::start(Fake { id: 1, ..Default::default() }).await;
+    let b = Node::start(Fake { id: 2, ..Default::default() }).await;
+    set_leaders(&[&a, &b], 1, &[1, 2]);
+    let options = portrait_client::ConnectOptions::new().token("t0k3n").unwrap();
+    let client = PortraitClient::connect_with(&a.url(), options).await.unwrap();
+    client.write(vec![event(&user(1, 0))]).await.unwrap(); // map from node 1, write to node 2
+    client.get_profile(&user(0, 0), &[], Consistency::Linearizable).await.unwrap();
+    let other = client.connect_like(&b.url()).await.unwrap().without_routing();
+    other.cluster_status().await.unwrap();
+    let (seen_a, seen_b) = (a.fake.authorizations(), b.fake.authorizations());
+    assert_eq!(seen_a.len(), 2, "map and read on node 1: {seen_a:?}");
+    assert_eq!(seen_b.len(), 2, "write and status on node 2: {seen_b:?}");
+    assert!(seen_a.iter().chain(&seen_b).all(|h| h == "Bearer t0k3n"), "{seen_a:?} {seen_b:?}");
+
+    let plain = PortraitClient::connect(&b.url()).await.unwrap().without_routing();
+    plain.cluster_status().await.unwrap();
+    assert_eq!(b.fake.authorizations().last().unwrap(), "", "no token, no header");
+}

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use portrait_client::{json, ConnectOptions, Consistency, PortraitClient};
 use portrait_server::auth::{access, hex, sha256, Access, Role, RPCS};
 use prost::Message;
 use tonic::transport::Channel;
@@ -199,6 +200,32 @@ async fn exactly_the_calls_a_tokens_roles_allow_get_through() {
     for (path, token, code) in expect {
         assert_eq!(refused(&call(&channel, path, token).await), code, "{path} with {token:?}");
     }
+
+    // The Rust client carries its token on every call, to both shards.
+    let endpoint = format!("127.0.0.1:{}", node.port);
+    let client = |token: &str| {
+        let options = ConnectOptions::new().token(token).unwrap();
+        PortraitClient::connect_with(&endpoint, options)
+    };
+    let events: Vec<_> = (0..8)
+        .map(|i| {
+            json::event_from_json(
+                &serde_json::json!({"user_id": format!("u{i}"), "family": "browse", "type": "view"}),
+            )
+            .unwrap()
+        })
+        .collect();
+    let writer = client(TOKENS[1].1).await.unwrap();
+    let written = writer.write(events.clone()).await.unwrap();
+    assert_eq!((written.applied, written.shards.len()), (8, 2), "{written:?}");
+    let reader = client(TOKENS[0].1).await.unwrap();
+    let refused = reader.write(events).await.unwrap_err();
+    assert_eq!(refused.code(), Some(tonic::Code::PermissionDenied), "{refused}");
+    let profile = reader.get_profile("u3", &[], Consistency::Linearizable).await.unwrap();
+    assert!(profile.profile.unwrap().found);
+    let stranger = client("not-a-token").await.unwrap();
+    let refused = stranger.get_profile("u3", &[], Consistency::Local).await.unwrap_err();
+    assert_eq!(refused.code(), Some(tonic::Code::Unauthenticated), "{refused}");
 }
 
 #[tokio::test]

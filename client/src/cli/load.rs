@@ -38,9 +38,14 @@ impl Totals {
     }
 }
 
-pub async fn run(endpoint: &str, file: &Path, batch: usize, concurrency: usize) -> anyhow::Result<String> {
+pub async fn run(
+    endpoint: &super::Target,
+    file: &Path,
+    batch: usize,
+    concurrency: usize,
+) -> anyhow::Result<String> {
     let (reader, len) = open(file)?;
-    let client = PortraitClient::connect(endpoint).await?;
+    let client = endpoint.connect().await?;
     let bar = progress_bar(len);
     let started = Instant::now();
     let (tx, rx) = mpsc::channel(concurrency);

@@ -14,7 +14,7 @@ mod status;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use portrait_client::PortraitClient;
+use portrait_client::{ConnectOptions, PortraitClient};
 
 /// Command-line client for Portrait, the distributed user feature store.
 #[derive(Debug, Parser)]
@@ -24,6 +24,10 @@ pub struct Cli {
     /// redirect writes to the leader.
     #[arg(long, global = true, env = "PORTRAIT_ENDPOINT", default_value = "http://127.0.0.1:7700")]
     endpoint: String,
+    /// Bearer token sent with every call, for nodes started with a token
+    /// file (docs/security.md). Prefer the variable: a flag shows in `ps`.
+    #[arg(long, global = true, env = "PORTRAIT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -129,47 +133,59 @@ enum SchemaCommand {
 /// Runs one command; returns what to print on stdout. Commands check their
 /// input before connecting, so a typo is reported as such even with no server.
 pub async fn run(cli: Cli) -> anyhow::Result<String> {
-    let endpoint = cli.endpoint.as_str();
+    let mut options = ConnectOptions::new();
+    if let Some(token) = &cli.token {
+        options = options.token(token)?;
+    }
+    let endpoint = &Target { endpoint: cli.endpoint, options };
     match cli.command {
         Command::Put { json } => put::run(endpoint, &json).await,
         Command::Get { user, families, features, tags, linearizable, json } => {
             let selection = get::Selection { families, features, tags };
-            get::run(&connect(endpoint).await?, &user, selection, linearizable, json).await
+            get::run(&endpoint.connect().await?, &user, selection, linearizable, json).await
         }
         Command::Load { file, batch, concurrency } => {
             load::run(endpoint, &file, batch as usize, concurrency as usize).await
         }
-        Command::Schema(SchemaCommand::Show) => schema::show(&connect(endpoint).await?).await,
+        Command::Schema(SchemaCommand::Show) => schema::show(&endpoint.connect().await?).await,
         Command::Schema(SchemaCommand::Apply { file, dry_run }) => {
             schema::apply(endpoint, &file, dry_run).await
         }
-        Command::Status => status::run(&connect(endpoint).await?).await,
-        Command::Locate { user, json } => locate::run(&connect(endpoint).await?, &user, json).await,
+        Command::Status => status::run(&endpoint.connect().await?).await,
+        Command::Locate { user, json } => locate::run(&endpoint.connect().await?, &user, json).await,
         Command::Cluster(ClusterCommand::Status { shards }) => {
-            cluster::run(&connect(endpoint).await?, shards).await
+            cluster::run(&endpoint.connect().await?, shards).await
         }
         Command::Cluster(ClusterCommand::AddNode { id, addr, learner }) => {
-            let r = connect(endpoint).await?.add_node(id, &addr, learner).await?;
+            let r = endpoint.connect().await?.add_node(id, &addr, learner).await?;
             Ok(status::members_text(r.log_index, &r.members))
         }
         Command::Cluster(ClusterCommand::TransferLeader { id, shard }) => {
-            let r = connect(endpoint).await?.transfer_leader_of(id, shard).await?;
+            let r = endpoint.connect().await?.transfer_leader_of(id, shard).await?;
             let of = shard.map_or(String::new(), |s| format!(" of shard {s}"));
             Ok(format!("leader{of} is node {} at {}\n", r.leader_id, r.leader_addr))
         }
         Command::Cluster(ClusterCommand::ConfirmClock) => {
-            let r = connect(endpoint).await?.confirm_clock().await?;
+            let r = endpoint.connect().await?.confirm_clock().await?;
             Ok(status::confirmed_text(&r))
         }
         Command::Cluster(ClusterCommand::RemoveNode { id }) => {
-            let r = connect(endpoint).await?.remove_node(id).await?;
+            let r = endpoint.connect().await?.remove_node(id).await?;
             Ok(status::members_text(r.log_index, &r.members))
         }
     }
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<PortraitClient> {
-    Ok(PortraitClient::connect(endpoint).await?)
+/// The node to talk to and how.
+pub struct Target {
+    endpoint: String,
+    options: ConnectOptions,
+}
+
+impl Target {
+    async fn connect(&self) -> anyhow::Result<PortraitClient> {
+        Ok(PortraitClient::connect_with(&self.endpoint, self.options.clone()).await?)
+    }
 }
 
 /// Reads a whole file, or stdin for `-`.
@@ -226,6 +242,12 @@ mod tests {
             matches!(cli.command, Command::Cluster(ClusterCommand::TransferLeader { id: 3, shard: s }) if s == shard)
         );
         assert!(Cli::try_parse_from(["portrait", "cluster", "transfer-leader", "x"]).is_err());
+    }
+
+    #[test]
+    fn token_is_global() {
+        let cli = Cli::try_parse_from(["portrait", "status", "--token", "abc"]).unwrap();
+        assert_eq!(cli.token.as_deref(), Some("abc"));
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! `portrait put --json ...`: one atomic write.
 
 use anyhow::{anyhow, bail};
-use portrait_client::{json, Event, PortraitClient, WriteResponse};
+use portrait_client::{json, Event, WriteResponse};
 
-pub async fn run(endpoint: &str, text: &str) -> anyhow::Result<String> {
+pub async fn run(endpoint: &super::Target, text: &str) -> anyhow::Result<String> {
     let events = parse(text)?;
-    let response = PortraitClient::connect(endpoint).await?.write(events).await?;
+    let response = endpoint.connect().await?.write(events).await?;
     Ok(summary(&response))
 }
 

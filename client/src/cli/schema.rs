@@ -18,9 +18,9 @@ pub async fn show(client: &PortraitClient) -> anyhow::Result<String> {
     Ok(out)
 }
 
-pub async fn apply(endpoint: &str, file: &Path, dry_run: bool) -> anyhow::Result<String> {
+pub async fn apply(endpoint: &super::Target, file: &Path, dry_run: bool) -> anyhow::Result<String> {
     let toml = read_input(file)?;
-    let client = PortraitClient::connect(endpoint).await?;
+    let client = endpoint.connect().await?;
     let response = client.apply_schema(toml, dry_run).await?;
     let head = if dry_run {
         format!("schema is valid (dry run; current version {})", response.version)

@@ -39,6 +39,9 @@ pub struct Fake {
     pub map_calls: AtomicU32,
     /// The users of the events written and profiles read, in arrival order.
     pub users: Mutex<Vec<String>>,
+    /// The `authorization` header of each write, profile read, map and
+    /// status call ("" when absent), in arrival order.
+    pub authorizations: Mutex<Vec<String>>,
 }
 
 impl Fake {
@@ -48,6 +51,15 @@ impl Fake {
 
     pub fn map_calls(&self) -> u32 {
         self.map_calls.load(Ordering::SeqCst)
+    }
+
+    pub fn authorizations(&self) -> Vec<String> {
+        self.authorizations.lock().unwrap().clone()
+    }
+
+    fn note_auth<T>(&self, request: &Request<T>) {
+        let header = request.metadata().get("authorization").map(|v| v.to_str().unwrap().to_string());
+        self.authorizations.lock().unwrap().push(header.unwrap_or_default());
     }
 
     pub fn users(&self) -> Vec<String> {
@@ -114,6 +126,7 @@ impl Fake {
 #[tonic::async_trait]
 impl Ingest for Fake {
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        self.note_auth(&request);
         if let Some(status) = self.refusal() {
             return Err(status);
         }
@@ -193,7 +206,11 @@ impl Admin for Fake {
         Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
     }
 
-    async fn shard_map(&self, _: Request<ShardMapRequest>) -> Result<Response<ShardMapResponse>, Status> {
+    async fn shard_map(
+        &self,
+        request: Request<ShardMapRequest>,
+    ) -> Result<Response<ShardMapResponse>, Status> {
+        self.note_auth(&request);
         let map = self.map.lock().unwrap().clone().ok_or_else(|| Status::unimplemented("fake"))?;
         self.map_calls.fetch_add(1, Ordering::SeqCst);
         Ok(self.answer(ShardMapResponse { node_id: self.id, ..map }))
@@ -205,8 +222,9 @@ impl Admin for Fake {
 
     async fn cluster_status(
         &self,
-        _: Request<ClusterStatusRequest>,
+        request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        self.note_auth(&request);
         match self.refusal() {
             Some(status) => Err(status),
             None => Ok(Response::new(ClusterStatusResponse { node_id: self.id, ..Default::default() })),
@@ -220,6 +238,7 @@ impl Profiles for Fake {
         &self,
         request: Request<GetProfileRequest>,
     ) -> Result<Response<GetProfileResponse>, Status> {
+        self.note_auth(&request);
         if let Some(status) = self.refusal() {
             return Err(status);
         }

@@ -16,7 +16,7 @@ setup: ## install system packages the build needs (libclang-dev)
 build: setup ## build portraitd and the portrait CLI
 	$(CARGO) build $(PROFILE) --workspace --bins
 
-run: build ## start a single node on ./data, 127.0.0.1:7700, default schema, 4 shards
+run: build ## start a single node on ./data, 127.0.0.1:7700 (peer port 8700), default schema, 4 shards
 	$(BIN)/portraitd --shards 4 $(ARGS)
 
 # Two cargo runs: the cluster tests build `portraitd-faults` (portraitd with
@@ -61,7 +61,7 @@ fuzz: ## fuzz the tag-rule parser and evaluator for FUZZ_SECS seconds (default 3
 	cd server/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run expr corpus/expr seeds/expr -- \
 		-dict=expr.dict -max_len=512 -max_total_time=$(FUZZ_SECS)
 
-cluster: build ## start 3 local nodes on 127.0.0.1:7701-7703 (deploy/scripts/local-cluster.sh)
+cluster: build ## start 3 local nodes on 127.0.0.1:7701-7703 (peer ports 8701-8703; deploy/scripts/local-cluster.sh)
 	./deploy/scripts/local-cluster.sh
 
 fmt: ## format the code

@@ -277,14 +277,18 @@ impl PortraitClient {
         unary(&self.router, |ch| async move { admin(ch).cluster_status(ClusterStatusRequest {}).await }).await
     }
 
-    /// Adds a node (as a learner, then a voter unless `learner`); goes to the leader.
+    /// Adds a node reached by clients at `addr` and by the other nodes at
+    /// `peer_addr` (as a learner, then a voter unless `learner`); goes to
+    /// the leader.
     pub async fn add_node(
         &self,
         node_id: u64,
         addr: &str,
+        peer_addr: &str,
         learner: bool,
     ) -> Result<MembershipResponse, ClientError> {
-        let request = AddNodeRequest { node_id, addr: addr.to_string(), learner };
+        let request =
+            AddNodeRequest { node_id, addr: addr.to_string(), peer_addr: peer_addr.to_string(), learner };
         unary(&self.router, |ch| {
             let request = request.clone();
             async move { admin(ch).add_node(request).await }

@@ -6,7 +6,7 @@
 //! others join through `AddNode`. Nodes can be killed with SIGKILL and
 //! restarted on the same dir, port and flags. [`Cluster::spawn_joining`]
 //! starts a node that joins by itself (`--join`). [`Cluster::start_proxied`]
-//! puts a TCP fault proxy ([`proxy`]) in front of every node: peers reach
+//! puts a TCP fault proxy ([`proxy`]) in front of every peer port: peers reach
 //! each other only through them, and links can drop, delay or reset.
 //! [`replicas`] finds each shard's replicas and checks that every one holds
 //! each acknowledged event exactly once.
@@ -74,7 +74,10 @@ fn free_port() -> u16 {
 /// One `portraitd` process.
 pub struct NodeProc {
     pub id: u64,
+    /// The client port.
     pub port: u16,
+    /// The peer port (raft and the other node-to-node calls).
+    pub peer_port: u16,
     dir: TempDir,
     child: Option<Child>,
     /// portraitd config file contents (`--config`), if any.
@@ -94,17 +97,24 @@ impl NodeProc {
         if !args.iter().any(|a| a == "--join") {
             args.extend(["--shards".to_string(), shards.to_string()]);
         }
-        NodeProc { id, port: free_port(), dir, child: None, config, args, proxy: None, owners }
+        let (port, peer_port) = (free_port(), free_port());
+        NodeProc { id, port, peer_port, dir, child: None, config, args, proxy: None, owners }
     }
 
-    /// The node's own port (clients of tests use it).
+    /// The node's client port (clients of tests use it).
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// The address in the membership: the proxy's, if the node has one.
+    /// The node's own peer port.
+    pub fn peer_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
+    /// The peer address in the memberships: the proxy's, if the node has
+    /// one (peers reach it only through the proxy).
     pub fn advertised(&self) -> String {
-        self.proxy.as_ref().map_or_else(|| self.endpoint(), Proxy::endpoint)
+        self.proxy.as_ref().map_or_else(|| self.peer_endpoint(), Proxy::endpoint)
     }
 
     fn spawn(&mut self, bootstrap: bool) {
@@ -116,7 +126,8 @@ impl NodeProc {
         let binary = portraitd();
         let mut cmd = Command::new(&binary);
         cmd.args(["--node-id", &self.id.to_string(), "--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--advertise", &self.advertised()])
+            .args(["--peer-listen", &format!("127.0.0.1:{}", self.peer_port)])
+            .args(["--advertise", &self.endpoint(), "--peer-advertise", &self.advertised()])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .env_remove("PORTRAIT_CONFIG")
@@ -231,7 +242,7 @@ impl Cluster {
             .collect();
         for node in &mut nodes {
             if proxied {
-                let target = format!("127.0.0.1:{}", node.port).parse().unwrap();
+                let target = format!("127.0.0.1:{}", node.peer_port).parse().unwrap();
                 node.proxy = Some(Proxy::start(target, owners.clone()));
             }
         }
@@ -245,7 +256,7 @@ impl Cluster {
         cluster.wait_leader(&[1]).await;
         let seed = cluster.client(1).await;
         for node in &cluster.nodes[1..] {
-            seed.add_node(node.id, &node.advertised(), false).await.expect("add node");
+            seed.add_node(node.id, &node.endpoint(), &node.advertised(), false).await.expect("add node");
         }
         cluster
     }
@@ -277,7 +288,7 @@ impl Cluster {
     /// Starts one more process with `--join` through the nodes `seeds`: it
     /// adds itself to the cluster. Returns its id.
     pub async fn spawn_joining(&mut self, seeds: &[u64]) -> u64 {
-        let seeds: Vec<String> = seeds.iter().map(|&s| self.node(s).endpoint()).collect();
+        let seeds: Vec<String> = seeds.iter().map(|&s| self.node(s).advertised()).collect();
         self.spawn_with_args(vec!["--join".into(), seeds.join(",")]).await
     }
 

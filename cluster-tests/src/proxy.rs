@@ -1,11 +1,12 @@
-//! A TCP fault proxy on loopback, in front of one node's port.
+//! A TCP fault proxy on loopback, in front of one node's peer port.
 //!
-//! Peers reach a node through its proxy (the address recorded in the
-//! membership is the proxy's), so faults happen in real TCP connections, not
-//! in the node's own filters. The proxy tells who connects by the process
-//! that owns the connecting socket ([`crate::owner`]): each source node has
-//! its own [`Mode`], so a link `a -> b` can be cut while `c -> b` flows.
-//! Anything else (the test's own clients) uses the mode of source `None`.
+//! Peers reach a node through its proxy (the peer address recorded in the
+//! memberships is the proxy's), so faults happen in real TCP connections,
+//! not in the node's own filters. The proxy tells who connects by the
+//! process that owns the connecting socket ([`crate::owner`]): each source
+//! node has its own [`Mode`], so a link `a -> b` can be cut while `c -> b`
+//! flows. Anything else uses the mode of source `None` (test clients use
+//! the nodes' client ports, not the proxies).
 //!
 //! Modes, applied to new and existing connections at once:
 //! - `Pass`: forward bytes both ways;
@@ -141,15 +142,17 @@ async fn accept_loop(listener: std::net::TcpListener, target: SocketAddr, links:
 }
 
 /// The node that opened a connection. A lookup can miss while the kernel's
-/// tables catch up; a node's connection taken for the test's own would pass
-/// a cut link, so a miss is retried a few times first.
+/// tables catch up (longer on a loaded machine); a node's connection taken
+/// for an unknown source's would pass a cut link, and only nodes connect to
+/// a peer port, so a miss is retried for up to a second.
 async fn source(owners: &Owners, peer: SocketAddr, local: SocketAddr) -> Option<u64> {
-    for _ in 0..4 {
+    for _ in 0..100 {
         if let Some(node) = crate::owner::node_of(owners, peer, local) {
             return Some(node);
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    eprintln!("proxy: no node owns the connection from {peer}; it takes the links of source None");
     None
 }
 

@@ -19,7 +19,10 @@ async fn no_acknowledged_write_is_lost_when_a_node_joins_and_another_leaves_unde
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let four = cluster.spawn_node().await;
     let admin = cluster.client(2).await;
-    admin.add_node(four, &cluster.node(four).endpoint(), false).await.expect("add node 4 under load");
+    admin
+        .add_node(four, &cluster.node(four).endpoint(), &cluster.node(four).advertised(), false)
+        .await
+        .expect("add node 4 under load");
     // Remove node 1, the first leader (unless leadership moved): the
     // cluster commits without it and a remaining node leads.
     let r = admin.remove_node(1).await.expect("remove node 1 under load");

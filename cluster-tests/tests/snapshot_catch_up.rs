@@ -45,8 +45,16 @@ async fn a_lagging_replica_catches_up_by_snapshot_in_every_shard() {
     for r in 1..120 {
         client.write(request(r)).await.expect("write with one replica down");
     }
-    // Node 1 created every shard and leads it; its top-level status is shard 0's.
-    let status = cluster.client(1).await.cluster_status().await.unwrap();
+    // Node 1 created every shard and leads it; its top-level status is
+    // shard 0's. The purge follows the snapshot in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        let status = cluster.client(1).await.cluster_status().await.unwrap();
+        if status.purged_index > 5 || std::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert!(status.purged_index > 5, "shard 0's log was compacted past what node 3 has: {status:?}");
 
     cluster.restart(3).await;

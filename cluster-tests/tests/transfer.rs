@@ -41,7 +41,10 @@ async fn transfer_to_a_non_voter_fails_naming_it_and_to_the_leader_is_a_no_op() 
     let leader = cluster.wait_leader(&ALL).await;
     let learner = cluster.spawn_node().await;
     let client = cluster.client(leader).await;
-    client.add_node(learner, &cluster.node(learner).endpoint(), true).await.expect("add a learner");
+    client
+        .add_node(learner, &cluster.node(learner).endpoint(), &cluster.node(learner).advertised(), true)
+        .await
+        .expect("add a learner");
 
     let e = client.transfer_leader(7).await.expect_err("node 7 is not a member");
     assert_eq!(e.code().map(code_name), Some("INVALID_ARGUMENT"), "{e}");

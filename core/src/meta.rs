@@ -35,7 +35,7 @@ pub struct MetaState {
 pub enum MetaCommand {
     /// Creates the cluster: `shards` shards, aiming for `replication`
     /// replicas each, all on the first node.
-    Create { shards: u32, replication: u32, node: NodeId, addr: String },
+    Create { shards: u32, replication: u32, node: NodeId, addr: String, peer_addr: String },
     /// A change of the shard map.
     Map(MapChange),
     /// A new schema (its TOML text); its version is the next one.
@@ -71,7 +71,7 @@ impl MetaState {
 
     fn try_apply(&mut self, command: &MetaCommand) -> Result<(), String> {
         match command {
-            MetaCommand::Create { shards, replication, node, addr } => {
+            MetaCommand::Create { shards, replication, node, addr, peer_addr } => {
                 if let Some(map) = &self.map {
                     let nodes: Vec<_> = map.nodes.keys().collect();
                     return Err(format!(
@@ -79,7 +79,7 @@ impl MetaState {
                         map.shards
                     ));
                 }
-                self.map = Some(ShardMap::create(*shards, *replication, *node, addr)?);
+                self.map = Some(ShardMap::create(*shards, *replication, *node, addr, peer_addr)?);
             }
             MetaCommand::Map(change) => {
                 let map = self.map.as_mut().ok_or("the cluster has not been created")?;
@@ -104,13 +104,23 @@ mod tests {
     use crate::schema::DEFAULT_SCHEMA_TOML;
 
     fn create() -> MetaCommand {
-        MetaCommand::Create { shards: 8, replication: 3, node: 1, addr: "http://n1".into() }
+        MetaCommand::Create {
+            shards: 8,
+            replication: 3,
+            node: 1,
+            addr: "http://n1".into(),
+            peer_addr: "http://n1:8700".into(),
+        }
     }
 
     #[test]
     fn a_cluster_is_created_once_and_grows_by_map_changes() {
         let mut meta = MetaState::default();
-        let add = MetaCommand::Map(MapChange::AddNode { node: 2, addr: "http://n2".into() });
+        let add = MetaCommand::Map(MapChange::AddNode {
+            node: 2,
+            addr: "http://n2".into(),
+            peer_addr: "http://n2:8700".into(),
+        });
         assert_eq!(
             meta.apply(&add),
             MetaOutcome::Refused { reason: "the cluster has not been created".into() }
@@ -156,7 +166,11 @@ mod tests {
         // Two replicas applying one log end equal, refusals included.
         let log = [
             create(),
-            MetaCommand::Map(MapChange::AddNode { node: 2, addr: "http://n2".into() }),
+            MetaCommand::Map(MapChange::AddNode {
+                node: 2,
+                addr: "http://n2".into(),
+                peer_addr: "http://n2:8700".into(),
+            }),
             MetaCommand::Map(MapChange::AddReplica { shard: 0, node: 2 }),
             MetaCommand::Map(MapChange::AddReplica { shard: 0, node: 2 }),
             MetaCommand::SetSchema { toml: DEFAULT_SCHEMA_TOML.to_string() },

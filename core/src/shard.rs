@@ -49,8 +49,11 @@ pub fn check_layout(shards: u32, replication: u32) -> Result<(), String> {
 /// A node as the shard map knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeEntry {
-    /// Where peers and clients reach it (`http://host:port`).
+    /// Where clients reach it (`http://host:port`; its client port).
     pub addr: String,
+    /// Where the other nodes reach it (its peer port; raft memberships
+    /// name this address).
+    pub peer_addr: String,
 }
 
 /// The cluster's layout: its nodes and the replicas each shard should
@@ -74,7 +77,7 @@ pub struct ShardMap {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MapChange {
     /// A node joins (or changes its address).
-    AddNode { node: NodeId, addr: String },
+    AddNode { node: NodeId, addr: String, peer_addr: String },
     /// `node` should host a replica of `shard`.
     AddReplica { shard: u32, node: NodeId },
     /// A node leaves: it hosts nothing any more, and placement re-creates
@@ -85,13 +88,19 @@ pub enum MapChange {
 
 impl ShardMap {
     /// A new cluster's map: one node hosting every shard.
-    pub fn create(shards: u32, replication: u32, node: NodeId, addr: &str) -> Result<ShardMap, String> {
+    pub fn create(
+        shards: u32,
+        replication: u32,
+        node: NodeId,
+        addr: &str,
+        peer_addr: &str,
+    ) -> Result<ShardMap, String> {
         check_layout(shards, replication)?;
         Ok(ShardMap {
             epoch: 1,
             shards,
             replication,
-            nodes: BTreeMap::from([(node, NodeEntry { addr: addr.to_string() })]),
+            nodes: BTreeMap::from([(node, NodeEntry { addr: addr.into(), peer_addr: peer_addr.into() })]),
             replicas: vec![vec![node]; shards as usize],
         })
     }
@@ -124,11 +133,11 @@ impl ShardMap {
     /// Every applied change moves the epoch on.
     pub fn apply(&mut self, change: &MapChange) -> Result<(), String> {
         match change {
-            MapChange::AddNode { node, addr } => {
-                if addr.is_empty() {
-                    return Err(format!("node {node}: an address is required"));
+            MapChange::AddNode { node, addr, peer_addr } => {
+                if addr.is_empty() || peer_addr.is_empty() {
+                    return Err(format!("node {node}: a client and a peer address are required"));
                 }
-                self.nodes.insert(*node, NodeEntry { addr: addr.clone() });
+                self.nodes.insert(*node, NodeEntry { addr: addr.clone(), peer_addr: peer_addr.clone() });
             }
             MapChange::AddReplica { shard, node } => {
                 let replicas = self.replicas.get_mut(*shard as usize).ok_or_else(|| {
@@ -257,11 +266,16 @@ mod tests {
         assert_eq!(check_layout(0, 3).unwrap_err(), "shards: 0 is outside 1..=4096");
         assert!(check_layout(MAX_SHARDS + 1, 3).is_err());
         assert_eq!(check_layout(16, 0).unwrap_err(), "replication: 0 is outside 1..=7");
-        assert!(ShardMap::create(0, 3, 1, "http://a").is_err());
+        assert!(ShardMap::create(0, 3, 1, "http://a", "http://a:8700").is_err());
     }
 
     fn join(map: &mut ShardMap, node: NodeId) {
-        map.apply(&MapChange::AddNode { node, addr: format!("http://n{node}") }).unwrap();
+        map.apply(&MapChange::AddNode {
+            node,
+            addr: format!("http://n{node}"),
+            peer_addr: format!("http://n{node}:8700"),
+        })
+        .unwrap();
     }
 
     fn place_all(map: &mut ShardMap) {
@@ -276,7 +290,7 @@ mod tests {
 
     #[test]
     fn a_single_node_cluster_reaches_rf_3_as_two_nodes_join() {
-        let mut map = ShardMap::create(16, 3, 1, "http://n1").unwrap();
+        let mut map = ShardMap::create(16, 3, 1, "http://n1", "http://n1:8700").unwrap();
         assert_eq!(map.target_replicas(), 1);
         assert!(map.plan_additions(100).is_empty(), "one node: nothing to add");
         join(&mut map, 2);
@@ -292,7 +306,7 @@ mod tests {
 
     #[test]
     fn new_replicas_go_to_the_least_loaded_nodes_a_few_at_a_time() {
-        let mut map = ShardMap::create(64, 3, 1, "http://n1").unwrap();
+        let mut map = ShardMap::create(64, 3, 1, "http://n1", "http://n1:8700").unwrap();
         for n in 2..=5 {
             join(&mut map, n);
         }
@@ -311,7 +325,7 @@ mod tests {
 
     #[test]
     fn invalid_changes_are_refused_and_change_nothing() {
-        let mut map = ShardMap::create(4, 3, 1, "http://n1").unwrap();
+        let mut map = ShardMap::create(4, 3, 1, "http://n1", "http://n1:8700").unwrap();
         let before = map.clone();
         let e = map.apply(&MapChange::AddReplica { shard: 9, node: 1 }).unwrap_err();
         assert_eq!(e, "shard 9 does not exist (the cluster has 4)");
@@ -319,7 +333,12 @@ mod tests {
         assert_eq!(e, "node 2 is not in the cluster");
         let e = map.apply(&MapChange::AddReplica { shard: 0, node: 1 }).unwrap_err();
         assert_eq!(e, "shard 0 already has a replica on node 1");
-        assert!(map.apply(&MapChange::AddNode { node: 2, addr: String::new() }).is_err());
+        assert!(map
+            .apply(&MapChange::AddNode { node: 2, addr: String::new(), peer_addr: "p".into() })
+            .is_err());
+        assert!(map
+            .apply(&MapChange::AddNode { node: 2, addr: "a".into(), peer_addr: String::new() })
+            .is_err());
         assert_eq!(map, before);
         assert_eq!(map.hosted_by(1), [0, 1, 2, 3]);
         assert_eq!(map.shard_of("u1"), shard_of("u1", 4));
@@ -327,7 +346,7 @@ mod tests {
 
     #[test]
     fn a_removed_node_hosts_nothing_and_its_replicas_are_placed_again() {
-        let mut map = ShardMap::create(8, 3, 1, "http://n1").unwrap();
+        let mut map = ShardMap::create(8, 3, 1, "http://n1", "http://n1:8700").unwrap();
         let e = map.apply(&MapChange::RemoveNode { node: 1 }).unwrap_err();
         assert!(e.starts_with("node 1 holds the only replica of shard 0"), "{e}");
         for n in 2..=4 {

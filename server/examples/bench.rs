@@ -184,11 +184,14 @@ async fn main() -> anyhow::Result<()> {
 async fn run_node(args: &Arc<Args>, shards: usize) -> anyhow::Result<Vec<(f64, f64)>> {
     let dir = tempfile::tempdir()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let peer_addr = peer.local_addr()?;
     let node = Node::start(NodeOptions {
         node_id: 1,
         data_dir: dir.path().to_path_buf(),
         advertise: format!("http://{addr}"),
+        peer_advertise: format!("http://{peer_addr}"),
         bootstrap: true,
         tuning: RaftTuning::default(),
         fault_injection: false,
@@ -201,7 +204,7 @@ async fn run_node(args: &Arc<Args>, shards: usize) -> anyhow::Result<Vec<(f64, f
     anyhow::ensure!(node.wait_for_leader(Duration::from_secs(10)).await, "no leader");
     tokio::spawn(portrait_server::service::serve(
         node.clone(),
-        listener,
+        portrait_server::service::Listeners { client: listener, peer },
         portrait_server::service::auth::Gate::open(),
         std::future::pending(),
     ));

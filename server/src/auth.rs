@@ -49,9 +49,9 @@ pub enum Access {
     /// Anyone: health and reflection (probes and tools must work before
     /// they hold a token).
     Open,
-    /// Other nodes of the cluster: raft and forwarding. Not checked against
-    /// tokens; until the separate peer port lands, reachable by whoever
-    /// reaches the client port (docs/security.md, "What is not covered yet").
+    /// Other nodes of the cluster: raft, forwarding, joining. Served on
+    /// the peer port only (`--peer-listen`), never on the client port, and
+    /// not checked against tokens (docs/security.md, "Peer port").
     Peer,
     /// A token holding this role.
     Role(Role),
@@ -89,6 +89,8 @@ pub const RPCS: &[(&str, Access)] = &[
     ("/portrait.v1.Raft/Clock", Peer),
     ("/portrait.v1.Raft/ForwardWrite", Peer),
     ("/portrait.v1.Raft/ForwardRead", Peer),
+    ("/portrait.v1.Raft/Status", Peer),
+    ("/portrait.v1.Raft/Join", Peer),
 ];
 
 /// The access of the RPC at `path` (`/package.Service/Method`), if it has
@@ -209,7 +211,9 @@ impl TokenBook {
     pub fn check(&self, path: &str, authorization: Option<&str>) -> Result<Option<&Token>, Denied> {
         let required = match access(path) {
             None => return Err(Denied::Permission(format!("{path} has no access rule: refused"))),
-            Some(Open | Peer) => return Ok(None),
+            Some(Open) => return Ok(None),
+            // Not served on the client port; refused should one ever be.
+            Some(Peer) => return Err(Denied::Permission(format!("{path} is served to peers only"))),
             Some(Access::Role(role)) => role,
         };
         let Some(header) = authorization else {
@@ -313,7 +317,8 @@ mod tests {
         let admin = book.check("/portrait.v1.Admin/AddNode", Some("Bearer ops-secret")).unwrap();
         assert_eq!(admin.map(|t| t.name.as_str()), Some("ops"), "uppercase hex digests are read too");
         assert_eq!(book.check("/grpc.health.v1.Health/Check", None), Ok(None));
-        assert_eq!(book.check("/portrait.v1.Raft/Vote", None), Ok(None));
+        let peer_only = book.check("/portrait.v1.Raft/Vote", Some("Bearer ops-secret"));
+        assert!(matches!(peer_only, Err(Denied::Permission(m)) if m.contains("served to peers only")));
         assert!(matches!(
             book.check("/portrait.v1.Admin/Unknown", Some("Bearer ops-secret")),
             Err(Denied::Permission(_))

@@ -26,7 +26,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (with fault injection
     about = "Portrait node: replicated user profiles with per-family TTL, over gRPC"
 )]
 pub struct Cli {
-    /// TOML config file (keys: node_id, data_dir, listen, advertise, bootstrap, join, log, token_file, shards, replication, [raft], [clock]).
+    /// TOML config file (keys: node_id, data_dir, listen, advertise, peer_listen, peer_advertise, bootstrap, join, log, token_file, shards, replication, [raft], [clock]).
     #[arg(long, env = "PORTRAIT_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's raft id (stable across restarts).
@@ -35,16 +35,24 @@ pub struct Cli {
     /// Where RocksDB data lives.
     #[arg(long, env = "PORTRAIT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// gRPC listen address.
+    /// Client port: Ingest, Profiles, Admin, health, reflection (default 127.0.0.1:7700).
     #[arg(long, env = "PORTRAIT_LISTEN")]
     pub listen: Option<String>,
-    /// Address other nodes and clients use to reach this node (default: http://<listen>).
+    /// Address clients use to reach this node (default: http://<listen>).
     #[arg(long, env = "PORTRAIT_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Peer port: raft and the other node-to-node calls, for the cluster's nodes only
+    /// (default: the --listen host, port + 1000).
+    #[arg(long, env = "PORTRAIT_PEER_LISTEN")]
+    pub peer_listen: Option<String>,
+    /// Address the other nodes use to reach this node's peer port (default: http://<peer-listen>).
+    #[arg(long, env = "PORTRAIT_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
     /// Do not form a single-node cluster on first start (for nodes that will join a multi-node cluster).
     #[arg(long, env = "PORTRAIT_NO_BOOTSTRAP")]
     pub no_bootstrap: bool,
-    /// Join the cluster of this node (comma-separated list tried in turn) on first start; implies --no-bootstrap.
+    /// Join the cluster of this node's peer address (comma-separated list tried in turn) on first
+    /// start; implies --no-bootstrap.
     #[arg(long, env = "PORTRAIT_JOIN", value_delimiter = ',', value_name = "ADDR")]
     pub join: Vec<String>,
     /// Allow Admin.SetPartition to drop raft messages to chosen peers (tests only; refused by a
@@ -84,6 +92,8 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     listen: Option<String>,
     advertise: Option<String>,
+    peer_listen: Option<String>,
+    peer_advertise: Option<String>,
     bootstrap: Option<bool>,
     join: Option<Vec<String>>,
     log: Option<String>,
@@ -122,6 +132,8 @@ struct FileRaft {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: String,
+    /// The peer port's listen address.
+    pub peer_listen: String,
     pub log: String,
     /// Where the accepted tokens are (`None`: no token checks).
     pub token_file: Option<PathBuf>,
@@ -143,13 +155,22 @@ impl Config {
         };
         let clock = clock_options(&cli, &file.clock)?;
         let listen = cli.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:7700".into());
-        let advertise = match cli.advertise.or(file.advertise) {
-            Some(a) => a,
-            None if listen.starts_with("0.0.0.0:") || listen.starts_with("[::]:") => anyhow::bail!(
-                "--listen {listen} is not an address peers and clients can reach; set --advertise (e.g. http://my-host:7700)"
-            ),
-            None => format!("http://{listen}"),
+        let advertise = advertised("listen", &listen, "advertise", cli.advertise.or(file.advertise))?;
+        let peer_listen = match cli.peer_listen.or(file.peer_listen) {
+            Some(peer) => peer,
+            None => default_peer_listen(&listen)?,
         };
+        if peer_listen == listen && !listen.ends_with(":0") {
+            anyhow::bail!(
+                "--peer-listen {peer_listen}: must differ from --listen (peers get a port of their own)"
+            );
+        }
+        let peer_advertise = advertised(
+            "peer-listen",
+            &peer_listen,
+            "peer-advertise",
+            cli.peer_advertise.or(file.peer_advertise),
+        )?;
         #[cfg(not(feature = "fault-injection"))]
         if cli.fault_injection {
             anyhow::bail!("--fault-injection: {}", crate::raft::fault::NO_FAULT_INJECTION);
@@ -183,6 +204,7 @@ impl Config {
             node_id: cli.node_id.or(file.node_id).unwrap_or(1),
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("data")),
             advertise,
+            peer_advertise,
             bootstrap: !cli.no_bootstrap && join.is_empty() && file.bootstrap.unwrap_or(true),
             tuning,
             fault_injection: cli.fault_injection,
@@ -193,7 +215,34 @@ impl Config {
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
         let token_file = cli.token_file.or(file.token_file);
-        Ok(Config { listen, log, token_file, node, join })
+        Ok(Config { listen, peer_listen, log, token_file, node, join })
+    }
+}
+
+/// The URL announced for `listen`: `given`, or `http://<listen>` unless
+/// that is a wildcard no one can dial.
+fn advertised(
+    flag: &str,
+    listen: &str,
+    advertise_flag: &str,
+    given: Option<String>,
+) -> anyhow::Result<String> {
+    match given {
+        Some(a) => Ok(a),
+        None if listen.starts_with("0.0.0.0:") || listen.starts_with("[::]:") => anyhow::bail!(
+            "--{flag} {listen} is not an address others can reach; set --{advertise_flag} (e.g. http://my-host:{})",
+            listen.rsplit(':').next().unwrap_or("7700")
+        ),
+        None => Ok(format!("http://{listen}")),
+    }
+}
+
+/// The peer port when none is given: the client port's host, port + 1000.
+fn default_peer_listen(listen: &str) -> anyhow::Result<String> {
+    let port = listen.rsplit_once(':').and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)));
+    match port {
+        Some((host, port)) if port != 0 && port <= u16::MAX - 1000 => Ok(format!("{host}:{}", port + 1000)),
+        _ => anyhow::bail!("--listen {listen}: cannot derive a peer port from it; set --peer-listen"),
     }
 }
 
@@ -235,7 +284,7 @@ fn seed_url(seed: &str) -> anyhow::Result<String> {
     let url = if seed.contains("://") { seed.to_string() } else { format!("http://{seed}") };
     match url.parse::<tonic::transport::Uri>() {
         Ok(uri) if uri.host().is_some() => Ok(url),
-        _ => anyhow::bail!("--join {seed}: not an address (e.g. http://portrait-0.portrait-headless:7700)"),
+        _ => anyhow::bail!("--join {seed}: not an address (a seed's peer address, e.g. http://portrait-0.portrait-headless:8700)"),
     }
 }
 
@@ -248,6 +297,8 @@ mod tests {
         let c = Config::resolve(Cli::parse_from(["portraitd"])).unwrap();
         assert_eq!(c.listen, "127.0.0.1:7700");
         assert_eq!(c.node.advertise, "http://127.0.0.1:7700");
+        assert_eq!(c.peer_listen, "127.0.0.1:8700");
+        assert_eq!(c.node.peer_advertise, "http://127.0.0.1:8700");
         assert_eq!(c.node.data_dir, PathBuf::from("data"));
         assert_eq!(c.node.node_id, 1);
         assert!(c.node.bootstrap);
@@ -269,10 +320,45 @@ mod tests {
     }
 
     #[test]
+    fn the_peer_port_is_its_own() {
+        let parse = |args: &[&str]| Config::resolve(Cli::parse_from([&["portraitd"], args].concat()));
+        let c = parse(&["--listen", "127.0.0.1:9000", "--peer-listen", "127.0.0.1:9001"]).unwrap();
+        assert_eq!(
+            (c.peer_listen.as_str(), c.node.peer_advertise.as_str()),
+            ("127.0.0.1:9001", "http://127.0.0.1:9001")
+        );
+        let err = parse(&["--listen", "127.0.0.1:9000", "--peer-listen", "127.0.0.1:9000"]).unwrap_err();
+        assert!(err.to_string().contains("must differ from --listen"), "{err}");
+        let err = parse(&["--listen", "127.0.0.1:65000"]).unwrap_err();
+        assert!(err.to_string().contains("set --peer-listen"), "{err}");
+        let err = parse(&["--listen", "0.0.0.0:7700", "--advertise", "http://n1:7700"]).unwrap_err();
+        assert!(err.to_string().contains("--peer-listen 0.0.0.0:8700 is not an address"), "{err}");
+        assert!(err.to_string().contains("set --peer-advertise (e.g. http://my-host:8700)"), "{err}");
+        let c = parse(&[
+            "--listen",
+            "0.0.0.0:7700",
+            "--advertise",
+            "http://n1:7700",
+            "--peer-advertise",
+            "http://n1:8700",
+        ])
+        .unwrap();
+        assert_eq!(c.node.peer_advertise, "http://n1:8700");
+    }
+
+    #[test]
     fn wildcard_listen_needs_an_advertise_address() {
         let err = Config::resolve(Cli::parse_from(["portraitd", "--listen", "0.0.0.0:7700"])).unwrap_err();
         assert!(err.to_string().contains("set --advertise"), "{err}");
-        let cli = Cli::parse_from(["portraitd", "--listen", "0.0.0.0:7700", "--advertise", "http://n1:7700"]);
+        let cli = Cli::parse_from([
+            "portraitd",
+            "--listen",
+            "0.0.0.0:7700",
+            "--advertise",
+            "http://n1:7700",
+            "--peer-advertise",
+            "http://n1:8700",
+        ]);
         assert_eq!(Config::resolve(cli).unwrap().node.advertise, "http://n1:7700");
     }
 

@@ -43,9 +43,12 @@ async fn run() -> anyhow::Result<()> {
             Gate::open()
         }
     };
-    let listener = tokio::net::TcpListener::bind(&config.listen)
+    let client = tokio::net::TcpListener::bind(&config.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        .map_err(|e| anyhow::anyhow!("--listen {}: cannot listen: {e}", config.listen))?;
+    let peer = tokio::net::TcpListener::bind(&config.peer_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--peer-listen {}: cannot listen: {e}", config.peer_listen))?;
     let node = Node::start(config.node.clone()).await?;
     if config.node.bootstrap && !node.wait_for_leader(Duration::from_secs(10)).await {
         tracing::warn!("no leader elected yet; serving anyway");
@@ -53,13 +56,15 @@ async fn run() -> anyhow::Result<()> {
     tracing::info!(
         node_id = node.id,
         listen = %config.listen,
+        peer_listen = %config.peer_listen,
         data_dir = %config.node.data_dir.display(),
         "portraitd serving"
     );
     if !config.join.is_empty() {
         crate::join::start(node.clone(), config.join.clone()).await;
     }
-    crate::service::serve(node.clone(), listener, gate, shutdown_signal()).await?;
+    let listeners = crate::service::Listeners { client, peer };
+    crate::service::serve(node.clone(), listeners, gate, shutdown_signal()).await?;
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())

@@ -15,7 +15,10 @@ pub enum Error {
     #[error("{0}")]
     FailedPrecondition(String),
     /// This node is not the leader; retry on `leader_addr` when known.
-    #[error("not the leader{}", leader_addr.as_deref().map(|a| format!("; leader is {a}")).unwrap_or_else(|| "; no leader is known yet".into()))]
+    /// Inside the cluster the address is a peer address; answers to
+    /// clients carry the leader's client address instead (see
+    /// `service::epoch`). The message names the node only.
+    #[error("not the leader{}", leader_id.map(|l| format!("; node {l} leads")).unwrap_or_else(|| "; no leader is known yet".into()))]
     NotLeader { leader_id: Option<u64>, leader_addr: Option<String> },
     /// Temporarily unable to serve (shutting down, election in progress).
     #[error("{0}")]

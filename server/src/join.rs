@@ -1,8 +1,8 @@
 //! `portraitd --join SEED`: a new node adds itself to an existing cluster.
 //!
 //! On start, a node given seeds that is not yet in the cluster's map asks
-//! them, in turn, to add it (`Admin.AddNode` with its own id and advertised
-//! address), following the `x-portrait-leader` redirect to the leader, and
+//! them (their peer ports), in turn, to add it (`Raft.Join` with its own id
+//! and both advertised addresses), following the `x-portrait-leader` redirect to the leader, and
 //! retries with backoff (0.5 s doubling to 10 s) until one call succeeds.
 //! `AddNode` is idempotent, so a retry after an answer that was lost is
 //! harmless.
@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use portrait_proto::v1::admin_client::AdminClient;
+use portrait_proto::v1::raft_client::RaftClient;
 use portrait_proto::v1::AddNodeRequest;
 use tonic::transport::Endpoint;
 
@@ -115,10 +115,11 @@ async fn add_self(node: &Node, seed: &str) -> Result<(), String> {
         let mut request = tonic::Request::new(AddNodeRequest {
             node_id: node.id,
             addr: node.advertise.clone(),
+            peer_addr: node.peer_advertise.clone(),
             learner: false,
         });
         request.set_timeout(ADD_TIMEOUT);
-        let status = match AdminClient::new(channel).add_node(request).await {
+        let status = match RaftClient::new(channel).join(request).await {
             Ok(_) => return Ok(()),
             Err(status) => status,
         };

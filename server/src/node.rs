@@ -52,8 +52,11 @@ pub use write::{ShardWrite, WriteResult};
 pub struct NodeOptions {
     pub node_id: NodeId,
     pub data_dir: PathBuf,
-    /// The address peers and clients reach this node's gRPC server at.
+    /// The address clients reach this node's client port at.
     pub advertise: String,
+    /// The address the other nodes reach its peer port at (the raft
+    /// memberships name it).
+    pub peer_advertise: String,
     /// Form a one-node cluster if this node has never been initialized.
     pub bootstrap: bool,
     pub tuning: RaftTuning,
@@ -93,7 +96,10 @@ pub struct ReadInfo {
 #[derive(Debug, Clone)]
 pub struct MemberStatus {
     pub node_id: NodeId,
+    /// Its client address ("" while the map does not have it).
     pub addr: String,
+    /// Its peer address (the membership's).
+    pub peer_addr: String,
     pub voter: bool,
     pub matched_index: Option<u64>,
     /// Entries behind the leader's last log index (reported by the leader only).
@@ -143,8 +149,10 @@ pub struct ShardStatus {
 
 pub struct Node {
     pub id: NodeId,
-    /// The address recorded for this node in the membership when it joins.
+    /// The address clients reach this node at (recorded in the map).
     pub advertise: String,
+    /// The address of its peer port, which the raft memberships name.
+    pub peer_advertise: String,
     /// The cluster's number of shards (S): shard k is `GroupId(k)`.
     shards: u32,
     /// The replicas this node hosts: the meta group's and those of the
@@ -251,6 +259,7 @@ impl Node {
         let node = Arc::new(Node {
             id: opts.node_id,
             advertise: opts.advertise.clone(),
+            peer_advertise: opts.peer_advertise.clone(),
             shards,
             registry,
             meta,
@@ -286,7 +295,7 @@ impl Node {
     /// is finished by the next: the map is created if missing, and shards
     /// placed only here that were never initialized are created.
     async fn bootstrap(&self, replication: u32) -> anyhow::Result<()> {
-        let me = BTreeMap::from([(self.id, BasicNode::new(&self.advertise))]);
+        let me = BTreeMap::from([(self.id, BasicNode::new(&self.peer_advertise))]);
         if !self.meta.raft.is_initialized().await? {
             self.meta.raft.initialize(me.clone()).await?;
         } else if self.cluster().map.is_some() || self.membership().voter_ids().count() > 1 {
@@ -388,7 +397,6 @@ impl Node {
     pub fn status(&self) -> NodeStatus {
         let first = self.first();
         let m = first.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership();
         let last_log_index = m.last_log_index.unwrap_or(0);
         // The cluster's nodes are the meta group's members. Their match and
         // lag are those of the group the other fields report where it has
@@ -408,7 +416,8 @@ impl Node {
             .nodes()
             .map(|(id, node)| MemberStatus {
                 node_id: *id,
-                addr: node.addr.clone(),
+                addr: self.client_addr(*id).unwrap_or_default(),
+                peer_addr: node.addr.clone(),
                 voter: voters.contains(id),
                 matched_index: progress(id).and_then(|(matched, _)| matched),
                 lag_entries: progress(id).map(|(_, lag)| lag),
@@ -417,7 +426,7 @@ impl Node {
         // What reads see (raft's own applied index may be one entry ahead
         // while that entry's batch is written).
         let applied_index = written_index(&first);
-        let leader_addr = m.current_leader.and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
+        let leader_addr = m.current_leader.and_then(|l| self.client_addr(l));
         let sm = &first.sm;
         NodeStatus {
             node_id: self.id,

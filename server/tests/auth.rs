@@ -4,7 +4,8 @@
 //!   descriptors, so a new RPC cannot be forgotten) × {no token, an unknown
 //!   token, reader, writer, admin}: exactly the calls the table allows get
 //!   past the check; the others are `UNAUTHENTICATED` or
-//!   `PERMISSION_DENIED`.
+//!   `PERMISSION_DENIED`. The peer RPCs are not served on the client port
+//!   (`UNIMPLEMENTED`); the peer port serves them and nothing else.
 //! - SIGHUP re-reads the file; a malformed file then keeps the tokens in use.
 //! - A malformed token file stops the start with a one-line reason naming it.
 
@@ -57,18 +58,19 @@ fn methods(sets: &[&[u8]]) -> Vec<String> {
 struct Node {
     child: Child,
     port: u16,
+    peer_port: u16,
     dir: std::path::PathBuf,
 }
 
 impl Node {
     fn spawn(dir: &Path) -> Node {
-        let port = common::free_port();
-        let child = common::portraitd(dir, port, 2)
+        let (port, peer_port) = (common::free_port(), common::free_port());
+        let child = common::portraitd(dir, (port, peer_port), 2)
             .arg("--token-file")
             .arg(dir.join("tokens.toml"))
             .spawn()
             .expect("spawn portraitd");
-        Node { child, port, dir: dir.to_path_buf() }
+        Node { child, port, peer_port, dir: dir.to_path_buf() }
     }
 
     fn log(&self) -> String {
@@ -157,11 +159,17 @@ async fn exactly_the_calls_a_tokens_roles_allow_get_through() {
         .collect();
     let mut checked = 0;
     for path in &served {
-        // Peer RPCs are not token-checked (docs/security.md); with an empty
-        // payload they only fail to decode. Open ones answer anyone.
+        // Peer RPCs are not served on the client port at all, whatever the
+        // token. Open ones answer anyone.
         let rule = access(path).unwrap();
         for (who, token, role) in &presented {
             let result = call(&channel, path, *token).await;
+            if rule == Access::Peer {
+                let code = result.as_ref().err().map(tonic::Status::code);
+                assert_eq!(code, Some(tonic::Code::Unimplemented), "{path} with {who} on the client port");
+                checked += 1;
+                continue;
+            }
             let allowed = match rule {
                 Access::Open | Access::Peer => true,
                 Access::Role(needed) => *role == Some(needed),
@@ -184,6 +192,24 @@ async fn exactly_the_calls_a_tokens_roles_allow_get_through() {
     }
     assert_eq!(checked, served.len() * 5);
     println!("{checked} calls checked over {} RPCs", served.len());
+
+    // The peer port: raft without a token, no client service.
+    let peer = Channel::from_shared(format!("http://127.0.0.1:{}", node.peer_port))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for path in served.iter().filter(|p| access(p) == Some(Access::Peer)) {
+        let code = call(&peer, path, None).await.err().map(|s| s.code());
+        assert_ne!(code, Some(tonic::Code::Unimplemented), "{path} is not served on the peer port");
+    }
+    assert!(call(&peer, "/portrait.v1.Raft/Clock", None).await.is_ok());
+    for path in
+        ["/portrait.v1.Ingest/Write", "/portrait.v1.Admin/RemoveNode", "/portrait.v1.Profiles/GetProfile"]
+    {
+        let code = call(&peer, path, TOKENS[2].1.into()).await.err().map(|s| s.code());
+        assert_eq!(code, Some(tonic::Code::Unimplemented), "{path} on the peer port");
+    }
 
     // What the table says, spelled out apart from it (docs/security.md).
     let [reader, writer, admin] = TOKENS.map(|(_, token, _)| Some(token));

@@ -724,7 +724,7 @@ async fn raft_messages_for_a_group_this_node_does_not_host_are_refused() {
     use portrait_client::portrait_proto::v1::raft_client::RaftClient;
     use portrait_client::portrait_proto::v1::RaftPayload;
     let node = TestNode::start().await;
-    let mut raft = RaftClient::connect(node.endpoint()).await.expect("connect");
+    let mut raft = RaftClient::connect(node.peer_endpoint()).await.expect("connect");
     let vote = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(1, 9), None);
     let data = bincode::serialize(&vote).unwrap();
     let status = raft.vote(RaftPayload { data: data.clone(), group: 5 }).await.expect_err("not hosted");
@@ -748,7 +748,7 @@ async fn forwarded_reads_are_checked_against_their_shard() {
     let node = TestNode::start_sharded(common::SHARDS).await;
     let client = PortraitClient::connect(&node.endpoint()).await.unwrap();
     client.write(vec![event("u1", "browse", 0, "e1", &[])]).await.unwrap();
-    let mut raft = RaftClient::connect(node.endpoint()).await.expect("connect");
+    let mut raft = RaftClient::connect(node.peer_endpoint()).await.expect("connect");
     let shard = shard_of("u1", common::SHARDS);
     let part = |user: &str| ForwardedRead {
         users: vec![user.to_string()],
@@ -770,17 +770,21 @@ async fn forwarded_reads_are_checked_against_their_shard() {
     assert_eq!((status.code(), status.message()), (Code::NotFound, "node 1 hosts no replica of shard 4000"));
 }
 
-/// An address is checked before anything changes: empty, not a URL, or
-/// longer than the map keeps.
+/// Addresses are checked before anything changes: empty, not a URL,
+/// longer than the map keeps, or one address for both ports.
 #[tokio::test]
 async fn add_node_refuses_bad_addresses_naming_addr() {
     let node = TestNode::start().await;
     let client = PortraitClient::connect(&node.endpoint()).await.unwrap();
     let long = format!("http://{}:7700", "a".repeat(300));
-    for (addr, reason) in
-        [("", "addr: must not be empty"), (long.as_str(), "addr: 312 bytes is over the limit of 256")]
-    {
-        let e = client.add_node(2, addr, false).await.expect_err("refused");
+    let peer = "http://n2:8700";
+    for (addr, peer_addr, reason) in [
+        ("", peer, "addr: must not be empty"),
+        (long.as_str(), peer, "addr: 312 bytes is over the limit of 256"),
+        ("http://n2:7700", "", "peer_addr: must not be empty"),
+        ("http://n2:7700", "http://n2:7700", "peer_addr: must differ from addr"),
+    ] {
+        let e = client.add_node(2, addr, peer_addr, false).await.expect_err("refused");
         assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
         assert!(e.to_string().contains(reason), "{e}");
     }

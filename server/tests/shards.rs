@@ -86,7 +86,7 @@ async fn a_restart_with_another_number_of_shards_is_refused() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_portraitd"))
         .arg("--data-dir")
         .arg(node.data_dir())
-        .args(["--listen", "127.0.0.1:0", "--shards", "8"])
+        .args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0", "--shards", "8"])
         .env_remove("PORTRAIT_CONFIG")
         .output()
         .expect("run portraitd");

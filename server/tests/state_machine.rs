@@ -217,8 +217,18 @@ async fn meta_commands_change_the_map_durably_and_refusals_change_nothing() {
     use portrait_core::meta::{MetaCommand, MetaOutcome};
     use portrait_core::shard::MapChange;
     let mut r = replica();
-    let create = MetaCommand::Create { shards: 4, replication: 3, node: 1, addr: "http://n1".into() };
-    let join = MetaCommand::Map(MapChange::AddNode { node: 2, addr: "http://n2".into() });
+    let create = MetaCommand::Create {
+        shards: 4,
+        replication: 3,
+        node: 1,
+        addr: "http://n1".into(),
+        peer_addr: "http://n1:8700".into(),
+    };
+    let join = MetaCommand::Map(MapChange::AddNode {
+        node: 2,
+        addr: "http://n2".into(),
+        peer_addr: "http://n2:8700".into(),
+    });
     let bad = MetaCommand::Map(MapChange::AddReplica { shard: 9, node: 2 });
     let meta = |i, command| entry(i, Command::Meta { stamp_ms: T0, command });
     let res =

@@ -91,8 +91,11 @@ enum ClusterCommand {
     /// Add a node: as a learner until it has caught up, then as a voter.
     AddNode {
         id: u64,
-        /// e.g. http://127.0.0.1:7701
+        /// Its client address (--advertise), e.g. http://10.0.0.2:7700
         addr: String,
+        /// Its peer address (--peer-advertise), e.g. http://10.0.0.2:8700
+        #[arg(long)]
+        peer_addr: String,
         /// Keep it a learner (it replicates but does not vote).
         #[arg(long)]
         learner: bool,
@@ -156,8 +159,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Cluster(ClusterCommand::Status { shards }) => {
             cluster::run(&endpoint.connect().await?, shards).await
         }
-        Command::Cluster(ClusterCommand::AddNode { id, addr, learner }) => {
-            let r = endpoint.connect().await?.add_node(id, &addr, learner).await?;
+        Command::Cluster(ClusterCommand::AddNode { id, addr, peer_addr, learner }) => {
+            let r = endpoint.connect().await?.add_node(id, &addr, &peer_addr, learner).await?;
             Ok(status::members_text(r.log_index, &r.members))
         }
         Command::Cluster(ClusterCommand::TransferLeader { id, shard }) => {

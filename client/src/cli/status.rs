@@ -72,10 +72,15 @@ pub fn confirmed_text(r: &ConfirmClockResponse) -> String {
 /// One line per member; replication progress only in the leader's answer.
 fn member_lines(members: &[Member]) -> String {
     let mut out = String::new();
-    let width = members.iter().map(|m| m.addr.len()).max().unwrap_or(0);
+    // The client address; a node the map does not have yet by its peer one.
+    let addr = |m: &Member| match m.addr.is_empty() {
+        true => format!("peer {}", m.peer_addr),
+        false => m.addr.clone(),
+    };
+    let width = members.iter().map(|m| addr(m).len()).max().unwrap_or(0);
     for m in members {
         let kind = if m.voter { "voter" } else { "learner" };
-        let line = format!("  {:>3}  {:<width$}  {kind:<7}", m.node_id, m.addr);
+        let line = format!("  {:>3}  {:<width$}  {kind:<7}", m.node_id, addr(m));
         let _ = match m.lag_entries {
             Some(lag) => writeln!(out, "{line}  matched={}  lag={lag}", m.matched_index),
             None => writeln!(out, "{}", line.trim_end()),
@@ -103,6 +108,7 @@ mod tests {
         let member = |node_id, voter| Member {
             node_id,
             addr: format!("http://127.0.0.1:770{node_id}"),
+            peer_addr: format!("http://127.0.0.1:870{node_id}"),
             voter,
             matched_index: 9,
             lag_entries: Some(0),
@@ -159,5 +165,7 @@ mod tests {
     fn a_follower_has_no_replication_progress() {
         let m = Member { node_id: 2, addr: "http://n2:7700".into(), voter: true, ..Default::default() };
         assert_eq!(member_lines(&[m]), "    2  http://n2:7700  voter\n");
+        let joining = Member { node_id: 3, peer_addr: "http://n3:8700".into(), ..Default::default() };
+        assert_eq!(member_lines(&[joining]), "    3  peer http://n3:8700  learner\n");
     }
 }

@@ -52,7 +52,7 @@ impl Node {
             return Err(Error::NotLeader { leader_id: m.current_leader, leader_addr });
         }
         if target == self.id {
-            return Ok((target, addr_of(target).unwrap_or_default()));
+            return Ok((target, self.client_addr(target).unwrap_or_default()));
         }
         let voters: Vec<NodeId> = membership.voter_ids().collect();
         let Some(addr) = addr_of(target) else {
@@ -70,11 +70,11 @@ impl Node {
         if !voters.contains(&target) {
             return Err(Error::FailedPrecondition(format!(
                 "node_id: node {target} is a learner; only a voter can lead (promote it with \
-                 `portrait cluster add-node {target} {addr}`)"
+                 `portrait cluster add-node {target} ADDR --peer-addr {addr}`)"
             )));
         }
         replica.transfer.run(target, &addr).await?;
-        Ok((target, addr))
+        Ok((target, self.client_addr(target).unwrap_or_default()))
     }
 
     /// On the transfer's target: campaigns now if this node is a voter in

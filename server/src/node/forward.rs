@@ -25,7 +25,7 @@ pub(super) enum Forward {
 impl Node {
     /// Where `gid`'s leader may be: the one this node's replica follows, or
     /// else the one last heard of, then the map's replicas of the shard,
-    /// with their addresses.
+    /// with their peer addresses.
     pub(super) fn route(&self, gid: GroupId) -> Vec<(NodeId, String)> {
         let cluster = self.cluster();
         let Some(map) = cluster.map.as_ref() else { return vec![] };
@@ -35,7 +35,7 @@ impl Node {
         known
             .into_iter()
             .chain(replicas)
-            .filter_map(|n| map.nodes.get(&n).map(|e| (n, e.addr.clone())))
+            .filter_map(|n| map.nodes.get(&n).map(|e| (n, e.peer_addr.clone())))
             .collect()
     }
 

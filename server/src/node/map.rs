@@ -99,6 +99,11 @@ impl Node {
         }
     }
 
+    /// The client address of `node`, if the map has it.
+    pub fn client_addr(&self, node: NodeId) -> Option<String> {
+        self.cluster().map.as_ref()?.nodes.get(&node).map(|n| n.addr.clone())
+    }
+
     /// The epoch of the map this node knows (0 before the cluster is
     /// created); every client response carries it (`x-portrait-map-epoch`).
     pub fn map_epoch(&self) -> u64 {

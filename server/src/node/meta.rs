@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use portrait_core::meta::{MetaCommand, MetaOutcome, MetaState};
 use portrait_core::shard::MapChange;
-use portrait_proto::v1::admin_client::AdminClient;
+use portrait_proto::v1::raft_client::RaftClient;
 use portrait_proto::v1::{ClusterStatusRequest, ClusterStatusResponse};
 
 use super::Node;
@@ -107,7 +107,13 @@ impl Node {
         let wait = self.meta.raft.wait(Some(Duration::from_secs(10)));
         wait.metrics(|m| m.state == openraft::ServerState::Leader, "the new node leads the meta group")
             .await?;
-        let create = MetaCommand::Create { shards, replication, node: self.id, addr: self.advertise.clone() };
+        let create = MetaCommand::Create {
+            shards,
+            replication,
+            node: self.id,
+            addr: self.advertise.clone(),
+            peer_addr: self.peer_advertise.clone(),
+        };
         match self.propose_meta(create).await {
             Ok(_) => Ok(()),
             // Killed before its first Create was applied to the state, a
@@ -138,35 +144,37 @@ impl Node {
     /// With `learner_only` it only follows the meta group (it hosts no
     /// shard). Idempotent: a call that failed part way is finished by
     /// calling again.
-    pub async fn add_node(&self, id: NodeId, addr: String, learner_only: bool) -> Result<u64> {
-        if addr.is_empty() {
-            return Err(Error::invalid("addr", "must not be empty"));
-        }
-        if addr.len() > MAX_ADDR_BYTES {
+    pub async fn add_node(
+        &self,
+        id: NodeId,
+        addr: String,
+        peer_addr: String,
+        learner_only: bool,
+    ) -> Result<u64> {
+        check_addr("addr", &addr, "http://10.0.0.2:7700")?;
+        check_addr("peer_addr", &peer_addr, "http://10.0.0.2:8700")?;
+        if addr == peer_addr {
             return Err(Error::invalid(
-                "addr",
-                format!("{} bytes is over the limit of {MAX_ADDR_BYTES}", addr.len()),
+                "peer_addr",
+                "must differ from addr (peers have a port of their own)",
             ));
-        }
-        if let Err(e) = tonic::transport::Endpoint::from_shared(addr.clone()) {
-            return Err(Error::invalid("addr", format!("not a valid URL ({e}); e.g. http://10.0.0.2:7700")));
         }
         self.lead_meta()?;
         let map = self.cluster().map.clone().ok_or_else(not_created)?;
         if !map.nodes.contains_key(&id) {
-            self.check_shards_of(id, &addr).await?;
+            self.check_shards_of(id, &peer_addr).await?;
         }
         let voters = self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().count();
         let is_voter =
             self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
         let meta_learner = learner_only || (!is_voter && voters >= MAX_META_VOTERS);
         let index =
-            add_to_group(&self.meta, id, &addr, meta_learner, FOLLOW_TIMEOUT).await.map_err(in_meta)?;
+            add_to_group(&self.meta, id, &peer_addr, meta_learner, FOLLOW_TIMEOUT).await.map_err(in_meta)?;
         if learner_only {
             return Ok(index);
         }
-        if map.nodes.get(&id).map(|n| n.addr.as_str()) != Some(addr.as_str()) {
-            self.propose_meta(MetaCommand::Map(MapChange::AddNode { node: id, addr })).await?;
+        if map.nodes.get(&id).map(|n| (n.addr.as_str(), n.peer_addr.as_str())) != Some((&addr, &peer_addr)) {
+            self.propose_meta(MetaCommand::Map(MapChange::AddNode { node: id, addr, peer_addr })).await?;
         }
         self.place().await?;
         self.wait_followed(&format!("placing replicas on node {id}")).await?;
@@ -301,7 +309,7 @@ impl Node {
     /// `ClusterStatus` of every node of the map that answers.
     async fn statuses(&self) -> Vec<(NodeId, ClusterStatusResponse)> {
         let Some(map) = self.cluster().map.clone() else { return vec![] };
-        let asks = map.nodes.iter().map(|(&id, n)| async move { (id, peer_status(&n.addr).await) });
+        let asks = map.nodes.iter().map(|(&id, n)| async move { (id, peer_status(&n.peer_addr).await) });
         futures::future::join_all(asks)
             .await
             .into_iter()
@@ -318,7 +326,8 @@ impl Node {
     /// Refuses to add a node that reports another number of shards (it
     /// would host other groups). A node that does not answer is not
     /// refused here: adding it waits for it like any learner.
-    async fn check_shards_of(&self, id: NodeId, addr: &str) -> Result<()> {
+    async fn check_shards_of(&self, id: NodeId, peer_addr: &str) -> Result<()> {
+        let addr = peer_addr;
         match super::shards::ask(addr).await {
             Ok(n) if n != self.shards => Err(Error::FailedPrecondition(format!(
                 "node {id} at {addr} was started for a cluster of {n} shards, this one has {}; restart it on \
@@ -334,6 +343,23 @@ impl Node {
     }
 }
 
+/// A node address in a request: a URL of at most [`MAX_ADDR_BYTES`].
+fn check_addr(field: &str, addr: &str, example: &str) -> Result<()> {
+    if addr.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if addr.len() > MAX_ADDR_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!("{} bytes is over the limit of {MAX_ADDR_BYTES}", addr.len()),
+        ));
+    }
+    if let Err(e) = tonic::transport::Endpoint::from_shared(addr.to_string()) {
+        return Err(Error::invalid(field, format!("not a valid URL ({e}); e.g. {example}")));
+    }
+    Ok(())
+}
+
 fn not_created() -> Error {
     Error::Unavailable("the cluster's map is not created yet (is the first node bootstrapped?)".into())
 }
@@ -342,14 +368,14 @@ fn in_meta(e: Error) -> Error {
     e.in_shard(GroupId::META)
 }
 
-/// A node's `ClusterStatus`.
+/// A node's status, asked on its peer port.
 async fn peer_status(addr: &str) -> std::result::Result<ClusterStatusResponse, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())
         .map_err(|e| e.to_string())?
         .connect_timeout(STATUS_TIMEOUT)
         .timeout(STATUS_TIMEOUT);
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-    let reply = AdminClient::new(channel).cluster_status(ClusterStatusRequest {}).await;
+    let reply = RaftClient::new(channel).status(ClusterStatusRequest {}).await;
     reply.map(|r| r.into_inner()).map_err(|s| s.message().to_string())
 }
 

@@ -128,7 +128,7 @@ impl Node {
                 }
             };
             if map.replicas[shard as usize] == [self.id] && !replica.raft.is_initialized().await? {
-                let members = BTreeMap::from([(self.id, BasicNode::new(&self.advertise))]);
+                let members = BTreeMap::from([(self.id, BasicNode::new(&self.peer_advertise))]);
                 replica.raft.initialize(members).await?;
             }
         }
@@ -150,7 +150,7 @@ impl Node {
         if let Some(&new) = wanted.difference(&members).next() {
             let Some(entry) = map.nodes.get(&new) else { return Ok(()) };
             let _pass = replica.gate.pass(self.write_timeout).await?;
-            let add = raft.add_learner(new, BasicNode::new(&entry.addr), false);
+            let add = raft.add_learner(new, BasicNode::new(&entry.peer_addr), false);
             self.bounded(add).await?.map_err(client_write_error)?;
             tracing::info!(group = %replica.gid, node = new, "added a learner placed by the map");
             return Ok(());
@@ -181,7 +181,7 @@ impl Node {
         if extra.contains(&self.id) {
             // Leave through a successor: one of the wanted voters leads next.
             let target = *wanted.iter().next().expect("wanted is not empty");
-            let addr = map.nodes.get(&target).map(|n| n.addr.clone()).unwrap_or_default();
+            let addr = map.nodes.get(&target).map(|n| n.peer_addr.clone()).unwrap_or_default();
             return replica.transfer.run(target, &addr).await;
         }
         let (extra_voters, extra_learners): (BTreeSet<NodeId>, BTreeSet<NodeId>) =

@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use portrait_core::shard::{check_layout, DEFAULT_REPLICATION, DEFAULT_SHARDS};
-use portrait_proto::v1::admin_client::AdminClient;
+use portrait_proto::v1::raft_client::RaftClient;
 use portrait_proto::v1::ClusterStatusRequest;
 
 use super::NodeOptions;
@@ -76,15 +76,15 @@ async fn ask_seeds(seeds: &[String]) -> u32 {
     }
 }
 
-/// The number of shards of the cluster `seed` belongs to.
+/// The number of shards of the cluster `seed` (a peer address) belongs to.
 pub async fn ask(seed: &str) -> Result<u32, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(seed.to_string())
         .map_err(|e| format!("{seed}: {e}"))?
         .connect_timeout(ASK_TIMEOUT)
         .timeout(ASK_TIMEOUT);
     let channel = endpoint.connect().await.map_err(|e| format!("cannot reach {seed}: {e}"))?;
-    let status = AdminClient::new(channel)
-        .cluster_status(ClusterStatusRequest {})
+    let status = RaftClient::new(channel)
+        .status(ClusterStatusRequest {})
         .await
         .map_err(|s| format!("{seed}: {}", s.message()))?
         .into_inner();

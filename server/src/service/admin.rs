@@ -29,8 +29,13 @@ impl AdminService {
     }
 
     fn members(&self) -> Vec<Member> {
-        self.node.status().members.into_iter().map(member_to_pb).collect()
+        members_pb(&self.node)
     }
+}
+
+/// The node's members, as `MembershipResponse` lists them.
+pub fn members_pb(node: &Node) -> Vec<Member> {
+    node.status().members.into_iter().map(member_to_pb).collect()
 }
 
 fn clock_to_pb(c: crate::clock::ClockStatus) -> ClockStatus {
@@ -96,6 +101,7 @@ fn member_to_pb(m: crate::node::MemberStatus) -> Member {
     Member {
         node_id: m.node_id,
         addr: m.addr,
+        peer_addr: m.peer_addr,
         voter: m.voter,
         matched_index: m.matched_index.unwrap_or(0),
         lag_entries: m.lag_entries,
@@ -130,7 +136,7 @@ impl Admin for AdminService {
         request: Request<AddNodeRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
         let req = request.into_inner();
-        let log_index = self.node.add_node(req.node_id, req.addr, req.learner).await?;
+        let log_index = self.node.add_node(req.node_id, req.addr, req.peer_addr, req.learner).await?;
         Ok(Response::new(MembershipResponse { log_index, members: self.members() }))
     }
 
@@ -198,30 +204,35 @@ impl Admin for AdminService {
         &self,
         _: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        let s = self.node.status();
-        let members = s.members.into_iter().map(member_to_pb).collect();
-        Ok(Response::new(ClusterStatusResponse {
-            node_id: s.node_id,
-            role: s.role,
-            leader_id: s.leader_id.unwrap_or(0),
-            leader_addr: s.leader_addr.unwrap_or_default(),
-            term: s.term,
-            last_log_index: s.last_log_index,
-            applied_index: s.applied_index,
-            snapshot_index: s.snapshot_index,
-            purged_index: s.purged_index,
-            members,
-            schema_version: s.schema_version,
-            reevaluating: s.reevaluation.0,
-            reevaluated_users: s.reevaluation.1,
-            version: env!("CARGO_PKG_VERSION").into(),
-            lag_entries: s.freshness.lag_entries,
-            leader_contact_age_ms: s.freshness.leader_contact_age.map(|d| d.as_millis() as u64),
-            logical_clock_ms: s.logical_clock_ms,
-            clock: Some(clock_to_pb(s.clock)),
-            shards: s.shards,
-            shard_status: s.shard_status.into_iter().map(shard_status_to_pb).collect(),
-            log_fsyncs: s.log_fsyncs,
-        }))
+        Ok(Response::new(cluster_status_pb(&self.node)))
+    }
+}
+
+/// The node's `ClusterStatus` (also served to peers as `Raft.Status`).
+pub fn cluster_status_pb(node: &Node) -> ClusterStatusResponse {
+    let s = node.status();
+    let members = s.members.into_iter().map(member_to_pb).collect();
+    ClusterStatusResponse {
+        node_id: s.node_id,
+        role: s.role,
+        leader_id: s.leader_id.unwrap_or(0),
+        leader_addr: s.leader_addr.unwrap_or_default(),
+        term: s.term,
+        last_log_index: s.last_log_index,
+        applied_index: s.applied_index,
+        snapshot_index: s.snapshot_index,
+        purged_index: s.purged_index,
+        members,
+        schema_version: s.schema_version,
+        reevaluating: s.reevaluation.0,
+        reevaluated_users: s.reevaluation.1,
+        version: env!("CARGO_PKG_VERSION").into(),
+        lag_entries: s.freshness.lag_entries,
+        leader_contact_age_ms: s.freshness.leader_contact_age.map(|d| d.as_millis() as u64),
+        logical_clock_ms: s.logical_clock_ms,
+        clock: Some(clock_to_pb(s.clock)),
+        shards: s.shards,
+        shard_status: s.shard_status.into_iter().map(shard_status_to_pb).collect(),
+        log_fsyncs: s.log_fsyncs,
     }
 }

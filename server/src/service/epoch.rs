@@ -2,6 +2,11 @@
 //! [`WithMapEpoch`], which adds `x-portrait-map-epoch` (the epoch of the
 //! shard map this node knows) to every response, errors included. A client
 //! whose cached map is older refreshes it (docs/api.md, "Routing").
+//!
+//! It also turns a redirect's leader address into a client address: inside
+//! the cluster a `NOT_LEADER` names the leader's peer address (raft
+//! memberships hold those); a client is sent to the client address the map
+//! has for `x-portrait-leader-id`, or to none if the map lacks the node.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -12,6 +17,7 @@ use tonic::codegen::http::{HeaderValue, Request, Response};
 use tonic::codegen::Service;
 use tonic::server::NamedService;
 
+use super::status::{LEADER_ID_KEY, LEADER_KEY};
 use crate::node::Node;
 
 /// Response header carrying the answering node's map epoch.
@@ -49,7 +55,15 @@ where
         Box::pin(async move {
             let mut response = answer.await?;
             // Read after the call: a map that changed meanwhile is the one to report.
-            response.headers_mut().insert(MAP_EPOCH_KEY, HeaderValue::from(node.map_epoch()));
+            let headers = response.headers_mut();
+            headers.insert(MAP_EPOCH_KEY, HeaderValue::from(node.map_epoch()));
+            if headers.contains_key(LEADER_KEY) {
+                let leader = headers.get(LEADER_ID_KEY).and_then(|v| v.to_str().ok()?.parse().ok());
+                match leader.and_then(|id| node.client_addr(id)).and_then(|a| HeaderValue::try_from(a).ok()) {
+                    Some(addr) => headers.insert(LEADER_KEY, addr),
+                    None => headers.remove(LEADER_KEY),
+                };
+            }
             Ok(response)
         })
     }

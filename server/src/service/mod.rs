@@ -29,11 +29,20 @@ use crate::limits::{
 };
 use crate::node::Node;
 
-/// Serves every Portrait service, health and reflection on `listener` until
-/// `shutdown` completes; client-facing calls pass `gate`'s token checks.
+/// The two listeners of a node.
+pub struct Listeners {
+    /// Ingest, Profiles, Admin, health and reflection, for clients.
+    pub client: tokio::net::TcpListener,
+    /// `portrait.v1.Raft` and health, for the other nodes only.
+    pub peer: tokio::net::TcpListener,
+}
+
+/// Serves the client services (token-checked by `gate`) on the client
+/// listener and the internal ones on the peer listener until `shutdown`
+/// completes; the client port does not serve raft at all.
 pub async fn serve(
     node: Arc<Node>,
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     gate: Gate,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -59,17 +68,34 @@ pub async fn serve(
     let raft = RaftServer::new(raft::RaftService::new(node.clone()))
         .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+    let (peer_health, peer_health_service) = tonic_health::server::health_reporter();
+    peer_health.set_serving::<RaftServer<raft::RaftService>>().await;
     // With our own listener, nodelay must be set on the incoming stream
     // (the builder's setting only applies to listeners it binds itself).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let incoming = |listener| TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let client = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(WithMapEpoch::new(WithAuth::new(ingest, gate.clone()), node.clone()))
         .add_service(WithMapEpoch::new(WithAuth::new(profiles, gate.clone()), node.clone()))
         .add_service(WithMapEpoch::new(WithAuth::new(admin, gate), node.clone()))
+        .serve_with_incoming_shutdown(incoming(listeners.client), until_stopped(stopped.clone()));
+    let peer = tonic::transport::Server::builder()
+        .add_service(peer_health_service)
         .add_service(raft)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(incoming(listeners.peer), until_stopped(stopped));
+    let servers = async { tokio::try_join!(client, peer).map(|_| ()) };
+    tokio::pin!(servers);
+    tokio::select! {
+        served = &mut servers => return Ok(served?),
+        () = shutdown => {
+            let _ = stop.send(true);
+        }
+    }
+    servers.await?;
     Ok(())
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use portrait_proto::v1::raft_server::Raft;
 use portrait_proto::v1::{
-    ClockRequest, ClockResponse, RaftPayload, StartElectionRequest, StartElectionResponse,
+    AddNodeRequest, ClockRequest, ClockResponse, ClusterStatusRequest, ClusterStatusResponse,
+    MembershipResponse, RaftPayload, StartElectionRequest, StartElectionResponse,
 };
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
@@ -72,6 +73,20 @@ impl Raft for RaftService {
     async fn forward_read(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let (group, part): (GroupId, crate::node::ForwardedRead) = decode_req(req)?;
         reply(self.node.forwarded_read(group, part).await?)
+    }
+
+    async fn status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        Ok(Response::new(super::admin::cluster_status_pb(&self.node)))
+    }
+
+    async fn join(&self, request: Request<AddNodeRequest>) -> Result<Response<MembershipResponse>, Status> {
+        let req = request.into_inner();
+        tracing::info!(node = req.node_id, addr = %req.addr, peer_addr = %req.peer_addr, "a node asks to join");
+        let log_index = self.node.add_node(req.node_id, req.addr, req.peer_addr, req.learner).await?;
+        Ok(Response::new(MembershipResponse { log_index, members: super::admin::members_pb(&self.node) }))
     }
 
     async fn clock(&self, _: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {

@@ -17,7 +17,9 @@
 //! `Debug` text, unversioned rows); 2 = canonical feature identities,
 //! version byte on every row, versioned archives with a checksum;
 //! 3 = sharded layout (raft log and state keyed by group, one state
-//! database per node, per-group SST snapshot archives).
+//! database per node, per-group SST snapshot archives); 4 = every node of
+//! the shard map has a client and a peer address (raft memberships name
+//! the peer one).
 
 use std::path::Path;
 
@@ -26,8 +28,8 @@ use rocksdb::{IteratorMode, WriteOptions, DB};
 use super::sm_db::cf;
 
 /// The format this binary writes, and the only one it reads.
-/// 3: sharded layout (raft log and state keyed by group)
-pub const STORAGE_FORMAT: u32 = 3;
+/// 4: the map's nodes have a client and a peer address
+pub const STORAGE_FORMAT: u32 = 4;
 
 /// What a database or archive without a recorded version was written by.
 pub const UNVERSIONED_FORMAT: u32 = 1;

@@ -1,5 +1,6 @@
-//! `TestNode`: one real `portraitd` process on a temp dir and a free
-//! loopback port, for integration tests that go through the network.
+//! `TestNode`: one real `portraitd` process on a temp dir and two free
+//! loopback ports (client and peer), for integration tests that go through
+//! the network.
 //!
 //! The node bootstraps a single-node cluster; [`TestNode::start`] returns once
 //! it answers `ClusterStatus` with a leader. `stop` sends SIGTERM (graceful),
@@ -31,6 +32,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct TestNode {
     dir: TempDir,
     port: u16,
+    peer_port: u16,
     child: Option<Child>,
     /// `--shards` (the number of shards the node is created with).
     shards: u32,
@@ -47,7 +49,7 @@ impl TestNode {
     /// Starts a fresh node of `shards` shards.
     pub async fn start_sharded(shards: u32) -> TestNode {
         let dir = tempfile::tempdir().expect("create temp dir");
-        let mut node = TestNode { dir, port: free_port(), child: None, shards };
+        let mut node = TestNode { dir, port: free_port(), peer_port: free_port(), child: None, shards };
         node.launch().await;
         node
     }
@@ -55,6 +57,12 @@ impl TestNode {
     /// `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:PEER_PORT`: the internal services' port.
+    #[allow(dead_code)] // not every test binary calls peers
+    pub fn peer_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
     }
 
     /// The running `portraitd`'s process id (to read its `/proc` entries).
@@ -120,7 +128,7 @@ impl TestNode {
     }
 
     async fn launch(&mut self) {
-        let mut command = portraitd(self.dir.path(), self.port, self.shards);
+        let mut command = portraitd(self.dir.path(), (self.port, self.peer_port), self.shards);
         self.child = Some(command.spawn().expect("spawn portraitd"));
         self.wait_for_leader().await;
     }
@@ -161,11 +169,11 @@ impl Drop for TestNode {
     }
 }
 
-/// `portraitd` as node 1 of a new cluster of `shards` shards on `port`,
-/// with its data in `dir/data` and its output appended to
+/// `portraitd` as node 1 of a new cluster of `shards` shards on the client
+/// and peer ports of `ports`, with its data in `dir/data` and its output appended to
 /// `dir/portraitd.log`; no `PORTRAIT_*` variable of the test's environment
 /// reaches it. Add flags, then spawn.
-pub fn portraitd(dir: &Path, port: u16, shards: u32) -> Command {
+pub fn portraitd(dir: &Path, (port, peer_port): (u16, u16), shards: u32) -> Command {
     let log =
         File::options().create(true).append(true).open(dir.join("portraitd.log")).expect("open log file");
     let mut command = Command::new(env!("CARGO_BIN_EXE_portraitd"));
@@ -173,6 +181,7 @@ pub fn portraitd(dir: &Path, port: u16, shards: u32) -> Command {
         .arg("--data-dir")
         .arg(dir.join("data"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--peer-listen", &format!("127.0.0.1:{peer_port}")])
         .args(["--node-id", "1", "--log", "info,openraft=warn"])
         .args(["--shards", &shards.to_string()])
         .env("NO_COLOR", "1")

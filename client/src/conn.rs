@@ -14,7 +14,7 @@ use std::time::Duration;
 use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
 use crate::routing::MAP_EPOCH_HEADER;
@@ -32,6 +32,9 @@ pub const MAX_TOKEN_BYTES: usize = 512;
 pub struct ConnectOptions {
     /// `Bearer <token>`, checked once here.
     authorization: Option<MetadataValue<Ascii>>,
+    /// TLS (`None`: plaintext); with it, `http://` endpoints are reached
+    /// over `https://`.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl ConnectOptions {
@@ -58,6 +61,23 @@ impl ConnectOptions {
         let value = format!("Bearer {token}").parse().map_err(|_| invalid("not a valid header value"))?;
         self.authorization = Some(value);
         Ok(self)
+    }
+
+    /// Connects over TLS, trusting nodes whose certificate this CA (PEM)
+    /// signed. The host of each endpoint must be a name in the node's
+    /// certificate.
+    pub fn ca_certificate(mut self, pem: impl AsRef<[u8]>) -> Self {
+        let tls = self.tls.take().unwrap_or_else(|| ClientTlsConfig::new().assume_http2(true));
+        self.tls = Some(tls.ca_certificate(Certificate::from_pem(pem)));
+        self
+    }
+
+    /// Presents this certificate and key (PEM), for nodes that require
+    /// client certificates (`--tls-client-ca`). Implies TLS.
+    pub fn identity(mut self, cert_pem: impl AsRef<[u8]>, key_pem: impl AsRef<[u8]>) -> Self {
+        let tls = self.tls.take().unwrap_or_else(|| ClientTlsConfig::new().assume_http2(true));
+        self.tls = Some(tls.identity(Identity::from_pem(cert_pem, key_pem)));
+        self
     }
 }
 
@@ -112,7 +132,7 @@ impl Router {
     /// Connects eagerly to `endpoint`, so a wrong address fails here.
     pub async fn connect(endpoint: &str, options: ConnectOptions) -> Result<Self, ClientError> {
         let endpoint = normalize_endpoint(endpoint);
-        let channel = configure(&endpoint)?
+        let channel = configure(&endpoint, &options)?
             .connect()
             .await
             .map_err(|source| ClientError::Connect { endpoint: endpoint.clone(), source })?;
@@ -205,13 +225,21 @@ pub fn normalize_endpoint(endpoint: &str) -> String {
 
 /// A channel to `endpoint` that connects on first use.
 pub(crate) fn lazy_channel(endpoint: &str, options: &ConnectOptions) -> Result<Chan, ClientError> {
-    let channel = configure(endpoint)?.connect_lazy();
+    let channel = configure(endpoint, options)?.connect_lazy();
     Ok(InterceptedService::new(channel, Bearer(options.authorization.clone())))
 }
 
-fn configure(endpoint: &str) -> Result<Endpoint, ClientError> {
+fn configure(endpoint: &str, options: &ConnectOptions) -> Result<Endpoint, ClientError> {
     let connect_error = |source| ClientError::Connect { endpoint: endpoint.to_string(), source };
-    Ok(Endpoint::from_shared(endpoint.to_string()).map_err(connect_error)?.connect_timeout(CONNECT_TIMEOUT))
+    let uri = match (&options.tls, endpoint.strip_prefix("http://")) {
+        (Some(_), Some(rest)) => format!("https://{rest}"),
+        _ => endpoint.to_string(),
+    };
+    let mut configured = Endpoint::from_shared(uri).map_err(connect_error)?.connect_timeout(CONNECT_TIMEOUT);
+    if let Some(tls) = &options.tls {
+        configured = configured.tls_config(tls.clone()).map_err(connect_error)?;
+    }
+    Ok(configured)
 }
 
 #[cfg(test)]

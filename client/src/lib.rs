@@ -25,8 +25,10 @@
 //! - `split.rs`: calls split per shard or node, answers merged back.
 //! - `shard.rs`: [`shard_of`], the shard of a user.
 //! - `json.rs`: JSON events in, JSON profiles out.
+//! - `certs.rs`: development certificates (`portrait certs init`).
 //! - `error.rs`: [`ClientError`].
 
+pub mod certs;
 mod client;
 mod conn;
 mod error;

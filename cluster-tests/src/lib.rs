@@ -88,6 +88,8 @@ pub struct NodeProc {
     pub proxy: Option<Proxy>,
     /// Node processes by pid (shared by the cluster's proxies).
     owners: Owners,
+    /// The directory of `portrait certs init` files, when both ports serve TLS.
+    certs: Option<PathBuf>,
 }
 
 impl NodeProc {
@@ -98,17 +100,25 @@ impl NodeProc {
             args.extend(["--shards".to_string(), shards.to_string()]);
         }
         let (port, peer_port) = (free_port(), free_port());
-        NodeProc { id, port, peer_port, dir, child: None, config, args, proxy: None, owners }
+        NodeProc { id, port, peer_port, dir, child: None, config, args, proxy: None, owners, certs: None }
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.certs.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// The node's client port (clients of tests use it).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.port)
     }
 
     /// The node's own peer port.
     pub fn peer_endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.peer_port)
     }
 
     /// The peer address in the memberships: the proxy's, if the node has
@@ -140,6 +150,15 @@ impl NodeProc {
         }
         if !bootstrap {
             cmd.arg("--no-bootstrap");
+        }
+        if let Some(certs) = &self.certs {
+            let file = |name: String| certs.join(name).into_os_string();
+            let id = self.id;
+            cmd.arg("--tls-cert").arg(file(format!("node-{id}.pem")));
+            cmd.arg("--tls-key").arg(file(format!("node-{id}.key")));
+            cmd.arg("--peer-ca").arg(file("peer-ca.pem".into()));
+            cmd.arg("--peer-cert").arg(file(format!("node-{id}-peer.pem")));
+            cmd.arg("--peer-key").arg(file(format!("node-{id}-peer.key")));
         }
         cmd.args(&self.args);
         if let Some(config) = &self.config {
@@ -189,6 +208,10 @@ pub struct Cluster {
     pub nodes: Vec<NodeProc>,
     /// The number of shards every node is started with.
     shards: u32,
+    /// How test clients connect (TLS clusters: the client CA).
+    options: portrait_client::ConnectOptions,
+    /// Certificates of a TLS cluster (see [`Cluster::start_tls`]).
+    certs: Option<TempDir>,
 }
 
 impl Cluster {
@@ -235,11 +258,40 @@ impl Cluster {
         Cluster::launch(n, None, true, shards).await
     }
 
+    /// Like [`Cluster::start_sharded`], with TLS on both ports: each node
+    /// serves its client port with its certificate from `portrait certs
+    /// init` and talks to its peers over mutual TLS; [`Cluster::client`]
+    /// trusts the client CA. [`Cluster::certs`] has the files.
+    pub async fn start_tls(n: u64, shards: u32) -> Cluster {
+        Cluster::launch_with(n, None, false, shards, true).await
+    }
+
+    /// The certificates of a [`Cluster::start_tls`] cluster.
+    pub fn certs(&self) -> &Path {
+        self.certs.as_ref().expect("a TLS cluster").path()
+    }
+
     async fn launch(n: u64, config: Option<&str>, proxied: bool, shards: u32) -> Cluster {
+        Cluster::launch_with(n, config, proxied, shards, false).await
+    }
+
+    async fn launch_with(n: u64, config: Option<&str>, proxied: bool, shards: u32, tls: bool) -> Cluster {
         let owners = Owners::default();
         let mut nodes: Vec<NodeProc> = (1..=n)
             .map(|id| NodeProc::new(id, config.map(str::to_string), Vec::new(), owners.clone(), shards))
             .collect();
+        let mut options = portrait_client::ConnectOptions::new();
+        let certs = match tls {
+            false => None,
+            true => {
+                let dir = tempfile::tempdir().unwrap();
+                let hosts = ["127.0.0.1".to_string()];
+                portrait_client::certs::init(dir.path(), n as u32, &hosts, false).expect("certs init");
+                options = options.ca_certificate(std::fs::read(dir.path().join("client-ca.pem")).unwrap());
+                nodes.iter_mut().for_each(|node| node.certs = Some(dir.path().to_path_buf()));
+                Some(dir)
+            }
+        };
         for node in &mut nodes {
             if proxied {
                 let target = format!("127.0.0.1:{}", node.peer_port).parse().unwrap();
@@ -249,7 +301,7 @@ impl Cluster {
         for node in &mut nodes {
             node.spawn(node.id == 1);
         }
-        let cluster = Cluster { nodes, shards };
+        let cluster = Cluster { nodes, shards, options, certs };
         for node in &cluster.nodes {
             cluster.wait_answering(node.id).await;
         }
@@ -271,7 +323,12 @@ impl Cluster {
     }
 
     pub async fn client(&self, id: u64) -> PortraitClient {
-        PortraitClient::connect(&self.node(id).endpoint()).await.expect("connect")
+        self.connect(id).await.expect("connect")
+    }
+
+    /// A client of node `id`, connected as the cluster's clients connect.
+    pub async fn connect(&self, id: u64) -> Result<PortraitClient, portrait_client::ClientError> {
+        PortraitClient::connect_with(&self.node(id).endpoint(), self.options.clone()).await
     }
 
     /// SIGKILL node `id`.
@@ -363,7 +420,7 @@ impl Cluster {
     async fn wait_answering(&self, id: u64) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(c) = PortraitClient::connect(&self.node(id).endpoint()).await {
+            if let Ok(c) = self.connect(id).await {
                 if c.cluster_status().await.is_ok() {
                     return;
                 }
@@ -381,7 +438,7 @@ impl Cluster {
                 if !self.node(id).is_running() {
                     continue;
                 }
-                if let Ok(c) = PortraitClient::connect(&self.node(id).endpoint()).await {
+                if let Ok(c) = self.connect(id).await {
                     if let Ok(s) = c.cluster_status().await {
                         if s.role == "Leader" {
                             return id;

@@ -12,6 +12,7 @@ use crate::clock::ClockOptions;
 use crate::duration::parse_duration_ms;
 use crate::node::NodeOptions;
 use crate::raft::RaftTuning;
+use crate::tls::TlsFiles;
 
 /// `portraitd --version`; a build with fault injection says so.
 #[cfg(not(feature = "fault-injection"))]
@@ -26,7 +27,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (with fault injection
     about = "Portrait node: replicated user profiles with per-family TTL, over gRPC"
 )]
 pub struct Cli {
-    /// TOML config file (keys: node_id, data_dir, listen, advertise, peer_listen, peer_advertise, bootstrap, join, log, token_file, shards, replication, [raft], [clock]).
+    /// TOML config file (keys: node_id, data_dir, listen, advertise, peer_listen, peer_advertise, bootstrap, join, log, token_file, tls_cert, tls_key, tls_client_ca, peer_ca, peer_cert, peer_key, insecure, audit_log, shards, replication, [raft], [clock]).
     #[arg(long, env = "PORTRAIT_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's raft id (stable across restarts).
@@ -66,6 +67,30 @@ pub struct Cli {
     /// token with the RPC's role; re-read on SIGHUP. Not given: no token checks.
     #[arg(long, env = "PORTRAIT_TOKEN_FILE", value_name = "PATH")]
     pub token_file: Option<PathBuf>,
+    /// The client port's TLS certificate (PEM); with --tls-key, the client port serves TLS only.
+    #[arg(long, env = "PORTRAIT_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "PORTRAIT_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+    /// Also require client certificates from this CA (PEM) on the client port.
+    #[arg(long, env = "PORTRAIT_TLS_CLIENT_CA", value_name = "PATH")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The cluster's peer CA (PEM): with --peer-cert and --peer-key, the peer port uses mutual TLS.
+    #[arg(long, env = "PORTRAIT_PEER_CA", value_name = "PATH")]
+    pub peer_ca: Option<PathBuf>,
+    /// This node's certificate from the peer CA (PEM; names portrait-node-<id> and portrait-peer).
+    #[arg(long, env = "PORTRAIT_PEER_CERT", value_name = "PATH")]
+    pub peer_cert: Option<PathBuf>,
+    /// The key of --peer-cert (PEM).
+    #[arg(long, env = "PORTRAIT_PEER_KEY", value_name = "PATH")]
+    pub peer_key: Option<PathBuf>,
+    /// Append one JSON line per administrative action to this file (they also go to the log).
+    #[arg(long, env = "PORTRAIT_AUDIT_LOG", value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
+    /// Serve plaintext on an address other than loopback (refused without this flag).
+    #[arg(long, env = "PORTRAIT_INSECURE")]
+    pub insecure: bool,
     /// A node whose clock is further than this from a quorum of its peers does not lead (default 500ms).
     #[arg(long, env = "PORTRAIT_MAX_CLOCK_OFFSET", value_name = "DURATION")]
     pub max_clock_offset: Option<String>,
@@ -98,6 +123,14 @@ struct FileConfig {
     join: Option<Vec<String>>,
     log: Option<String>,
     token_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    peer_ca: Option<PathBuf>,
+    peer_cert: Option<PathBuf>,
+    peer_key: Option<PathBuf>,
+    insecure: Option<bool>,
+    audit_log: Option<PathBuf>,
     shards: Option<u32>,
     replication: Option<u32>,
     #[serde(default)]
@@ -137,6 +170,12 @@ pub struct Config {
     pub log: String,
     /// Where the accepted tokens are (`None`: no token checks).
     pub token_file: Option<PathBuf>,
+    /// Certificates and keys of the two ports.
+    pub tls: TlsFiles,
+    /// Plaintext on a non-loopback address was asked for (`--insecure`).
+    pub insecure: bool,
+    /// Where audit entries are appended besides the log (`--audit-log`).
+    pub audit_log: Option<PathBuf>,
     pub node: NodeOptions,
     /// Seeds to join through on first start (`--join`); empty: none.
     pub join: Vec<String>,
@@ -155,7 +194,18 @@ impl Config {
         };
         let clock = clock_options(&cli, &file.clock)?;
         let listen = cli.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:7700".into());
-        let advertise = advertised("listen", &listen, "advertise", cli.advertise.or(file.advertise))?;
+        let tls = TlsFiles {
+            cert: cli.tls_cert.or(file.tls_cert),
+            key: cli.tls_key.or(file.tls_key),
+            client_ca: cli.tls_client_ca.or(file.tls_client_ca),
+            peer_ca: cli.peer_ca.or(file.peer_ca),
+            peer_cert: cli.peer_cert.or(file.peer_cert),
+            peer_key: cli.peer_key.or(file.peer_key),
+        };
+        tls.check_complete()?;
+        let insecure = cli.insecure || file.insecure.unwrap_or(false);
+        let advertise =
+            advertised("listen", &listen, "advertise", cli.advertise.or(file.advertise), tls.client_tls())?;
         let peer_listen = match cli.peer_listen.or(file.peer_listen) {
             Some(peer) => peer,
             None => default_peer_listen(&listen)?,
@@ -170,7 +220,25 @@ impl Config {
             &peer_listen,
             "peer-advertise",
             cli.peer_advertise.or(file.peer_advertise),
+            tls.peer_tls(),
         )?;
+        for (flag, addr, on, tls_flags) in [
+            ("listen", &listen, tls.client_tls(), "--tls-cert and --tls-key"),
+            ("peer-listen", &peer_listen, tls.peer_tls(), "--peer-ca, --peer-cert and --peer-key"),
+        ] {
+            if !on && !insecure && !is_loopback(addr) {
+                anyhow::bail!(
+                    "--{flag} {addr}: plaintext on an address other than loopback; give {tls_flags} (docs/security.md), \
+                     or --insecure to serve plaintext anyway"
+                );
+            }
+        }
+        if tls.peer_tls() && peer_advertise.starts_with("http://") {
+            anyhow::bail!("--peer-advertise {peer_advertise}: the peer port serves TLS; use https://");
+        }
+        if tls.client_tls() && advertise.starts_with("http://") {
+            anyhow::bail!("--advertise {advertise}: the client port serves TLS; use https://");
+        }
         #[cfg(not(feature = "fault-injection"))]
         if cli.fault_injection {
             anyhow::bail!("--fault-injection: {}", crate::raft::fault::NO_FAULT_INJECTION);
@@ -215,26 +283,36 @@ impl Config {
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
         let token_file = cli.token_file.or(file.token_file);
-        Ok(Config { listen, peer_listen, log, token_file, node, join })
+        let audit_log = cli.audit_log.or(file.audit_log);
+        Ok(Config { listen, peer_listen, log, token_file, tls, insecure, audit_log, node, join })
     }
 }
 
-/// The URL announced for `listen`: `given`, or `http://<listen>` unless
+/// The URL announced for `listen`: `given`, or `http(s)://<listen>` unless
 /// that is a wildcard no one can dial.
 fn advertised(
     flag: &str,
     listen: &str,
     advertise_flag: &str,
     given: Option<String>,
+    tls: bool,
 ) -> anyhow::Result<String> {
+    let scheme = if tls { "https" } else { "http" };
     match given {
         Some(a) => Ok(a),
         None if listen.starts_with("0.0.0.0:") || listen.starts_with("[::]:") => anyhow::bail!(
-            "--{flag} {listen} is not an address others can reach; set --{advertise_flag} (e.g. http://my-host:{})",
+            "--{flag} {listen} is not an address others can reach; set --{advertise_flag} (e.g. {scheme}://my-host:{})",
             listen.rsplit(':').next().unwrap_or("7700")
         ),
-        None => Ok(format!("http://{listen}")),
+        None => Ok(format!("{scheme}://{listen}")),
     }
+}
+
+/// Whether `listen` (`host:port`) binds loopback only.
+fn is_loopback(listen: &str) -> bool {
+    let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The peer port when none is given: the client port's host, port + 1000.
@@ -320,6 +398,43 @@ mod tests {
     }
 
     #[test]
+    fn plaintext_beyond_loopback_needs_insecure() {
+        let parse = |args: &[&str]| Config::resolve(Cli::parse_from([&["portraitd"], args].concat()));
+        let wide = [
+            "--listen",
+            "0.0.0.0:7700",
+            "--advertise",
+            "http://n1:7700",
+            "--peer-advertise",
+            "http://n1:8700",
+        ];
+        let err = parse(&wide).unwrap_err().to_string();
+        assert!(
+            err.starts_with("--listen 0.0.0.0:7700: plaintext on an address other than loopback"),
+            "{err}"
+        );
+        assert!(err.contains("--insecure"), "{err}");
+        let c = parse(&[&wide[..], &["--insecure"]].concat()).unwrap();
+        assert!(c.insecure);
+        assert!(is_loopback("127.0.0.1:7700") && is_loopback("localhost:7700") && is_loopback("[::1]:7700"));
+        assert!(!is_loopback("10.0.0.1:7700") && !is_loopback("0.0.0.0:7700"));
+        // TLS on one port only: the other is still plaintext.
+        let tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem", "--advertise", "https://n1:7700"];
+        let err =
+            parse(&[&["--listen", "0.0.0.0:7700", "--peer-advertise", "http://n1:8700"], &tls[..]].concat())
+                .unwrap_err()
+                .to_string();
+        assert!(err.starts_with("--peer-listen 0.0.0.0:8700: plaintext"), "{err}");
+        let c = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
+        assert_eq!(c.node.advertise, "https://127.0.0.1:7700", "TLS: https by default");
+        let err =
+            parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--advertise", "http://n:1"]).unwrap_err();
+        assert!(err.to_string().contains("use https://"), "{err}");
+        let err = parse(&["--tls-cert", "c.pem"]).unwrap_err();
+        assert!(err.to_string().contains("--tls-cert and --tls-key go together"), "{err}");
+    }
+
+    #[test]
     fn the_peer_port_is_its_own() {
         let parse = |args: &[&str]| Config::resolve(Cli::parse_from([&["portraitd"], args].concat()));
         let c = parse(&["--listen", "127.0.0.1:9000", "--peer-listen", "127.0.0.1:9001"]).unwrap();
@@ -341,6 +456,7 @@ mod tests {
             "http://n1:7700",
             "--peer-advertise",
             "http://n1:8700",
+            "--insecure",
         ])
         .unwrap();
         assert_eq!(c.node.peer_advertise, "http://n1:8700");
@@ -358,6 +474,7 @@ mod tests {
             "http://n1:7700",
             "--peer-advertise",
             "http://n1:8700",
+            "--insecure",
         ]);
         assert_eq!(Config::resolve(cli).unwrap().node.advertise, "http://n1:7700");
     }

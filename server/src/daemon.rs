@@ -3,6 +3,7 @@
 //! that the cluster tests' `portraitd-faults` (the same daemon built with
 //! the cargo feature `fault-injection`) runs exactly this code.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Cli, Config};
@@ -43,6 +44,24 @@ async fn run() -> anyhow::Result<()> {
             Gate::open()
         }
     };
+    let tls = crate::tls::Tls::load(&config.tls)?;
+    let audit = match &config.audit_log {
+        Some(path) => crate::audit::AuditLog::open(config.node.node_id, path)?,
+        None => crate::audit::AuditLog::log_only(config.node.node_id),
+    };
+    if let Some(peer) = &tls.peer {
+        crate::tls::set_peer_client(peer.client.clone());
+    }
+    match (&tls.client, &tls.peer) {
+        (Some(_), Some(_)) => tracing::info!("TLS on both ports; mutual TLS between peers"),
+        (client, peer) => tracing::warn!(
+            client_port = if client.is_some() { "TLS" } else { "PLAINTEXT" },
+            peer_port = if peer.is_some() { "mutual TLS" } else { "PLAINTEXT" },
+            insecure = config.insecure,
+            "a port serves plaintext: anyone on the network can read its traffic{}",
+            if config.insecure { " (--insecure: NOT loopback only)" } else { " (loopback only)" }
+        ),
+    }
     let client = tokio::net::TcpListener::bind(&config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("--listen {}: cannot listen: {e}", config.listen))?;
@@ -64,7 +83,8 @@ async fn run() -> anyhow::Result<()> {
         crate::join::start(node.clone(), config.join.clone()).await;
     }
     let listeners = crate::service::Listeners { client, peer };
-    crate::service::serve(node.clone(), listeners, gate, shutdown_signal()).await?;
+    let security = crate::service::Security { gate, tls, audit: Arc::new(audit) };
+    crate::service::serve(node.clone(), listeners, security, shutdown_signal()).await?;
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())

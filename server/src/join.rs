@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use portrait_proto::v1::raft_client::RaftClient;
 use portrait_proto::v1::AddNodeRequest;
-use tonic::transport::Endpoint;
 
 use crate::node::Node;
 use crate::service::status::LEADER_KEY;
@@ -107,7 +106,7 @@ fn is_voter(node: &Node) -> bool {
 async fn add_self(node: &Node, seed: &str) -> Result<(), String> {
     let mut target = seed.to_string();
     for _ in 0..=MAX_REDIRECTS {
-        let endpoint = Endpoint::from_shared(target.clone())
+        let endpoint = crate::tls::peer_endpoint(&target)
             .map_err(|e| format!("{target}: {e}"))?
             .connect_timeout(Duration::from_secs(3));
         let channel =

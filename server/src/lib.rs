@@ -21,6 +21,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 // The core's modules under the paths they had when they lived here.
 pub use portrait_core::{duration, engine, model, schema, validate};
 
+pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;
@@ -32,6 +33,7 @@ pub mod node;
 pub mod raft;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod types;
 
 /// Wall-clock milliseconds since the Unix epoch. Never used inside the state

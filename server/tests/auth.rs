@@ -6,6 +6,8 @@
 //!   past the check; the others are `UNAUTHENTICATED` or
 //!   `PERMISSION_DENIED`. The peer RPCs are not served on the client port
 //!   (`UNIMPLEMENTED`); the peer port serves them and nothing else.
+//! - Every admin call that got through is in the audit log, naming the
+//!   token; none that was refused.
 //! - SIGHUP re-reads the file; a malformed file then keeps the tokens in use.
 //! - A malformed token file stops the start with a one-line reason naming it.
 
@@ -68,6 +70,8 @@ impl Node {
         let child = common::portraitd(dir, (port, peer_port), 2)
             .arg("--token-file")
             .arg(dir.join("tokens.toml"))
+            .arg("--audit-log")
+            .arg(dir.join("audit.jsonl"))
             .spawn()
             .expect("spawn portraitd");
         Node { child, port, peer_port, dir: dir.to_path_buf() }
@@ -226,6 +230,23 @@ async fn exactly_the_calls_a_tokens_roles_allow_get_through() {
     for (path, token, code) in expect {
         assert_eq!(refused(&call(&channel, path, token).await), code, "{path} with {token:?}");
     }
+
+    // Every admin RPC the admin token reached left exactly its audit
+    // entries, naming the token; no refused call did.
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let entries: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let audited: std::collections::BTreeSet<String> =
+        entries.iter().map(|e| format!("/portrait.v1.{}", e["rpc"].as_str().unwrap())).collect();
+    // (The peer-port check above sent a Join too: audited as the node.)
+    let mut expected: std::collections::BTreeSet<String> =
+        RPCS.iter().filter(|(_, a)| *a == Access::Role(Role::Admin)).map(|(p, _)| p.to_string()).collect();
+    expected.insert("/portrait.v1.Raft/Join".into());
+    assert_eq!(audited, expected, "every admin RPC and joining is audited, and nothing else");
+    let by_admin = entries.iter().filter(|e| e["rpc"].as_str().unwrap().starts_with("Admin/"));
+    assert!(by_admin.into_iter().all(|e| e["caller"] == "ops" && e["remote"].is_string()), "{audit}");
+    assert!(entries.iter().all(|e| e["at_ms"].is_u64() && e["ok"].is_boolean()), "{audit}");
+    let removals = entries.iter().filter(|e| e["rpc"] == "Admin/RemoveNode").count();
+    assert_eq!(removals, 2, "the matrix's and the spot check's, not the refused ones: {audit}");
 
     // The Rust client carries its token on every call, to both shards.
     let endpoint = format!("127.0.0.1:{}", node.port);

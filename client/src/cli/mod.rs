@@ -13,6 +13,7 @@ mod status;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use portrait_client::{ConnectOptions, PortraitClient};
 
@@ -28,6 +29,15 @@ pub struct Cli {
     /// file (docs/security.md). Prefer the variable: a flag shows in `ps`.
     #[arg(long, global = true, env = "PORTRAIT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) to verify nodes that serve TLS with; connects over https.
+    #[arg(long, global = true, env = "PORTRAIT_CA_CERT", value_name = "PATH")]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM), for nodes started with --tls-client-ca.
+    #[arg(long, global = true, env = "PORTRAIT_CERT", value_name = "PATH", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The key of --cert (PEM).
+    #[arg(long, global = true, env = "PORTRAIT_KEY", value_name = "PATH", requires = "cert")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -84,6 +94,28 @@ enum Command {
     /// Cluster membership and leadership: add-node, remove-node, transfer-leader, status.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Certificates: `init` makes a development CA pair and every node's certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Write a client CA, a peer CA and certificates for nodes 1..N and one client (development use).
+    Init {
+        /// Where to write them.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Nodes to make certificates for (ids 1 to N).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        nodes: u32,
+        /// Names and addresses clients reach the nodes' client ports at (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        hosts: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,9 +168,22 @@ enum SchemaCommand {
 /// Runs one command; returns what to print on stdout. Commands check their
 /// input before connecting, so a typo is reported as such even with no server.
 pub async fn run(cli: Cli) -> anyhow::Result<String> {
+    if let Command::Certs(CertsCommand::Init { dir, nodes, hosts, force }) = &cli.command {
+        return portrait_client::certs::init(dir, *nodes, hosts, *force);
+    }
     let mut options = ConnectOptions::new();
     if let Some(token) = &cli.token {
         options = options.token(token)?;
+    }
+    if let Some(ca) = &cli.ca_cert {
+        let pem = std::fs::read(ca).with_context(|| format!("--ca-cert {}: cannot read", ca.display()))?;
+        options = options.ca_certificate(pem);
+    }
+    if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
+        let read = |flag: &str, p: &PathBuf| {
+            std::fs::read(p).with_context(|| format!("--{flag} {}: cannot read", p.display()))
+        };
+        options = options.identity(read("cert", cert)?, read("key", key)?);
     }
     let endpoint = &Target { endpoint: cli.endpoint, options };
     match cli.command {
@@ -172,6 +217,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
             let r = endpoint.connect().await?.confirm_clock().await?;
             Ok(status::confirmed_text(&r))
         }
+        Command::Certs(_) => unreachable!("handled before connecting"),
         Command::Cluster(ClusterCommand::RemoveNode { id }) => {
             let r = endpoint.connect().await?.remove_node(id).await?;
             Ok(status::members_text(r.log_index, &r.members))
@@ -193,7 +239,6 @@ impl Target {
 
 /// Reads a whole file, or stdin for `-`.
 fn read_input(path: &std::path::Path) -> anyhow::Result<String> {
-    use anyhow::Context;
     if path.as_os_str() == "-" {
         return std::io::read_to_string(std::io::stdin()).context("cannot read stdin");
     }

@@ -129,7 +129,7 @@ impl ClockProbe {
                 continue;
             }
             if clients.get(id).is_none_or(|(a, _)| a != addr) {
-                let Ok(endpoint) = tonic::transport::Endpoint::from_shared(addr.clone()) else { continue };
+                let Ok(endpoint) = crate::tls::peer_endpoint(addr) else { continue };
                 let endpoint =
                     endpoint.connect_timeout(PROBE_TIMEOUT).timeout(PROBE_TIMEOUT).tcp_nodelay(true);
                 clients.insert(*id, (addr.clone(), RaftClient::new(endpoint.connect_lazy())));

@@ -52,7 +52,7 @@ impl Channels {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())?
+        let endpoint = crate::tls::peer_endpoint(addr)?
             .connect_timeout(std::time::Duration::from_secs(2))
             .tcp_nodelay(true);
         let client = RaftClient::new(endpoint.connect_lazy())
@@ -267,7 +267,7 @@ impl ElectionPeer {
         let unreachable = |e: &dyn std::fmt::Display| {
             Error::Unavailable(format!("cannot reach node {target} at {addr}: {e}"))
         };
-        let endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())
+        let endpoint = crate::tls::peer_endpoint(addr)
             .map_err(|e| unreachable(&e))?
             .connect_timeout(std::time::Duration::from_secs(2))
             .timeout(std::time::Duration::from_secs(5))

@@ -13,7 +13,9 @@ use portrait_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use super::auth::Caller;
 use super::convert::families_to_pb;
+use crate::audit::{AuditLog, Who};
 use crate::error::Error;
 use crate::node::map::{self, ShardMapView};
 use crate::node::Node;
@@ -21,16 +23,36 @@ use crate::validate::validate_user_id;
 
 pub struct AdminService {
     node: Arc<Node>,
+    audit: Arc<AuditLog>,
 }
 
 impl AdminService {
-    pub fn new(node: Arc<Node>) -> Self {
-        AdminService { node }
+    pub fn new(node: Arc<Node>, audit: Arc<AuditLog>) -> Self {
+        AdminService { node, audit }
+    }
+
+    /// Runs `call` and writes its audit entry (crate::audit).
+    async fn audited<T>(
+        &self,
+        who: Who,
+        rpc: &str,
+        args: serde_json::Value,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        self.audit.record(&who, rpc, args, result.as_ref().map(|_| ()), started.elapsed());
+        result
     }
 
     fn members(&self) -> Vec<Member> {
         members_pb(&self.node)
     }
+}
+
+/// Who made `request`: its token's name (set by the token check) and address.
+pub fn who<T>(request: &Request<T>) -> Who {
+    Who { token: request.extensions().get::<Caller>().map(|c| c.0.clone()), remote: request.remote_addr() }
 }
 
 /// The node's members, as `MembershipResponse` lists them.
@@ -123,8 +145,16 @@ impl Admin for AdminService {
         &self,
         request: Request<ApplySchemaRequest>,
     ) -> Result<Response<ApplySchemaResponse>, Status> {
+        let who = who(&request);
         let req = request.into_inner();
-        let applied = self.node.apply_schema(req.toml, req.dry_run).await?;
+        let digest = crate::auth::hex(&crate::auth::sha256(&req.toml));
+        let args =
+            serde_json::json!({"dry_run": req.dry_run, "toml_bytes": req.toml.len(), "toml_sha256": digest});
+        let applied = self
+            .audited(who, "Admin/ApplySchema", args, async {
+                self.node.apply_schema(req.toml, req.dry_run).await.map_err(Status::from)
+            })
+            .await?;
         Ok(Response::new(ApplySchemaResponse {
             version: applied.version,
             families: families_to_pb(applied.schema.families.iter()),
@@ -135,8 +165,14 @@ impl Admin for AdminService {
         &self,
         request: Request<AddNodeRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
+        let who = who(&request);
         let req = request.into_inner();
-        let log_index = self.node.add_node(req.node_id, req.addr, req.peer_addr, req.learner).await?;
+        let args = serde_json::json!({
+            "node_id": req.node_id, "addr": req.addr, "peer_addr": req.peer_addr, "learner": req.learner
+        });
+        let add = self.node.add_node(req.node_id, req.addr, req.peer_addr, req.learner);
+        let log_index =
+            self.audited(who, "Admin/AddNode", args, async { add.await.map_err(Status::from) }).await?;
         Ok(Response::new(MembershipResponse { log_index, members: self.members() }))
     }
 
@@ -144,7 +180,11 @@ impl Admin for AdminService {
         &self,
         request: Request<RemoveNodeRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
-        let log_index = self.node.remove_node(request.into_inner().node_id).await?;
+        let who = who(&request);
+        let node_id = request.into_inner().node_id;
+        let args = serde_json::json!({"node_id": node_id});
+        let remove = async { self.node.remove_node(node_id).await.map_err(Status::from) };
+        let log_index = self.audited(who, "Admin/RemoveNode", args, remove).await?;
         Ok(Response::new(MembershipResponse { log_index, members: self.members() }))
     }
 
@@ -152,8 +192,12 @@ impl Admin for AdminService {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let who = who(&request);
         let req = request.into_inner();
-        let (leader_id, leader_addr) = self.node.transfer_leader(req.node_id, req.shard).await?;
+        let args = serde_json::json!({"node_id": req.node_id, "shard": req.shard});
+        let transfer =
+            async { self.node.transfer_leader(req.node_id, req.shard).await.map_err(Status::from) };
+        let (leader_id, leader_addr) = self.audited(who, "Admin/TransferLeader", args, transfer).await?;
         Ok(Response::new(TransferLeaderResponse { leader_id, leader_addr }))
     }
 
@@ -161,16 +205,22 @@ impl Admin for AdminService {
         &self,
         request: Request<SetPartitionRequest>,
     ) -> Result<Response<SetPartitionResponse>, Status> {
+        let who = who(&request);
         let req = request.into_inner();
-        self.node.set_partition(req.blocked_peers, req.drop_entries_from)?;
+        let args = serde_json::json!({"blocked_peers": req.blocked_peers, "drop_entries_from": req.drop_entries_from});
+        let set =
+            async { self.node.set_partition(req.blocked_peers, req.drop_entries_from).map_err(Status::from) };
+        self.audited(who, "Admin/SetPartition", args, set).await?;
         Ok(Response::new(SetPartitionResponse {}))
     }
 
     async fn confirm_clock(
         &self,
-        _: Request<ConfirmClockRequest>,
+        request: Request<ConfirmClockRequest>,
     ) -> Result<Response<ConfirmClockResponse>, Status> {
-        let (now_ms, reference) = self.node.confirm_clock()?;
+        let confirm = async { self.node.confirm_clock().map_err(Status::from) };
+        let (now_ms, reference) =
+            self.audited(who(&request), "Admin/ConfirmClock", serde_json::json!({}), confirm).await?;
         Ok(Response::new(ConfirmClockResponse { now_ms, reference_ms: reference.unwrap_or(0) }))
     }
 
@@ -178,7 +228,10 @@ impl Admin for AdminService {
         &self,
         request: Request<SetClockOffsetRequest>,
     ) -> Result<Response<SetClockOffsetResponse>, Status> {
-        self.node.set_clock_offset(request.into_inner().offset_ms)?;
+        let who = who(&request);
+        let offset_ms = request.into_inner().offset_ms;
+        let set = async { self.node.set_clock_offset(offset_ms).map_err(Status::from) };
+        self.audited(who, "Admin/SetClockOffset", serde_json::json!({"offset_ms": offset_ms}), set).await?;
         Ok(Response::new(SetClockOffsetResponse {}))
     }
 

@@ -29,6 +29,25 @@ use crate::limits::{
 };
 use crate::node::Node;
 
+/// What guards a node's services: token checks, TLS, the audit log.
+pub struct Security {
+    pub gate: Gate,
+    pub tls: crate::tls::Tls,
+    pub audit: Arc<crate::audit::AuditLog>,
+}
+
+impl Security {
+    /// None of it: no token checks, plaintext, audit lines in the log only
+    /// (in-process nodes of tests and benchmarks).
+    pub fn none(node_id: u64) -> Security {
+        Security {
+            gate: Gate::open(),
+            tls: crate::tls::Tls::default(),
+            audit: Arc::new(crate::audit::AuditLog::log_only(node_id)),
+        }
+    }
+}
+
 /// The two listeners of a node.
 pub struct Listeners {
     /// Ingest, Profiles, Admin, health and reflection, for clients.
@@ -43,9 +62,10 @@ pub struct Listeners {
 pub async fn serve(
     node: Arc<Node>,
     listeners: Listeners,
-    gate: Gate,
+    security: Security,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let Security { gate, tls, audit } = security;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IngestServer<ingest::IngestService>>().await;
     health.set_serving::<ProfilesServer<profiles::ProfilesService>>().await;
@@ -62,10 +82,10 @@ pub async fn serve(
     let profiles = ProfilesServer::new(profiles::ProfilesService::new(node.clone()))
         .max_decoding_message_size(MAX_PROFILES_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
-    let admin = AdminServer::new(admin::AdminService::new(node.clone()))
+    let admin = AdminServer::new(admin::AdminService::new(node.clone(), audit.clone()))
         .max_decoding_message_size(MAX_ADMIN_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
-    let raft = RaftServer::new(raft::RaftService::new(node.clone()))
+    let raft = RaftServer::new(raft::RaftService::new(node.clone(), tls.peer.is_some(), audit))
         .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
     let (peer_health, peer_health_service) = tonic_health::server::health_reporter();
@@ -77,14 +97,22 @@ pub async fn serve(
     let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
-    let client = tonic::transport::Server::builder()
+    let mut client = tonic::transport::Server::builder();
+    if let Some(config) = tls.client {
+        client = client.tls_config(config)?;
+    }
+    let mut peer = tonic::transport::Server::builder();
+    if let Some(config) = tls.peer {
+        peer = peer.tls_config(config.server)?;
+    }
+    let client = client
         .add_service(health_service)
         .add_service(reflection)
         .add_service(WithMapEpoch::new(WithAuth::new(ingest, gate.clone()), node.clone()))
         .add_service(WithMapEpoch::new(WithAuth::new(profiles, gate.clone()), node.clone()))
         .add_service(WithMapEpoch::new(WithAuth::new(admin, gate), node.clone()))
         .serve_with_incoming_shutdown(incoming(listeners.client), until_stopped(stopped.clone()));
-    let peer = tonic::transport::Server::builder()
+    let peer = peer
         .add_service(peer_health_service)
         .add_service(raft)
         .serve_with_incoming_shutdown(incoming(listeners.peer), until_stopped(stopped));

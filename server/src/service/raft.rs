@@ -14,15 +14,36 @@ use tonic::{Request, Response, Status};
 
 use crate::node::Node;
 use crate::store::codec::{decode, encode};
-use crate::types::GroupId;
+use crate::types::{GroupId, NodeId, TypeConfig};
 
 pub struct RaftService {
     node: Arc<Node>,
+    audit: Arc<crate::audit::AuditLog>,
+    /// The peer port uses mutual TLS: a message claiming to come from node
+    /// N must arrive over a connection whose certificate names node N.
+    mutual_tls: bool,
 }
 
+type PeerCerts = Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>;
+
 impl RaftService {
-    pub fn new(node: Arc<Node>) -> Self {
-        RaftService { node }
+    pub fn new(node: Arc<Node>, mutual_tls: bool, audit: Arc<crate::audit::AuditLog>) -> Self {
+        RaftService { node, mutual_tls, audit }
+    }
+
+    /// PERMISSION_DENIED unless the caller's certificate names `claimed`
+    /// (with mutual TLS on; without it nothing can be checked).
+    fn check_sender(&self, certs: &PeerCerts, claimed: Option<NodeId>) -> Result<(), Status> {
+        if !self.mutual_tls {
+            return Ok(());
+        }
+        let Some(claimed) = claimed else {
+            return Err(Status::permission_denied("the message names no sending node"));
+        };
+        crate::tls::check_sender(certs.as_deref().map(Vec::as_slice), claimed).map_err(|reason| {
+            tracing::warn!(claimed, %reason, "refused a peer message");
+            Status::permission_denied(reason)
+        })
     }
 }
 
@@ -41,17 +62,23 @@ fn reply<T: serde::Serialize>(result: T) -> Result<Response<RaftPayload>, Status
 #[tonic::async_trait]
 impl Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let (group, req) = decode_req(req)?;
+        let certs = req.peer_certs();
+        let (group, req): (_, openraft::raft::AppendEntriesRequest<TypeConfig>) = decode_req(req)?;
+        self.check_sender(&certs, req.vote.leader_id().voted_for())?;
         reply(self.node.append_entries(group, req).await?)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let (group, req) = decode_req(req)?;
+        let certs = req.peer_certs();
+        let (group, req): (_, openraft::raft::VoteRequest<NodeId>) = decode_req(req)?;
+        self.check_sender(&certs, req.vote.leader_id().voted_for())?;
         reply(self.node.vote(group, req).await?)
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let (group, req) = decode_req(req)?;
+        let certs = req.peer_certs();
+        let (group, req): (_, openraft::raft::InstallSnapshotRequest<TypeConfig>) = decode_req(req)?;
+        self.check_sender(&certs, req.vote.leader_id().voted_for())?;
         reply(self.node.install_snapshot(group, req).await?)
     }
 
@@ -59,6 +86,7 @@ impl Raft for RaftService {
         &self,
         req: Request<StartElectionRequest>,
     ) -> Result<Response<StartElectionResponse>, Status> {
+        self.check_sender(&req.peer_certs(), Some(req.get_ref().leader_id))?;
         let req = req.into_inner();
         tracing::debug!(leader = req.leader_id, term = req.term, dry_run = req.dry_run, "StartElection");
         self.node.start_election(GroupId(req.group), req.term, req.last_log_index, req.dry_run).await?;
@@ -83,9 +111,21 @@ impl Raft for RaftService {
     }
 
     async fn join(&self, request: Request<AddNodeRequest>) -> Result<Response<MembershipResponse>, Status> {
+        // A node joins as itself only.
+        self.check_sender(&request.peer_certs(), Some(request.get_ref().node_id))?;
+        let who = crate::audit::Who {
+            token: Some(format!("node {} (peer port)", request.get_ref().node_id)),
+            remote: request.remote_addr(),
+        };
         let req = request.into_inner();
-        tracing::info!(node = req.node_id, addr = %req.addr, peer_addr = %req.peer_addr, "a node asks to join");
-        let log_index = self.node.add_node(req.node_id, req.addr, req.peer_addr, req.learner).await?;
+        let args = serde_json::json!({
+            "node_id": req.node_id, "addr": req.addr, "peer_addr": req.peer_addr, "learner": req.learner
+        });
+        let started = std::time::Instant::now();
+        let added =
+            self.node.add_node(req.node_id, req.addr, req.peer_addr, req.learner).await.map_err(Status::from);
+        self.audit.record(&who, "Raft/Join", args, added.as_ref().map(|_| ()), started.elapsed());
+        let log_index = added?;
         Ok(Response::new(MembershipResponse { log_index, members: super::admin::members_pb(&self.node) }))
     }
 

@@ -1,0 +1,91 @@
+//! TLS end to end: three nodes with certificates from `portrait certs init`
+//! (`portrait_client::certs`), TLS on the client ports and mutual TLS on
+//! the peer ports. Writes and linearizable reads work across shards; a
+//! plaintext client is refused; the peer port refuses callers without a
+//! node certificate, and a node certificate that names another node than
+//! the message claims.
+
+use portrait_client::portrait_proto::v1::raft_client::RaftClient;
+use portrait_client::portrait_proto::v1::{ClockRequest, StartElectionRequest};
+use portrait_client::{Consistency, PortraitClient};
+use portrait_cluster_tests::replicas::wait_placed;
+use portrait_cluster_tests::workload::order;
+use portrait_cluster_tests::Cluster;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+const SHARDS: u32 = 4;
+
+/// A raft client of `peer_url` presenting `identity` (`None`: no
+/// certificate), trusting the peer CA of `certs`.
+async fn peer_client(
+    certs: &std::path::Path,
+    peer_url: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<RaftClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let ca = Certificate::from_pem(std::fs::read(certs.join("peer-ca.pem")).unwrap());
+    let mut tls = ClientTlsConfig::new().ca_certificate(ca).domain_name("portrait-peer");
+    if let Some((cert, key)) = identity {
+        let read = |name: &str| std::fs::read(certs.join(name)).unwrap();
+        tls = tls.identity(Identity::from_pem(read(cert), read(key)));
+    }
+    let channel = Endpoint::from_shared(peer_url.to_string())?.tls_config(tls)?.connect().await?;
+    Ok(RaftClient::new(channel))
+}
+
+#[tokio::test]
+async fn a_tls_cluster_serves_clients_and_its_peer_ports_take_only_node_certificates() {
+    let cluster = Cluster::start_tls(3, SHARDS).await;
+    let placed = wait_placed(&cluster, &[1, 2, 3], SHARDS).await;
+    assert_eq!(placed.len(), SHARDS as usize);
+
+    // Clients over TLS: a write spanning shards, linearizable reads elsewhere.
+    let events: Vec<_> = (0..16).map(order).collect();
+    let written = cluster.client(2).await.write(events.clone()).await.expect("write over TLS");
+    assert_eq!(written.applied, 16, "{written:?}");
+    let reader = cluster.client(3).await;
+    for event in &events {
+        let profile = reader.get_profile(&event.user_id, &[], Consistency::Linearizable).await.unwrap();
+        assert!(profile.profile.unwrap().found, "{}", event.user_id);
+    }
+
+    // A plaintext client gets nowhere on a TLS client port.
+    let plain = format!("http://127.0.0.1:{}", cluster.node(1).port);
+    let refused = match PortraitClient::connect(&plain).await {
+        Ok(client) => client.cluster_status().await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a plaintext client was served on a TLS client port");
+
+    // The peer port: a node certificate is served...
+    let certs = cluster.certs();
+    let peer = cluster.node(1).peer_endpoint();
+    let node2 = Some(("node-2-peer.pem", "node-2-peer.key"));
+    let mut as_node2 = peer_client(certs, &peer, node2).await.expect("node 2 connects");
+    as_node2.clock(ClockRequest { from: 2 }).await.expect("node 2's certificate is served");
+    // ...but not for a message claiming to come from another node.
+    let claim =
+        |leader_id| StartElectionRequest { leader_id, term: 1, last_log_index: 0, dry_run: true, group: 0 };
+    let status = as_node2.start_election(claim(3)).await.expect_err("node 2 posing as node 3");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("does not name node 3"), "{status:?}");
+    let own = as_node2.start_election(claim(2)).await;
+    assert_ne!(
+        own.err().map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied),
+        "its own id is checked by raft"
+    );
+
+    // No certificate, or a client certificate (client CA): no peer service.
+    let client_cert = Some(("client.pem", "client.key"));
+    for (who, identity) in [("no certificate", None), ("a client certificate", client_cert)] {
+        let served = match peer_client(certs, &peer, identity).await {
+            Ok(mut raft) => raft.clock(ClockRequest { from: 9 }).await.is_ok(),
+            Err(_) => false,
+        };
+        assert!(!served, "the peer port served a caller with {who}");
+    }
+
+    // The client port does not take the peer port's role either.
+    let wrong_port = peer_client(certs, &cluster.node(1).endpoint(), node2).await;
+    assert!(wrong_port.is_err() || wrong_port.unwrap().clock(ClockRequest { from: 2 }).await.is_err());
+}

@@ -1,0 +1,150 @@
+//! The audit log: one structured line per administrative action — who (the
+//! token's name), what (the RPC and its arguments), when, from where, and
+//! the result (docs/security.md, "Audit log").
+//!
+//! Every entry goes to the node's log under the target `audit`; with
+//! `--audit-log PATH` it is also appended to that file as one JSON object
+//! per line, written before the answer is sent. A file that cannot be
+//! written is logged as an error and does not fail the action (the
+//! action's own line still reaches the node's log).
+//!
+//! Audited: every RPC that changes the cluster or reads it for an operator
+//! beyond the reader role — `Admin.ApplySchema` (dry runs too),
+//! `AddNode`, `RemoveNode`, `TransferLeader`, `ConfirmClock`,
+//! `SetClockOffset`, `SetPartition`, and a node's `Raft.Join`. Calls a
+//! token check refused are not audited here (they never reach a service;
+//! the node logs them at debug level).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+/// Who called, as the audit log names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Who {
+    /// The token's name; `None` on a node without a token file.
+    pub token: Option<String>,
+    /// The caller's address.
+    pub remote: Option<SocketAddr>,
+}
+
+/// Where audit entries go besides the node's log.
+pub struct AuditLog {
+    file: Option<(PathBuf, Mutex<std::fs::File>)>,
+    node: u64,
+}
+
+impl AuditLog {
+    /// Entries of node `node` go to the node's log only.
+    pub fn log_only(node: u64) -> AuditLog {
+        AuditLog { file: None, node }
+    }
+
+    /// Also appends to `path` (created if missing, mode 0600).
+    pub fn open(node: u64, path: &Path) -> anyhow::Result<AuditLog> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file =
+            std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(|e| {
+                anyhow::anyhow!("--audit-log {}: cannot open for appending: {e}", path.display())
+            })?;
+        Ok(AuditLog { file: Some((path.to_path_buf(), Mutex::new(file))), node })
+    }
+
+    /// Records one action: `rpc` with `args`, and its result (`Ok`, or
+    /// the status code and message).
+    pub fn record(
+        &self,
+        who: &Who,
+        rpc: &str,
+        args: Value,
+        result: Result<(), &tonic::Status>,
+        took: Duration,
+    ) {
+        let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let entry = entry(self.node, at_ms, who, rpc, args, result, took);
+        let line = entry.to_string();
+        tracing::info!(target: "audit", "{line}");
+        if let Some((path, file)) = &self.file {
+            let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Err(e) = file.write_all(format!("{line}\n").as_bytes()).and_then(|()| file.flush()) {
+                tracing::error!(file = %path.display(), error = %e, "cannot write the audit log");
+            }
+        }
+    }
+}
+
+/// One entry as JSON (keys in a fixed order: serde_json sorts them).
+fn entry(
+    node: u64,
+    at_ms: u64,
+    who: &Who,
+    rpc: &str,
+    args: Value,
+    result: Result<(), &tonic::Status>,
+    took: Duration,
+) -> Value {
+    let (ok, code, message) = match result {
+        Ok(()) => (true, "OK".to_string(), String::new()),
+        Err(status) => (false, format!("{:?}", status.code()), status.message().to_string()),
+    };
+    json!({
+        "at_ms": at_ms,
+        "node": node,
+        "caller": who.token.as_deref().unwrap_or("(no token file)"),
+        "remote": who.remote.map(|a| a.to_string()),
+        "rpc": rpc,
+        "args": args,
+        "ok": ok,
+        "code": code,
+        "message": message,
+        "took_ms": took.as_millis() as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_names_who_what_when_and_the_result() {
+        let who = Who { token: Some("ops".into()), remote: Some("10.0.0.9:5555".parse().unwrap()) };
+        let refused = tonic::Status::failed_precondition("node 1 holds the only replica of shard 0");
+        let e = entry(
+            1,
+            1_800_000_000_000,
+            &who,
+            "Admin/RemoveNode",
+            json!({"node_id": 1}),
+            Err(&refused),
+            Duration::from_millis(3),
+        );
+        assert_eq!(
+            e.to_string(),
+            r#"{"args":{"node_id":1},"at_ms":1800000000000,"caller":"ops","code":"FailedPrecondition","message":"node 1 holds the only replica of shard 0","node":1,"ok":false,"remote":"10.0.0.9:5555","rpc":"Admin/RemoveNode","took_ms":3}"#
+        );
+        let anonymous = Who { token: None, remote: None };
+        let e = entry(2, 5, &anonymous, "Admin/ConfirmClock", json!({}), Ok(()), Duration::ZERO);
+        assert_eq!(e["caller"], "(no token file)");
+        assert_eq!((e["ok"].as_bool(), e["code"].as_str()), (Some(true), Some("OK")));
+    }
+
+    #[test]
+    fn the_file_gets_one_line_per_action() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(3, &path).unwrap();
+        let who = Who { token: Some("ops".into()), remote: None };
+        log.record(&who, "Admin/AddNode", json!({"node_id": 4}), Ok(()), Duration::ZERO);
+        log.record(&who, "Admin/RemoveNode", json!({"node_id": 4}), Ok(()), Duration::ZERO);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!((lines[0]["rpc"].as_str(), lines[1]["node"].as_u64()), (Some("Admin/AddNode"), Some(3)));
+        let err = AuditLog::open(3, &dir.path().join("no/such/dir/a.log")).err().unwrap().to_string();
+        assert!(err.starts_with("--audit-log ") && err.contains("cannot open for appending"), "{err}");
+    }
+}

@@ -1,0 +1,234 @@
+//! TLS for the two ports (docs/security.md, "TLS").
+//!
+//! - **Client port**: the node's certificate and key (`--tls-cert`,
+//!   `--tls-key`); with `--tls-client-ca`, clients must also present a
+//!   certificate from that CA (tokens still decide what they may call).
+//! - **Peer port**: mutual TLS with the cluster's peer CA (`--peer-ca`,
+//!   `--peer-cert`, `--peer-key`), which must differ from the client CA.
+//!   The node serves with its node certificate and requires one from the
+//!   peer CA of every caller; it calls other nodes with the same
+//!   certificate and accepts only a peer CA certificate back, for the name
+//!   [`PEER_NAME`]. Each node certificate also names its node
+//!   ([`node_name`]); a raft message claiming to come from node N is
+//!   accepted only over a connection whose certificate names node N
+//!   ([`check_sender`]).
+//!
+//! Every file is read and checked at start: unreadable, not PEM, or a key
+//! that does not match its certificate stops the start with one line naming
+//! the flag and the file. Certificates are not re-read while running:
+//! rotation is a rolling restart (docs/security.md, "Rotating certificates").
+
+use std::path::{Path, PathBuf};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+use crate::types::NodeId;
+
+/// The DNS name every node certificate carries; peers verify each other's
+/// server certificate against it.
+pub const PEER_NAME: &str = "portrait-peer";
+
+/// The DNS name that identifies node `id` in its node certificate.
+pub fn node_name(id: NodeId) -> String {
+    format!("portrait-node-{id}")
+}
+
+/// The TLS files a node was given (all optional; see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    pub peer_ca: Option<PathBuf>,
+    pub peer_cert: Option<PathBuf>,
+    pub peer_key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Whether the client port serves TLS.
+    pub fn client_tls(&self) -> bool {
+        self.cert.is_some()
+    }
+
+    /// Whether the peer port uses mutual TLS.
+    pub fn peer_tls(&self) -> bool {
+        self.peer_cert.is_some()
+    }
+
+    /// Flags given without the ones they need.
+    pub fn check_complete(&self) -> anyhow::Result<()> {
+        let given = |p: &Option<PathBuf>| p.is_some();
+        if given(&self.cert) != given(&self.key) {
+            anyhow::bail!("--tls-cert and --tls-key go together: give both or neither");
+        }
+        if given(&self.client_ca) && !given(&self.cert) {
+            anyhow::bail!("--tls-client-ca needs --tls-cert and --tls-key (client certificates need TLS)");
+        }
+        let peer = [&self.peer_ca, &self.peer_cert, &self.peer_key];
+        if peer.iter().any(|p| given(p)) && !peer.iter().all(|p| given(p)) {
+            anyhow::bail!("--peer-ca, --peer-cert and --peer-key go together: give all three or none");
+        }
+        Ok(())
+    }
+}
+
+/// What the servers and the node's peer connections use, loaded and
+/// checked.
+#[derive(Clone, Default)]
+pub struct Tls {
+    /// The client port's server config (`None`: plaintext).
+    pub client: Option<ServerTlsConfig>,
+    /// The peer port's configs (`None`: plaintext).
+    pub peer: Option<PeerTls>,
+}
+
+/// Mutual TLS between nodes.
+#[derive(Clone)]
+pub struct PeerTls {
+    /// Serving the peer port: the node certificate, callers need one.
+    pub server: ServerTlsConfig,
+    /// Calling another node's peer port.
+    pub client: ClientTlsConfig,
+}
+
+impl Tls {
+    /// Reads and checks every file given.
+    pub fn load(files: &TlsFiles) -> anyhow::Result<Tls> {
+        files.check_complete()?;
+        let mut tls = Tls::default();
+        if let (Some(cert), Some(key)) = (&files.cert, &files.key) {
+            let mut server =
+                ServerTlsConfig::new().identity(identity(("--tls-cert", cert), ("--tls-key", key))?);
+            if let Some(ca) = &files.client_ca {
+                server = server.client_ca_root(ca_cert("--tls-client-ca", ca)?.0);
+            }
+            tls.client = Some(server);
+        }
+        if let (Some(ca), Some(cert), Some(key)) = (&files.peer_ca, &files.peer_cert, &files.peer_key) {
+            let (ca_pem, ca_der) = ca_cert("--peer-ca", ca)?;
+            if let Some(client_ca) = &files.client_ca {
+                if ca_cert("--tls-client-ca", client_ca)?.1 == ca_der {
+                    anyhow::bail!(
+                        "--peer-ca {}: the same CA as --tls-client-ca {}; the peer CA must be its own, so a \
+                         client certificate can never reach the peer port",
+                        ca.display(),
+                        client_ca.display()
+                    );
+                }
+            }
+            let identity = identity(("--peer-cert", cert), ("--peer-key", key))?;
+            let server = ServerTlsConfig::new().identity(identity.clone()).client_ca_root(ca_pem.clone());
+            let client =
+                ClientTlsConfig::new().ca_certificate(ca_pem).identity(identity).domain_name(PEER_NAME);
+            tls.peer = Some(PeerTls { server, client });
+        }
+        Ok(tls)
+    }
+}
+
+fn read(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("{flag} {}: cannot read: {e}", path.display()))
+}
+
+fn certificates(flag: &str, path: &Path, pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{flag} {}: not a PEM certificate: {e}", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{flag} {}: no PEM certificate in the file", path.display());
+    }
+    Ok(certs)
+}
+
+/// A certificate and its key, checked to belong together.
+fn identity((cert_flag, cert): (&str, &Path), (key_flag, key): (&str, &Path)) -> anyhow::Result<Identity> {
+    let cert_pem = read(cert_flag, cert)?;
+    let key_pem = read(key_flag, key)?;
+    let chain = certificates(cert_flag, cert, &cert_pem)?;
+    let private = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| anyhow::anyhow!("{key_flag} {}: not a PEM private key: {e}", key.display()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain, private, &provider).map_err(|e| {
+        anyhow::anyhow!("{key_flag} {}: not the key of {cert_flag} {} ({e})", key.display(), cert.display())
+    })?;
+    Ok(Identity::from_pem(cert_pem, key_pem))
+}
+
+/// A CA certificate file, as tonic takes it and as its first DER.
+fn ca_cert(flag: &str, path: &Path) -> anyhow::Result<(Certificate, CertificateDer<'static>)> {
+    let pem = read(flag, path)?;
+    let first = certificates(flag, path, &pem)?.swap_remove(0);
+    Ok((Certificate::from_pem(pem), first))
+}
+
+/// With peer TLS on: whether the caller's certificate (the first of
+/// `certs`, which the handshake already checked against the peer CA) names
+/// node `claimed`. `Err` says why not, for PERMISSION_DENIED.
+pub fn check_sender(certs: Option<&[CertificateDer<'static>]>, claimed: NodeId) -> Result<(), String> {
+    let Some(first) = certs.and_then(|c| c.first()) else {
+        return Err("no peer certificate".into());
+    };
+    let cert =
+        webpki::EndEntityCert::try_from(first).map_err(|e| format!("unreadable peer certificate: {e:?}"))?;
+    let name = ServerName::try_from(node_name(claimed)).map_err(|e| e.to_string())?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|_| format!("the peer certificate does not name node {claimed} ({})", node_name(claimed)))
+}
+
+/// The TLS this process calls other nodes' peer ports with, set once at
+/// start by `portraitd` (a process is one node; nodes built in tests
+/// without it call in plaintext).
+static PEER_CLIENT: std::sync::OnceLock<ClientTlsConfig> = std::sync::OnceLock::new();
+
+/// Makes every later [`peer_endpoint`] use `config`. Only the first call
+/// counts.
+pub fn set_peer_client(config: ClientTlsConfig) {
+    let _ = PEER_CLIENT.set(config);
+}
+
+/// An endpoint for another node's peer port at `addr`: with mutual TLS
+/// when the process has it ([`set_peer_client`]), `http://` then read as
+/// `https://`.
+pub fn peer_endpoint(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    let tls = PEER_CLIENT.get();
+    let endpoint = tonic::transport::Endpoint::from_shared(scheme(addr, tls.is_some()))?;
+    match tls {
+        Some(config) => endpoint.tls_config(config.clone()),
+        None => Ok(endpoint),
+    }
+}
+
+/// `http://` → `https://` when `tls` (a peer or client address given as
+/// `http://` would otherwise connect in plaintext and fail).
+pub fn scheme(addr: &str, tls: bool) -> String {
+    match (tls, addr.strip_prefix("http://")) {
+        (true, Some(rest)) => format!("https://{rest}"),
+        _ => addr.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incomplete_flags_are_named() {
+        let path = || Some(PathBuf::from("x.pem"));
+        let only_cert = TlsFiles { cert: path(), ..TlsFiles::default() };
+        assert!(only_cert.check_complete().unwrap_err().to_string().contains("--tls-cert and --tls-key"));
+        let ca_alone = TlsFiles { client_ca: path(), ..TlsFiles::default() };
+        assert!(ca_alone.check_complete().unwrap_err().to_string().contains("--tls-client-ca needs"));
+        let two_of_three = TlsFiles { peer_ca: path(), peer_cert: path(), ..TlsFiles::default() };
+        assert!(two_of_three.check_complete().unwrap_err().to_string().contains("all three"));
+        assert!(TlsFiles::default().check_complete().is_ok());
+    }
+
+    #[test]
+    fn an_http_address_becomes_https_under_tls() {
+        assert_eq!(scheme("http://n1:8700", true), "https://n1:8700");
+        assert_eq!(scheme("http://n1:8700", false), "http://n1:8700");
+        assert_eq!(scheme("https://n1:8700", true), "https://n1:8700");
+    }
+}

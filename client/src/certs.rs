@@ -114,6 +114,10 @@ fn write(path: &Path, contents: &str, secret: bool) -> anyhow::Result<()> {
         .mode(mode)
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
+    // `mode` applies to new files only: set it on an overwritten one too.
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the permissions of {}", path.display()))?;
     file.write_all(contents.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
 }
 

@@ -28,13 +28,23 @@ pub const MAX_TOKEN_BYTES: usize = 512;
 /// How a client presents itself to the nodes: its bearer token (see
 /// docs/security.md). The default sends no token, which a node without a
 /// token file accepts.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct ConnectOptions {
     /// `Bearer <token>`, checked once here.
     authorization: Option<MetadataValue<Ascii>>,
     /// TLS (`None`: plaintext); with it, `http://` endpoints are reached
     /// over `https://`.
     tls: Option<ClientTlsConfig>,
+}
+
+/// Never shows the token.
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("token", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl ConnectOptions {
@@ -58,7 +68,9 @@ impl ConnectOptions {
         if !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(invalid("must be visible ASCII characters only"));
         }
-        let value = format!("Bearer {token}").parse().map_err(|_| invalid("not a valid header value"))?;
+        let mut value: MetadataValue<Ascii> =
+            format!("Bearer {token}").parse().map_err(|_| invalid("not a valid header value"))?;
+        value.set_sensitive(true);
         self.authorization = Some(value);
         Ok(self)
     }
@@ -257,6 +269,7 @@ mod tests {
     #[test]
     fn tokens_are_checked_once() {
         let options = ConnectOptions::new().token(" s3cret\n").unwrap();
+        assert!(!format!("{options:?}").contains("s3cret"), "{options:?}");
         assert_eq!(options.authorization.unwrap().to_str().unwrap(), "Bearer s3cret");
         let reason = |token: &str| ConnectOptions::new().token(token).unwrap_err().to_string();
         assert_eq!(reason(""), "invalid client settings: token: must not be empty");

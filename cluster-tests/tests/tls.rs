@@ -5,8 +5,11 @@
 //! node certificate, and a node certificate that names another node than
 //! the message claims.
 
+use portrait_client::portrait_proto::v1::admin_client::AdminClient;
 use portrait_client::portrait_proto::v1::raft_client::RaftClient;
-use portrait_client::portrait_proto::v1::{ClockRequest, StartElectionRequest};
+use portrait_client::portrait_proto::v1::{
+    AddNodeRequest, ClockRequest, RemoveNodeRequest, StartElectionRequest,
+};
 use portrait_client::{Consistency, PortraitClient};
 use portrait_cluster_tests::replicas::wait_placed;
 use portrait_cluster_tests::workload::order;
@@ -74,6 +77,14 @@ async fn a_tls_cluster_serves_clients_and_its_peer_ports_take_only_node_certific
         Some(tonic::Code::PermissionDenied),
         "its own id is checked by raft"
     );
+    let join = |node_id| AddNodeRequest {
+        node_id,
+        addr: "https://x:1".into(),
+        peer_addr: "https://x:2".into(),
+        learner: true,
+    };
+    let status = as_node2.join(join(7)).await.expect_err("node 2 joining as node 7");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 
     // No certificate, or a client certificate (client CA): no peer service.
     let client_cert = Some(("client.pem", "client.key"));
@@ -85,7 +96,31 @@ async fn a_tls_cluster_serves_clients_and_its_peer_ports_take_only_node_certific
         assert!(!served, "the peer port served a caller with {who}");
     }
 
-    // The client port does not take the peer port's role either.
-    let wrong_port = peer_client(certs, &cluster.node(1).endpoint(), node2).await;
-    assert!(wrong_port.is_err() || wrong_port.unwrap().clock(ClockRequest { from: 2 }).await.is_err());
+    // The client port, reached as a client reaches it, serves no raft.
+    let client_ca = || Certificate::from_pem(std::fs::read(certs.join("client-ca.pem")).unwrap());
+    let as_client = |id: u64| {
+        let tls = ClientTlsConfig::new().ca_certificate(client_ca());
+        Endpoint::from_shared(cluster.node(id).endpoint()).unwrap().tls_config(tls).unwrap()
+    };
+    let channel = as_client(1).connect().await.expect("the client port over TLS");
+    let status = RaftClient::new(channel).clock(ClockRequest { from: 2 }).await.expect_err("raft");
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+
+    // A redirect names the leader's client address, never its peer one.
+    let mut redirects = 0;
+    for id in [1, 2, 3] {
+        let mut admin = AdminClient::new(as_client(id).connect().await.unwrap());
+        // Node 99 does not exist: the meta leader says so, the others redirect.
+        let status = admin.remove_node(RemoveNodeRequest { node_id: 99 }).await.expect_err("no node 99");
+        if status.code() != tonic::Code::Unavailable {
+            assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+            continue;
+        }
+        let meta = status.metadata();
+        let leader: u64 = meta.get("x-portrait-leader-id").unwrap().to_str().unwrap().parse().unwrap();
+        let hint = meta.get("x-portrait-leader").expect("a leader hint").to_str().unwrap();
+        assert_eq!(hint, cluster.node(leader).endpoint(), "node {id}'s redirect");
+        redirects += 1;
+    }
+    assert_eq!(redirects, 2, "two of three nodes do not lead the meta group");
 }

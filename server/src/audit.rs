@@ -4,7 +4,8 @@
 //!
 //! Every entry goes to the node's log under the target `audit`; with
 //! `--audit-log PATH` it is also appended to that file as one JSON object
-//! per line, written before the answer is sent. A file that cannot be
+//! per line, written and synced before the answer is sent (a call that
+//! ends before its action finishes is recorded as `CANCELLED`). A file that cannot be
 //! written is logged as an error and does not fail the action (the
 //! action's own line still reaches the node's log).
 //!
@@ -70,12 +71,48 @@ impl AuditLog {
         tracing::info!(target: "audit", "{line}");
         if let Some((path, file)) = &self.file {
             let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if let Err(e) = file.write_all(format!("{line}\n").as_bytes()).and_then(|()| file.flush()) {
+            // Synced: admin actions are rare, and an entry must outlive a crash.
+            if let Err(e) = file.write_all(format!("{line}\n").as_bytes()).and_then(|()| file.sync_data()) {
                 tracing::error!(file = %path.display(), error = %e, "cannot write the audit log");
             }
         }
     }
 }
+
+/// An action under way: [`Pending::finish`] records its result; dropped
+/// before that (the caller hung up or its deadline passed, which cancels
+/// the handler), it records `CANCELLED` — the action may still have taken
+/// effect, and the entry says so.
+pub struct Pending<'a> {
+    log: &'a AuditLog,
+    who: Who,
+    rpc: &'a str,
+    args: Option<Value>,
+    started: std::time::Instant,
+}
+
+impl<'a> Pending<'a> {
+    pub fn new(log: &'a AuditLog, who: Who, rpc: &'a str, args: Value) -> Pending<'a> {
+        Pending { log, who, rpc, args: Some(args), started: std::time::Instant::now() }
+    }
+
+    pub fn finish(&mut self, result: Result<(), &tonic::Status>) {
+        if let Some(args) = self.args.take() {
+            self.log.record(&self.who, self.rpc, args, result, self.started.elapsed());
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let cancelled =
+            tonic::Status::cancelled("the call ended before the action finished; it may still take effect");
+        self.finish(Err(&cancelled));
+    }
+}
+
+/// Longest status message kept in an entry (bytes).
+const MAX_MESSAGE_BYTES: usize = 512;
 
 /// One entry as JSON (keys in a fixed order: serde_json sorts them).
 fn entry(
@@ -89,7 +126,18 @@ fn entry(
 ) -> Value {
     let (ok, code, message) = match result {
         Ok(()) => (true, "OK".to_string(), String::new()),
-        Err(status) => (false, format!("{:?}", status.code()), status.message().to_string()),
+        Err(status) => {
+            let mut message = status.message().to_string();
+            if message.len() > MAX_MESSAGE_BYTES {
+                let mut end = MAX_MESSAGE_BYTES;
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                message.truncate(end);
+                message.push('…');
+            }
+            (false, format!("{:?}", status.code()), message)
+        }
     };
     json!({
         "at_ms": at_ms,
@@ -130,6 +178,33 @@ mod tests {
         let e = entry(2, 5, &anonymous, "Admin/ConfirmClock", json!({}), Ok(()), Duration::ZERO);
         assert_eq!(e["caller"], "(no token file)");
         assert_eq!((e["ok"].as_bool(), e["code"].as_str()), (Some(true), Some("OK")));
+    }
+
+    #[test]
+    fn an_action_dropped_midway_is_recorded_as_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(1, &path).unwrap();
+        let who = Who { token: Some("ops".into()), remote: None };
+        let mut done = Pending::new(&log, who.clone(), "Admin/AddNode", json!({"node_id": 4}));
+        done.finish(Ok(()));
+        drop(done);
+        drop(Pending::new(&log, who, "Admin/RemoveNode", json!({"node_id": 4})));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!((lines[0]["code"].as_str(), lines[1]["code"].as_str()), (Some("OK"), Some("Cancelled")));
+        let long = tonic::Status::invalid_argument("x".repeat(10_000));
+        let e = entry(
+            1,
+            0,
+            &Who { token: None, remote: None },
+            "Admin/ApplySchema",
+            json!({}),
+            Err(&long),
+            Duration::ZERO,
+        );
+        assert_eq!(e["message"].as_str().unwrap().len(), MAX_MESSAGE_BYTES + '…'.len_utf8());
     }
 
     #[test]

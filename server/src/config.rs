@@ -239,6 +239,14 @@ impl Config {
         if tls.client_tls() && advertise.starts_with("http://") {
             anyhow::bail!("--advertise {advertise}: the client port serves TLS; use https://");
         }
+        if !tls.peer_tls() && peer_advertise.starts_with("https://") {
+            anyhow::bail!("--peer-advertise {peer_advertise}: the peer port serves plaintext (no --peer-cert); use http://");
+        }
+        if !tls.client_tls() && advertise.starts_with("https://") {
+            anyhow::bail!(
+                "--advertise {advertise}: the client port serves plaintext (no --tls-cert); use http://"
+            );
+        }
         #[cfg(not(feature = "fault-injection"))]
         if cli.fault_injection {
             anyhow::bail!("--fault-injection: {}", crate::raft::fault::NO_FAULT_INJECTION);
@@ -430,6 +438,11 @@ mod tests {
         let err =
             parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--advertise", "http://n:1"]).unwrap_err();
         assert!(err.to_string().contains("use https://"), "{err}");
+        let err = parse(&["--advertise", "https://n:1"]).unwrap_err();
+        assert!(
+            err.to_string().contains("the client port serves plaintext (no --tls-cert); use http://"),
+            "{err}"
+        );
         let err = parse(&["--tls-cert", "c.pem"]).unwrap_err();
         assert!(err.to_string().contains("--tls-cert and --tls-key go together"), "{err}");
     }

@@ -44,7 +44,7 @@ async fn run() -> anyhow::Result<()> {
             Gate::open()
         }
     };
-    let tls = crate::tls::Tls::load(&config.tls)?;
+    let tls = crate::tls::Tls::load(&config.tls, config.node.node_id)?;
     let audit = match &config.audit_log {
         Some(path) => crate::audit::AuditLog::open(config.node.node_id, path)?,
         None => crate::audit::AuditLog::log_only(config.node.node_id),

@@ -26,6 +26,10 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::types::NodeId;
 
+/// How long a TLS handshake may take before the connection is dropped
+/// (idle connections to a public port must not pile up).
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The DNS name every node certificate carries; peers verify each other's
 /// server certificate against it.
 pub const PEER_NAME: &str = "portrait-peer";
@@ -94,13 +98,15 @@ pub struct PeerTls {
 }
 
 impl Tls {
-    /// Reads and checks every file given.
-    pub fn load(files: &TlsFiles) -> anyhow::Result<Tls> {
+    /// Reads and checks every file given; node `node`'s peer certificate
+    /// must name it and [`PEER_NAME`] (else its peers would refuse it).
+    pub fn load(files: &TlsFiles, node: NodeId) -> anyhow::Result<Tls> {
         files.check_complete()?;
         let mut tls = Tls::default();
         if let (Some(cert), Some(key)) = (&files.cert, &files.key) {
-            let mut server =
-                ServerTlsConfig::new().identity(identity(("--tls-cert", cert), ("--tls-key", key))?);
+            let mut server = ServerTlsConfig::new()
+                .identity(identity(("--tls-cert", cert), ("--tls-key", key))?)
+                .timeout(HANDSHAKE_TIMEOUT);
             if let Some(ca) = &files.client_ca {
                 server = server.client_ca_root(ca_cert("--tls-client-ca", ca)?.0);
             }
@@ -119,7 +125,26 @@ impl Tls {
                 }
             }
             let identity = identity(("--peer-cert", cert), ("--peer-key", key))?;
-            let server = ServerTlsConfig::new().identity(identity.clone()).client_ca_root(ca_pem.clone());
+            let chain = certificates("--peer-cert", cert, &read("--peer-cert", cert)?)?;
+            let end = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| {
+                anyhow::anyhow!("--peer-cert {}: unreadable certificate: {e:?}", cert.display())
+            })?;
+            for (name, who) in
+                [(node_name(node), format!("node {node}")), (PEER_NAME.to_string(), "every node".into())]
+            {
+                let server_name = ServerName::try_from(name.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+                if end.verify_is_valid_for_subject_name(&server_name).is_err() {
+                    anyhow::bail!(
+                        "--peer-cert {}: does not name {name}, which {who}'s peer certificate must (portrait \
+                         certs init makes node-<id>-peer.pem for each node)",
+                        cert.display()
+                    );
+                }
+            }
+            let server = ServerTlsConfig::new()
+                .identity(identity.clone())
+                .client_ca_root(ca_pem.clone())
+                .timeout(HANDSHAKE_TIMEOUT);
             let client =
                 ClientTlsConfig::new().ca_certificate(ca_pem).identity(identity).domain_name(PEER_NAME);
             tls.peer = Some(PeerTls { server, client });

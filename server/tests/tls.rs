@@ -1,6 +1,7 @@
 //! TLS settings a node refuses to start with, each with one line naming
 //! the flag and the file: an unreadable certificate, a key that is not the
-//! certificate's, a peer CA that is also the client CA, and plaintext on a
+//! certificate's, a peer certificate of another node, a peer CA that is
+//! also the client CA, and plaintext on a
 //! non-loopback address without `--insecure`. Certificates come from
 //! `portrait certs init` (`portrait_client::certs`). TLS serving itself is
 //! tested end to end in `cluster-tests/tests/tls.rs`.
@@ -72,6 +73,25 @@ fn bad_tls_settings_stop_the_start_naming_the_flag_and_file() {
     ];
     let line = refusal(dir.path(), &same_ca);
     assert!(line.contains("the peer CA must be its own"), "{line}");
+
+    // The helper starts node 1: node 2's peer certificate would get each
+    // of its raft messages refused by its peers.
+    let peer = |cert: &str, key: &str| {
+        [
+            "--peer-ca".to_string(),
+            file("peer-ca.pem"),
+            "--peer-cert".into(),
+            file(cert),
+            "--peer-key".into(),
+            file(key),
+        ]
+    };
+    let args = peer("node-2-peer.pem", "node-2-peer.key");
+    let line = refusal(dir.path(), &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        line.contains(&format!("--peer-cert {}: does not name portrait-node-1", file("node-2-peer.pem"))),
+        "{line}"
+    );
 
     let line =
         refusal(dir.path(), &["--peer-ca", &file("peer-ca.pem"), "--peer-cert", &file("node-1-peer.pem")]);

@@ -161,7 +161,20 @@ impl Node {
         }
         self.lead_meta()?;
         let map = self.cluster().map.clone().ok_or_else(not_created)?;
-        if !map.nodes.contains_key(&id) {
+        // Raft keeps a member's address once added: an address change
+        // would leave the groups dialing the old one.
+        let member = self.meta.raft.metrics().borrow().membership_config.membership().get_node(&id).cloned();
+        let known = map.nodes.get(&id).map(|n| (n.addr.clone(), n.peer_addr.clone()));
+        let moved = known.as_ref().is_some_and(|(a, p)| (a, p) != (&addr, &peer_addr))
+            || member.as_ref().is_some_and(|m| m.addr != peer_addr);
+        if moved {
+            let (a, p) = known.unwrap_or_else(|| (String::new(), member.map(|m| m.addr).unwrap_or_default()));
+            return Err(Error::FailedPrecondition(format!(
+                "node_id: node {id} is in the cluster at {a} (peer {p}); to move it, remove it and add it again \
+                 with a new id, or restart it on the old addresses"
+            )));
+        }
+        if known.is_none() {
             self.check_shards_of(id, &peer_addr).await?;
         }
         let voters = self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().count();

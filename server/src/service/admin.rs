@@ -39,9 +39,9 @@ impl AdminService {
         args: serde_json::Value,
         call: impl std::future::Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
-        let started = std::time::Instant::now();
+        let mut pending = crate::audit::Pending::new(&self.audit, who, rpc, args);
         let result = call.await;
-        self.audit.record(&who, rpc, args, result.as_ref().map(|_| ()), started.elapsed());
+        pending.finish(result.as_ref().map(|_| ()));
         result
     }
 

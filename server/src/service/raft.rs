@@ -121,10 +121,10 @@ impl Raft for RaftService {
         let args = serde_json::json!({
             "node_id": req.node_id, "addr": req.addr, "peer_addr": req.peer_addr, "learner": req.learner
         });
-        let started = std::time::Instant::now();
+        let mut pending = crate::audit::Pending::new(&self.audit, who, "Raft/Join", args);
         let added =
             self.node.add_node(req.node_id, req.addr, req.peer_addr, req.learner).await.map_err(Status::from);
-        self.audit.record(&who, "Raft/Join", args, added.as_ref().map(|_| ()), started.elapsed());
+        pending.finish(added.as_ref().map(|_| ()));
         let log_index = added?;
         Ok(Response::new(MembershipResponse { log_index, members: super::admin::members_pb(&self.node) }))
     }

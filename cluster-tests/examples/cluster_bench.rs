@@ -8,7 +8,9 @@
 //! CPU time of the three nodes per event written (`/proc`: on a shared,
 //! busy machine it varies less than the wall time); and each S = 16
 //! layout's figures as a ratio of S = 1's (same run: the machine is
-//! shared, only those compare). Part of `make bench`.
+//! shared, only those compare). The last layout repeats the spread one
+//! with TLS on both ports (mutual TLS between the nodes, certificates from
+//! `portrait certs init`), for the cost of encryption. Part of `make bench`.
 //!
 //! Writes go through the Rust client: a whole request to the leader of the
 //! shard most of its events belong to, which proposes that part and
@@ -38,20 +40,24 @@ struct Layout {
     shards: u32,
     /// Shard `s` led by node `s % 3 + 1` (else node 1 leads every shard).
     spread: bool,
+    /// TLS on the client ports, mutual TLS on the peer ports.
+    tls: bool,
 }
 
-const LAYOUTS: [Layout; 3] = [
-    Layout { shards: 1, spread: false },
-    Layout { shards: 16, spread: false },
-    Layout { shards: 16, spread: true },
+const LAYOUTS: [Layout; 4] = [
+    Layout { shards: 1, spread: false, tls: false },
+    Layout { shards: 16, spread: false, tls: false },
+    Layout { shards: 16, spread: true, tls: false },
+    Layout { shards: 16, spread: true, tls: true },
 ];
 
 impl Layout {
     fn leaders(&self) -> &'static str {
-        match (self.shards, self.spread) {
-            (1, _) => "node 1",
-            (_, false) => "all node 1",
-            (_, true) => "spread",
+        match (self.shards, self.spread, self.tls) {
+            (1, _, _) => "node 1",
+            (_, false, _) => "all node 1",
+            (_, true, false) => "spread",
+            (_, true, true) => "spread+TLS",
         }
     }
 }
@@ -308,7 +314,10 @@ struct Outcome {
 
 /// Runs every scenario on a new cluster of `layout`, printing the rows.
 async fn run_layout(layout: Layout) -> Outcome {
-    let cluster = Cluster::start_sharded(NODES, layout.shards).await;
+    let cluster = match layout.tls {
+        true => Cluster::start_tls(NODES, layout.shards).await,
+        false => Cluster::start_sharded(NODES, layout.shards).await,
+    };
     settle(&cluster, layout.shards, None).await;
     if layout.spread {
         let want = spread_leaders(&cluster, layout.shards).await;

@@ -250,6 +250,47 @@ mod tests {
         assert!(TlsFiles::default().check_complete().is_ok());
     }
 
+    /// The check every raft message, StartElection and Join passes with
+    /// mutual TLS on, on certificates from `portrait certs init`.
+    #[test]
+    fn a_sender_is_the_node_its_certificate_names() {
+        let dir = tempfile::tempdir().unwrap();
+        portrait_client::certs::init(dir.path(), 3, &["127.0.0.1".to_string()], false).unwrap();
+        let der = |name: &str| {
+            let pem = std::fs::read(dir.path().join(name)).unwrap();
+            CertificateDer::pem_slice_iter(&pem).next().unwrap().unwrap()
+        };
+        let node2 = [der("node-2-peer.pem")];
+        assert_eq!(check_sender(Some(&node2), 2), Ok(()));
+        assert_eq!(
+            check_sender(Some(&node2), 3),
+            Err("the peer certificate does not name node 3 (portrait-node-3)".into())
+        );
+        assert_eq!(check_sender(None, 2), Err("no peer certificate".into()));
+        assert_eq!(check_sender(Some(&[]), 2), Err("no peer certificate".into()));
+        // A client-port certificate names hosts, not nodes.
+        assert!(check_sender(Some(&[der("node-2.pem")]), 2).is_err());
+    }
+
+    #[test]
+    fn a_peer_certificate_must_name_its_node() {
+        let dir = tempfile::tempdir().unwrap();
+        portrait_client::certs::init(dir.path(), 2, &["127.0.0.1".to_string()], false).unwrap();
+        let path = |name: &str| Some(dir.path().join(name));
+        let files = |cert: &str, key: &str| TlsFiles {
+            peer_ca: path("peer-ca.pem"),
+            peer_cert: path(cert),
+            peer_key: path(key),
+            ..TlsFiles::default()
+        };
+        assert!(Tls::load(&files("node-2-peer.pem", "node-2-peer.key"), 2).unwrap().peer.is_some());
+        let err = Tls::load(&files("node-2-peer.pem", "node-2-peer.key"), 1).err().unwrap().to_string();
+        assert!(err.contains("does not name portrait-node-1"), "{err}");
+        // A client-port certificate carries neither node names nor portrait-peer.
+        let err = Tls::load(&files("node-1.pem", "node-1.key"), 1).err().unwrap().to_string();
+        assert!(err.contains("does not name portrait-node-1"), "{err}");
+    }
+
     #[test]
     fn an_http_address_becomes_https_under_tls() {
         assert_eq!(scheme("http://n1:8700", true), "https://n1:8700");

@@ -103,19 +103,19 @@ impl Tls {
     pub fn load(files: &TlsFiles, node: NodeId) -> anyhow::Result<Tls> {
         files.check_complete()?;
         let mut tls = Tls::default();
+        let client_ca = files.client_ca.as_ref().map(|ca| ca_cert("--tls-client-ca", ca)).transpose()?;
         if let (Some(cert), Some(key)) = (&files.cert, &files.key) {
-            let mut server = ServerTlsConfig::new()
-                .identity(identity(("--tls-cert", cert), ("--tls-key", key))?)
-                .timeout(HANDSHAKE_TIMEOUT);
-            if let Some(ca) = &files.client_ca {
-                server = server.client_ca_root(ca_cert("--tls-client-ca", ca)?.0);
+            let (identity, _) = identity(("--tls-cert", cert), ("--tls-key", key))?;
+            let mut server = ServerTlsConfig::new().identity(identity).timeout(HANDSHAKE_TIMEOUT);
+            if let Some((ca_pem, _)) = &client_ca {
+                server = server.client_ca_root(ca_pem.clone());
             }
             tls.client = Some(server);
         }
         if let (Some(ca), Some(cert), Some(key)) = (&files.peer_ca, &files.peer_cert, &files.peer_key) {
             let (ca_pem, ca_der) = ca_cert("--peer-ca", ca)?;
-            if let Some(client_ca) = &files.client_ca {
-                if ca_cert("--tls-client-ca", client_ca)?.1 == ca_der {
+            if let (Some(client_ca), Some((_, client_der))) = (&files.client_ca, &client_ca) {
+                if *client_der == ca_der {
                     anyhow::bail!(
                         "--peer-ca {}: the same CA as --tls-client-ca {}; the peer CA must be its own, so a \
                          client certificate can never reach the peer port",
@@ -124,16 +124,11 @@ impl Tls {
                     );
                 }
             }
-            let identity = identity(("--peer-cert", cert), ("--peer-key", key))?;
-            let chain = certificates("--peer-cert", cert, &read("--peer-cert", cert)?)?;
-            let end = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| {
-                anyhow::anyhow!("--peer-cert {}: unreadable certificate: {e:?}", cert.display())
-            })?;
+            let (identity, leaf) = identity(("--peer-cert", cert), ("--peer-key", key))?;
             for (name, who) in
                 [(node_name(node), format!("node {node}")), (PEER_NAME.to_string(), "every node".into())]
             {
-                let server_name = ServerName::try_from(name.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
-                if end.verify_is_valid_for_subject_name(&server_name).is_err() {
+                if !names(&leaf, &name) {
                     anyhow::bail!(
                         "--peer-cert {}: does not name {name}, which {who}'s peer certificate must (portrait \
                          certs init makes node-<id>-peer.pem for each node)",
@@ -167,18 +162,23 @@ fn certificates(flag: &str, path: &Path, pem: &[u8]) -> anyhow::Result<Vec<Certi
     Ok(certs)
 }
 
-/// A certificate and its key, checked to belong together.
-fn identity((cert_flag, cert): (&str, &Path), (key_flag, key): (&str, &Path)) -> anyhow::Result<Identity> {
+/// A certificate and its key, checked to belong together, with the leaf
+/// certificate.
+fn identity(
+    (cert_flag, cert): (&str, &Path),
+    (key_flag, key): (&str, &Path),
+) -> anyhow::Result<(Identity, CertificateDer<'static>)> {
     let cert_pem = read(cert_flag, cert)?;
     let key_pem = read(key_flag, key)?;
     let chain = certificates(cert_flag, cert, &cert_pem)?;
+    let leaf = chain[0].clone();
     let private = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| anyhow::anyhow!("{key_flag} {}: not a PEM private key: {e}", key.display()))?;
     let provider = rustls::crypto::ring::default_provider();
     rustls::sign::CertifiedKey::from_der(chain, private, &provider).map_err(|e| {
         anyhow::anyhow!("{key_flag} {}: not the key of {cert_flag} {} ({e})", key.display(), cert.display())
     })?;
-    Ok(Identity::from_pem(cert_pem, key_pem))
+    Ok((Identity::from_pem(cert_pem, key_pem), leaf))
 }
 
 /// A CA certificate file, as tonic takes it and as its first DER.
@@ -195,11 +195,18 @@ pub fn check_sender(certs: Option<&[CertificateDer<'static>]>, claimed: NodeId) 
     let Some(first) = certs.and_then(|c| c.first()) else {
         return Err("no peer certificate".into());
     };
-    let cert =
-        webpki::EndEntityCert::try_from(first).map_err(|e| format!("unreadable peer certificate: {e:?}"))?;
-    let name = ServerName::try_from(node_name(claimed)).map_err(|e| e.to_string())?;
-    cert.verify_is_valid_for_subject_name(&name)
-        .map_err(|_| format!("the peer certificate does not name node {claimed} ({})", node_name(claimed)))
+    match names(first, &node_name(claimed)) {
+        true => Ok(()),
+        false => Err(format!("the peer certificate does not name node {claimed} ({})", node_name(claimed))),
+    }
+}
+
+/// Whether `cert` is valid for the DNS name `name` (in its subject
+/// alternative names); an unreadable certificate names nothing.
+fn names(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(cert) else { return false };
+    let Ok(name) = ServerName::try_from(name.to_string()) else { return false };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
 /// The TLS this process calls other nodes' peer ports with, set once at

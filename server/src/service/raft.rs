@@ -31,6 +31,12 @@ impl RaftService {
         RaftService { node, mutual_tls, audit }
     }
 
+    /// The caller's certificates, looked up only with mutual TLS on (the
+    /// raft messages' hot path skips it otherwise).
+    fn peer_certs<T>(&self, req: &Request<T>) -> PeerCerts {
+        self.mutual_tls.then(|| req.peer_certs()).flatten()
+    }
+
     /// PERMISSION_DENIED unless the caller's certificate names `claimed`
     /// (with mutual TLS on; without it nothing can be checked).
     fn check_sender(&self, certs: &PeerCerts, claimed: Option<NodeId>) -> Result<(), Status> {
@@ -62,21 +68,21 @@ fn reply<T: serde::Serialize>(result: T) -> Result<Response<RaftPayload>, Status
 #[tonic::async_trait]
 impl Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let certs = req.peer_certs();
+        let certs = self.peer_certs(&req);
         let (group, req): (_, openraft::raft::AppendEntriesRequest<TypeConfig>) = decode_req(req)?;
         self.check_sender(&certs, req.vote.leader_id().voted_for())?;
         reply(self.node.append_entries(group, req).await?)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let certs = req.peer_certs();
+        let certs = self.peer_certs(&req);
         let (group, req): (_, openraft::raft::VoteRequest<NodeId>) = decode_req(req)?;
         self.check_sender(&certs, req.vote.leader_id().voted_for())?;
         reply(self.node.vote(group, req).await?)
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let certs = req.peer_certs();
+        let certs = self.peer_certs(&req);
         let (group, req): (_, openraft::raft::InstallSnapshotRequest<TypeConfig>) = decode_req(req)?;
         self.check_sender(&certs, req.vote.leader_id().voted_for())?;
         reply(self.node.install_snapshot(group, req).await?)
@@ -86,7 +92,7 @@ impl Raft for RaftService {
         &self,
         req: Request<StartElectionRequest>,
     ) -> Result<Response<StartElectionResponse>, Status> {
-        self.check_sender(&req.peer_certs(), Some(req.get_ref().leader_id))?;
+        self.check_sender(&self.peer_certs(&req), Some(req.get_ref().leader_id))?;
         let req = req.into_inner();
         tracing::debug!(leader = req.leader_id, term = req.term, dry_run = req.dry_run, "StartElection");
         self.node.start_election(GroupId(req.group), req.term, req.last_log_index, req.dry_run).await?;
@@ -112,7 +118,7 @@ impl Raft for RaftService {
 
     async fn join(&self, request: Request<AddNodeRequest>) -> Result<Response<MembershipResponse>, Status> {
         // A node joins as itself only.
-        self.check_sender(&request.peer_certs(), Some(request.get_ref().node_id))?;
+        self.check_sender(&self.peer_certs(&request), Some(request.get_ref().node_id))?;
         let who = crate::audit::Who {
             token: Some(format!("node {} (peer port)", request.get_ref().node_id)),
             remote: request.remote_addr(),

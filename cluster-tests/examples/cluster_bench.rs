@@ -99,8 +99,9 @@ impl Row {
             0 => ("-".to_string(), "-".to_string()),
             _ => (format!("{:.0}", self.events_per_sec()), format!("{:.0}", self.cpu_us_per_event())),
         };
+        let per_batch = self.counted.items as f64 / self.counted.batches.max(1) as f64;
         println!(
-            "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9.3} | {:>9.3} | {:>17} | {:>12} |",
+            "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9.3} | {:>9.3} | {:>17} | {:>12} | {:>11.1} |",
             layout.shards,
             layout.leaders(),
             self.scenario,
@@ -110,6 +111,7 @@ impl Row {
             p99,
             fsyncs.join(" / "),
             cpu,
+            per_batch,
         );
     }
 }
@@ -139,17 +141,23 @@ async fn statuses(cluster: &Cluster) -> Vec<ClusterStatusResponse> {
     all
 }
 
-/// Each node's raft-log fsyncs and CPU time, since it started.
+/// Each node's raft-log fsyncs and CPU time, since it started, and the
+/// AppendEntries batches all nodes sent and the items in them.
 struct Counters {
     fsyncs: Vec<u64>,
     cpu: Vec<Duration>,
+    batches: u64,
+    items: u64,
 }
 
 impl Counters {
     async fn read(cluster: &Cluster) -> Counters {
-        let fsyncs = statuses(cluster).await.iter().map(|s| s.log_fsyncs).collect();
+        let all = statuses(cluster).await;
+        let fsyncs = all.iter().map(|s| s.log_fsyncs).collect();
         let cpu = cluster.nodes.iter().map(|n| cpu_time(n.pid().expect("running"))).collect();
-        Counters { fsyncs, cpu }
+        let batches = all.iter().map(|s| s.raft_batches_sent).sum();
+        let items = all.iter().map(|s| s.raft_batch_items_sent).sum();
+        Counters { fsyncs, cpu, batches, items }
     }
 
     /// What each node counted since `before`.
@@ -158,6 +166,8 @@ impl Counters {
         Counters {
             fsyncs: now.fsyncs.iter().zip(&before.fsyncs).map(|(a, b)| a - b).collect(),
             cpu: now.cpu.iter().zip(&before.cpu).map(|(a, b)| a.saturating_sub(*b)).collect(),
+            batches: now.batches - before.batches,
+            items: now.items - before.items,
         }
     }
 }
@@ -351,7 +361,7 @@ async fn main() {
     println!("Writes: Rust client -> leader of the request's busiest shard, which forwards the other shards' parts");
     println!("CPU: utime + stime of the 3 nodes together, per event written");
     println!(
-        "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9} | {:>9} | {:>17} | {:>12} |",
+        "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9} | {:>9} | {:>17} | {:>12} | {:>11} |",
         "shards",
         "leaders",
         "scenario",
@@ -360,15 +370,27 @@ async fn main() {
         "p50 ms",
         "p99 ms",
         "fsyncs/s n1/n2/n3",
-        "CPU µs/event"
+        "CPU µs/event",
+        "items/batch"
     );
     println!(
-        "|{:-<8}|{:-<12}|{:-<36}|{:-<9}|{:-<12}|{:-<11}|{:-<11}|{:-<19}|{:-<14}|",
-        "", "", "", "", "", "", "", "", ""
+        "|{:-<8}|{:-<12}|{:-<36}|{:-<9}|{:-<12}|{:-<11}|{:-<11}|{:-<19}|{:-<14}|{:-<13}|",
+        "", "", "", "", "", "", "", "", "", ""
     );
+    // `BENCH_LAYOUTS=1,2` runs only those layouts (1-based; for profiling
+    // one of them); the ratios then compare against the first one run.
+    let only: Option<Vec<usize>> = std::env::var("BENCH_LAYOUTS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect());
     let mut results = Vec::new();
-    for layout in LAYOUTS {
+    for (i, layout) in LAYOUTS.into_iter().enumerate() {
+        if only.as_ref().is_some_and(|o| !o.contains(&(i + 1))) {
+            continue;
+        }
         results.push((layout, run_layout(layout).await));
+    }
+    if results.is_empty() {
+        return;
     }
     // Same-run ratios against the first layout (S = 1).
     let (_, base) = &results[0];

@@ -83,6 +83,7 @@ pub const RPCS: &[(&str, Access)] = &[
     ("/portrait.v1.Admin/ConfirmClock", ADMIN),
     ("/portrait.v1.Admin/SetClockOffset", ADMIN),
     ("/portrait.v1.Raft/AppendEntries", Peer),
+    ("/portrait.v1.Raft/AppendEntriesBatch", Peer),
     ("/portrait.v1.Raft/Vote", Peer),
     ("/portrait.v1.Raft/InstallSnapshot", Peer),
     ("/portrait.v1.Raft/StartElection", Peer),

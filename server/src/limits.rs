@@ -57,6 +57,19 @@ pub const MAX_APPEND_ENTRIES_BYTES: usize = 8 * 1024 * 1024;
 /// the request's envelope. Snapshot chunks are 4 MiB.
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Encoded bytes of the AppendEntries items in one `AppendEntriesBatch`
+/// (several groups' messages to one peer in one call); an item larger than
+/// this alone is sent alone. A peer's queue holds at most one message per
+/// group (openraft waits for each answer before it sends the group's next).
+pub const MAX_RAFT_BATCH_BYTES: usize = MAX_APPEND_ENTRIES_BYTES;
+
+/// Items in one `AppendEntriesBatch`; a receiver refuses more.
+pub const MAX_RAFT_BATCH_ITEMS: usize = 4096;
+
+/// `AppendEntriesBatch` calls in flight to one peer: while they are out,
+/// the groups' next messages queue and leave together in the next batch.
+pub const RAFT_BATCHES_IN_FLIGHT: usize = 2;
+
 /// Encoded bytes of the newest log entries the log engine keeps decoded in
 /// memory, all raft groups of the node together (besides at most 256
 /// entries and 200,000 events per group); each group's newest entry is

@@ -133,6 +133,9 @@ pub struct NodeStatus {
     pub shard_status: Vec<ShardStatus>,
     /// See [`Node::log_fsyncs`].
     pub log_fsyncs: u64,
+    /// AppendEntriesBatch calls sent and the items they carried.
+    pub raft_batches_sent: u64,
+    pub raft_batch_items_sent: u64,
 }
 
 /// One shard's raft group as this node sees it.
@@ -456,6 +459,8 @@ impl Node {
                 .map(|r| shard_status(r))
                 .collect(),
             log_fsyncs: self.log_fsyncs(),
+            raft_batches_sent: self.channels.batches_sent(),
+            raft_batch_items_sent: self.channels.batch_items_sent(),
         }
     }
 

@@ -142,6 +142,8 @@ mod tests {
             shards: 4,
             shard_status: vec![],
             log_fsyncs: 0,
+            raft_batches_sent: 0,
+            raft_batch_items_sent: 0,
         };
         let expected = "node            1 (Leader)\n\
             leader          1 at http://127.0.0.1:7701\n\

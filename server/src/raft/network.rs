@@ -4,6 +4,17 @@
 //! one HTTP/2 connection carries every shard's messages), made lazily and
 //! re-made after a failure.
 //!
+//! Batching: AppendEntries of all groups to one peer go through that peer's
+//! queue ([`Channels::append`]). A task per peer sends what has queued as
+//! one `AppendEntriesBatch` call, with at most `RAFT_BATCHES_IN_FLIGHT`
+//! calls out at once: while they are out, the next messages of the other
+//! groups queue behind them and leave together. A request touching 16
+//! shards thus costs a few calls per follower instead of 16 (like TiKV's
+//! raft message batching per store). The queue holds at most one message
+//! per group (openraft awaits each answer before the group's next), a batch
+//! at most `MAX_RAFT_BATCH_BYTES` (a larger message goes alone). Votes and
+//! snapshots stay single calls.
+//!
 //! Size: replication reads at most `MAX_APPEND_ENTRIES_BYTES` of entries per
 //! AppendEntries (see the log store); as a second line, a request above that
 //! with more than one entry is refused here with openraft's
@@ -22,17 +33,23 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use openraft::BasicNode;
 use portrait_proto::v1::raft_client::RaftClient;
-use portrait_proto::v1::{RaftPayload, StartElectionRequest};
+use portrait_proto::v1::{RaftBatch, RaftBatchReply, RaftPayload, StartElectionRequest};
 use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::Channel;
 
 use super::contact::PeerAcks;
 use crate::error::Error;
-use crate::limits::{MAX_APPEND_ENTRIES_BYTES, MAX_RAFT_MESSAGE_BYTES};
+use crate::limits::{
+    MAX_APPEND_ENTRIES_BYTES, MAX_RAFT_BATCH_BYTES, MAX_RAFT_BATCH_ITEMS, MAX_RAFT_MESSAGE_BYTES,
+    RAFT_BATCHES_IN_FLIGHT,
+};
 use crate::store::codec::{decode, encode};
 use crate::types::{GroupId, NodeId, TypeConfig};
 
@@ -41,14 +58,29 @@ use crate::types::{GroupId, NodeId, TypeConfig};
 pub use super::fault::Blocked;
 
 /// The node's connections to its peers, by address, shared by all of its
-/// raft groups.
+/// raft groups, and each peer's AppendEntries queue.
 #[derive(Clone, Default)]
-pub struct Channels(Arc<std::sync::Mutex<HashMap<String, RaftClient<Channel>>>>);
+pub struct Channels(Arc<Links>);
+
+#[derive(Default)]
+pub struct Links {
+    clients: std::sync::Mutex<HashMap<String, RaftClient<Channel>>>,
+    queues: std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>,
+    batches: AtomicU64,
+    items: AtomicU64,
+}
+
+/// One group's AppendEntries waiting in a peer's queue.
+pub struct Queued {
+    payload: RaftPayload,
+    ttl: Duration,
+    reply: oneshot::Sender<Result<Vec<u8>, tonic::Status>>,
+}
 
 impl Channels {
     /// The client for `addr`, connecting lazily on first use.
     pub fn get(&self, addr: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
-        let mut map = self.0.lock().expect("channels lock");
+        let mut map = self.0.clients.lock().expect("channels lock");
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
@@ -65,7 +97,134 @@ impl Channels {
     /// Drops the connection to `addr` after a transport failure: the next
     /// call of any group connects anew.
     pub fn reset(&self, addr: &str) {
-        self.0.lock().expect("channels lock").remove(addr);
+        self.0.clients.lock().expect("channels lock").remove(addr);
+    }
+
+    /// Sends one group's encoded AppendEntries to `addr` in the peer's
+    /// next batch; the peer's encoded answer, or the status of the item or
+    /// of the whole call. Gives up after `ttl`.
+    pub async fn append(
+        &self,
+        addr: &str,
+        payload: RaftPayload,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let (reply, answer) = oneshot::channel();
+        let queued = Queued { payload, ttl, reply };
+        if self.queue(addr).send(queued).is_err() {
+            return Err(tonic::Status::unavailable(format!("the queue to {addr} is closed")));
+        }
+        match tokio::time::timeout(ttl, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(tonic::Status::unavailable(format!("the batch to {addr} was dropped"))),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer from {addr} within {ttl:?}"))),
+        }
+    }
+
+    /// `AppendEntriesBatch` calls sent since the node started.
+    pub fn batches_sent(&self) -> u64 {
+        self.0.batches.load(Ordering::Relaxed)
+    }
+
+    /// AppendEntries items those calls carried.
+    pub fn batch_items_sent(&self) -> u64 {
+        self.0.items.load(Ordering::Relaxed)
+    }
+
+    /// The queue to `addr`, starting its sending task on first use.
+    fn queue(&self, addr: &str) -> mpsc::UnboundedSender<Queued> {
+        let mut map = self.0.queues.lock().expect("queues lock");
+        if let Some(tx) = map.get(addr).filter(|tx| !tx.is_closed()) {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(send_queued(Arc::downgrade(&self.0), addr.to_string(), rx));
+        map.insert(addr.to_string(), tx.clone());
+        tx
+    }
+}
+
+/// A peer's sending task: takes everything queued (up to the batch bounds)
+/// whenever a call slot is free and sends it as one `AppendEntriesBatch`.
+/// Ends when the node's [`Channels`] are dropped.
+async fn send_queued(links: Weak<Links>, addr: String, mut rx: mpsc::UnboundedReceiver<Queued>) {
+    let slots = Arc::new(Semaphore::new(RAFT_BATCHES_IN_FLIGHT));
+    let mut carried: Option<Queued> = None;
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let first = match carried.take() {
+            Some(q) => q,
+            None => match rx.recv().await {
+                Some(q) => q,
+                None => return,
+            },
+        };
+        // Groups that proposed alongside this one queue theirs now.
+        tokio::task::yield_now().await;
+        let mut bytes = first.payload.data.len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_RAFT_BATCH_ITEMS {
+            let Ok(q) = rx.try_recv() else { break };
+            if bytes + q.payload.data.len() > MAX_RAFT_BATCH_BYTES {
+                carried = Some(q);
+                break;
+            }
+            bytes += q.payload.data.len();
+            batch.push(q);
+        }
+        // Callers that gave up (timed out) need no answer.
+        batch.retain(|q| !q.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let Some(links) = links.upgrade() else { return };
+        links.batches.fetch_add(1, Ordering::Relaxed);
+        links.items.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let client = Channels(links).get(&addr);
+        tokio::spawn(async move {
+            send_batch(client, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Sends one batch and hands each item its answer.
+async fn send_batch(client: Result<RaftClient<Channel>, tonic::transport::Error>, batch: Vec<Queued>) {
+    let ttl = batch.iter().map(|q| q.ttl).max().unwrap_or_default();
+    let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|q| (q.payload, q.reply)).unzip();
+    let answer = match client {
+        Ok(mut client) => {
+            let mut request = tonic::Request::new(RaftBatch { items });
+            request.set_timeout(ttl);
+            client.append_entries_batch(request).await.map(tonic::Response::into_inner)
+        }
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    match answer {
+        Ok(RaftBatchReply { items }) if items.len() == replies.len() => {
+            for (item, reply) in items.into_iter().zip(replies) {
+                let result = match item.code {
+                    0 => Ok(item.data),
+                    code => Err(tonic::Status::new(tonic::Code::from(code), item.message)),
+                };
+                let _ = reply.send(result);
+            }
+        }
+        Ok(RaftBatchReply { items }) => {
+            let status = tonic::Status::internal(format!(
+                "the peer answered {} items for a batch of {}",
+                items.len(),
+                replies.len()
+            ));
+            for reply in replies {
+                let _ = reply.send(Err(status.clone()));
+            }
+        }
+        Err(status) => {
+            for reply in replies {
+                let _ = reply.send(Err(status.clone()));
+            }
+        }
     }
 }
 
@@ -132,6 +291,16 @@ impl Peer {
         F: FnOnce(RaftClient<Channel>, tonic::Request<RaftPayload>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
     {
+        self.check_blocked()?;
+        let client = self.client()?;
+        let mut request = tonic::Request::new(RaftPayload { data, group: self.group.0 });
+        request.set_timeout(option.hard_ttl());
+        let response = f(client, request).await.map(|r| r.into_inner().data);
+        self.settle(response, too_large)
+    }
+
+    /// Fault injection: messages to a blocked peer are dropped.
+    fn check_blocked<E: std::error::Error>(&self) -> Result<(), RpcErr<E>> {
         if self.blocked.contains(self.target) {
             let e = std::io::Error::other(format!(
                 "fault injection: messages to node {} are dropped",
@@ -139,11 +308,22 @@ impl Peer {
             ));
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         }
-        let client = self.client()?;
-        let mut request = tonic::Request::new(RaftPayload { data, group: self.group.0 });
-        request.set_timeout(option.hard_ttl());
-        let response = match f(client, request).await {
-            Ok(r) => r.into_inner(),
+        Ok(())
+    }
+
+    /// Decodes the peer's answer to one call (or batch item), or maps its
+    /// failure; a "message too large" failure is mapped by `too_large`.
+    fn settle<Resp, E>(
+        &self,
+        response: Result<Vec<u8>, tonic::Status>,
+        too_large: impl FnOnce(&tonic::Status) -> RpcErr<E>,
+    ) -> Result<Resp, RpcErr<E>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let response = match response {
+            Ok(data) => data,
             Err(status) if is_too_large(&status) => {
                 tracing::error!(peer = self.target, error = %status, "raft message too large for the transport");
                 return Err(too_large(&status));
@@ -159,7 +339,7 @@ impl Peer {
             }
         };
         let result: Result<Resp, RaftError<NodeId, E>> =
-            decode(&response.data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            decode(&response).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| {
             RPCError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e))
         })
@@ -187,8 +367,14 @@ impl RaftNetwork<TypeConfig> for Peer {
                 RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(n / 2).with_source_error(status))
             }
         };
-        let result =
-            self.call(data, &option, too_large, |mut c, r| async move { c.append_entries(r).await }).await;
+        let result = match self.check_blocked() {
+            Ok(()) => {
+                let payload = RaftPayload { data, group: self.group.0 };
+                let response = self.channels.append(&self.addr, payload, option.hard_ttl()).await;
+                self.settle(response, too_large)
+            }
+            Err(e) => Err(e),
+        };
         // Any answer but a higher vote means the peer still takes this node as leader.
         if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
             self.acks.acked(self.target);
@@ -323,7 +509,7 @@ mod tests {
     async fn send(peer: &mut Peer, entries: Vec<Entry>) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
         let rpc =
             AppendEntriesRequest { vote: Vote::new(1, 1), prev_log_id: None, leader_commit: None, entries };
-        peer.append_entries(rpc, RPCOption::new(std::time::Duration::from_millis(200))).await
+        peer.append_entries(rpc, RPCOption::new(Duration::from_secs(5))).await
     }
 
     #[tokio::test]
@@ -347,6 +533,138 @@ mod tests {
         // unreachable: nothing listens).
         let one = vec![entry(1, MAX_APPEND_ENTRIES_BYTES / 59 + 100)];
         assert!(matches!(send(&mut peer, one).await, Err(RPCError::Unreachable(_))));
+    }
+
+    /// A peer that holds each batch until the test lets it go, records the
+    /// batch sizes, and answers NOT_FOUND for group 99.
+    #[derive(Clone)]
+    struct HeldPeer {
+        sizes: Arc<std::sync::Mutex<Vec<usize>>>,
+        release: Arc<Semaphore>,
+    }
+
+    #[tonic::async_trait]
+    impl portrait_proto::v1::raft_server::Raft for HeldPeer {
+        async fn append_entries_batch(
+            &self,
+            req: tonic::Request<RaftBatch>,
+        ) -> Result<tonic::Response<RaftBatchReply>, tonic::Status> {
+            let items = req.into_inner().items;
+            self.sizes.lock().unwrap().push(items.len());
+            self.release.acquire().await.expect("open").forget();
+            let ok: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+                Ok(AppendEntriesResponse::Success);
+            let items = items
+                .iter()
+                .map(|i| match i.group {
+                    99 => portrait_proto::v1::RaftItemReply {
+                        code: tonic::Code::NotFound as i32,
+                        message: "node 2 hosts no replica of shard 99".into(),
+                        ..Default::default()
+                    },
+                    _ => portrait_proto::v1::RaftItemReply { data: encode(&ok), ..Default::default() },
+                })
+                .collect();
+            Ok(tonic::Response::new(RaftBatchReply { items }))
+        }
+        async fn append_entries(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            Err(tonic::Status::unimplemented("batches only"))
+        }
+        async fn vote(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
+        async fn install_snapshot(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
+        async fn start_election(
+            &self,
+            _: tonic::Request<StartElectionRequest>,
+        ) -> Result<tonic::Response<portrait_proto::v1::StartElectionResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
+        async fn clock(
+            &self,
+            _: tonic::Request<portrait_proto::v1::ClockRequest>,
+        ) -> Result<tonic::Response<portrait_proto::v1::ClockResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
+        async fn forward_write(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
+        async fn forward_read(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
+        async fn status(
+            &self,
+            _: tonic::Request<portrait_proto::v1::ClusterStatusRequest>,
+        ) -> Result<tonic::Response<portrait_proto::v1::ClusterStatusResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
+        async fn join(
+            &self,
+            _: tonic::Request<portrait_proto::v1::AddNodeRequest>,
+        ) -> Result<tonic::Response<portrait_proto::v1::MembershipResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
+    }
+
+    #[tokio::test]
+    async fn groups_queued_behind_calls_in_flight_leave_in_one_batch_and_fail_alone() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let held = HeldPeer { sizes: Arc::default(), release: Arc::new(Semaphore::new(0)) };
+        let server = portrait_proto::v1::raft_server::RaftServer::new(held.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channels = Channels::default();
+        let groups: Vec<u32> = (0..9).chain([99]).collect();
+        let mut calls = Vec::new();
+        for &g in &groups {
+            let mut network = Network::new(GroupId(g), channels.clone(), Blocked::default());
+            let mut peer = network.new_client(2, &BasicNode::new(&addr)).await;
+            calls.push(tokio::spawn(async move { send(&mut peer, vec![]).await }));
+            // The first calls leave at once and are held by the peer.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while held.sizes.lock().unwrap().len() < RAFT_BATCHES_IN_FLIGHT {
+            assert!(std::time::Instant::now() < deadline, "calls did not arrive");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Everything else is queued; let the calls go.
+        held.release.add_permits(100);
+        let mut results = Vec::new();
+        for call in calls {
+            results.push(call.await.unwrap());
+        }
+        let sizes = held.sizes.lock().unwrap().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), groups.len(), "{sizes:?}");
+        assert_eq!(sizes.len(), RAFT_BATCHES_IN_FLIGHT + 1, "the rest left together: {sizes:?}");
+        assert_eq!((channels.batches_sent(), channels.batch_items_sent()), (sizes.len() as u64, 10));
+        for (g, result) in groups.iter().zip(results) {
+            match g {
+                99 => assert!(matches!(result, Err(RPCError::Unreachable(_))), "{result:?}"),
+                _ => assert!(matches!(result, Ok(AppendEntriesResponse::Success)), "group {g}: {result:?}"),
+            }
+        }
     }
 
     #[test]

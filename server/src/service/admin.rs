@@ -287,5 +287,7 @@ pub fn cluster_status_pb(node: &Node) -> ClusterStatusResponse {
         shards: s.shards,
         shard_status: s.shard_status.into_iter().map(shard_status_to_pb).collect(),
         log_fsyncs: s.log_fsyncs,
+        raft_batches_sent: s.raft_batches_sent,
+        raft_batch_items_sent: s.raft_batch_items_sent,
     }
 }

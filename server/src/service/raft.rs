@@ -7,11 +7,13 @@ use std::sync::Arc;
 use portrait_proto::v1::raft_server::Raft;
 use portrait_proto::v1::{
     AddNodeRequest, ClockRequest, ClockResponse, ClusterStatusRequest, ClusterStatusResponse,
-    MembershipResponse, RaftPayload, StartElectionRequest, StartElectionResponse,
+    MembershipResponse, RaftBatch, RaftBatchReply, RaftItemReply, RaftPayload, StartElectionRequest,
+    StartElectionResponse,
 };
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
+use crate::limits::MAX_RAFT_BATCH_ITEMS;
 use crate::node::Node;
 use crate::store::codec::{decode, encode};
 use crate::types::{GroupId, NodeId, TypeConfig};
@@ -27,6 +29,13 @@ pub struct RaftService {
 type PeerCerts = Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>;
 
 impl RaftService {
+    /// One AppendEntries (alone or an item of a batch): the encoded answer.
+    async fn append_one(&self, certs: &PeerCerts, payload: RaftPayload) -> Result<Vec<u8>, Status> {
+        let (group, req): (_, openraft::raft::AppendEntriesRequest<TypeConfig>) = decode_payload(payload)?;
+        self.check_sender(certs, req.vote.leader_id().voted_for())?;
+        Ok(encode(&self.node.append_entries(group, req).await?))
+    }
+
     pub fn new(node: Arc<Node>, mutual_tls: bool, audit: Arc<crate::audit::AuditLog>) -> Self {
         RaftService { node, mutual_tls, audit }
     }
@@ -55,7 +64,10 @@ impl RaftService {
 
 /// The message's raft group and its decoded openraft request.
 fn decode_req<T: DeserializeOwned>(req: Request<RaftPayload>) -> Result<(GroupId, T), Status> {
-    let payload = req.into_inner();
+    decode_payload(req.into_inner())
+}
+
+fn decode_payload<T: DeserializeOwned>(payload: RaftPayload) -> Result<(GroupId, T), Status> {
     let message = decode(&payload.data)
         .map_err(|e| Status::invalid_argument(format!("data: undecodable raft message: {e}")))?;
     Ok((GroupId(payload.group), message))
@@ -69,9 +81,37 @@ fn reply<T: serde::Serialize>(result: T) -> Result<Response<RaftPayload>, Status
 impl Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let certs = self.peer_certs(&req);
-        let (group, req): (_, openraft::raft::AppendEntriesRequest<TypeConfig>) = decode_req(req)?;
-        self.check_sender(&certs, req.vote.leader_id().voted_for())?;
-        reply(self.node.append_entries(group, req).await?)
+        let data = self.append_one(&certs, req.into_inner()).await?;
+        Ok(Response::new(RaftPayload { data, group: 0 }))
+    }
+
+    async fn append_entries_batch(
+        &self,
+        req: Request<RaftBatch>,
+    ) -> Result<Response<RaftBatchReply>, Status> {
+        let certs = self.peer_certs(&req);
+        let items = req.into_inner().items;
+        if items.len() > MAX_RAFT_BATCH_ITEMS {
+            return Err(Status::invalid_argument(format!(
+                "items: {} in one batch, over the limit of {MAX_RAFT_BATCH_ITEMS}",
+                items.len()
+            )));
+        }
+        // Each item goes to its own group; they run concurrently.
+        let answers = futures::future::join_all(items.into_iter().map(|item| self.append_one(&certs, item)));
+        let items = answers
+            .await
+            .into_iter()
+            .map(|answer| match answer {
+                Ok(data) => RaftItemReply { data, code: 0, message: String::new() },
+                Err(s) => RaftItemReply {
+                    data: Vec::new(),
+                    code: s.code() as i32,
+                    message: s.message().to_string(),
+                },
+            })
+            .collect();
+        Ok(Response::new(RaftBatchReply { items }))
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

@@ -85,9 +85,11 @@ async fn client_loop(c: u64, endpoint: String, start: Instant, histories: Histor
 
 #[tokio::test]
 async fn registers_in_every_shard_stay_linearizable_across_a_kill_of_a_node_leading_some() {
-    // Four nodes, RF 3: nodes 1-3 hold every shard, node 4 none.
+    // Four nodes, RF 3: nodes 1-3 hold every shard, node 4 none (no
+    // balancing moves: `max_moves = 0`).
     let all = [1, 2, 3, 4];
-    let mut cluster = Cluster::start_placed(4, TEST_SHARDS, 3).await;
+    let config = "replication = 3\nmax_moves = 0\n";
+    let mut cluster = Cluster::start_sharded_with_config(4, TEST_SHARDS, config).await;
     wait_placed(&cluster, &all, TEST_SHARDS).await;
     // Node 1 created every shard and leads it (and the meta group): node 2
     // takes shards 0 and 1, and is killed.

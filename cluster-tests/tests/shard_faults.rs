@@ -196,7 +196,9 @@ async fn spawn_writers(
 #[tokio::test]
 async fn killing_a_node_that_leads_several_shards_loses_no_event_and_applies_each_once() {
     const ALL: [u64; 5] = [1, 2, 3, 4, 5];
-    let mut cluster = Cluster::start_placed(5, MANY_SHARDS, 3).await;
+    // No balancing moves (`max_moves = 0`): nodes 1-3 keep every shard.
+    let config = "replication = 3\nmax_moves = 0\n";
+    let mut cluster = Cluster::start_sharded_with_config(5, MANY_SHARDS, config).await;
     let placed = wait_placed(&cluster, &ALL, MANY_SHARDS).await;
     // Node 1 created every shard and leads it: hand six to nodes 2 and 3.
     move_leaderships(&cluster, 1, &[(0, 2), (1, 3), (2, 2), (3, 3), (4, 2), (5, 3)]).await;

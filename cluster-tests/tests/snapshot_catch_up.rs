@@ -13,7 +13,8 @@ use portrait_cluster_tests::{Cluster, TEST_SHARDS};
 /// the writes). Snapshots every 40 entries, keeping 5 entries behind: a
 /// replica that misses a hundred entries of a shard can only catch up by
 /// snapshot.
-const CONFIG: &str = "replication = 3\n[raft]\nsnapshot_every_entries = 40\nkeep_logs_after_snapshot = 5\n";
+const CONFIG: &str =
+    "replication = 3\nmax_moves = 0\n[raft]\nsnapshot_every_entries = 40\nkeep_logs_after_snapshot = 5\n";
 const USERS: i64 = 25;
 const PER_REQUEST: i64 = 4;
 

@@ -80,6 +80,11 @@ pub enum MapChange {
     AddNode { node: NodeId, addr: String, peer_addr: String },
     /// `node` should host a replica of `shard`.
     AddReplica { shard: u32, node: NodeId },
+    /// The replica of `shard` on `from` moves to `to` (which takes its
+    /// place in the list). The shard's leader adds `to` as a learner,
+    /// promotes it once caught up and only then removes `from`: the shard
+    /// never has fewer voters than the map's replicas.
+    MoveReplica { shard: u32, from: NodeId, to: NodeId },
     /// A node leaves: it hosts nothing any more, and placement re-creates
     /// its replicas elsewhere. Refused while it holds a shard's only
     /// replica (nothing could copy it).
@@ -151,6 +156,21 @@ impl ShardMap {
                 }
                 replicas.push(*node);
             }
+            MapChange::MoveReplica { shard, from, to } => {
+                let replicas = self.replicas.get_mut(*shard as usize).ok_or_else(|| {
+                    format!("shard {shard} does not exist (the cluster has {})", self.shards)
+                })?;
+                if !self.nodes.contains_key(to) {
+                    return Err(format!("node {to} is not in the cluster"));
+                }
+                if replicas.contains(to) {
+                    return Err(format!("shard {shard} already has a replica on node {to}"));
+                }
+                let Some(slot) = replicas.iter_mut().find(|n| *n == from) else {
+                    return Err(format!("shard {shard} has no replica on node {from}"));
+                };
+                *slot = *to;
+            }
             MapChange::RemoveNode { node } => {
                 if !self.nodes.contains_key(node) {
                     return Err(format!("node {node} is not in the cluster"));
@@ -217,6 +237,62 @@ impl ShardMap {
             if !progressed {
                 break;
             }
+        }
+        planned
+    }
+
+    /// Moves that bring the replicas per node within one of each other, at
+    /// most `limit`, none of a shard in `busy` (its last change is still
+    /// under way). Only when no shard is short of replicas (additions come
+    /// first). Each moves a replica from the most loaded node (the lowest
+    /// id among equals) to the least loaded one that does not host the
+    /// shard (the lowest id among equals), taking the lowest shard id the
+    /// pair allows; a shard moves at most once per plan.
+    pub fn plan_moves(&self, busy: &BTreeSet<u32>, limit: usize) -> Vec<MapChange> {
+        let target = self.target_replicas();
+        if self.replicas.iter().any(|r| r.len() < target) {
+            return Vec::new();
+        }
+        let mut load = self.load();
+        let mut replicas = self.replicas.clone();
+        let mut planned = Vec::new();
+        let mut moved: BTreeSet<u32> = busy.clone();
+        while planned.len() < limit {
+            // Nodes by load, most loaded first (ties: lowest id first).
+            let mut by_load: Vec<(NodeId, usize)> = load.iter().map(|(n, l)| (*n, *l)).collect();
+            by_load.sort_by_key(|&(n, l)| (std::cmp::Reverse(l), n));
+            let Some(&(_, max)) = by_load.first() else { break };
+            let Some(min) = by_load.iter().map(|&(_, l)| l).min() else { break };
+            if max <= min + 1 {
+                break;
+            }
+            // The most loaded source that has a movable shard, to the least
+            // loaded node that can take it.
+            let mut choice = None;
+            'sources: for &(from, from_load) in by_load.iter().filter(|&&(_, l)| l == max) {
+                let mut targets: Vec<(NodeId, usize)> =
+                    by_load.iter().copied().filter(|&(_, l)| l + 1 < from_load).collect();
+                targets.sort_by_key(|&(n, l)| (l, n));
+                for (to, _) in targets {
+                    let shard = (0..self.shards).find(|s| {
+                        let r = &replicas[*s as usize];
+                        !moved.contains(s) && r.contains(&from) && !r.contains(&to)
+                    });
+                    if let Some(shard) = shard {
+                        choice = Some((shard, from, to));
+                        break 'sources;
+                    }
+                }
+            }
+            let Some((shard, from, to)) = choice else { break };
+            let r = &mut replicas[shard as usize];
+            if let Some(slot) = r.iter_mut().find(|n| **n == from) {
+                *slot = to;
+            }
+            *load.get_mut(&from).expect("a node of the map") -= 1;
+            *load.get_mut(&to).expect("a node of the map") += 1;
+            moved.insert(shard);
+            planned.push(MapChange::MoveReplica { shard, from, to });
         }
         planned
     }
@@ -299,9 +375,81 @@ mod tests {
         place_all(&mut map);
         assert!(map.replicas.iter().all(|r| r.len() == 3 && r.iter().collect::<BTreeSet<_>>().len() == 3));
         assert_eq!(map.load().values().collect::<Vec<_>>(), [&16, &16, &16]);
-        // A fourth node: RF is met, nothing moves (balancing is elastic scaling's).
+        // A fourth node: RF is met, nothing is added; balancing moves.
         join(&mut map, 4);
         assert!(map.plan_additions(100).is_empty());
+        assert!(!map.plan_moves(&BTreeSet::new(), 100).is_empty());
+    }
+
+    /// Applies every planned move, `limit` at a time; the number of plans.
+    fn balance(map: &mut ShardMap, limit: usize) -> usize {
+        let mut rounds = 0;
+        loop {
+            let plan = map.plan_moves(&BTreeSet::new(), limit);
+            if plan.is_empty() {
+                return rounds;
+            }
+            assert!(plan.len() <= limit);
+            plan.iter().for_each(|c| map.apply(c).unwrap());
+            rounds += 1;
+        }
+    }
+
+    #[test]
+    fn scaling_3_to_5_nodes_moves_replicas_until_every_node_is_within_one() {
+        let mut map = ShardMap::create(16, 3, 1, "http://n1", "http://n1:8700").unwrap();
+        for n in 2..=3 {
+            join(&mut map, n);
+        }
+        place_all(&mut map);
+        assert!(map.plan_moves(&BTreeSet::new(), 100).is_empty(), "3 nodes, RF 3: balanced");
+        for n in 4..=5 {
+            join(&mut map, n);
+        }
+        let plan = map.plan_moves(&BTreeSet::new(), 2);
+        assert_eq!(plan.len(), 2);
+        assert_eq!(plan, map.plan_moves(&BTreeSet::new(), 2), "a pure function of the map");
+        assert!(balance(&mut map, 2) > 1, "a few moves at a time");
+        let load = map.load();
+        let (min, max) = (load.values().min().unwrap(), load.values().max().unwrap());
+        assert!(max - min <= 1, "{load:?}");
+        assert_eq!(load.values().sum::<usize>(), 48, "no replica lost or added");
+        for r in &map.replicas {
+            assert_eq!(r.iter().collect::<BTreeSet<_>>().len(), 3, "distinct nodes: {r:?}");
+        }
+        // Moves fewer than needed: 48 / 5 = 9.6, so nodes 1-3 give up 6 or 7 each.
+        assert!(load.values().all(|&l| l == 9 || l == 10), "{load:?}");
+    }
+
+    #[test]
+    fn busy_shards_do_not_move_and_invalid_moves_change_nothing() {
+        let mut map = ShardMap::create(4, 3, 1, "http://n1", "http://n1:8700").unwrap();
+        for n in 2..=4 {
+            join(&mut map, n);
+        }
+        place_all(&mut map);
+        let all: BTreeSet<u32> = (0..4).collect();
+        let load = map.load();
+        if load.values().max().unwrap() - load.values().min().unwrap() > 1 {
+            assert!(map.plan_moves(&all, 10).is_empty(), "every shard busy");
+        }
+        let before = map.clone();
+        let host = map.replicas[0][0];
+        let other = map.replicas[0][1];
+        let absent = (1..=4).find(|n| !map.replicas[0].contains(n)).unwrap();
+        let e = map.apply(&MapChange::MoveReplica { shard: 0, from: absent, to: host }).unwrap_err();
+        assert_eq!(e, format!("shard 0 already has a replica on node {host}"));
+        let e = map.apply(&MapChange::MoveReplica { shard: 0, from: absent, to: 9 }).unwrap_err();
+        assert_eq!(e, "node 9 is not in the cluster");
+        let e = map.apply(&MapChange::MoveReplica { shard: 7, from: host, to: absent }).unwrap_err();
+        assert_eq!(e, "shard 7 does not exist (the cluster has 4)");
+        let mut also = map.clone();
+        let e = also.apply(&MapChange::MoveReplica { shard: 0, from: absent, to: absent }).unwrap_err();
+        assert_eq!(e, format!("shard 0 has no replica on node {absent}"));
+        assert_eq!(map, before);
+        map.apply(&MapChange::MoveReplica { shard: 0, from: other, to: absent }).unwrap();
+        assert_eq!(map.replicas[0][1], absent, "the new node takes the old one's place");
+        assert_eq!(map.epoch, before.epoch + 1);
     }
 
     #[test]

@@ -199,6 +199,7 @@ async fn run_node(args: &Arc<Args>, shards: usize) -> anyhow::Result<Vec<(f64, f
         shards: Some(shards as u32),
         replication: None,
         seeds: Vec::new(),
+        max_moves: portrait_server::node::DEFAULT_MAX_MOVES,
     })
     .await?;
     anyhow::ensure!(node.wait_for_leader(Duration::from_secs(10)).await, "no leader");

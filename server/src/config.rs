@@ -27,7 +27,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (with fault injection
     about = "Portrait node: replicated user profiles with per-family TTL, over gRPC"
 )]
 pub struct Cli {
-    /// TOML config file (keys: node_id, data_dir, listen, advertise, peer_listen, peer_advertise, bootstrap, join, log, token_file, tls_cert, tls_key, tls_client_ca, peer_ca, peer_cert, peer_key, insecure, audit_log, shards, replication, [raft], [clock]).
+    /// TOML config file (keys: node_id, data_dir, listen, advertise, peer_listen, peer_advertise, bootstrap, join, log, token_file, tls_cert, tls_key, tls_client_ca, peer_ca, peer_cert, peer_key, insecure, audit_log, shards, replication, max_moves, [raft], [clock]).
     #[arg(long, env = "PORTRAIT_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's raft id (stable across restarts).
@@ -105,6 +105,11 @@ pub struct Cli {
     /// min(this, nodes)). Fixed at creation; ignored by a node that joins.
     #[arg(long, env = "PORTRAIT_REPLICATION", value_name = "RF")]
     pub replication: Option<u32>,
+    /// Replica moves the meta group's leader keeps under way at once to balance replicas over
+    /// the nodes (default 2; 0 turns balancing off: new nodes then get replicas only where a
+    /// shard is short of its replication factor).
+    #[arg(long, env = "PORTRAIT_MAX_MOVES", value_name = "N")]
+    pub max_moves: Option<usize>,
     /// Test only (needs --fault-injection): milliseconds added to this node's wall clock.
     #[arg(long, hide = true, allow_hyphen_values = true)]
     pub test_clock_offset_ms: Option<i64>,
@@ -133,6 +138,7 @@ struct FileConfig {
     audit_log: Option<PathBuf>,
     shards: Option<u32>,
     replication: Option<u32>,
+    max_moves: Option<usize>,
     #[serde(default)]
     raft: FileRaft,
     #[serde(default)]
@@ -287,6 +293,7 @@ impl Config {
             clock,
             shards: cli.shards.or(file.shards),
             replication: cli.replication.or(file.replication),
+            max_moves: cli.max_moves.or(file.max_moves).unwrap_or(crate::node::DEFAULT_MAX_MOVES),
             seeds: join.clone(),
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
@@ -542,6 +549,19 @@ mod tests {
         assert_eq!(Config::resolve(flag).unwrap().node.shards, Some(4));
         let rf = Cli::parse_from(["portraitd", "--config", path.to_str().unwrap(), "--replication", "1"]);
         assert_eq!(Config::resolve(rf).unwrap().node.replication, Some(1));
+    }
+
+    #[test]
+    fn balancing_moves_come_from_the_flag_or_the_file() {
+        let default = Config::resolve(Cli::parse_from(["portraitd"])).unwrap();
+        assert_eq!(default.node.max_moves, crate::node::DEFAULT_MAX_MOVES);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "max_moves = 0\n").unwrap();
+        let file = Cli::parse_from(["portraitd", "--config", path.to_str().unwrap()]);
+        assert_eq!(Config::resolve(file).unwrap().node.max_moves, 0);
+        let flag = Cli::parse_from(["portraitd", "--config", path.to_str().unwrap(), "--max-moves", "5"]);
+        assert_eq!(Config::resolve(flag).unwrap().node.max_moves, 5);
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub struct NodeOptions {
     /// Replicas per shard a new cluster aims for (`--replication`; `None`:
     /// [`DEFAULT_REPLICATION`]). Recorded in the map at creation.
     pub replication: Option<u32>,
+    /// Replica moves kept under way at once by balancing (`--max-moves`;
+    /// 0: no balancing).
+    pub max_moves: usize,
     /// Seeds of `--join`: a new node asks them for the number of shards.
     pub seeds: Vec<String>,
 }
@@ -148,6 +151,10 @@ pub struct ShardStatus {
     pub last_log_index: u64,
     pub applied_index: u64,
     pub schema_version: u64,
+    /// The group's membership as this replica knows it (the newest in its
+    /// log; during a change, the voters of both configurations).
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
 }
 
 pub struct Node {
@@ -195,7 +202,12 @@ pub struct Node {
     dropping: Blocked,
     fault_injection: bool,
     write_timeout: Duration,
+    /// See [`NodeOptions::max_moves`].
+    max_moves: usize,
 }
+
+/// Replica moves under way at once by default (`--max-moves`).
+pub const DEFAULT_MAX_MOVES: usize = 2;
 
 impl Node {
     /// Opens the stores and starts a raft instance for the meta group and
@@ -275,6 +287,7 @@ impl Node {
             unplaced: Mutex::default(),
             leaders: Mutex::default(),
             placing: tokio::sync::Mutex::default(),
+            max_moves: opts.max_moves,
             channels,
             batcher,
             clock,
@@ -508,6 +521,8 @@ fn shard_status(replica: &Replica) -> ShardStatus {
         last_log_index: m.last_log_index.unwrap_or(0),
         applied_index: written_index(replica),
         schema_version: replica.sm.schema().version,
+        voters: m.membership_config.membership().voter_ids().collect(),
+        learners: m.membership_config.membership().learner_ids().collect(),
     }
 }
 

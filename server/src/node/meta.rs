@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portrait_core::meta::{MetaCommand, MetaOutcome, MetaState};
-use portrait_core::shard::MapChange;
+use portrait_core::shard::{MapChange, ShardMap};
 use portrait_proto::v1::raft_client::RaftClient;
 use portrait_proto::v1::{ClusterStatusRequest, ClusterStatusResponse};
 
@@ -132,9 +132,29 @@ impl Node {
         let _one = self.placing.lock().await;
         loop {
             let Some(map) = self.cluster().map.clone() else { return Ok(()) };
-            let Some(change) = map.plan_additions(1).pop() else { return Ok(()) };
+            let Some(change) = map.plan_additions(1).pop() else { break };
             self.propose_meta(MetaCommand::Map(change)).await?;
         }
+        self.balance().await
+    }
+
+    /// Balancing (meta leader): moves replicas from the most to the least
+    /// loaded nodes until every node holds within one of the others, at
+    /// most `max_moves` under way at once. A shard is under way (busy)
+    /// while its leader's membership differs from the map's replicas, or
+    /// while no leader of it answers; busy shards are not moved again.
+    async fn balance(&self) -> Result<()> {
+        let Some(map) = self.cluster().map.clone() else { return Ok(()) };
+        if self.max_moves == 0 || map.plan_moves(&BTreeSet::new(), 1).is_empty() {
+            return Ok(());
+        }
+        let busy = busy_shards(&map, &self.statuses().await);
+        let room = self.max_moves.saturating_sub(busy.len());
+        for change in map.plan_moves(&busy, room) {
+            tracing::info!(?change, "balancing replicas");
+            self.propose_meta(MetaCommand::Map(change)).await?;
+        }
+        Ok(())
     }
 
     /// Adds node `id` at `addr` (meta leader only): to the meta group (a
@@ -354,6 +374,23 @@ impl Node {
             }
         }
     }
+}
+
+/// Shards whose membership, as their leader reports it, is not yet the
+/// map's replicas (a change under way), or whose leader did not answer.
+fn busy_shards(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) -> BTreeSet<u32> {
+    let mut settled = BTreeSet::new();
+    for (_, status) in statuses {
+        for s in status.shard_status.iter().filter(|s| s.role == "Leader") {
+            let Some(wanted) = map.replicas.get(s.shard as usize) else { continue };
+            let wanted: BTreeSet<NodeId> = wanted.iter().copied().collect();
+            let voters: BTreeSet<NodeId> = s.voters.iter().copied().collect();
+            if s.learners.is_empty() && voters == wanted {
+                settled.insert(s.shard);
+            }
+        }
+    }
+    (0..map.shards).filter(|s| !settled.contains(s)).collect()
 }
 
 /// A node address in a request: a URL of at most [`MAX_ADDR_BYTES`].

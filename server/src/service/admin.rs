@@ -90,6 +90,8 @@ fn shard_status_to_pb(s: crate::node::ShardStatus) -> ShardStatus {
         last_log_index: s.last_log_index,
         applied_index: s.applied_index,
         schema_version: s.schema_version,
+        voters: s.voters,
+        learners: s.learners,
     }
 }
 

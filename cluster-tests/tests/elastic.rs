@@ -1,0 +1,136 @@
+//! Elastic scaling on real `portraitd` processes: nodes that join a loaded
+//! cluster receive replicas moved from the others (the meta leader's
+//! balancing: add a learner on the new node, catch it up, promote it,
+//! remove the old replica, which then drops its data), while 8 writers
+//! keep writing with retries under the same event ids. Afterwards every
+//! node holds within one replica of the others, and on every replica of
+//! every shard each user's count equals its distinct applied events
+//! (every acknowledged one, only sent ones, none twice).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use portrait_client::json::now_ms;
+use portrait_client::{Event, PortraitClient, Value};
+use portrait_cluster_tests::replicas::{assert_every_replica_holds, placement, statuses, wait_placed, Book};
+use portrait_cluster_tests::Cluster;
+
+const SHARDS: u32 = 8;
+const WRITERS: usize = 8;
+const PER_REQUEST: usize = 4;
+/// Requests per writer at most: 8 x 600 x 4 events over 1,600 users is
+/// 12 per user on average, well inside the trade history of 100.
+const MAX_REQUESTS: usize = 600;
+const USERS: usize = 1_600;
+
+fn order(user: &str, event_id: String) -> Event {
+    Event {
+        user_id: user.into(),
+        family: "trade".into(),
+        r#type: "order".into(),
+        event_time_ms: now_ms(),
+        event_id,
+        attrs: [("amount".to_string(), Value::int(1))].into(),
+    }
+}
+
+/// One writer: request `seq` holds `PER_REQUEST` orders (ids
+/// `w<id>-<seq>-<j>`), retried with the same ids on the next client until
+/// acknowledged or the test stops.
+async fn write(id: usize, clients: Vec<PortraitClient>, book: Arc<Mutex<Book>>, stop: Arc<AtomicBool>) {
+    let mut next = id;
+    for seq in 0..MAX_REQUESTS {
+        let events: Vec<Event> = (0..PER_REQUEST)
+            .map(|j| {
+                order(&format!("u{}", (id * 397 + seq * PER_REQUEST + j) % USERS), format!("w{id}-{seq}-{j}"))
+            })
+            .collect();
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            book.lock().unwrap().record(&events, false);
+            let client = &clients[next % clients.len()];
+            let sent = tokio::time::timeout(Duration::from_secs(10), client.write(events.clone()));
+            if let Ok(Ok(_)) = sent.await {
+                book.lock().unwrap().record(&events, true);
+                break;
+            }
+            next += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Voting replicas per node (of `nodes`), once every shard has exactly 3
+/// voters and a leader, and no node is more than one replica off another.
+async fn wait_balanced(cluster: &Cluster, nodes: &[u64]) -> BTreeMap<u64, usize> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let all = statuses(cluster, nodes).await;
+        let placed = placement(&all);
+        let mut load: BTreeMap<u64, usize> = nodes.iter().map(|&n| (n, 0)).collect();
+        for (replicas, _) in placed.values() {
+            replicas.iter().for_each(|n| *load.entry(*n).or_default() += 1);
+        }
+        let settled = placed.len() == SHARDS as usize
+            && placed.values().all(|(n, leader)| n.len() == 3 && leader.is_some())
+            && all.values().flat_map(|s| &s.shard_status).all(|s| s.learners.is_empty());
+        let (min, max) = (load.values().min().unwrap(), load.values().max().unwrap());
+        if settled && max - min <= 1 {
+            return load;
+        }
+        assert!(Instant::now() < deadline, "not balanced over {nodes:?}: {load:?} {placed:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn scaling_3_to_5_nodes_under_writers_moves_replicas_and_loses_nothing() {
+    let mut cluster = Cluster::start_placed(3, SHARDS, 3).await;
+    wait_placed(&cluster, &[1, 2, 3], SHARDS).await;
+
+    let book = Arc::new(Mutex::new(Book::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for id in 1..=3 {
+        clients.push(cluster.client(id).await);
+    }
+    let writers: Vec<_> =
+        (0..WRITERS).map(|w| tokio::spawn(write(w, clients.clone(), book.clone(), stop.clone()))).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let started = Instant::now();
+    let four = cluster.spawn_joining(&[1]).await;
+    let five = cluster.spawn_joining(&[2]).await;
+    let all = [1, 2, 3, four, five];
+    let load = wait_balanced(&cluster, &all).await;
+    println!("balanced after {:?}: {load:?}", started.elapsed());
+    // 24 replicas over 5 nodes: 4 or 5 each, the new nodes included.
+    assert!(load.values().all(|&l| l == 4 || l == 5), "{load:?}");
+    assert_eq!(load.values().sum::<usize>(), 24);
+
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let book = book.lock().unwrap().clone();
+    assert!(book.acked_total() > 100, "the writers made progress: {}", book.acked_total());
+    let checked = assert_every_replica_holds(&cluster, &all, SHARDS, &book).await;
+    assert_eq!(checked, 24, "every replica checked");
+
+    // The nodes that gave replicas away dropped them (data deleted).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let hosted: BTreeMap<u64, usize> =
+            statuses(&cluster, &all).await.into_iter().map(|(id, s)| (id, s.shard_status.len())).collect();
+        if hosted == load {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas moved away still hosted: {hosted:?} vs {load:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

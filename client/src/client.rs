@@ -8,10 +8,10 @@ use portrait_proto::v1::{
     admin_client::AdminClient, ingest_client::IngestClient, profiles_client::ProfilesClient, AddNodeRequest,
     ApplySchemaRequest, ApplySchemaResponse, BatchGetProfilesRequest, BatchGetProfilesResponse,
     ClusterStatusRequest, ClusterStatusResponse, ConfirmClockRequest, ConfirmClockResponse, Consistency,
-    Event, GetProfileRequest, GetProfileResponse, GetSchemaRequest, GetSchemaResponse, LocateRequest,
-    LocateResponse, MembershipResponse, RemoveNodeRequest, SetClockOffsetRequest, SetPartitionRequest,
-    ShardMapRequest, ShardMapResponse, TransferLeaderRequest, TransferLeaderResponse, WriteRequest,
-    WriteResponse,
+    DrainNodeRequest, DrainNodeResponse, Event, GetProfileRequest, GetProfileResponse, GetSchemaRequest,
+    GetSchemaResponse, LocateRequest, LocateResponse, MembershipResponse, RemoveNodeRequest,
+    SetClockOffsetRequest, SetPartitionRequest, ShardMapRequest, ShardMapResponse, TransferLeaderRequest,
+    TransferLeaderResponse, WriteRequest, WriteResponse,
 };
 use tonic::{Code, Response, Status};
 
@@ -354,6 +354,19 @@ impl PortraitClient {
         })
         .await
         .map(|_| ())
+    }
+
+    /// Starts draining a node (its replicas move to the others); goes to
+    /// the meta leader. Returns once the drain is recorded.
+    pub async fn drain_node(&self, node_id: u64) -> Result<DrainNodeResponse, ClientError> {
+        unary(&self.router, |ch| async move { admin(ch).drain_node(DrainNodeRequest { node_id }).await })
+            .await
+    }
+
+    /// Shard replicas `node_id` holds in the map the answering node knows.
+    pub async fn replicas_on(&self, node_id: u64) -> Result<usize, ClientError> {
+        let map = self.shard_map().await?;
+        Ok(map.shard_replicas.iter().filter(|s| s.replicas.iter().any(|r| r.node_id == node_id)).count())
     }
 
     /// Removes a node from the cluster; goes to the leader.

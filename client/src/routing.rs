@@ -187,6 +187,7 @@ mod tests {
             nodes: (1..=3).map(|n| MapNode { node_id: n, addr: format!("n{n}:7700") }).collect(),
             shard_replicas: vec![shard(0, &[1, 2], 2), shard(1, &[2, 3], 0), shard(2, &[3, 1], 3)],
             node_id: 1,
+            draining: vec![],
         }
     }
 

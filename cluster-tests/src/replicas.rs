@@ -216,3 +216,18 @@ pub async fn assert_every_replica_holds(cluster: &Cluster, nodes: &[u64], shards
     }
     checked
 }
+
+/// Drains node `id` through `client` and waits (at most 60 s) until the map
+/// places no replica on it.
+pub async fn drain(client: &PortraitClient, id: u64) {
+    client.drain_node(id).await.expect("drain");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = client.replicas_on(id).await.expect("shard map");
+        if left == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "node {id} still holds {left} replicas");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

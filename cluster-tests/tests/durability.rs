@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use portrait_client::{shard_of, Consistency, Event, PortraitClient, Profile};
-use portrait_cluster_tests::replicas::{assert_every_replica_holds, wait_placed, Book};
+use portrait_cluster_tests::replicas::{assert_every_replica_holds, drain, wait_placed, Book};
 use portrait_cluster_tests::workload::{order_of, Workload};
 use portrait_cluster_tests::{Cluster, TEST_SHARDS};
 
@@ -23,8 +23,10 @@ async fn no_acknowledged_write_is_lost_when_a_node_joins_and_another_leaves_unde
         .add_node(four, &cluster.node(four).endpoint(), &cluster.node(four).advertised(), false)
         .await
         .expect("add node 4 under load");
-    // Remove node 1, the first leader (unless leadership moved): the
-    // cluster commits without it and a remaining node leads.
+    // Drain and remove node 1, the first leader (unless leadership moved):
+    // its replica moves to node 4, the cluster commits without it and a
+    // remaining node leads.
+    drain(&admin, 1).await;
     let r = admin.remove_node(1).await.expect("remove node 1 under load");
     assert_eq!(r.members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [2, 3, 4]);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use portrait_client::json::now_ms;
 use portrait_client::{ClientError, Consistency, Event, Value};
+use portrait_cluster_tests::replicas::drain;
 use portrait_cluster_tests::workload::history_ids;
 use portrait_cluster_tests::Cluster;
 
@@ -24,6 +25,13 @@ fn view(user: &str, id: &str) -> Event {
 async fn a_removed_node_leaves_the_membership() {
     let cluster = Cluster::start(3).await;
     let client = cluster.client(1).await;
+    // It holds a replica: refused, saying what to do.
+    let refused = client.remove_node(3).await.expect_err("node 3 holds a replica");
+    assert_eq!(refused.code().map(portrait_client::code_name), Some("FAILED_PRECONDITION"), "{refused}");
+    assert!(refused.to_string().contains("drain it first (cluster drain 3)"), "{refused}");
+    drain(&client, 3).await;
+    let again = client.drain_node(3).await.expect_err("already draining");
+    assert!(again.to_string().contains("node 3 is already draining"), "{again}");
     let r = client.remove_node(3).await.unwrap();
     assert_eq!(r.members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [1, 2]);
     let w = client.write(vec![view("u1", "two-voters")]).await.unwrap();
@@ -34,6 +42,8 @@ async fn a_removed_node_leaves_the_membership() {
         }
         other => panic!("{other:?}"),
     }
+    let unknown = client.drain_node(7).await.expect_err("no node 7");
+    assert_eq!(unknown.code().map(portrait_client::code_name), Some("NOT_FOUND"), "{unknown}");
 }
 
 #[tokio::test]

@@ -71,6 +71,9 @@ pub struct ShardMap {
     /// Per shard, its replicas' nodes (distinct), in the order they were
     /// added.
     pub replicas: Vec<Vec<NodeId>>,
+    /// Nodes being drained: they get no new replicas and placement moves
+    /// theirs away, until `RemoveNode` takes them out.
+    pub draining: BTreeSet<NodeId>,
 }
 
 /// A change of the shard map (a meta group command's effect).
@@ -85,9 +88,15 @@ pub enum MapChange {
     /// promotes it once caught up and only then removes `from`: the shard
     /// never has fewer voters than the map's replicas.
     MoveReplica { shard: u32, from: NodeId, to: NodeId },
-    /// A node leaves: it hosts nothing any more, and placement re-creates
-    /// its replicas elsewhere. Refused while it holds a shard's only
-    /// replica (nothing could copy it).
+    /// The replica of `shard` on `node` goes (a draining node's, when no
+    /// other node can take it); refused if the shard would have fewer than
+    /// [`ShardMap::target_replicas`].
+    RemoveReplica { shard: u32, node: NodeId },
+    /// `node` is drained: placement moves its replicas to the other nodes
+    /// and gives it none. Refused for the last node that could hold
+    /// replicas, and while another node is still draining.
+    Drain { node: NodeId },
+    /// A node leaves. Refused while it holds replicas (drain it first).
     RemoveNode { node: NodeId },
 }
 
@@ -107,6 +116,7 @@ impl ShardMap {
             replication,
             nodes: BTreeMap::from([(node, NodeEntry { addr: addr.into(), peer_addr: peer_addr.into() })]),
             replicas: vec![vec![node]; shards as usize],
+            draining: BTreeSet::new(),
         })
     }
 
@@ -115,9 +125,16 @@ impl ShardMap {
         shard_of(user_id, self.shards)
     }
 
-    /// Replicas a shard should have now: min(RF, nodes).
+    /// Replicas a shard should have now: min(RF, nodes not draining).
     pub fn target_replicas(&self) -> usize {
-        (self.replication as usize).min(self.nodes.len())
+        (self.replication as usize).min(self.nodes.len() - self.draining.len())
+    }
+
+    /// Nodes that can take replicas (not draining), with their load.
+    fn eligible_load(&self) -> BTreeMap<NodeId, usize> {
+        let mut load = self.load();
+        load.retain(|n, _| !self.draining.contains(n));
+        load
     }
 
     /// Shards with a replica on `node`, in shard order.
@@ -171,18 +188,56 @@ impl ShardMap {
                 };
                 *slot = *to;
             }
+            MapChange::RemoveReplica { shard, node } => {
+                let target = self.target_replicas();
+                let replicas = self.replicas.get_mut(*shard as usize).ok_or_else(|| {
+                    format!("shard {shard} does not exist (the cluster has {})", self.shards)
+                })?;
+                if !replicas.contains(node) {
+                    return Err(format!("shard {shard} has no replica on node {node}"));
+                }
+                if replicas.len() <= target {
+                    return Err(format!(
+                        "shard {shard} would have fewer than its {target} replicas without node {node}"
+                    ));
+                }
+                replicas.retain(|n| n != node);
+            }
+            MapChange::Drain { node } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(format!("node {node} is not in the cluster"));
+                }
+                if self.draining.contains(node) {
+                    return Err(format!("node {node} is already draining"));
+                }
+                if let Some(other) = self.draining.iter().find(|n| !self.hosted_by(**n).is_empty()) {
+                    return Err(format!(
+                        "node {other} is still draining ({} replicas left): wait until it holds none and \
+                         remove it (cluster remove-node {other}), then drain node {node}",
+                        self.hosted_by(*other).len()
+                    ));
+                }
+                if self.nodes.len() - self.draining.len() <= 1 {
+                    return Err(format!(
+                        "node {node} is the last node that can hold replicas; add a node before draining it"
+                    ));
+                }
+                self.draining.insert(*node);
+            }
             MapChange::RemoveNode { node } => {
                 if !self.nodes.contains_key(node) {
                     return Err(format!("node {node} is not in the cluster"));
                 }
-                if let Some(shard) = (0..self.shards).find(|&s| self.replicas[s as usize] == [*node]) {
+                let hosted = self.hosted_by(*node);
+                if !hosted.is_empty() {
                     return Err(format!(
-                        "node {node} holds the only replica of shard {shard}; add a node and let it take a \
-                         replica first"
+                        "node {node} still holds replicas of {} shards ({hosted:?}); drain it first \
+                         (cluster drain {node}) and remove it once it holds none",
+                        hosted.len()
                     ));
                 }
                 self.nodes.remove(node);
-                self.replicas.iter_mut().for_each(|r| r.retain(|n| n != node));
+                self.draining.remove(node);
             }
         }
         self.epoch += 1;
@@ -198,7 +253,7 @@ impl ShardMap {
     /// then by shard id.
     pub fn plan_additions(&self, limit: usize) -> Vec<MapChange> {
         let target = self.target_replicas();
-        let mut load = self.load();
+        let mut load = self.eligible_load();
         let mut short: Vec<(usize, u32)> = (0..self.shards)
             .filter_map(|s| {
                 let have = self.replicas[s as usize].len();
@@ -241,9 +296,39 @@ impl ShardMap {
         planned
     }
 
-    /// Moves that bring the replicas per node within one of each other, at
-    /// most `limit`, none of a shard in `busy` (its last change is still
-    /// under way). Only when no shard is short of replicas (additions come
+    /// Replicas to take off draining nodes, at most `limit`, none of a
+    /// shard in `busy`: each moves to the least loaded node that can take
+    /// it and does not host the shard (lowest id among equals), or, where
+    /// no node can, goes if the shard keeps [`ShardMap::target_replicas`].
+    /// Shards in order.
+    pub fn plan_drain(&self, busy: &BTreeSet<u32>, limit: usize) -> Vec<MapChange> {
+        let target = self.target_replicas();
+        let mut load = self.eligible_load();
+        let mut planned = Vec::new();
+        for shard in (0..self.shards).filter(|s| !busy.contains(s)) {
+            if planned.len() >= limit {
+                break;
+            }
+            let replicas = &self.replicas[shard as usize];
+            let Some(&from) = replicas.iter().find(|n| self.draining.contains(n)) else { continue };
+            let to = load.iter().filter(|(n, _)| !replicas.contains(n)).min_by_key(|(n, l)| (**l, **n));
+            match to.map(|(n, _)| *n) {
+                Some(to) => {
+                    *load.get_mut(&to).expect("an eligible node") += 1;
+                    planned.push(MapChange::MoveReplica { shard, from, to });
+                }
+                None if replicas.len() > target => {
+                    planned.push(MapChange::RemoveReplica { shard, node: from })
+                }
+                None => {}
+            }
+        }
+        planned
+    }
+
+    /// Moves that bring the replicas per node (of the nodes not draining)
+    /// within one of each other, at most `limit`, none of a shard in `busy`
+    /// (its last change is still under way). Only when no shard is short of replicas (additions come
     /// first). Each moves a replica from the most loaded node (the lowest
     /// id among equals) to the least loaded one that does not host the
     /// shard (the lowest id among equals), taking the lowest shard id the
@@ -253,7 +338,7 @@ impl ShardMap {
         if self.replicas.iter().any(|r| r.len() < target) {
             return Vec::new();
         }
-        let mut load = self.load();
+        let mut load = self.eligible_load();
         let mut replicas = self.replicas.clone();
         let mut planned = Vec::new();
         let mut moved: BTreeSet<u32> = busy.clone();
@@ -492,26 +577,65 @@ mod tests {
         assert_eq!(map.shard_of("u1"), shard_of("u1", 4));
     }
 
+    /// Applies every planned drain step.
+    fn drain_all(map: &mut ShardMap) {
+        loop {
+            let plan = map.plan_drain(&BTreeSet::new(), 3);
+            if plan.is_empty() {
+                return;
+            }
+            plan.iter().for_each(|c| map.apply(c).unwrap());
+        }
+    }
+
     #[test]
-    fn a_removed_node_hosts_nothing_and_its_replicas_are_placed_again() {
+    fn a_drained_node_gives_its_replicas_away_and_only_then_can_be_removed() {
         let mut map = ShardMap::create(8, 3, 1, "http://n1", "http://n1:8700").unwrap();
-        let e = map.apply(&MapChange::RemoveNode { node: 1 }).unwrap_err();
-        assert!(e.starts_with("node 1 holds the only replica of shard 0"), "{e}");
+        let e = map.apply(&MapChange::Drain { node: 1 }).unwrap_err();
+        assert_eq!(e, "node 1 is the last node that can hold replicas; add a node before draining it");
         for n in 2..=4 {
             join(&mut map, n);
         }
         place_all(&mut map);
+        balance(&mut map, 2);
         let before: usize = map.load().values().sum();
+        let e = map.apply(&MapChange::RemoveNode { node: 2 }).unwrap_err();
+        assert!(e.starts_with("node 2 still holds replicas of 6 shards"), "{e}");
+        assert!(e.contains("drain it first (cluster drain 2)"), "{e}");
+
+        map.apply(&MapChange::Drain { node: 2 }).unwrap();
+        assert_eq!(map.apply(&MapChange::Drain { node: 2 }).unwrap_err(), "node 2 is already draining");
+        let e = map.apply(&MapChange::Drain { node: 3 }).unwrap_err();
+        assert!(e.starts_with("node 2 is still draining (6 replicas left)"), "{e}");
+        assert!(map.plan_additions(10).is_empty(), "no additions: every shard has RF");
+        assert!(map.plan_drain(&(0..8).collect(), 10).is_empty(), "busy shards wait");
+        drain_all(&mut map);
+        assert!(map.hosted_by(2).is_empty());
+        assert_eq!(map.load().values().sum::<usize>(), before, "every shard keeps RF 3");
+        assert!(map.plan_moves(&BTreeSet::new(), 10).is_empty(), "the other three hold 8 each");
         map.apply(&MapChange::RemoveNode { node: 2 }).unwrap();
-        assert!(!map.nodes.contains_key(&2) && map.hosted_by(2).is_empty());
-        let plan = map.plan_additions(100);
-        assert!(!plan.is_empty());
-        assert!(plan.iter().all(|c| !matches!(c, MapChange::AddReplica { node: 2, .. })));
-        place_all(&mut map);
-        assert_eq!(map.load().values().sum::<usize>(), before, "every shard is back at RF 3");
+        assert!(!map.nodes.contains_key(&2) && !map.draining.contains(&2));
         assert_eq!(
             map.apply(&MapChange::RemoveNode { node: 2 }).unwrap_err(),
             "node 2 is not in the cluster"
         );
+
+        // Three nodes, RF 3: a drained node's replicas have nowhere to go;
+        // the shards keep the other two (RF is min(3, nodes not draining)).
+        map.apply(&MapChange::Drain { node: 3 }).unwrap();
+        assert_eq!(map.target_replicas(), 2);
+        let plan = map.plan_drain(&BTreeSet::new(), 100);
+        assert!(plan.iter().all(|c| matches!(c, MapChange::RemoveReplica { node: 3, .. })), "{plan:?}");
+        drain_all(&mut map);
+        assert!(map.hosted_by(3).is_empty() && map.replicas.iter().all(|r| r.len() == 2));
+        let e = map.apply(&MapChange::RemoveReplica { shard: 0, node: 1 }).unwrap_err();
+        assert_eq!(e, "shard 0 would have fewer than its 2 replicas without node 1");
+        // Node 3 holds nothing: another drain may start; node 1 is then
+        // the last node that can hold replicas.
+        map.apply(&MapChange::Drain { node: 4 }).unwrap();
+        drain_all(&mut map);
+        assert!(map.replicas.iter().all(|r| r == &[1]), "{:?}", map.replicas);
+        let e = map.apply(&MapChange::Drain { node: 1 }).unwrap_err();
+        assert_eq!(e, "node 1 is the last node that can hold replicas; add a node before draining it");
     }
 }

@@ -78,6 +78,7 @@ pub const RPCS: &[(&str, Access)] = &[
     ("/portrait.v1.Admin/ApplySchema", ADMIN),
     ("/portrait.v1.Admin/AddNode", ADMIN),
     ("/portrait.v1.Admin/RemoveNode", ADMIN),
+    ("/portrait.v1.Admin/DrainNode", ADMIN),
     ("/portrait.v1.Admin/TransferLeader", ADMIN),
     ("/portrait.v1.Admin/SetPartition", ADMIN),
     ("/portrait.v1.Admin/ConfirmClock", ADMIN),

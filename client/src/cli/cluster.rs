@@ -87,7 +87,14 @@ fn node_table(map: &ShardMapResponse, statuses: &Statuses) -> String {
                 },
             ),
         };
-        let _ = writeln!(out, "  {:>3}  {:<width$}  {:>6}  {led:>3}  {lag}", n.node_id, n.addr, hosted.len());
+        let draining = if map.draining.contains(&n.node_id) { "  (draining)" } else { "" };
+        let _ = writeln!(
+            out,
+            "  {:>3}  {:<width$}  {:>6}  {led:>3}  {lag}{draining}",
+            n.node_id,
+            n.addr,
+            hosted.len()
+        );
     }
     out
 }
@@ -165,6 +172,7 @@ mod tests {
             nodes: (1..=3).map(|n| MapNode { node_id: n, addr: format!("http://n{n}:7700") }).collect(),
             shard_replicas: vec![shard(0, 1, 0), shard(1, 2, 3), shard(2, 0, 0)],
             node_id: 1,
+            draining: vec![],
         };
         let status = |indexes: &[(u32, u64)]| ClusterStatusResponse {
             shard_status: indexes
@@ -197,6 +205,8 @@ mod tests {
         let mut down = statuses.clone();
         down.insert(3, Err("cannot connect".into()));
         assert!(node_table(&map, &down).ends_with("    0  unreachable: cannot connect\n"));
+        let draining = ShardMapResponse { draining: vec![2], ..map };
+        assert!(node_table(&draining, &statuses).contains("    1  0  (draining)\n"));
     }
 
     #[test]

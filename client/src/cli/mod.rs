@@ -132,8 +132,17 @@ enum ClusterCommand {
         #[arg(long)]
         learner: bool,
     },
-    /// Remove a node (voter or learner) from the cluster.
+    /// Remove a node (voter or learner) from the cluster; refused while it holds shard
+    /// replicas (drain it first).
     RemoveNode { id: u64 },
+    /// Move every shard replica off node ID (to the other nodes, a few at a time) and give
+    /// it no new ones; waits until it holds none, showing progress, then say how to remove it.
+    Drain {
+        id: u64,
+        /// Return once the drain is recorded, without waiting for the moves.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Make voter ID the leader of a shard, or of every shard the answering node leads
     /// (writes pause for about one leader lease).
     TransferLeader {
@@ -221,6 +230,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Cluster(ClusterCommand::RemoveNode { id }) => {
             let r = endpoint.connect().await?.remove_node(id).await?;
             Ok(status::members_text(r.log_index, &r.members))
+        }
+        Command::Cluster(ClusterCommand::Drain { id, no_wait }) => {
+            let client = endpoint.connect().await?;
+            let r = client.drain_node(id).await?;
+            let remove = format!("remove it with `portrait cluster remove-node {id}`");
+            if no_wait {
+                return Ok(format!(
+                    "node {id} is draining ({} replicas to move); when `portrait cluster status` shows it \
+                     holding none, {remove}",
+                    r.replicas
+                ));
+            }
+            eprintln!("node {id} is draining: {} replicas to move", r.replicas);
+            let mut shown = r.replicas as usize;
+            loop {
+                let left = client.replicas_on(id).await?;
+                if left == 0 {
+                    return Ok(format!("node {id} holds no replicas; {remove}"));
+                }
+                if left != shown {
+                    eprintln!("node {id}: {left} replicas left");
+                    shown = left;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
         }
     }
 }

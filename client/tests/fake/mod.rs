@@ -206,6 +206,13 @@ impl Admin for Fake {
         Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
     }
 
+    async fn drain_node(
+        &self,
+        _: Request<portrait_client::portrait_proto::v1::DrainNodeRequest>,
+    ) -> Result<Response<portrait_client::portrait_proto::v1::DrainNodeResponse>, Status> {
+        Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
+    }
+
     async fn shard_map(
         &self,
         request: Request<ShardMapRequest>,
@@ -340,6 +347,7 @@ pub fn shard_map(epoch: u64, nodes: &[(u64, &str)], leaders: &[u64]) -> ShardMap
         nodes: nodes.iter().map(|(id, addr)| MapNode { node_id: *id, addr: addr.to_string() }).collect(),
         shard_replicas,
         node_id: 0,
+        draining: vec![],
     }
 }
 

@@ -24,6 +24,8 @@ pub struct ShardMapView {
     pub nodes: BTreeMap<NodeId, String>,
     /// One per shard, in shard order.
     pub shard_replicas: Vec<ShardReplicas>,
+    /// Nodes being drained.
+    pub draining: Vec<NodeId>,
 }
 
 /// One shard's replicas and leader.
@@ -70,6 +72,7 @@ impl Node {
                 replication: 0,
                 nodes: BTreeMap::new(),
                 shard_replicas: vec![],
+                draining: vec![],
             };
         };
         let heard = self.leaders.lock().expect("leaders lock").clone();
@@ -96,6 +99,7 @@ impl Node {
             replication: map.replication,
             nodes: map.nodes.iter().map(|(id, n)| (*id, n.addr.clone())).collect(),
             shard_replicas,
+            draining: map.draining.iter().copied().collect(),
         }
     }
 

@@ -145,16 +145,37 @@ impl Node {
     /// while no leader of it answers; busy shards are not moved again.
     async fn balance(&self) -> Result<()> {
         let Some(map) = self.cluster().map.clone() else { return Ok(()) };
-        if self.max_moves == 0 || map.plan_moves(&BTreeSet::new(), 1).is_empty() {
+        let none = BTreeSet::new();
+        let balancing = self.max_moves > 0 && !map.plan_moves(&none, 1).is_empty();
+        if !balancing && map.plan_drain(&none, 1).is_empty() {
             return Ok(());
         }
         let busy = busy_shards(&map, &self.statuses().await);
-        let room = self.max_moves.saturating_sub(busy.len());
-        for change in map.plan_moves(&busy, room) {
-            tracing::info!(?change, "balancing replicas");
+        // A drain moves at least one replica at a time, even with
+        // balancing off.
+        let room = self.max_moves.max(1).saturating_sub(busy.len());
+        let mut plan = map.plan_drain(&busy, room);
+        if balancing && plan.is_empty() {
+            plan = map.plan_moves(&busy, room);
+        }
+        for change in plan {
+            tracing::info!(?change, "moving replicas");
             self.propose_meta(MetaCommand::Map(change)).await?;
         }
         Ok(())
+    }
+
+    /// Starts draining node `id` (meta leader only): placement then moves
+    /// its replicas away. Returns the replicas it holds now.
+    pub async fn drain_node(&self, id: NodeId) -> Result<u32> {
+        self.lead_meta()?;
+        let map = self.cluster().map.clone().ok_or_else(not_created)?;
+        if !map.nodes.contains_key(&id) {
+            return Err(Error::NotFound(format!("node {id} is not in the cluster")));
+        }
+        self.propose_meta(MetaCommand::Map(MapChange::Drain { node: id })).await?;
+        tracing::info!(node = id, "draining");
+        Ok(map.hosted_by(id).len() as u32)
     }
 
     /// Adds node `id` at `addr` (meta leader only): to the meta group (a
@@ -226,6 +247,10 @@ impl Node {
             self.meta.raft.metrics().borrow().membership_config.membership().get_node(&id).is_some();
         if !map.nodes.contains_key(&id) && !meta_member {
             return Err(Error::NotFound(format!("node {id} is not a member of the cluster")));
+        }
+        if map.nodes.contains_key(&id) {
+            // Refused while it holds replicas: checked before anything moves.
+            map.clone().apply(&MapChange::RemoveNode { node: id }).map_err(Error::FailedPrecondition)?;
         }
         if id == self.id {
             // Hand the meta group over first; the caller's retry (it

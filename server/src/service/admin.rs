@@ -5,11 +5,11 @@ use std::sync::Arc;
 use portrait_proto::v1::admin_server::Admin;
 use portrait_proto::v1::{
     AddNodeRequest, ApplySchemaRequest, ApplySchemaResponse, ClockStatus, ClusterStatusRequest,
-    ClusterStatusResponse, ConfirmClockRequest, ConfirmClockResponse, GetSchemaRequest, GetSchemaResponse,
-    LocateRequest, LocateResponse, MapNode, Member, MembershipResponse, PeerClock, RemoveNodeRequest,
-    SetClockOffsetRequest, SetClockOffsetResponse, SetPartitionRequest, SetPartitionResponse,
-    ShardMapRequest, ShardMapResponse, ShardReplica, ShardReplicas, ShardStatus, TransferLeaderRequest,
-    TransferLeaderResponse,
+    ClusterStatusResponse, ConfirmClockRequest, ConfirmClockResponse, DrainNodeRequest, DrainNodeResponse,
+    GetSchemaRequest, GetSchemaResponse, LocateRequest, LocateResponse, MapNode, Member, MembershipResponse,
+    PeerClock, RemoveNodeRequest, SetClockOffsetRequest, SetClockOffsetResponse, SetPartitionRequest,
+    SetPartitionResponse, ShardMapRequest, ShardMapResponse, ShardReplica, ShardReplicas, ShardStatus,
+    TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -118,6 +118,7 @@ fn shard_map_to_pb(map: &ShardMapView, node_id: u64) -> ShardMapResponse {
         nodes: map.nodes.iter().map(|(id, addr)| MapNode { node_id: *id, addr: addr.clone() }).collect(),
         shard_replicas: map.shard_replicas.iter().map(shard).collect(),
         node_id,
+        draining: map.draining.clone(),
     }
 }
 
@@ -188,6 +189,18 @@ impl Admin for AdminService {
         let remove = async { self.node.remove_node(node_id).await.map_err(Status::from) };
         let log_index = self.audited(who, "Admin/RemoveNode", args, remove).await?;
         Ok(Response::new(MembershipResponse { log_index, members: self.members() }))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<DrainNodeRequest>,
+    ) -> Result<Response<DrainNodeResponse>, Status> {
+        let who = who(&request);
+        let node_id = request.into_inner().node_id;
+        let args = serde_json::json!({"node_id": node_id});
+        let drain = async { self.node.drain_node(node_id).await.map_err(Status::from) };
+        let replicas = self.audited(who, "Admin/DrainNode", args, drain).await?;
+        Ok(Response::new(DrainNodeResponse { node_id, replicas }))
     }
 
     async fn transfer_leader(

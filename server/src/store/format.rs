@@ -19,7 +19,7 @@
 //! 3 = sharded layout (raft log and state keyed by group, one state
 //! database per node, per-group SST snapshot archives); 4 = every node of
 //! the shard map has a client and a peer address (raft memberships name
-//! the peer one).
+//! the peer one); 5 = the shard map records the nodes being drained.
 
 use std::path::Path;
 
@@ -28,8 +28,8 @@ use rocksdb::{IteratorMode, WriteOptions, DB};
 use super::sm_db::cf;
 
 /// The format this binary writes, and the only one it reads.
-/// 4: the map's nodes have a client and a peer address
-pub const STORAGE_FORMAT: u32 = 4;
+/// 5: the map records draining nodes
+pub const STORAGE_FORMAT: u32 = 5;
 
 /// What a database or archive without a recorded version was written by.
 pub const UNVERSIONED_FORMAT: u32 = 1;

@@ -134,3 +134,45 @@ async fn scaling_3_to_5_nodes_under_writers_moves_replicas_and_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+#[tokio::test]
+async fn a_node_dead_past_replica_dead_after_has_its_replicas_re_created() {
+    const SHARDS: u32 = 4;
+    let config = "replication = 3\nreplica_dead_after = \"3s\"\n";
+    let mut cluster = Cluster::start_sharded_with_config(4, SHARDS, config).await;
+    let all = [1, 2, 3, 4];
+    // Balancing gives node 4 its share (12 replicas: 3 per node).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let hosted_by_4 = loop {
+        let placed = placement(&statuses(&cluster, &all).await);
+        let on_4: Vec<u32> = placed.iter().filter(|(_, (n, _))| n.contains(&4)).map(|(s, _)| *s).collect();
+        if on_4.len() == 3 && placed.values().all(|(n, l)| n.len() == 3 && l.is_some()) {
+            break on_4;
+        }
+        assert!(Instant::now() < deadline, "node 4 got no replicas: {placed:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+
+    let client = cluster.client(1).await;
+    let events: Vec<Event> = (0..40).map(|i| order(&format!("u{i}"), format!("before-{i}"))).collect();
+    let written = client.write(events.clone()).await.expect("write");
+    assert_eq!(written.applied, 40);
+    let mut book = Book::default();
+    book.record(&events, false);
+    book.record(&events, true);
+
+    let killed = Instant::now();
+    cluster.kill(4);
+    // Every shard back on 3 voters, all among the living nodes.
+    let placed = wait_placed(&cluster, &[1, 2, 3], SHARDS).await;
+    println!(
+        "RF restored {:?} after the kill (replica_dead_after 3 s); node 4 held {hosted_by_4:?}",
+        killed.elapsed()
+    );
+    assert!(killed.elapsed() >= Duration::from_secs(3), "not before replica_dead_after");
+    assert!(placed.values().all(|(n, _)| n.len() == 3));
+    let map = client.shard_map().await.expect("map");
+    assert_eq!(map.draining, [4], "the dead node is drained");
+    assert_eq!(client.replicas_on(4).await.unwrap(), 0);
+    assert_eq!(assert_every_replica_holds(&cluster, &[1, 2, 3], SHARDS, &book).await, 12);
+}

@@ -27,7 +27,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (with fault injection
     about = "Portrait node: replicated user profiles with per-family TTL, over gRPC"
 )]
 pub struct Cli {
-    /// TOML config file (keys: node_id, data_dir, listen, advertise, peer_listen, peer_advertise, bootstrap, join, log, token_file, tls_cert, tls_key, tls_client_ca, peer_ca, peer_cert, peer_key, insecure, audit_log, shards, replication, max_moves, [raft], [clock]).
+    /// TOML config file (keys: node_id, data_dir, listen, advertise, peer_listen, peer_advertise, bootstrap, join, log, token_file, tls_cert, tls_key, tls_client_ca, peer_ca, peer_cert, peer_key, insecure, audit_log, shards, replication, max_moves, replica_dead_after, [raft], [clock]).
     #[arg(long, env = "PORTRAIT_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's raft id (stable across restarts).
@@ -110,6 +110,10 @@ pub struct Cli {
     /// shard is short of its replication factor).
     #[arg(long, env = "PORTRAIT_MAX_MOVES", value_name = "N")]
     pub max_moves: Option<usize>,
+    /// A node that has not answered the other nodes for this long is drained by the meta
+    /// group's leader, so that its replicas are re-created on the others (default 10m).
+    #[arg(long, env = "PORTRAIT_REPLICA_DEAD_AFTER", value_name = "DURATION")]
+    pub replica_dead_after: Option<String>,
     /// Test only (needs --fault-injection): milliseconds added to this node's wall clock.
     #[arg(long, hide = true, allow_hyphen_values = true)]
     pub test_clock_offset_ms: Option<i64>,
@@ -139,6 +143,7 @@ struct FileConfig {
     shards: Option<u32>,
     replication: Option<u32>,
     max_moves: Option<usize>,
+    replica_dead_after: Option<String>,
     #[serde(default)]
     raft: FileRaft,
     #[serde(default)]
@@ -282,6 +287,14 @@ impl Config {
             write_timeout_ms: file.raft.write_timeout_ms.unwrap_or(d.write_timeout_ms).max(100),
             quiet_idle_groups: file.raft.quiet_idle_groups.unwrap_or(d.quiet_idle_groups),
         };
+        let replica_dead_after = match cli.replica_dead_after.as_ref().or(file.replica_dead_after.as_ref()) {
+            None => crate::node::DEFAULT_REPLICA_DEAD_AFTER,
+            Some(t) => match parse_duration_ms(t) {
+                Ok(ms) if ms >= 1000 => std::time::Duration::from_millis(ms as u64),
+                Ok(_) => anyhow::bail!("replica_dead_after {t}: must be at least 1s"),
+                Err(e) => anyhow::bail!("replica_dead_after: {e}"),
+            },
+        };
         let node = NodeOptions {
             node_id: cli.node_id.or(file.node_id).unwrap_or(1),
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("data")),
@@ -294,6 +307,7 @@ impl Config {
             shards: cli.shards.or(file.shards),
             replication: cli.replication.or(file.replication),
             max_moves: cli.max_moves.or(file.max_moves).unwrap_or(crate::node::DEFAULT_MAX_MOVES),
+            replica_dead_after,
             seeds: join.clone(),
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
@@ -562,6 +576,14 @@ mod tests {
         assert_eq!(Config::resolve(file).unwrap().node.max_moves, 0);
         let flag = Cli::parse_from(["portraitd", "--config", path.to_str().unwrap(), "--max-moves", "5"]);
         assert_eq!(Config::resolve(flag).unwrap().node.max_moves, 5);
+        assert_eq!(default.node.replica_dead_after, crate::node::DEFAULT_REPLICA_DEAD_AFTER);
+        let dead = Cli::parse_from(["portraitd", "--replica-dead-after", "30s"]);
+        assert_eq!(
+            Config::resolve(dead).unwrap().node.replica_dead_after,
+            std::time::Duration::from_secs(30)
+        );
+        let short = Cli::parse_from(["portraitd", "--replica-dead-after", "10ms"]);
+        assert!(Config::resolve(short).unwrap_err().to_string().contains("must be at least 1s"));
     }
 
     #[test]

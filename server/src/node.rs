@@ -73,6 +73,10 @@ pub struct NodeOptions {
     /// Replica moves kept under way at once by balancing (`--max-moves`;
     /// 0: no balancing).
     pub max_moves: usize,
+    /// A node that has not answered for this long is drained by the meta
+    /// leader, so its replicas are re-created elsewhere
+    /// (`--replica-dead-after`).
+    pub replica_dead_after: Duration,
     /// Seeds of `--join`: a new node asks them for the number of shards.
     pub seeds: Vec<String>,
 }
@@ -204,7 +208,15 @@ pub struct Node {
     write_timeout: Duration,
     /// See [`NodeOptions::max_moves`].
     max_moves: usize,
+    /// See [`NodeOptions::replica_dead_after`].
+    replica_dead_after: Duration,
+    /// When each peer node last answered the clock probe.
+    liveness: Arc<Liveness>,
 }
+
+/// How long a node may not answer before the meta leader re-creates its
+/// replicas elsewhere, by default (`--replica-dead-after`).
+pub const DEFAULT_REPLICA_DEAD_AFTER: Duration = Duration::from_secs(600);
 
 /// Replica moves under way at once by default (`--max-moves`).
 pub const DEFAULT_MAX_MOVES: usize = 2;
@@ -266,7 +278,7 @@ impl Node {
             let quiet = QuietGroups {
                 me: opts.node_id,
                 registry: registry.clone(),
-                liveness,
+                liveness: liveness.clone(),
                 timing: (&opts.tuning).into(),
             };
             tasks.spawn("quiet groups", |stop| quiet.run(stop));
@@ -288,6 +300,8 @@ impl Node {
             leaders: Mutex::default(),
             placing: tokio::sync::Mutex::default(),
             max_moves: opts.max_moves,
+            replica_dead_after: opts.replica_dead_after,
+            liveness,
             channels,
             batcher,
             clock,

@@ -144,6 +144,7 @@ impl Node {
     /// while its leader's membership differs from the map's replicas, or
     /// while no leader of it answers; busy shards are not moved again.
     async fn balance(&self) -> Result<()> {
+        self.drain_dead().await?;
         let Some(map) = self.cluster().map.clone() else { return Ok(()) };
         let none = BTreeSet::new();
         let balancing = self.max_moves > 0 && !map.plan_moves(&none, 1).is_empty();
@@ -161,6 +162,31 @@ impl Node {
         for change in plan {
             tracing::info!(?change, "moving replicas");
             self.propose_meta(MetaCommand::Map(change)).await?;
+        }
+        Ok(())
+    }
+
+    /// Drains a node of the map that holds replicas and has not answered
+    /// this node's probes for `replica_dead_after` (as far as this node,
+    /// the meta leader, has seen: a new leader waits that long again), so
+    /// that its replicas are re-created on the others. One at a time, and
+    /// not while an operator's drain is under way.
+    async fn drain_dead(&self) -> Result<()> {
+        let Some(map) = self.cluster().map.clone() else { return Ok(()) };
+        if map.draining.iter().any(|d| !map.hosted_by(*d).is_empty()) {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        let dead = map.nodes.keys().copied().find(|&n| {
+            n != self.id
+                && !map.draining.contains(&n)
+                && !map.hosted_by(n).is_empty()
+                && self.liveness.silent_for(n, now) >= self.replica_dead_after
+        });
+        if let Some(node) = dead {
+            let silent = self.liveness.silent_for(node, now);
+            tracing::warn!(node, ?silent, "node silent past replica_dead_after: draining it to restore RF");
+            self.propose_meta(MetaCommand::Map(MapChange::Drain { node })).await?;
         }
         Ok(())
     }

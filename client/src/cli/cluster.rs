@@ -5,7 +5,7 @@
 //! default 64 shards: it is shown with `--shards`; otherwise one summary
 //! line names the shards without a leader and the largest lag.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::time::Duration;
 
@@ -61,6 +61,7 @@ fn render(map: &ShardMapResponse, statuses: &Statuses, all_shards: bool) -> Stri
     );
     out.push_str(&node_table(map, statuses));
     out.push_str(&shard_summary(map, statuses));
+    out.push_str(&moves_line(map, statuses));
     if all_shards {
         out.push_str(&shard_table(map, statuses));
     } else {
@@ -122,6 +123,46 @@ fn shard_summary(map: &ShardMapResponse, statuses: &Statuses) -> String {
         None => write!(line, "; lag unknown"),
     };
     line + "\n"
+}
+
+/// Replica moves and additions under way: shards whose membership, as
+/// their leader reports it, is not the map's replicas yet (`+N`: node N
+/// being added, `-N`: being removed).
+fn moves_line(map: &ShardMapResponse, statuses: &Statuses) -> String {
+    let mut moving = Vec::new();
+    for s in map.shard_replicas.iter().filter(|s| s.leader_id != 0) {
+        let Some(Ok(status)) = statuses.get(&s.leader_id) else { continue };
+        let Some(group) = status.shard_status.iter().find(|g| g.shard == s.shard) else { continue };
+        if group.voters.is_empty() {
+            continue; // a node too old to report its membership
+        }
+        let wanted: BTreeSet<u64> = s.replicas.iter().map(|r| r.node_id).collect();
+        let members: BTreeSet<u64> = group.voters.iter().chain(&group.learners).copied().collect();
+        let learners: BTreeSet<u64> = group.learners.iter().copied().collect();
+        let mut change: Vec<String> = wanted
+            .iter()
+            .filter(|n| !members.contains(n) || learners.contains(n))
+            .map(|n| format!("+{n}"))
+            .collect();
+        change.extend(members.difference(&wanted).map(|n| format!("-{n}")));
+        if !change.is_empty() {
+            moving.push(format!("shard {} {}", s.shard, change.join(" ")));
+        }
+    }
+    let draining = match map.draining.as_slice() {
+        [] => String::new(),
+        nodes => {
+            format!("; draining node {}", nodes.iter().map(u64::to_string).collect::<Vec<_>>().join(", "))
+        }
+    };
+    match moving.len() {
+        0 => format!("moves           none under way{draining}\n"),
+        n => {
+            let more = if n > LISTED { ", ..." } else { "" };
+            let listed = moving[..n.min(LISTED)].join(", ");
+            format!("moves           {n} under way: {listed}{more}{draining}\n")
+        }
+    }
 }
 
 /// One row per shard: its leader and each replica's applied index
@@ -215,6 +256,24 @@ mod tests {
         assert_eq!(
             shard_summary(&map, &statuses),
             "shards          2 with a leader, 1 without: 2; max lag 4 (shard 1 on node 3)\n"
+        );
+    }
+
+    #[test]
+    fn moves_under_way_are_shards_whose_leader_has_another_membership() {
+        let (mut map, mut statuses) = cluster();
+        assert_eq!(moves_line(&map, &statuses), "moves           none under way\n");
+        // Shard 0 (led by node 1) moves from node 3 to node 4: node 4 is a
+        // learner, node 3 still votes.
+        map.shard_replicas[0].replicas[2].node_id = 4;
+        let leader = statuses.get_mut(&1).unwrap().as_mut().unwrap();
+        let group = &mut leader.shard_status[0];
+        group.voters = vec![1, 2, 3];
+        group.learners = vec![4];
+        map.draining = vec![3];
+        assert_eq!(
+            moves_line(&map, &statuses),
+            "moves           1 under way: shard 0 +4 -3; draining node 3\n"
         );
     }
 

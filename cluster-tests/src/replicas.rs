@@ -33,7 +33,10 @@ pub async fn statuses(cluster: &Cluster, nodes: &[u64]) -> BTreeMap<u64, Cluster
 pub fn placement(all: &BTreeMap<u64, ClusterStatusResponse>) -> Placement {
     let mut by_shard = Placement::new();
     for (id, status) in all {
-        for s in status.shard_status.iter().filter(|s| s.role == "Leader" || s.role == "Follower") {
+        // A replica that its leader has not added yet reports Follower
+        // with no membership: only replicas whose membership names them vote.
+        let voting = status.shard_status.iter().filter(|s| s.role == "Leader" || s.role == "Follower");
+        for s in voting.filter(|s| s.voters.contains(id)) {
             let entry = by_shard.entry(s.shard).or_default();
             entry.0.insert(*id);
             if s.role == "Leader" {

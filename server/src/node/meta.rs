@@ -382,7 +382,10 @@ impl Node {
                 .iter()
                 .filter(|(n, _)| *n == node)
                 .flat_map(|(_, s)| s.shard_status.iter())
+                // A replica opened but not yet added by its leader reports
+                // Follower too: it votes once its membership names it.
                 .filter(|s| matches!(s.role.as_str(), "Leader" | "Follower" | "Candidate"))
+                .filter(|s| s.voters.contains(&node))
                 .map(|s| s.shard)
                 .collect();
             left.extend(map.hosted_by(node).into_iter().filter(|s| !voting.contains(s)).map(|s| (node, s)));

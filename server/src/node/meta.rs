@@ -473,7 +473,7 @@ fn in_meta(e: Error) -> Error {
 }
 
 /// A node's status, asked on its peer port.
-async fn peer_status(addr: &str) -> std::result::Result<ClusterStatusResponse, String> {
+pub(super) async fn peer_status(addr: &str) -> std::result::Result<ClusterStatusResponse, String> {
     let endpoint = crate::tls::peer_endpoint(addr)
         .map_err(|e| e.to_string())?
         .connect_timeout(STATUS_TIMEOUT)

@@ -102,7 +102,13 @@ impl Node {
         let mut drop = Vec::new();
         for replica in shards.into_iter().filter(|r| !hosted.contains(&r.gid.0)) {
             let since = *unplaced.entry(replica.gid).or_insert(now);
-            if !replica.is_leader() && (removed(&replica, self.id) || now - since >= DROP_AFTER) {
+            if replica.is_leader() {
+                continue;
+            }
+            if removed(&replica, self.id)
+                || now - since >= DROP_AFTER
+                || self.leader_left_me(&replica, map).await
+            {
                 drop.push(replica);
             }
         }
@@ -276,6 +282,26 @@ impl Node {
         tokio::time::timeout(self.write_timeout, call)
             .await
             .map_err(|_| Error::Unavailable(format!("not done within {} ms", self.write_timeout.as_millis())))
+    }
+}
+
+impl Node {
+    /// Whether the shard's leader (as this replica knows it) reports a
+    /// membership without this node: a removed replica usually never hears
+    /// of its removal, so it asks rather than wait for [`DROP_AFTER`].
+    async fn leader_left_me(&self, replica: &Replica, map: &ShardMap) -> bool {
+        let leader = replica.raft.metrics().borrow().current_leader;
+        let Some(entry) = leader.filter(|&l| l != self.id).and_then(|l| map.nodes.get(&l)) else {
+            return false;
+        };
+        let Ok(status) = super::meta::peer_status(&entry.peer_addr).await else { return false };
+        status.shard_status.iter().any(|s| {
+            s.shard == replica.gid.0
+                && s.role == "Leader"
+                && !s.voters.is_empty()
+                && !s.voters.contains(&self.id)
+                && !s.learners.contains(&self.id)
+        })
     }
 }
 

@@ -67,8 +67,32 @@ fn has_fault_injection(binary: &Path) -> bool {
 /// their tests compare log indexes of one raft log.
 pub const TEST_SHARDS: u32 = 4;
 
+/// A port nothing listens on, below the kernel's ephemeral range (32768
+/// and up by default): a port the kernel hands out (`bind :0`) can be taken
+/// by another test's outgoing connection before `portraitd` binds it. Each
+/// port is handed out once per process (a permutation of 20000-31999 from a
+/// per-process start).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        (std::process::id().wrapping_mul(7919) ^ nanos) % SPAN
+    });
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "no free port left in {LOW}-{}", LOW + SPAN - 1);
+        // 37 is prime to SPAN: n -> start + 37 n covers every port once.
+        let port = (LOW + (start + n * 37) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One `portraitd` process.

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use portrait_client::json::now_ms;
-use portrait_client::{Event, PortraitClient, Value};
+use portrait_client::{Event, PortraitClient};
 use portrait_cluster_tests::replicas::{assert_every_replica_holds, placement, statuses, wait_placed, Book};
+use portrait_cluster_tests::workload::order_of;
 use portrait_cluster_tests::Cluster;
 
 const SHARDS: u32 = 8;
@@ -25,17 +25,6 @@ const PER_REQUEST: usize = 4;
 const MAX_REQUESTS: usize = 600;
 const USERS: usize = 1_600;
 
-fn order(user: &str, event_id: String) -> Event {
-    Event {
-        user_id: user.into(),
-        family: "trade".into(),
-        r#type: "order".into(),
-        event_time_ms: now_ms(),
-        event_id,
-        attrs: [("amount".to_string(), Value::int(1))].into(),
-    }
-}
-
 /// One writer: request `seq` holds `PER_REQUEST` orders (ids
 /// `w<id>-<seq>-<j>`), retried with the same ids on the next client until
 /// acknowledged or the test stops.
@@ -44,7 +33,10 @@ async fn write(id: usize, clients: Vec<PortraitClient>, book: Arc<Mutex<Book>>, 
     for seq in 0..MAX_REQUESTS {
         let events: Vec<Event> = (0..PER_REQUEST)
             .map(|j| {
-                order(&format!("u{}", (id * 397 + seq * PER_REQUEST + j) % USERS), format!("w{id}-{seq}-{j}"))
+                order_of(
+                    &format!("u{}", (id * 397 + seq * PER_REQUEST + j) % USERS),
+                    &format!("w{id}-{seq}-{j}"),
+                )
             })
             .collect();
         loop {
@@ -154,7 +146,7 @@ async fn a_node_dead_past_replica_dead_after_has_its_replicas_re_created() {
     };
 
     let client = cluster.client(1).await;
-    let events: Vec<Event> = (0..40).map(|i| order(&format!("u{i}"), format!("before-{i}"))).collect();
+    let events: Vec<Event> = (0..40).map(|i| order_of(&format!("u{i}"), &format!("before-{i}"))).collect();
     let written = client.write(events.clone()).await.expect("write");
     assert_eq!(written.applied, 40);
     let mut book = Book::default();

@@ -324,9 +324,11 @@ struct Outcome {
 
 /// Runs every scenario on a new cluster of `layout`, printing the rows.
 async fn run_layout(layout: Layout) -> Outcome {
+    // The bench places leaders itself: no balancing (`max_moves = 0`).
+    let config = "max_moves = 0\n";
     let cluster = match layout.tls {
-        true => Cluster::start_tls(NODES, layout.shards).await,
-        false => Cluster::start_sharded(NODES, layout.shards).await,
+        true => Cluster::start_tls_with_config(NODES, layout.shards, config).await,
+        false => Cluster::start_sharded_with_config(NODES, layout.shards, config).await,
     };
     settle(&cluster, layout.shards, None).await;
     if layout.spread {

@@ -277,9 +277,9 @@ impl Cluster {
     }
 
     /// Like [`Cluster::start_proxied`], with `shards` shards (each on
-    /// min(3, n) nodes).
-    pub async fn start_proxied_sharded(n: u64, shards: u32) -> Cluster {
-        Cluster::launch(n, None, true, shards).await
+    /// min(3, n) nodes), each node with this `portraitd` config file.
+    pub async fn start_proxied_sharded_with_config(n: u64, shards: u32, config: &str) -> Cluster {
+        Cluster::launch(n, Some(config), true, shards).await
     }
 
     /// Like [`Cluster::start_sharded`], with TLS on both ports: each node
@@ -288,6 +288,12 @@ impl Cluster {
     /// trusts the client CA. [`Cluster::certs`] has the files.
     pub async fn start_tls(n: u64, shards: u32) -> Cluster {
         Cluster::launch_with(n, None, false, shards, true).await
+    }
+
+    /// Like [`Cluster::start_tls`], each node with this `portraitd` config
+    /// file.
+    pub async fn start_tls_with_config(n: u64, shards: u32, config: &str) -> Cluster {
+        Cluster::launch_with(n, Some(config), false, shards, true).await
     }
 
     /// The certificates of a [`Cluster::start_tls`] cluster.

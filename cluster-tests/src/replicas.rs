@@ -234,3 +234,62 @@ pub async fn drain(client: &PortraitClient, id: u64) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Shards each node of `all` leads, as the nodes report it (every node of
+/// `all` included, also with none).
+pub fn leaders_per_node(all: &BTreeMap<u64, ClusterStatusResponse>) -> BTreeMap<u64, usize> {
+    all.iter()
+        .map(|(&id, s)| {
+            (id, s.shard_status.iter().filter(|s| s.role == "Leader" && s.leader_id == id).count())
+        })
+        .collect()
+}
+
+/// Waits (at most `within`) until the nodes of `nodes` lead within one
+/// shard of each other and every one of the `shards` shards has a leader;
+/// returns the shards led per node.
+pub async fn wait_leaders_balanced(
+    cluster: &Cluster,
+    nodes: &[u64],
+    shards: u32,
+    within: Duration,
+) -> BTreeMap<u64, usize> {
+    let deadline = Instant::now() + within;
+    loop {
+        let led = leaders_per_node(&statuses(cluster, nodes).await);
+        let (min, max) = (led.values().min().copied().unwrap_or(0), led.values().max().copied().unwrap_or(0));
+        if led.values().sum::<usize>() == shards as usize && max - min <= 1 {
+            return led;
+        }
+        assert!(Instant::now() < deadline, "leaders not balanced over {nodes:?}: {led:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits (at most 60 s) until every replica on `nodes` reports its logical
+/// size measured at its applied index as of now (no writes meanwhile), and
+/// returns the bytes per node and per shard replica.
+pub async fn wait_sizes(cluster: &Cluster, nodes: &[u64]) -> BTreeMap<u64, BTreeMap<u32, u64>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut before: Option<BTreeMap<u64, BTreeMap<u32, u64>>> = None;
+    loop {
+        let all = statuses(cluster, nodes).await;
+        let sizes: Option<BTreeMap<u64, BTreeMap<u32, u64>>> = all
+            .iter()
+            .map(|(&id, s)| {
+                let shards: Option<BTreeMap<u32, u64>> =
+                    s.shard_status.iter().map(|s| Some((s.shard, s.state_bytes?))).collect();
+                Some((id, shards?))
+            })
+            .collect();
+        // Two readings a measuring round apart that agree.
+        if let Some(sizes) = sizes {
+            if before.as_ref() == Some(&sizes) {
+                return sizes;
+            }
+            before = Some(sizes);
+        }
+        assert!(Instant::now() < deadline, "sizes not measured on {nodes:?}: {all:?}");
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+    }
+}

@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use portrait_client::{Event, PortraitClient};
-use portrait_cluster_tests::replicas::{assert_every_replica_holds, placement, statuses, wait_placed, Book};
+use portrait_cluster_tests::replicas::{
+    assert_every_replica_holds, drain, placement, statuses, wait_leaders_balanced, wait_placed, wait_sizes,
+    Book,
+};
 use portrait_cluster_tests::workload::order_of;
 use portrait_cluster_tests::Cluster;
 
@@ -57,9 +60,10 @@ async fn write(id: usize, clients: Vec<PortraitClient>, book: Arc<Mutex<Book>>, 
     }
 }
 
-/// Voting replicas per node (of `nodes`), once every shard has exactly 3
-/// voters and a leader, and no node is more than one replica off another.
-async fn wait_balanced(cluster: &Cluster, nodes: &[u64]) -> BTreeMap<u64, usize> {
+/// Voting replicas per node (of `nodes`), once every one of the `shards`
+/// shards has exactly 3 voters and a leader, and no node is more than one
+/// replica off another.
+async fn wait_balanced(cluster: &Cluster, nodes: &[u64], shards: u32) -> BTreeMap<u64, usize> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let all = statuses(cluster, nodes).await;
@@ -68,7 +72,7 @@ async fn wait_balanced(cluster: &Cluster, nodes: &[u64]) -> BTreeMap<u64, usize>
         for (replicas, _) in placed.values() {
             replicas.iter().for_each(|n| *load.entry(*n).or_default() += 1);
         }
-        let settled = placed.len() == SHARDS as usize
+        let settled = placed.len() == shards as usize
             && placed.values().all(|(n, leader)| n.len() == 3 && leader.is_some())
             && all.values().flat_map(|s| &s.shard_status).all(|s| s.learners.is_empty());
         let (min, max) = (load.values().min().unwrap(), load.values().max().unwrap());
@@ -99,11 +103,15 @@ async fn scaling_3_to_5_nodes_under_writers_moves_replicas_and_loses_nothing() {
     let four = cluster.spawn_joining(&[1]).await;
     let five = cluster.spawn_joining(&[2]).await;
     let all = [1, 2, 3, four, five];
-    let load = wait_balanced(&cluster, &all).await;
-    println!("balanced after {:?}: {load:?}", started.elapsed());
+    let load = wait_balanced(&cluster, &all, SHARDS).await;
+    println!("replicas balanced after {:?}: {load:?}", started.elapsed());
     // 24 replicas over 5 nodes: 4 or 5 each, the new nodes included.
     assert!(load.values().all(|&l| l == 4 || l == 5), "{load:?}");
     assert_eq!(load.values().sum::<usize>(), 24);
+    // Then leaderships, by transfers under the writers: 8 over 5 nodes.
+    let led = wait_leaders_balanced(&cluster, &all, SHARDS, Duration::from_secs(90)).await;
+    println!("leaders balanced after {:?}: {led:?}", started.elapsed());
+    assert!(led.values().all(|&l| l == 1 || l == 2), "{led:?}");
 
     stop.store(true, Ordering::SeqCst);
     for w in writers {
@@ -125,6 +133,81 @@ async fn scaling_3_to_5_nodes_under_writers_moves_replicas_and_loses_nothing() {
         assert!(Instant::now() < deadline, "replicas moved away still hosted: {hosted:?} vs {load:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+
+    // Each node's logical bytes (the sum of its replicas' reported sizes)
+    // within 30 % of total x RF / N; a shard's replicas report about the
+    // same size, however they got their data.
+    let sizes = wait_sizes(&cluster, &all).await;
+    let mut by_shard: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for shards in sizes.values() {
+        shards.iter().for_each(|(s, b)| by_shard.entry(*s).or_default().push(*b));
+    }
+    for (shard, bytes) in &by_shard {
+        let (min, max) = (*bytes.iter().min().unwrap(), *bytes.iter().max().unwrap());
+        assert!(max as f64 <= min as f64 * 1.2, "shard {shard}'s replicas differ: {bytes:?}");
+    }
+    let total: f64 = by_shard.values().map(|b| b.iter().sum::<u64>() as f64 / b.len() as f64).sum();
+    let fair = total * 3.0 / all.len() as f64;
+    let per_node: BTreeMap<u64, u64> = sizes.iter().map(|(id, s)| (*id, s.values().sum())).collect();
+    println!("logical bytes per node {per_node:?}; total {total:.0} x RF 3 / 5 = {fair:.0}");
+    for (id, bytes) in &per_node {
+        let ratio = *bytes as f64 / fair;
+        assert!((0.7..=1.3).contains(&ratio), "node {id}: {bytes} bytes is {ratio:.2} x its share {fair:.0}");
+    }
+    // Five nodes: all of them vote in the meta group.
+    let meta_voters = &statuses(&cluster, &[1]).await[&1].meta_voters;
+    assert_eq!(meta_voters, &all, "meta voters");
+}
+
+#[tokio::test]
+async fn draining_a_node_under_writers_moves_its_replicas_and_its_meta_vote_away() {
+    const SHARDS: u32 = 4;
+    let mut cluster = Cluster::start_placed(4, SHARDS, 3).await;
+    let load = wait_balanced(&cluster, &[1, 2, 3, 4], SHARDS).await;
+    assert_eq!(load.values().sum::<usize>(), 12, "{load:?}");
+    let status = &statuses(&cluster, &[1]).await[&1];
+    assert_eq!(status.meta_voters, [1, 2, 3, 4], "four nodes: four meta voters");
+
+    let book = Arc::new(Mutex::new(Book::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for id in 1..=3 {
+        clients.push(cluster.client(id).await);
+    }
+    let writers: Vec<_> =
+        (0..WRITERS).map(|w| tokio::spawn(write(w, clients.clone(), book.clone(), stop.clone()))).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let admin = cluster.client(1).await;
+    let started = Instant::now();
+    drain(&admin, 4).await;
+    let placed = wait_placed(&cluster, &[1, 2, 3], SHARDS).await;
+    assert!(placed.values().all(|(n, l)| !n.contains(&4) && *l != 4), "{placed:?}");
+    // Draining also takes node 4's meta vote (no learner can replace it:
+    // the meta group goes to three voters on the nodes that stay).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let voters =
+            statuses(&cluster, &[1, 2, 3]).await.into_values().map(|s| s.meta_voters).collect::<Vec<_>>();
+        if voters.iter().all(|v| v == &[1, 2, 3]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 still a meta voter: {voters:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!("node 4 drained after {:?}", started.elapsed());
+    let removed = admin.remove_node(4).await.expect("remove the drained node");
+    assert_eq!(removed.members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [1, 2, 3]);
+    cluster.kill(4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let book = book.lock().unwrap().clone();
+    assert!(book.acked_total() > 100, "the writers made progress: {}", book.acked_total());
+    assert_eq!(assert_every_replica_holds(&cluster, &[1, 2, 3], SHARDS, &book).await, 12);
 }
 
 #[tokio::test]

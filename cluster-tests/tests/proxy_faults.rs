@@ -59,7 +59,8 @@ fn shards_written(ids: impl Iterator<Item = String>, shards: u32) -> BTreeSet<u3
 #[tokio::test]
 async fn a_node_cut_off_by_the_proxies_loses_its_shards_and_converges_after_healing() {
     let all = [1, 2, 3];
-    let cluster = Cluster::start_proxied_sharded(3, TEST_SHARDS).await;
+    // Leaders placed by the test: no balancing (`max_moves = 0`).
+    let cluster = Cluster::start_proxied_sharded_with_config(3, TEST_SHARDS, "max_moves = 0\n").await;
     wait_placed(&cluster, &all, TEST_SHARDS).await;
     // Node 1 created every shard and leads it: it keeps shards 0 and 3.
     let admin = cluster.client(1).await;

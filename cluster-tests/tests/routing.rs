@@ -36,7 +36,8 @@ fn located_shard(endpoint: &str, user: &str) -> u32 {
 
 #[tokio::test]
 async fn the_client_writes_to_each_shards_leader_and_reads_back_from_it() {
-    let cluster = Cluster::start_sharded(3, TEST_SHARDS).await;
+    // Leaders placed by the test: no balancing (`max_moves = 0`).
+    let cluster = Cluster::start_sharded_with_config(3, TEST_SHARDS, "max_moves = 0\n").await;
     // Leaders on three nodes: shard 1 to node 2, shard 2 to node 3.
     let client = cluster.client(1).await;
     client.transfer_leader_of(2, Some(1)).await.expect("transfer shard 1");

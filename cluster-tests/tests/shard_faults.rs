@@ -276,7 +276,8 @@ async fn a_cross_shard_write_without_a_quorum_names_the_shard_and_a_retry_applie
     const SHARDS: u32 = 4;
     const ALL: [u64; 3] = [1, 2, 3];
     // A short write timeout: the write that cannot commit fails sooner.
-    let config = "replication = 3\n[raft]\nwrite_timeout_ms = 1500\n";
+    // Leaders placed by the test: no balancing (`max_moves = 0`).
+    let config = "replication = 3\nmax_moves = 0\n[raft]\nwrite_timeout_ms = 1500\n";
     let cluster = Cluster::start_sharded_with_config(3, SHARDS, config).await;
     wait_placed(&cluster, &ALL, SHARDS).await;
     // Node 3 leads shard 1; another node the healthy shard.

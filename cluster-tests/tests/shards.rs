@@ -48,7 +48,8 @@ async fn check_local(cluster: &Cluster, id: u64, users: &[String], id_prefix: &s
 
 #[tokio::test]
 async fn writes_through_any_node_land_on_every_replica_of_their_shard() {
-    let cluster = Cluster::start_sharded(3, TEST_SHARDS).await;
+    // Leaders placed by the test: no balancing (`max_moves = 0`).
+    let cluster = Cluster::start_sharded_with_config(3, TEST_SHARDS, "max_moves = 0\n").await;
     for id in 1..=3 {
         let status = cluster.client(id).await.cluster_status().await.unwrap();
         assert_eq!((status.shards, status.shard_status.len()), (TEST_SHARDS, TEST_SHARDS as usize));

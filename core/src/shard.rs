@@ -383,9 +383,142 @@ impl ShardMap {
     }
 }
 
+/// A shard's leader and voters, as its leader reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leadership {
+    pub leader: NodeId,
+    pub voters: Vec<NodeId>,
+}
+
+/// A leadership transfer: `shard`'s leadership goes from `from` to `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaderTransfer {
+    pub shard: u32,
+    pub from: NodeId,
+    pub to: NodeId,
+}
+
+/// Leadership transfers, at most `limit`, that bring the shards' leaders
+/// per node of `nodes` (those that may lead: not draining) within one of
+/// each other, as far as each shard's voters allow. A leadership held
+/// outside `nodes` goes first, to the shard's voter in `nodes` that leads
+/// the fewest. Then, one at a time, the pair (leader, voter of a shard it
+/// leads) with the largest difference in leaderships, at least two, moves
+/// one (ties: lowest shard, then lowest target id). Each transfer lowers
+/// the sum of squared counts, so planning again on the result converges.
+/// Pure: the same inputs give the same plan.
+pub fn plan_leader_transfers(
+    leaders: &BTreeMap<u32, Leadership>,
+    nodes: &BTreeSet<NodeId>,
+    limit: usize,
+) -> Vec<LeaderTransfer> {
+    let mut count: BTreeMap<NodeId, usize> = nodes.iter().map(|&n| (n, 0)).collect();
+    let mut led: BTreeMap<u32, NodeId> = BTreeMap::new();
+    for (&shard, l) in leaders {
+        led.insert(shard, l.leader);
+        if let Some(c) = count.get_mut(&l.leader) {
+            *c += 1;
+        }
+    }
+    let fewest = |count: &BTreeMap<NodeId, usize>, voters: &[NodeId], except: NodeId| {
+        voters.iter().filter(|v| **v != except).filter_map(|v| count.get(v).map(|c| (*c, *v))).min()
+    };
+    let mut planned: Vec<LeaderTransfer> = Vec::new();
+    let mut moved: BTreeSet<u32> = BTreeSet::new();
+    while planned.len() < limit {
+        let mut best: Option<(usize, u32, NodeId)> = None; // (gain, shard, to)
+        for (&shard, l) in leaders.iter().filter(|(s, _)| !moved.contains(s)) {
+            let from = led[&shard];
+            let Some((to_count, to)) = fewest(&count, &l.voters, from) else { continue };
+            let gain = match count.get(&from) {
+                None => usize::MAX, // led from outside `nodes`: always moves
+                Some(&c) if c >= to_count + 2 => c - to_count,
+                Some(_) => continue,
+            };
+            if best.is_none_or(|(g, _, _)| gain > g) {
+                best = Some((gain, shard, to));
+            }
+        }
+        let Some((_, shard, to)) = best else { break };
+        let from = led[&shard];
+        if let Some(c) = count.get_mut(&from) {
+            *c -= 1;
+        }
+        *count.get_mut(&to).expect("a node of `nodes`") += 1;
+        led.insert(shard, to);
+        moved.insert(shard);
+        planned.push(LeaderTransfer { shard, from, to });
+    }
+    planned
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn led(pairs: &[(u32, NodeId, &[NodeId])]) -> BTreeMap<u32, Leadership> {
+        pairs.iter().map(|&(s, leader, voters)| (s, Leadership { leader, voters: voters.to_vec() })).collect()
+    }
+
+    fn counts(leaders: &BTreeMap<u32, Leadership>, plan: &[LeaderTransfer]) -> BTreeMap<NodeId, usize> {
+        let mut leaders = leaders.clone();
+        for t in plan {
+            let l = leaders.get_mut(&t.shard).unwrap();
+            assert_eq!(l.leader, t.from, "{t:?} starts at the shard's leader");
+            assert!(l.voters.contains(&t.to), "{t:?} goes to a voter");
+            l.leader = t.to;
+        }
+        let mut count = BTreeMap::new();
+        for l in leaders.values() {
+            *count.entry(l.leader).or_insert(0) += 1;
+        }
+        count
+    }
+
+    #[test]
+    fn leaderships_spread_within_one_over_the_voters() {
+        // Six shards on three nodes, all led by node 1.
+        let all: &[NodeId] = &[1, 2, 3];
+        let leaders = led(&[(0, 1, all), (1, 1, all), (2, 1, all), (3, 1, all), (4, 1, all), (5, 1, all)]);
+        let nodes = BTreeSet::from([1, 2, 3]);
+        let plan = plan_leader_transfers(&leaders, &nodes, 100);
+        assert_eq!(plan.len(), 4, "{plan:?}");
+        assert_eq!(plan[0], LeaderTransfer { shard: 0, from: 1, to: 2 });
+        assert_eq!(counts(&leaders, &plan), BTreeMap::from([(1, 2), (2, 2), (3, 2)]));
+        assert_eq!(plan_leader_transfers(&leaders, &nodes, 100), plan, "the same plan every time");
+        assert_eq!(plan_leader_transfers(&leaders, &nodes, 1), plan[..1], "the limit holds");
+
+        // Balanced within one: nothing to do.
+        let leaders = led(&[(0, 1, all), (1, 1, all), (2, 2, all), (3, 3, all)]);
+        assert!(plan_leader_transfers(&leaders, &nodes, 100).is_empty());
+
+        // Voters constrain: shards 0-3 on {1, 2} only, node 3 leads what it
+        // can (shard 4, 5 are its own); 1 and 2 end within one.
+        let leaders = led(&[
+            (0, 1, &[1, 2]),
+            (1, 1, &[1, 2]),
+            (2, 1, &[1, 2]),
+            (3, 1, &[1, 2]),
+            (4, 3, &[3]),
+            (5, 3, &[3]),
+        ]);
+        let plan = plan_leader_transfers(&leaders, &nodes, 100);
+        assert_eq!(counts(&leaders, &plan), BTreeMap::from([(1, 2), (2, 2), (3, 2)]));
+        assert!(plan.iter().all(|t| t.to == 2), "{plan:?}");
+    }
+
+    #[test]
+    fn leaderships_leave_nodes_that_may_not_lead() {
+        // Node 3 drains: its leaderships go first, to the fewest-leading
+        // voter, even when counts are even.
+        let all: &[NodeId] = &[1, 2, 3];
+        let leaders = led(&[(0, 1, all), (1, 2, all), (2, 3, all), (3, 3, &[3])]);
+        let nodes = BTreeSet::from([1, 2]);
+        let plan = plan_leader_transfers(&leaders, &nodes, 100);
+        assert_eq!(plan, vec![LeaderTransfer { shard: 2, from: 3, to: 1 }], "shard 3 has no other voter");
+        // A shard nobody leads (no leader reported) is simply absent.
+        assert!(plan_leader_transfers(&BTreeMap::new(), &nodes, 100).is_empty());
+    }
 
     #[test]
     fn the_shard_hash_is_xxh3_and_stable() {

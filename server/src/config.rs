@@ -105,9 +105,10 @@ pub struct Cli {
     /// min(this, nodes)). Fixed at creation; ignored by a node that joins.
     #[arg(long, env = "PORTRAIT_REPLICATION", value_name = "RF")]
     pub replication: Option<u32>,
-    /// Replica moves the meta group's leader keeps under way at once to balance replicas over
-    /// the nodes (default 2; 0 turns balancing off: new nodes then get replicas only where a
-    /// shard is short of its replication factor).
+    /// Replica moves (and leadership transfers) the meta group's leader keeps under way at
+    /// once to balance replicas and shard leaders over the nodes (default 2; 0 turns balancing
+    /// off: new nodes then get replicas only where a shard is short of its replication factor,
+    /// and leaders stay where elections put them).
     #[arg(long, env = "PORTRAIT_MAX_MOVES", value_name = "N")]
     pub max_moves: Option<usize>,
     /// A node that has not answered the other nodes for this long is drained by the meta

@@ -17,6 +17,7 @@ mod meta;
 mod placement;
 mod read;
 mod shards;
+mod sizes;
 mod tasks;
 mod write;
 
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::{BasicNode, ServerState};
-use portrait_core::shard::{check_layout, DEFAULT_REPLICATION};
+use portrait_core::shard::{check_layout, LeaderTransfer, DEFAULT_REPLICATION};
 
 use crate::clock::{ClockOptions, ClockStatus, NodeClock};
 use crate::error::{Error, Result};
@@ -143,6 +144,8 @@ pub struct NodeStatus {
     /// AppendEntriesBatch calls sent and the items they carried.
     pub raft_batches_sent: u64,
     pub raft_batch_items_sent: u64,
+    /// The meta group's voters, as this node's replica of it knows them.
+    pub meta_voters: Vec<NodeId>,
 }
 
 /// One shard's raft group as this node sees it.
@@ -159,6 +162,8 @@ pub struct ShardStatus {
     /// log; during a change, the voters of both configurations).
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
+    /// The replica's logical size as last measured (`node/sizes.rs`).
+    pub state_bytes: Option<u64>,
 }
 
 pub struct Node {
@@ -188,6 +193,12 @@ pub struct Node {
     unplaced: Mutex<BTreeMap<GroupId, tokio::time::Instant>>,
     /// Held by the one placement running on the node (`Node::place`).
     placing: tokio::sync::Mutex<()>,
+    /// Leader balancing's transfers under way (meta leader), by shard, and
+    /// when leaders were last balanced (see `Node::balance_leaders`).
+    leader_moves: Arc<Mutex<BTreeMap<u32, LeaderTransfer>>>,
+    leaders_balanced: Mutex<Option<tokio::time::Instant>>,
+    /// Each hosted shard replica's logical size (`node/sizes.rs`).
+    sizes: Mutex<BTreeMap<GroupId, sizes::Size>>,
     /// Leaders of shards this node hosts no replica of, as last heard.
     leaders: Mutex<BTreeMap<GroupId, NodeId>>,
     /// One connection per peer node, shared by every group (and forwarded
@@ -299,6 +310,9 @@ impl Node {
             unplaced: Mutex::default(),
             leaders: Mutex::default(),
             placing: tokio::sync::Mutex::default(),
+            leader_moves: Arc::default(),
+            sizes: Mutex::default(),
+            leaders_balanced: Mutex::default(),
             max_moves: opts.max_moves,
             replica_dead_after: opts.replica_dead_after,
             liveness,
@@ -316,6 +330,8 @@ impl Node {
         }
         let weak = Arc::downgrade(&node);
         node.spawn_task("placement", |stop| placement::run(weak, stop));
+        let weak = Arc::downgrade(&node);
+        node.spawn_task("sizes", |stop| sizes::run(weak, stop));
         Ok(node)
     }
 
@@ -483,11 +499,20 @@ impl Node {
                 .all()
                 .iter()
                 .filter(|r| r.gid != GroupId::META)
-                .map(|r| shard_status(r))
+                .map(|r| ShardStatus { state_bytes: self.state_bytes(r.gid), ..shard_status(r) })
                 .collect(),
             log_fsyncs: self.log_fsyncs(),
             raft_batches_sent: self.channels.batches_sent(),
             raft_batch_items_sent: self.channels.batch_items_sent(),
+            meta_voters: self
+                .meta
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect(),
         }
     }
 
@@ -537,6 +562,7 @@ fn shard_status(replica: &Replica) -> ShardStatus {
         schema_version: replica.sm.schema().version,
         voters: m.membership_config.membership().voter_ids().collect(),
         learners: m.membership_config.membership().learner_ids().collect(),
+        state_bytes: None,
     }
 }
 

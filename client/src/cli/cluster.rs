@@ -70,10 +70,11 @@ fn render(map: &ShardMapResponse, statuses: &Statuses, all_shards: bool) -> Stri
     out
 }
 
-/// Per node: shards hosted and led, and its largest lag with the shard.
+/// Per node: shards hosted and led, the logical bytes of its replicas,
+/// and its largest lag with the shard.
 fn node_table(map: &ShardMapResponse, statuses: &Statuses) -> String {
     let width = map.nodes.iter().map(|n| n.addr.len()).max().unwrap_or(0).max(4);
-    let mut out = format!("  {:>3}  {:<width$}  hosted  led  lag\n", "id", "addr");
+    let mut out = format!("  {:>3}  {:<width$}  hosted  led      bytes  lag\n", "id", "addr");
     for n in &map.nodes {
         let hosted: Vec<&ShardReplicas> =
             map.shard_replicas.iter().filter(|s| s.replicas.iter().any(|r| r.node_id == n.node_id)).collect();
@@ -89,15 +90,35 @@ fn node_table(map: &ShardMapResponse, statuses: &Statuses) -> String {
             ),
         };
         let draining = if map.draining.contains(&n.node_id) { "  (draining)" } else { "" };
+        let bytes = match statuses.get(&n.node_id) {
+            Some(Ok(s)) => s.shard_status.iter().filter_map(|s| s.state_bytes).reduce(|a, b| a + b),
+            _ => None,
+        };
+        let bytes = bytes.map_or("?".into(), human_bytes);
         let _ = writeln!(
             out,
-            "  {:>3}  {:<width$}  {:>6}  {led:>3}  {lag}{draining}",
+            "  {:>3}  {:<width$}  {:>6}  {led:>3}  {bytes:>9}  {lag}{draining}",
             n.node_id,
             n.addr,
             hosted.len()
         );
     }
     out
+}
+
+/// `bytes` in B, KiB, MiB, GiB or TiB (one decimal past B).
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// Shards without a leader, and the largest lag of any replica.
@@ -222,6 +243,7 @@ mod tests {
                     shard,
                     last_log_index: i,
                     applied_index: i,
+                    state_bytes: Some(i * 1000),
                     ..Default::default()
                 })
                 .collect(),
@@ -238,16 +260,20 @@ mod tests {
     #[test]
     fn nodes_show_shards_hosted_led_and_lag() {
         let (map, statuses) = cluster();
-        let expected = "   id  addr            hosted  led  lag\n\
-            \x20   1  http://n1:7700       3    1  0\n\
-            \x20   2  http://n2:7700       3    1  0\n\
-            \x20   3  http://n3:7700       3    0  4 (shard 1)\n";
+        let expected = "   id  addr            hosted  led      bytes  lag\n\
+            \x20   1  http://n1:7700       3    1   34.2 KiB  0\n\
+            \x20   2  http://n2:7700       3    1   34.2 KiB  0\n\
+            \x20   3  http://n3:7700       3    0   20.5 KiB  4 (shard 1)\n";
         assert_eq!(node_table(&map, &statuses), expected);
         let mut down = statuses.clone();
         down.insert(3, Err("cannot connect".into()));
-        assert!(node_table(&map, &down).ends_with("    0  unreachable: cannot connect\n"));
+        assert!(node_table(&map, &down).ends_with("    0          ?  unreachable: cannot connect\n"));
         let draining = ShardMapResponse { draining: vec![2], ..map };
-        assert!(node_table(&draining, &statuses).contains("    1  0  (draining)\n"));
+        assert!(node_table(&draining, &statuses).contains("    1   34.2 KiB  0  (draining)\n"));
+        assert_eq!(
+            [0, 1023, 1024, 1536 * 1024, 5 << 40, 5000 << 40].map(human_bytes),
+            ["0 B", "1023 B", "1.0 KiB", "1.5 MiB", "5.0 TiB", "5000.0 TiB"]
+        );
     }
 
     #[test]

@@ -10,14 +10,14 @@
 //! (each shard's leader makes its membership match the map and applies the
 //! schema through its own log: see `node/placement.rs`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use portrait_core::meta::{MetaCommand, MetaOutcome, MetaState};
-use portrait_core::shard::{MapChange, ShardMap};
+use portrait_core::shard::{plan_leader_transfers, Leadership, MapChange, ShardMap};
 use portrait_proto::v1::raft_client::RaftClient;
-use portrait_proto::v1::{ClusterStatusRequest, ClusterStatusResponse};
+use portrait_proto::v1::{BalanceLeaderRequest, ClusterStatusRequest, ClusterStatusResponse};
 
 use super::Node;
 use crate::engine::check_schema;
@@ -40,6 +40,11 @@ const FOLLOW_TIMEOUT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(200);
 /// One status call to a peer may take this long.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often leader balancing looks at the shards' leaders.
+const LEADER_BALANCE_EVERY: Duration = Duration::from_secs(1);
+/// A leader balancing transfer may take this long (it waits for the
+/// target to catch up, then sleeps one leader lease).
+const LEADER_TRANSFER_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Node {
     /// The meta group's state as this node applied it.
@@ -149,6 +154,7 @@ impl Node {
         let none = BTreeSet::new();
         let balancing = self.max_moves > 0 && !map.plan_moves(&none, 1).is_empty();
         if !balancing && map.plan_drain(&none, 1).is_empty() {
+            self.balance_leaders(&map).await;
             return Ok(());
         }
         let busy = busy_shards(&map, &self.statuses().await);
@@ -164,6 +170,67 @@ impl Node {
             self.propose_meta(MetaCommand::Map(change)).await?;
         }
         Ok(())
+    }
+
+    /// Leader balancing (meta leader, with balancing on): once no replica
+    /// is moving, asks shards' leaders to hand leaderships over so that
+    /// the nodes not draining lead within one of each other
+    /// ([`plan_leader_transfers`]), at most `max_moves` transfers under way
+    /// at once. Looks every [`LEADER_BALANCE_EVERY`]; each transfer runs on
+    /// the shard's leader (`Raft.BalanceLeader`) and pauses that shard's
+    /// writes for about one leader lease.
+    async fn balance_leaders(&self, map: &ShardMap) {
+        if self.max_moves == 0 {
+            return;
+        }
+        {
+            let mut last = self.leaders_balanced.lock().expect("leaders_balanced lock");
+            let now = tokio::time::Instant::now();
+            if last.is_some_and(|at| now - at < LEADER_BALANCE_EVERY) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let statuses = self.statuses().await;
+        if !busy_shards(map, &statuses).is_empty() {
+            return;
+        }
+        let mut leaders: BTreeMap<u32, (u64, Leadership)> = BTreeMap::new();
+        for (node, status) in &statuses {
+            for s in status.shard_status.iter().filter(|s| s.role == "Leader" && s.leader_id == *node) {
+                // Two claims (one stale): the later term's.
+                if leaders.get(&s.shard).is_none_or(|(term, _)| s.term > *term) {
+                    let leadership = Leadership { leader: *node, voters: s.voters.clone() };
+                    leaders.insert(s.shard, (s.term, leadership));
+                }
+            }
+        }
+        let mut leaders: BTreeMap<u32, Leadership> = leaders.into_iter().map(|(s, (_, l))| (s, l)).collect();
+        let mut moves = self.leader_moves.lock().expect("leader_moves lock");
+        for (shard, t) in moves.iter() {
+            if let Some(l) = leaders.get_mut(shard) {
+                l.leader = t.to; // counted where it is going
+            }
+        }
+        let nodes: BTreeSet<NodeId> =
+            map.nodes.keys().filter(|n| !map.draining.contains(n)).copied().collect();
+        let room = self.max_moves.saturating_sub(moves.len());
+        for t in plan_leader_transfers(&leaders, &nodes, room) {
+            if moves.contains_key(&t.shard) {
+                continue;
+            }
+            let (Some(from), Some(_)) = (map.nodes.get(&t.from), map.nodes.get(&t.to)) else { continue };
+            tracing::info!(shard = t.shard, from = t.from, to = t.to, "balancing leaders");
+            moves.insert(t.shard, t);
+            let request = BalanceLeaderRequest { from: self.id, group: t.shard, target: t.to };
+            let (addr, moves) = (from.peer_addr.clone(), self.leader_moves.clone());
+            tokio::spawn(async move {
+                if let Err(e) = peer_balance_leader(&addr, request).await {
+                    tracing::info!(shard = t.shard, from = t.from, to = t.to, error = %e, "leader transfer");
+                }
+                moves.lock().expect("leader_moves lock").remove(&t.shard);
+            });
+        }
     }
 
     /// Drains a node of the map that holds replicas and has not answered
@@ -481,6 +548,16 @@ pub(super) async fn peer_status(addr: &str) -> std::result::Result<ClusterStatus
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
     let reply = RaftClient::new(channel).status(ClusterStatusRequest {}).await;
     reply.map(|r| r.into_inner()).map_err(|s| s.message().to_string())
+}
+
+/// Asks the node at peer address `addr` to transfer a shard's leadership.
+async fn peer_balance_leader(addr: &str, request: BalanceLeaderRequest) -> std::result::Result<(), String> {
+    let endpoint = crate::tls::peer_endpoint(addr)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(STATUS_TIMEOUT)
+        .timeout(LEADER_TRANSFER_TIMEOUT);
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    RaftClient::new(channel).balance_leader(request).await.map(|_| ()).map_err(|s| s.message().to_string())
 }
 
 /// Adds `id` to one group (a no-op where it is already what is asked): a

@@ -79,7 +79,7 @@ impl Node {
             if let Err(e) = self.place().await {
                 tracing::debug!(error = %e, "placement");
             }
-            if let Err(e) = self.promote_meta_learners(map).await {
+            if let Err(e) = self.keep_meta_voters(map).await {
                 tracing::debug!(error = %e, "meta group voters");
             }
         }
@@ -202,23 +202,51 @@ impl Node {
         Ok(())
     }
 
-    /// Promotes nodes of the map that only learn the meta group, while it
-    /// has fewer than [`MAX_META_VOTERS`] voters (this node leads it).
-    async fn promote_meta_learners(&self, map: &ShardMap) -> Result<()> {
+    /// Keeps the meta group's voters on nodes fit to hold them: nodes of
+    /// the map that are not draining and have answered within
+    /// `replica_dead_after` (this node leads the meta group). One step per
+    /// pass: a learner that is fit is promoted while the group has fewer
+    /// than [`MAX_META_VOTERS`] voters or to replace a voter that is not
+    /// fit; then a voter that is not fit becomes a learner (it still reads
+    /// the map), unless it is the last; a leader that is not fit first
+    /// hands the group to a fit voter. So scaling in (drain, then remove)
+    /// or losing nodes for good never leaves the meta group's quorum on
+    /// nodes that are going: demoting a voter that is going never lowers
+    /// the failures the group survives once it has gone.
+    async fn keep_meta_voters(&self, map: &ShardMap) -> Result<()> {
         let m = self.meta.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         if membership.get_joint_config().len() > 1 {
             return Ok(());
         }
+        let now = std::time::Instant::now();
+        // A voter not in the map yet is one AddNode is adding: fit.
+        let fit = |n: &NodeId| {
+            !map.draining.contains(n)
+                && (*n == self.id || self.liveness.silent_for(*n, now) < self.replica_dead_after)
+        };
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let room = MAX_META_VOTERS.saturating_sub(voters.len());
+        let unfit: BTreeSet<NodeId> = voters.iter().filter(|v| !fit(v)).copied().collect();
+        let room = MAX_META_VOTERS.saturating_sub(voters.len()) + unfit.len();
         let promote: BTreeSet<NodeId> =
-            membership.learner_ids().filter(|n| map.nodes.contains_key(n)).take(room).collect();
-        if promote.is_empty() {
+            membership.learner_ids().filter(|n| map.nodes.contains_key(n) && fit(n)).take(room).collect();
+        let change = if !promote.is_empty() {
+            tracing::info!(nodes = ?promote, "meta group: promoting learners to voters");
+            ChangeMembers::AddVoterIds(promote)
+        } else if unfit.is_empty() || unfit.len() == voters.len() {
             return Ok(());
-        }
+        } else if unfit.contains(&self.id) {
+            let target = *voters.iter().find(|v| fit(v)).expect("a fit voter");
+            tracing::info!(target, "meta group: handing leadership to a voter that stays");
+            self.transfer_group(&self.meta, target).await?;
+            return Ok(());
+        } else {
+            tracing::info!(nodes = ?unfit, "meta group: voters draining or silent become learners");
+            ChangeMembers::RemoveVoters(unfit)
+        };
         let _pass = self.meta.gate.pass(self.write_timeout).await?;
-        let change = self.meta.raft.change_membership(ChangeMembers::AddVoterIds(promote), false);
+        // `retain`: a voter removed stays a learner.
+        let change = self.meta.raft.change_membership(change, true);
         self.bounded(change).await?.map_err(client_write_error)?;
         Ok(())
     }

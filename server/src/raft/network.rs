@@ -621,6 +621,12 @@ mod tests {
         ) -> Result<tonic::Response<portrait_proto::v1::MembershipResponse>, tonic::Status> {
             Err(tonic::Status::unimplemented("test"))
         }
+        async fn balance_leader(
+            &self,
+            _: tonic::Request<portrait_proto::v1::BalanceLeaderRequest>,
+        ) -> Result<tonic::Response<portrait_proto::v1::TransferLeaderResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
     }
 
     #[tokio::test]

@@ -92,6 +92,7 @@ fn shard_status_to_pb(s: crate::node::ShardStatus) -> ShardStatus {
         schema_version: s.schema_version,
         voters: s.voters,
         learners: s.learners,
+        state_bytes: s.state_bytes,
     }
 }
 
@@ -304,5 +305,6 @@ pub fn cluster_status_pb(node: &Node) -> ClusterStatusResponse {
         log_fsyncs: s.log_fsyncs,
         raft_batches_sent: s.raft_batches_sent,
         raft_batch_items_sent: s.raft_batch_items_sent,
+        meta_voters: s.meta_voters,
     }
 }

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use portrait_proto::v1::raft_server::Raft;
 use portrait_proto::v1::{
-    AddNodeRequest, ClockRequest, ClockResponse, ClusterStatusRequest, ClusterStatusResponse,
-    MembershipResponse, RaftBatch, RaftBatchReply, RaftItemReply, RaftPayload, StartElectionRequest,
-    StartElectionResponse,
+    AddNodeRequest, BalanceLeaderRequest, ClockRequest, ClockResponse, ClusterStatusRequest,
+    ClusterStatusResponse, MembershipResponse, RaftBatch, RaftBatchReply, RaftItemReply, RaftPayload,
+    StartElectionRequest, StartElectionResponse, TransferLeaderResponse,
 };
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
@@ -173,6 +173,22 @@ impl Raft for RaftService {
         pending.finish(added.as_ref().map(|_| ()));
         let log_index = added?;
         Ok(Response::new(MembershipResponse { log_index, members: super::admin::members_pb(&self.node) }))
+    }
+
+    async fn balance_leader(
+        &self,
+        req: Request<BalanceLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        self.check_sender(&self.peer_certs(&req), Some(req.get_ref().from))?;
+        let req = req.into_inner();
+        tracing::info!(
+            from = req.from,
+            shard = req.group,
+            target = req.target,
+            "balancing leaders: transfer"
+        );
+        let (leader_id, leader_addr) = self.node.transfer_leader(req.target, Some(req.group)).await?;
+        Ok(Response::new(TransferLeaderResponse { leader_id, leader_addr }))
     }
 
     async fn clock(&self, _: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {

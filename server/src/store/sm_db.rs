@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, FlushOptions, IteratorMode, MemtableFactory,
-    Options, SliceTransform, WriteBatch, WriteOptions, DB,
+    Options, ReadOptions, SliceTransform, WriteBatch, WriteOptions, DB,
 };
 
 use super::apply_writer::{ApplyWriter, CacheBudget};
@@ -168,6 +168,30 @@ impl StateDb {
             group.forget("the group was dropped from this node");
         }
         Ok(())
+    }
+
+    /// Group `gid`'s logical size: the bytes of its keys and values in
+    /// every column family, as of one RocksDB snapshot (what a snapshot of
+    /// the group copies; values expired but not yet reclaimed count). Reads
+    /// the group's whole range, bypassing the block cache.
+    pub fn group_bytes(&self, gid: GroupId) -> Result<u64, rocksdb::Error> {
+        let snap = self.db.snapshot();
+        let (start, end) = group_range(gid);
+        let mut bytes = 0u64;
+        for name in ALL_CFS {
+            let mut opts = ReadOptions::default();
+            opts.set_total_order_seek(true);
+            opts.fill_cache(false);
+            opts.set_iterate_upper_bound(end.clone());
+            let mut it = snap.raw_iterator_cf_opt(cf(&self.db, name), opts);
+            it.seek(&start);
+            while let (Some(key), Some(value)) = (it.key(), it.value()) {
+                bytes += (key.len() + value.len()) as u64;
+                it.next();
+            }
+            it.status()?;
+        }
+        Ok(bytes)
     }
 
     pub fn db(&self) -> Arc<DB> {

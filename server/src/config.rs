@@ -171,6 +171,7 @@ struct FileRaft {
     tick_interval_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
     quiet_idle_groups: Option<bool>,
+    snapshot_send_mb_per_sec: Option<u64>,
 }
 
 /// The resolved configuration.
@@ -287,6 +288,10 @@ impl Config {
             tick_interval_ms: file.raft.tick_interval_ms.unwrap_or(d.tick_interval_ms).max(10),
             write_timeout_ms: file.raft.write_timeout_ms.unwrap_or(d.write_timeout_ms).max(100),
             quiet_idle_groups: file.raft.quiet_idle_groups.unwrap_or(d.quiet_idle_groups),
+            snapshot_send_mb_per_sec: file
+                .raft
+                .snapshot_send_mb_per_sec
+                .unwrap_or(d.snapshot_send_mb_per_sec),
         };
         let replica_dead_after = match cli.replica_dead_after.as_ref().or(file.replica_dead_after.as_ref()) {
             None => crate::node::DEFAULT_REPLICA_DEAD_AFTER,

@@ -146,6 +146,8 @@ pub struct NodeStatus {
     pub raft_batch_items_sent: u64,
     /// The meta group's voters, as this node's replica of it knows them.
     pub meta_voters: Vec<NodeId>,
+    /// Bytes of snapshot chunks this node has sent since it started.
+    pub snapshot_bytes_sent: u64,
 }
 
 /// One shard's raft group as this node sees it.
@@ -245,7 +247,8 @@ impl Node {
         let replication = opts.replication.unwrap_or(DEFAULT_REPLICATION);
         check_layout(shards, replication).map_err(|e| anyhow::anyhow!("--{e}"))?;
         let clock = Arc::new(NodeClock::open(&opts.data_dir, opts.clock.clone())?);
-        let (channels, blocked) = (Channels::default(), Blocked::default());
+        let snapshot_rate = opts.tuning.snapshot_send_mb_per_sec.saturating_mul(1_000_000);
+        let (channels, blocked) = (Channels::new(snapshot_rate), Blocked::default());
         let raft_config = Arc::new(opts.tuning.openraft_config()?);
         let shared = Shared {
             me: opts.node_id,
@@ -513,6 +516,7 @@ impl Node {
                 .membership()
                 .voter_ids()
                 .collect(),
+            snapshot_bytes_sent: self.channels.snapshot_bytes_sent(),
         }
     }
 

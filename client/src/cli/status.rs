@@ -145,6 +145,7 @@ mod tests {
             raft_batches_sent: 0,
             raft_batch_items_sent: 0,
             meta_voters: vec![1],
+            snapshot_bytes_sent: 0,
         };
         let expected = "node            1 (Leader)\n\
             leader          1 at http://127.0.0.1:7701\n\

@@ -8,7 +8,9 @@
 //!   created (a new cluster's shards).
 //! - **As a shard's leader**: its raft membership is brought to the map's
 //!   replicas: a missing node is added as a learner, promoted to voter
-//!   once it is within [`PROMOTE_LAG`] entries, and only when every replica
+//!   once it has replicated past the leader's purged log (a snapshot still
+//!   on its way does not count) and is within [`PROMOTE_LAG`] entries of
+//!   the log's end, and only when every replica
 //!   the map wants votes are the others removed (the group never drops
 //!   below the map's replicas; a leader that is to go hands its leadership
 //!   to one of them first). The shard's schema is brought to the meta
@@ -162,14 +164,16 @@ impl Node {
             return Ok(());
         }
         let last = m.last_log_index.unwrap_or(0);
-        let matched = |n: &NodeId| {
-            m.replication.as_ref().and_then(|r| r.get(n).cloned().flatten()).map_or(0, |l| l.index)
+        let purged = m.purged.map_or(0, |l| l.index);
+        // Caught up: it holds something (a learner being sent a snapshot
+        // has matched nothing yet), at least what the log no longer has (so
+        // it has the snapshot), and is within PROMOTE_LAG of the log's end.
+        let caught_up = |n: &NodeId| {
+            let matched = m.replication.as_ref().and_then(|r| r.get(n).cloned().flatten()).map(|l| l.index);
+            matched.is_some_and(|i| i >= purged && i + PROMOTE_LAG >= last)
         };
-        let ready: BTreeSet<NodeId> = wanted
-            .iter()
-            .filter(|n| !voters.contains(n) && matched(n) + PROMOTE_LAG >= last)
-            .copied()
-            .collect();
+        let ready: BTreeSet<NodeId> =
+            wanted.iter().filter(|n| !voters.contains(n) && caught_up(n)).copied().collect();
         if !ready.is_empty() {
             let _pass = replica.gate.pass(self.write_timeout).await?;
             let change = raft.change_membership(ChangeMembers::AddVoterIds(ready.clone()), false);

@@ -49,6 +49,10 @@ pub struct RaftTuning {
     /// Idle groups turn their heartbeats off, and followers campaign on the
     /// node-wide liveness probe instead of their own timers (see [`quiet`]).
     pub quiet_idle_groups: bool,
+    /// Snapshots this node sends (every group, every peer together) go
+    /// out at this many MB/s at most (0: no limit): a replica moving or
+    /// catching up does not take the disk and network from the writes.
+    pub snapshot_send_mb_per_sec: u64,
 }
 
 impl Default for RaftTuning {
@@ -68,6 +72,7 @@ impl Default for RaftTuning {
             tick_interval_ms: 1_000,
             write_timeout_ms: 5_000,
             quiet_idle_groups: true,
+            snapshot_send_mb_per_sec: 100,
         }
     }
 }
@@ -83,6 +88,16 @@ impl RaftTuning {
         }
     }
 
+    /// Snapshot chunks: 4 MiB, or one second of the snapshot send rate if
+    /// less (at least 64 KiB), so that paced sending stays smooth.
+    pub fn snapshot_chunk_bytes(&self) -> u64 {
+        const MAX: u64 = 4 * 1024 * 1024;
+        match self.snapshot_send_mb_per_sec {
+            0 => MAX,
+            mb => mb.saturating_mul(1_000_000).clamp(64 * 1024, MAX),
+        }
+    }
+
     pub fn openraft_config(&self) -> anyhow::Result<openraft::Config> {
         let config = openraft::Config {
             cluster_name: "portrait".into(),
@@ -91,7 +106,7 @@ impl RaftTuning {
             election_timeout_max: self.election_timeout_max_ms,
             // Large snapshots stream in chunks; give each chunk time.
             install_snapshot_timeout: 60_000,
-            snapshot_max_chunk_size: 4 * 1024 * 1024,
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes(),
             // Entries per AppendEntries; the log reader also stops at
             // `MAX_APPEND_ENTRIES_BYTES` (8 MiB), which binds first for any
             // entry over 32 KiB (a batch of ~100 typical events).

@@ -68,6 +68,41 @@ pub struct Links {
     queues: std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>,
     batches: AtomicU64,
     items: AtomicU64,
+    /// Snapshot chunks of every group to every peer share this rate.
+    snapshots: Pacer,
+    snapshot_bytes: AtomicU64,
+}
+
+/// Paces the node's outgoing snapshot chunks to `bytes_per_sec` (0: no
+/// limit), all groups and peers together: a chunk of `n` bytes starts no
+/// earlier than the previous one's start plus the previous `n / rate`, so
+/// sending averages the rate with bursts of one chunk (openraft sends
+/// snapshots in chunks of `snapshot_max_chunk_size`, 4 MiB).
+#[derive(Default)]
+pub struct Pacer {
+    bytes_per_sec: u64,
+    next: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Pacer {
+    pub fn new(bytes_per_sec: u64) -> Pacer {
+        Pacer { bytes_per_sec, next: Default::default() }
+    }
+
+    /// Waits until a chunk of `bytes` may start.
+    pub async fn pace(&self, bytes: usize) {
+        if self.bytes_per_sec == 0 {
+            return;
+        }
+        let start = {
+            let mut next = self.next.lock().expect("pacer lock");
+            let now = tokio::time::Instant::now();
+            let start = next.map_or(now, |n| n.max(now));
+            *next = Some(start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64));
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
 }
 
 /// One group's AppendEntries waiting in a peer's queue.
@@ -78,6 +113,17 @@ pub struct Queued {
 }
 
 impl Channels {
+    /// Channels whose snapshot chunks go out at `snapshot_bytes_per_sec`
+    /// at most (0: no limit).
+    pub fn new(snapshot_bytes_per_sec: u64) -> Channels {
+        Channels(Arc::new(Links { snapshots: Pacer::new(snapshot_bytes_per_sec), ..Links::default() }))
+    }
+
+    /// Bytes of snapshot chunks this node has sent (answered by the peer).
+    pub fn snapshot_bytes_sent(&self) -> u64 {
+        self.0.snapshot_bytes.load(Ordering::Relaxed)
+    }
+
     /// The client for `addr`, connecting lazily on first use.
     pub fn get(&self, addr: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
         let mut map = self.0.clients.lock().expect("channels lock");
@@ -387,8 +433,16 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        self.call(encode(&rpc), &option, network_error, |mut c, r| async move { c.install_snapshot(r).await })
-            .await
+        let data = encode(&rpc);
+        let bytes = data.len();
+        self.channels.0.snapshots.pace(bytes).await;
+        let sent = self
+            .call(data, &option, network_error, |mut c, r| async move { c.install_snapshot(r).await })
+            .await;
+        if sent.is_ok() {
+            self.channels.0.snapshot_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+        sent
     }
 
     async fn vote(
@@ -489,6 +543,33 @@ mod tests {
     use super::*;
     use crate::model::Event;
     use crate::types::{Command, Entry};
+
+    #[tokio::test]
+    async fn snapshot_chunks_go_out_at_the_paced_rate() {
+        // 10 MB/s, chunks of 0.5 MB: each takes 50 ms of the budget, so the
+        // fifth starts 200 ms after the first.
+        let pacer = Pacer::new(10_000_000);
+        let started = std::time::Instant::now();
+        for _ in 0..5 {
+            pacer.pace(500_000).await;
+        }
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(195), "{elapsed:?}");
+        assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+        // A pause spends no budget in advance: after it, the next chunk
+        // starts at once.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = std::time::Instant::now();
+        pacer.pace(500_000).await;
+        assert!(now.elapsed() < Duration::from_millis(40), "{:?}", now.elapsed());
+        // No limit: never waits.
+        let unlimited = Pacer::new(0);
+        let now = std::time::Instant::now();
+        for _ in 0..1_000 {
+            unlimited.pace(64 << 20).await;
+        }
+        assert!(now.elapsed() < Duration::from_millis(100));
+    }
 
     fn entry(index: u64, events: usize) -> Entry {
         let event = Event::bare();

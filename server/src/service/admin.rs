@@ -306,5 +306,6 @@ pub fn cluster_status_pb(node: &Node) -> ClusterStatusResponse {
         raft_batches_sent: s.raft_batches_sent,
         raft_batch_items_sent: s.raft_batch_items_sent,
         meta_voters: s.meta_voters,
+        snapshot_bytes_sent: s.snapshot_bytes_sent,
     }
 }

@@ -72,7 +72,7 @@ pub const TEST_SHARDS: u32 = 4;
 /// by another test's outgoing connection before `portraitd` binds it. Each
 /// port is handed out once per process (a permutation of 20000-31999 from a
 /// per-process start).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();

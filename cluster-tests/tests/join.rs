@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use portrait_cluster_tests::workload::{order, served};
-use portrait_cluster_tests::Cluster;
+use portrait_cluster_tests::{free_port, portraitd, Cluster};
 use tokio::time::Instant;
 
 /// Waits until node `via` reports exactly `voters` as voters.
@@ -58,4 +58,48 @@ async fn nodes_started_with_join_become_voters_and_do_not_join_again_on_restart(
     assert!(log.contains("already a voter of the cluster; not joining"), "{log}");
     wait_voters(&cluster, 1, &[1, two, three]).await;
     replicated(&cluster, 2, &[two, three]).await;
+}
+
+#[tokio::test]
+async fn a_node_joining_with_an_id_in_use_is_refused_and_told_what_to_do() {
+    let cluster = Cluster::start(3).await;
+    // A new process claims node 2's id, at addresses of its own.
+    let dir = tempfile::tempdir().unwrap();
+    let (port, peer_port) = (free_port(), free_port());
+    let log_path = dir.path().join("node.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = std::process::Command::new(portraitd())
+        .args(["--node-id", "2", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--peer-listen", &format!("127.0.0.1:{peer_port}"), "--join", &cluster.node(1).advertised()])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env_remove("PORTRAIT_CONFIG")
+        .env("NO_COLOR", "1")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refusal = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("the cluster refused to add this node")) {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no refusal logged:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(refusal.contains("ERROR"), "{refusal}");
+    let what = format!("node 2 is in the cluster at {}", cluster.node(2).endpoint());
+    assert!(refusal.contains(&what), "{refusal}");
+    assert!(refusal.contains("remove it and add it again with a new id"), "{refusal}");
+
+    // Nothing changed: node 2 is where it was.
+    let status = cluster.client(1).await.cluster_status().await.unwrap();
+    let members: Vec<(u64, &str)> =
+        status.members.iter().map(|m| (m.node_id, m.peer_addr.as_str())).collect();
+    let (one, two, three) =
+        (cluster.node(1).advertised(), cluster.node(2).advertised(), cluster.node(3).advertised());
+    assert_eq!(members, [(1, one.as_str()), (2, two.as_str()), (3, three.as_str())]);
 }

@@ -89,7 +89,14 @@ async fn join(node: Arc<Node>, seeds: Vec<String>) {
             }
             match add_self(&node, seed).await {
                 Ok(()) => return tracing::info!(seed = %seed, "joined the cluster as a voter"),
-                Err(e) => tracing::warn!(seed = %seed, error = %e, "cannot join the cluster yet; will retry"),
+                // Refused (e.g. this node's id is another node's): no retry
+                // changes that until an operator acts; say so loudly.
+                Err(Refusal::Refused(e)) => {
+                    tracing::error!(seed = %seed, error = %e, "the cluster refused to add this node; will retry")
+                }
+                Err(Refusal::NotYet(e)) => {
+                    tracing::warn!(seed = %seed, error = %e, "cannot join the cluster yet; will retry")
+                }
             }
         }
         tokio::time::sleep(backoff).await;
@@ -102,15 +109,26 @@ fn is_voter(node: &Node) -> bool {
     node.in_map()
 }
 
+/// Why an attempt failed.
+enum Refusal {
+    /// The cluster refused the node as it is (FAILED_PRECONDITION or
+    /// INVALID_ARGUMENT: e.g. its id is in use at other addresses).
+    Refused(String),
+    /// Anything else: the seed unreachable, no leader yet, a timeout.
+    NotYet(String),
+}
+
 /// One attempt through `seed`, following leader redirects.
-async fn add_self(node: &Node, seed: &str) -> Result<(), String> {
+async fn add_self(node: &Node, seed: &str) -> Result<(), Refusal> {
     let mut target = seed.to_string();
     for _ in 0..=MAX_REDIRECTS {
         let endpoint = crate::tls::peer_endpoint(&target)
-            .map_err(|e| format!("{target}: {e}"))?
+            .map_err(|e| Refusal::NotYet(format!("{target}: {e}")))?
             .connect_timeout(Duration::from_secs(3));
-        let channel =
-            endpoint.connect().await.map_err(|e| format!("cannot reach {target}: {}", causes(&e)))?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| Refusal::NotYet(format!("cannot reach {target}: {}", causes(&e))))?;
         let mut request = tonic::Request::new(AddNodeRequest {
             node_id: node.id,
             addr: node.advertise.clone(),
@@ -124,10 +142,18 @@ async fn add_self(node: &Node, seed: &str) -> Result<(), String> {
         };
         match status.metadata().get(LEADER_KEY).and_then(|v| v.to_str().ok()) {
             Some(leader) if leader != target => target = leader.to_string(),
-            _ => return Err(format!("{target}: {}", status.message())),
+            _ => {
+                let message = format!("{target}: {}", status.message());
+                return Err(match status.code() {
+                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
+                        Refusal::Refused(message)
+                    }
+                    _ => Refusal::NotYet(message),
+                });
+            }
         }
     }
-    Err(format!("more than {MAX_REDIRECTS} leader redirects from {seed}"))
+    Err(Refusal::NotYet(format!("more than {MAX_REDIRECTS} leader redirects from {seed}")))
 }
 
 /// An error and its sources, e.g. `transport error: dns error: ...`.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use portrait_client::portrait_proto::v1::ClusterStatusResponse;
 use portrait_client::{Consistency, Event, PortraitClient, WriteResponse};
+use portrait_cluster_tests::replicas::wait_leaders_balanced;
 use portrait_cluster_tests::{workload, Cluster};
 
 const SHARDS: u32 = 8;
@@ -89,6 +90,9 @@ async fn contact_ages(cluster: &Cluster, id: u64, probe: &BTreeMap<u32, String>)
 #[tokio::test]
 async fn idle_leaders_stop_heartbeating_and_a_write_wakes_them() {
     let cluster = &Cluster::start_sharded(3, SHARDS).await;
+    // Leader balancing first spreads the leaders (deliberate transfers,
+    // not the campaigns this test looks for).
+    wait_leaders_balanced(cluster, &ALL, SHARDS, Duration::from_secs(60)).await;
     let users = users();
     let written = write_all(cluster, 1, &users, "a").await;
     for id in ALL {

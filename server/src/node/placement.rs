@@ -321,19 +321,26 @@ impl Node {
     /// Whether the shard's leader (as this replica knows it) reports a
     /// membership without this node: a removed replica usually never hears
     /// of its removal, so it asks rather than wait for [`DROP_AFTER`].
+    /// A replica that restarted after its removal knows no leader: then
+    /// the nodes the map places the shard on are asked.
     async fn leader_left_me(&self, replica: &Replica, map: &ShardMap) -> bool {
-        let leader = replica.raft.metrics().borrow().current_leader;
-        let Some(entry) = leader.filter(|&l| l != self.id).and_then(|l| map.nodes.get(&l)) else {
-            return false;
+        let leader = replica.raft.metrics().borrow().current_leader.filter(|&l| l != self.id);
+        let placed = map.replicas.get(replica.gid.0 as usize).cloned().unwrap_or_default();
+        let ask = match leader {
+            Some(l) => vec![l],
+            None => placed.into_iter().filter(|&n| n != self.id).collect(),
         };
-        let Ok(status) = super::meta::peer_status(&entry.peer_addr).await else { return false };
-        status.shard_status.iter().any(|s| {
-            s.shard == replica.gid.0
-                && s.role == "Leader"
-                && !s.voters.is_empty()
-                && !s.voters.contains(&self.id)
-                && !s.learners.contains(&self.id)
-        })
+        for node in ask {
+            let Some(entry) = map.nodes.get(&node) else { continue };
+            let Ok(status) = super::meta::peer_status(&entry.peer_addr).await else { continue };
+            let led = status.shard_status.iter().find(|s| s.shard == replica.gid.0 && s.role == "Leader");
+            if let Some(s) = led {
+                return !s.voters.is_empty()
+                    && !s.voters.contains(&self.id)
+                    && !s.learners.contains(&self.id);
+            }
+        }
+        false
     }
 }
 

@@ -6,9 +6,21 @@
 //! - asks for a snapshot once the entries after the last snapshot hold
 //!   `snapshot_every_bytes`;
 //! - once a snapshot exists, asks openraft to purge the log behind it down
-//!   to `keep_log_bytes_after_snapshot` (openraft still keeps what a
-//!   replication in flight needs, and purges no entry that is not in the
-//!   snapshot).
+//!   to `keep_logs_after_snapshot` entries or `keep_log_bytes_after_snapshot`
+//!   bytes, whichever keeps less (openraft still keeps what a replication in
+//!   flight needs, and purges no entry that is not in the snapshot; its own
+//!   purging by entries is off: `max_in_snapshot_log_to_keep` is `u64::MAX`);
+//! - on a group's leader, holds the log for members catching up (learners:
+//!   replicas being added or moved in; and any member that has matched
+//!   nothing yet): no entry such a member still needs (after its matched
+//!   index; for one that has matched nothing, such as a new replica being
+//!   sent a snapshot, nothing past what is purged now) is purged while the
+//!   log after the hold point is at most `CATCH_UP_HOLD` times
+//!   `keep_log_bytes_after_snapshot`.
+//!   Without it, a replica that receives a snapshot while the writes go on
+//!   finds the entries after it purged and needs another, and a move of a
+//!   large shard under steady writes may never finish. A member gone for
+//!   good holds the log up to that bound only.
 //!
 //! Whichever bound, entries or bytes, comes first wins. One task for the
 //! whole node looks at every group it hosts every [`POLL`]; it ends when
@@ -29,10 +41,15 @@ use crate::types::GroupId;
 /// seconds, so a snapshot asked for up to this late changes nothing.
 const POLL: Duration = Duration::from_millis(200);
 
-/// The byte bounds, from [`RaftTuning`].
+/// The log held for members catching up is at most this many times
+/// `keep_log_bytes_after_snapshot` (1 GiB by default).
+const CATCH_UP_HOLD: u64 = 8;
+
+/// The bounds, from [`RaftTuning`].
 #[derive(Debug, Clone, Copy)]
 pub struct BytePolicy {
     pub snapshot_every_bytes: u64,
+    pub keep_logs_after_snapshot: u64,
     pub keep_log_bytes_after_snapshot: u64,
 }
 
@@ -40,6 +57,7 @@ impl From<&RaftTuning> for BytePolicy {
     fn from(t: &RaftTuning) -> Self {
         BytePolicy {
             snapshot_every_bytes: t.snapshot_every_bytes,
+            keep_logs_after_snapshot: t.keep_logs_after_snapshot,
             keep_log_bytes_after_snapshot: t.keep_log_bytes_after_snapshot,
         }
     }
@@ -63,7 +81,16 @@ struct Seen {
 }
 
 impl Seen {
-    fn decide(&mut self, policy: BytePolicy, log: &LogBytes, snapshot: Option<u64>) -> Vec<Action> {
+    /// `hold`: on a leader, the newest index every member already has (or,
+    /// for a member that has nothing yet, what is purged now): purging past
+    /// it is put off while the log after it is small enough.
+    fn decide(
+        &mut self,
+        policy: BytePolicy,
+        log: &LogBytes,
+        snapshot: Option<u64>,
+        hold: Option<u64>,
+    ) -> Vec<Action> {
         let mut actions = Vec::new();
         if self.snapshot_asked_at.is_some_and(|at| at != snapshot) {
             self.snapshot_asked_at = None;
@@ -72,7 +99,21 @@ impl Seen {
             self.snapshot_asked_at = Some(snapshot);
             actions.push(Action::Snapshot);
         }
-        let purge = snapshot.and_then(|s| log.keep_bytes_before(s, policy.keep_log_bytes_after_snapshot));
+        let purge = snapshot.and_then(|s| {
+            let by_entries = s.checked_sub(policy.keep_logs_after_snapshot).filter(|&u| u > 0);
+            let by_bytes = log.keep_bytes_before(s, policy.keep_log_bytes_after_snapshot);
+            let upto = by_entries.max(by_bytes)?;
+            match hold {
+                Some(h) if h < upto => {
+                    let held = log.bytes_after(Some(h));
+                    match held <= policy.keep_log_bytes_after_snapshot.saturating_mul(CATCH_UP_HOLD) {
+                        true => Some(h),
+                        false => Some(upto),
+                    }
+                }
+                _ => Some(upto),
+            }
+        });
         if let Some(upto) = purge.filter(|&upto| upto > self.purge_asked) {
             self.purge_asked = upto;
             actions.push(Action::Purge(upto));
@@ -92,7 +133,8 @@ pub async fn run_until(registry: Arc<Registry>, policy: BytePolicy, mut stop: wa
         for replica in registry.all() {
             let (raft, log) = (&replica.raft, &replica.log_bytes);
             let snapshot = raft.data_metrics().borrow().snapshot.map(|l| l.index);
-            for action in seen.entry(replica.gid).or_default().decide(policy, log, snapshot) {
+            let hold = catch_up_hold(&raft.metrics().borrow());
+            for action in seen.entry(replica.gid).or_default().decide(policy, log, snapshot, hold) {
                 let result = match action {
                     Action::Snapshot => {
                         tracing::info!(
@@ -112,11 +154,32 @@ pub async fn run_until(registry: Arc<Registry>, policy: BytePolicy, mut stop: wa
     }
 }
 
+/// On a leader: the newest index that every learner (a replica being
+/// added or moved in) has replicated, and what is purged now if any member
+/// has replicated nothing yet (it is being sent a snapshot); `None`
+/// elsewhere, or when no member is catching up. A voter that fell behind
+/// (a node that was down) is not waited for: it gets a snapshot.
+fn catch_up_hold(m: &openraft::RaftMetrics<crate::types::NodeId, openraft::BasicNode>) -> Option<u64> {
+    let replication = m.replication.as_ref()?;
+    let purged = m.purged.map_or(0, |l| l.index);
+    let membership = m.membership_config.membership();
+    let learner = |id: &crate::types::NodeId| membership.learner_ids().any(|l| l == *id);
+    replication
+        .iter()
+        .filter(|(id, matched)| **id != m.id && (matched.is_none() || learner(id)))
+        .map(|(_, matched)| matched.map_or(purged, |l| l.index))
+        .min()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const POLICY: BytePolicy = BytePolicy { snapshot_every_bytes: 100, keep_log_bytes_after_snapshot: 30 };
+    const POLICY: BytePolicy = BytePolicy {
+        snapshot_every_bytes: 100,
+        keep_logs_after_snapshot: 1_000,
+        keep_log_bytes_after_snapshot: 30,
+    };
 
     #[test]
     fn snapshots_once_per_interval_of_bytes() {
@@ -124,21 +187,21 @@ mod tests {
         for i in 1..=9 {
             log.appended(i, 10);
         }
-        assert_eq!(seen.decide(POLICY, &log, None), []);
+        assert_eq!(seen.decide(POLICY, &log, None, None), []);
         log.appended(10, 10);
-        assert_eq!(seen.decide(POLICY, &log, None), [Action::Snapshot]);
+        assert_eq!(seen.decide(POLICY, &log, None, None), [Action::Snapshot]);
         log.appended(11, 10);
-        assert_eq!(seen.decide(POLICY, &log, None), [], "asked already; no snapshot yet");
+        assert_eq!(seen.decide(POLICY, &log, None, None), [], "asked already; no snapshot yet");
         // The snapshot covers 10: 10 bytes after it, and 30 kept behind it.
-        assert_eq!(seen.decide(POLICY, &log, Some(10)), [Action::Purge(7)]);
-        assert_eq!(seen.decide(POLICY, &log, Some(10)), []);
+        assert_eq!(seen.decide(POLICY, &log, Some(10), None), [Action::Purge(7)]);
+        assert_eq!(seen.decide(POLICY, &log, Some(10), None), []);
         for i in 12..=19 {
             log.appended(i, 10);
         }
-        assert_eq!(seen.decide(POLICY, &log, Some(10)), [], "90 bytes after the snapshot");
+        assert_eq!(seen.decide(POLICY, &log, Some(10), None), [], "90 bytes after the snapshot");
         log.appended(20, 10);
-        assert_eq!(seen.decide(POLICY, &log, Some(10)), [Action::Snapshot]);
-        assert_eq!(seen.decide(POLICY, &log, Some(20)), [Action::Purge(17)]);
+        assert_eq!(seen.decide(POLICY, &log, Some(10), None), [Action::Snapshot]);
+        assert_eq!(seen.decide(POLICY, &log, Some(20), None), [Action::Purge(17)]);
     }
 
     #[test]
@@ -147,8 +210,37 @@ mod tests {
         for i in 1..=30 {
             log.appended(i, 10);
         }
-        assert_eq!(seen.decide(POLICY, &log, Some(5)), [Action::Snapshot, Action::Purge(2)]);
+        assert_eq!(seen.decide(POLICY, &log, Some(5), None), [Action::Snapshot, Action::Purge(2)]);
         // A snapshot (asked before, by entries) ends at 6: 240 bytes after it.
-        assert_eq!(seen.decide(POLICY, &log, Some(6)), [Action::Snapshot, Action::Purge(3)]);
+        assert_eq!(seen.decide(POLICY, &log, Some(6), None), [Action::Snapshot, Action::Purge(3)]);
+    }
+
+    #[test]
+    fn entries_bound_the_log_too_and_members_catching_up_hold_it_within_a_bound() {
+        let policy = BytePolicy {
+            snapshot_every_bytes: 1_000_000,
+            keep_logs_after_snapshot: 5,
+            keep_log_bytes_after_snapshot: 1_000,
+        };
+        let log = LogBytes::default();
+        for i in 1..=20 {
+            log.appended(i, 10);
+        }
+        // By entries: a snapshot at 20 keeps 5 entries behind it.
+        assert_eq!(Seen::default().decide(policy, &log, Some(20), None), [Action::Purge(15)]);
+        // A member that has 8 holds the log after it (120 bytes, well
+        // under 8 x 1,000); as it catches up, the purge follows it.
+        let mut seen = Seen::default();
+        assert_eq!(seen.decide(policy, &log, Some(20), Some(8)), [Action::Purge(8)]);
+        assert_eq!(seen.decide(policy, &log, Some(20), Some(12)), [Action::Purge(12)]);
+        assert_eq!(seen.decide(policy, &log, Some(20), Some(20)), [Action::Purge(15)], "caught up");
+        // A hold beyond the bound is ignored: 10 bytes kept, at most 80
+        // held; 150 bytes after 5 is too much, 60 after 14 is not.
+        let tight = BytePolicy { keep_log_bytes_after_snapshot: 10, ..policy };
+        assert_eq!(Seen::default().decide(tight, &log, Some(20), Some(5)), [Action::Purge(19)]);
+        assert_eq!(Seen::default().decide(tight, &log, Some(20), Some(14)), [Action::Purge(14)]);
+        // A member with nothing yet holds at what is purged now: nothing
+        // more goes.
+        assert_eq!(Seen::default().decide(policy, &log, Some(20), Some(0)), []);
     }
 }

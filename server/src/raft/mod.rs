@@ -112,7 +112,9 @@ impl RaftTuning {
             // entry over 32 KiB (a batch of ~100 typical events).
             max_payload_entries: 256,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
-            max_in_snapshot_log_to_keep: self.keep_logs_after_snapshot,
+            // The log policy purges (by entries and bytes, holding the log
+            // for members catching up): openraft's own purging is off.
+            max_in_snapshot_log_to_keep: u64::MAX,
             ..Default::default()
         };
         Ok(config.validate()?)

@@ -197,8 +197,32 @@ pub fn portraitd(dir: &Path, (port, peer_port): (u16, u16), shards: u32) -> Comm
     command
 }
 
-/// A loopback port nothing listens on right now.
+/// A loopback port nothing listens on right now, below the kernel's
+/// ephemeral range (32768 and up by default) and apart from the cluster
+/// tests' (20000-31999): a port from `bind :0` can be handed out again
+/// before `portraitd` binds it (it once got the same one for `--listen` and
+/// `--peer-listen`), or be taken by an outgoing connection. Each port is
+/// handed out once per process (a permutation of 10000-19999 from a
+/// per-process start).
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 10_000;
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        (std::process::id().wrapping_mul(7919) ^ nanos) % SPAN
+    });
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "no free port left in {LOW}-{}", LOW + SPAN - 1);
+        // 37 is prime to SPAN: n -> start + 37 n covers every port once.
+        let port = (LOW + (start + n * 37) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }

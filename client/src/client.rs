@@ -13,6 +13,7 @@ use portrait_proto::v1::{
     SetClockOffsetRequest, SetPartitionRequest, ShardMapRequest, ShardMapResponse, TransferLeaderRequest,
     TransferLeaderResponse, WriteRequest, WriteResponse,
 };
+use portrait_proto::v1::{BackupShardChunk, BackupShardRequest, RestoreShardChunk, RestoreShardResponse};
 use tonic::{Code, Response, Status};
 
 use crate::conn::{Chan, ConnectOptions, Router};
@@ -235,6 +236,31 @@ impl PortraitClient {
             async move { profiles(ch).batch_get_profiles(request).await }
         })
         .await
+    }
+
+    /// Streams a copy of shard `shard` from the node at `addr` (a client
+    /// address from the shard map), which must host a replica of it (see
+    /// [`crate::backup`]). Not retried.
+    pub async fn backup_shard_from(
+        &self,
+        addr: &str,
+        shard: u32,
+    ) -> Result<tonic::Streaming<BackupShardChunk>, ClientError> {
+        let response = admin(self.routes.channel(addr)?).backup_shard(BackupShardRequest { shard }).await?;
+        Ok(response.into_inner())
+    }
+
+    /// Sends a restore's header and archive to the node at `addr`, which
+    /// must lead the shard (see [`crate::backup`]). Not retried.
+    pub async fn restore_shard_to<S>(
+        &self,
+        addr: &str,
+        chunks: S,
+    ) -> Result<RestoreShardResponse, ClientError>
+    where
+        S: Stream<Item = RestoreShardChunk> + Send + 'static,
+    {
+        Ok(admin(self.routes.channel(addr)?).restore_shard(chunks).await?.into_inner())
     }
 
     /// The cluster's shard map as the answering node knows it.

@@ -28,6 +28,7 @@
 //! - `certs.rs`: development certificates (`portrait certs init`).
 //! - `error.rs`: [`ClientError`].
 
+pub mod backup;
 pub mod certs;
 mod client;
 mod conn;

@@ -76,6 +76,8 @@ pub const RPCS: &[(&str, Access)] = &[
     ("/portrait.v1.Admin/ShardMap", READER),
     ("/portrait.v1.Admin/Locate", READER),
     ("/portrait.v1.Admin/ApplySchema", ADMIN),
+    ("/portrait.v1.Admin/BackupShard", ADMIN),
+    ("/portrait.v1.Admin/RestoreShard", ADMIN),
     ("/portrait.v1.Admin/AddNode", ADMIN),
     ("/portrait.v1.Admin/RemoveNode", ADMIN),
     ("/portrait.v1.Admin/DrainNode", ADMIN),

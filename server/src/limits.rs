@@ -63,6 +63,14 @@ pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// group (openraft waits for each answer before it sends the group's next).
 pub const MAX_RAFT_BATCH_BYTES: usize = MAX_APPEND_ENTRIES_BYTES;
 
+/// Bytes of rows (keys and values) in one restore entry
+/// (`Command::Restore`): small enough that an entry's append, replication
+/// and apply stay short next to the shard's other traffic.
+pub const RESTORE_ENTRY_BYTES: usize = 1024 * 1024;
+
+/// Bytes of archive in one `BackupShard` or `RestoreShard` message.
+pub const BACKUP_CHUNK_BYTES: usize = 1024 * 1024;
+
 /// Items in one `AppendEntriesBatch`; a receiver refuses more.
 pub const MAX_RAFT_BATCH_ITEMS: usize = 4096;
 

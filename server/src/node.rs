@@ -10,6 +10,7 @@
 //! transfer, incoming raft messages and fault injection in
 //! `node/cluster.rs`.
 
+mod backup;
 mod cluster;
 mod forward;
 pub mod map;
@@ -45,6 +46,7 @@ use crate::schema::VersionedSchema;
 use crate::store::{LogEngine, StateDb};
 use crate::types::{GroupId, NodeId};
 
+pub use backup::{RestoreSummary, ShardExport, ShardUpload};
 pub use read::ForwardedRead;
 pub use write::{ShardWrite, WriteResult};
 
@@ -225,6 +227,9 @@ pub struct Node {
     replica_dead_after: Duration,
     /// When each peer node last answered the clock probe.
     liveness: Arc<Liveness>,
+    /// Held by the one backup export or restore running on the node
+    /// (`node/backup.rs`): each needs scratch disk of its shard's size.
+    backup_slot: Arc<tokio::sync::Semaphore>,
 }
 
 /// How long a node may not answer before the meta leader re-creates its
@@ -241,6 +246,7 @@ impl Node {
     /// itself as the one replica. The placement task then follows the map.
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
         std::fs::create_dir_all(&opts.data_dir)?;
+        backup::remove_scratch(&opts.data_dir)?;
         let state_db = StateDb::open(&opts.data_dir)?;
         let log_engine = LogEngine::open(&opts.data_dir)?;
         let shards = shards::resolve(&state_db, &log_engine, &opts).await?;
@@ -327,6 +333,7 @@ impl Node {
             dropping: Blocked::default(),
             fault_injection: opts.fault_injection,
             write_timeout: Duration::from_millis(opts.tuning.write_timeout_ms),
+            backup_slot: Arc::new(tokio::sync::Semaphore::new(1)),
         });
         if opts.bootstrap {
             node.bootstrap(replication).await?;

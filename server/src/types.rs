@@ -81,6 +81,53 @@ pub enum Command {
     /// users after `after` (in key order), for schema `version`. Ignored if
     /// the schema has changed since.
     Reevaluate { stamp_ms: i64, version: u64, after: Option<String>, limit: u32 },
+    /// One step of restoring the shard from a backup (`node/backup.rs`):
+    /// the leader reads the backup's archive and proposes its rows, so
+    /// every replica applies the same rows at the same indexes.
+    Restore { stamp_ms: i64, step: RestoreStep },
+}
+
+/// A step of a shard's restore, in log order: `Begin`, `Rows` (numbered
+/// from 0), `End`, all with the same attempt id; a step of another attempt
+/// or out of order is rejected and changes nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RestoreStep {
+    /// Deletes the shard's rows (its raft state, clock and schema stay)
+    /// and marks it restoring: writes are rejected, ticks and
+    /// re-evaluation wait, until `End`. A new `Begin` starts over.
+    Begin { id: String },
+    /// The archive's rows in key order, of at most `RESTORE_ENTRY_BYTES`.
+    Rows { id: String, seq: u64, rows: Vec<RestoreRow> },
+    /// Ends the restore once `rows` rows were applied: the clock moves to
+    /// at least the backup's; the backup's re-evaluation progress is kept
+    /// when `schema` (the backup's schema of the shard; `None`: the
+    /// built-in one) is the shard's, else every user is re-evaluated.
+    End {
+        id: String,
+        rows: u64,
+        clock_ms: i64,
+        schema: Option<crate::schema::Schema>,
+        reeval: Option<ReevalProgress>,
+    },
+}
+
+/// One row of a restore: the column family (its index in the state
+/// database's `ALL_CFS`), the key after the shard's 4-byte prefix, the value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreRow {
+    pub cf: u8,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// What a shard's restore marker records (`meta` key `restore`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreMarker {
+    pub id: String,
+    /// The `seq` the next `Rows` step must have.
+    pub next_seq: u64,
+    /// Rows applied so far.
+    pub rows: u64,
 }
 
 /// Progress of the background re-evaluation after a schema change
@@ -110,6 +157,8 @@ pub enum CommandResult {
     Ticked { users: u32 },
     /// A re-evaluation batch covered this many users.
     Reevaluated { users: u32 },
+    /// A restore step applied; rows applied by the restore so far.
+    Restored { rows: u64 },
 }
 
 /// Outcome of one write request inside a `Command::Write`.

@@ -94,6 +94,13 @@ enum Command {
     /// Cluster membership and leadership: add-node, remove-node, transfer-leader, status.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Copy every shard of the serving cluster into DIR (a new directory): one archive per
+    /// shard, the schema and a manifest with checksums. Backups hold personal data: keep
+    /// them encrypted and access-controlled (docs/operations.md).
+    Backup { dir: PathBuf },
+    /// Load a backup DIR into a new, empty cluster created with the backup's shard count
+    /// (any number of nodes): checks the files, applies the schema, restores every shard.
+    Restore { dir: PathBuf },
     /// Certificates: `init` makes a development CA pair and every node's certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -209,6 +216,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
             schema::apply(endpoint, &file, dry_run).await
         }
         Command::Status => status::run(&endpoint.connect().await?).await,
+        Command::Backup { dir } => {
+            let client = endpoint.connect().await?;
+            let manifest = portrait_client::backup::backup(&client, &dir, |line| eprintln!("{line}")).await?;
+            Ok(format!(
+                "backup {} of {} shards written to {}\n",
+                manifest.backup_id,
+                manifest.shards,
+                dir.display()
+            ))
+        }
+        Command::Restore { dir } => {
+            let client = endpoint.connect().await?;
+            let restored =
+                portrait_client::backup::restore(&client, &dir, |line| eprintln!("{line}")).await?;
+            let rows: u64 = restored.iter().map(|r| r.rows).sum();
+            Ok(format!("restored {} shards ({rows} rows) from {}\n", restored.len(), dir.display()))
+        }
         Command::Locate { user, json } => locate::run(&endpoint.connect().await?, &user, json).await,
         Command::Cluster(ClusterCommand::Status { shards }) => {
             cluster::run(&endpoint.connect().await?, shards).await

@@ -4,6 +4,10 @@ use std::sync::Arc;
 
 use portrait_proto::v1::admin_server::Admin;
 use portrait_proto::v1::{
+    backup_shard_chunk, restore_shard_chunk, BackupHeader, BackupShardChunk, BackupShardRequest,
+    BackupTrailer, RestoreShardChunk, RestoreShardResponse,
+};
+use portrait_proto::v1::{
     AddNodeRequest, ApplySchemaRequest, ApplySchemaResponse, ClockStatus, ClusterStatusRequest,
     ClusterStatusResponse, ConfirmClockRequest, ConfirmClockResponse, DrainNodeRequest, DrainNodeResponse,
     GetSchemaRequest, GetSchemaResponse, LocateRequest, LocateResponse, MapNode, Member, MembershipResponse,
@@ -11,7 +15,9 @@ use portrait_proto::v1::{
     SetPartitionResponse, ShardMapRequest, ShardMapResponse, ShardReplica, ShardReplicas, ShardStatus,
     TransferLeaderRequest, TransferLeaderResponse,
 };
-use tonic::{Request, Response, Status};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::Caller;
 use super::convert::families_to_pb;
@@ -134,8 +140,163 @@ fn member_to_pb(m: crate::node::MemberStatus) -> Member {
     }
 }
 
+/// Longest `restore_id` accepted.
+const MAX_RESTORE_ID_BYTES: usize = 128;
+
+/// Streams an exported shard: header, chunks, trailer (with the SHA-256 of
+/// what was sent). The export (and the node's backup slot) is released when
+/// the stream ends or the caller goes away.
+fn stream_export(
+    node_id: u64,
+    shard: u32,
+    export: crate::node::ShardExport,
+) -> tokio_stream::wrappers::ReceiverStream<Result<BackupShardChunk, Status>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let chunk = |part| Ok(BackupShardChunk { part: Some(part) });
+    tokio::spawn(async move {
+        let header = BackupHeader {
+            shard,
+            node_id,
+            applied_index: export.applied.map_or(0, |l| l.index),
+            applied_term: export.applied.map_or(0, |l| l.leader_id.term),
+            schema_version: export.schema_version,
+            archive_bytes: export.bytes,
+        };
+        if tx.send(chunk(backup_shard_chunk::Part::Header(header))).await.is_err() {
+            return;
+        }
+        let mut file = match tokio::fs::File::open(&export.file.path).await {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = tx.send(Err(Status::internal(format!("reading the export: {e}")))).await;
+                return;
+            }
+        };
+        let (mut hash, mut sent) = (Sha256::new(), 0u64);
+        loop {
+            let mut buf = vec![0u8; crate::limits::BACKUP_CHUNK_BYTES];
+            let n = match file.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx.send(Err(Status::internal(format!("reading the export: {e}")))).await;
+                    return;
+                }
+            };
+            buf.truncate(n);
+            hash.update(&buf);
+            sent += n as u64;
+            if tx.send(chunk(backup_shard_chunk::Part::Data(buf))).await.is_err() {
+                return;
+            }
+        }
+        let trailer = BackupTrailer { archive_bytes: sent, sha256: hex_digest(hash) };
+        let _ = tx.send(chunk(backup_shard_chunk::Part::Trailer(trailer))).await;
+        drop(export);
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+fn hex_digest(hash: Sha256) -> String {
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Receives a restore's archive (after its header) into `upload`'s file,
+/// checking its size and SHA-256 against the header's.
+async fn receive_archive(
+    stream: &mut Streaming<RestoreShardChunk>,
+    upload: &crate::node::ShardUpload,
+    bytes: u64,
+    sha256: &str,
+) -> Result<(), Status> {
+    let mut file = tokio::fs::File::create(&upload.file.path).await.map_err(Error::internal)?;
+    let (mut hash, mut received) = (Sha256::new(), 0u64);
+    while let Some(message) = stream.message().await? {
+        let Some(restore_shard_chunk::Part::Data(data)) = message.part else {
+            return Err(Error::invalid("part", "only data chunks may follow the header").into());
+        };
+        received += data.len() as u64;
+        if received > bytes {
+            return Err(
+                Error::invalid("data", format!("more than the header's {bytes} archive bytes")).into()
+            );
+        }
+        hash.update(&data);
+        file.write_all(&data).await.map_err(Error::internal)?;
+    }
+    if received != bytes {
+        return Err(Error::invalid(
+            "data",
+            format!("{received} archive bytes received, the header said {bytes}"),
+        )
+        .into());
+    }
+    let digest = hex_digest(hash);
+    if digest != sha256.to_ascii_lowercase() {
+        return Err(Status::data_loss(format!(
+            "the archive's SHA-256 is {digest}, the header (the backup's manifest) says {sha256}: the file \
+             was damaged; nothing was restored"
+        )));
+    }
+    file.sync_all().await.map_err(Error::internal)?;
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
+    type BackupShardStream = tokio_stream::wrappers::ReceiverStream<Result<BackupShardChunk, Status>>;
+
+    async fn backup_shard(
+        &self,
+        request: Request<BackupShardRequest>,
+    ) -> Result<Response<Self::BackupShardStream>, Status> {
+        let who = who(&request);
+        let shard = request.into_inner().shard;
+        let args = serde_json::json!({"shard": shard});
+        let export = async { self.node.export_shard(shard).await.map_err(Status::from) };
+        let export = self.audited(who, "Admin/BackupShard", args, export).await?;
+        Ok(Response::new(stream_export(self.node.id, shard, export)))
+    }
+
+    async fn restore_shard(
+        &self,
+        request: Request<Streaming<RestoreShardChunk>>,
+    ) -> Result<Response<RestoreShardResponse>, Status> {
+        let who = who(&request);
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(h)) }) => h,
+            _ => return Err(Error::invalid("header", "the first message must be the header").into()),
+        };
+        let args = serde_json::json!({
+            "shard": header.shard, "archive_bytes": header.archive_bytes, "restore_id": header.restore_id
+        });
+        let restore = async {
+            if header.restore_id.is_empty() || header.restore_id.len() > MAX_RESTORE_ID_BYTES {
+                return Err(Error::invalid(
+                    "restore_id",
+                    format!("must be 1 to {MAX_RESTORE_ID_BYTES} bytes"),
+                )
+                .into());
+            }
+            if header.sha256.len() != 64 || !header.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Error::invalid("sha256", "must be 64 hex digits").into());
+            }
+            let upload = self.node.restore_upload(header.shard).await?;
+            receive_archive(&mut stream, &upload, header.archive_bytes, &header.sha256).await?;
+            let id = format!("{}#{}", header.restore_id, crate::wall_clock_ms());
+            Ok::<_, Status>(self.node.restore_shard(upload, id).await?)
+        };
+        let summary = self.audited(who, "Admin/RestoreShard", args, restore).await?;
+        Ok(Response::new(RestoreShardResponse {
+            shard: header.shard,
+            rows: summary.rows,
+            bytes: summary.bytes,
+            source_applied_index: summary.source_applied.map_or(0, |l| l.index),
+            log_index: summary.log_index,
+        }))
+    }
+
     async fn get_schema(&self, _: Request<GetSchemaRequest>) -> Result<Response<GetSchemaResponse>, Status> {
         let s = self.node.schema();
         Ok(Response::new(GetSchemaResponse {

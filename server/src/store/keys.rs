@@ -49,6 +49,11 @@ pub const META_MEMBERSHIP: &[u8] = b"membership";
 pub const META_SCHEMA: &[u8] = b"schema";
 pub const META_CLOCK: &[u8] = b"clock";
 pub const META_REEVAL: &[u8] = b"reeval";
+/// A restore in progress (`types::RestoreMarker`).
+pub const META_RESTORE: &[u8] = b"restore";
+/// Column families of a shard's data (what a restore copies and wipes):
+/// every one but `meta`.
+pub const DATA_CFS: [&str; 5] = [CF_PROFILES, CF_HISTORY, CF_DEDUPE, CF_STATE, CF_TIMERS];
 /// The meta group's state (`core::meta::MetaState`: shard map, schema).
 pub const META_CLUSTER: &[u8] = b"cluster";
 /// The storage format the database was written in (see `store::format`),

@@ -19,7 +19,9 @@
 //!   `WriteBatch` per applied entry. Expired values are filtered on read and
 //!   reclaimed by a compaction filter that uses each key's group's durable
 //!   clock. A group's snapshot is its key range as SST files
-//!   ([`group_snapshot`]) in a checksummed archive ([`snapshot`]).
+//!   ([`group_snapshot`]) in a checksummed archive ([`snapshot`]); a
+//!   shard's backup is the same archive, which a restore reads back
+//!   ([`restore`]) to propose its rows through the shard's log.
 //!
 //! Node-wide, shared by the groups: both databases (one block cache, one
 //! memtable budget each), the log's fsync and purge threads, the recent
@@ -45,6 +47,7 @@ pub mod log_store;
 pub mod read;
 pub mod recent;
 pub mod record;
+pub mod restore;
 pub mod sm_db;
 pub mod snapshot;
 pub mod state_machine;

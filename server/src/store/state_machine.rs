@@ -25,8 +25,8 @@ use super::snapshot::{pack, unpack, SnapshotDir};
 use crate::engine::check_schema;
 use crate::schema::VersionedSchema;
 use crate::types::{
-    Command, CommandResult, Entry, LogId, ReevalProgress, SnapshotMeta, StorageError, StoredMembership,
-    TypeConfig,
+    Command, CommandResult, Entry, LogId, ReevalProgress, RestoreMarker, RestoreStep, SnapshotMeta,
+    StorageError, StoredMembership, TypeConfig, WriteOutcome,
 };
 use portrait_core::meta::MetaOutcome;
 
@@ -58,6 +58,9 @@ struct Applier {
     done: std::sync::mpsc::Receiver<Result<(), String>>,
     /// The state after the batch in flight, if one is.
     in_flight: Option<AppliedState>,
+    /// Whether the group is mid-restore (its `restore` marker is set);
+    /// `None`: not read yet (at open and after a snapshot install).
+    restoring: Option<bool>,
 }
 
 /// The group's keys in `meta`.
@@ -68,6 +71,7 @@ struct MetaKeys {
     schema: Vec<u8>,
     reeval: Vec<u8>,
     cluster: Vec<u8>,
+    restore: Vec<u8>,
 }
 
 impl MetaKeys {
@@ -79,6 +83,7 @@ impl MetaKeys {
             schema: meta(gid, META_SCHEMA),
             reeval: meta(gid, META_REEVAL),
             cluster: meta(gid, META_CLUSTER),
+            restore: meta(gid, META_RESTORE),
         }
     }
 }
@@ -135,6 +140,7 @@ impl StateMachine {
             done_tx,
             done,
             in_flight: None,
+            restoring: None,
         };
         Ok(StateMachine { store, snapshots, applier: Arc::new(std::sync::Mutex::new(applier)) })
     }
@@ -142,6 +148,10 @@ impl StateMachine {
     fn applier(&self) -> std::sync::MutexGuard<'_, Applier> {
         lock_applier(&self.applier)
     }
+}
+
+fn apply_err(log_id: LogId, e: anyhow::Error) -> StorageError {
+    StorageError::from(StorageIOError::apply(log_id, AnyError::error(format!("{e:#}"))))
 }
 
 /// A panic while applying is fatal to raft anyway; the cache it may have
@@ -188,6 +198,13 @@ impl Applier {
                 batch.put_cf(meta, &self.keys.membership, encode(&state.membership));
                 CommandResult::None
             }
+            EntryPayload::Normal(Command::Write { stamp_ms, requests }) if self.restoring(db)? => {
+                state.clock_ms = state.clock_ms.max(stamp_ms);
+                let reason = format!("{gid} is being restored from a backup; write again once it ends");
+                let outcomes = requests.iter().map(|_| WriteOutcome::Rejected { reason: reason.clone() });
+                self.wait_in_flight()?;
+                CommandResult::Write(outcomes.collect())
+            }
             EntryPayload::Normal(Command::Write { stamp_ms, requests }) => {
                 state.clock_ms = state.clock_ms.max(stamp_ms);
                 let (schema, engine) = (self.store.schema(), self.store.engine());
@@ -204,6 +221,22 @@ impl Applier {
                 .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
                 self.submit(db, batch, state, log_id)?;
                 return Ok(CommandResult::Write(outcomes));
+            }
+            // Timers and re-evaluation wait for a restore to end.
+            EntryPayload::Normal(Command::Tick { stamp_ms }) if self.restoring(db)? => {
+                state.clock_ms = state.clock_ms.max(stamp_ms);
+                CommandResult::Ticked { users: 0 }
+            }
+            EntryPayload::Normal(Command::Reevaluate { stamp_ms, .. }) if self.restoring(db)? => {
+                state.clock_ms = state.clock_ms.max(stamp_ms);
+                CommandResult::Reevaluated { users: 0 }
+            }
+            EntryPayload::Normal(Command::Restore { stamp_ms, step }) => {
+                state.clock_ms = state.clock_ms.max(stamp_ms);
+                match self.restore_step(db, state, step, &mut batch).map_err(|e| apply_err(log_id, e))? {
+                    Ok(rows) => CommandResult::Restored { rows },
+                    Err(reason) => CommandResult::Rejected { reason },
+                }
             }
             EntryPayload::Normal(Command::Tick { stamp_ms }) => {
                 state.clock_ms = state.clock_ms.max(stamp_ms);
@@ -276,6 +309,106 @@ impl Applier {
         };
         self.finish(db, batch, state, log_id)?;
         Ok(result)
+    }
+
+    /// Whether the group is mid-restore (read once, then kept up to date).
+    fn restoring(&mut self, db: &DB) -> Result<bool, StorageError> {
+        if let Some(restoring) = self.restoring {
+            return Ok(restoring);
+        }
+        let restoring = db.get_cf(cf(db, CF_META), &self.keys.restore).map_err(read_err)?.is_some();
+        self.restoring = Some(restoring);
+        Ok(restoring)
+    }
+
+    /// Applies one restore step into `batch` (see [`RestoreStep`]): the
+    /// rows applied so far, or why the step was rejected (nothing of it is
+    /// applied). Deterministic: it reads only the group's replicated rows.
+    fn restore_step(
+        &mut self,
+        db: &DB,
+        state: &mut AppliedState,
+        step: RestoreStep,
+        batch: &mut WriteBatch,
+    ) -> anyhow::Result<Result<u64, String>> {
+        let gid = self.store.gid();
+        let meta_cf = cf(db, CF_META);
+        let marker: Option<RestoreMarker> =
+            db.get_cf(meta_cf, &self.keys.restore)?.map(|b| decode(&b)).transpose()?;
+        let current = |id: &str| match &marker {
+            Some(m) if m.id == id => Ok(m.clone()),
+            Some(m) => Err(format!("restore {id:?} is not the one in progress ({:?})", m.id)),
+            None => Err(format!("no restore {id:?} is in progress on {gid}")),
+        };
+        match step {
+            RestoreStep::Begin { id } => {
+                let (start, end) = group_range(gid);
+                for name in DATA_CFS {
+                    batch.delete_range_cf(cf(db, name), &start, &end);
+                }
+                batch.put_cf(
+                    meta_cf,
+                    &self.keys.restore,
+                    encode(&RestoreMarker { id, next_seq: 0, rows: 0 }),
+                );
+                batch.delete_cf(meta_cf, &self.keys.reeval);
+                self.cache.clear();
+                self.restoring = Some(true);
+                Ok(Ok(0))
+            }
+            RestoreStep::Rows { id, seq, rows } => {
+                let mut marker = match current(&id) {
+                    Ok(m) if m.next_seq == seq => m,
+                    Ok(m) => return Ok(Err(format!("restore rows {seq} arrived, {} expected", m.next_seq))),
+                    Err(reason) => return Ok(Err(reason)),
+                };
+                let prefix = group_prefix(gid);
+                let data_cf = |index: u8| ALL_CFS.get(index as usize).filter(|name| DATA_CFS.contains(name));
+                if let Some(row) = rows.iter().find(|row| data_cf(row.cf).is_none()) {
+                    return Ok(Err(format!("restore row of column family {} (not a data family)", row.cf)));
+                }
+                for row in &rows {
+                    let name = data_cf(row.cf).expect("checked above");
+                    let mut key = Vec::with_capacity(prefix.len() + row.key.len());
+                    key.extend_from_slice(&prefix);
+                    key.extend_from_slice(&row.key);
+                    batch.put_cf(cf(db, name), key, &row.value);
+                }
+                marker.next_seq += 1;
+                marker.rows += rows.len() as u64;
+                batch.put_cf(meta_cf, &self.keys.restore, encode(&marker));
+                Ok(Ok(marker.rows))
+            }
+            RestoreStep::End { id, rows, clock_ms, schema, reeval } => {
+                let marker = match current(&id) {
+                    Ok(m) if m.rows == rows => m,
+                    Ok(m) => {
+                        return Ok(Err(format!("restore ends with {rows} rows, {} were applied", m.rows)))
+                    }
+                    Err(reason) => return Ok(Err(reason)),
+                };
+                state.clock_ms = state.clock_ms.max(clock_ms);
+                let current = self.store.schema();
+                let backup_schema = schema.unwrap_or_else(crate::schema::Schema::default_schema);
+                // Features and tags were computed under the backup's schema:
+                // kept if it is the shard's, else every user is re-evaluated.
+                let progress = match (backup_schema == current.schema, reeval) {
+                    (true, None) => None,
+                    (true, Some(p)) => Some(ReevalProgress { version: current.version, ..p }),
+                    (false, _) => {
+                        Some(ReevalProgress { version: current.version, cursor: None, users_done: 0 })
+                    }
+                };
+                match progress {
+                    Some(p) => batch.put_cf(meta_cf, &self.keys.reeval, encode(&p)),
+                    None => batch.delete_cf(meta_cf, &self.keys.reeval),
+                }
+                batch.delete_cf(meta_cf, &self.keys.restore);
+                self.cache.clear();
+                self.restoring = Some(false);
+                Ok(Ok(marker.rows))
+            }
+        }
     }
 
     fn apply_all(&mut self, entries: Vec<Entry>) -> Result<Vec<CommandResult>, StorageError> {
@@ -437,6 +570,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut applier = self.applier();
             applier.wait_in_flight()?;
             applier.cache.clear();
+            applier.restoring = None;
         }
         let (store, dir, meta) = (self.store.clone(), self.snapshots.dir.clone(), meta.clone());
         tokio::task::spawn_blocking(move || install_blocking(&store, &dir, file, &meta))

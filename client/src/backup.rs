@@ -1,0 +1,491 @@
+//! Online backup and restore (docs/operations.md, "Backup and restore").
+//!
+//! [`backup`] copies every shard of a serving cluster into a directory:
+//! one archive per shard (`shard-NNNNN.snap`, the shard's key range as SST
+//! files, consistent at the applied index its replica had when the copy
+//! was taken), the schema (`schema.toml`) and `manifest.json` (the
+//! cluster's layout, the schema, and per shard the file's size, SHA-256 and
+//! applied index), written last: a directory without a manifest is not a
+//! backup. Shards are copied from a follower when one is reachable, so
+//! leaders keep their resources for writes. Each shard is consistent on its
+//! own; shards are copied one after another (a write is atomic per shard,
+//! never across shards, so no cross-shard guarantee is lost).
+//!
+//! [`restore`] loads such a directory into a new cluster with the same
+//! number of shards (any number of nodes): it checks every file against
+//! the manifest before it changes anything, applies the backup's schema,
+//! then sends each shard's archive to the shard's leader, which proposes
+//! the rows through the shard's raft log.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use portrait_proto::v1::{
+    backup_shard_chunk, restore_shard_chunk, RestoreHeader, RestoreShardChunk, ShardMapResponse,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+use crate::{ClientError, PortraitClient};
+
+/// The manifest's format; a restore refuses others.
+pub const MANIFEST_FORMAT: u32 = 1;
+pub const MANIFEST_FILE: &str = "manifest.json";
+const CHUNK_BYTES: usize = 1024 * 1024;
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub backup_id: String,
+    pub portrait_version: String,
+    pub created_unix_ms: u64,
+    /// The cluster's number of shards; a restore needs the same.
+    pub shards: u32,
+    pub replication: u32,
+    /// The meta group's state: the shard map's epoch, nodes and placement.
+    pub map_epoch: u64,
+    pub nodes: Vec<ManifestNode>,
+    pub schema: ManifestSchema,
+    pub shard_files: Vec<ShardFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestNode {
+    pub node_id: u64,
+    pub addr: String,
+    /// Shards this node held replicas of.
+    pub shards: Vec<u32>,
+}
+
+/// The cluster's schema when the backup began (0: the built-in one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestSchema {
+    pub version: u64,
+    pub toml: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardFile {
+    pub shard: u32,
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+    /// The shard's log position the copy is consistent at.
+    pub applied_index: u64,
+    pub applied_term: u64,
+    pub schema_version: u64,
+    /// The node whose replica was copied.
+    pub node_id: u64,
+}
+
+/// What a restore did per shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredShard {
+    pub shard: u32,
+    pub rows: u64,
+    pub bytes: u64,
+    pub source_applied_index: u64,
+    pub log_index: u64,
+}
+
+fn shard_file_name(shard: u32) -> String {
+    format!("shard-{shard:05}.snap")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn config(msg: impl Into<String>) -> ClientError {
+    ClientError::Config(msg.into())
+}
+
+fn hex(hash: Sha256) -> String {
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Backs up every shard of the cluster `client` talks to into `dir`
+/// (created; refused if it exists and is not empty). `progress` gets a line
+/// per step.
+pub async fn backup(
+    client: &PortraitClient,
+    dir: &Path,
+    progress: impl Fn(&str),
+) -> Result<Manifest, ClientError> {
+    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        return Err(config(format!("{} is not empty: back up into a new directory", dir.display())));
+    }
+    std::fs::create_dir_all(dir)?;
+    let schema = client.get_schema().await?;
+    let map = client.shard_map().await?;
+    if map.shards == 0 || map.shard_replicas.len() != map.shards as usize {
+        return Err(config("the node gave no shard map yet (is the cluster created?)"));
+    }
+    let started = Instant::now();
+    let mut files = Vec::new();
+    let mut total = 0u64;
+    for shard in 0..map.shards {
+        let file = backup_one(client, &map, shard, dir).await?;
+        total += file.bytes;
+        progress(&format!(
+            "shard {shard}: {} at index {} from node {} ({}/{})",
+            human(file.bytes),
+            file.applied_index,
+            file.node_id,
+            shard + 1,
+            map.shards
+        ));
+        files.push(file);
+    }
+    let nodes = map
+        .nodes
+        .iter()
+        .map(|n| ManifestNode {
+            node_id: n.node_id,
+            addr: n.addr.clone(),
+            shards: map
+                .shard_replicas
+                .iter()
+                .filter(|s| s.replicas.iter().any(|r| r.node_id == n.node_id))
+                .map(|s| s.shard)
+                .collect(),
+        })
+        .collect();
+    let created_unix_ms = now_ms();
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        backup_id: format!("backup-{created_unix_ms}"),
+        portrait_version: env!("CARGO_PKG_VERSION").into(),
+        created_unix_ms,
+        shards: map.shards,
+        replication: map.replication,
+        map_epoch: map.epoch,
+        nodes,
+        schema: ManifestSchema { version: schema.version, toml: schema.toml.clone() },
+        shard_files: files,
+    };
+    std::fs::write(dir.join("schema.toml"), &schema.toml)?;
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| config(e.to_string()))?;
+    let tmp = dir.join("manifest.json.tmp");
+    write_synced(&tmp, &json)?;
+    std::fs::rename(&tmp, dir.join(MANIFEST_FILE))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    progress(&format!(
+        "backup {}: {} shards, {} in {:.1} s",
+        manifest.backup_id,
+        map.shards,
+        human(total),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(manifest)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    file.sync_all()
+}
+
+/// Copies one shard from the first of its replicas that can serve it:
+/// followers first, then the leader.
+async fn backup_one(
+    client: &PortraitClient,
+    map: &ShardMapResponse,
+    shard: u32,
+    dir: &Path,
+) -> Result<ShardFile, ClientError> {
+    let replicas = &map.shard_replicas[shard as usize];
+    let leader = replicas.leader_id;
+    let mut candidates: Vec<_> = replicas.replicas.iter().collect();
+    candidates.sort_by_key(|r| (r.node_id == leader, !r.voter, r.node_id));
+    let mut last = config(format!("shard {shard} has no replica in the map"));
+    for attempt in 0..3 {
+        for replica in &candidates {
+            match fetch_shard(client, &replica.addr, shard, dir).await {
+                Ok(file) => return Ok(file),
+                Err(e) => last = e,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500 * (attempt + 1))).await;
+    }
+    Err(config(format!("shard {shard}: no replica could be copied; last error: {last}")))
+}
+
+async fn fetch_shard(
+    client: &PortraitClient,
+    addr: &str,
+    shard: u32,
+    dir: &Path,
+) -> Result<ShardFile, ClientError> {
+    let mut stream = client.backup_shard_from(addr, shard).await?;
+    let header = match stream.message().await? {
+        Some(c) => match c.part {
+            Some(backup_shard_chunk::Part::Header(h)) => h,
+            _ => return Err(config(format!("{addr}: the stream did not begin with a header"))),
+        },
+        None => return Err(config(format!("{addr}: empty stream"))),
+    };
+    let name = shard_file_name(shard);
+    let part = dir.join(format!("{name}.part"));
+    let mut out = tokio::fs::File::create(&part).await?;
+    let (mut hash, mut received) = (Sha256::new(), 0u64);
+    let trailer = loop {
+        match stream.message().await?.and_then(|c| c.part) {
+            Some(backup_shard_chunk::Part::Data(data)) => {
+                hash.update(&data);
+                received += data.len() as u64;
+                out.write_all(&data).await?;
+            }
+            Some(backup_shard_chunk::Part::Trailer(t)) => break t,
+            _ => return Err(config(format!("{addr}: shard {shard}'s stream ended without its trailer"))),
+        }
+    };
+    out.sync_all().await?;
+    let sha256 = hex(hash);
+    if received != trailer.archive_bytes || received != header.archive_bytes || sha256 != trailer.sha256 {
+        let _ = std::fs::remove_file(&part);
+        return Err(config(format!(
+            "{addr}: shard {shard} arrived damaged ({received} bytes, SHA-256 {sha256}; the node sent {} bytes, \
+             {})",
+            trailer.archive_bytes, trailer.sha256
+        )));
+    }
+    std::fs::rename(&part, dir.join(&name))?;
+    Ok(ShardFile {
+        shard,
+        file: name,
+        bytes: received,
+        sha256,
+        applied_index: header.applied_index,
+        applied_term: header.applied_term,
+        schema_version: header.schema_version,
+        node_id: header.node_id,
+    })
+}
+
+/// Reads and checks `dir/manifest.json`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, ClientError> {
+    let path = dir.join(MANIFEST_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| {
+        config(format!("{}: {e} (a backup directory without its manifest is incomplete)", path.display()))
+    })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| config(format!("{}: {e}", path.display())))?;
+    if manifest.format != MANIFEST_FORMAT {
+        return Err(config(format!(
+            "{}: manifest format {} (this client reads {MANIFEST_FORMAT})",
+            path.display(),
+            manifest.format
+        )));
+    }
+    let shards: Vec<u32> = manifest.shard_files.iter().map(|f| f.shard).collect();
+    if shards != (0..manifest.shards).collect::<Vec<_>>() {
+        return Err(config(format!(
+            "{}: the shard files do not cover shards 0..{}",
+            path.display(),
+            manifest.shards
+        )));
+    }
+    Ok(manifest)
+}
+
+/// Checks every shard file's size and SHA-256 against the manifest.
+pub async fn verify(dir: &Path, manifest: &Manifest) -> Result<(), ClientError> {
+    for file in &manifest.shard_files {
+        let path = shard_path(dir, file)?;
+        let mut input = tokio::fs::File::open(&path).await?;
+        let (mut hash, mut size, mut buf) = (Sha256::new(), 0u64, vec![0u8; CHUNK_BYTES]);
+        loop {
+            let n = input.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            size += n as u64;
+        }
+        let sha256 = hex(hash);
+        if size != file.bytes || sha256 != file.sha256 {
+            return Err(config(format!(
+                "{}: {size} bytes with SHA-256 {sha256}; the manifest says {} bytes, {}: the backup is damaged",
+                path.display(),
+                file.bytes,
+                file.sha256
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A shard file's path; refuses names that leave the directory.
+fn shard_path(dir: &Path, file: &ShardFile) -> Result<PathBuf, ClientError> {
+    if file.file.contains('/') || file.file.contains("..") || file.file.is_empty() {
+        return Err(config(format!("manifest: bad file name {:?}", file.file)));
+    }
+    Ok(dir.join(&file.file))
+}
+
+/// Restores the backup in `dir` into the (new, empty) cluster `client`
+/// talks to (see the module docs).
+pub async fn restore(
+    client: &PortraitClient,
+    dir: &Path,
+    progress: impl Fn(&str),
+) -> Result<Vec<RestoredShard>, ClientError> {
+    let manifest = read_manifest(dir)?;
+    progress(&format!("checking {} shard files of {}", manifest.shard_files.len(), manifest.backup_id));
+    verify(dir, &manifest).await?;
+    let map = client.shard_map().await?;
+    if map.shards != manifest.shards {
+        return Err(config(format!(
+            "the backup has {} shards and this cluster {}: restore into a cluster created with --shards {}",
+            manifest.shards, map.shards, manifest.shards
+        )));
+    }
+    if manifest.schema.version > 0 {
+        let current = client.get_schema().await?;
+        if current.toml != manifest.schema.toml {
+            let applied = client.apply_schema(manifest.schema.toml.clone(), false).await?;
+            progress(&format!("applied the backup's schema as version {}", applied.version));
+            wait_schema(client, applied.version, Duration::from_secs(60), &progress).await?;
+        }
+    }
+    let started = Instant::now();
+    let mut restored = Vec::new();
+    for file in &manifest.shard_files {
+        let done = restore_one(client, dir, &manifest.backup_id, file).await?;
+        progress(&format!(
+            "shard {}: {} rows ({}) as of index {} restored ({}/{})",
+            done.shard,
+            done.rows,
+            human(done.bytes),
+            done.source_applied_index,
+            done.shard + 1,
+            manifest.shards
+        ));
+        restored.push(done);
+    }
+    let bytes: u64 = restored.iter().map(|r| r.bytes).sum();
+    progress(&format!(
+        "restored {} shards, {} in {:.1} s",
+        restored.len(),
+        human(bytes),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(restored)
+}
+
+/// Waits until every shard's leader has applied schema `version` (so
+/// restored rows keep their features and tags without a re-evaluation).
+async fn wait_schema(
+    client: &PortraitClient,
+    version: u64,
+    within: Duration,
+    progress: &impl Fn(&str),
+) -> Result<(), ClientError> {
+    let deadline = Instant::now() + within;
+    loop {
+        let map = client.shard_map().await?;
+        let mut behind = Vec::new();
+        for node in &map.nodes {
+            let Ok(peer) = client.connect_like(&node.addr).await else { continue };
+            let Ok(status) = peer.cluster_status().await else { continue };
+            for s in status.shard_status.iter().filter(|s| s.role == "leader") {
+                if s.schema_version < version {
+                    behind.push(s.shard);
+                }
+            }
+        }
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            progress(&format!(
+                "shards {behind:?} have not applied schema version {version} yet; their users are re-evaluated \
+                 after the restore"
+            ));
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Sends one shard's archive to its leader; retries (with the map fetched
+/// again) while the shard has no leader or its leader moved.
+async fn restore_one(
+    client: &PortraitClient,
+    dir: &Path,
+    backup_id: &str,
+    file: &ShardFile,
+) -> Result<RestoredShard, ClientError> {
+    let path = shard_path(dir, file)?;
+    let mut last = config(format!("shard {}: no leader found", file.shard));
+    for attempt in 0..20u64 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(250 * attempt.min(8))).await;
+        }
+        let map = client.shard_map().await?;
+        let replicas = &map.shard_replicas[file.shard as usize];
+        let Some(leader) = map.nodes.iter().find(|n| n.node_id == replicas.leader_id && n.node_id != 0)
+        else {
+            continue;
+        };
+        let header = RestoreHeader {
+            shard: file.shard,
+            archive_bytes: file.bytes,
+            sha256: file.sha256.clone(),
+            restore_id: backup_id.to_string(),
+        };
+        let chunks = archive_chunks(header, path.clone()).await?;
+        match client.restore_shard_to(&leader.addr, chunks).await {
+            Ok(r) => {
+                return Ok(RestoredShard {
+                    shard: r.shard,
+                    rows: r.rows,
+                    bytes: r.bytes,
+                    source_applied_index: r.source_applied_index,
+                    log_index: r.log_index,
+                })
+            }
+            // Not (or no longer) the leader, no quorum, the node busy or
+            // unreachable: ask again.
+            Err(e) if matches!(e.code(), Some(Code::Unavailable) | None) => last = e,
+            Err(e) => return Err(config(format!("shard {}: {e}", file.shard))),
+        }
+    }
+    Err(config(format!("shard {}: not restored after 20 attempts; last error: {last}", file.shard)))
+}
+
+/// The header, then the file in chunks, read as the stream is sent.
+async fn archive_chunks(
+    header: RestoreHeader,
+    path: PathBuf,
+) -> Result<impl futures::Stream<Item = RestoreShardChunk> + Send + 'static, ClientError> {
+    let file = tokio::fs::File::open(&path).await?;
+    let first = RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(header)) };
+    let data = futures::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        match file.read(&mut buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((RestoreShardChunk { part: Some(restore_shard_chunk::Part::Data(buf)) }, Some(file)))
+            }
+        }
+    });
+    Ok(futures::stream::iter([first]).chain(data))
+}
+
+/// `12.3 MB`.
+pub fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1_000_000_000 => format!("{:.1} GB", b as f64 / 1e9),
+        b if b >= 1_000_000 => format!("{:.1} MB", b as f64 / 1e6),
+        b if b >= 1_000 => format!("{:.1} kB", b as f64 / 1e3),
+        b => format!("{b} B"),
+    }
+}

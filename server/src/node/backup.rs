@@ -1,0 +1,271 @@
+//! Online backup and restore of shards (docs/operations.md, "Backup and
+//! restore").
+//!
+//! Backup: a node hosting a replica of the shard exports it from one
+//! RocksDB snapshot (the shard's key range as SST files, consistent at the
+//! replica's applied index; [`crate::store::group_snapshot::export`]) into
+//! an archive under `<data>/backup/`, which the service streams to the
+//! caller and removes. The node keeps serving: the export reads a
+//! snapshot, bypassing the block cache.
+//!
+//! Restore: the shard's leader reads a received archive
+//! ([`crate::store::restore::BackupSource`]) and proposes its rows through
+//! the shard's raft log (`Command::Restore`: `Begin`, `Rows`…, `End`), so
+//! every replica applies them at the same indexes. It runs only on an
+//! empty shard, or one a failed restore left mid-way (it starts again).
+//!
+//! One export or restore at a time per node (each needs the shard's size in
+//! scratch disk); the scratch directory is emptied when the node starts.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::write::leader_elsewhere;
+use super::Node;
+use crate::error::{Error, Result};
+use crate::limits::RESTORE_ENTRY_BYTES;
+use crate::raft::client_write_error;
+use crate::raft::replica::Replica;
+use crate::store::group_snapshot;
+use crate::store::restore::{restore_state, BackupSource, SourceMeta};
+use crate::store::snapshot::pack;
+use crate::types::{Command, CommandResult, GroupId, LogId, RestoreStep};
+
+/// The node's scratch directory for backup exports and received archives.
+fn scratch_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("backup")
+}
+
+/// Empties the scratch directory (at start: what a crash left there).
+pub(crate) fn remove_scratch(data_dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(scratch_dir(data_dir)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A file under the scratch directory, removed when dropped.
+pub struct ScratchFile {
+    pub path: PathBuf,
+}
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A shard's exported archive, ready to stream; holds the node's backup
+/// slot until dropped.
+pub struct ShardExport {
+    pub file: ScratchFile,
+    pub applied: Option<LogId>,
+    pub schema_version: u64,
+    pub bytes: u64,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// A received archive being restored; holds the node's backup slot.
+pub struct ShardUpload {
+    pub file: ScratchFile,
+    gid: GroupId,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// What a shard's restore did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreSummary {
+    pub rows: u64,
+    pub bytes: u64,
+    pub source_applied: Option<LogId>,
+    pub log_index: u64,
+}
+
+fn unique(prefix: &str, gid: GroupId) -> String {
+    format!("{prefix}-{}-{}", gid.0, crate::wall_clock_ms())
+}
+
+impl Node {
+    /// Shard `shard`'s group, if the cluster has it.
+    fn shard_group(&self, shard: u32) -> Result<GroupId> {
+        if shard >= self.shards {
+            return Err(Error::invalid(
+                "shard",
+                format!("{shard} is not a shard (the cluster has {})", self.shards),
+            ));
+        }
+        Ok(GroupId(shard))
+    }
+
+    /// This node's replica of `gid`, or FAILED_PRECONDITION naming the nodes
+    /// the map places it on.
+    fn hosted(&self, gid: GroupId) -> Result<Arc<Replica>> {
+        self.registry.get(gid).ok_or_else(|| {
+            let nodes: Vec<u64> = self.route(gid).into_iter().map(|(n, _)| n).collect();
+            Error::FailedPrecondition(format!(
+                "node {} hosts no replica of {gid}; ask one of nodes {nodes:?}",
+                self.id
+            ))
+        })
+    }
+
+    /// The node's backup slot, or RESOURCE_EXHAUSTED-like UNAVAILABLE if
+    /// another export or restore holds it.
+    fn backup_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.backup_slot.clone().try_acquire_owned().map_err(|_| {
+            Error::Unavailable(format!(
+                "node {} is already exporting or restoring a shard (one at a time); retry when it is done",
+                self.id
+            ))
+        })
+    }
+
+    /// Exports shard `shard` as this node's replica holds it (see the
+    /// module docs).
+    pub async fn export_shard(&self, shard: u32) -> Result<ShardExport> {
+        let gid = self.shard_group(shard)?;
+        let replica = self.hosted(gid)?;
+        let slot = self.backup_slot()?;
+        let state_db = self.state_db.clone();
+        let (_, marker) = restore_state(&state_db, gid).map_err(Error::internal)?;
+        if let Some(marker) = marker {
+            return Err(Error::FailedPrecondition(format!(
+                "{gid} is being restored (restore {:?}); back it up once the restore ends",
+                marker.id
+            )));
+        }
+        let schema_version = replica.sm.schema().version;
+        let dir = scratch_dir(&self.data_dir);
+        let name = unique("export", gid);
+        let file = ScratchFile { path: dir.join(format!("{name}.snap")) };
+        let archive = file.path.clone();
+        let export = move || -> anyhow::Result<(Option<LogId>, u64)> {
+            let files = dir.join(&name);
+            let exported = group_snapshot::export(&state_db, gid, &files);
+            let packed = exported.and_then(|meta| {
+                pack(&files, &archive)?;
+                Ok(meta)
+            });
+            let _ = std::fs::remove_dir_all(&files);
+            let meta = packed?;
+            Ok((meta.last_applied, std::fs::metadata(&archive)?.len()))
+        };
+        let (applied, bytes) = tokio::task::spawn_blocking(export)
+            .await
+            .map_err(Error::internal)?
+            .map_err(|e| Error::Internal(format!("exporting {gid}: {e:#}")))?;
+        tracing::info!(group = %gid, ?applied, bytes, "shard exported for a backup");
+        Ok(ShardExport { file, applied, schema_version, bytes, _slot: slot })
+    }
+
+    /// Where a restore's archive for shard `shard` is received: checks
+    /// that this node leads the shard (else NOT_LEADER naming the leader)
+    /// and that the shard can be restored, before any byte is received.
+    pub async fn restore_upload(&self, shard: u32) -> Result<ShardUpload> {
+        let gid = self.shard_group(shard)?;
+        let replica = self.hosted(gid)?;
+        self.check_restorable(&replica)?;
+        let slot = self.backup_slot()?;
+        let dir = scratch_dir(&self.data_dir);
+        std::fs::create_dir_all(&dir).map_err(Error::internal)?;
+        let file = ScratchFile { path: dir.join(format!("{}.snap", unique("restore", gid))) };
+        Ok(ShardUpload { file, gid, _slot: slot })
+    }
+
+    /// NOT_LEADER unless this node leads the replica's shard;
+    /// FAILED_PRECONDITION if the shard holds data and no restore is in
+    /// progress.
+    fn check_restorable(&self, replica: &Replica) -> Result<()> {
+        let gid = replica.gid;
+        if let Some((leader, addr)) = leader_elsewhere(replica, self.id) {
+            return Err(Error::NotLeader { leader_id: Some(leader), leader_addr: Some(addr) });
+        }
+        if replica.raft.metrics().borrow().current_leader != Some(self.id) {
+            return Err(Error::Unavailable(format!("{gid} has no leader yet; retry")));
+        }
+        let (has_data, marker) = restore_state(&self.state_db, gid).map_err(Error::internal)?;
+        if has_data && marker.is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "{gid} holds data: a restore needs a new, empty cluster with the backup's shard count"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Restores the shard of `upload` from its received archive, as
+    /// attempt `id` (see the module docs).
+    pub async fn restore_shard(&self, upload: ShardUpload, id: String) -> Result<RestoreSummary> {
+        let gid = upload.gid;
+        let replica = self.hosted(gid)?;
+        self.check_restorable(&replica)?;
+        let (archive, scratch) = (upload.file.path.clone(), upload.file.path.with_extension("d"));
+        let open = move || BackupSource::open(&archive, gid, &scratch);
+        let source = tokio::task::spawn_blocking(open)
+            .await
+            .map_err(Error::internal)?
+            .map_err(|e| Error::invalid("archive", format!("{e:#}")))?;
+        let SourceMeta { applied: source_applied, schema, clock_ms, reeval } = source.meta.clone();
+        if let Some(schema) = &schema {
+            let current = replica.sm.schema();
+            if schema.schema != current.schema {
+                tracing::warn!(group = %gid, backup_version = schema.version, version = current.version,
+                    "the backup's schema of the shard is not the cluster's: every user is re-evaluated after \
+                     the restore (apply the backup's schema before restoring to avoid it)");
+            }
+        }
+        tracing::info!(group = %gid, id, ?source_applied, "restore begins");
+        self.propose_restore(&replica, RestoreStep::Begin { id: id.clone() }).await?;
+        // Rows are read on a blocking thread, at most two chunks ahead.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let reader = tokio::task::spawn_blocking(move || {
+            let counted = source.rows(RESTORE_ENTRY_BYTES, |rows| tx.blocking_send(rows).is_ok());
+            drop(source);
+            counted
+        });
+        let mut seq = 0;
+        let mut proposed = Ok(());
+        while let Some(rows) = rx.recv().await {
+            let step = RestoreStep::Rows { id: id.clone(), seq, rows };
+            if let Err(e) = self.propose_restore(&replica, step).await {
+                proposed = Err(e);
+                break;
+            }
+            seq += 1;
+        }
+        drop(rx);
+        let counted = reader.await.map_err(Error::internal)?;
+        proposed?;
+        let (rows, bytes) = counted.map_err(|e| Error::invalid("archive", format!("{e:#}")))?;
+        let schema = schema.map(|s| s.schema);
+        let end = RestoreStep::End { id: id.clone(), rows, clock_ms, schema, reeval };
+        let log_index = self.propose_restore(&replica, end).await?;
+        tracing::info!(group = %gid, id, rows, bytes, log_index, "restore ended");
+        Ok(RestoreSummary { rows, bytes, source_applied, log_index })
+    }
+
+    /// Proposes one restore step in the shard this node leads; returns its
+    /// log index. A rejected step is FAILED_PRECONDITION with the reason.
+    async fn propose_restore(&self, replica: &Replica, step: RestoreStep) -> Result<u64> {
+        let propose = async {
+            let _pass = replica.gate.pass(self.write_timeout).await?;
+            let stamp_ms = replica.stamper.stamp()?;
+            let response = replica
+                .raft
+                .client_write(Command::Restore { stamp_ms, step })
+                .await
+                .map_err(client_write_error)?;
+            match response.data {
+                CommandResult::Rejected { reason } => Err(Error::FailedPrecondition(reason)),
+                _ => Ok(response.log_id.index),
+            }
+        };
+        match tokio::time::timeout(self.write_timeout, propose).await {
+            Ok(result) => result.map_err(|e| e.in_shard(replica.gid)),
+            Err(_) => Err(Error::Unavailable(format!(
+                "{}: a restore step was not committed within {} ms (no quorum?); retry the restore of the shard",
+                replica.gid,
+                self.write_timeout.as_millis()
+            ))),
+        }
+    }
+}

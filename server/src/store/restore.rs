@@ -1,0 +1,166 @@
+//! Reading a shard's backup archive for a restore. A backup archive is a
+//! shard snapshot archive ([`super::group_snapshot::export`], packed by
+//! [`super::snapshot::pack`]). RocksDB's C API has no SST reader, so
+//! [`BackupSource::open`] unpacks the archive, checks it, and ingests its
+//! SST files into a scratch database (under the node's data dir, removed
+//! when the source is dropped), which it then reads in key order. The rows
+//! go to every replica through the shard's raft log (`Command::Restore`),
+//! never by copying files into the live database: every replica applies
+//! the same rows at the same log index, and a replica added later catches
+//! up by the log or a snapshot like any other.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, IngestExternalFileOptions, IteratorMode, Options, ReadOptions, DB};
+
+use super::codec::decode;
+use super::group_snapshot::{ArchiveMeta, META_FILE};
+use super::keys::*;
+use super::sm_db::{cf, cf_options_for, DurableClocks, StateDb};
+use super::snapshot::unpack;
+use crate::schema::VersionedSchema;
+use crate::types::{GroupId, LogId, ReevalProgress, RestoreMarker, RestoreRow};
+
+/// What a backup recorded of its shard besides the rows.
+#[derive(Debug, Clone)]
+pub struct SourceMeta {
+    /// The shard's applied log id the copy is consistent at.
+    pub applied: Option<LogId>,
+    /// The shard's schema then (`None`: the built-in one).
+    pub schema: Option<VersionedSchema>,
+    pub clock_ms: i64,
+    pub reeval: Option<ReevalProgress>,
+}
+
+/// An unpacked, checked backup archive of one shard (see the module docs).
+pub struct BackupSource {
+    db: Option<DB>,
+    dir: PathBuf,
+    gid: GroupId,
+    pub meta: SourceMeta,
+}
+
+impl BackupSource {
+    /// Unpacks `archive` (its checksum is verified) into the new directory
+    /// `scratch` and opens it; refuses an archive of another shard, or one
+    /// taken while its shard was being restored.
+    pub fn open(archive: &Path, gid: GroupId, scratch: &Path) -> anyhow::Result<BackupSource> {
+        if scratch.exists() {
+            std::fs::remove_dir_all(scratch)?;
+        }
+        // From here on, dropping `source` removes `scratch`.
+        let mut source = BackupSource {
+            db: None,
+            dir: scratch.to_path_buf(),
+            gid,
+            meta: SourceMeta { applied: None, schema: None, clock_ms: 0, reeval: None },
+        };
+        let files = scratch.join("files");
+        unpack(archive, &files)?;
+        let found: ArchiveMeta = decode(&std::fs::read(files.join(META_FILE))?)?;
+        anyhow::ensure!(found.group == gid, "the archive is of {}, not of {gid}", found.group);
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let clocks = Arc::new(DurableClocks::default());
+        let cfs: Vec<_> = ALL_CFS
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, cf_options_for(name, &clocks, None)))
+            .collect();
+        let db = DB::open_cf_descriptors(&opts, scratch.join("db"), cfs)?;
+        let mut ingest = IngestExternalFileOptions::default();
+        ingest.set_move_files(true);
+        for name in ALL_CFS {
+            let sst = files.join(format!("{name}.sst"));
+            if sst.exists() {
+                db.ingest_external_file_cf_opts(cf(&db, name), &ingest, vec![sst])?;
+            }
+        }
+        let meta_cf = cf(&db, CF_META);
+        let get = |name: &[u8]| db.get_cf(meta_cf, meta(gid, name));
+        anyhow::ensure!(
+            get(META_RESTORE)?.is_none(),
+            "the backup of {gid} was taken while it was being restored; back it up again"
+        );
+        source.meta = SourceMeta {
+            applied: found.last_applied,
+            schema: get(META_SCHEMA)?.map(|b| decode(&b)).transpose()?,
+            clock_ms: get(META_CLOCK)?.map(|b| decode(&b)).transpose()?.unwrap_or(0),
+            reeval: get(META_REEVAL)?.map(|b| decode(&b)).transpose()?,
+        };
+        source.db = Some(db);
+        Ok(source)
+    }
+
+    /// Hands the shard's data rows to `emit` in chunks of about
+    /// `chunk_bytes` (keys and values; a larger row is a chunk of its own),
+    /// column family by column family in key order, until `emit` returns
+    /// false. Returns the rows and bytes emitted.
+    pub fn rows(
+        &self,
+        chunk_bytes: usize,
+        mut emit: impl FnMut(Vec<RestoreRow>) -> bool,
+    ) -> anyhow::Result<(u64, u64)> {
+        let db = self.db.as_ref().expect("open until dropped");
+        let (start, end) = group_range(self.gid);
+        let (mut rows, mut bytes) = (0u64, 0u64);
+        let mut chunk = Vec::new();
+        let mut chunk_size = 0usize;
+        for name in DATA_CFS {
+            let index = ALL_CFS.iter().position(|c| *c == name).expect("a data family is a family") as u8;
+            let mut opts = ReadOptions::default();
+            opts.set_total_order_seek(true);
+            opts.set_iterate_upper_bound(end.clone());
+            let mode = IteratorMode::From(&start, rocksdb::Direction::Forward);
+            for item in db.iterator_cf_opt(cf(db, name), opts, mode) {
+                let (key, value) = item?;
+                let key = key.get(GROUP_PREFIX_LEN..).unwrap_or_default().to_vec();
+                let size = key.len() + value.len();
+                if chunk_size > 0 && chunk_size + size > chunk_bytes {
+                    if !emit(std::mem::take(&mut chunk)) {
+                        return Ok((rows, bytes));
+                    }
+                    chunk_size = 0;
+                }
+                chunk.push(RestoreRow { cf: index, key, value: value.to_vec() });
+                chunk_size += size;
+                rows += 1;
+                bytes += size as u64;
+            }
+        }
+        if !chunk.is_empty() {
+            emit(chunk);
+        }
+        Ok((rows, bytes))
+    }
+}
+
+impl Drop for BackupSource {
+    fn drop(&mut self) {
+        drop(self.db.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether group `gid` holds any data row, and its restore marker if a
+/// restore is in progress (what a restore checks before it begins).
+pub fn restore_state(state_db: &StateDb, gid: GroupId) -> anyhow::Result<(bool, Option<RestoreMarker>)> {
+    let db = state_db.db();
+    let (start, end) = group_range(gid);
+    let mut has_data = false;
+    for name in DATA_CFS {
+        let mut opts = ReadOptions::default();
+        opts.set_total_order_seek(true);
+        opts.set_iterate_upper_bound(end.clone());
+        let mut it = db.raw_iterator_cf_opt(cf(&db, name), opts);
+        it.seek(&start);
+        it.status()?;
+        if it.valid() {
+            has_data = true;
+            break;
+        }
+    }
+    let marker = db.get_cf(cf(&db, CF_META), meta(gid, META_RESTORE))?.map(|b| decode(&b)).transpose()?;
+    Ok((has_data, marker))
+}

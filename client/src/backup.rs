@@ -101,7 +101,7 @@ fn now_ms() -> u64 {
 }
 
 fn config(msg: impl Into<String>) -> ClientError {
-    ClientError::Config(msg.into())
+    ClientError::Backup(msg.into())
 }
 
 fn hex(hash: Sha256) -> String {

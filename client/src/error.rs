@@ -25,6 +25,9 @@ pub enum ClientError {
     /// A client setting (token, certificate) is unusable.
     #[error("invalid client settings: {0}")]
     Config(String),
+    /// A backup or restore could not go on (`crate::backup`): what and why.
+    #[error("{0}")]
+    Backup(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -27,6 +27,17 @@ use portrait_client::PortraitClient;
 use proxy::{Mode, Proxy};
 use tempfile::TempDir;
 
+/// The `portrait` CLI built next to the tests (`cargo build --release -p
+/// portrait-client`).
+pub fn portrait_cli() -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("release/portrait");
+    assert!(path.exists(), "{} is missing: run `cargo build --release -p portrait-client`", path.display());
+    path
+}
+
 /// The `portraitd` binary under test: `$PORTRAITD`, or the
 /// `portraitd-faults` example of this package (see docs/development.md).
 pub fn portraitd() -> PathBuf {

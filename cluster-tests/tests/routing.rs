@@ -4,25 +4,13 @@
 //! the shard the server reads a user from.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::process::Command;
 
 use portrait_client::{shard_of, Consistency, Event, Value};
-use portrait_cluster_tests::{workload, Cluster, TEST_SHARDS};
+use portrait_cluster_tests::{portrait_cli, workload, Cluster, TEST_SHARDS};
 
 fn visit(user: &str, page: &str) -> Event {
     workload::visit(user, &format!("{page}-{user}"), page)
-}
-
-/// The `portrait` CLI built next to the tests (`cargo build --release -p
-/// portrait-client`).
-fn portrait_cli() -> PathBuf {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("release/portrait");
-    assert!(path.exists(), "{} is missing: run `cargo build --release -p portrait-client`", path.display());
-    path
 }
 
 /// The shard `portrait locate USER` prints (its `shard  K (...)` line).

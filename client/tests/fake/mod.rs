@@ -153,6 +153,22 @@ impl Ingest for Fake {
 
 #[tonic::async_trait]
 impl Admin for Fake {
+    type BackupShardStream = tokio_stream::Empty<Result<BackupShardChunk, Status>>;
+
+    async fn backup_shard(
+        &self,
+        _: Request<BackupShardRequest>,
+    ) -> Result<Response<Self::BackupShardStream>, Status> {
+        Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
+    }
+
+    async fn restore_shard(
+        &self,
+        _: Request<Streaming<RestoreShardChunk>>,
+    ) -> Result<Response<RestoreShardResponse>, Status> {
+        Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
+    }
+
     async fn get_schema(&self, _: Request<GetSchemaRequest>) -> Result<Response<GetSchemaResponse>, Status> {
         Err(self.refusal().unwrap_or_else(|| Status::unimplemented("fake")))
     }

@@ -63,6 +63,8 @@ impl BackupSource {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
+        // As the state database: its column families' options need it.
+        opts.set_allow_concurrent_memtable_write(false);
         let clocks = Arc::new(DurableClocks::default());
         let cfs: Vec<_> = ALL_CFS
             .iter()

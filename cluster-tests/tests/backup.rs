@@ -1,0 +1,151 @@
+//! Online backup and restore on real `portraitd` processes, through the
+//! `portrait` CLI: a 3-node cluster is backed up while a writer keeps
+//! writing, written to some more, then restored into a new 3-node cluster
+//! of the same shard count. Users written before the backup read back
+//! exactly as they were (not as they are now on the source); users written
+//! during the backup hold at least what was acknowledged before it began
+//! and at most what was sent by its end; every replica of every restored
+//! shard holds the same; the backup's schema came along; a second restore
+//! into the now non-empty cluster is refused.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use portrait_client::backup::read_manifest;
+use portrait_client::{Consistency, PortraitClient, Profile};
+use portrait_cluster_tests::replicas::lifetime_orders;
+use portrait_cluster_tests::workload::order_of;
+use portrait_cluster_tests::{portrait_cli, Cluster, TEST_SHARDS};
+
+/// The default schema plus a feature only the backup's schema has.
+fn schema() -> String {
+    let default = include_str!("../../core/src/schema/default.toml");
+    format!("{default}\n[features.orders_copy]\nfamily = \"trade\"\nagg = \"count\"\nwhere = 'type == \"order\"'\n")
+}
+
+/// Users written before the backup (`a*`) and during it (`b*`).
+const USERS_A: usize = 120;
+const USERS_B: usize = 40;
+
+/// `(orders_lifetime, orders_copy, trade history ids)` of each user, as
+/// `client` reads them (linearizable when `strong`, else from its node).
+async fn snapshot(
+    client: &PortraitClient,
+    users: &[String],
+    strong: bool,
+) -> BTreeMap<String, (u64, u64, Vec<String>)> {
+    let consistency = if strong { Consistency::Linearizable } else { Consistency::Local };
+    let got = client.batch_get_profiles(users, &[], consistency).await.expect("read");
+    users
+        .iter()
+        .zip(got.profiles.iter())
+        .map(|(user, p): (&String, &Profile)| {
+            let ids = p.families.get("trade").map(|f| f.history.iter().map(|h| h.event_id.clone()).collect());
+            let copy = portrait_cluster_tests::replicas::feature_count(p, "orders_copy");
+            (user.clone(), (lifetime_orders(p), copy, ids.unwrap_or_default()))
+        })
+        .collect()
+}
+
+fn cli(endpoint: &str, args: &[&str]) -> std::process::Output {
+    Command::new(portrait_cli()).arg("--endpoint").arg(endpoint).args(args).output().expect("run portrait")
+}
+
+#[tokio::test]
+async fn a_backup_taken_while_writing_restores_into_a_new_cluster_shard_by_shard() {
+    let source = Cluster::start_sharded(3, TEST_SHARDS).await;
+    let client = source.client(1).await;
+    client.apply_schema(schema(), false).await.expect("schema");
+    let users_a: Vec<String> = (0..USERS_A).map(|i| format!("a{i}")).collect();
+    let users_b: Vec<String> = (0..USERS_B).map(|i| format!("b{i}")).collect();
+    for round in 0..3 {
+        let events = users_a.iter().map(|u| order_of(u, &format!("{u}-{round}"))).collect();
+        client.write(events).await.expect("write a");
+    }
+    let before = snapshot(&client, &users_a, true).await;
+    assert!(before.values().all(|(n, copy, _)| *n == 3 && *copy == 3), "{before:?}");
+
+    // A writer on the b users throughout the backup: one order per user
+    // per round, each round acknowledged before the next.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked, sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let writer = {
+        let (client, stop, acked, sent, users) =
+            (client.clone(), stop.clone(), acked.clone(), sent.clone(), users_b.clone());
+        tokio::spawn(async move {
+            let mut round = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let events = users.iter().map(|u| order_of(u, &format!("{u}-{round}"))).collect();
+                sent.store(round + 1, Ordering::SeqCst);
+                if client.write(events).await.is_ok() {
+                    acked.store(round + 1, Ordering::SeqCst);
+                    round += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    while acked.load(Ordering::SeqCst) < 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let acked_before = acked.load(Ordering::SeqCst);
+    let backup_dir = tempfile::tempdir().unwrap();
+    let dir = backup_dir.path().join("b1");
+    let out = cli(&source.node(2).endpoint(), &["backup", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "backup: {}", String::from_utf8_lossy(&out.stderr));
+    let sent_after = sent.load(Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    writer.await.unwrap();
+
+    let manifest = read_manifest(&dir).expect("manifest");
+    assert_eq!((manifest.shards, manifest.shard_files.len()), (TEST_SHARDS, TEST_SHARDS as usize));
+    assert_eq!(manifest.schema.toml, schema());
+    assert!(manifest.shard_files.iter().all(|f| f.applied_index > 0 && f.bytes > 0), "{manifest:?}");
+    // A backup directory is never overwritten.
+    let again = cli(&source.node(1).endpoint(), &["backup", dir.to_str().unwrap()]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"), "{again:?}");
+
+    // The source moves on: the restore must not see this.
+    for u in &users_a[..10] {
+        client.write(vec![order_of(u, &format!("{u}-late"))]).await.expect("late write");
+    }
+    let now = snapshot(&client, &users_a, true).await;
+    assert_ne!(now, before);
+
+    let target = Cluster::start_sharded(3, TEST_SHARDS).await;
+    let out = cli(&target.node(3).endpoint(), &["restore", dir.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "restore: {stderr}");
+    assert!(stderr.contains("applied the backup's schema"), "{stderr}");
+    let restored = target.client(1).await;
+    assert_eq!(snapshot(&restored, &users_a, true).await, before, "users written before the backup");
+    let during = snapshot(&restored, &users_b, true).await;
+    for (user, (count, copy, ids)) in &during {
+        assert!(
+            (acked_before..=sent_after).contains(count) && *copy == *count && ids.len() as u64 == *count,
+            "{user}: {count} orders ({ids:?}), acknowledged before the backup {acked_before}, sent by its end \
+             {sent_after}"
+        );
+    }
+    // Every replica of every shard (RF 3 on 3 nodes) serves the same.
+    let all: Vec<String> = users_a.iter().chain(&users_b).cloned().collect();
+    let strong = snapshot(&restored, &all, true).await;
+    for id in 1..=3 {
+        let local = PortraitClient::connect(&target.node(id).endpoint()).await.unwrap().without_routing();
+        // A follower may apply the restore's last entries a moment later.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while snapshot(&local, &all, false).await != strong && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(snapshot(&local, &all, false).await, strong, "node {id}");
+    }
+    // The restored cluster takes writes; a second restore is refused.
+    restored.write(vec![order_of("a0", "a0-new")]).await.expect("write after restore");
+    let out = cli(&target.node(1).endpoint(), &["restore", dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds data"), "{out:?}");
+}

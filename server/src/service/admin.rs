@@ -264,14 +264,22 @@ impl Admin for AdminService {
     ) -> Result<Response<RestoreShardResponse>, Status> {
         let who = who(&request);
         let mut stream = request.into_inner();
-        let header = match stream.message().await? {
-            Some(RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(h)) }) => h,
-            _ => return Err(Error::invalid("header", "the first message must be the header").into()),
+        // Audited also when the header is missing.
+        let first = stream.message().await;
+        let header = match &first {
+            Ok(Some(RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(h)) })) => {
+                Some(h.clone())
+            }
+            _ => None,
         };
-        let args = serde_json::json!({
-            "shard": header.shard, "archive_bytes": header.archive_bytes, "restore_id": header.restore_id
+        let args = header.as_ref().map_or(serde_json::json!({}), |h| {
+            serde_json::json!({"shard": h.shard, "archive_bytes": h.archive_bytes, "restore_id": h.restore_id})
         });
         let restore = async {
+            first?;
+            let Some(header) = header.clone() else {
+                return Err(Error::invalid("header", "the first message must be the header").into());
+            };
             if header.restore_id.is_empty() || header.restore_id.len() > MAX_RESTORE_ID_BYTES {
                 return Err(Error::invalid(
                     "restore_id",
@@ -289,7 +297,7 @@ impl Admin for AdminService {
         };
         let summary = self.audited(who, "Admin/RestoreShard", args, restore).await?;
         Ok(Response::new(RestoreShardResponse {
-            shard: header.shard,
+            shard: header.map_or(0, |h| h.shard),
             rows: summary.rows,
             bytes: summary.bytes,
             source_applied_index: summary.source_applied.map_or(0, |l| l.index),

@@ -230,23 +230,23 @@ impl Node {
                 && (*n == self.id || self.liveness.silent_for(*n, now) < self.replica_dead_after)
         };
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let unfit: BTreeSet<NodeId> = voters.iter().filter(|v| !fit(v)).copied().collect();
-        let room = MAX_META_VOTERS.saturating_sub(voters.len()) + unfit.len();
-        let promote: BTreeSet<NodeId> =
-            membership.learner_ids().filter(|n| map.nodes.contains_key(n) && fit(n)).take(room).collect();
-        let change = if !promote.is_empty() {
-            tracing::info!(nodes = ?promote, "meta group: promoting learners to voters");
-            ChangeMembers::AddVoterIds(promote)
-        } else if unfit.is_empty() || unfit.len() == voters.len() {
-            return Ok(());
-        } else if unfit.contains(&self.id) {
-            let target = *voters.iter().find(|v| fit(v)).expect("a fit voter");
-            tracing::info!(target, "meta group: handing leadership to a voter that stays");
-            self.transfer_group(&self.meta, target).await?;
-            return Ok(());
-        } else {
-            tracing::info!(nodes = ?unfit, "meta group: voters draining or silent become learners");
-            ChangeMembers::RemoveVoters(unfit)
+        let learners: BTreeSet<NodeId> =
+            membership.learner_ids().filter(|n| map.nodes.contains_key(n)).collect();
+        let change = match meta_voter_step(self.id, &voters, &learners, fit) {
+            MetaVoterStep::Keep => return Ok(()),
+            MetaVoterStep::Promote(promote) => {
+                tracing::info!(nodes = ?promote, "meta group: promoting learners to voters");
+                ChangeMembers::AddVoterIds(promote)
+            }
+            MetaVoterStep::HandOff(target) => {
+                tracing::info!(target, "meta group: handing leadership to a voter that stays");
+                self.transfer_group(&self.meta, target).await?;
+                return Ok(());
+            }
+            MetaVoterStep::Demote(unfit) => {
+                tracing::info!(nodes = ?unfit, "meta group: voters draining or silent become learners");
+                ChangeMembers::RemoveVoters(unfit)
+            }
         };
         let _pass = self.meta.gate.pass(self.write_timeout).await?;
         // `retain`: a voter removed stays a learner.
@@ -317,6 +317,44 @@ impl Node {
     }
 }
 
+/// One step of keeping the meta group's voters fit (see
+/// `Node::keep_meta_voters`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum MetaVoterStep {
+    Keep,
+    /// Fit learners to promote: while fewer than [`MAX_META_VOTERS`] fit
+    /// voters vote (a voter that is not fit leaves once replaced).
+    Promote(BTreeSet<NodeId>),
+    /// This leader is not fit: hand the group to this fit voter first.
+    HandOff(NodeId),
+    /// Voters that are not fit become learners (never all of them).
+    Demote(BTreeSet<NodeId>),
+}
+
+/// The next step for the meta group led by `me`, with `voters`, and
+/// `learners` (those in the map), by `fit`. Pure, so its sequence can be
+/// tested: it never leaves more than [`MAX_META_VOTERS`] voters once settled.
+fn meta_voter_step(
+    me: NodeId,
+    voters: &BTreeSet<NodeId>,
+    learners: &BTreeSet<NodeId>,
+    fit: impl Fn(&NodeId) -> bool,
+) -> MetaVoterStep {
+    let unfit: BTreeSet<NodeId> = voters.iter().filter(|v| !fit(v)).copied().collect();
+    // Fit voters only: an unfit voter is replaced, not added to.
+    let room = MAX_META_VOTERS.saturating_sub(voters.len() - unfit.len());
+    let promote: BTreeSet<NodeId> = learners.iter().filter(|n| fit(n)).take(room).copied().collect();
+    if !promote.is_empty() {
+        MetaVoterStep::Promote(promote)
+    } else if unfit.is_empty() || unfit.len() == voters.len() {
+        MetaVoterStep::Keep
+    } else if unfit.contains(&me) {
+        MetaVoterStep::HandOff(*voters.iter().find(|v| fit(v)).expect("a fit voter"))
+    } else {
+        MetaVoterStep::Demote(unfit)
+    }
+}
+
 impl Node {
     /// Whether the shard's leader (as this replica knows it) reports a
     /// membership without this node: a removed replica usually never hears
@@ -360,4 +398,57 @@ fn removed(replica: &Replica, me: NodeId) -> bool {
     let voter = newest.is_some_and(|c| c.contains(&me));
     let learner = membership.learner_ids().any(|n| n == me);
     committed && !voter && !learner
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs steps on a membership until it settles.
+    fn settle(
+        me: NodeId,
+        voters: &mut BTreeSet<NodeId>,
+        learners: &mut BTreeSet<NodeId>,
+        fit: impl Fn(&NodeId) -> bool + Copy,
+    ) {
+        for _ in 0..20 {
+            match meta_voter_step(me, voters, learners, fit) {
+                MetaVoterStep::Keep => return,
+                MetaVoterStep::Promote(p) => {
+                    assert!(voters.len() + p.len() <= MAX_META_VOTERS + 1, "{voters:?} + {p:?}");
+                    learners.retain(|n| !p.contains(n));
+                    voters.extend(p);
+                }
+                MetaVoterStep::Demote(d) => {
+                    voters.retain(|n| !d.contains(n));
+                    learners.extend(d);
+                }
+                MetaVoterStep::HandOff(_) => return,
+            }
+        }
+        panic!("did not settle: {voters:?}");
+    }
+
+    #[test]
+    fn an_unfit_voter_is_replaced_one_for_one_and_voters_stay_at_five() {
+        // Ten nodes, voters 1..=5; node 5 drains.
+        let (mut voters, mut learners): (BTreeSet<NodeId>, BTreeSet<NodeId>) =
+            ((1..=5).collect(), (6..=10).collect());
+        settle(1, &mut voters, &mut learners, |n| *n != 5);
+        assert_eq!(voters, [1, 2, 3, 4, 6].into());
+        // Node 5 back: no room, it stays a learner; nothing moves.
+        assert_eq!(meta_voter_step(1, &voters, &learners, |_| true), MetaVoterStep::Keep);
+        // Three nodes, one silent, no learner to promote: it becomes a
+        // learner (it was going to fail anyway; the two others still agree).
+        let (mut voters, mut learners) = ([1, 2, 3].into(), BTreeSet::new());
+        settle(1, &mut voters, &mut learners, |n| *n != 3);
+        assert_eq!(voters, [1, 2].into(), "an unfit voter becomes a learner when others remain");
+        // The leader unfit hands off first.
+        let voters = [1, 2, 3].into();
+        assert_eq!(meta_voter_step(1, &voters, &BTreeSet::new(), |n| *n != 1), MetaVoterStep::HandOff(2));
+        // Growing: learners fill up to five.
+        let (mut voters, mut learners) = ([1].into(), (2..=8).collect());
+        settle(1, &mut voters, &mut learners, |_| true);
+        assert_eq!(voters.len(), MAX_META_VOTERS);
+    }
 }

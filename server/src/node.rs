@@ -274,17 +274,17 @@ impl Node {
             registry.insert(Arc::new(Replica::open(gid, &shared).await?));
         }
         let tasks = Tasks::default();
+        let liveness = Arc::new(Liveness::default());
         // Snapshots and log retention by bytes, of every group.
         let policy = (&opts.tuning).into();
-        let r = registry.clone();
-        tasks.spawn("log policy", |stop| crate::raft::log_policy::run_until(r, policy, stop));
+        let (r, live) = (registry.clone(), liveness.clone());
+        tasks.spawn("log policy", |stop| crate::raft::log_policy::run_until(r, policy, live, stop));
         let (batcher, requests) = WriteBatcher::channel();
         let r = registry.clone();
         tasks.spawn("write batcher", |stop| crate::raft::batcher::run(r, requests, stop));
         let tick_interval = Duration::from_millis(opts.tuning.tick_interval_ms);
         let r = registry.clone();
         tasks.spawn("ticker", |stop| crate::raft::ticker::run(r, tick_interval, stop));
-        let liveness = Arc::new(Liveness::default());
         let probe = ClockProbe {
             me: opts.node_id,
             registry: registry.clone(),

@@ -12,7 +12,7 @@
 //!   purging by entries is off: `max_in_snapshot_log_to_keep` is `u64::MAX`);
 //! - on a group's leader, holds the log for members catching up (learners:
 //!   replicas being added or moved in; and any member that has matched
-//!   nothing yet): no entry such a member still needs (after its matched
+//!   nothing yet while its node answers the liveness probe): no entry such a member still needs (after its matched
 //!   index; for one that has matched nothing, such as a new replica being
 //!   sent a snapshot, nothing past what is purged now) is purged while the
 //!   log after the hold point is at most `CATCH_UP_HOLD` times
@@ -32,10 +32,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::liveness::Liveness;
 use super::replica::Registry;
 use super::RaftTuning;
 use crate::store::log_bytes::LogBytes;
-use crate::types::GroupId;
+use crate::types::{GroupId, NodeId};
 
 /// How often the groups' logs are looked at: appending 256 MiB takes
 /// seconds, so a snapshot asked for up to this late changes nothing.
@@ -123,7 +124,12 @@ impl Seen {
 }
 
 /// Runs until `stop` turns true; see the module docs.
-pub async fn run_until(registry: Arc<Registry>, policy: BytePolicy, mut stop: watch::Receiver<bool>) {
+pub async fn run_until(
+    registry: Arc<Registry>,
+    policy: BytePolicy,
+    liveness: Arc<Liveness>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut seen: BTreeMap<GroupId, Seen> = BTreeMap::new();
     loop {
         tokio::select! {
@@ -133,7 +139,9 @@ pub async fn run_until(registry: Arc<Registry>, policy: BytePolicy, mut stop: wa
         for replica in registry.all() {
             let (raft, log) = (&replica.raft, &replica.log_bytes);
             let snapshot = raft.data_metrics().borrow().snapshot.map(|l| l.index);
-            let hold = catch_up_hold(&raft.metrics().borrow());
+            let now = std::time::Instant::now();
+            let alive = |id| liveness.silent_for(id, now) < HOLD_FOR_SILENT_UNDER;
+            let hold = catch_up_hold(&raft.metrics().borrow(), alive);
             for action in seen.entry(replica.gid).or_default().decide(policy, log, snapshot, hold) {
                 let result = match action {
                     Action::Snapshot => {
@@ -154,26 +162,63 @@ pub async fn run_until(registry: Arc<Registry>, policy: BytePolicy, mut stop: wa
     }
 }
 
+/// A member that has matched nothing is held for only while its node
+/// answers the liveness probe: a new leader knows no follower's match at
+/// first, and a voter whose node is down never answers; holding the log for
+/// it would keep up to the `CATCH_UP_HOLD` bound on every shard it votes
+/// in, for as long as it is down (it gets a snapshot when it is back).
+const HOLD_FOR_SILENT_UNDER: Duration = Duration::from_secs(10);
+
 /// On a leader: the newest index that every learner (a replica being
-/// added or moved in) has replicated, and what is purged now if any member
-/// has replicated nothing yet (it is being sent a snapshot); `None`
-/// elsewhere, or when no member is catching up. A voter that fell behind
-/// (a node that was down) is not waited for: it gets a snapshot.
-fn catch_up_hold(m: &openraft::RaftMetrics<crate::types::NodeId, openraft::BasicNode>) -> Option<u64> {
+/// added or moved in) has replicated, and what is purged now if a member
+/// whose node is `alive` has replicated nothing yet (it is being sent a
+/// snapshot); `None` elsewhere, or when no member is catching up. A voter
+/// that fell behind (a node that was down) is not waited for: it gets a
+/// snapshot.
+fn catch_up_hold(
+    m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>,
+    alive: impl Fn(NodeId) -> bool,
+) -> Option<u64> {
     let replication = m.replication.as_ref()?;
     let purged = m.purged.map_or(0, |l| l.index);
     let membership = m.membership_config.membership();
-    let learner = |id: &crate::types::NodeId| membership.learner_ids().any(|l| l == *id);
-    replication
-        .iter()
-        .filter(|(id, matched)| **id != m.id && (matched.is_none() || learner(id)))
-        .map(|(_, matched)| matched.map_or(purged, |l| l.index))
+    let learners: Vec<NodeId> = membership.learner_ids().collect();
+    let members = replication.iter().map(|(id, matched)| (*id, matched.map(|l| l.index)));
+    hold_point(m.id, purged, members, |id| learners.contains(&id), alive)
+}
+
+/// [`catch_up_hold`] on plain values: `members` are `(node, matched index)`.
+fn hold_point(
+    me: NodeId,
+    purged: u64,
+    members: impl Iterator<Item = (NodeId, Option<u64>)>,
+    learner: impl Fn(NodeId) -> bool,
+    alive: impl Fn(NodeId) -> bool,
+) -> Option<u64> {
+    members
+        .filter(|(id, matched)| *id != me && (learner(*id) || (matched.is_none() && alive(*id))))
+        .map(|(_, matched)| matched.unwrap_or(purged))
         .min()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_is_held_for_learners_and_for_live_members_with_no_match() {
+        let hold = |members: &[(NodeId, Option<u64>)], learners: &[NodeId], down: &[NodeId]| {
+            hold_point(1, 50, members.iter().copied(), |id| learners.contains(&id), |id| !down.contains(&id))
+        };
+        // Followers caught up: nothing held.
+        assert_eq!(hold(&[(1, Some(90)), (2, Some(90)), (3, Some(88))], &[], &[]), None);
+        // A learner at 70 holds from 70 (alive or not: a move resumes).
+        assert_eq!(hold(&[(2, Some(90)), (4, Some(70))], &[4], &[4]), Some(70));
+        // A live voter with no match yet (being sent a snapshot): what is purged now.
+        assert_eq!(hold(&[(2, Some(90)), (3, None)], &[], &[]), Some(50));
+        // A voter whose node is down is not waited for.
+        assert_eq!(hold(&[(2, Some(90)), (3, None)], &[], &[3]), None);
+    }
 
     const POLICY: BytePolicy = BytePolicy {
         snapshot_every_bytes: 100,

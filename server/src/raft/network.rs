@@ -25,12 +25,13 @@
 //! otherwise a network error with a log line.
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+    Fatal, InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    ReplicationClosed, StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,7 +72,27 @@ pub struct Links {
     /// Snapshot chunks of every group to every peer share this rate.
     snapshots: Pacer,
     snapshot_bytes: AtomicU64,
+    /// Snapshots being sent at once (see [`MAX_SNAPSHOT_STREAMS`]).
+    snapshot_streams: Streams,
 }
+
+/// Turns to send a snapshot: [`MAX_SNAPSHOT_STREAMS`].
+struct Streams(Arc<Semaphore>);
+
+impl Default for Streams {
+    fn default() -> Self {
+        Streams(Arc::new(Semaphore::new(MAX_SNAPSHOT_STREAMS)))
+    }
+}
+
+/// Snapshots a node sends at once, all groups and peers together; more
+/// wait for a turn. They share `snapshot_send_mb_per_sec`, and a chunk's
+/// wait for its share runs inside openraft's per-chunk timeout
+/// (`install_snapshot_timeout`, 60 s; past it the snapshot starts over):
+/// with chunks of up to one second of the rate, each waits about as many
+/// seconds as streams are sending. A few at a time also finish the first
+/// replicas sooner than all of them at once would.
+pub const MAX_SNAPSHOT_STREAMS: usize = 4;
 
 /// Paces the node's outgoing snapshot chunks to `bytes_per_sec` (0: no
 /// limit), all groups and peers together: a chunk of `n` bytes starts no
@@ -426,6 +447,43 @@ impl RaftNetwork<TypeConfig> for Peer {
             self.acks.acked(self.target);
         }
         result
+    }
+
+    /// openraft's chunked sending, once one of the node's
+    /// [`MAX_SNAPSHOT_STREAMS`] turns is free (or the replication closes).
+    async fn full_snapshot(
+        &mut self,
+        vote: openraft::Vote<NodeId>,
+        snapshot: openraft::storage::Snapshot<TypeConfig>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
+        // `cancel` is needed twice (waiting for a turn, then sending): a
+        // watch carries its outcome to both.
+        let (tx, rx) = tokio::sync::watch::channel(None::<ReplicationClosed>);
+        let watcher = tokio::spawn(async move {
+            let _ = tx.send(Some(cancel.await));
+        });
+        let closed = |mut rx: tokio::sync::watch::Receiver<Option<ReplicationClosed>>| async move {
+            let got = rx.wait_for(Option::is_some).await.map(|c| c.clone());
+            match got {
+                Ok(Some(c)) => c,
+                _ => std::future::pending().await,
+            }
+        };
+        let streams = self.channels.0.snapshot_streams.0.clone();
+        let turn = tokio::select! {
+            turn = streams.acquire_owned() => turn.expect("the semaphore is never closed"),
+            c = closed(rx.clone()) => {
+                watcher.abort();
+                return Err(StreamingError::Closed(c));
+            }
+        };
+        let sent = Chunked::send_snapshot(self, vote, snapshot, closed(rx), option).await;
+        drop(turn);
+        watcher.abort();
+        sent
     }
 
     async fn install_snapshot(

@@ -200,6 +200,9 @@ pub struct Node {
     /// Leader balancing's transfers under way (meta leader), by shard, and
     /// when leaders were last balanced (see `Node::balance_leaders`).
     leader_moves: Arc<Mutex<BTreeMap<u32, LeaderTransfer>>>,
+    /// Leader balancing's failed transfers, by (shard, target): not tried
+    /// again before this instant.
+    leader_refusals: Arc<Mutex<BTreeMap<(u32, NodeId), tokio::time::Instant>>>,
     leaders_balanced: Mutex<Option<tokio::time::Instant>>,
     /// Each hosted shard replica's logical size (`node/sizes.rs`).
     sizes: Mutex<BTreeMap<GroupId, sizes::Size>>,
@@ -320,6 +323,7 @@ impl Node {
             leaders: Mutex::default(),
             placing: tokio::sync::Mutex::default(),
             leader_moves: Arc::default(),
+            leader_refusals: Arc::default(),
             sizes: Mutex::default(),
             leaders_balanced: Mutex::default(),
             max_moves: opts.max_moves,

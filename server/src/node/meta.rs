@@ -42,6 +42,11 @@ const POLL: Duration = Duration::from_millis(200);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often leader balancing looks at the shards' leaders.
 const LEADER_BALANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// A leader transfer that failed is not tried again (same shard, same
+/// target) for this long: a node that refuses to campaign (its clock guard,
+/// say) is not asked every second.
+const LEADER_REFUSAL_BACKOFF: Duration = Duration::from_secs(30);
 /// A leader balancing transfer may take this long (it waits for the
 /// target to catch up, then sleeps one leader lease).
 const LEADER_TRANSFER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -212,11 +217,20 @@ impl Node {
                 l.leader = t.to; // counted where it is going
             }
         }
-        let nodes: BTreeSet<NodeId> =
-            map.nodes.keys().filter(|n| !map.draining.contains(n)).copied().collect();
+        // Nodes that may lead: not draining, and answering now (a node that
+        // is down leads nothing and would always look like the best target).
+        let nodes: BTreeSet<NodeId> = map
+            .nodes
+            .keys()
+            .filter(|n| !map.draining.contains(n) && statuses.iter().any(|(id, _)| id == *n))
+            .copied()
+            .collect();
         let room = self.max_moves.saturating_sub(moves.len());
+        let now = tokio::time::Instant::now();
+        let mut refusals = self.leader_refusals.lock().expect("leader_refusals lock");
+        refusals.retain(|_, until| *until > now);
         for t in plan_leader_transfers(&leaders, &nodes, room) {
-            if moves.contains_key(&t.shard) {
+            if moves.contains_key(&t.shard) || refusals.contains_key(&(t.shard, t.to)) {
                 continue;
             }
             let (Some(from), Some(_)) = (map.nodes.get(&t.from), map.nodes.get(&t.to)) else { continue };
@@ -224,9 +238,13 @@ impl Node {
             moves.insert(t.shard, t);
             let request = BalanceLeaderRequest { from: self.id, group: t.shard, target: t.to };
             let (addr, moves) = (from.peer_addr.clone(), self.leader_moves.clone());
+            let refusals = self.leader_refusals.clone();
             tokio::spawn(async move {
                 if let Err(e) = peer_balance_leader(&addr, request).await {
-                    tracing::info!(shard = t.shard, from = t.from, to = t.to, error = %e, "leader transfer");
+                    tracing::info!(shard = t.shard, from = t.from, to = t.to, error = %e,
+                        "leader transfer failed; not tried again for 30 s");
+                    let until = tokio::time::Instant::now() + LEADER_REFUSAL_BACKOFF;
+                    refusals.lock().expect("leader_refusals lock").insert((t.shard, t.to), until);
                 }
                 moves.lock().expect("leader_moves lock").remove(&t.shard);
             });

@@ -130,6 +130,10 @@ pub fn not_leader(f: ForwardToLeader<NodeId, BasicNode>) -> Error {
 pub fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Error {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => not_leader(f),
+        // Another change still running: retry once it is done.
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            e @ openraft::error::ChangeMembershipError::InProgress(_),
+        )) => Error::Unavailable(format!("{e}; retry")),
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             Error::FailedPrecondition(e.to_string())
         }

@@ -5,8 +5,9 @@
 //! exactly as they were (not as they are now on the source); users written
 //! during the backup hold at least what was acknowledged before it began
 //! and at most what was sent by its end; every replica of every restored
-//! shard holds the same; the backup's schema came along; a second restore
-//! into the now non-empty cluster is refused.
+//! shard holds the same; the backup's schema came along; the same backup
+//! restores into a single node too; a second restore into a now non-empty
+//! cluster is refused.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -143,6 +144,25 @@ async fn a_backup_taken_while_writing_restores_into_a_new_cluster_shard_by_shard
         }
         assert_eq!(snapshot(&local, &all, false).await, strong, "node {id}");
     }
+    // Any node count: the same backup into a single node.
+    let single = Cluster::start_sharded(1, TEST_SHARDS).await;
+    let out = cli(&single.node(1).endpoint(), &["restore", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "restore into one node: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(snapshot(&single.client(1).await, &all, true).await, strong, "one node");
+    // A damaged archive is found before anything changes.
+    let damaged = backup_dir.path().join("damaged");
+    std::fs::create_dir(&damaged).unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, damaged.join(path.file_name().unwrap())).unwrap();
+    }
+    let shard1 = damaged.join("shard-00001.snap");
+    let mut bytes = std::fs::read(&shard1).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&shard1, bytes).unwrap();
+    let out = cli(&single.node(1).endpoint(), &["restore", damaged.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the backup is damaged"), "{out:?}");
     // The restored cluster takes writes; a second restore is refused.
     restored.write(vec![order_of("a0", "a0-new")]).await.expect("write after restore");
     let out = cli(&target.node(1).endpoint(), &["restore", dir.to_str().unwrap()]);

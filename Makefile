@@ -46,12 +46,13 @@ verify: lint test ## what CI runs
 # benchmarks run the release `portraitd`, not the tests' `portraitd-faults`.
 bench: setup ## ingest, read and idle-CPU benchmarks; prints tables
 	$(CARGO) build $(PROFILE) --workspace --exclude portrait-cluster-tests --bins --examples
-	$(CARGO) build $(PROFILE) -p portrait-cluster-tests --example cluster_bench --example idle_cpu --example elastic_bench
+	$(CARGO) build $(PROFILE) -p portrait-cluster-tests --example cluster_bench --example idle_cpu --example elastic_bench --example backup_bench
 	$(BIN)/examples/apply_cost
 	$(BIN)/examples/bench $(ARGS)
 	PORTRAITD=$(BIN)/portraitd $(BIN)/examples/cluster_bench
 	PORTRAITD=$(BIN)/portraitd $(BIN)/examples/idle_cpu
 	PORTRAITD=$(BIN)/portraitd $(BIN)/examples/elastic_bench
+	PORTRAITD=$(BIN)/portraitd $(BIN)/examples/backup_bench
 
 # Coverage-guided fuzzing of the tag-rule language (server/fuzz). cargo-fuzz
 # passes -Z flags, which a stable toolchain takes with RUSTC_BOOTSTRAP=1.

@@ -92,6 +92,7 @@ pub const RPCS: &[(&str, Access)] = &[
     ("/portrait.v1.Raft/StartElection", Peer),
     ("/portrait.v1.Raft/Clock", Peer),
     ("/portrait.v1.Raft/ForwardWrite", Peer),
+    ("/portrait.v1.Raft/ForwardWrites", Peer),
     ("/portrait.v1.Raft/ForwardRead", Peer),
     ("/portrait.v1.Raft/Status", Peer),
     ("/portrait.v1.Raft/Join", Peer),

@@ -2,8 +2,9 @@
 //! (`service::status`), with a stable machine-readable code in the
 //! `x-portrait-error` metadata key.
 
-/// An error a Portrait call can end with.
-#[derive(Debug, Clone, thiserror::Error)]
+/// An error a Portrait call can end with (serializable: a part of a
+/// forwarded write answers with its own).
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum Error {
     /// Bad input; `field` is a path such as `events[3].attrs.price`.
     #[error("{field}: {reason}")]

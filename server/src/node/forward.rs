@@ -19,6 +19,8 @@ use crate::types::{GroupId, NodeId};
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Forward {
     Write,
+    /// Several shards' write parts in one call (`Raft.ForwardWrites`).
+    Writes,
     Read,
 }
 
@@ -91,6 +93,7 @@ impl Node {
         request.set_timeout(self.write_timeout + std::time::Duration::from_secs(1));
         let reply = match kind {
             Forward::Write => client.forward_write(request).await,
+            Forward::Writes => client.forward_writes(request).await,
             Forward::Read => client.forward_read(request).await,
         };
         match reply {

@@ -3,7 +3,9 @@
 //! each shard's part goes through that shard: proposed here when this node
 //! leads the shard (the node's write batcher merges it with other requests
 //! of the shard), forwarded in one hop to the shard's leader otherwise
-//! (`Raft.ForwardWrite`). A shard without a replica here is forwarded to
+//! (`Raft.ForwardWrite`; the parts of every shard one other node leads go
+//! in one `Raft.ForwardWrites` call, each part answered on its own). A
+//! shard without a replica here is forwarded to
 //! the leader last heard of, else to the replicas the map names, following
 //! their redirects (`forward.rs`). Parts run concurrently; the call returns when
 //! every part is applied, or with the first failure in shard order, named
@@ -56,14 +58,29 @@ impl Node {
         let schema = self.schema();
         validate_request(&events, &schema.schema, Some(self.clock.now_ms()))?;
         let parts = split_by_shard(events, self.shards);
-        let writes = parts.into_iter().map(|(shard, part)| async move {
-            let gid = GroupId(shard);
-            let result = self.write_shard(gid, part).await.map_err(|e| e.in_shard(gid));
-            (shard, result)
-        });
+        // Parts of shards hosted here whose leader is another node go to
+        // that node together, one call per node (`Raft.ForwardWrites`);
+        // the others one by one.
+        let mut alone = Vec::new();
+        let mut by_leader: BTreeMap<(NodeId, String), Vec<(u32, Vec<Event>)>> = BTreeMap::new();
+        for (shard, part) in parts {
+            match self.registry.get(GroupId(shard)).and_then(|r| leader_elsewhere(&r, self.id)) {
+                Some(leader) => by_leader.entry(leader).or_default().push((shard, part)),
+                None => alone.push((shard, part)),
+            }
+        }
+        let alone = alone
+            .into_iter()
+            .map(|(shard, part)| async move { vec![(shard, self.write_shard(GroupId(shard), part).await)] });
+        let grouped =
+            by_leader.into_iter().map(|((leader, addr), parts)| self.forward_parts(leader, addr, parts));
+        let (alone, grouped) =
+            futures::future::join(futures::future::join_all(alone), futures::future::join_all(grouped)).await;
+        let results: BTreeMap<u32, Result<(WriteCounts, u64)>> =
+            alone.into_iter().chain(grouped).flatten().collect();
         let mut total = WriteResult::default();
-        for (shard, result) in futures::future::join_all(writes).await {
-            let (counts, log_index) = result?;
+        for (shard, result) in results {
+            let (counts, log_index) = result.map_err(|e| e.in_shard(GroupId(shard)))?;
             total.counts.applied += counts.applied;
             total.counts.duplicates += counts.duplicates;
             total.counts.expired += counts.expired;
@@ -121,6 +138,58 @@ impl Node {
     ) -> Result<(WriteCounts, u64)> {
         let reply = self.call_peer(Forward::Write, gid, leader, &addr, encode(&events)).await?;
         decode(&reply).map_err(Error::internal)
+    }
+
+    /// Parts of several shards that `leader` leads, as this node knows:
+    /// one call (one part: `Raft.ForwardWrite`), each part answered on its
+    /// own. A failed call fails each of its parts the same way.
+    async fn forward_parts(
+        &self,
+        leader: NodeId,
+        addr: String,
+        parts: Vec<(u32, Vec<Event>)>,
+    ) -> Vec<(u32, Result<(WriteCounts, u64)>)> {
+        if parts.len() == 1 {
+            let (shard, part) = parts.into_iter().next().expect("one part");
+            return vec![(shard, self.forward(GroupId(shard), leader, addr, part).await)];
+        }
+        let shards: Vec<u32> = parts.iter().map(|(s, _)| *s).collect();
+        let reply = self.call_peer(Forward::Writes, GroupId(shards[0]), leader, &addr, encode(&parts)).await;
+        let results: Result<Vec<Result<(WriteCounts, u64)>>> =
+            reply.and_then(|r| decode(&r).map_err(Error::internal));
+        match results {
+            Ok(results) if results.len() == shards.len() => shards.into_iter().zip(results).collect(),
+            Ok(results) => {
+                let e = Error::Internal(format!(
+                    "node {leader} answered {} of {} parts",
+                    results.len(),
+                    shards.len()
+                ));
+                shards.into_iter().map(|s| (s, Err(e.clone()))).collect()
+            }
+            Err(e) => shards.into_iter().map(|s| (s, Err(e.clone()))).collect(),
+        }
+    }
+
+    /// Parts forwarded together by another node (`Raft.ForwardWrites`):
+    /// each as [`Node::forwarded_write`], all at once, each answered on its own.
+    pub async fn forwarded_writes(
+        &self,
+        parts: Vec<(u32, Vec<Event>)>,
+    ) -> Result<Vec<Result<(WriteCounts, u64)>>> {
+        if parts.len() > self.shards as usize {
+            return Err(Error::invalid("parts", format!("{} parts for {} shards", parts.len(), self.shards)));
+        }
+        let writes = parts.into_iter().map(|(shard, events)| async move {
+            if shard >= self.shards {
+                return Err(Error::invalid(
+                    "group",
+                    format!("{shard} is not a shard (the cluster has {})", self.shards),
+                ));
+            }
+            self.forwarded_write(GroupId(shard), events).await
+        });
+        Ok(futures::future::join_all(writes).await)
     }
 
     /// A part forwarded by another node: proposed if this node leads the

@@ -748,6 +748,12 @@ mod tests {
         ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
             Err(tonic::Status::unimplemented("test"))
         }
+        async fn forward_writes(
+            &self,
+            _: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
         async fn status(
             &self,
             _: tonic::Request<portrait_proto::v1::ClusterStatusRequest>,

@@ -144,6 +144,11 @@ impl Raft for RaftService {
         reply(self.node.forwarded_write(group, events).await?)
     }
 
+    async fn forward_writes(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let (_, parts): (GroupId, Vec<(u32, Vec<crate::model::Event>)>) = decode_req(req)?;
+        reply(self.node.forwarded_writes(parts).await?)
+    }
+
     async fn forward_read(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let (group, part): (GroupId, crate::node::ForwardedRead) = decode_req(req)?;
         reply(self.node.forwarded_read(group, part).await?)

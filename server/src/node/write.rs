@@ -42,6 +42,9 @@ pub struct WriteResult {
     pub shards: Vec<ShardWrite>,
 }
 
+/// One shard's events of a request.
+type Part = (u32, Vec<Event>);
+
 /// Splits events by shard, keeping their order within each shard.
 pub fn split_by_shard(events: Vec<Event>, shards: u32) -> BTreeMap<u32, Vec<Event>> {
     let mut parts: BTreeMap<u32, Vec<Event>> = BTreeMap::new();
@@ -62,7 +65,7 @@ impl Node {
         // that node together, one call per node (`Raft.ForwardWrites`);
         // the others one by one.
         let mut alone = Vec::new();
-        let mut by_leader: BTreeMap<(NodeId, String), Vec<(u32, Vec<Event>)>> = BTreeMap::new();
+        let mut by_leader: BTreeMap<(NodeId, String), Vec<Part>> = BTreeMap::new();
         for (shard, part) in parts {
             match self.registry.get(GroupId(shard)).and_then(|r| leader_elsewhere(&r, self.id)) {
                 Some(leader) => by_leader.entry(leader).or_default().push((shard, part)),
@@ -147,7 +150,7 @@ impl Node {
         &self,
         leader: NodeId,
         addr: String,
-        parts: Vec<(u32, Vec<Event>)>,
+        parts: Vec<Part>,
     ) -> Vec<(u32, Result<(WriteCounts, u64)>)> {
         if parts.len() == 1 {
             let (shard, part) = parts.into_iter().next().expect("one part");

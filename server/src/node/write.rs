@@ -176,10 +176,7 @@ impl Node {
 
     /// Parts forwarded together by another node (`Raft.ForwardWrites`):
     /// each as [`Node::forwarded_write`], all at once, each answered on its own.
-    pub async fn forwarded_writes(
-        &self,
-        parts: Vec<(u32, Vec<Event>)>,
-    ) -> Result<Vec<Result<(WriteCounts, u64)>>> {
+    pub async fn forwarded_writes(&self, parts: Vec<Part>) -> Result<Vec<Result<(WriteCounts, u64)>>> {
         if parts.len() > self.shards as usize {
             return Err(Error::invalid("parts", format!("{} parts for {} shards", parts.len(), self.shards)));
         }

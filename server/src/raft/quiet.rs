@@ -208,7 +208,8 @@ pub struct FollowerView {
     /// The leader it knows (not itself).
     pub leader: Option<NodeId>,
     pub leaderless_for: Duration,
-    /// Since the leader's node last answered the liveness probe.
+    /// Since the leader's node last answered the liveness probe, or the
+    /// leader was last heard in this group, whichever is later.
     pub leader_silent_for: Duration,
     /// The leader's node restarted and its leader was not heard since.
     pub leader_restarted: bool,
@@ -345,7 +346,13 @@ impl QuietGroups {
             may_campaign: voter && replica.elect.may_campaign(),
             leader,
             leaderless_for: leaderless_since.map_or(Duration::ZERO, |s| now - s),
-            leader_silent_for: leader.map_or(Duration::ZERO, |l| self.liveness.silent_for(l, now)),
+            // The probe's silence, unless the leader was heard in this group
+            // since: a node that just started has no probe answer yet, but
+            // a replica just sent entries has heard its leader.
+            leader_silent_for: leader.map_or(Duration::ZERO, |l| {
+                let probe = self.liveness.silent_for(l, now);
+                replica.contact.age().map_or(probe, |heard| heard.min(probe))
+            }),
             leader_restarted: leader
                 .is_some_and(|l| self.leader_restarted(replica, l, m.current_term, w, now)),
             rival_refused: replica.contact.refusal_age().is_some_and(|a| a < self.timing.leaderless)

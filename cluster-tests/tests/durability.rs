@@ -101,3 +101,50 @@ async fn no_acknowledged_write_is_lost_when_the_leader_is_killed_under_load() {
     );
     outcome.assert_served_by(&cluster, &survivors, &format!(" (leader now: {new_leader})")).await;
 }
+
+/// A replica killed between a snapshot and the flush of its state restarts
+/// with its state machine behind the snapshot: it re-applies the entries
+/// after its last flush from the log once it learns the commit index, so
+/// the log policy must not purge them meanwhile (it purged up to the
+/// snapshot minus the entries kept, and the shard stopped on that node:
+/// "try to get log at index N but got M"). Three nodes, one shard led by
+/// node 1, snapshots every 10 entries, 2 entries kept; node 3 (a follower)
+/// killed under writes and restarted three times, the group left idle
+/// (no heartbeats: the commit index arrives with the next write) for a
+/// second: afterwards node 3 serves every acknowledged order.
+#[tokio::test]
+async fn a_follower_killed_right_after_a_snapshot_replays_its_log_after_the_restart() {
+    let config = "max_moves = 0\n[raft]\nsnapshot_every_entries = 10\nkeep_logs_after_snapshot = 2\n";
+    let mut cluster = Cluster::start_sharded_with_config(3, 1, config).await;
+    let client = cluster.client(1).await;
+    let mut acked = 0u64;
+    for round in 0..3 {
+        for i in 0..(30 + round * 7) {
+            client.write(vec![order_of("u1", &format!("r{round}-{i}"))]).await.expect("write");
+            acked += 1;
+        }
+        cluster.kill(3);
+        cluster.restart(3).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
+        client.write(vec![order_of("u1", &format!("r{round}-after"))]).await.expect("write after");
+        acked += 1;
+        let local = PortraitClient::connect(&cluster.node(3).endpoint()).await.unwrap().without_routing();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let got = local.get_profile("u1", &[], Consistency::Local).await;
+            let count = got
+                .ok()
+                .and_then(|r| r.profile)
+                .map_or(0, |p| portrait_cluster_tests::replicas::lifetime_orders(&p));
+            if count == acked {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: node 3 serves {count} of {acked} orders:\n{}",
+                cluster.node(3).log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}

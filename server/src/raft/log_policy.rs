@@ -84,13 +84,17 @@ struct Seen {
 impl Seen {
     /// `hold`: on a leader, the newest index every member already has (or,
     /// for a member that has nothing yet, what is purged now): purging past
-    /// it is put off while the log after it is small enough.
+    /// it is put off while the log after it is small enough. `applied`: the
+    /// state machine's applied index; nothing past it is ever purged (after
+    /// a restart the state machine is back at its last flush, behind the
+    /// snapshot, and re-applies the entries after it from the log).
     fn decide(
         &mut self,
         policy: BytePolicy,
         log: &LogBytes,
         snapshot: Option<u64>,
         hold: Option<u64>,
+        applied: Option<u64>,
     ) -> Vec<Action> {
         let mut actions = Vec::new();
         if self.snapshot_asked_at.is_some_and(|at| at != snapshot) {
@@ -100,7 +104,8 @@ impl Seen {
             self.snapshot_asked_at = Some(snapshot);
             actions.push(Action::Snapshot);
         }
-        let purge = snapshot.and_then(|s| {
+        let purge = snapshot.zip(applied).and_then(|(s, applied)| {
+            let s = s.min(applied);
             let by_entries = s.checked_sub(policy.keep_logs_after_snapshot).filter(|&u| u > 0);
             let by_bytes = log.keep_bytes_before(s, policy.keep_log_bytes_after_snapshot);
             let upto = by_entries.max(by_bytes)?;
@@ -141,8 +146,11 @@ pub async fn run_until(
             let snapshot = raft.data_metrics().borrow().snapshot.map(|l| l.index);
             let now = std::time::Instant::now();
             let alive = |id| liveness.silent_for(id, now) < HOLD_FOR_SILENT_UNDER;
-            let hold = catch_up_hold(&raft.metrics().borrow(), alive);
-            for action in seen.entry(replica.gid).or_default().decide(policy, log, snapshot, hold) {
+            let (hold, applied) = {
+                let m = raft.metrics().borrow().clone();
+                (catch_up_hold(&m, alive), m.last_applied.map(|l| l.index))
+            };
+            for action in seen.entry(replica.gid).or_default().decide(policy, log, snapshot, hold, applied) {
                 let result = match action {
                     Action::Snapshot => {
                         tracing::info!(
@@ -220,6 +228,23 @@ mod tests {
         assert_eq!(hold(&[(2, Some(90)), (3, None)], &[], &[3]), None);
     }
 
+    /// Everything applied (the purge limits under test are the others).
+    const ALL: Option<u64> = Some(u64::MAX);
+
+    #[test]
+    fn nothing_the_state_machine_has_not_applied_is_purged() {
+        // A restart: the snapshot covers 20, the state machine is back at 12.
+        let log = LogBytes::default();
+        for i in 1..=20 {
+            log.appended(i, 10);
+        }
+        let policy =
+            BytePolicy { keep_logs_after_snapshot: 5, keep_log_bytes_after_snapshot: 1_000, ..POLICY };
+        assert_eq!(Seen::default().decide(policy, &log, Some(20), None, Some(12)), [Action::Purge(7)]);
+        assert_eq!(Seen::default().decide(policy, &log, Some(20), None, None), [], "nothing applied");
+        assert_eq!(Seen::default().decide(policy, &log, Some(20), None, Some(20)), [Action::Purge(15)]);
+    }
+
     const POLICY: BytePolicy = BytePolicy {
         snapshot_every_bytes: 100,
         keep_logs_after_snapshot: 1_000,
@@ -232,21 +257,21 @@ mod tests {
         for i in 1..=9 {
             log.appended(i, 10);
         }
-        assert_eq!(seen.decide(POLICY, &log, None, None), []);
+        assert_eq!(seen.decide(POLICY, &log, None, None, ALL), []);
         log.appended(10, 10);
-        assert_eq!(seen.decide(POLICY, &log, None, None), [Action::Snapshot]);
+        assert_eq!(seen.decide(POLICY, &log, None, None, ALL), [Action::Snapshot]);
         log.appended(11, 10);
-        assert_eq!(seen.decide(POLICY, &log, None, None), [], "asked already; no snapshot yet");
+        assert_eq!(seen.decide(POLICY, &log, None, None, ALL), [], "asked already; no snapshot yet");
         // The snapshot covers 10: 10 bytes after it, and 30 kept behind it.
-        assert_eq!(seen.decide(POLICY, &log, Some(10), None), [Action::Purge(7)]);
-        assert_eq!(seen.decide(POLICY, &log, Some(10), None), []);
+        assert_eq!(seen.decide(POLICY, &log, Some(10), None, ALL), [Action::Purge(7)]);
+        assert_eq!(seen.decide(POLICY, &log, Some(10), None, ALL), []);
         for i in 12..=19 {
             log.appended(i, 10);
         }
-        assert_eq!(seen.decide(POLICY, &log, Some(10), None), [], "90 bytes after the snapshot");
+        assert_eq!(seen.decide(POLICY, &log, Some(10), None, ALL), [], "90 bytes after the snapshot");
         log.appended(20, 10);
-        assert_eq!(seen.decide(POLICY, &log, Some(10), None), [Action::Snapshot]);
-        assert_eq!(seen.decide(POLICY, &log, Some(20), None), [Action::Purge(17)]);
+        assert_eq!(seen.decide(POLICY, &log, Some(10), None, ALL), [Action::Snapshot]);
+        assert_eq!(seen.decide(POLICY, &log, Some(20), None, ALL), [Action::Purge(17)]);
     }
 
     #[test]
@@ -255,9 +280,9 @@ mod tests {
         for i in 1..=30 {
             log.appended(i, 10);
         }
-        assert_eq!(seen.decide(POLICY, &log, Some(5), None), [Action::Snapshot, Action::Purge(2)]);
+        assert_eq!(seen.decide(POLICY, &log, Some(5), None, ALL), [Action::Snapshot, Action::Purge(2)]);
         // A snapshot (asked before, by entries) ends at 6: 240 bytes after it.
-        assert_eq!(seen.decide(POLICY, &log, Some(6), None), [Action::Snapshot, Action::Purge(3)]);
+        assert_eq!(seen.decide(POLICY, &log, Some(6), None, ALL), [Action::Snapshot, Action::Purge(3)]);
     }
 
     #[test]
@@ -272,20 +297,20 @@ mod tests {
             log.appended(i, 10);
         }
         // By entries: a snapshot at 20 keeps 5 entries behind it.
-        assert_eq!(Seen::default().decide(policy, &log, Some(20), None), [Action::Purge(15)]);
+        assert_eq!(Seen::default().decide(policy, &log, Some(20), None, ALL), [Action::Purge(15)]);
         // A member that has 8 holds the log after it (120 bytes, well
         // under 8 x 1,000); as it catches up, the purge follows it.
         let mut seen = Seen::default();
-        assert_eq!(seen.decide(policy, &log, Some(20), Some(8)), [Action::Purge(8)]);
-        assert_eq!(seen.decide(policy, &log, Some(20), Some(12)), [Action::Purge(12)]);
-        assert_eq!(seen.decide(policy, &log, Some(20), Some(20)), [Action::Purge(15)], "caught up");
+        assert_eq!(seen.decide(policy, &log, Some(20), Some(8), ALL), [Action::Purge(8)]);
+        assert_eq!(seen.decide(policy, &log, Some(20), Some(12), ALL), [Action::Purge(12)]);
+        assert_eq!(seen.decide(policy, &log, Some(20), Some(20), ALL), [Action::Purge(15)], "caught up");
         // A hold beyond the bound is ignored: 10 bytes kept, at most 80
         // held; 150 bytes after 5 is too much, 60 after 14 is not.
         let tight = BytePolicy { keep_log_bytes_after_snapshot: 10, ..policy };
-        assert_eq!(Seen::default().decide(tight, &log, Some(20), Some(5)), [Action::Purge(19)]);
-        assert_eq!(Seen::default().decide(tight, &log, Some(20), Some(14)), [Action::Purge(14)]);
+        assert_eq!(Seen::default().decide(tight, &log, Some(20), Some(5), ALL), [Action::Purge(19)]);
+        assert_eq!(Seen::default().decide(tight, &log, Some(20), Some(14), ALL), [Action::Purge(14)]);
         // A member with nothing yet holds at what is purged now: nothing
         // more goes.
-        assert_eq!(Seen::default().decide(policy, &log, Some(20), Some(0)), []);
+        assert_eq!(Seen::default().decide(policy, &log, Some(20), Some(0), ALL), []);
     }
 }

@@ -70,16 +70,6 @@ impl Group {
     fn pending_purged(&self) -> Option<LogId> {
         *self.pending_purge.lock().expect("pending purge lock")
     }
-
-    /// The purge thread did not purge `log_id` (the state had not applied
-    /// that far): its entries are readable again, unless a newer purge is
-    /// pending.
-    pub(super) fn purge_skipped(&self, log_id: LogId) {
-        let mut pending = self.pending_purge.lock().expect("pending purge lock");
-        if *pending == Some(log_id) {
-            *pending = None;
-        }
-    }
 }
 
 impl LogStore {

@@ -145,21 +145,15 @@ fn the_last_purged_id_never_moves_back() {
     assert_eq!(entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), [9, 10]);
 }
 
-/// A guard whose flushed state covers nothing until it is persisted, then
-/// what was applied: `applied` (0: everything).
+/// A guard whose flushed state covers nothing until it is persisted.
 #[derive(Default)]
 struct Guard {
     persisted: AtomicU64,
-    applied: u64,
 }
 
 impl PurgeGuard for Guard {
     fn durable_index(&self) -> anyhow::Result<u64> {
-        Ok(match self.persisted.load(Ordering::SeqCst) {
-            0 => 0,
-            _ if self.applied == 0 => u64::MAX,
-            _ => self.applied,
-        })
+        Ok(0)
     }
 
     fn persist(&self) -> anyhow::Result<()> {
@@ -192,27 +186,6 @@ fn a_deferred_purge_persists_its_group_first_and_purges_only_it() {
     assert!(guard.persisted.load(Ordering::SeqCst) >= 1, "persisted before purging");
     assert_eq!(contents(&log).0, vec![7, 8, 9, 10]);
     neighbours.iter().for_each(untouched);
-}
-
-/// A purge past what the state machine has applied (after a restart it
-/// re-applies from its last flush) is not done: the entries stay.
-#[test]
-fn a_deferred_purge_past_the_applied_state_is_not_done() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let engine = LogEngine::open(dir.path()).unwrap();
-    let guard = Arc::new(Guard { applied: 3, ..Guard::default() });
-    let mut log = engine.group(GroupId(5), Some(guard.clone())).unwrap();
-    rt.block_on(log.blocking_append((1..=10).map(|i| entry(i, 1)))).unwrap();
-    rt.block_on(log.purge(log_id(6))).unwrap();
-    let start = Instant::now();
-    while guard.persisted.load(Ordering::SeqCst) == 0 {
-        assert!(start.elapsed() < Duration::from_secs(30), "the purge thread never ran");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(contents(&log).0, (1..=10).collect::<Vec<_>>(), "every entry kept");
-    assert_eq!(contents(&log).2, None, "no purge recorded");
 }
 
 /// 32 groups append in turn, each about 1/40 of the node budget per entry

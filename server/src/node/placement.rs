@@ -368,17 +368,22 @@ impl Node {
             Some(l) => vec![l],
             None => placed.into_iter().filter(|&n| n != self.id).collect(),
         };
-        for node in ask {
-            let Some(entry) = map.nodes.get(&node) else { continue };
-            let Ok(status) = super::meta::peer_status(&entry.peer_addr).await else { continue };
-            let led = status.shard_status.iter().find(|s| s.shard == replica.gid.0 && s.role == "Leader");
-            if let Some(s) = led {
-                return !s.voters.is_empty()
-                    && !s.voters.contains(&self.id)
-                    && !s.learners.contains(&self.id);
-            }
-        }
-        false
+        // All at once: a node down costs one timeout, not one per node.
+        let asks = ask
+            .into_iter()
+            .filter_map(|node| map.nodes.get(&node))
+            .map(|entry| async move { super::meta::peer_status(&entry.peer_addr).await.ok() });
+        let statuses = futures::future::join_all(asks).await;
+        // The newest term's leader, if several claim the shard.
+        let led = statuses
+            .iter()
+            .flatten()
+            .flat_map(|status| status.shard_status.iter())
+            .filter(|s| s.shard == replica.gid.0 && s.role == "Leader")
+            .max_by_key(|s| s.term);
+        led.is_some_and(|s| {
+            !s.voters.is_empty() && !s.voters.contains(&self.id) && !s.learners.contains(&self.id)
+        })
     }
 }
 

@@ -18,26 +18,11 @@ use std::time::{Duration, Instant};
 use portrait_client::backup::{backup, restore};
 use portrait_client::{Consistency, Event, PortraitClient};
 use portrait_cluster_tests::replicas::wait_leaders_balanced;
-use portrait_cluster_tests::workload::{order_of, visit};
+use portrait_cluster_tests::workload::{bulk_view, order_of, percentile};
 use portrait_cluster_tests::Cluster;
 
 const SHARDS: u32 = 8;
 const BULK_USERS: usize = 10_000;
-
-/// A page of 4,000 hex digits that does not compress.
-fn page(seed: u64) -> String {
-    let mut x = seed;
-    let mut out = String::with_capacity(4_016);
-    while out.len() < 4_000 {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        out.push_str(&format!("{:016x}", z ^ (z >> 31)));
-    }
-    out.truncate(4_000);
-    out
-}
 
 /// Write latencies of one writer until `stop`.
 async fn write_until(client: PortraitClient, tag: &'static str, stop: Arc<AtomicBool>) -> Vec<Duration> {
@@ -56,10 +41,9 @@ async fn write_until(client: PortraitClient, tag: &'static str, stop: Arc<Atomic
     latencies
 }
 
-fn percentile(latencies: &mut [Duration], p: f64) -> f64 {
-    latencies.sort();
-    let i = ((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1));
-    latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+/// `p`-quantile latency in milliseconds.
+fn percentile_ms(latencies: &mut [Duration], p: f64) -> f64 {
+    percentile(latencies, p).as_secs_f64() * 1e3
 }
 
 #[tokio::main]
@@ -68,8 +52,7 @@ async fn main() {
     let source = Cluster::start_sharded(3, SHARDS).await;
     wait_leaders_balanced(&source, &[1, 2, 3], SHARDS, Duration::from_secs(60)).await;
     let loader = source.client(1).await;
-    let bulk: Vec<Event> =
-        (0..BULK_USERS).map(|i| visit(&format!("bulk{i}"), &format!("bulk-{i}"), &page(i as u64))).collect();
+    let bulk: Vec<Event> = (0..BULK_USERS).map(bulk_view).collect();
     for chunk in bulk.chunks(50) {
         while loader.write(chunk.to_vec()).await.is_err() {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -97,8 +80,8 @@ async fn main() {
         SHARDS,
         mb / backup_secs
     );
-    let (b50, b99) = (percentile(&mut before, 0.5), percentile(&mut before, 0.99));
-    let (d50, d99) = (percentile(&mut during, 0.5), percentile(&mut during, 0.99));
+    let (b50, b99) = (percentile_ms(&mut before, 0.5), percentile_ms(&mut before, 0.99));
+    let (d50, d99) = (percentile_ms(&mut during, 0.5), percentile_ms(&mut during, 0.99));
     println!(
         "  write of 10 orders, one writer: before p50 {b50:.1} ms p99 {b99:.1} ms ({} writes); during the \
          backup p50 {d50:.1} ms p99 {d99:.1} ms ({} writes); p99 during / before {:.2}",

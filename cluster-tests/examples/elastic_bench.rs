@@ -25,27 +25,12 @@ use std::time::{Duration, Instant};
 use portrait_client::{Event, PortraitClient};
 use portrait_cluster_tests::cpu::cpu_time;
 use portrait_cluster_tests::replicas::{statuses, wait_leaders_balanced};
-use portrait_cluster_tests::workload::{order_of, visit};
+use portrait_cluster_tests::workload::{bulk_view, order_of, percentile};
 use portrait_cluster_tests::Cluster;
 
 const SHARDS: u32 = 8;
 const BULK_USERS: usize = 10_000;
 const ORDERS: usize = 48_000;
-
-/// A page of 4,000 hex digits that does not compress.
-fn page(seed: u64) -> String {
-    let mut x = seed;
-    let mut out = String::with_capacity(4_016);
-    while out.len() < 4_000 {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        out.push_str(&format!("{:016x}", z ^ (z >> 31)));
-    }
-    out.truncate(4_000);
-    out
-}
 
 /// Write latencies of one writer until `until` says stop.
 async fn write_for(client: &PortraitClient, tag: &str, mut until: impl FnMut() -> bool) -> Vec<Duration> {
@@ -62,12 +47,6 @@ async fn write_for(client: &PortraitClient, tag: &str, mut until: impl FnMut() -
         seq += 1;
     }
     latencies
-}
-
-fn percentile(latencies: &mut [Duration], p: f64) -> Duration {
-    latencies.sort();
-    let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len().max(1)) - 1;
-    latencies.get(i).copied().unwrap_or_default()
 }
 
 fn ms(d: Duration) -> f64 {
@@ -162,8 +141,7 @@ async fn main() {
     // Bulk data.
     let loader = cluster.client(1).await;
     let started = Instant::now();
-    let bulk: Vec<Event> =
-        (0..BULK_USERS).map(|i| visit(&format!("bulk{i}"), &format!("bulk-{i}"), &page(i as u64))).collect();
+    let bulk: Vec<Event> = (0..BULK_USERS).map(bulk_view).collect();
     for chunk in bulk.chunks(50) {
         while loader.write(chunk.to_vec()).await.is_err() {
             tokio::time::sleep(Duration::from_millis(50)).await;

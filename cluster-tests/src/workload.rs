@@ -61,6 +61,35 @@ pub fn visit(user: &str, event_id: &str, page: &str) -> Event {
     }
 }
 
+/// A page of 4,000 hex digits that does not compress (a counter mixed by
+/// SplitMix64): bulk data whose bytes are what they seem on disk too.
+pub fn incompressible_page(seed: u64) -> String {
+    let mut x = seed;
+    let mut out = String::with_capacity(4_016);
+    while out.len() < 4_000 {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.push_str(&format!("{:016x}", z ^ (z >> 31)));
+    }
+    out.truncate(4_000);
+    out
+}
+
+/// Bulk page view `i`: user `bulk<i>`, id `bulk-<i>`, an incompressible
+/// 4 KB page.
+pub fn bulk_view(i: usize) -> Event {
+    visit(&format!("bulk{i}"), &format!("bulk-{i}"), &incompressible_page(i as u64))
+}
+
+/// The `p` quantile of `latencies` (nearest rank; zero when empty).
+pub fn percentile(latencies: &mut [Duration], p: f64) -> Duration {
+    latencies.sort();
+    let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len().max(1)) - 1;
+    latencies.get(i).copied().unwrap_or_default()
+}
+
 /// Every event id a node serves in the users' trade history (local read).
 pub async fn served(client: &PortraitClient) -> BTreeSet<String> {
     let users: Vec<String> = (0..USERS).map(|u| format!("u{u}")).collect();

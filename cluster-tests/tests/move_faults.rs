@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use portrait_client::{Event, PortraitClient};
 use portrait_cluster_tests::replicas::{assert_every_replica_holds, statuses, wait_placed, Book};
-use portrait_cluster_tests::workload::{order_of, visit};
+use portrait_cluster_tests::workload::{bulk_view, order_of};
 use portrait_cluster_tests::Cluster;
 
 const SHARDS: u32 = 2;
@@ -30,26 +30,9 @@ const BULK_USERS: usize = 1_500;
 const CONFIG: &str = "replication = 3\n[raft]\nsnapshot_every_entries = 50\nkeep_logs_after_snapshot = 5\n\
                       snapshot_send_mb_per_sec = 2\n";
 
-/// A page of 4,000 hex digits that does not compress (from a counter
-/// mixed by SplitMix64).
-fn page(seed: u64) -> String {
-    let mut x = seed;
-    let mut out = String::with_capacity(4_000);
-    while out.len() < 4_000 {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        out.push_str(&format!("{:016x}", z ^ (z >> 31)));
-    }
-    out.truncate(4_000);
-    out
-}
-
 /// Writes the bulk page views, 2 per request.
 async fn load_bulk(client: &PortraitClient) {
-    let events: Vec<Event> =
-        (0..BULK_USERS).map(|i| visit(&format!("bulk{i}"), &format!("bulk-{i}"), &page(i as u64))).collect();
+    let events: Vec<Event> = (0..BULK_USERS).map(bulk_view).collect();
     for chunk in events.chunks(2) {
         let written = client.write(chunk.to_vec()).await.expect("bulk write");
         // A retried request finds its applied part as duplicates.

@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
-use crate::{ClientError, PortraitClient};
+use crate::{human_bytes, ClientError, PortraitClient};
 
 /// The manifest's format; a restore refuses others.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -133,7 +133,7 @@ pub async fn backup(
         total += file.bytes;
         progress(&format!(
             "shard {shard}: {} at index {} from node {} ({}/{})",
-            human(file.bytes),
+            human_bytes(file.bytes),
             file.applied_index,
             file.node_id,
             shard + 1,
@@ -178,7 +178,7 @@ pub async fn backup(
         "backup {}: {} shards, {} in {:.1} s",
         manifest.backup_id,
         map.shards,
-        human(total),
+        human_bytes(total),
         started.elapsed().as_secs_f64()
     ));
     Ok(manifest)
@@ -361,7 +361,7 @@ pub async fn restore(
             "shard {}: {} rows ({}) as of index {} restored ({}/{})",
             done.shard,
             done.rows,
-            human(done.bytes),
+            human_bytes(done.bytes),
             done.source_applied_index,
             done.shard + 1,
             manifest.shards
@@ -372,7 +372,7 @@ pub async fn restore(
     progress(&format!(
         "restored {} shards, {} in {:.1} s",
         restored.len(),
-        human(bytes),
+        human_bytes(bytes),
         started.elapsed().as_secs_f64()
     ));
     Ok(restored)
@@ -478,14 +478,4 @@ async fn archive_chunks(
         }
     });
     Ok(futures::stream::iter([first]).chain(data))
-}
-
-/// `12.3 MB`.
-pub fn human(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1_000_000_000 => format!("{:.1} GB", b as f64 / 1e9),
-        b if b >= 1_000_000 => format!("{:.1} MB", b as f64 / 1e6),
-        b if b >= 1_000 => format!("{:.1} kB", b as f64 / 1e3),
-        b => format!("{b} B"),
-    }
 }

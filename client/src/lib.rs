@@ -45,3 +45,18 @@ pub use error::{code_name, ClientError};
 pub use portrait_proto;
 pub use portrait_proto::v1::{Consistency, Event, Profile, Value, WriteRequest, WriteResponse};
 pub use shard::shard_of;
+
+/// `bytes` in B, KiB, MiB, GiB or TiB (one decimal past B).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}

@@ -10,7 +10,7 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use portrait_client::portrait_proto::v1::{ClusterStatusResponse, ShardMapResponse, ShardReplicas};
-use portrait_client::PortraitClient;
+use portrait_client::{human_bytes, PortraitClient};
 
 /// How long a node may take to report its status.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,21 +104,6 @@ fn node_table(map: &ShardMapResponse, statuses: &Statuses) -> String {
         );
     }
     out
-}
-
-/// `bytes` in B, KiB, MiB, GiB or TiB (one decimal past B).
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// Shards without a leader, and the largest lag of any replica.

@@ -198,7 +198,7 @@ fn stream_export(
 }
 
 fn hex_digest(hash: Sha256) -> String {
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::auth::hex(&hash.finalize().into())
 }
 
 /// Receives a restore's archive (after its header) into `upload`'s file,

@@ -147,7 +147,8 @@ pub async fn run_until(
             let now = std::time::Instant::now();
             let alive = |id| liveness.silent_for(id, now) < HOLD_FOR_SILENT_UNDER;
             let (hold, applied) = {
-                let m = raft.metrics().borrow().clone();
+                let m = raft.metrics();
+                let m = m.borrow();
                 (catch_up_hold(&m, alive), m.last_applied.map(|l| l.index))
             };
             for action in seen.entry(replica.gid).or_default().decide(policy, log, snapshot, hold, applied) {

@@ -113,6 +113,8 @@ impl BackupSource {
             let index = ALL_CFS.iter().position(|c| *c == name).expect("a data family is a family") as u8;
             let mut opts = ReadOptions::default();
             opts.set_total_order_seek(true);
+            // Read once: no block cache to grow with the archive.
+            opts.fill_cache(false);
             opts.set_iterate_upper_bound(end.clone());
             let mode = IteratorMode::From(&start, rocksdb::Direction::Forward);
             for item in db.iterator_cf_opt(cf(db, name), opts, mode) {

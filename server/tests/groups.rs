@@ -223,6 +223,32 @@ async fn a_snapshot_of_another_group_is_refused_before_anything_changes() {
     orders(&mut b, 3, &["mine-b"], 1, T0 + 1).await;
 }
 
+/// Sizes measured in one pass for several groups are each group's own bytes
+/// (keys and values of every column family), memtables and flushed files
+/// alike; a group without rows measures 0.
+#[tokio::test]
+async fn groups_are_measured_each_by_its_own_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = StateDb::open(dir.path()).unwrap();
+    let mut a = group(&db, dir.path(), A);
+    let mut b = group(&db, dir.path(), B);
+    let mut c = group(&db, dir.path(), C);
+    let bytes = |gid| rows(&db, gid).iter().map(|(_, k, v)| (k.len() + v.len()) as u64).sum::<u64>();
+    let next = orders(&mut a, 1, &["u1", "u2"], 3, T0).await;
+    db.persist().unwrap();
+    orders(&mut a, next, &["u3"], 2, T0).await;
+    orders(&mut c, 1, &["u1"], 4, T0).await;
+    let empty = GroupId(7);
+    let sizes = db.groups_bytes(&[C, empty, A]).unwrap();
+    assert_eq!(sizes.len(), 3);
+    assert!(bytes(A) > bytes(C) && bytes(C) > 0);
+    assert_eq!((sizes[&A], sizes[&C], sizes[&empty]), (bytes(A), bytes(C), 0));
+    // B's rows are there but not asked for.
+    apply(&mut b, vec![membership(1, &[1])]).await;
+    assert_eq!(db.groups_bytes(&[B]).unwrap()[&B], bytes(B));
+    assert!(!db.groups_bytes(&[A]).unwrap().contains_key(&B));
+}
+
 #[tokio::test]
 async fn dropping_a_group_leaves_the_others_intact() {
     let dir = tempfile::tempdir().unwrap();

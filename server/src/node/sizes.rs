@@ -1,12 +1,13 @@
 //! Logical size of each shard replica on the node: the bytes of its keys
-//! and values in the state database ([`crate::store::StateDb::group_bytes`]),
+//! and values in the state database ([`crate::store::StateDb::groups_bytes`]),
 //! reported per shard by `ClusterStatus` (`ShardStatus.state_bytes`). Not
 //! disk usage, which lags compaction and depends on compression: two
 //! replicas of a shard report about the same, whichever way (log or
 //! snapshot) they got their data.
 //!
 //! Measuring reads the shard's whole range, so it is paced: a replica is
-//! measured again only once its applied index has moved, and after a round
+//! measured again only once its applied index has moved (those of a round
+//! all in one pass over one RocksDB snapshot), and after a round
 //! that took `t` the task waits `max(`[`EVERY`]`, `[`PACE`]` × t)` before the
 //! next (at most about 5 % of one core on a large node; the figures are
 //! then that old).
@@ -55,19 +56,29 @@ impl Node {
         let replicas: Vec<_> = self.registry.all().into_iter().filter(|r| r.gid != GroupId::META).collect();
         let known = self.sizes.lock().expect("sizes lock").clone();
         let mut measured: BTreeMap<GroupId, Size> = BTreeMap::new();
+        // The replicas whose applied index moved, with that index.
+        let mut moved: BTreeMap<GroupId, u64> = BTreeMap::new();
         for replica in replicas {
             let applied = super::written_index(&replica);
-            if let Some(size) = known.get(&replica.gid).filter(|s| s.applied == applied) {
-                measured.insert(replica.gid, *size);
-                continue;
-            }
-            let (db, gid) = (self.state_db.clone(), replica.gid);
-            match tokio::task::spawn_blocking(move || db.group_bytes(gid)).await {
-                Ok(Ok(bytes)) => {
-                    measured.insert(gid, Size { bytes, applied });
+            match known.get(&replica.gid).filter(|s| s.applied == applied) {
+                Some(size) => {
+                    measured.insert(replica.gid, *size);
                 }
-                Ok(Err(e)) => tracing::warn!(group = %gid, error = %e, "measuring a replica's size"),
-                Err(e) => tracing::warn!(group = %gid, error = %e, "measuring a replica's size"),
+                None => {
+                    moved.insert(replica.gid, applied);
+                }
+            }
+        }
+        if !moved.is_empty() {
+            let (db, gids) = (self.state_db.clone(), moved.keys().copied().collect::<Vec<_>>());
+            match tokio::task::spawn_blocking(move || db.groups_bytes(&gids)).await {
+                Ok(Ok(sizes)) => {
+                    for (gid, bytes) in sizes {
+                        measured.insert(gid, Size { bytes, applied: moved[&gid] });
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "measuring the replicas' sizes"),
+                Err(e) => tracing::warn!(error = %e, "measuring the replicas' sizes"),
             }
         }
         *self.sizes.lock().expect("sizes lock") = measured;

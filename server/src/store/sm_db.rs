@@ -170,28 +170,37 @@ impl StateDb {
         Ok(())
     }
 
-    /// Group `gid`'s logical size: the bytes of its keys and values in
-    /// every column family, as of one RocksDB snapshot (what a snapshot of
-    /// the group copies; values expired but not yet reclaimed count). Reads
-    /// the group's whole range, bypassing the block cache.
-    pub fn group_bytes(&self, gid: GroupId) -> Result<u64, rocksdb::Error> {
+    /// The logical size of each of groups `gids`: the bytes of its keys
+    /// and values in every column family, as of one RocksDB snapshot for
+    /// all of them (what a snapshot of the group copies; values expired but
+    /// not yet reclaimed count). Reads the groups' whole ranges, bypassing
+    /// the block cache, with one iterator per column family for all the
+    /// groups: a total-order iterator over the hash skip list memtables
+    /// builds a sorted copy of the whole memtable when it is created, so one
+    /// per group would copy it once per shard.
+    pub fn groups_bytes(&self, gids: &[GroupId]) -> Result<BTreeMap<GroupId, u64>, rocksdb::Error> {
         let snap = self.db.snapshot();
-        let (start, end) = group_range(gid);
-        let mut bytes = 0u64;
+        let mut sizes: BTreeMap<GroupId, u64> = gids.iter().map(|&gid| (gid, 0)).collect();
         for name in ALL_CFS {
             let mut opts = ReadOptions::default();
             opts.set_total_order_seek(true);
             opts.fill_cache(false);
-            opts.set_iterate_upper_bound(end.clone());
             let mut it = snap.raw_iterator_cf_opt(cf(&self.db, name), opts);
-            it.seek(&start);
-            while let (Some(key), Some(value)) = (it.key(), it.value()) {
-                bytes += (key.len() + value.len()) as u64;
-                it.next();
+            // Ascending group order: ranges ascend with the group id.
+            for (&gid, bytes) in sizes.iter_mut() {
+                let (start, end) = group_range(gid);
+                it.seek(&start);
+                while let (Some(key), Some(value)) = (it.key(), it.value()) {
+                    if key >= end.as_slice() {
+                        break;
+                    }
+                    *bytes += (key.len() + value.len()) as u64;
+                    it.next();
+                }
+                it.status()?;
             }
-            it.status()?;
         }
-        Ok(bytes)
+        Ok(sizes)
     }
 
     pub fn db(&self) -> Arc<DB> {

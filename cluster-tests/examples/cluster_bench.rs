@@ -14,7 +14,11 @@
 //!
 //! Writes go through the Rust client: a whole request to the leader of the
 //! shard most of its events belong to, which proposes that part and
-//! forwards each other shard's part to its leader. Each scenario's
+//! forwards each other shard's part to its leader. Batches of 100 span
+//! every shard (a request becomes 16 raft entries at S = 16, one at S = 1);
+//! the one-event scenarios are the online path (an event lands on its
+//! user), one shard per request: with 32 clients a shard has about two
+//! requests at a time at S = 16, with 256 about sixteen. Each scenario's
 //! requests are built before its clock starts (as in `server/examples/bench.rs`).
 
 use std::sync::{Arc, Mutex};
@@ -29,10 +33,22 @@ use portrait_cluster_tests::Cluster;
 
 const NODES: u64 = 3;
 const EVENTS: usize = 60_000;
-const BATCH: usize = 100;
 const USERS: usize = 20_000;
-const CLIENTS: [usize; 2] = [1, 32];
 const TAG_SAMPLES: usize = 100;
+
+/// A write scenario: requests of `batch` events from `clients` clients.
+struct Load {
+    batch: usize,
+    clients: usize,
+    events: usize,
+}
+
+const LOADS: [Load; 4] = [
+    Load { batch: 100, clients: 1, events: EVENTS },
+    Load { batch: 100, clients: 32, events: EVENTS },
+    Load { batch: 1, clients: 32, events: 20_000 },
+    Load { batch: 1, clients: 256, events: 40_000 },
+];
 
 /// A cluster to run every scenario on.
 #[derive(Clone, Copy)]
@@ -64,7 +80,7 @@ impl Layout {
 
 /// One scenario's measures.
 struct Row {
-    scenario: &'static str,
+    scenario: String,
     clients: usize,
     /// 0 for the tag-visibility probe (no rate).
     events: usize,
@@ -100,8 +116,12 @@ impl Row {
             _ => (format!("{:.0}", self.events_per_sec()), format!("{:.0}", self.cpu_us_per_event())),
         };
         let per_batch = self.counted.items as f64 / self.counted.batches.max(1) as f64;
+        let per_entry = match self.events {
+            0 => "-".to_string(),
+            n => format!("{:.1}", n as f64 / self.counted.entries.max(1) as f64),
+        };
         println!(
-            "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9.3} | {:>9.3} | {:>17} | {:>12} | {:>11.1} |",
+            "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9.3} | {:>9.3} | {:>17} | {:>12} | {:>11.1} | {:>13} |",
             layout.shards,
             layout.leaders(),
             self.scenario,
@@ -112,6 +132,7 @@ impl Row {
             fsyncs.join(" / "),
             cpu,
             per_batch,
+            per_entry,
         );
     }
 }
@@ -148,6 +169,9 @@ struct Counters {
     cpu: Vec<Duration>,
     batches: u64,
     items: u64,
+    /// Raft entries applied by the shards (each shard's highest applied
+    /// index over its replicas, summed).
+    entries: u64,
 }
 
 impl Counters {
@@ -157,7 +181,12 @@ impl Counters {
         let cpu = cluster.nodes.iter().map(|n| cpu_time(n.pid().expect("running"))).collect();
         let batches = all.iter().map(|s| s.raft_batches_sent).sum();
         let items = all.iter().map(|s| s.raft_batch_items_sent).sum();
-        Counters { fsyncs, cpu, batches, items }
+        let mut applied = std::collections::BTreeMap::new();
+        for g in all.iter().flat_map(|s| &s.shard_status) {
+            let index = applied.entry(g.shard).or_insert(0);
+            *index = g.applied_index.max(*index);
+        }
+        Counters { fsyncs, cpu, batches, items, entries: applied.values().sum() }
     }
 
     /// What each node counted since `before`.
@@ -168,6 +197,7 @@ impl Counters {
             cpu: now.cpu.iter().zip(&before.cpu).map(|(a, b)| a.saturating_sub(*b)).collect(),
             batches: now.batches - before.batches,
             items: now.items - before.items,
+            entries: now.entries - before.entries,
         }
     }
 }
@@ -225,10 +255,12 @@ async fn spread_leaders(cluster: &Cluster, shards: u32) -> Vec<u64> {
     want
 }
 
-async fn ingest(cluster: &Cluster, clients: usize, run: usize) -> Row {
+async fn ingest(cluster: &Cluster, load: &Load, run: usize) -> Row {
+    let (batch, clients) = (load.batch, load.clients);
     let now = now_ms();
-    let requests: Vec<Vec<Event>> =
-        (0..EVENTS / BATCH).map(|b| (0..BATCH).map(|i| event(b * BATCH + i, run, now)).collect()).collect();
+    let requests: Vec<Vec<Event>> = (0..load.events / batch)
+        .map(|b| (0..batch).map(|i| event(b * batch + i, run, now)).collect())
+        .collect();
     let queue = Arc::new(Mutex::new(requests.into_iter()));
     let mut connected = Vec::new();
     for _ in 0..clients {
@@ -255,8 +287,8 @@ async fn ingest(cluster: &Cluster, clients: usize, run: usize) -> Row {
     }
     let elapsed = start.elapsed();
     let counted = Counters::since(cluster, &before).await;
-    let scenario = "Write via Rust client (batch 100)";
-    Row { scenario, clients, events: EVENTS / BATCH * BATCH, elapsed, latencies, counted }
+    let scenario = format!("Write via Rust client (batch {batch})");
+    Row { scenario, clients, events: load.events / batch * batch, elapsed, latencies, counted }
 }
 
 /// Writes 3 views of a category for a fresh user (to its shard's leader)
@@ -310,13 +342,13 @@ async fn tag_probe(cluster: &Cluster) -> Row {
     }
     let elapsed = start.elapsed();
     let counted = Counters::since(cluster, &before).await;
-    let scenario = "event -> tag visible on a follower";
+    let scenario = "event -> tag visible on a follower".to_string();
     Row { scenario, clients: 1, events: 0, elapsed, latencies, counted }
 }
 
 /// What a layout's ratios to S = 1 are made of.
 struct Outcome {
-    /// Per client count.
+    /// Per write scenario ([`LOADS`]).
     rates: Vec<f64>,
     cpu_us_per_event: Vec<f64>,
     tag_p50: f64,
@@ -336,8 +368,8 @@ async fn run_layout(layout: Layout) -> Outcome {
         settle(&cluster, layout.shards, Some(&want)).await;
     }
     let (mut rates, mut cpu_us_per_event) = (Vec::new(), Vec::new());
-    for (run, clients) in CLIENTS.into_iter().enumerate() {
-        let mut row = ingest(&cluster, clients, run).await;
+    for (run, load) in LOADS.iter().enumerate() {
+        let mut row = ingest(&cluster, load, run).await;
         row.print(layout);
         rates.push(row.events_per_sec());
         cpu_us_per_event.push(row.cpu_us_per_event());
@@ -348,9 +380,12 @@ async fn run_layout(layout: Layout) -> Outcome {
     Outcome { rates, cpu_us_per_event, tag_p50: row.pct(0.5) }
 }
 
-/// `a / b` per client count.
+/// `a / b` per write scenario.
 fn ratios(a: &[f64], b: &[f64]) -> String {
-    let each = CLIENTS.iter().zip(a.iter().zip(b)).map(|(c, (a, b))| format!("{c} clients {:.2}", a / b));
+    let each = LOADS
+        .iter()
+        .zip(a.iter().zip(b))
+        .map(|(l, (a, b))| format!("batch {} x {} clients {:.2}", l.batch, l.clients, a / b));
     each.collect::<Vec<_>>().join(", ")
 }
 
@@ -358,12 +393,13 @@ fn ratios(a: &[f64], b: &[f64]) -> String {
 async fn main() {
     println!(
         "{NODES}-node cluster on loopback (one machine), RF {NODES}, demo schema, \
-         {EVENTS} events per write scenario, batch {BATCH}, {USERS} users"
+         {USERS} users; write scenarios (events, batch, clients): {}",
+        LOADS.map(|l| format!("{}/{}/{}", l.events, l.batch, l.clients)).join(", ")
     );
     println!("Writes: Rust client -> leader of the request's busiest shard, which forwards the other shards' parts");
     println!("CPU: utime + stime of the 3 nodes together, per event written");
     println!(
-        "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9} | {:>9} | {:>17} | {:>12} | {:>11} |",
+        "| {:>6} | {:<10} | {:<34} | {:>7} | {:>10} | {:>9} | {:>9} | {:>17} | {:>12} | {:>11} | {:>13} |",
         "shards",
         "leaders",
         "scenario",
@@ -373,11 +409,12 @@ async fn main() {
         "p99 ms",
         "fsyncs/s n1/n2/n3",
         "CPU µs/event",
-        "items/batch"
+        "items/batch",
+        "events/entry"
     );
     println!(
-        "|{:-<8}|{:-<12}|{:-<36}|{:-<9}|{:-<12}|{:-<11}|{:-<11}|{:-<19}|{:-<14}|{:-<13}|",
-        "", "", "", "", "", "", "", "", "", ""
+        "|{:-<8}|{:-<12}|{:-<36}|{:-<9}|{:-<12}|{:-<11}|{:-<11}|{:-<19}|{:-<14}|{:-<13}|{:-<15}|",
+        "", "", "", "", "", "", "", "", "", "", ""
     );
     // `BENCH_LAYOUTS=1,2` runs only those layouts (1-based; for profiling
     // one of them); the ratios then compare against the first one run.

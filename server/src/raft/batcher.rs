@@ -27,8 +27,27 @@ use crate::types::{Command, CommandResult, GroupId, WriteOutcome};
 /// parallel apply splits across its threads. Measured on 2 cores, 32
 /// clients, alternating runs: 2 in flight 39.5k–47.1k events/s, 3 in flight
 /// 35.1k–42.1k, 8 in flight 38.7k–42.5k; 3 nodes: 16.8k vs 15.4k (2 vs 8).
-/// Per shard: shards do not wait for each other's entries.
+/// Per shard: shards do not wait for each other's entries, but see
+/// [`NODE_PIPELINE`].
 const MAX_IN_FLIGHT: usize = 2;
+
+/// Entries in flight on the node, all shards together, from which a shard
+/// that already has one in flight waits for it instead of proposing a
+/// second. A shard with none in flight always proposes (a request's parts
+/// in 16 shards go out at once). A second entry keeps one busy shard's
+/// pipeline full; when many shards are busy the node's pipeline is full
+/// already, and a shard's waiting requests gather into its next, larger
+/// entry: every entry costs a log append, an AppendEntries item per
+/// follower and an apply on every replica, whatever its size. Measured on
+/// 2 cores, 3 nodes, S = 16 (`cluster_bench`, alternating runs): see
+/// docs/benchmarks.md, session 11.
+const NODE_PIPELINE: usize = 16;
+
+/// Whether a shard with `shard` entries in flight may propose one more
+/// while the node has `node` in flight.
+fn may_propose(shard: usize, node: usize) -> bool {
+    shard == 0 || (shard < MAX_IN_FLIGHT && node < NODE_PIPELINE)
+}
 
 type Reply = oneshot::Sender<Result<(WriteCounts, u64)>>;
 
@@ -128,24 +147,51 @@ struct ShardQueue {
     in_flight: usize,
 }
 
+/// The node's proposals in flight.
+struct Proposals {
+    tasks: JoinSet<()>,
+    /// Which shard each proposal task serves (also when it panicked).
+    shard_of_task: HashMap<tokio::task::Id, GroupId>,
+    /// Where the next round of proposals starts: after the shard served
+    /// last, so that shards take turns at the node's pipeline.
+    next_start: GroupId,
+}
+
+impl Proposals {
+    /// Proposes `q`'s waiting requests while [`may_propose`] lets it.
+    fn fill(&mut self, registry: &Registry, gid: GroupId, q: &mut ShardQueue) {
+        while !q.waiting.is_empty() && may_propose(q.in_flight, self.tasks.len()) {
+            self.next_start = GroupId(gid.0.saturating_add(1));
+            let batch = gather(&mut q.waiting);
+            let Some(replica) = registry.get(gid) else {
+                let e = Error::NotFound(format!("this node hosts no replica of {gid}"));
+                batch.into_iter().for_each(|p| drop(p.reply.send(Err(e.clone()))));
+                continue;
+            };
+            q.in_flight += 1;
+            let task = self.tasks.spawn(async move { propose(&replica, batch).await });
+            self.shard_of_task.insert(task.id(), gid);
+        }
+    }
+}
+
 /// Batches and proposes until `stop` turns true (or every handle is gone);
 /// then waits for the entries in flight, so no proposal outlives the node's
 /// shutdown. Requests still queued are answered "shutting down". A request
 /// for a shard this node hosts no replica of is answered NOT_FOUND.
 pub async fn run(registry: Arc<Registry>, mut rx: mpsc::Receiver<Pending>, mut stop: watch::Receiver<bool>) {
     let mut queues: BTreeMap<GroupId, ShardQueue> = BTreeMap::new();
-    let mut in_flight = JoinSet::new();
-    // Which shard each proposal task serves (also when it panicked).
-    let mut shard_of_task: HashMap<tokio::task::Id, GroupId> = HashMap::new();
+    let mut proposals =
+        Proposals { tasks: JoinSet::new(), shard_of_task: HashMap::new(), next_start: GroupId(0) };
     loop {
         tokio::select! {
             next = rx.recv() => match next {
                 Some(p) => queues.entry(p.gid).or_default().waiting.push_back(p),
                 None => break,
             },
-            Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+            Some(done) = proposals.tasks.join_next_with_id(), if !proposals.tasks.is_empty() => {
                 let id = match &done { Ok((id, ())) => *id, Err(e) => e.id() };
-                if let Some(q) = shard_of_task.remove(&id).and_then(|gid| queues.get_mut(&gid)) {
+                if let Some(q) = proposals.shard_of_task.remove(&id).and_then(|gid| queues.get_mut(&gid)) {
                     q.in_flight -= 1;
                 }
             }
@@ -155,24 +201,18 @@ pub async fn run(registry: Arc<Registry>, mut rx: mpsc::Receiver<Pending>, mut s
         while let Ok(p) = rx.try_recv() {
             queues.entry(p.gid).or_default().waiting.push_back(p);
         }
-        for (gid, q) in queues.iter_mut() {
-            while q.in_flight < MAX_IN_FLIGHT && !q.waiting.is_empty() {
-                let batch = gather(&mut q.waiting);
-                let Some(replica) = registry.get(*gid) else {
-                    let e = Error::NotFound(format!("this node hosts no replica of {gid}"));
-                    batch.into_iter().for_each(|p| drop(p.reply.send(Err(e.clone()))));
-                    continue;
-                };
-                q.in_flight += 1;
-                let task = in_flight.spawn(async move { propose(&replica, batch).await });
-                shard_of_task.insert(task.id(), *gid);
-            }
+        let start = proposals.next_start;
+        for (gid, q) in queues.range_mut(start..) {
+            proposals.fill(&registry, *gid, q);
+        }
+        for (gid, q) in queues.range_mut(..start) {
+            proposals.fill(&registry, *gid, q);
         }
         queues.retain(|_, q| q.in_flight > 0 || !q.waiting.is_empty());
     }
     drop(queues);
     drop(rx);
-    while in_flight.join_next().await.is_some() {}
+    while proposals.tasks.join_next().await.is_some() {}
 }
 
 /// Takes requests from the front of a shard's queue while they fit one
@@ -267,6 +307,20 @@ mod tests {
         let second = tokio::spawn(async move { batcher.write(GroupId(0), events()).await });
         assert_eq!(rx.recv().await.expect("queued now").events.len(), 40);
         drop(second);
+    }
+
+    #[test]
+    fn a_second_entry_in_flight_only_while_the_node_pipeline_has_room() {
+        // A shard with nothing in flight always proposes.
+        assert!(may_propose(0, 0));
+        assert!(may_propose(0, NODE_PIPELINE));
+        assert!(may_propose(0, 10 * NODE_PIPELINE));
+        // A second entry while the node has room (one group: always).
+        assert!(may_propose(1, 1));
+        assert!(may_propose(1, NODE_PIPELINE - 1));
+        assert!(!may_propose(1, NODE_PIPELINE));
+        // Never a third.
+        assert!(!may_propose(MAX_IN_FLIGHT, 0));
     }
 
     #[test]

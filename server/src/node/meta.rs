@@ -62,7 +62,7 @@ impl Node {
     /// shard applies it through its own log.
     pub fn schema(&self) -> Arc<VersionedSchema> {
         let cluster = self.cluster();
-        let Some(newest) = &cluster.schema else { return Arc::default() };
+        let Some(newest) = &cluster.schema else { return VersionedSchema::shared_default() };
         let mut cached = self.schema_cache.lock().expect("schema cache lock");
         if cached.version != newest.version {
             match check_schema(&newest.toml) {

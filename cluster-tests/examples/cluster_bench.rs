@@ -368,7 +368,7 @@ async fn run_layout(layout: Layout) -> Outcome {
         settle(&cluster, layout.shards, Some(&want)).await;
     }
     let (mut rates, mut cpu_us_per_event) = (Vec::new(), Vec::new());
-    for (run, load) in LOADS.iter().enumerate() {
+    for (run, load) in loads() {
         let mut row = ingest(&cluster, load, run).await;
         row.print(layout);
         rates.push(row.events_per_sec());
@@ -380,10 +380,22 @@ async fn run_layout(layout: Layout) -> Outcome {
     Outcome { rates, cpu_us_per_event, tag_p50: row.pct(0.5) }
 }
 
+/// The write scenarios to run, with their index in [`LOADS`]: all, or
+/// those `BENCH_LOADS` names (1-based, e.g. `BENCH_LOADS=3` for one-event
+/// writes from 32 clients alone, to profile them).
+fn loads() -> Vec<(usize, &'static Load)> {
+    let only: Option<Vec<usize>> = std::env::var("BENCH_LOADS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect());
+    let chosen = |i: &usize| only.as_ref().is_none_or(|o| o.contains(&(i + 1)));
+    LOADS.iter().enumerate().filter(|(i, _)| chosen(i)).collect()
+}
+
 /// `a / b` per write scenario.
 fn ratios(a: &[f64], b: &[f64]) -> String {
-    let each = LOADS
-        .iter()
+    let each = loads()
+        .into_iter()
+        .map(|(_, l)| l)
         .zip(a.iter().zip(b))
         .map(|(l, (a, b))| format!("batch {} x {} clients {:.2}", l.batch, l.clients, a / b));
     each.collect::<Vec<_>>().join(", ")

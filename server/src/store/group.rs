@@ -81,7 +81,7 @@ impl GroupState {
         GroupState {
             gid,
             state_db,
-            schema: RwLock::new(Arc::default()),
+            schema: RwLock::new(VersionedSchema::shared_default()),
             cluster: tokio::sync::watch::Sender::new(Arc::default()),
             engine: RwLock::new(Arc::new(Engine::empty())),
             applied: Mutex::new(AppliedState::default()),

@@ -80,8 +80,8 @@ pub const RAFT_BATCHES_IN_FLIGHT: usize = 2;
 
 /// Encoded bytes of the newest log entries the log engine keeps decoded in
 /// memory, all raft groups of the node together (besides at most 256
-/// entries and 200,000 events per group); each group's newest entry is
-/// always kept.
+/// entries and 200,000 events per group). Over it, a group keeps its newest
+/// entry only if it is at most 64 KiB (`store::recent::KEEP_NEWEST_MAX_BYTES`).
 pub const MAX_RECENT_ENTRY_BYTES: usize = 64 * 1024 * 1024;
 
 /// Encoded bytes of write requests a node holds between their validation

@@ -6,9 +6,12 @@
 //! per group in entries and events, while the bytes of all groups together
 //! are bounded by one node-wide [`RecentBudget`] (64 MiB,
 //! `MAX_RECENT_ENTRY_BYTES`), never by a multiple of the group count. A
-//! group that pushes the node over the budget drops its own oldest entries
-//! (its newest is always kept), so while other groups are hot a group may
-//! keep little: that only costs a decode from RocksDB on a read.
+//! group that pushes the node over the budget drops its own oldest entries,
+//! and its newest too when that is over [`KEEP_NEWEST_MAX_BYTES`], so while
+//! other groups are hot a group may keep little: that only costs a decode
+//! from RocksDB on a read. Groups that go idle keep what they hold, so the
+//! node holds at most the budget, plus one entry being pushed, plus
+//! [`KEEP_NEWEST_MAX_BYTES`] per group (64 groups: 4 MiB).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,9 +21,15 @@ use crate::limits::MAX_RECENT_ENTRY_BYTES;
 use crate::types::{Command, Entry};
 
 /// At most this many entries and events per group are kept (the newest
-/// entry always is).
+/// entry always is, whatever its count of events).
 pub const RECENT_MAX_ENTRIES: usize = 256;
 pub const RECENT_MAX_EVENTS: usize = 200_000;
+
+/// A group's newest entry stays while the node is over its byte budget
+/// only if it is at most this large (encoded). A larger one (up to a 16 MiB
+/// request of one shard's users) is read back from RocksDB instead: kept by
+/// each of 64 groups that then went idle, it would hold 1 GiB.
+pub const KEEP_NEWEST_MAX_BYTES: usize = 64 * 1024;
 
 /// Encoded bytes of recent entries held by all groups of a node.
 #[derive(Debug)]
@@ -103,11 +112,16 @@ impl RecentEntries {
         self.budget.used.fetch_add(bytes, Ordering::Relaxed);
         self.entries.push_back(entry);
         self.sizes.push_back(bytes);
-        while self.entries.len() > 1
-            && (self.entries.len() > RECENT_MAX_ENTRIES
-                || self.events > RECENT_MAX_EVENTS
-                || self.budget.over())
-        {
+        loop {
+            let over_own = self.entries.len() > RECENT_MAX_ENTRIES || self.events > RECENT_MAX_EVENTS;
+            let drop_oldest = match self.entries.len() {
+                0 => false,
+                1 => self.budget.over() && self.bytes > KEEP_NEWEST_MAX_BYTES,
+                _ => over_own || self.budget.over(),
+            };
+            if !drop_oldest {
+                break;
+            }
             self.pop_front();
         }
     }
@@ -309,11 +323,39 @@ mod tests {
         assert_eq!(r.bytes, 3 * third);
         r.truncate(4);
         assert_eq!(r.bytes, 2 * third);
-        // A single entry over the bound is still kept (it is the newest).
+        // A single entry over the bound is not kept, even as the newest:
+        // it is read back from RocksDB.
         r.push(entry(4, 1), RECENT_MAX_BYTES + 1);
-        assert_eq!(indexes(r.get(4, Some(5), usize::MAX)), Some(vec![4]));
-        assert_eq!(r.bytes, RECENT_MAX_BYTES + 1);
-        assert_eq!(r.budget.used(), RECENT_MAX_BYTES + 1);
+        assert_eq!(indexes(r.get(4, Some(5), usize::MAX)), None);
+        assert_eq!((r.bytes, r.budget.used()), (0, 0));
+        // The next entry follows on from an empty suffix.
+        r.push(entry(5, 1), 100);
+        assert_eq!(indexes(r.get(5, Some(6), usize::MAX)), Some(vec![5]));
+    }
+
+    /// 64 groups each append one entry of a whole `Write` of 16 MiB (one
+    /// shard's users, as a bulk loader sends) and go idle: the node holds
+    /// at most its budget, not 64 such entries. Small newest entries are
+    /// still kept over the budget, so a group under pressure keeps serving
+    /// its state machine from memory.
+    #[test]
+    fn idle_groups_do_not_hold_large_entries_past_the_node_budget() {
+        let budget = RecentBudget::new(RECENT_MAX_BYTES);
+        let mut groups: Vec<RecentEntries> = (0..64).map(|_| RecentEntries::new(budget.clone())).collect();
+        let large = 16 << 20;
+        for g in &mut groups {
+            g.push(entry(1, 1), large);
+            assert!(budget.used() <= RECENT_MAX_BYTES, "{} over {RECENT_MAX_BYTES}", budget.used());
+        }
+        let kept = groups.iter().filter(|g| g.bytes() > 0).count();
+        assert_eq!(kept, RECENT_MAX_BYTES / large, "only what fits the budget");
+        // The idle groups without an entry first: the node is over its
+        // budget while they push.
+        for g in groups.iter_mut().rev() {
+            g.push(entry(2, 1), KEEP_NEWEST_MAX_BYTES);
+            assert!(budget.used() <= RECENT_MAX_BYTES + 64 * KEEP_NEWEST_MAX_BYTES);
+            assert_eq!(indexes(g.get(2, Some(3), usize::MAX)), Some(vec![2]), "a small newest entry stays");
+        }
     }
 
     #[test]

@@ -47,9 +47,11 @@ pub struct ReplicaView {
 }
 
 impl ShardMapView {
-    /// The shard `user_id` belongs to, with its replicas and leader.
-    pub fn locate(&self, user_id: &str) -> &ShardReplicas {
-        &self.shard_replicas[shard_of(user_id, self.shards) as usize]
+    /// The shard `user_id` belongs to, with its replicas and leader;
+    /// `None` before the node knows the cluster's map (it lists no shard
+    /// then: the map is not created yet, or this node is still joining).
+    pub fn locate(&self, user_id: &str) -> Option<&ShardReplicas> {
+        self.shard_replicas.get(shard_of(user_id, self.shards) as usize)
     }
 
     /// The address of `node` ("" if the map does not know it).
@@ -112,5 +114,27 @@ impl Node {
     /// created); every client response carries it (`x-portrait-map-epoch`).
     pub fn map_epoch(&self) -> u64 {
         self.cluster().map.as_ref().map_or(0, |m| m.epoch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locate_names_the_users_shard_and_nothing_before_the_map_exists() {
+        let mut map = ShardMapView {
+            epoch: 0,
+            shards: 16,
+            replication: 0,
+            nodes: BTreeMap::new(),
+            shard_replicas: vec![],
+            draining: vec![],
+        };
+        assert_eq!(map.locate("u1"), None, "no map yet: no shard listed");
+        map.shard_replicas = (0..16)
+            .map(|shard| ShardReplicas { shard, replicas: vec![], leader: None, applied_index: None })
+            .collect();
+        assert_eq!(map.locate("u1").map(|s| s.shard), Some(shard_of("u1", 16)));
     }
 }

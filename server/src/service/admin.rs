@@ -428,7 +428,12 @@ impl Admin for AdminService {
         let user_id = request.into_inner().user_id;
         validate_user_id(&user_id).map_err(Error::from)?;
         let map = self.node.shard_map();
-        let shard = map.locate(&user_id);
+        let shard = map.locate(&user_id).ok_or_else(|| {
+            Error::Unavailable(
+                "this node does not know the cluster's map yet (not created, or the node is still joining)"
+                    .into(),
+            )
+        })?;
         Ok(Response::new(LocateResponse {
             shard: shard.shard,
             epoch: map.epoch,

@@ -62,12 +62,13 @@ impl Ingest for IngestService {
                     format!("batch {} (earlier batches were applied): {}", total.batches, status.message());
                 Status::with_metadata(status.code(), message, status.metadata().clone())
             })?;
-            total.applied += resp.applied;
-            total.duplicates += resp.duplicates;
-            total.expired += resp.expired;
+            // A stream has no length bound: the totals stop at their maximum.
+            total.applied = total.applied.saturating_add(resp.applied);
+            total.duplicates = total.duplicates.saturating_add(resp.duplicates);
+            total.expired = total.expired.saturating_add(resp.expired);
             total.log_index = resp.log_index;
             total.shards = resp.shards;
-            total.batches += 1;
+            total.batches = total.batches.saturating_add(1);
         }
         Ok(Response::new(total))
     }

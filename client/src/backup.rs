@@ -393,7 +393,7 @@ async fn wait_schema(
         for node in &map.nodes {
             let Ok(peer) = client.connect_like(&node.addr).await else { continue };
             let Ok(status) = peer.cluster_status().await else { continue };
-            for s in status.shard_status.iter().filter(|s| s.role == "leader") {
+            for s in status.shard_status.iter().filter(|s| s.role.eq_ignore_ascii_case("leader")) {
                 if s.schema_version < version {
                     behind.push(s.shard);
                 }
@@ -428,7 +428,14 @@ async fn restore_one(
             tokio::time::sleep(Duration::from_millis(250 * attempt.min(8))).await;
         }
         let map = client.shard_map().await?;
-        let replicas = &map.shard_replicas[file.shard as usize];
+        // A node that does not know the map yet lists no shard.
+        let Some(replicas) = map.shard_replicas.get(file.shard as usize) else {
+            last = config(format!(
+                "shard {}: the answering node does not know the cluster's map yet",
+                file.shard
+            ));
+            continue;
+        };
         let Some(leader) = map.nodes.iter().find(|n| n.node_id == replicas.leader_id && n.node_id != 0)
         else {
             continue;

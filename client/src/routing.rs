@@ -20,7 +20,7 @@ use portrait_proto::v1::{ShardMapRequest, ShardMapResponse};
 use tokio::time::Instant;
 
 use crate::conn::{lazy_channel, normalize_endpoint, Chan, Conn, ConnectOptions, Router};
-use crate::shard::shard_of;
+use crate::shard::{shard_of, MAX_SHARDS};
 use crate::ClientError;
 
 /// Response header carrying the answering node's map epoch.
@@ -45,9 +45,14 @@ pub(crate) struct RouteMap {
 
 impl RouteMap {
     /// The map `answer` describes; `from` is the endpoint that answered,
-    /// and is `home` when it is the client's seed.
-    pub fn new(answer: ShardMapResponse, from: &str, home: bool) -> RouteMap {
-        let shards = answer.shards.max(1);
+    /// and is `home` when it is the client's seed. `None` when the answer
+    /// names no shard count or one past [`MAX_SHARDS`] (the client then
+    /// routes without a map).
+    pub fn new(answer: ShardMapResponse, from: &str, home: bool) -> Option<RouteMap> {
+        let shards = answer.shards;
+        if !(1..=MAX_SHARDS).contains(&shards) {
+            return None;
+        }
         let mut endpoints: BTreeMap<u64, String> =
             answer.nodes.into_iter().map(|n| (n.node_id, normalize_endpoint(&n.addr))).collect();
         // The answering node is reached where it answered (its advertised
@@ -60,7 +65,7 @@ impl RouteMap {
             leaders[s.shard as usize] = Some(s.leader_id).filter(|&l| l != 0);
         }
         let home = home.then_some(answer.node_id);
-        RouteMap { epoch: answer.epoch, shards, endpoints, replicas, leaders, home }
+        Some(RouteMap { epoch: answer.epoch, shards, endpoints, replicas, leaders, home })
     }
 
     pub fn shard_of(&self, user_id: &str) -> u32 {
@@ -158,7 +163,7 @@ async fn fetch(router: &Router) -> Option<RouteMap> {
             Ok(answer) => {
                 router.note_epoch(answer.metadata());
                 let home = conn.endpoint == seed.endpoint;
-                return Some(RouteMap::new(answer.into_inner(), &conn.endpoint, home));
+                return RouteMap::new(answer.into_inner(), &conn.endpoint, home);
             }
             Err(status) => router.note_epoch(status.metadata()),
         }
@@ -193,7 +198,7 @@ mod tests {
 
     #[test]
     fn targets_leaders_and_prefers_home_for_local_reads() {
-        let map = RouteMap::new(answer(), "http://127.0.0.1:7701", true);
+        let map = RouteMap::new(answer(), "http://127.0.0.1:7701", true).unwrap();
         assert_eq!(map.target(0, true), Some("http://n2:7700"));
         assert_eq!(map.target(0, false), Some("http://127.0.0.1:7701"), "home hosts shard 0");
         assert_eq!(map.target(1, true), Some("http://n2:7700"), "no known leader: a replica");
@@ -203,8 +208,18 @@ mod tests {
     }
 
     #[test]
+    fn a_map_with_an_impossible_shard_count_is_not_used() {
+        for shards in [0, MAX_SHARDS + 1, u32::MAX] {
+            let answer = ShardMapResponse { shards, ..answer() };
+            assert!(RouteMap::new(answer, "http://127.0.0.1:7701", true).is_none(), "{shards}");
+        }
+        let answer = ShardMapResponse { shards: MAX_SHARDS, ..answer() };
+        assert_eq!(RouteMap::new(answer, "http://127.0.0.1:7701", true).unwrap().replicas.len(), 4_096);
+    }
+
+    #[test]
     fn a_map_from_another_node_has_no_home() {
-        let map = RouteMap::new(answer(), "http://127.0.0.1:7701", false);
+        let map = RouteMap::new(answer(), "http://127.0.0.1:7701", false).unwrap();
         assert_eq!(map.target(2, false), Some("http://n3:7700"), "the leader");
     }
 }

@@ -1,6 +1,10 @@
 //! The shard of a user, computed as the server does (docs/shards.md):
 //! `xxh3_64(utf8(user_id), seed 0) mod S`.
 
+/// The most shards a cluster can have (the server's `MAX_SHARDS`): a map
+/// naming more is refused rather than sized from it.
+pub const MAX_SHARDS: u32 = 4_096;
+
 /// The shard of `user_id` among `shards`.
 pub fn shard_of(user_id: &str, shards: u32) -> u32 {
     (xxhash_rust::xxh3::xxh3_64(user_id.as_bytes()) % u64::from(shards.max(1))) as u32

@@ -329,7 +329,24 @@ async fn an_install_a_crash_interrupted_is_finished_at_the_next_open() {
     let current = std::fs::read(dir.path().join(format!("snapshots/0/snap-{}.snap", meta.snapshot_id)));
     assert_eq!(current.unwrap(), archive);
 
-    // The archive is gone: the group starts empty (raft sends a snapshot again).
+    // A crash after the install published the archive (renamed it to its
+    // id's name) and before it cleared the marker: the next open finds it
+    // under that name and installs it again.
+    let published = dir.path().join(format!("snapshots/0/snap-{}.snap", meta.snapshot_id));
+    crash_mid_install(&db, received.clone());
+    drop((raw, a, db));
+    let db = StateDb::open(dir.path()).unwrap();
+    let a = group(&db, dir.path(), A);
+    assert_eq!(rows(&db, A), leader_a, "installed from the published archive");
+    assert_eq!(a.store.applied().last_applied, meta.last_log_id);
+    assert_eq!(rows(&db, B), b_rows);
+    let raw = db.db();
+    assert_eq!(raw.get_cf(cf(&raw, CF_META), keys::installing(A)).unwrap(), None, "marker cleared");
+    assert_eq!(std::fs::read(&published).unwrap(), archive, "still the current snapshot");
+
+    // The archive is gone under both names: the group starts empty (raft
+    // sends a snapshot again).
+    std::fs::remove_file(&published).unwrap();
     crash_mid_install(&db, dir.path().join("snapshots/0/missing.part"));
     drop((raw, a, db));
     let db = StateDb::open(dir.path()).unwrap();

@@ -9,7 +9,8 @@
 //! openraft's meta before anything live changes; then [`ingest`]: a synced
 //! write of the group's install marker with a range delete of the group in
 //! every column family, then one ingest per SST. The caller reloads the
-//! group's caches and clears the marker. The marker records the archive and
+//! group's caches, publishes the archive as the group's current snapshot,
+//! and only then clears the marker. The marker records the archive and
 //! its meta ([`InstallRecord`]): a crash in between leaves it, and the next
 //! open installs the same archive again ([`redo_install`]), so the group
 //! holds the snapshot openraft was installing (wiping the group instead
@@ -148,20 +149,32 @@ pub fn ingest(
 
 /// Installs again the snapshot an interrupted install's marker `record`
 /// names (at open, before any group is in use): unpack, validate, ingest,
-/// publish it as the group's current snapshot, clear the marker. Returns the
+/// publish it as the group's current snapshot, clear the marker. The
+/// archive is where the marker says, or already under its published name
+/// (the install publishes before it clears the marker). Returns the
 /// snapshot's last index.
 pub fn redo_install(state_db: &StateDb, data_dir: &Path, gid: GroupId, record: &[u8]) -> anyhow::Result<u64> {
     let record: InstallRecord = decode(record)?;
     let dir = SnapshotDir::new(data_dir, gid)?;
+    let published = dir.archive(&record.meta.snapshot_id);
+    let archive = if record.archive.exists() { record.archive.clone() } else { published };
     let staging = dir.scratch("ingest");
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
-    unpack(&record.archive, &staging)?;
+    unpack(&archive, &staging)?;
     let files = validate(&staging, gid, &record.meta)?;
     ingest(state_db, gid, files, &record)?;
+    dir.publish(&archive, &record.meta)?;
     state_db.clear_install_marker(gid)?;
-    std::fs::remove_dir_all(&staging)?;
-    dir.publish(&record.archive, &record.meta)?;
+    remove_staging(&staging);
     Ok(record.meta.last_log_id.map_or(0, |l| l.index))
+}
+
+/// Removes an install's staging directory (its SST files were moved into
+/// RocksDB); a failure only leaves it for the next install to remove.
+pub fn remove_staging(staging: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(staging) {
+        tracing::warn!(path = %staging.display(), error = %e, "removing a snapshot's staging directory");
+    }
 }

@@ -159,6 +159,12 @@ impl SnapshotDir {
         self.root.join(name)
     }
 
+    /// Makes the directory's entries durable (a file created or renamed in
+    /// it survives a power loss only once its directory is synced).
+    pub fn sync(&self) -> io::Result<()> {
+        std::fs::File::open(&self.root)?.sync_all()
+    }
+
     /// Makes `archive` (installed or built) the current snapshot with
     /// `meta`. Crash-safe: the archive is moved to its id's name first;
     /// replacing `current.meta` is the one atomic switch; older archives

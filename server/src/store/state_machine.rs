@@ -650,12 +650,21 @@ fn install_blocking(
             return Err(e.context("snapshot refused, the live state machine is unchanged"));
         }
     };
+    // The marker names the archive: its directory entry must outlive a
+    // power loss as surely as the marker does.
+    dir.sync()?;
     let record = group_snapshot::InstallRecord { archive: archive.clone(), meta: meta.clone() };
     group_snapshot::ingest(store.state_db(), store.gid(), files, &record)?;
     store.reload_caches()?;
+    // Published before the marker is cleared: a crash in between installs
+    // the published archive again at the next open, and the group never
+    // holds a state newer than its current snapshot (openraft purges the
+    // log up to the state at startup, and serves lagging followers the
+    // current snapshot).
+    dir.publish(&archive, meta)?;
     store.state_db().clear_install_marker(store.gid())?;
-    std::fs::remove_dir_all(&staging)?;
-    dir.publish(&archive, meta)
+    group_snapshot::remove_staging(&staging);
+    Ok(())
 }
 
 /// The path of the received archive: `incoming.part` when openraft wrote

@@ -32,7 +32,19 @@ pub enum Error {
     Internal(String),
 }
 
+/// Part of every UNAVAILABLE message about a write that may have been
+/// proposed (and so may yet apply): [`Error::outcome_unknown`].
+pub const OUTCOME_UNKNOWN: &str = "the outcome is unknown";
+
 impl Error {
+    /// Whether this failure of a write leaves its outcome unknown: it may
+    /// have been proposed and may still apply, so it must not be sent to
+    /// another node (events without an id would apply twice); the caller
+    /// retries with the same event ids instead.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Error::Unavailable(m) if m.contains(OUTCOME_UNKNOWN))
+    }
+
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
         Error::InvalidArgument { field: field.into(), reason: reason.into() }
     }

@@ -11,7 +11,7 @@ use portrait_proto::v1::RaftPayload;
 
 use super::write::leader_elsewhere;
 use super::Node;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, OUTCOME_UNKNOWN};
 use crate::service::status::{error_from_status, ERROR_CODE_KEY};
 use crate::types::{GroupId, NodeId};
 
@@ -42,7 +42,9 @@ impl Node {
     }
 
     /// Runs `call` against the nodes [`Node::route`] names for `gid`, each
-    /// at most once, a redirect's leader first, until one serves it. The
+    /// at most once, a redirect's leader first, until one serves it or a
+    /// write's outcome is unknown ([`Error::outcome_unknown`]: another node
+    /// could apply it a second time). The
     /// node that served becomes the shard's leader last heard of (a read
     /// served by a follower makes it the first node tried next time, which
     /// is still one of the shard's replicas).
@@ -67,6 +69,7 @@ impl Node {
                     candidates.push_front((l, a.clone()));
                     last = Error::NotLeader { leader_id: Some(l), leader_addr: Some(a) };
                 }
+                Err(e) if e.outcome_unknown() => return Err(e),
                 Err(e @ (Error::NotFound(_) | Error::Unavailable(_) | Error::NotLeader { .. })) => last = e,
                 Err(e) => return Err(e),
             }
@@ -89,6 +92,7 @@ impl Node {
         let unreachable =
             |e: &dyn std::fmt::Display| Error::Unavailable(format!("forwarding to node {to} at {addr}: {e}"));
         let mut client = self.channels.get(addr).map_err(|e| unreachable(&e))?;
+        let write = matches!(kind, Forward::Write | Forward::Writes);
         let mut request = tonic::Request::new(RaftPayload { data, group: gid.0 });
         request.set_timeout(self.write_timeout + std::time::Duration::from_secs(1));
         let reply = match kind {
@@ -101,8 +105,37 @@ impl Node {
             Err(status) if status.metadata().contains_key(ERROR_CODE_KEY) => Err(error_from_status(&status)),
             Err(status) => {
                 self.channels.reset(addr);
-                Err(unreachable(&status))
+                Err(transport_error(write, to, addr, &status))
             }
         }
+    }
+}
+
+/// A forwarded call that failed in transport. UNAVAILABLE is taken as "not
+/// delivered" (no connection); any other code (the deadline passed, the
+/// stream broke) may have come after the receiver proposed a write, so a
+/// write's outcome is then unknown.
+fn transport_error(write: bool, to: NodeId, addr: &str, status: &tonic::Status) -> Error {
+    let unknown = write && status.code() != tonic::Code::Unavailable;
+    let outcome =
+        if unknown { format!("; {OUTCOME_UNKNOWN}: retry with the same event_ids") } else { String::new() };
+    Error::Unavailable(format!("forwarding to node {to} at {addr}: {status}{outcome}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_lost_after_it_may_have_been_delivered_has_an_unknown_outcome() {
+        let refused = tonic::Status::unavailable("tcp connect error");
+        let late = tonic::Status::deadline_exceeded("timeout expired");
+        let broken = tonic::Status::unknown("stream reset");
+        assert!(!transport_error(true, 2, "n2:7800", &refused).outcome_unknown(), "never delivered");
+        assert!(transport_error(true, 2, "n2:7800", &late).outcome_unknown());
+        assert!(transport_error(true, 2, "n2:7800", &broken).outcome_unknown());
+        assert!(!transport_error(false, 2, "n2:7800", &late).outcome_unknown(), "a read changes nothing");
+        let e = transport_error(true, 2, "n2:7800", &late);
+        assert!(matches!(&e, Error::Unavailable(m) if m.contains("node 2")), "{e}");
     }
 }

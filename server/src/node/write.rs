@@ -17,7 +17,7 @@ use portrait_core::shard::shard_of;
 
 use super::forward::Forward;
 use super::Node;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, OUTCOME_UNKNOWN};
 use crate::model::{Event, WriteCounts};
 use crate::raft::replica::Replica;
 use crate::store::codec::{decode, encode};
@@ -123,8 +123,8 @@ impl Node {
         match tokio::time::timeout(self.write_timeout, self.batcher.write(replica.gid, events)).await {
             Ok(result) => result,
             Err(_) => Err(Error::Unavailable(format!(
-                "not committed within {} ms (no quorum reachable?); the outcome is unknown: retry with the \
-                 same event_ids, duplicates are skipped",
+                "not committed within {} ms (no quorum reachable?); {OUTCOME_UNKNOWN}: retry with the same \
+                 event_ids, duplicates are skipped",
                 self.write_timeout.as_millis()
             ))),
         }

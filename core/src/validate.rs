@@ -31,7 +31,8 @@ pub fn validate_request(events: &[Event], schema: &Schema, now_ms: Option<i64>) 
 pub fn validate_event(event: &Event, schema: &Schema, now_ms: Option<i64>) -> Result<()> {
     validate_user_id(&event.user_id)?;
     if schema.family(&event.family).is_none() {
-        let reason = format!("unknown family {:?} (schema has: {})", event.family, schema.family_list());
+        let reason =
+            format!("unknown family {} (schema has: {})", shown(&event.family), schema.family_list());
         return Err(Invalid::new("family", reason));
     }
     check_len(|| "type", &event.event_type, MAX_EVENT_TYPE_BYTES)?;
@@ -76,7 +77,7 @@ fn validate_attrs(event: &Event) -> Result<()> {
         }
         // The field path is built only for an error: this runs for every
         // attribute of every event, twice (at the API and at apply).
-        let field = || format!("attrs.{name}");
+        let field = || format!("attrs.{}", shown_name(name));
         check_len(field, name, MAX_ATTR_NAME_BYTES)?;
         match value {
             Value::Str(s) => check_len(field, s, MAX_STRING_VALUE_BYTES)?,
@@ -87,6 +88,67 @@ fn validate_attrs(event: &Event) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes of a caller's text an error message repeats: the message
+/// travels in the `grpc-message` header, which clients cap (hyper: 16 KiB
+/// of headers), so an error about a 20 KB name must not be 20 KB long.
+pub const SHOWN_BYTES: usize = 64;
+
+/// Bytes of a list of names (e.g. the schema's families) an error message
+/// repeats.
+pub const LISTED_BYTES: usize = 1024;
+
+/// `text` cut after [`SHOWN_BYTES`] (at a character boundary), with its
+/// length when longer.
+fn cut(text: &str) -> Option<(&str, usize)> {
+    if text.len() <= SHOWN_BYTES {
+        return None;
+    }
+    let mut end = SHOWN_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some((&text[..end], text.len()))
+}
+
+/// `text` as an error message repeats it: quoted, cut after
+/// [`SHOWN_BYTES`] with its length when longer.
+pub fn shown(text: &str) -> String {
+    match cut(text) {
+        None => format!("{text:?}"),
+        Some((head, len)) => format!("{head:?}… ({len} bytes)"),
+    }
+}
+
+/// A name as a field path repeats it (`attrs.<name>`): as is, cut after
+/// [`SHOWN_BYTES`] with its length when longer.
+pub fn shown_name(name: &str) -> String {
+    match cut(name) {
+        None => name.to_string(),
+        Some((head, len)) => format!("{head}…({len} bytes)"),
+    }
+}
+
+/// `names` joined with ", " for an error message, cut after about
+/// [`LISTED_BYTES`] with the count of those left out.
+pub fn listed<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    let mut left_out = 0usize;
+    for name in names {
+        if left_out > 0 || out.len() + name.len() > LISTED_BYTES {
+            left_out += 1;
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(", ");
+        }
+        out.push_str(name);
+    }
+    if left_out > 0 {
+        out.push_str(&format!(", … and {left_out} more"));
+    }
+    out
 }
 
 fn check_len<F: Into<String>>(field: impl FnOnce() -> F, text: &str, max: usize) -> Result<()> {
@@ -102,6 +164,28 @@ mod tests {
     use crate::model::Attrs;
 
     const NOW: i64 = 1_750_000_000_000;
+
+    #[test]
+    fn error_messages_repeat_at_most_a_bounded_part_of_the_input() {
+        assert_eq!(shown("price"), "\"price\"");
+        assert_eq!(shown_name("price"), "price");
+        let long = "é".repeat(10_000);
+        let s = shown(&long);
+        assert!(s.len() < SHOWN_BYTES + 32 && s.ends_with("(20000 bytes)"), "{s}");
+        let names: Vec<String> = (0..1000).map(|i| format!("family_{i}")).collect();
+        let l = listed(names.iter().map(String::as_str));
+        assert!(l.len() < LISTED_BYTES + 32 && l.ends_with("more"), "{l}");
+        assert_eq!(listed(["a", "b"]), "a, b");
+
+        let schema = Schema::default_schema();
+        let event = Event { user_id: "u1".into(), family: "f".repeat(100_000), ..Event::bare() };
+        let e = validate_event(&event, &schema, None).unwrap_err();
+        assert!(e.reason.len() < 2 * LISTED_BYTES, "{}", e.reason);
+        let mut event = Event { user_id: "u1".into(), family: "trade".into(), time_ms: NOW, ..Event::bare() };
+        event.attrs.insert("a".repeat(100_000), Value::Int(1));
+        let e = validate_event(&event, &schema, None).unwrap_err();
+        assert!(e.field.starts_with("attrs.") && e.field.len() < 2 * SHOWN_BYTES, "{}", e.field);
+    }
 
     fn event() -> Event {
         Event {

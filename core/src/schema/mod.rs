@@ -100,7 +100,7 @@ impl Schema {
 
     /// Family names, comma-separated, for error messages.
     pub fn family_list(&self) -> String {
-        self.families.keys().cloned().collect::<Vec<_>>().join(", ")
+        crate::validate::listed(self.families.keys().map(String::as_str))
     }
 }
 

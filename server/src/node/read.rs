@@ -300,10 +300,11 @@ fn check_names<'a>(
         return Err(Error::invalid(kind, format!("{} names is over the limit of {max}", names.len())));
     }
     if let Some((i, name)) = names.iter().enumerate().find(|(_, n)| !known(n)) {
-        let list = all.cloned().collect::<Vec<_>>().join(", ");
+        let list = portrait_core::validate::listed(all.map(String::as_str));
+        let name = portrait_core::validate::shown(name);
         return Err(Error::invalid(
             format!("{kind}[{i}]"),
-            format!("unknown {singular} {name:?} (schema has: {list})"),
+            format!("unknown {singular} {name} (schema has: {list})"),
         ));
     }
     Ok(())

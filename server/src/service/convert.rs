@@ -51,7 +51,9 @@ pub fn events_from_pb(events: Vec<pb::Event>) -> Result<Vec<Event>> {
 fn event_from_pb(e: pb::Event) -> Result<Event> {
     let mut attrs = crate::model::Attrs::new();
     for (name, value) in e.attrs {
-        let value = value_from_pb(value).map_err(|reason| Error::invalid(format!("attrs.{name}"), reason))?;
+        let value = value_from_pb(value).map_err(|reason| {
+            Error::invalid(format!("attrs.{}", portrait_core::validate::shown_name(&name)), reason)
+        })?;
         attrs.insert(name, value);
     }
     Ok(Event {

@@ -754,6 +754,7 @@ async fn forwarded_reads_are_checked_against_their_shard() {
         users: vec![user.to_string()],
         selection: Selection::all(),
         consistency: Consistency::Linearizable,
+        max_bytes: 16 << 20,
     };
     let read =
         |group: u32, part: ForwardedRead| RaftPayload { data: bincode::serialize(&part).unwrap(), group };
@@ -762,6 +763,11 @@ async fn forwarded_reads_are_checked_against_their_shard() {
         bincode::deserialize(&reply.data).unwrap();
     assert!(views.len() == 1 && views[0].found, "{views:?}");
     assert_eq!((info.node_id, info.shard), (1, shard));
+    // The part stops at what is left of its call's response budget.
+    let small = ForwardedRead { max_bytes: 10, ..part("u1") };
+    let status = raft.forward_read(read(shard, small)).await.expect_err("over the budget");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("user_ids: the response would pass"), "{}", status.message());
     let other = (0..100).map(|i| format!("v{i}")).find(|u| shard_of(u, common::SHARDS) != shard).unwrap();
     let status = raft.forward_read(read(shard, part(&other))).await.expect_err("wrong shard");
     assert_eq!(status.code(), Code::InvalidArgument);

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use futures::{StreamExt, TryStreamExt};
 use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::BasicNode;
 use portrait_core::shard::shard_of;
@@ -33,7 +34,16 @@ pub struct ForwardedRead {
     pub users: Vec<String>,
     pub selection: Selection,
     pub consistency: Consistency,
+    /// What is left of the call's response budget: the part stops once
+    /// its views pass it (at most [`MAX_RESPONSE_BYTES`]).
+    pub max_bytes: u64,
 }
+
+/// Forwarded parts of one `BatchGetProfiles` in flight at once. With the
+/// budget they share, a call holds at most the response limit for the
+/// parts read here plus this many times it for parts in flight, however
+/// many shards it spans.
+const FORWARDED_READS_AT_ONCE: usize = 4;
 
 /// A shard's users (each with how many times the request asks for it) and
 /// the replica that serves them.
@@ -91,18 +101,36 @@ impl Node {
         let local = async {
             match hosted_parts.is_empty() {
                 true => Ok(vec![]),
-                false => self.read_hosted(hosted_parts, &selection, consistency).await,
+                false => self.read_hosted(hosted_parts, &selection, consistency, MAX_RESPONSE_BYTES).await,
             }
         };
-        let forwarded = remote.iter().map(|(s, idx)| {
-            let part = ForwardedRead {
-                users: idx.iter().map(|&i| unique[i].clone()).collect(),
-                selection: selection.clone(),
-                consistency,
-            };
-            self.forward_read(GroupId(*s), part)
+        // The forwarded parts share one budget: each asks for what is left
+        // of it, and what each brings back is taken from it.
+        let left = std::sync::Mutex::new(MAX_RESPONSE_BYTES);
+        // By position: a closure over `&(shard, users)` makes a future
+        // the compiler cannot prove `Send` for every lifetime.
+        let forwarded = (0..remote.len()).map(|k| {
+            let (left, repeats, unique, selection) = (&left, &repeats, &unique, &selection);
+            let (s, idx) = &remote[k];
+            async move {
+                let max_bytes = *left.lock().expect("budget lock");
+                let part = ForwardedRead {
+                    users: idx.iter().map(|&i| unique[i].clone()).collect(),
+                    selection: selection.clone(),
+                    consistency,
+                    max_bytes: max_bytes as u64,
+                };
+                let (views, info) = self.forward_read(GroupId(*s), part).await?;
+                let bytes = views.iter().zip(idx).map(|(v, &i)| v.approx_bytes().saturating_mul(repeats[i]));
+                let bytes = bytes.fold(0usize, usize::saturating_add);
+                let mut left = left.lock().expect("budget lock");
+                *left = left.checked_sub(bytes).ok_or_else(|| too_large(unique.len(), unique.len()))?;
+                Ok::<_, Error>((views, info))
+            }
         });
-        let (local, forwarded) = futures::future::join(local, futures::future::try_join_all(forwarded)).await;
+        let forwarded =
+            futures::stream::iter(forwarded).buffered(FORWARDED_READS_AT_ONCE).try_collect::<Vec<_>>();
+        let (local, forwarded) = futures::future::join(local, forwarded).await;
         let (local, forwarded) = (local?, forwarded?);
         // Each part's views in its users' order, back into `unique`'s.
         let mut views: Vec<Option<ProfileView>> = vec![None; unique.len()];
@@ -149,6 +177,7 @@ impl Node {
         parts: Vec<HostedPart>,
         selection: &Selection,
         consistency: Consistency,
+        max_bytes: usize,
     ) -> Result<Vec<(Vec<ProfileView>, ReadInfo)>> {
         static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_READS);
         if consistency == Consistency::Linearizable {
@@ -183,7 +212,7 @@ impl Node {
                         .map_err(Error::internal)?;
                     done += 1;
                     bytes = bytes.saturating_add(view.approx_bytes().saturating_mul(*repeats));
-                    if bytes > MAX_RESPONSE_BYTES {
+                    if bytes > max_bytes {
                         return Err(too_large(done, total));
                     }
                     views.push(view);
@@ -230,7 +259,9 @@ impl Node {
         }
         let selection = part.selection.deduped();
         let users = part.users.into_iter().map(|u| (u, 1)).collect();
-        let mut read = self.read_hosted(vec![(replica, users)], &selection, part.consistency).await?;
+        let max_bytes = usize::try_from(part.max_bytes).unwrap_or(usize::MAX).min(MAX_RESPONSE_BYTES);
+        let mut read =
+            self.read_hosted(vec![(replica, users)], &selection, part.consistency, max_bytes).await?;
         Ok(read.pop().expect("one part"))
     }
 

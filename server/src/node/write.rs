@@ -139,7 +139,8 @@ impl Node {
         addr: String,
         events: Vec<Event>,
     ) -> Result<(WriteCounts, u64)> {
-        let reply = self.call_peer(Forward::Write, gid, leader, &addr, encode(&events)).await?;
+        let reply =
+            self.call_peer(Forward::Write, gid, leader, &addr, encode(&events)).await.map_err(moved_on)?;
         decode(&reply).map_err(Error::internal)
     }
 
@@ -158,8 +159,10 @@ impl Node {
         }
         let shards: Vec<u32> = parts.iter().map(|(s, _)| *s).collect();
         let reply = self.call_peer(Forward::Writes, GroupId(shards[0]), leader, &addr, encode(&parts)).await;
-        let results: Result<Vec<Result<(WriteCounts, u64)>>> =
-            reply.and_then(|r| decode(&r).map_err(Error::internal));
+        let results: Result<Vec<Result<(WriteCounts, u64)>>> = reply
+            .map_err(moved_on)
+            .and_then(|r| decode::<Vec<Result<(WriteCounts, u64)>>>(&r).map_err(Error::internal))
+            .map(|r| r.into_iter().map(|p| p.map_err(moved_on)).collect());
         match results {
             Ok(results) if results.len() == shards.len() => shards.into_iter().zip(results).collect(),
             Ok(results) => {
@@ -209,6 +212,17 @@ impl Node {
     }
 }
 
+/// A forwarded part's NOT_FOUND: the node this one took for the shard's
+/// leader no longer hosts it (its replica moved away while this node's view
+/// was stale). Nothing was proposed, and the shard exists: UNAVAILABLE,
+/// which clients retry, not NOT_FOUND, which they do not.
+fn moved_on(e: Error) -> Error {
+    match e {
+        Error::NotFound(m) => Error::Unavailable(format!("{m} (it moved away; retry)")),
+        e => e,
+    }
+}
+
 /// The leader of `replica`'s group and its address, if it is another node
 /// whose address is known.
 pub(super) fn leader_elsewhere(replica: &Replica, me: NodeId) -> Option<(NodeId, String)> {
@@ -222,6 +236,19 @@ pub(super) fn leader_elsewhere(replica: &Replica, me: NodeId) -> Option<(NodeId,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forward_to_a_node_that_no_longer_hosts_the_shard_is_retryable() {
+        let e = moved_on(Error::NotFound("node 2 hosts no replica of shard 5".into()));
+        assert!(
+            matches!(&e, Error::Unavailable(m) if m.starts_with("node 2 hosts no replica of shard 5")),
+            "{e}"
+        );
+        assert!(
+            matches!(moved_on(Error::invalid("f", "r")), Error::InvalidArgument { .. }),
+            "others as they are"
+        );
+    }
 
     #[test]
     fn a_split_keeps_every_event_once_in_its_shard_and_in_order() {

@@ -353,6 +353,10 @@ async fn an_install_a_crash_interrupted_is_finished_at_the_next_open() {
     let a = group(&db, dir.path(), A);
     assert!(rows(&db, A).is_empty(), "wiped");
     assert_eq!(a.store.applied().last_applied, None);
+    assert!(db.log_reset_pending(A).unwrap(), "its raft log is to be emptied before it opens");
+    assert!(!db.log_reset_pending(B).unwrap());
+    db.clear_log_reset(A).unwrap();
+    assert!(!db.log_reset_pending(A).unwrap());
     assert_eq!(rows(&db, B), b_rows);
     let raw = db.db();
     assert_eq!(raw.get_cf(cf(&raw, CF_META), keys::installing(A)).unwrap(), None, "marker cleared");

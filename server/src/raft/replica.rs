@@ -65,6 +65,15 @@ impl Replica {
     /// (not initialized: the caller bootstraps or a leader adds it).
     pub async fn open(gid: GroupId, s: &Shared<'_>) -> anyhow::Result<Replica> {
         let sm = s.state_db.open_group(gid)?;
+        if s.state_db.log_reset_pending(gid)? {
+            s.log_engine.reset_log(gid)?;
+            s.state_db.clear_log_reset(gid)?;
+            tracing::warn!(
+                group = %gid,
+                "the group's state was wiped at open: its raft log is emptied too (vote kept), and its leader \
+                 sends it a snapshot"
+            );
+        }
         let guard: Arc<dyn PurgeGuard> = sm.clone();
         let log = s.log_engine.group(gid, Some(guard))?;
         let log_bytes = log.log_bytes();

@@ -60,8 +60,13 @@ pub const META_CLUSTER: &[u8] = b"cluster";
 /// under [`NODE_PREFIX`].
 pub const META_FORMAT: &[u8] = b"format_version";
 /// `NODE_PREFIX installing gid`: a snapshot install of the group began and
-/// has not finished (the group is wiped at open).
+/// has not finished (it is done again at open).
 pub const META_INSTALLING: &[u8] = b"installing";
+/// `NODE_PREFIX log_reset gid`: the group's state was wiped (an interrupted
+/// install could not be finished), so its raft log must be emptied, the
+/// vote kept, before the group opens: openraft would otherwise re-apply
+/// from index 1 a log purged past the snapshot the state no longer holds.
+pub const META_LOG_RESET: &[u8] = b"log_reset";
 /// `NODE_PREFIX shards`: the cluster's number of shards `S` (u32 LE),
 /// written once when the node first starts (bootstrap or join).
 pub const META_SHARDS: &[u8] = b"shards";
@@ -126,6 +131,13 @@ pub fn node_meta(name: &[u8]) -> Vec<u8> {
 /// `NODE_PREFIX installing gid` — the group's install marker.
 pub fn installing(gid: GroupId) -> Vec<u8> {
     let mut k = node_meta(META_INSTALLING);
+    k.extend_from_slice(&group_prefix(gid));
+    k
+}
+
+/// `NODE_PREFIX log_reset gid` — see [`META_LOG_RESET`].
+pub fn log_reset(gid: GroupId) -> Vec<u8> {
+    let mut k = node_meta(META_LOG_RESET);
     k.extend_from_slice(&group_prefix(gid));
     k
 }

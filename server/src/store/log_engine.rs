@@ -124,21 +124,36 @@ impl LogEngine {
     /// id), with a synced write: a replica removed from this node. The
     /// group must not be open (its raft shut down, its stores dropped).
     pub fn drop_group(&self, gid: GroupId) -> anyhow::Result<()> {
+        self.delete_log(gid, &[RAFT_VOTE, RAFT_LAST_PURGED])
+            .with_context(|| format!("dropping the raft log of {gid}"))
+    }
+
+    /// Empties group `gid`'s log (its entries and purge mark) but keeps its
+    /// vote, so the node cannot vote twice in a term: the group then
+    /// starts as a replica that has nothing, and its leader sends it a
+    /// snapshot. For a group whose state was wiped at open.
+    pub fn reset_log(&self, gid: GroupId) -> anyhow::Result<()> {
+        self.delete_log(gid, &[RAFT_LAST_PURGED]).with_context(|| format!("emptying the raft log of {gid}"))
+    }
+
+    /// Deletes `gid`'s entries and its `raft_meta` keys of `kinds` (synced);
+    /// refused while the group's log is open.
+    fn delete_log(&self, gid: GroupId, kinds: &[u8]) -> anyhow::Result<()> {
         let open = self.shared.open.lock().expect("open groups lock");
         if open.get(&gid).is_some_and(|g| g.strong_count() > 0) {
-            anyhow::bail!("the raft log of {gid} is open; shut its raft down before dropping it");
+            anyhow::bail!("the raft log of {gid} is open; shut its raft down first");
         }
         let db = &self.shared.db;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(cf(db, CF_LOGS), &log_key(gid, 0)[..], &log_group_end(gid)[..]);
         // Key by key, not a range: a range of 5-byte keys could hold the
         // node-level format key for some group id.
-        for kind in [RAFT_VOTE, RAFT_LAST_PURGED] {
+        for &kind in kinds {
             batch.delete_cf(cf(db, CF_RAFT_META), raft_meta(gid, kind));
         }
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
-        db.write_opt(batch, &sync).with_context(|| format!("dropping the raft log of {gid}"))
+        Ok(db.write_opt(batch, &sync)?)
     }
 
     /// The groups with anything in the engine (a vote, a purge mark or

@@ -297,10 +297,25 @@ impl StateDb {
         }
         match marker {
             Marker::Set(record) => batch.put_cf(cf(&self.db, CF_META), installing(gid), record),
-            Marker::Clear => batch.delete_cf(cf(&self.db, CF_META), installing(gid)),
+            Marker::Wiped => {
+                batch.delete_cf(cf(&self.db, CF_META), installing(gid));
+                batch.put_cf(cf(&self.db, CF_META), log_reset(gid), []);
+            }
             Marker::Keep => {}
         }
         self.db.write_opt(batch, &synced())
+    }
+
+    /// Whether group `gid`'s state was wiped at open (an interrupted install
+    /// could not be finished) and its raft log must be emptied, the vote
+    /// kept, before the group opens; then [`StateDb::clear_log_reset`].
+    pub fn log_reset_pending(&self, gid: GroupId) -> Result<bool, rocksdb::Error> {
+        Ok(self.db.get_pinned_cf(cf(&self.db, CF_META), log_reset(gid))?.is_some())
+    }
+
+    /// Clears group `gid`'s log reset marker (synced), once its log is empty.
+    pub fn clear_log_reset(&self, gid: GroupId) -> Result<(), rocksdb::Error> {
+        self.db.delete_cf_opt(cf(&self.db, CF_META), log_reset(gid), &synced())
     }
 
     /// Clears group `gid`'s install marker (synced).
@@ -312,7 +327,8 @@ impl StateDb {
     /// names the validated archive and its meta, so the install is done
     /// again from it (the group then holds the snapshot, as openraft was
     /// about to be told). Only when the archive is gone or unreadable is
-    /// the group wiped; raft must then send a snapshot again.
+    /// the group wiped, and its raft log marked to be emptied before it
+    /// opens (its leader then sends a snapshot again).
     fn finish_interrupted_installs(&self, data_dir: &Path) -> anyhow::Result<()> {
         let prefix = node_meta(META_INSTALLING);
         let meta = cf(&self.db, CF_META);
@@ -335,7 +351,7 @@ impl StateDb {
                         error = format!("{e:#}"),
                         "a snapshot install was interrupted and cannot be finished: the group starts empty"
                     );
-                    self.delete_range(gid, Marker::Clear)?;
+                    self.delete_range(gid, Marker::Wiped)?;
                 }
             }
         }
@@ -347,7 +363,9 @@ impl StateDb {
 pub(crate) enum Marker {
     /// Sets it, with the install's record (see `group_snapshot`).
     Set(Vec<u8>),
-    Clear,
+    /// Clears it and marks the group's raft log to be emptied before the
+    /// group opens (see [`StateDb::log_reset_pending`]).
+    Wiped,
     Keep,
 }
 

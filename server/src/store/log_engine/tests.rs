@@ -125,6 +125,25 @@ fn truncate_purge_and_drop_touch_only_their_group() {
     untouched(&logs[3]);
 }
 
+/// Emptying a group's log (its state was wiped) deletes its entries and
+/// purge mark but keeps its vote; other groups are untouched.
+#[test]
+fn a_reset_log_keeps_only_the_vote() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = LogEngine::open(dir.path()).unwrap();
+    let (a, b) = (filled(&rt, &engine, GroupId(3)), filled(&rt, &engine, GroupId(4)));
+    super::purge_now(&engine.shared.db, GroupId(3), log_id(4)).unwrap();
+    assert!(engine.reset_log(GroupId(3)).is_err(), "an open group is not reset");
+    drop(a);
+    engine.reset_log(GroupId(3)).unwrap();
+    let mut a = engine.group(GroupId(3), None).unwrap();
+    assert_eq!(contents(&a), (vec![], Some(Vote::new(4, 1)), None));
+    let state = rt.block_on(a.get_log_state()).unwrap();
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (None, None));
+    untouched(&b);
+}
+
 /// A deferred purge that lands after a newer immediate one (the review's
 /// race: the purger thread flushed for 4 while the core loop purged 8 at
 /// once) keeps the newer mark: the log never claims entries it deleted.

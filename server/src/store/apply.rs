@@ -718,10 +718,18 @@ impl<'a> EntryState<'a> {
         }
         let mut spare_ids = std::mem::replace(&mut self.cache.recent_ids, new_ids);
         spare_ids.clear();
+        // A large user's state grew the encoding buffer; a group that then
+        // goes idle would hold it (two per group, 64 groups).
+        if buf.capacity() > SCRATCH_KEEP_BYTES {
+            buf = Vec::new();
+        }
         self.cache.scratch = Scratch { records, users, new_ids: spare_ids, buf };
         Ok(())
     }
 }
+
+/// The encoding buffer an apply shard keeps between entries, at most.
+const SCRATCH_KEEP_BYTES: usize = 256 * 1024;
 
 #[cfg(test)]
 mod tests {

@@ -249,8 +249,9 @@ struct PurgeJob {
 
 /// Deferred purges, in order: flush the group's state, then purge. Purges
 /// queued meanwhile are coalesced per group (the newest covers the others),
-/// and a guard shared by several groups is flushed once per round (every
-/// purge of the round was asked for before that flush).
+/// and a group's state is flushed only if what is on disk does not cover
+/// the purge yet: the groups share one state database, whose flush covers
+/// them all, so a round of many groups' purges flushes about once.
 fn purge_loop(db: &DB, open: &Mutex<HashMap<GroupId, Weak<Group>>>, rx: mpsc::Receiver<PurgeJob>) {
     while let Ok(first) = rx.recv() {
         let mut jobs: BTreeMap<GroupId, PurgeJob> = BTreeMap::new();
@@ -262,7 +263,8 @@ fn purge_loop(db: &DB, open: &Mutex<HashMap<GroupId, Weak<Group>>>, rx: mpsc::Re
         }
         let mut persisted: Vec<Arc<dyn PurgeGuard>> = Vec::new();
         for PurgeJob { gid, log_id, guard, group } in jobs.into_values() {
-            if !persisted.iter().any(|p| Arc::ptr_eq(p, &guard)) {
+            let covered = guard.durable_index().is_ok_and(|durable| durable >= log_id.index);
+            if !covered && !persisted.iter().any(|p| Arc::ptr_eq(p, &guard)) {
                 if let Err(e) = guard.persist() {
                     tracing::error!(error = %e, %gid, %log_id, "flushing the state before a log purge; not purged");
                     continue;

@@ -207,6 +207,53 @@ fn a_deferred_purge_persists_its_group_first_and_purges_only_it() {
     neighbours.iter().for_each(untouched);
 }
 
+/// Guards of groups that share one state database: a flush of any covers
+/// them all.
+struct SharedGuard {
+    durable: Arc<AtomicU64>,
+    persisted: Arc<AtomicU64>,
+}
+
+impl PurgeGuard for SharedGuard {
+    fn durable_index(&self) -> anyhow::Result<u64> {
+        Ok(self.durable.load(Ordering::SeqCst))
+    }
+
+    fn persist(&self) -> anyhow::Result<()> {
+        self.persisted.fetch_add(1, Ordering::SeqCst);
+        self.durable.store(u64::MAX, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Deferred purges of two groups on one state database: the first flush
+/// covers the second purge, which does not flush again.
+#[test]
+fn one_flush_covers_the_deferred_purges_of_groups_sharing_a_database() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = LogEngine::open(dir.path()).unwrap();
+    let (durable, persisted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut logs: Vec<LogStore> = [GroupId(5), GroupId(7)]
+        .into_iter()
+        .map(|gid| {
+            let guard = Arc::new(SharedGuard { durable: durable.clone(), persisted: persisted.clone() });
+            let mut log = engine.group(gid, Some(guard)).unwrap();
+            rt.block_on(log.blocking_append((1..=10).map(|i| entry(i, 1)))).unwrap();
+            log
+        })
+        .collect();
+    for log in &mut logs {
+        rt.block_on(log.purge(log_id(6))).unwrap();
+    }
+    let start = Instant::now();
+    while logs.iter().any(|log| contents(log).2 != Some(log_id(6))) {
+        assert!(start.elapsed() < Duration::from_secs(30), "deferred purges never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(persisted.load(Ordering::SeqCst), 1, "one flush for both groups");
+}
+
 /// 32 groups append in turn, each about 1/40 of the node budget per entry
 /// and 20 entries each (16 budgets in all): the recent entries of all
 /// groups stay within the one budget, and closing the groups frees them.

@@ -227,6 +227,12 @@ impl NodeProc {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
     }
+
+    /// The node's `--data-dir` (for a test to inspect or damage while the
+    /// node is down).
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
 }
 
 impl Drop for NodeProc {

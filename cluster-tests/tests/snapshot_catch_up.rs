@@ -1,6 +1,8 @@
 //! A node that was down while the shards' logs were compacted catches up
 //! by snapshot install and converges to the same profiles, features and
-//! tags as each shard's leader.
+//! tags as each shard's leader; so does a replica whose state was wiped at
+//! open because a snapshot install a crash interrupted could not be
+//! finished.
 
 use std::collections::BTreeSet;
 
@@ -71,6 +73,34 @@ async fn a_lagging_replica_catches_up_by_snapshot_in_every_shard() {
     client.write(request(1000)).await.unwrap();
     wait_caught_up(&cluster, &hosts, TEST_SHARDS).await;
     assert_converged(&cluster, 3).await;
+
+    // A crash inside an install of shard 0 whose archive is then gone:
+    // node 3 wipes the shard's state at open and empties its raft log (the
+    // vote kept), and the leader sends it a snapshot again.
+    cluster.kill(3);
+    mark_install_interrupted(&cluster.node(3).data_dir(), 0);
+    cluster.restart(3).await;
+    client.write(request(1001)).await.unwrap();
+    wait_caught_up(&cluster, &hosts, TEST_SHARDS).await;
+    assert_converged(&cluster, 3).await;
+    assert!(cluster.node(3).log().contains("its raft log is emptied too"), "the reset ran");
+}
+
+/// Sets shard `shard`'s install marker in a stopped node's state database,
+/// naming an archive that does not exist (what a crash in the middle of an
+/// install leaves after the archive was lost).
+fn mark_install_interrupted(data_dir: &std::path::Path, shard: u32) {
+    use portrait_server::store::codec::encode;
+    use portrait_server::store::group_snapshot::InstallRecord;
+    use portrait_server::store::keys::{installing, CF_META};
+    use portrait_server::store::sm_db::cf;
+    use portrait_server::store::StateDb;
+    use portrait_server::types::GroupId;
+    let db = StateDb::open(data_dir).expect("the stopped node's state database");
+    let raw = db.db();
+    let record = InstallRecord { archive: data_dir.join("lost.snap"), meta: Default::default() };
+    raw.put_cf(cf(&raw, CF_META), installing(GroupId(shard)), encode(&record)).unwrap();
+    raw.flush_wal(true).unwrap();
 }
 
 /// Every user's state on node `id` equals its shard leader's (all applied).

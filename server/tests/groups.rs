@@ -354,6 +354,7 @@ async fn an_install_a_crash_interrupted_is_finished_at_the_next_open() {
     assert!(rows(&db, A).is_empty(), "wiped");
     assert_eq!(a.store.applied().last_applied, None);
     assert!(db.log_reset_pending(A).unwrap(), "its raft log is to be emptied before it opens");
+    assert!(!dir.path().join("snapshots/0/current.meta").exists(), "nor a current snapshot left");
     assert!(!db.log_reset_pending(B).unwrap());
     db.clear_log_reset(A).unwrap();
     assert!(!db.log_reset_pending(A).unwrap());

@@ -351,6 +351,10 @@ impl StateDb {
                         error = format!("{e:#}"),
                         "a snapshot install was interrupted and cannot be finished: the group starts empty"
                     );
+                    // Nothing of the group is left: no state, no snapshot
+                    // (openraft would take the group for one at that
+                    // snapshot's index), and its log is emptied at open.
+                    super::snapshot::SnapshotDir::new(data_dir, gid)?.clear()?;
                     self.delete_range(gid, Marker::Wiped)?;
                 }
             }

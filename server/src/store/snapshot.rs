@@ -159,6 +159,18 @@ impl SnapshotDir {
         self.root.join(name)
     }
 
+    /// Removes the current snapshot (its meta first, then every archive),
+    /// for a group whose state was wiped: openraft must not take the group
+    /// for one that holds it.
+    pub fn clear(&self) -> io::Result<()> {
+        match std::fs::remove_file(self.meta()) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        self.remove_other_archives("")?;
+        self.sync()
+    }
+
     /// Makes the directory's entries durable (a file created or renamed in
     /// it survives a power loss only once its directory is synced).
     pub fn sync(&self) -> io::Result<()> {

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::{StreamExt, TryStreamExt};
 use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::BasicNode;
 use portrait_core::shard::shard_of;
@@ -39,11 +38,22 @@ pub struct ForwardedRead {
     pub max_bytes: u64,
 }
 
-/// Forwarded parts of one `BatchGetProfiles` in flight at once. With the
-/// budget they share, a call holds at most the response limit for the
-/// parts read here plus this many times it for parts in flight, however
-/// many shards it spans.
-const FORWARDED_READS_AT_ONCE: usize = 4;
+/// The least a forwarded part of a `BatchGetProfiles` may bring back in
+/// the first round (see [`forwarded_share`]).
+const FORWARDED_PART_MIN_BYTES: usize = 1 << 20;
+
+/// What each of `parts` forwarded parts may bring back in the first round:
+/// an equal share of the response limit, at least 1 MiB. A part over it is
+/// asked again alone (the call's parts all go out at once, and together
+/// they hold at most about max(limit, parts × 1 MiB)).
+fn forwarded_share(parts: usize) -> usize {
+    (MAX_RESPONSE_BYTES / parts.max(1)).clamp(FORWARDED_PART_MIN_BYTES, MAX_RESPONSE_BYTES)
+}
+
+/// Whether `e` is a read refused for the size of its answer ([`too_large`]).
+fn is_too_large(e: &Error) -> bool {
+    matches!(e, Error::InvalidArgument { field, reason } if field == "user_ids" && reason.starts_with(TOO_LARGE))
+}
 
 /// A shard's users (each with how many times the request asks for it) and
 /// the replica that serves them.
@@ -104,34 +114,57 @@ impl Node {
                 false => self.read_hosted(hosted_parts, &selection, consistency, MAX_RESPONSE_BYTES).await,
             }
         };
-        // The forwarded parts share one budget: each asks for what is left
-        // of it, and what each brings back is taken from it.
-        let left = std::sync::Mutex::new(MAX_RESPONSE_BYTES);
-        // By position: a closure over `&(shard, users)` makes a future
-        // the compiler cannot prove `Send` for every lifetime.
-        let forwarded = (0..remote.len()).map(|k| {
-            let (left, repeats, unique, selection) = (&left, &repeats, &unique, &selection);
+        // The forwarded parts go out at once, each capped at its share of
+        // the response limit (`forwarded_share`); a part over its share is
+        // asked again alone, with what is left of the limit. A call holds
+        // the limit for the parts read here, about max(limit, parts × 1 MiB)
+        // for the first round of forwarded ones, then one part at a time.
+        // By position: a closure over `&(shard, users)` makes a future the
+        // compiler cannot prove `Send` for every lifetime.
+        let ask = |k: usize, max_bytes: usize| {
             let (s, idx) = &remote[k];
-            async move {
-                let max_bytes = *left.lock().expect("budget lock");
-                let part = ForwardedRead {
-                    users: idx.iter().map(|&i| unique[i].clone()).collect(),
-                    selection: selection.clone(),
-                    consistency,
-                    max_bytes: max_bytes as u64,
-                };
-                let (views, info) = self.forward_read(GroupId(*s), part).await?;
-                let bytes = views.iter().zip(idx).map(|(v, &i)| v.approx_bytes().saturating_mul(repeats[i]));
-                let bytes = bytes.fold(0usize, usize::saturating_add);
-                let mut left = left.lock().expect("budget lock");
-                *left = left.checked_sub(bytes).ok_or_else(|| too_large(unique.len(), unique.len()))?;
-                Ok::<_, Error>((views, info))
+            let part = ForwardedRead {
+                users: idx.iter().map(|&i| unique[i].clone()).collect(),
+                selection: selection.clone(),
+                consistency,
+                max_bytes: max_bytes as u64,
+            };
+            self.forward_read(GroupId(*s), part)
+        };
+        let share = forwarded_share(remote.len());
+        let first = futures::future::join_all((0..remote.len()).map(|k| ask(k, share)));
+        let (local, first) = futures::future::join(local, first).await;
+        let local = local?;
+        let part_bytes = |k: usize, views: &[ProfileView]| {
+            let bytes =
+                views.iter().zip(&remote[k].1).map(|(v, &i)| v.approx_bytes().saturating_mul(repeats[i]));
+            bytes.fold(0usize, usize::saturating_add)
+        };
+        let mut left = MAX_RESPONSE_BYTES;
+        let mut charge = |bytes: usize| {
+            left = left.checked_sub(bytes).ok_or_else(|| too_large(unique.len(), unique.len()))?;
+            Ok::<usize, Error>(left)
+        };
+        let (mut forwarded, mut again) = (Vec::with_capacity(remote.len()), Vec::new());
+        for (k, read) in first.into_iter().enumerate() {
+            match read {
+                Ok(read) => {
+                    charge(part_bytes(k, &read.0))?;
+                    forwarded.push(Some(read));
+                }
+                Err(e) if is_too_large(&e) => {
+                    again.push(k);
+                    forwarded.push(None);
+                }
+                Err(e) => return Err(e),
             }
-        });
-        let forwarded =
-            futures::stream::iter(forwarded).buffered(FORWARDED_READS_AT_ONCE).try_collect::<Vec<_>>();
-        let (local, forwarded) = futures::future::join(local, forwarded).await;
-        let (local, forwarded) = (local?, forwarded?);
+        }
+        for k in again {
+            let read = ask(k, charge(0)?).await?;
+            charge(part_bytes(k, &read.0))?;
+            forwarded[k] = Some(read);
+        }
+        let forwarded = forwarded.into_iter().map(|read| read.expect("every forwarded part was read"));
         // Each part's views in its users' order, back into `unique`'s.
         let mut views: Vec<Option<ProfileView>> = vec![None; unique.len()];
         let mut infos = Vec::new();
@@ -288,12 +321,15 @@ impl Node {
 
 /// INVALID_ARGUMENT on `user_ids`: the response would pass
 /// [`MAX_RESPONSE_BYTES`] at the `at`-th of `of` users read.
+/// How a read refused for the size of its answer starts.
+const TOO_LARGE: &str = "the response would pass";
+
 fn too_large(at: usize, of: usize) -> Error {
     Error::invalid(
         "user_ids",
         format!(
-            "the response would pass {} MiB (at user {at} of {of}); ask for fewer users or select fewer \
-             families, features or tags",
+            "{TOO_LARGE} {} MiB (at user {at} of {of}); ask for fewer users or select fewer families, \
+             features or tags",
             MAX_RESPONSE_BYTES >> 20
         ),
     )
@@ -346,5 +382,30 @@ fn check_leader_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>
         RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => not_leader(f),
         RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => Error::Unavailable(q.to_string()),
         RaftError::Fatal(f) => Error::Unavailable(format!("raft is not running: {f}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_parts_share_the_response_limit_with_a_floor() {
+        assert_eq!(forwarded_share(0), MAX_RESPONSE_BYTES);
+        assert_eq!(forwarded_share(1), MAX_RESPONSE_BYTES);
+        assert_eq!(forwarded_share(4), MAX_RESPONSE_BYTES / 4);
+        assert_eq!(forwarded_share(64), FORWARDED_PART_MIN_BYTES, "at least 1 MiB each");
+        // What the first round holds at most: the limit, or 1 MiB a part.
+        for parts in [1, 3, 16, 64, 4096] {
+            let held = parts * forwarded_share(parts);
+            assert!(held <= MAX_RESPONSE_BYTES.max(parts * FORWARDED_PART_MIN_BYTES), "{parts}: {held}");
+        }
+    }
+
+    #[test]
+    fn a_part_over_its_share_is_told_from_other_refusals() {
+        assert!(is_too_large(&too_large(3, 10)));
+        assert!(!is_too_large(&Error::invalid("user_ids[2]", "must not be empty")));
+        assert!(!is_too_large(&Error::Unavailable(TOO_LARGE.into())));
     }
 }

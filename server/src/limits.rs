@@ -85,8 +85,9 @@ pub const RAFT_BATCHES_IN_FLIGHT: usize = 2;
 pub const MAX_RECENT_ENTRY_BYTES: usize = 64 * 1024 * 1024;
 
 /// Encoded bytes of write requests a node holds between their validation
-/// and their answer: queued for the batcher, in an entry being proposed, or
-/// waiting for its apply. A request that would pass it is refused at once
+/// and their answer: queued for the batcher, in an entry being proposed,
+/// waiting for its apply, or forwarded to another node that leads the
+/// shard and not yet answered. A request that would pass it is refused at once
 /// with UNAVAILABLE ("write queue full", retryable) instead of waiting in
 /// memory: a few hundred 16 MB writes to a slow leader would otherwise stay
 /// resident until their timeout. 256 MiB is 64 entries of the largest size.

@@ -91,8 +91,11 @@ impl Node {
     ) -> Result<Vec<u8>> {
         let unreachable =
             |e: &dyn std::fmt::Display| Error::Unavailable(format!("forwarding to node {to} at {addr}: {e}"));
-        let mut client = self.channels.get(addr).map_err(|e| unreachable(&e))?;
         let write = matches!(kind, Forward::Write | Forward::Writes);
+        // A write part held here while another node proposes it counts
+        // against this node's queued-write budget too.
+        let _held = if write { Some(self.batcher.hold(data.len())?) } else { None };
+        let mut client = self.channels.get(addr).map_err(|e| unreachable(&e))?;
         let mut request = tonic::Request::new(RaftPayload { data, group: gid.0 });
         request.set_timeout(self.write_timeout + std::time::Duration::from_secs(1));
         let reply = match kind {

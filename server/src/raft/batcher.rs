@@ -115,18 +115,26 @@ impl WriteBatcher {
     pub async fn write(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
         let (reply, rx) = oneshot::channel();
         let bytes = encoded_len(&events);
-        let queued =
-            self.queued.clone().try_acquire_many_owned(queue_units(bytes, self.budget_units)).map_err(
-                |e| match e {
-                    tokio::sync::TryAcquireError::Closed => shutting_down(),
-                    tokio::sync::TryAcquireError::NoPermits => Error::Unavailable(format!(
+        let queued = self.hold(bytes)?;
+        self.tx.send(Pending { gid, events, bytes, reply, queued }).await.map_err(|_| shutting_down())?;
+        rx.await.map_err(|_| shutting_down())?
+    }
+}
+
+impl WriteBatcher {
+    /// Takes `bytes` of the node's queued-write budget until the permit is
+    /// dropped, or refuses at once (UNAVAILABLE, "write queue full"): what
+    /// a request proposed here holds until its answer, and what a part
+    /// forwarded to another node's leader holds while it is in flight.
+    pub fn hold(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let units = queue_units(bytes, self.budget_units);
+        self.queued.clone().try_acquire_many_owned(units).map_err(|e| match e {
+            tokio::sync::TryAcquireError::Closed => shutting_down(),
+            tokio::sync::TryAcquireError::NoPermits => Error::Unavailable(format!(
                 "write queue full: this node holds {} MiB of write requests waiting for raft; retry later",
                 MAX_QUEUED_WRITE_BYTES >> 20
             )),
-                },
-            )?;
-        self.tx.send(Pending { gid, events, bytes, reply, queued }).await.map_err(|_| shutting_down())?;
-        rx.await.map_err(|_| shutting_down())?
+        })
     }
 }
 
@@ -304,9 +312,20 @@ mod tests {
         // Answered (here: dropped unanswered), the first frees its share.
         drop(queued);
         assert!(matches!(first.await.unwrap(), Err(Error::Unavailable(_))));
-        let second = tokio::spawn(async move { batcher.write(GroupId(0), events()).await });
-        assert_eq!(rx.recv().await.expect("queued now").events.len(), 40);
-        drop(second);
+        let second = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.write(GroupId(0), events()).await }
+        });
+        let queued = rx.recv().await.expect("queued now");
+        assert_eq!(queued.events.len(), 40);
+        // Bytes held for a forwarded part count against the same budget.
+        let e = batcher.hold(size).expect_err("no room beside the queued request");
+        assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
+        drop((queued, second));
+        let held = batcher.hold(size).expect("room once it is answered");
+        let e = batcher.write(GroupId(1), events()).await.expect_err("the held part takes the room");
+        assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
+        drop(held);
     }
 
     #[test]

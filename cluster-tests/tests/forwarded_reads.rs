@@ -4,9 +4,9 @@
 //! with what is left. A skewed batch within the limit is served whole; one
 //! past it is refused naming the field.
 
-use portrait_client::json::now_ms;
 use portrait_client::{shard_of, Consistency, Event, PortraitClient, Value};
 use portrait_cluster_tests::replicas::wait_placed;
+use portrait_cluster_tests::workload::visit;
 use portrait_cluster_tests::{Cluster, TEST_SHARDS};
 
 /// Four nodes, RF 3, no rebalancing: nodes 1-3 hold every shard, node 4
@@ -18,23 +18,13 @@ fn users_of(shard: u32, prefix: &str, n: usize) -> Vec<String> {
     (0..).map(|i| format!("{prefix}{i}")).filter(|u| shard_of(u, TEST_SHARDS) == shard).take(n).collect()
 }
 
-fn event(user: &str, id: &str, attrs: Vec<(String, Value)>) -> Event {
-    Event {
-        user_id: user.into(),
-        family: "browse".into(),
-        r#type: "view".into(),
-        event_time_ms: now_ms(),
-        event_id: id.into(),
-        attrs: attrs.into_iter().collect(),
-    }
-}
-
 /// A 3.2 MiB profile: 50 history events (the browse family's length) of 16
 /// attributes of 4 KiB.
 async fn write_big(client: &PortraitClient, user: &str) {
     let attrs = || (0..16).map(|a| (format!("note{a}"), Value::string("x".repeat(4096)))).collect();
     for part in 0..2 {
-        let events = (0..25).map(|i| event(user, &format!("e{part}-{i}"), attrs())).collect();
+        let events: Vec<Event> =
+            (0..25).map(|i| Event { attrs: attrs(), ..visit(user, &format!("e{part}-{i}"), "") }).collect();
         client.write(events).await.expect("write a large profile");
     }
 }
@@ -51,7 +41,7 @@ async fn a_forwarded_part_over_its_share_is_read_again_within_the_limit() {
     }
     let small: Vec<String> = (1..TEST_SHARDS).map(|s| users_of(s, "small", 1).remove(0)).collect();
     for user in &small {
-        client.write(vec![event(user, "s", vec![])]).await.unwrap();
+        client.write(vec![visit(user, "s", "home")]).await.unwrap();
     }
 
     // Shard 0's part holds two big profiles (6.4 MiB): over its first-round

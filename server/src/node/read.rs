@@ -33,8 +33,9 @@ pub struct ForwardedRead {
     pub users: Vec<String>,
     pub selection: Selection,
     pub consistency: Consistency,
-    /// What is left of the call's response budget: the part stops once
-    /// its views pass it (at most [`MAX_RESPONSE_BYTES`]).
+    /// The most this part may bring back (its share of the call's
+    /// response limit, see [`forwarded_share`]): it stops once its views
+    /// pass it (and never past [`MAX_RESPONSE_BYTES`]).
     pub max_bytes: u64,
 }
 
@@ -140,16 +141,14 @@ impl Node {
                 views.iter().zip(&remote[k].1).map(|(v, &i)| v.approx_bytes().saturating_mul(repeats[i]));
             bytes.fold(0usize, usize::saturating_add)
         };
+        // What is left of the response limit once each part is counted.
         let mut left = MAX_RESPONSE_BYTES;
-        let mut charge = |bytes: usize| {
-            left = left.checked_sub(bytes).ok_or_else(|| too_large(unique.len(), unique.len()))?;
-            Ok::<usize, Error>(left)
-        };
+        let over = || too_large(unique.len(), unique.len());
         let (mut forwarded, mut again) = (Vec::with_capacity(remote.len()), Vec::new());
         for (k, read) in first.into_iter().enumerate() {
             match read {
                 Ok(read) => {
-                    charge(part_bytes(k, &read.0))?;
+                    left = left.checked_sub(part_bytes(k, &read.0)).ok_or_else(over)?;
                     forwarded.push(Some(read));
                 }
                 Err(e) if is_too_large(&e) => {
@@ -160,8 +159,8 @@ impl Node {
             }
         }
         for k in again {
-            let read = ask(k, charge(0)?).await?;
-            charge(part_bytes(k, &read.0))?;
+            let read = ask(k, left).await?;
+            left = left.checked_sub(part_bytes(k, &read.0)).ok_or_else(over)?;
             forwarded[k] = Some(read);
         }
         let forwarded = forwarded.into_iter().map(|read| read.expect("every forwarded part was read"));
@@ -319,11 +318,11 @@ impl Node {
     }
 }
 
-/// INVALID_ARGUMENT on `user_ids`: the response would pass
-/// [`MAX_RESPONSE_BYTES`] at the `at`-th of `of` users read.
 /// How a read refused for the size of its answer starts.
 const TOO_LARGE: &str = "the response would pass";
 
+/// INVALID_ARGUMENT on `user_ids`: the response would pass
+/// [`MAX_RESPONSE_BYTES`] at the `at`-th of `of` users read.
 fn too_large(at: usize, of: usize) -> Error {
     Error::invalid(
         "user_ids",

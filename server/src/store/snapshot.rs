@@ -187,7 +187,7 @@ impl SnapshotDir {
         std::fs::write(&meta_tmp, super::codec::encode(meta))?;
         std::fs::File::open(&meta_tmp)?.sync_all()?;
         std::fs::rename(&meta_tmp, self.meta())?;
-        std::fs::File::open(&self.root)?.sync_all()?;
+        self.sync()?;
         self.remove_other_archives(&meta.snapshot_id)?;
         Ok(())
     }

@@ -164,19 +164,29 @@ fn the_last_purged_id_never_moves_back() {
     assert_eq!(entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), [9, 10]);
 }
 
-/// A guard whose flushed state covers nothing until it is persisted.
+/// A group's guard on a state database whose flushed state covers nothing
+/// until it is persisted, then everything; guards made by
+/// [`Guard::sharing`] are other groups on the same database.
 #[derive(Default)]
 struct Guard {
-    persisted: AtomicU64,
+    durable: Arc<AtomicU64>,
+    persisted: Arc<AtomicU64>,
+}
+
+impl Guard {
+    fn sharing(&self) -> Guard {
+        Guard { durable: self.durable.clone(), persisted: self.persisted.clone() }
+    }
 }
 
 impl PurgeGuard for Guard {
     fn durable_index(&self) -> anyhow::Result<u64> {
-        Ok(0)
+        Ok(self.durable.load(Ordering::SeqCst))
     }
 
     fn persist(&self) -> anyhow::Result<()> {
         self.persisted.fetch_add(1, Ordering::SeqCst);
+        self.durable.store(u64::MAX, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -207,25 +217,6 @@ fn a_deferred_purge_persists_its_group_first_and_purges_only_it() {
     neighbours.iter().for_each(untouched);
 }
 
-/// Guards of groups that share one state database: a flush of any covers
-/// them all.
-struct SharedGuard {
-    durable: Arc<AtomicU64>,
-    persisted: Arc<AtomicU64>,
-}
-
-impl PurgeGuard for SharedGuard {
-    fn durable_index(&self) -> anyhow::Result<u64> {
-        Ok(self.durable.load(Ordering::SeqCst))
-    }
-
-    fn persist(&self) -> anyhow::Result<()> {
-        self.persisted.fetch_add(1, Ordering::SeqCst);
-        self.durable.store(u64::MAX, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
 /// Deferred purges of two groups on one state database: the first flush
 /// covers the second purge, which does not flush again.
 #[test]
@@ -233,11 +224,11 @@ fn one_flush_covers_the_deferred_purges_of_groups_sharing_a_database() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let engine = LogEngine::open(dir.path()).unwrap();
-    let (durable, persisted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let database = Guard::default();
     let mut logs: Vec<LogStore> = [GroupId(5), GroupId(7)]
         .into_iter()
         .map(|gid| {
-            let guard = Arc::new(SharedGuard { durable: durable.clone(), persisted: persisted.clone() });
+            let guard = Arc::new(database.sharing());
             let mut log = engine.group(gid, Some(guard)).unwrap();
             rt.block_on(log.blocking_append((1..=10).map(|i| entry(i, 1)))).unwrap();
             log
@@ -251,7 +242,7 @@ fn one_flush_covers_the_deferred_purges_of_groups_sharing_a_database() {
         assert!(start.elapsed() < Duration::from_secs(30), "deferred purges never ran");
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(persisted.load(Ordering::SeqCst), 1, "one flush for both groups");
+    assert_eq!(database.persisted.load(Ordering::SeqCst), 1, "one flush for both groups");
 }
 
 /// 32 groups append in turn, each about 1/40 of the node budget per entry

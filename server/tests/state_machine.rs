@@ -512,6 +512,43 @@ async fn pipelined_entries_match_entries_written_one_by_one_with_a_cache_bounded
     pipelined_entries_match_one_by_one(100_000, 2048, |_| 20, 39 * 6).await;
 }
 
+/// An entry keeps its users in the apply cache for the next one, past the
+/// cache's share (it trims before it adds them). A group that goes idle
+/// then has its cache trimmed once its last batch is written; what the next
+/// entry does is unchanged (its duplicates are found in the database).
+#[tokio::test]
+async fn an_idle_groups_apply_cache_is_trimmed_to_its_share_once_its_batch_is_written() {
+    const SHARE: usize = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let store = GroupState::open(dir.path()).unwrap();
+    let mut sm = StateMachine::with_cache(store.clone(), dir.path(), 100_000, SHARE).unwrap();
+    let events = |from: u64| -> Vec<Event> {
+        (from..from + 200)
+            .map(|i| event(&format!("user-{i}"), "trade", T0 + i as i64, &format!("e{i}"), &[]))
+            .collect()
+    };
+    let first = sm.apply(vec![write(1, T0, vec![events(0)])]).await.unwrap();
+    assert_eq!(counts(&first[0]), [applied(200, 0, 0)]);
+    assert!(sm.cached_bytes() > 2 * SHARE, "the entry's 200 users are kept: {}", sm.cached_bytes());
+    let trim = sm.idle_trim();
+    sm.applied_state().await.unwrap();
+    assert!(trim.trim(), "idle and written: trimmed");
+    assert_eq!(sm.cached_bytes(), 0, "over its share: emptied");
+
+    // The next entry repeats 100 of those ids (no longer in the cache's
+    // recent ids) and adds 100 new ones.
+    let second = sm.apply(vec![write(2, T0 + 1000, vec![events(100)])]).await.unwrap();
+    assert_eq!(counts(&second[0]), [applied(100, 100, 0)]);
+    sm.applied_state().await.unwrap();
+    let r = Replica { dir, store, sm };
+    for i in [0, 150, 299] {
+        let view = read(&r, &format!("user-{i}"), T0 + 2000);
+        assert_eq!(view.families["trade"].history.len(), 1, "user-{i}: once, not twice");
+    }
+    drop(r.sm);
+    assert!(!trim.trim(), "the state machine is gone: nothing to trim");
+}
+
 /// Entry `k` has `size(k)` events; at least `min_dups` of all are
 /// duplicates of the entry just before.
 async fn pipelined_entries_match_one_by_one(

@@ -22,9 +22,11 @@
 //!   large shard under steady writes may never finish. A member gone for
 //!   good holds the log up to that bound only.
 //!
-//! Whichever bound, entries or bytes, comes first wins. One task for the
-//! whole node looks at every group it hosts every [`POLL`]; it ends when
-//! the node stops it.
+//! Whichever bound, entries or bytes, comes first wins. The same task
+//! trims the apply cache of a group gone idle ([`IdleTrim`]).
+//!
+//! One task for the whole node looks at every group it hosts every
+//! [`POLL`]; it ends when the node stops it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,6 +38,8 @@ use super::liveness::Liveness;
 use super::replica::Registry;
 use super::RaftTuning;
 use crate::store::log_bytes::LogBytes;
+#[cfg(doc)]
+use crate::store::state_machine::IdleTrim;
 use crate::types::{GroupId, NodeId};
 
 /// How often the groups' logs are looked at: appending 256 MiB takes
@@ -79,9 +83,25 @@ struct Seen {
     snapshot_asked_at: Option<Option<u64>>,
     /// The last purge asked for.
     purge_asked: u64,
+    /// The applied index at the last poll, and the one at which the apply
+    /// cache was last trimmed as idle.
+    applied: Option<u64>,
+    trimmed_at: Option<Option<u64>>,
 }
 
 impl Seen {
+    /// Whether the group's apply cache is to be trimmed as idle: its
+    /// applied index has not moved since the last poll, and it was not
+    /// trimmed at that index yet. `trimmed` is called then and says if the
+    /// trim happened (else it is tried again at the next poll).
+    fn trim_if_idle(&mut self, applied: Option<u64>, trimmed: impl FnOnce() -> bool) {
+        let idle = self.applied == applied;
+        self.applied = applied;
+        if idle && self.trimmed_at != Some(applied) && trimmed() {
+            self.trimmed_at = Some(applied);
+        }
+    }
+
     /// `hold`: on a leader, the newest index every member already has (or,
     /// for a member that has nothing yet, what is purged now): purging past
     /// it is put off while the log after it is small enough. `applied`: the
@@ -151,7 +171,9 @@ pub async fn run_until(
                 let m = m.borrow();
                 (catch_up_hold(&m, alive), m.last_applied.map(|l| l.index))
             };
-            for action in seen.entry(replica.gid).or_default().decide(policy, log, snapshot, hold, applied) {
+            let group = seen.entry(replica.gid).or_default();
+            group.trim_if_idle(applied, || replica.idle_trim.trim());
+            for action in group.decide(policy, log, snapshot, hold, applied) {
                 let result = match action {
                     Action::Snapshot => {
                         tracing::info!(
@@ -251,6 +273,31 @@ mod tests {
         keep_logs_after_snapshot: 1_000,
         keep_log_bytes_after_snapshot: 30,
     };
+
+    #[test]
+    fn the_apply_cache_is_trimmed_once_per_idle_index_until_a_trim_happens() {
+        let mut seen = Seen::default();
+        let mut calls = Vec::new();
+        // (applied index at the poll, whether the trim succeeds if tried)
+        let polls = [(Some(5), true), (Some(7), true), (Some(7), false), (Some(7), true), (Some(7), true)];
+        for (i, (applied, succeeds)) in polls.into_iter().enumerate() {
+            seen.trim_if_idle(applied, || {
+                calls.push(i);
+                succeeds
+            });
+        }
+        // Poll 0: None → 5 moved. Poll 1: moved. Poll 2: idle, the trim
+        // fails (a batch in flight). Poll 3: tried again, done. Poll 4:
+        // already trimmed at 7.
+        assert_eq!(calls, [2, 3]);
+        seen.trim_if_idle(Some(8), || panic!("moved: not idle"));
+        let mut tried = false;
+        seen.trim_if_idle(Some(8), || {
+            tried = true;
+            true
+        });
+        assert!(tried, "idle at a new index: trimmed again");
+    }
 
     #[test]
     fn snapshots_once_per_interval_of_bytes() {

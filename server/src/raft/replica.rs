@@ -24,6 +24,7 @@ use super::transfer::LeaderTransfer;
 use super::RaftTuning;
 use crate::clock::NodeClock;
 use crate::store::log_bytes::LogBytes;
+use crate::store::state_machine::IdleTrim;
 use crate::store::{GroupState, LogEngine, PurgeGuard, StateDb, StateMachine};
 use crate::types::{GroupId, NodeId, Raft};
 
@@ -45,6 +46,9 @@ pub struct Replica {
     pub acks: Arc<PeerAcks>,
     /// The encoded bytes of this group's log (for [`super::log_policy`]).
     pub log_bytes: Arc<LogBytes>,
+    /// Trims the apply cache of the group when idle (for
+    /// [`super::log_policy`]).
+    pub idle_trim: IdleTrim,
 }
 
 /// What every replica of a node shares, to open one.
@@ -78,6 +82,7 @@ impl Replica {
         let log = s.log_engine.group(gid, Some(guard))?;
         let log_bytes = log.log_bytes();
         let state_machine = StateMachine::new(sm.clone(), s.data_dir)?;
+        let idle_trim = state_machine.idle_trim();
         let network = Network::new(gid, s.channels.clone(), s.blocked.clone());
         let acks = network.acks.clone();
         let raft = Raft::new(s.me, s.config.clone(), network, log, state_machine).await?;
@@ -98,6 +103,7 @@ impl Replica {
             contact: LeaderContact::default(),
             acks,
             log_bytes,
+            idle_trim,
         })
     }
 

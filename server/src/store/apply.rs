@@ -134,6 +134,24 @@ impl ApplyCache {
         &mut self.shards
     }
 
+    /// Trims an idle group's cache: whatever is over its share goes (as
+    /// the next entry would trim it), and so do the previous entry's dedupe
+    /// ids and the per-entry scratch tables, both only kept for the next
+    /// entry. Call only when no batch of the group is in flight: the ids
+    /// and the dropped heads and states must be in the database.
+    pub fn trim_settled(&mut self) {
+        for shard in self.sized() {
+            shard.trim();
+            shard.recent_ids = HashMap::default();
+            shard.scratch = Scratch::default();
+        }
+    }
+
+    /// Encoded bytes of the heads and states held.
+    pub fn bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.bytes).sum()
+    }
+
     pub fn clear(&mut self) {
         for shard in &mut self.shards {
             shard.records.clear();

@@ -58,6 +58,9 @@ struct Applier {
     done: std::sync::mpsc::Receiver<Result<(), String>>,
     /// The state after the batch in flight, if one is.
     in_flight: Option<AppliedState>,
+    /// A write failure of the last batch that [`IdleTrim`] received: the
+    /// next wait returns it, as if it had received it itself.
+    failed: Option<StorageError>,
     /// Whether the group is mid-restore (its `restore` marker is set);
     /// `None`: not read yet (at open and after a snapshot install).
     restoring: Option<bool>,
@@ -140,6 +143,7 @@ impl StateMachine {
             done_tx,
             done,
             in_flight: None,
+            failed: None,
             restoring: None,
         };
         Ok(StateMachine { store, snapshots, applier: Arc::new(std::sync::Mutex::new(applier)) })
@@ -147,6 +151,50 @@ impl StateMachine {
 
     fn applier(&self) -> std::sync::MutexGuard<'_, Applier> {
         lock_applier(&self.applier)
+    }
+
+    /// A handle that trims this group's apply cache while the group is
+    /// idle (it does not keep the state machine alive).
+    pub fn idle_trim(&self) -> IdleTrim {
+        IdleTrim(Arc::downgrade(&self.applier))
+    }
+
+    /// Encoded bytes of the heads and states in the apply cache (waits for
+    /// an entry being applied).
+    pub fn cached_bytes(&self) -> usize {
+        self.applier().cache.bytes()
+    }
+}
+
+/// Trims an idle group's apply cache. Each entry trims the cache to its
+/// share of the node's budget before it adds its own users, which it keeps
+/// for the next entry (computed while this one's batch is written). A
+/// group that then goes idle would keep that working set, up to a whole
+/// entry's users, past its share; 64 idle groups, 64 of them. The node's
+/// log policy task calls [`IdleTrim::trim`] on a group whose applied index
+/// has not moved for a while.
+#[derive(Clone)]
+pub struct IdleTrim(std::sync::Weak<std::sync::Mutex<Applier>>);
+
+impl IdleTrim {
+    /// Trims the cache if no entry is being applied and the group's last
+    /// batch is written, and says whether it did; else does nothing (never
+    /// waits). A write failure it receives is kept for the applier's next
+    /// wait.
+    pub fn trim(&self) -> bool {
+        let Some(applier) = self.0.upgrade() else { return false };
+        let Ok(mut applier) = applier.try_lock() else { return false };
+        match applier.settled() {
+            Ok(true) => {
+                applier.cache.trim_settled();
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                applier.failed = Some(e);
+                false
+            }
+        }
     }
 }
 
@@ -465,6 +513,9 @@ impl Applier {
     /// Whether no batch is in flight (the last one is written), without
     /// waiting.
     fn settled(&mut self) -> Result<bool, StorageError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         if self.in_flight.is_none() {
             return Ok(true);
         }
@@ -487,6 +538,9 @@ impl Applier {
 
     /// Waits until the batch in flight, if any, is written.
     fn wait_in_flight(&mut self) -> Result<(), StorageError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         if self.in_flight.take().is_none() {
             return Ok(());
         }

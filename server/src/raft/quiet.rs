@@ -22,6 +22,11 @@
 //!   only a replica with the longer log can win. (The leader's node may
 //!   answer the probe while the group's own messages are lost: a one-way
 //!   or per-connection cut.)
+//! - **No campaign without a quorum in sight.** A replica whose node does
+//!   not hear a quorum of the group's voters on the liveness probe neither
+//!   campaigns nor, as a candidate, re-campaigns on openraft's timer: it
+//!   cannot win, and its ever higher terms would depose the leader the
+//!   others elect (a stand-in for the pre-vote openraft 0.9 lacks).
 //! - A resting leader wakes when a follower's node comes up again (a new
 //!   boot id), so the restarted replica learns its leader without an
 //!   election.
@@ -335,15 +340,26 @@ impl QuietGroups {
         // openraft's own randomized timer, not by rounds of this task: that
         // timer waits longer after a voter answered with a longer log, so
         // that the replica holding it gets to campaign (and win) first.
+        //
+        // Neither campaigns while a quorum of the group's voters does not
+        // answer this node's probes: such a campaign cannot win, and the
+        // higher term it sends on every connection that still works would
+        // only depose the leader the others elect (openraft 0.9 has no
+        // pre-vote). A leader cut off by a one-way link otherwise campaigns
+        // on and on, and its terms outrun every election of the others.
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let reachable = quorum_answers(self.me, &voters, |id| {
+            self.liveness.silent_for(id, now) < self.timing.leader_silence
+        });
         let candidate = m.state == ServerState::Candidate;
-        replica.elect.set_timer(candidate);
+        replica.elect.set_timer(candidate && reachable);
         if candidate {
             w.campaign_at = None;
             return;
         }
-        let voter = m.membership_config.membership().voter_ids().any(|v| v == self.me);
+        let voter = voters.contains(&self.me);
         let view = FollowerView {
-            may_campaign: voter && replica.elect.may_campaign(),
+            may_campaign: voter && reachable && replica.elect.may_campaign(),
             leader,
             leaderless_for: leaderless_since.map_or(Duration::ZERO, |s| now - s),
             // The probe's silence, unless the leader was heard in this group
@@ -398,6 +414,13 @@ impl QuietGroups {
     }
 }
 
+/// Whether a quorum of `voters` answers: this node, and the peers whose
+/// nodes are `alive`.
+fn quorum_answers(me: NodeId, voters: &[NodeId], alive: impl Fn(NodeId) -> bool) -> bool {
+    let answering = voters.iter().filter(|&&id| id == me || alive(id)).count();
+    answering * 2 > voters.len()
+}
+
 fn jitter_ms(max: u64) -> Duration {
     Duration::from_millis(rand::thread_rng().gen_range(0..=max))
 }
@@ -410,6 +433,16 @@ mod tests {
 
     fn timing() -> Timing {
         (&RaftTuning::default()).into()
+    }
+
+    #[test]
+    fn a_replica_campaigns_only_while_a_quorum_of_its_voters_answers() {
+        let alive = |ids: &'static [NodeId]| move |id| ids.contains(&id);
+        assert!(quorum_answers(1, &[1, 2, 3], alive(&[2])), "itself and one peer of three");
+        assert!(!quorum_answers(1, &[1, 2, 3], alive(&[])), "a leader cut off from both followers");
+        assert!(!quorum_answers(1, &[1, 2, 3, 4], alive(&[2])), "two of four is no quorum");
+        assert!(quorum_answers(1, &[1], alive(&[])), "a single voter");
+        assert!(!quorum_answers(9, &[1, 2, 3], alive(&[1])), "not a voter: counts only its peers");
     }
 
     #[test]

@@ -155,6 +155,21 @@ struct ShardQueue {
     in_flight: usize,
 }
 
+impl ShardQueue {
+    /// Drops the waiting requests whose callers are gone (they timed out,
+    /// answered "outcome unknown"), giving their bytes back to the node's
+    /// budget. A shard whose leader has lost its quorum never takes them:
+    /// they would hold the budget, and refuse every shard's writes, until
+    /// it recovers.
+    fn drop_abandoned(&mut self) {
+        self.waiting.retain(|p| !p.reply.is_closed());
+    }
+}
+
+/// How often the waiting requests are checked for abandoned ones (the
+/// write timeout is seconds).
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The node's proposals in flight.
 struct Proposals {
     tasks: JoinSet<()>,
@@ -171,6 +186,9 @@ impl Proposals {
         while !q.waiting.is_empty() && may_propose(q.in_flight, self.tasks.len()) {
             self.next_start = GroupId(gid.0.saturating_add(1));
             let batch = gather(&mut q.waiting);
+            if batch.is_empty() {
+                break; // every request left was abandoned
+            }
             let Some(replica) = registry.get(gid) else {
                 let e = Error::NotFound(format!("this node hosts no replica of {gid}"));
                 batch.into_iter().for_each(|p| drop(p.reply.send(Err(e.clone()))));
@@ -191,8 +209,11 @@ pub async fn run(registry: Arc<Registry>, mut rx: mpsc::Receiver<Pending>, mut s
     let mut queues: BTreeMap<GroupId, ShardQueue> = BTreeMap::new();
     let mut proposals =
         Proposals { tasks: JoinSet::new(), shard_of_task: HashMap::new(), next_start: GroupId(0) };
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = prune.tick() => queues.values_mut().for_each(ShardQueue::drop_abandoned),
             next = rx.recv() => match next {
                 Some(p) => queues.entry(p.gid).or_default().waiting.push_back(p),
                 None => break,
@@ -224,11 +245,16 @@ pub async fn run(registry: Arc<Registry>, mut rx: mpsc::Receiver<Pending>, mut s
 }
 
 /// Takes requests from the front of a shard's queue while they fit one
-/// entry (at least one).
+/// entry (at least one, if any is still awaited); requests whose callers
+/// are gone are dropped on the way.
 fn gather(waiting: &mut VecDeque<Pending>) -> Vec<Pending> {
     let mut size = (0, 0);
     let mut batch = Vec::new();
     while let Some(p) = waiting.front() {
+        if p.reply.is_closed() {
+            waiting.pop_front();
+            continue;
+        }
         if !fits(size, p) {
             break;
         }
@@ -290,10 +316,49 @@ async fn propose(replica: &Replica, batch: Vec<Pending>) {
 mod tests {
     use super::*;
 
-    fn request(events: usize, bytes: usize) -> Pending {
+    type Answer = oneshot::Receiver<Result<(WriteCounts, u64)>>;
+
+    /// A request, and where its caller waits (dropping it abandons it).
+    fn request(events: usize, bytes: usize) -> (Pending, Answer) {
         let event = Event::bare();
         let queued = Arc::new(Semaphore::new(0)).try_acquire_many_owned(0).expect("no permits needed");
-        Pending { gid: GroupId(0), events: vec![event; events], bytes, reply: oneshot::channel().0, queued }
+        let (reply, answer) = oneshot::channel();
+        (Pending { gid: GroupId(0), events: vec![event; events], bytes, reply, queued }, answer)
+    }
+
+    #[tokio::test]
+    async fn abandoned_requests_give_their_budget_back_while_their_shard_is_stuck() {
+        let events = || vec![Event::bare(); 40];
+        let size = encoded_len(&events());
+        // Room for two such requests, not three.
+        let (batcher, mut rx) = WriteBatcher::with_budget(2 * size + size / 2 + QUEUE_UNIT);
+        let (a, b) = (batcher.clone(), batcher.clone());
+        let gave_up = tokio::spawn(async move { a.write(GroupId(0), events()).await });
+        let awaited = tokio::spawn(async move { b.write(GroupId(0), events()).await });
+        // Both wait in a shard that proposes nothing (no quorum).
+        let mut q = ShardQueue::default();
+        q.waiting.extend([rx.recv().await.unwrap(), rx.recv().await.unwrap()]);
+        let e = batcher.hold(size).expect_err("the budget is taken");
+        assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
+        q.drop_abandoned();
+        assert_eq!(q.waiting.len(), 2, "both callers still wait");
+        // One caller times out (its future is dropped).
+        gave_up.abort();
+        let _ = gave_up.await;
+        q.drop_abandoned();
+        assert_eq!(q.waiting.len(), 1, "the abandoned one is dropped");
+        drop(batcher.hold(size).expect("its bytes are back"));
+        // The other is still proposed when the shard takes entries again;
+        // an abandoned one at the front is skipped, and a queue of only
+        // abandoned ones gathers nothing.
+        q.waiting.push_front(request(1, 10).0);
+        let batch = gather(&mut q.waiting);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].events.len(), 40);
+        q.waiting.push_back(request(1, 10).0);
+        assert!(gather(&mut q.waiting).is_empty() && q.waiting.is_empty());
+        drop(batch);
+        assert!(matches!(awaited.await.unwrap(), Err(Error::Unavailable(_))), "dropped unanswered");
     }
 
     #[tokio::test]
@@ -351,7 +416,8 @@ mod tests {
     }
 
     /// Batches as (events, bytes) of each request, gathered from `queue`.
-    fn batches(queue: Vec<Pending>) -> Vec<Vec<(usize, usize)>> {
+    fn batches(queue: Vec<(Pending, Answer)>) -> Vec<Vec<(usize, usize)>> {
+        let (queue, _answers): (Vec<_>, Vec<_>) = queue.into_iter().unzip();
         let mut waiting: VecDeque<Pending> = queue.into();
         let mut out = Vec::new();
         while !waiting.is_empty() {
@@ -379,7 +445,7 @@ mod tests {
 
     #[test]
     fn encoded_len_is_the_size_inside_the_entry() {
-        let events = request(3, 0).events;
+        let events = request(3, 0).0.events;
         let one = Command::Write { stamp_ms: 1, requests: Arc::new(vec![events.clone()]) };
         let two = Command::Write { stamp_ms: 1, requests: Arc::new(vec![events.clone(), events.clone()]) };
         let grow = crate::store::codec::encode(&two).len() - crate::store::codec::encode(&one).len();

@@ -7,36 +7,82 @@
 //!
 //! Each proposal takes a pass from the [`ProposalGate`] first; while a
 //! leadership transfer holds proposals off, the round is skipped.
+//!
+//! Each shard's round runs as a task of its own, and a shard whose round is
+//! still running is not started again: a round waits on raft, and a leader
+//! that lost its quorum never commits (openraft 0.9 leaders do not step
+//! down), so waiting for every round would stop the ticks of every other
+//! shard the node leads. A round is cut after [`ROUND_LIMIT`] (what it
+//! proposed may still commit later: a tick or a re-evaluation batch
+//! applied late or twice changes nothing more).
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use super::gate::ProposalGate;
 use super::replica::Registry;
 use super::stamp::Stamper;
 use crate::store::apply::first_timer;
 use crate::store::GroupState;
-use crate::types::{Command, CommandResult, Raft};
+use crate::types::{Command, CommandResult, GroupId, Raft};
 
-/// Runs the ticker until `stop` turns true.
+/// A round still running after this is cut short.
+const ROUND_LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs the ticker until `stop` turns true; the rounds running then are
+/// cancelled.
 pub async fn run(registry: Arc<Registry>, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut rounds = Rounds::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let leading: Vec<_> = registry.all().into_iter().filter(|r| r.is_leader()).collect();
-        if leading.is_empty() {
-            continue;
+        for replica in registry.all().into_iter().filter(|r| r.is_leader()) {
+            let gid = replica.gid;
+            rounds.start(gid, async move {
+                let r = &replica;
+                if tokio::time::timeout(ROUND_LIMIT, round(&r.raft, &r.sm, &r.gate, &r.stamper))
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!(group = %r.gid, "tick round cut short: not committed (no quorum?)");
+                }
+            });
         }
-        let rounds = leading.iter().map(|r| round(&r.raft, &r.sm, &r.gate, &r.stamper));
-        // A round may wait on raft (no quorum): the stop signal cuts it short.
-        tokio::select! {
-            _ = futures::future::join_all(rounds) => {}
-            _ = stop.wait_for(|s| *s) => return,
+    }
+}
+
+/// The shards' rounds running: at most one per shard. Dropping it cancels
+/// them.
+#[derive(Default)]
+struct Rounds {
+    tasks: JoinSet<()>,
+    shard_of: HashMap<tokio::task::Id, GroupId>,
+}
+
+impl Rounds {
+    /// Starts `round` for `gid` unless its last round is still running;
+    /// says whether it started it.
+    fn start(&mut self, gid: GroupId, round: impl Future<Output = ()> + Send + 'static) -> bool {
+        while let Some(done) = self.tasks.try_join_next_with_id() {
+            let id = match done {
+                Ok((id, ())) => id,
+                Err(e) => e.id(),
+            };
+            self.shard_of.remove(&id);
         }
+        if self.shard_of.values().any(|&g| g == gid) {
+            return false;
+        }
+        let task = self.tasks.spawn(round);
+        self.shard_of.insert(task.id(), gid);
+        true
     }
 }
 
@@ -91,5 +137,32 @@ async fn reevaluate(raft: &Raft, sm: &GroupState, gate: &ProposalGate, stamper: 
         if let Err(e) = raft.client_write(command).await {
             return tracing::debug!(error = %e, "re-evaluation batch not committed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_round_that_never_commits_holds_back_no_other_shard_and_is_not_started_twice() {
+        let mut rounds = Rounds::default();
+        let done = Arc::new(AtomicUsize::new(0));
+        for interval in 0..5 {
+            // Shard 0's round waits forever (its leader lost its quorum).
+            let started = rounds.start(GroupId(0), std::future::pending());
+            assert_eq!(started, interval == 0, "interval {interval}: shard 0 is still running");
+            let counter = done.clone();
+            assert!(rounds.start(GroupId(1), async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }));
+            // Let shard 1's round run to its end.
+            while done.load(Ordering::SeqCst) <= interval {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(done.load(Ordering::SeqCst), 5, "shard 1 ticked at every interval");
+        assert_eq!(rounds.shard_of.len(), 2, "shard 1's last round is reaped at the next start");
     }
 }

@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 use super::liveness::Liveness;
 use super::network::Blocked;
 use super::replica::{Registry, Replica};
+use crate::clock::peers::PeerOffset;
 use crate::clock::NodeClock;
 use crate::types::NodeId;
 
@@ -76,7 +77,7 @@ impl ClockProbe {
             if verdict.skewed && !leading.is_empty() {
                 // Inline: probing pauses meanwhile, and a transfer is bounded
                 // in time (see `LeaderTransfer`); the groups hand over together.
-                let hand_overs = leading.iter().map(|r| self.hand_over(r, &members, &voters));
+                let hand_overs = leading.iter().map(|r| self.hand_over(r, &members));
                 tokio::select! {
                     _ = futures::future::join_all(hand_overs) => {}
                     _ = stop.wait_for(|s| *s) => return,
@@ -145,14 +146,14 @@ impl ClockProbe {
         }
     }
 
-    /// Transfers leadership of `replica`'s group to a voter whose clock was
-    /// measured recently.
-    async fn hand_over(&self, replica: &Replica, members: &[(NodeId, String)], voters: &[NodeId]) {
-        let now = self.clock.now_ms();
-        let mut offsets = self.clock.peers().offsets(now, Instant::now());
-        offsets.retain(|o| voters.contains(&o.node_id) && o.age <= crate::clock::peers::FRESH);
-        offsets.sort_by_key(|o| o.age);
-        let target = offsets.first().and_then(|o| members.iter().find(|(id, _)| *id == o.node_id));
+    /// Transfers leadership of `replica`'s group to a voter of that group
+    /// whose clock was measured recently.
+    async fn hand_over(&self, replica: &Replica, members: &[(NodeId, String)]) {
+        let offsets = self.clock.peers().offsets(self.clock.now_ms(), Instant::now());
+        let group_voters: Vec<NodeId> =
+            replica.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let target = hand_over_target(&offsets, &group_voters, self.me)
+            .and_then(|target| members.iter().find(|(id, _)| *id == target));
         if let Some((id, addr)) = target {
             let group = replica.gid;
             tracing::warn!(target = id, %group, "clock off its peers: handing leadership over");
@@ -160,5 +161,40 @@ impl ClockProbe {
                 tracing::warn!(target = id, %group, error = %e, "handing leadership over failed; will retry");
             }
         }
+    }
+}
+
+/// Whom a leader whose clock is off hands its group over to: the voter of
+/// that group (not this node) whose clock was measured last, if within
+/// [`crate::clock::peers::FRESH`]. Only the group's own voters: the node's
+/// peers of other groups host no replica of it, and a transfer to one
+/// would fail at every round.
+fn hand_over_target(offsets: &[PeerOffset], group_voters: &[NodeId], me: NodeId) -> Option<NodeId> {
+    offsets
+        .iter()
+        .filter(|o| o.node_id != me && group_voters.contains(&o.node_id))
+        .filter(|o| o.age <= crate::clock::peers::FRESH)
+        .min_by_key(|o| o.age)
+        .map(|o| o.node_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leadership_is_handed_to_a_fresh_voter_of_the_group_only() {
+        let offset = |node_id, age_ms| PeerOffset {
+            node_id,
+            offset_ms: 0,
+            uncertainty_ms: 0,
+            age: Duration::from_millis(age_ms),
+        };
+        // Node 4 was measured last, but votes in other groups only.
+        let offsets = [offset(2, 900), offset(3, 400), offset(4, 100), offset(5, 20_000)];
+        assert_eq!(hand_over_target(&offsets, &[1, 2, 3], 1), Some(3));
+        assert_eq!(hand_over_target(&offsets, &[1, 2], 1), Some(2));
+        assert_eq!(hand_over_target(&offsets, &[1, 5], 1), None, "its only other voter's sample is stale");
+        assert_eq!(hand_over_target(&offsets, &[1], 1), None);
     }
 }

@@ -84,10 +84,34 @@ async fn run() -> anyhow::Result<()> {
     }
     let listeners = crate::service::Listeners { client, peer };
     let security = crate::service::Security { gate, tls, audit: Arc::new(audit) };
-    crate::service::serve(node.clone(), listeners, security, shutdown_signal()).await?;
+    // A group whose raft stopped on an error (e.g. its log could not be
+    // written) would hold its shards' leadership for good while this
+    // process answers its peers' probes: stop, so that they take over, and
+    // exit with an error, so that the supervisor restarts the node.
+    let failed = Arc::new(std::sync::Mutex::new(None));
+    let stop = {
+        let (node, failed) = (node.clone(), failed.clone());
+        async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                reason = node.raft_failed() => {
+                    tracing::error!(%reason, "a raft group stopped on an error: shutting the node down");
+                    *failed.lock().expect("failure lock") = Some(reason);
+                }
+            }
+        }
+    };
+    crate::service::serve(node.clone(), listeners, security, stop).await?;
     tracing::info!("shutting down");
     node.shutdown().await;
-    Ok(())
+    let failure = failed.lock().expect("failure lock").take();
+    match failure {
+        Some(reason) => Err(anyhow::anyhow!(
+            "a raft group stopped on an error ({reason}); the node shut down so that its peers take over its \
+             shards: fix the cause (disk full? failing disk?) and start it again"
+        )),
+        None => Ok(()),
+    }
 }
 
 async fn shutdown_signal() {

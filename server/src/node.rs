@@ -441,6 +441,24 @@ impl Node {
         self.tasks.spawn(name, task)
     }
 
+    /// Resolves when a group this node hosts has stopped on an error (a
+    /// storage error or a panic in its raft core: openraft stops that
+    /// group for good), naming it. The process keeps answering its peers'
+    /// liveness probes meanwhile, so with quiet groups nobody would replace
+    /// a leader whose raft stopped: the daemon shuts down on it instead.
+    /// A group stopped on purpose (its replica dropped) is not an error.
+    pub async fn raft_failed(&self) -> String {
+        loop {
+            for replica in self.registry.all() {
+                let state = replica.raft.metrics().borrow().running_state.clone();
+                if let Some(reason) = crate::raft::fatal_reason(&state) {
+                    return format!("{}: {reason}", replica.gid);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// Waits until every shard knows a leader (or `timeout` passes).
     pub async fn wait_for_leader(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;

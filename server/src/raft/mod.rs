@@ -126,6 +126,16 @@ pub fn not_leader(f: ForwardToLeader<NodeId, BasicNode>) -> Error {
     Error::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.addr) }
 }
 
+/// Why a group's raft stopped, if it stopped on an error: a storage error
+/// or a panic. `Stopped` is a shutdown on purpose (the node's, or a
+/// replica dropped from it), not a failure.
+pub fn fatal_reason(running: &Result<(), openraft::error::Fatal<NodeId>>) -> Option<String> {
+    match running {
+        Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
+        Err(e) => Some(e.to_string()),
+    }
+}
+
 /// Maps a failed `client_write`.
 pub fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Error {
     match e {
@@ -138,5 +148,23 @@ pub fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNod
             Error::FailedPrecondition(e.to_string())
         }
         RaftError::Fatal(f) => Error::Unavailable(format!("raft is not running: {f}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::error::Fatal;
+    use openraft::{ErrorSubject, ErrorVerb, StorageError, StorageIOError};
+
+    #[test]
+    fn a_group_stopped_on_an_error_is_a_failure_and_one_stopped_on_purpose_is_not() {
+        assert_eq!(fatal_reason(&Ok(())), None);
+        assert_eq!(fatal_reason(&Err(Fatal::Stopped)), None, "a shutdown, or a replica dropped");
+        let io =
+            StorageIOError::new(ErrorSubject::Logs, ErrorVerb::Write, openraft::AnyError::error("disk full"));
+        let reason = fatal_reason(&Err(Fatal::StorageError(StorageError::from(io)))).expect("a failure");
+        assert!(reason.contains("disk full"), "{reason}");
+        assert_eq!(fatal_reason(&Err(Fatal::Panicked)).as_deref(), Some("panicked"));
     }
 }

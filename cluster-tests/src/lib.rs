@@ -378,6 +378,24 @@ impl Cluster {
         PortraitClient::connect_with(&self.node(id).endpoint(), self.options.clone()).await
     }
 
+    /// Waits until node `id`'s process exits on its own (at most
+    /// `within`); returns its exit status.
+    pub async fn wait_exit(&mut self, id: u64, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        let node = &mut self.nodes[(id - 1) as usize];
+        loop {
+            let child = node.child.as_mut().expect("node running");
+            if let Some(status) = child.try_wait().expect("wait for portraitd") {
+                let pid = child.id();
+                node.child = None;
+                node.owners.write().unwrap().remove(&pid);
+                return status;
+            }
+            assert!(Instant::now() < deadline, "node {id} still runs after {within:?}:\n{}", node.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// SIGKILL node `id`.
     pub fn kill(&mut self, id: u64) {
         self.nodes[(id - 1) as usize].kill();

@@ -6,10 +6,45 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::time::{Duration, Instant};
+
 use portrait_client::{shard_of, Consistency, Event, PortraitClient, Profile};
 use portrait_cluster_tests::replicas::{assert_every_replica_holds, drain, wait_placed, Book};
-use portrait_cluster_tests::workload::{order_of, Workload};
+use portrait_cluster_tests::workload::{history_ids, order_of, Workload};
 use portrait_cluster_tests::{Cluster, TEST_SHARDS};
+
+/// A leader whose raft log cannot be written (fault injection: a marker
+/// file in its data dir, as a full or failing disk) has its groups' raft
+/// stopped for good by openraft. The node shuts down and exits 1 naming
+/// the error, instead of answering its peers' probes with a dead leader;
+/// the others elect a leader and take writes, and the write acknowledged
+/// before is kept.
+#[tokio::test]
+async fn a_leader_whose_log_cannot_be_written_exits_and_the_others_take_over() {
+    let mut cluster = Cluster::start(3).await;
+    let leader = wait_placed(&cluster, &[1, 2, 3], 1).await[&0].1;
+    let client = cluster.client(leader).await;
+    client.write(vec![order_of("u1", "before")]).await.expect("a write before the fault");
+    std::fs::write(cluster.node(leader).data_dir().join("fault-fail-log-appends"), b"").unwrap();
+    // Not acknowledged: the leader cannot append it (its followers may
+    // still have it, so whether it lands is not checked).
+    assert!(client.write(vec![order_of("u1", "during")]).await.is_err(), "a write the leader cannot log");
+    let status = cluster.wait_exit(leader, Duration::from_secs(20)).await;
+    let log = cluster.node(leader).log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("a raft group stopped on an error"), "{log}");
+    let other = (1..=3).find(|&id| id != leader).unwrap();
+    let via = cluster.client(other).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = via.write(vec![order_of("u1", "after")]).await {
+        assert!(Instant::now() < deadline, "no write taken without node {leader}: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let history = history_ids(&via, "u1", "trade", Consistency::Linearizable).await;
+    for id in ["before", "after"] {
+        assert!(history.iter().any(|h| h == id), "{id} not served: {history:?}");
+    }
+}
 
 #[tokio::test]
 async fn no_acknowledged_write_is_lost_when_a_node_joins_and_another_leaves_under_load() {

@@ -58,6 +58,12 @@ pub struct LogEngine {
     shared: Arc<Shared>,
 }
 
+/// Fault injection (the `fault-injection` build only): while a file of
+/// this name is in the data dir, every raft log append fails, as on a full
+/// or failing disk.
+#[cfg(feature = "fault-injection")]
+pub const FAIL_APPENDS_MARKER: &str = "fault-fail-log-appends";
+
 /// What the engine and every group's store share.
 pub(super) struct Shared {
     pub(super) db: Arc<DB>,
@@ -65,6 +71,9 @@ pub(super) struct Shared {
     flusher: mpsc::Sender<Queued>,
     purger: mpsc::Sender<PurgeJob>,
     pub(super) recent: Arc<RecentBudget>,
+    /// Fault injection (tests): while this file exists, log appends fail.
+    #[cfg(feature = "fault-injection")]
+    pub(super) fail_appends_marker: std::path::PathBuf,
     /// The open groups. Its lock also orders deferred purges with
     /// `drop_group`, so a purge never writes into a dropped group.
     open: Arc<Mutex<HashMap<GroupId, Weak<Group>>>>,
@@ -101,7 +110,17 @@ impl LogEngine {
         let (purger, purge_rx) = mpsc::channel();
         let (purge_db, purge_open) = (db.clone(), open.clone());
         threads.spawn("raft-log-purge", move || purge_loop(&purge_db, &purge_open, purge_rx));
-        let shared = Shared { db, syncer, flusher, purger, recent, open, _threads: threads };
+        let shared = Shared {
+            db,
+            syncer,
+            flusher,
+            purger,
+            recent,
+            open,
+            #[cfg(feature = "fault-injection")]
+            fail_appends_marker: data_dir.join(FAIL_APPENDS_MARKER),
+            _threads: threads,
+        };
         Ok(LogEngine { shared: Arc::new(shared) })
     }
 

@@ -222,6 +222,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        #[cfg(feature = "fault-injection")]
+        if self.engine.fail_appends_marker.exists() {
+            return Err(write_err(std::io::Error::other(format!(
+                "fault injection: log appends fail ({} is in the data dir)",
+                super::log_engine::FAIL_APPENDS_MARKER
+            ))));
+        }
         let gid = self.group.gid;
         let mut batch = WriteBatch::default();
         let entries: Vec<Entry> = entries.into_iter().collect();

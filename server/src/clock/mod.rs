@@ -78,6 +78,11 @@ pub struct NodeClock {
     mark_path: PathBuf,
     guard: Mutex<GuardState>,
     peers: PeerClocks,
+    /// The voters of every group this node hosts, as the last
+    /// [`NodeClock::tick`] saw them: a stamp is judged against them too,
+    /// so a node its cluster finds skewed cannot stamp in a group whose
+    /// own voters are too few to say so (one voter: itself).
+    cluster_voters: Mutex<Vec<NodeId>>,
 }
 
 struct GuardState {
@@ -114,6 +119,7 @@ impl NodeClock {
             mark_path,
             guard: Mutex::new(GuardState { guard, problem: None, marked_at: None }),
             peers: PeerClocks::default(),
+            cluster_voters: Mutex::default(),
         })
     }
 
@@ -144,11 +150,38 @@ impl NodeClock {
         self.peers.verdict(me, voters, self.now_ms(), Instant::now(), self.opts.max_offset_ms)
     }
 
-    /// The time to stamp a new entry with: this node's clock, never less
-    /// than `replicated_ms`; refused if the clock is skewed or jumped.
+    /// The verdict on this clock for a group with these `voters`: skewed
+    /// if the group's voters or those of all the node's groups find it so;
+    /// a jump confirmed if a quorum of either agrees with it.
+    pub fn group_verdict(&self, me: NodeId, voters: &[NodeId]) -> Verdict {
+        self.group_verdict_at(me, voters, self.now_ms(), Instant::now())
+    }
+
+    fn group_verdict_at(&self, me: NodeId, voters: &[NodeId], now: i64, mono: Instant) -> Verdict {
+        let verdict = self.peers.verdict(me, voters, now, mono, self.opts.max_offset_ms);
+        let cluster = self.cluster_voters.lock().expect("cluster voters lock").clone();
+        if cluster.is_empty() || cluster == voters {
+            return verdict;
+        }
+        let wide = self.peers.verdict(me, &cluster, now, mono, self.opts.max_offset_ms);
+        Verdict {
+            confirmed: verdict.confirmed || wide.confirmed,
+            skewed: verdict.skewed || wide.skewed,
+            worst_offset_ms: match (verdict.skewed, wide.skewed) {
+                (false, true) => wide.worst_offset_ms,
+                _ => verdict.worst_offset_ms,
+            },
+        }
+    }
+
+    /// The time to stamp a new entry of a group with these `voters`: this
+    /// node's clock, never less than `replicated_ms`; refused if the clock
+    /// is skewed (against the group's voters, or against the voters of all
+    /// the node's groups) or jumped (unless a quorum of either confirms
+    /// it).
     pub fn stamp(&self, me: NodeId, voters: &[NodeId], replicated_ms: i64) -> Result<i64, ClockProblem> {
         let (now, mono) = (self.now_ms(), Instant::now());
-        let verdict = self.peers.verdict(me, voters, now, mono, self.opts.max_offset_ms);
+        let verdict = self.group_verdict_at(me, voters, now, mono);
         let mut state = self.state();
         if verdict.skewed {
             let problem = ClockProblem::Skewed { worst_offset_ms: verdict.worst_offset_ms };
@@ -170,7 +203,10 @@ impl NodeClock {
     /// Called about once a second: checks the clock as a stamp would (so a
     /// jump is noticed and reported on an idle node too) and rewrites the
     /// mark when the clock is accepted. Returns the verdict.
+    /// `voters` are those of every group the node hosts; later stamps are
+    /// judged against them too.
     pub fn tick(&self, me: NodeId, voters: &[NodeId], replicated_ms: i64) -> Verdict {
+        *self.cluster_voters.lock().expect("cluster voters lock") = voters.to_vec();
         let verdict = self.verdict(me, voters);
         let accepted = self.stamp(me, voters, replicated_ms).is_ok();
         let due = {
@@ -312,6 +348,25 @@ mod tests {
         assert!(reference.unwrap() < confirmed_now - year + 60_000);
         assert!(clock.stamp(1, &[1], now).unwrap() >= confirmed_now);
         assert!(clock.status(1, &[1], now).problem.is_none());
+    }
+
+    #[test]
+    fn a_node_its_cluster_finds_skewed_cannot_stamp_in_a_group_of_one_voter() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = 3_600_000;
+        let opts = ClockOptions { test_offset_ms: hour, ..ClockOptions::default() };
+        let clock = NodeClock::open(dir.path(), opts).unwrap();
+        // Peers 2 and 3 answer with the true time: this clock is an hour ahead.
+        let (sent, wall) = (Instant::now(), crate::wall_clock_ms());
+        for peer in [2, 3] {
+            clock.peers().record(peer, wall, sent, sent);
+        }
+        assert!(clock.stamp(1, &[1], 0).is_ok(), "no peer votes in the group: nobody to say so yet");
+        let verdict = clock.tick(1, &[1, 2, 3], 0);
+        assert!(verdict.skewed);
+        let err = clock.stamp(1, &[1], 0).expect_err("the cluster finds it skewed");
+        assert!(matches!(err, ClockProblem::Skewed { worst_offset_ms } if worst_offset_ms.abs() > hour / 2));
+        assert!(clock.stamp(1, &[1, 2], 0).is_err(), "nor in a group of two voters");
     }
 
     #[test]

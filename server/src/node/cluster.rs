@@ -92,7 +92,7 @@ impl Node {
         if !voters.contains(&self.id) {
             return Err(Error::FailedPrecondition(format!("node {} is not a voter", self.id)));
         }
-        if self.clock.verdict(self.id, &voters).skewed {
+        if self.clock.group_verdict(self.id, &voters).skewed {
             return Err(Error::FailedPrecondition(format!(
                 "node {}'s clock is off a quorum of its peers; it does not lead",
                 self.id

@@ -113,12 +113,15 @@ impl Tls {
             tls.client = Some(server);
         }
         if let (Some(ca), Some(cert), Some(key)) = (&files.peer_ca, &files.peer_cert, &files.peer_key) {
-            let (ca_pem, ca_der) = ca_cert("--peer-ca", ca)?;
-            if let (Some(client_ca), Some((_, client_der))) = (&files.client_ca, &client_ca) {
-                if *client_der == ca_der {
+            let (ca_pem, ca_ders) = ca_cert("--peer-ca", ca)?;
+            if let (Some(client_ca), Some((_, client_ders))) = (&files.client_ca, &client_ca) {
+                // Every certificate of both files: a bundle (CA rotation)
+                // holding the other port's CA trusts it as well.
+                if client_ders.iter().any(|c| ca_ders.contains(c)) {
                     anyhow::bail!(
-                        "--peer-ca {}: the same CA as --tls-client-ca {}; the peer CA must be its own, so a \
-                         client certificate can never reach the peer port",
+                        "--peer-ca {}: a CA also in --tls-client-ca {} (the same CA, or a bundle holding \
+                         it); the peer CA must be its own, so a client certificate can never reach the peer \
+                         port",
                         ca.display(),
                         client_ca.display()
                     );
@@ -182,10 +185,10 @@ fn identity(
 }
 
 /// A CA certificate file, as tonic takes it and as its first DER.
-fn ca_cert(flag: &str, path: &Path) -> anyhow::Result<(Certificate, CertificateDer<'static>)> {
+fn ca_cert(flag: &str, path: &Path) -> anyhow::Result<(Certificate, Vec<CertificateDer<'static>>)> {
     let pem = read(flag, path)?;
-    let first = certificates(flag, path, &pem)?.swap_remove(0);
-    Ok((Certificate::from_pem(pem), first))
+    let all = certificates(flag, path, &pem)?;
+    Ok((Certificate::from_pem(pem), all))
 }
 
 /// With peer TLS on: whether the caller's certificate (the first of

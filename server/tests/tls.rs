@@ -74,6 +74,16 @@ fn bad_tls_settings_stop_the_start_naming_the_flag_and_file() {
     let line = refusal(dir.path(), &same_ca);
     assert!(line.contains("the peer CA must be its own"), "{line}");
 
+    // A client CA bundle (as for a rotation) that also holds the peer CA.
+    let bundle = certs.join("client-and-peer-ca.pem");
+    let pems = [std::fs::read(file("client-ca.pem")).unwrap(), std::fs::read(file("peer-ca.pem")).unwrap()];
+    std::fs::write(&bundle, pems.concat()).unwrap();
+    let mut in_bundle = same_ca.map(String::from);
+    in_bundle[5] = bundle.to_str().unwrap().to_string();
+    in_bundle[7] = file("peer-ca.pem");
+    let line = refusal(dir.path(), &in_bundle.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(line.contains("a CA also in --tls-client-ca"), "{line}");
+
     // The helper starts node 1: node 2's peer certificate would get each
     // of its raft messages refused by its peers.
     let peer = |cert: &str, key: &str| {

@@ -176,6 +176,12 @@ impl TokenBook {
             let digest = parse_digest(&t.sha256).ok_or_else(|| {
                 format!("{which}: sha256 must be 64 hex digits (the SHA-256 of the token, not the token)")
             })?;
+            if digest == sha256("") {
+                return Err(format!(
+                    "{which}: sha256 is the SHA-256 of an empty token (was the variable piped to sha256sum \
+                     unset?); an empty token is never accepted"
+                ));
+            }
             if !digests.insert(digest) {
                 return Err(format!("{which}: the same token as an earlier entry"));
             }
@@ -198,7 +204,7 @@ impl TokenBook {
     /// The entry of `presented`, if any. Every entry is compared, each in
     /// constant time.
     pub fn find(&self, presented: &str) -> Option<&Token> {
-        if presented.len() > MAX_TOKEN_BYTES {
+        if presented.is_empty() || presented.len() > MAX_TOKEN_BYTES {
             return None;
         }
         let digest = sha256(presented);
@@ -330,6 +336,21 @@ mod tests {
             Err(Denied::Permission(_))
         ));
         assert!(book.find(&"x".repeat(MAX_TOKEN_BYTES + 1)).is_none());
+    }
+
+    #[test]
+    fn an_empty_token_is_never_accepted() {
+        let entry =
+            format!("[[token]]\nname = \"unset\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n", hex(&sha256("")));
+        let e = TokenBook::parse(&entry).expect_err("the digest of an empty token");
+        assert!(e.contains("token 1 (\"unset\")") && e.contains("empty token"), "{e}");
+        let book = book();
+        let get = "/portrait.v1.Profiles/GetProfile";
+        for header in ["Bearer ", "Bearer    "] {
+            let denied = book.check(get, Some(header));
+            assert!(matches!(denied, Err(Denied::Unauthenticated(m)) if m == "unknown token"), "{header:?}");
+        }
+        assert!(book.find("").is_none());
     }
 
     #[test]

@@ -35,7 +35,9 @@ pub struct Who {
 
 /// Where audit entries go besides the node's log.
 pub struct AuditLog {
-    file: Option<(PathBuf, Mutex<std::fs::File>)>,
+    /// The file, and whether the last write to it failed (see
+    /// [`append_line`]).
+    file: Option<(PathBuf, Mutex<(std::fs::File, bool)>)>,
     node: u64,
 }
 
@@ -52,7 +54,7 @@ impl AuditLog {
             std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(|e| {
                 anyhow::anyhow!("--audit-log {}: cannot open for appending: {e}", path.display())
             })?;
-        Ok(AuditLog { file: Some((path.to_path_buf(), Mutex::new(file))), node })
+        Ok(AuditLog { file: Some((path.to_path_buf(), Mutex::new((file, false)))), node })
     }
 
     /// Records one action: `rpc` with `args`, and its result (`Ok`, or
@@ -70,13 +72,25 @@ impl AuditLog {
         let line = entry.to_string();
         tracing::info!(target: "audit", "{line}");
         if let Some((path, file)) = &self.file {
-            let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut guard = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let (file, torn) = &mut *guard;
             // Synced: admin actions are rare, and an entry must outlive a crash.
-            if let Err(e) = file.write_all(format!("{line}\n").as_bytes()).and_then(|()| file.sync_data()) {
+            if let Err(e) = append_line(file, torn, &line).and_then(|()| file.sync_data()) {
                 tracing::error!(file = %path.display(), error = %e, "cannot write the audit log");
             }
         }
     }
+}
+
+/// Appends `line` and a newline. After a failed write (`torn`), a newline
+/// first: that write may have left part of a line (a full disk), which
+/// would otherwise swallow this entry into one unreadable line. (If it
+/// left nothing, the file gets an empty line; readers skip those.)
+fn append_line(w: &mut impl Write, torn: &mut bool, line: &str) -> std::io::Result<()> {
+    let text = if *torn { format!("\n{line}\n") } else { format!("{line}\n") };
+    let result = w.write_all(text.as_bytes());
+    *torn = result.is_err();
+    result
 }
 
 /// An action under way: [`Pending::finish`] records its result; dropped
@@ -156,6 +170,44 @@ fn entry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Takes `room` bytes, then fails (a disk filling up) until given more.
+    struct Disk {
+        bytes: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Disk {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.room - self.bytes.len());
+            if n == 0 {
+                return Err(std::io::Error::other("no space left on device"));
+            }
+            self.bytes.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_torn_write_does_not_swallow_the_next_entry() {
+        let (mut disk, mut torn) = (Disk { bytes: Vec::new(), room: 30 }, false);
+        append_line(&mut disk, &mut torn, r#"{"rpc":"first"}"#).unwrap();
+        assert!(append_line(&mut disk, &mut torn, r#"{"rpc":"second"}"#).is_err(), "the disk is full");
+        disk.room = 1000;
+        append_line(&mut disk, &mut torn, r#"{"rpc":"third"}"#).unwrap();
+        append_line(&mut disk, &mut torn, r#"{"rpc":"fourth"}"#).unwrap();
+        let text = String::from_utf8(disk.bytes).unwrap();
+        let parsed: Vec<String> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .map(|v| v["rpc"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(parsed, ["first", "third", "fourth"], "{text:?}");
+    }
 
     #[test]
     fn an_entry_names_who_what_when_and_the_result() {

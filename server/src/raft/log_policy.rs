@@ -90,16 +90,19 @@ struct Seen {
 }
 
 impl Seen {
-    /// Whether the group's apply cache is to be trimmed as idle: its
-    /// applied index has not moved since the last poll, and it was not
-    /// trimmed at that index yet. `trimmed` is called then and says if the
-    /// trim happened (else it is tried again at the next poll).
-    fn trim_if_idle(&mut self, applied: Option<u64>, trimmed: impl FnOnce() -> bool) {
+    /// Whether the group's apply cache is to be trimmed as idle now: its
+    /// applied index has not moved since the last poll, and no trim has
+    /// been done at that index yet ([`Seen::trimmed`]; a trim that could
+    /// not be done is asked for again at the next poll).
+    fn trim_due(&mut self, applied: Option<u64>) -> bool {
         let idle = self.applied == applied;
         self.applied = applied;
-        if idle && self.trimmed_at != Some(applied) && trimmed() {
-            self.trimmed_at = Some(applied);
-        }
+        idle && self.trimmed_at != Some(applied)
+    }
+
+    /// The apply cache was trimmed at `applied`.
+    fn trimmed(&mut self, applied: Option<u64>) {
+        self.trimmed_at = Some(applied);
     }
 
     /// `hold`: on a leader, the newest index every member already has (or,
@@ -172,7 +175,14 @@ pub async fn run_until(
                 (catch_up_hold(&m, alive), m.last_applied.map(|l| l.index))
             };
             let group = seen.entry(replica.gid).or_default();
-            group.trim_if_idle(applied, || replica.idle_trim.trim());
+            if group.trim_due(applied) {
+                // Off the runtime's workers: dropping a large cache takes
+                // milliseconds.
+                let trim = replica.idle_trim.clone();
+                if tokio::task::spawn_blocking(move || trim.trim()).await.unwrap_or(false) {
+                    group.trimmed(applied);
+                }
+            }
             for action in group.decide(policy, log, snapshot, hold, applied) {
                 let result = match action {
                     Action::Snapshot => {
@@ -277,26 +287,23 @@ mod tests {
     #[test]
     fn the_apply_cache_is_trimmed_once_per_idle_index_until_a_trim_happens() {
         let mut seen = Seen::default();
-        let mut calls = Vec::new();
         // (applied index at the poll, whether the trim succeeds if tried)
         let polls = [(Some(5), true), (Some(7), true), (Some(7), false), (Some(7), true), (Some(7), true)];
+        let mut calls = Vec::new();
         for (i, (applied, succeeds)) in polls.into_iter().enumerate() {
-            seen.trim_if_idle(applied, || {
+            if seen.trim_due(applied) {
                 calls.push(i);
-                succeeds
-            });
+                if succeeds {
+                    seen.trimmed(applied);
+                }
+            }
         }
         // Poll 0: None → 5 moved. Poll 1: moved. Poll 2: idle, the trim
         // fails (a batch in flight). Poll 3: tried again, done. Poll 4:
         // already trimmed at 7.
         assert_eq!(calls, [2, 3]);
-        seen.trim_if_idle(Some(8), || panic!("moved: not idle"));
-        let mut tried = false;
-        seen.trim_if_idle(Some(8), || {
-            tried = true;
-            true
-        });
-        assert!(tried, "idle at a new index: trimmed again");
+        assert!(!seen.trim_due(Some(8)), "moved: not idle");
+        assert!(seen.trim_due(Some(8)), "idle at a new index: trimmed again");
     }
 
     #[test]

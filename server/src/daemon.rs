@@ -88,7 +88,7 @@ async fn run() -> anyhow::Result<()> {
     // written) would hold its shards' leadership for good while this
     // process answers its peers' probes: stop, so that they take over, and
     // exit with an error, so that the supervisor restarts the node.
-    let failed = Arc::new(std::sync::Mutex::new(None));
+    let failed = Arc::new(std::sync::OnceLock::new());
     let stop = {
         let (node, failed) = (node.clone(), failed.clone());
         async move {
@@ -96,7 +96,7 @@ async fn run() -> anyhow::Result<()> {
                 _ = shutdown_signal() => {}
                 reason = node.raft_failed() => {
                     tracing::error!(%reason, "a raft group stopped on an error: shutting the node down");
-                    *failed.lock().expect("failure lock") = Some(reason);
+                    let _ = failed.set(reason);
                 }
             }
         }
@@ -104,8 +104,7 @@ async fn run() -> anyhow::Result<()> {
     crate::service::serve(node.clone(), listeners, security, stop).await?;
     tracing::info!("shutting down");
     node.shutdown().await;
-    let failure = failed.lock().expect("failure lock").take();
-    match failure {
+    match failed.get() {
         Some(reason) => Err(anyhow::anyhow!(
             "a raft group stopped on an error ({reason}); the node shut down so that its peers take over its \
              shards: fix the cause (disk full? failing disk?) and start it again"

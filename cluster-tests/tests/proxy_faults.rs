@@ -31,20 +31,64 @@ async fn wait_led_among(cluster: &Cluster, nodes: &[u64], shards: u32) -> BTreeM
             return leaders;
         }
         if Instant::now() >= deadline {
-            let roles: Vec<String> = all
-                .iter()
-                .flat_map(|(id, st)| {
-                    st.shard_status.iter().map(move |s| {
-                        format!(
-                            "node {id} shard {}: {} term {} leader {} log {} applied {}",
-                            s.shard, s.role, s.term, s.leader_id, s.last_log_index, s.applied_index
-                        )
-                    })
-                })
-                .collect();
-            panic!("shards without a leader among {nodes:?}: {placed:?}\n{}", roles.join("\n"));
+            panic!("shards without a leader among {nodes:?}: {placed:?}\n{}", roles(cluster, nodes).await);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Each replica's role, term, leader and log as `nodes` report them, one
+/// line each (for a failure message).
+async fn roles(cluster: &Cluster, nodes: &[u64]) -> String {
+    let all = statuses(cluster, nodes).await;
+    let lines: Vec<String> = all
+        .iter()
+        .flat_map(|(id, st)| {
+            st.shard_status.iter().map(move |s| {
+                format!(
+                    "node {id} shard {}: {} term {} leader {} log {} applied {}",
+                    s.shard, s.role, s.term, s.leader_id, s.last_log_index, s.applied_index
+                )
+            })
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// The sorted event ids of `user`'s trade history, read linearizably
+/// through `client`. A read that fails (leadership may still be moving
+/// between the two nodes that can lead) is retried for up to 20 s; the
+/// last error fails the test. An answer that lacks an event is returned
+/// as it is, never retried.
+async fn linearizable_history(
+    cluster: &Cluster,
+    client: &portrait_client::PortraitClient,
+    user: &str,
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client.get_profile(user, &["trade".to_string()], Consistency::Linearizable).await {
+            Ok(r) => {
+                let profile = r.profile.unwrap_or_default();
+                let mut ids: Vec<String> = profile
+                    .families
+                    .get("trade")
+                    .map(|f| f.history.iter().map(|h| h.event_id.clone()).collect())
+                    .unwrap_or_default();
+                ids.sort();
+                return ids;
+            }
+            Err(e) if Instant::now() < deadline => {
+                println!("linearizable read of {user} failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                panic!(
+                    "no linearizable read of {user} within 20 s: {e}\n{}",
+                    roles(cluster, &[1, 2, 3]).await
+                )
+            }
+        }
     }
 }
 
@@ -227,7 +271,7 @@ async fn a_follower_that_refuses_a_shorter_log_campaigns_when_its_leader_is_cut_
     // w5..w9 reached only the old leader and `longer`: a leader that lacks
     // them would have been elected on a shorter log.
     for seq in 0..=10 {
-        let history = history_ids(&via, &order(seq).user_id, "trade", Consistency::Linearizable).await;
+        let history = linearizable_history(&cluster, &via, &order(seq).user_id).await;
         assert!(history.contains(&format!("w{seq}")), "w{seq} not served: {history:?}");
     }
     cluster.heal_links();

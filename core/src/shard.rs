@@ -189,7 +189,8 @@ impl ShardMap {
                 *slot = *to;
             }
             MapChange::RemoveReplica { shard, node } => {
-                let target = self.target_replicas();
+                // A shard never loses its last replica, whatever the target.
+                let target = self.target_replicas().max(1);
                 let replicas = self.replicas.get_mut(*shard as usize).ok_or_else(|| {
                     format!("shard {shard} does not exist (the cluster has {})", self.shards)
                 })?;
@@ -227,6 +228,13 @@ impl ShardMap {
             MapChange::RemoveNode { node } => {
                 if !self.nodes.contains_key(node) {
                     return Err(format!("node {node} is not in the cluster"));
+                }
+                // Without a node left to take replicas, every shard's target
+                // would fall to 0 and the drain would remove the last ones.
+                if !self.draining.contains(node) && self.nodes.len() - self.draining.len() <= 1 {
+                    return Err(format!(
+                        "node {node} is the last node that can hold replicas; add a node before removing it"
+                    ));
                 }
                 let hosted = self.hosted_by(*node);
                 if !hosted.is_empty() {
@@ -770,5 +778,35 @@ mod tests {
         assert!(map.replicas.iter().all(|r| r == &[1]), "{:?}", map.replicas);
         let e = map.apply(&MapChange::Drain { node: 1 }).unwrap_err();
         assert_eq!(e, "node 1 is the last node that can hold replicas; add a node before draining it");
+    }
+
+    #[test]
+    fn the_last_node_that_can_hold_replicas_is_never_removed_and_a_shard_keeps_one_replica() {
+        // RF 1 on {1, 2}: node 2 holds nothing yet when node 1 starts
+        // draining. Removing node 2 would leave no node to drain to, and
+        // the drain would then empty every shard.
+        let mut map = ShardMap::create(4, 1, 1, "http://n1", "http://n1:8700").unwrap();
+        join(&mut map, 2);
+        map.apply(&MapChange::Drain { node: 1 }).unwrap();
+        let e = map.apply(&MapChange::RemoveNode { node: 2 }).unwrap_err();
+        assert_eq!(e, "node 2 is the last node that can hold replicas; add a node before removing it");
+        assert!(map.nodes.contains_key(&2));
+        // Even were the target 0, no change takes a shard's last replica.
+        map.draining.insert(2);
+        assert_eq!(map.target_replicas(), 0);
+        assert!(map.plan_drain(&BTreeSet::new(), 10).iter().all(|c| map.clone().apply(c).is_err()));
+        let e = map.apply(&MapChange::RemoveReplica { shard: 0, node: 1 }).unwrap_err();
+        assert_eq!(e, "shard 0 would have fewer than its 1 replicas without node 1");
+        assert!(map.replicas.iter().all(|r| r == &[1]), "{:?}", map.replicas);
+
+        // With another node left to take replicas, an empty node goes,
+        // draining or not.
+        let mut map = ShardMap::create(4, 1, 1, "http://n1", "http://n1:8700").unwrap();
+        join(&mut map, 2);
+        join(&mut map, 3);
+        map.apply(&MapChange::Drain { node: 2 }).unwrap();
+        map.apply(&MapChange::RemoveNode { node: 2 }).unwrap();
+        map.apply(&MapChange::RemoveNode { node: 3 }).unwrap();
+        assert_eq!(map.nodes.keys().copied().collect::<Vec<_>>(), [1]);
     }
 }

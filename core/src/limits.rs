@@ -21,6 +21,11 @@ pub const MAX_ATTR_NAME_BYTES: usize = 64;
 pub const MAX_STRING_VALUE_BYTES: usize = 4 * 1024;
 /// How far an event time may be ahead of the receiving node's clock.
 pub const MAX_FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
+/// Largest magnitude of a double attribute a write may carry: 2^63, the
+/// int64 range. Sums and averages add values up, and a few values near
+/// `f64::MAX` would overflow them to infinity for good. Checked at ingress
+/// only (apply replays what older versions accepted unchanged).
+pub const MAX_DOUBLE_MAGNITUDE: f64 = 9_223_372_036_854_775_808.0;
 /// Earliest accepted event time: 2000-01-01T00:00:00Z.
 pub const MIN_EVENT_TIME_MS: i64 = 946_684_800_000;
 /// User ids in one `BatchGetProfiles`.

@@ -51,7 +51,24 @@ pub fn validate_event(event: &Event, schema: &Schema, now_ms: Option<i64>) -> Re
             return Err(Invalid::new("event_time_ms", reason));
         }
     }
-    validate_attrs(event)
+    validate_attrs(event)?;
+    match now_ms {
+        Some(_) => check_magnitudes(event),
+        None => Ok(()),
+    }
+}
+
+/// Doubles within [`MAX_DOUBLE_MAGNITUDE`] (an ingress check).
+fn check_magnitudes(event: &Event) -> Result<()> {
+    for (name, value) in &event.attrs {
+        if let Value::Float(f) = value {
+            if f.abs() > MAX_DOUBLE_MAGNITUDE {
+                let reason = format!("{f:e} is beyond the limit of ±2^63 for a double");
+                return Err(Invalid::new(format!("attrs.{}", shown_name(name)), reason));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A user id: 1..=256 bytes, no control characters.
@@ -200,6 +217,22 @@ mod tests {
 
     fn err(e: Event) -> String {
         validate_request(&[event(), e], &Schema::default_schema(), Some(NOW)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_double_beyond_the_int64_range_is_refused_at_ingress_only() {
+        let with = |f: f64| Event { attrs: Attrs::from([("amount".into(), Value::Float(f))]), ..event() };
+        assert_eq!(
+            err(with(1e308)),
+            "events[1].attrs.amount: 1e308 is beyond the limit of ±2^63 for a double"
+        );
+        assert!(err(with(-1e19)).starts_with("events[1].attrs.amount: -1e19 is beyond"));
+        let schema = Schema::default_schema();
+        validate_request(&[with(MAX_DOUBLE_MAGNITUDE), with(-MAX_DOUBLE_MAGNITUDE)], &schema, Some(NOW))
+            .unwrap();
+        assert_eq!(err(with(f64::INFINITY)), "events[1].attrs.amount: must be a finite number");
+        // Apply (no clock) takes what an older version accepted.
+        validate_request(&[with(1e308)], &schema, None).unwrap();
     }
 
     #[test]

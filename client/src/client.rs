@@ -77,11 +77,18 @@ impl PortraitClient {
         self.router.current().endpoint
     }
 
-    /// Writes one batch: each shard's part is sent to its shard's leader
-    /// (all parts at once) and applied atomically; the answer sums the
-    /// parts, with one result per shard. A failure is the first failing
-    /// part's, in shard order; parts of other shards may have been applied
-    /// (retrying with the same event ids applies each event once).
+    /// Writes one batch: the request goes whole to one node, which
+    /// validates it and commits each shard's part (atomically per shard);
+    /// the answer sums the parts, with one result per shard. A failure is
+    /// the first failing part's, in shard order; parts of other shards may
+    /// have been applied (retrying with the same event ids applies each
+    /// event once).
+    ///
+    /// A batch whose events all carry an `event_id` is redirected and
+    /// retried as [`crate::retry`] describes. A batch with an event
+    /// without one is sent once: a resent batch could apply it twice (a
+    /// part may have committed, or a timed-out one may still commit). Its
+    /// failure says so, and a leader it names is used by the next call.
     pub async fn write(&self, events: Vec<Event>) -> Result<WriteResponse, ClientError> {
         // Whole, so the node validates it whole (nothing of an invalid
         // request is written), to the leader of the shard most of its
@@ -97,12 +104,51 @@ impl PortraitClient {
         target: Option<&str>,
         events: Vec<Event>,
     ) -> Result<WriteResponse, ClientError> {
+        if events.iter().any(|e| e.event_id.is_empty()) {
+            return self.write_once(target, WriteRequest { events }).await;
+        }
         let request = WriteRequest { events };
         self.routed(target, |ch| {
             let request = request.clone();
             async move { ingest(ch).write(request).await }
         })
         .await
+    }
+
+    /// One attempt at a write that is not safe to resend (see
+    /// [`PortraitClient::write`]).
+    async fn write_once(
+        &self,
+        target: Option<&str>,
+        request: WriteRequest,
+    ) -> Result<WriteResponse, ClientError> {
+        let (channel, endpoint) = match target {
+            Some(target) => (self.routes.channel(target)?, target.to_string()),
+            None => {
+                let conn = self.router.current();
+                (conn.channel, conn.endpoint)
+            }
+        };
+        match ingest(channel).write(request).await {
+            Ok(response) => {
+                self.router.note_epoch(response.metadata());
+                Ok(response.into_inner())
+            }
+            Err(status) if status.code() == Code::Unavailable => {
+                self.routes.mark_stale();
+                note_leader(&self.router, &endpoint, &status);
+                let message = format!(
+                    "{} (not retried: the batch has events without an event_id, which a resend could \
+                     apply twice; give every event an event_id to have it retried)",
+                    status.message()
+                );
+                Err(Status::with_metadata(status.code(), message, status.metadata().clone()).into())
+            }
+            Err(status) => {
+                self.router.note_epoch(status.metadata());
+                Err(status.into())
+            }
+        }
     }
 
     /// Runs `call` once on `target` (a node the shard map names), then,

@@ -9,9 +9,11 @@
 //! follower keeps naming a leader that is between terms; only the budget
 //! ends such a call). Every other status is
 //! returned at once. Retrying a write is safe when its events carry an
-//! `event_id`: a request is applied whole or not at all, and a retried event
-//! whose first attempt did commit is counted as a duplicate. Events without an
-//! `event_id` are never deduplicated, so a retry can apply them twice.
+//! `event_id`: each shard's part is applied whole or not at all, and a
+//! retried event whose first attempt did commit (in that shard's part, or
+//! in a part that committed after the call timed out) is counted as a
+//! duplicate. Events without an `event_id` are never deduplicated, so a
+//! write with one is never resent ([`crate::PortraitClient::write`]).
 
 use std::future::Future;
 use std::time::Duration;

@@ -51,7 +51,9 @@ async fn put_through_a_follower_prints_counts() {
     let leader = Node::start(Fake { id: 7, ..Default::default() }).await;
     let follower = Node::start(Fake { id: 1, ..Default::default() }).await;
     follower.fake.set_hint(Some(&leader.url()));
-    let events = r#"[{"user_id":"u1","family":"browse","type":"view","attrs":{"price":399.0}},
+    // With event ids: a write is resent to the leader the follower names
+    // only when resending cannot apply an event twice.
+    let events = r#"[{"user_id":"u1","family":"browse","type":"view","event_id":"e1","attrs":{"price":399.0}},
                      {"user_id":"u2","family":"browse","type":"view","event_id":"e2"}]"#;
     let run = portrait(&follower.addr, &["put", "--json", events], "").await;
     assert_eq!((run.code, run.stderr.as_str()), (0, ""));
@@ -138,7 +140,7 @@ async fn the_token_from_the_flag_or_the_environment_reaches_the_leader_too() {
     let leader = Node::start(Fake { id: 7, ..Default::default() }).await;
     let follower = Node::start(Fake { id: 1, ..Default::default() }).await;
     follower.fake.set_hint(Some(&leader.url()));
-    let event = r#"{"user_id":"u1","family":"browse","type":"view"}"#;
+    let event = r#"{"user_id":"u1","family":"browse","type":"view","event_id":"e1"}"#;
     let run = portrait(&follower.addr, &["put", "--json", event, "--token", "from-flag"], "").await;
     assert_eq!((run.code, run.stderr.as_str()), (0, ""));
     let env = [("PORTRAIT_TOKEN", "from-env")];

@@ -4,7 +4,7 @@ mod fake;
 
 use std::time::{Duration, Instant};
 
-use fake::{event, Fake, Node};
+use fake::{bare_event, event, Fake, Node};
 use portrait_client::{ClientError, Consistency, PortraitClient, WriteRequest};
 use tonic::Code;
 
@@ -62,6 +62,33 @@ async fn a_leader_between_terms_is_waited_for_while_a_follower_keeps_naming_it()
     let client = PortraitClient::connect(&b.url()).await.unwrap();
     client.write(vec![event("u1")]).await.expect("served once node 1 leads again");
     assert_eq!(a.fake.calls(), 5, "four refusals, then the write");
+}
+
+#[tokio::test]
+async fn a_write_with_an_event_without_an_id_is_sent_once_and_its_failure_says_why() {
+    // Refused once with a bare UNAVAILABLE: a retry would be served, but
+    // it could apply the event twice.
+    let node = Node::start(Fake { id: 1, unavailable: 1.into(), ..Default::default() }).await;
+    let client = PortraitClient::connect(&node.url()).await.unwrap();
+    let err = client.write(vec![event("u1"), bare_event("u2")]).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable));
+    assert!(err.to_string().contains("not retried: the batch has events without an event_id"), "{err}");
+    assert_eq!(node.fake.calls(), 1);
+    client.write(vec![bare_event("u2")]).await.expect("the caller's own retry");
+    assert_eq!(node.fake.calls(), 2);
+
+    // A leader it names is not followed by this call, but by the next.
+    let leader = Node::start(Fake { id: 2, ..Default::default() }).await;
+    let follower = Node::start(follower(3, &leader.url())).await;
+    let client = PortraitClient::connect(&follower.url()).await.unwrap();
+    client.write(vec![bare_event("u1")]).await.unwrap_err();
+    assert_eq!((follower.fake.calls(), leader.fake.calls()), (1, 0));
+    client.write(vec![bare_event("u1")]).await.expect("sent to the leader named before");
+    assert_eq!((follower.fake.calls(), leader.fake.calls()), (1, 1));
+    // With ids, the same write follows the redirect at once.
+    let client = PortraitClient::connect(&follower.url()).await.unwrap();
+    client.write(vec![event("u1")]).await.unwrap();
+    assert_eq!((follower.fake.calls(), leader.fake.calls()), (2, 2));
 }
 
 #[tokio::test]

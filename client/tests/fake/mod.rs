@@ -372,6 +372,13 @@ pub fn user_of_shard(shard: u32, shards: u32, skip: usize) -> String {
     (0..).map(|i| format!("u{i}")).filter(|u| shard_of(u, shards) == shard).nth(skip).unwrap()
 }
 
+/// A page view of `user_id` with an event id (so that a write of it may
+/// be retried).
 pub fn event(user_id: &str) -> Event {
+    Event { event_id: format!("e-{user_id}"), ..bare_event(user_id) }
+}
+
+/// A page view of `user_id` without an event id.
+pub fn bare_event(user_id: &str) -> Event {
     Event { user_id: user_id.into(), family: "browse".into(), r#type: "view".into(), ..Default::default() }
 }

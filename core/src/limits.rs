@@ -58,8 +58,10 @@ pub const MAX_UNDECLARED_ATTRS_PER_FAMILY: usize = 256;
 /// is kept as its first bytes, `~` and a 16-hex-digit hash of the whole
 /// value (deterministic: FNV-1a 64), exactly this long at most.
 pub const MAX_DISTINCT_VALUE_BYTES: usize = 64;
-/// Values one `distinct_count` or `top_k` feature keeps over all its time
-/// buckets; past it, new values are not counted (the result saturates).
+/// (Bucket, value) pairs one `distinct_count` or `top_k` feature keeps over
+/// all its time buckets. `distinct_count` holds a value once, so past it new
+/// values are not counted (the result saturates); `top_k` drops its oldest
+/// buckets for newer events.
 /// With `MAX_DISTINCT_VALUE_BYTES`, a feature's state holds at most 64 KiB
 /// of values.
 pub const MAX_DISTINCT_PER_FEATURE: usize = 1_024;

@@ -111,6 +111,44 @@ fn adds_key(bucket: Option<&Acc>, seed: &Acc) -> bool {
     }
 }
 
+/// Adds `key` at bucket `b` to a `distinct_count` state, which holds each
+/// key once, in the newest bucket it was seen in: the key leaves the window
+/// with that bucket, and the feature's budget counts distinct keys. Past
+/// [`MAX_DISTINCT_PER_FEATURE`] keys (or [`MAX_DISTINCT_PER_BUCKET`] in
+/// one bucket), new keys are not counted.
+fn add_distinct(state: &mut FeatureState, b: i64, key: String) -> bool {
+    let holds = |acc: &Acc| matches!(acc, Acc::Distinct(s) if s.contains(&key));
+    if state.buckets.iter().any(|(i, acc)| *i >= b && holds(acc)) {
+        return false;
+    }
+    let seen_before = state.buckets.iter().any(|(_, acc)| holds(acc));
+    if !seen_before && keys_held(state) >= MAX_DISTINCT_PER_FEATURE {
+        return false;
+    }
+    let at = state.buckets.binary_search_by_key(&b, |(i, _)| *i);
+    if let Ok(pos) = at {
+        if matches!(&state.buckets[pos].1, Acc::Distinct(s) if s.len() >= MAX_DISTINCT_PER_BUCKET) {
+            return false;
+        }
+    }
+    // Older copies go: a state written before keys moved may hold several.
+    for (_, acc) in state.buckets.iter_mut() {
+        if let Acc::Distinct(s) = acc {
+            s.remove(&key);
+        }
+    }
+    match at {
+        Ok(pos) => {
+            if let Acc::Distinct(s) = &mut state.buckets[pos].1 {
+                s.insert(key);
+            }
+        }
+        Err(pos) => state.buckets.insert(pos, (b, Acc::Distinct(BTreeSet::from([key])))),
+    }
+    state.buckets.retain(|(_, acc)| !matches!(acc, Acc::Distinct(s) if s.is_empty()));
+    true
+}
+
 impl CompiledFeature {
     /// Whether the event feeds this feature (family and filter).
     pub fn wants(&self, event: &Event) -> bool {
@@ -173,12 +211,24 @@ impl CompiledFeature {
             return false;
         }
         let Some(seed) = self.seed(event) else { return false };
-        let at = state.buckets.binary_search_by_key(&b, |(i, _)| *i);
-        // A feature keeps at most MAX_DISTINCT_PER_FEATURE keys (with
-        // MAX_DISTINCT_VALUE_BYTES, 64 KiB); past it, new values are not counted.
+        if let Acc::Distinct(keys) = &seed {
+            let key = keys.first().expect("a seed holds one key").clone();
+            return add_distinct(state, b, key);
+        }
+        let mut at = state.buckets.binary_search_by_key(&b, |(i, _)| *i);
+        // A feature keeps at most MAX_DISTINCT_PER_FEATURE (bucket, key)
+        // pairs (with MAX_DISTINCT_VALUE_BYTES, 64 KiB). Past it, `top_k`'s
+        // oldest buckets give way to newer events (recent activity counts
+        // most); an event older than every bucket left is not counted.
         let bucket = at.ok().map(|pos| &state.buckets[pos].1);
-        if adds_key(bucket, &seed) && keys_held(state) >= MAX_DISTINCT_PER_FEATURE {
-            return false;
+        if adds_key(bucket, &seed) {
+            while keys_held(state) >= MAX_DISTINCT_PER_FEATURE {
+                if state.buckets.first().is_none_or(|(first, _)| *first >= b) {
+                    return false;
+                }
+                state.buckets.remove(0);
+                at = state.buckets.binary_search_by_key(&b, |(i, _)| *i);
+            }
         }
         match at {
             Ok(pos) => merge(&mut state.buckets[pos].1, seed),
@@ -457,20 +507,80 @@ mod tests {
         for agg in ["distinct_count", "top_k"] {
             let f = feature(agg);
             let mut state = FeatureState::default();
-            // Two days, two buckets, 600 new values each.
-            for (day, offset) in [(2, 0), (1, 600)] {
-                for i in 0..600 {
-                    f.add(&mut state, &event(NOW - day * DAY, Value::Int(offset + i)), NOW);
-                }
+            // Two days, two buckets, 600 and 424 new values.
+            for i in 0..MAX_DISTINCT_PER_FEATURE as i64 {
+                let day = if i < 600 { 2 } else { 1 };
+                f.add(&mut state, &event(NOW - day * DAY, Value::Int(i)), NOW);
             }
             assert_eq!(keys_held(&state), MAX_DISTINCT_PER_FEATURE, "{agg}");
-            assert!(
-                !f.add(&mut state, &event(NOW, Value::Int(5_000)), NOW),
-                "{agg}: a new value is not kept"
-            );
-            // Values already kept still count.
-            assert!(f.add(&mut state, &event(NOW - DAY, Value::Int(600)), NOW), "{agg}");
+            // Values already kept still count (a distinct value already in
+            // its bucket changes nothing).
+            let counted = f.add(&mut state, &event(NOW - DAY, Value::Int(600)), NOW);
+            assert_eq!(counted, agg == "top_k", "{agg}");
+            assert_eq!(keys_held(&state), MAX_DISTINCT_PER_FEATURE, "{agg}");
         }
+        // distinct_count: a new value is not kept.
+        let f = feature("distinct_count");
+        let mut state = FeatureState::default();
+        for i in 0..1_100 {
+            f.add(&mut state, &event(NOW - DAY, Value::Int(i)), NOW);
+        }
+        assert_eq!(keys_held(&state), MAX_DISTINCT_PER_BUCKET, "a bucket's own limit");
+        for i in 0..100 {
+            f.add(&mut state, &event(NOW, Value::Int(2_000 + i)), NOW);
+        }
+        assert_eq!(keys_held(&state), MAX_DISTINCT_PER_FEATURE);
+        assert!(!f.add(&mut state, &event(NOW, Value::Int(5_000)), NOW), "a new value is not kept");
+        // The value counts at most MAX_DISTINCT_PER_BUCKET.
+        assert_eq!(f.value(&state, NOW), Val::Num(MAX_DISTINCT_PER_BUCKET as f64));
+    }
+
+    /// Values seen again in newer buckets: the budget counts each value
+    /// once for `distinct_count`, and `top_k` keeps the newest events.
+    #[test]
+    fn values_seen_again_keep_counting_in_newer_buckets() {
+        let fill = |f: &CompiledFeature| {
+            let mut state = FeatureState::default();
+            for i in 0..600 {
+                f.add(&mut state, &event(NOW - 2 * DAY, Value::Int(i)), NOW);
+            }
+            for i in 600..MAX_DISTINCT_PER_FEATURE as i64 {
+                f.add(&mut state, &event(NOW - DAY, Value::Int(i)), NOW);
+            }
+            assert_eq!(keys_held(&state), MAX_DISTINCT_PER_FEATURE);
+            state
+        };
+
+        // distinct_count: value 0 moves to today's bucket, and stays in the
+        // window after the bucket of two days ago has left it.
+        let f = feature("distinct_count");
+        let mut state = fill(&f);
+        assert!(f.add(&mut state, &event(NOW, Value::Int(0)), NOW), "a kept value seen again");
+        assert!(
+            !f.add(&mut state, &event(NOW - 3 * DAY, Value::Int(0)), NOW),
+            "an older sighting changes nothing"
+        );
+        assert_eq!(keys_held(&state), MAX_DISTINCT_PER_FEATURE, "each value once");
+        // 28 days on, the bucket of two days ago is out (a bucket leaves
+        // the window once its start is a window old), yesterday's is in.
+        let later = NOW + 28 * DAY;
+        assert_eq!(f.value(&state, later), Val::Num(1.0 + (MAX_DISTINCT_PER_FEATURE - 600) as f64));
+
+        // top_k: today's event is counted; the oldest bucket gives way.
+        let f = feature("top_k");
+        let mut state = fill(&f);
+        assert!(f.add(&mut state, &event(NOW, Value::Int(0)), NOW), "today's event counts");
+        assert!(f.add(&mut state, &event(NOW, Value::Int(5_000)), NOW), "so does a new value");
+        assert_eq!(keys_held(&state), MAX_DISTINCT_PER_FEATURE - 600 + 2);
+        assert_eq!(state.buckets.len(), 2, "yesterday's and today's");
+        // An event older than every bucket left is not counted when full.
+        for i in 0..598 {
+            f.add(&mut state, &event(NOW, Value::Int(10_000 + i)), NOW);
+        }
+        assert_eq!(keys_held(&state), MAX_DISTINCT_PER_FEATURE);
+        assert!(!f.add(&mut state, &event(NOW - 3 * DAY, Value::Int(7)), NOW));
+        assert!(f.add(&mut state, &event(NOW, Value::Int(0)), NOW), "a kept key in its bucket");
+        assert_eq!(keys_held(&state), MAX_DISTINCT_PER_FEATURE);
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub struct ShardFile {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestoredShard {
     pub shard: u32,
+    /// Restored from this backup by an earlier run (which stopped before
+    /// the other shards were done): skipped, and the figures are 0.
+    pub earlier: bool,
     pub rows: u64,
     pub bytes: u64,
     pub source_applied_index: u64,
@@ -357,6 +360,16 @@ pub async fn restore(
     let mut restored = Vec::new();
     for file in &manifest.shard_files {
         let done = restore_one(client, dir, &manifest.backup_id, file).await?;
+        if done.earlier {
+            progress(&format!(
+                "shard {}: already restored from this backup by an earlier run ({}/{})",
+                done.shard,
+                done.shard + 1,
+                manifest.shards
+            ));
+            restored.push(done);
+            continue;
+        }
         progress(&format!(
             "shard {}: {} rows ({}) as of index {} restored ({}/{})",
             done.shard,
@@ -369,9 +382,11 @@ pub async fn restore(
         restored.push(done);
     }
     let bytes: u64 = restored.iter().map(|r| r.bytes).sum();
+    let earlier = restored.iter().filter(|r| r.earlier).count();
     progress(&format!(
-        "restored {} shards, {} in {:.1} s",
+        "restored {} shards{}, {} in {:.1} s",
         restored.len(),
+        if earlier > 0 { format!(" ({earlier} by an earlier run)") } else { String::new() },
         human_bytes(bytes),
         started.elapsed().as_secs_f64()
     ));
@@ -451,6 +466,7 @@ async fn restore_one(
             Ok(r) => {
                 return Ok(RestoredShard {
                     shard: r.shard,
+                    earlier: false,
                     rows: r.rows,
                     bytes: r.bytes,
                     source_applied_index: r.source_applied_index,
@@ -460,6 +476,17 @@ async fn restore_one(
             // Not (or no longer) the leader, no quorum, the node busy or
             // unreachable: ask again.
             Err(e) if matches!(e.code(), Some(Code::Unavailable) | None) => last = e,
+            // An `End` that timed out but committed comes back as this too.
+            Err(e) if e.code() == Some(Code::AlreadyExists) => {
+                return Ok(RestoredShard {
+                    shard: file.shard,
+                    earlier: true,
+                    rows: 0,
+                    bytes: 0,
+                    source_applied_index: 0,
+                    log_index: 0,
+                })
+            }
             Err(e) => return Err(config(format!("shard {}: {e}", file.shard))),
         }
     }

@@ -15,6 +15,10 @@ pub enum Error {
     /// (e.g. the schema changed under it).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// What the call would create exists already (a shard restored from
+    /// the same backup by an earlier run).
+    #[error("{0}")]
+    AlreadyExists(String),
     /// This node is not the leader; retry on `leader_addr` when known.
     /// Inside the cluster the address is a peer address; answers to
     /// clients carry the leader's client address instead (see
@@ -83,6 +87,7 @@ impl Error {
             Error::InvalidArgument { .. } => "INVALID_ARGUMENT",
             Error::NotFound(_) => "NOT_FOUND",
             Error::FailedPrecondition(_) => "FAILED_PRECONDITION",
+            Error::AlreadyExists(_) => "ALREADY_EXISTS",
             Error::NotLeader { .. } => "NOT_LEADER",
             Error::Unavailable(_) => "UNAVAILABLE",
             Error::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",

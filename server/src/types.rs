@@ -120,6 +120,17 @@ pub struct RestoreRow {
     pub value: Vec<u8>,
 }
 
+/// The id of one attempt at restoring a shard: the caller's `restore_id`
+/// (the backup's id), `#`, and the receiving node's wall clock in ms.
+pub fn restore_attempt_id(restore_id: &str, now_ms: u64) -> String {
+    format!("{restore_id}#{now_ms}")
+}
+
+/// The `restore_id` of an attempt id from [`restore_attempt_id`].
+pub fn restore_id_of(attempt: &str) -> &str {
+    attempt.rsplit_once('#').map_or(attempt, |(id, _)| id)
+}
+
 /// What a shard's restore marker records (`meta` key `restore`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreMarker {

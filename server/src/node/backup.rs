@@ -127,7 +127,7 @@ impl Node {
         let replica = self.hosted(gid)?;
         let slot = self.backup_slot()?;
         let state_db = self.state_db.clone();
-        let (_, marker) = restore_state(&state_db, gid).map_err(Error::internal)?;
+        let marker = restore_state(&state_db, gid).map_err(Error::internal)?.marker;
         if let Some(marker) = marker {
             return Err(Error::FailedPrecondition(format!(
                 "{gid} is being restored (restore {:?}); back it up once the restore ends",
@@ -160,11 +160,12 @@ impl Node {
 
     /// Where a restore's archive for shard `shard` is received: checks
     /// that this node leads the shard (else NOT_LEADER naming the leader)
-    /// and that the shard can be restored, before any byte is received.
-    pub async fn restore_upload(&self, shard: u32) -> Result<ShardUpload> {
+    /// and that the shard can be restored from `restore_id`, before any
+    /// byte is received.
+    pub async fn restore_upload(&self, shard: u32, restore_id: &str) -> Result<ShardUpload> {
         let gid = self.shard_group(shard)?;
         let replica = self.hosted(gid)?;
-        self.check_restorable(&replica)?;
+        self.check_restorable(&replica, restore_id)?;
         let slot = self.backup_slot()?;
         let dir = scratch_dir(&self.data_dir);
         std::fs::create_dir_all(&dir).map_err(Error::internal)?;
@@ -172,10 +173,11 @@ impl Node {
         Ok(ShardUpload { file, gid, _slot: slot })
     }
 
-    /// NOT_LEADER unless this node leads the replica's shard;
-    /// FAILED_PRECONDITION if the shard holds data and no restore is in
-    /// progress.
-    fn check_restorable(&self, replica: &Replica) -> Result<()> {
+    /// NOT_LEADER unless this node leads the replica's shard; if the shard
+    /// holds data and no restore is in progress, ALREADY_EXISTS when the
+    /// last restore that ended in it was `restore_id`'s (a restore run
+    /// again skips it), else FAILED_PRECONDITION.
+    fn check_restorable(&self, replica: &Replica, restore_id: &str) -> Result<()> {
         let gid = replica.gid;
         if let Some((leader, addr)) = leader_elsewhere(replica, self.id) {
             return Err(Error::NotLeader { leader_id: Some(leader), leader_addr: Some(addr) });
@@ -183,8 +185,13 @@ impl Node {
         if replica.raft.metrics().borrow().current_leader != Some(self.id) {
             return Err(Error::Unavailable(format!("{gid} has no leader yet; retry")));
         }
-        let (has_data, marker) = restore_state(&self.state_db, gid).map_err(Error::internal)?;
-        if has_data && marker.is_none() {
+        let state = restore_state(&self.state_db, gid).map_err(Error::internal)?;
+        if state.has_data && state.marker.is_none() {
+            if state.restored.as_deref() == Some(restore_id) {
+                return Err(Error::AlreadyExists(format!(
+                    "{gid} was already restored from {restore_id:?} (an earlier run)"
+                )));
+            }
             return Err(Error::FailedPrecondition(format!(
                 "{gid} holds data: a restore needs a new, empty cluster with the backup's shard count"
             )));
@@ -197,7 +204,7 @@ impl Node {
     pub async fn restore_shard(&self, upload: ShardUpload, id: String) -> Result<RestoreSummary> {
         let gid = upload.gid;
         let replica = self.hosted(gid)?;
-        self.check_restorable(&replica)?;
+        self.check_restorable(&replica, crate::types::restore_id_of(&id))?;
         let (archive, scratch) = (upload.file.path.clone(), upload.file.path.with_extension("d"));
         let open = move || BackupSource::open(&archive, gid, &scratch);
         let source = tokio::task::spawn_blocking(open)

@@ -290,9 +290,10 @@ impl Admin for AdminService {
             if header.sha256.len() != 64 || !header.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(Error::invalid("sha256", "must be 64 hex digits").into());
             }
-            let upload = self.node.restore_upload(header.shard).await?;
+            let upload = self.node.restore_upload(header.shard, &header.restore_id).await?;
             receive_archive(&mut stream, &upload, header.archive_bytes, &header.sha256).await?;
-            let id = format!("{}#{}", header.restore_id, crate::wall_clock_ms());
+            let id =
+                crate::types::restore_attempt_id(&header.restore_id, crate::wall_clock_ms().max(0) as u64);
             Ok::<_, Status>(self.node.restore_shard(upload, id).await?)
         };
         let summary = self.audited(who, "Admin/RestoreShard", args, restore).await?;

@@ -19,6 +19,7 @@ impl From<Error> for Status {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::NotLeader { .. } | Error::Unavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
@@ -57,6 +58,7 @@ pub fn error_from_status(status: &Status) -> Error {
         },
         Code::NotFound => Error::NotFound(message),
         Code::FailedPrecondition => Error::FailedPrecondition(message),
+        Code::AlreadyExists => Error::AlreadyExists(message),
         Code::DeadlineExceeded => Error::DeadlineExceeded(message),
         Code::Internal => Error::Internal(message.trim_start_matches("internal error: ").to_string()),
         _ => Error::Unavailable(message),
@@ -81,6 +83,7 @@ mod tests {
             Error::NotLeader { leader_id: Some(2), leader_addr: Some("http://127.0.0.1:7702".into()) },
             Error::invalid("events", "bad"),
             Error::FailedPrecondition("schema changed".into()),
+            Error::AlreadyExists("shard 0 was already restored".into()),
             Error::Unavailable("no quorum".into()),
         ];
         for e in errors {

@@ -51,6 +51,9 @@ pub const META_CLOCK: &[u8] = b"clock";
 pub const META_REEVAL: &[u8] = b"reeval";
 /// A restore in progress (`types::RestoreMarker`).
 pub const META_RESTORE: &[u8] = b"restore";
+/// The `restore_id` of the last restore that ended in the group (a
+/// string): a restore run again with that id skips the shard.
+pub const META_RESTORED: &[u8] = b"restored";
 /// Column families of a shard's data (what a restore copies and wipes):
 /// every one but `meta`.
 pub const DATA_CFS: [&str; 5] = [CF_PROFILES, CF_HISTORY, CF_DEDUPE, CF_STATE, CF_TIMERS];

@@ -147,9 +147,17 @@ impl Drop for BackupSource {
     }
 }
 
-/// Whether group `gid` holds any data row, and its restore marker if a
-/// restore is in progress (what a restore checks before it begins).
-pub fn restore_state(state_db: &StateDb, gid: GroupId) -> anyhow::Result<(bool, Option<RestoreMarker>)> {
+/// What a restore checks before it begins: whether group `gid` holds any
+/// data row, its restore marker if a restore is in progress, and the
+/// `restore_id` of the last restore that ended in it.
+pub struct RestoreState {
+    pub has_data: bool,
+    pub marker: Option<RestoreMarker>,
+    pub restored: Option<String>,
+}
+
+/// Group `gid`'s [`RestoreState`].
+pub fn restore_state(state_db: &StateDb, gid: GroupId) -> anyhow::Result<RestoreState> {
     let db = state_db.db();
     let (start, end) = group_range(gid);
     let mut has_data = false;
@@ -165,6 +173,8 @@ pub fn restore_state(state_db: &StateDb, gid: GroupId) -> anyhow::Result<(bool, 
             break;
         }
     }
-    let marker = db.get_cf(cf(&db, CF_META), meta(gid, META_RESTORE))?.map(|b| decode(&b)).transpose()?;
-    Ok((has_data, marker))
+    let get = |name| db.get_cf(cf(&db, CF_META), meta(gid, name));
+    let marker = get(META_RESTORE)?.map(|b| decode(&b)).transpose()?;
+    let restored = get(META_RESTORED)?.map(|b| decode(&b)).transpose()?;
+    Ok(RestoreState { has_data, marker, restored })
 }

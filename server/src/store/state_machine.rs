@@ -75,6 +75,7 @@ struct MetaKeys {
     reeval: Vec<u8>,
     cluster: Vec<u8>,
     restore: Vec<u8>,
+    restored: Vec<u8>,
 }
 
 impl MetaKeys {
@@ -87,6 +88,7 @@ impl MetaKeys {
             reeval: meta(gid, META_REEVAL),
             cluster: meta(gid, META_CLUSTER),
             restore: meta(gid, META_RESTORE),
+            restored: meta(gid, META_RESTORED),
         }
     }
 }
@@ -400,6 +402,7 @@ impl Applier {
                     encode(&RestoreMarker { id, next_seq: 0, rows: 0 }),
                 );
                 batch.delete_cf(meta_cf, &self.keys.reeval);
+                batch.delete_cf(meta_cf, &self.keys.restored);
                 self.cache.clear();
                 self.restoring = Some(true);
                 Ok(Ok(0))
@@ -452,6 +455,11 @@ impl Applier {
                     None => batch.delete_cf(meta_cf, &self.keys.reeval),
                 }
                 batch.delete_cf(meta_cf, &self.keys.restore);
+                batch.put_cf(
+                    meta_cf,
+                    &self.keys.restored,
+                    encode(&crate::types::restore_id_of(&id).to_string()),
+                );
                 self.cache.clear();
                 self.restoring = Some(false);
                 Ok(Ok(marker.rows))

@@ -21,6 +21,16 @@ use crate::routing::MAP_EPOCH_HEADER;
 use crate::ClientError;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// While a call is open, the connection is pinged this often, and closed
+/// (failing its calls with `UNAVAILABLE`) when a ping is not answered
+/// within [`PING_TIMEOUT`]: a node that vanished (power loss, a dropped
+/// link) does not hold a call forever. Calls have no deadline of their
+/// own: a restore or a backup stream may rightly take hours.
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// See [`PING_INTERVAL`].
+pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive on every connection (idle ones included).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Longest token accepted (the server refuses longer ones too).
 pub const MAX_TOKEN_BYTES: usize = 512;
@@ -247,7 +257,13 @@ fn configure(endpoint: &str, options: &ConnectOptions) -> Result<Endpoint, Clien
         (Some(_), Some(rest)) => format!("https://{rest}"),
         _ => endpoint.to_string(),
     };
-    let mut configured = Endpoint::from_shared(uri).map_err(connect_error)?.connect_timeout(CONNECT_TIMEOUT);
+    let mut configured = Endpoint::from_shared(uri)
+        .map_err(connect_error)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_keepalive(Some(TCP_KEEPALIVE))
+        .http2_keep_alive_interval(PING_INTERVAL)
+        .keep_alive_timeout(PING_TIMEOUT)
+        .keep_alive_while_idle(false);
     if let Some(tls) = &options.tls {
         configured = configured.tls_config(tls.clone()).map_err(connect_error)?;
     }

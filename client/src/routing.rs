@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use portrait_proto::v1::{ShardMapRequest, ShardMapResponse};
 use tokio::time::Instant;
+use tonic::Status;
 
 use crate::conn::{lazy_channel, normalize_endpoint, Chan, Conn, ConnectOptions, Router};
 use crate::shard::{shard_of, MAX_SHARDS};
@@ -148,9 +149,13 @@ impl Routes {
     }
 }
 
+/// How long one node is given to answer for the map: the cache's lock is
+/// held meanwhile, so a silent seed must not hold every call up.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Asks the seed for the map, then (if the seed fails) the router's
-/// current node; one attempt each, so a fetch never holds a call up for
-/// long.
+/// current node; one attempt each, within [`FETCH_TIMEOUT`], so a fetch
+/// never holds a call up for long.
 async fn fetch(router: &Router) -> Option<RouteMap> {
     let seed = router.seed();
     let current = router.current();
@@ -159,7 +164,12 @@ async fn fetch(router: &Router) -> Option<RouteMap> {
         asked.push(current);
     }
     for conn in asked {
-        match crate::client::admin(conn.channel).shard_map(ShardMapRequest {}).await {
+        let mut admin = crate::client::admin(conn.channel);
+        let call = admin.shard_map(ShardMapRequest {});
+        match tokio::time::timeout(FETCH_TIMEOUT, call)
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("")))
+        {
             Ok(answer) => {
                 router.note_epoch(answer.metadata());
                 let home = conn.endpoint == seed.endpoint;

@@ -168,3 +168,24 @@ async fn reads_follow_redirects_too() {
     let response = client.get_profile("u1", &["browse".into()], Consistency::Local).await.unwrap();
     assert_eq!(response.read_info.unwrap().node_id, 2);
 }
+
+#[tokio::test]
+async fn a_call_to_a_node_that_went_silent_fails_instead_of_hanging() {
+    // Accepts connections and never answers (a node that lost power
+    // after the TCP handshake, as far as the client can tell).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let client = PortraitClient::connect(&format!("http://{addr}")).await.unwrap();
+    let started = Instant::now();
+    let limit = portrait_client::PING_INTERVAL + portrait_client::PING_TIMEOUT + Duration::from_secs(10);
+    let answer = tokio::time::timeout(limit, client.cluster_status()).await;
+    let err = answer.expect("the unanswered ping ends the call").unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    assert!(started.elapsed() >= portrait_client::PING_INTERVAL, "{:?}", started.elapsed());
+}

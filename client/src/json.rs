@@ -5,8 +5,9 @@
 //! `{"user_id":"u1","family":"browse","type":"view","event_time_ms":1700000000000,
 //!   "event_id":"e1","attrs":{"category":"phone","price":399.0,"qty":2,"vip":true}}`.
 //! `user_id`, `family` and `type` are required; `event_time_ms` defaults to
-//! now, `event_id` to `""` (never deduplicated), `attrs` to none. Unknown keys
-//! are rejected so that typos do not silently drop data. Attribute values map
+//! now, `event_id` to `""` (never deduplicated), `attrs` to none. Unknown keys,
+//! and a key given twice in one object ([`parse_json`]), are rejected so that
+//! typos do not silently drop data. Attribute values map
 //! JSON string → string, integer → int, other number → double, bool → bool.
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,6 +18,72 @@ use portrait_proto::ValueKind;
 use serde_json::{json, Map, Value as Json};
 
 const FIELDS: &[&str] = &["user_id", "family", "type", "event_time_ms", "event_id", "attrs"];
+
+/// Parses JSON text like `serde_json::from_str`, but refuses an object that
+/// has a key twice (serde_json keeps the last one silently: a repeated
+/// `user_id` would write to another user, a repeated attribute lose a
+/// value).
+pub fn parse_json(text: &str) -> Result<Json, serde_json::Error> {
+    serde_json::from_str::<Strict>(text).map(|s| s.0)
+}
+
+/// A JSON value whose objects have no key twice ([`parse_json`]).
+struct Strict(Json);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Json;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Json, E> {
+        Ok(Json::Bool(b))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Json, E> {
+        Ok(Json::from(n))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Json, E> {
+        Ok(Json::from(n))
+    }
+    fn visit_f64<E>(self, n: f64) -> Result<Json, E> {
+        Ok(serde_json::Number::from_f64(n).map_or(Json::Null, Json::Number))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Json, E> {
+        Ok(Json::String(s.to_string()))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Json, E> {
+        Ok(Json::String(s))
+    }
+    fn visit_unit<E>(self) -> Result<Json, E> {
+        Ok(Json::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Json::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+        let mut obj = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if obj.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key `{key}`")));
+            }
+            let Strict(value) = map.next_value()?;
+            obj.insert(key, value);
+        }
+        Ok(Json::Object(obj))
+    }
+}
 
 /// Converts one JSON event object; the error names the offending field.
 pub fn event_from_json(json: &Json) -> Result<Event, String> {

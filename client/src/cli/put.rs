@@ -11,7 +11,7 @@ pub async fn run(endpoint: &super::Target, text: &str) -> anyhow::Result<String>
 
 /// One event object or an array of them.
 fn parse(text: &str) -> anyhow::Result<Vec<Event>> {
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| anyhow!("invalid JSON: {e}"))?;
+    let value = json::parse_json(text).map_err(|e| anyhow!("invalid JSON: {e}"))?;
     let events = json::events_from_json(&value).map_err(|e| anyhow!(e))?;
     if events.is_empty() {
         bail!("no events to write");

@@ -187,3 +187,16 @@ fn missing_profile_is_empty() {
         json!({"user_id": "nobody", "found": false, "families": {}, "features": {}, "tags": {}})
     );
 }
+
+#[test]
+fn a_key_twice_in_an_object_is_refused_at_any_depth() {
+    let twice = r#"{"user_id":"alice","family":"browse","type":"view","user_id":"bob"}"#;
+    let e = parse_json(twice).unwrap_err().to_string();
+    assert!(e.starts_with("duplicate key `user_id`"), "{e}");
+    let nested = r#"[{"user_id":"a","family":"browse","type":"view","attrs":{"price":1,"price":2}}]"#;
+    assert!(parse_json(nested).unwrap_err().to_string().starts_with("duplicate key `price`"));
+    // Anything else reads as serde_json reads it.
+    let text = r#"[{"a":1,"b":-2,"c":2.0,"d":"x","e":[true,null],"f":{"g":18446744073709551615}}]"#;
+    assert_eq!(parse_json(text).unwrap(), serde_json::from_str::<Json>(text).unwrap());
+    assert_eq!(parse_json(&sample().to_string()).unwrap(), sample());
+}

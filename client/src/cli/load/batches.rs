@@ -68,7 +68,7 @@ fn parse_line(bytes: &[u8]) -> Result<Option<Event>, String> {
     if text.is_empty() {
         return Ok(None);
     }
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| json_error(&e))?;
+    let value = json::parse_json(text).map_err(|e| json_error(&e))?;
     json::event_from_json(&value).map(Some)
 }
 

@@ -14,6 +14,7 @@ use super::eval::Ev;
 use super::next_change::Schedule;
 use super::{Type, Val};
 use crate::duration::{DAY_MS, HOUR_MS};
+use crate::limits::MAX_DISTINCT_PER_BUCKET;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Func {
@@ -125,7 +126,11 @@ pub(super) fn apply(func: Func, args: &[Ev<'_>], schedule: &mut Schedule, at: Ar
     let set = |i: usize| args.get(i).and_then(Ev::as_set);
     let map = |i: usize| args.get(i).and_then(Ev::as_map);
     let text = |i: usize| args.get(i).and_then(Ev::as_str);
-    let set_of = |keys: Vec<&String>| Ev::owned(Val::Set(keys.into_iter().cloned().collect()));
+    // Keys come in ascending order: a set past the limit keeps the smallest
+    // (the same on every replica), so a tag's state stays within its budget.
+    let set_of = |keys: Vec<&String>| {
+        Ev::owned(Val::Set(keys.into_iter().take(MAX_DISTINCT_PER_BUCKET).cloned().collect()))
+    };
     Some(match func {
         Func::Abs => abs(num(0)?, schedule, at),
         Func::Min => extreme(args, CmpOp::Le, schedule, at)?,

@@ -55,6 +55,19 @@ fn set_functions() {
 }
 
 #[test]
+fn a_set_keeps_at_most_max_distinct_per_bucket_keys_the_smallest() {
+    use crate::limits::MAX_DISTINCT_PER_BUCKET;
+    let keys =
+        |from: usize| (from..from + MAX_DISTINCT_PER_BUCKET).map(|i| format!("k{i:05}")).collect::<Vec<_>>();
+    let (a, b) = (keys(0), keys(MAX_DISTINCT_PER_BUCKET));
+    let as_set = |k: &[String]| set(&k.iter().map(String::as_str).collect::<Vec<_>>());
+    let values = [("tags", as_set(&a)), ("other", as_set(&b))];
+    assert_eq!(run("size(union(tags, other))", &values), num(MAX_DISTINCT_PER_BUCKET as f64));
+    assert_eq!(run("union(other, tags)", &values), as_set(&a), "the smallest keys, whatever the order");
+    assert_eq!(run("union(union(tags, other), other)", &values), as_set(&a));
+}
+
+#[test]
 fn map_functions() {
     let values = [("m", map(&[("book", 1.0), ("phone", 3.0), ("shoe", 5.0)]))];
     assert_eq!(run("keys(m)", &values), set(&["book", "phone", "shoe"]));

@@ -222,8 +222,15 @@ impl Engine {
                 Some(ts) if ts.value == value => ts.next_change = next,
                 stored => {
                     // A change found only because time passed happened at the
-                    // scheduled moment, not at this (later) tick.
-                    let at = if by_input || fresh { now } else { due_at.unwrap_or(now) };
+                    // scheduled moment, not at this (later) tick: the tag's
+                    // own next change when it had one, else the user's wake
+                    // time (a window's edge).
+                    let scheduled = stored.as_ref().and_then(|t| t.next_change).filter(|t| *t <= now);
+                    let at = match (by_input || fresh, scheduled, due_at) {
+                        (true, _, _) => now,
+                        (false, Some(t), due) => due.map_or(t, |d| t.max(d)),
+                        (false, None, due) => due.unwrap_or(now),
+                    };
                     *stored = Some(TagState { value, changed_at: at, next_change: next });
                     slots.changed.insert(tag.slot);
                     if let Some(names) = changed.as_deref_mut() {
@@ -415,6 +422,33 @@ rule = 'aaa_orders > 0'
 [tags.repeat]
 rule = 'aaa_orders >= 2 and trade.amount > 10'
 "#;
+
+    #[test]
+    fn a_tag_changed_by_time_alone_records_its_own_scheduled_moment() {
+        let engine = engine(
+            r#"
+[families.trade]
+ttl = "none"
+attrs = { amount = "num" }
+[features.first_order_time]
+family = "trade"
+agg = "first_time"
+[tags.a]
+rule = 'days(now - first_order_time) > 1'
+[tags.b]
+rule = 'days(now - first_order_time) > 5'
+"#,
+        );
+        let mut state = UserState::default();
+        apply(&engine, &mut state, &[order("o1", NOW, 5)], NOW);
+        let wake = state.wake_at.expect("a wakes the user");
+        assert!(wake > NOW + DAY && wake <= NOW + DAY + 1, "{wake}");
+        // One late tick, after both moments: each keeps its own.
+        engine.settle(&mut state, &Dirty::new(), NOW + 6 * DAY);
+        let at = |name| engine.tag_state(&state, name).unwrap().changed_at;
+        assert_eq!(at("a"), wake);
+        assert_eq!(at("b"), wake + 4 * DAY);
+    }
 
     #[test]
     fn state_is_laid_out_in_engine_order_without_names() {

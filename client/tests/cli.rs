@@ -93,7 +93,7 @@ async fn load_stops_at_a_bad_line_without_sending_its_batch() {
     assert_eq!(run.code, 1);
     assert_eq!(
         run.stderr,
-        "error: stopped after 100 events were written: line 152: missing field `family`\n"
+        "error: stopped: lines 1-100 were written (100 events); line 152: missing field `family`\n"
     );
     assert_eq!(run.stdout, "");
     assert_eq!(node.fake.calls(), 1);

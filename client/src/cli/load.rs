@@ -3,7 +3,9 @@
 //! A reader thread parses lines into batches (`batches.rs`) and hands them
 //! over a bounded channel; up to `concurrency` unary writes are in flight at
 //! once. On the first failure no new batch is sent, the writes in flight are
-//! awaited, and the error says how many events were written before it.
+//! awaited, and the error says which lines were written (every line before
+//! the first batch that was not, and any later batch that was in flight),
+//! which lines failed, and the line of the event a server error names.
 
 mod batches;
 
@@ -58,16 +60,67 @@ pub async fn run(
             }
         }
     });
-    let (totals, failure) = send_all(&client, rx, concurrency, &bar).await;
+    let (totals, written, failure) = send_all(&client, rx, concurrency, &bar).await;
     bar.finish_and_clear();
     match failure {
         None => Ok(summary(&totals, started.elapsed())),
-        Some(err) if totals.events == 0 => Err(err.into()),
-        Some(err) => {
-            Err(anyhow::Error::new(err)
-                .context(format!("stopped after {} events were written", totals.events)))
-        }
+        Some(failure) => Err(anyhow::anyhow!(stopped(&written, failure))),
     }
+}
+
+/// Why a load stopped.
+enum Failure {
+    /// A line could not be read or parsed (its batch was not sent).
+    Read(ClientError),
+    /// A batch's write failed (some of it may have been applied: a write
+    /// is atomic per shard only).
+    Write { first_line: usize, last_line: usize, lines: Vec<usize>, err: ClientError },
+}
+
+/// A batch that was written: its first and last lines and its events.
+type Written = (usize, usize, usize);
+
+/// The error of a load that stopped: which lines were written (every line
+/// before the first one that was not, and any batch after it that was in
+/// flight), then what failed, with the line of the event a server error
+/// names (`events[i]` of the batch). Resuming after the written prefix with
+/// the same event ids skips what was written.
+fn stopped(written: &[Written], failure: Failure) -> String {
+    let mut written = written.to_vec();
+    written.sort();
+    let cut = match &failure {
+        Failure::Read(ClientError::Json { line, .. }) => *line,
+        Failure::Read(_) => usize::MAX,
+        Failure::Write { first_line, .. } => *first_line,
+    };
+    let (before, after): (Vec<Written>, Vec<Written>) =
+        written.iter().partition(|(first, _, _)| *first < cut);
+    let count = |ranges: &[Written]| ranges.iter().map(|(_, _, n)| n).sum::<usize>();
+    let mut parts = Vec::new();
+    match before.last() {
+        Some((_, last, _)) => parts.push(format!("lines 1-{last} were written ({} events)", count(&before))),
+        None => parts.push("nothing was written".to_string()),
+    }
+    if !after.is_empty() {
+        let ranges: Vec<String> = after.iter().map(|(f, l, _)| format!("{f}-{l}")).collect();
+        parts.push(format!("lines {} were written too ({} events)", ranges.join(", "), count(&after)));
+    }
+    let cause = match failure {
+        Failure::Read(err) => err.to_string(),
+        Failure::Write { first_line, last_line, lines, err } => {
+            let text = err.to_string();
+            let line = event_index(&text).and_then(|i| lines.get(i));
+            let at = line.map(|l| format!(" (line {l} is the event it names)")).unwrap_or_default();
+            format!("lines {first_line}-{last_line} failed{at}: {text}")
+        }
+    };
+    format!("stopped: {}; {cause}", parts.join("; "))
+}
+
+/// `N` of the first `events[N]` in a server's error message.
+fn event_index(message: &str) -> Option<usize> {
+    let rest = &message[message.find("events[")? + "events[".len()..];
+    rest[..rest.find(']')?].parse().ok()
 }
 
 /// The input and its size in bytes when known (a regular file).
@@ -86,8 +139,9 @@ async fn send_all(
     mut rx: mpsc::Receiver<Result<Batch, ClientError>>,
     concurrency: usize,
     bar: &ProgressBar,
-) -> (Totals, Option<ClientError>) {
+) -> (Totals, Vec<Written>, Option<Failure>) {
     let mut totals = Totals::default();
+    let mut written = Vec::new();
     let mut failure = None;
     let mut reading = true;
     let mut in_flight = FuturesUnordered::new();
@@ -95,29 +149,55 @@ async fn send_all(
         tokio::select! {
             item = rx.recv(), if reading && failure.is_none() && in_flight.len() < concurrency => match item {
                 Some(Ok(batch)) => in_flight.push(write(client, batch)),
-                Some(Err(err)) => failure = Some(err),
+                Some(Err(err)) => failure = Some(Failure::Read(err)),
                 None => reading = false,
             },
-            Some((events, bytes, result)) = in_flight.next(), if !in_flight.is_empty() => match result {
+            Some((sent, result)) = in_flight.next(), if !in_flight.is_empty() => match result {
                 Ok(response) => {
-                    totals.add(events, &response);
-                    bar.inc(bytes);
+                    totals.add(sent.events, &response);
+                    written.push((sent.first_line, sent.last_line, sent.events));
+                    bar.inc(sent.bytes);
                     bar.set_message(format!("{} events", totals.events));
                 }
                 Err(err) => {
-                    failure.get_or_insert(err);
+                    let failed = Failure::Write {
+                        first_line: sent.first_line,
+                        last_line: sent.last_line,
+                        lines: sent.lines,
+                        err,
+                    };
+                    // The earliest failed batch is the one to report.
+                    match &failure {
+                        Some(Failure::Write { first_line, .. }) if *first_line < sent.first_line => {}
+                        _ => failure = Some(failed),
+                    }
                 }
             },
             else => break,
         }
     }
-    (totals, failure)
+    (totals, written, failure)
 }
 
-/// Writes one batch; returns its event count and input bytes with the result.
-async fn write(client: &PortraitClient, batch: Batch) -> (usize, u64, Result<WriteResponse, ClientError>) {
-    let (events, bytes) = (batch.events.len(), batch.bytes);
-    (events, bytes, client.write(batch.events).await)
+/// What a batch was, kept while its write is in flight.
+struct Sent {
+    events: usize,
+    bytes: u64,
+    first_line: usize,
+    last_line: usize,
+    lines: Vec<usize>,
+}
+
+/// Writes one batch; returns what it was with the result.
+async fn write(client: &PortraitClient, batch: Batch) -> (Sent, Result<WriteResponse, ClientError>) {
+    let sent = Sent {
+        events: batch.events.len(),
+        bytes: batch.bytes,
+        first_line: batch.first_line,
+        last_line: batch.last_line,
+        lines: batch.lines,
+    };
+    (sent, client.write(batch.events).await)
 }
 
 const BAR_TEMPLATE: &str = "{spinner} {elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} {msg}";
@@ -150,6 +230,39 @@ fn summary(t: &Totals, elapsed: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn failed_write(first_line: usize, last_line: usize, message: &str) -> Failure {
+        let lines = (first_line..=last_line).collect();
+        let err = ClientError::Rpc(tonic::Status::invalid_argument(message));
+        Failure::Write { first_line, last_line, lines, err }
+    }
+
+    #[test]
+    fn a_stopped_load_names_the_lines_written_and_the_event_that_failed() {
+        // Batches of 100 lines, 4 in flight: 1-100 and 301-400 written,
+        // 101-200 failed on its fourth event, 201-300 failed too.
+        let written = [(301, 400, 100), (1, 100, 100)];
+        let failure = failed_write(101, 200, "events[3].user_id: must not be empty");
+        assert_eq!(
+            stopped(&written, failure),
+            "stopped: lines 1-100 were written (100 events); lines 301-400 were written too (100 events); \
+             lines 101-200 failed (line 104 is the event it names): INVALID_ARGUMENT: events[3].user_id: must \
+             not be empty"
+        );
+        let failure = failed_write(1, 100, "shard 2: no quorum");
+        assert_eq!(
+            stopped(&[], failure),
+            "stopped: nothing was written; lines 1-100 failed: INVALID_ARGUMENT: shard 2: no quorum"
+        );
+        let bad_line =
+            Failure::Read(ClientError::Json { line: 152, reason: "missing field `family`".into() });
+        assert_eq!(
+            stopped(&[(1, 100, 100)], bad_line),
+            "stopped: lines 1-100 were written (100 events); line 152: missing field `family`"
+        );
+        assert_eq!(event_index("shard 1: events[12].attrs.x: too long"), Some(12));
+        assert_eq!(event_index("events[x]"), None);
+    }
 
     #[test]
     fn progress_templates_parse() {

@@ -11,6 +11,11 @@ use portrait_client::{json, ClientError, Event};
 pub struct Batch {
     pub events: Vec<Event>,
     pub bytes: u64,
+    /// The input lines it covers (blank ones included), 1-based.
+    pub first_line: usize,
+    pub last_line: usize,
+    /// The line of each event.
+    pub lines: Vec<usize>,
 }
 
 pub struct Batches<R> {
@@ -26,7 +31,7 @@ impl<R: BufRead> Batches<R> {
     }
 
     fn fill(&mut self) -> Result<Batch, ClientError> {
-        let mut batch = Batch::default();
+        let mut batch = Batch { first_line: self.line + 1, ..Batch::default() };
         let mut buf = Vec::new();
         while batch.events.len() < self.size {
             buf.clear();
@@ -38,8 +43,12 @@ impl<R: BufRead> Batches<R> {
             self.line += 1;
             batch.bytes += read as u64;
             let parsed = parse_line(&buf).map_err(|reason| ClientError::Json { line: self.line, reason })?;
-            batch.events.extend(parsed);
+            if let Some(event) = parsed {
+                batch.events.push(event);
+                batch.lines.push(self.line);
+            }
         }
+        batch.last_line = self.line;
         Ok(batch)
     }
 }

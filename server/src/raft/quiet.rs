@@ -29,7 +29,10 @@
 //!   others elect (a stand-in for the pre-vote openraft 0.9 lacks).
 //! - A resting leader wakes when a follower's node comes up again (a new
 //!   boot id), so the restarted replica learns its leader without an
-//!   election.
+//!   election, and stays awake for three election timeouts after: the
+//!   restarted replica may hold entries it has not learnt are committed,
+//!   and heartbeats to it can fail for a while (reconnect backoff) though
+//!   the leader's view of its log is whole.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -169,6 +172,9 @@ pub struct Timing {
     pub round: Duration,
     /// No proposal and every follower caught up for this long: rest.
     pub rest_after: Duration,
+    /// Not at rest while a member's node came up this recently (three
+    /// election timeouts).
+    pub awake_after_up: Duration,
     /// The leader's node silent this long: campaign (`election_timeout_min`).
     pub leader_silence: Duration,
     /// No leader known this long: campaign (`election_timeout_max`, what a
@@ -185,6 +191,7 @@ impl From<&RaftTuning> for Timing {
         Timing {
             round: ms(t.heartbeat_ms),
             rest_after: ms(2 * t.heartbeat_ms),
+            awake_after_up: ms(3 * t.election_timeout_max_ms),
             leader_silence: ms(t.election_timeout_min_ms),
             leaderless: ms(t.election_timeout_max_ms),
             jitter: ms(t.election_timeout_max_ms - t.election_timeout_min_ms),
@@ -303,11 +310,19 @@ impl QuietGroups {
         };
         w.steady = caught_up.then_some((seen, steady_since));
         let heartbeats = &replica.heartbeats;
+        // A follower that came up lately may not have heard the commit
+        // index yet: heartbeats to it can fail for a while after its
+        // restart (reconnect backoff) although the leader's view of its
+        // log is whole, so the group stays awake for a while after.
+        let up_lately = self.follower_came_up(m, now.checked_sub(self.timing.awake_after_up));
         if heartbeats.is_resting() {
-            if !caught_up || self.follower_came_up(m, w.rested_at) {
+            if !caught_up || up_lately || self.follower_came_up(m, w.rested_at) {
                 heartbeats.wake();
             }
-        } else if now - steady_since >= self.timing.rest_after && heartbeats.rest(self.timing.rest_after) {
+        } else if !up_lately
+            && now - steady_since >= self.timing.rest_after
+            && heartbeats.rest(self.timing.rest_after)
+        {
             w.rested_at = Some(now);
             tracing::debug!(group = %replica.gid, "idle: heartbeats off");
         }

@@ -125,6 +125,15 @@ impl Node {
     pub async fn export_shard(&self, shard: u32) -> Result<ShardExport> {
         let gid = self.shard_group(shard)?;
         let replica = self.hosted(gid)?;
+        // A replica just placed here (a learner, or one not yet sent
+        // anything) would export an empty or partial shard.
+        let m = replica.raft.metrics().borrow().clone();
+        if m.last_applied.is_none() || !m.membership_config.membership().voter_ids().any(|v| v == self.id) {
+            return Err(Error::FailedPrecondition(format!(
+                "{gid}'s replica on node {} is not a voter yet (still catching up); copy another replica",
+                self.id
+            )));
+        }
         let slot = self.backup_slot()?;
         let state_db = self.state_db.clone();
         let marker = restore_state(&state_db, gid).map_err(Error::internal)?.marker;

@@ -162,10 +162,13 @@ impl Node {
             self.balance_leaders(&map).await;
             return Ok(());
         }
-        let busy = busy_shards(&map, &self.statuses().await);
+        let statuses = self.statuses().await;
+        let busy = busy_shards(&map, &statuses);
         // A drain moves at least one replica at a time, even with
-        // balancing off.
-        let room = self.max_moves.max(1).saturating_sub(busy.len());
+        // balancing off. Only moves under way take room: a shard without a
+        // leader (its nodes down) is busy, but must not hold up the drain
+        // that gives the others their replicas back.
+        let room = self.max_moves.max(1).saturating_sub(moving_shards(&map, &statuses));
         let mut plan = map.plan_drain(&busy, room);
         if balancing && plan.is_empty() {
             plan = map.plan_moves(&busy, room);
@@ -517,6 +520,18 @@ impl Node {
 
 /// Shards whose membership, as their leader reports it, is not yet the
 /// map's replicas (a change under way), or whose leader did not answer.
+/// How many shards have a leader that answers and a membership that is not
+/// the map's yet: the moves under way.
+fn moving_shards(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) -> usize {
+    let led: BTreeSet<u32> = statuses
+        .iter()
+        .flat_map(|(_, status)| status.shard_status.iter())
+        .filter(|s| s.role == "Leader")
+        .map(|s| s.shard)
+        .collect();
+    busy_shards(map, statuses).intersection(&led).count()
+}
+
 fn busy_shards(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) -> BTreeSet<u32> {
     let mut settled = BTreeSet::new();
     for (_, status) in statuses {
@@ -616,4 +631,38 @@ pub(super) async fn remove_from_group(replica: &Replica, id: NodeId, within: Dur
     };
     let resp = replica.raft.change_membership(change, false).await.map_err(client_write_error)?;
     Ok(resp.log_id.index)
+}
+
+#[cfg(test)]
+mod tests {
+    use portrait_proto::v1::ShardStatus;
+
+    use super::*;
+
+    fn leading(node: NodeId, shard: u32, voters: &[NodeId]) -> (NodeId, ClusterStatusResponse) {
+        let status =
+            ShardStatus { shard, role: "Leader".into(), voters: voters.to_vec(), ..Default::default() };
+        (node, ClusterStatusResponse { node_id: node, shard_status: vec![status], ..Default::default() })
+    }
+
+    #[test]
+    fn a_shard_without_a_leader_is_busy_but_is_no_move_under_way() {
+        let mut map = ShardMap::create(4, 3, 1, "http://n1", "http://n1:8700").unwrap();
+        for n in 2..=3 {
+            let change = MapChange::AddNode {
+                node: n,
+                addr: format!("http://n{n}"),
+                peer_addr: format!("http://n{n}:8700"),
+            };
+            map.apply(&change).unwrap();
+        }
+        for shard in 0..4 {
+            map.replicas[shard] = vec![1, 2, 3];
+        }
+        // Shard 0 settled, shard 1 moving (a voter still to go), shards 2
+        // and 3 with no leader answering.
+        let statuses = [leading(1, 0, &[1, 2, 3]), leading(2, 1, &[1, 2, 3, 4])];
+        assert_eq!(busy_shards(&map, &statuses), BTreeSet::from([1, 2, 3]));
+        assert_eq!(moving_shards(&map, &statuses), 1);
+    }
 }

@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use portrait_client::{Event, PortraitClient};
+use portrait_client::{Consistency, Event, PortraitClient};
 use portrait_cluster_tests::replicas::{
     assert_every_replica_holds, drain, placement, statuses, wait_leaders_balanced, wait_placed, wait_sizes,
     Book,
 };
-use portrait_cluster_tests::workload::order_of;
+use portrait_cluster_tests::workload::{history_ids, order_of};
 use portrait_cluster_tests::Cluster;
 
 const SHARDS: u32 = 8;
@@ -250,4 +250,41 @@ async fn a_node_dead_past_replica_dead_after_has_its_replicas_re_created() {
     assert_eq!(map.draining, [4], "the dead node is drained");
     assert_eq!(client.replicas_on(4).await.unwrap(), 0);
     assert_eq!(assert_every_replica_holds(&cluster, &[1, 2, 3], SHARDS, &book).await, 12);
+}
+
+/// Replication 1: a shard moved to a new node keeps its data. The node it
+/// moves to must join the shard's group, not create an empty one of its
+/// own (which it did while it was the map's only replica of the shard).
+#[tokio::test]
+async fn with_replication_1_a_shard_moved_to_a_new_node_keeps_its_data() {
+    const SHARDS: u32 = 4;
+    let mut cluster = Cluster::start_placed(1, SHARDS, 1).await;
+    let client = cluster.client(1).await;
+    let events: Vec<Event> = (0..40).map(|i| order_of(&format!("u{i}"), &format!("before-{i}"))).collect();
+    assert_eq!(client.write(events).await.expect("write").applied, 40);
+
+    let two = cluster.spawn_joining(&[1]).await;
+    // Balanced: two shards each, one voter, led, and node 1 hosts only its own.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let all = statuses(&cluster, &[1, two]).await;
+        let placed = placement(&all);
+        let hosted: Vec<usize> = all.values().map(|s| s.shard_status.len()).collect();
+        let on_two = placed.values().filter(|(n, _)| n.contains(&two)).count();
+        let settled = placed.len() == SHARDS as usize
+            && placed.values().all(|(n, l)| n.len() == 1 && l.is_some_and(|l| n.contains(&l)));
+        if settled && on_two == 2 && hosted == [2, 2] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not moved: {placed:?}, hosted {hosted:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let reader = cluster.client(two).await;
+    let after: Vec<Event> = (0..40).map(|i| order_of(&format!("u{i}"), &format!("after-{i}"))).collect();
+    assert_eq!(reader.write(after).await.expect("write after the move").applied, 40);
+    for i in 0..40 {
+        let user = format!("u{i}");
+        let ids = history_ids(&reader, &user, "trade", Consistency::Linearizable).await;
+        assert_eq!(ids, [format!("after-{i}"), format!("before-{i}")], "{user}");
+    }
 }

@@ -194,7 +194,6 @@ pub struct Node {
     schema_cache: Mutex<Arc<VersionedSchema>>,
     /// Replicas the map no longer places here, since when (see
     /// `node/placement.rs`).
-    unplaced: Mutex<BTreeMap<GroupId, tokio::time::Instant>>,
     /// Held by the one placement running on the node (`Node::place`).
     placing: tokio::sync::Mutex<()>,
     /// Leader balancing's transfers under way (meta leader), by shard, and
@@ -319,7 +318,6 @@ impl Node {
             raft_config,
             tuning: opts.tuning.clone(),
             schema_cache: Mutex::default(),
-            unplaced: Mutex::default(),
             leaders: Mutex::default(),
             placing: tokio::sync::Mutex::default(),
             leader_moves: Arc::default(),

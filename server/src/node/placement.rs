@@ -20,9 +20,11 @@
 //!   the map that only learn the meta group are promoted to its voters
 //!   while it has fewer than five.
 //! - **Removed replicas**: a shard the map no longer places here is
-//!   dropped once its committed membership no longer has this node, or
-//!   [`DROP_AFTER`] after the map left it: its raft stops and its log and
-//!   state are deleted.
+//!   dropped once its committed membership no longer has this node, or the
+//!   shard's leader (or, when none is known, a node the map places it on)
+//!   reports a membership without it: its raft stops and its log and state
+//!   are deleted. Never on a timer: a replica the map left is still a
+//!   voter until its successor has caught up.
 //!
 //! Each change is one raft membership change, bounded by the write
 //! timeout; a failure is logged and retried on the next pass.
@@ -47,10 +49,10 @@ use crate::types::{Command, GroupId, NodeId};
 const EVERY: Duration = Duration::from_millis(250);
 /// A learner within this many entries of its leader's log is promoted.
 const PROMOTE_LAG: u64 = 1_000;
-/// A replica the map no longer places here is dropped once its committed
-/// membership says it was removed, or (a removed replica need not hear of
-/// its removal: its leader stops sending) this long after the map left it.
-const DROP_AFTER: Duration = Duration::from_secs(30);
+
+/// A leader that leaves its shard hands over to a wanted voter whose node
+/// answered the liveness probe this recently.
+const SUCCESSOR_HEARD_WITHIN: Duration = Duration::from_secs(3);
 
 /// Runs until `stop` turns true (or the node is gone).
 pub(super) async fn run(node: Weak<Node>, mut stop: watch::Receiver<bool>) {
@@ -98,32 +100,30 @@ impl Node {
         });
         futures::future::join_all(leading).await;
         let hosted: BTreeSet<u32> = map.hosted_by(self.id).into_iter().collect();
-        let now = tokio::time::Instant::now();
-        let mut unplaced = self.unplaced.lock().expect("unplaced lock").clone();
-        unplaced.retain(|gid, _| !hosted.contains(&gid.0));
         let mut drop = Vec::new();
         for replica in shards.into_iter().filter(|r| !hosted.contains(&r.gid.0)) {
-            let since = *unplaced.entry(replica.gid).or_insert(now);
             if replica.is_leader() {
                 continue;
             }
-            if removed(&replica, self.id)
-                || now - since >= DROP_AFTER
-                || self.leader_left_me(&replica, map).await
-            {
+            // Never on a timer: while its successor catches up, a replica
+            // the map left is still a voter its shard's quorum may need.
+            if removed(&replica, self.id) || self.leader_left_me(&replica, map).await {
                 drop.push(replica);
             }
         }
         for replica in drop {
-            unplaced.remove(&replica.gid);
             self.drop_replica(replica).await;
         }
-        *self.unplaced.lock().expect("unplaced lock") = unplaced;
     }
 
-    /// Opens a replica of every shard the map places here (creating a
-    /// shard whose only replica is here and that was never initialized).
+    /// Opens a replica of every shard the map places here. While this node
+    /// is the map's only node (the cluster is being created), a shard
+    /// placed here alone that was never initialized is created. Never once
+    /// another node is in the map: a shard placed here alone then came by a
+    /// move (replication 1), and its data is on the node it moves from,
+    /// whose leader adds this replica to the shard's group.
     pub(super) async fn host(&self, map: &ShardMap) -> anyhow::Result<()> {
+        let creating = map.nodes.len() == 1 && map.nodes.contains_key(&self.id);
         for shard in map.hosted_by(self.id) {
             let gid = GroupId(shard);
             let replica = match self.registry.get(gid) {
@@ -135,7 +135,8 @@ impl Node {
                     r
                 }
             };
-            if map.replicas[shard as usize] == [self.id] && !replica.raft.is_initialized().await? {
+            if creating && map.replicas[shard as usize] == [self.id] && !replica.raft.is_initialized().await?
+            {
                 let members = BTreeMap::from([(self.id, BasicNode::new(&self.peer_advertise))]);
                 replica.raft.initialize(members).await?;
             }
@@ -189,8 +190,13 @@ impl Node {
             return Ok(());
         }
         if extra.contains(&self.id) {
-            // Leave through a successor: one of the wanted voters leads next.
-            let target = *wanted.iter().next().expect("wanted is not empty");
+            // Leave through a successor: one of the wanted voters leads
+            // next, the first one the liveness probe hears (a successor
+            // that is down would fail every pass and hold the move).
+            let now = std::time::Instant::now();
+            let heard = |n: &&NodeId| self.liveness.silent_for(**n, now) < SUCCESSOR_HEARD_WITHIN;
+            let first = wanted.iter().next().expect("wanted is not empty");
+            let target = *wanted.iter().find(heard).unwrap_or(first);
             let addr = map.nodes.get(&target).map(|n| n.peer_addr.clone()).unwrap_or_default();
             return replica.transfer.run(target, &addr).await;
         }
@@ -358,16 +364,15 @@ fn meta_voter_step(
 impl Node {
     /// Whether the shard's leader (as this replica knows it) reports a
     /// membership without this node: a removed replica usually never hears
-    /// of its removal, so it asks rather than wait for [`DROP_AFTER`].
+    /// of its removal, so it asks.
     /// A replica that restarted after its removal knows no leader: then
     /// the nodes the map places the shard on are asked.
     async fn leader_left_me(&self, replica: &Replica, map: &ShardMap) -> bool {
         let leader = replica.raft.metrics().borrow().current_leader.filter(|&l| l != self.id);
         let placed = map.replicas.get(replica.gid.0 as usize).cloned().unwrap_or_default();
-        let ask = match leader {
-            Some(l) => vec![l],
-            None => placed.into_iter().filter(|&n| n != self.id).collect(),
-        };
+        // The leader it last knew, and the replicas the map names (that
+        // leader may be gone too).
+        let ask: BTreeSet<NodeId> = leader.into_iter().chain(placed).filter(|&n| n != self.id).collect();
         // All at once: a node down costs one timeout, not one per node.
         let asks = ask
             .into_iter()

@@ -37,6 +37,9 @@ pub const MAX_ADDR_BYTES: usize = 256;
 /// to apply the schema. Past it the change stays made and goes on; the
 /// call says so (UNAVAILABLE) and may be repeated.
 const FOLLOW_TIMEOUT: Duration = Duration::from_secs(120);
+/// A meta voter counts toward the quorum a removal leaves only if its node
+/// answered the liveness probe this recently.
+const META_QUORUM_HEARD_WITHIN: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(200);
 /// One status call to a peer may take this long.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -366,6 +369,11 @@ impl Node {
             // Refused while it holds replicas: checked before anything moves.
             map.clone().apply(&MapChange::RemoveNode { node: id }).map_err(Error::FailedPrecondition)?;
         }
+        let now = std::time::Instant::now();
+        let alive = |n: NodeId| n == self.id || self.liveness.silent_for(n, now) < META_QUORUM_HEARD_WITHIN;
+        let meta_voters: Vec<NodeId> =
+            self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        quorum_without(&meta_voters, id, alive).map_err(in_meta)?;
         if id == self.id {
             // Hand the meta group over first; the caller's retry (it
             // follows the redirect) removes this node from there.
@@ -391,7 +399,9 @@ impl Node {
             self.propose_meta(MetaCommand::Map(MapChange::RemoveNode { node: id })).await?;
         }
         self.place().await?;
-        let index = remove_from_group(&self.meta, id, self.write_timeout).await.map_err(in_meta)?;
+        let now = std::time::Instant::now();
+        let alive = |n: NodeId| n == self.id || self.liveness.silent_for(n, now) < META_QUORUM_HEARD_WITHIN;
+        let index = remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
         self.wait_followed(&format!("moving node {id}'s replicas")).await?;
         Ok(index)
     }
@@ -606,7 +616,16 @@ pub(super) async fn add_to_group(
     let _pass = replica.gate.pass(within).await?;
     let raft = &replica.raft;
     let node = openraft::BasicNode::new(addr);
-    let resp = raft.add_learner(id, node, true).await.map_err(client_write_error)?;
+    // Blocking: it returns once the learner caught up, which a node that
+    // cannot be reached never does (openraft waits without a bound).
+    let caught_up = tokio::time::timeout(within, raft.add_learner(id, node, true)).await.map_err(|_| {
+        Error::Unavailable(format!(
+            "node {id} did not catch up with the log within {} s (is it reachable at {addr}?); it stays a \
+             learner: call again once it is up",
+            within.as_secs()
+        ))
+    })?;
+    let resp = caught_up.map_err(client_write_error)?;
     if learner_only {
         return Ok(resp.log_id.index);
     }
@@ -615,14 +634,41 @@ pub(super) async fn add_to_group(
     Ok(resp.log_id.index)
 }
 
-/// Removes `id` from one group where it is a member.
-pub(super) async fn remove_from_group(replica: &Replica, id: NodeId, within: Duration) -> Result<u64> {
+/// FAILED_PRECONDITION unless the `voters` other than `id` have a quorum
+/// among the nodes that are `alive` (nothing to check if `id` does not
+/// vote).
+fn quorum_without(voters: &[NodeId], id: NodeId, alive: impl Fn(NodeId) -> bool) -> Result<()> {
+    if !voters.contains(&id) {
+        return Ok(());
+    }
+    let left: Vec<NodeId> = voters.iter().copied().filter(|v| *v != id).collect();
+    let answering: Vec<NodeId> = left.iter().copied().filter(|v| alive(*v)).collect();
+    if answering.len() * 2 <= left.len() {
+        return Err(Error::FailedPrecondition(format!(
+            "removing node {id} would leave voters {left:?} of which only {answering:?} answer: no quorum \
+             could commit the change; bring a node back first"
+        )));
+    }
+    Ok(())
+}
+
+/// Removes `id` from one group where it is a member. Refused when the
+/// voters left would not have a quorum among the nodes that are `alive`:
+/// the change itself could never commit, and the group would take no
+/// other change until a node came back.
+pub(super) async fn remove_from_group(
+    replica: &Replica,
+    id: NodeId,
+    within: Duration,
+    alive: impl Fn(NodeId) -> bool,
+) -> Result<u64> {
     let m = replica.raft.metrics().borrow().clone();
     let membership = m.membership_config.membership();
     let is_voter = membership.voter_ids().any(|v| v == id);
     if !membership.nodes().any(|(n, _)| *n == id) {
         return Ok(m.membership_config.log_id().map_or(0, |l| l.index));
     }
+    quorum_without(&membership.voter_ids().collect::<Vec<_>>(), id, alive)?;
     let _pass = replica.gate.pass(within).await?;
     let set = BTreeSet::from([id]);
     let change = match is_voter {
@@ -643,6 +689,17 @@ mod tests {
         let status =
             ShardStatus { shard, role: "Leader".into(), voters: voters.to_vec(), ..Default::default() };
         (node, ClusterStatusResponse { node_id: node, shard_status: vec![status], ..Default::default() })
+    }
+
+    #[test]
+    fn a_removal_needs_a_quorum_of_the_voters_left_that_answer() {
+        let alive = |ids: &'static [NodeId]| move |n: NodeId| ids.contains(&n);
+        quorum_without(&[1, 2, 3], 3, alive(&[1, 2])).unwrap();
+        let e = quorum_without(&[1, 2, 3], 3, alive(&[1])).unwrap_err().to_string();
+        assert!(e.starts_with("removing node 3 would leave voters [1, 2] of which only [1] answer"), "{e}");
+        quorum_without(&[1, 2, 3, 4, 5], 5, alive(&[1, 2, 3])).unwrap();
+        quorum_without(&[1, 2, 3, 4, 5], 5, alive(&[1, 2])).unwrap_err();
+        quorum_without(&[1, 2, 3], 4, alive(&[])).unwrap();
     }
 
     #[test]

@@ -385,6 +385,9 @@ mod tests {
         engine.settle(state, &dirty, now);
     }
 
+    /// The `trade` family the test schemas share.
+    const TRADE: &str = "[families.trade]\nttl = \"none\"\nattrs = { amount = \"num\" }";
+
     const BEFORE: &str = r#"
 [families.trade]
 ttl = "none"
@@ -425,11 +428,8 @@ rule = 'aaa_orders >= 2 and trade.amount > 10'
 
     #[test]
     fn a_tag_changed_by_time_alone_records_its_own_scheduled_moment() {
-        let engine = engine(
-            r#"
-[families.trade]
-ttl = "none"
-attrs = { amount = "num" }
+        let engine = engine(&format!(
+            r#"{TRADE}
 [features.first_order_time]
 family = "trade"
 agg = "first_time"
@@ -437,8 +437,8 @@ agg = "first_time"
 rule = 'days(now - first_order_time) > 1'
 [tags.b]
 rule = 'days(now - first_order_time) > 5'
-"#,
-        );
+"#
+        ));
         let mut state = UserState::default();
         apply(&engine, &mut state, &[order("o1", NOW, 5)], NOW);
         let wake = state.wake_at.expect("a wakes the user");

@@ -99,7 +99,10 @@ impl Node {
         let (mut hosted, mut remote) = (Vec::new(), Vec::new());
         for (s, idx) in by_shard {
             match self.registry.get(GroupId(s)) {
-                Some(r) if consistency == Consistency::Local || leader_elsewhere(&r, self.id).is_none() => {
+                Some(r)
+                    if votes(&r, self.id)
+                        && (consistency == Consistency::Local || leader_elsewhere(&r, self.id).is_none()) =>
+                {
                     hosted.push((idx, r))
                 }
                 _ => remote.push((s, idx)),
@@ -270,7 +273,7 @@ impl Node {
                 }
             })
             .await;
-        read.map_err(|e| e.in_shard(gid))
+        read.map_err(|e| super::write::moved_on(e).in_shard(gid))
     }
 
     /// A part forwarded by another node: served from this node's replica
@@ -282,6 +285,12 @@ impl Node {
         part: ForwardedRead,
     ) -> Result<(Vec<ProfileView>, ReadInfo)> {
         let replica = self.replica(gid)?;
+        if !votes(&replica, self.id) {
+            return Err(Error::NotFound(format!(
+                "node {}'s replica of {gid} is not a voter (still catching up, or removed)",
+                self.id
+            )));
+        }
         if let Some(u) = part.users.iter().find(|u| shard_of(u, self.shards) != gid.0) {
             return Err(Error::invalid("users", format!("{u:?} is not a user of {gid}")));
         }
@@ -316,6 +325,14 @@ impl Node {
         let freshness = freshness(&m, applied_index, &replica.contact, &replica.acks);
         ReadInfo { node_id: self.id, shard: replica.gid.0, applied_index, as_of_ms, freshness }
     }
+}
+
+/// Whether `replica`'s group counts node `id` as a voter: only then does
+/// it serve reads. A replica just placed here is empty until its snapshot
+/// is in (a learner), and one removed from its group no longer follows it;
+/// either would answer "no such profile" for users it simply lacks.
+fn votes(replica: &Replica, id: NodeId) -> bool {
+    replica.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id)
 }
 
 /// How a read refused for the size of its answer starts.

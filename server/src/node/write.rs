@@ -216,7 +216,7 @@ impl Node {
 /// leader no longer hosts it (its replica moved away while this node's view
 /// was stale). Nothing was proposed, and the shard exists: UNAVAILABLE,
 /// which clients retry, not NOT_FOUND, which they do not.
-fn moved_on(e: Error) -> Error {
+pub(super) fn moved_on(e: Error) -> Error {
     match e {
         Error::NotFound(m) => Error::Unavailable(format!("{m} (it moved away; retry)")),
         e => e,

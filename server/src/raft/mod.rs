@@ -147,7 +147,12 @@ pub fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNod
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             Error::FailedPrecondition(e.to_string())
         }
-        RaftError::Fatal(f) => Error::Unavailable(format!("raft is not running: {f}")),
+        // It may have stopped after the entry reached the log (or a
+        // follower's): a new leader may still commit it.
+        RaftError::Fatal(f) => Error::Unavailable(format!(
+            "raft is not running: {f}; {}: retry with the same event_ids",
+            crate::error::OUTCOME_UNKNOWN
+        )),
     }
 }
 
@@ -166,5 +171,14 @@ mod tests {
         let reason = fatal_reason(&Err(Fatal::StorageError(StorageError::from(io)))).expect("a failure");
         assert!(reason.contains("disk full"), "{reason}");
         assert_eq!(fatal_reason(&Err(Fatal::Panicked)).as_deref(), Some("panicked"));
+    }
+
+    #[test]
+    fn a_write_that_raft_stopped_under_has_an_unknown_outcome() {
+        let io =
+            StorageIOError::new(ErrorSubject::Logs, ErrorVerb::Write, openraft::AnyError::error("disk full"));
+        let e = client_write_error(RaftError::Fatal(Fatal::StorageError(StorageError::from(io))));
+        assert!(e.outcome_unknown(), "{e}");
+        assert!(client_write_error(RaftError::Fatal(Fatal::Stopped)).outcome_unknown());
     }
 }

@@ -162,7 +162,14 @@ impl Node {
         let (applied, bytes) = tokio::task::spawn_blocking(export)
             .await
             .map_err(Error::internal)?
-            .map_err(|e| Error::Internal(format!("exporting {gid}: {e:#}")))?;
+            .map_err(|e| match e.downcast_ref::<group_snapshot::Installing>() {
+                Some(_) => Error::Unavailable(format!(
+                    "{gid}'s replica on node {} is installing a snapshot (catching up); retry, or copy another \
+                     replica",
+                    self.id
+                )),
+                None => Error::Internal(format!("exporting {gid}: {e:#}")),
+            })?;
         tracing::info!(group = %gid, ?applied, bytes, "shard exported for a backup");
         Ok(ShardExport { file, applied, schema_version, bytes, _slot: slot })
     }

@@ -298,16 +298,16 @@ impl Node {
             tracing::warn!(group = %gid, error = %e, "stopping a removed replica");
         }
         drop(replica);
-        // The log store closes as raft's tasks end.
+        // The log store closes as raft's tasks end, the state once its
+        // state machine has applied what raft had queued for it.
         let mut result = Ok(());
         for _ in 0..50 {
-            result = self.log_engine.drop_group(gid);
+            result = self.log_engine.drop_group(gid).and_then(|()| self.state_db.drop_group(gid));
             if result.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let result = result.and_then(|()| self.state_db.drop_group(gid));
         let _ = std::fs::remove_dir_all(self.data_dir.join("snapshots").join(gid.dir_name()));
         match result {
             Ok(()) => tracing::info!(group = %gid, "dropped a replica the map no longer places here"),

@@ -190,20 +190,6 @@ impl GroupState {
         self.written.send_modify(|w| w.failure = Some(reason.into()));
     }
 
-    /// The group was dropped: its in-memory state is emptied and waiters
-    /// get `reason`.
-    pub(crate) fn forget(&self, reason: &str) {
-        self.set_schema(VersionedSchema::default());
-        self.set_cluster(MetaState::default());
-        *self.applied.lock().expect("applied lock") = AppliedState::default();
-        self.clock.store(0, Ordering::Release);
-        let reason: Arc<str> = reason.into();
-        self.written.send_modify(|w| {
-            w.index = 0;
-            w.failure = Some(reason);
-        });
-    }
-
     /// Waits until the entry at `index` (and everything before it) is in the
     /// database, so what a reply acknowledges or a linearizable read
     /// promises is what a read then sees.

@@ -38,8 +38,16 @@ pub struct ArchiveMeta {
     pub membership: StoredMembership,
 }
 
+/// [`export`]'s refusal of a group whose snapshot install is under way
+/// (its install marker is set in the view exported): its rows are then
+/// those of a range delete and some of the snapshot's column families.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is installing a snapshot: its rows are not a state yet")]
+pub struct Installing(pub GroupId);
+
 /// Writes group `gid`'s rows, as of one RocksDB snapshot, into the new
-/// directory `dir` (replaced if it exists).
+/// directory `dir` (replaced if it exists). Refused ([`Installing`]) while
+/// the group installs a snapshot.
 pub fn export(state_db: &StateDb, gid: GroupId, dir: &Path) -> anyhow::Result<ArchiveMeta> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
@@ -47,6 +55,9 @@ pub fn export(state_db: &StateDb, gid: GroupId, dir: &Path) -> anyhow::Result<Ar
     std::fs::create_dir_all(dir)?;
     let db = state_db.db();
     let snap = db.snapshot();
+    if snap.get_cf(cf(&db, CF_META), installing(gid))?.is_some() {
+        return Err(Installing(gid).into());
+    }
     let (start, end) = group_range(gid);
     for name in ALL_CFS {
         let mut opts = ReadOptions::default();

@@ -157,16 +157,19 @@ impl StateDb {
     }
 
     /// Removes a replica: deletes the group's range in every column family
-    /// (durably) and empties the in-memory state of its handle, if one is
-    /// open (writes through it fail from now on).
+    /// (durably). Refused while a handle of the group is open: its state
+    /// machine may still apply entries raft had queued before it stopped,
+    /// and they would write a partial state, claiming their index, into
+    /// the emptied range.
     pub fn drop_group(&self, gid: GroupId) -> anyhow::Result<()> {
         anyhow::ensure!(valid_group(gid), "{gid} is not a shard below {MAX_SHARDS} nor the meta group");
-        let open = self.groups.lock().expect("groups lock").remove(&gid).and_then(|g| g.upgrade());
+        let mut groups = self.groups.lock().expect("groups lock");
+        if groups.get(&gid).is_some_and(|g| g.strong_count() > 0) {
+            anyhow::bail!("the state of {gid} is still in use; stop its raft and drop its handles first");
+        }
+        groups.remove(&gid);
         self.delete_range(gid, Marker::Keep)?;
         self.clocks.set(gid, i64::MIN);
-        if let Some(group) = open {
-            group.forget("the group was dropped from this node");
-        }
         Ok(())
     }
 

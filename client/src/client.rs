@@ -1,7 +1,9 @@
 //! [`PortraitClient`]: one handle for the Ingest, Profiles and Admin services.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use portrait_proto::v1::{
@@ -24,6 +26,10 @@ use crate::ClientError;
 
 /// Largest message sent or accepted (64 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// How long one node may take to report its status to
+/// [`PortraitClient::node_statuses`].
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An async Portrait client. Cheap to clone; clones share the connections,
 /// the leader they have learnt and the shard map. Writes and profile reads
@@ -435,10 +441,49 @@ impl PortraitClient {
             .await
     }
 
-    /// Shard replicas `node_id` holds in the map the answering node knows.
+    /// Shards that still have a replica on `node_id`: placed there by the
+    /// shard map the answering node knows, or still in the raft membership
+    /// (voters or learners) their leader reports, while a move is under
+    /// way. Once it is 0 the node can be removed. A shard whose leader does
+    /// not answer counts by the map alone (`RemoveNode` then says it cannot
+    /// tell yet).
     pub async fn replicas_on(&self, node_id: u64) -> Result<usize, ClientError> {
         let map = self.shard_map().await?;
-        Ok(map.shard_replicas.iter().filter(|s| s.replicas.iter().any(|r| r.node_id == node_id)).count())
+        let mut left: BTreeSet<u32> = map
+            .shard_replicas
+            .iter()
+            .filter(|s| s.replicas.iter().any(|r| r.node_id == node_id))
+            .map(|s| s.shard)
+            .collect();
+        // The map moves a replica first; its raft group drops the old one
+        // only once the new one has caught up (a snapshot away).
+        for status in self.node_statuses(&map).await.into_values().flatten() {
+            let members = status.shard_status.iter().filter(|s| s.role == "Leader");
+            left.extend(
+                members
+                    .filter(|s| s.voters.contains(&node_id) || s.learners.contains(&node_id))
+                    .map(|s| s.shard),
+            );
+        }
+        Ok(left.len())
+    }
+
+    /// `ClusterStatus` of every node of `map` (this client's own node
+    /// included), each asked on a connection of its own within
+    /// [`STATUS_TIMEOUT`], or why it gave none.
+    pub async fn node_statuses(
+        &self,
+        map: &ShardMapResponse,
+    ) -> BTreeMap<u64, Result<ClusterStatusResponse, String>> {
+        let asks = map.nodes.iter().map(|n| async move {
+            let status = async { self.connect_like(&n.addr).await?.cluster_status().await };
+            let answer = match tokio::time::timeout(STATUS_TIMEOUT, status).await {
+                Ok(answer) => answer.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {} s", STATUS_TIMEOUT.as_secs())),
+            };
+            (n.node_id, answer)
+        });
+        futures::future::join_all(asks).await.into_iter().collect()
     }
 
     /// Removes a node from the cluster; goes to the leader.

@@ -39,7 +39,7 @@ pub mod routing;
 mod shard;
 mod split;
 
-pub use client::{PortraitClient, MAX_MESSAGE_BYTES};
+pub use client::{PortraitClient, MAX_MESSAGE_BYTES, STATUS_TIMEOUT};
 pub use conn::{normalize_endpoint, ConnectOptions, MAX_TOKEN_BYTES, PING_INTERVAL, PING_TIMEOUT};
 pub use error::{code_name, ClientError};
 pub use portrait_proto;

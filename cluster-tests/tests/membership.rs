@@ -2,11 +2,11 @@
 //! `portraitd` processes (partitions through the raft transport's fault
 //! injection filter; no root needed).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use portrait_client::json::now_ms;
 use portrait_client::{ClientError, Consistency, Event, Value};
-use portrait_cluster_tests::replicas::drain;
+use portrait_cluster_tests::replicas::{drain, placement, statuses, transfer};
 use portrait_cluster_tests::workload::history_ids;
 use portrait_cluster_tests::Cluster;
 
@@ -79,5 +79,76 @@ async fn an_isolated_minority_cannot_acknowledge_and_converges_after_heal() {
         let everywhere =
             history_ids(&cluster.client(new_leader).await, "u9", "browse", Consistency::Local).await;
         assert_eq!(ids, everywhere, "node {id} differs from the leader");
+    }
+}
+
+/// The map moves a drained node's replica at once; the shard's raft group
+/// lets the old one go only once the new one has caught up. Until then the
+/// node still votes, and removing it could take the shard's quorum with
+/// it (RF 2 here: the shard could commit nothing, not even the move).
+#[tokio::test]
+async fn a_drained_node_is_not_removed_while_its_shard_still_counts_its_vote() {
+    let all = [1, 2, 3, 4];
+    let cluster = Cluster::start_placed(4, 1, 2).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (voters, leader, meta_leader) = loop {
+        let now = statuses(&cluster, &all).await;
+        let meta_leader = now.values().map(|s| s.meta_leader_id).find(|&l| l != 0);
+        if let (Some((voters, Some(leader))), Some(meta)) = (placement(&now).get(&0), meta_leader) {
+            if voters.len() == 2 {
+                break (voters.clone(), *leader, meta);
+            }
+        }
+        assert!(Instant::now() < deadline, "shard 0 not placed on 2 nodes: {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // `a` leads the shard and not the meta group (cutting its messages
+    // below must not cut the meta group's); `b` is drained.
+    let a = match leader == meta_leader {
+        false => leader,
+        true => {
+            let other = *voters.iter().find(|&&n| n != leader).unwrap();
+            transfer(cluster.client(leader).await, 0, other).await;
+            other
+        }
+    };
+    let b = *voters.iter().find(|&&n| n != a).unwrap();
+    let client = cluster.client(a).await;
+    let events: Vec<Event> = (0..20).map(|i| view(&format!("u{i}"), &format!("before-{i}"))).collect();
+    assert_eq!(client.write(events).await.unwrap().applied, 20);
+
+    // `a` sends nothing to the nodes that could take b's replica: the new
+    // replica never catches up.
+    let takers: Vec<u64> = all.iter().copied().filter(|n| *n != a && *n != b).collect();
+    // (Fault injection goes to the node a client is connected to, which a
+    // redirect moves: a fresh client of node a each time.)
+    cluster.client(a).await.set_partition(takers).await.unwrap();
+    client.drain_node(b).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.shard_map().await.unwrap().shard_replicas[0].replicas.iter().any(|r| r.node_id == b) {
+        assert!(Instant::now() < deadline, "the map still places shard 0 on node {b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(client.replicas_on(b).await.unwrap(), 1, "shard 0's leader still has node {b} as a voter");
+    let refused = client.remove_node(b).await.expect_err("node b still votes");
+    assert_eq!(refused.code().map(portrait_client::code_name), Some("FAILED_PRECONDITION"), "{refused}");
+    let why = format!("node {b} is still in the raft membership of shards [0]");
+    assert!(refused.to_string().contains(&why), "{refused}");
+
+    // Healed, the move completes, and then the node goes.
+    cluster.client(a).await.set_partition(Vec::new()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.replicas_on(b).await.unwrap() > 0 {
+        if Instant::now() > deadline {
+            let map = client.shard_map().await.unwrap();
+            panic!("node {b} still holds a replica: {map:?}\n{:#?}", statuses(&cluster, &all).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = client.remove_node(b).await.expect("remove the drained node");
+    assert!(!r.members.iter().any(|m| m.node_id == b), "{:?}", r.members);
+    for i in 0..20 {
+        let ids = history_ids(&client, &format!("u{i}"), "browse", Consistency::Linearizable).await;
+        assert_eq!(ids, [format!("before-{i}")], "u{i}");
     }
 }

@@ -30,7 +30,8 @@ pub struct Cli {
     /// TOML config file (keys: node_id, data_dir, listen, advertise, peer_listen, peer_advertise, bootstrap, join, log, token_file, tls_cert, tls_key, tls_client_ca, peer_ca, peer_cert, peer_key, insecure, audit_log, shards, replication, max_moves, replica_dead_after, [raft], [clock]).
     #[arg(long, env = "PORTRAIT_CONFIG")]
     pub config: Option<PathBuf>,
-    /// This node's raft id (stable across restarts).
+    /// This node's raft id, at least 1 and stable across restarts (default 1, the node that
+    /// creates a cluster; required with --join or --no-bootstrap).
     #[arg(long, env = "PORTRAIT_NODE_ID")]
     pub node_id: Option<u64>,
     /// Where RocksDB data lives.
@@ -302,7 +303,19 @@ impl Config {
             },
         };
         let node = NodeOptions {
-            node_id: cli.node_id.or(file.node_id).unwrap_or(1),
+            node_id: match cli.node_id.or(file.node_id) {
+                Some(0) => anyhow::bail!("node_id 0: must be at least 1 (0 means \"no node\" in the API)"),
+                Some(id) => id,
+                // The node that creates a cluster is node 1 by default;
+                // any other needs an id of its own.
+                None if !join.is_empty() || cli.no_bootstrap || file.bootstrap == Some(false) => {
+                    anyhow::bail!(
+                        "node_id: required with --join or --no-bootstrap (each node of a cluster needs an id \
+                         of its own; the node that created it is usually 1)"
+                    )
+                }
+                None => 1,
+            },
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("data")),
             advertise,
             peer_advertise,
@@ -521,11 +534,12 @@ mod tests {
 
     #[test]
     fn join_turns_bootstrap_off_and_takes_a_list() {
-        let cli = Cli::parse_from(["portraitd", "--join", "n1:7700, http://n2:7700/"]);
+        let cli = Cli::parse_from(["portraitd", "--node-id", "2", "--join", "n1:7700, http://n2:7700/"]);
         let c = Config::resolve(cli).unwrap();
         assert_eq!(c.join, ["http://n1:7700", "http://n2:7700"]);
         assert!(!c.node.bootstrap);
-        let err = Config::resolve(Cli::parse_from(["portraitd", "--join", "not a host"])).unwrap_err();
+        let err = Config::resolve(Cli::parse_from(["portraitd", "--node-id", "2", "--join", "not a host"]))
+            .unwrap_err();
         assert!(err.to_string().contains("--join not a host: not an address"), "{err}");
         assert!(Config::resolve(Cli::parse_from(["portraitd"])).unwrap().join.is_empty());
     }
@@ -590,6 +604,19 @@ mod tests {
         );
         let short = Cli::parse_from(["portraitd", "--replica-dead-after", "10ms"]);
         assert!(Config::resolve(short).unwrap_err().to_string().contains("must be at least 1s"));
+    }
+
+    #[test]
+    fn a_node_that_does_not_create_the_cluster_needs_an_id_and_none_is_0() {
+        for args in [&["--join", "n1:8700"][..], &["--no-bootstrap"]] {
+            let cli = Cli::parse_from(["portraitd"].iter().chain(args));
+            let err = Config::resolve(cli).unwrap_err().to_string();
+            assert!(err.starts_with("node_id: required with --join or --no-bootstrap"), "{args:?}: {err}");
+        }
+        let err = Config::resolve(Cli::parse_from(["portraitd", "--node-id", "0"])).unwrap_err().to_string();
+        assert!(err.starts_with("node_id 0: must be at least 1"), "{err}");
+        let c = Config::resolve(Cli::parse_from(["portraitd", "--node-id", "4", "--no-bootstrap"])).unwrap();
+        assert_eq!((c.node.node_id, c.node.bootstrap), (4, false));
     }
 
     #[test]

@@ -150,6 +150,8 @@ pub struct NodeStatus {
     pub meta_voters: Vec<NodeId>,
     /// Bytes of snapshot chunks this node has sent since it started.
     pub snapshot_bytes_sent: u64,
+    /// The meta group's leader, as this node's replica of it knows it.
+    pub meta_leader_id: Option<NodeId>,
 }
 
 /// One shard's raft group as this node sees it.
@@ -544,6 +546,7 @@ impl Node {
                 .voter_ids()
                 .collect(),
             snapshot_bytes_sent: self.channels.snapshot_bytes_sent(),
+            meta_leader_id: mm.current_leader,
         }
     }
 

@@ -7,13 +7,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
-use std::time::Duration;
 
 use portrait_client::portrait_proto::v1::{ClusterStatusResponse, ShardMapResponse, ShardReplicas};
 use portrait_client::{human_bytes, PortraitClient};
 
-/// How long a node may take to report its status.
-const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Shard ids listed at most in the summary line.
 const LISTED: usize = 8;
 
@@ -22,20 +19,10 @@ type Statuses = BTreeMap<u64, Result<ClusterStatusResponse, String>>;
 
 pub async fn run(client: &PortraitClient, all_shards: bool) -> anyhow::Result<String> {
     let (status, map) = tokio::try_join!(client.cluster_status(), client.shard_map())?;
-    let others = map.nodes.iter().filter(|n| n.node_id != status.node_id);
-    let asks = others.map(|n| async move { (n.node_id, ask(client, &n.addr).await) });
-    let mut statuses: Statuses = futures::future::join_all(asks).await.into_iter().collect();
+    let mut statuses: Statuses = client.node_statuses(&map).await;
     let node = super::status::render(&status);
     statuses.insert(status.node_id, Ok(status));
     Ok(format!("{node}\n{}", render(&map, &statuses, all_shards)))
-}
-
-async fn ask(client: &PortraitClient, addr: &str) -> Result<ClusterStatusResponse, String> {
-    let status = async { client.connect_like(addr).await?.cluster_status().await };
-    match tokio::time::timeout(ASK_TIMEOUT, status).await {
-        Ok(answer) => answer.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {} s", ASK_TIMEOUT.as_secs())),
-    }
 }
 
 /// The node's applied index in `shard`, if it reported one.

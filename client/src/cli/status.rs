@@ -42,6 +42,14 @@ pub fn render(s: &ClusterStatusResponse) -> String {
     }
     let _ = writeln!(out, "members         {}", s.members.len());
     out.push_str(&member_lines(&s.members));
+    if !s.meta_voters.is_empty() {
+        let voters: Vec<String> = s.meta_voters.iter().map(u64::to_string).collect();
+        let leader = match s.meta_leader_id {
+            0 => "unknown".to_string(),
+            id => id.to_string(),
+        };
+        let _ = writeln!(out, "meta group      leader {leader}, voters {}", voters.join(", "));
+    }
     out
 }
 
@@ -146,6 +154,7 @@ mod tests {
             raft_batch_items_sent: 0,
             meta_voters: vec![1],
             snapshot_bytes_sent: 0,
+            meta_leader_id: 1,
         };
         let expected = "node            1 (Leader)\n\
             leader          1 at http://127.0.0.1:7701\n\
@@ -158,7 +167,8 @@ mod tests {
             server version  0.1.0\n\
             members         2\n\
             \x20   1  http://127.0.0.1:7701  voter    matched=9  lag=0\n\
-            \x20   4  http://127.0.0.1:7704  learner  matched=9  lag=0\n";
+            \x20   4  http://127.0.0.1:7704  learner  matched=9  lag=0\n\
+            meta group      leader 1, voters 1\n";
         assert_eq!(render(&status), expected);
         let skewed =
             ClockStatus { problem: "this node's clock is 3000 ms off".into(), ..ClockStatus::default() };

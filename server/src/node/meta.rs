@@ -17,7 +17,7 @@ use std::time::Duration;
 use portrait_core::meta::{MetaCommand, MetaOutcome, MetaState};
 use portrait_core::shard::{plan_leader_transfers, Leadership, MapChange, ShardMap};
 use portrait_proto::v1::raft_client::RaftClient;
-use portrait_proto::v1::{BalanceLeaderRequest, ClusterStatusRequest, ClusterStatusResponse};
+use portrait_proto::v1::{BalanceLeaderRequest, ClusterStatusRequest, ClusterStatusResponse, ShardStatus};
 
 use super::Node;
 use crate::engine::check_schema;
@@ -275,6 +275,20 @@ impl Node {
                 && self.liveness.silent_for(n, now) >= self.replica_dead_after
         });
         if let Some(node) = dead {
+            // Not on this node's word alone: a link cut between it and the
+            // silent node only (a partial partition) would drain a healthy
+            // node for good.
+            if let Some(witness) =
+                heard_elsewhere(node, self.id, &self.statuses().await, self.replica_dead_after)
+            {
+                tracing::warn!(
+                    node,
+                    witness,
+                    "node silent to the meta leader past replica_dead_after, but node \
+                    {witness} hears it: not draining it (a partial partition?)"
+                );
+                return Ok(());
+            }
             let silent = self.liveness.silent_for(node, now);
             tracing::warn!(node, ?silent, "node silent past replica_dead_after: draining it to restore RF");
             self.propose_meta(MetaCommand::Map(MapChange::Drain { node })).await?;
@@ -309,6 +323,9 @@ impl Node {
         peer_addr: String,
         learner_only: bool,
     ) -> Result<u64> {
+        if id == 0 {
+            return Err(Error::invalid("node_id", "must be at least 1 (0 means \"no node\" in the API)"));
+        }
         check_addr("addr", &addr, "http://10.0.0.2:7700")?;
         check_addr("peer_addr", &peer_addr, "http://10.0.0.2:8700")?;
         if addr == peer_addr {
@@ -333,7 +350,14 @@ impl Node {
             )));
         }
         if known.is_none() {
-            self.check_shards_of(id, &peer_addr).await?;
+            check_addrs_free(
+                id,
+                &addr,
+                &peer_addr,
+                &map,
+                self.meta.raft.metrics().borrow().membership_config.membership(),
+            )?;
+            self.check_new_node(id, &peer_addr).await?;
         }
         let voters = self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().count();
         let is_voter =
@@ -369,6 +393,9 @@ impl Node {
             // Refused while it holds replicas: checked before anything moves.
             map.clone().apply(&MapChange::RemoveNode { node: id }).map_err(Error::FailedPrecondition)?;
         }
+        // The map moves a replica at once; its group drops the old one only
+        // once the new one has caught up. Until then the node still votes.
+        check_left_every_group(id, self.shards, &self.statuses().await)?;
         let now = std::time::Instant::now();
         let alive = |n: NodeId| n == self.id || self.liveness.silent_for(n, now) < META_QUORUM_HEARD_WITHIN;
         let meta_voters: Vec<NodeId> =
@@ -508,24 +535,115 @@ impl Node {
             .collect()
     }
 
-    /// Refuses to add a node that reports another number of shards (it
-    /// would host other groups). A node that does not answer is not
-    /// refused here: adding it waits for it like any learner.
-    async fn check_shards_of(&self, id: NodeId, peer_addr: &str) -> Result<()> {
+    /// Refuses to add, as node `id`, a node that reports another id (its
+    /// raft messages would speak for another member) or another number of
+    /// shards (it would host other groups). A node that does not answer
+    /// is not refused here: adding it waits for it like any learner.
+    async fn check_new_node(&self, id: NodeId, peer_addr: &str) -> Result<()> {
         let addr = peer_addr;
-        match super::shards::ask(addr).await {
-            Ok(n) if n != self.shards => Err(Error::FailedPrecondition(format!(
+        let status = match peer_status(addr).await {
+            Ok(status) => status,
+            Err(e) => {
+                tracing::debug!(node = id, error = %e, "could not ask the new node who it is");
+                return Ok(());
+            }
+        };
+        if status.node_id != id {
+            return Err(Error::FailedPrecondition(format!(
+                "node_id: the node answering at {addr} is node {}, not node {id}; add it as node {} or start \
+                 it with --node-id {id}",
+                status.node_id, status.node_id
+            )));
+        }
+        match status.shards {
+            n if n != 0 && n != self.shards => Err(Error::FailedPrecondition(format!(
                 "node {id} at {addr} was started for a cluster of {n} shards, this one has {}; restart it on \
                  an empty data dir with --shards {} (or --join)",
                 self.shards, self.shards
             ))),
-            Ok(_) => Ok(()),
-            Err(e) => {
-                tracing::debug!(node = id, error = %e, "could not ask the new node for its shards");
-                Ok(())
-            }
+            _ => Ok(()),
         }
     }
+}
+
+/// INVALID_ARGUMENT when another member already has `addr` or `peer_addr`:
+/// two ids on one process would put two of a shard's votes on one node.
+fn check_addrs_free(
+    id: NodeId,
+    addr: &str,
+    peer_addr: &str,
+    map: &ShardMap,
+    meta: &openraft::Membership<NodeId, openraft::BasicNode>,
+) -> Result<()> {
+    for (&other, node) in map.nodes.iter().filter(|(n, _)| **n != id) {
+        if node.addr == addr {
+            return Err(Error::invalid("addr", format!("{addr} is node {other}'s address")));
+        }
+        if node.peer_addr == peer_addr {
+            return Err(Error::invalid("peer_addr", format!("{peer_addr} is node {other}'s peer address")));
+        }
+    }
+    if let Some((other, _)) = meta.nodes().find(|(n, m)| **n != id && m.addr == peer_addr) {
+        return Err(Error::invalid("peer_addr", format!("{peer_addr} is node {other}'s peer address")));
+    }
+    Ok(())
+}
+
+/// A node other than `me` that answered with its status and has heard
+/// `node` within `within` (its clock probe's last answer), or `node`
+/// itself if it answered.
+fn heard_elsewhere(
+    node: NodeId,
+    me: NodeId,
+    statuses: &[(NodeId, ClusterStatusResponse)],
+    within: Duration,
+) -> Option<NodeId> {
+    statuses.iter().filter(|(n, _)| *n != me).find_map(|(n, status)| {
+        let peers = status.clock.as_ref().map(|c| c.peers.as_slice()).unwrap_or_default();
+        let heard = peers.iter().any(|p| p.node_id == node && Duration::from_millis(p.age_ms) < within);
+        (*n == node || heard).then_some(*n)
+    })
+}
+
+/// FAILED_PRECONDITION while a shard's raft membership, as its leader
+/// reports it, still has `node` (a voter or a learner: its replica is
+/// being moved, and removing the node now could take the shard's quorum,
+/// or its only up-to-date copy, with it); UNAVAILABLE while some shard's
+/// leader does not answer (it cannot be told).
+fn check_left_every_group(
+    node: NodeId,
+    shards: u32,
+    statuses: &[(NodeId, ClusterStatusResponse)],
+) -> Result<()> {
+    // A deposed leader that has not heard of its successor yet may still
+    // say Leader: the newest term's word counts.
+    let mut leaders: BTreeMap<u32, &ShardStatus> = BTreeMap::new();
+    for s in statuses.iter().flat_map(|(_, status)| status.shard_status.iter()).filter(|s| s.role == "Leader")
+    {
+        let newest = leaders.entry(s.shard).or_insert(s);
+        if s.term > newest.term {
+            *newest = s;
+        }
+    }
+    let member: Vec<u32> = leaders
+        .values()
+        .filter(|s| s.voters.contains(&node) || s.learners.contains(&node))
+        .map(|s| s.shard)
+        .collect();
+    if !member.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "node {node} is still in the raft membership of shards {member:?}: their replicas are moving \
+             off it; remove it once `portrait cluster drain {node}` has finished"
+        )));
+    }
+    let unknown: Vec<u32> = (0..shards).filter(|s| !leaders.contains_key(s)).collect();
+    if !unknown.is_empty() {
+        return Err(Error::Unavailable(format!(
+            "shards {unknown:?} have no leader that answers, so whether node {node} still votes in them \
+             cannot be told; nothing was changed, call again"
+        )));
+    }
+    Ok(())
 }
 
 /// Shards whose membership, as their leader reports it, is not yet the
@@ -605,7 +723,10 @@ async fn peer_balance_leader(addr: &str, request: BalanceLeaderRequest) -> std::
 
 /// Adds `id` to one group (a no-op where it is already what is asked): a
 /// learner that catches up, then (unless `learner_only`) a voter. Returns
-/// the group's last membership log index.
+/// the group's last membership log index. Each change is proposed under a
+/// pass of the group's gate, but the wait for the learner to catch up
+/// holds none: a node that cannot be reached never catches up, and a
+/// leadership transfer (which waits for the passes) must not wait on it.
 pub(super) async fn add_to_group(
     replica: &Replica,
     id: NodeId,
@@ -613,22 +734,29 @@ pub(super) async fn add_to_group(
     learner_only: bool,
     within: Duration,
 ) -> Result<u64> {
-    let _pass = replica.gate.pass(within).await?;
     let raft = &replica.raft;
-    let node = openraft::BasicNode::new(addr);
-    // Blocking: it returns once the learner caught up, which a node that
-    // cannot be reached never does (openraft waits without a bound).
-    let caught_up = tokio::time::timeout(within, raft.add_learner(id, node, true)).await.map_err(|_| {
-        Error::Unavailable(format!(
-            "node {id} did not catch up with the log within {} s (is it reachable at {addr}?); it stays a \
-             learner: call again once it is up",
-            within.as_secs()
-        ))
-    })?;
-    let resp = caught_up.map_err(client_write_error)?;
+    let added = {
+        let _pass = replica.gate.pass(within).await?;
+        raft.add_learner(id, openraft::BasicNode::new(addr), false).await.map_err(client_write_error)?
+    };
+    let target = added.log_id.index;
+    let matched = |m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>| {
+        m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map(|l| l.index)
+    };
+    raft.wait(Some(within))
+        .metrics(|m| m.id == id || matched(m).is_some_and(|i| i >= target), "the learner caught up")
+        .await
+        .map_err(|_| {
+            Error::Unavailable(format!(
+                "node {id} did not catch up with the log within {} s (is it reachable at {addr}?); it stays a \
+                 learner: call again once it is up",
+                within.as_secs()
+            ))
+        })?;
     if learner_only {
-        return Ok(resp.log_id.index);
+        return Ok(target);
     }
+    let _pass = replica.gate.pass(within).await?;
     let voters = openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id]));
     let resp = raft.change_membership(voters, false).await.map_err(client_write_error)?;
     Ok(resp.log_id.index)
@@ -681,8 +809,6 @@ pub(super) async fn remove_from_group(
 
 #[cfg(test)]
 mod tests {
-    use portrait_proto::v1::ShardStatus;
-
     use super::*;
 
     fn leading(node: NodeId, shard: u32, voters: &[NodeId]) -> (NodeId, ClusterStatusResponse) {
@@ -721,5 +847,62 @@ mod tests {
         let statuses = [leading(1, 0, &[1, 2, 3]), leading(2, 1, &[1, 2, 3, 4])];
         assert_eq!(busy_shards(&map, &statuses), BTreeSet::from([1, 2, 3]));
         assert_eq!(moving_shards(&map, &statuses), 1);
+    }
+
+    #[test]
+    fn a_node_is_removed_only_once_every_shard_leader_reports_it_gone() {
+        let learning = |node, shard, voters: &[NodeId], learners: &[NodeId]| {
+            let (n, mut status) = leading(node, shard, voters);
+            status.shard_status[0].learners = learners.to_vec();
+            (n, status)
+        };
+        // Node 3's replicas of shards 0 and 1 moved to node 4 in the map.
+        let settled = [leading(1, 0, &[1, 2, 4]), leading(2, 1, &[1, 2, 4]), leading(1, 2, &[1, 2, 4])];
+        check_left_every_group(3, 3, &settled).unwrap();
+        // Shard 1 still has node 3 as a voter (node 4 is catching up), or
+        // as a learner being removed.
+        let voting = [leading(1, 0, &[1, 2, 4]), learning(2, 1, &[1, 2, 3], &[4]), leading(1, 2, &[1, 2, 4])];
+        let e = check_left_every_group(3, 3, &voting).unwrap_err();
+        assert!(
+            matches!(&e, Error::FailedPrecondition(m)
+            if m.starts_with("node 3 is still in the raft membership of shards [1]")),
+            "{e}"
+        );
+        let learner =
+            [leading(1, 0, &[1, 2, 4]), learning(2, 1, &[1, 2, 4], &[3]), leading(1, 2, &[1, 2, 4])];
+        check_left_every_group(3, 3, &learner).unwrap_err();
+        // A follower's view does not count; a shard with no leader
+        // answering cannot be told.
+        let (n, mut follower) = leading(2, 1, &[1, 2, 3]);
+        follower.shard_status[0].role = "Follower".into();
+        let blind = [leading(1, 0, &[1, 2, 4]), (n, follower), leading(1, 2, &[1, 2, 4])];
+        let e = check_left_every_group(3, 3, &blind).unwrap_err();
+        assert!(
+            matches!(&e, Error::Unavailable(m) if m.starts_with("shards [1] have no leader that answers")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_node_is_taken_for_dead_only_if_no_other_node_hears_it() {
+        use portrait_proto::v1::{ClockStatus, PeerClock};
+        let hearing = |me: NodeId, heard: &[(NodeId, u64)]| {
+            let peers =
+                heard.iter().map(|&(node_id, age_ms)| PeerClock { node_id, age_ms, ..Default::default() });
+            let clock = ClockStatus { peers: peers.collect(), ..Default::default() };
+            (me, ClusterStatusResponse { node_id: me, clock: Some(clock), ..Default::default() })
+        };
+        let within = Duration::from_secs(10);
+        // Node 1 (the meta leader) has not heard node 4; nodes 2 and 3 have
+        // not either (or long ago): dead.
+        let silent = [hearing(1, &[]), hearing(2, &[(4, 60_000)]), hearing(3, &[(1, 5)])];
+        assert_eq!(heard_elsewhere(4, 1, &silent, within), None);
+        // Node 3 heard it lately: a partial partition, not a dead node.
+        let heard = [hearing(1, &[]), hearing(2, &[(4, 60_000)]), hearing(3, &[(4, 900)])];
+        assert_eq!(heard_elsewhere(4, 1, &heard, within), Some(3));
+        // It answers itself.
+        assert_eq!(heard_elsewhere(4, 1, &[hearing(4, &[])], within), Some(4));
+        // The leader's own view does not count twice.
+        assert_eq!(heard_elsewhere(4, 1, &[hearing(1, &[(4, 1)])], within), None);
     }
 }

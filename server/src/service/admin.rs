@@ -481,6 +481,7 @@ pub fn cluster_status_pb(node: &Node) -> ClusterStatusResponse {
         raft_batches_sent: s.raft_batches_sent,
         raft_batch_items_sent: s.raft_batch_items_sent,
         meta_voters: s.meta_voters,
+        meta_leader_id: s.meta_leader_id.unwrap_or(0),
         snapshot_bytes_sent: s.snapshot_bytes_sent,
     }
 }

@@ -66,7 +66,7 @@ pub async fn wait_placed(
 }
 
 /// Waits until each of the `shards` shards has a leader, no election under
-/// way, and its 3 replicas have
+/// way, and its 3 replicas are voters and have
 /// applied all the leader holds (nothing is written meanwhile). Returns
 /// each shard's replicas then.
 pub async fn wait_caught_up(cluster: &Cluster, nodes: &[u64], shards: u32) -> BTreeMap<u32, BTreeSet<u64>> {
@@ -82,9 +82,13 @@ pub async fn wait_caught_up(cluster: &Cluster, nodes: &[u64], shards: u32) -> BT
             // No election under way that could depose the leader (a
             // follower of a quiet group may not know the leader yet).
             let follows = |s: &ShardStatus| s.role != "Candidate" && s.term <= l.term;
+            // Each a voter again (only voters serve reads): a promotion
+            // that had not committed before a crash is made again.
             if l.applied_index < l.last_log_index
                 || replicas.len() < 3
-                || replicas.iter().any(|(_, s)| !follows(s) || s.applied_index < l.last_log_index)
+                || replicas.iter().any(|(id, s)| {
+                    !follows(s) || s.applied_index < l.last_log_index || !s.voters.contains(id)
+                })
             {
                 continue 'poll;
             }

@@ -152,3 +152,36 @@ async fn a_drained_node_is_not_removed_while_its_shard_still_counts_its_vote() {
         assert_eq!(ids, [format!("before-{i}")], "u{i}");
     }
 }
+
+/// AddNode adds a node under its own id only: not 0, not at another
+/// member's addresses, and not a process that answers as another node.
+/// Two ids on one process would give one machine two of a shard's votes.
+#[tokio::test]
+async fn a_node_is_added_only_under_its_own_id_and_addresses() {
+    let mut cluster = Cluster::start(3).await;
+    let spare = cluster.spawn_node().await;
+    let client = cluster.client(1).await;
+    let code = |e: &ClientError| e.code().map(portrait_client::code_name);
+    let (three, three_peer) = (cluster.node(3).endpoint(), cluster.node(3).advertised());
+
+    let e =
+        client.add_node(0, &cluster.node(spare).endpoint(), &cluster.node(spare).advertised(), false).await;
+    let e = e.expect_err("node id 0");
+    assert_eq!(code(&e), Some("INVALID_ARGUMENT"), "{e}");
+    assert!(e.to_string().contains("node_id: must be at least 1"), "{e}");
+
+    let e = client.add_node(9, &three, &three_peer, false).await.expect_err("node 3's addresses");
+    assert_eq!(code(&e), Some("INVALID_ARGUMENT"), "{e}");
+    assert!(e.to_string().contains(&format!("addr: {three} is node 3's address")), "{e}");
+
+    // The spare process is node `spare`: added as another id, refused.
+    let (addr, peer) = (cluster.node(spare).endpoint(), cluster.node(spare).advertised());
+    let e = client.add_node(spare + 1, &addr, &peer, false).await.expect_err("another id");
+    assert_eq!(code(&e), Some("FAILED_PRECONDITION"), "{e}");
+    let why = format!("the node answering at {peer} is node {spare}, not node {}", spare + 1);
+    assert!(e.to_string().contains(&why), "{e}");
+
+    // Nothing changed; under its own id it is added.
+    let r = client.add_node(spare, &addr, &peer, false).await.expect("its own id");
+    assert_eq!(r.members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [1, 2, 3, spare]);
+}

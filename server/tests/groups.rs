@@ -239,14 +239,35 @@ async fn groups_are_measured_each_by_its_own_rows() {
     orders(&mut a, next, &["u3"], 2, T0).await;
     orders(&mut c, 1, &["u1"], 4, T0).await;
     let empty = GroupId(7);
-    let sizes = db.groups_bytes(&[C, empty, A]).unwrap();
+    let sizes = db.groups_bytes(&[C, empty, A], || false).unwrap().unwrap();
     assert_eq!(sizes.len(), 3);
     assert!(bytes(A) > bytes(C) && bytes(C) > 0);
     assert_eq!((sizes[&A], sizes[&C], sizes[&empty]), (bytes(A), bytes(C), 0));
     // B's rows are there but not asked for.
     apply(&mut b, vec![membership(1, &[1])]).await;
-    assert_eq!(db.groups_bytes(&[B]).unwrap()[&B], bytes(B));
-    assert!(!db.groups_bytes(&[A]).unwrap().contains_key(&B));
+    assert_eq!(db.groups_bytes(&[B], || false).unwrap().unwrap()[&B], bytes(B));
+    assert!(!db.groups_bytes(&[A], || false).unwrap().unwrap().contains_key(&B));
+}
+
+/// A measuring pass gives up when told to (the node is stopping): it checks
+/// every few thousand keys, so a large node's scan does not hold shutdown.
+#[tokio::test]
+async fn a_measurement_stops_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = StateDb::open(dir.path()).unwrap();
+    let mut a = group(&db, dir.path(), A);
+    let users: Vec<String> = (0..3000).map(|i| format!("u{i}")).collect();
+    let users: Vec<&str> = users.iter().map(String::as_str).collect();
+    orders(&mut a, 1, &users, 1, T0).await;
+    assert!(rows(&db, A).len() > 2 * 4096, "enough rows to be asked twice");
+    let asked = std::cell::Cell::new(0);
+    let stopped = db.groups_bytes(&[A], || {
+        asked.set(asked.get() + 1);
+        true
+    });
+    assert_eq!(stopped.unwrap(), None);
+    assert_eq!(asked.get(), 1, "it stopped at the first check");
+    assert!(db.groups_bytes(&[A], || false).unwrap().is_some());
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@
 //! all in one pass over one RocksDB snapshot), and after a round
 //! that took `t` the task waits `max(`[`EVERY`]`, `[`PACE`]` × t)` before the
 //! next (at most about 5 % of one core on a large node; the figures are
-//! then that old).
+//! then that old). A round gives up as soon as the node stops.
 
 use std::collections::BTreeMap;
 use std::sync::Weak;
@@ -44,7 +44,7 @@ pub(super) async fn run(node: Weak<Node>, mut stop: watch::Receiver<bool>) {
         }
         let Some(node) = node.upgrade() else { return };
         let started = Instant::now();
-        node.measure_sizes().await;
+        node.measure_sizes(&stop).await;
         rest = EVERY.max(started.elapsed() * PACE);
     }
 }
@@ -52,7 +52,7 @@ pub(super) async fn run(node: Weak<Node>, mut stop: watch::Receiver<bool>) {
 impl Node {
     /// One round: measures every shard replica whose applied index moved
     /// since its last measurement, and forgets replicas no longer hosted.
-    async fn measure_sizes(&self) {
+    async fn measure_sizes(&self, stop: &watch::Receiver<bool>) {
         let replicas: Vec<_> = self.registry.all().into_iter().filter(|r| r.gid != GroupId::META).collect();
         let known = self.sizes.lock().expect("sizes lock").clone();
         let mut measured: BTreeMap<GroupId, Size> = BTreeMap::new();
@@ -71,8 +71,10 @@ impl Node {
         }
         if !moved.is_empty() {
             let (db, gids) = (self.state_db.clone(), moved.keys().copied().collect::<Vec<_>>());
-            match tokio::task::spawn_blocking(move || db.groups_bytes(&gids)).await {
-                Ok(Ok(sizes)) => {
+            let stop = stop.clone();
+            match tokio::task::spawn_blocking(move || db.groups_bytes(&gids, || *stop.borrow())).await {
+                Ok(Ok(None)) => return, // the node is stopping
+                Ok(Ok(Some(sizes))) => {
                     for (gid, bytes) in sizes {
                         measured.insert(gid, Size { bytes, applied: moved[&gid] });
                     }

@@ -180,8 +180,16 @@ impl StateDb {
     /// the block cache, with one iterator per column family for all the
     /// groups: a total-order iterator over the hash skip list memtables
     /// builds a sorted copy of the whole memtable when it is created, so one
-    /// per group would copy it once per shard.
-    pub fn groups_bytes(&self, gids: &[GroupId]) -> Result<BTreeMap<GroupId, u64>, rocksdb::Error> {
+    /// per group would copy it once per shard. Gives up (`Ok(None)`) as
+    /// soon as `stop` says so, checked every few thousand keys: a scan of a
+    /// large node must not hold its shutdown.
+    pub fn groups_bytes(
+        &self,
+        gids: &[GroupId],
+        stop: impl Fn() -> bool,
+    ) -> Result<Option<BTreeMap<GroupId, u64>>, rocksdb::Error> {
+        const CHECK_EVERY: u32 = 4096;
+        let mut until_check = CHECK_EVERY;
         let snap = self.db.snapshot();
         let mut sizes: BTreeMap<GroupId, u64> = gids.iter().map(|&gid| (gid, 0)).collect();
         for name in ALL_CFS {
@@ -199,11 +207,18 @@ impl StateDb {
                     }
                     *bytes += (key.len() + value.len()) as u64;
                     it.next();
+                    until_check -= 1;
+                    if until_check == 0 {
+                        if stop() {
+                            return Ok(None);
+                        }
+                        until_check = CHECK_EVERY;
+                    }
                 }
                 it.status()?;
             }
         }
-        Ok(sizes)
+        Ok(Some(sizes))
     }
 
     pub fn db(&self) -> Arc<DB> {

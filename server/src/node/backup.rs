@@ -127,8 +127,7 @@ impl Node {
         let replica = self.hosted(gid)?;
         // A replica just placed here (a learner, or one not yet sent
         // anything) would export an empty or partial shard.
-        let m = replica.raft.metrics().borrow().clone();
-        if m.last_applied.is_none() || !m.membership_config.membership().voter_ids().any(|v| v == self.id) {
+        if !replica.sm.is_voter(self.id) {
             return Err(Error::FailedPrecondition(format!(
                 "{gid}'s replica on node {} is not a voter yet (still catching up); copy another replica",
                 self.id

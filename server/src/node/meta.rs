@@ -396,8 +396,9 @@ impl Node {
         // The map moves a replica at once; its group drops the old one only
         // once the new one has caught up. Until then the node still votes.
         check_left_every_group(id, self.shards, &self.statuses().await)?;
-        let now = std::time::Instant::now();
-        let alive = |n: NodeId| n == self.id || self.liveness.silent_for(n, now) < META_QUORUM_HEARD_WITHIN;
+        let alive = |n: NodeId| {
+            n == self.id || self.liveness.silent_for(n, std::time::Instant::now()) < META_QUORUM_HEARD_WITHIN
+        };
         let meta_voters: Vec<NodeId> =
             self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
         quorum_without(&meta_voters, id, alive).map_err(in_meta)?;
@@ -426,8 +427,6 @@ impl Node {
             self.propose_meta(MetaCommand::Map(MapChange::RemoveNode { node: id })).await?;
         }
         self.place().await?;
-        let now = std::time::Instant::now();
-        let alive = |n: NodeId| n == self.id || self.liveness.silent_for(n, now) < META_QUORUM_HEARD_WITHIN;
         let index = remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
         self.wait_followed(&format!("moving node {id}'s replicas")).await?;
         Ok(index)
@@ -615,16 +614,7 @@ fn check_left_every_group(
     shards: u32,
     statuses: &[(NodeId, ClusterStatusResponse)],
 ) -> Result<()> {
-    // A deposed leader that has not heard of its successor yet may still
-    // say Leader: the newest term's word counts.
-    let mut leaders: BTreeMap<u32, &ShardStatus> = BTreeMap::new();
-    for s in statuses.iter().flat_map(|(_, status)| status.shard_status.iter()).filter(|s| s.role == "Leader")
-    {
-        let newest = leaders.entry(s.shard).or_insert(s);
-        if s.term > newest.term {
-            *newest = s;
-        }
-    }
+    let leaders = shard_leaders(statuses);
     let member: Vec<u32> = leaders
         .values()
         .filter(|s| s.voters.contains(&node) || s.learners.contains(&node))
@@ -646,32 +636,41 @@ fn check_left_every_group(
     Ok(())
 }
 
-/// Shards whose membership, as their leader reports it, is not yet the
-/// map's replicas (a change under way), or whose leader did not answer.
+/// Each shard's status as its leader reports it. A deposed leader that has
+/// not heard of its successor yet may still say Leader: the newest term's
+/// word counts.
+fn shard_leaders(statuses: &[(NodeId, ClusterStatusResponse)]) -> BTreeMap<u32, &ShardStatus> {
+    let mut leaders: BTreeMap<u32, &ShardStatus> = BTreeMap::new();
+    for s in statuses.iter().flat_map(|(_, status)| status.shard_status.iter()).filter(|s| s.role == "Leader")
+    {
+        let newest = leaders.entry(s.shard).or_insert(s);
+        if s.term > newest.term {
+            *newest = s;
+        }
+    }
+    leaders
+}
+
 /// How many shards have a leader that answers and a membership that is not
 /// the map's yet: the moves under way.
 fn moving_shards(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) -> usize {
-    let led: BTreeSet<u32> = statuses
-        .iter()
-        .flat_map(|(_, status)| status.shard_status.iter())
-        .filter(|s| s.role == "Leader")
-        .map(|s| s.shard)
-        .collect();
+    let led: BTreeSet<u32> = shard_leaders(statuses).into_keys().collect();
     busy_shards(map, statuses).intersection(&led).count()
 }
 
+/// Shards whose membership, as their leader reports it, is not yet the
+/// map's replicas (a change under way), or whose leader did not answer.
 fn busy_shards(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) -> BTreeSet<u32> {
-    let mut settled = BTreeSet::new();
-    for (_, status) in statuses {
-        for s in status.shard_status.iter().filter(|s| s.role == "Leader") {
-            let Some(wanted) = map.replicas.get(s.shard as usize) else { continue };
+    let settled: BTreeSet<u32> = shard_leaders(statuses)
+        .into_values()
+        .filter(|s| {
+            let Some(wanted) = map.replicas.get(s.shard as usize) else { return false };
             let wanted: BTreeSet<NodeId> = wanted.iter().copied().collect();
             let voters: BTreeSet<NodeId> = s.voters.iter().copied().collect();
-            if s.learners.is_empty() && voters == wanted {
-                settled.insert(s.shard);
-            }
-        }
-    }
+            s.learners.is_empty() && voters == wanted
+        })
+        .map(|s| s.shard)
+        .collect();
     (0..map.shards).filter(|s| !settled.contains(s)).collect()
 }
 

@@ -328,13 +328,12 @@ impl Node {
 }
 
 /// Whether node `id` is a voter in the membership `replica`'s state has
-/// applied: only then does it serve reads. A replica just placed here is
-/// empty until its snapshot is in (a learner), and one removed from its
-/// group no longer follows it; either would answer "no such profile" for
-/// users it simply lacks. (The applied state, not raft's metrics: those
-/// start empty when a node starts, until raft's task first reports.)
+/// applied ([`crate::store::GroupState::is_voter`]): only then does it
+/// serve reads. A replica just placed here is empty until its snapshot is
+/// in (a learner), and one removed from its group no longer follows it;
+/// either would answer "no such profile" for users it simply lacks.
 fn votes(replica: &Replica, id: NodeId) -> bool {
-    replica.sm.applied().membership.membership().voter_ids().any(|v| v == id)
+    replica.sm.is_voter(id)
 }
 
 /// How a read refused for the size of its answer starts.

@@ -14,7 +14,7 @@ use super::keys::*;
 use super::sm_db::{cf, StateDb};
 use crate::engine::Engine;
 use crate::schema::VersionedSchema;
-use crate::types::{GroupId, LogId, StoredMembership};
+use crate::types::{GroupId, LogId, NodeId, StoredMembership};
 use portrait_core::meta::MetaState;
 
 /// What a group's state machine has applied, cached in memory.
@@ -173,6 +173,13 @@ impl GroupState {
 
     pub fn applied(&self) -> AppliedState {
         self.applied.lock().expect("applied lock").clone()
+    }
+
+    /// Whether node `id` is a voter in the membership this state has
+    /// applied (what its data corresponds to; raft's metrics start empty
+    /// when a node starts, until raft's task first reports).
+    pub fn is_voter(&self, id: NodeId) -> bool {
+        self.applied.lock().expect("applied lock").membership.membership().voter_ids().any(|v| v == id)
     }
 
     /// Records what the database now holds (called once its batch is

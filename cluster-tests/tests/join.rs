@@ -103,3 +103,70 @@ async fn a_node_joining_with_an_id_in_use_is_refused_and_told_what_to_do() {
         (cluster.node(1).advertised(), cluster.node(2).advertised(), cluster.node(3).advertised());
     assert_eq!(members, [(1, one.as_str()), (2, two.as_str()), (3, three.as_str())]);
 }
+
+/// Node `via`'s `replaced_peers`, once it is `want` (at most 30 s).
+async fn wait_replaced(cluster: &Cluster, via: u64, want: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = cluster.client(via).await.cluster_status().await.unwrap();
+        if s.replaced_peers == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {via} reports {:?} replaced, not {want:?}",
+            s.replaced_peers
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_node_restarted_under_its_id_on_an_empty_data_dir_takes_no_part_in_raft() {
+    let mut cluster = Cluster::start_sharded(3, 2).await;
+    replicated(&cluster, 1, &[2, 3]).await;
+    let before = cluster.client(3).await.cluster_status().await.unwrap();
+    assert_ne!(before.incarnation, 0);
+
+    // Its disk is lost: it comes back under its id with nothing, having
+    // forgotten every vote it gave.
+    cluster.kill(3);
+    std::fs::remove_dir_all(cluster.node(3).data_dir()).unwrap();
+    cluster.restart(3).await;
+    let after = cluster.client(3).await.cluster_status().await.unwrap();
+    assert_ne!(after.incarnation, before.incarnation);
+    wait_replaced(&cluster, 1, &[3]).await;
+    wait_replaced(&cluster, 2, &[3]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.node(3).log().contains("refused raft messages: node 3 runs on a data dir") {
+        assert!(
+            Instant::now() < deadline,
+            "node 3 took its peers' raft messages:\n{}",
+            cluster.node(3).log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Nodes 1 and 2 go on without it; it neither votes nor replicates.
+    replicated(&cluster, 2, &[1, 2]).await;
+    let s = cluster.client(3).await.cluster_status().await.unwrap();
+    assert!(s.members.is_empty(), "{:?}", s.members);
+    assert!(s.shard_status.iter().all(|g| g.term == 0 && g.last_log_index == 0), "{:?}", s.shard_status);
+    assert_eq!(s.meta_voters, Vec::<u64>::new());
+
+    // Adding it back under its id is refused, saying why.
+    let e = cluster
+        .client(1)
+        .await
+        .add_node(3, &cluster.node(3).endpoint(), &cluster.node(3).advertised(), false)
+        .await
+        .expect_err("the same id on a new data dir");
+    assert!(e.to_string().contains("runs on a data dir"), "{e}");
+
+    // Drained and removed, it is no one's peer any more.
+    cluster.kill(3);
+    portrait_cluster_tests::replicas::drain(&cluster.client(1).await, 3).await;
+    cluster.client(1).await.remove_node(3).await.expect("remove node 3");
+    wait_replaced(&cluster, 1, &[]).await;
+    replicated(&cluster, 3, &[1, 2]).await;
+}

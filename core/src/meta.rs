@@ -34,8 +34,9 @@ pub struct MetaState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaCommand {
     /// Creates the cluster: `shards` shards, aiming for `replication`
-    /// replicas each, all on the first node.
-    Create { shards: u32, replication: u32, node: NodeId, addr: String, peer_addr: String },
+    /// replicas each, all on the first node (whose data dir is
+    /// `incarnation`, see [`crate::shard::NodeEntry::incarnation`]).
+    Create { shards: u32, replication: u32, node: NodeId, addr: String, peer_addr: String, incarnation: u64 },
     /// A change of the shard map.
     Map(MapChange),
     /// A new schema (its TOML text); its version is the next one.
@@ -71,7 +72,7 @@ impl MetaState {
 
     fn try_apply(&mut self, command: &MetaCommand) -> Result<(), String> {
         match command {
-            MetaCommand::Create { shards, replication, node, addr, peer_addr } => {
+            MetaCommand::Create { shards, replication, node, addr, peer_addr, incarnation } => {
                 if let Some(map) = &self.map {
                     let nodes: Vec<_> = map.nodes.keys().collect();
                     return Err(format!(
@@ -79,7 +80,9 @@ impl MetaState {
                         map.shards
                     ));
                 }
-                self.map = Some(ShardMap::create(*shards, *replication, *node, addr, peer_addr)?);
+                let mut map = ShardMap::create(*shards, *replication, *node, addr, peer_addr)?;
+                map.nodes.entry(*node).and_modify(|n| n.incarnation = *incarnation);
+                self.map = Some(map);
             }
             MetaCommand::Map(change) => {
                 let map = self.map.as_mut().ok_or("the cluster has not been created")?;
@@ -110,6 +113,7 @@ mod tests {
             node: 1,
             addr: "http://n1".into(),
             peer_addr: "http://n1:8700".into(),
+            incarnation: 0x11,
         }
     }
 
@@ -120,6 +124,7 @@ mod tests {
             node: 2,
             addr: "http://n2".into(),
             peer_addr: "http://n2:8700".into(),
+            incarnation: 0x22,
         });
         assert_eq!(
             meta.apply(&add),
@@ -134,6 +139,35 @@ mod tests {
         assert_eq!(meta.apply(&add), MetaOutcome::Applied { epoch: 2, schema_version: 0 });
         let map = meta.map.as_ref().unwrap();
         assert_eq!((map.shards, map.nodes.len(), map.hosted_by(2).len()), (8, 2, 0));
+        let incarnations: Vec<_> = map.nodes.values().map(|n| n.incarnation).collect();
+        assert_eq!(incarnations, [0x11, 0x22]);
+    }
+
+    #[test]
+    fn a_node_keeps_its_data_dir_incarnation() {
+        let mut meta = MetaState::default();
+        meta.apply(&create());
+        let add = |incarnation| {
+            MetaCommand::Map(MapChange::AddNode {
+                node: 2,
+                addr: "http://n2".into(),
+                peer_addr: "http://n2:8700".into(),
+                incarnation,
+            })
+        };
+        assert_eq!(meta.apply(&add(0)), MetaOutcome::Applied { epoch: 2, schema_version: 0 });
+        // Learned later; an unknown one (0) does not forget it.
+        assert_eq!(meta.apply(&add(0x22)), MetaOutcome::Applied { epoch: 3, schema_version: 0 });
+        assert_eq!(meta.apply(&add(0)), MetaOutcome::Applied { epoch: 4, schema_version: 0 });
+        let before = meta.clone();
+        assert_eq!(
+            meta.apply(&add(0x33)),
+            MetaOutcome::Refused {
+                reason: "node 2 is in the cluster on another data dir (incarnation 22, not 33)".into()
+            }
+        );
+        assert_eq!(meta, before);
+        assert_eq!(meta.map.unwrap().nodes[&2].incarnation, 0x22);
     }
 
     #[test]
@@ -170,6 +204,7 @@ mod tests {
                 node: 2,
                 addr: "http://n2".into(),
                 peer_addr: "http://n2:8700".into(),
+                incarnation: 0,
             }),
             MetaCommand::Map(MapChange::AddReplica { shard: 0, node: 2 }),
             MetaCommand::Map(MapChange::AddReplica { shard: 0, node: 2 }),

@@ -54,6 +54,12 @@ pub struct NodeEntry {
     /// Where the other nodes reach it (its peer port; raft memberships
     /// name this address).
     pub peer_addr: String,
+    /// The random number its data dir was created with (0: not known).
+    /// Peers address every raft message to this incarnation, and the node
+    /// refuses those addressed to another: a node restarted under its id on
+    /// an empty data dir has lost its votes and log, and must not take part
+    /// in raft as if it had them.
+    pub incarnation: u64,
 }
 
 /// The cluster's layout: its nodes and the replicas each shard should
@@ -79,8 +85,10 @@ pub struct ShardMap {
 /// A change of the shard map (a meta group command's effect).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MapChange {
-    /// A node joins (or changes its address).
-    AddNode { node: NodeId, addr: String, peer_addr: String },
+    /// A node joins (or changes its address), running on the data dir
+    /// `incarnation` (0: not known; a known one is kept). Refused if the
+    /// map has the node on another data dir.
+    AddNode { node: NodeId, addr: String, peer_addr: String, incarnation: u64 },
     /// `node` should host a replica of `shard`.
     AddReplica { shard: u32, node: NodeId },
     /// The replica of `shard` on `from` moves to `to` (which takes its
@@ -114,7 +122,10 @@ impl ShardMap {
             epoch: 1,
             shards,
             replication,
-            nodes: BTreeMap::from([(node, NodeEntry { addr: addr.into(), peer_addr: peer_addr.into() })]),
+            nodes: BTreeMap::from([(
+                node,
+                NodeEntry { addr: addr.into(), peer_addr: peer_addr.into(), incarnation: 0 },
+            )]),
             replicas: vec![vec![node]; shards as usize],
             draining: BTreeSet::new(),
         })
@@ -155,11 +166,22 @@ impl ShardMap {
     /// Every applied change moves the epoch on.
     pub fn apply(&mut self, change: &MapChange) -> Result<(), String> {
         match change {
-            MapChange::AddNode { node, addr, peer_addr } => {
+            MapChange::AddNode { node, addr, peer_addr, incarnation } => {
                 if addr.is_empty() || peer_addr.is_empty() {
                     return Err(format!("node {node}: a client and a peer address are required"));
                 }
-                self.nodes.insert(*node, NodeEntry { addr: addr.clone(), peer_addr: peer_addr.clone() });
+                let known = self.nodes.get(node).map_or(0, |n| n.incarnation);
+                if known != 0 && *incarnation != 0 && known != *incarnation {
+                    return Err(format!(
+                        "node {node} is in the cluster on another data dir (incarnation {known:x}, not \
+                         {incarnation:x})"
+                    ));
+                }
+                let incarnation = if *incarnation == 0 { known } else { *incarnation };
+                self.nodes.insert(
+                    *node,
+                    NodeEntry { addr: addr.clone(), peer_addr: peer_addr.clone(), incarnation },
+                );
             }
             MapChange::AddReplica { shard, node } => {
                 let replicas = self.replicas.get_mut(*shard as usize).ok_or_else(|| {
@@ -573,6 +595,7 @@ mod tests {
 
     fn join(map: &mut ShardMap, node: NodeId) {
         map.apply(&MapChange::AddNode {
+            incarnation: 0,
             node,
             addr: format!("http://n{node}"),
             peer_addr: format!("http://n{node}:8700"),
@@ -708,10 +731,20 @@ mod tests {
         let e = map.apply(&MapChange::AddReplica { shard: 0, node: 1 }).unwrap_err();
         assert_eq!(e, "shard 0 already has a replica on node 1");
         assert!(map
-            .apply(&MapChange::AddNode { node: 2, addr: String::new(), peer_addr: "p".into() })
+            .apply(&MapChange::AddNode {
+                node: 2,
+                addr: String::new(),
+                peer_addr: "p".into(),
+                incarnation: 0
+            })
             .is_err());
         assert!(map
-            .apply(&MapChange::AddNode { node: 2, addr: "a".into(), peer_addr: String::new() })
+            .apply(&MapChange::AddNode {
+                node: 2,
+                addr: "a".into(),
+                peer_addr: String::new(),
+                incarnation: 0
+            })
             .is_err());
         assert_eq!(map, before);
         assert_eq!(map.hosted_by(1), [0, 1, 2, 3]);

@@ -152,6 +152,10 @@ pub struct NodeStatus {
     pub snapshot_bytes_sent: u64,
     /// The meta group's leader, as this node's replica of it knows it.
     pub meta_leader_id: Option<NodeId>,
+    /// This node's data dir incarnation.
+    pub incarnation: u64,
+    /// Peers answering from another data dir than the map records.
+    pub replaced_peers: Vec<NodeId>,
 }
 
 /// One shard's raft group as this node sees it.
@@ -174,6 +178,8 @@ pub struct ShardStatus {
 
 pub struct Node {
     pub id: NodeId,
+    /// The incarnation of this node's data dir (`StateDb::identity`).
+    pub incarnation: u64,
     /// The address clients reach this node at (recorded in the map).
     pub advertise: String,
     /// The address of its peer port, which the raft memberships name.
@@ -252,6 +258,7 @@ impl Node {
         std::fs::create_dir_all(&opts.data_dir)?;
         backup::remove_scratch(&opts.data_dir)?;
         let state_db = StateDb::open(&opts.data_dir)?;
+        let incarnation = state_db.identity(opts.node_id)?;
         let log_engine = LogEngine::open(&opts.data_dir)?;
         let shards = shards::resolve(&state_db, &log_engine, &opts).await?;
         let replication = opts.replication.unwrap_or(DEFAULT_REPLICATION);
@@ -273,6 +280,7 @@ impl Node {
         };
         let registry = Arc::new(Registry::default());
         let meta = Arc::new(Replica::open(GroupId::META, &shared).await?);
+        channels.follow_cluster(meta.sm.watch_cluster());
         registry.insert(meta.clone());
         for gid in log_engine.groups()?.into_iter().filter(|g| *g != GroupId::META && g.0 < shards) {
             registry.insert(Arc::new(Replica::open(gid, &shared).await?));
@@ -296,6 +304,7 @@ impl Node {
             blocked: blocked.clone(),
             liveness: liveness.clone(),
             interval: opts.tuning.probe_interval(),
+            channels: channels.clone(),
         };
         tasks.spawn("clock probe", |stop| probe.run(stop));
         if opts.tuning.quiet_idle_groups {
@@ -309,6 +318,7 @@ impl Node {
         }
         let node = Arc::new(Node {
             id: opts.node_id,
+            incarnation,
             advertise: opts.advertise.clone(),
             peer_advertise: opts.peer_advertise.clone(),
             shards,
@@ -547,6 +557,8 @@ impl Node {
                 .collect(),
             snapshot_bytes_sent: self.channels.snapshot_bytes_sent(),
             meta_leader_id: mm.current_leader,
+            incarnation: self.incarnation,
+            replaced_peers: self.channels.replaced(),
         }
     }
 

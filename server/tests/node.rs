@@ -727,11 +727,18 @@ async fn raft_messages_for_a_group_this_node_does_not_host_are_refused() {
     let mut raft = RaftClient::connect(node.peer_endpoint()).await.expect("connect");
     let vote = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(1, 9), None);
     let data = bincode::serialize(&vote).unwrap();
-    let status = raft.vote(RaftPayload { data: data.clone(), group: 5 }).await.expect_err("not hosted");
+    let status = raft
+        .vote(RaftPayload { data: data.clone(), group: 5, ..Default::default() })
+        .await
+        .expect_err("not hosted");
     assert_eq!((status.code(), status.message()), (Code::NotFound, "node 1 hosts no replica of shard 5"));
-    let status = raft.vote(RaftPayload { data, group: 4_000 }).await.expect_err("not a shard");
+    let status =
+        raft.vote(RaftPayload { data, group: 4_000, ..Default::default() }).await.expect_err("not a shard");
     assert_eq!(status.message(), "node 1 hosts no replica of shard 4000");
-    let status = raft.vote(RaftPayload { data: vec![1, 2], group: 0 }).await.expect_err("garbage");
+    let status = raft
+        .vote(RaftPayload { data: vec![1, 2], group: 0, ..Default::default() })
+        .await
+        .expect_err("garbage");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("data: undecodable raft message"), "{}", status.message());
 }
@@ -756,8 +763,11 @@ async fn forwarded_reads_are_checked_against_their_shard() {
         consistency: Consistency::Linearizable,
         max_bytes: 16 << 20,
     };
-    let read =
-        |group: u32, part: ForwardedRead| RaftPayload { data: bincode::serialize(&part).unwrap(), group };
+    let read = |group: u32, part: ForwardedRead| RaftPayload {
+        data: bincode::serialize(&part).unwrap(),
+        group,
+        ..Default::default()
+    };
     let reply = raft.forward_read(read(shard, part("u1"))).await.expect("served").into_inner();
     let (views, info): (Vec<portrait_server::store::read::ProfileView>, portrait_server::node::ReadInfo) =
         bincode::deserialize(&reply.data).unwrap();

@@ -223,11 +223,13 @@ async fn meta_commands_change_the_map_durably_and_refusals_change_nothing() {
         node: 1,
         addr: "http://n1".into(),
         peer_addr: "http://n1:8700".into(),
+        incarnation: 1,
     };
     let join = MetaCommand::Map(MapChange::AddNode {
         node: 2,
         addr: "http://n2".into(),
         peer_addr: "http://n2:8700".into(),
+        incarnation: 2,
     });
     let bad = MetaCommand::Map(MapChange::AddReplica { shard: 9, node: 2 });
     let meta = |i, command| entry(i, Command::Meta { stamp_ms: T0, command });

@@ -50,6 +50,16 @@ pub fn render(s: &ClusterStatusResponse) -> String {
         };
         let _ = writeln!(out, "meta group      leader {leader}, voters {}", voters.join(", "));
     }
+    if s.incarnation != 0 {
+        let _ = writeln!(out, "data dir        incarnation {:x}", s.incarnation);
+    }
+    for peer in &s.replaced_peers {
+        let _ = writeln!(
+            out,
+            "PROBLEM         node {peer} answers from another data dir than the cluster recorded for it: it \
+             lost its raft state and takes no part in raft; drain and remove it, then add it under a new id"
+        );
+    }
     out
 }
 
@@ -155,6 +165,8 @@ mod tests {
             meta_voters: vec![1],
             snapshot_bytes_sent: 0,
             meta_leader_id: 1,
+            incarnation: 0xfeed,
+            replaced_peers: vec![3],
         };
         let expected = "node            1 (Leader)\n\
             leader          1 at http://127.0.0.1:7701\n\
@@ -168,7 +180,10 @@ mod tests {
             members         2\n\
             \x20   1  http://127.0.0.1:7701  voter    matched=9  lag=0\n\
             \x20   4  http://127.0.0.1:7704  learner  matched=9  lag=0\n\
-            meta group      leader 1, voters 1\n";
+            meta group      leader 1, voters 1\n\
+            data dir        incarnation feed\n\
+            PROBLEM         node 3 answers from another data dir than the cluster recorded for it: it lost \
+            its raft state and takes no part in raft; drain and remove it, then add it under a new id\n";
         assert_eq!(render(&status), expected);
         let skewed =
             ClockStatus { problem: "this node's clock is 3000 ms off".into(), ..ClockStatus::default() };

@@ -96,7 +96,7 @@ impl Node {
         // against this node's queued-write budget too.
         let _held = if write { Some(self.batcher.hold(data.len())?) } else { None };
         let mut client = self.channels.get(addr).map_err(|e| unreachable(&e))?;
-        let mut request = tonic::Request::new(RaftPayload { data, group: gid.0 });
+        let mut request = tonic::Request::new(RaftPayload { data, group: gid.0, ..Default::default() });
         request.set_timeout(self.write_timeout + std::time::Duration::from_secs(1));
         let reply = match kind {
             Forward::Write => client.forward_write(request).await,

@@ -126,6 +126,7 @@ impl Node {
             node: self.id,
             addr: self.advertise.clone(),
             peer_addr: self.peer_advertise.clone(),
+            incarnation: self.incarnation,
         };
         match self.propose_meta(create).await {
             Ok(_) => Ok(()),
@@ -357,8 +358,9 @@ impl Node {
                 &map,
                 self.meta.raft.metrics().borrow().membership_config.membership(),
             )?;
-            self.check_new_node(id, &peer_addr).await?;
         }
+        let recorded = map.nodes.get(&id).map_or(0, |n| n.incarnation);
+        let mut incarnation = self.check_new_node(id, &peer_addr, recorded).await?;
         let voters = self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().count();
         let is_voter =
             self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
@@ -368,8 +370,21 @@ impl Node {
         if learner_only {
             return Ok(index);
         }
-        if map.nodes.get(&id).map(|n| (n.addr.as_str(), n.peer_addr.as_str())) != Some((&addr, &peer_addr)) {
-            self.propose_meta(MetaCommand::Map(MapChange::AddNode { node: id, addr, peer_addr })).await?;
+        if incarnation == 0 {
+            // It has just caught up with the meta group, so it is up now.
+            incarnation = self.check_new_node(id, &peer_addr, recorded).await?;
+        }
+        if incarnation == 0 && recorded == 0 {
+            return Err(Error::Unavailable(format!(
+                "node {id} at {peer_addr} did not say which data dir it runs on (Raft.Status); nothing is \
+                 lost, call again"
+            )));
+        }
+        let entry = map.nodes.get(&id).map(|n| (n.addr.as_str(), n.peer_addr.as_str(), n.incarnation));
+        let incarnation = if recorded != 0 { recorded } else { incarnation };
+        if entry != Some((&addr, &peer_addr, incarnation)) {
+            let add = MapChange::AddNode { node: id, addr, peer_addr, incarnation };
+            self.propose_meta(MetaCommand::Map(add)).await?;
         }
         self.place().await?;
         self.wait_followed(&format!("placing replicas on node {id}")).await?;
@@ -535,16 +550,18 @@ impl Node {
     }
 
     /// Refuses to add, as node `id`, a node that reports another id (its
-    /// raft messages would speak for another member) or another number of
-    /// shards (it would host other groups). A node that does not answer
-    /// is not refused here: adding it waits for it like any learner.
-    async fn check_new_node(&self, id: NodeId, peer_addr: &str) -> Result<()> {
+    /// raft messages would speak for another member), another number of
+    /// shards (it would host other groups), or a data dir other than the
+    /// map's `recorded` incarnation for it (0: none yet). Returns the data
+    /// dir incarnation it reports; 0 if it does not answer, which is not
+    /// refused here: adding it waits for it like any learner.
+    async fn check_new_node(&self, id: NodeId, peer_addr: &str, recorded: u64) -> Result<u64> {
         let addr = peer_addr;
         let status = match peer_status(addr).await {
             Ok(status) => status,
             Err(e) => {
                 tracing::debug!(node = id, error = %e, "could not ask the new node who it is");
-                return Ok(());
+                return Ok(0);
             }
         };
         if status.node_id != id {
@@ -554,13 +571,21 @@ impl Node {
                 status.node_id, status.node_id
             )));
         }
+        if recorded != 0 && status.incarnation != 0 && status.incarnation != recorded {
+            return Err(Error::FailedPrecondition(format!(
+                "node_id: node {id} at {addr} runs on a data dir (incarnation {:x}) other than the one it was \
+                 added with ({recorded:x}): the raft votes and log it had are lost. Drain and remove node \
+                 {id}, then add this node under a new id (docs/operations.md)",
+                status.incarnation
+            )));
+        }
         match status.shards {
             n if n != 0 && n != self.shards => Err(Error::FailedPrecondition(format!(
                 "node {id} at {addr} was started for a cluster of {n} shards, this one has {}; restart it on \
                  an empty data dir with --shards {} (or --join)",
                 self.shards, self.shards
             ))),
-            _ => Ok(()),
+            _ => Ok(status.incarnation),
         }
     }
 }
@@ -835,6 +860,7 @@ mod tests {
                 node: n,
                 addr: format!("http://n{n}"),
                 peer_addr: format!("http://n{n}:8700"),
+                incarnation: 0,
             };
             map.apply(&change).unwrap();
         }

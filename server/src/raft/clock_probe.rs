@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
 use super::liveness::Liveness;
-use super::network::Blocked;
+use super::network::{Blocked, Channels};
 use super::replica::{Registry, Replica};
 use crate::clock::peers::PeerOffset;
 use crate::clock::NodeClock;
@@ -44,6 +44,9 @@ pub struct ClockProbe {
     pub blocked: Blocked,
     pub liveness: Arc<Liveness>,
     pub interval: Duration,
+    /// Where the peers' incarnations are looked up, and replaced peers
+    /// recorded.
+    pub channels: Channels,
 }
 
 impl ClockProbe {
@@ -60,6 +63,7 @@ impl ClockProbe {
             let (members, voters, replicated) = self.members(&replicas);
             clients.retain(|id, _| members.iter().any(|(m, _)| m == id));
             self.clock.peers().retain(|id| members.iter().any(|(m, _)| *m == id));
+            self.channels.retain_replaced(&members.iter().map(|(m, _)| *m).collect::<Vec<_>>());
             self.probe_all(&members, &mut clients, &mut in_flight);
             let verdict = self.clock.tick(self.me, &voters, replicated);
             let changed = replicas.iter().fold(false, |c, r| r.elect.set_clock_ok(!verdict.skewed) | c);
@@ -118,6 +122,7 @@ impl ClockProbe {
             let Ok((peer, answer, sent, received)) = done else { continue };
             in_flight.peers.remove(&peer);
             match answer {
+                Ok(r) if self.is_replaced(peer, r.incarnation) => {}
                 Ok(r) => {
                     self.liveness.answered(peer, r.boot_id, received);
                     self.clock.peers().record(peer, r.wall_ms, sent, received);
@@ -144,6 +149,28 @@ impl ClockProbe {
                 (peer, answer.map(|r| r.into_inner()), sent, Instant::now())
             });
         }
+    }
+
+    /// Whether `peer` answered from another data dir than the shard map
+    /// records for it (it refuses every raft message, so it counts as
+    /// silent); logs when that changes.
+    fn is_replaced(&self, peer: NodeId, incarnation: u64) -> bool {
+        let expected = self.channels.incarnation_of(peer);
+        let replaced = expected != 0 && incarnation != 0 && incarnation != expected;
+        if self.channels.set_replaced(peer, replaced) {
+            match replaced {
+                true => tracing::error!(
+                    peer,
+                    incarnation = format!("{incarnation:x}"),
+                    expected = format!("{expected:x}"),
+                    "node {peer} answers from another data dir than the shard map records for it: it lost its \
+                     raft votes and logs and takes no part in raft; drain and remove it, then add it back under \
+                     a new id (docs/operations.md)"
+                ),
+                false => tracing::info!(peer, "node {peer} answers from its recorded data dir again"),
+            }
+        }
+        replaced
     }
 
     /// Transfers leadership of `replica`'s group to a voter of that group

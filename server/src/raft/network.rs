@@ -33,16 +33,17 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     SnapshotResponse, VoteRequest, VoteResponse,
 };
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use openraft::BasicNode;
+use portrait_core::meta::MetaState;
 use portrait_proto::v1::raft_client::RaftClient;
 use portrait_proto::v1::{RaftBatch, RaftBatchReply, RaftPayload, StartElectionRequest};
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tonic::transport::Channel;
 
 use super::contact::PeerAcks;
@@ -74,6 +75,12 @@ pub struct Links {
     snapshot_bytes: AtomicU64,
     /// Snapshots being sent at once (see [`MAX_SNAPSHOT_STREAMS`]).
     snapshot_streams: Streams,
+    /// The meta group's applied state: each node's data dir incarnation,
+    /// which raft messages are addressed to.
+    cluster: std::sync::OnceLock<watch::Receiver<Arc<MetaState>>>,
+    /// Peers the clock probe found answering from another data dir than
+    /// the map records for them.
+    replaced: std::sync::Mutex<BTreeSet<NodeId>>,
 }
 
 /// Turns to send a snapshot: [`MAX_SNAPSHOT_STREAMS`].
@@ -138,6 +145,40 @@ impl Channels {
     /// at most (0: no limit).
     pub fn new(snapshot_bytes_per_sec: u64) -> Channels {
         Channels(Arc::new(Links { snapshots: Pacer::new(snapshot_bytes_per_sec), ..Links::default() }))
+    }
+
+    /// Where the node's raft messages learn their targets' incarnations:
+    /// the meta group's applied state (set once, when it opens).
+    pub fn follow_cluster(&self, cluster: watch::Receiver<Arc<MetaState>>) {
+        let _ = self.0.cluster.set(cluster);
+    }
+
+    /// The data dir incarnation the shard map records for `node` (0: not
+    /// known).
+    pub fn incarnation_of(&self, node: NodeId) -> u64 {
+        let Some(cluster) = self.0.cluster.get() else { return 0 };
+        let cluster = cluster.borrow();
+        cluster.map.as_ref().and_then(|m| m.nodes.get(&node)).map_or(0, |n| n.incarnation)
+    }
+
+    /// Records whether `node` answers from another data dir than the map
+    /// records; true if that changed.
+    pub fn set_replaced(&self, node: NodeId, replaced: bool) -> bool {
+        let mut set = self.0.replaced.lock().expect("replaced lock");
+        match replaced {
+            true => set.insert(node),
+            false => set.remove(&node),
+        }
+    }
+
+    /// Forgets replaced peers that are no longer `members`.
+    pub fn retain_replaced(&self, members: &[NodeId]) {
+        self.0.replaced.lock().expect("replaced lock").retain(|n| members.contains(n));
+    }
+
+    /// Peers answering from another data dir than the map records.
+    pub fn replaced(&self) -> Vec<NodeId> {
+        self.0.replaced.lock().expect("replaced lock").iter().copied().collect()
     }
 
     /// Bytes of snapshot chunks this node has sent (answered by the peer).
@@ -360,10 +401,21 @@ impl Peer {
     {
         self.check_blocked()?;
         let client = self.client()?;
-        let mut request = tonic::Request::new(RaftPayload { data, group: self.group.0 });
+        let mut request = tonic::Request::new(self.payload(data));
         request.set_timeout(option.hard_ttl());
         let response = f(client, request).await.map(|r| r.into_inner().data);
         self.settle(response, too_large)
+    }
+
+    /// One message of this group for the target, addressed to the data dir
+    /// the map records for it.
+    fn payload(&self, data: Vec<u8>) -> RaftPayload {
+        RaftPayload {
+            data,
+            group: self.group.0,
+            to_node: self.target,
+            to_incarnation: self.channels.incarnation_of(self.target),
+        }
     }
 
     /// Fault injection: messages to a blocked peer are dropped.
@@ -396,8 +448,11 @@ impl Peer {
                 return Err(too_large(&status));
             }
             // The peer does not host this group (yet, or any more): the
-            // node is up, the group's replica is not.
-            Err(status) if status.code() == tonic::Code::NotFound => {
+            // node is up, the group's replica is not. Or it refuses messages
+            // for the node it was (another data dir): nothing to reconnect.
+            Err(status)
+                if matches!(status.code(), tonic::Code::NotFound | tonic::Code::FailedPrecondition) =>
+            {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
             }
             Err(status) => {
@@ -436,7 +491,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         };
         let result = match self.check_blocked() {
             Ok(()) => {
-                let payload = RaftPayload { data, group: self.group.0 };
+                let payload = self.payload(data);
                 let response = self.channels.append(&self.addr, payload, option.hard_ttl()).await;
                 self.settle(response, too_large)
             }

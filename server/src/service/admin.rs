@@ -483,5 +483,7 @@ pub fn cluster_status_pb(node: &Node) -> ClusterStatusResponse {
         meta_voters: s.meta_voters,
         meta_leader_id: s.meta_leader_id.unwrap_or(0),
         snapshot_bytes_sent: s.snapshot_bytes_sent,
+        incarnation: s.incarnation,
+        replaced_peers: s.replaced_peers,
     }
 }

@@ -2,7 +2,7 @@
 //! and answering with the encoded `Result` of the local raft call; plus
 //! `StartElection`, the last step of a leadership transfer.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use portrait_proto::v1::raft_server::Raft;
 use portrait_proto::v1::{
@@ -24,6 +24,35 @@ pub struct RaftService {
     /// The peer port uses mutual TLS: a message claiming to come from node
     /// N must arrive over a connection whose certificate names node N.
     mutual_tls: bool,
+    /// When a misaddressed raft message was last logged.
+    refused_logged: Mutex<Option<std::time::Instant>>,
+}
+
+/// How often refusals of misaddressed raft messages are logged (they come
+/// with every heartbeat of every group).
+const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why node `me`, on the data dir `incarnation`, must not take `payload`
+/// (a raft message): it is for another node id, or for another data dir
+/// (the node was restarted under its id on an empty or replaced data dir,
+/// so the votes and log entries its peers count on are gone). `None`: it
+/// may (0 in either field is not checked).
+fn addressee_error(me: NodeId, incarnation: u64, payload: &RaftPayload) -> Option<String> {
+    let (to, expected) = (payload.to_node, payload.to_incarnation);
+    if to != 0 && to != me {
+        return Some(format!(
+            "a raft message for node {to} reached node {me}: the sender's shard map gives this address to \
+             node {to}"
+        ));
+    }
+    (expected != 0 && expected != incarnation).then(|| {
+        format!(
+            "node {me} runs on a data dir (incarnation {incarnation:x}) other than the one the shard map \
+             records for it ({expected:x}): the raft votes and log it had are lost, so it takes no part in \
+             raft. Drain and remove node {me} (`portrait cluster drain {me}`, then `portrait cluster remove \
+             {me}`), then start this node with a new --node-id and --join; see docs/operations.md"
+        )
+    })
 }
 
 type PeerCerts = Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>;
@@ -31,13 +60,29 @@ type PeerCerts = Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>;
 impl RaftService {
     /// One AppendEntries (alone or an item of a batch): the encoded answer.
     async fn append_one(&self, certs: &PeerCerts, payload: RaftPayload) -> Result<Vec<u8>, Status> {
+        self.check_addressee(&payload)?;
         let (group, req): (_, openraft::raft::AppendEntriesRequest<TypeConfig>) = decode_payload(payload)?;
         self.check_sender(certs, req.vote.leader_id().voted_for())?;
         Ok(encode(&self.node.append_entries(group, req).await?))
     }
 
     pub fn new(node: Arc<Node>, mutual_tls: bool, audit: Arc<crate::audit::AuditLog>) -> Self {
-        RaftService { node, mutual_tls, audit }
+        RaftService { node, mutual_tls, audit, refused_logged: Mutex::default() }
+    }
+
+    /// FAILED_PRECONDITION for a raft message addressed to another node or
+    /// another data dir (see [`addressee_error`]); logged as an error at
+    /// most once every [`REFUSAL_LOG_EVERY`].
+    fn check_addressee(&self, payload: &RaftPayload) -> Result<(), Status> {
+        let Some(reason) = addressee_error(self.node.id, self.node.incarnation, payload) else {
+            return Ok(());
+        };
+        let mut logged = self.refused_logged.lock().expect("refusal log lock");
+        if logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
+            *logged = Some(std::time::Instant::now());
+            tracing::error!("refused raft messages: {reason}");
+        }
+        Err(Status::failed_precondition(reason))
     }
 
     /// The caller's certificates, looked up only with mutual TLS on (the
@@ -74,7 +119,7 @@ fn decode_payload<T: DeserializeOwned>(payload: RaftPayload) -> Result<(GroupId,
 }
 
 fn reply<T: serde::Serialize>(result: T) -> Result<Response<RaftPayload>, Status> {
-    Ok(Response::new(RaftPayload { data: encode(&result), group: 0 }))
+    Ok(Response::new(RaftPayload { data: encode(&result), ..Default::default() }))
 }
 
 #[tonic::async_trait]
@@ -82,7 +127,7 @@ impl Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let certs = self.peer_certs(&req);
         let data = self.append_one(&certs, req.into_inner()).await?;
-        Ok(Response::new(RaftPayload { data, group: 0 }))
+        Ok(Response::new(RaftPayload { data, ..Default::default() }))
     }
 
     async fn append_entries_batch(
@@ -116,14 +161,18 @@ impl Raft for RaftService {
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let certs = self.peer_certs(&req);
-        let (group, req): (_, openraft::raft::VoteRequest<NodeId>) = decode_req(req)?;
+        let payload = req.into_inner();
+        self.check_addressee(&payload)?;
+        let (group, req): (_, openraft::raft::VoteRequest<NodeId>) = decode_payload(payload)?;
         self.check_sender(&certs, req.vote.leader_id().voted_for())?;
         reply(self.node.vote(group, req).await?)
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let certs = self.peer_certs(&req);
-        let (group, req): (_, openraft::raft::InstallSnapshotRequest<TypeConfig>) = decode_req(req)?;
+        let payload = req.into_inner();
+        self.check_addressee(&payload)?;
+        let (group, req): (_, openraft::raft::InstallSnapshotRequest<TypeConfig>) = decode_payload(payload)?;
         self.check_sender(&certs, req.vote.leader_id().voted_for())?;
         reply(self.node.install_snapshot(group, req).await?)
     }
@@ -198,6 +247,31 @@ impl Raft for RaftService {
 
     async fn clock(&self, _: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {
         let boot_id = crate::raft::liveness::boot_id();
-        Ok(Response::new(ClockResponse { wall_ms: self.node.clock_now_ms(), boot_id }))
+        let incarnation = self.node.incarnation;
+        Ok(Response::new(ClockResponse { wall_ms: self.node.clock_now_ms(), boot_id, incarnation }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_raft_message_is_taken_only_by_the_node_and_data_dir_it_is_for() {
+        let to = |to_node, to_incarnation| RaftPayload { to_node, to_incarnation, ..Default::default() };
+        assert_eq!(addressee_error(3, 0xabc, &to(3, 0xabc)), None);
+        assert_eq!(addressee_error(3, 0xabc, &to(3, 0)), None, "a target not known yet is not checked");
+        assert_eq!(addressee_error(3, 0xabc, &to(0, 0)), None);
+        let other_node = addressee_error(3, 0xabc, &to(4, 0xabc)).unwrap();
+        assert!(other_node.starts_with("a raft message for node 4 reached node 3"), "{other_node}");
+        let replaced = addressee_error(3, 0xabc, &to(3, 0xdef)).unwrap();
+        assert!(
+            replaced.starts_with(
+                "node 3 runs on a data dir (incarnation abc) other than the one the shard map records for it \
+                 (def)"
+            ),
+            "{replaced}"
+        );
+        assert!(replaced.contains("portrait cluster drain 3"), "{replaced}");
     }
 }

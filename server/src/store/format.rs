@@ -19,7 +19,9 @@
 //! 3 = sharded layout (raft log and state keyed by group, one state
 //! database per node, per-group SST snapshot archives); 4 = every node of
 //! the shard map has a client and a peer address (raft memberships name
-//! the peer one); 5 = the shard map records the nodes being drained.
+//! the peer one); 5 = the shard map records the nodes being drained;
+//! 6 = each node's data dir has an identity (its node id and a random
+//! incarnation), which the shard map records per node.
 
 use std::path::Path;
 
@@ -28,8 +30,8 @@ use rocksdb::{IteratorMode, WriteOptions, DB};
 use super::sm_db::cf;
 
 /// The format this binary writes, and the only one it reads.
-/// 5: the map records draining nodes
-pub const STORAGE_FORMAT: u32 = 5;
+/// 6: data dir identities, recorded in the map
+pub const STORAGE_FORMAT: u32 = 6;
 
 /// What a database or archive without a recorded version was written by.
 pub const UNVERSIONED_FORMAT: u32 = 1;

@@ -73,6 +73,10 @@ pub const META_LOG_RESET: &[u8] = b"log_reset";
 /// `NODE_PREFIX shards`: the cluster's number of shards `S` (u32 LE),
 /// written once when the node first starts (bootstrap or join).
 pub const META_SHARDS: &[u8] = b"shards";
+/// `NODE_PREFIX identity`: the node id the data dir was created for and
+/// its incarnation, a random number (u64 LE each), written once when the
+/// node first starts.
+pub const META_IDENTITY: &[u8] = b"identity";
 
 // Log-engine column families and keys. Every raft group's keys start with
 // its id (u32 BE), so a group's log and its meta are each one key range.

@@ -282,6 +282,41 @@ impl StateDb {
         Ok(self.db.put_cf_opt(cf(&self.db, CF_META), key, shards.to_le_bytes(), &synced())?)
     }
 
+    /// The incarnation of this data dir: a random number (never 0) drawn
+    /// when the node first started and stored with its id (synced). Peers
+    /// address raft messages to it, so a node restarted under its id on an
+    /// empty data dir (its votes and log lost) is told apart from the node
+    /// they knew. A data dir created for another node id is refused.
+    pub fn identity(&self, node_id: u64) -> anyhow::Result<u64> {
+        let (meta_cf, key) = (cf(&self.db, CF_META), node_meta(META_IDENTITY));
+        if let Some(bytes) = self.db.get_cf(meta_cf, &key)? {
+            let (id, incarnation) = match bytes.len() {
+                16 => (
+                    u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
+                    u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes")),
+                ),
+                n => anyhow::bail!("{}: the stored node identity is {n} bytes, not 16", self.dir.display()),
+            };
+            anyhow::ensure!(
+                id == node_id,
+                "data dir {} belongs to node {id}, not node {node_id}: start it with --node-id {id}, or give \
+                 node {node_id} its own data dir",
+                self.dir.parent().unwrap_or(&self.dir).display()
+            );
+            return Ok(incarnation);
+        }
+        let incarnation = loop {
+            match rand::random::<u64>() {
+                0 => continue,
+                n => break n,
+            }
+        };
+        let mut value = node_id.to_le_bytes().to_vec();
+        value.extend_from_slice(&incarnation.to_le_bytes());
+        self.db.put_cf_opt(meta_cf, key, value, &synced())?;
+        Ok(incarnation)
+    }
+
     /// Reads group `gid`'s durable clock back for the compaction filter.
     pub fn refresh_durable_clock(&self, gid: GroupId) {
         match self.durable_applied(gid) {
@@ -557,6 +592,24 @@ mod tests {
         assert_eq!(user_of_key(&state(gid, "u1")), &state(gid, "u1")[..]);
         assert_eq!(user_of_key(&state(GroupId(256), "u1")), &state(GroupId(256), "u1")[..]);
         assert_eq!(user_of_key(b"ab"), b"ab");
+    }
+
+    #[test]
+    fn a_data_dir_keeps_its_node_id_and_incarnation() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let db = StateDb::open(dir.path()).unwrap();
+            let incarnation = db.identity(3).unwrap();
+            assert_ne!(incarnation, 0);
+            assert_eq!(db.identity(3).unwrap(), incarnation);
+            incarnation
+        };
+        let db = StateDb::open(dir.path()).unwrap();
+        assert_eq!(db.identity(3).unwrap(), first, "kept across a restart");
+        let e = db.identity(4).unwrap_err().to_string();
+        assert!(e.contains("belongs to node 3, not node 4: start it with --node-id 3"), "{e}");
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(StateDb::open(other.path()).unwrap().identity(3).unwrap(), first, "a new data dir");
     }
 
     #[test]

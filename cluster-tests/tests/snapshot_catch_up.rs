@@ -59,9 +59,16 @@ async fn a_lagging_replica_catches_up_by_snapshot_in_every_shard() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
     assert!(status.purged_index > 5, "shard 0's log was compacted past what node 3 has: {status:?}");
+    // Node 1's snapshot archives rot on its disk: it must not send them
+    // (node 3 would refuse them; openraft stops a replica whose install
+    // fails), but build new ones.
+    let damaged = damage_snapshots(&cluster.node(1).data_dir());
+    assert!(damaged >= 1, "node 1 holds snapshot archives");
 
     cluster.restart(3).await;
     wait_caught_up(&cluster, &hosts, TEST_SHARDS).await;
+    assert!(cluster.node(1).log().contains("the snapshot archive is damaged"), "node 1 checked its archive");
+    assert!(cluster.node(3).is_running());
     let s3 = cluster.client(3).await.cluster_status().await.unwrap();
     assert!(
         s3.snapshot_index >= status.purged_index,
@@ -84,6 +91,33 @@ async fn a_lagging_replica_catches_up_by_snapshot_in_every_shard() {
     wait_caught_up(&cluster, &hosts, TEST_SHARDS).await;
     assert_converged(&cluster, 3).await;
     assert!(cluster.node(3).log().contains("its raft log is emptied too"), "the reset ran");
+}
+
+/// Flips one byte in the middle of each shard's current snapshot archive
+/// in `data_dir` (`snapshots/<shard>/snap-*.snap`); returns how many.
+fn damage_snapshots(data_dir: &std::path::Path) -> usize {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut damaged = 0;
+    for shard in 0..TEST_SHARDS {
+        let dir = data_dir.join("snapshots").join(shard.to_string());
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if !(name.starts_with("snap-") && name.ends_with(".snap")) {
+                continue;
+            }
+            let mut file = std::fs::OpenOptions::new().read(true).write(true).open(entry.path()).unwrap();
+            let middle = file.metadata().unwrap().len() / 2;
+            let mut byte = [0u8];
+            file.seek(SeekFrom::Start(middle)).unwrap();
+            file.read_exact(&mut byte).unwrap();
+            file.seek(SeekFrom::Start(middle)).unwrap();
+            file.write_all(&[byte[0] ^ 0x5a]).unwrap();
+            file.sync_all().unwrap();
+            damaged += 1;
+        }
+    }
+    damaged
 }
 
 /// Sets shard `shard`'s install marker in a stopped node's state database,

@@ -175,6 +175,11 @@ impl Node {
         if let Some(from) = self.dropped_sender(&req.vote) {
             return Err(dropped(from));
         }
+        let (id, offset, done) = (&req.meta.snapshot_id, req.offset, req.done);
+        if let Err(reason) = replica.incoming.chunk(id, offset, &req.data, done) {
+            tracing::error!(%group, "{reason}");
+            return Err(Error::Internal(format!("{group}: {reason}")));
+        }
         let result = replica.raft.install_snapshot(req).await;
         if result.is_ok() {
             replica.contact.heard(None);

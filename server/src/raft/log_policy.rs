@@ -183,6 +183,12 @@ pub async fn run_until(
                     group.trimmed(applied);
                 }
             }
+            if replica.snapshots.take_rebuild() {
+                tracing::warn!(group = %replica.gid, "the current snapshot is damaged: building a new one");
+                if let Err(e) = raft.trigger().snapshot().await {
+                    tracing::debug!(group = %replica.gid, error = %e, "raft stopped: no new snapshot");
+                }
+            }
             for action in group.decide(policy, log, snapshot, hold, applied) {
                 let result = match action {
                     Action::Snapshot => {

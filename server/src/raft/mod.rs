@@ -11,6 +11,7 @@ pub mod contact;
 pub mod elect;
 pub mod fault;
 pub mod gate;
+pub mod incoming;
 pub mod liveness;
 pub mod log_policy;
 pub mod network;

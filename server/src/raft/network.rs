@@ -344,11 +344,62 @@ pub struct Network {
     pub blocked: Blocked,
     /// When each peer last acknowledged an AppendEntries.
     pub acks: Arc<PeerAcks>,
+    /// The group's snapshots (see [`SnapshotCheck`]).
+    pub snapshots: Arc<SnapshotCheck>,
 }
 
 impl Network {
     pub fn new(group: GroupId, channels: Channels, blocked: Blocked) -> Network {
-        Network { group, channels, blocked, acks: Arc::default() }
+        Network { group, channels, blocked, acks: Arc::default(), snapshots: Arc::default() }
+    }
+}
+
+/// A leader checks its snapshot archive (its trailing checksum) before it
+/// first sends it: a follower would refuse a damaged one anyway
+/// ([`super::incoming`]), and the leader builds a new one instead of
+/// sending the damaged one again and again.
+#[derive(Default)]
+pub struct SnapshotCheck {
+    /// A damaged snapshot was found: the log policy task has openraft build
+    /// a new one ([`SnapshotCheck::take_rebuild`]).
+    rebuild: std::sync::atomic::AtomicBool,
+    /// The snapshot found sound last (its id).
+    sound: std::sync::Mutex<Option<String>>,
+}
+
+impl SnapshotCheck {
+    /// Whether a new snapshot should be built (once per request).
+    pub fn take_rebuild(&self) -> bool {
+        self.rebuild.swap(false, Ordering::Relaxed)
+    }
+
+    /// Whether `snapshot`'s archive is sound, read once per snapshot id;
+    /// for a damaged one a new snapshot of the applied state is requested,
+    /// which openraft then sends.
+    async fn is_sound(&self, group: GroupId, snapshot: &mut openraft::storage::Snapshot<TypeConfig>) -> bool {
+        use tokio::io::AsyncSeekExt;
+        let id = &snapshot.meta.snapshot_id;
+        if self.sound.lock().expect("snapshot check lock").as_deref() == Some(id.as_str()) {
+            return true;
+        }
+        let file = &mut snapshot.snapshot;
+        let read = match file.seek(std::io::SeekFrom::Start(0)).await {
+            Ok(_) => crate::store::checksum::archive_is_intact(file).await,
+            Err(e) => Err(e),
+        };
+        if let Ok(true) = read {
+            *self.sound.lock().expect("snapshot check lock") = Some(id.clone());
+            return true;
+        }
+        tracing::error!(
+            %group,
+            snapshot = %id,
+            error = ?read.err(),
+            "the snapshot archive is damaged (its checksum does not match) or unreadable: not sent; building a \
+             new snapshot"
+        );
+        self.rebuild.store(true, Ordering::Relaxed);
+        false
     }
 }
 
@@ -363,6 +414,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             channels: self.channels.clone(),
             blocked: self.blocked.clone(),
             acks: self.acks.clone(),
+            snapshots: self.snapshots.clone(),
         }
     }
 }
@@ -375,6 +427,7 @@ pub struct Peer {
     channels: Channels,
     blocked: Blocked,
     acks: Arc<PeerAcks>,
+    snapshots: Arc<SnapshotCheck>,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -509,11 +562,18 @@ impl RaftNetwork<TypeConfig> for Peer {
     async fn full_snapshot(
         &mut self,
         vote: openraft::Vote<NodeId>,
-        snapshot: openraft::storage::Snapshot<TypeConfig>,
+        mut snapshot: openraft::storage::Snapshot<TypeConfig>,
         cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
         use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
+        if !self.snapshots.is_sound(self.group, &mut snapshot).await {
+            let e = std::io::Error::other(format!(
+                "snapshot {} is damaged; a new one is being built",
+                snapshot.meta.snapshot_id
+            ));
+            return Err(StreamingError::Unreachable(Unreachable::new(&e)));
+        }
         // `cancel` is needed twice (waiting for a turn, then sending): a
         // watch carries its outcome to both.
         let (tx, rx) = tokio::sync::watch::channel(None::<ReplicationClosed>);

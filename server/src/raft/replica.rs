@@ -49,6 +49,10 @@ pub struct Replica {
     /// Trims the apply cache of the group when idle (for
     /// [`super::log_policy`]).
     pub idle_trim: IdleTrim,
+    /// The snapshot this replica is receiving, checked chunk by chunk.
+    pub incoming: super::incoming::IncomingSnapshot,
+    /// The check of the snapshots it sends as leader.
+    pub snapshots: Arc<super::network::SnapshotCheck>,
 }
 
 /// What every replica of a node shares, to open one.
@@ -84,7 +88,7 @@ impl Replica {
         let state_machine = StateMachine::new(sm.clone(), s.data_dir)?;
         let idle_trim = state_machine.idle_trim();
         let network = Network::new(gid, s.channels.clone(), s.blocked.clone());
-        let acks = network.acks.clone();
+        let (acks, snapshots) = (network.acks.clone(), network.snapshots.clone());
         let raft = Raft::new(s.me, s.config.clone(), network, log, state_machine).await?;
         let heartbeats = HeartbeatSwitch::new(raft.clone());
         let gate = ProposalGate::new(heartbeats.clone());
@@ -104,6 +108,8 @@ impl Replica {
             acks,
             log_bytes,
             idle_trim,
+            incoming: Default::default(),
+            snapshots,
         })
     }
 

@@ -39,7 +39,7 @@ impl<R: Read> Read for Hashing<R> {
 /// the word, so any one changed word changes the result. Several GB/s,
 /// where a byte-at-a-time hash would add a second per GB to every
 /// snapshot.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Checksum {
     h: u64,
     tail: [u8; 8],
@@ -86,9 +86,77 @@ impl Checksum {
     }
 }
 
+/// Checks an archive's trailer (the u64 LE checksum of every byte before
+/// it) as the archive's bytes come in, in order and in pieces of any size:
+/// the last 8 bytes seen are held back from the sum.
+#[derive(Clone, Default)]
+pub struct TrailerCheck {
+    sum: Checksum,
+    held: Vec<u8>,
+}
+
+impl TrailerCheck {
+    pub fn update(&mut self, data: &[u8]) {
+        self.held.extend_from_slice(data);
+        if self.held.len() > 8 {
+            let n = self.held.len() - 8;
+            self.sum.update(&self.held[..n]);
+            self.held.drain(..n);
+        }
+    }
+
+    /// Whether the bytes so far end with the checksum of those before them.
+    pub fn is_intact(&self) -> bool {
+        let Ok(trailer) = <[u8; 8]>::try_from(&self.held[..]) else { return false };
+        self.sum.clone().finish() == u64::from_le_bytes(trailer)
+    }
+}
+
+/// Whether the archive read from `input` ends with the checksum of its
+/// bytes before it (`snapshot`'s archive format), read in 1 MiB pieces.
+pub async fn archive_is_intact(input: &mut (impl tokio::io::AsyncRead + Unpin)) -> io::Result<bool> {
+    use tokio::io::AsyncReadExt;
+    let mut check = TrailerCheck::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match input.read(&mut buf).await? {
+            0 => return Ok(check.is_intact()),
+            n => check.update(&buf[..n]),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `data` followed by its checksum, as an archive ends.
+    fn sealed(data: &[u8]) -> Vec<u8> {
+        let mut sum = Checksum::default();
+        sum.update(data);
+        let mut out = data.to_vec();
+        out.extend_from_slice(&sum.finish().to_le_bytes());
+        out
+    }
+
+    #[tokio::test]
+    async fn a_trailer_is_checked_however_the_archive_is_split() {
+        let archive = sealed(&(0..10_000u32).map(|i| (i * 13) as u8).collect::<Vec<_>>());
+        for piece in [1, 3, 8, 9, 4096, archive.len()] {
+            let mut check = TrailerCheck::default();
+            for chunk in archive.chunks(piece) {
+                check.update(chunk);
+            }
+            assert!(check.is_intact(), "pieces of {piece}");
+        }
+        assert!(archive_is_intact(&mut &archive[..]).await.unwrap());
+        let mut damaged = archive.clone();
+        damaged[5000] ^= 0x10;
+        assert!(!archive_is_intact(&mut &damaged[..]).await.unwrap());
+        assert!(!archive_is_intact(&mut &archive[..archive.len() - 1]).await.unwrap(), "truncated");
+        assert!(!TrailerCheck::default().is_intact());
+        assert!(archive_is_intact(&mut &sealed(b"")[..]).await.unwrap());
+    }
 
     #[test]
     fn checksum_is_the_same_however_the_bytes_are_split() {

@@ -22,9 +22,10 @@ pub enum Error {
     /// This node is not the leader; retry on `leader_addr` when known.
     /// Inside the cluster the address is a peer address; answers to
     /// clients carry the leader's client address instead (see
-    /// `service::epoch`). The message names the node only.
-    #[error("not the leader{}", leader_id.map(|l| format!("; node {l} leads")).unwrap_or_else(|| "; no leader is known yet".into()))]
-    NotLeader { leader_id: Option<u64>, leader_addr: Option<String> },
+    /// `service::epoch`). The message names the node, and the group
+    /// (shard) once known (`in_shard`).
+    #[error("{}not the leader{}", group.map(|g| format!("{g}: ")).unwrap_or_default(), leader_id.map(|l| format!("; node {l} leads")).unwrap_or_else(|| "; no leader is known yet".into()))]
+    NotLeader { leader_id: Option<u64>, leader_addr: Option<String>, group: Option<crate::types::GroupId> },
     /// Temporarily unable to serve (shutting down, election in progress).
     #[error("{0}")]
     Unavailable(String),
@@ -68,10 +69,14 @@ impl Error {
     }
 
     /// Names the shard an error came from: `shard 3: ...`. A field path
-    /// already points into the request, and a redirect to the shard's
-    /// leader is kept as it is (its metadata is what a client follows).
+    /// already points into the request; a redirect to the shard's leader
+    /// keeps its metadata (what a client follows) and names the shard in
+    /// its message.
     pub fn in_shard(self, group: crate::types::GroupId) -> Error {
         match self {
+            Error::NotLeader { leader_id, leader_addr, group: None } => {
+                Error::NotLeader { leader_id, leader_addr, group: Some(group) }
+            }
             Error::NotFound(m) => Error::NotFound(format!("{group}: {m}")),
             Error::FailedPrecondition(m) => Error::FailedPrecondition(format!("{group}: {m}")),
             Error::Unavailable(m) => Error::Unavailable(format!("{group}: {m}")),

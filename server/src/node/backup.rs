@@ -195,7 +195,7 @@ impl Node {
     fn check_restorable(&self, replica: &Replica, restore_id: &str) -> Result<()> {
         let gid = replica.gid;
         if let Some((leader, addr)) = leader_elsewhere(replica, self.id) {
-            return Err(Error::NotLeader { leader_id: Some(leader), leader_addr: Some(addr) });
+            return Err(Error::NotLeader { leader_id: Some(leader), leader_addr: Some(addr), group: None });
         }
         if replica.raft.metrics().borrow().current_leader != Some(self.id) {
             return Err(Error::Unavailable(format!("{gid} has no leader yet; retry")));

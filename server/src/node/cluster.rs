@@ -49,7 +49,7 @@ impl Node {
         let addr_of = |id: NodeId| membership.get_node(&id).map(|n| n.addr.clone());
         if m.state != ServerState::Leader || m.current_leader != Some(self.id) {
             let leader_addr = m.current_leader.and_then(addr_of);
-            return Err(Error::NotLeader { leader_id: m.current_leader, leader_addr });
+            return Err(Error::NotLeader { leader_id: m.current_leader, leader_addr, group: None });
         }
         if target == self.id {
             return Ok((target, self.client_addr(target).unwrap_or_default()));

@@ -65,9 +65,9 @@ impl Node {
                     self.leaders.lock().expect("leaders lock").insert(gid, node);
                     return Ok(done);
                 }
-                Err(Error::NotLeader { leader_id: Some(l), leader_addr: Some(a) }) => {
+                Err(Error::NotLeader { leader_id: Some(l), leader_addr: Some(a), group }) => {
                     candidates.push_front((l, a.clone()));
-                    last = Error::NotLeader { leader_id: Some(l), leader_addr: Some(a) };
+                    last = Error::NotLeader { leader_id: Some(l), leader_addr: Some(a), group };
                 }
                 Err(e) if e.outcome_unknown() => return Err(e),
                 Err(e @ (Error::NotFound(_) | Error::Unavailable(_) | Error::NotLeader { .. })) => last = e,

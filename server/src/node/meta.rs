@@ -92,7 +92,7 @@ impl Node {
         let leader = m.current_leader.filter(|l| *l != self.id);
         let leader_addr =
             leader.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
-        Err(Error::NotLeader { leader_id: leader, leader_addr })
+        Err(Error::NotLeader { leader_id: leader, leader_addr, group: None })
     }
 
     /// Commits a meta command (this node leads the meta group); returns

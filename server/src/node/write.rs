@@ -200,7 +200,7 @@ impl Node {
     pub async fn forwarded_write(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
         let replica = self.replica(gid)?;
         if let Some((leader, addr)) = leader_elsewhere(&replica, self.id) {
-            return Err(Error::NotLeader { leader_id: Some(leader), leader_addr: Some(addr) });
+            return Err(Error::NotLeader { leader_id: Some(leader), leader_addr: Some(addr), group: None });
         }
         if events.iter().any(|e| shard_of(&e.user_id, self.shards) != gid.0) {
             return Err(Error::invalid(

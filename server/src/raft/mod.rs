@@ -124,7 +124,7 @@ impl RaftTuning {
 
 /// Maps a forward-to-leader answer to [`Error::NotLeader`].
 pub fn not_leader(f: ForwardToLeader<NodeId, BasicNode>) -> Error {
-    Error::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.addr) }
+    Error::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.addr), group: None }
 }
 
 /// Why a group's raft stopped, if it stopped on an error: a storage error

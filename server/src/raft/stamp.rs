@@ -41,7 +41,7 @@ impl Stamper {
             (m.current_leader, m.membership_config.membership().voter_ids().collect::<Vec<_>>(), addr)
         };
         match leader {
-            Some(l) if l != self.me => Err(Error::NotLeader { leader_id: Some(l), leader_addr }),
+            Some(l) if l != self.me => Err(Error::NotLeader { leader_id: Some(l), leader_addr, group: None }),
             _ => {
                 let replicated = self.sm.clock_ms();
                 self.clock.stamp(self.me, &voters, replicated).map_err(|p| self.clock.error(p))

@@ -27,7 +27,7 @@ impl From<Error> for Status {
         let mut status = Status::new(code, e.to_string());
         let meta = status.metadata_mut();
         meta.insert(ERROR_CODE_KEY, MetadataValue::from_static(e.code()));
-        if let Error::NotLeader { leader_id, leader_addr } = &e {
+        if let Error::NotLeader { leader_id, leader_addr, .. } = &e {
             if let Some(addr) = leader_addr.as_deref().and_then(|a| a.parse().ok()) {
                 meta.insert(LEADER_KEY, addr);
             }
@@ -49,7 +49,7 @@ pub fn error_from_status(status: &Status) -> Error {
     if code == "NOT_LEADER" {
         let leader_addr = meta.get(LEADER_KEY).and_then(|v| v.to_str().ok()).map(str::to_string);
         let leader_id = meta.get(LEADER_ID_KEY).and_then(|v| v.to_str().ok()?.parse().ok());
-        return Error::NotLeader { leader_id, leader_addr };
+        return Error::NotLeader { leader_id, leader_addr, group: group_named(&message) };
     }
     match status.code() {
         Code::InvalidArgument => match message.split_once(": ") {
@@ -65,9 +65,20 @@ pub fn error_from_status(status: &Status) -> Error {
     }
 }
 
+/// The group a NOT_LEADER message names (`shard 3: not the leader...`,
+/// `meta: not the leader...`), if any.
+fn group_named(message: &str) -> Option<crate::types::GroupId> {
+    use crate::types::GroupId;
+    match message.split_once(": not the leader")?.0 {
+        "meta" => Some(GroupId::META),
+        named => named.strip_prefix("shard ")?.parse().ok().map(GroupId),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::GroupId;
 
     #[test]
     fn invalid_argument_names_the_field() {
@@ -80,7 +91,13 @@ mod tests {
     #[test]
     fn a_forwarded_error_comes_back_as_it_was() {
         let errors = [
-            Error::NotLeader { leader_id: Some(2), leader_addr: Some("http://127.0.0.1:7702".into()) },
+            Error::NotLeader {
+                leader_id: Some(2),
+                leader_addr: Some("http://127.0.0.1:7702".into()),
+                group: None,
+            },
+            Error::NotLeader { leader_id: None, leader_addr: None, group: None }.in_shard(GroupId(3)),
+            Error::NotLeader { leader_id: Some(1), leader_addr: None, group: None }.in_shard(GroupId::META),
             Error::invalid("events", "bad"),
             Error::FailedPrecondition("schema changed".into()),
             Error::AlreadyExists("shard 0 was already restored".into()),
@@ -89,12 +106,20 @@ mod tests {
         for e in errors {
             let back = error_from_status(&Status::from(e.clone()));
             assert_eq!((back.code(), back.to_string()), (e.code(), e.to_string()));
+            assert_eq!(back, e);
         }
+        let named =
+            Error::NotLeader { leader_id: Some(2), leader_addr: None, group: None }.in_shard(GroupId(3));
+        assert_eq!(named.to_string(), "shard 3: not the leader; node 2 leads");
     }
 
     #[test]
     fn not_leader_carries_the_leader_address() {
-        let e = Error::NotLeader { leader_id: Some(2), leader_addr: Some("http://127.0.0.1:7702".into()) };
+        let e = Error::NotLeader {
+            leader_id: Some(2),
+            leader_addr: Some("http://127.0.0.1:7702".into()),
+            group: None,
+        };
         let s = Status::from(e);
         assert_eq!(s.code(), Code::Unavailable);
         assert_eq!(s.metadata().get(LEADER_KEY).unwrap(), "http://127.0.0.1:7702");

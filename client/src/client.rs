@@ -19,7 +19,7 @@ use portrait_proto::v1::{BackupShardChunk, BackupShardRequest, RestoreShardChunk
 use tonic::{Code, Response, Status};
 
 use crate::conn::{Chan, ConnectOptions, Router};
-use crate::retry::{leader_hint, note_leader, unary};
+use crate::retry::{leader_hint, note_leader, unary, unary_since};
 use crate::routing::Routes;
 use crate::split::{busiest_shard, gather_profiles, reindex, Parts};
 use crate::ClientError;
@@ -159,13 +159,15 @@ impl PortraitClient {
 
     /// Runs `call` once on `target` (a node the shard map names), then,
     /// when there is none or it answers UNAVAILABLE (it may be down, or no
-    /// longer lead), through the router with its redirects and retries;
-    /// the map is fetched again before the next call.
+    /// longer lead), through the router with its redirects and retries
+    /// (the retry budget counting from the first attempt); the map is
+    /// fetched again before the next call.
     async fn routed<T, F, Fut>(&self, target: Option<&str>, mut call: F) -> Result<T, ClientError>
     where
         F: FnMut(Chan) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
+        let started = tokio::time::Instant::now();
         if let Some(target) = target {
             match call(self.routes.channel(target)?).await {
                 Ok(response) => {
@@ -188,7 +190,7 @@ impl PortraitClient {
                 }
             }
         }
-        unary(&self.router, call).await
+        unary_since(&self.router, started, call).await
     }
 
     /// Streams batches, each applied atomically; the response sums them.

@@ -162,7 +162,7 @@ impl Router {
         Ok(Self::new(Conn { endpoint, channel }, options))
     }
 
-    fn new(seed: Conn, options: ConnectOptions) -> Self {
+    pub(crate) fn new(seed: Conn, options: ConnectOptions) -> Self {
         let targets = Targets { seed, leader: None, on_leader: false };
         Self {
             targets: Arc::new(Mutex::new(targets)),

@@ -42,12 +42,26 @@ pub fn leader_hint(status: &Status) -> Option<&str> {
 
 /// Runs `call` on the router's current channel, redirecting and retrying as
 /// described in the module docs. `call` is invoked once per attempt.
-pub(crate) async fn unary<T, F, Fut>(router: &Router, mut call: F) -> Result<T, ClientError>
+pub(crate) async fn unary<T, F, Fut>(router: &Router, call: F) -> Result<T, ClientError>
 where
     F: FnMut(Chan) -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
-    let started = Instant::now();
+    unary_since(router, Instant::now(), call).await
+}
+
+/// [`unary`] for a call whose first attempt went elsewhere at `started`
+/// (straight to a shard's node): the retry budget counts from then. At
+/// least one attempt is made here, whatever the budget left.
+pub(crate) async fn unary_since<T, F, Fut>(
+    router: &Router,
+    started: Instant,
+    mut call: F,
+) -> Result<T, ClientError>
+where
+    F: FnMut(Chan) -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
     let mut redirects = 0;
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -109,5 +123,34 @@ mod tests {
         assert_eq!(leader_hint(&status), Some("http://127.0.0.1:7701"));
         status.metadata_mut().insert(LEADER_HEADER, "".parse().unwrap());
         assert_eq!(leader_hint(&status), None);
+    }
+
+    /// Attempts `unary_since(started)` makes when every one is UNAVAILABLE
+    /// without a hint.
+    async fn attempts_since(started: Instant) -> u32 {
+        let seed = crate::conn::Conn {
+            endpoint: "http://127.0.0.1:1".into(),
+            channel: crate::conn::lazy_channel("http://127.0.0.1:1", &Default::default()).unwrap(),
+        };
+        let router = Router::new(seed, Default::default());
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let result: Result<(), _> = unary_since(&router, started, |_| {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            async { Err(Status::unavailable("no leader")) }
+        })
+        .await;
+        assert!(result.is_err());
+        attempts.into_inner()
+    }
+
+    #[tokio::test]
+    async fn the_retry_budget_counts_from_the_first_attempt_made_elsewhere() {
+        // 200 ms of budget left: attempts at about 0, 50 and 150 ms (two
+        // if a sleep runs late), not the ten or so of a whole budget.
+        let almost_spent = Instant::now() - RETRY_BUDGET + Duration::from_millis(200);
+        let attempts = attempts_since(almost_spent).await;
+        assert!((2..=3).contains(&attempts), "{attempts} attempts");
+        let spent = Instant::now() - RETRY_BUDGET;
+        assert_eq!(attempts_since(spent).await, 1, "a spent budget still tries once");
     }
 }

@@ -62,6 +62,12 @@ fn render(map: &ShardMapResponse, statuses: &Statuses, all_shards: bool) -> Stri
 fn node_table(map: &ShardMapResponse, statuses: &Statuses) -> String {
     let width = map.nodes.iter().map(|n| n.addr.len()).max().unwrap_or(0).max(4);
     let mut out = format!("  {:>3}  {:<width$}  hosted  led      bytes  lag\n", "id", "addr");
+    // Nodes that some peer found answering from another data dir.
+    let replaced: BTreeSet<u64> = statuses
+        .values()
+        .filter_map(|s| s.as_ref().ok())
+        .flat_map(|s| s.replaced_peers.iter().copied())
+        .collect();
     for n in &map.nodes {
         let hosted: Vec<&ShardReplicas> =
             map.shard_replicas.iter().filter(|s| s.replicas.iter().any(|r| r.node_id == n.node_id)).collect();
@@ -76,7 +82,10 @@ fn node_table(map: &ShardMapResponse, statuses: &Statuses) -> String {
                 },
             ),
         };
-        let draining = if map.draining.contains(&n.node_id) { "  (draining)" } else { "" };
+        let mut draining = if map.draining.contains(&n.node_id) { "  (draining)" } else { "" }.to_string();
+        if replaced.contains(&n.node_id) {
+            draining.push_str("  (REPLACED data dir: takes no part in raft; drain and remove it)");
+        }
         let bytes = match statuses.get(&n.node_id) {
             Some(Ok(s)) => s.shard_status.iter().filter_map(|s| s.state_bytes).reduce(|a, b| a + b),
             _ => None,
@@ -240,8 +249,14 @@ mod tests {
         let mut down = statuses.clone();
         down.insert(3, Err("cannot connect".into()));
         assert!(node_table(&map, &down).ends_with("    0          ?  unreachable: cannot connect\n"));
-        let draining = ShardMapResponse { draining: vec![2], ..map };
+        let draining = ShardMapResponse { draining: vec![2], ..map.clone() };
         assert!(node_table(&draining, &statuses).contains("    1   34.2 KiB  0  (draining)\n"));
+        let mut replaced = statuses.clone();
+        if let Some(Ok(one)) = replaced.get_mut(&1) {
+            one.replaced_peers = vec![3];
+        }
+        assert!(node_table(&map, &replaced)
+            .ends_with("4 (shard 1)  (REPLACED data dir: takes no part in raft; drain and remove it)\n"));
         assert_eq!(
             [0, 1023, 1024, 1536 * 1024, 5 << 40, 5000 << 40].map(human_bytes),
             ["0 B", "1023 B", "1.0 KiB", "1.5 MiB", "5.0 TiB", "5000.0 TiB"]

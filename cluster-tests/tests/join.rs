@@ -123,7 +123,8 @@ async fn wait_replaced(cluster: &Cluster, via: u64, want: &[u64]) {
 
 #[tokio::test]
 async fn a_node_restarted_under_its_id_on_an_empty_data_dir_takes_no_part_in_raft() {
-    let mut cluster = Cluster::start_sharded(3, 2).await;
+    let config = "replica_dead_after = \"3s\"\n";
+    let mut cluster = Cluster::start_sharded_with_config(3, 2, config).await;
     replicated(&cluster, 1, &[2, 3]).await;
     let before = cluster.client(3).await.cluster_status().await.unwrap();
     assert_ne!(before.incarnation, 0);
@@ -163,9 +164,14 @@ async fn a_node_restarted_under_its_id_on_an_empty_data_dir_takes_no_part_in_raf
         .expect_err("the same id on a new data dir");
     assert!(e.to_string().contains("runs on a data dir"), "{e}");
 
-    // Drained and removed, it is no one's peer any more.
-    cluster.kill(3);
-    portrait_cluster_tests::replicas::drain(&cluster.client(1).await, 3).await;
+    // Silent to raft past replica_dead_after, it is drained like a dead
+    // node, although it still answers its status (which counts for
+    // nothing); removed, it is no one's peer any more.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cluster.client(1).await.replicas_on(3).await.expect("shard map") > 0 {
+        assert!(Instant::now() < deadline, "node 3 was not drained:\n{}", cluster.node(1).log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     cluster.client(1).await.remove_node(3).await.expect("remove node 3");
     wait_replaced(&cluster, 1, &[]).await;
     replicated(&cluster, 3, &[1, 2]).await;

@@ -57,7 +57,7 @@ pub fn render(s: &ClusterStatusResponse) -> String {
         let _ = writeln!(
             out,
             "PROBLEM         node {peer} answers from another data dir than the cluster recorded for it: it \
-             lost its raft state and takes no part in raft; drain and remove it, then add it under a new id"
+             lost its raft state and takes no part in raft; drain and remove it, then add it under a new id on an empty data dir"
         );
     }
     out
@@ -183,7 +183,7 @@ mod tests {
             meta group      leader 1, voters 1\n\
             data dir        incarnation feed\n\
             PROBLEM         node 3 answers from another data dir than the cluster recorded for it: it lost \
-            its raft state and takes no part in raft; drain and remove it, then add it under a new id\n";
+            its raft state and takes no part in raft; drain and remove it, then add it under a new id on an empty data dir\n";
         assert_eq!(render(&status), expected);
         let skewed =
             ClockStatus { problem: "this node's clock is 3000 ms off".into(), ..ClockStatus::default() };

@@ -532,14 +532,22 @@ impl Node {
         left
     }
 
-    /// `ClusterStatus` of every node of the map that answers.
+    /// `ClusterStatus` of every node of the map that answers from the data
+    /// dir the map records for it (a node restarted on another one takes
+    /// no part in raft: it counts as silent, so it is drained like a dead
+    /// node, and it vouches for nobody).
     async fn statuses(&self) -> Vec<(NodeId, ClusterStatusResponse)> {
         let Some(map) = self.cluster().map.clone() else { return vec![] };
         let asks = map.nodes.iter().map(|(&id, n)| async move { (id, peer_status(&n.peer_addr).await) });
+        let recorded = |id: NodeId| map.nodes.get(&id).map_or(0, |n| n.incarnation);
         futures::future::join_all(asks)
             .await
             .into_iter()
             .filter_map(|(id, s)| match s {
+                Ok(s) if recorded(id) != 0 && s.incarnation != 0 && s.incarnation != recorded(id) => {
+                    tracing::debug!(node = id, "answers from a replaced data dir: not counted");
+                    None
+                }
                 Ok(s) => Some((id, s)),
                 Err(e) => {
                     tracing::debug!(node = id, error = %e, "no status");
@@ -575,7 +583,7 @@ impl Node {
             return Err(Error::FailedPrecondition(format!(
                 "node_id: node {id} at {addr} runs on a data dir (incarnation {:x}) other than the one it was \
                  added with ({recorded:x}): the raft votes and log it had are lost. Drain and remove node \
-                 {id}, then add this node under a new id (docs/operations.md)",
+                 {id}, then empty this node's data dir and add it under a new id (docs/operations.md)",
                 status.incarnation
             )));
         }

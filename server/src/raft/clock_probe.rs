@@ -165,7 +165,7 @@ impl ClockProbe {
                     expected = format!("{expected:x}"),
                     "node {peer} answers from another data dir than the shard map records for it: it lost its \
                      raft votes and logs and takes no part in raft; drain and remove it, then add it back under \
-                     a new id (docs/operations.md)"
+                     a new id on an empty data dir (docs/operations.md)"
                 ),
                 false => tracing::info!(peer, "node {peer} answers from its recorded data dir again"),
             }

@@ -41,8 +41,8 @@ fn addressee_error(me: NodeId, incarnation: u64, payload: &RaftPayload) -> Optio
     let (to, expected) = (payload.to_node, payload.to_incarnation);
     if to != 0 && to != me {
         return Some(format!(
-            "a raft message for node {to} reached node {me}: the sender's shard map gives this address to \
-             node {to}"
+            "a raft message for node {to} reached node {me}: the sender's raft membership gives this address \
+             to node {to}"
         ));
     }
     (expected != 0 && expected != incarnation).then(|| {
@@ -50,7 +50,8 @@ fn addressee_error(me: NodeId, incarnation: u64, payload: &RaftPayload) -> Optio
             "node {me} runs on a data dir (incarnation {incarnation:x}) other than the one the shard map \
              records for it ({expected:x}): the raft votes and log it had are lost, so it takes no part in \
              raft. Drain and remove node {me} (`portrait cluster drain {me}`, then `portrait cluster remove \
-             {me}`), then start this node with a new --node-id and --join; see docs/operations.md"
+             {me}`), then empty this node's data dir and start it with a new --node-id and --join; see \
+             docs/operations.md"
         )
     })
 }

@@ -384,6 +384,63 @@ async fn a_crash_rolls_back_to_the_last_flush_and_the_log_replays_the_rest() {
     }
 }
 
+/// The meta group's entries are written through the RocksDB WAL: after a
+/// crash (the files copied while the database is open, nothing flushed)
+/// its replica still has the map it applied, so the data dirs it records
+/// check raft messages from the first one; and a membership applied before
+/// a map change comes back with it. A shard group's entries still roll
+/// back to the last flush (the previous test).
+#[tokio::test]
+async fn the_meta_groups_applied_state_survives_a_crash_without_a_flush() {
+    use openraft::storage::RaftStateMachine;
+    use portrait_core::meta::MetaCommand;
+    use portrait_core::shard::MapChange;
+    use portrait_server::store::StateDb;
+    use portrait_server::types::GroupId;
+    use std::collections::BTreeSet;
+
+    let open_meta = |dir: TempDir| {
+        let store = StateDb::open(dir.path()).unwrap().open_group(GroupId::META).unwrap();
+        let sm = StateMachine::new(store.clone(), dir.path()).unwrap();
+        Replica { dir, store, sm }
+    };
+    let mut live = open_meta(tempfile::tempdir().unwrap());
+    let create = MetaCommand::Create {
+        shards: 4,
+        replication: 3,
+        node: 1,
+        addr: "http://n1".into(),
+        peer_addr: "http://n1:8700".into(),
+        incarnation: 11,
+    };
+    let join = MetaCommand::Map(MapChange::AddNode {
+        node: 2,
+        addr: "http://n2".into(),
+        peer_addr: "http://n2:8700".into(),
+        incarnation: 22,
+    });
+    let membership = openraft::Membership::new(vec![BTreeSet::from([1, 2])], None);
+    let meta = |i, command| entry(i, Command::Meta { stamp_ms: T0, command });
+    apply(&mut live, vec![meta(1, create)]).await;
+    live.store.persist().unwrap();
+    let voters = Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), 2),
+        payload: EntryPayload::Membership(membership.clone()),
+    };
+    apply(&mut live, vec![voters, meta(3, join)]).await;
+    let before = live.store.cluster();
+
+    let crashed_dir = tempfile::tempdir().unwrap();
+    copy_tree(live.dir.path(), crashed_dir.path());
+    let mut crashed = open_meta(crashed_dir);
+    let (last, stored) = crashed.sm.applied_state().await.unwrap();
+    assert_eq!(last.map(|l| l.index), Some(3), "nothing applied is lost");
+    assert_eq!(stored.membership(), &membership, "the membership applied before the map change");
+    assert_eq!(crashed.store.cluster(), before);
+    let map = before.map.as_ref().unwrap();
+    assert_eq!(map.nodes.get(&2).map(|n| n.incarnation), Some(22));
+}
+
 /// The compaction filter drops expired values by the **durable** logical
 /// clock, the one in the flushed state, not by the applied one that runs
 /// ahead of it. Here a dedupe marker (window 7 days) is flushed at day 0;

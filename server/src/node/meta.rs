@@ -310,10 +310,11 @@ impl Node {
         Ok(map.hosted_by(id).len() as u32)
     }
 
-    /// Adds node `id` at `addr` (meta leader only): to the meta group (a
-    /// learner that catches up, then a voter while it has fewer than
-    /// [`MAX_META_VOTERS`]), then to the map, where placement gives it
-    /// replicas; returns when it is a voter of every shard placed on it.
+    /// Adds node `id` at `addr` (meta leader only): to the meta group as a
+    /// learner that catches up, then to the map with its data dir's
+    /// incarnation, then a meta voter while the group has fewer than
+    /// [`MAX_META_VOTERS`]; placement gives it replicas; returns when it
+    /// is a voter of every shard placed on it.
     /// With `learner_only` it only follows the meta group (it hosts no
     /// shard). Idempotent: a call that failed part way is finished by
     /// calling again.
@@ -364,9 +365,12 @@ impl Node {
         let voters = self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().count();
         let is_voter =
             self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
-        let meta_learner = learner_only || (!is_voter && voters >= MAX_META_VOTERS);
-        let index =
-            add_to_group(&self.meta, id, &peer_addr, meta_learner, FOLLOW_TIMEOUT).await.map_err(in_meta)?;
+        let meta_voter = !learner_only && (is_voter || voters < MAX_META_VOTERS);
+        // A learner first: it is promoted only once the map records its
+        // data dir, so every raft message that could count its vote is
+        // checked against that data dir.
+        let mut index =
+            add_to_group(&self.meta, id, &peer_addr, true, FOLLOW_TIMEOUT).await.map_err(in_meta)?;
         if learner_only {
             return Ok(index);
         }
@@ -386,16 +390,19 @@ impl Node {
             let add = MapChange::AddNode { node: id, addr, peer_addr, incarnation };
             self.propose_meta(MetaCommand::Map(add)).await?;
         }
+        if meta_voter {
+            index = promote_in_group(&self.meta, id, FOLLOW_TIMEOUT).await.map_err(in_meta)?;
+        }
         self.place().await?;
         self.wait_followed(&format!("placing replicas on node {id}")).await?;
         Ok(index)
     }
 
-    /// Removes node `id` (meta leader only): from the map (placement puts
-    /// its replicas on other nodes, whose shards' leaders add them before
-    /// removing its own) and from the meta group; returns when every shard
-    /// has its replicas as voters again. A node holding a shard's only
-    /// replica is refused (FAILED_PRECONDITION).
+    /// Removes node `id` (meta leader only): from the meta group, then from
+    /// the map; returns when every shard has its replicas as voters again.
+    /// Refused (FAILED_PRECONDITION) while the map places replicas on it
+    /// or a shard's membership still holds it (drain it first), and when
+    /// the meta voters left would have no quorum that answers.
     pub async fn remove_node(&self, id: NodeId) -> Result<u64> {
         self.lead_meta()?;
         let map = self.cluster().map.clone().ok_or_else(not_created)?;
@@ -438,11 +445,13 @@ impl Node {
                 .err()
                 .unwrap_or(Error::Unavailable("handing the meta group over".into())));
         }
+        // Out of the meta group before out of the map: the map's record of
+        // its data dir checks every raft message sent to it until then.
+        let index = remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
         if map.nodes.contains_key(&id) {
             self.propose_meta(MetaCommand::Map(MapChange::RemoveNode { node: id })).await?;
         }
         self.place().await?;
-        let index = remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
         self.wait_followed(&format!("moving node {id}'s replicas")).await?;
         Ok(index)
     }
@@ -788,9 +797,15 @@ pub(super) async fn add_to_group(
     if learner_only {
         return Ok(target);
     }
+    promote_in_group(replica, id, within).await
+}
+
+/// Makes member `id` of one group a voter (a no-op where it is one).
+/// Returns the group's last membership log index.
+pub(super) async fn promote_in_group(replica: &Replica, id: NodeId, within: Duration) -> Result<u64> {
     let _pass = replica.gate.pass(within).await?;
     let voters = openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id]));
-    let resp = raft.change_membership(voters, false).await.map_err(client_write_error)?;
+    let resp = replica.raft.change_membership(voters, false).await.map_err(client_write_error)?;
     Ok(resp.log_id.index)
 }
 

@@ -85,7 +85,7 @@ impl Replica {
         let guard: Arc<dyn PurgeGuard> = sm.clone();
         let log = s.log_engine.group(gid, Some(guard))?;
         let log_bytes = log.log_bytes();
-        let state_machine = StateMachine::new(sm.clone(), s.data_dir)?;
+        let state_machine = StateMachine::new(sm.clone(), s.data_dir)?.purging(log.clone());
         let idle_trim = state_machine.idle_trim();
         let network = Network::new(gid, s.channels.clone(), s.blocked.clone());
         let (acks, snapshots) = (network.acks.clone(), network.snapshots.clone());

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
@@ -226,7 +227,7 @@ impl Shared {
         guard: Arc<dyn PurgeGuard>,
         log_id: LogId,
     ) -> Result<(), StorageError> {
-        let job = PurgeJob { gid: group.gid, log_id, guard, group: Arc::downgrade(group) };
+        let job = PurgeJob { gid: group.gid, log_id, guard, group: Arc::downgrade(group), flushed: None };
         self.purger.send(job).map_err(|e| {
             write_err(std::io::Error::other(format!(
                 "the log purger stopped; {} of {} not purged",
@@ -264,47 +265,85 @@ struct PurgeJob {
     /// Gone once the group is closed: the purge is then forgotten, as after
     /// a crash (the log just covers more), and never races `drop_group`.
     group: Weak<Group>,
+    /// When the purge thread last flushed the state for this purge.
+    flushed: Option<Instant>,
 }
+
+/// How often a deferred purge that its group's flushed state does not
+/// cover yet is looked at again.
+const PURGE_RETRY: Duration = Duration::from_millis(500);
+
+/// How often a waiting purge flushes its group's state again.
+const PURGE_REFLUSH: Duration = Duration::from_secs(10);
 
 /// Deferred purges, in order: flush the group's state, then purge. Purges
 /// queued meanwhile are coalesced per group (the newest covers the others),
 /// and a group's state is flushed only if what is on disk does not cover
 /// the purge yet: the groups share one state database, whose flush covers
 /// them all, so a round of many groups' purges flushes about once.
+///
+/// A purge that the flushed state still does not cover after the flush
+/// waits, and is tried again every [`PURGE_RETRY`] (or when a newer purge of
+/// its group comes): openraft purges up to a snapshot it has just received
+/// as soon as it hands the snapshot to the state machine, before the
+/// install has run. Purging then would leave a crash during the install
+/// with a log that starts past the state. The install records the
+/// snapshot's index as applied when it is on disk; the purge runs then.
+/// A group closed meanwhile drops its purge (the log just covers more).
 fn purge_loop(db: &DB, open: &Mutex<HashMap<GroupId, Weak<Group>>>, rx: mpsc::Receiver<PurgeJob>) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs: BTreeMap<GroupId, PurgeJob> = BTreeMap::new();
-        for job in std::iter::once(first).chain(rx.try_iter()) {
+    let mut jobs: BTreeMap<GroupId, PurgeJob> = BTreeMap::new();
+    loop {
+        let first = if jobs.is_empty() {
+            match rx.recv() {
+                Ok(job) => Some(job),
+                Err(_) => return,
+            }
+        } else {
+            match rx.recv_timeout(PURGE_RETRY) {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        for job in first.into_iter().chain(rx.try_iter()) {
             match jobs.get(&job.gid) {
                 Some(queued) if queued.log_id.index >= job.log_id.index => {}
                 _ => drop(jobs.insert(job.gid, job)),
             }
         }
         let mut persisted: Vec<Arc<dyn PurgeGuard>> = Vec::new();
-        for PurgeJob { gid, log_id, guard, group } in jobs.into_values() {
-            let covered = guard.durable_index().is_ok_and(|durable| durable >= log_id.index);
-            if !covered && !persisted.iter().any(|p| Arc::ptr_eq(p, &guard)) {
-                if let Err(e) = guard.persist() {
-                    tracing::error!(error = %e, %gid, %log_id, "flushing the state before a log purge; not purged");
-                    continue;
-                }
-                persisted.push(guard.clone());
-            }
-            // openraft asks only for what its state machine applied (the
-            // log policy never asks past it): said loudly if not.
-            if let Ok(durable) = guard.durable_index() {
-                if durable < log_id.index {
-                    tracing::warn!(%gid, %log_id, durable, "purging past the flushed state");
-                }
-            }
-            let _open = open.lock().expect("open groups lock");
-            if group.upgrade().is_none() {
+        let mut waiting = BTreeMap::new();
+        for (gid, mut job) in std::mem::take(&mut jobs) {
+            if job.group.strong_count() == 0 {
                 continue;
             }
-            if let Err(e) = purge_now(db, gid, log_id) {
-                tracing::error!(error = %e, %gid, %log_id, "purging the raft log");
+            let covered = |job: &PurgeJob| job.guard.durable_index().is_ok_and(|d| d >= job.log_id.index);
+            // A job waiting on an install flushes again only now and then:
+            // the install makes its own state durable.
+            let due = job.flushed.is_none_or(|at| at.elapsed() >= PURGE_REFLUSH);
+            if !covered(&job) && due && !persisted.iter().any(|p| Arc::ptr_eq(p, &job.guard)) {
+                job.flushed = Some(Instant::now());
+                if let Err(e) = job.guard.persist() {
+                    tracing::error!(error = %e, %gid, log_id = %job.log_id, "flushing the state before a log purge; tried again later");
+                    waiting.insert(gid, job);
+                    continue;
+                }
+                persisted.push(job.guard.clone());
+            }
+            if !covered(&job) {
+                tracing::debug!(%gid, log_id = %job.log_id, "purge waits for the state to cover it");
+                waiting.insert(gid, job);
+                continue;
+            }
+            let _open = open.lock().expect("open groups lock");
+            if job.group.upgrade().is_none() {
+                continue;
+            }
+            if let Err(e) = purge_now(db, gid, job.log_id) {
+                tracing::error!(error = %e, %gid, log_id = %job.log_id, "purging the raft log");
             }
         }
+        jobs = waiting;
     }
 }
 

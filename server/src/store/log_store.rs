@@ -144,17 +144,21 @@ impl LogStore {
         let mut entries = Vec::new();
         let mut budget = Budget::new(budget);
         // Entries a deferred purge removes are gone for openraft already.
-        let first_kept = self.group.pending_purged().map_or(0, |l| l.index + 1);
-        let opts = self.bounded_from(start.max(first_kept));
+        let purged = self.group.pending_purged().max(self.meta_get(RAFT_LAST_PURGED)?);
+        let from = start.max(purged.map_or(0, |l: LogId| l.index + 1));
+        let opts = self.bounded_from(from);
         for item in self.engine.db.iterator_cf_opt(self.logs(), opts, IteratorMode::Start) {
             let (key, value) = item.map_err(read_err)?;
             let index = parse_log_key(&key).map_or(u64::MAX, |(_, i)| i);
             if !range.contains(&index) || !budget.take(value.len()) {
                 break;
             }
-            // Entries are contiguous: a hole is corruption, never skipped
-            // (a follower sent entries after it would apply a gap).
-            let expected = entries.last().map_or(index, |e: &Entry| e.log_id.index + 1);
+            // Entries are contiguous, from the one after the purge mark if
+            // there is one: a hole is corruption, never skipped (a follower
+            // sent entries after it would apply a gap), at the start of the
+            // range too.
+            let first = if purged.is_some() { from } else { index };
+            let expected = entries.last().map_or(first, |e: &Entry| e.log_id.index + 1);
             if index != expected {
                 return Err(read_err(std::io::Error::other(format!(
                     "{}: log entry {expected} is missing (the next stored entry is {index})",
@@ -164,6 +168,20 @@ impl LogStore {
             entries.push(decode(&value).map_err(read_err)?);
         }
         Ok(entries)
+    }
+
+    /// Runs the group's deferred purge now if its flushed state covers it
+    /// (a snapshot install has just put its state on disk); otherwise it
+    /// stays with the engine's purge thread.
+    pub fn purge_covered(&self) -> Result<(), StorageError> {
+        let (Some(pending), Some(guard)) = (self.group.pending_purged(), &self.group.guard) else {
+            return Ok(());
+        };
+        let durable = guard.durable_index().map_err(|e| read_err(std::io::Error::other(format!("{e:#}"))))?;
+        match durable >= pending.index {
+            true => purge_now(&self.engine.db, self.group.gid, pending),
+            false => Ok(()),
+        }
     }
 
     /// A synced write of `batch`, checked by the sync audit as `what`.

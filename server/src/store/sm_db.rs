@@ -253,8 +253,14 @@ impl StateDb {
     /// What the flushed column families hold for group `gid`:
     /// `(last_applied index, clock)`. A read that skips the memtables
     /// (RocksDB's persisted tier; applies write no WAL, so only flushed data
-    /// survives a crash).
+    /// survives a crash). The meta group writes through the WAL, unsynced
+    /// ([`meta_apply_write_options`]), and the persisted tier reads the
+    /// memtables while the process has written nothing without the WAL:
+    /// the WAL is synced first, so what the read finds is on disk either way.
     pub fn durable_applied(&self, gid: GroupId) -> Result<(u64, i64), rocksdb::Error> {
+        if gid == GroupId::META {
+            self.db.flush_wal(true)?;
+        }
         let mut opts = rocksdb::ReadOptions::default();
         opts.set_read_tier(rocksdb::ReadTier::Persisted);
         let meta_cf = cf(&self.db, CF_META);
@@ -515,6 +521,21 @@ pub fn apply_write_options() -> WriteOptions {
     let mut opts = WriteOptions::default();
     opts.disable_wal(true);
     opts
+}
+
+/// How the meta group's applied entries are written: through the WAL, not
+/// synced. Its entries are few (membership, the map, schemas), and a node
+/// must know the map it last applied from its first message after a
+/// restart, before its meta replica hears from the leader again: the map
+/// records which data dir each node runs on, and raft messages are checked
+/// against it. A process crash (`kill -9`) then loses none of them (the
+/// WAL is in the page cache); a machine crash may lose the tail since the
+/// last sync, which raft replays as for a shard. Every entry of the group
+/// goes this way, not only the map's: recovery replays the WAL's batches
+/// only, and a logged entry after an unlogged one would otherwise come
+/// back without it (e.g. a membership).
+pub fn meta_apply_write_options() -> WriteOptions {
+    WriteOptions::default()
 }
 
 /// Options for a column family whose values start with an 8-byte expiry:

@@ -20,12 +20,12 @@ use super::codec::{decode, encode, read_err, write_err};
 use super::group::{AppliedState, GroupState};
 use super::group_snapshot;
 use super::keys::*;
-use super::sm_db::{apply_write_options, cf};
+use super::sm_db::{apply_write_options, cf, meta_apply_write_options};
 use super::snapshot::{pack, unpack, SnapshotDir};
 use crate::engine::check_schema;
 use crate::schema::VersionedSchema;
 use crate::types::{
-    Command, CommandResult, Entry, LogId, ReevalProgress, RestoreMarker, RestoreStep, SnapshotMeta,
+    Command, CommandResult, Entry, GroupId, LogId, ReevalProgress, RestoreMarker, RestoreStep, SnapshotMeta,
     StorageError, StoredMembership, TypeConfig, WriteOutcome,
 };
 use portrait_core::meta::MetaOutcome;
@@ -35,6 +35,9 @@ pub struct StateMachine {
     store: Arc<GroupState>,
     snapshots: SnapshotBuilder,
     applier: Arc<std::sync::Mutex<Applier>>,
+    /// The group's raft log, whose purge up to an installed snapshot runs
+    /// once the install is on disk ([`StateMachine::purging`]).
+    log: Option<super::LogStore>,
 }
 
 /// Applies entries. Runs on tokio's blocking pool, not on a runtime worker:
@@ -148,7 +151,14 @@ impl StateMachine {
             failed: None,
             restoring: None,
         };
-        Ok(StateMachine { store, snapshots, applier: Arc::new(std::sync::Mutex::new(applier)) })
+        Ok(StateMachine { store, snapshots, applier: Arc::new(std::sync::Mutex::new(applier)), log: None })
+    }
+
+    /// Runs the purge of `log` that openraft asks for with a snapshot once
+    /// the install has put the snapshot's state on disk.
+    pub fn purging(mut self, log: super::LogStore) -> StateMachine {
+        self.log = Some(log);
+        self
     }
 
     fn applier(&self) -> std::sync::MutexGuard<'_, Applier> {
@@ -495,7 +505,11 @@ impl Applier {
         log_id: LogId,
     ) -> Result<(), StorageError> {
         self.seal(db, &mut batch, state, log_id);
-        db.write_opt(batch, &apply_write_options()).map_err(write_err)?;
+        let opts = match self.store.gid() {
+            GroupId::META => meta_apply_write_options(),
+            _ => apply_write_options(),
+        };
+        db.write_opt(batch, &opts).map_err(write_err)?;
         self.store.set_applied(state.clone());
         Ok(())
     }
@@ -628,19 +642,31 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot.sync_all().await.map_err(write_err)?;
         let file = snapshot.into_std().await;
         let _guard = self.snapshots.lock.lock().await;
-        {
-            let mut applier = self.applier();
-            applier.wait_in_flight()?;
-            applier.cache.clear();
-            applier.restoring = None;
-        }
         let (store, dir, meta) = (self.store.clone(), self.snapshots.dir.clone(), meta.clone());
-        tokio::task::spawn_blocking(move || install_blocking(&store, &dir, file, &meta))
-            .await
-            .map_err(write_err)?
-            .map_err(|e| {
+        let applier = self.applier.clone();
+        // On the blocking pool: the batch in flight may queue behind other
+        // groups' batches (and write stalls) on the node's writer thread.
+        tokio::task::spawn_blocking(move || {
+            {
+                let mut applier = lock_applier(&applier);
+                applier.wait_in_flight()?;
+                applier.cache.clear();
+                applier.restoring = None;
+            }
+            install_blocking(&store, &dir, file, &meta).map_err(|e| {
                 StorageError::from(StorageIOError::write_snapshot(None, AnyError::error(format!("{e:#}"))))
             })
+        })
+        .await
+        .map_err(write_err)??;
+        // openraft asked for the log's purge up to the snapshot when it
+        // handed the snapshot over; it waited for this state to be on disk
+        // (see `LogStore::purge`). Done before the leader hears the install
+        // finished, so the entries it sends next never follow a hole.
+        if let Some(log) = &self.log {
+            log.purge_covered()?;
+        }
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {

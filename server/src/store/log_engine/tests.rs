@@ -269,3 +269,96 @@ fn recent_entries_of_many_groups_stay_within_the_node_budget() {
     drop(logs);
     assert_eq!(engine.recent_bytes(), 0, "closed groups give their bytes back");
 }
+
+/// A guard whose flush does not cover the purge: the state of a snapshot
+/// that openraft has handed to the state machine but that is not installed
+/// yet (openraft asks for the log's purge up to it at once).
+#[derive(Default)]
+struct Installing {
+    durable: AtomicU64,
+    persisted: AtomicU64,
+}
+
+impl PurgeGuard for Installing {
+    fn durable_index(&self) -> anyhow::Result<u64> {
+        Ok(self.durable.load(Ordering::SeqCst))
+    }
+
+    fn persist(&self) -> anyhow::Result<()> {
+        self.persisted.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A purge past a state that even a flush does not cover waits: the log
+/// on disk keeps its entries and no purge mark (a crash during the install
+/// then leaves a log that still joins the old state), while openraft sees
+/// the purge at once. Once the install has made the state durable, the
+/// state machine's `purge_covered` runs it; else the purge thread's retry.
+#[test]
+fn a_purge_past_a_snapshot_not_installed_yet_waits_for_its_state() {
+    let rt = runtime();
+    for finish in ["by the state machine", "by the purge thread"] {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = LogEngine::open(dir.path()).unwrap();
+        let gid = GroupId(3 + u32::from(finish.ends_with("thread")));
+        let guard = Arc::new(Installing::default());
+        let mut log = engine.group(gid, Some(guard.clone())).unwrap();
+        rt.block_on(log.blocking_append((1..=10).map(|i| entry(i, 1)))).unwrap();
+        rt.block_on(log.purge(log_id(8))).unwrap();
+        assert_eq!(rt.block_on(log.get_log_state()).unwrap().last_purged_log_id, Some(log_id(8)));
+        let start = Instant::now();
+        while guard.persisted.load(Ordering::SeqCst) == 0 {
+            assert!(start.elapsed() < Duration::from_secs(30), "the purge thread never tried");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Two retry rounds: still not purged on disk.
+        std::thread::sleep(PURGE_RETRY * 2 + Duration::from_millis(200));
+        let db = &engine.shared.db;
+        let mark = db.get_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_LAST_PURGED)).unwrap();
+        assert_eq!(mark, None, "{finish}: no purge mark past the state");
+        let on_disk = db
+            .iterator_cf(cf(db, CF_LOGS), IteratorMode::Start)
+            .filter(|item| parse_log_key(&item.as_ref().unwrap().0).is_some_and(|(g, _)| g == gid))
+            .count();
+        assert_eq!(on_disk, 10, "{finish}: every entry still on disk");
+        assert_eq!(guard.persisted.load(Ordering::SeqCst), 1, "{finish}: one flush, not one per retry");
+
+        guard.durable.store(8, Ordering::SeqCst);
+        if finish == "by the state machine" {
+            log.purge_covered().unwrap();
+            assert_eq!(contents(&log).2, Some(log_id(8)), "purged at once");
+        }
+        let start = Instant::now();
+        while contents(&log).2 != Some(log_id(8)) {
+            assert!(start.elapsed() < Duration::from_secs(30), "{finish}: the purge never ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(contents(&log).0, vec![9, 10], "{finish}");
+        drop(log);
+    }
+}
+
+/// The log's entries follow its purge mark without a hole: a read whose
+/// first stored entry lies past the one it needs is an error, never a
+/// shorter answer that starts later.
+#[test]
+fn a_hole_at_the_start_of_a_read_is_an_error() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = LogEngine::open(dir.path()).unwrap();
+    let mut log = engine.group(GroupId(2), None).unwrap();
+    rt.block_on(log.blocking_append((1..=10).map(|i| entry(i, 1)))).unwrap();
+    rt.block_on(log.purge(log_id(3))).unwrap();
+    assert_eq!(rt.block_on(log.try_get_log_entries(4..6)).unwrap().len(), 2);
+    let db = &engine.shared.db;
+    db.delete_range_cf(cf(db, CF_LOGS), log_key(GroupId(2), 4), log_key(GroupId(2), 6)).unwrap();
+    // Reopened: read from disk (not the recent entries), the mark from disk.
+    drop(log);
+    let mut log = engine.group(GroupId(2), None).unwrap();
+    let e = rt.block_on(log.try_get_log_entries(4..8)).unwrap_err().to_string();
+    assert!(e.contains("log entry 4 is missing (the next stored entry is 6)"), "{e}");
+    let e = rt.block_on(log.try_get_log_entries(0..8)).unwrap_err().to_string();
+    assert!(e.contains("log entry 4 is missing"), "{e}");
+    assert_eq!(rt.block_on(log.try_get_log_entries(6..8)).unwrap().len(), 2);
+}

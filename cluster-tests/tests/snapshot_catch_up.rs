@@ -2,7 +2,7 @@
 //! by snapshot install and converges to the same profiles, features and
 //! tags as each shard's leader; so does a replica whose state was wiped at
 //! open because a snapshot install a crash interrupted could not be
-//! finished.
+//! finished, and one killed while its installs were held.
 
 use std::collections::BTreeSet;
 
@@ -91,6 +91,60 @@ async fn a_lagging_replica_catches_up_by_snapshot_in_every_shard() {
     wait_caught_up(&cluster, &hosts, TEST_SHARDS).await;
     assert_converged(&cluster, 3).await;
     assert!(cluster.node(3).log().contains("its raft log is emptied too"), "the reset ran");
+}
+
+/// openraft asks for the log's purge up to a received snapshot as soon as
+/// it hands the snapshot to the state machine, before the install. Node 3
+/// is killed (-9) while its installs are held (a fault-injection marker):
+/// its logs must not have been purged past its state, or it could never
+/// apply again. Restarted while the old leader is down, it catches up
+/// from the new one and converges.
+#[tokio::test]
+async fn a_replica_killed_in_the_middle_of_snapshot_installs_catches_up_after_a_restart() {
+    let (hosts, all) = ([1, 2, 3], [1, 2, 3, 4]);
+    let mut cluster = Cluster::start_sharded_with_config(4, TEST_SHARDS, CONFIG).await;
+    wait_placed(&cluster, &all, TEST_SHARDS).await;
+    let client = cluster.client(4).await.without_routing();
+    client.write(request(0)).await.unwrap();
+    cluster.kill(3);
+    for r in 1..120 {
+        client.write(request(r)).await.expect("write with one replica down");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cluster.client(1).await.cluster_status().await.unwrap().purged_index <= 5 {
+        assert!(std::time::Instant::now() < deadline, "shard 0's log on node 1 was never compacted");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let stall = cluster.node(3).data_dir().join(portrait_server::store::state_machine::STALL_INSTALLS_MARKER);
+    std::fs::write(&stall, b"").unwrap();
+    cluster.restart(3).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cluster.node(3).log().contains("fault injection: snapshot install stalled") {
+        assert!(std::time::Instant::now() < deadline, "node 3 never received a snapshot");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Time for openraft's purge requests to reach the log's purge thread.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    cluster.kill(3);
+    std::fs::remove_file(&stall).unwrap();
+    // The leader would resend its snapshot to a replica it was sending one
+    // to; a new leader instead sends entries after what node 3's log
+    // reports, which node 3 must then be able to apply.
+    cluster.kill(1);
+    cluster.restart(3).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Err(e) = client.write(request(500)).await {
+        assert!(std::time::Instant::now() < deadline, "no write through nodes 2 and 3: {e}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    cluster.restart(1).await;
+    wait_caught_up(&cluster, &hosts, TEST_SHARDS).await;
+    assert!(cluster.node(3).is_running());
+    assert_converged(&cluster, 3).await;
+    client.write(request(1000)).await.unwrap();
+    wait_caught_up(&cluster, &hosts, TEST_SHARDS).await;
+    assert_converged(&cluster, 3).await;
 }
 
 /// Flips one byte in the middle of each shard's current snapshot archive

@@ -38,7 +38,16 @@ pub struct StateMachine {
     /// The group's raft log, whose purge up to an installed snapshot runs
     /// once the install is on disk ([`StateMachine::purging`]).
     log: Option<super::LogStore>,
+    /// While this file exists, snapshot installs wait before they start
+    /// (cluster tests crash a node in the middle of one).
+    #[cfg(feature = "fault-injection")]
+    stall_installs: std::path::PathBuf,
 }
+
+/// The fault-injection marker (in the data dir) that holds snapshot
+/// installs before they start.
+#[cfg(feature = "fault-injection")]
+pub const STALL_INSTALLS_MARKER: &str = "fault-stall-snapshot-installs";
 
 /// Applies entries. Runs on tokio's blocking pool, not on a runtime worker:
 /// an entry's apply is milliseconds of synchronous CPU and RocksDB work, and
@@ -151,7 +160,14 @@ impl StateMachine {
             failed: None,
             restoring: None,
         };
-        Ok(StateMachine { store, snapshots, applier: Arc::new(std::sync::Mutex::new(applier)), log: None })
+        Ok(StateMachine {
+            store,
+            snapshots,
+            applier: Arc::new(std::sync::Mutex::new(applier)),
+            log: None,
+            #[cfg(feature = "fault-injection")]
+            stall_installs: data_dir.join(STALL_INSTALLS_MARKER),
+        })
     }
 
     /// Runs the purge of `log` that openraft asks for with a snapshot once
@@ -638,6 +654,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         mut snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
+        #[cfg(feature = "fault-injection")]
+        if self.stall_installs.exists() {
+            tracing::warn!(group = %self.store.gid(), "fault injection: snapshot install stalled");
+            while self.stall_installs.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
         snapshot.flush().await.map_err(write_err)?;
         snapshot.sync_all().await.map_err(write_err)?;
         let file = snapshot.into_std().await;

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use super::client_write_error;
 use super::replica::{Registry, Replica};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, OUTCOME_UNKNOWN};
 use crate::limits::{MAX_ENTRY_BYTES, MAX_EVENTS_PER_ENTRY, MAX_QUEUED_WRITE_BYTES};
 use crate::model::{Event, WriteCounts};
 use crate::types::{Command, CommandResult, GroupId, WriteOutcome};
@@ -117,7 +117,15 @@ impl WriteBatcher {
         let bytes = encoded_len(&events);
         let queued = self.hold(bytes)?;
         self.tx.send(Pending { gid, events, bytes, reply, queued }).await.map_err(|_| shutting_down())?;
-        rx.await.map_err(|_| shutting_down())?
+        // Queued requests are answered "shutting down" at a stop; a reply
+        // dropped unsent is a proposal cut off at shutdown, which may
+        // still commit.
+        rx.await.map_err(|_| {
+            Error::Unavailable(format!(
+                "the node stopped while the write was being proposed; {OUTCOME_UNKNOWN}: retry with the \
+                 same event_ids, duplicates are skipped"
+            ))
+        })?
     }
 }
 
@@ -239,8 +247,14 @@ pub async fn run(registry: Arc<Registry>, mut rx: mpsc::Receiver<Pending>, mut s
         }
         queues.retain(|_, q| q.in_flight > 0 || !q.waiting.is_empty());
     }
-    drop(queues);
-    drop(rx);
+    // Never proposed: said so (a reply dropped unsent means the outcome is
+    // unknown, see `WriteBatcher::write`).
+    rx.close();
+    let queued =
+        queues.into_values().flat_map(|q| q.waiting).chain(std::iter::from_fn(|| rx.try_recv().ok()));
+    for p in queued {
+        let _ = p.reply.send(Err(shutting_down()));
+    }
     while proposals.tasks.join_next().await.is_some() {}
 }
 
@@ -280,7 +294,18 @@ async fn propose(replica: &Replica, batch: Vec<Pending>) {
         Err(e) => return replies.into_iter().for_each(|r| drop(r.send(Err(e.clone())))),
     };
     let command = Command::Write { stamp_ms, requests: requests.into() };
-    match raft.client_write(command).await {
+    // openraft answers a proposal only when its index is applied or its
+    // entry truncated: a deposed leader that catches up by a snapshot past
+    // its own entries never hears of them. Once every caller has given up
+    // (each waits at most its write timeout), nobody is left to answer:
+    // the proposal's shard slot and queue bytes are freed. The entry may
+    // still commit; event ids make the callers' retries exactly-once.
+    let mut replies = replies;
+    let Some(written) = unless_abandoned(raft.client_write(command), &mut replies).await else {
+        tracing::debug!(group = %replica.gid, "every caller of a proposal gave up; not waiting for it");
+        return;
+    };
+    match written {
         Ok(resp) => {
             let index = resp.log_id.index;
             // Acknowledge what a read will see: the entry's batch may still
@@ -309,6 +334,23 @@ async fn propose(replica: &Replica, batch: Vec<Pending>) {
                 let _ = reply.send(Err(e.clone()));
             }
         }
+    }
+}
+
+/// `work`'s output, or `None` once every one of `replies` is closed (their
+/// callers gave up) before it is done.
+async fn unless_abandoned<F: std::future::Future, T>(
+    work: F,
+    replies: &mut [oneshot::Sender<T>],
+) -> Option<F::Output> {
+    let abandoned = async {
+        for reply in replies.iter_mut() {
+            reply.closed().await;
+        }
+    };
+    tokio::select! {
+        done = work => Some(done),
+        () = abandoned => None,
     }
 }
 
@@ -358,7 +400,33 @@ mod tests {
         q.waiting.push_back(request(1, 10).0);
         assert!(gather(&mut q.waiting).is_empty() && q.waiting.is_empty());
         drop(batch);
-        assert!(matches!(awaited.await.unwrap(), Err(Error::Unavailable(_))), "dropped unanswered");
+        let e = awaited.await.unwrap().unwrap_err();
+        assert!(e.outcome_unknown(), "a reply dropped unsent may have been proposed: {e}");
+    }
+
+    /// A proposal openraft never answers (a deposed leader that caught up
+    /// by a snapshot past its own entries) is let go once every caller has
+    /// given up, so its shard slot and queue bytes come back; while one
+    /// still waits, it is awaited.
+    #[tokio::test]
+    async fn a_proposal_is_let_go_once_every_caller_gave_up() {
+        use std::time::Duration;
+        let (pending, mut answers): (Vec<_>, Vec<_>) = (0..3).map(|_| request(1, 10)).unzip();
+        let mut replies: Vec<_> = pending.into_iter().map(|p| p.reply).collect();
+        let never = std::future::pending::<()>;
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(100), unless_abandoned(never(), &mut replies));
+        assert!(waiting.await.is_err(), "callers still wait: the proposal is awaited");
+        answers.truncate(1);
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(100), unless_abandoned(never(), &mut replies));
+        assert!(waiting.await.is_err(), "one caller still waits");
+        answers.clear();
+        let let_go = tokio::time::timeout(Duration::from_secs(5), unless_abandoned(never(), &mut replies));
+        assert_eq!(let_go.await.expect("let go at once"), None);
+        let (p, _answer) = request(1, 10);
+        let mut live = vec![p.reply];
+        assert_eq!(unless_abandoned(async { 7 }, &mut live).await, Some(7), "a done proposal is answered");
     }
 
     #[tokio::test]

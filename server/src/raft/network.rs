@@ -12,7 +12,8 @@
 //! shards thus costs a few calls per follower instead of 16 (like TiKV's
 //! raft message batching per store). The queue holds at most one message
 //! per group (openraft awaits each answer before the group's next), a batch
-//! at most `MAX_RAFT_BATCH_BYTES` (a larger message goes alone). Votes and
+//! at most `MAX_RAFT_BATCH_BYTES` (a larger message goes alone, one at a
+//! time per peer on a lane of its own beside those calls). Votes and
 //! snapshots stay single calls.
 //!
 //! Size: replication reads at most `MAX_APPEND_ENTRIES_BYTES` of entries per
@@ -257,6 +258,7 @@ impl Channels {
 /// Ends when the node's [`Channels`] are dropped.
 async fn send_queued(links: Weak<Links>, addr: String, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let slots = Arc::new(Semaphore::new(RAFT_BATCHES_IN_FLIGHT));
+    let large = Arc::new(Semaphore::new(1));
     let mut carried: Option<Queued> = None;
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
@@ -267,6 +269,27 @@ async fn send_queued(links: Weak<Links>, addr: String, mut rx: mpsc::UnboundedRe
                 None => return,
             },
         };
+        if first.payload.data.len() > MAX_RAFT_BATCH_BYTES {
+            // A message over the batch bound goes alone, on a lane of its
+            // own: openraft resends one that does not fit its timeout, and
+            // two such in the shared slots would hold back every other
+            // group's appends and heartbeats to this peer meanwhile.
+            drop(slot);
+            let Some(links) = links.upgrade() else { return };
+            let client = Channels(links.clone()).get(&addr);
+            let large = large.clone();
+            tokio::spawn(async move {
+                let Ok(_lane) = large.acquire_owned().await else { return };
+                if first.reply.is_closed() {
+                    return;
+                }
+                links.batches.fetch_add(1, Ordering::Relaxed);
+                links.items.fetch_add(1, Ordering::Relaxed);
+                drop(links);
+                send_batch(client, vec![first]).await;
+            });
+            continue;
+        }
         // Groups that proposed alongside this one queue theirs now.
         tokio::task::yield_now().await;
         let mut bytes = first.payload.data.len();
@@ -790,11 +813,33 @@ mod tests {
     }
 
     /// A peer that holds each batch until the test lets it go, records the
-    /// batch sizes, and answers NOT_FOUND for group 99.
+    /// batch sizes and groups, and answers NOT_FOUND for group 99.
     #[derive(Clone)]
     struct HeldPeer {
         sizes: Arc<std::sync::Mutex<Vec<usize>>>,
+        groups: Arc<std::sync::Mutex<Vec<u32>>>,
         release: Arc<Semaphore>,
+    }
+
+    impl HeldPeer {
+        /// The peer, listening; and its address.
+        async fn start() -> (HeldPeer, String) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = format!("http://{}", listener.local_addr().unwrap());
+            let held = HeldPeer {
+                sizes: Arc::default(),
+                groups: Arc::default(),
+                release: Arc::new(Semaphore::new(0)),
+            };
+            let server = portrait_proto::v1::raft_server::RaftServer::new(held.clone())
+                .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(server)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            (held, addr)
+        }
     }
 
     #[tonic::async_trait]
@@ -805,6 +850,7 @@ mod tests {
         ) -> Result<tonic::Response<RaftBatchReply>, tonic::Status> {
             let items = req.into_inner().items;
             self.sizes.lock().unwrap().push(items.len());
+            self.groups.lock().unwrap().extend(items.iter().map(|i| i.group));
             self.release.acquire().await.expect("open").forget();
             let ok: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
                 Ok(AppendEntriesResponse::Success);
@@ -891,15 +937,7 @@ mod tests {
 
     #[tokio::test]
     async fn groups_queued_behind_calls_in_flight_leave_in_one_batch_and_fail_alone() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
-        let held = HeldPeer { sizes: Arc::default(), release: Arc::new(Semaphore::new(0)) };
-        let server = portrait_proto::v1::raft_server::RaftServer::new(held.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(server)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let (held, addr) = HeldPeer::start().await;
         let channels = Channels::default();
         let groups: Vec<u32> = (0..9).chain([99]).collect();
         let mut calls = Vec::new();
@@ -931,6 +969,40 @@ mod tests {
                 _ => assert!(matches!(result, Ok(AppendEntriesResponse::Success)), "group {g}: {result:?}"),
             }
         }
+    }
+
+    /// Two groups' appends over the batch bound, both held by the peer (as
+    /// by a slow link): they take one lane of their own, one at a time, and
+    /// another group's heartbeat still leaves at once.
+    #[tokio::test]
+    async fn appends_over_the_batch_bound_never_hold_back_other_groups() {
+        let (held, addr) = HeldPeer::start().await;
+        let channels = Channels::default();
+        let per_event = (encode(&entry(1, 1001)).len() - encode(&entry(1, 1)).len()) / 1000;
+        let events = MAX_RAFT_BATCH_BYTES / per_event + 1000;
+        let mut calls = Vec::new();
+        for g in [1, 2, 3] {
+            let mut network = Network::new(GroupId(g), channels.clone(), Blocked::default());
+            let mut peer = network.new_client(2, &BasicNode::new(&addr)).await;
+            let entries = if g == 3 { vec![] } else { vec![entry(1, events)] };
+            calls.push(tokio::spawn(async move { send(&mut peer, entries).await }));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !held.groups.lock().unwrap().contains(&3) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the heartbeat of group 3 waited behind the large appends: {:?}",
+                held.groups.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(*held.groups.lock().unwrap(), vec![1, 3], "one large append at a time");
+        held.release.add_permits(100);
+        for call in calls {
+            assert!(matches!(call.await.unwrap(), Ok(AppendEntriesResponse::Success)));
+        }
+        assert_eq!(*held.groups.lock().unwrap(), vec![1, 3, 2]);
     }
 
     #[test]

@@ -22,9 +22,45 @@ const FIELDS: &[&str] = &["user_id", "family", "type", "event_time_ms", "event_i
 /// Parses JSON text like `serde_json::from_str`, but refuses an object that
 /// has a key twice (serde_json keeps the last one silently: a repeated
 /// `user_id` would write to another user, a repeated attribute lose a
-/// value).
+/// value), and an integer outside the 64-bit range (serde_json reads it as
+/// a double, silently rounded).
 pub fn parse_json(text: &str) -> Result<Json, serde_json::Error> {
-    serde_json::from_str::<Strict>(text).map(|s| s.0)
+    let value = serde_json::from_str::<Strict>(text).map(|s| s.0)?;
+    if let Some(n) = integer_out_of_range(text) {
+        return Err(serde::de::Error::custom(format!(
+            "integer {n} is out of the 64-bit range (write a string, or a double with a fraction or an \
+             exponent)"
+        )));
+    }
+    Ok(value)
+}
+
+/// The first integer literal of valid JSON `text` (no fraction, no
+/// exponent) that is neither an `i64` nor a `u64`.
+fn integer_out_of_range(text: &str) -> Option<&str> {
+    let bytes = text.as_bytes();
+    let (mut i, mut in_string) = (0, false);
+    while i < bytes.len() {
+        match (in_string, bytes[i]) {
+            (true, b'\\') => i += 1,
+            (true, b'"') | (false, b'"') => in_string = !in_string,
+            (false, b'-' | b'0'..=b'9') => {
+                let start = i;
+                while i < bytes.len() && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                    i += 1;
+                }
+                let token = &text[start..i];
+                let integer = !token.contains(['.', 'e', 'E']);
+                if integer && token.parse::<i64>().is_err() && token.parse::<u64>().is_err() {
+                    return Some(token);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 /// A JSON value whose objects have no key twice ([`parse_json`]).

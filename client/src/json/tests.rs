@@ -189,6 +189,21 @@ fn missing_profile_is_empty() {
 }
 
 #[test]
+fn an_integer_outside_64_bits_is_refused_not_rounded() {
+    for (text, n) in [
+        (r#"{"attrs":{"n":18446744073709551616}}"#, "18446744073709551616"),
+        (r#"[1, {"a":"x\"1e999\"", "b":-9223372036854775809}]"#, "-9223372036854775809"),
+        (r#"123456789012345678901234567890"#, "123456789012345678901234567890"),
+    ] {
+        let e = parse_json(text).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("integer {n} is out of the 64-bit range")), "{text}: {e}");
+    }
+    // In range, a double, or inside a string: read as before.
+    let text = r#"{"a":18446744073709551615,"b":-9223372036854775808,"c":1e30,"d":-2.5e-3,"e":"99999999999999999999","f":0}"#;
+    assert_eq!(parse_json(text).unwrap(), serde_json::from_str::<Json>(text).unwrap());
+}
+
+#[test]
 fn a_key_twice_in_an_object_is_refused_at_any_depth() {
     let twice = r#"{"user_id":"alice","family":"browse","type":"view","user_id":"bob"}"#;
     let e = parse_json(twice).unwrap_err().to_string();

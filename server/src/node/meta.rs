@@ -445,8 +445,13 @@ impl Node {
                 .err()
                 .unwrap_or(Error::Unavailable("handing the meta group over".into())));
         }
-        // Out of the meta group before out of the map: the map's record of
-        // its data dir checks every raft message sent to it until then.
+        // Draining first, so placement puts no replica on it meanwhile;
+        // then out of the meta group before out of the map: the map's
+        // record of its data dir checks every raft message sent to it
+        // until then.
+        if map.nodes.contains_key(&id) && !map.draining.contains(&id) {
+            self.propose_meta(MetaCommand::Map(MapChange::Drain { node: id })).await?;
+        }
         let index = remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
         if map.nodes.contains_key(&id) {
             self.propose_meta(MetaCommand::Map(MapChange::RemoveNode { node: id })).await?;
@@ -801,12 +806,49 @@ pub(super) async fn add_to_group(
 }
 
 /// Makes member `id` of one group a voter (a no-op where it is one).
-/// Returns the group's last membership log index.
+/// Returns the group's last membership log index. Another membership
+/// change under way (the meta leader's own voter upkeep may promote the
+/// same node) is waited out, within `within`.
 pub(super) async fn promote_in_group(replica: &Replica, id: NodeId, within: Duration) -> Result<u64> {
-    let _pass = replica.gate.pass(within).await?;
-    let voters = openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id]));
-    let resp = replica.raft.change_membership(voters, false).await.map_err(client_write_error)?;
-    Ok(resp.log_id.index)
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let m = replica.raft.metrics().borrow().clone();
+        let config = &m.membership_config;
+        if config.membership().get_joint_config().len() == 1
+            && config.membership().voter_ids().any(|v| v == id)
+        {
+            return Ok(config.log_id().map_or(0, |l| l.index));
+        }
+        let voters = openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+        let result = {
+            let _pass = replica.gate.pass(within).await?;
+            replica.raft.change_membership(voters, false).await
+        };
+        match result {
+            Ok(resp) => return Ok(resp.log_id.index),
+            Err(e) if change_in_progress(&e) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(MEMBERSHIP_RETRY).await;
+            }
+            Err(e) => return Err(client_write_error(e)),
+        }
+    }
+}
+
+/// How soon a membership change refused because another is under way is
+/// tried again.
+const MEMBERSHIP_RETRY: Duration = Duration::from_millis(100);
+
+/// Whether a membership change was refused because another one has not
+/// committed yet.
+fn change_in_progress(
+    e: &openraft::error::RaftError<NodeId, openraft::error::ClientWriteError<NodeId, openraft::BasicNode>>,
+) -> bool {
+    matches!(
+        e,
+        openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ChangeMembershipError(
+            openraft::error::ChangeMembershipError::InProgress(_)
+        ))
+    )
 }
 
 /// FAILED_PRECONDITION unless the `voters` other than `id` have a quorum
@@ -837,21 +879,34 @@ pub(super) async fn remove_from_group(
     within: Duration,
     alive: impl Fn(NodeId) -> bool,
 ) -> Result<u64> {
-    let m = replica.raft.metrics().borrow().clone();
-    let membership = m.membership_config.membership();
-    let is_voter = membership.voter_ids().any(|v| v == id);
-    if !membership.nodes().any(|(n, _)| *n == id) {
-        return Ok(m.membership_config.log_id().map_or(0, |l| l.index));
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        // Read again each try: the meta leader's voter upkeep may have
+        // turned a draining voter into a learner meanwhile.
+        let m = replica.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let is_voter = membership.voter_ids().any(|v| v == id);
+        if !membership.nodes().any(|(n, _)| *n == id) {
+            return Ok(m.membership_config.log_id().map_or(0, |l| l.index));
+        }
+        quorum_without(&membership.voter_ids().collect::<Vec<_>>(), id, &alive)?;
+        let set = BTreeSet::from([id]);
+        let change = match is_voter {
+            true => openraft::ChangeMembers::RemoveVoters(set),
+            false => openraft::ChangeMembers::RemoveNodes(set),
+        };
+        let result = {
+            let _pass = replica.gate.pass(within).await?;
+            replica.raft.change_membership(change, false).await
+        };
+        match result {
+            Ok(resp) => return Ok(resp.log_id.index),
+            Err(e) if change_in_progress(&e) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(MEMBERSHIP_RETRY).await;
+            }
+            Err(e) => return Err(client_write_error(e)),
+        }
     }
-    quorum_without(&membership.voter_ids().collect::<Vec<_>>(), id, alive)?;
-    let _pass = replica.gate.pass(within).await?;
-    let set = BTreeSet::from([id]);
-    let change = match is_voter {
-        true => openraft::ChangeMembers::RemoveVoters(set),
-        false => openraft::ChangeMembers::RemoveNodes(set),
-    };
-    let resp = replica.raft.change_membership(change, false).await.map_err(client_write_error)?;
-    Ok(resp.log_id.index)
 }
 
 #[cfg(test)]

@@ -138,6 +138,8 @@ impl Pacer {
 pub struct Queued {
     payload: RaftPayload,
     ttl: Duration,
+    /// When the caller queued it (its `ttl` counts from there).
+    queued_at: tokio::time::Instant,
     reply: oneshot::Sender<Result<Vec<u8>, tonic::Status>>,
 }
 
@@ -219,7 +221,7 @@ impl Channels {
         ttl: Duration,
     ) -> Result<Vec<u8>, tonic::Status> {
         let (reply, answer) = oneshot::channel();
-        let queued = Queued { payload, ttl, reply };
+        let queued = Queued { payload, ttl, queued_at: tokio::time::Instant::now(), reply };
         if self.queue(addr).send(queued).is_err() {
             return Err(tonic::Status::unavailable(format!("the queue to {addr} is closed")));
         }
@@ -275,17 +277,19 @@ async fn send_queued(links: Weak<Links>, addr: String, mut rx: mpsc::UnboundedRe
             // two such in the shared slots would hold back every other
             // group's appends and heartbeats to this peer meanwhile.
             drop(slot);
-            let Some(links) = links.upgrade() else { return };
-            let client = Channels(links.clone()).get(&addr);
-            let large = large.clone();
+            let (links, addr, large) = (links.clone(), addr.clone(), large.clone());
             tokio::spawn(async move {
                 let Ok(_lane) = large.acquire_owned().await else { return };
-                if first.reply.is_closed() {
+                // What is left of its caller's time (it waited for the lane).
+                let mut first = first;
+                first.ttl = first.ttl.saturating_sub(first.queued_at.elapsed());
+                if first.reply.is_closed() || first.ttl.is_zero() {
                     return;
                 }
+                let Some(links) = links.upgrade() else { return };
                 links.batches.fetch_add(1, Ordering::Relaxed);
                 links.items.fetch_add(1, Ordering::Relaxed);
-                drop(links);
+                let client = Channels(links).get(&addr);
                 send_batch(client, vec![first]).await;
             });
             continue;

@@ -40,11 +40,18 @@ pub trait PurgeGuard: Send + Sync {
     fn durable_index(&self) -> anyhow::Result<u64>;
     /// Flushes the state, so it covers everything applied.
     fn persist(&self) -> anyhow::Result<()>;
+    /// The newest log index the state holds, flushed or not: a flush
+    /// covers no more than this.
+    fn applied_index(&self) -> u64;
 }
 
 impl PurgeGuard for SmStore {
     fn durable_index(&self) -> anyhow::Result<u64> {
         Ok(self.durable_applied()?.0)
+    }
+
+    fn applied_index(&self) -> u64 {
+        self.applied().last_applied.map_or(0, |l| l.index)
     }
 
     fn persist(&self) -> anyhow::Result<()> {
@@ -311,24 +318,29 @@ fn purge_loop(db: &DB, open: &Mutex<HashMap<GroupId, Weak<Group>>>, rx: mpsc::Re
                 _ => drop(jobs.insert(job.gid, job)),
             }
         }
-        let mut persisted: Vec<Arc<dyn PurgeGuard>> = Vec::new();
+        // The groups share one state database: one flush a round covers
+        // them all.
+        let mut flushed = false;
         let mut waiting = BTreeMap::new();
         for (gid, mut job) in std::mem::take(&mut jobs) {
             if job.group.strong_count() == 0 {
                 continue;
             }
             let covered = |job: &PurgeJob| job.guard.durable_index().is_ok_and(|d| d >= job.log_id.index);
-            // A job waiting on an install flushes again only now and then:
-            // the install makes its own state durable.
+            // A flush helps only once the state has applied the purge's
+            // index (a snapshot waiting for its install has not; the
+            // install makes its own state durable), and a job still
+            // waiting flushes again only now and then.
             let due = job.flushed.is_none_or(|at| at.elapsed() >= PURGE_REFLUSH);
-            if !covered(&job) && due && !persisted.iter().any(|p| Arc::ptr_eq(p, &job.guard)) {
+            let helps = job.guard.applied_index() >= job.log_id.index;
+            if !covered(&job) && due && helps && !flushed {
                 job.flushed = Some(Instant::now());
                 if let Err(e) = job.guard.persist() {
                     tracing::error!(error = %e, %gid, log_id = %job.log_id, "flushing the state before a log purge; tried again later");
                     waiting.insert(gid, job);
                     continue;
                 }
-                persisted.push(job.guard.clone());
+                flushed = true;
             }
             if !covered(&job) {
                 tracing::debug!(%gid, log_id = %job.log_id, "purge waits for the state to cover it");

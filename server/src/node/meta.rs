@@ -450,7 +450,16 @@ impl Node {
         // record of its data dir checks every raft message sent to it
         // until then.
         if map.nodes.contains_key(&id) && !map.draining.contains(&id) {
-            self.propose_meta(MetaCommand::Map(MapChange::Drain { node: id })).await?;
+            match self.propose_meta(MetaCommand::Map(MapChange::Drain { node: id })).await {
+                Ok(_) => {}
+                // Another node's drain is under way: go on without (should
+                // placement put a replica here meanwhile, the removal from
+                // the map below is refused, naming the drain to run first).
+                Err(Error::FailedPrecondition(reason)) => {
+                    tracing::info!(node = id, %reason, "removing a node without marking it draining first");
+                }
+                Err(e) => return Err(e),
+            }
         }
         let index = remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
         if map.nodes.contains_key(&id) {

@@ -35,19 +35,25 @@ fn request(r: i64) -> Vec<Event> {
     (r * PER_REQUEST..(r + 1) * PER_REQUEST).map(event).collect()
 }
 
-#[tokio::test]
-async fn a_lagging_replica_catches_up_by_snapshot_in_every_shard() {
-    let (hosts, all) = ([1, 2, 3], [1, 2, 3, 4]);
+/// The cluster of [`CONFIG`] with node 3 down while 119 requests are
+/// written (through node 4, which hosts no shard: every part is forwarded
+/// to its shard's leader), and that client.
+async fn with_node_3_behind() -> (Cluster, PortraitClient) {
     let mut cluster = Cluster::start_sharded_with_config(4, TEST_SHARDS, CONFIG).await;
-    wait_placed(&cluster, &all, TEST_SHARDS).await;
-    // Node 4 hosts no shard: every part is forwarded to its shard's leader.
+    wait_placed(&cluster, &[1, 2, 3, 4], TEST_SHARDS).await;
     let client = cluster.client(4).await.without_routing();
     client.write(request(0)).await.unwrap();
     cluster.kill(3);
-
     for r in 1..120 {
         client.write(request(r)).await.expect("write with one replica down");
     }
+    (cluster, client)
+}
+
+#[tokio::test]
+async fn a_lagging_replica_catches_up_by_snapshot_in_every_shard() {
+    let hosts = [1, 2, 3];
+    let (mut cluster, client) = with_node_3_behind().await;
     // Node 1 created every shard and leads it; its top-level status is
     // shard 0's. The purge follows the snapshot in the background.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -101,15 +107,8 @@ async fn a_lagging_replica_catches_up_by_snapshot_in_every_shard() {
 /// from the new one and converges.
 #[tokio::test]
 async fn a_replica_killed_in_the_middle_of_snapshot_installs_catches_up_after_a_restart() {
-    let (hosts, all) = ([1, 2, 3], [1, 2, 3, 4]);
-    let mut cluster = Cluster::start_sharded_with_config(4, TEST_SHARDS, CONFIG).await;
-    wait_placed(&cluster, &all, TEST_SHARDS).await;
-    let client = cluster.client(4).await.without_routing();
-    client.write(request(0)).await.unwrap();
-    cluster.kill(3);
-    for r in 1..120 {
-        client.write(request(r)).await.expect("write with one replica down");
-    }
+    let hosts = [1, 2, 3];
+    let (mut cluster, client) = with_node_3_behind().await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while cluster.client(1).await.cluster_status().await.unwrap().purged_index <= 5 {
         assert!(std::time::Instant::now() < deadline, "shard 0's log on node 1 was never compacted");

@@ -212,25 +212,37 @@ async fn a_schema_version_not_above_the_shards_is_skipped() {
     assert_eq!(r.store.schema().schema, Schema::parse(v2).unwrap());
 }
 
-#[tokio::test]
-async fn meta_commands_change_the_map_durably_and_refusals_change_nothing() {
-    use portrait_core::meta::{MetaCommand, MetaOutcome};
+/// Meta commands creating a cluster of 4 shards, RF 3, on node 1 (data dir
+/// incarnation `first`) and adding node 2 (incarnation `second`).
+fn create_and_join(
+    first: u64,
+    second: u64,
+) -> (portrait_core::meta::MetaCommand, portrait_core::meta::MetaCommand) {
+    use portrait_core::meta::MetaCommand;
     use portrait_core::shard::MapChange;
-    let mut r = replica();
     let create = MetaCommand::Create {
         shards: 4,
         replication: 3,
         node: 1,
         addr: "http://n1".into(),
         peer_addr: "http://n1:8700".into(),
-        incarnation: 1,
+        incarnation: first,
     };
     let join = MetaCommand::Map(MapChange::AddNode {
         node: 2,
         addr: "http://n2".into(),
         peer_addr: "http://n2:8700".into(),
-        incarnation: 2,
+        incarnation: second,
     });
+    (create, join)
+}
+
+#[tokio::test]
+async fn meta_commands_change_the_map_durably_and_refusals_change_nothing() {
+    use portrait_core::meta::{MetaCommand, MetaOutcome};
+    use portrait_core::shard::MapChange;
+    let mut r = replica();
+    let (create, join) = create_and_join(1, 2);
     let bad = MetaCommand::Map(MapChange::AddReplica { shard: 9, node: 2 });
     let meta = |i, command| entry(i, Command::Meta { stamp_ms: T0, command });
     let res =
@@ -393,8 +405,6 @@ async fn a_crash_rolls_back_to_the_last_flush_and_the_log_replays_the_rest() {
 #[tokio::test]
 async fn the_meta_groups_applied_state_survives_a_crash_without_a_flush() {
     use openraft::storage::RaftStateMachine;
-    use portrait_core::meta::MetaCommand;
-    use portrait_core::shard::MapChange;
     use portrait_server::store::StateDb;
     use portrait_server::types::GroupId;
     use std::collections::BTreeSet;
@@ -405,20 +415,7 @@ async fn the_meta_groups_applied_state_survives_a_crash_without_a_flush() {
         Replica { dir, store, sm }
     };
     let mut live = open_meta(tempfile::tempdir().unwrap());
-    let create = MetaCommand::Create {
-        shards: 4,
-        replication: 3,
-        node: 1,
-        addr: "http://n1".into(),
-        peer_addr: "http://n1:8700".into(),
-        incarnation: 11,
-    };
-    let join = MetaCommand::Map(MapChange::AddNode {
-        node: 2,
-        addr: "http://n2".into(),
-        peer_addr: "http://n2:8700".into(),
-        incarnation: 22,
-    });
+    let (create, join) = create_and_join(11, 22);
     let membership = openraft::Membership::new(vec![BTreeSet::from([1, 2])], None);
     let meta = |i, command| entry(i, Command::Meta { stamp_ms: T0, command });
     apply(&mut live, vec![meta(1, create)]).await;

@@ -829,17 +829,33 @@ pub(super) async fn promote_in_group(replica: &Replica, id: NodeId, within: Dura
             return Ok(config.log_id().map_or(0, |l| l.index));
         }
         let voters = openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id]));
-        let result = {
-            let _pass = replica.gate.pass(within).await?;
-            replica.raft.change_membership(voters, false).await
-        };
-        match result {
-            Ok(resp) => return Ok(resp.log_id.index),
-            Err(e) if change_in_progress(&e) && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(MEMBERSHIP_RETRY).await;
-            }
-            Err(e) => return Err(client_write_error(e)),
+        if let Some(index) = change_membership_once(replica, voters, within, deadline).await? {
+            return Ok(index);
         }
+    }
+}
+
+/// Proposes one membership change under a pass of the group's gate: its
+/// log index, or `None` (after a pause) when another change is still in
+/// progress and `deadline` has not passed, so the caller reads the
+/// membership again and retries.
+async fn change_membership_once(
+    replica: &Replica,
+    change: openraft::ChangeMembers<NodeId, openraft::BasicNode>,
+    within: Duration,
+    deadline: tokio::time::Instant,
+) -> Result<Option<u64>> {
+    let result = {
+        let _pass = replica.gate.pass(within).await?;
+        replica.raft.change_membership(change, false).await
+    };
+    match result {
+        Ok(resp) => Ok(Some(resp.log_id.index)),
+        Err(e) if change_in_progress(&e) && tokio::time::Instant::now() < deadline => {
+            tokio::time::sleep(MEMBERSHIP_RETRY).await;
+            Ok(None)
+        }
+        Err(e) => Err(client_write_error(e)),
     }
 }
 
@@ -904,16 +920,8 @@ pub(super) async fn remove_from_group(
             true => openraft::ChangeMembers::RemoveVoters(set),
             false => openraft::ChangeMembers::RemoveNodes(set),
         };
-        let result = {
-            let _pass = replica.gate.pass(within).await?;
-            replica.raft.change_membership(change, false).await
-        };
-        match result {
-            Ok(resp) => return Ok(resp.log_id.index),
-            Err(e) if change_in_progress(&e) && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(MEMBERSHIP_RETRY).await;
-            }
-            Err(e) => return Err(client_write_error(e)),
+        if let Some(index) = change_membership_once(replica, change, within, deadline).await? {
+            return Ok(index);
         }
     }
 }

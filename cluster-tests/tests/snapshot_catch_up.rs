@@ -103,8 +103,12 @@ async fn a_lagging_replica_catches_up_by_snapshot_in_every_shard() {
 /// it hands the snapshot to the state machine, before the install. Node 3
 /// is killed (-9) while its installs are held (a fault-injection marker):
 /// its logs must not have been purged past its state, or it could never
-/// apply again. Restarted while the old leader is down, it catches up
-/// from the new one and converges.
+/// apply again. Before that, node 1 (the leader) is killed: no write may
+/// commit through node 3 while its installs are not durable (openraft 0.9
+/// holds node 3's later votes and appends until the install is done; were
+/// an append acknowledged, the crash would leave its log with a hole).
+/// Restarted while the old leader is still down, node 3 catches up from
+/// the new leader and converges, and the write retried applies.
 #[tokio::test]
 async fn a_replica_killed_in_the_middle_of_snapshot_installs_catches_up_after_a_restart() {
     let hosts = [1, 2, 3];
@@ -118,24 +122,28 @@ async fn a_replica_killed_in_the_middle_of_snapshot_installs_catches_up_after_a_
     let stall = cluster.node(3).data_dir().join(portrait_server::store::state_machine::STALL_INSTALLS_MARKER);
     std::fs::write(&stall, b"").unwrap();
     cluster.restart(3).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !cluster.node(3).log().contains("fault injection: snapshot install stalled") {
-        assert!(std::time::Instant::now() < deadline, "node 3 never received a snapshot");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_logged(&cluster, 3, "fault injection: snapshot install stalled").await;
     // Time for openraft's purge requests to reach the log's purge thread.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // A new leader of each shard, which sends node 3 what follows the
+    // snapshot: its first entry, then this write's part. Without node 3's
+    // acknowledgements the write cannot commit (node 1 is down), so it is
+    // given a short time and retried below.
+    cluster.kill(1);
+    let early = tokio::time::timeout(std::time::Duration::from_secs(3), client.write(request(400))).await;
+    assert!(
+        !matches!(early, Ok(Ok(_))),
+        "a write committed by a replica whose install is not durable: {early:?}"
+    );
     cluster.kill(3);
     std::fs::remove_file(&stall).unwrap();
-    // The leader would resend its snapshot to a replica it was sending one
-    // to; a new leader instead sends entries after what node 3's log
-    // reports, which node 3 must then be able to apply.
-    cluster.kill(1);
     cluster.restart(3).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while let Err(e) = client.write(request(500)).await {
-        assert!(std::time::Instant::now() < deadline, "no write through nodes 2 and 3: {e}");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for r in [400, 500] {
+        while let Err(e) = client.write(request(r)).await {
+            assert!(std::time::Instant::now() < deadline, "no write through nodes 2 and 3: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
     cluster.restart(1).await;
     wait_caught_up(&cluster, &hosts, TEST_SHARDS).await;
@@ -144,6 +152,18 @@ async fn a_replica_killed_in_the_middle_of_snapshot_installs_catches_up_after_a_
     client.write(request(1000)).await.unwrap();
     wait_caught_up(&cluster, &hosts, TEST_SHARDS).await;
     assert_converged(&cluster, 3).await;
+}
+
+/// Waits until node `id`'s log holds `text`.
+async fn wait_logged(cluster: &Cluster, id: u64, text: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cluster.node(id).log().contains(text) {
+        if std::time::Instant::now() > deadline {
+            let log = cluster.node(id).log();
+            panic!("node {id} never logged {text:?}:\n{}", &log[log.len().saturating_sub(20_000)..]);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Flips one byte in the middle of each shard's current snapshot archive

@@ -85,6 +85,11 @@ pub const CF_RAFT_META: &str = "raft_meta";
 /// Kinds of a group's `raft_meta` key (`gid ++ kind`, see [`raft_meta`]).
 pub const RAFT_VOTE: u8 = 1;
 pub const RAFT_LAST_PURGED: u8 = 2;
+/// A purge that skips past the end of the log (a snapshot accepted, its
+/// install not durable yet): the index it purges to, until it is on disk.
+/// Every entry appended meanwhile lies past it and is unacknowledged, so a
+/// node that finds this key at open drops them (`log_engine::repair_bridge`).
+pub const RAFT_BRIDGE: u8 = 3;
 /// The storage format the log engine was written in (see `store::format`);
 /// node-level, 14 bytes, so never taken for a 5-byte group key.
 pub const RAFT_FORMAT: &[u8] = b"format_version";

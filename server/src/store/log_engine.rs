@@ -116,8 +116,8 @@ impl LogEngine {
         let flush_syncer = syncer.clone();
         threads.spawn("raft-log-fsync", move || flush_loop(&flush_syncer, flush_rx));
         let (purger, purge_rx) = mpsc::channel();
-        let (purge_db, purge_open) = (db.clone(), open.clone());
-        threads.spawn("raft-log-purge", move || purge_loop(&purge_db, &purge_open, purge_rx));
+        let (purge_db, purge_open, released) = (db.clone(), open.clone(), flusher.clone());
+        threads.spawn("raft-log-purge", move || purge_loop(&purge_db, &purge_open, &released, purge_rx));
         let shared = Shared {
             db,
             syncer,
@@ -142,6 +142,7 @@ impl LogEngine {
             anyhow::bail!("the raft log of {gid} is already open");
         }
         open.retain(|_, g| g.strong_count() > 0);
+        repair_bridge(&self.shared.db, gid).with_context(|| format!("opening the raft log of {gid}"))?;
         let group = Arc::new(Group::new(gid, guard, &self.shared.recent));
         open.insert(gid, Arc::downgrade(&group));
         Ok(LogStore::new(self.shared.clone(), group))
@@ -151,7 +152,7 @@ impl LogEngine {
     /// id), with a synced write: a replica removed from this node. The
     /// group must not be open (its raft shut down, its stores dropped).
     pub fn drop_group(&self, gid: GroupId) -> anyhow::Result<()> {
-        self.delete_log(gid, &[RAFT_VOTE, RAFT_LAST_PURGED])
+        self.delete_log(gid, &[RAFT_VOTE, RAFT_LAST_PURGED, RAFT_BRIDGE])
             .with_context(|| format!("dropping the raft log of {gid}"))
     }
 
@@ -160,7 +161,8 @@ impl LogEngine {
     /// starts as a replica that has nothing, and its leader sends it a
     /// snapshot. For a group whose state was wiped at open.
     pub fn reset_log(&self, gid: GroupId) -> anyhow::Result<()> {
-        self.delete_log(gid, &[RAFT_LAST_PURGED]).with_context(|| format!("emptying the raft log of {gid}"))
+        self.delete_log(gid, &[RAFT_LAST_PURGED, RAFT_BRIDGE])
+            .with_context(|| format!("emptying the raft log of {gid}"))
     }
 
     /// Deletes `gid`'s entries and its `raft_meta` keys of `kinds` (synced);
@@ -219,12 +221,27 @@ impl LogEngine {
 }
 
 impl Shared {
-    /// Hands an append's callback to the fsync thread.
-    pub(super) fn queue_sync(&self, callback: Flushed, written: audit::Mark) {
-        if let Err(mpsc::SendError(queued)) = self.flusher.send(Queued { callback, written }) {
+    /// Hands an append's callback to the fsync thread, unless its group
+    /// holds it behind a purge that skips past the log's end.
+    pub(super) fn queue_sync(&self, group: &Group, callback: Flushed, written: audit::Mark) {
+        if let Some(queued) = group.hold(Queued { callback, written }) {
+            self.send_sync(queued);
+        }
+    }
+
+    fn send_sync(&self, queued: Queued) {
+        if let Err(mpsc::SendError(queued)) = self.flusher.send(queued) {
             // The flusher only stops with the engine; sync inline then.
             self.syncer.sync_and_ack(vec![queued]);
         }
+    }
+
+    /// Purges `group`'s log up to `log_id` now, then lets the appends its
+    /// bridge held (if this purge lands it) go to the fsync thread.
+    pub(super) fn purge_now(&self, group: &Group, log_id: LogId) -> Result<(), StorageError> {
+        purge_now(&self.db, group.gid, log_id)?;
+        group.release(log_id.index).into_iter().for_each(|queued| self.send_sync(queued));
+        Ok(())
     }
 
     /// Hands a purge that waits for `guard` to the purge thread.
@@ -244,24 +261,75 @@ impl Shared {
     }
 }
 
-/// Removes `gid`'s entries up to `log_id` and records it as the last purged.
+/// Removes `gid`'s entries up to `log_id` and records it as the last purged
+/// (and, in the same write, clears a bridge it lands: see [`RAFT_BRIDGE`]).
 /// Never moves the last purged id back: a purge runs either at once (in
 /// openraft's core loop) or later on the purger thread, and a deferred
 /// purge that finishes after a newer immediate one must not record the
 /// older id over it (the log would then claim entries it deleted).
-pub(super) fn purge_now(db: &DB, gid: GroupId, log_id: LogId) -> Result<(), StorageError> {
+fn purge_now(db: &DB, gid: GroupId, log_id: LogId) -> Result<(), StorageError> {
     /// Orders the read-compare-write below between the two callers.
     static PURGING: Mutex<()> = Mutex::new(());
     let _purging = PURGING.lock().expect("purge lock");
-    let recorded = db.get_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_LAST_PURGED)).map_err(read_err)?;
+    let meta = cf(db, CF_RAFT_META);
+    let recorded = db.get_cf(meta, raft_meta(gid, RAFT_LAST_PURGED)).map_err(read_err)?;
     let recorded: Option<LogId> = recorded.map(|b| decode(&b)).transpose().map_err(read_err)?;
     if recorded.is_some_and(|r| r.index >= log_id.index) {
         return Ok(());
     }
     let mut batch = WriteBatch::default();
-    batch.put_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_LAST_PURGED), encode(&log_id));
+    batch.put_cf(meta, raft_meta(gid, RAFT_LAST_PURGED), encode(&log_id));
     batch.delete_range_cf(cf(db, CF_LOGS), &log_key(gid, 0)[..], &log_key_after(gid, log_id.index)[..]);
+    let bridge = read_bridge(db, gid).map_err(|e| read_err(std::io::Error::other(format!("{e:#}"))))?;
+    if bridge.is_some_and(|b| b <= log_id.index) {
+        batch.delete_cf(meta, raft_meta(gid, RAFT_BRIDGE));
+    }
     db.write(batch).map_err(super::codec::write_err)
+}
+
+/// Records (synced) that `gid`'s log is purged up to `index`, past its last
+/// stored entry, before that purge is on disk: see [`RAFT_BRIDGE`].
+pub(super) fn write_bridge(db: &DB, gid: GroupId, index: u64) -> Result<(), StorageError> {
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    db.put_cf_opt(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_BRIDGE), encode(&index), &sync).map_err(write_err)
+}
+
+fn read_bridge(db: &DB, gid: GroupId) -> anyhow::Result<Option<u64>> {
+    let raw = db.get_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_BRIDGE))?;
+    Ok(raw.map(|b| decode(&b)).transpose()?)
+}
+
+/// At open: a bridge whose purge never reached the disk (a crash while a
+/// snapshot's install was not durable yet) leaves the old log, then a hole,
+/// then the entries appended after the snapshot. None of those was ever
+/// acknowledged (their flush callbacks wait for the purge), so they are
+/// dropped: the log ends where it ended before the snapshot, and the state
+/// it joins is the old one (or, if the install did finish, openraft purges
+/// up to the installed state at start).
+fn repair_bridge(db: &DB, gid: GroupId) -> anyhow::Result<()> {
+    let Some(bridge) = read_bridge(db, gid)? else { return Ok(()) };
+    let purged = db.get_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_LAST_PURGED))?;
+    let purged: Option<LogId> = purged.map(|b| decode(&b)).transpose()?;
+    let mut batch = WriteBatch::default();
+    batch.delete_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_BRIDGE));
+    if purged.is_none_or(|p| p.index < bridge) {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(log_key(gid, bridge.saturating_add(1)));
+        opts.set_iterate_upper_bound(log_group_end(gid));
+        let dropped = db.iterator_cf_opt(cf(db, CF_LOGS), opts, IteratorMode::Start).count();
+        tracing::warn!(
+            %gid,
+            snapshot_index = bridge,
+            dropped,
+            "a snapshot install did not finish before the node stopped: the unacknowledged entries \
+             appended after the snapshot are dropped, and the leader sends the snapshot again"
+        );
+        batch.delete_range_cf(cf(db, CF_LOGS), &log_key_after(gid, bridge)[..], &log_group_end(gid)[..]);
+    }
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    Ok(db.write_opt(batch, &sync)?)
 }
 
 /// A purge waiting for its group's state to be flushed.
@@ -297,7 +365,12 @@ const PURGE_REFLUSH: Duration = Duration::from_secs(10);
 /// with a log that starts past the state. The install records the
 /// snapshot's index as applied when it is on disk; the purge runs then.
 /// A group closed meanwhile drops its purge (the log just covers more).
-fn purge_loop(db: &DB, open: &Mutex<HashMap<GroupId, Weak<Group>>>, rx: mpsc::Receiver<PurgeJob>) {
+fn purge_loop(
+    db: &DB,
+    open: &Mutex<HashMap<GroupId, Weak<Group>>>,
+    release_to: &mpsc::Sender<Queued>,
+    rx: mpsc::Receiver<PurgeJob>,
+) {
     let mut jobs: BTreeMap<GroupId, PurgeJob> = BTreeMap::new();
     loop {
         let first = if jobs.is_empty() {
@@ -348,11 +421,12 @@ fn purge_loop(db: &DB, open: &Mutex<HashMap<GroupId, Weak<Group>>>, rx: mpsc::Re
                 continue;
             }
             let _open = open.lock().expect("open groups lock");
-            if job.group.upgrade().is_none() {
-                continue;
-            }
-            if let Err(e) = purge_now(db, gid, job.log_id) {
-                tracing::error!(error = %e, %gid, log_id = %job.log_id, "purging the raft log");
+            let Some(group) = job.group.upgrade() else { continue };
+            match purge_now(db, gid, job.log_id) {
+                // The engine is closing when the send fails: the held
+                // appends then stay unacknowledged, as after a crash.
+                Ok(()) => group.release(job.log_id.index).into_iter().for_each(|q| drop(release_to.send(q))),
+                Err(e) => tracing::error!(error = %e, %gid, log_id = %job.log_id, "purging the raft log"),
             }
         }
         jobs = waiting;

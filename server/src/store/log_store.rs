@@ -24,7 +24,7 @@ use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use super::codec::{decode, encode, read_err, write_err};
 use super::keys::*;
 use super::log_bytes::LogBytes;
-use super::log_engine::{purge_now, PurgeGuard, Shared};
+use super::log_engine::{write_bridge, PurgeGuard, Queued, Shared};
 use super::recent::{Budget, RecentBudget, RecentEntries};
 use super::sm_db::cf;
 use crate::limits::MAX_APPEND_ENTRIES_BYTES;
@@ -49,7 +49,26 @@ pub(super) struct Group {
     /// counts it purged at once, so the log answers as if it were (after
     /// a crash it is simply forgotten, and the log covers more: safe).
     pending_purge: Mutex<Option<LogId>>,
+    bridge: Mutex<Bridge>,
     bytes: Arc<LogBytes>,
+}
+
+/// A deferred purge that skips past the log's last stored entry: openraft
+/// accepted a snapshot whose install is not durable yet. Entries appended
+/// after it are written, but their flush callbacks wait here until the
+/// purge is on disk: acknowledged before, a crash would leave a log with a
+/// hole after the old entries, on a state that lacks the snapshot (see
+/// [`RAFT_BRIDGE`] for the repair at open). openraft 0.9.25 does not append
+/// before the install is done (its core runs later commands only after the
+/// install's response, which waits for the install; the cluster test
+/// `snapshot_catch_up` checks a leader change then commits nothing), so the
+/// bridge is a guard: the log stays safe without relying on that order.
+#[derive(Default)]
+struct Bridge {
+    /// The purge's index, while it is not on disk.
+    upto: Option<u64>,
+    /// Appends written past it, in order.
+    held: Vec<Queued>,
 }
 
 impl Group {
@@ -59,6 +78,7 @@ impl Group {
             guard,
             recent: Mutex::new(RecentEntries::new(budget.clone())),
             pending_purge: Mutex::default(),
+            bridge: Mutex::default(),
             bytes: Arc::default(),
         }
     }
@@ -69,6 +89,43 @@ impl Group {
 
     fn pending_purged(&self) -> Option<LogId> {
         *self.pending_purge.lock().expect("pending purge lock")
+    }
+
+    fn bridge(&self) -> std::sync::MutexGuard<'_, Bridge> {
+        self.bridge.lock().expect("bridge lock")
+    }
+
+    /// Keeps an append's callback while a bridge is open; else gives it back.
+    pub(super) fn hold(&self, queued: Queued) -> Option<Queued> {
+        let mut bridge = self.bridge();
+        match bridge.upto {
+            Some(upto) => {
+                if bridge.held.is_empty() {
+                    tracing::info!(
+                        group = %self.gid,
+                        snapshot_index = upto,
+                        "entries appended after a snapshot whose install is not durable yet wait for it \
+                         before they are acknowledged"
+                    );
+                }
+                bridge.held.push(queued);
+                None
+            }
+            None => Some(queued),
+        }
+    }
+
+    /// A purge up to `purged` is on disk: the appends a bridge it lands
+    /// held, in order (to be synced and acknowledged).
+    pub(super) fn release(&self, purged: u64) -> Vec<Queued> {
+        let mut bridge = self.bridge();
+        match bridge.upto {
+            Some(upto) if upto <= purged => {
+                bridge.upto = None;
+                std::mem::take(&mut bridge.held)
+            }
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -179,7 +236,7 @@ impl LogStore {
         };
         let durable = guard.durable_index().map_err(|e| read_err(std::io::Error::other(format!("{e:#}"))))?;
         match durable >= pending.index {
-            true => purge_now(&self.engine.db, self.group.gid, pending),
+            true => self.engine.purge_now(&self.group, pending),
             false => Ok(()),
         }
     }
@@ -264,7 +321,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             recent.push(entry, bytes);
         }
         drop(recent);
-        self.engine.queue_sync(callback, written);
+        self.engine.queue_sync(&self.group, callback, written);
         Ok(())
     }
 
@@ -285,7 +342,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// its core loop, and a flush of hundreds of MB would stop heartbeats.
     /// Until the deferred purge runs, the entries stay on disk and
     /// `last_purged` keeps its old value, so a crash in between leaves a
-    /// log that still covers everything the flushed state lacks.
+    /// log that still covers everything the flushed state lacks. A deferred
+    /// purge past the last stored entry (a snapshot accepted) also opens a
+    /// [`Bridge`]: appends wait for it to be on disk before they are
+    /// acknowledged.
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.group.recent().purge(log_id.index);
         self.group.bytes.purged(log_id.index);
@@ -298,8 +358,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             {
                 guard.clone()
             }
-            _ => return purge_now(&self.engine.db, self.group.gid, log_id),
+            _ => return self.engine.purge_now(&self.group, log_id),
         };
+        if self.last_entry_id()?.is_none_or(|last| last.index < log_id.index) {
+            write_bridge(&self.engine.db, self.group.gid, log_id.index)?;
+            let mut bridge = self.group.bridge();
+            bridge.upto = bridge.upto.max(Some(log_id.index));
+        }
         *self.group.pending_purge.lock().expect("pending purge lock") = Some(log_id);
         self.engine.defer_purge(&self.group, deferred, log_id)
     }

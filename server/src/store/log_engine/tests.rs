@@ -366,3 +366,124 @@ fn a_hole_at_the_start_of_a_read_is_an_error() {
     assert!(e.contains("log entry 4 is missing"), "{e}");
     assert_eq!(rt.block_on(log.try_get_log_entries(6..8)).unwrap().len(), 2);
 }
+
+/// Appends `indexes` to `log` on a thread of its own, as openraft's core
+/// would; the flag is set once they are acknowledged (flushed). The thread
+/// gives up after `patience` (its clone of the log dropped then).
+fn append_in_background(
+    log: &LogStore,
+    indexes: std::ops::RangeInclusive<u64>,
+    patience: Duration,
+) -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+    let acked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (mut log, flag) = (log.clone(), acked.clone());
+    let thread = std::thread::spawn(move || {
+        let append = log.blocking_append(indexes.map(|i| entry(i, 1)));
+        if let Ok(Ok(_)) = runtime().block_on(async { tokio::time::timeout(patience, append).await }) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    });
+    (acked, thread)
+}
+
+fn bridge_on_disk(engine: &LogEngine, gid: GroupId) -> Option<u64> {
+    read_bridge(&engine.shared.db, gid).unwrap()
+}
+
+/// Waits until `log` holds exactly `indexes` (as openraft reads it).
+fn wait_for_entries(log: &LogStore, indexes: &[u64]) {
+    let start = Instant::now();
+    while contents(log).0 != indexes {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "entries {indexes:?} never written: {:?}",
+            contents(log)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A snapshot accepted past the log's end (entries 1-5 stored, snapshot at
+/// 10): openraft asks for the purge to 10 at once and may append 11 and 12
+/// from a new leader before the install is durable. They are written but
+/// not acknowledged until the purge is on disk (with the bridge key gone in
+/// the same write), whichever way it lands.
+#[test]
+fn appends_past_an_accepted_snapshot_wait_for_its_purge_to_be_on_disk() {
+    let rt = runtime();
+    for finish in ["by the state machine", "by the purge thread"] {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = LogEngine::open(dir.path()).unwrap();
+        let gid = GroupId(5);
+        let guard = Arc::new(Installing::default());
+        let mut log = engine.group(gid, Some(guard.clone())).unwrap();
+        rt.block_on(log.blocking_append((1..=5).map(|i| entry(i, 1)))).unwrap();
+        // A purge inside the log opens no bridge.
+        rt.block_on(log.purge(log_id(3))).unwrap();
+        assert_eq!(bridge_on_disk(&engine, gid), None, "{finish}");
+        rt.block_on(log.purge(log_id(10))).unwrap();
+        assert_eq!(bridge_on_disk(&engine, gid), Some(10), "{finish}: the bridge is on disk");
+
+        let (acked, thread) = append_in_background(&log, 11..=12, Duration::from_secs(60));
+        wait_for_entries(&log, &[11, 12]);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!acked.load(Ordering::SeqCst), "{finish}: acknowledged before the snapshot is durable");
+        // Appends meanwhile are held too, in order.
+        let (acked_13, thread_13) = append_in_background(&log, 13..=13, Duration::from_secs(60));
+        wait_for_entries(&log, &[11, 12, 13]);
+        assert!(!acked_13.load(Ordering::SeqCst), "{finish}");
+
+        guard.durable.store(10, Ordering::SeqCst);
+        if finish == "by the state machine" {
+            log.purge_covered().unwrap();
+        }
+        thread.join().unwrap();
+        thread_13.join().unwrap();
+        assert!(
+            acked.load(Ordering::SeqCst) && acked_13.load(Ordering::SeqCst),
+            "{finish}: acknowledged after"
+        );
+        assert_eq!(contents(&log).2, Some(log_id(10)), "{finish}: purged on disk");
+        assert_eq!(bridge_on_disk(&engine, gid), None, "{finish}: the bridge is gone with the purge");
+        // And appends go straight to the fsync thread again.
+        rt.block_on(log.blocking_append([entry(14, 1)])).unwrap();
+        drop(log);
+        drop(engine);
+        let engine = LogEngine::open(dir.path()).unwrap();
+        let log = engine.group(gid, None).unwrap();
+        assert_eq!(contents(&log).0, vec![11, 12, 13, 14], "{finish}: nothing dropped at reopen");
+    }
+}
+
+/// A crash while the bridge is open (the install not durable, the purge not
+/// on disk) leaves entries 1-5, a hole, then 11 and 12, none of which was
+/// acknowledged. At open the log drops what lies past the bridge and ends at
+/// 5 again, joining the old state; a log without a bridge is left alone.
+#[test]
+fn a_crash_inside_a_bridge_drops_the_unacknowledged_entries_past_it_at_open() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let (gid, other) = (GroupId(6), GroupId(7));
+    {
+        let engine = LogEngine::open(dir.path()).unwrap();
+        let mut log = engine.group(gid, Some(Arc::new(Installing::default()))).unwrap();
+        let mut neighbour = engine.group(other, None).unwrap();
+        rt.block_on(log.blocking_append((1..=5).map(|i| entry(i, 1)))).unwrap();
+        rt.block_on(neighbour.blocking_append((1..=3).map(|i| entry(i, 1)))).unwrap();
+        rt.block_on(log.purge(log_id(10))).unwrap();
+        let (acked, thread) = append_in_background(&log, 11..=12, Duration::from_millis(500));
+        wait_for_entries(&log, &[11, 12]);
+        // Another group's append syncs the WAL: 11 and 12 are on disk.
+        rt.block_on(neighbour.blocking_append([entry(4, 1)])).unwrap();
+        thread.join().unwrap();
+        assert!(!acked.load(Ordering::SeqCst), "never acknowledged");
+    }
+    let engine = LogEngine::open(dir.path()).unwrap();
+    assert_eq!(bridge_on_disk(&engine, gid), Some(10), "the crash left the bridge");
+    let mut log = engine.group(gid, None).unwrap();
+    assert_eq!(contents(&log), (vec![1, 2, 3, 4, 5], None, None), "the tail past the bridge is gone");
+    assert_eq!(bridge_on_disk(&engine, gid), None);
+    let state = rt.block_on(log.get_log_state()).unwrap();
+    assert_eq!(state.last_log_id, Some(log_id(5)));
+    assert_eq!(contents(&engine.group(other, None).unwrap()).0, vec![1, 2, 3, 4], "the neighbour untouched");
+}

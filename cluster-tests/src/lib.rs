@@ -27,13 +27,29 @@ use portrait_client::PortraitClient;
 use proxy::{Mode, Proxy};
 use tempfile::TempDir;
 
+/// The `release` directory the running test or example was built into:
+/// found from the executable's own path (`<target>/release/deps/` or
+/// `.../examples/`), so a test binary built from another checkout with the
+/// same target dir still finds its neighbours; else `$CARGO_TARGET_DIR` or
+/// the workspace's `target/`.
+fn release_dir() -> PathBuf {
+    let exe = std::env::current_exe().ok();
+    let dir = exe.as_deref().and_then(Path::parent);
+    if let Some(dir) = dir.filter(|d| d.file_name().is_some_and(|n| n == "deps" || n == "examples")) {
+        if let Some(release) = dir.parent() {
+            return release.to_path_buf();
+        }
+    }
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("release")
+}
+
 /// The `portrait` CLI built next to the tests (`cargo build --release -p
 /// portrait-client`).
 pub fn portrait_cli() -> PathBuf {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("release/portrait");
+    let path = release_dir().join("portrait");
     assert!(path.exists(), "{} is missing: run `cargo build --release -p portrait-client`", path.display());
     path
 }
@@ -44,10 +60,7 @@ pub fn portraitd() -> PathBuf {
     if let Ok(p) = std::env::var("PORTRAITD") {
         return p.into();
     }
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("release/examples/portraitd-faults");
+    let path = release_dir().join("examples/portraitd-faults");
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --release -p portrait-cluster-tests --examples` \

@@ -268,8 +268,6 @@ impl Shared {
 /// purge that finishes after a newer immediate one must not record the
 /// older id over it (the log would then claim entries it deleted).
 fn purge_now(db: &DB, gid: GroupId, log_id: LogId) -> Result<(), StorageError> {
-    /// Orders the read-compare-write below between the two callers.
-    static PURGING: Mutex<()> = Mutex::new(());
     let _purging = PURGING.lock().expect("purge lock");
     let meta = cf(db, CF_RAFT_META);
     let recorded = db.get_cf(meta, raft_meta(gid, RAFT_LAST_PURGED)).map_err(read_err)?;
@@ -287,9 +285,14 @@ fn purge_now(db: &DB, gid: GroupId, log_id: LogId) -> Result<(), StorageError> {
     db.write(batch).map_err(super::codec::write_err)
 }
 
+/// Orders the read-compare-writes of purge marks and bridges: a purge's
+/// batch deletes the bridge it read, never a newer one written meanwhile.
+static PURGING: Mutex<()> = Mutex::new(());
+
 /// Records (synced) that `gid`'s log is purged up to `index`, past its last
 /// stored entry, before that purge is on disk: see [`RAFT_BRIDGE`].
 pub(super) fn write_bridge(db: &DB, gid: GroupId, index: u64) -> Result<(), StorageError> {
+    let _purging = PURGING.lock().expect("purge lock");
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
     db.put_cf_opt(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_BRIDGE), encode(&index), &sync).map_err(write_err)
@@ -426,7 +429,12 @@ fn purge_loop(
                 // The engine is closing when the send fails: the held
                 // appends then stay unacknowledged, as after a crash.
                 Ok(()) => group.release(job.log_id.index).into_iter().for_each(|q| drop(release_to.send(q))),
-                Err(e) => tracing::error!(error = %e, %gid, log_id = %job.log_id, "purging the raft log"),
+                // Tried again: a bridge's held appends (and openraft's core,
+                // which waits for each append) wait for this purge.
+                Err(e) => {
+                    tracing::error!(error = %e, %gid, log_id = %job.log_id, "purging the raft log; tried again");
+                    waiting.insert(gid, job);
+                }
             }
         }
         jobs = waiting;

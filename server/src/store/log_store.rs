@@ -58,11 +58,16 @@ pub(super) struct Group {
 /// after it are written, but their flush callbacks wait here until the
 /// purge is on disk: acknowledged before, a crash would leave a log with a
 /// hole after the old entries, on a state that lacks the snapshot (see
-/// [`RAFT_BRIDGE`] for the repair at open). openraft 0.9.25 does not append
-/// before the install is done (its core runs later commands only after the
-/// install's response, which waits for the install; the cluster test
-/// `snapshot_catch_up` checks a leader change then commits nothing), so the
-/// bridge is a guard: the log stays safe without relying on that order.
+/// [`RAFT_BRIDGE`] for the repair at open). The purge lands as soon as the
+/// install is on disk (`purge_covered`, else the purge thread, which retries
+/// a failed purge).
+///
+/// openraft 0.9.25 never appends in that window: its core runs the
+/// commands after an install only once the install's response is sent,
+/// which waits for the install (so it also waits for each append's
+/// callback, and a held one would stop the group until the purge lands).
+/// The bridge is a guard that keeps the log safe without relying on that
+/// order.
 #[derive(Default)]
 struct Bridge {
     /// The purge's index, while it is not on disk.

@@ -281,10 +281,17 @@ fn recent_entries_of_many_groups_stay_within_the_node_budget() {
 struct Installing {
     durable: AtomicU64,
     persisted: AtomicU64,
+    /// Whether the purge thread always sees nothing durable (so only the
+    /// path under test can land a purge).
+    hidden_from_purger: std::sync::atomic::AtomicBool,
 }
 
 impl PurgeGuard for Installing {
     fn durable_index(&self) -> anyhow::Result<u64> {
+        let purger = std::thread::current().name() == Some("raft-log-purge");
+        if purger && self.hidden_from_purger.load(Ordering::SeqCst) {
+            return Ok(0);
+        }
         Ok(self.durable.load(Ordering::SeqCst))
     }
 
@@ -404,18 +411,20 @@ fn wait_for_entries(log: &LogStore, indexes: &[u64]) {
 }
 
 /// A snapshot accepted past the log's end (entries 1-5 stored, snapshot at
-/// 10): openraft asks for the purge to 10 at once and may append 11 and 12
-/// from a new leader before the install is durable. They are written but
-/// not acknowledged until the purge is on disk (with the bridge key gone in
-/// the same write), whichever way it lands.
+/// 10): openraft asks for the purge to 10 at once, and entries 11 to 13
+/// appended before the install is durable are written but not acknowledged
+/// until a purge at or past 10 is on disk (with the bridge key gone in the
+/// same write), whichever path lands it: the state machine after its
+/// install, the purge thread's retry, or a newer purge the state covers.
 #[test]
 fn appends_past_an_accepted_snapshot_wait_for_its_purge_to_be_on_disk() {
     let rt = runtime();
-    for finish in ["by the state machine", "by the purge thread"] {
+    for finish in ["by the state machine", "by the purge thread", "by a newer purge"] {
         let dir = tempfile::tempdir().unwrap();
         let engine = LogEngine::open(dir.path()).unwrap();
         let gid = GroupId(5);
         let guard = Arc::new(Installing::default());
+        guard.hidden_from_purger.store(finish != "by the purge thread", Ordering::SeqCst);
         let mut log = engine.group(gid, Some(guard.clone())).unwrap();
         rt.block_on(log.blocking_append((1..=5).map(|i| entry(i, 1)))).unwrap();
         // A purge inside the log opens no bridge.
@@ -433,17 +442,29 @@ fn appends_past_an_accepted_snapshot_wait_for_its_purge_to_be_on_disk() {
         wait_for_entries(&log, &[11, 12, 13]);
         assert!(!acked_13.load(Ordering::SeqCst), "{finish}");
 
-        guard.durable.store(10, Ordering::SeqCst);
-        if finish == "by the state machine" {
-            log.purge_covered().unwrap();
-        }
+        let purged = match finish {
+            "by the state machine" => {
+                guard.durable.store(10, Ordering::SeqCst);
+                log.purge_covered().unwrap();
+                10
+            }
+            "by the purge thread" => {
+                guard.durable.store(10, Ordering::SeqCst);
+                10
+            }
+            _ => {
+                guard.durable.store(12, Ordering::SeqCst);
+                rt.block_on(log.purge(log_id(12))).unwrap();
+                12
+            }
+        };
         thread.join().unwrap();
         thread_13.join().unwrap();
         assert!(
             acked.load(Ordering::SeqCst) && acked_13.load(Ordering::SeqCst),
             "{finish}: acknowledged after"
         );
-        assert_eq!(contents(&log).2, Some(log_id(10)), "{finish}: purged on disk");
+        assert_eq!(contents(&log).2, Some(log_id(purged)), "{finish}: purged on disk");
         assert_eq!(bridge_on_disk(&engine, gid), None, "{finish}: the bridge is gone with the purge");
         // And appends go straight to the fsync thread again.
         rt.block_on(log.blocking_append([entry(14, 1)])).unwrap();
@@ -451,7 +472,8 @@ fn appends_past_an_accepted_snapshot_wait_for_its_purge_to_be_on_disk() {
         drop(engine);
         let engine = LogEngine::open(dir.path()).unwrap();
         let log = engine.group(gid, None).unwrap();
-        assert_eq!(contents(&log).0, vec![11, 12, 13, 14], "{finish}: nothing dropped at reopen");
+        let kept: Vec<u64> = (purged + 1..=14).collect();
+        assert_eq!(contents(&log).0, kept, "{finish}: nothing dropped at reopen");
     }
 }
 

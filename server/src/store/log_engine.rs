@@ -239,9 +239,7 @@ impl Shared {
     /// Purges `group`'s log up to `log_id` now, then lets the appends its
     /// bridge held (if this purge lands it) go to the fsync thread.
     pub(super) fn purge_now(&self, group: &Group, log_id: LogId) -> Result<(), StorageError> {
-        purge_now(&self.db, group.gid, log_id)?;
-        group.release(log_id.index).into_iter().for_each(|queued| self.send_sync(queued));
-        Ok(())
+        purge_and_release(&self.db, group, log_id, |queued| self.send_sync(queued))
     }
 
     /// Hands a purge that waits for `guard` to the purge thread.
@@ -269,20 +267,32 @@ impl Shared {
 /// older id over it (the log would then claim entries it deleted).
 fn purge_now(db: &DB, gid: GroupId, log_id: LogId) -> Result<(), StorageError> {
     let _purging = PURGING.lock().expect("purge lock");
-    let meta = cf(db, CF_RAFT_META);
-    let recorded = db.get_cf(meta, raft_meta(gid, RAFT_LAST_PURGED)).map_err(read_err)?;
-    let recorded: Option<LogId> = recorded.map(|b| decode(&b)).transpose().map_err(read_err)?;
+    let recorded: Option<LogId> = read_meta(db, gid, RAFT_LAST_PURGED)?;
     if recorded.is_some_and(|r| r.index >= log_id.index) {
         return Ok(());
     }
+    let meta = cf(db, CF_RAFT_META);
     let mut batch = WriteBatch::default();
     batch.put_cf(meta, raft_meta(gid, RAFT_LAST_PURGED), encode(&log_id));
     batch.delete_range_cf(cf(db, CF_LOGS), &log_key(gid, 0)[..], &log_key_after(gid, log_id.index)[..]);
-    let bridge = read_bridge(db, gid).map_err(|e| read_err(std::io::Error::other(format!("{e:#}"))))?;
+    let bridge: Option<u64> = read_meta(db, gid, RAFT_BRIDGE)?;
     if bridge.is_some_and(|b| b <= log_id.index) {
         batch.delete_cf(meta, raft_meta(gid, RAFT_BRIDGE));
     }
     db.write(batch).map_err(super::codec::write_err)
+}
+
+/// [`purge_now`], then hands the appends the group's bridge held (if this
+/// purge lands it) to `release`, in order.
+fn purge_and_release(
+    db: &DB,
+    group: &Group,
+    log_id: LogId,
+    release: impl FnMut(Queued),
+) -> Result<(), StorageError> {
+    purge_now(db, group.gid, log_id)?;
+    group.release(log_id.index).into_iter().for_each(release);
+    Ok(())
 }
 
 /// Orders the read-compare-writes of purge marks and bridges: a purge's
@@ -298,9 +308,14 @@ pub(super) fn write_bridge(db: &DB, gid: GroupId, index: u64) -> Result<(), Stor
     db.put_cf_opt(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_BRIDGE), encode(&index), &sync).map_err(write_err)
 }
 
-fn read_bridge(db: &DB, gid: GroupId) -> anyhow::Result<Option<u64>> {
-    let raw = db.get_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_BRIDGE))?;
-    Ok(raw.map(|b| decode(&b)).transpose()?)
+/// `gid`'s `raft_meta` value of `kind`, decoded.
+pub(super) fn read_meta<T: serde::de::DeserializeOwned>(
+    db: &DB,
+    gid: GroupId,
+    kind: u8,
+) -> Result<Option<T>, StorageError> {
+    let raw = db.get_cf(cf(db, CF_RAFT_META), raft_meta(gid, kind)).map_err(read_err)?;
+    raw.map(|b| decode(&b).map_err(read_err)).transpose()
 }
 
 /// At open: a bridge whose purge never reached the disk (a crash while a
@@ -311,9 +326,8 @@ fn read_bridge(db: &DB, gid: GroupId) -> anyhow::Result<Option<u64>> {
 /// it joins is the old one (or, if the install did finish, openraft purges
 /// up to the installed state at start).
 fn repair_bridge(db: &DB, gid: GroupId) -> anyhow::Result<()> {
-    let Some(bridge) = read_bridge(db, gid)? else { return Ok(()) };
-    let purged = db.get_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_LAST_PURGED))?;
-    let purged: Option<LogId> = purged.map(|b| decode(&b)).transpose()?;
+    let Some(bridge): Option<u64> = read_meta(db, gid, RAFT_BRIDGE)? else { return Ok(()) };
+    let purged: Option<LogId> = read_meta(db, gid, RAFT_LAST_PURGED)?;
     let mut batch = WriteBatch::default();
     batch.delete_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_BRIDGE));
     if purged.is_none_or(|p| p.index < bridge) {
@@ -425,16 +439,13 @@ fn purge_loop(
             }
             let _open = open.lock().expect("open groups lock");
             let Some(group) = job.group.upgrade() else { continue };
-            match purge_now(db, gid, job.log_id) {
-                // The engine is closing when the send fails: the held
-                // appends then stay unacknowledged, as after a crash.
-                Ok(()) => group.release(job.log_id.index).into_iter().for_each(|q| drop(release_to.send(q))),
+            // The engine is closing when a send fails: the held appends
+            // then stay unacknowledged, as after a crash.
+            if let Err(e) = purge_and_release(db, &group, job.log_id, |q| drop(release_to.send(q))) {
                 // Tried again: a bridge's held appends (and openraft's core,
                 // which waits for each append) wait for this purge.
-                Err(e) => {
-                    tracing::error!(error = %e, %gid, log_id = %job.log_id, "purging the raft log; tried again");
-                    waiting.insert(gid, job);
-                }
+                tracing::error!(error = %e, %gid, log_id = %job.log_id, "purging the raft log; tried again");
+                waiting.insert(gid, job);
             }
         }
         jobs = waiting;

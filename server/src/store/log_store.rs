@@ -24,7 +24,7 @@ use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use super::codec::{decode, encode, read_err, write_err};
 use super::keys::*;
 use super::log_bytes::LogBytes;
-use super::log_engine::{write_bridge, PurgeGuard, Queued, Shared};
+use super::log_engine::{read_meta, write_bridge, PurgeGuard, Queued, Shared};
 use super::recent::{Budget, RecentBudget, RecentEntries};
 use super::sm_db::cf;
 use crate::limits::MAX_APPEND_ENTRIES_BYTES;
@@ -158,9 +158,7 @@ impl LogStore {
     }
 
     fn meta_get<T: serde::de::DeserializeOwned>(&self, kind: u8) -> Result<Option<T>, StorageError> {
-        let db = &self.engine.db;
-        let raw = db.get_cf(cf(db, CF_RAFT_META), self.meta_key(kind)).map_err(read_err)?;
-        raw.map(|b| decode(&b).map_err(read_err)).transpose()
+        read_meta(&self.engine.db, self.group.gid, kind)
     }
 
     /// Read options bounded to this group's entries from `index` on.

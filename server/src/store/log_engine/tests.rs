@@ -394,7 +394,7 @@ fn append_in_background(
 }
 
 fn bridge_on_disk(engine: &LogEngine, gid: GroupId) -> Option<u64> {
-    read_bridge(&engine.shared.db, gid).unwrap()
+    read_meta(&engine.shared.db, gid, RAFT_BRIDGE).unwrap()
 }
 
 /// Waits until `log` holds exactly `indexes` (as openraft reads it).

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use portrait_client::json::now_ms;
 use portrait_client::{shard_of, Consistency, Event, PortraitClient, Value};
-use portrait_cluster_tests::replicas::{wait_caught_up, wait_placed};
+use portrait_cluster_tests::replicas::{lifetime_orders, wait_caught_up, wait_placed};
 use portrait_cluster_tests::{Cluster, TEST_SHARDS};
 
 /// Four nodes, RF 3: nodes 1-3 hold every shard, node 4 none (it forwards
@@ -133,10 +133,9 @@ async fn a_replica_killed_in_the_middle_of_snapshot_installs_catches_up_after_a_
     }
     // Time for openraft's purge requests to reach the log's purge thread.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    // A new leader of each shard, which sends node 3 what follows the
-    // snapshot: its first entry, then this write's part. Without node 3's
-    // acknowledgements the write cannot commit (node 1 is down), so it is
-    // given a short time and retried below.
+    // With node 1 down, a shard needs node 3's vote and acknowledgements,
+    // which it gives only once its install is done: the write cannot
+    // commit, so it is given a short time and retried below.
     cluster.kill(1);
     let early = tokio::time::timeout(std::time::Duration::from_secs(3), client.write(request(400))).await;
     assert!(
@@ -160,6 +159,29 @@ async fn a_replica_killed_in_the_middle_of_snapshot_installs_catches_up_after_a_
     client.write(request(1000)).await.unwrap();
     wait_caught_up(&cluster, &hosts, TEST_SHARDS).await;
     assert_converged(&cluster, 3).await;
+    // Every request was acknowledged once in the end, the one that gave up
+    // included (retried with the same event ids): each applied exactly once.
+    let written: Vec<i64> = (0..120).chain([400, 500, 1000]).collect();
+    for id in hosts {
+        assert_orders_applied_once(&cluster, id, &written).await;
+    }
+}
+
+/// On node `id`, every user's `orders_lifetime` counts each order event of
+/// `requests` once.
+async fn assert_orders_applied_once(cluster: &Cluster, id: u64, requests: &[i64]) {
+    let replica = cluster.client(id).await.without_routing();
+    for u in 0..USERS {
+        let user = format!("u{u}");
+        let orders = requests
+            .iter()
+            .flat_map(|&r| r * PER_REQUEST..(r + 1) * PER_REQUEST)
+            .filter(|i| i % USERS == u && event(*i).r#type == "order")
+            .count() as u64;
+        let profile =
+            replica.get_profile(&user, &[], Consistency::Local).await.unwrap().profile.unwrap_or_default();
+        assert_eq!(lifetime_orders(&profile), orders, "{user}'s orders on node {id}");
+    }
 }
 
 /// Flips one byte in the middle of each shard's current snapshot archive

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
+use portrait_client::portrait_proto::v1::rule_value::Kind;
 use portrait_client::{shard_of, Consistency, Event, Value};
 use portrait_cluster_tests::{portrait_cli, workload, Cluster, TEST_SHARDS};
 
@@ -57,4 +58,58 @@ async fn the_client_writes_to_each_shards_leader_and_reads_back_from_it() {
     let order: Vec<&str> = batch.profiles.iter().map(|p| p.user_id.as_str()).collect();
     assert_eq!(order, users.iter().map(String::as_str).collect::<Vec<_>>(), "request order");
     assert!(batch.profiles.iter().all(|p| p.found));
+}
+
+/// Each node's view of shard 0's leader (0: none).
+async fn leaders_seen(cluster: &Cluster) -> Vec<u64> {
+    let mut seen = Vec::new();
+    for id in 1..=3 {
+        let status = cluster.client(id).await.without_routing().cluster_status().await.expect("status");
+        seen.push(status.shard_status.iter().find(|s| s.shard == 0).map_or(0, |s| s.leader_id));
+    }
+    seen
+}
+
+/// A node forwards a part to the leader it knows; that node no longer
+/// leads and redirects. Nothing was proposed, so the part goes on to the
+/// new leader: a write whose events have no event_id (which neither the
+/// client nor the node may resend once it may have been proposed)
+/// succeeds, and each event is applied once.
+#[tokio::test]
+async fn a_part_redirected_by_a_former_leader_goes_on_to_the_new_one() {
+    let cluster = Cluster::start_sharded_with_config(3, 1, "max_moves = 0\n").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let old = loop {
+        let seen = leaders_seen(&cluster).await;
+        if seen[0] != 0 && seen.iter().all(|&l| l == seen[0]) {
+            break seen[0];
+        }
+        assert!(std::time::Instant::now() < deadline, "no agreed leader: {seen:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let new = old % 3 + 1;
+    let stale = new % 3 + 1;
+    // `stale` hears nothing of the transfer: it keeps forwarding to `old`.
+    cluster.partition(&[stale], &[old, new]).await;
+    cluster.client(old).await.transfer_leader_of(new, Some(0)).await.expect("transfer");
+    let seen = leaders_seen(&cluster).await;
+    assert_eq!(seen[(stale - 1) as usize], old, "node {stale} still follows node {old}: {seen:?}");
+    assert_eq!(seen[(new - 1) as usize], new, "{seen:?}");
+
+    let users: Vec<String> = (0..5).map(|i| format!("redirected-{i}")).collect();
+    let events = users.iter().map(|u| workload::visit(u, "", "redirected")).collect();
+    let via = cluster.client(stale).await.without_routing();
+    let written = via.write(events).await.unwrap_or_else(|e| panic!("write via node {stale}: {e}"));
+    assert_eq!(written.applied, 5);
+
+    cluster.heal().await;
+    let client = cluster.client(new).await;
+    for user in &users {
+        let got = client.get_profile(user, &[], Consistency::Linearizable).await.expect("read");
+        let count = got.profile.and_then(|p| p.features.get("browse_7d").cloned()).and_then(|v| v.kind);
+        assert!(
+            matches!(count, Some(Kind::NumberValue(n)) if n == 1.0),
+            "{user}: one view applied: {count:?}"
+        );
+    }
 }

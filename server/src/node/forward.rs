@@ -24,6 +24,9 @@ pub(super) enum Forward {
     Read,
 }
 
+/// How [`Node::to_replicas_after`]'s error starts when it had no node to try.
+pub(super) const NO_OTHER_REPLICA: &str = "the map names no other replica";
+
 impl Node {
     /// Where `gid`'s leader may be: the one this node's replica follows, or
     /// else the one last heard of, then the map's replicas of the shard,
@@ -53,9 +56,26 @@ impl Node {
         F: Fn(NodeId, String) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let mut candidates: VecDeque<(NodeId, String)> = self.route(gid).into();
-        let mut tried = BTreeSet::new();
-        let mut last = Error::Unavailable(format!("the map names no replica of {gid}"));
+        self.to_replicas_after(gid, None, None, call).await
+    }
+
+    /// [`Node::to_replicas`], trying `first` before the others and never
+    /// node `tried` (it already failed). With no node left to try, the
+    /// error starts with [`NO_OTHER_REPLICA`].
+    pub(super) async fn to_replicas_after<T, F, Fut>(
+        &self,
+        gid: GroupId,
+        first: Option<(NodeId, String)>,
+        tried: Option<NodeId>,
+        call: F,
+    ) -> Result<T>
+    where
+        F: Fn(NodeId, String) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut candidates: VecDeque<(NodeId, String)> = first.into_iter().chain(self.route(gid)).collect();
+        let mut tried: BTreeSet<NodeId> = tried.into_iter().collect();
+        let mut last = Error::Unavailable(format!("{NO_OTHER_REPLICA} of {gid} to try"));
         while let Some((node, addr)) = candidates.pop_front() {
             if !tried.insert(node) {
                 continue;

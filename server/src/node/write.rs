@@ -7,7 +7,10 @@
 //! in one `Raft.ForwardWrites` call, each part answered on its own). A
 //! shard without a replica here is forwarded to
 //! the leader last heard of, else to the replicas the map names, following
-//! their redirects (`forward.rs`). Parts run concurrently; the call returns when
+//! their redirects (`forward.rs`). A forwarded part that fails before it
+//! was proposed (a redirect from a node that no longer leads, no such
+//! replica, no connection) goes on the same way; one whose outcome is
+//! unknown does not. Parts run concurrently; the call returns when
 //! every part is applied, or with the first failure in shard order, named
 //! after its shard. Atomic per shard, not across shards.
 
@@ -15,7 +18,7 @@ use std::collections::BTreeMap;
 
 use portrait_core::shard::shard_of;
 
-use super::forward::Forward;
+use super::forward::{Forward, NO_OTHER_REPLICA};
 use super::Node;
 use crate::error::{Error, Result, OUTCOME_UNKNOWN};
 use crate::model::{Event, WriteCounts};
@@ -100,8 +103,43 @@ impl Node {
             return self.forward_unhosted(gid, events).await;
         };
         match leader_elsewhere(&replica, self.id) {
-            Some((leader, addr)) => self.forward(gid, leader, addr, events).await,
+            Some((leader, addr)) => match self.forward(gid, leader, addr, &events).await {
+                Err(e) => self.send_on(gid, e, leader, &events).await,
+                done => done,
+            },
             None => self.propose_write(&replica, events).await,
+        }
+    }
+
+    /// A part forwarded to node `tried` that failed before anything was
+    /// proposed (a redirect, the replica gone, no connection, a leadership
+    /// transfer's gate) goes on to the shard's other replicas, a
+    /// redirect's leader first, each at most once. One whose outcome is
+    /// unknown, or that was refused for what it holds, fails as it is: sent
+    /// again, it could be applied twice, or fail the same way.
+    async fn send_on(
+        &self,
+        gid: GroupId,
+        failed: Error,
+        tried: NodeId,
+        events: &[Event],
+    ) -> Result<(WriteCounts, u64)> {
+        if failed.outcome_unknown()
+            || !matches!(failed, Error::NotLeader { .. } | Error::NotFound(_) | Error::Unavailable(_))
+        {
+            return Err(failed);
+        }
+        let hint = match &failed {
+            Error::NotLeader { leader_id: Some(l), leader_addr: Some(a), .. } => Some((*l, a.clone())),
+            _ => None,
+        };
+        match self
+            .to_replicas_after(gid, hint, Some(tried), |node, addr| self.forward(gid, node, addr, events))
+            .await
+        {
+            // Nowhere else to go: the first failure says most.
+            Err(Error::Unavailable(m)) if m.starts_with(NO_OTHER_REPLICA) => Err(failed),
+            answer => answer,
         }
     }
 
@@ -109,7 +147,7 @@ impl Node {
     /// heard of, then the map's replicas of the shard, following a
     /// redirect; each node is tried once.
     async fn forward_unhosted(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
-        self.to_replicas(gid, |node, addr| self.forward(gid, node, addr, events.clone())).await
+        self.to_replicas(gid, |node, addr| self.forward(gid, node, addr, &events)).await
     }
 
     /// Proposes a validated part through the write batcher.
@@ -137,7 +175,7 @@ impl Node {
         gid: GroupId,
         leader: NodeId,
         addr: String,
-        events: Vec<Event>,
+        events: &[Event],
     ) -> Result<(WriteCounts, u64)> {
         let reply =
             self.call_peer(Forward::Write, gid, leader, &addr, encode(&events)).await.map_err(moved_on)?;
@@ -153,28 +191,39 @@ impl Node {
         addr: String,
         parts: Vec<Part>,
     ) -> Vec<(u32, Result<(WriteCounts, u64)>)> {
-        if parts.len() == 1 {
-            let (shard, part) = parts.into_iter().next().expect("one part");
-            return vec![(shard, self.forward(GroupId(shard), leader, addr, part).await)];
-        }
         let shards: Vec<u32> = parts.iter().map(|(s, _)| *s).collect();
-        let reply = self.call_peer(Forward::Writes, GroupId(shards[0]), leader, &addr, encode(&parts)).await;
-        let results: Result<Vec<Result<(WriteCounts, u64)>>> = reply
-            .map_err(moved_on)
-            .and_then(|r| decode::<Vec<Result<(WriteCounts, u64)>>>(&r).map_err(Error::internal))
-            .map(|r| r.into_iter().map(|p| p.map_err(moved_on)).collect());
-        match results {
-            Ok(results) if results.len() == shards.len() => shards.into_iter().zip(results).collect(),
-            Ok(results) => {
-                let e = Error::Internal(format!(
-                    "node {leader} answered {} of {} parts",
-                    results.len(),
-                    shards.len()
-                ));
-                shards.into_iter().map(|s| (s, Err(e.clone()))).collect()
+        let results: Vec<Result<(WriteCounts, u64)>> = match &parts[..] {
+            [(shard, part)] => vec![self.forward(GroupId(*shard), leader, addr, part).await],
+            _ => {
+                let reply =
+                    self.call_peer(Forward::Writes, GroupId(shards[0]), leader, &addr, encode(&parts)).await;
+                let results: Result<Vec<Result<(WriteCounts, u64)>>> = reply
+                    .map_err(moved_on)
+                    .and_then(|r| decode::<Vec<Result<(WriteCounts, u64)>>>(&r).map_err(Error::internal))
+                    .map(|r| r.into_iter().map(|p| p.map_err(moved_on)).collect());
+                match results {
+                    Ok(results) if results.len() == shards.len() => results,
+                    Ok(results) => {
+                        let e = Error::Internal(format!(
+                            "node {leader} answered {} of {} parts",
+                            results.len(),
+                            shards.len()
+                        ));
+                        shards.iter().map(|_| Err(e.clone())).collect()
+                    }
+                    Err(e) => shards.iter().map(|_| Err(e.clone())).collect(),
+                }
             }
-            Err(e) => shards.into_iter().map(|s| (s, Err(e.clone()))).collect(),
-        }
+        };
+        // Parts refused before they were proposed go on to other replicas.
+        let answers = parts.iter().zip(results).map(|((shard, part), result)| async move {
+            let gid = GroupId(*shard);
+            match result {
+                Err(e) => (*shard, self.send_on(gid, e, leader, part).await),
+                done => (*shard, done),
+            }
+        });
+        futures::future::join_all(answers).await
     }
 
     /// Parts forwarded together by another node (`Raft.ForwardWrites`):

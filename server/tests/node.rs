@@ -642,6 +642,24 @@ async fn write_stream_stops_at_the_first_rejected_batch() {
 }
 
 #[tokio::test]
+async fn write_stream_says_earlier_batches_were_applied_when_a_batch_is_too_large() {
+    let node = TestNode::start().await;
+    let client = node.client().await;
+    let huge = "x".repeat(17 * 1024 * 1024);
+    let batches = vec![
+        WriteRequest { events: vec![event("first", "browse", DAY_MS, "e", &[])] },
+        WriteRequest {
+            events: vec![event("second", "browse", DAY_MS, "e", &[("page", Value::string(huge.as_str()))])],
+        },
+    ];
+    let result = client.write_stream(futures::stream::iter(batches)).await;
+    let message = rejected(result, Code::OutOfRange);
+    assert!(message.starts_with("batch 1 (earlier batches were applied): "), "{message}");
+    assert!(profile(&client, "first").await.found);
+    assert_no_profile(&client, "second").await;
+}
+
+#[tokio::test]
 async fn batch_get_profiles_answers_in_request_order() {
     let node = TestNode::start().await;
     let client = node.client().await;

@@ -198,7 +198,11 @@ impl Proposals {
                 break; // every request left was abandoned
             }
             let Some(replica) = registry.get(gid) else {
-                let e = Error::NotFound(format!("this node hosts no replica of {gid}"));
+                // It moved away since the write looked (nothing was
+                // proposed): retryable, unlike NOT_FOUND.
+                let e = Error::Unavailable(format!(
+                    "this node no longer hosts a replica of {gid} (it moved away; retry)"
+                ));
                 batch.into_iter().for_each(|p| drop(p.reply.send(Err(e.clone()))));
                 continue;
             };

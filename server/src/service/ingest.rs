@@ -55,7 +55,21 @@ impl Ingest for IngestService {
     ) -> Result<Response<WriteResponse>, Status> {
         let mut stream = request.into_inner();
         let mut total = WriteResponse::default();
-        while let Some(batch) = stream.message().await? {
+        loop {
+            // A batch that cannot be read (too large, malformed) ends the
+            // stream; the ones before it were applied, as the message says.
+            let batch = match stream.message().await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(status) => {
+                    let message = format!(
+                        "batch {} (earlier batches were applied): {}",
+                        total.batches,
+                        status.message()
+                    );
+                    return Err(Status::with_metadata(status.code(), message, status.metadata().clone()));
+                }
+            };
             let resp = self.write_one(batch).await.map_err(|e| {
                 let status = Status::from(e);
                 let message =

@@ -117,7 +117,11 @@ impl Node {
         let _held = if write { Some(self.batcher.hold(data.len())?) } else { None };
         let mut client = self.channels.get(addr).map_err(|e| unreachable(&e))?;
         let mut request = tonic::Request::new(RaftPayload { data, group: gid.0, ..Default::default() });
-        request.set_timeout(self.write_timeout + std::time::Duration::from_secs(1));
+        // The receiver may hold a write at a leadership transfer's gate,
+        // then for its proposal, each up to the write timeout: a shorter
+        // deadline would call outcomes unknown that are not.
+        let waits = if write { 2 } else { 1 };
+        request.set_timeout(self.write_timeout * waits + std::time::Duration::from_secs(1));
         let reply = match kind {
             Forward::Write => client.forward_write(request).await,
             Forward::Writes => client.forward_writes(request).await,

@@ -24,9 +24,6 @@ pub(super) enum Forward {
     Read,
 }
 
-/// How [`Node::to_replicas_after`]'s error starts when it had no node to try.
-pub(super) const NO_OTHER_REPLICA: &str = "the map names no other replica";
-
 impl Node {
     /// Where `gid`'s leader may be: the one this node's replica follows, or
     /// else the one last heard of, then the map's replicas of the shard,
@@ -56,17 +53,19 @@ impl Node {
         F: Fn(NodeId, String) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        self.to_replicas_after(gid, None, None, call).await
+        let none = Error::Unavailable(format!("the map names no replica of {gid}"));
+        self.to_replicas_after(gid, None, None, none, call).await
     }
 
     /// [`Node::to_replicas`], trying `first` before the others and never
-    /// node `tried` (it already failed). With no node left to try, the
-    /// error starts with [`NO_OTHER_REPLICA`].
+    /// node `tried` (it already failed); `none` is the error when no node
+    /// is left to try.
     pub(super) async fn to_replicas_after<T, F, Fut>(
         &self,
         gid: GroupId,
         first: Option<(NodeId, String)>,
         tried: Option<NodeId>,
+        none: Error,
         call: F,
     ) -> Result<T>
     where
@@ -75,7 +74,7 @@ impl Node {
     {
         let mut candidates: VecDeque<(NodeId, String)> = first.into_iter().chain(self.route(gid)).collect();
         let mut tried: BTreeSet<NodeId> = tried.into_iter().collect();
-        let mut last = Error::Unavailable(format!("{NO_OTHER_REPLICA} of {gid} to try"));
+        let mut last = none;
         while let Some((node, addr)) = candidates.pop_front() {
             if !tried.insert(node) {
                 continue;

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use portrait_core::shard::shard_of;
 
-use super::forward::{Forward, NO_OTHER_REPLICA};
+use super::forward::Forward;
 use super::Node;
 use crate::error::{Error, Result, OUTCOME_UNKNOWN};
 use crate::model::{Event, WriteCounts};
@@ -133,14 +133,11 @@ impl Node {
             Error::NotLeader { leader_id: Some(l), leader_addr: Some(a), .. } => Some((*l, a.clone())),
             _ => None,
         };
-        match self
-            .to_replicas_after(gid, hint, Some(tried), |node, addr| self.forward(gid, node, addr, events))
-            .await
-        {
-            // Nowhere else to go: the first failure says most.
-            Err(Error::Unavailable(m)) if m.starts_with(NO_OTHER_REPLICA) => Err(failed),
-            answer => answer,
-        }
+        // With no other node to try, the first failure says most.
+        self.to_replicas_after(gid, hint, Some(tried), failed, |node, addr| {
+            self.forward(gid, node, addr, events)
+        })
+        .await
     }
 
     /// A part of a shard this node hosts no replica of: to the leader last

@@ -61,21 +61,9 @@ impl Ingest for IngestService {
             let batch = match stream.message().await {
                 Ok(Some(batch)) => batch,
                 Ok(None) => break,
-                Err(status) => {
-                    let message = format!(
-                        "batch {} (earlier batches were applied): {}",
-                        total.batches,
-                        status.message()
-                    );
-                    return Err(Status::with_metadata(status.code(), message, status.metadata().clone()));
-                }
+                Err(status) => return Err(in_batch(total.batches, status)),
             };
-            let resp = self.write_one(batch).await.map_err(|e| {
-                let status = Status::from(e);
-                let message =
-                    format!("batch {} (earlier batches were applied): {}", total.batches, status.message());
-                Status::with_metadata(status.code(), message, status.metadata().clone())
-            })?;
+            let resp = self.write_one(batch).await.map_err(|e| in_batch(total.batches, e.into()))?;
             // A stream has no length bound: the totals stop at their maximum.
             total.applied = total.applied.saturating_add(resp.applied);
             total.duplicates = total.duplicates.saturating_add(resp.duplicates);
@@ -86,4 +74,10 @@ impl Ingest for IngestService {
         }
         Ok(Response::new(total))
     }
+}
+
+/// A `WriteStream` failure at batch `n`, saying the batches before it were applied.
+fn in_batch(n: u32, status: Status) -> Status {
+    let message = format!("batch {n} (earlier batches were applied): {}", status.message());
+    Status::with_metadata(status.code(), message, status.metadata().clone())
 }

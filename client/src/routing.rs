@@ -101,6 +101,41 @@ pub(crate) struct Routes {
 struct Cached {
     map: Option<Arc<RouteMap>>,
     fetched: Option<Instant>,
+    /// After failed fetches: no fetch for a stale map before this, and
+    /// the wait after the next failure.
+    retry: Option<(Instant, Duration)>,
+}
+
+/// The first wait after a failed fetch before a stale map (a node it
+/// named failed, a newer epoch seen) is fetched again; each failure in a
+/// row doubles it, up to [`MAP_TTL`]. Without it, while the nodes that
+/// serve the map are down, every call would first try them.
+pub const REFETCH_BACKOFF: Duration = Duration::from_millis(250);
+
+impl Cached {
+    /// Whether to fetch now: no map was fetched yet or it expired, or it is
+    /// stale and the backoff after failed fetches has passed.
+    fn due(&self, stale: bool, now: Instant) -> bool {
+        let expired = self.fetched.is_none_or(|at| now.duration_since(at) > MAP_TTL);
+        expired || (stale && self.retry.is_none_or(|(at, _)| now >= at))
+    }
+
+    /// Records a fetch's outcome at `now`: a map resets the backoff, a
+    /// failure keeps the old map (it still routes most calls right) and
+    /// waits longer before the next.
+    fn fetched(&mut self, map: Option<RouteMap>, now: Instant) {
+        self.fetched = Some(now);
+        match map {
+            Some(map) => {
+                self.map = Some(Arc::new(map));
+                self.retry = None;
+            }
+            None => {
+                let wait = self.retry.map_or(REFETCH_BACKOFF, |(_, wait)| (wait * 2).min(MAP_TTL));
+                self.retry = Some((now + wait, wait));
+            }
+        }
+    }
 }
 
 impl Routes {
@@ -113,21 +148,19 @@ impl Routes {
         }
     }
 
-    /// The map to route by, fetched when there is none yet, it is older
-    /// than [`MAP_TTL`] or than an epoch seen since, or a node it named
-    /// failed. `None` when no node gave one (the call goes through the
-    /// router); a failed fetch is tried again only after [`MAP_TTL`].
+    /// The map to route by, fetched when there is none yet or it is older
+    /// than [`MAP_TTL`], and when it is older than an epoch seen since or
+    /// a node it named failed (not within [`REFETCH_BACKOFF`], doubling, of
+    /// a failed fetch). `None` when no node gave one (the call goes
+    /// through the router).
     pub async fn map(&self, router: &Router) -> Option<Arc<RouteMap>> {
         let mut cached = self.cache.lock().await;
-        let stale = self.stale.swap(false, Ordering::Relaxed);
         let outdated = cached.map.as_ref().is_some_and(|m| m.epoch < router.seen_epoch());
-        let expired = cached.fetched.is_none_or(|at| at.elapsed() > MAP_TTL);
-        if stale || outdated || expired {
-            // On failure the old map, if any, is kept: it still routes most calls right.
-            if let Some(map) = fetch(router).await {
-                cached.map = Some(Arc::new(map));
-            }
-            cached.fetched = Some(Instant::now());
+        let stale = self.stale.load(Ordering::Relaxed) || outdated;
+        if cached.due(stale, Instant::now()) {
+            self.stale.store(false, Ordering::Relaxed);
+            let map = fetch(router).await;
+            cached.fetched(map, Instant::now());
         }
         cached.map.clone()
     }
@@ -231,5 +264,27 @@ mod tests {
     fn a_map_from_another_node_has_no_home() {
         let map = RouteMap::new(answer(), "http://127.0.0.1:7701", false).unwrap();
         assert_eq!(map.target(2, false), Some("http://n3:7700"), "the leader");
+    }
+
+    #[test]
+    fn failed_fetches_back_off_for_a_stale_map_and_a_map_resets_the_wait() {
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let mut cached = Cached::default();
+        assert!(cached.due(false, t0), "no map yet");
+        cached.fetched(RouteMap::new(answer(), "http://127.0.0.1:7701", true), t0);
+        assert!(!cached.due(false, t0 + ms(1)) && cached.due(true, t0 + ms(1)), "fresh: fetched when stale");
+        // The nodes are down: each failure waits twice as long, up to the TTL.
+        let mut at = t0 + ms(1);
+        for wait in [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000] {
+            cached.fetched(None, at);
+            assert!(!cached.due(true, at + ms(wait) - ms(1)), "stale, within {wait} ms of a failure");
+            at += ms(wait);
+            assert!(cached.due(true, at), "stale, {wait} ms after");
+        }
+        assert!(cached.map.is_some(), "the old map is kept");
+        assert!(cached.due(false, at + MAP_TTL + ms(1)), "expired: fetched whatever the backoff");
+        cached.fetched(RouteMap::new(answer(), "http://127.0.0.1:7701", true), at);
+        assert!(cached.due(true, at + ms(1)), "a map resets the backoff");
     }
 }

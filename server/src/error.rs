@@ -86,6 +86,26 @@ impl Error {
         }
     }
 
+    /// An error about item `n` of a part of a request (`events[n]...`, in
+    /// a field path or at the start of a message) names the item's place
+    /// in the whole request, `positions[n]`, instead.
+    pub fn reindexed(self, list: &str, positions: &[usize]) -> Error {
+        let at = |path: &str| -> Option<String> {
+            let rest = path.strip_prefix(list)?.strip_prefix('[')?;
+            let (n, rest) = rest.split_once(']')?;
+            let i = positions.get(n.parse::<usize>().ok()?)?;
+            Some(format!("{list}[{i}]{rest}"))
+        };
+        match self {
+            Error::InvalidArgument { field, reason } => {
+                Error::InvalidArgument { field: at(&field).unwrap_or(field), reason }
+            }
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(at(&m).unwrap_or(m)),
+            Error::Unavailable(m) => Error::Unavailable(at(&m).unwrap_or(m)),
+            other => other,
+        }
+    }
+
     /// Stable code for clients to branch on.
     pub fn code(&self) -> &'static str {
         match self {
@@ -120,5 +140,27 @@ mod tests {
         let e = Error::from(portrait_core::Invalid::new("user_id", "must not be empty").within("events[3]"));
         assert_eq!(e.code(), "INVALID_ARGUMENT");
         assert_eq!(e.to_string(), "events[3].user_id: must not be empty");
+    }
+
+    #[test]
+    fn an_error_about_an_item_of_a_part_names_its_place_in_the_request() {
+        let positions = [1, 4, 9];
+        let e =
+            Error::invalid("events[2].attrs.p", "must be a finite number").reindexed("events", &positions);
+        assert_eq!(e.to_string(), "events[9].attrs.p: must be a finite number");
+        let e = Error::FailedPrecondition("events[1].family: unknown family \"x\"".into());
+        assert_eq!(e.reindexed("events", &positions).to_string(), "events[4].family: unknown family \"x\"");
+        let e = Error::Unavailable("events[0].family: unknown; retry".into());
+        assert_eq!(e.reindexed("events", &positions).to_string(), "events[1].family: unknown; retry");
+        // Anything else, or an index out of the part, is left as it is.
+        for kept in [
+            Error::FailedPrecondition("user \"u\", family \"f\": over the limit".into()),
+            Error::FailedPrecondition("events[3].family: x".into()),
+            Error::FailedPrecondition("events[x].family: x".into()),
+            Error::invalid("events", "must not be empty"),
+            Error::NotFound("events[0]".into()),
+        ] {
+            assert_eq!(kept.clone().reindexed("events", &positions), kept);
+        }
     }
 }

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 
+use portrait_core::schema::VersionedSchema;
 use portrait_core::shard::shard_of;
 
 use super::forward::Forward;
@@ -48,11 +49,14 @@ pub struct WriteResult {
 /// One shard's events of a request.
 type Part = (u32, Vec<Event>);
 
-/// Splits events by shard, keeping their order within each shard.
-pub fn split_by_shard(events: Vec<Event>, shards: u32) -> BTreeMap<u32, Vec<Event>> {
-    let mut parts: BTreeMap<u32, Vec<Event>> = BTreeMap::new();
-    for event in events {
-        parts.entry(shard_of(&event.user_id, shards)).or_default().push(event);
+/// Splits events by shard, keeping their order within each shard: per
+/// shard, the events' positions in the request, and the events.
+pub fn split_by_shard(events: Vec<Event>, shards: u32) -> BTreeMap<u32, (Vec<usize>, Vec<Event>)> {
+    let mut parts: BTreeMap<u32, (Vec<usize>, Vec<Event>)> = BTreeMap::new();
+    for (i, event) in events.into_iter().enumerate() {
+        let (positions, part) = parts.entry(shard_of(&event.user_id, shards)).or_default();
+        positions.push(i);
+        part.push(event);
     }
     parts
 }
@@ -63,13 +67,14 @@ impl Node {
     pub async fn write(&self, events: Vec<Event>) -> Result<WriteResult> {
         let schema = self.schema();
         validate_request(&events, &schema.schema, Some(self.clock.now_ms()))?;
-        let parts = split_by_shard(events, self.shards);
+        let mut positions = BTreeMap::new();
         // Parts of shards hosted here whose leader is another node go to
         // that node together, one call per node (`Raft.ForwardWrites`);
         // the others one by one.
         let mut alone = Vec::new();
         let mut by_leader: BTreeMap<(NodeId, String), Vec<Part>> = BTreeMap::new();
-        for (shard, part) in parts {
+        for (shard, (at, part)) in split_by_shard(events, self.shards) {
+            positions.insert(shard, at);
             match self.registry.get(GroupId(shard)).and_then(|r| leader_elsewhere(&r, self.id)) {
                 Some(leader) => by_leader.entry(leader).or_default().push((shard, part)),
                 None => alone.push((shard, part)),
@@ -86,7 +91,9 @@ impl Node {
             alone.into_iter().chain(grouped).flatten().collect();
         let mut total = WriteResult::default();
         for (shard, result) in results {
-            let (counts, log_index) = result.map_err(|e| e.in_shard(GroupId(shard)))?;
+            // A part's error names its events by their place in the part.
+            let (counts, log_index) =
+                result.map_err(|e| e.reindexed("events", &positions[&shard]).in_shard(GroupId(shard)))?;
             total.counts.applied += counts.applied;
             total.counts.duplicates += counts.duplicates;
             total.counts.expired += counts.expired;
@@ -153,9 +160,12 @@ impl Node {
     /// the write timeout, then UNAVAILABLE: nothing was proposed), then goes
     /// on; on the old leader that is a redirect to the new one.
     async fn propose_write(&self, replica: &Replica, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
-        let _pass = replica.gate.pass(self.write_timeout).await?;
+        // The node's queued-write budget counts the wait at the gate.
+        let (queued, _pass) = self.batcher.admit(&replica.gate, self.write_timeout, &events).await?;
+        behind_schema(self.schema().version, &replica.sm.schema(), &events)?;
         // Never hang: a leader cut off from its quorum cannot commit.
-        match tokio::time::timeout(self.write_timeout, self.batcher.write(replica.gid, events)).await {
+        let write = self.batcher.write_held(replica.gid, events, queued);
+        match tokio::time::timeout(self.write_timeout, write).await {
             Ok(result) => result,
             Err(_) => Err(Error::Unavailable(format!(
                 "not committed within {} ms (no quorum reachable?); {OUTCOME_UNKNOWN}: retry with the same \
@@ -258,6 +268,25 @@ impl Node {
     }
 }
 
+/// During a schema rollout (the meta group committed version `newest`, a
+/// shard applied only `applied`) a part validated against the new schema
+/// may be one the shard's would refuse at apply. Such a part is not
+/// proposed: UNAVAILABLE, retryable once the shard applied the new version.
+/// Outside a rollout this is one comparison.
+fn behind_schema(newest: u64, applied: &VersionedSchema, events: &[Event]) -> Result<()> {
+    if applied.version >= newest {
+        return Ok(());
+    }
+    validate_request(events, &applied.schema, None).map_err(|e| {
+        Error::Unavailable(format!(
+            "{}; the shard has not applied schema version {newest} yet (it has {}): nothing was written, \
+             retry",
+            Error::from(e),
+            applied.version
+        ))
+    })
+}
+
 /// A forwarded part's NOT_FOUND: the node this one took for the shard's
 /// leader no longer hosts it (its replica moved away while this node's view
 /// was stale). Nothing was proposed, and the shard exists: UNAVAILABLE,
@@ -297,6 +326,35 @@ mod tests {
     }
 
     #[test]
+    fn a_shard_behind_a_schema_rollout_refuses_what_its_schema_would_refuse_at_apply() {
+        let old = VersionedSchema::shared_default();
+        let ok = Event {
+            user_id: "u".into(),
+            family: "browse".into(),
+            time_ms: 1_750_000_000_000,
+            ..Event::bare()
+        };
+        let unknown = Event { family: "app_usage".into(), ..ok.clone() };
+        assert_eq!(
+            behind_schema(old.version, &old, std::slice::from_ref(&unknown)),
+            Ok(()),
+            "no rollout: not checked"
+        );
+        assert_eq!(
+            behind_schema(old.version + 1, &old, std::slice::from_ref(&ok)),
+            Ok(()),
+            "valid under both"
+        );
+        let e = behind_schema(old.version + 1, &old, &[ok, unknown]).unwrap_err();
+        assert!(
+            matches!(&e, Error::Unavailable(m) if m.starts_with("events[1].family: unknown family")
+                && m.ends_with(&format!("has not applied schema version {} yet (it has {}): nothing was \
+                    written, retry", old.version + 1, old.version))),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_split_keeps_every_event_once_in_its_shard_and_in_order() {
         let events: Vec<Event> = (0..200)
             .map(|i| Event { user_id: format!("u{}", i % 37), event_id: format!("e{i}"), ..Event::bare() })
@@ -304,10 +362,11 @@ mod tests {
         let parts = split_by_shard(events.clone(), 4);
         assert!(parts.len() > 1, "37 users spread over 4 shards");
         let mut seen = 0;
-        for (shard, part) in &parts {
+        for (shard, (positions, part)) in &parts {
             assert!(part.iter().all(|e| shard_of(&e.user_id, 4) == *shard));
             let order: Vec<_> = events.iter().filter(|e| shard_of(&e.user_id, 4) == *shard).collect();
             assert_eq!(part.iter().collect::<Vec<_>>(), order);
+            assert!(positions.iter().zip(part).all(|(&i, e)| events[i] == *e), "positions in the request");
             seen += part.len();
         }
         assert_eq!(seen, events.len());

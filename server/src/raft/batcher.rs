@@ -10,11 +10,13 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::client_write_error;
+use super::gate::{Pass, ProposalGate};
 use super::replica::{Registry, Replica};
 use crate::error::{Error, Result, OUTCOME_UNKNOWN};
 use crate::limits::{MAX_ENTRY_BYTES, MAX_EVENTS_PER_ENTRY, MAX_QUEUED_WRITE_BYTES};
@@ -113,9 +115,37 @@ impl WriteBatcher {
     /// Proposes one validated request, all of whose users are in shard
     /// `gid`, through that shard's log; returns its counts and log index.
     pub async fn write(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
+        let queued = self.hold(encoded_len(&events))?;
+        self.write_held(gid, events, queued).await
+    }
+
+    /// Admits a request to be proposed through `gate`: takes its share of
+    /// the node's budget first (or refuses at once, "write queue full"),
+    /// then waits at the gate (at most `within`), so that writes held up
+    /// by a leadership transfer count in the budget while they wait. Hand
+    /// the permit to [`WriteBatcher::write_held`], and keep the pass until
+    /// its answer.
+    pub async fn admit(
+        &self,
+        gate: &ProposalGate,
+        within: Duration,
+        events: &[Event],
+    ) -> Result<(OwnedSemaphorePermit, Pass)> {
+        let queued = self.hold(encoded_len(events))?;
+        let pass = gate.pass(within).await?;
+        Ok((queued, pass))
+    }
+
+    /// [`WriteBatcher::write`] for a request admitted already
+    /// ([`WriteBatcher::admit`]).
+    pub async fn write_held(
+        &self,
+        gid: GroupId,
+        events: Vec<Event>,
+        queued: OwnedSemaphorePermit,
+    ) -> Result<(WriteCounts, u64)> {
         let (reply, rx) = oneshot::channel();
         let bytes = encoded_len(&events);
-        let queued = self.hold(bytes)?;
         self.tx.send(Pending { gid, events, bytes, reply, queued }).await.map_err(|_| shutting_down())?;
         // Queued requests are answered "shutting down" at a stop; a reply
         // dropped unsent is a proposal cut off at shutdown, which may
@@ -176,7 +206,7 @@ impl ShardQueue {
 
 /// How often the waiting requests are checked for abandoned ones (the
 /// write timeout is seconds).
-const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+const PRUNE_EVERY: Duration = Duration::from_millis(500);
 
 /// The node's proposals in flight.
 struct Proposals {
@@ -333,11 +363,30 @@ async fn propose(replica: &Replica, batch: Vec<Pending>) {
             }
         }
         Err(e) => {
-            let e = client_write_error(e);
+            let voters = raft.metrics().borrow().membership_config.membership().voter_ids().count();
+            let e = redirect_of_a_write(client_write_error(e), voters);
             for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
         }
+    }
+}
+
+/// A failed write proposal of a group of `voters` voters. openraft answers
+/// ForwardToLeader both to a proposal it refused (no longer the leader:
+/// nothing was appended) and to one whose entry it appended and then
+/// truncated (a new leader's log conflicted). With 3 voters or fewer that
+/// entry can never commit: the new leader was elected without it, so at
+/// most the old leader held it. With more, a later leader may hold it and
+/// commit it: the outcome is unknown (a redirect would be followed, and
+/// events without an id applied twice).
+fn redirect_of_a_write(e: Error, voters: usize) -> Error {
+    match e {
+        Error::NotLeader { .. } if voters > 3 => Error::Unavailable(format!(
+            "{e} (the proposal may have been appended before leadership moved); {OUTCOME_UNKNOWN}: retry \
+             with the same event_ids, duplicates are skipped"
+        )),
+        e => e,
     }
 }
 
@@ -414,7 +463,6 @@ mod tests {
     /// still waits, it is awaited.
     #[tokio::test]
     async fn a_proposal_is_let_go_once_every_caller_gave_up() {
-        use std::time::Duration;
         let (pending, mut answers): (Vec<_>, Vec<_>) = (0..3).map(|_| request(1, 10)).unzip();
         let mut replies: Vec<_> = pending.into_iter().map(|p| p.reply).collect();
         let never = std::future::pending::<()>;
@@ -431,6 +479,45 @@ mod tests {
         let (p, _answer) = request(1, 10);
         let mut live = vec![p.reply];
         assert_eq!(unless_abandoned(async { 7 }, &mut live).await, Some(7), "a done proposal is answered");
+    }
+
+    #[test]
+    fn a_redirect_of_a_write_is_an_unknown_outcome_only_with_more_than_three_voters() {
+        let redirect =
+            || Error::NotLeader { leader_id: Some(2), leader_addr: Some("n2".into()), group: None };
+        for voters in [1, 2, 3] {
+            assert_eq!(redirect_of_a_write(redirect(), voters), redirect(), "{voters} voters");
+        }
+        for voters in [4, 5, 7] {
+            let e = redirect_of_a_write(redirect(), voters);
+            assert!(e.outcome_unknown() && e.to_string().starts_with("not the leader; node 2 leads"), "{e}");
+        }
+        let other = Error::Unavailable("node is shutting down".into());
+        assert_eq!(redirect_of_a_write(other.clone(), 5), other);
+    }
+
+    /// Writes held at a leadership transfer's gate hold their bytes: they
+    /// cannot pile up beyond the node's budget while the transfer runs.
+    #[tokio::test]
+    async fn writes_waiting_at_a_paused_gate_count_in_the_budget() {
+        let events = || vec![Event::bare(); 40];
+        let size = encoded_len(&events());
+        // Room for one such request, not two.
+        let (batcher, _rx) = WriteBatcher::with_budget(size + size / 2 + QUEUE_UNIT);
+        let gate = ProposalGate::default();
+        let pause = gate.pause(Duration::from_millis(10)).await.unwrap();
+        let waiting = tokio::spawn({
+            let (batcher, gate) = (batcher.clone(), gate.clone());
+            async move { batcher.admit(&gate, Duration::from_secs(5), &events()).await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "it waits at the gate");
+        let e = batcher.admit(&gate, Duration::from_secs(5), &events()).await.map(|_| ()).unwrap_err();
+        assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
+        drop(pause);
+        waiting.await.unwrap().expect("admitted once the transfer ends");
+        let admitted = batcher.admit(&gate, Duration::from_secs(5), &events()).await;
+        assert!(admitted.is_ok(), "its bytes came back when it was answered");
     }
 
     #[tokio::test]

@@ -125,8 +125,33 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// Longest status message kept in an entry (bytes).
+/// Longest status message kept in an entry, and longest string argument
+/// (bytes): an entry is synced and logged, and a request's strings are
+/// recorded before they are validated (an address of megabytes).
 const MAX_MESSAGE_BYTES: usize = 512;
+
+/// `text` cut to at most [`MAX_MESSAGE_BYTES`] (at a character boundary),
+/// with `…` where it was cut.
+fn clip(text: &mut String) {
+    if text.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+}
+
+/// Clips every string in `args`, at any depth.
+fn clip_strings(args: &mut Value) {
+    match args {
+        Value::String(text) => clip(text),
+        Value::Array(items) => items.iter_mut().for_each(clip_strings),
+        Value::Object(fields) => fields.values_mut().for_each(clip_strings),
+        _ => {}
+    }
+}
 
 /// One entry as JSON (keys in a fixed order: serde_json sorts them).
 fn entry(
@@ -134,22 +159,16 @@ fn entry(
     at_ms: u64,
     who: &Who,
     rpc: &str,
-    args: Value,
+    mut args: Value,
     result: Result<(), &tonic::Status>,
     took: Duration,
 ) -> Value {
+    clip_strings(&mut args);
     let (ok, code, message) = match result {
         Ok(()) => (true, "OK".to_string(), String::new()),
         Err(status) => {
             let mut message = status.message().to_string();
-            if message.len() > MAX_MESSAGE_BYTES {
-                let mut end = MAX_MESSAGE_BYTES;
-                while !message.is_char_boundary(end) {
-                    end -= 1;
-                }
-                message.truncate(end);
-                message.push('…');
-            }
+            clip(&mut message);
             (false, format!("{:?}", status.code()), message)
         }
     };
@@ -257,6 +276,21 @@ mod tests {
             Duration::ZERO,
         );
         assert_eq!(e["message"].as_str().unwrap().len(), MAX_MESSAGE_BYTES + '…'.len_utf8());
+    }
+
+    #[test]
+    fn string_arguments_are_clipped_at_any_depth() {
+        let huge = "é".repeat(1_000_000);
+        let args = json!({"node_id": 4, "addr": huge, "nested": {"list": ["short", huge]}});
+        let e = entry(1, 0, &Who { token: None, remote: None }, "Raft/Join", args, Ok(()), Duration::ZERO);
+        let clipped = |v: &Value| {
+            let text = v.as_str().unwrap();
+            assert!(text.ends_with('…') && text.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8(), "{}", text.len());
+        };
+        clipped(&e["args"]["addr"]);
+        clipped(&e["args"]["nested"]["list"][1]);
+        assert_eq!(e["args"]["nested"]["list"][0], "short");
+        assert_eq!(e["args"]["node_id"], 4);
     }
 
     #[test]

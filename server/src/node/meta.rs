@@ -21,7 +21,7 @@ use portrait_proto::v1::{BalanceLeaderRequest, ClusterStatusRequest, ClusterStat
 
 use super::Node;
 use crate::engine::check_schema;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, OUTCOME_UNKNOWN};
 use crate::raft::client_write_error;
 use crate::raft::replica::Replica;
 use crate::schema::VersionedSchema;
@@ -39,7 +39,7 @@ pub const MAX_ADDR_BYTES: usize = 256;
 const FOLLOW_TIMEOUT: Duration = Duration::from_secs(120);
 /// A meta voter counts toward the quorum a removal leaves only if its node
 /// answered the liveness probe this recently.
-const META_QUORUM_HEARD_WITHIN: Duration = Duration::from_secs(5);
+pub(super) const META_QUORUM_HEARD_WITHIN: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(200);
 /// One status call to a peer may take this long.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -97,11 +97,23 @@ impl Node {
 
     /// Commits a meta command (this node leads the meta group); returns
     /// the map's epoch and the schema version after it. A refused command
-    /// is FAILED_PRECONDITION with its reason.
+    /// is FAILED_PRECONDITION with its reason. Bounded by the write
+    /// timeout: a meta leader without a quorum answers UNAVAILABLE (the
+    /// outcome unknown: the command may still commit) rather than hold its
+    /// caller, placement's pass included, until the quorum returns.
     pub(super) async fn propose_meta(&self, command: MetaCommand) -> Result<(u64, u64)> {
         let _pass = self.meta.gate.pass(self.write_timeout).await?;
         let command = Command::Meta { stamp_ms: self.meta.stamper.stamp()?, command };
-        let resp = self.meta.raft.client_write(command).await.map_err(client_write_error)?;
+        let write = tokio::time::timeout(self.write_timeout, self.meta.raft.client_write(command));
+        let resp = write
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!(
+                    "the meta group did not commit the change within {} ms (no quorum?); {OUTCOME_UNKNOWN}",
+                    self.write_timeout.as_millis()
+                ))
+            })?
+            .map_err(client_write_error)?;
         match resp.data {
             CommandResult::Meta(MetaOutcome::Applied { epoch, schema_version }) => {
                 Ok((epoch, schema_version))
@@ -168,12 +180,17 @@ impl Node {
         }
         let statuses = self.statuses().await;
         let busy = busy_shards(&map, &statuses);
+        // A move whose new replica is on a draining node that never came to
+        // vote (its node died while catching up) would wait forever: it is
+        // no move under way, and its replica is moved on.
+        let stalled = stalled_on_draining(&map, &statuses);
         // A drain moves at least one replica at a time, even with
         // balancing off. Only moves under way take room: a shard without a
         // leader (its nodes down) is busy, but must not hold up the drain
         // that gives the others their replicas back.
-        let room = self.max_moves.max(1).saturating_sub(moving_shards(&map, &statuses));
-        let mut plan = map.plan_drain(&busy, room);
+        let moving = moving_shards(&map, &statuses).saturating_sub(stalled.len());
+        let room = self.max_moves.max(1).saturating_sub(moving);
+        let mut plan = map.plan_drain(&(&busy - &stalled), room);
         if balancing && plan.is_empty() {
             plan = map.plan_moves(&busy, room);
         }
@@ -450,16 +467,15 @@ impl Node {
         // record of its data dir checks every raft message sent to it
         // until then.
         if map.nodes.contains_key(&id) && !map.draining.contains(&id) {
-            match self.propose_meta(MetaCommand::Map(MapChange::Drain { node: id })).await {
-                Ok(_) => {}
-                // Another node's drain is under way: go on without (should
-                // placement put a replica here meanwhile, the removal from
-                // the map below is refused, naming the drain to run first).
-                Err(Error::FailedPrecondition(reason)) => {
-                    tracing::info!(node = id, %reason, "removing a node without marking it draining first");
-                }
-                Err(e) => return Err(e),
-            }
+            // Refused while another node's drain is under way: that drain
+            // could move a replica here while this node leaves the meta
+            // group, so the removal waits for it.
+            self.propose_meta(MetaCommand::Map(MapChange::Drain { node: id })).await.map_err(|e| match e {
+                Error::FailedPrecondition(reason) => Error::FailedPrecondition(format!(
+                    "node {id} is marked draining before it is removed, and that was refused: {reason}"
+                )),
+                e => e,
+            })?;
         }
         let index = remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
         if map.nodes.contains_key(&id) {
@@ -712,6 +728,25 @@ fn shard_leaders(statuses: &[(NodeId, ClusterStatusResponse)]) -> BTreeMap<u32, 
 fn moving_shards(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) -> usize {
     let led: BTreeSet<u32> = shard_leaders(statuses).into_keys().collect();
     busy_shards(map, statuses).intersection(&led).count()
+}
+
+/// Busy shards (with a leader that answers) whose replicas in the map on
+/// draining nodes are none of the leader's voters: a move's new replica
+/// whose node went before it caught up (and was drained for it). Moving
+/// that replica on is safe (it votes in nothing) and the only way the
+/// move ends.
+fn stalled_on_draining(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) -> BTreeSet<u32> {
+    let busy = busy_shards(map, statuses);
+    shard_leaders(statuses)
+        .into_values()
+        .filter(|s| busy.contains(&s.shard))
+        .filter(|s| {
+            let Some(replicas) = map.replicas.get(s.shard as usize) else { return false };
+            let mut draining = replicas.iter().filter(|n| map.draining.contains(n)).peekable();
+            draining.peek().is_some() && draining.all(|n| !s.voters.contains(n))
+        })
+        .map(|s| s.shard)
+        .collect()
 }
 
 /// Shards whose membership, as their leader reports it, is not yet the
@@ -967,6 +1002,49 @@ mod tests {
         let statuses = [leading(1, 0, &[1, 2, 3]), leading(2, 1, &[1, 2, 3, 4])];
         assert_eq!(busy_shards(&map, &statuses), BTreeSet::from([1, 2, 3]));
         assert_eq!(moving_shards(&map, &statuses), 1);
+    }
+
+    #[test]
+    fn a_move_to_a_node_that_died_catching_up_is_moved_on_once_that_node_drains() {
+        let mut map = ShardMap::create(3, 3, 1, "http://n1", "http://n1:8700").unwrap();
+        for n in 2..=5 {
+            let change = MapChange::AddNode {
+                node: n,
+                addr: format!("http://n{n}"),
+                peer_addr: format!("http://n{n}:8700"),
+                incarnation: 0,
+            };
+            map.apply(&change).unwrap();
+        }
+        let learning = |node, shard, voters: &[NodeId], learners: &[NodeId]| {
+            let (n, mut status) = leading(node, shard, voters);
+            status.shard_status[0].learners = learners.to_vec();
+            (n, status)
+        };
+        // Shard 0 moved from node 1 to node 4, which died as a learner;
+        // shard 1 moves its replica off node 4 (still a voter there);
+        // shard 2 is settled.
+        map.replicas = vec![vec![4, 2, 3], vec![1, 2, 5], vec![1, 2, 3]];
+        map.apply(&MapChange::Drain { node: 4 }).unwrap();
+        let statuses = [
+            learning(2, 0, &[1, 2, 3], &[4]),
+            learning(1, 1, &[1, 2, 4], &[5]),
+            leading(1, 2, &[1, 2, 3]),
+        ];
+        assert_eq!(busy_shards(&map, &statuses), BTreeSet::from([0, 1]));
+        let stalled = stalled_on_draining(&map, &statuses);
+        assert_eq!(stalled, BTreeSet::from([0]), "node 4 votes in shard 1: that move is under way");
+        let plan = map.plan_drain(&(&busy_shards(&map, &statuses) - &stalled), 1);
+        assert_eq!(plan, [MapChange::MoveReplica { shard: 0, from: 4, to: 5 }]);
+        // Once that move is planned (node 5 takes shard 0), the shard is
+        // an ordinary move under way again.
+        map.apply(&plan[0]).unwrap();
+        assert!(stalled_on_draining(&map, &statuses).is_empty());
+        // Without a drain (node 4 merely slow), nothing is stalled.
+        let mut slow = map.clone();
+        slow.replicas[0] = vec![4, 2, 3];
+        slow.draining.clear();
+        assert!(stalled_on_draining(&slow, &statuses).is_empty());
     }
 
     #[test]

@@ -38,7 +38,7 @@ use portrait_core::meta::MetaState;
 use portrait_core::shard::ShardMap;
 use tokio::sync::watch;
 
-use super::meta::MAX_META_VOTERS;
+use super::meta::{MAX_META_VOTERS, META_QUORUM_HEARD_WITHIN};
 use super::Node;
 use crate::error::{Error, Result};
 use crate::raft::client_write_error;
@@ -112,7 +112,14 @@ impl Node {
             }
         }
         for replica in drop {
-            self.drop_replica(replica).await;
+            // The map as it is now: asking the leaders took time, and a map
+            // that places the shard here again keeps its replica.
+            let placed_again = self.cluster().map.as_ref().is_some_and(|m| {
+                m.replicas.get(replica.gid.0 as usize).is_some_and(|r| r.contains(&self.id))
+            });
+            if !placed_again {
+                self.drop_replica(replica).await;
+            }
         }
     }
 
@@ -121,25 +128,39 @@ impl Node {
     /// placed here alone that was never initialized is created. Never once
     /// another node is in the map: a shard placed here alone then came by a
     /// move (replication 1), and its data is on the node it moves from,
-    /// whose leader adds this replica to the shard's group.
+    /// whose leader adds this replica to the shard's group. A shard that
+    /// fails to open does not keep the others from opening; the error
+    /// names every shard that failed (tried again on the next pass).
     pub(super) async fn host(&self, map: &ShardMap) -> anyhow::Result<()> {
         let creating = map.nodes.len() == 1 && map.nodes.contains_key(&self.id);
+        let mut failed = Vec::new();
         for shard in map.hosted_by(self.id) {
-            let gid = GroupId(shard);
-            let replica = match self.registry.get(gid) {
-                Some(r) => r,
-                None => {
-                    let r = Arc::new(Replica::open(gid, &self.shared()).await?);
-                    self.registry.insert(r.clone());
-                    tracing::info!(group = %gid, "hosting a replica placed on this node");
-                    r
-                }
-            };
-            if creating && map.replicas[shard as usize] == [self.id] && !replica.raft.is_initialized().await?
-            {
-                let members = BTreeMap::from([(self.id, BasicNode::new(&self.peer_advertise))]);
-                replica.raft.initialize(members).await?;
+            let alone = creating && map.replicas[shard as usize] == [self.id];
+            if let Err(e) = self.host_one(GroupId(shard), alone).await {
+                failed.push(format!("shard {shard}: {e}"));
             }
+        }
+        match failed.is_empty() {
+            true => Ok(()),
+            false => Err(anyhow::anyhow!("{} replicas did not open: {}", failed.len(), failed.join("; "))),
+        }
+    }
+
+    /// Opens this node's replica of `gid` (unless open) and, when this
+    /// node is to create it `alone`, initializes it if it never was.
+    async fn host_one(&self, gid: GroupId, alone: bool) -> anyhow::Result<()> {
+        let replica = match self.registry.get(gid) {
+            Some(r) => r,
+            None => {
+                let r = Arc::new(Replica::open(gid, &self.shared()).await?);
+                self.registry.insert(r.clone());
+                tracing::info!(group = %gid, "hosting a replica placed on this node");
+                r
+            }
+        };
+        if alone && !replica.raft.is_initialized().await? {
+            let members = BTreeMap::from([(self.id, BasicNode::new(&self.peer_advertise))]);
+            replica.raft.initialize(members).await?;
         }
         Ok(())
     }
@@ -164,17 +185,8 @@ impl Node {
             tracing::info!(group = %replica.gid, node = new, "added a learner placed by the map");
             return Ok(());
         }
-        let last = m.last_log_index.unwrap_or(0);
-        let purged = m.purged.map_or(0, |l| l.index);
-        // Caught up: it holds something (a learner being sent a snapshot
-        // has matched nothing yet), at least what the log no longer has (so
-        // it has the snapshot), and is within PROMOTE_LAG of the log's end.
-        let caught_up = |n: &NodeId| {
-            let matched = m.replication.as_ref().and_then(|r| r.get(n).cloned().flatten()).map(|l| l.index);
-            matched.is_some_and(|i| i >= purged && i + PROMOTE_LAG >= last)
-        };
         let ready: BTreeSet<NodeId> =
-            wanted.iter().filter(|n| !voters.contains(n) && caught_up(n)).copied().collect();
+            wanted.iter().filter(|n| !voters.contains(n) && caught_up(&m, **n)).copied().collect();
         if !ready.is_empty() {
             let _pass = replica.gate.pass(self.write_timeout).await?;
             let change = raft.change_membership(ChangeMembers::AddVoterIds(ready.clone()), false);
@@ -215,7 +227,8 @@ impl Node {
     /// Keeps the meta group's voters on nodes fit to hold them: nodes of
     /// the map that are not draining and have answered within
     /// `replica_dead_after` (this node leads the meta group). One step per
-    /// pass: a learner that is fit is promoted while the group has fewer
+    /// pass: a learner that is fit, heard within `META_QUORUM_HEARD_WITHIN`
+    /// and caught up (as a shard's learner is) is promoted while the group has fewer
     /// than [`MAX_META_VOTERS`] voters or to replace a voter that is not
     /// fit; then a voter that is not fit becomes a learner (it still reads
     /// the map), unless it is the last; a leader that is not fit first
@@ -236,8 +249,13 @@ impl Node {
                 && (*n == self.id || self.liveness.silent_for(*n, now) < self.replica_dead_after)
         };
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        // Promoted only if heard as lately as a quorum needs and caught up:
+        // a new voter that is silent or behind weakens the quorum it joins.
+        let ready = |n: &NodeId| {
+            self.liveness.silent_for(*n, now) < META_QUORUM_HEARD_WITHIN && caught_up(&m, *n)
+        };
         let learners: BTreeSet<NodeId> =
-            membership.learner_ids().filter(|n| map.nodes.contains_key(n)).collect();
+            membership.learner_ids().filter(|n| map.nodes.contains_key(n) && ready(n)).collect();
         let change = match meta_voter_step(self.id, &voters, &learners, fit) {
             MetaVoterStep::Keep => return Ok(()),
             MetaVoterStep::Promote(promote) => {
@@ -266,6 +284,13 @@ impl Node {
     async fn sync_schema(&self, replica: &Replica, cluster: &MetaState) {
         let Some(newest) = &cluster.schema else { return };
         if replica.sm.schema().version >= newest.version {
+            return;
+        }
+        // The meta leader checked it; a build that refuses it (a rolling
+        // upgrade with a stricter check) does not propose it, and says why.
+        if let Err(e) = crate::engine::check_schema(&newest.toml) {
+            tracing::error!(group = %replica.gid, version = newest.version, error = %e,
+                "this build refuses the cluster's schema: not applying it to the shard");
             return;
         }
         let propose = async {
@@ -323,6 +348,17 @@ impl Node {
     }
 }
 
+/// Whether `node`, as this leader's metrics `m` show it, is caught up
+/// enough to vote: it holds something (a learner being sent a snapshot
+/// has matched nothing yet), at least what the log no longer has (so it
+/// has the snapshot), and is within [`PROMOTE_LAG`] of the log's end.
+fn caught_up(m: &openraft::RaftMetrics<NodeId, BasicNode>, node: NodeId) -> bool {
+    let last = m.last_log_index.unwrap_or(0);
+    let purged = m.purged.map_or(0, |l| l.index);
+    let matched = m.replication.as_ref().and_then(|r| r.get(&node).cloned().flatten()).map(|l| l.index);
+    matched.is_some_and(|i| i >= purged && i + PROMOTE_LAG >= last)
+}
+
 /// One step of keeping the meta group's voters fit (see
 /// `Node::keep_meta_voters`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -368,7 +404,13 @@ impl Node {
     /// A replica that restarted after its removal knows no leader: then
     /// the nodes the map places the shard on are asked.
     async fn leader_left_me(&self, replica: &Replica, map: &ShardMap) -> bool {
-        let leader = replica.raft.metrics().borrow().current_leader.filter(|&l| l != self.id);
+        // The term of the newest leader whose entries this replica applied:
+        // a leader of an older term is deposed. (Not the replica's own
+        // term, which a removed replica raises campaigning.)
+        let (leader, term) = {
+            let m = replica.raft.metrics().borrow().clone();
+            (m.current_leader.filter(|&l| l != self.id), m.last_applied.map_or(0, |l| l.leader_id.term))
+        };
         let placed = map.replicas.get(replica.gid.0 as usize).cloned().unwrap_or_default();
         // The leader it last knew, and the replicas the map names (that
         // leader may be gone too).
@@ -379,12 +421,15 @@ impl Node {
             .filter_map(|node| map.nodes.get(&node))
             .map(|entry| async move { super::meta::peer_status(&entry.peer_addr).await.ok() });
         let statuses = futures::future::join_all(asks).await;
-        // The newest term's leader, if several claim the shard.
+        // The newest term's leader, if several claim the shard; never one
+        // of an older term than the entries this replica applied (a
+        // deposed leader cut off may hold a membership from before this
+        // node joined).
         let led = statuses
             .iter()
             .flatten()
             .flat_map(|status| status.shard_status.iter())
-            .filter(|s| s.shard == replica.gid.0 && s.role == "Leader")
+            .filter(|s| s.shard == replica.gid.0 && s.role == "Leader" && s.term >= term)
             .max_by_key(|s| s.term);
         led.is_some_and(|s| {
             !s.voters.is_empty() && !s.voters.contains(&self.id) && !s.learners.contains(&self.id)

@@ -367,6 +367,9 @@ impl Applier {
                         self.store.set_schema(versioned);
                         return Ok(CommandResult::SchemaApplied { version });
                     }
+                    // The proposer checked it (with the same build, the
+                    // same answer on every replica): only a build that
+                    // checks more strictly than the leader's gets here.
                     Err(e) => CommandResult::Rejected { reason: e.to_string() },
                 }
             }

@@ -9,8 +9,9 @@
 //! move's target, or separately its source (the replica it replaces).
 //! Two writers keep writing orders throughout, with retries under the same
 //! event ids: no shard may stop taking writes (none loses its quorum), the
-//! move must resume (target restarted) or complete without the source, and
-//! every replica of every shard must hold each user's orders exactly once.
+//! move must resume (target restarted), complete without the source, or,
+//! the target gone for good, end on the nodes left, and every replica of
+//! every shard must hold each user's orders exactly once.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -128,9 +129,15 @@ async fn wait_settled(cluster: &Cluster, nodes: &[u64], via: u64, shards: &[u32]
     }
 }
 
+type Loaded = (Cluster, Arc<Mutex<Book>>, Arc<AtomicBool>, Vec<tokio::task::JoinHandle<()>>);
+
 /// Starts the loaded three-node cluster and two writers.
-async fn loaded() -> (Cluster, Arc<Mutex<Book>>, Arc<AtomicBool>, Vec<tokio::task::JoinHandle<()>>) {
-    let cluster = Cluster::start_sharded_with_config(3, SHARDS, CONFIG).await;
+async fn loaded() -> Loaded {
+    loaded_with(CONFIG).await
+}
+
+async fn loaded_with(config: &str) -> Loaded {
+    let cluster = Cluster::start_sharded_with_config(3, SHARDS, config).await;
     wait_placed(&cluster, &[1, 2, 3], SHARDS).await;
     load_bulk(&cluster.client(1).await).await;
     let book = Arc::new(Mutex::new(Book::default()));
@@ -239,4 +246,30 @@ async fn killing_the_source_mid_snapshot_leaves_every_shard_writable_and_the_mov
     println!("the source dropped its moved replica {:?} after its restart", restarted.elapsed());
     let book = stop_writers(&book, &stop, writers).await;
     assert_eq!(assert_every_replica_holds(&cluster, &all, SHARDS, &book).await, 6);
+}
+
+#[tokio::test]
+async fn a_move_whose_target_dies_for_good_ends_on_the_nodes_left() {
+    let config = format!("replica_dead_after = \"3s\"\n{CONFIG}");
+    let (mut cluster, book, stop, writers) = loaded_with(&config).await;
+    let before: std::collections::BTreeMap<u64, u64> =
+        statuses(&cluster, &[1, 2, 3]).await.into_iter().map(|(id, s)| (id, s.snapshot_bytes_sent)).collect();
+    let four = cluster.spawn_joining(&[1]).await;
+    let (shard, source, _) = move_in_flight(&cluster, &[1, 2, 3], four, &before).await;
+    cluster.kill(four);
+    let killed = Instant::now();
+    println!("killed node {four} for good mid-snapshot: shard {shard} was moving from node {source}");
+    writes_go_on(&book, 40, "after the target died").await;
+
+    // Its learner never caught up, so the move stays open until node 4 is
+    // taken for dead and drained: its replicas then go back to the nodes
+    // left, and the drain ends (the node can be removed).
+    wait_settled(&cluster, &[1, 2, 3], 1, &[0, 1]).await;
+    println!("every shard settled on nodes 1-3 {:?} after the kill", killed.elapsed());
+    let admin = cluster.client(1).await;
+    let removed = admin.remove_node(four).await.expect("remove the dead, drained node");
+    assert_eq!(removed.members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [1, 2, 3]);
+    writes_go_on(&book, 40, "after node 4 was removed").await;
+    let book = stop_writers(&book, &stop, writers).await;
+    assert_eq!(assert_every_replica_holds(&cluster, &[1, 2, 3], SHARDS, &book).await, 6);
 }

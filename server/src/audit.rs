@@ -285,7 +285,11 @@ mod tests {
         let e = entry(1, 0, &Who { token: None, remote: None }, "Raft/Join", args, Ok(()), Duration::ZERO);
         let clipped = |v: &Value| {
             let text = v.as_str().unwrap();
-            assert!(text.ends_with('…') && text.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8(), "{}", text.len());
+            assert!(
+                text.ends_with('…') && text.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8(),
+                "{}",
+                text.len()
+            );
         };
         clipped(&e["args"]["addr"]);
         clipped(&e["args"]["nested"]["list"][1]);

@@ -191,6 +191,7 @@ impl Node {
         let moving = moving_shards(&map, &statuses).saturating_sub(stalled.len());
         let room = self.max_moves.max(1).saturating_sub(moving);
         let mut plan = map.plan_drain(&(&busy - &stalled), room);
+        tracing::debug!(?busy, ?stalled, room, ?plan, "balance");
         if balancing && plan.is_empty() {
             plan = map.plan_moves(&busy, room);
         }
@@ -470,12 +471,14 @@ impl Node {
             // Refused while another node's drain is under way: that drain
             // could move a replica here while this node leaves the meta
             // group, so the removal waits for it.
-            self.propose_meta(MetaCommand::Map(MapChange::Drain { node: id })).await.map_err(|e| match e {
-                Error::FailedPrecondition(reason) => Error::FailedPrecondition(format!(
-                    "node {id} is marked draining before it is removed, and that was refused: {reason}"
-                )),
-                e => e,
-            })?;
+            self.propose_meta(MetaCommand::Map(MapChange::Drain { node: id })).await.map_err(
+                |e| match e {
+                    Error::FailedPrecondition(reason) => Error::FailedPrecondition(format!(
+                        "node {id} is marked draining before it is removed, and that was refused: {reason}"
+                    )),
+                    e => e,
+                },
+            )?;
         }
         let index = remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
         if map.nodes.contains_key(&id) {
@@ -1026,11 +1029,8 @@ mod tests {
         // shard 2 is settled.
         map.replicas = vec![vec![4, 2, 3], vec![1, 2, 5], vec![1, 2, 3]];
         map.apply(&MapChange::Drain { node: 4 }).unwrap();
-        let statuses = [
-            learning(2, 0, &[1, 2, 3], &[4]),
-            learning(1, 1, &[1, 2, 4], &[5]),
-            leading(1, 2, &[1, 2, 3]),
-        ];
+        let statuses =
+            [learning(2, 0, &[1, 2, 3], &[4]), learning(1, 1, &[1, 2, 4], &[5]), leading(1, 2, &[1, 2, 3])];
         assert_eq!(busy_shards(&map, &statuses), BTreeSet::from([0, 1]));
         let stalled = stalled_on_draining(&map, &statuses);
         assert_eq!(stalled, BTreeSet::from([0]), "node 4 votes in shard 1: that move is under way");

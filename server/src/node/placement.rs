@@ -251,9 +251,8 @@ impl Node {
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         // Promoted only if heard as lately as a quorum needs and caught up:
         // a new voter that is silent or behind weakens the quorum it joins.
-        let ready = |n: &NodeId| {
-            self.liveness.silent_for(*n, now) < META_QUORUM_HEARD_WITHIN && caught_up(&m, *n)
-        };
+        let ready =
+            |n: &NodeId| self.liveness.silent_for(*n, now) < META_QUORUM_HEARD_WITHIN && caught_up(&m, *n);
         let learners: BTreeSet<NodeId> =
             membership.learner_ids().filter(|n| map.nodes.contains_key(n) && ready(n)).collect();
         let change = match meta_voter_step(self.id, &voters, &learners, fit) {

@@ -161,10 +161,10 @@ impl Node {
     /// on; on the old leader that is a redirect to the new one.
     async fn propose_write(&self, replica: &Replica, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
         // The node's queued-write budget counts the wait at the gate.
-        let (queued, _pass) = self.batcher.admit(&replica.gate, self.write_timeout, &events).await?;
+        let (admitted, _pass) = self.batcher.admit(&replica.gate, self.write_timeout, &events).await?;
         behind_schema(self.schema().version, &replica.sm.schema(), &events)?;
         // Never hang: a leader cut off from its quorum cannot commit.
-        let write = self.batcher.write_held(replica.gid, events, queued);
+        let write = self.batcher.write_held(replica.gid, events, admitted);
         match tokio::time::timeout(self.write_timeout, write).await {
             Ok(result) => result,
             Err(_) => Err(Error::Unavailable(format!(

@@ -94,6 +94,13 @@ pub struct WriteBatcher {
     budget_units: u32,
 }
 
+/// A request's share of the node's queued-write budget, and its encoded
+/// size (measured once, when it was admitted).
+pub struct Admitted {
+    queued: OwnedSemaphorePermit,
+    bytes: usize,
+}
+
 /// Permits of the queued-bytes budget are KiB (a semaphore takes at most
 /// `u32` permits at once).
 const QUEUE_UNIT: usize = 1024;
@@ -115,8 +122,9 @@ impl WriteBatcher {
     /// Proposes one validated request, all of whose users are in shard
     /// `gid`, through that shard's log; returns its counts and log index.
     pub async fn write(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
-        let queued = self.hold(encoded_len(&events))?;
-        self.write_held(gid, events, queued).await
+        let bytes = encoded_len(&events);
+        let queued = self.hold(bytes)?;
+        self.write_held(gid, events, Admitted { queued, bytes }).await
     }
 
     /// Admits a request to be proposed through `gate`: takes its share of
@@ -130,10 +138,11 @@ impl WriteBatcher {
         gate: &ProposalGate,
         within: Duration,
         events: &[Event],
-    ) -> Result<(OwnedSemaphorePermit, Pass)> {
-        let queued = self.hold(encoded_len(events))?;
+    ) -> Result<(Admitted, Pass)> {
+        let bytes = encoded_len(events);
+        let queued = self.hold(bytes)?;
         let pass = gate.pass(within).await?;
-        Ok((queued, pass))
+        Ok((Admitted { queued, bytes }, pass))
     }
 
     /// [`WriteBatcher::write`] for a request admitted already
@@ -142,10 +151,10 @@ impl WriteBatcher {
         &self,
         gid: GroupId,
         events: Vec<Event>,
-        queued: OwnedSemaphorePermit,
+        admitted: Admitted,
     ) -> Result<(WriteCounts, u64)> {
         let (reply, rx) = oneshot::channel();
-        let bytes = encoded_len(&events);
+        let Admitted { queued, bytes } = admitted;
         self.tx.send(Pending { gid, events, bytes, reply, queued }).await.map_err(|_| shutting_down())?;
         // Queued requests are answered "shutting down" at a stop; a reply
         // dropped unsent is a proposal cut off at shutdown, which may

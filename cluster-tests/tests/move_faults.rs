@@ -250,16 +250,20 @@ async fn killing_the_source_mid_snapshot_leaves_every_shard_writable_and_the_mov
 
 #[tokio::test]
 async fn a_move_whose_target_dies_for_good_ends_on_the_nodes_left() {
-    let config = format!("replica_dead_after = \"3s\"\n{CONFIG}");
+    let config = format!("replica_dead_after = \"6s\"\n{CONFIG}");
     let (mut cluster, book, stop, writers) = loaded_with(&config).await;
     let before: std::collections::BTreeMap<u64, u64> =
         statuses(&cluster, &[1, 2, 3]).await.into_iter().map(|(id, s)| (id, s.snapshot_bytes_sent)).collect();
     let four = cluster.spawn_joining(&[1]).await;
-    let (shard, source, _) = move_in_flight(&cluster, &[1, 2, 3], four, &before).await;
+    let (shard, source, leader) = move_in_flight(&cluster, &[1, 2, 3], four, &before).await;
     cluster.kill(four);
     let killed = Instant::now();
     println!("killed node {four} for good mid-snapshot: shard {shard} was moving from node {source}");
     writes_go_on(&book, 40, "after the target died").await;
+    // It died a learner: the move can end only by moving that replica on.
+    let status = &statuses(&cluster, &[leader]).await[&leader];
+    let s = status.shard_status.iter().find(|s| s.shard == shard).expect("the shard on its leader");
+    assert!(s.voters.contains(&source) && !s.voters.contains(&four), "{s:?}");
 
     // Its learner never caught up, so the move stays open until node 4 is
     // taken for dead and drained: its replicas then go back to the nodes

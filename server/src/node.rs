@@ -211,6 +211,9 @@ pub struct Node {
     /// again before this instant.
     leader_refusals: Arc<Mutex<BTreeMap<(u32, NodeId), tokio::time::Instant>>>,
     leaders_balanced: Mutex<Option<tokio::time::Instant>>,
+    /// The newest schema version this build refused to propose to its
+    /// shards (logged once per version).
+    schema_refused: Mutex<u64>,
     /// Each hosted shard replica's logical size (`node/sizes.rs`).
     sizes: Mutex<BTreeMap<GroupId, sizes::Size>>,
     /// Leaders of shards this node hosts no replica of, as last heard.
@@ -336,6 +339,7 @@ impl Node {
             leader_refusals: Arc::default(),
             sizes: Mutex::default(),
             leaders_balanced: Mutex::default(),
+            schema_refused: Mutex::default(),
             max_moves: opts.max_moves,
             replica_dead_after: opts.replica_dead_after,
             liveness,

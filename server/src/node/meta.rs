@@ -70,8 +70,8 @@ impl Node {
         if cached.version != newest.version {
             match check_schema(&newest.toml) {
                 Ok((schema, _)) => *cached = Arc::new(VersionedSchema { version: newest.version, schema }),
-                // Validated when it was committed: only a binary whose rule
-                // language changed could get here.
+                // Validated before it was proposed: only a binary whose
+                // rule language changed could get here.
                 Err(e) => {
                     tracing::error!(version = newest.version, error = %e, "the committed schema does not compile")
                 }
@@ -419,8 +419,9 @@ impl Node {
     /// Removes node `id` (meta leader only): from the meta group, then from
     /// the map; returns when every shard has its replicas as voters again.
     /// Refused (FAILED_PRECONDITION) while the map places replicas on it
-    /// or a shard's membership still holds it (drain it first), and when
-    /// the meta voters left would have no quorum that answers.
+    /// or a shard's membership still holds it (drain it first), while it
+    /// cannot be marked draining (another node's drain is under way), and
+    /// when the meta voters left would have no quorum that answers.
     pub async fn remove_node(&self, id: NodeId) -> Result<u64> {
         self.lead_meta()?;
         let map = self.cluster().map.clone().ok_or_else(not_created)?;
@@ -430,8 +431,14 @@ impl Node {
             return Err(Error::NotFound(format!("node {id} is not a member of the cluster")));
         }
         if map.nodes.contains_key(&id) {
-            // Refused while it holds replicas: checked before anything moves.
+            // Refused while it holds replicas, or while it could not be
+            // marked draining (below): checked before anything moves.
             map.clone().apply(&MapChange::RemoveNode { node: id }).map_err(Error::FailedPrecondition)?;
+            if !map.draining.contains(&id) {
+                map.clone()
+                    .apply(&MapChange::Drain { node: id })
+                    .map_err(|reason| draining_refused(id, reason))?;
+            }
         }
         // The map moves a replica at once; its group drops the old one only
         // once the new one has caught up. Until then the node still votes.
@@ -473,9 +480,7 @@ impl Node {
             // group, so the removal waits for it.
             self.propose_meta(MetaCommand::Map(MapChange::Drain { node: id })).await.map_err(
                 |e| match e {
-                    Error::FailedPrecondition(reason) => Error::FailedPrecondition(format!(
-                        "node {id} is marked draining before it is removed, and that was refused: {reason}"
-                    )),
+                    Error::FailedPrecondition(reason) => draining_refused(id, reason),
                     e => e,
                 },
             )?;
@@ -510,7 +515,8 @@ impl Node {
             if tokio::time::Instant::now() >= deadline {
                 return Err(Error::Unavailable(format!(
                     "schema version {version} is committed; shards {behind:?} have not applied it yet (they \
-                     will: watch `portrait cluster status`)"
+                     will: watch `portrait cluster status`; should their leaders run a build that refuses \
+                     it, their logs say so)"
                 )));
             }
             tokio::time::sleep(POLL).await;
@@ -783,6 +789,13 @@ fn check_addr(field: &str, addr: &str, example: &str) -> Result<()> {
         return Err(Error::invalid(field, format!("not a valid URL ({e}); e.g. {example}")));
     }
     Ok(())
+}
+
+/// Removing node `id` is refused because it cannot be marked draining.
+fn draining_refused(id: NodeId, reason: String) -> Error {
+    Error::FailedPrecondition(format!(
+        "node {id} is marked draining before it is removed, and that is refused now: {reason}"
+    ))
 }
 
 fn not_created() -> Error {

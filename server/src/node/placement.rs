@@ -251,11 +251,14 @@ impl Node {
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         // Promoted only if heard as lately as a quorum needs and caught up:
         // a new voter that is silent or behind weakens the quorum it joins.
-        let ready =
-            |n: &NodeId| self.liveness.silent_for(*n, now) < META_QUORUM_HEARD_WITHIN && caught_up(&m, *n);
-        let learners: BTreeSet<NodeId> =
-            membership.learner_ids().filter(|n| map.nodes.contains_key(n) && ready(n)).collect();
-        let change = match meta_voter_step(self.id, &voters, &learners, fit) {
+        // One heard but still catching up is awaited (`catching_up`).
+        let heard = |n: &NodeId| self.liveness.silent_for(*n, now) < META_QUORUM_HEARD_WITHIN;
+        let (learners, catching_up): (BTreeSet<NodeId>, BTreeSet<NodeId>) = membership
+            .learner_ids()
+            .filter(|n| map.nodes.contains_key(n) && heard(n))
+            .partition(|n| caught_up(&m, *n));
+        let catching_up = catching_up.iter().any(fit);
+        let change = match meta_voter_step(self.id, &voters, &learners, catching_up, fit) {
             MetaVoterStep::Keep => return Ok(()),
             MetaVoterStep::Promote(promote) => {
                 tracing::info!(nodes = ?promote, "meta group: promoting learners to voters");
@@ -288,8 +291,12 @@ impl Node {
         // The meta leader checked it; a build that refuses it (a rolling
         // upgrade with a stricter check) does not propose it, and says why.
         if let Err(e) = crate::engine::check_schema(&newest.toml) {
-            tracing::error!(group = %replica.gid, version = newest.version, error = %e,
-                "this build refuses the cluster's schema: not applying it to the shard");
+            let mut refused = self.schema_refused.lock().expect("schema_refused lock");
+            if *refused < newest.version {
+                *refused = newest.version;
+                tracing::error!(version = newest.version, error = %e,
+                    "this build refuses the cluster's schema: not applying it to the shards this node leads");
+            }
             return;
         }
         let propose = async {
@@ -373,12 +380,16 @@ enum MetaVoterStep {
 }
 
 /// The next step for the meta group led by `me`, with `voters`, and
-/// `learners` (those in the map), by `fit`. Pure, so its sequence can be
-/// tested: it never leaves more than [`MAX_META_VOTERS`] voters once settled.
+/// `learners` ready to vote (those in the map), by `fit`; `catching_up`:
+/// a fit learner is still catching up, so an unfit voter it can replace
+/// is kept until it is ready (promote, then demote: never a smaller
+/// group meanwhile). Pure, so its sequence can be tested: it never leaves
+/// more than [`MAX_META_VOTERS`] voters once settled.
 fn meta_voter_step(
     me: NodeId,
     voters: &BTreeSet<NodeId>,
     learners: &BTreeSet<NodeId>,
+    catching_up: bool,
     fit: impl Fn(&NodeId) -> bool,
 ) -> MetaVoterStep {
     let unfit: BTreeSet<NodeId> = voters.iter().filter(|v| !fit(v)).copied().collect();
@@ -391,6 +402,8 @@ fn meta_voter_step(
         MetaVoterStep::Keep
     } else if unfit.contains(&me) {
         MetaVoterStep::HandOff(*voters.iter().find(|v| fit(v)).expect("a fit voter"))
+    } else if catching_up && room > 0 {
+        MetaVoterStep::Keep
     } else {
         MetaVoterStep::Demote(unfit)
     }
@@ -466,7 +479,7 @@ mod tests {
         fit: impl Fn(&NodeId) -> bool + Copy,
     ) {
         for _ in 0..20 {
-            match meta_voter_step(me, voters, learners, fit) {
+            match meta_voter_step(me, voters, learners, false, fit) {
                 MetaVoterStep::Keep => return,
                 MetaVoterStep::Promote(p) => {
                     assert!(voters.len() + p.len() <= MAX_META_VOTERS + 1, "{voters:?} + {p:?}");
@@ -491,7 +504,7 @@ mod tests {
         settle(1, &mut voters, &mut learners, |n| *n != 5);
         assert_eq!(voters, [1, 2, 3, 4, 6].into());
         // Node 5 back: no room, it stays a learner; nothing moves.
-        assert_eq!(meta_voter_step(1, &voters, &learners, |_| true), MetaVoterStep::Keep);
+        assert_eq!(meta_voter_step(1, &voters, &learners, false, |_| true), MetaVoterStep::Keep);
         // Three nodes, one silent, no learner to promote: it becomes a
         // learner (it was going to fail anyway; the two others still agree).
         let (mut voters, mut learners) = ([1, 2, 3].into(), BTreeSet::new());
@@ -499,10 +512,39 @@ mod tests {
         assert_eq!(voters, [1, 2].into(), "an unfit voter becomes a learner when others remain");
         // The leader unfit hands off first.
         let voters = [1, 2, 3].into();
-        assert_eq!(meta_voter_step(1, &voters, &BTreeSet::new(), |n| *n != 1), MetaVoterStep::HandOff(2));
+        assert_eq!(
+            meta_voter_step(1, &voters, &BTreeSet::new(), false, |n| *n != 1),
+            MetaVoterStep::HandOff(2)
+        );
         // Growing: learners fill up to five.
         let (mut voters, mut learners) = ([1].into(), (2..=8).collect());
         settle(1, &mut voters, &mut learners, |_| true);
         assert_eq!(voters.len(), MAX_META_VOTERS);
+    }
+
+    #[test]
+    fn an_unfit_voter_stays_while_its_replacement_catches_up() {
+        // Voters 1..=3, node 3 draining, node 4 a fit learner not caught up
+        // yet: node 3 keeps its vote (demoting it now would leave two).
+        let voters: BTreeSet<NodeId> = [1, 2, 3].into();
+        let fit = |n: &NodeId| *n != 3;
+        assert_eq!(meta_voter_step(1, &voters, &BTreeSet::new(), true, fit), MetaVoterStep::Keep);
+        // Ready: promoted first, then node 3 goes.
+        let (mut voters, mut learners) = (voters, [4].into());
+        settle(1, &mut voters, &mut learners, fit);
+        assert_eq!(voters, [1, 2, 4].into());
+        // No replacement on its way: demoted at once.
+        let voters: BTreeSet<NodeId> = [1, 2, 3].into();
+        assert_eq!(
+            meta_voter_step(1, &voters, &BTreeSet::new(), false, fit),
+            MetaVoterStep::Demote([3].into())
+        );
+        // Five fit voters already: a learner catching up replaces nothing.
+        let voters: BTreeSet<NodeId> = (1..=6).collect();
+        let fit = |n: &NodeId| *n != 6;
+        assert_eq!(
+            meta_voter_step(1, &voters, &BTreeSet::new(), true, fit),
+            MetaVoterStep::Demote([6].into())
+        );
     }
 }

@@ -1020,7 +1020,6 @@ mod tests {
         let mut sorted = arrived.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, vec![1, 2, 3], "{arrived:?}");
-        assert_ne!(arrived[2], 3, "the heartbeat left before the second large append: {arrived:?}");
     }
 
     #[test]

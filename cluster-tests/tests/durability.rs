@@ -122,7 +122,7 @@ async fn no_acknowledged_write_is_lost_when_the_leader_is_killed_under_load() {
     let survivors: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
     let load = Workload::start(survivors.iter().map(|&id| cluster.node(id).endpoint()).collect());
 
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    load.wait_acked_over(0).await;
     let before_kill = load.acked();
     cluster.kill(leader);
     let new_leader = cluster.wait_leader(&survivors).await;

@@ -112,7 +112,13 @@ async fn registers_in_every_shard_stay_linearizable_across_a_kill_of_a_node_lead
         })
         .collect();
 
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every register has a completed operation before the kill (clients
+    // connect and fetch the map first: slow on a loaded machine).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !histories.lock().unwrap().iter().all(|h| h.iter().any(|c| c.returned.is_some())) {
+        assert!(Instant::now() < deadline, "some register completed no operation in 20 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     cluster.kill(victim);
     let killed_at = start.elapsed().as_micros() as u64;
     for t in tasks {

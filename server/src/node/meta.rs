@@ -183,7 +183,7 @@ impl Node {
         // A move whose new replica is on a draining node that never came to
         // vote (its node died while catching up) would wait forever: it is
         // no move under way, and its replica is moved on.
-        let stalled = stalled_on_draining(&map, &statuses);
+        let stalled = stalled_on_draining(&map, &statuses, &busy);
         // A drain moves at least one replica at a time, even with
         // balancing off. Only moves under way take room: a shard without a
         // leader (its nodes down) is busy, but must not hold up the drain
@@ -739,13 +739,16 @@ fn moving_shards(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) -
     busy_shards(map, statuses).intersection(&led).count()
 }
 
-/// Busy shards (with a leader that answers) whose replicas in the map on
+/// Of the `busy` shards, those (with a leader that answers) whose replicas in the map on
 /// draining nodes are none of the leader's voters: a move's new replica
 /// whose node went before it caught up (and was drained for it). Moving
 /// that replica on is safe (it votes in nothing) and the only way the
 /// move ends.
-fn stalled_on_draining(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) -> BTreeSet<u32> {
-    let busy = busy_shards(map, statuses);
+fn stalled_on_draining(
+    map: &ShardMap,
+    statuses: &[(NodeId, ClusterStatusResponse)],
+    busy: &BTreeSet<u32>,
+) -> BTreeSet<u32> {
     shard_leaders(statuses)
         .into_values()
         .filter(|s| busy.contains(&s.shard))
@@ -987,6 +990,32 @@ mod tests {
         (node, ClusterStatusResponse { node_id: node, shard_status: vec![status], ..Default::default() })
     }
 
+    fn learning(
+        node: NodeId,
+        shard: u32,
+        voters: &[NodeId],
+        learners: &[NodeId],
+    ) -> (NodeId, ClusterStatusResponse) {
+        let (n, mut status) = leading(node, shard, voters);
+        status.shard_status[0].learners = learners.to_vec();
+        (n, status)
+    }
+
+    /// A map of `shards` shards (RF 3) over nodes 1..=`nodes`.
+    fn map_of(shards: u32, nodes: NodeId) -> ShardMap {
+        let mut map = ShardMap::create(shards, 3, 1, "http://n1", "http://n1:8700").unwrap();
+        for n in 2..=nodes {
+            let change = MapChange::AddNode {
+                node: n,
+                addr: format!("http://n{n}"),
+                peer_addr: format!("http://n{n}:8700"),
+                incarnation: 0,
+            };
+            map.apply(&change).unwrap();
+        }
+        map
+    }
+
     #[test]
     fn a_removal_needs_a_quorum_of_the_voters_left_that_answer() {
         let alive = |ids: &'static [NodeId]| move |n: NodeId| ids.contains(&n);
@@ -1000,16 +1029,7 @@ mod tests {
 
     #[test]
     fn a_shard_without_a_leader_is_busy_but_is_no_move_under_way() {
-        let mut map = ShardMap::create(4, 3, 1, "http://n1", "http://n1:8700").unwrap();
-        for n in 2..=3 {
-            let change = MapChange::AddNode {
-                node: n,
-                addr: format!("http://n{n}"),
-                peer_addr: format!("http://n{n}:8700"),
-                incarnation: 0,
-            };
-            map.apply(&change).unwrap();
-        }
+        let mut map = map_of(4, 3);
         for shard in 0..4 {
             map.replicas[shard] = vec![1, 2, 3];
         }
@@ -1022,21 +1042,7 @@ mod tests {
 
     #[test]
     fn a_move_to_a_node_that_died_catching_up_is_moved_on_once_that_node_drains() {
-        let mut map = ShardMap::create(3, 3, 1, "http://n1", "http://n1:8700").unwrap();
-        for n in 2..=5 {
-            let change = MapChange::AddNode {
-                node: n,
-                addr: format!("http://n{n}"),
-                peer_addr: format!("http://n{n}:8700"),
-                incarnation: 0,
-            };
-            map.apply(&change).unwrap();
-        }
-        let learning = |node, shard, voters: &[NodeId], learners: &[NodeId]| {
-            let (n, mut status) = leading(node, shard, voters);
-            status.shard_status[0].learners = learners.to_vec();
-            (n, status)
-        };
+        let mut map = map_of(3, 5);
         // Shard 0 moved from node 1 to node 4, which died as a learner;
         // shard 1 moves its replica off node 4 (still a voter there);
         // shard 2 is settled.
@@ -1044,29 +1050,25 @@ mod tests {
         map.apply(&MapChange::Drain { node: 4 }).unwrap();
         let statuses =
             [learning(2, 0, &[1, 2, 3], &[4]), learning(1, 1, &[1, 2, 4], &[5]), leading(1, 2, &[1, 2, 3])];
-        assert_eq!(busy_shards(&map, &statuses), BTreeSet::from([0, 1]));
-        let stalled = stalled_on_draining(&map, &statuses);
+        let busy = busy_shards(&map, &statuses);
+        assert_eq!(busy, BTreeSet::from([0, 1]));
+        let stalled = stalled_on_draining(&map, &statuses, &busy);
         assert_eq!(stalled, BTreeSet::from([0]), "node 4 votes in shard 1: that move is under way");
-        let plan = map.plan_drain(&(&busy_shards(&map, &statuses) - &stalled), 1);
+        let plan = map.plan_drain(&(&busy - &stalled), 1);
         assert_eq!(plan, [MapChange::MoveReplica { shard: 0, from: 4, to: 5 }]);
         // Once that move is planned (node 5 takes shard 0), the shard is
         // an ordinary move under way again.
         map.apply(&plan[0]).unwrap();
-        assert!(stalled_on_draining(&map, &statuses).is_empty());
+        assert!(stalled_on_draining(&map, &statuses, &busy_shards(&map, &statuses)).is_empty());
         // Without a drain (node 4 merely slow), nothing is stalled.
         let mut slow = map.clone();
         slow.replicas[0] = vec![4, 2, 3];
         slow.draining.clear();
-        assert!(stalled_on_draining(&slow, &statuses).is_empty());
+        assert!(stalled_on_draining(&slow, &statuses, &busy_shards(&slow, &statuses)).is_empty());
     }
 
     #[test]
     fn a_node_is_removed_only_once_every_shard_leader_reports_it_gone() {
-        let learning = |node, shard, voters: &[NodeId], learners: &[NodeId]| {
-            let (n, mut status) = leading(node, shard, voters);
-            status.shard_status[0].learners = learners.to_vec();
-            (n, status)
-        };
         // Node 3's replicas of shards 0 and 1 moved to node 4 in the map.
         let settled = [leading(1, 0, &[1, 2, 4]), leading(2, 1, &[1, 2, 4]), leading(1, 2, &[1, 2, 4])];
         check_left_every_group(3, 3, &settled).unwrap();

@@ -420,7 +420,8 @@ impl Node {
         // a leader of an older term is deposed. (Not the replica's own
         // term, which a removed replica raises campaigning.)
         let (leader, term) = {
-            let m = replica.raft.metrics().borrow().clone();
+            let metrics = replica.raft.metrics();
+            let m = metrics.borrow();
             (m.current_leader.filter(|&l| l != self.id), m.last_applied.map_or(0, |l| l.leader_id.term))
         };
         let placed = map.replicas.get(replica.gid.0 as usize).cloned().unwrap_or_default();

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use portrait_client::json::now_ms;
 use portrait_client::portrait_proto::v1::rule_value::Kind;
@@ -130,7 +130,16 @@ async fn eight_writers_and_a_leader_kill_apply_every_event_exactly_once() {
         .collect();
     let acked = || ledger.lock().unwrap().acked.values().map(BTreeSet::len).sum::<usize>();
 
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Polls, not fixed sleeps: a loaded machine may take longer to get
+    // the writers going, or to acknowledge after the failover.
+    let acked_over = |n: usize, what: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while acked() <= n {
+            assert!(Instant::now() < deadline, "no write acknowledged {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    acked_over(20, "before the kill").await;
     let before_kill = acked();
     cluster.kill(leader);
     let survivors: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
@@ -138,6 +147,7 @@ async fn eight_writers_and_a_leader_kill_apply_every_event_exactly_once() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.restart(leader).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    acked_over(before_kill, "after the kill").await;
     stop.store(true, Ordering::SeqCst);
     for t in tasks {
         t.await.unwrap();

@@ -175,6 +175,16 @@ async fn move_leaderships(cluster: &Cluster, via: u64, moves: &[(u32, u64)]) {
 /// Starts writer `i` over the users of shard `shards[i]` (`None`: all
 /// users, across shards). Even writers send through nodes 4 and 5, which
 /// host no shard and forward every part; odd ones route by shard.
+/// Waits (30 s at most) until the writers have more than `n` events
+/// acknowledged: a poll, as a loaded machine may be slow to get them going.
+async fn wait_acked_over(ledger: &Mutex<Ledger>, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ledger.lock().unwrap().acked_total() <= n {
+        assert!(Instant::now() < deadline, "no write acknowledged {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn spawn_writers(
     cluster: &Cluster,
     shards: [Option<u32>; 8],
@@ -220,7 +230,7 @@ async fn killing_a_node_that_leads_several_shards_loses_no_event_and_applies_eac
     let started = Instant::now();
     let tasks = spawn_writers(&cluster, shard_of_writer, &ledger, &stop).await;
 
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_acked_over(&ledger, 20, "before the kill").await;
     let before_kill = ledger.lock().unwrap().acked_total();
     cluster.kill(victim);
     let killed = Instant::now();
@@ -230,6 +240,7 @@ async fn killing_a_node_that_leads_several_shards_loses_no_event_and_applies_eac
     tokio::time::sleep(down_for.saturating_sub(killed.elapsed())).await;
     cluster.restart(victim).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_acked_over(&ledger, before_kill, "after the kill").await;
     stop.store(true, Ordering::SeqCst);
     let stopped = Instant::now();
     for t in tasks {
@@ -277,7 +288,7 @@ async fn a_cross_shard_write_without_a_quorum_names_the_shard_and_a_retry_applie
     const ALL: [u64; 3] = [1, 2, 3];
     // A short write timeout: the write that cannot commit fails sooner.
     // Leaders placed by the test: no balancing (`max_moves = 0`).
-    let config = "replication = 3\nmax_moves = 0\n[raft]\nwrite_timeout_ms = 1500\n";
+    let config = "replication = 3\nmax_moves = 0\n[raft]\nwrite_timeout_ms = 4000\n";
     let cluster = Cluster::start_sharded_with_config(3, SHARDS, config).await;
     wait_placed(&cluster, &ALL, SHARDS).await;
     // Node 3 leads shard 1; another node the healthy shard.

@@ -172,6 +172,9 @@ pub struct ShardStatus {
     /// log; during a change, the voters of both configurations).
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
+    /// The log index of that membership: committed once `applied_index`
+    /// reaches it.
+    pub membership_index: u64,
     /// The replica's logical size as last measured (`node/sizes.rs`).
     pub state_bytes: Option<u64>,
 }
@@ -612,6 +615,7 @@ fn shard_status(replica: &Replica) -> ShardStatus {
         schema_version: replica.sm.schema().version,
         voters: m.membership_config.membership().voter_ids().collect(),
         learners: m.membership_config.membership().learner_ids().collect(),
+        membership_index: m.membership_config.log_id().map_or(0, |l| l.index),
         state_bytes: None,
     }
 }

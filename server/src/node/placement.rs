@@ -444,10 +444,19 @@ impl Node {
             .flat_map(|status| status.shard_status.iter())
             .filter(|s| s.shard == replica.gid.0 && s.role == "Leader" && s.term >= term)
             .max_by_key(|s| s.term);
-        led.is_some_and(|s| {
-            !s.voters.is_empty() && !s.voters.contains(&self.id) && !s.learners.contains(&self.id)
-        })
+        led.is_some_and(|s| left_out(s, self.id))
     }
+}
+
+/// Whether a leader's status shows a committed membership without node
+/// `me`. Only a committed one: a leader (even of the newest term this
+/// replica applied entries of, if it was deposed since) may hold an
+/// appended change that a later leader never commits.
+fn left_out(leader: &portrait_proto::v1::ShardStatus, me: NodeId) -> bool {
+    leader.membership_index <= leader.applied_index
+        && !leader.voters.is_empty()
+        && !leader.voters.contains(&me)
+        && !leader.learners.contains(&me)
 }
 
 /// Whether `replica`'s committed membership leaves node `me` out: it is
@@ -547,5 +556,28 @@ mod tests {
             meta_voter_step(1, &voters, &BTreeSet::new(), true, fit),
             MetaVoterStep::Demote([6].into())
         );
+    }
+
+    #[test]
+    fn only_a_committed_membership_without_this_node_removes_it() {
+        let leader = |voters: Vec<NodeId>, learners: Vec<NodeId>, membership_index, applied_index| {
+            portrait_proto::v1::ShardStatus {
+                role: "Leader".into(),
+                voters,
+                learners,
+                membership_index,
+                applied_index,
+                ..Default::default()
+            }
+        };
+        // Committed (applied), without node 4: removed.
+        assert!(left_out(&leader(vec![1, 2, 3], vec![], 40, 41), 4));
+        assert!(left_out(&leader(vec![1, 2, 3], vec![], 41, 41), 4));
+        // Appended, not yet applied: a later leader may never commit it.
+        assert!(!left_out(&leader(vec![1, 2, 3], vec![], 42, 41), 4));
+        // Still a voter or a learner; or no membership known.
+        assert!(!left_out(&leader(vec![1, 2, 4], vec![], 40, 41), 4));
+        assert!(!left_out(&leader(vec![1, 2, 3], vec![4], 40, 41), 4));
+        assert!(!left_out(&leader(vec![], vec![], 0, 0), 4));
     }
 }

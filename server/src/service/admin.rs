@@ -98,6 +98,7 @@ fn shard_status_to_pb(s: crate::node::ShardStatus) -> ShardStatus {
         schema_version: s.schema_version,
         voters: s.voters,
         learners: s.learners,
+        membership_index: s.membership_index,
         state_bytes: s.state_bytes,
     }
 }

@@ -224,7 +224,11 @@ async fn a_delayed_link_still_converges_and_a_resetting_link_is_retried() {
     let proxy = cluster.node(slow).proxy.as_ref().unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
     while proxy.resets() < 2 {
-        assert!(Instant::now() < deadline, "the leader did not retry the reset link: {} resets", proxy.resets());
+        assert!(
+            Instant::now() < deadline,
+            "the leader did not retry the reset link: {} resets",
+            proxy.resets()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     load.wait_acked_over(before + 20).await;

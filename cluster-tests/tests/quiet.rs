@@ -138,7 +138,10 @@ async fn idle_leaders_stop_heartbeating_and_a_write_wakes_them() {
     // Every follower heard its leader since the write was sent: a contact
     // age (the node's own clock, cut to whole ms) no older than the write.
     let since_write = started.elapsed();
-    assert!(ages.iter().all(|a| *a <= since_write), "the followers heard the write ({since_write:?} ago): {ages:?}");
+    assert!(
+        ages.iter().all(|a| *a <= since_write),
+        "the followers heard the write ({since_write:?} ago): {ages:?}"
+    );
 }
 
 #[tokio::test]

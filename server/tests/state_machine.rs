@@ -675,11 +675,12 @@ async fn pipelined_entries_match_one_by_one(
     }
 }
 
-/// A restore through the log (`Command::Restore`): `Begin` wipes the
-/// shard's rows and refuses writes until `End`; the backup's rows arrive in
-/// numbered steps (a step out of order or of another attempt changes
-/// nothing); afterwards the replica serves exactly what the backup held,
-/// dedupe markers included, and takes writes again.
+/// A restore through the log (`Command::Restore`): `Begin` is refused on a
+/// shard that took writes, else it wipes the rows of an earlier attempt and
+/// refuses writes until `End`; the backup's rows arrive in numbered steps
+/// (a step out of order or of another attempt changes nothing); afterwards
+/// the replica serves exactly what the backup held, dedupe markers
+/// included, takes writes again, and refuses another restore.
 #[tokio::test]
 async fn a_restore_through_the_log_replaces_the_rows_with_the_backups() {
     use portrait_server::store::restore::BackupSource;
@@ -713,18 +714,44 @@ async fn a_restore_through_the_log_replaces_the_rows_with_the_backups() {
         "another shard's"
     );
 
-    let mut target = replica();
-    let other = event("someone-else", "trade", T0, "x1", &[]);
-    apply(&mut target, vec![write(1, T0, vec![vec![other]])]).await;
     let restore = |index, step| entry(index, Command::Restore { stamp_ms: T0 + 1, step });
-    let begin = RestoreStep::Begin { id: "r1".into() };
-    assert_eq!(apply(&mut target, vec![restore(2, begin)]).await, vec![CommandResult::Restored { rows: 0 }]);
-    assert_eq!(read(&target, "someone-else", T0), ProfileView::default(), "Begin wipes the shard");
+    let begin = |id: &str| RestoreStep::Begin { id: id.into() };
+    // A shard that took a write is not restored into, whatever the leader
+    // saw when it proposed the restore.
+    let mut written = replica();
+    let other = event("someone-else", "trade", T0, "x1", &[]);
+    apply(&mut written, vec![write(1, T0, vec![vec![other]])]).await;
+    let before = read(&written, "someone-else", T0);
+    let res = apply(&mut written, vec![restore(2, begin("r1"))]).await;
+    assert!(
+        matches!(&res[0], CommandResult::Rejected { reason } if reason.contains("holds data")),
+        "{res:?}"
+    );
+    assert_eq!(read(&written, "someone-else", T0), before, "nothing wiped");
+    assert_ne!(before, ProfileView::default());
+
+    // An attempt cut short (its first chunk applied), then a new attempt:
+    // its Begin wipes what the first one wrote.
+    let mut target = replica();
+    assert_eq!(
+        apply(&mut target, vec![restore(1, begin("r0"))]).await,
+        vec![CommandResult::Restored { rows: 0 }]
+    );
+    let first = restore(2, RestoreStep::Rows { id: "r0".into(), seq: 0, rows: chunks[0].clone() });
+    assert!(
+        matches!(&apply(&mut target, vec![first]).await[0], CommandResult::Restored { rows } if *rows > 0)
+    );
+    assert!(users.iter().any(|u| read(&target, u, T0) != ProfileView::default()), "chunk 0 landed");
+    assert_eq!(
+        apply(&mut target, vec![restore(3, begin("r1"))]).await,
+        vec![CommandResult::Restored { rows: 0 }]
+    );
+    assert!(users.iter().all(|u| read(&target, u, T0) == ProfileView::default()), "Begin wipes the attempt");
     let refused =
-        apply(&mut target, vec![write(3, T0, vec![vec![event("user-1", "trade", T0, "n1", &[])]])]).await;
+        apply(&mut target, vec![write(4, T0, vec![vec![event("user-1", "trade", T0, "n1", &[])]])]).await;
     assert!(counts(&refused[0])[0].as_ref().unwrap_err().contains("being restored"), "{refused:?}");
 
-    let mut index = 4;
+    let mut index = 5;
     let rows_step = |seq: u64, id: &str, rows| restore(0, RestoreStep::Rows { id: id.into(), seq, rows });
     let out_of_order = rows_step(1, "r1", chunks[1].clone());
     let foreign = rows_step(0, "r0", chunks[0].clone());
@@ -754,7 +781,6 @@ async fn a_restore_through_the_log_replaces_the_rows_with_the_backups() {
     for user in &users {
         assert_eq!(read(&target, user, T0), read(&source, user, T0), "{user}");
     }
-    assert_eq!(read(&target, "someone-else", T0), ProfileView::default());
     let again = vec![write(
         index + 2,
         T0 + 2,
@@ -762,5 +788,15 @@ async fn a_restore_through_the_log_replaces_the_rows_with_the_backups() {
     )];
     let res = apply(&mut target, again).await;
     assert_eq!(counts(&res[0]), vec![applied(1, 1, 0)], "dedupe markers restored; writes apply again");
-    let _keep = (&source.dir, &target.dir);
+    let res = apply(&mut target, vec![restore(index + 3, begin("r2"))]).await;
+    assert!(
+        matches!(&res[0], CommandResult::Rejected { reason } if reason.contains("holds data")),
+        "{res:?}"
+    );
+    assert_eq!(
+        read(&target, "user-1", T0),
+        read(&source, "user-1", T0),
+        "a restored shard is not restored over"
+    );
+    let _keep = (&source.dir, &target.dir, &written.dir);
 }

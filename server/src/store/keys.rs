@@ -54,6 +54,12 @@ pub const META_RESTORE: &[u8] = b"restore";
 /// The `restore_id` of the last restore that ended in the group (a
 /// string): a restore run again with that id skips the shard.
 pub const META_RESTORED: &[u8] = b"restored";
+/// Present once a write applied an event to the group (or a restore
+/// ended with rows): a restore's `Begin` is refused in the state machine
+/// while it is set and no restore is in progress. Replicated (written by
+/// apply, carried by snapshots), unlike the data's presence, which TTL
+/// compaction changes on each replica at its own pace.
+pub const META_WRITTEN: &[u8] = b"written";
 /// Column families of a shard's data (what a restore copies and wipes):
 /// every one but `meta`.
 pub const DATA_CFS: [&str; 5] = [CF_PROFILES, CF_HISTORY, CF_DEDUPE, CF_STATE, CF_TIMERS];

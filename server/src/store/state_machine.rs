@@ -76,6 +76,9 @@ struct Applier {
     /// Whether the group is mid-restore (its `restore` marker is set);
     /// `None`: not read yet (at open and after a snapshot install).
     restoring: Option<bool>,
+    /// Whether the group's `written` mark is set (or in the batch in
+    /// flight); `None`: not read yet.
+    written: Option<bool>,
 }
 
 /// The group's keys in `meta`.
@@ -88,6 +91,7 @@ struct MetaKeys {
     cluster: Vec<u8>,
     restore: Vec<u8>,
     restored: Vec<u8>,
+    written: Vec<u8>,
 }
 
 impl MetaKeys {
@@ -101,6 +105,7 @@ impl MetaKeys {
             cluster: meta(gid, META_CLUSTER),
             restore: meta(gid, META_RESTORE),
             restored: meta(gid, META_RESTORED),
+            written: meta(gid, META_WRITTEN),
         }
     }
 }
@@ -159,6 +164,7 @@ impl StateMachine {
             in_flight: None,
             failed: None,
             restoring: None,
+            written: None,
         };
         Ok(StateMachine {
             store,
@@ -295,6 +301,11 @@ impl Applier {
                     &mut batch,
                 )
                 .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
+                let stored = outcomes.iter().any(|o| matches!(o, WriteOutcome::Applied(c) if c.applied > 0));
+                if stored && !self.written(db)? {
+                    batch.put_cf(meta, &self.keys.written, encode(&true));
+                    self.written = Some(true);
+                }
                 self.submit(db, batch, state, log_id)?;
                 return Ok(CommandResult::Write(outcomes));
             }
@@ -400,6 +411,19 @@ impl Applier {
         Ok(restoring)
     }
 
+    /// Whether the group's `written` mark is set. Read from the database
+    /// only while unknown: then no batch in flight sets it (the cache is
+    /// set with every put, and cleared only once the batch in flight is
+    /// written).
+    fn written(&mut self, db: &DB) -> Result<bool, StorageError> {
+        if let Some(written) = self.written {
+            return Ok(written);
+        }
+        let written = db.get_cf(cf(db, CF_META), &self.keys.written).map_err(read_err)?.is_some();
+        self.written = Some(written);
+        Ok(written)
+    }
+
     /// Applies one restore step into `batch` (see [`RestoreStep`]): the
     /// rows applied so far, or why the step was rejected (nothing of it is
     /// applied). Deterministic: it reads only the group's replicated rows.
@@ -421,6 +445,15 @@ impl Applier {
         };
         match step {
             RestoreStep::Begin { id } => {
+                // Only into a shard that never took a write, or to start a
+                // restore in progress again: decided here, on every
+                // replica alike, not by the leader's earlier look (writes
+                // may have been applied since, or not be readable yet).
+                if marker.is_none() && self.written(db)? {
+                    return Ok(Err(format!(
+                        "{gid} holds data (it has taken writes): a restore needs a new, empty cluster"
+                    )));
+                }
                 let (start, end) = group_range(gid);
                 for name in DATA_CFS {
                     batch.delete_range_cf(cf(db, name), &start, &end);
@@ -432,8 +465,10 @@ impl Applier {
                 );
                 batch.delete_cf(meta_cf, &self.keys.reeval);
                 batch.delete_cf(meta_cf, &self.keys.restored);
+                batch.delete_cf(meta_cf, &self.keys.written);
                 self.cache.clear();
                 self.restoring = Some(true);
+                self.written = Some(false);
                 Ok(Ok(0))
             }
             RestoreStep::Rows { id, seq, rows } => {
@@ -489,6 +524,10 @@ impl Applier {
                     &self.keys.restored,
                     encode(&crate::types::restore_id_of(&id).to_string()),
                 );
+                if marker.rows > 0 {
+                    batch.put_cf(meta_cf, &self.keys.written, encode(&true));
+                    self.written = Some(true);
+                }
                 self.cache.clear();
                 self.restoring = Some(false);
                 Ok(Ok(marker.rows))
@@ -678,6 +717,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 applier.wait_in_flight()?;
                 applier.cache.clear();
                 applier.restoring = None;
+                applier.written = None;
             }
             install_blocking(&store, &dir, file, &meta).map_err(|e| {
                 StorageError::from(StorageIOError::write_snapshot(None, AnyError::error(format!("{e:#}"))))

@@ -185,3 +185,50 @@ async fn a_backup_taken_while_writing_restores_into_a_new_cluster_shard_by_shard
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds data"), "{out:?}");
 }
+
+/// A follower that lags its leader does not export a copy missing
+/// acknowledged writes: it first catches up with its leader's log, and one
+/// that cannot (its leader's entries dropped) answers UNAVAILABLE, so the
+/// CLI copies another replica. Healed, it catches up and exports them.
+#[tokio::test]
+async fn a_follower_behind_its_leader_exports_only_once_caught_up() {
+    let config = "replication = 3\nmax_moves = 0\n[raft]\nwrite_timeout_ms = 2000\n";
+    let cluster = Cluster::start_sharded_with_config(3, 1, config).await;
+    portrait_cluster_tests::replicas::wait_placed(&cluster, &[1, 2, 3], 1).await;
+    let leader = cluster.wait_leader(&[1, 2, 3]).await;
+    let behind = if leader == 1 { 2 } else { 1 };
+    let writer = cluster.client(leader).await;
+    writer.write(vec![order_of("a0", "a0-first")]).await.expect("first write");
+
+    // `behind` drops what the leader sends it (it still hears it, and does
+    // not campaign); the leader and the third node acknowledge writes.
+    cluster.client(behind).await.set_faults(Vec::new(), vec![leader]).await.expect("set faults");
+    let mut last = 0;
+    for i in 0..5 {
+        last = writer
+            .write(vec![order_of(&format!("a{i}"), &format!("a{i}-later"))])
+            .await
+            .expect("write")
+            .log_index;
+    }
+    let copier = cluster.client(behind).await;
+    let endpoint = cluster.node(behind).endpoint();
+    let message = match copier.backup_shard_from(&endpoint, 0).await {
+        Err(e) => e.to_string(),
+        Ok(mut stream) => {
+            let status = stream.message().await.expect_err("a copy from a replica behind its leader");
+            portrait_client::ClientError::from(status).to_string()
+        }
+    };
+    assert!(message.starts_with("UNAVAILABLE: "), "{message}");
+    assert!(message.contains("did not reach its leader's index"), "{message}");
+
+    cluster.client(behind).await.set_faults(Vec::new(), Vec::new()).await.expect("heal");
+    let mut stream = copier.backup_shard_from(&endpoint, 0).await.expect("a copy once healed");
+    let header = match stream.message().await.expect("header").and_then(|c| c.part) {
+        Some(portrait_client::portrait_proto::v1::backup_shard_chunk::Part::Header(h)) => h,
+        other => panic!("the stream did not begin with a header: {other:?}"),
+    };
+    assert_eq!(header.node_id, behind);
+    assert!(header.applied_index >= last, "copied at {}, the last write at {last}", header.applied_index);
+}

@@ -6,7 +6,9 @@
 //! replica's applied index; [`crate::store::group_snapshot::export`]) into
 //! an archive under `<data>/backup/`, which the service streams to the
 //! caller and removes. The node keeps serving: the export reads a
-//! snapshot, bypassing the block cache.
+//! snapshot, bypassing the block cache. The replica first catches up with
+//! its shard's leader ([`Node::caught_up_for_backup`]), so the copy holds
+//! every write acknowledged before the export was asked for.
 //!
 //! Restore: the shard's leader reads a received archive
 //! ([`crate::store::restore::BackupSource`]) and proposes its rows through
@@ -134,6 +136,7 @@ impl Node {
             )));
         }
         let slot = self.backup_slot()?;
+        self.caught_up_for_backup(&replica).await?;
         let state_db = self.state_db.clone();
         let marker = restore_state(&state_db, gid).map_err(Error::internal)?.marker;
         if let Some(marker) = marker {
@@ -171,6 +174,49 @@ impl Node {
             })?;
         tracing::info!(group = %gid, ?applied, bytes, "shard exported for a backup");
         Ok(ShardExport { file, applied, schema_version, bytes, _slot: slot })
+    }
+
+    /// Waits until `replica` has written every entry acknowledged so far:
+    /// on the shard's leader its read index (confirmed with a quorum); on a
+    /// follower the leader's last log index, which holds every committed
+    /// entry (asked over `Raft.Status`). At most the write timeout, else
+    /// UNAVAILABLE (the CLI then copies another replica). Without it a
+    /// lagging follower could export a copy missing acknowledged writes.
+    async fn caught_up_for_backup(&self, replica: &Replica) -> Result<()> {
+        let gid = replica.gid;
+        let leader = replica.raft.metrics().borrow().current_leader;
+        let target = match leader {
+            None => {
+                return Err(Error::Unavailable(format!(
+                    "{gid} has no leader known to node {}; retry, or copy another replica",
+                    self.id
+                )))
+            }
+            Some(l) if l == self.id => return self.ensure_linearizable(replica).await,
+            Some(l) => {
+                let addr =
+                    self.cluster().map.as_ref().and_then(|m| m.nodes.get(&l).map(|n| n.peer_addr.clone()));
+                let addr = addr.ok_or_else(|| {
+                    Error::Unavailable(format!("{gid}'s leader, node {l}, is not in the shard map; retry"))
+                })?;
+                let status = super::meta::peer_status(&addr).await.map_err(|e| {
+                    Error::Unavailable(format!(
+                        "{gid}: asking its leader, node {l}, how far its log goes: {e}"
+                    ))
+                })?;
+                let led = status.shard_status.iter().find(|s| s.shard == gid.0 && s.role == "Leader");
+                led.ok_or_else(|| Error::Unavailable(format!("{gid}: node {l} no longer leads it; retry")))?
+                    .last_log_index
+            }
+        };
+        match tokio::time::timeout(self.write_timeout, replica.sm.wait_written(target)).await {
+            Ok(written) => written.map_err(Error::Internal),
+            Err(_) => Err(Error::Unavailable(format!(
+                "{gid}'s replica on node {} did not reach its leader's index {target} within {:?}; copy another \
+                 replica",
+                self.id, self.write_timeout
+            ))),
+        }
     }
 
     /// Where a restore's archive for shard `shard` is received: checks

@@ -308,7 +308,7 @@ impl Node {
 
     /// Confirms this node leads `replica`'s group through its read index
     /// and waits until that index is readable.
-    async fn ensure_linearizable(&self, replica: &Replica) -> Result<()> {
+    pub(super) async fn ensure_linearizable(&self, replica: &Replica) -> Result<()> {
         // The leadership check sends AppendEntries, which a transfer must not.
         let _pass = replica.gate.pass(self.write_timeout).await?;
         let read_log_id = replica.raft.ensure_linearizable().await.map_err(check_leader_error)?;

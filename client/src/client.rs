@@ -272,6 +272,15 @@ impl PortraitClient {
             let part = self.batch_get_part(target, request(users));
             async move {
                 let answer = part.await.map_err(|e| reindex(e, "user_ids", &positions))?;
+                // One profile per id asked, in order (a node of another
+                // version could answer fewer: never padded with empty ones).
+                if answer.profiles.len() != positions.len() {
+                    return Err(ClientError::Rpc(tonic::Status::internal(format!(
+                        "a node answered {} profiles for {} user ids",
+                        answer.profiles.len(),
+                        positions.len()
+                    ))));
+                }
                 Ok::<_, ClientError>((positions, answer.profiles, answer.read_info))
             }
         });

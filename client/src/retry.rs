@@ -81,7 +81,9 @@ where
             if redirects >= MAX_REDIRECTS {
                 return Err(status.into());
             }
-            if router.follow(hint, &conn.endpoint)? {
+            // A hint that is no endpoint is ignored (the server's answer,
+            // not a connect error, is what the caller then sees).
+            if router.follow(hint, &conn.endpoint).unwrap_or(false) {
                 redirects += 1;
                 continue;
             }

@@ -120,21 +120,32 @@ impl Cached {
         expired || (stale && self.retry.is_none_or(|(at, _)| now >= at))
     }
 
-    /// Records a fetch's outcome at `now`: a map resets the backoff, a
+    /// Records a fetch's outcome at `now`, `seen` being the newest epoch
+    /// an answer carried: a map at least that new resets the backoff. A
     /// failure keeps the old map (it still routes most calls right) and
-    /// waits longer before the next.
-    fn fetched(&mut self, map: Option<RouteMap>, now: Instant) {
+    /// waits longer before the next; so does a map older than the cached
+    /// one (kept: a lagging node's answer never replaces a newer map), and
+    /// a map taken that is still older than `seen` (else every call would
+    /// fetch again).
+    fn fetched(&mut self, map: Option<RouteMap>, seen: u64, now: Instant) {
         self.fetched = Some(now);
+        let newer = |m: &RouteMap| self.map.as_ref().is_none_or(|cached| m.epoch >= cached.epoch);
         match map {
-            Some(map) => {
+            Some(map) if newer(&map) => {
+                let behind = map.epoch < seen;
                 self.map = Some(Arc::new(map));
-                self.retry = None;
+                match behind {
+                    true => self.back_off(now),
+                    false => self.retry = None,
+                }
             }
-            None => {
-                let wait = self.retry.map_or(REFETCH_BACKOFF, |(_, wait)| (wait * 2).min(MAP_TTL));
-                self.retry = Some((now + wait, wait));
-            }
+            _ => self.back_off(now),
         }
+    }
+
+    fn back_off(&mut self, now: Instant) {
+        let wait = self.retry.map_or(REFETCH_BACKOFF, |(_, wait)| (wait * 2).min(MAP_TTL));
+        self.retry = Some((now + wait, wait));
     }
 }
 
@@ -159,8 +170,10 @@ impl Routes {
         let stale = self.stale.load(Ordering::Relaxed) || outdated;
         if cached.due(stale, Instant::now()) {
             self.stale.store(false, Ordering::Relaxed);
-            let map = fetch(router).await;
-            cached.fetched(map, Instant::now());
+            let named: Vec<String> =
+                cached.map.as_ref().map(|m| m.endpoints.values().cloned().collect()).unwrap_or_default();
+            let map = self.fetch(router, &named).await;
+            cached.fetched(map, router.seen_epoch(), Instant::now());
         }
         cached.map.clone()
     }
@@ -186,32 +199,55 @@ impl Routes {
 /// held meanwhile, so a silent seed must not hold every call up.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Asks the seed for the map, then (if the seed fails) the router's
-/// current node; one attempt each, within [`FETCH_TIMEOUT`], so a fetch
-/// never holds a call up for long.
-async fn fetch(router: &Router) -> Option<RouteMap> {
-    let seed = router.seed();
-    let current = router.current();
-    let mut asked = vec![seed.clone()];
-    if current.endpoint != seed.endpoint {
-        asked.push(current);
-    }
-    for conn in asked {
-        let mut admin = crate::client::admin(conn.channel);
-        let call = admin.shard_map(ShardMapRequest {});
-        match tokio::time::timeout(FETCH_TIMEOUT, call)
-            .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("")))
-        {
-            Ok(answer) => {
-                router.note_epoch(answer.metadata());
-                let home = conn.endpoint == seed.endpoint;
-                return RouteMap::new(answer.into_inner(), &conn.endpoint, home);
-            }
-            Err(status) => router.note_epoch(status.metadata()),
+/// Other nodes of the cached map a fetch asks when the seed and the
+/// router's current node give no map as new as the newest epoch seen.
+const FETCH_OTHERS: usize = 2;
+
+impl Routes {
+    /// Asks the seed for the map, then the router's current node, then up
+    /// to [`FETCH_OTHERS`] other nodes `named` (the cached map's), until
+    /// one answers with a map at least as new as the newest epoch seen
+    /// (a lagging node's map is older); else the newest map answered. One
+    /// attempt each, within [`FETCH_TIMEOUT`], so a fetch never holds a
+    /// call up for long; a seed down for good no longer freezes the map.
+    async fn fetch(&self, router: &Router, named: &[String]) -> Option<RouteMap> {
+        let seed = router.seed();
+        let current = router.current();
+        let mut asked = vec![seed.clone()];
+        if current.endpoint != seed.endpoint {
+            asked.push(current);
         }
+        let others = named.iter().filter(|e| !asked.iter().any(|c| &c.endpoint == *e)).take(FETCH_OTHERS);
+        let others: Vec<Conn> = others
+            .filter_map(|e| self.channel(e).ok().map(|channel| Conn { endpoint: e.clone(), channel }))
+            .collect();
+        asked.extend(others);
+        let mut best: Option<RouteMap> = None;
+        for conn in asked {
+            let mut admin = crate::client::admin(conn.channel);
+            let call = admin.shard_map(ShardMapRequest {});
+            match tokio::time::timeout(FETCH_TIMEOUT, call)
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("")))
+            {
+                Ok(answer) => {
+                    router.note_epoch(answer.metadata());
+                    let home = conn.endpoint == seed.endpoint;
+                    let Some(map) = RouteMap::new(answer.into_inner(), &conn.endpoint, home) else {
+                        continue;
+                    };
+                    if map.epoch >= router.seen_epoch() {
+                        return Some(map);
+                    }
+                    if best.as_ref().is_none_or(|b| map.epoch > b.epoch) {
+                        best = Some(map);
+                    }
+                }
+                Err(status) => router.note_epoch(status.metadata()),
+            }
+        }
+        best
     }
-    None
 }
 
 #[cfg(test)]
@@ -272,19 +308,43 @@ mod tests {
         let ms = |n| Duration::from_millis(n);
         let mut cached = Cached::default();
         assert!(cached.due(false, t0), "no map yet");
-        cached.fetched(RouteMap::new(answer(), "http://127.0.0.1:7701", true), t0);
+        cached.fetched(RouteMap::new(answer(), "http://127.0.0.1:7701", true), 3, t0);
         assert!(!cached.due(false, t0 + ms(1)) && cached.due(true, t0 + ms(1)), "fresh: fetched when stale");
         // The nodes are down: each failure waits twice as long, up to the TTL.
         let mut at = t0 + ms(1);
         for wait in [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000] {
-            cached.fetched(None, at);
+            cached.fetched(None, 3, at);
             assert!(!cached.due(true, at + ms(wait) - ms(1)), "stale, within {wait} ms of a failure");
             at += ms(wait);
             assert!(cached.due(true, at), "stale, {wait} ms after");
         }
         assert!(cached.map.is_some(), "the old map is kept");
         assert!(cached.due(false, at + MAP_TTL + ms(1)), "expired: fetched whatever the backoff");
-        cached.fetched(RouteMap::new(answer(), "http://127.0.0.1:7701", true), at);
+        cached.fetched(RouteMap::new(answer(), "http://127.0.0.1:7701", true), 3, at);
         assert!(cached.due(true, at + ms(1)), "a map resets the backoff");
+    }
+
+    #[test]
+    fn an_older_map_never_replaces_a_newer_one_and_a_map_behind_the_epoch_seen_backs_off() {
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let map =
+            |epoch| RouteMap::new(ShardMapResponse { epoch, ..answer() }, "http://127.0.0.1:7701", true);
+        let mut cached = Cached::default();
+        cached.fetched(map(7), 7, t0);
+        assert!(cached.due(true, t0 + ms(1)), "current: a stale mark fetches at once");
+        // A lagging node answers epoch 5: the cached 7 stays, and the next
+        // fetch waits.
+        cached.fetched(map(5), 7, t0 + ms(1));
+        assert_eq!(cached.map.as_ref().unwrap().epoch, 7);
+        assert!(!cached.due(true, t0 + ms(2)), "backs off after an older map");
+        assert!(cached.due(true, t0 + ms(252)));
+        // Epoch 8 is seen, only 7 answered: taken (not older), but the
+        // fetch backs off instead of running on every call.
+        cached.fetched(map(7), 8, t0 + ms(300));
+        assert!(!cached.due(true, t0 + ms(301)), "still behind the epoch seen: backs off");
+        cached.fetched(map(8), 8, t0 + ms(2000));
+        assert_eq!(cached.map.as_ref().unwrap().epoch, 8);
+        assert!(cached.due(true, t0 + ms(2001)), "caught up: the backoff is reset");
     }
 }

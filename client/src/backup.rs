@@ -18,6 +18,7 @@
 //! the rows through the shard's raft log.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -359,7 +360,7 @@ pub async fn restore(
     let started = Instant::now();
     let mut restored = Vec::new();
     for file in &manifest.shard_files {
-        let done = restore_one(client, dir, &manifest.backup_id, file).await?;
+        let done = restore_one(client, dir, &manifest.backup_id, manifest.shards, file).await?;
         if done.earlier {
             progress(&format!(
                 "shard {}: already restored from this backup by an earlier run ({}/{})",
@@ -434,6 +435,7 @@ async fn restore_one(
     client: &PortraitClient,
     dir: &Path,
     backup_id: &str,
+    shards: u32,
     file: &ShardFile,
 ) -> Result<RestoredShard, ClientError> {
     let path = shard_path(dir, file)?;
@@ -460,9 +462,16 @@ async fn restore_one(
             archive_bytes: file.bytes,
             sha256: file.sha256.clone(),
             restore_id: backup_id.to_string(),
+            shards,
         };
-        let chunks = archive_chunks(header, path.clone()).await?;
-        match client.restore_shard_to(&leader.addr, chunks).await {
+        let read_failed = Arc::new(Mutex::new(None));
+        let chunks = archive_chunks(header, path.clone(), read_failed.clone()).await?;
+        let sent = client.restore_shard_to(&leader.addr, chunks).await;
+        // The node saw a short archive; the cause is the local read.
+        if let Some(e) = read_failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(config(format!("shard {}: reading {}: {e}", file.shard, path.display())));
+        }
+        match sent {
             Ok(r) => {
                 return Ok(RestoredShard {
                     shard: r.shard,
@@ -493,21 +502,31 @@ async fn restore_one(
     Err(config(format!("shard {}: not restored after 20 attempts; last error: {last}", file.shard)))
 }
 
-/// The header, then the file in chunks, read as the stream is sent.
+/// The header, then the file in chunks, read as the stream is sent. A read
+/// error ends the stream (the node then refuses the short archive) and is
+/// left in `failed` for the caller.
 async fn archive_chunks(
     header: RestoreHeader,
     path: PathBuf,
+    failed: Arc<Mutex<Option<std::io::Error>>>,
 ) -> Result<impl futures::Stream<Item = RestoreShardChunk> + Send + 'static, ClientError> {
     let file = tokio::fs::File::open(&path).await?;
     let first = RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(header)) };
-    let data = futures::stream::unfold(Some(file), |file| async move {
-        let mut file = file?;
-        let mut buf = vec![0u8; CHUNK_BYTES];
-        match file.read(&mut buf).await {
-            Ok(0) | Err(_) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((RestoreShardChunk { part: Some(restore_shard_chunk::Part::Data(buf)) }, Some(file)))
+    let data = futures::stream::unfold(Some(file), move |file| {
+        let failed = failed.clone();
+        async move {
+            let mut file = file?;
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Err(e) => {
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    None
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((RestoreShardChunk { part: Some(restore_shard_chunk::Part::Data(buf)) }, Some(file)))
+                }
             }
         }
     });

@@ -191,7 +191,7 @@ async fn a_backup_taken_while_writing_restores_into_a_new_cluster_shard_by_shard
 /// that cannot (its leader's entries dropped) answers UNAVAILABLE, so the
 /// CLI copies another replica. Healed, it catches up and exports them.
 #[tokio::test]
-async fn a_follower_behind_its_leader_exports_only_once_caught_up() {
+async fn a_lagging_follower_exports_only_once_caught_up_and_a_foreign_shard_count_is_refused() {
     let config = "replication = 3\nmax_moves = 0\n[raft]\nwrite_timeout_ms = 2000\n";
     let cluster = Cluster::start_sharded_with_config(3, 1, config).await;
     portrait_cluster_tests::replicas::wait_placed(&cluster, &[1, 2, 3], 1).await;
@@ -231,4 +231,25 @@ async fn a_follower_behind_its_leader_exports_only_once_caught_up() {
     };
     assert_eq!(header.node_id, behind);
     assert!(header.applied_index >= last, "copied at {}, the last write at {last}", header.applied_index);
+
+    // A backup of another shard count is refused by the node itself (not
+    // only by the CLI): its users would belong to other shards here.
+    use portrait_client::portrait_proto::v1::{restore_shard_chunk, RestoreHeader, RestoreShardChunk};
+    let header = RestoreHeader {
+        shard: 0,
+        archive_bytes: 1,
+        sha256: "0".repeat(64),
+        restore_id: "other-count".into(),
+        shards: 4,
+    };
+    let chunks = tonic::codegen::tokio_stream::iter([RestoreShardChunk {
+        part: Some(restore_shard_chunk::Part::Header(header)),
+    }]);
+    let refused =
+        writer.restore_shard_to(&cluster.node(leader).endpoint(), chunks).await.expect_err("4 shards");
+    let message = refused.to_string();
+    assert!(
+        message.starts_with("INVALID_ARGUMENT: shards: the backup has 4 shards, this cluster 1"),
+        "{message}"
+    );
 }

@@ -291,6 +291,17 @@ impl Admin for AdminService {
             if header.sha256.len() != 64 || !header.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(Error::invalid("sha256", "must be 64 hex digits").into());
             }
+            if header.shards != 0 && header.shards != self.node.shards() {
+                return Err(Error::invalid(
+                    "shards",
+                    format!(
+                        "the backup has {} shards, this cluster {}: its users belong to other shards here",
+                        header.shards,
+                        self.node.shards()
+                    ),
+                )
+                .into());
+            }
             let upload = self.node.restore_upload(header.shard, &header.restore_id).await?;
             receive_archive(&mut stream, &upload, header.archive_bytes, &header.sha256).await?;
             let id =

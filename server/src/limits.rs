@@ -68,6 +68,19 @@ pub const MAX_RAFT_BATCH_BYTES: usize = MAX_APPEND_ENTRIES_BYTES;
 /// and apply stay short next to the shard's other traffic.
 pub const RESTORE_ENTRY_BYTES: usize = 1024 * 1024;
 
+/// Bytes of one row (key and value) a restore takes from an archive: the
+/// largest row Portrait writes is a user's feature and tag state (at most
+/// `MAX_USER_STATE_BYTES`) under its key. A larger row (an archive crafted
+/// or not Portrait's) ends the restore with INVALID_ARGUMENT naming
+/// `archive` before it is proposed (alone in an entry it would be far over
+/// `RESTORE_ENTRY_BYTES`); the shard stays marked mid-restore, as after
+/// any failed restore, until a sound backup is restored into it.
+pub const MAX_RESTORE_ROW_BYTES: usize = portrait_core::limits::MAX_USER_STATE_BYTES + 64 * 1024;
+
+/// Encoding bytes of one restore row besides its key and value (its family
+/// and two lengths), counted against `RESTORE_ENTRY_BYTES`.
+pub const RESTORE_ROW_OVERHEAD_BYTES: usize = 24;
+
 /// Bytes of archive in one `BackupShard` or `RestoreShard` message.
 pub const BACKUP_CHUNK_BYTES: usize = 1024 * 1024;
 

@@ -800,3 +800,38 @@ async fn a_restore_through_the_log_replaces_the_rows_with_the_backups() {
     );
     let _keep = (&source.dir, &target.dir, &written.dir);
 }
+
+/// A restore refuses an archive row larger than any Portrait writes
+/// (`MAX_RESTORE_ROW_BYTES`), naming its family and size, instead of
+/// proposing an entry that size.
+#[test]
+fn a_restore_refuses_a_row_larger_than_portrait_writes() {
+    use portrait_server::limits::{MAX_RESTORE_ROW_BYTES, RESTORE_ENTRY_BYTES};
+    use portrait_server::store::keys::{group_prefix, CF_PROFILES};
+    use portrait_server::store::restore::BackupSource;
+    use portrait_server::store::sm_db::cf;
+    use portrait_server::types::GroupId;
+
+    let source = replica();
+    let db = source.store.state_db().db();
+    let mut key = group_prefix(GroupId(0)).to_vec();
+    key.extend_from_slice(b"crafted");
+    db.put_cf(cf(&db, CF_PROFILES), &key, vec![7u8; MAX_RESTORE_ROW_BYTES + 1]).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let files = work.path().join("files");
+    portrait_server::store::group_snapshot::export(source.store.state_db(), GroupId(0), &files).unwrap();
+    let archive = work.path().join("shard.snap");
+    portrait_server::store::snapshot::pack(&files, &archive).unwrap();
+    let backup = BackupSource::open(&archive, GroupId(0), &work.path().join("scratch")).unwrap();
+    let mut emitted = 0;
+    let err = backup
+        .rows(RESTORE_ENTRY_BYTES, |_| {
+            emitted += 1;
+            true
+        })
+        .expect_err("a row over the limit");
+    let message = format!("{err:#}");
+    assert!(message.contains("a row of family profiles is"), "{message}");
+    assert!(message.contains(&format!("over the limit of {MAX_RESTORE_ROW_BYTES}")), "{message}");
+    assert_eq!(emitted, 0, "nothing of it proposed");
+}

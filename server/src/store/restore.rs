@@ -19,6 +19,7 @@ use super::group_snapshot::{ArchiveMeta, META_FILE};
 use super::keys::*;
 use super::sm_db::{cf, cf_options_for, DurableClocks, StateDb};
 use super::snapshot::unpack;
+use crate::limits::{MAX_RESTORE_ROW_BYTES, RESTORE_ROW_OVERHEAD_BYTES};
 use crate::schema::VersionedSchema;
 use crate::types::{GroupId, LogId, ReevalProgress, RestoreMarker, RestoreRow};
 
@@ -120,7 +121,14 @@ impl BackupSource {
             for item in db.iterator_cf_opt(cf(db, name), opts, mode) {
                 let (key, value) = item?;
                 let key = key.get(GROUP_PREFIX_LEN..).unwrap_or_default().to_vec();
-                let size = key.len() + value.len();
+                let row = key.len() + value.len();
+                if row > MAX_RESTORE_ROW_BYTES {
+                    anyhow::bail!(
+                        "a row of family {name} is {row} bytes, over the limit of {MAX_RESTORE_ROW_BYTES} (no row \
+                         Portrait writes is larger: the archive is not one of its backups)"
+                    );
+                }
+                let size = row + RESTORE_ROW_OVERHEAD_BYTES;
                 if chunk_size > 0 && chunk_size + size > chunk_bytes {
                     if !emit(std::mem::take(&mut chunk)) {
                         return Ok((rows, bytes));
@@ -130,7 +138,7 @@ impl BackupSource {
                 chunk.push(RestoreRow { cf: index, key, value: value.to_vec() });
                 chunk_size += size;
                 rows += 1;
-                bytes += size as u64;
+                bytes += row as u64;
             }
         }
         if !chunk.is_empty() {

@@ -81,6 +81,12 @@ pub const MAX_RESTORE_ROW_BYTES: usize = portrait_core::limits::MAX_USER_STATE_B
 /// and two lengths), counted against `RESTORE_ENTRY_BYTES`.
 pub const RESTORE_ROW_OVERHEAD_BYTES: usize = 24;
 
+/// How long a `BackupShard` or `RestoreShard` stream may stall (the caller
+/// takes or sends no message) before the node ends it (`DEADLINE_EXCEEDED`
+/// for a restore) and frees its one export-or-restore slot and scratch
+/// file for the next caller.
+pub const BACKUP_STREAM_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Bytes of archive in one `BackupShard` or `RestoreShard` message.
 pub const BACKUP_CHUNK_BYTES: usize = 1024 * 1024;
 

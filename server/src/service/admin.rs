@@ -147,6 +147,13 @@ const MAX_RESTORE_ID_BYTES: usize = 128;
 /// Streams an exported shard: header, chunks, trailer (with the SHA-256 of
 /// what was sent). The export (and the node's backup slot) is released when
 /// the stream ends or the caller goes away.
+/// Sends `item` unless the caller has taken nothing for
+/// [`crate::limits::BACKUP_STREAM_STALL`] (or hung up): false ends the
+/// stream, which frees the export's slot and file.
+async fn send_within<T>(tx: &tokio::sync::mpsc::Sender<T>, item: T) -> bool {
+    matches!(tokio::time::timeout(crate::limits::BACKUP_STREAM_STALL, tx.send(item)).await, Ok(Ok(())))
+}
+
 fn stream_export(
     node_id: u64,
     shard: u32,
@@ -163,13 +170,13 @@ fn stream_export(
             schema_version: export.schema_version,
             archive_bytes: export.bytes,
         };
-        if tx.send(chunk(backup_shard_chunk::Part::Header(header))).await.is_err() {
+        if !send_within(&tx, chunk(backup_shard_chunk::Part::Header(header))).await {
             return;
         }
         let mut file = match tokio::fs::File::open(&export.file.path).await {
             Ok(f) => f,
             Err(e) => {
-                let _ = tx.send(Err(Status::internal(format!("reading the export: {e}")))).await;
+                send_within(&tx, Err(Status::internal(format!("reading the export: {e}")))).await;
                 return;
             }
         };
@@ -180,19 +187,19 @@ fn stream_export(
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
-                    let _ = tx.send(Err(Status::internal(format!("reading the export: {e}")))).await;
+                    send_within(&tx, Err(Status::internal(format!("reading the export: {e}")))).await;
                     return;
                 }
             };
             buf.truncate(n);
             hash.update(&buf);
             sent += n as u64;
-            if tx.send(chunk(backup_shard_chunk::Part::Data(buf))).await.is_err() {
+            if !send_within(&tx, chunk(backup_shard_chunk::Part::Data(buf))).await {
                 return;
             }
         }
         let trailer = BackupTrailer { archive_bytes: sent, sha256: hex_digest(hash) };
-        let _ = tx.send(chunk(backup_shard_chunk::Part::Trailer(trailer))).await;
+        send_within(&tx, chunk(backup_shard_chunk::Part::Trailer(trailer))).await;
         drop(export);
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
@@ -212,7 +219,11 @@ async fn receive_archive(
 ) -> Result<(), Status> {
     let mut file = tokio::fs::File::create(&upload.file.path).await.map_err(Error::internal)?;
     let (mut hash, mut received) = (Sha256::new(), 0u64);
-    while let Some(message) = stream.message().await? {
+    let stall = crate::limits::BACKUP_STREAM_STALL;
+    let stalled = |_| {
+        Status::deadline_exceeded(format!("no archive chunk for {stall:?}: the restore's upload stalled"))
+    };
+    while let Some(message) = tokio::time::timeout(stall, stream.message()).await.map_err(stalled)?? {
         let Some(restore_shard_chunk::Part::Data(data)) = message.part else {
             return Err(Error::invalid("part", "only data chunks may follow the header").into());
         };

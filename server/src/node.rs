@@ -219,8 +219,9 @@ pub struct Node {
     schema_refused: Mutex<u64>,
     /// Each hosted shard replica's logical size (`node/sizes.rs`).
     sizes: Mutex<BTreeMap<GroupId, sizes::Size>>,
-    /// Leaders of shards this node hosts no replica of, as last heard.
-    leaders: Mutex<BTreeMap<GroupId, NodeId>>,
+    /// Per shard this node hosts no replica of, the node that last served
+    /// a forwarded part, and whether that proves it leads the shard.
+    leaders: Mutex<BTreeMap<GroupId, forward::Heard>>,
     /// One connection per peer node, shared by every group (and forwarded
     /// writes).
     channels: Channels,

@@ -24,15 +24,27 @@ pub(super) enum Forward {
     Read,
 }
 
+/// The node that last served a forwarded part of a shard this node hosts
+/// no replica of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Heard {
+    pub node: NodeId,
+    /// It served a write or a LINEARIZABLE read (only a leader does), or
+    /// it was that leader and served a LOCAL read since. A follower that
+    /// served a LOCAL read is tried first next time (it answers), but the
+    /// shard map this node gives clients does not name it as the leader.
+    pub leads: bool,
+}
+
 impl Node {
     /// Where `gid`'s leader may be: the one this node's replica follows, or
-    /// else the one last heard of, then the map's replicas of the shard,
+    /// else the node last heard of, then the map's replicas of the shard,
     /// with their peer addresses.
     pub(super) fn route(&self, gid: GroupId) -> Vec<(NodeId, String)> {
         let cluster = self.cluster();
         let Some(map) = cluster.map.as_ref() else { return vec![] };
         let followed = self.registry.get(gid).and_then(|r| leader_elsewhere(&r, self.id)).map(|(n, _)| n);
-        let known = followed.or_else(|| self.leaders.lock().expect("leaders lock").get(&gid).copied());
+        let known = followed.or_else(|| self.leaders.lock().expect("leaders lock").get(&gid).map(|h| h.node));
         let replicas = map.replicas.get(gid.0 as usize).cloned().unwrap_or_default();
         known
             .into_iter()
@@ -45,16 +57,16 @@ impl Node {
     /// at most once, a redirect's leader first, until one serves it or a
     /// write's outcome is unknown ([`Error::outcome_unknown`]: another node
     /// could apply it a second time). The
-    /// node that served becomes the shard's leader last heard of (a read
-    /// served by a follower makes it the first node tried next time, which
-    /// is still one of the shard's replicas).
-    pub(super) async fn to_replicas<T, F, Fut>(&self, gid: GroupId, call: F) -> Result<T>
+    /// node that served is the one tried first next time ([`Heard`]);
+    /// `leads`: only the shard's leader serves this call (a write, a
+    /// LINEARIZABLE read).
+    pub(super) async fn to_replicas<T, F, Fut>(&self, gid: GroupId, leads: bool, call: F) -> Result<T>
     where
         F: Fn(NodeId, String) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
         let none = Error::Unavailable(format!("the map names no replica of {gid}"));
-        self.to_replicas_after(gid, None, None, none, call).await
+        self.to_replicas_after(gid, None, None, none, leads, call).await
     }
 
     /// [`Node::to_replicas`], trying `first` before the others and never
@@ -66,6 +78,7 @@ impl Node {
         first: Option<(NodeId, String)>,
         tried: Option<NodeId>,
         none: Error,
+        leads: bool,
         call: F,
     ) -> Result<T>
     where
@@ -81,7 +94,9 @@ impl Node {
             }
             match call(node, addr).await {
                 Ok(done) => {
-                    self.leaders.lock().expect("leaders lock").insert(gid, node);
+                    let mut heard = self.leaders.lock().expect("leaders lock");
+                    let led = heard.get(&gid).is_some_and(|h| h.node == node && h.leads);
+                    heard.insert(gid, Heard { node, leads: leads || led });
                     return Ok(done);
                 }
                 Err(Error::NotLeader { leader_id: Some(l), leader_addr: Some(a), group }) => {

@@ -83,7 +83,9 @@ impl Node {
                 let placed = &map.replicas[k as usize];
                 let Some(replica) = self.registry.get(GroupId(k)) else {
                     let replicas = placed.iter().map(|&node| ReplicaView { node, voter: true }).collect();
-                    let leader = heard.get(&GroupId(k)).copied();
+                    // Only a node known to lead (a follower that served a
+                    // LOCAL read would send clients' writes a hop further).
+                    let leader = heard.get(&GroupId(k)).filter(|h| h.leads).map(|h| h.node);
                     return ShardReplicas { shard: k, replicas, leader, applied_index: None };
                 };
                 let metrics = replica.raft.metrics();

@@ -264,8 +264,9 @@ impl Node {
     /// for LINEARIZABLE), tried as [`Node::to_replicas`] does.
     async fn forward_read(&self, gid: GroupId, part: ForwardedRead) -> Result<(Vec<ProfileView>, ReadInfo)> {
         let data = encode(&part);
+        let leads = part.consistency == Consistency::Linearizable;
         let read = self
-            .to_replicas(gid, |node, addr| {
+            .to_replicas(gid, leads, |node, addr| {
                 let data = data.clone();
                 async move {
                     let reply = self.call_peer(Forward::Read, gid, node, &addr, data).await?;

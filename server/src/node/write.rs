@@ -141,7 +141,7 @@ impl Node {
             _ => None,
         };
         // With no other node to try, the first failure says most.
-        self.to_replicas_after(gid, hint, Some(tried), failed, |node, addr| {
+        self.to_replicas_after(gid, hint, Some(tried), failed, true, |node, addr| {
             self.forward(gid, node, addr, events)
         })
         .await
@@ -151,7 +151,7 @@ impl Node {
     /// heard of, then the map's replicas of the shard, following a
     /// redirect; each node is tried once.
     async fn forward_unhosted(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
-        self.to_replicas(gid, |node, addr| self.forward(gid, node, addr, &events)).await
+        self.to_replicas(gid, true, |node, addr| self.forward(gid, node, addr, &events)).await
     }
 
     /// Proposes a validated part through the write batcher.

@@ -141,6 +141,7 @@ impl PortraitClient {
                 Ok(response.into_inner())
             }
             Err(status) if status.code() == Code::Unavailable => {
+                self.router.note_epoch(status.metadata());
                 self.routes.mark_stale();
                 note_leader(&self.router, &endpoint, &status);
                 let message = format!(
@@ -203,8 +204,12 @@ impl PortraitClient {
     {
         let conn = self.router.current();
         match ingest(conn.channel).write_stream(batches).await {
-            Ok(response) => Ok(response.into_inner()),
+            Ok(response) => {
+                self.router.note_epoch(response.metadata());
+                Ok(response.into_inner())
+            }
             Err(status) => {
+                self.router.note_epoch(status.metadata());
                 note_leader(&self.router, &conn.endpoint, &status);
                 Err(status.into())
             }

@@ -71,10 +71,13 @@ where
                 router.note_epoch(response.metadata());
                 return Ok(response.into_inner());
             }
-            Err(status) if status.code() == Code::Unavailable => status,
             Err(status) => {
+                // Errors carry the node's map epoch too.
                 router.note_epoch(status.metadata());
-                return Err(status.into());
+                if status.code() != Code::Unavailable {
+                    return Err(status.into());
+                }
+                status
             }
         };
         if let Some(hint) = leader_hint(&status) {

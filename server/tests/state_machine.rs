@@ -835,3 +835,21 @@ fn a_restore_refuses_a_row_larger_than_portrait_writes() {
     assert!(message.contains(&format!("over the limit of {MAX_RESTORE_ROW_BYTES}")), "{message}");
     assert_eq!(emitted, 0, "nothing of it proposed");
 }
+
+/// A backup's export of a shard mid-restore is refused as of the same
+/// RocksDB snapshot it would copy; a raft snapshot of it is not (a replica
+/// catching up must get the restore's partial state).
+#[tokio::test]
+async fn a_backup_export_of_a_shard_mid_restore_is_refused() {
+    use portrait_server::store::group_snapshot::{export, export_for_backup, Restoring};
+    use portrait_server::types::{GroupId, RestoreStep};
+
+    let mut r = replica();
+    let begin = entry(1, Command::Restore { stamp_ms: T0, step: RestoreStep::Begin { id: "r1".into() } });
+    assert_eq!(apply(&mut r, vec![begin]).await, vec![CommandResult::Restored { rows: 0 }]);
+    let work = tempfile::tempdir().unwrap();
+    let err =
+        export_for_backup(r.store.state_db(), GroupId(0), &work.path().join("b")).expect_err("mid-restore");
+    assert!(err.downcast_ref::<Restoring>().is_some(), "{err:#}");
+    export(r.store.state_db(), GroupId(0), &work.path().join("s")).expect("a raft snapshot");
+}

@@ -152,7 +152,7 @@ impl Node {
         let archive = file.path.clone();
         let export = move || -> anyhow::Result<(Option<LogId>, u64)> {
             let files = dir.join(&name);
-            let exported = group_snapshot::export(&state_db, gid, &files);
+            let exported = group_snapshot::export_for_backup(&state_db, gid, &files);
             let packed = exported.and_then(|meta| {
                 pack(&files, &archive)?;
                 Ok(meta)
@@ -170,6 +170,9 @@ impl Node {
                      replica",
                     self.id
                 )),
+                None if e.downcast_ref::<group_snapshot::Restoring>().is_some() => Error::FailedPrecondition(
+                    format!("{gid} is being restored; back it up once the restore ends"),
+                ),
                 None => Error::Internal(format!("exporting {gid}: {e:#}")),
             })?;
         tracing::info!(group = %gid, ?applied, bytes, "shard exported for a backup");

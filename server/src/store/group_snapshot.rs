@@ -45,10 +45,26 @@ pub struct ArchiveMeta {
 #[error("{0} is installing a snapshot: its rows are not a state yet")]
 pub struct Installing(pub GroupId);
 
+/// A backup's export of a group a restore is writing: refused, as the copy
+/// would hold part of the restore.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is being restored from a backup")]
+pub struct Restoring(pub GroupId);
+
 /// Writes group `gid`'s rows, as of one RocksDB snapshot, into the new
 /// directory `dir` (replaced if it exists). Refused ([`Installing`]) while
 /// the group installs a snapshot.
 pub fn export(state_db: &StateDb, gid: GroupId, dir: &Path) -> anyhow::Result<ArchiveMeta> {
+    export_with(state_db, gid, dir, false)
+}
+
+/// [`export`] for a backup: also refused ([`Restoring`]) while a restore
+/// is under way in the group, as of the same RocksDB snapshot.
+pub fn export_for_backup(state_db: &StateDb, gid: GroupId, dir: &Path) -> anyhow::Result<ArchiveMeta> {
+    export_with(state_db, gid, dir, true)
+}
+
+fn export_with(state_db: &StateDb, gid: GroupId, dir: &Path, backup: bool) -> anyhow::Result<ArchiveMeta> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
     }
@@ -57,6 +73,9 @@ pub fn export(state_db: &StateDb, gid: GroupId, dir: &Path) -> anyhow::Result<Ar
     let snap = db.snapshot();
     if snap.get_cf(cf(&db, CF_META), installing(gid))?.is_some() {
         return Err(Installing(gid).into());
+    }
+    if backup && snap.get_cf(cf(&db, CF_META), meta(gid, META_RESTORE))?.is_some() {
+        return Err(Restoring(gid).into());
     }
     let (start, end) = group_range(gid);
     for name in ALL_CFS {

@@ -174,8 +174,19 @@ impl Routes {
                 cached.map.as_ref().map(|m| m.endpoints.values().cloned().collect()).unwrap_or_default();
             let map = self.fetch(router, &named).await;
             cached.fetched(map, router.seen_epoch(), Instant::now());
+            if let Some(map) = &cached.map {
+                self.prune(map, &router.seed().endpoint);
+            }
         }
         cached.map.clone()
+    }
+
+    /// Drops the channels to endpoints neither `map` nor the seed names (a
+    /// node removed, or moved to another address): calls holding one keep
+    /// it; the connection closes once they are done.
+    fn prune(&self, map: &RouteMap, seed: &str) {
+        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        channels.retain(|endpoint, _| endpoint == seed || map.endpoints.values().any(|e| e == endpoint));
     }
 
     /// The next call fetches the map again.
@@ -252,6 +263,8 @@ impl Routes {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use portrait_proto::v1::{MapNode, ShardReplica, ShardReplicas};
 
     use super::*;
@@ -346,5 +359,20 @@ mod tests {
         cached.fetched(map(8), 8, t0 + ms(2000));
         assert_eq!(cached.map.as_ref().unwrap().epoch, 8);
         assert!(cached.due(true, t0 + ms(2001)), "caught up: the backoff is reset");
+    }
+
+    #[tokio::test]
+    async fn channels_to_nodes_no_map_names_are_dropped() {
+        let options = ConnectOptions::new();
+        let seed = "http://127.0.0.1:1";
+        let conn = Conn { endpoint: seed.into(), channel: lazy_channel(seed, &options).unwrap() };
+        let routes = Routes::new(conn, options);
+        for endpoint in ["http://gone:7700", "http://n2:7700"] {
+            routes.channel(endpoint).unwrap();
+        }
+        let map = RouteMap::new(answer(), "http://127.0.0.1:7701", false).unwrap();
+        routes.prune(&map, seed);
+        let kept: BTreeSet<String> = routes.channels.lock().unwrap().keys().cloned().collect();
+        assert_eq!(kept, BTreeSet::from([seed.to_string(), "http://n2:7700".to_string()]));
     }
 }

@@ -176,6 +176,7 @@ impl PortraitClient {
                     return Ok(response.into_inner());
                 }
                 Err(status) if status.code() == Code::Unavailable => {
+                    self.router.note_epoch(status.metadata());
                     self.routes.mark_stale();
                     match leader_hint(&status) {
                         // A malformed hint is ignored: the router's own retries follow.

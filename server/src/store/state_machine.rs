@@ -259,6 +259,17 @@ fn lock_applier(applier: &std::sync::Mutex<Applier>) -> std::sync::MutexGuard<'_
     })
 }
 
+/// Whether the group's meta `key` is present: `cache` if known, else read
+/// once from the database and kept there.
+fn cached_mark(db: &DB, cache: &mut Option<bool>, key: &[u8]) -> Result<bool, StorageError> {
+    if let Some(present) = *cache {
+        return Ok(present);
+    }
+    let present = db.get_cf(cf(db, CF_META), key).map_err(read_err)?.is_some();
+    *cache = Some(present);
+    Ok(present)
+}
+
 impl Applier {
     fn apply_entry(
         &mut self,
@@ -403,12 +414,7 @@ impl Applier {
 
     /// Whether the group is mid-restore (read once, then kept up to date).
     fn restoring(&mut self, db: &DB) -> Result<bool, StorageError> {
-        if let Some(restoring) = self.restoring {
-            return Ok(restoring);
-        }
-        let restoring = db.get_cf(cf(db, CF_META), &self.keys.restore).map_err(read_err)?.is_some();
-        self.restoring = Some(restoring);
-        Ok(restoring)
+        cached_mark(db, &mut self.restoring, &self.keys.restore)
     }
 
     /// Whether the group's `written` mark is set. Read from the database
@@ -416,12 +422,7 @@ impl Applier {
     /// set with every put, and cleared only once the batch in flight is
     /// written).
     fn written(&mut self, db: &DB) -> Result<bool, StorageError> {
-        if let Some(written) = self.written {
-            return Ok(written);
-        }
-        let written = db.get_cf(cf(db, CF_META), &self.keys.written).map_err(read_err)?.is_some();
-        self.written = Some(written);
-        Ok(written)
+        cached_mark(db, &mut self.written, &self.keys.written)
     }
 
     /// Applies one restore step into `batch` (see [`RestoreStep`]): the

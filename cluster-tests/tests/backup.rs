@@ -253,3 +253,73 @@ async fn a_lagging_follower_exports_only_once_caught_up_and_a_foreign_shard_coun
         "{message}"
     );
 }
+
+/// A restore whose caller sends its header and then nothing holds the
+/// node's one export-or-restore slot only for `backup_stream_stall`: the
+/// node then ends it with DEADLINE_EXCEEDED, and the next backup is served.
+#[tokio::test]
+async fn a_stalled_restore_upload_is_ended_and_frees_the_nodes_backup_slot() {
+    use portrait_client::portrait_proto::v1::{restore_shard_chunk, RestoreHeader, RestoreShardChunk};
+    use tonic::codegen::tokio_stream::{self, StreamExt};
+    let cluster = Cluster::start_sharded_with_config(1, 1, "backup_stream_stall = \"1s\"\n").await;
+    let client = cluster.client(1).await;
+    let endpoint = cluster.node(1).endpoint();
+    let stalled_restore = || {
+        let (client, endpoint) = (client.clone(), endpoint.clone());
+        let header = RestoreHeader {
+            shard: 0,
+            archive_bytes: 1024,
+            sha256: "0".repeat(64),
+            restore_id: "stalled".into(),
+            shards: 1,
+        };
+        let chunks =
+            tokio_stream::iter([RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(header)) }])
+                .chain(tokio_stream::pending());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let answer = client.restore_shard_to(&endpoint, chunks).await;
+            (answer, started.elapsed())
+        })
+    };
+    // A backup's answer: Ok once its header arrived, else the error text.
+    let backup = || async {
+        match client.backup_shard_from(&endpoint, 0).await {
+            Err(e) => Err(e.to_string()),
+            Ok(mut stream) => match stream.message().await {
+                Ok(_) => Ok(()),
+                Err(status) => Err(portrait_client::ClientError::from(status).to_string()),
+            },
+        }
+    };
+
+    // Until a backup finds the slot taken by the stalled upload (a backup
+    // that came first makes the upload itself find it taken: start again).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut restore = stalled_restore();
+    loop {
+        assert!(std::time::Instant::now() < deadline, "no backup ever found the slot held by the upload");
+        match backup().await {
+            Err(e) if e.contains("already exporting or restoring") => break,
+            Err(e) => panic!("backup: {e}"),
+            Ok(()) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if restore.is_finished() {
+                    restore = stalled_restore();
+                }
+            }
+        }
+    }
+    let (answer, took) = tokio::time::timeout(Duration::from_secs(15), restore)
+        .await
+        .expect("the stalled upload was never ended")
+        .unwrap();
+    let message = answer.expect_err("a restore without its archive").to_string();
+    assert!(message.starts_with("DEADLINE_EXCEEDED: "), "{message}");
+    assert!(message.contains("stalled"), "{message}");
+    assert!(took >= Duration::from_secs(1), "ended after {took:?}, before the 1s stall");
+    // The slot is free again, and the shard was left as it was: empty,
+    // written to by nobody, so a restore could still begin.
+    backup().await.expect("a backup once the stalled upload ended");
+    client.write(vec![order_of("u1", "u1-first")]).await.expect("write after the stalled restore");
+}

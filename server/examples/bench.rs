@@ -201,6 +201,7 @@ async fn run_node(args: &Arc<Args>, shards: usize) -> anyhow::Result<Vec<(f64, f
         seeds: Vec::new(),
         max_moves: portrait_server::node::DEFAULT_MAX_MOVES,
         replica_dead_after: portrait_server::node::DEFAULT_REPLICA_DEAD_AFTER,
+        backup_stream_stall: portrait_server::limits::BACKUP_STREAM_STALL,
     })
     .await?;
     anyhow::ensure!(node.wait_for_leader(Duration::from_secs(10)).await, "no leader");

@@ -27,7 +27,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (with fault injection
     about = "Portrait node: replicated user profiles with per-family TTL, over gRPC"
 )]
 pub struct Cli {
-    /// TOML config file (keys: node_id, data_dir, listen, advertise, peer_listen, peer_advertise, bootstrap, join, log, token_file, tls_cert, tls_key, tls_client_ca, peer_ca, peer_cert, peer_key, insecure, audit_log, shards, replication, max_moves, replica_dead_after, [raft], [clock]).
+    /// TOML config file (keys: node_id, data_dir, listen, advertise, peer_listen, peer_advertise, bootstrap, join, log, token_file, tls_cert, tls_key, tls_client_ca, peer_ca, peer_cert, peer_key, insecure, audit_log, shards, replication, max_moves, replica_dead_after, backup_stream_stall, [raft], [clock]).
     #[arg(long, env = "PORTRAIT_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's raft id, at least 1 and stable across restarts (default 1, the node that
@@ -116,6 +116,10 @@ pub struct Cli {
     /// group's leader, so that its replicas are re-created on the others (default 10m).
     #[arg(long, env = "PORTRAIT_REPLICA_DEAD_AFTER", value_name = "DURATION")]
     pub replica_dead_after: Option<String>,
+    /// A backup or restore stream whose caller takes or sends nothing for this long is ended,
+    /// freeing the node's one export-or-restore slot (default 60s, at least 1s).
+    #[arg(long, env = "PORTRAIT_BACKUP_STREAM_STALL", value_name = "DURATION")]
+    pub backup_stream_stall: Option<String>,
     /// Test only (needs --fault-injection): milliseconds added to this node's wall clock.
     #[arg(long, hide = true, allow_hyphen_values = true)]
     pub test_clock_offset_ms: Option<i64>,
@@ -146,6 +150,7 @@ struct FileConfig {
     replication: Option<u32>,
     max_moves: Option<usize>,
     replica_dead_after: Option<String>,
+    backup_stream_stall: Option<String>,
     #[serde(default)]
     raft: FileRaft,
     #[serde(default)]
@@ -302,6 +307,15 @@ impl Config {
                 Err(e) => anyhow::bail!("replica_dead_after: {e}"),
             },
         };
+        let backup_stream_stall = match cli.backup_stream_stall.as_ref().or(file.backup_stream_stall.as_ref())
+        {
+            None => crate::limits::BACKUP_STREAM_STALL,
+            Some(t) => match parse_duration_ms(t) {
+                Ok(ms) if ms >= 1000 => std::time::Duration::from_millis(ms as u64),
+                Ok(_) => anyhow::bail!("backup_stream_stall {t}: must be at least 1s"),
+                Err(e) => anyhow::bail!("backup_stream_stall: {e}"),
+            },
+        };
         let node = NodeOptions {
             node_id: match cli.node_id.or(file.node_id) {
                 Some(0) => anyhow::bail!("node_id 0: must be at least 1 (0 means \"no node\" in the API)"),
@@ -327,6 +341,7 @@ impl Config {
             replication: cli.replication.or(file.replication),
             max_moves: cli.max_moves.or(file.max_moves).unwrap_or(crate::node::DEFAULT_MAX_MOVES),
             replica_dead_after,
+            backup_stream_stall,
             seeds: join.clone(),
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
@@ -604,6 +619,32 @@ mod tests {
         );
         let short = Cli::parse_from(["portraitd", "--replica-dead-after", "10ms"]);
         assert!(Config::resolve(short).unwrap_err().to_string().contains("must be at least 1s"));
+    }
+
+    #[test]
+    fn the_backup_stream_stall_comes_from_the_flag_or_the_file_and_is_at_least_1s() {
+        let default = Config::resolve(Cli::parse_from(["portraitd"])).unwrap();
+        assert_eq!(default.node.backup_stream_stall, crate::limits::BACKUP_STREAM_STALL);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "backup_stream_stall = \"5m\"\n").unwrap();
+        let file = Cli::parse_from(["portraitd", "--config", path.to_str().unwrap()]);
+        assert_eq!(
+            Config::resolve(file).unwrap().node.backup_stream_stall,
+            std::time::Duration::from_secs(300)
+        );
+        let flag =
+            Cli::parse_from(["portraitd", "--config", path.to_str().unwrap(), "--backup-stream-stall", "2s"]);
+        assert_eq!(
+            Config::resolve(flag).unwrap().node.backup_stream_stall,
+            std::time::Duration::from_secs(2)
+        );
+        for bad in ["500ms", "soon"] {
+            let err = Config::resolve(Cli::parse_from(["portraitd", "--backup-stream-stall", bad]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("backup_stream_stall"), "{err}");
+        }
     }
 
     #[test]

@@ -84,7 +84,7 @@ pub const RESTORE_ROW_OVERHEAD_BYTES: usize = 24;
 /// How long a `BackupShard` or `RestoreShard` stream may stall (the caller
 /// takes or sends no message) before the node ends it (`DEADLINE_EXCEEDED`
 /// for a restore) and frees its one export-or-restore slot and scratch
-/// file for the next caller.
+/// file for the next caller: the default of `--backup-stream-stall`.
 pub const BACKUP_STREAM_STALL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Bytes of archive in one `BackupShard` or `RestoreShard` message.

@@ -80,6 +80,9 @@ pub struct NodeOptions {
     /// leader, so its replicas are re-created elsewhere
     /// (`--replica-dead-after`).
     pub replica_dead_after: Duration,
+    /// A backup or restore stream that stalls this long is ended
+    /// (`--backup-stream-stall`).
+    pub backup_stream_stall: Duration,
     /// Seeds of `--join`: a new node asks them for the number of shards.
     pub seeds: Vec<String>,
 }
@@ -247,6 +250,8 @@ pub struct Node {
     /// Held by the one backup export or restore running on the node
     /// (`node/backup.rs`): each needs scratch disk of its shard's size.
     backup_slot: Arc<tokio::sync::Semaphore>,
+    /// See [`NodeOptions::backup_stream_stall`].
+    backup_stream_stall: Duration,
 }
 
 /// How long a node may not answer before the meta leader re-creates its
@@ -356,6 +361,7 @@ impl Node {
             fault_injection: opts.fault_injection,
             write_timeout: Duration::from_millis(opts.tuning.write_timeout_ms),
             backup_slot: Arc::new(tokio::sync::Semaphore::new(1)),
+            backup_stream_stall: opts.backup_stream_stall,
         });
         if opts.bootstrap {
             node.bootstrap(replication).await?;
@@ -411,6 +417,12 @@ impl Node {
     /// The cluster's number of shards.
     pub fn shards(&self) -> u32 {
         self.shards
+    }
+
+    /// How long a backup or restore stream may stall before the node ends
+    /// it (`--backup-stream-stall`).
+    pub fn backup_stream_stall(&self) -> Duration {
+        self.backup_stream_stall
     }
 
     /// WAL fsyncs of the node's raft log since it started (one serves every

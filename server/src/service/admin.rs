@@ -1,6 +1,7 @@
 //! `portrait.v1.Admin`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use portrait_proto::v1::admin_server::Admin;
 use portrait_proto::v1::{
@@ -147,17 +148,18 @@ const MAX_RESTORE_ID_BYTES: usize = 128;
 /// Streams an exported shard: header, chunks, trailer (with the SHA-256 of
 /// what was sent). The export (and the node's backup slot) is released when
 /// the stream ends or the caller goes away.
-/// Sends `item` unless the caller has taken nothing for
-/// [`crate::limits::BACKUP_STREAM_STALL`] (or hung up): false ends the
-/// stream, which frees the export's slot and file.
-async fn send_within<T>(tx: &tokio::sync::mpsc::Sender<T>, item: T) -> bool {
-    matches!(tokio::time::timeout(crate::limits::BACKUP_STREAM_STALL, tx.send(item)).await, Ok(Ok(())))
+/// Sends `item` unless the caller has taken nothing for `stall` (the
+/// node's `--backup-stream-stall`) or hung up: false ends the stream, which
+/// frees the export's slot and file.
+async fn send_within<T>(tx: &tokio::sync::mpsc::Sender<T>, stall: Duration, item: T) -> bool {
+    matches!(tokio::time::timeout(stall, tx.send(item)).await, Ok(Ok(())))
 }
 
 fn stream_export(
     node_id: u64,
     shard: u32,
     export: crate::node::ShardExport,
+    stall: Duration,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<BackupShardChunk, Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let chunk = |part| Ok(BackupShardChunk { part: Some(part) });
@@ -170,13 +172,13 @@ fn stream_export(
             schema_version: export.schema_version,
             archive_bytes: export.bytes,
         };
-        if !send_within(&tx, chunk(backup_shard_chunk::Part::Header(header))).await {
+        if !send_within(&tx, stall, chunk(backup_shard_chunk::Part::Header(header))).await {
             return;
         }
         let mut file = match tokio::fs::File::open(&export.file.path).await {
             Ok(f) => f,
             Err(e) => {
-                send_within(&tx, Err(Status::internal(format!("reading the export: {e}")))).await;
+                send_within(&tx, stall, Err(Status::internal(format!("reading the export: {e}")))).await;
                 return;
             }
         };
@@ -187,19 +189,19 @@ fn stream_export(
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
-                    send_within(&tx, Err(Status::internal(format!("reading the export: {e}")))).await;
+                    send_within(&tx, stall, Err(Status::internal(format!("reading the export: {e}")))).await;
                     return;
                 }
             };
             buf.truncate(n);
             hash.update(&buf);
             sent += n as u64;
-            if !send_within(&tx, chunk(backup_shard_chunk::Part::Data(buf))).await {
+            if !send_within(&tx, stall, chunk(backup_shard_chunk::Part::Data(buf))).await {
                 return;
             }
         }
         let trailer = BackupTrailer { archive_bytes: sent, sha256: hex_digest(hash) };
-        send_within(&tx, chunk(backup_shard_chunk::Part::Trailer(trailer))).await;
+        send_within(&tx, stall, chunk(backup_shard_chunk::Part::Trailer(trailer))).await;
         drop(export);
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
@@ -216,10 +218,10 @@ async fn receive_archive(
     upload: &crate::node::ShardUpload,
     bytes: u64,
     sha256: &str,
+    stall: Duration,
 ) -> Result<(), Status> {
     let mut file = tokio::fs::File::create(&upload.file.path).await.map_err(Error::internal)?;
     let (mut hash, mut received) = (Sha256::new(), 0u64);
-    let stall = crate::limits::BACKUP_STREAM_STALL;
     let stalled = |_| {
         Status::deadline_exceeded(format!("no archive chunk for {stall:?}: the restore's upload stalled"))
     };
@@ -267,7 +269,7 @@ impl Admin for AdminService {
         let args = serde_json::json!({"shard": shard});
         let export = async { self.node.export_shard(shard).await.map_err(Status::from) };
         let export = self.audited(who, "Admin/BackupShard", args, export).await?;
-        Ok(Response::new(stream_export(self.node.id, shard, export)))
+        Ok(Response::new(stream_export(self.node.id, shard, export, self.node.backup_stream_stall())))
     }
 
     async fn restore_shard(
@@ -314,7 +316,14 @@ impl Admin for AdminService {
                 .into());
             }
             let upload = self.node.restore_upload(header.shard, &header.restore_id).await?;
-            receive_archive(&mut stream, &upload, header.archive_bytes, &header.sha256).await?;
+            receive_archive(
+                &mut stream,
+                &upload,
+                header.archive_bytes,
+                &header.sha256,
+                self.node.backup_stream_stall(),
+            )
+            .await?;
             let id =
                 crate::types::restore_attempt_id(&header.restore_id, crate::wall_clock_ms().max(0) as u64);
             Ok::<_, Status>(self.node.restore_shard(upload, id).await?)

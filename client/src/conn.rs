@@ -253,10 +253,9 @@ pub(crate) fn lazy_channel(endpoint: &str, options: &ConnectOptions) -> Result<C
 
 fn configure(endpoint: &str, options: &ConnectOptions) -> Result<Endpoint, ClientError> {
     let connect_error = |source| ClientError::Connect { endpoint: endpoint.to_string(), source };
-    let uri = match (&options.tls, endpoint.strip_prefix("http://")) {
-        (Some(_), Some(rest)) => format!("https://{rest}"),
-        _ => endpoint.to_string(),
-    };
+    // With TLS, `https://` whatever the scheme given: tonic dials any other
+    // scheme in plaintext, bearer token included.
+    let uri = portrait_proto::addr::dial_uri(endpoint, options.tls.is_some());
     let mut configured = Endpoint::from_shared(uri)
         .map_err(connect_error)?
         .connect_timeout(CONNECT_TIMEOUT)

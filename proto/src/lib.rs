@@ -29,3 +29,49 @@ impl v1::Value {
         Self { kind: Some(ValueKind::BoolValue(b)) }
     }
 }
+
+/// Node addresses (`http://host:port`, `https://host:port`) as the server
+/// and the client dial them.
+pub mod addr {
+    /// The URI to dial `addr` with: with TLS always `https://` (whatever
+    /// scheme `addr` names, in whatever case, or none), since tonic dials
+    /// any other scheme in plaintext even with a TLS config; without TLS
+    /// the scheme in lower case.
+    pub fn dial_uri(addr: &str, tls: bool) -> String {
+        match addr.split_once("://") {
+            Some((_, rest)) if tls => format!("https://{rest}"),
+            None if tls => format!("https://{addr}"),
+            Some((scheme, rest)) => format!("{}://{rest}", scheme.to_ascii_lowercase()),
+            None => addr.to_string(),
+        }
+    }
+
+    /// The scheme of `addr` in lower case when it is `http` or `https`
+    /// (in any case), else why not.
+    pub fn http_scheme(addr: &str) -> Result<&'static str, String> {
+        match addr.split_once("://") {
+            Some((s, _)) if s.eq_ignore_ascii_case("http") => Ok("http"),
+            Some((s, _)) if s.eq_ignore_ascii_case("https") => Ok("https"),
+            Some((s, _)) => Err(format!("scheme {s:?} is neither http nor https")),
+            None => Err("no scheme (http:// or https://)".into()),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn with_tls_every_address_is_dialed_as_https() {
+            for addr in ["http://n1:8700", "HTTP://n1:8700", "grpc://n1:8700", "n1:8700", "Https://n1:8700"] {
+                assert_eq!(dial_uri(addr, true), "https://n1:8700", "{addr}");
+            }
+            assert_eq!(dial_uri("HTTP://n1:8700", false), "http://n1:8700");
+            assert_eq!(dial_uri("n1:8700", false), "n1:8700");
+            assert_eq!(http_scheme("HTTPS://n1:1"), Ok("https"));
+            assert_eq!(http_scheme("Http://n1:1"), Ok("http"));
+            assert!(http_scheme("grpc://n1:1").unwrap_err().contains("\"grpc\""));
+            assert!(http_scheme("n1:1").is_err());
+        }
+    }
+}

@@ -252,20 +252,9 @@ impl Config {
                 );
             }
         }
-        if tls.peer_tls() && peer_advertise.starts_with("http://") {
-            anyhow::bail!("--peer-advertise {peer_advertise}: the peer port serves TLS; use https://");
-        }
-        if tls.client_tls() && advertise.starts_with("http://") {
-            anyhow::bail!("--advertise {advertise}: the client port serves TLS; use https://");
-        }
-        if !tls.peer_tls() && peer_advertise.starts_with("https://") {
-            anyhow::bail!("--peer-advertise {peer_advertise}: the peer port serves plaintext (no --peer-cert); use http://");
-        }
-        if !tls.client_tls() && advertise.starts_with("https://") {
-            anyhow::bail!(
-                "--advertise {advertise}: the client port serves plaintext (no --tls-cert); use http://"
-            );
-        }
+        let advertise = advertise_scheme("advertise", advertise, ("client", tls.client_tls(), "--tls-cert"))?;
+        let peer_advertise =
+            advertise_scheme("peer-advertise", peer_advertise, ("peer", tls.peer_tls(), "--peer-cert"))?;
         #[cfg(not(feature = "fault-injection"))]
         if cli.fault_injection {
             anyhow::bail!("--fault-injection: {}", crate::raft::fault::NO_FAULT_INJECTION);
@@ -371,6 +360,23 @@ fn advertised(
     }
 }
 
+/// `addr` (the value of `--{flag}`) with its scheme in lower case: `https`
+/// when its port serves TLS (`tls`, turned on by `tls_flag`), else `http`.
+fn advertise_scheme(
+    flag: &str,
+    addr: String,
+    (port, tls, tls_flag): (&str, bool, &str),
+) -> anyhow::Result<String> {
+    match portrait_proto::addr::http_scheme(&addr) {
+        Err(e) => anyhow::bail!("--{flag} {addr}: {e}; e.g. http://my-host:7700"),
+        Ok("http") if tls => anyhow::bail!("--{flag} {addr}: the {port} port serves TLS; use https://"),
+        Ok("https") if !tls => {
+            anyhow::bail!("--{flag} {addr}: the {port} port serves plaintext (no {tls_flag}); use http://")
+        }
+        Ok(_) => Ok(portrait_proto::addr::dial_uri(&addr, false)),
+    }
+}
+
 /// Whether `listen` (`host:port`) binds loopback only.
 fn is_loopback(listen: &str) -> bool {
     let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
@@ -423,6 +429,9 @@ fn clock_options(cli: &Cli, file: &FileClock) -> anyhow::Result<ClockOptions> {
 fn seed_url(seed: &str) -> anyhow::Result<String> {
     let seed = seed.trim().trim_end_matches('/');
     let url = if seed.contains("://") { seed.to_string() } else { format!("http://{seed}") };
+    if let Err(e) = portrait_proto::addr::http_scheme(&url) {
+        anyhow::bail!("--join {seed}: {e}");
+    }
     match url.parse::<tonic::transport::Uri>() {
         Ok(uri) if uri.host().is_some() => Ok(url),
         _ => anyhow::bail!("--join {seed}: not an address (a seed's peer address, e.g. http://portrait-0.portrait-headless:8700)"),
@@ -498,6 +507,17 @@ mod tests {
             err.to_string().contains("the client port serves plaintext (no --tls-cert); use http://"),
             "{err}"
         );
+        // The scheme in any case is read as such (a TLS port is never
+        // advertised for plaintext dialing); another scheme is refused.
+        let err =
+            parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--advertise", "HTTP://n:1"]).unwrap_err();
+        assert!(err.to_string().contains("the client port serves TLS; use https://"), "{err}");
+        let c = parse(&["--advertise", "HTTP://n:1", "--peer-advertise", "Http://n:2"]).unwrap();
+        assert_eq!((c.node.advertise.as_str(), c.node.peer_advertise.as_str()), ("http://n:1", "http://n:2"));
+        let err = parse(&["--peer-advertise", "grpc://n:2"]).unwrap_err();
+        assert!(err.to_string().contains("scheme \"grpc\" is neither http nor https"), "{err}");
+        let err = parse(&["--join", "grpc://n:8700", "--node-id", "2"]).unwrap_err();
+        assert!(err.to_string().starts_with("--join grpc://n:8700: scheme"), "{err}");
         let err = parse(&["--tls-cert", "c.pem"]).unwrap_err();
         assert!(err.to_string().contains("--tls-cert and --tls-key go together"), "{err}");
     }

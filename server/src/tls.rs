@@ -224,23 +224,15 @@ pub fn set_peer_client(config: ClientTlsConfig) {
 }
 
 /// An endpoint for another node's peer port at `addr`: with mutual TLS
-/// when the process has it ([`set_peer_client`]), `http://` then read as
-/// `https://`.
+/// when the process has it ([`set_peer_client`]), `addr` then dialed as
+/// `https://` whatever its scheme (never in plaintext).
 pub fn peer_endpoint(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
     let tls = PEER_CLIENT.get();
-    let endpoint = tonic::transport::Endpoint::from_shared(scheme(addr, tls.is_some()))?;
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(portrait_proto::addr::dial_uri(addr, tls.is_some()))?;
     match tls {
         Some(config) => endpoint.tls_config(config.clone()),
         None => Ok(endpoint),
-    }
-}
-
-/// `http://` → `https://` when `tls` (a peer or client address given as
-/// `http://` would otherwise connect in plaintext and fail).
-pub fn scheme(addr: &str, tls: bool) -> String {
-    match (tls, addr.strip_prefix("http://")) {
-        (true, Some(rest)) => format!("https://{rest}"),
-        _ => addr.to_string(),
     }
 }
 
@@ -299,12 +291,5 @@ mod tests {
         // A client-port certificate carries neither node names nor portrait-peer.
         let err = Tls::load(&files("node-1.pem", "node-1.key"), 1).err().unwrap().to_string();
         assert!(err.contains("does not name portrait-node-1"), "{err}");
-    }
-
-    #[test]
-    fn an_http_address_becomes_https_under_tls() {
-        assert_eq!(scheme("http://n1:8700", true), "https://n1:8700");
-        assert_eq!(scheme("http://n1:8700", false), "http://n1:8700");
-        assert_eq!(scheme("https://n1:8700", true), "https://n1:8700");
     }
 }

@@ -788,6 +788,9 @@ fn check_addr(field: &str, addr: &str, example: &str) -> Result<()> {
             format!("{} bytes is over the limit of {MAX_ADDR_BYTES}", addr.len()),
         ));
     }
+    if let Err(e) = portrait_proto::addr::http_scheme(addr) {
+        return Err(Error::invalid(field, format!("{e}; e.g. {example}")));
+    }
     if let Err(e) = tonic::transport::Endpoint::from_shared(addr.to_string()) {
         return Err(Error::invalid(field, format!("not a valid URL ({e}); e.g. {example}")));
     }

@@ -26,6 +26,18 @@ pub fn name_id(name: &str) -> u64 {
     fnv1a(name.as_bytes())
 }
 
+/// The half of a tag's identity that names it (see [`tag_id`]).
+pub const TAG_NAME_HALF: u64 = 0xFFFF_FFFF_0000_0000;
+
+/// A tag's identity in stored state: the hash of its name in the high half,
+/// the hash of its rule's text in the low half. A tag whose rule changed is
+/// still found by its name ([`TAG_NAME_HALF`]): it keeps its stored value
+/// and `changed_at` until it is evaluated with the new rule, which the
+/// next settle does for every such tag (see `Engine::align`).
+pub fn tag_id(name: &str, rule: &str) -> u64 {
+    (name_id(name) & TAG_NAME_HALF) | (fnv1a(rule.as_bytes()) & !TAG_NAME_HALF)
+}
+
 fn feature_type(spec: &FeatureSpec) -> Type {
     match spec.agg {
         Aggregation::TopK => Type::Map,
@@ -87,7 +99,7 @@ impl Engine {
                     Ok(rule) => {
                         let slot = tag_slot(name).expect("a tag name");
                         types.insert(name.clone(), (slot, rule.ty()));
-                        let id = name_id(name);
+                        let id = tag_id(name, &schema.tags[name].rule);
                         order.push(CompiledTag {
                             name: name.clone(),
                             id,

@@ -98,22 +98,37 @@ impl FromIterator<usize> for Dirty {
     }
 }
 
+/// Whether two tag identities name the same tag (their rules may differ).
+fn same_tag(a: u64, b: u64) -> bool {
+    a & super::build::TAG_NAME_HALF == b & super::build::TAG_NAME_HALF
+}
+
 impl Engine {
-    /// Whether `state` is laid out for this engine.
-    fn aligned(&self, state: &UserState) -> bool {
+    /// Whether `state` is laid out for this engine: one entry per feature,
+    /// tag and attribute, in order. A tag's entry may still hold the value
+    /// of an earlier rule (its identity's rule half differs): the next
+    /// settle evaluates it.
+    fn laid_out(&self, state: &UserState) -> bool {
         state.features.len() == self.features.len()
             && state.tags.len() == self.tags.len()
             && state.attrs.len() == self.attrs.len()
             && state.features.iter().zip(&self.features).all(|((fp, _), f)| *fp == f.fingerprint)
-            && state.tags.iter().zip(&self.tags).all(|((id, _), t)| *id == t.id)
+            && state.tags.iter().zip(&self.tags).all(|((id, _), t)| same_tag(*id, t.id))
             && state.attrs.iter().zip(&self.attrs).all(|((id, _), a)| *id == a.id)
+    }
+
+    /// Whether `state` is laid out for this engine and every stored tag was
+    /// evaluated with its current rule.
+    fn aligned(&self, state: &UserState) -> bool {
+        self.laid_out(state) && state.tags.iter().zip(&self.tags).all(|((id, _), t)| *id == t.id)
     }
 
     /// Lays `state` out for this engine: entries are matched by identity;
     /// what the schema no longer has is dropped, what is new starts empty,
-    /// and a feature whose definition changed starts over.
+    /// and a feature whose definition changed starts over. A tag whose rule
+    /// changed keeps its entry (under its old identity) until it is settled.
     pub fn align(&self, state: &mut UserState) {
-        if self.aligned(state) {
+        if self.laid_out(state) {
             return;
         }
         let old = std::mem::take(state);
@@ -129,7 +144,13 @@ impl Engine {
         state.tags = self
             .tags
             .iter()
-            .map(|t| (t.id, old.tags.iter().find(|(id, _)| *id == t.id).and_then(|(_, ts)| ts.clone())))
+            .map(|t| {
+                let kept = old.tags.iter().find(|(id, _)| *id == t.id);
+                match kept.or_else(|| old.tags.iter().find(|(id, ts)| same_tag(*id, t.id) && ts.is_some())) {
+                    Some((id, ts)) => (*id, ts.clone()),
+                    None => (t.id, None),
+                }
+            })
             .collect();
         state.attrs = self
             .attrs
@@ -155,7 +176,7 @@ impl Engine {
     /// ([`Engine::align`]): apply aligns each user once per entry, not per
     /// event.
     pub fn observe_aligned(&self, state: &mut UserState, event: &Event, now: i64, dirty: &mut Dirty) {
-        debug_assert!(self.aligned(state));
+        debug_assert!(self.laid_out(state));
         for (i, f) in self.features.iter().enumerate() {
             if f.wants(event) && f.add(&mut state.features[i].1, event, now) {
                 dirty.insert(i);
@@ -186,7 +207,7 @@ impl Engine {
     /// [`Engine::settle`] for a state already laid out for this engine,
     /// without collecting the names of the tags that changed (apply's path).
     pub fn settle_aligned(&self, state: &mut UserState, dirty: &Dirty, now: i64) {
-        debug_assert!(self.aligned(state));
+        debug_assert!(self.laid_out(state));
         SLOTS.with_borrow_mut(|slots| self.settle_with(state, dirty, now, slots, None));
     }
 
@@ -202,7 +223,9 @@ impl Engine {
         slots.reset(self, now);
         slots.changed.copy_from(dirty);
         for (i, tag) in self.tags.iter().enumerate() {
-            let fresh = state.tags[i].1.is_none();
+            // Never evaluated, or evaluated with an earlier rule.
+            let fresh = state.tags[i].1.is_none() || state.tags[i].0 != tag.id;
+            state.tags[i].0 = tag.id;
             let by_input = tag.rule.slots().iter().any(|s| slots.changed.contains(*s));
             let by_time = due_at.is_some() && tag.time_dependent;
             if !(fresh || by_input || by_time) {
@@ -499,6 +522,45 @@ rule = 'days(now - first_order_time) > 5'
         before.align(&mut state);
         assert_eq!(before.tag_state(&state, "big"), None);
         assert_eq!(before.features[1].value(&state.features[1].1, NOW + 10), Val::Num(0.0));
-        assert!(before.aligned(&state));
+        assert!(before.laid_out(&state));
+    }
+
+    /// A tag whose rule changed is evaluated with its new rule at the next
+    /// settle (a schema change's re-evaluation) and on read, even when its
+    /// rule reads only other tags, or nothing at all; one whose value the
+    /// new rule keeps keeps its change time.
+    #[test]
+    fn a_changed_rule_is_evaluated_even_when_nothing_it_reads_changed() {
+        let schema = |vip: &str, off: &str, heavy: &str| {
+            format!(
+                "{TRADE}\n[features.orders]\nfamily = \"trade\"\nagg = \"count\"\n[tags.heavy]\nrule = '{heavy}'\n\
+                 [tags.vip]\nrule = '{vip}'\n[tags.off]\nrule = '{off}'\n"
+            )
+        };
+        let v1 = engine(&schema("heavy", "true", "orders > 0"));
+        let v2 = engine(&schema("not heavy", "false", "orders >= 1"));
+        let mut state = UserState::default();
+        apply(&v1, &mut state, &[order("o1", NOW, 5)], NOW);
+        let value = |e: &Engine, s: &UserState, name| e.tag_state(s, name).map(|t| t.value.clone());
+        assert_eq!(value(&v1, &state, "vip"), Some(Val::Bool(true)));
+        assert_eq!(value(&v1, &state, "off"), Some(Val::Bool(true)));
+
+        // A read under v2 before the re-evaluation reached the user.
+        let (_, tags) = v2.read(&state, NOW + 5);
+        assert_eq!((&tags["vip"].value, tags["vip"].changed_at), (&Val::Bool(false), NOW + 5));
+        assert_eq!(tags["off"].value, Val::Bool(false));
+        assert_eq!((&tags["heavy"].value, tags["heavy"].changed_at), (&Val::Bool(true), NOW), "kept");
+
+        // The re-evaluation: every input slot dirty, as `Reevaluate` does.
+        v2.settle(&mut state, &v2.all_inputs(), NOW + 10);
+        assert!(v2.aligned(&state));
+        assert_eq!(value(&v2, &state, "vip"), Some(Val::Bool(false)));
+        assert_eq!(value(&v2, &state, "off"), Some(Val::Bool(false)));
+        assert_eq!(v2.tag_state(&state, "heavy").unwrap().changed_at, NOW, "same value: same change time");
+        assert_eq!(v2.tag_state(&state, "vip").unwrap().changed_at, NOW + 10);
+        // Back to v1: the rules changed again.
+        v1.settle(&mut state, &Dirty::new(), NOW + 20);
+        assert_eq!(value(&v1, &state, "vip"), Some(Val::Bool(true)));
+        assert_eq!(value(&v1, &state, "off"), Some(Val::Bool(true)));
     }
 }

@@ -171,7 +171,7 @@ impl Node {
         let m = replica.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         if membership.get_joint_config().len() > 1 {
-            return Ok(()); // a change is under way
+            return self.finish_joint(replica, &m, false).await;
         }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let members: BTreeSet<NodeId> = membership.nodes().map(|(n, _)| *n).collect();
@@ -224,6 +224,28 @@ impl Node {
         Ok(())
     }
 
+    /// Finishes a joint configuration of `group` (this node leads it; `m`
+    /// its metrics) once it is committed: its newest half becomes the
+    /// configuration. openraft's `change_membership` proposes the second
+    /// step itself, but a leader that changed between the two steps, or a
+    /// call cut off by [`Node::bounded`], leaves the group joint, where
+    /// both halves' quorums are needed, and no later change is proposed
+    /// (a joint membership counts as a change under way). Not committed
+    /// yet: the change is still under way, nothing to do.
+    async fn finish_joint(
+        &self,
+        group: &Replica,
+        m: &openraft::RaftMetrics<NodeId, BasicNode>,
+        retain: bool,
+    ) -> Result<()> {
+        let Some(newest) = joint_to_finish(m) else { return Ok(()) };
+        let _pass = group.gate.pass(self.write_timeout).await?;
+        let change = group.raft.change_membership(ChangeMembers::ReplaceAllVoters(newest.clone()), retain);
+        self.bounded(change).await?.map_err(client_write_error)?;
+        tracing::info!(group = %group.gid, voters = ?newest, "finished a membership change left joint");
+        Ok(())
+    }
+
     /// Keeps the meta group's voters on nodes fit to hold them: nodes of
     /// the map that are not draining and have answered within
     /// `replica_dead_after` (this node leads the meta group). One step per
@@ -240,7 +262,7 @@ impl Node {
         let m = self.meta.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         if membership.get_joint_config().len() > 1 {
-            return Ok(());
+            return self.finish_joint(&self.meta, &m, true).await;
         }
         let now = std::time::Instant::now();
         // A voter not in the map yet is one AddNode is adding: fit.
@@ -460,26 +482,84 @@ fn left_out(leader: &portrait_proto::v1::ShardStatus, me: NodeId) -> bool {
 }
 
 /// Whether `replica`'s committed membership leaves node `me` out: it is
-/// not a learner, and not a voter of the newest configuration (a removed
-/// voter often sees only the joint configuration that removes it: its
-/// leader stops sending once the next one is appended).
+/// neither a learner nor a voter, and the membership is not joint. A
+/// voter of a joint configuration's older half still counts for that
+/// half's quorum until the change is finished, however long that takes
+/// (its leader may fail between the two steps), so it keeps its data. A
+/// removed voter often sees only the joint configuration that removes it
+/// (its leader stops sending once the next one is appended): it learns of
+/// its removal from the leader's status ([`Node::leader_left_me`]).
 fn removed(replica: &Replica, me: NodeId) -> bool {
-    let m = replica.raft.metrics().borrow().clone();
-    let config = &m.membership_config;
-    let committed = match (config.log_id(), m.last_applied) {
+    left_by(&replica.raft.metrics().borrow(), me)
+}
+
+/// [`removed`] on a replica's metrics.
+fn left_by(m: &openraft::RaftMetrics<NodeId, BasicNode>, me: NodeId) -> bool {
+    let membership = m.membership_config.membership();
+    let uniform = membership.get_joint_config().len() == 1;
+    let voter = membership.voter_ids().any(|n| n == me);
+    let learner = membership.learner_ids().any(|n| n == me);
+    membership_applied(m) && uniform && !voter && !learner
+}
+
+/// Whether the membership in `m` is applied (so committed).
+fn membership_applied(m: &openraft::RaftMetrics<NodeId, BasicNode>) -> bool {
+    match (m.membership_config.log_id(), m.last_applied) {
         (Some(config), Some(applied)) => config.index <= applied.index,
         _ => false,
-    };
-    let membership = config.membership();
-    let newest = membership.get_joint_config().last();
-    let voter = newest.is_some_and(|c| c.contains(&me));
-    let learner = membership.learner_ids().any(|n| n == me);
-    committed && !voter && !learner
+    }
+}
+
+/// The newest half of a joint membership that is committed (see
+/// [`Node::finish_joint`]); `None` when the membership is not joint or
+/// not committed yet.
+fn joint_to_finish(m: &openraft::RaftMetrics<NodeId, BasicNode>) -> Option<BTreeSet<NodeId>> {
+    let joint = m.membership_config.membership().get_joint_config();
+    let newest = joint.last().filter(|c| joint.len() > 1 && !c.is_empty())?;
+    membership_applied(m).then(|| newest.clone())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn metrics(
+        configs: Vec<BTreeSet<NodeId>>,
+        learners: &[NodeId],
+        at: u64,
+        applied: u64,
+    ) -> openraft::RaftMetrics<NodeId, BasicNode> {
+        let ids: BTreeSet<NodeId> = configs.iter().flatten().chain(learners).copied().collect();
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            ids.into_iter().map(|n| (n, BasicNode::new("http://n"))).collect();
+        let membership = openraft::Membership::new(configs, nodes);
+        let log_id = |index| openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index);
+        let mut m = openraft::RaftMetrics::new_initial(1);
+        m.membership_config = Arc::new(openraft::StoredMembership::new(Some(log_id(at)), membership));
+        m.last_applied = Some(log_id(applied));
+        m
+    }
+
+    #[test]
+    fn a_committed_joint_membership_is_finished_and_its_old_half_keeps_its_data() {
+        let joint = || vec![BTreeSet::from([1, 2, 3, 4]), BTreeSet::from([1, 2, 4])];
+        // Committed: finished to its newest half. Not yet: left to the
+        // change under way. Not joint: nothing to finish.
+        assert_eq!(joint_to_finish(&metrics(joint(), &[], 10, 10)), Some(BTreeSet::from([1, 2, 4])));
+        assert_eq!(joint_to_finish(&metrics(joint(), &[], 10, 9)), None);
+        assert_eq!(joint_to_finish(&metrics(vec![BTreeSet::from([1, 2, 4])], &[], 10, 10)), None);
+        // Node 3, only in the old half of a committed joint membership,
+        // still counts for that half's quorum: it keeps its data.
+        assert!(!left_by(&metrics(joint(), &[], 10, 12), 3));
+        // Once the newest half alone is committed it is out, unless it
+        // stayed a learner; never before the membership is applied.
+        let after =
+            |learners: &[NodeId], applied| metrics(vec![BTreeSet::from([1, 2, 4])], learners, 11, applied);
+        assert!(left_by(&after(&[], 11), 3));
+        assert!(!left_by(&after(&[3], 11), 3));
+        assert!(!left_by(&after(&[], 10), 3));
+        assert!(!left_by(&after(&[], 11), 2));
+    }
 
     /// Runs steps on a membership until it settles.
     fn settle(

@@ -277,7 +277,13 @@ async fn dropping_a_group_leaves_the_others_intact() {
     let mut a = group(&db, dir.path(), A);
     let mut b = group(&db, dir.path(), B);
     orders(&mut a, 1, &["u1"], 3, T0).await;
-    orders(&mut b, 1, &["u1"], 3, T0).await;
+    let next_b = orders(&mut b, 1, &["u1"], 3, T0).await;
+    // A's applied index and clock in SST files, then an apply without the
+    // WAL (as every shard apply is): the memtables now hold data that is
+    // not persisted, so a persisted-tier read skips them.
+    db.persist().unwrap();
+    assert_eq!(db.durable_applied(A).unwrap(), (3, T0));
+    orders(&mut b, next_b, &["u2"], 1, T0).await;
     let b_rows = rows(&db, B);
     let a_rows = rows(&db, A);
     // Not while its state machine is there: entries it still applied would
@@ -288,6 +294,10 @@ async fn dropping_a_group_leaves_the_others_intact() {
     drop(a);
     db.drop_group(A).unwrap();
     assert!(rows(&db, A).is_empty());
+    // What a replica of A placed here again reads as its durable index and
+    // clock (the log purge guard, the TTL compaction filter): none, not the
+    // dropped replica's.
+    assert_eq!(db.durable_applied(A).unwrap(), (0, i64::MIN));
     assert_eq!(rows(&db, B), b_rows);
     assert!(read(&b, "u1").found);
     drop((b, db));

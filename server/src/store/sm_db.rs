@@ -169,6 +169,13 @@ impl StateDb {
         }
         groups.remove(&gid);
         self.delete_range(gid, Marker::Keep)?;
+        // Flushed at once: a persisted-tier read (`durable_applied`: the log
+        // purge guard, the TTL compaction filter's clock) skips the
+        // memtables, and with them the range tombstone, while any apply
+        // (written without the WAL) is unflushed. A replica of the group
+        // placed here again would read the dropped one's index and clock.
+        drop(groups);
+        self.persist()?;
         self.clocks.set(gid, i64::MIN);
         Ok(())
     }
@@ -415,6 +422,9 @@ impl StateDb {
                     // snapshot's index), and its log is emptied at open.
                     super::snapshot::SnapshotDir::new(data_dir, gid)?.clear()?;
                     self.delete_range(gid, Marker::Wiped)?;
+                    // Flushed, as in `drop_group`: the group's durable index
+                    // and clock are read from the persisted tier.
+                    self.persist()?;
                 }
             }
         }

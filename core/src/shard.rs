@@ -190,6 +190,11 @@ impl ShardMap {
                 if !self.nodes.contains_key(node) {
                     return Err(format!("node {node} is not in the cluster"));
                 }
+                // A plan made before the drain committed: the drain would
+                // have to move it off again, and RemoveNode wait for that.
+                if self.draining.contains(node) {
+                    return Err(format!("node {node} is draining: no replica is placed on it"));
+                }
                 if replicas.contains(node) {
                     return Err(format!("shard {shard} already has a replica on node {node}"));
                 }
@@ -201,6 +206,9 @@ impl ShardMap {
                 })?;
                 if !self.nodes.contains_key(to) {
                     return Err(format!("node {to} is not in the cluster"));
+                }
+                if self.draining.contains(to) {
+                    return Err(format!("node {to} is draining: no replica is placed on it"));
                 }
                 if replicas.contains(to) {
                     return Err(format!("shard {shard} already has a replica on node {to}"));
@@ -781,6 +789,13 @@ mod tests {
         assert_eq!(map.apply(&MapChange::Drain { node: 2 }).unwrap_err(), "node 2 is already draining");
         let e = map.apply(&MapChange::Drain { node: 3 }).unwrap_err();
         assert!(e.starts_with("node 2 is still draining (6 replicas left)"), "{e}");
+        // A move or addition planned before the drain committed is refused.
+        let off = (0..8).find(|s| !map.replicas[*s as usize].contains(&2)).unwrap();
+        let from = map.replicas[off as usize][0];
+        let e = map.apply(&MapChange::MoveReplica { shard: off, from, to: 2 }).unwrap_err();
+        assert_eq!(e, "node 2 is draining: no replica is placed on it");
+        let e = map.apply(&MapChange::AddReplica { shard: off, node: 2 }).unwrap_err();
+        assert_eq!(e, "node 2 is draining: no replica is placed on it");
         assert!(map.plan_additions(10).is_empty(), "no additions: every shard has RF");
         assert!(map.plan_drain(&(0..8).collect(), 10).is_empty(), "busy shards wait");
         drain_all(&mut map);

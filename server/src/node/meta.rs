@@ -485,6 +485,19 @@ impl Node {
                 },
             )?;
         }
+        // Checked again now that it is draining (no replica is placed on a
+        // draining node): a move planned on the map read above may have
+        // placed one on it since. Then the drain moves it off first.
+        if let Some(map) = self.cluster().map.clone() {
+            if map.nodes.contains_key(&id) {
+                map.clone().apply(&MapChange::RemoveNode { node: id }).map_err(|reason| {
+                    Error::FailedPrecondition(format!(
+                        "{reason} (placed there while the removal began; it is draining now: retry once \
+                         `portrait cluster status` shows it holds none)"
+                    ))
+                })?;
+            }
+        }
         let index = remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
         if map.nodes.contains_key(&id) {
             self.propose_meta(MetaCommand::Map(MapChange::RemoveNode { node: id })).await?;

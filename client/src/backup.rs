@@ -123,7 +123,8 @@ pub async fn backup(
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
         return Err(config(format!("{} is not empty: back up into a new directory", dir.display())));
     }
-    std::fs::create_dir_all(dir)?;
+    // Private: the archives hold every profile.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700).create(dir)?;
     let schema = client.get_schema().await?;
     let map = client.shard_map().await?;
     if map.shards == 0 || map.shard_replicas.len() != map.shards as usize {
@@ -172,7 +173,7 @@ pub async fn backup(
         schema: ManifestSchema { version: schema.version, toml: schema.toml.clone() },
         shard_files: files,
     };
-    std::fs::write(dir.join("schema.toml"), &schema.toml)?;
+    write_synced(&dir.join("schema.toml"), schema.toml.as_bytes())?;
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| config(e.to_string()))?;
     let tmp = dir.join("manifest.json.tmp");
     write_synced(&tmp, &json)?;
@@ -188,8 +189,16 @@ pub async fn backup(
     Ok(manifest)
 }
 
+/// Files of a backup: readable by their owner only (mode 0600).
+fn private_file() -> std::fs::OpenOptions {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut file = std::fs::File::create(path)?;
+    let mut file = private_file().open(path)?;
     std::io::Write::write_all(&mut file, bytes)?;
     file.sync_all()
 }
@@ -235,7 +244,7 @@ async fn fetch_shard(
     };
     let name = shard_file_name(shard);
     let part = dir.join(format!("{name}.part"));
-    let mut out = tokio::fs::File::create(&part).await?;
+    let mut out = tokio::fs::File::from_std(private_file().open(&part)?);
     let (mut hash, mut received) = (Sha256::new(), 0u64);
     let trailer = loop {
         match stream.message().await?.and_then(|c| c.part) {

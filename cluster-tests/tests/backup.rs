@@ -103,6 +103,14 @@ async fn a_backup_taken_while_writing_restores_into_a_new_cluster_shard_by_shard
     writer.await.unwrap();
 
     let manifest = read_manifest(&dir).expect("manifest");
+    // Private: the archives hold every profile.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
     assert_eq!((manifest.shards, manifest.shard_files.len()), (TEST_SHARDS, TEST_SHARDS as usize));
     assert_eq!(manifest.schema.toml, schema());
     assert!(manifest.shard_files.iter().all(|f| f.applied_index > 0 && f.bytes > 0), "{manifest:?}");

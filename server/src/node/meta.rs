@@ -409,7 +409,12 @@ impl Node {
             self.propose_meta(MetaCommand::Map(add)).await?;
         }
         if meta_voter {
-            index = promote_in_group(&self.meta, id, FOLLOW_TIMEOUT).await.map_err(in_meta)?;
+            // Within the cap again: another AddNode (or the voter upkeep)
+            // may have promoted a node meanwhile. Past it the node stays a
+            // learner, and the upkeep promotes it once there is room.
+            index = promote_in_group(&self.meta, id, Some(MAX_META_VOTERS), FOLLOW_TIMEOUT)
+                .await
+                .map_err(in_meta)?;
         }
         self.place().await?;
         self.wait_followed(&format!("placing replicas on node {id}")).await?;
@@ -881,21 +886,28 @@ pub(super) async fn add_to_group(
     if learner_only {
         return Ok(target);
     }
-    promote_in_group(replica, id, within).await
+    promote_in_group(replica, id, None, within).await
 }
 
-/// Makes member `id` of one group a voter (a no-op where it is one).
+/// Makes member `id` of one group a voter (a no-op where it is one), unless
+/// the group already has `max_voters` voters: then it stays a learner.
 /// Returns the group's last membership log index. Another membership
 /// change under way (the meta leader's own voter upkeep may promote the
-/// same node) is waited out, within `within`.
-pub(super) async fn promote_in_group(replica: &Replica, id: NodeId, within: Duration) -> Result<u64> {
+/// same node) is waited out, within `within`, and the count read again.
+pub(super) async fn promote_in_group(
+    replica: &Replica,
+    id: NodeId,
+    max_voters: Option<usize>,
+    within: Duration,
+) -> Result<u64> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let m = replica.raft.metrics().borrow().clone();
         let config = &m.membership_config;
-        if config.membership().get_joint_config().len() == 1
-            && config.membership().voter_ids().any(|v| v == id)
-        {
+        let uniform = config.membership().get_joint_config().len() == 1;
+        let voter = config.membership().voter_ids().any(|v| v == id);
+        let full = max_voters.is_some_and(|max| config.membership().voter_ids().count() >= max);
+        if uniform && (voter || full) {
             return Ok(config.log_id().map_or(0, |l| l.index));
         }
         let voters = openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id]));

@@ -47,14 +47,21 @@ impl AuditLog {
         AuditLog { file: None, node }
     }
 
-    /// Also appends to `path` (created if missing, mode 0600).
+    /// Also appends to `path` (created if missing; mode 0600).
     pub fn open(node: u64, path: &Path) -> anyhow::Result<AuditLog> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file =
-            std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(|e| {
-                anyhow::anyhow!("--audit-log {}: cannot open for appending: {e}", path.display())
-            })?;
+        let file = append_to(path)?;
         Ok(AuditLog { file: Some((path.to_path_buf(), Mutex::new((file, false)))), node })
+    }
+
+    /// Opens the audit file again by its path (SIGHUP): after a rotation
+    /// renamed it, entries go to a new file there. On an error the file in
+    /// use stays.
+    pub fn reopen(&self) -> anyhow::Result<()> {
+        let Some((path, file)) = &self.file else { return Ok(()) };
+        let new = append_to(path)?;
+        *file.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = (new, false);
+        tracing::info!(file = %path.display(), "audit file reopened");
+        Ok(())
     }
 
     /// Records one action: `rpc` with `args`, and its result (`Ok`, or
@@ -80,6 +87,17 @@ impl AuditLog {
             }
         }
     }
+}
+
+/// `path` opened for appending, created if missing; mode 0600 whether it
+/// was created or not (entries name callers and their arguments).
+fn append_to(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let cannot = |e| anyhow::anyhow!("--audit-log {}: cannot open for appending: {e}", path.display());
+    let file =
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(cannot)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(cannot)?;
+    Ok(file)
 }
 
 /// Appends `line` and a newline. After a failed write (`torn`), a newline
@@ -276,6 +294,34 @@ mod tests {
             Duration::ZERO,
         );
         assert_eq!(e["message"].as_str().unwrap().len(), MAX_MESSAGE_BYTES + '…'.len_utf8());
+    }
+
+    #[test]
+    fn a_rotated_file_is_written_anew_once_reopened_and_is_kept_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let log = AuditLog::open(1, &path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600, "an existing file is made private too");
+        let who = Who { token: Some("ops".into()), remote: None };
+        log.record(&who, "Admin/AddNode", json!({}), Ok(()), Duration::ZERO);
+        let rotated = dir.path().join("audit.jsonl.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        log.reopen().unwrap();
+        log.record(&who, "Admin/RemoveNode", json!({}), Ok(()), Duration::ZERO);
+        let rpcs = |p: &Path| -> Vec<String> {
+            let text = std::fs::read_to_string(p).unwrap();
+            text.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap()["rpc"].as_str().unwrap().into())
+                .collect()
+        };
+        assert_eq!(rpcs(&rotated), ["Admin/AddNode"]);
+        assert_eq!(rpcs(&path), ["Admin/RemoveNode"]);
+        assert_eq!(mode(&path), 0o600);
+        AuditLog::log_only(1).reopen().unwrap();
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub enum Access {
     Peer,
     /// A token holding this role.
     Role(Role),
+    /// Any token of the file, whatever its roles: the shard map, which a
+    /// routing client fetches whether it reads or writes.
+    AnyToken,
 }
 
 use Access::{Open, Peer};
@@ -73,8 +76,8 @@ pub const RPCS: &[(&str, Access)] = &[
     ("/portrait.v1.Profiles/BatchGetProfiles", READER),
     ("/portrait.v1.Admin/GetSchema", READER),
     ("/portrait.v1.Admin/ClusterStatus", READER),
-    ("/portrait.v1.Admin/ShardMap", READER),
-    ("/portrait.v1.Admin/Locate", READER),
+    ("/portrait.v1.Admin/ShardMap", Access::AnyToken),
+    ("/portrait.v1.Admin/Locate", Access::AnyToken),
     ("/portrait.v1.Admin/ApplySchema", ADMIN),
     ("/portrait.v1.Admin/BackupShard", ADMIN),
     ("/portrait.v1.Admin/RestoreShard", ADMIN),
@@ -145,14 +148,21 @@ impl TokenBook {
     /// Reads a token file (TOML: `[[token]]` tables with `name`, `sha256`
     /// and `roles`); the error names the file and what is wrong.
     pub fn load(path: &Path) -> Result<TokenBook, String> {
+        use std::io::Read;
         let at = path.display();
-        let size = std::fs::metadata(path).map_err(|e| format!("token file {at}: {e}"))?.len();
-        if size > MAX_TOKEN_FILE_BYTES {
-            return Err(format!(
-                "token file {at}: {size} bytes, more than the {MAX_TOKEN_FILE_BYTES} allowed"
-            ));
+        let file = std::fs::File::open(path).map_err(|e| format!("token file {at}: {e}"))?;
+        if !file.metadata().map_err(|e| format!("token file {at}: {e}"))?.is_file() {
+            return Err(format!("token file {at}: not a regular file"));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("token file {at}: {e}"))?;
+        // Bounded by what is read, not by the size the file had a moment
+        // before: it may grow in between.
+        let mut text = String::new();
+        file.take(MAX_TOKEN_FILE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("token file {at}: {e}"))?;
+        if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
+            return Err(format!("token file {at}: more than the {MAX_TOKEN_FILE_BYTES} bytes allowed"));
+        }
         TokenBook::parse(&text).map_err(|e| format!("token file {at}: {e}"))
     }
 
@@ -226,7 +236,8 @@ impl TokenBook {
             Some(Open) => return Ok(None),
             // Not served on the client port; refused should one ever be.
             Some(Peer) => return Err(Denied::Permission(format!("{path} is served to peers only"))),
-            Some(Access::Role(role)) => role,
+            Some(Access::Role(role)) => Some(role),
+            Some(Access::AnyToken) => None,
         };
         let Some(header) = authorization else {
             return Err(Denied::Unauthenticated(
@@ -239,7 +250,7 @@ impl TokenBook {
         let Some(token) = self.find(presented) else {
             return Err(Denied::Unauthenticated("unknown token".into()));
         };
-        if !token.roles.contains(&required) {
+        if let Some(required) = required.filter(|r| !token.roles.contains(r)) {
             return Err(Denied::Permission(format!(
                 "token {:?} lacks the role {} that {path} needs",
                 token.name,
@@ -271,7 +282,8 @@ pub fn hex(digest: &[u8; 32]) -> String {
 
 fn parse_digest(text: &str) -> Option<[u8; 32]> {
     let text = text.trim();
-    if text.len() != 64 || !text.is_ascii() {
+    // Hex digits only: `from_str_radix` would also take a leading `+`.
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -336,6 +348,10 @@ mod tests {
             Err(Denied::Permission(_))
         ));
         assert!(book.find(&"x".repeat(MAX_TOKEN_BYTES + 1)).is_none());
+        // The shard map: any token (a writer's client routes too), never none.
+        let map = "/portrait.v1.Admin/ShardMap";
+        assert_eq!(book.check(map, Some("Bearer ops-secret")).unwrap().map(|t| t.name.as_str()), Some("ops"));
+        assert!(matches!(book.check(map, None), Err(Denied::Unauthenticated(_))));
     }
 
     #[test]
@@ -361,6 +377,7 @@ mod tests {
         let d = hex(&sha256("a"));
         let cases = [
             (entry("a", "abc", "[\"reader\"]"), "64 hex digits"),
+            (entry("a", &format!("+{}", &d[1..]), "[\"reader\"]"), "64 hex digits"),
             (entry("a", &d, "[]"), "roles is empty"),
             (entry("a", &d, "[\"root\"]"), "unknown variant"),
             (entry("a", &d, "[\"reader\"]") + &entry("a", &hex(&sha256("b")), "[\"reader\"]"), "used twice"),
@@ -374,6 +391,12 @@ mod tests {
             assert!(err.contains(wanted), "{text:?}: {err}");
         }
         assert_eq!(TokenBook::parse("").unwrap().len(), 0);
+        // Bounded by the bytes read; a directory (or a pipe) is not a file.
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, "#".repeat(MAX_TOKEN_FILE_BYTES as usize + 1)).unwrap();
+        assert!(TokenBook::load(&big).unwrap_err().contains("more than the 1048576 bytes allowed"));
+        assert!(TokenBook::load(dir.path()).unwrap_err().contains("not a regular file"));
     }
 
     #[test]

@@ -35,9 +35,7 @@ async fn run() -> anyhow::Result<()> {
         Some(path) => {
             let book = crate::auth::TokenBook::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
             tracing::info!(file = %path.display(), tokens = book.len(), "token checks on");
-            let gate = Gate::new(book);
-            reload_on_sighup(gate.clone(), path.clone())?;
-            gate
+            Gate::new(book)
         }
         None => {
             tracing::warn!("no --token-file: every client call is allowed without a token");
@@ -45,10 +43,12 @@ async fn run() -> anyhow::Result<()> {
         }
     };
     let tls = crate::tls::Tls::load(&config.tls, config.node.node_id)?;
-    let audit = match &config.audit_log {
+    let audit = Arc::new(match &config.audit_log {
         Some(path) => crate::audit::AuditLog::open(config.node.node_id, path)?,
         None => crate::audit::AuditLog::log_only(config.node.node_id),
-    };
+    });
+    // Always handled: SIGHUP's default action would end the process.
+    reload_on_sighup(gate.clone(), config.token_file.clone(), audit.clone())?;
     if let Some(peer) = &tls.peer {
         crate::tls::set_peer_client(peer.client.clone());
     }
@@ -83,7 +83,7 @@ async fn run() -> anyhow::Result<()> {
         crate::join::start(node.clone(), config.join.clone()).await;
     }
     let listeners = crate::service::Listeners { client, peer };
-    let security = crate::service::Security { gate, tls, audit: Arc::new(audit) };
+    let security = crate::service::Security { gate, tls, audit };
     // A group whose raft stopped on an error (e.g. its log could not be
     // written) would hold its shards' leadership for good while this
     // process answers its peers' probes: stop, so that they take over, and

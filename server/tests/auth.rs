@@ -177,6 +177,7 @@ async fn exactly_the_calls_a_tokens_roles_allow_get_through() {
             let allowed = match rule {
                 Access::Open | Access::Peer => true,
                 Access::Role(needed) => *role == Some(needed),
+                Access::AnyToken => role.is_some(),
             };
             match (allowed, refused(&result)) {
                 (true, None) => {}

@@ -56,14 +56,35 @@ impl Gate {
     }
 }
 
-/// Re-reads `path` on every SIGHUP until the process ends.
-pub fn reload_on_sighup(gate: Gate, path: PathBuf) -> anyhow::Result<()> {
+/// On every SIGHUP until the process ends: re-reads the token file
+/// (`path`, when token checks are on) and reopens the audit file (so that
+/// a rotated one is written anew). The token file is read on a blocking
+/// thread.
+pub fn reload_on_sighup(
+    gate: Gate,
+    path: Option<PathBuf>,
+    audit: Arc<crate::audit::AuditLog>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            match gate.reload(&path) {
-                Ok(n) => tracing::info!(file = %path.display(), tokens = n, "token file reloaded"),
+            if let Err(e) = audit.reopen() {
+                tracing::error!(error = %e, "audit file not reopened; entries go to the file in use");
+            }
+            let Some(path) = path.clone() else {
+                tracing::info!("SIGHUP: no --token-file, no tokens to reload");
+                continue;
+            };
+            let gate = gate.clone();
+            let reloaded = tokio::task::spawn_blocking(move || (gate.reload(&path), path)).await;
+            match reloaded {
+                Ok((Ok(n), path)) => {
+                    tracing::info!(file = %path.display(), tokens = n, "token file reloaded")
+                }
+                Ok((Err(e), _)) => {
+                    tracing::error!(error = %e, "token file not reloaded; the tokens in use stay")
+                }
                 Err(e) => tracing::error!(error = %e, "token file not reloaded; the tokens in use stay"),
             }
         }

@@ -117,6 +117,13 @@ pub struct Token {
     pub roles: BTreeSet<Role>,
 }
 
+impl Token {
+    /// The SHA-256 of the token's secret (what the token file holds).
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+}
+
 /// The tokens a node accepts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TokenBook {
@@ -217,14 +224,28 @@ impl TokenBook {
         if presented.is_empty() || presented.len() > MAX_TOKEN_BYTES {
             return None;
         }
-        let digest = sha256(presented);
+        self.find_digest(&sha256(presented))
+    }
+
+    fn find_digest(&self, digest: &[u8; 32]) -> Option<&Token> {
         let mut found = None;
         for t in &self.tokens {
-            if equal_in_constant_time(&t.digest, &digest) {
+            if equal_in_constant_time(&t.digest, digest) {
                 found = Some(t);
             }
         }
         found
+    }
+
+    /// Whether the token whose SHA-256 is `digest` is (still) in the book
+    /// with what the RPC at `path` needs: a call that runs on (a stream)
+    /// is checked again after a reload.
+    pub fn still_allows(&self, digest: &[u8; 32], path: &str) -> bool {
+        match (access(path), self.find_digest(digest)) {
+            (Some(Access::Role(role)), Some(token)) => token.roles.contains(&role),
+            (Some(Access::AnyToken), Some(_)) => true,
+            _ => false,
+        }
     }
 
     /// Whether the caller presenting `authorization` (the header's value)

@@ -309,6 +309,65 @@ async fn sighup_rereads_the_token_file_and_a_bad_one_keeps_the_tokens_in_use() {
     }
     assert!(call(&channel, status, Some(new)).await.is_ok(), "a bad reload dropped the tokens");
     assert!(call(&channel, status, Some(TOKENS[0].1)).await.is_ok());
+
+    // A stream outlives no reload that removes its token: its next batch
+    // ends it. The batches before were applied.
+    let streamer = "stream-writer-secret-0123456789abcdef";
+    std::fs::write(&file, token_file(&[("streamer", streamer, "writer")])).unwrap();
+    hup(node.child.id());
+    let write = "/portrait.v1.Ingest/Write";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused(&call(&channel, write, Some(streamer)).await) == Some(tonic::Code::Unauthenticated) {
+        assert!(Instant::now() < deadline, "the streamer's token was never accepted\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let endpoint = format!("127.0.0.1:{}", node.port);
+    let connect =
+        |token: &str| PortraitClient::connect_with(&endpoint, ConnectOptions::new().token(token).unwrap());
+    let (writer, reader) = (connect(streamer).await.unwrap(), connect(TOKENS[0].1).await.unwrap());
+    let batch = |user: &str| portrait_client::WriteRequest {
+        events: vec![json::event_from_json(
+            &serde_json::json!({"user_id": user, "family": "browse", "type": "view"}),
+        )
+        .unwrap()],
+    };
+    let found = |user: &'static str| {
+        let reader = reader.clone();
+        async move {
+            match reader.get_profile(user, &[], Consistency::Linearizable).await {
+                Ok(p) => p.profile.is_some_and(|p| p.found),
+                Err(e) if e.code() == Some(tonic::Code::NotFound) => false,
+                Err(e) => panic!("reading {user}: {e}"),
+            }
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let stream =
+        tokio::spawn(
+            async move { writer.write_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await },
+        );
+    tx.send(batch("s1")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !found("s1").await {
+        assert!(Instant::now() < deadline, "the first batch was never applied\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(&file, token_file(&[])).unwrap();
+    hup(node.child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused(&call(&channel, write, Some(streamer)).await) != Some(tonic::Code::Unauthenticated) {
+        assert!(Instant::now() < deadline, "the streamer's token was never removed\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tx.send(batch("s2")).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream)
+        .await
+        .expect("the stream went on after its token was removed")
+        .unwrap()
+        .expect_err("a stream whose token was removed");
+    assert_eq!(ended.code(), Some(tonic::Code::Unauthenticated), "{ended}");
+    assert!(ended.to_string().contains("batch 1 (earlier batches were applied)"), "{ended}");
+    assert!(!found("s2").await, "the batch after the removal was applied");
 }
 
 #[test]

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::auth::Caller;
+use super::auth::{Caller, Grant};
 use super::convert::families_to_pb;
 use crate::audit::{AuditLog, Who};
 use crate::error::Error;
@@ -218,7 +218,7 @@ async fn receive_archive(
     upload: &crate::node::ShardUpload,
     bytes: u64,
     sha256: &str,
-    stall: Duration,
+    (stall, grant): (Duration, Option<&Grant>),
 ) -> Result<(), Status> {
     let mut file = tokio::fs::File::create(&upload.file.path).await.map_err(Error::internal)?;
     let (mut hash, mut received) = (Sha256::new(), 0u64);
@@ -226,6 +226,7 @@ async fn receive_archive(
         Status::deadline_exceeded(format!("no archive chunk for {stall:?}: the restore's upload stalled"))
     };
     while let Some(message) = tokio::time::timeout(stall, stream.message()).await.map_err(stalled)?? {
+        Grant::recheck(grant)?;
         let Some(restore_shard_chunk::Part::Data(data)) = message.part else {
             return Err(Error::invalid("part", "only data chunks may follow the header").into());
         };
@@ -277,6 +278,7 @@ impl Admin for AdminService {
         request: Request<Streaming<RestoreShardChunk>>,
     ) -> Result<Response<RestoreShardResponse>, Status> {
         let who = who(&request);
+        let grant = request.extensions().get::<Grant>().cloned();
         let mut stream = request.into_inner();
         // Audited also when the header is missing.
         let first = stream.message().await;
@@ -321,7 +323,7 @@ impl Admin for AdminService {
                 &upload,
                 header.archive_bytes,
                 &header.sha256,
-                self.node.backup_stream_stall(),
+                (self.node.backup_stream_stall(), grant.as_ref()),
             )
             .await?;
             let id =

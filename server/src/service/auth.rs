@@ -22,6 +22,30 @@ use crate::auth::{Denied, TokenBook};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller(pub String);
 
+/// What let a call through, kept with the call so that a stream can be
+/// checked again as it runs: a token removed from the file (or its role)
+/// by a reload ends the streams it opened at their next message.
+#[derive(Clone)]
+pub struct Grant {
+    gate: Gate,
+    digest: [u8; 32],
+    path: String,
+}
+
+impl Grant {
+    /// UNAUTHENTICATED once the token no longer allows the call.
+    pub fn recheck(grant: Option<&Grant>) -> Result<(), tonic::Status> {
+        let Some(g) = grant else { return Ok(()) };
+        match g.gate.current() {
+            Some(book) if !book.still_allows(&g.digest, &g.path) => Err(tonic::Status::unauthenticated(
+                "the token of this stream was removed or lost its role (the token file was reloaded): call again \
+                 with a current token",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The tokens the node accepts, or none: checks off (no `--token-file`).
 #[derive(Clone, Default)]
 pub struct Gate {
@@ -122,9 +146,11 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         if let Some(book) = self.gate.current() {
             let header = request.headers().get("authorization").and_then(|v| v.to_str().ok());
-            match book.check(request.uri().path(), header).map(|t| t.map(|t| Caller(t.name.clone()))) {
-                Ok(Some(caller)) => {
+            let path = request.uri().path().to_string();
+            match book.check(&path, header).map(|t| t.map(|t| (Caller(t.name.clone()), t.digest()))) {
+                Ok(Some((caller, digest))) => {
                     request.extensions_mut().insert(caller);
+                    request.extensions_mut().insert(Grant { gate: self.gate.clone(), digest, path });
                 }
                 Ok(None) => {}
                 Err(denied) => {

@@ -53,6 +53,7 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
+        let grant = request.extensions().get::<super::auth::Grant>().cloned();
         let mut stream = request.into_inner();
         let mut total = WriteResponse::default();
         loop {
@@ -63,6 +64,7 @@ impl Ingest for IngestService {
                 Ok(None) => break,
                 Err(status) => return Err(in_batch(total.batches, status)),
             };
+            super::auth::Grant::recheck(grant.as_ref()).map_err(|e| in_batch(total.batches, e))?;
             let resp = self.write_one(batch).await.map_err(|e| in_batch(total.batches, e.into()))?;
             // A stream has no length bound: the totals stop at their maximum.
             total.applied = total.applied.saturating_add(resp.applied);

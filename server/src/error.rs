@@ -41,6 +41,11 @@ pub enum Error {
 /// proposed (and so may yet apply): [`Error::outcome_unknown`].
 pub const OUTCOME_UNKNOWN: &str = "the outcome is unknown";
 
+/// Part of every UNAVAILABLE message of a shard's leader that refused a
+/// write for now (its write queue is full, its shard is behind the schema):
+/// [`Error::leader_refused`].
+pub const RETRY_LATER: &str = "retry later";
+
 impl Error {
     /// Whether this failure of a write leaves its outcome unknown: it may
     /// have been proposed and may still apply, so it must not be sent to
@@ -48,6 +53,13 @@ impl Error {
     /// retries with the same event ids instead.
     pub fn outcome_unknown(&self) -> bool {
         matches!(self, Error::Unavailable(m) if m.contains(OUTCOME_UNKNOWN))
+    }
+
+    /// Whether the shard's leader refused a write for now: nothing was
+    /// proposed, and another replica would only redirect to that leader,
+    /// so the part is not sent on; the caller retries later.
+    pub fn leader_refused(&self) -> bool {
+        matches!(self, Error::Unavailable(m) if m.contains(RETRY_LATER))
     }
 
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {

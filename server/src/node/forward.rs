@@ -99,11 +99,14 @@ impl Node {
                     heard.insert(gid, Heard { node, leads: leads || led });
                     return Ok(done);
                 }
+                // A redirect to a node tried already says less than what
+                // that node answered: kept as it was.
+                Err(Error::NotLeader { leader_id: Some(l), .. }) if tried.contains(&l) => {}
                 Err(Error::NotLeader { leader_id: Some(l), leader_addr: Some(a), group }) => {
                     candidates.push_front((l, a.clone()));
                     last = Error::NotLeader { leader_id: Some(l), leader_addr: Some(a), group };
                 }
-                Err(e) if e.outcome_unknown() => return Err(e),
+                Err(e) if e.outcome_unknown() || e.leader_refused() => return Err(e),
                 Err(e @ (Error::NotFound(_) | Error::Unavailable(_) | Error::NotLeader { .. })) => last = e,
                 Err(e) => return Err(e),
             }

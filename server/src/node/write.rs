@@ -21,7 +21,7 @@ use portrait_core::shard::shard_of;
 
 use super::forward::Forward;
 use super::Node;
-use crate::error::{Error, Result, OUTCOME_UNKNOWN};
+use crate::error::{Error, Result, OUTCOME_UNKNOWN, RETRY_LATER};
 use crate::model::{Event, WriteCounts};
 use crate::raft::replica::Replica;
 use crate::store::codec::{decode, encode};
@@ -132,6 +132,7 @@ impl Node {
         events: &[Event],
     ) -> Result<(WriteCounts, u64)> {
         if failed.outcome_unknown()
+            || failed.leader_refused()
             || !matches!(failed, Error::NotLeader { .. } | Error::NotFound(_) | Error::Unavailable(_))
         {
             return Err(failed);
@@ -280,7 +281,7 @@ fn behind_schema(newest: u64, applied: &VersionedSchema, events: &[Event]) -> Re
     validate_request(events, &applied.schema, None).map_err(|e| {
         Error::Unavailable(format!(
             "{}; the shard has not applied schema version {newest} yet (it has {}): nothing was written, \
-             retry",
+             {RETRY_LATER}",
             Error::from(e),
             applied.version
         ))
@@ -349,9 +350,12 @@ mod tests {
         assert!(
             matches!(&e, Error::Unavailable(m) if m.starts_with("events[1].family: unknown family")
                 && m.ends_with(&format!("has not applied schema version {} yet (it has {}): nothing was \
-                    written, retry", old.version + 1, old.version))),
+                    written, retry later", old.version + 1, old.version))),
             "{e}"
         );
+        // The leader refused it for now: not sent to the shard's other
+        // replicas (they would redirect back to it).
+        assert!(e.leader_refused() && !e.outcome_unknown());
     }
 
     #[test]

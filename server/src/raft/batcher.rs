@@ -353,14 +353,23 @@ async fn propose(replica: &Replica, batch: Vec<Pending>) {
             let index = resp.log_id.index;
             // Acknowledge what a read will see: the entry's batch may still
             // be on its way into the database (see the state machine).
+            // Committed: whatever fails from here on, the entry applies on
+            // the followers (and here on replay), so its outcome is unknown
+            // to the callers, not an internal error they must not retry.
+            let committed = |e: String| {
+                Error::Unavailable(format!(
+                    "{e} after the write committed at index {index}; {OUTCOME_UNKNOWN}: retry with the same \
+                     event_ids, duplicates are skipped"
+                ))
+            };
             if let Err(e) = sm.wait_written(index).await {
-                return replies.into_iter().for_each(|r| drop(r.send(Err(Error::Internal(e.clone())))));
+                return replies.into_iter().for_each(|r| drop(r.send(Err(committed(e.clone())))));
             }
             let outcomes = match resp.data {
                 CommandResult::Write(outcomes) if outcomes.len() == replies.len() => outcomes,
                 other => {
                     let e = format!("unexpected apply result {other:?}");
-                    return replies.into_iter().for_each(|r| drop(r.send(Err(Error::Internal(e.clone())))));
+                    return replies.into_iter().for_each(|r| drop(r.send(Err(committed(e.clone())))));
                 }
             };
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
@@ -444,6 +453,7 @@ mod tests {
         q.waiting.extend([rx.recv().await.unwrap(), rx.recv().await.unwrap()]);
         let e = batcher.hold(size).expect_err("the budget is taken");
         assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
+        assert!(e.leader_refused(), "not sent to another replica");
         q.drop_abandoned();
         assert_eq!(q.waiting.len(), 2, "both callers still wait");
         // One caller times out (its future is dropped).

@@ -376,6 +376,18 @@ async fn an_install_a_crash_interrupted_is_finished_at_the_next_open() {
     let published = dir.path().join(format!("snapshots/0/snap-{}.snap", meta.snapshot_id));
     crash_mid_install(&db, received.clone());
     drop((raw, a, db));
+    // First an open that fails for a reason other than the archive (its
+    // staging path cannot be cleared: a failing disk, say): the node does
+    // not start, and nothing is wiped; the archive and marker stay.
+    let blocker = dir.path().join("snapshots/0/ingest");
+    let _ = std::fs::remove_dir_all(&blocker);
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    match StateDb::open(dir.path()) {
+        Ok(_) => panic!("opened although the install could not be redone (staging {})", blocker.display()),
+        Err(e) => assert!(format!("{e:#}").contains("nothing was wiped"), "{e:#}"),
+    }
+    assert_eq!(std::fs::read(&published).unwrap(), archive, "the archive is kept");
+    std::fs::remove_file(&blocker).unwrap();
     let db = StateDb::open(dir.path()).unwrap();
     let a = group(&db, dir.path(), A);
     assert_eq!(rows(&db, A), leader_a, "installed from the published archive");

@@ -183,22 +183,51 @@ pub fn ingest(
 /// archive is where the marker says, or already under its published name
 /// (the install publishes before it clears the marker). Returns the
 /// snapshot's last index.
-pub fn redo_install(state_db: &StateDb, data_dir: &Path, gid: GroupId, record: &[u8]) -> anyhow::Result<u64> {
-    let record: InstallRecord = decode(record)?;
-    let dir = SnapshotDir::new(data_dir, gid)?;
+pub fn redo_install(
+    state_db: &StateDb,
+    data_dir: &Path,
+    gid: GroupId,
+    record: &[u8],
+) -> Result<u64, RedoError> {
+    let failed = |e: anyhow::Error| RedoError::Failed(e);
+    let record: InstallRecord = decode(record).map_err(|e| RedoError::Damaged(e.into()))?;
+    let dir = SnapshotDir::new(data_dir, gid).map_err(|e| failed(e.into()))?;
     let published = dir.archive(&record.meta.snapshot_id);
     let archive = if record.archive.exists() { record.archive.clone() } else { published };
     let staging = dir.scratch("ingest");
     if staging.exists() {
-        std::fs::remove_dir_all(&staging)?;
+        std::fs::remove_dir_all(&staging).map_err(|e| failed(e.into()))?;
     }
-    unpack(&archive, &staging)?;
-    let files = validate(&staging, gid, &record.meta)?;
-    ingest(state_db, gid, files, &record)?;
-    dir.publish(&archive, &record.meta)?;
-    state_db.clear_install_marker(gid)?;
+    if let Err(e) = unpack(&archive, &staging) {
+        // Gone, truncated or not an archive: damaged. Anything else (a
+        // full disk, a failing one) is not the archive's fault.
+        let damaged = matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound
+                | std::io::ErrorKind::InvalidData
+                | std::io::ErrorKind::UnexpectedEof
+        );
+        let e = anyhow::Error::from(e).context(format!("unpacking {}", archive.display()));
+        return Err(if damaged { RedoError::Damaged(e) } else { RedoError::Failed(e) });
+    }
+    let files = validate(&staging, gid, &record.meta).map_err(RedoError::Damaged)?;
+    ingest(state_db, gid, files, &record).map_err(failed)?;
+    dir.publish(&archive, &record.meta).map_err(|e| failed(e.into()))?;
+    state_db.clear_install_marker(gid).map_err(|e| failed(e.into()))?;
     remove_staging(&staging);
     Ok(record.meta.last_log_id.map_or(0, |l| l.index))
+}
+
+/// Why [`redo_install`] could not finish an interrupted install.
+#[derive(Debug)]
+pub enum RedoError {
+    /// The archive (or the install's record) is gone or damaged: the group
+    /// can only start empty, and its leader sends a snapshot again.
+    Damaged(anyhow::Error),
+    /// Anything else (a full or failing disk, the ingest): nothing may be
+    /// wiped for it; the node does not start, and the next start tries
+    /// again.
+    Failed(anyhow::Error),
 }
 
 /// Removes an install's staging directory (its SST files were moved into

@@ -411,11 +411,18 @@ impl StateDb {
                 Ok(index) => {
                     tracing::warn!(group = %gid, index, "finished a snapshot install a crash interrupted")
                 }
-                Err(e) => {
+                Err(super::group_snapshot::RedoError::Failed(e)) => {
+                    anyhow::bail!(
+                        "{gid}: a snapshot install a crash interrupted could not be finished ({e:#}); nothing \
+                         was wiped: fix the cause (disk full? failing disk?) and start the node again"
+                    );
+                }
+                Err(super::group_snapshot::RedoError::Damaged(e)) => {
                     tracing::error!(
                         group = %gid,
                         error = format!("{e:#}"),
-                        "a snapshot install was interrupted and cannot be finished: the group starts empty"
+                        "a snapshot install was interrupted and its archive is gone or damaged: the group \
+                         starts empty"
                     );
                     // Nothing of the group is left: no state, no snapshot
                     // (openraft would take the group for one at that

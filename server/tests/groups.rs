@@ -462,3 +462,31 @@ fn group_ids_beyond_the_shard_limit_are_refused() {
     let a1 = db.open_group(A).unwrap();
     assert!(Arc::ptr_eq(&a1, &db.open_group(A).unwrap()), "one handle per group");
 }
+
+/// After a crash the state restarts from its last flush, which may be
+/// behind the snapshot openraft holds: a build then keeps that snapshot
+/// (and its archive), never replacing it with an older one.
+#[tokio::test]
+async fn a_build_never_replaces_a_newer_current_snapshot() {
+    use portrait_server::store::snapshot::SnapshotDir;
+    let dir = tempfile::tempdir().unwrap();
+    let db = StateDb::open(dir.path()).unwrap();
+    let mut a = group(&db, dir.path(), A);
+    orders(&mut a, 1, &["u1"], 4, T0).await;
+    let (_, built) = build(&mut a).await;
+    assert_eq!(built.last_log_id.map(|l| l.index), Some(4));
+    // The snapshot openraft holds is at 10; the state only at 4.
+    let snapshots = SnapshotDir::new(dir.path(), A).unwrap();
+    let newer = SnapshotMeta { last_log_id: Some(log_id(10)), snapshot_id: "10-1".into(), ..built.clone() };
+    let archive = snapshots.scratch("newer.snap");
+    std::fs::write(&archive, b"the snapshot at 10").unwrap();
+    snapshots.publish(&archive, &newer).unwrap();
+    let (bytes, meta) = build(&mut a).await;
+    assert_eq!((meta.snapshot_id.as_str(), bytes.as_slice()), ("10-1", &b"the snapshot at 10"[..]));
+    assert!(snapshots.archive("10-1").exists());
+    // Once the state has caught up past it, builds go on.
+    orders(&mut a, 5, &["u1"], 7, T0).await;
+    let (_, meta) = build(&mut a).await;
+    assert_eq!(meta.last_log_id.map(|l| l.index), Some(11));
+    assert!(!snapshots.archive("10-1").exists(), "replaced by the newer build");
+}

@@ -767,7 +767,21 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 }
 
 /// The group's SST files → archive → `snap-<id>.snap` + `current.meta`.
+/// Unless the current snapshot is newer than the state: after a crash the
+/// state restarts from its last flush, which may be behind the snapshot
+/// openraft holds, and a build then keeps that snapshot rather than
+/// replacing it (and deleting its archive) with an older one.
 fn build_blocking(store: &GroupState, dir: &SnapshotDir) -> anyhow::Result<()> {
+    let current = match std::fs::read(dir.meta()) {
+        Ok(bytes) => Some(decode::<SnapshotMeta>(&bytes)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e.into()),
+    };
+    let newest = current.and_then(|m| m.last_log_id).map_or(0, |l| l.index);
+    if store.applied().last_applied.map_or(0, |l| l.index) < newest {
+        tracing::info!(group = %store.gid(), snapshot = newest, "the current snapshot is ahead of the state: kept");
+        return Ok(());
+    }
     let export = dir.scratch("export");
     let archive_meta = group_snapshot::export(store.state_db(), store.gid(), &export)?;
     let building = dir.scratch("building.snap");

@@ -351,6 +351,17 @@ impl Node {
             tracing::warn!(group = %gid, error = %e, "stopping a removed replica");
         }
         drop(replica);
+        // The snapshot first (its meta, durably, then its archives): left
+        // behind by a crash with the log and state gone, openraft would
+        // take a replica placed here again for one holding it, and skip
+        // the leader's older snapshot while the state is empty. Not
+        // removed: the drop stops here, and the replica reopens from its
+        // log at the next start (and is dropped again).
+        let snapshots = crate::store::snapshot::SnapshotDir::new(&self.data_dir, gid);
+        if let Err(e) = snapshots.and_then(|dir| dir.clear()) {
+            tracing::warn!(group = %gid, error = %e, "dropping a removed replica: its snapshot stays");
+            return;
+        }
         // The log store closes as raft's tasks end, the state once its
         // state machine has applied what raft had queued for it.
         let mut result = Ok(());
@@ -361,7 +372,9 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let _ = std::fs::remove_dir_all(self.data_dir.join("snapshots").join(gid.dir_name()));
+        if result.is_ok() {
+            let _ = std::fs::remove_dir_all(self.data_dir.join("snapshots").join(gid.dir_name()));
+        }
         match result {
             Ok(()) => tracing::info!(group = %gid, "dropped a replica the map no longer places here"),
             Err(e) => tracing::warn!(group = %gid, error = %e, "dropping a removed replica"),

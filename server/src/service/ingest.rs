@@ -71,15 +71,53 @@ impl Ingest for IngestService {
             total.duplicates = total.duplicates.saturating_add(resp.duplicates);
             total.expired = total.expired.saturating_add(resp.expired);
             total.log_index = resp.log_index;
-            total.shards = resp.shards;
+            merge_shards(&mut total.shards, resp.shards);
             total.batches = total.batches.saturating_add(1);
         }
         Ok(Response::new(total))
     }
 }
 
+/// Adds one batch's per-shard counts to a stream's: per shard, the counts
+/// summed (saturating, as the totals) and the latest log index, in shard
+/// order.
+fn merge_shards(total: &mut Vec<ShardWrite>, batch: Vec<ShardWrite>) {
+    for part in batch {
+        match total.iter_mut().find(|s| s.shard == part.shard) {
+            Some(s) => {
+                s.applied = s.applied.saturating_add(part.applied);
+                s.duplicates = s.duplicates.saturating_add(part.duplicates);
+                s.expired = s.expired.saturating_add(part.expired);
+                s.log_index = s.log_index.max(part.log_index);
+            }
+            None => total.push(part),
+        }
+    }
+    total.sort_by_key(|s| s.shard);
+}
+
 /// A `WriteStream` failure at batch `n`, saying the batches before it were applied.
 fn in_batch(n: u32, status: Status) -> Status {
     let message = format!("batch {n} (earlier batches were applied): {}", status.message());
     Status::with_metadata(status.code(), message, status.metadata().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streams_shard_counts_add_up_to_its_totals() {
+        let part = |shard, log_index, applied, duplicates| ShardWrite {
+            shard,
+            log_index,
+            applied,
+            duplicates,
+            expired: 0,
+        };
+        let mut total = Vec::new();
+        merge_shards(&mut total, vec![part(3, 10, 2, 0), part(1, 7, 1, 0)]);
+        merge_shards(&mut total, vec![part(3, 12, 1, 1), part(2, 4, 5, 0)]);
+        assert_eq!(total, vec![part(1, 7, 1, 0), part(2, 4, 5, 0), part(3, 12, 3, 1)]);
+    }
 }

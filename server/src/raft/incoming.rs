@@ -29,17 +29,16 @@ impl IncomingSnapshot {
     /// when it is the last one (`done`) and the archive it completes is
     /// damaged (nothing is recorded: a resent last chunk is checked again).
     /// Chunks out of order are not checked (openraft refuses them, and the
-    /// sender starts over at offset 0).
+    /// sender starts over at offset 0), and change nothing here: a stray
+    /// chunk (a deposed leader's, of another snapshot) must not turn the
+    /// check off for the rest of the stream being received.
     pub fn chunk(&self, id: &str, offset: u64, data: &[u8], done: bool) -> Result<(), String> {
         let mut receiving = self.0.lock().expect("incoming snapshot lock");
         let base = match receiving.as_ref() {
             _ if offset == 0 => TrailerCheck::default(),
             Some(r) if r.id == id && r.next == offset => r.check.clone(),
             Some(r) if r.id == id && r.last.0 == offset => r.last.1.clone(),
-            _ => {
-                *receiving = None;
-                return Ok(());
-            }
+            _ => return Ok(()),
         };
         let mut check = base.clone();
         check.update(data);
@@ -115,5 +114,20 @@ mod tests {
         bad[0] ^= 1;
         assert!(incoming.chunk("s", 8192, &bad, true).is_err());
         assert_eq!(incoming.chunk("s", 8192, c, true), Ok(()), "the last chunk resent whole");
+    }
+
+    #[test]
+    fn a_stray_chunk_does_not_turn_the_check_off() {
+        let incoming = IncomingSnapshot::default();
+        let sound = archive(9_000);
+        let (a, rest) = sound.split_at(4096);
+        let (b, c) = rest.split_at(4096);
+        incoming.chunk("s", 0, a, false).unwrap();
+        // A deposed leader's chunk of another snapshot, mid-stream.
+        assert_eq!(incoming.chunk("old", 4096, b, false), Ok(()), "left to openraft");
+        incoming.chunk("s", 4096, b, false).unwrap();
+        let mut bad = c.to_vec();
+        bad[0] ^= 1;
+        assert!(incoming.chunk("s", 8192, &bad, true).is_err(), "still checked");
     }
 }

@@ -804,6 +804,42 @@ async fn forwarded_reads_are_checked_against_their_shard() {
     assert_eq!((status.code(), status.message()), (Code::NotFound, "node 1 hosts no replica of shard 4000"));
 }
 
+/// A forwarded write part validated against a newer schema than the
+/// receiving shard applied is held back (UNAVAILABLE, retry later), even
+/// while the receiver's own view of the meta group is behind too; one
+/// validated against the shard's own version is refused at apply as before.
+#[tokio::test]
+async fn a_forwarded_part_validated_against_a_newer_schema_waits_for_its_shard() {
+    use portrait_client::portrait_proto::v1::raft_client::RaftClient;
+    use portrait_client::portrait_proto::v1::RaftPayload;
+    use portrait_core::shard::shard_of;
+    let node = TestNode::start_sharded(common::SHARDS).await;
+    let client = PortraitClient::connect(&node.endpoint()).await.unwrap();
+    client.write(vec![event("u1", "browse", 0, "e1", &[])]).await.unwrap();
+    let version = client.get_schema().await.unwrap().version;
+    let mut raft = RaftClient::connect(node.peer_endpoint()).await.expect("connect");
+    let part = vec![portrait_server::model::Event {
+        user_id: "u1".into(),
+        family: "app_usage".into(),
+        time_ms: now_ms(),
+        event_id: "x1".into(),
+        ..portrait_server::model::Event::bare()
+    }];
+    let payload = |schema_version| RaftPayload {
+        data: bincode::serialize(&part).unwrap(),
+        group: shard_of("u1", common::SHARDS),
+        schema_version,
+        ..Default::default()
+    };
+    let status = raft.forward_write(payload(version + 1)).await.expect_err("held back");
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    let wanted = format!("has not applied schema version {} yet (it has {version})", version + 1);
+    assert!(status.message().contains(&wanted), "{}", status.message());
+    let status = raft.forward_write(payload(version)).await.expect_err("an unknown family");
+    assert_ne!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(status.message().contains("app_usage"), "{}", status.message());
+}
+
 /// Addresses are checked before anything changes: empty, not a URL,
 /// longer than the map keeps, or one address for both ports.
 #[tokio::test]

@@ -133,7 +133,11 @@ impl Node {
         // against this node's queued-write budget too.
         let _held = if write { Some(self.batcher.hold(data.len())?) } else { None };
         let mut client = self.channels.get(addr).map_err(|e| unreachable(&e))?;
-        let mut request = tonic::Request::new(RaftPayload { data, group: gid.0, ..Default::default() });
+        // A write part was validated against this node's schema: the
+        // receiver holds it back while its shard is behind that version.
+        let schema_version = if write { self.schema().version } else { 0 };
+        let mut request =
+            tonic::Request::new(RaftPayload { data, group: gid.0, schema_version, ..Default::default() });
         // The receiver may hold a write at a leadership transfer's gate,
         // then for its proposal, each up to the write timeout: a shorter
         // deadline would call outcomes unknown that are not.

@@ -114,7 +114,7 @@ impl Node {
                 Err(e) => self.send_on(gid, e, leader, &events).await,
                 done => done,
             },
-            None => self.propose_write(&replica, events).await,
+            None => self.propose_write(&replica, events, 0).await,
         }
     }
 
@@ -160,10 +160,17 @@ impl Node {
     /// During a leadership transfer the write waits at the gate (at most
     /// the write timeout, then UNAVAILABLE: nothing was proposed), then goes
     /// on; on the old leader that is a redirect to the new one.
-    async fn propose_write(&self, replica: &Replica, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
+    /// `validated`: the schema version the events were validated against
+    /// (where they were received), when newer than this node's view.
+    async fn propose_write(
+        &self,
+        replica: &Replica,
+        events: Vec<Event>,
+        validated: u64,
+    ) -> Result<(WriteCounts, u64)> {
         // The node's queued-write budget counts the wait at the gate.
         let (admitted, _pass) = self.batcher.admit(&replica.gate, self.write_timeout, &events).await?;
-        behind_schema(self.schema().version, &replica.sm.schema(), &events)?;
+        behind_schema(self.schema().version.max(validated), &replica.sm.schema(), &events)?;
         // Never hang: a leader cut off from its quorum cannot commit.
         let write = self.batcher.write_held(replica.gid, events, admitted);
         match tokio::time::timeout(self.write_timeout, write).await {
@@ -236,7 +243,11 @@ impl Node {
 
     /// Parts forwarded together by another node (`Raft.ForwardWrites`):
     /// each as [`Node::forwarded_write`], all at once, each answered on its own.
-    pub async fn forwarded_writes(&self, parts: Vec<Part>) -> Result<Vec<Result<(WriteCounts, u64)>>> {
+    pub async fn forwarded_writes(
+        &self,
+        parts: Vec<Part>,
+        validated: u64,
+    ) -> Result<Vec<Result<(WriteCounts, u64)>>> {
         if parts.len() > self.shards as usize {
             return Err(Error::invalid("parts", format!("{} parts for {} shards", parts.len(), self.shards)));
         }
@@ -247,14 +258,20 @@ impl Node {
                     format!("{shard} is not a shard (the cluster has {})", self.shards),
                 ));
             }
-            self.forwarded_write(GroupId(shard), events).await
+            self.forwarded_write(GroupId(shard), events, validated).await
         });
         Ok(futures::future::join_all(writes).await)
     }
 
-    /// A part forwarded by another node: proposed if this node leads the
-    /// shard, else NOT_LEADER with the leader it knows (no second hop).
-    pub async fn forwarded_write(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
+    /// A part forwarded by another node, validated there against schema
+    /// version `validated`: proposed if this node leads the shard, else
+    /// NOT_LEADER with the leader it knows (no second hop).
+    pub async fn forwarded_write(
+        &self,
+        gid: GroupId,
+        events: Vec<Event>,
+        validated: u64,
+    ) -> Result<(WriteCounts, u64)> {
         let replica = self.replica(gid)?;
         if let Some((leader, addr)) = leader_elsewhere(&replica, self.id) {
             return Err(Error::NotLeader { leader_id: Some(leader), leader_addr: Some(addr), group: None });
@@ -265,7 +282,7 @@ impl Node {
                 format!("a forwarded part holds users of shards other than {gid}"),
             ));
         }
-        self.propose_write(&replica, events).await
+        self.propose_write(&replica, events, validated).await
     }
 }
 

@@ -495,6 +495,7 @@ impl Peer {
             group: self.group.0,
             to_node: self.target,
             to_incarnation: self.channels.incarnation_of(self.target),
+            schema_version: 0,
         }
     }
 

@@ -190,13 +190,15 @@ impl Raft for RaftService {
     }
 
     async fn forward_write(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let validated = req.get_ref().schema_version;
         let (group, events): (GroupId, Vec<crate::model::Event>) = decode_req(req)?;
-        reply(self.node.forwarded_write(group, events).await?)
+        reply(self.node.forwarded_write(group, events, validated).await?)
     }
 
     async fn forward_writes(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let validated = req.get_ref().schema_version;
         let (_, parts): (GroupId, Vec<(u32, Vec<crate::model::Event>)>) = decode_req(req)?;
-        reply(self.node.forwarded_writes(parts).await?)
+        reply(self.node.forwarded_writes(parts, validated).await?)
     }
 
     async fn forward_read(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

@@ -212,7 +212,7 @@ pub fn redo_install(
     }
     let files = validate(&staging, gid, &record.meta).map_err(RedoError::Damaged)?;
     ingest(state_db, gid, files, &record).map_err(failed)?;
-    dir.publish(&archive, &record.meta).map_err(|e| failed(e.into()))?;
+    dir.publish(&archive, &record.meta).map_err(failed)?;
     state_db.clear_install_marker(gid).map_err(|e| failed(e.into()))?;
     remove_staging(&staging);
     Ok(record.meta.last_log_id.map_or(0, |l| l.index))

@@ -212,6 +212,34 @@ async fn a_schema_version_not_above_the_shards_is_skipped() {
     assert_eq!(r.store.schema().schema, Schema::parse(v2).unwrap());
 }
 
+#[tokio::test]
+async fn a_schema_this_build_refuses_stops_the_replica_rather_than_skip_it() {
+    // The leader's build accepted it; this one (stricter, mid rolling
+    // upgrade) cannot parse it. Skipping it would leave this replica on the
+    // old rules while the others run the new ones.
+    let mut r = replica();
+    let v1 = "[families.browse]\nttl = \"30d\"\nhistory = 3\n";
+    apply(&mut r, vec![entry(1, Command::ApplySchema { stamp_ms: T0, toml: v1.into(), version: 1 })]).await;
+    let refused = "families = 3";
+    // An older version is skipped without being parsed, as before.
+    let res = apply(
+        &mut r,
+        vec![entry(2, Command::ApplySchema { stamp_ms: T0, toml: refused.into(), version: 1 })],
+    )
+    .await;
+    assert_eq!(res, [CommandResult::SchemaApplied { version: 1 }]);
+    let err =
+        r.sm.apply(vec![entry(3, Command::ApplySchema { stamp_ms: T0, toml: refused.into(), version: 2 })])
+            .await
+            .expect_err("a refused schema must stop the replica");
+    assert!(err.to_string().contains("schema version 2 refused by this build"), "{err}");
+    // Nothing of the entry applied: the schema and the applied index stay.
+    assert_eq!(r.store.schema().version, 1);
+    assert_eq!(r.store.schema().schema, Schema::parse(v1).unwrap());
+    let (last, _) = r.sm.applied_state().await.unwrap();
+    assert_eq!(last.unwrap().index, 2);
+}
+
 /// Meta commands creating a cluster of 4 shards, RF 3, on node 1 (data dir
 /// incarnation `first`) and adding node 2 (incarnation `second`).
 fn create_and_join(

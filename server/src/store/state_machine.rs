@@ -376,23 +376,40 @@ impl Applier {
             EntryPayload::Normal(Command::ApplySchema { stamp_ms, toml, version }) => {
                 state.clock_ms = state.clock_ms.max(stamp_ms);
                 let current = self.store.schema().version;
-                match check_schema(&toml) {
-                    // Proposed again (or overtaken by a newer one): applied already.
-                    Ok(_) if version <= current => CommandResult::SchemaApplied { version: current },
-                    Ok((schema, _)) => {
-                        let versioned = VersionedSchema { version, schema };
-                        batch.put_cf(meta, &self.keys.schema, encode(&versioned));
-                        // Existing users get the new rules in the background.
-                        let progress = ReevalProgress { version, cursor: None, users_done: 0 };
-                        batch.put_cf(meta, &self.keys.reeval, encode(&progress));
-                        self.finish(db, batch, state, log_id)?;
-                        self.store.set_schema(versioned);
-                        return Ok(CommandResult::SchemaApplied { version });
+                // Proposed again (or overtaken by a newer one): applied
+                // already, whatever this build makes of its text.
+                if version <= current {
+                    CommandResult::SchemaApplied { version: current }
+                } else {
+                    match check_schema(&toml) {
+                        Ok((schema, _)) => {
+                            let versioned = VersionedSchema { version, schema };
+                            batch.put_cf(meta, &self.keys.schema, encode(&versioned));
+                            // Existing users get the new rules in the background.
+                            let progress = ReevalProgress { version, cursor: None, users_done: 0 };
+                            batch.put_cf(meta, &self.keys.reeval, encode(&progress));
+                            self.finish(db, batch, state, log_id)?;
+                            self.store.set_schema(versioned);
+                            return Ok(CommandResult::SchemaApplied { version });
+                        }
+                        // The proposer's build accepted it (it checks before
+                        // proposing), so only a build that checks more strictly
+                        // gets here (a rolling upgrade). Skipping the entry
+                        // would leave this replica on the old rules while the
+                        // others run the new ones: its tags would diverge for
+                        // good. The replica stops applying instead (openraft
+                        // shuts the group down on a storage error), its log
+                        // kept, until a build that accepts the schema runs it.
+                        Err(e) => {
+                            tracing::error!(group = %self.store.gid(), version, error = %e,
+                            "this build refuses a schema the shard's leader proposed: the replica stops here \
+                             rather than diverge; run a build that accepts it");
+                            return Err(apply_err(
+                                log_id,
+                                anyhow::anyhow!("schema version {version} refused by this build: {e}"),
+                            ));
+                        }
                     }
-                    // The proposer checked it (with the same build, the
-                    // same answer on every replica): only a build that
-                    // checks more strictly than the leader's gets here.
-                    Err(e) => CommandResult::Rejected { reason: e.to_string() },
                 }
             }
             EntryPayload::Normal(Command::Meta { stamp_ms, command }) => {

@@ -881,3 +881,21 @@ async fn a_backup_export_of_a_shard_mid_restore_is_refused() {
     assert!(err.downcast_ref::<Restoring>().is_some(), "{err:#}");
     export(r.store.state_db(), GroupId(0), &work.path().join("s")).expect("a raft snapshot");
 }
+
+/// A backup's export names the schema version of the rows it copied, read
+/// from the same RocksDB snapshot (0 before any schema is applied).
+#[tokio::test]
+async fn a_backup_export_names_the_schema_version_of_its_rows() {
+    use portrait_server::store::group_snapshot::export_for_backup;
+    use portrait_server::types::GroupId;
+
+    let mut r = replica();
+    let work = tempfile::tempdir().unwrap();
+    let (_, version) = export_for_backup(r.store.state_db(), GroupId(0), &work.path().join("a")).unwrap();
+    assert_eq!(version, 0);
+    let toml = "[families.browse]\nttl = \"30d\"\nhistory = 3\n";
+    apply(&mut r, vec![entry(1, Command::ApplySchema { stamp_ms: T0, toml: toml.into(), version: 4 })]).await;
+    let (meta, version) = export_for_backup(r.store.state_db(), GroupId(0), &work.path().join("b")).unwrap();
+    assert_eq!(version, 4);
+    assert_eq!(meta.last_applied.map(|l| l.index), Some(1));
+}

@@ -145,12 +145,11 @@ impl Node {
                 marker.id
             )));
         }
-        let schema_version = replica.sm.schema().version;
         let dir = scratch_dir(&self.data_dir);
         let name = unique("export", gid);
         let file = ScratchFile { path: dir.join(format!("{name}.snap")) };
         let archive = file.path.clone();
-        let export = move || -> anyhow::Result<(Option<LogId>, u64)> {
+        let export = move || -> anyhow::Result<(Option<LogId>, u64, u64)> {
             let files = dir.join(&name);
             let exported = group_snapshot::export_for_backup(&state_db, gid, &files);
             let packed = exported.and_then(|meta| {
@@ -158,10 +157,10 @@ impl Node {
                 Ok(meta)
             });
             let _ = std::fs::remove_dir_all(&files);
-            let meta = packed?;
-            Ok((meta.last_applied, std::fs::metadata(&archive)?.len()))
+            let (meta, schema_version) = packed?;
+            Ok((meta.last_applied, schema_version, std::fs::metadata(&archive)?.len()))
         };
-        let (applied, bytes) = tokio::task::spawn_blocking(export)
+        let (applied, schema_version, bytes) = tokio::task::spawn_blocking(export)
             .await
             .map_err(Error::internal)?
             .map_err(|e| match e.downcast_ref::<group_snapshot::Installing>() {

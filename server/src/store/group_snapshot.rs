@@ -25,6 +25,7 @@ use super::codec::{decode, encode};
 use super::keys::*;
 use super::sm_db::{cf, Marker, StateDb};
 use super::snapshot::{unpack, SnapshotDir};
+use crate::schema::VersionedSchema;
 use crate::types::{GroupId, LogId, SnapshotMeta, StoredMembership};
 
 /// The file of an archive describing its group's state.
@@ -55,16 +56,23 @@ pub struct Restoring(pub GroupId);
 /// directory `dir` (replaced if it exists). Refused ([`Installing`]) while
 /// the group installs a snapshot.
 pub fn export(state_db: &StateDb, gid: GroupId, dir: &Path) -> anyhow::Result<ArchiveMeta> {
-    export_with(state_db, gid, dir, false)
+    Ok(export_with(state_db, gid, dir, false)?.0)
 }
 
 /// [`export`] for a backup: also refused ([`Restoring`]) while a restore
-/// is under way in the group, as of the same RocksDB snapshot.
-pub fn export_for_backup(state_db: &StateDb, gid: GroupId, dir: &Path) -> anyhow::Result<ArchiveMeta> {
+/// is under way in the group, as of the same RocksDB snapshot. Also gives
+/// the version of the schema the exported rows were written under, read
+/// from that snapshot (a schema applied during the export is not in it).
+pub fn export_for_backup(state_db: &StateDb, gid: GroupId, dir: &Path) -> anyhow::Result<(ArchiveMeta, u64)> {
     export_with(state_db, gid, dir, true)
 }
 
-fn export_with(state_db: &StateDb, gid: GroupId, dir: &Path, backup: bool) -> anyhow::Result<ArchiveMeta> {
+fn export_with(
+    state_db: &StateDb,
+    gid: GroupId,
+    dir: &Path,
+    backup: bool,
+) -> anyhow::Result<(ArchiveMeta, u64)> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
     }
@@ -106,9 +114,14 @@ fn export_with(state_db: &StateDb, gid: GroupId, dir: &Path, backup: bool) -> an
         .map(|b| decode(&b))
         .transpose()?
         .unwrap_or_default();
+    let schema_version = snap
+        .get_cf(meta_cf, meta(gid, META_SCHEMA))?
+        .map(|b| decode::<VersionedSchema>(&b))
+        .transpose()?
+        .map_or(0, |s| s.version);
     let archive_meta = ArchiveMeta { group: gid, last_applied, membership };
     std::fs::write(dir.join(META_FILE), encode(&archive_meta))?;
-    Ok(archive_meta)
+    Ok((archive_meta, schema_version))
 }
 
 /// The SST files of the unpacked snapshot in `dir`, with their column

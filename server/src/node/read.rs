@@ -228,10 +228,6 @@ impl Node {
         let db = self.first().sm.db();
         let selection = selection.clone();
         let total: usize = parts.iter().map(|(_, users)| users.len()).sum();
-        // Per part: the replica (for its read info afterwards), the schema
-        // and engine its users are read with, and the users.
-        let work: Vec<_> =
-            parts.into_iter().map(|(r, users)| (r.sm.schema(), r.sm.engine(), r, users)).collect();
         let read = move || {
             let _permit = permit;
             // The response's bytes, counted as the views are read, so a
@@ -239,8 +235,16 @@ impl Node {
             // the limit plus one user's profile).
             let mut bytes = 0usize;
             let mut done = 0usize;
-            let mut out = Vec::with_capacity(work.len());
-            for (schema, engine, replica, users) in work {
+            let mut out = Vec::with_capacity(parts.len());
+            for (replica, users) in parts {
+                // Held while the part is read: a snapshot install does not
+                // replace the rows meanwhile. The schema and engine are the
+                // ones of the rows read.
+                let rows = replica.sm.read_rows();
+                let (schema, engine) = (replica.sm.schema(), replica.sm.engine());
+                // Taken before the rows: every entry up to it is in what is
+                // read (a lower bound, as read_info's applied_index promises).
+                let applied_index = written_index(&replica);
                 let mut views = Vec::with_capacity(users.len());
                 for (user, repeats) in &users {
                     let view = read_profile(&db, replica.gid, &schema.schema, &engine, user, &selection, now)
@@ -252,12 +256,13 @@ impl Node {
                     }
                     views.push(view);
                 }
-                out.push((views, replica));
+                drop(rows);
+                out.push((views, replica, applied_index));
             }
             Ok(out)
         };
         let read = tokio::task::spawn_blocking(read).await.map_err(Error::internal)??;
-        Ok(read.into_iter().map(|(views, r)| (views, self.read_info(&r, now))).collect())
+        Ok(read.into_iter().map(|(views, r, applied)| (views, self.read_info(&r, applied, now))).collect())
     }
 
     /// One shard's part, read by a node that hosts the shard (its leader
@@ -320,8 +325,9 @@ impl Node {
         Ok(())
     }
 
-    fn read_info(&self, replica: &Replica, as_of_ms: i64) -> ReadInfo {
-        let applied_index = written_index(replica);
+    /// The read info of a part of `replica` read with every entry up to
+    /// `applied_index` in it.
+    fn read_info(&self, replica: &Replica, applied_index: u64, as_of_ms: i64) -> ReadInfo {
         let m = replica.raft.metrics().borrow().clone();
         let freshness = freshness(&m, applied_index, &replica.contact, &replica.acks);
         ReadInfo { node_id: self.id, shard: replica.gid.0, applied_index, as_of_ms, freshness }

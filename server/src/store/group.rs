@@ -60,6 +60,11 @@ pub struct GroupState {
     /// count an entry applied a moment before this index reaches it; replies
     /// and linearizable reads wait for it ([`GroupState::wait_written`]).
     written: tokio::sync::watch::Sender<Written>,
+    /// Held shared while a read takes the group's rows, and exclusively by
+    /// a snapshot install from its range delete to its cache reload: a read
+    /// sees the state before the install or the one after, never the
+    /// emptied or half-ingested range ([`GroupState::read_rows`]).
+    rows: RwLock<()>,
 }
 
 /// See [`GroupState::wait_written`].
@@ -88,7 +93,21 @@ impl GroupState {
             clock: AtomicI64::new(0),
             durable_read_at: Mutex::new(None),
             written: tokio::sync::watch::Sender::new(Written::default()),
+            rows: RwLock::new(()),
         }
+    }
+
+    /// A read's hold on the group's rows (see `rows`): take it before the
+    /// schema and engine to read with, and keep it while reading. Blocks
+    /// while a snapshot install replaces the rows.
+    pub fn read_rows(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.rows.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A snapshot install's hold on the group's rows: no read runs while
+    /// it is held.
+    pub(crate) fn replace_rows(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.rows.write().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn gid(&self) -> GroupId {

@@ -840,8 +840,12 @@ fn install_blocking(
     // power loss as surely as the marker does.
     dir.sync()?;
     let record = group_snapshot::InstallRecord { archive: archive.clone(), meta: meta.clone() };
-    group_snapshot::ingest(store.state_db(), store.gid(), files, &record)?;
-    store.reload_caches()?;
+    {
+        // Reads wait out the range delete and the ingest (see `read_rows`).
+        let _rows = store.replace_rows();
+        group_snapshot::ingest(store.state_db(), store.gid(), files, &record)?;
+        store.reload_caches()?;
+    }
     // Published before the marker is cleared: a crash in between installs
     // the published archive again at the next open, and the group never
     // holds a state newer than its current snapshot (openraft purges the

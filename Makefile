@@ -44,7 +44,7 @@ verify: lint test ## what CI runs
 # Builds first, then runs (per-package `cargo run`s unify features
 # differently and rebuild tokio, hyper and tonic in between). The cluster
 # benchmarks run the release `portraitd`, not the tests' `portraitd-faults`.
-bench: setup ## ingest, read and idle-CPU benchmarks; prints tables
+bench: setup ## apply-cost, single-node ingest/read, 3-node cluster, idle-CPU, elastic-scaling and backup/restore benchmarks; prints tables
 	$(CARGO) build $(PROFILE) --workspace --exclude portrait-cluster-tests --bins --examples
 	$(CARGO) build $(PROFILE) -p portrait-cluster-tests --example cluster_bench --example idle_cpu --example elastic_bench --example backup_bench
 	$(BIN)/examples/apply_cost

@@ -44,15 +44,32 @@ pub(crate) fn gather_profiles(
 ) -> (Vec<Profile>, Option<ReadInfo>) {
     let mut profiles = vec![Profile::default(); len];
     let mut info: Option<ReadInfo> = None;
+    // The oldest leader contact of any part (unset, never heard, is the
+    // oldest): a part cut off from its leader may show no lag at all.
+    let mut contact: Option<Option<u64>> = None;
     for (positions, part, part_info) in answers {
         for (i, profile) in positions.into_iter().zip(part) {
             profiles[i] = profile;
         }
-        if part_info.as_ref().map(|i| i.lag_entries) > info.as_ref().map(|i| i.lag_entries) {
-            info = part_info;
+        let Some(part_info) = part_info else { continue };
+        let age = part_info.leader_contact_age_ms;
+        contact = Some(match contact {
+            None => age,
+            Some(seen) => oldest_contact(seen, age),
+        });
+        if info.as_ref().is_none_or(|i| part_info.lag_entries > i.lag_entries) {
+            info = Some(part_info);
         }
     }
+    if let (Some(info), Some(age)) = (info.as_mut(), contact) {
+        info.leader_contact_age_ms = age;
+    }
     (profiles, info)
+}
+
+/// The older of two leader contact ages, unset (never heard) the oldest.
+fn oldest_contact(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    a.zip(b).map(|(a, b)| a.max(b))
 }
 
 /// An INVALID_ARGUMENT about item `n` of a part (`events[n].user_id: ...`)
@@ -88,6 +105,24 @@ mod tests {
         );
         assert_eq!(profiles.iter().map(|p| p.user_id.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
         assert_eq!(read_info.unwrap().lag_entries, 4);
+    }
+
+    #[test]
+    fn the_batch_info_has_the_largest_lag_and_the_oldest_leader_contact() {
+        // A part cut off from its leader can show no lag: its contact age
+        // must still reach the caller.
+        let info = |shard, lag_entries, age| {
+            Some(ReadInfo { shard, lag_entries, leader_contact_age_ms: age, ..Default::default() })
+        };
+        let gather = |infos: Vec<Option<ReadInfo>>| {
+            gather_profiles(0, infos.into_iter().map(|i| (vec![], vec![], i))).1.unwrap()
+        };
+        let got = gather(vec![info(3, 1, Some(20)), info(5, 0, Some(60_000))]);
+        assert_eq!((got.shard, got.lag_entries, got.leader_contact_age_ms), (3, 1, Some(60_000)));
+        let got = gather(vec![info(3, 1, Some(20)), info(5, 0, None)]);
+        assert_eq!((got.shard, got.lag_entries, got.leader_contact_age_ms), (3, 1, None));
+        let got = gather(vec![info(3, 0, Some(20)), None, info(5, 0, Some(10))]);
+        assert_eq!((got.shard, got.leader_contact_age_ms), (3, Some(20)));
     }
 
     #[test]

@@ -24,9 +24,11 @@ for id in 1 2 3; do
 done
 
 P="$BIN/portrait --endpoint http://127.0.0.1:7701"
-# Wait (at most 20 s) until the three nodes are voters.
+# Wait (at most 20 s) until the three nodes are voters: count the member
+# rows of `portrait status` ("    2  http://127.0.0.1:7702  voter ..."),
+# not its "meta group      leader 1, voters 1, 2, 3" line.
 for _ in $(seq 100); do
-  [ "$($P status 2>/dev/null | grep -c ' voter')" = 3 ] && break
+  [ "$($P status 2>/dev/null | grep -cE '^ +[0-9]+  .+  voter( |$)')" = 3 ] && break
   sleep 0.2
 done
 $P cluster status

@@ -196,8 +196,7 @@ impl Node {
             true => views,
             false => positions.into_iter().map(|i| views[i].clone()).collect(),
         };
-        // The stalest shard read speaks for the call.
-        let info = infos.into_iter().max_by_key(|i| i.freshness.lag_entries).expect("at least one shard");
+        let info = stalest(infos);
         Ok((views, info))
     }
 
@@ -334,6 +333,24 @@ impl Node {
     }
 }
 
+/// The read info a call over several shards reports: that of the shard
+/// read with the largest lag (the first on a tie), with the oldest leader
+/// contact of any shard read (never heard is the oldest): a shard cut off
+/// from its leader may show no lag at all.
+fn stalest(infos: Vec<ReadInfo>) -> ReadInfo {
+    let contact = infos
+        .iter()
+        .map(|i| i.freshness.leader_contact_age)
+        .reduce(|a, b| a.zip(b).map(|(a, b)| a.max(b)))
+        .flatten();
+    let mut info = infos
+        .into_iter()
+        .reduce(|a, b| if b.freshness.lag_entries > a.freshness.lag_entries { b } else { a })
+        .expect("at least one shard");
+    info.freshness.leader_contact_age = contact;
+    info
+}
+
 /// Whether node `id` is a voter in the membership `replica`'s state has
 /// applied ([`crate::store::GroupState::is_voter`]): only then does it
 /// serve reads. A replica just placed here is empty until its snapshot is
@@ -412,6 +429,27 @@ fn check_leader_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_reports_the_largest_lag_and_the_oldest_leader_contact() {
+        use crate::raft::contact::Freshness;
+        use std::time::Duration;
+        let info = |shard, lag_entries, age: Option<u64>| ReadInfo {
+            node_id: 1,
+            shard,
+            applied_index: 7,
+            as_of_ms: 0,
+            freshness: Freshness { lag_entries, leader_contact_age: age.map(Duration::from_millis) },
+        };
+        // Shard 5 is cut off from its leader: no lag, an old contact.
+        let got = stalest(vec![info(3, 1, Some(20)), info(5, 0, Some(60_000))]);
+        assert_eq!((got.shard, got.freshness.lag_entries), (3, 1));
+        assert_eq!(got.freshness.leader_contact_age, Some(Duration::from_secs(60)));
+        let got = stalest(vec![info(3, 1, Some(20)), info(5, 0, None)]);
+        assert_eq!((got.shard, got.freshness.leader_contact_age), (3, None));
+        let got = stalest(vec![info(3, 0, Some(20)), info(5, 0, Some(10))]);
+        assert_eq!((got.shard, got.freshness.leader_contact_age), (3, Some(Duration::from_millis(20))));
+    }
 
     #[test]
     fn forwarded_parts_share_the_response_limit_with_a_floor() {

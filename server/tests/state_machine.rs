@@ -340,7 +340,18 @@ async fn a_snapshot_install_waits_for_reads_of_the_rows() {
     let mut incoming = sm.begin_receiving_snapshot().await.unwrap();
     let mut source = snap.snapshot;
     tokio::io::copy(&mut *source, &mut *incoming).await.unwrap();
-    let reading = store.read_rows();
+    // A read holding the rows, on a thread of its own.
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let reader = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let _rows = store.read_rows();
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        })
+    };
+    held_rx.recv().unwrap();
     let meta = snap.meta.clone();
     let install = tokio::spawn(async move {
         sm.install_snapshot(&meta, incoming).await.unwrap();
@@ -349,7 +360,8 @@ async fn a_snapshot_install_waits_for_reads_of_the_rows() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!install.is_finished(), "the install waits while a read holds the rows");
     assert_eq!(store.applied().last_applied, None, "nothing of the snapshot visible yet");
-    drop(reading);
+    release_tx.send(()).unwrap();
+    reader.join().unwrap();
     let sm = tokio::time::timeout(std::time::Duration::from_secs(10), install).await.unwrap().unwrap();
     assert_eq!(store.applied().last_applied.map(|l| l.index), Some(20));
     let follower = Replica { dir, store, sm };

@@ -96,6 +96,11 @@ pub const RAFT_LAST_PURGED: u8 = 2;
 /// Every entry appended meanwhile lies past it and is unacknowledged, so a
 /// node that finds this key at open drops them (`log_engine::repair_bridge`).
 pub const RAFT_BRIDGE: u8 = 3;
+/// The vote of a replica dropped from this node, kept (and not counted as
+/// a group the node holds): should the group be placed here again, its
+/// raft starts from this vote, never below it, so the node cannot vote
+/// twice in a term it voted in before the drop.
+pub const RAFT_RETIRED_VOTE: u8 = 4;
 /// The storage format the log engine was written in (see `store::format`);
 /// node-level, 14 bytes, so never taken for a 5-byte group key.
 pub const RAFT_FORMAT: &[u8] = b"format_version";

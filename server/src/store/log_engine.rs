@@ -149,8 +149,11 @@ impl LogEngine {
     }
 
     /// Deletes everything of group `gid` (its entries, vote and last purged
-    /// id), with a synced write: a replica removed from this node. The
-    /// group must not be open (its raft shut down, its stores dropped).
+    /// id), with a synced write: a replica removed from this node. Its vote
+    /// is kept aside ([`RAFT_RETIRED_VOTE`], which [`LogEngine::groups`]
+    /// does not count), so a replica placed here again cannot vote twice
+    /// in a term. The group must not be open (its raft shut down, its
+    /// stores dropped).
     pub fn drop_group(&self, gid: GroupId) -> anyhow::Result<()> {
         self.delete_log(gid, &[RAFT_VOTE, RAFT_LAST_PURGED, RAFT_BRIDGE])
             .with_context(|| format!("dropping the raft log of {gid}"))
@@ -174,6 +177,11 @@ impl LogEngine {
         }
         let db = &self.shared.db;
         let mut batch = WriteBatch::default();
+        if kinds.contains(&RAFT_VOTE) {
+            if let Some(vote) = db.get_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_VOTE))? {
+                batch.put_cf(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_RETIRED_VOTE), vote);
+            }
+        }
         batch.delete_range_cf(cf(db, CF_LOGS), &log_key(gid, 0)[..], &log_group_end(gid)[..]);
         // Key by key, not a range: a range of 5-byte keys could hold the
         // node-level format key for some group id.
@@ -186,12 +194,16 @@ impl LogEngine {
     }
 
     /// The groups with anything in the engine (a vote, a purge mark or
-    /// entries), in order: the replicas this node held when it stopped.
+    /// entries; a dropped replica's retired vote does not count), in order:
+    /// the replicas this node held when it stopped.
     pub fn groups(&self) -> anyhow::Result<Vec<GroupId>> {
         let db = &self.shared.db;
         let mut groups = BTreeSet::new();
         for item in db.iterator_cf(cf(db, CF_RAFT_META), IteratorMode::Start) {
-            groups.extend(parse_raft_meta(&item?.0));
+            let (key, _) = item?;
+            if key.last() != Some(&RAFT_RETIRED_VOTE) {
+                groups.extend(parse_raft_meta(&key));
+            }
         }
         // One seek per group with entries: the first key at or after `next`.
         let mut next = Some(GroupId(0));

@@ -292,7 +292,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.meta_get(RAFT_VOTE)
+        // A replica placed here again starts from the vote it had when it
+        // was dropped (see `RAFT_RETIRED_VOTE`).
+        match self.meta_get(RAFT_VOTE)? {
+            Some(vote) => Ok(Some(vote)),
+            None => self.meta_get(RAFT_RETIRED_VOTE),
+        }
     }
 
     async fn append<I>(&mut self, entries: I, callback: Flushed) -> Result<(), StorageError>

@@ -110,8 +110,18 @@ fn truncate_purge_and_drop_touch_only_their_group() {
     assert!(engine.drop_group(GroupId(7)).is_err(), "an open group is not dropped");
     drop(logs.remove(2));
     engine.drop_group(GroupId(7)).unwrap();
-    let dropped = engine.group(GroupId(7), None).unwrap();
+    // Placed here again, the replica has nothing but the vote it had
+    // (never below it: no second vote in a term), and the retired vote
+    // alone does not count as a group held.
+    let mut dropped = engine.group(GroupId(7), None).unwrap();
     assert_eq!(contents(&dropped), (vec![], None, None));
+    assert_eq!(rt.block_on(dropped.read_vote()).unwrap(), Some(Vote::new(8, 1)));
+    assert!(!engine.groups().unwrap().contains(&GroupId(7)));
+    rt.block_on(dropped.save_vote(&Vote::new(9, 2))).unwrap();
+    drop(dropped);
+    engine.drop_group(GroupId(7)).unwrap();
+    let mut dropped = engine.group(GroupId(7), None).unwrap();
+    assert_eq!(rt.block_on(dropped.read_vote()).unwrap(), Some(Vote::new(9, 2)), "the newest vote is kept");
     drop(dropped);
     for log in [&logs[1], &logs[2], &logs[3]] {
         untouched(log);

@@ -415,8 +415,12 @@ fn purge_loop(
             }
         };
         for job in first.into_iter().chain(rx.try_iter()) {
+            // A queued job of the same open group at or past this one
+            // covers it; one of a closed incarnation of the group (dropped
+            // and placed here again meanwhile) covers nothing.
             match jobs.get(&job.gid) {
-                Some(queued) if queued.log_id.index >= job.log_id.index => {}
+                Some(queued)
+                    if queued.log_id.index >= job.log_id.index && Weak::ptr_eq(&queued.group, &job.group) => {}
                 _ => drop(jobs.insert(job.gid, job)),
             }
         }

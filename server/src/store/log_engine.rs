@@ -420,7 +420,8 @@ fn purge_loop(
             // and placed here again meanwhile) covers nothing.
             match jobs.get(&job.gid) {
                 Some(queued)
-                    if queued.log_id.index >= job.log_id.index && Weak::ptr_eq(&queued.group, &job.group) => {}
+                    if queued.log_id.index >= job.log_id.index && Weak::ptr_eq(&queued.group, &job.group) => {
+                }
                 _ => drop(jobs.insert(job.gid, job)),
             }
         }
@@ -492,6 +493,9 @@ impl Syncer {
     /// Syncs the WAL, then reports every append of `queued` durable.
     fn sync_and_ack(&self, queued: Vec<Queued>) {
         let result = self.db.flush_wal(true);
+        if let Err(e) = &result {
+            fsync_failed(e);
+        }
         self.syncs.fetch_add(1, Ordering::Relaxed);
         for Queued { callback, written } in queued {
             self.audit.acknowledged(written, "append");
@@ -499,6 +503,20 @@ impl Syncer {
             callback.log_io_completed(outcome);
         }
     }
+}
+
+/// A failed WAL sync stops the node. After a failed fsync the kernel may
+/// have dropped the dirty pages and cleared the error, so a later sync can
+/// succeed without the lost writes on disk: acknowledging anything after
+/// it would be unsafe, and failing every group one by one leaves a node
+/// that serves but cannot write. The process aborts (as after a kill -9)
+/// and its restart recovers from what the disk holds.
+fn fsync_failed(e: &rocksdb::Error) -> ! {
+    tracing::error!(error = %e,
+        "syncing the raft log failed: what reached the disk is unknown; the node stops (restart it once the disk \
+         is healthy; it recovers from what is on disk)");
+    eprintln!("portraitd: syncing the raft log failed ({e}); aborting");
+    std::process::abort()
 }
 
 /// After an append arrives, the fsync thread waits for more while they

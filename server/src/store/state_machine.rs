@@ -397,9 +397,10 @@ impl Applier {
                         // gets here (a rolling upgrade). Skipping the entry
                         // would leave this replica on the old rules while the
                         // others run the new ones: its tags would diverge for
-                        // good. The replica stops applying instead (openraft
-                        // shuts the group down on a storage error), its log
-                        // kept, until a build that accepts the schema runs it.
+                        // good. The replica stops applying instead: openraft
+                        // stops the group on a storage error, which shuts the
+                        // node down (its log kept) until a build that accepts
+                        // the schema runs it.
                         Err(e) => {
                             tracing::error!(group = %self.store.gid(), version, error = %e,
                             "this build refuses a schema the shard's leader proposed: the replica stops here \

@@ -840,6 +840,49 @@ async fn a_forwarded_part_validated_against_a_newer_schema_waits_for_its_shard()
     assert!(status.message().contains("app_usage"), "{}", status.message());
 }
 
+/// A forwarded read's selection checked by its sender against a newer
+/// schema than the receiver has seen: UNAVAILABLE (the sender tries another
+/// replica, the client retries), not INVALID_ARGUMENT for the caller.
+#[tokio::test]
+async fn a_forwarded_read_checked_against_a_newer_schema_is_a_retry_not_an_error() {
+    use portrait_client::portrait_proto::v1::raft_client::RaftClient;
+    use portrait_client::portrait_proto::v1::RaftPayload;
+    use portrait_core::shard::shard_of;
+    use portrait_server::node::{Consistency, ForwardedRead};
+    use portrait_server::store::read::Selection;
+    let node = TestNode::start_sharded(common::SHARDS).await;
+    let client = PortraitClient::connect(&node.endpoint()).await.unwrap();
+    client.write(vec![event("u1", "browse", 0, "e1", &[])]).await.unwrap();
+    let version = client.get_schema().await.unwrap().version;
+    let mut raft = RaftClient::connect(node.peer_endpoint()).await.expect("connect");
+    let payload = |families: &[&str], schema_version| {
+        let part = ForwardedRead {
+            users: vec!["u1".into()],
+            selection: Selection {
+                families: Some(families.iter().map(|f| f.to_string()).collect()),
+                ..Selection::all()
+            },
+            consistency: Consistency::Local,
+            max_bytes: 1 << 20,
+        };
+        RaftPayload {
+            data: bincode::serialize(&part).unwrap(),
+            group: shard_of("u1", common::SHARDS),
+            schema_version,
+            ..Default::default()
+        }
+    };
+    let status = raft.forward_read(payload(&["clicks"], version + 1)).await.expect_err("not known here yet");
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    let wanted = format!("has not seen schema version {} yet (it has {version})", version + 1);
+    assert!(status.message().contains(&wanted), "{}", status.message());
+    let status = raft.forward_read(payload(&["clicks"], version)).await.expect_err("an unknown family");
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    assert!(status.message().contains("clicks"), "{}", status.message());
+    // A known family reads as usual, whatever version the sender had.
+    raft.forward_read(payload(&["browse"], version + 1)).await.expect("read");
+}
+
 /// Addresses are checked before anything changes: empty, not a URL,
 /// longer than the map keeps, or one address for both ports.
 #[tokio::test]

@@ -133,9 +133,10 @@ impl Node {
         // against this node's queued-write budget too.
         let _held = if write { Some(self.batcher.hold(data.len())?) } else { None };
         let mut client = self.channels.get(addr).map_err(|e| unreachable(&e))?;
-        // A write part was validated against this node's schema: the
-        // receiver holds it back while its shard is behind that version.
-        let schema_version = if write { self.schema().version } else { 0 };
+        // A write part, or a read's selection, was validated against this
+        // node's schema: the receiver holds a write back while its shard is
+        // behind that version, and sends a read that needs it elsewhere.
+        let schema_version = self.schema().version;
         let mut request =
             tonic::Request::new(RaftPayload { data, group: gid.0, schema_version, ..Default::default() });
         // The receiver may hold a write at a leadership transfer's gate,

@@ -76,6 +76,7 @@ impl Node {
         selection: Selection,
         consistency: Consistency,
     ) -> Result<(Vec<ProfileView>, ReadInfo)> {
+        let validated = self.schema().version;
         check_selection(&self.schema(), &selection)?;
         let selection = selection.deduped();
         for (i, u) in user_ids.iter().enumerate() {
@@ -115,7 +116,10 @@ impl Node {
         let local = async {
             match hosted_parts.is_empty() {
                 true => Ok(vec![]),
-                false => self.read_hosted(hosted_parts, &selection, consistency, MAX_RESPONSE_BYTES).await,
+                false => {
+                    self.read_hosted(hosted_parts, &selection, validated, consistency, MAX_RESPONSE_BYTES)
+                        .await
+                }
             }
         };
         // The forwarded parts go out at once, each capped at its share of
@@ -210,6 +214,7 @@ impl Node {
         &self,
         parts: Vec<HostedPart>,
         selection: &Selection,
+        validated: u64,
         consistency: Consistency,
         max_bytes: usize,
     ) -> Result<Vec<(Vec<ProfileView>, ReadInfo)>> {
@@ -227,6 +232,7 @@ impl Node {
         let db = self.first().sm.db();
         let selection = selection.clone();
         let total: usize = parts.iter().map(|(_, users)| users.len()).sum();
+        let id = self.id;
         let read = move || {
             let _permit = permit;
             // The response's bytes, counted as the views are read, so a
@@ -241,6 +247,18 @@ impl Node {
                 // ones of the rows read.
                 let rows = replica.sm.read_rows();
                 let (schema, engine) = (replica.sm.schema(), replica.sm.engine());
+                // During a schema rollout the selection was checked against
+                // a newer schema than this shard applied: a name the shard
+                // does not know yet would be left out of the answer (or
+                // the user reported missing). Retryable, and another
+                // replica of the shard may have applied it.
+                if schema.version < validated && check_selection(&schema, &selection).is_err() {
+                    return Err(Error::Unavailable(format!(
+                        "{}'s replica on node {id} has applied schema version {} of the selection's {validated} \
+                         (a schema rollout); retry",
+                        replica.gid, schema.version
+                    )));
+                }
                 // Taken before the rows: every entry up to it is in what is
                 // read (a lower bound, as read_info's applied_index promises).
                 let applied_index = written_index(&replica);
@@ -288,6 +306,7 @@ impl Node {
         &self,
         gid: GroupId,
         part: ForwardedRead,
+        validated: u64,
     ) -> Result<(Vec<ProfileView>, ReadInfo)> {
         let replica = self.replica(gid)?;
         if !votes(&replica, self.id) {
@@ -299,15 +318,29 @@ impl Node {
         if let Some(u) = part.users.iter().find(|u| shard_of(u, self.shards) != gid.0) {
             return Err(Error::invalid("users", format!("{u:?} is not a user of {gid}")));
         }
-        check_selection(&self.schema(), &part.selection)?;
+        // Checked by the sender against its schema (version `validated`);
+        // checked again here, where a refusal from a node that has not seen
+        // that version yet is a retry elsewhere, not the caller's error.
+        let schema = self.schema();
+        if let Err(e) = check_selection(&schema, &part.selection) {
+            return Err(match validated > schema.version {
+                true => Error::Unavailable(format!(
+                    "node {} has not seen schema version {validated} yet (it has {}); retry",
+                    self.id, schema.version
+                )),
+                false => e,
+            });
+        }
+        let validated = validated.max(schema.version);
         if part.users.len() > crate::limits::MAX_BATCH_GET_USERS {
             return Err(Error::invalid("users", format!("{} users in one forwarded read", part.users.len())));
         }
         let selection = part.selection.deduped();
         let users = part.users.into_iter().map(|u| (u, 1)).collect();
         let max_bytes = usize::try_from(part.max_bytes).unwrap_or(usize::MAX).min(MAX_RESPONSE_BYTES);
-        let mut read =
-            self.read_hosted(vec![(replica, users)], &selection, part.consistency, max_bytes).await?;
+        let mut read = self
+            .read_hosted(vec![(replica, users)], &selection, validated, part.consistency, max_bytes)
+            .await?;
         Ok(read.pop().expect("one part"))
     }
 

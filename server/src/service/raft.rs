@@ -202,8 +202,9 @@ impl Raft for RaftService {
     }
 
     async fn forward_read(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let validated = req.get_ref().schema_version;
         let (group, part): (GroupId, crate::node::ForwardedRead) = decode_req(req)?;
-        reply(self.node.forwarded_read(group, part).await?)
+        reply(self.node.forwarded_read(group, part, validated).await?)
     }
 
     async fn status(

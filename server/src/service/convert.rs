@@ -152,3 +152,30 @@ pub fn families_to_pb<'a>(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::state::TagState;
+    use prost::Message;
+
+    #[test]
+    fn a_views_counted_bytes_cover_its_profile_message_with_the_longest_user_id() {
+        // What a batch read counts against the response limit must be at
+        // least what the response then takes, envelope included.
+        let user_id = "u".repeat(crate::limits::MAX_USER_ID_BYTES);
+        let mut full = ProfileView { found: true, ..Default::default() };
+        full.features.insert("spend_30d".into(), Val::Num(12.5));
+        full.features.insert("cats".into(), Val::Set(["a".to_string(), "bb".to_string()].into()));
+        full.tags.insert(
+            "vip".into(),
+            TagState { value: Val::Bool(true), changed_at: 1_760_000_000_000, next_change: None },
+        );
+        for view in [ProfileView::default(), ProfileView { found: true, ..Default::default() }, full] {
+            let counted = view.approx_bytes();
+            // Inside a repeated field: its tag and length prefix too.
+            let sent = profile_to_pb(user_id.clone(), view).encoded_len() + 4;
+            assert!(sent <= counted, "{sent} bytes sent, {counted} counted");
+        }
+    }
+}

@@ -87,16 +87,23 @@ pub struct ProfileView {
     pub tags: BTreeMap<String, TagState>,
 }
 
+/// A `Profile` message's bytes beside its view: the user id (at most
+/// [`MAX_USER_ID_BYTES`](crate::limits::MAX_USER_ID_BYTES)), `found`, and
+/// the framing of the message and its fields, with room to spare.
+const PROFILE_ENVELOPE_BYTES: usize = portrait_core::limits::MAX_USER_ID_BYTES + 32;
+
 impl ProfileView {
     /// About the bytes this view takes in a response: its bincode size,
     /// which is at least its protobuf size (fixed-width integers and
-    /// lengths). Walks the view without allocating.
+    /// lengths), plus its `Profile` envelope at its largest (the user id,
+    /// `found`, the message's framing). Walks the view without allocating.
     pub fn approx_bytes(&self) -> usize {
         fn size<T: serde::Serialize>(v: &T) -> usize {
             bincode::serialized_size(v).map_or(usize::MAX, |n| n as usize)
         }
         let families = self.families.iter().map(|(name, f)| name.len() + size(&f.attrs) + size(&f.history));
-        families.fold(size(&self.features).saturating_add(size(&self.tags)), usize::saturating_add)
+        let envelope = PROFILE_ENVELOPE_BYTES + size(&self.features).saturating_add(size(&self.tags));
+        families.fold(envelope, usize::saturating_add)
     }
 }
 

@@ -93,6 +93,8 @@ pub(crate) struct Routes {
     cache: tokio::sync::Mutex<Cached>,
     /// Set when a node the map named failed: the next call fetches it again.
     stale: AtomicBool,
+    /// Set while a call refreshes a cached map (see [`Routes::map`]).
+    refreshing: AtomicBool,
     channels: Mutex<HashMap<String, Chan>>,
     options: ConnectOptions,
 }
@@ -154,6 +156,7 @@ impl Routes {
         Routes {
             cache: tokio::sync::Mutex::default(),
             stale: AtomicBool::new(false),
+            refreshing: AtomicBool::new(false),
             channels: Mutex::new(HashMap::from([(seed.endpoint, seed.channel)])),
             options,
         }
@@ -164,21 +167,47 @@ impl Routes {
     /// a node it named failed (not within [`REFETCH_BACKOFF`], doubling, of
     /// a failed fetch). `None` when no node gave one (the call goes
     /// through the router).
+    ///
+    /// Only the first map is waited for by every call. A cached map is
+    /// refreshed by one call, without the cache's lock: the others route
+    /// by the cached map meanwhile, so a silent node asked for the map
+    /// (up to [`FETCH_TIMEOUT`] each) holds up one call, not all of them.
     pub async fn map(&self, router: &Router) -> Option<Arc<RouteMap>> {
         let mut cached = self.cache.lock().await;
         let outdated = cached.map.as_ref().is_some_and(|m| m.epoch < router.seen_epoch());
         let stale = self.stale.load(Ordering::Relaxed) || outdated;
-        if cached.due(stale, Instant::now()) {
-            self.stale.store(false, Ordering::Relaxed);
-            let named: Vec<String> =
-                cached.map.as_ref().map(|m| m.endpoints.values().cloned().collect()).unwrap_or_default();
-            let map = self.fetch(router, &named).await;
-            cached.fetched(map, router.seen_epoch(), Instant::now());
-            if let Some(map) = &cached.map {
-                self.prune(map, &router.seed().endpoint);
-            }
+        if !cached.due(stale, Instant::now()) {
+            return cached.map.clone();
         }
+        let named: Vec<String> =
+            cached.map.as_ref().map(|m| m.endpoints.values().cloned().collect()).unwrap_or_default();
+        if cached.map.is_none() {
+            // Nothing to route by yet: every call waits for the first map.
+            self.stale.store(false, Ordering::Relaxed);
+            let map = self.fetch(router, &named).await;
+            self.took(&mut cached, map, router);
+            return cached.map.clone();
+        }
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return cached.map.clone();
+        }
+        // Cleared however this call ends (a cancelled call too).
+        let _refreshing = Cleared(&self.refreshing);
+        self.stale.store(false, Ordering::Relaxed);
+        drop(cached);
+        let map = self.fetch(router, &named).await;
+        let mut cached = self.cache.lock().await;
+        self.took(&mut cached, map, router);
         cached.map.clone()
+    }
+
+    /// Records a fetch's outcome in the cache, and drops the channels the
+    /// map taken no longer names.
+    fn took(&self, cached: &mut Cached, map: Option<RouteMap>, router: &Router) {
+        cached.fetched(map, router.seen_epoch(), Instant::now());
+        if let Some(map) = &cached.map {
+            self.prune(map, &router.seed().endpoint);
+        }
     }
 
     /// Drops the channels to endpoints neither `map` nor the seed names (a
@@ -206,8 +235,17 @@ impl Routes {
     }
 }
 
-/// How long one node is given to answer for the map: the cache's lock is
-/// held meanwhile, so a silent seed must not hold every call up.
+/// Clears its flag when dropped.
+struct Cleared<'a>(&'a AtomicBool);
+
+impl Drop for Cleared<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// How long one node is given to answer for the map: the call refreshing
+/// it (or every call, for the first map) waits meanwhile.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Other nodes of the cached map a fetch asks when the seed and the

@@ -80,6 +80,34 @@ async fn a_newer_epoch_in_an_answer_refreshes_the_map() {
 }
 
 #[tokio::test]
+async fn a_slow_map_refresh_holds_up_one_call_not_all() {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let (a, b, client) = two_nodes().await;
+    let u = user(1, 0);
+    client.write(vec![event(&u)]).await.unwrap();
+    // The connected node now takes 1.5 s to give the map; node 2's next
+    // answer carries a newer epoch, so the map is due for a refresh.
+    a.fake.map_delay_ms.store(1500, Ordering::SeqCst);
+    set_leaders(&[&a, &b], 2, &[1, 2]);
+    client.write(vec![event(&u)]).await.unwrap();
+    let refreshing = {
+        let client = client.clone();
+        let u = u.clone();
+        tokio::spawn(async move { client.write(vec![event(&u)]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    client.write(vec![event(&u)]).await.unwrap();
+    let waited = started.elapsed();
+    assert!(!refreshing.is_finished(), "the first call is still fetching the map");
+    assert!(waited < Duration::from_millis(800), "routed by the cached map meanwhile: {waited:?}");
+    tokio::time::timeout(Duration::from_secs(10), refreshing).await.unwrap().unwrap().unwrap();
+    assert_eq!(a.fake.map_calls(), 2, "one refresh");
+    assert_eq!(b.fake.users().len(), 4);
+}
+
+#[tokio::test]
 async fn a_failing_node_is_bypassed_and_the_map_fetched_again() {
     let (a, b, client) = two_nodes().await;
     b.fake.unavailable.store(1, std::sync::atomic::Ordering::SeqCst);

@@ -37,6 +37,8 @@ pub struct Fake {
     pub map: Mutex<Option<ShardMapResponse>>,
     /// `Admin.ShardMap` calls answered.
     pub map_calls: AtomicU32,
+    /// How long a `ShardMap` call waits before it is answered, ms.
+    pub map_delay_ms: AtomicU32,
     /// The users of the events written and profiles read, in arrival order.
     pub users: Mutex<Vec<String>>,
     /// The `authorization` header of each write, profile read, map and
@@ -234,6 +236,8 @@ impl Admin for Fake {
         request: Request<ShardMapRequest>,
     ) -> Result<Response<ShardMapResponse>, Status> {
         self.note_auth(&request);
+        let delay = self.map_delay_ms.load(Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(delay.into())).await;
         let map = self.map.lock().unwrap().clone().ok_or_else(|| Status::unimplemented("fake"))?;
         self.map_calls.fetch_add(1, Ordering::SeqCst);
         Ok(self.answer(ShardMapResponse { node_id: self.id, ..map }))

@@ -148,9 +148,15 @@ impl Node {
                 views.iter().zip(&remote[k].1).map(|(v, &i)| v.approx_bytes().saturating_mul(repeats[i]));
             bytes.fold(0usize, usize::saturating_add)
         };
-        // What is left of the response limit once each part is counted.
-        let mut left = MAX_RESPONSE_BYTES;
         let over = || too_large(unique.len(), unique.len());
+        // What is left of the response limit once each part is counted,
+        // the parts read here first.
+        let local_bytes = hosted.iter().zip(&local).map(|((idx, _), (views, _))| {
+            let bytes = views.iter().zip(idx).map(|(v, &i)| v.approx_bytes().saturating_mul(repeats[i]));
+            bytes.fold(0usize, usize::saturating_add)
+        });
+        let mut left =
+            MAX_RESPONSE_BYTES.checked_sub(local_bytes.fold(0, usize::saturating_add)).ok_or_else(over)?;
         let (mut forwarded, mut again) = (Vec::with_capacity(remote.len()), Vec::new());
         for (k, read) in first.into_iter().enumerate() {
             match read {
@@ -166,6 +172,11 @@ impl Node {
             }
         }
         for k in again {
+            // The part passed its share: asking again with no more than
+            // that would only read it twice.
+            if left <= share {
+                return Err(over());
+            }
             let read = ask(k, left).await?;
             left = left.checked_sub(part_bytes(k, &read.0)).ok_or_else(over)?;
             forwarded[k] = Some(read);

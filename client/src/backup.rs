@@ -17,6 +17,7 @@
 //! then sends each shard's archive to the shard's leader, which proposes
 //! the rows through the shard's raft log.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -125,7 +126,7 @@ pub async fn backup(
     }
     // Private: the archives hold every profile.
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700).create(dir)?;
-    let schema = client.get_schema().await?;
+    let mut schema = client.get_schema().await?;
     let map = client.shard_map().await?;
     if map.shards == 0 || map.shard_replicas.len() != map.shards as usize {
         return Err(config("the node gave no shard map yet (is the cluster created?)"));
@@ -145,6 +146,37 @@ pub async fn backup(
             map.shards
         ));
         files.push(file);
+    }
+    // A schema applied while the shards were copied leaves shards under
+    // different versions, and the manifest must name the one every
+    // archive's rows were written under (restore applies it first): the
+    // schema is read again and the shards under another version copied
+    // again (a shard applies a committed version within seconds).
+    for round in 0.. {
+        let versions: BTreeSet<u64> = files.iter().map(|f| f.schema_version).collect();
+        if versions.len() == 1 && versions.contains(&schema.version) {
+            break;
+        }
+        if round == 3 {
+            return Err(config(format!(
+                "the cluster's schema changed during the backup (the shards were copied under versions \
+                 {versions:?}, the cluster is at {}): run the backup again into a new directory",
+                schema.version
+            )));
+        }
+        if round > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        schema = client.get_schema().await?;
+        for file in files.iter_mut().filter(|f| f.schema_version != schema.version) {
+            let again = backup_one(client, &map, file.shard, dir).await?;
+            progress(&format!(
+                "shard {}: copied again, as the schema changed during the backup (version {} -> {})",
+                file.shard, file.schema_version, again.schema_version
+            ));
+            total = total - file.bytes + again.bytes;
+            *file = again;
+        }
     }
     let nodes = map
         .nodes
@@ -358,7 +390,18 @@ pub async fn restore(
             manifest.shards, map.shards, manifest.shards
         )));
     }
-    if manifest.schema.version > 0 {
+    // Every shard is checked before anything changes: a cluster that holds
+    // data (a serving cluster, or one restored from another backup) keeps
+    // its schema, and a run whose shards were all restored by an earlier
+    // run of this backup changes nothing.
+    progress(&format!("checking that the cluster's {} shards can take this backup", manifest.shards));
+    let mut earlier = 0;
+    for file in &manifest.shard_files {
+        if check_one(client, &manifest.backup_id, manifest.shards, file).await? {
+            earlier += 1;
+        }
+    }
+    if earlier < manifest.shard_files.len() && manifest.schema.version > 0 {
         let current = client.get_schema().await?;
         if current.toml != manifest.schema.toml {
             let applied = client.apply_schema(manifest.schema.toml.clone(), false).await?;
@@ -438,6 +481,79 @@ async fn wait_schema(
     }
 }
 
+/// The address of shard `shard`'s leader as the map names it, or why
+/// there is none to ask now.
+async fn shard_leader(client: &PortraitClient, shard: u32) -> Result<String, ClientError> {
+    let map = client.shard_map().await?;
+    // A node that does not know the map yet lists no shard.
+    let Some(replicas) = map.shard_replicas.get(shard as usize) else {
+        return Err(config(format!("shard {shard}: the answering node does not know the cluster's map yet")));
+    };
+    match map.nodes.iter().find(|n| n.node_id == replicas.leader_id && n.node_id != 0) {
+        Some(leader) => Ok(leader.addr.clone()),
+        None => Err(config(format!("shard {shard}: no leader found"))),
+    }
+}
+
+/// The pause before attempt `attempt` (0-based) at a shard's leader.
+async fn before_attempt(attempt: u64) {
+    if attempt > 0 {
+        tokio::time::sleep(Duration::from_millis(250 * attempt.min(8))).await;
+    }
+}
+
+fn restore_header(backup_id: &str, shards: u32, file: &ShardFile, check_only: bool) -> RestoreHeader {
+    RestoreHeader {
+        shard: file.shard,
+        archive_bytes: file.bytes,
+        sha256: file.sha256.clone(),
+        restore_id: backup_id.to_string(),
+        shards,
+        check_only,
+    }
+}
+
+/// Asks shard `file.shard`'s leader whether it can take this backup,
+/// changing nothing: `true` when an earlier run of it restored the shard
+/// already, `false` when it can; an error naming the shard when it holds
+/// other data or another restore is under way in it. Retries like
+/// [`restore_one`].
+async fn check_one(
+    client: &PortraitClient,
+    backup_id: &str,
+    shards: u32,
+    file: &ShardFile,
+) -> Result<bool, ClientError> {
+    let mut last = config(format!("shard {}: no leader found", file.shard));
+    for attempt in 0..20u64 {
+        before_attempt(attempt).await;
+        let leader = match shard_leader(client, file.shard).await {
+            Ok(leader) => leader,
+            Err(e) if matches!(e.code(), Some(Code::Unavailable) | None) => {
+                last = e;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let header = restore_header(backup_id, shards, file, true);
+        let chunks = futures::stream::iter([RestoreShardChunk {
+            part: Some(restore_shard_chunk::Part::Header(header)),
+        }]);
+        match client.restore_shard_to(&leader, chunks).await {
+            Ok(_) => return Ok(false),
+            Err(e) if e.code() == Some(Code::AlreadyExists) => return Ok(true),
+            Err(e) if matches!(e.code(), Some(Code::Unavailable) | None) => last = e,
+            Err(e) => {
+                return Err(config(format!(
+                    "shard {}: {e} (nothing was changed in this cluster)",
+                    file.shard
+                )))
+            }
+        }
+    }
+    Err(config(format!("shard {}: not checked after 20 attempts; last error: {last}", file.shard)))
+}
+
 /// Sends one shard's archive to its leader; retries (with the map fetched
 /// again) while the shard has no leader or its leader moved.
 async fn restore_one(
@@ -450,32 +566,19 @@ async fn restore_one(
     let path = shard_path(dir, file)?;
     let mut last = config(format!("shard {}: no leader found", file.shard));
     for attempt in 0..20u64 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(250 * attempt.min(8))).await;
-        }
-        let map = client.shard_map().await?;
-        // A node that does not know the map yet lists no shard.
-        let Some(replicas) = map.shard_replicas.get(file.shard as usize) else {
-            last = config(format!(
-                "shard {}: the answering node does not know the cluster's map yet",
-                file.shard
-            ));
-            continue;
+        before_attempt(attempt).await;
+        let leader = match shard_leader(client, file.shard).await {
+            Ok(leader) => leader,
+            Err(e) if matches!(e.code(), Some(Code::Unavailable) | None) => {
+                last = e;
+                continue;
+            }
+            Err(e) => return Err(e),
         };
-        let Some(leader) = map.nodes.iter().find(|n| n.node_id == replicas.leader_id && n.node_id != 0)
-        else {
-            continue;
-        };
-        let header = RestoreHeader {
-            shard: file.shard,
-            archive_bytes: file.bytes,
-            sha256: file.sha256.clone(),
-            restore_id: backup_id.to_string(),
-            shards,
-        };
+        let header = restore_header(backup_id, shards, file, false);
         let read_failed = Arc::new(Mutex::new(None));
         let chunks = archive_chunks(header, path.clone(), read_failed.clone()).await?;
-        let sent = client.restore_shard_to(&leader.addr, chunks).await;
+        let sent = client.restore_shard_to(&leader, chunks).await;
         // The node saw a short archive; the cause is the local read.
         if let Some(e) = read_failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Err(config(format!("shard {}: reading {}: {e}", file.shard, path.display())));

@@ -82,13 +82,14 @@ async fn a_newer_epoch_in_an_answer_refreshes_the_map() {
 #[tokio::test]
 async fn a_slow_map_refresh_holds_up_one_call_not_all() {
     use std::sync::atomic::Ordering;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let (a, b, client) = two_nodes().await;
     let u = user(1, 0);
     client.write(vec![event(&u)]).await.unwrap();
-    // The connected node now takes 1.5 s to give the map; node 2's next
-    // answer carries a newer epoch, so the map is due for a refresh.
-    a.fake.map_delay_ms.store(1500, Ordering::SeqCst);
+    // The connected node now holds map calls until the test lets them go;
+    // node 2's next answer carries a newer epoch, so the map is due.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    *a.fake.map_gate.lock().unwrap() = Some(gate.clone());
     set_leaders(&[&a, &b], 2, &[1, 2]);
     client.write(vec![event(&u)]).await.unwrap();
     let refreshing = {
@@ -96,12 +97,19 @@ async fn a_slow_map_refresh_holds_up_one_call_not_all() {
         let u = u.clone();
         tokio::spawn(async move { client.write(vec![event(&u)]).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let started = Instant::now();
-    client.write(vec![event(&u)]).await.unwrap();
-    let waited = started.elapsed();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while a.fake.map_arrivals.load(Ordering::SeqCst) < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the refresh never asked node 1");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The refresh is held: this call routes by the cached map meanwhile.
+    tokio::time::timeout(Duration::from_secs(10), client.write(vec![event(&u)]))
+        .await
+        .expect("not held up by the refresh")
+        .unwrap();
     assert!(!refreshing.is_finished(), "the first call is still fetching the map");
-    assert!(waited < Duration::from_millis(800), "routed by the cached map meanwhile: {waited:?}");
+    assert_eq!(b.fake.users().len(), 3);
+    gate.add_permits(8);
     tokio::time::timeout(Duration::from_secs(10), refreshing).await.unwrap().unwrap().unwrap();
     assert_eq!(a.fake.map_calls(), 2, "one refresh");
     assert_eq!(b.fake.users().len(), 4);

@@ -188,10 +188,16 @@ async fn a_backup_taken_while_writing_restores_into_a_new_cluster_shard_by_shard
     let skipped = stderr.matches("already restored from this backup by an earlier run").count();
     assert_eq!(skipped, TEST_SHARDS as usize, "{stderr}");
     assert_eq!(snapshot(&restored, &all, true).await, with_new);
-    // A cluster whose data did not come from this backup is refused.
+    // A cluster whose data did not come from this backup is refused, and
+    // before anything changes: its newer schema stays.
+    let newer = format!("{}\n[families.extra]\nttl = \"30d\"\n", schema());
+    let applied = client.apply_schema(newer.clone(), false).await.expect("a newer schema on the source");
     let out = cli(&source.node(1).endpoint(), &["restore", dir.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("holds data"), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("holds data") && stderr.contains("nothing was changed"), "{stderr}");
+    let kept = client.get_schema().await.expect("schema");
+    assert_eq!((kept.version, kept.toml), (applied.version, newer), "the source's schema is kept");
 }
 
 /// A follower that lags its leader does not export a copy missing
@@ -249,6 +255,7 @@ async fn a_lagging_follower_exports_only_once_caught_up_and_a_foreign_shard_coun
         sha256: "0".repeat(64),
         restore_id: "other-count".into(),
         shards: 4,
+        check_only: false,
     };
     let chunks = tonic::codegen::tokio_stream::iter([RestoreShardChunk {
         part: Some(restore_shard_chunk::Part::Header(header)),
@@ -280,6 +287,7 @@ async fn a_stalled_restore_upload_is_ended_and_frees_the_nodes_backup_slot() {
             sha256: "0".repeat(64),
             restore_id: "stalled".into(),
             shards: 1,
+            check_only: false,
         };
         let chunks =
             tokio_stream::iter([RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(header)) }])

@@ -126,6 +126,11 @@ pub fn restore_attempt_id(restore_id: &str, now_ms: u64) -> String {
     format!("{restore_id}#{now_ms}")
 }
 
+/// How a restore `Begin`'s rejection starts when the restore it names
+/// already ended in the shard (an attempt run again after its `End`
+/// applied): the node answers ALREADY_EXISTS, which the CLI counts done.
+pub const ALREADY_RESTORED: &str = "already restored:";
+
 /// The `restore_id` of an attempt id from [`restore_attempt_id`].
 pub fn restore_id_of(attempt: &str) -> &str {
     attempt.rsplit_once('#').map_or(attempt, |(id, _)| id)

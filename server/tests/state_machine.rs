@@ -867,6 +867,14 @@ async fn a_restore_through_the_log_replaces_the_rows_with_the_backups() {
         matches!(&res[0], CommandResult::Rejected { reason } if reason.contains("holds data")),
         "{res:?}"
     );
+    // Another attempt of the restore that ended here (its End answered
+    // late, the run went on): done, not a foreign cluster's data.
+    let res = apply(&mut target, vec![restore(index + 4, begin("r1#2"))]).await;
+    assert!(
+        matches!(&res[0], CommandResult::Rejected { reason }
+            if reason.starts_with(portrait_server::types::ALREADY_RESTORED)),
+        "{res:?}"
+    );
     assert_eq!(
         read(&target, "user-1", T0),
         read(&source, "user-1", T0),

@@ -37,8 +37,11 @@ pub struct Fake {
     pub map: Mutex<Option<ShardMapResponse>>,
     /// `Admin.ShardMap` calls answered.
     pub map_calls: AtomicU32,
-    /// How long a `ShardMap` call waits before it is answered, ms.
-    pub map_delay_ms: AtomicU32,
+    /// `Admin.ShardMap` calls received (counted on arrival).
+    pub map_arrivals: AtomicU32,
+    /// When set, a `ShardMap` call waits for a permit of it before it is
+    /// answered (a node slow to give the map).
+    pub map_gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
     /// The users of the events written and profiles read, in arrival order.
     pub users: Mutex<Vec<String>>,
     /// The `authorization` header of each write, profile read, map and
@@ -236,8 +239,11 @@ impl Admin for Fake {
         request: Request<ShardMapRequest>,
     ) -> Result<Response<ShardMapResponse>, Status> {
         self.note_auth(&request);
-        let delay = self.map_delay_ms.load(Ordering::SeqCst);
-        tokio::time::sleep(std::time::Duration::from_millis(delay.into())).await;
+        self.map_arrivals.fetch_add(1, Ordering::SeqCst);
+        let gate = self.map_gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.acquire().await.expect("gate open").forget();
+        }
         let map = self.map.lock().unwrap().clone().ok_or_else(|| Status::unimplemented("fake"))?;
         self.map_calls.fetch_add(1, Ordering::SeqCst);
         Ok(self.answer(ShardMapResponse { node_id: self.id, ..map }))

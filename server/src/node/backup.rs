@@ -75,7 +75,7 @@ pub struct ShardUpload {
 }
 
 /// What a shard's restore did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RestoreSummary {
     pub rows: u64,
     pub bytes: u64,
@@ -236,10 +236,20 @@ impl Node {
         Ok(ShardUpload { file, gid, _slot: slot })
     }
 
+    /// Whether shard `shard` could take restore `restore_id` now, as
+    /// [`Node::check_restorable`] answers: nothing is received or changed.
+    pub fn restore_check(&self, shard: u32, restore_id: &str) -> Result<()> {
+        let gid = self.shard_group(shard)?;
+        let replica = self.hosted(gid)?;
+        self.check_restorable(&replica, restore_id)
+    }
+
     /// NOT_LEADER unless this node leads the replica's shard; if the shard
     /// holds data and no restore is in progress, ALREADY_EXISTS when the
     /// last restore that ended in it was `restore_id`'s (a restore run
-    /// again skips it), else FAILED_PRECONDITION.
+    /// again skips it), else FAILED_PRECONDITION; FAILED_PRECONDITION too
+    /// while another restore is in progress in it (a shard never mixes
+    /// two backups).
     fn check_restorable(&self, replica: &Replica, restore_id: &str) -> Result<()> {
         let gid = replica.gid;
         if let Some((leader, addr)) = leader_elsewhere(replica, self.id) {
@@ -249,6 +259,15 @@ impl Node {
             return Err(Error::Unavailable(format!("{gid} has no leader yet; retry")));
         }
         let state = restore_state(&self.state_db, gid).map_err(Error::internal)?;
+        if let Some(marker) = &state.marker {
+            let running = crate::types::restore_id_of(&marker.id);
+            if running != restore_id {
+                return Err(Error::FailedPrecondition(format!(
+                    "{gid} is being restored from {running:?}, not {restore_id:?}: a shard takes one backup; \
+                     finish that restore, or restore into a new, empty cluster"
+                )));
+            }
+        }
         if state.has_data && state.marker.is_none() {
             if state.restored.as_deref() == Some(restore_id) {
                 return Err(Error::AlreadyExists(format!(
@@ -325,6 +344,9 @@ impl Node {
                 .await
                 .map_err(client_write_error)?;
             match response.data {
+                CommandResult::Rejected { reason } if reason.starts_with(crate::types::ALREADY_RESTORED) => {
+                    Err(Error::AlreadyExists(format!("{reason} (an earlier run)")))
+                }
                 CommandResult::Rejected { reason } => Err(Error::FailedPrecondition(reason)),
                 _ => Ok(response.log_id.index),
             }

@@ -317,6 +317,10 @@ impl Admin for AdminService {
                 )
                 .into());
             }
+            if header.check_only {
+                self.node.restore_check(header.shard, &header.restore_id)?;
+                return Ok(crate::node::RestoreSummary::default());
+            }
             let upload = self.node.restore_upload(header.shard, &header.restore_id).await?;
             receive_archive(
                 &mut stream,

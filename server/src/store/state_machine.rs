@@ -469,6 +469,18 @@ impl Applier {
                 // replica alike, not by the leader's earlier look (writes
                 // may have been applied since, or not be readable yet).
                 if marker.is_none() && self.written(db)? {
+                    // This restore's own End applied before this Begin (an
+                    // attempt whose End answered late, then run again):
+                    // done, not a foreign cluster's data.
+                    let restored: Option<String> =
+                        db.get_cf(meta_cf, &self.keys.restored)?.map(|b| decode(&b)).transpose()?;
+                    let restore_id = crate::types::restore_id_of(&id);
+                    if restored.as_deref() == Some(restore_id) {
+                        return Ok(Err(format!(
+                            "{} {gid} from {restore_id:?}",
+                            crate::types::ALREADY_RESTORED
+                        )));
+                    }
                     return Ok(Err(format!(
                         "{gid} holds data (it has taken writes): a restore needs a new, empty cluster"
                     )));

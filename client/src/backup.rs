@@ -17,7 +17,7 @@
 //! then sends each shard's archive to the shard's leader, which proposes
 //! the rows through the shard's raft log.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -121,11 +121,16 @@ pub async fn backup(
     dir: &Path,
     progress: impl Fn(&str),
 ) -> Result<Manifest, ClientError> {
-    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+    if dir.exists() && std::fs::read_dir(dir).map_err(io_at(dir))?.next().is_some() {
         return Err(config(format!("{} is not empty: back up into a new directory", dir.display())));
     }
-    // Private: the archives hold every profile.
-    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700).create(dir)?;
+    // Private: the archives hold every profile (an empty directory given
+    // is made private too). Its entry in its parent is made durable.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .map_err(io_at(dir))?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io_at(dir))?;
+    sync_dir(dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
     let mut schema = client.get_schema().await?;
     let map = client.shard_map().await?;
     if map.shards == 0 || map.shard_replicas.len() != map.shards as usize {
@@ -205,12 +210,16 @@ pub async fn backup(
         schema: ManifestSchema { version: schema.version, toml: schema.toml.clone() },
         shard_files: files,
     };
-    write_synced(&dir.join("schema.toml"), schema.toml.as_bytes())?;
+    let schema_file = dir.join("schema.toml");
+    write_synced(&schema_file, schema.toml.as_bytes()).map_err(io_at(&schema_file))?;
+    // The shard files' names are durable before the manifest that lists
+    // them: a manifest is only ever found beside its files.
+    sync_dir(dir)?;
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| config(e.to_string()))?;
     let tmp = dir.join("manifest.json.tmp");
-    write_synced(&tmp, &json)?;
-    std::fs::rename(&tmp, dir.join(MANIFEST_FILE))?;
-    std::fs::File::open(dir)?.sync_all()?;
+    write_synced(&tmp, &json).map_err(io_at(&tmp))?;
+    std::fs::rename(&tmp, dir.join(MANIFEST_FILE)).map_err(io_at(&tmp))?;
+    sync_dir(dir)?;
     progress(&format!(
         "backup {}: {} shards, {} in {:.1} s",
         manifest.backup_id,
@@ -219,6 +228,16 @@ pub async fn backup(
         started.elapsed().as_secs_f64()
     ));
     Ok(manifest)
+}
+
+/// An I/O error that names the path it happened at.
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
+    move |e| config(format!("{}: {e}", path.display()))
+}
+
+/// Makes the entries of directory `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), ClientError> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))
 }
 
 /// Files of a backup: readable by their owner only (mode 0600).
@@ -243,21 +262,35 @@ async fn backup_one(
     shard: u32,
     dir: &Path,
 ) -> Result<ShardFile, ClientError> {
-    let replicas = &map.shard_replicas[shard as usize];
-    let leader = replicas.leader_id;
-    let mut candidates: Vec<_> = replicas.replicas.iter().collect();
-    candidates.sort_by_key(|r| (r.node_id == leader, !r.voter, r.node_id));
-    let mut last = config(format!("shard {shard} has no replica in the map"));
+    let mut map = std::borrow::Cow::Borrowed(map);
+    // The latest error of each replica tried, by node.
+    let mut failed: BTreeMap<u64, String> = BTreeMap::new();
     for attempt in 0..3 {
-        for replica in &candidates {
-            match fetch_shard(client, &replica.addr, shard, dir).await {
-                Ok(file) => return Ok(file),
-                Err(e) => last = e,
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+            // Replicas move (a drain, a rebalance) during a long backup.
+            if let Ok(newer) = client.shard_map().await {
+                if newer.shard_replicas.len() == map.shard_replicas.len() {
+                    map = std::borrow::Cow::Owned(newer);
+                }
             }
         }
-        tokio::time::sleep(Duration::from_millis(500 * (attempt + 1))).await;
+        let replicas = &map.shard_replicas[shard as usize];
+        let leader = replicas.leader_id;
+        let mut candidates: Vec<_> = replicas.replicas.iter().collect();
+        candidates.sort_by_key(|r| (r.node_id == leader, !r.voter, r.node_id));
+        for replica in candidates {
+            match fetch_shard(client, &replica.addr, shard, dir).await {
+                Ok(file) => return Ok(file),
+                Err(e) => drop(failed.insert(replica.node_id, format!("node {}: {e}", replica.node_id))),
+            }
+        }
     }
-    Err(config(format!("shard {shard}: no replica could be copied; last error: {last}")))
+    if failed.is_empty() {
+        return Err(config(format!("shard {shard} has no replica in the map")));
+    }
+    let errors: Vec<String> = failed.into_values().collect();
+    Err(config(format!("shard {shard}: no replica could be copied ({})", errors.join("; "))))
 }
 
 async fn fetch_shard(
@@ -266,8 +299,9 @@ async fn fetch_shard(
     shard: u32,
     dir: &Path,
 ) -> Result<ShardFile, ClientError> {
+    let at = |e: tonic::Status| config(format!("{addr}: {}", ClientError::from(e)));
     let mut stream = client.backup_shard_from(addr, shard).await?;
-    let header = match stream.message().await? {
+    let header = match stream.message().await.map_err(at)? {
         Some(c) => match c.part {
             Some(backup_shard_chunk::Part::Header(h)) => h,
             _ => return Err(config(format!("{addr}: the stream did not begin with a header"))),
@@ -276,20 +310,20 @@ async fn fetch_shard(
     };
     let name = shard_file_name(shard);
     let part = dir.join(format!("{name}.part"));
-    let mut out = tokio::fs::File::from_std(private_file().open(&part)?);
+    let mut out = tokio::fs::File::from_std(private_file().open(&part).map_err(io_at(&part))?);
     let (mut hash, mut received) = (Sha256::new(), 0u64);
     let trailer = loop {
-        match stream.message().await?.and_then(|c| c.part) {
+        match stream.message().await.map_err(at)?.and_then(|c| c.part) {
             Some(backup_shard_chunk::Part::Data(data)) => {
                 hash.update(&data);
                 received += data.len() as u64;
-                out.write_all(&data).await?;
+                out.write_all(&data).await.map_err(io_at(&part))?;
             }
             Some(backup_shard_chunk::Part::Trailer(t)) => break t,
             _ => return Err(config(format!("{addr}: shard {shard}'s stream ended without its trailer"))),
         }
     };
-    out.sync_all().await?;
+    out.sync_all().await.map_err(io_at(&part))?;
     let sha256 = hex(hash);
     if received != trailer.archive_bytes || received != header.archive_bytes || sha256 != trailer.sha256 {
         let _ = std::fs::remove_file(&part);
@@ -299,7 +333,7 @@ async fn fetch_shard(
             trailer.archive_bytes, trailer.sha256
         )));
     }
-    std::fs::rename(&part, dir.join(&name))?;
+    std::fs::rename(&part, dir.join(&name)).map_err(io_at(&part))?;
     Ok(ShardFile {
         shard,
         file: name,
@@ -342,10 +376,10 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, ClientError> {
 pub async fn verify(dir: &Path, manifest: &Manifest) -> Result<(), ClientError> {
     for file in &manifest.shard_files {
         let path = shard_path(dir, file)?;
-        let mut input = tokio::fs::File::open(&path).await?;
+        let mut input = tokio::fs::File::open(&path).await.map_err(io_at(&path))?;
         let (mut hash, mut size, mut buf) = (Sha256::new(), 0u64, vec![0u8; CHUNK_BYTES]);
         loop {
-            let n = input.read(&mut buf).await?;
+            let n = input.read(&mut buf).await.map_err(io_at(&path))?;
             if n == 0 {
                 break;
             }
@@ -622,7 +656,7 @@ async fn archive_chunks(
     path: PathBuf,
     failed: Arc<Mutex<Option<std::io::Error>>>,
 ) -> Result<impl futures::Stream<Item = RestoreShardChunk> + Send + 'static, ClientError> {
-    let file = tokio::fs::File::open(&path).await?;
+    let file = tokio::fs::File::open(&path).await.map_err(io_at(&path))?;
     let first = RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(header)) };
     let data = futures::stream::unfold(Some(file), move |file| {
         let failed = failed.clone();

@@ -90,7 +90,13 @@ async fn a_backup_taken_while_writing_restores_into_a_new_cluster_shard_by_shard
             }
         })
     };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while acked.load(Ordering::SeqCst) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writer got {} of 3 rounds acknowledged in 30 s",
+            acked.load(Ordering::SeqCst)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let acked_before = acked.load(Ordering::SeqCst);
@@ -230,7 +236,10 @@ async fn a_lagging_follower_exports_only_once_caught_up_and_a_foreign_shard_coun
     let message = match copier.backup_shard_from(&endpoint, 0).await {
         Err(e) => e.to_string(),
         Ok(mut stream) => {
-            let status = stream.message().await.expect_err("a copy from a replica behind its leader");
+            let first = tokio::time::timeout(Duration::from_secs(30), stream.message()).await;
+            let status = first
+                .expect("the copy answered within 30 s")
+                .expect_err("a copy from a replica behind its leader");
             portrait_client::ClientError::from(status).to_string()
         }
     };
@@ -239,7 +248,8 @@ async fn a_lagging_follower_exports_only_once_caught_up_and_a_foreign_shard_coun
 
     cluster.client(behind).await.set_faults(Vec::new(), Vec::new()).await.expect("heal");
     let mut stream = copier.backup_shard_from(&endpoint, 0).await.expect("a copy once healed");
-    let header = match stream.message().await.expect("header").and_then(|c| c.part) {
+    let first = tokio::time::timeout(Duration::from_secs(30), stream.message()).await;
+    let header = match first.expect("the header within 30 s").expect("header").and_then(|c| c.part) {
         Some(portrait_client::portrait_proto::v1::backup_shard_chunk::Part::Header(h)) => h,
         other => panic!("the stream did not begin with a header: {other:?}"),
     };
@@ -308,6 +318,26 @@ async fn a_stalled_restore_upload_is_ended_and_frees_the_nodes_backup_slot() {
             },
         }
     };
+
+    // An archive the data dir's disk could not hold is refused before a
+    // byte is received, naming what it needs (a full disk would stop the
+    // node: its raft log could no longer be written).
+    let huge = RestoreHeader {
+        shard: 0,
+        archive_bytes: 1 << 60,
+        sha256: "0".repeat(64),
+        restore_id: "huge".into(),
+        shards: 1,
+        check_only: false,
+    };
+    let chunks =
+        tokio_stream::iter([RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(huge)) }]);
+    let refused = tokio::time::timeout(Duration::from_secs(30), client.restore_shard_to(&endpoint, chunks))
+        .await
+        .expect("answered")
+        .expect_err("no room");
+    assert_eq!(refused.code(), Some(tonic::Code::ResourceExhausted), "{refused}");
+    assert!(refused.to_string().contains("bytes free under"), "{refused}");
 
     // Until a backup finds the slot taken by the stalled upload (a backup
     // that came first makes the upload itself find it taken: start again).

@@ -33,6 +33,10 @@ pub enum Error {
     /// leadership transfer whose target did not catch up or win in time).
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// The node lacks a resource the call needs (e.g. free disk for a
+    /// backup's scratch files); retry elsewhere or once it is freed.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -93,6 +97,7 @@ impl Error {
             Error::FailedPrecondition(m) => Error::FailedPrecondition(format!("{group}: {m}")),
             Error::Unavailable(m) => Error::Unavailable(format!("{group}: {m}")),
             Error::DeadlineExceeded(m) => Error::DeadlineExceeded(format!("{group}: {m}")),
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(format!("{group}: {m}")),
             Error::Internal(m) => Error::Internal(format!("{group}: {m}")),
             other => other,
         }
@@ -128,6 +133,7 @@ impl Error {
             Error::NotLeader { .. } => "NOT_LEADER",
             Error::Unavailable(_) => "UNAVAILABLE",
             Error::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
+            Error::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
             Error::Internal(_) => "INTERNAL",
         }
     }

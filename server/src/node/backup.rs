@@ -57,6 +57,18 @@ impl Drop for ScratchFile {
     }
 }
 
+/// Disk space a backup's export or a restore's upload leaves free on the
+/// data dir's file system beyond what it needs, for the raft log and the
+/// state to go on growing meanwhile.
+pub const BACKUP_DISK_HEADROOM: u64 = 1 << 30;
+
+/// Bytes an unprivileged writer may still use on the file system holding
+/// `path` (`statvfs`: available blocks × fragment size).
+fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 /// A shard's exported archive, ready to stream; holds the node's backup
 /// slot until dropped.
 pub struct ShardExport {
@@ -136,6 +148,10 @@ impl Node {
             )));
         }
         let slot = self.backup_slot()?;
+        // The SST files, then the archive packed from them, both at about
+        // the replica's logical size.
+        let size = self.state_bytes(gid).unwrap_or(0);
+        self.check_room(size.saturating_mul(2), &format!("exporting {gid} (about {size} bytes)"))?;
         self.caught_up_for_backup(&replica).await?;
         let state_db = self.state_db.clone();
         let marker = restore_state(&state_db, gid).map_err(Error::internal)?.marker;
@@ -225,10 +241,21 @@ impl Node {
     /// that this node leads the shard (else NOT_LEADER naming the leader)
     /// and that the shard can be restored from `restore_id`, before any
     /// byte is received.
-    pub async fn restore_upload(&self, shard: u32, restore_id: &str) -> Result<ShardUpload> {
+    pub async fn restore_upload(
+        &self,
+        shard: u32,
+        restore_id: &str,
+        archive_bytes: u64,
+    ) -> Result<ShardUpload> {
         let gid = self.shard_group(shard)?;
         let replica = self.hosted(gid)?;
         self.check_restorable(&replica, restore_id)?;
+        // The archive, its unpacked SST files, then its rows in the raft
+        // log and in the state.
+        self.check_room(
+            archive_bytes.saturating_mul(4),
+            &format!("restoring {gid} from an archive of {archive_bytes} bytes"),
+        )?;
         let slot = self.backup_slot()?;
         let dir = scratch_dir(&self.data_dir);
         std::fs::create_dir_all(&dir).map_err(Error::internal)?;
@@ -242,6 +269,26 @@ impl Node {
         let gid = self.shard_group(shard)?;
         let replica = self.hosted(gid)?;
         self.check_restorable(&replica, restore_id)
+    }
+
+    /// RESOURCE_EXHAUSTED unless the file system of the data dir has
+    /// `need` bytes free beyond [`BACKUP_DISK_HEADROOM`] (a backup or
+    /// restore must not fill the disk the raft log and state live on: a
+    /// failed log append or fsync stops the node).
+    fn check_room(&self, need: u64, what: &str) -> Result<()> {
+        let free = free_bytes(&self.data_dir).map_err(|e| {
+            Error::Internal(format!("reading the free space of {}: {e}", self.data_dir.display()))
+        })?;
+        let wanted = need.saturating_add(BACKUP_DISK_HEADROOM);
+        if free < wanted {
+            return Err(Error::ResourceExhausted(format!(
+                "node {}: {what} needs about {wanted} bytes free under {} ({need} of scratch files and the log, \
+                 plus {BACKUP_DISK_HEADROOM} kept free), {free} are: free disk space there, or use another replica",
+                self.id,
+                self.data_dir.display()
+            )));
+        }
+        Ok(())
     }
 
     /// NOT_LEADER unless this node leads the replica's shard; if the shard
@@ -359,5 +406,19 @@ impl Node {
                 self.write_timeout.as_millis()
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_bytes_reads_the_file_system_of_a_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = free_bytes(dir.path()).unwrap();
+        assert!(free > 0 && free < 1 << 60, "{free}");
+        let err = free_bytes(&dir.path().join("missing")).expect_err("no such path");
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
     }
 }

@@ -321,7 +321,8 @@ impl Admin for AdminService {
                 self.node.restore_check(header.shard, &header.restore_id)?;
                 return Ok(crate::node::RestoreSummary::default());
             }
-            let upload = self.node.restore_upload(header.shard, &header.restore_id).await?;
+            let upload =
+                self.node.restore_upload(header.shard, &header.restore_id, header.archive_bytes).await?;
             receive_archive(
                 &mut stream,
                 &upload,

@@ -22,6 +22,7 @@ impl From<Error> for Status {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::NotLeader { .. } | Error::Unavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Internal(_) => Code::Internal,
         };
         let mut status = Status::new(code, e.to_string());
@@ -60,6 +61,7 @@ pub fn error_from_status(status: &Status) -> Error {
         Code::FailedPrecondition => Error::FailedPrecondition(message),
         Code::AlreadyExists => Error::AlreadyExists(message),
         Code::DeadlineExceeded => Error::DeadlineExceeded(message),
+        Code::ResourceExhausted => Error::ResourceExhausted(message),
         Code::Internal => Error::Internal(message.trim_start_matches("internal error: ").to_string()),
         _ => Error::Unavailable(message),
     }

@@ -60,6 +60,16 @@ async fn write(id: usize, clients: Vec<PortraitClient>, book: Arc<Mutex<Book>>, 
     }
 }
 
+/// Waits (30 s at most) until the writers have more than `n` events
+/// acknowledged: a poll, as a loaded machine may be slow to get them going.
+async fn wait_acked_over(book: &Mutex<Book>, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while book.lock().unwrap().acked_total() <= n {
+        assert!(Instant::now() < deadline, "writers: no more than {n} events acknowledged in 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Voting replicas per node (of `nodes`), once every one of the `shards`
 /// shards has exactly 3 voters and a leader, and no node is more than one
 /// replica off another.
@@ -97,7 +107,8 @@ async fn scaling_3_to_5_nodes_under_writers_moves_replicas_and_loses_nothing() {
     }
     let writers: Vec<_> =
         (0..WRITERS).map(|w| tokio::spawn(write(w, clients.clone(), book.clone(), stop.clone()))).collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Under load: some writes acknowledged first.
+    wait_acked_over(&book, 20).await;
 
     let started = Instant::now();
     let four = cluster.spawn_joining(&[1]).await;
@@ -176,7 +187,8 @@ async fn draining_a_node_under_writers_moves_its_replicas_and_its_meta_vote_away
     }
     let writers: Vec<_> =
         (0..WRITERS).map(|w| tokio::spawn(write(w, clients.clone(), book.clone(), stop.clone()))).collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Under load: some writes acknowledged first.
+    wait_acked_over(&book, 20).await;
 
     let admin = cluster.client(1).await;
     let started = Instant::now();

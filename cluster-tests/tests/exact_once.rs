@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use portrait_client::json::now_ms;
-use portrait_client::portrait_proto::v1::rule_value::Kind;
-use portrait_client::{Consistency, Event, PortraitClient, Value};
+use portrait_client::{Event, PortraitClient, Value};
+use portrait_cluster_tests::replicas::applied_on;
 use portrait_cluster_tests::Cluster;
 
 const WRITERS: u64 = 8;
@@ -100,23 +100,11 @@ async fn writer(id: u64, endpoints: Vec<String>, ledger: Arc<Mutex<Ledger>>, sto
     }
 }
 
-/// Per user on one node: (`orders_lifetime`, trade history ids).
-async fn applied(client: &PortraitClient) -> BTreeMap<String, (u64, Vec<String>)> {
+/// Per user on node `id`: (`orders_lifetime`, trade history ids), read
+/// locally on that node itself (`applied_on` checks the read's `node_id`).
+async fn applied(cluster: &Cluster, id: u64) -> BTreeMap<String, (u64, Vec<String>)> {
     let users: Vec<String> = (0..USERS).map(|u| format!("x{u}")).collect();
-    // No selection: every family, feature and tag (a family alone would leave the features out).
-    let r = client.batch_get_profiles(&users, &[], Consistency::Local).await.unwrap();
-    let count =
-        |p: &portrait_client::Profile| match p.features.get("orders_lifetime").and_then(|v| v.kind.clone()) {
-            Some(Kind::NumberValue(n)) => n as u64,
-            _ => 0,
-        };
-    let history = |p: &portrait_client::Profile| {
-        p.families
-            .get("trade")
-            .map(|f| f.history.iter().map(|h| h.event_id.clone()).collect())
-            .unwrap_or_default()
-    };
-    r.profiles.iter().map(|p| (p.user_id.clone(), (count(p), history(p)))).collect()
+    applied_on(cluster, id, &users).await
 }
 
 #[tokio::test]
@@ -163,7 +151,7 @@ async fn eight_writers_and_a_leader_kill_apply_every_event_exactly_once() {
     assert!(ledger.retries > 0, "the kill made some writers retry");
     for id in 1..=3 {
         cluster.wait_applied(id, ledger.last_index).await;
-        check_exactly_once(id, &applied(&cluster.client(id).await).await, &ledger);
+        check_exactly_once(id, &applied(&cluster, id).await, &ledger);
     }
 }
 

@@ -89,6 +89,13 @@ async fn a_follower_catches_up_on_entries_over_the_raft_message_limit() {
     let acked = vec![(REQUESTS * EVENTS / USERS) as f64; USERS];
     let status = client.cluster_status().await.unwrap();
     assert!(status.last_log_index >= last_index, "{status:?}");
+    // The follower really fell behind: it holds and applied none of them.
+    let lagging = cluster.client(behind).await.cluster_status().await.unwrap();
+    assert!(
+        lagging.last_log_index < status.last_log_index && lagging.applied_index < last_index,
+        "node {behind} did not fall behind the leader's {}: {lagging:?}",
+        status.last_log_index
+    );
 
     cluster.client(behind).await.set_partition(Vec::new()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);

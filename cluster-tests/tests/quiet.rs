@@ -131,6 +131,11 @@ async fn idle_leaders_stop_heartbeating_and_a_write_wakes_them() {
     for id in ALL {
         wait_applied(cluster, id, &written).await;
     }
+    // Woken, not elected: the same leaders, in the same terms (the 5 s
+    // above only guards against a hang).
+    for id in ALL {
+        assert_eq!(leaders(cluster, id).await, before, "node {id}: an election after the write");
+    }
     let mut ages = Vec::new();
     for id in ALL {
         ages.extend(contact_ages(cluster, id, &probe).await);
@@ -152,8 +157,21 @@ async fn killing_the_leader_of_idle_shards_elects_a_leader_in_every_shard() {
     for id in ALL {
         wait_applied(&cluster, id, &written).await;
     }
-    // Idle long enough for every shard to rest.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Idle long enough for every shard to rest: every follower replica
+    // (two per shard) last heard its leader at least `QUIET` ago.
+    let probe = user_per_shard(&cluster.client(1).await, &users).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut ages = Vec::new();
+        for id in ALL {
+            ages.extend(contact_ages(&cluster, id, &probe).await);
+        }
+        if ages.len() == 2 * SHARDS as usize && ages.iter().all(|a| *a >= QUIET) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the shards did not go idle: {ages:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let s = status(&cluster, 1).await;
     let victim = (1..=3u64)
         .max_by_key(|id| s.shard_status.iter().filter(|r| r.leader_id == *id).count())

@@ -88,10 +88,19 @@ async fn writes_through_any_node_land_on_every_replica_of_their_shard() {
             wait_shards_applied(&cluster, id, &written).await;
             check_local(&cluster, id, &users, &prefix).await;
         }
-        // Linearizable reads go to each shard's leader through the client's redirect.
+        // Linearizable reads go to each shard's leader through the client's
+        // redirect (`leaders`, as node 3 reported them), and see this write.
         let client = cluster.client(via).await;
-        let got = client.get_profile(&users[0], &[], Consistency::Linearizable).await;
-        assert!(got.is_ok(), "{got:?}");
+        for user in &users {
+            let got = client.get_profile(user, &[], Consistency::Linearizable).await;
+            let got = got.expect("linearizable read");
+            let info = got.read_info.expect("read info");
+            let shard_leader = leaders[info.shard as usize];
+            assert_eq!(info.node_id, shard_leader, "{user}: shard {} read off its leader", info.shard);
+            let browse = &got.profile.expect("profile").families["browse"];
+            let page = browse.attrs["page"].value.clone().expect("page");
+            assert_eq!(page, Value::string(format!("{prefix}-{user}")), "{user}, linearizable via {via}");
+        }
     }
 }
 

@@ -5,6 +5,9 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::io::Read;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use common::{TestNode, SHARDS};
 use portrait_client::json::now_ms;
@@ -20,6 +23,33 @@ fn event(user: &str, id: &str) -> Event {
         event_id: id.into(),
         attrs: [("page".to_string(), Value::string(format!("p-{user}")))].into(),
     }
+}
+
+/// Runs `command` with its stderr piped until it exits, at most 30 s (a
+/// `portraitd` that does not refuse to start serves forever: it is killed
+/// and the test fails); returns its exit status and stderr.
+fn exit_of(command: &mut Command) -> (ExitStatus, String) {
+    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("spawn portraitd");
+    let mut pipe = child.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || {
+        let mut stderr = String::new();
+        let _ = pipe.read_to_string(&mut stderr);
+        stderr
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for portraitd") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("portraitd still runs after 30 s: {command:?}\n{}", reader.join().unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status, reader.join().expect("read stderr"))
 }
 
 /// Users enough to cover every shard, several in each.
@@ -83,15 +113,14 @@ async fn one_write_spans_every_shard_and_each_user_is_read_from_its_shard() {
 async fn a_restart_with_another_number_of_shards_is_refused() {
     let mut node = TestNode::start_sharded(SHARDS).await;
     node.stop().await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portraitd"))
-        .arg("--data-dir")
-        .arg(node.data_dir())
-        .args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0", "--shards", "8"])
-        .env_remove("PORTRAIT_CONFIG")
-        .output()
-        .expect("run portraitd");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stderr) = exit_of(
+        Command::new(env!("CARGO_BIN_EXE_portraitd"))
+            .arg("--data-dir")
+            .arg(node.data_dir())
+            .args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0", "--shards", "8"])
+            .env_remove("PORTRAIT_CONFIG"),
+    );
+    assert!(!status.success(), "{stderr}");
     let expected = format!(
         "--shards 8: the data dir {} belongs to a cluster of {SHARDS} shards",
         node.data_dir().display()

@@ -33,12 +33,15 @@ pub enum Error {
     /// leadership transfer whose target did not catch up or win in time).
     #[error("{0}")]
     DeadlineExceeded(String),
-    /// The node lacks a resource the call needs (e.g. free disk for a
-    /// backup's scratch files); retry elsewhere or once it is freed.
-    #[error("{0}")]
-    ResourceExhausted(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The node lacks a resource the call needs (e.g. free disk for a
+    /// backup's scratch files); retry elsewhere or once it is freed. Last:
+    /// errors cross nodes bincode-encoded, by variant position, so a new
+    /// variant goes after the others (nodes of two versions stay readable
+    /// to each other).
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 /// Part of every UNAVAILABLE message about a write that may have been
@@ -152,6 +155,23 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variants_keep_their_wire_positions() {
+        // Errors cross nodes bincode-encoded by variant position: a node of
+        // the previous version must read them alike.
+        let position = |e: Error| {
+            let bytes = bincode::serialize(&e).unwrap();
+            u32::from_le_bytes(bytes[..4].try_into().unwrap())
+        };
+        let s = || "x".to_string();
+        assert_eq!(position(Error::InvalidArgument { field: s(), reason: s() }), 0);
+        assert_eq!(position(Error::NotLeader { leader_id: None, leader_addr: None, group: None }), 4);
+        assert_eq!(position(Error::Unavailable(s())), 5);
+        assert_eq!(position(Error::DeadlineExceeded(s())), 6);
+        assert_eq!(position(Error::Internal(s())), 7);
+        assert_eq!(position(Error::ResourceExhausted(s())), 8);
+    }
 
     #[test]
     fn core_invalid_input_keeps_field_reason_and_code() {

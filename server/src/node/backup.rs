@@ -151,7 +151,11 @@ impl Node {
         // The SST files, then the archive packed from them, both at about
         // the replica's logical size.
         let size = self.state_bytes(gid).unwrap_or(0);
-        self.check_room(size.saturating_mul(2), &format!("exporting {gid} (about {size} bytes)"))?;
+        self.check_room(
+            size.saturating_mul(2),
+            &format!("exporting {gid} (about {size} bytes)"),
+            "free disk space there, or copy another replica",
+        )?;
         self.caught_up_for_backup(&replica).await?;
         let state_db = self.state_db.clone();
         let marker = restore_state(&state_db, gid).map_err(Error::internal)?.marker;
@@ -250,12 +254,7 @@ impl Node {
         let gid = self.shard_group(shard)?;
         let replica = self.hosted(gid)?;
         self.check_restorable(&replica, restore_id)?;
-        // The archive, its unpacked SST files, then its rows in the raft
-        // log and in the state.
-        self.check_room(
-            archive_bytes.saturating_mul(4),
-            &format!("restoring {gid} from an archive of {archive_bytes} bytes"),
-        )?;
+        self.check_restore_room(gid, archive_bytes)?;
         let slot = self.backup_slot()?;
         let dir = scratch_dir(&self.data_dir);
         std::fs::create_dir_all(&dir).map_err(Error::internal)?;
@@ -265,17 +264,30 @@ impl Node {
 
     /// Whether shard `shard` could take restore `restore_id` now, as
     /// [`Node::check_restorable`] answers: nothing is received or changed.
-    pub fn restore_check(&self, shard: u32, restore_id: &str) -> Result<()> {
+    pub fn restore_check(&self, shard: u32, restore_id: &str, archive_bytes: u64) -> Result<()> {
         let gid = self.shard_group(shard)?;
         let replica = self.hosted(gid)?;
-        self.check_restorable(&replica, restore_id)
+        self.check_restorable(&replica, restore_id)?;
+        self.check_restore_room(gid, archive_bytes)
+    }
+
+    /// The free disk a restore upload of `archive_bytes` needs here: the
+    /// archive, its unpacked SST files, then its rows in the raft log and
+    /// in the state.
+    fn check_restore_room(&self, gid: GroupId, archive_bytes: u64) -> Result<()> {
+        self.check_room(
+            archive_bytes.saturating_mul(4),
+            &format!("restoring {gid} from an archive of {archive_bytes} bytes"),
+            "free disk space there (a restore must reach the shard's leader; moving its leadership to a node \
+             with room also works)",
+        )
     }
 
     /// RESOURCE_EXHAUSTED unless the file system of the data dir has
     /// `need` bytes free beyond [`BACKUP_DISK_HEADROOM`] (a backup or
     /// restore must not fill the disk the raft log and state live on: a
     /// failed log append or fsync stops the node).
-    fn check_room(&self, need: u64, what: &str) -> Result<()> {
+    fn check_room(&self, need: u64, what: &str, advice: &str) -> Result<()> {
         let free = free_bytes(&self.data_dir).map_err(|e| {
             Error::Internal(format!("reading the free space of {}: {e}", self.data_dir.display()))
         })?;
@@ -283,7 +295,7 @@ impl Node {
         if free < wanted {
             return Err(Error::ResourceExhausted(format!(
                 "node {}: {what} needs about {wanted} bytes free under {} ({need} of scratch files and the log, \
-                 plus {BACKUP_DISK_HEADROOM} kept free), {free} are: free disk space there, or use another replica",
+                 plus {BACKUP_DISK_HEADROOM} kept free), {free} are: {advice}",
                 self.id,
                 self.data_dir.display()
             )));

@@ -76,8 +76,9 @@ impl Node {
         selection: Selection,
         consistency: Consistency,
     ) -> Result<(Vec<ProfileView>, ReadInfo)> {
-        let validated = self.schema().version;
-        check_selection(&self.schema(), &selection)?;
+        let schema = self.schema();
+        let validated = schema.version;
+        check_selection(&schema, &selection)?;
         let selection = selection.deduped();
         for (i, u) in user_ids.iter().enumerate() {
             validate_user_id(u).map_err(|e| Error::invalid(format!("user_ids[{i}]"), e.reason))?;
@@ -256,7 +257,15 @@ impl Node {
                 // Held while the part is read: a snapshot install does not
                 // replace the rows meanwhile. The schema and engine are the
                 // ones of the rows read.
-                let rows = replica.sm.read_rows();
+                // A shard installing a snapshot (seconds, under load) is
+                // not waited for on one of the node's few read threads:
+                // UNAVAILABLE, and the caller retries, elsewhere if it can.
+                let Some(rows) = replica.sm.try_read_rows() else {
+                    return Err(Error::Unavailable(format!(
+                        "{}'s replica on node {id} is installing a snapshot (catching up); retry",
+                        replica.gid
+                    )));
+                };
                 let (schema, engine) = (replica.sm.schema(), replica.sm.engine());
                 // During a schema rollout the selection was checked against
                 // a newer schema than this shard applied: a name the shard

@@ -289,7 +289,8 @@ impl Admin for AdminService {
             _ => None,
         };
         let args = header.as_ref().map_or(serde_json::json!({}), |h| {
-            serde_json::json!({"shard": h.shard, "archive_bytes": h.archive_bytes, "restore_id": h.restore_id})
+            serde_json::json!({"shard": h.shard, "archive_bytes": h.archive_bytes, "restore_id": h.restore_id,
+                "check_only": h.check_only})
         });
         let restore = async {
             first?;
@@ -318,7 +319,7 @@ impl Admin for AdminService {
                 .into());
             }
             if header.check_only {
-                self.node.restore_check(header.shard, &header.restore_id)?;
+                self.node.restore_check(header.shard, &header.restore_id, header.archive_bytes)?;
                 return Ok(crate::node::RestoreSummary::default());
             }
             let upload =

@@ -104,6 +104,16 @@ impl GroupState {
         self.rows.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// [`GroupState::read_rows`] without waiting: `None` while a snapshot
+    /// install holds the rows (or waits for them).
+    pub fn try_read_rows(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
+        match self.rows.try_read() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// A snapshot install's hold on the group's rows: no read runs while
     /// it is held.
     pub(crate) fn replace_rows(&self) -> std::sync::RwLockWriteGuard<'_, ()> {

@@ -166,10 +166,18 @@ rule = 'not is_null(last_view) and now - last_view > 3s'
     assert_eq!(tag(&p, "idle"), Some(Kind::BoolValue(false)));
 
     // The flip is due at t + 3 s + 1 ms; the leader's ticker (every second)
-    // proposes a tick, applied through raft.
-    tokio::time::sleep(Duration::from_millis((t + 3_000 - now_ms()).max(0) as u64 + 2_500)).await;
-    let status = client.cluster_status().await.unwrap();
-    assert!(status.applied_index > w.log_index, "a tick entry was applied after the write: {status:?}");
+    // proposes a tick, applied through raft: waited for (at most 30 s past
+    // the due time, for a loaded machine), not slept for.
+    tokio::time::sleep(Duration::from_millis((t + 3_001 - now_ms()).max(0) as u64)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = client.cluster_status().await.unwrap();
+        if status.applied_index > w.log_index {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no tick entry applied after the write: {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let p = select(&client, "u1", &[], &["idle"]).await;
     assert_eq!(tag(&p, "idle"), Some(Kind::BoolValue(true)));
     assert_eq!(p.tags["idle"].changed_at_ms, t + 3_001, "changed at the scheduled moment");

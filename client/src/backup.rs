@@ -529,6 +529,29 @@ async fn shard_leader(client: &PortraitClient, shard: u32) -> Result<String, Cli
     }
 }
 
+/// Whether a restore step may be tried again: the shard has no leader
+/// yet, its leader moved or is busy, or the node gave no answer.
+fn retryable(e: &ClientError) -> bool {
+    matches!(e.code(), Some(Code::Unavailable) | None)
+}
+
+/// [`shard_leader`] for an attempt: `None` (the reason left in `last`)
+/// when the attempt should wait and try again.
+async fn leader_now(
+    client: &PortraitClient,
+    shard: u32,
+    last: &mut ClientError,
+) -> Result<Option<String>, ClientError> {
+    match shard_leader(client, shard).await {
+        Ok(leader) => Ok(Some(leader)),
+        Err(e) if retryable(&e) => {
+            *last = e;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The pause before attempt `attempt` (0-based) at a shard's leader.
 async fn before_attempt(attempt: u64) {
     if attempt > 0 {
@@ -561,14 +584,7 @@ async fn check_one(
     let mut last = config(format!("shard {}: no leader found", file.shard));
     for attempt in 0..20u64 {
         before_attempt(attempt).await;
-        let leader = match shard_leader(client, file.shard).await {
-            Ok(leader) => leader,
-            Err(e) if matches!(e.code(), Some(Code::Unavailable) | None) => {
-                last = e;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let Some(leader) = leader_now(client, file.shard, &mut last).await? else { continue };
         let header = restore_header(backup_id, shards, file, true);
         let chunks = futures::stream::iter([RestoreShardChunk {
             part: Some(restore_shard_chunk::Part::Header(header)),
@@ -576,7 +592,7 @@ async fn check_one(
         match client.restore_shard_to(&leader, chunks).await {
             Ok(_) => return Ok(false),
             Err(e) if e.code() == Some(Code::AlreadyExists) => return Ok(true),
-            Err(e) if matches!(e.code(), Some(Code::Unavailable) | None) => last = e,
+            Err(e) if retryable(&e) => last = e,
             Err(e) => {
                 return Err(config(format!(
                     "shard {}: {e} (nothing was changed in this cluster)",
@@ -601,14 +617,7 @@ async fn restore_one(
     let mut last = config(format!("shard {}: no leader found", file.shard));
     for attempt in 0..20u64 {
         before_attempt(attempt).await;
-        let leader = match shard_leader(client, file.shard).await {
-            Ok(leader) => leader,
-            Err(e) if matches!(e.code(), Some(Code::Unavailable) | None) => {
-                last = e;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let Some(leader) = leader_now(client, file.shard, &mut last).await? else { continue };
         let header = restore_header(backup_id, shards, file, false);
         let read_failed = Arc::new(Mutex::new(None));
         let chunks = archive_chunks(header, path.clone(), read_failed.clone()).await?;
@@ -630,7 +639,7 @@ async fn restore_one(
             }
             // Not (or no longer) the leader, no quorum, the node busy or
             // unreachable: ask again.
-            Err(e) if matches!(e.code(), Some(Code::Unavailable) | None) => last = e,
+            Err(e) if retryable(&e) => last = e,
             // An `End` that timed out but committed comes back as this too.
             Err(e) if e.code() == Some(Code::AlreadyExists) => {
                 return Ok(RestoredShard {

@@ -7,39 +7,9 @@
 #[allow(dead_code)]
 mod common;
 
-use std::io::Read;
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
-
 use common::TestNode;
 use portrait_client::ClientError;
 use tonic::Code;
-
-/// Runs `command` with its stderr piped until it exits, at most 30 s (a
-/// `portraitd` that does not refuse to start serves forever: it is killed
-/// and the test fails); returns its exit status and stderr.
-fn exit_of(command: &mut Command) -> (ExitStatus, String) {
-    let mut child = command.stderr(Stdio::piped()).spawn().expect("spawn portraitd");
-    let mut pipe = child.stderr.take().expect("piped stderr");
-    let reader = std::thread::spawn(move || {
-        let mut stderr = String::new();
-        let _ = pipe.read_to_string(&mut stderr);
-        stderr
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for portraitd") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("portraitd still runs after 30 s: {command:?}\n{}", reader.join().unwrap_or_default());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    (status, reader.join().expect("read stderr"))
-}
 
 #[tokio::test]
 async fn set_partition_is_refused_with_the_reason() {
@@ -56,7 +26,7 @@ fn the_flag_is_refused_and_the_version_says_nothing_of_faults() {
     // Its own data dir and free ports, should it start after all.
     let dir = tempfile::tempdir().unwrap();
     let ports = (common::free_port(), common::free_port());
-    let (status, stderr) = exit_of(common::portraitd(dir.path(), ports, 1).arg("--fault-injection"));
+    let (status, stderr) = common::exit_of(common::portraitd(dir.path(), ports, 1).arg("--fault-injection"));
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("--fault-injection: this build has no fault injection"), "{stderr}");
     let version = std::process::Command::new(bin).arg("--version").output().unwrap();

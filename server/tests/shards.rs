@@ -5,9 +5,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::Read;
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::{TestNode, SHARDS};
 use portrait_client::json::now_ms;
@@ -23,33 +21,6 @@ fn event(user: &str, id: &str) -> Event {
         event_id: id.into(),
         attrs: [("page".to_string(), Value::string(format!("p-{user}")))].into(),
     }
-}
-
-/// Runs `command` with its stderr piped until it exits, at most 30 s (a
-/// `portraitd` that does not refuse to start serves forever: it is killed
-/// and the test fails); returns its exit status and stderr.
-fn exit_of(command: &mut Command) -> (ExitStatus, String) {
-    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = command.spawn().expect("spawn portraitd");
-    let mut pipe = child.stderr.take().expect("piped stderr");
-    let reader = std::thread::spawn(move || {
-        let mut stderr = String::new();
-        let _ = pipe.read_to_string(&mut stderr);
-        stderr
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for portraitd") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("portraitd still runs after 30 s: {command:?}\n{}", reader.join().unwrap_or_default());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    (status, reader.join().expect("read stderr"))
 }
 
 /// Users enough to cover every shard, several in each.
@@ -113,7 +84,7 @@ async fn one_write_spans_every_shard_and_each_user_is_read_from_its_shard() {
 async fn a_restart_with_another_number_of_shards_is_refused() {
     let mut node = TestNode::start_sharded(SHARDS).await;
     node.stop().await;
-    let (status, stderr) = exit_of(
+    let (status, stderr) = common::exit_of(
         Command::new(env!("CARGO_BIN_EXE_portraitd"))
             .arg("--data-dir")
             .arg(node.data_dir())

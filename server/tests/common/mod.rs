@@ -226,3 +226,31 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// Runs `command` with its stderr piped until it exits, at most 30 s (a
+/// `portraitd` that does not refuse to start serves forever: it is killed
+/// and the test fails); returns its exit status and stderr.
+#[allow(dead_code)] // not every test binary starts a refused node
+pub fn exit_of(command: &mut Command) -> (std::process::ExitStatus, String) {
+    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("spawn portraitd");
+    let mut pipe = child.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || {
+        let mut stderr = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        stderr
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for portraitd") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("portraitd still runs after 30 s: {command:?}\n{}", reader.join().unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status, reader.join().expect("read stderr"))
+}

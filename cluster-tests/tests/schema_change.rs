@@ -130,3 +130,77 @@ async fn a_schema_applied_while_writing_reaches_every_shard_and_loses_no_order()
         }
     }
 }
+
+/// The fault-injection file that makes a node's build refuse every schema
+/// containing its text (as a stricter build, mid rolling upgrade, would).
+const REFUSE_MARKER_FILE: &str = "fault-refuse-schema";
+
+fn code(e: &portrait_client::ClientError) -> Option<&'static str> {
+    e.code().map(portrait_client::code_name)
+}
+
+/// Every node checks a schema with its own build before it is applied: a
+/// node whose build refuses it fails `ApplySchema` (dry run or not) naming
+/// it, and nothing is applied anywhere (its shards would otherwise stop at
+/// the schema's entry). A node being added whose build refuses the
+/// cluster's schema is not added. A node that is down cannot be asked: the
+/// schema applies without its word, and the response names it.
+#[tokio::test]
+async fn a_node_whose_build_refuses_a_schema_stops_it_before_anything_is_applied() {
+    const MARKER: &str = "# for-the-next-build-only";
+    let all = [1, 2, 3];
+    let mut cluster = Cluster::start_sharded(3, TEST_SHARDS).await;
+    wait_placed(&cluster, &all, TEST_SHARDS).await;
+    let before = cluster.client(1).await.get_schema().await.expect("schema").version;
+    let marked = format!("{}\n{MARKER}\n", new_schema());
+    std::fs::write(cluster.node(3).data_dir().join(REFUSE_MARKER_FILE), MARKER).unwrap();
+    for dry_run in [true, false] {
+        let refused = cluster
+            .client(1)
+            .await
+            .apply_schema(marked.clone(), dry_run)
+            .await
+            .expect_err("node 3 refuses it");
+        assert_eq!(code(&refused), Some("FAILED_PRECONDITION"), "dry run {dry_run}: {refused}");
+        let text = refused.to_string();
+        assert!(
+            text.contains("node 3's build refuses this schema") && text.contains("fault injection"),
+            "{text}"
+        );
+    }
+    for (id, status) in statuses(&cluster, &all).await {
+        assert_eq!(status.schema_version, before, "node {id} kept the schema");
+        for r in &status.shard_status {
+            assert_eq!(r.schema_version, before, "node {id} shard {}", r.shard);
+        }
+    }
+    assert!(cluster.node(3).is_running(), "node 3 did not stop");
+
+    // Once node 3's build accepts it, the same schema applies everywhere.
+    std::fs::remove_file(cluster.node(3).data_dir().join(REFUSE_MARKER_FILE)).unwrap();
+    let applied = cluster.client(1).await.apply_schema(marked, false).await.expect("accepted everywhere");
+    assert!(applied.version > before, "version {} after {before}", applied.version);
+    assert_eq!(applied.unchecked_nodes, Vec::<u64>::new());
+    assert_eq!(wait_schema(&cluster, &all, applied.version).await, 3 * TEST_SHARDS as usize);
+
+    // A node whose build refuses the cluster's schema is not added.
+    let new = cluster.spawn_node().await;
+    std::fs::write(cluster.node(new).data_dir().join(REFUSE_MARKER_FILE), MARKER).unwrap();
+    let (addr, peer_addr) = (cluster.node(new).endpoint(), cluster.node(new).advertised());
+    let refused = cluster.client(1).await.add_node(new, &addr, &peer_addr, false).await.expect_err("refused");
+    assert_eq!(code(&refused), Some("FAILED_PRECONDITION"), "{refused}");
+    assert!(
+        refused.to_string().contains(&format!("node {new}'s build refuses the cluster's schema")),
+        "{refused}"
+    );
+    let map = cluster.client(1).await.shard_map().await.expect("map");
+    assert!(map.nodes.iter().all(|n| n.node_id != new), "node {new} is not in the map: {:?}", map.nodes);
+
+    // A node that is down is not asked; the response names it.
+    cluster.kill(3);
+    let next = format!("{}\n# one more\n", new_schema());
+    let applied_without =
+        cluster.client(1).await.apply_schema(next, false).await.expect("applied without node 3");
+    assert_eq!(applied_without.unchecked_nodes, vec![3]);
+    assert!(applied_without.version > applied.version);
+}

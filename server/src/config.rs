@@ -16,9 +16,9 @@ use crate::tls::TlsFiles;
 
 /// `portraitd --version`; a build with fault injection says so.
 #[cfg(not(feature = "fault-injection"))]
-const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 #[cfg(feature = "fault-injection")]
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (with fault injection: for tests only)");
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (with fault injection: for tests only)");
 
 #[derive(Debug, Parser)]
 #[command(

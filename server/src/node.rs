@@ -17,6 +17,7 @@ pub mod map;
 mod meta;
 mod placement;
 mod read;
+mod schema_gate;
 mod shards;
 mod sizes;
 mod tasks;

@@ -27,7 +27,20 @@ pub async fn apply(endpoint: &super::Target, file: &Path, dry_run: bool) -> anyh
     } else {
         format!("schema version {} applied", response.version)
     };
-    Ok(format!("{head}\n{}", families(&response.families)))
+    Ok(format!("{head}\n{}{}", families(&response.families), unchecked(&response.unchecked_nodes)))
+}
+
+/// The warning for nodes that did not answer the build check.
+fn unchecked(nodes: &[u64]) -> String {
+    if nodes.is_empty() {
+        return String::new();
+    }
+    let ids: Vec<String> = nodes.iter().map(u64::to_string).collect();
+    format!(
+        "warning: node(s) {} did not answer the build check: should one run a build that refuses this schema, \
+         it stops at the schema's entry when it comes back (docs/operations.md, \"Upgrades and on-disk formats\")\n",
+        ids.join(", ")
+    )
 }
 
 fn families(families: &[FamilySpec]) -> String {
@@ -50,5 +63,12 @@ mod tests {
         ];
         let expected = "  browse        ttl=30d  history=20\n  registration  ttl=never  history=1\n";
         assert_eq!(families(&specs), expected);
+    }
+
+    #[test]
+    fn names_the_nodes_that_did_not_check() {
+        assert_eq!(unchecked(&[]), "");
+        let warning = unchecked(&[2, 5]);
+        assert!(warning.starts_with("warning: node(s) 2, 5 did not answer the build check"), "{warning}");
     }
 }

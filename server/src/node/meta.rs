@@ -512,23 +512,27 @@ impl Node {
         Ok(index)
     }
 
-    /// Validates a schema and, unless `dry_run`, commits it in the meta
-    /// group (meta leader only) and waits until every shard has applied it
-    /// through its own log.
-    pub async fn apply_schema(&self, toml: String, dry_run: bool) -> Result<VersionedSchema> {
-        let (schema, _) = check_schema(&toml).map_err(|e| Error::invalid("toml", e.to_string()))?;
+    /// Validates a schema, has every node of the map check it with its own
+    /// build, and, unless `dry_run`, commits it in the meta group (meta
+    /// leader only) and waits until every shard has applied it through its
+    /// own log. Returns the schema and the nodes that did not answer the
+    /// check (see `node/schema_gate.rs`).
+    pub async fn apply_schema(&self, toml: String, dry_run: bool) -> Result<(VersionedSchema, Vec<NodeId>)> {
+        let schema = self.check_schema_here(&toml)?;
         if dry_run {
-            return Ok(VersionedSchema { version: self.schema().version, schema });
+            let unchecked = self.check_schema_everywhere(&toml).await?;
+            return Ok((VersionedSchema { version: self.schema().version, schema }, unchecked));
         }
         self.lead_meta()?;
         self.cluster().map.as_ref().ok_or_else(not_created)?;
+        let unchecked = self.check_schema_everywhere(&toml).await?;
         let (_, version) = self.propose_meta(MetaCommand::SetSchema { toml }).await?;
         let deadline = tokio::time::Instant::now() + FOLLOW_TIMEOUT;
         loop {
             self.sync_schemas().await;
             let behind = self.shards_behind_schema(version).await;
             if behind.is_empty() {
-                return Ok(VersionedSchema { version, schema });
+                return Ok((VersionedSchema { version, schema }, unchecked));
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Error::Unavailable(format!(
@@ -653,14 +657,15 @@ impl Node {
                 status.incarnation
             )));
         }
-        match status.shards {
-            n if n != 0 && n != self.shards => Err(Error::FailedPrecondition(format!(
-                "node {id} at {addr} was started for a cluster of {n} shards, this one has {}; restart it on \
-                 an empty data dir with --shards {} (or --join)",
-                self.shards, self.shards
-            ))),
-            _ => Ok(status.incarnation),
+        if status.shards != 0 && status.shards != self.shards {
+            return Err(Error::FailedPrecondition(format!(
+                "node {id} at {addr} was started for a cluster of {} shards, this one has {}; restart it on an \
+                 empty data dir with --shards {} (or --join)",
+                status.shards, self.shards, self.shards
+            )));
         }
+        self.check_schema_on_new_node(id, addr).await?;
+        Ok(status.incarnation)
     }
 }
 

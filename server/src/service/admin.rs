@@ -364,7 +364,7 @@ impl Admin for AdminService {
         let digest = crate::auth::hex(&crate::auth::sha256(&req.toml));
         let args =
             serde_json::json!({"dry_run": req.dry_run, "toml_bytes": req.toml.len(), "toml_sha256": digest});
-        let applied = self
+        let (applied, unchecked_nodes) = self
             .audited(who, "Admin/ApplySchema", args, async {
                 self.node.apply_schema(req.toml, req.dry_run).await.map_err(Status::from)
             })
@@ -372,6 +372,7 @@ impl Admin for AdminService {
         Ok(Response::new(ApplySchemaResponse {
             version: applied.version,
             families: families_to_pb(applied.schema.families.iter()),
+            unchecked_nodes,
         }))
     }
 

@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use portrait_proto::v1::raft_server::Raft;
 use portrait_proto::v1::{
-    AddNodeRequest, BalanceLeaderRequest, ClockRequest, ClockResponse, ClusterStatusRequest,
-    ClusterStatusResponse, MembershipResponse, RaftBatch, RaftBatchReply, RaftItemReply, RaftPayload,
-    StartElectionRequest, StartElectionResponse, TransferLeaderResponse,
+    AddNodeRequest, BalanceLeaderRequest, CheckSchemaRequest, CheckSchemaResponse, ClockRequest,
+    ClockResponse, ClusterStatusRequest, ClusterStatusResponse, MembershipResponse, RaftBatch,
+    RaftBatchReply, RaftItemReply, RaftPayload, StartElectionRequest, StartElectionResponse,
+    TransferLeaderResponse,
 };
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
@@ -247,6 +248,14 @@ impl Raft for RaftService {
         );
         let (leader_id, leader_addr) = self.node.transfer_leader(req.target, Some(req.group)).await?;
         Ok(Response::new(TransferLeaderResponse { leader_id, leader_addr }))
+    }
+
+    async fn check_schema(
+        &self,
+        request: Request<CheckSchemaRequest>,
+    ) -> Result<Response<CheckSchemaResponse>, Status> {
+        self.node.check_schema_here(&request.get_ref().toml)?;
+        Ok(Response::new(CheckSchemaResponse { build: crate::config::VERSION.to_string() }))
     }
 
     async fn clock(&self, _: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {

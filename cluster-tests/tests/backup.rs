@@ -369,3 +369,83 @@ async fn a_stalled_restore_upload_is_ended_and_frees_the_nodes_backup_slot() {
     backup().await.expect("a backup once the stalled upload ended");
     client.write(vec![order_of("u1", "u1-first")]).await.expect("write after the stalled restore");
 }
+
+/// Node `id`'s view of shard 0: (its role, the leader it knows).
+async fn shard0(cluster: &Cluster, id: u64) -> Option<(String, u64)> {
+    let status = cluster.client(id).await.cluster_status().await.ok()?;
+    status.shard_status.iter().find(|s| s.shard == 0).map(|s| (s.role.clone(), s.leader_id))
+}
+
+/// With 5 replicas a quorum can form without a leader and one of its
+/// followers: cut off together, the deposed leader still calls itself
+/// leader and its log stops short of what its successor commits. A copy of
+/// that follower must not vouch for the old leader's log: the old leader
+/// cannot confirm its read index with a quorum, so the copy is refused
+/// (UNAVAILABLE) rather than miss the successor's acknowledged writes.
+#[tokio::test]
+async fn a_follower_with_a_deposed_leader_does_not_export_a_copy_missing_its_successors_writes() {
+    let config = "replication = 5\nmax_moves = 0\n[raft]\nwrite_timeout_ms = 2000\n";
+    let all = [1, 2, 3, 4, 5];
+    let cluster = Cluster::start_sharded_with_config(5, 1, config).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let old = loop {
+        use portrait_cluster_tests::replicas::{placement, statuses};
+        let statuses = statuses(&cluster, &all).await;
+        let voters = |id: &u64| {
+            statuses[id]
+                .shard_status
+                .iter()
+                .any(|s| s.shard == 0 && s.voters.len() == 5 && s.voters.contains(id))
+        };
+        match placement(&statuses).get(&0) {
+            Some((replicas, Some(leader))) if replicas.len() == 5 && all.iter().all(voters) => break *leader,
+            placed => assert!(std::time::Instant::now() < deadline, "shard 0 not on 5 voters: {placed:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let follower = if old == 1 { 2 } else { 1 };
+    let rest: Vec<u64> = all.into_iter().filter(|&n| n != old && n != follower).collect();
+    cluster.client(old).await.write(vec![order_of("d0", "d0-first")]).await.expect("first write");
+
+    cluster.partition(&[old, follower], &rest).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let new = loop {
+        let mut leader = None;
+        for &id in &rest {
+            if shard0(&cluster, id).await.is_some_and(|(role, _)| role == "Leader") {
+                leader = Some(id);
+            }
+        }
+        if let Some(l) = leader {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "no successor elected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let writer = cluster.client(new).await.without_routing();
+    let mut last = 0;
+    for i in 0..3 {
+        let event = order_of(&format!("d{i}"), &format!("d{i}-after"));
+        last = writer.write(vec![event]).await.expect("a write the successor acknowledges").log_index;
+    }
+    // The follower still follows the deposed leader, which still leads in
+    // its own eyes.
+    assert_eq!(shard0(&cluster, follower).await.map(|s| s.1), Some(old));
+    assert_eq!(shard0(&cluster, old).await.map(|s| s.0).as_deref(), Some("Leader"));
+
+    let copier = cluster.client(follower).await;
+    let endpoint = cluster.node(follower).endpoint();
+    let outcome = match copier.backup_shard_from(&endpoint, 0).await {
+        Err(e) => Err(e.to_string()),
+        Ok(mut stream) => {
+            let first = tokio::time::timeout(Duration::from_secs(30), stream.message()).await;
+            match first.expect("the copy answered within 30 s") {
+                Err(status) => Err(portrait_client::ClientError::from(status).to_string()),
+                Ok(chunk) => Ok(chunk),
+            }
+        }
+    };
+    let message = outcome.expect_err(&format!("a copy of a replica without the writes up to index {last}"));
+    assert!(message.starts_with("UNAVAILABLE: ") && message.contains("read index"), "{message}");
+    cluster.heal().await;
+}

@@ -101,6 +101,7 @@ pub const RPCS: &[(&str, Access)] = &[
     ("/portrait.v1.Raft/Join", Peer),
     ("/portrait.v1.Raft/BalanceLeader", Peer),
     ("/portrait.v1.Raft/CheckSchema", Peer),
+    ("/portrait.v1.Raft/ReadIndex", Peer),
 ];
 
 /// The access of the RPC at `path` (`/package.Service/Method`), if it has

@@ -21,9 +21,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::write::leader_elsewhere;
 use super::Node;
+use portrait_proto::v1::raft_client::RaftClient;
+use portrait_proto::v1::ReadIndexRequest;
+
 use crate::error::{Error, Result};
 use crate::limits::RESTORE_ENTRY_BYTES;
 use crate::raft::client_write_error;
@@ -101,7 +105,7 @@ fn unique(prefix: &str, gid: GroupId) -> String {
 
 impl Node {
     /// Shard `shard`'s group, if the cluster has it.
-    fn shard_group(&self, shard: u32) -> Result<GroupId> {
+    pub(super) fn shard_group(&self, shard: u32) -> Result<GroupId> {
         if shard >= self.shards {
             return Err(Error::invalid(
                 "shard",
@@ -113,7 +117,7 @@ impl Node {
 
     /// This node's replica of `gid`, or FAILED_PRECONDITION naming the nodes
     /// the map places it on.
-    fn hosted(&self, gid: GroupId) -> Result<Arc<Replica>> {
+    pub(super) fn hosted(&self, gid: GroupId) -> Result<Arc<Replica>> {
         self.registry.get(gid).ok_or_else(|| {
             let nodes: Vec<u64> = self.route(gid).into_iter().map(|(n, _)| n).collect();
             Error::FailedPrecondition(format!(
@@ -199,11 +203,14 @@ impl Node {
     }
 
     /// Waits until `replica` has written every entry acknowledged so far:
-    /// on the shard's leader its read index (confirmed with a quorum); on a
-    /// follower the leader's last log index, which holds every committed
-    /// entry (asked over `Raft.Status`). At most the write timeout, else
-    /// UNAVAILABLE (the CLI then copies another replica). Without it a
-    /// lagging follower could export a copy missing acknowledged writes.
+    /// on the shard's leader its read index; on a follower the leader's
+    /// (`Raft.ReadIndex`). Either is confirmed with a quorum of the shard's
+    /// voters, so a deposed leader that has not heard of its successor
+    /// (with 5 replicas, a quorum can form without it or this node) cannot
+    /// vouch for an index short of what its successor committed. At most
+    /// the write timeout, else UNAVAILABLE (the CLI then copies another
+    /// replica). Without it a lagging follower could export a copy missing
+    /// acknowledged writes.
     async fn caught_up_for_backup(&self, replica: &Replica) -> Result<()> {
         let gid = replica.gid;
         let leader = replica.raft.metrics().borrow().current_leader;
@@ -221,14 +228,9 @@ impl Node {
                 let addr = addr.ok_or_else(|| {
                     Error::Unavailable(format!("{gid}'s leader, node {l}, is not in the shard map; retry"))
                 })?;
-                let status = super::meta::peer_status(&addr).await.map_err(|e| {
-                    Error::Unavailable(format!(
-                        "{gid}: asking its leader, node {l}, how far its log goes: {e}"
-                    ))
-                })?;
-                let led = status.shard_status.iter().find(|s| s.shard == gid.0 && s.role == "Leader");
-                led.ok_or_else(|| Error::Unavailable(format!("{gid}: node {l} no longer leads it; retry")))?
-                    .last_log_index
+                peer_read_index(&addr, gid.0, self.write_timeout).await.map_err(|e| {
+                    Error::Unavailable(format!("{gid}: asking its leader, node {l}, for its read index: {e}"))
+                })?
             }
         };
         match tokio::time::timeout(self.write_timeout, replica.sm.wait_written(target)).await {
@@ -433,4 +435,15 @@ mod tests {
         let err = free_bytes(&dir.path().join("missing")).expect_err("no such path");
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
     }
+}
+
+/// Asks the node at peer address `addr` for shard `shard`'s read index
+/// (`Raft.ReadIndex`); the error says why not (not the leader, no quorum,
+/// unreachable).
+async fn peer_read_index(addr: &str, shard: u32, within: Duration) -> std::result::Result<u64, String> {
+    let endpoint = crate::tls::peer_endpoint(addr).map_err(|e| e.to_string())?;
+    let channel =
+        endpoint.connect_timeout(within).timeout(within).connect().await.map_err(|e| e.to_string())?;
+    let reply = RaftClient::new(channel).read_index(ReadIndexRequest { group: shard }).await;
+    reply.map(|r| r.into_inner().index).map_err(|s| s.message().to_string())
 }

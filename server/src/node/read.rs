@@ -374,14 +374,30 @@ impl Node {
     /// Confirms this node leads `replica`'s group through its read index
     /// and waits until that index is readable.
     pub(super) async fn ensure_linearizable(&self, replica: &Replica) -> Result<()> {
+        let index = self.read_index(replica).await?;
+        // Applied is not yet readable until its batch is written.
+        if index > 0 {
+            replica.sm.wait_written(index).await.map_err(Error::Internal)?;
+        }
+        Ok(())
+    }
+
+    /// As this shard's leader, confirmed with a quorum: the index every
+    /// write acknowledged so far is at or under (0: none yet). Not the
+    /// leader: NOT_LEADER with the leader it knows.
+    pub(super) async fn read_index(&self, replica: &Replica) -> Result<u64> {
         // The leadership check sends AppendEntries, which a transfer must not.
         let _pass = replica.gate.pass(self.write_timeout).await?;
         let read_log_id = replica.raft.ensure_linearizable().await.map_err(check_leader_error)?;
-        // Applied is not yet readable until its batch is written.
-        if let Some(id) = read_log_id {
-            replica.sm.wait_written(id.index).await.map_err(Error::Internal)?;
-        }
-        Ok(())
+        Ok(read_log_id.map_or(0, |id| id.index))
+    }
+
+    /// `Raft.ReadIndex`: [`Node::read_index`] of this node's replica of
+    /// shard `shard`.
+    pub async fn shard_read_index(&self, shard: u32) -> Result<u64> {
+        let gid = self.shard_group(shard)?;
+        let replica = self.hosted(gid)?;
+        self.read_index(&replica).await
     }
 
     /// The read info of a part of `replica` read with every entry up to

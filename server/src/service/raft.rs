@@ -8,8 +8,8 @@ use portrait_proto::v1::raft_server::Raft;
 use portrait_proto::v1::{
     AddNodeRequest, BalanceLeaderRequest, CheckSchemaRequest, CheckSchemaResponse, ClockRequest,
     ClockResponse, ClusterStatusRequest, ClusterStatusResponse, MembershipResponse, RaftBatch,
-    RaftBatchReply, RaftItemReply, RaftPayload, StartElectionRequest, StartElectionResponse,
-    TransferLeaderResponse,
+    RaftBatchReply, RaftItemReply, RaftPayload, ReadIndexRequest, ReadIndexResponse, StartElectionRequest,
+    StartElectionResponse, TransferLeaderResponse,
 };
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
@@ -256,6 +256,14 @@ impl Raft for RaftService {
     ) -> Result<Response<CheckSchemaResponse>, Status> {
         self.node.check_schema_here(&request.get_ref().toml)?;
         Ok(Response::new(CheckSchemaResponse { build: crate::config::VERSION.to_string() }))
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        let index = self.node.shard_read_index(request.get_ref().group).await?;
+        Ok(Response::new(ReadIndexResponse { index }))
     }
 
     async fn clock(&self, _: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {

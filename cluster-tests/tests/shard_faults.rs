@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use portrait_client::json::now_ms;
-use portrait_client::{Event, PortraitClient, Value};
+use portrait_client::{Consistency, Event, PortraitClient, Value};
 use portrait_cluster_tests::replicas::{
     applied_on, check_exactly_once, placement, statuses, transfer, users_of, wait_caught_up, wait_placed,
     Book,
@@ -299,17 +299,17 @@ async fn a_cross_shard_write_without_a_quorum_names_the_shard_and_a_retry_applie
     // A short write timeout: the write that cannot commit fails sooner.
     // Leaders placed by the test: no balancing (`max_moves = 0`).
     let config = "replication = 3\nmax_moves = 0\n[raft]\nwrite_timeout_ms = 4000\n";
-    let cluster = Cluster::start_sharded_with_config(3, SHARDS, config).await;
+    let mut cluster = Cluster::start_sharded_with_config(3, SHARDS, config).await;
     wait_placed(&cluster, &ALL, SHARDS).await;
-    // Node 3 leads shard 1; another node the healthy shard.
-    let cut = 1;
+    // Node 3 leads shard 0; another node the healthy shard.
+    let cut = 0;
     transfer(cluster.client(1).await, cut, 3).await;
     let placed = wait_placed(&cluster, &ALL, SHARDS).await;
     assert_eq!(placed[&cut].1, 3, "{placed:?}");
     let healthy = *placed.iter().find(|(_, (_, l))| *l != 3).expect("a shard led by node 1 or 2").0;
 
     // Nodes 1 and 2 drop the log entries node 3 sends (they still hear it,
-    // and do not campaign): shard 1 cannot commit, the healthy shard can.
+    // and do not campaign): shard 0 cannot commit, the healthy shard can.
     for id in [1, 2] {
         cluster.client(id).await.set_faults(Vec::new(), vec![3]).await.expect("set faults");
     }
@@ -317,7 +317,7 @@ async fn a_cross_shard_write_without_a_quorum_names_the_shard_and_a_retry_applie
     let events: Vec<Event> = users.iter().map(|u| order(u, format!("e-{u}"))).collect();
     let client = cluster.client(2).await;
     let started = Instant::now();
-    let err = client.write(events.clone()).await.expect_err("shard 1 has no quorum");
+    let err = client.write(events.clone()).await.expect_err("shard 0 has no quorum");
     println!("the write failed after {:?}: {err}", started.elapsed());
     let message = err.to_string();
     assert!(message.starts_with("UNAVAILABLE: "), "retryable: {message}");
@@ -349,4 +349,13 @@ async fn a_cross_shard_write_without_a_quorum_names_the_shard_and_a_retry_applie
             assert_eq!((count, history), (1, vec![format!("e-{user}")]), "node {id}, {user}");
         }
     }
+
+    // Two nodes of three gone: no shard has a quorum. A LINEARIZABLE read
+    // of no user reads no shard, so it still answers (it used to confirm
+    // shard 0's leadership first).
+    cluster.kill(2);
+    cluster.kill(3);
+    let lone = cluster.client(1).await.without_routing();
+    let none = lone.batch_get_profiles(&[], &[], Consistency::Linearizable).await.expect("an empty batch");
+    assert!(none.profiles.is_empty(), "{none:?}");
 }

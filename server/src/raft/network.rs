@@ -939,6 +939,18 @@ mod tests {
         ) -> Result<tonic::Response<portrait_proto::v1::TransferLeaderResponse>, tonic::Status> {
             Err(tonic::Status::unimplemented("test"))
         }
+        async fn check_schema(
+            &self,
+            _: tonic::Request<portrait_proto::v1::CheckSchemaRequest>,
+        ) -> Result<tonic::Response<portrait_proto::v1::CheckSchemaResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
+        async fn read_index(
+            &self,
+            _: tonic::Request<portrait_proto::v1::ReadIndexRequest>,
+        ) -> Result<tonic::Response<portrait_proto::v1::ReadIndexResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test"))
+        }
     }
 
     #[tokio::test]

@@ -141,14 +141,8 @@ impl GroupState {
         self.engine.read().expect("engine lock").clone()
     }
 
-    /// Installs a schema and its compiled engine. Stored schemas were
-    /// validated before they were applied, so building cannot fail unless
-    /// the binary's rule language changed incompatibly.
-    pub(crate) fn set_schema(&self, schema: VersionedSchema) {
-        let engine = Engine::build(&schema.schema).unwrap_or_else(|e| {
-            tracing::error!(group = %self.gid, version = schema.version, error = %e, "stored schema does not compile; tags disabled");
-            Engine::empty()
-        });
+    /// Installs a schema and the engine compiled from it.
+    pub(crate) fn set_schema(&self, schema: VersionedSchema, engine: Engine) {
         *self.engine.write().expect("engine lock") = Arc::new(engine);
         *self.schema.write().expect("schema lock") = Arc::new(schema);
     }
@@ -267,10 +261,55 @@ impl GroupState {
             clock_ms: get(META_CLOCK)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or(0),
         };
         let cluster = get(META_CLUSTER)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or_default();
-        self.set_schema(schema);
+        // A stored schema was compiled by the build that applied it. One
+        // this build refuses (a stricter build, mid rolling upgrade) must
+        // not run as an empty engine: this replica would drop every
+        // feature and tag its ticks and re-evaluations touch while the
+        // others keep them. The group refuses to open instead (at start the
+        // node stops; after a snapshot install the group stops), as apply
+        // does when it meets such a schema in the log.
+        let engine = Engine::build(&schema.schema).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: the stored schema (version {}) does not compile with this build: {e}; run a build that \
+                 accepts it",
+                self.gid,
+                schema.version
+            )
+        })?;
+        self.set_schema(schema, engine);
         self.set_cluster(cluster);
         self.set_applied(applied);
         self.refresh_durable_clock(None);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::Schema;
+
+    #[test]
+    fn a_stored_schema_this_build_cannot_compile_refuses_to_open_rather_than_run_without_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let gid = GroupId(1);
+        // Parses, but its rule names nothing this build knows: what a
+        // stricter build makes of a schema an older one applied.
+        let schema =
+            Schema::parse("[families.browse]\nttl = \"30d\"\n\n[tags.x]\nrule = 'no_such_feature > 1'\n")
+                .expect("parses");
+        assert!(Engine::build(&schema).is_err(), "the rule must not compile");
+        let stored = VersionedSchema { version: 3, schema };
+        let raw = db.db();
+        raw.put_cf(cf(&raw, CF_META), meta(gid, META_SCHEMA), codec::encode(&stored)).unwrap();
+        let err = db.open_group(gid).err().expect("refused").to_string();
+        assert!(err.contains("the stored schema (version 3) does not compile with this build"), "{err}");
+        // A group whose stored schema compiles opens with its rules.
+        let good = VersionedSchema { version: 4, schema: Schema::default_schema() };
+        raw.put_cf(cf(&raw, CF_META), meta(gid, META_SCHEMA), codec::encode(&good)).unwrap();
+        let group = db.open_group(gid).expect("opens");
+        assert_eq!(group.schema().version, 4);
+        assert!(!group.engine().is_empty());
     }
 }

@@ -382,14 +382,14 @@ impl Applier {
                     CommandResult::SchemaApplied { version: current }
                 } else {
                     match check_schema(&toml) {
-                        Ok((schema, _)) => {
+                        Ok((schema, engine)) => {
                             let versioned = VersionedSchema { version, schema };
                             batch.put_cf(meta, &self.keys.schema, encode(&versioned));
                             // Existing users get the new rules in the background.
                             let progress = ReevalProgress { version, cursor: None, users_done: 0 };
                             batch.put_cf(meta, &self.keys.reeval, encode(&progress));
                             self.finish(db, batch, state, log_id)?;
-                            self.store.set_schema(versioned);
+                            self.store.set_schema(versioned, engine);
                             return Ok(CommandResult::SchemaApplied { version });
                         }
                         // The proposer's build accepted it (it checks before

@@ -803,6 +803,19 @@ async fn a_restore_through_the_log_replaces_the_rows_with_the_backups() {
     );
     assert_eq!(read(&written, "someone-else", T0), before, "nothing wiped");
     assert_ne!(before, ProfileView::default());
+    // Nor one whose writes were all counted as expired: their dedupe
+    // markers (and lifetime feature state) are data a Begin would wipe.
+    let mut expired_only = replica();
+    let old = event("backfilled", "browse", T0 - 200 * DAY_MS, "b1", &[]);
+    let res = apply(&mut expired_only, vec![write(1, T0, vec![vec![old.clone()]])]).await;
+    assert_eq!(counts(&res[0])[0].as_ref().map(|c| (c.applied, c.expired)), Ok((0, 1)), "{res:?}");
+    let res = apply(&mut expired_only, vec![restore(2, begin("r1"))]).await;
+    assert!(
+        matches!(&res[0], CommandResult::Rejected { reason } if reason.contains("holds data")),
+        "{res:?}"
+    );
+    let again = apply(&mut expired_only, vec![write(3, T0, vec![vec![old]])]).await;
+    assert_eq!(counts(&again[0])[0].as_ref().map(|c| c.duplicates), Ok(1), "its dedupe marker is kept");
 
     // An attempt cut short (its first chunk applied), then a new attempt:
     // its Begin wipes what the first one wrote.

@@ -312,7 +312,11 @@ impl Applier {
                     &mut batch,
                 )
                 .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
-                let stored = outcomes.iter().any(|o| matches!(o, WriteOutcome::Applied(c) if c.applied > 0));
+                // Anything written marks the shard as holding data: events
+                // counted as expired still leave dedupe markers and
+                // lifetime feature state, which a restore's range delete
+                // would wipe.
+                let stored = !batch.is_empty();
                 if stored && !self.written(db)? {
                     batch.put_cf(meta, &self.keys.written, encode(&true));
                     self.written = Some(true);

@@ -115,3 +115,58 @@ async fn a_single_node_restarted_a_year_ahead_refuses_to_stamp_and_loses_nothing
     let s = client.cluster_status().await.unwrap();
     assert!(s.logical_clock_ms > now_ms() + 86_400_000, "the confirmed time is the replicated time");
 }
+
+/// Event ids of `user`'s `contact` history as node `id` serves it locally
+/// (none: NOT_FOUND, the user has nothing live).
+async fn contact_history(cluster: &Cluster, id: u64, user: &str) -> Vec<String> {
+    let client = cluster.client(id).await.without_routing();
+    match client.get_profile(user, &["contact".to_string()], Consistency::Local).await {
+        Ok(r) => r
+            .profile
+            .unwrap_or_default()
+            .families
+            .get("contact")
+            .map_or(Vec::new(), |f| f.history.iter().map(|h| h.event_id.clone()).collect()),
+        Err(e) if code(&e) == "NOT_FOUND" => Vec::new(),
+        Err(e) => panic!("node {id}: {e}"),
+    }
+}
+
+/// Expiry on read follows the shard's logical clock when the serving
+/// node's wall clock lags it: a value that apply (and the compaction
+/// filter) already count as expired is not served by a replica whose clock
+/// is a minute behind, so replicas answer alike.
+#[tokio::test]
+async fn a_replica_whose_clock_lags_does_not_serve_what_its_shard_counts_as_expired() {
+    const CONTACT_TTL_MS: i64 = 30 * 86_400_000;
+    let cluster = Cluster::start(3).await;
+    let leader = cluster.wait_leader(&[1, 2, 3]).await;
+    let lagging = (1..=3).find(|&id| id != leader).unwrap();
+    let client = cluster.client(leader).await;
+    let expires = now_ms() + 2_000;
+    let sms = Event {
+        user_id: "short-lived".into(),
+        family: "contact".into(),
+        r#type: "sms".into(),
+        event_time_ms: expires - CONTACT_TTL_MS,
+        event_id: "s1".into(),
+        attrs: Default::default(),
+    };
+    let index = client.write(vec![sms]).await.unwrap().log_index;
+    cluster.wait_applied(lagging, index).await;
+    cluster.client(lagging).await.set_clock_offset(-60_000).await.unwrap();
+    assert_eq!(contact_history(&cluster, lagging, "short-lived").await, ["s1"], "served before it expires");
+
+    // Past the expiry, a write stamps the shard's clock beyond it.
+    tokio::time::sleep(Duration::from_millis((expires - now_ms()).max(0) as u64 + 200)).await;
+    let index = client.write(vec![browse("someone-else", "o1")]).await.unwrap().log_index;
+    for id in [leader, lagging] {
+        cluster.wait_applied(id, index).await;
+        let ids = contact_history(&cluster, id, "short-lived").await;
+        assert_eq!(ids, Vec::<String>::new(), "node {id} serves an expired value");
+        let read = cluster.client(id).await.without_routing();
+        let other = read.get_profile("someone-else", &[], Consistency::Local).await.unwrap();
+        let as_of = other.read_info.map_or(0, |i| i.as_of_ms);
+        assert!(as_of >= expires, "node {id} read as of {as_of}, before the expiry {expires}");
+    }
+}

@@ -247,7 +247,12 @@ impl Node {
         // Moved into the blocking task: a cancelled call still holds its turn
         // until its reads are done.
         let permit = READS.acquire().await.map_err(Error::internal)?;
-        let now = self.clock.now_ms();
+        // The later of this node's wall clock and the logical clock of every
+        // shard read (its leaders' stamps, which apply and the compaction
+        // filter expire values by): what a replica has already reclaimed
+        // is hidden on every replica alike, whichever one answers, however
+        // far its wall clock lags.
+        let now = parts.iter().map(|(r, _)| r.sm.clock_ms()).fold(self.clock.now_ms(), i64::max);
         let db = self.first().sm.db();
         let selection = selection.clone();
         let total: usize = parts.iter().map(|(_, users)| users.len()).sum();

@@ -33,6 +33,11 @@ impl Node {
                 .iter()
                 .map(|r| async move { self.transfer_group(r, target).await.map_err(|e| e.in_shard(r.gid)) });
             let mut answers = futures::future::try_join_all(moves).await?;
+            // Its leadership lost since it was checked, this node may lead
+            // nothing (and host no shard 0): the first group answers why.
+            if answers.is_empty() {
+                return self.transfer_group(&first, target).await;
+            }
             return Ok(answers.swap_remove(0));
         };
         if shard >= self.shards {

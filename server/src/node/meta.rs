@@ -872,7 +872,11 @@ pub(super) async fn add_to_group(
     let raft = &replica.raft;
     let added = {
         let _pass = replica.gate.pass(within).await?;
-        raft.add_learner(id, openraft::BasicNode::new(addr), false).await.map_err(client_write_error)?
+        let add = raft.add_learner(id, openraft::BasicNode::new(addr), false);
+        tokio::time::timeout(within, add)
+            .await
+            .map_err(|_| uncommitted(within))?
+            .map_err(client_write_error)?
     };
     let target = added.log_id.index;
     let matched = |m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>| {
@@ -934,7 +938,8 @@ async fn change_membership_once(
 ) -> Result<Option<u64>> {
     let result = {
         let _pass = replica.gate.pass(within).await?;
-        replica.raft.change_membership(change, false).await
+        let change = replica.raft.change_membership(change, false);
+        tokio::time::timeout(within, change).await.map_err(|_| uncommitted(within))?
     };
     match result {
         Ok(resp) => Ok(Some(resp.log_id.index)),
@@ -944,6 +949,16 @@ async fn change_membership_once(
         }
         Err(e) => Err(client_write_error(e)),
     }
+}
+
+/// A membership change not committed within `within` (the group has no
+/// quorum?): it may still commit, so the caller is told to call again.
+fn uncommitted(within: Duration) -> Error {
+    Error::Unavailable(format!(
+        "the membership change was not committed within {} s (no quorum reachable?); {OUTCOME_UNKNOWN}: call \
+         again",
+        within.as_secs()
+    ))
 }
 
 /// How soon a membership change refused because another is under way is

@@ -9,11 +9,12 @@
 //! - **As a shard's leader**: its raft membership is brought to the map's
 //!   replicas: a missing node is added as a learner, promoted to voter
 //!   once it has replicated past the leader's purged log (a snapshot still
-//!   on its way does not count) and is within [`PROMOTE_LAG`] entries of
-//!   the log's end, and only when every replica
-//!   the map wants votes are the others removed (the group never drops
-//!   below the map's replicas; a leader that is to go hands its leadership
-//!   to one of them first). The shard's schema is brought to the meta
+//!   on its way does not count), is within [`PROMOTE_LAG`] entries of
+//!   the log's end and was heard by the liveness probe lately, and only
+//!   when every replica the map wants votes, and a quorum of them is live
+//!   and caught up, are the others removed (the group never drops below
+//!   the map's replicas, nor to a quorum that needs a dead node; a leader
+//!   that is to go hands its leadership to one of them first). The shard's schema is brought to the meta
 //!   group's version through the shard's own log.
 //! - **As the meta group's leader**: placement (`ShardMap::plan_additions`)
 //!   fills shards that are short of the replication factor, and nodes of
@@ -185,8 +186,16 @@ impl Node {
             tracing::info!(group = %replica.gid, node = new, "added a learner placed by the map");
             return Ok(());
         }
-        let ready: BTreeSet<NodeId> =
-            wanted.iter().filter(|n| !voters.contains(n) && caught_up(&m, **n)).copied().collect();
+        // Heard by this node's liveness probe lately (it probes every member
+        // of the groups it hosts): a caught-up learner that has died since
+        // is not promoted, nor counted on to take over from old voters.
+        let now = std::time::Instant::now();
+        let heard = |n: &&NodeId| self.liveness.silent_for(**n, now) < SUCCESSOR_HEARD_WITHIN;
+        let ready: BTreeSet<NodeId> = wanted
+            .iter()
+            .filter(|n| !voters.contains(n) && caught_up(&m, **n) && heard(n))
+            .copied()
+            .collect();
         if !ready.is_empty() {
             let _pass = replica.gate.pass(self.write_timeout).await?;
             let change = raft.change_membership(ChangeMembers::AddVoterIds(ready.clone()), false);
@@ -205,8 +214,6 @@ impl Node {
             // Leave through a successor: one of the wanted voters leads
             // next, the first one the liveness probe hears (a successor
             // that is down would fail every pass and hold the move).
-            let now = std::time::Instant::now();
-            let heard = |n: &&NodeId| self.liveness.silent_for(**n, now) < SUCCESSOR_HEARD_WITHIN;
             let first = wanted.iter().next().expect("wanted is not empty");
             let target = *wanted.iter().find(heard).unwrap_or(first);
             let addr = map.nodes.get(&target).map(|n| n.peer_addr.clone()).unwrap_or_default();
@@ -214,6 +221,15 @@ impl Node {
         }
         let (extra_voters, extra_learners): (BTreeSet<NodeId>, BTreeSet<NodeId>) =
             extra.iter().partition(|n| voters.contains(n));
+        // Old voters go only while a quorum of the wanted ones is live and
+        // caught up: removing them when a new voter has died since its
+        // promotion would leave a configuration whose quorum needs it (with
+        // 2 replicas: none left to commit anything, the removal included).
+        let live = wanted.iter().filter(|n| **n == self.id || (heard(n) && caught_up(&m, **n))).count();
+        if !extra_voters.is_empty() && live * 2 <= wanted.len() {
+            tracing::debug!(group = %replica.gid, ?wanted, live, "old voters kept: too few wanted voters are live");
+            return Ok(());
+        }
         let change = match extra_voters.is_empty() {
             false => ChangeMembers::RemoveVoters(extra_voters),
             true => ChangeMembers::RemoveNodes(extra_learners),

@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 
 pub use parse::SchemaError;
 
-/// The schema every node starts with until one is applied.
+/// The schema every node starts with until one is applied. It is version 0
+/// of every shard, taken from the binary, not from a log: replicas on two
+/// builds whose texts differ would validate and compute differently
+/// (a rolling upgrade). Never edit it; a test pins its hash.
 pub const DEFAULT_SCHEMA_TOML: &str = include_str!("default.toml");
 
 /// One attribute family.
@@ -140,5 +143,14 @@ mod tests {
         assert_eq!(a.schema, Schema::parse(DEFAULT_SCHEMA_TOML).unwrap());
         assert_eq!(Schema::default_schema(), a.schema);
         assert_eq!(VersionedSchema::default(), *a);
+    }
+
+    /// Version 0 of every shard comes from the binary: a changed default
+    /// would make replicas on an old and a new build diverge mid-upgrade.
+    /// A new default needs a new way to reach existing clusters (applied
+    /// through the log), not an edit of this text.
+    #[test]
+    fn the_default_schema_text_never_changes() {
+        assert_eq!(xxhash_rust::xxh3::xxh3_64(DEFAULT_SCHEMA_TOML.as_bytes()), 12_064_206_509_837_863_152);
     }
 }

@@ -306,3 +306,87 @@ async fn with_replication_1_a_shard_moved_to_a_new_node_keeps_its_data() {
         assert_eq!(ids, [format!("after-{i}"), format!("before-{i}")], "{user}");
     }
 }
+
+/// Two nodes that share a shard die together: that shard has no quorum and
+/// no leader, yet both nodes are drained in the map (one after the other),
+/// so the shards that lost only one of them get their third replica back.
+/// The shard that lost two gets its new replicas once a leader can act
+/// (here never: it stays without a quorum). Its replica held back, the
+/// first drain never ended and refused the second.
+#[tokio::test]
+async fn two_nodes_dead_together_are_both_drained_though_a_shard_they_share_has_no_leader() {
+    const SHARDS: u32 = 4;
+    let config = "replication = 3\nreplica_dead_after = \"3s\"\n";
+    let mut cluster = Cluster::start_sharded_with_config(5, SHARDS, config).await;
+    let all = [1, 2, 3, 4, 5];
+    // Balanced: every node holds replicas, every shard 3 voters and a leader.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let placed = loop {
+        let placed = placement(&statuses(&cluster, &all).await);
+        let used = all.iter().filter(|n| placed.values().any(|(r, _)| r.contains(n))).count();
+        if used == all.len()
+            && placed.len() == SHARDS as usize
+            && placed.values().all(|(n, l)| n.len() == 3 && l.is_some())
+        {
+            break placed;
+        }
+        assert!(Instant::now() < deadline, "not placed on all five: {placed:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let meta_leader = cluster.client(1).await.cluster_status().await.expect("status").meta_leader_id;
+    // Two replicas of one shard, neither the meta leader (its group keeps
+    // 3 of 5 voters).
+    let (shared, dead) = placed
+        .iter()
+        .find_map(|(shard, (replicas, _))| {
+            let pair: Vec<u64> = replicas.iter().copied().filter(|&n| n != meta_leader).take(2).collect();
+            (pair.len() == 2).then(|| (*shard, pair))
+        })
+        .expect("a shard with two replicas off the meta leader");
+    let living: Vec<u64> = all.iter().copied().filter(|n| !dead.contains(n)).collect();
+    let lost_both: Vec<u32> =
+        placed.iter().filter(|(_, (r, _))| dead.iter().all(|n| r.contains(n))).map(|(s, _)| *s).collect();
+    for &n in &dead {
+        cluster.kill(n);
+    }
+    let client = cluster.client(living[0]).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let map = client.shard_map().await.expect("map");
+        let on_dead: Vec<(u32, u64)> = map
+            .shard_replicas
+            .iter()
+            .flat_map(|s| s.replicas.iter().map(move |r| (s.shard, r.node_id)))
+            .filter(|(_, n)| dead.contains(n))
+            .collect();
+        if on_dead.is_empty() {
+            let mut draining = map.draining.clone();
+            draining.sort();
+            assert_eq!(draining, dead, "both dead nodes are drained");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas still placed on the dead nodes {dead:?} (shard {shared} lost both): {on_dead:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Every shard that kept a quorum is back on 3 voters among the living.
+    assert!(lost_both.contains(&shared) && lost_both.len() < SHARDS as usize, "{lost_both:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let placed = placement(&statuses(&cluster, &living).await);
+        let short: Vec<u32> = placed
+            .iter()
+            .filter(|(s, (replicas, leader))| {
+                !lost_both.contains(s) && (replicas.len() < 3 || leader.is_none())
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        if short.is_empty() && placed.len() == SHARDS as usize {
+            break;
+        }
+        assert!(Instant::now() < deadline, "shards {short:?} not back on 3 living voters: {placed:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -184,13 +184,22 @@ impl Node {
         // vote (its node died while catching up) would wait forever: it is
         // no move under way, and its replica is moved on.
         let stalled = stalled_on_draining(&map, &statuses, &busy);
+        // A shard without a quorum of answering voters (two of its three
+        // nodes dead, say; a leader that lost its quorum may still call
+        // itself one) is drained in the map all the same: nothing moves
+        // until it has a quorum again, and then its leader follows the map
+        // (adding the new replicas before it removes the old). Held back,
+        // its replica would keep its draining node holding replicas, and
+        // that refuses every later drain: the other dead node's shards
+        // would stay short of replicas.
+        let stuck = without_quorum(&map, &statuses);
         // A drain moves at least one replica at a time, even with
         // balancing off. Only moves under way take room: a shard without a
         // leader (its nodes down) is busy, but must not hold up the drain
         // that gives the others their replicas back.
         let moving = moving_shards(&map, &statuses).saturating_sub(stalled.len());
         let room = self.max_moves.max(1).saturating_sub(moving);
-        let mut plan = map.plan_drain(&(&busy - &stalled), room);
+        let mut plan = map.plan_drain(&(&(&busy - &stalled) - &stuck), room);
         tracing::debug!(?busy, ?stalled, room, ?plan, "balance");
         if balancing && plan.is_empty() {
             plan = map.plan_moves(&busy, room);
@@ -784,6 +793,26 @@ fn stalled_on_draining(
         .collect()
 }
 
+/// Shards whose voters, as their replicas that answered report them, do
+/// not include a quorum of nodes that answered (none answered: all of
+/// them). Such a shard commits nothing, membership changes included.
+fn without_quorum(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) -> BTreeSet<u32> {
+    let answered: BTreeSet<NodeId> = statuses.iter().map(|(n, _)| *n).collect();
+    let leaders = shard_leaders(statuses);
+    (0..map.shards)
+        .filter(|k| {
+            // The leader's view of the voters, else any replica's.
+            let view = leaders
+                .get(k)
+                .copied()
+                .or_else(|| statuses.iter().flat_map(|(_, s)| s.shard_status.iter()).find(|s| s.shard == *k));
+            let Some(view) = view else { return true };
+            let live = view.voters.iter().filter(|v| answered.contains(v)).count();
+            live * 2 <= view.voters.len()
+        })
+        .collect()
+}
+
 /// Shards whose membership, as their leader reports it, is not yet the
 /// map's replicas (a change under way), or whose leader did not answer.
 fn busy_shards(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) -> BTreeSet<u32> {
@@ -1086,6 +1115,21 @@ mod tests {
         let statuses = [leading(1, 0, &[1, 2, 3]), leading(2, 1, &[1, 2, 3, 4])];
         assert_eq!(busy_shards(&map, &statuses), BTreeSet::from([1, 2, 3]));
         assert_eq!(moving_shards(&map, &statuses), 1);
+    }
+
+    #[test]
+    fn shards_without_a_quorum_of_answering_voters_are_found_whatever_their_leader_claims() {
+        let map = map_of(4, 5);
+        // Only nodes 1 and 4 answer. Shard 0: its leader lost nodes 2 and
+        // 3 (it still calls itself leader). Shard 1: 1 and 4 of 1, 4, 5.
+        // Shard 2: only a follower answers, its voters 2, 3, 4. Shard 3:
+        // nobody answers for it.
+        let mut follower = leading(4, 2, &[2, 3, 4]);
+        follower.1.shard_status[0].role = "Follower".into();
+        let mut one = leading(1, 0, &[1, 2, 3]);
+        one.1.shard_status.push(leading(1, 1, &[1, 4, 5]).1.shard_status.remove(0));
+        let statuses = [one, follower];
+        assert_eq!(without_quorum(&map, &statuses), BTreeSet::from([0, 2, 3]));
     }
 
     #[test]

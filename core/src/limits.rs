@@ -42,6 +42,11 @@ pub const MAX_FEATURES: usize = 256;
 pub const MAX_TAGS: usize = 256;
 /// Users a tick re-evaluates at most (the rest wait for the next tick).
 pub const MAX_USERS_PER_TICK: usize = 2_000;
+/// Stored (encoded) user state one tick or re-evaluation entry loads at
+/// most, counted from the stored rows (the same on every replica, so every
+/// replica stops at the same user); at least one user is taken. Decoded,
+/// the states take a small multiple of it while the entry applies.
+pub const MAX_SETTLE_BYTES_PER_ENTRY: usize = 64 * 1024 * 1024;
 /// Distinct values a `distinct_count` or `top_k` bucket tracks; past it,
 /// new values are not counted (the result saturates).
 pub const MAX_DISTINCT_PER_BUCKET: usize = 1_000;

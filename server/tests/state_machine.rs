@@ -966,3 +966,35 @@ async fn a_backup_export_names_the_schema_version_of_its_rows() {
     assert_eq!(version, 4);
     assert_eq!(meta.last_applied.map(|l| l.index), Some(1));
 }
+
+/// Re-evaluation after a schema change walks the users in entries of at
+/// most `limit`, each resuming after the last user of the one before, and
+/// ends with the entry that reaches the last user.
+#[tokio::test]
+async fn a_reevaluation_walks_the_users_in_entries_and_ends_with_the_last_user() {
+    let mut r = replica();
+    let users = ["u1", "u2", "u3", "u4"];
+    let events = users.iter().map(|u| event(u, "browse", T0, &format!("{u}-e"), &[])).collect();
+    apply(&mut r, vec![write(1, T0, vec![events])]).await;
+    let toml = portrait_server::schema::DEFAULT_SCHEMA_TOML.to_string();
+    apply(&mut r, vec![entry(2, Command::ApplySchema { stamp_ms: T0, toml, version: 1 })]).await;
+    let progress = || r.store.reeval_progress().unwrap();
+    assert_eq!(progress().map(|p| (p.version, p.cursor)), Some((1, None)));
+    let reevaluate = |index, after: Option<&str>| {
+        entry(
+            index,
+            Command::Reevaluate { stamp_ms: T0, version: 1, after: after.map(str::to_string), limit: 2 },
+        )
+    };
+    let res = apply(&mut r, vec![reevaluate(3, None)]).await;
+    assert_eq!(res, [CommandResult::Reevaluated { users: 2 }]);
+    let p = r.store.reeval_progress().unwrap().expect("more users left");
+    assert_eq!((p.cursor.as_deref(), p.users_done), (Some("u2"), 2));
+    // The last two: this entry ends it (no empty entry after it).
+    let res = apply(&mut r, vec![reevaluate(4, Some("u2"))]).await;
+    assert_eq!(res, [CommandResult::Reevaluated { users: 2 }]);
+    assert_eq!(r.store.reeval_progress().unwrap(), None);
+    // A stale proposal (the cursor moved on) is a no-op.
+    let res = apply(&mut r, vec![reevaluate(5, Some("u2"))]).await;
+    assert_eq!(res, [CommandResult::Reevaluated { users: 0 }]);
+}

@@ -20,7 +20,7 @@ use super::record::{encode_history_event_into, stored_expiry, FamilyHead};
 use super::sm_db::cf;
 use crate::engine::state::{Dirty, UserState};
 use crate::engine::Engine;
-use crate::limits::{MAX_UNDECLARED_ATTRS_PER_FAMILY, MAX_USERS_PER_TICK};
+use crate::limits::{MAX_SETTLE_BYTES_PER_ENTRY, MAX_UNDECLARED_ATTRS_PER_FAMILY, MAX_USERS_PER_TICK};
 use crate::model::{expiry, is_live, Event, WriteCounts, NEVER};
 use crate::schema::Schema;
 use crate::types::{GroupId, WriteOutcome};
@@ -377,10 +377,17 @@ pub fn apply_tick(
     batch: &mut WriteBatch,
 ) -> Result<u32, ApplyError> {
     let mut due = Vec::new();
+    let mut bytes = 0usize;
     for item in group_iter(db, gid, CF_TIMERS, None) {
         let (key, _) = item?;
         match keys::parse_timer(gid, &key) {
-            Some((t, user)) if t <= now_ms && due.len() < MAX_USERS_PER_TICK => due.push(user.to_string()),
+            Some((t, user)) if t <= now_ms && due.len() < MAX_USERS_PER_TICK => {
+                if !due.is_empty() && bytes >= MAX_SETTLE_BYTES_PER_ENTRY {
+                    break;
+                }
+                bytes += stored_state_len(db, gid, user)?;
+                due.push(user.to_string());
+            }
             _ => break,
         }
     }
@@ -394,9 +401,25 @@ pub fn apply_tick(
     Ok(due.len() as u32)
 }
 
+/// The stored size of `user`'s state row (0: none).
+fn stored_state_len(db: &DB, gid: GroupId, user: &str) -> Result<usize, ApplyError> {
+    Ok(db.get_pinned_cf(cf(db, CF_STATE), keys::state(gid, user))?.map_or(0, |v| v.len()))
+}
+
+/// What one re-evaluation entry covered.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reevaluated {
+    /// The last user covered (`None` when none were left).
+    pub last: Option<String>,
+    /// How many were covered.
+    pub users: u32,
+    /// No user is left after `last`: the re-evaluation is done.
+    pub done: bool,
+}
+
 /// Re-evaluates every tag of up to `limit` users after `after` (key order)
-/// in the `state` column family. Returns the last user covered (`None` when
-/// none were left) and how many were covered.
+/// in the `state` column family, and of fewer once their stored states
+/// reach [`MAX_SETTLE_BYTES_PER_ENTRY`].
 #[allow(clippy::too_many_arguments)]
 pub fn apply_reevaluate(
     db: &DB,
@@ -407,18 +430,21 @@ pub fn apply_reevaluate(
     after: Option<&str>,
     limit: u32,
     batch: &mut WriteBatch,
-) -> Result<(Option<String>, u32), ApplyError> {
+) -> Result<Reevaluated, ApplyError> {
     let start = keys::state(gid, after.unwrap_or_default());
     let mut users = Vec::new();
+    let (mut bytes, mut done) = (0usize, true);
     for item in group_iter(db, gid, CF_STATE, Some(&start)) {
-        let (key, _) = item?;
+        let (key, value) = item?;
         let user = keys::user_of_state(&key).unwrap_or_default();
         if after == Some(user) {
             continue;
         }
-        if users.len() >= limit as usize {
+        if users.len() >= limit as usize || (!users.is_empty() && bytes >= MAX_SETTLE_BYTES_PER_ENTRY) {
+            done = false;
             break;
         }
+        bytes += value.len();
         users.push(user.to_string());
     }
     let all = engine.all_inputs();
@@ -430,7 +456,7 @@ pub fn apply_reevaluate(
         st.finish(batch)?;
     }
     let n = users.len() as u32;
-    Ok((users.pop(), n))
+    Ok(Reevaluated { last: users.pop(), users: n, done })
 }
 
 /// Group `gid`'s rows of column family `name` in key order, from `from`

@@ -353,7 +353,7 @@ impl Applier {
                 match progress {
                     Some(p) if p.version == version && p.cursor == after => {
                         let engine = self.store.engine();
-                        let (last, n) = apply_reevaluate(
+                        let covered = apply_reevaluate(
                             db,
                             gid,
                             &mut self.cache,
@@ -364,11 +364,13 @@ impl Applier {
                             &mut batch,
                         )
                         .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
-                        if n < limit {
+                        let n = covered.users;
+                        if covered.done {
                             batch.delete_cf(meta, &self.keys.reeval);
                         } else {
+                            let cursor = covered.last;
                             let next =
-                                ReevalProgress { version, cursor: last, users_done: p.users_done + n as u64 };
+                                ReevalProgress { version, cursor, users_done: p.users_done + n as u64 };
                             batch.put_cf(meta, &self.keys.reeval, encode(&next));
                         }
                         CommandResult::Reevaluated { users: n }

@@ -253,6 +253,10 @@ pub struct Node {
     backup_slot: Arc<tokio::sync::Semaphore>,
     /// See [`NodeOptions::backup_stream_stall`].
     backup_stream_stall: Duration,
+    /// Whether the state of a dropped replica may be left on disk (a drop
+    /// cut short, or a crash in the middle of one; true at start): the
+    /// next placement pass looks for it (`node/placement.rs`).
+    drops_pending: std::sync::atomic::AtomicBool,
 }
 
 /// How long a node may not answer before the meta leader re-creates its
@@ -363,6 +367,7 @@ impl Node {
             write_timeout: Duration::from_millis(opts.tuning.write_timeout_ms),
             backup_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             backup_stream_stall: opts.backup_stream_stall,
+            drops_pending: std::sync::atomic::AtomicBool::new(true),
         });
         if opts.bootstrap {
             node.bootstrap(replication).await?;

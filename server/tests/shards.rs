@@ -105,3 +105,38 @@ async fn a_restart_with_another_number_of_shards_is_refused() {
     assert_eq!(one.client().await.cluster_status().await.unwrap().shards, 1);
     one.kill();
 }
+
+/// The state a dropped replica left behind (its raft log already gone: a
+/// drop whose state deletion was refused, or a crash between its two
+/// deletions) is deleted by the node's first placement pass after a
+/// restart; the node opens only the groups its raft log has, so nothing
+/// else would find it.
+#[tokio::test]
+async fn the_state_a_dropped_replica_left_behind_is_deleted_after_a_restart() {
+    use openraft::CommittedLeaderId;
+    use portrait_server::store::keys::{meta, CF_META, META_APPLIED};
+    use portrait_server::store::{codec, sm_db::cf, StateDb};
+    use portrait_server::types::{GroupId, LogId};
+    let mut node = TestNode::start_sharded(SHARDS).await;
+    node.stop().await;
+    // Every shard is hosted here: the left-behind state is a group above them.
+    let orphan = GroupId(SHARDS + 5);
+    {
+        let db = StateDb::open(&node.data_dir()).unwrap();
+        let raw = db.db();
+        let applied = codec::encode(&LogId::new(CommittedLeaderId::new(3, 2), 7));
+        raw.put_cf(cf(&raw, CF_META), meta(orphan, META_APPLIED), applied).unwrap();
+        db.persist().unwrap();
+        assert!(db.groups_with_state().unwrap().contains(&orphan));
+    }
+    node.restart().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !node.log().contains("deleted the state a dropped replica left") {
+        assert!(std::time::Instant::now() < deadline, "never deleted:\n{}", node.log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    node.stop().await;
+    let groups = StateDb::open(&node.data_dir()).unwrap().groups_with_state().unwrap();
+    assert!(!groups.contains(&orphan), "{groups:?}");
+    assert!((0..SHARDS).all(|s| groups.contains(&GroupId(s))), "the node's shards keep theirs: {groups:?}");
+}

@@ -122,6 +122,45 @@ impl Node {
                 self.drop_replica(replica).await;
             }
         }
+        if self.drops_pending.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            self.finish_drops();
+        }
+    }
+
+    /// Deletes the state left on disk by replicas whose raft log is gone (a
+    /// drop whose state deletion was refused, say while a backup export
+    /// held the replica, or a crash between its two deletions): nothing
+    /// else would, since a node opens only the groups its raft log has.
+    /// A state still in use is tried again at the next pass.
+    fn finish_drops(&self) {
+        let leftover = || -> anyhow::Result<Vec<GroupId>> {
+            let logged: BTreeSet<GroupId> = self.log_engine.groups()?.into_iter().collect();
+            let states = self.state_db.groups_with_state()?;
+            Ok(states
+                .into_iter()
+                .filter(|g| *g != GroupId::META && !logged.contains(g) && self.registry.get(*g).is_none())
+                .collect())
+        };
+        let gids = match leftover() {
+            Ok(gids) => gids,
+            Err(e) => {
+                tracing::warn!(error = %e, "looking for the state of dropped replicas");
+                self.drops_pending.store(true, std::sync::atomic::Ordering::Release);
+                return;
+            }
+        };
+        for gid in gids {
+            match self.state_db.drop_group(gid) {
+                Ok(()) => {
+                    let _ = std::fs::remove_dir_all(self.data_dir.join("snapshots").join(gid.dir_name()));
+                    tracing::info!(group = %gid, "deleted the state a dropped replica left");
+                }
+                Err(e) => {
+                    tracing::debug!(group = %gid, error = %e, "the state a dropped replica left: not yet");
+                    self.drops_pending.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+        }
     }
 
     /// Opens a replica of every shard the map places here. While this node
@@ -393,7 +432,11 @@ impl Node {
         }
         match result {
             Ok(()) => tracing::info!(group = %gid, "dropped a replica the map no longer places here"),
-            Err(e) => tracing::warn!(group = %gid, error = %e, "dropping a removed replica"),
+            Err(e) => {
+                // Its log dropped, the state is left to the next passes.
+                tracing::warn!(group = %gid, error = %e, "dropping a removed replica: its state is retried");
+                self.drops_pending.store(true, std::sync::atomic::Ordering::Release);
+            }
         }
     }
 

@@ -13,7 +13,7 @@
 //!   (wiped only if that archive is gone or bad).
 //! - Data dirs of the single-group layout (`<data>/sm`) are refused.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -178,6 +178,24 @@ impl StateDb {
         self.persist()?;
         self.clocks.set(gid, i64::MIN);
         Ok(())
+    }
+
+    /// The groups (the meta group too) that have an applied state in this
+    /// database (an `applied` key in `meta`).
+    pub fn groups_with_state(&self) -> anyhow::Result<BTreeSet<GroupId>> {
+        let mut opts = ReadOptions::default();
+        opts.set_total_order_seek(true);
+        let mut found = BTreeSet::new();
+        for item in self.db.iterator_cf_opt(cf(&self.db, CF_META), opts, IteratorMode::Start) {
+            let (key, _) = item?;
+            let gid = group_of(&key).filter(|g| valid_group(*g));
+            if let Some(gid) = gid.filter(|_| key.len() == GROUP_PREFIX_LEN + META_APPLIED.len()) {
+                if key.ends_with(META_APPLIED) {
+                    found.insert(gid);
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// The logical size of each of groups `gids`: the bytes of its keys

@@ -143,7 +143,9 @@ async fn a_replica_whose_clock_lags_does_not_serve_what_its_shard_counts_as_expi
     let leader = cluster.wait_leader(&[1, 2, 3]).await;
     let lagging = (1..=3).find(|&id| id != leader).unwrap();
     let client = cluster.client(leader).await;
-    let expires = now_ms() + 2_000;
+    // Time enough for the write, the apply and the first read on a loaded
+    // machine before it expires.
+    let expires = now_ms() + 6_000;
     let sms = Event {
         user_id: "short-lived".into(),
         family: "contact".into(),

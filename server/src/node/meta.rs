@@ -197,7 +197,9 @@ impl Node {
         // balancing off. Only moves under way take room: a shard without a
         // leader (its nodes down) is busy, but must not hold up the drain
         // that gives the others their replicas back.
-        let moving = moving_shards(&map, &statuses).saturating_sub(stalled.len());
+        // Nor does a shard without a quorum: its membership cannot change
+        // until it has one, and it would hold the room for good.
+        let moving = moving_shards(&map, &statuses, &(&stalled | &stuck));
         let room = self.max_moves.max(1).saturating_sub(moving);
         let mut plan = map.plan_drain(&(&(&busy - &stalled) - &stuck), room);
         tracing::debug!(?busy, ?stalled, room, ?plan, "balance");
@@ -765,10 +767,10 @@ fn shard_leaders(statuses: &[(NodeId, ClusterStatusResponse)]) -> BTreeMap<u32, 
 }
 
 /// How many shards have a leader that answers and a membership that is not
-/// the map's yet: the moves under way.
-fn moving_shards(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) -> usize {
+/// the map's yet, besides those in `not`: the moves under way.
+fn moving_shards(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)], not: &BTreeSet<u32>) -> usize {
     let led: BTreeSet<u32> = shard_leaders(statuses).into_keys().collect();
-    busy_shards(map, statuses).intersection(&led).count()
+    busy_shards(map, statuses).intersection(&led).filter(|s| !not.contains(s)).count()
 }
 
 /// Of the `busy` shards, those (with a leader that answers) whose replicas in the map on
@@ -801,11 +803,14 @@ fn without_quorum(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) 
     let leaders = shard_leaders(statuses);
     (0..map.shards)
         .filter(|k| {
-            // The leader's view of the voters, else any replica's.
-            let view = leaders
-                .get(k)
-                .copied()
-                .or_else(|| statuses.iter().flat_map(|(_, s)| s.shard_status.iter()).find(|s| s.shard == *k));
+            // The leader's view of the voters, else any replica's that has
+            // one (a replica its leader has not added yet reports none).
+            let view = leaders.get(k).copied().filter(|s| !s.voters.is_empty()).or_else(|| {
+                statuses
+                    .iter()
+                    .flat_map(|(_, s)| s.shard_status.iter())
+                    .find(|s| s.shard == *k && !s.voters.is_empty())
+            });
             let Some(view) = view else { return true };
             let live = view.voters.iter().filter(|v| answered.contains(v)).count();
             live * 2 <= view.voters.len()
@@ -984,9 +989,9 @@ async fn change_membership_once(
 /// quorum?): it may still commit, so the caller is told to call again.
 fn uncommitted(within: Duration) -> Error {
     Error::Unavailable(format!(
-        "the membership change was not committed within {} s (no quorum reachable?); {OUTCOME_UNKNOWN}: call \
+        "the membership change was not committed within {} ms (no quorum reachable?); {OUTCOME_UNKNOWN}: call \
          again",
-        within.as_secs()
+        within.as_millis()
     ))
 }
 
@@ -1114,7 +1119,8 @@ mod tests {
         // and 3 with no leader answering.
         let statuses = [leading(1, 0, &[1, 2, 3]), leading(2, 1, &[1, 2, 3, 4])];
         assert_eq!(busy_shards(&map, &statuses), BTreeSet::from([1, 2, 3]));
-        assert_eq!(moving_shards(&map, &statuses), 1);
+        assert_eq!(moving_shards(&map, &statuses, &BTreeSet::new()), 1);
+        assert_eq!(moving_shards(&map, &statuses, &BTreeSet::from([1])), 0);
     }
 
     #[test]
@@ -1130,6 +1136,13 @@ mod tests {
         one.1.shard_status.push(leading(1, 1, &[1, 4, 5]).1.shard_status.remove(0));
         let statuses = [one, follower];
         assert_eq!(without_quorum(&map, &statuses), BTreeSet::from([0, 2, 3]));
+        // A replica not yet added reports no voters: it says nothing.
+        let mut new = leading(4, 1, &[]);
+        new.1.shard_status[0].role = "Follower".into();
+        let mut two = leading(2, 1, &[2, 4, 5]);
+        two.1.shard_status[0].role = "Follower".into();
+        assert_eq!(without_quorum(&map, &[new.clone(), two]), BTreeSet::from([0, 2, 3]));
+        assert!(without_quorum(&map, &[new]).contains(&1));
     }
 
     #[test]

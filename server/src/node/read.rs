@@ -249,9 +249,9 @@ impl Node {
         let permit = READS.acquire().await.map_err(Error::internal)?;
         // The later of this node's wall clock and the logical clock of every
         // shard read (its leaders' stamps, which apply and the compaction
-        // filter expire values by): what a replica has already reclaimed
-        // is hidden on every replica alike, whichever one answers, however
-        // far its wall clock lags.
+        // filter expire values by): what a replica at the same applied
+        // index has already reclaimed is hidden here too, however far this
+        // node's wall clock lags.
         let now = parts.iter().map(|(r, _)| r.sm.clock_ms()).fold(self.clock.now_ms(), i64::max);
         let db = self.first().sm.db();
         let selection = selection.clone();

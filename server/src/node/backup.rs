@@ -423,6 +423,17 @@ impl Node {
     }
 }
 
+/// Asks the node at peer address `addr` for shard `shard`'s read index
+/// (`Raft.ReadIndex`); the error says why not (not the leader, no quorum,
+/// unreachable).
+async fn peer_read_index(addr: &str, shard: u32, within: Duration) -> std::result::Result<u64, String> {
+    let endpoint = crate::tls::peer_endpoint(addr).map_err(|e| e.to_string())?;
+    let channel =
+        endpoint.connect_timeout(within).timeout(within).connect().await.map_err(|e| e.to_string())?;
+    let reply = RaftClient::new(channel).read_index(ReadIndexRequest { group: shard }).await;
+    reply.map(|r| r.into_inner().index).map_err(|s| s.message().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,15 +446,4 @@ mod tests {
         let err = free_bytes(&dir.path().join("missing")).expect_err("no such path");
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
     }
-}
-
-/// Asks the node at peer address `addr` for shard `shard`'s read index
-/// (`Raft.ReadIndex`); the error says why not (not the leader, no quorum,
-/// unreachable).
-async fn peer_read_index(addr: &str, shard: u32, within: Duration) -> std::result::Result<u64, String> {
-    let endpoint = crate::tls::peer_endpoint(addr).map_err(|e| e.to_string())?;
-    let channel =
-        endpoint.connect_timeout(within).timeout(within).connect().await.map_err(|e| e.to_string())?;
-    let reply = RaftClient::new(channel).read_index(ReadIndexRequest { group: shard }).await;
-    reply.map(|r| r.into_inner().index).map_err(|s| s.message().to_string())
 }

@@ -340,7 +340,7 @@ async fn two_nodes_dead_together_are_both_drained_though_a_shard_they_share_has_
         .iter()
         .find_map(|(shard, (replicas, _))| {
             let pair: Vec<u64> = replicas.iter().copied().filter(|&n| n != meta_leader).take(2).collect();
-            (pair.len() == 2).then(|| (*shard, pair))
+            (pair.len() == 2).then_some((*shard, pair))
         })
         .expect("a shard with two replicas off the meta leader");
     let living: Vec<u64> = all.iter().copied().filter(|n| !dead.contains(n)).collect();

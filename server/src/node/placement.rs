@@ -14,8 +14,9 @@
 //!   when every replica the map wants votes, and a quorum of them is live
 //!   and caught up, are the others removed (the group never drops below
 //!   the map's replicas, nor to a quorum that needs a dead node; a leader
-//!   that is to go hands its leadership to one of them first). The shard's schema is brought to the meta
-//!   group's version through the shard's own log.
+//!   that is to go hands its leadership to one of them first). The
+//!   shard's schema is brought to the meta group's version through the
+//!   shard's own log.
 //! - **As the meta group's leader**: placement (`ShardMap::plan_additions`)
 //!   fills shards that are short of the replication factor, and nodes of
 //!   the map that only learn the meta group are promoted to its voters

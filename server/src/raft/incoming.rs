@@ -9,6 +9,10 @@ use std::sync::Mutex;
 
 use crate::store::checksum::TrailerCheck;
 
+/// What a refused snapshot's error says: the sender reads it to check its
+/// archive again (`raft/network.rs`).
+pub const DAMAGED_ARCHIVE: &str = "the archive's checksum does not match";
+
 /// One group's snapshot being received.
 #[derive(Default)]
 pub struct IncomingSnapshot(Mutex<Option<Receiving>>);
@@ -44,8 +48,8 @@ impl IncomingSnapshot {
         check.update(data);
         if done && !check.is_intact() {
             return Err(format!(
-                "snapshot {id}: the archive's checksum does not match its {} bytes (damaged on the sender's \
-                 disk or in transit); refused before install, this replica is unchanged",
+                "snapshot {id}: {DAMAGED_ARCHIVE} its {} bytes (damaged on the sender's disk or in transit); \
+                 refused before install, this replica is unchanged",
                 offset + data.len() as u64
             ));
         }

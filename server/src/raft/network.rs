@@ -395,6 +395,11 @@ pub struct SnapshotCheck {
 }
 
 impl SnapshotCheck {
+    /// The archive found sound is to be read again before it is sent.
+    fn forget_sound(&self) {
+        *self.sound.lock().expect("snapshot check lock") = None;
+    }
+
     /// Whether a new snapshot should be built (once per request).
     pub fn take_rebuild(&self) -> bool {
         self.rebuild.swap(false, Ordering::Relaxed)
@@ -626,6 +631,13 @@ impl RaftNetwork<TypeConfig> for Peer {
         let sent = Chunked::send_snapshot(self, vote, snapshot, closed(rx), option).await;
         drop(turn);
         watcher.abort();
+        // The follower found the archive damaged (on this disk since it
+        // was checked, say): it is checked again before the next send,
+        // which then has a new snapshot built instead of sending it again
+        // and again.
+        if matches!(&sent, Err(e) if e.to_string().contains(super::incoming::DAMAGED_ARCHIVE)) {
+            self.snapshots.forget_sound();
+        }
         sent
     }
 

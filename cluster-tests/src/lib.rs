@@ -317,13 +317,19 @@ impl Cluster {
     /// init` and talks to its peers over mutual TLS; [`Cluster::client`]
     /// trusts the client CA. [`Cluster::certs`] has the files.
     pub async fn start_tls(n: u64, shards: u32) -> Cluster {
-        Cluster::launch_with(n, None, false, shards, true).await
+        Cluster::launch_with(n, None, false, shards, true, None).await
     }
 
     /// Like [`Cluster::start_tls`], each node with this `portraitd` config
     /// file.
     pub async fn start_tls_with_config(n: u64, shards: u32, config: &str) -> Cluster {
-        Cluster::launch_with(n, Some(config), false, shards, true).await
+        Cluster::launch_with(n, Some(config), false, shards, true, None).await
+    }
+
+    /// Like [`Cluster::start_sharded`], with a fault-injection marker file
+    /// `file` in node `id`'s data dir before it first starts.
+    pub async fn start_sharded_with_marker(n: u64, shards: u32, id: u64, file: &str) -> Cluster {
+        Cluster::launch_with(n, None, false, shards, false, Some((id, file))).await
     }
 
     /// The certificates of a [`Cluster::start_tls`] cluster.
@@ -332,10 +338,17 @@ impl Cluster {
     }
 
     async fn launch(n: u64, config: Option<&str>, proxied: bool, shards: u32) -> Cluster {
-        Cluster::launch_with(n, config, proxied, shards, false).await
+        Cluster::launch_with(n, config, proxied, shards, false, None).await
     }
 
-    async fn launch_with(n: u64, config: Option<&str>, proxied: bool, shards: u32, tls: bool) -> Cluster {
+    async fn launch_with(
+        n: u64,
+        config: Option<&str>,
+        proxied: bool,
+        shards: u32,
+        tls: bool,
+        marker: Option<(u64, &str)>,
+    ) -> Cluster {
         let owners = Owners::default();
         let mut nodes: Vec<NodeProc> = (1..=n)
             .map(|id| NodeProc::new(id, config.map(str::to_string), Vec::new(), owners.clone(), shards))
@@ -357,6 +370,11 @@ impl Cluster {
                 let target = format!("127.0.0.1:{}", node.peer_port).parse().unwrap();
                 node.proxy = Some(Proxy::start(target, owners.clone()));
             }
+        }
+        if let Some((id, file)) = marker {
+            let dir = nodes[id as usize - 1].data_dir();
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(file), "1").unwrap();
         }
         for node in &mut nodes {
             node.spawn(node.id == 1);

@@ -172,3 +172,21 @@ async fn shards_live_on_three_of_five_nodes_and_a_removed_node_is_replaced() {
     }
     println!("node 2 dropped its replicas {:?} after its removal", started.elapsed());
 }
+
+/// A cluster whose creation was cut short (node 1 killed between creating
+/// the map and creating its shards, its placement pass not yet run, here
+/// held by a fault-injection marker) is joined: `AddNode` creates the
+/// shards first. Before, the map then had two nodes, the shards were never
+/// initialized, and the new nodes' replicas waited for a leader forever.
+#[tokio::test]
+async fn a_node_joining_a_cluster_whose_creation_was_cut_short_finds_its_shards_created() {
+    let cluster = Cluster::start_sharded_with_marker(3, SHARDS, 1, "fault-hold-hosting").await;
+    std::fs::remove_file(cluster.node(1).data_dir().join("fault-hold-hosting")).unwrap();
+    let all = [1, 2, 3];
+    let placed = wait_placed(&cluster, &all).await;
+    let users: Vec<String> = (0..24).map(|i| format!("user-{i}")).collect();
+    let events: Vec<Event> = users.iter().map(|u| visit(u, "first")).collect();
+    let written = cluster.client(2).await.write(events).await.expect("write across shards");
+    assert_eq!(written.applied, users.len() as u32, "{written:?}");
+    check_replicas(&cluster, &placed, &users, "first").await;
+}

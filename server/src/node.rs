@@ -257,6 +257,10 @@ pub struct Node {
     /// cut short, or a crash in the middle of one; true at start): the
     /// next placement pass looks for it (`node/placement.rs`).
     drops_pending: std::sync::atomic::AtomicBool,
+    /// Held while replicas the map places here are opened (`host`): the
+    /// placement pass and an `AddNode` that finishes a cluster's creation
+    /// never open the same replica twice.
+    hosting: tokio::sync::Mutex<()>,
 }
 
 /// How long a node may not answer before the meta leader re-creates its
@@ -368,6 +372,7 @@ impl Node {
             backup_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             backup_stream_stall: opts.backup_stream_stall,
             drops_pending: std::sync::atomic::AtomicBool::new(true),
+            hosting: tokio::sync::Mutex::default(),
         });
         if opts.bootstrap {
             node.bootstrap(replication).await?;
@@ -382,8 +387,9 @@ impl Node {
     /// A new single node creates the cluster: the meta group with itself
     /// as its voter, the map (every shard on this node), then the shards
     /// (`host`, as the placement task does). A start interrupted part way
-    /// is finished by the next: the map is created if missing, and shards
-    /// placed only here that were never initialized are created.
+    /// is finished by the next placement pass or `AddNode`, whichever
+    /// comes first: the map is created if missing, and shards placed only
+    /// here that were never initialized are created.
     async fn bootstrap(&self, replication: u32) -> anyhow::Result<()> {
         let me = BTreeMap::from([(self.id, BasicNode::new(&self.peer_advertise))]);
         if !self.meta.raft.is_initialized().await? {
@@ -392,6 +398,9 @@ impl Node {
             return Ok(());
         }
         self.create_cluster(self.shards, replication).await?;
+        if self.hosting_held() {
+            return Ok(());
+        }
         // The new map places every shard here alone: opening them creates them.
         if let Some(map) = self.cluster().map.as_ref() {
             self.host(map).await?;

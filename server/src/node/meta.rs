@@ -367,6 +367,20 @@ impl Node {
         }
         self.lead_meta()?;
         let map = self.cluster().map.clone().ok_or_else(not_created)?;
+        if map.nodes.len() == 1 && map.nodes.contains_key(&self.id) {
+            // A cluster whose creation was cut short (killed between the
+            // map and its shards) creates its shards here first: once a
+            // second node is in the map, a shard never initialized would
+            // never be (`host`), and the new node's replicas would wait
+            // for a leader forever.
+            self.host(&map).await.map_err(|e| {
+                Error::Unavailable(format!(
+                    "node {} has not finished creating the cluster's shards ({e}); nothing was changed, \
+                     call again",
+                    self.id
+                ))
+            })?;
+        }
         // Raft keeps a member's address once added: an address change
         // would leave the groups dialing the old one.
         let member = self.meta.raft.metrics().borrow().membership_config.membership().get_node(&id).cloned();

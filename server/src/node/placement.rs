@@ -56,6 +56,10 @@ const PROMOTE_LAG: u64 = 1_000;
 /// answered the liveness probe this recently.
 const SUCCESSOR_HEARD_WITHIN: Duration = Duration::from_secs(3);
 
+/// See [`Node::hosting_held`].
+#[cfg(feature = "fault-injection")]
+pub const HOLD_HOSTING_MARKER: &str = "fault-hold-hosting";
+
 /// Runs until `stop` turns true (or the node is gone).
 pub(super) async fn run(node: Weak<Node>, mut stop: watch::Receiver<bool>) {
     let Some(mut changes) = node.upgrade().map(|n| n.meta.sm.watch_cluster()) else { return };
@@ -78,7 +82,9 @@ impl Node {
     async fn follow_map(&self) {
         let cluster = self.cluster();
         let Some(map) = cluster.map.as_ref() else { return };
-        if let Err(e) = self.host(map).await {
+        if self.hosting_held() {
+            tracing::debug!("hosting held by fault injection");
+        } else if let Err(e) = self.host(map).await {
             tracing::warn!(error = %e, "opening the replicas the map places here");
         }
         if self.meta.is_leader() {
@@ -173,6 +179,7 @@ impl Node {
     /// fails to open does not keep the others from opening; the error
     /// names every shard that failed (tried again on the next pass).
     pub(super) async fn host(&self, map: &ShardMap) -> anyhow::Result<()> {
+        let _one = self.hosting.lock().await;
         let creating = map.nodes.len() == 1 && map.nodes.contains_key(&self.id);
         let mut failed = Vec::new();
         for shard in map.hosted_by(self.id) {
@@ -185,6 +192,20 @@ impl Node {
             true => Ok(()),
             false => Err(anyhow::anyhow!("{} replicas did not open: {}", failed.len(), failed.join("; "))),
         }
+    }
+
+    /// Fault injection (the `fault-injection` build only): while a file
+    /// [`HOLD_HOSTING_MARKER`] is in the data dir, neither the bootstrap
+    /// nor the placement pass opens replicas, as when a node was killed
+    /// between creating the map and creating its shards and its first
+    /// placement pass has not run yet. `AddNode` still finishes the
+    /// creation.
+    pub(super) fn hosting_held(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        if self.fault_injection && self.data_dir.join(HOLD_HOSTING_MARKER).exists() {
+            return true;
+        }
+        false
     }
 
     /// Opens this node's replica of `gid` (unless open) and, when this

@@ -278,7 +278,7 @@ impl Node {
             let first = wanted.iter().next().expect("wanted is not empty");
             let target = *wanted.iter().find(heard).unwrap_or(first);
             let addr = map.nodes.get(&target).map(|n| n.peer_addr.clone()).unwrap_or_default();
-            return replica.transfer.run(target, &addr).await;
+            return replica.transfer.hand_over(target, &addr).await;
         }
         let (extra_voters, extra_learners): (BTreeSet<NodeId>, BTreeSet<NodeId>) =
             extra.iter().partition(|n| voters.contains(n));

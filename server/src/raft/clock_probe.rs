@@ -184,7 +184,7 @@ impl ClockProbe {
         if let Some((id, addr)) = target {
             let group = replica.gid;
             tracing::warn!(target = id, %group, "clock off its peers: handing leadership over");
-            if let Err(e) = replica.transfer.run(*id, addr).await {
+            if let Err(e) = replica.transfer.hand_over(*id, addr).await {
                 tracing::warn!(target = id, %group, error = %e, "handing leadership over failed; will retry");
             }
         }

@@ -69,6 +69,44 @@ pub struct LeaderTransfer {
     blocked: Blocked,
     tuning: RaftTuning,
     running: tokio::sync::Mutex<()>,
+    /// Paces the handovers the node starts ([`LeaderTransfer::hand_over`]).
+    pacing: std::sync::Mutex<Pacing>,
+}
+
+/// After a failed handover, placement waits this long before the next
+/// (doubling per failure up to [`HANDOVER_BACKOFF_MAX`]): a failure past
+/// step 3 has paused the group's writes for up to several seconds, and the
+/// placement pass comes every 250 ms.
+const HANDOVER_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const HANDOVER_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Consecutive failed handovers and when the next may start.
+#[derive(Debug, Default)]
+struct Pacing {
+    failures: u32,
+    next: Option<std::time::Instant>,
+}
+
+impl Pacing {
+    /// Whether a handover may start at `now`; if not, how long until it may.
+    fn ready(&self, now: std::time::Instant) -> std::result::Result<(), Duration> {
+        match self.next {
+            Some(next) if next > now => Err(next - now),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a handover's outcome at `now`.
+    fn record(&mut self, ok: bool, now: std::time::Instant) {
+        if ok {
+            *self = Pacing::default();
+            return;
+        }
+        self.failures = self.failures.saturating_add(1);
+        let doublings = self.failures.saturating_sub(1).min(16);
+        let wait = HANDOVER_BACKOFF_MIN.saturating_mul(1 << doublings).min(HANDOVER_BACKOFF_MAX);
+        self.next = Some(now + wait);
+    }
 }
 
 impl LeaderTransfer {
@@ -82,7 +120,27 @@ impl LeaderTransfer {
         tuning: RaftTuning,
     ) -> Self {
         let running = tokio::sync::Mutex::new(());
-        LeaderTransfer { me, group, raft, gate, heartbeats, blocked, tuning, running }
+        let pacing = std::sync::Mutex::default();
+        LeaderTransfer { me, group, raft, gate, heartbeats, blocked, tuning, running, pacing }
+    }
+
+    /// A handover the node starts on its own (placement: this leader is
+    /// leaving the group; the clock probe: its clock is off its peers'):
+    /// [`LeaderTransfer::run`], unless the last one failed lately. After a
+    /// failure the next waits 1 s, doubling per failure up to 30 s
+    /// (UNAVAILABLE meanwhile); an operator's `TransferLeader` is not paced.
+    pub async fn hand_over(&self, target: NodeId, addr: &str) -> Result<()> {
+        let now = std::time::Instant::now();
+        if let Err(wait) = self.pacing.lock().expect("pacing").ready(now) {
+            return Err(Error::Unavailable(format!(
+                "the last handover of {} failed; the next is tried in {} ms",
+                self.group,
+                wait.as_millis()
+            )));
+        }
+        let outcome = self.run(target, addr).await;
+        self.pacing.lock().expect("pacing").record(outcome.is_ok(), std::time::Instant::now());
+        outcome
     }
 
     /// Moves leadership from this node (the leader) to voter `target` at
@@ -257,6 +315,30 @@ async fn watch<T>(raft: &Raft, within: Duration, mut check: impl FnMut(&Metrics)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_handovers_back_off_doubling_to_a_cap_and_a_success_resets_the_pace() {
+        let t0 = std::time::Instant::now();
+        let mut p = Pacing::default();
+        assert_eq!(p.ready(t0), Ok(()));
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            p.record(false, t0);
+            waits.push(p.ready(t0).unwrap_err().as_secs());
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30]);
+        assert!(p.ready(t0 + Duration::from_secs(29)).is_err());
+        assert_eq!(p.ready(t0 + Duration::from_secs(30)), Ok(()));
+        p.record(true, t0);
+        assert_eq!(p.ready(t0), Ok(()));
+        p.record(false, t0);
+        assert_eq!(p.ready(t0).unwrap_err(), Duration::from_secs(1));
+        // Many failures never overflow the shift.
+        for _ in 0..100 {
+            p.record(false, t0);
+        }
+        assert_eq!(p.ready(t0).unwrap_err(), HANDOVER_BACKOFF_MAX);
+    }
 
     #[test]
     fn quiet_time_falls_between_lease_expiry_and_the_first_follower_election() {

@@ -184,4 +184,18 @@ async fn a_node_is_added_only_under_its_own_id_and_addresses() {
     // Nothing changed; under its own id it is added.
     let r = client.add_node(spare, &addr, &peer, false).await.expect("its own id");
     assert_eq!(r.members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [1, 2, 3, spare]);
+
+    // With two of the meta group's four voters gone, adding another node
+    // cannot commit: refused within the write timeout (5 s), not after
+    // the 120 s a node is given to catch up, while holding the meta
+    // group's proposal gate (which a leadership transfer waits for).
+    let late = cluster.spawn_node().await;
+    cluster.kill(2);
+    cluster.kill(3);
+    let (addr, peer) = (cluster.node(late).endpoint(), cluster.node(late).advertised());
+    let started = Instant::now();
+    let e = client.add_node(late, &addr, &peer, false).await.expect_err("no quorum");
+    assert_eq!(code(&e), Some("UNAVAILABLE"), "{e}");
+    assert!(e.to_string().contains("was not committed within 5000 ms"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(20), "refused after {:?}", started.elapsed());
 }

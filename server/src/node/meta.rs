@@ -412,8 +412,9 @@ impl Node {
         // A learner first: it is promoted only once the map records its
         // data dir, so every raft message that could count its vote is
         // checked against that data dir.
-        let mut index =
-            add_to_group(&self.meta, id, &peer_addr, true, FOLLOW_TIMEOUT).await.map_err(in_meta)?;
+        let mut index = add_to_group(&self.meta, id, &peer_addr, true, self.write_timeout, FOLLOW_TIMEOUT)
+            .await
+            .map_err(in_meta)?;
         if learner_only {
             return Ok(index);
         }
@@ -437,9 +438,10 @@ impl Node {
             // Within the cap again: another AddNode (or the voter upkeep)
             // may have promoted a node meanwhile. Past it the node stays a
             // learner, and the upkeep promotes it once there is room.
-            index = promote_in_group(&self.meta, id, Some(MAX_META_VOTERS), FOLLOW_TIMEOUT)
-                .await
-                .map_err(in_meta)?;
+            index =
+                promote_in_group(&self.meta, id, Some(MAX_META_VOTERS), self.write_timeout, FOLLOW_TIMEOUT)
+                    .await
+                    .map_err(in_meta)?;
         }
         self.place().await?;
         self.wait_followed(&format!("placing replicas on node {id}")).await?;
@@ -907,23 +909,26 @@ async fn peer_balance_leader(addr: &str, request: BalanceLeaderRequest) -> std::
 /// Adds `id` to one group (a no-op where it is already what is asked): a
 /// learner that catches up, then (unless `learner_only`) a voter. Returns
 /// the group's last membership log index. Each change is proposed under a
-/// pass of the group's gate, but the wait for the learner to catch up
-/// holds none: a node that cannot be reached never catches up, and a
-/// leadership transfer (which waits for the passes) must not wait on it.
+/// pass of the group's gate and must commit within `commit_within` (the
+/// write timeout: a leadership transfer waits for the passes, and a group
+/// without a quorum must not hold it for the whole call); the wait for the
+/// learner to catch up (up to `within`) holds none: a node that cannot be
+/// reached never catches up.
 pub(super) async fn add_to_group(
     replica: &Replica,
     id: NodeId,
     addr: &str,
     learner_only: bool,
+    commit_within: Duration,
     within: Duration,
 ) -> Result<u64> {
     let raft = &replica.raft;
     let added = {
-        let _pass = replica.gate.pass(within).await?;
+        let _pass = replica.gate.pass(commit_within).await?;
         let add = raft.add_learner(id, openraft::BasicNode::new(addr), false);
-        tokio::time::timeout(within, add)
+        tokio::time::timeout(commit_within, add)
             .await
-            .map_err(|_| uncommitted(within))?
+            .map_err(|_| uncommitted(commit_within))?
             .map_err(client_write_error)?
     };
     let target = added.log_id.index;
@@ -943,18 +948,20 @@ pub(super) async fn add_to_group(
     if learner_only {
         return Ok(target);
     }
-    promote_in_group(replica, id, None, within).await
+    promote_in_group(replica, id, None, commit_within, within).await
 }
 
 /// Makes member `id` of one group a voter (a no-op where it is one), unless
 /// the group already has `max_voters` voters: then it stays a learner.
 /// Returns the group's last membership log index. Another membership
 /// change under way (the meta leader's own voter upkeep may promote the
-/// same node) is waited out, within `within`, and the count read again.
+/// same node) is waited out, within `within`, and the count read again;
+/// each change must commit within `commit_within`.
 pub(super) async fn promote_in_group(
     replica: &Replica,
     id: NodeId,
     max_voters: Option<usize>,
+    commit_within: Duration,
     within: Duration,
 ) -> Result<u64> {
     let deadline = tokio::time::Instant::now() + within;
@@ -968,7 +975,7 @@ pub(super) async fn promote_in_group(
             return Ok(config.log_id().map_or(0, |l| l.index));
         }
         let voters = openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id]));
-        if let Some(index) = change_membership_once(replica, voters, within, deadline).await? {
+        if let Some(index) = change_membership_once(replica, voters, commit_within, deadline).await? {
             return Ok(index);
         }
     }

@@ -23,6 +23,12 @@ pub struct ElectSwitch {
     timer: Arc<AtomicBool>,
     clock_ok: Arc<AtomicBool>,
     faults_ok: Arc<AtomicBool>,
+    /// Held while the flags are read and openraft's switch set: two
+    /// callers changing different flags at once would otherwise set the
+    /// switch in the other order than they read the flags, and the last
+    /// word could be a stale one (the timer left on for a quiet follower,
+    /// or campaigning allowed with the clock off).
+    applying: Arc<std::sync::Mutex<()>>,
 }
 
 impl ElectSwitch {
@@ -32,6 +38,7 @@ impl ElectSwitch {
             timer: Arc::new(AtomicBool::new(timer)),
             clock_ok: Arc::new(AtomicBool::new(true)),
             faults_ok: Arc::new(AtomicBool::new(true)),
+            applying: Arc::default(),
         };
         switch.apply();
         switch
@@ -64,6 +71,7 @@ impl ElectSwitch {
     }
 
     fn apply(&self) {
+        let _one = self.applying.lock().unwrap_or_else(|e| e.into_inner());
         self.raft.runtime_config().elect(self.timer.load(Ordering::Acquire) && self.may_campaign());
     }
 }

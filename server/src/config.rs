@@ -89,7 +89,8 @@ pub struct Cli {
     /// Append one JSON line per administrative action to this file (they also go to the log).
     #[arg(long, env = "PORTRAIT_AUDIT_LOG", value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
-    /// Serve plaintext on an address other than loopback (refused without this flag).
+    /// Serve plaintext, or the client port without --token-file or --tls-client-ca, on an address
+    /// other than loopback (refused without this flag).
     #[arg(long, env = "PORTRAIT_INSECURE")]
     pub insecure: bool,
     /// A node whose clock is further than this from a quorum of its peers does not lead (default 500ms).
@@ -191,7 +192,8 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     /// Certificates and keys of the two ports.
     pub tls: TlsFiles,
-    /// Plaintext on a non-loopback address was asked for (`--insecure`).
+    /// Plaintext, or a client port without caller checks, on a non-loopback
+    /// address was asked for (`--insecure`).
     pub insecure: bool,
     /// Where audit entries are appended besides the log (`--audit-log`).
     pub audit_log: Option<PathBuf>,
@@ -335,6 +337,14 @@ impl Config {
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
         let token_file = cli.token_file.or(file.token_file);
+        if token_file.is_none() && tls.client_ca.is_none() && !insecure && !is_loopback(&listen) {
+            anyhow::bail!(
+                "--listen {listen}: no --token-file on an address other than loopback: anyone who reaches the \
+                 port could call every RPC, admin ones included (backups, restores, RemoveNode); give \
+                 --token-file or --tls-client-ca (docs/security.md), or --insecure to serve without checks \
+                 anyway"
+            );
+        }
         let audit_log = cli.audit_log.or(file.audit_log);
         Ok(Config { listen, peer_listen, log, token_file, tls, insecure, audit_log, node, join })
     }
@@ -497,6 +507,19 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.starts_with("--peer-listen 0.0.0.0:8700: plaintext"), "{err}");
+        // TLS on both ports, but no check of who calls: refused too.
+        let peer_tls = ["--peer-ca", "a.pem", "--peer-cert", "p.pem", "--peer-key", "p.key"];
+        let both =
+            [&["--listen", "0.0.0.0:7700", "--peer-advertise", "https://n1:8700"], &tls[..], &peer_tls[..]];
+        let err = parse(&both.concat()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("--listen 0.0.0.0:7700: no --token-file on an address other than loopback"),
+            "{err}"
+        );
+        assert!(err.contains("--insecure"), "{err}");
+        assert!(parse(&[&both.concat()[..], &["--token-file", "t.toml"]].concat()).is_ok());
+        assert!(parse(&[&both.concat()[..], &["--tls-client-ca", "c.pem"]].concat()).is_ok());
+        assert!(parse(&[&both.concat()[..], &["--insecure"]].concat()).is_ok());
         let c = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
         assert_eq!(c.node.advertise, "https://127.0.0.1:7700", "TLS: https by default");
         let err =

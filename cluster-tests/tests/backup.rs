@@ -8,7 +8,9 @@
 //! and at most what was sent by its end; every replica of every restored
 //! shard holds the same; the backup's schema came along; the same backup
 //! restores into a single node too; a second restore into a now non-empty
-//! cluster is refused.
+//! cluster is refused. Also: a shard left mid-restore by one backup refuses
+//! another; a schema change during a backup; a restore whose `Begin` had
+//! no quorum, run again.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -16,9 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use portrait_client::backup::read_manifest;
+use portrait_client::backup::{read_manifest, Manifest};
 use portrait_client::{Consistency, PortraitClient, Profile};
-use portrait_cluster_tests::replicas::lifetime_orders;
+use portrait_cluster_tests::replicas::{lifetime_orders, users_of, wait_placed};
 use portrait_cluster_tests::workload::order_of;
 use portrait_cluster_tests::{portrait_cli, Cluster, TEST_SHARDS};
 
@@ -448,4 +450,259 @@ async fn a_follower_with_a_deposed_leader_does_not_export_a_copy_missing_its_suc
     let message = outcome.expect_err(&format!("a copy of a replica without the writes up to index {last}"));
     assert!(message.starts_with("UNAVAILABLE: ") && message.contains("read index"), "{message}");
     cluster.heal().await;
+}
+
+/// What [`snapshot`] reads per user.
+type Snapshot = BTreeMap<String, (u64, u64, Vec<String>)>;
+
+/// `per_shard` users of each of `shards` shards, with `orders` orders each
+/// written through `client`.
+async fn write_orders(client: &PortraitClient, shards: u32, per_shard: usize, orders: usize) -> Vec<String> {
+    let users: Vec<String> = (0..shards).flat_map(|s| users_of(s, shards, per_shard)).collect();
+    for round in 0..orders {
+        let events = users.iter().map(|u| order_of(u, &format!("{u}-{round}"))).collect();
+        client.write(events).await.expect("write");
+    }
+    users
+}
+
+/// Backs up the cluster `client` talks to into the new directory `dir`.
+async fn back_up(client: &PortraitClient, dir: &std::path::Path) -> Manifest {
+    portrait_client::backup::backup(client, dir, |_| {}).await.expect("backup")
+}
+
+/// The header of a restore of shard `shard` of `manifest`'s backup, as
+/// `restore_id`.
+fn restore_header(
+    manifest: &Manifest,
+    shard: u32,
+    restore_id: &str,
+    check_only: bool,
+) -> portrait_client::portrait_proto::v1::RestoreShardChunk {
+    use portrait_client::portrait_proto::v1::{restore_shard_chunk, RestoreHeader, RestoreShardChunk};
+    let file = &manifest.shard_files[shard as usize];
+    let header = RestoreHeader {
+        shard,
+        archive_bytes: file.bytes,
+        sha256: file.sha256.clone(),
+        restore_id: restore_id.to_string(),
+        shards: manifest.shards,
+        check_only,
+    };
+    RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(header)) }
+}
+
+/// Waits until `client` reads `users` linearizably (every shard has a
+/// leader again after a restart).
+async fn wait_serving(client: &PortraitClient, users: &[String]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = client.batch_get_profiles(users, &[], Consistency::Linearizable).await {
+        assert!(std::time::Instant::now() < deadline, "no linearizable read within 30 s: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every node of `cluster` serves `expected` from its own replicas (a
+/// follower may apply the last entries a moment later).
+async fn assert_every_node_serves(cluster: &Cluster, users: &[String], expected: &Snapshot) {
+    for node in &cluster.nodes {
+        let local = PortraitClient::connect(&node.endpoint()).await.unwrap().without_routing();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while snapshot(&local, users, false).await != *expected && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(snapshot(&local, users, false).await, *expected, "node {}", node.id);
+    }
+}
+
+/// Writes into shard `shard` of a stopped node's state a timer row larger
+/// than a restore takes: due never, so the node never reads it, but a
+/// backup copies it, and a restore of that backup fails after its `Begin`.
+fn add_oversized_row(data_dir: &std::path::Path, shard: u32) {
+    use portrait_server::limits::MAX_RESTORE_ROW_BYTES;
+    use portrait_server::store::keys::{timer, CF_TIMERS};
+    use portrait_server::store::sm_db::cf;
+    use portrait_server::store::StateDb;
+    use portrait_server::types::GroupId;
+    let db = StateDb::open(data_dir).expect("the stopped node's state database");
+    let raw = db.db();
+    let key = timer(GroupId(shard), i64::MAX, "oversized");
+    raw.put_cf(cf(&raw, CF_TIMERS), key, vec![0u8; MAX_RESTORE_ROW_BYTES + 1]).unwrap();
+    raw.flush_wal(true).unwrap();
+}
+
+/// A restore that failed after its `Begin` (an archive row over what a
+/// restore takes) leaves its shard marked mid-restore by that backup.
+/// Another backup is then refused with FAILED_PRECONDITION naming both, by
+/// the check and by an upload alike, before anything changes: a restore
+/// run of it applies no schema and restores no shard. The backup that
+/// began may still go on.
+#[tokio::test]
+async fn a_shard_left_mid_restore_by_one_backup_refuses_another_before_anything_changes() {
+    use portrait_server::limits::MAX_RESTORE_ROW_BYTES;
+    use tonic::codegen::tokio_stream;
+    let mut source = Cluster::start_sharded(1, 2).await;
+    let client = source.client(1).await;
+    client.apply_schema(schema(), false).await.expect("schema");
+    let users = write_orders(&client, 2, 3, 2).await;
+    let backups = tempfile::tempdir().unwrap();
+    let (sound_dir, bad_dir) = (backups.path().join("sound"), backups.path().join("bad"));
+    let sound = back_up(&client, &sound_dir).await;
+    // The second backup has a newer schema, and the oversized row.
+    let newer = format!("{}\n[families.extra]\nttl = \"30d\"\n", schema());
+    client.apply_schema(newer.clone(), false).await.expect("a newer schema");
+    source.kill(1);
+    add_oversized_row(&source.node(1).data_dir(), 0);
+    source.restart(1).await;
+    let client = source.client(1).await;
+    wait_serving(&client, &users).await;
+    let bad = back_up(&client, &bad_dir).await;
+    assert_ne!(bad.backup_id, sound.backup_id);
+
+    let target = Cluster::start_sharded_with_config(3, 2, "max_moves = 0\n").await;
+    let restorer = target.client(1).await;
+    let failed = portrait_client::backup::restore(&restorer, &bad_dir, |_| {}).await;
+    let failed = failed.expect_err("a restore of an oversized row").to_string();
+    assert!(failed.starts_with("shard 0: INVALID_ARGUMENT: archive: a row of family timers is "), "{failed}");
+    assert!(failed.contains(&format!("over the limit of {MAX_RESTORE_ROW_BYTES}")), "{failed}");
+    let then = restorer.get_schema().await.expect("schema");
+    assert_eq!(then.toml, newer, "the restore applies its backup's schema before the shards");
+
+    let leader = wait_placed(&target, &[1, 2, 3], 2).await[&0].1;
+    let endpoint = target.node(leader).endpoint();
+    let expected = format!(
+        "FAILED_PRECONDITION: shard 0 is being restored from {:?}, not {:?}: a shard takes one backup; \
+         finish that restore, or restore into a new, empty cluster",
+        bad.backup_id, sound.backup_id
+    );
+    for check_only in [true, false] {
+        let chunks = tokio_stream::iter([restore_header(&sound, 0, &sound.backup_id, check_only)]);
+        let refused = restorer.restore_shard_to(&endpoint, chunks).await.expect_err("another backup");
+        assert_eq!(refused.code(), Some(tonic::Code::FailedPrecondition), "{refused}");
+        assert_eq!(refused.to_string(), expected, "check only {check_only}");
+    }
+    let chunks = tokio_stream::iter([restore_header(&bad, 0, &bad.backup_id, true)]);
+    restorer.restore_shard_to(&endpoint, chunks).await.expect("the backup that began may go on");
+
+    let refused = portrait_client::backup::restore(&restorer, &sound_dir, |_| {}).await;
+    let refused = refused.expect_err("a restore of another backup").to_string();
+    assert_eq!(refused, format!("shard 0: {expected} (nothing was changed in this cluster)"));
+    let kept = restorer.get_schema().await.expect("schema");
+    assert_eq!((kept.version, kept.toml), (then.version, newer), "no schema applied");
+    let empty = snapshot(&restorer, &users, true).await;
+    assert!(empty.values().all(|v| *v == (0, 0, Vec::new())), "no shard restored: {empty:?}");
+}
+
+/// A schema applied during a backup: the shards copied under the old
+/// version are copied again, so that every archive and the manifest are of
+/// one version (the new one), which restores as the source serves it. Here
+/// the change lands right after shard 0 is copied, and every shard has
+/// applied it before shard 1 is: exactly shard 0 is copied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_applied_during_a_backup_has_the_shards_copied_before_it_copied_again() {
+    let source = Cluster::start_sharded(3, 2).await;
+    let client = source.client(1).await;
+    let old = client.apply_schema(schema(), false).await.expect("schema").version;
+    let users = write_orders(&client, 2, 3, 2).await;
+    let before = snapshot(&client, &users, true).await;
+    assert!(before.values().all(|(n, copy, ids)| *n == 2 && *copy == 2 && ids.len() == 2), "{before:?}");
+
+    let newer = format!("{}\n[families.extra]\nttl = \"30d\"\n", schema());
+    let (changer, handle) = (source.client(2).await, tokio::runtime::Handle::current());
+    let (lines, changed_to) = (std::sync::Mutex::new(Vec::new()), AtomicU64::new(0));
+    // Called by the backup after each shard: blocks it while the schema
+    // changes, and until the backup's node has the new version.
+    let progress = |line: &str| {
+        lines.lock().unwrap().push(line.to_string());
+        if changed_to.load(Ordering::SeqCst) != 0 || !line.starts_with("shard 0: ") {
+            return;
+        }
+        let change = async {
+            let applied = changer.apply_schema(newer.clone(), false).await.expect("a schema mid-backup");
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while client.get_schema().await.expect("schema").version < applied.version {
+                assert!(std::time::Instant::now() < deadline, "its node lacks version {}", applied.version);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            applied.version
+        };
+        changed_to.store(tokio::task::block_in_place(|| handle.block_on(change)), Ordering::SeqCst);
+    };
+    let backups = tempfile::tempdir().unwrap();
+    let dir = backups.path().join("b");
+    let manifest = portrait_client::backup::backup(&client, &dir, progress).await.expect("backup");
+    let (new, lines) = (changed_to.into_inner(), lines.into_inner().unwrap());
+    assert!(new > old, "{new} after {old}");
+    let again: Vec<&String> = lines.iter().filter(|l| l.contains("copied again")).collect();
+    let expected =
+        format!("shard 0: copied again, as the schema changed during the backup (version {old} -> {new})");
+    assert_eq!(again, [&expected], "{lines:#?}");
+    assert_eq!((manifest.schema.version, &manifest.schema.toml), (new, &newer));
+    assert!(manifest.shard_files.iter().all(|f| f.schema_version == new), "{manifest:?}");
+
+    let target = Cluster::start_sharded(1, 2).await;
+    let restorer = target.client(1).await;
+    let restored = portrait_client::backup::restore(&restorer, &dir, |_| {}).await.expect("restore");
+    assert_eq!(restored.iter().filter(|r| !r.earlier && r.rows > 0).count(), 2, "{restored:?}");
+    assert_eq!(restorer.get_schema().await.expect("schema").toml, newer);
+    assert_eq!(snapshot(&restorer, &users, true).await, before);
+}
+
+/// A restore whose `Begin` cannot commit (the shard's other replicas were
+/// killed: its leader has no quorum) ends UNAVAILABLE after the write
+/// timeout, having restored nothing. Once they are back, the same backup
+/// restored again restores every shard, on every replica, whether that
+/// `Begin` committed meanwhile (the shard is then mid-restore from this
+/// very backup) or was dropped.
+#[tokio::test]
+async fn a_restore_whose_begin_had_no_quorum_is_run_again_and_restores_every_shard() {
+    use portrait_client::portrait_proto::v1::{restore_shard_chunk, RestoreShardChunk};
+    use tonic::codegen::tokio_stream;
+    let source = Cluster::start_sharded(1, 2).await;
+    let client = source.client(1).await;
+    client.apply_schema(schema(), false).await.expect("schema");
+    let users = write_orders(&client, 2, 3, 2).await;
+    let before = snapshot(&client, &users, true).await;
+    assert!(before.values().all(|(n, copy, ids)| *n == 2 && *copy == 2 && ids.len() == 2), "{before:?}");
+    let backups = tempfile::tempdir().unwrap();
+    let dir = backups.path().join("b");
+    let manifest = back_up(&client, &dir).await;
+
+    let config = "max_moves = 0\n[raft]\nwrite_timeout_ms = 2000\n";
+    let mut target = Cluster::start_sharded_with_config(3, 2, config).await;
+    let leader = wait_placed(&target, &[1, 2, 3], 2).await[&0].1;
+    let others: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    for &id in &others {
+        target.kill(id);
+    }
+    let archive = std::fs::read(dir.join(&manifest.shard_files[0].file)).unwrap();
+    let data = |c: &[u8]| RestoreShardChunk { part: Some(restore_shard_chunk::Part::Data(c.to_vec())) };
+    let mut chunks = vec![restore_header(&manifest, 0, &manifest.backup_id, false)];
+    chunks.extend(archive.chunks(256 << 10).map(data));
+    let (lead, endpoint) = (target.client(leader).await, target.node(leader).endpoint());
+    let started = std::time::Instant::now();
+    let upload = lead.restore_shard_to(&endpoint, tokio_stream::iter(chunks));
+    let refused = tokio::time::timeout(Duration::from_secs(30), upload)
+        .await
+        .expect("answered within 30 s")
+        .expect_err("a Begin without a quorum");
+    assert_eq!(refused.code(), Some(tonic::Code::Unavailable), "{refused}");
+    let message = refused.to_string();
+    assert!(
+        message.starts_with("UNAVAILABLE: shard 0: a restore step was not committed within 2000 ms"),
+        "{message}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2), "answered after {:?}", started.elapsed());
+
+    for &id in &others {
+        target.restart(id).await;
+    }
+    let restorer = target.client(leader).await;
+    let restored = portrait_client::backup::restore(&restorer, &dir, |_| {}).await.expect("restore again");
+    let shards: Vec<(u32, bool)> = restored.iter().map(|r| (r.shard, r.earlier)).collect();
+    assert_eq!(shards, [(0u32, false), (1, false)], "{restored:?}");
+    assert!(restored.iter().all(|r| r.rows > 0), "{restored:?}");
+    assert_eq!(restorer.get_schema().await.expect("schema").toml, schema());
+    assert_eq!(snapshot(&restorer, &users, true).await, before);
+    assert_every_node_serves(&target, &users, &before).await;
 }

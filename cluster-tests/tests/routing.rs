@@ -113,3 +113,28 @@ async fn a_part_redirected_by_a_former_leader_goes_on_to_the_new_one() {
         );
     }
 }
+
+/// A write sent to a follower is forwarded to its shard's leader; when it
+/// returns, a LOCAL read from that follower sees it (api.md: "a read from
+/// that node right after sees the write"), each of many times.
+#[tokio::test]
+async fn a_write_forwarded_by_a_follower_is_visible_there_when_it_returns() {
+    let cluster = Cluster::start(3).await;
+    let leader = cluster.wait_leader(&[1, 2, 3]).await;
+    let follower = if leader == 2 { 3 } else { 2 };
+    let via = cluster.client(follower).await.without_routing();
+    for i in 0..40 {
+        let user = format!("user-{i}");
+        let written = via.write(vec![visit(&user, "forwarded")]).await.expect("write");
+        assert_eq!(written.applied, 1, "{written:?}");
+        let got = via.get_profile(&user, &[], Consistency::Local).await.expect("local read");
+        assert_eq!(got.read_info.as_ref().map(|r| r.node_id), Some(follower), "read where it was written");
+        let page =
+            got.profile.and_then(|p| p.families.get("browse").and_then(|f| f.attrs.get("page").cloned()));
+        assert_eq!(
+            page.and_then(|a| a.value),
+            Some(Value::string("forwarded")),
+            "write {i} not visible on node {follower}"
+        );
+    }
+}

@@ -100,7 +100,28 @@ impl Node {
             total.log_index = total.log_index.max(log_index);
             total.shards.push(ShardWrite { shard, log_index, counts });
         }
+        self.wait_applied_here(&total.shards).await;
         Ok(total)
+    }
+
+    /// Visible here when the write returns (api.md): a part another node
+    /// committed is waited for on this node's replica of its shard, when
+    /// that replica votes (it holds the entry or will within a round; a
+    /// learner may be a whole snapshot behind). At most the write timeout:
+    /// the write is committed whatever this replica does, so it still
+    /// succeeds after that.
+    async fn wait_applied_here(&self, parts: &[ShardWrite]) {
+        let waits = parts.iter().filter_map(|part| {
+            let replica = self.registry.get(GroupId(part.shard))?;
+            let voter = replica.raft.metrics().borrow().state == openraft::ServerState::Follower;
+            voter.then_some(async move {
+                let wait = tokio::time::timeout(self.write_timeout, replica.sm.wait_written(part.log_index));
+                if !matches!(wait.await, Ok(Ok(()))) {
+                    tracing::debug!(group = %replica.gid, index = part.log_index, "a forwarded write not applied here in time");
+                }
+            })
+        });
+        futures::future::join_all(waits).await;
     }
 
     /// One shard's part: proposed here if this node leads the shard (or

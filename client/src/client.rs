@@ -19,7 +19,7 @@ use portrait_proto::v1::{BackupShardChunk, BackupShardRequest, RestoreShardChunk
 use tonic::{Code, Response, Status};
 
 use crate::conn::{Chan, ConnectOptions, Router};
-use crate::retry::{leader_hint, note_leader, unary, unary_since};
+use crate::retry::{leader_hint, note_leader, unary, unary_change, unary_since};
 use crate::routing::Routes;
 use crate::split::{busiest_shard, gather_profiles, reindex, Parts};
 use crate::ClientError;
@@ -359,7 +359,7 @@ impl PortraitClient {
         dry_run: bool,
     ) -> Result<ApplySchemaResponse, ClientError> {
         let request = ApplySchemaRequest { toml, dry_run };
-        unary(&self.router, |ch| {
+        unary_change(&self.router, |ch| {
             let request = request.clone();
             async move { admin(ch).apply_schema(request).await }
         })
@@ -454,8 +454,11 @@ impl PortraitClient {
     /// Starts draining a node (its replicas move to the others); goes to
     /// the meta leader. Returns once the drain is recorded.
     pub async fn drain_node(&self, node_id: u64) -> Result<DrainNodeResponse, ClientError> {
-        unary(&self.router, |ch| async move { admin(ch).drain_node(DrainNodeRequest { node_id }).await })
-            .await
+        unary_change(
+            &self.router,
+            |ch| async move { admin(ch).drain_node(DrainNodeRequest { node_id }).await },
+        )
+        .await
     }
 
     /// Shards that still have a replica on `node_id`: placed there by the
@@ -505,8 +508,11 @@ impl PortraitClient {
 
     /// Removes a node from the cluster; goes to the leader.
     pub async fn remove_node(&self, node_id: u64) -> Result<MembershipResponse, ClientError> {
-        unary(&self.router, |ch| async move { admin(ch).remove_node(RemoveNodeRequest { node_id }).await })
-            .await
+        unary_change(
+            &self.router,
+            |ch| async move { admin(ch).remove_node(RemoveNodeRequest { node_id }).await },
+        )
+        .await
     }
 }
 

@@ -18,6 +18,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use portrait_proto::OUTCOME_UNKNOWN;
 use tokio::time::Instant;
 use tonic::{Code, Response, Status};
 
@@ -47,7 +48,19 @@ where
     F: FnMut(Chan) -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
-    unary_since(router, Instant::now(), call).await
+    retry(router, Instant::now(), true, call).await
+}
+
+/// [`unary`] for a change that must not be made twice (`ApplySchema`,
+/// `DrainNode`, `RemoveNode`): an `UNAVAILABLE` saying the outcome is
+/// unknown (the change may have been committed) is returned at once,
+/// for the caller to check what happened before calling again.
+pub(crate) async fn unary_change<T, F, Fut>(router: &Router, call: F) -> Result<T, ClientError>
+where
+    F: FnMut(Chan) -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
+    retry(router, Instant::now(), false, call).await
 }
 
 /// [`unary`] for a call whose first attempt went elsewhere at `started`
@@ -56,6 +69,19 @@ where
 pub(crate) async fn unary_since<T, F, Fut>(
     router: &Router,
     started: Instant,
+    call: F,
+) -> Result<T, ClientError>
+where
+    F: FnMut(Chan) -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
+    retry(router, started, true, call).await
+}
+
+async fn retry<T, F, Fut>(
+    router: &Router,
+    started: Instant,
+    again_if_unknown: bool,
     mut call: F,
 ) -> Result<T, ClientError>
 where
@@ -74,7 +100,9 @@ where
             Err(status) => {
                 // Errors carry the node's map epoch too.
                 router.note_epoch(status.metadata());
-                if status.code() != Code::Unavailable {
+                if status.code() != Code::Unavailable
+                    || (!again_if_unknown && status.message().contains(OUTCOME_UNKNOWN))
+                {
                     return Err(status.into());
                 }
                 status
@@ -133,15 +161,20 @@ mod tests {
     /// Attempts `unary_since(started)` makes when every one is UNAVAILABLE
     /// without a hint.
     async fn attempts_since(started: Instant) -> u32 {
+        attempts(started, true, "no leader").await
+    }
+
+    /// Attempts a call makes when every one is UNAVAILABLE with `message`.
+    async fn attempts(started: Instant, again_if_unknown: bool, message: &'static str) -> u32 {
         let seed = crate::conn::Conn {
             endpoint: "http://127.0.0.1:1".into(),
             channel: crate::conn::lazy_channel("http://127.0.0.1:1", &Default::default()).unwrap(),
         };
         let router = Router::new(seed, Default::default());
         let attempts = std::sync::atomic::AtomicU32::new(0);
-        let result: Result<(), _> = unary_since(&router, started, |_| {
+        let result: Result<(), _> = retry(&router, started, again_if_unknown, |_| {
             attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            async { Err(Status::unavailable("no leader")) }
+            async move { Err(Status::unavailable(message)) }
         })
         .await;
         assert!(result.is_err());
@@ -158,5 +191,16 @@ mod tests {
         assert!((2..=5).contains(&attempts), "{attempts} attempts");
         let spent = Instant::now() - RETRY_BUDGET;
         assert_eq!(attempts_since(spent).await, 1, "a spent budget still tries once");
+    }
+
+    #[tokio::test]
+    async fn a_change_whose_outcome_is_unknown_is_not_sent_again() {
+        let unknown = "meta: the membership change was not committed within 5000 ms; the outcome is unknown: call again";
+        let almost_spent = Instant::now() - RETRY_BUDGET + Duration::from_secs(1);
+        assert_eq!(attempts(almost_spent, false, unknown).await, 1);
+        // Any other UNAVAILABLE is retried as usual, and so is a write's
+        // (its events' ids make a retry safe).
+        assert!(attempts(almost_spent, false, "no leader").await >= 2);
+        assert!(attempts(almost_spent, true, unknown).await >= 2);
     }
 }

@@ -13,6 +13,12 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of every Portrait proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/portrait_descriptor.bin"));
 
+/// Part of every `UNAVAILABLE` message about a change that may have been
+/// proposed (and so may yet be applied): a client must not send such a
+/// change again blindly (a write is safe to resend when its events carry
+/// ids; `ApplySchema`, `DrainNode` and `RemoveNode` are not).
+pub const OUTCOME_UNKNOWN: &str = "the outcome is unknown";
+
 pub use v1::value::Kind as ValueKind;
 
 impl v1::Value {

@@ -45,8 +45,9 @@ pub enum Error {
 }
 
 /// Part of every UNAVAILABLE message about a write that may have been
-/// proposed (and so may yet apply): [`Error::outcome_unknown`].
-pub const OUTCOME_UNKNOWN: &str = "the outcome is unknown";
+/// proposed (and so may yet apply): [`Error::outcome_unknown`]. The
+/// client reads it too.
+pub use portrait_proto::OUTCOME_UNKNOWN;
 
 /// Part of every UNAVAILABLE message of a shard's leader that refused a
 /// write for now (its write queue is full, its shard is behind the schema):

@@ -38,7 +38,14 @@ impl Profiles for ProfilesService {
         let (mut views, info) = self
             .node
             .read_profiles(&users, Selection::from_lists(req.families, req.features, req.tags), consistency)
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // The request has one user: its field, not a batch's.
+                Error::InvalidArgument { field, reason } if field == "user_ids" => {
+                    Error::invalid("user_id", reason.replace(" (at user 1 of 1)", ""))
+                }
+                other => other,
+            })?;
         let [user_id] = users;
         let view = views.pop().expect("one view per user");
         if !view.found {

@@ -77,7 +77,9 @@ async fn orders(g: &mut Group, first: u64, users: &[&str], n: u64, stamp: i64) -
 
 fn read(g: &Group, user: &str) -> ProfileView {
     let s = &g.store;
-    read_profile(&s.db(), s.gid(), &s.schema().schema, &s.engine(), user, &Selection::all(), T0).unwrap()
+    read_profile(&s.db(), s.gid(), &s.schema().schema, &s.engine(), user, &Selection::all(), T0, usize::MAX)
+        .unwrap()
+        .expect("no byte limit")
 }
 
 /// Every key of every column family in `gid`'s range, with its value.

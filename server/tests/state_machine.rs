@@ -74,7 +74,9 @@ fn counts(result: &CommandResult) -> Vec<Result<WriteCounts, String>> {
 
 fn read(r: &Replica, user: &str, now: i64) -> ProfileView {
     let s = &r.store;
-    read_profile(&s.db(), s.gid(), &s.schema().schema, &s.engine(), user, &Selection::all(), now).unwrap()
+    read_profile(&s.db(), s.gid(), &s.schema().schema, &s.engine(), user, &Selection::all(), now, usize::MAX)
+        .unwrap()
+        .expect("no byte limit")
 }
 
 fn applied(a: u32, d: u32, e: u32) -> Result<WriteCounts, String> {
@@ -417,6 +419,40 @@ async fn history_keeps_the_newest_events_across_entries_restart_and_a_shorter_hi
     // Everything expires after 30 days; nothing is served.
     let later = T0 + 40 * 60_000 + 31 * DAY_MS;
     assert!(read(&r, "u1", later).families.is_empty());
+}
+
+/// A profile whose stored history passes the read's byte limit is refused
+/// (`None`) while it is fetched, not held whole first; one under the limit
+/// reads whole, and a view's size stays within the stored bytes allowed
+/// for it (callers double the response limit for them).
+#[tokio::test]
+async fn a_read_stops_once_the_stored_history_passes_its_byte_limit() {
+    let mut r = replica();
+    let toml = "[families.browse]\nttl = \"30d\"\nhistory = 1000\n";
+    apply(&mut r, vec![entry(1, Command::ApplySchema { stamp_ms: T0, toml: toml.into(), version: 1 })]).await;
+    // 600 events of 4 KiB each (2.4 MB), 200 per entry.
+    let big = Value::Str("x".repeat(4096));
+    for (index, part) in (2..).zip(0..3) {
+        let events = (0..200)
+            .map(|i| {
+                event("u1", "browse", T0 + (part * 200 + i), &format!("e{part}-{i}"), &[("v", big.clone())])
+            })
+            .collect();
+        apply(&mut r, vec![write(index, T0 + 1_000, vec![events])]).await;
+    }
+    let s = &r.store;
+    let now = T0 + 2_000;
+    let read_within = |max: usize| {
+        read_profile(&s.db(), s.gid(), &s.schema().schema, &s.engine(), "u1", &Selection::all(), now, max)
+            .unwrap()
+    };
+    let whole = read_within(usize::MAX).expect("no limit");
+    assert_eq!(whole.families["browse"].history.len(), 600);
+    let size = whole.approx_bytes();
+    assert!(size > 600 * 4096, "{size}");
+    assert!(read_within(2 * size).is_some(), "a view that fits is read at twice its size");
+    assert!(read_within(1 << 20).is_none(), "1 MiB of 2.4 MB stored: refused");
+    assert!(read_within(100).is_none());
 }
 
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) {

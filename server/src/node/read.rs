@@ -296,8 +296,22 @@ impl Node {
                 let applied_index = written_index(&replica);
                 let mut views = Vec::with_capacity(users.len());
                 for (user, repeats) in &users {
-                    let view = read_profile(&db, replica.gid, &schema.schema, &engine, user, &selection, now)
-                        .map_err(Error::internal)?;
+                    // What is left of the limit for this user's view (at each
+                    // of its positions), doubled for its stored size.
+                    let left = max_bytes.saturating_sub(bytes) / (*repeats).max(1);
+                    let stored_max = left.saturating_mul(2);
+                    let view = read_profile(
+                        &db,
+                        replica.gid,
+                        &schema.schema,
+                        &engine,
+                        user,
+                        &selection,
+                        now,
+                        stored_max,
+                    )
+                    .map_err(Error::internal)?
+                    .ok_or_else(|| too_large(done + 1, total))?;
                     done += 1;
                     bytes = bytes.saturating_add(view.approx_bytes().saturating_mul(*repeats));
                     if bytes > max_bytes {

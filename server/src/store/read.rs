@@ -107,8 +107,21 @@ impl ProfileView {
     }
 }
 
+/// History events are fetched this many at a time, each batch's bytes
+/// counted before the next is fetched.
+const HISTORY_FETCH: usize = 128;
+
 /// Reads a user's profile in group `gid`. Families no longer in the schema
 /// are not served. `selection` must be [`Selection::deduped`].
+///
+/// `None` when the family records stored for the user pass `max_bytes`
+/// (counted as they are fetched, before they are decoded): a profile whose
+/// history is too large for the response is refused before it is held
+/// whole in memory. Stored records are about the size of their view (they
+/// hold the same fields), so a caller that refuses a view past `B` bytes
+/// passes `2 × B` here: a view that fits is never refused for its stored
+/// size, and a read holds at most about twice the limit per user.
+#[allow(clippy::too_many_arguments)]
 pub fn read_profile(
     db: &DB,
     gid: GroupId,
@@ -117,12 +130,15 @@ pub fn read_profile(
     user_id: &str,
     selection: &Selection,
     now_ms: i64,
-) -> Result<ProfileView, ApplyError> {
+    max_bytes: usize,
+) -> Result<Option<ProfileView>, ApplyError> {
     let snap = db.snapshot();
-    let mut view = ProfileView {
-        families: read_families(db, &snap, gid, schema, user_id, &selection.families, now_ms)?,
-        ..Default::default()
+    let Some(families) =
+        read_families(db, &snap, gid, schema, user_id, &selection.families, now_ms, max_bytes)?
+    else {
+        return Ok(None);
     };
+    let mut view = ProfileView { families, ..Default::default() };
     let mut found = !view.families.is_empty();
     let wants = |list: &Option<Vec<String>>| list.as_ref().is_none_or(|l| !l.is_empty());
     if wants(&selection.features) || wants(&selection.tags) || !found {
@@ -139,9 +155,12 @@ pub fn read_profile(
         }
     }
     view.found = found;
-    Ok(view)
+    Ok(Some(view))
 }
 
+/// The user's live family records; `None` once the stored bytes fetched
+/// pass `max_bytes`.
+#[allow(clippy::too_many_arguments)]
 fn read_families(
     db: &DB,
     snap: &SnapshotWithThreadMode<'_, DB>,
@@ -150,9 +169,11 @@ fn read_families(
     user_id: &str,
     families: &Option<Vec<String>>,
     now_ms: i64,
-) -> Result<BTreeMap<String, FamilyRecord>, ApplyError> {
+    max_bytes: usize,
+) -> Result<Option<BTreeMap<String, FamilyRecord>>, ApplyError> {
     let profiles = cf(db, CF_PROFILES);
     let mut heads = Vec::new();
+    let mut fetched = 0usize;
     match families {
         None => {
             let prefix = keys::user_prefix(gid, user_id);
@@ -163,6 +184,7 @@ fn read_families(
             {
                 let (key, value) = item?;
                 let Some(family) = keys::family_of(&key, &prefix) else { break };
+                fetched = fetched.saturating_add(value.len());
                 heads.push((family.to_string(), FamilyHead::decode(&value)?));
             }
         }
@@ -170,6 +192,7 @@ fn read_families(
             let keys = families.iter().map(|f| (profiles, keys::profile(gid, user_id, f)));
             for (family, value) in families.iter().zip(snap.multi_get_cf(keys)) {
                 if let Some(bytes) = value? {
+                    fetched = fetched.saturating_add(bytes.len());
                     heads.push((family.clone(), FamilyHead::decode(&bytes)?));
                 }
             }
@@ -185,18 +208,29 @@ fn read_families(
         head.prune(now_ms);
         // A schema change may have shortened the history since it was written.
         head.history.truncate(spec.history_len as usize);
-        let keys = head.history.iter().map(|r| (history, keys::history(gid, user_id, &family, r.slot)));
-        let events = snap
-            .multi_get_cf(keys)
-            .into_iter()
-            .map(|v| Ok(v?.map(|bytes| decode_history_event(&bytes)).transpose()?))
-            .collect::<Result<Vec<_>, ApplyError>>()?;
+        let mut events = Vec::with_capacity(head.history.len());
+        for slots in head.history.chunks(HISTORY_FETCH) {
+            if fetched > max_bytes {
+                return Ok(None);
+            }
+            let keys = slots.iter().map(|r| (history, keys::history(gid, user_id, &family, r.slot)));
+            for value in snap.multi_get_cf(keys) {
+                let event = value?.map(|bytes| {
+                    fetched = fetched.saturating_add(bytes.len());
+                    decode_history_event(&bytes)
+                });
+                events.push(event.transpose()?);
+            }
+        }
+        if fetched > max_bytes {
+            return Ok(None);
+        }
         let live = head.assemble(events).live_view(now_ms, spec.ttl_ms);
         if !live.is_empty() {
             out.insert(family, live);
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 #[cfg(test)]

@@ -341,6 +341,18 @@ async fn a_stalled_restore_upload_is_ended_and_frees_the_nodes_backup_slot() {
     assert_eq!(refused.code(), Some(tonic::Code::ResourceExhausted), "{refused}");
     assert!(refused.to_string().contains("bytes free under"), "{refused}");
 
+    // A restore that never sends its header is ended after the stall too
+    // (before, its handler waited for it forever).
+    let silent = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.restore_shard_to(&endpoint, tokio_stream::pending::<RestoreShardChunk>()),
+    )
+    .await
+    .expect("a restore without its header was never ended")
+    .expect_err("no header");
+    assert_eq!(silent.code(), Some(tonic::Code::DeadlineExceeded), "{silent}");
+    assert!(silent.to_string().contains("header: no message within 1 s"), "{silent}");
+
     // Until a backup finds the slot taken by the stalled upload (a backup
     // that came first makes the upload itself find it taken: start again).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -11,8 +11,9 @@
 //!
 //! Audited: every RPC that changes the cluster or reads it for an operator
 //! beyond the reader role — `Admin.ApplySchema` (dry runs too),
-//! `AddNode`, `RemoveNode`, `TransferLeader`, `ConfirmClock`,
-//! `SetClockOffset`, `SetPartition`, and a node's `Raft.Join`. Calls a
+//! `AddNode`, `DrainNode`, `RemoveNode`, `TransferLeader`, `ConfirmClock`,
+//! `SetClockOffset`, `BackupShard`, `RestoreShard`, `SetPartition`, and a
+//! node's `Raft.Join`. Calls a
 //! token check refused are not audited here (they never reach a service;
 //! the node logs them at debug level).
 

@@ -276,7 +276,10 @@ impl Node {
     /// creates the cluster: the meta group, the map, and every shard with
     /// itself as the one replica. The placement task then follows the map.
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
-        std::fs::create_dir_all(&opts.data_dir)?;
+        // Readable by the node's user alone when the node creates it: it
+        // holds every profile, and exports and uploaded archives in flight.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&opts.data_dir)?;
         backup::remove_scratch(&opts.data_dir)?;
         let state_db = StateDb::open(&opts.data_dir)?;
         let incarnation = state_db.identity(opts.node_id)?;

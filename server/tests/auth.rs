@@ -8,7 +8,8 @@
 //!   (`UNIMPLEMENTED`); the peer port serves them and nothing else.
 //! - Every admin call that got through is in the audit log, naming the
 //!   token; none that was refused.
-//! - SIGHUP re-reads the file; a malformed file then keeps the tokens in use.
+//! - SIGHUP re-reads the file; a malformed file then keeps the tokens in use;
+//!   a write stream or a backup stream whose token it removed ends.
 //! - A malformed token file stops the start with a one-line reason naming it.
 
 #[allow(dead_code)] // the token tests start their own nodes
@@ -18,6 +19,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use portrait_client::portrait_proto::v1::{backup_shard_chunk, BackupShardChunk};
 use portrait_client::{json, ConnectOptions, Consistency, PortraitClient};
 use portrait_server::auth::{access, hex, sha256, Access, Role, RPCS};
 use prost::Message;
@@ -368,6 +370,76 @@ async fn sighup_rereads_the_token_file_and_a_bad_one_keeps_the_tokens_in_use() {
     assert_eq!(ended.code(), Some(tonic::Code::Unauthenticated), "{ended}");
     assert!(ended.to_string().contains("batch 1 (earlier batches were applied)"), "{ended}");
     assert!(!found("s2").await, "the batch after the removal was applied");
+}
+
+/// A shard export streaming when its token is removed (SIGHUP) ends before
+/// its next chunk, as a `WriteStream` does: the archive is not handed out
+/// whole to a token the operator revoked.
+#[tokio::test]
+async fn a_backup_stream_ends_once_its_token_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.toml");
+    let exporter = "exporter-secret-0123456789abcdef";
+    std::fs::write(&file, token_file(&[("exporter", exporter, "admin")])).unwrap();
+    let mut node = Node::spawn(dir.path());
+    let channel = node.connect().await;
+    let endpoint = format!("127.0.0.1:{}", node.port);
+    let connect =
+        |token: &str| PortraitClient::connect_with(&endpoint, ConnectOptions::new().token(token).unwrap());
+    let (writer, admin) = (connect(TOKENS[1].1).await.unwrap(), connect(exporter).await.unwrap());
+    // The data dir the node created (it holds the exports) is its user's alone.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("data")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    // About 16 MB of text that compresses little (hex of a xorshift), one
+    // user per event: several MiB of archive per shard, far more than the
+    // stream buffers once its reader stops taking chunks.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut noise = || {
+        (0..256)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                format!("{x:016x}")
+            })
+            .collect::<String>()
+    };
+    for part in 0..4 {
+        let events = (0..1000)
+            .map(|i| {
+                let user = format!("u{part}-{i}");
+                let e = serde_json::json!({"user_id": user, "family": "browse", "type": "view",
+                    "attrs": {"note": noise()}});
+                json::event_from_json(&e).unwrap()
+            })
+            .collect();
+        writer.write(events).await.expect("write");
+    }
+    let mut stream = admin.backup_shard_from(&format!("http://{endpoint}"), 0).await.expect("backup");
+    let header = stream.message().await.expect("header").expect("a first message");
+    assert!(matches!(header.part, Some(backup_shard_chunk::Part::Header(_))), "{header:?}");
+
+    std::fs::write(&file, token_file(&[])).unwrap();
+    let ok = Command::new("kill").args(["-HUP", &node.child.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill -HUP");
+    let status = "/portrait.v1.Admin/ClusterStatus";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused(&call(&channel, status, Some(exporter)).await) != Some(tonic::Code::Unauthenticated) {
+        assert!(Instant::now() < deadline, "the exporter's token was never removed\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut data = 0usize;
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(BackupShardChunk { part: Some(backup_shard_chunk::Part::Data(d)) })) => data += d.len(),
+            Ok(other) => panic!("the stream went on to {other:?} after {data} bytes"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended}");
+    assert!(ended.message().contains("was removed or lost its role"), "{ended}");
 }
 
 #[test]

@@ -155,11 +155,15 @@ async fn send_within<T>(tx: &tokio::sync::mpsc::Sender<T>, stall: Duration, item
     matches!(tokio::time::timeout(stall, tx.send(item)).await, Ok(Ok(())))
 }
 
+/// Streams an export: its header, its archive in chunks, its trailer. A
+/// token removed from the token file (or that lost its role) meanwhile
+/// ends the stream before the next chunk, as it does a `WriteStream`.
 fn stream_export(
     node_id: u64,
     shard: u32,
     export: crate::node::ShardExport,
     stall: Duration,
+    grant: Option<Grant>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<BackupShardChunk, Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let chunk = |part| Ok(BackupShardChunk { part: Some(part) });
@@ -193,6 +197,10 @@ fn stream_export(
                     return;
                 }
             };
+            if let Err(refused) = Grant::recheck(grant.as_ref()) {
+                send_within(&tx, stall, Err(refused)).await;
+                return;
+            }
             buf.truncate(n);
             hash.update(&buf);
             sent += n as u64;
@@ -266,11 +274,13 @@ impl Admin for AdminService {
         request: Request<BackupShardRequest>,
     ) -> Result<Response<Self::BackupShardStream>, Status> {
         let who = who(&request);
+        let grant = request.extensions().get::<Grant>().cloned();
         let shard = request.into_inner().shard;
         let args = serde_json::json!({"shard": shard});
         let export = async { self.node.export_shard(shard).await.map_err(Status::from) };
         let export = self.audited(who, "Admin/BackupShard", args, export).await?;
-        Ok(Response::new(stream_export(self.node.id, shard, export, self.node.backup_stream_stall())))
+        let stall = self.node.backup_stream_stall();
+        Ok(Response::new(stream_export(self.node.id, shard, export, stall, grant)))
     }
 
     async fn restore_shard(
@@ -280,8 +290,16 @@ impl Admin for AdminService {
         let who = who(&request);
         let grant = request.extensions().get::<Grant>().cloned();
         let mut stream = request.into_inner();
-        // Audited also when the header is missing.
-        let first = stream.message().await;
+        // Audited also when the header is missing (or does not come
+        // within the stall limit).
+        let stall = self.node.backup_stream_stall();
+        let first = match tokio::time::timeout(stall, stream.message()).await {
+            Ok(first) => first,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "header: no message within {} s (--backup-stream-stall)",
+                stall.as_secs()
+            ))),
+        };
         let header = match &first {
             Ok(Some(RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(h)) })) => {
                 Some(h.clone())

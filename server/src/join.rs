@@ -122,7 +122,7 @@ enum Refusal {
 async fn add_self(node: &Node, seed: &str) -> Result<(), Refusal> {
     let mut target = seed.to_string();
     for _ in 0..=MAX_REDIRECTS {
-        let endpoint = crate::tls::peer_endpoint(&target)
+        let endpoint = crate::tls::peer_endpoint(&target, None)
             .map_err(|e| Refusal::NotYet(format!("{target}: {e}")))?
             .connect_timeout(Duration::from_secs(3));
         let channel = endpoint

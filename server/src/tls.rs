@@ -225,14 +225,22 @@ pub fn set_peer_client(config: ClientTlsConfig) {
 
 /// An endpoint for another node's peer port at `addr`: with mutual TLS
 /// when the process has it ([`set_peer_client`]), `addr` then dialed as
-/// `https://` whatever its scheme (never in plaintext).
-pub fn peer_endpoint(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+/// `https://` whatever its scheme (never in plaintext). With `node`, the
+/// peer's certificate must name that node ([`node_name`]): a holder of
+/// another node's key (a removed node's, say) answering at its address is
+/// refused at the handshake. Without (a seed whose id is not known yet),
+/// any node certificate ([`PEER_NAME`]) is accepted.
+pub fn peer_endpoint(
+    addr: &str,
+    node: Option<NodeId>,
+) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
     let tls = PEER_CLIENT.get();
     let endpoint =
         tonic::transport::Endpoint::from_shared(portrait_proto::addr::dial_uri(addr, tls.is_some()))?;
-    match tls {
-        Some(config) => endpoint.tls_config(config.clone()),
-        None => Ok(endpoint),
+    match (tls, node) {
+        (Some(config), Some(node)) => endpoint.tls_config(config.clone().domain_name(node_name(node))),
+        (Some(config), None) => endpoint.tls_config(config.clone()),
+        (None, _) => Ok(endpoint),
     }
 }
 

@@ -135,3 +135,40 @@ fn plaintext_beyond_loopback_needs_insecure() {
     );
     assert!(stderr.contains("--insecure"), "{stderr}");
 }
+
+/// A node dialing a peer it knows by id accepts only a certificate naming
+/// that node: a holder of another node's key (a removed node's, say)
+/// answering at the address is refused at the handshake. A seed dialed
+/// before its id is known may be any node.
+#[tokio::test]
+async fn a_peer_answering_with_another_nodes_certificate_is_refused() {
+    use portrait_server::tls::{peer_endpoint, set_peer_client, Tls, TlsFiles};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    portrait_client::certs::init(&certs, 3, &["127.0.0.1".to_string()], false).unwrap();
+    let peer = |id: u64| {
+        let files = TlsFiles {
+            peer_ca: Some(certs.join("peer-ca.pem")),
+            peer_cert: Some(certs.join(format!("node-{id}-peer.pem"))),
+            peer_key: Some(certs.join(format!("node-{id}-peer.key"))),
+            ..TlsFiles::default()
+        };
+        Tls::load(&files, id).unwrap().peer.expect("peer TLS")
+    };
+    // Node 2's peer port (its health service is enough for a handshake).
+    let port = common::free_port();
+    let (_health, service) = tonic_health::server::health_reporter();
+    let server = tonic::transport::Server::builder().tls_config(peer(2).server).unwrap().add_service(service);
+    tokio::spawn(server.serve(format!("127.0.0.1:{port}").parse().unwrap()));
+    set_peer_client(peer(1).client);
+    let addr = format!("https://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = peer_endpoint(&addr, Some(2)).unwrap().connect().await {
+        assert!(Instant::now() < deadline, "node 2 never answered as node 2: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    peer_endpoint(&addr, None).unwrap().connect().await.expect("a seed may be any node");
+    let e = peer_endpoint(&addr, Some(3)).unwrap().connect().await.expect_err("node 2 taken for node 3");
+    let chain = format!("{e:?}");
+    assert!(chain.contains("NotValidForName"), "{chain}");
+}

@@ -228,7 +228,7 @@ impl Node {
                 let addr = addr.ok_or_else(|| {
                     Error::Unavailable(format!("{gid}'s leader, node {l}, is not in the shard map; retry"))
                 })?;
-                peer_read_index(&addr, gid.0, self.write_timeout).await.map_err(|e| {
+                peer_read_index(l, &addr, gid.0, self.write_timeout).await.map_err(|e| {
                     Error::Unavailable(format!("{gid}: asking its leader, node {l}, for its read index: {e}"))
                 })?
             }
@@ -426,8 +426,13 @@ impl Node {
 /// Asks the node at peer address `addr` for shard `shard`'s read index
 /// (`Raft.ReadIndex`); the error says why not (not the leader, no quorum,
 /// unreachable).
-async fn peer_read_index(addr: &str, shard: u32, within: Duration) -> std::result::Result<u64, String> {
-    let endpoint = crate::tls::peer_endpoint(addr).map_err(|e| e.to_string())?;
+async fn peer_read_index(
+    node: crate::types::NodeId,
+    addr: &str,
+    shard: u32,
+    within: Duration,
+) -> std::result::Result<u64, String> {
+    let endpoint = crate::tls::peer_endpoint(addr, Some(node)).map_err(|e| e.to_string())?;
     let channel =
         endpoint.connect_timeout(within).timeout(within).connect().await.map_err(|e| e.to_string())?;
     let reply = RaftClient::new(channel).read_index(ReadIndexRequest { group: shard }).await;

@@ -132,7 +132,7 @@ impl Node {
         // A write part held here while another node proposes it counts
         // against this node's queued-write budget too.
         let _held = if write { Some(self.batcher.hold(data.len())?) } else { None };
-        let mut client = self.channels.get(addr).map_err(|e| unreachable(&e))?;
+        let mut client = self.channels.get(to, addr).map_err(|e| unreachable(&e))?;
         // A write part, or a read's selection, was validated against this
         // node's schema: the receiver holds a write back while its shard is
         // behind that version, and sends a read that needs it elsewhere.
@@ -153,7 +153,7 @@ impl Node {
             Ok(reply) => Ok(reply.into_inner().data),
             Err(status) if status.metadata().contains_key(ERROR_CODE_KEY) => Err(error_from_status(&status)),
             Err(status) => {
-                self.channels.reset(addr);
+                self.channels.reset(to, addr);
                 Err(transport_error(write, to, addr, &status))
             }
         }

@@ -276,7 +276,7 @@ impl Node {
             let (addr, moves) = (from.peer_addr.clone(), self.leader_moves.clone());
             let refusals = self.leader_refusals.clone();
             tokio::spawn(async move {
-                if let Err(e) = peer_balance_leader(&addr, request).await {
+                if let Err(e) = peer_balance_leader(t.from, &addr, request).await {
                     tracing::info!(shard = t.shard, from = t.from, to = t.to, error = %e,
                         "leader transfer failed; not tried again for 30 s");
                     let until = tokio::time::Instant::now() + LEADER_REFUSAL_BACKOFF;
@@ -635,7 +635,8 @@ impl Node {
     /// node, and it vouches for nobody).
     async fn statuses(&self) -> Vec<(NodeId, ClusterStatusResponse)> {
         let Some(map) = self.cluster().map.clone() else { return vec![] };
-        let asks = map.nodes.iter().map(|(&id, n)| async move { (id, peer_status(&n.peer_addr).await) });
+        let asks =
+            map.nodes.iter().map(|(&id, n)| async move { (id, peer_status(Some(id), &n.peer_addr).await) });
         let recorded = |id: NodeId| map.nodes.get(&id).map_or(0, |n| n.incarnation);
         futures::future::join_all(asks)
             .await
@@ -662,7 +663,9 @@ impl Node {
     /// refused here: adding it waits for it like any learner.
     async fn check_new_node(&self, id: NodeId, peer_addr: &str, recorded: u64) -> Result<u64> {
         let addr = peer_addr;
-        let status = match peer_status(addr).await {
+        // Any node's certificate: the answer's id is compared with `id`
+        // below, with an error that says which node answered.
+        let status = match peer_status(None, addr).await {
             Ok(status) => status,
             Err(e) => {
                 tracing::debug!(node = id, error = %e, "could not ask the new node who it is");
@@ -885,9 +888,13 @@ fn in_meta(e: Error) -> Error {
     e.in_shard(GroupId::META)
 }
 
-/// A node's status, asked on its peer port.
-pub(super) async fn peer_status(addr: &str) -> std::result::Result<ClusterStatusResponse, String> {
-    let endpoint = crate::tls::peer_endpoint(addr)
+/// A node's status, asked on its peer port (with TLS, of `node` only when
+/// given: see [`crate::tls::peer_endpoint`]).
+pub(super) async fn peer_status(
+    node: Option<NodeId>,
+    addr: &str,
+) -> std::result::Result<ClusterStatusResponse, String> {
+    let endpoint = crate::tls::peer_endpoint(addr, node)
         .map_err(|e| e.to_string())?
         .connect_timeout(STATUS_TIMEOUT)
         .timeout(STATUS_TIMEOUT);
@@ -897,8 +904,12 @@ pub(super) async fn peer_status(addr: &str) -> std::result::Result<ClusterStatus
 }
 
 /// Asks the node at peer address `addr` to transfer a shard's leadership.
-async fn peer_balance_leader(addr: &str, request: BalanceLeaderRequest) -> std::result::Result<(), String> {
-    let endpoint = crate::tls::peer_endpoint(addr)
+async fn peer_balance_leader(
+    node: NodeId,
+    addr: &str,
+    request: BalanceLeaderRequest,
+) -> std::result::Result<(), String> {
+    let endpoint = crate::tls::peer_endpoint(addr, Some(node))
         .map_err(|e| e.to_string())?
         .connect_timeout(STATUS_TIMEOUT)
         .timeout(LEADER_TRANSFER_TIMEOUT);

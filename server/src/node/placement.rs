@@ -180,6 +180,10 @@ impl Node {
     /// names every shard that failed (tried again on the next pass).
     pub(super) async fn host(&self, map: &ShardMap) -> anyhow::Result<()> {
         let _one = self.hosting.lock().await;
+        // The map as it is now: the one given may have changed while this
+        // call waited for the lock.
+        let now = self.cluster().map.clone();
+        let map = now.as_ref().unwrap_or(map);
         let creating = map.nodes.len() == 1 && map.nodes.contains_key(&self.id);
         let mut failed = Vec::new();
         for shard in map.hosted_by(self.id) {
@@ -545,10 +549,9 @@ impl Node {
         // leader may be gone too).
         let ask: BTreeSet<NodeId> = leader.into_iter().chain(placed).filter(|&n| n != self.id).collect();
         // All at once: a node down costs one timeout, not one per node.
-        let asks = ask
-            .into_iter()
-            .filter_map(|node| map.nodes.get(&node))
-            .map(|entry| async move { super::meta::peer_status(&entry.peer_addr).await.ok() });
+        let asks = ask.into_iter().filter_map(|node| map.nodes.get(&node).map(|entry| (node, entry))).map(
+            |(node, entry)| async move { super::meta::peer_status(Some(node), &entry.peer_addr).await.ok() },
+        );
         let statuses = futures::future::join_all(asks).await;
         // The newest term's leader, if several claim the shard; never one
         // of an older term than the entries this replica applied (a

@@ -74,7 +74,7 @@ impl Node {
             .nodes
             .iter()
             .filter(|(&id, _)| id != self.id)
-            .map(|(&id, n)| async move { (id, peer_check_schema(&n.peer_addr, toml).await) });
+            .map(|(&id, n)| async move { (id, peer_check_schema(id, &n.peer_addr, toml).await) });
         let mut silent = Vec::new();
         for (id, verdict) in futures::future::join_all(asks).await {
             match verdict {
@@ -102,7 +102,7 @@ impl Node {
     /// schema's entry (its log says why).
     pub(super) async fn check_schema_on_new_node(&self, id: NodeId, peer_addr: &str) -> Result<()> {
         let schema = self.schema();
-        match peer_check_schema(peer_addr, &schema.schema.toml).await {
+        match peer_check_schema(id, peer_addr, &schema.schema.toml).await {
             Verdict::Accepted | Verdict::Silent(_) => Ok(()),
             Verdict::Refused(why) => Err(Error::FailedPrecondition(format!(
                 "node {id}'s build refuses the cluster's schema (version {}): {why}; start it with a build \
@@ -124,8 +124,8 @@ fn refused_by(id: NodeId, why: &str) -> Error {
 }
 
 /// Asks the node at peer address `addr` whether its build accepts `toml`.
-async fn peer_check_schema(addr: &str, toml: &str) -> Verdict {
-    let endpoint = match crate::tls::peer_endpoint(addr) {
+async fn peer_check_schema(node: NodeId, addr: &str, toml: &str) -> Verdict {
+    let endpoint = match crate::tls::peer_endpoint(addr, Some(node)) {
         Ok(e) => e.connect_timeout(CHECK_TIMEOUT).timeout(CHECK_TIMEOUT),
         Err(e) => return Verdict::Silent(e.to_string()),
     };

@@ -78,7 +78,7 @@ async fn ask_seeds(seeds: &[String]) -> u32 {
 
 /// The number of shards of the cluster `seed` (a peer address) belongs to.
 pub async fn ask(seed: &str) -> Result<u32, String> {
-    let endpoint = crate::tls::peer_endpoint(seed)
+    let endpoint = crate::tls::peer_endpoint(seed, None)
         .map_err(|e| format!("{seed}: {e}"))?
         .connect_timeout(ASK_TIMEOUT)
         .timeout(ASK_TIMEOUT);

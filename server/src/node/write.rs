@@ -15,6 +15,7 @@
 //! after its shard. Atomic per shard, not across shards.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use portrait_core::schema::VersionedSchema;
 use portrait_core::shard::shard_of;
@@ -106,16 +107,21 @@ impl Node {
 
     /// Visible here when the write returns (api.md): a part another node
     /// committed is waited for on this node's replica of its shard, when
-    /// that replica votes (it holds the entry or will within a round; a
-    /// learner may be a whole snapshot behind). At most the write timeout:
-    /// the write is committed whatever this replica does, so it still
-    /// succeeds after that.
+    /// the map places the shard here and that replica follows as a voter
+    /// of its applied membership (it holds the entry or will within a
+    /// round; a learner may be a whole snapshot behind, a removed voter
+    /// never hears of it). At most one election timeout: the write is
+    /// committed whatever this replica does, so it still succeeds after
+    /// that.
     async fn wait_applied_here(&self, parts: &[ShardWrite]) {
+        let map = self.cluster().map.clone();
+        let within = Duration::from_millis(self.tuning.election_timeout_max_ms).min(self.write_timeout);
         let waits = parts.iter().filter_map(|part| {
+            let placed = map.as_ref()?.replicas.get(part.shard as usize)?.contains(&self.id);
             let replica = self.registry.get(GroupId(part.shard))?;
-            let voter = replica.raft.metrics().borrow().state == openraft::ServerState::Follower;
-            voter.then_some(async move {
-                let wait = tokio::time::timeout(self.write_timeout, replica.sm.wait_written(part.log_index));
+            let follows = replica.raft.metrics().borrow().state == openraft::ServerState::Follower;
+            (placed && follows && replica.sm.is_voter(self.id)).then_some(async move {
+                let wait = tokio::time::timeout(within, replica.sm.wait_written(part.log_index));
                 if !matches!(wait.await, Ok(Ok(()))) {
                     tracing::debug!(group = %replica.gid, index = part.log_index, "a forwarded write not applied here in time");
                 }

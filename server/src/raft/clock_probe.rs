@@ -135,7 +135,7 @@ impl ClockProbe {
                 continue;
             }
             if clients.get(id).is_none_or(|(a, _)| a != addr) {
-                let Ok(endpoint) = crate::tls::peer_endpoint(addr) else { continue };
+                let Ok(endpoint) = crate::tls::peer_endpoint(addr, Some(*id)) else { continue };
                 let endpoint =
                     endpoint.connect_timeout(PROBE_TIMEOUT).timeout(PROBE_TIMEOUT).tcp_nodelay(true);
                 clients.insert(*id, (addr.clone(), RaftClient::new(endpoint.connect_lazy())));
@@ -184,7 +184,7 @@ impl ClockProbe {
         if let Some((id, addr)) = target {
             let group = replica.gid;
             tracing::warn!(target = id, %group, "clock off its peers: handing leadership over");
-            if let Err(e) = replica.transfer.hand_over(*id, addr).await {
+            if let Err(e) = replica.transfer.run(*id, addr).await {
                 tracing::warn!(target = id, %group, error = %e, "handing leadership over failed; will retry");
             }
         }

@@ -67,8 +67,10 @@ pub struct Channels(Arc<Links>);
 
 #[derive(Default)]
 pub struct Links {
-    clients: std::sync::Mutex<HashMap<String, RaftClient<Channel>>>,
-    queues: std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>,
+    /// By peer node and address: with TLS each channel checks that the
+    /// node answering is that node (its certificate names it).
+    clients: std::sync::Mutex<HashMap<(NodeId, String), RaftClient<Channel>>>,
+    queues: std::sync::Mutex<HashMap<(NodeId, String), mpsc::UnboundedSender<Queued>>>,
     batches: AtomicU64,
     items: AtomicU64,
     /// Snapshot chunks of every group to every peer share this rate.
@@ -189,26 +191,29 @@ impl Channels {
         self.0.snapshot_bytes.load(Ordering::Relaxed)
     }
 
-    /// The client for `addr`, connecting lazily on first use.
-    pub fn get(&self, addr: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+    /// The client for node `node` at `addr`, connecting lazily on first
+    /// use (with TLS, refusing a peer whose certificate does not name
+    /// `node`).
+    pub fn get(&self, node: NodeId, addr: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
         let mut map = self.0.clients.lock().expect("channels lock");
-        if let Some(c) = map.get(addr) {
+        let key = (node, addr.to_string());
+        if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
-        let endpoint = crate::tls::peer_endpoint(addr)?
+        let endpoint = crate::tls::peer_endpoint(addr, Some(node))?
             .connect_timeout(std::time::Duration::from_secs(2))
             .tcp_nodelay(true);
         let client = RaftClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
-        map.insert(addr.to_string(), client.clone());
+        map.insert(key, client.clone());
         Ok(client)
     }
 
     /// Drops the connection to `addr` after a transport failure: the next
     /// call of any group connects anew.
-    pub fn reset(&self, addr: &str) {
-        self.0.clients.lock().expect("channels lock").remove(addr);
+    pub fn reset(&self, node: NodeId, addr: &str) {
+        self.0.clients.lock().expect("channels lock").remove(&(node, addr.to_string()));
     }
 
     /// Sends one group's encoded AppendEntries to `addr` in the peer's
@@ -216,13 +221,14 @@ impl Channels {
     /// of the whole call. Gives up after `ttl`.
     pub async fn append(
         &self,
+        node: NodeId,
         addr: &str,
         payload: RaftPayload,
         ttl: Duration,
     ) -> Result<Vec<u8>, tonic::Status> {
         let (reply, answer) = oneshot::channel();
         let queued = Queued { payload, ttl, queued_at: tokio::time::Instant::now(), reply };
-        if self.queue(addr).send(queued).is_err() {
+        if self.queue(node, addr).send(queued).is_err() {
             return Err(tonic::Status::unavailable(format!("the queue to {addr} is closed")));
         }
         match tokio::time::timeout(ttl, answer).await {
@@ -242,15 +248,17 @@ impl Channels {
         self.0.items.load(Ordering::Relaxed)
     }
 
-    /// The queue to `addr`, starting its sending task on first use.
-    fn queue(&self, addr: &str) -> mpsc::UnboundedSender<Queued> {
+    /// The queue to node `node` at `addr`, starting its sending task on
+    /// first use.
+    fn queue(&self, node: NodeId, addr: &str) -> mpsc::UnboundedSender<Queued> {
         let mut map = self.0.queues.lock().expect("queues lock");
-        if let Some(tx) = map.get(addr).filter(|tx| !tx.is_closed()) {
+        let key = (node, addr.to_string());
+        if let Some(tx) = map.get(&key).filter(|tx| !tx.is_closed()) {
             return tx.clone();
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(send_queued(Arc::downgrade(&self.0), addr.to_string(), rx));
-        map.insert(addr.to_string(), tx.clone());
+        tokio::spawn(send_queued(Arc::downgrade(&self.0), node, addr.to_string(), rx));
+        map.insert(key, tx.clone());
         tx
     }
 }
@@ -258,7 +266,12 @@ impl Channels {
 /// A peer's sending task: takes everything queued (up to the batch bounds)
 /// whenever a call slot is free and sends it as one `AppendEntriesBatch`.
 /// Ends when the node's [`Channels`] are dropped.
-async fn send_queued(links: Weak<Links>, addr: String, mut rx: mpsc::UnboundedReceiver<Queued>) {
+async fn send_queued(
+    links: Weak<Links>,
+    node: NodeId,
+    addr: String,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+) {
     let slots = Arc::new(Semaphore::new(RAFT_BATCHES_IN_FLIGHT));
     let large = Arc::new(Semaphore::new(1));
     let mut carried: Option<Queued> = None;
@@ -289,7 +302,7 @@ async fn send_queued(links: Weak<Links>, addr: String, mut rx: mpsc::UnboundedRe
                 let Some(links) = links.upgrade() else { return };
                 links.batches.fetch_add(1, Ordering::Relaxed);
                 links.items.fetch_add(1, Ordering::Relaxed);
-                let client = Channels(links).get(&addr);
+                let client = Channels(links).get(node, &addr);
                 send_batch(client, vec![first]).await;
             });
             continue;
@@ -315,7 +328,7 @@ async fn send_queued(links: Weak<Links>, addr: String, mut rx: mpsc::UnboundedRe
         let Some(links) = links.upgrade() else { return };
         links.batches.fetch_add(1, Ordering::Relaxed);
         links.items.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let client = Channels(links).get(&addr);
+        let client = Channels(links).get(node, &addr);
         tokio::spawn(async move {
             send_batch(client, batch).await;
             drop(slot);
@@ -466,7 +479,7 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftE
 
 impl Peer {
     fn client<E: std::error::Error>(&mut self) -> Result<RaftClient<Channel>, RpcErr<E>> {
-        self.channels.get(&self.addr).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+        self.channels.get(self.target, &self.addr).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 
     /// Sends one encoded call and decodes the peer's `Result<Resp, RaftError<E>>`.
@@ -542,7 +555,7 @@ impl Peer {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
             }
             Err(status) => {
-                self.channels.reset(&self.addr);
+                self.channels.reset(self.target, &self.addr);
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
             }
         };
@@ -578,7 +591,8 @@ impl RaftNetwork<TypeConfig> for Peer {
         let result = match self.check_blocked() {
             Ok(()) => {
                 let payload = self.payload(data);
-                let response = self.channels.append(&self.addr, payload, option.hard_ttl()).await;
+                let response =
+                    self.channels.append(self.target, &self.addr, payload, option.hard_ttl()).await;
                 self.settle(response, too_large)
             }
             Err(e) => Err(e),
@@ -720,7 +734,7 @@ impl ElectionPeer {
         let unreachable = |e: &dyn std::fmt::Display| {
             Error::Unavailable(format!("cannot reach node {target} at {addr}: {e}"))
         };
-        let endpoint = crate::tls::peer_endpoint(addr)
+        let endpoint = crate::tls::peer_endpoint(addr, Some(target))
             .map_err(|e| unreachable(&e))?
             .connect_timeout(std::time::Duration::from_secs(2))
             .timeout(std::time::Duration::from_secs(5))

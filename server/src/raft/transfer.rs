@@ -80,26 +80,36 @@ pub struct LeaderTransfer {
 const HANDOVER_BACKOFF_MIN: Duration = Duration::from_secs(1);
 const HANDOVER_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Consecutive failed handovers and when the next may start.
+/// Consecutive failed handovers (in one term) and when the next may start.
 #[derive(Debug, Default)]
 struct Pacing {
     failures: u32,
     next: Option<std::time::Instant>,
+    term: u64,
 }
 
 impl Pacing {
-    /// Whether a handover may start at `now`; if not, how long until it may.
-    fn ready(&self, now: std::time::Instant) -> std::result::Result<(), Duration> {
+    /// Whether a handover may start at `now` in `term`; if not, how long
+    /// until it may. A new term starts afresh (a node leading again later
+    /// inherits no old wait).
+    fn ready(&mut self, now: std::time::Instant, term: u64) -> std::result::Result<(), Duration> {
+        if term != self.term {
+            *self = Pacing { term, ..Pacing::default() };
+        }
         match self.next {
             Some(next) if next > now => Err(next - now),
             _ => Ok(()),
         }
     }
 
-    /// Records a handover's outcome at `now`.
-    fn record(&mut self, ok: bool, now: std::time::Instant) {
+    /// Records a handover's outcome at `now`: `paused_writes` false for a
+    /// failure before the pause (nothing was held up), which is not paced.
+    fn record(&mut self, ok: bool, paused_writes: bool, now: std::time::Instant) {
         if ok {
-            *self = Pacing::default();
+            *self = Pacing { term: self.term, ..Pacing::default() };
+            return;
+        }
+        if !paused_writes {
             return;
         }
         self.failures = self.failures.saturating_add(1);
@@ -124,22 +134,26 @@ impl LeaderTransfer {
         LeaderTransfer { me, group, raft, gate, heartbeats, blocked, tuning, running, pacing }
     }
 
-    /// A handover the node starts on its own (placement: this leader is
-    /// leaving the group; the clock probe: its clock is off its peers'):
-    /// [`LeaderTransfer::run`], unless the last one failed lately. After a
-    /// failure the next waits 1 s, doubling per failure up to 30 s
-    /// (UNAVAILABLE meanwhile); an operator's `TransferLeader` is not paced.
+    /// A handover placement starts (this leader is leaving the group):
+    /// [`LeaderTransfer::run`], unless the last one failed lately after
+    /// pausing the group's writes. After such a failure the next waits
+    /// 1 s, doubling per failure up to 30 s within a term (UNAVAILABLE
+    /// meanwhile). Not paced: an operator's `TransferLeader`, and the
+    /// handover of a leader whose clock is off (it takes no writes until
+    /// it has handed over).
     pub async fn hand_over(&self, target: NodeId, addr: &str) -> Result<()> {
         let now = std::time::Instant::now();
-        if let Err(wait) = self.pacing.lock().expect("pacing").ready(now) {
+        let term = self.raft.metrics().borrow().current_term;
+        if let Err(wait) = self.pacing.lock().expect("pacing").ready(now, term) {
             return Err(Error::Unavailable(format!(
                 "the last handover of {} failed; the next is tried in {} ms",
                 self.group,
                 wait.as_millis()
             )));
         }
-        let outcome = self.run(target, addr).await;
-        self.pacing.lock().expect("pacing").record(outcome.is_ok(), std::time::Instant::now());
+        let mut paused = false;
+        let outcome = self.run_noting_pause(target, addr, &mut paused).await;
+        self.pacing.lock().expect("pacing").record(outcome.is_ok(), paused, std::time::Instant::now());
         outcome
     }
 
@@ -147,6 +161,12 @@ impl LeaderTransfer {
     /// `addr`; returns once this node follows it. The caller has checked
     /// that `target` is another voter.
     pub async fn run(&self, target: NodeId, addr: &str) -> Result<()> {
+        self.run_noting_pause(target, addr, &mut false).await
+    }
+
+    /// [`LeaderTransfer::run`]; `paused` turns true once proposals are
+    /// paused (step 3).
+    async fn run_noting_pause(&self, target: NodeId, addr: &str, paused: &mut bool) -> Result<()> {
         let Ok(_running) = self.running.try_lock() else {
             return Err(Error::Unavailable("a leadership transfer is already in progress".into()));
         };
@@ -177,6 +197,7 @@ impl LeaderTransfer {
         // 3. From here on this node proposes nothing.
         let pause_within = Duration::from_millis(self.tuning.write_timeout_ms) + Duration::from_secs(1);
         let _pause = self.gate.pause(pause_within).await?;
+        *paused = true;
         // 4. Everything proposed so far reaches the target and a quorum.
         let unsettled = |_: &Metrics| {
             Error::DeadlineExceeded(format!(
@@ -320,24 +341,29 @@ mod tests {
     fn failed_handovers_back_off_doubling_to_a_cap_and_a_success_resets_the_pace() {
         let t0 = std::time::Instant::now();
         let mut p = Pacing::default();
-        assert_eq!(p.ready(t0), Ok(()));
+        assert_eq!(p.ready(t0, 1), Ok(()));
         let mut waits = Vec::new();
         for _ in 0..7 {
-            p.record(false, t0);
-            waits.push(p.ready(t0).unwrap_err().as_secs());
+            p.record(false, true, t0);
+            waits.push(p.ready(t0, 1).unwrap_err().as_secs());
         }
         assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30]);
-        assert!(p.ready(t0 + Duration::from_secs(29)).is_err());
-        assert_eq!(p.ready(t0 + Duration::from_secs(30)), Ok(()));
-        p.record(true, t0);
-        assert_eq!(p.ready(t0), Ok(()));
-        p.record(false, t0);
-        assert_eq!(p.ready(t0).unwrap_err(), Duration::from_secs(1));
+        assert!(p.ready(t0 + Duration::from_secs(29), 1).is_err());
+        assert_eq!(p.ready(t0 + Duration::from_secs(30), 1), Ok(()));
+        p.record(true, false, t0);
+        assert_eq!(p.ready(t0, 1), Ok(()));
+        p.record(false, true, t0);
+        assert_eq!(p.ready(t0, 1).unwrap_err(), Duration::from_secs(1));
         // Many failures never overflow the shift.
         for _ in 0..100 {
-            p.record(false, t0);
+            p.record(false, true, t0);
         }
-        assert_eq!(p.ready(t0).unwrap_err(), HANDOVER_BACKOFF_MAX);
+        assert_eq!(p.ready(t0, 1).unwrap_err(), HANDOVER_BACKOFF_MAX);
+        // A new term starts afresh.
+        assert_eq!(p.ready(t0, 2), Ok(()));
+        // A failure before the pause held nothing up: not paced.
+        p.record(false, false, t0);
+        assert_eq!(p.ready(t0, 2), Ok(()));
     }
 
     #[test]

@@ -108,8 +108,9 @@ impl ProfileView {
 }
 
 /// History events are fetched this many at a time, each batch's bytes
-/// counted before the next is fetched.
-const HISTORY_FETCH: usize = 128;
+/// counted before the next is fetched (one batch is at most 16 events of
+/// 64 attributes of 4 KiB: 4 MiB past the budget).
+const HISTORY_FETCH: usize = 16;
 
 /// Reads a user's profile in group `gid`. Families no longer in the schema
 /// are not served. `selection` must be [`Selection::deduped`].
@@ -118,9 +119,10 @@ const HISTORY_FETCH: usize = 128;
 /// (counted as they are fetched, before they are decoded): a profile whose
 /// history is too large for the response is refused before it is held
 /// whole in memory. Stored records are about the size of their view (they
-/// hold the same fields), so a caller that refuses a view past `B` bytes
-/// passes `2 × B` here: a view that fits is never refused for its stored
-/// size, and a read holds at most about twice the limit per user.
+/// hold the same fields; a family no longer in the schema is not
+/// counted), so a caller that refuses a view past `B` bytes passes `2 × B`
+/// here: a view that fits is not refused for its stored size, and a read
+/// holds at most about twice the limit (plus one fetch) per user.
 #[allow(clippy::too_many_arguments)]
 pub fn read_profile(
     db: &DB,
@@ -184,25 +186,24 @@ fn read_families(
             {
                 let (key, value) = item?;
                 let Some(family) = keys::family_of(&key, &prefix) else { break };
-                fetched = fetched.saturating_add(value.len());
-                heads.push((family.to_string(), FamilyHead::decode(&value)?));
+                heads.push((family.to_string(), value.len(), FamilyHead::decode(&value)?));
             }
         }
         Some(families) => {
             let keys = families.iter().map(|f| (profiles, keys::profile(gid, user_id, f)));
             for (family, value) in families.iter().zip(snap.multi_get_cf(keys)) {
                 if let Some(bytes) = value? {
-                    fetched = fetched.saturating_add(bytes.len());
-                    heads.push((family.clone(), FamilyHead::decode(&bytes)?));
+                    heads.push((family.clone(), bytes.len(), FamilyHead::decode(&bytes)?));
                 }
             }
         }
     }
     let mut out = BTreeMap::new();
     let history = cf(db, CF_HISTORY);
-    for (family, mut head) in heads {
+    for (family, head_bytes, mut head) in heads {
         // Families no longer in the schema are not served.
         let Some(spec) = schema.family(&family) else { continue };
+        fetched = fetched.saturating_add(head_bytes);
         // Fetch only history events live at `now` (`live_view` applies the
         // current TTL after).
         head.prune(now_ms);

@@ -116,9 +116,11 @@ pub const REFETCH_BACKOFF: Duration = Duration::from_millis(250);
 
 impl Cached {
     /// Whether to fetch now: no map was fetched yet or it expired, or it is
-    /// stale and the backoff after failed fetches has passed.
+    /// stale (or none was had: the first fetch failed) and the backoff
+    /// after failed fetches has passed.
     fn due(&self, stale: bool, now: Instant) -> bool {
         let expired = self.fetched.is_none_or(|at| now.duration_since(at) > MAP_TTL);
+        let stale = stale || self.map.is_none();
         expired || (stale && self.retry.is_none_or(|(at, _)| now >= at))
     }
 
@@ -359,6 +361,11 @@ mod tests {
         let ms = |n| Duration::from_millis(n);
         let mut cached = Cached::default();
         assert!(cached.due(false, t0), "no map yet");
+        // A first fetch that failed is tried again after the backoff, not
+        // only once the TTL has passed.
+        cached.fetched(None, 3, t0);
+        assert!(!cached.due(false, t0 + ms(249)) && cached.due(false, t0 + ms(250)), "no map: backoff");
+        cached.retry = None;
         cached.fetched(RouteMap::new(answer(), "http://127.0.0.1:7701", true), 3, t0);
         assert!(!cached.due(false, t0 + ms(1)) && cached.due(true, t0 + ms(1)), "fresh: fetched when stale");
         // The nodes are down: each failure waits twice as long, up to the TTL.

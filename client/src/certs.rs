@@ -103,22 +103,28 @@ pub fn init(dir: &Path, nodes: u32, hosts: &[String], force: bool) -> anyhow::Re
     ))
 }
 
+/// Writes `contents` to a new file beside `path` (mode 0600 for a
+/// `secret`, else 0644, from its creation on), syncs it, and renames it
+/// over `path`: an overwritten key is replaced, never rewritten in place, so
+/// a process holding the old file open (it may have been readable by more
+/// users) never sees the new key, and a symlink at `path` is replaced, not
+/// followed.
 fn write(path: &Path, contents: &str, secret: bool) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mode = if secret { 0o600 } else { 0o644 };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    // `mode` applies to new files only: set it on an overwritten one too.
-    use std::os::unix::fs::PermissionsExt;
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set the permissions of {}", path.display()))?;
-    file.write_all(contents.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let temp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&temp)?;
+        file.write_all(contents.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written.with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]
@@ -143,7 +149,24 @@ mod tests {
         let err = init(dir.path(), 2, &hosts, false).unwrap_err().to_string();
         assert!(err.ends_with("exists; nothing was written (--force overwrites)"), "{err}");
         assert_eq!(std::fs::read(dir.path().join("peer-ca.pem")).unwrap(), before);
+        // --force replaces each file: a key that was readable by others,
+        // held open by some process, never receives the new key.
+        let key = dir.path().join("node-1.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let old_key = std::fs::read(&key).unwrap();
+        let mut held = std::fs::File::open(&key).unwrap();
         init(dir.path(), 2, &hosts, true).unwrap();
         assert_ne!(std::fs::read(dir.path().join("peer-ca.pem")).unwrap(), before);
+        let mut seen = Vec::new();
+        std::io::Read::read_to_end(&mut held, &mut seen).unwrap();
+        assert_eq!(seen, old_key, "the open handle still reads the old key");
+        assert_ne!(std::fs::read(&key).unwrap(), old_key);
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

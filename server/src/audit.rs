@@ -12,10 +12,10 @@
 //! Audited: every RPC that changes the cluster or reads it for an operator
 //! beyond the reader role — `Admin.ApplySchema` (dry runs too),
 //! `AddNode`, `DrainNode`, `RemoveNode`, `TransferLeader`, `ConfirmClock`,
-//! `SetClockOffset`, `BackupShard`, `RestoreShard`, `SetPartition`, and a
-//! node's `Raft.Join`. Calls a
+//! `SetClockOffset`, `BackupShard`, `RestoreShard`, `SetPartition`, a
+//! node's `Raft.Join`, and token file reloads (`SIGHUP/ReloadTokens`). Calls a
 //! token check refused are not audited here (they never reach a service;
-//! the node logs them at debug level).
+//! the node logs them at debug level, refused `Admin` calls at warn).
 
 use std::io::Write;
 use std::net::SocketAddr;

@@ -216,6 +216,12 @@ impl TokenBook {
         self.tokens.len()
     }
 
+    /// Each token's name and its roles' names (never a digest): what the
+    /// audit trail of a reload compares.
+    pub fn grants(&self) -> std::collections::BTreeMap<String, Vec<&'static str>> {
+        self.tokens.iter().map(|t| (t.name.clone(), t.roles.iter().map(|r| r.name()).collect())).collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }

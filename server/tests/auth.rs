@@ -311,6 +311,23 @@ async fn sighup_rereads_the_token_file_and_a_bad_one_keeps_the_tokens_in_use() {
     }
     assert!(call(&channel, status, Some(new)).await.is_ok(), "a bad reload dropped the tokens");
     assert!(call(&channel, status, Some(TOKENS[0].1)).await.is_ok());
+    // Both reloads are in the audit trail: who was added, and the refusal.
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let reloads: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["rpc"] == "SIGHUP/ReloadTokens")
+        .collect();
+    assert_eq!(reloads.len(), 2, "{audit}");
+    assert_eq!(
+        (&reloads[0]["ok"], &reloads[0]["caller"]),
+        (&serde_json::json!(true), &serde_json::json!("(SIGHUP)"))
+    );
+    assert_eq!(reloads[0]["args"]["added"], serde_json::json!(["new"]), "{audit}");
+    assert_eq!(reloads[0]["args"]["removed"], serde_json::json!([]), "{audit}");
+    assert_eq!(reloads[0]["args"]["tokens"], serde_json::json!(TOKENS.len() + 1), "{audit}");
+    assert_eq!(reloads[1]["ok"], serde_json::json!(false), "{audit}");
+    assert!(!audit.contains(&hex(&sha256(new))), "no digest in the audit trail");
 
     // A stream outlives no reload that removes its token: its next batch
     // ends it. The batches before were applied.

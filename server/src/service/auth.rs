@@ -67,12 +67,24 @@ impl Gate {
     }
 
     /// Reads the token file again; on an error the tokens in use stay.
-    pub fn reload(&self, path: &Path) -> Result<usize, String> {
+    /// What changed: the tokens now, and the names added, removed, and
+    /// whose roles changed.
+    pub fn reload(&self, path: &Path) -> Result<serde_json::Value, String> {
         let Some(book) = &self.book else { return Err("token checks are off".into()) };
         let new = TokenBook::load(path)?;
-        let n = new.len();
+        let (before, after) = (self.current().map(|b| b.grants()).unwrap_or_default(), new.grants());
+        let names = |f: &dyn Fn(&String) -> bool, from: &std::collections::BTreeMap<String, Vec<&str>>| {
+            from.keys().filter(|n| f(n)).cloned().collect::<Vec<_>>()
+        };
+        let change = serde_json::json!({
+            "file": path.display().to_string(),
+            "tokens": new.len(),
+            "added": names(&|n| !before.contains_key(n), &after),
+            "removed": names(&|n| !after.contains_key(n), &before),
+            "roles_changed": names(&|n| before.get(n).is_some_and(|r| after.get(n) != Some(r)), &before),
+        });
         *book.write().expect("token book lock") = Arc::new(new);
-        Ok(n)
+        Ok(change)
     }
 
     fn current(&self) -> Option<Arc<TokenBook>> {
@@ -101,19 +113,46 @@ pub fn reload_on_sighup(
                 continue;
             };
             let gate = gate.clone();
+            let started = std::time::Instant::now();
             let reloaded = tokio::task::spawn_blocking(move || (gate.reload(&path), path)).await;
+            // Who holds which role changes here: audited like an admin call.
+            let who = crate::audit::Who { token: Some("(SIGHUP)".into()), remote: None };
             match reloaded {
-                Ok((Ok(n), path)) => {
-                    tracing::info!(file = %path.display(), tokens = n, "token file reloaded")
+                Ok((Ok(change), path)) => {
+                    tracing::info!(file = %path.display(), tokens = %change["tokens"], "token file reloaded");
+                    audit.record(&who, "SIGHUP/ReloadTokens", change, Ok(()), started.elapsed());
                 }
-                Ok((Err(e), _)) => {
-                    tracing::error!(error = %e, "token file not reloaded; the tokens in use stay")
+                Ok((Err(e), path)) => {
+                    tracing::error!(error = %e, "token file not reloaded; the tokens in use stay");
+                    let status =
+                        tonic::Status::invalid_argument(format!("not reloaded, the tokens in use stay: {e}"));
+                    let args = serde_json::json!({"file": path.display().to_string()});
+                    audit.record(&who, "SIGHUP/ReloadTokens", args, Err(&status), started.elapsed());
                 }
                 Err(e) => tracing::error!(error = %e, "token file not reloaded; the tokens in use stay"),
             }
         }
     });
     Ok(())
+}
+
+/// Whether a refused admin call is logged at warn now: at most one a
+/// second, so a caller trying tokens cannot flood the log.
+fn admin_refusal_due() -> bool {
+    static LAST_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let last = LAST_MS.load(std::sync::atomic::Ordering::Relaxed);
+    now.saturating_sub(last) >= 1_000
+        && LAST_MS
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
 }
 
 /// A service whose calls pass the node's token checks first.
@@ -159,7 +198,14 @@ where
                         Denied::Permission(m) => tonic::Status::permission_denied(m),
                     };
                     let rpc = request.uri().path();
-                    tracing::debug!(rpc, code = ?status.code(), reason = status.message(), "call refused");
+                    // A refused admin call may be someone trying tokens:
+                    // logged at warn, at most once a second (the others
+                    // at debug, as every other refusal).
+                    if rpc.starts_with("/portrait.v1.Admin/") && admin_refusal_due() {
+                        tracing::warn!(rpc, code = ?status.code(), reason = status.message(), "admin call refused");
+                    } else {
+                        tracing::debug!(rpc, code = ?status.code(), reason = status.message(), "call refused");
+                    }
                     return Box::pin(std::future::ready(Ok(status.into_http())));
                 }
             }

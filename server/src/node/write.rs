@@ -114,10 +114,11 @@ impl Node {
     /// committed whatever this replica does, so it still succeeds after
     /// that.
     async fn wait_applied_here(&self, parts: &[ShardWrite]) {
-        let map = self.cluster().map.clone();
+        let cluster = self.cluster();
+        let map = cluster.map.as_ref();
         let within = Duration::from_millis(self.tuning.election_timeout_max_ms).min(self.write_timeout);
         let waits = parts.iter().filter_map(|part| {
-            let placed = map.as_ref()?.replicas.get(part.shard as usize)?.contains(&self.id);
+            let placed = map?.replicas.get(part.shard as usize)?.contains(&self.id);
             let replica = self.registry.get(GroupId(part.shard))?;
             let follows = replica.raft.metrics().borrow().state == openraft::ServerState::Follower;
             (placed && follows && replica.sm.is_voter(self.id)).then_some(async move {

@@ -7,7 +7,6 @@
 //! The router also keeps the newest map epoch answers have carried (see
 //! [`crate::routing`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
-use crate::routing::MAP_EPOCH_HEADER;
+use crate::routing::{Seen, CLUSTER_ID_HEADER, MAP_EPOCH_HEADER};
 use crate::ClientError;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -145,8 +144,9 @@ impl Targets {
 #[derive(Clone)]
 pub(crate) struct Router {
     targets: Arc<Mutex<Targets>>,
-    /// The largest `x-portrait-map-epoch` seen in an answer.
-    seen_epoch: Arc<AtomicU64>,
+    /// The cluster (`x-portrait-cluster-id`) and the largest map epoch
+    /// within it (`x-portrait-map-epoch`) answers carried.
+    seen: Arc<Mutex<Seen>>,
     options: Arc<ConnectOptions>,
 }
 
@@ -164,11 +164,7 @@ impl Router {
 
     pub(crate) fn new(seed: Conn, options: ConnectOptions) -> Self {
         let targets = Targets { seed, leader: None, on_leader: false };
-        Self {
-            targets: Arc::new(Mutex::new(targets)),
-            seen_epoch: Arc::default(),
-            options: Arc::new(options),
-        }
+        Self { targets: Arc::new(Mutex::new(targets)), seen: Arc::default(), options: Arc::new(options) }
     }
 
     /// How new connections are made.
@@ -181,17 +177,20 @@ impl Router {
         self.lock().seed.clone()
     }
 
-    /// Notes the map epoch an answer (or error) carries.
+    /// Notes the map epoch and cluster an answer (or error) carries.
     pub fn note_epoch(&self, metadata: &MetadataMap) {
         let epoch = metadata.get(MAP_EPOCH_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
+        let cluster =
+            metadata.get(CLUSTER_ID_HEADER).and_then(|v| u64::from_str_radix(v.to_str().ok()?, 16).ok());
         if let Some(epoch) = epoch {
-            self.seen_epoch.fetch_max(epoch, Ordering::Relaxed);
+            let mut seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            *seen = seen.note(cluster.unwrap_or(0), epoch);
         }
     }
 
-    /// The newest map epoch seen in an answer.
-    pub fn seen_epoch(&self) -> u64 {
-        self.seen_epoch.load(Ordering::Relaxed)
+    /// The newest map answers told of.
+    pub fn seen(&self) -> Seen {
+        *self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The connection new calls should use.

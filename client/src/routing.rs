@@ -6,7 +6,9 @@
 //!
 //! The map is fetched on first use and again when it is older than
 //! [`MAP_TTL`], when an answer carries a newer epoch in
-//! `x-portrait-map-epoch`, or after a node it named answered UNAVAILABLE
+//! `x-portrait-map-epoch` (or another cluster's id in
+//! `x-portrait-cluster-id`: a cluster created anew at the same addresses,
+//! whose epochs start again at 1), or after a node it named answered UNAVAILABLE
 //! (a redirect, no leader, unreachable). Routing only saves hops: any node
 //! serves any call, so without a map, or when the node a map names fails,
 //! a call goes through the [`Router`] as before (redirects and retries).
@@ -26,6 +28,36 @@ use crate::ClientError;
 
 /// Response header carrying the answering node's map epoch.
 pub const MAP_EPOCH_HEADER: &str = "x-portrait-map-epoch";
+/// Response header carrying the id of the answering node's cluster (16 hex
+/// digits; absent before the cluster exists).
+pub const CLUSTER_ID_HEADER: &str = "x-portrait-cluster-id";
+
+/// The newest map answers told of: the cluster (0: none said) and the
+/// largest epoch within it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Seen {
+    pub cluster: u64,
+    pub epoch: u64,
+}
+
+impl Seen {
+    /// What is seen after an answer carrying `cluster` (0: none) and
+    /// `epoch`. Another cluster's id replaces what was seen, as epochs of
+    /// two clusters do not compare (a cluster created anew at the same
+    /// addresses starts again at 1); otherwise the larger epoch.
+    pub fn note(self, cluster: u64, epoch: u64) -> Seen {
+        if cluster != 0 && self.cluster != 0 && cluster != self.cluster {
+            return Seen { cluster, epoch };
+        }
+        Seen { cluster: if cluster == 0 { self.cluster } else { cluster }, epoch: self.epoch.max(epoch) }
+    }
+
+    /// Whether `map` is behind what was seen: another cluster's, or older.
+    fn passes(self, map: &RouteMap) -> bool {
+        let other_cluster = self.cluster != 0 && map.cluster != 0 && map.cluster != self.cluster;
+        other_cluster || map.epoch < self.epoch
+    }
+}
 /// How long a fetched map is used before it is fetched again (leaders
 /// move without a new epoch).
 pub const MAP_TTL: Duration = Duration::from_secs(10);
@@ -33,6 +65,8 @@ pub const MAP_TTL: Duration = Duration::from_secs(10);
 /// What routing needs of a shard map.
 #[derive(Debug)]
 pub(crate) struct RouteMap {
+    /// The cluster's id (0: the node did not say).
+    pub cluster: u64,
     pub epoch: u64,
     pub shards: u32,
     /// The endpoint of each node.
@@ -66,7 +100,15 @@ impl RouteMap {
             leaders[s.shard as usize] = Some(s.leader_id).filter(|&l| l != 0);
         }
         let home = home.then_some(answer.node_id);
-        Some(RouteMap { epoch: answer.epoch, shards, endpoints, replicas, leaders, home })
+        Some(RouteMap {
+            cluster: answer.cluster_id,
+            epoch: answer.epoch,
+            shards,
+            endpoints,
+            replicas,
+            leaders,
+            home,
+        })
     }
 
     pub fn shard_of(&self, user_id: &str) -> u32 {
@@ -124,19 +166,24 @@ impl Cached {
         expired || (stale && self.retry.is_none_or(|(at, _)| now >= at))
     }
 
-    /// Records a fetch's outcome at `now`, `seen` being the newest epoch
-    /// an answer carried: a map at least that new resets the backoff. A
+    /// Records a fetch's outcome at `now`, `seen` being the newest map
+    /// answers told of: a map at least that new resets the backoff. A
     /// failure keeps the old map (it still routes most calls right) and
     /// waits longer before the next; so does a map older than the cached
     /// one (kept: a lagging node's answer never replaces a newer map), and
     /// a map taken that is still older than `seen` (else every call would
-    /// fetch again).
-    fn fetched(&mut self, map: Option<RouteMap>, seen: u64, now: Instant) {
+    /// fetch again). A map of another cluster than the cached one replaces
+    /// it when it is the cluster seen last, whatever the epochs.
+    fn fetched(&mut self, map: Option<RouteMap>, seen: Seen, now: Instant) {
         self.fetched = Some(now);
-        let newer = |m: &RouteMap| self.map.as_ref().is_none_or(|cached| m.epoch >= cached.epoch);
+        let newer = |m: &RouteMap| match &self.map {
+            None => true,
+            Some(cached) if cached.cluster != m.cluster => m.cluster == seen.cluster,
+            Some(cached) => m.epoch >= cached.epoch,
+        };
         match map {
             Some(map) if newer(&map) => {
-                let behind = map.epoch < seen;
+                let behind = seen.passes(&map);
                 self.map = Some(Arc::new(map));
                 match behind {
                     true => self.back_off(now),
@@ -176,7 +223,7 @@ impl Routes {
     /// (up to [`FETCH_TIMEOUT`] each) holds up one call, not all of them.
     pub async fn map(&self, router: &Router) -> Option<Arc<RouteMap>> {
         let mut cached = self.cache.lock().await;
-        let outdated = cached.map.as_ref().is_some_and(|m| m.epoch < router.seen_epoch());
+        let outdated = cached.map.as_ref().is_some_and(|m| router.seen().passes(m));
         let stale = self.stale.load(Ordering::Relaxed) || outdated;
         if !cached.due(stale, Instant::now()) {
             return cached.map.clone();
@@ -206,7 +253,7 @@ impl Routes {
     /// Records a fetch's outcome in the cache, and drops the channels the
     /// map taken no longer names.
     fn took(&self, cached: &mut Cached, map: Option<RouteMap>, router: &Router) {
-        cached.fetched(map, router.seen_epoch(), Instant::now());
+        cached.fetched(map, router.seen(), Instant::now());
         if let Some(map) = &cached.map {
             self.prune(map, &router.seed().endpoint);
         }
@@ -257,8 +304,8 @@ const FETCH_OTHERS: usize = 2;
 impl Routes {
     /// Asks the seed for the map, then the router's current node, then up
     /// to [`FETCH_OTHERS`] other nodes `named` (the cached map's), until
-    /// one answers with a map at least as new as the newest epoch seen
-    /// (a lagging node's map is older); else the newest map answered. One
+    /// one answers with a map at least as new as the newest seen (a
+    /// lagging node's map is older); else the newest map answered. One
     /// attempt each, within [`FETCH_TIMEOUT`], so a fetch never holds a
     /// call up for long; a seed down for good no longer freezes the map.
     async fn fetch(&self, router: &Router, named: &[String]) -> Option<RouteMap> {
@@ -287,10 +334,13 @@ impl Routes {
                     let Some(map) = RouteMap::new(answer.into_inner(), &conn.endpoint, home) else {
                         continue;
                     };
-                    if map.epoch >= router.seen_epoch() {
+                    let seen = router.seen();
+                    if !seen.passes(&map) {
                         return Some(map);
                     }
-                    if best.as_ref().is_none_or(|b| map.epoch > b.epoch) {
+                    // The seen cluster's first, then the newest.
+                    let rank = |m: &RouteMap| (m.cluster == seen.cluster, m.epoch);
+                    if best.as_ref().is_none_or(|b| rank(&map) > rank(b)) {
                         best = Some(map);
                     }
                 }
@@ -325,7 +375,13 @@ mod tests {
             shard_replicas: vec![shard(0, &[1, 2], 2), shard(1, &[2, 3], 0), shard(2, &[3, 1], 3)],
             node_id: 1,
             draining: vec![],
+            cluster_id: 0xa,
         }
+    }
+
+    /// Seen `epoch` of the cluster [`answer`] is in.
+    fn seen(epoch: u64) -> Seen {
+        Seen { cluster: 0xa, epoch }
     }
 
     #[test]
@@ -363,22 +419,22 @@ mod tests {
         assert!(cached.due(false, t0), "no map yet");
         // A first fetch that failed is tried again after the backoff, not
         // only once the TTL has passed.
-        cached.fetched(None, 3, t0);
+        cached.fetched(None, seen(3), t0);
         assert!(!cached.due(false, t0 + ms(249)) && cached.due(false, t0 + ms(250)), "no map: backoff");
         cached.retry = None;
-        cached.fetched(RouteMap::new(answer(), "http://127.0.0.1:7701", true), 3, t0);
+        cached.fetched(RouteMap::new(answer(), "http://127.0.0.1:7701", true), seen(3), t0);
         assert!(!cached.due(false, t0 + ms(1)) && cached.due(true, t0 + ms(1)), "fresh: fetched when stale");
         // The nodes are down: each failure waits twice as long, up to the TTL.
         let mut at = t0 + ms(1);
         for wait in [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000] {
-            cached.fetched(None, 3, at);
+            cached.fetched(None, seen(3), at);
             assert!(!cached.due(true, at + ms(wait) - ms(1)), "stale, within {wait} ms of a failure");
             at += ms(wait);
             assert!(cached.due(true, at), "stale, {wait} ms after");
         }
         assert!(cached.map.is_some(), "the old map is kept");
         assert!(cached.due(false, at + MAP_TTL + ms(1)), "expired: fetched whatever the backoff");
-        cached.fetched(RouteMap::new(answer(), "http://127.0.0.1:7701", true), 3, at);
+        cached.fetched(RouteMap::new(answer(), "http://127.0.0.1:7701", true), seen(3), at);
         assert!(cached.due(true, at + ms(1)), "a map resets the backoff");
     }
 
@@ -389,21 +445,52 @@ mod tests {
         let map =
             |epoch| RouteMap::new(ShardMapResponse { epoch, ..answer() }, "http://127.0.0.1:7701", true);
         let mut cached = Cached::default();
-        cached.fetched(map(7), 7, t0);
+        cached.fetched(map(7), seen(7), t0);
         assert!(cached.due(true, t0 + ms(1)), "current: a stale mark fetches at once");
         // A lagging node answers epoch 5: the cached 7 stays, and the next
         // fetch waits.
-        cached.fetched(map(5), 7, t0 + ms(1));
+        cached.fetched(map(5), seen(7), t0 + ms(1));
         assert_eq!(cached.map.as_ref().unwrap().epoch, 7);
         assert!(!cached.due(true, t0 + ms(2)), "backs off after an older map");
         assert!(cached.due(true, t0 + ms(252)));
         // Epoch 8 is seen, only 7 answered: taken (not older), but the
         // fetch backs off instead of running on every call.
-        cached.fetched(map(7), 8, t0 + ms(300));
+        cached.fetched(map(7), seen(8), t0 + ms(300));
         assert!(!cached.due(true, t0 + ms(301)), "still behind the epoch seen: backs off");
-        cached.fetched(map(8), 8, t0 + ms(2000));
+        cached.fetched(map(8), seen(8), t0 + ms(2000));
         assert_eq!(cached.map.as_ref().unwrap().epoch, 8);
         assert!(cached.due(true, t0 + ms(2001)), "caught up: the backoff is reset");
+    }
+
+    #[test]
+    fn a_cluster_created_anew_at_the_same_addresses_replaces_the_map_whatever_its_epoch() {
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let map = |cluster_id, epoch| {
+            let answer = ShardMapResponse { cluster_id, epoch, ..answer() };
+            RouteMap::new(answer, "http://127.0.0.1:7701", true)
+        };
+        // What answers carry: another cluster's id starts the count again;
+        // an answer without an id (an older node) counts as the same one.
+        let old = Seen::default().note(0xa, 40);
+        assert_eq!(old, Seen { cluster: 0xa, epoch: 40 });
+        assert_eq!(old.note(0xa, 12), old, "a lagging node of the same cluster");
+        assert_eq!(old.note(0, 41), Seen { cluster: 0xa, epoch: 41 });
+        let new = old.note(0xb, 2);
+        assert_eq!(new, Seen { cluster: 0xb, epoch: 2 });
+        assert_eq!(new.note(0xb, 3), Seen { cluster: 0xb, epoch: 3 });
+
+        let mut cached = Cached::default();
+        cached.fetched(map(0xa, 40), old, t0);
+        assert!(new.passes(cached.map.as_ref().unwrap()), "the cached map is the old cluster's: stale");
+        cached.fetched(map(0xb, 2), new, t0 + ms(1));
+        let taken = cached.map.as_ref().unwrap();
+        assert_eq!((taken.cluster, taken.epoch), (0xb, 2), "taken although its epoch is lower");
+        assert!(cached.due(true, t0 + ms(2)), "caught up: no backoff");
+        // A node still answering with the old cluster's map (not yet
+        // restarted) does not bring it back.
+        cached.fetched(map(0xa, 41), new, t0 + ms(3));
+        assert_eq!(cached.map.as_ref().unwrap().cluster, 0xb);
     }
 
     #[tokio::test]

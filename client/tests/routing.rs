@@ -4,6 +4,7 @@
 mod fake;
 
 use fake::{event, shard_map, user_of_shard, Fake, Node};
+use portrait_client::portrait_proto::v1::ShardMapResponse;
 use portrait_client::{Consistency, PortraitClient};
 
 /// Nodes 1 and 2, both serving a map (epoch 1) in which node 1 leads shard
@@ -58,6 +59,34 @@ async fn local_reads_stay_on_the_connected_node_and_linearizable_ones_go_to_the_
     let on_b: Vec<_> = ids.iter().filter(|u| portrait_client::shard_of(u, 2) == 1).cloned().collect();
     assert_eq!(b.fake.users()[1..], on_b[..], "one call for node 2's users");
     assert_eq!(a.fake.users().len(), 1 + ids.len() - on_b.len());
+}
+
+#[tokio::test]
+async fn a_cluster_created_anew_at_the_same_addresses_is_routed_by_its_own_map() {
+    let a = Node::start(Fake { id: 1, ..Default::default() }).await;
+    let b = Node::start(Fake { id: 2, ..Default::default() }).await;
+    set_leaders(&[&a, &b], 40, &[1, 2]);
+    let client = PortraitClient::connect(&a.url()).await.unwrap();
+    let u = user(1, 0);
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(b.fake.users(), vec![u.clone()]);
+
+    // The cluster is created anew at the same addresses: another id, its
+    // epochs from 1 again, node 1 leading both shards.
+    let addrs = [(1, a.url()), (2, b.url())];
+    let addrs: Vec<(u64, &str)> = addrs.iter().map(|(id, url)| (*id, url.as_str())).collect();
+    for node in [&a, &b] {
+        node.fake.set_map(ShardMapResponse { cluster_id: 0xb, ..shard_map(2, &addrs, &[1, 1]) });
+    }
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(b.fake.users().len(), 2, "the cached map still names node 2");
+    // Node 2's answer named the new cluster: its map is taken although its
+    // epoch (2) is below the cached one (40).
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(a.fake.map_calls(), 2);
+    assert_eq!(a.fake.users(), vec![u.clone()], "routed by the new cluster's map");
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!((a.fake.users().len(), b.fake.users().len(), a.fake.map_calls()), (2, 2, 2));
 }
 
 #[tokio::test]

@@ -1,13 +1,16 @@
 //! Routing from the Rust client on three nodes and four shards whose
 //! leaders are on different nodes: writes across shards go to each shard's
 //! leader and read back LINEARIZABLE from it, and `portrait locate` names
-//! the shard the server reads a user from.
+//! the shard the server reads a user from. An empty batch is answered
+//! where it is asked.
 
 use std::collections::BTreeSet;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use portrait_client::portrait_proto::v1::rule_value::Kind;
 use portrait_client::{shard_of, Consistency, Event, Value};
+use portrait_cluster_tests::replicas::{placement, statuses};
 use portrait_cluster_tests::{portrait_cli, workload, Cluster, TEST_SHARDS};
 
 fn visit(user: &str, page: &str) -> Event {
@@ -136,5 +139,36 @@ async fn a_write_forwarded_by_a_follower_is_visible_there_when_it_returns() {
             Some(Value::string("forwarded")),
             "write {i} not visible on node {follower}"
         );
+    }
+}
+
+/// Two nodes, replication 1: each hosts some of the shards. An empty
+/// `BatchGetProfiles` reads no user, so it is answered from a shard the
+/// node hosts, not from shard 0 wherever it is: it still answers, on its
+/// own node, while the node holding shard 0 is down.
+#[tokio::test]
+async fn an_empty_batch_is_answered_by_the_node_asked_while_shard_0_is_down() {
+    let mut cluster = Cluster::start_sharded_with_config(2, TEST_SHARDS, "replication = 1\n").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let holder = loop {
+        let placed = placement(&statuses(&cluster, &[1, 2]).await);
+        let settled = placed.len() == TEST_SHARDS as usize
+            && placed.values().all(|(nodes, leader)| nodes.len() == 1 && leader.is_some());
+        let hosts = |id| placed.values().any(|(nodes, _)| nodes.contains(&id));
+        if settled && hosts(1) && hosts(2) {
+            break *placed[&0].0.first().expect("shard 0's node");
+        }
+        assert!(Instant::now() < deadline, "shards not spread over both nodes: {placed:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let other = 3 - holder;
+    cluster.kill(holder);
+    let client = cluster.client(other).await.without_routing();
+    for consistency in [Consistency::Local, Consistency::Linearizable] {
+        let read = client.batch_get_profiles(&[], &[], consistency).await.expect("an empty batch");
+        assert!(read.profiles.is_empty(), "{read:?}");
+        let info = read.read_info.expect("read info");
+        assert_eq!(info.node_id, other, "{consistency:?}: answered where asked: {info:?}");
+        assert_ne!(info.shard, 0, "{consistency:?}: a shard node {other} hosts: {info:?}");
     }
 }

@@ -82,6 +82,7 @@ impl MetaState {
                 }
                 let mut map = ShardMap::create(*shards, *replication, *node, addr, peer_addr)?;
                 map.nodes.entry(*node).and_modify(|n| n.incarnation = *incarnation);
+                map.cluster = *incarnation;
                 self.map = Some(map);
             }
             MetaCommand::Map(change) => {

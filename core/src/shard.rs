@@ -67,6 +67,11 @@ pub struct NodeEntry {
 /// a client or node holding an older map can tell.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardMap {
+    /// The cluster's id: the incarnation of the data dir of the node that
+    /// created it, kept for the cluster's life. Epochs compare only within
+    /// one cluster: a client that sees another id (a cluster created anew
+    /// at the same addresses, or restored into) drops what it knew.
+    pub cluster: u64,
     pub epoch: u64,
     /// `S`, fixed at creation.
     pub shards: u32,
@@ -119,6 +124,7 @@ impl ShardMap {
     ) -> Result<ShardMap, String> {
         check_layout(shards, replication)?;
         Ok(ShardMap {
+            cluster: 0,
             epoch: 1,
             shards,
             replication,

@@ -40,11 +40,12 @@ fn lag(statuses: &Statuses, s: &ShardReplicas, node: u64) -> Option<u64> {
 
 fn render(map: &ShardMapResponse, statuses: &Statuses, all_shards: bool) -> String {
     let mut out = format!(
-        "cluster         {} nodes, {} shards (replication {}, map epoch {})\n",
+        "cluster         {} nodes, {} shards (replication {}, map epoch {}, id {:016x})\n",
         map.nodes.len(),
         map.shards,
         map.replication,
-        map.epoch
+        map.epoch,
+        map.cluster_id
     );
     out.push_str(&node_table(map, statuses));
     out.push_str(&shard_summary(map, statuses));
@@ -216,6 +217,7 @@ mod tests {
             shard_replicas: vec![shard(0, 1, 0), shard(1, 2, 3), shard(2, 0, 0)],
             node_id: 1,
             draining: vec![],
+            cluster_id: 0x5eed,
         };
         let status = |indexes: &[(u32, u64)]| ClusterStatusResponse {
             shard_status: indexes
@@ -299,5 +301,8 @@ mod tests {
             \x20     2       -  1:5 2:5 3:5\n";
         assert_eq!(shard_table(&map, &statuses), expected);
         assert!(render(&map, &statuses, false).contains("(per-shard table: --shards)"));
+        assert!(render(&map, &statuses, false).starts_with(
+            "cluster         3 nodes, 3 shards (replication 3, map epoch 0, id 0000000000005eed)\n"
+        ));
     }
 }

@@ -3,7 +3,8 @@
 //! `UNAVAILABLE`, or answer like a leader. It counts the calls it receives
 //! and notes the users they name. Reads know one user, `u1`, with one
 //! `browse` attribute. Given a shard map, it serves it (else
-//! `Admin.ShardMap` is UNIMPLEMENTED) and its answers carry the map's epoch.
+//! `Admin.ShardMap` is UNIMPLEMENTED) and its answers carry the map's epoch
+//! and cluster id.
 
 // Each test crate uses part of this module.
 #![allow(dead_code)]
@@ -16,7 +17,7 @@ use portrait_client::portrait_proto::v1::ingest_server::{Ingest, IngestServer};
 use portrait_client::portrait_proto::v1::profiles_server::{Profiles, ProfilesServer};
 use portrait_client::portrait_proto::v1::*;
 use portrait_client::retry::LEADER_HEADER;
-use portrait_client::routing::MAP_EPOCH_HEADER;
+use portrait_client::routing::{CLUSTER_ID_HEADER, MAP_EPOCH_HEADER};
 use portrait_client::shard_of;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -79,11 +80,14 @@ impl Fake {
         self.map.lock().unwrap().as_ref().map(|m| m.shards)
     }
 
-    /// `message` with the map's epoch in its headers (when it has a map).
+    /// `message` with the map's epoch and cluster id in its headers (when
+    /// it has a map).
     fn answer<T>(&self, message: T) -> Response<T> {
         let mut response = Response::new(message);
         if let Some(map) = &*self.map.lock().unwrap() {
             response.metadata_mut().insert(MAP_EPOCH_HEADER, map.epoch.into());
+            let id = format!("{:016x}", map.cluster_id).parse().expect("hex digits");
+            response.metadata_mut().insert(CLUSTER_ID_HEADER, id);
         }
         response
     }
@@ -374,6 +378,7 @@ pub fn shard_map(epoch: u64, nodes: &[(u64, &str)], leaders: &[u64]) -> ShardMap
         shard_replicas,
         node_id: 0,
         draining: vec![],
+        cluster_id: 0xa,
     }
 }
 

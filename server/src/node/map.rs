@@ -13,6 +13,8 @@ use crate::types::{GroupId, NodeId};
 /// The cluster's layout as this node knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardMapView {
+    /// The cluster's id (0 before the map exists).
+    pub cluster: u64,
     /// The map's version, which grows with every change of nodes or
     /// replicas.
     pub epoch: u64,
@@ -69,6 +71,7 @@ impl Node {
         let cluster = self.cluster();
         let Some(map) = cluster.map.as_ref() else {
             return ShardMapView {
+                cluster: 0,
                 epoch: 0,
                 shards: self.shards,
                 replication: 0,
@@ -98,6 +101,7 @@ impl Node {
             })
             .collect();
         ShardMapView {
+            cluster: map.cluster,
             epoch: map.epoch,
             shards: map.shards,
             replication: map.replication,
@@ -112,10 +116,11 @@ impl Node {
         self.cluster().map.as_ref()?.nodes.get(&node).map(|n| n.addr.clone())
     }
 
-    /// The epoch of the map this node knows (0 before the cluster is
-    /// created); every client response carries it (`x-portrait-map-epoch`).
-    pub fn map_epoch(&self) -> u64 {
-        self.cluster().map.as_ref().map_or(0, |m| m.epoch)
+    /// The map's epoch and the id of the cluster it counts in (0 and 0
+    /// before the node knows the map); every client response carries both
+    /// (`x-portrait-map-epoch`, `x-portrait-cluster-id`).
+    pub fn map_epoch_and_cluster(&self) -> (u64, u64) {
+        self.cluster().map.as_ref().map_or((0, 0), |m| (m.epoch, m.cluster))
     }
 }
 
@@ -126,6 +131,7 @@ mod tests {
     #[test]
     fn locate_names_the_users_shard_and_nothing_before_the_map_exists() {
         let mut map = ShardMapView {
+            cluster: 0,
             epoch: 0,
             shards: 16,
             replication: 0,

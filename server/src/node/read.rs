@@ -85,8 +85,10 @@ impl Node {
         }
         let (unique, positions) = distinct_ids(user_ids);
         let repeats = repeat_counts(&positions, unique.len());
-        // Indexes into `unique`, by shard; an empty request reads shard 0,
-        // whose replica's freshness the answer reports.
+        // Indexes into `unique`, by shard; an empty request reads the first
+        // shard this node votes in (shard 0 if none), whose replica's
+        // freshness the answer reports: no hop, and no failure while
+        // another node's shard is down.
         let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (i, user) in unique.iter().enumerate() {
             by_shard.entry(shard_of(user, self.shards)).or_default().push(i);
@@ -99,7 +101,9 @@ impl Node {
             false => consistency,
         };
         if by_shard.is_empty() {
-            by_shard.insert(0, vec![]);
+            let replicas = self.registry.all();
+            let first = replicas.iter().find(|r| r.gid != GroupId::META && votes(r, self.id));
+            by_shard.insert(first.map_or(0, |r| r.gid.0), vec![]);
         }
         // LINEARIZABLE reads a shard here only where this node leads it (or
         // knows no leader: the read index then says who leads).

@@ -128,6 +128,7 @@ fn shard_map_to_pb(map: &ShardMapView, node_id: u64) -> ShardMapResponse {
         shard_replicas: map.shard_replicas.iter().map(shard).collect(),
         node_id,
         draining: map.draining.clone(),
+        cluster_id: map.cluster,
     }
 }
 

@@ -22,6 +22,9 @@ use crate::node::Node;
 
 /// Response header carrying the answering node's map epoch.
 pub const MAP_EPOCH_KEY: &str = "x-portrait-map-epoch";
+/// Response header carrying the id of the answering node's cluster (16
+/// hex digits), within which epochs compare.
+pub const CLUSTER_ID_KEY: &str = "x-portrait-cluster-id";
 
 /// A service whose responses carry the node's map epoch.
 #[derive(Clone)]
@@ -56,7 +59,14 @@ where
             let mut response = answer.await?;
             // Read after the call: a map that changed meanwhile is the one to report.
             let headers = response.headers_mut();
-            headers.insert(MAP_EPOCH_KEY, HeaderValue::from(node.map_epoch()));
+            // One read of the map: the epoch and the cluster it counts in.
+            let (epoch, cluster) = node.map_epoch_and_cluster();
+            headers.insert(MAP_EPOCH_KEY, HeaderValue::from(epoch));
+            if cluster != 0 {
+                let id =
+                    HeaderValue::try_from(format!("{cluster:016x}")).expect("hex digits are a header value");
+                headers.insert(CLUSTER_ID_KEY, id);
+            }
             if headers.contains_key(LEADER_KEY) {
                 let leader = headers.get(LEADER_ID_KEY).and_then(|v| v.to_str().ok()?.parse().ok());
                 match leader.and_then(|id| node.client_addr(id)).and_then(|a| HeaderValue::try_from(a).ok()) {

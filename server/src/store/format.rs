@@ -21,7 +21,8 @@
 //! the shard map has a client and a peer address (raft memberships name
 //! the peer one); 5 = the shard map records the nodes being drained;
 //! 6 = each node's data dir has an identity (its node id and a random
-//! incarnation), which the shard map records per node.
+//! incarnation), which the shard map records per node; 7 = the shard map
+//! records the cluster's id (the creating node's incarnation).
 
 use std::path::Path;
 
@@ -30,8 +31,8 @@ use rocksdb::{IteratorMode, WriteOptions, DB};
 use super::sm_db::cf;
 
 /// The format this binary writes, and the only one it reads.
-/// 6: data dir identities, recorded in the map
-pub const STORAGE_FORMAT: u32 = 6;
+/// 7: the cluster's id in the map (see the module's history)
+pub const STORAGE_FORMAT: u32 = 7;
 
 /// What a database or archive without a recorded version was written by.
 pub const UNVERSIONED_FORMAT: u32 = 1;

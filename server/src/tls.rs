@@ -223,6 +223,10 @@ pub fn set_peer_client(config: ClientTlsConfig) {
     let _ = PEER_CLIENT.set(config);
 }
 
+/// How often an HTTP/2 ping checks a connection to a peer, and how long
+/// its answer may take.
+pub const PEER_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// An endpoint for another node's peer port at `addr`: with mutual TLS
 /// when the process has it ([`set_peer_client`]), `addr` then dialed as
 /// `https://` whatever its scheme (never in plaintext). With `node`, the
@@ -236,7 +240,15 @@ pub fn peer_endpoint(
 ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
     let tls = PEER_CLIENT.get();
     let endpoint =
-        tonic::transport::Endpoint::from_shared(portrait_proto::addr::dial_uri(addr, tls.is_some()))?;
+        tonic::transport::Endpoint::from_shared(portrait_proto::addr::dial_uri(addr, tls.is_some()))?
+            // A connection whose packets are dropped silently (a partition
+            // healed behind a stale NAT entry, a peer that lost power) is
+            // found dead within 10 s and dialed again, instead of after
+            // TCP's retransmission timeouts (minutes).
+            .http2_keep_alive_interval(PEER_PING_INTERVAL)
+            .keep_alive_timeout(PEER_PING_INTERVAL)
+            .keep_alive_while_idle(true)
+            .tcp_keepalive(Some(PEER_PING_INTERVAL));
     match (tls, node) {
         (Some(config), Some(node)) => endpoint.tls_config(config.clone().domain_name(node_name(node))),
         (Some(config), None) => endpoint.tls_config(config.clone()),

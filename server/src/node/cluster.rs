@@ -181,7 +181,15 @@ impl Node {
             return Err(dropped(from));
         }
         let (id, offset, done) = (&req.meta.snapshot_id, req.offset, req.done);
-        if let Err(reason) = replica.incoming.chunk(id, offset, &req.data, done) {
+        // A chunk of a deposed leader (a lower vote) is left to openraft,
+        // which refuses it, before it can reset the check of the stream
+        // being received.
+        let current = replica.raft.metrics().borrow().vote;
+        let checked = match req.vote >= current {
+            true => replica.incoming.chunk(id, offset, &req.data, done),
+            false => Ok(()),
+        };
+        if let Err(reason) = checked {
             tracing::error!(%group, "{reason}");
             return Err(Error::Internal(format!("{group}: {reason}")));
         }

@@ -313,13 +313,30 @@ impl Node {
     /// both halves' quorums are needed, and no later change is proposed
     /// (a joint membership counts as a change under way). Not committed
     /// yet: the change is still under way, nothing to do.
+    ///
+    /// A leader that is not in the newest half (a leaving voter elected
+    /// while the group was joint) hands the group over to one of that
+    /// half instead, which finishes the change: finishing it itself would
+    /// make it step down to a learner that its followers still name as
+    /// leader, and quiet followers do not campaign while its node answers.
     async fn finish_joint(
         &self,
         group: &Replica,
         m: &openraft::RaftMetrics<NodeId, BasicNode>,
         retain: bool,
     ) -> Result<()> {
-        let Some(newest) = joint_to_finish(m) else { return Ok(()) };
+        let now = std::time::Instant::now();
+        let heard = |n: NodeId| self.liveness.silent_for(n, now) < SUCCESSOR_HEARD_WITHIN;
+        let newest = match joint_step(m, self.id, heard) {
+            None => return Ok(()),
+            Some(JointStep::HandOver(target)) => {
+                let membership = m.membership_config.membership();
+                let addr = membership.get_node(&target).map(|n| n.addr.clone()).unwrap_or_default();
+                tracing::info!(group = %group.gid, target, "leaving in a joint membership: hands the group over");
+                return group.transfer.hand_over(target, &addr).await;
+            }
+            Some(JointStep::Finish(newest)) => newest,
+        };
         let _pass = group.gate.pass(self.write_timeout).await?;
         let change = group.raft.change_membership(ChangeMembers::ReplaceAllVoters(newest.clone()), retain);
         self.bounded(change).await?.map_err(client_write_error)?;
@@ -616,6 +633,29 @@ fn joint_to_finish(m: &openraft::RaftMetrics<NodeId, BasicNode>) -> Option<BTree
     membership_applied(m).then(|| newest.clone())
 }
 
+/// What the leader `me` of a group does with a committed joint membership.
+#[derive(Debug, PartialEq, Eq)]
+enum JointStep {
+    /// Makes its newest half the configuration.
+    Finish(BTreeSet<NodeId>),
+    /// Hands the group over to this voter of the newest half, as `me` is
+    /// not in it: the first one `heard`, else the first one.
+    HandOver(NodeId),
+}
+
+fn joint_step(
+    m: &openraft::RaftMetrics<NodeId, BasicNode>,
+    me: NodeId,
+    heard: impl Fn(NodeId) -> bool,
+) -> Option<JointStep> {
+    let newest = joint_to_finish(m)?;
+    if newest.contains(&me) {
+        return Some(JointStep::Finish(newest));
+    }
+    let first = *newest.first()?;
+    Some(JointStep::HandOver(newest.iter().copied().find(|n| heard(*n)).unwrap_or(first)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,6 +685,13 @@ mod tests {
         assert_eq!(joint_to_finish(&metrics(joint(), &[], 10, 10)), Some(BTreeSet::from([1, 2, 4])));
         assert_eq!(joint_to_finish(&metrics(joint(), &[], 10, 9)), None);
         assert_eq!(joint_to_finish(&metrics(vec![BTreeSet::from([1, 2, 4])], &[], 10, 10)), None);
+        // Node 3 leads (elected while the group was joint): it hands the
+        // group to a node of the newest half it hears, which finishes.
+        let m = metrics(joint(), &[], 10, 10);
+        assert_eq!(joint_step(&m, 1, |_| true), Some(JointStep::Finish(BTreeSet::from([1, 2, 4]))));
+        assert_eq!(joint_step(&m, 3, |n| n != 1), Some(JointStep::HandOver(2)));
+        assert_eq!(joint_step(&m, 3, |_| false), Some(JointStep::HandOver(1)), "none heard: the first");
+        assert_eq!(joint_step(&metrics(joint(), &[], 10, 9), 3, |_| true), None, "not committed yet");
         // Node 3, only in the old half of a committed joint membership,
         // still counts for that half's quorum: it keeps its data.
         assert!(!left_by(&metrics(joint(), &[], 10, 12), 3));

@@ -13,7 +13,10 @@
 //!   campaigns itself (see [`super::quiet`]).
 //! - [`PeerAcks`] (leader side): when each peer last acknowledged an
 //!   AppendEntries. The age of the most recent time a quorum had answered
-//!   bounds how stale a leader that was cut off may be.
+//!   bounds how stale a leader that was cut off may be. It also keeps the
+//!   highest commit index each peer acknowledged learning: a quiet group's
+//!   leader rests only once every follower has (openraft sends a commit
+//!   index once, in a heartbeat it does not retry).
 //!
 //! [`freshness`] turns them into what reads and `ClusterStatus` report.
 
@@ -89,14 +92,33 @@ impl LeaderContact {
     }
 }
 
-/// When each peer last acknowledged this node's AppendEntries.
+/// When each peer last acknowledged this node's AppendEntries, and the
+/// highest commit index it acknowledged learning.
 #[derive(Debug, Default)]
 pub struct PeerAcks {
     clock: Clock,
     acked_at: Mutex<BTreeMap<NodeId, u64>>,
+    commits: Mutex<BTreeMap<NodeId, (u64, Instant)>>,
 }
 
 impl PeerAcks {
+    /// `peer` answered an AppendEntries with success: it now knows entries
+    /// up to `commit` (the request's commit index, capped at the last
+    /// entry the request matched) are committed.
+    pub fn acked_commit(&self, peer: NodeId, commit: u64) {
+        if let Ok(mut commits) = self.commits.lock() {
+            let known = commits.entry(peer).or_insert((commit, Instant::now()));
+            if commit >= known.0 {
+                *known = (commit, Instant::now());
+            }
+        }
+    }
+
+    /// The highest commit index `peer` acknowledged learning, and when.
+    pub fn commit_acked(&self, peer: NodeId) -> Option<(u64, Instant)> {
+        self.commits.lock().ok()?.get(&peer).copied()
+    }
+
     pub fn acked(&self, peer: NodeId) {
         let now = self.clock.stamp();
         if let Ok(mut acks) = self.acked_at.lock() {

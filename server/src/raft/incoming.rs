@@ -35,13 +35,22 @@ impl IncomingSnapshot {
     /// Chunks out of order are not checked (openraft refuses them, and the
     /// sender starts over at offset 0), and change nothing here: a stray
     /// chunk (a deposed leader's, of another snapshot) must not turn the
-    /// check off for the rest of the stream being received.
+    /// check off for the rest of the stream being received. A last chunk
+    /// that cannot be checked (the chunks before it were not seen here, or
+    /// a stray first chunk took their place) is refused: the sender starts
+    /// over at offset 0, and that stream is checked.
     pub fn chunk(&self, id: &str, offset: u64, data: &[u8], done: bool) -> Result<(), String> {
         let mut receiving = self.0.lock().expect("incoming snapshot lock");
         let base = match receiving.as_ref() {
             _ if offset == 0 => TrailerCheck::default(),
             Some(r) if r.id == id && r.next == offset => r.check.clone(),
             Some(r) if r.id == id && r.last.0 == offset => r.last.1.clone(),
+            _ if done => {
+                return Err(format!(
+                    "snapshot {id}: its last chunk (at {offset}) came without the chunks before it, so the \
+                     archive cannot be checked; refused before install: send it again from the start"
+                ))
+            }
             _ => return Ok(()),
         };
         let mut check = base.clone();
@@ -133,5 +142,13 @@ mod tests {
         let mut bad = c.to_vec();
         bad[0] ^= 1;
         assert!(incoming.chunk("s", 8192, &bad, true).is_err(), "still checked");
+        // A stray first chunk mid-stream: what follows cannot be checked,
+        // so its last chunk is refused, and the stream sent again passes.
+        incoming.chunk("s", 0, a, false).unwrap();
+        incoming.chunk("old", 0, a, false).unwrap();
+        assert_eq!(incoming.chunk("s", 4096, b, false), Ok(()), "left to openraft");
+        let e = incoming.chunk("s", 8192, &bad, true).unwrap_err();
+        assert!(e.contains("came without the chunks before it"), "{e}");
+        assert_eq!(send(&incoming, "s", &sound, 4096), Ok(()));
     }
 }

@@ -554,6 +554,11 @@ impl Peer {
             {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
             }
+            // A refusal by the peer's service: the connection is sound, and
+            // every group shares it (a reset would make them all reconnect).
+            Err(status) if refused_by_peer(status.code()) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
+            }
             Err(status) => {
                 self.channels.reset(self.target, &self.addr);
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
@@ -565,6 +570,21 @@ impl Peer {
             RPCError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e))
         })
     }
+}
+
+/// Status codes that only a peer's service answers (never the transport
+/// itself): the connection they came on works.
+fn refused_by_peer(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        InvalidArgument
+            | PermissionDenied
+            | Unauthenticated
+            | ResourceExhausted
+            | AlreadyExists
+            | Unimplemented
+    )
 }
 
 impl RaftNetwork<TypeConfig> for Peer {
@@ -600,6 +620,14 @@ impl RaftNetwork<TypeConfig> for Peer {
         // Any answer but a higher vote means the peer still takes this node as leader.
         if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
             self.acks.acked(self.target);
+        }
+        // A success: the peer's log matches up to the request's last entry,
+        // and it committed up to the commit index sent, within that.
+        if matches!(&result, Ok(AppendEntriesResponse::Success)) {
+            let matched = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id).map(|l| l.index);
+            if let Some(commit) = rpc.leader_commit.map(|c| c.index).min(matched) {
+                self.acks.acked_commit(self.target, commit);
+            }
         }
         result
     }

@@ -206,10 +206,23 @@ pub fn caught_up(last_log: Option<u64>, applied: Option<u64>, matched: &[Option<
     applied == last_log && matched.iter().all(|m| *m == last_log)
 }
 
-fn leader_caught_up(m: &Metrics) -> bool {
-    let Some(replication) = &m.replication else { return false };
-    let matched: Vec<Option<u64>> = replication.values().map(|l| l.as_ref().map(|l| l.index)).collect();
-    caught_up(m.last_log_index, m.last_applied.map(|l| l.index), &matched)
+/// Whether a follower is known to hold the leader's `last_log` as
+/// committed: it acknowledged a commit index at least that high since its
+/// node last came up (`up_since`; a restarted node may have forgotten).
+pub fn commit_known(last_log: Option<u64>, acked: Option<(u64, Instant)>, up_since: Option<Instant>) -> bool {
+    let Some(last) = last_log else { return true };
+    acked.is_some_and(|(commit, at)| commit >= last && up_since.is_none_or(|up| at >= up))
+}
+
+/// Whether `leader`, whom a follower's vote names, has left the group: the
+/// membership the follower has was written by it, in its term, without it
+/// as a voter (it stepped down once that committed). A membership from an
+/// earlier term says nothing: the follower may lag behind the one that
+/// made `leader` a voter.
+pub fn leader_left(m: &Metrics, leader: NodeId) -> bool {
+    let config = &m.membership_config;
+    let written_by = config.log_id().as_ref().map(|id| (id.leader_id.term, id.leader_id.node_id));
+    written_by == Some((m.current_term, leader)) && !config.membership().voter_ids().any(|v| v == leader)
 }
 
 /// What a follower replica knows when deciding whether to campaign.
@@ -298,11 +311,23 @@ impl QuietGroups {
         }
     }
 
+    /// Whether the leader `replica`'s followers all hold its whole log and
+    /// know it committed, and it applied it: nothing is left to send.
+    fn leader_caught_up(&self, replica: &Replica, m: &Metrics) -> bool {
+        let Some(replication) = &m.replication else { return false };
+        let matched: Vec<Option<u64>> = replication.values().map(|l| l.as_ref().map(|l| l.index)).collect();
+        caught_up(m.last_log_index, m.last_applied.map(|l| l.index), &matched)
+            && replication.keys().all(|peer| {
+                let up_since = self.liveness.peer(*peer).map(|p| p.up_since);
+                commit_known(m.last_log_index, replica.acks.commit_acked(*peer), up_since)
+            })
+    }
+
     fn lead(&self, replica: &Replica, m: &Metrics, w: &mut Watch) {
         let now = Instant::now();
         (w.leaderless_since, w.leader_boot, w.campaign_at) = (None, None, None);
         replica.elect.set_timer(false);
-        let caught_up = leader_caught_up(m);
+        let caught_up = self.leader_caught_up(replica, m);
         let seen = (m.current_term, m.last_log_index);
         let steady_since = match w.steady {
             Some((s, since)) if caught_up && s == seen => since,
@@ -345,7 +370,10 @@ impl QuietGroups {
             // Deposed at rest: heartbeats on for whenever it leads again.
             replica.heartbeats.wake();
         }
-        let leader = m.current_leader.filter(|l| *l != self.me);
+        // A leader that has left the group is none: openraft still names
+        // it (from the vote), and its node answering the probe would
+        // otherwise keep every follower from campaigning.
+        let leader = m.current_leader.filter(|l| *l != self.me && !leader_left(m, *l));
         let leaderless_since = match leader {
             Some(_) => None,
             None => Some(*w.leaderless_since.get_or_insert(now)),
@@ -458,6 +486,40 @@ mod tests {
         assert!(!quorum_answers(1, &[1, 2, 3, 4], alive(&[2])), "two of four is no quorum");
         assert!(quorum_answers(1, &[1], alive(&[])), "a single voter");
         assert!(!quorum_answers(9, &[1, 2, 3], alive(&[1])), "not a voter: counts only its peers");
+    }
+
+    #[test]
+    fn a_leader_that_wrote_itself_out_of_the_voters_is_no_leader() {
+        // Follower 2's vote names node 3, leader in term 5.
+        let follower = |written_by: (u64, NodeId), voters: &[NodeId]| {
+            let nodes: BTreeMap<NodeId, BasicNode> =
+                voters.iter().chain(&[3]).map(|n| (*n, BasicNode::new("http://n"))).collect();
+            let membership = openraft::Membership::new(vec![voters.iter().copied().collect()], nodes);
+            let leader_id = openraft::CommittedLeaderId::new(written_by.0, written_by.1);
+            let log_id = openraft::LogId::new(leader_id, 10);
+            let mut m = Metrics::new_initial(2);
+            m.current_term = 5;
+            m.membership_config = Arc::new(openraft::StoredMembership::new(Some(log_id), membership));
+            m
+        };
+        assert!(leader_left(&follower((5, 3), &[1, 2, 4]), 3), "node 3 finished a change removing itself");
+        assert!(!leader_left(&follower((5, 3), &[1, 2, 3]), 3), "still a voter");
+        assert!(
+            !leader_left(&follower((4, 1), &[1, 2, 4]), 3),
+            "an older term's membership: this replica lags"
+        );
+        assert!(!leader_left(&follower((5, 1), &[1, 2, 4]), 3), "written by another node");
+    }
+
+    #[test]
+    fn a_leader_rests_only_once_each_follower_acknowledged_the_commit_index_since_it_came_up() {
+        let t0 = Instant::now();
+        assert!(commit_known(None, None, None), "an empty log");
+        assert!(!commit_known(Some(7), None, None), "never acknowledged");
+        assert!(!commit_known(Some(7), Some((6, t0)), None), "an older commit index");
+        assert!(commit_known(Some(7), Some((7, t0)), None));
+        assert!(commit_known(Some(7), Some((7, t0 + MS)), Some(t0)), "acknowledged after it came up");
+        assert!(!commit_known(Some(7), Some((7, t0)), Some(t0 + MS)), "its node restarted since");
     }
 
     #[test]

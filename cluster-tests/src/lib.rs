@@ -507,6 +507,12 @@ impl Cluster {
         self.nodes.iter().filter_map(|n| n.proxy.as_ref()).for_each(Proxy::heal);
     }
 
+    /// Starts node `id` again on its data dir and port, without waiting
+    /// for it to answer (it may exit at once: see [`Cluster::wait_exit`]).
+    pub fn start_again(&mut self, id: u64) {
+        self.nodes[(id - 1) as usize].spawn(false);
+    }
+
     /// Restarts node `id` on its data dir and port.
     pub async fn restart(&mut self, id: u64) {
         self.nodes[(id - 1) as usize].spawn(false);

@@ -268,6 +268,19 @@ async fn a_node_dead_past_replica_dead_after_has_its_replicas_re_created() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(assert_every_replica_holds(&cluster, &[1, 2, 3], SHARDS, &book).await, 12);
+
+    // Removed while it is down, node 4 comes back on its old data dir. Its
+    // stored map still places shards on it, whose frozen data it would
+    // serve to LOCAL reads: it asks the meta group's leader, finds itself
+    // no member, and stops with an error saying what to do.
+    let removed = client.remove_node(4).await.expect("remove the dead, drained node");
+    assert!(!removed.members.iter().any(|m| m.node_id == 4), "{:?}", removed.members);
+    cluster.start_again(4);
+    let exit = cluster.wait_exit(4, Duration::from_secs(20)).await;
+    assert!(!exit.success(), "{exit:?}");
+    let log = cluster.node(4).log();
+    assert!(log.contains("node 4 is not a member of the cluster"), "{log}");
+    assert!(log.contains("this data dir is obsolete"), "{log}");
 }
 
 /// Replication 1: a shard moved to a new node keeps its data. The node it

@@ -88,6 +88,8 @@ async fn run() -> anyhow::Result<()> {
     // written) would hold its shards' leadership for good while this
     // process answers its peers' probes: stop, so that they take over, and
     // exit with an error, so that the supervisor restarts the node.
+    // So does a node that is no longer a member of its cluster (removed
+    // while it was down): its stored map would have it serve frozen data.
     let failed = Arc::new(std::sync::OnceLock::new());
     let stop = {
         let (node, failed) = (node.clone(), failed.clone());
@@ -96,6 +98,13 @@ async fn run() -> anyhow::Result<()> {
                 _ = shutdown_signal() => {}
                 reason = node.raft_failed() => {
                     tracing::error!(%reason, "a raft group stopped on an error: shutting the node down");
+                    let _ = failed.set(format!(
+                        "a raft group stopped on an error ({reason}); the node shut down so that its peers \
+                         take over its shards: fix the cause (disk full? failing disk?) and start it again"
+                    ));
+                }
+                reason = node.removed_from_cluster() => {
+                    tracing::error!(%reason, "shutting the node down");
                     let _ = failed.set(reason);
                 }
             }
@@ -105,10 +114,7 @@ async fn run() -> anyhow::Result<()> {
     tracing::info!("shutting down");
     node.shutdown().await;
     match failed.get() {
-        Some(reason) => Err(anyhow::anyhow!(
-            "a raft group stopped on an error ({reason}); the node shut down so that its peers take over its \
-             shards: fix the cause (disk full? failing disk?) and start it again"
-        )),
+        Some(reason) => Err(anyhow::anyhow!("{reason}")),
         None => Ok(()),
     }
 }

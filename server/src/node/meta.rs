@@ -156,12 +156,18 @@ impl Node {
     /// the shards' leaders then add them.
     pub(super) async fn place(&self) -> Result<()> {
         let _one = self.placing.lock().await;
+        self.add_missing().await?;
+        self.balance().await
+    }
+
+    /// The additions of [`Node::place`], without balancing (the caller
+    /// holds `placing`).
+    async fn add_missing(&self) -> Result<()> {
         loop {
             let Some(map) = self.cluster().map.clone() else { return Ok(()) };
-            let Some(change) = map.plan_additions(1).pop() else { break };
+            let Some(change) = map.plan_additions(1).pop() else { return Ok(()) };
             self.propose_meta(MetaCommand::Map(change)).await?;
         }
-        self.balance().await
     }
 
     /// Balancing (meta leader): moves replicas from the most to the least
@@ -443,8 +449,18 @@ impl Node {
                     .await
                     .map_err(in_meta)?;
         }
+        // Waited for: the replicas the node gets to bring shards to their
+        // replication factor, not the balancing moves that follow (a large
+        // shard's move takes minutes), nor other nodes' replicas (one that
+        // is down would hold the call up to no purpose).
+        let added: BTreeSet<u32> = {
+            let _one = self.placing.lock().await;
+            self.add_missing().await?;
+            self.cluster().map.as_ref().map(|m| m.hosted_by(id).into_iter().collect()).unwrap_or_default()
+        };
         self.place().await?;
-        self.wait_followed(&format!("placing replicas on node {id}")).await?;
+        let what = format!("placing replicas on node {id}");
+        self.wait_followed(&what, |node, shard| node == id && added.contains(&shard)).await?;
         Ok(index)
     }
 
@@ -535,7 +551,13 @@ impl Node {
             self.propose_meta(MetaCommand::Map(MapChange::RemoveNode { node: id })).await?;
         }
         self.place().await?;
-        self.wait_followed(&format!("moving node {id}'s replicas")).await?;
+        // The replicas of the nodes that answer: one that is down would
+        // hold the call up to no purpose (it is drained once dead).
+        let live = |node: NodeId| {
+            node == self.id
+                || self.liveness.silent_for(node, std::time::Instant::now()) < META_QUORUM_HEARD_WITHIN
+        };
+        self.wait_followed(&format!("moving node {id}'s replicas"), |node, _| live(node)).await?;
         Ok(index)
     }
 
@@ -585,13 +607,14 @@ impl Node {
         (0..self.shards).filter(|&k| !applied[k as usize]).collect()
     }
 
-    /// Waits until every node of the map reports a voter replica of each
-    /// shard the map places on it (UNAVAILABLE naming what is left after
-    /// [`FOLLOW_TIMEOUT`]).
-    async fn wait_followed(&self, what: &str) -> Result<()> {
+    /// Waits until each node of the map reports a voter replica of each
+    /// shard the map places on it, for the (node, shard) pairs `awaited`
+    /// (UNAVAILABLE naming what is left after [`FOLLOW_TIMEOUT`]).
+    async fn wait_followed(&self, what: &str, awaited: impl Fn(NodeId, u32) -> bool) -> Result<()> {
         let deadline = tokio::time::Instant::now() + FOLLOW_TIMEOUT;
         loop {
-            let left = self.unfollowed().await;
+            let mut left = self.unfollowed().await;
+            left.retain(|(node, shard)| awaited(*node, *shard));
             if left.is_empty() {
                 return Ok(());
             }
@@ -901,6 +924,65 @@ pub(super) async fn peer_status(
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
     let reply = RaftClient::new(channel).status(ClusterStatusRequest {}).await;
     reply.map(|r| r.into_inner()).map_err(|s| s.message().to_string())
+}
+
+/// How often a node asks the meta group's leader whether it is still a
+/// member (the first time shortly after it starts).
+const REMOVAL_CHECK_EVERY: Duration = Duration::from_secs(30);
+const REMOVAL_CHECK_FIRST: Duration = Duration::from_secs(2);
+
+impl Node {
+    /// Resolves when the meta group's leader says this node is not a
+    /// member, naming it: the node was removed while it was down or cut off
+    /// (its stored map still places shards on it, so it would serve their
+    /// frozen data to LOCAL reads), or the cluster at its peers' addresses
+    /// was created anew. The daemon shuts down on it. Only a node that has
+    /// joined a cluster with other nodes asks, and only the meta leader's
+    /// answer counts (its membership is the newest).
+    pub async fn removed_from_cluster(&self) -> String {
+        let mut wait = REMOVAL_CHECK_FIRST;
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = REMOVAL_CHECK_EVERY;
+            if let Some(reason) = self.removal_check().await {
+                return reason;
+            }
+        }
+    }
+
+    async fn removal_check(&self) -> Option<String> {
+        if !self.is_initialized().await {
+            return None;
+        }
+        let map = self.cluster().map.clone()?;
+        // The meta leader this node knows first, then the others in order.
+        let known = self.meta.raft.metrics().borrow().current_leader;
+        let mut peers: Vec<(NodeId, String)> = map
+            .nodes
+            .iter()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, n)| (*id, n.peer_addr.clone()))
+            .collect();
+        peers.sort_by_key(|(id, _)| (Some(*id) != known, *id));
+        for (id, addr) in peers {
+            let Ok(status) = peer_status(Some(id), &addr).await else { continue };
+            if status.meta_leader_id != id {
+                continue;
+            }
+            if status.members.iter().any(|m| m.node_id == self.id) {
+                return None;
+            }
+            let members: Vec<u64> = status.members.iter().map(|m| m.node_id).collect();
+            return Some(format!(
+                "node {} is not a member of the cluster: the meta group's leader, node {id}, has members \
+                 {members:?} (it was removed while it was down or cut off, or the cluster was created anew); \
+                 this data dir is obsolete. To add the machine again, start it on an empty data dir with \
+                 --join (or AddNode) under a new id",
+                self.id
+            ));
+        }
+        None
+    }
 }
 
 /// Asks the node at peer address `addr` to transfer a shard's leadership.

@@ -173,7 +173,9 @@ impl Cached {
     /// one (kept: a lagging node's answer never replaces a newer map), and
     /// a map taken that is still older than `seen` (else every call would
     /// fetch again). A map of another cluster than the cached one replaces
-    /// it when it is the cluster seen last, whatever the epochs.
+    /// it when it is the cluster seen last, whatever the epochs, and the
+    /// next fetch waits too (should nodes of both clusters still answer,
+    /// the client would otherwise fetch on every call).
     fn fetched(&mut self, map: Option<RouteMap>, seen: Seen, now: Instant) {
         self.fetched = Some(now);
         let newer = |m: &RouteMap| match &self.map {
@@ -183,7 +185,8 @@ impl Cached {
         };
         match map {
             Some(map) if newer(&map) => {
-                let behind = seen.passes(&map);
+                let switched = self.map.as_ref().is_some_and(|cached| cached.cluster != map.cluster);
+                let behind = seen.passes(&map) || switched;
                 self.map = Some(Arc::new(map));
                 match behind {
                     true => self.back_off(now),
@@ -486,7 +489,8 @@ mod tests {
         cached.fetched(map(0xb, 2), new, t0 + ms(1));
         let taken = cached.map.as_ref().unwrap();
         assert_eq!((taken.cluster, taken.epoch), (0xb, 2), "taken although its epoch is lower");
-        assert!(cached.due(true, t0 + ms(2)), "caught up: no backoff");
+        assert!(!cached.due(true, t0 + ms(2)), "another cluster: the next fetch waits");
+        assert!(cached.due(true, t0 + ms(251)));
         // A node still answering with the old cluster's map (not yet
         // restarted) does not bring it back.
         cached.fetched(map(0xa, 41), new, t0 + ms(3));

@@ -276,7 +276,7 @@ async fn a_node_dead_past_replica_dead_after_has_its_replicas_re_created() {
     let removed = client.remove_node(4).await.expect("remove the dead, drained node");
     assert!(!removed.members.iter().any(|m| m.node_id == 4), "{:?}", removed.members);
     cluster.start_again(4);
-    let exit = cluster.wait_exit(4, Duration::from_secs(20)).await;
+    let exit = cluster.wait_exit(4, Duration::from_secs(45)).await;
     assert!(!exit.success(), "{exit:?}");
     let log = cluster.node(4).log();
     assert!(log.contains("node 4 is not a member of the cluster"), "{log}");

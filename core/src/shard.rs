@@ -249,8 +249,8 @@ impl ShardMap {
                 }
                 if let Some(other) = self.draining.iter().find(|n| !self.hosted_by(**n).is_empty()) {
                     return Err(format!(
-                        "node {other} is still draining ({} replicas left): wait until it holds none and \
-                         remove it (cluster remove-node {other}), then drain node {node}",
+                        "node {other} is still draining ({} replicas left): wait until it holds none (then \
+                         remove it with cluster remove-node {other}), then drain node {node}",
                         self.hosted_by(*other).len()
                     ));
                 }

@@ -158,6 +158,10 @@ pub struct NodeStatus {
     pub meta_leader_id: Option<NodeId>,
     /// This node's data dir incarnation.
     pub incarnation: u64,
+    /// The term of the meta group's vote on this node.
+    pub meta_term: u64,
+    /// The cluster's id in this node's map (0: none yet).
+    pub cluster_id: u64,
     /// Peers answering from another data dir than the map records.
     pub replaced_peers: Vec<NodeId>,
 }
@@ -596,6 +600,8 @@ impl Node {
             snapshot_bytes_sent: self.channels.snapshot_bytes_sent(),
             meta_leader_id: mm.current_leader,
             incarnation: self.incarnation,
+            meta_term: mm.current_term,
+            cluster_id: self.cluster().map.as_ref().map_or(0, |m| m.cluster),
             replaced_peers: self.channels.replaced(),
         }
     }

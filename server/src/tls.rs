@@ -225,7 +225,10 @@ pub fn set_peer_client(config: ClientTlsConfig) {
 
 /// How often an HTTP/2 ping checks a connection to a peer, and how long
 /// its answer may take.
-pub const PEER_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+pub const PEER_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// See [`PEER_PING_INTERVAL`]: long enough that a peer whose runtime is
+/// busy for a while (a large snapshot install) keeps its connection.
+pub const PEER_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// An endpoint for another node's peer port at `addr`: with mutual TLS
 /// when the process has it ([`set_peer_client`]), `addr` then dialed as
@@ -243,10 +246,10 @@ pub fn peer_endpoint(
         tonic::transport::Endpoint::from_shared(portrait_proto::addr::dial_uri(addr, tls.is_some()))?
             // A connection whose packets are dropped silently (a partition
             // healed behind a stale NAT entry, a peer that lost power) is
-            // found dead within 10 s and dialed again, instead of after
+            // found dead within 30 s and dialed again, instead of after
             // TCP's retransmission timeouts (minutes).
             .http2_keep_alive_interval(PEER_PING_INTERVAL)
-            .keep_alive_timeout(PEER_PING_INTERVAL)
+            .keep_alive_timeout(PEER_PING_TIMEOUT)
             .keep_alive_while_idle(true)
             .tcp_keepalive(Some(PEER_PING_INTERVAL));
     match (tls, node) {

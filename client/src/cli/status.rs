@@ -167,6 +167,7 @@ mod tests {
             meta_leader_id: 1,
             incarnation: 0xfeed,
             replaced_peers: vec![3],
+            ..ClusterStatusResponse::default()
         };
         let expected = "node            1 (Leader)\n\
             leader          1 at http://127.0.0.1:7701\n\

@@ -153,8 +153,9 @@ impl Node {
         }
         let slot = self.backup_slot()?;
         // The SST files, then the archive packed from them, both at about
-        // the replica's logical size.
-        let size = self.state_bytes(gid).unwrap_or(0);
+        // the replica's logical size (RocksDB's estimate of its files until
+        // it is measured: a node that started lately).
+        let size = self.state_bytes(gid).unwrap_or_else(|| self.state_db.approximate_bytes(gid));
         self.check_room(
             size.saturating_mul(2),
             &format!("exporting {gid} (about {size} bytes)"),

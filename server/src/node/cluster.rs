@@ -68,14 +68,25 @@ impl Node {
                     replica.gid, node.addr
                 )));
             }
-            let list = voters.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
-            let reason = format!("node {target} is not a member of the cluster (voters: {list})");
+            let nodes: Vec<String> = self.membership().nodes().map(|(n, _)| n.to_string()).collect();
+            let reason =
+                format!("node {target} is not a member of the cluster (nodes: {})", nodes.join(", "));
             return Err(Error::invalid("node_id", reason));
         };
         if !voters.contains(&target) {
+            // A shard's learner is a replica still catching up, which the
+            // shard's leader promotes itself; a meta group learner is
+            // promoted by AddNode.
+            let how = match replica.gid == GroupId::META {
+                true => {
+                    format!("promote it with `portrait cluster add-node {target} ADDR --peer-addr {addr}`")
+                }
+                false => {
+                    format!("it is a replica of {} still catching up, promoted once it has", replica.gid)
+                }
+            };
             return Err(Error::FailedPrecondition(format!(
-                "node_id: node {target} is a learner; only a voter can lead (promote it with \
-                 `portrait cluster add-node {target} ADDR --peer-addr {addr}`)"
+                "node_id: node {target} is a learner; only a voter can lead ({how})"
             )));
         }
         replica.transfer.run(target, &addr).await?;

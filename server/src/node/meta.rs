@@ -373,6 +373,13 @@ impl Node {
         }
         self.lead_meta()?;
         let map = self.cluster().map.clone().ok_or_else(not_created)?;
+        // The shards short of RF once the node is in: the call waits for
+        // the replicas it gets of those, not for balancing moves to it.
+        let short: BTreeSet<u32> = {
+            let nodes = map.nodes.len() + usize::from(!map.nodes.contains_key(&id)) - map.draining.len();
+            let target = (map.replication as usize).min(nodes);
+            (0..map.shards).filter(|&s| map.replicas[s as usize].len() < target).collect()
+        };
         if map.nodes.len() == 1 && map.nodes.contains_key(&self.id) {
             // A cluster whose creation was cut short (killed between the
             // map and its shards) creates its shards here first: once a
@@ -394,7 +401,9 @@ impl Node {
         let moved = known.as_ref().is_some_and(|(a, p)| (a, p) != (&addr, &peer_addr))
             || member.as_ref().is_some_and(|m| m.addr != peer_addr);
         if moved {
-            let (a, p) = known.unwrap_or_else(|| (String::new(), member.map(|m| m.addr).unwrap_or_default()));
+            let (a, p) = known.unwrap_or_else(|| {
+                ("(no client address yet)".into(), member.map(|m| m.addr).unwrap_or_default())
+            });
             return Err(Error::FailedPrecondition(format!(
                 "node_id: node {id} is in the cluster at {a} (peer {p}); to move it, remove it and add it again \
                  with a new id, or restart it on the old addresses"
@@ -456,7 +465,8 @@ impl Node {
         let added: BTreeSet<u32> = {
             let _one = self.placing.lock().await;
             self.add_missing().await?;
-            self.cluster().map.as_ref().map(|m| m.hosted_by(id).into_iter().collect()).unwrap_or_default()
+            let hosted = self.cluster().map.as_ref().map(|m| m.hosted_by(id)).unwrap_or_default();
+            hosted.into_iter().filter(|s| short.contains(s)).collect()
         };
         self.place().await?;
         let what = format!("placing replicas on node {id}");
@@ -498,18 +508,11 @@ impl Node {
             self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
         quorum_without(&meta_voters, id, alive).map_err(in_meta)?;
         if id == self.id {
-            // Hand the meta group over first; the caller's retry (it
-            // follows the redirect) removes this node from there.
-            let others = self
-                .meta
-                .raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .find(|v| *v != id);
-            let Some(target) = others else {
+            // Hand the meta group over first (to a voter that answers);
+            // the caller's retry (it follows the redirect) removes this
+            // node from there.
+            let others: Vec<NodeId> = meta_voters.iter().copied().filter(|v| *v != id).collect();
+            let Some(target) = others.iter().copied().find(|v| alive(*v)).or(others.first().copied()) else {
                 return Err(Error::FailedPrecondition(format!("node {id} is the cluster's last node")));
             };
             self.transfer_group(&self.meta, target).await.map_err(in_meta)?;
@@ -927,8 +930,10 @@ pub(super) async fn peer_status(
 }
 
 /// How often a node asks the meta group's leader whether it is still a
-/// member (the first time shortly after it starts).
-const REMOVAL_CHECK_EVERY: Duration = Duration::from_secs(30);
+/// member (the first time shortly after it starts). It acts on two
+/// answers in a row that say it is not: an AddNode under way, or an answer
+/// from a leader about to be deposed, is over by the second.
+const REMOVAL_CHECK_EVERY: Duration = Duration::from_secs(15);
 const REMOVAL_CHECK_FIRST: Duration = Duration::from_secs(2);
 
 impl Node {
@@ -941,11 +946,17 @@ impl Node {
     /// answer counts (its membership is the newest).
     pub async fn removed_from_cluster(&self) -> String {
         let mut wait = REMOVAL_CHECK_FIRST;
+        let mut suspected = false;
         loop {
             tokio::time::sleep(wait).await;
             wait = REMOVAL_CHECK_EVERY;
-            if let Some(reason) = self.removal_check().await {
-                return reason;
+            match self.removal_check().await {
+                Some(reason) if suspected => return reason,
+                Some(reason) => {
+                    tracing::warn!(%reason, "asking again in {} s before shutting down", wait.as_secs());
+                    suspected = true;
+                }
+                None => suspected = false,
             }
         }
     }
@@ -964,9 +975,22 @@ impl Node {
             .map(|(id, n)| (*id, n.peer_addr.clone()))
             .collect();
         peers.sort_by_key(|(id, _)| (Some(*id) != known, *id));
+        let term = self.meta.raft.metrics().borrow().current_term;
         for (id, addr) in peers {
             let Ok(status) = peer_status(Some(id), &addr).await else { continue };
-            if status.meta_leader_id != id {
+            if status.cluster_id != 0 && map.cluster != 0 && status.cluster_id != map.cluster {
+                return Some(format!(
+                    "node {} is not a member of the cluster: node {id} at its peer address is in another \
+                     cluster ({:016x}, not {:016x}: the cluster was created anew); this data dir is obsolete. \
+                     To add the machine again, start it on an empty data dir with --join (or AddNode) under \
+                     a new id",
+                    self.id, status.cluster_id, map.cluster
+                ));
+            }
+            // Only a leader's own word, in a term at least as new as this
+            // node's vote (an old leader restarted, or cut off, may still
+            // call itself leader with an older membership).
+            if status.node_id != id || status.meta_leader_id != id || status.meta_term < term {
                 continue;
             }
             if status.members.iter().any(|m| m.node_id == self.id) {

@@ -384,10 +384,15 @@ impl Node {
                 tracing::info!(nodes = ?promote, "meta group: promoting learners to voters");
                 ChangeMembers::AddVoterIds(promote)
             }
-            MetaVoterStep::HandOff(target) => {
+            MetaVoterStep::HandOff(first_fit) => {
+                // A fit voter heard lately first (fit only says it answered
+                // within `replica_dead_after`); paced like a shard's
+                // handover, as this runs on every pass.
+                let target =
+                    voters.iter().copied().find(|v| *v != self.id && fit(v) && heard(v)).unwrap_or(first_fit);
+                let addr = membership.get_node(&target).map(|n| n.addr.clone()).unwrap_or_default();
                 tracing::info!(target, "meta group: handing leadership to a voter that stays");
-                self.transfer_group(&self.meta, target).await?;
-                return Ok(());
+                return self.meta.transfer.hand_over(target, &addr).await;
             }
             MetaVoterStep::Demote(unfit) => {
                 tracing::info!(nodes = ?unfit, "meta group: voters draining or silent become learners");

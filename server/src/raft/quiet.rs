@@ -4,8 +4,10 @@
 //! on:
 //!
 //! - **Leaders rest.** A group whose leader has proposed nothing for two
-//!   heartbeat intervals, and whose followers all hold its whole log, turns
-//!   its heartbeats off ([`HeartbeatSwitch`]). Every proposal passes the
+//!   heartbeat intervals, and whose followers all hold its whole log and
+//!   have acknowledged a commit index that high (openraft sends a commit
+//!   index once, in a heartbeat it does not retry), turns its heartbeats
+//!   off ([`HeartbeatSwitch`]). Every proposal passes the
 //!   group's [`super::gate::ProposalGate`], which turns them back on before
 //!   anything is proposed; openraft replicates entries (and the commit index
 //!   after them) with heartbeats off as well.
@@ -199,9 +201,9 @@ impl From<&RaftTuning> for Timing {
     }
 }
 
-/// Whether a leader's followers all hold its whole log, and it applied it:
-/// nothing is left to send but the commit index, which one more heartbeat
-/// carries. `matched` is each follower's last log index the leader knows.
+/// Whether a leader's followers all hold its whole log, and it applied it
+/// (what is left to send is the commit index: see [`leader_caught_up`]).
+/// `matched` is each follower's last log index the leader knows.
 pub fn caught_up(last_log: Option<u64>, applied: Option<u64>, matched: &[Option<u64>]) -> bool {
     applied == last_log && matched.iter().all(|m| *m == last_log)
 }
@@ -212,6 +214,26 @@ pub fn caught_up(last_log: Option<u64>, applied: Option<u64>, matched: &[Option<
 pub fn commit_known(last_log: Option<u64>, acked: Option<(u64, Instant)>, up_since: Option<Instant>) -> bool {
     let Some(last) = last_log else { return true };
     acked.is_some_and(|(commit, at)| commit >= last && up_since.is_none_or(|up| at >= up))
+}
+
+/// Whether the leader `me` (its metrics `m`) is caught up: [`caught_up`],
+/// and each follower [`commit_known`] (`acked`: the commit index it
+/// acknowledged and when; `up_since`: since when its node is up). openraft
+/// lists the leader itself among the replication targets: it needs no
+/// acknowledgement.
+pub fn leader_caught_up(
+    me: NodeId,
+    m: &Metrics,
+    acked: impl Fn(NodeId) -> Option<(u64, Instant)>,
+    up_since: impl Fn(NodeId) -> Option<Instant>,
+) -> bool {
+    let Some(replication) = &m.replication else { return false };
+    let matched: Vec<Option<u64>> = replication.values().map(|l| l.as_ref().map(|l| l.index)).collect();
+    caught_up(m.last_log_index, m.last_applied.map(|l| l.index), &matched)
+        && replication
+            .keys()
+            .filter(|peer| **peer != me)
+            .all(|peer| commit_known(m.last_log_index, acked(*peer), up_since(*peer)))
 }
 
 /// Whether `leader`, whom a follower's vote names, has left the group: the
@@ -314,13 +336,12 @@ impl QuietGroups {
     /// Whether the leader `replica`'s followers all hold its whole log and
     /// know it committed, and it applied it: nothing is left to send.
     fn leader_caught_up(&self, replica: &Replica, m: &Metrics) -> bool {
-        let Some(replication) = &m.replication else { return false };
-        let matched: Vec<Option<u64>> = replication.values().map(|l| l.as_ref().map(|l| l.index)).collect();
-        caught_up(m.last_log_index, m.last_applied.map(|l| l.index), &matched)
-            && replication.keys().all(|peer| {
-                let up_since = self.liveness.peer(*peer).map(|p| p.up_since);
-                commit_known(m.last_log_index, replica.acks.commit_acked(*peer), up_since)
-            })
+        leader_caught_up(
+            self.me,
+            m,
+            |peer| replica.acks.commit_acked(peer),
+            |peer| self.liveness.peer(peer).map(|p| p.up_since),
+        )
     }
 
     fn lead(&self, replica: &Replica, m: &Metrics, w: &mut Watch) {
@@ -520,6 +541,20 @@ mod tests {
         assert!(commit_known(Some(7), Some((7, t0)), None));
         assert!(commit_known(Some(7), Some((7, t0 + MS)), Some(t0)), "acknowledged after it came up");
         assert!(!commit_known(Some(7), Some((7, t0)), Some(t0 + MS)), "its node restarted since");
+
+        // As openraft reports it, leader 1's replication lists itself:
+        // only its followers need to have acknowledged.
+        let log_id = |index| openraft::LogId::new(openraft::CommittedLeaderId::new(2, 1), index);
+        let mut m = Metrics::new_initial(1);
+        m.last_log_index = Some(7);
+        m.last_applied = Some(log_id(7));
+        m.replication = Some([1, 2, 3].into_iter().map(|n| (n, Some(log_id(7)))).collect());
+        let up = |_| None;
+        assert!(leader_caught_up(1, &m, |_| Some((7, t0)), up), "followers acknowledged 7");
+        assert!(!leader_caught_up(1, &m, |n| (n == 2).then_some((7, t0)), up), "node 3 did not");
+        assert!(!leader_caught_up(1, &m, |_| Some((6, t0)), up), "an older commit index");
+        m.replication = Some(BTreeMap::from([(1, Some(log_id(7)))]));
+        assert!(leader_caught_up(1, &m, |_| None, up), "a group of one");
     }
 
     #[test]

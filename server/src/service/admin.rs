@@ -545,5 +545,7 @@ pub fn cluster_status_pb(node: &Node) -> ClusterStatusResponse {
         snapshot_bytes_sent: s.snapshot_bytes_sent,
         incarnation: s.incarnation,
         replaced_peers: s.replaced_peers,
+        meta_term: s.meta_term,
+        cluster_id: s.cluster_id,
     }
 }

@@ -86,12 +86,17 @@ pub const SHARDS: usize = 2;
 const PARALLEL_MIN_EVENTS: usize = 64;
 
 /// Long-lived threads for the shards (threads started per entry cost more
-/// than they saved: start-up, and the allocator's per-thread heaps).
+/// than they saved: start-up, and the allocator's per-thread heaps), shared
+/// by every group of the node: one per core (at least [`SHARDS`]), so that
+/// the entries of several busy groups applied at once each get theirs.
+/// The outcome never depends on the threads: each user shard is its own
+/// item, gathered in shard order.
 fn apply_pool() -> &'static rayon::ThreadPool {
     static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(SHARDS, |n| n.get());
         rayon::ThreadPoolBuilder::new()
-            .num_threads(SHARDS)
+            .num_threads(cores.max(SHARDS))
             .thread_name(|i| format!("apply-{i}"))
             .build()
             .expect("start the apply threads")

@@ -371,6 +371,19 @@ impl StateDb {
         Ok(())
     }
 
+    /// RocksDB's estimate of the bytes group `gid` takes in the SST files
+    /// of every column family (compressed; memtables not counted): a stand-in
+    /// for its logical size before that is measured.
+    pub fn approximate_bytes(&self, gid: GroupId) -> u64 {
+        let (start, end) = group_range(gid);
+        ALL_CFS
+            .iter()
+            .flat_map(|name| {
+                self.db.get_approximate_sizes_cf(cf(&self.db, name), &[rocksdb::Range::new(&start, &end)])
+            })
+            .sum()
+    }
+
     /// Deletes group `gid`'s range in every column family, and sets or
     /// clears its install marker in the same synced write.
     pub(crate) fn delete_range(&self, gid: GroupId, marker: Marker) -> Result<(), rocksdb::Error> {

@@ -175,6 +175,7 @@ struct FileRaft {
     keep_logs_after_snapshot: Option<u64>,
     snapshot_every_bytes: Option<u64>,
     keep_log_bytes_after_snapshot: Option<u64>,
+    max_unflushed_log_bytes: Option<u64>,
     tick_interval_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
     quiet_idle_groups: Option<bool>,
@@ -282,6 +283,11 @@ impl Config {
                 .raft
                 .keep_log_bytes_after_snapshot
                 .unwrap_or(d.keep_log_bytes_after_snapshot),
+            max_unflushed_log_bytes: file
+                .raft
+                .max_unflushed_log_bytes
+                .unwrap_or(d.max_unflushed_log_bytes)
+                .max(1024 * 1024),
             tick_interval_ms: file.raft.tick_interval_ms.unwrap_or(d.tick_interval_ms).max(10),
             write_timeout_ms: file.raft.write_timeout_ms.unwrap_or(d.write_timeout_ms).max(100),
             quiet_idle_groups: file.raft.quiet_idle_groups.unwrap_or(d.quiet_idle_groups),

@@ -470,6 +470,53 @@ async fn acknowledged_data_survives_sigkill() {
     }
 }
 
+/// The `.sst` files of the node's state database.
+fn state_sst_files(node: &TestNode) -> usize {
+    let dir = node.data_dir().join("state");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    entries.filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sst"))).count()
+}
+
+#[tokio::test]
+async fn a_log_of_duplicates_is_flushed_by_its_bytes_so_a_restart_replays_little() {
+    // The state of duplicates is a few bytes per entry: the memtables never
+    // fill, and only the bound on unflushed log bytes makes the node flush.
+    let mut node = TestNode::start_with(1, |dir| {
+        let config = dir.join("portrait.toml");
+        std::fs::write(&config, "[raft]\nmax_unflushed_log_bytes = 1048576\n").unwrap();
+        vec!["--config".into(), config.display().to_string()]
+    })
+    .await;
+    let client = node.client().await;
+    let blob = Value::string("x".repeat(1_000));
+    let events: Vec<Event> = (0..100)
+        .map(|i| event(&format!("user-{i}"), "browse", DAY_MS, "e1", &[("note", blob.clone())]))
+        .collect();
+    assert_eq!(counts(&write(&client, events.clone()).await), (100, 0, 0));
+    let before = state_sst_files(&node);
+    // About 110 KB of log per request: 4 MiB of log, 4 times the bound.
+    for _ in 0..40 {
+        assert_eq!(counts(&write(&client, events.clone()).await), (0, 100, 0));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while state_sst_files(&node) == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no flush of the state after 4 MiB of log\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(node.log().contains("flushing it"), "{}", node.log());
+
+    // Nothing is lost by it: after SIGKILL the events are still known.
+    node.kill();
+    node.restart().await;
+    let client = node.client().await;
+    assert_eq!(counts(&write(&client, events).await), (0, 100, 0));
+    assert_eq!(attr(&profile(&client, "user-7").await, "browse", "note"), &blob);
+}
+
 #[tokio::test]
 async fn health_check_reports_serving() {
     use tonic_health::pb::health_check_response::ServingStatus;

@@ -23,7 +23,10 @@
 //!   good holds the log up to that bound only.
 //!
 //! Whichever bound, entries or bytes, comes first wins. The same task
-//! trims the apply cache of a group gone idle ([`IdleTrim`]).
+//! trims the apply cache of a group gone idle ([`IdleTrim`]), and flushes
+//! the node's state once the applied log entries its flushed part does not
+//! cover hold `max_unflushed_log_bytes`, all shards together (see
+//! [`unflushed_bytes`]).
 //!
 //! One task for the whole node looks at every group it hosts every
 //! [`POLL`]; it ends when the node stops it.
@@ -35,7 +38,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::liveness::Liveness;
-use super::replica::Registry;
+use super::replica::{Registry, Replica};
 use super::RaftTuning;
 use crate::store::log_bytes::LogBytes;
 #[cfg(doc)]
@@ -56,6 +59,7 @@ pub struct BytePolicy {
     pub snapshot_every_bytes: u64,
     pub keep_logs_after_snapshot: u64,
     pub keep_log_bytes_after_snapshot: u64,
+    pub max_unflushed_log_bytes: u64,
 }
 
 impl From<&RaftTuning> for BytePolicy {
@@ -64,6 +68,7 @@ impl From<&RaftTuning> for BytePolicy {
             snapshot_every_bytes: t.snapshot_every_bytes,
             keep_logs_after_snapshot: t.keep_logs_after_snapshot,
             keep_log_bytes_after_snapshot: t.keep_log_bytes_after_snapshot,
+            max_unflushed_log_bytes: t.max_unflushed_log_bytes,
         }
     }
 }
@@ -87,6 +92,11 @@ struct Seen {
     /// cache was last trimmed as idle.
     applied: Option<u64>,
     trimmed_at: Option<Option<u64>>,
+    /// The index the state's flushed part covered when last read: at or
+    /// behind the real one (RocksDB also flushes on its own when its
+    /// memtables fill), so the sum of [`unflushed_bytes`] it gives is an
+    /// upper bound, read again only when it passes the limit.
+    durable: u64,
 }
 
 impl Seen {
@@ -151,6 +161,72 @@ impl Seen {
     }
 }
 
+/// The known bytes of the log entries a shard applied after `durable` (the
+/// newest index its flushed state covers) through `applied`: what a restart
+/// of the node now would apply again from the log. openraft reads that
+/// range from the log in one piece when it re-applies it (after a restart,
+/// once the leader's commit index arrives), so the node bounds the sum over
+/// its shards by flushing the state (one flush covers every group). The
+/// memtables' own budget does not bound it: an entry whose events are all
+/// duplicates, or that only bumps counters, writes a few bytes of state for
+/// kilobytes of log. Entries in the log before the node started are not
+/// known (see [`LogBytes`]); they are re-applied, and so flushed, once
+/// the sum of the known ones passes the bound.
+fn unflushed_bytes(log: &LogBytes, durable: u64, applied: Option<u64>) -> u64 {
+    match applied {
+        Some(applied) if applied > durable => log.bytes_after(Some(durable)) - log.bytes_after(Some(applied)),
+        _ => 0,
+    }
+}
+
+/// Flushes the node's state if its shards' applied, unflushed log entries
+/// hold `limit` bytes or more (see [`unflushed_bytes`]). The durable
+/// indexes in `seen` are read again first: RocksDB may have flushed on its
+/// own. Returns whether it flushed.
+async fn bound_unflushed(replicas: &[Arc<Replica>], seen: &mut BTreeMap<GroupId, Seen>, limit: u64) -> bool {
+    let shards = || replicas.iter().filter(|r| r.gid != GroupId::META);
+    let sum = |seen: &BTreeMap<GroupId, Seen>| -> u64 {
+        shards()
+            .map(|r| {
+                let durable = seen.get(&r.gid).map_or(0, |s| s.durable);
+                unflushed_bytes(&r.log_bytes, durable, r.sm.applied().last_applied.map(|l| l.index))
+            })
+            .sum()
+    };
+    let reread = |seen: &mut BTreeMap<GroupId, Seen>| {
+        for r in shards() {
+            match r.sm.durable_applied() {
+                Ok((index, _)) => seen.entry(r.gid).or_default().durable = index,
+                Err(e) => tracing::warn!(group = %r.gid, error = %e, "reading the flushed applied index"),
+            }
+        }
+    };
+    if sum(seen) < limit {
+        return false;
+    }
+    reread(seen);
+    let unflushed = sum(seen);
+    if unflushed < limit {
+        return false;
+    }
+    tracing::info!(bytes = unflushed, "applied log entries not covered by a flush of the state: flushing it");
+    let Some(first) = shards().next() else { return false };
+    let sm = first.sm.clone();
+    let flushed = match tokio::task::spawn_blocking(move || sm.persist()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "flushing the state (bounding what a restart re-applies); tried again");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "flushing the state: the task failed");
+            false
+        }
+    };
+    reread(seen);
+    flushed
+}
+
 /// Runs until `stop` turns true; see the module docs.
 pub async fn run_until(
     registry: Arc<Registry>,
@@ -164,7 +240,9 @@ pub async fn run_until(
             _ = tokio::time::sleep(POLL) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        for replica in registry.all() {
+        let replicas = registry.all();
+        bound_unflushed(&replicas, &mut seen, policy.max_unflushed_log_bytes).await;
+        for replica in replicas {
             let (raft, log) = (&replica.raft, &replica.log_bytes);
             let snapshot = raft.data_metrics().borrow().snapshot.map(|l| l.index);
             let now = std::time::Instant::now();
@@ -288,7 +366,30 @@ mod tests {
         snapshot_every_bytes: 100,
         keep_logs_after_snapshot: 1_000,
         keep_log_bytes_after_snapshot: 30,
+        max_unflushed_log_bytes: 1_000,
     };
+
+    #[test]
+    fn unflushed_bytes_are_those_of_the_entries_applied_after_the_flushed_index() {
+        let log = LogBytes::default();
+        for i in 1..=10 {
+            log.appended(i, 100);
+        }
+        assert_eq!(unflushed_bytes(&log, 0, Some(10)), 1_000);
+        assert_eq!(unflushed_bytes(&log, 4, Some(10)), 600);
+        assert_eq!(unflushed_bytes(&log, 4, Some(7)), 300, "entries 8 to 10 are not applied yet");
+        assert_eq!(unflushed_bytes(&log, 7, Some(7)), 0);
+        assert_eq!(unflushed_bytes(&log, 9, Some(7)), 0, "a snapshot install moved the flushed index ahead");
+        assert_eq!(unflushed_bytes(&log, 0, None), 0, "nothing applied");
+        // After a restart the ledger knows only the entries appended since:
+        // the older ones count as nothing until they are flushed.
+        let log = LogBytes::default();
+        for i in 51..=60 {
+            log.appended(i, 100);
+        }
+        assert_eq!(unflushed_bytes(&log, 40, Some(60)), 1_000);
+        assert_eq!(unflushed_bytes(&log, 40, Some(55)), 500);
+    }
 
     #[test]
     fn the_apply_cache_is_trimmed_once_per_idle_index_until_a_trim_happens() {
@@ -352,6 +453,7 @@ mod tests {
             snapshot_every_bytes: 1_000_000,
             keep_logs_after_snapshot: 5,
             keep_log_bytes_after_snapshot: 1_000,
+            max_unflushed_log_bytes: 1_000,
         };
         let log = LogBytes::default();
         for i in 1..=20 {

@@ -43,6 +43,11 @@ pub struct RaftTuning {
     /// encoded bytes (whichever of this and `keep_logs_after_snapshot`
     /// keeps less).
     pub keep_log_bytes_after_snapshot: u64,
+    /// Flush the node's state once the log entries its shards applied and
+    /// its flushed state does not cover hold this many encoded bytes, all
+    /// shards together: what a restart re-applies, and reads from the log
+    /// at once (see [`log_policy`]).
+    pub max_unflushed_log_bytes: u64,
     /// How often the leader checks for due timers (time-driven tags).
     pub tick_interval_ms: u64,
     /// A write not committed within this time fails with UNAVAILABLE.
@@ -70,6 +75,10 @@ impl Default for RaftTuning {
             // links, seconds at most) small against the ingest it covers.
             snapshot_every_bytes: 256 * 1024 * 1024,
             keep_log_bytes_after_snapshot: 128 * 1024 * 1024,
+            // A quarter of the memtable budget (512 MiB): ingest whose state
+            // is as large as its log fills the memtables first; one of
+            // duplicates or counters is flushed every 128 MiB of log.
+            max_unflushed_log_bytes: 128 * 1024 * 1024,
             tick_interval_ms: 1_000,
             write_timeout_ms: 5_000,
             quiet_idle_groups: true,

@@ -36,6 +36,8 @@ pub struct TestNode {
     child: Option<Child>,
     /// `--shards` (the number of shards the node is created with).
     shards: u32,
+    /// More flags, given at every start.
+    args: Vec<String>,
 }
 
 impl TestNode {
@@ -48,8 +50,16 @@ impl TestNode {
 
     /// Starts a fresh node of `shards` shards.
     pub async fn start_sharded(shards: u32) -> TestNode {
+        Self::start_with(shards, |_| Vec::new()).await
+    }
+
+    /// Starts a fresh node of `shards` shards with more flags: `args` is
+    /// given the node's temp dir (for files the flags name) and returns them.
+    #[allow(dead_code)] // not every test binary starts one
+    pub async fn start_with(shards: u32, args: impl FnOnce(&Path) -> Vec<String>) -> TestNode {
         let dir = tempfile::tempdir().expect("create temp dir");
-        let mut node = TestNode { dir, port: free_port(), peer_port: free_port(), child: None, shards };
+        let args = args(dir.path());
+        let mut node = TestNode { dir, port: free_port(), peer_port: free_port(), child: None, shards, args };
         node.launch().await;
         node
     }
@@ -129,6 +139,7 @@ impl TestNode {
 
     async fn launch(&mut self) {
         let mut command = portraitd(self.dir.path(), (self.port, self.peer_port), self.shards);
+        command.args(&self.args);
         self.child = Some(command.spawn().expect("spawn portraitd"));
         self.wait_for_leader().await;
     }

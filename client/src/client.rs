@@ -16,10 +16,11 @@ use portrait_proto::v1::{
     TransferLeaderResponse, WriteRequest, WriteResponse,
 };
 use portrait_proto::v1::{BackupShardChunk, BackupShardRequest, RestoreShardChunk, RestoreShardResponse};
+use portrait_proto::OUTCOME_UNKNOWN;
 use tonic::{Code, Response, Status};
 
 use crate::conn::{Chan, ConnectOptions, Router};
-use crate::retry::{leader_hint, note_leader, unary, unary_change, unary_since};
+use crate::retry::{connection_lost, leader_hint, note_leader, unary, unary_change, unary_since};
 use crate::routing::Routes;
 use crate::split::{busiest_shard, gather_profiles, reindex, Parts};
 use crate::ClientError;
@@ -140,12 +141,19 @@ impl PortraitClient {
                 self.router.note_epoch(response.metadata());
                 Ok(response.into_inner())
             }
-            Err(status) if status.code() == Code::Unavailable => {
+            Err(status) if status.code() == Code::Unavailable || connection_lost(&status) => {
                 self.router.note_epoch(status.metadata());
                 self.routes.mark_stale();
                 note_leader(&self.router, &endpoint, &status);
+                if connection_lost(&status) {
+                    self.router.avoid(&endpoint);
+                }
+                let lost = match connection_lost(&status) {
+                    true => format!(" (the connection was lost: {OUTCOME_UNKNOWN})"),
+                    false => String::new(),
+                };
                 let message = format!(
-                    "{} (not retried: the batch has events without an event_id, which a resend could \
+                    "{}{lost} (not retried: the batch has events without an event_id, which a resend could \
                      apply twice; give every event an event_id to have it retried)",
                     status.message()
                 );
@@ -175,7 +183,7 @@ impl PortraitClient {
                     self.router.note_epoch(response.metadata());
                     return Ok(response.into_inner());
                 }
-                Err(status) if status.code() == Code::Unavailable => {
+                Err(status) if status.code() == Code::Unavailable || connection_lost(&status) => {
                     self.router.note_epoch(status.metadata());
                     self.routes.mark_stale();
                     match leader_hint(&status) {

@@ -7,8 +7,9 @@
 //! (node down, election in progress) is retried with exponential backoff for
 //! up to [`RETRY_BUDGET`], each retry with a fresh count of redirects (a
 //! follower keeps naming a leader that is between terms; only the budget
-//! ends such a call). Every other status is
-//! returned at once. Retrying a write is safe when its events carry an
+//! ends such a call). A connection lost during the call ([`connection_lost`])
+//! is retried like an `UNAVAILABLE` whose outcome is unknown. Every other
+//! status is returned at once. Retrying a write is safe when its events carry an
 //! `event_id`: each shard's part is applied whole or not at all, and a
 //! retried event whose first attempt did commit (in that shard's part, or
 //! in a part that committed after the call timed out) is counted as a
@@ -34,6 +35,28 @@ pub const RETRY_BUDGET: Duration = Duration::from_secs(3);
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Metadata key of the stable error code every status a node sends carries.
+const ERROR_HEADER: &str = "x-portrait-error";
+
+/// Whether `status` is a connection lost during the call (the node was
+/// killed, or the connection reset), not a node's answer: tonic reports
+/// those as `UNKNOWN`, `INTERNAL` or `CANCELLED`, and every status a node
+/// sends carries `x-portrait-error`. The call may have reached the node:
+/// its outcome is unknown.
+pub fn connection_lost(status: &Status) -> bool {
+    matches!(status.code(), Code::Unknown | Code::Internal | Code::Cancelled)
+        && status.metadata().get(ERROR_HEADER).is_none()
+}
+
+/// Whether a call that failed with `status` may be sent again elsewhere
+/// or later: `Some(outcome unknown)` if so.
+fn retryable(status: &Status) -> Option<bool> {
+    match status.code() {
+        Code::Unavailable => Some(status.message().contains(OUTCOME_UNKNOWN)),
+        _ => connection_lost(status).then_some(true),
+    }
+}
 
 /// The leader endpoint carried by `status`, if any.
 pub fn leader_hint(status: &Status) -> Option<&str> {
@@ -100,12 +123,10 @@ where
             Err(status) => {
                 // Errors carry the node's map epoch too.
                 router.note_epoch(status.metadata());
-                if status.code() != Code::Unavailable
-                    || (!again_if_unknown && status.message().contains(OUTCOME_UNKNOWN))
-                {
-                    return Err(status.into());
+                match retryable(&status) {
+                    Some(unknown) if again_if_unknown || !unknown => status,
+                    _ => return Err(status.into()),
                 }
-                status
             }
         };
         if let Some(hint) = leader_hint(&status) {
@@ -191,6 +212,46 @@ mod tests {
         assert!((2..=5).contains(&attempts), "{attempts} attempts");
         let spent = Instant::now() - RETRY_BUDGET;
         assert_eq!(attempts_since(spent).await, 1, "a spent budget still tries once");
+    }
+
+    #[test]
+    fn a_connection_lost_is_told_from_a_node_answer() {
+        for code in [Code::Unknown, Code::Internal, Code::Cancelled] {
+            let lost = Status::new(code, "h2 protocol error: connection reset");
+            assert!(connection_lost(&lost), "{code:?}");
+            assert_eq!(retryable(&lost), Some(true), "outcome unknown");
+            let mut answer = Status::new(code, "internal: storage failed");
+            answer.metadata_mut().insert(ERROR_HEADER, "INTERNAL".parse().unwrap());
+            assert!(!connection_lost(&answer), "{code:?} from a node");
+            assert_eq!(retryable(&answer), None);
+        }
+        assert_eq!(retryable(&Status::unavailable("no leader")), Some(false));
+        assert_eq!(retryable(&Status::unavailable(format!("timed out; {OUTCOME_UNKNOWN}"))), Some(true));
+        assert_eq!(retryable(&Status::invalid_argument("events[0].user_id: empty")), None);
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_is_retried_and_a_change_is_not() {
+        let almost_spent = Instant::now() - RETRY_BUDGET + Duration::from_secs(1);
+        let seed = || crate::conn::Conn {
+            endpoint: "http://127.0.0.1:1".into(),
+            channel: crate::conn::lazy_channel("http://127.0.0.1:1", &Default::default()).unwrap(),
+        };
+        for (again_if_unknown, expected) in [(true, 2..=5), (false, 1..=1)] {
+            let router = Router::new(seed(), Default::default());
+            let attempts = std::sync::atomic::AtomicU32::new(0);
+            let result: Result<(), _> = retry(&router, almost_spent, again_if_unknown, |_| {
+                attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                async move { Err(Status::unknown("transport error: connection reset by peer")) }
+            })
+            .await;
+            assert!(result.is_err());
+            let attempts = attempts.into_inner();
+            assert!(
+                expected.contains(&attempts),
+                "{attempts} attempts (again_if_unknown {again_if_unknown})"
+            );
+        }
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 
 mod fake;
 
-use fake::{event, shard_map, user_of_shard, Fake, Node};
+use fake::{bare_event, event, shard_map, user_of_shard, Fake, Node};
 use portrait_client::portrait_proto::v1::ShardMapResponse;
 use portrait_client::{Consistency, PortraitClient};
 
@@ -156,6 +156,27 @@ async fn a_failing_node_is_bypassed_and_the_map_fetched_again() {
     client.write(vec![event(&u)]).await.unwrap();
     assert_eq!(a.fake.map_calls(), 2);
     assert_eq!(b.fake.users(), [u]);
+}
+
+#[tokio::test]
+async fn a_connection_lost_mid_call_is_retried_elsewhere_unless_a_resend_could_apply_twice() {
+    let (a, b, client) = two_nodes().await;
+    b.fake.lost.store(1, std::sync::atomic::Ordering::SeqCst);
+    let u = user(1, 0);
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!((b.fake.calls(), b.fake.users().len()), (1, 0), "node 2's connection was lost");
+    assert_eq!(a.fake.users(), vec![u.clone()], "sent again through the connected node");
+
+    // An event without an id is not sent again: the first attempt may
+    // have been applied.
+    b.fake.lost.store(1, std::sync::atomic::Ordering::SeqCst);
+    let err = client.write(vec![bare_event(&u)]).await.unwrap_err().to_string();
+    assert!(
+        err.contains("the connection was lost: the outcome is unknown") && err.contains("not retried"),
+        "{err}"
+    );
+    assert_eq!(b.fake.calls(), 2, "the second write went to node 2 again");
+    assert_eq!(a.fake.users(), vec![u], "and was not resent");
 }
 
 #[tokio::test]

@@ -33,6 +33,9 @@ pub struct Fake {
     pub hint: Mutex<Option<String>>,
     /// Calls still to refuse with a bare UNAVAILABLE.
     pub unavailable: AtomicU32,
+    /// Calls still to fail as a connection lost mid-call does (a bare
+    /// `UNKNOWN`, no `x-portrait-error`).
+    pub lost: AtomicU32,
     pub calls: AtomicU32,
     /// The shard map it serves, if any.
     pub map: Mutex<Option<ShardMapResponse>>,
@@ -107,6 +110,10 @@ impl Fake {
             let mut status = Status::unavailable(format!("node {} is not the leader", self.id));
             status.metadata_mut().insert(LEADER_HEADER, hint.parse().unwrap());
             return Some(status);
+        }
+        let lost = self.lost.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if lost.is_ok() {
+            return Some(Status::unknown("h2 protocol error: error reading a body from connection"));
         }
         let take = self.unavailable.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         take.is_ok().then(|| Status::unavailable("no leader"))

@@ -47,6 +47,17 @@ pub const MAX_USERS_PER_TICK: usize = 2_000;
 /// replica stops at the same user); at least one user is taken. Decoded,
 /// the states take a small multiple of it while the entry applies.
 pub const MAX_SETTLE_BYTES_PER_ENTRY: usize = 64 * 1024 * 1024;
+/// Stored (encoded) family heads and user states one write entry loads at
+/// most, half of it in each of the two halves of the user space its apply
+/// splits users into (FNV-1a of the id, one apply thread each): counted
+/// from the stored rows that are live at the entry's time (the same on
+/// every replica), request by request in the entry's order. The requests
+/// from the one during which a half passes its share on are not applied
+/// and answered `UNAVAILABLE` (retry; nothing of them was written); a
+/// request that passes it as the entry's first is rejected, as it never
+/// fits. Decoded, heads and states take a small multiple of it while the
+/// entry applies.
+pub const MAX_WRITE_STATE_BYTES_PER_ENTRY: usize = 128 * 1024 * 1024;
 /// Distinct values a `distinct_count` or `top_k` bucket tracks; past it,
 /// new values are not counted (the result saturates).
 pub const MAX_DISTINCT_PER_BUCKET: usize = 1_000;

@@ -186,6 +186,12 @@ pub enum WriteOutcome {
     Rejected {
         reason: String,
     },
+    /// Not applied: the entry had loaded its budget of stored state
+    /// ([`crate::limits::MAX_WRITE_STATE_BYTES_PER_ENTRY`]) before it; a
+    /// later entry may take it (retryable).
+    Deferred {
+        reason: String,
+    },
 }
 
 #[cfg(test)]

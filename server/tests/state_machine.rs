@@ -65,7 +65,7 @@ fn counts(result: &CommandResult) -> Vec<Result<WriteCounts, String>> {
             .iter()
             .map(|o| match o {
                 WriteOutcome::Applied(c) => Ok(c.clone()),
-                WriteOutcome::Rejected { reason } => Err(reason.clone()),
+                WriteOutcome::Rejected { reason } | WriteOutcome::Deferred { reason } => Err(reason.clone()),
             })
             .collect(),
         other => panic!("not a write result: {other:?}"),
@@ -1033,4 +1033,91 @@ async fn a_reevaluation_walks_the_users_in_entries_and_ends_with_the_last_user()
     // A stale proposal (the cursor moved on) is a no-op.
     let res = apply(&mut r, vec![reevaluate(5, Some("u2"))]).await;
     assert_eq!(res, [CommandResult::Reevaluated { users: 0 }]);
+}
+
+/// Outcomes as text: `A` applied, `D` deferred (retry), `R` rejected.
+fn outcome_letters(result: &CommandResult) -> String {
+    match result {
+        CommandResult::Write(outcomes) => outcomes
+            .iter()
+            .map(|o| match o {
+                WriteOutcome::Applied(_) => 'A',
+                WriteOutcome::Deferred { .. } => 'D',
+                WriteOutcome::Rejected { .. } => 'R',
+            })
+            .collect(),
+        other => panic!("not a write result: {other:?}"),
+    }
+}
+
+/// `users` users whose `registration` head holds 256 undeclared attributes
+/// of 4,000 bytes (about 1 MiB each, kept forever), written from index 1.
+fn heavy_users(users: usize) -> Vec<Entry> {
+    let value = Value::Str("v".repeat(4_000));
+    (0..users)
+        .map(|u| {
+            let events = (0..4)
+                .map(|e| {
+                    let names: Vec<String> = (e * 64..e * 64 + 64).map(|a| format!("a{a}")).collect();
+                    let attrs: Vec<(&str, Value)> =
+                        names.iter().map(|n| (n.as_str(), value.clone())).collect();
+                    event(&format!("heavy-{u}"), "registration", T0, &format!("fill-{e}"), &attrs)
+                })
+                .collect();
+            write(u as u64 + 1, T0, vec![events])
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_write_entry_loads_a_bounded_amount_of_stored_state_and_defers_the_rest_alike_on_every_replica() {
+    use portrait_server::limits::MAX_WRITE_STATE_BYTES_PER_ENTRY;
+    const USERS: usize = 200;
+    let setup = heavy_users(USERS);
+    let probe_as =
+        |id: &'static str| move |u: usize| vec![event(&format!("heavy-{u}"), "registration", T0, id, &[])];
+    let probe = probe_as("probe");
+    // One request per user: 200 MiB of stored heads, over the 128 MiB budget.
+    let each = write(USERS as u64 + 1, T0 + 1_000, (0..USERS).map(probe).collect());
+    assert_eq!(MAX_WRITE_STATE_BYTES_PER_ENTRY, 128 << 20);
+
+    let mut a = replica();
+    for chunk in setup.chunks(50) {
+        apply(&mut a, chunk.to_vec()).await;
+    }
+    let result = apply(&mut a, vec![each.clone()]).await;
+    let letters = outcome_letters(&result[0]);
+    let applied = letters.chars().take_while(|c| *c == 'A').count();
+    // Each half may load 64 MiB, about 64 heads: the entry stops when the
+    // first half is full, after about 128 users (fewer if the halves are
+    // uneven), and defers every request from there.
+    assert!((60..=140).contains(&applied), "{applied} applied: {letters}");
+    assert_eq!(letters[applied..], "D".repeat(USERS - applied), "the rest deferred");
+    let CommandResult::Write(outcomes) = &result[0] else { unreachable!() };
+    let WriteOutcome::Deferred { reason } = &outcomes[applied] else { unreachable!() };
+    assert!(reason.contains("nothing of it was written: retry"), "{reason}");
+    let probed = |r: &Replica, u: usize| {
+        let view = read(r, &format!("heavy-{u}"), T0 + 2_000);
+        view.families["registration"].history.iter().any(|h| h.event_id == "probe")
+    };
+    assert!(probed(&a, 0) && probed(&a, applied - 1));
+    assert!(!probed(&a, applied) && !probed(&a, USERS - 1), "deferred requests left nothing");
+
+    // Another replica, restarted before the entry (its cache is empty: the
+    // sizes come from the database), decides the same.
+    let mut b = replica();
+    apply(&mut b, setup).await;
+    let Replica { dir, store, sm } = b;
+    drop((store, sm));
+    let mut b = open(dir);
+    assert_eq!(apply(&mut b, vec![each]).await, result);
+
+    // One request of every user never fits: rejected, saying what to do.
+    let again = probe_as("again");
+    let all = write(USERS as u64 + 2, T0 + 3_000, vec![(0..USERS).flat_map(again).collect(), again(0)]);
+    let result = apply(&mut a, vec![all]).await;
+    assert_eq!(outcome_letters(&result[0]), "RD");
+    let CommandResult::Write(outcomes) = &result[0] else { unreachable!() };
+    let WriteOutcome::Rejected { reason } = &outcomes[0] else { unreachable!() };
+    assert!(reason.contains("send fewer users per request"), "{reason}");
 }

@@ -376,6 +376,7 @@ async fn propose(replica: &Replica, batch: Vec<Pending>) {
                 let result = match outcome {
                     WriteOutcome::Applied(counts) => Ok((counts, index)),
                     WriteOutcome::Rejected { reason } => Err(Error::FailedPrecondition(reason)),
+                    WriteOutcome::Deferred { reason } => Err(Error::Unavailable(reason)),
                 };
                 let _ = reply.send(result);
             }

@@ -20,7 +20,10 @@ use super::record::{encode_history_event_into, stored_expiry, FamilyHead};
 use super::sm_db::cf;
 use crate::engine::state::{Dirty, UserState};
 use crate::engine::Engine;
-use crate::limits::{MAX_SETTLE_BYTES_PER_ENTRY, MAX_UNDECLARED_ATTRS_PER_FAMILY, MAX_USERS_PER_TICK};
+use crate::limits::{
+    MAX_SETTLE_BYTES_PER_ENTRY, MAX_UNDECLARED_ATTRS_PER_FAMILY, MAX_USERS_PER_TICK,
+    MAX_WRITE_STATE_BYTES_PER_ENTRY,
+};
 use crate::model::{expiry, is_live, Event, WriteCounts, NEVER};
 use crate::schema::Schema;
 use crate::types::{GroupId, WriteOutcome};
@@ -188,16 +191,18 @@ impl CacheShard {
         }
     }
 
-    fn take_record(&mut self, key: &[u8]) -> Option<FamilyHead> {
+    /// The cached head under `key`, with its stored size.
+    fn take_record(&mut self, key: &[u8]) -> Option<(FamilyHead, usize)> {
         let (record, n) = self.records.remove(key)?;
         self.bytes -= n;
-        Some(record)
+        Some((record, n))
     }
 
-    fn take_user(&mut self, user_id: &str) -> Option<UserState> {
+    /// The cached state of `user_id`, with its stored size.
+    fn take_user(&mut self, user_id: &str) -> Option<(UserState, usize)> {
         let (state, n) = self.users.remove(user_id)?;
         self.bytes -= n;
-        Some(state)
+        Some((state, n))
     }
 
     fn keep_record(&mut self, key: Vec<u8>, record: FamilyHead, bytes: usize) {
@@ -239,6 +244,20 @@ struct EntryState<'a> {
     new_ids: HashMap<Vec<u8>, i64>,
     /// Where each row's value is encoded before the batch copies it.
     buf: Vec<u8>,
+    /// Stored bytes of the live heads and the states loaded so far (see
+    /// [`MAX_WRITE_STATE_BYTES_PER_ENTRY`]).
+    loaded: usize,
+}
+
+/// What a shard's first pass over its part of a write entry found.
+struct Prepared {
+    /// Each event's dedupe lookup ([`EntryState::dedupe_lookups`]).
+    dedupe: Vec<Option<DedupeKey>>,
+    /// The request (its index in the entry) during which this shard's
+    /// loads passed its share of [`MAX_WRITE_STATE_BYTES_PER_ENTRY`].
+    over: Option<usize>,
+    /// Requests refused for their undeclared attribute names, with why.
+    overflows: Vec<(usize, String)>,
 }
 
 /// Applies the write requests of one entry at logical time `now_ms`.
@@ -274,14 +293,48 @@ pub fn apply_write(
     let parallel = total >= PARALLEL_MIN_EVENTS;
     let mut states: Vec<_> =
         cache.sized().iter_mut().map(|shard| EntryState::new(db, gid, shard, engine, now_ms)).collect();
-    // Undeclared attribute names are bounded per user and family: a request
-    // that would pass the bound is rejected whole, before any of it applies.
+    // First pass: dedupe lookups, then the heads and states apply will need,
+    // within the entry's budget of stored bytes; then the bound on
+    // undeclared attribute names per user and family. A request over either
+    // is not applied at all.
+    let first = outcomes.iter().position(|o| matches!(o, WriteOutcome::Applied(_)));
+    let share = MAX_WRITE_STATE_BYTES_PER_ENTRY / SHARDS;
     let checks: Vec<_> = states.iter_mut().zip(&parts).collect();
+    let prepared: Vec<Prepared> = on_shards(parallel, checks, |(st, part)| st.prepare(schema, part, share))
+        .into_iter()
+        .collect::<Result<_, _>>()?;
     let mut refused = false;
-    for overflows in on_shards(parallel, checks, |(st, part)| st.attr_overflows(schema, part)) {
-        for (i, reason) in overflows? {
-            if matches!(outcomes[i], WriteOutcome::Applied(_)) {
-                outcomes[i] = WriteOutcome::Rejected { reason };
+    if let Some(over) = prepared.iter().filter_map(|p| p.over).min() {
+        for (i, outcome) in outcomes.iter_mut().enumerate().skip(over) {
+            if !matches!(outcome, WriteOutcome::Applied(_)) {
+                continue;
+            }
+            refused = true;
+            *outcome = match Some(i) == first {
+                true => WriteOutcome::Rejected {
+                    reason: format!(
+                        "the stored profiles and states of the request's users (those of one half of the \
+                         user space) are over the {} MiB a write entry may load \
+                         (MAX_WRITE_STATE_BYTES_PER_ENTRY, half of it per half): send fewer users per \
+                         request",
+                        MAX_WRITE_STATE_BYTES_PER_ENTRY >> 20
+                    ),
+                },
+                false => WriteOutcome::Deferred {
+                    reason: format!(
+                        "not applied: the write entry it was proposed in had loaded the {} MiB of stored \
+                         profiles and states it may (MAX_WRITE_STATE_BYTES_PER_ENTRY) before reaching it; \
+                         nothing of it was written: retry",
+                        MAX_WRITE_STATE_BYTES_PER_ENTRY >> 20
+                    ),
+                },
+            };
+        }
+    }
+    for p in &prepared {
+        for (i, reason) in &p.overflows {
+            if matches!(outcomes[*i], WriteOutcome::Applied(_)) {
+                outcomes[*i] = WriteOutcome::Rejected { reason: reason.clone() };
                 refused = true;
             }
         }
@@ -289,18 +342,14 @@ pub fn apply_write(
     let outcomes_now = &outcomes;
     let results = on_shards(
         parallel,
-        states.into_iter().zip(&parts).collect(),
-        |(mut st, part)| -> Result<_, ApplyError> {
+        states.into_iter().zip(&parts).zip(prepared).collect(),
+        |((mut st, part), prepared)| -> Result<_, ApplyError> {
             let mut counts = vec![WriteCounts::default(); requests.len()];
             let reserve = st.cache.batch_bytes + st.cache.batch_bytes / 4;
             let mut shard_batch = WriteBatch::with_capacity_bytes(reserve.max(1024));
-            let applied = |(i, _): &&(usize, &Event)| matches!(outcomes_now[*i], WriteOutcome::Applied(_));
-            let part: std::borrow::Cow<'_, [(usize, &Event)]> = match refused {
-                true => part.iter().filter(applied).copied().collect::<Vec<_>>().into(),
-                false => part.as_slice().into(),
-            };
-            let dedupe = st.dedupe_lookups(&part)?;
-            for (&(i, event), dedupe) in part.iter().zip(dedupe) {
+            let applied = |i: usize| matches!(outcomes_now[i], WriteOutcome::Applied(_));
+            let events = part.iter().zip(prepared.dedupe);
+            for (&(i, event), dedupe) in events.filter(|((i, _), _)| !refused || applied(*i)) {
                 st.apply_event(schema, event, dedupe, &mut counts[i], &mut shard_batch)?;
             }
             st.finish(&mut shard_batch)?;
@@ -512,7 +561,46 @@ fn encode_user_state_into(out: &mut Vec<u8>, state: &UserState) {
 impl<'a> EntryState<'a> {
     fn new(db: &'a DB, gid: GroupId, cache: &'a mut CacheShard, engine: &'a Engine, now_ms: i64) -> Self {
         let Scratch { records, users, new_ids, buf } = std::mem::take(&mut cache.scratch);
-        EntryState { db, gid, cache, engine, now_ms, records, users, new_ids, buf }
+        EntryState { db, gid, cache, engine, now_ms, records, users, new_ids, buf, loaded: 0 }
+    }
+
+    /// The first pass over this shard's `part` of a write entry (see
+    /// [`Prepared`]): looks up the events' dedupe keys, loads the heads and
+    /// states apply will need, request by request, until their stored bytes
+    /// pass `share`, and checks the undeclared attribute names of the
+    /// requests before that one.
+    fn prepare(
+        &mut self,
+        schema: &Schema,
+        part: &[(usize, &Event)],
+        share: usize,
+    ) -> Result<Prepared, ApplyError> {
+        let dedupe = self.dedupe_lookups(part)?;
+        let mut over = None;
+        let mut within = part.len();
+        for (pos, (&(i, event), dedupe)) in part.iter().zip(&dedupe).enumerate() {
+            // What apply loads for it: nothing for an event an earlier entry
+            // saw; else the user's state (if the schema computes anything)
+            // and, for a live event, its family head. (Apply loads less: an
+            // id repeated within the entry is a duplicate too.)
+            if dedupe.as_ref().is_some_and(|(_, seen)| *seen) {
+                continue;
+            }
+            if !self.engine.is_empty() {
+                self.user(&event.user_id)?;
+            }
+            let spec = schema.family(&event.family).expect("validated against this schema");
+            if is_live(expiry(event.time_ms, spec.ttl_ms), self.now_ms) {
+                self.record(keys::profile(self.gid, &event.user_id, &event.family))?;
+            }
+            if self.loaded > share {
+                over = Some(i);
+                within = part.partition_point(|(j, _)| *j < i).min(pos);
+                break;
+            }
+        }
+        let overflows = self.attr_overflows(schema, &part[..within], &dedupe[..within])?;
+        Ok(Prepared { dedupe, over, overflows })
     }
 
     /// For each event with an id: its dedupe key, and whether an earlier
@@ -569,12 +657,20 @@ impl<'a> EntryState<'a> {
         &mut self,
         schema: &Schema,
         part: &[(usize, &Event)],
+        dedupe: &[Option<DedupeKey>],
     ) -> Result<Vec<(usize, String)>, ApplyError> {
         let mut refused = Vec::new();
         // Undeclared names added by this entry's earlier requests, per head.
         let mut added: HashMap<Vec<u8>, BTreeSet<&str>> = HashMap::default();
         let mut adds = HashMap::default();
-        for request in part.chunk_by(|a, b| a.0 == b.0) {
+        // Events an earlier entry saw add nothing (apply skips them).
+        let fresh: Vec<(usize, &Event)> = part
+            .iter()
+            .zip(dedupe)
+            .filter(|(_, d)| !d.as_ref().is_some_and(|(_, seen)| *seen))
+            .map(|(e, _)| *e)
+            .collect();
+        for request in fresh.chunk_by(|a, b| a.0 == b.0) {
             match self.request_overflow(schema, request, &added, &mut adds)? {
                 Some(reason) => refused.push((request[0].0, reason)),
                 None => {
@@ -696,14 +792,25 @@ impl<'a> EntryState<'a> {
         match self.records.entry(key) {
             MapEntry::Occupied(o) => Ok(o.into_mut()),
             MapEntry::Vacant(v) => {
-                let cached = self.cache.take_record(v.key());
-                let mut record = match cached {
-                    Some(record) => record,
+                // Counted only when live at the entry's time: compaction may
+                // have dropped an expired row on one replica and not yet on
+                // another, whose cache may also still hold it.
+                let (mut record, expires, bytes) = match self.cache.take_record(v.key()) {
+                    Some((record, n)) => {
+                        let expires = record.max_expiry();
+                        (record, expires, n)
+                    }
                     None => match self.db.get_pinned_cf(cf(self.db, CF_PROFILES), v.key())? {
-                        Some(bytes) => FamilyHead::decode(&bytes)?,
-                        None => FamilyHead::default(),
+                        Some(bytes) => {
+                            let expires = stored_expiry(&bytes).unwrap_or(NEVER);
+                            (FamilyHead::decode(&bytes)?, expires, v.key().len() + bytes.len())
+                        }
+                        None => (FamilyHead::default(), i64::MIN, 0),
                     },
                 };
+                if is_live(expires, self.now_ms) {
+                    self.loaded += bytes;
+                }
                 record.prune(self.now_ms);
                 Ok(v.insert(record))
             }
@@ -715,10 +822,16 @@ impl<'a> EntryState<'a> {
         match self.users.entry(user_id.to_string()) {
             MapEntry::Occupied(o) => Ok(o.into_mut()),
             MapEntry::Vacant(v) => {
-                let mut state = match self.cache.take_user(user_id) {
-                    Some(state) => state,
-                    None => load_user_state(self.db, self.gid, user_id)?.unwrap_or_default(),
+                let (mut state, bytes) = match self.cache.take_user(user_id) {
+                    Some(cached) => cached,
+                    None => {
+                        match self.db.get_pinned_cf(cf(self.db, CF_STATE), keys::state(self.gid, user_id))? {
+                            Some(bytes) => (decode_user_state(&bytes)?, user_id.len() + bytes.len()),
+                            None => (UserState::default(), 0),
+                        }
+                    }
                 };
+                self.loaded += bytes;
                 let stored_wake = state.wake_at;
                 // Once per user per entry; observe and settle rely on it.
                 self.engine.align(&mut state);

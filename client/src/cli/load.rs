@@ -111,7 +111,17 @@ fn stopped(written: &[Written], failure: Failure) -> String {
             let text = err.to_string();
             let line = event_index(&text).and_then(|i| lines.get(i));
             let at = line.map(|l| format!(" (line {l} is the event it names)")).unwrap_or_default();
-            format!("lines {first_line}-{last_line} failed{at}: {text}")
+            // A request is validated whole (nothing of an invalid one is
+            // written), but applied per shard.
+            let partly = match text.starts_with("INVALID_ARGUMENT") {
+                true => "",
+                false => {
+                    " (a write is atomic per shard, not across shards: events of these lines in other shards \
+                     may have been written; loaded again, those with an event_id come back as duplicates, \
+                     those without one are applied again)"
+                }
+            };
+            format!("lines {first_line}-{last_line} failed{at}{partly}: {text}")
         }
     };
     format!("stopped: {}; {cause}", parts.join("; "))
@@ -232,8 +242,12 @@ mod tests {
     use super::*;
 
     fn failed_write(first_line: usize, last_line: usize, message: &str) -> Failure {
+        failed_with(first_line, last_line, tonic::Status::invalid_argument(message))
+    }
+
+    fn failed_with(first_line: usize, last_line: usize, status: tonic::Status) -> Failure {
         let lines = (first_line..=last_line).collect();
-        let err = ClientError::Rpc(tonic::Status::invalid_argument(message));
+        let err = ClientError::Rpc(status);
         Failure::Write { first_line, last_line, lines, err }
     }
 
@@ -253,6 +267,14 @@ mod tests {
         assert_eq!(
             stopped(&[], failure),
             "stopped: nothing was written; lines 1-100 failed: INVALID_ARGUMENT: shard 2: no quorum"
+        );
+        let failure = failed_with(1, 100, tonic::Status::unavailable("shard 2: no quorum"));
+        assert_eq!(
+            stopped(&[], failure),
+            "stopped: nothing was written; lines 1-100 failed (a write is atomic per shard, not across \
+             shards: events of these lines in other shards may have been written; loaded again, those with \
+             an event_id come back as duplicates, those without one are applied again): UNAVAILABLE: shard \
+             2: no quorum"
         );
         let bad_line =
             Failure::Read(ClientError::Json { line: 152, reason: "missing field `family`".into() });

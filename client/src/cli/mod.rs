@@ -72,7 +72,7 @@ enum Command {
     /// Bulk-load JSON-lines events (one event per line; `-` reads stdin).
     Load {
         file: PathBuf,
-        /// Events per write.
+        /// Events per write (a write also ends once its events reach 8 MiB encoded).
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
         batch: u32,
         /// Writes in flight at once.

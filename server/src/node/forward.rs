@@ -12,6 +12,7 @@ use portrait_proto::v1::RaftPayload;
 use super::write::leader_elsewhere;
 use super::Node;
 use crate::error::{Error, Result, OUTCOME_UNKNOWN};
+use crate::raft::network::refused_by_peer;
 use crate::service::status::{error_from_status, ERROR_CODE_KEY};
 use crate::types::{GroupId, NodeId};
 
@@ -152,6 +153,13 @@ impl Node {
         match reply {
             Ok(reply) => Ok(reply.into_inner().data),
             Err(status) if status.metadata().contains_key(ERROR_CODE_KEY) => Err(error_from_status(&status)),
+            // Refused before the receiver's handler ran (its peer-port
+            // checks, a request it cannot decode, a build without the
+            // call): nothing was proposed, and the connection, which the
+            // raft groups share, works.
+            Err(status) if refused_by_peer(status.code()) => {
+                Err(Error::Unavailable(format!("forwarding to node {to} at {addr}: refused: {status}")))
+            }
             Err(status) => {
                 self.channels.reset(to, addr);
                 Err(transport_error(write, to, addr, &status))
@@ -184,6 +192,9 @@ mod tests {
         assert!(transport_error(true, 2, "n2:7800", &late).outcome_unknown());
         assert!(transport_error(true, 2, "n2:7800", &broken).outcome_unknown());
         assert!(!transport_error(false, 2, "n2:7800", &late).outcome_unknown(), "a read changes nothing");
+        // Refusals by the receiver's service are told apart before
+        // `transport_error` (nothing was proposed): see `refused_by_peer`.
+        assert!(refused_by_peer(tonic::Code::Unimplemented) && !refused_by_peer(tonic::Code::Unknown));
         let e = transport_error(true, 2, "n2:7800", &late);
         assert!(matches!(&e, Error::Unavailable(m) if m.contains("node 2")), "{e}");
     }

@@ -574,7 +574,7 @@ impl Peer {
 
 /// Status codes that only a peer's service answers (never the transport
 /// itself): the connection they came on works.
-fn refused_by_peer(code: tonic::Code) -> bool {
+pub(crate) fn refused_by_peer(code: tonic::Code) -> bool {
     use tonic::Code::*;
     matches!(
         code,

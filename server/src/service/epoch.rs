@@ -67,7 +67,9 @@ where
                     HeaderValue::try_from(format!("{cluster:016x}")).expect("hex digits are a header value");
                 headers.insert(CLUSTER_ID_KEY, id);
             }
-            if headers.contains_key(LEADER_KEY) {
+            // A leader named by its id alone (its peer address was not at
+            // hand) is resolved too.
+            if headers.contains_key(LEADER_KEY) || headers.contains_key(LEADER_ID_KEY) {
                 let leader = headers.get(LEADER_ID_KEY).and_then(|v| v.to_str().ok()?.parse().ok());
                 match leader.and_then(|id| node.client_addr(id)).and_then(|a| HeaderValue::try_from(a).ok()) {
                     Some(addr) => headers.insert(LEADER_KEY, addr),

@@ -1,10 +1,17 @@
 //! Splits JSON lines into batches of events. Blank lines are skipped; the
 //! first bad line ends the iteration with an error naming it, and the batch
 //! it would have joined is dropped, so nothing of that batch is sent.
+//! A batch ends at its event count, or once its events' encoded size
+//! reaches [`MAX_BATCH_BYTES`], whichever comes first.
 
 use std::io::BufRead;
 
 use portrait_client::{json, ClientError, Event};
+
+/// A batch ends once its events' encoded size reaches this: half the
+/// 16 MiB a node accepts in one request, so that the event that passes it
+/// (at most about 270 KB: 64 attributes of 4 KiB) still fits.
+pub const MAX_BATCH_BYTES: usize = 8 << 20;
 
 /// Events to send in one write, and the input bytes they came from.
 #[derive(Debug, Default)]
@@ -33,7 +40,8 @@ impl<R: BufRead> Batches<R> {
     fn fill(&mut self) -> Result<Batch, ClientError> {
         let mut batch = Batch { first_line: self.line + 1, ..Batch::default() };
         let mut buf = Vec::new();
-        while batch.events.len() < self.size {
+        let mut encoded = 0;
+        while batch.events.len() < self.size && encoded < MAX_BATCH_BYTES {
             buf.clear();
             let read = self.reader.read_until(b'\n', &mut buf)?;
             if read == 0 {
@@ -44,6 +52,8 @@ impl<R: BufRead> Batches<R> {
             batch.bytes += read as u64;
             let parsed = parse_line(&buf).map_err(|reason| ClientError::Json { line: self.line, reason })?;
             if let Some(event) = parsed {
+                // The event's bytes in the request, its field tag and length included.
+                encoded += prost::Message::encoded_len(&event) + 8;
                 batch.events.push(event);
                 batch.lines.push(self.line);
             }
@@ -109,6 +119,28 @@ mod tests {
         assert_eq!(sizes(&input, 1), [Ok(1), Ok(1), Ok(1), Ok(1)]);
         assert_eq!(sizes("", 3), []);
         assert_eq!(sizes("\n\n", 3), []);
+    }
+
+    #[test]
+    fn a_batch_ends_at_its_encoded_size_too() {
+        let big = format!(
+            r#"{{"user_id":"u1","family":"browse","type":"view","event_time_ms":1,"attrs":{{"note":"{}"}}}}"#,
+            "x".repeat(100_000)
+        );
+        let input = format!(
+            "{big}
+"
+        )
+        .repeat(200);
+        let batches: Vec<Batch> = Batches::new(input.as_bytes(), 1_000).map(|b| b.unwrap()).collect();
+        let counts: Vec<usize> = batches.iter().map(|b| b.events.len()).collect();
+        // 84 events of about 100 KB reach 8 MiB.
+        assert_eq!(counts, [84, 84, 32]);
+        for b in &batches {
+            let request = portrait_client::WriteRequest { events: b.events.clone() };
+            let bytes = prost::Message::encoded_len(&request);
+            assert!(bytes <= MAX_BATCH_BYTES + 110_000, "{bytes} bytes");
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! leaders are on different nodes: writes across shards go to each shard's
 //! leader and read back LINEARIZABLE from it, and `portrait locate` names
 //! the shard the server reads a user from. An empty batch is answered
-//! where it is asked.
+//! where it is asked. Calls cut off by a node's kill are sent again by the
+//! client, not failed with the lost connection.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -171,4 +172,54 @@ async fn an_empty_batch_is_answered_by_the_node_asked_while_shard_0_is_down() {
         assert_eq!(info.node_id, other, "{consistency:?}: answered where asked: {info:?}");
         assert_ne!(info.shard, 0, "{consistency:?}: a shard node {other} hosts: {info:?}");
     }
+}
+
+#[tokio::test]
+async fn calls_in_flight_to_a_node_killed_are_retried_not_failed_as_a_lost_connection() {
+    let mut cluster = Cluster::start_sharded_with_config(3, TEST_SHARDS, "max_moves = 0\n").await;
+    let client = cluster.client(1).await;
+    // Node 2 leads shards 1 to 3: most calls go straight to it.
+    for shard in 1..TEST_SHARDS {
+        client.transfer_leader_of(2, Some(shard)).await.expect("transfer");
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut acked, mut failed) = (0u32, Vec::new());
+                for i in 0.. {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let user = format!("user-{w}-{}", i % 16);
+                    match client.write(vec![visit(&user, &format!("w{w}-{i}"))]).await {
+                        Ok(_) => acked += 1,
+                        Err(e) => failed.push(e),
+                    }
+                }
+                (acked, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.kill(2);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut acked, mut failed) = (0, Vec::new());
+    for writer in writers {
+        let (a, f) = writer.await.unwrap();
+        acked += a;
+        failed.extend(f);
+    }
+    println!("{acked} writes acknowledged, {} failed: {failed:?}", failed.len());
+    // A call cut off by the kill is sent again (its events have ids); one
+    // may still fail while a shard elects a leader (UNAVAILABLE after the
+    // retry budget), never as the lost connection itself.
+    for e in &failed {
+        let portrait_client::ClientError::Rpc(status) = e else { panic!("{e}") };
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{e}");
+    }
+    let after = client.write(vec![visit("user-after", "after")]).await.expect("writes go on");
+    assert_eq!(after.applied, 1);
 }

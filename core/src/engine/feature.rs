@@ -81,6 +81,15 @@ pub fn value_key(v: &Value) -> String {
     key
 }
 
+/// [`value_key`] of a string, borrowed when it is kept as it is: what
+/// `contains` and `get` look a text up under in a feature's keys.
+pub fn text_key(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.len() > MAX_DISTINCT_VALUE_BYTES {
+        true => hashed_key(s).into(),
+        false => s.into(),
+    }
+}
+
 fn hashed_key(s: &str) -> String {
     const SUFFIX: usize = 17; // `~` and 16 hex digits
     let hash = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));

@@ -14,6 +14,7 @@ use super::eval::Ev;
 use super::next_change::Schedule;
 use super::{Type, Val};
 use crate::duration::{DAY_MS, HOUR_MS};
+use crate::engine::feature::text_key;
 use crate::limits::MAX_DISTINCT_PER_BUCKET;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,7 +149,7 @@ pub(super) fn apply(func: Func, args: &[Ev<'_>], schedule: &mut Schedule, at: Ar
         Func::Intersection => set_of(set(0)?.intersection(set(1)?).collect()),
         Func::Contains => Ev::boolean(contains(args.first()?, text(1)?)?),
         Func::Top => Ev::owned(Val::Str(top(map(0)?)?.to_owned())),
-        Func::Get => Ev::number(map(0)?.get(text(1)?).copied().unwrap_or(0.0), 0.0),
+        Func::Get => Ev::number(map(0)?.get(&*text_key(text(1)?)).copied().unwrap_or(0.0), 0.0),
         Func::Coalesce | Func::IsNull | Func::If => return None,
     })
 }
@@ -228,7 +229,11 @@ fn keys_at_least(map: &BTreeMap<String, f64>, n: f64) -> Vec<&String> {
     map.iter().filter(|(_, &count)| count >= n).map(|(key, _)| key).collect()
 }
 
+/// Whether a feature's keys (a `distinct_count` / `top_k` map, or a set of
+/// its keys) hold `key`, looked up in the form values are kept under
+/// (long ones shortened: [`text_key`]).
 fn contains(collection: &Ev<'_>, key: &str) -> Option<bool> {
+    let key = &*text_key(key);
     match &*collection.val {
         Val::Set(set) => Some(set.contains(key)),
         Val::Map(map) => Some(map.contains_key(key)),

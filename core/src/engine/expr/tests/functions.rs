@@ -55,6 +55,26 @@ fn set_functions() {
 }
 
 #[test]
+fn contains_and_get_find_a_long_value_under_the_key_it_is_counted_by() {
+    use crate::engine::feature::value_key;
+    use crate::model::Value;
+    let long = format!("{}-category", "x".repeat(80));
+    let key = value_key(&Value::Str(long.clone()));
+    assert_ne!(key, long, "shortened");
+    let values = [
+        ("m", map(&[(key.as_str(), 3.0), ("short", 1.0)])),
+        ("tags", set(&[key.as_str()])),
+        ("s", text(&long)),
+    ];
+    assert_eq!(run("contains(m, s)", &values), Val::Bool(true));
+    assert_eq!(run("get(m, s)", &values), num(3.0));
+    assert_eq!(run("contains(tags, s)", &values), Val::Bool(true));
+    assert_eq!(run("get(m, \"short\")", &values), num(1.0));
+    let other = [("m", values[0].1.clone()), ("s", text(&format!("{}-other", "x".repeat(80))))];
+    assert_eq!(run("contains(m, s)", &other), Val::Bool(false), "same prefix, another value");
+}
+
+#[test]
 fn a_set_keeps_at_most_max_distinct_per_bucket_keys_the_smallest() {
     use crate::limits::MAX_DISTINCT_PER_BUCKET;
     let keys =

@@ -41,12 +41,15 @@ const ERROR_HEADER: &str = "x-portrait-error";
 
 /// Whether `status` is a connection lost during the call (the node was
 /// killed, or the connection reset), not a node's answer: tonic reports
-/// those as `UNKNOWN`, `INTERNAL` or `CANCELLED`, and every status a node
-/// sends carries `x-portrait-error`. The call may have reached the node:
-/// its outcome is unknown.
+/// those as `UNKNOWN`, `INTERNAL` or `CANCELLED` made here from the
+/// transport's error (its source), while every status a node sends carries
+/// `x-portrait-error` and none has a source here. The call may have
+/// reached the node: its outcome is unknown.
 pub fn connection_lost(status: &Status) -> bool {
+    use std::error::Error as _;
     matches!(status.code(), Code::Unknown | Code::Internal | Code::Cancelled)
         && status.metadata().get(ERROR_HEADER).is_none()
+        && status.source().is_some()
 }
 
 /// Whether a call that failed with `status` may be sent again elsewhere
@@ -214,13 +217,23 @@ mod tests {
         assert_eq!(attempts_since(spent).await, 1, "a spent budget still tries once");
     }
 
+    /// A status made here from a transport error, as tonic does.
+    fn from_transport(code: Code, message: &str) -> Status {
+        let mut status = Status::new(code, message);
+        status.set_source(std::sync::Arc::new(std::io::Error::other("connection reset by peer")));
+        status
+    }
+
     #[test]
     fn a_connection_lost_is_told_from_a_node_answer() {
         for code in [Code::Unknown, Code::Internal, Code::Cancelled] {
-            let lost = Status::new(code, "h2 protocol error: connection reset");
+            let lost = from_transport(code, "h2 protocol error: connection reset");
             assert!(connection_lost(&lost), "{code:?}");
+            // A status received from the other side (a node's decode
+            // error, INTERNAL without the key) has no source here.
+            assert!(!connection_lost(&Status::new(code, "failed to decode Protobuf message")), "{code:?}");
             assert_eq!(retryable(&lost), Some(true), "outcome unknown");
-            let mut answer = Status::new(code, "internal: storage failed");
+            let mut answer = from_transport(code, "internal: storage failed");
             answer.metadata_mut().insert(ERROR_HEADER, "INTERNAL".parse().unwrap());
             assert!(!connection_lost(&answer), "{code:?} from a node");
             assert_eq!(retryable(&answer), None);
@@ -242,7 +255,7 @@ mod tests {
             let attempts = std::sync::atomic::AtomicU32::new(0);
             let result: Result<(), _> = retry(&router, almost_spent, again_if_unknown, |_| {
                 attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                async move { Err(Status::unknown("transport error: connection reset by peer")) }
+                async move { Err(from_transport(Code::Unknown, "transport error")) }
             })
             .await;
             assert!(result.is_err());

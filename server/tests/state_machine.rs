@@ -1050,6 +1050,20 @@ fn outcome_letters(result: &CommandResult) -> String {
     }
 }
 
+/// The `n`-th name `{prefix}-{i}` whose half of the user space (FNV-1a of
+/// the id mod 2, as apply splits users) is `half`.
+fn name_in_half(prefix: &str, half: u64, n: usize) -> String {
+    let fnv = |s: &str| {
+        s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    };
+    (0..).map(|i| format!("{prefix}-{i}")).filter(|u| fnv(u) % 2 == half).nth(n).expect("names")
+}
+
+/// A user of the first half: [`heavy_users`] are all there.
+fn heavy(u: usize) -> String {
+    name_in_half("heavy", 0, u)
+}
+
 /// `users` users whose `registration` head holds 256 undeclared attributes
 /// of 4,000 bytes (about 1 MiB each, kept forever), written from index 1.
 fn heavy_users(users: usize) -> Vec<Entry> {
@@ -1061,7 +1075,7 @@ fn heavy_users(users: usize) -> Vec<Entry> {
                     let names: Vec<String> = (e * 64..e * 64 + 64).map(|a| format!("a{a}")).collect();
                     let attrs: Vec<(&str, Value)> =
                         names.iter().map(|n| (n.as_str(), value.clone())).collect();
-                    event(&format!("heavy-{u}"), "registration", T0, &format!("fill-{e}"), &attrs)
+                    event(&heavy(u), "registration", T0, &format!("fill-{e}"), &attrs)
                 })
                 .collect();
             write(u as u64 + 1, T0, vec![events])
@@ -1072,13 +1086,22 @@ fn heavy_users(users: usize) -> Vec<Entry> {
 #[tokio::test]
 async fn a_write_entry_loads_a_bounded_amount_of_stored_state_and_defers_the_rest_alike_on_every_replica() {
     use portrait_server::limits::MAX_WRITE_STATE_BYTES_PER_ENTRY;
-    const USERS: usize = 200;
+    const USERS: usize = 100;
     let setup = heavy_users(USERS);
-    let probe_as =
-        |id: &'static str| move |u: usize| vec![event(&format!("heavy-{u}"), "registration", T0, id, &[])];
+    let probe_as = |id: &'static str| move |u: usize| vec![event(&heavy(u), "registration", T0, id, &[])];
     let probe = probe_as("probe");
     // One request per user: 200 MiB of stored heads, over the 128 MiB budget.
-    let each = write(USERS as u64 + 1, T0 + 1_000, (0..USERS).map(probe).collect());
+    // Each request also writes a user with no data yet, of the other half
+    // (which never fills: every deferred request's new user is loaded).
+    let fresh = |u: usize| name_in_half("fresh", 1, u);
+    let requests: Vec<Vec<Event>> = (0..USERS)
+        .map(|u| {
+            let mut request = probe(u);
+            request.push(event(&fresh(u), "browse", T0, "probe", &[]));
+            request
+        })
+        .collect();
+    let each = write(USERS as u64 + 1, T0 + 1_000, requests);
     assert_eq!(MAX_WRITE_STATE_BYTES_PER_ENTRY, 128 << 20);
 
     let mut a = replica();
@@ -1088,20 +1111,27 @@ async fn a_write_entry_loads_a_bounded_amount_of_stored_state_and_defers_the_res
     let result = apply(&mut a, vec![each.clone()]).await;
     let letters = outcome_letters(&result[0]);
     let applied = letters.chars().take_while(|c| *c == 'A').count();
-    // Each half may load 64 MiB, about 64 heads: the entry stops when the
-    // first half is full, after about 128 users (fewer if the halves are
-    // uneven), and defers every request from there.
-    assert!((60..=140).contains(&applied), "{applied} applied: {letters}");
+    // Each half may load 64 MiB: the heavy users' half is full after about
+    // 64 heads of 1 MiB, and every request from there is deferred.
+    assert!((55..=66).contains(&applied), "{applied} applied: {letters}");
     assert_eq!(letters[applied..], "D".repeat(USERS - applied), "the rest deferred");
     let CommandResult::Write(outcomes) = &result[0] else { unreachable!() };
     let WriteOutcome::Deferred { reason } = &outcomes[applied] else { unreachable!() };
     assert!(reason.contains("nothing of it was written: retry"), "{reason}");
     let probed = |r: &Replica, u: usize| {
-        let view = read(r, &format!("heavy-{u}"), T0 + 2_000);
+        let view = read(r, &heavy(u), T0 + 2_000);
         view.families["registration"].history.iter().any(|h| h.event_id == "probe")
     };
     assert!(probed(&a, 0) && probed(&a, applied - 1));
     assert!(!probed(&a, applied) && !probed(&a, USERS - 1), "deferred requests left nothing");
+    let state_row = |r: &Replica, user: &str| {
+        let db = r.store.db();
+        db.get_cf(db.cf_handle(keys::CF_STATE).unwrap(), keys::state(r.store.gid(), user)).unwrap().is_some()
+    };
+    assert!(state_row(&a, &fresh(applied - 1)));
+    for u in applied..USERS {
+        assert!(!state_row(&a, &fresh(u)), "a state row for {}, whose request was deferred", fresh(u));
+    }
 
     // Another replica, restarted before the entry (its cache is empty: the
     // sizes come from the database), decides the same.

@@ -33,8 +33,8 @@ pub struct Fake {
     pub hint: Mutex<Option<String>>,
     /// Calls still to refuse with a bare UNAVAILABLE.
     pub unavailable: AtomicU32,
-    /// Calls still to fail as a connection lost mid-call does (a bare
-    /// `UNKNOWN`, no `x-portrait-error`).
+    /// Calls still to fail as a connection lost mid-call does: the handler
+    /// panics, and the call's stream is reset.
     pub lost: AtomicU32,
     pub calls: AtomicU32,
     /// The shard map it serves, if any.
@@ -113,7 +113,7 @@ impl Fake {
         }
         let lost = self.lost.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         if lost.is_ok() {
-            return Some(Status::unknown("h2 protocol error: error reading a body from connection"));
+            panic!("fake node {}: the call's stream is cut (a node killed mid-call)", self.id);
         }
         let take = self.unavailable.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         take.is_ok().then(|| Status::unavailable("no leader"))

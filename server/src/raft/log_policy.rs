@@ -174,7 +174,10 @@ impl Seen {
 /// the sum of the known ones passes the bound.
 fn unflushed_bytes(log: &LogBytes, durable: u64, applied: Option<u64>) -> u64 {
     match applied {
-        Some(applied) if applied > durable => log.bytes_after(Some(durable)) - log.bytes_after(Some(applied)),
+        // Two reads of the ledger: an append in between only adds to both.
+        Some(applied) if applied > durable => {
+            log.bytes_after(Some(durable)).saturating_sub(log.bytes_after(Some(applied)))
+        }
         _ => 0,
     }
 }
@@ -197,7 +200,13 @@ async fn bound_unflushed(replicas: &[Arc<Replica>], seen: &mut BTreeMap<GroupId,
         for r in shards() {
             match r.sm.durable_applied() {
                 Ok((index, _)) => seen.entry(r.gid).or_default().durable = index,
-                Err(e) => tracing::warn!(group = %r.gid, error = %e, "reading the flushed applied index"),
+                Err(e) => {
+                    // Left out until it reads again: a flush every poll
+                    // would not move an index that cannot be read.
+                    let applied = r.sm.applied().last_applied.map_or(0, |l| l.index);
+                    seen.entry(r.gid).or_default().durable = applied;
+                    tracing::warn!(group = %r.gid, error = %e, "reading the flushed applied index")
+                }
             }
         }
     };

@@ -20,6 +20,7 @@ use super::record::{encode_history_event_into, stored_expiry, FamilyHead};
 use super::sm_db::cf;
 use crate::engine::state::{Dirty, UserState};
 use crate::engine::Engine;
+use crate::error::RETRY_LATER;
 use crate::limits::{
     MAX_SETTLE_BYTES_PER_ENTRY, MAX_UNDECLARED_ATTRS_PER_FAMILY, MAX_USERS_PER_TICK,
     MAX_WRITE_STATE_BYTES_PER_ENTRY,
@@ -78,10 +79,18 @@ struct CacheShard {
 
 #[derive(Default)]
 struct Scratch {
-    records: HashMap<Vec<u8>, FamilyHead>,
+    records: HashMap<Vec<u8>, Head>,
     users: HashMap<String, Touched>,
     new_ids: HashMap<Vec<u8>, i64>,
     buf: Vec<u8>,
+}
+
+/// A family head while an entry is applied.
+struct Head {
+    head: FamilyHead,
+    /// An applied event changed it (or may have): it is written back.
+    /// One only loaded for checks ([`EntryState::prepare`]) is not.
+    used: bool,
 }
 
 /// Parallel apply: user shards, and the smallest entry worth a second thread.
@@ -229,6 +238,11 @@ struct Touched {
     dirty: Dirty,
     /// The wake time stored before this entry (its timer key to replace).
     stored_wake: Option<i64>,
+    /// An applied event, a tick or a re-evaluation took it: it is settled
+    /// and written back. One only loaded for the entry's budget (its
+    /// requests were deferred) is not: no state row appears for a user
+    /// nothing was applied to.
+    used: bool,
 }
 
 /// Family heads, user states and dedupe markers touched by one entry.
@@ -238,7 +252,7 @@ struct EntryState<'a> {
     cache: &'a mut CacheShard,
     engine: &'a Engine,
     now_ms: i64,
-    records: HashMap<Vec<u8>, FamilyHead>,
+    records: HashMap<Vec<u8>, Head>,
     users: HashMap<String, Touched>,
     /// Dedupe keys written by this entry, with the end of their window.
     new_ids: HashMap<Vec<u8>, i64>,
@@ -324,7 +338,7 @@ pub fn apply_write(
                     reason: format!(
                         "not applied: the write entry it was proposed in had loaded the {} MiB of stored \
                          profiles and states it may (MAX_WRITE_STATE_BYTES_PER_ENTRY) before reaching it; \
-                         nothing of it was written: retry",
+                         nothing of it was written: {RETRY_LATER}",
                         MAX_WRITE_STATE_BYTES_PER_ENTRY >> 20
                     ),
                 },
@@ -587,11 +601,11 @@ impl<'a> EntryState<'a> {
                 continue;
             }
             if !self.engine.is_empty() {
-                self.user(&event.user_id)?;
+                self.load_user(&event.user_id)?;
             }
             let spec = schema.family(&event.family).expect("validated against this schema");
             if is_live(expiry(event.time_ms, spec.ttl_ms), self.now_ms) {
-                self.record(keys::profile(self.gid, &event.user_id, &event.family))?;
+                self.load_record(keys::profile(self.gid, &event.user_id, &event.family))?;
             }
             if self.loaded > share {
                 over = Some(i);
@@ -704,7 +718,7 @@ impl<'a> EntryState<'a> {
             let key = keys::profile(self.gid, &event.user_id, &event.family);
             let earlier = added.get(&key);
             let mine = adds.get(&key);
-            let head = self.record(key)?;
+            let head = &self.load_record(key)?.head;
             let mut new = Vec::new();
             for name in event.attrs.keys().map(String::as_str).filter(|n| !declared(n)) {
                 let kept = head.attrs.contains_key(name)
@@ -789,6 +803,14 @@ impl<'a> EntryState<'a> {
     /// The family head under `key`, loaded once per entry and pruned of what
     /// has expired by the entry's time.
     fn record(&mut self, key: Vec<u8>) -> Result<&mut FamilyHead, ApplyError> {
+        let loaded = self.load_record(key)?;
+        loaded.used = true;
+        Ok(&mut loaded.head)
+    }
+
+    /// [`EntryState::record`] without taking it: it is not written back
+    /// unless an applied event takes it too.
+    fn load_record(&mut self, key: Vec<u8>) -> Result<&mut Head, ApplyError> {
         match self.records.entry(key) {
             MapEntry::Occupied(o) => Ok(o.into_mut()),
             MapEntry::Vacant(v) => {
@@ -812,13 +834,21 @@ impl<'a> EntryState<'a> {
                     self.loaded += bytes;
                 }
                 record.prune(self.now_ms);
-                Ok(v.insert(record))
+                Ok(v.insert(Head { head: record, used: false }))
             }
         }
     }
 
     /// The user's engine state, loaded once per entry.
     fn user(&mut self, user_id: &str) -> Result<&mut Touched, ApplyError> {
+        let touched = self.load_user(user_id)?;
+        touched.used = true;
+        Ok(touched)
+    }
+
+    /// [`EntryState::user`] without taking it: it is not settled nor
+    /// written back unless an applied event takes it too.
+    fn load_user(&mut self, user_id: &str) -> Result<&mut Touched, ApplyError> {
         match self.users.entry(user_id.to_string()) {
             MapEntry::Occupied(o) => Ok(o.into_mut()),
             MapEntry::Vacant(v) => {
@@ -835,7 +865,7 @@ impl<'a> EntryState<'a> {
                 let stored_wake = state.wake_at;
                 // Once per user per entry; observe and settle rely on it.
                 self.engine.align(&mut state);
-                Ok(v.insert(Touched { state, dirty: Dirty::new(), stored_wake }))
+                Ok(v.insert(Touched { state, dirty: Dirty::new(), stored_wake, used: false }))
             }
         }
     }
@@ -850,7 +880,14 @@ impl<'a> EntryState<'a> {
         let profiles = cf(self.db, CF_PROFILES);
         let (mut records, mut users, new_ids, mut buf) = (self.records, self.users, self.new_ids, self.buf);
         self.cache.trim();
-        for (key, record) in records.drain() {
+        // What was only loaded is dropped, from the cache too: the
+        // database holds it as it was (a previous entry's batch still in
+        // flight when this entry took it from the cache is written before
+        // the next entry is computed).
+        for (key, Head { head: record, used }) in records.drain() {
+            if !used {
+                continue;
+            }
             let bytes = if record.is_empty() {
                 batch.delete_cf(profiles, &key);
                 0
@@ -864,6 +901,9 @@ impl<'a> EntryState<'a> {
         }
         let (state_cf, timers) = (cf(self.db, CF_STATE), cf(self.db, CF_TIMERS));
         for (user, mut t) in users.drain() {
+            if !t.used {
+                continue;
+            }
             self.engine.settle_aligned(&mut t.state, &t.dirty, self.now_ms);
             encode_user_state_into(&mut buf, &t.state);
             batch.put_cf(state_cf, keys::state(self.gid, &user), &buf);

@@ -145,11 +145,11 @@ impl PortraitClient {
                 self.router.note_epoch(status.metadata());
                 self.routes.mark_stale();
                 note_leader(&self.router, &endpoint, &status);
-                if connection_lost(&status) {
-                    self.router.avoid(&endpoint);
-                }
                 let lost = match connection_lost(&status) {
-                    true => format!(" (the connection was lost: {OUTCOME_UNKNOWN})"),
+                    true => {
+                        self.router.avoid(&endpoint);
+                        format!(" (the connection was lost: {OUTCOME_UNKNOWN})")
+                    }
                     false => String::new(),
                 };
                 let message = format!(

@@ -185,8 +185,8 @@ fn unflushed_bytes(log: &LogBytes, durable: u64, applied: Option<u64>) -> u64 {
 /// Flushes the node's state if its shards' applied, unflushed log entries
 /// hold `limit` bytes or more (see [`unflushed_bytes`]). The durable
 /// indexes in `seen` are read again first: RocksDB may have flushed on its
-/// own. Returns whether it flushed.
-async fn bound_unflushed(replicas: &[Arc<Replica>], seen: &mut BTreeMap<GroupId, Seen>, limit: u64) -> bool {
+/// own.
+async fn bound_unflushed(replicas: &[Arc<Replica>], seen: &mut BTreeMap<GroupId, Seen>, limit: u64) {
     let shards = || replicas.iter().filter(|r| r.gid != GroupId::META);
     let sum = |seen: &BTreeMap<GroupId, Seen>| -> u64 {
         shards()
@@ -211,29 +211,24 @@ async fn bound_unflushed(replicas: &[Arc<Replica>], seen: &mut BTreeMap<GroupId,
         }
     };
     if sum(seen) < limit {
-        return false;
+        return;
     }
     reread(seen);
     let unflushed = sum(seen);
     if unflushed < limit {
-        return false;
+        return;
     }
     tracing::info!(bytes = unflushed, "applied log entries not covered by a flush of the state: flushing it");
-    let Some(first) = shards().next() else { return false };
+    let Some(first) = shards().next() else { return };
     let sm = first.sm.clone();
-    let flushed = match tokio::task::spawn_blocking(move || sm.persist()).await {
-        Ok(Ok(())) => true,
+    match tokio::task::spawn_blocking(move || sm.persist()).await {
+        Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "flushing the state (bounding what a restart re-applies); tried again");
-            false
+            tracing::error!(error = %e, "flushing the state (bounding what a restart re-applies); tried again")
         }
-        Err(e) => {
-            tracing::error!(error = %e, "flushing the state: the task failed");
-            false
-        }
-    };
+        Err(e) => tracing::error!(error = %e, "flushing the state: the task failed"),
+    }
     reread(seen);
-    flushed
 }
 
 /// Runs until `stop` turns true; see the module docs.

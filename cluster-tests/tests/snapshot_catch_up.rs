@@ -75,7 +75,16 @@ async fn a_lagging_replica_catches_up_by_snapshot_in_every_shard() {
     wait_caught_up(&cluster, &hosts, TEST_SHARDS).await;
     assert!(cluster.node(1).log().contains("the snapshot archive is damaged"), "node 1 checked its archive");
     assert!(cluster.node(3).is_running());
-    let s3 = cluster.client(3).await.cluster_status().await.unwrap();
+    // The install's snapshot shows in node 3's metrics a moment after
+    // its log and applied index do.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let s3 = loop {
+        let s3 = cluster.client(3).await.cluster_status().await.unwrap();
+        if s3.snapshot_index >= status.purged_index || std::time::Instant::now() > deadline {
+            break s3;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert!(
         s3.snapshot_index >= status.purged_index,
         "node 3 installed a snapshot of shard 0 past the leader's purge ({}): {s3:?}",

@@ -8,7 +8,8 @@
 //! Modules, bottom-up: [`duration`], [`limits`], [`model`], [`error`],
 //! [`schema`], [`validate`], [`engine`] (with [`engine::expr`], the rule
 //! language), [`shard`] (the shard of a user, the shard map, placement),
-//! [`meta`] (the meta group's state and commands).
+//! [`meta`] (the meta group's state and commands), [`rules`] (apply rules
+//! versions).
 
 pub mod duration;
 pub mod engine;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod limits;
 pub mod meta;
 pub mod model;
+pub mod rules;
 pub mod schema;
 pub mod shard;
 pub mod validate;

@@ -28,6 +28,9 @@ pub struct MetaState {
     pub map: Option<ShardMap>,
     /// The newest schema; `None`: the built-in default, version 0.
     pub schema: Option<SchemaVersion>,
+    /// The cluster's apply rules version (see [`crate::rules`]; 0 before
+    /// the cluster is created).
+    pub rules: u32,
 }
 
 /// A command of the meta group's log.
@@ -35,12 +38,25 @@ pub struct MetaState {
 pub enum MetaCommand {
     /// Creates the cluster: `shards` shards, aiming for `replication`
     /// replicas each, all on the first node (whose data dir is
-    /// `incarnation`, see [`crate::shard::NodeEntry::incarnation`]).
-    Create { shards: u32, replication: u32, node: NodeId, addr: String, peer_addr: String, incarnation: u64 },
+    /// `incarnation`, see [`crate::shard::NodeEntry::incarnation`]),
+    /// applying by apply rules version `rules` (its build's newest).
+    Create {
+        shards: u32,
+        replication: u32,
+        node: NodeId,
+        addr: String,
+        peer_addr: String,
+        incarnation: u64,
+        rules: u32,
+    },
     /// A change of the shard map.
     Map(MapChange),
     /// A new schema (its TOML text); its version is the next one.
     SetSchema { toml: String },
+    /// Raises the cluster's apply rules version (see [`crate::rules`]);
+    /// refused unless above the current one. Every node's build was checked
+    /// before it was proposed, never here (see `SetSchema`).
+    SetRules { version: u32 },
 }
 
 /// What applying a command did.
@@ -53,6 +69,12 @@ pub enum MetaOutcome {
 }
 
 impl MetaState {
+    /// The cluster's apply rules version: [`crate::rules::FIRST`] until it
+    /// records one.
+    pub fn rules(&self) -> u32 {
+        self.rules.max(crate::rules::FIRST)
+    }
+
     /// The current schema version (0: the built-in default).
     pub fn schema_version(&self) -> u64 {
         self.schema.as_ref().map_or(0, |s| s.version)
@@ -72,7 +94,7 @@ impl MetaState {
 
     fn try_apply(&mut self, command: &MetaCommand) -> Result<(), String> {
         match command {
-            MetaCommand::Create { shards, replication, node, addr, peer_addr, incarnation } => {
+            MetaCommand::Create { shards, replication, node, addr, peer_addr, incarnation, rules } => {
                 if let Some(map) = &self.map {
                     let nodes: Vec<_> = map.nodes.keys().collect();
                     return Err(format!(
@@ -84,6 +106,7 @@ impl MetaState {
                 map.nodes.entry(*node).and_modify(|n| n.incarnation = *incarnation);
                 map.cluster = *incarnation;
                 self.map = Some(map);
+                self.rules = (*rules).max(crate::rules::FIRST);
             }
             MetaCommand::Map(change) => {
                 let map = self.map.as_mut().ok_or("the cluster has not been created")?;
@@ -98,6 +121,16 @@ impl MetaState {
             MetaCommand::SetSchema { toml } => {
                 let version = self.schema_version() + 1;
                 self.schema = Some(SchemaVersion { version, toml: toml.clone() });
+            }
+            MetaCommand::SetRules { version } => {
+                self.map.as_ref().ok_or("the cluster has not been created")?;
+                if *version <= self.rules() {
+                    return Err(format!(
+                        "the cluster applies rules version {} already (asked for {version})",
+                        self.rules()
+                    ));
+                }
+                self.rules = *version;
             }
         }
         Ok(())
@@ -117,6 +150,7 @@ mod tests {
             addr: "http://n1".into(),
             peer_addr: "http://n1:8700".into(),
             incarnation: 0x11,
+            rules: 1,
         }
     }
 
@@ -195,6 +229,33 @@ mod tests {
         // is the proposer's (Admin.ApplySchema checks before proposing).
         let unchecked = MetaCommand::SetSchema { toml: "families = 3".into() };
         assert_eq!(meta.apply(&unchecked), MetaOutcome::Applied { epoch: 1, schema_version: 3 });
+    }
+
+    #[test]
+    fn the_rules_version_starts_at_the_creating_build_and_only_rises() {
+        let mut meta = MetaState::default();
+        assert_eq!(meta.rules(), 1);
+        let early = meta.apply(&MetaCommand::SetRules { version: 2 });
+        assert_eq!(early, MetaOutcome::Refused { reason: "the cluster has not been created".into() });
+        let MetaCommand::Create { shards, replication, node, addr, peer_addr, incarnation, .. } = create()
+        else {
+            unreachable!()
+        };
+        let create =
+            MetaCommand::Create { shards, replication, node, addr, peer_addr, incarnation, rules: 2 };
+        meta.apply(&create);
+        assert_eq!(meta.rules(), 2);
+        let before = meta.clone();
+        assert_eq!(
+            meta.apply(&MetaCommand::SetRules { version: 2 }),
+            MetaOutcome::Refused {
+                reason: "the cluster applies rules version 2 already (asked for 2)".into()
+            }
+        );
+        assert!(matches!(meta.apply(&MetaCommand::SetRules { version: 1 }), MetaOutcome::Refused { .. }));
+        assert_eq!(meta, before);
+        assert!(matches!(meta.apply(&MetaCommand::SetRules { version: 3 }), MetaOutcome::Applied { .. }));
+        assert_eq!(meta.rules(), 3);
     }
 
     #[test]

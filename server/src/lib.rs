@@ -4,7 +4,8 @@
 //! - the `portrait-core` crate, re-exported under its module names
 //!   ([`model`], [`schema`], [`engine`], [`validate`], [`duration`]): domain
 //!   types and rules, the feature and tag engine; pure, no I/O. [`limits`]
-//!   adds the transport's limits to the core's;
+//!   adds the transport's limits to the core's; [`rules`] the apply rules
+//!   versions this build applies;
 //! - [`store`]: RocksDB log store and state machine (no tonic);
 //! - [`raft`]: openraft wiring, the write batcher and the raft network;
 //! - [`service`]: gRPC adapters (validate, call one domain method, map the error);
@@ -31,6 +32,7 @@ pub mod join;
 pub mod limits;
 pub mod node;
 pub mod raft;
+pub mod rules;
 pub mod service;
 pub mod store;
 pub mod tls;

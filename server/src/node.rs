@@ -164,6 +164,9 @@ pub struct NodeStatus {
     pub cluster_id: u64,
     /// Peers answering from another data dir than the map records.
     pub replaced_peers: Vec<NodeId>,
+    /// The cluster's apply rules version as this node knows it (0: no
+    /// cluster yet); this build applies `crate::rules::oldest()..=newest()`.
+    pub cluster_rules: u32,
 }
 
 /// One shard's raft group as this node sees it.
@@ -185,6 +188,8 @@ pub struct ShardStatus {
     pub membership_index: u64,
     /// The replica's logical size as last measured (`node/sizes.rs`).
     pub state_bytes: Option<u64>,
+    /// The apply rules version the replica applies by.
+    pub rules: u32,
 }
 
 pub struct Node {
@@ -225,6 +230,9 @@ pub struct Node {
     /// The newest schema version this build refused to propose to its
     /// shards (logged once per version).
     schema_refused: Mutex<u64>,
+    /// When the meta leader last asked the nodes which apply rules versions
+    /// their builds have (`Node::raise_rules`).
+    rules_asked: Mutex<Option<std::time::Instant>>,
     /// Each hosted shard replica's logical size (`node/sizes.rs`).
     sizes: Mutex<BTreeMap<GroupId, sizes::Size>>,
     /// Per shard this node hosts no replica of, the node that last served
@@ -365,6 +373,7 @@ impl Node {
             sizes: Mutex::default(),
             leaders_balanced: Mutex::default(),
             schema_refused: Mutex::default(),
+            rules_asked: Mutex::default(),
             max_moves: opts.max_moves,
             replica_dead_after: opts.replica_dead_after,
             liveness,
@@ -603,6 +612,7 @@ impl Node {
             meta_term: mm.current_term,
             cluster_id: self.cluster().map.as_ref().map_or(0, |m| m.cluster),
             replaced_peers: self.channels.replaced(),
+            cluster_rules: self.cluster().map.as_ref().map_or(0, |_| self.cluster().rules()),
         }
     }
 
@@ -654,6 +664,7 @@ fn shard_status(replica: &Replica) -> ShardStatus {
         learners: m.membership_config.membership().learner_ids().collect(),
         membership_index: m.membership_config.log_id().map_or(0, |l| l.index),
         state_bytes: None,
+        rules: replica.sm.rules(),
     }
 }
 

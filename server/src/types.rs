@@ -85,6 +85,11 @@ pub enum Command {
     /// the leader reads the backup's archive and proposes its rows, so
     /// every replica applies the same rows at the same indexes.
     Restore { stamp_ms: i64, step: RestoreStep },
+    /// From this entry on the shard applies by apply rules `version` (the
+    /// meta group's, see `portrait_core::rules`). A version not above the
+    /// shard's is skipped; a replica whose build does not apply `version`
+    /// stops here rather than apply the shard by other rules.
+    Rules { stamp_ms: i64, version: u32 },
 }
 
 /// A step of a shard's restore, in log order: `Begin`, `Rows` (numbered
@@ -175,6 +180,8 @@ pub enum CommandResult {
     Reevaluated { users: u32 },
     /// A restore step applied; rows applied by the restore so far.
     Restored { rows: u64 },
+    /// The shard applies by this rules version now.
+    RulesApplied { version: u32 },
 }
 
 /// Outcome of one write request inside a `Command::Write`.

@@ -242,6 +242,64 @@ async fn a_schema_this_build_refuses_stops_the_replica_rather_than_skip_it() {
     assert_eq!(last.unwrap().index, 2);
 }
 
+#[tokio::test]
+async fn apply_rules_this_build_lacks_stop_the_replica_and_a_stored_one_refuses_to_open() {
+    let mut r = replica();
+    apply(
+        &mut r,
+        vec![
+            write(1, T0, vec![vec![event("u1", "browse", T0, "e1", &[])]]),
+            entry(2, Command::Tick { stamp_ms: T0 }),
+        ],
+    )
+    .await;
+    assert_eq!(r.store.rules(), 1);
+    // The version the shard has already: skipped (a leader may propose twice).
+    let res = apply(&mut r, vec![entry(3, Command::Rules { stamp_ms: T0, version: 1 })]).await;
+    assert_eq!(res, [CommandResult::RulesApplied { version: 1 }]);
+    // A version this build does not have: the replica stops at the entry
+    // rather than apply the shard's next entries by other rules.
+    let err = r.sm.apply(vec![entry(4, Command::Rules { stamp_ms: T0, version: 2 })]).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("apply rules version 2 is newer than this build's (it applies versions 1 to 1)"),
+        "{err}"
+    );
+    assert_eq!(r.store.rules(), 1);
+    let (last, _) = r.sm.applied_state().await.unwrap();
+    assert_eq!(last.unwrap().index, 3, "nothing of the refused entry applied");
+
+    // A shard a newer build moved on (its version stored as that build
+    // writes it): this build refuses to open it.
+    let Replica { dir, sm, store } = r;
+    drop((sm, store));
+    {
+        let db = portrait_server::store::StateDb::open(dir.path()).unwrap();
+        let raw = db.db();
+        let meta = raw.cf_handle(keys::CF_META).unwrap();
+        let key = keys::meta(portrait_server::types::GroupId(0), keys::META_RULES);
+        raw.put_cf(meta, key, portrait_server::store::codec::encode(&2u32)).unwrap();
+    }
+    let e = GroupState::open(dir.path()).err().expect("a group stored with version 2 must not open");
+    assert!(
+        format!("{e:#}").contains("(its stored state): apply rules version 2 is newer than this build's"),
+        "{e:#}"
+    );
+}
+
+#[tokio::test]
+async fn a_raise_of_the_clusters_rules_this_build_lacks_stops_the_meta_replica() {
+    use portrait_core::meta::MetaCommand;
+    let mut r = replica();
+    let (create, _) = create_and_join(1, 2);
+    let meta = |i, command| entry(i, Command::Meta { stamp_ms: T0, command });
+    apply(&mut r, vec![meta(1, create)]).await;
+    assert_eq!(r.store.cluster().rules(), 1);
+    let err = r.sm.apply(vec![meta(2, MetaCommand::SetRules { version: 2 })]).await.unwrap_err();
+    assert!(err.to_string().contains("apply rules version 2 is newer than this build's"), "{err}");
+    assert_eq!(r.store.cluster().rules(), 1);
+}
+
 /// Meta commands creating a cluster of 4 shards, RF 3, on node 1 (data dir
 /// incarnation `first`) and adding node 2 (incarnation `second`).
 fn create_and_join(
@@ -257,6 +315,7 @@ fn create_and_join(
         addr: "http://n1".into(),
         peer_addr: "http://n1:8700".into(),
         incarnation: first,
+        rules: 1,
     };
     let join = MetaCommand::Map(MapChange::AddNode {
         node: 2,

@@ -50,6 +50,7 @@ fn render(map: &ShardMapResponse, statuses: &Statuses, all_shards: bool) -> Stri
     out.push_str(&node_table(map, statuses));
     out.push_str(&shard_summary(map, statuses));
     out.push_str(&moves_line(map, statuses));
+    out.push_str(&rules_line(statuses));
     if all_shards {
         out.push_str(&shard_table(map, statuses));
     } else {
@@ -166,6 +167,37 @@ fn moves_line(map: &ShardMapResponse, statuses: &Statuses) -> String {
             format!("moves           {n} under way: {listed}{more}{draining}\n")
         }
     }
+}
+
+/// Apply rules versions (docs/operations.md, "Apply rules across a
+/// rolling upgrade"): the cluster's, the range each node's build applies,
+/// and the shard replicas not yet at the cluster's.
+fn rules_line(statuses: &Statuses) -> String {
+    let answered: Vec<(u64, &ClusterStatusResponse)> =
+        statuses.iter().filter_map(|(id, s)| Some((*id, s.as_ref().ok()?))).collect();
+    // Nodes too old to report versions answer 0: not counted.
+    let cluster = answered.iter().map(|(_, s)| s.cluster_apply_rules).max().unwrap_or(0);
+    if cluster == 0 {
+        return "rules           unknown\n".into();
+    }
+    let mut builds: BTreeMap<(u32, u32), Vec<String>> = BTreeMap::new();
+    for (id, s) in &answered {
+        builds.entry((s.apply_rules_oldest, s.apply_rules_newest)).or_default().push(id.to_string());
+    }
+    let builds: Vec<String> = builds
+        .iter()
+        .map(|((oldest, newest), nodes)| format!("{oldest}..{newest} on node {}", nodes.join(", ")))
+        .collect();
+    let behind = answered
+        .iter()
+        .flat_map(|(_, s)| s.shard_status.iter())
+        .filter(|g| g.apply_rules != 0 && g.apply_rules < cluster)
+        .count();
+    let behind = match behind {
+        0 => "every shard replica at it".to_string(),
+        n => format!("{n} shard replicas not yet at it"),
+    };
+    format!("rules           version {cluster}; builds apply {}; {behind}\n", builds.join(", "))
 }
 
 /// One row per shard: its leader and each replica's applied index
@@ -289,6 +321,33 @@ mod tests {
         assert_eq!(
             moves_line(&map, &statuses),
             "moves           1 under way: shard 0 +4 -3; draining node 3\n"
+        );
+    }
+
+    #[test]
+    fn the_rules_line_shows_the_cluster_version_builds_and_replicas_behind() {
+        let (_, mut statuses) = cluster();
+        assert_eq!(rules_line(&statuses), "rules           unknown\n");
+        for (id, s) in statuses.iter_mut() {
+            let s = s.as_mut().unwrap();
+            s.cluster_apply_rules = 1;
+            (s.apply_rules_oldest, s.apply_rules_newest) = (1, if *id == 3 { 1 } else { 2 });
+            s.shard_status.iter_mut().for_each(|g| g.apply_rules = 1);
+        }
+        assert_eq!(
+            rules_line(&statuses),
+            "rules           version 1; builds apply 1..1 on node 3, 1..2 on node 1, 2; every shard replica at it\n"
+        );
+        // Raised: node 1 took it already, node 2 has not yet.
+        let raised =
+            |s: &mut Result<ClusterStatusResponse, String>| s.as_mut().unwrap().cluster_apply_rules = 2;
+        raised(statuses.get_mut(&1).unwrap());
+        statuses.get_mut(&1).unwrap().as_mut().unwrap().shard_status[0].apply_rules = 2;
+        assert!(rules_line(&statuses).starts_with("rules           version 2;"));
+        assert!(
+            rules_line(&statuses).ends_with("; 7 shard replicas not yet at it\n"),
+            "{}",
+            rules_line(&statuses)
         );
     }
 

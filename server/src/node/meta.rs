@@ -139,6 +139,7 @@ impl Node {
             addr: self.advertise.clone(),
             peer_addr: self.peer_advertise.clone(),
             incarnation: self.incarnation,
+            rules: crate::rules::newest(),
         };
         match self.propose_meta(create).await {
             Ok(_) => Ok(()),
@@ -720,10 +721,63 @@ impl Node {
                 status.shards, self.shards, self.shards
             )));
         }
+        let rules = self.cluster().rules();
+        if let Err(e) =
+            portrait_core::rules::check(rules, status.apply_rules_oldest, status.apply_rules_newest)
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "node {id} at {addr} cannot apply the cluster's entries: {e} (the cluster applies by version \
+                 {rules}; see docs/operations.md, \"Apply rules across a rolling upgrade\")"
+            )));
+        }
         self.check_schema_on_new_node(id, addr).await?;
         Ok(status.incarnation)
     }
+
+    /// Raises the cluster's apply rules version (meta leader) to the newest
+    /// version every node of the map runs a build of, once every node
+    /// answers (a silent one may run anything). Asks the nodes at most every
+    /// [`RULES_ASK_EVERY`], and only while this node's build has a version
+    /// above the cluster's (the nodes' minimum cannot be above its own).
+    pub(super) async fn raise_rules(&self) -> Result<()> {
+        let cluster = self.cluster();
+        let Some(map) = cluster.map.as_ref() else { return Ok(()) };
+        if crate::rules::newest() <= cluster.rules() {
+            return Ok(());
+        }
+        {
+            let mut asked = self.rules_asked.lock().expect("rules_asked lock");
+            if asked.is_some_and(|at| at.elapsed() < RULES_ASK_EVERY) {
+                return Ok(());
+            }
+            *asked = Some(std::time::Instant::now());
+        }
+        let statuses = self.statuses().await;
+        let mut version = crate::rules::newest();
+        for node in map.nodes.keys() {
+            match statuses.iter().find(|(n, _)| n == node) {
+                Some((_, status)) => version = version.min(status.apply_rules_newest),
+                None => {
+                    tracing::debug!(node, "apply rules: no answer, the cluster's version stays");
+                    return Ok(());
+                }
+            }
+        }
+        if version <= cluster.rules() {
+            return Ok(());
+        }
+        tracing::info!(
+            from = cluster.rules(),
+            to = version,
+            "every node's build applies a newer apply rules version: raising the cluster's"
+        );
+        self.propose_meta(MetaCommand::SetRules { version }).await?;
+        Ok(())
+    }
 }
+
+/// See [`Node::raise_rules`].
+const RULES_ASK_EVERY: Duration = Duration::from_secs(2);
 
 /// INVALID_ARGUMENT when another member already has `addr` or `peer_addr`:
 /// two ids on one process would put two of a shard's votes on one node.

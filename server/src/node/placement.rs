@@ -94,6 +94,9 @@ impl Node {
             if let Err(e) = self.keep_meta_voters(map).await {
                 tracing::debug!(error = %e, "meta group voters");
             }
+            if let Err(e) = self.raise_rules().await {
+                tracing::debug!(error = %e, "raising the cluster's apply rules version");
+            }
         }
         let cluster = &cluster;
         let shards: Vec<Arc<Replica>> =
@@ -105,6 +108,7 @@ impl Node {
                 }
             }
             self.sync_schema(r, cluster).await;
+            self.sync_rules(r, cluster).await;
         });
         futures::future::join_all(leading).await;
         let hosted: BTreeSet<u32> = map.hosted_by(self.id).into_iter().collect();
@@ -434,6 +438,34 @@ impl Node {
         };
         if let Err(e) = propose.await {
             tracing::debug!(group = %replica.gid, version = newest.version, error = %e, "applying the schema");
+        }
+    }
+
+    /// Proposes the cluster's apply rules version in `replica`'s shard
+    /// (this node leads it) when the shard applies by an older one.
+    async fn sync_rules(&self, replica: &Replica, cluster: &MetaState) {
+        if cluster.map.is_none() || replica.sm.rules() >= cluster.rules() {
+            return;
+        }
+        let version = cluster.rules();
+        // Not reached in practice: the node's meta replica stops at a
+        // version its build does not have.
+        if let Err(e) = crate::rules::check(version) {
+            tracing::debug!(group = %replica.gid, error = %e, "not proposing the cluster's apply rules");
+            return;
+        }
+        let propose = async {
+            let _pass = replica.gate.pass(self.write_timeout).await?;
+            let stamp_ms = replica.stamper.stamp()?;
+            let command = Command::Rules { stamp_ms, version };
+            self.bounded(replica.raft.client_write(command)).await?.map_err(client_write_error)?;
+            Ok::<_, Error>(())
+        };
+        match propose.await {
+            Ok(()) => {
+                tracing::info!(group = %replica.gid, version, "the shard applies by a new apply rules version")
+            }
+            Err(e) => tracing::debug!(group = %replica.gid, version, error = %e, "proposing the apply rules"),
         }
     }
 

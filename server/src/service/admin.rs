@@ -101,6 +101,7 @@ fn shard_status_to_pb(s: crate::node::ShardStatus) -> ShardStatus {
         learners: s.learners,
         membership_index: s.membership_index,
         state_bytes: s.state_bytes,
+        apply_rules: s.rules,
     }
 }
 
@@ -547,5 +548,8 @@ pub fn cluster_status_pb(node: &Node) -> ClusterStatusResponse {
         replaced_peers: s.replaced_peers,
         meta_term: s.meta_term,
         cluster_id: s.cluster_id,
+        apply_rules_oldest: crate::rules::oldest(),
+        apply_rules_newest: crate::rules::newest(),
+        cluster_apply_rules: s.cluster_rules,
     }
 }

@@ -22,7 +22,9 @@
 //! the peer one); 5 = the shard map records the nodes being drained;
 //! 6 = each node's data dir has an identity (its node id and a random
 //! incarnation), which the shard map records per node; 7 = the shard map
-//! records the cluster's id (the creating node's incarnation).
+//! records the cluster's id (the creating node's incarnation); 8 = the meta
+//! state records the cluster's apply rules version (`portrait_core::rules`;
+//! a shard's own version is a meta key, absent meaning the first).
 
 use std::path::Path;
 
@@ -31,8 +33,8 @@ use rocksdb::{IteratorMode, WriteOptions, DB};
 use super::sm_db::cf;
 
 /// The format this binary writes, and the only one it reads.
-/// 7: the cluster's id in the map (see the module's history)
-pub const STORAGE_FORMAT: u32 = 7;
+/// 8: the cluster's apply rules version (see the module's history)
+pub const STORAGE_FORMAT: u32 = 8;
 
 /// What a database or archive without a recorded version was written by.
 pub const UNVERSIONED_FORMAT: u32 = 1;

@@ -40,6 +40,8 @@ pub struct GroupState {
     cluster: tokio::sync::watch::Sender<Arc<MetaState>>,
     /// The compiled features and tags of `schema`.
     engine: RwLock<Arc<Engine>>,
+    /// The apply rules version the group applies by (`Command::Rules`).
+    rules: std::sync::atomic::AtomicU32,
     applied: Mutex<AppliedState>,
     /// The applied logical clock (what apply has reached; stamps are never
     /// below it).
@@ -89,6 +91,7 @@ impl GroupState {
             schema: RwLock::new(VersionedSchema::shared_default()),
             cluster: tokio::sync::watch::Sender::new(Arc::default()),
             engine: RwLock::new(Arc::new(Engine::empty())),
+            rules: std::sync::atomic::AtomicU32::new(portrait_core::rules::FIRST),
             applied: Mutex::new(AppliedState::default()),
             clock: AtomicI64::new(0),
             durable_read_at: Mutex::new(None),
@@ -145,6 +148,16 @@ impl GroupState {
     pub(crate) fn set_schema(&self, schema: VersionedSchema, engine: Engine) {
         *self.engine.write().expect("engine lock") = Arc::new(engine);
         *self.schema.write().expect("schema lock") = Arc::new(schema);
+    }
+
+    /// The apply rules version the group applies by (see
+    /// `portrait_core::rules`).
+    pub fn rules(&self) -> u32 {
+        self.rules.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_rules(&self, version: u32) {
+        self.rules.store(version, Ordering::Release);
     }
 
     /// The meta group's state as applied (empty in a shard group).
@@ -260,7 +273,18 @@ impl GroupState {
             membership: get(META_MEMBERSHIP)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or_default(),
             clock_ms: get(META_CLOCK)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or(0),
         };
-        let cluster = get(META_CLUSTER)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or_default();
+        let cluster: MetaState =
+            get(META_CLUSTER)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or_default();
+        let rules: u32 =
+            get(META_RULES)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or(portrait_core::rules::FIRST);
+        // Applied by rules this build does not have (a node started on an
+        // older build after its shards moved on): opening it would apply
+        // the next entries by other rules than the other replicas.
+        crate::rules::check(rules).map_err(|e| anyhow::anyhow!("{} (its stored state): {e}", self.gid))?;
+        if cluster.map.is_some() {
+            crate::rules::check(cluster.rules())
+                .map_err(|e| anyhow::anyhow!("{} (the cluster's version): {e}", self.gid))?;
+        }
         // A stored schema was compiled by the build that applied it. One
         // this build refuses (a stricter build, mid rolling upgrade) must
         // not run as an empty engine: this replica would drop every
@@ -277,6 +301,7 @@ impl GroupState {
             )
         })?;
         self.set_schema(schema, engine);
+        self.set_rules(rules);
         self.set_cluster(cluster);
         self.set_applied(applied);
         self.refresh_durable_clock(None);

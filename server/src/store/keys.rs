@@ -60,6 +60,10 @@ pub const META_RESTORED: &[u8] = b"restored";
 /// apply, carried by snapshots), unlike the data's presence, which TTL
 /// compaction changes on each replica at its own pace.
 pub const META_WRITTEN: &[u8] = b"written";
+/// The apply rules version the group applies by (u32; absent:
+/// `portrait_core::rules::FIRST`), set by `Command::Rules`. Replicated,
+/// carried by snapshots.
+pub const META_RULES: &[u8] = b"rules";
 /// Column families of a shard's data (what a restore copies and wipes):
 /// every one but `meta`.
 pub const DATA_CFS: [&str; 5] = [CF_PROFILES, CF_HISTORY, CF_DEDUPE, CF_STATE, CF_TIMERS];

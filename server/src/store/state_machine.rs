@@ -92,6 +92,7 @@ struct MetaKeys {
     restore: Vec<u8>,
     restored: Vec<u8>,
     written: Vec<u8>,
+    rules: Vec<u8>,
 }
 
 impl MetaKeys {
@@ -106,6 +107,7 @@ impl MetaKeys {
             restore: meta(gid, META_RESTORE),
             restored: meta(gid, META_RESTORED),
             written: meta(gid, META_WRITTEN),
+            rules: meta(gid, META_RULES),
         }
     }
 }
@@ -419,8 +421,42 @@ impl Applier {
                     }
                 }
             }
+            EntryPayload::Normal(Command::Rules { stamp_ms, version }) => {
+                state.clock_ms = state.clock_ms.max(stamp_ms);
+                let current = self.store.rules();
+                if version <= current {
+                    CommandResult::RulesApplied { version: current }
+                } else if let Err(e) = crate::rules::check(version) {
+                    // Going on would apply the shard's next entries by
+                    // other rules than its other replicas: stop here (the
+                    // node stops; each restart stops here again) until a
+                    // build that has the version runs this replica.
+                    tracing::error!(group = %gid, version, error = %e,
+                        "this build cannot apply the shard by the rules its leader proposed: the replica stops \
+                         here rather than diverge");
+                    return Err(apply_err(log_id, anyhow::anyhow!("{gid}: {e}")));
+                } else {
+                    batch.put_cf(meta, &self.keys.rules, encode(&version));
+                    self.finish(db, batch, state, log_id)?;
+                    self.store.set_rules(version);
+                    return Ok(CommandResult::RulesApplied { version });
+                }
+            }
             EntryPayload::Normal(Command::Meta { stamp_ms, command }) => {
                 state.clock_ms = state.clock_ms.max(stamp_ms);
+                // A raise of the cluster's rules that this build does not
+                // have (started after every node was checked): the meta
+                // group's next entries may follow them, so stop as a shard
+                // replica does.
+                if let portrait_core::meta::MetaCommand::SetRules { version } = &command {
+                    if *version > self.store.cluster().rules() {
+                        if let Err(e) = crate::rules::check(*version) {
+                            tracing::error!(group = %gid, version, error = %e,
+                                "this build cannot follow the cluster's apply rules: the meta replica stops here");
+                            return Err(apply_err(log_id, anyhow::anyhow!("{gid}: {e}")));
+                        }
+                    }
+                }
                 let mut cluster = (*self.store.cluster()).clone();
                 let outcome = cluster.apply(&command);
                 if matches!(outcome, MetaOutcome::Applied { .. }) {

@@ -1,0 +1,69 @@
+//! Apply rules versions: how replicas that run different builds keep
+//! applying every entry alike.
+//!
+//! Replicas agree because each applies an entry by the same rules (what a
+//! write entry loads and refuses, how a feature folds an event, ...). A
+//! build that changes such a rule would, beside an older one in the same
+//! shard, apply the same entry differently, and the replicas would stay
+//! apart for good. So the rules are versioned, and a new version takes
+//! effect at one log index of each shard, once every node runs a build that
+//! has it:
+//!
+//! - Each build applies the versions [`OLDEST`]`..=`[`NEWEST`]. A rule
+//!   change bumps [`NEWEST`] and keeps the old rule behind a branch on the
+//!   shard's version (dropped, with [`OLDEST`] raised, a release later).
+//! - The meta group holds the cluster's version ([`crate::meta::MetaState::rules`]).
+//!   Its leader raises it (`MetaCommand::SetRules`) once every node of the
+//!   map reports a build whose newest version reaches it; a cluster starts
+//!   at its first node's newest.
+//! - Each shard's leader then proposes the version in its shard's log; from
+//!   that entry on, every replica applies the shard by it. A replica whose
+//!   build does not have it (an older build started after the raise) stops
+//!   at that entry rather than apply it by other rules; a node refuses to
+//!   open a shard whose stored version its build does not apply.
+//!
+//! A shard that never recorded a version applies by [`FIRST`].
+
+/// The first version (and the one of a shard that recorded none).
+pub const FIRST: u32 = 1;
+
+/// The newest version this build applies. History: 1 = the rules of the
+/// first sharded builds.
+pub const NEWEST: u32 = 1;
+
+/// The oldest version this build still applies.
+pub const OLDEST: u32 = 1;
+
+/// Whether a build that applies `oldest..=newest` can apply by `version`,
+/// or why not.
+pub fn check(version: u32, oldest: u32, newest: u32) -> Result<(), String> {
+    if version > newest {
+        return Err(format!(
+            "apply rules version {version} is newer than this build's (it applies versions {oldest} to \
+             {newest}): run a build that has it"
+        ));
+    }
+    if version < oldest {
+        return Err(format!(
+            "apply rules version {version} is older than this build applies (versions {oldest} to \
+             {newest}): run a build that still has it until the cluster moves on"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_applies_its_range_and_names_it_otherwise() {
+        check(1, 1, 2).unwrap();
+        check(2, 1, 2).unwrap();
+        let newer = check(3, 1, 2).unwrap_err();
+        assert!(newer
+            .starts_with("apply rules version 3 is newer than this build's (it applies versions 1 to 2)"));
+        let older = check(1, 2, 3).unwrap_err();
+        assert!(older.starts_with("apply rules version 1 is older than this build applies"), "{older}");
+    }
+}

@@ -132,6 +132,8 @@ pub struct NodeProc {
     config: Option<String>,
     /// More flags, given on every start.
     args: Vec<String>,
+    /// Environment variables set on every start (see [`Cluster::set_env`]).
+    env: Vec<(String, String)>,
     /// The fault proxy peers reach this node through, if any.
     pub proxy: Option<Proxy>,
     /// Node processes by pid (shared by the cluster's proxies).
@@ -148,7 +150,19 @@ impl NodeProc {
             args.extend(["--shards".to_string(), shards.to_string()]);
         }
         let (port, peer_port) = (free_port(), free_port());
-        NodeProc { id, port, peer_port, dir, child: None, config, args, proxy: None, owners, certs: None }
+        NodeProc {
+            id,
+            port,
+            peer_port,
+            dir,
+            child: None,
+            config,
+            args,
+            env: Vec::new(),
+            proxy: None,
+            owners,
+            certs: None,
+        }
     }
 
     fn scheme(&self) -> &'static str {
@@ -209,6 +223,7 @@ impl NodeProc {
             cmd.arg("--peer-key").arg(file(format!("node-{id}-peer.key")));
         }
         cmd.args(&self.args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(config) = &self.config {
             let path = self.dir.path().join("portraitd.toml");
             std::fs::write(&path, config).unwrap();
@@ -473,6 +488,16 @@ impl Cluster {
             if node.is_running() {
                 self.client(node.id).await.set_partition(Vec::new()).await.expect("heal");
             }
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) environment variable `key` for
+    /// node `id`'s next starts.
+    pub fn set_env(&mut self, id: u64, key: &str, value: Option<&str>) {
+        let env = &mut self.nodes[(id - 1) as usize].env;
+        env.retain(|(k, _)| k != key);
+        if let Some(value) = value {
+            env.push((key.to_string(), value.to_string()));
         }
     }
 

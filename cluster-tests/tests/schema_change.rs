@@ -204,3 +204,114 @@ async fn a_node_whose_build_refuses_a_schema_stops_it_before_anything_is_applied
     assert_eq!(applied_without.unchecked_nodes, vec![3]);
     assert!(applied_without.version > applied.version);
 }
+
+/// Whether every node in `nodes` reports the cluster's apply rules version
+/// `version` and every shard replica on it applies by it.
+async fn rules_everywhere(cluster: &Cluster, nodes: &[u64], version: u32) -> bool {
+    let all = statuses(cluster, nodes).await;
+    all.len() == nodes.len()
+        && all.values().all(|s| {
+            s.cluster_apply_rules == version
+                && s.shard_status.len() == TEST_SHARDS as usize
+                && s.shard_status.iter().all(|r| r.apply_rules == version)
+        })
+}
+
+/// Lifetime orders of `users`, read from the shards' leaders (retried
+/// while a shard elects one, for at most 30 s).
+async fn orders(cluster: &Cluster, users: &[String]) -> BTreeMap<String, u64> {
+    let client = cluster.client(1).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        match client.batch_get_profiles(users, &[], Consistency::Linearizable).await {
+            Ok(r) => break r,
+            Err(e) if Instant::now() < deadline && code(&e) == Some("UNAVAILABLE") => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+    };
+    r.profiles
+        .iter()
+        .map(|p| (p.user_id.clone(), portrait_cluster_tests::replicas::lifetime_orders(p)))
+        .collect()
+}
+
+/// Apply rules versions across a rolling upgrade (docs/operations.md):
+/// with two of three nodes on a build of a newer version, the cluster and
+/// every shard stay on the old one; once the third runs it, the meta
+/// leader raises the cluster's and every shard replica moves on. A node
+/// whose build lacks the version is not added, and a node rolled back to
+/// such a build stops at start instead of applying by other rules. Writes
+/// before and after apply exactly once. "Builds" of version 2 are the
+/// fault-injection build told to claim it.
+#[tokio::test]
+async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
+    const NEWEST: &str = "PORTRAIT_FAULT_APPLY_RULES_NEWEST";
+    let all = [1, 2, 3];
+    let mut cluster = Cluster::start_sharded(3, TEST_SHARDS).await;
+    wait_placed(&cluster, &all, TEST_SHARDS).await;
+    assert!(rules_everywhere(&cluster, &all, 1).await, "{:?}", statuses(&cluster, &all).await);
+    let users: Vec<String> = (0..TEST_SHARDS).flat_map(|s| users_of(s, TEST_SHARDS, 2)).collect();
+    let write = |round: &str| users.iter().map(|u| order_of(u, &format!("{round}-{u}"))).collect::<Vec<_>>();
+    cluster.client(1).await.write(write("before")).await.expect("write before");
+
+    // Nodes 1 and 2 upgraded, one at a time.
+    for id in [1, 2] {
+        cluster.set_env(id, NEWEST, Some("2"));
+        cluster.kill(id);
+        cluster.restart(id).await;
+        portrait_cluster_tests::replicas::wait_caught_up(&cluster, &all, TEST_SHARDS).await;
+    }
+    // Well past the meta leader's asking period (2 s): node 3's build
+    // holds the cluster back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mixed = statuses(&cluster, &all).await;
+    let builds: Vec<(u64, u32)> = mixed.iter().map(|(id, s)| (*id, s.apply_rules_newest)).collect();
+    assert_eq!(builds, [(1, 2), (2, 2), (3, 1)]);
+    assert!(rules_everywhere(&cluster, &all, 1).await, "raised with node 3 on version 1: {mixed:?}");
+    cluster.client(2).await.write(write("mixed")).await.expect("write with mixed builds");
+
+    // The last node upgraded: the cluster and every shard move on.
+    cluster.set_env(3, NEWEST, Some("2"));
+    cluster.kill(3);
+    cluster.restart(3).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !rules_everywhere(&cluster, &all, 2).await {
+        assert!(Instant::now() < deadline, "not raised: {:?}", statuses(&cluster, &all).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.client(3).await.write(write("after")).await.expect("write after the raise");
+    let counted = orders(&cluster, &users).await;
+    assert_eq!(counted.len(), users.len());
+    assert!(counted.values().all(|&n| n == 3), "each user's three orders once: {counted:?}");
+
+    // A node whose build lacks version 2 is not added.
+    let new = cluster.spawn_node().await;
+    let (addr, peer_addr) = (cluster.node(new).endpoint(), cluster.node(new).advertised());
+    let refused = cluster.client(1).await.add_node(new, &addr, &peer_addr, false).await.expect_err("refused");
+    assert_eq!(code(&refused), Some("FAILED_PRECONDITION"), "{refused}");
+    assert!(
+        refused
+            .to_string()
+            .contains(&format!("node {new} at {peer_addr} cannot apply the cluster's entries")),
+        "{refused}"
+    );
+    let map = cluster.client(1).await.shard_map().await.expect("map");
+    assert!(map.nodes.iter().all(|n| n.node_id != new), "node {new} is not in the map: {:?}", map.nodes);
+
+    // Node 3 rolled back to a build of version 1: it stops at start.
+    cluster.set_env(3, NEWEST, None);
+    cluster.kill(3);
+    cluster.start_again(3);
+    let exit = cluster.wait_exit(3, Duration::from_secs(30)).await;
+    assert!(!exit.success(), "node 3 exits with an error");
+    let log = cluster.node(3).log();
+    assert!(
+        log.contains("apply rules version 2 is newer than this build's (it applies versions 1 to 1)"),
+        "{log}"
+    );
+    // The others go on by version 2.
+    let counted = orders(&cluster, &users).await;
+    assert!(counted.values().all(|&n| n == 3), "{counted:?}");
+}

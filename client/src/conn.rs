@@ -44,6 +44,8 @@ pub struct ConnectOptions {
     /// TLS (`None`: plaintext); with it, `http://` endpoints are reached
     /// over `https://`.
     tls: Option<ClientTlsConfig>,
+    /// How long a call keeps retrying (`None`: [`crate::retry::RETRY_BUDGET`]).
+    retry_budget: Option<Duration>,
 }
 
 /// Never shows the token.
@@ -52,6 +54,7 @@ impl std::fmt::Debug for ConnectOptions {
         f.debug_struct("ConnectOptions")
             .field("token", &self.authorization.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls.is_some())
+            .field("retry_budget", &self.retry_budget())
             .finish()
     }
 }
@@ -60,6 +63,22 @@ impl ConnectOptions {
     /// No token.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How long one call keeps retrying an `UNAVAILABLE` or a lost
+    /// connection (redirects, backoff; see `retry.rs`), counted from its
+    /// first attempt; at least one attempt is always made. The default,
+    /// [`crate::retry::RETRY_BUDGET`], outlasts a shard's failover after
+    /// its leader's node dies; a caller with a tighter deadline (a request
+    /// path with a fallback) sets less and handles `UNAVAILABLE` itself.
+    pub fn retry_for(mut self, budget: Duration) -> Self {
+        self.retry_budget = Some(budget);
+        self
+    }
+
+    /// See [`ConnectOptions::retry_for`].
+    pub fn retry_budget(&self) -> Duration {
+        self.retry_budget.unwrap_or(crate::retry::RETRY_BUDGET)
     }
 
     /// Sends `token` as `authorization: Bearer <token>` on every call.

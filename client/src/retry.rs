@@ -5,7 +5,7 @@
 //! moves to that endpoint and is sent again (at most [`MAX_REDIRECTS`] times in
 //! a row: a loop of redirects ends the call); an `UNAVAILABLE` without a hint
 //! (node down, election in progress) is retried with exponential backoff for
-//! up to [`RETRY_BUDGET`], each retry with a fresh count of redirects (a
+//! up to [`RETRY_BUDGET`] (or [`crate::ConnectOptions::retry_for`]), each retry with a fresh count of redirects (a
 //! follower keeps naming a leader that is between terms; only the budget
 //! ends such a call). A connection lost during the call ([`connection_lost`])
 //! is retried like an `UNAVAILABLE` whose outcome is unknown. Every other
@@ -30,8 +30,14 @@ use crate::ClientError;
 pub const LEADER_HEADER: &str = "x-portrait-leader";
 /// Leader redirects followed by one call.
 pub const MAX_REDIRECTS: u32 = 3;
-/// How long one call keeps retrying `UNAVAILABLE` without a leader hint.
-pub const RETRY_BUDGET: Duration = Duration::from_secs(3);
+/// How long one call keeps retrying `UNAVAILABLE` without a leader hint,
+/// unless set otherwise ([`crate::ConnectOptions::retry_for`]). Longer than
+/// a shard's failover after its leader's node dies: the followers campaign
+/// once the node has been silent for an election timeout (1 s), and the
+/// election takes one or two more; writers to such a shard were measured
+/// waiting 1.2 to 5.1 s (cluster-tests `shard_faults.rs`, 2026-12-06), so
+/// a budget of 3 s failed some of their calls.
+pub const RETRY_BUDGET: Duration = Duration::from_secs(8);
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
@@ -116,6 +122,7 @@ where
 {
     let mut redirects = 0;
     let mut backoff = FIRST_BACKOFF;
+    let budget = router.options().retry_budget();
     loop {
         let conn = router.current();
         let status = match call(conn.channel).await {
@@ -143,7 +150,7 @@ where
                 continue;
             }
         }
-        if started.elapsed() + backoff > RETRY_BUDGET {
+        if started.elapsed() + backoff > budget {
             // The next call starts elsewhere: a leader cut off from its
             // quorum answers UNAVAILABLE only after its write timeout (past
             // the budget at the first attempt), and names no other leader.
@@ -190,11 +197,20 @@ mod tests {
 
     /// Attempts a call makes when every one is UNAVAILABLE with `message`.
     async fn attempts(started: Instant, again_if_unknown: bool, message: &'static str) -> u32 {
+        attempts_with(started, again_if_unknown, message, Default::default()).await
+    }
+
+    async fn attempts_with(
+        started: Instant,
+        again_if_unknown: bool,
+        message: &'static str,
+        options: crate::ConnectOptions,
+    ) -> u32 {
         let seed = crate::conn::Conn {
             endpoint: "http://127.0.0.1:1".into(),
             channel: crate::conn::lazy_channel("http://127.0.0.1:1", &Default::default()).unwrap(),
         };
-        let router = Router::new(seed, Default::default());
+        let router = Router::new(seed, options);
         let attempts = std::sync::atomic::AtomicU32::new(0);
         let result: Result<(), _> = retry(&router, started, again_if_unknown, |_| {
             attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -208,13 +224,27 @@ mod tests {
     #[tokio::test]
     async fn the_retry_budget_counts_from_the_first_attempt_made_elsewhere() {
         // 1 s of budget left: attempts at about 0, 50, 150, 350 and 750 ms
-        // (fewer if sleeps run late on a loaded machine), not the nine of a
-        // whole budget (0, 50, 150, 350, 750, 1250, ... 2750 ms).
+        // (fewer if sleeps run late on a loaded machine), not the attempts of a
+        // whole budget (0, 50, 150, 350, 750, 1250, ... 7750 ms: 19).
         let almost_spent = Instant::now() - RETRY_BUDGET + Duration::from_secs(1);
         let attempts = attempts_since(almost_spent).await;
         assert!((2..=5).contains(&attempts), "{attempts} attempts");
         let spent = Instant::now() - RETRY_BUDGET;
         assert_eq!(attempts_since(spent).await, 1, "a spent budget still tries once");
+    }
+
+    #[tokio::test]
+    async fn a_client_may_set_its_own_retry_budget() {
+        let none = crate::ConnectOptions::new().retry_for(Duration::ZERO);
+        assert_eq!(attempts_with(Instant::now(), true, "no leader", none).await, 1, "one attempt, no retry");
+        // 400 ms: attempts at about 0, 50, 150 and 350 ms (the next
+        // backoff, 400 ms, would pass it), fewer if sleeps run late.
+        let short = crate::ConnectOptions::new().retry_for(Duration::from_millis(400));
+        let started = Instant::now();
+        let attempts = attempts_with(started, true, "no leader", short).await;
+        assert!((2..=4).contains(&attempts), "{attempts} attempts");
+        assert!(started.elapsed() < Duration::from_millis(400), "{:?}", started.elapsed());
+        assert_eq!(crate::ConnectOptions::new().retry_budget(), RETRY_BUDGET);
     }
 
     /// A status made here from a transport error, as tonic does.

@@ -54,9 +54,11 @@ pub enum MetaCommand {
     /// A new schema (its TOML text); its version is the next one.
     SetSchema { toml: String },
     /// Raises the cluster's apply rules version (see [`crate::rules`]);
-    /// refused unless above the current one. Every node's build was checked
-    /// before it was proposed, never here (see `SetSchema`).
-    SetRules { version: u32 },
+    /// refused unless above the current one, and unless the map is still
+    /// at `epoch`, the one whose nodes' builds were checked before it was
+    /// proposed (a node added since was not asked). The builds are never
+    /// checked here (see `SetSchema`).
+    SetRules { version: u32, epoch: u64 },
 }
 
 /// What applying a command did.
@@ -122,8 +124,14 @@ impl MetaState {
                 let version = self.schema_version() + 1;
                 self.schema = Some(SchemaVersion { version, toml: toml.clone() });
             }
-            MetaCommand::SetRules { version } => {
-                self.map.as_ref().ok_or("the cluster has not been created")?;
+            MetaCommand::SetRules { version, epoch } => {
+                let map = self.map.as_ref().ok_or("the cluster has not been created")?;
+                if map.epoch != *epoch {
+                    return Err(format!(
+                        "the map changed since the nodes' builds were checked (epoch {epoch}, now {})",
+                        map.epoch
+                    ));
+                }
                 if *version <= self.rules() {
                     return Err(format!(
                         "the cluster applies rules version {} already (asked for {version})",
@@ -235,7 +243,7 @@ mod tests {
     fn the_rules_version_starts_at_the_creating_build_and_only_rises() {
         let mut meta = MetaState::default();
         assert_eq!(meta.rules(), 1);
-        let early = meta.apply(&MetaCommand::SetRules { version: 2 });
+        let early = meta.apply(&MetaCommand::SetRules { version: 2, epoch: 1 });
         assert_eq!(early, MetaOutcome::Refused { reason: "the cluster has not been created".into() });
         let MetaCommand::Create { shards, replication, node, addr, peer_addr, incarnation, .. } = create()
         else {
@@ -247,14 +255,26 @@ mod tests {
         assert_eq!(meta.rules(), 2);
         let before = meta.clone();
         assert_eq!(
-            meta.apply(&MetaCommand::SetRules { version: 2 }),
+            meta.apply(&MetaCommand::SetRules { version: 2, epoch: 1 }),
             MetaOutcome::Refused {
                 reason: "the cluster applies rules version 2 already (asked for 2)".into()
             }
         );
-        assert!(matches!(meta.apply(&MetaCommand::SetRules { version: 1 }), MetaOutcome::Refused { .. }));
+        assert!(matches!(
+            meta.apply(&MetaCommand::SetRules { version: 1, epoch: 1 }),
+            MetaOutcome::Refused { .. }
+        ));
+        assert_eq!(
+            meta.apply(&MetaCommand::SetRules { version: 3, epoch: 7 }),
+            MetaOutcome::Refused {
+                reason: "the map changed since the nodes' builds were checked (epoch 7, now 1)".into()
+            }
+        );
         assert_eq!(meta, before);
-        assert!(matches!(meta.apply(&MetaCommand::SetRules { version: 3 }), MetaOutcome::Applied { .. }));
+        assert!(matches!(
+            meta.apply(&MetaCommand::SetRules { version: 3, epoch: 1 }),
+            MetaOutcome::Applied { .. }
+        ));
         assert_eq!(meta.rules(), 3);
     }
 

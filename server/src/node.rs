@@ -230,9 +230,6 @@ pub struct Node {
     /// The newest schema version this build refused to propose to its
     /// shards (logged once per version).
     schema_refused: Mutex<u64>,
-    /// When the meta leader last asked the nodes which apply rules versions
-    /// their builds have (`Node::raise_rules`).
-    rules_asked: Mutex<Option<std::time::Instant>>,
     /// Each hosted shard replica's logical size (`node/sizes.rs`).
     sizes: Mutex<BTreeMap<GroupId, sizes::Size>>,
     /// Per shard this node hosts no replica of, the node that last served
@@ -373,7 +370,6 @@ impl Node {
             sizes: Mutex::default(),
             leaders_balanced: Mutex::default(),
             schema_refused: Mutex::default(),
-            rules_asked: Mutex::default(),
             max_moves: opts.max_moves,
             replica_dead_after: opts.replica_dead_after,
             liveness,
@@ -397,6 +393,8 @@ impl Node {
         node.spawn_task("placement", |stop| placement::run(weak, stop));
         let weak = Arc::downgrade(&node);
         node.spawn_task("sizes", |stop| sizes::run(weak, stop));
+        let weak = Arc::downgrade(&node);
+        node.spawn_task("apply rules", |stop| meta::raise_rules_until(weak, stop));
         Ok(node)
     }
 

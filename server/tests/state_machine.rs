@@ -295,9 +295,25 @@ async fn a_raise_of_the_clusters_rules_this_build_lacks_stops_the_meta_replica()
     let meta = |i, command| entry(i, Command::Meta { stamp_ms: T0, command });
     apply(&mut r, vec![meta(1, create)]).await;
     assert_eq!(r.store.cluster().rules(), 1);
-    let err = r.sm.apply(vec![meta(2, MetaCommand::SetRules { version: 2 })]).await.unwrap_err();
+    let err = r.sm.apply(vec![meta(2, MetaCommand::SetRules { version: 2, epoch: 1 })]).await.unwrap_err();
     assert!(err.to_string().contains("apply rules version 2 is newer than this build's"), "{err}");
     assert_eq!(r.store.cluster().rules(), 1);
+    let (last, _) = r.sm.applied_state().await.unwrap();
+    assert_eq!(last.unwrap().index, 1, "nothing of the refused entry applied");
+}
+
+#[tokio::test]
+async fn a_cluster_created_by_a_newer_build_stops_an_older_meta_replica() {
+    use portrait_core::meta::MetaCommand;
+    let mut r = replica();
+    let (create, _) = create_and_join(1, 2);
+    let MetaCommand::Create { shards, replication, node, addr, peer_addr, incarnation, .. } = create else {
+        unreachable!()
+    };
+    let newer = MetaCommand::Create { shards, replication, node, addr, peer_addr, incarnation, rules: 2 };
+    let err = r.sm.apply(vec![entry(1, Command::Meta { stamp_ms: T0, command: newer })]).await.unwrap_err();
+    assert!(err.to_string().contains("(the cluster's version): apply rules version 2 is newer"), "{err}");
+    assert!(r.store.cluster().map.is_none(), "nothing of the entry applied");
 }
 
 /// Meta commands creating a cluster of 4 shards, RF 3, on node 1 (data dir

@@ -186,7 +186,10 @@ fn rules_line(statuses: &Statuses) -> String {
     }
     let builds: Vec<String> = builds
         .iter()
-        .map(|((oldest, newest), nodes)| format!("{oldest}..{newest} on node {}", nodes.join(", ")))
+        .map(|((oldest, newest), nodes)| match newest {
+            0 => format!("none reported on node {}", nodes.join(", ")),
+            _ => format!("{oldest}..{newest} on node {}", nodes.join(", ")),
+        })
         .collect();
     let behind = answered
         .iter()

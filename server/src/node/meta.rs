@@ -447,6 +447,9 @@ impl Node {
         let entry = map.nodes.get(&id).map(|n| (n.addr.as_str(), n.peer_addr.as_str(), n.incarnation));
         let incarnation = if recorded != 0 { recorded } else { incarnation };
         if entry != Some((&addr, &peer_addr, incarnation)) {
+            // Asked again: the cluster's apply rules may have been raised
+            // since the first check (the map did not have the node yet).
+            self.check_rules_of(id, &peer_addr).await?;
             let add = MapChange::AddNode { node: id, addr, peer_addr, incarnation };
             self.propose_meta(MetaCommand::Map(add)).await?;
         }
@@ -721,44 +724,37 @@ impl Node {
                 status.shards, self.shards, self.shards
             )));
         }
-        let rules = self.cluster().rules();
-        if let Err(e) =
-            portrait_core::rules::check(rules, status.apply_rules_oldest, status.apply_rules_newest)
-        {
-            return Err(Error::FailedPrecondition(format!(
-                "node {id} at {addr} cannot apply the cluster's entries: {e} (the cluster applies by version \
-                 {rules}; see docs/operations.md, \"Apply rules across a rolling upgrade\")"
-            )));
-        }
+        check_rules_answer(id, addr, self.cluster().rules(), &status)?;
         self.check_schema_on_new_node(id, addr).await?;
         Ok(status.incarnation)
     }
 
     /// Raises the cluster's apply rules version (meta leader) to the newest
-    /// version every node of the map runs a build of, once every node
-    /// answers (a silent one may run anything). Asks the nodes at most every
-    /// [`RULES_ASK_EVERY`], and only while this node's build has a version
-    /// above the cluster's (the nodes' minimum cannot be above its own).
+    /// version every node runs a build of: every node of the map and every
+    /// member of the meta group (a node being added is a member before the
+    /// map has it), once all of them answer (a silent one may run
+    /// anything). Only while this node's build has a version above the
+    /// cluster's (the nodes' minimum cannot be above its own). The command
+    /// carries the map's epoch, so a node added to the map meanwhile makes
+    /// the meta group refuse it (asked at the next round).
     pub(super) async fn raise_rules(&self) -> Result<()> {
         let cluster = self.cluster();
         let Some(map) = cluster.map.as_ref() else { return Ok(()) };
-        if crate::rules::newest() <= cluster.rules() {
+        if crate::rules::newest() <= cluster.rules() || !self.meta.is_leader() {
             return Ok(());
         }
-        {
-            let mut asked = self.rules_asked.lock().expect("rules_asked lock");
-            if asked.is_some_and(|at| at.elapsed() < RULES_ASK_EVERY) {
-                return Ok(());
-            }
-            *asked = Some(std::time::Instant::now());
+        let mut nodes: BTreeMap<NodeId, String> =
+            map.nodes.iter().map(|(id, n)| (*id, n.peer_addr.clone())).collect();
+        for (id, member) in self.membership().nodes() {
+            nodes.entry(*id).or_insert_with(|| member.addr.clone());
         }
-        let statuses = self.statuses().await;
+        let asks = nodes.iter().map(|(&id, addr)| async move { (id, peer_status(Some(id), addr).await) });
         let mut version = crate::rules::newest();
-        for node in map.nodes.keys() {
-            match statuses.iter().find(|(n, _)| n == node) {
-                Some((_, status)) => version = version.min(status.apply_rules_newest),
-                None => {
-                    tracing::debug!(node, "apply rules: no answer, the cluster's version stays");
+        for (id, answer) in futures::future::join_all(asks).await {
+            match answer {
+                Ok(status) => version = version.min(status.apply_rules_newest),
+                Err(e) => {
+                    tracing::debug!(node = id, error = %e, "apply rules: no answer, the cluster's version stays");
                     return Ok(());
                 }
             }
@@ -771,11 +767,63 @@ impl Node {
             to = version,
             "every node's build applies a newer apply rules version: raising the cluster's"
         );
-        self.propose_meta(MetaCommand::SetRules { version }).await?;
+        self.propose_meta(MetaCommand::SetRules { version, epoch: map.epoch }).await?;
         Ok(())
+    }
+
+    /// Refuses node `id` (at `addr`) if it answers that its build lacks
+    /// the cluster's apply rules version now. A node that does not answer
+    /// is not refused here: its replicas refuse to open (and its meta
+    /// replica stops) on a version its build lacks, so it takes no part.
+    async fn check_rules_of(&self, id: NodeId, addr: &str) -> Result<()> {
+        match peer_status(Some(id), addr).await {
+            Ok(status) => check_rules_answer(id, addr, self.cluster().rules(), &status),
+            Err(e) => {
+                tracing::debug!(node = id, error = %e, "could not ask the new node for its apply rules");
+                Ok(())
+            }
+        }
     }
 }
 
+/// FAILED_PRECONDITION unless the build of node `id` (its `status`)
+/// applies the cluster's apply rules version `rules`.
+fn check_rules_answer(id: NodeId, addr: &str, rules: u32, status: &ClusterStatusResponse) -> Result<()> {
+    let (oldest, newest) = (status.apply_rules_oldest, status.apply_rules_newest);
+    if portrait_core::rules::check(rules, oldest, newest).is_ok() {
+        return Ok(());
+    }
+    let build = match newest {
+        0 => "a build without apply rules versions".to_string(),
+        _ => format!("a build that applies apply rules versions {oldest} to {newest}"),
+    };
+    Err(Error::FailedPrecondition(format!(
+        "node {id} at {addr} runs {build}; the cluster applies by version {rules}: run a build that has it \
+         (docs/operations.md, \"Apply rules across a rolling upgrade\")"
+    )))
+}
+
+/// Runs [`Node::raise_rules`] every [`RULES_ASK_EVERY`] until `stop` turns
+/// true (or the node is gone): a task of its own, so nodes that do not
+/// answer (one is down in every rolling upgrade) never hold up placement.
+pub(super) async fn raise_rules_until(
+    node: std::sync::Weak<Node>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RULES_ASK_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let Some(node) = node.upgrade() else { return };
+        tokio::select! {
+            result = node.raise_rules() => if let Err(e) = result {
+                tracing::debug!(error = %e, "raising the cluster's apply rules version");
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
 /// See [`Node::raise_rules`].
 const RULES_ASK_EVERY: Duration = Duration::from_secs(2);
 

@@ -94,9 +94,6 @@ impl Node {
             if let Err(e) = self.keep_meta_voters(map).await {
                 tracing::debug!(error = %e, "meta group voters");
             }
-            if let Err(e) = self.raise_rules().await {
-                tracing::debug!(error = %e, "raising the cluster's apply rules version");
-            }
         }
         let cluster = &cluster;
         let shards: Vec<Arc<Replica>> =
@@ -107,8 +104,9 @@ impl Node {
                     tracing::debug!(group = %r.gid, error = %e, "bringing the membership to the map");
                 }
             }
-            self.sync_schema(r, cluster).await;
+            // The rules first: a schema waits for the shard's version.
             self.sync_rules(r, cluster).await;
+            self.sync_schema(r, cluster).await;
         });
         futures::future::join_all(leading).await;
         let hosted: BTreeSet<u32> = map.hosted_by(self.id).into_iter().collect();
@@ -414,7 +412,7 @@ impl Node {
     /// leads it) when the shard has an older one.
     async fn sync_schema(&self, replica: &Replica, cluster: &MetaState) {
         let Some(newest) = &cluster.schema else { return };
-        if replica.sm.schema().version >= newest.version {
+        if replica.sm.schema().version >= newest.version || replica.sm.rules() < cluster.rules() {
             return;
         }
         // The meta leader checked it; a build that refuses it (a rolling

@@ -199,6 +199,7 @@ impl Node {
         // The node's queued-write budget counts the wait at the gate.
         let (admitted, _pass) = self.batcher.admit(&replica.gate, self.write_timeout, &events).await?;
         behind_schema(self.schema().version.max(validated), &replica.sm.schema(), &events)?;
+        behind_rules(self.cluster().rules(), replica.sm.rules(), replica.gid)?;
         // Never hang: a leader cut off from its quorum cannot commit.
         let write = self.batcher.write_held(replica.gid, events, admitted);
         match tokio::time::timeout(self.write_timeout, write).await {
@@ -314,6 +315,21 @@ impl Node {
     }
 }
 
+/// While the meta group has raised the cluster's apply rules version to
+/// `cluster` and the shard applies by an older `shard`, nothing is proposed
+/// in it but the new version (its leader proposes that within a moment):
+/// every write then applies by the cluster's version, the one each node's
+/// build was checked for (see `portrait_core::rules`).
+fn behind_rules(cluster: u32, shard: u32, gid: GroupId) -> Result<()> {
+    if shard >= cluster {
+        return Ok(());
+    }
+    Err(Error::Unavailable(format!(
+        "{gid} applies by apply rules version {shard}, the cluster by {cluster}: it moves over within a moment; \
+         nothing was written, retry"
+    )))
+}
+
 /// During a schema rollout (the meta group committed version `newest`, a
 /// shard applied only `applied`) a part validated against the new schema
 /// may be one the shard's would refuse at apply. Such a part is not
@@ -368,6 +384,17 @@ mod tests {
         assert!(
             matches!(moved_on(Error::invalid("f", "r")), Error::InvalidArgument { .. }),
             "others as they are"
+        );
+    }
+
+    #[test]
+    fn a_shard_behind_the_clusters_apply_rules_takes_no_write() {
+        assert_eq!(behind_rules(1, 1, GroupId(3)), Ok(()));
+        assert_eq!(behind_rules(1, 2, GroupId(3)), Ok(()));
+        let e = behind_rules(2, 1, GroupId(3)).unwrap_err();
+        assert!(
+            matches!(&e, Error::Unavailable(m) if m.starts_with("shard 3 applies by apply rules version 1, the cluster by 2")),
+            "{e:?}"
         );
     }
 

@@ -275,12 +275,18 @@ impl GroupState {
         };
         let cluster: MetaState =
             get(META_CLUSTER)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or_default();
-        let rules: u32 =
-            get(META_RULES)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or(portrait_core::rules::FIRST);
+        let stored: Option<u32> = get(META_RULES)?.map(|b| codec::decode(&b)).transpose()?;
+        let rules = stored.unwrap_or(portrait_core::rules::FIRST);
         // Applied by rules this build does not have (a node started on an
         // older build after its shards moved on): opening it would apply
-        // the next entries by other rules than the other replicas.
-        crate::rules::check(rules).map_err(|e| anyhow::anyhow!("{} (its stored state): {e}", self.gid))?;
+        // the next entries by other rules than the other replicas. A shard
+        // that never applied an entry takes its version from its log or a
+        // snapshot; the meta group goes by the cluster's version.
+        let applied_any = get(META_APPLIED)?.is_some();
+        if self.gid != GroupId::META && (stored.is_some() || applied_any) {
+            crate::rules::check(rules)
+                .map_err(|e| anyhow::anyhow!("{} (its stored state): {e}", self.gid))?;
+        }
         if cluster.map.is_some() {
             crate::rules::check(cluster.rules())
                 .map_err(|e| anyhow::anyhow!("{} (the cluster's version): {e}", self.gid))?;

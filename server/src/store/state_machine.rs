@@ -286,6 +286,18 @@ impl Applier {
         if !matches!(entry.payload, EntryPayload::Normal(Command::Write { .. })) {
             self.wait_in_flight()?;
         }
+        // A shard entry applies by the shard's rules version: one this
+        // build no longer has (a shard that never took the cluster's
+        // newer version) stops the replica rather than apply it by others.
+        if let EntryPayload::Normal(command) = &entry.payload {
+            if !matches!(command, Command::Rules { .. } | Command::Meta { .. }) {
+                if let Err(e) = crate::rules::check(self.store.rules()) {
+                    tracing::error!(group = %gid, error = %e,
+                        "this build cannot apply the shard's entry by the shard's rules: the replica stops here");
+                    return Err(apply_err(log_id, anyhow::anyhow!("{gid}: {e}")));
+                }
+            }
+        }
         let result = match entry.payload {
             EntryPayload::Blank => CommandResult::None,
             EntryPayload::Membership(m) => {
@@ -444,21 +456,20 @@ impl Applier {
             }
             EntryPayload::Normal(Command::Meta { stamp_ms, command }) => {
                 state.clock_ms = state.clock_ms.max(stamp_ms);
-                // A raise of the cluster's rules that this build does not
-                // have (started after every node was checked): the meta
-                // group's next entries may follow them, so stop as a shard
-                // replica does.
-                if let portrait_core::meta::MetaCommand::SetRules { version } = &command {
-                    if *version > self.store.cluster().rules() {
-                        if let Err(e) = crate::rules::check(*version) {
-                            tracing::error!(group = %gid, version, error = %e,
-                                "this build cannot follow the cluster's apply rules: the meta replica stops here");
-                            return Err(apply_err(log_id, anyhow::anyhow!("{gid}: {e}")));
-                        }
-                    }
-                }
+                let before = self.store.cluster().rules();
                 let mut cluster = (*self.store.cluster()).clone();
                 let outcome = cluster.apply(&command);
+                // The cluster's apply rules raised past this build's (a
+                // node started after every node was checked, or created by
+                // a newer build): the meta group's next entries may follow
+                // them, so stop as a shard replica does.
+                if cluster.rules() > before {
+                    if let Err(e) = crate::rules::check(cluster.rules()) {
+                        tracing::error!(group = %gid, version = cluster.rules(), error = %e,
+                            "this build cannot follow the cluster's apply rules: the meta replica stops here");
+                        return Err(apply_err(log_id, anyhow::anyhow!("{gid} (the cluster's version): {e}")));
+                    }
+                }
                 if matches!(outcome, MetaOutcome::Applied { .. }) {
                     batch.put_cf(meta, &self.keys.cluster, encode(&cluster));
                     self.finish(db, batch, state, log_id)?;

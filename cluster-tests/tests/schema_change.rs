@@ -292,6 +292,11 @@ async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
         assert!(Instant::now() < deadline, "not raised: {:?}", statuses(&cluster, &all).await);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Kept across a restart (the shards' `rules` keys and the meta state).
+    cluster.kill(1);
+    cluster.restart(1).await;
+    portrait_cluster_tests::replicas::wait_caught_up(&cluster, &all, TEST_SHARDS).await;
+    assert!(rules_everywhere(&cluster, &all, 2).await, "{:?}", statuses(&cluster, &all).await);
     cluster.client(3).await.write(write("after")).await.expect("write after the raise");
     let counted = orders(&cluster, &users).await;
     assert_eq!(counted.len(), users.len());

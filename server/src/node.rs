@@ -230,6 +230,11 @@ pub struct Node {
     /// The newest schema version this build refused to propose to its
     /// shards (logged once per version).
     schema_refused: Mutex<u64>,
+    /// Held by the meta leader while it asks the nodes' builds and raises
+    /// the cluster's apply rules, and while AddNode checks a node's build
+    /// and records it in the map: neither decides on what the other is
+    /// changing.
+    rules_gate: tokio::sync::Mutex<()>,
     /// Each hosted shard replica's logical size (`node/sizes.rs`).
     sizes: Mutex<BTreeMap<GroupId, sizes::Size>>,
     /// Per shard this node hosts no replica of, the node that last served
@@ -370,6 +375,7 @@ impl Node {
             sizes: Mutex::default(),
             leaders_balanced: Mutex::default(),
             schema_refused: Mutex::default(),
+            rules_gate: tokio::sync::Mutex::default(),
             max_moves: opts.max_moves,
             replica_dead_after: opts.replica_dead_after,
             liveness,

@@ -449,6 +449,7 @@ impl Node {
         if entry != Some((&addr, &peer_addr, incarnation)) {
             // Asked again: the cluster's apply rules may have been raised
             // since the first check (the map did not have the node yet).
+            let _rules = self.rules_gate.lock().await;
             self.check_rules_of(id, &peer_addr).await?;
             let add = MapChange::AddNode { node: id, addr, peer_addr, incarnation };
             self.propose_meta(MetaCommand::Map(add)).await?;
@@ -739,10 +740,12 @@ impl Node {
     /// the meta group refuse it (asked at the next round).
     pub(super) async fn raise_rules(&self) -> Result<()> {
         let cluster = self.cluster();
-        let Some(map) = cluster.map.as_ref() else { return Ok(()) };
-        if crate::rules::newest() <= cluster.rules() || !self.meta.is_leader() {
+        if cluster.map.is_none() || crate::rules::newest() <= cluster.rules() || !self.meta.is_leader() {
             return Ok(());
         }
+        let _rules = self.rules_gate.lock().await;
+        let cluster = self.cluster();
+        let Some(map) = cluster.map.as_ref() else { return Ok(()) };
         let mut nodes: BTreeMap<NodeId, String> =
             map.nodes.iter().map(|(id, n)| (*id, n.peer_addr.clone())).collect();
         for (id, member) in self.membership().nodes() {

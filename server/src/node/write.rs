@@ -326,7 +326,7 @@ fn behind_rules(cluster: u32, shard: u32, gid: GroupId) -> Result<()> {
     }
     Err(Error::Unavailable(format!(
         "{gid} applies by apply rules version {shard}, the cluster by {cluster}: it moves over within a moment; \
-         nothing was written, retry"
+         nothing was written, {RETRY_LATER}"
     )))
 }
 

@@ -20,7 +20,9 @@ use portrait_proto::OUTCOME_UNKNOWN;
 use tonic::{Code, Response, Status};
 
 use crate::conn::{Chan, ConnectOptions, Router};
-use crate::retry::{connection_lost, leader_hint, note_leader, unary, unary_change, unary_since};
+use crate::retry::{
+    connection_lost, leader_hint, note_leader, unary, unary_change, unary_on_seed, unary_since,
+};
 use crate::routing::Routes;
 use crate::split::{busiest_shard, gather_profiles, reindex, Parts};
 use crate::ClientError;
@@ -377,7 +379,11 @@ impl PortraitClient {
     /// Raft and membership state of the node that answers (no redirect is
     /// needed: every node answers, only `UNAVAILABLE` is retried).
     pub async fn cluster_status(&self) -> Result<ClusterStatusResponse, ClientError> {
-        unary(&self.router, |ch| async move { admin(ch).cluster_status(ClusterStatusRequest {}).await }).await
+        unary_on_seed(
+            &self.router,
+            |ch| async move { admin(ch).cluster_status(ClusterStatusRequest {}).await },
+        )
+        .await
     }
 
     /// Adds a node reached by clients at `addr` and by the other nodes at
@@ -392,7 +398,9 @@ impl PortraitClient {
     ) -> Result<MembershipResponse, ClientError> {
         let request =
             AddNodeRequest { node_id, addr: addr.to_string(), peer_addr: peer_addr.to_string(), learner };
-        unary(&self.router, |ch| {
+        // Not sent again when its outcome is unknown: the membership change
+        // it started is still in flight, and a retry would only be told so.
+        unary_change(&self.router, |ch| {
             let request = request.clone();
             async move { admin(ch).add_node(request).await }
         })
@@ -435,7 +443,7 @@ impl PortraitClient {
         drop_entries_from: Vec<u64>,
     ) -> Result<(), ClientError> {
         let request = SetPartitionRequest { blocked_peers, drop_entries_from };
-        unary(&self.router, |ch| {
+        unary_on_seed(&self.router, |ch| {
             let request = request.clone();
             async move { admin(ch).set_partition(request).await }
         })
@@ -446,13 +454,14 @@ impl PortraitClient {
     /// Accepts the connected node's clock as it is now, after its clock
     /// guard refused a jump (see docs/operations.md, "Clocks").
     pub async fn confirm_clock(&self) -> Result<ConfirmClockResponse, ClientError> {
-        unary(&self.router, |ch| async move { admin(ch).confirm_clock(ConfirmClockRequest {}).await }).await
+        unary_on_seed(&self.router, |ch| async move { admin(ch).confirm_clock(ConfirmClockRequest {}).await })
+            .await
     }
 
     /// Test-only fault injection on the connected node: shifts its wall
     /// clock by `offset_ms` (0 = the real clock).
     pub async fn set_clock_offset(&self, offset_ms: i64) -> Result<(), ClientError> {
-        unary(&self.router, |ch| async move {
+        unary_on_seed(&self.router, |ch| async move {
             admin(ch).set_clock_offset(SetClockOffsetRequest { offset_ms }).await
         })
         .await

@@ -80,11 +80,35 @@ where
     F: FnMut(Chan) -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
-    retry(router, Instant::now(), true, call).await
+    retry(router, Instant::now(), Retry::Routed { again_if_unknown: true }, call).await
+}
+
+/// [`unary`] for a call about the node the client was created for (its
+/// status, its clock, its fault injection): every attempt goes to that
+/// node, never to a leader learned from an earlier redirect nor to another
+/// node after a failure, which would act on the wrong node.
+pub(crate) async fn unary_on_seed<T, F, Fut>(router: &Router, call: F) -> Result<T, ClientError>
+where
+    F: FnMut(Chan) -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
+    retry(router, Instant::now(), Retry::Seed, call).await
+}
+
+/// How [`retry`] picks its node and which failures it retries.
+#[derive(Clone, Copy)]
+enum Retry {
+    /// The router's current node, moving with leader hints and failures;
+    /// an outcome-unknown `UNAVAILABLE` is retried if `again_if_unknown`.
+    Routed { again_if_unknown: bool },
+    /// The seed node, every attempt; outcome-unknown failures are retried
+    /// (the calls made so are idempotent).
+    Seed,
 }
 
 /// [`unary`] for a change that must not be made twice (`ApplySchema`,
-/// `DrainNode`, `RemoveNode`): an `UNAVAILABLE` saying the outcome is
+/// `DrainNode`, `RemoveNode`) or whose retry could only be told that it is
+/// still under way (`AddNode`): an `UNAVAILABLE` saying the outcome is
 /// unknown (the change may have been committed) is returned at once,
 /// for the caller to check what happened before calling again.
 pub(crate) async fn unary_change<T, F, Fut>(router: &Router, call: F) -> Result<T, ClientError>
@@ -92,7 +116,7 @@ where
     F: FnMut(Chan) -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
-    retry(router, Instant::now(), false, call).await
+    retry(router, Instant::now(), Retry::Routed { again_if_unknown: false }, call).await
 }
 
 /// [`unary`] for a call whose first attempt went elsewhere at `started`
@@ -107,13 +131,13 @@ where
     F: FnMut(Chan) -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
-    retry(router, started, true, call).await
+    retry(router, started, Retry::Routed { again_if_unknown: true }, call).await
 }
 
 async fn retry<T, F, Fut>(
     router: &Router,
     started: Instant,
-    again_if_unknown: bool,
+    how: Retry,
     mut call: F,
 ) -> Result<T, ClientError>
 where
@@ -123,8 +147,13 @@ where
     let mut redirects = 0;
     let mut backoff = FIRST_BACKOFF;
     let budget = router.options().retry_budget();
+    let again_if_unknown = match how {
+        Retry::Routed { again_if_unknown } => again_if_unknown,
+        Retry::Seed => true,
+    };
+    let pinned = matches!(how, Retry::Seed);
     loop {
-        let conn = router.current();
+        let conn = if pinned { router.seed() } else { router.current() };
         let status = match call(conn.channel).await {
             Ok(response) => {
                 router.note_epoch(response.metadata());
@@ -140,7 +169,8 @@ where
             }
         };
         if let Some(hint) = leader_hint(&status) {
-            if redirects >= MAX_REDIRECTS {
+            // The node asked for refers to another: not retried there.
+            if pinned || redirects >= MAX_REDIRECTS {
                 return Err(status.into());
             }
             // A hint that is no endpoint is ignored (the server's answer,
@@ -154,10 +184,14 @@ where
             // The next call starts elsewhere: a leader cut off from its
             // quorum answers UNAVAILABLE only after its write timeout (past
             // the budget at the first attempt), and names no other leader.
-            router.avoid(&conn.endpoint);
+            if !pinned {
+                router.avoid(&conn.endpoint);
+            }
             return Err(status.into());
         }
-        router.avoid(&conn.endpoint);
+        if !pinned {
+            router.avoid(&conn.endpoint);
+        }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
         redirects = 0;
@@ -212,7 +246,8 @@ mod tests {
         };
         let router = Router::new(seed, options);
         let attempts = std::sync::atomic::AtomicU32::new(0);
-        let result: Result<(), _> = retry(&router, started, again_if_unknown, |_| {
+        let how = Retry::Routed { again_if_unknown };
+        let result: Result<(), _> = retry(&router, started, how, |_| {
             attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             async move { Err(Status::unavailable(message)) }
         })
@@ -283,7 +318,8 @@ mod tests {
         for (again_if_unknown, expected) in [(true, 2..=5), (false, 1..=1)] {
             let router = Router::new(seed(), Default::default());
             let attempts = std::sync::atomic::AtomicU32::new(0);
-            let result: Result<(), _> = retry(&router, almost_spent, again_if_unknown, |_| {
+            let how = Retry::Routed { again_if_unknown };
+            let result: Result<(), _> = retry(&router, almost_spent, how, |_| {
                 attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 async move { Err(from_transport(Code::Unknown, "transport error")) }
             })

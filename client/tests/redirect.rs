@@ -31,6 +31,31 @@ async fn write_follows_the_leader_hint_and_remembers_it() {
     assert_eq!(leader.fake.calls(), 2);
 }
 
+/// Calls about the node the client was created for go to that node, also
+/// once an earlier call moved the client to a leader.
+#[tokio::test]
+async fn a_call_about_the_connected_node_is_not_sent_to_the_leader_learned_since() {
+    let leader = Node::start(Fake { id: 2, ..Default::default() }).await;
+    let follower = Node::start(follower(1, &leader.addr)).await;
+    let client = PortraitClient::connect(&follower.addr).await.unwrap();
+    client.write(vec![event("u1")]).await.unwrap();
+    assert_eq!(client.endpoint(), leader.url());
+    // Asked for its leader, the node the client was created for refuses
+    // with a hint: returned at once, not followed.
+    let started = Instant::now();
+    let e = client.cluster_status().await.unwrap_err();
+    assert!(e.to_string().contains("node 1 is not the leader"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    follower.fake.set_hint(None);
+    assert_eq!(client.cluster_status().await.unwrap().node_id, 1);
+    // A bare UNAVAILABLE is retried there too.
+    follower.fake.unavailable.store(2, std::sync::atomic::Ordering::SeqCst);
+    let calls = follower.fake.calls();
+    assert_eq!(client.cluster_status().await.unwrap().node_id, 1);
+    assert_eq!(follower.fake.calls(), calls + 3);
+    assert_eq!(leader.fake.calls(), 1, "only the write went to the leader");
+}
+
 #[tokio::test]
 async fn bare_unavailable_is_retried_with_backoff() {
     let node = Node::start(Fake { id: 1, unavailable: 2.into(), ..Default::default() }).await;

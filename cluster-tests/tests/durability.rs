@@ -29,7 +29,7 @@ async fn a_leader_whose_log_cannot_be_written_exits_and_the_others_take_over() {
     client.write(vec![order_of("u1", "before")]).await.expect("a write before the fault");
     std::fs::write(cluster.node(leader).data_dir().join("fault-fail-log-appends"), b"").unwrap();
     // The leader cannot append it, but it answers UNAVAILABLE (outcome
-    // unknown) and the client retries for up to 3 s, which may reach a new
+    // unknown) and the client retries for up to 8 s, which may reach a new
     // leader and succeed (its followers may also have it): either outcome,
     // and the event is applied at most once (checked below).
     let during = client.write(vec![order_of("u1", "during")]).await;

@@ -57,7 +57,11 @@ async fn an_isolated_minority_cannot_acknowledge_and_converges_after_heal() {
 
     // The isolated node cannot commit: its write fails with a retryable
     // UNAVAILABLE (after the 5 s write timeout), never acks, never hangs.
-    let isolated = cluster.client(leader).await;
+    // Sent once: a retry could reach the majority's leader.
+    let once = portrait_client::ConnectOptions::new().retry_for(Duration::ZERO);
+    let isolated = portrait_client::PortraitClient::connect_with(&cluster.node(leader).endpoint(), once)
+        .await
+        .expect("connect");
     let attempt =
         tokio::time::timeout(Duration::from_secs(15), isolated.write(vec![view("u9", "minority")])).await;
     match attempt {

@@ -419,6 +419,14 @@ impl Cluster {
         self.connect(id).await.expect("connect")
     }
 
+    /// A client of node `id` that sends each call once (redirects
+    /// followed, no retry after a failure): for writers that retry on
+    /// their own.
+    pub async fn client_once(&self, id: u64) -> PortraitClient {
+        let once = self.options.clone().retry_for(Duration::ZERO);
+        PortraitClient::connect_with(&self.node(id).endpoint(), once).await.expect("connect")
+    }
+
     /// A client of node `id`, connected as the cluster's clients connect.
     pub async fn connect(&self, id: u64) -> Result<PortraitClient, portrait_client::ClientError> {
         PortraitClient::connect_with(&self.node(id).endpoint(), self.options.clone()).await

@@ -69,9 +69,12 @@ impl Ledger {
 /// One writer: a request at a time, each retried (same ids, next node) until
 /// acknowledged or the test stops.
 async fn writer(id: u64, endpoints: Vec<String>, ledger: Arc<Mutex<Ledger>>, stop: Arc<AtomicBool>) {
+    // Each request is sent once by the client (redirects followed): the
+    // writer retries it itself, on the next node, so the kill shows here.
+    let once = portrait_client::ConnectOptions::new().retry_for(Duration::ZERO);
     let mut clients = Vec::new();
     for e in &endpoints {
-        clients.push(PortraitClient::connect(e).await.unwrap());
+        clients.push(PortraitClient::connect_with(e, once.clone()).await.unwrap());
     }
     let mut node = id as usize;
     for seq in 0..MAX_REQUESTS {

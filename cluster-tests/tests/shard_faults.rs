@@ -124,9 +124,11 @@ impl Writer {
 /// Clients of `nodes`: routing by shard, or (`forwarded`) sending every
 /// write to the node itself, which forwards each part by the map.
 async fn clients(cluster: &Cluster, nodes: &[u64], forwarded: bool) -> Vec<PortraitClient> {
+    // Each request is sent once by the client (redirects followed): the
+    // writer retries it itself, on the next node, so the kill shows there.
     let mut all = Vec::new();
     for &id in nodes {
-        let c = cluster.client(id).await;
+        let c = cluster.client_once(id).await;
         all.push(if forwarded { c.without_routing() } else { c });
     }
     all

@@ -282,8 +282,7 @@ impl GroupState {
         // the next entries by other rules than the other replicas. A shard
         // that never applied an entry takes its version from its log or a
         // snapshot; the meta group goes by the cluster's version.
-        let applied_any = get(META_APPLIED)?.is_some();
-        if self.gid != GroupId::META && (stored.is_some() || applied_any) {
+        if self.gid != GroupId::META && (stored.is_some() || applied.last_applied.is_some()) {
             crate::rules::check(rules)
                 .map_err(|e| anyhow::anyhow!("{} (its stored state): {e}", self.gid))?;
         }

@@ -334,7 +334,8 @@ impl Node {
         tasks.spawn("write batcher", |stop| crate::raft::batcher::run(r, requests, stop));
         let tick_interval = Duration::from_millis(opts.tuning.tick_interval_ms);
         let r = registry.clone();
-        tasks.spawn("ticker", |stop| crate::raft::ticker::run(r, tick_interval, stop));
+        let c = meta.sm.watch_cluster();
+        tasks.spawn("ticker", |stop| crate::raft::ticker::run(r, c, tick_interval, stop));
         let probe = ClockProbe {
             me: opts.node_id,
             registry: registry.clone(),

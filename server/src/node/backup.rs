@@ -397,6 +397,9 @@ impl Node {
     /// Proposes one restore step in the shard this node leads; returns its
     /// log index. A rejected step is FAILED_PRECONDITION with the reason.
     async fn propose_restore(&self, replica: &Replica, step: RestoreStep) -> Result<u64> {
+        // Like a write: a step applies by the cluster's apply rules, which
+        // the shard's leader proposes first.
+        super::write::behind_rules(self.cluster().rules(), replica.sm.rules(), replica.gid)?;
         let propose = async {
             let _pass = replica.gate.pass(self.write_timeout).await?;
             let stamp_ms = replica.stamper.stamp()?;

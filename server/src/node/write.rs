@@ -320,7 +320,7 @@ impl Node {
 /// in it but the new version (its leader proposes that within a moment):
 /// every write then applies by the cluster's version, the one each node's
 /// build was checked for (see `portrait_core::rules`).
-fn behind_rules(cluster: u32, shard: u32, gid: GroupId) -> Result<()> {
+pub(super) fn behind_rules(cluster: u32, shard: u32, gid: GroupId) -> Result<()> {
     if shard >= cluster {
         return Ok(());
     }

@@ -6,7 +6,11 @@
 //! applies the tick.
 //!
 //! Each proposal takes a pass from the [`ProposalGate`] first; while a
-//! leadership transfer holds proposals off, the round is skipped.
+//! leadership transfer holds proposals off, the round is skipped. So is a
+//! shard that still applies by an older apply rules version than the
+//! cluster's (its leader proposes the new version first: see
+//! `portrait_core::rules`): a tick or re-evaluation applied by rules its
+//! replicas' builds may no longer have would stop them.
 //!
 //! Each shard's round runs as a task of its own, and a shard whose round is
 //! still running is not started again: a round waits on raft, and a leader
@@ -21,6 +25,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use portrait_core::meta::MetaState;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -35,16 +40,27 @@ use crate::types::{Command, CommandResult, GroupId, Raft};
 const ROUND_LIMIT: Duration = Duration::from_secs(60);
 
 /// Runs the ticker until `stop` turns true; the rounds running then are
-/// cancelled.
-pub async fn run(registry: Arc<Registry>, interval: Duration, mut stop: watch::Receiver<bool>) {
+/// cancelled. `cluster` is the meta group's applied state (the cluster's
+/// apply rules version).
+pub async fn run(
+    registry: Arc<Registry>,
+    cluster: watch::Receiver<Arc<MetaState>>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut rounds = Rounds::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        let rules = cluster.borrow().rules();
         for replica in registry.all().into_iter().filter(|r| r.is_leader()) {
             let gid = replica.gid;
+            if gid != GroupId::META && behind_rules(replica.sm.rules(), rules) {
+                tracing::debug!(group = %gid, "no tick round: the shard has not taken the cluster's apply rules yet");
+                continue;
+            }
             rounds.start(gid, async move {
                 let r = &replica;
                 if tokio::time::timeout(ROUND_LIMIT, round(&r.raft, &r.sm, &r.gate, &r.stamper))
@@ -84,6 +100,12 @@ impl Rounds {
         self.shard_of.insert(task.id(), gid);
         true
     }
+}
+
+/// Whether a shard applying by rules version `shard` must wait for the
+/// cluster's `cluster` before it takes ticks and re-evaluations.
+fn behind_rules(shard: u32, cluster: u32) -> bool {
+    shard < cluster
 }
 
 /// One leader round: re-evaluation batches, then ticks while timers are due.
@@ -144,6 +166,13 @@ async fn reevaluate(raft: &Raft, sm: &GroupState, gate: &ProposalGate, stamper: 
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn a_shard_behind_the_cluster_s_rules_takes_no_round() {
+        assert!(behind_rules(1, 2));
+        assert!(!behind_rules(2, 2));
+        assert!(!behind_rules(3, 2), "a shard ahead of this node's view of the cluster is not held back");
+    }
 
     #[tokio::test]
     async fn a_round_that_never_commits_holds_back_no_other_shard_and_is_not_started_twice() {

@@ -4,7 +4,9 @@
 //! down to whole seconds when `W ≥ 32 s`). An event at time `t` is inside the
 //! window at `now` iff its bucket is one of the last `n = ceil(W / g)` buckets
 //! up to `now`'s: `floor(t/g) > floor(now/g) − n`. So the window covers
-//! between `W − g` and `W` of time (bucket granularity ≈ 3 % of the window);
+//! more than `n·g − g` and at most `n·g` of time: between `W − g` and `W`
+//! when `g` divides `W`, else up to `g` past `W` (`n·g − W < g`; bucket
+//! granularity ≈ 3 % of the window);
 //! events ahead of `now` (clock skew) count too. Updating is O(1) per event
 //! and reading a window merges at most `n + 1` buckets; no event is rescanned.
 
@@ -58,10 +60,14 @@ mod tests {
     fn seven_day_window_geometry() {
         let w = Window::new(7 * DAY_MS);
         assert_eq!((w.width_ms, w.buckets), (18_900_000, 32));
-        // 13 months do not divide into whole seconds: one more bucket.
+        // Every whole number of days divides into 32 whole-second buckets.
         let w = Window::new(390 * DAY_MS);
-        assert_eq!(w.width_ms % 1000, 0);
-        assert!(w.width_ms * w.buckets >= 390 * DAY_MS && w.width_ms * (w.buckets - 1) < 390 * DAY_MS);
+        assert_eq!((w.width_ms, w.buckets), (1_053_000_000, 32));
+        // An hour does not (docs/tag-language.md): 33 buckets of 112 s,
+        // covering up to 96 s past the hour.
+        let w = Window::new(HOUR_MS);
+        assert_eq!((w.width_ms, w.buckets), (112_000, 33));
+        assert_eq!(w.width_ms * w.buckets - HOUR_MS, 96_000);
     }
 
     #[test]

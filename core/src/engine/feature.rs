@@ -500,6 +500,19 @@ mod tests {
     }
 
     #[test]
+    fn values_count_by_their_text() {
+        // docs/tag-language.md: 1, 1.0 and "1" are one value; so are true
+        // and "true"; 1.5 and "1.5" too.
+        let one = value_key(&Value::Int(1));
+        assert_eq!(one, "1");
+        assert_eq!(value_key(&Value::Float(1.0)), one);
+        assert_eq!(value_key(&Value::Str("1".into())), one);
+        assert_eq!(value_key(&Value::Bool(true)), value_key(&Value::Str("true".into())));
+        assert_eq!(value_key(&Value::Float(1.5)), "1.5");
+        assert_ne!(value_key(&Value::Float(1.5)), one);
+    }
+
+    #[test]
     fn long_values_are_cut_and_hashed_deterministically() {
         let long = |tail: &str| Value::Str(format!("{}{tail}", "é".repeat(2_000)));
         let (a, b) = (value_key(&long("a")), value_key(&long("b")));

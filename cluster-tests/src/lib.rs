@@ -332,19 +332,26 @@ impl Cluster {
     /// init` and talks to its peers over mutual TLS; [`Cluster::client`]
     /// trusts the client CA. [`Cluster::certs`] has the files.
     pub async fn start_tls(n: u64, shards: u32) -> Cluster {
-        Cluster::launch_with(n, None, false, shards, true, None).await
+        Cluster::launch_with(n, None, false, shards, true, None, &[]).await
     }
 
     /// Like [`Cluster::start_tls`], each node with this `portraitd` config
     /// file.
     pub async fn start_tls_with_config(n: u64, shards: u32, config: &str) -> Cluster {
-        Cluster::launch_with(n, Some(config), false, shards, true, None).await
+        Cluster::launch_with(n, Some(config), false, shards, true, None, &[]).await
     }
 
     /// Like [`Cluster::start_sharded`], with a fault-injection marker file
     /// `file` in node `id`'s data dir before it first starts.
     pub async fn start_sharded_with_marker(n: u64, shards: u32, id: u64, file: &str) -> Cluster {
-        Cluster::launch_with(n, None, false, shards, false, Some((id, file))).await
+        Cluster::launch_with(n, None, false, shards, false, Some((id, file)), &[]).await
+    }
+
+    /// Like [`Cluster::start_sharded`], every node started with the
+    /// environment variable `key` = `value` (until [`Cluster::set_env`]
+    /// changes it), from its first start on.
+    pub async fn start_sharded_with_env(n: u64, shards: u32, key: &str, value: &str) -> Cluster {
+        Cluster::launch_with(n, None, false, shards, false, None, &[(key, value)]).await
     }
 
     /// The certificates of a [`Cluster::start_tls`] cluster.
@@ -353,7 +360,7 @@ impl Cluster {
     }
 
     async fn launch(n: u64, config: Option<&str>, proxied: bool, shards: u32) -> Cluster {
-        Cluster::launch_with(n, config, proxied, shards, false, None).await
+        Cluster::launch_with(n, config, proxied, shards, false, None, &[]).await
     }
 
     async fn launch_with(
@@ -363,11 +370,15 @@ impl Cluster {
         shards: u32,
         tls: bool,
         marker: Option<(u64, &str)>,
+        env: &[(&str, &str)],
     ) -> Cluster {
         let owners = Owners::default();
         let mut nodes: Vec<NodeProc> = (1..=n)
             .map(|id| NodeProc::new(id, config.map(str::to_string), Vec::new(), owners.clone(), shards))
             .collect();
+        for node in &mut nodes {
+            node.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        }
         let mut options = portrait_client::ConnectOptions::new();
         let certs = match tls {
             false => None,
@@ -458,20 +469,27 @@ impl Cluster {
     /// Starts one more process (not yet a member; add it with `AddNode`).
     /// Returns its id.
     pub async fn spawn_node(&mut self) -> u64 {
-        self.spawn_with_args(Vec::new()).await
+        self.spawn_with_args(Vec::new(), &[]).await
+    }
+
+    /// [`Cluster::spawn_node`] with the environment variable `key` =
+    /// `value`.
+    pub async fn spawn_node_with_env(&mut self, key: &str, value: &str) -> u64 {
+        self.spawn_with_args(Vec::new(), &[(key, value)]).await
     }
 
     /// Starts one more process with `--join` through the nodes `seeds`: it
     /// adds itself to the cluster. Returns its id.
     pub async fn spawn_joining(&mut self, seeds: &[u64]) -> u64 {
         let seeds: Vec<String> = seeds.iter().map(|&s| self.node(s).advertised()).collect();
-        self.spawn_with_args(vec!["--join".into(), seeds.join(",")]).await
+        self.spawn_with_args(vec!["--join".into(), seeds.join(",")], &[]).await
     }
 
-    async fn spawn_with_args(&mut self, args: Vec<String>) -> u64 {
+    async fn spawn_with_args(&mut self, args: Vec<String>, env: &[(&str, &str)]) -> u64 {
         let id = self.nodes.len() as u64 + 1;
         let config = self.nodes[0].config.clone();
         let mut node = NodeProc::new(id, config, args, self.nodes[0].owners.clone(), self.shards);
+        node.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         node.spawn(false);
         self.nodes.push(node);
         self.wait_answering(id).await;

@@ -243,13 +243,16 @@ async fn orders(cluster: &Cluster, users: &[String]) -> BTreeMap<String, u64> {
 /// leader raises the cluster's and every shard replica moves on. A node
 /// whose build lacks the version is not added, and a node rolled back to
 /// such a build stops at start instead of applying by other rules. Writes
-/// before and after apply exactly once. "Builds" of version 2 are the
-/// fault-injection build told to claim it.
+/// before and after apply exactly once. "Builds" of version 1 are this
+/// build told to claim 1 as its newest (it then applies every shard by
+/// version 1's rules, as the builds before version 2 did); the upgrade is
+/// this build as it is (version 2).
 #[tokio::test]
 async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
     const NEWEST: &str = "PORTRAIT_FAULT_APPLY_RULES_NEWEST";
+    assert_eq!(portrait_core::rules::NEWEST, 2, "this test upgrades from version 1 to 2");
     let all = [1, 2, 3];
-    let mut cluster = Cluster::start_sharded(3, TEST_SHARDS).await;
+    let mut cluster = Cluster::start_sharded_with_env(3, TEST_SHARDS, NEWEST, "1").await;
     wait_placed(&cluster, &all, TEST_SHARDS).await;
     assert!(rules_everywhere(&cluster, &all, 1).await, "{:?}", statuses(&cluster, &all).await);
     let users: Vec<String> = (0..TEST_SHARDS).flat_map(|s| users_of(s, TEST_SHARDS, 2)).collect();
@@ -258,7 +261,7 @@ async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
 
     // Nodes 1 and 2 upgraded, one at a time.
     for id in [1, 2] {
-        cluster.set_env(id, NEWEST, Some("2"));
+        cluster.set_env(id, NEWEST, None);
         cluster.kill(id);
         cluster.restart(id).await;
         portrait_cluster_tests::replicas::wait_caught_up(&cluster, &all, TEST_SHARDS).await;
@@ -284,7 +287,7 @@ async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
     cluster.client(2).await.write(write("mixed")).await.expect("write with mixed builds");
 
     // The last node upgraded: the cluster and every shard move on.
-    cluster.set_env(3, NEWEST, Some("2"));
+    cluster.set_env(3, NEWEST, None);
     cluster.kill(3);
     cluster.restart(3).await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -303,7 +306,7 @@ async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
     assert!(counted.values().all(|&n| n == 3), "each user's three orders once: {counted:?}");
 
     // A node whose build lacks version 2 is not added.
-    let new = cluster.spawn_node().await;
+    let new = cluster.spawn_node_with_env(NEWEST, "1").await;
     let (addr, peer_addr) = (cluster.node(new).endpoint(), cluster.node(new).advertised());
     let refused = cluster.client(1).await.add_node(new, &addr, &peer_addr, false).await.expect_err("refused");
     assert_eq!(code(&refused), Some("FAILED_PRECONDITION"), "{refused}");
@@ -318,7 +321,7 @@ async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
     assert!(map.nodes.iter().all(|n| n.node_id != new), "node {new} is not in the map: {:?}", map.nodes);
 
     // Node 3 rolled back to a build of version 1: it stops at start.
-    cluster.set_env(3, NEWEST, None);
+    cluster.set_env(3, NEWEST, Some("1"));
     cluster.kill(3);
     cluster.start_again(3);
     let exit = cluster.wait_exit(3, Duration::from_secs(30)).await;

@@ -27,9 +27,17 @@
 /// The first version (and the one of a shard that recorded none).
 pub const FIRST: u32 = 1;
 
-/// The newest version this build applies. History: 1 = the rules of the
-/// first sharded builds.
-pub const NEWEST: u32 = 1;
+/// The newest version this build applies. History:
+/// - 1: the rules of the first sharded builds;
+/// - 2: [`INPUT_CHANGE_TIMES`].
+pub const NEWEST: u32 = 2;
+
+/// From this version on, a tag changed by another tag's change records
+/// the latest change time of its changed inputs as its `changed_at` (a tag
+/// that reads a time-driven tag changes at that tag's scheduled moment);
+/// before, the time of the entry that applied it (a tick's, up to a tick
+/// interval or a backlog later).
+pub const INPUT_CHANGE_TIMES: u32 = 2;
 
 /// The oldest version this build still applies.
 pub const OLDEST: u32 = 1;

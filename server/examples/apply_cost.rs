@@ -130,7 +130,7 @@ fn engine_ns_per_event(evs: &[Event], now: i64) -> (f64, f64) {
         observe += t.elapsed().as_nanos();
         let t = Instant::now();
         for (user, d) in dirty {
-            engine.settle_aligned(states.get_mut(user).unwrap(), &d, clock);
+            engine.settle_aligned(states.get_mut(user).unwrap(), &d, clock, portrait_core::rules::NEWEST);
         }
         settle += t.elapsed().as_nanos();
     }

@@ -11,6 +11,7 @@ use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload, Membership, RaftSnapshotBuilder};
 use portrait_server::duration::DAY_MS;
 use portrait_server::model::{Event, Value};
+use portrait_server::store::apply::At;
 use portrait_server::store::keys::{self, CF_DEDUPE, CF_META};
 use portrait_server::store::read::{read_profile, ProfileView, Selection};
 use portrait_server::store::sm_db::cf;
@@ -77,9 +78,18 @@ async fn orders(g: &mut Group, first: u64, users: &[&str], n: u64, stamp: i64) -
 
 fn read(g: &Group, user: &str) -> ProfileView {
     let s = &g.store;
-    read_profile(&s.db(), s.gid(), &s.schema().schema, &s.engine(), user, &Selection::all(), T0, usize::MAX)
-        .unwrap()
-        .expect("no byte limit")
+    read_profile(
+        &s.db(),
+        s.gid(),
+        &s.schema().schema,
+        &s.engine(),
+        user,
+        &Selection::all(),
+        At { now_ms: T0, rules: s.rules() },
+        usize::MAX,
+    )
+    .unwrap()
+    .expect("no byte limit")
 }
 
 /// Every key of every column family in `gid`'s range, with its value.

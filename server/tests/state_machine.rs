@@ -9,6 +9,7 @@ use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
 use portrait_server::duration::DAY_MS;
 use portrait_server::model::{Attrs, Event, Value, WriteCounts};
 use portrait_server::schema::Schema;
+use portrait_server::store::apply::At;
 use portrait_server::store::keys;
 use portrait_server::store::read::{read_profile, ProfileView, Selection};
 use portrait_server::store::{GroupState, StateMachine};
@@ -72,11 +73,25 @@ fn counts(result: &CommandResult) -> Vec<Result<WriteCounts, String>> {
     }
 }
 
+/// A read at `now` by the group's apply rules.
+fn at(s: &GroupState, now: i64) -> At {
+    At { now_ms: now, rules: s.rules() }
+}
+
 fn read(r: &Replica, user: &str, now: i64) -> ProfileView {
     let s = &r.store;
-    read_profile(&s.db(), s.gid(), &s.schema().schema, &s.engine(), user, &Selection::all(), now, usize::MAX)
-        .unwrap()
-        .expect("no byte limit")
+    read_profile(
+        &s.db(),
+        s.gid(),
+        &s.schema().schema,
+        &s.engine(),
+        user,
+        &Selection::all(),
+        at(s, now),
+        usize::MAX,
+    )
+    .unwrap()
+    .expect("no byte limit")
 }
 
 fn applied(a: u32, d: u32, e: u32) -> Result<WriteCounts, String> {
@@ -242,6 +257,10 @@ async fn a_schema_this_build_refuses_stops_the_replica_rather_than_skip_it() {
     assert_eq!(last.unwrap().index, 2);
 }
 
+/// This build's newest apply rules version, and one it does not have.
+const NEWEST: u32 = portrait_core::rules::NEWEST;
+const LACKING: u32 = NEWEST + 1;
+
 #[tokio::test]
 async fn apply_rules_this_build_lacks_stop_the_replica_and_a_stored_one_refuses_to_open() {
     let mut r = replica();
@@ -257,17 +276,23 @@ async fn apply_rules_this_build_lacks_stop_the_replica_and_a_stored_one_refuses_
     // The version the shard has already: skipped (a leader may propose twice).
     let res = apply(&mut r, vec![entry(3, Command::Rules { stamp_ms: T0, version: 1 })]).await;
     assert_eq!(res, [CommandResult::RulesApplied { version: 1 }]);
+    // This build's newest: the shard applies by it from this entry on.
+    let res = apply(&mut r, vec![entry(4, Command::Rules { stamp_ms: T0, version: NEWEST })]).await;
+    assert_eq!(res, [CommandResult::RulesApplied { version: NEWEST }]);
+    assert_eq!(r.store.rules(), NEWEST);
     // A version this build does not have: the replica stops at the entry
     // rather than apply the shard's next entries by other rules.
-    let err = r.sm.apply(vec![entry(4, Command::Rules { stamp_ms: T0, version: 2 })]).await.unwrap_err();
+    let err =
+        r.sm.apply(vec![entry(5, Command::Rules { stamp_ms: T0, version: LACKING })]).await.unwrap_err();
     assert!(
-        err.to_string()
-            .contains("apply rules version 2 is newer than this build's (it applies versions 1 to 1)"),
+        err.to_string().contains(&format!(
+            "apply rules version {LACKING} is newer than this build's (it applies versions 1 to {NEWEST})"
+        )),
         "{err}"
     );
-    assert_eq!(r.store.rules(), 1);
+    assert_eq!(r.store.rules(), NEWEST);
     let (last, _) = r.sm.applied_state().await.unwrap();
-    assert_eq!(last.unwrap().index, 3, "nothing of the refused entry applied");
+    assert_eq!(last.unwrap().index, 4, "nothing of the refused entry applied");
 
     // A shard a newer build moved on (its version stored as that build
     // writes it): this build refuses to open it.
@@ -278,11 +303,13 @@ async fn apply_rules_this_build_lacks_stop_the_replica_and_a_stored_one_refuses_
         let raw = db.db();
         let meta = raw.cf_handle(keys::CF_META).unwrap();
         let key = keys::meta(portrait_server::types::GroupId(0), keys::META_RULES);
-        raw.put_cf(meta, key, portrait_server::store::codec::encode(&2u32)).unwrap();
+        raw.put_cf(meta, key, portrait_server::store::codec::encode(&LACKING)).unwrap();
     }
-    let e = GroupState::open(dir.path()).err().expect("a group stored with version 2 must not open");
+    let e = GroupState::open(dir.path()).err().expect("a group stored with a newer version must not open");
     assert!(
-        format!("{e:#}").contains("(its stored state): apply rules version 2 is newer than this build's"),
+        format!("{e:#}").contains(&format!(
+            "(its stored state): apply rules version {LACKING} is newer than this build's"
+        )),
         "{e:#}"
     );
 }
@@ -295,8 +322,10 @@ async fn a_raise_of_the_clusters_rules_this_build_lacks_stops_the_meta_replica()
     let meta = |i, command| entry(i, Command::Meta { stamp_ms: T0, command });
     apply(&mut r, vec![meta(1, create)]).await;
     assert_eq!(r.store.cluster().rules(), 1);
-    let err = r.sm.apply(vec![meta(2, MetaCommand::SetRules { version: 2, epoch: 1 })]).await.unwrap_err();
-    assert!(err.to_string().contains("apply rules version 2 is newer than this build's"), "{err}");
+    let err =
+        r.sm.apply(vec![meta(2, MetaCommand::SetRules { version: LACKING, epoch: 1 })]).await.unwrap_err();
+    let newer = format!("apply rules version {LACKING} is newer than this build's");
+    assert!(err.to_string().contains(&newer), "{err}");
     assert_eq!(r.store.cluster().rules(), 1);
     let (last, _) = r.sm.applied_state().await.unwrap();
     assert_eq!(last.unwrap().index, 1, "nothing of the refused entry applied");
@@ -310,9 +339,11 @@ async fn a_cluster_created_by_a_newer_build_stops_an_older_meta_replica() {
     let MetaCommand::Create { shards, replication, node, addr, peer_addr, incarnation, .. } = create else {
         unreachable!()
     };
-    let newer = MetaCommand::Create { shards, replication, node, addr, peer_addr, incarnation, rules: 2 };
+    let newer =
+        MetaCommand::Create { shards, replication, node, addr, peer_addr, incarnation, rules: LACKING };
     let err = r.sm.apply(vec![entry(1, Command::Meta { stamp_ms: T0, command: newer })]).await.unwrap_err();
-    assert!(err.to_string().contains("(the cluster's version): apply rules version 2 is newer"), "{err}");
+    let newer = format!("(the cluster's version): apply rules version {LACKING} is newer");
+    assert!(err.to_string().contains(&newer), "{err}");
     assert!(r.store.cluster().map.is_none(), "nothing of the entry applied");
 }
 
@@ -518,8 +549,17 @@ async fn a_read_stops_once_the_stored_history_passes_its_byte_limit() {
     let s = &r.store;
     let now = T0 + 2_000;
     let read_within = |max: usize| {
-        read_profile(&s.db(), s.gid(), &s.schema().schema, &s.engine(), "u1", &Selection::all(), now, max)
-            .unwrap()
+        read_profile(
+            &s.db(),
+            s.gid(),
+            &s.schema().schema,
+            &s.engine(),
+            "u1",
+            &Selection::all(),
+            at(s, now),
+            max,
+        )
+        .unwrap()
     };
     let whole = read_within(usize::MAX).expect("no limit");
     assert_eq!(whole.families["browse"].history.len(), 600);

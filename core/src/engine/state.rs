@@ -11,6 +11,7 @@ use super::expr::Val;
 use super::feature::{typed, FeatureState};
 use super::Engine;
 use crate::model::{Event, Value};
+use crate::rules;
 
 /// A tag's current value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,18 +198,25 @@ impl Engine {
     /// Re-evaluates the tags affected by `dirty` (and, when the user's wake
     /// time has come, every time-dependent tag) at logical time `now`, then
     /// recomputes the wake time. Returns the names of tags whose value changed.
+    /// By this build's newest apply rules; a replicated state goes by its
+    /// shard's ([`Engine::settle_aligned`]).
     pub fn settle(&self, state: &mut UserState, dirty: &Dirty, now: i64) -> Vec<String> {
+        self.settle_by(state, dirty, now, rules::NEWEST)
+    }
+
+    /// [`Engine::settle`] by apply rules version `rules`.
+    pub fn settle_by(&self, state: &mut UserState, dirty: &Dirty, now: i64, rules: u32) -> Vec<String> {
         self.align(state);
         let mut changed = Vec::new();
-        SLOTS.with_borrow_mut(|slots| self.settle_with(state, dirty, now, slots, Some(&mut changed)));
+        SLOTS.with_borrow_mut(|slots| self.settle_with(state, dirty, now, rules, slots, Some(&mut changed)));
         changed
     }
 
-    /// [`Engine::settle`] for a state already laid out for this engine,
+    /// [`Engine::settle_by`] for a state already laid out for this engine,
     /// without collecting the names of the tags that changed (apply's path).
-    pub fn settle_aligned(&self, state: &mut UserState, dirty: &Dirty, now: i64) {
+    pub fn settle_aligned(&self, state: &mut UserState, dirty: &Dirty, now: i64, rules: u32) {
         debug_assert!(self.laid_out(state));
-        SLOTS.with_borrow_mut(|slots| self.settle_with(state, dirty, now, slots, None));
+        SLOTS.with_borrow_mut(|slots| self.settle_with(state, dirty, now, rules, slots, None));
     }
 
     fn settle_with(
@@ -216,10 +224,12 @@ impl Engine {
         state: &mut UserState,
         dirty: &Dirty,
         now: i64,
+        rules: u32,
         slots: &mut Slots,
         mut changed: Option<&mut Vec<String>>,
     ) {
         let due_at = state.wake_at.filter(|w| *w <= now);
+        let input_times = rules >= rules::INPUT_CHANGE_TIMES;
         slots.reset(self, now);
         slots.changed.copy_from(dirty);
         for (i, tag) in self.tags.iter().enumerate() {
@@ -249,12 +259,33 @@ impl Engine {
                     // own next change when it had one, else the user's wake
                     // time (a window's edge).
                     let scheduled = stored.as_ref().and_then(|t| t.next_change).filter(|t| *t <= now);
-                    let at = match (by_input || fresh, scheduled, due_at) {
-                        (true, _, _) => now,
-                        (false, Some(t), due) => due.map_or(t, |d| t.max(d)),
-                        (false, None, due) => due.unwrap_or(now),
+                    let by_schedule = || match (scheduled, due_at) {
+                        (Some(t), due) => due.map_or(t, |d| t.max(d)),
+                        (None, due) => due.unwrap_or(now),
+                    };
+                    let at = if fresh {
+                        now
+                    } else if input_times && by_input {
+                        // Changed by its inputs: no earlier than the latest
+                        // of them changed (an event: `now`; a tag: its own
+                        // change time), and no earlier than its own
+                        // schedule when that came too. From then on, every
+                        // input has held its new value, so the tag has.
+                        let inputs = tag.rule.slots().iter().filter(|s| slots.changed.contains(**s));
+                        let latest = inputs.map(|&s| slots.at[s]).max().unwrap_or(now);
+                        if by_time {
+                            latest.max(by_schedule())
+                        } else {
+                            latest
+                        }
+                    } else if by_input {
+                        // Apply rules version 1: the entry's time.
+                        now
+                    } else {
+                        by_schedule()
                     };
                     *stored = Some(TagState { value, changed_at: at, next_change: next });
+                    slots.at[tag.slot] = at;
                     slots.changed.insert(tag.slot);
                     if let Some(names) = changed.as_deref_mut() {
                         names.push(tag.name.clone());
@@ -279,7 +310,19 @@ impl Engine {
     /// Feature values and tag values as of `now` (wall clock, for reads).
     /// Stored tags are current until the wake time; past it they are
     /// re-evaluated here (the tick that persists them may not have run yet).
+    /// By this build's newest apply rules ([`Engine::read_by`]).
     pub fn read(&self, state: &UserState, now: i64) -> (BTreeMap<String, Val>, BTreeMap<String, TagState>) {
+        self.read_by(state, now, rules::NEWEST)
+    }
+
+    /// [`Engine::read`] re-evaluating by apply rules version `rules` (the
+    /// shard's: what its next tick stores).
+    pub fn read_by(
+        &self,
+        state: &UserState,
+        now: i64,
+        rules: u32,
+    ) -> (BTreeMap<String, Val>, BTreeMap<String, TagState>) {
         // Past the wake time, or the schema changed and the background
         // re-evaluation has not reached this user yet.
         let stale = !self.aligned(state)
@@ -288,7 +331,7 @@ impl Engine {
         let fresh;
         let state = if stale {
             let mut copy = state.clone();
-            self.settle(&mut copy, &Dirty::new(), now);
+            self.settle_by(&mut copy, &Dirty::new(), now, rules);
             fresh = copy;
             &fresh
         } else {
@@ -318,6 +361,9 @@ struct Slots {
     filled: Vec<bool>,
     /// The input slots that changed and the tags whose value changed.
     changed: Dirty,
+    /// When each changed slot changed: `now` for an event's input, a tag's
+    /// `changed_at` for a tag (scheduled moments of time-driven tags).
+    at: Vec<i64>,
     now: i64,
 }
 
@@ -334,6 +380,8 @@ impl Slots {
         self.values.resize(n, Val::Null);
         self.filled.clear();
         self.filled.resize(n, false);
+        self.at.clear();
+        self.at.resize(n, now);
         self.now = now;
     }
 
@@ -471,6 +519,62 @@ rule = 'days(now - first_order_time) > 5'
         let at = |name| engine.tag_state(&state, name).unwrap().changed_at;
         assert_eq!(at("a"), wake);
         assert_eq!(at("b"), wake + 4 * DAY);
+    }
+
+    /// Apply rules version 2 (`rules::INPUT_CHANGE_TIMES`): a tag that
+    /// reads a time-driven tag changes when that tag did, not at the tick;
+    /// a tag that also reads an event's input changes at the event. Version
+    /// 1 keeps the tick's time (replicas on it must agree).
+    #[test]
+    fn a_tag_changed_by_a_time_driven_tag_takes_its_change_time_from_version_2() {
+        let engine = engine(&format!(
+            r#"{TRADE}
+[features.first_order_time]
+family = "trade"
+agg = "first_time"
+[features.orders]
+family = "trade"
+agg = "count"
+[tags.a]
+rule = 'days(now - first_order_time) > 1'
+[tags.b]
+rule = 'days(now - first_order_time) > 5'
+[tags.not_a]
+rule = 'not a'
+[tags.both]
+rule = 'a and b'
+[tags.a_and_two]
+rule = 'a and orders >= 2'
+"#
+        ));
+        let late_tick = |rules: u32| {
+            let mut state = UserState::default();
+            apply(&engine, &mut state, &[order("o1", NOW, 5)], NOW);
+            engine.settle_by(&mut state, &Dirty::new(), NOW + 6 * DAY, rules);
+            let at = |name| engine.tag_state(&state, name).unwrap().changed_at;
+            (at("a"), at("b"), at("not_a"), at("both"), state)
+        };
+        let (a, b, not_a, both, mut state) = late_tick(2);
+        assert_eq!((a, b), (NOW + DAY + 1, NOW + 5 * DAY + 1), "each at its own moment");
+        assert_eq!(not_a, a, "not a: when a changed");
+        assert_eq!(both, b, "a and b: when the later of them changed");
+        // A second order changes `a_and_two` at the event, though `a`
+        // changed long before.
+        let second = NOW + 7 * DAY;
+        let mut dirty = Dirty::new();
+        engine.observe(&mut state, &order("o2", second, 5), second, &mut dirty);
+        engine.settle_by(&mut state, &dirty, second, 2);
+        assert_eq!(engine.tag_state(&state, "a_and_two").unwrap().changed_at, second);
+
+        let (a, b, not_a, both, _) = late_tick(1);
+        assert_eq!((a, b), (NOW + DAY + 1, NOW + 5 * DAY + 1), "version 1: the tags' own moments too");
+        assert_eq!((not_a, both), (NOW + 6 * DAY, NOW + 6 * DAY), "version 1: the tick's time");
+        // The read path re-evaluates by the shard's version.
+        let mut state = UserState::default();
+        apply(&engine, &mut state, &[order("o1", NOW, 5)], NOW);
+        let (_, v1) = engine.read_by(&state, NOW + 6 * DAY, 1);
+        let (_, v2) = engine.read_by(&state, NOW + 6 * DAY, 2);
+        assert_eq!((v1["not_a"].changed_at, v2["not_a"].changed_at), (NOW + 6 * DAY, NOW + DAY + 1));
     }
 
     #[test]

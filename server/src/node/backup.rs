@@ -399,6 +399,7 @@ impl Node {
     async fn propose_restore(&self, replica: &Replica, step: RestoreStep) -> Result<u64> {
         // Like a write: a step applies by the cluster's apply rules, which
         // the shard's leader proposes first.
+        self.catch_up_rules(replica).await;
         super::write::behind_rules(self.cluster().rules(), replica.sm.rules(), replica.gid)?;
         let propose = async {
             let _pass = replica.gate.pass(self.write_timeout).await?;

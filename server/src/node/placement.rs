@@ -439,6 +439,15 @@ impl Node {
         }
     }
 
+    /// [`Node::sync_rules`] by the cluster's version now, when `replica`
+    /// is behind it (a write or restore step about to be proposed).
+    pub(super) async fn catch_up_rules(&self, replica: &Replica) {
+        let cluster = self.cluster();
+        if replica.sm.rules() < cluster.rules() {
+            self.sync_rules(replica, &cluster).await;
+        }
+    }
+
     /// Proposes the cluster's apply rules version in `replica`'s shard
     /// (this node leads it) when the shard applies by an older one.
     async fn sync_rules(&self, replica: &Replica, cluster: &MetaState) {

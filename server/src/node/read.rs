@@ -22,6 +22,7 @@ use crate::raft::contact::freshness;
 use crate::raft::not_leader;
 use crate::raft::replica::Replica;
 use crate::schema::VersionedSchema;
+use crate::store::apply::At;
 use crate::store::codec::{decode, encode};
 use crate::store::read::{distinct_ids, read_profile, repeat_counts, ProfileView, Selection};
 use crate::types::{GroupId, NodeId};
@@ -311,7 +312,7 @@ impl Node {
                         &engine,
                         user,
                         &selection,
-                        now,
+                        At { now_ms: now, rules: replica.sm.rules() },
                         stored_max,
                     )
                     .map_err(Error::internal)?

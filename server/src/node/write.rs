@@ -196,6 +196,10 @@ impl Node {
         events: Vec<Event>,
         validated: u64,
     ) -> Result<(WriteCounts, u64)> {
+        // A shard behind the cluster's apply rules (new, or just raised)
+        // takes the version first, here rather than at the next placement
+        // pass: a proposal or two, and none once it has it.
+        self.catch_up_rules(replica).await;
         // The node's queued-write budget counts the wait at the gate.
         let (admitted, _pass) = self.batcher.admit(&replica.gate, self.write_timeout, &events).await?;
         behind_schema(self.schema().version.max(validated), &replica.sm.schema(), &events)?;
@@ -321,6 +325,9 @@ impl Node {
 /// every write then applies by the cluster's version, the one each node's
 /// build was checked for (see `portrait_core::rules`).
 pub(super) fn behind_rules(cluster: u32, shard: u32, gid: GroupId) -> Result<()> {
+    // Reached only when the shard could not take the version at once (a
+    // leadership change, no quorum): `Node::catch_up_rules` proposes it
+    // before every write and restore step.
     if shard >= cluster {
         return Ok(());
     }

@@ -245,6 +245,15 @@ struct Touched {
     used: bool,
 }
 
+/// When and by which rules an entry applies: its logical time (the
+/// leader's stamp, never the local clock) and the shard's apply rules
+/// version.
+#[derive(Debug, Clone, Copy)]
+pub struct At {
+    pub now_ms: i64,
+    pub rules: u32,
+}
+
 /// Family heads, user states and dedupe markers touched by one entry.
 struct EntryState<'a> {
     db: &'a DB,
@@ -252,6 +261,8 @@ struct EntryState<'a> {
     cache: &'a mut CacheShard,
     engine: &'a Engine,
     now_ms: i64,
+    /// The shard's apply rules version (see `portrait_core::rules`).
+    rules: u32,
     records: HashMap<Vec<u8>, Head>,
     users: HashMap<String, Touched>,
     /// Dedupe keys written by this entry, with the end of their window.
@@ -274,7 +285,7 @@ struct Prepared {
     overflows: Vec<(usize, String)>,
 }
 
-/// Applies the write requests of one entry at logical time `now_ms`.
+/// Applies the write requests of one entry `at` its logical time.
 /// Entries of [`PARALLEL_MIN_EVENTS`] or more apply their user shards on
 /// the apply threads in parallel; each shard fills its own batch, appended in
 /// shard order.
@@ -285,7 +296,7 @@ pub fn apply_write(
     cache: &mut ApplyCache,
     schema: &Schema,
     engine: &Engine,
-    now_ms: i64,
+    at: At,
     requests: &[Vec<Event>],
     batch: &mut WriteBatch,
 ) -> Result<Vec<WriteOutcome>, ApplyError> {
@@ -306,7 +317,7 @@ pub fn apply_write(
     let total: usize = parts.iter().map(Vec::len).sum();
     let parallel = total >= PARALLEL_MIN_EVENTS;
     let mut states: Vec<_> =
-        cache.sized().iter_mut().map(|shard| EntryState::new(db, gid, shard, engine, now_ms)).collect();
+        cache.sized().iter_mut().map(|shard| EntryState::new(db, gid, shard, engine, at)).collect();
     // First pass: dedupe lookups, then the heads and states apply will need,
     // within the entry's budget of stored bytes; then the bound on
     // undeclared attribute names per user and family. A request over either
@@ -433,7 +444,7 @@ fn append_batches(dst: &mut WriteBatch, srcs: Vec<WriteBatch>) {
     *dst = WriteBatch::from_data(&data);
 }
 
-/// Re-evaluates the users whose timers are due at `now_ms` (at most
+/// Re-evaluates the users whose timers are due `at` its time (at most
 /// [`MAX_USERS_PER_TICK`]; the rest stay due for the next tick). Returns how
 /// many users were re-evaluated.
 pub fn apply_tick(
@@ -441,9 +452,10 @@ pub fn apply_tick(
     gid: GroupId,
     cache: &mut ApplyCache,
     engine: &Engine,
-    now_ms: i64,
+    at: At,
     batch: &mut WriteBatch,
 ) -> Result<u32, ApplyError> {
+    let now_ms = at.now_ms;
     let mut due = Vec::new();
     let mut bytes = 0usize;
     for item in group_iter(db, gid, CF_TIMERS, None) {
@@ -460,7 +472,7 @@ pub fn apply_tick(
         }
     }
     for (s, shard) in cache.sized().iter_mut().enumerate() {
-        let mut st = EntryState::new(db, gid, shard, engine, now_ms);
+        let mut st = EntryState::new(db, gid, shard, engine, at);
         for user in due.iter().filter(|u| shard_of(u) == s) {
             st.user(user)?;
         }
@@ -494,7 +506,7 @@ pub fn apply_reevaluate(
     gid: GroupId,
     cache: &mut ApplyCache,
     engine: &Engine,
-    now_ms: i64,
+    at: At,
     after: Option<&str>,
     limit: u32,
     batch: &mut WriteBatch,
@@ -517,7 +529,7 @@ pub fn apply_reevaluate(
     }
     let all = engine.all_inputs();
     for (s, shard) in cache.sized().iter_mut().enumerate() {
-        let mut st = EntryState::new(db, gid, shard, engine, now_ms);
+        let mut st = EntryState::new(db, gid, shard, engine, at);
         for user in users.iter().filter(|u| shard_of(u) == s) {
             st.user(user)?.dirty.clone_from(&all);
         }
@@ -573,9 +585,10 @@ fn encode_user_state_into(out: &mut Vec<u8>, state: &UserState) {
 }
 
 impl<'a> EntryState<'a> {
-    fn new(db: &'a DB, gid: GroupId, cache: &'a mut CacheShard, engine: &'a Engine, now_ms: i64) -> Self {
+    fn new(db: &'a DB, gid: GroupId, cache: &'a mut CacheShard, engine: &'a Engine, at: At) -> Self {
         let Scratch { records, users, new_ids, buf } = std::mem::take(&mut cache.scratch);
-        EntryState { db, gid, cache, engine, now_ms, records, users, new_ids, buf, loaded: 0 }
+        let (now_ms, rules) = (at.now_ms, at.rules);
+        EntryState { db, gid, cache, engine, now_ms, rules, records, users, new_ids, buf, loaded: 0 }
     }
 
     /// The first pass over this shard's `part` of a write entry (see
@@ -904,7 +917,7 @@ impl<'a> EntryState<'a> {
             if !t.used {
                 continue;
             }
-            self.engine.settle_aligned(&mut t.state, &t.dirty, self.now_ms);
+            self.engine.settle_aligned(&mut t.state, &t.dirty, self.now_ms, self.rules);
             encode_user_state_into(&mut buf, &t.state);
             batch.put_cf(state_cf, keys::state(self.gid, &user), &buf);
             if t.stored_wake != t.state.wake_at {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use rocksdb::{Direction, IteratorMode, ReadOptions, SnapshotWithThreadMode, DB};
 
-use super::apply::{decode_user_state, ApplyError};
+use super::apply::{decode_user_state, ApplyError, At};
 use super::keys::{self, CF_HISTORY, CF_PROFILES, CF_STATE};
 use super::record::{decode_history_event, FamilyHead, FamilyRecord};
 use super::sm_db::cf;
@@ -132,9 +132,10 @@ pub fn read_profile(
     engine: &Engine,
     user_id: &str,
     selection: &Selection,
-    now_ms: i64,
+    at: At,
     max_bytes: usize,
 ) -> Result<Option<ProfileView>, ApplyError> {
+    let now_ms = at.now_ms;
     let snap = db.snapshot();
     let Some(families) =
         read_families(db, &snap, gid, schema, user_id, &selection.families, now_ms, max_bytes)?
@@ -147,7 +148,9 @@ pub fn read_profile(
     if wants(&selection.features) || wants(&selection.tags) || !found {
         let stored = snap.get_pinned_cf(cf(db, CF_STATE), keys::state(gid, user_id))?;
         if let Some(state) = stored.map(|bytes| decode_user_state(&bytes)).transpose()? {
-            let (features, tags) = engine.read(&state, now_ms);
+            // Tags due are re-evaluated by the shard's rules (what its
+            // next tick stores).
+            let (features, tags) = engine.read_by(&state, now_ms, at.rules);
             // Tags always have a value; a user is known by data or features.
             found |= features.values().any(|v| !v.is_empty_value());
             let keep = |list: &Option<Vec<String>>, name: &String| {

@@ -14,7 +14,7 @@ use rocksdb::{WriteBatch, DB};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use super::apply::{apply_reevaluate, apply_tick, apply_write, ApplyCache};
+use super::apply::{apply_reevaluate, apply_tick, apply_write, ApplyCache, At};
 use super::apply_writer::{CacheBudget, WriteJob};
 use super::codec::{decode, encode, read_err, write_err};
 use super::group::{AppliedState, GroupState};
@@ -110,6 +110,12 @@ impl MetaKeys {
             rules: meta(gid, META_RULES),
         }
     }
+}
+
+/// An entry of `store` stamped `clock_ms` applies then, by the group's
+/// apply rules.
+fn at(store: &GroupState, clock_ms: i64) -> At {
+    At { now_ms: clock_ms, rules: store.rules() }
 }
 
 impl Drop for Applier {
@@ -321,7 +327,7 @@ impl Applier {
                     &mut self.cache,
                     &schema.schema,
                     &engine,
-                    state.clock_ms,
+                    at(&self.store, state.clock_ms),
                     &requests,
                     &mut batch,
                 )
@@ -356,9 +362,15 @@ impl Applier {
             }
             EntryPayload::Normal(Command::Tick { stamp_ms }) => {
                 state.clock_ms = state.clock_ms.max(stamp_ms);
-                let users =
-                    apply_tick(db, gid, &mut self.cache, &self.store.engine(), state.clock_ms, &mut batch)
-                        .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
+                let users = apply_tick(
+                    db,
+                    gid,
+                    &mut self.cache,
+                    &self.store.engine(),
+                    at(&self.store, state.clock_ms),
+                    &mut batch,
+                )
+                .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
                 CommandResult::Ticked { users }
             }
             EntryPayload::Normal(Command::Reevaluate { stamp_ms, version, after, limit }) => {
@@ -372,7 +384,7 @@ impl Applier {
                             gid,
                             &mut self.cache,
                             &engine,
-                            state.clock_ms,
+                            at(&self.store, state.clock_ms),
                             after.as_deref(),
                             limit,
                             &mut batch,

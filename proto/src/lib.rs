@@ -5,6 +5,8 @@
 //! and the client both depend on it. Conversions between wire and domain
 //! types live in the server (domain types never import tonic).
 
+pub mod codec;
+
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("portrait.v1");
@@ -18,6 +20,38 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 /// change again blindly (a write is safe to resend when its events carry
 /// ids; `ApplySchema`, `DrainNode` and `RemoveNode` are not).
 pub const OUTCOME_UNKNOWN: &str = "the outcome is unknown";
+
+/// Whether a call that failed with `status` in transport (not a node's
+/// answer) is known never to have reached the node: the connection could
+/// not be made (refused, unreachable, or its connect timed out). Any other
+/// transport failure (a reset, a keep-alive timeout, the deadline) may have
+/// come after the node acted on the call: its outcome is unknown. tonic
+/// reports both kinds as `UNAVAILABLE` or `UNKNOWN`.
+pub fn never_sent(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    use std::io::ErrorKind;
+    let mut source = status.source();
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            let refused = matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::AddrNotAvailable
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+            );
+            if refused {
+                return true;
+            }
+        }
+        // hyper-util's connector: its connect step failed or timed out.
+        if e.to_string().starts_with("tcp connect error") {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
 
 pub use v1::value::Kind as ValueKind;
 

@@ -108,6 +108,33 @@ async fn oversized_and_unbounded_reads_are_refused_cheaply() {
     assert_eq!(profile.families.keys().collect::<Vec<_>>(), ["browse"]);
 }
 
+/// A `Write` small on the wire but huge decoded (2,000,000 empty events,
+/// 4 MB; about 300 MB as prost's messages) is refused from its bytes,
+/// before it is decoded (`service::decode_check`); so is an event with too
+/// many attributes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_of_too_many_events_is_refused_before_it_is_decoded() {
+    use portrait_client::portrait_proto::v1::ingest_client::IngestClient;
+    use portrait_client::portrait_proto::v1::WriteRequest;
+    use portrait_server::limits::{MAX_ATTRS_PER_EVENT, MAX_EVENTS_PER_REQUEST};
+    let node = TestNode::start().await;
+    let mut ingest = IngestClient::connect(node.endpoint()).await.expect("connect");
+    let empty = WriteRequest { events: vec![Event::default(); 2_000_000] };
+    let call = async { ingest.write(empty).await.map_err(ClientError::Rpc) };
+    let message = refused(&node, Code::InvalidArgument, call).await;
+    assert_eq!(
+        message,
+        format!("events: 2000000 events is over the limit of {MAX_EVENTS_PER_REQUEST} per request")
+    );
+    let attrs = (0..=MAX_ATTRS_PER_EVENT).map(|i| (format!("a{i}"), Value::int(1))).collect();
+    let wide = WriteRequest { events: vec![event("u1", "e1", vec![]), event("u1", "e2", attrs)] };
+    let call = async { ingest.write(wide).await.map_err(ClientError::Rpc) };
+    let message = refused(&node, Code::InvalidArgument, call).await;
+    assert_eq!(message, format!("events[1].attrs: 65 attributes is over the limit of {MAX_ATTRS_PER_EVENT}"));
+    // The node still takes writes.
+    node.client().await.write(vec![event("u1", "e3", vec![])]).await.expect("write");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_get_answers_every_position_of_a_repeated_user() {
     let node = TestNode::start().await;

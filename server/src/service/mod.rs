@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod auth;
 pub mod convert;
+pub mod decode_check;
 pub mod epoch;
 pub mod ingest;
 pub mod profiles;
@@ -66,6 +67,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let Security { gate, tls, audit } = security;
+    portrait_proto::codec::check_before_decoding(decode_check::check);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IngestServer<ingest::IngestService>>().await;
     health.set_serving::<ProfilesServer<profiles::ProfilesService>>().await;

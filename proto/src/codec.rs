@@ -1,0 +1,176 @@
+//! The codec of every generated service and client: prost's, with an
+//! optional check of a message's encoded bytes before prost decodes it.
+//!
+//! prost builds a whole message before a handler sees it, and a small
+//! message can decode into a large one: an empty `Event` is 2 bytes on the
+//! wire and about 150 in memory, so a 16 MiB `WriteRequest` of empty events
+//! would take over 1 GiB before its event count were checked. A server
+//! installs a check ([`check_before_decoding`]) that walks the bytes of the
+//! messages it knows to be at risk and refuses them with a status instead.
+//! Without one (a client), decoding is prost's alone.
+
+use std::any::TypeId;
+use std::sync::OnceLock;
+
+use prost::bytes::Buf;
+use prost::Message;
+use tonic::codec::{BufferSettings, Codec as TonicCodec, DecodeBuf, Decoder};
+use tonic::Status;
+use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+/// A check of a message of type `TypeId` given its encoded bytes: `Err` is
+/// the call's status, and the message is not decoded.
+pub type Check = fn(TypeId, &[u8]) -> Result<(), Status>;
+
+static CHECK: OnceLock<Check> = OnceLock::new();
+
+/// Installs the process's check of every message decoded from now on (the
+/// first call wins).
+pub fn check_before_decoding(check: Check) {
+    let _ = CHECK.set(check);
+}
+
+/// prost's codec with the check.
+pub struct Codec<T, U>(ProstCodec<T, U>);
+
+impl<T, U> Default for Codec<T, U> {
+    fn default() -> Self {
+        Codec(ProstCodec::default())
+    }
+}
+
+impl<T, U> TonicCodec for Codec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = CheckedDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        self.0.encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        CheckedDecoder(self.0.decoder())
+    }
+}
+
+/// prost's decoder after the check.
+pub struct CheckedDecoder<U>(ProstDecoder<U>);
+
+impl<U: Message + Default + 'static> Decoder for CheckedDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        if let Some(check) = CHECK.get() {
+            // One message is one contiguous buffer (tonic's `BytesMut`).
+            check(TypeId::of::<U>(), buf.chunk())?;
+        }
+        self.0.decode(buf)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
+/// Walking protobuf's wire format without decoding it.
+pub mod wire {
+    /// One field: its number and, for a length-delimited field, its bytes.
+    pub struct Field<'a> {
+        pub number: u32,
+        pub bytes: Option<&'a [u8]>,
+    }
+
+    /// The top-level fields of an encoded message, in order. Ends early
+    /// (`None`) at the first malformed field: prost then names the error.
+    pub struct Fields<'a>(&'a [u8]);
+
+    pub fn fields(bytes: &[u8]) -> Fields<'_> {
+        Fields(bytes)
+    }
+
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    impl<'a> Iterator for Fields<'a> {
+        type Item = Field<'a>;
+
+        fn next(&mut self) -> Option<Field<'a>> {
+            if self.0.is_empty() {
+                return None;
+            }
+            let key = varint(&mut self.0)?;
+            let number = u32::try_from(key >> 3).ok()?;
+            let bytes = match key & 7 {
+                0 => {
+                    varint(&mut self.0)?;
+                    None
+                }
+                1 | 5 => {
+                    let n = if key & 7 == 1 { 8 } else { 4 };
+                    self.0 = self.0.get(n..)?;
+                    None
+                }
+                2 => {
+                    let len = usize::try_from(varint(&mut self.0)?).ok()?;
+                    let (field, rest) = (self.0.get(..len)?, self.0.get(len..)?);
+                    self.0 = rest;
+                    Some(field)
+                }
+                // Groups (3, 4) and unknown wire types: malformed here.
+                _ => {
+                    self.0 = &[];
+                    return None;
+                }
+            };
+            Some(Field { number, bytes })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wire::fields;
+    use crate::v1::{Event, Value, WriteRequest};
+    use prost::Message;
+
+    #[test]
+    fn fields_walk_a_message_as_prost_wrote_it() {
+        let event = Event {
+            user_id: "u1".into(),
+            event_time_ms: 1_700_000_000_000,
+            attrs: [("a".to_string(), Value::int(1)), ("b".to_string(), Value::string("x"))].into(),
+            ..Default::default()
+        };
+        let request = WriteRequest { events: vec![event.clone(), Event::default(), event] };
+        let bytes = request.encode_to_vec();
+        let events: Vec<_> = fields(&bytes).collect();
+        assert_eq!(events.len(), 3);
+        assert!(events.iter().all(|f| f.number == 1 && f.bytes.is_some()));
+        let first: Vec<u32> = fields(events[0].bytes.unwrap()).map(|f| f.number).collect();
+        assert_eq!(first.iter().filter(|&&n| n == 6).count(), 2, "two attrs: {first:?}");
+        assert!(first.contains(&1) && first.contains(&4));
+        assert_eq!(fields(events[1].bytes.unwrap()).count(), 0, "an empty event has no fields");
+        // Truncated or malformed input ends the walk, without a panic.
+        for cut in 0..bytes.len() {
+            let _ = fields(&bytes[..cut]).count();
+        }
+        assert_eq!(fields(&[0x0b, 0x01]).count(), 0, "a group");
+        assert_eq!(fields(&[0xff; 11]).count(), 0, "a varint past 64 bits");
+    }
+}

@@ -59,12 +59,30 @@ pub fn connection_lost(status: &Status) -> bool {
 }
 
 /// Whether a call that failed with `status` may be sent again elsewhere
-/// or later: `Some(outcome unknown)` if so.
+/// or later: `Some(outcome unknown)` if so. A node's `UNAVAILABLE` says
+/// itself whether the outcome is unknown; one made here from a transport
+/// failure is unknown unless the connection was never made (a keep-alive
+/// timeout fails a call the node may have acted on as `UNAVAILABLE` too).
 fn retryable(status: &Status) -> Option<bool> {
+    use std::error::Error as _;
     match status.code() {
+        Code::Unavailable if status.metadata().get(ERROR_HEADER).is_none() && status.source().is_some() => {
+            Some(!portrait_proto::never_sent(status))
+        }
         Code::Unavailable => Some(status.message().contains(OUTCOME_UNKNOWN)),
         _ => connection_lost(status).then_some(true),
     }
+}
+
+/// `status` of a call that is not sent again because its outcome is
+/// unknown, saying so when it does not already.
+fn outcome_unknown(status: Status) -> Status {
+    if status.message().contains(OUTCOME_UNKNOWN) {
+        return status;
+    }
+    let message =
+        format!("{} ({OUTCOME_UNKNOWN}: the connection failed after the call was sent)", status.message());
+    Status::with_metadata(status.code(), message, status.metadata().clone())
 }
 
 /// The leader endpoint carried by `status`, if any.
@@ -164,7 +182,8 @@ where
                 router.note_epoch(status.metadata());
                 match retryable(&status) {
                     Some(unknown) if again_if_unknown || !unknown => status,
-                    _ => return Err(status.into()),
+                    Some(_) => return Err(outcome_unknown(status).into()),
+                    None => return Err(status.into()),
                 }
             }
         };
@@ -212,6 +231,28 @@ pub(crate) fn note_leader(router: &Router, used_endpoint: &str, status: &Status)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refused connection is known never to have carried the call; a
+    /// node's UNAVAILABLE goes by its message.
+    #[tokio::test]
+    async fn a_refused_connection_is_retried_as_never_sent() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        let mut client = portrait_proto::v1::admin_client::AdminClient::new(channel);
+        let status =
+            client.cluster_status(portrait_proto::v1::ClusterStatusRequest::default()).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(portrait_proto::never_sent(&status), "{status:?}");
+        assert_eq!(retryable(&status), Some(false));
+        let mut answered = Status::unavailable(format!("shard 2: {OUTCOME_UNKNOWN}"));
+        answered.metadata_mut().insert(ERROR_HEADER, "UNAVAILABLE".parse().unwrap());
+        assert_eq!(retryable(&answered), Some(true));
+        let told = outcome_unknown(Status::unavailable("transport error"));
+        assert!(told.message().starts_with("transport error (the outcome is unknown"), "{}", told.message());
+    }
 
     #[test]
     fn reads_the_leader_hint() {

@@ -168,12 +168,16 @@ impl Node {
     }
 }
 
-/// A forwarded call that failed in transport. UNAVAILABLE is taken as "not
-/// delivered" (no connection); any other code (the deadline passed, the
-/// stream broke) may have come after the receiver proposed a write, so a
-/// write's outcome is then unknown.
+/// A forwarded call that failed in transport. A connection never made
+/// (`portrait_proto::never_sent`) is "not delivered"; any other failure
+/// (the deadline passed, the stream broke, a keep-alive timeout, which
+/// tonic reports as UNAVAILABLE too) may have come after the receiver
+/// proposed a write, so a write's outcome is then unknown.
 fn transport_error(write: bool, to: NodeId, addr: &str, status: &tonic::Status) -> Error {
-    let unknown = write && status.code() != tonic::Code::Unavailable;
+    use std::error::Error as _;
+    let not_delivered = portrait_proto::never_sent(status)
+        || (status.code() == tonic::Code::Unavailable && status.source().is_none());
+    let unknown = write && !not_delivered;
     let outcome =
         if unknown { format!("; {OUTCOME_UNKNOWN}: retry with the same event_ids") } else { String::new() };
     Error::Unavailable(format!("forwarding to node {to} at {addr}: {status}{outcome}"))
@@ -188,6 +192,15 @@ mod tests {
         let refused = tonic::Status::unavailable("tcp connect error");
         let late = tonic::Status::deadline_exceeded("timeout expired");
         let broken = tonic::Status::unknown("stream reset");
+        // hyper fails a call in flight whose connection's keep-alive ping
+        // timed out; tonic makes it UNAVAILABLE, with the error as source.
+        let mut silent = tonic::Status::unavailable("transport error");
+        silent.set_source(std::sync::Arc::new(std::io::Error::other("keep-alive timed out")));
+        assert!(transport_error(true, 2, "n2:7800", &silent).outcome_unknown(), "may have been delivered");
+        let mut refused_by_os = tonic::Status::unavailable("transport error");
+        let os = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        refused_by_os.set_source(std::sync::Arc::new(os));
+        assert!(!transport_error(true, 2, "n2:7800", &refused_by_os).outcome_unknown(), "never delivered");
         assert!(!transport_error(true, 2, "n2:7800", &refused).outcome_unknown(), "never delivered");
         assert!(transport_error(true, 2, "n2:7800", &late).outcome_unknown());
         assert!(transport_error(true, 2, "n2:7800", &broken).outcome_unknown());

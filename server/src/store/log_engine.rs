@@ -317,7 +317,8 @@ pub(super) fn write_bridge(db: &DB, gid: GroupId, index: u64) -> Result<(), Stor
     let _purging = PURGING.lock().expect("purge lock");
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
-    db.put_cf_opt(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_BRIDGE), encode(&index), &sync).map_err(write_err)
+    db.put_cf_opt(cf(db, CF_RAFT_META), raft_meta(gid, RAFT_BRIDGE), encode(&index), &sync)
+        .map_err(synced_write_failed)
 }
 
 /// `gid`'s `raft_meta` value of `kind`, decoded.
@@ -511,6 +512,16 @@ impl Syncer {
 /// it would be unsafe, and failing every group one by one leaves a node
 /// that serves but cannot write. The process aborts (as after a kill -9)
 /// and its restart recovers from what the disk holds.
+/// The error of a synced write to the raft log (a vote, a truncation, a
+/// bridge): an I/O error may be a failed fsync, after which nothing may be
+/// acknowledged ([`fsync_failed`]); other errors go back to openraft.
+pub(super) fn synced_write_failed(e: rocksdb::Error) -> StorageError {
+    if e.kind() == rocksdb::ErrorKind::IOError {
+        fsync_failed(&e);
+    }
+    write_err(e)
+}
+
 fn fsync_failed(e: &rocksdb::Error) -> ! {
     tracing::error!(error = %e,
         "syncing the raft log failed: what reached the disk is unknown; the node stops (restart it once the disk \

@@ -249,7 +249,7 @@ impl LogStore {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         let before = self.engine.syncer.audit.mark();
-        self.engine.db.write_opt(batch, &opts).map_err(write_err)?;
+        self.engine.db.write_opt(batch, &opts).map_err(super::log_engine::synced_write_failed)?;
         self.engine.syncer.audit.acknowledged(before, what);
         Ok(())
     }

@@ -347,11 +347,16 @@ impl Cluster {
         Cluster::launch_with(n, None, false, shards, false, Some((id, file)), &[]).await
     }
 
-    /// Like [`Cluster::start_sharded`], every node started with the
-    /// environment variable `key` = `value` (until [`Cluster::set_env`]
-    /// changes it), from its first start on.
-    pub async fn start_sharded_with_env(n: u64, shards: u32, key: &str, value: &str) -> Cluster {
-        Cluster::launch_with(n, None, false, shards, false, None, &[(key, value)]).await
+    /// Like [`Cluster::start_sharded_with_config`] (`None`: no config
+    /// file), every node started with the environment variables `env`
+    /// (until [`Cluster::set_env`] changes them), from its first start on.
+    pub async fn start_sharded_with_env(
+        n: u64,
+        shards: u32,
+        config: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Cluster {
+        Cluster::launch_with(n, config, false, shards, false, None, env).await
     }
 
     /// The certificates of a [`Cluster::start_tls`] cluster.

@@ -529,7 +529,8 @@ async fn assert_every_node_serves(cluster: &Cluster, users: &[String], expected:
 
 /// Writes into shard `shard` of a stopped node's state a timer row larger
 /// than a restore takes: due never, so the node never reads it, but a
-/// backup copies it, and a restore of that backup fails after its `Begin`.
+/// backup copies it, and a restore of that backup is refused before its
+/// `Begin`.
 fn add_oversized_row(data_dir: &std::path::Path, shard: u32) {
     use portrait_server::limits::MAX_RESTORE_ROW_BYTES;
     use portrait_server::store::keys::{timer, CF_TIMERS};
@@ -543,12 +544,13 @@ fn add_oversized_row(data_dir: &std::path::Path, shard: u32) {
     raw.flush_wal(true).unwrap();
 }
 
-/// A restore that failed after its `Begin` (an archive row over what a
-/// restore takes) leaves its shard marked mid-restore by that backup.
-/// Another backup is then refused with FAILED_PRECONDITION naming both, by
-/// the check and by an upload alike, before anything changes: a restore
-/// run of it applies no schema and restores no shard. The backup that
-/// began may still go on.
+/// A backup with a row a restore cannot take (over its size) is refused
+/// before its `Begin`: nothing changes in the shard. A restore that stopped
+/// after its `Begin` (fault injection, as when its leader is lost there)
+/// leaves its shard marked mid-restore by that backup. Another backup is
+/// then refused with FAILED_PRECONDITION naming both, by the check and by
+/// an upload alike, before anything changes: a restore run of it applies
+/// no schema and restores no shard. The backup that began may still go on.
 #[tokio::test]
 async fn a_shard_left_mid_restore_by_one_backup_refuses_another_before_anything_changes() {
     use portrait_server::limits::MAX_RESTORE_ROW_BYTES;
@@ -559,29 +561,39 @@ async fn a_shard_left_mid_restore_by_one_backup_refuses_another_before_anything_
     let users = write_orders(&client, 2, 3, 2).await;
     let backups = tempfile::tempdir().unwrap();
     let (sound_dir, bad_dir) = (backups.path().join("sound"), backups.path().join("bad"));
+    let oversized_dir = backups.path().join("oversized");
     let sound = back_up(&client, &sound_dir).await;
-    // The second backup has a newer schema, and the oversized row.
+    // The second backup has a newer schema; the third, the oversized row.
     let newer = format!("{}\n[families.extra]\nttl = \"30d\"\n", schema());
     client.apply_schema(newer.clone(), false).await.expect("a newer schema");
+    let bad = back_up(&client, &bad_dir).await;
+    assert_ne!(bad.backup_id, sound.backup_id);
     source.kill(1);
     add_oversized_row(&source.node(1).data_dir(), 0);
     source.restart(1).await;
     let client = source.client(1).await;
     wait_serving(&client, &users).await;
-    let bad = back_up(&client, &bad_dir).await;
-    assert_ne!(bad.backup_id, sound.backup_id);
+    back_up(&client, &oversized_dir).await;
 
-    let target = Cluster::start_sharded_with_config(3, 2, "max_moves = 0\n").await;
+    let stop = [("PORTRAIT_FAULT_RESTORE_STOP_AFTER_BEGIN", "1")];
+    let target = Cluster::start_sharded_with_env(3, 2, Some("max_moves = 0\n"), &stop).await;
     let restorer = target.client(1).await;
-    let failed = portrait_client::backup::restore(&restorer, &bad_dir, |_| {}).await;
+    let failed = portrait_client::backup::restore(&restorer, &oversized_dir, |_| {}).await;
     let failed = failed.expect_err("a restore of an oversized row").to_string();
     assert!(failed.starts_with("shard 0: INVALID_ARGUMENT: archive: a row of family timers is "), "{failed}");
     assert!(failed.contains(&format!("over the limit of {MAX_RESTORE_ROW_BYTES}")), "{failed}");
+    let leader = wait_placed(&target, &[1, 2, 3], 2).await[&0].1;
+    let endpoint = target.node(leader).endpoint();
+    // Refused before its Begin: the shard takes another backup.
+    let chunks = tokio_stream::iter([restore_header(&bad, 0, &bad.backup_id, true)]);
+    restorer.restore_shard_to(&endpoint, chunks).await.expect("nothing began");
+
+    let failed = portrait_client::backup::restore(&restorer, &bad_dir, |_| {}).await;
+    let failed = failed.expect_err("a restore stopped after its Begin").to_string();
+    assert!(failed.contains("shard 0: fault injection: the restore stops after its Begin"), "{failed}");
     let then = restorer.get_schema().await.expect("schema");
     assert_eq!(then.toml, newer, "the restore applies its backup's schema before the shards");
 
-    let leader = wait_placed(&target, &[1, 2, 3], 2).await[&0].1;
-    let endpoint = target.node(leader).endpoint();
     let expected = format!(
         "FAILED_PRECONDITION: shard 0 is being restored from {:?}, not {:?}: a shard takes one backup; \
          finish that restore, or restore into a new, empty cluster",

@@ -252,7 +252,7 @@ async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
     const NEWEST: &str = "PORTRAIT_FAULT_APPLY_RULES_NEWEST";
     assert_eq!(portrait_core::rules::NEWEST, 2, "this test upgrades from version 1 to 2");
     let all = [1, 2, 3];
-    let mut cluster = Cluster::start_sharded_with_env(3, TEST_SHARDS, NEWEST, "1").await;
+    let mut cluster = Cluster::start_sharded_with_env(3, TEST_SHARDS, None, &[(NEWEST, "1")]).await;
     wait_placed(&cluster, &all, TEST_SHARDS).await;
     assert!(rules_everywhere(&cluster, &all, 1).await, "{:?}", statuses(&cluster, &all).await);
     let users: Vec<String> = (0..TEST_SHARDS).flat_map(|s| users_of(s, TEST_SHARDS, 2)).collect();

@@ -900,6 +900,52 @@ async fn pipelined_entries_match_one_by_one(
     }
 }
 
+/// A backup's rows are checked before a restore begins: a sound archive
+/// passes, one with a row apply could not read (a user state that does not
+/// decode, a timer key too short) is refused naming the row.
+#[tokio::test]
+async fn a_backup_row_apply_could_not_read_is_refused_before_the_restore_begins() {
+    use portrait_server::store::restore::BackupSource;
+    use portrait_server::types::GroupId;
+
+    let mut source = replica();
+    let e = event("u1", "trade", T0, "o1", &[("amount", Value::Float(1.0))]);
+    apply(&mut source, vec![write(1, T0, vec![vec![e]])]).await;
+    let work = tempfile::tempdir().unwrap();
+    let archive_of = |name: &str| {
+        let files = work.path().join(name);
+        portrait_server::store::group_snapshot::export(source.store.state_db(), GroupId(0), &files).unwrap();
+        let archive = work.path().join(format!("{name}.snap"));
+        portrait_server::store::snapshot::pack(&files, &archive).unwrap();
+        BackupSource::open(&archive, GroupId(0), &work.path().join(format!("{name}.scratch"))).unwrap()
+    };
+    let sound = archive_of("sound");
+    let rows = sound.check().expect("a sound archive");
+    let (emitted, _) = sound.rows(usize::MAX, |_| true).unwrap();
+    assert_eq!(rows, emitted, "every row checked");
+    assert!(rows >= 4, "profile, history, dedupe and state rows: {rows}");
+
+    let raw = source.store.state_db().db();
+    let put =
+        |family, key: Vec<u8>, value: &[u8]| raw.put_cf(raw.cf_handle(family).unwrap(), key, value).unwrap();
+    put(keys::CF_STATE, keys::state(GroupId(0), "u2"), b"not a user state");
+    let e = archive_of("bad_state").check().unwrap_err().to_string();
+    assert!(
+        e.starts_with("a row of family state (key \"u2\"...) cannot be read: its value does not decode"),
+        "{e}"
+    );
+    assert!(e.ends_with("the archive is not one of its backups)"), "{e}");
+    raw.delete_cf(raw.cf_handle(keys::CF_STATE).unwrap(), keys::state(GroupId(0), "u2")).unwrap();
+    let mut short = keys::state(GroupId(0), "");
+    short.extend_from_slice(b"abc");
+    put(keys::CF_TIMERS, short, b"");
+    let e = archive_of("bad_timer").check().unwrap_err().to_string();
+    assert!(
+        e.contains("family timers (key \"abc\"...) cannot be read: its key is shorter than a timer's"),
+        "{e}"
+    );
+}
+
 /// A restore through the log (`Command::Restore`): `Begin` is refused on a
 /// shard that took writes, else it wipes the rows of an earlier attempt and
 /// refuses writes until `End`; the backup's rows arrive in numbered steps

@@ -19,6 +19,12 @@
 //! One export or restore at a time per node (each needs the shard's size in
 //! scratch disk); the scratch directory is emptied when the node starts.
 
+/// Fault injection (the `fault-injection` build only): with this
+/// environment variable set, a restore stops after its `Begin` step, as
+/// one whose leader was lost there, leaving its shard mid-restore.
+#[cfg(feature = "fault-injection")]
+pub const STOP_AFTER_BEGIN_ENV: &str = "PORTRAIT_FAULT_RESTORE_STOP_AFTER_BEGIN";
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -350,7 +356,12 @@ impl Node {
         let replica = self.hosted(gid)?;
         self.check_restorable(&replica, crate::types::restore_id_of(&id))?;
         let (archive, scratch) = (upload.file.path.clone(), upload.file.path.with_extension("d"));
-        let open = move || BackupSource::open(&archive, gid, &scratch);
+        // Every row is checked before the shard changes (see `check`).
+        let open = move || {
+            let source = BackupSource::open(&archive, gid, &scratch)?;
+            source.check()?;
+            Ok::<_, anyhow::Error>(source)
+        };
         let source = tokio::task::spawn_blocking(open)
             .await
             .map_err(Error::internal)?
@@ -366,6 +377,12 @@ impl Node {
         }
         tracing::info!(group = %gid, id, ?source_applied, "restore begins");
         self.propose_restore(&replica, RestoreStep::Begin { id: id.clone() }).await?;
+        #[cfg(feature = "fault-injection")]
+        if std::env::var_os(STOP_AFTER_BEGIN_ENV).is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "{gid}: fault injection: the restore stops after its Begin"
+            )));
+        }
         // Rows are read on a blocking thread, at most two chunks ahead.
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
         let reader = tokio::task::spawn_blocking(move || {

@@ -14,9 +14,11 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, IngestExternalFileOptions, IteratorMode, Options, ReadOptions, DB};
 
+use super::apply::decode_user_state;
 use super::codec::decode;
 use super::group_snapshot::{ArchiveMeta, META_FILE};
 use super::keys::*;
+use super::record::{decode_history_event, FamilyHead};
 use super::sm_db::{cf, cf_options_for, DurableClocks, StateDb};
 use super::snapshot::unpack;
 use crate::limits::{MAX_RESTORE_ROW_BYTES, RESTORE_ROW_OVERHEAD_BYTES};
@@ -105,11 +107,64 @@ impl BackupSource {
         chunk_bytes: usize,
         mut emit: impl FnMut(Vec<RestoreRow>) -> bool,
     ) -> anyhow::Result<(u64, u64)> {
-        let db = self.db.as_ref().expect("open until dropped");
-        let (start, end) = group_range(self.gid);
         let (mut rows, mut bytes) = (0u64, 0u64);
         let mut chunk = Vec::new();
         let mut chunk_size = 0usize;
+        let all = self.each_row(|_, index, key, value| {
+            let row = key.len() + value.len();
+            let size = row + RESTORE_ROW_OVERHEAD_BYTES;
+            if chunk_size > 0 && chunk_size + size > chunk_bytes {
+                if !emit(std::mem::take(&mut chunk)) {
+                    return false;
+                }
+                chunk_size = 0;
+            }
+            chunk.push(RestoreRow { cf: index, key: key.to_vec(), value: value.to_vec() });
+            chunk_size += size;
+            rows += 1;
+            bytes += row as u64;
+            true
+        })?;
+        if all && !chunk.is_empty() {
+            emit(chunk);
+        }
+        Ok((rows, bytes))
+    }
+
+    /// Reads every data row once and checks that apply can read it (its
+    /// value decodes, its key has its family's shape): run before a
+    /// restore begins, so an archive that is not one of Portrait's backups
+    /// is refused before the shard changes, rather than half restored, or
+    /// restored with a row that stops every replica's next write to it.
+    pub fn check(&self) -> anyhow::Result<u64> {
+        let mut rows = 0u64;
+        let mut bad = None;
+        self.each_row(|name, _, key, value| match check_row(name, key, value) {
+            Ok(()) => {
+                rows += 1;
+                true
+            }
+            Err(e) => {
+                let user =
+                    String::from_utf8_lossy(key.get(..64.min(key.len())).unwrap_or_default()).into_owned();
+                bad = Some(format!("a row of family {name} (key {user:?}...) cannot be read: {e}"));
+                false
+            }
+        })?;
+        match bad {
+            Some(why) => {
+                anyhow::bail!("{why} (no row Portrait writes is so: the archive is not one of its backups)")
+            }
+            None => Ok(rows),
+        }
+    }
+
+    /// Calls `f(family, family index, key without the group prefix, value)`
+    /// for each data row in order until it returns false; returns whether
+    /// every row was seen.
+    fn each_row(&self, mut f: impl FnMut(&str, u8, &[u8], &[u8]) -> bool) -> anyhow::Result<bool> {
+        let db = self.db.as_ref().expect("open until dropped");
+        let (start, end) = group_range(self.gid);
         for name in DATA_CFS {
             let index = ALL_CFS.iter().position(|c| *c == name).expect("a data family is a family") as u8;
             let mut opts = ReadOptions::default();
@@ -120,7 +175,7 @@ impl BackupSource {
             let mode = IteratorMode::From(&start, rocksdb::Direction::Forward);
             for item in db.iterator_cf_opt(cf(db, name), opts, mode) {
                 let (key, value) = item?;
-                let key = key.get(GROUP_PREFIX_LEN..).unwrap_or_default().to_vec();
+                let key = key.get(GROUP_PREFIX_LEN..).unwrap_or_default();
                 let row = key.len() + value.len();
                 if row > MAX_RESTORE_ROW_BYTES {
                     anyhow::bail!(
@@ -128,23 +183,36 @@ impl BackupSource {
                          Portrait writes is larger: the archive is not one of its backups)"
                     );
                 }
-                let size = row + RESTORE_ROW_OVERHEAD_BYTES;
-                if chunk_size > 0 && chunk_size + size > chunk_bytes {
-                    if !emit(std::mem::take(&mut chunk)) {
-                        return Ok((rows, bytes));
-                    }
-                    chunk_size = 0;
+                if !f(name, index, key, &value) {
+                    return Ok(false);
                 }
-                chunk.push(RestoreRow { cf: index, key, value: value.to_vec() });
-                chunk_size += size;
-                rows += 1;
-                bytes += row as u64;
             }
         }
-        if !chunk.is_empty() {
-            emit(chunk);
+        Ok(true)
+    }
+}
+
+/// Whether apply can read a data row of `family` (`key` without its group
+/// prefix): what [`BackupSource::check`] asks of each row.
+fn check_row(family: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
+    let text =
+        |b: &[u8]| std::str::from_utf8(b).map(drop).map_err(|_| "its key is not UTF-8 text".to_string());
+    let decoded = |r: Result<(), bincode::Error>| r.map_err(|e| format!("its value does not decode: {e}"));
+    match family {
+        CF_PROFILES => decoded(FamilyHead::decode(value).map(drop)),
+        CF_HISTORY => decoded(decode_history_event(value).map(drop)),
+        CF_STATE => {
+            text(key)?;
+            decoded(decode_user_state(value).map(drop))
         }
-        Ok((rows, bytes))
+        CF_TIMERS => match key.split_at_checked(8) {
+            Some((_, user)) => text(user),
+            None => Err("its key is shorter than a timer's 8-byte time".into()),
+        },
+        CF_DEDUPE if value.len() != 8 => {
+            Err(format!("its value is {} bytes, not a dedupe marker's 8", value.len()))
+        }
+        _ => Ok(()),
     }
 }
 

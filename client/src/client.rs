@@ -21,7 +21,8 @@ use tonic::{Code, Response, Status};
 
 use crate::conn::{Chan, ConnectOptions, Router};
 use crate::retry::{
-    connection_lost, leader_hint, note_leader, unary, unary_change, unary_on_seed, unary_since,
+    connection_lost, leader_hint, lost_after_sent, note_leader, unary, unary_change, unary_on_seed,
+    unary_since,
 };
 use crate::routing::Routes;
 use crate::split::{busiest_shard, gather_profiles, reindex, Parts};
@@ -147,7 +148,7 @@ impl PortraitClient {
                 self.router.note_epoch(status.metadata());
                 self.routes.mark_stale();
                 note_leader(&self.router, &endpoint, &status);
-                let lost = match connection_lost(&status) {
+                let lost = match lost_after_sent(&status) {
                     true => {
                         self.router.avoid(&endpoint);
                         format!(" (the connection was lost: {OUTCOME_UNKNOWN})")

@@ -58,6 +58,18 @@ pub fn connection_lost(status: &Status) -> bool {
         && status.source().is_some()
 }
 
+/// Whether `status` is a transport failure made here (no node's answer)
+/// after which the call may have reached the node: a connection lost
+/// during the call, or an `UNAVAILABLE` of a connection that was made
+/// (a keep-alive timeout).
+pub fn lost_after_sent(status: &Status) -> bool {
+    use std::error::Error as _;
+    let transport_unavailable = status.code() == Code::Unavailable
+        && status.metadata().get(ERROR_HEADER).is_none()
+        && status.source().is_some();
+    connection_lost(status) || (transport_unavailable && !portrait_proto::never_sent(status))
+}
+
 /// Whether a call that failed with `status` may be sent again elsewhere
 /// or later: `Some(outcome unknown)` if so. A node's `UNAVAILABLE` says
 /// itself whether the outcome is unknown; one made here from a transport
@@ -182,7 +194,12 @@ where
                 router.note_epoch(status.metadata());
                 match retryable(&status) {
                     Some(unknown) if again_if_unknown || !unknown => status,
-                    Some(_) => return Err(outcome_unknown(status).into()),
+                    Some(_) => {
+                        if !pinned {
+                            router.avoid(&conn.endpoint);
+                        }
+                        return Err(outcome_unknown(status).into());
+                    }
                     None => return Err(status.into()),
                 }
             }

@@ -87,11 +87,24 @@ pub mod wire {
     }
 
     /// The top-level fields of an encoded message, in order. Ends early
-    /// (`None`) at the first malformed field: prost then names the error.
-    pub struct Fields<'a>(&'a [u8]);
+    /// at the first field it cannot walk (malformed, or a group, which
+    /// prost would skip whatever it holds): [`Fields::broken`] then says so,
+    /// and a check must refuse the message rather than pass what it did
+    /// not see.
+    pub struct Fields<'a> {
+        rest: &'a [u8],
+        broken: bool,
+    }
 
     pub fn fields(bytes: &[u8]) -> Fields<'_> {
-        Fields(bytes)
+        Fields { rest: bytes, broken: false }
+    }
+
+    impl Fields<'_> {
+        /// Whether the walk stopped before the end of the bytes.
+        pub fn broken(&self) -> bool {
+            self.broken
+        }
     }
 
     fn varint(b: &mut &[u8]) -> Option<u64> {
@@ -111,32 +124,39 @@ pub mod wire {
         type Item = Field<'a>;
 
         fn next(&mut self) -> Option<Field<'a>> {
-            if self.0.is_empty() {
+            if self.rest.is_empty() || self.broken {
                 return None;
             }
-            let key = varint(&mut self.0)?;
+            let field = self.step();
+            if field.is_none() {
+                self.broken = true;
+            }
+            field
+        }
+    }
+
+    impl<'a> Fields<'a> {
+        fn step(&mut self) -> Option<Field<'a>> {
+            let key = varint(&mut self.rest)?;
             let number = u32::try_from(key >> 3).ok()?;
             let bytes = match key & 7 {
                 0 => {
-                    varint(&mut self.0)?;
+                    varint(&mut self.rest)?;
                     None
                 }
                 1 | 5 => {
                     let n = if key & 7 == 1 { 8 } else { 4 };
-                    self.0 = self.0.get(n..)?;
+                    self.rest = self.rest.get(n..)?;
                     None
                 }
                 2 => {
-                    let len = usize::try_from(varint(&mut self.0)?).ok()?;
-                    let (field, rest) = (self.0.get(..len)?, self.0.get(len..)?);
-                    self.0 = rest;
+                    let len = usize::try_from(varint(&mut self.rest)?).ok()?;
+                    let (field, rest) = (self.rest.get(..len)?, self.rest.get(len..)?);
+                    self.rest = rest;
                     Some(field)
                 }
-                // Groups (3, 4) and unknown wire types: malformed here.
-                _ => {
-                    self.0 = &[];
-                    return None;
-                }
+                // Groups (3, 4) and unknown wire types.
+                _ => return None,
             };
             Some(Field { number, bytes })
         }
@@ -166,11 +186,23 @@ mod tests {
         assert_eq!(first.iter().filter(|&&n| n == 6).count(), 2, "two attrs: {first:?}");
         assert!(first.contains(&1) && first.contains(&4));
         assert_eq!(fields(events[1].bytes.unwrap()).count(), 0, "an empty event has no fields");
-        // Truncated or malformed input ends the walk, without a panic.
+        let mut walk = fields(&bytes);
+        assert_eq!(walk.by_ref().count(), 3);
+        assert!(!walk.broken());
+        // Truncated or malformed input ends the walk, without a panic, and
+        // says so.
         for cut in 0..bytes.len() {
             let _ = fields(&bytes[..cut]).count();
         }
-        assert_eq!(fields(&[0x0b, 0x01]).count(), 0, "a group");
-        assert_eq!(fields(&[0xff; 11]).count(), 0, "a varint past 64 bits");
+        let mut cut = fields(&bytes[..bytes.len() - 1]);
+        assert_eq!(cut.by_ref().count(), 2);
+        assert!(cut.broken(), "the last event is cut short");
+        for (input, what) in
+            [(&[0x1b, 0x1c, 0x0a, 0x00][..], "a group"), (&[0xff; 11][..], "a varint past 64 bits")]
+        {
+            let mut walk = fields(input);
+            assert_eq!(walk.by_ref().count(), 0, "{what}");
+            assert!(walk.broken(), "{what}");
+        }
     }
 }

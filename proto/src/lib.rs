@@ -23,7 +23,8 @@ pub const OUTCOME_UNKNOWN: &str = "the outcome is unknown";
 
 /// Whether a call that failed with `status` in transport (not a node's
 /// answer) is known never to have reached the node: the connection could
-/// not be made (refused, unreachable, or its connect timed out). Any other
+/// not be made (refused, unreachable, a name that does not resolve, a TLS
+/// handshake that failed, or its connect timed out). Any other
 /// transport failure (a reset, a keep-alive timeout, the deadline) may have
 /// come after the node acted on the call: its outcome is unknown. tonic
 /// reports both kinds as `UNAVAILABLE` or `UNKNOWN`.
@@ -32,6 +33,11 @@ pub fn never_sent(status: &tonic::Status) -> bool {
     use std::io::ErrorKind;
     let mut source = status.source();
     while let Some(e) = source {
+        // tonic's wrapper of every connector failure (refused, DNS, TLS
+        // handshake, connect timeout).
+        if e.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             let refused = matches!(
                 io.kind(),

@@ -141,10 +141,11 @@ impl Node {
         let mut request =
             tonic::Request::new(RaftPayload { data, group: gid.0, schema_version, ..Default::default() });
         // The receiver may hold a write at a leadership transfer's gate,
-        // then for its proposal, each up to the write timeout: a shorter
-        // deadline would call outcomes unknown that are not.
+        // then for its proposal, each up to the write timeout, after at
+        // most a second bringing its shard to the cluster's apply rules: a
+        // shorter deadline would call outcomes unknown that are not.
         let waits = if write { 2 } else { 1 };
-        request.set_timeout(self.write_timeout * waits + std::time::Duration::from_secs(1));
+        request.set_timeout(self.write_timeout * waits + std::time::Duration::from_secs(2));
         let reply = match kind {
             Forward::Write => client.forward_write(request).await,
             Forward::Writes => client.forward_writes(request).await,

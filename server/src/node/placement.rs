@@ -49,6 +49,10 @@ use crate::types::{Command, GroupId, NodeId};
 
 /// How often the node compares itself with the map when nothing changes.
 const EVERY: Duration = Duration::from_millis(250);
+
+/// The longest a write waits for its shard to take the cluster's apply
+/// rules version ([`Node::catch_up_rules`]).
+const CATCH_UP_RULES: Duration = Duration::from_secs(1);
 /// A learner within this many entries of its leader's log is promoted.
 const PROMOTE_LAG: u64 = 1_000;
 
@@ -440,12 +444,23 @@ impl Node {
     }
 
     /// [`Node::sync_rules`] by the cluster's version now, when `replica`
-    /// is behind it (a write or restore step about to be proposed).
+    /// is behind it (a write or restore step about to be proposed): one
+    /// proposal at a time (the writes waiting meanwhile find it done), and
+    /// at most [`CATCH_UP_RULES`] in all, so a forwarded part still fits
+    /// the forwarding node's deadline (two write timeouts and a second).
     pub(super) async fn catch_up_rules(&self, replica: &Replica) {
-        let cluster = self.cluster();
-        if replica.sm.rules() < cluster.rules() {
-            self.sync_rules(replica, &cluster).await;
+        if replica.sm.rules() >= self.cluster().rules() {
+            return;
         }
+        let catch_up = async {
+            let _one = replica.rules_sync.lock().await;
+            let cluster = self.cluster();
+            if replica.sm.rules() < cluster.rules() {
+                self.sync_rules(replica, &cluster).await;
+            }
+        };
+        // Past it, the write is refused as behind (`retry later`).
+        let _ = tokio::time::timeout(CATCH_UP_RULES.min(self.write_timeout), catch_up).await;
     }
 
     /// Proposes the cluster's apply rules version in `replica`'s shard

@@ -198,7 +198,8 @@ impl Node {
     ) -> Result<(WriteCounts, u64)> {
         // A shard behind the cluster's apply rules (new, or just raised)
         // takes the version first, here rather than at the next placement
-        // pass: a proposal or two, and none once it has it.
+        // pass: one proposal, at most a second (before the queued-write
+        // budget: the events wait that long outside it).
         self.catch_up_rules(replica).await;
         // The node's queued-write budget counts the wait at the gate.
         let (admitted, _pass) = self.batcher.admit(&replica.gate, self.write_timeout, &events).await?;

@@ -53,6 +53,9 @@ pub struct Replica {
     pub incoming: super::incoming::IncomingSnapshot,
     /// The check of the snapshots it sends as leader.
     pub snapshots: Arc<super::network::SnapshotCheck>,
+    /// Held while a write brings the shard to the cluster's apply rules
+    /// version: one proposal for every write waiting on it.
+    pub rules_sync: tokio::sync::Mutex<()>,
 }
 
 /// What every replica of a node shares, to open one.
@@ -110,6 +113,7 @@ impl Replica {
             idle_trim,
             incoming: Default::default(),
             snapshots,
+            rules_sync: Default::default(),
         })
     }
 

@@ -30,17 +30,32 @@ pub fn check(message: TypeId, bytes: &[u8]) -> Result<(), Status> {
 }
 
 fn check_write(bytes: &[u8]) -> Result<(), Error> {
+    // What the walk cannot see past (a group, which prost skips whatever it
+    // holds; a malformed field) is refused, not passed unchecked.
+    let unreadable = |field: String| {
+        Error::invalid(
+            field,
+            "not a valid protobuf message (malformed, or a group, which Portrait never sends)",
+        )
+    };
     let mut events = 0usize;
-    for field in fields(bytes).filter(|f| f.number == EVENTS) {
+    let mut walk = fields(bytes);
+    for field in walk.by_ref().filter(|f| f.number == EVENTS) {
         if events < MAX_EVENTS_PER_REQUEST {
-            let event = field.bytes.unwrap_or_default();
-            let attrs = fields(event).filter(|f| f.number == ATTRS).count();
+            let mut event = fields(field.bytes.unwrap_or_default());
+            let attrs = event.by_ref().filter(|f| f.number == ATTRS).count();
+            if event.broken() {
+                return Err(unreadable(format!("events[{events}]")));
+            }
             if attrs > MAX_ATTRS_PER_EVENT {
                 let reason = format!("{attrs} attributes is over the limit of {MAX_ATTRS_PER_EVENT}");
                 return Err(Error::invalid(format!("events[{events}].attrs"), reason));
             }
         }
         events += 1;
+    }
+    if walk.broken() {
+        return Err(unreadable("events".into()));
     }
     if events > MAX_EVENTS_PER_REQUEST {
         let reason = format!("{events} events is over the limit of {MAX_EVENTS_PER_REQUEST} per request");
@@ -72,6 +87,23 @@ mod tests {
         assert_eq!(e.message(), "events[0].attrs: 65 attributes is over the limit of 64");
         // Other messages are not looked at.
         check(TypeId::of::<Event>(), &encoded(MAX_EVENTS_PER_REQUEST + 1, 0)).unwrap();
+    }
+
+    /// A group hides what follows it from the walk (prost skips it and
+    /// decodes the rest): refused.
+    #[test]
+    fn what_the_walk_cannot_see_past_is_refused() {
+        let mut hidden = vec![0x1b, 0x1c];
+        hidden.extend([0x0a, 0x00].repeat(MAX_EVENTS_PER_REQUEST + 1));
+        let e = check(TypeId::of::<WriteRequest>(), &hidden).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("events: not a valid protobuf message"), "{}", e.message());
+        let mut in_event = encoded(1, 1);
+        // The event's length grows by the group's two bytes.
+        in_event[1] += 2;
+        in_event.extend([0x1b, 0x1c]);
+        let e = check(TypeId::of::<WriteRequest>(), &in_event).unwrap_err();
+        assert!(e.message().starts_with("events[0]: not a valid protobuf message"), "{}", e.message());
     }
 
     /// The case that took over 1 GiB decoded: 16 MiB of empty events

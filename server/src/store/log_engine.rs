@@ -506,12 +506,6 @@ impl Syncer {
     }
 }
 
-/// A failed WAL sync stops the node. After a failed fsync the kernel may
-/// have dropped the dirty pages and cleared the error, so a later sync can
-/// succeed without the lost writes on disk: acknowledging anything after
-/// it would be unsafe, and failing every group one by one leaves a node
-/// that serves but cannot write. The process aborts (as after a kill -9)
-/// and its restart recovers from what the disk holds.
 /// The error of a synced write to the raft log (a vote, a truncation, a
 /// bridge): an I/O error may be a failed fsync, after which nothing may be
 /// acknowledged ([`fsync_failed`]); other errors go back to openraft.
@@ -522,6 +516,12 @@ pub(super) fn synced_write_failed(e: rocksdb::Error) -> StorageError {
     write_err(e)
 }
 
+/// A failed WAL sync stops the node. After a failed fsync the kernel may
+/// have dropped the dirty pages and cleared the error, so a later sync can
+/// succeed without the lost writes on disk: acknowledging anything after
+/// it would be unsafe, and failing every group one by one leaves a node
+/// that serves but cannot write. The process aborts (as after a kill -9)
+/// and its restart recovers from what the disk holds.
 fn fsync_failed(e: &rocksdb::Error) -> ! {
     tracing::error!(error = %e,
         "syncing the raft log failed: what reached the disk is unknown; the node stops (restart it once the disk \

@@ -11,7 +11,6 @@ use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload, Membership, RaftSnapshotBuilder};
 use portrait_server::duration::DAY_MS;
 use portrait_server::model::{Event, Value};
-use portrait_server::store::apply::At;
 use portrait_server::store::keys::{self, CF_DEDUPE, CF_META};
 use portrait_server::store::read::{read_profile, ProfileView, Selection};
 use portrait_server::store::sm_db::cf;
@@ -85,7 +84,7 @@ fn read(g: &Group, user: &str) -> ProfileView {
         &s.engine(),
         user,
         &Selection::all(),
-        At { now_ms: T0, rules: s.rules() },
+        s.at(T0),
         usize::MAX,
     )
     .unwrap()

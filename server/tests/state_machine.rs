@@ -9,7 +9,6 @@ use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
 use portrait_server::duration::DAY_MS;
 use portrait_server::model::{Attrs, Event, Value, WriteCounts};
 use portrait_server::schema::Schema;
-use portrait_server::store::apply::At;
 use portrait_server::store::keys;
 use portrait_server::store::read::{read_profile, ProfileView, Selection};
 use portrait_server::store::{GroupState, StateMachine};
@@ -73,11 +72,6 @@ fn counts(result: &CommandResult) -> Vec<Result<WriteCounts, String>> {
     }
 }
 
-/// A read at `now` by the group's apply rules.
-fn at(s: &GroupState, now: i64) -> At {
-    At { now_ms: now, rules: s.rules() }
-}
-
 fn read(r: &Replica, user: &str, now: i64) -> ProfileView {
     let s = &r.store;
     read_profile(
@@ -87,7 +81,7 @@ fn read(r: &Replica, user: &str, now: i64) -> ProfileView {
         &s.engine(),
         user,
         &Selection::all(),
-        at(s, now),
+        s.at(now),
         usize::MAX,
     )
     .unwrap()
@@ -556,7 +550,7 @@ async fn a_read_stops_once_the_stored_history_passes_its_byte_limit() {
             &s.engine(),
             "u1",
             &Selection::all(),
-            at(s, now),
+            s.at(now),
             max,
         )
         .unwrap()

@@ -497,10 +497,9 @@ rule = 'aaa_orders > 0'
 rule = 'aaa_orders >= 2 and trade.amount > 10'
 "#;
 
-    #[test]
-    fn a_tag_changed_by_time_alone_records_its_own_scheduled_moment() {
-        let engine = engine(&format!(
-            r#"{TRADE}
+    /// Tags `a` and `b`, changed by time alone 1 and 5 days after the
+    /// first order.
+    const TIME_DRIVEN: &str = r#"
 [features.first_order_time]
 family = "trade"
 agg = "first_time"
@@ -508,8 +507,11 @@ agg = "first_time"
 rule = 'days(now - first_order_time) > 1'
 [tags.b]
 rule = 'days(now - first_order_time) > 5'
-"#
-        ));
+"#;
+
+    #[test]
+    fn a_tag_changed_by_time_alone_records_its_own_scheduled_moment() {
+        let engine = engine(&format!("{TRADE}{TIME_DRIVEN}"));
         let mut state = UserState::default();
         apply(&engine, &mut state, &[order("o1", NOW, 5)], NOW);
         let wake = state.wake_at.expect("a wakes the user");
@@ -528,17 +530,10 @@ rule = 'days(now - first_order_time) > 5'
     #[test]
     fn a_tag_changed_by_a_time_driven_tag_takes_its_change_time_from_version_2() {
         let engine = engine(&format!(
-            r#"{TRADE}
-[features.first_order_time]
-family = "trade"
-agg = "first_time"
+            r#"{TRADE}{TIME_DRIVEN}
 [features.orders]
 family = "trade"
 agg = "count"
-[tags.a]
-rule = 'days(now - first_order_time) > 1'
-[tags.b]
-rule = 'days(now - first_order_time) > 5'
 [tags.not_a]
 rule = 'not a'
 [tags.both]

@@ -22,7 +22,6 @@ use crate::raft::contact::freshness;
 use crate::raft::not_leader;
 use crate::raft::replica::Replica;
 use crate::schema::VersionedSchema;
-use crate::store::apply::At;
 use crate::store::codec::{decode, encode};
 use crate::store::read::{distinct_ids, read_profile, repeat_counts, ProfileView, Selection};
 use crate::types::{GroupId, NodeId};
@@ -312,7 +311,7 @@ impl Node {
                         &engine,
                         user,
                         &selection,
-                        At { now_ms: now, rules: replica.sm.rules() },
+                        replica.sm.at(now),
                         stored_max,
                     )
                     .map_err(Error::internal)?

@@ -156,6 +156,11 @@ impl GroupState {
         self.rules.load(Ordering::Acquire)
     }
 
+    /// An entry or read at `now_ms` by the group's apply rules.
+    pub fn at(&self, now_ms: i64) -> super::apply::At {
+        super::apply::At { now_ms, rules: self.rules() }
+    }
+
     pub(crate) fn set_rules(&self, version: u32) {
         self.rules.store(version, Ordering::Release);
     }

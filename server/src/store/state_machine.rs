@@ -14,7 +14,7 @@ use rocksdb::{WriteBatch, DB};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use super::apply::{apply_reevaluate, apply_tick, apply_write, ApplyCache, At};
+use super::apply::{apply_reevaluate, apply_tick, apply_write, ApplyCache};
 use super::apply_writer::{CacheBudget, WriteJob};
 use super::codec::{decode, encode, read_err, write_err};
 use super::group::{AppliedState, GroupState};
@@ -110,12 +110,6 @@ impl MetaKeys {
             rules: meta(gid, META_RULES),
         }
     }
-}
-
-/// An entry of `store` stamped `clock_ms` applies then, by the group's
-/// apply rules.
-fn at(store: &GroupState, clock_ms: i64) -> At {
-    At { now_ms: clock_ms, rules: store.rules() }
 }
 
 impl Drop for Applier {
@@ -327,7 +321,7 @@ impl Applier {
                     &mut self.cache,
                     &schema.schema,
                     &engine,
-                    at(&self.store, state.clock_ms),
+                    self.store.at(state.clock_ms),
                     &requests,
                     &mut batch,
                 )
@@ -367,7 +361,7 @@ impl Applier {
                     gid,
                     &mut self.cache,
                     &self.store.engine(),
-                    at(&self.store, state.clock_ms),
+                    self.store.at(state.clock_ms),
                     &mut batch,
                 )
                 .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
@@ -384,7 +378,7 @@ impl Applier {
                             gid,
                             &mut self.cache,
                             &engine,
-                            at(&self.store, state.clock_ms),
+                            self.store.at(state.clock_ms),
                             after.as_deref(),
                             limit,
                             &mut batch,

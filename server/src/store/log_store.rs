@@ -245,13 +245,22 @@ impl LogStore {
     }
 
     /// A synced write of `batch`, checked by the sync audit as `what`.
-    fn write_synced(&self, batch: WriteBatch, what: &str) -> Result<(), StorageError> {
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        let before = self.engine.syncer.audit.mark();
-        self.engine.db.write_opt(batch, &opts).map_err(super::log_engine::synced_write_failed)?;
-        self.engine.syncer.audit.acknowledged(before, what);
-        Ok(())
+    /// A synced write (a vote, a truncation), on the blocking pool: an
+    /// fsync takes milliseconds, and openraft calls these from its core
+    /// loop on a runtime worker, which would stall every other group's
+    /// tasks queued on that worker (an election moves many groups' votes at
+    /// once). openraft awaits the call, so the group's order is kept.
+    async fn write_synced(&self, batch: WriteBatch, what: &'static str) -> Result<(), StorageError> {
+        let engine = self.engine.clone();
+        let write = move || {
+            let mut opts = WriteOptions::default();
+            opts.set_sync(true);
+            let before = engine.syncer.audit.mark();
+            engine.db.write_opt(batch, &opts).map_err(super::log_engine::synced_write_failed)?;
+            engine.syncer.audit.acknowledged(before, what);
+            Ok(())
+        };
+        tokio::task::spawn_blocking(write).await.map_err(write_err)?
     }
 }
 
@@ -288,7 +297,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         batch.put_cf(cf(&self.engine.db, CF_RAFT_META), self.meta_key(RAFT_VOTE), encode(vote));
-        self.write_synced(batch, "vote")
+        self.write_synced(batch, "vote").await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
@@ -340,7 +349,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let gid = self.group.gid;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.logs(), &log_key(gid, log_id.index)[..], &log_group_end(gid)[..]);
-        self.write_synced(batch, "truncate")
+        self.write_synced(batch, "truncate").await
     }
 
     /// Purges now if the guard's flushed state covers `log_id` (the usual
@@ -369,7 +378,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             _ => return self.engine.purge_now(&self.group, log_id),
         };
         if self.last_entry_id()?.is_none_or(|last| last.index < log_id.index) {
-            write_bridge(&self.engine.db, self.group.gid, log_id.index)?;
+            // Synced, on the blocking pool (see `write_synced`).
+            let (db, gid) = (self.engine.db.clone(), self.group.gid);
+            tokio::task::spawn_blocking(move || write_bridge(&db, gid, log_id.index))
+                .await
+                .map_err(write_err)??;
             let mut bridge = self.group.bridge();
             bridge.upto = bridge.upto.max(Some(log_id.index));
         }

@@ -159,9 +159,17 @@ impl TokenBook {
     pub fn load(path: &Path) -> Result<TokenBook, String> {
         use std::io::Read;
         let at = path.display();
+        // Checked before the open too: opening a FIFO for reading blocks
+        // until a writer comes, which would hang the start or, on SIGHUP,
+        // every later reload. Checked again on the open file (the path may
+        // have been replaced in between).
+        let not_regular = || format!("token file {at}: not a regular file");
+        if !std::fs::metadata(path).map_err(|e| format!("token file {at}: {e}"))?.is_file() {
+            return Err(not_regular());
+        }
         let file = std::fs::File::open(path).map_err(|e| format!("token file {at}: {e}"))?;
         if !file.metadata().map_err(|e| format!("token file {at}: {e}"))?.is_file() {
-            return Err(format!("token file {at}: not a regular file"));
+            return Err(not_regular());
         }
         // Bounded by what is read, not by the size the file had a moment
         // before: it may grow in between.
@@ -224,6 +232,19 @@ impl TokenBook {
 
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
+    }
+
+    /// The names in both books whose token (its digest) differs in
+    /// `newer`: a replaced secret, which [`TokenBook::grants`] cannot show.
+    pub fn secrets_changed(&self, newer: &TokenBook) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .tokens
+            .iter()
+            .filter(|t| newer.tokens.iter().any(|n| n.name == t.name && n.digest != t.digest))
+            .map(|t| t.name.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     /// The entry of `presented`, if any. Every entry is compared, each in

@@ -89,8 +89,8 @@ pub struct Cli {
     /// Append one JSON line per administrative action to this file (they also go to the log).
     #[arg(long, env = "PORTRAIT_AUDIT_LOG", value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
-    /// Serve plaintext, or the client port without --token-file or --tls-client-ca, on an address
-    /// other than loopback (refused without this flag).
+    /// Serve plaintext, or the client port without --token-file, on an address other than
+    /// loopback (refused without this flag).
     #[arg(long, env = "PORTRAIT_INSECURE")]
     pub insecure: bool,
     /// A node whose clock is further than this from a quorum of its peers does not lead (default 500ms).
@@ -343,12 +343,18 @@ impl Config {
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into());
         let token_file = cli.token_file.or(file.token_file);
-        if token_file.is_none() && tls.client_ca.is_none() && !insecure && !is_loopback(&listen) {
+        // Client certificates are no substitute: without tokens every
+        // holder of one (every application) could call every RPC, admin
+        // ones included, and the audit trail could name none of them.
+        if token_file.is_none() && !insecure && !is_loopback(&listen) {
+            let certs = match tls.client_ca.is_some() {
+                true => " (--tls-client-ca only decides who may connect: every client certificate would be an admin)",
+                false => "",
+            };
             anyhow::bail!(
                 "--listen {listen}: no --token-file on an address other than loopback: anyone who reaches the \
-                 port could call every RPC, admin ones included (backups, restores, RemoveNode); give \
-                 --token-file or --tls-client-ca (docs/security.md), or --insecure to serve without checks \
-                 anyway"
+                 port could call every RPC, admin ones included (backups, restores, RemoveNode){certs}; give \
+                 --token-file (docs/security.md), or --insecure to serve without checks anyway"
             );
         }
         let audit_log = cli.audit_log.or(file.audit_log);
@@ -524,7 +530,17 @@ mod tests {
         );
         assert!(err.contains("--insecure"), "{err}");
         assert!(parse(&[&both.concat()[..], &["--token-file", "t.toml"]].concat()).is_ok());
-        assert!(parse(&[&both.concat()[..], &["--tls-client-ca", "c.pem"]].concat()).is_ok());
+        // Client certificates only decide who connects, not what it may call.
+        let err =
+            parse(&[&both.concat()[..], &["--tls-client-ca", "c.pem"]].concat()).unwrap_err().to_string();
+        assert!(
+            err.contains("no --token-file") && err.contains("every client certificate would be an admin"),
+            "{err}"
+        );
+        assert!(parse(
+            &[&both.concat()[..], &["--tls-client-ca", "c.pem", "--token-file", "t.toml"]].concat()
+        )
+        .is_ok());
         assert!(parse(&[&both.concat()[..], &["--insecure"]].concat()).is_ok());
         let c = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
         assert_eq!(c.node.advertise, "https://127.0.0.1:7700", "TLS: https by default");

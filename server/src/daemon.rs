@@ -21,10 +21,17 @@ pub async fn main() {
     }
 }
 
+/// `--log`'s filter, with audit entries on whatever it says: a filter
+/// naming no `audit` directive (`warn`, `portrait_server=debug`) would
+/// turn them off.
+fn log_filter(log: &str) -> anyhow::Result<EnvFilter> {
+    Ok(EnvFilter::try_new(log)?.add_directive("audit=info".parse()?))
+}
+
 async fn run() -> anyhow::Result<()> {
     let config = Config::resolve(Cli::parse())?;
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&config.log)?)
+        .with_env_filter(log_filter(&config.log)?)
         .with_target(false)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -126,5 +133,46 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term.recv() => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    /// A writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn audit_entries_pass_any_log_filter() {
+        for log in ["warn", "portrait_server=debug,openraft=info", "error,audit=off"] {
+            let buffer = Buffer::default();
+            let writer = buffer.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter(super::log_filter(log).unwrap())
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::info!(target: "audit", "an audit line");
+                tracing::info!(target: "elsewhere", "an info line");
+            });
+            let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+            assert!(text.contains("an audit line"), "--log {log}: {text}");
+            assert!(
+                !text.contains("an info line"),
+                "--log {log}: the filter still applies to the rest: {text}"
+            );
+        }
     }
 }

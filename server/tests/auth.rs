@@ -311,6 +311,28 @@ async fn sighup_rereads_the_token_file_and_a_bad_one_keeps_the_tokens_in_use() {
     }
     assert!(call(&channel, status, Some(new)).await.is_ok(), "a bad reload dropped the tokens");
     assert!(call(&channel, status, Some(TOKENS[0].1)).await.is_ok());
+
+    // A FIFO in its place is refused without being opened (opening one
+    // blocks until a writer comes, which hung every later reload), and
+    // the next reload still runs: it replaces the secret of "new".
+    std::fs::remove_file(&file).unwrap();
+    assert!(Command::new("mkfifo").arg(&file).status().unwrap().success(), "mkfifo");
+    hup(node.child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.log().contains("not a regular file") {
+        assert!(Instant::now() < deadline, "the FIFO was not refused\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::remove_file(&file).unwrap();
+    let replaced = "new-reader-replaced-0123456789abcdef";
+    std::fs::write(&file, token_file(&[("new", replaced, "reader")])).unwrap();
+    hup(node.child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(&channel, status, Some(replaced)).await.is_err() {
+        assert!(Instant::now() < deadline, "no reload after the FIFO\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused(&call(&channel, status, Some(new)).await), Some(tonic::Code::Unauthenticated));
     // Both reloads are in the audit trail: who was added, and the refusal.
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     let reloads: Vec<serde_json::Value> = audit
@@ -318,7 +340,7 @@ async fn sighup_rereads_the_token_file_and_a_bad_one_keeps_the_tokens_in_use() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|e| e["rpc"] == "SIGHUP/ReloadTokens")
         .collect();
-    assert_eq!(reloads.len(), 2, "{audit}");
+    assert_eq!(reloads.len(), 4, "{audit}");
     assert_eq!(
         (&reloads[0]["ok"], &reloads[0]["caller"]),
         (&serde_json::json!(true), &serde_json::json!("(SIGHUP)"))
@@ -326,7 +348,13 @@ async fn sighup_rereads_the_token_file_and_a_bad_one_keeps_the_tokens_in_use() {
     assert_eq!(reloads[0]["args"]["added"], serde_json::json!(["new"]), "{audit}");
     assert_eq!(reloads[0]["args"]["removed"], serde_json::json!([]), "{audit}");
     assert_eq!(reloads[0]["args"]["tokens"], serde_json::json!(TOKENS.len() + 1), "{audit}");
+    assert_eq!(reloads[0]["args"]["secret_changed"], serde_json::json!([]), "{audit}");
     assert_eq!(reloads[1]["ok"], serde_json::json!(false), "{audit}");
+    assert_eq!(reloads[2]["ok"], serde_json::json!(false), "{audit}");
+    // A token replaced under its name shows, by name only.
+    assert_eq!(reloads[3]["args"]["secret_changed"], serde_json::json!(["new"]), "{audit}");
+    assert_eq!(reloads[3]["args"]["roles_changed"], serde_json::json!([]), "{audit}");
+    assert!(!audit.contains(&hex(&sha256(replaced))), "no digest in the audit trail");
     assert!(!audit.contains(&hex(&sha256(new))), "no digest in the audit trail");
 
     // A stream outlives no reload that removes its token: its next batch

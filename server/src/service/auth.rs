@@ -72,7 +72,8 @@ impl Gate {
     pub fn reload(&self, path: &Path) -> Result<serde_json::Value, String> {
         let Some(book) = &self.book else { return Err("token checks are off".into()) };
         let new = TokenBook::load(path)?;
-        let (before, after) = (self.current().map(|b| b.grants()).unwrap_or_default(), new.grants());
+        let current = self.current();
+        let (before, after) = (current.as_ref().map(|b| b.grants()).unwrap_or_default(), new.grants());
         let names = |f: &dyn Fn(&String) -> bool, from: &std::collections::BTreeMap<String, Vec<&str>>| {
             from.keys().filter(|n| f(n)).cloned().collect::<Vec<_>>()
         };
@@ -82,6 +83,9 @@ impl Gate {
             "added": names(&|n| !before.contains_key(n), &after),
             "removed": names(&|n| !after.contains_key(n), &before),
             "roles_changed": names(&|n| before.get(n).is_some_and(|r| after.get(n) != Some(r)), &before),
+            // Names only, never digests: a token replaced under the same
+            // name (its holder lost it, or someone took it over).
+            "secret_changed": current.map(|b| b.secrets_changed(&new)).unwrap_or_default(),
         });
         *book.write().expect("token book lock") = Arc::new(new);
         Ok(change)

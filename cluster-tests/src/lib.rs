@@ -491,11 +491,22 @@ impl Cluster {
     }
 
     async fn spawn_with_args(&mut self, args: Vec<String>, env: &[(&str, &str)]) -> u64 {
+        self.spawn_process(args, env, false).await
+    }
+
+    /// Starts one more process as [`Cluster::spawn_node`] does, but without
+    /// `--no-bootstrap`: it creates a one-node cluster of its own (an
+    /// operator's slip). Returns its id.
+    pub async fn spawn_node_of_its_own_cluster(&mut self) -> u64 {
+        self.spawn_process(Vec::new(), &[], true).await
+    }
+
+    async fn spawn_process(&mut self, args: Vec<String>, env: &[(&str, &str)], bootstrap: bool) -> u64 {
         let id = self.nodes.len() as u64 + 1;
         let config = self.nodes[0].config.clone();
         let mut node = NodeProc::new(id, config, args, self.nodes[0].owners.clone(), self.shards);
         node.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        node.spawn(false);
+        node.spawn(bootstrap);
         self.nodes.push(node);
         self.wait_answering(id).await;
         id

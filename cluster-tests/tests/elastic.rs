@@ -208,6 +208,12 @@ async fn draining_a_node_under_writers_moves_its_replicas_and_its_meta_vote_away
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     println!("node 4 drained after {:?}", started.elapsed());
+    // A drain is not undone by adding the node again: refused, not an OK
+    // that changes nothing.
+    let (addr, peer) = (cluster.node(4).endpoint(), cluster.node(4).advertised());
+    let e = admin.add_node(4, &addr, &peer, false).await.expect_err("a draining node");
+    assert_eq!(e.code().map(portrait_client::code_name), Some("FAILED_PRECONDITION"), "{e}");
+    assert!(e.to_string().contains("node 4 is draining"), "{e}");
     let removed = admin.remove_node(4).await.expect("remove the drained node");
     assert_eq!(removed.members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [1, 2, 3]);
     cluster.kill(4);

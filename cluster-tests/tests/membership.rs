@@ -189,6 +189,19 @@ async fn a_node_is_added_only_under_its_own_id_and_addresses() {
     let r = client.add_node(spare, &addr, &peer, false).await.expect("its own id");
     assert_eq!(r.members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [1, 2, 3, spare]);
 
+    // A node started without --no-bootstrap created a cluster of its own:
+    // its shard groups would take writes this cluster never sees. Refused,
+    // and nothing changed.
+    let own = cluster.spawn_node_of_its_own_cluster().await;
+    let (addr, peer) = (cluster.node(own).endpoint(), cluster.node(own).advertised());
+    let e = client.add_node(own, &addr, &peer, false).await.expect_err("another cluster's node");
+    assert_eq!(code(&e), Some("FAILED_PRECONDITION"), "{e}");
+    assert!(e.to_string().contains(&format!("node {own} at {peer} belongs to another cluster")), "{e}");
+    assert!(e.to_string().contains("--no-bootstrap"), "{e}");
+    let members = client.cluster_status().await.unwrap().members;
+    assert_eq!(members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [1, 2, 3, spare]);
+    cluster.kill(own);
+
     // With two of the meta group's four voters gone, adding another node
     // cannot commit: refused within the write timeout (5 s), not after
     // the 120 s a node is given to catch up, while holding the meta

@@ -147,10 +147,11 @@ impl ShardMap {
         (self.replication as usize).min(self.nodes.len() - self.draining.len())
     }
 
-    /// Nodes that can take replicas (not draining), with their load.
-    fn eligible_load(&self) -> BTreeMap<NodeId, usize> {
+    /// Nodes that can take replicas (not draining, not in `unfit`), with
+    /// their load.
+    fn eligible_load(&self, unfit: &BTreeSet<NodeId>) -> BTreeMap<NodeId, usize> {
         let mut load = self.load();
-        load.retain(|n, _| !self.draining.contains(n));
+        load.retain(|n, _| !self.draining.contains(n) && !unfit.contains(n));
         load
     }
 
@@ -297,7 +298,7 @@ impl ShardMap {
     /// then by shard id.
     pub fn plan_additions(&self, limit: usize) -> Vec<MapChange> {
         let target = self.target_replicas();
-        let mut load = self.eligible_load();
+        let mut load = self.eligible_load(&BTreeSet::new());
         let mut short: Vec<(usize, u32)> = (0..self.shards)
             .filter_map(|s| {
                 let have = self.replicas[s as usize].len();
@@ -342,12 +343,13 @@ impl ShardMap {
 
     /// Replicas to take off draining nodes, at most `limit`, none of a
     /// shard in `busy`: each moves to the least loaded node that can take
-    /// it and does not host the shard (lowest id among equals), or, where
-    /// no node can, goes if the shard keeps [`ShardMap::target_replicas`].
-    /// Shards in order.
-    pub fn plan_drain(&self, busy: &BTreeSet<u32>, limit: usize) -> Vec<MapChange> {
+    /// it (not in `unfit`: nodes not answering now, whose new replica
+    /// would never catch up) and does not host the shard (lowest id among
+    /// equals), or, where no node can, goes if the shard keeps
+    /// [`ShardMap::target_replicas`]. Shards in order.
+    pub fn plan_drain(&self, busy: &BTreeSet<u32>, unfit: &BTreeSet<NodeId>, limit: usize) -> Vec<MapChange> {
         let target = self.target_replicas();
-        let mut load = self.eligible_load();
+        let mut load = self.eligible_load(unfit);
         let mut planned = Vec::new();
         for shard in (0..self.shards).filter(|s| !busy.contains(s)) {
             if planned.len() >= limit {
@@ -376,13 +378,14 @@ impl ShardMap {
     /// first). Each moves a replica from the most loaded node (the lowest
     /// id among equals) to the least loaded one that does not host the
     /// shard (the lowest id among equals), taking the lowest shard id the
-    /// pair allows; a shard moves at most once per plan.
-    pub fn plan_moves(&self, busy: &BTreeSet<u32>, limit: usize) -> Vec<MapChange> {
+    /// pair allows; a shard moves at most once per plan. Nodes in `unfit`
+    /// (not answering now) take part in no move.
+    pub fn plan_moves(&self, busy: &BTreeSet<u32>, unfit: &BTreeSet<NodeId>, limit: usize) -> Vec<MapChange> {
         let target = self.target_replicas();
         if self.replicas.iter().any(|r| r.len() < target) {
             return Vec::new();
         }
-        let mut load = self.eligible_load();
+        let mut load = self.eligible_load(unfit);
         let mut replicas = self.replicas.clone();
         let mut planned = Vec::new();
         let mut moved: BTreeSet<u32> = busy.clone();
@@ -641,14 +644,14 @@ mod tests {
         // A fourth node: RF is met, nothing is added; balancing moves.
         join(&mut map, 4);
         assert!(map.plan_additions(100).is_empty());
-        assert!(!map.plan_moves(&BTreeSet::new(), 100).is_empty());
+        assert!(!map.plan_moves(&BTreeSet::new(), &BTreeSet::new(), 100).is_empty());
     }
 
     /// Applies every planned move, `limit` at a time; the number of plans.
     fn balance(map: &mut ShardMap, limit: usize) -> usize {
         let mut rounds = 0;
         loop {
-            let plan = map.plan_moves(&BTreeSet::new(), limit);
+            let plan = map.plan_moves(&BTreeSet::new(), &BTreeSet::new(), limit);
             if plan.is_empty() {
                 return rounds;
             }
@@ -665,13 +668,16 @@ mod tests {
             join(&mut map, n);
         }
         place_all(&mut map);
-        assert!(map.plan_moves(&BTreeSet::new(), 100).is_empty(), "3 nodes, RF 3: balanced");
+        assert!(
+            map.plan_moves(&BTreeSet::new(), &BTreeSet::new(), 100).is_empty(),
+            "3 nodes, RF 3: balanced"
+        );
         for n in 4..=5 {
             join(&mut map, n);
         }
-        let plan = map.plan_moves(&BTreeSet::new(), 2);
+        let plan = map.plan_moves(&BTreeSet::new(), &BTreeSet::new(), 2);
         assert_eq!(plan.len(), 2);
-        assert_eq!(plan, map.plan_moves(&BTreeSet::new(), 2), "a pure function of the map");
+        assert_eq!(plan, map.plan_moves(&BTreeSet::new(), &BTreeSet::new(), 2), "a pure function of the map");
         assert!(balance(&mut map, 2) > 1, "a few moves at a time");
         let load = map.load();
         let (min, max) = (load.values().min().unwrap(), load.values().max().unwrap());
@@ -694,7 +700,7 @@ mod tests {
         let all: BTreeSet<u32> = (0..4).collect();
         let load = map.load();
         if load.values().max().unwrap() - load.values().min().unwrap() > 1 {
-            assert!(map.plan_moves(&all, 10).is_empty(), "every shard busy");
+            assert!(map.plan_moves(&all, &BTreeSet::new(), 10).is_empty(), "every shard busy");
         }
         let before = map.clone();
         let host = map.replicas[0][0];
@@ -768,7 +774,7 @@ mod tests {
     /// Applies every planned drain step.
     fn drain_all(map: &mut ShardMap) {
         loop {
-            let plan = map.plan_drain(&BTreeSet::new(), 3);
+            let plan = map.plan_drain(&BTreeSet::new(), &BTreeSet::new(), 3);
             if plan.is_empty() {
                 return;
             }
@@ -803,11 +809,44 @@ mod tests {
         let e = map.apply(&MapChange::AddReplica { shard: off, node: 2 }).unwrap_err();
         assert_eq!(e, "node 2 is draining: no replica is placed on it");
         assert!(map.plan_additions(10).is_empty(), "no additions: every shard has RF");
-        assert!(map.plan_drain(&(0..8).collect(), 10).is_empty(), "busy shards wait");
+        assert!(map.plan_drain(&(0..8).collect(), &BTreeSet::new(), 10).is_empty(), "busy shards wait");
+        // A node not answering takes none of the drained replicas (its new
+        // replica would never catch up, and the move would hold a slot for
+        // good), nor any balancing move.
+        let quiet = BTreeSet::from([3]);
+        let plan = map.plan_drain(&BTreeSet::new(), &quiet, 100);
+        assert!(!plan.is_empty());
+        assert!(plan.iter().all(|c| matches!(c, MapChange::MoveReplica { to, .. } if *to != 3)), "{plan:?}");
+        let mut unbalanced = map.clone();
+        unbalanced.draining.clear();
+        let least = *unbalanced.load().iter().min_by_key(|(n, l)| (**l, **n)).unwrap().0;
+        for shard in unbalanced.hosted_by(least).into_iter().take(2) {
+            let from = least;
+            if let Some(to) =
+                unbalanced.nodes.keys().copied().find(|n| !unbalanced.replicas[shard as usize].contains(n))
+            {
+                unbalanced.apply(&MapChange::MoveReplica { shard, from, to }).unwrap();
+            }
+        }
+        let moves = unbalanced.plan_moves(&BTreeSet::new(), &BTreeSet::new(), 100);
+        assert!(
+            moves.iter().any(|c| matches!(c, MapChange::MoveReplica { to, .. } if *to == least)),
+            "{moves:?}"
+        );
+        let moves = unbalanced.plan_moves(&BTreeSet::new(), &BTreeSet::from([least]), 100);
+        assert!(
+            moves.iter().all(
+                |c| !matches!(c, MapChange::MoveReplica { from, to, .. } if *to == least || *from == least)
+            ),
+            "{moves:?}"
+        );
         drain_all(&mut map);
         assert!(map.hosted_by(2).is_empty());
         assert_eq!(map.load().values().sum::<usize>(), before, "every shard keeps RF 3");
-        assert!(map.plan_moves(&BTreeSet::new(), 10).is_empty(), "the other three hold 8 each");
+        assert!(
+            map.plan_moves(&BTreeSet::new(), &BTreeSet::new(), 10).is_empty(),
+            "the other three hold 8 each"
+        );
         map.apply(&MapChange::RemoveNode { node: 2 }).unwrap();
         assert!(!map.nodes.contains_key(&2) && !map.draining.contains(&2));
         assert_eq!(
@@ -819,7 +858,7 @@ mod tests {
         // the shards keep the other two (RF is min(3, nodes not draining)).
         map.apply(&MapChange::Drain { node: 3 }).unwrap();
         assert_eq!(map.target_replicas(), 2);
-        let plan = map.plan_drain(&BTreeSet::new(), 100);
+        let plan = map.plan_drain(&BTreeSet::new(), &BTreeSet::new(), 100);
         assert!(plan.iter().all(|c| matches!(c, MapChange::RemoveReplica { node: 3, .. })), "{plan:?}");
         drain_all(&mut map);
         assert!(map.hosted_by(3).is_empty() && map.replicas.iter().all(|r| r.len() == 2));
@@ -848,7 +887,10 @@ mod tests {
         // Even were the target 0, no change takes a shard's last replica.
         map.draining.insert(2);
         assert_eq!(map.target_replicas(), 0);
-        assert!(map.plan_drain(&BTreeSet::new(), 10).iter().all(|c| map.clone().apply(c).is_err()));
+        assert!(map
+            .plan_drain(&BTreeSet::new(), &BTreeSet::new(), 10)
+            .iter()
+            .all(|c| map.clone().apply(c).is_err()));
         let e = map.apply(&MapChange::RemoveReplica { shard: 0, node: 1 }).unwrap_err();
         assert_eq!(e, "shard 0 would have fewer than its 1 replicas without node 1");
         assert!(map.replicas.iter().all(|r| r == &[1]), "{:?}", map.replicas);

@@ -179,9 +179,9 @@ impl Node {
     async fn balance(&self) -> Result<()> {
         self.drain_dead().await?;
         let Some(map) = self.cluster().map.clone() else { return Ok(()) };
-        let none = BTreeSet::new();
-        let balancing = self.max_moves > 0 && !map.plan_moves(&none, 1).is_empty();
-        if !balancing && map.plan_drain(&none, 1).is_empty() {
+        let (none, nobody) = (BTreeSet::new(), BTreeSet::new());
+        let balancing = self.max_moves > 0 && !map.plan_moves(&none, &nobody, 1).is_empty();
+        if !balancing && map.plan_drain(&none, &nobody, 1).is_empty() {
             self.balance_leaders(&map).await;
             return Ok(());
         }
@@ -206,12 +206,19 @@ impl Node {
         // that gives the others their replicas back.
         // Nor does a shard without a quorum: its membership cannot change
         // until it has one, and it would hold the room for good.
-        let moving = moving_shards(&map, &statuses, &(&stalled | &stuck));
+        // Nor does a move waiting only on nodes that do not answer (a node
+        // that died while it took a replica, and is not drained yet: the
+        // drain under way must end before its own can start). And no new
+        // replica goes to such a node.
+        let silent: BTreeSet<NodeId> =
+            map.nodes.keys().filter(|n| !statuses.iter().any(|(id, _)| id == *n)).copied().collect();
+        let waiting = waiting_on(&map, &statuses, &busy, &silent);
+        let moving = moving_shards(&map, &statuses, &(&(&stalled | &stuck) | &waiting));
         let room = self.max_moves.max(1).saturating_sub(moving);
-        let mut plan = map.plan_drain(&(&(&busy - &stalled) - &stuck), room);
-        tracing::debug!(?busy, ?stalled, room, ?plan, "balance");
+        let mut plan = map.plan_drain(&(&(&busy - &stalled) - &stuck), &silent, room);
+        tracing::debug!(?busy, ?stalled, ?waiting, ?silent, room, ?plan, "balance");
         if balancing && plan.is_empty() {
-            plan = map.plan_moves(&busy, room);
+            plan = map.plan_moves(&busy, &silent, room);
         }
         for change in plan {
             tracing::info!(?change, "moving replicas");
@@ -374,6 +381,16 @@ impl Node {
         }
         self.lead_meta()?;
         let map = self.cluster().map.clone().ok_or_else(not_created)?;
+        // A drain is never undone: adding a draining node again would
+        // change nothing and answer OK (and flap its meta vote).
+        if map.draining.contains(&id) {
+            let left = map.hosted_by(id).len();
+            return Err(Error::FailedPrecondition(format!(
+                "node_id: node {id} is draining ({left} replicas left to move off it), and a drain is not \
+                 undone: once it holds none, remove it (cluster remove-node {id}) and add it again under a \
+                 new id on an empty data dir (docs/operations.md)"
+            )));
+        }
         // The shards short of RF once the node is in: the call waits for
         // the replicas it gets of those, not for balancing moves to it.
         let short: BTreeSet<u32> = {
@@ -480,7 +497,7 @@ impl Node {
     }
 
     /// Removes node `id` (meta leader only): from the meta group, then from
-    /// the map; returns when every shard has its replicas as voters again.
+    /// the map; returns once both changes committed.
     /// Refused (FAILED_PRECONDITION) while the map places replicas on it
     /// or a shard's membership still holds it (drain it first), while it
     /// cannot be marked draining (another node's drain is under way), and
@@ -491,7 +508,10 @@ impl Node {
         let meta_member =
             self.meta.raft.metrics().borrow().membership_config.membership().get_node(&id).is_some();
         if !map.nodes.contains_key(&id) && !meta_member {
-            return Err(Error::NotFound(format!("node {id} is not a member of the cluster")));
+            return Err(Error::NotFound(format!(
+                "node {id} is not a member of the cluster (if an earlier RemoveNode of it failed, it may have \
+                 completed: `portrait cluster status` lists the members)"
+            )));
         }
         if map.nodes.contains_key(&id) {
             // Refused while it holds replicas, or while it could not be
@@ -558,14 +578,13 @@ impl Node {
         if map.nodes.contains_key(&id) {
             self.propose_meta(MetaCommand::Map(MapChange::RemoveNode { node: id })).await?;
         }
-        self.place().await?;
-        // The replicas of the nodes that answer: one that is down would
-        // hold the call up to no purpose (it is drained once dead).
-        let live = |node: NodeId| {
-            node == self.id
-                || self.liveness.silent_for(node, std::time::Instant::now()) < META_QUORUM_HEARD_WITHIN
-        };
-        self.wait_followed(&format!("moving node {id}'s replicas"), |node, _| live(node)).await?;
+        // The node is gone, and held no replica (checked above): nothing is
+        // left to wait for. Placement runs once more for the moves the
+        // drain held back; its failure is not the removal's (an error here
+        // would have the caller retry a removal that is done).
+        if let Err(e) = self.place().await {
+            tracing::info!(node = id, error = %e, "placement after a removal; the next round retries");
+        }
         Ok(index)
     }
 
@@ -716,6 +735,19 @@ impl Node {
                  added with ({recorded:x}): the raft votes and log it had are lost. Drain and remove node \
                  {id}, then empty this node's data dir and add it under a new id (docs/operations.md)",
                 status.incarnation
+            )));
+        }
+        // A node that created a cluster of its own (started without
+        // --no-bootstrap or --join) holds its own meta log and shard
+        // groups: as a member here, its shards' groups would take writes
+        // the rest of this cluster never sees.
+        let cluster = self.cluster().map.as_ref().map_or(0, |m| m.cluster);
+        if status.cluster_id != 0 && cluster != 0 && status.cluster_id != cluster {
+            return Err(Error::FailedPrecondition(format!(
+                "node {id} at {addr} belongs to another cluster ({:x}, this one is {cluster:x}): it created its \
+                 own (started without --no-bootstrap or --join); restart it on an empty data dir with \
+                 --no-bootstrap (or --join), then add it",
+                status.cluster_id
             )));
         }
         if status.shards != 0 && status.shards != self.shards {
@@ -921,6 +953,28 @@ fn shard_leaders(statuses: &[(NodeId, ClusterStatusResponse)]) -> BTreeMap<u32, 
 fn moving_shards(map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)], not: &BTreeSet<u32>) -> usize {
     let led: BTreeSet<u32> = shard_leaders(statuses).into_keys().collect();
     busy_shards(map, statuses).intersection(&led).filter(|s| !not.contains(s)).count()
+}
+
+/// Of the `busy` shards, those (with a leader that answers) whose map
+/// replicas missing from the leader's voters are all on `silent` nodes:
+/// their move waits on a node that does not answer, and ends only once
+/// that node answers again or is drained.
+fn waiting_on(
+    map: &ShardMap,
+    statuses: &[(NodeId, ClusterStatusResponse)],
+    busy: &BTreeSet<u32>,
+    silent: &BTreeSet<NodeId>,
+) -> BTreeSet<u32> {
+    shard_leaders(statuses)
+        .into_values()
+        .filter(|s| busy.contains(&s.shard))
+        .filter(|s| {
+            let Some(replicas) = map.replicas.get(s.shard as usize) else { return false };
+            let mut missing = replicas.iter().filter(|n| !s.voters.contains(n)).peekable();
+            missing.peek().is_some() && missing.all(|n| silent.contains(n))
+        })
+        .map(|s| s.shard)
+        .collect()
 }
 
 /// Of the `busy` shards, those (with a leader that answers) whose replicas in the map on
@@ -1367,6 +1421,33 @@ mod tests {
     }
 
     #[test]
+    fn a_move_waiting_on_a_node_that_does_not_answer_takes_no_room_from_a_drain() {
+        // Nodes 4 and 5 died together; node 4 is drained. Shard 0 was
+        // moved to node 5 before anyone knew it was dead (its learner never
+        // catches up); shard 1 moves to node 2, which answers.
+        let mut map = map_of(3, 5);
+        map.replicas = vec![vec![1, 2, 5], vec![1, 3, 2], vec![1, 3, 4]];
+        map.apply(&MapChange::Drain { node: 4 }).unwrap();
+        let statuses =
+            [learning(1, 0, &[1, 2, 3], &[5]), learning(1, 1, &[1, 3, 4], &[2]), leading(1, 2, &[1, 3, 4])];
+        let busy = busy_shards(&map, &statuses);
+        assert_eq!(busy, BTreeSet::from([0, 1]), "shard 2's drain is not planned yet");
+        let silent = BTreeSet::from([4, 5]);
+        assert_eq!(waiting_on(&map, &statuses, &busy, &silent), BTreeSet::from([0]));
+        // Before, shard 0 held one of the (here) two slots for good, shard 1
+        // the other, and the drain of node 4 stopped with shard 2 on it.
+        assert_eq!(moving_shards(&map, &statuses, &BTreeSet::new()), 2);
+        let waiting = waiting_on(&map, &statuses, &busy, &silent);
+        assert_eq!(moving_shards(&map, &statuses, &waiting), 1, "shard 1 only");
+        // Shard 2's replica on node 4 goes to a node that answers (node 5
+        // holds the fewest replicas, but does not answer).
+        let plan = map.plan_drain(&BTreeSet::new(), &silent, 1);
+        assert_eq!(plan, [MapChange::MoveReplica { shard: 2, from: 4, to: 2 }]);
+        // Once node 5 answers again, its move is under way like any other.
+        assert!(waiting_on(&map, &statuses, &busy, &BTreeSet::from([4])).is_empty());
+    }
+
+    #[test]
     fn shards_without_a_quorum_of_answering_voters_are_found_whatever_their_leader_claims() {
         let map = map_of(4, 5);
         // Only nodes 1 and 4 answer. Shard 0: its leader lost nodes 2 and
@@ -1402,7 +1483,7 @@ mod tests {
         assert_eq!(busy, BTreeSet::from([0, 1]));
         let stalled = stalled_on_draining(&map, &statuses, &busy);
         assert_eq!(stalled, BTreeSet::from([0]), "node 4 votes in shard 1: that move is under way");
-        let plan = map.plan_drain(&(&busy - &stalled), 1);
+        let plan = map.plan_drain(&(&busy - &stalled), &BTreeSet::new(), 1);
         assert_eq!(plan, [MapChange::MoveReplica { shard: 0, from: 4, to: 5 }]);
         // Once that move is planned (node 5 takes shard 0), the shard is
         // an ordinary move under way again.

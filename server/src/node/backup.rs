@@ -180,21 +180,27 @@ impl Node {
         let name = unique("export", gid);
         let file = ScratchFile { path: dir.join(format!("{name}.snap")) };
         let archive = file.path.clone();
-        let export = move || -> anyhow::Result<(Option<LogId>, u64, u64)> {
-            let files = dir.join(&name);
-            let exported = group_snapshot::export_for_backup(&state_db, gid, &files);
-            let packed = exported.and_then(|meta| {
-                pack(&files, &archive)?;
-                Ok(meta)
-            });
-            let _ = std::fs::remove_dir_all(&files);
-            let (meta, schema_version) = packed?;
-            Ok((meta.last_applied, schema_version, std::fs::metadata(&archive)?.len()))
+        // The scratch file and the slot go with the export and come back
+        // with it: a caller gone meanwhile (the call cancelled) drops the
+        // future, not the export, and the archive that export then writes
+        // is removed, and the slot freed, only once it ends.
+        let export = move || {
+            let export = || -> anyhow::Result<(Option<LogId>, u64, u64)> {
+                let files = dir.join(&name);
+                let exported = group_snapshot::export_for_backup(&state_db, gid, &files);
+                let packed = exported.and_then(|meta| {
+                    pack(&files, &archive)?;
+                    Ok(meta)
+                });
+                let _ = std::fs::remove_dir_all(&files);
+                let (meta, schema_version) = packed?;
+                Ok((meta.last_applied, schema_version, std::fs::metadata(&archive)?.len()))
+            };
+            (export(), file, slot)
         };
-        let (applied, schema_version, bytes) = tokio::task::spawn_blocking(export)
-            .await
-            .map_err(Error::internal)?
-            .map_err(|e| match e.downcast_ref::<group_snapshot::Installing>() {
+        let (exported, file, slot) = tokio::task::spawn_blocking(export).await.map_err(Error::internal)?;
+        let (applied, schema_version, bytes) =
+            exported.map_err(|e| match e.downcast_ref::<group_snapshot::Installing>() {
                 Some(_) => Error::Unavailable(format!(
                     "{gid}'s replica on node {} is installing a snapshot (catching up); retry, or copy another \
                      replica",
@@ -356,16 +362,20 @@ impl Node {
         let replica = self.hosted(gid)?;
         self.check_restorable(&replica, crate::types::restore_id_of(&id))?;
         let (archive, scratch) = (upload.file.path.clone(), upload.file.path.with_extension("d"));
-        // Every row is checked before the shard changes (see `check`).
+        // Every row is checked before the shard changes (see `check`). The
+        // upload (its file and the node's slot) goes with the unpacking and
+        // comes back with it: a call cancelled meanwhile frees neither the
+        // disk nor the slot before the unpacking ends.
         let open = move || {
-            let source = BackupSource::open(&archive, gid, &scratch)?;
-            source.check()?;
-            Ok::<_, anyhow::Error>(source)
+            let open = || {
+                let source = BackupSource::open(&archive, gid, &scratch)?;
+                source.check()?;
+                Ok::<_, anyhow::Error>(source)
+            };
+            (open(), upload)
         };
-        let source = tokio::task::spawn_blocking(open)
-            .await
-            .map_err(Error::internal)?
-            .map_err(|e| Error::invalid("archive", format!("{e:#}")))?;
+        let (opened, upload) = tokio::task::spawn_blocking(open).await.map_err(Error::internal)?;
+        let source = opened.map_err(|e| archive_error(gid, e))?;
         let SourceMeta { applied: source_applied, schema, clock_ms, reeval } = source.meta.clone();
         if let Some(schema) = &schema {
             let current = replica.sm.schema();
@@ -403,7 +413,8 @@ impl Node {
         drop(rx);
         let counted = reader.await.map_err(Error::internal)?;
         proposed?;
-        let (rows, bytes) = counted.map_err(|e| Error::invalid("archive", format!("{e:#}")))?;
+        let (rows, bytes) = counted.map_err(|e| archive_error(gid, e))?;
+        drop(upload);
         let schema = schema.map(|s| s.schema);
         let end = RestoreStep::End { id: id.clone(), rows, clock_ms, schema, reeval };
         let log_index = self.propose_restore(&replica, end).await?;
@@ -461,9 +472,60 @@ async fn peer_read_index(
     reply.map(|r| r.into_inner().index).map_err(|s| s.message().to_string())
 }
 
+/// A failure opening, checking or reading a backup archive: the archive's
+/// (damaged, not a backup of this shard, a row apply cannot read:
+/// INVALID_ARGUMENT, which the CLI does not retry) or this node's (a full
+/// or failing disk, RocksDB's I/O: UNAVAILABLE, which it retries; the
+/// archive may be sound).
+fn archive_error(gid: GroupId, e: anyhow::Error) -> Error {
+    match node_failure(&e) {
+        true => Error::Unavailable(format!(
+            "restoring {gid}: this node failed, not the archive: {e:#} (free disk space or mend the node, then \
+             retry)"
+        )),
+        false => Error::invalid("archive", format!("{e:#}")),
+    }
+}
+
+/// Whether `e` comes from the node's disk or database rather than from
+/// the archive's content: an I/O error other than bad or missing data, or
+/// a RocksDB error of I/O, or of a busy or stopping database.
+fn node_failure(e: &anyhow::Error) -> bool {
+    use rocksdb::ErrorKind as Db;
+    use std::io::ErrorKind as Io;
+    e.chain().any(|cause| {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return !matches!(io.kind(), Io::InvalidData | Io::UnexpectedEof | Io::NotFound);
+        }
+        if let Some(db) = cause.downcast_ref::<rocksdb::Error>() {
+            return matches!(
+                db.kind(),
+                Db::IOError | Db::Busy | Db::TimedOut | Db::TryAgain | Db::ShutdownInProgress | Db::Aborted
+            );
+        }
+        false
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_of_the_node_is_told_from_a_bad_archive() {
+        let gid = GroupId(3);
+        let full = anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        let e = archive_error(gid, full.context("unpacking"));
+        assert!(
+            matches!(&e, Error::Unavailable(m) if m.starts_with("restoring shard 3: this node failed")),
+            "{e}"
+        );
+        let damaged = std::io::Error::new(std::io::ErrorKind::InvalidData, "checksum does not match");
+        let e = archive_error(gid, anyhow::Error::from(damaged).context("unpacking"));
+        assert!(matches!(&e, Error::InvalidArgument { .. }), "{e}");
+        let e = archive_error(gid, anyhow::anyhow!("the archive is of shard 2, not of shard 3"));
+        assert!(matches!(&e, Error::InvalidArgument { .. }), "{e}");
+    }
 
     #[test]
     fn free_bytes_reads_the_file_system_of_a_path() {

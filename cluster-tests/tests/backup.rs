@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use portrait_client::backup::{read_manifest, Manifest};
 use portrait_client::{Consistency, PortraitClient, Profile};
@@ -593,6 +593,23 @@ async fn a_shard_left_mid_restore_by_one_backup_refuses_another_before_anything_
     assert!(failed.contains("shard 0: fault injection: the restore stops after its Begin"), "{failed}");
     let then = restorer.get_schema().await.expect("schema");
     assert_eq!(then.toml, newer, "the restore applies its backup's schema before the shards");
+    // The shard left mid-restore says so in its status, on every replica
+    // (once it applied the Begin).
+    for id in 1..=3 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = target.client(id).await.cluster_status().await.expect("status");
+            let shard0 = status.shard_status.iter().find(|s| s.shard == 0).expect("shard 0 is on every node");
+            let shard1 = status.shard_status.iter().find(|s| s.shard == 1).expect("shard 1");
+            assert_eq!(shard1.restoring, None, "node {id}: shard 1 never began");
+            let restoring = shard0.restoring.as_ref().map(|r| (r.id.starts_with(&bad.backup_id), r.rows));
+            if restoring.is_some() || Instant::now() > deadline {
+                assert_eq!(restoring, Some((true, 0)), "node {id}: {shard0:?}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
     let expected = format!(
         "FAILED_PRECONDITION: shard 0 is being restored from {:?}, not {:?}: a shard takes one backup; \

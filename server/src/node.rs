@@ -190,6 +190,8 @@ pub struct ShardStatus {
     pub state_bytes: Option<u64>,
     /// The apply rules version the replica applies by.
     pub rules: u32,
+    /// The restore under way in the shard, as this replica applied it.
+    pub restoring: Option<crate::types::RestoreMarker>,
 }
 
 pub struct Node {
@@ -670,6 +672,10 @@ fn shard_status(replica: &Replica) -> ShardStatus {
         membership_index: m.membership_config.log_id().map_or(0, |l| l.index),
         state_bytes: None,
         rules: replica.sm.rules(),
+        restoring: crate::store::restore::restoring(replica.sm.state_db(), replica.gid).unwrap_or_else(|e| {
+            tracing::warn!(group = %replica.gid, error = %e, "reading the shard's restore marker");
+            None
+        }),
     }
 }
 

@@ -51,6 +51,7 @@ fn render(map: &ShardMapResponse, statuses: &Statuses, all_shards: bool) -> Stri
     out.push_str(&shard_summary(map, statuses));
     out.push_str(&moves_line(map, statuses));
     out.push_str(&rules_line(statuses));
+    out.push_str(&restores_line(statuses));
     if all_shards {
         out.push_str(&shard_table(map, statuses));
     } else {
@@ -167,6 +168,33 @@ fn moves_line(map: &ShardMapResponse, statuses: &Statuses) -> String {
             format!("moves           {n} under way: {listed}{more}{draining}\n")
         }
     }
+}
+
+/// Shards a restore began in and has not ended in, as any of their
+/// replicas reports (the most rows applied): empty when there are none.
+fn restores_line(statuses: &Statuses) -> String {
+    let mut restoring: BTreeMap<u32, (String, u64)> = BTreeMap::new();
+    for g in statuses.values().filter_map(|s| s.as_ref().ok()).flat_map(|s| s.shard_status.iter()) {
+        if let Some(r) = &g.restoring {
+            let seen = restoring.entry(g.shard).or_insert_with(|| (r.id.clone(), r.rows));
+            seen.1 = seen.1.max(r.rows);
+        }
+    }
+    if restoring.is_empty() {
+        return String::new();
+    }
+    let listed: Vec<String> = restoring
+        .iter()
+        .take(LISTED)
+        .map(|(shard, (id, rows))| format!("shard {shard} ({rows} rows of {id})"))
+        .collect();
+    let more = if restoring.len() > LISTED { ", ..." } else { "" };
+    format!(
+        "restores        {} shards mid-restore: {}{more}; their writes are refused and reads see part of \
+         the backup: run `portrait restore` again to finish\n",
+        restoring.len(),
+        listed.join(", ")
+    )
 }
 
 /// Apply rules versions (docs/operations.md, "Apply rules across a
@@ -306,6 +334,20 @@ mod tests {
         assert_eq!(
             shard_summary(&map, &statuses),
             "shards          2 with a leader, 1 without: 2; max lag 4 (shard 1 on node 3)\n"
+        );
+    }
+
+    #[test]
+    fn shards_mid_restore_are_listed_once_with_the_most_rows_a_replica_applied() {
+        let (_, mut statuses) = cluster();
+        assert_eq!(restores_line(&statuses), "", "no line while none is under way");
+        let restoring = |rows| Some(portrait_proto::v1::ShardRestore { id: "b1/2".into(), rows });
+        statuses.get_mut(&1).unwrap().as_mut().unwrap().shard_status[0].restoring = restoring(10);
+        statuses.get_mut(&2).unwrap().as_mut().unwrap().shard_status[0].restoring = restoring(12);
+        let line = restores_line(&statuses);
+        assert!(
+            line.starts_with("restores        1 shards mid-restore: shard 0 (12 rows of b1/2);"),
+            "{line}"
         );
     }
 

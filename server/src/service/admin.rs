@@ -102,6 +102,7 @@ fn shard_status_to_pb(s: crate::node::ShardStatus) -> ShardStatus {
         membership_index: s.membership_index,
         state_bytes: s.state_bytes,
         apply_rules: s.rules,
+        restoring: s.restoring.map(|m| portrait_proto::v1::ShardRestore { id: m.id, rows: m.rows }),
     }
 }
 

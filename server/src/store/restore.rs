@@ -232,6 +232,13 @@ pub struct RestoreState {
     pub restored: Option<String>,
 }
 
+/// The marker of the restore under way in group `gid`, if any (one point
+/// read).
+pub fn restoring(state_db: &StateDb, gid: GroupId) -> anyhow::Result<Option<RestoreMarker>> {
+    let db = state_db.db();
+    Ok(db.get_cf(cf(&db, CF_META), meta(gid, META_RESTORE))?.map(|b| decode(&b)).transpose()?)
+}
+
 /// Group `gid`'s [`RestoreState`].
 pub fn restore_state(state_db: &StateDb, gid: GroupId) -> anyhow::Result<RestoreState> {
     let db = state_db.db();

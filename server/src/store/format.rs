@@ -39,6 +39,13 @@ pub const STORAGE_FORMAT: u32 = 8;
 /// What a database or archive without a recorded version was written by.
 pub const UNVERSIONED_FORMAT: u32 = 1;
 
+/// The oldest format whose shard archives a restore reads (a backup
+/// outlives the binary that took it). Formats 3 to 8 changed no key, row
+/// encoding or archive layout of a shard's range, only the meta group's
+/// state and node-level keys; a format that changes a shard's rows must
+/// raise this to itself (or convert older rows on restore).
+pub const OLDEST_BACKUP_FORMAT: u32 = 3;
+
 /// Refusal to read data written in another format.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -48,6 +55,27 @@ pub const UNVERSIONED_FORMAT: u32 = 1;
 pub struct FormatError {
     pub what: String,
     pub found: u32,
+}
+
+/// Refusal to restore a backup archive written in a format this binary
+/// does not restore.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{what} was written by storage format {found}; this binary restores backups of formats \
+     {OLDEST_BACKUP_FORMAT} to {STORAGE_FORMAT} (see docs/operations.md#upgrades)"
+)]
+pub struct BackupFormatError {
+    pub what: String,
+    pub found: u32,
+}
+
+/// `Ok` if a backup archive written in `found` can be restored by this
+/// binary ([`OLDEST_BACKUP_FORMAT`] to [`STORAGE_FORMAT`]).
+pub fn check_backup(what: impl std::fmt::Display, found: u32) -> Result<(), BackupFormatError> {
+    match (OLDEST_BACKUP_FORMAT..=STORAGE_FORMAT).contains(&found) {
+        true => Ok(()),
+        false => Err(BackupFormatError { what: what.to_string(), found }),
+    }
 }
 
 /// `Ok` if data written in `found` can be read by this binary.

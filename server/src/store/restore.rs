@@ -20,7 +20,7 @@ use super::group_snapshot::{ArchiveMeta, META_FILE};
 use super::keys::*;
 use super::record::{decode_history_event, FamilyHead};
 use super::sm_db::{cf, cf_options_for, DurableClocks, StateDb};
-use super::snapshot::unpack;
+use super::snapshot::unpack_backup;
 use crate::limits::{MAX_RESTORE_ROW_BYTES, RESTORE_ROW_OVERHEAD_BYTES};
 use crate::schema::VersionedSchema;
 use crate::types::{GroupId, LogId, ReevalProgress, RestoreMarker, RestoreRow};
@@ -60,7 +60,7 @@ impl BackupSource {
             meta: SourceMeta { applied: None, schema: None, clock_ms: 0, reeval: None },
         };
         let files = scratch.join("files");
-        unpack(archive, &files)?;
+        unpack_backup(archive, &files)?;
         let found: ArchiveMeta = decode(&std::fs::read(files.join(META_FILE))?)?;
         anyhow::ensure!(found.group == gid, "the archive is of {}, not of {gid}", found.group);
         let mut opts = Options::default();

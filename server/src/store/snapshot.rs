@@ -53,9 +53,27 @@ pub fn pack(dir: &Path, archive: &Path) -> io::Result<()> {
 
 /// Unpacks `archive` into the new directory `dir`, syncing every file. On
 /// an error `dir` may hold part of the archive: the caller removes it.
+/// Only this binary's storage format: a snapshot between replicas.
 pub fn unpack(archive: &Path, dir: &Path) -> io::Result<()> {
+    unpack_as(archive, dir, Formats::Exact)
+}
+
+/// [`unpack`] for a backup archive being restored: any format from
+/// [`format::OLDEST_BACKUP_FORMAT`] on (see there).
+pub fn unpack_backup(archive: &Path, dir: &Path) -> io::Result<()> {
+    unpack_as(archive, dir, Formats::Backup)
+}
+
+/// The storage formats an unpacking reads.
+#[derive(Clone, Copy)]
+enum Formats {
+    Exact,
+    Backup,
+}
+
+fn unpack_as(archive: &Path, dir: &Path, formats: Formats) -> io::Result<()> {
     let mut input = Hashing::new(BufReader::new(File::open(archive)?));
-    read_header(&mut input, archive)?;
+    read_header(&mut input, archive, formats)?;
     std::fs::create_dir_all(dir)?;
     loop {
         let name_len = read_u32(&mut input)?;
@@ -92,7 +110,7 @@ pub fn unpack(archive: &Path, dir: &Path) -> io::Result<()> {
 }
 
 /// Checks the magic and the storage format before anything is unpacked.
-fn read_header(input: &mut impl Read, archive: &Path) -> io::Result<()> {
+fn read_header(input: &mut impl Read, archive: &Path, formats: Formats) -> io::Result<()> {
     let mut magic = [0u8; 8];
     input.read_exact(&mut magic).map_err(|_| bad("not a Portrait snapshot archive"))?;
     let version = match &magic {
@@ -100,8 +118,13 @@ fn read_header(input: &mut impl Read, archive: &Path) -> io::Result<()> {
         m if m == MAGIC_UNVERSIONED => UNVERSIONED_FORMAT,
         _ => return Err(bad("not a Portrait snapshot archive")),
     };
-    let what = format!("snapshot archive {}", archive.display());
-    format::check(what, version).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    let invalid = |e| io::Error::new(io::ErrorKind::InvalidData, e);
+    match formats {
+        Formats::Exact => format::check(format!("snapshot archive {}", archive.display()), version)
+            .map_err(|e| invalid(e.to_string())),
+        Formats::Backup => format::check_backup(format!("backup archive {}", archive.display()), version)
+            .map_err(|e| invalid(e.to_string())),
+    }
 }
 
 fn read_u32(r: &mut impl Read) -> io::Result<u32> {
@@ -278,5 +301,42 @@ mod tests {
         std::fs::write(&archive, &old).unwrap();
         let e = unpack(&archive, &dst).unwrap_err().to_string();
         assert!(e.contains("was written by storage format 1;"), "{e}");
+    }
+
+    /// Repacks `bytes` (an archive) as written by `version`: the header
+    /// and the checksum over it.
+    fn as_format(bytes: &[u8], version: u32) -> Vec<u8> {
+        let mut body = bytes[..bytes.len() - 8].to_vec();
+        body[8..12].copy_from_slice(&version.to_le_bytes());
+        let mut sum = super::super::checksum::Checksum::default();
+        sum.update(&body);
+        body.extend_from_slice(&sum.finish().to_le_bytes());
+        body
+    }
+
+    #[test]
+    fn a_backup_of_an_older_format_is_unpacked_for_a_restore_only() {
+        use super::super::format::OLDEST_BACKUP_FORMAT;
+        let tmp = tempfile::tempdir().unwrap();
+        let (archive, bytes) = packed(tmp.path());
+        for version in OLDEST_BACKUP_FORMAT..=STORAGE_FORMAT {
+            std::fs::write(&archive, as_format(&bytes, version)).unwrap();
+            let dst = tmp.path().join(format!("backup-{version}"));
+            unpack_backup(&archive, &dst).unwrap_or_else(|e| panic!("format {version}: {e}"));
+            assert!(dst.join("a.sst").exists());
+            let replica = tmp.path().join(format!("replica-{version}"));
+            assert_eq!(unpack(&archive, &replica).is_ok(), version == STORAGE_FORMAT, "a snapshot: exactly");
+        }
+        for version in [OLDEST_BACKUP_FORMAT - 1, STORAGE_FORMAT + 1] {
+            std::fs::write(&archive, as_format(&bytes, version)).unwrap();
+            let dst = tmp.path().join(format!("refused-{version}"));
+            let e = unpack_backup(&archive, &dst).unwrap_err().to_string();
+            let expected = format!(
+                "was written by storage format {version}; this binary restores backups of formats \
+                 {OLDEST_BACKUP_FORMAT} to {STORAGE_FORMAT}"
+            );
+            assert!(e.contains(&expected), "{e}");
+            assert!(!dst.exists(), "nothing unpacked");
+        }
     }
 }

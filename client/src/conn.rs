@@ -46,6 +46,8 @@ pub struct ConnectOptions {
     tls: Option<ClientTlsConfig>,
     /// How long a call keeps retrying (`None`: [`crate::retry::RETRY_BUDGET`]).
     retry_budget: Option<Duration>,
+    /// See [`ConnectOptions::warn_plaintext_token`].
+    warn_plaintext: bool,
 }
 
 /// Never shows the token.
@@ -79,6 +81,15 @@ impl ConnectOptions {
     /// See [`ConnectOptions::retry_for`].
     pub fn retry_budget(&self) -> Duration {
         self.retry_budget.unwrap_or(crate::retry::RETRY_BUDGET)
+    }
+
+    /// Prints a warning to stderr, once per endpoint, for every node the
+    /// token is about to be sent to in plaintext beyond loopback
+    /// ([`plaintext_token_warning`]): the seed, and each node the shard map
+    /// or a redirect sends calls to (the `portrait` CLI's).
+    pub fn warn_plaintext_token(mut self) -> Self {
+        self.warn_plaintext = true;
+        self
     }
 
     /// Sends `token` as `authorization: Bearer <token>` on every call.
@@ -270,6 +281,15 @@ pub(crate) fn lazy_channel(endpoint: &str, options: &ConnectOptions) -> Result<C
 }
 
 fn configure(endpoint: &str, options: &ConnectOptions) -> Result<Endpoint, ClientError> {
+    if options.warn_plaintext && options.authorization.is_some() && options.tls.is_none() {
+        if let Some(warning) = plaintext_token_warning(endpoint) {
+            static WARNED: Mutex<std::collections::BTreeSet<String>> =
+                Mutex::new(std::collections::BTreeSet::new());
+            if WARNED.lock().unwrap_or_else(|p| p.into_inner()).insert(normalize_endpoint(endpoint)) {
+                eprintln!("{warning}");
+            }
+        }
+    }
     let connect_error = |source| ClientError::Connect { endpoint: endpoint.to_string(), source };
     // With TLS, `https://` whatever the scheme given: tonic dials any other
     // scheme in plaintext, bearer token included.
@@ -287,9 +307,43 @@ fn configure(endpoint: &str, options: &ConnectOptions) -> Result<Endpoint, Clien
     Ok(configured)
 }
 
+/// A warning for a token sent in plaintext (an endpoint not `https://`,
+/// with no TLS configured) to a host other than loopback: anyone on the
+/// path could read it. `None` for loopback and `https://`.
+pub fn plaintext_token_warning(endpoint: &str) -> Option<String> {
+    let normalized = normalize_endpoint(endpoint);
+    if normalized.starts_with("https://") {
+        return None;
+    }
+    let rest = normalized.split_once("://").map_or(normalized.as_str(), |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| {
+        format!(
+            "warning: sending the token in plaintext to {normalized} (no --ca-cert): anyone on the path can read \
+             it; use TLS (docs/security.md)"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_sent_in_plaintext_beyond_loopback_is_warned_of() {
+        let warn = plaintext_token_warning;
+        assert!(warn("10.0.0.5:7700").is_some_and(|w| w.contains("http://10.0.0.5:7700")));
+        assert!(warn("http://db.example:7700").is_some());
+        for quiet in ["127.0.0.1:7700", "http://localhost:7700", "http://[::1]:7700", "127.0.0.2:7700"] {
+            assert_eq!(warn(quiet), None, "{quiet}");
+        }
+        assert_eq!(warn("https://10.0.0.5:7700"), None, "TLS");
+    }
 
     #[test]
     fn endpoints_get_a_scheme() {

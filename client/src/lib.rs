@@ -40,7 +40,9 @@ mod shard;
 mod split;
 
 pub use client::{PortraitClient, MAX_MESSAGE_BYTES, STATUS_TIMEOUT};
-pub use conn::{normalize_endpoint, ConnectOptions, MAX_TOKEN_BYTES, PING_INTERVAL, PING_TIMEOUT};
+pub use conn::{
+    normalize_endpoint, plaintext_token_warning, ConnectOptions, MAX_TOKEN_BYTES, PING_INTERVAL, PING_TIMEOUT,
+};
 pub use error::{code_name, ClientError};
 pub use portrait_proto;
 pub use portrait_proto::v1::{Consistency, Event, Profile, Value, WriteRequest, WriteResponse};

@@ -201,10 +201,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         };
         options = options.identity(read("cert", cert)?, read("key", key)?);
     }
-    if let Some(warning) = plaintext_token_warning(&cli.endpoint, cli.token.is_some(), cli.ca_cert.is_some())
-    {
-        eprintln!("{warning}");
-    }
+    // Each node the token goes to in plaintext beyond loopback is warned
+    // of as it is first dialed: the seed, and the nodes the shard map or a
+    // redirect leads to.
+    options = options.warn_plaintext_token();
     let endpoint = &Target { endpoint: cli.endpoint, options };
     match cli.command {
         Command::Put { json } => put::run(endpoint, &json).await,
@@ -307,44 +307,8 @@ fn read_input(path: &std::path::Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
-/// A warning when the CLI would send its token in plaintext (no
-/// `--ca-cert`, no `https://`) to a host other than loopback: anyone on the
-/// path could read it.
-fn plaintext_token_warning(endpoint: &str, token: bool, ca_cert: bool) -> Option<String> {
-    let normalized = portrait_client::normalize_endpoint(endpoint);
-    if !token || ca_cert || normalized.starts_with("https://") {
-        return None;
-    }
-    let rest = normalized.split_once("://").map_or(normalized.as_str(), |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(v6),
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-    };
-    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    (!loopback).then(|| {
-        format!(
-            "warning: sending the token in plaintext to {normalized} (no --ca-cert): anyone on the path can read \
-             it; use TLS (docs/security.md)"
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn a_token_sent_in_plaintext_beyond_loopback_is_warned_of() {
-        use super::plaintext_token_warning as warn;
-        assert!(warn("10.0.0.5:7700", true, false).is_some_and(|w| w.contains("http://10.0.0.5:7700")));
-        assert!(warn("http://db.example:7700", true, false).is_some());
-        for quiet in ["127.0.0.1:7700", "http://localhost:7700", "http://[::1]:7700", "127.0.0.2:7700"] {
-            assert_eq!(warn(quiet, true, false), None, "{quiet}");
-        }
-        assert_eq!(warn("10.0.0.5:7700", false, false), None, "no token");
-        assert_eq!(warn("10.0.0.5:7700", true, true), None, "TLS with --ca-cert");
-        assert_eq!(warn("https://10.0.0.5:7700", true, false), None, "TLS");
-    }
-
     use clap::CommandFactory;
 
     use super::*;

@@ -27,7 +27,7 @@ pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (with fault injec
     about = "Portrait node: replicated user profiles with per-family TTL, over gRPC"
 )]
 pub struct Cli {
-    /// TOML config file (keys: node_id, data_dir, listen, advertise, peer_listen, peer_advertise, bootstrap, join, log, token_file, tls_cert, tls_key, tls_client_ca, peer_ca, peer_cert, peer_key, insecure, audit_log, shards, replication, max_moves, replica_dead_after, backup_stream_stall, [raft], [clock]).
+    /// TOML config file (keys: node_id, data_dir, listen, advertise, peer_listen, peer_advertise, bootstrap, join, log, token_file, tls_cert, tls_key, tls_client_ca, peer_ca, peer_cert, peer_key, insecure, insecure_peer, audit_log, shards, replication, max_moves, replica_dead_after, backup_stream_stall, [raft], [clock]).
     #[arg(long, env = "PORTRAIT_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's raft id, at least 1 and stable across restarts (default 1, the node that
@@ -89,10 +89,14 @@ pub struct Cli {
     /// Append one JSON line per administrative action to this file (they also go to the log).
     #[arg(long, env = "PORTRAIT_AUDIT_LOG", value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
-    /// Serve plaintext, or the client port without --token-file, on an address other than
-    /// loopback (refused without this flag).
+    /// Serve the client port in plaintext, or without --token-file, on an address other than
+    /// loopback (refused without this flag). The peer port needs --insecure-peer for the same.
     #[arg(long, env = "PORTRAIT_INSECURE")]
     pub insecure: bool,
+    /// Serve the peer port in plaintext (no mutual TLS) on an address other than loopback:
+    /// whoever reaches it can read and write any user and join nodes (refused without this flag).
+    #[arg(long, env = "PORTRAIT_INSECURE_PEER")]
+    pub insecure_peer: bool,
     /// A node whose clock is further than this from a quorum of its peers does not lead (default 500ms).
     #[arg(long, env = "PORTRAIT_MAX_CLOCK_OFFSET", value_name = "DURATION")]
     pub max_clock_offset: Option<String>,
@@ -146,6 +150,7 @@ struct FileConfig {
     peer_cert: Option<PathBuf>,
     peer_key: Option<PathBuf>,
     insecure: Option<bool>,
+    insecure_peer: Option<bool>,
     audit_log: Option<PathBuf>,
     shards: Option<u32>,
     replication: Option<u32>,
@@ -193,9 +198,12 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     /// Certificates and keys of the two ports.
     pub tls: TlsFiles,
-    /// Plaintext, or a client port without caller checks, on a non-loopback
-    /// address was asked for (`--insecure`).
+    /// A plaintext client port, or one without caller checks, on a
+    /// non-loopback address was asked for (`--insecure`).
     pub insecure: bool,
+    /// A plaintext peer port on a non-loopback address was asked for
+    /// (`--insecure-peer`).
+    pub insecure_peer: bool,
     /// Where audit entries are appended besides the log (`--audit-log`).
     pub audit_log: Option<PathBuf>,
     pub node: NodeOptions,
@@ -226,6 +234,7 @@ impl Config {
         };
         tls.check_complete()?;
         let insecure = cli.insecure || file.insecure.unwrap_or(false);
+        let insecure_peer = cli.insecure_peer || file.insecure_peer.unwrap_or(false);
         let advertise =
             advertised("listen", &listen, "advertise", cli.advertise.or(file.advertise), tls.client_tls())?;
         let peer_listen = match cli.peer_listen.or(file.peer_listen) {
@@ -244,14 +253,23 @@ impl Config {
             cli.peer_advertise.or(file.peer_advertise),
             tls.peer_tls(),
         )?;
-        for (flag, addr, on, tls_flags) in [
-            ("listen", &listen, tls.client_tls(), "--tls-cert and --tls-key"),
-            ("peer-listen", &peer_listen, tls.peer_tls(), "--peer-ca, --peer-cert and --peer-key"),
+        // Each port has its own waiver: a client port behind a proxy that
+        // ends TLS must not open the peer port, which checks no token.
+        for (flag, addr, on, tls_flags, waiver, waived) in [
+            ("listen", &listen, tls.client_tls(), "--tls-cert and --tls-key", "--insecure", insecure),
+            (
+                "peer-listen",
+                &peer_listen,
+                tls.peer_tls(),
+                "--peer-ca, --peer-cert and --peer-key",
+                "--insecure-peer",
+                insecure_peer,
+            ),
         ] {
-            if !on && !insecure && !is_loopback(addr) {
+            if !on && !waived && !is_loopback(addr) {
                 anyhow::bail!(
                     "--{flag} {addr}: plaintext on an address other than loopback; give {tls_flags} (docs/security.md), \
-                     or --insecure to serve plaintext anyway"
+                     or {waiver} to serve plaintext anyway"
                 );
             }
         }
@@ -358,7 +376,18 @@ impl Config {
             );
         }
         let audit_log = cli.audit_log.or(file.audit_log);
-        Ok(Config { listen, peer_listen, log, token_file, tls, insecure, audit_log, node, join })
+        Ok(Config {
+            listen,
+            peer_listen,
+            log,
+            token_file,
+            tls,
+            insecure,
+            insecure_peer,
+            audit_log,
+            node,
+            join,
+        })
     }
 }
 
@@ -508,8 +537,17 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("--insecure"), "{err}");
-        let c = parse(&[&wide[..], &["--insecure"]].concat()).unwrap();
-        assert!(c.insecure);
+        // The client port's waiver does not open the peer port.
+        let err = parse(&[&wide[..], &["--insecure"]].concat()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("--peer-listen 0.0.0.0:8700: plaintext on an address other than loopback"),
+            "{err}"
+        );
+        assert!(err.ends_with("or --insecure-peer to serve plaintext anyway"), "{err}");
+        let c = parse(&[&wide[..], &["--insecure", "--insecure-peer"]].concat()).unwrap();
+        assert!(c.insecure && c.insecure_peer);
+        let loopback_peer = parse(&[&wide[..], &["--insecure", "--peer-listen", "127.0.0.1:8700"]].concat());
+        assert!(loopback_peer.is_ok_and(|c| !c.insecure_peer));
         assert!(is_loopback("127.0.0.1:7700") && is_loopback("localhost:7700") && is_loopback("[::1]:7700"));
         assert!(!is_loopback("10.0.0.1:7700") && !is_loopback("0.0.0.0:7700"));
         // TLS on one port only: the other is still plaintext.
@@ -590,6 +628,7 @@ mod tests {
             "--peer-advertise",
             "http://n1:8700",
             "--insecure",
+            "--insecure-peer",
         ])
         .unwrap();
         assert_eq!(c.node.peer_advertise, "http://n1:8700");
@@ -608,6 +647,7 @@ mod tests {
             "--peer-advertise",
             "http://n1:8700",
             "--insecure",
+            "--insecure-peer",
         ]);
         assert_eq!(Config::resolve(cli).unwrap().node.advertise, "http://n1:7700");
     }

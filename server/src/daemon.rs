@@ -65,8 +65,12 @@ async fn run() -> anyhow::Result<()> {
             client_port = if client.is_some() { "TLS" } else { "PLAINTEXT" },
             peer_port = if peer.is_some() { "mutual TLS" } else { "PLAINTEXT" },
             insecure = config.insecure,
+            insecure_peer = config.insecure_peer,
             "a port serves plaintext: anyone on the network can read its traffic{}",
-            if config.insecure { " (--insecure: NOT loopback only)" } else { " (loopback only)" }
+            match (config.insecure, config.insecure_peer) {
+                (false, false) => " (loopback only)",
+                _ => " (--insecure or --insecure-peer: NOT loopback only)",
+            }
         ),
     }
     let client = tokio::net::TcpListener::bind(&config.listen)

@@ -246,11 +246,12 @@ async fn orders(cluster: &Cluster, users: &[String]) -> BTreeMap<String, u64> {
 /// before and after apply exactly once. "Builds" of version 1 are this
 /// build told to claim 1 as its newest (it then applies every shard by
 /// version 1's rules, as the builds before version 2 did); the upgrade is
-/// this build as it is (version 2).
+/// this build as it is (its newest version, `UP`).
 #[tokio::test]
 async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
     const NEWEST: &str = "PORTRAIT_FAULT_APPLY_RULES_NEWEST";
-    assert_eq!(portrait_core::rules::NEWEST, 2, "this test upgrades from version 1 to 2");
+    const UP: u32 = portrait_core::rules::NEWEST;
+    assert!(UP > 1, "this test upgrades from version 1 to this build's newest");
     let all = [1, 2, 3];
     let mut cluster = Cluster::start_sharded_with_env(3, TEST_SHARDS, None, &[(NEWEST, "1")]).await;
     wait_placed(&cluster, &all, TEST_SHARDS).await;
@@ -282,7 +283,7 @@ async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
     let mixed = statuses(&cluster, &all).await;
     assert!([1, 2].contains(&meta_leader(&mixed)), "meta leader {}", meta_leader(&mixed));
     let builds: Vec<(u64, u32)> = mixed.iter().map(|(id, s)| (*id, s.apply_rules_newest)).collect();
-    assert_eq!(builds, [(1, 2), (2, 2), (3, 1)]);
+    assert_eq!(builds, [(1, UP), (2, UP), (3, 1)]);
     assert!(rules_everywhere(&cluster, &all, 1).await, "raised with node 3 on version 1: {mixed:?}");
     cluster.client(2).await.write(write("mixed")).await.expect("write with mixed builds");
 
@@ -291,7 +292,7 @@ async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
     cluster.kill(3);
     cluster.restart(3).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !rules_everywhere(&cluster, &all, 2).await {
+    while !rules_everywhere(&cluster, &all, UP).await {
         assert!(Instant::now() < deadline, "not raised: {:?}", statuses(&cluster, &all).await);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -299,13 +300,13 @@ async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
     cluster.kill(1);
     cluster.restart(1).await;
     portrait_cluster_tests::replicas::wait_caught_up(&cluster, &all, TEST_SHARDS).await;
-    assert!(rules_everywhere(&cluster, &all, 2).await, "{:?}", statuses(&cluster, &all).await);
+    assert!(rules_everywhere(&cluster, &all, UP).await, "{:?}", statuses(&cluster, &all).await);
     cluster.client(3).await.write(write("after")).await.expect("write after the raise");
     let counted = orders(&cluster, &users).await;
     assert_eq!(counted.len(), users.len());
     assert!(counted.values().all(|&n| n == 3), "each user's three orders once: {counted:?}");
 
-    // A node whose build lacks version 2 is not added.
+    // A node whose build lacks the cluster's version is not added.
     let new = cluster.spawn_node_with_env(NEWEST, "1").await;
     let (addr, peer_addr) = (cluster.node(new).endpoint(), cluster.node(new).advertised());
     let refused = cluster.client(1).await.add_node(new, &addr, &peer_addr, false).await.expect_err("refused");
@@ -313,7 +314,7 @@ async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
     assert!(
         refused.to_string().contains(&format!(
             "node {new} at {peer_addr} runs a build that applies apply rules versions 1 to 1; the cluster \
-             applies by version 2"
+             applies by version {UP}"
         )),
         "{refused}"
     );
@@ -328,10 +329,12 @@ async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
     assert!(!exit.success(), "node 3 exits with an error");
     let log = cluster.node(3).log();
     assert!(
-        log.contains("apply rules version 2 is newer than this build's (it applies versions 1 to 1)"),
+        log.contains(&format!(
+            "apply rules version {UP} is newer than this build's (it applies versions 1 to 1)"
+        )),
         "{log}"
     );
-    // The others go on by version 2.
+    // The others go on by the newest version.
     let counted = orders(&cluster, &users).await;
     assert!(counted.values().all(|&n| n == 3), "{counted:?}");
 }

@@ -29,8 +29,9 @@ pub const FIRST: u32 = 1;
 
 /// The newest version this build applies. History:
 /// - 1: the rules of the first sharded builds;
-/// - 2: [`INPUT_CHANGE_TIMES`].
-pub const NEWEST: u32 = 2;
+/// - 2: [`INPUT_CHANGE_TIMES`];
+/// - 3: [`FULL_BUCKET_KEEPS_OLDER`].
+pub const NEWEST: u32 = 3;
 
 /// From this version on, a tag changed by another tag's change records
 /// the latest change time of its changed inputs as its `changed_at` (a tag
@@ -38,6 +39,13 @@ pub const NEWEST: u32 = 2;
 /// before, the time of the entry that applied it (a tick's, up to a tick
 /// interval or a backlog later).
 pub const INPUT_CHANGE_TIMES: u32 = 2;
+
+/// From this version on, a `top_k` event with a new value whose bucket
+/// already holds [`crate::limits::MAX_DISTINCT_PER_BUCKET`] values is not
+/// counted and changes nothing, as in `distinct_count`; before, it first
+/// dropped older buckets to make room in the feature (their counts lost),
+/// then was not counted all the same.
+pub const FULL_BUCKET_KEEPS_OLDER: u32 = 3;
 
 /// The oldest version this build still applies.
 pub const OLDEST: u32 = 1;

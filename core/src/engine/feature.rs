@@ -206,9 +206,15 @@ impl CompiledFeature {
         *times != before
     }
 
-    /// Folds an event in at logical time `now`. Returns whether the state
-    /// changed. Events already outside the window are ignored.
+    /// Folds an event in at logical time `now` by the newest apply rules.
+    /// Returns whether the state changed. Events already outside the
+    /// window are ignored.
     pub fn add(&self, state: &mut FeatureState, event: &Event, now: i64) -> bool {
+        self.add_by(state, event, now, crate::rules::NEWEST)
+    }
+
+    /// [`Feature::add`] by apply rules version `rules`.
+    pub fn add_by(&self, state: &mut FeatureState, event: &Event, now: i64, rules: u32) -> bool {
         if self.spec.anchor_first {
             return self.add_anchored(state, event.time_ms);
         }
@@ -231,6 +237,12 @@ impl CompiledFeature {
         // most); an event older than every bucket left is not counted.
         let bucket = at.ok().map(|pos| &state.buckets[pos].1);
         if adds_key(bucket, &seed) {
+            // A full bucket takes no new value (`merge` refuses it): nothing
+            // else may give way for it.
+            let full = matches!(bucket, Some(Acc::Counts(m)) if m.len() >= MAX_DISTINCT_PER_BUCKET);
+            if full && rules >= crate::rules::FULL_BUCKET_KEEPS_OLDER {
+                return false;
+            }
             while keys_held(state) >= MAX_DISTINCT_PER_FEATURE {
                 if state.buckets.first().is_none_or(|(first, _)| *first >= b) {
                     return false;
@@ -555,6 +567,39 @@ mod tests {
         assert!(!f.add(&mut state, &event(NOW, Value::Int(5_000)), NOW), "a new value is not kept");
         // The value counts at most MAX_DISTINCT_PER_BUCKET.
         assert_eq!(f.value(&state, NOW), Val::Num(MAX_DISTINCT_PER_BUCKET as f64));
+    }
+
+    /// A `top_k` event with a new value for a bucket that already holds
+    /// MAX_DISTINCT_PER_BUCKET values is not counted, and from apply rules
+    /// version 3 on drops nothing else; version 1 dropped older buckets
+    /// for it first.
+    #[test]
+    fn a_full_top_k_bucket_takes_no_new_value_and_keeps_the_older_buckets() {
+        let f = feature("top_k");
+        // Today's bucket full, then older events up to the feature's limit.
+        let older = (MAX_DISTINCT_PER_FEATURE - MAX_DISTINCT_PER_BUCKET) as i64;
+        let fill = || {
+            let mut state = FeatureState::default();
+            for i in 0..MAX_DISTINCT_PER_BUCKET as i64 {
+                f.add(&mut state, &event(NOW, Value::Int(i)), NOW);
+            }
+            for i in 0..older {
+                f.add(&mut state, &event(NOW - 2 * DAY, Value::Int(10_000 + i)), NOW);
+            }
+            assert_eq!(keys_held(&state), MAX_DISTINCT_PER_FEATURE);
+            state
+        };
+        let mut state = fill();
+        let before = state.clone();
+        let new = event(NOW, Value::Int(5_000));
+        assert!(!f.add_by(&mut state, &new, NOW, crate::rules::FULL_BUCKET_KEEPS_OLDER), "not counted");
+        assert_eq!(state, before, "nothing dropped");
+        // A value the full bucket holds still counts.
+        assert!(f.add(&mut state, &event(NOW, Value::Int(7)), NOW));
+        // Version 1: the older bucket went, and the value was not counted.
+        let mut state = fill();
+        assert!(f.add_by(&mut state, &new, NOW, crate::rules::FIRST));
+        assert_eq!(keys_held(&state), MAX_DISTINCT_PER_BUCKET, "the older bucket was dropped");
     }
 
     /// Values seen again in newer buckets: the budget counts each value

@@ -177,9 +177,14 @@ impl Engine {
     /// ([`Engine::align`]): apply aligns each user once per entry, not per
     /// event.
     pub fn observe_aligned(&self, state: &mut UserState, event: &Event, now: i64, dirty: &mut Dirty) {
+        self.observe_by(state, event, now, rules::NEWEST, dirty);
+    }
+
+    /// [`Engine::observe_aligned`] by apply rules version `rules`.
+    pub fn observe_by(&self, state: &mut UserState, event: &Event, now: i64, rules: u32, dirty: &mut Dirty) {
         debug_assert!(self.laid_out(state));
         for (i, f) in self.features.iter().enumerate() {
-            if f.wants(event) && f.add(&mut state.features[i].1, event, now) {
+            if f.wants(event) && f.add_by(&mut state.features[i].1, event, now, rules) {
                 dirty.insert(i);
             }
         }

@@ -788,9 +788,9 @@ impl<'a> EntryState<'a> {
         // expired (a lifetime "first order" outlives the trade TTL); windows
         // ignore what is outside them.
         if !self.engine.is_empty() {
-            let (engine, now) = (self.engine, self.now_ms);
+            let (engine, now, rules) = (self.engine, self.now_ms, self.rules);
             let touched = self.user(&event.user_id)?;
-            engine.observe_aligned(&mut touched.state, event, now, &mut touched.dirty);
+            engine.observe_by(&mut touched.state, event, now, rules, &mut touched.dirty);
         }
         let expires_at = expiry(event.time_ms, spec.ttl_ms);
         if !is_live(expires_at, self.now_ms) {

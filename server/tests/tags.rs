@@ -120,7 +120,12 @@ async fn rule_errors_are_reported_at_apply_schema_and_nothing_changes() {
     let cases = [
         ("[tags.bad]\nrule = 'orders > \"x\"'", "tags.bad.rule: line 1, column"),
         ("[tags.bad]\nrule = 'nope > 1'", "unknown name `nope`"),
-        ("[tags.a]\nrule = 'b'\n[tags.b]\nrule = 'a'", "cycle between tags"),
+        ("[tags.a]\nrule = 'b'\n[tags.b]\nrule = 'a'", "tags.a: cycle between tags: a -> b -> a"),
+        // Named by the cycle, not by a tag that only reads it.
+        (
+            "[tags.a]\nrule = 'b'\n[tags.b]\nrule = 'c'\n[tags.c]\nrule = 'b'",
+            "tags.b: cycle between tags: b -> c -> b",
+        ),
         (
             "[features.x]\nfamily = \"trade\"\nagg = \"median\"",
             "features.x.agg: unknown aggregation \"median\"",

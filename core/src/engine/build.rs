@@ -84,6 +84,8 @@ impl Engine {
         while !pending.is_empty() {
             let mut progressed = false;
             let mut still = Vec::new();
+            // Which pending tag each stuck one waits on.
+            let mut waits: BTreeMap<String, String> = BTreeMap::new();
             for name in pending {
                 let waiting_on = RefCell::new(None);
                 let resolve = |id: &str| {
@@ -110,15 +112,33 @@ impl Engine {
                         });
                         progressed = true;
                     }
-                    Err(_) if waiting_on.borrow().is_some() => still.push(name),
+                    Err(_) if waiting_on.borrow().is_some() => {
+                        waits.insert(name.clone(), waiting_on.borrow().clone().expect("just checked"));
+                        still.push(name)
+                    }
                     Err(e) => return Err(invalid(format!("tags.{name}.rule"), e.to_string())),
                 }
             }
             if !progressed {
-                let names: Vec<_> = still.iter().map(|s| s.as_str()).collect();
+                // Named by the tags of one cycle (not those that only read
+                // it): follow the waits from a stuck tag until one repeats.
+                let mut path: Vec<&str> = vec![still[0].as_str()];
+                let cycle = loop {
+                    let next = waits.get(*path.last().expect("not empty")).map(String::as_str);
+                    match next.and_then(|n| path.iter().position(|p| *p == n).map(|at| (n, at))) {
+                        Some((_, at)) => break path[at..].to_vec(),
+                        None if next.is_some() && path.len() <= waits.len() => path.push(next.expect("some")),
+                        // Not expected (every stuck tag waits on a stuck one).
+                        None => break path,
+                    }
+                };
+                let first = cycle.iter().min().expect("not empty");
+                let at = cycle.iter().position(|n| n == first).expect("in the cycle");
+                let names: Vec<&str> =
+                    cycle[at..].iter().chain(&cycle[..at]).chain(std::iter::once(first)).copied().collect();
                 return Err(invalid(
                     format!("tags.{}", names[0]),
-                    format!("cycle between tags: {}", names.join(", ")),
+                    format!("cycle between tags: {}", names.join(" -> ")),
                 ));
             }
             pending = still;

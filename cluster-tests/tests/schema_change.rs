@@ -251,7 +251,7 @@ async fn orders(cluster: &Cluster, users: &[String]) -> BTreeMap<String, u64> {
 async fn apply_rules_move_on_only_once_every_node_runs_a_build_that_has_them() {
     const NEWEST: &str = "PORTRAIT_FAULT_APPLY_RULES_NEWEST";
     const UP: u32 = portrait_core::rules::NEWEST;
-    assert!(UP > 1, "this test upgrades from version 1 to this build's newest");
+    const { assert!(UP > 1, "this test upgrades from version 1 to this build's newest") };
     let all = [1, 2, 3];
     let mut cluster = Cluster::start_sharded_with_env(3, TEST_SHARDS, None, &[(NEWEST, "1")]).await;
     wait_placed(&cluster, &all, TEST_SHARDS).await;

@@ -210,8 +210,17 @@ impl Node {
         // that died while it took a replica, and is not drained yet: the
         // drain under way must end before its own can start). And no new
         // replica goes to such a node.
-        let silent: BTreeSet<NodeId> =
-            map.nodes.keys().filter(|n| !statuses.iter().any(|(id, _)| id == *n)).copied().collect();
+        // Silent: no answer to this round's status call, and none to the
+        // liveness probes for a while (a node slow to answer one call, busy
+        // with a snapshot, still takes part in its moves).
+        let now = std::time::Instant::now();
+        let silent: BTreeSet<NodeId> = map
+            .nodes
+            .keys()
+            .filter(|n| !statuses.iter().any(|(id, _)| id == *n))
+            .filter(|n| **n != self.id && self.liveness.silent_for(**n, now) >= META_QUORUM_HEARD_WITHIN)
+            .copied()
+            .collect();
         let waiting = waiting_on(&map, &statuses, &busy, &silent);
         let moving = moving_shards(&map, &statuses, &(&(&stalled | &stuck) | &waiting));
         let room = self.max_moves.max(1).saturating_sub(moving);

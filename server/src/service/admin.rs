@@ -248,7 +248,12 @@ async fn receive_archive(
             );
         }
         hash.update(&data);
-        file.write_all(&data).await.map_err(Error::internal)?;
+        // This node's failure (a full disk), not the archive's: retried.
+        file.write_all(&data).await.map_err(|e| {
+            Error::Unavailable(format!(
+                "writing the uploaded archive on this node failed: {e} (free disk space, then retry)"
+            ))
+        })?;
     }
     if received != bytes {
         return Err(Error::invalid(

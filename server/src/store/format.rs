@@ -8,7 +8,8 @@
 //! open, at snapshot install and when unpacking an archive, a version other
 //! than [`STORAGE_FORMAT`] is refused with one line naming both versions,
 //! before anything is read: a binary never half-reads data it does not
-//! understand. Databases from before versions were recorded hold no key
+//! understand. A backup archive being restored is the one exception: it is
+//! read from [`OLDEST_BACKUP_FORMAT`] on. Databases from before versions were recorded hold no key
 //! and report format 1.
 //!
 //! Bumping the format is the one-line change of [`STORAGE_FORMAT`]: older
@@ -32,7 +33,8 @@ use rocksdb::{IteratorMode, WriteOptions, DB};
 
 use super::sm_db::cf;
 
-/// The format this binary writes, and the only one it reads.
+/// The format this binary writes, and the only one it reads (backup
+/// archives aside: [`OLDEST_BACKUP_FORMAT`]).
 /// 8: the cluster's apply rules version (see the module's history)
 pub const STORAGE_FORMAT: u32 = 8;
 
@@ -40,10 +42,11 @@ pub const STORAGE_FORMAT: u32 = 8;
 pub const UNVERSIONED_FORMAT: u32 = 1;
 
 /// The oldest format whose shard archives a restore reads (a backup
-/// outlives the binary that took it). Formats 3 to 8 changed no key, row
-/// encoding or archive layout of a shard's range, only the meta group's
-/// state and node-level keys; a format that changes a shard's rows must
-/// raise this to itself (or convert older rows on restore).
+/// outlives the binary that took it). Formats 3 to 8 changed no key or row
+/// encoding of a shard's data column families (a restore copies only
+/// those; format 8's per-shard `rules` meta key is not copied) and not the
+/// archive layout; a format that changes a shard's data rows must raise
+/// this to itself (or convert older rows on restore).
 pub const OLDEST_BACKUP_FORMAT: u32 = 3;
 
 /// Refusal to read data written in another format.

@@ -375,7 +375,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             {
                 guard.clone()
             }
-            _ => return self.engine.purge_now(&self.group, log_id),
+            // On the blocking pool: it takes the node's purge lock, which a
+            // bridge's synced write (another group's) may hold.
+            _ => {
+                let (engine, group) = (self.engine.clone(), self.group.clone());
+                return tokio::task::spawn_blocking(move || engine.purge_now(&group, log_id))
+                    .await
+                    .map_err(write_err)?;
+            }
         };
         if self.last_entry_id()?.is_none_or(|last| last.index < log_id.index) {
             // Synced, on the blocking pool (see `write_synced`).

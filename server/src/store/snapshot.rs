@@ -20,6 +20,8 @@ const MAGIC: &[u8; 8] = b"PRTSNAPV";
 /// How archives of format 1 began.
 const MAGIC_UNVERSIONED: &[u8; 8] = b"PRTSNAP1";
 const MAX_NAME: u32 = 4096;
+/// The longest file name an archive may hold (the file system's limit).
+const MAX_FILE_NAME: usize = 255;
 
 /// Packs every regular file of `dir` (not recursive) into `archive`, synced.
 pub fn pack(dir: &Path, archive: &Path) -> io::Result<()> {
@@ -88,6 +90,11 @@ fn unpack_as(archive: &Path, dir: &Path, formats: Formats) -> io::Result<()> {
         let name = String::from_utf8(name).map_err(|_| bad("file name is not UTF-8"))?;
         if name.contains('/') || name.contains("..") {
             return Err(bad("file name escapes the directory"));
+        }
+        // What the file system would refuse is the archive's fault too (its
+        // errors would read as this node's).
+        if name.is_empty() || name == "." || name.contains('\0') || name.len() > MAX_FILE_NAME {
+            return Err(bad("not a file name"));
         }
         let size = read_u64(&mut input)?;
         let mut out = File::create(dir.join(&name))?;
@@ -262,6 +269,35 @@ mod tests {
         pack(&src, &archive).unwrap();
         let bytes = std::fs::read(&archive).unwrap();
         (archive, bytes)
+    }
+
+    /// An archive of one file named `name`, with a sound checksum.
+    fn archive_naming(name: &[u8]) -> Vec<u8> {
+        let mut body = MAGIC.to_vec();
+        body.extend_from_slice(&STORAGE_FORMAT.to_le_bytes());
+        body.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        body.extend_from_slice(name);
+        body.extend_from_slice(&3u64.to_le_bytes());
+        body.extend_from_slice(b"abc");
+        body.extend_from_slice(&0u32.to_le_bytes());
+        let mut sum = super::super::checksum::Checksum::default();
+        sum.update(&body);
+        body.extend_from_slice(&sum.finish().to_le_bytes());
+        body
+    }
+
+    #[test]
+    fn a_name_the_file_system_refuses_is_the_archives_fault() {
+        let tmp = tempfile::tempdir().unwrap();
+        let archive = tmp.path().join("x.snap");
+        std::fs::write(&archive, archive_naming(b"ok.sst")).unwrap();
+        unpack(&archive, &tmp.path().join("ok")).unwrap();
+        let long = vec![b'a'; 256];
+        for name in [&b"."[..], b"a\0b", &long] {
+            std::fs::write(&archive, archive_naming(name)).unwrap();
+            let e = unpack(&archive, &tmp.path().join("bad")).unwrap_err();
+            assert_eq!((e.kind(), e.to_string()), (io::ErrorKind::InvalidData, "not a file name".into()));
+        }
     }
 
     #[test]

@@ -280,6 +280,11 @@ mod tests {
         body.extend_from_slice(&3u64.to_le_bytes());
         body.extend_from_slice(b"abc");
         body.extend_from_slice(&0u32.to_le_bytes());
+        sealed(body)
+    }
+
+    /// `body` followed by its checksum, as an archive ends.
+    fn sealed(mut body: Vec<u8>) -> Vec<u8> {
         let mut sum = super::super::checksum::Checksum::default();
         sum.update(&body);
         body.extend_from_slice(&sum.finish().to_le_bytes());
@@ -344,10 +349,7 @@ mod tests {
     fn as_format(bytes: &[u8], version: u32) -> Vec<u8> {
         let mut body = bytes[..bytes.len() - 8].to_vec();
         body[8..12].copy_from_slice(&version.to_le_bytes());
-        let mut sum = super::super::checksum::Checksum::default();
-        sum.update(&body);
-        body.extend_from_slice(&sum.finish().to_le_bytes());
-        body
+        sealed(body)
     }
 
     #[test]

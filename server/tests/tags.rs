@@ -136,6 +136,12 @@ async fn rule_errors_are_reported_at_apply_schema_and_nothing_changes() {
             "features.x.window: must be between",
         ),
         ("[features.x]\nfamily = \"trade\"\nagg = \"count\"\nwhere = 'amount >'", "features.x.where: column"),
+        // Names no rule could read (refused when offered only).
+        ("[tags.now]\nrule = 'orders > 1'", "tags.now: \"now\" is a reserved word of the tag language"),
+        (
+            "[families.shop]\nttl = \"1d\"\nattrs = { City = \"str\" }",
+            "families.shop.attrs.City: an attribute",
+        ),
     ];
     for (extra, expected) in cases {
         let toml = format!("{base}{extra}\n");

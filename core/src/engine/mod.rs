@@ -65,6 +65,17 @@ pub fn check_schema(toml: &str) -> Result<(crate::schema::Schema, Engine), crate
     Ok((schema, engine))
 }
 
+/// [`check_schema`] and the checks a schema gets only when it is offered
+/// (ApplySchema, CheckSchema), never when a replica applies a committed
+/// one: names no rule could read ([`crate::schema::Schema::check_names`]).
+/// A build that adds such a check then refuses new schemas only; one its
+/// cluster committed earlier still applies alike on every replica.
+pub fn check_new_schema(toml: &str) -> Result<(crate::schema::Schema, Engine), crate::schema::SchemaError> {
+    let (schema, engine) = check_schema(toml)?;
+    schema.check_names()?;
+    Ok((schema, engine))
+}
+
 impl Engine {
     /// An engine with no features or tags.
     pub fn empty() -> Engine {

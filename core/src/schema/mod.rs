@@ -92,6 +92,15 @@ impl Schema {
         parse::parse(toml_text)
     }
 
+    /// Names a rule could never read, refused when a schema is offered
+    /// (not when a committed one is applied; see
+    /// [`crate::engine::check_new_schema`]): a feature or tag named by a
+    /// reserved word of the tag language, a declared attribute whose name
+    /// is not a rule name, or a feature's attribute no event may carry.
+    pub fn check_names(&self) -> Result<(), SchemaError> {
+        parse::check_names(self)
+    }
+
     /// The embedded default schema (parsed once per process).
     pub fn default_schema() -> Schema {
         VersionedSchema::shared_default().schema.clone()

@@ -6,9 +6,12 @@ use serde::Deserialize;
 
 use super::{Aggregation, FamilySpec, FeatureSpec, Schema, TagSpec, ValueType};
 use crate::duration::{parse_duration_ms, MINUTE_MS, YEAR_MS};
+use crate::engine::expr::RESERVED;
 use crate::limits::{
-    MAX_ATTRS_PER_EVENT, MAX_FAMILIES, MAX_FEATURES, MAX_HISTORY_LEN, MAX_SCHEMA_BYTES, MAX_TAGS,
+    MAX_ATTRS_PER_EVENT, MAX_ATTR_NAME_BYTES, MAX_FAMILIES, MAX_FEATURES, MAX_HISTORY_LEN, MAX_SCHEMA_BYTES,
+    MAX_TAGS,
 };
+use crate::validate::shown_name;
 
 /// Why a schema was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -262,6 +265,58 @@ fn family_spec(name: &str, raw: RawFamily) -> Result<FamilySpec, SchemaError> {
     Ok(FamilySpec { ttl_ms, history_len: raw.history, attrs })
 }
 
+pub(super) fn check_names(schema: &Schema) -> Result<(), SchemaError> {
+    let reserved = |kind: &str, name: &str| {
+        RESERVED.contains(&name).then(|| {
+            invalid(
+                format!("{kind}.{name}"),
+                format!("{name:?} is a reserved word of the tag language: no rule could read it"),
+            )
+        })
+    };
+    for name in schema.features.keys() {
+        if let Some(e) = reserved("features", name) {
+            return Err(e);
+        }
+    }
+    for name in schema.tags.keys() {
+        if let Some(e) = reserved("tags", name) {
+            return Err(e);
+        }
+    }
+    for (family, spec) in &schema.families {
+        for attr in spec.attrs.keys() {
+            if !valid_attr_name(attr) {
+                return Err(invalid(
+                    format!("families.{family}.attrs.{}", shown_name(attr)),
+                    format!(
+                        "an attribute rules read as `{family}.attr` must match [a-z_][a-z0-9_]* and be at \
+                         most {MAX_ATTR_NAME_BYTES} bytes"
+                    ),
+                ));
+            }
+        }
+    }
+    for (name, feature) in &schema.features {
+        if let Some(attr) = &feature.attr {
+            if attr.is_empty() || attr.len() > MAX_ATTR_NAME_BYTES {
+                return Err(invalid(
+                    format!("features.{name}.attr"),
+                    format!("an event attribute name is 1 to {MAX_ATTR_NAME_BYTES} bytes: no event could carry this one"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A name the tag language reads after `family.`.
+fn valid_attr_name(name: &str) -> bool {
+    name.len() <= MAX_ATTR_NAME_BYTES
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
 fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some('a'..='z'))
@@ -319,5 +374,39 @@ mod tests {
         assert!(err("[ingest]\ndedupe_window = \"7d\"").starts_with("families: at least one"));
         assert!(err("[families.browse]\nttl = \"1d\"\ncolour = 1").contains("unknown field"));
         assert!(err("[families.browse]\nhistory = 1").contains("missing field `ttl`"));
+    }
+
+    fn names_err(text: &str) -> String {
+        parse(text).expect("parses").check_names().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn names_no_rule_could_read_are_refused_when_offered() {
+        let family = "[families.browse]\nttl = \"1d\"\n";
+        assert_eq!(
+            names_err(&format!("{family}[features.now]\nfamily = \"browse\"\nagg = \"count\"\n")),
+            "features.now: \"now\" is a reserved word of the tag language: no rule could read it"
+        );
+        assert_eq!(
+            names_err(&format!("{family}[tags.and]\nrule = 'true'\n")),
+            "tags.and: \"and\" is a reserved word of the tag language: no rule could read it"
+        );
+        for bad in ["City", "a.b", "", "9lives", "a-b"] {
+            let text = format!("[families.browse]\nttl = \"1d\"\nattrs = {{ \"{bad}\" = \"str\" }}\n");
+            let e = names_err(&text);
+            let field = format!("families.browse.attrs.{}: an attribute rules read", shown_name(bad));
+            assert!(e.starts_with(&field), "{e}");
+        }
+        let long = "a".repeat(MAX_ATTR_NAME_BYTES + 1);
+        let e = names_err(&format!("{family}attrs = {{ {long} = \"num\" }}\n"));
+        assert!(e.contains("at most 64 bytes"), "{e}");
+        let e = names_err(&format!(
+            "{family}[features.f]\nfamily = \"browse\"\nagg = \"sum\"\nattr = \"{long}\"\n"
+        ));
+        assert!(e.starts_with("features.f.attr: an event attribute name is 1 to 64 bytes"), "{e}");
+        // What rules can read passes, and so does the default schema.
+        let fine = format!("{family}attrs = {{ _x = \"num\", city2 = \"str\" }}\n[features.nowish]\nfamily = \"browse\"\nagg = \"sum\"\nattr = \"Amount-EUR\"\n[tags.nulls]\nrule = 'true'\n");
+        parse(&fine).unwrap().check_names().unwrap();
+        parse(DEFAULT_SCHEMA_TOML).unwrap().check_names().unwrap();
     }
 }

@@ -60,7 +60,7 @@ impl Node {
             }
         }
         let (schema, _) =
-            crate::engine::check_schema(toml).map_err(|e| Error::invalid("toml", e.to_string()))?;
+            crate::engine::check_new_schema(toml).map_err(|e| Error::invalid("toml", e.to_string()))?;
         Ok(schema)
     }
 

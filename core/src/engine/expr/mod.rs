@@ -19,6 +19,8 @@ mod functions;
 mod lexer;
 mod next_change;
 mod parser;
+
+pub use parser::RESERVED;
 #[cfg(test)]
 mod tests;
 

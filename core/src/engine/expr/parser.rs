@@ -11,7 +11,7 @@ use super::{ExprError, Limits, Pos};
 
 /// Words that cannot be names. Function names are not reserved: a name
 /// followed by `(` is a call.
-pub(super) const RESERVED: &[&str] =
+pub const RESERVED: &[&str] =
     &["and", "or", "not", "in", "case", "when", "then", "else", "end", "true", "false", "null", "now"];
 
 type Parse<T = Ast> = Result<T, ExprError>;

@@ -431,7 +431,8 @@ pub async fn restore(
     progress(&format!("checking that the cluster's {} shards can take this backup", manifest.shards));
     let mut earlier = 0;
     for file in &manifest.shard_files {
-        if check_one(client, &manifest.backup_id, manifest.shards, file).await? {
+        let format = archive_format(&shard_path(dir, file)?)?;
+        if check_one(client, &manifest.backup_id, manifest.shards, file, format).await? {
             earlier += 1;
         }
     }
@@ -559,7 +560,13 @@ async fn before_attempt(attempt: u64) {
     }
 }
 
-fn restore_header(backup_id: &str, shards: u32, file: &ShardFile, check_only: bool) -> RestoreHeader {
+fn restore_header(
+    backup_id: &str,
+    shards: u32,
+    file: &ShardFile,
+    archive_format: u32,
+    check_only: bool,
+) -> RestoreHeader {
     RestoreHeader {
         shard: file.shard,
         archive_bytes: file.bytes,
@@ -567,6 +574,22 @@ fn restore_header(backup_id: &str, shards: u32, file: &ShardFile, check_only: bo
         restore_id: backup_id.to_string(),
         shards,
         check_only,
+        archive_format,
+    }
+}
+
+/// The storage format a shard archive was written in, from its first 12
+/// bytes (see `RestoreHeader.archive_format`), so that a node whose build
+/// cannot restore it says so before the archive is sent.
+fn archive_format(path: &Path) -> Result<u32, ClientError> {
+    use std::io::Read;
+    let mut head = [0u8; 12];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head));
+    read.map_err(|e| config(format!("{}: reading its header: {e}", path.display())))?;
+    match &head[..8] {
+        b"PRTSNAPV" => Ok(u32::from_le_bytes(head[8..].try_into().expect("4 bytes"))),
+        b"PRTSNAP1" => Ok(1),
+        _ => Err(config(format!("{}: not a Portrait shard archive (no PRTSNAP magic)", path.display()))),
     }
 }
 
@@ -580,12 +603,13 @@ async fn check_one(
     backup_id: &str,
     shards: u32,
     file: &ShardFile,
+    format: u32,
 ) -> Result<bool, ClientError> {
     let mut last = config(format!("shard {}: no leader found", file.shard));
     for attempt in 0..20u64 {
         before_attempt(attempt).await;
         let Some(leader) = leader_now(client, file.shard, &mut last).await? else { continue };
-        let header = restore_header(backup_id, shards, file, true);
+        let header = restore_header(backup_id, shards, file, format, true);
         let chunks = futures::stream::iter([RestoreShardChunk {
             part: Some(restore_shard_chunk::Part::Header(header)),
         }]);
@@ -614,11 +638,12 @@ async fn restore_one(
     file: &ShardFile,
 ) -> Result<RestoredShard, ClientError> {
     let path = shard_path(dir, file)?;
+    let format = archive_format(&path)?;
     let mut last = config(format!("shard {}: no leader found", file.shard));
     for attempt in 0..20u64 {
         before_attempt(attempt).await;
         let Some(leader) = leader_now(client, file.shard, &mut last).await? else { continue };
-        let header = restore_header(backup_id, shards, file, false);
+        let header = restore_header(backup_id, shards, file, format, false);
         let read_failed = Arc::new(Mutex::new(None));
         let chunks = archive_chunks(header, path.clone(), read_failed.clone()).await?;
         let sent = client.restore_shard_to(&leader, chunks).await;
@@ -686,4 +711,26 @@ async fn archive_chunks(
         }
     });
     Ok(futures::stream::iter([first]).chain(data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_archives_format_is_read_from_its_header() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = |name: &str, bytes: &[u8]| {
+            let path = tmp.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let v8 = file("v8", &[&b"PRTSNAPV"[..], &8u32.to_le_bytes(), b"rest"].concat());
+        assert_eq!(archive_format(&v8).unwrap(), 8);
+        assert_eq!(archive_format(&file("v1", b"PRTSNAP1 and the rest")).unwrap(), 1);
+        let other = archive_format(&file("other", b"not an archive at all")).unwrap_err().to_string();
+        assert!(other.contains("not a Portrait shard archive"), "{other}");
+        let short = archive_format(&file("short", b"PRTSNAPV")).unwrap_err().to_string();
+        assert!(short.contains("reading its header"), "{short}");
+    }
 }

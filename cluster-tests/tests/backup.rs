@@ -268,6 +268,7 @@ async fn a_lagging_follower_exports_only_once_caught_up_and_a_foreign_shard_coun
         restore_id: "other-count".into(),
         shards: 4,
         check_only: false,
+        archive_format: 0,
     };
     let chunks = tonic::codegen::tokio_stream::iter([RestoreShardChunk {
         part: Some(restore_shard_chunk::Part::Header(header)),
@@ -279,6 +280,32 @@ async fn a_lagging_follower_exports_only_once_caught_up_and_a_foreign_shard_coun
         message.starts_with("INVALID_ARGUMENT: shards: the backup has 4 shards, this cluster 1"),
         "{message}"
     );
+    // So is an archive of a storage format this build does not restore,
+    // before its bytes are sent, even when only checking.
+    for check_only in [true, false] {
+        let header = RestoreHeader {
+            shard: 0,
+            archive_bytes: 1,
+            sha256: "0".repeat(64),
+            restore_id: "newer-format".into(),
+            shards: 1,
+            check_only,
+            archive_format: 99,
+        };
+        let chunks = tonic::codegen::tokio_stream::iter([RestoreShardChunk {
+            part: Some(restore_shard_chunk::Part::Header(header)),
+        }]);
+        let refused =
+            writer.restore_shard_to(&cluster.node(leader).endpoint(), chunks).await.expect_err("format 99");
+        let message = refused.to_string();
+        assert!(
+            message.starts_with(
+                "INVALID_ARGUMENT: archive_format: shard 0's backup archive was written by storage format 99; \
+                 this binary restores backups of formats"
+            ),
+            "{message}"
+        );
+    }
 }
 
 /// A restore whose caller sends its header and then nothing holds the
@@ -300,6 +327,7 @@ async fn a_stalled_restore_upload_is_ended_and_frees_the_nodes_backup_slot() {
             restore_id: "stalled".into(),
             shards: 1,
             check_only: false,
+            archive_format: 0,
         };
         let chunks =
             tokio_stream::iter([RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(header)) }])
@@ -331,6 +359,7 @@ async fn a_stalled_restore_upload_is_ended_and_frees_the_nodes_backup_slot() {
         restore_id: "huge".into(),
         shards: 1,
         check_only: false,
+        archive_format: 0,
     };
     let chunks =
         tokio_stream::iter([RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(huge)) }]);
@@ -500,6 +529,7 @@ fn restore_header(
         restore_id: restore_id.to_string(),
         shards: manifest.shards,
         check_only,
+        archive_format: 0,
     };
     RestoreShardChunk { part: Some(restore_shard_chunk::Part::Header(header)) }
 }

@@ -344,6 +344,11 @@ impl Admin for AdminService {
                 )
                 .into());
             }
+            if header.archive_format != 0 {
+                let what = format!("shard {}'s backup archive", header.shard);
+                crate::store::format::check_backup(what, header.archive_format)
+                    .map_err(|e| Error::invalid("archive_format", e.to_string()))?;
+            }
             if header.check_only {
                 self.node.restore_check(header.shard, &header.restore_id, header.archive_bytes)?;
                 return Ok(crate::node::RestoreSummary::default());

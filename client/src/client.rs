@@ -97,7 +97,9 @@ impl PortraitClient {
     /// A batch whose events all carry an `event_id` is redirected and
     /// retried as [`crate::retry`] describes. A batch with an event
     /// without one is sent once: a resent batch could apply it twice (a
-    /// part may have committed, or a timed-out one may still commit). Its
+    /// part may have committed, or a timed-out one may still commit); only
+    /// a connection that was never made (nothing sent) is tried once more,
+    /// at the next node. Its
     /// failure says so, and a leader it names is used by the next call.
     pub async fn write(&self, events: Vec<Event>) -> Result<WriteResponse, ClientError> {
         // Whole, so the node validates it whole (nothing of an invalid
@@ -139,7 +141,22 @@ impl PortraitClient {
                 (conn.channel, conn.endpoint)
             }
         };
-        match ingest(channel).write(request).await {
+        let mut answer = ingest(channel).write(request.clone()).await;
+        // A connection never made carried nothing: sent once more, to the
+        // next node (any node forwards), which is still at most once.
+        let mut endpoint = endpoint;
+        if let Err(status) = &answer {
+            if portrait_proto::never_sent(status) {
+                self.routes.mark_stale();
+                self.router.avoid(&endpoint);
+                let next = self.router.current();
+                if next.endpoint != endpoint {
+                    answer = ingest(next.channel).write(request).await;
+                    endpoint = next.endpoint;
+                }
+            }
+        }
+        match answer {
             Ok(response) => {
                 self.router.note_epoch(response.metadata());
                 Ok(response.into_inner())

@@ -159,6 +159,9 @@ struct Targets {
     seed: Conn,
     leader: Option<Conn>,
     on_leader: bool,
+    /// The endpoints of the nodes the shard map names, in node id order
+    /// (see [`Router::know_nodes`]).
+    nodes: Vec<String>,
 }
 
 impl Targets {
@@ -167,6 +170,23 @@ impl Targets {
             (Some(leader), true) => leader,
             _ => &self.seed,
         }
+    }
+
+    /// The endpoint to try after `failed`: the next one after it in the
+    /// ring of the seed, the map's nodes and a known leader the map does
+    /// not name, skipping `failed` (`None`: there is no other).
+    fn next_after(&self, failed: &str) -> Option<String> {
+        // In an order that does not move with the leader, so that every
+        // node is tried in turn.
+        let mut ring: Vec<&str> = vec![&self.seed.endpoint];
+        let leader = self.leader.as_ref().map(|l| l.endpoint.as_str());
+        for node in self.nodes.iter().map(String::as_str).chain(leader) {
+            if !ring.contains(&node) {
+                ring.push(node);
+            }
+        }
+        let at = ring.iter().position(|e| *e == failed).unwrap_or(0);
+        (1..ring.len()).map(|step| ring[(at + step) % ring.len()]).find(|e| *e != failed).map(str::to_string)
     }
 }
 
@@ -193,7 +213,7 @@ impl Router {
     }
 
     pub(crate) fn new(seed: Conn, options: ConnectOptions) -> Self {
-        let targets = Targets { seed, leader: None, on_leader: false };
+        let targets = Targets { seed, leader: None, on_leader: false, nodes: Vec::new() };
         Self { targets: Arc::new(Mutex::new(targets)), seen: Arc::default(), options: Arc::new(options) }
     }
 
@@ -248,13 +268,33 @@ impl Router {
         Ok(true)
     }
 
-    /// After `failed` was unreachable or had no leader to name: alternate
-    /// between the seed and the last known leader, if there is one.
+    /// After `failed` was unreachable or had no leader to name: moves on
+    /// to the next node of the ring of the seed, the last known leader and
+    /// the nodes the shard map names (any node serves any call), so a dead
+    /// seed is left for a live node. Without a map: between the seed and
+    /// the last known leader, if there is one.
     pub fn avoid(&self, failed: &str) {
         let mut targets = self.lock();
-        if targets.leader.is_some() && targets.current().endpoint == failed {
-            targets.on_leader = !targets.on_leader;
+        if targets.current().endpoint != failed {
+            return;
         }
+        let Some(next) = targets.next_after(failed) else { return };
+        if next == targets.seed.endpoint {
+            targets.on_leader = false;
+            return;
+        }
+        if targets.leader.as_ref().is_none_or(|l| l.endpoint != next) {
+            // An endpoint the map names that makes no channel: stay.
+            let Ok(channel) = lazy_channel(&next, &self.options) else { return };
+            targets.leader = Some(Conn { endpoint: next, channel });
+        }
+        targets.on_leader = true;
+    }
+
+    /// The endpoints of the nodes of the shard map last taken, for
+    /// [`Router::avoid`] to move on to.
+    pub fn know_nodes(&self, endpoints: Vec<String>) {
+        self.lock().nodes = endpoints;
     }
 
     fn lock(&self) -> MutexGuard<'_, Targets> {
@@ -343,6 +383,41 @@ mod tests {
             assert_eq!(warn(quiet), None, "{quiet}");
         }
         assert_eq!(warn("https://10.0.0.5:7700"), None, "TLS");
+    }
+
+    /// After a failure, calls move on around the seed, a known leader and
+    /// the map's nodes, so a dead seed is left for a live node.
+    #[tokio::test]
+    async fn a_failed_node_is_left_for_the_next_one_the_map_names() {
+        let (n1, n2, n3) = ("http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3");
+        let options = ConnectOptions::new();
+        let seed = Conn { endpoint: n1.into(), channel: lazy_channel(n1, &options).unwrap() };
+        let router = Router::new(seed, options);
+        let at = || router.current().endpoint;
+        // No map, no leader: nowhere else to go.
+        router.avoid(n1);
+        assert_eq!(at(), n1);
+        // The seed and a named leader take turns.
+        assert!(router.follow(n2, n1).unwrap());
+        assert_eq!(at(), n2);
+        router.avoid(n2);
+        assert_eq!(at(), n1);
+        router.avoid(n1);
+        assert_eq!(at(), n2);
+        // With the map's nodes, every one is tried in turn.
+        router.know_nodes(vec![n1.into(), n2.into(), n3.into()]);
+        router.avoid(n2);
+        assert_eq!(at(), n3);
+        router.avoid(n1);
+        assert_eq!(at(), n3, "only the failed current node is left");
+        router.avoid(n3);
+        assert_eq!(at(), n1);
+        router.avoid(n1);
+        assert_eq!(at(), n2);
+        router.avoid(n2);
+        assert_eq!(at(), n3, "the same order whoever was named leader last");
+        router.avoid(n3);
+        assert_eq!(at(), n1);
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! retried event whose first attempt did commit (in that shard's part, or
 //! in a part that committed after the call timed out) is counted as a
 //! duplicate. Events without an `event_id` are never deduplicated, so a
-//! write with one is never resent ([`crate::PortraitClient::write`]).
+//! write with one is not resent ([`crate::PortraitClient::write`]), but
+//! for one attempt at the next node when its connection was never made.
+//! Which node an attempt goes to after a failure: [`Router::avoid`].
 
 use std::future::Future;
 use std::time::Duration;

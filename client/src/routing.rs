@@ -259,6 +259,7 @@ impl Routes {
         cached.fetched(map, router.seen(), Instant::now());
         if let Some(map) = &cached.map {
             self.prune(map, &router.seed().endpoint);
+            router.know_nodes(map.endpoints.values().cloned().collect());
         }
     }
 

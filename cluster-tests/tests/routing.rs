@@ -3,7 +3,8 @@
 //! leader and read back LINEARIZABLE from it, and `portrait locate` names
 //! the shard the server reads a user from. An empty batch is answered
 //! where it is asked. Calls cut off by a node's kill are sent again by the
-//! client, not failed with the lost connection.
+//! client, not failed with the lost connection; a client whose seed node
+//! dies goes on through the other nodes its map names.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -222,4 +223,37 @@ async fn calls_in_flight_to_a_node_killed_are_retried_not_failed_as_a_lost_conne
     }
     let after = client.write(vec![visit("user-after", "after")]).await.expect("writes go on");
     assert_eq!(after.applied, 1);
+}
+
+#[tokio::test]
+async fn a_client_whose_seed_node_dies_goes_on_through_the_nodes_its_map_names() {
+    let mut cluster = Cluster::start_sharded_with_config(3, TEST_SHARDS, "max_moves = 0\n").await;
+    // Created with node 1's address only; node 1 leads every shard.
+    let client = cluster.client(1).await;
+    for shard in 0..TEST_SHARDS {
+        client.transfer_leader_of(1, Some(shard)).await.expect("transfer");
+    }
+    let users: Vec<String> = (0..24).map(|i| format!("user-{i}")).collect();
+    let first = client.write(users.iter().map(|u| visit(u, "before")).collect()).await.expect("write");
+    assert_eq!(first.applied, users.len() as u32);
+    cluster.kill(1);
+    // Each call's retries leave the dead seed for the nodes the map names
+    // (before, they went back to the seed until the retry budget ran out).
+    let written = client.write(users.iter().map(|u| visit(u, "after")).collect()).await.expect("write");
+    // Parts an attempt cut short committed are duplicates in the next.
+    assert_eq!(written.applied + written.duplicates, users.len() as u32, "{written:?}");
+    for user in &users {
+        for consistency in [Consistency::Local, Consistency::Linearizable] {
+            let got = client.get_profile(user, &[], consistency).await.expect("read");
+            let info = got.read_info.expect("read info");
+            assert_ne!(info.node_id, 1, "{user}, {consistency:?}: served by a live node");
+            let page = got.profile.expect("profile").families["browse"].attrs["page"].value.clone();
+            // A LOCAL read may come from a replica a little behind.
+            if consistency == Consistency::Linearizable {
+                assert_eq!(page, Some(Value::string("after")), "{user}");
+            }
+        }
+    }
+    let map = client.shard_map().await.expect("the shard map from a live node");
+    assert!(map.shard_replicas.iter().all(|s| s.leader_id != 1), "new leaders: {map:?}");
 }

@@ -72,8 +72,9 @@ enum Command {
     /// Bulk-load JSON-lines events (one event per line; `-` reads stdin).
     Load {
         file: PathBuf,
-        /// Events per write (a write also ends once its events reach 8 MiB encoded).
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        /// Events per write, at most 10,000, a node's limit per request (a
+        /// write also ends once its events reach 8 MiB encoded).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         batch: u32,
         /// Writes in flight at once.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -363,5 +364,7 @@ mod tests {
     #[test]
     fn load_rejects_zero_batch() {
         assert!(Cli::try_parse_from(["portrait", "load", "x.jsonl", "--batch", "0"]).is_err());
+        assert!(Cli::try_parse_from(["portrait", "load", "x.jsonl", "--batch", "10001"]).is_err());
+        assert!(Cli::try_parse_from(["portrait", "load", "x.jsonl", "--batch", "10000"]).is_ok());
     }
 }

@@ -4,7 +4,7 @@
 //! A batch ends at its event count, or once its events' encoded size
 //! reaches [`MAX_BATCH_BYTES`], whichever comes first.
 
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 
 use portrait_client::{json, ClientError, Event};
 
@@ -12,6 +12,12 @@ use portrait_client::{json, ClientError, Event};
 /// 16 MiB a node accepts in one request, so that the event that passes it
 /// (at most about 270 KB: 64 attributes of 4 KiB) still fits.
 pub const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// The longest input line read: one event, whose largest (64 attributes
+/// of 4 KiB) is about 270 KB encoded and under 1 MiB as JSON with every
+/// character escaped. A longer line (a whole JSON array on one line, a
+/// binary file) is refused as soon as it passes this, not read whole.
+pub const MAX_LINE_BYTES: u64 = 1 << 20;
 
 /// Events to send in one write, and the input bytes they came from.
 #[derive(Debug, Default)]
@@ -43,12 +49,16 @@ impl<R: BufRead> Batches<R> {
         let mut encoded = 0;
         while batch.events.len() < self.size && encoded < MAX_BATCH_BYTES {
             buf.clear();
-            let read = self.reader.read_until(b'\n', &mut buf)?;
+            let read = (&mut self.reader).take(MAX_LINE_BYTES + 1).read_until(b'\n', &mut buf)?;
             if read == 0 {
                 self.done = true;
                 break;
             }
             self.line += 1;
+            if read as u64 > MAX_LINE_BYTES {
+                let reason = format!("longer than {MAX_LINE_BYTES} bytes (one event per line)");
+                return Err(ClientError::Json { line: self.line, reason });
+            }
             batch.bytes += read as u64;
             let parsed = parse_line(&buf).map_err(|reason| ClientError::Json { line: self.line, reason })?;
             if let Some(event) = parsed {
@@ -110,6 +120,17 @@ mod tests {
         Batches::new(input.as_bytes(), size)
             .map(|b| b.map(|b| b.events.len()).map_err(|e| e.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_line_past_the_limit_is_refused_without_reading_it_whole() {
+        let long = format!("{{\"user_id\":\"{}\"}}\n", "u".repeat(MAX_LINE_BYTES as usize));
+        let input = format!("{EVENT}\n{long}{EVENT}\n");
+        let got = sizes(&input, 10);
+        assert_eq!(
+            got,
+            vec![Err(format!("line 2: longer than {MAX_LINE_BYTES} bytes (one event per line)"))]
+        );
     }
 
     #[test]

@@ -142,7 +142,18 @@ impl Node {
                 Err(e) => self.send_on(gid, e, leader, &events).await,
                 done => done,
             },
-            None => self.propose_write(&replica, events, 0).await,
+            None => match self.propose_write(&replica, events, 0).await {
+                Proposal::Done(result) => result,
+                // Led elsewhere once past the gate (a leadership transfer
+                // it waited out): nothing was proposed, so the part goes
+                // on to the new leader, as a forwarded part would.
+                Proposal::Moved { events, leader, addr } => {
+                    match self.forward(gid, leader, addr, &events).await {
+                        Err(e) => self.send_on(gid, e, leader, &events).await,
+                        done => done,
+                    }
+                }
+            },
         }
     }
 
@@ -187,34 +198,39 @@ impl Node {
     ///
     /// During a leadership transfer the write waits at the gate (at most
     /// the write timeout, then UNAVAILABLE: nothing was proposed), then goes
-    /// on; on the old leader that is a redirect to the new one.
+    /// on; should another node lead the shard by then, the events come back
+    /// unproposed ([`Proposal::Moved`]).
     /// `validated`: the schema version the events were validated against
     /// (where they were received), when newer than this node's view.
-    async fn propose_write(
-        &self,
-        replica: &Replica,
-        events: Vec<Event>,
-        validated: u64,
-    ) -> Result<(WriteCounts, u64)> {
+    async fn propose_write(&self, replica: &Replica, events: Vec<Event>, validated: u64) -> Proposal {
         // A shard behind the cluster's apply rules (new, or just raised)
         // takes the version first, here rather than at the next placement
         // pass: one proposal, at most a second (before the queued-write
         // budget: the events wait that long outside it).
         self.catch_up_rules(replica).await;
         // The node's queued-write budget counts the wait at the gate.
-        let (admitted, _pass) = self.batcher.admit(&replica.gate, self.write_timeout, &events).await?;
-        behind_schema(self.schema().version.max(validated), &replica.sm.schema(), &events)?;
-        behind_rules(self.cluster().rules(), replica.sm.rules(), replica.gid)?;
+        let (admitted, _pass) = match self.batcher.admit(&replica.gate, self.write_timeout, &events).await {
+            Ok(admitted) => admitted,
+            Err(e) => return Proposal::Done(Err(e)),
+        };
+        if let Some((leader, addr)) = leader_elsewhere(replica, self.id) {
+            return Proposal::Moved { events, leader, addr };
+        }
+        let behind = behind_schema(self.schema().version.max(validated), &replica.sm.schema(), &events)
+            .and_then(|()| behind_rules(self.cluster().rules(), replica.sm.rules(), replica.gid));
+        if let Err(e) = behind {
+            return Proposal::Done(Err(e));
+        }
         // Never hang: a leader cut off from its quorum cannot commit.
         let write = self.batcher.write_held(replica.gid, events, admitted);
-        match tokio::time::timeout(self.write_timeout, write).await {
+        Proposal::Done(match tokio::time::timeout(self.write_timeout, write).await {
             Ok(result) => result,
             Err(_) => Err(Error::Unavailable(format!(
                 "not committed within {} ms (no quorum reachable?); {OUTCOME_UNKNOWN}: retry with the same \
                  event_ids, duplicates are skipped",
                 self.write_timeout.as_millis()
             ))),
-        }
+        })
     }
 
     /// Sends a part to the shard's leader, which proposes it (one hop: it
@@ -316,8 +332,25 @@ impl Node {
                 format!("a forwarded part holds users of shards other than {gid}"),
             ));
         }
-        self.propose_write(&replica, events, validated).await
+        match self.propose_write(&replica, events, validated).await {
+            Proposal::Done(result) => result,
+            // One hop only: the sender goes on to the new leader.
+            Proposal::Moved { leader, addr, .. } => {
+                Err(Error::NotLeader { leader_id: Some(leader), leader_addr: Some(addr), group: None })
+            }
+        }
     }
+}
+
+/// What [`Node::propose_write`] did with a part.
+enum Proposal {
+    Done(Result<(WriteCounts, u64)>),
+    /// Nothing was proposed: past the gate, another node leads the shard.
+    Moved {
+        events: Vec<Event>,
+        leader: NodeId,
+        addr: String,
+    },
 }
 
 /// While the meta group has raised the cluster's apply rules version to

@@ -66,16 +66,31 @@ impl<U: Message + Default + 'static> Decoder for CheckedDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        if let Some(check) = CHECK.get() {
-            // One message is one contiguous buffer (tonic's `BytesMut`).
-            check(TypeId::of::<U>(), buf.chunk())?;
-        }
-        self.0.decode(buf)
+        let Some(check) = CHECK.get() else { return self.0.decode(buf) };
+        // One message is one contiguous buffer (tonic's `BytesMut`).
+        check(TypeId::of::<U>(), buf.chunk())?;
+        // A message the walk passed that prost still cannot decode (a
+        // field of the wrong wire type, text that is not UTF-8) is the
+        // caller's to mend, not the server's fault (prost's INTERNAL).
+        self.0.decode(buf).map_err(|e| match e.code() {
+            tonic::Code::Internal => undecodable(e.message()),
+            _ => e,
+        })
     }
 
     fn buffer_settings(&self) -> BufferSettings {
         self.0.buffer_settings()
     }
+}
+
+/// INVALID_ARGUMENT for a request prost cannot decode, with the stable
+/// error code a server's statuses carry (`x-portrait-error`).
+fn undecodable(reason: &str) -> Status {
+    let mut status = Status::invalid_argument(format!("request: not a valid protobuf message ({reason})"));
+    status
+        .metadata_mut()
+        .insert("x-portrait-error", tonic::metadata::MetadataValue::from_static("INVALID_ARGUMENT"));
+    status
 }
 
 /// Walking protobuf's wire format without decoding it.

@@ -135,6 +135,32 @@ async fn a_write_of_too_many_events_is_refused_before_it_is_decoded() {
     node.client().await.write(vec![event("u1", "e3", vec![])]).await.expect("write");
 }
 
+/// A `Write` whose bytes the wire check passes but prost cannot decode
+/// (a `user_id` that is not UTF-8) is the caller's INVALID_ARGUMENT, not
+/// the server's INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_prost_cannot_decode_is_invalid_argument() {
+    /// `WriteRequest` with each event as its raw bytes.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawWrite {
+        #[prost(bytes = "vec", repeated, tag = "1")]
+        events: Vec<Vec<u8>>,
+    }
+    let node = TestNode::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(node.endpoint()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    // Field 1 (`user_id`), two bytes that are not UTF-8.
+    let request = RawWrite { events: vec![vec![0x0a, 0x02, 0xff, 0xfe]] };
+    let codec: tonic_prost::ProstCodec<RawWrite, portrait_client::portrait_proto::v1::WriteResponse> =
+        tonic_prost::ProstCodec::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/portrait.v1.Ingest/Write");
+    let status = grpc.unary(tonic::Request::new(request), path, codec).await.expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("request: not a valid protobuf message ("), "{}", status.message());
+    assert_eq!(status.metadata().get("x-portrait-error").unwrap(), "INVALID_ARGUMENT");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_get_answers_every_position_of_a_repeated_user() {
     let node = TestNode::start().await;

@@ -23,6 +23,7 @@ use crate::raft::not_leader;
 use crate::raft::replica::Replica;
 use crate::schema::VersionedSchema;
 use crate::store::codec::{decode, encode};
+use crate::store::group::RowsBusy;
 use crate::store::read::{distinct_ids, read_profile, repeat_counts, ProfileView, Selection};
 use crate::types::{GroupId, NodeId};
 use crate::validate::validate_user_id;
@@ -276,11 +277,21 @@ impl Node {
                 // A shard installing a snapshot (seconds, under load) is
                 // not waited for on one of the node's few read threads:
                 // UNAVAILABLE, and the caller retries, elsewhere if it can.
-                let Some(rows) = replica.sm.try_read_rows() else {
-                    return Err(Error::Unavailable(format!(
-                        "{}'s replica on node {id} is installing a snapshot (catching up); retry",
-                        replica.gid
-                    )));
+                let rows = match replica.sm.try_read_rows() {
+                    Ok(rows) => rows,
+                    Err(RowsBusy::Installing) => {
+                        return Err(Error::Unavailable(format!(
+                            "{}'s replica on node {id} is installing a snapshot (catching up); retry",
+                            replica.gid
+                        )))
+                    }
+                    Err(RowsBusy::Broken) => {
+                        return Err(Error::Unavailable(format!(
+                            "{}'s replica on node {id} failed a snapshot install midway (the node stops; its \
+                             log says why); retry, another replica serves",
+                            replica.gid
+                        )))
+                    }
                 };
                 let (schema, engine) = (replica.sm.schema(), replica.sm.engine());
                 // During a schema rollout the selection was checked against

@@ -49,7 +49,8 @@ impl Profiles for ProfilesService {
         let [user_id] = users;
         let view = views.pop().expect("one view per user");
         if !view.found {
-            return Err(Error::NotFound(format!("user {user_id:?} has no profile")).into());
+            let shown = crate::validate::shown(&user_id);
+            return Err(Error::NotFound(format!("user {shown} has no profile")).into());
         }
         Ok(Response::new(GetProfileResponse {
             profile: Some(profile_to_pb(user_id, view)),

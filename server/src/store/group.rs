@@ -65,8 +65,20 @@ pub struct GroupState {
     /// Held shared while a read takes the group's rows, and exclusively by
     /// a snapshot install from its range delete to its cache reload: a read
     /// sees the state before the install or the one after, never the
-    /// emptied or half-ingested range ([`GroupState::read_rows`]).
-    rows: RwLock<()>,
+    /// emptied or half-ingested range ([`GroupState::read_rows`]). Holds
+    /// `true` once an install failed midway: the range may be emptied or
+    /// half ingested for good (the group's raft stops on the error, and the
+    /// node with it), and no read takes it ([`GroupState::try_read_rows`]).
+    rows: RwLock<bool>,
+}
+
+/// Why a replica's rows cannot be read now ([`GroupState::try_read_rows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowsBusy {
+    /// A snapshot install is replacing them.
+    Installing,
+    /// A snapshot install failed midway: they may be half replaced.
+    Broken,
 }
 
 /// See [`GroupState::wait_written`].
@@ -96,30 +108,35 @@ impl GroupState {
             clock: AtomicI64::new(0),
             durable_read_at: Mutex::new(None),
             written: tokio::sync::watch::Sender::new(Written::default()),
-            rows: RwLock::new(()),
+            rows: RwLock::new(false),
         }
     }
 
     /// A read's hold on the group's rows (see `rows`): take it before the
     /// schema and engine to read with, and keep it while reading. Blocks
     /// while a snapshot install replaces the rows.
-    pub fn read_rows(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+    pub fn read_rows(&self) -> std::sync::RwLockReadGuard<'_, bool> {
         self.rows.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// [`GroupState::read_rows`] without waiting: `None` while a snapshot
-    /// install holds the rows (or waits for them).
-    pub fn try_read_rows(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
-        match self.rows.try_read() {
-            Ok(guard) => Some(guard),
-            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
+    /// [`GroupState::read_rows`] without waiting, and never of rows a
+    /// failed install left half replaced.
+    pub fn try_read_rows(&self) -> Result<std::sync::RwLockReadGuard<'_, bool>, RowsBusy> {
+        let guard = match self.rows.try_read() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(RowsBusy::Installing),
+        };
+        match *guard {
+            true => Err(RowsBusy::Broken),
+            false => Ok(guard),
         }
     }
 
     /// A snapshot install's hold on the group's rows: no read runs while
-    /// it is held.
-    pub(crate) fn replace_rows(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+    /// it is held. The install sets it to `true` before it changes the
+    /// rows and back to `false` once they are whole again.
+    pub(crate) fn replace_rows(&self) -> std::sync::RwLockWriteGuard<'_, bool> {
         self.rows.write().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -323,6 +340,22 @@ impl GroupState {
 mod tests {
     use super::*;
     use crate::schema::Schema;
+
+    #[test]
+    fn rows_an_install_left_half_replaced_are_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = GroupState::open(dir.path()).unwrap();
+        assert!(group.try_read_rows().is_ok());
+        {
+            let mut rows = group.replace_rows();
+            assert_eq!(group.try_read_rows().err(), Some(RowsBusy::Installing));
+            // What an install that failed after its range delete leaves.
+            *rows = true;
+        }
+        assert_eq!(group.try_read_rows().err(), Some(RowsBusy::Broken));
+        *group.replace_rows() = false;
+        assert!(group.try_read_rows().is_ok(), "a completed install");
+    }
 
     #[test]
     fn a_stored_schema_this_build_cannot_compile_refuses_to_open_rather_than_run_without_rules() {

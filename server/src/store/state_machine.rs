@@ -914,9 +914,15 @@ fn install_blocking(
     let record = group_snapshot::InstallRecord { archive: archive.clone(), meta: meta.clone() };
     {
         // Reads wait out the range delete and the ingest (see `read_rows`).
-        let _rows = store.replace_rows();
+        let mut rows = store.replace_rows();
+        // Should the ingest or the reload fail, the range may be emptied or
+        // half ingested, and the caches those of the old state: no read
+        // takes them until the node opens the group again (which installs
+        // the archive again, by the install marker).
+        *rows = true;
         group_snapshot::ingest(store.state_db(), store.gid(), files, &record)?;
         store.reload_caches()?;
+        *rows = false;
     }
     // Published before the marker is cleared: a crash in between installs
     // the published archive again at the next open, and the group never

@@ -67,7 +67,9 @@ impl Node {
     /// (see the module docs).
     pub async fn write(&self, events: Vec<Event>) -> Result<WriteResult> {
         let schema = self.schema();
-        validate_request(&events, &schema.schema, Some(self.clock.now_ms()))?;
+        if let Err(e) = validate_request(&events, &schema.schema, Some(self.clock.now_ms())) {
+            return Err(self.schema_view_behind(schema.version).unwrap_or_else(|| e.into()));
+        }
         let mut positions = BTreeMap::new();
         // Parts of shards hosted here whose leader is another node go to
         // that node together, one call per node (`Raft.ForwardWrites`);
@@ -103,6 +105,16 @@ impl Node {
         }
         self.wait_applied_here(&total.shards).await;
         Ok(total)
+    }
+
+    /// A write refused against this node's view of the schema (its meta
+    /// replica's, version `seen`) while a shard replica here has applied a
+    /// newer one: the view lags a schema change that has reached the
+    /// shards (ApplySchema returns once every shard applied it), and what
+    /// it refuses (an unknown family, say) may be valid. UNAVAILABLE, to
+    /// be retried, rather than an INVALID_ARGUMENT no client resends.
+    fn schema_view_behind(&self, seen: u64) -> Option<Error> {
+        view_behind(seen, self.registry.all().iter().map(|r| r.sm.schema().version))
     }
 
     /// Visible here when the write returns (api.md): a part another node
@@ -342,6 +354,18 @@ impl Node {
     }
 }
 
+/// See [`Node::schema_view_behind`]: `shards` are the schema versions
+/// of the replicas here.
+fn view_behind(seen: u64, shards: impl Iterator<Item = u64>) -> Option<Error> {
+    let newest = shards.max()?;
+    (newest > seen).then(|| {
+        Error::Unavailable(format!(
+            "this node's view of the schema (version {seen}) is behind its shards' (version {newest}): a \
+             schema change is still reaching it; retry"
+        ))
+    })
+}
+
 /// What [`Node::propose_write`] did with a part.
 enum Proposal {
     Done(Result<(WriteCounts, u64)>),
@@ -414,6 +438,15 @@ pub(super) fn leader_elsewhere(replica: &Replica, me: NodeId) -> Option<(NodeId,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_by_a_schema_view_behind_the_shards_is_retryable() {
+        assert!(view_behind(3, [0, 3, 2].into_iter()).is_none(), "the view is the newest");
+        assert!(view_behind(3, std::iter::empty()).is_none(), "no replica here");
+        let e = view_behind(3, [3, 4].into_iter()).expect("behind");
+        assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+        assert!(e.to_string().contains("(version 3) is behind its shards' (version 4)"), "{e}");
+    }
 
     #[test]
     fn a_forward_to_a_node_that_no_longer_hosts_the_shard_is_retryable() {

@@ -139,8 +139,8 @@ async fn rule_errors_are_reported_at_apply_schema_and_nothing_changes() {
         // Names no rule could read (refused when offered only).
         ("[tags.now]\nrule = 'orders > 1'", "tags.now: \"now\" is a reserved word of the tag language"),
         (
-            "[families.shop]\nttl = \"1d\"\nattrs = { City = \"str\" }",
-            "families.shop.attrs.City: an attribute",
+            "[families.shop]\nttl = \"1d\"\nattrs = { \"\" = \"str\" }",
+            "families.shop.attrs.: an event attribute name is 1 to 64",
         ),
     ];
     for (extra, expected) in cases {

@@ -95,8 +95,8 @@ impl Schema {
     /// Names a rule could never read, refused when a schema is offered
     /// (not when a committed one is applied; see
     /// [`crate::engine::check_new_schema`]): a feature or tag named by a
-    /// reserved word of the tag language, a declared attribute whose name
-    /// is not a rule name, or a feature's attribute no event may carry.
+    /// reserved word of the tag language, or an attribute (declared, or a
+    /// feature's) no event may carry.
     pub fn check_names(&self) -> Result<(), SchemaError> {
         parse::check_names(self)
     }

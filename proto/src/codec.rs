@@ -69,11 +69,15 @@ impl<U: Message + Default + 'static> Decoder for CheckedDecoder<U> {
         let Some(check) = CHECK.get() else { return self.0.decode(buf) };
         // One message is one contiguous buffer (tonic's `BytesMut`).
         check(TypeId::of::<U>(), buf.chunk())?;
-        // A message the walk passed that prost still cannot decode (a
-        // field of the wrong wire type, text that is not UTF-8) is the
-        // caller's to mend, not the server's fault (prost's INTERNAL).
+        // A client's request the walk passed that prost still cannot
+        // decode (a field of the wrong wire type, text that is not UTF-8)
+        // is the caller's to mend, not the server's fault (prost's
+        // INTERNAL). Only requests of the client API: a node decodes its
+        // peers' answers with this decoder too, and a peer's undecodable
+        // answer is no fault of the request (a forwarded write may have
+        // been applied).
         self.0.decode(buf).map_err(|e| match e.code() {
-            tonic::Code::Internal => undecodable(e.message()),
+            tonic::Code::Internal if client_request(TypeId::of::<U>()) => undecodable(e.message()),
             _ => e,
         })
     }
@@ -81,6 +85,14 @@ impl<U: Message + Default + 'static> Decoder for CheckedDecoder<U> {
     fn buffer_settings(&self) -> BufferSettings {
         self.0.buffer_settings()
     }
+}
+
+/// Whether `message` is a request of the client API (only ever decoded by
+/// the server it is sent to).
+fn client_request(message: TypeId) -> bool {
+    use crate::v1::*;
+    [TypeId::of::<WriteRequest>(), TypeId::of::<GetProfileRequest>(), TypeId::of::<BatchGetProfilesRequest>()]
+        .contains(&message)
 }
 
 /// INVALID_ARGUMENT for a request prost cannot decode, with the stable

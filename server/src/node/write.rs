@@ -67,8 +67,12 @@ impl Node {
     /// (see the module docs).
     pub async fn write(&self, events: Vec<Event>) -> Result<WriteResult> {
         let schema = self.schema();
-        if let Err(e) = validate_request(&events, &schema.schema, Some(self.clock.now_ms())) {
-            return Err(self.schema_view_behind(schema.version).unwrap_or_else(|| e.into()));
+        let now = self.clock.now_ms();
+        if let Err(e) = validate_request(&events, &schema.schema, Some(now)) {
+            let newest = self.registry.all().iter().map(|r| r.sm.schema()).max_by_key(|s| s.version);
+            return Err(
+                view_behind(schema.version, newest.as_deref(), &events, now).unwrap_or_else(|| e.into())
+            );
         }
         let mut positions = BTreeMap::new();
         // Parts of shards hosted here whose leader is another node go to
@@ -105,16 +109,6 @@ impl Node {
         }
         self.wait_applied_here(&total.shards).await;
         Ok(total)
-    }
-
-    /// A write refused against this node's view of the schema (its meta
-    /// replica's, version `seen`) while a shard replica here has applied a
-    /// newer one: the view lags a schema change that has reached the
-    /// shards (ApplySchema returns once every shard applied it), and what
-    /// it refuses (an unknown family, say) may be valid. UNAVAILABLE, to
-    /// be retried, rather than an INVALID_ARGUMENT no client resends.
-    fn schema_view_behind(&self, seen: u64) -> Option<Error> {
-        view_behind(seen, self.registry.all().iter().map(|r| r.sm.schema().version))
     }
 
     /// Visible here when the write returns (api.md): a part another node
@@ -354,16 +348,20 @@ impl Node {
     }
 }
 
-/// See [`Node::schema_view_behind`]: `shards` are the schema versions
-/// of the replicas here.
-fn view_behind(seen: u64, shards: impl Iterator<Item = u64>) -> Option<Error> {
-    let newest = shards.max()?;
-    (newest > seen).then(|| {
-        Error::Unavailable(format!(
-            "this node's view of the schema (version {seen}) is behind its shards' (version {newest}): a \
-             schema change is still reaching it; retry"
-        ))
-    })
+/// A write refused against this node's view of the schema (its meta
+/// replica's, version `seen`) that the newest schema a shard replica here
+/// has applied (`newest`) accepts: the view lags a schema change that has
+/// reached the shards (ApplySchema returns once every shard applied it).
+/// UNAVAILABLE, to be retried, rather than an INVALID_ARGUMENT no client
+/// resends; `None` (the view's refusal stands) otherwise.
+fn view_behind(seen: u64, newest: Option<&VersionedSchema>, events: &[Event], now: i64) -> Option<Error> {
+    let newest = newest.filter(|n| n.version > seen)?;
+    validate_request(events, &newest.schema, Some(now)).ok()?;
+    Some(Error::Unavailable(format!(
+        "this node's view of the schema (version {seen}) is behind its shards' (version {}): a schema change \
+         is still reaching it; retry",
+        newest.version
+    )))
 }
 
 /// What [`Node::propose_write`] did with a part.
@@ -440,12 +438,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_refusal_by_a_schema_view_behind_the_shards_is_retryable() {
-        assert!(view_behind(3, [0, 3, 2].into_iter()).is_none(), "the view is the newest");
-        assert!(view_behind(3, std::iter::empty()).is_none(), "no replica here");
-        let e = view_behind(3, [3, 4].into_iter()).expect("behind");
+    fn a_refusal_by_a_schema_view_behind_the_shards_is_retryable_only_if_the_newer_schema_takes_it() {
+        let now = 1_800_000_000_000;
+        let event = |family: &str| Event {
+            user_id: "u1".into(),
+            family: family.into(),
+            event_type: "view".into(),
+            time_ms: now,
+            event_id: String::new(),
+            attrs: Default::default(),
+        };
+        let newer = VersionedSchema {
+            version: 4,
+            schema: crate::schema::Schema::parse("[families.shop]\nttl = \"1d\"\n").unwrap(),
+        };
+        let shop = [event("shop")];
+        assert!(view_behind(4, Some(&newer), &shop, now).is_none(), "the view is the newest");
+        assert!(view_behind(3, None, &shop, now).is_none(), "no replica here");
+        let e = view_behind(3, Some(&newer), &shop, now).expect("behind");
         assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
         assert!(e.to_string().contains("(version 3) is behind its shards' (version 4)"), "{e}");
+        // What the newer schema refuses too keeps its own error.
+        assert!(view_behind(3, Some(&newer), &[event("nope")], now).is_none());
     }
 
     #[test]

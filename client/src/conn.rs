@@ -172,21 +172,29 @@ impl Targets {
         }
     }
 
-    /// The endpoint to try after `failed`: the next one after it in the
-    /// ring of the seed, the map's nodes and a known leader the map does
-    /// not name, skipping `failed` (`None`: there is no other).
+    /// The endpoint to try after `failed` (`None`: there is no other).
+    /// After another node, the seed (it may be a load balancer, or reach
+    /// the nodes where the map's addresses do not); after the seed, the
+    /// node after the last other one used, in the order of the map's nodes
+    /// and then a known leader the map does not name, so that every node
+    /// is tried in turn.
     fn next_after(&self, failed: &str) -> Option<String> {
-        // In an order that does not move with the leader, so that every
-        // node is tried in turn.
-        let mut ring: Vec<&str> = vec![&self.seed.endpoint];
-        let leader = self.leader.as_ref().map(|l| l.endpoint.as_str());
-        for node in self.nodes.iter().map(String::as_str).chain(leader) {
-            if !ring.contains(&node) {
-                ring.push(node);
+        let seed = self.seed.endpoint.as_str();
+        if failed != seed {
+            return Some(seed.to_string());
+        }
+        let last = self.leader.as_ref().map(|l| l.endpoint.as_str());
+        let mut others: Vec<&str> = Vec::new();
+        for node in self.nodes.iter().map(String::as_str).chain(last) {
+            if node != seed && !others.contains(&node) {
+                others.push(node);
             }
         }
-        let at = ring.iter().position(|e| *e == failed).unwrap_or(0);
-        (1..ring.len()).map(|step| ring[(at + step) % ring.len()]).find(|e| *e != failed).map(str::to_string)
+        let next = match last.and_then(|l| others.iter().position(|e| *e == l)) {
+            Some(at) => others[(at + 1) % others.len()],
+            None => *others.first()?,
+        };
+        Some(next.to_string())
     }
 }
 
@@ -269,8 +277,8 @@ impl Router {
     }
 
     /// After `failed` was unreachable or had no leader to name: moves on
-    /// to the next node of the ring of the seed, the last known leader and
-    /// the nodes the shard map names (any node serves any call), so a dead
+    /// (see `Targets::next_after`) between the seed and, in turn, the
+    /// nodes the shard map names (any node serves any call), so a dead
     /// seed is left for a live node. Without a map: between the seed and
     /// the last known leader, if there is one.
     pub fn avoid(&self, failed: &str) {
@@ -404,9 +412,12 @@ mod tests {
         assert_eq!(at(), n1);
         router.avoid(n1);
         assert_eq!(at(), n2);
-        // With the map's nodes, every one is tried in turn.
+        // With the map's nodes: the seed between each of the others, in
+        // turn.
         router.know_nodes(vec![n1.into(), n2.into(), n3.into()]);
         router.avoid(n2);
+        assert_eq!(at(), n1);
+        router.avoid(n1);
         assert_eq!(at(), n3);
         router.avoid(n1);
         assert_eq!(at(), n3, "only the failed current node is left");
@@ -414,10 +425,13 @@ mod tests {
         assert_eq!(at(), n1);
         router.avoid(n1);
         assert_eq!(at(), n2);
-        router.avoid(n2);
-        assert_eq!(at(), n3, "the same order whoever was named leader last");
-        router.avoid(n3);
+        // A leader named that the map does not know joins the turn.
+        let n4 = "http://127.0.0.1:4";
+        assert!(router.follow(n4, n2).unwrap());
+        router.avoid(n4);
         assert_eq!(at(), n1);
+        router.avoid(n1);
+        assert_eq!(at(), n2, "after n4, which comes last, the first");
     }
 
     #[test]

@@ -14,10 +14,11 @@ use portrait_client::{json, ClientError, Event};
 pub const MAX_BATCH_BYTES: usize = 8 << 20;
 
 /// The longest input line read: one event, whose largest (64 attributes
-/// of 4 KiB) is about 270 KB encoded and under 1 MiB as JSON with every
-/// character escaped. A longer line (a whole JSON array on one line, a
-/// binary file) is refused as soon as it passes this, not read whole.
-pub const MAX_LINE_BYTES: u64 = 1 << 20;
+/// of 4 KiB) is about 270 KB encoded and about 1.6 MB as JSON with every
+/// character escaped (`\u00XX`). A longer line (a whole JSON array on one
+/// line, a binary file) is refused as soon as it passes this, not read
+/// whole.
+pub const MAX_LINE_BYTES: u64 = 4 << 20;
 
 /// Events to send in one write, and the input bytes they came from.
 #[derive(Debug, Default)]

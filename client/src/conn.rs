@@ -172,29 +172,33 @@ impl Targets {
         }
     }
 
-    /// The endpoint to try after `failed` (`None`: there is no other).
-    /// After another node, the seed (it may be a load balancer, or reach
-    /// the nodes where the map's addresses do not); after the seed, the
-    /// node after the last other one used, in the order of the map's nodes
-    /// and then a known leader the map does not name, so that every node
-    /// is tried in turn.
+    /// The endpoint to try after `failed` (`None`: there is no other), in
+    /// the ring of the map's nodes (in node id order) and then a known
+    /// leader the map does not name, so that every node is tried in turn.
+    /// A seed that is no node of the map (a load balancer's address, or no
+    /// map yet) takes every other turn: after another node, the seed; after
+    /// the seed, the node after the last other one used.
     fn next_after(&self, failed: &str) -> Option<String> {
         let seed = self.seed.endpoint.as_str();
-        if failed != seed {
-            return Some(seed.to_string());
-        }
         let last = self.leader.as_ref().map(|l| l.endpoint.as_str());
-        let mut others: Vec<&str> = Vec::new();
+        let mut ring: Vec<&str> = Vec::new();
         for node in self.nodes.iter().map(String::as_str).chain(last) {
-            if node != seed && !others.contains(&node) {
-                others.push(node);
+            if !ring.contains(&node) {
+                ring.push(node);
             }
         }
-        let next = match last.and_then(|l| others.iter().position(|e| *e == l)) {
-            Some(at) => others[(at + 1) % others.len()],
-            None => *others.first()?,
-        };
-        Some(next.to_string())
+        if !ring.contains(&seed) {
+            if failed != seed {
+                return Some(seed.to_string());
+            }
+            let next = match last.and_then(|l| ring.iter().position(|e| *e == l)) {
+                Some(at) => ring[(at + 1) % ring.len()],
+                None => *ring.first()?,
+            };
+            return Some(next.to_string());
+        }
+        let at = ring.iter().position(|e| *e == failed).unwrap_or(0);
+        (1..ring.len()).map(|step| ring[(at + step) % ring.len()]).find(|e| *e != failed).map(str::to_string)
     }
 }
 
@@ -412,12 +416,9 @@ mod tests {
         assert_eq!(at(), n1);
         router.avoid(n1);
         assert_eq!(at(), n2);
-        // With the map's nodes: the seed between each of the others, in
-        // turn.
+        // The seed one of the map's nodes: every node in turn.
         router.know_nodes(vec![n1.into(), n2.into(), n3.into()]);
         router.avoid(n2);
-        assert_eq!(at(), n1);
-        router.avoid(n1);
         assert_eq!(at(), n3);
         router.avoid(n1);
         assert_eq!(at(), n3, "only the failed current node is left");
@@ -425,13 +426,24 @@ mod tests {
         assert_eq!(at(), n1);
         router.avoid(n1);
         assert_eq!(at(), n2);
-        // A leader named that the map does not know joins the turn.
+        // A leader named that the map does not know joins the turn, last.
         let n4 = "http://127.0.0.1:4";
         assert!(router.follow(n4, n2).unwrap());
         router.avoid(n4);
         assert_eq!(at(), n1);
-        router.avoid(n1);
-        assert_eq!(at(), n2, "after n4, which comes last, the first");
+
+        // A seed that is no node of the map (a load balancer): between
+        // each of the others.
+        let lb = "http://127.0.0.1:9";
+        let options = ConnectOptions::new();
+        let seed = Conn { endpoint: lb.into(), channel: lazy_channel(lb, &options).unwrap() };
+        let router = Router::new(seed, options);
+        let at = || router.current().endpoint;
+        router.know_nodes(vec![n2.into(), n3.into()]);
+        for expected in [n2, lb, n3, lb, n2] {
+            router.avoid(&at());
+            assert_eq!(at(), expected);
+        }
     }
 
     #[test]

@@ -349,14 +349,17 @@ impl Node {
 }
 
 /// A write refused against this node's view of the schema (its meta
-/// replica's, version `seen`) that the newest schema a shard replica here
-/// has applied (`newest`) accepts: the view lags a schema change that has
-/// reached the shards (ApplySchema returns once every shard applied it).
-/// UNAVAILABLE, to be retried, rather than an INVALID_ARGUMENT no client
-/// resends; `None` (the view's refusal stands) otherwise.
+/// replica's, version `seen`) while a shard replica here has applied a
+/// newer one (`newest`): the view lags a schema change that has reached
+/// the shards (ApplySchema returns once every shard applied it). If the
+/// newer schema accepts the write, UNAVAILABLE, to be retried, rather than
+/// an INVALID_ARGUMENT no client resends; else the newer schema's refusal.
+/// `None` (the view's refusal stands) when no replica here is newer.
 fn view_behind(seen: u64, newest: Option<&VersionedSchema>, events: &[Event], now: i64) -> Option<Error> {
     let newest = newest.filter(|n| n.version > seen)?;
-    validate_request(events, &newest.schema, Some(now)).ok()?;
+    if let Err(e) = validate_request(events, &newest.schema, Some(now)) {
+        return Some(e.into());
+    }
     Some(Error::Unavailable(format!(
         "this node's view of the schema (version {seen}) is behind its shards' (version {}): a schema change \
          is still reaching it; retry",
@@ -458,8 +461,9 @@ mod tests {
         let e = view_behind(3, Some(&newer), &shop, now).expect("behind");
         assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
         assert!(e.to_string().contains("(version 3) is behind its shards' (version 4)"), "{e}");
-        // What the newer schema refuses too keeps its own error.
-        assert!(view_behind(3, Some(&newer), &[event("nope")], now).is_none());
+        // What the newer schema refuses too gets that schema's error.
+        let e = view_behind(3, Some(&newer), &[event("nope")], now).expect("refused");
+        assert!(e.to_string().contains("unknown family \"nope\" (schema has: shop)"), "{e}");
     }
 
     #[test]

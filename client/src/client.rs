@@ -189,8 +189,9 @@ impl PortraitClient {
     /// Runs `call` once on `target` (a node the shard map names), then,
     /// when there is none or it answers UNAVAILABLE (it may be down, or no
     /// longer lead), through the router with its redirects and retries
-    /// (the retry budget counting from the first attempt); the map is
-    /// fetched again before the next call.
+    /// (the retry budget counting from the first attempt; none once it is
+    /// spent, so `retry_for(ZERO)` makes one attempt); the map is fetched
+    /// again before the next call.
     async fn routed<T, F, Fut>(&self, target: Option<&str>, mut call: F) -> Result<T, ClientError>
     where
         F: FnMut(Chan) -> Fut,
@@ -212,6 +213,11 @@ impl PortraitClient {
                             let _ = self.router.follow(hint, target);
                         }
                         None => self.router.avoid(target),
+                    }
+                    // No budget left (`retry_for(ZERO)`: one attempt): the
+                    // first attempt was the call's.
+                    if started.elapsed() >= self.router.options().retry_budget() {
+                        return Err(status.into());
                     }
                 }
                 Err(status) => {

@@ -233,3 +233,49 @@ async fn run(
     }
     (last, hung, i)
 }
+
+/// Writers that each send one-event writes through a client until stopped:
+/// writer `w`'s `i`-th event is `event(w, i)`.
+pub struct OneEventWriters {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<(u32, Vec<portrait_client::ClientError>)>>,
+}
+
+impl OneEventWriters {
+    pub fn start(client: &PortraitClient, writers: u32, event: fn(u32, u32) -> Event) -> OneEventWriters {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..writers)
+            .map(|w| {
+                let (client, stop) = (client.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let (mut acked, mut failed) = (0u32, Vec::new());
+                    for i in 0u32.. {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        match client.write(vec![event(w, i)]).await {
+                            Ok(_) => acked += 1,
+                            Err(e) => failed.push(e),
+                        }
+                    }
+                    (acked, failed)
+                })
+            })
+            .collect();
+        OneEventWriters { stop, tasks }
+    }
+
+    /// Stops the writers once their calls in flight end: the writes
+    /// acknowledged and the failures, printed.
+    pub async fn stop(self) -> (u32, Vec<portrait_client::ClientError>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut acked, mut failed) = (0, Vec::new());
+        for task in self.tasks {
+            let (a, f) = task.await.expect("writer task");
+            acked += a;
+            failed.extend(f);
+        }
+        println!("{acked} writes acknowledged, {} failed: {failed:?}", failed.len());
+        (acked, failed)
+    }
+}

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use portrait_client::portrait_proto::v1::rule_value::Kind;
 use portrait_client::{shard_of, Consistency, Event, Value};
 use portrait_cluster_tests::replicas::{placement, statuses};
+use portrait_cluster_tests::workload::OneEventWriters;
 use portrait_cluster_tests::{portrait_cli, workload, Cluster, TEST_SHARDS};
 
 fn visit(user: &str, page: &str) -> Event {
@@ -183,37 +184,13 @@ async fn calls_in_flight_to_a_node_killed_are_retried_not_failed_as_a_lost_conne
     for shard in 1..TEST_SHARDS {
         client.transfer_leader_of(2, Some(shard)).await.expect("transfer");
     }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..8)
-        .map(|w| {
-            let (client, stop) = (client.clone(), stop.clone());
-            tokio::spawn(async move {
-                let (mut acked, mut failed) = (0u32, Vec::new());
-                for i in 0.. {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    let user = format!("user-{w}-{}", i % 16);
-                    match client.write(vec![visit(&user, &format!("w{w}-{i}"))]).await {
-                        Ok(_) => acked += 1,
-                        Err(e) => failed.push(e),
-                    }
-                }
-                (acked, failed)
-            })
-        })
-        .collect();
+    let writers = OneEventWriters::start(&client, 8, |w, i| {
+        visit(&format!("user-{w}-{}", i % 16), &format!("w{w}-{i}"))
+    });
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.kill(2);
     tokio::time::sleep(Duration::from_secs(6)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut acked, mut failed) = (0, Vec::new());
-    for writer in writers {
-        let (a, f) = writer.await.unwrap();
-        acked += a;
-        failed.extend(f);
-    }
-    println!("{acked} writes acknowledged, {} failed: {failed:?}", failed.len());
+    let (_, failed) = writers.stop().await;
     // A call cut off by the kill is sent again (its events have ids); one
     // may still fail while a shard elects a leader (UNAVAILABLE after the
     // retry budget), never as the lost connection itself.

@@ -4,7 +4,7 @@
 //! ids that waited out a transfer goes on to the new leader; and its errors.
 
 use portrait_client::code_name;
-use portrait_cluster_tests::workload::Workload;
+use portrait_cluster_tests::workload::{OneEventWriters, Workload};
 use portrait_cluster_tests::Cluster;
 
 const ALL: [u64; 3] = [1, 2, 3];
@@ -66,48 +66,22 @@ async fn transfer_to_a_non_voter_fails_naming_it_and_to_the_leader_is_a_no_op() 
 /// caller could not resend it, and parts of other shards may have applied).
 #[tokio::test]
 async fn a_write_waiting_out_a_transfer_goes_on_to_the_new_leader() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     let cluster = Cluster::start(3).await;
     let first = cluster.wait_leader(&ALL).await;
     let target = if first == 3 { 2 } else { 3 };
     let client = cluster.client(first).await.without_routing();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..6)
-        .map(|w| {
-            let (client, stop) = (client.clone(), stop.clone());
-            tokio::spawn(async move {
-                let (mut acked, mut failed) = (0u32, Vec::new());
-                for i in 0u32.. {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let mut event =
-                        portrait_cluster_tests::workload::visit(&format!("u{w}-{}", i % 8), "", "p");
-                    event.event_id.clear();
-                    match client.write(vec![event]).await {
-                        Ok(_) => acked += 1,
-                        Err(e) => failed.push(e.to_string()),
-                    }
-                }
-                (acked, failed)
-            })
-        })
-        .collect();
+    let writers = OneEventWriters::start(&client, 6, |w, i| {
+        let mut event = portrait_cluster_tests::workload::visit(&format!("u{w}-{}", i % 8), "", "p");
+        event.event_id.clear();
+        event
+    });
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     for to in [target, first, target] {
         cluster.client(first).await.transfer_leader(to).await.expect("transfer");
         cluster.wait_agreed_leader(&ALL, to).await;
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    let (mut acked, mut failed) = (0, Vec::new());
-    for writer in writers {
-        let (a, f) = writer.await.unwrap();
-        acked += a;
-        failed.extend(f);
-    }
-    println!("{acked} writes acknowledged, {} failed: {failed:?}", failed.len());
+    let (acked, failed) = writers.stop().await;
     assert!(acked > 0);
     assert!(failed.is_empty(), "{failed:?}");
 }

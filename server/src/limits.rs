@@ -103,6 +103,14 @@ pub const RAFT_BATCHES_IN_FLIGHT: usize = 2;
 /// entry only if it is at most 64 KiB (`store::recent::KEEP_NEWEST_MAX_BYTES`).
 pub const MAX_RECENT_ENTRY_BYTES: usize = 64 * 1024 * 1024;
 
+/// Bytes of client requests (gRPC messages of the Ingest, Profiles and
+/// Admin services) a node holds received but not yet decoded, all calls
+/// together (`service::receiving`). A request whose next bytes would pass
+/// it fails at once with UNAVAILABLE ("retry"); it holds room for eight of
+/// the largest writes at once, and thousands of typical ones.
+pub const MAX_RECEIVING_BYTES: usize = 128 * 1024 * 1024;
+const _: () = assert!(MAX_RECEIVING_BYTES >= MAX_MESSAGE_BYTES + 5, "the largest request must fit");
+
 /// Encoded bytes of write requests a node holds between their validation
 /// and their answer: queued for the batcher, in an entry being proposed,
 /// waiting for its apply, or forwarded to another node that leads the

@@ -161,6 +161,86 @@ async fn a_write_prost_cannot_decode_is_invalid_argument() {
     assert_eq!(status.metadata().get("x-portrait-error").unwrap(), "INVALID_ARGUMENT");
 }
 
+/// Writes whose messages are still arriving hold node memory: at most
+/// `MAX_RECEIVING_BYTES` of them, all calls together. Twelve raw HTTP/2
+/// streams each announce a 16 MiB write and send 15 MiB of it, then stop:
+/// at most eight fit, so at least four are refused with UNAVAILABLE naming
+/// the limit, while the node goes on serving writes. Once the streams are
+/// gone, what they held is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_being_received_share_one_byte_budget() {
+    use portrait_server::limits::{MAX_MESSAGE_BYTES, MAX_RECEIVING_BYTES};
+    use tonic::codegen::http;
+    use tonic::codegen::Bytes;
+
+    const STREAMS: usize = 12;
+    const SENT: usize = 15 << 20;
+    const { assert!(STREAMS * SENT > MAX_RECEIVING_BYTES + 3 * SENT) };
+    let node = TestNode::start().await;
+    let client = node.client().await;
+    let address = node.endpoint().trim_start_matches("http://").to_string();
+    let mut held = Vec::new();
+    let mut answers = tokio::task::JoinSet::new();
+    let mut body = vec![0u8];
+    body.extend((MAX_MESSAGE_BYTES as u32).to_be_bytes());
+    body.resize(SENT, 0x0a);
+    let body = Bytes::from(body);
+    for _ in 0..STREAMS {
+        let tcp = tokio::net::TcpStream::connect(&address).await.expect("connect");
+        let (sender, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+        tokio::spawn(connection);
+        let mut sender = sender.ready().await.expect("ready");
+        let request = http::Request::post(format!("http://{address}/portrait.v1.Ingest/Write"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (response, mut stream) = sender.send_request(request, false).expect("send");
+        stream.send_data(body.clone(), false).expect("send the body");
+        answers.spawn(async move {
+            let response = response.await.expect("an answer");
+            let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+            (header("grpc-status"), header("grpc-message"))
+        });
+        held.push((sender, stream));
+    }
+    let mut refused = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while refused < STREAMS - MAX_RECEIVING_BYTES / SENT {
+        let answer = tokio::time::timeout_at(deadline.into(), answers.join_next()).await;
+        let (code, message) = answer.expect("refusals within 60 s").expect("an answer").expect("no panic");
+        assert_eq!(code.as_deref(), Some("14"), "UNAVAILABLE: {message:?}");
+        assert!(message.as_deref().unwrap_or_default().contains("MAX_RECEIVING_BYTES"), "{message:?}");
+        refused += 1;
+    }
+    println!("{refused} of {STREAMS} half-sent writes refused");
+    // The node still takes writes, and more once the streams are gone.
+    client.write(vec![event("u1", "during", vec![])]).await.expect("a write while the budget is in use");
+    drop(held);
+    answers.abort_all();
+    // About 14.3 MB: more than the streams left free while they were held.
+    let big: Vec<Event> = (0..3_500)
+        .map(|i| {
+            event(
+                &format!("big{}", i % 350),
+                &format!("b{i}"),
+                vec![("text".into(), Value::string("x".repeat(4_000)))],
+            )
+        })
+        .collect();
+    let start = Instant::now();
+    loop {
+        match client.write(big.clone()).await {
+            Ok(_) => break,
+            Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                println!("not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the budget was not freed: {e}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_get_answers_every_position_of_a_repeated_user() {
     let node = TestNode::start().await;

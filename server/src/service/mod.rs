@@ -10,6 +10,7 @@ pub mod epoch;
 pub mod ingest;
 pub mod profiles;
 pub mod raft;
+pub mod receiving;
 pub mod status;
 
 use std::future::Future;
@@ -23,10 +24,11 @@ use tonic::transport::server::TcpIncoming;
 
 use auth::{Gate, WithAuth};
 use epoch::WithMapEpoch;
+use receiving::{ReceiveBudget, WithReceiveBudget};
 
 use crate::limits::{
     MAX_ADMIN_REQUEST_BYTES, MAX_MESSAGE_BYTES, MAX_PROFILES_REQUEST_BYTES, MAX_RAFT_MESSAGE_BYTES,
-    MAX_RESPONSE_BYTES,
+    MAX_RECEIVING_BYTES, MAX_RESPONSE_BYTES,
 };
 use crate::node::Node;
 
@@ -107,6 +109,11 @@ pub async fn serve(
     if let Some(config) = tls.peer {
         peer = peer.tls_config(config.server)?;
     }
+    // One budget for the bytes of every client request being received.
+    let receiving = ReceiveBudget::new(MAX_RECEIVING_BYTES);
+    let ingest = WithReceiveBudget::new(ingest, receiving.clone());
+    let profiles = WithReceiveBudget::new(profiles, receiving.clone());
+    let admin = WithReceiveBudget::new(admin, receiving);
     let client = client
         .add_service(health_service)
         .add_service(reflection)

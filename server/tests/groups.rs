@@ -408,6 +408,20 @@ async fn an_install_a_crash_interrupted_is_finished_at_the_next_open() {
     assert_eq!(raw.get_cf(cf(&raw, CF_META), keys::installing(A)).unwrap(), None, "marker cleared");
     assert_eq!(std::fs::read(&published).unwrap(), archive, "still the current snapshot");
 
+    // A data dir that moved (or was given by a relative path) since the
+    // install began: the marker's path is stale, and the archive is found
+    // under its name in this data dir's snapshot folder.
+    std::fs::remove_file(&published).unwrap();
+    std::fs::write(&received, &archive).unwrap();
+    crash_mid_install(&db, std::path::PathBuf::from("/moved/elsewhere/snapshots/0/incoming.part"));
+    drop((raw, a, db));
+    let db = StateDb::open(dir.path()).unwrap();
+    let a = group(&db, dir.path(), A);
+    assert_eq!(rows(&db, A), leader_a, "installed from the archive in this data dir");
+    assert_eq!(rows(&db, B), b_rows);
+    let raw = db.db();
+    assert_eq!(std::fs::read(&published).unwrap(), archive, "the current snapshot again");
+
     // The archive is gone under both names: the group starts empty (raft
     // sends a snapshot again).
     std::fs::remove_file(&published).unwrap();

@@ -208,7 +208,7 @@ impl GroupState {
 
     /// What the flushed column families hold for this group:
     /// `(last_applied index, clock)` (see [`StateDb::durable_applied`]).
-    pub fn durable_applied(&self) -> Result<(u64, i64), rocksdb::Error> {
+    pub fn durable_applied(&self) -> anyhow::Result<(u64, i64)> {
         self.state_db.durable_applied(self.gid)
     }
 

@@ -156,7 +156,10 @@ pub fn validate(
         let Some(cf_name) = cf_name else { anyhow::bail!("unexpected file {name:?} in the snapshot") };
         files.push((*cf_name, dir.join(name)));
     }
-    files.sort();
+    // The meta family last: once it is in, the flushed state reads as the
+    // snapshot's applied index, and the log's deferred purge (which waits
+    // for that) must not run before the rest of the state is in.
+    files.sort_by_key(|(cf_name, _)| (*cf_name == CF_META, *cf_name));
     Ok(files)
 }
 
@@ -205,8 +208,15 @@ pub fn redo_install(
     let failed = |e: anyhow::Error| RedoError::Failed(e);
     let record: InstallRecord = decode(record).map_err(|e| RedoError::Damaged(e.into()))?;
     let dir = SnapshotDir::new(data_dir, gid).map_err(|e| failed(e.into()))?;
-    let published = dir.archive(&record.meta.snapshot_id);
-    let archive = if record.archive.exists() { record.archive.clone() } else { published };
+    // Where the marker says, or the same file in this data dir's snapshot
+    // folder (a data dir given by a relative path, or mounted elsewhere
+    // since), or already under its published name.
+    let here = record.archive.file_name().and_then(|n| n.to_str()).map(|n| dir.scratch(n));
+    let archive = [Some(record.archive.clone()), here]
+        .into_iter()
+        .flatten()
+        .find(|a| a.exists())
+        .unwrap_or_else(|| dir.archive(&record.meta.snapshot_id));
     let staging = dir.scratch("ingest");
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| failed(e.into()))?;
@@ -223,7 +233,23 @@ pub fn redo_install(
         let e = anyhow::Error::from(e).context(format!("unpacking {}", archive.display()));
         return Err(if damaged { RedoError::Damaged(e) } else { RedoError::Failed(e) });
     }
-    let files = validate(&staging, gid, &record.meta).map_err(RedoError::Damaged)?;
+    // Damaged: what the archive holds is not the group's snapshot. A read
+    // that failed (EIO, too many open files) is not the archive's fault.
+    let files = validate(&staging, gid, &record.meta).map_err(|e| {
+        let failed_read = e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            !matches!(
+                io.kind(),
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::InvalidData
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        });
+        if failed_read {
+            RedoError::Failed(e)
+        } else {
+            RedoError::Damaged(e)
+        }
+    })?;
     ingest(state_db, gid, files, &record).map_err(failed)?;
     dir.publish(&archive, &record.meta).map_err(failed)?;
     state_db.clear_install_marker(gid).map_err(|e| failed(e.into()))?;

@@ -434,7 +434,13 @@ fn purge_loop(
             if job.group.strong_count() == 0 {
                 continue;
             }
-            let covered = |job: &PurgeJob| job.guard.durable_index().is_ok_and(|d| d >= job.log_id.index);
+            let covered = |job: &PurgeJob| match job.guard.durable_index() {
+                Ok(durable) => durable >= job.log_id.index,
+                Err(e) => {
+                    tracing::warn!(error = %e, %gid, log_id = %job.log_id, "reading the flushed state before a log purge; tried again");
+                    false
+                }
+            };
             // A flush helps only once the state has applied the purge's
             // index (a snapshot waiting for its install has not; the
             // install makes its own state durable), and a job still

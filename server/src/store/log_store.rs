@@ -366,15 +366,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.group.recent().purge(log_id.index);
         self.group.bytes.purged(log_id.index);
-        let deferred = match &self.group.guard {
-            Some(guard)
-                if guard
-                    .durable_index()
-                    .map_err(|e| read_err(std::io::Error::other(format!("{e:#}"))))?
-                    < log_id.index =>
-            {
-                guard.clone()
-            }
+        // On the blocking pool: a read of the flushed state (and for the
+        // meta group, a WAL sync) is no work for openraft's core loop.
+        let durable = match self.group.guard.clone() {
+            Some(guard) => Some(
+                tokio::task::spawn_blocking(move || guard.durable_index())
+                    .await
+                    .map_err(write_err)?
+                    .map_err(|e| read_err(std::io::Error::other(format!("{e:#}"))))?,
+            ),
+            None => None,
+        };
+        let deferred = match (&self.group.guard, durable) {
+            (Some(guard), Some(durable)) if durable < log_id.index => guard.clone(),
             // On the blocking pool: it takes the node's purge lock, which a
             // bridge's synced write (another group's) may hold.
             _ => {

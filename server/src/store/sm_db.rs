@@ -282,7 +282,9 @@ impl StateDb {
     /// ([`meta_apply_write_options`]), and the persisted tier reads the
     /// memtables while the process has written nothing without the WAL:
     /// the WAL is synced first, so what the read finds is on disk either way.
-    pub fn durable_applied(&self, gid: GroupId) -> Result<(u64, i64), rocksdb::Error> {
+    /// A row that does not decode is an error, not "nothing applied": a
+    /// purge waiting for that index would wait for good, unexplained.
+    pub fn durable_applied(&self, gid: GroupId) -> anyhow::Result<(u64, i64)> {
         if gid == GroupId::META {
             self.db.flush_wal(true)?;
         }
@@ -290,8 +292,8 @@ impl StateDb {
         opts.set_read_tier(rocksdb::ReadTier::Persisted);
         let meta_cf = cf(&self.db, CF_META);
         let get = |name| self.db.get_cf_opt(meta_cf, meta(gid, name), &opts);
-        let applied: Option<LogId> = get(META_APPLIED)?.and_then(|b| codec::decode(&b).ok());
-        let clock: Option<i64> = get(META_CLOCK)?.and_then(|b| codec::decode(&b).ok());
+        let applied: Option<LogId> = get(META_APPLIED)?.map(|b| codec::decode(&b)).transpose()?;
+        let clock: Option<i64> = get(META_CLOCK)?.map(|b| codec::decode(&b)).transpose()?;
         Ok((applied.map_or(0, |l| l.index), clock.unwrap_or(i64::MIN)))
     }
 

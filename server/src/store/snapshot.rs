@@ -218,7 +218,11 @@ impl SnapshotDir {
         std::fs::File::open(&meta_tmp)?.sync_all()?;
         std::fs::rename(&meta_tmp, self.meta())?;
         self.sync()?;
-        self.remove_other_archives(&meta.snapshot_id)?;
+        // Published: an older archive left behind (a failing disk) is
+        // removed at the next publish, and fails nothing now.
+        if let Err(e) = self.remove_other_archives(&meta.snapshot_id) {
+            tracing::warn!(dir = %self.root.display(), error = %e, "removing older snapshot archives");
+        }
         Ok(())
     }
 }

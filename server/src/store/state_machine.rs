@@ -819,8 +819,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // handed the snapshot over; it waited for this state to be on disk
         // (see `LogStore::purge`). Done before the leader hears the install
         // finished, so the entries it sends next never follow a hole.
-        if let Some(log) = &self.log {
-            log.purge_covered()?;
+        // On the blocking pool: it reads the flushed state and may take the
+        // node's purge lock, which another group's synced write can hold.
+        if let Some(log) = self.log.clone() {
+            tokio::task::spawn_blocking(move || log.purge_covered()).await.map_err(write_err)??;
         }
         Ok(())
     }

@@ -84,10 +84,22 @@ impl Node {
     /// the meta group. Never names this node (between an election won and
     /// its metrics saying Leader, it may be its own current leader): then
     /// no leader is named, and the caller retries.
+    ///
+    /// UNAVAILABLE ("retry") while this node leads but has not applied an
+    /// entry of its own term: a new leader may not have applied what its
+    /// predecessor committed (a replica addition, a drain), and a change
+    /// planned on that older map would be planned again (a shard given a
+    /// replica more than its target, for good). Its term's first entry
+    /// applied, everything before it is.
     pub(super) fn lead_meta(&self) -> Result<()> {
         let m = self.meta.raft.metrics().borrow().clone();
         if m.state == openraft::ServerState::Leader {
-            return Ok(());
+            if m.last_applied.is_some_and(|applied| applied.leader_id.term == m.current_term) {
+                return Ok(());
+            }
+            return Err(Error::Unavailable(
+                "this node was just elected the meta group's leader and is applying its log; retry".into(),
+            ));
         }
         let leader = m.current_leader.filter(|l| *l != self.id);
         let leader_addr =
@@ -157,6 +169,7 @@ impl Node {
     /// the shards' leaders then add them.
     pub(super) async fn place(&self) -> Result<()> {
         let _one = self.placing.lock().await;
+        self.lead_meta()?;
         self.add_missing().await?;
         self.balance().await
     }
@@ -499,7 +512,11 @@ impl Node {
             let hosted = self.cluster().map.as_ref().map(|m| m.hosted_by(id)).unwrap_or_default();
             hosted.into_iter().filter(|s| short.contains(s)).collect()
         };
-        self.place().await?;
+        // The node is in; a refused or timed-out balancing move is not
+        // this call's failure (the next placement round retries it).
+        if let Err(e) = self.place().await {
+            tracing::info!(node = id, error = %e, "placement after an addition; the next round retries");
+        }
         let what = format!("placing replicas on node {id}");
         self.wait_followed(&what, |node, shard| node == id && added.contains(&shard)).await?;
         Ok(index)
@@ -583,9 +600,22 @@ impl Node {
                 })?;
             }
         }
+        // Its shards' memberships checked again, as the map was: a move
+        // onto it may have completed since the first check.
+        check_left_every_group(id, self.shards, &self.statuses().await)?;
         let index = remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
-        if map.nodes.contains_key(&id) {
-            self.propose_meta(MetaCommand::Map(MapChange::RemoveNode { node: id })).await?;
+        // The map read now: an AddNode of a node that was joining may have
+        // committed since the first read.
+        if self.cluster().map.as_ref().is_some_and(|m| m.nodes.contains_key(&id)) {
+            self.propose_meta(MetaCommand::Map(MapChange::RemoveNode { node: id })).await.map_err(
+                |e| match e {
+                    Error::FailedPrecondition(reason) => Error::FailedPrecondition(format!(
+                        "node {id} left the meta group, but the shard map still lists it: {reason}; call \
+                     remove-node {id} again"
+                    )),
+                    e => e,
+                },
+            )?;
         }
         // The node is gone, and held no replica (checked above): nothing is
         // left to wait for. Placement runs once more for the moves the

@@ -102,6 +102,10 @@ impl PortraitClient {
     /// at the next node. Its
     /// failure says so, and a leader it names is used by the next call.
     pub async fn write(&self, events: Vec<Event>) -> Result<WriteResponse, ClientError> {
+        self.within(Call::Write, self.write_unbounded(events)).await
+    }
+
+    async fn write_unbounded(&self, events: Vec<Event>) -> Result<WriteResponse, ClientError> {
         // Whole, so the node validates it whole (nothing of an invalid
         // request is written), to the leader of the shard most of its
         // events go to: that part is proposed without a hop, the node
@@ -182,6 +186,31 @@ impl PortraitClient {
             Err(status) => {
                 self.router.note_epoch(status.metadata());
                 Err(status.into())
+            }
+        }
+    }
+
+    /// `call` bounded by the options' deadline (if any): past it, dropped
+    /// (its attempt's stream is reset, and the node stops working on it)
+    /// and `DEADLINE_EXCEEDED`.
+    async fn within<T>(
+        &self,
+        what: Call,
+        call: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        let Some(deadline) = self.router.options().call_deadline() else { return call.await };
+        match tokio::time::timeout(deadline, call).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                let outcome = match what {
+                    Call::Write => {
+                        format!("; {OUTCOME_UNKNOWN} (resent with the same event_ids, its events apply once)")
+                    }
+                    Call::Read => String::new(),
+                };
+                let message =
+                    format!("no answer within the client's deadline of {} ms{outcome}", deadline.as_millis());
+                Err(Status::deadline_exceeded(message).into())
             }
         }
     }
@@ -277,6 +306,13 @@ impl PortraitClient {
         &self,
         request: GetProfileRequest,
     ) -> Result<GetProfileResponse, ClientError> {
+        self.within(Call::Read, self.get_profile_unbounded(request)).await
+    }
+
+    async fn get_profile_unbounded(
+        &self,
+        request: GetProfileRequest,
+    ) -> Result<GetProfileResponse, ClientError> {
         let map = self.map().await;
         let leader = request.consistency == Consistency::Linearizable as i32;
         let target = map.as_ref().and_then(|m| m.target(m.shard_of(&request.user_id), leader));
@@ -291,6 +327,15 @@ impl PortraitClient {
     /// serving their shards (as in [`PortraitClient::get_profile_request`]),
     /// all at once; the read info is the stalest node's.
     pub async fn batch_get_profiles(
+        &self,
+        user_ids: &[String],
+        families: &[String],
+        consistency: Consistency,
+    ) -> Result<BatchGetProfilesResponse, ClientError> {
+        self.within(Call::Read, self.batch_get_unbounded(user_ids, families, consistency)).await
+    }
+
+    async fn batch_get_unbounded(
         &self,
         user_ids: &[String],
         families: &[String],
@@ -573,4 +618,11 @@ pub(crate) fn admin(channel: Chan) -> AdminClient<Chan> {
     AdminClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// What a call bounded by the deadline was, for its failure's message.
+#[derive(Clone, Copy)]
+enum Call {
+    Write,
+    Read,
 }

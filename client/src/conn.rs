@@ -46,6 +46,8 @@ pub struct ConnectOptions {
     tls: Option<ClientTlsConfig>,
     /// How long a call keeps retrying (`None`: [`crate::retry::RETRY_BUDGET`]).
     retry_budget: Option<Duration>,
+    /// See [`ConnectOptions::deadline`].
+    deadline: Option<Duration>,
     /// See [`ConnectOptions::warn_plaintext_token`].
     warn_plaintext: bool,
 }
@@ -57,6 +59,7 @@ impl std::fmt::Debug for ConnectOptions {
             .field("token", &self.authorization.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls.is_some())
             .field("retry_budget", &self.retry_budget())
+            .field("deadline", &self.deadline)
             .finish()
     }
 }
@@ -81,6 +84,25 @@ impl ConnectOptions {
     /// See [`ConnectOptions::retry_for`].
     pub fn retry_budget(&self) -> Duration {
         self.retry_budget.unwrap_or(crate::retry::RETRY_BUDGET)
+    }
+
+    /// The longest a write or profile read (`write`, `get_profile`,
+    /// `batch_get_profiles`) takes, attempts, retries and the shard map's
+    /// fetch included: past it the call fails with `DEADLINE_EXCEEDED`
+    /// (for a write: its outcome unknown; resent with the same
+    /// `event_id`s it applies once). For callers with a request path of
+    /// their own to answer in time (a recommendation or coupon service
+    /// with a fallback). The default is none: the retry budget bounds the
+    /// retries, and a node's own timeouts each attempt. Streams and admin
+    /// calls (a backup may rightly take hours) have none.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// See [`ConnectOptions::deadline`].
+    pub fn call_deadline(&self) -> Option<Duration> {
+        self.deadline
     }
 
     /// Prints a warning to stderr, once per endpoint, for every node the

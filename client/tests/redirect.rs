@@ -88,6 +88,45 @@ async fn unavailable_gives_up_after_the_retry_budget() {
     assert!(started.elapsed() <= Duration::from_secs(2), "{:?}", started.elapsed());
 }
 
+/// With a deadline, a write or read fails with DEADLINE_EXCEEDED once it
+/// has passed, whether the node is slow to answer or keeps refusing (the
+/// retry budget, 8 s, would go on); without one, the slow answer comes.
+#[tokio::test]
+async fn a_call_with_a_deadline_fails_once_it_has_passed() {
+    let node = Node::start(Fake { id: 1, ..Default::default() }).await;
+    *node.fake.stall.lock().unwrap() = Some(Duration::from_secs(2));
+    let options = portrait_client::ConnectOptions::new().deadline(Duration::from_millis(300));
+    let client = PortraitClient::connect_with(&node.addr, options).await.unwrap();
+    let users = ["u1".to_string()];
+    let timed = |started: Instant, e: ClientError| {
+        let took = started.elapsed();
+        assert_eq!(e.code(), Some(Code::DeadlineExceeded), "{e}");
+        assert!(e.to_string().contains("deadline of 300 ms"), "{e}");
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(1500), "{took:?}");
+        e.to_string()
+    };
+    let started = Instant::now();
+    let e = timed(started, client.write(vec![event("u1")]).await.unwrap_err());
+    assert!(e.contains("same event_ids"), "{e}");
+    let started = Instant::now();
+    timed(started, client.get_profile("u1", &[], Consistency::Local).await.unwrap_err());
+    let started = Instant::now();
+    timed(started, client.batch_get_profiles(&users, &[], Consistency::Local).await.unwrap_err());
+    // A node that keeps refusing: the deadline ends the retries.
+    *node.fake.stall.lock().unwrap() = None;
+    node.fake.unavailable.store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
+    let started = Instant::now();
+    timed(started, client.write(vec![event("u1")]).await.unwrap_err());
+    // No deadline: the slow answer is waited for.
+    node.fake.unavailable.store(0, std::sync::atomic::Ordering::SeqCst);
+    *node.fake.stall.lock().unwrap() = Some(Duration::from_millis(700));
+    let patient = PortraitClient::connect(&node.addr).await.unwrap();
+    patient.write(vec![event("u1")]).await.expect("answered after 700 ms");
+    // With a deadline the answer makes: served.
+    *node.fake.stall.lock().unwrap() = Some(Duration::from_millis(50));
+    client.batch_get_profiles(&users, &[], Consistency::Local).await.expect("within the deadline");
+}
+
 #[tokio::test]
 async fn a_leader_between_terms_is_waited_for_while_a_follower_keeps_naming_it() {
     // The seed names node 1, which answers a bare UNAVAILABLE four times

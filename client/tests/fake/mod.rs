@@ -46,6 +46,9 @@ pub struct Fake {
     /// When set, a `ShardMap` call waits for a permit of it before it is
     /// answered (a node slow to give the map).
     pub map_gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    /// When set, writes and profile reads wait this long before they
+    /// answer (a node slow to answer).
+    pub stall: Mutex<Option<std::time::Duration>>,
     /// The users of the events written and profiles read, in arrival order.
     pub users: Mutex<Vec<String>>,
     /// The `authorization` header of each write, profile read, map and
@@ -104,6 +107,13 @@ impl Fake {
     }
 
     /// Counts the call and returns the refusal it gets, if any.
+    async fn stalled(&self) {
+        let stall = *self.stall.lock().unwrap();
+        if let Some(stall) = stall {
+            tokio::time::sleep(stall).await;
+        }
+    }
+
     fn refusal(&self) -> Option<Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if let Some(hint) = self.hint.lock().unwrap().clone() {
@@ -143,6 +153,7 @@ impl Fake {
 impl Ingest for Fake {
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
         self.note_auth(&request);
+        self.stalled().await;
         if let Some(status) = self.refusal() {
             return Err(status);
         }
@@ -283,6 +294,7 @@ impl Profiles for Fake {
         request: Request<GetProfileRequest>,
     ) -> Result<Response<GetProfileResponse>, Status> {
         self.note_auth(&request);
+        self.stalled().await;
         if let Some(status) = self.refusal() {
             return Err(status);
         }
@@ -299,6 +311,7 @@ impl Profiles for Fake {
         &self,
         request: Request<BatchGetProfilesRequest>,
     ) -> Result<Response<BatchGetProfilesResponse>, Status> {
+        self.stalled().await;
         if let Some(status) = self.refusal() {
             return Err(status);
         }

@@ -21,7 +21,7 @@ use tonic::{Code, Response, Status};
 
 use crate::conn::{Chan, ConnectOptions, Router};
 use crate::retry::{
-    connection_lost, leader_hint, lost_after_sent, note_leader, unary, unary_change, unary_on_seed,
+    connection_lost, leader_hint, lost_after_sent, named, note_leader, unary, unary_change, unary_on_seed,
     unary_since,
 };
 use crate::routing::Routes;
@@ -179,7 +179,7 @@ impl PortraitClient {
                 let message = format!(
                     "{}{lost} (not retried: the batch has events without an event_id, which a resend could \
                      apply twice; give every event an event_id to have it retried)",
-                    status.message()
+                    named(status.clone(), &endpoint).message()
                 );
                 Err(Status::with_metadata(status.code(), message, status.metadata().clone()).into())
             }
@@ -246,7 +246,7 @@ impl PortraitClient {
                     // No budget left (`retry_for(ZERO)`: one attempt): the
                     // first attempt was the call's.
                     if started.elapsed() >= self.router.options().retry_budget() {
-                        return Err(status.into());
+                        return Err(named(status, target).into());
                     }
                 }
                 Err(status) => {

@@ -99,6 +99,20 @@ fn outcome_unknown(status: Status) -> Status {
     Status::with_metadata(status.code(), message, status.metadata().clone())
 }
 
+/// `status` with the node it came from, when it is a transport failure
+/// made here (no node's answer: no `x-portrait-error`), whose message
+/// would not say which node failed ("tcp connect error"). Only for a
+/// status the caller gets: the result has no source, which the checks
+/// above read.
+pub(crate) fn named(status: Status, endpoint: &str) -> Status {
+    use std::error::Error as _;
+    if status.metadata().get(ERROR_HEADER).is_some() || status.source().is_none() {
+        return status;
+    }
+    let message = format!("{endpoint}: {}", status.message());
+    Status::with_metadata(status.code(), message, status.metadata().clone())
+}
+
 /// The leader endpoint carried by `status`, if any.
 pub fn leader_hint(status: &Status) -> Option<&str> {
     let value = status.metadata().get(LEADER_HEADER)?.to_str().ok()?;
@@ -200,16 +214,16 @@ where
                         if !pinned {
                             router.avoid(&conn.endpoint);
                         }
-                        return Err(outcome_unknown(status).into());
+                        return Err(outcome_unknown(named(status, &conn.endpoint)).into());
                     }
-                    None => return Err(status.into()),
+                    None => return Err(named(status, &conn.endpoint).into()),
                 }
             }
         };
         if let Some(hint) = leader_hint(&status) {
             // The node asked for refers to another: not retried there.
             if pinned || redirects >= MAX_REDIRECTS {
-                return Err(status.into());
+                return Err(named(status, &conn.endpoint).into());
             }
             // A hint that is no endpoint is ignored (the server's answer,
             // not a connect error, is what the caller then sees).
@@ -225,7 +239,7 @@ where
             if !pinned {
                 router.avoid(&conn.endpoint);
             }
-            return Err(status.into());
+            return Err(named(status, &conn.endpoint).into());
         }
         if !pinned {
             router.avoid(&conn.endpoint);

@@ -202,6 +202,24 @@ async fn dead_leader_falls_back_to_the_seed() {
     assert_eq!(client.endpoint(), new_leader.url());
 }
 
+/// A call that fails in transport (the node is gone) names the node: the
+/// transport's own message ("tcp connect error") does not.
+#[tokio::test]
+async fn a_transport_failure_names_the_node() {
+    let node = Node::start(Fake { id: 1, ..Default::default() }).await;
+    let url = node.url();
+    let options = portrait_client::ConnectOptions::new().retry_for(Duration::from_millis(300));
+    let client = PortraitClient::connect_with(&url, options).await.unwrap();
+    node.stop().await;
+    let e = client.cluster_status().await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::Unavailable), "{e}");
+    assert!(e.to_string().starts_with(&format!("UNAVAILABLE: {url}: ")), "{e}");
+    let e = client.write(vec![event("u1")]).await.unwrap_err();
+    assert!(e.to_string().contains(&format!("{url}: ")), "{e}");
+    let e = client.write(vec![bare_event("u1")]).await.unwrap_err();
+    assert!(e.to_string().contains(&format!("{url}: ")), "{e}");
+}
+
 #[tokio::test]
 async fn write_stream_is_not_retried_but_learns_the_leader() {
     let leader = Node::start(Fake { id: 2, ..Default::default() }).await;

@@ -30,8 +30,9 @@ pub const FIRST: u32 = 1;
 /// The newest version this build applies. History:
 /// - 1: the rules of the first sharded builds;
 /// - 2: [`INPUT_CHANGE_TIMES`];
-/// - 3: [`FULL_BUCKET_KEEPS_OLDER`].
-pub const NEWEST: u32 = 3;
+/// - 3: [`FULL_BUCKET_KEEPS_OLDER`];
+/// - 4: [`TOP_COUNTS_KEPT`].
+pub const NEWEST: u32 = 4;
 
 /// From this version on, a tag changed by another tag's change records
 /// the latest change time of its changed inputs as its `changed_at` (a tag
@@ -46,6 +47,15 @@ pub const INPUT_CHANGE_TIMES: u32 = 2;
 /// dropped older buckets to make room in the feature (their counts lost),
 /// then was not counted all the same.
 pub const FULL_BUCKET_KEEPS_OLDER: u32 = 3;
+
+/// From this version on, a `top_k` feature's value merges every value its
+/// live buckets hold (at most [`crate::limits::MAX_DISTINCT_PER_FEATURE`])
+/// and keeps the [`crate::limits::MAX_DISTINCT_PER_BUCKET`] with the
+/// highest counts (among equal counts, the smaller values); before, the
+/// first values met from the oldest bucket on, so that a value seen only
+/// in newer buckets (the user's latest interest) was left out while older
+/// buckets held that many.
+pub const TOP_COUNTS_KEPT: u32 = 4;
 
 /// The oldest version this build still applies.
 pub const OLDEST: u32 = 1;

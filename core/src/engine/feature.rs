@@ -258,8 +258,13 @@ impl CompiledFeature {
         true
     }
 
-    /// The feature's value at `now`.
+    /// The feature's value at `now`, by this build's newest apply rules.
     pub fn value(&self, state: &FeatureState, now: i64) -> Val {
+        self.value_by(state, now, crate::rules::NEWEST)
+    }
+
+    /// [`FeatureDef::value`] by apply rules version `rules`.
+    pub fn value_by(&self, state: &FeatureState, now: i64, rules: u32) -> Val {
         if self.spec.anchor_first {
             return match state.buckets.first() {
                 Some((_, Acc::Times(t))) => Val::Num(t.len() as f64),
@@ -271,13 +276,13 @@ impl CompiledFeature {
         let live = &state.buckets[state.buckets.partition_point(|(b, _)| *b < first_live)..];
         match live.first() {
             None => self.empty(),
-            Some((_, first)) => self.fold(first, live.iter().map(|(_, acc)| acc)),
+            Some((_, first)) => self.fold(first, live.iter().map(|(_, acc)| acc), rules),
         }
     }
 
     /// Combines live buckets by reference (reads clone only the result).
     /// `first` is the first of `live`, and tells the aggregation.
-    fn fold<'a>(&self, first: &Acc, live: impl Iterator<Item = &'a Acc> + Clone) -> Val {
+    fn fold<'a>(&self, first: &Acc, live: impl Iterator<Item = &'a Acc> + Clone, rules: u32) -> Val {
         let nums = |f: fn(&Acc) -> Option<f64>| live.clone().filter_map(f);
         match first {
             Acc::Count(_) => {
@@ -321,6 +326,9 @@ impl CompiledFeature {
                 Val::Num(set.len() as f64)
             }
             Acc::Counts(_) => {
+                // Every value (the feature holds at most
+                // MAX_DISTINCT_PER_FEATURE), then the top ones kept.
+                let every = rules >= crate::rules::TOP_COUNTS_KEPT;
                 // Built once, with owned keys: a key is cloned only when new.
                 let mut map: BTreeMap<String, f64> = BTreeMap::new();
                 for (k, n) in
@@ -328,8 +336,18 @@ impl CompiledFeature {
                 {
                     if let Some(total) = map.get_mut(k.as_str()) {
                         *total += *n as f64;
-                    } else if map.len() < MAX_DISTINCT_PER_BUCKET {
+                    } else if every || map.len() < MAX_DISTINCT_PER_BUCKET {
                         map.insert(k.clone(), *n as f64);
+                    }
+                }
+                if map.len() > MAX_DISTINCT_PER_BUCKET {
+                    // Counts are whole numbers: the order is exact.
+                    let mut ranked: Vec<(f64, &String)> = map.iter().map(|(k, n)| (*n, k)).collect();
+                    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+                    let dropped: Vec<String> =
+                        ranked[MAX_DISTINCT_PER_BUCKET..].iter().map(|(_, k)| (*k).clone()).collect();
+                    for k in dropped {
+                        map.remove(&k);
                     }
                 }
                 Val::Map(map)
@@ -600,6 +618,32 @@ mod tests {
         let mut state = fill();
         assert!(f.add_by(&mut state, &new, NOW, crate::rules::FIRST));
         assert_eq!(keys_held(&state), MAX_DISTINCT_PER_BUCKET, "the older bucket was dropped");
+    }
+
+    /// An older bucket holding MAX_DISTINCT_PER_BUCKET values once each,
+    /// then a new value seen 20 times today: from apply rules version 4 on
+    /// the value holds it (the values with the fewest counts give way);
+    /// before, the newer value was left out while the older bucket lasted.
+    #[test]
+    fn a_top_k_value_keeps_the_values_with_the_highest_counts() {
+        let f = feature("top_k");
+        let mut state = FeatureState::default();
+        for i in 0..MAX_DISTINCT_PER_BUCKET as i64 {
+            f.add(&mut state, &event(NOW - 2 * DAY, Value::Int(i)), NOW);
+        }
+        for _ in 0..20 {
+            assert!(f.add(&mut state, &event(NOW, Value::Str("phone".into())), NOW));
+        }
+        let Val::Map(top) = f.value(&state, NOW) else { panic!("a top_k value is a map") };
+        assert_eq!(top.len(), MAX_DISTINCT_PER_BUCKET);
+        assert_eq!(top.get("phone"), Some(&20.0));
+        // Among the values seen once, the largest one gave way ("999"
+        // sorts last of "0".."999").
+        assert!(!top.contains_key("999") && top.contains_key("0"), "ties go to the smaller value");
+        let Val::Map(before) = f.value_by(&state, NOW, crate::rules::FULL_BUCKET_KEEPS_OLDER) else {
+            panic!("a map")
+        };
+        assert_eq!(before.get("phone"), None, "version 3 left it out");
     }
 
     /// Values seen again in newer buckets: the budget counts each value

@@ -235,7 +235,7 @@ impl Engine {
     ) {
         let due_at = state.wake_at.filter(|w| *w <= now);
         let input_times = rules >= rules::INPUT_CHANGE_TIMES;
-        slots.reset(self, now);
+        slots.reset(self, now, rules);
         slots.changed.copy_from(dirty);
         for (i, tag) in self.tags.iter().enumerate() {
             // Never evaluated, or evaluated with an earlier rule.
@@ -346,7 +346,7 @@ impl Engine {
             .features
             .iter()
             .zip(&state.features)
-            .map(|(f, (_, st))| (f.name.clone(), f.value(st, now)))
+            .map(|(f, (_, st))| (f.name.clone(), f.value_by(st, now, rules)))
             .collect();
         let tags = self
             .tags
@@ -370,6 +370,8 @@ struct Slots {
     /// `changed_at` for a tag (scheduled moments of time-driven tags).
     at: Vec<i64>,
     now: i64,
+    /// The apply rules version features are read by.
+    rules: u32,
 }
 
 thread_local! {
@@ -379,7 +381,7 @@ thread_local! {
 }
 
 impl Slots {
-    fn reset(&mut self, engine: &Engine, now: i64) {
+    fn reset(&mut self, engine: &Engine, now: i64, rules: u32) {
         let n = engine.n_slots();
         self.values.clear();
         self.values.resize(n, Val::Null);
@@ -388,6 +390,7 @@ impl Slots {
         self.at.clear();
         self.at.resize(n, now);
         self.now = now;
+        self.rules = rules;
     }
 
     fn set(&mut self, slot: usize, value: Val) {
@@ -403,7 +406,7 @@ impl Slots {
                 continue;
             }
             if s < n_features {
-                let value = engine.features[s].value(&state.features[s].1, self.now);
+                let value = engine.features[s].value_by(&state.features[s].1, self.now, self.rules);
                 self.set(s, value);
             } else if s >= attrs_from {
                 let i = s - attrs_from;

@@ -328,6 +328,17 @@ impl Node {
         events: Vec<Event>,
         validated: u64,
     ) -> Result<(WriteCounts, u64)> {
+        // Never the meta group (the registry holds its replica too), nor
+        // an empty part, which the per-event check below would pass.
+        if gid.0 >= self.shards {
+            return Err(Error::invalid(
+                "group",
+                format!("{gid} is not a shard (the cluster has {})", self.shards),
+            ));
+        }
+        if events.is_empty() {
+            return Err(Error::invalid("events", "a forwarded part holds no event"));
+        }
         let replica = self.replica(gid)?;
         if let Some((leader, addr)) = leader_elsewhere(&replica, self.id) {
             return Err(Error::NotLeader { leader_id: Some(leader), leader_addr: Some(addr), group: None });

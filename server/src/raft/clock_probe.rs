@@ -65,7 +65,13 @@ impl ClockProbe {
             self.clock.peers().retain(|id| members.iter().any(|(m, _)| *m == id));
             self.channels.retain_replaced(&members.iter().map(|(m, _)| *m).collect::<Vec<_>>());
             self.probe_all(&members, &mut clients, &mut in_flight);
-            let verdict = self.clock.tick(self.me, &voters, replicated);
+            // On the blocking pool: a tick may write and fsync the clock
+            // mark, which can take long under disk load.
+            let (clock, me) = (self.clock.clone(), self.me);
+            let Ok(verdict) = tokio::task::spawn_blocking(move || clock.tick(me, &voters, replicated)).await
+            else {
+                continue;
+            };
             let changed = replicas.iter().fold(false, |c, r| r.elect.set_clock_ok(!verdict.skewed) | c);
             if changed {
                 match verdict.skewed {

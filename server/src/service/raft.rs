@@ -120,6 +120,28 @@ fn decode_payload<T: DeserializeOwned>(payload: RaftPayload) -> Result<(GroupId,
     Ok((GroupId(payload.group), message))
 }
 
+/// Of a batch's deadline, the share each item may take (the rest carries
+/// the answer back).
+const ITEM_SHARE_OF_DEADLINE: f64 = 0.9;
+
+/// A call's `grpc-timeout` (`<digits><unit>`, gRPC over HTTP/2), if any.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let split = value.len().checked_sub(1)?;
+    let (digits, unit) = value.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 fn reply<T: serde::Serialize>(result: T) -> Result<Response<RaftPayload>, Status> {
     Ok(Response::new(RaftPayload { data: encode(&result), ..Default::default() }))
 }
@@ -137,6 +159,11 @@ impl Raft for RaftService {
         req: Request<RaftBatch>,
     ) -> Result<Response<RaftBatchReply>, Status> {
         let certs = self.peer_certs(&req);
+        // Each item answers within most of the batch's deadline, or as
+        // busy: one group whose core is held up (a snapshot install, a
+        // held append) must not hold the others' answers past the
+        // sender's deadline, which would fail every item of the batch.
+        let item_deadline = grpc_timeout(req.metadata()).map(|t| t.mul_f64(ITEM_SHARE_OF_DEADLINE));
         let items = req.into_inner().items;
         if items.len() > MAX_RAFT_BATCH_ITEMS {
             return Err(Status::invalid_argument(format!(
@@ -145,7 +172,22 @@ impl Raft for RaftService {
             )));
         }
         // Each item goes to its own group; they run concurrently.
-        let answers = futures::future::join_all(items.into_iter().map(|item| self.append_one(&certs, item)));
+        let answers = futures::future::join_all(items.into_iter().map(|item| {
+            let group = item.group;
+            let append = self.append_one(&certs, item);
+            async move {
+                let Some(deadline) = item_deadline else { return append.await };
+                tokio::time::timeout(deadline, append).await.unwrap_or_else(|_| {
+                    // A refusal by this service (the sender keeps the
+                    // connection, which every group shares).
+                    Err(Status::resource_exhausted(format!(
+                        "group {group} did not answer within {} ms (busy: a snapshot install, a held append); \
+                         sent again later",
+                        deadline.as_millis()
+                    )))
+                })
+            }
+        }));
         let items = answers
             .await
             .into_iter()
@@ -276,6 +318,30 @@ impl Raft for RaftService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_calls_grpc_timeout_is_read_in_each_unit() {
+        use std::time::Duration;
+        let timeout = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(timeout("1M"), Some(Duration::from_secs(60)));
+        assert_eq!(timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(timeout("9n"), Some(Duration::from_nanos(9)));
+        for bad in ["", "m", "12", "1x", "-1m"] {
+            assert_eq!(timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+        // As tonic's client writes it.
+        let mut request = tonic::Request::new(());
+        request.set_timeout(Duration::from_millis(250));
+        assert_eq!(grpc_timeout(request.metadata()), Some(Duration::from_millis(250)));
+    }
 
     #[test]
     fn a_raft_message_is_taken_only_by_the_node_and_data_dir_it_is_for() {

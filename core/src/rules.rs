@@ -31,7 +31,7 @@ pub const FIRST: u32 = 1;
 /// - 1: the rules of the first sharded builds;
 /// - 2: [`INPUT_CHANGE_TIMES`];
 /// - 3: [`FULL_BUCKET_KEEPS_OLDER`];
-/// - 4: [`TOP_COUNTS_KEPT`].
+/// - 4: [`TOP_COUNTS_KEPT`], [`RESET_FEATURES_RESETTLE`].
 pub const NEWEST: u32 = 4;
 
 /// From this version on, a tag changed by another tag's change records
@@ -56,6 +56,13 @@ pub const FULL_BUCKET_KEEPS_OLDER: u32 = 3;
 /// in newer buckets (the user's latest interest) was left out while older
 /// buckets held that many.
 pub const TOP_COUNTS_KEPT: u32 = 4;
+
+/// From this version on, a feature that a schema change redefined (its
+/// state starts over) counts as changed at the user's next settle, so the
+/// tags that read it are evaluated again then (an event of the user, a
+/// read); before, they kept their value until the schema change's
+/// re-evaluation reached the user, or an input of theirs changed.
+pub const RESET_FEATURES_RESETTLE: u32 = 4;
 
 /// The oldest version this build still applies.
 pub const OLDEST: u32 = 1;

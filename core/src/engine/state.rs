@@ -74,6 +74,16 @@ impl Dirty {
         self.words.iter().all(|w| *w == 0)
     }
 
+    /// Adds every slot of `other`.
+    pub fn union_with(&mut self, other: &Dirty) {
+        if self.words.len() < other.words.len() {
+            self.words.resize(other.words.len(), 0);
+        }
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w |= o;
+        }
+    }
+
     /// Becomes a copy of `other`, keeping this set's allocation.
     pub fn copy_from(&mut self, other: &Dirty) {
         self.words.clear();
@@ -129,16 +139,28 @@ impl Engine {
     /// and a feature whose definition changed starts over. A tag whose rule
     /// changed keeps its entry (under its old identity) until it is settled.
     pub fn align(&self, state: &mut UserState) {
+        self.align_reset(state);
+    }
+
+    /// [`Engine::align`], returning the slots of the features whose state
+    /// started over (new, or redefined): the tags that read them may hold
+    /// a value of the state that was.
+    pub fn align_reset(&self, state: &mut UserState) -> Dirty {
+        let mut reset = Dirty::new();
         if self.laid_out(state) {
-            return;
+            return reset;
         }
         let old = std::mem::take(state);
         state.wake_at = old.wake_at;
         state.features = self
             .features
             .iter()
-            .map(|f| {
+            .enumerate()
+            .map(|(slot, f)| {
                 let kept = old.features.iter().find(|(fp, _)| *fp == f.fingerprint);
+                if kept.is_none() {
+                    reset.insert(slot);
+                }
                 (f.fingerprint, kept.map(|(_, st)| st.clone()).unwrap_or_default())
             })
             .collect();
@@ -158,6 +180,7 @@ impl Engine {
             .iter()
             .map(|a| (a.id, old.attrs.iter().find(|(id, _)| *id == a.id).and_then(|(_, v)| v.clone())))
             .collect();
+        reset
     }
 
     /// A tag's stored state by name (`None`: unknown tag or not evaluated).
@@ -211,7 +234,14 @@ impl Engine {
 
     /// [`Engine::settle`] by apply rules version `rules`.
     pub fn settle_by(&self, state: &mut UserState, dirty: &Dirty, now: i64, rules: u32) -> Vec<String> {
-        self.align(state);
+        let mut reset = self.align_reset(state);
+        let dirty = match rules >= rules::RESET_FEATURES_RESETTLE && !reset.is_empty() {
+            true => {
+                reset.union_with(dirty);
+                &reset
+            }
+            false => dirty,
+        };
         let mut changed = Vec::new();
         SLOTS.with_borrow_mut(|slots| self.settle_with(state, dirty, now, rules, slots, Some(&mut changed)));
         changed
@@ -630,6 +660,38 @@ rule = 'a and orders >= 2'
         assert_eq!(before.tag_state(&state, "big"), None);
         assert_eq!(before.features[1].value(&state.features[1].1, NOW + 10), Val::Num(0.0));
         assert!(before.laid_out(&state));
+    }
+
+    /// A feature redefined by a schema change starts over, and the tags
+    /// that read it are evaluated again at the user's next settle or read
+    /// (apply rules version 4), not only once the re-evaluation reaches
+    /// the user or an input of theirs changes.
+    #[test]
+    fn a_tag_reading_a_redefined_feature_is_evaluated_again() {
+        let schema = |window: &str| {
+            format!(
+                "{TRADE}\n[features.spend]\nfamily = \"trade\"\nagg = \"sum\"\nattr = \"amount\"\nwindow = \"{window}\"\n\
+                 [tags.big]\nrule = 'spend >= 100'\n"
+            )
+        };
+        let (v1, v2) = (engine(&schema("30d")), engine(&schema("7d")));
+        let mut state = UserState::default();
+        apply(&v1, &mut state, &[order("o1", NOW - DAY, 120)], NOW);
+        assert_eq!(v1.tag_state(&state, "big").unwrap().value, Val::Bool(true));
+        // A read under v2 before any re-evaluation: the feature is 0, and so
+        // is the tag that reads it.
+        let (features, tags) = v2.read(&state, NOW + 5);
+        assert_eq!(features["spend"], Val::Num(0.0));
+        assert_eq!((&tags["big"].value, tags["big"].changed_at), (&Val::Bool(false), NOW + 5));
+        let (_, old) = v2.read_by(&state, NOW + 5, crate::rules::FULL_BUCKET_KEEPS_OLDER);
+        assert_eq!(old["big"].value, Val::Bool(true), "version 3 kept the stale value");
+        // A settle for another reason (here: nothing dirty) re-evaluates it.
+        let mut settled = state.clone();
+        v2.settle(&mut settled, &Dirty::new(), NOW + 6);
+        assert_eq!(v2.tag_state(&settled, "big").unwrap().value, Val::Bool(false));
+        let mut kept = state.clone();
+        v2.settle_by(&mut kept, &Dirty::new(), NOW + 6, crate::rules::FULL_BUCKET_KEEPS_OLDER);
+        assert_eq!(v2.tag_state(&kept, "big").unwrap().value, Val::Bool(true));
     }
 
     /// A tag whose rule changed is evaluated with its new rule at the next

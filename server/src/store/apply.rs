@@ -877,8 +877,14 @@ impl<'a> EntryState<'a> {
                 self.loaded += bytes;
                 let stored_wake = state.wake_at;
                 // Once per user per entry; observe and settle rely on it.
-                self.engine.align(&mut state);
-                Ok(v.insert(Touched { state, dirty: Dirty::new(), stored_wake, used: false }))
+                // A feature whose state started over (a schema change
+                // redefined it) is an input changed for the tags reading it.
+                let reset = self.engine.align_reset(&mut state);
+                let dirty = match self.rules >= portrait_core::rules::RESET_FEATURES_RESETTLE {
+                    true => reset,
+                    false => Dirty::new(),
+                };
+                Ok(v.insert(Touched { state, dirty, stored_wake, used: false }))
             }
         }
     }

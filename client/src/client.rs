@@ -102,7 +102,11 @@ impl PortraitClient {
     /// at the next node. Its
     /// failure says so, and a leader it names is used by the next call.
     pub async fn write(&self, events: Vec<Event>) -> Result<WriteResponse, ClientError> {
-        self.within(Call::Write, self.write_unbounded(events)).await
+        let call = match events.iter().all(|e| !e.event_id.is_empty()) {
+            true => Call::Write,
+            false => Call::WriteWithoutIds,
+        };
+        self.within(call, self.write_unbounded(events)).await
     }
 
     async fn write_unbounded(&self, events: Vec<Event>) -> Result<WriteResponse, ClientError> {
@@ -206,6 +210,10 @@ impl PortraitClient {
                     Call::Write => {
                         format!("; {OUTCOME_UNKNOWN} (resent with the same event_ids, its events apply once)")
                     }
+                    Call::WriteWithoutIds => format!(
+                        "; {OUTCOME_UNKNOWN} (not to be resent as it is: the batch has events without an \
+                         event_id, which a resend could apply twice)"
+                    ),
                     Call::Read => String::new(),
                 };
                 let message =
@@ -623,6 +631,8 @@ pub(crate) fn admin(channel: Chan) -> AdminClient<Chan> {
 /// What a call bounded by the deadline was, for its failure's message.
 #[derive(Clone, Copy)]
 enum Call {
+    /// A write whose events all carry an `event_id`.
     Write,
+    WriteWithoutIds,
     Read,
 }

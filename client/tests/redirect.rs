@@ -109,6 +109,9 @@ async fn a_call_with_a_deadline_fails_once_it_has_passed() {
     let e = timed(started, client.write(vec![event("u1")]).await.unwrap_err());
     assert!(e.contains("same event_ids"), "{e}");
     let started = Instant::now();
+    let e = timed(started, client.write(vec![bare_event("u1")]).await.unwrap_err());
+    assert!(e.contains("could apply twice") && !e.contains("same event_ids"), "{e}");
+    let started = Instant::now();
     timed(started, client.get_profile("u1", &[], Consistency::Local).await.unwrap_err());
     let started = Instant::now();
     timed(started, client.batch_get_profiles(&users, &[], Consistency::Local).await.unwrap_err());

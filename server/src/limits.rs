@@ -110,6 +110,10 @@ pub const MAX_RECENT_ENTRY_BYTES: usize = 64 * 1024 * 1024;
 /// the largest writes at once, and thousands of typical ones.
 pub const MAX_RECEIVING_BYTES: usize = 128 * 1024 * 1024;
 const _: () = assert!(MAX_RECEIVING_BYTES >= MAX_MESSAGE_BYTES + 5, "the largest request must fit");
+/// How long a client request's message may go without a byte arriving
+/// before the node ends the call (DEADLINE_EXCEEDED) and frees what it
+/// held of `MAX_RECEIVING_BYTES`.
+pub const RECEIVE_STALL: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Encoded bytes of write requests a node holds between their validation
 /// and their answer: queued for the batcher, in an entry being proposed,

@@ -191,8 +191,10 @@ impl Engine {
     }
 
     /// Folds one event into the user's features and declared attributes.
+    /// A feature whose state started over (a schema change redefined it)
+    /// is marked changed, as apply does from apply rules version 4.
     pub fn observe(&self, state: &mut UserState, event: &Event, now: i64, dirty: &mut Dirty) {
-        self.align(state);
+        dirty.union_with(&self.align_reset(state));
         self.observe_aligned(state, event, now, dirty);
     }
 

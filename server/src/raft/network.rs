@@ -338,7 +338,9 @@ async fn send_queued(
 
 /// Sends one batch and hands each item its answer.
 async fn send_batch(client: Result<RaftClient<Channel>, tonic::transport::Error>, batch: Vec<Queued>) {
-    let ttl = batch.iter().map(|q| q.ttl).max().unwrap_or_default();
+    // The time its items have left: each caller's deadline counts from
+    // when it queued.
+    let ttl = batch.iter().map(|q| q.ttl.saturating_sub(q.queued_at.elapsed())).max().unwrap_or_default();
     let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|q| (q.payload, q.reply)).unzip();
     let answer = match client {
         Ok(mut client) => {
@@ -579,6 +581,7 @@ pub(crate) fn refused_by_peer(code: tonic::Code) -> bool {
     matches!(
         code,
         InvalidArgument
+            | Aborted
             | PermissionDenied
             | Unauthenticated
             | ResourceExhausted

@@ -123,7 +123,7 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming(listeners.client), until_stopped(stopped.clone()));
     let peer = peer
         .add_service(peer_health_service)
-        .add_service(raft)
+        .add_service(raft::WithArrival(raft))
         .serve_with_incoming_shutdown(incoming(listeners.peer), until_stopped(stopped));
     let servers = async { tokio::try_join!(client, peer).map(|_| ()) };
     tokio::pin!(servers);

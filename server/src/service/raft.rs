@@ -124,6 +124,37 @@ fn decode_payload<T: DeserializeOwned>(payload: RaftPayload) -> Result<(GroupId,
 /// the answer back).
 const ITEM_SHARE_OF_DEADLINE: f64 = 0.9;
 
+/// When a call to the internal service arrived (its headers), put in the
+/// request's extensions by [`WithArrival`].
+#[derive(Clone, Copy)]
+pub struct Arrived(pub std::time::Instant);
+
+/// A service whose requests carry [`Arrived`].
+#[derive(Clone)]
+pub struct WithArrival<S>(pub S);
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for WithArrival<S>
+where
+    S: tonic::codegen::Service<tonic::codegen::http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: tonic::codegen::http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(Arrived(std::time::Instant::now()));
+        self.0.call(request)
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for WithArrival<S> {
+    const NAME: &'static str = S::NAME;
+}
+
 /// A call's `grpc-timeout` (`<digits><unit>`, gRPC over HTTP/2), if any.
 fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
     use std::time::Duration;
@@ -163,7 +194,13 @@ impl Raft for RaftService {
         // busy: one group whose core is held up (a snapshot install, a
         // held append) must not hold the others' answers past the
         // sender's deadline, which would fail every item of the batch.
-        let item_deadline = grpc_timeout(req.metadata()).map(|t| t.mul_f64(ITEM_SHARE_OF_DEADLINE));
+        // Counted from the call's arrival (the body's transfer and decoding
+        // took part of it), as the caller's own deadline is.
+        let arrived = req.extensions().get::<Arrived>().map(|a| a.0);
+        let item_deadline = grpc_timeout(req.metadata()).map(|t| {
+            let spent = arrived.map_or(std::time::Duration::ZERO, |at| at.elapsed());
+            t.mul_f64(ITEM_SHARE_OF_DEADLINE).saturating_sub(spent)
+        });
         let items = req.into_inner().items;
         if items.len() > MAX_RAFT_BATCH_ITEMS {
             return Err(Status::invalid_argument(format!(
@@ -179,8 +216,10 @@ impl Raft for RaftService {
                 let Some(deadline) = item_deadline else { return append.await };
                 tokio::time::timeout(deadline, append).await.unwrap_or_else(|_| {
                     // A refusal by this service (the sender keeps the
-                    // connection, which every group shares).
-                    Err(Status::resource_exhausted(format!(
+                    // connection, which every group shares, and backs
+                    // off): ABORTED, which no transport failure is, and
+                    // which the sender does not read as "too large".
+                    Err(Status::aborted(format!(
                         "group {group} did not answer within {} ms (busy: a snapshot install, a held append); \
                          sent again later",
                         deadline.as_millis()

@@ -2,25 +2,29 @@
 //! client-facing service is wrapped in [`WithReceiveBudget`], which counts
 //! every data frame of a request body against the node's
 //! [`ReceiveBudget`] (`MAX_RECEIVING_BYTES`) from the moment the body is
-//! read until the message it belongs to has been decoded. A frame that
-//! would pass the budget fails its request at once with UNAVAILABLE
-//! ("retry"), naming the limit; nothing of it was applied.
+//! read until the message it belongs to is complete (and decoded). A frame
+//! that would pass the budget fails its request at once with UNAVAILABLE
+//! ("retry"), naming the limit; nothing of it was applied. A request whose
+//! message stops arriving for `RECEIVE_STALL` (a sender that stalled or
+//! vanished) fails with DEADLINE_EXCEEDED, so that what it held is free for
+//! the others.
 //!
 //! Without it, each request's bytes were bounded (`MAX_MESSAGE_BYTES`) but
 //! their number was not: a thousand batch loaders each sending a 16 MiB
 //! write held 16 GiB between their arrival and the write queue's own budget
 //! (`MAX_QUEUED_WRITE_BYTES`), which counts a request only once decoded.
 //!
-//! What is counted: the bytes tonic buffers for a message it has not yet
-//! decoded. The body's gRPC framing (a 5-byte header with the message's
-//! length, then the message) says where messages end; tonic reads the body
-//! again only once the messages it holds are decoded, so the bytes of the
-//! messages completed by earlier frames are given back at the next read,
-//! and all that is left when the body is dropped (a unary call's body is
-//! dropped once its one message is decoded). Not counted: HTTP/2's own
-//! receive buffers (at most a connection's flow-control window) and the
-//! decoded message, which the write queue's budget and the per-request
-//! limits bound.
+//! What is counted: the bytes of a message tonic buffers until it is
+//! complete. The body's gRPC framing (a 5-byte header with the message's
+//! length, then the message) says where messages end. The bytes of the
+//! messages a frame completes are given back as it is handed over: tonic
+//! decodes them in the same poll (it reads a frame, then decodes what it
+//! holds), so they are uncounted only while one message is decoded; what is
+//! left is given back when the body is dropped. So a stream (WriteStream)
+//! holds only the message it is receiving, not the ones being written. Not
+//! counted: HTTP/2's own receive buffers (at most a connection's
+//! flow-control window) and the decoded message, which the write queue's
+//! budget and the per-request limits bound.
 //!
 //! The budget is taken, never waited for: a request that waited with part
 //! of its message held could block the others that hold the rest.
@@ -39,16 +43,23 @@ use tonic::server::NamedService;
 use tonic::Status;
 
 use crate::error::Error;
+use crate::limits::RECEIVE_STALL;
 
 /// Bytes of client requests a node holds undecoded, all calls together.
 pub struct ReceiveBudget {
     held: AtomicUsize,
     limit: usize,
+    /// How long a message may go without a byte arriving (`RECEIVE_STALL`).
+    stall: std::time::Duration,
 }
 
 impl ReceiveBudget {
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(ReceiveBudget { held: AtomicUsize::new(0), limit })
+        Self::with_stall(limit, RECEIVE_STALL)
+    }
+
+    pub fn with_stall(limit: usize, stall: std::time::Duration) -> Arc<Self> {
+        Arc::new(ReceiveBudget { held: AtomicUsize::new(0), limit, stall })
     }
 
     /// Bytes held now.
@@ -112,21 +123,22 @@ impl<S: NamedService> NamedService for WithReceiveBudget<S> {
     const NAME: &'static str = S::NAME;
 }
 
-/// A request body whose undecoded bytes are held in the budget.
+/// A request body whose incomplete message's bytes are held in the budget.
 pub struct Counted {
     body: TonicBody,
     budget: Arc<ReceiveBudget>,
     framing: Framing,
-    /// Bytes taken from the budget and not given back.
+    /// Bytes taken from the budget and not given back: the message being
+    /// received.
     held: usize,
-    /// Of those, the bytes of messages complete when last read: decoded by
-    /// the time the body is read again.
-    decoded_by_next_read: usize,
+    /// While part of a message is held and no more has come: when the
+    /// request fails as stalled.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Counted {
     fn new(body: TonicBody, budget: Arc<ReceiveBudget>) -> Self {
-        Counted { body, budget, framing: Framing::default(), held: 0, decoded_by_next_read: 0 }
+        Counted { body, budget, framing: Framing::default(), held: 0, stall: None }
     }
 }
 
@@ -142,19 +154,32 @@ impl Body for Counted {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.get_mut();
-        if this.decoded_by_next_read > 0 {
-            this.budget.give(this.decoded_by_next_read);
-            this.held -= this.decoded_by_next_read;
-            this.decoded_by_next_read = 0;
-        }
-        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) else {
+            if this.held > 0 {
+                let after = this.budget.stall;
+                let stall = this.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+                if std::future::Future::poll(stall.as_mut(), cx).is_ready() {
+                    return Poll::Ready(Some(Err(Status::from(Error::DeadlineExceeded(format!(
+                        "request: no byte of its message came for {} ms (the sender stalled); ended so that \
+                         the {} bytes it held of the node's MAX_RECEIVING_BYTES are free",
+                        after.as_millis(),
+                        this.held
+                    ))))));
+                }
+            }
+            return Poll::Pending;
+        };
+        this.stall = None;
         if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
             let data = data.map_or(&[][..], |d| d.as_ref());
             if !this.budget.try_take(data.len()) {
                 return Poll::Ready(Some(Err(this.budget.refusal())));
             }
             this.held += data.len();
-            this.decoded_by_next_read = this.framing.feed(data);
+            // Decoded in the poll that takes this frame.
+            let complete = this.framing.feed(data);
+            this.budget.give(complete);
+            this.held -= complete;
         }
         Poll::Ready(frame)
     }
@@ -276,7 +301,7 @@ mod tests {
     }
 
     #[test]
-    fn bytes_are_held_until_their_message_is_decoded_and_refused_past_the_limit() {
+    fn bytes_are_held_until_their_message_is_complete_and_refused_past_the_limit() {
         let budget = ReceiveBudget::new(100);
         let whole = message(45); // 50 bytes
         let mut first = Counted::new(
@@ -286,25 +311,78 @@ mod tests {
         assert_eq!(read(&mut first).unwrap().unwrap(), 30);
         assert_eq!(budget.held(), 30);
         assert_eq!(read(&mut first).unwrap().unwrap(), 20);
-        assert_eq!(budget.held(), 50, "held until tonic reads on, having decoded it");
-        // A second body takes the other 50; a third byte more is refused.
-        let mut second = Counted::new(counted_frames(VecDeque::from([message(45)])), budget.clone());
-        assert_eq!(read(&mut second).unwrap().unwrap(), 50);
-        let mut third = Counted::new(counted_frames(VecDeque::from([vec![0u8]])), budget.clone());
+        assert_eq!(budget.held(), 0, "complete: decoded in the same poll, and given back");
+        // Two bodies with 60 and 40 bytes of a message: the budget is full,
+        // and a byte more is refused.
+        let big = message(95); // 100 bytes
+        let mut second = Counted::new(counted_frames(VecDeque::from([big[..60].to_vec()])), budget.clone());
+        assert_eq!(read(&mut second).unwrap().unwrap(), 60);
+        let mut third = Counted::new(
+            counted_frames(VecDeque::from([big[..41].to_vec(), big[..40].to_vec()])),
+            budget.clone(),
+        );
         let refusal = read(&mut third).unwrap().unwrap_err();
         assert_eq!(refusal.code(), tonic::Code::Unavailable);
         assert!(refusal.message().contains("MAX_RECEIVING_BYTES"), "{}", refusal.message());
-        assert_eq!(budget.held(), 100, "a refused frame takes nothing");
-        // Reading on (the end of the body) gives back what was decoded.
-        assert!(read(&mut first).is_none());
-        assert_eq!(budget.held(), 50);
+        assert_eq!(budget.held(), 60, "a refused frame takes nothing");
+        assert_eq!(read(&mut third).unwrap().unwrap(), 40);
+        assert_eq!(budget.held(), 100);
         // Dropping a body gives back all it held.
         drop(second);
+        assert_eq!(budget.held(), 40);
         drop(third);
-        assert_eq!(budget.held(), 0);
         drop(first);
         assert_eq!(budget.held(), 0);
-        let mut fourth = Counted::new(counted_frames(VecDeque::from([message(95)])), budget.clone());
+        let mut fourth = Counted::new(counted_frames(VecDeque::from([big])), budget.clone());
         assert_eq!(read(&mut fourth).unwrap().unwrap(), 100);
+        assert_eq!(budget.held(), 0);
+    }
+
+    /// A body that stops bringing bytes mid-message fails after
+    /// RECEIVE_STALL, and gives back what it held.
+    #[tokio::test]
+    async fn a_stalled_message_fails_and_frees_its_bytes() {
+        const STALL: std::time::Duration = std::time::Duration::from_millis(300);
+        let budget = ReceiveBudget::with_stall(100, STALL);
+        let whole = message(45);
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Status>>(4);
+        let stream = StreamBody(receiver);
+        let mut body = Counted::new(TonicBody::new(stream), budget.clone());
+        sender.send(Ok(Frame::data(Bytes::from(whole[..30].to_vec())))).await.unwrap();
+        assert!(next(&mut body).await.unwrap().is_ok());
+        assert_eq!(budget.held(), 30);
+        // Bytes within the stall time keep it going.
+        tokio::time::sleep(STALL - std::time::Duration::from_millis(100)).await;
+        sender.send(Ok(Frame::data(Bytes::from(whole[30..40].to_vec())))).await.unwrap();
+        assert!(next(&mut body).await.unwrap().is_ok());
+        assert_eq!(budget.held(), 40);
+        let started = tokio::time::Instant::now();
+        let stalled = next(&mut body).await.unwrap().unwrap_err();
+        let took = started.elapsed();
+        assert!(took >= STALL && took < STALL * 5, "{took:?}");
+        assert_eq!(stalled.code(), tonic::Code::DeadlineExceeded);
+        assert!(stalled.message().contains("the sender stalled"), "{}", stalled.message());
+        drop(body);
+        assert_eq!(budget.held(), 0);
+        drop(sender);
+    }
+
+    async fn next(body: &mut Counted) -> Option<Result<Frame<Bytes>, Status>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    /// A body of the frames a channel brings.
+    struct StreamBody(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Status>>);
+
+    impl Body for StreamBody {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            self.get_mut().0.poll_recv(cx)
+        }
     }
 }

@@ -208,11 +208,12 @@ pub fn redo_install(
     let failed = |e: anyhow::Error| RedoError::Failed(e);
     let record: InstallRecord = decode(record).map_err(|e| RedoError::Damaged(e.into()))?;
     let dir = SnapshotDir::new(data_dir, gid).map_err(|e| failed(e.into()))?;
-    // Where the marker says, or the same file in this data dir's snapshot
-    // folder (a data dir given by a relative path, or mounted elsewhere
-    // since), or already under its published name.
+    // In this data dir's snapshot folder under the name the marker gives
+    // (its path may be of the data dir as it was given or mounted then,
+    // even of another copy of it), or where the marker says, or already
+    // under its published name.
     let here = record.archive.file_name().and_then(|n| n.to_str()).map(|n| dir.scratch(n));
-    let archive = [Some(record.archive.clone()), here]
+    let archive = [here, Some(record.archive.clone())]
         .into_iter()
         .flatten()
         .find(|a| a.exists())

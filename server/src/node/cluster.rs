@@ -202,7 +202,10 @@ impl Node {
         };
         if let Err(reason) = checked {
             tracing::error!(%group, "{reason}");
-            return Err(Error::Internal(format!("{group}: {reason}")));
+            // A refusal of this chunk, not a failure of the connection,
+            // which every group to this node shares: FAILED_PRECONDITION,
+            // which the sender answers without reconnecting.
+            return Err(Error::FailedPrecondition(format!("{group}: {reason}")));
         }
         let result = replica.raft.install_snapshot(req).await;
         if result.is_ok() {

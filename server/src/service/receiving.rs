@@ -273,23 +273,13 @@ mod tests {
         assert_eq!(f.feed(&message(0)), 5);
     }
 
-    /// A body of the given frames, with tonic's error type.
-    struct Frames(VecDeque<Vec<u8>>);
-
-    impl Body for Frames {
-        type Data = Bytes;
-        type Error = Status;
-
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-            Poll::Ready(self.get_mut().0.pop_front().map(|f| Ok(Frame::data(Bytes::from(f)))))
-        }
-    }
-
+    /// A body of the given frames (all there, then its end).
     fn counted_frames(frames: VecDeque<Vec<u8>>) -> TonicBody {
-        TonicBody::new(Frames(frames))
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        for f in frames {
+            sender.send(Ok(Frame::data(Bytes::from(f)))).expect("the receiver is here");
+        }
+        TonicBody::new(StreamBody(receiver))
     }
 
     fn read(body: &mut Counted) -> Option<Result<usize, Status>> {
@@ -345,15 +335,15 @@ mod tests {
         const STALL: std::time::Duration = std::time::Duration::from_millis(300);
         let budget = ReceiveBudget::with_stall(100, STALL);
         let whole = message(45);
-        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Status>>(4);
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<Result<Frame<Bytes>, Status>>();
         let stream = StreamBody(receiver);
         let mut body = Counted::new(TonicBody::new(stream), budget.clone());
-        sender.send(Ok(Frame::data(Bytes::from(whole[..30].to_vec())))).await.unwrap();
+        sender.send(Ok(Frame::data(Bytes::from(whole[..30].to_vec())))).unwrap();
         assert!(next(&mut body).await.unwrap().is_ok());
         assert_eq!(budget.held(), 30);
         // Bytes within the stall time keep it going.
         tokio::time::sleep(STALL - std::time::Duration::from_millis(100)).await;
-        sender.send(Ok(Frame::data(Bytes::from(whole[30..40].to_vec())))).await.unwrap();
+        sender.send(Ok(Frame::data(Bytes::from(whole[30..40].to_vec())))).unwrap();
         assert!(next(&mut body).await.unwrap().is_ok());
         assert_eq!(budget.held(), 40);
         let started = tokio::time::Instant::now();
@@ -371,8 +361,8 @@ mod tests {
         std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
     }
 
-    /// A body of the frames a channel brings.
-    struct StreamBody(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Status>>);
+    /// A body of the frames a channel brings, with tonic's error type.
+    struct StreamBody(tokio::sync::mpsc::UnboundedReceiver<Result<Frame<Bytes>, Status>>);
 
     impl Body for StreamBody {
         type Data = Bytes;

@@ -1,5 +1,5 @@
 //! One fuzz case of the tag-rule language. Shared by the libFuzzer target
-//! (`server/fuzz`) and by `server/tests/expr_fuzz_harness.rs`, which runs
+//! (`server/fuzz`) and by `server/tests/integration/expr_fuzz_harness.rs`, which runs
 //! the seed corpus in every test run; each includes this file next to an
 //! `expr` module.
 //!

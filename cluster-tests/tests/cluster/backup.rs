@@ -26,7 +26,7 @@ use portrait_cluster_tests::{portrait_cli, Cluster, TEST_SHARDS};
 
 /// The default schema plus a feature only the backup's schema has.
 fn schema() -> String {
-    let default = include_str!("../../core/src/schema/default.toml");
+    let default = include_str!("../../../core/src/schema/default.toml");
     format!("{default}\n[features.orders_copy]\nfamily = \"trade\"\nagg = \"count\"\nwhere = 'type == \"order\"'\n")
 }
 

@@ -1,7 +1,7 @@
 //! Routing by shard against in-process fake nodes that serve a shard map:
 //! two nodes, two shards, each led by one of them.
 
-mod fake;
+use crate::fake;
 
 use fake::{bare_event, event, shard_map, user_of_shard, Fake, Node};
 use portrait_client::portrait_proto::v1::ShardMapResponse;

@@ -2,7 +2,7 @@
 //! reads, expiry, dedupe, validation, schema administration, cluster status,
 //! health and durability across SIGTERM and SIGKILL restarts.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

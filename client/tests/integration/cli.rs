@@ -1,7 +1,7 @@
 //! The `portrait` binary end to end against in-process fake nodes: output,
 //! exit codes and the one-line error format.
 
-mod fake;
+use crate::fake;
 
 use std::process::Stdio;
 

@@ -3,7 +3,7 @@
 //! running node through a raft tick, with no new event.
 
 #[allow(dead_code)]
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -13,7 +13,7 @@
 //! - A malformed token file stops the start with a one-line reason naming it.
 
 #[allow(dead_code)] // the token tests start their own nodes
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Command};

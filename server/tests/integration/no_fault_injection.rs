@@ -5,7 +5,7 @@
 #![cfg(not(feature = "fault-injection"))]
 
 #[allow(dead_code)]
-mod common;
+use crate::common;
 
 use common::TestNode;
 use portrait_client::ClientError;

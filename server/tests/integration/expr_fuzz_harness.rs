@@ -7,7 +7,7 @@ mod expr {
 }
 
 #[allow(dead_code)]
-#[path = "../fuzz/src/harness.rs"]
+#[path = "../../fuzz/src/harness.rs"]
 mod harness;
 
 use harness::{run, Outcome, CATALOG};

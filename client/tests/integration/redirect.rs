@@ -1,6 +1,6 @@
 //! Leader redirect and retry against in-process fake nodes.
 
-mod fake;
+use crate::fake;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! read back from each user's shard; the number of shards is fixed in the
 //! data dir.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::process::Command;

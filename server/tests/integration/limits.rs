@@ -5,7 +5,7 @@
 //! and long `distinct_count` / `top_k` values.
 
 #[allow(dead_code)]
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 
 // Not every helper is used here.
 #[allow(dead_code)]
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,10 +4,10 @@
 //! also the client CA, and plaintext on a
 //! non-loopback address without `--insecure`. Certificates come from
 //! `portrait certs init` (`portrait_client::certs`). TLS serving itself is
-//! tested end to end in `cluster-tests/tests/tls.rs`.
+//! tested end to end in `cluster-tests/tests/cluster/tls.rs`.
 
 #[allow(dead_code)] // these tests start no TestNode
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -115,6 +115,16 @@ const _: () = assert!(MAX_RECEIVING_BYTES >= MAX_MESSAGE_BYTES + 5, "the largest
 /// held of `MAX_RECEIVING_BYTES`.
 pub const RECEIVE_STALL: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// Encoded bytes of read responses (`GetProfile`, `BatchGetProfiles`) a
+/// node holds until their readers take them, all calls together
+/// (`service::sending`): from the moment a response is built until HTTP/2
+/// has written its bytes to the connection (or the call ended). A response
+/// that would pass it is refused with UNAVAILABLE ("retry"). Readers that
+/// stop reading hold their responses; this keeps them to eight of the
+/// largest responses, or thousands of typical ones.
+pub const MAX_UNSENT_RESPONSE_BYTES: usize = 128 * 1024 * 1024;
+const _: () = assert!(MAX_UNSENT_RESPONSE_BYTES >= MAX_RESPONSE_BYTES, "the largest response must fit");
+
 /// Encoded bytes of write requests a node holds between their validation
 /// and their answer: queued for the batcher, in an entry being proposed,
 /// waiting for its apply, or forwarded to another node that leads the

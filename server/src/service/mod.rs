@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod profiles;
 pub mod raft;
 pub mod receiving;
+pub mod sending;
 pub mod status;
 
 use std::future::Future;
@@ -25,10 +26,11 @@ use tonic::transport::server::TcpIncoming;
 use auth::{Gate, WithAuth};
 use epoch::WithMapEpoch;
 use receiving::{ReceiveBudget, WithReceiveBudget};
+use sending::{SendBudget, WithSendHold};
 
 use crate::limits::{
     MAX_ADMIN_REQUEST_BYTES, MAX_MESSAGE_BYTES, MAX_PROFILES_REQUEST_BYTES, MAX_RAFT_MESSAGE_BYTES,
-    MAX_RECEIVING_BYTES, MAX_RESPONSE_BYTES,
+    MAX_RECEIVING_BYTES, MAX_RESPONSE_BYTES, MAX_UNSENT_RESPONSE_BYTES,
 };
 use crate::node::Node;
 
@@ -83,7 +85,10 @@ pub async fn serve(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Each service decodes at most what its largest valid request needs: an
     // oversized request fails with OUT_OF_RANGE before it is decoded.
-    let profiles = ProfilesServer::new(profiles::ProfilesService::new(node.clone()))
+    // One budget for the bytes of every read response not yet taken by
+    // its reader.
+    let sending = SendBudget::new(MAX_UNSENT_RESPONSE_BYTES);
+    let profiles = ProfilesServer::new(profiles::ProfilesService::new(node.clone(), sending))
         .max_decoding_message_size(MAX_PROFILES_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
     let admin = AdminServer::new(admin::AdminService::new(node.clone(), audit.clone()))
@@ -112,7 +117,7 @@ pub async fn serve(
     // One budget for the bytes of every client request being received.
     let receiving = ReceiveBudget::new(MAX_RECEIVING_BYTES);
     let ingest = WithReceiveBudget::new(ingest, receiving.clone());
-    let profiles = WithReceiveBudget::new(profiles, receiving.clone());
+    let profiles = WithReceiveBudget::new(WithSendHold::new(profiles), receiving.clone());
     let admin = WithReceiveBudget::new(admin, receiving);
     let client = client
         .add_service(health_service)

@@ -9,6 +9,7 @@ use portrait_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::convert::{consistency_from_pb, profile_to_pb, read_info_to_pb};
+use super::sending::SendBudget;
 use crate::error::Error;
 use crate::limits::MAX_BATCH_GET_USERS;
 use crate::node::Node;
@@ -17,11 +18,23 @@ use crate::validate::validate_user_id;
 
 pub struct ProfilesService {
     node: Arc<Node>,
+    /// The node's bound on responses not yet taken by their readers.
+    sending: Arc<SendBudget>,
 }
 
 impl ProfilesService {
-    pub fn new(node: Arc<Node>) -> Self {
-        ProfilesService { node }
+    pub fn new(node: Arc<Node>, sending: Arc<SendBudget>) -> Self {
+        ProfilesService { node, sending }
+    }
+
+    /// `message` as the answer, holding its encoded size of the node's
+    /// [`SendBudget`] until its reader took it (`service::sending`), or
+    /// UNAVAILABLE when that would pass the budget.
+    fn answer<M: prost::Message>(&self, message: M) -> Result<Response<M>, Status> {
+        let hold = self.sending.take(message.encoded_len())?;
+        let mut response = Response::new(message);
+        response.extensions_mut().insert(hold);
+        Ok(response)
     }
 }
 
@@ -52,10 +65,10 @@ impl Profiles for ProfilesService {
             let shown = crate::validate::shown(&user_id);
             return Err(Error::NotFound(format!("user {shown} has no profile")).into());
         }
-        Ok(Response::new(GetProfileResponse {
+        self.answer(GetProfileResponse {
             profile: Some(profile_to_pb(user_id, view)),
             read_info: Some(read_info_to_pb(info)),
-        }))
+        })
     }
 
     async fn batch_get_profiles(
@@ -71,6 +84,6 @@ impl Profiles for ProfilesService {
         let selection = Selection::from_lists(req.families, req.features, req.tags);
         let (views, info) = self.node.read_profiles(&req.user_ids, selection, consistency).await?;
         let profiles = req.user_ids.into_iter().zip(views).map(|(u, v)| profile_to_pb(u, v)).collect();
-        Ok(Response::new(BatchGetProfilesResponse { profiles, read_info: Some(read_info_to_pb(info)) }))
+        self.answer(BatchGetProfilesResponse { profiles, read_info: Some(read_info_to_pb(info)) })
     }
 }

@@ -241,6 +241,102 @@ async fn requests_being_received_share_one_byte_budget() {
     }
 }
 
+/// Read responses waiting for their readers share one node-wide budget,
+/// `MAX_UNSENT_RESPONSE_BYTES`. Raw HTTP/2 streams each ask for the same
+/// large `BatchGetProfiles` answer and never read it (HTTP/2 flow control
+/// keeps all but the first 64 KiB in the node): exactly as many are
+/// answered as fit the budget, the next is refused with UNAVAILABLE naming
+/// the limit, a small read still succeeds, and once the readers are gone
+/// the large read is answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_waiting_for_their_readers_share_one_byte_budget() {
+    use portrait_server::limits::MAX_UNSENT_RESPONSE_BYTES;
+    use prost::Message;
+    use tonic::codegen::http;
+    use tonic::codegen::Bytes;
+
+    let node = TestNode::start().await;
+    let client = node.client().await;
+    // A 3.2 MiB profile (50 history events × 16 attributes × 4 KiB), read
+    // four times in one answer.
+    let attrs = || (0..16).map(|a| (format!("note{a}"), Value::string("x".repeat(4096)))).collect();
+    for part in 0..2 {
+        let events = (0..25).map(|i| event("big", &format!("e{part}-{i}"), attrs())).collect();
+        client.write(events).await.expect("write a large profile");
+    }
+    client.write(vec![event("small", "s1", vec![])]).await.expect("write a small profile");
+    let large = names("big", 4);
+    let size = client.batch_get_profiles(&large, &[], Consistency::Local).await.expect("read").encoded_len();
+    let fit = MAX_UNSENT_RESPONSE_BYTES / size;
+    println!("a response of {size} bytes: {fit} fit the budget");
+    assert!((4..=16).contains(&fit), "{fit}");
+
+    let request = BatchGetProfilesRequest { user_ids: large.clone(), ..Default::default() }.encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend((request.len() as u32).to_be_bytes());
+    body.extend(request);
+    let body = Bytes::from(body);
+    let address = node.endpoint().trim_start_matches("http://").to_string();
+    // Each reader on a connection of its own, its answer never read.
+    let mut readers = Vec::new();
+    let refusal = loop {
+        assert!(readers.len() <= fit, "{} answers held, {fit} fit", readers.len());
+        let tcp = tokio::net::TcpStream::connect(&address).await.expect("connect");
+        let (sender, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+        let connection = tokio::spawn(connection);
+        let mut sender = sender.ready().await.expect("ready");
+        let request = http::Request::post(format!("http://{address}/portrait.v1.Profiles/BatchGetProfiles"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (response, mut stream) = sender.send_request(request, false).expect("send");
+        stream.send_data(body.clone(), true).expect("send the request");
+        let response = tokio::time::timeout(Duration::from_secs(30), response)
+            .await
+            .expect("an answer within 30 s")
+            .expect("an answer");
+        let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+        match header("grpc-status") {
+            // A refusal is trailers-only: its status is in the headers.
+            Some(code) => break (code, header("grpc-message").unwrap_or_default()),
+            None => readers.push((sender, response, connection)),
+        }
+    };
+    println!("{} answers waiting for their readers, then: {refusal:?}", readers.len());
+    assert_eq!(readers.len(), fit, "as many answers as fit the budget");
+    assert_eq!(refusal.0, "14", "UNAVAILABLE: {refusal:?}");
+    assert!(refusal.1.contains("MAX_UNSENT_RESPONSE_BYTES"), "{refusal:?}");
+    // Through tonic too (a raw client: the Rust client would retry).
+    let mut raw =
+        portrait_client::portrait_proto::v1::profiles_client::ProfilesClient::connect(node.endpoint())
+            .await
+            .expect("connect");
+    let again = BatchGetProfilesRequest { user_ids: large.clone(), ..Default::default() };
+    let status = raw.batch_get_profiles(again).await.expect_err("no room for another answer");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("MAX_UNSENT_RESPONSE_BYTES"), "{status:?}");
+    let small = client.get_profile("small", &[], Consistency::Local).await.expect("a small read still fits");
+    assert!(small.profile.is_some());
+
+    // The readers go away: what their answers held is free again.
+    for (_, _, connection) in &readers {
+        connection.abort();
+    }
+    drop(readers);
+    let start = Instant::now();
+    loop {
+        match client.batch_get_profiles(&large, &[], Consistency::Local).await {
+            Ok(answer) => break assert_eq!(answer.encoded_len(), size),
+            Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                println!("not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the budget was not freed: {e}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_get_answers_every_position_of_a_repeated_user() {
     let node = TestNode::start().await;

@@ -1,0 +1,236 @@
+//! A node-wide bound on the bytes of read responses waiting for their
+//! readers (`MAX_UNSENT_RESPONSE_BYTES`).
+//!
+//! Each `GetProfile` / `BatchGetProfiles` response is at most
+//! `MAX_RESPONSE_BYTES`, but the number of them a node holds was not
+//! bounded. tonic encodes a response whole, and HTTP/2 keeps the encoded
+//! bytes until the reader's flow-control window lets them out. A reader
+//! that asks and then does not read (a stuck consumer, a client that lost
+//! interest but kept the connection) kept its response in the node's
+//! memory: a thousand of them at 16 MiB held 16 GiB.
+//!
+//! Now the Profiles service takes a response's encoded size from the
+//! node's [`SendBudget`] before it answers, or answers UNAVAILABLE
+//! ("retry"), naming the limit. The response carries its [`SendHold`] in
+//! its extensions; [`WithSendHold`] moves it into the bytes of the body's
+//! data, so it is given back when HTTP/2 drops them: once they were written
+//! to the connection, or the stream or connection ended. Reading the
+//! response ends its hold; cancelling the call (a client deadline) does too.
+//!
+//! A reader that neither reads nor cancels keeps its hold until its
+//! connection closes; while such holds fill the budget, reads with large
+//! answers are refused and small ones still fit. A node's memory is the
+//! bound kept: refusing reads, which can be retried, instead of growing
+//! without end.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http_body::{Body, Frame, SizeHint};
+use tonic::codegen::http::{Request, Response};
+use tonic::codegen::{Bytes, Service};
+use tonic::server::NamedService;
+use tonic::Status;
+
+use crate::error::Error;
+
+/// Encoded bytes of responses a node holds until their readers take them,
+/// all calls together.
+pub struct SendBudget {
+    held: AtomicUsize,
+    limit: usize,
+}
+
+impl SendBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(SendBudget { held: AtomicUsize::new(0), limit })
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Takes `bytes` for one response until its [`SendHold`] is dropped, or
+    /// refuses at once with UNAVAILABLE naming the limit. Never waits: the
+    /// bytes come back only as readers read.
+    pub fn take(self: &Arc<Self>, bytes: usize) -> Result<SendHold, Status> {
+        let taken = self.held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+            held.checked_add(bytes).filter(|total| *total <= self.limit)
+        });
+        match taken {
+            Ok(_) => Ok(SendHold { _held: Arc::new(Held { budget: self.clone(), bytes }) }),
+            Err(held) => Err(Status::from(Error::Unavailable(format!(
+                "response: this node holds {} MiB of read responses their readers have not taken yet, and this \
+                 one's {} bytes would pass its limit of {} MiB (MAX_UNSENT_RESPONSE_BYTES); retry later or ask \
+                 for fewer users or families",
+                held >> 20,
+                bytes,
+                self.limit >> 20
+            )))),
+        }
+    }
+}
+
+/// One response's share of the [`SendBudget`], given back when the last
+/// clone is dropped. Cloned only because HTTP extensions must be.
+#[derive(Clone)]
+pub struct SendHold {
+    _held: Arc<Held>,
+}
+
+struct Held {
+    budget: Arc<SendBudget>,
+    bytes: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// A service whose responses' [`SendHold`]s (in their extensions) last
+/// until HTTP/2 has let go of the response's bytes.
+#[derive(Clone)]
+pub struct WithSendHold<S> {
+    inner: S,
+}
+
+impl<S> WithSendHold<S> {
+    pub fn new(inner: S) -> Self {
+        WithSendHold { inner }
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for WithSendHold<S>
+where
+    S: Service<Request<B>, Response = Response<RB>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Sending<RB>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let (mut parts, body) = answer.await?.into_parts();
+            let hold = parts.extensions.remove::<SendHold>();
+            Ok(Response::from_parts(parts, Sending { body, hold }))
+        })
+    }
+}
+
+impl<S: NamedService> NamedService for WithSendHold<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+/// A response body whose first data frame carries the response's hold.
+/// (`Default`, an empty body, is what a refusal in front of it answers.)
+#[derive(Default)]
+pub struct Sending<B> {
+    body: B,
+    hold: Option<SendHold>,
+}
+
+/// A data frame's bytes and the hold they keep: dropped together, by
+/// whoever drops the last reference to the bytes.
+struct HeldBytes {
+    bytes: Bytes,
+    _hold: SendHold,
+}
+
+impl AsRef<[u8]> for HeldBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl<B> Body for Sending<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        let frame = match frame {
+            Some(Ok(frame)) if frame.is_data() && this.hold.is_some() => {
+                let bytes = frame.into_data().unwrap_or_else(|_| unreachable!("a data frame"));
+                let hold = this.hold.take().expect("checked above");
+                Some(Ok(Frame::data(Bytes::from_owner(HeldBytes { bytes, _hold: hold }))))
+            }
+            other => other,
+        };
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_are_taken_up_to_the_limit_and_given_back_when_dropped() {
+        let budget = SendBudget::new(100);
+        let a = budget.take(60).expect("fits");
+        let status = budget.take(41).err().expect("over the limit");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("MAX_UNSENT_RESPONSE_BYTES"), "{}", status.message());
+        let b = budget.take(40).expect("exactly the limit fits");
+        assert_eq!(budget.held(), 100);
+        let copy = a.clone();
+        drop(a);
+        assert_eq!(budget.held(), 100, "a clone still holds");
+        drop(copy);
+        drop(b);
+        assert_eq!(budget.held(), 0);
+    }
+
+    /// The hold moves into the first data frame's bytes, and lasts as long
+    /// as any slice of them; frames after it pass as they are.
+    #[tokio::test]
+    async fn the_first_data_frame_keeps_the_hold_until_its_bytes_are_dropped() {
+        use http_body_util::BodyExt;
+
+        let budget = SendBudget::new(1 << 20);
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"message"))),
+            Ok(Frame::data(Bytes::from_static(b"more"))),
+        ];
+        let inner = http_body_util::StreamBody::new(futures::stream::iter(frames));
+        let mut body = Sending { body: inner, hold: Some(budget.take(7).unwrap()) };
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"message");
+        let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&second[..], b"more");
+        drop(body);
+        assert_eq!(budget.held(), 7, "the bytes of the first frame are still held");
+        let tail = first.slice(3..);
+        drop(first);
+        assert_eq!(budget.held(), 7, "a slice of them still holds");
+        drop(tail);
+        assert_eq!(budget.held(), 0);
+    }
+}

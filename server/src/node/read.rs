@@ -252,12 +252,7 @@ impl Node {
         // Moved into the blocking task: a cancelled call still holds its turn
         // until its reads are done.
         let permit = READS.acquire().await.map_err(Error::internal)?;
-        // The later of this node's wall clock and the logical clock of every
-        // shard read (its leaders' stamps, which apply and the compaction
-        // filter expire values by): what a replica at the same applied
-        // index has already reclaimed is hidden here too, however far this
-        // node's wall clock lags.
-        let now = parts.iter().map(|(r, _)| r.sm.clock_ms()).fold(self.clock.now_ms(), i64::max);
+        let clock = self.clock.clone();
         let db = self.first().sm.db();
         let selection = selection.clone();
         let total: usize = parts.iter().map(|(_, users)| users.len()).sum();
@@ -270,29 +265,40 @@ impl Node {
             let mut bytes = 0usize;
             let mut done = 0usize;
             let mut out = Vec::with_capacity(parts.len());
-            for (replica, users) in parts {
-                // Held while the part is read: a snapshot install does not
-                // replace the rows meanwhile. The schema and engine are the
-                // ones of the rows read.
-                // A shard installing a snapshot (seconds, under load) is
-                // not waited for on one of the node's few read threads:
-                // UNAVAILABLE, and the caller retries, elsewhere if it can.
-                let rows = match replica.sm.try_read_rows() {
-                    Ok(rows) => rows,
-                    Err(RowsBusy::Installing) => {
-                        return Err(Error::Unavailable(format!(
-                            "{}'s replica on node {id} is installing a snapshot (catching up); retry",
-                            replica.gid
-                        )))
-                    }
-                    Err(RowsBusy::Broken) => {
-                        return Err(Error::Unavailable(format!(
-                            "{}'s replica on node {id} failed a snapshot install midway (the node stops; its \
-                             log says why); retry, another replica serves",
-                            replica.gid
-                        )))
-                    }
-                };
+            // Held while the parts are read: a snapshot install does not
+            // replace the rows meanwhile.
+            // A shard installing a snapshot (seconds, under load) is not
+            // waited for on one of the node's few read threads:
+            // UNAVAILABLE, and the caller retries, elsewhere if it can.
+            let rows = parts
+                .iter()
+                .map(|(replica, _)| match replica.sm.try_read_rows() {
+                    Ok(rows) => Ok(rows),
+                    Err(RowsBusy::Installing) => Err(Error::Unavailable(format!(
+                        "{}'s replica on node {id} is installing a snapshot (catching up); retry",
+                        replica.gid
+                    ))),
+                    Err(RowsBusy::Broken) => Err(Error::Unavailable(format!(
+                        "{}'s replica on node {id} failed a snapshot install midway (the node stops; its log \
+                         says why); retry, another replica serves",
+                        replica.gid
+                    ))),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // Taken before the rows are read: every entry up to it is in
+            // what is read (a lower bound, as read_info's applied_index
+            // promises).
+            let applied: Vec<u64> = parts.iter().map(|(replica, _)| written_index(replica)).collect();
+            // Then the time the views are read at: the later of this node's
+            // wall clock and the logical clock of every shard read (its
+            // leaders' stamps, which apply and the compaction filter expire
+            // values by), taken after the applied indexes, so it is at
+            // least the clock of every entry they cover. What a replica at
+            // the same applied index has already reclaimed is hidden here
+            // too, however far this node's wall clock lags.
+            let now = parts.iter().map(|(r, _)| r.sm.clock_ms()).fold(clock.now_ms(), i64::max);
+            for ((replica, users), applied_index) in parts.iter().zip(applied) {
+                // The schema and engine are the ones of the rows read.
                 let (schema, engine) = (replica.sm.schema(), replica.sm.engine());
                 // During a schema rollout the selection was checked against
                 // a newer schema than this shard applied: a name the shard
@@ -306,11 +312,8 @@ impl Node {
                         replica.gid, schema.version
                     )));
                 }
-                // Taken before the rows: every entry up to it is in what is
-                // read (a lower bound, as read_info's applied_index promises).
-                let applied_index = written_index(&replica);
                 let mut views = Vec::with_capacity(users.len());
-                for (user, repeats) in &users {
+                for (user, repeats) in users {
                     // What is left of the limit for this user's view (at each
                     // of its positions), doubled for its stored size.
                     let left = max_bytes.saturating_sub(bytes) / (*repeats).max(1);
@@ -334,12 +337,12 @@ impl Node {
                     }
                     views.push(view);
                 }
-                drop(rows);
-                out.push((views, replica, applied_index));
+                out.push((views, replica.clone(), applied_index));
             }
-            Ok(out)
+            drop(rows);
+            Ok((out, now))
         };
-        let read = tokio::task::spawn_blocking(read).await.map_err(Error::internal)??;
+        let (read, now) = tokio::task::spawn_blocking(read).await.map_err(Error::internal)??;
         Ok(read.into_iter().map(|(views, r, applied)| (views, self.read_info(&r, applied, now))).collect())
     }
 

@@ -31,8 +31,9 @@ pub const FIRST: u32 = 1;
 /// - 1: the rules of the first sharded builds;
 /// - 2: [`INPUT_CHANGE_TIMES`];
 /// - 3: [`FULL_BUCKET_KEEPS_OLDER`];
-/// - 4: [`TOP_COUNTS_KEPT`], [`RESET_FEATURES_RESETTLE`].
-pub const NEWEST: u32 = 4;
+/// - 4: [`TOP_COUNTS_KEPT`], [`RESET_FEATURES_RESETTLE`];
+/// - 5: [`DRAIN_DEAD_BESIDE_DRAIN`].
+pub const NEWEST: u32 = 5;
 
 /// From this version on, a tag changed by another tag's change records
 /// the latest change time of its changed inputs as its `changed_at` (a tag
@@ -63,6 +64,14 @@ pub const TOP_COUNTS_KEPT: u32 = 4;
 /// read); before, they kept their value until the schema change's
 /// re-evaluation reached the user, or an input of theirs changed.
 pub const RESET_FEATURES_RESETTLE: u32 = 4;
+
+/// From this version on, the meta leader may propose
+/// [`crate::shard::MapChange::DrainDead`] (a meta entry builds before it
+/// cannot decode): a node silent past `replica_dead_after` is drained even
+/// while another node's drain is under way, which may have had nowhere to
+/// go but that dead node. Before, the dead node waited for the other drain,
+/// and that drain for the dead node.
+pub const DRAIN_DEAD_BESIDE_DRAIN: u32 = 5;
 
 /// The oldest version this build still applies.
 pub const OLDEST: u32 = 1;

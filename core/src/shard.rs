@@ -111,6 +111,14 @@ pub enum MapChange {
     Drain { node: NodeId },
     /// A node leaves. Refused while it holds replicas (drain it first).
     RemoveNode { node: NodeId },
+    /// `node`, silent past `replica_dead_after`, is drained (as
+    /// [`MapChange::Drain`]) even while another node is still draining:
+    /// that drain may have nowhere to move its replicas but this dead node
+    /// (four nodes, RF 3, one dead, another drained), and would otherwise
+    /// wait for it for good. Proposed only by the meta leader's dead-node
+    /// check, and only from apply rules version
+    /// [`crate::rules::DRAIN_DEAD_BESIDE_DRAIN`] (every node decodes it).
+    DrainDead { node: NodeId },
 }
 
 impl ShardMap {
@@ -241,14 +249,15 @@ impl ShardMap {
                 }
                 replicas.retain(|n| n != node);
             }
-            MapChange::Drain { node } => {
+            MapChange::Drain { node } | MapChange::DrainDead { node } => {
                 if !self.nodes.contains_key(node) {
                     return Err(format!("node {node} is not in the cluster"));
                 }
                 if self.draining.contains(node) {
                     return Err(format!("node {node} is already draining"));
                 }
-                if let Some(other) = self.draining.iter().find(|n| !self.hosted_by(**n).is_empty()) {
+                let other = self.draining.iter().find(|n| !self.hosted_by(**n).is_empty());
+                if let (Some(other), MapChange::Drain { .. }) = (other, change) {
                     return Err(format!(
                         "node {other} is still draining ({} replicas left): wait until it holds none (then \
                          remove it with cluster remove-node {other}), then drain node {node}",
@@ -870,6 +879,44 @@ mod tests {
         drain_all(&mut map);
         assert!(map.replicas.iter().all(|r| r == &[1]), "{:?}", map.replicas);
         let e = map.apply(&MapChange::Drain { node: 1 }).unwrap_err();
+        assert_eq!(e, "node 1 is the last node that can hold replicas; add a node before draining it");
+    }
+
+    /// Four nodes, RF 3, node 4 dead, node 3 drained: the shards on
+    /// {1, 2, 3} could move node 3's replica only to node 4, so the drain
+    /// waits; a second `Drain` is refused while it does. `DrainDead` of node
+    /// 4 is not: both drain, and every shard ends on nodes 1 and 2.
+    #[test]
+    fn a_dead_node_is_drained_beside_a_drain_that_has_nowhere_else_to_go() {
+        let mut map = ShardMap::create(8, 3, 1, "http://n1", "http://n1:8700").unwrap();
+        for n in 2..=4 {
+            join(&mut map, n);
+        }
+        place_all(&mut map);
+        balance(&mut map, 2);
+        let dead = BTreeSet::from([4]);
+        map.apply(&MapChange::Drain { node: 3 }).unwrap();
+        let step = |map: &mut ShardMap| {
+            let plan = map.plan_drain(&BTreeSet::new(), &dead, 3);
+            plan.iter().for_each(|c| map.apply(c).unwrap());
+            !plan.is_empty()
+        };
+        while step(&mut map) {}
+        let stuck = map.hosted_by(3);
+        assert!(!stuck.is_empty(), "some shards of node 3 have only node 4 to go to");
+        assert!(stuck.iter().all(|&s| map.replicas[s as usize].len() == 3), "{:?}", map.replicas);
+        let e = map.apply(&MapChange::Drain { node: 4 }).unwrap_err();
+        assert!(e.starts_with("node 3 is still draining"), "{e}");
+
+        map.apply(&MapChange::DrainDead { node: 4 }).unwrap();
+        assert_eq!(map.target_replicas(), 2);
+        while step(&mut map) {}
+        assert!(map.hosted_by(3).is_empty() && map.hosted_by(4).is_empty(), "{:?}", map.replicas);
+        assert!(map.replicas.iter().all(|r| r.len() == 2 && !r.contains(&3) && !r.contains(&4)));
+        assert_eq!(map.apply(&MapChange::DrainDead { node: 4 }).unwrap_err(), "node 4 is already draining");
+        // Like a drain, never of the last node that can hold replicas.
+        map.apply(&MapChange::Drain { node: 2 }).unwrap();
+        let e = map.apply(&MapChange::DrainDead { node: 1 }).unwrap_err();
         assert_eq!(e, "node 1 is the last node that can hold replicas; add a node before draining it");
     }
 

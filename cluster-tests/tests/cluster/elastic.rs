@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use portrait_client::{Consistency, Event, PortraitClient};
 use portrait_cluster_tests::replicas::{
-    assert_every_replica_holds, drain, placement, statuses, wait_leaders_balanced, wait_placed, wait_sizes,
-    Book,
+    applied_on, assert_every_replica_holds, drain, placement, statuses, wait_leaders_balanced, wait_placed,
+    wait_sizes, Book,
 };
 use portrait_cluster_tests::workload::{history_ids, order_of};
 use portrait_cluster_tests::Cluster;
@@ -287,6 +287,104 @@ async fn a_node_dead_past_replica_dead_after_has_its_replicas_re_created() {
     let log = cluster.node(4).log();
     assert!(log.contains("node 4 is not a member of the cluster"), "{log}");
     assert!(log.contains("this data dir is obsolete"), "{log}");
+}
+
+/// Four nodes, RF 3: one dies, and an operator drains another. The shard
+/// that lacked the dead node can move the drained node's replica only to
+/// the dead one, so the drain waits; it used to refuse the dead node's own
+/// drain meanwhile, and both waited for good. Now the dead node is drained
+/// beside it (apply rules version 5): both drains end, every shard keeps
+/// the two living nodes, and the data written before is on both.
+#[tokio::test]
+async fn a_drain_with_only_a_dead_node_to_go_to_ends_once_the_dead_node_is_drained_too() {
+    const SHARDS: u32 = 4;
+    let config = "replication = 3\nreplica_dead_after = \"9s\"\n";
+    let mut cluster = Cluster::start_sharded_with_config(4, SHARDS, config).await;
+    let all = [1, 2, 3, 4];
+    // Balanced: every node holds 3 replicas, so each misses one shard.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let placed = placement(&statuses(&cluster, &all).await);
+        let held = |n: &u64| placed.values().filter(|(r, _)| r.contains(n)).count();
+        if placed.len() == SHARDS as usize
+            && placed.values().all(|(r, l)| r.len() == 3 && l.is_some())
+            && all.iter().all(|n| held(n) == 3)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not balanced on four nodes: {placed:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let meta_leader = cluster.client(1).await.cluster_status().await.expect("status").meta_leader_id;
+    let others: Vec<u64> = all.iter().copied().filter(|&n| n != meta_leader).collect();
+    let (dead, drained) = (others[0], others[1]);
+    let living: Vec<u64> = all.iter().copied().filter(|&n| n != dead && n != drained).collect();
+    let client = cluster.client(meta_leader).await;
+    let events: Vec<Event> = (0..40).map(|i| order_of(&format!("u{i}"), &format!("before-{i}"))).collect();
+    assert_eq!(client.write(events.clone()).await.expect("write").applied, 40);
+
+    cluster.kill(dead);
+    let started = Instant::now();
+    // The drain starts once the meta leader counts the dead node silent (no
+    // new replica goes to it: after 5 s), and before it drains it as dead
+    // (replica_dead_after, 9 s). Started sooner, the drain moves a replica
+    // to the dead node, which the dead node's own drain then moves on.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Both drains end: `drain` waits until the drained node holds nothing.
+    drain(&client, drained).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let map = loop {
+        let map = client.shard_map().await.expect("map");
+        if client.replicas_on(dead).await.expect("map") == 0 {
+            break map;
+        }
+        assert!(Instant::now() < deadline, "the dead node {dead} still holds replicas: {map:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    println!(
+        "nodes {drained} (drained) and {dead} (dead) hold nothing {:?} after the kill",
+        started.elapsed()
+    );
+    let mut draining = map.draining.clone();
+    draining.sort();
+    let mut expected = vec![dead, drained];
+    expected.sort();
+    assert_eq!(draining, expected, "both are drained");
+    for shard in &map.shard_replicas {
+        let mut nodes: Vec<u64> = shard.replicas.iter().map(|r| r.node_id).collect();
+        nodes.sort();
+        assert_eq!(nodes, living, "shard {} on the living nodes", shard.shard);
+    }
+    // Still writable, and every event is on both living replicas, once.
+    let after: Vec<Event> = (0..8).map(|i| order_of(&format!("u{i}"), &format!("after-{i}"))).collect();
+    assert_eq!(client.write(after).await.expect("a write after both drains").applied, 8);
+    let users: Vec<String> = (0..40).map(|i| format!("u{i}")).collect();
+    let expected = |u: &str| {
+        let i: usize = u[1..].parse().unwrap();
+        let mut ids = vec![format!("before-{i}")];
+        ids.extend((i < 8).then(|| format!("after-{i}")));
+        ids.sort();
+        ids
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for &id in &living {
+        loop {
+            let applied = applied_on(&cluster, id, &users).await;
+            let wrong: Vec<_> = applied
+                .iter()
+                .filter(|(u, (count, history))| {
+                    let mut history = history.clone();
+                    history.sort();
+                    *count != expected(u).len() as u64 || history != expected(u)
+                })
+                .collect();
+            if wrong.is_empty() && applied.len() == users.len() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {id}: {wrong:?}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
 }
 
 /// Replication 1: a shard moved to a new node keeps its data. The node it

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portrait_core::meta::{MetaCommand, MetaOutcome, MetaState};
+use portrait_core::rules::DRAIN_DEAD_BESIDE_DRAIN;
 use portrait_core::shard::{plan_leader_transfers, Leadership, MapChange, ShardMap};
 use portrait_proto::v1::raft_client::RaftClient;
 use portrait_proto::v1::{BalanceLeaderRequest, ClusterStatusRequest, ClusterStatusResponse, ShardStatus};
@@ -326,11 +327,16 @@ impl Node {
     /// Drains a node of the map that holds replicas and has not answered
     /// this node's probes for `replica_dead_after` (as far as this node,
     /// the meta leader, has seen: a new leader waits that long again), so
-    /// that its replicas are re-created on the others. One at a time, and
-    /// not while an operator's drain is under way.
+    /// that its replicas are re-created on the others. One at a time.
+    /// Also while another node's drain is under way, from apply rules
+    /// version [`DRAIN_DEAD_BESIDE_DRAIN`] on (`MapChange::DrainDead`):
+    /// that drain may have nowhere to go but the dead node (four nodes,
+    /// RF 3), and each would wait for the other for good. Before it, not.
     async fn drain_dead(&self) -> Result<()> {
-        let Some(map) = self.cluster().map.clone() else { return Ok(()) };
-        if map.draining.iter().any(|d| !map.hosted_by(*d).is_empty()) {
+        let cluster = self.cluster();
+        let Some(map) = cluster.map.clone() else { return Ok(()) };
+        let beside = cluster.rules() >= DRAIN_DEAD_BESIDE_DRAIN;
+        if !beside && map.draining.iter().any(|d| !map.hosted_by(*d).is_empty()) {
             return Ok(());
         }
         let now = std::time::Instant::now();
@@ -357,7 +363,11 @@ impl Node {
             }
             let silent = self.liveness.silent_for(node, now);
             tracing::warn!(node, ?silent, "node silent past replica_dead_after: draining it to restore RF");
-            self.propose_meta(MetaCommand::Map(MapChange::Drain { node })).await?;
+            let change = match beside {
+                true => MapChange::DrainDead { node },
+                false => MapChange::Drain { node },
+            };
+            self.propose_meta(MetaCommand::Map(change)).await?;
         }
         Ok(())
     }

@@ -304,10 +304,12 @@ impl ShardMap {
     /// node with the fewest replicas (counting the ones planned before it)
     /// that does not host the shard yet, the lowest node id among equals;
     /// shards are served in order of how far they are from the target,
-    /// then by shard id.
-    pub fn plan_additions(&self, limit: usize) -> Vec<MapChange> {
+    /// then by shard id. No replica goes to a node in `unfit` (nodes not
+    /// answering now: a replica there would never catch up, and its shard's
+    /// leader would wait for it).
+    pub fn plan_additions(&self, unfit: &BTreeSet<NodeId>, limit: usize) -> Vec<MapChange> {
         let target = self.target_replicas();
-        let mut load = self.eligible_load(&BTreeSet::new());
+        let mut load = self.eligible_load(unfit);
         let mut short: Vec<(usize, u32)> = (0..self.shards)
             .filter_map(|s| {
                 let have = self.replicas[s as usize].len();
@@ -365,7 +367,13 @@ impl ShardMap {
                 break;
             }
             let replicas = &self.replicas[shard as usize];
-            let Some(&from) = replicas.iter().find(|n| self.draining.contains(n)) else { continue };
+            // An unfit (dead) draining node's replica first: moving a
+            // living one first would leave the shard, for a while, with
+            // one voter more that does not answer.
+            let draining = || replicas.iter().filter(|n| self.draining.contains(n));
+            let Some(&from) = draining().find(|n| unfit.contains(n)).or_else(|| draining().next()) else {
+                continue;
+            };
             let to = load.iter().filter(|(n, _)| !replicas.contains(n)).min_by_key(|(n, l)| (**l, **n));
             match to.map(|(n, _)| *n) {
                 Some(to) => {
@@ -631,7 +639,7 @@ mod tests {
 
     fn place_all(map: &mut ShardMap) {
         loop {
-            let plan = map.plan_additions(5);
+            let plan = map.plan_additions(&BTreeSet::new(), 5);
             if plan.is_empty() {
                 return;
             }
@@ -643,17 +651,39 @@ mod tests {
     fn a_single_node_cluster_reaches_rf_3_as_two_nodes_join() {
         let mut map = ShardMap::create(16, 3, 1, "http://n1", "http://n1:8700").unwrap();
         assert_eq!(map.target_replicas(), 1);
-        assert!(map.plan_additions(100).is_empty(), "one node: nothing to add");
+        assert!(map.plan_additions(&BTreeSet::new(), 100).is_empty(), "one node: nothing to add");
         join(&mut map, 2);
-        assert_eq!(map.plan_additions(100).len(), 16);
+        assert_eq!(map.plan_additions(&BTreeSet::new(), 100).len(), 16);
         join(&mut map, 3);
         place_all(&mut map);
         assert!(map.replicas.iter().all(|r| r.len() == 3 && r.iter().collect::<BTreeSet<_>>().len() == 3));
         assert_eq!(map.load().values().collect::<Vec<_>>(), [&16, &16, &16]);
         // A fourth node: RF is met, nothing is added; balancing moves.
         join(&mut map, 4);
-        assert!(map.plan_additions(100).is_empty());
+        assert!(map.plan_additions(&BTreeSet::new(), 100).is_empty());
         assert!(!map.plan_moves(&BTreeSet::new(), &BTreeSet::new(), 100).is_empty());
+    }
+
+    /// A node that does not answer gets no new replica: one node, joined by
+    /// nodes 2 and 3 with node 3 silent, brings its shards to two replicas
+    /// (on nodes 1 and 2) and leaves the third for when node 3 answers.
+    #[test]
+    fn additions_skip_nodes_that_do_not_answer() {
+        let mut map = ShardMap::create(8, 3, 1, "http://n1", "http://n1:8700").unwrap();
+        join(&mut map, 2);
+        join(&mut map, 3);
+        let silent = BTreeSet::from([3]);
+        loop {
+            let plan = map.plan_additions(&silent, 5);
+            if plan.is_empty() {
+                break;
+            }
+            assert!(plan.iter().all(|c| matches!(c, MapChange::AddReplica { node: 2, .. })), "{plan:?}");
+            plan.iter().for_each(|c| map.apply(c).unwrap());
+        }
+        assert!(map.replicas.iter().all(|r| r == &[1, 2]), "{:?}", map.replicas);
+        // Once it answers, it gets its replicas.
+        assert_eq!(map.plan_additions(&BTreeSet::new(), 100).len(), 8);
     }
 
     /// Applies every planned move, `limit` at a time; the number of plans.
@@ -737,10 +767,10 @@ mod tests {
             join(&mut map, n);
         }
         let epoch = map.epoch;
-        let first = map.plan_additions(4);
+        let first = map.plan_additions(&BTreeSet::new(), 4);
         assert_eq!(first.len(), 4);
         // Planning is a pure function of the map: the same plan every time.
-        assert_eq!(first, map.plan_additions(4));
+        assert_eq!(first, map.plan_additions(&BTreeSet::new(), 4));
         assert_eq!(map.epoch, epoch, "planning changes nothing");
         place_all(&mut map);
         let load = map.load();
@@ -817,7 +847,7 @@ mod tests {
         assert_eq!(e, "node 2 is draining: no replica is placed on it");
         let e = map.apply(&MapChange::AddReplica { shard: off, node: 2 }).unwrap_err();
         assert_eq!(e, "node 2 is draining: no replica is placed on it");
-        assert!(map.plan_additions(10).is_empty(), "no additions: every shard has RF");
+        assert!(map.plan_additions(&BTreeSet::new(), 10).is_empty(), "no additions: every shard has RF");
         assert!(map.plan_drain(&(0..8).collect(), &BTreeSet::new(), 10).is_empty(), "busy shards wait");
         // A node not answering takes none of the drained replicas (its new
         // replica would never catch up, and the move would hold a slot for

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use prost::bytes::Buf;
 use prost::Message;
-use tonic::codec::{BufferSettings, Codec as TonicCodec, DecodeBuf, Decoder};
+use tonic::codec::{BufferSettings, Codec as TonicCodec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
@@ -46,15 +46,36 @@ where
 {
     type Encode = T;
     type Decode = U;
-    type Encoder = ProstEncoder<T>;
+    type Encoder = ExactEncoder<T>;
     type Decoder = CheckedDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        self.0.encoder()
+        ExactEncoder(self.0.encoder())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
         CheckedDecoder(self.0.decoder())
+    }
+}
+
+/// prost's encoder into a buffer grown once to the message's size. prost
+/// writes into tonic's `BytesMut` without reserving, which then grows by
+/// doubling: a 13 MB message held a 16 MiB allocation, and one just past a
+/// power of two nearly twice its size, for as long as HTTP/2 kept the bytes
+/// (a slow reader: the node's response budget counts the encoded size).
+pub struct ExactEncoder<T>(ProstEncoder<T>);
+
+impl<T: Message> Encoder for ExactEncoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.reserve(item.encoded_len());
+        self.0.encode(item, buf)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
     }
 }
 

@@ -298,7 +298,7 @@ async fn a_node_dead_past_replica_dead_after_has_its_replicas_re_created() {
 #[tokio::test]
 async fn a_drain_with_only_a_dead_node_to_go_to_ends_once_the_dead_node_is_drained_too() {
     const SHARDS: u32 = 4;
-    let config = "replication = 3\nreplica_dead_after = \"9s\"\n";
+    let config = "replication = 3\nreplica_dead_after = \"20s\"\n";
     let mut cluster = Cluster::start_sharded_with_config(4, SHARDS, config).await;
     let all = [1, 2, 3, 4];
     // Balanced: every node holds 3 replicas, so each misses one shard.
@@ -326,9 +326,10 @@ async fn a_drain_with_only_a_dead_node_to_go_to_ends_once_the_dead_node_is_drain
     cluster.kill(dead);
     let started = Instant::now();
     // The drain starts once the meta leader counts the dead node silent (no
-    // new replica goes to it: after 5 s), and before it drains it as dead
-    // (replica_dead_after, 9 s). Started sooner, the drain moves a replica
-    // to the dead node, which the dead node's own drain then moves on.
+    // new replica goes to it: after 5 s), and well before it drains it as
+    // dead (replica_dead_after, 20 s: the operator's drain is refused once
+    // that one is under way). Started sooner, the drain moves a replica to
+    // the dead node, which the dead node's own drain then moves on.
     tokio::time::sleep(Duration::from_secs(6)).await;
     // Both drains end: `drain` waits until the drained node holds nothing.
     drain(&client, drained).await;

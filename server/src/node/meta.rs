@@ -177,12 +177,37 @@ impl Node {
 
     /// The additions of [`Node::place`], without balancing (the caller
     /// holds `placing`).
+    /// No replica goes to a node that does not answer ([`Node::silent`]):
+    /// its shard's leader would wait for it to catch up for good.
     async fn add_missing(&self) -> Result<()> {
+        let mut silent = None;
         loop {
             let Some(map) = self.cluster().map.clone() else { return Ok(()) };
-            let Some(change) = map.plan_additions(1).pop() else { return Ok(()) };
+            if map.plan_additions(&BTreeSet::new(), 1).is_empty() {
+                return Ok(());
+            }
+            // Asked once a pass, and only when there is something to add.
+            let silent = match &silent {
+                Some(silent) => silent,
+                None => silent.insert(self.silent(&map, &self.statuses().await)),
+            };
+            let Some(change) = map.plan_additions(silent, 1).pop() else { return Ok(()) };
             self.propose_meta(MetaCommand::Map(change)).await?;
         }
+    }
+
+    /// The map's nodes that do not answer: none to this round's status
+    /// call (`statuses`), and none to the liveness probes for
+    /// [`META_QUORUM_HEARD_WITHIN`] (a node slow to answer one call, busy
+    /// with a snapshot, still counts as answering). Never this node.
+    fn silent(&self, map: &ShardMap, statuses: &[(NodeId, ClusterStatusResponse)]) -> BTreeSet<NodeId> {
+        let now = std::time::Instant::now();
+        map.nodes
+            .keys()
+            .filter(|n| !statuses.iter().any(|(id, _)| id == *n))
+            .filter(|n| **n != self.id && self.liveness.silent_for(**n, now) >= META_QUORUM_HEARD_WITHIN)
+            .copied()
+            .collect()
     }
 
     /// Balancing (meta leader): moves replicas from the most to the least
@@ -227,14 +252,7 @@ impl Node {
         // Silent: no answer to this round's status call, and none to the
         // liveness probes for a while (a node slow to answer one call, busy
         // with a snapshot, still takes part in its moves).
-        let now = std::time::Instant::now();
-        let silent: BTreeSet<NodeId> = map
-            .nodes
-            .keys()
-            .filter(|n| !statuses.iter().any(|(id, _)| id == *n))
-            .filter(|n| **n != self.id && self.liveness.silent_for(**n, now) >= META_QUORUM_HEARD_WITHIN)
-            .copied()
-            .collect();
+        let silent = self.silent(&map, &statuses);
         let waiting = waiting_on(&map, &statuses, &busy, &silent);
         let moving = moving_shards(&map, &statuses, &(&(&stalled | &stuck) | &waiting));
         let room = self.max_moves.max(1).saturating_sub(moving);
@@ -327,7 +345,7 @@ impl Node {
     /// Drains a node of the map that holds replicas and has not answered
     /// this node's probes for `replica_dead_after` (as far as this node,
     /// the meta leader, has seen: a new leader waits that long again), so
-    /// that its replicas are re-created on the others. One at a time.
+    /// that its replicas are re-created on the others. One per pass.
     /// Also while another node's drain is under way, from apply rules
     /// version [`DRAIN_DEAD_BESIDE_DRAIN`] on (`MapChange::DrainDead`):
     /// that drain may have nowhere to go but the dead node (four nodes,

@@ -70,6 +70,60 @@ fn names(name: &str, n: usize) -> Vec<String> {
     vec![name.to_string(); n]
 }
 
+/// Writes user `big`'s 3.2 MiB profile: 50 history events (the browse
+/// family's length) × 16 attributes × 4 KiB.
+async fn write_large_profile(client: &portrait_client::PortraitClient) {
+    let attrs = || (0..16).map(|a| (format!("note{a}"), Value::string("x".repeat(4096)))).collect();
+    for part in 0..2 {
+        let events = (0..25).map(|i| event("big", &format!("e{part}-{i}"), attrs())).collect();
+        client.write(events).await.expect("write a large profile");
+    }
+}
+
+/// A raw gRPC call of `method` (`/portrait.v1.Service/Method`) on an HTTP/2
+/// connection of its own, its request headers sent: the sender (dropping it
+/// ends the call), the answer to come, the request body's stream and the
+/// connection's task.
+async fn raw_call(
+    address: &str,
+    method: &str,
+) -> (
+    h2::client::SendRequest<tonic::codegen::Bytes>,
+    h2::client::ResponseFuture,
+    h2::SendStream<tonic::codegen::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(address).await.expect("connect");
+    let (sender, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    let connection = tokio::spawn(connection);
+    let mut sender = sender.ready().await.expect("ready");
+    let request = tonic::codegen::http::Request::post(format!("http://{address}{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, stream) = sender.send_request(request, false).expect("send");
+    (sender, response, stream, connection)
+}
+
+/// Calls `call` until it succeeds, for at most 30 s: a budget in use is
+/// given back once what held it is gone.
+async fn once_freed<T, F: std::future::Future<Output = Result<T, ClientError>>>(
+    mut call: impl FnMut() -> F,
+) -> T {
+    let start = Instant::now();
+    loop {
+        match call().await {
+            Ok(done) => return done,
+            Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                println!("not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the budget was not freed: {e}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_unbounded_reads_are_refused_cheaply() {
     let node = TestNode::start().await;
@@ -170,7 +224,6 @@ async fn a_write_prost_cannot_decode_is_invalid_argument() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_being_received_share_one_byte_budget() {
     use portrait_server::limits::{MAX_MESSAGE_BYTES, MAX_RECEIVING_BYTES};
-    use tonic::codegen::http;
     use tonic::codegen::Bytes;
 
     const STREAMS: usize = 12;
@@ -186,16 +239,7 @@ async fn requests_being_received_share_one_byte_budget() {
     body.resize(SENT, 0x0a);
     let body = Bytes::from(body);
     for _ in 0..STREAMS {
-        let tcp = tokio::net::TcpStream::connect(&address).await.expect("connect");
-        let (sender, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
-        tokio::spawn(connection);
-        let mut sender = sender.ready().await.expect("ready");
-        let request = http::Request::post(format!("http://{address}/portrait.v1.Ingest/Write"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
-        let (response, mut stream) = sender.send_request(request, false).expect("send");
+        let (sender, response, mut stream, _) = raw_call(&address, "/portrait.v1.Ingest/Write").await;
         stream.send_data(body.clone(), false).expect("send the body");
         answers.spawn(async move {
             let response = response.await.expect("an answer");
@@ -228,17 +272,7 @@ async fn requests_being_received_share_one_byte_budget() {
             )
         })
         .collect();
-    let start = Instant::now();
-    loop {
-        match client.write(big.clone()).await {
-            Ok(_) => break,
-            Err(e) if start.elapsed() < Duration::from_secs(30) => {
-                println!("not yet: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("the budget was not freed: {e}"),
-        }
-    }
+    once_freed(|| client.write(big.clone())).await;
 }
 
 /// Read responses waiting for their readers share one node-wide budget,
@@ -252,18 +286,12 @@ async fn requests_being_received_share_one_byte_budget() {
 async fn responses_waiting_for_their_readers_share_one_byte_budget() {
     use portrait_server::limits::MAX_UNSENT_RESPONSE_BYTES;
     use prost::Message;
-    use tonic::codegen::http;
     use tonic::codegen::Bytes;
 
     let node = TestNode::start().await;
     let client = node.client().await;
-    // A 3.2 MiB profile (50 history events × 16 attributes × 4 KiB), read
-    // four times in one answer.
-    let attrs = || (0..16).map(|a| (format!("note{a}"), Value::string("x".repeat(4096)))).collect();
-    for part in 0..2 {
-        let events = (0..25).map(|i| event("big", &format!("e{part}-{i}"), attrs())).collect();
-        client.write(events).await.expect("write a large profile");
-    }
+    // A 3.2 MiB profile, read four times in one answer.
+    write_large_profile(&client).await;
     client.write(vec![event("small", "s1", vec![])]).await.expect("write a small profile");
     let large = names("big", 4);
     let size = client.batch_get_profiles(&large, &[], Consistency::Local).await.expect("read").encoded_len();
@@ -281,16 +309,8 @@ async fn responses_waiting_for_their_readers_share_one_byte_budget() {
     let mut readers = Vec::new();
     let refusal = loop {
         assert!(readers.len() <= fit, "{} answers held, {fit} fit", readers.len());
-        let tcp = tokio::net::TcpStream::connect(&address).await.expect("connect");
-        let (sender, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
-        let connection = tokio::spawn(connection);
-        let mut sender = sender.ready().await.expect("ready");
-        let request = http::Request::post(format!("http://{address}/portrait.v1.Profiles/BatchGetProfiles"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
-        let (response, mut stream) = sender.send_request(request, false).expect("send");
+        let (sender, response, mut stream, connection) =
+            raw_call(&address, "/portrait.v1.Profiles/BatchGetProfiles").await;
         stream.send_data(body.clone(), true).expect("send the request");
         let response = tokio::time::timeout(Duration::from_secs(30), response)
             .await
@@ -324,17 +344,8 @@ async fn responses_waiting_for_their_readers_share_one_byte_budget() {
         connection.abort();
     }
     drop(readers);
-    let start = Instant::now();
-    loop {
-        match client.batch_get_profiles(&large, &[], Consistency::Local).await {
-            Ok(answer) => break assert_eq!(answer.encoded_len(), size),
-            Err(e) if start.elapsed() < Duration::from_secs(30) => {
-                println!("not yet: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("the budget was not freed: {e}"),
-        }
-    }
+    let answer = once_freed(|| client.batch_get_profiles(&large, &[], Consistency::Local)).await;
+    assert_eq!(answer.encoded_len(), size);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,13 +382,7 @@ async fn batch_get_answers_every_position_of_a_repeated_user() {
 async fn a_batch_read_past_the_response_limit_is_refused_while_reading() {
     let node = TestNode::start().await;
     let client = node.client().await;
-    // 50 history events (the browse family's length) × 16 attributes ×
-    // 4 KiB: a 3.2 MiB profile.
-    let attrs = || (0..16).map(|a| (format!("note{a}"), Value::string("x".repeat(4096)))).collect();
-    for part in 0..2 {
-        let events = (0..25).map(|i| event("big", &format!("e{part}-{i}"), attrs())).collect();
-        client.write(events).await.expect("write a large profile");
-    }
+    write_large_profile(&client).await;
     let one = client.batch_get_profiles(&names("big", 1), &[], Consistency::Local).await.expect("read");
     assert_eq!(one.profiles[0].families["browse"].history.len(), 50);
 

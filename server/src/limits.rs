@@ -128,8 +128,23 @@ const _: () = assert!(MAX_UNSENT_RESPONSE_BYTES >= MAX_RESPONSE_BYTES, "the larg
 /// Encoded bytes of write requests a node holds between their validation
 /// and their answer: queued for the batcher, in an entry being proposed,
 /// waiting for its apply, or forwarded to another node that leads the
-/// shard and not yet answered. A request that would pass it is refused at once
-/// with UNAVAILABLE ("write queue full", retryable) instead of waiting in
-/// memory: a few hundred 16 MB writes to a slow leader would otherwise stay
-/// resident until their timeout. 256 MiB is 64 entries of the largest size.
+/// shard and not yet answered. A request that would pass it waits for room
+/// (in arrival order, at most [`QUEUE_WAIT`], while at most
+/// [`MAX_WAITING_WRITE_BYTES`] wait), then is refused with UNAVAILABLE
+/// ("write queue full", retryable) instead of waiting in memory: a few
+/// hundred 16 MB writes to a slow leader would otherwise stay resident
+/// until their timeout. 256 MiB is 64 entries of the largest size.
 pub const MAX_QUEUED_WRITE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Encoded bytes of write requests a node lets wait for room in
+/// [`MAX_QUEUED_WRITE_BYTES`], all together (their decoded events are in
+/// memory meanwhile); a request that finds this full too is refused at
+/// once. Four of the largest requests.
+pub const MAX_WAITING_WRITE_BYTES: usize = 64 * 1024 * 1024;
+const _: () = assert!(MAX_WAITING_WRITE_BYTES >= MAX_MESSAGE_BYTES, "the largest request can wait");
+
+/// How long a write request waits for room in [`MAX_QUEUED_WRITE_BYTES`]
+/// before it is refused. Waiting requests take the room given back in
+/// arrival order, so a large one is not starved by a stream of small ones
+/// that would each fit what is left.
+pub const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);

@@ -132,7 +132,10 @@ impl Node {
         let write = matches!(kind, Forward::Write | Forward::Writes);
         // A write part held here while another node proposes it counts
         // against this node's queued-write budget too.
-        let _held = if write { Some(self.batcher.hold(data.len())?) } else { None };
+        let _held = match write {
+            true => Some(self.batcher.hold(data.len()).await?),
+            false => None,
+        };
         let mut client = self.channels.get(to, addr).map_err(|e| unreachable(&e))?;
         // A write part, or a read's selection, was validated against this
         // node's schema: the receiver holds a write back while its shard is

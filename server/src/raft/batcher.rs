@@ -19,7 +19,9 @@ use super::client_write_error;
 use super::gate::{Pass, ProposalGate};
 use super::replica::{Registry, Replica};
 use crate::error::{Error, Result, OUTCOME_UNKNOWN};
-use crate::limits::{MAX_ENTRY_BYTES, MAX_EVENTS_PER_ENTRY, MAX_QUEUED_WRITE_BYTES};
+use crate::limits::{
+    MAX_ENTRY_BYTES, MAX_EVENTS_PER_ENTRY, MAX_QUEUED_WRITE_BYTES, MAX_WAITING_WRITE_BYTES, QUEUE_WAIT,
+};
 use crate::model::{Event, WriteCounts};
 use crate::types::{Command, CommandResult, GroupId, WriteOutcome};
 
@@ -92,6 +94,11 @@ pub struct WriteBatcher {
     queued: Arc<Semaphore>,
     /// All the permits there are.
     budget_units: u32,
+    /// [`MAX_WAITING_WRITE_BYTES`] in KiB permits: the requests waiting
+    /// for room in `queued`.
+    waiting: Arc<Semaphore>,
+    /// How long a request may wait for room ([`QUEUE_WAIT`]).
+    wait: Duration,
 }
 
 /// A request's share of the node's queued-write budget, and its encoded
@@ -109,21 +116,23 @@ impl WriteBatcher {
     /// The handle, and the receiving end for [`run`] (which the node runs
     /// as one of its owned tasks).
     pub fn channel() -> (WriteBatcher, mpsc::Receiver<Pending>) {
-        Self::with_budget(MAX_QUEUED_WRITE_BYTES)
+        Self::with_budget(MAX_QUEUED_WRITE_BYTES, MAX_WAITING_WRITE_BYTES, QUEUE_WAIT)
     }
 
-    fn with_budget(bytes: usize) -> (WriteBatcher, mpsc::Receiver<Pending>) {
+    fn with_budget(bytes: usize, waiting: usize, wait: Duration) -> (WriteBatcher, mpsc::Receiver<Pending>) {
         let (tx, rx) = mpsc::channel(4096);
-        let budget_units = (bytes / QUEUE_UNIT).clamp(1, u32::MAX as usize) as u32;
+        let units = |bytes: usize| (bytes / QUEUE_UNIT).clamp(1, u32::MAX as usize) as u32;
+        let budget_units = units(bytes);
         let queued = Arc::new(Semaphore::new(budget_units as usize));
-        (WriteBatcher { tx, queued, budget_units }, rx)
+        let waiting = Arc::new(Semaphore::new(units(waiting) as usize));
+        (WriteBatcher { tx, queued, budget_units, waiting, wait }, rx)
     }
 
     /// Proposes one validated request, all of whose users are in shard
     /// `gid`, through that shard's log; returns its counts and log index.
     pub async fn write(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
         let bytes = encoded_len(&events);
-        let queued = self.hold(bytes)?;
+        let queued = self.hold(bytes).await?;
         self.write_held(gid, events, Admitted { queued, bytes }).await
     }
 
@@ -140,7 +149,7 @@ impl WriteBatcher {
         events: &[Event],
     ) -> Result<(Admitted, Pass)> {
         let bytes = encoded_len(events);
-        let queued = self.hold(bytes)?;
+        let queued = self.hold(bytes).await?;
         let pass = gate.pass(within).await?;
         Ok((Admitted { queued, bytes }, pass))
     }
@@ -170,18 +179,45 @@ impl WriteBatcher {
 
 impl WriteBatcher {
     /// Takes `bytes` of the node's queued-write budget until the permit is
-    /// dropped, or refuses at once (UNAVAILABLE, "write queue full"): what
-    /// a request proposed here holds until its answer, and what a part
-    /// forwarded to another node's leader holds while it is in flight.
-    pub fn hold(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit> {
+    /// dropped: what a request proposed here holds until its answer, and
+    /// what a part forwarded to another node's leader holds while it is in
+    /// flight. When the budget has no room, the request waits for it, in
+    /// arrival order, at most [`QUEUE_WAIT`] and while the requests waiting
+    /// hold at most [`MAX_WAITING_WRITE_BYTES`]; else it is refused
+    /// (UNAVAILABLE, "write queue full", nothing proposed).
+    ///
+    /// In arrival order: bytes given back go to the waiting requests
+    /// first, the oldest first, so a large request is not starved by small
+    /// ones that would each fit the room left (tokio's semaphore hands
+    /// released permits to its queue before new callers can take them).
+    pub async fn hold(&self, bytes: usize) -> Result<OwnedSemaphorePermit> {
+        use tokio::sync::TryAcquireError;
         let units = queue_units(bytes, self.budget_units);
-        self.queued.clone().try_acquire_many_owned(units).map_err(|e| match e {
-            tokio::sync::TryAcquireError::Closed => shutting_down(),
-            tokio::sync::TryAcquireError::NoPermits => Error::Unavailable(format!(
-                "write queue full: this node holds {} MiB of write requests waiting for raft; retry later",
+        let full = |waited: &str| {
+            Error::Unavailable(format!(
+                "write queue full: this node holds {} MiB of write requests waiting for raft{waited}; retry later",
                 MAX_QUEUED_WRITE_BYTES >> 20
-            )),
-        })
+            ))
+        };
+        match self.queued.clone().try_acquire_many_owned(units) {
+            Ok(held) => return Ok(held),
+            Err(TryAcquireError::Closed) => return Err(shutting_down()),
+            Err(TryAcquireError::NoPermits) => {}
+        }
+        // The request's decoded events stay in memory while it waits:
+        // bounded by the room to wait in.
+        let waiting_units = queue_units(bytes, u32::MAX);
+        let _waiting = match self.waiting.clone().try_acquire_many_owned(waiting_units) {
+            Ok(w) => w,
+            Err(_) => {
+                return Err(full(&format!(", and {} MiB more wait for room", MAX_WAITING_WRITE_BYTES >> 20)))
+            }
+        };
+        match tokio::time::timeout(self.wait, self.queued.clone().acquire_many_owned(units)).await {
+            Ok(Ok(held)) => Ok(held),
+            Ok(Err(_closed)) => Err(shutting_down()),
+            Err(_) => Err(full(&format!(" (waited {} ms for room)", self.wait.as_millis()))),
+        }
     }
 }
 
@@ -445,14 +481,18 @@ mod tests {
         let events = || vec![Event::bare(); 40];
         let size = encoded_len(&events());
         // Room for two such requests, not three.
-        let (batcher, mut rx) = WriteBatcher::with_budget(2 * size + size / 2 + QUEUE_UNIT);
+        let (batcher, mut rx) = WriteBatcher::with_budget(
+            2 * size + size / 2 + QUEUE_UNIT,
+            MAX_WAITING_WRITE_BYTES,
+            Duration::ZERO,
+        );
         let (a, b) = (batcher.clone(), batcher.clone());
         let gave_up = tokio::spawn(async move { a.write(GroupId(0), events()).await });
         let awaited = tokio::spawn(async move { b.write(GroupId(0), events()).await });
         // Both wait in a shard that proposes nothing (no quorum).
         let mut q = ShardQueue::default();
         q.waiting.extend([rx.recv().await.unwrap(), rx.recv().await.unwrap()]);
-        let e = batcher.hold(size).expect_err("the budget is taken");
+        let e = batcher.hold(size).await.expect_err("the budget is taken");
         assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
         assert!(e.leader_refused(), "not sent to another replica");
         q.drop_abandoned();
@@ -462,7 +502,7 @@ mod tests {
         let _ = gave_up.await;
         q.drop_abandoned();
         assert_eq!(q.waiting.len(), 1, "the abandoned one is dropped");
-        drop(batcher.hold(size).expect("its bytes are back"));
+        drop(batcher.hold(size).await.expect("its bytes are back"));
         // The other is still proposed when the shard takes entries again;
         // an abandoned one at the front is skipped, and a queue of only
         // abandoned ones gathers nothing.
@@ -523,7 +563,8 @@ mod tests {
         let events = || vec![Event::bare(); 40];
         let size = encoded_len(&events());
         // Room for one such request, not two.
-        let (batcher, _rx) = WriteBatcher::with_budget(size + size / 2 + QUEUE_UNIT);
+        let (batcher, _rx) =
+            WriteBatcher::with_budget(size + size / 2 + QUEUE_UNIT, MAX_WAITING_WRITE_BYTES, Duration::ZERO);
         let gate = ProposalGate::default();
         let pause = gate.pause(Duration::from_millis(10)).await.unwrap();
         let waiting = tokio::spawn({
@@ -545,7 +586,8 @@ mod tests {
         let events = || vec![Event::bare(); 40];
         let size = encoded_len(&events());
         // Room for one such request, not two.
-        let (batcher, mut rx) = WriteBatcher::with_budget(size + size / 2 + QUEUE_UNIT);
+        let (batcher, mut rx) =
+            WriteBatcher::with_budget(size + size / 2 + QUEUE_UNIT, MAX_WAITING_WRITE_BYTES, Duration::ZERO);
         let first = tokio::spawn({
             let batcher = batcher.clone();
             async move { batcher.write(GroupId(0), events()).await }
@@ -563,13 +605,60 @@ mod tests {
         let queued = rx.recv().await.expect("queued now");
         assert_eq!(queued.events.len(), 40);
         // Bytes held for a forwarded part count against the same budget.
-        let e = batcher.hold(size).expect_err("no room beside the queued request");
+        let e = batcher.hold(size).await.expect_err("no room beside the queued request");
         assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
         drop((queued, second));
-        let held = batcher.hold(size).expect("room once it is answered");
+        let held = batcher.hold(size).await.expect("room once it is answered");
         let e = batcher.write(GroupId(1), events()).await.expect_err("the held part takes the room");
         assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
         drop(held);
+    }
+
+    /// A large request that finds the budget full waits for room, and the
+    /// bytes given back go to it first: small requests that would each fit
+    /// what is left no longer take it before it (before, it was refused
+    /// while they kept the budget full). One that waits too long, or finds
+    /// the room to wait in full, is refused naming the limit.
+    #[tokio::test]
+    async fn a_large_request_waits_for_room_ahead_of_small_ones_that_come_later() {
+        let unit = QUEUE_UNIT;
+        let (batcher, _rx) = WriteBatcher::with_budget(10 * unit, 8 * unit, Duration::from_secs(30));
+        let mut small: Vec<_> = Vec::new();
+        for _ in 0..10 {
+            small.push(batcher.hold(unit).await.expect("room for a small request"));
+        }
+        let large = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.hold(5 * unit).await }
+        });
+        // Until the large one waits (a spawned task runs when this one yields).
+        while batcher.waiting.available_permits() == 8 {
+            tokio::task::yield_now().await;
+        }
+        // Beside it, the room to wait in holds 3 KiB more: a request of 4 is
+        // refused at once.
+        let e = batcher.hold(4 * unit).await.expect_err("no room to wait in");
+        assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
+        assert!(e.to_string().contains("wait for room"), "{e}");
+        for freed in 1..=4 {
+            drop(small.pop());
+            // What was given back went to the waiting request, not to a
+            // small one that comes later and would fit it.
+            assert_eq!(batcher.queued.available_permits(), 0, "after {freed} freed");
+            assert!(!large.is_finished(), "the large one needs 5, {freed} were freed");
+        }
+        drop(small.pop());
+        let held = large.await.unwrap().expect("the large request has its room");
+        assert_eq!(batcher.waiting.available_permits(), 8, "it no longer counts as waiting");
+        drop(held);
+        assert_eq!(batcher.queued.available_permits(), 5, "its room is back");
+
+        // A request that waits longer than its wait is refused.
+        let (batcher, _rx) = WriteBatcher::with_budget(2 * unit, 8 * unit, Duration::from_millis(50));
+        let _all = batcher.hold(2 * unit).await.expect("room");
+        let e = batcher.hold(unit).await.expect_err("no room within the wait");
+        assert!(e.to_string().contains("waited 50 ms for room"), "{e}");
+        assert_eq!(batcher.waiting.available_permits(), 8, "a refused request no longer waits");
     }
 
     #[test]

@@ -139,3 +139,70 @@ async fn registers_in_every_shard_stay_linearizable_across_a_kill_of_a_node_lead
         assert!(is_linearizable(history), "shard {r}: not linearizable: {history:#?}");
     }
 }
+
+/// A LINEARIZABLE batch read whose shards' leadership moves while it is
+/// under way (leadership transfers back and forth between two nodes) is
+/// answered whole: a part routed to the node it asked, which then finds
+/// it no longer leads, is read at the new leader, not failed. The batch
+/// goes straight to node 1 with no client routing or retry.
+#[tokio::test]
+async fn a_linearizable_batch_is_answered_while_its_shards_leadership_moves() {
+    use portrait_client::portrait_proto::v1::profiles_client::ProfilesClient;
+    use portrait_client::portrait_proto::v1::BatchGetProfilesRequest;
+
+    let config = "replication = 3\nmax_moves = 0\n";
+    let cluster = Cluster::start_sharded_with_config(3, TEST_SHARDS, config).await;
+    wait_placed(&cluster, &[1, 2, 3], TEST_SHARDS).await;
+    let users: Vec<String> = (0..TEST_SHARDS).flat_map(|s| users_of(s, TEST_SHARDS, 2)).collect();
+    let client = cluster.client(1).await;
+    let events = users.iter().enumerate().map(|(i, u)| write(u, i as i64)).collect();
+    assert_eq!(client.write(events).await.expect("write").applied, users.len() as u32);
+
+    let moving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let transfers = {
+        let (client, moving) = (client.clone(), moving.clone());
+        tokio::spawn(async move {
+            for round in 0..3 {
+                for to in [2, 1] {
+                    for shard in 0..TEST_SHARDS {
+                        transfer(client.clone(), shard, to).await;
+                    }
+                    println!("round {round}: every shard led by node {to}");
+                }
+            }
+            moving.store(false, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let mut raw = ProfilesClient::connect(cluster.node(1).endpoint()).await.expect("connect to node 1");
+    let request = BatchGetProfilesRequest {
+        user_ids: users.clone(),
+        families: vec!["registration".into()],
+        consistency: Consistency::Linearizable as i32,
+        ..Default::default()
+    };
+    let (mut answered, mut failed, mut served_elsewhere) = (0, Vec::new(), 0);
+    while moving.load(std::sync::atomic::Ordering::SeqCst) {
+        match raw.batch_get_profiles(request.clone()).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let found: Vec<&str> =
+                    r.profiles.iter().filter(|p| p.found).map(|p| p.user_id.as_str()).collect();
+                assert_eq!(
+                    found,
+                    users.iter().map(String::as_str).collect::<Vec<_>>(),
+                    "every user, in order"
+                );
+                served_elsewhere += usize::from(r.read_info.is_some_and(|i| i.node_id != 1));
+                answered += 1;
+            }
+            Err(status) => failed.push(status),
+        }
+    }
+    transfers.await.expect("transfers");
+    println!(
+        "{answered} batches answered ({served_elsewhere} reporting another node), {} failed",
+        failed.len()
+    );
+    assert!(answered >= 10, "reads went on during the transfers: {answered}");
+    assert!(failed.is_empty(), "batches failed while leadership moved: {failed:?}");
+}

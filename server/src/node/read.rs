@@ -2,7 +2,9 @@
 //! hosts a replica of is read here, each other shard's part is forwarded
 //! in one hop to a node hosting it (`Raft.ForwardRead`), all concurrently.
 //! LINEARIZABLE first confirms, per shard, that shard's leadership through
-//! its read index (a forwarded part goes to the leader). Results come back
+//! its read index (a forwarded part goes to the leader; a part whose
+//! leadership moved away since it was routed here is forwarded to the
+//! leader the check names). Results come back
 //! in request order. The Rust client sends each shard's part to a replica
 //! itself, so its reads take no extra hop.
 
@@ -126,14 +128,42 @@ impl Node {
             .iter()
             .map(|(idx, r)| (r.clone(), idx.iter().map(|&i| (unique[i].clone(), repeats[i])).collect()))
             .collect();
+        // The parts read here, by position in `hosted`: `None` for a part
+        // whose shard's leadership moved away since it was routed here (a
+        // transfer, an election), with the leader its check named in
+        // `moved`. Such a part is forwarded there below, not failed.
         let local = async {
-            match hosted_parts.is_empty() {
-                true => Ok(vec![]),
-                false => {
-                    self.read_hosted(hosted_parts, &selection, validated, consistency, MAX_RESPONSE_BYTES)
-                        .await
+            let mut moved = Vec::new();
+            if consistency == Consistency::Linearizable {
+                let checks = hosted_parts.iter().map(|(r, _)| self.ensure_linearizable(r));
+                for (k, checked) in futures::future::join_all(checks).await.into_iter().enumerate() {
+                    match checked {
+                        Ok(()) => {}
+                        Err(Error::NotLeader { leader_id: Some(l), leader_addr: Some(a), .. })
+                            if l != self.id =>
+                        {
+                            moved.push((k, (l, a)))
+                        }
+                        Err(e) => return Err(e.in_shard(hosted_parts[k].0.gid)),
+                    }
                 }
             }
+            let here: Vec<HostedPart> = (hosted_parts.into_iter().enumerate())
+                .filter(|(k, _)| !moved.iter().any(|(m, _)| m == k))
+                .map(|(_, part)| part)
+                .collect();
+            let mut read = match here.is_empty() {
+                true => vec![],
+                false => self.read_hosted(here, &selection, validated, MAX_RESPONSE_BYTES).await?,
+            }
+            .into_iter();
+            let parts = (0..hosted.len())
+                .map(|k| match moved.iter().any(|(m, _)| *m == k) {
+                    true => None,
+                    false => read.next(),
+                })
+                .collect::<Vec<_>>();
+            Ok((parts, moved))
         };
         // The forwarded parts go out at once, each capped at its share of
         // the response limit (`forwarded_share`); a part over its share is
@@ -150,23 +180,25 @@ impl Node {
                 consistency,
                 max_bytes: max_bytes as u64,
             };
-            self.forward_read(GroupId(*s), part)
+            self.forward_read(GroupId(*s), None, part)
         };
         let share = forwarded_share(remote.len());
         let first = futures::future::join_all((0..remote.len()).map(|k| ask(k, share)));
         let (local, first) = futures::future::join(local, first).await;
-        let local = local?;
-        let part_bytes = |k: usize, views: &[ProfileView]| {
-            let bytes =
-                views.iter().zip(&remote[k].1).map(|(v, &i)| v.approx_bytes().saturating_mul(repeats[i]));
+        let (mut local, moved) = local?;
+        // The bytes of a part's views, each counted at every position its
+        // user is asked at.
+        let views_bytes = |idx: &[usize], views: &[ProfileView]| {
+            let bytes = views.iter().zip(idx).map(|(v, &i)| v.approx_bytes().saturating_mul(repeats[i]));
             bytes.fold(0usize, usize::saturating_add)
         };
+        let part_bytes = |k: usize, views: &[ProfileView]| views_bytes(&remote[k].1, views);
         let over = || too_large(unique.len(), unique.len());
         // What is left of the response limit once each part is counted,
         // the parts read here first.
-        let local_bytes = hosted.iter().zip(&local).map(|((idx, _), (views, _))| {
-            let bytes = views.iter().zip(idx).map(|(v, &i)| v.approx_bytes().saturating_mul(repeats[i]));
-            bytes.fold(0usize, usize::saturating_add)
+        let local_bytes = hosted.iter().zip(&local).map(|((idx, _), read)| match read {
+            Some((views, _)) => views_bytes(idx, views),
+            None => 0,
         });
         let mut left =
             MAX_RESPONSE_BYTES.checked_sub(local_bytes.fold(0, usize::saturating_add)).ok_or_else(over)?;
@@ -194,6 +226,22 @@ impl Node {
             left = left.checked_sub(part_bytes(k, &read.0)).ok_or_else(over)?;
             forwarded[k] = Some(read);
         }
+        // The parts whose leadership moved, at the leader their check
+        // named, one at a time with what is left of the limit.
+        for (k, leader) in moved {
+            let (idx, replica) = &hosted[k];
+            let part = ForwardedRead {
+                users: idx.iter().map(|&i| unique[i].clone()).collect(),
+                selection: selection.clone(),
+                consistency,
+                max_bytes: left as u64,
+            };
+            let read = self.forward_read(replica.gid, Some(leader), part).await;
+            let read = read.map_err(|e| if is_too_large(&e) { over() } else { e })?;
+            left = left.checked_sub(views_bytes(idx, &read.0)).ok_or_else(over)?;
+            local[k] = Some(read);
+        }
+        let local = local.into_iter().map(|read| read.expect("every part read here or forwarded"));
         let forwarded = forwarded.into_iter().map(|read| read.expect("every forwarded part was read"));
         // Each part's views in its users' order, back into `unique`'s.
         let mut views: Vec<Option<ProfileView>> = vec![None; unique.len()];
@@ -233,22 +281,17 @@ impl Node {
     ///
     /// The RocksDB reads and feature evaluation run on a blocking thread,
     /// at most [`MAX_CONCURRENT_READS`] at once, so a read storm cannot
-    /// starve the async workers that carry raft heartbeats.
+    /// starve the async workers that carry raft heartbeats. A LINEARIZABLE
+    /// caller has confirmed each part's leadership first
+    /// ([`Node::ensure_linearizable`]).
     async fn read_hosted(
         &self,
         parts: Vec<HostedPart>,
         selection: &Selection,
         validated: u64,
-        consistency: Consistency,
         max_bytes: usize,
     ) -> Result<Vec<(Vec<ProfileView>, ReadInfo)>> {
         static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_READS);
-        if consistency == Consistency::Linearizable {
-            let checks = parts.iter().map(|(r, _)| async move {
-                self.ensure_linearizable(r).await.map_err(|e| e.in_shard(r.gid))
-            });
-            futures::future::try_join_all(checks).await?;
-        }
         // Moved into the blocking task: a cancelled call still holds its turn
         // until its reads are done.
         let permit = READS.acquire().await.map_err(Error::internal)?;
@@ -347,12 +390,21 @@ impl Node {
     }
 
     /// One shard's part, read by a node that hosts the shard (its leader
-    /// for LINEARIZABLE), tried as [`Node::to_replicas`] does.
-    async fn forward_read(&self, gid: GroupId, part: ForwardedRead) -> Result<(Vec<ProfileView>, ReadInfo)> {
+    /// for LINEARIZABLE), tried as [`Node::to_replicas`] does; `leader`
+    /// (named by this node's own failed leadership check) first, and never
+    /// this node then.
+    async fn forward_read(
+        &self,
+        gid: GroupId,
+        leader: Option<(NodeId, String)>,
+        part: ForwardedRead,
+    ) -> Result<(Vec<ProfileView>, ReadInfo)> {
         let data = encode(&part);
         let leads = part.consistency == Consistency::Linearizable;
+        let none = Error::Unavailable(format!("the map names no replica of {gid}"));
+        let tried = leader.as_ref().map(|_| self.id);
         let read = self
-            .to_replicas(gid, leads, |node, addr| {
+            .to_replicas_after(gid, leader, tried, none, leads, |node, addr| {
                 let data = data.clone();
                 async move {
                     let reply = self.call_peer(Forward::Read, gid, node, &addr, data).await?;
@@ -402,9 +454,10 @@ impl Node {
         let selection = part.selection.deduped();
         let users = part.users.into_iter().map(|u| (u, 1)).collect();
         let max_bytes = usize::try_from(part.max_bytes).unwrap_or(usize::MAX).min(MAX_RESPONSE_BYTES);
-        let mut read = self
-            .read_hosted(vec![(replica, users)], &selection, validated, part.consistency, max_bytes)
-            .await?;
+        if part.consistency == Consistency::Linearizable {
+            self.ensure_linearizable(&replica).await.map_err(|e| e.in_shard(gid))?;
+        }
+        let mut read = self.read_hosted(vec![(replica, users)], &selection, validated, max_bytes).await?;
         Ok(read.pop().expect("one part"))
     }
 

@@ -95,6 +95,9 @@ pub struct RestoredShard {
     pub bytes: u64,
     pub source_applied_index: u64,
     pub log_index: u64,
+    /// Rows an earlier attempt of this restore had applied to the shard
+    /// (its leader was lost midway), kept: the restore went on after them.
+    pub resumed_rows: u64,
 }
 
 fn shard_file_name(shard: u32) -> String {
@@ -460,8 +463,12 @@ pub async fn restore(
             restored.push(done);
             continue;
         }
+        let resumed = match done.resumed_rows {
+            0 => String::new(),
+            n => format!(", going on after the {n} an earlier attempt applied"),
+        };
         progress(&format!(
-            "shard {}: {} rows ({}) as of index {} restored ({}/{})",
+            "shard {}: {} rows ({}) as of index {} restored{resumed} ({}/{})",
             done.shard,
             done.rows,
             human_bytes(done.bytes),
@@ -662,6 +669,7 @@ async fn restore_one(
                     bytes: r.bytes,
                     source_applied_index: r.source_applied_index,
                     log_index: r.log_index,
+                    resumed_rows: r.resumed_rows,
                 })
             }
             // Not (or no longer) the leader, no quorum, the node busy or
@@ -676,6 +684,7 @@ async fn restore_one(
                     bytes: 0,
                     source_applied_index: 0,
                     log_index: 0,
+                    resumed_rows: 0,
                 })
             }
             Err(e) => return Err(config(format!("shard {}: {e}", file.shard))),

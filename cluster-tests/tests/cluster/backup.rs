@@ -777,3 +777,65 @@ async fn a_restore_whose_begin_had_no_quorum_is_run_again_and_restores_every_sha
     assert_eq!(snapshot(&restorer, &users, true).await, before);
     assert_every_node_serves(&target, &users, &before).await;
 }
+
+/// A restore cut off midway (here: fault injection stops a fresh attempt
+/// after its first entry of rows, as a lost leader would) leaves its shard
+/// mid-restore with those rows applied. Run again, the restore goes on
+/// after them instead of wiping them and starting over: the answer counts
+/// the rows kept, which are the ones the shard's status showed, and every
+/// replica then holds exactly what the backup held.
+#[tokio::test]
+async fn a_restore_cut_off_midway_goes_on_after_the_rows_it_applied() {
+    // One shard of about 5 MB: five entries of rows (`RESTORE_ENTRY_BYTES`).
+    let source = Cluster::start_sharded(1, 1).await;
+    let client = source.client(1).await;
+    client.apply_schema(schema(), false).await.expect("schema");
+    // 900 users (a batch read takes 1,000) with two notes of 3 KB each.
+    let users: Vec<String> = (0..900).map(|i| format!("r{i}")).collect();
+    let note = |u: &str, k: usize| format!("{u}:{k}:{}", "n".repeat(3_000));
+    for part in users.chunks(300) {
+        let events = part.iter().map(|u| {
+            let mut e = order_of(u, &format!("{u}-order"));
+            for k in 0..2 {
+                e.attrs.insert(format!("note{k}"), portrait_client::Value::string(note(u, k)));
+            }
+            e
+        });
+        client.write(events.collect()).await.expect("write");
+    }
+    let before = snapshot(&client, &users, true).await;
+    assert!(before.values().all(|(n, _, ids)| *n == 1 && ids.len() == 1), "every order is there");
+    let backups = tempfile::tempdir().unwrap();
+    let dir = backups.path().join("b");
+    back_up(&client, &dir).await;
+
+    let stop = [("PORTRAIT_FAULT_RESTORE_STOP_AFTER_ROWS", "1")];
+    let target = Cluster::start_sharded_with_env(3, 1, Some("max_moves = 0\n"), &stop).await;
+    wait_placed(&target, &[1, 2, 3], 1).await;
+    let restorer = target.client(1).await;
+    let failed = portrait_client::backup::restore(&restorer, &dir, |_| {}).await;
+    let failed = failed.expect_err("a restore cut off after its first rows").to_string();
+    assert!(failed.contains("shard 0: fault injection: the restore stops after 1 rows entries"), "{failed}");
+    let status = restorer.cluster_status().await.expect("status");
+    let mid = status.shard_status.iter().find(|s| s.shard == 0).and_then(|s| s.restoring.clone());
+    let kept = mid.expect("shard 0 is mid-restore").rows;
+    assert!(kept > 0 && kept < users.len() as u64, "its first entry's rows: {kept}");
+
+    let restored = portrait_client::backup::restore(&restorer, &dir, |_| {}).await.expect("run again");
+    assert_eq!(restored.len(), 1, "{restored:?}");
+    let shard = &restored[0];
+    assert!(!shard.earlier, "{shard:?}");
+    assert_eq!(shard.resumed_rows, kept, "it went on after the rows applied: {shard:?}");
+    assert!(shard.rows > kept, "{shard:?}");
+    assert_eq!(snapshot(&restorer, &users, true).await, before);
+    assert_every_node_serves(&target, &users, &before).await;
+    // The rows the first attempt applied are whole too.
+    let got = restorer.batch_get_profiles(&users, &["trade".into()], Consistency::Linearizable).await;
+    for (user, p) in users.iter().zip(got.expect("read").profiles) {
+        let attrs = &p.families["trade"].attrs;
+        for k in 0..2 {
+            let want = Some(portrait_client::Value::string(note(user, k)));
+            assert_eq!(attrs[&format!("note{k}")].value, want, "{user}");
+        }
+    }
+}

@@ -14,7 +14,10 @@
 //! ([`crate::store::restore::BackupSource`]) and proposes its rows through
 //! the shard's raft log (`Command::Restore`: `Begin`, `Rows`…, `End`), so
 //! every replica applies them at the same indexes. It runs only on an
-//! empty shard, or one a failed restore left mid-way (it starts again).
+//! empty shard, or one an earlier attempt of the same restore left mid-way
+//! (a leader lost, a call cut off): it then goes on after the rows that
+//! attempt applied, which the shard's restore marker counts, rather than
+//! begin again.
 //!
 //! One export or restore at a time per node (each needs the shard's size in
 //! scratch disk); the scratch directory is emptied when the node starts.
@@ -24,6 +27,13 @@
 /// one whose leader was lost there, leaving its shard mid-restore.
 #[cfg(feature = "fault-injection")]
 pub const STOP_AFTER_BEGIN_ENV: &str = "PORTRAIT_FAULT_RESTORE_STOP_AFTER_BEGIN";
+
+/// Fault injection (the `fault-injection` build only): with this
+/// environment variable set to `N`, a restore attempt that began its shard
+/// afresh stops after `N` of its `Rows` steps, as one whose leader was
+/// lost there; an attempt that goes on from an earlier one does not stop.
+#[cfg(feature = "fault-injection")]
+pub const STOP_AFTER_ROWS_ENV: &str = "PORTRAIT_FAULT_RESTORE_STOP_AFTER_ROWS";
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,7 +51,7 @@ use crate::raft::replica::Replica;
 use crate::store::group_snapshot;
 use crate::store::restore::{restore_state, BackupSource, SourceMeta};
 use crate::store::snapshot::pack;
-use crate::types::{Command, CommandResult, GroupId, LogId, RestoreStep};
+use crate::types::{Command, CommandResult, GroupId, LogId, RestoreMarker, RestoreStep};
 
 /// The node's scratch directory for backup exports and received archives.
 fn scratch_dir(data_dir: &Path) -> PathBuf {
@@ -103,6 +113,9 @@ pub struct RestoreSummary {
     pub bytes: u64,
     pub source_applied: Option<LogId>,
     pub log_index: u64,
+    /// Rows an earlier attempt of the same restore had applied, which this
+    /// one kept and went on after (0: it began the shard afresh).
+    pub resumed_rows: u64,
 }
 
 fn unique(prefix: &str, gid: GroupId) -> String {
@@ -385,22 +398,49 @@ impl Node {
                      the restore (apply the backup's schema before restoring to avoid it)");
             }
         }
-        tracing::info!(group = %gid, id, ?source_applied, "restore begins");
-        self.propose_restore(&replica, RestoreStep::Begin { id: id.clone() }).await?;
+        // An earlier attempt of this restore that stopped midway: its
+        // rows are kept, and this one goes on after them, under its id.
+        let (source, resumed) = self.restore_resume(&replica, &id, source).await?;
+        let id = match &resumed {
+            Some(m) => {
+                tracing::info!(group = %gid, id = m.id, next_seq = m.next_seq, rows = m.rows,
+                    "restore resumes after the rows an earlier attempt applied");
+                m.id.clone()
+            }
+            None => {
+                tracing::info!(group = %gid, id, ?source_applied, "restore begins");
+                self.propose_restore(&replica, RestoreStep::Begin { id: id.clone() }).await?;
+                id
+            }
+        };
         #[cfg(feature = "fault-injection")]
         if std::env::var_os(STOP_AFTER_BEGIN_ENV).is_some() {
             return Err(Error::FailedPrecondition(format!(
                 "{gid}: fault injection: the restore stops after its Begin"
             )));
         }
+        #[cfg(feature = "fault-injection")]
+        let stop_after: Option<u64> = match resumed {
+            None => std::env::var(STOP_AFTER_ROWS_ENV).ok().and_then(|n| n.parse().ok()),
+            Some(_) => None,
+        };
+        // The chunks the earlier attempt applied are read and skipped.
+        let (skip, resumed_rows) = resumed.as_ref().map_or((0, 0), |m| (m.next_seq, m.rows));
         // Rows are read on a blocking thread, at most two chunks ahead.
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
         let reader = tokio::task::spawn_blocking(move || {
-            let counted = source.rows(RESTORE_ENTRY_BYTES, |rows| tx.blocking_send(rows).is_ok());
+            let mut skipped = 0;
+            let counted = source.rows(RESTORE_ENTRY_BYTES, |rows| {
+                if skipped < skip {
+                    skipped += 1;
+                    return true;
+                }
+                tx.blocking_send(rows).is_ok()
+            });
             drop(source);
             counted
         });
-        let mut seq = 0;
+        let mut seq = skip;
         let mut proposed = Ok(());
         while let Some(rows) = rx.recv().await {
             let step = RestoreStep::Rows { id: id.clone(), seq, rows };
@@ -409,6 +449,13 @@ impl Node {
                 break;
             }
             seq += 1;
+            #[cfg(feature = "fault-injection")]
+            if stop_after == Some(seq) {
+                proposed = Err(Error::FailedPrecondition(format!(
+                    "{gid}: fault injection: the restore stops after {seq} rows entries"
+                )));
+                break;
+            }
         }
         drop(rx);
         let counted = reader.await.map_err(Error::internal)?;
@@ -418,8 +465,51 @@ impl Node {
         let schema = schema.map(|s| s.schema);
         let end = RestoreStep::End { id: id.clone(), rows, clock_ms, schema, reeval };
         let log_index = self.propose_restore(&replica, end).await?;
-        tracing::info!(group = %gid, id, rows, bytes, log_index, "restore ended");
-        Ok(RestoreSummary { rows, bytes, source_applied, log_index })
+        tracing::info!(group = %gid, id, rows, bytes, log_index, resumed_rows, "restore ended");
+        Ok(RestoreSummary { rows, bytes, source_applied, log_index, resumed_rows })
+    }
+
+    /// Where attempt `id` of a restore goes on in its shard: after the
+    /// rows an earlier attempt of the same restore applied (the shard's
+    /// restore marker; when this replica has applied one, read again once
+    /// every step committed so far is applied here), when `source` splits into the same chunks that attempt's
+    /// steps held (the same archive, chunked as this build chunks it);
+    /// `None` to begin the shard afresh. Hands `source` back.
+    async fn restore_resume(
+        &self,
+        replica: &Replica,
+        id: &str,
+        source: BackupSource,
+    ) -> Result<(BackupSource, Option<RestoreMarker>)> {
+        let gid = replica.gid;
+        let restore_id = crate::types::restore_id_of(id);
+        let earlier = || -> Result<Option<RestoreMarker>> {
+            let state = restore_state(&self.state_db, gid).map_err(Error::internal)?;
+            Ok(state.marker.filter(|m| m.next_seq > 0 && crate::types::restore_id_of(&m.id) == restore_id))
+        };
+        // Nothing to go on from here: begin (a marker this replica has not
+        // applied yet is wiped by the Begin, as before).
+        if earlier()?.is_none() {
+            return Ok((source, None));
+        }
+        // The marker as of every step committed so far.
+        self.ensure_linearizable(replica).await.map_err(|e| e.in_shard(gid))?;
+        let Some(marker) = earlier()? else { return Ok((source, None)) };
+        let chunks = marker.next_seq;
+        let count = move || {
+            let rows = source.rows_in_chunks(RESTORE_ENTRY_BYTES, chunks);
+            (rows, source)
+        };
+        let (rows, source) = tokio::task::spawn_blocking(count).await.map_err(Error::internal)?;
+        match rows.map_err(|e| archive_error(gid, e))? {
+            Some(rows) if rows == marker.rows => Ok((source, Some(marker))),
+            rows => {
+                tracing::warn!(group = %gid, earlier = marker.id, marker.next_seq, marker.rows, ?rows,
+                    "the archive does not split into the chunks the earlier attempt applied: the restore begins \
+                     the shard again");
+                Ok((source, None))
+            }
+        }
     }
 
     /// Proposes one restore step in the shard this node leads; returns its

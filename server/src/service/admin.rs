@@ -374,6 +374,7 @@ impl Admin for AdminService {
             bytes: summary.bytes,
             source_applied_index: summary.source_applied.map_or(0, |l| l.index),
             log_index: summary.log_index,
+            resumed_rows: summary.resumed_rows,
         }))
     }
 

@@ -131,6 +131,22 @@ impl BackupSource {
         Ok((rows, bytes))
     }
 
+    /// The rows in the first `chunks` chunks [`BackupSource::rows`] emits
+    /// with `chunk_bytes`, or `None` when it emits fewer: whether a restore
+    /// can go on after the steps an earlier attempt applied.
+    pub fn rows_in_chunks(&self, chunk_bytes: usize, chunks: u64) -> anyhow::Result<Option<u64>> {
+        let (mut seen, mut rows) = (0u64, 0u64);
+        if chunks == 0 {
+            return Ok(Some(0));
+        }
+        self.rows(chunk_bytes, |chunk| {
+            seen += 1;
+            rows += chunk.len() as u64;
+            seen < chunks
+        })?;
+        Ok((seen == chunks).then_some(rows))
+    }
+
     /// Reads every data row once and checks that apply can read it (its
     /// value decodes, its key has its family's shape): run before a
     /// restore begins, so an archive that is not one of Portrait's backups

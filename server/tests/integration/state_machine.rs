@@ -974,6 +974,18 @@ async fn a_restore_through_the_log_replaces_the_rows_with_the_backups() {
         })
         .unwrap();
     assert!(chunks.len() > 2, "small chunks: {}", chunks.len());
+    // What a restore that goes on after an earlier attempt's steps counts:
+    // the rows of the first chunks, the same chunks again.
+    for k in 0..=chunks.len() {
+        let want: usize = chunks[..k].iter().map(Vec::len).sum();
+        assert_eq!(backup.rows_in_chunks(2048, k as u64).unwrap(), Some(want as u64), "{k} chunks");
+    }
+    assert_eq!(backup.rows_in_chunks(2048, chunks.len() as u64 + 1).unwrap(), None, "past the last chunk");
+    assert_ne!(
+        backup.rows_in_chunks(4096, 2).unwrap(),
+        backup.rows_in_chunks(2048, 2).unwrap(),
+        "other sizes"
+    );
     assert!(
         BackupSource::open(&archive, GroupId(1), &work.path().join("scratch1")).is_err(),
         "another shard's"

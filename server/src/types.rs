@@ -126,15 +126,29 @@ pub struct RestoreRow {
 }
 
 /// The id of one attempt at restoring a shard: the caller's `restore_id`
-/// (the backup's id), `#`, and the receiving node's wall clock in ms.
-pub fn restore_attempt_id(restore_id: &str, now_ms: u64) -> String {
-    format!("{restore_id}#{now_ms}")
+/// (the backup's id), `#`, the first 16 hex digits of the archive's
+/// SHA-256, `.`, and the receiving node's wall clock in ms. (Builds before
+/// session 33 wrote `restore_id#ms`.)
+pub fn restore_attempt_id(restore_id: &str, sha256: &str, now_ms: u64) -> String {
+    let archive = sha256.get(..16).unwrap_or(sha256).to_ascii_lowercase();
+    format!("{restore_id}#{archive}.{now_ms}")
+}
+
+/// The archive digest of an attempt id from [`restore_attempt_id`], if it
+/// records one: an attempt goes on after an earlier one only with the same
+/// archive.
+pub fn restore_archive_of(attempt: &str) -> Option<&str> {
+    attempt.rsplit_once('#').and_then(|(_, tail)| tail.split_once('.')).map(|(archive, _)| archive)
 }
 
 /// How a restore `Begin`'s rejection starts when the restore it names
 /// already ended in the shard (an attempt run again after its `End`
 /// applied): the node answers ALREADY_EXISTS, which the CLI counts done.
 pub const ALREADY_RESTORED: &str = "already restored:";
+
+/// How a restore `Rows` step's rejection starts when its `seq` is not the
+/// one the shard expects (the node answers UNAVAILABLE: retry).
+pub const ROWS_OUT_OF_ORDER: &str = "restore rows";
 
 /// The `restore_id` of an attempt id from [`restore_attempt_id`].
 pub fn restore_id_of(attempt: &str) -> &str {
@@ -204,6 +218,18 @@ pub enum WriteOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_attempt_id_names_its_restore_and_its_archive() {
+        let sha = "ABCDEF0123456789".repeat(4);
+        let id = restore_attempt_id("backup-17#x", &sha, 42);
+        assert_eq!(id, "backup-17#x#abcdef0123456789.42");
+        assert_eq!(restore_id_of(&id), "backup-17#x");
+        assert_eq!(restore_archive_of(&id), Some("abcdef0123456789"));
+        // An attempt id of a build before the archive was recorded.
+        assert_eq!(restore_id_of("backup-17#42"), "backup-17");
+        assert_eq!(restore_archive_of("backup-17#42"), None);
+    }
 
     /// The command as it was before its requests were shared.
     #[derive(Serialize)]

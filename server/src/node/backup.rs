@@ -471,8 +471,8 @@ impl Node {
 
     /// Where attempt `id` of a restore goes on in its shard: after the
     /// rows an earlier attempt of the same restore applied (the shard's
-    /// restore marker; when this replica has applied one, read again once
-    /// every step committed so far is applied here), when `source` splits into the same chunks that attempt's
+    /// restore marker, read once every step committed so far is applied
+    /// here, with the same archive digest in its attempt id), when `source` splits into the same chunks that attempt's
     /// steps held (the same archive, chunked as this build chunks it);
     /// `None` to begin the shard afresh. Hands `source` back.
     async fn restore_resume(
@@ -481,20 +481,22 @@ impl Node {
         id: &str,
         source: BackupSource,
     ) -> Result<(BackupSource, Option<RestoreMarker>)> {
+        use crate::types::{restore_archive_of, restore_id_of};
         let gid = replica.gid;
-        let restore_id = crate::types::restore_id_of(id);
-        let earlier = || -> Result<Option<RestoreMarker>> {
-            let state = restore_state(&self.state_db, gid).map_err(Error::internal)?;
-            Ok(state.marker.filter(|m| m.next_seq > 0 && crate::types::restore_id_of(&m.id) == restore_id))
-        };
-        // Nothing to go on from here: begin (a marker this replica has not
-        // applied yet is wiped by the Begin, as before).
-        if earlier()?.is_none() {
-            return Ok((source, None));
-        }
-        // The marker as of every step committed so far.
+        // The marker as of every step committed so far (a leader elected
+        // since may not have applied the last ones yet).
         self.ensure_linearizable(replica).await.map_err(|e| e.in_shard(gid))?;
-        let Some(marker) = earlier()? else { return Ok((source, None)) };
+        let state = restore_state(&self.state_db, gid).map_err(Error::internal)?;
+        // Of this restore, and of the same archive (an attempt id of an
+        // older build records none: it begins again).
+        let same = |m: &RestoreMarker| {
+            restore_id_of(&m.id) == restore_id_of(id)
+                && restore_archive_of(&m.id).is_some()
+                && restore_archive_of(&m.id) == restore_archive_of(id)
+        };
+        let Some(marker) = state.marker.filter(|m| m.next_seq > 0 && same(m)) else {
+            return Ok((source, None));
+        };
         let chunks = marker.next_seq;
         let count = move || {
             let rows = source.rows_in_chunks(RESTORE_ENTRY_BYTES, chunks);
@@ -530,6 +532,14 @@ impl Node {
             match response.data {
                 CommandResult::Rejected { reason } if reason.starts_with(crate::types::ALREADY_RESTORED) => {
                     Err(Error::AlreadyExists(format!("{reason} (an earlier run)")))
+                }
+                // A step of an earlier attempt (one that timed out here)
+                // committed after this attempt read where to go on from.
+                CommandResult::Rejected { reason } if reason.starts_with(crate::types::ROWS_OUT_OF_ORDER) => {
+                    Err(Error::Unavailable(format!(
+                        "{reason}: an earlier attempt's step committed meanwhile; retry (the restore goes on after \
+                         the rows applied)"
+                    )))
                 }
                 CommandResult::Rejected { reason } => Err(Error::FailedPrecondition(reason)),
                 _ => Ok(response.log_id.index),

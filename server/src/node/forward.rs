@@ -12,6 +12,7 @@ use portrait_proto::v1::RaftPayload;
 use super::write::leader_elsewhere;
 use super::Node;
 use crate::error::{Error, Result, OUTCOME_UNKNOWN};
+use crate::raft::batcher::Room;
 use crate::raft::network::refused_by_peer;
 use crate::service::status::{error_from_status, ERROR_CODE_KEY};
 use crate::types::{GroupId, NodeId};
@@ -133,7 +134,7 @@ impl Node {
         // A write part held here while another node proposes it counts
         // against this node's queued-write budget too.
         let _held = match write {
-            true => Some(self.batcher.hold(data.len()).await?),
+            true => Some(self.batcher.hold(data.len(), Room::Wait).await?),
             false => None,
         };
         let mut client = self.channels.get(to, addr).map_err(|e| unreachable(&e))?;

@@ -391,8 +391,7 @@ impl Node {
 
     /// One shard's part, read by a node that hosts the shard (its leader
     /// for LINEARIZABLE), tried as [`Node::to_replicas`] does; `leader`
-    /// (named by this node's own failed leadership check) first, and never
-    /// this node then.
+    /// (named by this node's own failed leadership check) first.
     async fn forward_read(
         &self,
         gid: GroupId,
@@ -402,9 +401,10 @@ impl Node {
         let data = encode(&part);
         let leads = part.consistency == Consistency::Linearizable;
         let none = Error::Unavailable(format!("the map names no replica of {gid}"));
-        let tried = leader.as_ref().map(|_| self.id);
+        // This node stays a candidate: leadership may come back to it
+        // (asked over its own peer port, it reads as any replica would).
         let read = self
-            .to_replicas_after(gid, leader, tried, none, leads, |node, addr| {
+            .to_replicas_after(gid, leader, None, none, leads, |node, addr| {
                 let data = data.clone();
                 async move {
                     let reply = self.call_peer(Forward::Read, gid, node, &addr, data).await?;

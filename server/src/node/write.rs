@@ -24,6 +24,7 @@ use super::forward::Forward;
 use super::Node;
 use crate::error::{Error, Result, OUTCOME_UNKNOWN, RETRY_LATER};
 use crate::model::{Event, WriteCounts};
+use crate::raft::batcher::Room;
 use crate::raft::replica::Replica;
 use crate::store::codec::{decode, encode};
 use crate::types::{GroupId, NodeId};
@@ -148,7 +149,7 @@ impl Node {
                 Err(e) => self.send_on(gid, e, leader, &events).await,
                 done => done,
             },
-            None => match self.propose_write(&replica, events, 0).await {
+            None => match self.propose_write(&replica, events, 0, Room::Wait).await {
                 Proposal::Done(result) => result,
                 // Led elsewhere once past the gate (a leadership transfer
                 // it waited out): nothing was proposed, so the part goes
@@ -208,17 +209,28 @@ impl Node {
     /// unproposed ([`Proposal::Moved`]).
     /// `validated`: the schema version the events were validated against
     /// (where they were received), when newer than this node's view.
-    async fn propose_write(&self, replica: &Replica, events: Vec<Event>, validated: u64) -> Proposal {
+    /// `room`: whether the part may wait for room in the node's queued-write
+    /// budget (a client's request) or not (a part another node forwarded,
+    /// which holds that node's budget meanwhile: two nodes whose budgets
+    /// are full of parts forwarded to each other would wait on each other).
+    async fn propose_write(
+        &self,
+        replica: &Replica,
+        events: Vec<Event>,
+        validated: u64,
+        room: Room,
+    ) -> Proposal {
         // A shard behind the cluster's apply rules (new, or just raised)
         // takes the version first, here rather than at the next placement
         // pass: one proposal, at most a second (before the queued-write
         // budget: the events wait that long outside it).
         self.catch_up_rules(replica).await;
         // The node's queued-write budget counts the wait at the gate.
-        let (admitted, _pass) = match self.batcher.admit(&replica.gate, self.write_timeout, &events).await {
-            Ok(admitted) => admitted,
-            Err(e) => return Proposal::Done(Err(e)),
-        };
+        let (admitted, _pass) =
+            match self.batcher.admit(&replica.gate, self.write_timeout, &events, room).await {
+                Ok(admitted) => admitted,
+                Err(e) => return Proposal::Done(Err(e)),
+            };
         if let Some((leader, addr)) = leader_elsewhere(replica, self.id) {
             return Proposal::Moved { events, leader, addr };
         }
@@ -349,7 +361,7 @@ impl Node {
                 format!("a forwarded part holds users of shards other than {gid}"),
             ));
         }
-        match self.propose_write(&replica, events, validated).await {
+        match self.propose_write(&replica, events, validated, Room::Now).await {
             Proposal::Done(result) => result,
             // One hop only: the sender goes on to the new leader.
             Proposal::Moved { leader, addr, .. } => {

@@ -108,6 +108,17 @@ pub struct Admitted {
     bytes: usize,
 }
 
+/// Whether a request may wait for room in the queued-write budget
+/// ([`WriteBatcher::hold`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// Wait (in arrival order, bounded): a client's request.
+    Wait,
+    /// Refuse at once: what another node forwarded, which holds that node's
+    /// budget while it waits for the answer.
+    Now,
+}
+
 /// Permits of the queued-bytes budget are KiB (a semaphore takes at most
 /// `u32` permits at once).
 const QUEUE_UNIT: usize = 1024;
@@ -132,7 +143,7 @@ impl WriteBatcher {
     /// `gid`, through that shard's log; returns its counts and log index.
     pub async fn write(&self, gid: GroupId, events: Vec<Event>) -> Result<(WriteCounts, u64)> {
         let bytes = encoded_len(&events);
-        let queued = self.hold(bytes).await?;
+        let queued = self.hold(bytes, Room::Wait).await?;
         self.write_held(gid, events, Admitted { queued, bytes }).await
     }
 
@@ -147,9 +158,10 @@ impl WriteBatcher {
         gate: &ProposalGate,
         within: Duration,
         events: &[Event],
+        room: Room,
     ) -> Result<(Admitted, Pass)> {
         let bytes = encoded_len(events);
-        let queued = self.hold(bytes).await?;
+        let queued = self.hold(bytes, room).await?;
         let pass = gate.pass(within).await?;
         Ok((Admitted { queued, bytes }, pass))
     }
@@ -184,13 +196,16 @@ impl WriteBatcher {
     /// flight. When the budget has no room, the request waits for it, in
     /// arrival order, at most [`QUEUE_WAIT`] and while the requests waiting
     /// hold at most [`MAX_WAITING_WRITE_BYTES`]; else it is refused
-    /// (UNAVAILABLE, "write queue full", nothing proposed).
+    /// (UNAVAILABLE, "write queue full", nothing proposed). With
+    /// [`Room::Now`] it is refused at once instead of waiting.
     ///
     /// In arrival order: bytes given back go to the waiting requests
     /// first, the oldest first, so a large request is not starved by small
     /// ones that would each fit the room left (tokio's semaphore hands
     /// released permits to its queue before new callers can take them).
-    pub async fn hold(&self, bytes: usize) -> Result<OwnedSemaphorePermit> {
+    /// The price: while a request waits, every later one waits behind it,
+    /// whatever its shard, for at most [`QUEUE_WAIT`].
+    pub async fn hold(&self, bytes: usize, room: Room) -> Result<OwnedSemaphorePermit> {
         use tokio::sync::TryAcquireError;
         let units = queue_units(bytes, self.budget_units);
         let full = |waited: &str| {
@@ -202,7 +217,8 @@ impl WriteBatcher {
         match self.queued.clone().try_acquire_many_owned(units) {
             Ok(held) => return Ok(held),
             Err(TryAcquireError::Closed) => return Err(shutting_down()),
-            Err(TryAcquireError::NoPermits) => {}
+            Err(TryAcquireError::NoPermits) if room == Room::Wait => {}
+            Err(TryAcquireError::NoPermits) => return Err(full("")),
         }
         // The request's decoded events stay in memory while it waits:
         // bounded by the room to wait in.
@@ -492,7 +508,7 @@ mod tests {
         // Both wait in a shard that proposes nothing (no quorum).
         let mut q = ShardQueue::default();
         q.waiting.extend([rx.recv().await.unwrap(), rx.recv().await.unwrap()]);
-        let e = batcher.hold(size).await.expect_err("the budget is taken");
+        let e = batcher.hold(size, Room::Wait).await.expect_err("the budget is taken");
         assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
         assert!(e.leader_refused(), "not sent to another replica");
         q.drop_abandoned();
@@ -502,7 +518,7 @@ mod tests {
         let _ = gave_up.await;
         q.drop_abandoned();
         assert_eq!(q.waiting.len(), 1, "the abandoned one is dropped");
-        drop(batcher.hold(size).await.expect("its bytes are back"));
+        drop(batcher.hold(size, Room::Wait).await.expect("its bytes are back"));
         // The other is still proposed when the shard takes entries again;
         // an abandoned one at the front is skipped, and a queue of only
         // abandoned ones gathers nothing.
@@ -569,15 +585,19 @@ mod tests {
         let pause = gate.pause(Duration::from_millis(10)).await.unwrap();
         let waiting = tokio::spawn({
             let (batcher, gate) = (batcher.clone(), gate.clone());
-            async move { batcher.admit(&gate, Duration::from_secs(5), &events()).await.map(|_| ()) }
+            async move { batcher.admit(&gate, Duration::from_secs(5), &events(), Room::Wait).await.map(|_| ()) }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished(), "it waits at the gate");
-        let e = batcher.admit(&gate, Duration::from_secs(5), &events()).await.map(|_| ()).unwrap_err();
+        let e = batcher
+            .admit(&gate, Duration::from_secs(5), &events(), Room::Wait)
+            .await
+            .map(|_| ())
+            .unwrap_err();
         assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
         drop(pause);
         waiting.await.unwrap().expect("admitted once the transfer ends");
-        let admitted = batcher.admit(&gate, Duration::from_secs(5), &events()).await;
+        let admitted = batcher.admit(&gate, Duration::from_secs(5), &events(), Room::Wait).await;
         assert!(admitted.is_ok(), "its bytes came back when it was answered");
     }
 
@@ -605,10 +625,10 @@ mod tests {
         let queued = rx.recv().await.expect("queued now");
         assert_eq!(queued.events.len(), 40);
         // Bytes held for a forwarded part count against the same budget.
-        let e = batcher.hold(size).await.expect_err("no room beside the queued request");
+        let e = batcher.hold(size, Room::Wait).await.expect_err("no room beside the queued request");
         assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
         drop((queued, second));
-        let held = batcher.hold(size).await.expect("room once it is answered");
+        let held = batcher.hold(size, Room::Wait).await.expect("room once it is answered");
         let e = batcher.write(GroupId(1), events()).await.expect_err("the held part takes the room");
         assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
         drop(held);
@@ -625,19 +645,26 @@ mod tests {
         let (batcher, _rx) = WriteBatcher::with_budget(10 * unit, 8 * unit, Duration::from_secs(30));
         let mut small: Vec<_> = Vec::new();
         for _ in 0..10 {
-            small.push(batcher.hold(unit).await.expect("room for a small request"));
+            small.push(batcher.hold(unit, Room::Wait).await.expect("room for a small request"));
         }
         let large = tokio::spawn({
             let batcher = batcher.clone();
-            async move { batcher.hold(5 * unit).await }
+            async move { batcher.hold(5 * unit, Room::Wait).await }
         });
-        // Until the large one waits (a spawned task runs when this one yields).
-        while batcher.waiting.available_permits() == 8 {
+        // Until the large one waits (before, it was refused at once).
+        for _ in 0..1000 {
+            if batcher.waiting.available_permits() < 8 || large.is_finished() {
+                break;
+            }
             tokio::task::yield_now().await;
         }
+        assert!(!large.is_finished(), "the large request waits: {:?}", large.await);
+        // A part another node forwarded does not wait.
+        let e = batcher.hold(unit, Room::Now).await.expect_err("no room now");
+        assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
         // Beside it, the room to wait in holds 3 KiB more: a request of 4 is
         // refused at once.
-        let e = batcher.hold(4 * unit).await.expect_err("no room to wait in");
+        let e = batcher.hold(4 * unit, Room::Wait).await.expect_err("no room to wait in");
         assert!(matches!(&e, Error::Unavailable(m) if m.starts_with("write queue full")), "{e}");
         assert!(e.to_string().contains("wait for room"), "{e}");
         for freed in 1..=4 {
@@ -645,6 +672,8 @@ mod tests {
             // What was given back went to the waiting request, not to a
             // small one that comes later and would fit it.
             assert_eq!(batcher.queued.available_permits(), 0, "after {freed} freed");
+            batcher.hold(unit, Room::Now).await.expect_err("a later small one does not pass it");
+            tokio::task::yield_now().await;
             assert!(!large.is_finished(), "the large one needs 5, {freed} were freed");
         }
         drop(small.pop());
@@ -653,11 +682,23 @@ mod tests {
         drop(held);
         assert_eq!(batcher.queued.available_permits(), 5, "its room is back");
 
-        // A request that waits longer than its wait is refused.
-        let (batcher, _rx) = WriteBatcher::with_budget(2 * unit, 8 * unit, Duration::from_millis(50));
-        let _all = batcher.hold(2 * unit).await.expect("room");
-        let e = batcher.hold(unit).await.expect_err("no room within the wait");
-        assert!(e.to_string().contains("waited 50 ms for room"), "{e}");
+        // A request that waits longer than its wait is refused, and what
+        // was given back to it while it waited is free again.
+        let (batcher, _rx) = WriteBatcher::with_budget(4 * unit, 8 * unit, Duration::from_millis(200));
+        let mut all: Vec<_> = Vec::new();
+        for _ in 0..4 {
+            all.push(batcher.hold(unit, Room::Wait).await.expect("room"));
+        }
+        let waiting = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.hold(3 * unit, Room::Wait).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        all.truncate(2);
+        assert_eq!(batcher.queued.available_permits(), 0, "the two freed went to the waiting request");
+        let e = waiting.await.unwrap().expect_err("no room within the wait");
+        assert!(e.to_string().contains("waited 200 ms for room"), "{e}");
+        assert_eq!(batcher.queued.available_permits(), 2, "its partial share came back");
         assert_eq!(batcher.waiting.available_permits(), 8, "a refused request no longer waits");
     }
 

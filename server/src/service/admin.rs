@@ -363,8 +363,11 @@ impl Admin for AdminService {
                 (self.node.backup_stream_stall(), grant.as_ref()),
             )
             .await?;
-            let id =
-                crate::types::restore_attempt_id(&header.restore_id, crate::wall_clock_ms().max(0) as u64);
+            let id = crate::types::restore_attempt_id(
+                &header.restore_id,
+                &header.sha256,
+                crate::wall_clock_ms().max(0) as u64,
+            );
             Ok::<_, Status>(self.node.restore_shard(upload, id).await?)
         };
         let summary = self.audited(who, "Admin/RestoreShard", args, restore).await?;

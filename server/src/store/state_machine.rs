@@ -564,7 +564,13 @@ impl Applier {
             RestoreStep::Rows { id, seq, rows } => {
                 let mut marker = match current(&id) {
                     Ok(m) if m.next_seq == seq => m,
-                    Ok(m) => return Ok(Err(format!("restore rows {seq} arrived, {} expected", m.next_seq))),
+                    Ok(m) => {
+                        let expected = m.next_seq;
+                        return Ok(Err(format!(
+                            "{} {seq} arrived, {expected} expected",
+                            crate::types::ROWS_OUT_OF_ORDER
+                        )));
+                    }
                     Err(reason) => return Ok(Err(reason)),
                 };
                 let prefix = group_prefix(gid);

@@ -472,9 +472,10 @@ impl Node {
     /// Where attempt `id` of a restore goes on in its shard: after the
     /// rows an earlier attempt of the same restore applied (the shard's
     /// restore marker, read once every step committed so far is applied
-    /// here, with the same archive digest in its attempt id), when `source` splits into the same chunks that attempt's
-    /// steps held (the same archive, chunked as this build chunks it);
-    /// `None` to begin the shard afresh. Hands `source` back.
+    /// here, with the same archive digest in its attempt id), when
+    /// `source` splits into the same chunks that attempt's steps held (the
+    /// same archive, chunked as this build chunks it); `None` to begin the
+    /// shard afresh. Hands `source` back.
     async fn restore_resume(
         &self,
         replica: &Replica,

@@ -125,6 +125,15 @@ pub const RECEIVE_STALL: std::time::Duration = std::time::Duration::from_secs(15
 pub const MAX_UNSENT_RESPONSE_BYTES: usize = 128 * 1024 * 1024;
 const _: () = assert!(MAX_UNSENT_RESPONSE_BYTES >= MAX_RESPONSE_BYTES, "the largest response must fit");
 
+/// The share of [`MAX_UNSENT_RESPONSE_BYTES`] the responses of one client
+/// connection may hold: two of the largest. A client whose reads stopped
+/// being read (a stuck consumer multiplexing its calls on one connection)
+/// then keeps at most this much, not the whole node's budget, and the other
+/// connections' large reads still fit.
+pub const MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION: usize = 2 * MAX_RESPONSE_BYTES;
+const _: () = assert!(MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION >= MAX_RESPONSE_BYTES);
+const _: () = assert!(MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION < MAX_UNSENT_RESPONSE_BYTES);
+
 /// Encoded bytes of write requests a node holds between their validation
 /// and their answer: queued for the batcher, in an entry being proposed,
 /// waiting for its apply, or forwarded to another node that leads the

@@ -87,7 +87,10 @@ pub async fn serve(
     // oversized request fails with OUT_OF_RANGE before it is decoded.
     // One budget for the bytes of every read response not yet taken by
     // its reader.
-    let sending = SendBudget::new(MAX_UNSENT_RESPONSE_BYTES);
+    let sending = SendBudget::with_connection_limit(
+        MAX_UNSENT_RESPONSE_BYTES,
+        crate::limits::MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION,
+    );
     let profiles = ProfilesServer::new(profiles::ProfilesService::new(node.clone(), sending))
         .max_decoding_message_size(MAX_PROFILES_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);

@@ -1,5 +1,6 @@
 //! `portrait.v1.Profiles`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use portrait_proto::v1::profiles_server::Profiles;
@@ -27,11 +28,12 @@ impl ProfilesService {
         ProfilesService { node, sending }
     }
 
-    /// `message` as the answer, holding its encoded size of the node's
-    /// [`SendBudget`] until its reader took it (`service::sending`), or
-    /// UNAVAILABLE when that would pass the budget.
-    fn answer<M: prost::Message>(&self, message: M) -> Result<Response<M>, Status> {
-        let hold = self.sending.take(message.encoded_len())?;
+    /// `message` as the answer to the connection from `peer`, holding its
+    /// encoded size of the node's [`SendBudget`] (and of the connection's
+    /// share) until its reader took it (`service::sending`), or UNAVAILABLE
+    /// when that would pass either.
+    fn answer<M: prost::Message>(&self, message: M, peer: Option<SocketAddr>) -> Result<Response<M>, Status> {
+        let hold = self.sending.take(message.encoded_len(), peer)?;
         let mut response = Response::new(message);
         response.extensions_mut().insert(hold);
         Ok(response)
@@ -44,6 +46,7 @@ impl Profiles for ProfilesService {
         &self,
         request: Request<GetProfileRequest>,
     ) -> Result<Response<GetProfileResponse>, Status> {
+        let peer = request.remote_addr();
         let req = request.into_inner();
         let consistency = consistency_from_pb(req.consistency)?;
         validate_user_id(&req.user_id).map_err(Error::from)?;
@@ -65,16 +68,15 @@ impl Profiles for ProfilesService {
             let shown = crate::validate::shown(&user_id);
             return Err(Error::NotFound(format!("user {shown} has no profile")).into());
         }
-        self.answer(GetProfileResponse {
-            profile: Some(profile_to_pb(user_id, view)),
-            read_info: Some(read_info_to_pb(info)),
-        })
+        let profile = Some(profile_to_pb(user_id, view));
+        self.answer(GetProfileResponse { profile, read_info: Some(read_info_to_pb(info)) }, peer)
     }
 
     async fn batch_get_profiles(
         &self,
         request: Request<BatchGetProfilesRequest>,
     ) -> Result<Response<BatchGetProfilesResponse>, Status> {
+        let peer = request.remote_addr();
         let req = request.into_inner();
         if req.user_ids.len() > MAX_BATCH_GET_USERS {
             let reason = format!("{} users is over the limit of {MAX_BATCH_GET_USERS}", req.user_ids.len());
@@ -84,6 +86,6 @@ impl Profiles for ProfilesService {
         let selection = Selection::from_lists(req.families, req.features, req.tags);
         let (views, info) = self.node.read_profiles(&req.user_ids, selection, consistency).await?;
         let profiles = req.user_ids.into_iter().zip(views).map(|(u, v)| profile_to_pb(u, v)).collect();
-        self.answer(BatchGetProfilesResponse { profiles, read_info: Some(read_info_to_pb(info)) })
+        self.answer(BatchGetProfilesResponse { profiles, read_info: Some(read_info_to_pb(info)) }, peer)
     }
 }

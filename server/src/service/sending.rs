@@ -21,12 +21,16 @@
 //! connection closes; while such holds fill the budget, reads with large
 //! answers are refused and small ones still fit. A node's memory is the
 //! bound kept: refusing reads, which can be retried, instead of growing
-//! without end.
+//! without end. So that one such client cannot fill the node's budget
+//! alone, the responses of one connection (by the client's address and
+//! port) hold at most `MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http_body::{Body, Frame, SizeHint};
@@ -42,11 +46,22 @@ use crate::error::Error;
 pub struct SendBudget {
     held: AtomicUsize,
     limit: usize,
+    /// Bytes held by each client connection holding any, and the most one
+    /// may hold.
+    connections: Mutex<HashMap<SocketAddr, usize>>,
+    connection_limit: usize,
 }
 
 impl SendBudget {
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(SendBudget { held: AtomicUsize::new(0), limit })
+        Self::with_connection_limit(limit, limit)
+    }
+
+    /// A budget of `limit` bytes, of which one connection may hold at most
+    /// `connection_limit`.
+    pub fn with_connection_limit(limit: usize, connection_limit: usize) -> Arc<Self> {
+        let connections = Mutex::new(HashMap::new());
+        Arc::new(SendBudget { held: AtomicUsize::new(0), limit, connections, connection_limit })
     }
 
     /// Bytes held now.
@@ -54,24 +69,66 @@ impl SendBudget {
         self.held.load(Ordering::Acquire)
     }
 
-    /// Takes `bytes` for one response until its [`SendHold`] is dropped, or
-    /// refuses at once with UNAVAILABLE naming the limit. Never waits: the
-    /// bytes come back only as readers read.
-    pub fn take(self: &Arc<Self>, bytes: usize) -> Result<SendHold, Status> {
+    /// Takes `bytes` for one response to the connection from `peer` (when
+    /// known) until its [`SendHold`] is dropped, or refuses at once with
+    /// UNAVAILABLE naming the limit it would pass. Never waits: the bytes
+    /// come back only as readers read.
+    pub fn take(self: &Arc<Self>, bytes: usize, peer: Option<SocketAddr>) -> Result<SendHold, Status> {
+        // The connection's share first, under its lock; given back if the
+        // node's budget refuses.
+        if let Some(peer) = peer {
+            let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            let held = connections.get(&peer).copied().unwrap_or(0);
+            match held.checked_add(bytes).filter(|total| *total <= self.connection_limit) {
+                Some(total) => drop(connections.insert(peer, total)),
+                None => {
+                    return Err(Status::from(Error::Unavailable(format!(
+                    "response: this connection's read responses its reader has not taken yet hold {} MiB, \
+                         and this one's {bytes} bytes would pass the limit of {} MiB per connection \
+                         (MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION); read the answers already sent, or retry \
+                         later",
+                    held >> 20,
+                    self.connection_limit >> 20
+                ))))
+                }
+            }
+        }
         let taken = self.held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
             held.checked_add(bytes).filter(|total| *total <= self.limit)
         });
         match taken {
-            Ok(_) => Ok(SendHold { _held: Arc::new(Held { budget: self.clone(), bytes }) }),
-            Err(held) => Err(Status::from(Error::Unavailable(format!(
+            Ok(_) => Ok(SendHold { _held: Arc::new(Held { budget: self.clone(), bytes, peer }) }),
+            Err(node_held) => {
+                self.give_back_connection(peer, bytes);
+                Err(Status::from(Error::Unavailable(format!(
                 "response: this node holds {} MiB of read responses their readers have not taken yet, and this \
                  one's {} bytes would pass its limit of {} MiB (MAX_UNSENT_RESPONSE_BYTES); retry later or ask \
                  for fewer users or families",
-                held >> 20,
+                node_held >> 20,
                 bytes,
                 self.limit >> 20
-            )))),
+            ))))
+            }
         }
+    }
+
+    /// Gives back `bytes` of the share of the connection from `peer` (its
+    /// entry goes once it holds nothing).
+    fn give_back_connection(&self, peer: Option<SocketAddr>, bytes: usize) {
+        let Some(peer) = peer else { return };
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = connections.get_mut(&peer) {
+            *held = held.saturating_sub(bytes);
+            if *held == 0 {
+                connections.remove(&peer);
+            }
+        }
+    }
+
+    /// Bytes held now by the responses of the connection from `peer`.
+    pub fn held_by(&self, peer: SocketAddr) -> usize {
+        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.get(&peer).copied().unwrap_or(0)
     }
 }
 
@@ -85,11 +142,13 @@ pub struct SendHold {
 struct Held {
     budget: Arc<SendBudget>,
     bytes: usize,
+    peer: Option<SocketAddr>,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.give_back_connection(self.peer, self.bytes);
     }
 }
 
@@ -194,11 +253,11 @@ mod tests {
     #[test]
     fn holds_are_taken_up_to_the_limit_and_given_back_when_dropped() {
         let budget = SendBudget::new(100);
-        let a = budget.take(60).expect("fits");
-        let status = budget.take(41).err().expect("over the limit");
+        let a = budget.take(60, None).expect("fits");
+        let status = budget.take(41, None).err().expect("over the limit");
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(status.message().contains("MAX_UNSENT_RESPONSE_BYTES"), "{}", status.message());
-        let b = budget.take(40).expect("exactly the limit fits");
+        let b = budget.take(40, None).expect("exactly the limit fits");
         assert_eq!(budget.held(), 100);
         let copy = a.clone();
         drop(a);
@@ -206,6 +265,38 @@ mod tests {
         drop(copy);
         drop(b);
         assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn one_connection_holds_at_most_its_share_and_a_refusal_takes_nothing() {
+        let budget = SendBudget::with_connection_limit(100, 40);
+        let (a, b): (SocketAddr, SocketAddr) =
+            ("127.0.0.1:1000".parse().unwrap(), "127.0.0.1:1001".parse().unwrap());
+        let first = budget.take(30, Some(a)).expect("fits the connection's share");
+        let status = budget.take(11, Some(a)).err().expect("over the connection's share");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION"),
+            "{}",
+            status.message()
+        );
+        assert_eq!((budget.held(), budget.held_by(a)), (30, 30), "the refusal took nothing");
+        let other = budget.take(35, Some(b)).expect("another connection has its own share");
+        budget.take(35, Some(b)).err().expect("over that connection's share too");
+        // The node's budget still bounds them all: 30 + 35 + 35 + ... > 100.
+        let c: SocketAddr = "127.0.0.1:1002".parse().unwrap();
+        let third = budget.take(35, Some(c)).expect("fits: 100 in all");
+        let status = budget.take(1, None).err().expect("the node's budget is full");
+        assert!(status.message().contains("MAX_UNSENT_RESPONSE_BYTES)"), "{}", status.message());
+        let status = budget.take(1, Some(c)).err().expect("the node's budget is full");
+        assert!(status.message().contains("MAX_UNSENT_RESPONSE_BYTES)"), "{}", status.message());
+        assert_eq!(budget.held_by(c), 35, "the node's refusal gave the connection's share back");
+        drop((first, third));
+        assert_eq!(budget.held(), 35);
+        assert_eq!((budget.held_by(a), budget.held_by(c)), (0, 0));
+        assert!(budget.connections.lock().unwrap().len() == 1, "only b still holds");
+        drop(other);
+        assert!(budget.connections.lock().unwrap().is_empty());
     }
 
     /// The hold moves into the first data frame's bytes, and lasts as long
@@ -220,7 +311,7 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b"more"))),
         ];
         let inner = http_body_util::StreamBody::new(futures::stream::iter(frames));
-        let mut body = Sending { body: inner, hold: Some(budget.take(7).unwrap()) };
+        let mut body = Sending { body: inner, hold: Some(budget.take(7, None).unwrap()) };
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&first[..], b"message");
         let second = body.frame().await.unwrap().unwrap().into_data().unwrap();

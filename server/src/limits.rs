@@ -126,12 +126,21 @@ pub const MAX_UNSENT_RESPONSE_BYTES: usize = 128 * 1024 * 1024;
 const _: () = assert!(MAX_UNSENT_RESPONSE_BYTES >= MAX_RESPONSE_BYTES, "the largest response must fit");
 
 /// The share of [`MAX_UNSENT_RESPONSE_BYTES`] the responses of one client
-/// connection may hold: two of the largest. A client whose reads stopped
-/// being read (a stuck consumer multiplexing its calls on one connection)
-/// then keeps at most this much, not the whole node's budget, and the other
-/// connections' large reads still fit.
+/// connection may hold once the node holds more than half of it: two of
+/// the largest. A connection whose reads stopped being read (a stuck
+/// consumer multiplexing its calls on it) then keeps about half the node's
+/// budget at most, not all of it, and the other connections' large reads
+/// still fit; below half, a busy connection is not held to it.
 pub const MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION: usize = 2 * MAX_RESPONSE_BYTES;
 const _: () = assert!(MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION >= MAX_RESPONSE_BYTES);
+
+/// How often the client port pings an HTTP/2 connection (and the idle time
+/// before TCP keepalive probes start), and how long a ping may go
+/// unanswered before the connection is closed: a client that vanished
+/// without closing its connections (a host gone) is found within about a
+/// minute, and what its calls held is freed.
+pub const CLIENT_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+pub const CLIENT_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 const _: () = assert!(MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION < MAX_UNSENT_RESPONSE_BYTES);
 
 /// Encoded bytes of write requests a node holds between their validation

@@ -109,7 +109,12 @@ pub async fn serve(
     let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
-    let mut client = tonic::transport::Server::builder();
+    // A client that vanished without closing its connection (a host gone,
+    // a cable pulled) does not answer the pings: its connection ends, and
+    // with it what its calls held (unsent responses, received requests).
+    let mut client = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(crate::limits::CLIENT_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(crate::limits::CLIENT_KEEPALIVE_TIMEOUT));
     if let Some(config) = tls.client {
         client = client.tls_config(config)?;
     }
@@ -128,7 +133,10 @@ pub async fn serve(
         .add_service(WithMapEpoch::new(WithAuth::new(ingest, gate.clone()), node.clone()))
         .add_service(WithMapEpoch::new(WithAuth::new(profiles, gate.clone()), node.clone()))
         .add_service(WithMapEpoch::new(WithAuth::new(admin, gate), node.clone()))
-        .serve_with_incoming_shutdown(incoming(listeners.client), until_stopped(stopped.clone()));
+        .serve_with_incoming_shutdown(
+            incoming(listeners.client).with_keepalive(Some(crate::limits::CLIENT_KEEPALIVE_INTERVAL)),
+            until_stopped(stopped.clone()),
+        );
     let peer = peer
         .add_service(peer_health_service)
         .add_service(raft::WithArrival(raft))

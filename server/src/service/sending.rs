@@ -21,9 +21,12 @@
 //! connection closes; while such holds fill the budget, reads with large
 //! answers are refused and small ones still fit. A node's memory is the
 //! bound kept: refusing reads, which can be retried, instead of growing
-//! without end. So that one such client cannot fill the node's budget
-//! alone, the responses of one connection (by the client's address and
-//! port) hold at most `MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION`.
+//! without end. So that one such connection cannot fill the node's budget
+//! alone, once the node holds more than half its budget the responses of
+//! one connection (by the client's address and port) may hold at most
+//! `MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION`. A client that vanished
+//! without closing its connections is found by HTTP/2 keepalive pings
+//! (`CLIENT_KEEPALIVE_INTERVAL`), which ends them and frees their holds.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -75,11 +78,14 @@ impl SendBudget {
     /// come back only as readers read.
     pub fn take(self: &Arc<Self>, bytes: usize, peer: Option<SocketAddr>) -> Result<SendHold, Status> {
         // The connection's share first, under its lock; given back if the
-        // node's budget refuses.
+        // node's budget refuses. Counted always, held to its limit only
+        // while the node holds more than half its budget: a busy, healthy
+        // connection is not refused while there is room.
         if let Some(peer) = peer {
+            let pressed = self.held().saturating_add(bytes) > self.limit / 2;
             let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
             let held = connections.get(&peer).copied().unwrap_or(0);
-            match held.checked_add(bytes).filter(|total| *total <= self.connection_limit) {
+            match held.checked_add(bytes).filter(|total| !pressed || *total <= self.connection_limit) {
                 Some(total) => drop(connections.insert(peer, total)),
                 None => {
                     return Err(Status::from(Error::Unavailable(format!(
@@ -118,6 +124,7 @@ impl SendBudget {
         let Some(peer) = peer else { return };
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(held) = connections.get_mut(&peer) {
+            debug_assert!(*held >= bytes, "a connection gives back more than it holds");
             *held = held.saturating_sub(bytes);
             if *held == 0 {
                 connections.remove(&peer);
@@ -268,35 +275,37 @@ mod tests {
     }
 
     #[test]
-    fn one_connection_holds_at_most_its_share_and_a_refusal_takes_nothing() {
-        let budget = SendBudget::with_connection_limit(100, 40);
-        let (a, b): (SocketAddr, SocketAddr) =
-            ("127.0.0.1:1000".parse().unwrap(), "127.0.0.1:1001".parse().unwrap());
-        let first = budget.take(30, Some(a)).expect("fits the connection's share");
-        let status = budget.take(11, Some(a)).err().expect("over the connection's share");
+    fn once_the_node_is_half_full_one_connection_holds_at_most_its_share() {
+        let budget = SendBudget::with_connection_limit(100, 20);
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let (a, b, c, d) = (addr(1000), addr(1001), addr(1002), addr(1003));
+        // Up to half the node's budget, a busy connection is not held to
+        // its share.
+        let a1 = budget.take(30, Some(a)).expect("room: not held to its share");
+        let a2 = budget.take(15, Some(a)).expect("45 of 100: still under half");
+        let status = budget.take(10, Some(a)).err().expect("past half, and over the connection's share");
         assert_eq!(status.code(), tonic::Code::Unavailable);
-        assert!(
-            status.message().contains("MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION"),
-            "{}",
-            status.message()
-        );
-        assert_eq!((budget.held(), budget.held_by(a)), (30, 30), "the refusal took nothing");
-        let other = budget.take(35, Some(b)).expect("another connection has its own share");
-        budget.take(35, Some(b)).err().expect("over that connection's share too");
-        // The node's budget still bounds them all: 30 + 35 + 35 + ... > 100.
-        let c: SocketAddr = "127.0.0.1:1002".parse().unwrap();
-        let third = budget.take(35, Some(c)).expect("fits: 100 in all");
-        let status = budget.take(1, None).err().expect("the node's budget is full");
+        let message = status.message().to_string();
+        assert!(message.contains("MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION"), "{message}");
+        assert_eq!((budget.held(), budget.held_by(a)), (45, 45), "the refusal took nothing");
+        // Past half, each other connection still gets its share.
+        let b1 = budget.take(20, Some(b)).expect("b's share");
+        budget.take(1, Some(b)).err().expect("over b's share");
+        let c1 = budget.take(20, Some(c)).expect("c's share");
+        // The node's budget bounds them all; its refusal gives the
+        // connection's share back.
+        let status = budget.take(20, Some(d)).err().expect("105 of 100");
         assert!(status.message().contains("MAX_UNSENT_RESPONSE_BYTES)"), "{}", status.message());
-        let status = budget.take(1, Some(c)).err().expect("the node's budget is full");
-        assert!(status.message().contains("MAX_UNSENT_RESPONSE_BYTES)"), "{}", status.message());
-        assert_eq!(budget.held_by(c), 35, "the node's refusal gave the connection's share back");
-        drop((first, third));
-        assert_eq!(budget.held(), 35);
-        assert_eq!((budget.held_by(a), budget.held_by(c)), (0, 0));
-        assert!(budget.connections.lock().unwrap().len() == 1, "only b still holds");
-        drop(other);
+        assert_eq!(budget.held_by(d), 0);
+        let rest = budget.take(15, None).expect("exactly the limit, no connection known");
+        budget.take(1, None).err().expect("the node's budget is full");
+        assert_eq!(budget.held(), 100);
+        drop((a1, a2, rest));
+        assert_eq!((budget.held(), budget.held_by(a)), (40, 0));
+        assert_eq!(budget.connections.lock().unwrap().len(), 2, "only b and c still hold");
+        drop((b1, c1));
         assert!(budget.connections.lock().unwrap().is_empty());
+        assert_eq!(budget.held(), 0);
     }
 
     /// The hold moves into the first data frame's bytes, and lasts as long

@@ -348,46 +348,31 @@ async fn responses_waiting_for_their_readers_share_one_byte_budget() {
     assert_eq!(answer.encoded_len(), size);
 }
 
-/// One client connection whose large answers are not read holds at most
-/// its share of the node's budget (`MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION`):
-/// its next large read is refused naming that limit, while a read on
-/// another connection is answered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_connections_unread_answers_hold_at_most_its_share() {
-    use portrait_server::limits::MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION;
-    use prost::Message;
-    use tonic::codegen::Bytes;
-
-    let node = TestNode::start().await;
-    let client = node.client().await;
-    write_large_profile(&client).await;
-    let large = names("big", 4);
-    let size = client.batch_get_profiles(&large, &[], Consistency::Local).await.expect("read").encoded_len();
-    let fit = MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION / size;
-    assert!((1..=4).contains(&fit), "{size} bytes: {fit} fit one connection's share");
-
-    let request = BatchGetProfilesRequest { user_ids: large.clone(), ..Default::default() }.encode_to_vec();
-    let mut body = vec![0u8];
-    body.extend((request.len() as u32).to_be_bytes());
-    body.extend(request);
-    let body = Bytes::from(body);
-    let address = node.endpoint().trim_start_matches("http://").to_string();
-    let method = "/portrait.v1.Profiles/BatchGetProfiles";
-    // Every call on one connection, its answer never read.
-    let (sender, first, mut stream, connection) = raw_call(&address, method).await;
+/// Sends `body` as calls of `method` on one new connection, never reading
+/// an answer, until one is refused: how many were answered, the refusal's
+/// `(grpc-status, grpc-message)`, and the connection's task.
+async fn fill_one_connection(
+    address: &str,
+    method: &str,
+    body: tonic::codegen::Bytes,
+    at_most: usize,
+) -> (usize, (String, String), tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    let (sender, first, mut stream, connection) = raw_call(address, method).await;
     stream.send_data(body.clone(), true).expect("send the request");
-    let mut pending = vec![first];
-    let mut answered = Vec::new();
-    let refusal = loop {
-        assert!(answered.len() <= fit, "{} answers held on one connection, {fit} fit", answered.len());
-        let response = pending.pop().expect("a call in flight");
-        let response = tokio::time::timeout(Duration::from_secs(30), response)
+    let (mut pending, mut answered) = (first, Vec::new());
+    loop {
+        assert!(
+            answered.len() <= at_most,
+            "{} answers held on one connection, {at_most} fit",
+            answered.len()
+        );
+        let response = tokio::time::timeout(Duration::from_secs(30), pending)
             .await
             .expect("an answer within 30 s")
             .expect("an answer");
         let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_string());
         if let Some(code) = header("grpc-status") {
-            break (code, header("grpc-message").unwrap_or_default());
+            return (answered.len(), (code, header("grpc-message").unwrap_or_default()), connection);
         }
         answered.push(response);
         let mut sender = sender.clone().ready().await.expect("ready");
@@ -398,17 +383,63 @@ async fn one_connections_unread_answers_hold_at_most_its_share() {
             .unwrap();
         let (response, mut stream) = sender.send_request(next, false).expect("send");
         stream.send_data(body.clone(), true).expect("send the request");
-        pending.push(response);
-    };
-    println!("{} answers waiting on one connection, then: {refusal:?}", answered.len());
-    assert_eq!(answered.len(), fit, "as many answers as fit one connection's share");
+        pending = response;
+    }
+}
+
+/// Once the node holds more than half its response budget, one client
+/// connection whose large answers are not read holds at most its share
+/// (`MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION`): its next large read is
+/// refused naming that limit, while a read on another connection is
+/// answered; once the connection is gone, another fills as far again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connections_unread_answers_hold_at_most_its_share() {
+    use portrait_server::limits::{MAX_UNSENT_RESPONSE_BYTES, MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION};
+    use prost::Message;
+    use tonic::codegen::Bytes;
+
+    let node = TestNode::start().await;
+    let client = node.client().await;
+    write_large_profile(&client).await;
+    let large = names("big", 4);
+    let size = client.batch_get_profiles(&large, &[], Consistency::Local).await.expect("read").encoded_len();
+    // Taken while the node is at most half full, or within the share.
+    let fit = (MAX_UNSENT_RESPONSE_BYTES / 2).max(MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION) / size;
+    let fit_all = MAX_UNSENT_RESPONSE_BYTES / size;
+    assert!(fit >= 2 && fit + 1 < fit_all, "{size} bytes: {fit} fit one connection, {fit_all} the node");
+
+    let request = BatchGetProfilesRequest { user_ids: large.clone(), ..Default::default() }.encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend((request.len() as u32).to_be_bytes());
+    body.extend(request);
+    let body = Bytes::from(body);
+    let address = node.endpoint().trim_start_matches("http://").to_string();
+    let method = "/portrait.v1.Profiles/BatchGetProfiles";
+    let (answered, refusal, connection) = fill_one_connection(&address, method, body.clone(), fit).await;
+    println!("{answered} answers waiting on one connection, then: {refusal:?}");
+    assert_eq!(answered, fit, "as many answers as fit one connection");
     assert_eq!(refusal.0, "14", "UNAVAILABLE: {refusal:?}");
     assert!(refusal.1.contains("MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION"), "{refusal:?}");
     // Another connection's large read still fits the node's budget.
     let answer =
         client.batch_get_profiles(&large, &[], Consistency::Local).await.expect("another connection");
     assert_eq!(answer.encoded_len(), size);
+    // Gone, the connection gives its share back: another fills as far.
     connection.abort();
+    let start = Instant::now();
+    loop {
+        let (again, refusal, connection) = fill_one_connection(&address, method, body.clone(), fit).await;
+        connection.abort();
+        if again == fit {
+            assert!(refusal.1.contains("MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION"), "{refusal:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{again} of {fit} after the first connection went"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -172,15 +172,15 @@ impl Node {
         // for the first round of forwarded ones, then one part at a time.
         // By position: a closure over `&(shard, users)` makes a future the
         // compiler cannot prove `Send` for every lifetime.
+        let part_of = |idx: &[usize], max_bytes: usize| ForwardedRead {
+            users: idx.iter().map(|&i| unique[i].clone()).collect(),
+            selection: selection.clone(),
+            consistency,
+            max_bytes: max_bytes as u64,
+        };
         let ask = |k: usize, max_bytes: usize| {
             let (s, idx) = &remote[k];
-            let part = ForwardedRead {
-                users: idx.iter().map(|&i| unique[i].clone()).collect(),
-                selection: selection.clone(),
-                consistency,
-                max_bytes: max_bytes as u64,
-            };
-            self.forward_read(GroupId(*s), None, part)
+            self.forward_read(GroupId(*s), None, part_of(idx, max_bytes))
         };
         let share = forwarded_share(remote.len());
         let first = futures::future::join_all((0..remote.len()).map(|k| ask(k, share)));
@@ -230,13 +230,7 @@ impl Node {
         // named, one at a time with what is left of the limit.
         for (k, leader) in moved {
             let (idx, replica) = &hosted[k];
-            let part = ForwardedRead {
-                users: idx.iter().map(|&i| unique[i].clone()).collect(),
-                selection: selection.clone(),
-                consistency,
-                max_bytes: left as u64,
-            };
-            let read = self.forward_read(replica.gid, Some(leader), part).await;
+            let read = self.forward_read(replica.gid, Some(leader), part_of(idx, left)).await;
             let read = read.map_err(|e| if is_too_large(&e) { over() } else { e })?;
             left = left.checked_sub(views_bytes(idx, &read.0)).ok_or_else(over)?;
             local[k] = Some(read);

@@ -97,13 +97,26 @@ async fn raw_call(
     let (sender, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
     let connection = tokio::spawn(connection);
     let mut sender = sender.ready().await.expect("ready");
-    let request = tonic::codegen::http::Request::post(format!("http://{address}{method}"))
+    let (response, stream) = sender.send_request(grpc_request(address, method), false).expect("send");
+    (sender, response, stream, connection)
+}
+
+/// The headers of a gRPC call of `method` at `address`.
+fn grpc_request(address: &str, method: &str) -> tonic::codegen::http::Request<()> {
+    tonic::codegen::http::Request::post(format!("http://{address}{method}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
-        .unwrap();
-    let (response, stream) = sender.send_request(request, false).expect("send");
-    (sender, response, stream, connection)
+        .unwrap()
+}
+
+/// `message` as a gRPC request body: uncompressed, its length, itself.
+fn grpc_body(message: &impl prost::Message) -> tonic::codegen::Bytes {
+    let encoded = message.encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend((encoded.len() as u32).to_be_bytes());
+    body.extend(encoded);
+    body.into()
 }
 
 /// Calls `call` until it succeeds, for at most 30 s: a budget in use is
@@ -224,7 +237,6 @@ async fn a_write_prost_cannot_decode_is_invalid_argument() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_being_received_share_one_byte_budget() {
     use portrait_server::limits::{MAX_MESSAGE_BYTES, MAX_RECEIVING_BYTES};
-    use tonic::codegen::Bytes;
 
     const STREAMS: usize = 12;
     const SENT: usize = 15 << 20;
@@ -237,7 +249,7 @@ async fn requests_being_received_share_one_byte_budget() {
     let mut body = vec![0u8];
     body.extend((MAX_MESSAGE_BYTES as u32).to_be_bytes());
     body.resize(SENT, 0x0a);
-    let body = Bytes::from(body);
+    let body = tonic::codegen::Bytes::from(body);
     for _ in 0..STREAMS {
         let (sender, response, mut stream, _) = raw_call(&address, "/portrait.v1.Ingest/Write").await;
         stream.send_data(body.clone(), false).expect("send the body");
@@ -286,7 +298,6 @@ async fn requests_being_received_share_one_byte_budget() {
 async fn responses_waiting_for_their_readers_share_one_byte_budget() {
     use portrait_server::limits::MAX_UNSENT_RESPONSE_BYTES;
     use prost::Message;
-    use tonic::codegen::Bytes;
 
     let node = TestNode::start().await;
     let client = node.client().await;
@@ -299,11 +310,7 @@ async fn responses_waiting_for_their_readers_share_one_byte_budget() {
     println!("a response of {size} bytes: {fit} fit the budget");
     assert!((4..=16).contains(&fit), "{fit}");
 
-    let request = BatchGetProfilesRequest { user_ids: large.clone(), ..Default::default() }.encode_to_vec();
-    let mut body = vec![0u8];
-    body.extend((request.len() as u32).to_be_bytes());
-    body.extend(request);
-    let body = Bytes::from(body);
+    let body = grpc_body(&BatchGetProfilesRequest { user_ids: large.clone(), ..Default::default() });
     let address = node.endpoint().trim_start_matches("http://").to_string();
     // Each reader on a connection of its own, its answer never read.
     let mut readers = Vec::new();
@@ -376,12 +383,7 @@ async fn fill_one_connection(
         }
         answered.push(response);
         let mut sender = sender.clone().ready().await.expect("ready");
-        let next = tonic::codegen::http::Request::post(format!("http://{address}{method}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
-        let (response, mut stream) = sender.send_request(next, false).expect("send");
+        let (response, mut stream) = sender.send_request(grpc_request(address, method), false).expect("send");
         stream.send_data(body.clone(), true).expect("send the request");
         pending = response;
     }
@@ -396,7 +398,6 @@ async fn fill_one_connection(
 async fn one_connections_unread_answers_hold_at_most_its_share() {
     use portrait_server::limits::{MAX_UNSENT_RESPONSE_BYTES, MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION};
     use prost::Message;
-    use tonic::codegen::Bytes;
 
     let node = TestNode::start().await;
     let client = node.client().await;
@@ -408,11 +409,7 @@ async fn one_connections_unread_answers_hold_at_most_its_share() {
     let fit_all = MAX_UNSENT_RESPONSE_BYTES / size;
     assert!(fit >= 2 && fit + 1 < fit_all, "{size} bytes: {fit} fit one connection, {fit_all} the node");
 
-    let request = BatchGetProfilesRequest { user_ids: large.clone(), ..Default::default() }.encode_to_vec();
-    let mut body = vec![0u8];
-    body.extend((request.len() as u32).to_be_bytes());
-    body.extend(request);
-    let body = Bytes::from(body);
+    let body = grpc_body(&BatchGetProfilesRequest { user_ids: large.clone(), ..Default::default() });
     let address = node.endpoint().trim_start_matches("http://").to_string();
     let method = "/portrait.v1.Profiles/BatchGetProfiles";
     let (answered, refusal, connection) = fill_one_connection(&address, method, body.clone(), fit).await;

@@ -8,6 +8,10 @@
 //! 2. One shard loses its quorum (its followers drop the leader's entries):
 //!    a write across it and a healthy shard fails UNAVAILABLE naming that
 //!    shard; once the quorum is back the same request applies each event once.
+//! 3. A leader whose node has not heard a quorum of its shard's voters for
+//!    a while (both followers killed) refuses writes without proposing them:
+//!    once the followers are back, nothing of the refused write was applied,
+//!    and the same request applies each event once.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -360,4 +364,67 @@ async fn a_cross_shard_write_without_a_quorum_names_the_shard_and_a_retry_applie
     let lone = cluster.client(1).await.without_routing();
     let none = lone.batch_get_profiles(&[], &[], Consistency::Linearizable).await.expect("an empty batch");
     assert!(none.profiles.is_empty(), "{none:?}");
+}
+
+#[tokio::test]
+async fn a_leader_that_hears_no_quorum_refuses_writes_and_proposes_nothing() {
+    const SHARDS: u32 = 2;
+    const ALL: [u64; 3] = [1, 2, 3];
+    // Leaders placed by the test: no balancing (`max_moves = 0`).
+    let mut cluster = Cluster::start_sharded_with_config(3, SHARDS, "replication = 3\nmax_moves = 0\n").await;
+    wait_placed(&cluster, &ALL, SHARDS).await;
+    let cut = 0;
+    transfer(cluster.client(1).await, cut, 3).await;
+    let placed = wait_placed(&cluster, &ALL, SHARDS).await;
+    assert_eq!(placed[&cut].1, 3, "{placed:?}");
+
+    // Both followers gone: node 3 still leads shard 0 (openraft 0.9's
+    // leaders do not step down), and its probes go unanswered. Past twice
+    // the longest election timeout (4 s by default) it refuses the write.
+    cluster.kill(1);
+    cluster.kill(2);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let users = users_of(cut, SHARDS, 2);
+    let events: Vec<Event> = users.iter().map(|u| order(u, format!("q-{u}"))).collect();
+    let lone = cluster.client_once(3).await.without_routing();
+    let started = Instant::now();
+    let err = lone.write(events.clone()).await.expect_err("shard 0 has no quorum");
+    println!("the write was refused after {:?}: {err}", started.elapsed());
+    let message = err.to_string();
+    assert!(message.starts_with("UNAVAILABLE: "), "retryable: {message}");
+    assert!(message.contains(&format!("shard {cut}: ")), "names the shard: {message}");
+    assert!(
+        message.contains("no quorum, so the write was not proposed"),
+        "refused, not timed out: {message}"
+    );
+    assert!(message.contains("only [3] answered"), "names who answers: {message}");
+
+    // The followers come back: the refused events were never in the log.
+    cluster.restart(1).await;
+    cluster.restart(2).await;
+    wait_caught_up(&cluster, &ALL, SHARDS).await;
+    for id in ALL {
+        let applied = applied_on(&cluster, id, &users).await;
+        for user in &users {
+            let (count, history) = applied.get(user).cloned().unwrap_or_default();
+            assert_eq!((count, history), (0, Vec::new()), "node {id}, {user}: the refused write was applied");
+        }
+    }
+    // The same request, sent again, applies each event once.
+    let client = cluster.client(3).await;
+    let started = Instant::now();
+    let retry = loop {
+        match client.write(events.clone()).await {
+            Ok(r) => break r,
+            Err(e) if started.elapsed() < Duration::from_secs(20) => println!("retry: {e}"),
+            Err(e) => panic!("the retry after the restart failed: {e}"),
+        }
+    };
+    assert_eq!((retry.applied, retry.duplicates), (events.len() as u32, 0), "{retry:?}");
+    wait_caught_up(&cluster, &ALL, SHARDS).await;
+    for id in ALL {
+        for (user, (count, history)) in applied_on(&cluster, id, &users).await {
+            assert_eq!((count, history), (1, vec![format!("q-{user}")]), "node {id}, {user}");
+        }
+    }
 }

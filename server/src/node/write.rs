@@ -15,8 +15,9 @@
 //! after its shard. Atomic per shard, not across shards.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use openraft::ServerState;
 use portrait_core::schema::VersionedSchema;
 use portrait_core::shard::shard_of;
 
@@ -25,6 +26,7 @@ use super::Node;
 use crate::error::{Error, Result, OUTCOME_UNKNOWN, RETRY_LATER};
 use crate::model::{Event, WriteCounts};
 use crate::raft::batcher::Room;
+use crate::raft::quiet::quorum_answers;
 use crate::raft::replica::Replica;
 use crate::store::codec::{decode, encode};
 use crate::types::{GroupId, NodeId};
@@ -220,6 +222,9 @@ impl Node {
         validated: u64,
         room: Room,
     ) -> Proposal {
+        if let Err(e) = self.quorum_in_sight(replica) {
+            return Proposal::Done(Err(e));
+        }
         // A shard behind the cluster's apply rules (new, or just raised)
         // takes the version first, here rather than at the next placement
         // pass: one proposal, at most a second (before the queued-write
@@ -249,6 +254,40 @@ impl Node {
                 self.write_timeout.as_millis()
             ))),
         })
+    }
+
+    /// Refuses a write to a shard this node leads while the node has heard
+    /// fewer than a quorum of the shard's voters (itself counting) on the
+    /// liveness probe for [`crate::raft::RaftTuning::quorum_unheard_after`]:
+    /// the leader of a minority side cannot commit, and a proposal would
+    /// only wait in its log for the write timeout, then be committed or
+    /// dropped whenever the partition ends, long after the caller was told
+    /// its outcome is unknown. Nothing is proposed: UNAVAILABLE, and the
+    /// part goes on to the shard's other replicas (one may lead by now).
+    /// A leader that hears the nodes but whose messages to them are lost
+    /// still proposes, and its write times out as before.
+    fn quorum_in_sight(&self, replica: &Replica) -> Result<()> {
+        let voters: Vec<NodeId> = {
+            let m = replica.raft.metrics();
+            let m = m.borrow();
+            if m.state != ServerState::Leader {
+                return Ok(());
+            }
+            m.membership_config.membership().voter_ids().collect()
+        };
+        let (now, within) = (Instant::now(), self.tuning.quorum_unheard_after());
+        let heard = |id: NodeId| self.liveness.silent_for(id, now) < within;
+        if quorum_answers(self.id, &voters, heard) {
+            return Ok(());
+        }
+        let answering: Vec<NodeId> =
+            voters.iter().copied().filter(|&id| id == self.id || heard(id)).collect();
+        Err(Error::Unavailable(format!(
+            "node {} leads the shard, but of its voters {voters:?} only {answering:?} answered within {} ms: \
+             no quorum, so the write was not proposed; retry (another replica may lead the shard by now)",
+            self.id,
+            within.as_millis()
+        )))
     }
 
     /// Sends a part to the shard's leader, which proposes it (one hop: it

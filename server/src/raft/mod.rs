@@ -98,6 +98,16 @@ impl RaftTuning {
         }
     }
 
+    /// A leader refuses writes while its node has heard fewer than a
+    /// quorum of the group's voters on the liveness probe for this long
+    /// (`node/write.rs`): twice the longest election timeout, and at least
+    /// three probe intervals, so that a probe answered late is not a lost
+    /// quorum.
+    pub fn quorum_unheard_after(&self) -> std::time::Duration {
+        let elections = std::time::Duration::from_millis(self.election_timeout_max_ms.saturating_mul(2));
+        elections.max(self.probe_interval() * 3)
+    }
+
     /// Snapshot chunks: 4 MiB, or one second of the snapshot send rate if
     /// less (at least 64 KiB), so that paced sending stays smooth.
     pub fn snapshot_chunk_bytes(&self) -> u64 {
@@ -171,6 +181,15 @@ mod tests {
     use super::*;
     use openraft::error::Fatal;
     use openraft::{ErrorSubject, ErrorVerb, StorageError, StorageIOError};
+
+    #[test]
+    fn a_leader_gives_its_quorum_two_election_timeouts_and_at_least_three_probes() {
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(RaftTuning::default().quorum_unheard_after(), secs(4));
+        let loud =
+            RaftTuning { quiet_idle_groups: false, election_timeout_max_ms: 500, ..Default::default() };
+        assert_eq!(loud.quorum_unheard_after(), secs(3), "probes once a second");
+    }
 
     #[test]
     fn a_group_stopped_on_an_error_is_a_failure_and_one_stopped_on_purpose_is_not() {

@@ -480,7 +480,7 @@ impl QuietGroups {
 
 /// Whether a quorum of `voters` answers: this node, and the peers whose
 /// nodes are `alive`.
-fn quorum_answers(me: NodeId, voters: &[NodeId], alive: impl Fn(NodeId) -> bool) -> bool {
+pub(crate) fn quorum_answers(me: NodeId, voters: &[NodeId], alive: impl Fn(NodeId) -> bool) -> bool {
     let answering = voters.iter().filter(|&&id| id == me || alive(id)).count();
     answering * 2 > voters.len()
 }

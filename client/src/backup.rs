@@ -540,9 +540,14 @@ async fn shard_leader(client: &PortraitClient, shard: u32) -> Result<String, Cli
 }
 
 /// Whether a restore step may be tried again: the shard has no leader
-/// yet, its leader moved or is busy, or the node gave no answer.
+/// yet, its leader moved or is busy, the node gave no answer, or the
+/// connection was lost during the call (the leader killed: sent again, the
+/// restore goes on after the rows it committed, or is found done).
 fn retryable(e: &ClientError) -> bool {
-    matches!(e.code(), Some(Code::Unavailable) | None)
+    match e {
+        ClientError::Rpc(status) if crate::retry::connection_lost(status) => true,
+        _ => matches!(e.code(), Some(Code::Unavailable) | None),
+    }
 }
 
 /// [`shard_leader`] for an attempt: `None` (the reason left in `last`)

@@ -10,7 +10,8 @@
 //! restores into a single node too; a second restore into a now non-empty
 //! cluster is refused. Also: a shard left mid-restore by one backup refuses
 //! another; a schema change during a backup; a restore whose `Begin` had
-//! no quorum, run again.
+//! no quorum, run again; a restore cut off midway, run again; a restore
+//! whose shard leader is killed midway, going on at the new leader.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use portrait_client::backup::{read_manifest, Manifest};
 use portrait_client::{Consistency, PortraitClient, Profile};
-use portrait_cluster_tests::replicas::{lifetime_orders, users_of, wait_placed};
+use portrait_cluster_tests::replicas::{lifetime_orders, transfer, users_of, wait_placed};
 use portrait_cluster_tests::workload::order_of;
 use portrait_cluster_tests::{portrait_cli, Cluster, TEST_SHARDS};
 
@@ -784,13 +785,46 @@ async fn a_restore_whose_begin_had_no_quorum_is_run_again_and_restores_every_sha
 /// replica then holds exactly what the backup held.
 #[tokio::test]
 async fn a_restore_cut_off_midway_goes_on_after_the_rows_it_applied() {
-    // One shard of about 5 MB: five entries of rows (`RESTORE_ENTRY_BYTES`).
+    let backups = tempfile::tempdir().unwrap();
+    let dir = backups.path().join("b");
+    let (users, before) = noted_backup(&dir).await;
+
+    let stop = [("PORTRAIT_FAULT_RESTORE_STOP_AFTER_ROWS", "1")];
+    let target = Cluster::start_sharded_with_env(3, 1, Some("max_moves = 0\n"), &stop).await;
+    wait_placed(&target, &[1, 2, 3], 1).await;
+    let restorer = target.client(1).await;
+    let failed = portrait_client::backup::restore(&restorer, &dir, |_| {}).await;
+    let failed = failed.expect_err("a restore cut off after its first rows").to_string();
+    assert!(failed.contains("shard 0: fault injection: the restore stops after 1 rows entries"), "{failed}");
+    let kept = restoring_rows(&restorer).await.expect("shard 0 is mid-restore");
+    assert!(kept > 0, "its first entry's rows: {kept}");
+
+    let restored = portrait_client::backup::restore(&restorer, &dir, |_| {}).await.expect("run again");
+    assert_eq!(restored.len(), 1, "{restored:?}");
+    let shard = &restored[0];
+    assert!(!shard.earlier, "{shard:?}");
+    assert_eq!(shard.resumed_rows, kept, "it went on after the rows applied: {shard:?}");
+    assert!(shard.rows > kept, "{shard:?}");
+    assert_eq!(snapshot(&restorer, &users, true).await, before);
+    assert_every_node_serves(&target, &users, &before).await;
+    // The rows the first attempt applied are whole too.
+    assert_notes(&restorer, &users).await;
+}
+
+/// A 3 KB note of `user`'s (the `k`th).
+fn note(user: &str, k: usize) -> String {
+    format!("{user}:{k}:{}", "n".repeat(3_000))
+}
+
+/// Backs up into `dir` a single-shard cluster of 900 users with one order
+/// and two notes of 3 KB each (about 6 MB: six entries of rows, see
+/// `RESTORE_ENTRY_BYTES`); returns the users and what they read.
+async fn noted_backup(dir: &std::path::Path) -> (Vec<String>, Snapshot) {
     let source = Cluster::start_sharded(1, 1).await;
     let client = source.client(1).await;
     client.apply_schema(schema(), false).await.expect("schema");
-    // 900 users (a batch read takes 1,000) with two notes of 3 KB each.
+    // 900 users (a batch read takes 1,000).
     let users: Vec<String> = (0..900).map(|i| format!("r{i}")).collect();
-    let note = |u: &str, k: usize| format!("{u}:{k}:{}", "n".repeat(3_000));
     for part in users.chunks(300) {
         let events = part.iter().map(|u| {
             let mut e = order_of(u, &format!("{u}-order"));
@@ -803,32 +837,13 @@ async fn a_restore_cut_off_midway_goes_on_after_the_rows_it_applied() {
     }
     let before = snapshot(&client, &users, true).await;
     assert!(before.values().all(|(n, _, ids)| *n == 1 && ids.len() == 1), "every order is there");
-    let backups = tempfile::tempdir().unwrap();
-    let dir = backups.path().join("b");
-    back_up(&client, &dir).await;
+    back_up(&client, dir).await;
+    (users, before)
+}
 
-    let stop = [("PORTRAIT_FAULT_RESTORE_STOP_AFTER_ROWS", "1")];
-    let target = Cluster::start_sharded_with_env(3, 1, Some("max_moves = 0\n"), &stop).await;
-    wait_placed(&target, &[1, 2, 3], 1).await;
-    let restorer = target.client(1).await;
-    let failed = portrait_client::backup::restore(&restorer, &dir, |_| {}).await;
-    let failed = failed.expect_err("a restore cut off after its first rows").to_string();
-    assert!(failed.contains("shard 0: fault injection: the restore stops after 1 rows entries"), "{failed}");
-    let status = restorer.cluster_status().await.expect("status");
-    let mid = status.shard_status.iter().find(|s| s.shard == 0).and_then(|s| s.restoring.clone());
-    let kept = mid.expect("shard 0 is mid-restore").rows;
-    assert!(kept > 0, "its first entry's rows: {kept}");
-
-    let restored = portrait_client::backup::restore(&restorer, &dir, |_| {}).await.expect("run again");
-    assert_eq!(restored.len(), 1, "{restored:?}");
-    let shard = &restored[0];
-    assert!(!shard.earlier, "{shard:?}");
-    assert_eq!(shard.resumed_rows, kept, "it went on after the rows applied: {shard:?}");
-    assert!(shard.rows > kept, "{shard:?}");
-    assert_eq!(snapshot(&restorer, &users, true).await, before);
-    assert_every_node_serves(&target, &users, &before).await;
-    // The rows the first attempt applied are whole too.
-    let got = restorer.batch_get_profiles(&users, &["trade".into()], Consistency::Linearizable).await;
+/// Every user of [`noted_backup`] reads both its notes whole.
+async fn assert_notes(client: &PortraitClient, users: &[String]) {
+    let got = client.batch_get_profiles(users, &["trade".into()], Consistency::Linearizable).await;
     for (user, p) in users.iter().zip(got.expect("read").profiles) {
         let attrs = &p.families["trade"].attrs;
         for k in 0..2 {
@@ -836,4 +851,56 @@ async fn a_restore_cut_off_midway_goes_on_after_the_rows_it_applied() {
             assert_eq!(attrs[&format!("note{k}")].value, want, "{user}");
         }
     }
+}
+
+/// The rows shard 0 holds of the restore under way in it, as `client`'s
+/// node reports them (`None`: no restore under way).
+async fn restoring_rows(client: &PortraitClient) -> Option<u64> {
+    let status = client.cluster_status().await.expect("status");
+    status.shard_status.iter().find(|s| s.shard == 0).and_then(|s| s.restoring.clone()).map(|r| r.rows)
+}
+
+#[tokio::test]
+async fn a_restore_whose_leader_is_killed_midway_goes_on_at_the_new_leader() {
+    let backups = tempfile::tempdir().unwrap();
+    let dir = backups.path().join("b");
+    let (users, before) = noted_backup(&dir).await;
+
+    // Each node's leader of a fresh attempt waits 30 s after its first
+    // rows entry: the test kills it then, the restore call open.
+    let pause = [("PORTRAIT_FAULT_RESTORE_PAUSE_AFTER_ROWS", "1")];
+    let mut target = Cluster::start_sharded_with_env(3, 1, Some("max_moves = 0\n"), &pause).await;
+    wait_placed(&target, &[1, 2, 3], 1).await;
+    transfer(target.client(1).await, 0, 3).await;
+    assert_eq!(wait_placed(&target, &[1, 2, 3], 1).await[&0].1, 3, "node 3 leads the shard");
+    let restorer = target.client(1).await;
+    let run = {
+        let (restorer, dir) = (restorer.clone(), dir.clone());
+        tokio::spawn(async move { portrait_client::backup::restore(&restorer, &dir, |_| {}).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let kept = loop {
+        match restoring_rows(&restorer).await {
+            Some(rows) if rows > 0 => break rows,
+            _ => assert!(Instant::now() < deadline, "no rows entry applied within 60 s"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    target.kill(3);
+
+    // The same call goes on at the shard's new leader, after the rows the
+    // killed one had committed.
+    let restored = tokio::time::timeout(Duration::from_secs(90), run).await.expect("the restore ends");
+    let restored = restored.expect("join").expect("the restore goes on at the new leader");
+    assert_eq!(restored.len(), 1, "{restored:?}");
+    let shard = &restored[0];
+    assert!(!shard.earlier, "{shard:?}");
+    assert_eq!(shard.resumed_rows, kept, "it went on after the rows applied: {shard:?}");
+    assert!(shard.rows > kept, "{shard:?}");
+    assert_eq!(restoring_rows(&restorer).await, None, "the restore ended");
+    assert_eq!(snapshot(&restorer, &users, true).await, before);
+    assert_notes(&restorer, &users).await;
+    // The killed node, back, catches up to the same.
+    target.restart(3).await;
+    assert_every_node_serves(&target, &users, &before).await;
 }

@@ -35,6 +35,18 @@ pub const STOP_AFTER_BEGIN_ENV: &str = "PORTRAIT_FAULT_RESTORE_STOP_AFTER_BEGIN"
 #[cfg(feature = "fault-injection")]
 pub const STOP_AFTER_ROWS_ENV: &str = "PORTRAIT_FAULT_RESTORE_STOP_AFTER_ROWS";
 
+/// Fault injection (the `fault-injection` build only): with this
+/// environment variable set to `N`, a restore attempt that began its shard
+/// afresh waits [`FAULT_PAUSE`] after `N` of its `Rows` steps committed
+/// (a test kills its leader meanwhile); an attempt that goes on from an
+/// earlier one does not wait.
+#[cfg(feature = "fault-injection")]
+pub const PAUSE_AFTER_ROWS_ENV: &str = "PORTRAIT_FAULT_RESTORE_PAUSE_AFTER_ROWS";
+
+/// See [`PAUSE_AFTER_ROWS_ENV`].
+#[cfg(feature = "fault-injection")]
+const FAULT_PAUSE: Duration = Duration::from_secs(30);
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -420,10 +432,14 @@ impl Node {
             )));
         }
         #[cfg(feature = "fault-injection")]
-        let stop_after: Option<u64> = match resumed {
-            None => std::env::var(STOP_AFTER_ROWS_ENV).ok().and_then(|n| n.parse().ok()),
-            Some(_) => None,
+        let fault_after = |env: &str| -> Option<u64> {
+            match resumed {
+                None => std::env::var(env).ok().and_then(|n| n.parse().ok()),
+                Some(_) => None,
+            }
         };
+        #[cfg(feature = "fault-injection")]
+        let (stop_after, pause_after) = (fault_after(STOP_AFTER_ROWS_ENV), fault_after(PAUSE_AFTER_ROWS_ENV));
         // The chunks the earlier attempt applied are read and skipped.
         let (skip, resumed_rows) = resumed.as_ref().map_or((0, 0), |m| (m.next_seq, m.rows));
         // Rows are read on a blocking thread, at most two chunks ahead.
@@ -449,6 +465,11 @@ impl Node {
                 break;
             }
             seq += 1;
+            #[cfg(feature = "fault-injection")]
+            if pause_after == Some(seq) {
+                tracing::warn!(group = %gid, seq, "fault injection: the restore pauses");
+                tokio::time::sleep(FAULT_PAUSE).await;
+            }
             #[cfg(feature = "fault-injection")]
             if stop_after == Some(seq) {
                 proposed = Err(Error::FailedPrecondition(format!(

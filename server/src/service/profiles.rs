@@ -50,6 +50,7 @@ impl Profiles for ProfilesService {
         let req = request.into_inner();
         let consistency = consistency_from_pb(req.consistency)?;
         validate_user_id(&req.user_id).map_err(Error::from)?;
+        self.sending.has_room(peer)?;
         let users = [req.user_id];
         let (mut views, info) = self
             .node
@@ -83,6 +84,7 @@ impl Profiles for ProfilesService {
             return Err(Error::invalid("user_ids", reason).into());
         }
         let consistency = consistency_from_pb(req.consistency)?;
+        self.sending.has_room(peer)?;
         let selection = Selection::from_lists(req.families, req.features, req.tags);
         let (views, info) = self.node.read_profiles(&req.user_ids, selection, consistency).await?;
         let profiles = req.user_ids.into_iter().zip(views).map(|(u, v)| profile_to_pb(u, v)).collect();

@@ -44,6 +44,11 @@ use tonic::Status;
 
 use crate::error::Error;
 
+/// A read is refused before it reads when less than this is left of the
+/// node's budget (or of its connection's share, once that applies): hardly
+/// any answer would fit.
+pub const MIN_ANSWER_ROOM: usize = 64 * 1024;
+
 /// Encoded bytes of responses a node holds until their readers take them,
 /// all calls together.
 pub struct SendBudget {
@@ -87,16 +92,7 @@ impl SendBudget {
             let held = connections.get(&peer).copied().unwrap_or(0);
             match held.checked_add(bytes).filter(|total| !pressed || *total <= self.connection_limit) {
                 Some(total) => drop(connections.insert(peer, total)),
-                None => {
-                    return Err(Status::from(Error::Unavailable(format!(
-                    "response: this connection's read responses its reader has not taken yet hold {} MiB, \
-                         and this one's {bytes} bytes would pass the limit of {} MiB per connection \
-                         (MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION); read the answers already sent, or retry \
-                         later",
-                    held >> 20,
-                    self.connection_limit >> 20
-                ))))
-                }
+                None => return Err(self.connection_full(held, &format!("this one's {bytes} bytes"))),
             }
         }
         let taken = self.held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
@@ -106,16 +102,55 @@ impl SendBudget {
             Ok(_) => Ok(SendHold { _held: Arc::new(Held { budget: self.clone(), bytes, peer }) }),
             Err(node_held) => {
                 self.give_back_connection(peer, bytes);
-                Err(Status::from(Error::Unavailable(format!(
-                "response: this node holds {} MiB of read responses their readers have not taken yet, and this \
-                 one's {} bytes would pass its limit of {} MiB (MAX_UNSENT_RESPONSE_BYTES); retry later or ask \
-                 for fewer users or families",
-                node_held >> 20,
-                bytes,
-                self.limit >> 20
-            ))))
+                Err(self.node_full(node_held, &format!("this one's {bytes} bytes")))
             }
         }
+    }
+
+    /// Refuses a read before it reads (UNAVAILABLE, as [`SendBudget::take`]
+    /// would after) when less than [`MIN_ANSWER_ROOM`] is left of the
+    /// node's budget, or, while the node holds more than half its budget,
+    /// of the share of the connection from `peer`: the read's work would
+    /// be thrown away for all but the smallest answers. Takes nothing: a
+    /// read let through may still be refused by `take` once its answer's
+    /// size is known.
+    pub fn has_room(&self, peer: Option<SocketAddr>) -> Result<(), Status> {
+        let node_held = self.held();
+        let answer = format!("an answer (less than {} KiB is left)", MIN_ANSWER_ROOM >> 10);
+        if node_held.saturating_add(MIN_ANSWER_ROOM) > self.limit {
+            return Err(self.node_full(node_held, &answer));
+        }
+        if let Some(peer) = peer.filter(|_| node_held.saturating_add(MIN_ANSWER_ROOM) > self.limit / 2) {
+            let held = self.held_by(peer);
+            if held.saturating_add(MIN_ANSWER_ROOM) > self.connection_limit {
+                return Err(self.connection_full(held, &answer));
+            }
+        }
+        Ok(())
+    }
+
+    /// The refusal when the node's budget, holding `node_held`, has no
+    /// room for `what`.
+    fn node_full(&self, node_held: usize, what: &str) -> Status {
+        Status::from(Error::Unavailable(format!(
+            "response: this node holds {} MiB of read responses their readers have not taken yet, and {what} \
+             would pass its limit of {} MiB (MAX_UNSENT_RESPONSE_BYTES); retry later or ask for fewer users or \
+             families",
+            node_held >> 20,
+            self.limit >> 20
+        )))
+    }
+
+    /// The refusal when a connection's share, holding `held`, has no room
+    /// for `what`.
+    fn connection_full(&self, held: usize, what: &str) -> Status {
+        Status::from(Error::Unavailable(format!(
+            "response: this connection's read responses its reader has not taken yet hold {} MiB, and {what} \
+             would pass the limit of {} MiB per connection (MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION); read \
+             the answers already sent, or retry later",
+            held >> 20,
+            self.connection_limit >> 20
+        )))
     }
 
     /// Gives back `bytes` of the share of the connection from `peer` (its
@@ -306,6 +341,35 @@ mod tests {
         drop((b1, c1));
         assert!(budget.connections.lock().unwrap().is_empty());
         assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn a_read_is_refused_before_it_reads_only_when_hardly_any_answer_would_fit() {
+        const K: usize = 1024;
+        let budget = SendBudget::with_connection_limit(1024 * K, 256 * K);
+        let (a, b) = (SocketAddr::from(([127, 0, 0, 1], 1)), SocketAddr::from(([127, 0, 0, 1], 2)));
+        budget.has_room(Some(a)).expect("empty");
+        // Under half the node's budget a connection is not held to its share.
+        let a1 = budget.take(400 * K, Some(a)).unwrap();
+        budget.has_room(Some(a)).expect("400 KiB of 1 MiB: not pressed");
+        let b1 = budget.take(200 * K, Some(b)).unwrap();
+        let status = budget.has_room(Some(a)).expect_err("pressed, and a is over its share");
+        assert!(
+            status.message().contains("MAX_UNSENT_RESPONSE_BYTES_PER_CONNECTION"),
+            "{}",
+            status.message()
+        );
+        assert!(status.message().contains("less than 64 KiB is left"), "{}", status.message());
+        budget.has_room(Some(b)).expect_err("b too: 200 of its 256 KiB, less than 64 left");
+        budget.has_room(None).expect("the node has 424 KiB left");
+        let rest = budget.take(1024 * K - 600 * K - 64 * K, None).unwrap();
+        budget.has_room(None).expect("exactly 64 KiB left");
+        let last = budget.take(1, None).unwrap();
+        let status = budget.has_room(None).expect_err("less than 64 KiB left");
+        assert!(status.message().contains("(MAX_UNSENT_RESPONSE_BYTES)"), "{}", status.message());
+        assert_eq!(budget.held(), 960 * K + 1, "a check takes nothing");
+        drop((a1, b1, rest, last));
+        budget.has_room(Some(a)).expect("all given back");
     }
 
     /// The hold moves into the first data frame's bytes, and lasts as long

@@ -525,7 +525,9 @@ async fn wait_schema(
     }
 }
 
-/// The address of shard `shard`'s leader as the map names it, or why
+/// The address of shard `shard`'s leader: as the map names it, else as
+/// one of the shard's replicas reports it (a node hosting no replica of a
+/// shard names its leader only once it has forwarded a call to it), or why
 /// there is none to ask now.
 async fn shard_leader(client: &PortraitClient, shard: u32) -> Result<String, ClientError> {
     let map = client.shard_map().await?;
@@ -533,30 +535,54 @@ async fn shard_leader(client: &PortraitClient, shard: u32) -> Result<String, Cli
     let Some(replicas) = map.shard_replicas.get(shard as usize) else {
         return Err(config(format!("shard {shard}: the answering node does not know the cluster's map yet")));
     };
-    match map.nodes.iter().find(|n| n.node_id == replicas.leader_id && n.node_id != 0) {
-        Some(leader) => Ok(leader.addr.clone()),
+    let addr_of = |id: u64| map.nodes.iter().find(|n| n.node_id == id && id != 0).map(|n| n.addr.clone());
+    if let Some(leader) = addr_of(replicas.leader_id) {
+        return Ok(leader);
+    }
+    let asks = replicas.replicas.iter().filter_map(|r| addr_of(r.node_id)).map(|addr| async move {
+        let status = async { client.connect_like(&addr).await?.cluster_status().await };
+        let status = tokio::time::timeout(LEADER_ASK_TIMEOUT, status).await.ok()?.ok()?;
+        status.shard_status.iter().find(|s| s.shard == shard).map(|s| s.leader_id)
+    });
+    let named = futures::future::join_all(asks).await;
+    match named.into_iter().flatten().find_map(addr_of) {
+        Some(leader) => Ok(leader),
         None => Err(config(format!("shard {shard}: no leader found"))),
     }
 }
 
+/// One replica's answer, asked which node leads its shard, may take this
+/// long.
+const LEADER_ASK_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Whether a restore step may be tried again: the shard has no leader
-/// yet, its leader moved or is busy, the node gave no answer, or the
+/// yet, its leader moved or is busy, the node gave no answer, the
 /// connection was lost during the call (the leader killed: sent again, the
-/// restore goes on after the rows it committed, or is found done).
+/// restore goes on after the rows it committed, or is found done), the
+/// upload stalled (`DEADLINE_EXCEEDED`), or the node asked hosts no replica
+/// of the shard (the map moved on).
 fn retryable(e: &ClientError) -> bool {
     match e {
         ClientError::Rpc(status) if crate::retry::connection_lost(status) => true,
-        _ => matches!(e.code(), Some(Code::Unavailable) | None),
+        ClientError::Rpc(status) if status.code() == Code::FailedPrecondition => {
+            status.message().contains(" hosts no replica of ")
+        }
+        _ => matches!(e.code(), Some(Code::Unavailable | Code::DeadlineExceeded) | None),
     }
 }
 
-/// [`shard_leader`] for an attempt: `None` (the reason left in `last`)
-/// when the attempt should wait and try again.
+/// The shard's leader to send the next attempt to: the one the previous
+/// attempt's refusal named (`hint`, taken), else [`shard_leader`]; `None`
+/// (the reason left in `last`) when the attempt should wait and try again.
 async fn leader_now(
     client: &PortraitClient,
     shard: u32,
+    hint: &mut Option<String>,
     last: &mut ClientError,
 ) -> Result<Option<String>, ClientError> {
+    if let Some(leader) = hint.take() {
+        return Ok(Some(leader));
+    }
     match shard_leader(client, shard).await {
         Ok(leader) => Ok(Some(leader)),
         Err(e) if retryable(&e) => {
@@ -564,6 +590,21 @@ async fn leader_now(
             Ok(None)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// The leader a refusal from `asked` names, if another node.
+fn redirect(e: &ClientError, asked: &str) -> Option<String> {
+    let ClientError::Rpc(status) = e else { return None };
+    crate::retry::leader_hint(status).filter(|l| *l != asked).map(str::to_string)
+}
+
+/// `e`, naming the node `asked` when it is a transport failure (no node's
+/// answer, which names no node).
+fn named_error(e: ClientError, asked: &str) -> ClientError {
+    match e {
+        ClientError::Rpc(status) => ClientError::Rpc(crate::retry::named(status, asked)),
+        other => other,
     }
 }
 
@@ -619,10 +660,10 @@ async fn check_one(
     file: &ShardFile,
     format: u32,
 ) -> Result<bool, ClientError> {
-    let mut last = config(format!("shard {}: no leader found", file.shard));
+    let (mut last, mut hint) = (config(format!("shard {}: no leader found", file.shard)), None);
     for attempt in 0..20u64 {
         before_attempt(attempt).await;
-        let Some(leader) = leader_now(client, file.shard, &mut last).await? else { continue };
+        let Some(leader) = leader_now(client, file.shard, &mut hint, &mut last).await? else { continue };
         let header = restore_header(backup_id, shards, file, format, true);
         let chunks = futures::stream::iter([RestoreShardChunk {
             part: Some(restore_shard_chunk::Part::Header(header)),
@@ -630,7 +671,7 @@ async fn check_one(
         match client.restore_shard_to(&leader, chunks).await {
             Ok(_) => return Ok(false),
             Err(e) if e.code() == Some(Code::AlreadyExists) => return Ok(true),
-            Err(e) if retryable(&e) => last = e,
+            Err(e) if retryable(&e) => (hint, last) = (redirect(&e, &leader), named_error(e, &leader)),
             Err(e) => {
                 return Err(config(format!(
                     "shard {}: {e} (nothing was changed in this cluster)",
@@ -653,10 +694,10 @@ async fn restore_one(
 ) -> Result<RestoredShard, ClientError> {
     let path = shard_path(dir, file)?;
     let format = archive_format(&path)?;
-    let mut last = config(format!("shard {}: no leader found", file.shard));
+    let (mut last, mut hint) = (config(format!("shard {}: no leader found", file.shard)), None);
     for attempt in 0..20u64 {
         before_attempt(attempt).await;
-        let Some(leader) = leader_now(client, file.shard, &mut last).await? else { continue };
+        let Some(leader) = leader_now(client, file.shard, &mut hint, &mut last).await? else { continue };
         let header = restore_header(backup_id, shards, file, format, false);
         let read_failed = Arc::new(Mutex::new(None));
         let chunks = archive_chunks(header, path.clone(), read_failed.clone()).await?;
@@ -678,8 +719,8 @@ async fn restore_one(
                 })
             }
             // Not (or no longer) the leader, no quorum, the node busy or
-            // unreachable: ask again.
-            Err(e) if retryable(&e) => last = e,
+            // unreachable: ask again (the leader it names first).
+            Err(e) if retryable(&e) => (hint, last) = (redirect(&e, &leader), named_error(e, &leader)),
             // An `End` that timed out but committed comes back as this too.
             Err(e) if e.code() == Some(Code::AlreadyExists) => {
                 return Ok(RestoredShard {

@@ -421,7 +421,18 @@ impl PortraitClient {
 
     /// The cluster's shard map as the answering node knows it.
     pub async fn shard_map(&self) -> Result<ShardMapResponse, ClientError> {
-        unary(&self.router, |ch| async move { admin(ch).shard_map(ShardMapRequest {}).await }).await
+        let map =
+            unary(&self.router, |ch| async move { admin(ch).shard_map(ShardMapRequest {}).await }).await?;
+        // Calls routed by no map (backup, restore, admin) move on to the
+        // cluster's other nodes when the one they use stops answering; the
+        // answering node is reached where it answered.
+        let answered = self.router.current().endpoint;
+        let endpoint = |n: &portrait_proto::v1::MapNode| match n.node_id == map.node_id {
+            true => answered.clone(),
+            false => crate::conn::normalize_endpoint(&n.addr),
+        };
+        self.router.know_nodes(map.nodes.iter().map(endpoint).collect());
+        Ok(map)
     }
 
     /// Where `user_id`'s data lives: its shard, replicas and leader.

@@ -11,7 +11,8 @@
 //! cluster is refused. Also: a shard left mid-restore by one backup refuses
 //! another; a schema change during a backup; a restore whose `Begin` had
 //! no quorum, run again; a restore cut off midway, run again; a restore
-//! whose shard leader is killed midway, going on at the new leader.
+//! whose shard leader and seed node are killed midway, going on at the new
+//! leader.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use portrait_client::backup::{read_manifest, Manifest};
 use portrait_client::{Consistency, PortraitClient, Profile};
-use portrait_cluster_tests::replicas::{lifetime_orders, transfer, users_of, wait_placed};
+use portrait_cluster_tests::replicas::{lifetime_orders, users_of, wait_placed};
 use portrait_cluster_tests::workload::order_of;
 use portrait_cluster_tests::{portrait_cli, Cluster, TEST_SHARDS};
 
@@ -550,11 +551,16 @@ async fn wait_serving(client: &PortraitClient, users: &[String]) {
 async fn assert_every_node_serves(cluster: &Cluster, users: &[String], expected: &Snapshot) {
     for node in &cluster.nodes {
         let local = PortraitClient::connect(&node.endpoint()).await.unwrap().without_routing();
+        // The read the loop ends on is the one checked: a node hosting no
+        // replica forwards each LOCAL read to one of the shard's replicas,
+        // which may be one still catching up (a node just restarted).
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while snapshot(&local, users, false).await != *expected && std::time::Instant::now() < deadline {
+        let mut got = snapshot(&local, users, false).await;
+        while got != *expected && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
+            got = snapshot(&local, users, false).await;
         }
-        assert_eq!(snapshot(&local, users, false).await, *expected, "node {}", node.id);
+        assert_eq!(got, *expected, "node {}", node.id);
     }
 }
 
@@ -860,8 +866,14 @@ async fn restoring_rows(client: &PortraitClient) -> Option<u64> {
     status.shard_status.iter().find(|s| s.shard == 0).and_then(|s| s.restoring.clone()).map(|r| r.rows)
 }
 
+/// A restore run through a node that hosts no replica of the shard (5
+/// nodes, RF 3: it knows no leader of it), whose shard leader and seed node
+/// are both killed (SIGKILL) between two of its rows entries: the same run
+/// moves on to the other nodes, finds the new leader from the shard's
+/// replicas, and goes on there after the rows already applied.
 #[tokio::test]
-async fn a_restore_whose_leader_is_killed_midway_goes_on_at_the_new_leader() {
+async fn a_restore_whose_leader_and_seed_are_killed_midway_goes_on_at_the_new_leader() {
+    const ALL: [u64; 5] = [1, 2, 3, 4, 5];
     let backups = tempfile::tempdir().unwrap();
     let dir = backups.path().join("b");
     let (users, before) = noted_backup(&dir).await;
@@ -869,38 +881,46 @@ async fn a_restore_whose_leader_is_killed_midway_goes_on_at_the_new_leader() {
     // Each node's leader of a fresh attempt waits 30 s after its first
     // rows entry: the test kills it then, the restore call open.
     let pause = [("PORTRAIT_FAULT_RESTORE_PAUSE_AFTER_ROWS", "1")];
-    let mut target = Cluster::start_sharded_with_env(3, 1, Some("max_moves = 0\n"), &pause).await;
-    wait_placed(&target, &[1, 2, 3], 1).await;
-    transfer(target.client(1).await, 0, 3).await;
-    assert_eq!(wait_placed(&target, &[1, 2, 3], 1).await[&0].1, 3, "node 3 leads the shard");
-    let restorer = target.client(1).await;
+    let mut target = Cluster::start_sharded_with_env(5, 1, Some("max_moves = 0\n"), &pause).await;
+    let (replicas, leader) = wait_placed(&target, &ALL, 1).await[&0].clone();
+    let seed = *ALL.iter().find(|n| !replicas.contains(n)).expect("a node without a replica");
+    let follower = *replicas.iter().find(|&&n| n != leader).expect("a follower");
+    let restorer = target.client(seed).await;
     let run = {
         let (restorer, dir) = (restorer.clone(), dir.clone());
         tokio::spawn(async move { portrait_client::backup::restore(&restorer, &dir, |_| {}).await })
     };
+    let watcher = target.client(follower).await.without_routing();
     let deadline = Instant::now() + Duration::from_secs(60);
     let kept = loop {
-        match restoring_rows(&restorer).await {
+        match restoring_rows(&watcher).await {
             Some(rows) if rows > 0 => break rows,
             _ => assert!(Instant::now() < deadline, "no rows entry applied within 60 s"),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    target.kill(3);
+    target.kill(leader);
+    target.kill(seed);
 
-    // The same call goes on at the shard's new leader, after the rows the
+    // The same run goes on at the shard's new leader, after the rows the
     // killed one had committed.
-    let restored = tokio::time::timeout(Duration::from_secs(90), run).await.expect("the restore ends");
+    let restored = tokio::time::timeout(Duration::from_secs(120), run).await.expect("the restore ends");
     let restored = restored.expect("join").expect("the restore goes on at the new leader");
     assert_eq!(restored.len(), 1, "{restored:?}");
     let shard = &restored[0];
     assert!(!shard.earlier, "{shard:?}");
     assert_eq!(shard.resumed_rows, kept, "it went on after the rows applied: {shard:?}");
     assert!(shard.rows > kept, "{shard:?}");
-    assert_eq!(restoring_rows(&restorer).await, None, "the restore ended");
-    assert_eq!(snapshot(&restorer, &users, true).await, before);
-    assert_notes(&restorer, &users).await;
-    // The killed node, back, catches up to the same.
-    target.restart(3).await;
+    // The follower's replica may apply the End a moment after the leader.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Some(rows) = restoring_rows(&watcher).await {
+        assert!(Instant::now() < deadline, "node {follower} still shows the restore under way ({rows} rows)");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(snapshot(&watcher, &users, true).await, before);
+    assert_notes(&watcher, &users).await;
+    // The killed nodes, back, serve the same (the leader's replica caught up).
+    target.restart(leader).await;
+    target.restart(seed).await;
     assert_every_node_serves(&target, &users, &before).await;
 }

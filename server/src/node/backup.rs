@@ -543,6 +543,11 @@ impl Node {
         // the shard's leader proposes first.
         self.catch_up_rules(replica).await;
         super::write::behind_rules(self.cluster().rules(), replica.sm.rules(), replica.gid)?;
+        let attempt = match &step {
+            RestoreStep::Begin { id } | RestoreStep::Rows { id, .. } | RestoreStep::End { id, .. } => {
+                id.clone()
+            }
+        };
         let propose = async {
             let _pass = replica.gate.pass(self.write_timeout).await?;
             let stamp_ms = replica.stamper.stamp()?;
@@ -563,7 +568,25 @@ impl Node {
                          the rows applied)"
                     )))
                 }
-                CommandResult::Rejected { reason } => Err(Error::FailedPrecondition(reason)),
+                // Another attempt of this restore (one whose answer was
+                // lost, still running at this leader) ended it first: read
+                // once the rejecting entry's batch (and the End's before
+                // it) is in the database.
+                // Or took the shard over (it began again): this attempt
+                // retries, and goes on after the rows that one applies.
+                CommandResult::Rejected { reason } => {
+                    let written = replica.sm.wait_written(response.log_id.index).await.is_ok();
+                    match written.then(|| self.restore_by(replica, &attempt)).flatten() {
+                        Some(Restore::Ended) => {
+                            Err(Error::AlreadyExists(format!("{reason}: another attempt of it ended the restore")))
+                        }
+                        Some(Restore::UnderWay) => Err(Error::Unavailable(format!(
+                            "{reason}: another attempt of the same restore took the shard over; retry (the \
+                             restore goes on after the rows applied)"
+                        ))),
+                        None => Err(Error::FailedPrecondition(reason)),
+                    }
+                }
                 _ => Ok(response.log_id.index),
             }
         };
@@ -574,6 +597,31 @@ impl Node {
                 replica.gid,
                 self.write_timeout.as_millis()
             ))),
+        }
+    }
+}
+
+/// Where the restore of an attempt stands in a shard, as its node applied
+/// it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restore {
+    /// It ended there last, and no other is under way.
+    Ended,
+    /// Another attempt of it is under way there.
+    UnderWay,
+}
+
+impl Node {
+    /// Where the restore that `attempt` (an attempt id) is of stands in
+    /// `replica`'s shard; `None` when neither (another restore's, or this
+    /// attempt's own).
+    fn restore_by(&self, replica: &Replica, attempt: &str) -> Option<Restore> {
+        let restore_id = crate::types::restore_id_of(attempt);
+        let state = restore_state(&self.state_db, replica.gid).ok()?;
+        match &state.marker {
+            Some(m) => (m.id != attempt && crate::types::restore_id_of(&m.id) == restore_id)
+                .then_some(Restore::UnderWay),
+            None => (state.restored.as_deref() == Some(restore_id)).then_some(Restore::Ended),
         }
     }
 }

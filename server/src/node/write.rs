@@ -265,7 +265,8 @@ impl Node {
     /// its outcome is unknown. Nothing is proposed: UNAVAILABLE, and the
     /// part goes on to the shard's other replicas (one may lead by now).
     /// A leader that hears the nodes but whose messages to them are lost
-    /// still proposes, and its write times out as before.
+    /// still proposes, and its write times out as before; so does a write
+    /// that waited (the gate, the queue) while the quorum went.
     fn quorum_in_sight(&self, replica: &Replica) -> Result<()> {
         let voters: Vec<NodeId> = {
             let m = replica.raft.metrics();
@@ -277,7 +278,12 @@ impl Node {
         };
         let (now, within) = (Instant::now(), self.tuning.quorum_unheard_after());
         let heard = |id: NodeId| self.liveness.silent_for(id, now) < within;
-        if quorum_answers(self.id, &voters, heard) {
+        // A quorum that answered the group's own AppendEntries lately
+        // vetoes the refusal: the node's probe loop may be the one stalled
+        // (its clock tick fsyncs). A resting quiet group has no such
+        // answers; the probe alone speaks for it.
+        let acked = replica.acks.quorum_age(self.id, &voters).is_some_and(|age| age < within);
+        if acked || quorum_answers(self.id, &voters, heard) {
             return Ok(());
         }
         let answering: Vec<NodeId> =

@@ -25,7 +25,7 @@ use crate::clock::NodeClock;
 use crate::types::NodeId;
 
 /// How long one clock probe may take; a slower answer is no sample.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A peer's answer to one probe, with when it was sent and received.
 type Answer = (NodeId, Result<ClockResponse, tonic::Status>, Instant, Instant);

@@ -101,11 +101,12 @@ impl RaftTuning {
     /// A leader refuses writes while its node has heard fewer than a
     /// quorum of the group's voters on the liveness probe for this long
     /// (`node/write.rs`): twice the longest election timeout, and at least
-    /// three probe intervals, so that a probe answered late is not a lost
+    /// a probe's timeout plus three probe intervals (a peer with a probe in
+    /// flight gets no other), so that a probe answered late is not a lost
     /// quorum.
     pub fn quorum_unheard_after(&self) -> std::time::Duration {
         let elections = std::time::Duration::from_millis(self.election_timeout_max_ms.saturating_mul(2));
-        elections.max(self.probe_interval() * 3)
+        elections.max(clock_probe::PROBE_TIMEOUT + self.probe_interval() * 3)
     }
 
     /// Snapshot chunks: 4 MiB, or one second of the snapshot send rate if
@@ -183,12 +184,14 @@ mod tests {
     use openraft::{ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 
     #[test]
-    fn a_leader_gives_its_quorum_two_election_timeouts_and_at_least_three_probes() {
+    fn a_leader_gives_its_quorum_two_election_timeouts_and_at_least_a_probe_timeout_and_three_probes() {
         let secs = std::time::Duration::from_secs;
         assert_eq!(RaftTuning::default().quorum_unheard_after(), secs(4));
         let loud =
             RaftTuning { quiet_idle_groups: false, election_timeout_max_ms: 500, ..Default::default() };
-        assert_eq!(loud.quorum_unheard_after(), secs(3), "probes once a second");
+        assert_eq!(loud.quorum_unheard_after(), secs(4), "a probe's timeout and three probes a second apart");
+        let quick = RaftTuning { heartbeat_ms: 50, election_timeout_max_ms: 300, ..Default::default() };
+        assert_eq!(quick.quorum_unheard_after(), std::time::Duration::from_millis(1_150));
     }
 
     #[test]

@@ -501,16 +501,14 @@ async fn wait_schema(
     let deadline = Instant::now() + within;
     loop {
         let map = client.shard_map().await?;
-        let mut behind = Vec::new();
-        for node in &map.nodes {
-            let Ok(peer) = client.connect_like(&node.addr).await else { continue };
-            let Ok(status) = peer.cluster_status().await else { continue };
-            for s in status.shard_status.iter().filter(|s| s.role.eq_ignore_ascii_case("leader")) {
-                if s.schema_version < version {
-                    behind.push(s.shard);
-                }
-            }
+        // A shard is caught up once a leader of it reports the version; one
+        // whose leader did not answer (a node down, an election) is not.
+        let mut caught_up = BTreeSet::new();
+        for status in client.node_statuses(&map).await.into_values().flatten() {
+            let led = status.shard_status.iter().filter(|s| s.role.eq_ignore_ascii_case("leader"));
+            caught_up.extend(led.filter(|s| s.schema_version >= version).map(|s| s.shard));
         }
+        let behind: Vec<u32> = (0..map.shards).filter(|s| !caught_up.contains(s)).collect();
         if behind.is_empty() {
             return Ok(());
         }

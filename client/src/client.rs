@@ -283,7 +283,18 @@ impl PortraitClient {
             Err(status) => {
                 self.router.note_epoch(status.metadata());
                 note_leader(&self.router, &conn.endpoint, &status);
-                Err(status.into())
+                if !lost_after_sent(&status) {
+                    return Err(named(status, &conn.endpoint).into());
+                }
+                // The next call goes elsewhere; the batches sent before the
+                // connection was lost may have been applied.
+                self.router.avoid(&conn.endpoint);
+                let message = format!(
+                    "{} (the connection was lost: {OUTCOME_UNKNOWN}; batches sent may have been applied: resend \
+                     them with the same event_ids)",
+                    named(status.clone(), &conn.endpoint).message()
+                );
+                Err(Status::with_metadata(status.code(), message, status.metadata().clone()).into())
             }
         }
     }
@@ -503,16 +514,20 @@ impl PortraitClient {
     }
 
     /// Makes voter `node_id` the leader of `shard` (`None`: of every shard
-    /// the called node leads, as [`PortraitClient::transfer_leader`]).
+    /// the called node leads, as [`PortraitClient::transfer_leader`]; that
+    /// call stays on the called node, retries too: another node would move
+    /// its own shards).
     pub async fn transfer_leader_of(
         &self,
         node_id: u64,
         shard: Option<u32>,
     ) -> Result<TransferLeaderResponse, ClientError> {
-        unary(&self.router, |ch| async move {
-            admin(ch).transfer_leader(TransferLeaderRequest { node_id, shard }).await
-        })
-        .await
+        let call =
+            |ch| async move { admin(ch).transfer_leader(TransferLeaderRequest { node_id, shard }).await };
+        match shard {
+            Some(_) => unary(&self.router, call).await,
+            None => unary_on_seed(&self.router, call).await,
+        }
     }
 
     /// Test-only fault injection on the connected node: drop raft messages to

@@ -3,7 +3,8 @@
 //! A follower answers a call it cannot serve with `UNAVAILABLE` and the
 //! leader's endpoint in the `x-portrait-leader` metadata key. A unary call then
 //! moves to that endpoint and is sent again (at most [`MAX_REDIRECTS`] times in
-//! a row: a loop of redirects ends the call); an `UNAVAILABLE` without a hint
+//! a row; a loop of redirects, nodes naming each other while a new leader
+//! takes over, backs off as below); an `UNAVAILABLE` without a hint
 //! (node down, election in progress) is retried with exponential backoff for
 //! up to [`RETRY_BUDGET`] (or [`crate::ConnectOptions::retry_for`]), each retry with a fresh count of redirects (a
 //! follower keeps naming a leader that is between terms; only the budget
@@ -222,12 +223,14 @@ where
         };
         if let Some(hint) = leader_hint(&status) {
             // The node asked for refers to another: not retried there.
-            if pinned || redirects >= MAX_REDIRECTS {
+            if pinned {
                 return Err(named(status, &conn.endpoint).into());
             }
             // A hint that is no endpoint is ignored (the server's answer,
-            // not a connect error, is what the caller then sees).
-            if router.follow(hint, &conn.endpoint).unwrap_or(false) {
+            // not a connect error, is what the caller then sees). Past
+            // `MAX_REDIRECTS` in a row (nodes naming each other while a
+            // new leader takes over), the call backs off as below.
+            if redirects < MAX_REDIRECTS && router.follow(hint, &conn.endpoint).unwrap_or(false) {
                 redirects += 1;
                 continue;
             }

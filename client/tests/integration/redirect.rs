@@ -170,14 +170,23 @@ async fn a_write_with_an_event_without_an_id_is_sent_once_and_its_failure_says_w
 }
 
 #[tokio::test]
-async fn redirects_stop_after_three() {
+async fn a_loop_of_redirects_backs_off_until_the_budget_ends_it() {
     let a = Node::start(Fake { id: 1, ..Default::default() }).await;
     let b = Node::start(follower(2, &a.url())).await;
     a.fake.set_hint(Some(&b.url()));
-    let client = PortraitClient::connect(&a.url()).await.unwrap();
+    // Nodes naming each other (a new leader taking over): three redirects
+    // in a row, then a pause, then three more, until the retry budget.
+    let options = portrait_client::ConnectOptions::new().retry_for(Duration::from_millis(600));
+    let client = PortraitClient::connect_with(&a.url(), options).await.unwrap();
+    let started = Instant::now();
     let err = client.write(vec![event("u1")]).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::Unavailable));
-    assert_eq!(a.fake.calls() + b.fake.calls(), 4, "one call and three redirects");
+    let calls = a.fake.calls() + b.fake.calls();
+    assert!(calls >= 8, "went on after the first three redirects: {calls} calls");
+    assert!(calls < 100, "each round of redirects is followed by a pause: {calls} calls");
+    assert!(started.elapsed() < Duration::from_secs(5), "the budget ends it: {:?}", started.elapsed());
+    a.fake.set_hint(None);
+    client.write(vec![event("u1")]).await.expect("answered once a node leads");
 }
 
 #[tokio::test]

@@ -208,3 +208,33 @@ async fn the_token_goes_with_every_call_to_every_node() {
     plain.cluster_status().await.unwrap();
     assert_eq!(b.fake.authorizations().last().unwrap(), "", "no token, no header");
 }
+
+#[tokio::test]
+async fn a_write_stream_whose_connection_is_lost_names_the_node_and_moves_on() {
+    let (a, b, client) = two_nodes().await;
+    client.shard_map().await.expect("the map: both nodes known");
+    a.fake.lost.store(1, std::sync::atomic::Ordering::SeqCst);
+    let batches = || {
+        futures::stream::iter(
+            (0..2).map(|i| portrait_client::WriteRequest { events: vec![event(&user(0, i))] }),
+        )
+    };
+    let err = client.write_stream(batches()).await.unwrap_err().to_string();
+    assert!(err.contains(&a.url()), "names the node: {err}");
+    assert!(err.contains("the connection was lost: the outcome is unknown"), "{err}");
+    // The next call starts at the other node.
+    client.write_stream(batches()).await.expect("sent to node 2");
+    assert_eq!((a.fake.users().len(), b.fake.users().len()), (0, 2));
+}
+
+#[tokio::test]
+async fn moving_every_shard_off_the_called_node_stays_on_it_when_retried() {
+    let (a, b, client) = two_nodes().await;
+    client.shard_map().await.expect("the map: both nodes known");
+    a.fake.unavailable.store(1, std::sync::atomic::Ordering::SeqCst);
+    // `TransferLeader` without a shard moves the shards the node asked
+    // leads: a retry at node 2 would move node 2's.
+    let err = client.transfer_leader(2).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::Unimplemented), "the fake's answer to the retry: {err}");
+    assert_eq!((a.fake.calls(), b.fake.calls()), (2, 0), "retried at node 1 only");
+}

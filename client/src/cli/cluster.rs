@@ -254,11 +254,135 @@ fn shard_table(map: &ShardMapResponse, statuses: &Statuses) -> String {
     out
 }
 
+/// `portrait cluster drain` waits while node `id`'s replicas move off it
+/// (`replicas` to move when the drain began), reporting each change. A
+/// look that fails (a node down, a meta election) is tried again; after
+/// [`DRAIN_GIVE_UP`] of failures the wait ends with an error that says the
+/// drain goes on. A drain where nothing moved for [`DRAIN_STALL`] is
+/// reported, and waited for still (a large shard's move takes long).
+pub async fn drain_wait(client: &PortraitClient, id: u64, replicas: usize) -> anyhow::Result<String> {
+    let mut watch = DrainWatch::new(id, replicas, std::time::Instant::now());
+    loop {
+        let look = client.replicas_on(id).await.map_err(|e| e.to_string());
+        match watch.observe(look, std::time::Instant::now()) {
+            DrainStep::Done => {
+                return Ok(format!(
+                    "node {id} holds no replicas; remove it with `portrait cluster remove-node {id}`"
+                ))
+            }
+            DrainStep::Show(line) => eprintln!("{line}"),
+            DrainStep::Quiet => {}
+            DrainStep::GiveUp(why) => anyhow::bail!(why),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// Failing to read where a draining node's replicas are for this long
+/// ends `portrait cluster drain`'s wait (the drain goes on).
+const DRAIN_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(120);
+/// A drain whose count of replicas left has not changed for this long is
+/// reported (again every as long).
+const DRAIN_STALL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// What [`drain_wait`] knows between two looks.
+struct DrainWatch {
+    id: u64,
+    shown: usize,
+    changed_at: std::time::Instant,
+    warned_at: std::time::Instant,
+    failing_since: Option<std::time::Instant>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum DrainStep {
+    Done,
+    Show(String),
+    Quiet,
+    GiveUp(String),
+}
+
+impl DrainWatch {
+    fn new(id: u64, replicas: usize, now: std::time::Instant) -> Self {
+        DrainWatch { id, shown: replicas, changed_at: now, warned_at: now, failing_since: None }
+    }
+
+    /// One look: the replicas left on the node, or why none was read.
+    fn observe(&mut self, look: Result<usize, String>, now: std::time::Instant) -> DrainStep {
+        let id = self.id;
+        let left = match look {
+            Ok(left) => left,
+            Err(e) => {
+                let since = *self.failing_since.get_or_insert(now);
+                if now - since >= DRAIN_GIVE_UP {
+                    return DrainStep::GiveUp(format!(
+                        "could not read where node {id}'s replicas are for {} s (last: {e}); the drain goes on in \
+                         the cluster: follow it with `portrait cluster status`, and remove the node once it holds \
+                         none",
+                        DRAIN_GIVE_UP.as_secs()
+                    ));
+                }
+                return match since == now {
+                    true => {
+                        DrainStep::Show(format!("node {id}: could not read its replicas ({e}); trying again"))
+                    }
+                    false => DrainStep::Quiet,
+                };
+            }
+        };
+        self.failing_since = None;
+        if left == 0 {
+            return DrainStep::Done;
+        }
+        if left != self.shown {
+            (self.shown, self.changed_at, self.warned_at) = (left, now, now);
+            return DrainStep::Show(format!("node {id}: {left} replicas left"));
+        }
+        if now - self.changed_at >= DRAIN_STALL && now - self.warned_at >= DRAIN_STALL {
+            self.warned_at = now;
+            return DrainStep::Show(format!(
+                "node {id}: no replica has moved off it for {} min ({left} left); the drain goes on: see the \
+                 moves in `portrait cluster status` (a large shard's move takes long; a node that cannot take \
+                 replicas holds it up)",
+                (now - self.changed_at).as_secs() / 60
+            ));
+        }
+        DrainStep::Quiet
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use portrait_client::portrait_proto::v1::{MapNode, ShardReplica, ShardStatus};
 
     use super::*;
+
+    #[test]
+    fn a_drain_wait_reports_changes_rides_out_failures_and_gives_up_after_two_minutes() {
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+        let mut w = DrainWatch::new(4, 3, t0);
+        assert_eq!(w.observe(Ok(3), at(1)), DrainStep::Quiet);
+        assert_eq!(w.observe(Ok(2), at(2)), DrainStep::Show("node 4: 2 replicas left".into()));
+        // A failing look is said once, then waited out while it lasts.
+        let first = w.observe(Err("meta election".into()), at(3));
+        assert!(matches!(&first, DrainStep::Show(l) if l.contains("meta election")), "{first:?}");
+        assert_eq!(w.observe(Err("meta election".into()), at(60)), DrainStep::Quiet);
+        assert_eq!(w.observe(Ok(2), at(61)), DrainStep::Quiet, "back, nothing moved");
+        let stalled = w.observe(Ok(2), at(2 + 600));
+        assert!(
+            matches!(&stalled, DrainStep::Show(l) if l.contains("no replica has moved off it for 10 min"))
+        );
+        assert_eq!(w.observe(Ok(2), at(2 + 601)), DrainStep::Quiet, "said once per stall period");
+        assert_eq!(
+            w.observe(Err("down".into()), at(700)),
+            DrainStep::Show("node 4: could not read its replicas (down); trying again".into())
+        );
+        let gave_up = w.observe(Err("down".into()), at(820));
+        assert!(matches!(&gave_up, DrainStep::GiveUp(w) if w.contains("the drain goes on")), "{gave_up:?}");
+        let mut w = DrainWatch::new(4, 1, t0);
+        assert_eq!(w.observe(Ok(0), at(1)), DrainStep::Done);
+    }
 
     /// Three nodes, three shards on every node; shard 2 has no leader and
     /// node 3 lags 4 entries in shard 1 and does not answer for shard 0.

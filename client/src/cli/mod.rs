@@ -272,18 +272,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
                 ));
             }
             eprintln!("node {id} is draining: {} replicas to move", r.replicas);
-            let mut shown = r.replicas as usize;
-            loop {
-                let left = client.replicas_on(id).await?;
-                if left == 0 {
-                    return Ok(format!("node {id} holds no replicas; {remove}"));
-                }
-                if left != shown {
-                    eprintln!("node {id}: {left} replicas left");
-                    shown = left;
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
+            cluster::drain_wait(&client, id, r.replicas as usize).await
         }
     }
 }

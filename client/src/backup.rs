@@ -527,14 +527,21 @@ async fn wait_schema(
 /// one of the shard's replicas reports it (a node hosting no replica of a
 /// shard names its leader only once it has forwarded a call to it), or why
 /// there is none to ask now.
-async fn shard_leader(client: &PortraitClient, shard: u32) -> Result<String, ClientError> {
+/// A map's leader that is `failed` (the node the previous attempt failed
+/// at: a node hosting no replica of the shard may name a leader long gone)
+/// is not taken; the replicas are asked.
+async fn shard_leader(
+    client: &PortraitClient,
+    shard: u32,
+    failed: Option<&str>,
+) -> Result<String, ClientError> {
     let map = client.shard_map().await?;
     // A node that does not know the map yet lists no shard.
     let Some(replicas) = map.shard_replicas.get(shard as usize) else {
         return Err(config(format!("shard {shard}: the answering node does not know the cluster's map yet")));
     };
     let addr_of = |id: u64| map.nodes.iter().find(|n| n.node_id == id && id != 0).map(|n| n.addr.clone());
-    if let Some(leader) = addr_of(replicas.leader_id) {
+    if let Some(leader) = addr_of(replicas.leader_id).filter(|l| Some(l.as_str()) != failed) {
         return Ok(leader);
     }
     let asks = replicas.replicas.iter().filter_map(|r| addr_of(r.node_id)).map(|addr| async move {
@@ -548,6 +555,9 @@ async fn shard_leader(client: &PortraitClient, shard: u32) -> Result<String, Cli
         None => Err(config(format!("shard {shard}: no leader found"))),
     }
 }
+
+/// Uploads of one shard that may stall before its restore fails.
+const MAX_STALLED_UPLOADS: u32 = 3;
 
 /// One replica's answer, asked which node leads its shard, may take this
 /// long.
@@ -576,12 +586,13 @@ async fn leader_now(
     client: &PortraitClient,
     shard: u32,
     hint: &mut Option<String>,
+    failed: Option<&str>,
     last: &mut ClientError,
 ) -> Result<Option<String>, ClientError> {
     if let Some(leader) = hint.take() {
         return Ok(Some(leader));
     }
-    match shard_leader(client, shard).await {
+    match shard_leader(client, shard, failed).await {
         Ok(leader) => Ok(Some(leader)),
         Err(e) if retryable(&e) => {
             *last = e;
@@ -659,9 +670,11 @@ async fn check_one(
     format: u32,
 ) -> Result<bool, ClientError> {
     let (mut last, mut hint) = (config(format!("shard {}: no leader found", file.shard)), None);
+    let mut failed: Option<String> = None;
     for attempt in 0..20u64 {
         before_attempt(attempt).await;
-        let Some(leader) = leader_now(client, file.shard, &mut hint, &mut last).await? else { continue };
+        let found = leader_now(client, file.shard, &mut hint, failed.as_deref(), &mut last).await?;
+        let Some(leader) = found else { continue };
         let header = restore_header(backup_id, shards, file, format, true);
         let chunks = futures::stream::iter([RestoreShardChunk {
             part: Some(restore_shard_chunk::Part::Header(header)),
@@ -669,7 +682,10 @@ async fn check_one(
         match client.restore_shard_to(&leader, chunks).await {
             Ok(_) => return Ok(false),
             Err(e) if e.code() == Some(Code::AlreadyExists) => return Ok(true),
-            Err(e) if retryable(&e) => (hint, last) = (redirect(&e, &leader), named_error(e, &leader)),
+            Err(e) if retryable(&e) => {
+                (hint, last) = (redirect(&e, &leader), named_error(e, &leader));
+                failed = Some(leader);
+            }
             Err(e) => {
                 return Err(config(format!(
                     "shard {}: {e} (nothing was changed in this cluster)",
@@ -693,9 +709,11 @@ async fn restore_one(
     let path = shard_path(dir, file)?;
     let format = archive_format(&path)?;
     let (mut last, mut hint) = (config(format!("shard {}: no leader found", file.shard)), None);
+    let (mut failed, mut stalls): (Option<String>, u32) = (None, 0);
     for attempt in 0..20u64 {
         before_attempt(attempt).await;
-        let Some(leader) = leader_now(client, file.shard, &mut hint, &mut last).await? else { continue };
+        let found = leader_now(client, file.shard, &mut hint, failed.as_deref(), &mut last).await?;
+        let Some(leader) = found else { continue };
         let header = restore_header(backup_id, shards, file, format, false);
         let read_failed = Arc::new(Mutex::new(None));
         let chunks = archive_chunks(header, path.clone(), read_failed.clone()).await?;
@@ -716,9 +734,22 @@ async fn restore_one(
                     resumed_rows: r.resumed_rows,
                 })
             }
+            // The node ended an upload that stalled (`--backup-stream-stall`):
+            // sent again a few times, not 20 (each waits out the stall).
+            Err(e) if e.code() == Some(Code::DeadlineExceeded) && stalls + 1 >= MAX_STALLED_UPLOADS => {
+                return Err(config(format!(
+                    "shard {}: the upload stalled {MAX_STALLED_UPLOADS} times (the node ends an upload that sends \
+                     nothing for its --backup-stream-stall); last: {e}",
+                    file.shard
+                )))
+            }
             // Not (or no longer) the leader, no quorum, the node busy or
             // unreachable: ask again (the leader it names first).
-            Err(e) if retryable(&e) => (hint, last) = (redirect(&e, &leader), named_error(e, &leader)),
+            Err(e) if retryable(&e) => {
+                stalls += u32::from(e.code() == Some(Code::DeadlineExceeded));
+                (hint, last) = (redirect(&e, &leader), named_error(e, &leader));
+                failed = Some(leader);
+            }
             // An `End` that timed out but committed comes back as this too.
             Err(e) if e.code() == Some(Code::AlreadyExists) => {
                 return Ok(RestoredShard {

@@ -291,7 +291,7 @@ impl PortraitClient {
                 self.router.avoid(&conn.endpoint);
                 let message = format!(
                     "{} (the connection was lost: {OUTCOME_UNKNOWN}; batches sent may have been applied: resend \
-                     them with the same event_ids)",
+                     only events with an event_id, which apply once)",
                     named(status.clone(), &conn.endpoint).message()
                 );
                 Err(Status::with_metadata(status.code(), message, status.metadata().clone()).into())
@@ -435,14 +435,13 @@ impl PortraitClient {
         let map =
             unary(&self.router, |ch| async move { admin(ch).shard_map(ShardMapRequest {}).await }).await?;
         // Calls routed by no map (backup, restore, admin) move on to the
-        // cluster's other nodes when the one they use stops answering; the
-        // answering node is reached where it answered.
-        let answered = self.router.current().endpoint;
-        let endpoint = |n: &portrait_proto::v1::MapNode| match n.node_id == map.node_id {
-            true => answered.clone(),
-            false => crate::conn::normalize_endpoint(&n.addr),
-        };
-        self.router.know_nodes(map.nodes.iter().map(endpoint).collect());
+        // cluster's other nodes when the one they use stops answering (the
+        // seed stays among them). Not from a node that knows no map yet, nor
+        // from one whose map is older than one already seen.
+        if !map.nodes.is_empty() && map.epoch >= self.router.seen().epoch {
+            self.router
+                .know_nodes(map.nodes.iter().map(|n| crate::conn::normalize_endpoint(&n.addr)).collect());
+        }
         Ok(map)
     }
 
@@ -514,20 +513,16 @@ impl PortraitClient {
     }
 
     /// Makes voter `node_id` the leader of `shard` (`None`: of every shard
-    /// the called node leads, as [`PortraitClient::transfer_leader`]; that
-    /// call stays on the called node, retries too: another node would move
-    /// its own shards).
+    /// the called node leads, as [`PortraitClient::transfer_leader`]).
     pub async fn transfer_leader_of(
         &self,
         node_id: u64,
         shard: Option<u32>,
     ) -> Result<TransferLeaderResponse, ClientError> {
-        let call =
-            |ch| async move { admin(ch).transfer_leader(TransferLeaderRequest { node_id, shard }).await };
-        match shard {
-            Some(_) => unary(&self.router, call).await,
-            None => unary_on_seed(&self.router, call).await,
-        }
+        unary(&self.router, |ch| async move {
+            admin(ch).transfer_leader(TransferLeaderRequest { node_id, shard }).await
+        })
+        .await
     }
 
     /// Test-only fault injection on the connected node: drop raft messages to

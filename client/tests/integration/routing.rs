@@ -226,15 +226,3 @@ async fn a_write_stream_whose_connection_is_lost_names_the_node_and_moves_on() {
     client.write_stream(batches()).await.expect("sent to node 2");
     assert_eq!((a.fake.users().len(), b.fake.users().len()), (0, 2));
 }
-
-#[tokio::test]
-async fn moving_every_shard_off_the_called_node_stays_on_it_when_retried() {
-    let (a, b, client) = two_nodes().await;
-    client.shard_map().await.expect("the map: both nodes known");
-    a.fake.unavailable.store(1, std::sync::atomic::Ordering::SeqCst);
-    // `TransferLeader` without a shard moves the shards the node asked
-    // leads: a retry at node 2 would move node 2's.
-    let err = client.transfer_leader(2).await.unwrap_err();
-    assert_eq!(err.code(), Some(tonic::Code::Unimplemented), "the fake's answer to the retry: {err}");
-    assert_eq!((a.fake.calls(), b.fake.calls()), (2, 0), "retried at node 1 only");
-}

@@ -575,7 +575,8 @@ impl Node {
                 // Or took the shard over (it began again): this attempt
                 // retries, and goes on after the rows that one applies.
                 CommandResult::Rejected { reason } => {
-                    let written = replica.sm.wait_written(response.log_id.index).await.is_ok();
+                    let wait = replica.sm.wait_written(response.log_id.index);
+                    let written = matches!(tokio::time::timeout(Duration::from_secs(1), wait).await, Ok(Ok(())));
                     match written.then(|| self.restore_by(replica, &attempt)).flatten() {
                         Some(Restore::Ended) => {
                             Err(Error::AlreadyExists(format!("{reason}: another attempt of it ended the restore")))

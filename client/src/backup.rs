@@ -514,8 +514,8 @@ async fn wait_schema(
         }
         if Instant::now() > deadline {
             progress(&format!(
-                "shards {behind:?} have not applied schema version {version} yet; their users are re-evaluated \
-                 after the restore"
+                "shards {behind:?} are not confirmed to have applied schema version {version} (their leader did \
+                 not answer, or has not applied it yet); their users are re-evaluated after the restore"
             ));
             return Ok(());
         }

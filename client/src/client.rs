@@ -284,6 +284,11 @@ impl PortraitClient {
                 self.router.note_epoch(status.metadata());
                 note_leader(&self.router, &conn.endpoint, &status);
                 if !lost_after_sent(&status) {
+                    // A node that could not be reached: the next call
+                    // starts at another (nothing was sent).
+                    if portrait_proto::never_sent(&status) {
+                        self.router.avoid(&conn.endpoint);
+                    }
                     return Err(named(status, &conn.endpoint).into());
                 }
                 // The next call goes elsewhere; the batches sent before the

@@ -226,3 +226,18 @@ async fn a_write_stream_whose_connection_is_lost_names_the_node_and_moves_on() {
     client.write_stream(batches()).await.expect("sent to node 2");
     assert_eq!((a.fake.users().len(), b.fake.users().len()), (0, 2));
 }
+
+#[tokio::test]
+async fn a_write_stream_to_a_node_that_is_gone_moves_on_for_the_next_call() {
+    let (a, b, client) = two_nodes().await;
+    client.shard_map().await.expect("the map: both nodes known");
+    let b_fake = b.fake.clone();
+    let url = a.url();
+    a.stop().await;
+    let batches =
+        || futures::stream::iter([portrait_client::WriteRequest { events: vec![event(&user(0, 0))] }]);
+    let err = client.write_stream(batches()).await.unwrap_err().to_string();
+    assert!(err.contains(&url), "names the node: {err}");
+    client.write_stream(batches()).await.expect("the next call goes to node 2");
+    assert_eq!(b_fake.users().len(), 1);
+}

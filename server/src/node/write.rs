@@ -239,6 +239,11 @@ impl Node {
         if let Some((leader, addr)) = leader_elsewhere(replica, self.id) {
             return Proposal::Moved { events, leader, addr };
         }
+        // Again after the wait at the gate and for room (up to the write
+        // timeout), in which the quorum may have gone.
+        if let Err(e) = self.quorum_in_sight(replica) {
+            return Proposal::Done(Err(e));
+        }
         let behind = behind_schema(self.schema().version.max(validated), &replica.sm.schema(), &events)
             .and_then(|()| behind_rules(self.cluster().rules(), replica.sm.rules(), replica.gid));
         if let Err(e) = behind {
@@ -265,16 +270,19 @@ impl Node {
     /// its outcome is unknown. Nothing is proposed: UNAVAILABLE, and the
     /// part goes on to the shard's other replicas (one may lead by now).
     /// A leader that hears the nodes but whose messages to them are lost
-    /// still proposes, and its write times out as before; so does a write
-    /// that waited (the gate, the queue) while the quorum went.
+    /// still proposes, and its write times out as before. Checked before
+    /// and after the write's wait at the gate and for room. During a
+    /// membership change each configuration needs its quorum.
     fn quorum_in_sight(&self, replica: &Replica) -> Result<()> {
-        let voters: Vec<NodeId> = {
+        // Each configuration of a joint one must have its quorum.
+        let configs: Vec<Vec<NodeId>> = {
             let m = replica.raft.metrics();
             let m = m.borrow();
             if m.state != ServerState::Leader {
                 return Ok(());
             }
-            m.membership_config.membership().voter_ids().collect()
+            let joint = m.membership_config.membership().get_joint_config();
+            joint.iter().map(|c| c.iter().copied().collect()).collect()
         };
         let (now, within) = (Instant::now(), self.tuning.quorum_unheard_after());
         let heard = |id: NodeId| self.liveness.silent_for(id, now) < within;
@@ -282,10 +290,11 @@ impl Node {
         // vetoes the refusal: the node's probe loop may be the one stalled
         // (its clock tick fsyncs). A resting quiet group has no such
         // answers; the probe alone speaks for it.
-        let acked = replica.acks.quorum_age(self.id, &voters).is_some_and(|age| age < within);
-        if acked || quorum_answers(self.id, &voters, heard) {
-            return Ok(());
-        }
+        let lost = configs.iter().find(|voters| {
+            let acked = replica.acks.quorum_age(self.id, voters).is_some_and(|age| age < within);
+            !acked && !quorum_answers(self.id, voters, heard)
+        });
+        let Some(voters) = lost else { return Ok(()) };
         let answering: Vec<NodeId> =
             voters.iter().copied().filter(|&id| id == self.id || heard(id)).collect();
         Err(Error::Unavailable(format!(

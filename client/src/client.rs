@@ -437,13 +437,16 @@ impl PortraitClient {
 
     /// The cluster's shard map as the answering node knows it.
     pub async fn shard_map(&self) -> Result<ShardMapResponse, ClientError> {
+        let before = self.router.seen();
         let map =
             unary(&self.router, |ch| async move { admin(ch).shard_map(ShardMapRequest {}).await }).await?;
         // Calls routed by no map (backup, restore, admin) move on to the
         // cluster's other nodes when the one they use stops answering (the
         // seed stays among them). Not from a node that knows no map yet, nor
-        // from one whose map is older than one already seen.
-        if !map.nodes.is_empty() && map.epoch >= self.router.seen().epoch {
+        // from one whose map is older than one already seen, nor from
+        // another cluster's node.
+        let same_cluster = before.cluster == 0 || before.cluster == map.cluster_id;
+        if !map.nodes.is_empty() && same_cluster && map.epoch >= before.epoch {
             self.router
                 .know_nodes(map.nodes.iter().map(|n| crate::conn::normalize_endpoint(&n.addr)).collect());
         }

@@ -576,7 +576,15 @@ impl Node {
                 // retries, and goes on after the rows that one applies.
                 CommandResult::Rejected { reason } => {
                     let wait = replica.sm.wait_written(response.log_id.index);
-                    let written = matches!(tokio::time::timeout(Duration::from_secs(1), wait).await, Ok(Ok(())));
+                    let written = match tokio::time::timeout(Duration::from_secs(1), wait).await {
+                        Ok(written) => written.is_ok(),
+                        // Not told yet: asked again, the shard will say.
+                        Err(_) => {
+                            return Err(Error::Unavailable(format!(
+                                "{reason}: the rejection is not in this node's database yet; retry"
+                            )))
+                        }
+                    };
                     match written.then(|| self.restore_by(replica, &attempt)).flatten() {
                         Some(Restore::Ended) => {
                             Err(Error::AlreadyExists(format!("{reason}: another attempt of it ended the restore")))

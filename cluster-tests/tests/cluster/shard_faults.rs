@@ -52,6 +52,31 @@ fn order(user: &str, event_id: String) -> Event {
     }
 }
 
+/// The message of a write refused UNAVAILABLE (retryable) naming `shard`.
+fn refused_naming_shard(err: portrait_client::ClientError, shard: u32) -> String {
+    let message = err.to_string();
+    assert!(message.starts_with("UNAVAILABLE: "), "retryable: {message}");
+    assert!(message.contains(&format!("shard {shard}: ")), "names the shard: {message}");
+    message
+}
+
+/// Sends `events` through `client` until it is answered (at most 20 s);
+/// `after` says what the failures follow.
+async fn write_until_answered(
+    client: &PortraitClient,
+    events: &[Event],
+    after: &str,
+) -> portrait_client::WriteResponse {
+    let started = Instant::now();
+    loop {
+        match client.write(events.to_vec()).await {
+            Ok(r) => return r,
+            Err(e) if started.elapsed() < Duration::from_secs(20) => println!("retry: {e}"),
+            Err(e) => panic!("the retry after {after} failed: {e}"),
+        }
+    }
+}
+
 /// Event ids per user: sent at least once, and acknowledged.
 #[derive(Default)]
 struct Ledger {
@@ -325,20 +350,12 @@ async fn a_cross_shard_write_without_a_quorum_names_the_shard_and_a_retry_applie
     let started = Instant::now();
     let err = client.write(events.clone()).await.expect_err("shard 0 has no quorum");
     println!("the write failed after {:?}: {err}", started.elapsed());
-    let message = err.to_string();
-    assert!(message.starts_with("UNAVAILABLE: "), "retryable: {message}");
-    assert!(message.contains(&format!("shard {cut}: ")), "names the shard: {message}");
+    let message = refused_naming_shard(err, cut);
     assert!(!message.contains(&format!("shard {healthy}")), "names only the failing shard: {message}");
 
     cluster.heal().await;
     let started = Instant::now();
-    let retry = loop {
-        match client.write(events.clone()).await {
-            Ok(r) => break r,
-            Err(e) if started.elapsed() < Duration::from_secs(20) => println!("retry: {e}"),
-            Err(e) => panic!("the retry after the heal failed: {e}"),
-        }
-    };
+    let retry = write_until_answered(&client, &events, "the heal").await;
     println!("the retry succeeded after {:?}: {retry:?}", started.elapsed());
     assert_eq!(retry.applied + retry.duplicates, events.len() as u32, "{retry:?}");
     let part =
@@ -392,9 +409,7 @@ async fn a_leader_that_hears_no_quorum_refuses_writes_and_proposes_nothing() {
     let started = Instant::now();
     let err = lone.write(events.clone()).await.expect_err("shard 0 has no quorum");
     println!("the write was refused after {:?}: {err}", started.elapsed());
-    let message = err.to_string();
-    assert!(message.starts_with("UNAVAILABLE: "), "retryable: {message}");
-    assert!(message.contains(&format!("shard {cut}: ")), "names the shard: {message}");
+    let message = refused_naming_shard(err, cut);
     assert!(
         message.contains("no quorum, so the write was not proposed"),
         "refused, not timed out: {message}"
@@ -414,14 +429,7 @@ async fn a_leader_that_hears_no_quorum_refuses_writes_and_proposes_nothing() {
     }
     // The same request, sent again, applies each event once.
     let client = cluster.client(3).await;
-    let started = Instant::now();
-    let retry = loop {
-        match client.write(events.clone()).await {
-            Ok(r) => break r,
-            Err(e) if started.elapsed() < Duration::from_secs(20) => println!("retry: {e}"),
-            Err(e) => panic!("the retry after the restart failed: {e}"),
-        }
-    };
+    let retry = write_until_answered(&client, &events, "the restart").await;
     assert_eq!((retry.applied, retry.duplicates), (events.len() as u32, 0), "{retry:?}");
     wait_caught_up(&cluster, &ALL, SHARDS).await;
     for id in ALL {

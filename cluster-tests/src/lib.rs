@@ -490,6 +490,13 @@ impl Cluster {
         self.spawn_with_args(vec!["--join".into(), seeds.join(",")], &[]).await
     }
 
+    /// [`Cluster::spawn_joining`] with the environment variable `key` =
+    /// `value`.
+    pub async fn spawn_joining_with_env(&mut self, seeds: &[u64], key: &str, value: &str) -> u64 {
+        let seeds: Vec<String> = seeds.iter().map(|&s| self.node(s).advertised()).collect();
+        self.spawn_with_args(vec!["--join".into(), seeds.join(",")], &[(key, value)]).await
+    }
+
     async fn spawn_with_args(&mut self, args: Vec<String>, env: &[(&str, &str)]) -> u64 {
         self.spawn_process(args, env, false).await
     }

@@ -11,6 +11,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeSet;
+
 use crate::shard::{MapChange, NodeId, ShardMap};
 
 /// A schema the meta group committed, with its version (1, 2, …).
@@ -31,6 +33,12 @@ pub struct MetaState {
     /// The cluster's apply rules version (see [`crate::rules`]; 0 before
     /// the cluster is created).
     pub rules: u32,
+    /// Ids of removed nodes (from apply rules version
+    /// [`crate::rules::RETIRED_IDS`]): never added again, so a removal is
+    /// not undone by the removed node's own join loop, nor by an AddNode
+    /// that was under way. The last field: builds before version 6 stored
+    /// the state without it (the server decodes both).
+    pub retired: BTreeSet<NodeId>,
 }
 
 /// A command of the meta group's log.
@@ -59,6 +67,14 @@ pub enum MetaCommand {
     /// proposed (a node added since was not asked). The builds are never
     /// checked here (see `SetSchema`).
     SetRules { version: u32, epoch: u64 },
+    /// Retires `node`'s id (a removal under way): the map refuses to add
+    /// it from then on. Proposed by `RemoveNode` before the node leaves
+    /// the meta group, only from apply rules version
+    /// [`crate::rules::RETIRED_IDS`] (builds before it cannot decode this
+    /// command); refused below that version. Retiring an id twice is a
+    /// no-op; a retired node still in the map works on until the removal
+    /// finishes.
+    Retire { node: NodeId },
 }
 
 /// What applying a command did.
@@ -112,6 +128,11 @@ impl MetaState {
             }
             MetaCommand::Map(change) => {
                 let map = self.map.as_mut().ok_or("the cluster has not been created")?;
+                if let MapChange::AddNode { node, .. } = change {
+                    if self.retired.contains(node) {
+                        return Err(retired(*node));
+                    }
+                }
                 // Applied to a copy: a refusal leaves the map as it was.
                 let mut next = map.clone();
                 next.apply(change)?;
@@ -140,10 +161,32 @@ impl MetaState {
                 }
                 self.rules = *version;
             }
+            MetaCommand::Retire { node } => {
+                self.map.as_ref().ok_or("the cluster has not been created")?;
+                if self.rules() < crate::rules::RETIRED_IDS {
+                    return Err(format!(
+                        "retiring a node id needs apply rules version {} (the cluster applies {})",
+                        crate::rules::RETIRED_IDS,
+                        self.rules()
+                    ));
+                }
+                self.retired.insert(*node);
+            }
         }
         Ok(())
     }
 }
+
+/// Why node `node` is not added: its id was retired by a removal.
+pub fn retired(node: NodeId) -> String {
+    format!(
+        "node {node} was removed from the cluster, and {RETIRED_ID}: start the machine on an empty data \
+         dir and add it under a new id"
+    )
+}
+
+/// What every refusal of a retired id says (a joining node stops asking).
+pub const RETIRED_ID: &str = "a removed id is never used again";
 
 #[cfg(test)]
 mod tests {
@@ -276,6 +319,57 @@ mod tests {
             MetaOutcome::Applied { .. }
         ));
         assert_eq!(meta.rules(), 3);
+    }
+
+    #[test]
+    fn a_retired_id_is_never_added_again_and_retiring_needs_rules_version_6() {
+        let add = |node| {
+            MetaCommand::Map(MapChange::AddNode {
+                node,
+                addr: format!("http://n{node}"),
+                peer_addr: format!("http://n{node}:8700"),
+                incarnation: 0,
+            })
+        };
+        let mut meta = MetaState::default();
+        let early = meta.apply(&MetaCommand::Retire { node: 2 });
+        assert_eq!(early, MetaOutcome::Refused { reason: "the cluster has not been created".into() });
+        meta.apply(&create());
+        // A cluster on version 5 (not every node has a build with 6):
+        // nothing is retired, so builds without the command agree.
+        meta.rules = crate::rules::RETIRED_IDS - 1;
+        let before = meta.clone();
+        assert_eq!(
+            meta.apply(&MetaCommand::Retire { node: 2 }),
+            MetaOutcome::Refused {
+                reason: "retiring a node id needs apply rules version 6 (the cluster applies 5)".into()
+            }
+        );
+        assert_eq!(meta, before);
+        meta.rules = crate::rules::RETIRED_IDS;
+        assert_eq!(meta.apply(&add(2)), MetaOutcome::Applied { epoch: 2, schema_version: 0 });
+        // Node 3 retired half-way through its join (never in the map),
+        // node 2 while in it: neither is added again; the map is unchanged
+        // by the retirement itself (the epoch does not move).
+        for node in [3, 2, 3] {
+            assert_eq!(
+                meta.apply(&MetaCommand::Retire { node }),
+                MetaOutcome::Applied { epoch: 2, schema_version: 0 }
+            );
+        }
+        assert_eq!(meta.retired, BTreeSet::from([2, 3]));
+        assert!(meta.map.as_ref().unwrap().nodes.contains_key(&2), "it works on until it is removed");
+        let before = meta.clone();
+        for node in [2, 3] {
+            assert_eq!(meta.apply(&add(node)), MetaOutcome::Refused { reason: retired(node) });
+        }
+        assert_eq!(meta, before);
+        assert!(retired(3).starts_with("node 3 was removed from the cluster, and a removed id is never used"));
+        assert_eq!(
+            meta.apply(&MetaCommand::Map(MapChange::RemoveNode { node: 2 })),
+            MetaOutcome::Applied { epoch: 3, schema_version: 0 }
+        );
+        assert_eq!(meta.apply(&add(4)), MetaOutcome::Applied { epoch: 4, schema_version: 0 });
     }
 
     #[test]

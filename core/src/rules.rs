@@ -32,8 +32,9 @@ pub const FIRST: u32 = 1;
 /// - 2: [`INPUT_CHANGE_TIMES`];
 /// - 3: [`FULL_BUCKET_KEEPS_OLDER`];
 /// - 4: [`TOP_COUNTS_KEPT`], [`RESET_FEATURES_RESETTLE`];
-/// - 5: [`DRAIN_DEAD_BESIDE_DRAIN`].
-pub const NEWEST: u32 = 5;
+/// - 5: [`DRAIN_DEAD_BESIDE_DRAIN`];
+/// - 6: [`RETIRED_IDS`].
+pub const NEWEST: u32 = 6;
 
 /// From this version on, a tag changed by another tag's change records
 /// the latest change time of its changed inputs as its `changed_at` (a tag
@@ -72,6 +73,14 @@ pub const RESET_FEATURES_RESETTLE: u32 = 4;
 /// go but that dead node. Before, the dead node waited for the other drain,
 /// and that drain for the dead node.
 pub const DRAIN_DEAD_BESIDE_DRAIN: u32 = 5;
+
+/// From this version on, `RemoveNode` retires the node's id before the
+/// node leaves the meta group ([`crate::meta::MetaCommand::Retire`], a
+/// meta entry builds before cannot decode), and the meta group refuses to
+/// add a retired id again. Before, a node removed half-way through its
+/// join (a learner of the meta group, not yet in the map) was added back
+/// by its own join loop, undoing the removal.
+pub const RETIRED_IDS: u32 = 6;
 
 /// The oldest version this build still applies.
 pub const OLDEST: u32 = 1;

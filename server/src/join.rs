@@ -89,6 +89,12 @@ async fn join(node: Arc<Node>, seeds: Vec<String>) {
             }
             match add_self(&node, seed).await {
                 Ok(()) => return tracing::info!(seed = %seed, "joined the cluster as a voter"),
+                // Removed (half-way through joining, or earlier): asking
+                // again would never change that.
+                Err(Refusal::Refused(e)) if e.contains(portrait_core::meta::RETIRED_ID) => {
+                    return tracing::error!(seed = %seed, error = %e, "this node was removed from the cluster; \
+                        not asking to join again")
+                }
                 // Refused (e.g. this node's id is another node's): no retry
                 // changes that until an operator acts; say so loudly.
                 Err(Refusal::Refused(e)) => {

@@ -104,6 +104,62 @@ async fn a_node_joining_with_an_id_in_use_is_refused_and_told_what_to_do() {
     assert_eq!(members, [(1, one.as_str()), (2, two.as_str()), (3, three.as_str())]);
 }
 
+/// Node `via`'s meta group members (voters and learners).
+async fn members(cluster: &Cluster, via: u64) -> BTreeSet<u64> {
+    let s = cluster.client(via).await.cluster_status().await.expect("status");
+    s.members.iter().map(|m| m.node_id).collect()
+}
+
+/// A node removed half-way through its join (a learner of the meta group
+/// that cannot catch up: it drops every raft message from the others) is
+/// not added back by its own join loop, which asks every few seconds: its
+/// id is retired (apply rules version 6), the AddNode under way and the
+/// loop are told so and the loop stops, and an AddNode of the id is
+/// refused naming why.
+#[tokio::test]
+async fn a_node_removed_half_way_through_its_join_is_not_added_back_by_its_join_loop() {
+    let mut cluster = Cluster::start(3).await;
+    // The others drop their raft messages to node 4 before it starts
+    // asking: it becomes a learner of the meta group that never catches up.
+    for id in [1, 2, 3] {
+        cluster.client(id).await.set_partition(vec![4]).await.expect("cut node 4 off");
+    }
+    let four = cluster.spawn_joining(&[1]).await;
+    assert_eq!(four, 4);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !members(&cluster, 1).await.contains(&four) {
+        assert!(Instant::now() < deadline, "node {four} never became a meta learner");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let map = cluster.client(1).await.shard_map().await.expect("map");
+    assert!(map.nodes.iter().all(|n| n.node_id != four), "half-joined: not in the map {:?}", map.nodes);
+
+    cluster.client(1).await.remove_node(four).await.expect("remove the half-joined node");
+    // Reachable again: a join loop asking on would now complete the join.
+    cluster.heal().await;
+    // Its join loop asks again within its backoff (at most 10 s); watched
+    // for longer than that.
+    let watch_until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < watch_until {
+        let now = members(&cluster, 1).await;
+        assert!(!now.contains(&four), "node {four} is back in the meta group: {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = cluster.node(four).log();
+    assert!(log.contains("this node was removed from the cluster; not asking to join again"), "{log}");
+    assert!(
+        log.contains(&format!("node {four} was removed from the cluster, and a removed id is never")),
+        "{log}"
+    );
+    let (addr, peer_addr) = (cluster.node(four).endpoint(), cluster.node(four).advertised());
+    let refused =
+        cluster.client(2).await.add_node(four, &addr, &peer_addr, false).await.expect_err("retired");
+    assert_eq!(refused.code().map(portrait_client::code_name), Some("FAILED_PRECONDITION"), "{refused}");
+    let text = refused.to_string();
+    assert!(text.contains(&format!("node_id: node {four} was removed from the cluster")), "{text}");
+    assert_eq!(members(&cluster, 2).await, BTreeSet::from([1, 2, 3]));
+}
+
 /// Node `via`'s `replaced_peers`, once it is `want` (at most 30 s).
 async fn wait_replaced(cluster: &Cluster, via: u64, want: &[u64]) {
     let deadline = Instant::now() + Duration::from_secs(30);

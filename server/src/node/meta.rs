@@ -431,6 +431,10 @@ impl Node {
         }
         self.lead_meta()?;
         let map = self.cluster().map.clone().ok_or_else(not_created)?;
+        // Its removal is not undone (its own join loop asks on).
+        if self.cluster().retired.contains(&id) {
+            return Err(Error::FailedPrecondition(format!("node_id: {}", portrait_core::meta::retired(id))));
+        }
         // A drain is never undone: adding a draining node again would
         // change nothing and answer OK (and flap its meta vote).
         if map.draining.contains(&id) {
@@ -495,9 +499,21 @@ impl Node {
         // A learner first: it is promoted only once the map records its
         // data dir, so every raft message that could count its vote is
         // checked against that data dir.
-        let mut index = add_to_group(&self.meta, id, &peer_addr, true, self.write_timeout, FOLLOW_TIMEOUT)
-            .await
-            .map_err(in_meta)?;
+        let added = add_to_group(&self.meta, id, &peer_addr, true, self.write_timeout, FOLLOW_TIMEOUT).await;
+        let retired = || Error::FailedPrecondition(format!("node_id: {}", portrait_core::meta::retired(id)));
+        let mut index = match added {
+            // Removed while it caught up: say why, once the id is retired.
+            Err(_) if self.cluster().retired.contains(&id) => return Err(retired()),
+            added => added.map_err(in_meta)?,
+        };
+        // Retired meanwhile (a RemoveNode of it retires the id, then takes
+        // it out of the meta group, perhaps before this learner was added):
+        // take it out again, so the removal holds.
+        if self.cluster().retired.contains(&id) {
+            let alive = |_| true;
+            remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
+            return Err(retired());
+        }
         if learner_only {
             return Ok(index);
         }
@@ -631,6 +647,14 @@ impl Node {
         // Its shards' memberships checked again, as the map was: a move
         // onto it may have completed since the first check.
         check_left_every_group(id, self.shards, &self.statuses().await)?;
+        // Retired before it leaves the meta group: from here on no AddNode
+        // adds it again (its join loop, if it was half-way through joining,
+        // asks on). A cluster not yet on version 6 cannot decode this.
+        if self.cluster().rules() >= portrait_core::rules::RETIRED_IDS
+            && !self.cluster().retired.contains(&id)
+        {
+            self.propose_meta(MetaCommand::Retire { node: id }).await?;
+        }
         let index = remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
         // The map read now: an AddNode of a node that was joining may have
         // committed since the first read.
@@ -1278,16 +1302,31 @@ pub(super) async fn add_to_group(
     let matched = |m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>| {
         m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map(|l| l.index)
     };
-    raft.wait(Some(within))
-        .metrics(|m| m.id == id || matched(m).is_some_and(|i| i >= target), "the learner caught up")
-        .await
-        .map_err(|_| {
-            Error::Unavailable(format!(
-                "node {id} did not catch up with the log within {} s (is it reachable at {addr}?); it stays a \
+    // Removed meanwhile (a RemoveNode while it could not be reached): no
+    // use waiting for it.
+    let gone = |m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>| {
+        m.membership_config.log_id().is_some_and(|l| l.index > target)
+            && m.membership_config.membership().get_node(&id).is_none()
+    };
+    let caught_up = raft
+        .wait(Some(within))
+        .metrics(
+            |m| m.id == id || matched(m).is_some_and(|i| i >= target) || gone(m),
+            "the learner caught up",
+        )
+        .await;
+    if caught_up.as_ref().is_ok_and(gone) {
+        return Err(Error::FailedPrecondition(format!(
+            "node {id} was removed from the group while it caught up with the log"
+        )));
+    }
+    caught_up.map_err(|_| {
+        Error::Unavailable(format!(
+            "node {id} did not catch up with the log within {} s (is it reachable at {addr}?); it stays a \
                  learner: call again once it is up",
-                within.as_secs()
-            ))
-        })?;
+            within.as_secs()
+        ))
+    })?;
     if learner_only {
         return Ok(target);
     }

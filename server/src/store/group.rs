@@ -296,7 +296,7 @@ impl GroupState {
             clock_ms: get(META_CLOCK)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or(0),
         };
         let cluster: MetaState =
-            get(META_CLUSTER)?.map(|b| codec::decode(&b)).transpose()?.unwrap_or_default();
+            get(META_CLUSTER)?.map(|b| decode_cluster(&b)).transpose()?.unwrap_or_default();
         let stored: Option<u32> = get(META_RULES)?.map(|b| codec::decode(&b)).transpose()?;
         let rules = stored.unwrap_or(portrait_core::rules::FIRST);
         // Applied by rules this build does not have (a node started on an
@@ -334,6 +334,27 @@ impl GroupState {
         self.refresh_durable_clock(None);
         Ok(())
     }
+}
+
+/// The meta state as builds before apply rules version 6 stored it:
+/// without [`MetaState::retired`], its last field.
+#[derive(serde::Deserialize)]
+struct MetaStateBefore6 {
+    map: Option<portrait_core::shard::ShardMap>,
+    schema: Option<portrait_core::meta::SchemaVersion>,
+    rules: u32,
+}
+
+/// Decodes the stored meta state, in either layout. (Builds before
+/// version 6 read this build's layout too: fixed-width bincode ignores the
+/// trailing field, and only a cluster on version 6 retires ids.)
+fn decode_cluster(bytes: &[u8]) -> Result<MetaState, bincode::Error> {
+    codec::decode(bytes).or_else(|e| match codec::decode::<MetaStateBefore6>(bytes) {
+        Ok(MetaStateBefore6 { map, schema, rules }) => {
+            Ok(MetaState { map, schema, rules, retired: Default::default() })
+        }
+        Err(_) => Err(e),
+    })
 }
 
 #[cfg(test)]
@@ -379,5 +400,35 @@ mod tests {
         let group = db.open_group(gid).expect("opens");
         assert_eq!(group.schema().version, 4);
         assert!(!group.engine().is_empty());
+    }
+
+    /// The meta state gained `retired` (apply rules version 6): a data dir
+    /// of an older build opens, and an older build reads the new layout.
+    #[test]
+    fn the_meta_state_decodes_in_the_layout_before_retired_ids_and_after() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct Old {
+            map: Option<portrait_core::shard::ShardMap>,
+            schema: Option<portrait_core::meta::SchemaVersion>,
+            rules: u32,
+        }
+        let map = portrait_core::shard::ShardMap::create(4, 3, 1, "http://n1", "http://n1:8700").unwrap();
+        let schema = Some(portrait_core::meta::SchemaVersion { version: 2, toml: "x".into() });
+        let old = Old { map: Some(map.clone()), schema: schema.clone(), rules: 5 };
+        let read = decode_cluster(&codec::encode(&old)).expect("the old layout");
+        assert_eq!(
+            read,
+            MetaState {
+                map: Some(map.clone()),
+                schema: schema.clone(),
+                rules: 5,
+                retired: Default::default()
+            }
+        );
+        let new = MetaState { map: Some(map.clone()), schema, rules: 6, retired: [3, 9].into() };
+        assert_eq!(decode_cluster(&codec::encode(&new)).expect("the new layout"), new);
+        let by_old: Old = codec::decode(&codec::encode(&new)).expect("an older build reads it");
+        assert_eq!((by_old.map, by_old.rules), (Some(map), 6));
+        assert!(decode_cluster(&[1, 2, 3]).is_err(), "garbage is an error, not a default");
     }
 }

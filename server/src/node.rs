@@ -337,7 +337,12 @@ impl Node {
         let tick_interval = Duration::from_millis(opts.tuning.tick_interval_ms);
         let r = registry.clone();
         let c = meta.sm.watch_cluster();
-        tasks.spawn("ticker", |stop| crate::raft::ticker::run(r, c, tick_interval, stop));
+        let quorum = crate::raft::ticker::QuorumSight {
+            me: opts.node_id,
+            liveness: liveness.clone(),
+            within: opts.tuning.quorum_unheard_after(),
+        };
+        tasks.spawn("ticker", |stop| crate::raft::ticker::run(r, c, tick_interval, quorum, stop));
         let probe = ClockProbe {
             me: opts.node_id,
             registry: registry.clone(),

@@ -438,3 +438,76 @@ async fn a_leader_that_hears_no_quorum_refuses_writes_and_proposes_nothing() {
         }
     }
 }
+
+/// Node `id`'s (last log index, applied index) of `shard`.
+async fn log_of(cluster: &Cluster, id: u64, shard: u32) -> (u64, u64) {
+    let status = cluster.client_once(id).await.cluster_status().await.expect("status");
+    let s = status.shard_status.iter().find(|s| s.shard == shard).expect("hosts the shard");
+    (s.last_log_index, s.applied_index)
+}
+
+/// A leader cut off from its quorum proposes no tick either: a
+/// time-driven tag falls due while both followers are down, and the
+/// leader's log of the shard does not grow (a tick proposed then would
+/// wait in it for the followers, and commit, or be dropped, whenever they
+/// come back). Once they are back, the tick is proposed and applied.
+#[tokio::test]
+async fn a_leader_that_hears_no_quorum_proposes_no_tick() {
+    const SHARDS: u32 = 2;
+    const ALL: [u64; 3] = [1, 2, 3];
+    const IDLE_AFTER_MS: i64 = 15_000;
+    let mut cluster = Cluster::start_sharded_with_config(3, SHARDS, "replication = 3\nmax_moves = 0\n").await;
+    wait_placed(&cluster, &ALL, SHARDS).await;
+    let cut = 0;
+    transfer(cluster.client(1).await, cut, 3).await;
+    let schema = format!(
+        "{}\n[features.last_order]\nfamily = \"trade\"\nagg = \"last_time\"\n\n[tags.idle]\nrule = 'not \
+         is_null(last_order) and now - last_order > {}s'\n",
+        portrait_core::schema::DEFAULT_SCHEMA_TOML,
+        IDLE_AFTER_MS / 1000
+    );
+    cluster.client(1).await.apply_schema(schema, false).await.expect("schema");
+    let placed = wait_placed(&cluster, &ALL, SHARDS).await;
+    assert_eq!(placed[&cut].1, 3, "{placed:?}");
+    let users = users_of(cut, SHARDS, 2);
+    let t = now_ms();
+    let events: Vec<Event> = users.iter().map(|u| order(u, format!("t-{u}"))).collect();
+    cluster.client(3).await.write(events).await.expect("write");
+    wait_caught_up(&cluster, &ALL, SHARDS).await;
+    // The entries the write sets off (a tick about a second later) are in:
+    // nothing is proposed for 2 s.
+    let mut last = log_of(&cluster, 3, cut).await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = log_of(&cluster, 3, cut).await;
+        if now == last {
+            break;
+        }
+        assert!(now_ms() < t + 8_000, "node 3 keeps proposing in shard {cut}: {now:?}");
+        last = now;
+    }
+
+    // Both followers gone well before the tag falls due (at t + 15 s);
+    // node 3 knows it has no quorum 4 s later (5 s are given).
+    cluster.kill(1);
+    cluster.kill(2);
+    let killed = now_ms();
+    let sleep_until =
+        |at_ms: i64| tokio::time::sleep(Duration::from_millis((at_ms - now_ms()).max(0) as u64));
+    sleep_until(killed + 5_000).await;
+    let before = log_of(&cluster, 3, cut).await;
+    assert!(now_ms() + 1_000 < t + IDLE_AFTER_MS, "the tag fell due too early to tell; a loaded machine?");
+    // Due, and five tick intervals (1 s) past it.
+    sleep_until(t + IDLE_AFTER_MS + 5_000).await;
+    let after = log_of(&cluster, 3, cut).await;
+    assert_eq!(after, before, "node 3's log of shard {cut} (last, applied) grew while it had no quorum");
+
+    // The followers back: the tick is proposed and applied.
+    cluster.restart(1).await;
+    cluster.restart(2).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while log_of(&cluster, 3, cut).await.1 <= before.1 {
+        assert!(Instant::now() < deadline, "no tick applied once the quorum was back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -419,6 +419,11 @@ impl Node {
         if replica.sm.schema().version >= newest.version || replica.sm.rules() < cluster.rules() {
             return;
         }
+        // Cut off from its quorum: the entry would wait in its log (the
+        // next placement pass proposes it once the quorum answers).
+        if let Err(e) = self.quorum_in_sight(replica) {
+            return tracing::debug!(group = %replica.gid, error = %e, "not proposing the schema now");
+        }
         // The meta leader checked it; a build that refuses it (a rolling
         // upgrade with a stricter check) does not propose it, and says why.
         if let Err(e) = crate::engine::check_schema(&newest.toml) {
@@ -475,6 +480,9 @@ impl Node {
         if let Err(e) = crate::rules::check(version) {
             tracing::debug!(group = %replica.gid, error = %e, "not proposing the cluster's apply rules");
             return;
+        }
+        if let Err(e) = self.quorum_in_sight(replica) {
+            return tracing::debug!(group = %replica.gid, error = %e, "not proposing the apply rules now");
         }
         let propose = async {
             let _pass = replica.gate.pass(self.write_timeout).await?;

@@ -15,9 +15,8 @@
 //! after its shard. Atomic per shard, not across shards.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use openraft::ServerState;
 use portrait_core::schema::VersionedSchema;
 use portrait_core::shard::shard_of;
 
@@ -26,7 +25,6 @@ use super::Node;
 use crate::error::{Error, Result, OUTCOME_UNKNOWN, RETRY_LATER};
 use crate::model::{Event, WriteCounts};
 use crate::raft::batcher::Room;
-use crate::raft::quiet::quorum_answers;
 use crate::raft::replica::Replica;
 use crate::store::codec::{decode, encode};
 use crate::types::{GroupId, NodeId};
@@ -273,30 +271,11 @@ impl Node {
     /// still proposes, and its write times out as before. Checked before
     /// and after the write's wait at the gate and for room. During a
     /// membership change each configuration needs its quorum.
-    fn quorum_in_sight(&self, replica: &Replica) -> Result<()> {
-        // Each configuration of a joint one must have its quorum.
-        let configs: Vec<Vec<NodeId>> = {
-            let m = replica.raft.metrics();
-            let m = m.borrow();
-            if m.state != ServerState::Leader {
-                return Ok(());
-            }
-            let joint = m.membership_config.membership().get_joint_config();
-            joint.iter().map(|c| c.iter().copied().collect()).collect()
+    pub(super) fn quorum_in_sight(&self, replica: &Replica) -> Result<()> {
+        let within = self.tuning.quorum_unheard_after();
+        let Some((voters, answering)) = replica.quorum_out_of_sight(self.id, &self.liveness, within) else {
+            return Ok(());
         };
-        let (now, within) = (Instant::now(), self.tuning.quorum_unheard_after());
-        let heard = |id: NodeId| self.liveness.silent_for(id, now) < within;
-        // A quorum that answered the group's own AppendEntries lately
-        // vetoes the refusal: the node's probe loop may be the one stalled
-        // (its clock tick fsyncs). A resting quiet group has no such
-        // answers; the probe alone speaks for it.
-        let lost = configs.iter().find(|voters| {
-            let acked = replica.acks.quorum_age(self.id, voters).is_some_and(|age| age < within);
-            !acked && !quorum_answers(self.id, voters, heard)
-        });
-        let Some(voters) = lost else { return Ok(()) };
-        let answering: Vec<NodeId> =
-            voters.iter().copied().filter(|&id| id == self.id || heard(id)).collect();
         Err(Error::Unavailable(format!(
             "node {} leads the shard, but of its voters {voters:?} only {answering:?} answered within {} ms: \
              no quorum, so the write was not proposed; retry (another replica may lead the shard by now)",

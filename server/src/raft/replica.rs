@@ -13,12 +13,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use super::contact::{LeaderContact, PeerAcks};
 use super::elect::ElectSwitch;
 use super::gate::ProposalGate;
+use super::liveness::Liveness;
 use super::network::{Blocked, Channels, Network};
-use super::quiet::HeartbeatSwitch;
+use super::quiet::{quorum_answers, HeartbeatSwitch};
 use super::stamp::Stamper;
 use super::transfer::LeaderTransfer;
 use super::RaftTuning;
@@ -120,6 +122,45 @@ impl Replica {
     /// Whether this replica leads its group now (by its metrics).
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state == openraft::ServerState::Leader
+    }
+
+    /// When this replica leads its group (on node `me`) and some
+    /// configuration of its membership (each of a joint one: a change
+    /// commits only with a quorum of both) had no quorum answer within
+    /// `within`, neither on the node's liveness probe (`liveness`) nor on
+    /// the group's own AppendEntries: that configuration's voters and those
+    /// of them that answered (`me` among them). A leader cut off so would
+    /// never commit what it proposes now (openraft 0.9 leaders do not step
+    /// down), and its entries would wait in its log, to commit or be
+    /// dropped whenever the cut ends. `None` otherwise, and when it does not
+    /// lead.
+    pub fn quorum_out_of_sight(
+        &self,
+        me: NodeId,
+        liveness: &Liveness,
+        within: Duration,
+    ) -> Option<(Vec<NodeId>, Vec<NodeId>)> {
+        let configs: Vec<Vec<NodeId>> = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            if m.state != openraft::ServerState::Leader {
+                return None;
+            }
+            let joint = m.membership_config.membership().get_joint_config();
+            joint.iter().map(|c| c.iter().copied().collect()).collect()
+        };
+        let now = Instant::now();
+        let heard = |id: NodeId| liveness.silent_for(id, now) < within;
+        // A quorum that answered the group's own AppendEntries lately
+        // vetoes: the node's probe loop may be the one stalled (its clock
+        // tick fsyncs). A resting quiet group has no such answers; the
+        // probe alone speaks for it.
+        let lost = configs.into_iter().find(|voters| {
+            let acked = self.acks.quorum_age(me, voters).is_some_and(|age| age < within);
+            !acked && !quorum_answers(me, voters, heard)
+        })?;
+        let answering = lost.iter().copied().filter(|&id| id == me || heard(id)).collect();
+        Some((lost, answering))
     }
 }
 

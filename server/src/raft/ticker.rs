@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::gate::ProposalGate;
+use super::liveness::Liveness;
 use super::replica::Registry;
 use super::stamp::Stamper;
 use crate::store::apply::first_timer;
@@ -46,6 +47,7 @@ pub async fn run(
     registry: Arc<Registry>,
     cluster: watch::Receiver<Arc<MetaState>>,
     interval: Duration,
+    quorum: QuorumSight,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut rounds = Rounds::default();
@@ -61,6 +63,12 @@ pub async fn run(
                 tracing::debug!(group = %gid, "no tick round: the shard has not taken the cluster's apply rules yet");
                 continue;
             }
+            if let Some((voters, answering)) =
+                replica.quorum_out_of_sight(quorum.me, &quorum.liveness, quorum.within)
+            {
+                tracing::debug!(group = %gid, ?voters, ?answering, "no tick round: no quorum answers this leader");
+                continue;
+            }
             rounds.start(gid, async move {
                 let r = &replica;
                 if tokio::time::timeout(ROUND_LIMIT, round(&r.raft, &r.sm, &r.gate, &r.stamper))
@@ -72,6 +80,17 @@ pub async fn run(
             });
         }
     }
+}
+
+/// What tells a leader cut off from its quorum (see
+/// [`super::replica::Replica::quorum_out_of_sight`]): it proposes no tick
+/// round, whose entries would wait in its log for the cut to end.
+pub struct QuorumSight {
+    /// This node.
+    pub me: crate::types::NodeId,
+    pub liveness: Arc<Liveness>,
+    /// `RaftTuning::quorum_unheard_after`.
+    pub within: Duration,
 }
 
 /// The shards' rounds running: at most one per shard. Dropping it cancels

@@ -618,8 +618,12 @@ impl PortraitClient {
         &self,
         map: &ShardMapResponse,
     ) -> BTreeMap<u64, Result<ClusterStatusResponse, String>> {
-        let asks = map.nodes.iter().map(|n| async move {
-            let status = async { self.connect_like(&n.addr).await?.cluster_status().await };
+        // Retried for a second less than the wait: a node that refuses the
+        // connection, or answers UNAVAILABLE throughout, is reported by its
+        // own last error, not as silent.
+        let options = self.router.options().clone().retry_for(STATUS_TIMEOUT - Duration::from_secs(1));
+        let asks = map.nodes.iter().map(|n| async {
+            let status = async { Self::connect_with(&n.addr, options.clone()).await?.cluster_status().await };
             let answer = match tokio::time::timeout(STATUS_TIMEOUT, status).await {
                 Ok(answer) => answer.map_err(|e| e.to_string()),
                 Err(_) => Err(format!("no answer within {} s", STATUS_TIMEOUT.as_secs())),

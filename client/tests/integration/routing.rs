@@ -241,3 +241,27 @@ async fn a_write_stream_to_a_node_that_is_gone_moves_on_for_the_next_call() {
     client.write_stream(batches()).await.expect("the next call goes to node 2");
     assert_eq!(b_fake.users().len(), 1);
 }
+
+/// `node_statuses` names each node that gives no status by its own error
+/// (one that answers UNAVAILABLE throughout, one that is gone), within
+/// its wait, rather than as silent.
+#[tokio::test]
+async fn node_statuses_report_each_node_that_gives_none_by_its_own_error() {
+    let a = Node::start(Fake { id: 1, ..Default::default() }).await;
+    let b = Node::start(Fake { id: 2, unavailable: u32::MAX.into(), ..Default::default() }).await;
+    let c = Node::start(Fake { id: 3, ..Default::default() }).await;
+    set_leaders(&[&a, &b, &c], 1, &[1, 3]);
+    let client = PortraitClient::connect(&a.url()).await.unwrap();
+    let map = client.shard_map().await.unwrap();
+    let gone = c.url();
+    c.stop().await;
+    let started = std::time::Instant::now();
+    let statuses = client.node_statuses(&map).await;
+    assert!(started.elapsed() < portrait_client::STATUS_TIMEOUT, "{:?}", started.elapsed());
+    assert_eq!(statuses[&1].as_ref().map(|s| s.node_id), Ok(1));
+    let unavailable = statuses[&2].as_ref().unwrap_err();
+    assert!(unavailable.contains("UNAVAILABLE") && unavailable.contains("no leader"), "{unavailable}");
+    let refused = statuses[&3].as_ref().unwrap_err();
+    assert!(!refused.contains("no answer within"), "{refused}");
+    assert!(refused.contains(&gone), "names the address it could not reach: {refused}");
+}

@@ -500,20 +500,20 @@ impl Node {
         // data dir, so every raft message that could count its vote is
         // checked against that data dir.
         let added = add_to_group(&self.meta, id, &peer_addr, true, self.write_timeout, FOLLOW_TIMEOUT).await;
-        let retired = || Error::FailedPrecondition(format!("node_id: {}", portrait_core::meta::retired(id)));
-        let mut index = match added {
-            // Removed while it caught up: say why, once the id is retired.
-            Err(_) if self.cluster().retired.contains(&id) => return Err(retired()),
-            added => added.map_err(in_meta)?,
-        };
         // Retired meanwhile (a RemoveNode of it retires the id, then takes
-        // it out of the meta group, perhaps before this learner was added):
-        // take it out again, so the removal holds.
+        // it out of the meta group, perhaps before this learner was added),
+        // whether or not the learner caught up: taken out again, so the
+        // removal holds (the meta leader's placement pass also removes a
+        // retired learner left behind, should this fail).
         if self.cluster().retired.contains(&id) {
-            let alive = |_| true;
+            let alive = |n: NodeId| {
+                n == self.id
+                    || self.liveness.silent_for(n, std::time::Instant::now()) < META_QUORUM_HEARD_WITHIN
+            };
             remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
-            return Err(retired());
+            return Err(Error::FailedPrecondition(format!("node_id: {}", portrait_core::meta::retired(id))));
         }
+        let mut index = added.map_err(in_meta)?;
         if learner_only {
             return Ok(index);
         }

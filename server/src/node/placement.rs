@@ -368,6 +368,20 @@ impl Node {
         if membership.get_joint_config().len() > 1 {
             return self.finish_joint(&self.meta, &m, true).await;
         }
+        // Learners whose ids are retired and not in the map: left by an
+        // AddNode that raced their removal (apply rules version 6).
+        let cluster = self.cluster();
+        let retired: BTreeSet<NodeId> = membership
+            .learner_ids()
+            .filter(|n| cluster.retired.contains(n) && !map.nodes.contains_key(n))
+            .collect();
+        if !retired.is_empty() {
+            tracing::info!(nodes = ?retired, "meta group: removing learners whose ids were retired by a removal");
+            let _pass = self.meta.gate.pass(self.write_timeout).await?;
+            let change = self.meta.raft.change_membership(ChangeMembers::RemoveNodes(retired), false);
+            self.bounded(change).await?.map_err(client_write_error)?;
+            return Ok(());
+        }
         let now = std::time::Instant::now();
         // A voter not in the map yet is one AddNode is adding: fit.
         let fit = |n: &NodeId| {

@@ -33,7 +33,7 @@ pub const FIRST: u32 = 1;
 /// - 3: [`FULL_BUCKET_KEEPS_OLDER`];
 /// - 4: [`TOP_COUNTS_KEPT`], [`RESET_FEATURES_RESETTLE`];
 /// - 5: [`DRAIN_DEAD_BESIDE_DRAIN`];
-/// - 6: [`RETIRED_IDS`].
+/// - 6: [`RETIRED_IDS`], [`ONE_RESTORE_AT_A_TIME`].
 pub const NEWEST: u32 = 6;
 
 /// From this version on, a tag changed by another tag's change records
@@ -81,6 +81,13 @@ pub const DRAIN_DEAD_BESIDE_DRAIN: u32 = 5;
 /// join (a learner of the meta group, not yet in the map) was added back
 /// by its own join loop, undoing the removal.
 pub const RETIRED_IDS: u32 = 6;
+
+/// From this version on, a restore's `Begin` is rejected while a restore
+/// of another backup (another restore id) is in progress in the shard;
+/// before, it started over, wiping the rows the other restore had applied
+/// (whose next step was then rejected). Another attempt of the same
+/// restore still starts over.
+pub const ONE_RESTORE_AT_A_TIME: u32 = 6;
 
 /// The oldest version this build still applies.
 pub const OLDEST: u32 = 1;

@@ -523,6 +523,22 @@ impl Applier {
         };
         match step {
             RestoreStep::Begin { id } => {
+                // Another restore (another backup) in progress is not
+                // wiped: a shard takes one backup. The leader checks it
+                // before proposing; two restores that both passed its
+                // look are told apart here (apply rules version 6).
+                let restore_id = crate::types::restore_id_of(&id);
+                if let Some(m) = &marker {
+                    let running = crate::types::restore_id_of(&m.id);
+                    if running != restore_id
+                        && self.store.rules() >= portrait_core::rules::ONE_RESTORE_AT_A_TIME
+                    {
+                        return Ok(Err(format!(
+                            "{gid} is being restored from {running:?}, not {restore_id:?}: a shard takes one \
+                             backup; finish that restore, or restore into a new, empty cluster"
+                        )));
+                    }
+                }
                 // Only into a shard that never took a write, or to start a
                 // restore in progress again: decided here, on every
                 // replica alike, not by the leader's earlier look (writes
@@ -533,7 +549,6 @@ impl Applier {
                     // done, not a foreign cluster's data.
                     let restored: Option<String> =
                         db.get_cf(meta_cf, &self.keys.restored)?.map(|b| decode(&b)).transpose()?;
-                    let restore_id = crate::types::restore_id_of(&id);
                     if restored.as_deref() == Some(restore_id) {
                         return Ok(Err(format!(
                             "{} {gid} from {restore_id:?}",

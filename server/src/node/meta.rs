@@ -510,7 +510,10 @@ impl Node {
                 n == self.id
                     || self.liveness.silent_for(n, std::time::Instant::now()) < META_QUORUM_HEARD_WITHIN
             };
-            remove_from_group(&self.meta, id, self.write_timeout, alive).await.map_err(in_meta)?;
+            // Should this fail, the meta leader's placement pass removes it.
+            if let Err(e) = remove_from_group(&self.meta, id, self.write_timeout, alive).await {
+                tracing::info!(node = id, error = %e, "a retired learner stays until the next placement pass");
+            }
             return Err(Error::FailedPrecondition(format!("node_id: {}", portrait_core::meta::retired(id))));
         }
         let mut index = added.map_err(in_meta)?;

@@ -361,7 +361,9 @@ impl Node {
     /// hands the group to a fit voter. So scaling in (drain, then remove)
     /// or losing nodes for good never leaves the meta group's quorum on
     /// nodes that are going: demoting a voter that is going never lowers
-    /// the failures the group survives once it has gone.
+    /// the failures the group survives once it has gone. Before any of
+    /// that, learners whose ids were retired (apply rules version 6) and
+    /// are not in the map leave the group.
     async fn keep_meta_voters(&self, map: &ShardMap) -> Result<()> {
         let m = self.meta.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();

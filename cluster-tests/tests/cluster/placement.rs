@@ -70,12 +70,18 @@ async fn check_replicas(
             let client = cluster.client(id).await;
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
-                let got = client.get_profile(user, &[], Consistency::Local).await.expect("local read");
-                let info = got.read_info.expect("read info");
-                assert_eq!((info.node_id, info.shard), (id, shard), "served where it lives");
-                let seen = got
-                    .profile
-                    .and_then(|p| p.families.get("browse").and_then(|f| f.attrs.get("page").cloned()));
+                // A replica still catching up (a new one, by snapshot) may
+                // not have the user yet: a LOCAL read is allowed to lag.
+                let seen = match client.get_profile(user, &[], Consistency::Local).await {
+                    Ok(got) => {
+                        let info = got.read_info.expect("read info");
+                        assert_eq!((info.node_id, info.shard), (id, shard), "served where it lives");
+                        got.profile
+                            .and_then(|p| p.families.get("browse").and_then(|f| f.attrs.get("page").cloned()))
+                    }
+                    Err(e) if e.code() == Some(tonic::Code::NotFound) => None,
+                    Err(e) => panic!("local read on node {id}: {e}"),
+                };
                 if seen.and_then(|a| a.value) == Some(Value::string(page)) {
                     break;
                 }

@@ -618,10 +618,12 @@ impl PortraitClient {
         &self,
         map: &ShardMapResponse,
     ) -> BTreeMap<u64, Result<ClusterStatusResponse, String>> {
-        // Retried for a second less than the wait: a node that refuses the
-        // connection, or answers UNAVAILABLE throughout, is reported by its
-        // own last error, not as silent.
-        let options = self.router.options().clone().retry_for(STATUS_TIMEOUT - Duration::from_secs(1));
+        // Retried for what is left of the wait after a connection that
+        // took as long as it may, less a second: a node that answers
+        // UNAVAILABLE throughout is reported by its own last error, not
+        // as silent (the retry budget counts from the first call).
+        let retry = STATUS_TIMEOUT.saturating_sub(crate::conn::CONNECT_TIMEOUT + Duration::from_secs(1));
+        let options = self.router.options().clone().retry_for(retry);
         let asks = map.nodes.iter().map(|n| async {
             let status = async { Self::connect_with(&n.addr, options.clone()).await?.cluster_status().await };
             let answer = match tokio::time::timeout(STATUS_TIMEOUT, status).await {

@@ -19,7 +19,8 @@ use tonic::{Request, Status};
 use crate::routing::{Seen, CLUSTER_ID_HEADER, MAP_EPOCH_HEADER};
 use crate::ClientError;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a connection may take to open.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// While a call is open, the connection is pinged this often, and closed
 /// (failing its calls with `UNAVAILABLE`) when a ping is not answered
 /// within [`PING_TIMEOUT`]: a node that vanished (power loss, a dropped

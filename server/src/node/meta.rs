@@ -196,6 +196,13 @@ impl Node {
         }
     }
 
+    /// Whether node `n` counts as answering for a meta membership change:
+    /// this node, or one heard on the liveness probe within
+    /// [`META_QUORUM_HEARD_WITHIN`].
+    fn answers_meta(&self, n: NodeId) -> bool {
+        n == self.id || self.liveness.silent_for(n, std::time::Instant::now()) < META_QUORUM_HEARD_WITHIN
+    }
+
     /// The map's nodes that do not answer: none to this round's status
     /// call (`statuses`), and none to the liveness probes for
     /// [`META_QUORUM_HEARD_WITHIN`] (a node slow to answer one call, busy
@@ -433,7 +440,7 @@ impl Node {
         let map = self.cluster().map.clone().ok_or_else(not_created)?;
         // Its removal is not undone (its own join loop asks on).
         if self.cluster().retired.contains(&id) {
-            return Err(Error::FailedPrecondition(format!("node_id: {}", portrait_core::meta::retired(id))));
+            return Err(retired(id));
         }
         // A drain is never undone: adding a draining node again would
         // change nothing and answer OK (and flap its meta vote).
@@ -506,15 +513,12 @@ impl Node {
         // removal holds (the meta leader's placement pass also removes a
         // retired learner left behind, should this fail).
         if self.cluster().retired.contains(&id) {
-            let alive = |n: NodeId| {
-                n == self.id
-                    || self.liveness.silent_for(n, std::time::Instant::now()) < META_QUORUM_HEARD_WITHIN
-            };
             // Should this fail, the meta leader's placement pass removes it.
+            let alive = |n| self.answers_meta(n);
             if let Err(e) = remove_from_group(&self.meta, id, self.write_timeout, alive).await {
                 tracing::info!(node = id, error = %e, "a retired learner stays until the next placement pass");
             }
-            return Err(Error::FailedPrecondition(format!("node_id: {}", portrait_core::meta::retired(id))));
+            return Err(retired(id));
         }
         let mut index = added.map_err(in_meta)?;
         if learner_only {
@@ -599,9 +603,7 @@ impl Node {
         // The map moves a replica at once; its group drops the old one only
         // once the new one has caught up. Until then the node still votes.
         check_left_every_group(id, self.shards, &self.statuses().await)?;
-        let alive = |n: NodeId| {
-            n == self.id || self.liveness.silent_for(n, std::time::Instant::now()) < META_QUORUM_HEARD_WITHIN
-        };
+        let alive = |n| self.answers_meta(n);
         let meta_voters: Vec<NodeId> =
             self.meta.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
         quorum_without(&meta_voters, id, alive).map_err(in_meta)?;
@@ -1150,6 +1152,11 @@ fn check_addr(field: &str, addr: &str, example: &str) -> Result<()> {
         return Err(Error::invalid(field, format!("not a valid URL ({e}); e.g. {example}")));
     }
     Ok(())
+}
+
+/// AddNode of node `id`, whose id a removal retired.
+fn retired(id: NodeId) -> Error {
+    Error::FailedPrecondition(format!("node_id: {}", portrait_core::meta::retired(id)))
 }
 
 /// Removing node `id` is refused because it cannot be marked draining.

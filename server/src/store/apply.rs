@@ -52,6 +52,8 @@ pub enum ApplyError {
 pub struct ApplyCache {
     shards: Vec<CacheShard>,
     budget: std::sync::Arc<CacheBudget>,
+    /// The bytes last reported to the budget.
+    reported: usize,
 }
 
 struct CacheShard {
@@ -136,7 +138,7 @@ impl ApplyCache {
             batch_bytes: 0,
             scratch: Scratch::default(),
         };
-        ApplyCache { shards: (0..SHARDS).map(|_| shard()).collect(), budget }
+        ApplyCache { shards: (0..SHARDS).map(|_| shard()).collect(), budget, reported: 0 }
     }
 
     /// The shards, each bounded by its part of this cache's current share
@@ -162,6 +164,23 @@ impl ApplyCache {
             shard.recent_ids = HashMap::default();
             shard.scratch = Scratch::default();
         }
+        self.report();
+    }
+
+    /// Reports what the cache holds to the node's budget, and says whether
+    /// it should be trimmed once its last batch is written: the node's
+    /// caches together hold more than the budget, and this one more than
+    /// its share (an entry just kept its users past it).
+    pub fn over_budget(&mut self) -> bool {
+        let bytes = self.report();
+        bytes > self.budget.byte_share() && self.budget.over()
+    }
+
+    fn report(&mut self) -> usize {
+        let bytes = self.bytes();
+        self.budget.held(self.reported, bytes);
+        self.reported = bytes;
+        bytes
     }
 
     /// Encoded bytes of the heads and states held.
@@ -176,11 +195,13 @@ impl ApplyCache {
             shard.bytes = 0;
             shard.recent_ids.clear();
         }
+        self.report();
     }
 }
 
 impl Drop for ApplyCache {
     fn drop(&mut self) {
+        self.budget.held(self.reported, 0);
         self.budget.leave();
     }
 }

@@ -75,16 +75,41 @@ impl Drop for ApplyWriter {
 /// The apply cache budget of the node, in users and family records and in
 /// their encoded bytes: each group's cache keeps at most an equal share of
 /// both, so 64 groups keep what one did.
+///
+/// An entry trims its group's cache to the share before it adds its own
+/// users, and keeps them for the next entry (whose apply may read them
+/// while this one's batch is still being written): a group may hold its
+/// share plus one entry's users. The bytes every cache holds are summed
+/// here, so that once they pass the node's budget, a group past its share
+/// waits for its batch and trims ([`CacheBudget::over`]): the node holds
+/// its budget plus the entries being applied at that moment, not one
+/// entry's users per group.
 #[derive(Debug)]
 pub struct CacheBudget {
     entries: usize,
     bytes: usize,
     caches: AtomicUsize,
+    /// Encoded bytes held by all caches, as each last reported them.
+    held: AtomicUsize,
 }
 
 impl CacheBudget {
     pub fn new(entries: usize, bytes: usize) -> CacheBudget {
-        CacheBudget { entries, bytes, caches: AtomicUsize::new(0) }
+        CacheBudget { entries, bytes, caches: AtomicUsize::new(0), held: AtomicUsize::new(0) }
+    }
+
+    /// A cache that held `before` bytes now holds `after`.
+    pub(crate) fn held(&self, before: usize, after: usize) {
+        if after >= before {
+            self.held.fetch_add(after - before, Ordering::AcqRel);
+        } else {
+            self.held.fetch_sub(before - after, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether the caches together hold more encoded bytes than the budget.
+    pub(crate) fn over(&self) -> bool {
+        self.held.load(Ordering::Acquire) > self.bytes
     }
 
     /// The share of one cache in entries (of the caches that exist now).
@@ -121,5 +146,18 @@ mod tests {
         assert_eq!(budget.byte_share(), 1 << 20);
         budget.leave();
         assert_eq!(budget.share(), 100_000 / 63);
+    }
+
+    #[test]
+    fn the_budget_sums_what_the_caches_hold() {
+        let budget = CacheBudget::new(100, 1000);
+        budget.held(0, 600);
+        budget.held(0, 400);
+        assert!(!budget.over(), "1,000 bytes: at the budget, not past it");
+        budget.held(400, 401);
+        assert!(budget.over());
+        budget.held(600, 0);
+        assert!(!budget.over());
+        assert_eq!(budget.held.load(Ordering::Acquire), 401);
     }
 }

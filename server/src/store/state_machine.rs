@@ -149,7 +149,9 @@ impl StateMachine {
         StateMachine::with_cache_budget(store, data_dir, Arc::new(CacheBudget::new(entries, bytes)))
     }
 
-    fn with_cache_budget(
+    /// [`StateMachine::new`] with its apply cache holding a share of
+    /// `budget` (tests share a small one between groups).
+    pub fn with_cache_budget(
         store: Arc<GroupState>,
         data_dir: &std::path::Path,
         budget: Arc<CacheBudget>,
@@ -667,7 +669,7 @@ impl Applier {
 
     /// Seals the entry's batch and writes it here (entries other than writes).
     fn finish(
-        &self,
+        &mut self,
         db: &DB,
         mut batch: WriteBatch,
         state: &mut AppliedState,
@@ -680,6 +682,10 @@ impl Applier {
         };
         db.write_opt(batch, &opts).map_err(write_err)?;
         self.store.set_applied(state.clone());
+        // A tick or re-evaluation keeps its users too; its batch is written.
+        if self.cache.over_budget() {
+            self.cache.trim_settled();
+        }
         Ok(())
     }
 
@@ -698,6 +704,13 @@ impl Applier {
             WriteJob { batch, group: self.store.clone(), state: state.clone(), done: self.done_tx.clone() };
         self.store.state_db().writer().submit(job).map_err(|e| write_err(std::io::Error::other(e)))?;
         self.in_flight = Some(state.clone());
+        // The entry's users, kept for the next entry, took the node's
+        // caches past its budget: this one gives up the overlap of the
+        // next entry's apply with this batch's write, and trims.
+        if self.cache.over_budget() {
+            self.wait_in_flight()?;
+            self.cache.trim_settled();
+        }
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
 use portrait_server::duration::DAY_MS;
 use portrait_server::model::{Attrs, Event, Value, WriteCounts};
 use portrait_server::schema::Schema;
+use portrait_server::store::apply_writer::CacheBudget;
 use portrait_server::store::keys;
 use portrait_server::store::read::{read_profile, ProfileView, Selection};
 use portrait_server::store::{GroupState, StateMachine};
@@ -787,24 +788,51 @@ async fn pipelined_entries_match_entries_written_one_by_one_with_a_cache_bounded
     pipelined_entries_match_one_by_one(100_000, 2048, |_| 20, 39 * 6).await;
 }
 
-/// An entry keeps its users in the apply cache for the next one, past the
-/// cache's share (it trims before it adds them). A group that goes idle
-/// then has its cache trimmed once its last batch is written; what the next
-/// entry does is unchanged (its duplicates are found in the database).
-#[tokio::test]
-async fn an_idle_groups_apply_cache_is_trimmed_to_its_share_once_its_batch_is_written() {
-    const SHARE: usize = 4096;
+/// 200 users' events from `from` on (ids `e{i}`).
+fn two_hundred_users(from: u64) -> Vec<Event> {
+    (from..from + 200)
+        .map(|i| event(&format!("user-{i}"), "trade", T0 + i as i64, &format!("e{i}"), &[]))
+        .collect()
+}
+
+/// The encoded bytes an apply cache keeps after an entry of
+/// [`two_hundred_users`] (measured with a budget of its own).
+async fn bytes_of_two_hundred_users() -> usize {
     let dir = tempfile::tempdir().unwrap();
     let store = GroupState::open(dir.path()).unwrap();
-    let mut sm = StateMachine::with_cache(store.clone(), dir.path(), 100_000, SHARE).unwrap();
-    let events = |from: u64| -> Vec<Event> {
-        (from..from + 200)
-            .map(|i| event(&format!("user-{i}"), "trade", T0 + i as i64, &format!("e{i}"), &[]))
-            .collect()
-    };
+    let mut sm = StateMachine::with_cache(store, dir.path(), 100_000, 1 << 30).unwrap();
+    sm.apply(vec![write(1, T0, vec![two_hundred_users(0)])]).await.unwrap();
+    sm.cached_bytes()
+}
+
+/// Four groups' state machines sharing one apply cache budget of `bytes`.
+fn groups_sharing(bytes: usize) -> Vec<Replica> {
+    let budget = std::sync::Arc::new(CacheBudget::new(100_000, bytes));
+    (0..4)
+        .map(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let store = GroupState::open(dir.path()).unwrap();
+            let sm = StateMachine::with_cache_budget(store.clone(), dir.path(), budget.clone()).unwrap();
+            Replica { dir, store, sm }
+        })
+        .collect()
+}
+
+/// An entry keeps its users in the apply cache for the next one, past the
+/// cache's share (it trims before it adds them), while the node's caches
+/// together are within its budget. A group that goes idle then has its
+/// cache trimmed once its last batch is written; what the next entry does
+/// is unchanged (its duplicates are found in the database).
+#[tokio::test]
+async fn an_idle_groups_apply_cache_is_trimmed_to_its_share_once_its_batch_is_written() {
+    // Four groups share 1.5 entries' worth: a share is under half of one.
+    let x = bytes_of_two_hundred_users().await;
+    let mut groups = groups_sharing(x * 3 / 2);
+    let Replica { dir, store, mut sm } = groups.remove(0);
+    let events = two_hundred_users;
     let first = sm.apply(vec![write(1, T0, vec![events(0)])]).await.unwrap();
     assert_eq!(counts(&first[0]), [applied(200, 0, 0)]);
-    assert!(sm.cached_bytes() > 2 * SHARE, "the entry's 200 users are kept: {}", sm.cached_bytes());
+    assert_eq!(sm.cached_bytes(), x, "the entry's 200 users are kept, past the group's share");
     let trim = sm.idle_trim();
     sm.applied_state().await.unwrap();
     assert!(trim.trim(), "idle and written: trimmed");
@@ -822,6 +850,33 @@ async fn an_idle_groups_apply_cache_is_trimmed_to_its_share_once_its_batch_is_wr
     }
     drop(r.sm);
     assert!(!trim.trim(), "the state machine is gone: nothing to trim");
+}
+
+/// The users an entry keeps for the next one count against the node's
+/// budget: a group whose entry takes the caches together past it, while it
+/// holds more than its share, trims once its batch is written instead of
+/// keeping them (64 busy groups would otherwise hold 64 entries' users).
+/// Its next entry finds the duplicates in the database.
+#[tokio::test]
+async fn a_group_past_its_share_trims_after_its_entry_once_the_node_s_caches_pass_their_budget() {
+    let x = bytes_of_two_hundred_users().await;
+    let mut groups = groups_sharing(x * 3 / 2);
+    let (mut a, mut b) = (groups.remove(0), groups.remove(0));
+    a.sm.apply(vec![write(1, T0, vec![two_hundred_users(0)])]).await.unwrap();
+    assert_eq!(a.sm.cached_bytes(), x, "within the budget: kept");
+    let first = b.sm.apply(vec![write(1, T0, vec![two_hundred_users(1000)])]).await.unwrap();
+    assert_eq!(counts(&first[0]), [applied(200, 0, 0)]);
+    assert_eq!(b.sm.cached_bytes(), 0, "2 entries' users past 1.5 entries' budget: trimmed");
+    assert_eq!(a.sm.cached_bytes(), x, "the group that kept its users within the budget keeps them");
+
+    let second = b.sm.apply(vec![write(2, T0 + 1000, vec![two_hundred_users(1100)])]).await.unwrap();
+    assert_eq!(counts(&second[0]), [applied(100, 100, 0)]);
+    b.sm.applied_state().await.unwrap();
+    for i in [1000, 1150, 1299] {
+        let view = read(&b, &format!("user-{i}"), T0 + 2000);
+        assert_eq!(view.families["trade"].history.len(), 1, "user-{i}: once, not twice");
+    }
+    drop(a);
 }
 
 /// Entry `k` has `size(k)` events; at least `min_dups` of all are

@@ -224,27 +224,57 @@ impl Routes {
     /// refreshed by one call, without the cache's lock: the others route
     /// by the cached map meanwhile, so a silent node asked for the map
     /// (up to [`FETCH_TIMEOUT`] each) holds up one call, not all of them.
-    pub async fn map(&self, router: &Router) -> Option<Arc<RouteMap>> {
-        let mut cached = self.cache.lock().await;
+    ///
+    /// The fetch runs in a task of its own, which the calling call awaits:
+    /// a call dropped part way (its deadline passed while a silent node
+    /// was asked) leaves the fetch to finish and record its outcome, the
+    /// map or the backoff after a failure. Were it dropped with the call,
+    /// nothing would be recorded, and every call with a deadline shorter
+    /// than a fetch would start the same fetch again and be cut short.
+    pub async fn map(self: &Arc<Self>, router: &Router) -> Option<Arc<RouteMap>> {
+        let first = {
+            let cached = self.cache.lock().await;
+            if !cached.due(self.is_stale(&cached, router), Instant::now()) {
+                return cached.map.clone();
+            }
+            let first = cached.map.is_none();
+            if !first && self.refreshing.swap(true, Ordering::AcqRel) {
+                return cached.map.clone();
+            }
+            first
+        };
+        let (routes, router) = (self.clone(), router.clone());
+        let fetch = tokio::spawn(async move { routes.refresh(&router, first).await });
+        fetch.await.unwrap_or_default()
+    }
+
+    /// Whether the cached map is to be fetched again before its time: a
+    /// node it named failed, or an answer told of a newer epoch.
+    fn is_stale(&self, cached: &Cached, router: &Router) -> bool {
         let outdated = cached.map.as_ref().is_some_and(|m| router.seen().passes(m));
-        let stale = self.stale.load(Ordering::Relaxed) || outdated;
-        if !cached.due(stale, Instant::now()) {
+        self.stale.load(Ordering::Relaxed) || outdated
+    }
+
+    /// The fetch [`Routes::map`] starts: the first map (under the cache's
+    /// lock, so every call waits for it; checked again once the lock is
+    /// taken, as another call's fetch may have got it or failed just
+    /// before), or a refresh of the cached one (this task holds the
+    /// `refreshing` flag).
+    async fn refresh(&self, router: &Router, first: bool) -> Option<Arc<RouteMap>> {
+        let _refreshing = (!first).then(|| Cleared(&self.refreshing));
+        let mut cached = self.cache.lock().await;
+        if first {
+            if cached.map.is_some() || !cached.due(self.is_stale(&cached, router), Instant::now()) {
+                return cached.map.clone();
+            }
+            // Nothing to route by yet: every call waits for the first map.
+            self.stale.store(false, Ordering::Relaxed);
+            let map = self.fetch(router, &[]).await;
+            self.took(&mut cached, map, router);
             return cached.map.clone();
         }
         let named: Vec<String> =
             cached.map.as_ref().map(|m| m.endpoints.values().cloned().collect()).unwrap_or_default();
-        if cached.map.is_none() {
-            // Nothing to route by yet: every call waits for the first map.
-            self.stale.store(false, Ordering::Relaxed);
-            let map = self.fetch(router, &named).await;
-            self.took(&mut cached, map, router);
-            return cached.map.clone();
-        }
-        if self.refreshing.swap(true, Ordering::AcqRel) {
-            return cached.map.clone();
-        }
-        // Cleared however this call ends (a cancelled call too).
-        let _refreshing = Cleared(&self.refreshing);
         self.stale.store(false, Ordering::Relaxed);
         drop(cached);
         let map = self.fetch(router, &named).await;

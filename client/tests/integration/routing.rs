@@ -144,6 +144,45 @@ async fn a_slow_map_refresh_holds_up_one_call_not_all() {
     assert_eq!(b.fake.users().len(), 4);
 }
 
+/// A call whose deadline passes while it refreshes the map (the connected
+/// node is silent to map calls) does not take the refresh with it: the
+/// refresh goes on, asks the next node, and records its map, instead of
+/// each next call starting it again and being cut short in turn.
+#[tokio::test]
+async fn a_map_refresh_outlives_the_call_whose_deadline_cut_it_short() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let a = Node::start(Fake { id: 1, ..Default::default() }).await;
+    let b = Node::start(Fake { id: 2, ..Default::default() }).await;
+    set_leaders(&[&a, &b], 1, &[1, 2]);
+    let options = portrait_client::ConnectOptions::new().deadline(Duration::from_millis(300));
+    let client = PortraitClient::connect_with(&a.url(), options).await.unwrap();
+    let u = user(1, 0);
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(b.fake.users(), vec![u.clone()]);
+
+    // Node 1 now holds map calls (past the fetch's 2 s for one node) and,
+    // in a map of epoch 2, leads both shards; node 2's next answer
+    // carries that epoch, so the map is due.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    *a.fake.map_gate.lock().unwrap() = Some(gate.clone());
+    set_leaders(&[&a, &b], 2, &[1, 1]);
+    client.write(vec![event(&u)]).await.unwrap();
+    let cut = client.write(vec![event(&u)]).await.unwrap_err();
+    assert_eq!(cut.code(), Some(tonic::Code::DeadlineExceeded), "{cut}");
+
+    // The refresh asks node 2 once node 1's 2 s are up, and takes its map.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while a.fake.users().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the map was never refreshed");
+        let _ = client.write(vec![event(&u)]).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.fake.map_arrivals.load(Ordering::SeqCst), 2, "node 1 was asked once more, not once a call");
+    assert_eq!(b.fake.map_calls(), 1, "node 2 gave the new map");
+    gate.add_permits(8);
+}
+
 #[tokio::test]
 async fn a_failing_node_is_bypassed_and_the_map_fetched_again() {
     let (a, b, client) = two_nodes().await;

@@ -142,6 +142,7 @@ impl PortraitClient {
         target: Option<&str>,
         request: WriteRequest,
     ) -> Result<WriteResponse, ClientError> {
+        let target = self.routes.reachable(target);
         let (channel, endpoint) = match target {
             Some(target) => (self.routes.channel(target)?, target.to_string()),
             None => {
@@ -149,7 +150,11 @@ impl PortraitClient {
                 (conn.channel, conn.endpoint)
             }
         };
+        let at = target.map(|target| AtTarget::new(&self.routes, target));
         let mut answer = ingest(channel).write(request.clone()).await;
+        if let Some(at) = at {
+            at.answered(&answer);
+        }
         // A connection never made carried nothing: sent once more, to the
         // next node (any node forwards), which is still at most once.
         let mut endpoint = endpoint;
@@ -193,7 +198,38 @@ impl PortraitClient {
             }
         }
     }
+}
 
+/// A call at a node the shard map named. Dropped before the node answered
+/// (the call's deadline passed there), or answered with a connection that
+/// could not be made or was lost, it has the node routed past for a while
+/// ([`Routes::unreachable`]).
+struct AtTarget<'a> {
+    routes: &'a Routes,
+    target: &'a str,
+}
+
+impl<'a> AtTarget<'a> {
+    fn new(routes: &'a Routes, target: &'a str) -> AtTarget<'a> {
+        AtTarget { routes, target }
+    }
+
+    /// The node answered; its answer is `answer`.
+    fn answered<T>(self, answer: &Result<T, Status>) {
+        let gone = answer.as_ref().err().is_some_and(|s| portrait_proto::never_sent(s) || connection_lost(s));
+        if !gone {
+            std::mem::forget(self);
+        }
+    }
+}
+
+impl Drop for AtTarget<'_> {
+    fn drop(&mut self) {
+        self.routes.unreachable(self.target);
+    }
+}
+
+impl PortraitClient {
     /// `call` bounded by the options' deadline (if any): past it, dropped
     /// (its attempt's stream is reset, and the node stops working on it)
     /// and `DEADLINE_EXCEEDED`.
@@ -235,8 +271,11 @@ impl PortraitClient {
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let started = tokio::time::Instant::now();
-        if let Some(target) = target {
-            match call(self.routes.channel(target)?).await {
+        if let Some(target) = self.routes.reachable(target) {
+            let at = AtTarget::new(&self.routes, target);
+            let answer = call(self.routes.channel(target)?).await;
+            at.answered(&answer);
+            match answer {
                 Ok(response) => {
                     self.router.note_epoch(response.metadata());
                     return Ok(response.into_inner());

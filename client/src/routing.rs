@@ -138,8 +138,20 @@ pub(crate) struct Routes {
     /// Set while a call refreshes a cached map (see [`Routes::map`]).
     refreshing: AtomicBool,
     channels: Mutex<HashMap<String, Chan>>,
+    /// Nodes the map names that a call could not reach, or gave up on
+    /// (its deadline passed there), with when calls go to them directly
+    /// again ([`ROUTE_PAST_FOR`]); meanwhile they go through the router.
+    /// At most one per node of the map.
+    route_past: Mutex<HashMap<String, Instant>>,
     options: ConnectOptions,
 }
+
+/// How long calls go through the router instead of to a node the map
+/// names once a call could not reach it or was cut short there by its
+/// deadline. Without it, while the map still names a silent node (until
+/// its shard elects another leader and the map is fetched again), every
+/// call to its shards would wait there until its deadline passed.
+pub const ROUTE_PAST_FOR: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct Cached {
@@ -210,6 +222,7 @@ impl Routes {
             stale: AtomicBool::new(false),
             refreshing: AtomicBool::new(false),
             channels: Mutex::new(HashMap::from([(seed.endpoint, seed.channel)])),
+            route_past: Mutex::default(),
             options,
         }
     }
@@ -299,11 +312,32 @@ impl Routes {
     fn prune(&self, map: &RouteMap, seed: &str) {
         let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         channels.retain(|endpoint, _| endpoint == seed || map.endpoints.values().any(|e| e == endpoint));
+        drop(channels);
+        let mut past = self.route_past.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        past.retain(|endpoint, _| endpoint == seed || map.endpoints.values().any(|e| e == endpoint));
     }
 
     /// The next call fetches the map again.
     pub fn mark_stale(&self) {
         self.stale.store(true, Ordering::Relaxed);
+    }
+
+    /// A call could not reach `endpoint`, a node the map named, or gave up
+    /// there: calls go through the router instead for [`ROUTE_PAST_FOR`],
+    /// and the next one fetches the map again.
+    pub fn unreachable(&self, endpoint: &str) {
+        self.mark_stale();
+        let mut past = self.route_past.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        past.insert(endpoint.to_string(), Instant::now() + ROUTE_PAST_FOR);
+    }
+
+    /// `target`, unless calls are to route past it for now.
+    pub fn reachable<'a>(&self, target: Option<&'a str>) -> Option<&'a str> {
+        let target = target?;
+        let mut past = self.route_past.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        past.retain(|_, until| *until > now);
+        (!past.contains_key(target)).then_some(target)
     }
 
     /// A channel to `endpoint`, shared by calls (connected on first use).

@@ -183,6 +183,42 @@ async fn a_map_refresh_outlives_the_call_whose_deadline_cut_it_short() {
     gate.add_permits(8);
 }
 
+/// A node the map names that does not answer within the call's deadline
+/// (a host gone silent, a stalled process) is routed past for a while:
+/// the next calls go through the connected node, which forwards, instead
+/// of each waiting there until its deadline passes.
+#[tokio::test]
+async fn a_node_that_lets_a_call_s_deadline_pass_is_routed_past_for_a_while() {
+    use std::time::Duration;
+    let a = Node::start(Fake { id: 1, ..Default::default() }).await;
+    let b = Node::start(Fake { id: 2, ..Default::default() }).await;
+    set_leaders(&[&a, &b], 1, &[1, 2]);
+    let options = portrait_client::ConnectOptions::new().deadline(Duration::from_millis(500));
+    let client = PortraitClient::connect_with(&a.url(), options).await.unwrap();
+    let u = user(1, 0);
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(b.fake.users(), vec![u.clone()]);
+
+    *b.fake.stall.lock().unwrap() = Some(Duration::from_secs(30));
+    let cut = client.write(vec![event(&u)]).await.unwrap_err();
+    assert_eq!(cut.code(), Some(tonic::Code::DeadlineExceeded), "{cut}");
+    assert_eq!(b.fake.authorizations().len(), 2, "node 2 received it");
+    for read in 0..3 {
+        let profile = client.get_profile(&u, &[], Consistency::Linearizable).await;
+        assert_eq!(profile.unwrap().read_info.unwrap().node_id, 1, "read {read}: through node 1");
+    }
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(a.fake.users().len(), 4, "the reads and the write went to node 1");
+    assert_eq!(b.fake.authorizations().len(), 2, "node 2 was not asked again");
+    assert!(a.fake.map_calls() >= 2, "the map was fetched again");
+
+    // Once the while is over, calls go to it again.
+    *b.fake.stall.lock().unwrap() = None;
+    tokio::time::sleep(portrait_client::routing::ROUTE_PAST_FOR).await;
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(b.fake.users().len(), 2, "node 2 took this write");
+}
+
 #[tokio::test]
 async fn a_failing_node_is_bypassed_and_the_map_fetched_again() {
     let (a, b, client) = two_nodes().await;
@@ -206,15 +242,16 @@ async fn a_connection_lost_mid_call_is_retried_elsewhere_unless_a_resend_could_a
     assert_eq!((b.fake.calls(), b.fake.users().len()), (1, 0), "node 2's connection was lost");
     assert_eq!(a.fake.users(), vec![u.clone()], "sent again through the connected node");
 
-    // An event without an id is not sent again: the first attempt may
-    // have been applied.
-    b.fake.lost.store(1, std::sync::atomic::Ordering::SeqCst);
+    // Node 2 is routed past for a while: the next write goes through the
+    // connected node. An event without an id is not sent again: the first
+    // attempt may have been applied.
+    a.fake.lost.store(1, std::sync::atomic::Ordering::SeqCst);
     let err = client.write(vec![bare_event(&u)]).await.unwrap_err().to_string();
     assert!(
         err.contains("the connection was lost: the outcome is unknown") && err.contains("not retried"),
         "{err}"
     );
-    assert_eq!(b.fake.calls(), 2, "the second write went to node 2 again");
+    assert_eq!((a.fake.calls(), b.fake.calls()), (2, 1), "the second write went to node 1, once");
     assert_eq!(a.fake.users(), vec![u], "and was not resent");
 }
 

@@ -554,6 +554,15 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if result.is_ok() {
+            // Again: a snapshot build of the replica that outlived its raft
+            // (openraft runs builds in tasks of their own) may have
+            // published since. Should this fail, or the removal below be
+            // undone by a power loss, the replica's next open removes it
+            // (it has neither log nor state).
+            let snapshots = crate::store::snapshot::SnapshotDir::new(&self.data_dir, gid);
+            if let Err(e) = snapshots.and_then(|dir| dir.clear()) {
+                tracing::warn!(group = %gid, error = %e, "dropping a removed replica: its snapshot stays");
+            }
             let _ = std::fs::remove_dir_all(self.data_dir.join("snapshots").join(gid.dir_name()));
         }
         match result {

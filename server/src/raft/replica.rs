@@ -26,6 +26,7 @@ use super::transfer::LeaderTransfer;
 use super::RaftTuning;
 use crate::clock::NodeClock;
 use crate::store::log_bytes::LogBytes;
+use crate::store::snapshot::SnapshotDir;
 use crate::store::state_machine::IdleTrim;
 use crate::store::{GroupState, LogEngine, PurgeGuard, StateDb, StateMachine};
 use crate::types::{GroupId, NodeId, Raft};
@@ -88,8 +89,11 @@ impl Replica {
             );
         }
         let guard: Arc<dyn PurgeGuard> = sm.clone();
-        let log = s.log_engine.group(gid, Some(guard))?;
+        let mut log = s.log_engine.group(gid, Some(guard))?;
         let log_bytes = log.log_bytes();
+        if SnapshotDir::new(s.data_dir, gid)?.forget_leftover(&mut log, &sm).await? {
+            tracing::warn!(group = %gid, "removed a snapshot a replica dropped here before left behind");
+        }
         let state_machine = StateMachine::new(sm.clone(), s.data_dir)?.purging(log.clone());
         let idle_trim = state_machine.idle_trim();
         let network = Network::new(gid, s.channels.clone(), s.blocked.clone());

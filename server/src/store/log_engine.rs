@@ -190,7 +190,9 @@ impl LogEngine {
         }
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
-        Ok(db.write_opt(batch, &sync)?)
+        // A failed fsync stops the node here too (see `fsync_failed`).
+        db.write_opt(batch, &sync).map_err(synced_write_failed)?;
+        Ok(())
     }
 
     /// The groups with anything in the engine (a vote, a purge mark or
@@ -359,7 +361,8 @@ fn repair_bridge(db: &DB, gid: GroupId) -> anyhow::Result<()> {
     }
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
-    Ok(db.write_opt(batch, &sync)?)
+    db.write_opt(batch, &sync).map_err(synced_write_failed)?;
+    Ok(())
 }
 
 /// A purge waiting for its group's state to be flushed.

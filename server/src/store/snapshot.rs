@@ -189,6 +189,26 @@ impl SnapshotDir {
         self.root.join(name)
     }
 
+    /// Removes a snapshot left for a replica that has neither a log (no
+    /// entry, nothing purged) nor an applied state: it holds none. Left
+    /// by a drop that raced a snapshot build of the replica, or whose
+    /// removal a power loss undid, openraft would take the replica for one
+    /// holding it, skip the leader's older snapshot, and apply the entries
+    /// after it onto an empty state. Says whether there was one.
+    pub async fn forget_leftover(
+        &self,
+        log: &mut super::LogStore,
+        state: &super::GroupState,
+    ) -> anyhow::Result<bool> {
+        let log_state = openraft::storage::RaftLogStorage::get_log_state(log).await?;
+        if log_state.last_log_id.is_some() || state.applied().last_applied.is_some() {
+            return Ok(false);
+        }
+        let left = self.meta().exists();
+        self.clear()?;
+        Ok(left)
+    }
+
     /// Removes the current snapshot (its meta first, then every archive),
     /// for a group whose state was wiped: openraft must not take the group
     /// for one that holds it.

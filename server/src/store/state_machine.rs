@@ -861,22 +861,36 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
+    /// Not under the snapshot lock: a build holds it while it exports and
+    /// packs the group (tens of seconds for a large shard), and openraft
+    /// asks for the current snapshot on the state machine's task, so every
+    /// apply of the group would wait behind the build.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let _guard = self.snapshots.lock.lock().await;
         self.snapshots.open_current().await
     }
 }
 
 impl SnapshotBuilder {
+    /// The current snapshot, if any. Safe without the lock: `current.meta`
+    /// is replaced atomically and only ever names a complete archive, and
+    /// an archive opened stays readable once removed. A publish between
+    /// reading the meta and opening its archive (which it removes) sends
+    /// this back to read the new meta.
     async fn open_current(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let meta_bytes = match tokio::fs::read(self.dir.meta()).await {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(read_err(e)),
-        };
-        let meta: SnapshotMeta = decode(&meta_bytes).map_err(read_err)?;
-        let file = tokio::fs::File::open(self.dir.archive(&meta.snapshot_id)).await.map_err(read_err)?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
+        let mut tries = 0;
+        loop {
+            let meta_bytes = match tokio::fs::read(self.dir.meta()).await {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(read_err(e)),
+            };
+            let meta: SnapshotMeta = decode(&meta_bytes).map_err(read_err)?;
+            match tokio::fs::File::open(self.dir.archive(&meta.snapshot_id)).await {
+                Ok(file) => return Ok(Some(Snapshot { meta, snapshot: Box::new(file) })),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 8 => tries += 1,
+                Err(e) => return Err(read_err(e)),
+            }
+        }
     }
 }
 
@@ -989,4 +1003,27 @@ fn received_archive(dir: &SnapshotDir, mut file: std::fs::File) -> std::io::Resu
     std::io::copy(&mut file, &mut out)?;
     out.sync_all()?;
     Ok(copy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// openraft asks for the current snapshot on the state machine's task:
+    /// a build in progress (holding the snapshot lock) must not hold it,
+    /// nor the applies queued behind it.
+    #[tokio::test]
+    async fn the_current_snapshot_is_given_while_a_build_holds_the_snapshot_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = GroupState::open(dir.path()).unwrap();
+        let mut sm = StateMachine::new(store, dir.path()).unwrap();
+        let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let _building = sm.snapshots.lock.clone().lock_owned().await;
+        let current = tokio::time::timeout(std::time::Duration::from_secs(5), sm.get_current_snapshot())
+            .await
+            .expect("not held up by the build")
+            .unwrap()
+            .expect("a snapshot");
+        assert_eq!(current.meta.snapshot_id, built.meta.snapshot_id);
+    }
 }

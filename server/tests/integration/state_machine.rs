@@ -1411,3 +1411,45 @@ async fn a_write_entry_loads_a_bounded_amount_of_stored_state_and_defers_the_res
     let WriteOutcome::Rejected { reason } = &outcomes[0] else { unreachable!() };
     assert!(reason.contains("send fewer users per request"), "{reason}");
 }
+
+/// A snapshot left in a group's directory while the group has neither log
+/// nor state (a drop that raced a snapshot build, or whose removal a power
+/// loss undid) is removed when a replica of the group opens there again;
+/// one of a replica that holds state or log stays.
+#[tokio::test]
+async fn a_snapshot_left_by_a_dropped_replica_is_removed_when_the_group_opens_again() {
+    use portrait_server::store::snapshot::SnapshotDir;
+    use portrait_server::store::{LogEngine, StateDb};
+    use portrait_server::types::GroupId;
+    let dir = tempfile::tempdir().unwrap();
+    let (state_db, log_engine, gid) =
+        (StateDb::open(dir.path()).unwrap(), LogEngine::open(dir.path()).unwrap(), GroupId(3));
+    let snapshots = SnapshotDir::new(dir.path(), gid).unwrap();
+    {
+        let store = state_db.open_group(gid).unwrap();
+        let mut sm = StateMachine::new(store.clone(), dir.path()).unwrap();
+        let mut log = log_engine.group(gid, None).unwrap();
+        sm.apply(vec![write(1, T0, vec![vec![event("u1", "trade", T0, "e1", &[])]])]).await.unwrap();
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert!(snapshots.meta().exists());
+        assert!(
+            !snapshots.forget_leftover(&mut log, &store).await.unwrap(),
+            "the state holds what it covers"
+        );
+        assert!(snapshots.meta().exists());
+    }
+    // Dropped, but the snapshot came back (or was never removed).
+    log_engine.drop_group(gid).unwrap();
+    state_db.drop_group(gid).unwrap();
+    assert!(snapshots.meta().exists());
+    let store = state_db.open_group(gid).unwrap();
+    let mut log = log_engine.group(gid, None).unwrap();
+    assert!(snapshots.forget_leftover(&mut log, &store).await.unwrap());
+    assert!(!snapshots.meta().exists());
+    let archives = std::fs::read_dir(&snapshots.root)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("snap-"));
+    assert_eq!(archives.count(), 0, "its archives are gone too");
+    let mut sm = StateMachine::new(store, dir.path()).unwrap();
+    assert!(sm.get_current_snapshot().await.unwrap().is_none(), "openraft finds no snapshot");
+}

@@ -63,7 +63,7 @@ impl Seen {
 pub const MAP_TTL: Duration = Duration::from_secs(10);
 
 /// What routing needs of a shard map.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct RouteMap {
     /// The cluster's id (0: the node did not say).
     pub cluster: u64,
@@ -168,6 +168,10 @@ struct Cached {
 /// serve the map are down, every call would first try them.
 pub const REFETCH_BACKOFF: Duration = Duration::from_millis(250);
 
+/// The longest wait before a stale map is fetched again after fetches in
+/// a row that answered the map as cached.
+pub const SAME_MAP_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 impl Cached {
     /// Whether to fetch now: no map was fetched yet or it expired, or it is
     /// stale (or none was had: the first fetch failed) and the backoff
@@ -199,18 +203,26 @@ impl Cached {
             Some(map) if newer(&map) => {
                 let switched = self.map.as_ref().is_some_and(|cached| cached.cluster != map.cluster);
                 let behind = seen.passes(&map) || switched;
+                // The same map again (a node answered UNAVAILABLE under
+                // load, or its shard has no leader yet): the next stale
+                // fetch waits too, up to a second, else every call failing
+                // so would fetch the map once more.
+                let same = self.map.as_deref() == Some(&map);
                 self.map = Some(Arc::new(map));
-                match behind {
-                    true => self.back_off(now),
-                    false => self.retry = None,
+                match (behind, same) {
+                    (true, _) => self.back_off(now, MAP_TTL),
+                    (false, true) => self.back_off(now, SAME_MAP_BACKOFF_MAX),
+                    (false, false) => self.retry = None,
                 }
             }
-            _ => self.back_off(now),
+            _ => self.back_off(now, MAP_TTL),
         }
     }
 
-    fn back_off(&mut self, now: Instant) {
-        let wait = self.retry.map_or(REFETCH_BACKOFF, |(_, wait)| (wait * 2).min(MAP_TTL));
+    /// The next stale fetch waits [`REFETCH_BACKOFF`], doubling after each
+    /// in a row, up to `max`.
+    fn back_off(&mut self, now: Instant, max: Duration) {
+        let wait = self.retry.map_or(REFETCH_BACKOFF, |(_, wait)| (wait * 2).min(max));
         self.retry = Some((now + wait, wait));
     }
 }
@@ -502,8 +514,36 @@ mod tests {
         }
         assert!(cached.map.is_some(), "the old map is kept");
         assert!(cached.due(false, at + MAP_TTL + ms(1)), "expired: fetched whatever the backoff");
-        cached.fetched(RouteMap::new(answer(), "http://127.0.0.1:7701", true), seen(3), at);
-        assert!(cached.due(true, at + ms(1)), "a map resets the backoff");
+        let moved = ShardMapResponse { epoch: 4, ..answer() };
+        cached.fetched(RouteMap::new(moved, "http://127.0.0.1:7701", true), seen(3), at);
+        assert!(cached.due(true, at + ms(1)), "a new map resets the backoff");
+    }
+
+    #[test]
+    fn fetches_that_answer_the_cached_map_again_back_off_up_to_a_second() {
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let map = |leader_id| {
+            let mut answer = answer();
+            answer.shard_replicas[1].leader_id = leader_id;
+            RouteMap::new(answer, "http://127.0.0.1:7701", true)
+        };
+        let mut cached = Cached::default();
+        cached.fetched(map(0), seen(3), t0);
+        assert!(cached.due(true, t0 + ms(1)), "a first map: a stale mark fetches at once");
+        // Calls failing under load mark the map stale; each fetch answers it
+        // as it is.
+        let mut at = t0 + ms(1);
+        for wait in [250, 500, 1000, 1000, 1000] {
+            cached.fetched(map(0), seen(3), at);
+            assert!(!cached.due(true, at + ms(wait) - ms(1)), "the same map: within {wait} ms");
+            at += ms(wait);
+            assert!(cached.due(true, at), "{wait} ms after");
+        }
+        // Shard 1 elected a leader (same epoch): taken, and the wait is reset.
+        cached.fetched(map(3), seen(3), at);
+        assert_eq!(cached.map.as_ref().unwrap().target(1, true), Some("http://n3:7700"));
+        assert!(cached.due(true, at + ms(1)), "a changed map resets the backoff");
     }
 
     #[test]

@@ -208,9 +208,10 @@ fn read_families(
         // Families no longer in the schema are not served.
         let Some(spec) = schema.family(&family) else { continue };
         fetched = fetched.saturating_add(head_bytes);
-        // Fetch only history events live at `now` (`live_view` applies the
-        // current TTL after).
-        head.prune(now_ms);
+        // Fetch only history events live at `now` by the current TTL too
+        // (a schema change may have shortened it since they were written):
+        // the others are neither read nor counted against `max_bytes`.
+        head.prune_by_ttl(now_ms, spec.ttl_ms);
         // A schema change may have shortened the history since it was written.
         head.history.truncate(spec.history_len as usize);
         let mut events = Vec::with_capacity(head.history.len());

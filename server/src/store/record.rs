@@ -154,6 +154,17 @@ impl FamilyHead {
         self.history.retain(|h| is_live(h.expires_at, now_ms));
     }
 
+    /// [`FamilyHead::prune`] by the family's current TTL too, as
+    /// [`FamilyRecord::live_view`] filters: a schema change may have
+    /// shortened the TTL since the values were written (their stored
+    /// expiry is the old one). For reads only: the history events it drops
+    /// are then neither fetched nor counted against the response's size.
+    pub fn prune_by_ttl(&mut self, now_ms: i64, ttl_ms: Option<i64>) {
+        let live = |time_ms: i64, stored: i64| is_live(stored.min(expiry(time_ms, ttl_ms)), now_ms);
+        self.attrs.retain(|_, c| live(c.time_ms, c.expires_at));
+        self.history.retain(|h| live(h.time_ms, h.expires_at));
+    }
+
     pub fn is_empty(&self) -> bool {
         self.attrs.is_empty() && self.history.is_empty()
     }
@@ -387,6 +398,25 @@ mod tests {
         assert_eq!(r.live_view(155, Some(10)).attrs["y"].expires_at, 160);
         s.head.prune(250);
         assert!(s.head.is_empty());
+    }
+
+    #[test]
+    fn a_read_prunes_a_head_by_the_current_ttl_as_the_live_view_filters() {
+        let mut s = Stored::default();
+        s.apply(&ev(100, "a", &[("x", 1)]), 10_000, 10);
+        s.apply(&ev(150, "b", &[("y", 1)]), 10_000, 10);
+        let mut head = s.head.clone();
+        head.prune(170);
+        assert_eq!(head.history.len(), 2, "stored expiries: both live");
+        let mut head = s.head.clone();
+        head.prune_by_ttl(170, Some(50));
+        assert_eq!(head.history.iter().map(|h| h.time_ms).collect::<Vec<_>>(), [150], "100 + 50 <= 170");
+        assert_eq!(head.attrs.keys().collect::<Vec<_>>(), ["y"]);
+        let view = s.record().live_view(170, Some(50));
+        assert_eq!(view.history.len(), head.history.len());
+        let mut head = s.head.clone();
+        head.prune_by_ttl(170, None);
+        assert_eq!(head.history.len(), 2, "no TTL: the stored expiries");
     }
 
     #[test]

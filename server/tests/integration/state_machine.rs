@@ -1453,3 +1453,35 @@ async fn a_snapshot_left_by_a_dropped_replica_is_removed_when_the_group_opens_ag
     let mut sm = StateMachine::new(store, dir.path()).unwrap();
     assert!(sm.get_current_snapshot().await.unwrap().is_none(), "openraft finds no snapshot");
 }
+
+/// History a schema change's shorter TTL hides is neither fetched nor
+/// counted against a read's byte limit: a profile whose live view is
+/// small is served within a limit its hidden history would pass.
+#[tokio::test]
+async fn history_a_shortened_ttl_hides_does_not_count_against_the_read_limit() {
+    let mut r = replica();
+    let long = "[families.browse]\nttl = \"365d\"\nhistory = 100\n";
+    let short = "[families.browse]\nttl = \"1h\"\nhistory = 100\n";
+    apply(&mut r, vec![entry(1, Command::ApplySchema { stamp_ms: T0, toml: long.into(), version: 1 })]).await;
+    // 50 events of about 1 KiB each, a day old by the read; one fresh.
+    let big = Value::Str("x".repeat(1000));
+    let old: Vec<Event> = (0..50)
+        .map(|i| event("u1", "browse", T0 + i, &format!("old{i}"), &[("page", big.clone())]))
+        .collect();
+    apply(&mut r, vec![write(2, T0, vec![old])]).await;
+    let now = T0 + DAY_MS;
+    let fresh = event("u1", "browse", now - 1000, "new", &[("n", Value::Int(1))]);
+    apply(&mut r, vec![write(3, now - 1000, vec![vec![fresh]])]).await;
+    apply(&mut r, vec![entry(4, Command::ApplySchema { stamp_ms: now, toml: short.into(), version: 2 })])
+        .await;
+    let s = &r.store;
+    let read_within = |max_bytes| {
+        let (schema, engine) = (s.schema().schema.clone(), s.engine());
+        read_profile(&s.db(), s.gid(), &schema, &engine, "u1", &Selection::all(), s.at(now), max_bytes)
+            .unwrap()
+    };
+    let view = read_within(usize::MAX).expect("no byte limit");
+    assert_eq!(view.families["browse"].history.len(), 1, "the old events are past the 1 h TTL");
+    let view = read_within(8 * 1024).expect("the hidden 50 KiB are not counted");
+    assert_eq!(view.families["browse"].history.len(), 1);
+}

@@ -183,8 +183,13 @@ pub fn ingest(
     state_db.delete_range(gid, Marker::Set(encode(record)))?;
     let db = state_db.db();
     // An ingest overlapping the memtables (the range delete is there)
-    // flushes first; with `atomic_flush` RocksDB flushes every column
-    // family together, so other groups' unlogged applies stay consistent.
+    // would flush them itself, with every write of the node stopped until
+    // that flush ends (the other groups' applies too). Flushed here first,
+    // as any flush is (every column family together, `atomic_flush`, so
+    // other groups' unlogged applies stay consistent), while writes go
+    // on; nothing of this group is written meanwhile (the install holds
+    // its apply), so the ingests find no overlap.
+    state_db.persist()?;
     let mut opts = IngestExternalFileOptions::default();
     opts.set_move_files(true);
     for (name, path) in files {

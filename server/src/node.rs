@@ -25,7 +25,7 @@ mod write;
 
 pub use tasks::Tasks;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -273,6 +273,11 @@ pub struct Node {
     /// cut short, or a crash in the middle of one; true at start): the
     /// next placement pass looks for it (`node/placement.rs`).
     drops_pending: std::sync::atomic::AtomicBool,
+    /// Dropped replicas whose raft log could not be deleted yet (a task of
+    /// their raft, such as a snapshot stream, still held it): the
+    /// placement passes retry it, unless the map places the shard here
+    /// again.
+    log_drops: std::sync::Mutex<BTreeSet<GroupId>>,
     /// Held while replicas the map places here are opened (`host`): the
     /// placement pass and an `AddNode` that finishes a cluster's creation
     /// never open the same replica twice.
@@ -398,6 +403,7 @@ impl Node {
             backup_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             backup_stream_stall: opts.backup_stream_stall,
             drops_pending: std::sync::atomic::AtomicBool::new(true),
+            log_drops: Default::default(),
             hosting: tokio::sync::Mutex::default(),
         });
         if opts.bootstrap {

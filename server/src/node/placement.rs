@@ -146,6 +146,31 @@ impl Node {
     /// else would, since a node opens only the groups its raft log has.
     /// A state still in use is tried again at the next pass.
     fn finish_drops(&self) {
+        // Logs a drop could not delete yet, first: their state is then
+        // left without a log, and deleted below.
+        let log_drops: Vec<GroupId> =
+            self.log_drops.lock().expect("log_drops lock").iter().copied().collect();
+        for gid in log_drops {
+            let placed = self
+                .cluster()
+                .map
+                .as_ref()
+                .is_some_and(|m| m.replicas.get(gid.0 as usize).is_some_and(|r| r.contains(&self.id)));
+            if placed || self.registry.get(gid).is_some() {
+                self.log_drops.lock().expect("log_drops lock").remove(&gid);
+                continue;
+            }
+            match self.log_engine.drop_group(gid) {
+                Ok(()) => {
+                    self.log_drops.lock().expect("log_drops lock").remove(&gid);
+                    tracing::info!(group = %gid, "deleted the raft log a dropped replica left");
+                }
+                Err(e) => {
+                    tracing::debug!(group = %gid, error = %e, "the raft log a dropped replica left: not yet");
+                    self.drops_pending.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+        }
         let leftover = || -> anyhow::Result<Vec<GroupId>> {
             let logged: BTreeSet<GroupId> = self.log_engine.groups()?.into_iter().collect();
             let states = self.state_db.groups_with_state()?;
@@ -545,11 +570,17 @@ impl Node {
         }
         // The log store closes as raft's tasks end, the state once its
         // state machine has applied what raft had queued for it.
-        let mut result = Ok(());
+        let (mut result, mut log_dropped) = (Ok(()), false);
         for _ in 0..50 {
-            result = self.log_engine.drop_group(gid).and_then(|()| self.state_db.drop_group(gid));
-            if result.is_ok() {
-                break;
+            if !log_dropped {
+                result = self.log_engine.drop_group(gid);
+                log_dropped = result.is_ok();
+            }
+            if log_dropped {
+                result = self.state_db.drop_group(gid);
+                if result.is_ok() {
+                    break;
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -568,8 +599,13 @@ impl Node {
         match result {
             Ok(()) => tracing::info!(group = %gid, "dropped a replica the map no longer places here"),
             Err(e) => {
-                // Its log dropped, the state is left to the next passes.
-                tracing::warn!(group = %gid, error = %e, "dropping a removed replica: its state is retried");
+                // Left to the next passes: its log (a task of its raft
+                // still holds it), then its state.
+                if !log_dropped {
+                    self.log_drops.lock().expect("log_drops lock").insert(gid);
+                }
+                let what = if log_dropped { "its state is" } else { "its log and state are" };
+                tracing::warn!(group = %gid, error = %e, "dropping a removed replica: {what} retried");
                 self.drops_pending.store(true, std::sync::atomic::Ordering::Release);
             }
         }

@@ -90,6 +90,10 @@ pub(super) struct Shared {
     _threads: Joined,
 }
 
+/// The raft log engine's WAL files, all together, before RocksDB flushes
+/// the column family that keeps the oldest one alive.
+pub const MAX_LOG_WAL_BYTES: u64 = 256 << 20;
+
 impl LogEngine {
     /// Opens (or creates) the engine under `<data>/raft`.
     pub fn open(data_dir: &Path) -> anyhow::Result<LogEngine> {
@@ -102,6 +106,12 @@ impl LogEngine {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         let audit = audit::Audit::new(&mut opts);
+        // The `raft_meta` family takes a few small writes (votes, purge
+        // marks) and seldom fills a memtable, so its oldest write keeps
+        // every WAL file since alive: by RocksDB's default bound, up to
+        // about 1.5 GiB of WAL, all read back at a restart. Past this,
+        // RocksDB flushes the family holding the oldest WAL file.
+        opts.set_max_total_wal_size(MAX_LOG_WAL_BYTES);
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_LOGS, Options::default()),
             ColumnFamilyDescriptor::new(CF_RAFT_META, Options::default()),

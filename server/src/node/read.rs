@@ -365,7 +365,10 @@ impl Node {
                         replica.sm.at(now),
                         stored_max,
                     )
-                    .map_err(Error::internal)?
+                    .map_err(|e| {
+                        let user: String = user.chars().take(64).collect();
+                        Error::internal(format!("{}: reading user {user:?} on node {id}: {e}", replica.gid))
+                    })?
                     .ok_or_else(|| too_large(done + 1, total))?;
                     done += 1;
                     bytes = bytes.saturating_add(view.approx_bytes().saturating_mul(*repeats));
@@ -471,7 +474,14 @@ impl Node {
     /// leader: NOT_LEADER with the leader it knows.
     pub(super) async fn read_index(&self, replica: &Replica) -> Result<u64> {
         // The leadership check sends AppendEntries, which a transfer must not.
-        let _pass = replica.gate.pass(self.write_timeout).await?;
+        let _pass = replica.gate.pass(self.write_timeout).await.map_err(|_| {
+            Error::Unavailable(format!(
+                "{}: leadership transfer in progress: the leadership check of a LINEARIZABLE read waited {} ms; \
+                 retry",
+                replica.gid,
+                self.write_timeout.as_millis()
+            ))
+        })?;
         let read_log_id = replica.raft.ensure_linearizable().await.map_err(check_leader_error)?;
         Ok(read_log_id.map_or(0, |id| id.index))
     }

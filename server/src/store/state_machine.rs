@@ -922,10 +922,19 @@ fn build_blocking(store: &GroupState, dir: &SnapshotDir) -> anyhow::Result<()> {
         return Ok(());
     }
     let export = dir.scratch("export");
-    let archive_meta = group_snapshot::export(store.state_db(), store.gid(), &export)?;
     let building = dir.scratch("building.snap");
-    pack(&export, &building)?;
-    std::fs::remove_dir_all(&export)?;
+    let exported = group_snapshot::export(store.state_db(), store.gid(), &export)
+        .and_then(|meta| pack(&export, &building).map(|()| meta).map_err(anyhow::Error::from));
+    // The export is a copy of the group's rows, the archive another: a
+    // failed build does not leave them taking a shard's size twice.
+    let _ = std::fs::remove_dir_all(&export);
+    let archive_meta = match exported {
+        Ok(meta) => meta,
+        Err(e) => {
+            let _ = std::fs::remove_file(&building);
+            return Err(e);
+        }
+    };
     let index = archive_meta.last_applied.map(|l| l.index).unwrap_or(0);
     let meta = SnapshotMeta {
         last_log_id: archive_meta.last_applied,

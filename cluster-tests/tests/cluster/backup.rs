@@ -12,7 +12,7 @@
 //! another; a schema change during a backup; a restore whose `Begin` had
 //! no quorum, run again; a restore cut off midway, run again; a restore
 //! whose shard leader and seed node are killed midway, going on at the new
-//! leader.
+//! leader; a restore run again over a shard the backup left empty.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -208,6 +208,44 @@ async fn a_backup_taken_while_writing_restores_into_a_new_cluster_shard_by_shard
     assert!(stderr.contains("holds data") && stderr.contains("nothing was changed"), "{stderr}");
     let kept = client.get_schema().await.expect("schema");
     assert_eq!((kept.version, kept.toml), (applied.version, newer), "the source's schema is kept");
+}
+
+/// A shard the backup left empty, and still empty once restored, is
+/// skipped by a run of the same restore again like the others: the run
+/// changes nothing, the cluster's newer schema included (before, it was
+/// counted as not restored, and the run applied the backup's schema over
+/// the cluster's).
+#[tokio::test]
+async fn a_restore_run_again_skips_a_shard_the_backup_left_empty_and_keeps_the_cluster_s_schema() {
+    let source = Cluster::start_sharded(1, TEST_SHARDS).await;
+    let client = source.client(1).await;
+    client.apply_schema(schema(), false).await.expect("schema");
+    // Users of shard 0 only: the other shards stay empty.
+    let users: Vec<String> = (0..)
+        .map(|i| format!("u{i}"))
+        .filter(|u| portrait_client::shard_of(u, TEST_SHARDS) == 0)
+        .take(5)
+        .collect();
+    client.write(users.iter().map(|u| order_of(u, &format!("{u}-1"))).collect()).await.expect("write");
+    let backup_dir = tempfile::tempdir().unwrap();
+    let dir = backup_dir.path().join("b");
+    let out = cli(&source.node(1).endpoint(), &["backup", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "backup: {}", String::from_utf8_lossy(&out.stderr));
+
+    let target = Cluster::start_sharded(1, TEST_SHARDS).await;
+    let out = cli(&target.node(1).endpoint(), &["restore", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+    let restored = target.client(1).await;
+    let newer = format!("{}\n[families.extra]\nttl = \"30d\"\n", schema());
+    let applied = restored.apply_schema(newer.clone(), false).await.expect("a newer schema");
+    let out = cli(&target.node(1).endpoint(), &["restore", dir.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "restore again: {stderr}");
+    let skipped = stderr.matches("already restored from this backup by an earlier run").count();
+    assert_eq!(skipped, TEST_SHARDS as usize, "{stderr}");
+    assert!(!stderr.contains("applied the backup's schema"), "{stderr}");
+    let kept = restored.get_schema().await.expect("schema");
+    assert_eq!((kept.version, kept.toml), (applied.version, newer), "the cluster's schema is kept");
 }
 
 /// A follower that lags its leader does not export a copy missing

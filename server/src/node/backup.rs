@@ -343,10 +343,11 @@ impl Node {
         Ok(())
     }
 
-    /// NOT_LEADER unless this node leads the replica's shard; if the shard
-    /// holds data and no restore is in progress, ALREADY_EXISTS when the
-    /// last restore that ended in it was `restore_id`'s (a restore run
-    /// again skips it), else FAILED_PRECONDITION; FAILED_PRECONDITION too
+    /// NOT_LEADER unless this node leads the replica's shard; with no
+    /// restore in progress, ALREADY_EXISTS when the last restore that
+    /// ended in it was `restore_id`'s (a restore run again skips it), else
+    /// FAILED_PRECONDITION if it holds data or ever took a write;
+    /// FAILED_PRECONDITION too
     /// while another restore is in progress in it (a shard never mixes
     /// two backups).
     fn check_restorable(&self, replica: &Replica, restore_id: &str) -> Result<()> {
@@ -367,14 +368,22 @@ impl Node {
                 )));
             }
         }
-        if state.has_data && state.marker.is_none() {
-            if state.restored.as_deref() == Some(restore_id) {
-                return Err(Error::AlreadyExists(format!(
-                    "{gid} was already restored from {restore_id:?} (an earlier run)"
-                )));
-            }
+        if state.marker.is_none() && state.restored.as_deref() == Some(restore_id) {
+            // Whatever it holds now: a shard the backup left empty, and
+            // still empty, is restored too (a run again would otherwise
+            // restore it anew, and apply the backup's schema to the
+            // cluster again).
+            return Err(Error::AlreadyExists(format!(
+                "{gid} was already restored from {restore_id:?} (an earlier run)"
+            )));
+        }
+        // As the restore's first step decides on every replica: a shard
+        // that ever took a write, even one whose rows have all expired
+        // since, takes no backup.
+        if (state.has_data || state.written) && state.marker.is_none() {
             return Err(Error::FailedPrecondition(format!(
-                "{gid} holds data: a restore needs a new, empty cluster with the backup's shard count"
+                "{gid} holds data (it has taken writes): a restore needs a new, empty cluster with the backup's \
+                 shard count"
             )));
         }
         Ok(())
@@ -412,7 +421,7 @@ impl Node {
         }
         // An earlier attempt of this restore that stopped midway: its
         // rows are kept, and this one goes on after them, under its id.
-        let (source, resumed) = self.restore_resume(&replica, &id, source).await?;
+        let (source, upload, resumed) = self.restore_resume(&replica, &id, source, upload).await?;
         let id = match &resumed {
             Some(m) => {
                 tracing::info!(group = %gid, id = m.id, next_seq = m.next_seq, rows = m.rows,
@@ -496,13 +505,16 @@ impl Node {
     /// here, with the same archive digest in its attempt id), when
     /// `source` splits into the same chunks that attempt's steps held (the
     /// same archive, chunked as this build chunks it); `None` to begin the
-    /// shard afresh. Hands `source` back.
+    /// shard afresh. Hands `source` back, and `upload`, which goes with
+    /// the count as with the unpacking: a call cancelled meanwhile frees
+    /// neither the node's slot nor the archive before the count ends.
     async fn restore_resume(
         &self,
         replica: &Replica,
         id: &str,
         source: BackupSource,
-    ) -> Result<(BackupSource, Option<RestoreMarker>)> {
+        upload: ShardUpload,
+    ) -> Result<(BackupSource, ShardUpload, Option<RestoreMarker>)> {
         use crate::types::{restore_archive_of, restore_id_of};
         let gid = replica.gid;
         // The marker as of every step committed so far (a leader elected
@@ -517,21 +529,21 @@ impl Node {
                 && restore_archive_of(&m.id) == restore_archive_of(id)
         };
         let Some(marker) = state.marker.filter(|m| m.next_seq > 0 && same(m)) else {
-            return Ok((source, None));
+            return Ok((source, upload, None));
         };
         let chunks = marker.next_seq;
         let count = move || {
             let rows = source.rows_in_chunks(RESTORE_ENTRY_BYTES, chunks);
-            (rows, source)
+            (rows, source, upload)
         };
-        let (rows, source) = tokio::task::spawn_blocking(count).await.map_err(Error::internal)?;
+        let (rows, source, upload) = tokio::task::spawn_blocking(count).await.map_err(Error::internal)?;
         match rows.map_err(|e| archive_error(gid, e))? {
-            Some(rows) if rows == marker.rows => Ok((source, Some(marker))),
+            Some(rows) if rows == marker.rows => Ok((source, upload, Some(marker))),
             rows => {
                 tracing::warn!(group = %gid, earlier = marker.id, marker.next_seq, marker.rows, ?rows,
                     "the archive does not split into the chunks the earlier attempt applied: the restore begins \
                      the shard again");
-                Ok((source, None))
+                Ok((source, upload, None))
             }
         }
     }

@@ -244,6 +244,9 @@ impl Drop for BackupSource {
 /// `restore_id` of the last restore that ended in it.
 pub struct RestoreState {
     pub has_data: bool,
+    /// The shard's replicated `written` mark: it took a write (or a
+    /// restore's rows) once, whatever it holds now.
+    pub written: bool,
     pub marker: Option<RestoreMarker>,
     pub restored: Option<String>,
 }
@@ -275,5 +278,6 @@ pub fn restore_state(state_db: &StateDb, gid: GroupId) -> anyhow::Result<Restore
     let get = |name| db.get_cf(cf(&db, CF_META), meta(gid, name));
     let marker = get(META_RESTORE)?.map(|b| decode(&b)).transpose()?;
     let restored = get(META_RESTORED)?.map(|b| decode(&b)).transpose()?;
-    Ok(RestoreState { has_data, marker, restored })
+    let written = get(META_WRITTEN)?.is_some();
+    Ok(RestoreState { has_data, written, marker, restored })
 }

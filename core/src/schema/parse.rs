@@ -11,7 +11,7 @@ use crate::limits::{
     MAX_ATTRS_PER_EVENT, MAX_ATTR_NAME_BYTES, MAX_FAMILIES, MAX_FEATURES, MAX_HISTORY_LEN, MAX_SCHEMA_BYTES,
     MAX_TAGS,
 };
-use crate::validate::shown_name;
+use crate::validate::{shown, shown_name};
 
 /// Why a schema was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -115,7 +115,7 @@ pub(super) fn parse(text: &str) -> Result<Schema, SchemaError> {
     }
     let mut tags = BTreeMap::new();
     for (name, t) in raw.tags {
-        let field = format!("tags.{name}");
+        let field = format!("tags.{}", shown_name(&name));
         if !valid_name(&name) {
             return Err(invalid(&field, "name must match [a-z][a-z0-9_]{0,31}"));
         }
@@ -144,12 +144,12 @@ fn feature_spec(
     raw: RawFeature,
     families: &BTreeMap<String, FamilySpec>,
 ) -> Result<FeatureSpec, SchemaError> {
-    let field = format!("features.{name}");
+    let field = format!("features.{}", shown_name(name));
     if !valid_name(name) {
         return Err(invalid(&field, "name must match [a-z][a-z0-9_]{0,31}"));
     }
     if !families.contains_key(&raw.family) {
-        return Err(invalid(format!("{field}.family"), format!("unknown family {:?}", raw.family)));
+        return Err(invalid(format!("{field}.family"), format!("unknown family {}", shown(&raw.family))));
     }
     let agg = match raw.agg.as_str() {
         "count" => Aggregation::Count,
@@ -166,7 +166,7 @@ fn feature_spec(
             let known = "count, sum, min, max, avg, distinct_count, first_time, last_time, last_value, top_k";
             return Err(invalid(
                 format!("{field}.agg"),
-                format!("unknown aggregation {other:?} (use one of: {known})"),
+                format!("unknown aggregation {} (use one of: {known})", shown(other)),
             ));
         }
     };
@@ -209,7 +209,7 @@ fn feature_spec(
         Some(other) => {
             return Err(invalid(
                 format!("{field}.anchor"),
-                format!("unknown anchor {other:?} (use \"now\" or \"first\")"),
+                format!("unknown anchor {} (use \"now\" or \"first\")", shown(other)),
             ))
         }
     };
@@ -229,12 +229,12 @@ fn value_type(text: &str) -> Result<ValueType, String> {
         "str" => Ok(ValueType::Str),
         "num" => Ok(ValueType::Num),
         "bool" => Ok(ValueType::Bool),
-        other => Err(format!("unknown type {other:?} (use str, num or bool)")),
+        other => Err(format!("unknown type {} (use str, num or bool)", shown(other))),
     }
 }
 
 fn family_spec(name: &str, raw: RawFamily) -> Result<FamilySpec, SchemaError> {
-    let field = format!("families.{name}");
+    let field = format!("families.{}", shown_name(name));
     if !valid_name(name) {
         return Err(invalid(&field, "name must match [a-z][a-z0-9_]{0,31}"));
     }
@@ -259,7 +259,7 @@ fn family_spec(name: &str, raw: RawFamily) -> Result<FamilySpec, SchemaError> {
     }
     let mut attrs = BTreeMap::new();
     for (attr, ty) in raw.attrs {
-        let ty = value_type(&ty).map_err(|e| invalid(format!("{field}.attrs.{attr}"), e))?;
+        let ty = value_type(&ty).map_err(|e| invalid(format!("{field}.attrs.{}", shown_name(&attr)), e))?;
         attrs.insert(attr, ty);
     }
     Ok(FamilySpec { ttl_ms, history_len: raw.history, attrs })
@@ -397,5 +397,24 @@ mod tests {
         let fine = format!("{family}attrs = {{ _x = \"num\", userAgent = \"str\" }}\n[features.nowish]\nfamily = \"browse\"\nagg = \"sum\"\nattr = \"Amount-EUR\"\n[tags.nulls]\nrule = 'true'\n");
         parse(&fine).unwrap().check_names().unwrap();
         parse(DEFAULT_SCHEMA_TOML).unwrap().check_names().unwrap();
+    }
+
+    #[test]
+    fn an_error_repeats_a_long_name_or_value_cut_short() {
+        let long = "x".repeat(100_000);
+        let cases = [
+            format!("[families.{long}]\nttl = \"1d\"\n"),
+            format!("[families.b]\nttl = \"1d\"\n[features.{long}]\nfamily = \"b\"\nagg = \"count\"\n"),
+            format!("[families.b]\nttl = \"1d\"\n[tags.{long}]\nrule = 'true'\n"),
+            format!("[families.b]\nttl = \"1d\"\n[features.f]\nfamily = \"{long}\"\nagg = \"count\"\n"),
+            format!("[families.b]\nttl = \"1d\"\n[features.f]\nfamily = \"b\"\nagg = \"{long}\"\n"),
+            format!("[families.b]\nttl = \"1d\"\nattrs = {{ a = \"{long}\" }}\n"),
+            format!("[families.b]\nttl = \"1d\"\nattrs = {{ {long} = \"zzz\" }}\n"),
+        ];
+        for text in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.len() < 1_000, "{} bytes: {}", e.len(), &e[..200]);
+            assert!(e.contains("100000 bytes"), "{e}");
+        }
     }
 }

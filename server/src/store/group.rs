@@ -255,6 +255,11 @@ impl GroupState {
         self.written.send_modify(|w| w.failure = Some(reason.into()));
     }
 
+    /// Whether entry `index` is applied and its batch written.
+    pub fn written_up_to(&self, index: u64) -> bool {
+        self.written.borrow().index >= index
+    }
+
     /// Waits until the entry at `index` (and everything before it) is in the
     /// database, so what a reply acknowledges or a linearizable read
     /// promises is what a read then sees.

@@ -115,9 +115,9 @@ impl Node {
     /// Visible here when the write returns (api.md): a part another node
     /// committed is waited for on this node's replica of its shard, when
     /// the map places the shard here and that replica is a voter of its
-    /// applied membership, following or, since, a candidate or leader (it
-    /// holds the entry or will within a round; a learner may be a whole
-    /// snapshot behind, a removed voter never hears of it). At most one election timeout: the write is
+    /// applied membership, following or, since, leading (it holds the
+    /// entry or will within a round; a learner may be a whole snapshot
+    /// behind, a removed voter never hears of it). At most one election timeout: the write is
     /// committed whatever this replica does, so it still succeeds after
     /// that.
     async fn wait_applied_here(&self, parts: &[ShardWrite]) {
@@ -127,14 +127,11 @@ impl Node {
         let waits = parts.iter().filter_map(|part| {
             let placed = map?.replicas.get(part.shard as usize)?.contains(&self.id);
             let replica = self.registry.get(GroupId(part.shard))?;
-            // A voter in any role: one that won the shard's election
-            // since the part was forwarded applies it once its own first
-            // entry commits.
+            // Following, or leading since the part was forwarded (it
+            // applies the part once its own first entry commits); not a
+            // candidate, which may be cut off and apply nothing.
             let state = replica.raft.metrics().borrow().state;
-            let votes = matches!(
-                state,
-                openraft::ServerState::Follower | openraft::ServerState::Candidate | openraft::ServerState::Leader
-            );
+            let votes = matches!(state, openraft::ServerState::Follower | openraft::ServerState::Leader);
             let waits = placed && votes && !replica.sm.written_up_to(part.log_index);
             (waits && replica.sm.is_voter(self.id)).then_some(async move {
                 let wait = tokio::time::timeout(within, replica.sm.wait_written(part.log_index));
@@ -166,19 +163,6 @@ impl Node {
                     match self.forward(gid, leader, addr, &events).await {
                         Err(e) => self.send_on(gid, e, leader, &events).await,
                         done => done,
-                    }
-                }
-                // This leader hears no quorum: nothing was proposed, and
-                // the shard's other replicas may lead it by now.
-                Proposal::Refused { events, error } => {
-                    let refused = error.to_string();
-                    match self.send_on(gid, error, self.id, &events).await {
-                        // None took it either (each unreachable, or not
-                        // leading): the refusal says most, theirs after it.
-                        Err(Error::Unavailable(m)) if m != refused && !m.contains(OUTCOME_UNKNOWN) => Err(
-                            Error::Unavailable(format!("{refused}; nor did its other replicas take it: {m}")),
-                        ),
-                        other => other,
                     }
                 }
             },
@@ -241,8 +225,8 @@ impl Node {
         validated: u64,
         room: Room,
     ) -> Proposal {
-        if let Err(error) = self.quorum_in_sight(replica) {
-            return Proposal::Refused { events, error };
+        if let Err(e) = self.quorum_in_sight(replica) {
+            return Proposal::Done(Err(e));
         }
         // A shard behind the cluster's apply rules (new, or just raised)
         // takes the version first, here rather than at the next placement
@@ -260,8 +244,8 @@ impl Node {
         }
         // Again after the wait at the gate and for room (up to the write
         // timeout), in which the quorum may have gone.
-        if let Err(error) = self.quorum_in_sight(replica) {
-            return Proposal::Refused { events, error };
+        if let Err(e) = self.quorum_in_sight(replica) {
+            return Proposal::Done(Err(e));
         }
         let behind = behind_schema(self.schema().version.max(validated), &replica.sm.schema(), &events)
             .and_then(|()| behind_rules(self.cluster().rules(), replica.sm.rules(), replica.gid));
@@ -421,7 +405,6 @@ impl Node {
             Proposal::Moved { leader, addr, .. } => {
                 Err(Error::NotLeader { leader_id: Some(leader), leader_addr: Some(addr), group: None })
             }
-            Proposal::Refused { error, .. } => Err(error),
         }
     }
 }
@@ -453,11 +436,6 @@ enum Proposal {
         events: Vec<Event>,
         leader: NodeId,
         addr: String,
-    },
-    /// Nothing was proposed: this leader hears no quorum of the shard.
-    Refused {
-        events: Vec<Event>,
-        error: Error,
     },
 }
 

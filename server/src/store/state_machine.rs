@@ -79,6 +79,9 @@ struct Applier {
     /// Whether the group's `written` mark is set (or in the batch in
     /// flight); `None`: not read yet.
     written: Option<bool>,
+    /// Set while a lone small write applies on openraft's task (see
+    /// `apply`), where nothing may block.
+    inline: bool,
 }
 
 /// The group's keys in `meta`.
@@ -169,6 +172,7 @@ impl StateMachine {
             failed: None,
             restoring: None,
             written: None,
+            inline: false,
         };
         Ok(StateMachine {
             store,
@@ -259,6 +263,7 @@ fn lock_applier(applier: &std::sync::Mutex<Applier>) -> std::sync::MutexGuard<'_
     applier.lock().unwrap_or_else(|poisoned| {
         let mut guard = poisoned.into_inner();
         guard.cache.clear();
+        guard.inline = false;
         guard
     })
 }
@@ -706,8 +711,11 @@ impl Applier {
         self.in_flight = Some(state.clone());
         // The entry's users, kept for the next entry, took the node's
         // caches past its budget: this one gives up the overlap of the
-        // next entry's apply with this batch's write, and trims.
-        if self.cache.over_budget() {
+        // next entry's apply with this batch's write, and trims. Not on
+        // openraft's task, where nothing may block: a lone small write
+        // adds at most 16 events' users past the share, which its group's
+        // next entry or idle trim takes back.
+        if !self.inline && self.cache.over_budget() {
             self.wait_in_flight()?;
             self.cache.trim_settled();
         }
@@ -784,7 +792,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if small_write(entry) {
                 if let Ok(mut guard) = applier.try_lock() {
                     if guard.settled()? {
+                        guard.inline = true;
                         let results = guard.apply_all(entries);
+                        guard.inline = false;
                         drop(slot);
                         return results;
                     }

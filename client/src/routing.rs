@@ -268,8 +268,14 @@ impl Routes {
             }
             first
         };
+        // Cleared when the task ends, or is dropped without running (a
+        // runtime shutting down): never left set.
+        let refreshing = (!first).then(|| Refreshing(self.clone()));
         let (routes, router) = (self.clone(), router.clone());
-        let fetch = tokio::spawn(async move { routes.refresh(&router, first).await });
+        let fetch = tokio::spawn(async move {
+            let _refreshing = refreshing;
+            routes.refresh(&router, first).await
+        });
         fetch.await.unwrap_or_default()
     }
 
@@ -283,10 +289,9 @@ impl Routes {
     /// The fetch [`Routes::map`] starts: the first map (under the cache's
     /// lock, so every call waits for it; checked again once the lock is
     /// taken, as another call's fetch may have got it or failed just
-    /// before), or a refresh of the cached one (this task holds the
+    /// before), or a refresh of the cached one (its task holds the
     /// `refreshing` flag).
     async fn refresh(&self, router: &Router, first: bool) -> Option<Arc<RouteMap>> {
-        let _refreshing = (!first).then(|| Cleared(&self.refreshing));
         let mut cached = self.cache.lock().await;
         if first {
             if cached.map.is_some() || !cached.due(self.is_stale(&cached, router), Instant::now()) {
@@ -364,12 +369,12 @@ impl Routes {
     }
 }
 
-/// Clears its flag when dropped.
-struct Cleared<'a>(&'a AtomicBool);
+/// Clears the routes' `refreshing` flag when dropped.
+struct Refreshing(Arc<Routes>);
 
-impl Drop for Cleared<'_> {
+impl Drop for Refreshing {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.refreshing.store(false, Ordering::Release);
     }
 }
 

@@ -14,12 +14,14 @@ pub const YEAR_MS: i64 = 365 * DAY_MS;
 /// Parses a duration such as `90d` into milliseconds.
 pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
     let text = text.trim();
+    // Repeated in errors cut short: a schema value may be long.
+    let shown = crate::validate::shown(text);
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     if digits.is_empty() {
-        return Err(format!("invalid duration {text:?}: expected a number followed by a unit, e.g. \"90d\""));
+        return Err(format!("invalid duration {shown}: expected a number followed by a unit, e.g. \"90d\""));
     }
-    let n: i64 = digits.parse().map_err(|_| format!("invalid duration {text:?}: number too large"))?;
+    let n: i64 = digits.parse().map_err(|_| format!("invalid duration {shown}: number too large"))?;
     let unit_ms = match unit {
         "ms" => 1,
         "s" => SECOND_MS,
@@ -31,11 +33,12 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
         "y" => YEAR_MS,
         _ => {
             return Err(format!(
-                "invalid duration {text:?}: unknown unit {unit:?} (use ms, s, m, h, d, w, mo, y)"
+                "invalid duration {shown}: unknown unit {} (use ms, s, m, h, d, w, mo, y)",
+                crate::validate::shown(unit)
             ))
         }
     };
-    n.checked_mul(unit_ms).ok_or_else(|| format!("invalid duration {text:?}: too large"))
+    n.checked_mul(unit_ms).ok_or_else(|| format!("invalid duration {shown}: too large"))
 }
 
 /// Formats milliseconds with the largest unit that divides them exactly.

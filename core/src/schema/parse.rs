@@ -410,6 +410,8 @@ mod tests {
             format!("[families.b]\nttl = \"1d\"\n[features.f]\nfamily = \"b\"\nagg = \"{long}\"\n"),
             format!("[families.b]\nttl = \"1d\"\nattrs = {{ a = \"{long}\" }}\n"),
             format!("[families.b]\nttl = \"1d\"\nattrs = {{ {long} = \"zzz\" }}\n"),
+            format!("[families.b]\nttl = \"{long}\"\n"),
+            format!("[families.b]\nttl = \"1{long}\"\n"),
         ];
         for text in cases {
             let e = parse(&text).unwrap_err().to_string();

@@ -143,10 +143,11 @@ pub fn reload_on_sighup(
 /// Whether a refused admin call is logged at warn now: at most one a
 /// second, so a caller trying tokens cannot flood the log.
 fn admin_refusal_due() -> bool {
+    // Monotonic: a wall clock stepped back would silence the warnings for
+    // as long as the step. 0 stands for "never": the first is logged.
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     static LAST_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1_000;
     let last = LAST_MS.load(std::sync::atomic::Ordering::Relaxed);
     now.saturating_sub(last) >= 1_000
         && LAST_MS

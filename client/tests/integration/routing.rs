@@ -10,10 +10,15 @@ use portrait_client::{Consistency, PortraitClient};
 /// Nodes 1 and 2, both serving a map (epoch 1) in which node 1 leads shard
 /// 0 and node 2 shard 1, and a client connected to node 1.
 async fn two_nodes() -> (Node, Node, PortraitClient) {
+    two_nodes_with(portrait_client::ConnectOptions::new()).await
+}
+
+/// [`two_nodes`], the client connected with `options`.
+async fn two_nodes_with(options: portrait_client::ConnectOptions) -> (Node, Node, PortraitClient) {
     let a = Node::start(Fake { id: 1, ..Default::default() }).await;
     let b = Node::start(Fake { id: 2, ..Default::default() }).await;
     set_leaders(&[&a, &b], 1, &[1, 2]);
-    let client = PortraitClient::connect(&a.url()).await.unwrap();
+    let client = PortraitClient::connect_with(&a.url(), options).await.unwrap();
     (a, b, client)
 }
 
@@ -152,11 +157,8 @@ async fn a_slow_map_refresh_holds_up_one_call_not_all() {
 async fn a_map_refresh_outlives_the_call_whose_deadline_cut_it_short() {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
-    let a = Node::start(Fake { id: 1, ..Default::default() }).await;
-    let b = Node::start(Fake { id: 2, ..Default::default() }).await;
-    set_leaders(&[&a, &b], 1, &[1, 2]);
     let options = portrait_client::ConnectOptions::new().deadline(Duration::from_millis(300));
-    let client = PortraitClient::connect_with(&a.url(), options).await.unwrap();
+    let (a, b, client) = two_nodes_with(options).await;
     let u = user(1, 0);
     client.write(vec![event(&u)]).await.unwrap();
     assert_eq!(b.fake.users(), vec![u.clone()]);
@@ -190,11 +192,8 @@ async fn a_map_refresh_outlives_the_call_whose_deadline_cut_it_short() {
 #[tokio::test]
 async fn a_node_that_lets_a_call_s_deadline_pass_is_routed_past_for_a_while() {
     use std::time::Duration;
-    let a = Node::start(Fake { id: 1, ..Default::default() }).await;
-    let b = Node::start(Fake { id: 2, ..Default::default() }).await;
-    set_leaders(&[&a, &b], 1, &[1, 2]);
     let options = portrait_client::ConnectOptions::new().deadline(Duration::from_millis(500));
-    let client = PortraitClient::connect_with(&a.url(), options).await.unwrap();
+    let (a, b, client) = two_nodes_with(options).await;
     let u = user(1, 0);
     client.write(vec![event(&u)]).await.unwrap();
     assert_eq!(b.fake.users(), vec![u.clone()]);

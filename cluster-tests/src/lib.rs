@@ -266,9 +266,55 @@ impl NodeProc {
 impl Drop for NodeProc {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- node {} log ----\n{}", self.id, self.log());
+            // Whether the process ended by itself (a crash) before the test
+            // failed, or was running (killed here).
+            let state = match self.child.as_mut().map(Child::try_wait) {
+                None => "stopped by the test".to_string(),
+                Some(Ok(None)) => "running".to_string(),
+                Some(Ok(Some(status))) => format!("EXITED BY ITSELF: {status}"),
+                Some(Err(e)) => format!("state unknown: {e}"),
+            };
+            eprintln!("---- node {} log ({state}) ----\n{}", self.id, self.log());
         }
         self.kill();
+    }
+}
+
+thread_local! {
+    /// The message of the last panic on this thread (see [`record_panics`]).
+    static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Keeps each panic's message and place for [`Cluster`]'s drop, which
+/// prints it again after the nodes' logs: a CI log cut to its last lines
+/// then still says why the test failed. Installed once per process; the
+/// default hook still prints as before.
+fn record_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            LAST_PANIC.with(|last| *last.borrow_mut() = Some(info.to_string()));
+            previous(info);
+        }));
+    });
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        // The nodes' logs first (each node's drop prints its own), then
+        // what failed, last.
+        self.nodes.clear();
+        let thread = std::thread::current();
+        let message =
+            LAST_PANIC.with(|last| last.borrow_mut().take()).unwrap_or_else(|| "not recorded".into());
+        eprintln!(
+            "---- {} failed (repeated after the node logs) ----\n{message}",
+            thread.name().unwrap_or("the test")
+        );
     }
 }
 
@@ -377,6 +423,7 @@ impl Cluster {
         marker: Option<(u64, &str)>,
         env: &[(&str, &str)],
     ) -> Cluster {
+        record_panics();
         let owners = Owners::default();
         let mut nodes: Vec<NodeProc> = (1..=n)
             .map(|id| NodeProc::new(id, config.map(str::to_string), Vec::new(), owners.clone(), shards))
@@ -553,11 +600,7 @@ impl Cluster {
     /// Restarts node `id` on its data dir and port with `extra` flags (this
     /// start only; the flags it was created with are kept).
     pub async fn restart_with(&mut self, id: u64, extra: &[&str]) {
-        let node = &mut self.nodes[(id - 1) as usize];
-        let kept = node.args.clone();
-        node.args.extend(extra.iter().map(|a| a.to_string()));
-        node.spawn(false);
-        node.args = kept;
+        self.start_again_with(id, extra);
         self.wait_answering(id).await;
     }
 
@@ -584,7 +627,16 @@ impl Cluster {
     /// Starts node `id` again on its data dir and port, without waiting
     /// for it to answer (it may exit at once: see [`Cluster::wait_exit`]).
     pub fn start_again(&mut self, id: u64) {
-        self.nodes[(id - 1) as usize].spawn(false);
+        self.start_again_with(id, &[]);
+    }
+
+    /// [`Cluster::start_again`] with `extra` flags (this start only).
+    pub fn start_again_with(&mut self, id: u64, extra: &[&str]) {
+        let node = &mut self.nodes[(id - 1) as usize];
+        let kept = node.args.clone();
+        node.args.extend(extra.iter().map(|a| a.to_string()));
+        node.spawn(false);
+        node.args = kept;
     }
 
     /// Restarts node `id` on its data dir and port.

@@ -117,8 +117,9 @@ fn is_voter(node: &Node) -> bool {
 
 /// Why an attempt failed.
 enum Refusal {
-    /// The cluster refused the node as it is (FAILED_PRECONDITION or
-    /// INVALID_ARGUMENT: e.g. its id is in use at other addresses).
+    /// The cluster refused the node as it is (FAILED_PRECONDITION,
+    /// INVALID_ARGUMENT or PERMISSION_DENIED: e.g. its id is in use at
+    /// other addresses, or its certificate does not name it).
     Refused(String),
     /// Anything else: the seed unreachable, no leader yet, a timeout.
     NotYet(String),
@@ -151,9 +152,11 @@ async fn add_self(node: &Node, seed: &str) -> Result<(), Refusal> {
             _ => {
                 let message = format!("{target}: {}", status.message());
                 return Err(match status.code() {
-                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
-                        Refusal::Refused(message)
-                    }
+                    // PERMISSION_DENIED: this node's certificate (another
+                    // node's, or a removed one's) is refused as it is.
+                    tonic::Code::FailedPrecondition
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::PermissionDenied => Refusal::Refused(message),
                     _ => Refusal::NotYet(message),
                 });
             }

@@ -10,8 +10,9 @@
 //!   certificate and accepts only a peer CA certificate back, for the name
 //!   [`PEER_NAME`]. Each node certificate also names its node
 //!   ([`node_name`]); a raft message claiming to come from node N is
-//!   accepted only over a connection whose certificate names node N
-//!   ([`check_sender`]).
+//!   accepted only over a connection whose certificate names node N, and
+//!   no peer call at all from a certificate that names a removed node
+//!   ([`check_peer`]).
 //!
 //! Every file is read and checked at start: unreadable, not PEM, or a key
 //! that does not match its certificate stops the start with one line naming
@@ -192,15 +193,42 @@ fn ca_cert(flag: &str, path: &Path) -> anyhow::Result<(Certificate, Vec<Certific
 }
 
 /// With peer TLS on: whether the caller's certificate (the first of
-/// `certs`, which the handshake already checked against the peer CA) names
-/// node `claimed`. `Err` says why not, for PERMISSION_DENIED.
-pub fn check_sender(certs: Option<&[CertificateDer<'static>]>, claimed: NodeId) -> Result<(), String> {
+/// `certs`, which the handshake already checked against the peer CA) may
+/// make a peer call. It must name node `claimed` when the call claims a
+/// sender, be a node certificate (name [`PEER_NAME`]), and name no node
+/// whose id a removal retired (`retired`): a removed node's key reaches no
+/// peer call. `Err` says why not, for PERMISSION_DENIED.
+pub fn check_peer(
+    certs: Option<&[CertificateDer<'static>]>,
+    claimed: Option<NodeId>,
+    retired: &std::collections::BTreeSet<NodeId>,
+) -> Result<(), String> {
     let Some(first) = certs.and_then(|c| c.first()) else {
         return Err("no peer certificate".into());
     };
-    match names(first, &node_name(claimed)) {
-        true => Ok(()),
-        false => Err(format!("the peer certificate does not name node {claimed} ({})", node_name(claimed))),
+    // Parsed once for every name checked (no signature is verified here).
+    let Ok(cert) = webpki::EndEntityCert::try_from(first) else {
+        return Err("the peer certificate cannot be read".into());
+    };
+    let has = |name: String| {
+        ServerName::try_from(name).is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+    };
+    if let Some(claimed) = claimed {
+        if !has(node_name(claimed)) {
+            return Err(format!(
+                "the peer certificate does not name node {claimed} ({})",
+                node_name(claimed)
+            ));
+        }
+    }
+    if !has(PEER_NAME.to_string()) {
+        return Err(format!("the peer certificate does not name {PEER_NAME}: not a node certificate"));
+    }
+    match retired.iter().find(|id| has(node_name(**id))) {
+        Some(id) => {
+            Err(format!("the peer certificate names node {id}: {}", portrait_core::meta::retired(*id)))
+        }
+        None => Ok(()),
     }
 }
 
@@ -285,16 +313,31 @@ mod tests {
             let pem = std::fs::read(dir.path().join(name)).unwrap();
             CertificateDer::pem_slice_iter(&pem).next().unwrap().unwrap()
         };
+        let none = std::collections::BTreeSet::new();
         let node2 = [der("node-2-peer.pem")];
-        assert_eq!(check_sender(Some(&node2), 2), Ok(()));
+        assert_eq!(check_peer(Some(&node2), Some(2), &none), Ok(()));
+        assert_eq!(check_peer(Some(&node2), None, &none), Ok(()));
         assert_eq!(
-            check_sender(Some(&node2), 3),
+            check_peer(Some(&node2), Some(3), &none),
             Err("the peer certificate does not name node 3 (portrait-node-3)".into())
         );
-        assert_eq!(check_sender(None, 2), Err("no peer certificate".into()));
-        assert_eq!(check_sender(Some(&[]), 2), Err("no peer certificate".into()));
+        assert_eq!(check_peer(None, Some(2), &none), Err("no peer certificate".into()));
+        assert_eq!(check_peer(Some(&[]), None, &none), Err("no peer certificate".into()));
         // A client-port certificate names hosts, not nodes.
-        assert!(check_sender(Some(&[der("node-2.pem")]), 2).is_err());
+        assert!(check_peer(Some(&[der("node-2.pem")]), Some(2), &none).is_err());
+        assert_eq!(
+            check_peer(Some(&[der("node-2.pem")]), None, &none),
+            Err("the peer certificate does not name portrait-peer: not a node certificate".into())
+        );
+        // A removed node's certificate reaches nothing, with a claim or
+        // without; the other nodes' still do.
+        let retired = std::collections::BTreeSet::from([2, 9]);
+        for claimed in [Some(2), None] {
+            let err = check_peer(Some(&node2), claimed, &retired).unwrap_err();
+            assert!(err.starts_with("the peer certificate names node 2: node 2 was removed"), "{err}");
+            assert!(err.contains(portrait_core::meta::RETIRED_ID), "{err}");
+        }
+        assert_eq!(check_peer(Some(&[der("node-3-peer.pem")]), Some(3), &retired), Ok(()));
     }
 
     #[test]

@@ -3,12 +3,12 @@
 //! the peer ports. Writes and linearizable reads work across shards; a
 //! plaintext client is refused; the peer port refuses callers without a
 //! node certificate, and a node certificate that names another node than
-//! the message claims.
+//! the message claims; a removed node's certificate reaches no peer call.
 
 use portrait_client::portrait_proto::v1::admin_client::AdminClient;
 use portrait_client::portrait_proto::v1::raft_client::RaftClient;
 use portrait_client::portrait_proto::v1::{
-    AddNodeRequest, ClockRequest, RemoveNodeRequest, StartElectionRequest,
+    AddNodeRequest, ClockRequest, ClusterStatusRequest, RemoveNodeRequest, StartElectionRequest,
 };
 use portrait_client::{Consistency, PortraitClient};
 use portrait_cluster_tests::replicas::wait_placed;
@@ -123,4 +123,55 @@ async fn a_tls_cluster_serves_clients_and_its_peer_ports_take_only_node_certific
         redirects += 1;
     }
     assert_eq!(redirects, 2, "two of three nodes do not lead the meta group");
+}
+
+/// Once node 4 is removed, its certificate (still signed by the peer CA:
+/// nothing revokes it) reaches no peer call of the nodes that stay, not
+/// even those that name no sender; node 4 started again on an empty data
+/// dir under its old id stops at once, saying why, instead of asking on.
+#[tokio::test]
+async fn a_removed_node_s_certificate_reaches_no_peer_call() {
+    let mut cluster = Cluster::start_tls(4, SHARDS).await;
+    wait_placed(&cluster, &[1, 2, 3, 4], SHARDS).await;
+    let admin = cluster.client(1).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // Drained first: the removal is refused until its replicas have moved.
+    admin.drain_node(4).await.expect("drain node 4");
+    while let Err(e) = admin.remove_node(4).await {
+        assert!(std::time::Instant::now() < deadline, "node 4 was never removed: {e}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    cluster.kill(4);
+
+    let certs = cluster.certs();
+    let peer = cluster.node(1).peer_endpoint();
+    let node4 = Some(("node-4-peer.pem", "node-4-peer.key"));
+    let mut as_node4 = peer_client(certs, &peer, node4).await.expect("the handshake still succeeds");
+    let denied = |status: tonic::Status, call: &str| {
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{call}: {status:?}");
+        assert!(
+            status.message().starts_with("the peer certificate names node 4: node 4 was removed"),
+            "{call}: {status:?}"
+        );
+    };
+    denied(as_node4.clock(ClockRequest { from: 4 }).await.expect_err("clock"), "Clock");
+    denied(as_node4.status(ClusterStatusRequest {}).await.expect_err("status"), "Status");
+    let claim = StartElectionRequest { leader_id: 4, term: 1, last_log_index: 0, dry_run: true, group: 0 };
+    denied(as_node4.start_election(claim).await.expect_err("election"), "StartElection");
+    // The nodes that stay are served as before.
+    let node2 = Some(("node-2-peer.pem", "node-2-peer.key"));
+    let mut as_node2 = peer_client(certs, &peer, node2).await.unwrap();
+    as_node2.clock(ClockRequest { from: 2 }).await.expect("node 2 is served");
+
+    // Node 4 on an empty data dir, joining under its removed id: the seed
+    // refuses its certificate when it asks for the number of shards, and
+    // it stops there.
+    std::fs::remove_dir_all(cluster.node(4).data_dir()).unwrap();
+    let seed = cluster.node(1).advertised();
+    cluster.start_again_with(4, &["--join", &seed]);
+    let status = cluster.wait_exit(4, std::time::Duration::from_secs(20)).await;
+    assert!(!status.success(), "{status}");
+    let log = cluster.node(4).log();
+    assert!(log.contains("cannot join the cluster: "), "{log}");
+    assert!(log.contains(portrait_core::meta::RETIRED_ID), "{log}");
 }

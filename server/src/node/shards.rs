@@ -47,7 +47,7 @@ pub(super) async fn resolve(db: &StateDb, log: &LogEngine, opts: &NodeOptions) -
     }
     let shards = match (opts.bootstrap, opts.seeds.is_empty()) {
         (false, false) => {
-            let learnt = ask_seeds(&opts.seeds).await;
+            let learnt = ask_seeds(&opts.seeds).await?;
             if let Some(asked) = opts.shards.filter(|&a| a != learnt) {
                 anyhow::bail!("--shards {asked}: the cluster to join has {learnt} shards");
             }
@@ -62,12 +62,17 @@ pub(super) async fn resolve(db: &StateDb, log: &LogEngine, opts: &NodeOptions) -
 }
 
 /// Asks the seeds in turn, with backoff, until one tells the cluster's `S`.
-async fn ask_seeds(seeds: &[String]) -> u32 {
+/// Fails only when a seed refuses this node's certificate as a removed
+/// node's: asking again would never change that.
+async fn ask_seeds(seeds: &[String]) -> anyhow::Result<u32> {
     let mut backoff = Duration::from_millis(500);
     loop {
         for seed in seeds {
             match ask(seed).await {
-                Ok(shards) => return shards,
+                Ok(shards) => return Ok(shards),
+                Err(e) if e.contains(portrait_core::meta::RETIRED_ID) => {
+                    anyhow::bail!("cannot join the cluster: {e}")
+                }
                 Err(e) => tracing::warn!(seed = %seed, error = %e, "cannot learn the number of shards yet"),
             }
         }

@@ -27,6 +27,9 @@ pub struct RaftService {
     mutual_tls: bool,
     /// When a misaddressed raft message was last logged.
     refused_logged: Mutex<Option<std::time::Instant>>,
+    /// When a peer call was last logged as PERMISSION_DENIED (see
+    /// [`RaftService::refused`]).
+    denied_logged: Mutex<Option<std::time::Instant>>,
 }
 
 /// How often refusals of misaddressed raft messages are logged (they come
@@ -69,7 +72,13 @@ impl RaftService {
     }
 
     pub fn new(node: Arc<Node>, mutual_tls: bool, audit: Arc<crate::audit::AuditLog>) -> Self {
-        RaftService { node, mutual_tls, audit, refused_logged: Mutex::default() }
+        RaftService {
+            node,
+            mutual_tls,
+            audit,
+            refused_logged: Mutex::default(),
+            denied_logged: Mutex::default(),
+        }
     }
 
     /// FAILED_PRECONDITION for a raft message addressed to another node or
@@ -94,18 +103,46 @@ impl RaftService {
     }
 
     /// PERMISSION_DENIED unless the caller's certificate names `claimed`
-    /// (with mutual TLS on; without it nothing can be checked).
+    /// and no removed node (with mutual TLS on; see
+    /// [`crate::tls::check_peer`]). Without it, only a claim of a removed
+    /// node's id is refused (a stale process of it, say).
     fn check_sender(&self, certs: &PeerCerts, claimed: Option<NodeId>) -> Result<(), Status> {
         if !self.mutual_tls {
-            return Ok(());
+            return match claimed.filter(|id| self.node.cluster().retired.contains(id)) {
+                Some(id) => Err(self.refused(Some(id), portrait_core::meta::retired(id))),
+                None => Ok(()),
+            };
         }
         let Some(claimed) = claimed else {
             return Err(Status::permission_denied("the message names no sending node"));
         };
-        crate::tls::check_sender(certs.as_deref().map(Vec::as_slice), claimed).map_err(|reason| {
-            tracing::warn!(claimed, %reason, "refused a peer message");
-            Status::permission_denied(reason)
-        })
+        let retired = &self.node.cluster().retired;
+        crate::tls::check_peer(certs.as_deref().map(Vec::as_slice), Some(claimed), retired)
+            .map_err(|reason| self.refused(Some(claimed), reason))
+    }
+
+    /// For the peer calls that name no sender (forwarded parts, status,
+    /// clock, schema and read-index checks): with mutual TLS on,
+    /// PERMISSION_DENIED unless the caller's certificate is a node
+    /// certificate of no removed node.
+    fn check_caller<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if !self.mutual_tls {
+            return Ok(());
+        }
+        let certs = req.peer_certs();
+        crate::tls::check_peer(certs.as_deref().map(Vec::as_slice), None, &self.node.cluster().retired)
+            .map_err(|reason| self.refused(None, reason))
+    }
+
+    /// A refused peer call: logged (at most once every
+    /// [`REFUSAL_LOG_EVERY`], as the caller retries), PERMISSION_DENIED.
+    fn refused(&self, claimed: Option<NodeId>, reason: String) -> Status {
+        let mut logged = self.denied_logged.lock().expect("denial log lock");
+        if logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
+            *logged = Some(std::time::Instant::now());
+            tracing::warn!(claimed, %reason, "refused a peer call");
+        }
+        Status::permission_denied(reason)
     }
 }
 
@@ -272,18 +309,21 @@ impl Raft for RaftService {
     }
 
     async fn forward_write(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_caller(&req)?;
         let validated = req.get_ref().schema_version;
         let (group, events): (GroupId, Vec<crate::model::Event>) = decode_req(req)?;
         reply(self.node.forwarded_write(group, events, validated).await?)
     }
 
     async fn forward_writes(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_caller(&req)?;
         let validated = req.get_ref().schema_version;
         let (_, parts): (GroupId, Vec<(u32, Vec<crate::model::Event>)>) = decode_req(req)?;
         reply(self.node.forwarded_writes(parts, validated).await?)
     }
 
     async fn forward_read(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_caller(&req)?;
         let validated = req.get_ref().schema_version;
         let (group, part): (GroupId, crate::node::ForwardedRead) = decode_req(req)?;
         reply(self.node.forwarded_read(group, part, validated).await?)
@@ -291,8 +331,9 @@ impl Raft for RaftService {
 
     async fn status(
         &self,
-        _: Request<ClusterStatusRequest>,
+        req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        self.check_caller(&req)?;
         Ok(Response::new(super::admin::cluster_status_pb(&self.node)))
     }
 
@@ -335,6 +376,7 @@ impl Raft for RaftService {
         &self,
         request: Request<CheckSchemaRequest>,
     ) -> Result<Response<CheckSchemaResponse>, Status> {
+        self.check_caller(&request)?;
         self.node.check_schema_here(&request.get_ref().toml)?;
         Ok(Response::new(CheckSchemaResponse { build: crate::config::VERSION.to_string() }))
     }
@@ -343,11 +385,13 @@ impl Raft for RaftService {
         &self,
         request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
+        self.check_caller(&request)?;
         let index = self.node.shard_read_index(request.get_ref().group).await?;
         Ok(Response::new(ReadIndexResponse { index }))
     }
 
-    async fn clock(&self, _: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {
+    async fn clock(&self, req: Request<ClockRequest>) -> Result<Response<ClockResponse>, Status> {
+        self.check_caller(&req)?;
         let boot_id = crate::raft::liveness::boot_id();
         let incarnation = self.node.incarnation;
         Ok(Response::new(ClockResponse { wall_ms: self.node.clock_now_ms(), boot_id, incarnation }))

@@ -11,8 +11,9 @@
 //! was proposed (a redirect from a node that no longer leads, no such
 //! replica, no connection) goes on the same way; one whose outcome is
 //! unknown does not. Parts run concurrently; the call returns when
-//! every part is applied, or with the first failure in shard order, named
-//! after its shard. Atomic per shard, not across shards.
+//! every part is applied, or with a failed part's error, named after its
+//! shard: the first whose outcome is unknown, else the first in shard
+//! order. Atomic per shard, not across shards.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -50,6 +51,16 @@ pub struct WriteResult {
 
 /// One shard's events of a request.
 type Part = (u32, Vec<Event>);
+
+/// Which failed part fails a whole write: the first whose outcome is
+/// unknown, else the first in shard order. The caller of a part whose
+/// outcome is unknown must learn to retry with the same event ids; a
+/// definite failure of another part (a refusal, say) would hide that the
+/// part may still apply.
+fn failing_part<T>(results: &BTreeMap<u32, Result<T>>) -> Option<u32> {
+    let unknown = results.iter().find(|(_, r)| r.as_ref().is_err_and(Error::outcome_unknown));
+    unknown.or_else(|| results.iter().find(|(_, r)| r.is_err())).map(|(shard, _)| *shard)
+}
 
 /// Splits events by shard, keeping their order within each shard: per
 /// shard, the events' positions in the request, and the events.
@@ -95,13 +106,15 @@ impl Node {
             by_leader.into_iter().map(|((leader, addr), parts)| self.forward_parts(leader, addr, parts));
         let (alone, grouped) =
             futures::future::join(futures::future::join_all(alone), futures::future::join_all(grouped)).await;
-        let results: BTreeMap<u32, Result<(WriteCounts, u64)>> =
+        let mut results: BTreeMap<u32, Result<(WriteCounts, u64)>> =
             alone.into_iter().chain(grouped).flatten().collect();
+        if let Some((shard, Err(e))) = failing_part(&results).and_then(|s| Some((s, results.remove(&s)?))) {
+            // A part's error names its events by their place in the part.
+            return Err(e.reindexed("events", &positions[&shard]).in_shard(GroupId(shard)));
+        }
         let mut total = WriteResult::default();
         for (shard, result) in results {
-            // A part's error names its events by their place in the part.
-            let (counts, log_index) =
-                result.map_err(|e| e.reindexed("events", &positions[&shard]).in_shard(GroupId(shard)))?;
+            let Ok((counts, log_index)) = result else { continue };
             total.counts.applied += counts.applied;
             total.counts.duplicates += counts.duplicates;
             total.counts.expired += counts.expired;
@@ -500,6 +513,18 @@ pub(super) fn leader_elsewhere(replica: &Replica, me: NodeId) -> Option<(NodeId,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_part_whose_outcome_is_unknown_fails_the_write_before_an_earlier_shard_s_refusal() {
+        let refused = || Err(Error::FailedPrecondition("refused".into()));
+        let unknown = || Err(Error::Unavailable(format!("no quorum; {OUTCOME_UNKNOWN}")));
+        let unavailable = || Err(Error::Unavailable("no connection".into()));
+        let results = |parts: Vec<(u32, Result<()>)>| parts.into_iter().collect::<BTreeMap<_, _>>();
+        assert_eq!(failing_part(&results(vec![(0, Ok(())), (1, Ok(()))])), None);
+        assert_eq!(failing_part(&results(vec![(0, Ok(())), (1, unavailable()), (2, refused())])), Some(1));
+        assert_eq!(failing_part(&results(vec![(0, refused()), (3, unknown()), (5, unknown())])), Some(3));
+        assert_eq!(failing_part(&results(vec![(1, unavailable()), (2, Ok(())), (4, unknown())])), Some(4));
+    }
 
     #[test]
     fn a_refusal_by_a_schema_view_behind_the_shards_is_retryable_only_if_the_newer_schema_takes_it() {

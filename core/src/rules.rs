@@ -33,8 +33,9 @@ pub const FIRST: u32 = 1;
 /// - 3: [`FULL_BUCKET_KEEPS_OLDER`];
 /// - 4: [`TOP_COUNTS_KEPT`], [`RESET_FEATURES_RESETTLE`];
 /// - 5: [`DRAIN_DEAD_BESIDE_DRAIN`];
-/// - 6: [`RETIRED_IDS`], [`ONE_RESTORE_AT_A_TIME`].
-pub const NEWEST: u32 = 6;
+/// - 6: [`RETIRED_IDS`], [`ONE_RESTORE_AT_A_TIME`];
+/// - 7: [`EXACT_INTEGERS`].
+pub const NEWEST: u32 = 7;
 
 /// From this version on, a tag changed by another tag's change records
 /// the latest change time of its changed inputs as its `changed_at` (a tag
@@ -88,6 +89,12 @@ pub const RETIRED_IDS: u32 = 6;
 /// (whose next step was then rejected). Another attempt of the same
 /// restore still starts over.
 pub const ONE_RESTORE_AT_A_TIME: u32 = 6;
+
+/// From this version on, a feature filter compares an integer attribute
+/// with an integer (or a float) exactly; before, both were rounded to
+/// floats first, so above 2^53 (64-bit ids) neighbouring integers were
+/// equal: `sku == 9007199254740993` also counted sku 9007199254740992.
+pub const EXACT_INTEGERS: u32 = 7;
 
 /// The oldest version this build still applies.
 pub const OLDEST: u32 = 1;

@@ -159,9 +159,15 @@ fn add_distinct(state: &mut FeatureState, b: i64, key: String) -> bool {
 }
 
 impl CompiledFeature {
-    /// Whether the event feeds this feature (family and filter).
+    /// Whether the event feeds this feature (family and filter), by this
+    /// build's newest apply rules.
     pub fn wants(&self, event: &Event) -> bool {
-        event.family == self.spec.family && self.filter.as_ref().is_none_or(|f| f.matches(event))
+        self.wants_by(event, crate::rules::NEWEST)
+    }
+
+    /// [`CompiledFeature::wants`] by apply rules version `rules`.
+    pub fn wants_by(&self, event: &Event, rules: u32) -> bool {
+        event.family == self.spec.family && self.filter.as_ref().is_none_or(|f| f.matches_by(event, rules))
     }
 
     fn bucket_of(&self, t: i64) -> i64 {

@@ -46,13 +46,20 @@ impl Filter {
         }
     }
 
+    /// Whether `event` passes, by this build's newest apply rules.
     pub fn matches(&self, event: &Event) -> bool {
-        self.conditions.iter().all(|c| c.matches(event))
+        self.matches_by(event, crate::rules::NEWEST)
+    }
+
+    /// [`Filter::matches`] by apply rules version `rules`.
+    pub fn matches_by(&self, event: &Event, rules: u32) -> bool {
+        let exact = rules >= crate::rules::EXACT_INTEGERS;
+        self.conditions.iter().all(|c| c.matches(event, exact))
     }
 }
 
 impl Condition {
-    fn matches(&self, event: &Event) -> bool {
+    fn matches(&self, event: &Event, exact: bool) -> bool {
         let owned;
         let value = if self.name == "type" {
             owned = Value::Str(event.event_type.clone());
@@ -64,8 +71,8 @@ impl Condition {
             }
         };
         match self.op {
-            Op::In => self.values.iter().any(|v| compare(value, v) == Some(std::cmp::Ordering::Equal)),
-            op => match compare(value, &self.values[0]) {
+            Op::In => self.values.iter().any(|v| compare(value, v, exact) == Some(std::cmp::Ordering::Equal)),
+            op => match compare(value, &self.values[0], exact) {
                 None => op == Op::Ne && same_kind(value, &self.values[0]),
                 Some(ord) => match op {
                     Op::Eq => ord.is_eq(),
@@ -86,7 +93,11 @@ fn same_kind(a: &Value, b: &Value) -> bool {
 }
 
 /// Numbers compare across int/float; strings and bools with their own kind.
-fn compare(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
+/// `exact` (apply rules [`crate::rules::EXACT_INTEGERS`] on): an integer is
+/// compared as it is, not rounded to a float first (above 2^53 neighbours
+/// round to the same float, so `id == 9007199254740993` also matched
+/// 9007199254740992).
+fn compare(a: &Value, b: &Value, exact: bool) -> Option<std::cmp::Ordering> {
     let num = |v: &Value| match v {
         Value::Int(i) => Some(*i as f64),
         Value::Float(f) => Some(*f),
@@ -95,7 +106,33 @@ fn compare(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
     match (a, b) {
         (Value::Str(x), Value::Str(y)) => Some(x.cmp(y)),
         (Value::Bool(x), Value::Bool(y)) => Some(x.cmp(y)),
+        (Value::Int(x), Value::Int(y)) if exact => Some(x.cmp(y)),
+        (Value::Int(i), Value::Float(f)) if exact => int_to_float(*i, *f),
+        (Value::Float(f), Value::Int(i)) if exact => int_to_float(*i, *f).map(std::cmp::Ordering::reverse),
         _ => num(a)?.partial_cmp(&num(b)?),
+    }
+}
+
+/// `i` against `f` exactly (`None` for NaN).
+fn int_to_float(i: i64, f: f64) -> Option<std::cmp::Ordering> {
+    use std::cmp::Ordering;
+    // 2^63: the first float above i64::MAX; -2^63 is i64::MIN exactly.
+    const TWO_63: f64 = 9_223_372_036_854_775_808.0;
+    if f.is_nan() {
+        return None;
+    }
+    if f >= TWO_63 {
+        return Some(Ordering::Less);
+    }
+    if f < -TWO_63 {
+        return Some(Ordering::Greater);
+    }
+    // In range, the integer part converts exactly; then the fraction
+    // (exact too) decides a tie: f above its integer part is above i.
+    let whole = f.trunc();
+    match i.cmp(&(whole as i64)) {
+        Ordering::Equal => 0.0_f64.partial_cmp(&(f - whole)),
+        unequal => Some(unequal),
     }
 }
 
@@ -232,6 +269,46 @@ mod tests {
             event_id: String::new(),
             attrs: attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
         }
+    }
+
+    #[test]
+    fn integers_compare_exactly_from_apply_rules_7_and_rounded_before() {
+        let sku = |v: Value| ev("view", &[("sku", v)]);
+        let big = 9_007_199_254_740_993_i64; // 2^53 + 1: no f64 holds it
+        let eq = Filter::parse("sku == 9007199254740993").unwrap();
+        let within = Filter::parse("sku in (9007199254740993, 7)").unwrap();
+        let above = Filter::parse("sku > 9007199254740992").unwrap();
+        let exact = crate::rules::EXACT_INTEGERS;
+        let before = exact - 1;
+        for f in [&eq, &within, &above] {
+            assert!(f.matches_by(&sku(Value::Int(big)), exact));
+            assert!(!f.matches_by(&sku(Value::Int(big - 1)), exact), "{f:?}");
+        }
+        // Before, 2^53 + 1 rounded to 2^53: equal to its neighbour, and
+        // not above it.
+        assert!(eq.matches_by(&sku(Value::Int(big - 1)), before));
+        assert!(within.matches_by(&sku(Value::Int(big - 1)), before));
+        assert!(!above.matches_by(&sku(Value::Int(big)), before));
+        assert!(eq.matches(&sku(Value::Int(big))), "the newest rules are exact");
+        assert!(!eq.matches(&sku(Value::Int(big + 1))));
+        // Against floats: exact both ways, fractions and range ends too.
+        let cmp = |i: i64, f: f64| compare(&Value::Int(i), &Value::Float(f), true);
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        assert_eq!(cmp(big, 9_007_199_254_740_992.0), Some(Greater));
+        assert_eq!(cmp(big - 1, 9_007_199_254_740_992.0), Some(Equal));
+        assert_eq!(cmp(3, 3.5), Some(Less));
+        assert_eq!(cmp(3, 2.5), Some(Greater));
+        assert_eq!(cmp(-3, -3.5), Some(Greater));
+        assert_eq!(cmp(0, -0.5), Some(Greater));
+        assert_eq!(cmp(0, -0.0), Some(Equal));
+        assert_eq!(cmp(i64::MAX, 9_223_372_036_854_775_808.0), Some(Less));
+        assert_eq!(cmp(i64::MIN, -9_223_372_036_854_775_808.0), Some(Equal));
+        assert_eq!(cmp(i64::MIN, -1e19), Some(Greater));
+        assert_eq!(cmp(1, f64::NAN), None);
+        assert_eq!(compare(&Value::Float(2.5), &Value::Int(3), true), Some(Less));
+        let amount = Filter::parse("amount >= 400").unwrap();
+        assert!(amount.matches(&ev("x", &[("amount", Value::Float(400.0))])));
+        assert!(!amount.matches(&ev("x", &[("amount", Value::Float(399.99))])));
     }
 
     #[test]

@@ -209,7 +209,7 @@ impl Engine {
     pub fn observe_by(&self, state: &mut UserState, event: &Event, now: i64, rules: u32, dirty: &mut Dirty) {
         debug_assert!(self.laid_out(state));
         for (i, f) in self.features.iter().enumerate() {
-            if f.wants(event) && f.add_by(&mut state.features[i].1, event, now, rules) {
+            if f.wants_by(event, rules) && f.add_by(&mut state.features[i].1, event, now, rules) {
                 dirty.insert(i);
             }
         }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
 use portrait_server::duration::DAY_MS;
+use portrait_server::engine::expr::Val;
 use portrait_server::model::{Attrs, Event, Value, WriteCounts};
 use portrait_server::schema::Schema;
 use portrait_server::store::apply_writer::CacheBudget;
@@ -1242,6 +1243,38 @@ async fn a_restore_in_progress_is_not_wiped_by_another_backup_s_begin_from_rules
         let stale = restore(6, RestoreStep::Rows { id: "backup-a#00aa.1".into(), seq: 1, rows: vec![] });
         let res = apply(&mut r, vec![stale]).await;
         assert!(matches!(&res[0], CommandResult::Rejected { .. }), "the earlier attempt's step: {res:?}");
+    }
+}
+
+/// A feature filter compares 64-bit integer ids exactly from apply rules
+/// version 7 on; a shard on version 6 still applies the old rounding (so
+/// its replicas agree whichever build they run).
+#[tokio::test]
+async fn a_filter_on_an_id_above_2_53_counts_that_id_only_from_rules_version_7() {
+    let schema =
+        "[families.browse]\nttl = \"30d\"\n\n[features.sku_views]\nfamily = \"browse\"\nagg = \"count\"\n\
+                  where = 'sku == 9007199254740993'\n";
+    let big = 9_007_199_254_740_993_i64; // 2^53 + 1
+    for (rules, counted) in [(portrait_core::rules::EXACT_INTEGERS, 1.0), (6, 2.0)] {
+        let mut r = replica();
+        let res = apply(
+            &mut r,
+            vec![
+                entry(1, Command::Rules { stamp_ms: T0, version: rules }),
+                entry(2, Command::ApplySchema { stamp_ms: T0, toml: schema.into(), version: 1 }),
+            ],
+        )
+        .await;
+        assert_eq!(res[0], CommandResult::RulesApplied { version: rules });
+        assert_eq!(res[1], CommandResult::SchemaApplied { version: 1 });
+        let views = vec![
+            event("u1", "browse", T0, "e1", &[("sku", Value::Int(big))]),
+            event("u1", "browse", T0, "e2", &[("sku", Value::Int(big - 1))]),
+        ];
+        let res = apply(&mut r, vec![write(3, T0, vec![views])]).await;
+        assert_eq!(counts(&res[0]), [applied(2, 0, 0)]);
+        let features = read(&r, "u1", T0).features;
+        assert_eq!(features.get("sku_views"), Some(&Val::Num(counted)), "rules version {rules}");
     }
 }
 

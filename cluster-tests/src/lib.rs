@@ -248,8 +248,17 @@ impl NodeProc {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Started, not stopped by the test, and not exited by itself (a
+    /// crash): its process is not a zombie yet (Linux `/proc`).
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        let Some(child) = &self.child else { return false };
+        match std::fs::read_to_string(format!("/proc/{}/stat", child.id())) {
+            // `pid (comm) state ...`; comm may hold spaces and parentheses.
+            Ok(stat) => {
+                stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+            }
+            Err(_) => false,
+        }
     }
 
     pub fn log(&self) -> String {
@@ -653,6 +662,7 @@ impl Cluster {
                     return;
                 }
             }
+            assert!(self.node(id).is_running(), "node {id} exited as it started:\n{}", self.node(id).log());
             assert!(Instant::now() < deadline, "node {id} did not start:\n{}", self.node(id).log());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

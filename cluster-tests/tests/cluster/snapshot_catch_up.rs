@@ -157,6 +157,7 @@ async fn a_replica_killed_in_the_middle_of_snapshot_installs_catches_up_after_a_
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     for r in [400, 500] {
         while let Err(e) = client.write(request(r)).await {
+            assert!(cluster.node(3).is_running(), "node 3 exited by itself: {e}");
             assert!(std::time::Instant::now() < deadline, "no write through nodes 2 and 3: {e}");
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }

@@ -200,10 +200,18 @@ impl PortraitClient {
     }
 }
 
+tokio::task_local! {
+    /// When the client's own deadline for the call under way passes (set
+    /// by [`PortraitClient::within`]; unset for a call without one).
+    static CALL_DEADLINE: tokio::time::Instant;
+}
+
 /// A call at a node the shard map named. Dropped before the node answered
-/// (the call's deadline passed there), or answered with a connection that
-/// could not be made or was lost, it has the node routed past for a while
-/// ([`Routes::unreachable`]).
+/// because the client's deadline for the call passed there, or answered
+/// with a connection that could not be made or was lost, it has the node
+/// routed past for a while ([`Routes::unreachable`]). Dropped by the
+/// caller before that deadline (its own timeout, a `select!` that took
+/// another branch), it says nothing of the node.
 struct AtTarget<'a> {
     routes: &'a Routes,
     target: &'a str,
@@ -217,15 +225,22 @@ impl<'a> AtTarget<'a> {
     /// The node answered; its answer is `answer`.
     fn answered<T>(self, answer: &Result<T, Status>) {
         let gone = answer.as_ref().err().is_some_and(|s| portrait_proto::never_sent(s) || connection_lost(s));
-        if !gone {
-            std::mem::forget(self);
+        if gone {
+            self.routes.unreachable(self.target);
         }
+        std::mem::forget(self);
     }
 }
 
 impl Drop for AtTarget<'_> {
     fn drop(&mut self) {
-        self.routes.unreachable(self.target);
+        // The call's future is dropped inside its deadline's scope (tokio
+        // sets a task-local while dropping the future that scopes it).
+        let deadline_passed =
+            CALL_DEADLINE.try_with(|deadline| tokio::time::Instant::now() >= *deadline).unwrap_or(false);
+        if deadline_passed {
+            self.routes.unreachable(self.target);
+        }
     }
 }
 
@@ -239,7 +254,8 @@ impl PortraitClient {
         call: impl Future<Output = Result<T, ClientError>>,
     ) -> Result<T, ClientError> {
         let Some(deadline) = self.router.options().call_deadline() else { return call.await };
-        match tokio::time::timeout(deadline, call).await {
+        let until = tokio::time::Instant::now() + deadline;
+        match tokio::time::timeout_at(until, CALL_DEADLINE.scope(until, call)).await {
             Ok(answer) => answer,
             Err(_) => {
                 let outcome = match what {

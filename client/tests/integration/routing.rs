@@ -218,6 +218,28 @@ async fn a_node_that_lets_a_call_s_deadline_pass_is_routed_past_for_a_while() {
     assert_eq!(b.fake.users().len(), 2, "node 2 took this write");
 }
 
+/// A call the caller drops itself (its own timeout, well inside the
+/// client's deadline) says nothing of the node it was at: the next call
+/// goes there again.
+#[tokio::test]
+async fn a_call_the_caller_drops_before_the_client_s_deadline_does_not_route_past_its_node() {
+    use std::time::Duration;
+    let options = portrait_client::ConnectOptions::new().deadline(Duration::from_secs(20));
+    let (a, b, client) = two_nodes_with(options).await;
+    let u = user(1, 0);
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(b.fake.users(), vec![u.clone()]);
+
+    *b.fake.stall.lock().unwrap() = Some(Duration::from_secs(30));
+    let dropped = tokio::time::timeout(Duration::from_millis(300), client.write(vec![event(&u)])).await;
+    assert!(dropped.is_err(), "the caller's own timeout ended it: {dropped:?}");
+    assert_eq!(b.fake.authorizations().len(), 2, "node 2 received it");
+    *b.fake.stall.lock().unwrap() = None;
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(b.fake.users().len(), 2, "node 2 took the next write");
+    assert_eq!(a.fake.users().len(), 0, "nothing went through node 1");
+}
+
 #[tokio::test]
 async fn a_failing_node_is_bypassed_and_the_map_fetched_again() {
     let (a, b, client) = two_nodes().await;

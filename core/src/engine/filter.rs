@@ -159,7 +159,9 @@ impl Parser<'_> {
         self.skip_ws();
         let after = self.rest().strip_prefix(word);
         match after {
-            Some(a) if a.is_empty() || a.starts_with(|c: char| c.is_whitespace() || c == '(') => {
+            // A word ends where a name could not go on: `true,` and
+            // `false)` in a list, `in(` (not `trueish`, `android`).
+            Some(a) if !a.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_') => {
                 self.pos += word.len();
                 Ok(())
             }
@@ -335,6 +337,22 @@ mod tests {
         assert!(!f.matches(&ev("x", &[("channel", Value::Int(3))])));
         let f = Filter::parse("vip == true").unwrap();
         assert!(f.matches(&ev("x", &[("vip", Value::Bool(true))])));
+    }
+
+    #[test]
+    fn booleans_close_a_list_and_words_end_where_a_name_would() {
+        let f = Filter::parse("vip in (true,false) and type in(\"a\",\"b\")").unwrap();
+        assert!(f.matches(&ev("a", &[("vip", Value::Bool(false))])));
+        assert!(!f.matches(&ev("c", &[("vip", Value::Bool(false))])));
+        let f = Filter::parse("flag in (false)").unwrap();
+        assert!(f.matches(&ev("x", &[("flag", Value::Bool(false))])));
+        assert!(!f.matches(&ev("x", &[("flag", Value::Bool(true))])));
+        // A longer word is not the keyword.
+        assert_eq!(
+            Filter::parse("vip == trueish").unwrap_err(),
+            "column 8: expected a string, number, true or false"
+        );
+        assert_eq!(Filter::parse("a == 1 android == 2").unwrap_err(), "column 8: expected `and`");
     }
 
     #[test]

@@ -26,6 +26,18 @@ use crate::types::NodeId;
 use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
 use openraft::BasicNode;
 
+/// How long the last chunk of a snapshot may wait for its answer: the
+/// follower answers it once the install is done (unpacking, ingesting and
+/// flushing a shard of many GiB can take minutes). Past it the leader
+/// sends the whole snapshot again. A follower that is gone fails the call
+/// far sooner: its connection's ping (`tls::PEER_PING_INTERVAL` +
+/// `tls::PEER_PING_TIMEOUT`) ends the connection.
+pub const SNAPSHOT_INSTALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How long any other snapshot chunk may take; past it the chunk is sent
+/// again (openraft retries a chunk a few times, then starts over).
+pub const SNAPSHOT_CHUNK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Tunables of the raft group (node-local; not replicated).
 #[derive(Debug, Clone)]
 pub struct RaftTuning {
@@ -125,8 +137,10 @@ impl RaftTuning {
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
-            // Large snapshots stream in chunks; give each chunk time.
-            install_snapshot_timeout: 60_000,
+            // The longest a snapshot chunk may take: the last one's answer
+            // waits for the install (other chunks are held to
+            // `SNAPSHOT_CHUNK_TIMEOUT` by the network).
+            install_snapshot_timeout: SNAPSHOT_INSTALL_TIMEOUT.as_millis() as u64,
             snapshot_max_chunk_size: self.snapshot_chunk_bytes(),
             // Entries per AppendEntries; the log reader also stops at
             // `MAX_APPEND_ENTRIES_BYTES` (8 MiB), which binds first for any

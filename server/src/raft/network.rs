@@ -98,7 +98,8 @@ impl Default for Streams {
 /// Snapshots a node sends at once, all groups and peers together; more
 /// wait for a turn. They share `snapshot_send_mb_per_sec`, and a chunk's
 /// wait for its share runs inside openraft's per-chunk timeout
-/// (`install_snapshot_timeout`, 60 s; past it the snapshot starts over):
+/// (`SNAPSHOT_INSTALL_TIMEOUT`; the chunk's own call is then held to
+/// `SNAPSHOT_CHUNK_TIMEOUT`, 60 s, past which it is sent again):
 /// with chunks of up to one second of the rate, each waits about as many
 /// seconds as streams are sending. A few at a time also finish the first
 /// replicas sooner than all of them at once would.
@@ -691,6 +692,10 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        // openraft's own timeout (`SNAPSHOT_INSTALL_TIMEOUT`) is for the
+        // last chunk, whose answer waits for the install; the others get
+        // the chunk's.
+        let option = chunk_option(rpc.done, option);
         let data = encode(&rpc);
         let bytes = data.len();
         self.channels.0.snapshots.pace(bytes).await;
@@ -709,6 +714,16 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr> {
         self.call(encode(&rpc), &option, network_error, |mut c, r| async move { c.vote(r).await }).await
+    }
+}
+
+/// The options of one snapshot chunk's call: the last chunk (`done`)
+/// keeps openraft's (`SNAPSHOT_INSTALL_TIMEOUT`: its answer waits for the
+/// install); any other is held to `SNAPSHOT_CHUNK_TIMEOUT`.
+fn chunk_option(done: bool, option: RPCOption) -> RPCOption {
+    match done {
+        true => option,
+        false => RPCOption::new(option.hard_ttl().min(super::SNAPSHOT_CHUNK_TIMEOUT)),
     }
 }
 
@@ -801,6 +816,19 @@ mod tests {
     use super::*;
     use crate::model::Event;
     use crate::types::{Command, Entry};
+
+    #[test]
+    fn the_last_snapshot_chunk_waits_for_the_install_and_the_others_for_the_chunk_s_time() {
+        let tuning = crate::raft::RaftTuning::default();
+        let config = tuning.openraft_config().unwrap();
+        let option = RPCOption::new(config.install_snapshot_timeout());
+        assert_eq!(option.hard_ttl(), crate::raft::SNAPSHOT_INSTALL_TIMEOUT);
+        assert_eq!(chunk_option(true, option.clone()).hard_ttl(), crate::raft::SNAPSHOT_INSTALL_TIMEOUT);
+        assert_eq!(chunk_option(false, option).hard_ttl(), crate::raft::SNAPSHOT_CHUNK_TIMEOUT);
+        // Never longer than openraft's own.
+        let short = RPCOption::new(std::time::Duration::from_secs(5));
+        assert_eq!(chunk_option(false, short).hard_ttl(), std::time::Duration::from_secs(5));
+    }
 
     #[tokio::test]
     async fn snapshot_chunks_go_out_at_the_paced_rate() {

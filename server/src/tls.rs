@@ -195,13 +195,14 @@ fn ca_cert(flag: &str, path: &Path) -> anyhow::Result<(Certificate, Vec<Certific
 /// With peer TLS on: whether the caller's certificate (the first of
 /// `certs`, which the handshake already checked against the peer CA) may
 /// make a peer call. It must name node `claimed` when the call claims a
-/// sender, be a node certificate (name [`PEER_NAME`]), and name no node
-/// whose id a removal retired (`retired`): a removed node's key reaches no
-/// peer call. `Err` says why not, for PERMISSION_DENIED.
+/// sender, be a node certificate (name [`PEER_NAME`]), and name no node of
+/// `gone` (removed and out of the cluster: `Node::gone_ids`): a removed
+/// node's key reaches no peer call. `Err` says why not, for
+/// PERMISSION_DENIED.
 pub fn check_peer(
     certs: Option<&[CertificateDer<'static>]>,
     claimed: Option<NodeId>,
-    retired: &std::collections::BTreeSet<NodeId>,
+    gone: &std::collections::BTreeSet<NodeId>,
 ) -> Result<(), String> {
     let Some(first) = certs.and_then(|c| c.first()) else {
         return Err("no peer certificate".into());
@@ -224,7 +225,7 @@ pub fn check_peer(
     if !has(PEER_NAME.to_string()) {
         return Err(format!("the peer certificate does not name {PEER_NAME}: not a node certificate"));
     }
-    match retired.iter().find(|id| has(node_name(**id))) {
+    match gone.iter().find(|id| has(node_name(**id))) {
         Some(id) => {
             Err(format!("the peer certificate names node {id}: {}", portrait_core::meta::retired(*id)))
         }

@@ -44,6 +44,22 @@ async fn a_removed_node_leaves_the_membership() {
     }
     let unknown = client.drain_node(7).await.expect_err("no node 7");
     assert_eq!(unknown.code().map(portrait_client::code_name), Some("NOT_FOUND"), "{unknown}");
+
+    // Node 3 is still running (a stale process): a raft message that claims
+    // to come from it is refused once the removal is applied here, naming
+    // why (without TLS, a guard against mistakes).
+    use portrait_client::portrait_proto::v1::{raft_client::RaftClient, StartElectionRequest};
+    let mut raft = RaftClient::connect(cluster.node(1).peer_endpoint()).await.expect("node 1's peer port");
+    let claim = || StartElectionRequest { leader_id: 3, term: 1, last_log_index: 0, dry_run: true, group: 0 };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        match raft.start_election(claim()).await {
+            Err(status) if status.code() == tonic::Code::PermissionDenied => break status,
+            other => assert!(Instant::now() < deadline, "node 3's message still taken: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.message().contains(portrait_core::meta::RETIRED_ID), "{status:?}");
 }
 
 #[tokio::test]

@@ -154,6 +154,13 @@ async fn a_removed_node_s_certificate_reaches_no_peer_call() {
             "{call}: {status:?}"
         );
     };
+    // Refused once node 1 has applied the removal (out of the map and of
+    // the meta group), a moment after the call returned.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while as_node4.clock(ClockRequest { from: 4 }).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "node 1 still serves node 4's certificate");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     denied(as_node4.clock(ClockRequest { from: 4 }).await.expect_err("clock"), "Clock");
     denied(as_node4.status(ClusterStatusRequest {}).await.expect_err("status"), "Status");
     let claim = StartElectionRequest { leader_id: 4, term: 1, last_log_index: 0, dry_run: true, group: 0 };

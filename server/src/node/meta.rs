@@ -61,6 +61,23 @@ impl Node {
         self.meta.sm.cluster()
     }
 
+    /// The ids a removal retired that have left both the shard map and the
+    /// meta group (as this node has applied them): no raft message or peer
+    /// call of theirs is taken (`service/raft.rs`). A retired node still in
+    /// either is being removed and works on until the removal finishes: it
+    /// may still vote in the meta group, whose elections can need it.
+    pub fn gone_ids(&self) -> BTreeSet<NodeId> {
+        let cluster = self.cluster();
+        if cluster.retired.is_empty() {
+            return BTreeSet::new();
+        }
+        let metrics = self.meta.raft.metrics();
+        let metrics = metrics.borrow();
+        let members = metrics.membership_config.membership();
+        let in_map = |id: &NodeId| cluster.map.as_ref().is_some_and(|m| m.nodes.contains_key(id));
+        cluster.retired.iter().copied().filter(|id| !in_map(id) && members.get_node(id).is_none()).collect()
+    }
+
     /// The schema in force: the meta group's newest (version 1, 2, …; 0 is
     /// the built-in default). Requests are validated against it; each
     /// shard applies it through its own log.

@@ -463,6 +463,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             blocked: self.blocked.clone(),
             acks: self.acks.clone(),
             snapshots: self.snapshots.clone(),
+            turn: Default::default(),
         }
     }
 }
@@ -476,6 +477,20 @@ pub struct Peer {
     blocked: Blocked,
     acks: Arc<PeerAcks>,
     snapshots: Arc<SnapshotCheck>,
+    /// The snapshot stream's turn while one is sent ([`MAX_SNAPSHOT_STREAMS`]),
+    /// given back once the last chunk has gone out: the wait for its answer
+    /// (the follower's install) sends nothing.
+    turn: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
+}
+
+/// Gives a snapshot stream's turn back when dropped (the send ended, or
+/// its future was dropped).
+struct TurnBack(Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+
+impl Drop for TurnBack {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+    }
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -674,8 +689,10 @@ impl RaftNetwork<TypeConfig> for Peer {
                 return Err(StreamingError::Closed(c));
             }
         };
+        *self.turn.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(turn);
+        let back = TurnBack(self.turn.clone());
         let sent = Chunked::send_snapshot(self, vote, snapshot, closed(rx), option).await;
-        drop(turn);
+        drop(back);
         watcher.abort();
         // The follower found the archive damaged (on this disk since it
         // was checked, say): it is checked again before the next send,
@@ -692,16 +709,34 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        // openraft's own timeout (`SNAPSHOT_INSTALL_TIMEOUT`) is for the
-        // last chunk, whose answer waits for the install; the others get
-        // the chunk's.
-        let option = chunk_option(rpc.done, option);
+        let done = rpc.done;
         let data = encode(&rpc);
         let bytes = data.len();
-        self.channels.0.snapshots.pace(bytes).await;
-        let sent = self
-            .call(data, &option, network_error, |mut c, r| async move { c.install_snapshot(r).await })
-            .await;
+        let send = async {
+            self.channels.0.snapshots.pace(bytes).await;
+            if done {
+                // Sent: the wait for the install's answer holds no turn.
+                self.turn.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+            }
+            self.call(data, &option, network_error, |mut c, r| async move { c.install_snapshot(r).await })
+                .await
+        };
+        // openraft's own timeout (`SNAPSHOT_INSTALL_TIMEOUT`) is for the
+        // last chunk, whose answer waits for the install; any other chunk,
+        // its wait for its share of the rate included, has
+        // `SNAPSHOT_CHUNK_TIMEOUT`. Timed out here, its call is dropped
+        // (its stream reset), not failed as a connection would be: the
+        // connection, which every group to the peer shares, stays.
+        let sent = match chunk_timeout(done, &option) {
+            None => send.await,
+            Some(limit) => match tokio::time::timeout(limit, send).await {
+                Ok(sent) => sent,
+                Err(_) => Err(RPCError::Network(NetworkError::new(&std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("snapshot chunk not answered within {} s; sent again", limit.as_secs()),
+                )))),
+            },
+        };
         if sent.is_ok() {
             self.channels.0.snapshot_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         }
@@ -717,14 +752,13 @@ impl RaftNetwork<TypeConfig> for Peer {
     }
 }
 
-/// The options of one snapshot chunk's call: the last chunk (`done`)
-/// keeps openraft's (`SNAPSHOT_INSTALL_TIMEOUT`: its answer waits for the
-/// install); any other is held to `SNAPSHOT_CHUNK_TIMEOUT`.
-fn chunk_option(done: bool, option: RPCOption) -> RPCOption {
-    match done {
-        true => option,
-        false => RPCOption::new(option.hard_ttl().min(super::SNAPSHOT_CHUNK_TIMEOUT)),
-    }
+/// The limit a snapshot chunk's call is held to below openraft's own
+/// (`option`'s, `SNAPSHOT_INSTALL_TIMEOUT`): none for the last chunk
+/// (`done`: its answer waits for the install), `SNAPSHOT_CHUNK_TIMEOUT`
+/// for any other.
+fn chunk_timeout(done: bool, option: &RPCOption) -> Option<std::time::Duration> {
+    let limit = super::SNAPSHOT_CHUNK_TIMEOUT;
+    (!done && option.hard_ttl() > limit).then_some(limit)
 }
 
 /// Room for an AppendEntries request's own fields (vote, previous log id,
@@ -823,11 +857,11 @@ mod tests {
         let config = tuning.openraft_config().unwrap();
         let option = RPCOption::new(config.install_snapshot_timeout());
         assert_eq!(option.hard_ttl(), crate::raft::SNAPSHOT_INSTALL_TIMEOUT);
-        assert_eq!(chunk_option(true, option.clone()).hard_ttl(), crate::raft::SNAPSHOT_INSTALL_TIMEOUT);
-        assert_eq!(chunk_option(false, option).hard_ttl(), crate::raft::SNAPSHOT_CHUNK_TIMEOUT);
-        // Never longer than openraft's own.
+        assert_eq!(chunk_timeout(true, &option), None);
+        assert_eq!(chunk_timeout(false, &option), Some(crate::raft::SNAPSHOT_CHUNK_TIMEOUT));
+        // openraft's own binds when it is the shorter.
         let short = RPCOption::new(std::time::Duration::from_secs(5));
-        assert_eq!(chunk_option(false, short).hard_ttl(), std::time::Duration::from_secs(5));
+        assert_eq!(chunk_timeout(false, &short), None);
     }
 
     #[tokio::test]

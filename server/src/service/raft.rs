@@ -103,12 +103,13 @@ impl RaftService {
     }
 
     /// PERMISSION_DENIED unless the caller's certificate names `claimed`
-    /// and no removed node (with mutual TLS on; see
-    /// [`crate::tls::check_peer`]). Without it, only a claim of a removed
-    /// node's id is refused (a stale process of it, say).
+    /// and no removed node that has left the cluster (with mutual TLS on;
+    /// see [`crate::tls::check_peer`] and [`Node::gone_ids`]). Without it,
+    /// only a claim of such a node's id is refused (a stale process of it,
+    /// say).
     fn check_sender(&self, certs: &PeerCerts, claimed: Option<NodeId>) -> Result<(), Status> {
         if !self.mutual_tls {
-            return match claimed.filter(|id| self.node.cluster().retired.contains(id)) {
+            return match claimed.filter(|id| self.node.gone_ids().contains(id)) {
                 Some(id) => Err(self.refused(Some(id), portrait_core::meta::retired(id))),
                 None => Ok(()),
             };
@@ -116,21 +117,20 @@ impl RaftService {
         let Some(claimed) = claimed else {
             return Err(Status::permission_denied("the message names no sending node"));
         };
-        let retired = &self.node.cluster().retired;
-        crate::tls::check_peer(certs.as_deref().map(Vec::as_slice), Some(claimed), retired)
+        crate::tls::check_peer(certs.as_deref().map(Vec::as_slice), Some(claimed), &self.node.gone_ids())
             .map_err(|reason| self.refused(Some(claimed), reason))
     }
 
     /// For the peer calls that name no sender (forwarded parts, status,
     /// clock, schema and read-index checks): with mutual TLS on,
     /// PERMISSION_DENIED unless the caller's certificate is a node
-    /// certificate of no removed node.
+    /// certificate of no removed node that has left the cluster.
     fn check_caller<T>(&self, req: &Request<T>) -> Result<(), Status> {
         if !self.mutual_tls {
             return Ok(());
         }
         let certs = req.peer_certs();
-        crate::tls::check_peer(certs.as_deref().map(Vec::as_slice), None, &self.node.cluster().retired)
+        crate::tls::check_peer(certs.as_deref().map(Vec::as_slice), None, &self.node.gone_ids())
             .map_err(|reason| self.refused(None, reason))
     }
 

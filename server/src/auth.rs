@@ -185,7 +185,16 @@ impl TokenBook {
 
     /// Parses a token file's text.
     pub fn parse(text: &str) -> Result<TokenBook, String> {
-        let file: File = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        let file: File = toml::from_str(text).map_err(|e| {
+            // Where: a file of a thousand entries is not searched by eye.
+            let at = e.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!("line {line}, column {column}: ")
+            });
+            format!("{}{}", at.unwrap_or_default(), e.message())
+        })?;
         if file.token.len() > MAX_TOKENS {
             return Err(format!("{} tokens, more than the {MAX_TOKENS} allowed", file.token.len()));
         }
@@ -193,9 +202,9 @@ impl TokenBook {
         let mut digests = BTreeSet::new();
         let mut tokens = Vec::with_capacity(file.token.len());
         for (i, t) in file.token.into_iter().enumerate() {
-            let which = format!("token {} ({:?})", i + 1, t.name);
+            let which = format!("token {} ({})", i + 1, portrait_core::validate::shown(&t.name));
             if t.name.is_empty() || t.name.len() > 128 || t.name.chars().any(char::is_control) {
-                return Err(format!("{which}: name must be 1 to 128 printable characters"));
+                return Err(format!("{which}: name must be 1 to 128 bytes of printable characters"));
             }
             if !names.insert(t.name.clone()) {
                 return Err(format!("{which}: the name is used twice"));
@@ -435,10 +444,15 @@ mod tests {
             (entry("", &d, "[\"reader\"]"), "1 to 128"),
             ("[[token]]\nname = \"a\"\n".to_string(), "missing field"),
             ("tokens = 1\n".to_string(), "unknown field"),
+            // The entry's place in the file, and a long name cut short.
+            (entry("a", &d, "[\"reader\"]") + "[[token]]\nname = \"b\"\n", "line 5, column 1: missing field"),
+            (entry(&"é".repeat(65), &d, "[\"reader\"]"), "1 to 128 bytes"),
+            (entry(&"x".repeat(100_000), &d, "[\"reader\"]"), "(100000 bytes)"),
         ];
         for (text, wanted) in cases {
             let err = TokenBook::parse(&text).expect_err(&text);
             assert!(err.contains(wanted), "{text:?}: {err}");
+            assert!(err.len() < 400, "an error repeats no long name whole: {} bytes", err.len());
         }
         assert_eq!(TokenBook::parse("").unwrap().len(), 0);
         // Bounded by the bytes read; a directory (or a pipe) is not a file.

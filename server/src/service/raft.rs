@@ -27,14 +27,18 @@ pub struct RaftService {
     mutual_tls: bool,
     /// When a misaddressed raft message was last logged.
     refused_logged: Mutex<Option<std::time::Instant>>,
-    /// When a peer call was last logged as PERMISSION_DENIED (see
-    /// [`RaftService::refused`]).
-    denied_logged: Mutex<Option<std::time::Instant>>,
+    /// When each reason a peer call was refused for (PERMISSION_DENIED) was
+    /// last logged (see [`RaftService::refused`]).
+    denied_logged: Mutex<std::collections::BTreeMap<String, std::time::Instant>>,
 }
 
 /// How often refusals of misaddressed raft messages are logged (they come
 /// with every heartbeat of every group).
 const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Distinct refusal reasons of peer calls logged within one
+/// [`REFUSAL_LOG_EVERY`]; more are not logged until the period passes.
+const REFUSAL_REASONS_KEPT: usize = 64;
 
 /// Why node `me`, on the data dir `incarnation`, must not take `payload`
 /// (a raft message): it is for another node id, or for another data dir
@@ -134,12 +138,17 @@ impl RaftService {
             .map_err(|reason| self.refused(None, reason))
     }
 
-    /// A refused peer call: logged (at most once every
-    /// [`REFUSAL_LOG_EVERY`], as the caller retries), PERMISSION_DENIED.
+    /// A refused peer call: logged (each reason at most once every
+    /// [`REFUSAL_LOG_EVERY`], as the caller retries: a removed node's
+    /// leftover process hides no other refusal), PERMISSION_DENIED.
     fn refused(&self, claimed: Option<NodeId>, reason: String) -> Status {
         let mut logged = self.denied_logged.lock().expect("denial log lock");
-        if logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
-            *logged = Some(std::time::Instant::now());
+        let now = std::time::Instant::now();
+        // Bounded: the reasons logged within the last period, and no more
+        // than REFUSAL_REASONS_KEPT of them.
+        logged.retain(|_, at| now.duration_since(*at) < REFUSAL_LOG_EVERY);
+        if !logged.contains_key(&reason) && logged.len() < REFUSAL_REASONS_KEPT {
+            logged.insert(reason.clone(), now);
             tracing::warn!(claimed, %reason, "refused a peer call");
         }
         Status::permission_denied(reason)

@@ -113,7 +113,11 @@ impl RaftService {
     /// say).
     fn check_sender(&self, certs: &PeerCerts, claimed: Option<NodeId>) -> Result<(), Status> {
         if !self.mutual_tls {
-            return match claimed.filter(|id| self.node.gone_ids().contains(id)) {
+            // The retired set first: most clusters never removed a node,
+            // and this runs for every raft message.
+            let gone =
+                |id: &NodeId| self.node.cluster().retired.contains(id) && self.node.gone_ids().contains(id);
+            return match claimed.filter(gone) {
                 Some(id) => Err(self.refused(Some(id), portrait_core::meta::retired(id))),
                 None => Ok(()),
             };

@@ -22,6 +22,16 @@ async fn two_nodes_with(options: portrait_client::ConnectOptions) -> (Node, Node
     (a, b, client)
 }
 
+/// [`two_nodes_with`] a client whose calls have `deadline`, after one
+/// write to a user of shard 1 that node 2 (its leader) served; the user.
+async fn two_nodes_after_a_write(deadline: std::time::Duration) -> (Node, Node, PortraitClient, String) {
+    let (a, b, client) = two_nodes_with(portrait_client::ConnectOptions::new().deadline(deadline)).await;
+    let u = user(1, 0);
+    client.write(vec![event(&u)]).await.unwrap();
+    assert_eq!(b.fake.users(), vec![u.clone()]);
+    (a, b, client, u)
+}
+
 fn set_leaders(nodes: &[&Node], epoch: u64, leaders: &[u64]) {
     let addrs: Vec<(u64, String)> = nodes.iter().map(|n| (n.fake.id, n.url())).collect();
     let addrs: Vec<(u64, &str)> = addrs.iter().map(|(id, a)| (*id, a.as_str())).collect();
@@ -157,11 +167,7 @@ async fn a_slow_map_refresh_holds_up_one_call_not_all() {
 async fn a_map_refresh_outlives_the_call_whose_deadline_cut_it_short() {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
-    let options = portrait_client::ConnectOptions::new().deadline(Duration::from_millis(300));
-    let (a, b, client) = two_nodes_with(options).await;
-    let u = user(1, 0);
-    client.write(vec![event(&u)]).await.unwrap();
-    assert_eq!(b.fake.users(), vec![u.clone()]);
+    let (a, b, client, u) = two_nodes_after_a_write(Duration::from_millis(300)).await;
 
     // Node 1 now holds map calls (past the fetch's 2 s for one node) and,
     // in a map of epoch 2, leads both shards; node 2's next answer
@@ -192,11 +198,7 @@ async fn a_map_refresh_outlives_the_call_whose_deadline_cut_it_short() {
 #[tokio::test]
 async fn a_node_that_lets_a_call_s_deadline_pass_is_routed_past_for_a_while() {
     use std::time::Duration;
-    let options = portrait_client::ConnectOptions::new().deadline(Duration::from_millis(500));
-    let (a, b, client) = two_nodes_with(options).await;
-    let u = user(1, 0);
-    client.write(vec![event(&u)]).await.unwrap();
-    assert_eq!(b.fake.users(), vec![u.clone()]);
+    let (a, b, client, u) = two_nodes_after_a_write(Duration::from_millis(500)).await;
 
     *b.fake.stall.lock().unwrap() = Some(Duration::from_secs(30));
     let cut = client.write(vec![event(&u)]).await.unwrap_err();
@@ -224,11 +226,7 @@ async fn a_node_that_lets_a_call_s_deadline_pass_is_routed_past_for_a_while() {
 #[tokio::test]
 async fn a_call_the_caller_drops_before_the_client_s_deadline_does_not_route_past_its_node() {
     use std::time::Duration;
-    let options = portrait_client::ConnectOptions::new().deadline(Duration::from_secs(20));
-    let (a, b, client) = two_nodes_with(options).await;
-    let u = user(1, 0);
-    client.write(vec![event(&u)]).await.unwrap();
-    assert_eq!(b.fake.users(), vec![u.clone()]);
+    let (a, b, client, u) = two_nodes_after_a_write(Duration::from_secs(20)).await;
 
     *b.fake.stall.lock().unwrap() = Some(Duration::from_secs(30));
     let dropped = tokio::time::timeout(Duration::from_millis(300), client.write(vec![event(&u)])).await;
